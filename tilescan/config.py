@@ -1,0 +1,322 @@
+"""Configuration: frozen dataclasses loaded from TOML, environment and flags.
+
+Precedence, highest first: command-line flag > ``TILESCAN_<SECTION>__<KEY>`` environment
+variable > config file (``--config``) > the defaults below (also in ``configs/default.toml``).
+
+Every value is checked when the config is built, and an error names the key and the
+source it came from (the file path, the variable, or the flag). No Keras import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TILESCAN_"
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    tile_size: int = 128
+    """Tile edge in scene pixels (or metres when ``units = "m"``)."""
+    stride: int = 0
+    """Step between tile origins; 0 means ``tile_size`` (no overlap)."""
+    units: str = "px"
+    """``px`` or ``m``: unit of ``tile_size`` and ``stride``."""
+    min_valid_fraction: float = 0.5
+    """Tiles with a smaller fraction of valid (not nodata / not masked) pixels are skipped."""
+    bands: tuple[int, ...] = ()
+    """1-based band indexes fed to the model in its band order; empty = auto
+    (first 3 bands, or the RGB bands named by the file's colour interpretation)."""
+    scaling: str = "auto"
+    """``auto`` (uint8 → /255, others → percentile stretch), ``dtype`` (divide by the
+    dtype maximum), ``percentile``, or ``none`` (values are already 0..1)."""
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    """Low/high percentiles of the per-band stretch (computed once per scene)."""
+    resample_to_gsd: bool = False
+    """Resample tiles so their ground sample distance matches the model's native GSD."""
+    allow_pixel_space: bool = False
+    """Process scenes without a CRS/geotransform in pixel coordinates (with a warning)."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    batch_size: int = 32
+    reader_threads: int = 2
+    queue_size: int = 4
+    jit_compile: str = "auto"
+    """``auto``, ``true`` or ``false``: XLA-compile the model + CAM step."""
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    method: str = "gradcam"
+    layer: str = ""
+    """Target layer name; empty = the model's default CAM layer (last conv block)."""
+    target_class: str = ""
+    """Class name or index to explain; empty = the predicted class of each tile."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    heatmap_scale: float = 0.25
+    """Heatmap raster resolution as a fraction of the scene's (1.0 = scene grid)."""
+    quicklook: bool = True
+    quicklook_size: int = 1024
+    gpkg: bool = False
+    """Also write ``tiles.gpkg`` per scene (for GIS installs that read no Parquet)."""
+    compress: str = "deflate"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    image_size: int = 128
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-3
+    warmup_epochs: int = 2
+    schedule: str = "cosine"
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    patience: int = 8
+    min_delta: float = 0.0
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 where the CPU/GPU does it fast), ``bf16``, ``float32``."""
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    color_jitter: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 20261126
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, section: str, **values: Any) -> "Config":
+        """A copy with ``values`` set in ``section`` (checked like any other source)."""
+        return build_config(self.to_dict(), {section: values}, source="argument")
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+_CHOICES = {
+    ("tiling", "units"): {"px", "m"},
+    ("tiling", "scaling"): {"auto", "dtype", "percentile", "none"},
+    ("inference", "jit_compile"): {"auto", "true", "false"},
+    ("output", "compress"): {"deflate", "lzw", "zstd", "none"},
+    ("train", "optimizer"): {"adamw", "adam", "sgd"},
+    ("train", "schedule"): {"cosine", "constant"},
+    ("train", "mixed_precision"): {"auto", "bf16", "float32"},
+}
+
+
+def _section_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
+    """Convert ``value`` to ``typ`` or raise a ConfigError naming key and source."""
+    where = f"[{section}] {key}"
+    origin = typing.get_origin(typ)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: expected {expected}, got {value!r}", path=source)
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        raise bad("true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        raise bad("an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(section, key, v, args[0], source) for v in value)
+        if len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(_coerce(section, key, v, t, source) for v, t in zip(value, args))
+    raise bad(str(typ))  # pragma: no cover - all field types are handled above
+
+
+def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
+    def fail(section: str, key: str, msg: str) -> None:
+        raise ConfigError(f"[{section}] {key}: {msg}", path=sources.get((section, key), "defaults"))
+
+    for (section, key), allowed in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in allowed:
+            fail(section, key, f"must be one of {sorted(allowed)}, got {v!r}")
+    t = cfg.tiling
+    if t.tile_size < 1:
+        fail("tiling", "tile_size", f"must be >= 1, got {t.tile_size}")
+    if t.stride < 0:
+        fail("tiling", "stride", f"must be >= 0 (0 = tile_size), got {t.stride}")
+    if not 0.0 <= t.min_valid_fraction <= 1.0:
+        fail("tiling", "min_valid_fraction", f"must be in [0, 1], got {t.min_valid_fraction}")
+    if any(b < 1 for b in t.bands):
+        fail("tiling", "bands", f"band indexes are 1-based, got {list(t.bands)}")
+    lo, hi = t.percentiles
+    if not 0.0 <= lo < hi <= 100.0:
+        fail("tiling", "percentiles", f"need 0 <= low < high <= 100, got {list(t.percentiles)}")
+    i = cfg.inference
+    if i.batch_size < 1:
+        fail("inference", "batch_size", f"must be >= 1, got {i.batch_size}")
+    if i.reader_threads < 1:
+        fail("inference", "reader_threads", f"must be >= 1, got {i.reader_threads}")
+    if i.queue_size < 1:
+        fail("inference", "queue_size", f"must be >= 1, got {i.queue_size}")
+    o = cfg.output
+    if not 0.0 < o.heatmap_scale <= 1.0:
+        fail("output", "heatmap_scale", f"must be in (0, 1], got {o.heatmap_scale}")
+    if o.quicklook_size < 16:
+        fail("output", "quicklook_size", f"must be >= 16, got {o.quicklook_size}")
+    tr = cfg.train
+    for key in ("epochs", "batch_size", "image_size", "workers"):
+        if getattr(tr, key) < 1:
+            fail("train", key, f"must be >= 1, got {getattr(tr, key)}")
+    if tr.learning_rate <= 0:
+        fail("train", "learning_rate", f"must be > 0, got {tr.learning_rate}")
+    if tr.patience < 0 or tr.warmup_epochs < 0:
+        fail("train", "patience", "patience and warmup_epochs must be >= 0")
+    if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:
+        fail("train", "crop_scale", f"need 0 < low <= high <= 1, got {list(tr.crop_scale)}")
+    if not 0.0 <= tr.val_fraction < 1.0 or not 0.0 <= tr.test_fraction < 1.0 or tr.val_fraction + tr.test_fraction >= 1.0:
+        fail("train", "val_fraction", "val_fraction and test_fraction must be in [0, 1) and sum below 1")
+
+
+def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[str] = "defaults") -> Config:
+    """Merge ``layers`` (lowest precedence first) over the defaults and check the result.
+
+    ``source`` names each layer (one string for all, or one per layer) for error messages.
+    """
+    names = [source] * len(layers) if isinstance(source, str) else list(source)
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: dict[tuple[str, str], str] = {}
+    for layer, src in zip(layers, names):
+        if not isinstance(layer, Mapping):
+            raise ConfigError("the config must be a table of sections", path=src)
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"unknown section [{section}]; known sections: {', '.join(SECTIONS)}", path=src
+                )
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"[{section}] must be a table, got {values!r}", path=src)
+            cls = SECTIONS[section]
+            hints = typing.get_type_hints(cls)
+            for key, value in values.items():
+                if key not in hints:
+                    known = ", ".join(f.name for f in dataclasses.fields(cls))
+                    raise ConfigError(f"unknown key [{section}] {key}; known keys: {known}", path=src)
+                merged[section][key] = _coerce(section, key, value, hints[key], src)
+                sources[(section, key)] = src
+    cfg = Config(**{s: SECTIONS[s](**vals) for s, vals in merged.items()})
+    _check(cfg, sources)
+    return cfg
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config file not found", path=str(p)) from None
+    except IsADirectoryError:
+        raise ConfigError("config path is a directory, not a TOML file", path=str(p)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", path=str(p)) from None
+
+
+def env_layer(environ: Mapping[str, str] | None = None) -> tuple[dict[str, dict[str, str]], dict[tuple[str, str], str]]:
+    """Settings from ``TILESCAN_<SECTION>__<KEY>`` variables (e.g. ``TILESCAN_TILING__STRIDE``)."""
+    environ = os.environ if environ is None else environ
+    layer: dict[str, dict[str, str]] = {}
+    names: dict[tuple[str, str], str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX):]:
+            continue
+        section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
+        layer.setdefault(section, {})[key] = value
+        names[(section, key)] = name
+    return layer, names
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """The effective config: defaults < file < environment < ``overrides`` (flags)."""
+    layers: list[Mapping[str, Mapping[str, Any]]] = []
+    names: list[str] = []
+    if path is not None:
+        layers.append(read_toml(path))
+        names.append(str(path))
+    env, env_names = env_layer(environ)
+    # Each environment variable is its own layer so an error names the variable.
+    for (section, key), var in env_names.items():
+        layers.append({section: {key: env[section][key]}})
+        names.append(f"environment variable {var}")
+    if overrides:
+        clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
+        layers.append({s: v for s, v in clean.items() if v})
+        names.append("command-line flags")
+    return build_config(*layers, source=names)

@@ -1,0 +1,261 @@
+"""The ResNet-18 of He et al. (2016) in Keras 3, and its ``.keras`` file with metadata.
+
+Layer names follow the Keras applications convention (``conv5_block2_out`` ...), so a CAM
+can target any block by name. The model takes float32 tiles scaled to 0..1 in the band
+order of its metadata; per-channel normalisation (mean/std) is the model's first layer, so
+a saved model carries it and callers cannot forget it. The head is global average pooling,
+a float32 ``logits`` dense layer and a ``predictions`` softmax: CAM methods explain the
+logits.
+
+A tilescan model file is an ordinary ``.keras`` archive with one more member,
+``tilescan.json``: classes, input size, bands, normalisation, native GSD, training data
+and its terms, scores. ``tilescan run`` refuses a model without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ModelError
+
+META_MEMBER = "tilescan.json"
+META_FORMAT = "tilescan-model/1"
+DEFAULT_CAM_LAYER = "conv5_block2_out"
+PACKAGE_MODEL = Path(__file__).parent / "models" / "default.keras"
+
+REQUIRED_KEYS = ("classes", "input_size", "bands", "normalization")
+
+
+def _keras():
+    import keras  # imported lazily: `tilescan --help` must not pay for TensorFlow
+
+    return keras
+
+
+def _basic_block(x, filters: int, stride: int, name: str, wd_layers: list):
+    keras = _keras()
+    layers = keras.layers
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=name + "_0_conv")(x)
+        shortcut = layers.BatchNormalization(epsilon=1.001e-5, name=name + "_0_bn")(shortcut)
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=name + "_1_conv")(x)
+    y = layers.BatchNormalization(epsilon=1.001e-5, name=name + "_1_bn")(y)
+    y = layers.Activation("relu", name=name + "_1_relu")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name + "_2_conv")(y)
+    y = layers.BatchNormalization(epsilon=1.001e-5, name=name + "_2_bn")(y)
+    y = layers.Add(name=name + "_add")([shortcut, y])
+    return layers.Activation("relu", name=name + "_out")(y)
+
+
+def build_resnet18(
+    input_shape: Sequence[int] = (128, 128, 3),
+    num_classes: int = 30,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    name: str = "resnet18",
+):
+    """ResNet-18: 7×7/2 stem, 3×3/2 max-pool, four stages of two basic blocks
+    (64, 128, 256, 512 channels), global average pooling, dense softmax.
+
+    ``input_shape`` is (H, W, C); H and W may be None for any tile size. ``mean``/``std``
+    (per channel, on the 0..1 scale) become the first layer; None means identity.
+    """
+    keras = _keras()
+    layers = keras.layers
+    channels = int(input_shape[-1])
+    inputs = keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    if mean is not None or std is not None:
+        m = list(mean) if mean is not None else [0.0] * channels
+        s = list(std) if std is not None else [1.0] * channels
+        x = layers.Normalization(mean=m, variance=[v * v for v in s], name="normalize")(x)
+    x = layers.ZeroPadding2D(3, name="conv1_pad")(x)
+    x = layers.Conv2D(64, 7, strides=2, use_bias=False, name="conv1_conv")(x)
+    x = layers.BatchNormalization(epsilon=1.001e-5, name="conv1_bn")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    wd: list = []
+    for stage, filters in zip(range(2, 6), (64, 128, 256, 512)):
+        for block in (1, 2):
+            stride = 2 if (block == 1 and stage > 2) else 1
+            x = _basic_block(x, filters, stride, f"conv{stage}_block{block}", wd)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="predictions")(logits)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def conv_layer_names(model) -> list[str]:
+    """Names of the block outputs a CAM can target, shallow to deep."""
+    return [l.name for l in model.layers if l.name.endswith("_out") or l.name == "conv1_relu"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    meta: dict[str, Any]
+    path: str
+    sha256: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"][0])
+
+    @property
+    def num_bands(self) -> int:
+        return len(self.meta["bands"])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta.get("id") or f"{Path(self.path).stem}-{self.sha256[:12]}")
+
+    @property
+    def cam_layer(self) -> str:
+        return str(self.meta.get("cam_layer") or DEFAULT_CAM_LAYER)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise ModelError("tilescan metadata is not a JSON object", path=path)
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ModelError(f"tilescan metadata lacks {', '.join(missing)}", path=path)
+    if not isinstance(meta["classes"], list) or not meta["classes"]:
+        raise ModelError("tilescan metadata 'classes' must be a non-empty list", path=path)
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``tilescan.json`` of a model file, without loading Keras."""
+    p = str(path)
+    if not os.path.exists(p):
+        raise ModelError("model file not found", path=p)
+    if os.path.isdir(p):
+        raise ModelError("model path is a directory; expected a .keras file", path=p)
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+            if "config.json" not in names:
+                raise ModelError("not a Keras 3 .keras archive (no config.json inside)", path=p)
+            if META_MEMBER not in names:
+                raise ModelError(
+                    "this Keras model has no tilescan metadata (classes, input size, bands, "
+                    "normalisation); save it with tilescan.model.save_model or train it with "
+                    "`tilescan train`",
+                    path=p,
+                )
+            meta = json.loads(zf.read(META_MEMBER).decode("utf-8"))
+    except zipfile.BadZipFile:
+        raise ModelError("not a .keras model file (not a zip archive, or a corrupt one)", path=p) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"tilescan metadata is not valid JSON: {exc}", path=p) from None
+    return validate_metadata(meta, p)
+
+
+def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a tilescan model (the packaged default when ``path`` is None)."""
+    p = str(path) if path is not None else str(PACKAGE_MODEL)
+    if path is None and not os.path.exists(p):
+        raise ModelError("the packaged default model is missing; pass --model PATH", path=p)
+    meta = read_metadata(p)
+    keras = _keras()
+    try:
+        model = keras.saving.load_model(p, compile=False)
+    except Exception as exc:  # Keras raises many types for a damaged archive
+        raise ModelError(f"cannot load the Keras model: {type(exc).__name__}: {exc}", path=p) from None
+    n_out = int(model.output_shape[-1])
+    if n_out != len(meta["classes"]):
+        raise ModelError(
+            f"the model has {n_out} outputs but its metadata names {len(meta['classes'])} classes", path=p
+        )
+    n_in = model.input_shape[-1]
+    if n_in is not None and int(n_in) != len(meta["bands"]):
+        raise ModelError(f"the model takes {n_in} bands but its metadata lists {len(meta['bands'])}", path=p)
+    return LoadedModel(model=model, meta=meta, path=p, sha256=file_sha256(p))
+
+
+def _halve_weights(h5_bytes: bytes) -> bytes:
+    """Rewrite a Keras weights .h5 with float32 arrays stored as float16 (half the size)."""
+    import h5py
+    import numpy as np
+
+    src = h5py.File(io.BytesIO(h5_bytes), "r")
+    buf = io.BytesIO()
+    dst = h5py.File(buf, "w")
+
+    def copy(g_src, g_dst):
+        for k, v in g_src.attrs.items():
+            g_dst.attrs[k] = v
+        for name, item in g_src.items():
+            if isinstance(item, h5py.Group):
+                copy(item, g_dst.create_group(name))
+            else:
+                data = item[()]
+                if isinstance(data, np.ndarray) and data.dtype == np.float32:
+                    data = data.astype(np.float16)
+                ds = g_dst.create_dataset(name, data=data)
+                for k, v in item.attrs.items():
+                    ds.attrs[k] = v
+
+    copy(src, dst)
+    dst.close()
+    src.close()
+    return buf.getvalue()
+
+
+def save_model(model, path: str | os.PathLike, meta: dict[str, Any], half: bool = False) -> str:
+    """Save ``model`` as ``.keras`` with ``meta`` inside, atomically (temp file + rename).
+
+    ``half`` stores the weights as float16 (they load back into float32 variables).
+    Returns the file's sha256.
+    """
+    p = Path(path)
+    if p.suffix != ".keras":
+        raise ModelError("model files must end in .keras", path=str(p))
+    meta = dict(meta)
+    meta.setdefault("format", META_FORMAT)
+    meta.setdefault("architecture", "resnet18")
+    meta.setdefault("cam_layer", DEFAULT_CAM_LAYER)
+    meta.setdefault("input_size", [int(model.input_shape[1]), int(model.input_shape[2])])
+    validate_metadata(meta, str(p))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
+    os.close(fd)
+    try:
+        _keras().saving.save_model(model, tmp)
+        with zipfile.ZipFile(tmp) as zf:
+            members = {n: zf.read(n) for n in zf.namelist()}
+        if half and "model.weights.h5" in members:
+            members["model.weights.h5"] = _halve_weights(members["model.weights.h5"])
+        members[META_MEMBER] = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return file_sha256(p)
