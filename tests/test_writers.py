@@ -1,0 +1,570 @@
+"""Tests for tilescan.writers: real files written and read back with the tools users load
+them with (geopandas, pyarrow, rasterio, rio-cogeo, GDAL through VRT copies). No mocks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pyproj
+import pytest
+import rasterio
+import rasterio.shutil
+from PIL import Image
+from rasterio.transform import Affine, from_origin
+from rio_cogeo.cogeo import cog_validate
+
+from tilescan.errors import OutputError
+from tilescan.writers import (
+    HEATMAP_NODATA,
+    LABEL_NODATA,
+    HeatmapWriter,
+    TileTable,
+    _HeatGrid,
+    atomic_output,
+    class_colors,
+    read_heatmap_preview,
+    wkb_polygons,
+    write_json,
+    write_labels_cog,
+    write_quicklook,
+)
+
+gpd = pytest.importorskip("geopandas")
+shapely = pytest.importorskip("shapely")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["Airport", "BareLand", "Beach", "Forest", "Bridge & Road"]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".strips-" in p.name)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def tile_batch(transform: Affine, width: int, height: int, tile: int, stride: int,
+               rng: np.random.Generator, k: int = len(CLASSES)) -> dict:
+    """Tiles of a scene grid as TileTable columns (footprints from the window transforms)."""
+    rows = np.arange(0, max(height - tile, 0) + 1, stride)
+    cols = np.arange(0, max(width - tile, 0) + 1, stride)
+    r, c = np.meshgrid(np.arange(rows.size), np.arange(cols.size), indexing="ij")
+    r, c = r.ravel(), c.ravel()
+    row_off, col_off = rows[r], cols[c]
+    px = np.stack([col_off, col_off + tile, col_off + tile, col_off], axis=1).astype(float)
+    py = np.stack([row_off, row_off, row_off + tile, row_off + tile], axis=1).astype(float)
+    xs, ys = transform @ (px, py)
+    n = r.size
+    logits = rng.normal(size=(n, k))
+    probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+    ci = probs.argmax(1)
+    return {
+        "tile_index": np.arange(n, dtype=np.int64), "row": r, "col": c,
+        "col_off": col_off, "row_off": row_off, "width": np.full(n, tile), "height": np.full(n, tile),
+        "corners": np.stack([xs, ys], axis=-1),
+        "valid_fraction": rng.uniform(0.5, 1, n).astype(np.float32),
+        "class_index": ci.astype(np.int16), "confidence": probs.max(1),
+        "probabilities": probs,
+        "cam_mean": rng.uniform(0, 1, n).astype(np.float32),
+        "cam_max": rng.uniform(0, 1, n).astype(np.float32),
+        "cam_raw_max": rng.uniform(0, 5, n).astype(np.float32),
+        "cam_peak_x": xs.mean(1), "cam_peak_y": ys.mean(1),
+    }
+
+
+def subset(batch: dict, idx) -> dict:
+    return {key: np.asarray(v)[idx] for key, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- atomic / json
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.startswith(".out.txt.tmp-")
+            tmp.write_text("half written")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+    target.write_text("old")
+    with atomic_output(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # not visible until the body finishes
+    assert target.read_text() == "new"
+    assert leftovers(tmp_path) == []
+
+
+def test_write_json_numpy_and_strict(tmp_path):
+    p = write_json(tmp_path / "m.json", {"a": np.float32(1.5), "b": np.arange(3), "c": np.int64(7),
+                                         "d": float("nan"), "e": Path("x/y"), "f": (np.bool_(True),)})
+    text = p.read_text()
+    assert json.loads(text) == {"a": 1.5, "b": [0, 1, 2], "c": 7, "d": None, "e": "x/y", "f": [True]}
+    assert "\n  " in text  # indented
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "bad.json", {"x": object()})
+    assert not (tmp_path / "bad.json").exists() and leftovers(tmp_path) == []
+
+
+def _writers(parent: Path):
+    rng = np.random.default_rng(0)
+    table = TileTable()
+    table.add(tile_batch(from_origin(0, 100, 1, 1), 64, 64, 32, 32, rng))
+    yield "json", lambda: write_json(parent / "m.json", {"a": 1})
+    yield "parquet", lambda: table.write_geoparquet(parent / "t.parquet", "EPSG:32618", CLASSES, "s", "m")
+    yield "gpkg", lambda: table.write_gpkg(parent / "t.gpkg", "EPSG:32618", CLASSES, "s", "m")
+    yield "labels", lambda: write_labels_cog(parent / "l.tif", np.zeros((2, 2), int), from_origin(0, 10, 1, 1),
+                                             "EPSG:32618", CLASSES)
+    yield "heat", lambda: HeatmapWriter(parent / "h.tif", 64, 64, from_origin(0, 64, 1, 1), None, 0.5, 32, 32)
+    yield "quicklook", lambda: write_quicklook(parent / "q.png", np.zeros((8, 8, 3), np.uint8), None,
+                                               None, None, CLASSES)
+
+
+@pytest.mark.parametrize("which", ["json", "parquet", "gpkg", "labels", "heat", "quicklook"])
+def test_unwritable_destination_raises_output_error(tmp_path, which):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a regular file")  # a parent that is a file fails even for root
+    write = dict(_writers(blocker))[which]
+    with pytest.raises(OutputError) as info:
+        write()
+    assert str(blocker) in str(info.value) and info.value.path.startswith(str(blocker))
+    assert info.value.exit_code == 6
+
+
+def test_file_too_large_becomes_output_error(tmp_path):
+    """A real EFBIG (RLIMIT_FSIZE) in a child process: OutputError naming the file, no
+    partial file left at the final path or as a temporary."""
+    script = textwrap.dedent(f"""
+        import resource, signal, numpy as np
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        from rasterio.transform import from_origin
+        from tilescan.errors import OutputError
+        from tilescan.writers import TileTable, write_json
+        out = {str(tmp_path)!r}
+        try:
+            write_json(out + "/big.json", {{"x": list(range(100000))}})
+        except OutputError as e:
+            print("JSON", e.path, e.message)
+        rng = np.random.default_rng(1)
+        t = TileTable()
+        n = 20000
+        t.add({{"tile_index": np.arange(n), "row": np.zeros(n), "col": np.arange(n), "col_off": np.arange(n),
+               "row_off": np.zeros(n), "width": np.ones(n), "height": np.ones(n),
+               "corners": rng.normal(size=(n, 4, 2)), "class_index": np.zeros(n), "confidence": rng.random(n),
+               "probabilities": rng.random((n, 3))}})
+        try:
+            t.write_geoparquet(out + "/big.parquet", None, ["a", "b", "c"], "s", "m")
+        except OutputError as e:
+            print("PARQUET", e.path, e.message)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"JSON {tmp_path}/big.json cannot write (File too large)" in res.stdout
+    assert f"PARQUET {tmp_path}/big.parquet cannot write" in res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- colours
+
+
+def test_class_colors_distinct_and_stable():
+    a, b = class_colors(60), class_colors(60)
+    assert a == b and class_colors(5) == a[:5]
+    assert len(set(a)) == 60
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in a)
+    arr = np.array(a[:30], float)
+    d = np.sqrt(((arr[:, None] - arr[None]) ** 2).sum(-1))
+    assert d[np.triu_indices(30, 1)].min() > 40  # the fixed palette is well separated
+
+
+# --------------------------------------------------------------------------- GeoParquet
+
+
+def test_wkb_matches_shapely():
+    corners = np.array([[[0, 1], [1, 1], [1, 0], [0, 0]], [[5, 5], [6, 7], [4, 9], [3, 6]]], float)
+    geoms = shapely.from_wkb(np.array(wkb_polygons(corners).to_pylist(), dtype=object))
+    for g, c in zip(geoms, corners):
+        assert g.geom_type == "Polygon" and g.is_valid
+        assert g.equals(shapely.Polygon(c)) and shapely.is_ccw(g.exterior)
+
+
+@pytest.mark.parametrize("epsg,transform", [
+    (32618, from_origin(500000.0, 4500000.0, 5.0, 5.0)),
+    (4326, Affine(0.001, 0.0002, -75.0, 0.0001, -0.001, 40.0)),  # rotated/sheared pixels
+])
+def test_geoparquet_roundtrip(tmp_path, epsg, transform):
+    rng = np.random.default_rng(epsg)
+    full = tile_batch(transform, 300, 200, 64, 32, rng)
+    n = full["tile_index"].size
+    labels = np.array(CLASSES)[full["class_index"]]
+    table = TileTable(CLASSES)
+    order = rng.permutation(n)  # batches arrive out of tile order: the file is sorted anyway
+    first, second = order[: n // 2], order[n // 2:]
+    table.add({**subset(full, first), "label": labels[first]})
+    table.add(subset(full, second))  # labels derived from the class list
+    crs = rasterio.crs.CRS.from_epsg(epsg)
+    path = table.write_geoparquet(tmp_path / "tiles.parquet", crs, CLASSES, "scene_a", "resnet18@abc",
+                                  {"tile_px": np.int64(64), "stride_px": 32})
+    assert leftovers(tmp_path) == []
+
+    gdf = gpd.read_parquet(path)
+    assert len(gdf) == n
+    assert gdf.crs == pyproj.CRS.from_epsg(epsg) and gdf.crs.to_epsg() == epsg
+    assert (gdf["tile_index"].to_numpy() == np.arange(n)).all()
+    expect = shapely.polygons(full["corners"])
+    assert shapely.equals(gdf.geometry.values, expect).all()
+    assert shapely.is_ccw(shapely.get_exterior_ring(gdf.geometry.values)).all()
+    assert (gdf["label"].astype(str).to_numpy() == labels).all()
+    assert (gdf["scene"].astype(str) == "scene_a").all()
+    np.testing.assert_array_equal(np.stack(gdf["probabilities"].to_numpy()), full["probabilities"])
+    np.testing.assert_array_equal(gdf["cam_peak_x"].to_numpy(), full["cam_peak_x"])
+    assert "bbox" not in gdf.columns  # geopandas recognises the covering column
+    bbox = pq.read_table(path, columns=["bbox"]).column("bbox").combine_chunks()
+    np.testing.assert_array_equal(bbox.field("xmin").to_numpy(), full["corners"][..., 0].min(1))
+    np.testing.assert_array_equal(bbox.field("ymin").to_numpy(), full["corners"][..., 1].min(1))
+    np.testing.assert_array_equal(bbox.field("xmax").to_numpy(), full["corners"][..., 0].max(1))
+    np.testing.assert_array_equal(bbox.field("ymax").to_numpy(), full["corners"][..., 1].max(1))
+
+    # metadata against GeoParquet 1.1
+    pf = pq.ParquetFile(path)
+    md = pf.schema_arrow.metadata
+    geo = json.loads(md[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["primary_column"] == "geometry"
+    col = geo["columns"]["geometry"]
+    assert col["encoding"] == "WKB" and col["geometry_types"] == ["Polygon"]
+    assert pyproj.CRS.from_json_dict(col["crs"]) == pyproj.CRS.from_epsg(epsg)
+    assert col["bbox"] == pytest.approx([full["corners"][..., 0].min(), full["corners"][..., 1].min(),
+                                         full["corners"][..., 0].max(), full["corners"][..., 1].max()])
+    assert col["covering"] == {"bbox": {"xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
+                                        "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}}
+    ts = json.loads(md[b"tilescan"])
+    assert ts["classes"] == CLASSES and ts["model_id"] == "resnet18@abc" and ts["scene"] == "scene_a"
+    assert ts["tile_px"] == 64 and ts["n_tiles"] == n
+    assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
+    schema = pf.schema_arrow
+    ptype = schema.field("probabilities").type
+    assert pa.types.is_list(ptype) and ptype.value_type == pa.float32()
+    assert str(schema.field("scene").type) == "dictionary<values=string, indices=int32, ordered=0>"
+    assert str(schema.field("row").type) == "int32" and str(schema.field("class_index").type) == "int16"
+    assert str(schema.field("geometry").type) == "binary"
+
+    # the covering column makes bbox-filtered reads work
+    xmin, ymin, xmax, ymax = col["bbox"]
+    box = (xmin, ymin, xmin + (xmax - xmin) / 3, ymin + (ymax - ymin) / 3)
+    part = gpd.read_parquet(path, bbox=box)
+    assert 0 < len(part) < n
+    assert gdf.geometry.envelope.intersects(shapely.box(*box)).sum() == len(part)  # bbox filter
+
+
+def test_geoparquet_pixel_space_and_empty(tmp_path):
+    rng = np.random.default_rng(3)
+    table = TileTable()
+    table.add(tile_batch(Affine.identity(), 64, 64, 32, 32, rng))
+    table.write_geoparquet(tmp_path / "px.parquet", None, CLASSES, "s", "m")
+    geo = json.loads(pq.read_schema(tmp_path / "px.parquet").metadata[b"geo"])
+    assert "crs" in geo["columns"]["geometry"] and geo["columns"]["geometry"]["crs"] is None
+    gdf = gpd.read_parquet(tmp_path / "px.parquet")
+    assert gdf.crs is None and len(gdf) == 4
+    assert gdf.geometry.iloc[0].equals(shapely.box(0, 0, 32, 32))
+
+    empty = TileTable(CLASSES)
+    empty.write_geoparquet(tmp_path / "empty.parquet", "EPSG:32618", CLASSES, "s", "m")
+    gdf = gpd.read_parquet(tmp_path / "empty.parquet")
+    assert len(gdf) == 0 and gdf.crs.to_epsg() == 32618
+    empty.write_gpkg(tmp_path / "empty.gpkg", "EPSG:32618", CLASSES, "s", "m")
+    gdf = gpd.read_file(tmp_path / "empty.gpkg")
+    assert len(gdf) == 0 and gdf.crs.to_epsg() == 32618 and "p_Airport" in gdf.columns
+    full_schema = pq.read_schema(tmp_path / "px.parquet")
+    assert pq.read_schema(tmp_path / "empty.parquet").names == full_schema.names
+
+    with pytest.raises(ValueError, match="classes"):
+        table.write_geoparquet(tmp_path / "x.parquet", None, CLASSES[:2], "s", "m")
+    with pytest.raises(ValueError, match="unknown columns"):
+        table.add({"bogus": np.zeros(1)})
+
+
+def test_gpkg_roundtrip(tmp_path):
+    rng = np.random.default_rng(5)
+    transform = from_origin(500000.0, 4500000.0, 5.0, 5.0)
+    batch = tile_batch(transform, 200, 160, 64, 32, rng)
+    table = TileTable(CLASSES)
+    table.add(batch)
+    table.write_gpkg(tmp_path / "tiles.gpkg", "EPSG:32618", CLASSES, "scene_a", "m1", {"run": 1})
+    assert leftovers(tmp_path) == []
+    gdf = gpd.read_file(tmp_path / "tiles.gpkg", layer="tiles")
+    n = batch["tile_index"].size
+    assert len(gdf) == n and gdf.crs.to_epsg() == 32618
+    assert shapely.equals(gdf.geometry.values, shapely.polygons(batch["corners"])).all()
+    assert (gdf["label"].to_numpy() == np.array(CLASSES)[batch["class_index"]]).all()
+    assert "p_Bridge_Road" in gdf.columns and "probabilities" not in gdf.columns
+    np.testing.assert_allclose(gdf["p_Airport"].to_numpy(), batch["probabilities"][:, 0])
+    np.testing.assert_array_equal(gdf["col_off"].to_numpy(), batch["col_off"])
+    import pyogrio
+    meta = pyogrio.read_info(tmp_path / "tiles.gpkg", layer="tiles")["layer_metadata"]
+    assert json.loads(meta["tilescan"])["model_id"] == "m1"
+
+
+# --------------------------------------------------------------------------- label COG
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (600, 700)])
+def test_labels_cog(tmp_path, shape):
+    rng = np.random.default_rng(shape[0])
+    labels = rng.integers(-1, len(CLASSES), size=shape)
+    labels.flat[0] = 0
+    gt = from_origin(500000.0, 4500000.0, 160.0, 160.0)
+    path = write_labels_cog(tmp_path / "labels.tif", labels, gt, "EPSG:32618", CLASSES)
+    assert leftovers(tmp_path) == []
+    ok, errors, warnings = cog_validate(path)
+    assert ok and errors == []
+    with rasterio.open(path) as src:
+        assert src.crs.to_epsg() == 32618 and src.transform == gt
+        assert src.nodata == LABEL_NODATA and src.dtypes[0] == "uint8"
+        left, bottom, right, top = src.bounds
+        assert (left, top, right, bottom) == (gt.c, gt.f, gt.c + 160 * shape[1], gt.f - 160 * shape[0])
+        data = src.read(1)
+        np.testing.assert_array_equal(data, np.where(labels < 0, 255, labels))
+        cmap = src.colormap(1)
+        assert cmap[0][:3] == class_colors(5)[0] and cmap[LABEL_NODATA][3] == 0
+        assert json.loads(src.tags()["CLASS_NAMES"]) == CLASSES and src.tags()["CLASS_4"] == "Bridge & Road"
+        assert src.descriptions == ("class",)
+        if max(shape) > 512:
+            assert src.overviews(1) == [2]
+    # GDAL itself picks up category names and the attribute table from the sidecar
+    vrt = tmp_path / "copy.vrt"
+    rasterio.shutil.copy(path, vrt, driver="VRT")
+    band = ET.parse(vrt).getroot().find("VRTRasterBand")
+    assert [c.text for c in band.find("CategoryNames")] == CLASSES
+    rat_rows = band.find("GDALRasterAttributeTable").findall("Row")
+    assert [r.findall("F")[1].text for r in rat_rows] == CLASSES
+
+
+def test_labels_cog_pixel_space_and_bad_values(tmp_path):
+    write_labels_cog(tmp_path / "px.tif", np.array([[0, -1, 2]]), Affine.identity(), None, CLASSES)
+    assert cog_validate(tmp_path / "px.tif")[0]
+    with rasterio.open(tmp_path / "px.tif") as src:
+        assert src.crs is None and src.read(1).tolist() == [[0, 255, 2]]
+    with pytest.raises(ValueError):
+        write_labels_cog(tmp_path / "l.tif", np.array([[7]]), Affine.identity(), None, CLASSES)
+    assert not (tmp_path / "l.tif").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def run_tiles(writer, width, height, tile, stride, rng, cam_px, nodata_p=0.2):
+    """Feed a row-major grid of overlapping tiles (edge tiles run past the scene)."""
+    tiles = []
+    for r0 in range(0, height, stride):
+        for c0 in range(0, width, stride):
+            cam = rng.uniform(0, 1, (cam_px, cam_px)).astype(np.float32)
+            valid = rng.uniform(size=(tile, tile)) > nodata_p
+            valid[:, max(0, width - c0):] = False  # padding beyond the scene is nodata
+            valid[max(0, height - r0):, :] = False
+            tiles.append(((c0, r0, tile, tile), cam, valid))
+            if writer is not None:
+                writer.add((c0, r0, tile, tile), cam, valid)
+    return tiles
+
+
+def test_heatmap_matches_naive_accumulation_aligned(tmp_path):
+    """Integer geometry: an independent numpy/cv2 reference (cv2.resize of the CAM, block
+    mean of the valid mask) over a full-scene array."""
+    W, H, tile, stride, scale, cam_px = 200, 168, 32, 16, 0.25, 4
+    gt = from_origin(600000.0, 5000000.0, 2.0, 2.0)
+    rng = np.random.default_rng(11)
+    with HeatmapWriter(tmp_path / "heat.tif", W, H, gt, "EPSG:32618", scale, tile, stride) as hw:
+        tiles = run_tiles(hw, W, H, tile, stride, rng, cam_px)
+    f = int(1 / scale)
+    pad = tile // f
+    acc = np.zeros((H // f + pad, W // f + pad))
+    wsum = np.zeros_like(acc)
+    for (c0, r0, tw, th), cam, valid in tiles:
+        v = cv2.resize(cam, (tw // f, th // f), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+        w = valid.reshape(th // f, f, tw // f, f).mean(axis=(1, 3))
+        acc[r0 // f:(r0 + th) // f, c0 // f:(c0 + tw) // f] += w * v
+        wsum[r0 // f:(r0 + th) // f, c0 // f:(c0 + tw) // f] += w
+    acc, wsum = acc[:H // f, :W // f], wsum[:H // f, :W // f]
+    expect = np.where(wsum > 0, acc / np.where(wsum > 0, wsum, 1), HEATMAP_NODATA)
+    with rasterio.open(tmp_path / "heat.tif") as src:
+        got = src.read(1)
+        assert src.crs.to_epsg() == 32618 and src.nodata == HEATMAP_NODATA
+        assert src.transform == gt @ Affine.scale(4, 4)
+        assert (src.width, src.height) == (50, 42)
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+    assert (got == HEATMAP_NODATA).sum() == (wsum == 0).sum()
+    assert cog_validate(tmp_path / "heat.tif")[0]
+    assert leftovers(tmp_path) == []
+
+
+def test_heatmap_strips_equal_full_array_unaligned(tmp_path):
+    """Odd sizes and scale: strip output equals one full-array accumulation of the same
+    per-tile contributions, values stay in the CAM range, and memory stays bounded."""
+    W, H, tile, stride, scale, cam_px = 203, 457, 40, 25, 0.3, 5
+    gt = from_origin(10.0, 50.0, 0.001, 0.001)
+    rng = np.random.default_rng(7)
+    hw = HeatmapWriter(tmp_path / "heat.tif", W, H, gt, "EPSG:4326", scale, tile, stride)
+    tiles = run_tiles(hw, W, H, tile, stride, rng, cam_px, nodata_p=0.5)
+    hw.close()
+    grid = _HeatGrid.make(W, H, scale)
+    acc = np.zeros((grid.out_h, grid.out_w))
+    wsum = np.zeros_like(acc)
+    for window, cam, valid in tiles:
+        got = grid.contribution(window, cam, valid)
+        if got:
+            j0, i0, v, w = got
+            acc[j0:j0 + v.shape[0], i0:i0 + v.shape[1]] += w * v
+            wsum[j0:j0 + v.shape[0], i0:i0 + v.shape[1]] += w
+    expect = np.where(wsum > 0, acc / np.where(wsum > 0, wsum, 1), HEATMAP_NODATA)
+    with rasterio.open(tmp_path / "heat.tif") as src:
+        got = src.read(1)
+        assert (src.width, src.height) == (math.ceil(W * scale), math.ceil(H * scale))
+        assert src.transform.almost_equals(gt @ Affine.scale(W / src.width, H / src.height))
+        left, bottom, right, top = src.bounds
+        assert (left, top) == pytest.approx((10.0, 50.0)) and right == pytest.approx(10.0 + W * 0.001)
+        assert bottom == pytest.approx(50.0 - H * 0.001)
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+    heat = got[got != HEATMAP_NODATA]
+    assert heat.size > 0.9 * got.size and heat.min() >= 0 and heat.max() <= 1
+    bound = math.ceil((tile + stride) * scale) + 2
+    assert hw.peak_buffer_rows <= bound < grid.out_h
+
+
+def test_heatmap_memory_bounded_on_tall_scene(tmp_path):
+    W, H, tile, stride, scale = 256, 4096, 64, 32, 0.25
+    rng = np.random.default_rng(2)
+    hw = HeatmapWriter(tmp_path / "tall.tif", W, H, from_origin(0, H, 1, 1), None, scale, tile, stride)
+    cam = rng.uniform(0, 1, (2, 2)).astype(np.float32)
+    for r0 in range(0, H - tile + 1, stride):
+        for c0 in range(0, W - tile + 1, stride):
+            hw.add((c0, r0, tile, tile), cam, None)
+    assert hw.peak_buffer_rows <= (tile + stride) * scale + 2  # 26 rows, not 1024
+    assert hw.buffer_nbytes <= 2 * 8 * (W * scale) * ((tile + stride) * scale + 2)
+    hw.close()
+    ok, errors, warnings = cog_validate(tmp_path / "tall.tif")
+    assert ok and not errors and not warnings, (errors, warnings)
+    with rasterio.open(tmp_path / "tall.tif") as src:
+        assert src.overviews(1) and src.crs is None
+        assert np.all(src.read(1) >= 0)
+
+
+def test_heatmap_tiny_order_and_abort(tmp_path):
+    # a scene smaller than one heat pixel's worth still gives a valid 1x1 COG
+    with HeatmapWriter(tmp_path / "one.tif", 3, 3, from_origin(0, 3, 1, 1), "EPSG:32618", 0.25, 8, 8) as hw:
+        hw.add((0, 0, 8, 8), np.full((2, 2), 0.5, np.float32), None)
+    assert cog_validate(tmp_path / "one.tif")[0]
+    with rasterio.open(tmp_path / "one.tif") as src:
+        assert src.shape == (1, 1) and src.read(1)[0, 0] == pytest.approx(0.5)
+
+    hw = HeatmapWriter(tmp_path / "h.tif", 64, 64, from_origin(0, 64, 1, 1), None, 0.5, 16, 16)
+    hw.add((0, 32, 16, 16), np.ones((2, 2), np.float32), None)
+    with pytest.raises(ValueError, match="row-major"):
+        hw.add((0, 0, 16, 16), np.ones((2, 2), np.float32), None)
+    hw.abort()
+    assert sorted(os.listdir(tmp_path)) == ["one.tif"]
+
+    with pytest.raises(KeyError):
+        with HeatmapWriter(tmp_path / "h.tif", 64, 64, from_origin(0, 64, 1, 1), None, 0.5, 16, 16) as hw:
+            hw.add((0, 0, 16, 16), np.ones((2, 2), np.float32), None)
+            raise KeyError("crash mid-scene")
+    assert sorted(os.listdir(tmp_path)) == ["one.tif"]
+
+
+def test_read_heatmap_preview(tmp_path):
+    W = H = 2048
+    hw = HeatmapWriter(tmp_path / "h.tif", W, H, from_origin(0, H, 1, 1), None, 0.5, 256, 256)
+    for r0 in range(0, H, 256):
+        for c0 in range(0, W, 256):
+            if (r0, c0) != (0, 0):  # leave one tile empty: nodata
+                hw.add((c0, r0, 256, 256), np.full((4, 4), (c0 + r0) / (2 * W), np.float32), None)
+    hw.close()
+    prev = read_heatmap_preview(tmp_path / "h.tif", 256)
+    assert prev.shape == (256, 256) and prev.dtype == np.float32
+    assert np.isnan(prev[:16, :16]).all() and np.isfinite(prev[40:, 40:]).all()
+    assert np.nanmax(prev) <= 1
+
+
+# --------------------------------------------------------------------------- quicklook
+
+
+def test_quicklook(tmp_path):
+    rng = np.random.default_rng(4)
+    h, w = 120, 160
+    rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    valid = np.ones((h, w), bool)
+    valid[:, :10] = False
+    labels = rng.integers(-1, len(CLASSES), (6, 8))
+    heat = rng.uniform(0, 1, (30, 40)).astype(np.float32)
+    heat[:5] = np.nan
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES)
+    img = np.asarray(Image.open(p))
+    assert img.ndim == 3 and img.shape[2] == 3
+    assert 3 * w <= img.shape[1] <= 3 * w + 20 and img.shape[0] > h
+    assert img.std() > 10
+    panels = [img[14:14 + h, k * (w + 4):k * (w + 4) + w].astype(int) for k in range(3)]
+    assert np.abs(panels[0] - panels[1]).mean() > 5 and np.abs(panels[0] - panels[2]).mean() > 5
+    # no heatmap, no labels: still three panels
+    p2 = write_quicklook(tmp_path / "q2.png", rgb, None, None, None, CLASSES)
+    assert np.asarray(Image.open(p2)).shape[1] == img.shape[1]
+    assert leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- real scene
+
+
+def test_outputs_for_real_scene(tmp_path, scene_path):
+    """RGB.byte.tif (EPSG:32618, nodata border): all outputs line up with the scene."""
+    path = scene_path("rasterio/RGB.byte.tif")
+    tile, stride = 64, 64
+    with rasterio.open(path) as src:
+        W, H, gt, crs = src.width, src.height, src.transform, src.crs
+        preview = src.read(out_shape=(3, H // 4, W // 4)).transpose(1, 2, 0)
+        pvalid = src.dataset_mask(out_shape=(H // 4, W // 4)) > 0
+        mask = src.dataset_mask() > 0
+    rng = np.random.default_rng(9)
+    batch = tile_batch(gt, W, H, tile, stride, rng)
+    n_rows, n_cols = batch["row"].max() + 1, batch["col"].max() + 1
+    table = TileTable(CLASSES)
+    table.add(batch)
+    table.write_geoparquet(tmp_path / "tiles.parquet", crs, CLASSES, path.stem, "m")
+    gdf = gpd.read_parquet(tmp_path / "tiles.parquet")
+    assert gdf.crs.to_epsg() == 32618
+    sb = rasterio.open(path).bounds
+    assert gdf.total_bounds[0] >= sb.left - 1e-6 and gdf.total_bounds[3] <= sb.top + 1e-6
+
+    labels = np.full((n_rows, n_cols), -1)
+    labels[batch["row"], batch["col"]] = batch["class_index"]
+    grid = gt @ Affine.scale(stride)
+    write_labels_cog(tmp_path / "labels.tif", labels, grid, crs, CLASSES)
+    with rasterio.open(tmp_path / "labels.tif") as lab:
+        assert lab.crs == crs and lab.transform == grid
+        assert (lab.bounds.left, lab.bounds.top) == (sb.left, sb.top)
+
+    with HeatmapWriter(tmp_path / "heat.tif", W, H, gt, crs, 0.25, tile, stride) as hw:
+        for (c0, r0) in zip(batch["col_off"], batch["row_off"]):
+            win = mask[r0:r0 + tile, c0:c0 + tile]
+            hw.add((c0, r0, tile, tile), rng.uniform(0, 1, (2, 2)).astype(np.float32), win)
+    with rasterio.open(tmp_path / "heat.tif") as heat:
+        assert heat.crs == crs
+        assert heat.bounds == pytest.approx(tuple(sb))
+        h = heat.read(1)
+        assert (h[0, 0] == HEATMAP_NODATA) and (h >= 0).mean() > 0.5  # nodata corner of the scene
+    assert cog_validate(tmp_path / "heat.tif")[0] and cog_validate(tmp_path / "labels.tif")[0]
+    write_quicklook(tmp_path / "q.png", preview, pvalid, labels,
+                    read_heatmap_preview(tmp_path / "heat.tif", 256), CLASSES)
+    assert Image.open(tmp_path / "q.png").size[0] >= 3 * (W // 4)

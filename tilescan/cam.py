@@ -1,0 +1,665 @@
+"""Class activation maps (CAMs) for a whole batch of tiles at once.
+
+Every method here explains the **logits** (the pre-softmax scores of the ``logits`` layer)
+of a target class per tile, from the activations ``A`` (B, h, w, k) of one layer and, for
+the gradient methods, the gradients ``G = d(sum_b logit[b, target_b]) / dA``. Because tile
+``b``'s logit depends only on tile ``b``'s activations, that single sum gives every tile its
+own gradient in ONE backward pass for the batch (BatchNorm runs in inference mode).
+
+The model is split at the target layer into a ``body`` (input -> A) and a ``head``
+(A -> logits). For the default layer (``conv5_block2_out``) the head is only global average
+pooling and the dense layer, so the backward pass is almost free: Grad-CAM there costs about
+as much as plain inference.
+
+The gradient step is the only backend-specific code (:func:`_tensorflow_shim`,
+:func:`_jax_shim`, :func:`_torch_shim`); everything after it is numpy over the whole batch.
+
+Methods (``CAM_METHODS``), with map = relu(sum_k w_k A_k) unless said otherwise:
+
+==============  ===========================================================================
+gradcam         w_k = spatial mean of G_k (Selvaraju et al. 2017)
+gradcam++       w_k = sum_ij alpha_ij relu(G_ij), alpha = G^2 / (2 G^2 + sum_ab A_ab G^3)
+                (Chattopadhyay et al. 2018, closed form through the exp(score) trick)
+hirescam        map = relu(sum_k G_k * A_k) (Draelos & Carin 2020)
+xgradcam        w_k = sum(G_k * A_k) / (sum(A_k) + eps) (Fu et al. 2020)
+layercam        map = relu(sum_k relu(G_k) * A_k) (Jiang et al. 2021)
+eigencam        map = relu(A V_1), V_1 the first right singular vector of A as a
+                (h*w, k) matrix, sign-fixed (Muhammad & Yeasin 2020); no gradients
+scorecam        w = softmax_k(logit(x * norm(up(A_k)))) (Wang et al. 2020); forward passes
+                only, batched and chunked
+==============  ===========================================================================
+
+``raw`` keeps the un-normalised map (the scale users compare across tiles); ``cam`` is each
+map divided by its own maximum (an all-zero map stays zero, never NaN).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, ModelError
+
+DEFAULT_CAM_LAYER = "conv5_block2_out"  # same value as tilescan.model.DEFAULT_CAM_LAYER
+LOGITS_LAYER = "logits"
+EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
+
+# What ``jit_compile="auto"`` means for TensorFlow. Measured on the 2-vCPU Zen 4 development
+# machine (TF-CPU 2.21, ResNet-18, 128 px, batch 32, variants alternated in one process,
+# 15 rounds, median tiles/s): Grad-CAM at conv5_block2_out 162 without XLA vs 137 with it,
+# at conv4_block2_out 130 vs 107, plain forward 159 vs 137. XLA is ~15% SLOWER on this CPU,
+# so "auto" keeps it off there. TF on a GPU was not measured (the lent GPU machines have no
+# TensorFlow): off until someone measures it.
+_TF_CPU_AUTO_JIT = False
+_TF_GPU_AUTO_JIT = False
+
+
+def _keras():
+    import keras  # lazily: importing this module must not import TensorFlow
+
+    return keras
+
+
+# --------------------------------------------------------------------------------------
+# Results and small numpy helpers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CAMResult:
+    """CAMs of one batch.
+
+    probs (B, K) softmax of the logits · target (B,) explained class per tile ·
+    raw (B, h, w) float32 un-normalised map · cam (B, h, w) float32 in [0, 1], each map
+    divided by its own max · layer: the layer name · logits (B, K) float32.
+    """
+
+    probs: np.ndarray
+    target: np.ndarray
+    raw: np.ndarray
+    cam: np.ndarray
+    layer: str
+    logits: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.raw.shape[0])
+
+
+def normalize_per_image(raw: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Divide each map (B, h, w) by its own maximum; maps with max <= eps become zeros.
+
+    Negative values (there are none after a ReLU) are clipped to 0, so the result is always
+    in [0, 1] and never NaN.
+    """
+    raw = np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
+    peak = raw.reshape(raw.shape[0], -1).max(axis=1) if raw.size else np.zeros(raw.shape[:1], np.float32)
+    scale = np.where(peak > eps, 1.0 / np.maximum(peak, eps), 0.0).astype(np.float32)
+    return (raw * scale[:, None, None]).astype(np.float32)
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1-D bilinear resampling with half-pixel centres and edge
+    clamping: the convention of ``tf.image.resize`` / ``keras.ops.image.resize`` without
+    antialiasing."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def upsample(cams: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Bilinear resize of a batch of maps (B, h, w) to (B, H, W) (``size`` an int or (H, W)).
+
+    Separable: two small interpolation matrices applied to the whole batch in one einsum,
+    the same values as ``keras.ops.image.resize(..., "bilinear", antialias=False)``.
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"upsample expects (B, h, w) maps, got shape {cams.shape}")
+    out_h, out_w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    rh = _bilinear_matrix(out_h, cams.shape[1]).astype(np.float32)
+    rw = _bilinear_matrix(out_w, cams.shape[2]).astype(np.float32)
+    return np.einsum("Hh,bhw,Ww->bHW", rh, cams, rw, optimize=True).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Splitting the model at a layer
+# --------------------------------------------------------------------------------------
+
+
+def candidate_layers(model) -> list[str]:
+    """Layers a CAM can target: those with a 4-D (B, h, w, k) output, shallow to deep.
+
+    For a tilescan ResNet-18 the useful ones are the block outputs ``conv{2..5}_block{1,2}_out``.
+    """
+    names = []
+    for layer in model.layers:
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4 and type(layer).__name__ != "InputLayer":
+            names.append(layer.name)
+    return names
+
+
+def _block_outputs(model) -> list[str]:
+    names = [n for n in candidate_layers(model) if n.endswith("_out")]
+    return names or candidate_layers(model)
+
+
+def _logits_tensor(model):
+    """The symbolic logits of ``model``: the ``logits`` layer, else the input of a final
+    softmax layer."""
+    names = {l.name for l in model.layers}
+    if LOGITS_LAYER in names:
+        return model.get_layer(LOGITS_LAYER).output
+    last = model.layers[-1]
+    act = getattr(last, "activation", None)
+    if type(last).__name__ == "Activation" and getattr(act, "__name__", "") == "softmax":
+        return last.input
+    raise ModelError(
+        f"model {model.name!r} has no '{LOGITS_LAYER}' layer and does not end in a softmax "
+        "Activation; CAMs explain the pre-softmax logits"
+    )
+
+
+def resolve_layer(model, layer: str | None = None) -> str:
+    """The layer name a CAM will use (``None``: ``conv5_block2_out``, else the deepest 4-D
+    layer). Raises ConfigError naming the candidates for an unknown or unusable layer."""
+    candidates = candidate_layers(model)
+    if layer is None:
+        if DEFAULT_CAM_LAYER in candidates:
+            return DEFAULT_CAM_LAYER
+        if not candidates:
+            raise ConfigError(f"model {model.name!r} has no layer with a (B, h, w, k) output to explain")
+        return candidates[-1]
+    if layer not in candidates:
+        known = {l.name for l in model.layers}
+        why = "has no (B, h, w, k) output" if layer in known else "is not a layer of the model"
+        raise ConfigError(
+            f"CAM layer {layer!r} {why}; candidate layers: {', '.join(_block_outputs(model))}"
+        )
+    return layer
+
+
+def _rebuild_head(model, start_tensor, end_tensor):
+    """Fallback head builder: re-apply the layers between ``start_tensor`` and
+    ``end_tensor`` to a fresh ``keras.Input`` by walking the functional graph (nodes record
+    their operation and call arguments). Residual branches are handled because every node
+    is rebuilt once from its own inputs; a branch that reaches the model input without
+    passing through ``start_tensor`` means the layer does not separate input from logits.
+    """
+    keras = _keras()
+    fresh = keras.Input(shape=tuple(start_tensor.shape[1:]), dtype=start_tensor.dtype, name="cam_acts")
+    built: dict[int, Any] = {id(start_tensor): fresh}
+
+    def build(t):
+        if id(t) in built:
+            return built[id(t)]
+        op, node_index, _ = t._keras_history
+        node = op._inbound_nodes[node_index]
+        if not node.input_tensors:
+            raise ConfigError("the CAM layer does not separate the model input from the logits")
+        for parent in node.input_tensors:
+            build(parent)
+        args, kwargs = node.arguments.fill_in(built)
+        outs = op(*args, **kwargs)
+        flat = outs if isinstance(outs, (list, tuple)) else [outs]
+        for old, new in zip(node.outputs, flat):
+            built[id(old)] = new
+        return built[id(t)]
+
+    return keras.Model(fresh, build(end_tensor), name="cam_head")
+
+
+def split_model(model, layer: str, force_rebuild: bool = False):
+    """(body, head, both): input -> acts, acts -> logits, input -> [acts, logits]."""
+    keras = _keras()
+    acts_t = model.get_layer(layer).output
+    logits_t = _logits_tensor(model)
+    inp = model.input
+    if isinstance(inp, (list, tuple)):
+        if len(inp) != 1:
+            raise ModelError("CAMs need a single-input model")
+        inp = inp[0]
+    body = keras.Model(inp, acts_t, name="cam_body")
+    both = keras.Model(inp, [acts_t, logits_t], name="cam_both")
+    head = None
+    if not force_rebuild:
+        try:  # Keras 3 Functional accepts an intermediate tensor as input (it clones it)
+            head = keras.Model(acts_t, logits_t, name="cam_head")
+        except (ValueError, TypeError, KeyError):
+            head = None
+    if head is None:
+        try:
+            head = _rebuild_head(model, acts_t, logits_t)
+        except ConfigError:
+            raise ConfigError(
+                f"CAM layer {layer!r} does not separate the model input from the logits (a "
+                f"branch bypasses it); candidate layers: {', '.join(_block_outputs(model))}"
+            ) from None
+    return body, head, both
+
+
+# --------------------------------------------------------------------------------------
+# Backend shim: the only backend-specific code
+# --------------------------------------------------------------------------------------
+#
+# Each ``_<backend>_shim(body, head, both, jit)`` returns two callables on numpy input:
+#   grad_step(x, target) -> (acts, grads, logits, target) float32 numpy; ``target`` entries
+#       < 0 mean "argmax of the logits"; grads = d(sum_b logits[b, target_b]) / d acts
+#   forward(x) -> (acts, logits) float32 numpy (no gradient)
+
+
+def _tensorflow_shim(body, head, both, jit: bool):
+    import tensorflow as tf
+
+    def step(x, target):
+        acts = body(x, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(acts)
+            logits = tf.cast(head(acts, training=False), tf.float32)
+            best = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            t = tf.where(target < 0, best, target)
+            score = tf.reduce_sum(tf.gather(logits, t, axis=1, batch_dims=1))
+        grads = tape.gradient(score, acts)
+        return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits, t
+
+    def fwd(x):
+        acts, logits = both(x, training=False)
+        return tf.cast(acts, tf.float32), tf.cast(logits, tf.float32)
+
+    step_fn = tf.function(step, jit_compile=jit, reduce_retracing=True)
+    fwd_fn = tf.function(fwd, jit_compile=jit, reduce_retracing=True)
+
+    def grad_step(x, target):
+        return tuple(np.asarray(v) for v in step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(target)))
+
+    def forward(x):
+        return tuple(np.asarray(v) for v in fwd_fn(tf.convert_to_tensor(x)))
+
+    return grad_step, forward
+
+
+def _jax_shim(body, head, both, jit: bool):
+    import jax
+    import jax.numpy as jnp
+
+    def step(bvars, hvars, x, target):
+        acts, _ = body.stateless_call(bvars[0], bvars[1], x, training=False)
+
+        def score(a):
+            logits, _ = head.stateless_call(hvars[0], hvars[1], a, training=False)
+            logits = logits.astype(jnp.float32)
+            t = jnp.where(target < 0, jnp.argmax(logits, axis=-1).astype(target.dtype), target)
+            return jnp.sum(jnp.take_along_axis(logits, t[:, None], axis=1)), (logits, t)
+
+        grads, (logits, t) = jax.grad(score, has_aux=True)(acts)
+        return acts.astype(jnp.float32), grads.astype(jnp.float32), logits, t
+
+    def fwd(vars_, x):
+        (acts, logits), _ = both.stateless_call(vars_[0], vars_[1], x, training=False)
+        return acts.astype(jnp.float32), logits.astype(jnp.float32)
+
+    if jit:
+        step, fwd = jax.jit(step), jax.jit(fwd)
+
+    def values(m):
+        return ([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables])
+
+    def grad_step(x, target):
+        out = step(values(body), values(head), jnp.asarray(x), jnp.asarray(target))
+        return tuple(np.asarray(v) for v in out)
+
+    def forward(x):
+        return tuple(np.asarray(v) for v in fwd(values(both), jnp.asarray(x)))
+
+    return grad_step, forward
+
+
+def _torch_shim(body, head, both, jit: bool):
+    import torch
+
+    keras = _keras()
+
+    def to_np(t):
+        return keras.ops.convert_to_numpy(t)
+
+    def grad_step(x, target):
+        xt = keras.ops.convert_to_tensor(x)
+        with torch.no_grad():
+            acts = body(xt, training=False)
+        acts = acts.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(acts, training=False).float()
+            tt = torch.as_tensor(target, device=logits.device, dtype=torch.int64)
+            t = torch.where(tt < 0, logits.argmax(dim=-1), tt)
+            score = logits.gather(1, t[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, acts)
+        return (to_np(acts.detach().float()), to_np(grads.float()), to_np(logits.detach()), to_np(t))
+
+    def forward(x):
+        with torch.no_grad():
+            acts, logits = both(keras.ops.convert_to_tensor(x), training=False)
+        return to_np(acts.float()), to_np(logits.float())
+
+    return grad_step, forward
+
+
+_SHIMS: dict[str, Callable] = {"tensorflow": _tensorflow_shim, "jax": _jax_shim, "torch": _torch_shim}
+
+
+def _tf_has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def resolve_jit(jit_compile: bool | str, backend: str) -> bool:
+    """"auto" | "true" | "false" (or a bool) -> whether the gradient step is compiled.
+
+    auto: TensorFlow -> XLA only where measured faster (not on the development CPU);
+    JAX -> ``jax.jit`` (always faster than op-by-op); torch -> eager autograd.
+    """
+    if isinstance(jit_compile, bool):
+        return jit_compile
+    value = str(jit_compile).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    if value != "auto":
+        raise ConfigError(f"jit_compile must be 'auto', 'true' or 'false', got {jit_compile!r}")
+    if backend == "tensorflow":
+        return _TF_GPU_AUTO_JIT if _tf_has_gpu() else _TF_CPU_AUTO_JIT
+    return backend == "jax"
+
+
+# --------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------
+
+
+class CAMMethod:
+    """Base of the CAM methods: split the model once, then for each batch run one
+    forward+backward step and turn (acts, grads) into maps with numpy.
+
+    Subclasses override ONE step: ``channel_weights(acts, grads, ...) -> (B, k)`` (the map
+    is relu(sum_k w_k A_k)), or ``combine(acts, grads, ...) -> (B, h, w)`` for methods whose
+    map is not a channel-weighted sum.
+    """
+
+    name = "cam"
+    needs_grads = True  # False: only a forward pass (acts, logits) is run
+
+    def __init__(self, model, layer: str | None = None, jit_compile: bool | str = "auto"):
+        keras = _keras()
+        self.model = model
+        self.layer = resolve_layer(model, layer)
+        self.backend = keras.backend.backend()
+        if self.backend not in _SHIMS:
+            raise ConfigError(f"no CAM gradient shim for Keras backend {self.backend!r}; use one of {', '.join(_SHIMS)}")
+        self.jit_compile = resolve_jit(jit_compile, self.backend)
+        self.body, self.head, self.both = split_model(model, self.layer)
+        self._grad_step, self._forward = _SHIMS[self.backend](self.body, self.head, self.both, self.jit_compile)
+        self.num_classes = int(self.head.output_shape[-1])
+
+    # -- the overridable steps ------------------------------------------------------------
+
+    def channel_weights(self, acts: np.ndarray, grads: np.ndarray | None, **context) -> np.ndarray:
+        """(B, k) weight of each activation channel. ``context`` holds ``x``, ``target``,
+        ``logits`` for methods that need them."""
+        raise NotImplementedError
+
+    def combine(self, acts: np.ndarray, grads: np.ndarray | None, **context) -> np.ndarray:
+        """(B, h, w) raw map; default relu(sum_k w_k A_k)."""
+        w = self.channel_weights(acts, grads, **context).astype(np.float32)
+        return np.maximum(np.einsum("bhwk,bk->bhw", acts, w, optimize=True), 0.0)
+
+    # -- driver ----------------------------------------------------------------------------
+
+    def _targets(self, target, batch: int) -> np.ndarray:
+        if target is None:
+            return np.full((batch,), -1, dtype=np.int32)
+        t = np.asarray(target)
+        if t.ndim == 0:
+            t = np.full((batch,), int(t))
+        if t.shape != (batch,) or not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"target must be None, an int, or {batch} ints; got {np.asarray(target)!r}")
+        if t.min() < 0 or t.max() >= self.num_classes:
+            raise ValueError(f"target classes must be in 0..{self.num_classes - 1}, got {t.tolist()}")
+        return t.astype(np.int32)
+
+    def __call__(self, x, target=None) -> CAMResult:
+        x = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x, dtype=np.float32)
+        if x.ndim != 4:
+            raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {x.shape}")
+        t = self._targets(target, x.shape[0])
+        if self.needs_grads:
+            acts, grads, logits, t = self._grad_step(x, t)
+        else:
+            acts, logits = self._forward(x)
+            grads = None
+            t = np.where(t < 0, logits.argmax(axis=-1), t)
+        t = t.astype(np.int32)
+        raw = self.combine(acts, grads, x=x, target=t, logits=logits).astype(np.float32)
+        return CAMResult(
+            probs=softmax(logits),
+            target=t,
+            raw=raw,
+            cam=normalize_per_image(raw),
+            layer=self.layer,
+            logits=logits.astype(np.float32),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer!r}, backend={self.backend!r}, jit_compile={self.jit_compile})"
+
+
+class GradCAM(CAMMethod):
+    """Grad-CAM: channel weight = spatial mean of the gradient."""
+
+    name = "gradcam"
+
+    def channel_weights(self, acts, grads, **context):
+        return grads.mean(axis=(1, 2))
+
+
+class GradCAMPlusPlus(CAMMethod):
+    """Grad-CAM++ (Chattopadhyay et al. 2018). With the class score taken through exp(),
+    the 2nd and 3rd derivatives are G^2 and G^3 times exp(score), giving
+    alpha_ij = G_ij^2 / (2 G_ij^2 + sum_ab A_ab * G_ij^3) (0 where the denominator is 0)
+    and w_k = sum_ij alpha_ij relu(G_ij). The positive factor exp(score) of the paper's
+    weights is dropped: it would scale ``raw`` by exp(logit) and cancels in ``cam``.
+    """
+
+    name = "gradcam++"
+
+    def channel_weights(self, acts, grads, **context):
+        g2 = grads * grads
+        g3 = g2 * grads
+        act_sum = acts.sum(axis=(1, 2), keepdims=True)
+        denom = 2.0 * g2 + act_sum * g3
+        safe = np.where(denom != 0.0, denom, 1.0)
+        alpha = np.where(denom != 0.0, g2 / safe, 0.0)
+        return (alpha * np.maximum(grads, 0.0)).sum(axis=(1, 2))
+
+
+class HiResCAM(CAMMethod):
+    """HiResCAM: elementwise gradient x activation, summed over channels."""
+
+    name = "hirescam"
+
+    def combine(self, acts, grads, **context):
+        return np.maximum((grads * acts).sum(axis=-1), 0.0)
+
+
+class XGradCAM(CAMMethod):
+    """XGrad-CAM: w_k = sum(G_k * A_k) / (sum(A_k) + eps)."""
+
+    name = "xgradcam"
+
+    def channel_weights(self, acts, grads, **context):
+        return (grads * acts).sum(axis=(1, 2)) / (acts.sum(axis=(1, 2)) + 1e-7)
+
+
+class LayerCAM(CAMMethod):
+    """LayerCAM: relu(gradient) x activation, summed over channels."""
+
+    name = "layercam"
+
+    def combine(self, acts, grads, **context):
+        return np.maximum((np.maximum(grads, 0.0) * acts).sum(axis=-1), 0.0)
+
+
+class EigenCAM(CAMMethod):
+    """Eigen-CAM: projection of each position's activation vector on the first right
+    singular vector of the (h*w, k) activation matrix (not mean-centred, as in the paper),
+    batched as one SVD over (B, h*w, k). The singular vector's sign is arbitrary, so it is
+    chosen to make the map correlate positively with the channel sum of the activations.
+    No gradients: only a forward pass.
+    """
+
+    name = "eigencam"
+    needs_grads = False
+
+    def combine(self, acts, grads, **context):
+        b, h, w, k = acts.shape
+        flat = acts.reshape(b, h * w, k).astype(np.float64)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
+        proj = np.einsum("bnk,bk->bn", flat, vt[:, 0, :])
+        total = flat.sum(axis=-1)
+        cov = ((proj - proj.mean(1, keepdims=True)) * (total - total.mean(1, keepdims=True))).sum(1)
+        dot = (proj * total).sum(1)
+        sign = np.where(cov != 0.0, np.sign(cov), np.where(dot < 0.0, -1.0, 1.0))
+        return np.maximum(proj * sign[:, None], 0.0).reshape(b, h, w).astype(np.float32)
+
+
+class ScoreCAM(CAMMethod):
+    """Score-CAM: each activation channel, upsampled to the input size and min-max
+    normalised to [0, 1], masks the input; the channel weight is the softmax over channels
+    of the target logit's increase over the unmasked input's logit. Forward passes only,
+    run ``chunk_size`` masked tiles at a time. ``max_channels`` keeps, per tile, the N
+    channels of highest mean activation (the others get weight 0); default all.
+    Cost: B * N forward passes.
+    """
+
+    name = "scorecam"
+    needs_grads = False
+
+    def __init__(self, model, layer=None, jit_compile="auto", chunk_size: int = 64, max_channels: int | None = None):
+        super().__init__(model, layer=layer, jit_compile=jit_compile)
+        if int(chunk_size) < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+        if max_channels is not None and int(max_channels) < 1:
+            raise ConfigError(f"max_channels must be >= 1 or None, got {max_channels}")
+        self.chunk_size = int(chunk_size)
+        self.max_channels = None if max_channels is None else int(max_channels)
+
+    def select_channels(self, acts: np.ndarray) -> np.ndarray:
+        """(B, N) channel indices per tile: all, or the top-N by mean activation."""
+        b, k = acts.shape[0], acts.shape[-1]
+        if self.max_channels is None or self.max_channels >= k:
+            return np.broadcast_to(np.arange(k), (b, k))
+        means = acts.mean(axis=(1, 2))
+        return np.argsort(-means, axis=1, kind="stable")[:, : self.max_channels]
+
+    def channel_weights(self, acts, grads, x=None, target=None, logits=None, **context):
+        b, h, w, k = acts.shape
+        size = x.shape[1:3]
+        chans = self.select_channels(acts)  # (B, N)
+        n = chans.shape[1]
+        img_idx = np.repeat(np.arange(b), n)
+        ch_idx = chans.reshape(-1)
+        scores = np.empty(b * n, dtype=np.float32)
+        for start in range(0, b * n, self.chunk_size):  # chunks of masked tiles, not images
+            sl = slice(start, start + self.chunk_size)
+            bi, ci = img_idx[sl], ch_idx[sl]
+            maps = upsample(acts[bi, :, :, ci], size)  # (c, H, W)
+            lo = maps.min(axis=(1, 2), keepdims=True)
+            span = maps.max(axis=(1, 2), keepdims=True) - lo
+            masks = np.where(span > EPS, (maps - lo) / np.maximum(span, EPS), 0.0).astype(np.float32)
+            _, out = self._forward(x[bi] * masks[..., None])
+            scores[sl] = out[np.arange(len(bi)), target[bi]]
+        base = logits[np.arange(b), target][:, None]
+        gain = scores.reshape(b, n) - base  # score increase over the unmasked tile
+        weights = np.zeros((b, k), dtype=np.float32)
+        np.put_along_axis(weights, chans, softmax(gain, axis=1), axis=1)
+        return weights
+
+
+CAM_METHODS: dict[str, type[CAMMethod]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+}
+
+
+def get_cam(name: str, model, layer: str | None = None, **kw) -> CAMMethod:
+    """A CAM method by registry name (case-insensitive); extra keywords go to its
+    constructor (``jit_compile``, and for scorecam ``chunk_size``, ``max_channels``)."""
+    key = str(name).strip().lower()
+    if key not in CAM_METHODS:
+        raise ConfigError(f"unknown CAM method {name!r}; known methods: {', '.join(CAM_METHODS)}")
+    return CAM_METHODS[key](model, layer=layer, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# Benchmark helper
+# --------------------------------------------------------------------------------------
+
+
+def time_methods(
+    model,
+    x,
+    methods: Iterable[str | CAMMethod] = ("gradcam",),
+    repeats: int = 5,
+    layer: str | None = None,
+    baseline: bool = True,
+    **kw,
+) -> dict[str, float]:
+    """Tiles per second of each CAM method on batch ``x`` (median of ``repeats`` timed
+    calls after one warm-up call; the methods are alternated round by round so that
+    machine noise hits them alike). ``baseline`` adds ``"inference"``: the plain compiled
+    forward pass (acts + logits) of the same model, the floor every method is compared to.
+    ``kw`` goes to :func:`get_cam` for methods given by name.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    runners: dict[str, Callable[[], Any]] = {}
+    if baseline:
+        ref = GradCAM(model, layer=layer, jit_compile=kw.get("jit_compile", "auto"))
+        runners["inference"] = lambda: ref._forward(x)
+    for m in methods:
+        cam = m if isinstance(m, CAMMethod) else get_cam(m, model, layer=layer, **kw)
+        key = m if isinstance(m, str) else cam.name
+        runners[key] = (lambda c=cam: c(x))
+    for fn in runners.values():
+        fn()  # warm-up: tracing / compilation
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(max(1, int(repeats))):
+        for key, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: float(x.shape[0] / np.median(v)) for k, v in times.items()}

@@ -1,0 +1,345 @@
+"""Folder-per-class image datasets: discovery, splits, and a streaming batch loader.
+
+Layouts understood (DATA is the path given on the command line):
+
+* ``DATA/images/<Class>/*.jpg`` with optional ``DATA/classes.txt`` and ``DATA/splits/``
+  (``train.txt``, ``val.txt``, ``test.txt``: paths relative to ``images/``) -- the AID layout;
+* ``DATA/<Class>/*.jpg`` -- a plain folder per class;
+* ``DATA/Train/<Class>/...``, ``DATA/Val/<Class>/...`` (optional), ``DATA/Test/<Class>/...``.
+
+Without split lists or split folders a seeded, stratified split is drawn. Only the splits
+a caller asks for are ever opened: ``tilescan train`` asks for train and val, so it never
+decodes a test image.
+
+The loader decodes, augments and batches on the fly in worker threads (OpenCV releases
+the GIL); it never holds the dataset in memory. It imports Keras only to subclass
+``keras.utils.PyDataset``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+
+AID_CITATION = (
+    'G.-S. Xia, J. Hu, F. Hu, B. Shi, X. Bai, Y. Zhong, L. Zhang and X. Lu, "AID: A Benchmark '
+    'Data Set for Performance Evaluation of Aerial Scene Classification", IEEE Transactions on '
+    "Geoscience and Remote Sensing 55(7):3965-3981, 2017"
+)
+AID_TERMS = (
+    "AID is released by its authors for research use; models trained on it inherit that "
+    "restriction. The images come from Google Earth."
+)
+
+
+@dataclass
+class Dataset:
+    """Classes and the items (relative path, class index) of each split."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    split_source: str
+    split_sha256: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+
+    def items(self, split: str) -> list[tuple[str, int]]:
+        if split not in self.splits:
+            raise ConfigError(f"dataset has no '{split}' split (has: {', '.join(self.splits)})", path=str(self.root))
+        return self.splits[split]
+
+    def paths(self, split: str) -> list[Path]:
+        return [self.root / p for p, _ in self.items(split)]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.array([c for _, c in self.items(split)], dtype=np.int64)
+
+    def provenance(self) -> dict:
+        info = {
+            "dataset": self.name,
+            "root": str(self.root),
+            "split_source": self.split_source,
+            "split_sha256": self.split_sha256,
+            "counts": {k: len(v) for k, v in self.splits.items()},
+        }
+        if self.name.lower() == "aid":
+            info["citation"] = AID_CITATION
+            info["terms"] = AID_TERMS
+        return info
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and any(_is_image(f) for f in d.iterdir()))
+
+
+def _read_classes(*candidates: Path) -> list[str] | None:
+    for c in candidates:
+        if c.is_file():
+            names = [ln.strip() for ln in c.read_text().splitlines() if ln.strip()]
+            if names:
+                return names
+    return None
+
+
+def _hash_lines(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _list_items(root: Path, rel_root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for cls in sorted(d.name for d in root.iterdir() if d.is_dir()):
+        if cls not in index:
+            raise InputError(f"class folder '{cls}' is not in the class list {classes}", path=str(root))
+        for f in sorted((root / cls).iterdir()):
+            if _is_image(f):
+                items.append((str(f.relative_to(rel_root)), index[cls]))
+    return items
+
+
+def stratified_split(
+    items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[tuple[str, int]]]:
+    """Split each class's items (sorted, then shuffled with ``seed``) into train/val/test."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for it in sorted(items):
+        by_class.setdefault(it[1], []).append(it)
+    for c in sorted(by_class):
+        group = by_class[c]
+        order = rng.permutation(len(group))
+        n_test = int(round(len(group) * test_fraction))
+        n_val = int(round(len(group) * val_fraction))
+        for rank, i in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            out[split].append(group[i])
+    return out
+
+
+def load_dataset(
+    data: str | Path,
+    splits_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 20261126,
+) -> Dataset:
+    """Discover classes and splits of an image dataset (see the module docstring)."""
+    data = Path(data)
+    if not data.exists():
+        raise InputError("dataset folder not found", path=str(data))
+    if not data.is_dir():
+        raise InputError("dataset path is not a folder", path=str(data))
+    name = data.name if data.name.lower() != "images" else data.parent.name
+
+    split_folders = {}
+    for d in data.iterdir():
+        for split, aliases in _SPLIT_ALIASES.items():
+            if d.is_dir() and d.name.lower() in aliases:
+                split_folders[split] = d
+    if split_folders and splits_dir is None:
+        classes = _read_classes(data / "classes.txt") or sorted(
+            set().union(*(_class_dirs(d) for d in split_folders.values()))
+        )
+        splits = {s: _list_items(d, data, classes) for s, d in split_folders.items()}
+        if "val" not in splits:
+            # carve a validation split out of train, stratified and seeded
+            tv = stratified_split(splits["train"], val_fraction / max(1e-9, 1 - test_fraction), 0.0, seed)
+            splits["train"], splits["val"] = tv["train"], tv["val"]
+        return Dataset(data, classes, splits, "folders", {s: _hash_lines([p for p, _ in v]) for s, v in splits.items()}, name)
+
+    image_root = data / "images" if (data / "images").is_dir() else data
+    classes = _read_classes(data / "classes.txt", image_root / "classes.txt") or _class_dirs(image_root)
+    if not classes:
+        raise InputError("no class folders with images found", path=str(image_root))
+    index = {c: i for i, c in enumerate(classes)}
+    lists_dir = Path(splits_dir) if splits_dir is not None else (data / "splits" if (data / "splits").is_dir() else None)
+    if lists_dir is not None:
+        if not lists_dir.is_dir():
+            raise InputError("splits folder not found", path=str(lists_dir))
+        splits = {}
+        hashes = {}
+        for split in SPLITS:
+            f = lists_dir / f"{split}.txt"
+            if not f.is_file():
+                continue
+            lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+            hashes[split] = hashlib.sha256(f.read_bytes()).hexdigest()
+            items = []
+            for ln in lines:
+                cls = Path(ln).parts[0]
+                if cls not in index:
+                    raise InputError(f"line '{ln}': class folder '{cls}' is not a known class", path=str(f))
+                items.append((ln, index[cls]))
+            splits[split] = items
+        if "train" not in splits or "val" not in splits:
+            raise InputError("split lists need at least train.txt and val.txt", path=str(lists_dir))
+        return Dataset(image_root, classes, splits, f"lists:{lists_dir}", hashes, name)
+
+    items = _list_items(image_root, image_root, classes)
+    splits = stratified_split(items, val_fraction, test_fraction, seed)
+    hashes = {s: _hash_lines([p for p, _ in v]) for s, v in splits.items()}
+    return Dataset(image_root, classes, splits, f"stratified(seed={seed})", hashes, name)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def decode_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB (H, W, 3)."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError("cannot decode image (missing, corrupt or unsupported)", path=str(path))
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def random_resized_crop(img: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """A crop of random area fraction in ``scale`` and aspect ratio in [3/4, 4/3], resized."""
+    h, w = img.shape[:2]
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw = int(round(math.sqrt(target * ratio)))
+        ch = int(round(math.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0 = int(rng.integers(0, w - cw + 1))
+            y0 = int(rng.integers(0, h - ch + 1))
+            return resize(img[y0 : y0 + ch, x0 : x0 + cw], size)
+    return resize(img, size)
+
+
+def augment_batch(x: np.ndarray, rng: np.random.Generator, jitter: float) -> np.ndarray:
+    """Dihedral flips/rotations and brightness/contrast/saturation jitter, in place-ish.
+
+    All eight flips and 90° rotations are label-preserving for overhead imagery.
+    """
+    out = np.empty_like(x)
+    k = rng.integers(0, 4, size=len(x))
+    flip = rng.random(len(x)) < 0.5
+    for i in range(len(x)):  # cheap views; the costly work (decode, resize) is per image anyway
+        img = np.rot90(x[i], k[i])
+        out[i] = img[:, ::-1] if flip[i] else img
+    if jitter > 0:
+        n = len(x)
+        b = rng.uniform(1 - jitter, 1 + jitter, size=(n, 1, 1, 1)).astype(np.float32)
+        c = rng.uniform(1 - jitter, 1 + jitter, size=(n, 1, 1, 1)).astype(np.float32)
+        s = rng.uniform(1 - jitter, 1 + jitter, size=(n, 1, 1, 1)).astype(np.float32)
+        out *= b
+        mean = out.mean(axis=(1, 2, 3), keepdims=True)
+        out = (out - mean) * c + mean
+        gray = out.mean(axis=3, keepdims=True)
+        out = (out - gray) * s + gray
+        np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def load_eval_image(path: Path, size: int) -> np.ndarray:
+    """The evaluation view of an image: the whole image resized to ``size``, float32 0..1."""
+    return resize(decode_rgb(path), size).astype(np.float32) / 255.0
+
+
+def make_batches(
+    paths: Sequence[Path],
+    labels: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    size: int,
+    augment: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.6, 1.0),
+    jitter: float = 0.2,
+    workers: int = 2,
+    one_hot: bool = True,
+    start_epoch: int = 0,
+):
+    """A ``keras.utils.PyDataset`` streaming (x, y) batches; see :class:`ImageBatches`."""
+    import keras
+
+    class ImageBatches(keras.utils.PyDataset):
+        """Decodes, augments and batches images in worker threads, one batch at a time.
+
+        Each batch's randomness comes from ``(seed, epoch, batch index)``, so results do
+        not depend on thread scheduling, and a resumed run sees the epochs it would have.
+        """
+
+        def __init__(self):
+            super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(2, 2 * workers))
+            self.epoch = start_epoch
+            self._order = self._permutation()
+
+        def _permutation(self):
+            if not shuffle:
+                return np.arange(len(paths))
+            return np.random.default_rng([seed, self.epoch]).permutation(len(paths))
+
+        def __len__(self):
+            return max(1, math.ceil(len(paths) / batch_size))
+
+        def __getitem__(self, i):
+            idx = self._order[i * batch_size : (i + 1) * batch_size]
+            rng = np.random.default_rng([seed, self.epoch, i])
+            imgs = []
+            for j in idx:
+                img = decode_rgb(paths[j])
+                imgs.append(random_resized_crop(img, size, crop_scale, rng) if augment else resize(img, size))
+            x = np.stack(imgs).astype(np.float32) / 255.0
+            if augment:
+                x = augment_batch(x, rng, jitter)
+            y = labels[idx]
+            if one_hot:
+                y = np.eye(num_classes, dtype=np.float32)[y]
+            return x, y
+
+        def on_epoch_end(self):
+            self.epoch += 1
+            self._order = self._permutation()
+
+    if len(paths) == 0:
+        raise ConfigError("no images in this split")
+    return ImageBatches()
+
+
+def channel_stats(paths: Sequence[Path], size: int, limit: int = 512, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale) over a seeded sample of at most ``limit`` images."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(limit, len(paths)), replace=False)
+    acc = np.zeros(3)
+    acc2 = np.zeros(3)
+    n = 0
+    for j in sorted(pick):
+        x = load_eval_image(paths[j], size).reshape(-1, 3).astype(np.float64)
+        acc += x.sum(0)
+        acc2 += (x * x).sum(0)
+        n += len(x)
+    mean = acc / n
+    std = np.sqrt(np.maximum(acc2 / n - mean * mean, 1e-8))
+    return [float(v) for v in mean], [float(v) for v in std]

@@ -1,0 +1,847 @@
+"""The tile grid over a scene, and reading tiles as model-ready arrays.
+
+No Keras here: this module only needs rasterio, numpy, OpenCV and pyproj.
+
+Pieces, in the order a job uses them:
+
+- :func:`find_scenes` turns command-line inputs (files and directories) into scene paths.
+- :func:`open_scene` checks one GeoTIFF (readable, georeferenced, bands the model can
+  take), picks the bands, computes the per-band scaling once, sizes the tiles (pixels,
+  metres, or the model's native ground sample distance) and returns a :class:`SceneReader`.
+- :class:`TileGrid` / :class:`Tile`: the window grid (formula in :class:`TileGrid`).
+- :meth:`SceneReader.read_tile` reads one tile window (never the whole scene) and returns
+  the float32 model input plus a validity mask at scene resolution. Each thread gets its
+  own dataset handle, so reader threads can read in parallel (GDAL releases the GIL).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import rasterio
+import rasterio.windows
+from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from .config import TilingConfig
+from .errors import ConfigError, InputError, NoScenesError
+
+__all__ = [
+    "MAX_TILE_PX",
+    "SceneInfo",
+    "SceneReader",
+    "Tile",
+    "TileGrid",
+    "TilingWarning",
+    "find_scenes",
+    "open_scene",
+    "valid_fraction",
+]
+
+#: Largest tile edge (scene pixels) a reader accepts; a bigger one would need gigabytes
+#: per tile (this happens with ``resample_to_gsd`` on a scene far finer than the model).
+MAX_TILE_PX = 8192
+#: Long side of the decimated read used for the per-band percentile stretch.
+STATS_MAX_SIZE = 1024
+#: Long side of the decimated read that checks a scene decodes (when no stats are needed).
+CHECK_MAX_SIZE = 256
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_OTHER_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"CDF", "a netCDF file"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"<", "an XML/HTML text file"),
+)
+_DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
+
+
+class TilingWarning(UserWarning):
+    """Something about a scene the user should know, but that does not stop the run."""
+
+
+# --------------------------------------------------------------------------------------
+# the grid
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One cell of a :class:`TileGrid`.
+
+    ``window`` is the full tile (``tile_size`` square); at the right and bottom edges it
+    extends past the scene, and that part is padded (and invalid) when read.
+    """
+
+    index: int
+    """Row-major number of the tile in its grid (``row * n_cols + col``)."""
+    row: int
+    col: int
+    window: Window
+    scene_width: int = field(repr=False)
+    scene_height: int = field(repr=False)
+
+    @property
+    def clipped(self) -> Window:
+        """The window intersected with the scene (never empty: tile origins lie inside)."""
+        w = self.window
+        c0, r0 = int(w.col_off), int(w.row_off)
+        return Window(c0, r0, min(c0 + int(w.width), self.scene_width) - c0,
+                      min(r0 + int(w.height), self.scene_height) - r0)
+
+    @property
+    def size(self) -> int:
+        """Tile edge in scene pixels."""
+        return int(self.window.width)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A grid of square windows over a ``width`` × ``height`` scene.
+
+    With ``T = tile_size`` and ``S = stride`` (``stride = 0`` means ``S = T``; ``S`` may
+    not exceed ``T``, or pixels between tiles would be skipped)::
+
+        n_cols = 1 + max(0, ceil((width  - T) / S))
+        n_rows = 1 + max(0, ceil((height - T) / S))
+
+    Tile ``(r, c)`` has ``Window(col_off=c*S, row_off=r*S, width=T, height=T)``. Every
+    tile origin lies inside the scene; the last column/row of tiles may extend past the
+    right/bottom edge and is padded there, so no pixel is dropped. A scene smaller than
+    one tile gives exactly one tile. Tiles are numbered in row-major order.
+    """
+
+    width: int
+    height: int
+    tile_size: int
+    stride: int = 0
+    n_rows: int = field(init=False)
+    n_cols: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "tile_size", "stride"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"TileGrid {name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"scene size must be at least 1x1, got {self.width}x{self.height}")
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
+        if self.stride < 0:
+            raise ValueError(f"stride must be >= 0 (0 = tile_size), got {self.stride}")
+        if self.stride == 0:
+            object.__setattr__(self, "stride", self.tile_size)
+        if self.stride > self.tile_size:
+            raise ValueError(
+                f"stride {self.stride} is larger than tile_size {self.tile_size}: "
+                "the pixels between tiles would never be read"
+            )
+        t, s = self.tile_size, self.stride
+        object.__setattr__(self, "n_cols", 1 + max(0, _ceil_div(self.width - t, s)))
+        object.__setattr__(self, "n_rows", 1 + max(0, _ceil_div(self.height - t, s)))
+
+    def __len__(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def tile(self, row: int, col: int) -> Tile:
+        if not (0 <= row < self.n_rows and 0 <= col < self.n_cols):
+            raise IndexError(f"tile ({row}, {col}) outside a {self.n_rows}x{self.n_cols} grid")
+        s, t = self.stride, self.tile_size
+        return Tile(row * self.n_cols + col, row, col, Window(col * s, row * s, t, t),
+                    self.width, self.height)
+
+    def __getitem__(self, index: int) -> Tile:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"tile index {index} outside a grid of {n} tiles")
+        return self.tile(*divmod(index, self.n_cols))
+
+    def tiles(self) -> Iterator[Tile]:
+        """All tiles, row-major."""
+        return self.rows(0, self.n_rows)
+
+    def __iter__(self) -> Iterator[Tile]:
+        return self.tiles()
+
+    def rows(self, start: int, stop: int) -> Iterator[Tile]:
+        """Tiles of grid rows ``[start, stop)`` (clamped to the grid), row-major.
+
+        Disjoint row ranges give disjoint tile sets, so a scene can be sharded by rows.
+        """
+        start, stop = max(0, start), min(self.n_rows, stop)
+        for r in range(start, stop):
+            for c in range(self.n_cols):
+                yield self.tile(r, c)
+
+    def row_ranges(self, count: int) -> list[tuple[int, int]]:
+        """Split the grid rows into ``count`` contiguous ``(start, stop)`` ranges whose
+        sizes differ by at most one (ranges may be empty when ``count > n_rows``)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        base, extra = divmod(self.n_rows, count)
+        out, start = [], 0
+        for i in range(count):
+            stop = start + base + (1 if i < extra else 0)
+            out.append((start, stop))
+            start = stop
+        return out
+
+
+def valid_fraction(valid: np.ndarray) -> float:
+    """Fraction of the full tile area that is valid (``valid`` covers the whole tile,
+    padding included, so a tile half outside the scene has at most 0.5)."""
+    return float(np.count_nonzero(valid)) / valid.size if valid.size else 0.0
+
+
+# --------------------------------------------------------------------------------------
+# scene description
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: rasterio.crs.CRS | None
+    transform: Affine
+    nodata: float | None
+    """Nodata of band 1 (``nodatavals`` has every band's)."""
+    nodatavals: tuple[float | None, ...]
+    res: tuple[float, float]
+    bounds: tuple[float, float, float, float]
+    has_alpha: bool
+    alpha_band: int | None
+    """1-based index of the alpha band, if any."""
+    band_descriptions: tuple[str | None, ...]
+    colorinterp: tuple[str, ...]
+    georeferenced: bool
+    gsd_m: float | None
+    """Ground sample distance in metres, measured on the ellipsoid at the scene centre
+    (mean of the pixel's x and y steps); None without a CRS. For UTM / State Plane this
+    equals ``res`` × the unit to within 0.1 %; for Web Mercator it is the true ground
+    size (``res`` × cos(latitude)); for geographic CRSs it converts degrees to metres."""
+    nominal_gsd_m: float | None
+    """``res`` × the CRS's linear unit in metres (projected CRSs only)."""
+
+
+def _nodata_in_dtype(nodata: float | None, dtype: np.dtype) -> float | None:
+    """``nodata`` as a value of ``dtype``, or None if no pixel could ever equal it."""
+    if nodata is None:
+        return None
+    if np.issubdtype(dtype, np.floating):
+        return float(nodata)
+    if not math.isfinite(nodata) or nodata != int(nodata):
+        return None
+    info = np.iinfo(dtype)
+    return int(nodata) if info.min <= nodata <= info.max else None
+
+
+def _apply(t: Affine, col: float, row: float) -> tuple[float, float]:
+    """Pixel (col, row) to CRS coordinates (written out: ``Affine * tuple`` is deprecated
+    in newer affine releases and ``@`` missing in older ones)."""
+    return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+
+
+def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None:
+    """Metres per pixel at the scene centre, measured on the CRS's ellipsoid."""
+    try:
+        import pyproj
+
+        pcrs = pyproj.CRS.from_user_input(crs.to_wkt())
+        geod = pcrs.get_geod()
+        geog = pcrs.geodetic_crs
+        if geod is None or geog is None:
+            return None
+        tr = pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
+        cx, cy = width / 2.0, height / 2.0
+        pts = [_apply(transform, cx, cy), _apply(transform, cx + 1, cy), _apply(transform, cx, cy + 1)]
+        lon, lat = tr.transform([p[0] for p in pts], [p[1] for p in pts])
+        if not all(math.isfinite(v) for v in (*lon, *lat)):
+            return None
+        _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
+        _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
+        gsd = (abs(dx) + abs(dy)) / 2.0
+        return gsd if math.isfinite(gsd) and gsd > 0 else None
+    except Exception:  # an unusual CRS pyproj cannot handle: fall back to nominal
+        return None
+
+
+def _nominal_gsd(crs, res: tuple[float, float]) -> float | None:
+    try:
+        if crs is None or not crs.is_projected:
+            return None
+        _, factor = crs.linear_units_factor
+        return (abs(res[0]) + abs(res[1])) / 2.0 * float(factor)
+    except Exception:
+        return None
+
+
+def _is_georeferenced(ds) -> bool:
+    return ds.crs is not None and not ds.transform.is_identity
+
+
+def _scene_info(path: Path, ds) -> SceneInfo:
+    ci = tuple(c.name for c in ds.colorinterp)
+    alpha = next((i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha), None)
+    georef = _is_georeferenced(ds)
+    crs = ds.crs if ds.crs else None
+    res = (float(ds.res[0]), float(ds.res[1]))
+    nominal = _nominal_gsd(crs, res) if georef else None
+    gsd = _ground_gsd(crs, ds.transform, ds.width, ds.height) if georef else None
+    if gsd is None:
+        gsd = nominal
+    return SceneInfo(
+        path=path,
+        width=ds.width,
+        height=ds.height,
+        count=ds.count,
+        dtype=str(ds.dtypes[0]),
+        crs=crs,
+        transform=ds.transform,
+        nodata=ds.nodata,
+        nodatavals=tuple(ds.nodatavals),
+        res=res,
+        bounds=tuple(ds.bounds),
+        has_alpha=alpha is not None,
+        alpha_band=alpha,
+        band_descriptions=tuple(ds.descriptions),
+        colorinterp=ci,
+        georeferenced=georef,
+        gsd_m=gsd,
+        nominal_gsd_m=nominal,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# reading
+
+
+def _describe(exc: BaseException) -> str:
+    """The messages of an exception and its causes (rasterio's own message is often just
+    "Read failed. See previous exception"; GDAL's detail is in the chain)."""
+    parts: list[str] = []
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = str(e).strip()
+        if msg and "see previous exception" not in msg.lower() and not any(msg in q for q in parts):
+            parts.append(msg)
+        e = e.__cause__ or e.__context__
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
+    f = min(1.0, max_size / max(height, width))
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def _open_quiet(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+class SceneReader:
+    """Reads tiles of one scene; made by :func:`open_scene`.
+
+    Attributes: ``info`` (:class:`SceneInfo`), ``grid`` (:class:`TileGrid` in scene
+    pixels), ``bands`` (1-based band indexes fed to the model, in model order),
+    ``tile_px`` (tile edge in scene pixels), ``input_size`` (model input edge),
+    ``scale`` (per model band ``(lo, hi)``: value ``v`` becomes ``(v - lo) / (hi - lo)``
+    clipped to [0, 1]).
+
+    Thread-safe: each thread reads through its own rasterio dataset handle.
+    """
+
+    def __init__(self, info: SceneInfo, ds, bands: Sequence[int], grid: TileGrid,
+                 input_size: int, scale: Sequence[tuple[float, float]] | None = None):
+        self.info = info
+        self.grid = grid
+        self.bands = tuple(int(b) for b in bands)
+        self.tile_px = grid.tile_size
+        self.input_size = int(input_size)
+        self._dtype = np.dtype(info.dtype)
+        self._nodata = tuple(_nodata_in_dtype(info.nodatavals[b - 1], self._dtype) for b in self.bands)
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        self._alpha = info.alpha_band
+        # An internal (per-dataset) mask that is not an alpha band: read it with read_masks.
+        self._internal_mask = self._alpha is None and any(
+            MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags
+        )
+        self._float = np.issubdtype(self._dtype, np.floating)
+        self._read_idx = tuple(sorted(set(self.bands) | ({self._alpha} if self._alpha else set())))
+        pos = {b: i for i, b in enumerate(self._read_idx)}
+        self._band_pos = [pos[b] for b in self.bands]
+        self._alpha_pos = pos.get(self._alpha) if self._alpha else None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._local.ds = ds
+        self._handles = [ds]
+        self._closed = False
+        self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
+        self._set_scale(self.scale)
+
+    # -- handles --------------------------------------------------------------------
+
+    def _ds(self):
+        ds = getattr(self._local, "ds", None)
+        if ds is None or ds.closed:
+            if self._closed:
+                raise ValueError("SceneReader is closed")
+            ds = _open_quiet(self.info.path)
+            with self._lock:
+                if self._closed:
+                    ds.close()
+                    raise ValueError("SceneReader is closed")
+                self._handles.append(ds)
+            self._local.ds = ds
+        return ds
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles, self._handles = self._handles, []
+        for ds in handles:
+            ds.close()
+
+    def __enter__(self) -> "SceneReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    # -- raw reads ------------------------------------------------------------------
+
+    def _read_raw(self, window: Window | None = None,
+                  out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)."""
+        ds = self._ds()
+        kw = {}
+        if window is not None:
+            kw["window"] = window
+        if out_shape is not None:
+            kw["out_shape"] = (len(self._read_idx), *out_shape)
+        raw = ds.read(list(self._read_idx), **kw)
+        data = raw[self._band_pos] if self._band_pos != list(range(len(self._read_idx))) else raw
+        valid = np.ones(raw.shape[1:], dtype=bool)
+        for i, nd in enumerate(self._nodata):
+            if nd is not None:
+                if self._float and math.isnan(nd):
+                    continue  # NaN is caught by the finiteness test below
+                valid &= data[i] != nd
+        if self._alpha_pos is not None:
+            valid &= raw[self._alpha_pos] != 0
+        if self._internal_mask:
+            mkw = dict(kw)
+            if out_shape is not None:
+                mkw["out_shape"] = out_shape
+            valid &= ds.read_masks(self.bands[0], **mkw) != 0
+        if self._float:
+            valid &= np.isfinite(data).all(axis=0)
+        return data, valid
+
+    def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
+        lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
+        hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
+        self._lo = lo.astype(np.float32)
+        self._inv = (1.0 / (hi - lo)).astype(np.float32)
+
+    def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+        """Scale ``data`` (C, h, w) into ``out`` (h, w, C) float32, invalid pixels 0."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.copyto(out, data.transpose(1, 2, 0), casting="unsafe")
+            out -= self._lo
+            out *= self._inv
+            np.clip(out, 0.0, 1.0, out=out)
+        out[~valid] = 0.0
+
+    # -- public reads ---------------------------------------------------------------
+
+    def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, valid)`` for one tile.
+
+        ``x``: float32 ``(input_size, input_size, C)`` in [0, 1]; padding and invalid
+        pixels are 0. ``valid``: bool ``(tile_px, tile_px)`` at scene resolution, True
+        where the pixel is inside the scene and not nodata on any model band, not masked
+        (internal mask, alpha = 0) and finite.
+        """
+        t = self.tile_px
+        clip = tile.clipped
+        h, w = int(clip.height), int(clip.width)
+        try:
+            data, v = self._read_raw(clip)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"corrupt or truncated TIFF: reading tile row {tile.row} col {tile.col} "
+                f"(window {clip}) failed: {_describe(exc)}", path=str(self.info.path)) from exc
+        x = np.zeros((t, t, len(self.bands)), dtype=np.float32)
+        valid = np.zeros((t, t), dtype=bool)
+        valid[:h, :w] = v
+        self._to_unit(data, v, x[:h, :w])
+        if t != self.input_size:
+            interp = cv2.INTER_AREA if t > self.input_size else cv2.INTER_LINEAR
+            x = cv2.resize(x, (self.input_size, self.input_size), interpolation=interp)
+            if x.ndim == 2:
+                x = x[:, :, None]
+        return x, valid
+
+    def read_batch(self, tiles: Sequence[Tile]) -> tuple[np.ndarray, np.ndarray]:
+        """``read_tile`` over several tiles, stacked: ``(B, S, S, C)`` and ``(B, T, T)``."""
+        xs, vs = zip(*(self.read_tile(t) for t in tiles)) if tiles else ((), ())
+        if not tiles:
+            s, t = self.input_size, self.tile_px
+            return np.zeros((0, s, s, len(self.bands)), np.float32), np.zeros((0, t, t), bool)
+        return np.stack(xs), np.stack(vs)
+
+    valid_fraction = staticmethod(valid_fraction)
+
+    def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """A decimated preview of the whole scene: uint8 RGB ``(h, w, 3)`` (long side at
+        most ``max_size``; same bands and scaling as the tiles, the first three model
+        bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
+        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        data, valid = self._read_raw(out_shape=shape)
+        x = np.empty((*shape, len(self.bands)), dtype=np.float32)
+        self._to_unit(data, valid, x)
+        c = x.shape[2]
+        pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
+        rgb = np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
+        return rgb, valid
+
+    # -- georeferencing helpers -----------------------------------------------------
+
+    def tile_transform(self, tile: Tile) -> Affine:
+        """Affine transform of the full tile window (= ``rasterio.windows.transform``)."""
+        t = self.info.transform
+        x0, y0 = _apply(t, tile.window.col_off, tile.window.row_off)
+        return Affine(t.a, t.b, x0, t.d, t.e, y0)
+
+    def tile_bounds(self, tile: Tile, clipped: bool = False) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` of the tile in the scene CRS."""
+        w = tile.clipped if clipped else tile.window
+        return tuple(rasterio.windows.bounds(w, self.info.transform))
+
+    def footprint(self, tile: Tile, clipped: bool = False) -> list[tuple[float, float]]:
+        """Closed ring of the tile's corners in the scene CRS (exact for rotated
+        geotransforms): top-left, top-right, bottom-right, bottom-left, top-left."""
+        w = tile.clipped if clipped else tile.window
+        c0, r0 = w.col_off, w.row_off
+        c1, r1 = c0 + w.width, r0 + w.height
+        T = self.info.transform
+        ring = [_apply(T, c0, r0), _apply(T, c1, r0), _apply(T, c1, r1), _apply(T, c0, r1)]
+        return [(float(x), float(y)) for x, y in ring + ring[:1]]
+
+    def __repr__(self) -> str:
+        return (f"SceneReader({self.info.path.name!r}, {self.info.width}x{self.info.height}, "
+                f"bands={list(self.bands)}, tile_px={self.tile_px}, tiles={len(self.grid)})")
+
+
+# --------------------------------------------------------------------------------------
+# opening a scene
+
+
+def _check_file(path: Path) -> None:
+    p = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError("scene not found (no such file)", path=p) from None
+    except OSError as exc:
+        raise InputError(f"cannot access scene: {exc.strerror}", path=p) from None
+    if path.is_dir():
+        raise InputError(
+            "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
+            "*.tif / *.tiff)", path=p)
+    if st.st_size == 0:
+        raise InputError("empty file (0 bytes): not a GeoTIFF", path=p)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except PermissionError:
+        raise InputError("cannot read scene: permission denied", path=p) from None
+    except OSError as exc:
+        raise InputError(f"cannot read scene: {exc.strerror}", path=p) from None
+    if head[:4] not in _TIFF_MAGIC:
+        what = next((name for magic, name in _OTHER_MAGIC if head.startswith(magic)), None)
+        detail = f"it looks like {what}" if what else f"first bytes {head[:4]!r}"
+        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs", path=p)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _rgb_from_names(names: Sequence[str | None]) -> list[int] | None:
+    """1-based indexes of the red, green and blue bands named in ``names``, if all three."""
+    found: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        words = set(_WORD.findall(name.lower()))
+        for colour in ("red", "green", "blue"):
+            if colour in words and colour not in found:
+                found[colour] = i + 1
+    if len(found) == 3 and len(set(found.values())) == 3:
+        return [found["red"], found["green"], found["blue"]]
+    return None
+
+
+def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
+                model_band_names: Sequence[str] | None) -> list[int]:
+    p = str(info.path)
+    if cfg.bands:
+        if len(cfg.bands) != model_bands:
+            raise ConfigError(
+                f"[tiling] bands = {list(cfg.bands)} lists {len(cfg.bands)} band(s), "
+                f"but the model expects {model_bands}")
+        bad = [b for b in cfg.bands if not 1 <= b <= info.count]
+        if bad:
+            raise InputError(
+                f"[tiling] bands = {list(cfg.bands)} names band {bad[0]}, but the scene has "
+                f"{info.count} band(s) (valid indexes 1..{info.count})", path=p)
+        return list(cfg.bands)
+    plain = [i for i in range(1, info.count + 1) if i != info.alpha_band]
+    if model_bands == 3:
+        rgb = _rgb_from_names(info.colorinterp) or _rgb_from_names(info.band_descriptions)
+        if rgb is not None:
+            return rgb
+    if len(plain) == model_bands:
+        if model_bands == 3:
+            warnings.warn(
+                f"{p}: the bands carry no red/green/blue colour interpretation; using bands "
+                f"{plain} as red, green, blue (set [tiling] bands, e.g. bands = [3, 2, 1], "
+                "if the order differs)", TilingWarning, stacklevel=3)
+        return plain
+    if len(plain) > model_bands:
+        pick = plain[:model_bands]
+        warnings.warn(
+            f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
+            f"bands {pick} (set [tiling] bands to choose others)", TilingWarning, stacklevel=3)
+        return pick
+    names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
+    expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
+    found = f"{len(plain)}" + (" plus an alpha band" if info.alpha_band else "")
+    repeat = [plain[0]] * model_bands if plain else [1] * model_bands
+    example = list(range(model_bands, 0, -1))
+    raise InputError(
+        f"model expects {expected}, scene has {found}; set [tiling] bands = {repeat} to "
+        f"repeat a band, or pick bands like bands = {example}", path=p)
+
+
+def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
+                   model_gsd_m: float | None) -> tuple[int, int]:
+    p = str(info.path)
+    size, stride = cfg.tile_size, cfg.stride or cfg.tile_size
+    if stride > size:
+        raise ConfigError(
+            f"[tiling] stride = {cfg.stride} is larger than tile_size = {cfg.tile_size}: "
+            "the pixels between tiles would never be classified")
+    gsd = info.gsd_m
+    if cfg.resample_to_gsd and model_gsd_m is None:
+        warnings.warn(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
+                      "GSD; tiles are not resampled", TilingWarning, stacklevel=3)
+    if cfg.resample_to_gsd and model_gsd_m is not None:
+        if gsd is None:
+            raise InputError("[tiling] resample_to_gsd needs a georeferenced scene with a "
+                             "known ground sample distance; this one has none", path=p)
+        tile_px = round(input_size * model_gsd_m / gsd)
+        stride_px = round(tile_px * stride / size)
+        how = (f"(model GSD {model_gsd_m:g} m x {input_size} px, scene GSD {gsd:.4g} m; "
+               "turn off [tiling] resample_to_gsd)")
+    elif cfg.units == "m":
+        if gsd is None:
+            raise InputError('[tiling] units = "m" needs a georeferenced scene with a known '
+                             'ground sample distance; use units = "px"', path=p)
+        tile_px, stride_px = round(size / gsd), round(stride / gsd)
+        how = f"({size} m at {gsd:.4g} m/px)"
+    else:
+        tile_px, stride_px, how = size, stride, ""
+    if tile_px < 1:
+        raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
+    if tile_px > MAX_TILE_PX:
+        raise InputError(f"tiles would be {tile_px} px wide, above the {MAX_TILE_PX} px limit "
+                         f"{how}", path=p)
+    return tile_px, min(max(1, stride_px), tile_px)
+
+
+def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
+    """Per model band ``(lo, hi)``; reads the decimated scene when a stretch is needed.
+
+    Also serves as the corrupt/truncated check: the decimated read touches blocks
+    across the whole scene.
+    """
+    dtype = np.dtype(reader.info.dtype)
+    mode = cfg.scaling
+    if mode == "auto":
+        mode = "dtype" if dtype == np.uint8 else "percentile"
+    n = len(reader.bands)
+    size = STATS_MAX_SIZE if mode == "percentile" else CHECK_MAX_SIZE
+    shape = _decimated_shape(reader.info.height, reader.info.width, size)
+    try:
+        data, valid = reader._read_raw(out_shape=shape)
+    except Exception as exc:
+        raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
+                         path=str(reader.info.path)) from exc
+    if mode == "none":
+        return [(0.0, 1.0)] * n
+    if mode == "dtype":
+        if np.issubdtype(dtype, np.integer):
+            return [(0.0, float(np.iinfo(dtype).max))] * n
+        return [(0.0, 1.0)] * n
+    lo_q, hi_q = cfg.percentiles
+    out = []
+    if not valid.any():
+        warnings.warn(f"{reader.info.path}: no valid pixel found in a {shape[1]}x{shape[0]} "
+                      "sample of the scene (all nodata?)", TilingWarning, stacklevel=3)
+    for i in range(n):
+        vals = data[i][valid]
+        if vals.size == 0:
+            lo, hi = (0.0, float(np.iinfo(dtype).max)) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
+        else:
+            lo, hi = (float(v) for v in np.percentile(vals, [lo_q, hi_q]))
+        if not hi > lo:
+            hi = lo + 1.0
+        out.append((lo, hi))
+    return out
+
+
+def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, input_size: int,
+               model_gsd_m: float | None = None,
+               model_band_names: Sequence[str] | None = None) -> SceneReader:
+    """Check a GeoTIFF and return a :class:`SceneReader` for it.
+
+    Raises :class:`InputError` (naming the file) when the scene is missing, a directory,
+    empty, not a TIFF, corrupt or truncated, not georeferenced (unless
+    ``cfg.allow_pixel_space``), has too few bands for the model, or ``cfg.bands`` names a
+    band it lacks; :class:`ConfigError` when ``cfg.bands`` has the wrong length or the
+    stride exceeds the tile size.
+
+    Band pick (1-based, model order): ``cfg.bands``; else, for a 3-band model, the bands
+    whose colour interpretation (or description) says red, green, blue; else all non-alpha
+    bands when there are exactly ``model_bands``; else the first ``model_bands`` non-alpha
+    bands (with a :class:`TilingWarning`).
+
+    Tile size in scene pixels: ``cfg.tile_size`` (``units = "px"``), or converted from
+    metres with the scene GSD (``units = "m"``); with ``cfg.resample_to_gsd`` and a model
+    GSD, ``round(input_size * model_gsd_m / scene_gsd_m)`` (the stride keeps its ratio to
+    the tile size). Tiles are resized to ``input_size`` when the sizes differ.
+    """
+    if model_bands < 1 or input_size < 1:
+        raise ValueError(f"model_bands and input_size must be >= 1, got {model_bands}, {input_size}")
+    if model_gsd_m is not None and not model_gsd_m > 0:
+        raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
+    path = Path(path)
+    p = str(path)
+    _check_file(path)
+    try:
+        ds = _open_quiet(path)
+    except Exception as exc:
+        raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
+                         path=p) from exc
+    reader = None
+    try:
+        if ds.width < 1 or ds.height < 1:
+            raise InputError(f"scene has no pixels ({ds.width}x{ds.height})", path=p)
+        if ds.count < 1:
+            raise InputError("scene has no bands", path=p)
+        if np.dtype(ds.dtypes[0]).kind not in "uif":
+            raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
+                             "and floating-point rasters)", path=p)
+        info = _scene_info(path, ds)
+        if not info.georeferenced:
+            if ds.crs is None and ds.transform.is_identity:
+                what = "has no CRS and no geotransform"
+            elif ds.crs is None:
+                what = "has no CRS"
+            else:
+                what = "has no geotransform"
+            if ds.gcps[0]:
+                what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
+            if not cfg.allow_pixel_space:
+                raise InputError(
+                    f"scene {what}; set allow_pixel_space = true in [tiling] to process it "
+                    "in pixel coordinates (outputs will not be georeferenced)", path=p)
+            warnings.warn(f"{p}: scene {what}; processing it in pixel coordinates "
+                          "(allow_pixel_space = true)", TilingWarning, stacklevel=2)
+        bands = _pick_bands(info, cfg, model_bands, model_band_names)
+        tile_px, stride_px = _tile_geometry(info, cfg, input_size, model_gsd_m)
+        grid = TileGrid(info.width, info.height, tile_px, stride_px)
+        reader = SceneReader(info, ds, bands, grid, input_size)
+        reader.scale = tuple(_compute_scale(reader, cfg))
+        reader._set_scale(reader.scale)
+        return reader
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        else:
+            ds.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# finding scenes
+
+
+def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Scene paths from files and directories.
+
+    Files are taken as given, whatever their extension (:func:`open_scene` rejects
+    non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
+    ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates.
+    Raises :class:`InputError` for a path that does not exist and
+    :class:`NoScenesError` when nothing is found.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: dict[Path, None] = {}
+    searched: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            searched.append(str(p))
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in files:
+                    if name.lower().endswith(TIFF_SUFFIXES):
+                        f = Path(root, name)
+                        if f.is_file():
+                            found[f.resolve()] = None
+        elif p.exists():
+            found[p.resolve()] = None
+        else:
+            raise InputError("no such file or directory", path=str(p))
+    if not found:
+        if searched:
+            raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched))
+        raise NoScenesError("no scenes given")
+    return sorted(found)

@@ -1,0 +1,326 @@
+"""Fit a ResNet-18 on a folder-per-class image dataset, with checkpoints and resume.
+
+``train()`` streams the train and val splits only (the test split is never opened),
+augments the training set, runs AdamW with warmup + cosine decay and label smoothing,
+checkpoints every epoch (full model with optimizer state, best weights, a state file and
+the history CSV), stops early when the validation loss stops improving (restoring the best
+weights), and saves a float32 ``.keras`` model with tilescan metadata.
+
+Checkpoints live in ``<MODEL>.ckpt/``; ``resume=True`` continues a killed run from its last
+finished epoch with the same schedule, data order and early-stopping state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import Dataset, channel_stats, make_batches
+from .errors import ConfigError, OutputExistsError
+from .model import DEFAULT_CAM_LAYER, build_resnet18, save_model
+
+HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_precision(setting: str) -> str:
+    """``mixed_bfloat16`` or ``float32`` for the ``mixed_precision`` setting."""
+    if setting == "float32":
+        return "float32"
+    if setting == "bf16":
+        return "mixed_bfloat16"
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if any(d.platform == "gpu" for d in jax.devices()):
+            return "mixed_bfloat16"
+    return "mixed_bfloat16" if cpu_has_bf16() else "float32"
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    if cfg.schedule == "cosine":
+        if warm > 0:
+            lr = keras.optimizers.schedules.CosineDecay(
+                cfg.learning_rate * 0.01, total - warm, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warm
+            )
+        else:
+            lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total, alpha=0.0)
+    else:
+        lr = cfg.learning_rate
+    if cfg.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+        # no decay on BatchNorm scales/offsets and biases
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    elif cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate=lr)
+    else:
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
+    return opt
+
+
+def _current_lr(opt) -> float:
+    import keras
+
+    try:
+        return float(keras.ops.convert_to_numpy(opt.learning_rate))
+    except Exception:  # pragma: no cover - very old Keras
+        return float("nan")
+
+
+def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float | None, log: Callable[[str], None]):
+    """A Keras callback: history row, best weights, full checkpoint, early stopping, time guard."""
+    import keras
+
+    class Checkpointer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.t_start = time.monotonic()
+            self.t_epoch = self.t_start
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t_epoch = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            secs = time.monotonic() - self.t_epoch
+            row = {
+                "epoch": epoch + 1,
+                "loss": logs.get("loss"),
+                "accuracy": logs.get("accuracy"),
+                "val_loss": logs.get("val_loss"),
+                "val_accuracy": logs.get("val_accuracy"),
+                "learning_rate": _current_lr(self.model.optimizer),
+                "seconds": round(secs, 2),
+            }
+            hist = ckpt / "history.csv"
+            new = not hist.exists()
+            with hist.open("a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+            val = logs.get("val_loss")
+            if val is not None and val < state["best"] - cfg.min_delta:
+                state.update(best=float(val), best_epoch=epoch + 1, wait=0,
+                             best_val_accuracy=float(logs.get("val_accuracy", float("nan"))))
+                tmp = ckpt / ".best.tmp.weights.h5"
+                self.model.save_weights(tmp)
+                os.replace(tmp, ckpt / "best.weights.h5")
+            else:
+                state["wait"] += 1
+            state["epochs_done"] = epoch + 1
+            if cfg.patience and state["wait"] >= cfg.patience:
+                state["stopped"] = "early-stopping"
+                self.model.stop_training = True
+            elapsed = time.monotonic() - self.t_start
+            if max_seconds is not None and elapsed + secs > max_seconds:
+                state["stopped"] = "time-limit"
+                self.model.stop_training = True
+            tmp = ckpt / ".last.tmp.keras"
+            self.model.save(tmp)
+            os.replace(tmp, ckpt / "last.keras")
+            _atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+                f"val_loss {val if val is not None else float('nan'):.4f} "
+                f"val_acc {logs.get('val_accuracy', float('nan')):.4f} lr {row['learning_rate']:.2e} "
+                f"({secs:.0f} s){'  *best*' if state['best_epoch'] == epoch + 1 else ''}"
+            )
+
+    return Checkpointer()
+
+
+def plot_history(history_csv: Path, png: Path) -> None:
+    """Learning curves (loss and accuracy, train vs val) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(history_csv.open()))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+
+    def col(k):
+        return [float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    a.plot(ep, col("loss"), label="train")
+    a.plot(ep, col("val_loss"), label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    a.grid(alpha=0.3)
+    b.plot(ep, col("accuracy"), label="train")
+    b.plot(ep, col("val_accuracy"), label="val")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.suptitle(f"learning curves ({history_csv.parent.name})")
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def train(
+    dataset: Dataset,
+    out: str | Path,
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_seconds: float | None = None,
+    limit: int | None = None,
+    half: bool = False,
+    verbose: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train and save ``out`` (a ``.keras`` file). Returns a summary dict.
+
+    ``limit`` keeps the first N items of each split per run (for smoke tests);
+    ``max_seconds`` stops after the epoch that would cross it (best weights kept).
+    """
+    import keras
+
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise ConfigError("the output model must end in .keras", path=str(out))
+    if out.exists() and not (overwrite or resume):
+        raise OutputExistsError("model file exists; pass --overwrite to replace it", path=str(out))
+    ckpt = out.with_name(out.name[: -len(".keras")] + ".ckpt")
+    state_file = ckpt / "state.json"
+
+    train_items = dataset.items("train")
+    val_items = dataset.items("val")
+    if limit:  # an evenly spread subset, so every class is represented
+        train_items = train_items[:: max(1, len(train_items) // limit)][:limit]
+        val_items = val_items[:: max(1, len(val_items) // limit)][:limit]
+    tr_paths = [dataset.root / p for p, _ in train_items]
+    va_paths = [dataset.root / p for p, _ in val_items]
+    tr_y = np.array([c for _, c in train_items])
+    va_y = np.array([c for _, c in val_items])
+    k = len(dataset.classes)
+    size = cfg.image_size
+
+    policy = resolve_precision(cfg.mixed_precision)
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(cfg.seed)
+
+    state = {"best": float("inf"), "best_epoch": 0, "wait": 0, "epochs_done": 0, "stopped": None}
+    model = None
+    if resume and state_file.exists() and (ckpt / "last.keras").exists():
+        state.update(json.loads(state_file.read_text()))
+        model = keras.saving.load_model(ckpt / "last.keras")
+        mean, std = state["mean"], state["std"]
+        log(f"resuming from {ckpt} after epoch {state['epochs_done']} (best val_loss {state['best']:.4f} at epoch {state['best_epoch']})")
+    else:
+        if resume:
+            log(f"no checkpoint in {ckpt}; starting from scratch")
+        if ckpt.exists():
+            for f in ckpt.iterdir():
+                f.unlink()
+        ckpt.mkdir(parents=True, exist_ok=True)
+        mean, std = channel_stats(tr_paths, size, seed=cfg.seed)
+        state.update(mean=mean, std=std)
+
+    train_ds = make_batches(
+        tr_paths, tr_y, k, cfg.batch_size, size, augment=cfg.augment, shuffle=True, seed=cfg.seed,
+        crop_scale=cfg.crop_scale, jitter=cfg.color_jitter, workers=cfg.workers, start_epoch=state["epochs_done"],
+    )
+    val_ds = make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers)
+
+    if model is None:
+        model = build_resnet18((size, size, 3), k, mean=mean, std=std)
+        model.compile(
+            optimizer=make_optimizer(cfg, len(train_ds)),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=["accuracy"],
+        )
+    t0 = time.monotonic()
+    done = state["epochs_done"] >= cfg.epochs or state.get("stopped") == "early-stopping"
+    if not done:
+        state["stopped"] = None
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.epochs,
+            initial_epoch=state["epochs_done"],
+            callbacks=[_checkpointer(ckpt, state, cfg, max_seconds, log)],
+            verbose=verbose,
+        )
+    if (ckpt / "best.weights.h5").exists():
+        model.load_weights(ckpt / "best.weights.h5")
+
+    # Export in float32 whatever the training precision was: CPUs without bf16 run it fast.
+    keras.mixed_precision.set_global_policy("float32")
+    export = build_resnet18((size, size, 3), k, mean=mean, std=std)
+    export.set_weights(model.get_weights())
+    export.compile(loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
+    val_loss, val_acc = export.evaluate(
+        make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers), verbose=0
+    )
+    meta = {
+        "id": f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-{datetime.now(timezone.utc):%Y%m%d}",
+        "classes": list(dataset.classes),
+        "input_size": [size, size],
+        "bands": ["red", "green", "blue"],
+        "normalization": {
+            "input": "float32 0..1 (uint8 / 255); the model's first layer subtracts mean and divides by std",
+            "mean": mean,
+            "std": std,
+        },
+        "gsd_m": None,
+        "cam_layer": DEFAULT_CAM_LAYER,
+        "training": {
+            **dataset.provenance(),
+            "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in asdict(cfg).items()},
+            "precision": policy,
+            "backend": keras.backend.backend(),
+            "epochs_run": state["epochs_done"],
+            "best_epoch": state["best_epoch"],
+            "stopped": state.get("stopped"),
+            "seconds_this_run": round(time.monotonic() - t0, 1),
+            "host": platform.node(),
+            "limit": limit,
+        },
+        "scores": {"val": {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)}},
+    }
+    if (dataset.name or "").lower() == "aid":
+        meta["gsd_note"] = "AID mixes 0.5-8 m/px at 600 px; resized to 128 px that is about 2.3-37 m/px"
+    sha = save_model(export, out, meta, half=half)
+    hist_out = out.with_name(out.name[: -len(".keras")] + ".history.csv")
+    if (ckpt / "history.csv").exists():
+        hist_out.write_text((ckpt / "history.csv").read_text())
+        plot_history(ckpt / "history.csv", out.with_name(out.name[: -len(".keras")] + ".curves.png"))
+    log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
+    return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss), **state}

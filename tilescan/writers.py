@@ -1,0 +1,1188 @@
+"""Writers for everything a run leaves behind: the tile table, label and heatmap rasters,
+the quicklook picture and JSON manifests.
+
+Every file is written through :func:`atomic_output`: the data goes to a hidden temporary
+file in the destination folder and is renamed over the final name only once it is complete
+and flushed to disk, so a killed or failed run never leaves a file that looks finished.
+Operating-system write failures (full disk, file too large, permission denied, a parent that
+is not a folder...) are re-raised as :class:`~tilescan.errors.OutputError` naming the file.
+
+Outputs (see the "Output contract" in the design notes):
+
+* :class:`TileTable` collects one row per tile in compact numpy columns and writes
+  **GeoParquet 1.1** (WKB polygons built here with numpy, a ``bbox`` covering column,
+  PROJJSON CRS, zstd) and, for GIS installs without Arrow, a **GeoPackage** (via pyogrio).
+* :func:`write_labels_cog` writes the per-tile class grid as a Cloud-Optimized GeoTIFF with a
+  colour table, nodata 255 and class names (tags, plus a ``.aux.xml`` with GDAL category
+  names and a raster attribute table, which QGIS and GDAL pick up without styling).
+* :class:`HeatmapWriter` blends overlapping per-tile CAMs into a scene heatmap COG in row
+  strips, holding only about one tile row of the heatmap in memory.
+* :func:`write_quicklook` draws scene | labels | heatmap side by side as a PNG.
+
+No Keras, TensorFlow, geopandas or shapely here: this module stays fast to import.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import secrets
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.io import MemoryFile
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from .errors import OutputError
+
+__all__ = [
+    "HEATMAP_NODATA",
+    "LABEL_NODATA",
+    "HeatmapWriter",
+    "TileTable",
+    "atomic_output",
+    "class_colors",
+    "read_heatmap_preview",
+    "wkb_polygons",
+    "write_json",
+    "write_labels_cog",
+    "write_quicklook",
+]
+
+LABEL_NODATA = 255
+"""Value of skipped tiles in the label raster (uint8)."""
+
+HEATMAP_NODATA = -1.0
+"""Value of heatmap pixels no valid tile pixel covers. Heat itself is in 0..1, so -1 can
+never be a real value; it is used instead of NaN because several tools (older QGIS
+styling, some web tilers, overview builders) handle a finite nodata more reliably."""
+
+_COMPRESSIONS = ("deflate", "zstd", "lzw", "lzma", "packbits", "raw")
+_PREDICTOR_OK = ("deflate", "zstd", "lzw", "lzma")
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _io_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the write failed" rather than "the caller has a bug"."""
+    types: list[type[BaseException]] = [OSError]  # includes RasterioIOError, ArrowIOError
+    try:  # GDAL errors raised by rasterio while writing blocks (private module, so guarded)
+        from rasterio import _err
+
+        types += [_err.CPLE_FileIOError, _err.CPLE_OpenFailedError]
+    except (ImportError, AttributeError):  # pragma: no cover - depends on rasterio build
+        pass
+    try:
+        from pyogrio import errors as _pe
+
+        types += [_pe.DataSourceError, _pe.DataLayerError]
+    except ImportError:  # pragma: no cover - pyogrio is optional
+        pass
+    return tuple(types)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot write ({exc.strerror})"
+    text = str(exc).strip() or type(exc).__name__
+    return f"cannot write ({text})"
+
+
+def _temp_name(path: Path, tag: str = "tmp") -> Path:
+    # Hidden, unique, in the same folder (so os.replace is a rename on one file system);
+    # the final suffix is kept at the end so drivers that look at the extension still
+    # recognise the format (GDAL's GPKG driver warns on any other extension).
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+_SIDECARS = ("", ".aux.xml", "-journal", "-wal", "-shm", ".ovr")
+
+
+def _remove_quietly(path: Path) -> None:
+    for extra in _SIDECARS:
+        with contextlib.suppress(OSError):
+            os.remove(str(path) + extra)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible everywhere (e.g. Windows): best effort
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    The temporary file is ``.{name}.tmp-<pid>-<random>{suffix}`` in the same folder. When the
+    ``with`` body finishes, the file is fsync'ed and ``os.replace``d over ``path`` (and the
+    folder is fsync'ed). When the body raises, the temporary file (and any GDAL/SQLite
+    sidecar of it) is removed and nothing appears at ``path``.
+
+    Write failures -- :class:`OSError` (ENOSPC, EFBIG, EACCES, ENOTDIR...) and GDAL/pyogrio
+    file errors -- become :class:`OutputError` naming ``path``. The folder is probed before
+    the body runs, so an unwritable destination fails fast, before any work is done.
+    """
+    final = Path(path)
+    tmp = _temp_name(final)
+    io_errors = _io_error_types()
+    try:
+        # Probe: reserve the name, proving the folder exists and is writable.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise OutputError(_describe(exc), path=str(final)) from exc
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError("cannot write (the writer produced no file)", path=str(final))
+        if fsync:
+            _fsync_path(tmp)
+        os.replace(tmp, final)
+        if fsync:
+            _fsync_dir(final.parent)
+    except OutputError:
+        _remove_quietly(tmp)
+        raise
+    except io_errors as exc:
+        _remove_quietly(tmp)
+        raise OutputError(_describe(exc), path=str(final)) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    finally:
+        # GDAL may leave a PAM sidecar for the temporary name; it never belongs to the output.
+        with contextlib.suppress(OSError):
+            os.remove(str(tmp) + ".aux.xml")
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths, dates, sets and dataclasses to JSON types;
+    non-finite floats become ``null`` so the output is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_jsonable(v) for v in obj), key=repr)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "to_wkt") and hasattr(obj, "to_string"):  # a rasterio or pyproj CRS
+        return obj.to_string()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, strict JSON (numpy values converted), atomically."""
+    text = _dumps(obj, indent=2) + "\n"  # convert first: a TypeError leaves no file at all
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- colours
+
+# 30 hand-picked colours, ordered so that the first few are far apart from each other.
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+    (170, 110, 40), (128, 0, 0), (0, 0, 128), (128, 128, 0), (250, 190, 212),
+    (170, 255, 195), (220, 190, 255), (255, 215, 180), (128, 128, 128), (0, 90, 40),
+    (180, 0, 90), (90, 160, 255), (200, 160, 80), (60, 60, 60), (255, 120, 120),
+    (120, 200, 120), (80, 40, 0), (0, 200, 160), (190, 190, 0), (255, 250, 200),
+)
+
+
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    """``n`` distinct RGB colours, the same for the same ``n`` and index on every run.
+
+    The first 30 come from a fixed palette; further ones step the hue by the golden ratio
+    with alternating saturation and brightness, so neighbours stay distinguishable.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    out = list(_PALETTE[:n])
+    for k in range(len(_PALETTE), n):
+        hue = (k * 0.6180339887498949) % 1.0
+        sat = 0.55 + 0.35 * ((k // 7) % 2)
+        val = 0.95 - 0.3 * ((k // 3) % 2)
+        r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+        out.append((int(round(r * 255)), int(round(g * 255)), int(round(b * 255))))
+    return out
+
+
+# --------------------------------------------------------------------------- CRS helpers
+
+
+def _pyproj_crs(crs: Any):
+    """A pyproj CRS for a rasterio CRS / pyproj CRS / user string, or None."""
+    if crs is None:
+        return None
+    import pyproj
+
+    if isinstance(crs, pyproj.CRS):
+        return crs
+    if hasattr(crs, "to_wkt"):
+        try:  # WKT2 keeps the axis order and identifiers; older rasterio lacks `version`
+            wkt = crs.to_wkt(version="WKT2_2019")
+        except TypeError:
+            wkt = crs.to_wkt()
+        if not wkt:
+            return None
+        return pyproj.CRS.from_user_input(wkt)
+    return pyproj.CRS.from_user_input(crs)
+
+
+def _rasterio_crs(crs: Any):
+    if crs is None:
+        return None
+    from rasterio.crs import CRS as RioCRS
+
+    if isinstance(crs, RioCRS):
+        return crs if crs.to_wkt() else None
+    pj = _pyproj_crs(crs)
+    return None if pj is None else RioCRS.from_wkt(pj.to_wkt())
+
+
+# --------------------------------------------------------------------------- WKB
+
+
+_WKB_HEADER = struct.pack("<BIII", 1, 3, 1, 5)  # little-endian, Polygon, 1 ring, 5 points
+_WKB_POLY_SIZE = len(_WKB_HEADER) + 5 * 2 * 8  # 93 bytes
+
+
+def _ccw_rings(corners: np.ndarray) -> np.ndarray:
+    """Closed 5-point rings (N,5,2) from (N,4,2) corners, exterior counter-clockwise."""
+    c = np.asarray(corners, dtype=np.float64)
+    x, y = c[..., 0], c[..., 1]
+    twice_area = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
+    flip = twice_area < 0
+    c = c.copy()
+    c[flip] = c[flip][:, ::-1]  # reversed ring, same polygon
+    return np.concatenate([c, c[:, :1]], axis=1)
+
+
+def wkb_polygons(corners: np.ndarray) -> pa.BinaryArray:
+    """Little-endian WKB Polygons (one closed ring of 5 points) for (N,4,2) corners.
+
+    Built in one vectorised step: a fixed 13-byte header plus the 10 coordinates of each
+    ring. Rings are made counter-clockwise (the orientation GeoParquet can declare).
+    """
+    c = np.asarray(corners, dtype=np.float64)
+    if c.ndim != 3 or c.shape[1:] != (4, 2):
+        raise ValueError(f"corners must have shape (N, 4, 2), got {c.shape}")
+    n = c.shape[0]
+    rings = np.ascontiguousarray(_ccw_rings(c), dtype="<f8").reshape(n, 10)
+    buf = np.empty((n, _WKB_POLY_SIZE), dtype=np.uint8)
+    buf[:, : len(_WKB_HEADER)] = np.frombuffer(_WKB_HEADER, dtype=np.uint8)
+    buf[:, len(_WKB_HEADER):] = rings.view(np.uint8).reshape(n, 80)
+    offsets = np.arange(0, (n + 1) * _WKB_POLY_SIZE, _WKB_POLY_SIZE, dtype=np.int32)
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(buf.reshape(-1))]
+    )
+
+
+# --------------------------------------------------------------------------- tile table
+
+# name -> (numpy dtype, arrow type, default or None when required)
+_SCALARS: dict[str, tuple[Any, Any, Any]] = {
+    "tile_index": (np.int64, pa.int64(), None),
+    "row": (np.int32, pa.int32(), None),
+    "col": (np.int32, pa.int32(), None),
+    "col_off": (np.int32, pa.int32(), None),
+    "row_off": (np.int32, pa.int32(), None),
+    "width": (np.int32, pa.int32(), None),
+    "height": (np.int32, pa.int32(), None),
+    "valid_fraction": (np.float32, pa.float32(), 1.0),
+    "class_index": (np.int16, pa.int16(), None),
+    "confidence": (np.float32, pa.float32(), None),
+    "cam_mean": (np.float32, pa.float32(), np.nan),
+    "cam_max": (np.float32, pa.float32(), np.nan),
+    "cam_raw_max": (np.float32, pa.float32(), np.nan),
+    "cam_peak_x": (np.float64, pa.float64(), np.nan),
+    "cam_peak_y": (np.float64, pa.float64(), np.nan),
+}
+_CORNER_KEYS = ("x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3")
+_ACCEPTED = set(_SCALARS) | {"corners", "probabilities", "label", *_CORNER_KEYS}
+# output column order
+_ORDER_HEAD = ("scene", "tile_index", "row", "col", "col_off", "row_off", "width", "height",
+               "valid_fraction", "label", "class_index", "confidence")
+_ORDER_CAM = ("cam_mean", "cam_max", "cam_raw_max", "cam_peak_x", "cam_peak_y")
+_BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
+                        ("xmax", pa.float64()), ("ymax", pa.float64())])
+_ROW_GROUP = 65536
+
+
+class TileTable:
+    """Per-tile results, accumulated batch by batch in compact numpy columns.
+
+    ``add(batch)`` takes a dict of equal-length arrays (one entry per tile):
+
+    * required: ``tile_index`` (int64), ``row``, ``col``, ``col_off``, ``row_off``,
+      ``width``, ``height`` (int32: the full tile window in scene pixels), ``class_index``
+      (int16), ``confidence`` (float32), ``probabilities`` (B,K float32), and the footprint,
+      either ``corners`` (B,4,2: UL, UR, LR, LL in scene CRS, may be rotated) or
+      ``x0, y0, ..., x3, y3`` in that order;
+    * optional: ``label`` (str; else ``classes[class_index]`` at write time),
+      ``valid_fraction`` (default 1), ``cam_mean``, ``cam_max``, ``cam_raw_max`` (float32),
+      ``cam_peak_x``, ``cam_peak_y`` (float64 map coords of the heat peak) -- NaN if absent.
+
+    Rows are written sorted by ``tile_index`` (so a resumed run writes the same file).
+    Memory is about ``150 + 4 K`` bytes per tile.
+    """
+
+    def __init__(self, classes: Sequence[str] | None = None):
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self._chunks: dict[str, list[np.ndarray]] = {k: [] for k in (*_SCALARS, "corners", "probabilities", "label_code")}
+        self._label_names: list[str] = []
+        self._label_lookup: dict[str, int] = {}
+        self._n = 0
+        self._k: int | None = None if classes is None else len(self.classes)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def n_classes(self) -> int | None:
+        return self._k
+
+    # -- accumulate
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        unknown = set(batch) - _ACCEPTED
+        if unknown:
+            raise ValueError(f"TileTable.add: unknown columns {sorted(unknown)}; accepted: {sorted(_ACCEPTED)}")
+        if "corners" in batch:
+            corners = np.asarray(batch["corners"], dtype=np.float64)
+        elif all(k in batch for k in _CORNER_KEYS):
+            corners = np.stack([np.asarray(batch[k], dtype=np.float64) for k in _CORNER_KEYS], axis=-1)
+            corners = corners.reshape(-1, 4, 2)
+        else:
+            raise ValueError("TileTable.add: give the footprint as 'corners' (B,4,2) or x0..y3")
+        if corners.ndim != 3 or corners.shape[1:] != (4, 2):
+            raise ValueError(f"TileTable.add: corners must be (B, 4, 2), got {corners.shape}")
+        b = corners.shape[0]
+
+        cols: dict[str, np.ndarray] = {}
+        for name, (dtype, _, default) in _SCALARS.items():
+            if name in batch:
+                arr = np.asarray(batch[name])
+                if arr.shape != (b,):
+                    raise ValueError(f"TileTable.add: {name!r} has shape {arr.shape}, expected ({b},)")
+                if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(arr.dtype, np.integer):
+                    if arr.size and not np.all(np.equal(np.mod(arr, 1), 0)):
+                        raise ValueError(f"TileTable.add: {name!r} must hold integers")
+                cols[name] = arr.astype(dtype, copy=True)
+            elif default is None:
+                raise ValueError(f"TileTable.add: missing required column {name!r}")
+            else:
+                cols[name] = np.full(b, default, dtype=dtype)
+
+        probs = np.asarray(batch.get("probabilities"), dtype=np.float32) if "probabilities" in batch else None
+        if probs is None:
+            raise ValueError("TileTable.add: missing required column 'probabilities'")
+        if probs.ndim != 2 or probs.shape[0] != b:
+            raise ValueError(f"TileTable.add: probabilities must be (B, K) with B={b}, got {probs.shape}")
+        if self._k is None:
+            self._k = probs.shape[1]
+        elif probs.shape[1] != self._k:
+            raise ValueError(f"TileTable.add: probabilities have {probs.shape[1]} classes, expected {self._k}")
+
+        if "label" in batch:
+            labels = np.asarray(batch["label"]).astype(str)
+            if labels.shape != (b,):
+                raise ValueError(f"TileTable.add: 'label' has shape {labels.shape}, expected ({b},)")
+            uniq, inverse = np.unique(labels, return_inverse=True)
+            remap = np.array([self._label_code(str(u)) for u in uniq], dtype=np.int32)
+            codes = remap[inverse.reshape(-1)] if b else np.zeros(0, np.int32)
+        else:
+            codes = np.full(b, -1, dtype=np.int32)
+
+        for name, arr in cols.items():
+            self._chunks[name].append(arr)
+        self._chunks["corners"].append(corners.copy())
+        self._chunks["probabilities"].append(probs.copy())
+        self._chunks["label_code"].append(codes)
+        self._n += b
+
+    def _label_code(self, name: str) -> int:
+        code = self._label_lookup.get(name)
+        if code is None:
+            code = self._label_lookup[name] = len(self._label_names)
+            self._label_names.append(name)
+        return code
+
+    def _columns(self, k: int) -> dict[str, np.ndarray]:
+        """Concatenate the chunks (kept concatenated afterwards) and sort by tile_index."""
+        out = {}
+        for name, chunks in self._chunks.items():
+            if len(chunks) != 1:
+                if chunks:
+                    merged = np.concatenate(chunks)
+                elif name == "corners":
+                    merged = np.zeros((0, 4, 2), np.float64)
+                elif name == "probabilities":
+                    merged = np.zeros((0, k), np.float32)
+                elif name == "label_code":
+                    merged = np.zeros(0, np.int32)
+                else:
+                    merged = np.zeros(0, _SCALARS[name][0])
+                self._chunks[name] = [merged]
+            out[name] = self._chunks[name][0]
+        order = np.argsort(out["tile_index"], kind="stable")
+        if not np.all(order == np.arange(order.size)):
+            out = {name: arr[order] for name, arr in out.items()}
+        return out
+
+    def _labels_for(self, cols: dict[str, np.ndarray], classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Dictionary codes and dictionary for the label column (filling missing labels
+        from ``classes[class_index]``)."""
+        codes = cols["label_code"].copy()
+        names = list(self._label_names)
+        missing = codes < 0
+        if missing.any():
+            ci = cols["class_index"][missing].astype(np.int64)
+            if ci.size and (ci.min() < 0 or ci.max() >= len(classes)):
+                raise ValueError("TileTable: class_index outside the class list; pass 'label' explicitly")
+            lookup = dict(zip(names, range(len(names))))
+            class_codes = np.empty(len(classes), np.int32)
+            for i, c in enumerate(classes):
+                if c not in lookup:
+                    lookup[c] = len(names)
+                    names.append(c)
+                class_codes[i] = lookup[c]
+            codes[missing] = class_codes[ci]
+        return codes, names
+
+    # -- GeoParquet
+
+    def write_geoparquet(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
+                         model_id: str, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write the table as GeoParquet 1.1 (zstd) atomically at ``path``.
+
+        Columns: ``scene`` (dictionary string), tile ids and windows, ``valid_fraction``,
+        ``label`` (dictionary string), ``class_index``, ``confidence``, ``probabilities``
+        (``list<float32>``, in ``classes`` order), the CAM statistics, ``geometry`` (WKB
+        Polygon, counter-clockwise) and ``bbox`` (struct covering column). File metadata:
+        ``geo`` (GeoParquet 1.1; ``crs`` is PROJJSON, or null for pixel space) and
+        ``tilescan`` (``classes``, ``model_id``, ``scene``, ``n_tiles`` and ``extra_metadata``).
+        """
+        classes = [str(c) for c in classes]
+        k = self._k if self._k is not None else len(classes)
+        if k != len(classes):
+            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
+        cols = self._columns(k)
+        codes, label_names = self._labels_for(cols, classes)
+        corners = cols["corners"]
+        n = corners.shape[0]
+
+        geo_col: dict[str, Any] = {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            "crs": _projjson(crs),
+            "orientation": "counterclockwise",
+            "edges": "planar",
+            "covering": {"bbox": {"xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
+                                  "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}},
+        }
+        if n:
+            geo_col["bbox"] = [float(corners[..., 0].min()), float(corners[..., 1].min()),
+                               float(corners[..., 0].max()), float(corners[..., 1].max())]
+        geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+        meta = _tilescan_meta(classes, model_id, scene, n, extra_metadata)
+
+        label_type = pa.dictionary(pa.int32(), pa.string())
+        fields = [pa.field("scene", pa.dictionary(pa.int32(), pa.string()), nullable=False)]
+        for name in _ORDER_HEAD[1:]:
+            if name == "label":
+                fields.append(pa.field("label", label_type, nullable=False))
+            else:
+                fields.append(pa.field(name, _SCALARS[name][1], nullable=False))
+        fields.append(pa.field("probabilities", pa.list_(pa.float32()), nullable=False))
+        fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
+        fields.append(pa.field("geometry", pa.binary(), nullable=False))
+        fields.append(pa.field("bbox", _BBOX_TYPE, nullable=False))
+        schema = pa.schema(fields, metadata={b"geo": _dumps(geo).encode(), b"tilescan": _dumps(meta).encode()})
+
+        scene_dict = pa.array([str(scene)], pa.string())
+        label_dict = pa.array(label_names, pa.string())
+
+        def batch(lo: int, hi: int) -> pa.RecordBatch:
+            m = hi - lo
+            arrays: list[pa.Array] = [pa.DictionaryArray.from_arrays(pa.array(np.zeros(m, np.int32)), scene_dict)]
+            for name in _ORDER_HEAD[1:]:
+                if name == "label":
+                    arrays.append(pa.DictionaryArray.from_arrays(pa.array(codes[lo:hi]), label_dict))
+                else:
+                    arrays.append(pa.array(cols[name][lo:hi]))
+            p = np.ascontiguousarray(cols["probabilities"][lo:hi], dtype=np.float32)
+            offsets = np.arange(0, (m + 1) * k, k, dtype=np.int32) if k else np.zeros(m + 1, np.int32)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(p.reshape(-1))))
+            arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]
+            c = corners[lo:hi]
+            arrays.append(wkb_polygons(c))
+            arrays.append(pa.StructArray.from_arrays(
+                [pa.array(c[..., 0].min(axis=1)), pa.array(c[..., 1].min(axis=1)),
+                 pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))],
+                fields=list(_BBOX_TYPE)))
+            return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+        with atomic_output(path) as tmp:
+            with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=True) as writer:
+                for lo in range(0, n, _ROW_GROUP):
+                    writer.write_batch(batch(lo, min(n, lo + _ROW_GROUP)), row_group_size=_ROW_GROUP)
+                if n == 0:
+                    writer.write_table(pa.Table.from_batches([batch(0, 0)], schema=schema))
+        return Path(path)
+
+    # -- GeoPackage
+
+    def write_gpkg(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
+                   model_id: str, extra_metadata: Mapping[str, Any] | None = None,
+                   layer: str = "tiles") -> Path:
+        """Write the same rows as a GeoPackage layer (default ``tiles``), atomically.
+
+        For GIS installs whose GDAL reads no Parquet. Differences from the GeoParquet file:
+        no ``bbox`` column (GeoPackage keeps its own extent and R-tree index), plain string
+        ``scene``/``label`` columns, and the probabilities as one float column per class,
+        ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
+        stored as layer metadata. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL >= 3.8);
+        geopandas is not used.
+        """
+        try:
+            import pyogrio
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
+                              path=str(path)) from exc
+        classes = [str(c) for c in classes]
+        k = self._k if self._k is not None else len(classes)
+        if k != len(classes):
+            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
+        cols = self._columns(k)
+        codes, label_names = self._labels_for(cols, classes)
+        n = cols["corners"].shape[0]
+        prob_names = _prob_column_names(classes)
+
+        fields = [pa.field("scene", pa.string())]
+        fields += [pa.field("label", pa.string()) if name == "label" else pa.field(name, _SCALARS[name][1])
+                   for name in _ORDER_HEAD[1:]]
+        fields += [pa.field(p, pa.float32()) for p in prob_names]
+        fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
+        fields.append(pa.field("geometry", pa.binary()))
+        schema = pa.schema(fields)
+        label_arr = np.array(label_names + [""], dtype=object)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for lo in range(0, max(n, 1), _ROW_GROUP):
+                hi = min(n, lo + _ROW_GROUP)
+                m = hi - lo
+                arrays = [pa.array([str(scene)] * m, pa.string())]
+                for name in _ORDER_HEAD[1:]:
+                    if name == "label":
+                        arrays.append(pa.array(label_arr[codes[lo:hi]], pa.string()))
+                    else:
+                        arrays.append(pa.array(cols[name][lo:hi]))
+                probs = cols["probabilities"][lo:hi]
+                arrays += [pa.array(np.ascontiguousarray(probs[:, i])) for i in range(k)]
+                arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]
+                arrays.append(wkb_polygons(cols["corners"][lo:hi]))
+                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+        pj = _pyproj_crs(crs)
+        meta = _dumps(_tilescan_meta(classes, model_id, scene, n, extra_metadata))
+        with atomic_output(path) as tmp:
+            reader = pa.RecordBatchReader.from_batches(schema, batches())
+            pyogrio.write_arrow(reader, str(tmp), layer=layer, driver="GPKG", geometry_name="geometry",
+                                geometry_type="Polygon", crs=None if pj is None else pj.to_wkt(),
+                                layer_metadata={"tilescan": meta})
+        return Path(path)
+
+
+def _projjson(crs: Any) -> dict | None:
+    pj = _pyproj_crs(crs)
+    return None if pj is None else pj.to_json_dict()
+
+
+def _tilescan_meta(classes: Sequence[str], model_id: str, scene: str, n: int,
+                   extra: Mapping[str, Any] | None) -> dict:
+    base = {"classes": list(classes), "model_id": model_id, "scene": str(scene), "n_tiles": int(n)}
+    clash = set(base) & set(extra or {})
+    if clash:
+        raise ValueError(f"extra_metadata may not override {sorted(clash)}")
+    return {**base, **dict(extra or {})}
+
+
+def _prob_column_names(classes: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    for c in classes:
+        base = "p_" + (re.sub(r"\W+", "_", c).strip("_") or "class")
+        name, i = base, 2
+        while name.lower() in seen:  # GeoPackage column names are case-insensitive
+            name, i = f"{base}_{i}", i + 1
+        seen.add(name.lower())
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------- label COG
+
+
+def _cog_profile(compress: str, *, predictor: int | None = None) -> dict:
+    from rio_cogeo.profiles import cog_profiles
+
+    compress = compress.lower()
+    if compress not in _COMPRESSIONS:
+        raise ValueError(f"unsupported compression {compress!r}; choose one of {', '.join(_COMPRESSIONS)}")
+    profile = dict(cog_profiles.get(compress))
+    if predictor and compress in _PREDICTOR_OK:
+        profile["predictor"] = predictor
+    profile["num_threads"] = "ALL_CPUS"
+    return profile
+
+
+def _overview_level(width: int, height: int, block: int = 512) -> int:
+    """Number of 2x overview levels: until the longer side fits one block (rio-cogeo's own
+    rule looks at the shorter side, which leaves long thin rasters without overviews)."""
+    level = 0
+    while max(width, height) > block * 2**level and min(width, height) >= 2 ** (level + 1):
+        level += 1
+    return level
+
+
+def _aux_xml(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
+    """GDAL PAM sidecar: category names and a thematic raster attribute table for band 1."""
+    from xml.sax.saxutils import escape
+
+    cats = "".join(f"      <Category>{escape(c)}</Category>\n" for c in classes)
+    # Field types: 0 integer, 2 string. Usages: 0 generic, 2 name, 5 min-max (the value),
+    # 6/7/8 red/green/blue.
+    fields = [("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8)]
+    defs = "".join(
+        f'      <FieldDefn index="{i}">\n        <Name>{name}</Name>\n        <Type>{t}</Type>\n'
+        f"        <Usage>{u}</Usage>\n      </FieldDefn>\n"
+        for i, (name, t, u) in enumerate(fields)
+    )
+    rows = "".join(
+        f'      <Row index="{i}"><F>{i}</F><F>{escape(c)}</F><F>{r}</F><F>{g}</F><F>{b}</F></Row>\n'
+        for i, (c, (r, g, b)) in enumerate(zip(classes, colors))
+    )
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        "    <CategoryNames>\n" + cats + "    </CategoryNames>\n"
+        '    <GDALRasterAttributeTable tableType="thematic">\n' + defs + rows +
+        "    </GDALRasterAttributeTable>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
+
+
+def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform: Affine, crs: Any,
+                     classes: Sequence[str], *, compress: str = "deflate",
+                     tags: Mapping[str, Any] | None = None) -> Path:
+    """Write the tile class grid as a paletted uint8 Cloud-Optimized GeoTIFF.
+
+    ``labels`` is ``(n_rows, n_cols)`` with class indexes, ``-1`` for skipped tiles (written
+    as nodata 255). ``grid_transform`` maps grid cells (one per stride step) to the scene
+    CRS. The file gets a colour table (:func:`class_colors`, nodata transparent), band
+    description ``class``, tags ``CLASS_NAMES`` (JSON list) and ``CLASS_<i>=<name>``,
+    nearest-neighbour overviews, and a sidecar ``<path>.aux.xml`` holding GDAL category
+    names and a raster attribute table (GDAL keeps these only in PAM sidecars for GeoTIFF),
+    so QGIS shows class names and colours without styling. Both files are atomic; the
+    sidecar is renamed into place just before the raster.
+    """
+    from rio_cogeo.cogeo import cog_translate
+
+    classes = [str(c) for c in classes]
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"labels must be a non-empty 2-D grid, got shape {arr.shape}")
+    if len(classes) > LABEL_NODATA:
+        raise ValueError(f"a uint8 label raster holds at most {LABEL_NODATA} classes, got {len(classes)}")
+    if arr.size and (arr.min() < -1 or arr.max() >= len(classes)):
+        raise ValueError(f"labels must be -1 or a class index below {len(classes)}")
+    data = np.where(arr < 0, LABEL_NODATA, arr).astype(np.uint8)
+    colors = class_colors(len(classes))
+    cmap = {i: (*rgb, 255) for i, rgb in enumerate(colors)}
+    cmap[LABEL_NODATA] = (0, 0, 0, 0)
+    all_tags = {"CLASS_NAMES": _dumps(classes)}
+    all_tags.update({f"CLASS_{i}": c for i, c in enumerate(classes)})
+    all_tags.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
+
+    profile = dict(driver="GTiff", dtype="uint8", count=1, height=data.shape[0], width=data.shape[1],
+                   crs=_rasterio_crs(crs), transform=grid_transform, nodata=LABEL_NODATA)
+    aux_path = Path(str(path) + ".aux.xml")
+    with atomic_output(path) as tmp:
+        with MemoryFile() as mem:
+            with mem.open(**profile) as dst:
+                dst.write(data, 1)
+                dst.write_colormap(1, cmap)
+                dst.set_band_description(1, "class")
+                dst.update_tags(**all_tags)
+            with mem.open() as src:
+                cog_translate(src, str(tmp), _cog_profile(compress), nodata=LABEL_NODATA,
+                              overview_resampling="nearest",
+                              overview_level=_overview_level(data.shape[1], data.shape[0]), in_memory=True, quiet=True,
+                              additional_cog_metadata=all_tags)
+        with atomic_output(aux_path) as tmp_aux:
+            tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def _pixel_starts(n_scene: int, n_heat: int) -> np.ndarray:
+    """First scene pixel of each heat pixel (length ``n_heat + 1``; the last is ``n_scene``).
+
+    A scene pixel belongs to the heat pixel its centre falls in: scene pixel ``p`` maps to
+    ``floor((p + 0.5) * n_heat / n_scene)``. Exact integer arithmetic, no rounding drift.
+    """
+    j = np.arange(n_heat + 1, dtype=np.int64)
+    num = 2 * j * n_scene - n_heat
+    return -((-num) // (2 * n_heat))
+
+
+def _heat_index(p: int, n_scene: int, n_heat: int) -> int:
+    return ((2 * p + 1) * n_heat) // (2 * n_scene)
+
+
+def _interp_matrix(pos: np.ndarray, n: int) -> np.ndarray:
+    """(len(pos), n) bilinear weights sampling a length-``n`` signal at ``pos`` (pixel-centre
+    coordinates, edges clamped) -- the same rule as ``cv2.resize(..., INTER_LINEAR)``."""
+    pos = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.floor(pos).astype(np.int64)
+    t = pos - i0
+    i1 = np.minimum(i0 + 1, n - 1)
+    m = np.zeros((pos.size, n), dtype=np.float64)
+    rows = np.arange(pos.size)
+    np.add.at(m, (rows, i0), 1.0 - t)
+    np.add.at(m, (rows, i1), t)
+    return m
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeatGrid:
+    width: int  # scene pixels
+    height: int
+    out_w: int  # heat pixels
+    out_h: int
+    col_start: np.ndarray
+    row_start: np.ndarray
+
+    @classmethod
+    def make(cls, width: int, height: int, scale: float) -> "_HeatGrid":
+        out_w = max(1, math.ceil(width * scale - 1e-9))
+        out_h = max(1, math.ceil(height * scale - 1e-9))
+        return cls(width, height, out_w, out_h, _pixel_starts(width, out_w), _pixel_starts(height, out_h))
+
+    def contribution(self, window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None):
+        """Value and weight of one tile over the heat pixels it touches.
+
+        Returns ``(j0, i0, value, weight)`` (``value``/``weight`` float64 of shape
+        ``(nj, ni)`` starting at heat row ``j0``, column ``i0``) or None if the tile lies
+        outside the scene. ``weight`` is the fraction of each heat pixel's scene pixels that
+        are valid pixels of this tile; ``value`` is the CAM bilinearly resampled at the heat
+        pixel's centre (the CAM spans the whole tile window).
+        """
+        c0, r0, tw, th = (int(v) for v in window)
+        cs, ce = max(c0, 0), min(c0 + tw, self.width)
+        rs, re_ = max(r0, 0), min(r0 + th, self.height)
+        if cs >= ce or rs >= re_:
+            return None
+        cam = np.asarray(cam, dtype=np.float64)
+        if cam.ndim != 2 or min(cam.shape) < 1:
+            raise ValueError(f"cam must be a non-empty 2-D array, got shape {cam.shape}")
+        j0, j1 = _heat_index(rs, self.height, self.out_h), _heat_index(re_ - 1, self.height, self.out_h) + 1
+        i0, i1 = _heat_index(cs, self.width, self.out_w), _heat_index(ce - 1, self.width, self.out_w) + 1
+        jj, ii = np.arange(j0, j1), np.arange(i0, i1)
+
+        # weights: valid tile pixels inside each heat pixel / all scene pixels of it
+        ra = np.clip(self.row_start[jj], rs, re_) - r0
+        rb = np.clip(self.row_start[jj + 1], rs, re_) - r0
+        ca = np.clip(self.col_start[ii], cs, ce) - c0
+        cb = np.clip(self.col_start[ii + 1], cs, ce) - c0
+        if valid is None:
+            counts = (rb - ra)[:, None] * (cb - ca)[None, :]
+        else:
+            v = np.asarray(valid, dtype=bool)
+            if v.ndim != 2:
+                raise ValueError(f"valid mask must be 2-D, got shape {v.shape}")
+            if v.shape != (th, tw):  # e.g. a mask at model resolution: stretch it (nearest)
+                import cv2
+
+                v = cv2.resize(v.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(bool)
+            s = np.zeros((th + 1, tw + 1), dtype=np.int64)
+            np.cumsum(np.cumsum(v, axis=0), axis=1, out=s[1:, 1:])
+            counts = s[np.ix_(rb, cb)] - s[np.ix_(ra, cb)] - s[np.ix_(rb, ca)] + s[np.ix_(ra, ca)]
+        area = (np.diff(self.row_start)[jj][:, None] * np.diff(self.col_start)[ii][None, :])
+        weight = counts / area
+
+        # values: bilinear sample of the CAM at each heat pixel centre
+        yc = (jj + 0.5) * (self.height / self.out_h)
+        xc = (ii + 0.5) * (self.width / self.out_w)
+        ch, cw = cam.shape
+        ry = _interp_matrix((yc - r0) / th * ch - 0.5, ch)
+        rx = _interp_matrix((xc - c0) / tw * cw - 0.5, cw)
+        value = ry @ cam @ rx.T
+        bad = ~np.isfinite(value)
+        if bad.any():
+            value[bad] = 0.0
+            weight = np.where(bad, 0.0, weight)
+        return j0, i0, value, weight
+
+
+class HeatmapWriter:
+    """Blend per-tile CAMs into a scene heatmap COG, in row strips with bounded memory.
+
+    The heatmap grid is ``ceil(W*scale) x ceil(H*scale)`` pixels covering the scene exactly:
+    its transform is ``scene_transform @ Affine.scale(W/out_w, H/out_h)``. Each tile's CAM is
+    resampled bilinearly onto the heat pixels of its footprint; where tiles overlap the heat
+    is the mean weighted by each tile's valid-pixel coverage (nodata pixels weigh 0). Heat
+    pixels that no valid tile pixel covers get :data:`HEATMAP_NODATA` (-1.0).
+
+    Tiles must arrive in row-major order of the tile grid (non-decreasing ``row_off``).
+    Adding a tile at ``row_off = r`` implies that rows above ``r`` are final (as does an
+    explicit :meth:`finish_rows`): finished heat rows go to a temporary tiled float32
+    GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
+    pixels, not the scene. :meth:`close` turns the temporary file into a COG at ``path``
+    (average overviews) atomically; :meth:`abort` removes the temporary files. As a context
+    manager it closes on success and aborts on error.
+    """
+
+    def __init__(self, path: str | os.PathLike, scene_width: int, scene_height: int,
+                 scene_transform: Affine, crs: Any, scale: float, tile_px: int, stride_px: int,
+                 compress: str = "deflate"):
+        if not (0 < scale <= 1):
+            raise ValueError(f"heatmap scale must be in (0, 1], got {scale}")
+        if scene_width < 1 or scene_height < 1:
+            raise ValueError(f"scene size must be positive, got {scene_width}x{scene_height}")
+        self.path = Path(path)
+        self.scale = float(scale)
+        self.tile_px, self.stride_px = int(tile_px), int(stride_px)
+        self.compress = compress.lower()
+        self._profile_out = _cog_profile(self.compress, predictor=3)  # validates `compress`
+        self.grid = _HeatGrid.make(int(scene_width), int(scene_height), self.scale)
+        g = self.grid
+        self.transform = Affine(*scene_transform[:6]) @ Affine.scale(g.width / g.out_w, g.height / g.out_h)
+        self.crs = _rasterio_crs(crs)
+        self.width, self.height = g.out_w, g.out_h
+        # strip buffer: heat rows [base, base + rows) accumulate sum(w * v) and sum(w)
+        self._base = 0
+        cap = max(1, math.ceil((self.tile_px + max(self.stride_px, 1)) * self.scale) + 2)
+        self._sum = np.zeros((cap, g.out_w), np.float64)
+        self._wsum = np.zeros((cap, g.out_w), np.float64)
+        self._rows = 0
+        self._last_row_off = None
+        self.peak_buffer_rows = 0
+        self._closed = False
+        self._strips = _temp_name(self.path, "strips")
+        self._dst = None
+        try:
+            profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
+                           crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
+                           tiled=True, blockxsize=256, blockysize=256, num_threads="ALL_CPUS",
+                           bigtiff="IF_SAFER")
+            if self.compress != "raw":
+                profile["compress"] = self.compress
+                if self.compress in _PREDICTOR_OK:
+                    profile["predictor"] = 3
+            self._dst = rasterio.open(self._strips, "w", **profile)
+        except _io_error_types() as exc:
+            _remove_quietly(self._strips)
+            raise OutputError(_describe(exc), path=str(self.path)) from exc
+
+    # -- context manager
+
+    def __enter__(self) -> "HeatmapWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes held by the strip accumulators now."""
+        return self._sum.nbytes + self._wsum.nbytes
+
+    # -- accumulate
+
+    def _ensure_rows(self, end_row: int) -> None:
+        need = end_row - self._base
+        if need > self._sum.shape[0]:
+            cap = max(need, int(self._sum.shape[0] * 1.5) + 1)
+            for name in ("_sum", "_wsum"):
+                old = getattr(self, name)
+                new = np.zeros((cap, old.shape[1]), np.float64)
+                new[: self._rows] = old[: self._rows]
+                setattr(self, name, new)
+        self._rows = max(self._rows, need)
+        self.peak_buffer_rows = max(self.peak_buffer_rows, self._rows)
+
+    def add(self, tile_window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Blend one tile: ``tile_window`` = (col_off, row_off, width, height) in scene pixels,
+        ``cam`` (h, w) in 0..1 spanning that window, ``valid`` (height, width) bool or None
+        (all valid). A mask of another size is stretched over the window (nearest)."""
+        if self._closed:
+            raise RuntimeError("HeatmapWriter is closed")
+        row_off = int(tile_window[1])
+        if self._last_row_off is not None and row_off < self._last_row_off:
+            raise ValueError(f"tiles must arrive in row-major order: row_off {row_off} after {self._last_row_off}")
+        if self._last_row_off is None or row_off > self._last_row_off:
+            self.finish_rows(row_off)
+            self._last_row_off = row_off
+        got = self.grid.contribution(tile_window, cam, valid)
+        if got is None:
+            return
+        j0, i0, value, weight = got
+        if j0 < self._base:
+            raise ValueError(f"tile {tuple(tile_window)} touches heat rows already written (< {self._base})")
+        nj, ni = value.shape
+        self._ensure_rows(j0 + nj)
+        a = j0 - self._base
+        self._sum[a:a + nj, i0:i0 + ni] += weight * value
+        self._wsum[a:a + nj, i0:i0 + ni] += weight
+
+    def finish_rows(self, scene_row: int) -> None:
+        """Declare that no later tile touches scene rows above ``scene_row``: heat rows made
+        only of those scene rows are written out and freed."""
+        if self._closed:
+            raise RuntimeError("HeatmapWriter is closed")
+        g = self.grid
+        scene_row = min(max(int(scene_row), 0), g.height)
+        done = int(np.searchsorted(g.row_start, scene_row, side="right")) - 1  # rows [0, done) final
+        done = min(done, g.out_h)
+        if done <= self._base:
+            return
+        n_buf = min(self._rows, done - self._base)
+        if n_buf > 0:
+            self._write(self._base, self._sum[:n_buf], self._wsum[:n_buf])
+            keep = self._rows - n_buf
+            self._sum[:keep] = self._sum[n_buf:self._rows]
+            self._wsum[:keep] = self._wsum[n_buf:self._rows]
+            self._sum[keep:self._rows] = 0.0
+            self._wsum[keep:self._rows] = 0.0
+            self._rows = keep
+        # rows no tile touched: nodata, in bounded chunks
+        row = self._base + n_buf
+        while row < done:
+            m = min(done - row, 256)
+            self._write_nodata(row, m)
+            row += m
+        self._base = done
+
+    def _write(self, row: int, s: np.ndarray, w: np.ndarray) -> None:
+        heat = np.full(s.shape, HEATMAP_NODATA, dtype=np.float32)
+        ok = w > 0
+        heat[ok] = (s[ok] / w[ok]).astype(np.float32)
+        self._write_raw(row, heat)
+
+    def _write_nodata(self, row: int, n: int) -> None:
+        self._write_raw(row, np.full((n, self.grid.out_w), HEATMAP_NODATA, np.float32))
+
+    def _write_raw(self, row: int, heat: np.ndarray) -> None:
+        try:
+            self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
+        except _io_error_types() as exc:
+            self.abort()
+            raise OutputError(_describe(exc), path=str(self.path)) from exc
+
+    # -- finish
+
+    def close(self, tags: Mapping[str, Any] | None = None) -> Path:
+        """Write the remaining rows and convert to a COG at ``path`` (atomic)."""
+        from rio_cogeo.cogeo import cog_translate
+
+        if self._closed:
+            return self.path
+        try:
+            self.finish_rows(self.grid.height)
+            self._dst.set_band_description(1, "heat")
+            self._dst.close()
+            self._closed = True
+            meta = {"HEATMAP_SCALE": repr(self.scale), "TILE_PX": str(self.tile_px),
+                    "STRIDE_PX": str(self.stride_px), "HEATMAP_NODATA": repr(HEATMAP_NODATA)}
+            meta.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
+            in_memory = self.grid.out_w * self.grid.out_h * 4 <= 256 * 2**20
+            with atomic_output(self.path) as tmp:
+                cog_translate(str(self._strips), str(tmp), dict(self._profile_out), nodata=HEATMAP_NODATA,
+                              overview_resampling="average", in_memory=in_memory,
+                              overview_level=_overview_level(self.grid.out_w, self.grid.out_h), quiet=True,
+                              additional_cog_metadata=meta, config={"GDAL_NUM_THREADS": "ALL_CPUS"})
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            _remove_quietly(self._strips)
+        self._sum = self._wsum = np.zeros((0, self.grid.out_w))
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything: close and remove the temporary files; ``path`` is not touched."""
+        self._closed = True
+        if self._dst is not None and not self._dst.closed:
+            with contextlib.suppress(Exception):
+                self._dst.close()
+        _remove_quietly(self._strips)
+
+
+def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.ndarray:
+    """Read a heatmap COG decimated so its longer side is at most ``max_size`` (GDAL reads
+    from the overviews); nodata becomes NaN. Returns float32 ``(h, w)``."""
+    with rasterio.open(path) as src:
+        f = max(src.width, src.height) / float(max_size)
+        if f <= 1:
+            shape = (src.height, src.width)
+        else:
+            shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+        data = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average)
+    return np.ma.filled(data.astype(np.float32), np.nan)
+
+
+# --------------------------------------------------------------------------- quicklook
+
+
+def _nearest_grid(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Upsample a 2-D grid to (h, w) by nearest neighbour (pixel centres)."""
+    gh, gw = grid.shape
+    ri = np.minimum(((np.arange(h) + 0.5) * gh / h).astype(np.int64), gh - 1)
+    ci = np.minimum(((np.arange(w) + 0.5) * gw / w).astype(np.int64), gw - 1)
+    return grid[ri[:, None], ci[None, :]]
+
+
+def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_valid: np.ndarray | None,
+                    labels: np.ndarray | None, heat: np.ndarray | None, classes: Sequence[str]) -> Path:
+    """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
+    with panel titles and a legend of the classes present (most frequent first).
+
+    ``preview_rgb`` (h, w, 3) uint8 and ``preview_valid`` (h, w) bool cover the scene;
+    ``labels`` (n_rows, n_cols) with -1 for skipped tiles and ``heat`` (any size, NaN or
+    negative = nodata; e.g. from :func:`read_heatmap_preview`) are stretched over it.
+    """
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    rgb = np.asarray(preview_rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"preview_rgb must be (h, w, 3) uint8, got {rgb.shape} {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    valid = np.ones((h, w), bool) if preview_valid is None else np.asarray(preview_valid, bool)
+    if valid.shape != (h, w):
+        raise ValueError(f"preview_valid must be {(h, w)}, got {valid.shape}")
+    classes = [str(c) for c in classes]
+    palette = np.array(class_colors(len(classes)) or [(0, 0, 0)], dtype=np.float32)
+
+    base = rgb.astype(np.float32)
+    base[~valid] *= 0.35  # dim nodata so the footprint is visible
+    scene_panel = base.copy()
+
+    label_panel = base.copy()
+    present: list[int] = []
+    if labels is not None and np.asarray(labels).size:
+        lab = _nearest_grid(np.asarray(labels, dtype=np.int64), h, w)
+        hit = (lab >= 0) & (lab < len(classes)) & valid
+        label_panel[hit] = 0.45 * base[hit] + 0.55 * palette[lab[hit]]
+        flat = np.asarray(labels, dtype=np.int64).ravel()
+        flat = flat[(flat >= 0) & (flat < len(classes))]
+        counts = np.bincount(flat, minlength=len(classes))
+        present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+
+    heat_panel = base.copy()
+    if heat is not None and np.asarray(heat).size:
+        hm = np.asarray(heat, dtype=np.float32)
+        ok = np.isfinite(hm) & (hm >= 0)
+        hm_r = cv2.resize(np.where(ok, hm, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        ok_r = cv2.resize(ok.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & valid
+        jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+        jet = jet[..., ::-1].astype(np.float32)  # BGR -> RGB
+        heat_panel[ok_r] = 0.5 * base[ok_r] + 0.5 * jet[ok_r]
+    else:
+        heat_panel *= 0.5
+
+    font = ImageFont.load_default()
+    gap, title_h, row_h, pad = 4, 14, 14, 4
+    total_w = 3 * w + 2 * gap
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = []
+    for i in present:
+        tw = probe.textbbox((0, 0), classes[i], font=font)[2]
+        entries.append((i, 10 + 4 + tw + 12))
+    # lay the legend out in lines that fit the picture width
+    lines: list[list[tuple[int, int]]] = []
+    for entry in entries:
+        if lines and sum(e[1] for e in lines[-1]) + entry[1] <= total_w - 2 * pad:
+            lines[-1].append(entry)
+        else:
+            lines.append([entry])
+    legend_h = (len(lines) * row_h + 2 * pad) if lines else 0
+
+    canvas = Image.new("RGB", (total_w, title_h + h + legend_h), (255, 255, 255))
+    for k, panel in enumerate((scene_panel, label_panel, heat_panel)):
+        img = Image.fromarray(np.clip(panel + 0.5, 0, 255).astype(np.uint8), "RGB")
+        canvas.paste(img, (k * (w + gap), title_h))
+    draw = ImageDraw.Draw(canvas)
+    for k, title in enumerate(("scene", "labels", "Grad-CAM" if heat is not None else "no heatmap")):
+        draw.text((k * (w + gap) + 2, 1), title, fill=(0, 0, 0), font=font)
+    y = title_h + h + pad
+    for line in lines:
+        x = pad
+        for i, width in line:
+            color = tuple(int(c) for c in palette[i])
+            draw.rectangle([x, y + 2, x + 10, y + 11], fill=color, outline=(0, 0, 0))
+            draw.text((x + 14, y), classes[i], fill=(0, 0, 0), font=font)
+            x += width
+        y += row_h
+
+    with atomic_output(path) as tmp:
+        canvas.save(tmp, format="PNG", optimize=False)
+    return Path(path)
