@@ -1,0 +1,423 @@
+"""Explanation figures: what did the model look at, for an image or for scene tiles?
+
+``run_explain`` takes ordinary images (the whole image resized to the model input, as in
+evaluation) and GeoTIFF scenes (``.tif`` / ``.tiff``: the named tiles, or the ``top`` most
+confident tiles with at least half of their pixels valid). For each input it writes one
+figure, a row per image or tile::
+
+    original | <method> heatmap | <method> overlay | <method 2> heatmap | ...
+
+and a JSON file with the labels, confidences and (for tiles) the pixel windows and bounds.
+The CAMs of a figure are computed as ONE batch per method (:mod:`tilescan.cam`).
+
+The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used by
+:mod:`tilescan.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
+(no pyplot, no global backend switch), and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+SCENE_EXTS = {".tif", ".tiff"}
+HEATMAP_CMAP = "jet"
+OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
+WRONG_COLOR = "#c62828"
+RIGHT_COLOR = "black"
+METHOD_TITLES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "eigencam": "Eigen-CAM",
+    "scorecam": "Score-CAM",
+}
+
+
+# ------------------------------------------------------------------------ file writing
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Render a matplotlib Figure to PNG and write it atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def new_figure(width_in: float, height_in: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state, safe in threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ------------------------------------------------------------------------ drawing
+
+
+def method_title(name: str) -> str:
+    return METHOD_TITLES.get(str(name).lower(), str(name))
+
+
+def display_rgb(x: np.ndarray) -> np.ndarray:
+    """A model input (H, W, C) in 0..1 as an RGB image: the first three bands, a single
+    band as grey."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    c = x.shape[-1]
+    pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
+    return np.clip(x[..., pick], 0.0, 1.0)
+
+
+def colorize(cam: np.ndarray, cmap: str = HEATMAP_CMAP) -> np.ndarray:
+    """A map (H, W) in [0, 1] as RGB colours of ``cmap``."""
+    import matplotlib
+
+    return matplotlib.colormaps[cmap](np.clip(cam, 0.0, 1.0))[..., :3].astype(np.float32)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The heatmap colours blended over the image."""
+    return np.clip((1.0 - alpha) * display_rgb(image) + alpha * colorize(cam), 0.0, 1.0)
+
+
+@dataclass
+class FigureRow:
+    """One row of an explanation figure: the input image (H, W, C) in 0..1, its maps
+    {method: (H, W) in [0, 1]} at the image size, a title and its colour."""
+
+    image: np.ndarray
+    maps: dict[str, np.ndarray]
+    title: str
+    color: str = RIGHT_COLOR
+    map_titles: dict[str, str] = field(default_factory=dict)
+
+
+def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4):
+    """The figure: one row per :class:`FigureRow`, columns original | heatmap | overlay
+    per method. Returns the matplotlib Figure."""
+    if not rows:
+        raise ValueError("nothing to draw")
+    n_cols = 1 + 2 * len(methods)
+    fig = new_figure(cell_in * n_cols, cell_in * 1.12 * len(rows) + (0.5 if suptitle else 0.0))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, row in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(display_rgb(row.image), interpolation="nearest")
+        ax.set_title(row.title, fontsize=9, color=row.color)
+        for m_i, m in enumerate(methods):
+            cam = row.maps[m]
+            name = row.map_titles.get(m, method_title(m))
+            ax_h, ax_o = axes[r, 1 + 2 * m_i], axes[r, 2 + 2 * m_i]
+            im = ax_h.imshow(cam, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax_h.set_title(name, fontsize=9)
+            ax_o.imshow(overlay(row.image, cam), interpolation="nearest")
+            ax_o.set_title(f"{name} overlay", fontsize=9)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------ targets
+
+
+def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | None:
+    """A class name (exact, else case-insensitive) or index -> class index; None -> None.
+    Raises ConfigError listing the valid names."""
+    if target is None or (isinstance(target, str) and not target.strip()):
+        return None
+    valid = ", ".join(f"{i}={c}" for i, c in enumerate(classes))
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        idx = int(target)
+    else:
+        s = str(target).strip()
+        if s in classes:
+            return list(classes).index(s)
+        folded = [i for i, c in enumerate(classes) if c.lower() == s.lower()]
+        if len(folded) == 1:
+            return folded[0]
+        try:
+            idx = int(s)
+        except ValueError:
+            raise ConfigError(f"unknown target class {target!r}; valid classes: {valid}") from None
+    if not 0 <= idx < len(classes):
+        raise ConfigError(f"target class index {idx} is out of range; valid classes: {valid}")
+    return idx
+
+
+# ------------------------------------------------------------------------ inputs
+
+
+def _predict(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    out = [np.asarray(model.predict_on_batch(x[s : s + batch_size]), np.float32) for s in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, int(model.output_shape[-1])), np.float32)
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # (S, S, C) model input
+    info: dict[str, Any]
+
+
+def _image_items(path: Path, lm) -> list[_Item]:
+    from .data import load_eval_image
+
+    if lm.num_bands != 3:
+        raise ConfigError(f"the model takes {lm.num_bands} bands; ordinary images are RGB (use a GeoTIFF)", path=str(path))
+    x = load_eval_image(path, lm.input_size)
+    return [_Item(x, {"source": str(path)})]
+
+
+def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log) -> tuple[list[_Item], dict]:
+    import warnings
+
+    from .config import TilingConfig
+    from .tiling import TilingWarning, open_scene
+
+    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), allow_pixel_space=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TilingWarning)
+        reader = open_scene(path, cfg, lm.num_bands, lm.input_size, lm.meta.get("gsd_m"), lm.meta.get("bands"))
+    for w in caught:
+        log(f"warning: {w.message}")
+    with reader:
+        grid = reader.grid
+        if tiles:
+            chosen = []
+            for rc in tiles:
+                try:
+                    r, c = (int(v) for v in rc)
+                    chosen.append(grid.tile(r, c))
+                except (IndexError, TypeError, ValueError):
+                    raise ConfigError(
+                        f"tile {rc!r} is not in the {grid.n_rows}x{grid.n_cols} grid of this scene "
+                        f"(tile size {grid.tile_size} px; rows 0..{grid.n_rows - 1}, cols 0..{grid.n_cols - 1})",
+                        path=str(path),
+                    ) from None
+        else:
+            # classify every tile (in batches) and keep the `top` most confident valid ones
+            all_tiles = list(grid.tiles())
+            scores, fracs = [], []
+            for s in range(0, len(all_tiles), 64):
+                x, valid = reader.read_batch(all_tiles[s : s + 64])
+                p = _predict(lm.model, x)
+                scores.append(p[:, target] if target is not None else p.max(axis=1))
+                fracs.append(valid.reshape(len(valid), -1).mean(axis=1))
+            score, frac = np.concatenate(scores), np.concatenate(fracs)
+            ok = np.flatnonzero(frac >= cfg.min_valid_fraction)
+            if ok.size == 0:
+                raise InputError(
+                    f"no tile has at least {cfg.min_valid_fraction:.0%} valid pixels", path=str(path)
+                )
+            best = ok[np.argsort(-score[ok], kind="stable")[: max(1, int(top))]]
+            chosen = [all_tiles[i] for i in best]
+        x, valid = reader.read_batch(chosen)
+        items = []
+        for tile, xi, vi in zip(chosen, x, valid):
+            w = tile.window
+            items.append(
+                _Item(
+                    xi,
+                    {
+                        "source": str(path),
+                        "tile": [tile.row, tile.col],
+                        "window": {"col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)},
+                        "bounds": [float(v) for v in reader.tile_bounds(tile)],
+                        "valid_fraction": float(vi.mean()),
+                    },
+                )
+            )
+        scene = {
+            "width": reader.info.width,
+            "height": reader.info.height,
+            "crs": reader.info.crs.to_string() if reader.info.crs else None,
+            "grid": [grid.n_rows, grid.n_cols],
+            "tile_size_px": grid.tile_size,
+            "bands": list(reader.bands),
+        }
+    return items, scene
+
+
+def _unique_name(stem: str, suffix: str, used: set[str]) -> str:
+    name, n = f"{stem}{suffix}", 2
+    while name in used:
+        name, n = f"{stem}-{n}{suffix}", n + 1
+    used.add(name)
+    return name
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def run_explain(
+    inputs: Sequence[str],
+    out_dir: str,
+    model_path: str | None = None,
+    methods: Sequence[str] = ("gradcam",),
+    layer: str | None = None,
+    target: str | int | None = None,
+    tiles: Sequence[tuple[int, int]] = (),
+    top: int = 4,
+    tile_size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
+
+    ``methods``: CAM method names (:data:`tilescan.cam.CAM_METHODS`), one heatmap + overlay
+    column pair each. ``layer``: CAM layer (default: the model's). ``target``: class name or
+    index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
+    every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
+    is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
+    pixels (default: the model input size).
+
+    Writes ``<stem>_explain.png`` + ``.json`` per image and
+    ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
+    """
+    from .cam import get_cam, upsample
+    from .model import load_model
+
+    if not inputs:
+        raise InputError("nothing to explain: no inputs given")
+    methods = list(dict.fromkeys(str(m).strip().lower() for m in methods))
+    if not methods:
+        raise ConfigError("no CAM method given")
+    if int(top) < 1:
+        raise ConfigError(f"top must be >= 1, got {top}")
+    if tile_size is not None and int(tile_size) < 1:
+        raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
+    lm = load_model(model_path)
+    target_idx = resolve_target(target, lm.classes)
+    cams = {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = lm.classes
+    used: set[str] = set()
+    written: list[Path] = []
+
+    for inp in inputs:
+        path = Path(inp)
+        if not path.exists():
+            raise InputError("input not found", path=str(path))
+        if path.is_dir():
+            raise InputError("input is a folder; name image or scene files", path=str(path))
+        is_scene = path.suffix.lower() in SCENE_EXTS
+        scene_info = None
+        if is_scene:
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log)
+            stem = _unique_name(path.stem, "_tiles_explain", used)
+        else:
+            items = _image_items(path, lm)
+            stem = _unique_name(path.stem, "_explain", used)
+        x = np.stack([it.x for it in items])
+        t = None if target_idx is None else np.full(len(items), target_idx, dtype=np.int32)
+
+        maps: dict[str, np.ndarray] = {}
+        results = {}
+        for m, cam in cams.items():  # one batch per method
+            res = cam(x, target=t)
+            results[m] = res
+            maps[m] = upsample(res.cam, x.shape[1:3])
+        first = results[methods[0]]
+        probs, explained = first.probs, first.target
+        pred = probs.argmax(axis=1)
+
+        rows, records = [], []
+        for i, it in enumerate(items):
+            c = int(explained[i])
+            conf = float(probs[i, c])
+            label = f"{classes[c]} {conf:.2f}"
+            if target_idx is not None and int(pred[i]) != c:
+                label = f"target {classes[c]} {conf:.2f}\n(pred {classes[int(pred[i])]} {probs[i, pred[i]]:.2f})"
+            if "tile" in it.info:
+                r_, c_ = it.info["tile"]
+                label = f"tile ({r_}, {c_}): {label}"
+            rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label))
+            top3 = np.argsort(-probs[i])[:3]
+            records.append(
+                {
+                    **it.info,
+                    "label": classes[c],
+                    "class_index": c,
+                    "confidence": conf,
+                    "predicted": classes[int(pred[i])],
+                    "predicted_confidence": float(probs[i, pred[i]]),
+                    "top3": [{"label": classes[int(k)], "probability": float(probs[i, k])} for k in top3],
+                    "cam_max": {m: float(results[m].raw[i].max()) for m in methods},
+                }
+            )
+
+        title = path.name if not is_scene else f"{path.name}: {len(items)} tiles"
+        fig = render_rows(rows, methods, suptitle=title)
+        png = save_figure(fig, out / f"{stem}.png")
+        atomic_write_json(
+            out / f"{stem}.json",
+            {
+                "input": str(path),
+                "kind": "scene" if is_scene else "image",
+                "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
+                "methods": methods,
+                "layer": first.layer,
+                "target": None if target_idx is None else classes[target_idx],
+                "input_size": lm.input_size,
+                "scene": scene_info,
+                "rows": records,
+            },
+        )
+        log(f"{path.name}: {len(items)} {'tiles' if is_scene else 'image'} explained -> {png}")
+        written.append(png)
+    return written

@@ -1,0 +1,678 @@
+"""Run scenes: read tiles → model + CAM in batches → GeoParquet, COGs, manifest.
+
+One *unit* of work is a scene, or a band of tile rows of a scene when a sharded run splits
+a large scene across workers. Each unit is written into a staging folder and renamed into
+place only when complete, with ``run.json`` (the manifest) inside; so an output folder
+either does not exist or is complete. A rerun skips units whose manifest matches the
+current fingerprint (scene, tiling/CAM/output config, model hash) and redoes the rest.
+A per-unit lock (``flock``) keeps two processes off the same unit.
+
+The pipeline per unit: reader threads (GDAL releases the GIL) read tiles ahead into a
+bounded window, the main thread runs the model + CAM step on full batches back to back,
+and a writer thread blends heatmaps and collects table rows, so no stage waits on another
+in the steady state, and memory is bounded by the queue sizes, not the scene size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import traceback
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from affine import Affine
+
+from . import __version__
+from .config import Config
+from .errors import (
+    EXIT_ALL_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ConfigError,
+    InputError,
+    LockedError,
+    OutputError,
+    OutputExistsError,
+    TilescanError,
+)
+from .tiling import SceneReader, TilingWarning, find_scenes, open_scene
+from .writers import HeatmapWriter, TileTable, read_heatmap_preview, write_json, write_labels_cog, write_quicklook
+
+MANIFEST = "run.json"
+STAGING = ".tilescan-staging"
+LOCKS = ".tilescan-locks"
+OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A scene, or the tile rows [row_start, row_stop) of it."""
+
+    scene: Path
+    name: str  # output folder name (scene stem, made unique)
+    row_start: int | None = None
+    row_stop: int | None = None
+
+    @property
+    def part(self) -> str | None:
+        if self.row_start is None:
+            return None
+        return f"rows-{self.row_start:05d}-{self.row_stop:05d}"
+
+    @property
+    def key(self) -> str:
+        return self.name if self.part is None else f"{self.name}/{self.part}"
+
+    def out_dir(self, out: Path) -> Path:
+        return out / self.name if self.part is None else out / self.name / self.part
+
+
+def unique_names(scenes: Sequence[Path]) -> list[str]:
+    """Output folder names: the scene stem, plus a short path hash where stems collide."""
+    stems = [s.stem for s in scenes]
+    out = []
+    for s, stem in zip(scenes, stems):
+        if stems.count(stem) > 1:
+            stem = f"{stem}-{hashlib.sha1(str(s.resolve()).encode()).hexdigest()[:8]}"
+        out.append(stem)
+    return out
+
+
+def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: int | None = None) -> tuple[int, int]:
+    """``I/N`` (0-based I) from a flag, else from Slurm or Kubernetes variables, else 0/1."""
+    env = os.environ if environ is None else environ
+    if text:
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+        return i, n
+    if "SLURM_ARRAY_TASK_ID" in env:
+        tid = int(env["SLURM_ARRAY_TASK_ID"])
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        elif "SLURM_ARRAY_TASK_MAX" in env:
+            n = int(env["SLURM_ARRAY_TASK_MAX"]) - lo + 1
+        else:
+            raise ConfigError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX is")
+        return tid - lo, n
+    if "JOB_COMPLETION_INDEX" in env:
+        n = count or int(env.get("TILESCAN_SHARD_COUNT", "0") or 0)
+        if n < 1:
+            raise ConfigError(
+                "JOB_COMPLETION_INDEX is set but the shard count is unknown: pass --shard-count N "
+                "or set TILESCAN_SHARD_COUNT (the Job's completions)"
+            )
+        i = int(env["JOB_COMPLETION_INDEX"])
+        if not 0 <= i < n:
+            raise ConfigError(f"JOB_COMPLETION_INDEX={i} is outside 0..{n - 1}")
+        return i, n
+    return 0, 1
+
+
+def plan_units(scenes: Sequence[Path], cfg: Config, shard: tuple[int, int], rows_of: Callable[[Path], int | None]) -> list[Unit]:
+    """All units of the run (every shard computes the same list), then this shard's share.
+
+    With N > 1 shards a scene with more tiles than ``N`` rows is split into up to N bands of
+    tile rows, so N workers can share one huge scene; units are dealt round-robin.
+    """
+    i, n = shard
+    names = unique_names(scenes)
+    units: list[Unit] = []
+    for scene, name in zip(scenes, names):
+        rows = rows_of(scene) if n > 1 else None
+        if rows and rows >= 2 * n and len(scenes) < n:
+            step = -(-rows // n)
+            for r0 in range(0, rows, step):
+                units.append(Unit(scene, name, r0, min(rows, r0 + step)))
+        else:
+            units.append(Unit(scene, name))
+    return [u for j, u in enumerate(units) if j % n == i]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class UnitResult:
+    unit: str
+    scene: str
+    status: str  # done | skipped (already complete) | failed
+    out_dir: str | None = None
+    reason: str | None = None
+    error_kind: str | None = None
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "")}
+
+
+@dataclass
+class RunReport:
+    results: list[UnitResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        failed = [r for r in self.results if r.status == "failed"]
+        if not failed:
+            return EXIT_OK
+        if len(failed) == len(self.results):
+            return EXIT_ALL_FAILED
+        return EXIT_PARTIAL
+
+    def to_dict(self) -> dict:
+        by = lambda s: [r.to_dict() for r in self.results if r.status == s]  # noqa: E731
+        return {
+            "tilescan": __version__,
+            "done": by("done"),
+            "skipped": by("skipped"),
+            "failed": by("failed"),
+            "counts": {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")},
+            "exit_code": self.exit_code,
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"tilescan": __version__}
+    for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "numpy", "rasterio", "pyarrow", "rio-cogeo", "opencv-python-headless"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import rasterio
+
+        out["gdal"] = rasterio.__gdal_version__
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        import keras
+
+        out["keras_backend"] = keras.backend.backend()
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def fingerprint(unit: Unit, cfg: Config, model_sha: str) -> str:
+    """What the outputs depend on: the scene file, the unit's rows, the result-shaping
+    config (not batch size or threads), the model file."""
+    st = unit.scene.stat()
+    d = cfg.to_dict()
+    shaping = {"tiling": d["tiling"], "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
+    blob = json.dumps(
+        {
+            "scene": str(unit.scene.resolve()),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "rows": [unit.row_start, unit.row_stop],
+            "config": shaping,
+            "model": model_sha,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class UnitLock:
+    """An exclusive, non-blocking ``flock`` on ``OUT/.tilescan-locks/<unit>.lock``."""
+
+    def __init__(self, out: Path, unit: Unit):
+        self.path = out / LOCKS / (unit.key.replace("/", "__") + ".lock")
+        self.fh = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip()
+            self.fh.close()
+            raise LockedError(
+                f"another tilescan process ({holder or 'unknown pid'}) is writing this output; "
+                "it was left alone", path=str(self.path.parent.parent)
+            ) from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+        finally:
+            self.fh.close()
+
+
+def resolve_target(target: str, classes: Sequence[str]) -> int | None:
+    if target == "":
+        return None
+    if target in classes:
+        return list(classes).index(target)
+    try:
+        i = int(target)
+    except ValueError:
+        raise ConfigError(f"[cam] target_class: unknown class {target!r}; classes: {', '.join(classes)}") from None
+    if not 0 <= i < len(classes):
+        raise ConfigError(f"[cam] target_class: index {i} outside 0..{len(classes) - 1}")
+    return i
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """The model + CAM step, loaded once per invocation."""
+
+    def __init__(self, cfg: Config, model_path: str | None = None):
+        from .cam import get_cam
+        from .model import load_model
+
+        self.loaded = load_model(model_path)
+        lm = self.loaded
+        self.classes = lm.classes
+        self.input_size = lm.input_size
+        self.bands = lm.num_bands
+        self.target = resolve_target(cfg.cam.target_class, self.classes)
+        self.cam = get_cam(cfg.cam.method, lm.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
+        self.gsd_m = lm.meta.get("gsd_m")
+        self.band_names = lm.meta.get("bands")
+
+    def __call__(self, x: np.ndarray):
+        target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
+        return self.cam(x, target=target)
+
+
+def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """Read ``tiles`` with ``threads`` readers, at most ``ahead`` tiles in flight, in order."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilescan-read") as pool:
+        pending: deque = deque()
+        it = iter(tiles)
+        for t in it:
+            pending.append((t, pool.submit(reader.read_tile, t)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            t, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(reader.read_tile, nxt)))
+            x, valid = fut.result()
+            yield t, x, valid
+
+
+class _Writer(threading.Thread):
+    """Drains computed batches: heatmap blending and table rows, off the model's thread."""
+
+    def __init__(self, heat: HeatmapWriter, table: TileTable, maxsize: int):
+        super().__init__(name="tilescan-write", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.heat, self.table = heat, table
+        self.error: BaseException | None = None
+
+    def run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                rows, heat_items = item
+                for window, cam, valid in heat_items:
+                    self.heat.add(window, cam, valid)
+                self.table.add(rows)
+            except BaseException as exc:  # surfaced by the main thread
+                self.error = exc
+
+    def put(self, item):
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def finish(self):
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _corners(transform: Affine, col_off: np.ndarray, row_off: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """(B, 4, 2) map coordinates of UL, UR, LR, LL of pixel windows."""
+    cols = np.stack([col_off, col_off + w, col_off + w, col_off], axis=1).astype(np.float64)
+    rows = np.stack([row_off, row_off, row_off + h, row_off + h], axis=1).astype(np.float64)
+    a, b, c, d, e, f = transform[:6]
+    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
+
+
+def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: str, progress: bool, log: Callable[[str], None]) -> UnitResult:
+    """Run one unit into a staging folder, then move it into place (atomic per unit)."""
+    t0 = time.monotonic()
+    final = unit.out_dir(out)
+    stage = out / STAGING / unit.key.replace("/", "__")
+    timings = {"read": 0.0, "compute": 0.0, "write": 0.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TilingWarning)
+        reader = open_scene(unit.scene, cfg.tiling, engine.bands, engine.input_size, engine.gsd_m, engine.band_names)
+    try:
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+    except BaseException:
+        reader.close()
+        raise
+    scene_warnings = [str(w.message) for w in caught]
+    for w in scene_warnings:
+        log(f"warning: {unit.scene}: {w}")
+    try:
+        info, grid = reader.info, reader.grid
+        r0 = unit.row_start or 0
+        r1 = grid.n_rows if unit.row_stop is None else min(unit.row_stop, grid.n_rows)
+        tiles = list(grid.rows(r0, r1))
+        stride = grid.stride
+        transform = info.transform
+        labels = np.full((r1 - r0, grid.n_cols), -1, dtype=np.int32)
+        table = TileTable(engine.classes)
+        heat_path = stage / "heatmap.tif"
+        heat = HeatmapWriter(heat_path, info.width, info.height, transform, info.crs, cfg.output.heatmap_scale,
+                             reader.tile_px, stride, compress=cfg.output.compress)
+        writer = _Writer(heat, table, maxsize=max(2, cfg.inference.queue_size))
+        writer.start()
+        bs = cfg.inference.batch_size
+        skipped = 0
+        buf_t: list = []
+        buf_x: list = []
+        buf_v: list = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(tiles), desc=unit.key, unit="tile", leave=False, dynamic_ncols=True)
+
+        def flush():
+            if not buf_t:
+                return
+            x = np.stack(buf_x)
+            tc = time.monotonic()
+            res = engine(x)
+            timings["compute"] += time.monotonic() - tc
+            probs = np.asarray(res.probs, dtype=np.float32)
+            cls = probs.argmax(axis=1)
+            conf = probs[np.arange(len(cls)), cls]
+            cam = np.asarray(res.cam, dtype=np.float32)
+            raw = np.asarray(res.raw, dtype=np.float32)
+            n, h, w = cam.shape
+            col_off = np.array([t.window.col_off for t in buf_t], dtype=np.int64)
+            row_off = np.array([t.window.row_off for t in buf_t], dtype=np.int64)
+            size = np.array([t.window.width for t in buf_t], dtype=np.int64)
+            peak = cam.reshape(n, -1).argmax(axis=1)
+            py, px = np.divmod(peak, w)
+            pcol = col_off + (px + 0.5) * size / w
+            prow = row_off + (py + 0.5) * size / h
+            a, b, c, d, e, f = transform[:6]
+            valid_frac = np.array([v.mean() for v in buf_v], dtype=np.float32)
+            rows = {
+                "tile_index": np.array([t.index for t in buf_t], dtype=np.int64),
+                "row": np.array([t.row for t in buf_t], dtype=np.int32),
+                "col": np.array([t.col for t in buf_t], dtype=np.int32),
+                "col_off": col_off.astype(np.int32),
+                "row_off": row_off.astype(np.int32),
+                "width": size.astype(np.int32),
+                "height": size.astype(np.int32),
+                "corners": _corners(transform, col_off, row_off, size, size),
+                "valid_fraction": valid_frac,
+                "class_index": cls.astype(np.int16),
+                "confidence": conf.astype(np.float32),
+                "probabilities": probs,
+                "cam_mean": cam.mean(axis=(1, 2)),
+                "cam_max": cam.max(axis=(1, 2)),
+                "cam_raw_max": raw.max(axis=(1, 2)),
+                "cam_peak_x": a * pcol + b * prow + c,
+                "cam_peak_y": d * pcol + e * prow + f,
+            }
+            for t, k in zip(buf_t, cls):
+                labels[t.row - r0, t.col] = int(k)
+            heat_items = [((t.window.col_off, t.window.row_off, t.window.width, t.window.height), cam[j], buf_v[j]) for j, t in enumerate(buf_t)]
+            writer.put((rows, heat_items))
+            if bar is not None:
+                bar.update(len(buf_t))
+            buf_t.clear()
+            buf_x.clear()
+            buf_v.clear()
+
+        tr = time.monotonic()
+        for t, x, valid in _prefetch(reader, tiles, cfg.inference.reader_threads, ahead=bs * cfg.inference.queue_size):
+            if valid.mean() < cfg.tiling.min_valid_fraction or not valid.any():
+                skipped += 1
+                if bar is not None:
+                    bar.update(1)
+                continue
+            buf_t.append(t)
+            buf_x.append(x)
+            buf_v.append(valid)
+            if len(buf_t) == bs:
+                flush()
+        flush()
+        tw = time.monotonic()
+        writer.finish()
+        if bar is not None:
+            bar.close()
+        timings["read"] = max(0.0, tw - tr - timings["compute"])
+        n_done = len(table)
+        per_class = {c: int((labels == i).sum()) for i, c in enumerate(engine.classes) if (labels == i).any()}
+        crs = info.crs
+        model_id = engine.loaded.model_id
+        extra = {
+            "tile_px": reader.tile_px,
+            "stride_px": stride,
+            "rows": [r0, r1],
+            "bands": list(reader.bands),
+            "cam_method": cfg.cam.method,
+            "cam_layer": engine.cam.layer,
+        }
+        table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
+        if cfg.output.gpkg:
+            table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
+        grid_tf = transform * Affine.translation(0, r0 * stride) * Affine.scale(stride)
+        write_labels_cog(stage / "labels.tif", labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
+                         tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
+        heat.close(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
+        if cfg.output.quicklook:
+            rgb, pvalid = reader.read_overview(cfg.output.quicklook_size)
+            hp = read_heatmap_preview(stage / "heatmap.tif", cfg.output.quicklook_size)
+            full_labels = labels
+            if unit.part is not None:  # a row band: show only its part of the grid
+                full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
+                full_labels[r0:r1] = labels
+            write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes)
+        timings["write"] = time.monotonic() - tw
+        total = time.monotonic() - t0
+        counts = {
+            "tiles_total": len(tiles),
+            "tiles_skipped": skipped,
+            "tiles_classified": n_done,
+            "per_class": per_class,
+        }
+        manifest = {
+            "status": "complete",
+            "fingerprint": model_fp,
+            "scene": str(unit.scene.resolve()),
+            "unit": unit.key,
+            "rows": [r0, r1],
+            "scene_info": {
+                "width": info.width,
+                "height": info.height,
+                "count": info.count,
+                "dtype": str(info.dtype),
+                "crs": info.crs.to_string() if info.crs else None,
+                "transform": list(transform[:6]),
+                "nodata": info.nodata,
+                "gsd_m": info.gsd_m,
+                "bands_used": list(reader.bands),
+                "scale": [list(s) for s in reader.scale],
+            },
+            "model": {"id": model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256, "classes": engine.classes},
+            "config": cfg.to_dict(),
+            "versions": package_versions(),
+            "counts": counts,
+            "timings_s": {k: round(v, 3) for k, v in {**timings, "total": total}.items()},
+            "tiles_per_s": round(n_done / total, 2) if total > 0 else None,
+            "warnings": scene_warnings,
+            "outputs": sorted(p.name for p in stage.iterdir()),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(stage / MANIFEST, manifest)
+    except BaseException:
+        reader.close()
+        try:
+            heat.abort()  # noqa: F821 - may not exist yet
+        except Exception:
+            pass
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    reader.close()
+    _move_into_place(stage, final)
+    return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=counts, seconds=round(total, 2))
+
+
+def _move_into_place(stage: Path, final: Path) -> None:
+    """Rename the finished staging folder to ``final``; an old one is moved aside first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.is_dir():
+            # keep row-band parts of a sharded run that live inside a scene folder
+            os.replace(final, trash)
+            for part in trash.glob("rows-*"):
+                os.replace(part, stage / part.name)
+        else:
+            os.replace(final, trash)
+        os.replace(stage, final)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+    else:
+        os.replace(stage, final)
+    try:
+        fd = os.open(final.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError("output path exists and is not a folder", path=str(out)) from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc.strerror}", path=str(out)) from None
+    if not out.is_dir():
+        raise OutputError("output path is not a folder", path=str(out))
+    probe = out / f".tilescan-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder is not writable: {exc.strerror}", path=str(out)) from None
+
+
+def run(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    cfg: Config,
+    model_path: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunReport:
+    """Process every scene of ``inputs`` (files or folders) into ``out``; see the module doc."""
+    out = Path(out)
+    scenes = find_scenes(inputs)  # raises InputError / NoScenesError
+    _check_output_dir(out)
+    engine = Engine(cfg, model_path)
+
+    def rows_of(scene: Path) -> int | None:
+        try:
+            with open_scene(scene, cfg.tiling, engine.bands, engine.input_size, engine.gsd_m, engine.band_names) as r:
+                return r.grid.n_rows
+        except TilescanError:
+            return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilingWarning)
+        units = plan_units(scenes, cfg, shard, rows_of)
+    report = RunReport()
+    for unit in units:
+        t0 = time.monotonic()
+        final = unit.out_dir(out)
+        try:
+            fp = fingerprint(unit, cfg, engine.loaded.sha256)
+            with UnitLock(out, unit):
+                old = read_manifest(final)
+                if old is not None and old.get("status") == "complete":
+                    if old.get("fingerprint") == fp and not cfg.output.overwrite:
+                        report.results.append(UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason="already complete with the same config and model", counts=old.get("counts", {})))
+                        log(f"{unit.key}: already complete, skipped")
+                        continue
+                    if not cfg.output.overwrite:
+                        raise OutputExistsError(
+                            "finished outputs from a different config, model or scene version exist; "
+                            "pass --overwrite to replace them", path=str(final))
+                res = process_unit(unit, out, cfg, engine, fp, progress, log)
+                report.results.append(res)
+                c = res.counts
+                log(f"{unit.key}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
+                    f"{res.seconds:.1f} s -> {final}")
+        except (TilescanError, OSError) as exc:
+            if isinstance(exc, OSError):
+                exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or final))
+            if not exc.path:
+                exc.path = str(unit.scene)
+            report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=round(time.monotonic() - t0, 2)))
+            log(f"error: {exc}")
+        except Exception as exc:  # a bug or an unexpected library error: one scene never kills the batch
+            msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"
+            report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=round(time.monotonic() - t0, 2)))
+            log("error: " + msg)
+            log(traceback.format_exc(limit=5))
+    i, n = shard
+    name = "report.json" if n == 1 else f"report-shard-{i:04d}-of-{n:04d}.json"
+    data = report.to_dict()
+    data["shard"] = [i, n]
+    data["model"] = {"id": engine.loaded.model_id, "sha256": engine.loaded.sha256}
+    write_json(out / name, data)
+    return report
