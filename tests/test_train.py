@@ -1,0 +1,191 @@
+"""Training on a small real AID subset: end to end, resume after SIGKILL, early stopping,
+and the test split never being read."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tilescan.cli import main
+from tilescan.config import TrainConfig
+from tilescan.data import load_dataset, stratified_split
+from tilescan.model import load_model, read_metadata
+
+CLASSES = ["Beach", "Forest", "Parking", "Port", "Stadium"]
+
+
+@pytest.fixture(scope="module")
+def mini_aid(aid_dir, tmp_path_factory) -> Path:
+    """5 AID classes, 8 train / 4 val / 4 test images each, in the AID layout. The test
+    images are NOT copied: their list entries point at files that do not exist, so any
+    attempt to read them fails loudly."""
+    root = tmp_path_factory.mktemp("aid")
+    (root / "images").mkdir()
+    (root / "splits").mkdir()
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    lists = {}
+    for split in ("train", "val", "test"):
+        lines = (aid_dir / "splits" / f"{split}.txt").read_text().split()
+        want = {"train": 8, "val": 4, "test": 4}[split]
+        keep = []
+        for cls in CLASSES:
+            keep += [ln for ln in lines if ln.split("/")[0] == cls][:want]
+        lists[split] = keep
+        (root / "splits" / f"{split}.txt").write_text("\n".join(keep) + "\n")
+    for split in ("train", "val"):
+        for ln in lists[split]:
+            dst = root / "images" / ln
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(aid_dir / "images" / ln, dst)
+    return root
+
+
+def _train(args, env_extra=None):
+    res = CliRunner().invoke(main, ["train", *map(str, args)], catch_exceptions=False)
+    return res
+
+
+def _history(model_path: Path) -> list[dict]:
+    with open(model_path.with_name(model_path.name.replace(".keras", ".history.csv"))) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_dataset_layouts(mini_aid, tmp_path):
+    ds = load_dataset(mini_aid)
+    assert ds.classes == CLASSES
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 40, "val": 20, "test": 20}
+    assert ds.split_source.startswith("lists:")
+    # Train/ Test/ folder layout with a val split carved from train
+    for split, src in (("Train", "train"), ("Test", "val")):
+        for ln in (mini_aid / "splits" / f"{src}.txt").read_text().split():
+            dst = tmp_path / "tt" / split / ln
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(mini_aid / "images" / ln, dst)
+    ds2 = load_dataset(tmp_path / "tt", val_fraction=0.25, test_fraction=0.0)
+    assert ds2.classes == CLASSES and ds2.split_source == "folders"
+    assert len(ds2.items("test")) == 20 and len(ds2.items("train")) + len(ds2.items("val")) == 40
+    assert not set(ds2.items("train")) & set(ds2.items("val"))
+
+
+def test_stratified_split_is_seeded_and_disjoint():
+    items = [(f"c{c}/{i}.jpg", c) for c in range(3) for i in range(20)]
+    a = stratified_split(items, 0.2, 0.2, seed=1)
+    b = stratified_split(items, 0.2, 0.2, seed=1)
+    assert a == b
+    all_items = a["train"] + a["val"] + a["test"]
+    assert sorted(all_items) == sorted(items)
+    for split, n in (("val", 4), ("test", 4), ("train", 12)):
+        for c in range(3):
+            assert sum(1 for _, k in a[split] if k == c) == n
+
+
+def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
+    out = tmp_path / "m.keras"
+    res = _train([mini_aid, "-o", out, "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--patience", "0"])
+    assert res.exit_code == 0, res.output
+    # the test images do not exist: training worked, so it never opened them
+    assert not any((mini_aid / "images" / ln).exists() for ln in (mini_aid / "splits/test.txt").read_text().split())
+    lm = load_model(out)
+    assert lm.classes == CLASSES and lm.input_size == 32
+    meta = lm.meta
+    assert meta["training"]["counts"]["train"] == 40 and meta["training"]["counts"]["val"] == 20
+    assert set(meta["training"]["split_sha256"]) == {"train", "val", "test"}
+    assert 0.0 <= meta["scores"]["val"]["accuracy"] <= 1.0 and meta["scores"]["val"]["n"] == 20
+    hist = _history(out)
+    assert [int(r["epoch"]) for r in hist] == [1, 2]
+    png = out.with_name("m.curves.png")
+    from PIL import Image
+
+    im = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    assert im.shape[0] > 200 and im.std() > 5  # a drawn chart, not a blank image
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    p = lm.model.predict(x, verbose=0)
+    assert p.shape == (2, 5) and np.allclose(p.sum(1), 1, atol=1e-4)
+    # refuses to clobber without --overwrite
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 6 and "exists" in res.output
+
+
+def test_resume_after_sigkill(mini_aid, tmp_path):
+    out = tmp_path / "r.keras"
+    ckpt = tmp_path / "r.ckpt"
+    cmd = [sys.executable, "-m", "tilescan.cli", "train", str(mini_aid), "-o", str(out), "--epochs", "4",
+           "--image-size", "32", "--batch-size", "16", "--patience", "0"]
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            st = ckpt / "state.json"
+            if st.exists() and json.loads(st.read_text())["epochs_done"] >= 2:
+                break
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint after 240 s")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = json.loads((ckpt / "state.json").read_text())["epochs_done"]
+    assert 2 <= done_before < 4 and not out.exists()
+    res = _train([mini_aid, "-o", out, "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--patience", "0", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert f"after epoch {done_before}" in res.output
+    hist = _history(out)
+    # each epoch exactly once: the resumed run continued, it did not start over
+    assert [int(r["epoch"]) for r in hist] == [1, 2, 3, 4]
+    assert json.loads((ckpt / "state.json").read_text())["epochs_done"] == 4
+    # the learning-rate schedule continued too (cosine to zero at the last epoch)
+    lrs = [float(r["learning_rate"]) for r in hist]
+    assert lrs[-1] < lrs[1]
+
+
+def test_early_stopping_restores_best(mini_aid, tmp_path):
+    import keras
+
+    from tilescan.data import load_dataset
+    from tilescan.train import train
+
+    ds = load_dataset(mini_aid)
+    # min_delta larger than any change: every epoch after the first is a plateau
+    cfg = TrainConfig(epochs=10, batch_size=16, image_size=32, patience=2, min_delta=1e30, warmup_epochs=0,
+                      schedule="constant", learning_rate=1e-3, mixed_precision="float32", workers=1)
+    out = tmp_path / "es.keras"
+    r = train(ds, out, cfg, overwrite=True, verbose=0, log=lambda m: None)
+    assert r["stopped"] == "early-stopping"
+    assert r["epochs_done"] == 3 and r["best_epoch"] == 1  # 1 best + patience 2
+    hist = _history(out)
+    assert len(hist) == 3
+    # the saved model has the best (epoch 1) weights, not the last epoch's
+    best = keras.saving.load_model(out.with_name("es.ckpt") / "last.keras", compile=False)
+    best.load_weights(out.with_name("es.ckpt") / "best.weights.h5")
+    last = keras.saving.load_model(out.with_name("es.ckpt") / "last.keras", compile=False)
+    saved = load_model(out).model
+    w_saved = saved.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(w_saved, best.get_weights()))
+    assert not all(np.array_equal(a, b) for a, b in zip(w_saved, last.get_weights()))
+    assert r["val_loss"] == pytest.approx(float(hist[0]["val_loss"]), rel=2e-2)
+
+
+def test_train_bad_inputs(tmp_path):
+    res = CliRunner().invoke(main, ["train", str(tmp_path / "nope"), "-o", str(tmp_path / "m.keras")])
+    assert res.exit_code == 4 and "not found" in res.output
+    res = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "m.h5")])
+    assert res.exit_code in (2, 4)
+
+
+def test_packaged_model_metadata():
+    meta = read_metadata(Path(__file__).resolve().parents[1] / "tilescan" / "models" / "default.keras")
+    assert len(meta["classes"]) == 30 and meta["input_size"] == [128, 128]
+    assert "Xia" in meta["training"]["citation"] and "research" in meta["training"]["terms"]
