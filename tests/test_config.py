@@ -1,0 +1,235 @@
+"""Tests of tilescan.config: defaults, TOML, TILESCAN_* environment, flags, checks.
+
+Precedence, highest first: flag > TILESCAN_<SECTION>__<KEY> > --config file > defaults.
+The last test checks the same order through the real CLI, in the run.json it writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tilescan.config import Config, build_config, env_layer, load_config, read_toml
+from tilescan.errors import EXIT_USAGE, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ------------------------------------------------------------------------------------
+# defaults
+
+
+def test_default_toml_documents_exactly_the_defaults():
+    path = REPO / "configs" / "default.toml"
+    data = tomllib.loads(path.read_text())
+    # every section and key of the dataclasses is in the file, and nothing else
+    want = Config().to_dict()
+    assert set(data) == set(want)
+    for section, values in want.items():
+        assert set(data[section]) == set(values), section
+    assert load_config(path, environ={}) == Config()
+
+
+def test_defaults_without_any_source():
+    cfg = load_config(None, None, environ={})
+    assert cfg == Config()
+    assert cfg.tiling.tile_size == 128 and cfg.tiling.stride == 0 and cfg.tiling.min_valid_fraction == 0.5
+    assert cfg.inference.batch_size == 32 and cfg.cam.method == "gradcam" and cfg.output.heatmap_scale == 0.25
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.tiling.tile_size = 3  # type: ignore[misc]
+
+
+def test_to_dict_roundtrip():
+    cfg = build_config({"tiling": {"bands": [3, 2, 1], "percentiles": [1, 99]}, "cam": {"target_class": "Forest"}})
+    d = cfg.to_dict()
+    assert d["tiling"]["bands"] == [3, 2, 1] and cfg.tiling.bands == (3, 2, 1)
+    assert cfg.tiling.percentiles == (1.0, 99.0)
+    assert json.loads(json.dumps(d)) == d
+    assert build_config(d) == cfg
+
+
+# ------------------------------------------------------------------------------------
+# precedence
+
+
+def test_precedence_flag_over_env_over_file_over_defaults(tmp_path):
+    f = toml(tmp_path, """
+[tiling]
+tile_size = 64
+stride = 32
+min_valid_fraction = 0.25
+[inference]
+batch_size = 4
+[output]
+heatmap_scale = 0.5
+""")
+    env = {
+        "TILESCAN_TILING__TILE_SIZE": "96",
+        "TILESCAN_INFERENCE__BATCH_SIZE": "8",
+        "TILESCAN_CAM__METHOD": "hirescam",
+    }
+    flags = {"tiling": {"tile_size": 200, "stride": None}, "inference": {"batch_size": None}, "output": {"gpkg": True}}
+    cfg = load_config(f, flags, environ=env)
+    assert cfg.tiling.tile_size == 200  # flag > env > file
+    assert cfg.inference.batch_size == 8  # env > file (flag None = not given)
+    assert cfg.tiling.stride == 32  # file (flag None)
+    assert cfg.tiling.min_valid_fraction == 0.25  # file > default
+    assert cfg.output.heatmap_scale == 0.5  # file
+    assert cfg.cam.method == "hirescam"  # env > default
+    assert cfg.output.gpkg is True  # flag > default
+    assert cfg.inference.reader_threads == 2 and cfg.cam.layer == ""  # defaults
+    # each layer alone
+    assert load_config(f, environ={}).tiling.tile_size == 64
+    assert load_config(None, environ=env).tiling.tile_size == 96
+    assert load_config(None, flags, environ={}).tiling.tile_size == 200
+
+
+def test_env_names_and_unrelated_variables():
+    layer, names = env_layer({
+        "TILESCAN_TILING__BANDS": "3,2,1",
+        "tilescan_ignored__x": "lowercase prefix is not ours",
+        "TILESCAN_MODEL": "/some/model.keras",  # a click envvar, not a config key
+        "TILESCAN_REQUIRE_DATA": "1",  # the test suite's switch
+        "TILESCAN_SHARD_COUNT": "4",
+        "PATH": "/usr/bin",
+    })
+    assert layer == {"tiling": {"bands": "3,2,1"}}
+    assert names == {("tiling", "bands"): "TILESCAN_TILING__BANDS"}
+    cfg = load_config(None, environ={"TILESCAN_TILING__BANDS": "3 2 1", "TILESCAN_OUTPUT__GPKG": "yes",
+                                     "TILESCAN_MODEL": "x", "TILESCAN_REQUIRE_DATA": "1"})
+    assert cfg.tiling.bands == (3, 2, 1) and cfg.output.gpkg is True
+
+
+@pytest.mark.parametrize("text,value", [("1", True), ("true", True), ("ON", True), ("no", False), ("0", False), ("Off", False)])
+def test_env_booleans(text, value):
+    assert load_config(None, environ={"TILESCAN_OUTPUT__OVERWRITE": text}).output.overwrite is value
+
+
+def test_real_environment_is_read_by_default(monkeypatch):
+    monkeypatch.setenv("TILESCAN_INFERENCE__READER_THREADS", "3")
+    assert load_config().inference.reader_threads == 3
+    assert load_config(overrides={"inference": {"reader_threads": 1}}).inference.reader_threads == 1
+
+
+# ------------------------------------------------------------------------------------
+# errors name the key and the source
+
+
+def _error(fn, *args, **kw) -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        fn(*args, **kw)
+    assert err.value.exit_code == EXIT_USAGE == 2
+    return err.value
+
+
+def test_bad_env_value_names_the_variable():
+    e = _error(load_config, None, environ={"TILESCAN_TILING__TILE_SIZE": "big"})
+    assert "TILESCAN_TILING__TILE_SIZE" in str(e) and "tile_size" in str(e) and "'big'" in str(e)
+    e = _error(load_config, None, environ={"TILESCAN_NOPE__X": "1"})
+    assert "TILESCAN_NOPE__X" in str(e) and "unknown section [nope]" in str(e)
+    e = _error(load_config, None, environ={"TILESCAN_TILING__TILESIZE": "1"})
+    assert "unknown key [tiling] tilesize" in str(e) and "tile_size" in str(e)
+
+
+def test_bad_file_values_name_the_file(tmp_path):
+    f = toml(tmp_path, "[tiling]\ntile_size = 'x'\n")
+    e = _error(load_config, f, environ={})
+    assert str(f) in str(e) and "[tiling] tile_size" in str(e)
+    f = toml(tmp_path, "[tilling]\ntile_size = 3\n", "typo.toml")
+    e = _error(load_config, f, environ={})
+    assert str(f) in str(e) and "unknown section [tilling]" in str(e) and "tiling" in str(e)
+    f = toml(tmp_path, "[tiling]\ntile_size = 3\n[tiling\n", "broken.toml")
+    assert "not valid TOML" in str(_error(load_config, f, environ={}))
+    assert "not found" in str(_error(read_toml, tmp_path / "missing.toml"))
+    assert "directory" in str(_error(read_toml, tmp_path))
+    f = toml(tmp_path, "tiling = 3\n", "flat.toml")
+    assert "must be a table" in str(_error(load_config, f, environ={}))
+
+
+def test_bad_flag_values_name_the_flags():
+    e = _error(load_config, None, {"output": {"heatmap_scale": 0.0}}, environ={})
+    assert "command-line flags" in str(e) and "heatmap_scale" in str(e)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("tiling", "tile_size", 0, ">= 1"),
+    ("tiling", "stride", -1, ">= 0"),
+    ("tiling", "min_valid_fraction", 1.5, "[0, 1]"),
+    ("tiling", "bands", [0, 1, 2], "1-based"),
+    ("tiling", "percentiles", [98, 2], "low < high"),
+    ("tiling", "units", "ft", "one of"),
+    ("tiling", "scaling", "log", "one of"),
+    ("tiling", "allow_pixel_space", "maybe", "true or false"),
+    ("tiling", "tile_size", True, "an integer"),
+    ("tiling", "tile_size", 1.5, "an integer"),
+    ("tiling", "percentiles", [1, 2, 3], "2 values"),
+    ("inference", "batch_size", 0, ">= 1"),
+    ("inference", "jit_compile", "sometimes", "one of"),
+    ("output", "heatmap_scale", 1.5, "(0, 1]"),
+    ("output", "compress", "jpeg", "one of"),
+    ("output", "quicklook_size", 4, ">= 16"),
+    ("train", "learning_rate", 0, "> 0"),
+    ("train", "crop_scale", [0.9, 0.5], "low <= high"),
+])
+def test_every_value_is_checked(section, key, value, message):
+    e = _error(build_config, {section: {key: value}}, source="somewhere.toml")
+    assert f"[{section}] {key}" in str(e) and message in str(e) and "somewhere.toml" in str(e)
+
+
+def test_replace_is_checked():
+    cfg = Config()
+    assert cfg.replace("tiling", tile_size=256).tiling.tile_size == 256
+    assert cfg.tiling.tile_size == 128
+    _error(cfg.replace, "tiling", tile_size=-3)
+    _error(cfg.replace, "tiling", no_such_key=1)
+
+
+# ------------------------------------------------------------------------------------
+# the same precedence through the CLI, read back from run.json
+
+
+@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # rio-cogeo's own Affine use
+def test_cli_precedence_in_run_json(tmp_path, scene_path):
+    import rasterio
+    from click.testing import CliRunner
+
+    from tilescan.cli import main
+
+    scene = scene_path("rio-tiler/cog_rgb.tif")  # 383 x 232
+    f = toml(tmp_path, """
+[tiling]
+tile_size = 64
+min_valid_fraction = 0.3
+[inference]
+batch_size = 4
+[output]
+heatmap_scale = 0.3
+quicklook_size = 256
+""")
+    env = {"TILESCAN_TILING__TILE_SIZE": "96", "TILESCAN_INFERENCE__BATCH_SIZE": "8", "TILESCAN_OUTPUT__HEATMAP_SCALE": "0.5"}
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(scene), "-o", str(out), "--config", str(f), "--tile-size", "400",
+                                    "--batch-size", "2", "--no-progress"], env=env, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / scene.stem / "run.json").read_text())
+    c = man["config"]
+    assert c["tiling"]["tile_size"] == 400  # flag > env > file
+    assert c["inference"]["batch_size"] == 2  # flag > env > file
+    assert c["output"]["heatmap_scale"] == 0.5  # env > file
+    assert c["tiling"]["min_valid_fraction"] == 0.3 and c["output"]["quicklook_size"] == 256  # file > defaults
+    assert c["tiling"]["stride"] == 0 and c["cam"]["method"] == "gradcam"  # defaults
+    # and the outputs follow the resolved values
+    assert man["counts"]["tiles_total"] == 1
+    with rasterio.open(out / scene.stem / "heatmap.tif") as h:
+        assert (h.width, h.height) == (math.ceil(383 * 0.5), math.ceil(232 * 0.5))
