@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -39,6 +40,7 @@ from .config import Config
 from .errors import (
     EXIT_ALL_FAILED,
     EXIT_OK,
+    EXIT_OUTPUT,
     EXIT_PARTIAL,
     ConfigError,
     InputError,
@@ -54,6 +56,23 @@ MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
 LOCKS = ".tilescan-locks"
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
+
+_KILL_SEEN: dict[str, int] = {}
+
+
+def _test_kill_point(phase: str) -> None:
+    """Test hook (no effect unless set): ``TILESCAN_TEST_KILL_AT=<phase>[:N]`` makes this
+    process SIGKILL itself the Nth time (default 1st) it reaches ``phase`` -- one of
+    ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing`` (the
+    unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
+    staging, the folder not yet moved into place). tests/test_resume.py uses it to kill
+    runs at exact points and check that a rerun gives the same outputs."""
+    spec = os.environ.get("TILESCAN_TEST_KILL_AT")
+    if not spec or spec.partition(":")[0] != phase:
+        return
+    _KILL_SEEN[phase] = _KILL_SEEN.get(phase, 0) + 1
+    if _KILL_SEEN[phase] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- units
@@ -104,24 +123,40 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: 
         if n < 1 or not 0 <= i < n:
             raise ConfigError(f"--shard I/N needs 0 <= I < N, got {text!r}")
         return i, n
+
+    def num(name: str, default: str | None = None) -> int:
+        try:
+            return int(env[name] if default is None else env.get(name, default) or default)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={env.get(name)!r} is not an integer") from None
+
     if "SLURM_ARRAY_TASK_ID" in env:
-        tid = int(env["SLURM_ARRAY_TASK_ID"])
-        lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        # --array=A-B[:S] gives ids A, A+S, ..., B: shard i is (id - min) / step.
+        tid = num("SLURM_ARRAY_TASK_ID")
+        lo = num("SLURM_ARRAY_TASK_MIN", "0")
+        step = max(1, num("SLURM_ARRAY_TASK_STEP", "1"))
         if "SLURM_ARRAY_TASK_COUNT" in env:
-            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+            n = num("SLURM_ARRAY_TASK_COUNT")
         elif "SLURM_ARRAY_TASK_MAX" in env:
-            n = int(env["SLURM_ARRAY_TASK_MAX"]) - lo + 1
+            n = (num("SLURM_ARRAY_TASK_MAX") - lo) // step + 1
         else:
             raise ConfigError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor _MAX is")
-        return tid - lo, n
+        i, rem = divmod(tid - lo, step)
+        # a list like --array=1,3,5 has COUNT 3 but MIN..MAX spans 5 ids: not numberable
+        span = (num("SLURM_ARRAY_TASK_MAX") - lo) // step + 1 if "SLURM_ARRAY_TASK_MAX" in env else n
+        if rem or span != n or not 0 <= i < n:
+            raise ConfigError(
+                f"Slurm array task {tid} (min {lo}, step {step}, count {n}) is not one of 0..{n - 1} after "
+                "numbering: submit a contiguous array like --array=0-{N-1}, or pass --shard I/N")
+        return i, n
     if "JOB_COMPLETION_INDEX" in env:
-        n = count or int(env.get("TILESCAN_SHARD_COUNT", "0") or 0)
+        n = count or num("TILESCAN_SHARD_COUNT", "0")
         if n < 1:
             raise ConfigError(
                 "JOB_COMPLETION_INDEX is set but the shard count is unknown: pass --shard-count N "
                 "or set TILESCAN_SHARD_COUNT (the Job's completions)"
             )
-        i = int(env["JOB_COMPLETION_INDEX"])
+        i = num("JOB_COMPLETION_INDEX")
         if not 0 <= i < n:
             raise ConfigError(f"JOB_COMPLETION_INDEX={i} is outside 0..{n - 1}")
         return i, n
@@ -131,18 +166,18 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: 
 def plan_units(scenes: Sequence[Path], cfg: Config, shard: tuple[int, int], rows_of: Callable[[Path], int | None]) -> list[Unit]:
     """All units of the run (every shard computes the same list), then this shard's share.
 
-    With N > 1 shards a scene with more tiles than ``N`` rows is split into up to N bands of
-    tile rows, so N workers can share one huge scene; units are dealt round-robin.
+    With N > 1 shards and fewer scenes than shards, a scene with at least ``2 N`` tile rows
+    is split into N bands of tile rows (sizes differing by at most one), so N workers can
+    share one huge scene; units are dealt round-robin.
     """
     i, n = shard
     names = unique_names(scenes)
     units: list[Unit] = []
     for scene, name in zip(scenes, names):
-        rows = rows_of(scene) if n > 1 else None
-        if rows and rows >= 2 * n and len(scenes) < n:
-            step = -(-rows // n)
-            for r0 in range(0, rows, step):
-                units.append(Unit(scene, name, r0, min(rows, r0 + step)))
+        rows = rows_of(scene) if 1 < n and len(scenes) < n else None
+        if rows and rows >= 2 * n:
+            bounds = [k * rows // n for k in range(n + 1)]
+            units.extend(Unit(scene, name, r0, r1) for r0, r1 in zip(bounds, bounds[1:]))
         else:
             units.append(Unit(scene, name))
     return [u for j, u in enumerate(units) if j % n == i]
@@ -176,6 +211,10 @@ class RunReport:
         if not failed:
             return EXIT_OK
         if len(failed) == len(self.results):
+            # nothing written because of the output side only (exists, locked, disk full)
+            output_kinds = {OutputError.kind, OutputExistsError.kind, LockedError.kind}
+            if all(r.error_kind in output_kinds for r in failed):
+                return EXIT_OUTPUT
             return EXIT_ALL_FAILED
         return EXIT_PARTIAL
 
@@ -224,6 +263,8 @@ def fingerprint(unit: Unit, cfg: Config, model_sha: str) -> str:
     st = unit.scene.stat()
     d = cfg.to_dict()
     shaping = {"tiling": d["tiling"], "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
+    if d["inference"].get("precision", "float32") != "float32":  # bf16 changes the numbers slightly
+        shaping["precision"] = d["inference"]["precision"]
     blob = json.dumps(
         {
             "scene": str(unit.scene.resolve()),
@@ -250,6 +291,7 @@ class UnitLock:
 
     def __init__(self, out: Path, unit: Unit):
         self.path = out / LOCKS / (unit.key.replace("/", "__") + ".lock")
+        self.target = unit.out_dir(out)
         self.fh = None
 
     def __enter__(self):
@@ -263,7 +305,7 @@ class UnitLock:
             self.fh.close()
             raise LockedError(
                 f"another tilescan process ({holder or 'unknown pid'}) is writing this output; "
-                "it was left alone", path=str(self.path.parent.parent)
+                f"it was left alone (lock {self.path})", path=str(self.target)
             ) from None
         self.fh.seek(0)
         self.fh.truncate()
@@ -295,6 +337,53 @@ def resolve_target(target: str, classes: Sequence[str]) -> int | None:
 # ----------------------------------------------------------------------------- engine
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, backend: str) -> str:
+    """``[inference] precision`` -> "float32" or "bf16". ``auto`` picks bf16 only where it
+    was measured faster within tolerance (benchmarks/README.md): TensorFlow on a CPU with
+    AVX512_BF16/AMX and no GPU. JAX/torch and GPUs were not measured, so they stay float32."""
+    if precision != "auto":
+        return precision
+    if backend != "tensorflow" or not _cpu_has_bf16():
+        return "float32"
+    import tensorflow as tf
+
+    return "float32" if tf.config.list_logical_devices("GPU") else "bf16"
+
+
+def with_precision(model, precision: str):
+    """``model`` itself for float32; for bf16 a clone whose layers compute in bfloat16
+    (``mixed_bfloat16``: float32 weights, bf16 activations) except the input normalisation
+    and the ``logits``/``predictions`` head, which stay float32, with the same weights."""
+    if precision == "float32":
+        return model
+    import keras
+
+    keep = {"normalize", "logits", "predictions"}
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name not in keep and "dtype" in config and type(layer).__name__ != "InputLayer":
+            config["dtype"] = "mixed_bfloat16"
+        return type(layer).from_config(config)
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    out.set_weights(model.get_weights())
+    return out
+
+
 class Engine:
     """The model + CAM step, loaded once per invocation."""
 
@@ -308,7 +397,11 @@ class Engine:
         self.input_size = lm.input_size
         self.bands = lm.num_bands
         self.target = resolve_target(cfg.cam.target_class, self.classes)
-        self.cam = get_cam(cfg.cam.method, lm.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
+        import keras
+
+        self.precision = resolve_precision(cfg.inference.precision, keras.backend.backend())
+        self.model = with_precision(lm.model, self.precision)
+        self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.gsd_m = lm.meta.get("gsd_m")
         self.band_names = lm.meta.get("bands")
 
@@ -336,12 +429,14 @@ def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int) ->
 
 
 class _Writer(threading.Thread):
-    """Drains computed batches: heatmap blending and table rows, off the model's thread."""
+    """Drains computed batches off the model's thread: ``handle(item)`` turns one batch's
+    model output into table rows, label cells and blended heat, so the main thread goes
+    straight back to the model."""
 
-    def __init__(self, heat: HeatmapWriter, table: TileTable, maxsize: int):
+    def __init__(self, handle: Callable[[Any], None], maxsize: int):
         super().__init__(name="tilescan-write", daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
-        self.heat, self.table = heat, table
+        self.handle = handle
         self.error: BaseException | None = None
 
     def run(self):
@@ -352,10 +447,7 @@ class _Writer(threading.Thread):
             if self.error is not None:
                 continue
             try:
-                rows, heat_items = item
-                for window, cam, valid in heat_items:
-                    self.heat.add(window, cam, valid)
-                self.table.add(rows)
+                self.handle(item)
             except BaseException as exc:  # surfaced by the main thread
                 self.error = exc
 
@@ -395,9 +487,11 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     except BaseException:
         reader.close()
         raise
-    scene_warnings = [str(w.message) for w in caught]
+    # what the user should know about the scene, not library deprecation notices
+    scene_warnings = [str(w.message) for w in caught
+                      if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     for w in scene_warnings:
-        log(f"warning: {unit.scene}: {w}")
+        log(f"warning: {w}" if w.startswith(str(unit.scene)) else f"warning: {unit.scene}: {w}")
     try:
         info, grid = reader.info, reader.grid
         r0 = unit.row_start or 0
@@ -410,8 +504,6 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         heat_path = stage / "heatmap.tif"
         heat = HeatmapWriter(heat_path, info.width, info.height, transform, info.crs, cfg.output.heatmap_scale,
                              reader.tile_px, stride, compress=cfg.output.compress)
-        writer = _Writer(heat, table, maxsize=max(2, cfg.inference.queue_size))
-        writer.start()
         bs = cfg.inference.batch_size
         skipped = 0
         buf_t: list = []
@@ -423,13 +515,8 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
 
             bar = tqdm(total=len(tiles), desc=unit.key, unit="tile", leave=False, dynamic_ncols=True)
 
-        def flush():
-            if not buf_t:
-                return
-            x = np.stack(buf_x)
-            tc = time.monotonic()
-            res = engine(x)
-            timings["compute"] += time.monotonic() - tc
+        def consume(item):  # on the writer thread
+            buf_t, buf_v, res = item
             probs = np.asarray(res.probs, dtype=np.float32)
             cls = probs.argmax(axis=1)
             conf = probs[np.arange(len(cls)), cls]
@@ -466,8 +553,22 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             }
             for t, k in zip(buf_t, cls):
                 labels[t.row - r0, t.col] = int(k)
-            heat_items = [((t.window.col_off, t.window.row_off, t.window.width, t.window.height), cam[j], buf_v[j]) for j, t in enumerate(buf_t)]
-            writer.put((rows, heat_items))
+            for j, t in enumerate(buf_t):
+                heat.add((t.window.col_off, t.window.row_off, t.window.width, t.window.height), cam[j], buf_v[j])
+            table.add(rows)
+
+        writer = _Writer(consume, maxsize=max(2, cfg.inference.queue_size))
+        writer.start()
+
+        def flush():
+            if not buf_t:
+                return
+            x = np.stack(buf_x)
+            tc = time.monotonic()
+            res = engine(x)
+            timings["compute"] += time.monotonic() - tc
+            _test_kill_point("inference")
+            writer.put((buf_t[:], buf_v[:], res))
             if bar is not None:
                 bar.update(len(buf_t))
             buf_t.clear()
@@ -476,6 +577,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
 
         tr = time.monotonic()
         for t, x, valid in _prefetch(reader, tiles, cfg.inference.reader_threads, ahead=bs * cfg.inference.queue_size):
+            _test_kill_point("reading")
             if valid.mean() < cfg.tiling.min_valid_fraction or not valid.any():
                 skipped += 1
                 if bar is not None:
@@ -505,9 +607,10 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             "cam_layer": engine.cam.layer,
         }
         table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
+        _test_kill_point("writing")
         if cfg.output.gpkg:
             table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
-        grid_tf = transform * Affine.translation(0, r0 * stride) * Affine.scale(stride)
+        grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
         write_labels_cog(stage / "labels.tif", labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
                          tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
         heat.close(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
@@ -545,7 +648,8 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 "bands_used": list(reader.bands),
                 "scale": [list(s) for s in reader.scale],
             },
-            "model": {"id": model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256, "classes": engine.classes},
+            "model": {"id": model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256, "classes": engine.classes,
+                      "precision": engine.precision},
             "config": cfg.to_dict(),
             "versions": package_versions(),
             "counts": counts,
@@ -565,6 +669,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         shutil.rmtree(stage, ignore_errors=True)
         raise
     reader.close()
+    _test_kill_point("before-rename")
     _move_into_place(stage, final)
     return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=counts, seconds=round(total, 2))
 
@@ -591,6 +696,16 @@ def _move_into_place(stage: Path, final: Path) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _occupied(final: Path) -> bool:
+    """True when something not made by tilescan sits where a unit's outputs go: a file, or a
+    folder with entries other than hidden files and row-band parts of a sharded run."""
+    if not os.path.lexists(final):
+        return False
+    if not final.is_dir() or final.is_symlink():
+        return True
+    return any(not (p.name.startswith(".") or (p.name.startswith("rows-") and p.is_dir())) for p in final.iterdir())
 
 
 def _check_output_dir(out: Path) -> None:
@@ -621,7 +736,11 @@ def run(
 ) -> RunReport:
     """Process every scene of ``inputs`` (files or folders) into ``out``; see the module doc."""
     out = Path(out)
-    scenes = find_scenes(inputs)  # raises InputError / NoScenesError
+    # A named input that does not exist fails alone (listed in report.json) unless no input
+    # exists at all; then find_scenes raises before anything is created.
+    missing = [str(p) for p in inputs if not os.path.exists(p)]
+    present = [p for p in inputs if os.path.exists(p)]
+    scenes = find_scenes(present if present else inputs)  # raises InputError / NoScenesError
     _check_output_dir(out)
     engine = Engine(cfg, model_path)
 
@@ -636,6 +755,9 @@ def run(
         warnings.simplefilter("ignore", TilingWarning)
         units = plan_units(scenes, cfg, shard, rows_of)
     report = RunReport()
+    for m in missing if shard[0] == 0 else []:
+        report.results.append(UnitResult(m, m, "failed", reason=f"{m}: no such file or directory", error_kind=InputError.kind))
+        log(f"error: {m}: no such file or directory")
     for unit in units:
         t0 = time.monotonic()
         final = unit.out_dir(out)
@@ -652,6 +774,10 @@ def run(
                         raise OutputExistsError(
                             "finished outputs from a different config, model or scene version exist; "
                             "pass --overwrite to replace them", path=str(final))
+                elif not cfg.output.overwrite and _occupied(final):
+                    raise OutputExistsError(
+                        "exists but is not a finished tilescan output (no complete run.json); it was "
+                        "left alone: move it away, or pass --overwrite to replace it", path=str(final))
                 res = process_unit(unit, out, cfg, engine, fp, progress, log)
                 report.results.append(res)
                 c = res.counts

@@ -1,0 +1,128 @@
+"""Resume after SIGKILL, and atomic outputs.
+
+``tilescan run`` is killed with SIGKILL at exact points through the test hook
+``TILESCAN_TEST_KILL_AT=<phase>[:N]`` (tilescan/job.py: the process kills itself the Nth
+time it reaches the phase), again and again on the same output folder, as a crashing
+node would; after each kill no output that looks finished may be incomplete, and what is
+finished must equal an uninterrupted run. The last, undisturbed rerun of the same command
+must leave outputs equal to the uninterrupted run's, with no tile lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+
+import batch_helpers as bh
+
+RASTERS = ("labels.tif", "heatmap.tif")
+
+
+def _finished_folders(out: Path) -> dict[str, Path]:
+    """Every visible folder under OUT that holds outputs, checked to be complete."""
+    found = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # staging, locks: never where a user looks for results
+        assert ".tmp-" not in p.name, f"temporary file in a final location: {rel}"
+        if p.is_dir() and any((p / f).exists() for f in ("tiles.parquet", "labels.tif", "heatmap.tif", "run.json")):
+            assert (p / "run.json").is_file(), f"{rel} holds outputs but no run.json"
+            m = json.loads((p / "run.json").read_text())
+            assert m["status"] == "complete"
+            for f in m["outputs"]:
+                assert (p / f).is_file(), f"{rel}/{f} listed in run.json but missing"
+            found[str(rel)] = p
+    return found
+
+
+def _assert_unit_equal(got: Path, want: Path) -> None:
+    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
+    assert a.num_rows == b.num_rows and a.equals(b), f"{got.name}: tiles.parquet differs"
+    for name in RASTERS:
+        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
+            assert x.profile == y.profile
+            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got.name}/{name}")
+    from rio_cogeo.cogeo import cog_validate
+
+    for name in RASTERS:
+        ok, errors, _ = cog_validate(str(got / name), quiet=True)
+        assert ok, errors
+
+
+def _run(out: Path, kill_at: str | None = None):
+    extra = {"TILESCAN_TEST_KILL_AT": kill_at} if kill_at else {}
+    return bh.tilescan("run", "--no-progress", "-o", out, *bh.scene_paths(), *bh.ARGS, **extra)
+
+
+@pytest.mark.slow
+def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_factory):
+    ref = bh.reference(tmp_path_factory)
+    ref_report = json.loads((ref / "report.json").read_text())
+    assert [u["unit"] for u in ref_report["done"]] == list(bh.UNITS)  # the order the kill points assume
+    # batch 32: RGB.byte (23 tiles) is one batch, cogeo (64) two, image_rgb and cog_rgb one each
+    assert json.loads((ref / "cogeo" / "run.json").read_text())["config"]["inference"]["batch_size"] == 32
+    plan = [
+        ("reading:10", []),  # while reading the first scene: nothing is finished
+        ("inference:2", ["RGB.byte"]),  # cogeo's first batch computed: RGB.byte finished
+        ("writing:2", ["RGB.byte", "cogeo"]),  # image_rgb's tiles.parquet is in staging
+        ("before-rename:2", ["RGB.byte", "cogeo", "image_rgb"]),  # cog_rgb complete, not yet renamed
+    ]
+    out = tmp_path / "out"
+    for kill_at, finished in plan:
+        p = _run(out, kill_at)
+        assert p.returncode == -signal.SIGKILL, f"{kill_at}: expected SIGKILL, got {p.returncode}\n{p.stderr}"
+        assert not (out / "report.json").exists()  # written only by a run that ends
+        done = _finished_folders(out)
+        assert sorted(done) == sorted(finished), kill_at
+        for name, folder in done.items():
+            _assert_unit_equal(folder, ref / name)
+    staged = list((out / ".tilescan-staging").glob("*/run.json"))
+    assert [s.parent.name for s in staged] == ["cog_rgb"]  # killed just before its rename
+
+    p = _run(out)  # the same command, undisturbed
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte", "cogeo", "image_rgb"]
+    assert [u["unit"] for u in report["done"]] == ["cog_rgb"]
+    done = _finished_folders(out)
+    assert sorted(done) == sorted(bh.UNITS)
+    assert not any((out / ".tilescan-staging").iterdir())  # the killed runs' leftovers are gone
+    for name in bh.UNITS:
+        _assert_unit_equal(out / name, ref / name)
+
+    p = bh.tilescan("collect", out)
+    assert p.returncode == 0, p.stderr
+    bh.assert_same_tiles(bh.collected(out), bh.collected(ref), exact=True)
+
+
+def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path):
+    """Same config: skipped. Changed config: refused, files untouched. --overwrite: redone."""
+    from tilescan.config import load_config
+    from tilescan.job import run
+
+    scene = scene_path("rio-tiler/cog_rgb.tif")
+    out = tmp_path / "out"
+    cfg = lambda **o: load_config(None, {"tiling": {"tile_size": 128}, "output": o}, environ={})  # noqa: E731
+    quiet = lambda msg: None  # noqa: E731
+    assert run([scene], out, cfg(), log=quiet).to_dict()["counts"]["done"] == 1
+    first = json.loads((out / "cog_rgb" / "run.json").read_text())
+    before = {f.name: f.stat().st_mtime_ns for f in (out / "cog_rgb").iterdir()}
+    assert run([scene], out, cfg(), log=quiet).to_dict()["counts"]["skipped"] == 1
+
+    rep = run([scene], out, cfg(heatmap_scale=0.5), log=quiet).to_dict()
+    assert rep["counts"]["failed"] == 1 and rep["failed"][0]["error_kind"] == "exists"
+    assert "--overwrite" in rep["failed"][0]["reason"]
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "cog_rgb").iterdir()} == before
+
+    rep = run([scene], out, cfg(heatmap_scale=0.5, overwrite=True), log=quiet).to_dict()
+    assert rep["counts"]["done"] == 1
+    second = json.loads((out / "cog_rgb" / "run.json").read_text())
+    assert second["fingerprint"] != first["fingerprint"] and second["config"]["output"]["heatmap_scale"] == 0.5
+    assert not any(p.name.startswith(".cog_rgb.old") for p in out.iterdir())  # the replaced folder is gone

@@ -1,0 +1,220 @@
+"""jobs/slurm/ on a real single-node Slurm: an array job of 3 tasks over real scenes, and
+3 tasks sharing one scene by tile rows, each collected by a dependent collect job, must
+give the same tiles as one plain process. Also the shard logic itself
+(tilescan.job.parse_shard / plan_units), which needs no cluster.
+
+The fixture starts the cluster with jobs/slurm/local-cluster.sh (it apt-get installs
+slurmctld/slurmd/munge when missing, so it needs root). Without root, apt or a working
+Slurm the tests skip -- except with TILESCAN_REQUIRE_SLURM=1 (as in .ci/run), where that
+is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import batch_helpers as bh
+
+CLUSTER = bh.JOBS / "slurm" / "local-cluster.sh"
+ARRAY = bh.JOBS / "slurm" / "tilescan-array.sbatch"
+COLLECT = bh.JOBS / "slurm" / "collect.sbatch"
+
+
+def _unavailable(msg: str):
+    if os.environ.get("TILESCAN_REQUIRE_SLURM") == "1":
+        pytest.fail(msg + " -- TILESCAN_REQUIRE_SLURM=1, so this is an error, not a skip")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running single-node Slurm; yields the environment its clients need."""
+    if os.name != "posix" or not Path("/proc").exists():
+        _unavailable("a local Slurm needs Linux")
+    if os.geteuid() != 0:
+        _unavailable("starting a local Slurm needs root (apt-get install, daemons as root)")
+    # short and local: munge's Unix socket lives in it (108-byte path limit)
+    state = Path(tempfile.mkdtemp(prefix="tilescan-slurm-", dir="/tmp"))
+    t0 = time.monotonic()
+    try:
+        try:
+            p = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            _unavailable("jobs/slurm/local-cluster.sh start took more than 15 minutes")
+        if p.returncode != 0:
+            _unavailable(f"jobs/slurm/local-cluster.sh start failed (exit {p.returncode}): {p.stderr[-1500:]}")
+        print(f"slurm started in {time.monotonic() - t0:.1f} s")
+        yield bh.env(SLURM_CONF=str(state / "slurm.conf"))
+    finally:
+        subprocess.run([str(CLUSTER), "stop", str(state)], capture_output=True, text=True, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _sbatch(env, cwd: Path, *args: str) -> str:
+    p = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def _wait(env, job_ids: list[str], timeout: float = 480) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True, text=True, env=env)
+        if p.returncode == 0 and not p.stdout.strip():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"Slurm jobs {job_ids} still queued or running after {timeout} s")
+
+
+def _states(env, job_id: str) -> dict[str, tuple[str, str]]:
+    """Array task id (or '-') -> (JobState, ExitCode) from scontrol (no slurmdbd here)."""
+    p = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    out = {}
+    for line in p.stdout.splitlines():
+        task = re.search(r"\bArrayTaskId=(\S+)", line)
+        state = re.search(r"\bJobState=(\S+)", line).group(1)
+        code = re.search(r"\bExitCode=(\S+)", line).group(1)
+        out[task.group(1) if task else "-"] = (state, code)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(slurm, tmp_path_factory):
+    """Submit both cases at once (the cluster runs them while the reference is made)."""
+    work = tmp_path_factory.mktemp("slurm-work")
+    t0 = time.monotonic()
+    multi = work / "multi"
+    split = work / "split"
+    jobs = {}
+    jobs["multi"] = _sbatch(slurm, work, "--array=0-2", ARRAY, "-o", multi, *bh.scene_paths(), *bh.ARGS)
+    jobs["multi-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['multi']}", COLLECT, multi)
+    jobs["split"] = _sbatch(slurm, work, "--array=0-2", ARRAY, "-o", split, bh.scene("rasterio/cogeo.tif"), *bh.ARGS)
+    jobs["split-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['split']}", COLLECT, split)
+    ref = bh.reference(tmp_path_factory)
+    _wait(slurm, list(jobs.values()))
+    print(f"slurm: both arrays and collect jobs finished {time.monotonic() - t0:.1f} s after submission")
+    return {"work": work, "multi": multi, "split": split, "jobs": jobs, "ref": ref, "env": slurm}
+
+
+def _check_jobs(runs, name: str) -> None:
+    env, work, jobs = runs["env"], runs["work"], runs["jobs"]
+    states = _states(env, jobs[name])
+    assert sorted(states) == ["0", "1", "2"], states
+    for task, (state, code) in states.items():
+        log = work / f"tilescan-{jobs[name]}_{task}.out"
+        assert (state, code) == ("COMPLETED", "0:0"), f"task {task}: {state} {code}\n{log.read_text() if log.exists() else ''}"
+        text = log.read_text()  # one log per task, named by the array job and task id
+        assert f"task {task} (3 tasks)" in text and "finished with exit code 0" in text, text
+    cstate = _states(env, jobs[f"{name}-collect"])
+    assert list(cstate.values()) == [("COMPLETED", "0:0")], cstate
+    assert "tiles from" in (work / f"tilescan-collect-{jobs[name + '-collect']}.out").read_text()
+
+
+def _shard_reports(out: Path) -> list[dict]:
+    reports = [json.loads((out / f"report-shard-{i:04d}-of-0003.json").read_text()) for i in range(3)]
+    for i, r in enumerate(reports):
+        assert r["shard"] == [i, 3] and r["counts"]["failed"] == 0
+    return reports
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_array_over_scenes_equals_one_process(runs):
+    _check_jobs(runs, "multi")
+    reports = _shard_reports(runs["multi"])
+    done = [u["unit"] for r in reports for u in r["done"]]
+    assert sorted(done) == sorted(bh.UNITS)  # every scene once, by exactly one task
+    assert all(r["done"] for r in reports)  # and every task had work
+    got, want = bh.collected(runs["multi"]), bh.collected(runs["ref"])
+    bh.assert_same_tiles(got, want, exact=True)  # whole scenes: same batches, same numbers
+
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(runs["multi"] / "collected" / "tiles.parquet")
+    assert len(gdf) == len(want) and gdf.crs.equals("OGC:CRS84")
+    assert set(gdf["scene"]) == set(bh.UNITS)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_array_splits_one_scene_by_tile_rows(runs):
+    _check_jobs(runs, "split")
+    reports = _shard_reports(runs["split"])
+    parts = [u["unit"] for r in reports for u in r["done"]]
+    assert len(parts) == 3 and all(len(r["done"]) == 1 for r in reports)  # one band per task
+    assert all(p.startswith("cogeo/rows-") for p in parts)
+    bands = sorted(tuple(json.loads((runs["split"] / p / "run.json").read_text())["rows"]) for p in parts)
+    assert bands[0][0] == 0 and bands[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(bands, bands[1:])), bands
+    for p in parts:  # each band is a full set of outputs of its own
+        assert {"tiles.parquet", "labels.tif", "heatmap.tif", "run.json"} <= {f.name for f in (runs["split"] / p).iterdir()}
+    got = bh.collected(runs["split"])
+    want = bh.collected(runs["ref"])
+    want = want[want["scene"] == "cogeo"].reset_index(drop=True)
+    assert sorted(set(got["unit"])) == sorted(parts)
+    # other batch composition than the single process: labels equal, numbers within float noise
+    bh.assert_same_tiles(got, want, exact=False)
+    summary = json.loads((runs["split"] / "collected" / "summary.json").read_text())
+    assert summary["scenes"]["cogeo"]["complete"] is True and summary["scenes"]["cogeo"]["tiles"] == 64
+
+
+# ----------------------------------------------------------------------------- shard logic (no cluster)
+
+# What Slurm 22.05 sets in the tasks of --array=0-6:3 and --array=1,3,5 (seen on the local cluster)
+STEPPED = [{"SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_MAX": "6", "SLURM_ARRAY_TASK_STEP": "3"} for t in (0, 3, 6)]
+LISTED = [{"SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1",
+           "SLURM_ARRAY_TASK_MAX": "5", "SLURM_ARRAY_TASK_STEP": "1"} for t in (1, 3, 5)]
+
+
+def test_parse_shard_sources_and_errors():
+    from tilescan.errors import ConfigError
+    from tilescan.job import parse_shard
+
+    assert parse_shard(None, {}) == (0, 1)
+    assert parse_shard("2/5", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 5)  # the flag wins
+    assert [parse_shard(None, e) for e in STEPPED] == [(0, 3), (1, 3), (2, 3)]
+    # --array=5-7 without COUNT (older Slurm): numbered from MIN
+    assert parse_shard(None, {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "7"}) == (1, 3)
+    assert parse_shard(None, {"JOB_COMPLETION_INDEX": "2", "TILESCAN_SHARD_COUNT": "3"}) == (2, 3)
+    assert parse_shard(None, {"JOB_COMPLETION_INDEX": "1"}, count=4) == (1, 4)
+    for bad, match in [
+        (("0/0", {}), "0 <= I < N"), (("3/3", {}), "0 <= I < N"), (("a/b", {}), "I/N"),
+        ((None, LISTED[1]), "contiguous"),  # ids 1,3,5 cannot be numbered 0..2 safely
+        ((None, {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"}), "not an integer"),
+        ((None, {"JOB_COMPLETION_INDEX": "0"}), "shard count is unknown"),
+        ((None, {"JOB_COMPLETION_INDEX": "3", "TILESCAN_SHARD_COUNT": "3"}), "outside"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_shard(*bad)
+    for env in LISTED:  # every task of such an array fails, not just some
+        with pytest.raises(ConfigError):
+            parse_shard(None, env)
+
+
+@pytest.mark.parametrize("n_scenes,rows,n", [(1, 8, 3), (1, 9, 4), (1, 5, 3), (2, 20, 3), (4, 8, 3), (5, 50, 2), (3, 7, 1)])
+def test_plan_units_cover_every_tile_row_once(n_scenes, rows, n):
+    from tilescan.job import plan_units
+
+    scenes = [Path(f"/data/s{k}.tif") for k in range(n_scenes)]
+    shares = [plan_units(scenes, None, (i, n), lambda s: rows) for i in range(n)]
+    assert shares == [plan_units(scenes, None, (i, n), lambda s: rows) for i in range(n)]  # deterministic
+    units = [u for share in shares for u in share]
+    assert len({u.key for u in units}) == len(units)  # distinct output folders
+    for s in scenes:
+        got = sorted((u.row_start or 0, rows if u.row_stop is None else u.row_stop) for u in units if u.scene == s)
+        assert got[0][0] == 0 and got[-1][1] == rows and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        if n_scenes < n and rows >= 2 * n:  # split: N bands, one per shard, at least 2 rows each
+            assert len(got) == n and min(b - a for a, b in got) >= 2
+        else:
+            assert got == [(0, rows)]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1  # dealt evenly

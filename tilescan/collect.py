@@ -1,0 +1,514 @@
+"""``tilescan collect OUT``: join the per-scene and per-shard tables into one dataset.
+
+A run (or the shards of a sharded run) leaves one folder per *unit* under ``OUT``: a whole
+scene in ``OUT/<scene>/``, or a band of tile rows in ``OUT/<scene>/rows-AAAAA-BBBBB/``, each
+with ``tiles.parquet`` and a ``run.json`` written last. ``collect`` reads only finished units
+(a complete ``run.json``; hidden folders such as ``.tilescan-staging`` are never read) and
+writes, into ``OUT/collected/``:
+
+``tiles.parquet``
+    One GeoParquet 1.1 file with every tile of every scene, one row per tile, sorted by
+    ``(scene, tile_index)``. Scenes may come in different CRSs, and a GeoParquet geometry
+    column has one CRS, so footprints are reprojected to longitude/latitude (``OGC:CRS84``,
+    i.e. WGS 84 in x=lon, y=lat order; corners are transformed exactly, edges are not
+    densified -- tiles are small). The exact footprint in the scene's own CRS is kept as WKB
+    in ``geometry_native`` with that CRS in ``crs`` (an authority code or WKT), so nothing
+    is lost. Columns: ``scene`` (the scene's folder name under OUT, unique per scene),
+    ``unit`` (the unit folder, e.g. ``cogeo/rows-00000-00003``), ``scene_file``,
+    ``scene_path``, the per-scene columns (``tile_index``, ``row``, ``col``, pixel window,
+    ``valid_fraction``, ``label``, ``class_index``, ``confidence``, ``probabilities``, CAM
+    statistics), ``crs``, ``area_m2`` (geodesic area of the footprint on the WGS 84
+    ellipsoid), ``valid_area_m2`` (``area_m2 * valid_fraction``), ``geometry``, ``bbox``
+    (covering column), ``geometry_native``. Scenes without georeferencing (processed with
+    ``allow_pixel_space``) get a null geometry and area.
+``tiles.gpkg``
+    The same rows as a GeoPackage layer ``tiles`` (EPSG:4326) for GIS installs that read no
+    Parquet: probabilities as one ``p_<class>`` column each, no ``bbox``/``geometry_native``.
+``summary.csv`` / ``summary.json``
+    Tiles and area per class per scene; the JSON also lists each scene's units, whether all
+    its tile rows are present, and the units that were skipped and why.
+
+Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
+always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
+parts must not overlap, and a finished whole-scene output wins over row parts beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError, OutputError
+from .writers import _prob_column_names, atomic_output, wkb_polygons, write_json
+
+COLLECTED = "collected"
+MANIFEST = "run.json"  # same names as tilescan.job (not imported: job pulls in the pipeline)
+STAGING = ".tilescan-staging"
+LOCKS = ".tilescan-locks"
+TARGET_CRS = "OGC:CRS84"
+
+_WKB_SIZE = 93  # our Polygon WKB: 1 + 4 + 4 + 4 header bytes, then 5 points of 2 doubles
+_WKB_HEADER = bytes([1]) + (3).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
+_BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+_SHAPING = ("tiling", "cam", "output")
+
+
+@dataclass
+class _Unit:
+    folder: Path
+    scene: str  # scene folder name under OUT
+    key: str
+    manifest: dict
+    rows: tuple[int, int]
+
+
+@dataclass
+class _Scene:
+    name: str
+    units: list[_Unit] = field(default_factory=list)
+    n_rows: int | None = None
+    missing_rows: list[tuple[int, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _complete(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("status") != "complete" or not (folder / "tiles.parquet").is_file():
+        return None
+    return m
+
+
+def _shaping(m: dict) -> tuple:
+    cfg = m.get("config", {})
+    out = dict(cfg.get("output", {}))
+    out.pop("overwrite", None)
+    return (json.dumps([cfg.get("tiling"), cfg.get("cam"), out], sort_keys=True), m.get("model", {}).get("sha256"))
+
+
+def _n_rows(folder: Path, m: dict) -> int | None:
+    """Tile rows of the whole scene, from the scene height and the tile/stride in pixels."""
+    try:
+        meta = json.loads(pq.read_schema(folder / "tiles.parquet").metadata[b"tilescan"])
+        t, s, h = int(meta["tile_px"]), int(meta["stride_px"]), int(m["scene_info"]["height"])
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+    return 1 + max(0, -(-(h - t) // s))
+
+
+def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], list[dict]]:
+    """Finished units per scene folder, checked for overlaps; and what was skipped, why."""
+    scenes: list[_Scene] = []
+    skipped: list[dict] = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != COLLECTED):
+        sc = _Scene(d.name)
+        whole = _complete(d)
+        parts = sorted(p for p in d.glob("rows-*") if p.is_dir())
+        if whole is not None:
+            r = whole.get("rows") or [0, 0]
+            sc.units.append(_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1]))))
+            if parts:
+                sc.notes.append(f"{len(parts)} row part(s) ignored: the whole-scene output is used")
+                log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
+        else:
+            if (d / MANIFEST).exists():
+                skipped.append({"unit": d.name, "reason": "run.json is not a complete manifest"})
+            for p in parts:
+                m = _complete(p)
+                if m is None:
+                    skipped.append({"unit": f"{d.name}/{p.name}", "reason": "no complete run.json / tiles.parquet"})
+                    continue
+                r = m.get("rows") or [0, 0]
+                sc.units.append(_Unit(p, d.name, f"{d.name}/{p.name}", m, (int(r[0]), int(r[1]))))
+        if not sc.units:
+            if not parts and not (d / MANIFEST).exists():
+                skipped.append({"unit": d.name, "reason": "no finished output in this folder"})
+            continue
+        sc.units.sort(key=lambda u: u.rows)
+        shaping = {_shaping(u.manifest) for u in sc.units}
+        paths = {u.manifest.get("scene") for u in sc.units}
+        if len(shaping) > 1 or len(paths) > 1:
+            raise InputError(
+                "its row parts come from different scenes, configs or models "
+                f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
+                path=str(d))
+        for a, b in zip(sc.units, sc.units[1:]):
+            if b.rows[0] < a.rows[1]:
+                raise InputError(
+                    f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
+                    "from sharded runs with different shard counts; remove one set", path=str(d))
+        sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
+        if sc.n_rows is not None:
+            edge = 0
+            for u in sc.units:
+                if u.rows[0] > edge:
+                    sc.missing_rows.append((edge, u.rows[0]))
+                edge = max(edge, u.rows[1])
+            if edge < sc.n_rows:
+                sc.missing_rows.append((edge, sc.n_rows))
+        if sc.missing_rows:
+            log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
+                "(a shard still running or failed?)")
+        scenes.append(sc)
+    for p in skipped:
+        log(f"collect: skipped {p['unit']}: {p['reason']}")
+    return scenes, skipped
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _decode_rings(geom: pa.Array) -> np.ndarray:
+    """(N, 5, 2) coordinates of tilescan's fixed-layout Polygon WKB."""
+    geom = geom.cast(pa.binary())
+    n = len(geom)
+    if n == 0:
+        return np.zeros((0, 5, 2))
+    offsets = np.frombuffer(geom.buffers()[1], np.int32)[geom.offset: geom.offset + n + 1]
+    if geom.null_count or not np.all(np.diff(offsets) == _WKB_SIZE):
+        raise InputError("unexpected geometry encoding (not tilescan's 5-point Polygon WKB)")
+    data = np.frombuffer(geom.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, _WKB_SIZE)
+    if not np.all(data[:, :13] == np.frombuffer(_WKB_HEADER, np.uint8)):
+        raise InputError("unexpected geometry encoding (not little-endian single-ring Polygon WKB)")
+    return np.ascontiguousarray(data[:, 13:]).view("<f8").reshape(n, 5, 2)
+
+
+def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    out = np.empty(len(lonlat))
+    for i, ring in enumerate(lonlat):
+        area, _ = geod.polygon_area_perimeter(ring[:4, 0], ring[:4, 1])
+        out[i] = abs(area)
+    return out
+
+
+class _Reprojector:
+    def __init__(self):
+        self._cache: dict[str, Any] = {}
+
+    def __call__(self, crs_json: dict | None, rings: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        if crs_json is None:
+            return None, None
+        from pyproj import CRS, Transformer
+
+        key = json.dumps(crs_json, sort_keys=True)
+        if key not in self._cache:
+            src = CRS.from_json_dict(crs_json)
+            self._cache[key] = (Transformer.from_crs(src, CRS.from_user_input(TARGET_CRS), always_xy=True),
+                                src.to_string())
+        tf, name = self._cache[key]
+        x, y = tf.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
+        out = np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape)
+        if not np.all(np.isfinite(out)):
+            raise InputError(f"tile footprints cannot be reprojected from {name} to longitude/latitude")
+        return out, name
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+_TAIL = [
+    pa.field("crs", pa.string()),
+    pa.field("area_m2", pa.float64()),
+    pa.field("valid_area_m2", pa.float64()),
+    pa.field("geometry", pa.binary()),
+    pa.field("bbox", _BBOX_TYPE),
+    pa.field("geometry_native", pa.binary()),
+]
+_HEAD = [pa.field("scene", pa.string(), nullable=False), pa.field("unit", pa.string(), nullable=False),
+         pa.field("scene_file", pa.string(), nullable=False), pa.field("scene_path", pa.string())]
+_DROP = {"scene", "geometry", "bbox"}
+
+
+def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
+    t = pq.read_table(u.folder / "tiles.parquet")
+    geo = json.loads(t.schema.metadata[b"geo"])
+    crs_json = geo["columns"][geo.get("primary_column", "geometry")].get("crs")
+    n = t.num_rows
+    rings = _decode_rings(t.column("geometry").combine_chunks())
+    lonlat, crs_name = reproject(crs_json, rings)
+    cols: dict[str, pa.Array] = {
+        "scene": pa.array([u.scene] * n, pa.string()),
+        "unit": pa.array([u.key] * n, pa.string()),
+        "scene_file": t.column("scene").cast(pa.string()).combine_chunks(),
+        "scene_path": pa.array([u.manifest.get("scene")] * n, pa.string()),
+    }
+    for name in t.column_names:
+        if name not in _DROP:
+            c = t.column(name).combine_chunks()
+            cols[name] = c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c
+    valid = t.column("valid_fraction").to_numpy().astype(np.float64)
+    if lonlat is None:
+        null_f = pa.nulls(n, pa.float64())
+        cols.update({"crs": pa.nulls(n, pa.string()), "area_m2": null_f, "valid_area_m2": null_f,
+                     "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, _BBOX_TYPE)})
+        bounds = None
+    else:
+        area = _geodesic_areas(lonlat)
+        xs, ys = lonlat[:, :4, 0], lonlat[:, :4, 1]
+        cols.update({
+            "crs": pa.array([crs_name] * n, pa.string()),
+            "area_m2": pa.array(area),
+            "valid_area_m2": pa.array(area * valid),
+            "geometry": wkb_polygons(lonlat[:, :4]),
+            "bbox": pa.StructArray.from_arrays([pa.array(xs.min(1)), pa.array(ys.min(1)), pa.array(xs.max(1)), pa.array(ys.max(1))],
+                                               fields=list(_BBOX_TYPE)),
+        })
+        bounds = (xs.min(), ys.min(), xs.max(), ys.max()) if n else None
+    cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
+    meta = json.loads(t.schema.metadata[b"tilescan"])
+    return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name}
+
+
+def _schema(first: pa.Table) -> pa.Schema:
+    mid = [f for f in first.schema if f.name not in {x.name for x in _HEAD} | {x.name for x in _TAIL}]
+    return pa.schema(_HEAD + mid + _TAIL)
+
+
+def _geo_meta(bbox: list[float] | None) -> dict:
+    from pyproj import CRS
+
+    col: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": CRS.from_user_input(TARGET_CRS).to_json_dict(),
+        "orientation": "counterclockwise",
+        "edges": "planar",
+        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
+    }
+    if bbox is not None:
+        col["bbox"] = bbox
+    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+class _Summary:
+    def __init__(self):
+        self.rows: dict[tuple[str, str], dict] = {}
+        self.scenes: dict[str, dict] = {}
+
+    def add(self, scene: str, t: pa.Table) -> None:
+        s = self.scenes.setdefault(scene, {"tiles": 0, "area_m2": 0.0, "valid_area_m2": 0.0})
+        labels = np.asarray(t.column("label").to_pylist(), dtype=object)
+        ci = t.column("class_index").to_numpy()
+        area = t.column("area_m2").to_numpy(zero_copy_only=False).astype(np.float64)
+        varea = t.column("valid_area_m2").to_numpy(zero_copy_only=False).astype(np.float64)
+        conf = t.column("confidence").to_numpy().astype(np.float64)
+        for lab in sorted(set(labels)):
+            m = labels == lab
+            r = self.rows.setdefault((scene, lab), {"scene": scene, "label": lab, "class_index": int(ci[m][0]), "tiles": 0,
+                                                    "area_m2": 0.0, "valid_area_m2": 0.0, "_conf": 0.0})
+            r["tiles"] += int(m.sum())
+            r["area_m2"] += float(np.nansum(area[m]))
+            r["valid_area_m2"] += float(np.nansum(varea[m]))
+            r["_conf"] += float(conf[m].sum())
+        s["tiles"] += t.num_rows
+        s["area_m2"] += float(np.nansum(area))
+        s["valid_area_m2"] += float(np.nansum(varea))
+
+    def table(self) -> list[dict]:
+        out = []
+        for (_, _), r in sorted(self.rows.items()):
+            row = {k: v for k, v in r.items() if not k.startswith("_")}
+            row["mean_confidence"] = r["_conf"] / r["tiles"] if r["tiles"] else math.nan
+            out.append(row)
+        return out
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    cols = ["scene", "label", "class_index", "tiles", "area_m2", "valid_area_m2", "mean_confidence"]
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.3f}" if isinstance(r[k], float) and k != "mean_confidence" else
+                        f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in cols})
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- GeoPackage
+
+
+def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
+    try:
+        import pyogrio
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed", path=str(path)) from exc
+    from pyproj import CRS
+
+    pf = pq.ParquetFile(parquet)
+    probs = _prob_column_names(classes)
+    keep = [f for f in pf.schema_arrow if f.name not in ("probabilities", "bbox", "geometry_native", "geometry")]
+    fields = keep + [pa.field(p, pa.float32()) for p in probs] + [pa.field("geometry", pa.binary())]
+    schema = pa.schema(fields)
+    k = len(classes)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for b in pf.iter_batches(batch_size=65536):
+            arrays = [b.column(f.name) for f in keep]
+            p = b.column("probabilities").flatten().to_numpy(zero_copy_only=False).reshape(-1, k) if b.num_rows else np.zeros((0, k), np.float32)
+            arrays += [pa.array(np.ascontiguousarray(p[:, i]), pa.float32()) for i in range(k)]
+            arrays.append(b.column("geometry"))
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    with atomic_output(path) as tmp:
+        reader = pa.RecordBatchReader.from_batches(schema, batches())
+        pyogrio.write_arrow(reader, str(tmp), layer="tiles", driver="GPKG", geometry_name="geometry",
+                            geometry_type="Polygon", crs=CRS.from_epsg(4326).to_wkt())
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Collect the finished units of ``out`` into ``out/collected/`` (see the module doc).
+
+    Returns the summary (also written as ``summary.json``)."""
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError("no such output folder", path=str(out))
+    dest = out / COLLECTED
+    if (dest / MANIFEST).exists() or any(dest.glob("rows-*")):
+        raise OutputError("this folder holds a scene's outputs (a scene named 'collected'?); "
+                          "rename that scene's file and rerun it", path=str(dest))
+    (out / LOCKS).mkdir(exist_ok=True)
+    with open(out / LOCKS / "collect.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError("another 'tilescan collect' is writing this folder", path=str(out)) from None
+        return _collect(out, dest, gpkg, log)
+
+
+def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+    scenes, skipped = find_units(out, log)
+    if not scenes:
+        raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
+    stage = out / STAGING / f"collected-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        summary = _build(scenes, skipped, stage, gpkg, log)
+        _swap_into_place(stage, dest)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
+    return summary
+
+
+def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+    reproject = _Reprojector()
+    summary = _Summary()
+    writer: pq.ParquetWriter | None = None
+    schema: pa.Schema | None = None
+    classes: list[str] | None = None
+    class_source = ""
+    bounds: list[float] | None = None
+    total = 0
+    scene_info: dict[str, dict] = {}
+    path = stage / "tiles.parquet"
+    try:
+        for sc in scenes:
+            last = -1
+            crs_names = set()
+            for u in sc.units:
+                t, info = _unit_table(u, reproject)
+                if classes is None:
+                    classes, class_source = info["classes"], u.key
+                elif info["classes"] != classes:
+                    raise InputError(f"its model has other classes than {class_source}'s; collect outputs of one model "
+                                     "at a time", path=str(u.folder))
+                idx = t.column("tile_index").to_numpy()
+                if len(idx) and (idx[0] <= last or np.any(np.diff(idx) <= 0)):
+                    raise InputError(f"duplicate or unordered tile_index values in {u.key}", path=str(u.folder))
+                if len(idx):
+                    last = int(idx[-1])
+                if schema is None:
+                    schema = _schema(t)
+                    writer = pq.ParquetWriter(path, schema, compression="zstd", store_schema=False)
+                t = t.select(schema.names).cast(schema)
+                writer.write_table(t, row_group_size=65536)
+                summary.add(sc.name, t)
+                total += t.num_rows
+                if info["crs"]:
+                    crs_names.add(info["crs"])
+                b = info["bounds"]
+                if b is not None:
+                    bounds = list(b) if bounds is None else [min(bounds[0], b[0]), min(bounds[1], b[1]),
+                                                             max(bounds[2], b[2]), max(bounds[3], b[3])]
+            m = sc.units[0].manifest
+            scene_info[sc.name] = {
+                "path": m.get("scene"),
+                "crs": sorted(crs_names)[0] if crs_names else None,
+                "units": [u.key for u in sc.units],
+                "tile_rows": sc.n_rows,
+                "complete": not sc.missing_rows,
+                "missing_rows": [list(r) for r in sc.missing_rows],
+                "notes": sc.notes,
+                "model": m.get("model", {}).get("id"),
+            }
+        assert writer is not None and classes is not None
+        writer.add_key_value_metadata({
+            "geo": json.dumps(_geo_meta(None if bounds is None else [float(v) for v in bounds])),
+            "tilescan": json.dumps({"classes": classes, "n_tiles": total, "crs_note": "geometry is OGC:CRS84; "
+                                    "geometry_native is in each row's crs", "scenes": sorted(scene_info)}),
+        })
+    finally:
+        if writer is not None:
+            writer.close()
+    rows = summary.table()
+    per_scene = {}
+    for name, info in scene_info.items():
+        s = summary.scenes.get(name, {"tiles": 0, "area_m2": 0.0, "valid_area_m2": 0.0})
+        per_scene[name] = {**info, **s, "classes": {r["label"]: {k: r[k] for k in ("tiles", "area_m2", "valid_area_m2")}
+                                                    for r in rows if r["scene"] == name}}
+    result = {
+        "tiles": total,
+        "geometry_crs": TARGET_CRS,
+        "area": "geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction",
+        "scenes": per_scene,
+        "classes": rows,
+        "skipped": skipped,
+    }
+    with atomic_output(stage / "summary.csv") as tmp:
+        tmp.write_text(_csv_text(rows))
+    write_json(stage / "summary.json", result)
+    if gpkg:
+        _write_gpkg(path, stage / "tiles.gpkg", classes)
+    return result
+
+
+def _swap_into_place(stage: Path, dest: Path) -> None:
+    if dest.exists():
+        trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dest, trash)
+        os.replace(stage, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(stage, dest)
+
+
+__all__ = ["run_collect", "find_units"]
