@@ -150,7 +150,9 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
     if not rows:
         raise ValueError("nothing to draw")
     n_cols = 1 + 2 * len(methods)
-    fig = new_figure(cell_in * n_cols, cell_in * 1.12 * len(rows) + (0.5 if suptitle else 0.0))
+    head_in = 0.45 if suptitle else 0.0  # room for the suptitle above the first row's titles
+    height = cell_in * 1.12 * len(rows) + head_in
+    fig = new_figure(cell_in * n_cols, height)
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r, 0]
@@ -169,7 +171,7 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
             ax.set_yticks([])
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - head_in / height))
     return fig
 
 
@@ -328,8 +330,8 @@ def run_explain(
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
-    from .cam import get_cam, upsample
-    from .model import load_model
+    from .cam import CAM_METHODS, get_cam, upsample
+    from .model import PACKAGE_MODEL, load_model, read_metadata
 
     if not inputs:
         raise InputError("nothing to explain: no inputs given")
@@ -340,6 +342,11 @@ def run_explain(
         raise ConfigError(f"top must be >= 1, got {top}")
     if tile_size is not None and int(tile_size) < 1:
         raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
+    unknown = [m for m in methods if m not in CAM_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")
+    if model_path is not None or PACKAGE_MODEL.exists():  # check the target before the slow Keras load
+        resolve_target(target, read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
     lm = load_model(model_path)
     target_idx = resolve_target(target, lm.classes)
     cams = {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}

@@ -216,7 +216,9 @@ def deletion_insertion(
         salient = rank[i] < cnt[sl, None]  # (rows, H*W): among the first cnt pixels
         show_image = salient != del_[sl, None]  # deletion hides them, insertion shows them
         rows = np.where(show_image[..., None], xf[i], basef[i]).reshape(-1, h, w, c)
-        probs = predict(rows)
+        if len(i) < chunk < img.size:  # pad the last chunk: one input shape, one trace
+            rows = np.concatenate([rows, np.zeros((chunk - len(i), h, w, c), np.float32)])
+        probs = predict(rows)[: len(i)]
         score[sl] = probs[np.arange(len(i)), t[i]]
 
     original, gone = score[:b], score[b : 2 * b]

@@ -1,0 +1,282 @@
+"""Tests of tilescan.evaluate: metrics recomputed independently from predictions.csv, the
+files and figures, recording scores into the model file, TTA invariance, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+cv2 = pytest.importorskip("cv2")
+Image = pytest.importorskip("PIL.Image")
+
+from tilescan import evaluate as E  # noqa: E402
+from tilescan.errors import ConfigError  # noqa: E402
+from tilescan.model import META_MEMBER, build_resnet18, load_model, read_metadata, save_model  # noqa: E402
+
+CLASSES = ["Beach", "Forest", "Parking"]  # AID names: the real-AID test reuses the model
+SIZE = 32
+
+
+def _meta(classes, size=SIZE):
+    return {
+        "classes": list(classes),
+        "input_size": [size, size],
+        "bands": ["red", "green", "blue"],
+        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        "id": "tiny-test-model",
+    }
+
+
+def _write_dataset(root: Path, per_class_test: int = 10) -> Path:
+    """AID layout: images/<Class>/*.png colour-coded by class, classes.txt, splits/."""
+    rng = np.random.default_rng(0)
+    lists = {"train": [], "val": [], "test": []}
+    for ci, cls in enumerate(CLASSES):
+        d = root / "images" / cls
+        d.mkdir(parents=True)
+        for j in range(per_class_test + 2):
+            img = rng.integers(0, 120, (40, 40, 3)).astype(np.uint8)
+            chan = (2, 1, 0)[ci]  # colour-coded: Beach blue, Forest green, Parking red
+            img[..., chan] = np.clip(img[..., chan] + rng.integers(60, 136), 0, 255)
+            img[rng.integers(0, 30) :, rng.integers(0, 30) :, :] //= 2  # some structure
+            name = f"{cls.lower()}_{j}.png"
+            cv2.imwrite(str(d / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            split = "train" if j == 0 else "val" if j == 1 else "test"
+            lists[split].append(f"{cls}/{name}")
+    (root / "splits").mkdir()
+    for s, v in lists.items():
+        (root / "splits" / f"{s}.txt").write_text("\n".join(v) + "\n")
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    keras.utils.set_random_seed(11)
+    m = build_resnet18((SIZE, SIZE, 3), 3, mean=[0.5] * 3, std=[0.25] * 3)
+    # a head that reads the colours a little, so predictions are neither all right nor all one class
+    w, b = m.get_layer("logits").get_weights()
+    m.get_layer("logits").set_weights([w * 3.0, np.array([0.3, 0.0, -0.3], np.float32)])
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    save_model(m, path, _meta(CLASSES))
+    return path
+
+
+X_CHECK = np.random.default_rng(4).random((5, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def evaluated(model_file, dataset, tmp_path_factory):
+    """One evaluation with record=True on a copy of the model (whose predictions on
+    X_CHECK and zip members are noted first), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("eval")
+    path = tmp / "rec.keras"
+    shutil.copy(model_file, path)
+    before = load_model(path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist() if n != META_MEMBER}
+    noted = {"path": path, "sha256": before.sha256, "probs": before.model.predict_on_batch(X_CHECK), "members": members}
+    logs = []
+    out = tmp / "out"
+    report = E.run_evaluate(str(path), str(dataset), "test", str(out), batch_size=8, explain_samples=4, record=True, log=logs.append)
+    return report, out, logs, noted
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def test_metrics_match_an_independent_count(evaluated):
+    report, out, _, _ = evaluated
+    rows = _read_csv(out / "predictions.csv")
+    assert rows[0] == ["path", "true", "pred", "confidence"]
+    preds = rows[1:]
+    n = len(preds)
+    assert n == report["n"] == 30
+    pairs = [(r[1], r[2]) for r in preds]
+    correct = sum(t == p for t, p in pairs)
+    assert report["accuracy"] == pytest.approx(correct / n)
+    tp = Counter(t for t, p in pairs if t == p)
+    sup = Counter(t for t, _ in pairs)
+    pred = Counter(p for _, p in pairs)
+    f1s, precs, recs = {}, {}, {}
+    for c in CLASSES:
+        precs[c] = tp[c] / pred[c] if pred[c] else 0.0
+        recs[c] = tp[c] / sup[c] if sup[c] else 0.0
+        s = precs[c] + recs[c]
+        f1s[c] = 2 * precs[c] * recs[c] / s if s else 0.0
+    present = [c for c in CLASSES if sup[c] or pred[c]]
+    per = {r["class"]: r for r in report["metrics"]["per_class"]}
+    for c in CLASSES:
+        assert per[c]["precision"] == pytest.approx(precs[c])
+        assert per[c]["recall"] == pytest.approx(recs[c])
+        assert per[c]["f1"] == pytest.approx(f1s[c])
+        assert per[c]["support"] == sup[c]
+    assert report["macro_f1"] == pytest.approx(sum(f1s[c] for c in present) / len(present))
+    assert report["weighted_f1"] == pytest.approx(sum(f1s[c] * sup[c] for c in CLASSES) / n)
+    assert report["metrics"]["macro"]["precision"] == pytest.approx(sum(precs[c] for c in present) / len(present))
+    # confusion matrix CSV: header of class names, rows = true, columns = predicted, sums to n
+    cm = _read_csv(out / "confusion_matrix.csv")
+    assert cm[0][1:] == CLASSES
+    counts = {(r[0], CLASSES[j]): int(v) for r in cm[1:] for j, v in enumerate(r[1:])}
+    assert sum(counts.values()) == n
+    assert counts == {(t, p): sum(1 for q in pairs if q == (t, p)) for t in CLASSES for p in CLASSES}
+    # per_class.csv agrees with the report
+    pc = _read_csv(out / "per_class.csv")
+    assert pc[0] == ["class", "precision", "recall", "f1", "support", "predicted"]
+    assert [r[0] for r in pc[1:]] == CLASSES
+    assert [int(r[4]) for r in pc[1:]] == [sup[c] for c in CLASSES]
+    # confidences are probabilities
+    conf = np.array([float(r[3]) for r in preds])
+    assert ((conf >= 1 / 3 - 1e-6) & (conf <= 1)).all()
+
+
+def test_report_contents(evaluated):
+    report, out, logs, noted = evaluated
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["accuracy"] == report["accuracy"]
+    assert on_disk["model"]["id"] == "tiny-test-model"
+    assert on_disk["model"]["sha256"] == noted["sha256"]  # the file that was evaluated
+    assert on_disk["split"] == "test" and on_disk["tta"] is False and on_disk["n"] == 30
+    assert on_disk["dataset"]["split_sha256"]["test"]
+    assert on_disk["images_per_s"] > 0 and on_disk["timing"]["predict_s"] > 0
+    assert on_disk["recorded"]["key"] == "test"
+    assert any("accuracy" in line and "macro F1" in line for line in logs)
+    assert any("weakest classes" in line for line in logs)
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.parametrize("name,min_size", [("confusion_matrix.png", 300), ("explanations.png", 300)])
+def test_figures_are_real_images(evaluated, name, min_size):
+    _, out, _, _ = evaluated
+    with Image.open(out / name) as im:
+        im.load()
+        w, h = im.size
+        px = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert w >= min_size and h >= min_size
+    assert px.std() > 20  # not a blank canvas
+
+
+def test_record_writes_scores_and_keeps_the_model(evaluated):
+    report, _, _, noted = evaluated
+    path = noted["path"]
+    meta = read_metadata(path)
+    entry = meta["scores"]["test"]
+    assert entry["accuracy"] == pytest.approx(report["accuracy"])
+    assert entry["macro_f1"] == pytest.approx(report["macro_f1"])
+    assert entry["weighted_f1"] == pytest.approx(report["weighted_f1"])
+    assert entry["n"] == 30 and entry["tta"] is False and entry["date"]
+    assert entry["split_sha256"] == report["dataset"]["split_sha256"]["test"]
+    assert meta["classes"] == CLASSES and meta["id"] == "tiny-test-model"  # the rest is kept
+    with zipfile.ZipFile(path) as z:
+        assert {n: z.read(n) for n in z.namelist() if n != META_MEMBER} == noted["members"]
+    after = load_model(path)
+    assert after.sha256 == report["recorded"]["model_sha256_after"] != noted["sha256"]
+    np.testing.assert_array_equal(after.model.predict_on_batch(X_CHECK), noted["probs"])
+    assert not list(path.parent.glob(".tmp-*"))
+
+
+def test_tta_is_invariant_to_flips_and_rotations(model_file):
+    model = load_model(model_file).model
+    x = np.random.default_rng(5).random((3, SIZE, SIZE, 3)).astype(np.float32)
+    p = E.predict_probs(model, x, tta=True, batch_size=16)
+    assert p.shape == (3, 3)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    for view in (x[:, :, ::-1], x[:, ::-1], np.rot90(x, 1, axes=(1, 2))):
+        np.testing.assert_allclose(E.predict_probs(model, np.ascontiguousarray(view), tta=True, batch_size=16), p, atol=1e-5)
+    # without TTA the model is not invariant (so the check above means something)
+    plain = E.predict_probs(model, x)
+    assert np.abs(plain - E.predict_probs(model, np.ascontiguousarray(x[:, :, ::-1]))).max() > 1e-4
+
+
+def test_dihedral_views_are_the_eight_symmetries():
+    x = np.arange(2 * 3 * 3 * 1, dtype=np.float32).reshape(2, 3, 3, 1)
+    v = E.dihedral_views(x)
+    assert v.shape == (16, 3, 3, 1)
+    np.testing.assert_array_equal(v[:2], x)
+    assert len({v[k * 2].tobytes() for k in range(8)}) == 8
+
+
+def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
+    logs = []
+    r = E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path), batch_size=16, tta=True, explain_samples=0,
+                       explanations=True, faithfulness_limit=6, faithfulness_steps=4, log=logs.append)
+    assert r["tta"] is True
+    st = r["explanations"]
+    assert set(st["methods"]) == {"gradcam", "random"} and st["n"] == 6 and st["steps"] == 4
+    g = st["methods"]["gradcam"]
+    assert 0 <= g["deletion_auc"] <= 1 and 0 <= g["insertion_auc"] <= 1
+    assert g["tiles_per_s"] > 0 and g["x_inference"] > 0
+    rows = _read_csv(tmp_path / "explanations.csv")
+    assert [row[0] for row in rows[1:]] == ["inference", "gradcam", "random"]
+    assert any(line.startswith("| method | tiles/s") for line in logs)
+
+
+def test_compute_metrics_by_hand():
+    m = E.compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    f1 = [2 / 3, 2 * (1 / 2) / (1 / 2 + 1), 0.0]
+    assert [r["f1"] for r in m["per_class"]] == pytest.approx(f1)
+    assert m["macro"]["f1"] == pytest.approx(sum(f1) / 3)
+    assert m["top_confusions"][0] == {"true": "a", "pred": "b", "count": 1}
+
+
+def test_pick_examples_mixes_right_and_wrong():
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    p = np.array([0, 1, 2, 0, 1, 2, 1, 2, 0, 0])
+    pick = E.pick_examples(y, p, 6, seed=1)
+    assert len(pick) == 6 and len(set(pick.tolist())) == 6
+    assert (y[pick] != p[pick]).sum() == 3
+    np.testing.assert_array_equal(pick, E.pick_examples(y, p, 6, seed=1))
+    assert len(E.pick_examples(y, y, 4)) == 4  # no wrong ones: all right
+
+
+def test_errors(model_file, dataset, tmp_path):
+    # the same images under a class list in another order: a different class index
+    other = tmp_path / "permuted"
+    other.mkdir()
+    (other / "images").symlink_to(dataset / "images")
+    (other / "splits").symlink_to(dataset / "splits")
+    (other / "classes.txt").write_text("\n".join(CLASSES[::-1]) + "\n")
+    with pytest.raises(ConfigError, match="do not match.*different order"):
+        E.run_evaluate(str(model_file), str(other), "test", str(tmp_path / "o"), log=lambda s: None)
+    with pytest.raises(ConfigError, match="limit"):
+        E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), record=True, limit=5, log=lambda s: None)
+    with pytest.raises(ConfigError, match="split"):
+        E.run_evaluate(str(model_file), str(dataset), "nope", str(tmp_path / "o"), log=lambda s: None)
+
+
+def test_real_aid_images(aid_dir, model_file, tmp_path):
+    """Real AID JPEGs (three classes, a few images each) through a tiny model: decoding,
+    the split bookkeeping and the files work on the real data."""
+    classes = CLASSES
+    root = tmp_path / "aid3"
+    lines = {s: [ln for ln in (aid_dir / "splits" / f"{s}.txt").read_text().split() if ln.split("/")[0] in classes]
+             for s in ("train", "val", "test")}
+    (root / "splits").mkdir(parents=True)
+    for s, v in lines.items():
+        keep = v[:2] if s != "test" else [ln for c in classes for ln in [x for x in v if x.startswith(c + "/")][:4]]
+        (root / "splits" / f"{s}.txt").write_text("\n".join(keep) + "\n")
+        for ln in keep:
+            dst = root / "images" / ln
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(aid_dir / "images" / ln, dst)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    r = E.run_evaluate(str(model_file), str(root), "test", str(tmp_path / "out"), batch_size=8, explain_samples=0, log=lambda s: None)
+    assert r["n"] == 12 and r["dataset"]["dataset"] == "aid3"
+    assert sum(sum(row) for row in r["metrics"]["confusion_matrix"]) == 12

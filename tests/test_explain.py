@@ -1,0 +1,112 @@
+"""Tests of tilescan.explain: figures and JSON for an image and for real scene tiles, one and
+two methods, target choice and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+cv2 = pytest.importorskip("cv2")
+Image = pytest.importorskip("PIL.Image")
+
+from tilescan.errors import ConfigError, InputError  # noqa: E402
+from tilescan.explain import resolve_target, run_explain  # noqa: E402
+from tilescan.model import build_resnet18, save_model  # noqa: E402
+
+CLASSES = ["Forest", "Parking", "River"]
+SIZE = 64
+quiet = {"log": lambda s: None}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    keras.utils.set_random_seed(3)
+    m = build_resnet18((SIZE, SIZE, 3), 3, mean=[0.4] * 3, std=[0.2] * 3)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    save_model(m, path, {"classes": CLASSES, "input_size": [SIZE, SIZE], "bands": ["red", "green", "blue"],
+                         "normalization": {"mean": [0.4] * 3, "std": [0.2] * 3}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    img = (rng.random((90, 120, 3)) * 80).astype(np.uint8)
+    img[20:60, 30:80] = (30, 200, 60)  # a green block
+    path = tmp_path_factory.mktemp("img") / "field.png"
+    cv2.imwrite(str(path), img)
+    return path
+
+
+def _png(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size, np.asarray(im.convert("RGB"), dtype=np.float32)
+
+
+def test_image_one_and_two_methods(model_file, image, tmp_path):
+    one = run_explain([str(image)], str(tmp_path / "one"), str(model_file), methods=("gradcam",), **quiet)
+    two = run_explain([str(image)], str(tmp_path / "two"), str(model_file), methods=("gradcam", "eigencam"), **quiet)
+    assert [p.name for p in one] == [p.name for p in two] == ["field_explain.png"]
+    (w1, h1), px = _png(one[0])
+    (w2, h2), _ = _png(two[0])
+    assert w2 > w1 * 1.4 and h1 > 150  # two more columns
+    assert px.std() > 20
+    meta = json.loads((tmp_path / "two" / "field_explain.json").read_text())
+    assert meta["kind"] == "image" and meta["methods"] == ["gradcam", "eigencam"]
+    (row,) = meta["rows"]
+    assert row["label"] == row["predicted"] and row["label"] in CLASSES
+    assert 0 < row["confidence"] <= 1
+    assert set(row["cam_max"]) == {"gradcam", "eigencam"}
+
+
+def test_scene_top_tiles(model_file, scene_path, tmp_path):
+    scene = scene_path("rasterio/RGB.byte.tif")
+    (png,) = run_explain([str(scene)], str(tmp_path), str(model_file), top=3, tile_size=128, **quiet)
+    assert png.name == "RGB.byte_tiles_explain.png"
+    (w, h), px = _png(png)
+    assert h > w  # three rows of three panels
+    assert px.std() > 20
+    meta = json.loads((tmp_path / "RGB.byte_tiles_explain.json").read_text())
+    assert meta["kind"] == "scene" and meta["scene"]["grid"] == [6, 7]
+    rows = meta["rows"]
+    assert len(rows) == 3
+    conf = [r["confidence"] for r in rows]
+    assert conf == sorted(conf, reverse=True)  # most confident first
+    for r in rows:
+        assert r["valid_fraction"] >= 0.5
+        row, col = r["tile"]
+        assert r["window"] == {"col_off": col * 128, "row_off": row * 128, "width": 128, "height": 128}
+        assert len(r["bounds"]) == 4
+
+
+def test_scene_named_tiles_and_target(model_file, scene_path, tmp_path):
+    scene = scene_path("rasterio/RGB.byte.tif")
+    run_explain([str(scene)], str(tmp_path), str(model_file), methods=("gradcam", "gradcam++"),
+                tiles=[(2, 3), (0, 0)], target="river", tile_size=128, **quiet)
+    meta = json.loads((tmp_path / "RGB.byte_tiles_explain.json").read_text())
+    assert [r["tile"] for r in meta["rows"]] == [[2, 3], [0, 0]]
+    assert meta["target"] == "River"
+    assert all(r["label"] == "River" and r["class_index"] == 2 for r in meta["rows"])
+    assert meta["rows"][1]["valid_fraction"] < 0.5  # the nodata corner: named tiles are kept
+    with pytest.raises(ConfigError, match="grid"):
+        run_explain([str(scene)], str(tmp_path), str(model_file), tiles=[(99, 0)], tile_size=128, **quiet)
+
+
+def test_target_errors_and_resolution(model_file, image, tmp_path):
+    with pytest.raises(ConfigError, match="Forest.*Parking.*River"):
+        run_explain([str(image)], str(tmp_path), str(model_file), target="Desert", **quiet)
+    with pytest.raises(ConfigError, match="out of range"):
+        resolve_target(7, CLASSES)
+    assert resolve_target("Parking", CLASSES) == 1
+    assert resolve_target("parking", CLASSES) == 1
+    assert resolve_target("2", CLASSES) == 2
+    assert resolve_target(0, CLASSES) == 0
+    assert resolve_target(None, CLASSES) is None
+    with pytest.raises(InputError):
+        run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **quiet)
+    with pytest.raises(ConfigError, match="unknown CAM method"):
+        run_explain([str(image)], str(tmp_path), str(model_file), methods=("nope",), **quiet)

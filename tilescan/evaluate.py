@@ -1,0 +1,580 @@
+"""Evaluate a tilescan model on a labelled image split: metrics, figures, optional record.
+
+``run_evaluate`` streams the split through the model in batches (the whole image resized
+to the model input, decoded in a thread pool while the model works on the previous batch),
+computes the metrics with numpy, and writes into ``out_dir``:
+
+==========================  =================================================================
+``report.json``             every metric, the model (id, sha256), split, n, TTA flag, dataset
+                            provenance, timing and images/s (and the explanation study)
+``predictions.csv``         path, true, pred, confidence (probability of ``pred``)
+``per_class.csv``           class, precision, recall, F1, support, predicted count
+``confusion_matrix.csv``    counts, rows = true class, columns = predicted class
+``confusion_matrix.png``    the same, normalised by row (recall on the diagonal), annotated
+``explanations.png``        a seeded pick of right and wrong predictions with their CAMs
+``explanations.csv``        with ``explanations=True``: faithfulness and cost per CAM method
+==========================  =================================================================
+
+Metrics: accuracy; per class precision = TP / predicted, recall = TP / support, F1 their
+harmonic mean (0 where undefined); macro averages over the classes that occur in the true
+or the predicted labels (scikit-learn's default), weighted averages by support.
+
+``tta=True`` averages the softmax over the 8 dihedral views of each image (identity, the
+three 90-degree rotations, and the four of those flipped), all views of a batch stacked
+into one array: overhead imagery has no "up", so these views are label-preserving and the
+averaged prediction is exactly invariant to flips and rotations of the input.
+
+``record=True`` writes the scores into the model file's metadata (``scores`` in
+``tilescan.json``), by rewriting only that member of the ``.keras`` zip, atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, OutputError
+from .explain import (
+    RIGHT_COLOR,
+    WRONG_COLOR,
+    FigureRow,
+    atomic_write_json,
+    atomic_write_text,
+    new_figure,
+    render_rows,
+    save_figure,
+)
+
+DEFAULT_OUT_DIR = "evaluation"
+SEED = 20261126
+
+
+def _workers() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+# ---------------------------------------------------------------------------- predicting
+
+
+def dihedral_views(x: np.ndarray) -> np.ndarray:
+    """The 8 dihedral views of a batch (B, H, W, C) with H == W, stacked view-major into
+    (8 * B, H, W, C): rotations by 0, 90, 180, 270 degrees, then the same of the
+    left-right mirror. Row ``v * B + b`` is view ``v`` of image ``b``."""
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"dihedral views need square images (B, S, S, C), got {x.shape}")
+    mirror = x[:, :, ::-1]
+    views = [np.rot90(v, k, axes=(1, 2)) for v in (x, mirror) for k in range(4)]
+    return np.ascontiguousarray(np.concatenate(views, axis=0))
+
+
+def _run_model(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Probabilities of ``x`` in calls of ``batch_size`` rows. A short last chunk is padded
+    to ``batch_size`` when full chunks exist, so the compiled predict function sees one
+    input shape and is traced once (rows are independent: BatchNorm runs in inference)."""
+    out = []
+    for s in range(0, len(x), batch_size):
+        chunk = x[s : s + batch_size]
+        m = len(chunk)
+        if m < batch_size and len(x) > batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - m, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(model.predict_on_batch(chunk), dtype=np.float32)[:m])
+    return np.concatenate(out, axis=0)
+
+
+def predict_probs(model, x: np.ndarray, tta: bool = False, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (B, K) of a batch; with ``tta`` the mean over the 8 dihedral
+    views (stacked into one array and run ``batch_size`` rows per model call)."""
+    x = np.asarray(x, dtype=np.float32)
+    if len(x) == 0:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    if not tta:
+        return _run_model(model, x, batch_size)
+    p = _run_model(model, dihedral_views(x), batch_size)
+    return p.reshape(8, len(x), -1).astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def iter_image_batches(
+    paths: Sequence[Path], size: int, batch_size: int, workers: int | None = None, prefetch: int = 2
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, x)``: batches of evaluation views (:func:`tilescan.data.load_eval_image`)
+    decoded in a thread pool, ``prefetch`` batches ahead of the consumer (bounded memory)."""
+    from .data import load_eval_image
+
+    starts = iter(range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=workers or _workers(), thread_name_prefix="tilescan-decode") as pool:
+        pending: deque = deque()
+
+        def submit() -> None:
+            s = next(starts, None)
+            if s is not None:
+                pending.append((s, [pool.submit(load_eval_image, p, size) for p in paths[s : s + batch_size]]))
+
+        for _ in range(prefetch + 1):
+            submit()
+        while pending:
+            s, futures = pending.popleft()
+            batch = np.stack([f.result() for f in futures])
+            submit()
+            yield s, batch
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1/support, macro and weighted averages, the
+    confusion matrix and the most frequent confusions, from integer labels."""
+    k = len(classes)
+    cm = confusion_matrix(y_true, y_pred, k)
+    n = int(cm.sum())
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    pr = precision + recall
+    f1 = np.divide(2 * precision * recall, pr, out=np.zeros(k), where=pr > 0)
+    present = (support > 0) | (predicted > 0)
+    n_present = max(1, int(present.sum()))
+    weights = support / max(1.0, support.sum())
+
+    def avg(v, how):
+        return float(v[present].sum() / n_present) if how == "macro" else float((v * weights).sum())
+
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")
+    top = [
+        {"true": classes[i], "pred": classes[j], "count": int(off[i, j])}
+        for i, j in (divmod(int(o), k) for o in order[:10])
+        if off[i, j] > 0
+    ]
+    return {
+        "n": n,
+        "correct": int(tp.sum()),
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "macro": {"precision": avg(precision, "macro"), "recall": avg(recall, "macro"), "f1": avg(f1, "macro"), "classes": int(present.sum())},
+        "weighted": {"precision": avg(precision, "weighted"), "recall": avg(recall, "weighted"), "f1": avg(f1, "weighted")},
+        "per_class": [
+            {
+                "class": classes[i],
+                "index": i,
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+                "predicted": int(predicted[i]),
+            }
+            for i in range(k)
+        ],
+        "confusion_matrix": cm.tolist(),
+        "top_confusions": top,
+    }
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix (percent of each true class), annotated."""
+    cm = np.asarray(cm, dtype=np.float64)
+    k = len(classes)
+    support = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+    side = max(5.0, 0.42 * k + 2.8)
+    fig = new_figure(side + 1.0, side)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of the true class")
+    font = 9 if k <= 12 else 8 if k <= 20 else 7 if k <= 36 else 5
+    for i in range(k):
+        for j in range(k):
+            v = norm[i, j]
+            if cm[i, j] > 0:
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=font, color="white" if v > 0.5 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=60, ha="right", rotation_mode="anchor", fontsize=font + 1)
+    ax.set_yticklabels([f"{c} ({int(s)})" for c, s in zip(classes, support[:, 0])], fontsize=font + 1)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (support)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pick_examples(y_true: np.ndarray, y_pred: np.ndarray, n: int, seed: int = SEED) -> np.ndarray:
+    """Seeded indices of ``n`` examples: up to half wrong predictions, the rest right
+    (more of either when the other runs out), sorted."""
+    n = min(int(n), len(y_true))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    wrong = np.flatnonzero(y_true != y_pred)
+    right = np.flatnonzero(y_true == y_pred)
+    n_wrong = min(len(wrong), max(1, n // 2))
+    n_wrong = max(n_wrong, n - len(right))
+    pick = np.concatenate([rng.choice(wrong, n_wrong, replace=False), rng.choice(right, n - n_wrong, replace=False)])
+    return np.sort(pick)
+
+
+def record_scores(model_path: str | os.PathLike, key: str, entry: dict[str, Any]) -> str:
+    """Store ``entry`` as ``meta["scores"][key]`` in a model file: the ``tilescan.json``
+    member is replaced, every other member is copied unchanged (same name, date,
+    compression), through a temporary file and an atomic rename. Returns the new sha256."""
+    from .model import META_MEMBER, file_sha256, read_metadata
+
+    p = Path(model_path)
+    meta = read_metadata(p)
+    meta.setdefault("scores", {})[key] = entry
+    new_meta = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write beside the model file to record scores: {exc}", path=str(p)) from None
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(p) as zin, zipfile.ZipFile(tmp, "w") as zout:
+            for info in zin.infolist():
+                data = new_meta if info.filename == META_MEMBER else zin.read(info)
+                zout.writestr(info, data, compress_type=info.compress_type)
+        read_metadata(tmp)  # the rewritten archive must read back before it replaces the model
+        os.chmod(tmp, os.stat(p).st_mode & 0o777)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return file_sha256(p)
+
+
+# ---------------------------------------------------------------------------- explanations
+
+
+def _explanation_study(
+    lm, paths, methods, steps, batch_size, limit, seed, log
+) -> dict[str, Any]:
+    """Faithfulness (deletion / insertion AUC, blur baseline) of each CAM method and of
+    random maps over ``paths``, explaining the predicted class, plus each method's cost
+    measured against plain inference on 32 real images."""
+    from .cam import get_cam, time_methods
+    from .faithfulness import deletion_insertion, random_maps
+
+    model = lm.model
+    if limit is not None and limit < len(paths):
+        sel = np.sort(np.random.default_rng(seed + 1).choice(len(paths), int(limit), replace=False))
+        paths = [paths[i] for i in sel]
+    cams = {m: get_cam(m, model, layer=lm.cam_layer) for m in methods}
+    names = list(methods) + ["random"]
+    dels: dict[str, list] = {m: [] for m in names}
+    inss: dict[str, list] = {m: [] for m in names}
+    t0 = time.perf_counter()
+    fb = min(batch_size, 32)  # images per faithfulness batch: B * 2 * steps rows each
+    for s, x in iter_image_batches(paths, lm.input_size, fb):
+        target = None
+        # a short last batch is padded for the CAM step (one input shape, one trace)
+        xc = np.concatenate([x, np.zeros((fb - len(x), *x.shape[1:]), x.dtype)]) if len(x) < fb < len(paths) else x
+        for m, cam in cams.items():
+            res = cam(xc)
+            res_cam, res_t = res.cam[: len(x)], res.target[: len(x)]
+            target = res_t if target is None else target
+            d, i = deletion_insertion(model, x, res_cam, res_t, steps=steps)
+            dels[m].append(d)
+            inss[m].append(i)
+        shape = (len(x), *res_cam.shape[1:])
+        d, i = deletion_insertion(model, x, random_maps(shape, seed=seed + s), target, steps=steps)
+        dels["random"].append(d)
+        inss["random"].append(i)
+    faith_s = time.perf_counter() - t0
+
+    x32 = np.stack([x for _, x in iter_image_batches(paths[:32], lm.input_size, 32)][0])
+    speed = time_methods(model, x32, methods=list(methods), repeats=5, layer=lm.cam_layer)
+    inference = speed["inference"]
+    out: dict[str, Any] = {
+        "n": len(paths),
+        "steps": int(steps),
+        "baseline": "blur",
+        "target": "predicted class",
+        "layer": next(iter(cams.values())).layer,
+        "inference_tiles_per_s": inference,
+        "timing_batch": int(len(x32)),
+        "seconds": faith_s,
+        "methods": {},
+    }
+    for m in names:
+        d, i = np.concatenate(dels[m]), np.concatenate(inss[m])
+        tps = speed.get(m)
+        out["methods"][m] = {
+            "tiles_per_s": tps,
+            "x_inference": (inference / tps) if tps else None,
+            "deletion_auc": float(d.mean()),
+            "insertion_auc": float(i.mean()),
+            "deletion_sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
+            "insertion_sem": float(i.std(ddof=1) / np.sqrt(len(i))) if len(i) > 1 else 0.0,
+        }
+    return out
+
+
+def explanation_table(study: dict[str, Any]) -> str:
+    """The study as a markdown table."""
+    lines = [
+        "| method | tiles/s | × inference | deletion AUC ↓ | insertion AUC ↑ |",
+        "|---|---:|---:|---:|---:|",
+        f"| inference | {study['inference_tiles_per_s']:.0f} | 1.00 | | |",
+    ]
+    for m, r in study["methods"].items():
+        tps = f"{r['tiles_per_s']:.0f}" if r["tiles_per_s"] else "–"
+        rel = f"{r['x_inference']:.2f}" if r["x_inference"] else "–"
+        lines.append(f"| {m} | {tps} | {rel} | {r['deletion_auc']:.3f} | {r['insertion_auc']:.3f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def run_evaluate(
+    model_path: str | None,
+    data: str,
+    split: str = "test",
+    out_dir: str = DEFAULT_OUT_DIR,
+    splits_dir: str | None = None,
+    batch_size: int = 64,
+    tta: bool = False,
+    explain_samples: int = 8,
+    explanations: bool = False,
+    cam_methods: Sequence[str] = ("gradcam",),
+    record: bool = False,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+    faithfulness_limit: int | None = None,
+    faithfulness_steps: int = 16,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Evaluate a model (``None``: the packaged default) on ``split`` of the dataset at
+    ``data``; write the report files into ``out_dir`` and return the report dict.
+
+    ``limit``: evaluate a seeded random subset of that many images (not allowed with
+    ``record``). ``explanations``: also measure each of ``cam_methods`` (faithfulness over
+    the split, or ``faithfulness_limit`` images of it, and cost). ``explain_samples``:
+    rows of ``explanations.png`` (0: no figure).
+    """
+    import keras
+
+    from . import __version__
+    from .cam import get_cam, upsample
+    from .data import load_dataset
+    from .model import PACKAGE_MODEL, load_model, read_metadata
+
+    t_start = time.perf_counter()
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    if record and limit is not None:
+        raise ConfigError("record=True stores scores of the whole split; do not combine it with limit")
+    cam_methods = list(dict.fromkeys(str(m).strip().lower() for m in cam_methods))
+    if (explanations or explain_samples > 0) and not cam_methods:
+        raise ConfigError("no CAM method given")
+    batch_size = int(batch_size)
+
+    ds = load_dataset(data, splits_dir=splits_dir)
+    items = ds.items(split)
+    if not items:
+        raise ConfigError(f"the '{split}' split is empty", path=str(data))
+    # the class check reads only the metadata, before the (slow) Keras load
+    if model_path is None and not PACKAGE_MODEL.exists():
+        load_model(None)  # raises the "packaged default model is missing" error
+    model_classes = list(read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
+    if model_classes != ds.classes:
+        only_m = [c for c in model_classes if c not in ds.classes]
+        only_d = [c for c in ds.classes if c not in model_classes]
+        why = (
+            f"model-only classes {only_m}, dataset-only classes {only_d}"
+            if only_m or only_d
+            else "the same names in a different order"
+        )
+        raise ConfigError(
+            f"the model's {len(model_classes)} classes do not match the dataset's {len(ds.classes)} ({why}); "
+            "evaluate a model on the dataset it was trained for",
+            path=str(data),
+        )
+    lm = load_model(model_path)
+    if lm.num_bands != 3:
+        raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
+    if limit is not None and int(limit) < len(items):
+        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
+        items = [items[i] for i in sel]
+    rel_paths = [p for p, _ in items]
+    paths = [ds.root / p for p in rel_paths]
+    y_true = np.array([c for _, c in items], dtype=np.int64)
+    n, k = len(items), len(lm.classes)
+    classes = lm.classes
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc}", path=str(out)) from None
+    load_s = time.perf_counter() - t_start
+    log(f"evaluating {lm.model_id} on {ds.name or data} '{split}' ({n} images{', TTA x8' if tta else ''})")
+
+    # -- predict ------------------------------------------------------------------------
+    model = lm.model
+    size = lm.input_size
+    t0 = time.perf_counter()
+    predict_probs(model, np.zeros((min(batch_size, n), size, size, 3), np.float32), tta=False, batch_size=batch_size)
+    warmup_s = time.perf_counter() - t0
+    probs = np.empty((n, k), dtype=np.float32)
+    t0 = time.perf_counter()
+    for s, x in iter_image_batches(paths, size, batch_size):
+        probs[s : s + len(x)] = predict_probs(model, x, tta=tta, batch_size=batch_size)
+    predict_s = time.perf_counter() - t0
+    y_pred = probs.argmax(axis=1)
+    conf = probs[np.arange(n), y_pred]
+
+    # -- metrics and tables ---------------------------------------------------------------
+    metrics = compute_metrics(y_true, y_pred, classes)
+    top5 = None
+    if k > 5:
+        top5 = float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
+    cm = np.array(metrics["confusion_matrix"])
+    atomic_write_text(
+        out / "predictions.csv",
+        _csv_text([("path", "true", "pred", "confidence")]
+                  + [(p, classes[t], classes[q], f"{c:.6f}") for p, t, q, c in zip(rel_paths, y_true, y_pred, conf)]),
+    )
+    atomic_write_text(out / "confusion_matrix.csv", _csv_text([["true\\pred", *classes]] + [[classes[i], *cm[i].tolist()] for i in range(k)]))
+    atomic_write_text(
+        out / "per_class.csv",
+        _csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
+                  + [(r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"], r["predicted"]) for r in metrics["per_class"]]),
+    )
+    title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
+             f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
+    plot_confusion(cm, classes, out / "confusion_matrix.png", title)
+    outputs = ["report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv"]
+
+    # -- the explanation figure ------------------------------------------------------------
+    if explain_samples > 0:
+        pick = pick_examples(y_true, y_pred, explain_samples, seed)
+        x = np.stack([x for _, x in iter_image_batches([paths[i] for i in pick], size, len(pick))][0])
+        rows = [None] * len(pick)
+        maps = {}
+        for m in cam_methods:  # one batch per method, explaining the predicted class
+            res = get_cam(m, model, layer=lm.cam_layer)(x, target=y_pred[pick].astype(np.int32))
+            maps[m] = upsample(res.cam, (size, size))
+        for r, i in enumerate(pick):
+            wrong = y_pred[i] != y_true[i]
+            rows[r] = FigureRow(
+                x[r],
+                {m: maps[m][r] for m in cam_methods},
+                f"true: {classes[y_true[i]]}\npred: {classes[y_pred[i]]} ({conf[i]:.2f})",
+                WRONG_COLOR if wrong else RIGHT_COLOR,
+            )
+        fig = render_rows(rows, cam_methods, suptitle=f"{split}: {int((y_pred[pick] != y_true[pick]).sum())} wrong, "
+                                                          f"{int((y_pred[pick] == y_true[pick]).sum())} right (seeded pick)")
+        save_figure(fig, out / "explanations.png")
+        outputs.append("explanations.png")
+
+    # -- explanation study -------------------------------------------------------------------
+    study = None
+    if explanations:
+        log(f"explanation study: {', '.join(cam_methods)} + random maps, deletion/insertion AUC over "
+            f"{faithfulness_limit or n} images ({faithfulness_steps} steps, blur baseline)")
+        study = _explanation_study(lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
+        rows_csv = [("method", "tiles_per_s", "x_inference", "deletion_auc", "insertion_auc", "deletion_sem", "insertion_sem", "n")]
+        rows_csv.append(("inference", f"{study['inference_tiles_per_s']:.2f}", "1.0", "", "", "", "", ""))
+        for m, r in study["methods"].items():
+            rows_csv.append((m, "" if r["tiles_per_s"] is None else f"{r['tiles_per_s']:.2f}",
+                             "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
+                             f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
+                             f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}", study["n"]))
+        atomic_write_text(out / "explanations.csv", _csv_text(rows_csv))
+        outputs.append("explanations.csv")
+        log(explanation_table(study))
+
+    # -- report and record -----------------------------------------------------------------
+    provenance = ds.provenance()
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report: dict[str, Any] = {
+        "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256, "input_size": size, "classes": k},
+        "split": split,
+        "n": n,
+        "limit": limit,
+        "tta": bool(tta),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro"]["f1"],
+        "weighted_f1": metrics["weighted"]["f1"],
+        "top5_accuracy": top5,
+        "metrics": metrics,
+        "dataset": provenance,
+        "timing": {
+            "load_s": load_s,
+            "warmup_s": warmup_s,
+            "predict_s": predict_s,
+            "images_per_s": n / predict_s if predict_s > 0 else None,
+            "batch_size": batch_size,
+            "decode_workers": _workers(),
+            "total_s": None,
+        },
+        "images_per_s": n / predict_s if predict_s > 0 else None,
+        "date": date,
+        "backend": keras.backend.backend(),
+        "tilescan_version": __version__,
+        "outputs": outputs,
+        "recorded": None,
+    }
+    if study is not None:
+        report["explanations"] = study
+    if record:
+        key = f"{split}_tta" if tta else split
+        entry = {
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro"]["f1"],
+            "weighted_f1": metrics["weighted"]["f1"],
+            "n": n,
+            "tta": bool(tta),
+            "date": date,
+            "split_sha256": provenance.get("split_sha256", {}).get(split),
+            "dataset": provenance.get("dataset"),
+        }
+        try:
+            new_sha = record_scores(lm.path, key, entry)
+        except OSError as exc:
+            raise OutputError(f"cannot record the scores in the model file: {exc}", path=lm.path) from None
+        report["recorded"] = {"key": key, "entry": entry, "model_sha256_after": new_sha}
+        log(f"recorded scores['{key}'] in {lm.path}")
+    report["timing"]["total_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / "report.json", report)
+
+    weakest = sorted((r for r in metrics["per_class"] if r["support"] > 0), key=lambda r: r["f1"])[:5]
+    log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  weighted F1 "
+        f"{metrics['weighted']['f1']:.4f}  ({n} images, {report['images_per_s']:.0f} images/s)")
+    log("weakest classes (F1): " + ", ".join(f"{r['class']} {r['f1']:.3f}" for r in weakest))
+    log(f"wrote {', '.join(outputs)} to {out}")
+    return report
