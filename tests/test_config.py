@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tilescan.config import Config, build_config, env_layer, load_config, read_toml
+from tilescan.config import Config, InferenceConfig, build_config, env_layer, load_config, read_toml
 from tilescan.errors import EXIT_USAGE, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ heatmap_scale = 0.5
     assert cfg.output.heatmap_scale == 0.5  # file
     assert cfg.cam.method == "hirescam"  # env > default
     assert cfg.output.gpkg is True  # flag > default
-    assert cfg.inference.reader_threads == 2 and cfg.cam.layer == ""  # defaults
+    assert cfg.inference.reader_threads == InferenceConfig().reader_threads and cfg.cam.layer == ""  # defaults
     # each layer alone
     assert load_config(f, environ={}).tiling.tile_size == 64
     assert load_config(None, environ=env).tiling.tile_size == 96

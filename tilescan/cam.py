@@ -557,14 +557,15 @@ class ScoreCAM(CAMMethod):
     normalised to [0, 1], masks the input; the channel weight is the softmax over channels
     of the target logit's increase over the unmasked input's logit. Forward passes only,
     run ``chunk_size`` masked tiles at a time. ``max_channels`` keeps, per tile, the N
-    channels of highest mean activation (the others get weight 0); default all.
-    Cost: B * N forward passes.
+    channels of highest mean activation (the others get weight 0); default 32, which keeps
+    Score-CAM usable on a CPU (all 512 channels of ResNet-18's last block cost 512 forward
+    passes per tile); ``None`` uses all. Cost: B * N forward passes.
     """
 
     name = "scorecam"
     needs_grads = False
 
-    def __init__(self, model, layer=None, jit_compile="auto", chunk_size: int = 64, max_channels: int | None = None):
+    def __init__(self, model, layer=None, jit_compile="auto", chunk_size: int = 64, max_channels: int | None = 32):
         super().__init__(model, layer=layer, jit_compile=jit_compile)
         if int(chunk_size) < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")

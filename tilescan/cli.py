@@ -51,6 +51,10 @@ def _quiet_backend(verbosity: int) -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+    if keras.backend.backend() == "tensorflow":  # its Python-side warnings (retracing notes)
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
 
 
 def _guard(fn: Callable[[], Any]) -> None:
@@ -82,7 +86,7 @@ def _bands(value: str | None) -> list[int] | None:
     try:
         return [int(v) for v in value.replace(",", " ").split()]
     except ValueError:
-        raise click.BadParameter(f"expected 1-based band numbers like 3,2,1, got {value!r}") from None
+        raise click.BadParameter(f"expected 1-based band numbers like 3,2,1, got {value!r}", param_hint="'--bands'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -212,10 +216,11 @@ def train(obj: _Ctx, data, out, config_path, splits_dir, epochs, batch_size, ima
 @click.option("--explain-samples", default=8, show_default=True, type=click.IntRange(min=0), help="Images in explanations.png.")
 @click.option("--explanations", is_flag=True, help="Also score CAM faithfulness (deletion/insertion AUC) and cost per method.")
 @click.option("--cam-methods", default="gradcam", show_default=True, help="Comma-separated CAM methods for --explanations.")
+@click.option("--faithfulness-images", type=click.IntRange(min=1), help="With --explanations: score a seeded sample of N images (default: the whole split).")
 @click.option("--record", is_flag=True, help="Store the scores in the model file's metadata.")
 @click.option("--limit", type=click.IntRange(min=1), help="Use at most N images.")
 @click.pass_obj
-def evaluate(obj: _Ctx, model_path, data, split, out, splits_dir, batch_size, tta, explain_samples, explanations, cam_methods, record, limit) -> None:
+def evaluate(obj: _Ctx, model_path, data, split, out, splits_dir, batch_size, tta, explain_samples, explanations, cam_methods, faithfulness_images, record, limit) -> None:
     """Score MODEL (a .keras file, or 'default' for the packaged model) on a split of DATA:
     accuracy, per-class precision/recall/F1, confusion matrix, explanation figure."""
 
@@ -225,7 +230,8 @@ def evaluate(obj: _Ctx, model_path, data, split, out, splits_dir, batch_size, tt
 
         methods = [m.strip() for m in cam_methods.split(",") if m.strip()]
         run_evaluate(None if model_path == "default" else model_path, data, split, out, splits_dir=splits_dir, batch_size=batch_size, tta=tta,
-                     explain_samples=explain_samples, explanations=explanations, cam_methods=methods, record=record, limit=limit, log=obj.log)
+                     explain_samples=explain_samples, explanations=explanations, cam_methods=methods, record=record, limit=limit,
+                     faithfulness_limit=faithfulness_images, log=obj.log)
         return 0
 
     _guard(body)

@@ -49,10 +49,16 @@ class TilingConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 32
-    reader_threads: int = 2
+    reader_threads: int = 1
+    """Threads reading tiles. One keeps up with the model on these CPUs and decodes each
+    block once (each thread has its own GDAL handle and cache); more steal the model's
+    cores (benchmarks/README.md: 1 > 2 > 4 threads end to end on 2 cores)."""
     queue_size: int = 4
     jit_compile: str = "auto"
     """``auto``, ``true`` or ``false``: XLA-compile the model + CAM step."""
+    precision: str = "float32"
+    """``float32``, ``bf16`` (bfloat16 compute, float32 logits and CAMs), or ``auto``
+    (bf16 where measured faster: TensorFlow on a CPU with AVX512_BF16 or AMX)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,7 @@ _CHOICES = {
     ("tiling", "units"): {"px", "m"},
     ("tiling", "scaling"): {"auto", "dtype", "percentile", "none"},
     ("inference", "jit_compile"): {"auto", "true", "false"},
+    ("inference", "precision"): {"auto", "float32", "bf16"},
     ("output", "compress"): {"deflate", "lzw", "zstd", "none"},
     ("train", "optimizer"): {"adamw", "adam", "sgd"},
     ("train", "schedule"): {"cosine", "constant"},
@@ -206,6 +213,9 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("tiling", "tile_size", f"must be >= 1, got {t.tile_size}")
     if t.stride < 0:
         fail("tiling", "stride", f"must be >= 0 (0 = tile_size), got {t.stride}")
+    if t.stride > t.tile_size:
+        fail("tiling", "stride", f"must not exceed tile_size ({t.tile_size}), got {t.stride}: "
+             "the pixels between tiles would never be classified")
     if not 0.0 <= t.min_valid_fraction <= 1.0:
         fail("tiling", "min_valid_fraction", f"must be in [0, 1], got {t.min_valid_fraction}")
     if any(b < 1 for b in t.bands):

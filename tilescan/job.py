@@ -28,6 +28,7 @@ import traceback
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -56,6 +57,11 @@ MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
 LOCKS = ".tilescan-locks"
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
+#: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
+#: so one row of blocks must fit (16 MB for a 10,000 px wide 3-band uint16 scene); GDAL's own
+#: default (5% of RAM) fills with blocks never read again and made peak memory grow with the
+#: scene size (benchmarks/README.md).
+GDAL_CACHE_MB = 256
 
 _KILL_SEEN: dict[str, int] = {}
 
@@ -404,28 +410,70 @@ class Engine:
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.gsd_m = lm.meta.get("gsd_m")
         self.band_names = lm.meta.get("bands")
+        self.batch_size = cfg.inference.batch_size
+        # Trace/compile the step for the run's one batch shape on a side thread, while the
+        # main thread finds and opens scenes (GDAL decodes without the GIL); joined on first use.
+        self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
+        self._warm.start()
+
+    def _warmup(self) -> None:
+        try:
+            self._step(np.zeros((self.batch_size, self.input_size, self.input_size, self.bands), np.float32))
+        except Exception:  # the first real batch raises it again, where it is handled
+            pass
 
     def __call__(self, x: np.ndarray):
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.join()
+        return self._step(x)
+
+    def _step(self, x: np.ndarray):
+        n = len(x)
+        if 0 < n < self.batch_size:  # a short last batch: padded, so the step keeps one shape (no retrace)
+            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
-        return self.cam(x, target=target)
+        res = self.cam(x, target=target)
+        if len(x) != n:
+            res = dataclasses.replace(res, probs=res.probs[:n], target=res.target[:n], raw=res.raw[:n], cam=res.cam[:n],
+                                      logits=None if res.logits is None else res.logits[:n])
+        return res
 
 
-def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-    """Read ``tiles`` with ``threads`` readers, at most ``ahead`` tiles in flight, in order."""
+def _read_chunk(reader: SceneReader, chunk: Sequence, min_valid: float) -> tuple[list, np.ndarray, list, int]:
+    """Read ``chunk`` tiles into one array; drop tiles with too little valid area (or none).
+    Returns (kept tiles, their inputs (n, S, S, C), their valid masks, tiles read)."""
+    x = np.empty((len(chunk), reader.input_size, reader.input_size, len(reader.bands)), np.float32)
+    kept: list = []
+    valids: list = []
+    for t in chunk:
+        xi, vi = reader.read_tile(t)
+        if vi.mean() < min_valid or not vi.any():
+            continue
+        x[len(kept)] = xi
+        kept.append(t)
+        valids.append(vi)
+    return kept, x[:len(kept)], valids, len(chunk)
+
+
+def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int, chunk: int = 1,
+              min_valid: float = 0.0) -> Iterator[tuple[list, np.ndarray, list, int]]:
+    """Read ``tiles`` in order, ``chunk`` at a time (a model batch), on ``threads`` reader
+    threads with at most ``ahead`` chunks in flight; yields what :func:`_read_chunk` returns.
+    Whole chunks keep the main thread's per-tile work to nothing: a full chunk is a batch."""
+    chunks = (tiles[i:i + chunk] for i in range(0, len(tiles), chunk))
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilescan-read") as pool:
         pending: deque = deque()
-        it = iter(tiles)
-        for t in it:
-            pending.append((t, pool.submit(reader.read_tile, t)))
+        for c in chunks:
+            pending.append(pool.submit(_read_chunk, reader, c, min_valid))
             if len(pending) >= ahead:
                 break
         while pending:
-            t, fut = pending.popleft()
-            nxt = next(it, None)
+            fut = pending.popleft()
+            nxt = next(chunks, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(reader.read_tile, nxt)))
-            x, valid = fut.result()
-            yield t, x, valid
+                pending.append(pool.submit(_read_chunk, reader, nxt, min_valid))
+            yield fut.result()
 
 
 class _Writer(threading.Thread):
@@ -563,7 +611,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         def flush():
             if not buf_t:
                 return
-            x = np.stack(buf_x)
+            x = buf_x[0] if len(buf_x) == 1 else np.concatenate(buf_x)  # one full chunk: no copy
             tc = time.monotonic()
             res = engine(x)
             timings["compute"] += time.monotonic() - tc
@@ -576,18 +624,22 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             buf_v.clear()
 
         tr = time.monotonic()
-        for t, x, valid in _prefetch(reader, tiles, cfg.inference.reader_threads, ahead=bs * cfg.inference.queue_size):
-            _test_kill_point("reading")
-            if valid.mean() < cfg.tiling.min_valid_fraction or not valid.any():
-                skipped += 1
-                if bar is not None:
-                    bar.update(1)
-                continue
-            buf_t.append(t)
-            buf_x.append(x)
-            buf_v.append(valid)
-            if len(buf_t) == bs:
-                flush()
+        for kept, xs, vs, n_read in _prefetch(reader, tiles, cfg.inference.reader_threads, ahead=cfg.inference.queue_size,
+                                              chunk=bs, min_valid=cfg.tiling.min_valid_fraction):
+            for _ in range(n_read):
+                _test_kill_point("reading")
+            skipped += n_read - len(kept)
+            if bar is not None and n_read > len(kept):
+                bar.update(n_read - len(kept))
+            i = 0
+            while i < len(kept):  # fill batches of exactly bs tiles (chunks lose skipped tiles)
+                take = min(bs - len(buf_t), len(kept) - i)
+                buf_t.extend(kept[i:i + take])
+                buf_x.append(xs[i:i + take])
+                buf_v.extend(vs[i:i + take])
+                i += take
+                if len(buf_t) == bs:
+                    flush()
         flush()
         tw = time.monotonic()
         writer.finish()
@@ -606,22 +658,29 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             "cam_method": cfg.cam.method,
             "cam_layer": engine.cam.layer,
         }
-        table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
-        _test_kill_point("writing")
-        if cfg.output.gpkg:
-            table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
-        grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
-        write_labels_cog(stage / "labels.tif", labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
-                         tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
-        heat.close(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
-        if cfg.output.quicklook:
-            rgb, pvalid = reader.read_overview(cfg.output.quicklook_size)
-            hp = read_heatmap_preview(stage / "heatmap.tif", cfg.output.quicklook_size)
-            full_labels = labels
-            if unit.part is not None:  # a row band: show only its part of the grid
-                full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
-                full_labels[r0:r1] = labels
-            write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes)
+        def write_tables():
+            table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
+            _test_kill_point("writing")
+            if cfg.output.gpkg:
+                table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
+            grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
+            write_labels_cog(stage / "labels.tif", labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
+                             tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
+
+        # the table outputs on a side thread, beside the heatmap COG and the quicklook (the
+        # scene's serial tail: the model has nothing left to do)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-tables") as side:
+            tables = side.submit(write_tables)
+            heat.close(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
+            if cfg.output.quicklook:
+                rgb, pvalid = reader.read_overview(cfg.output.quicklook_size)
+                hp = read_heatmap_preview(stage / "heatmap.tif", cfg.output.quicklook_size)
+                full_labels = labels
+                if unit.part is not None:  # a row band: show only its part of the grid
+                    full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
+                    full_labels[r0:r1] = labels
+                write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes)
+            tables.result()
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
         counts = {
@@ -708,6 +767,13 @@ def _occupied(final: Path) -> bool:
     return any(not (p.name.startswith(".") or (p.name.startswith("rows-") and p.is_dir())) for p in final.iterdir())
 
 
+def _bound_gdal_cache() -> None:
+    if "GDAL_CACHEMAX" not in os.environ:
+        from rasterio.env import set_gdal_config
+
+        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
+
+
 def _check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -742,6 +808,7 @@ def run(
     present = [p for p in inputs if os.path.exists(p)]
     scenes = find_scenes(present if present else inputs)  # raises InputError / NoScenesError
     _check_output_dir(out)
+    _bound_gdal_cache()
     engine = Engine(cfg, model_path)
 
     def rows_of(scene: Path) -> int | None:

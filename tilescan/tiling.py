@@ -56,6 +56,8 @@ MAX_TILE_PX = 8192
 STATS_MAX_SIZE = 1024
 #: Long side of the decimated read that checks a scene decodes (when no stats are needed).
 CHECK_MAX_SIZE = 256
+#: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
+_PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
@@ -309,7 +311,9 @@ def _scene_info(path: Path, ds) -> SceneInfo:
     ci = tuple(c.name for c in ds.colorinterp)
     alpha = next((i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha), None)
     georef = _is_georeferenced(ds)
-    crs = ds.crs if ds.crs else None
+    # A CRS without a geotransform gives pixel coordinates: outputs must not claim that CRS
+    # (a GIS would put them near 0, 0 of it), so such a scene is treated as having none.
+    crs = ds.crs if ds.crs and not ds.transform.is_identity else None
     res = (float(ds.res[0]), float(ds.res[1]))
     nominal = _nominal_gsd(crs, res) if georef else None
     gsd = _ground_gsd(crs, ds.transform, ds.width, ds.height) if georef else None
@@ -404,6 +408,7 @@ class SceneReader:
         self._local.ds = ds
         self._handles = [ds]
         self._closed = False
+        self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
 
@@ -469,20 +474,91 @@ class SceneReader:
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
 
+    def _read_decimated(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``_read_raw(out_shape=shape)``: the whole scene decimated (nearest) to ``shape``.
+
+        Files with overviews are read through GDAL (which uses them). Others would make GDAL
+        decode every block, and again per band once the scene outgrows the block cache; here
+        the scene is read instead in block-aligned windows (only those holding a sampled
+        row), on two threads, each block decoded once, and the sampled pixels are picked
+        with GDAL's own rule (source pixel ``floor((i + 0.5) * size / n)``), so the result
+        is identical. The last result is kept (a few MB): the stretch statistics and the
+        quicklook use the same read.
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        if self._decimated is not None and self._decimated[0] == shape:
+            return self._decimated[1], self._decimated[2]
+        ds = self._ds()
+        H, W = self.info.height, self.info.width
+        n, m = shape
+        comp = (ds.compression.name.lower() if ds.compression else "none")
+        # overviews (JPEG files have implicit ones), or barely decimated: let GDAL read
+        if ds.overviews(self.bands[0]) or comp not in _PLAIN_CODECS or n * m * 4 > H * W:
+            data, valid = self._read_raw(out_shape=shape)
+        else:
+            rows = np.minimum(((np.arange(n) + 0.5) * (H / n)).astype(np.int64), H - 1)
+            cols = np.minimum(((np.arange(m) + 0.5) * (W / m)).astype(np.int64), W - 1)
+            bh, bw = ds.block_shapes[self.bands[0] - 1]
+            step_r = bh * max(1, 256 // bh)
+            step_c = W if bw >= W else bw * max(1, 4096 // bw)
+            jobs = []
+            for r0 in range(0, H, step_r):
+                i0, i1 = np.searchsorted(rows, [r0, r0 + step_r])
+                if i0 == i1:
+                    continue  # no sampled row in this band of blocks
+                for c0 in range(0, W, step_c):
+                    j0, j1 = np.searchsorted(cols, [c0, c0 + step_c])
+                    if j0 < j1:
+                        jobs.append((int(i0), int(i1), int(j0), int(j1)))
+            data = np.empty((len(self.bands), n, m), dtype=self._dtype)
+            valid = np.empty((n, m), dtype=bool)
+
+            def read(job):
+                i0, i1, j0, j1 = job
+                r0, r1, c0, c1 = int(rows[i0]), int(rows[i1 - 1]) + 1, int(cols[j0]), int(cols[j1 - 1]) + 1
+                d, v = self._read_raw(Window(c0, r0, c1 - c0, r1 - r0))
+                ri, ci = rows[i0:i1] - r0, cols[j0:j1] - c0
+                data[:, i0:i1, j0:j1] = d[:, ri][:, :, ci]
+                valid[i0:i1, j0:j1] = v[ri][:, ci]
+
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
+                for _ in pool.map(read, jobs):
+                    pass
+        self._decimated = (shape, data, valid)
+        return data, valid
+
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
         lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
         hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
         self._lo = lo.astype(np.float32)
         self._inv = (1.0 / (hi - lo)).astype(np.float32)
+        # 8/16-bit integers: every possible value scaled once, with the same float32 steps as
+        # below, so a tile is scaled by one table look-up per pixel and band (the same values;
+        # measured 0.09 against 0.24 ms per 128 px 3-band tile).
+        self._lut = None
+        if self._dtype.kind in "ui" and self._dtype.itemsize <= 2:
+            self._lut_index = np.dtype(f"u{self._dtype.itemsize}")
+            values = np.arange(2 ** (8 * self._dtype.itemsize)).astype(self._lut_index)
+            values = values.view(self._dtype).astype(np.float32)
+            lut = (values[None, :] - self._lo[:, None]) * self._inv[:, None]
+            self._lut = np.clip(lut, 0.0, 1.0, out=lut)
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
         """Scale ``data`` (C, h, w) into ``out`` (h, w, C) float32, invalid pixels 0."""
-        with np.errstate(invalid="ignore", over="ignore"):
-            np.copyto(out, data.transpose(1, 2, 0), casting="unsafe")
-            out -= self._lo
-            out *= self._inv
-            np.clip(out, 0.0, 1.0, out=out)
-        out[~valid] = 0.0
+        if self._lut is not None and data.dtype == self._dtype and len(self._lut) == len(data):
+            index = data.view(self._lut_index)
+            for i in range(len(data)):
+                np.take(self._lut[i], index[i], out=out[..., i], mode="clip")
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.copyto(out, data.transpose(1, 2, 0), casting="unsafe")
+                out -= self._lo
+                out *= self._inv
+                np.clip(out, 0.0, 1.0, out=out)
+        if not valid.all():
+            out[~valid] = 0.0
 
     # -- public reads ---------------------------------------------------------------
 
@@ -531,7 +607,7 @@ class SceneReader:
         most ``max_size``; same bands and scaling as the tiles, the first three model
         bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
         shape = _decimated_shape(self.info.height, self.info.width, max_size)
-        data, valid = self._read_raw(out_shape=shape)
+        data, valid = self._read_decimated(shape)
         x = np.empty((*shape, len(self.bands)), dtype=np.float32)
         self._to_unit(data, valid, x)
         c = x.shape[2]
@@ -652,10 +728,11 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
     found = f"{len(plain)}" + (" plus an alpha band" if info.alpha_band else "")
     repeat = [plain[0]] * model_bands if plain else [1] * model_bands
-    example = list(range(model_bands, 0, -1))
+    flag = ",".join(str(b) for b in repeat)
     raise InputError(
-        f"model expects {expected}, scene has {found}; set [tiling] bands = {repeat} to "
-        f"repeat a band, or pick bands like bands = {example}", path=p)
+        f"model expects {expected}, scene has {found}; map scene bands onto the model's "
+        f"with --bands {flag} (or [tiling] bands = {repeat}), which repeats band {repeat[0]}: "
+        "list one 1-based scene band per model band, in the model's order", path=p)
 
 
 def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
@@ -694,6 +771,35 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
     return tile_px, min(max(1, stride_px), tile_px)
 
 
+#: Share of sampled pixels that may hold the nodata value in some model bands but not in all
+#: before a scene is warned about (a real nodata border has it in every band at once).
+NODATA_COLLISION_FRACTION = 0.01
+
+
+def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
+    """Warn when the nodata value looks like a valid pixel value too.
+
+    A pixel counts as nodata when *any* model band holds the nodata value. Fill areas have
+    it in every band at once; when many pixels have it in some bands only, the value also
+    occurs in real data (e.g. 0 in dark water, or lossy compression around a border), and
+    those pixels are being dropped.
+    """
+    eq = [data[i] == nd for i, nd in enumerate(reader._nodata)
+          if nd is not None and not (isinstance(nd, float) and math.isnan(nd))]
+    distinct = {b for b, nd in zip(reader.bands, reader._nodata) if nd is not None}
+    if len(eq) < 2 or len(distinct) < 2 or data[0].size == 0:
+        return
+    eq = np.stack(eq)
+    partial = float(np.count_nonzero(eq.any(axis=0) & ~eq.all(axis=0))) / data[0].size
+    if partial > NODATA_COLLISION_FRACTION:
+        values = sorted({nd for nd in reader._nodata if nd is not None})
+        warnings.warn(
+            f"{reader.info.path}: nodata value {values[0] if len(values) == 1 else values} "
+            f"also occurs in valid data: {partial:.1%} of sampled pixels have it in some bands "
+            "but not all; those pixels are treated as nodata (fix the file's nodata, e.g. "
+            "gdal_edit.py -unsetnodata or -a_nodata)", TilingWarning, stacklevel=4)
+
+
 def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
     """Per model band ``(lo, hi)``; reads the decimated scene when a stretch is needed.
 
@@ -705,13 +811,18 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     if mode == "auto":
         mode = "dtype" if dtype == np.uint8 else "percentile"
     n = len(reader.bands)
-    size = STATS_MAX_SIZE if mode == "percentile" else CHECK_MAX_SIZE
-    shape = _decimated_shape(reader.info.height, reader.info.width, size)
+    # The check alone could read less (CHECK_MAX_SIZE), but decoding every block costs the
+    # same either way, and at the quicklook's default size the job reuses this read.
+    shape = _decimated_shape(reader.info.height, reader.info.width, STATS_MAX_SIZE)
     try:
-        data, valid = reader._read_raw(out_shape=shape)
+        data, valid = reader._read_decimated(shape)
     except Exception as exc:
         raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
                          path=str(reader.info.path)) from exc
+    if not valid.any():
+        warnings.warn(f"{reader.info.path}: no valid pixel found in a {shape[1]}x{shape[0]} "
+                      "sample of the scene (all nodata?)", TilingWarning, stacklevel=3)
+    _warn_nodata_collision(reader, data)
     if mode == "none":
         return [(0.0, 1.0)] * n
     if mode == "dtype":
@@ -720,9 +831,6 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
         return [(0.0, 1.0)] * n
     lo_q, hi_q = cfg.percentiles
     out = []
-    if not valid.any():
-        warnings.warn(f"{reader.info.path}: no valid pixel found in a {shape[1]}x{shape[0]} "
-                      "sample of the scene (all nodata?)", TilingWarning, stacklevel=3)
     for i in range(n):
         vals = data[i][valid]
         if vals.size == 0:
@@ -789,9 +897,11 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
                 what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
             if not cfg.allow_pixel_space:
                 raise InputError(
-                    f"scene {what}; set allow_pixel_space = true in [tiling] to process it "
-                    "in pixel coordinates (outputs will not be georeferenced)", path=p)
-            warnings.warn(f"{p}: scene {what}; processing it in pixel coordinates "
+                    f"scene {what}; pass --allow-pixel-space (allow_pixel_space = true in "
+                    "[tiling]) to process it anyway (outputs will not be georeferenced)", path=p)
+            where = ("in pixel coordinates (x = column, y = row)" if ds.transform.is_identity
+                     else "in the units of its geotransform")
+            warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
                           "(allow_pixel_space = true)", TilingWarning, stacklevel=2)
         bands = _pick_bands(info, cfg, model_bands, model_band_names)
         tile_px, stride_px = _tile_geometry(info, cfg, input_size, model_gsd_m)
