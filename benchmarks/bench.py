@@ -3,7 +3,7 @@
 
 Run from the project root::
 
-    python benchmarks/bench.py                 # the full table (about 10-15 min on 2 cores)
+    python benchmarks/bench.py                 # the full table (about 6-12 min on 2 cores)
     python benchmarks/bench.py --quick         # small scenes, few rounds (< 2 min)
     python benchmarks/bench.py --only model    # just (1)-(3)
     python benchmarks/bench.py --sweep batch,jit,bf16 --out sweep.json
@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a plain checkout
