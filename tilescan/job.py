@@ -327,17 +327,14 @@ class UnitLock:
 
 
 def resolve_target(target: str, classes: Sequence[str]) -> int | None:
-    if target == "":
-        return None
-    if target in classes:
-        return list(classes).index(target)
+    """``[cam] target_class`` -> class index (None = each tile's prediction), through the
+    resolver ``tilescan explain`` uses; errors name the config key."""
+    from .cam import resolve_target as resolve
+
     try:
-        i = int(target)
-    except ValueError:
-        raise ConfigError(f"[cam] target_class: unknown class {target!r}; classes: {', '.join(classes)}") from None
-    if not 0 <= i < len(classes):
-        raise ConfigError(f"[cam] target_class: index {i} outside 0..{len(classes) - 1}")
-    return i
+        return resolve(target, classes)
+    except ConfigError as exc:
+        raise ConfigError(f"[cam] target_class: {exc.message}") from None
 
 
 # ----------------------------------------------------------------------------- engine
