@@ -509,6 +509,17 @@ class TileTable:
             out = {name: arr[order] for name, arr in out.items()}
         return out
 
+    def _prepared(self, classes: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, list[str]]:
+        """Class names checked against the probabilities, the columns, and the label codes
+        and names: what both table writers start from."""
+        classes = [str(c) for c in classes]
+        k = self._k if self._k is not None else len(classes)
+        if k != len(classes):
+            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
+        cols = self._columns(k)
+        codes, label_names = self._labels_for(cols, classes)
+        return classes, cols, codes, label_names
+
     def _labels_for(self, cols: dict[str, np.ndarray], classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Dictionary codes and dictionary for the label column (filling missing labels
         from ``classes[class_index]``)."""
@@ -542,12 +553,8 @@ class TileTable:
         ``geo`` (GeoParquet 1.1; ``crs`` is PROJJSON, or null for pixel space) and
         ``tilescan`` (``classes``, ``model_id``, ``scene``, ``n_tiles`` and ``extra_metadata``).
         """
-        classes = [str(c) for c in classes]
-        k = self._k if self._k is not None else len(classes)
-        if k != len(classes):
-            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
-        cols = self._columns(k)
-        codes, label_names = self._labels_for(cols, classes)
+        classes, cols, codes, label_names = self._prepared(classes)
+        k = len(classes)
         corners = cols["corners"]
         n = corners.shape[0]
 
@@ -629,12 +636,8 @@ class TileTable:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
                               path=str(path)) from exc
-        classes = [str(c) for c in classes]
-        k = self._k if self._k is not None else len(classes)
-        if k != len(classes):
-            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
-        cols = self._columns(k)
-        codes, label_names = self._labels_for(cols, classes)
+        classes, cols, codes, label_names = self._prepared(classes)
+        k = len(classes)
         n = cols["corners"].shape[0]
         prob_names = _prob_column_names(classes)
 
