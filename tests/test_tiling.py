@@ -363,6 +363,49 @@ def test_overview(scene_path):
         np.testing.assert_array_equal(rgb[valid], dec.transpose(1, 2, 0)[valid])
 
 
+def test_preview_gathered_from_tiles_equals_the_decimated_read(scene_path):
+    """A job that reads every tile gets its quicklook preview from those reads (no second
+    decode of the scene): identical to the decimated read of a fresh reader. With tiles
+    missing it falls back to that read, with the same result."""
+    path = scene_path(LANDSAT)
+    with _open(path, bands=[3, 2, 1], tile_size=128) as ref:
+        want_rgb, want_valid = ref.read_overview(300)
+    for every in (1, 2):  # all tiles, then every other one
+        with _open(path, bands=[3, 2, 1], tile_size=128) as r:
+            r.gather_preview(300)
+            for k, tile in enumerate(r.grid.tiles()):
+                if k % every == 0:
+                    r.read_tile(tile)
+            rgb, valid = r.read_overview(300)
+            np.testing.assert_array_equal(rgb, want_rgb)
+            np.testing.assert_array_equal(valid, want_valid)
+
+
+def test_large_scene_stretch_from_spread_blocks(scene_path, tmp_path, monkeypatch):
+    """Above STATS_SAMPLE_PIXELS the stretch comes from whole blocks spread over the scene
+    (a few percent of a large scene decoded, not all of it); on the real Landsat scene with
+    a quarter of its blocks it lands within 1% of the full-scene percentiles. The sample
+    includes the last block, so a truncated file still fails when opened."""
+    import tilescan.tiling as tiling
+
+    path = scene_path(LANDSAT)
+    monkeypatch.setattr(tiling, "STATS_SAMPLE_PIXELS", 2**20)  # the scene has 3.8 M pixels
+    with _open(path, bands=[3, 2, 1]) as r, rasterio.open(path) as ds:
+        full = ds.read([3, 2, 1])
+        data, valid = r._read_block_sample(2**20)
+        assert data.shape[0] == 3 and 2**19 < valid.size <= 2**20 + 256 * 256 < full[0].size / 3
+        for band, (lo, hi) in zip(full, r.scale):
+            want_lo, want_hi = np.percentile(band, [2, 98])
+            assert abs(lo - want_lo) <= 0.01 * (want_hi - want_lo)
+            assert abs(hi - want_hi) <= 0.01 * (want_hi - want_lo)
+    raw = path.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(raw[: len(raw) * 95 // 100])
+    with pytest.raises(InputError, match="corrupt or truncated TIFF") as err:
+        _open(cut, bands=[3, 2, 1])
+    assert "cut.tif" in str(err.value)
+
+
 # ------------------------------------------------------------------------------------
 # synthetic scenes
 

@@ -54,8 +54,12 @@ __all__ = [
 MAX_TILE_PX = 8192
 #: Long side of the decimated read used for the per-band percentile stretch.
 STATS_MAX_SIZE = 1024
-#: Long side of the decimated read that checks a scene decodes (when no stats are needed).
-CHECK_MAX_SIZE = 256
+#: Scenes (without overviews) of more pixels than this take their stretch statistics from
+#: whole blocks spread over the scene, about this many pixels decoded, instead of decoding
+#: every block for the decimated read (a 10,240 px scene: ~0.1 s against ~2 s).
+STATS_SAMPLE_PIXELS = 4 * 2**20
+#: Most scene pixels read with one window when neighbouring tiles are read together.
+READ_RUN_PIXELS = 2**20
 #: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
 _PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
 
@@ -365,9 +369,40 @@ def _decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
     return max(1, round(height * f)), max(1, round(width * f))
 
 
-def _open_quiet(path: Path):
+def _sample_index(n: int, size: int) -> np.ndarray:
+    """The source pixels a nearest decimation of ``size`` pixels to ``n`` picks, GDAL's
+    rule: ``floor((i + 0.5) * size / n)``."""
+    return np.minimum(((np.arange(n) + 0.5) * (size / n)).astype(np.int64), size - 1)
+
+
+class _PreviewGather:
+    """A decimated copy of the scene filled in tile by tile (see ``gather_preview``).
+    Reader threads write disjoint parts (overlapping tiles write the same values)."""
+
+    def __init__(self, shape: tuple[int, int], height: int, width: int, bands: int, dtype: np.dtype):
+        self.shape = shape
+        self.rows, self.cols = _sample_index(shape[0], height), _sample_index(shape[1], width)
+        self.data = np.zeros((bands, *shape), dtype=dtype)
+        self.valid = np.zeros(shape, dtype=bool)
+        self.seen = np.zeros(shape, dtype=bool)
+
+    def take(self, window: Window, data: np.ndarray, valid: np.ndarray) -> None:
+        r0, c0 = int(window.row_off), int(window.col_off)
+        i0, i1 = np.searchsorted(self.rows, [r0, r0 + int(window.height)])
+        j0, j1 = np.searchsorted(self.cols, [c0, c0 + int(window.width)])
+        if i0 == i1 or j0 == j1:
+            return
+        ri, ci = self.rows[i0:i1] - r0, self.cols[j0:j1] - c0
+        self.data[:, i0:i1, j0:j1] = data[:, ri][:, :, ci]
+        self.valid[i0:i1, j0:j1] = valid[ri][:, ci]
+        self.seen[i0:i1, j0:j1] = True
+
+
+def _open_quiet(path: Path, decode_threads: int = 1):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        if decode_threads > 1:  # GDAL decodes the blocks of one read in parallel
+            return rasterio.open(path, num_threads=str(decode_threads))
         return rasterio.open(path)
 
 
@@ -406,9 +441,15 @@ class SceneReader:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._local.ds = ds
+        self._local.decode_threads = 1
+        # Threads per read: GDAL decodes a window's blocks on this many threads (handles
+        # opened from now on) and the scaling is split over as many. 1: all on the caller.
+        self.decode_threads = 1
+        self._scale_pool = None
         self._handles = [ds]
         self._closed = False
         self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
+        self._preview: _PreviewGather | None = None
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
 
@@ -416,10 +457,11 @@ class SceneReader:
 
     def _ds(self):
         ds = getattr(self._local, "ds", None)
-        if ds is None or ds.closed:
+        if ds is None or ds.closed or self._local.decode_threads != self.decode_threads:
             if self._closed:
                 raise ValueError("SceneReader is closed")
-            ds = _open_quiet(self.info.path)
+            ds = _open_quiet(self.info.path, self.decode_threads)
+            self._local.decode_threads = self.decode_threads
             with self._lock:
                 if self._closed:
                     ds.close()
@@ -432,8 +474,11 @@ class SceneReader:
         with self._lock:
             self._closed = True
             handles, self._handles = self._handles, []
+            pool, self._scale_pool = self._scale_pool, None
         for ds in handles:
             ds.close()
+        if pool is not None:
+            pool.shutdown()
 
     def __enter__(self) -> "SceneReader":
         return self
@@ -474,6 +519,43 @@ class SceneReader:
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
 
+    def _plain_layout(self, ds) -> bool:
+        """No overviews and a codec without implicit ones: a decimated read decodes every block."""
+        comp = (ds.compression.name.lower() if ds.compression else "none")
+        return not ds.overviews(self.bands[0]) and comp in _PLAIN_CODECS
+
+    def _read_block_sample(self, max_pixels: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Whole blocks on an even grid over the scene, about ``max_pixels`` decoded in all,
+        plus the last block (a truncated file misses its end): bands ``(C, N)`` in model
+        order and the valid mask ``(N,)``. None when the file's blocks are too big for that
+        (e.g. one strip holding the whole scene)."""
+        ds = self._ds()
+        H, W = self.info.height, self.info.width
+        bh, bw = ds.block_shapes[self.bands[0] - 1]
+        bh, bw = min(bh, H), min(bw, W)
+        if bh * bw * 4 > max_pixels:
+            return None
+        nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
+        k = max(1, max_pixels // (bh * bw))
+        kr = min(nbr, k, max(1, round(math.sqrt(k * nbr / nbc))))
+        kc = min(nbc, max(1, k // kr))
+        rows = sorted({int((i + 0.5) * nbr / kr) for i in range(kr)})
+        cols = sorted({int((j + 0.5) * nbc / kc) for j in range(kc)})
+        blocks = [(r, c) for r in rows for c in cols]
+        if blocks[-1] != (nbr - 1, nbc - 1):
+            blocks.append((nbr - 1, nbc - 1))
+
+        def read(block):
+            r, c = block
+            d, v = self._read_raw(Window(c * bw, r * bh, min(bw, W - c * bw), min(bh, H - r * bh)))
+            return d.reshape(len(d), -1), v.ravel()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
+            parts = list(pool.map(read, blocks))
+        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+
     def _read_decimated(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """``_read_raw(out_shape=shape)``: the whole scene decimated (nearest) to ``shape``.
 
@@ -491,13 +573,11 @@ class SceneReader:
         ds = self._ds()
         H, W = self.info.height, self.info.width
         n, m = shape
-        comp = (ds.compression.name.lower() if ds.compression else "none")
         # overviews (JPEG files have implicit ones), or barely decimated: let GDAL read
-        if ds.overviews(self.bands[0]) or comp not in _PLAIN_CODECS or n * m * 4 > H * W:
+        if not self._plain_layout(ds) or n * m * 4 > H * W:
             data, valid = self._read_raw(out_shape=shape)
         else:
-            rows = np.minimum(((np.arange(n) + 0.5) * (H / n)).astype(np.int64), H - 1)
-            cols = np.minimum(((np.arange(m) + 0.5) * (W / m)).astype(np.int64), W - 1)
+            rows, cols = _sample_index(n, H), _sample_index(m, W)
             bh, bw = ds.block_shapes[self.bands[0] - 1]
             step_r = bh * max(1, 256 // bh)
             step_c = W if bw >= W else bw * max(1, 4096 // bw)
@@ -528,6 +608,16 @@ class SceneReader:
                     pass
         self._decimated = (shape, data, valid)
         return data, valid
+
+    def gather_preview(self, max_size: int) -> None:
+        """Build the :meth:`read_overview` preview from the tiles as :meth:`read_tile` reads
+        them (the same pixels a decimated read would pick), so a job that reads every tile
+        need not decode the scene a second time for its quicklook. Only for files where
+        that read would decode every block (no overviews); a no-op otherwise."""
+        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        if (self._decimated is not None and self._decimated[0] == shape) or not self._plain_layout(self._ds()):
+            return
+        self._preview = _PreviewGather(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
 
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
         lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
@@ -560,6 +650,41 @@ class SceneReader:
         if not valid.all():
             out[~valid] = 0.0
 
+    def _first_bad_tile(self, tiles: Sequence[Tile]) -> tuple[Tile, Exception] | None:
+        """The first of ``tiles`` whose window fails to read, and its error, through a fresh
+        single-threaded handle (after a failed multi-threaded read GDAL may hand back
+        zeros from its cache for the blocks that failed)."""
+        ds = _open_quiet(self.info.path)
+        try:
+            for tile in tiles:
+                try:
+                    ds.read(list(self._read_idx), window=tile.clipped)
+                except Exception as exc:
+                    return tile, exc
+        finally:
+            ds.close()
+        return None
+
+    def _to_unit_split(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+        """``_to_unit`` in ``decode_threads`` bands of rows at once (numpy's take and
+        arithmetic release the GIL)."""
+        n = min(self.decode_threads, len(out))
+        if n <= 1:
+            self._to_unit(data, valid, out)
+            return
+        with self._lock:
+            if self._scale_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._scale_pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tilescan-scale")
+            pool = self._scale_pool
+        cuts = [len(out) * k // n for k in range(n + 1)]
+        parts = [(data[:, a:b], valid[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
+        futures = [pool.submit(self._to_unit, *p) for p in parts[1:]]
+        self._to_unit(*parts[0])
+        for f in futures:
+            f.result()
+
     # -- public reads ---------------------------------------------------------------
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
@@ -570,35 +695,58 @@ class SceneReader:
         where the pixel is inside the scene and not nodata on any model band, not masked
         (internal mask, alpha = 0) and finite.
         """
-        t = self.tile_px
-        clip = tile.clipped
-        h, w = int(clip.height), int(clip.width)
+        x, valid = self.read_batch([tile])
+        return x[0], valid[0]
+
+    def read_batch(self, tiles: Sequence[Tile]) -> tuple[np.ndarray, np.ndarray]:
+        """``read_tile`` over several tiles, stacked: ``(B, S, S, C)`` and ``(B, T, T)``.
+
+        Neighbouring tiles of one grid row are read with one window and scaled together
+        (the same values as tile by tile): one GDAL call per run of tiles instead of one
+        per tile (measured 0.50 -> ~0.36 ms CPU per 128 px tile of an LZW scene)."""
+        t, s = self.tile_px, self.input_size
+        x = np.zeros((len(tiles), s, s, len(self.bands)), dtype=np.float32)
+        valid = np.zeros((len(tiles), t, t), dtype=bool)
+        start = 0
+        # runs: consecutive columns of one row, at most READ_RUN_PIXELS per window
+        max_run = max(1, READ_RUN_PIXELS // (t * t))
+        for k in range(1, len(tiles) + 1):
+            if (k == len(tiles) or tiles[k].row != tiles[k - 1].row or tiles[k].col != tiles[k - 1].col + 1
+                    or k - start >= max_run):
+                self._read_run(tiles[start:k], x[start:k], valid[start:k])
+                start = k
+        return x, valid
+
+    def _read_run(self, tiles: Sequence[Tile], x: np.ndarray, valid: np.ndarray) -> None:
+        """Read adjacent tiles of one row with one window into ``x`` and ``valid``."""
+        first, last = tiles[0].clipped, tiles[-1].clipped
+        c0, r0, h = int(first.col_off), int(first.row_off), int(first.height)
+        window = Window(c0, r0, int(last.col_off + last.width) - c0, h)
         try:
-            data, v = self._read_raw(clip)
+            data, v = self._read_raw(window)
         except ValueError:
             raise
         except Exception as exc:
+            tile, exc = self._first_bad_tile(tiles) or (tiles[0], exc)
             raise InputError(
                 f"corrupt or truncated TIFF: reading tile row {tile.row} col {tile.col} "
-                f"(window {clip}) failed: {_describe(exc)}", path=str(self.info.path)) from exc
-        x = np.zeros((t, t, len(self.bands)), dtype=np.float32)
-        valid = np.zeros((t, t), dtype=bool)
-        valid[:h, :w] = v
-        self._to_unit(data, v, x[:h, :w])
-        if t != self.input_size:
-            interp = cv2.INTER_AREA if t > self.input_size else cv2.INTER_LINEAR
-            x = cv2.resize(x, (self.input_size, self.input_size), interpolation=interp)
-            if x.ndim == 2:
-                x = x[:, :, None]
-        return x, valid
-
-    def read_batch(self, tiles: Sequence[Tile]) -> tuple[np.ndarray, np.ndarray]:
-        """``read_tile`` over several tiles, stacked: ``(B, S, S, C)`` and ``(B, T, T)``."""
-        xs, vs = zip(*(self.read_tile(t) for t in tiles)) if tiles else ((), ())
-        if not tiles:
-            s, t = self.input_size, self.tile_px
-            return np.zeros((0, s, s, len(self.bands)), np.float32), np.zeros((0, t, t), bool)
-        return np.stack(xs), np.stack(vs)
+                f"(window {tile.clipped}) failed: {_describe(exc)}", path=str(self.info.path)) from exc
+        if self._preview is not None:
+            self._preview.take(window, data, v)
+        unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
+        self._to_unit_split(data, v, unit)
+        t, s = self.tile_px, self.input_size
+        for k, tile in enumerate(tiles):
+            a = int(tile.clipped.col_off) - c0
+            w = int(tile.clipped.width)
+            valid[k, :h, :w] = v[:, a:a + w]
+            if t == s:
+                x[k, :h, :w] = unit[:, a:a + w]
+            else:
+                full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
+                full[:h, :w] = unit[:, a:a + w]
+                interp = cv2.INTER_AREA if t > s else cv2.INTER_LINEAR
+                x[k] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
 
     valid_fraction = staticmethod(valid_fraction)
 
@@ -607,6 +755,10 @@ class SceneReader:
         most ``max_size``; same bands and scaling as the tiles, the first three model
         bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
         shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        pv = self._preview
+        if pv is not None and pv.shape == shape and pv.seen.all():
+            self._decimated = (shape, pv.data, pv.valid)
+            self._preview = None
         data, valid = self._read_decimated(shape)
         x = np.empty((*shape, len(self.bands)), dtype=np.float32)
         self._to_unit(data, valid, x)
@@ -801,27 +953,36 @@ def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
 
 
 def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
-    """Per model band ``(lo, hi)``; reads the decimated scene when a stretch is needed.
+    """Per model band ``(lo, hi)`` from a sample of the scene: the decimated read, or on a
+    large scene without overviews whole blocks spread over it (``STATS_SAMPLE_PIXELS``).
 
-    Also serves as the corrupt/truncated check: the decimated read touches blocks
-    across the whole scene.
+    Also serves as the up-front corrupt/truncated check: both samples touch blocks across
+    the whole scene, the last one included. (A damaged block elsewhere fails when its tile
+    is read, naming the tile; the job's staging keeps nothing of that scene.)
     """
     dtype = np.dtype(reader.info.dtype)
     mode = cfg.scaling
     if mode == "auto":
         mode = "dtype" if dtype == np.uint8 else "percentile"
     n = len(reader.bands)
-    # The check alone could read less (CHECK_MAX_SIZE), but decoding every block costs the
-    # same either way, and at the quicklook's default size the job reuses this read.
-    shape = _decimated_shape(reader.info.height, reader.info.width, STATS_MAX_SIZE)
+    H, W = reader.info.height, reader.info.width
+    shape = _decimated_shape(H, W, STATS_MAX_SIZE)
     try:
-        data, valid = reader._read_decimated(shape)
+        sample = None
+        if H * W > STATS_SAMPLE_PIXELS and reader._plain_layout(reader._ds()):
+            # a large scene: blocks spread over it; decoding all would cost seconds
+            sample = reader._read_block_sample(STATS_SAMPLE_PIXELS)
+        if sample is None:
+            # the decimated read (GDAL uses the overviews when there are any); it decodes
+            # blocks all over the scene, and the job's quicklook reuses it
+            sample = reader._read_decimated(shape)
+        data, valid = sample
     except Exception as exc:
         raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
                          path=str(reader.info.path)) from exc
     if not valid.any():
-        warnings.warn(f"{reader.info.path}: no valid pixel found in a {shape[1]}x{shape[0]} "
-                      "sample of the scene (all nodata?)", TilingWarning, stacklevel=3)
+        warnings.warn(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
+                      "spread over the scene (all nodata?)", TilingWarning, stacklevel=3)
     _warn_nodata_collision(reader, data)
     if mode == "none":
         return [(0.0, 1.0)] * n
