@@ -499,6 +499,33 @@ def test_read_heatmap_preview(tmp_path):
     assert np.nanmax(prev) <= 1
 
 
+def test_heatmap_preview_before_the_cog(tmp_path):
+    """finish() + preview() give the quicklook's heat before close() writes the COG (the job
+    draws the quicklook while the COG is written): the same picture as the COG's preview,
+    and the COG keeps the tags given to finish()."""
+    W, H = 1500, 1100
+    hw = HeatmapWriter(tmp_path / "h.tif", W, H, from_origin(0, H, 1, 1), "EPSG:32618", 0.5, 100, 100)
+    rng = np.random.default_rng(3)
+    for r0 in range(0, H, 100):
+        for c0 in range(0, W, 100):
+            if (r0 // 100 + c0 // 100) % 7:  # some tiles left out: nodata
+                hw.add((c0, r0, 100, 100), rng.uniform(0, 1, (4, 4)).astype(np.float32), None)
+    with pytest.raises(RuntimeError, match="finish"):
+        hw.preview(200)
+    hw.finish(tags={"MODEL_ID": "m1"})
+    early = hw.preview(200)
+    assert not (tmp_path / "h.tif").exists()
+    hw.close(tags={"MODEL_ID": "ignored"})
+    assert cog_validate(tmp_path / "h.tif")[0] and leftovers(tmp_path) == []
+    with rasterio.open(tmp_path / "h.tif") as src:
+        assert src.tags()["MODEL_ID"] == "m1"
+    late = read_heatmap_preview(tmp_path / "h.tif", 200)
+    assert early.shape == late.shape == (147, 200)
+    np.testing.assert_array_equal(np.isnan(early), np.isnan(late))
+    ok = np.isfinite(early)
+    assert ok.mean() > 0.7 and np.abs(early[ok] - late[ok]).mean() < 0.05  # full-res vs overview average
+
+
 # --------------------------------------------------------------------------- quicklook
 
 

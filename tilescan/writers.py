@@ -1103,10 +1103,11 @@ class HeatmapWriter:
 
     # -- finish
 
-    def close(self, tags: Mapping[str, Any] | None = None) -> Path:
-        """Write the remaining rows and convert to a COG at ``path`` (atomic)."""
-        if self._closed:
-            return self.path
+    def finish(self, tags: Mapping[str, Any] | None = None) -> None:
+        """Write the remaining rows and tags to the scratch file; no tile can be added after.
+        :meth:`close` does this itself; call it first to take a :meth:`preview` before."""
+        if self._closed or self._dst.closed:
+            return
         try:
             self.finish_rows(self.grid.height)
             self._dst.set_band_description(1, "heat")
@@ -1115,6 +1116,31 @@ class HeatmapWriter:
             meta.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
             self._dst.update_tags(**meta)
             self._dst.close()
+        except _io_error_types() as exc:  # e.g. the strips file could not be flushed: disk full
+            self.abort()
+            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def preview(self, max_size: int = 1024) -> np.ndarray:
+        """:func:`read_heatmap_preview` of the finished heat (after :meth:`finish`), read
+        from the scratch file, so a quicklook can be drawn while :meth:`close` writes the COG."""
+        if self._closed or not self._dst.closed:
+            raise RuntimeError("HeatmapWriter.preview needs finish() first and close() not yet")
+        try:
+            return read_heatmap_preview(self._strips, max_size)
+        except _io_error_types() as exc:  # the scratch file came out short: a full disk
+            self.abort()
+            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
+
+    def close(self, tags: Mapping[str, Any] | None = None) -> Path:
+        """Write the remaining rows and convert to a COG at ``path`` (atomic). ``tags`` are
+        ignored after :meth:`finish` (which took them)."""
+        if self._closed:
+            return self.path
+        self.finish(tags)
+        try:
             self._closed = True
             with atomic_output(self.path) as tmp:
                 _cog_copy(self._strips, tmp, self.compress, "average",
