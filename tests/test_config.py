@@ -176,6 +176,7 @@ def test_bad_flag_values_name_the_flags():
     ("tiling", "percentiles", [1, 2, 3], "2 values"),
     ("inference", "batch_size", 0, ">= 1"),
     ("inference", "jit_compile", "sometimes", "one of"),
+    ("inference", "pipeline", "parallel", "one of"),
     ("output", "heatmap_scale", 1.5, "(0, 1]"),
     ("output", "compress", "jpeg", "one of"),
     ("output", "quicklook_size", 4, ">= 16"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -476,3 +477,45 @@ def test_target_class(runs):
     np.testing.assert_allclose(ga["cam_raw_max"], raw_pred.max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
     np.testing.assert_allclose(gb["cam_raw_max"], raw_forest.max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
     assert not np.allclose(raw_pred.max(axis=(1, 2)), raw_forest.max(axis=(1, 2)), atol=1e-3)
+
+
+def test_lockstep_and_overlap_pipelines_agree(scene_path, tmp_path, monkeypatch):
+    """``[inference] pipeline``: lockstep reads each batch on the model's thread between model
+    calls (GDAL decoding on every core), overlap on a reader thread beside the model; ``auto``
+    is lockstep on this CPU-only machine. The outputs are the same either way."""
+    import threading
+
+    import tilescan.job as job
+    import tilescan.tiling as tiling
+    from tilescan.config import load_config
+
+    threads: dict[str, set[int]] = {}
+
+    def spy(owner, name, key):
+        orig = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            threads.setdefault(key, set()).add(threading.get_ident())
+            return orig(*a, **kw)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    spy(tiling.SceneReader, "read_batch", "read")
+    spy(job.Engine, "__call__", "model")
+    out = {}
+    for mode in ("auto", "lockstep", "overlap"):
+        threads.clear()
+        cfg = load_config(overrides={"inference": {"pipeline": mode}, "tiling": {"tile_size": 128}}, environ={})
+        rep = job.run([scene_path(RGB_BYTE)], tmp_path / mode, cfg, log=lambda m: None)
+        assert rep.exit_code == 0
+        d = tmp_path / mode / "RGB.byte"
+        assert json.loads((d / "run.json").read_text())["config"]["inference"]["pipeline"] == mode
+        assert len(threads["model"]) == 1
+        assert (threads["read"] == threads["model"]) == (mode != "overlap"), mode
+        out[mode] = (gpd.read_parquet(d / "tiles.parquet"), _labels({"dir": d}), _heat({"dir": d}))
+    for mode in ("lockstep", "overlap"):
+        a, b = out["auto"], out[mode]
+        np.testing.assert_array_equal(a[0]["class_index"], b[0]["class_index"])
+        np.testing.assert_array_equal(np.stack(a[0]["probabilities"]), np.stack(b[0]["probabilities"]))
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[2], b[2])

@@ -49,8 +49,15 @@ class TilingConfig:
 @dataclass(frozen=True)
 class InferenceConfig:
     batch_size: int = 32
+    pipeline: str = "auto"
+    """How reading overlaps the model. ``lockstep``: each batch is read between model calls,
+    GDAL decoding its blocks on every core while the writer thread drains the previous
+    batch; the model then has the cores to itself. ``overlap``: ``reader_threads`` read
+    ahead while the model runs. ``auto``: lockstep when the model runs on the CPU (on a
+    shared CPU every core the readers take stalls the model's threads: measured in
+    benchmarks/README.md), overlap on a GPU."""
     reader_threads: int = 1
-    """Threads reading tiles. One keeps up with the model on these CPUs and decodes each
+    """Reader threads with ``pipeline = "overlap"``. One keeps up with the model on these CPUs and decodes each
     block once (each thread has its own GDAL handle and cache); more steal the model's
     cores (benchmarks/README.md: 1 > 2 > 4 threads end to end on 2 cores)."""
     queue_size: int = 4
@@ -129,6 +136,7 @@ _CHOICES = {
     ("tiling", "scaling"): {"auto", "dtype", "percentile", "none"},
     ("inference", "jit_compile"): {"auto", "true", "false"},
     ("inference", "precision"): {"auto", "float32", "bf16"},
+    ("inference", "pipeline"): {"auto", "lockstep", "overlap"},
     ("output", "compress"): {"deflate", "lzw", "zstd", "none"},
     ("train", "optimizer"): {"adamw", "adam", "sgd"},
     ("train", "schedule"): {"cosine", "constant"},

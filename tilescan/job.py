@@ -51,7 +51,7 @@ from .errors import (
     TilescanError,
 )
 from .tiling import SceneReader, TilingWarning, find_scenes, open_scene
-from .writers import HeatmapWriter, TileTable, read_heatmap_preview, write_json, write_labels_cog, write_quicklook
+from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
 
 MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
@@ -340,6 +340,30 @@ def resolve_target(target: str, classes: Sequence[str]) -> int | None:
 # ----------------------------------------------------------------------------- engine
 
 
+def model_on_accelerator(backend: str) -> bool:
+    """Whether the Keras backend computes on a GPU (or another accelerator), not the CPU."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def resolve_pipeline(pipeline: str, backend: str) -> str:
+    """``[inference] pipeline`` -> "lockstep" or "overlap" (``auto``: lockstep on the CPU)."""
+    if pipeline != "auto":
+        return pipeline
+    return "overlap" if model_on_accelerator(backend) else "lockstep"
+
+
 def _cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo."""
     try:
@@ -361,9 +385,7 @@ def resolve_precision(precision: str, backend: str) -> str:
         return precision
     if backend != "tensorflow" or not _cpu_has_bf16():
         return "float32"
-    import tensorflow as tf
-
-    return "float32" if tf.config.list_logical_devices("GPU") else "bf16"
+    return "float32" if model_on_accelerator(backend) else "bf16"
 
 
 def with_precision(model, precision: str):
@@ -403,15 +425,22 @@ class Engine:
         import keras
 
         self.precision = resolve_precision(cfg.inference.precision, keras.backend.backend())
+        self.pipeline = resolve_pipeline(cfg.inference.pipeline, keras.backend.backend())
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.gsd_m = lm.meta.get("gsd_m")
         self.band_names = lm.meta.get("bands")
         self.batch_size = cfg.inference.batch_size
-        # Trace/compile the step for the run's one batch shape on a side thread, while the
-        # main thread finds and opens scenes (GDAL decodes without the GIL); joined on first use.
+        # Trace/compile the step for the run's one batch shape on a side thread while the
+        # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
         self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
         self._warm.start()
+
+    def ready(self) -> None:
+        """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.join()
 
     def _warmup(self) -> None:
         try:
@@ -420,9 +449,7 @@ class Engine:
             pass
 
     def __call__(self, x: np.ndarray):
-        warm, self._warm = self._warm, None
-        if warm is not None:
-            warm.join()
+        self.ready()
         return self._step(x)
 
     def _step(self, x: np.ndarray):
@@ -440,17 +467,12 @@ class Engine:
 def _read_chunk(reader: SceneReader, chunk: Sequence, min_valid: float) -> tuple[list, np.ndarray, list, int]:
     """Read ``chunk`` tiles into one array; drop tiles with too little valid area (or none).
     Returns (kept tiles, their inputs (n, S, S, C), their valid masks, tiles read)."""
-    x = np.empty((len(chunk), reader.input_size, reader.input_size, len(reader.bands)), np.float32)
-    kept: list = []
-    valids: list = []
-    for t in chunk:
-        xi, vi = reader.read_tile(t)
-        if vi.mean() < min_valid or not vi.any():
-            continue
-        x[len(kept)] = xi
-        kept.append(t)
-        valids.append(vi)
-    return kept, x[:len(kept)], valids, len(chunk)
+    x, v = reader.read_batch(chunk)
+    frac = v.mean(axis=(1, 2))
+    keep = np.flatnonzero((frac >= min_valid) & (frac > 0))
+    if len(keep) < len(chunk):
+        x = x[keep]
+    return [chunk[i] for i in keep], x, [v[i] for i in keep], len(chunk)
 
 
 def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int, chunk: int = 1,
@@ -459,6 +481,10 @@ def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int, ch
     threads with at most ``ahead`` chunks in flight; yields what :func:`_read_chunk` returns.
     Whole chunks keep the main thread's per-tile work to nothing: a full chunk is a batch."""
     chunks = (tiles[i:i + chunk] for i in range(0, len(tiles), chunk))
+    if threads == 0:  # on the caller's thread, each chunk when it is asked for
+        for c in chunks:
+            yield _read_chunk(reader, c, min_valid)
+        return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilescan-read") as pool:
         pending: deque = deque()
         for c in chunks:
@@ -495,11 +521,19 @@ class _Writer(threading.Thread):
                 self.handle(item)
             except BaseException as exc:  # surfaced by the main thread
                 self.error = exc
+            finally:
+                self.q.task_done()
 
     def put(self, item):
         if self.error is not None:
             raise self.error
         self.q.put(item)
+
+    def wait_idle(self):
+        """Return when every batch put so far has been handled."""
+        self.q.join()
+        if self.error is not None:
+            raise self.error
 
     def finish(self):
         self.q.put(None)
@@ -549,6 +583,8 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         heat_path = stage / "heatmap.tif"
         heat = HeatmapWriter(heat_path, info.width, info.height, transform, info.crs, cfg.output.heatmap_scale,
                              reader.tile_px, stride, compress=cfg.output.compress)
+        if cfg.output.quicklook and unit.part is None:
+            reader.gather_preview(cfg.output.quicklook_size)  # from the tiles: no second decode
         bs = cfg.inference.batch_size
         skipped = 0
         buf_t: list = []
@@ -603,12 +639,19 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             table.add(rows)
 
         writer = _Writer(consume, maxsize=max(2, cfg.inference.queue_size))
+        # lockstep: a batch is read (GDAL decoding on every core) while the writer drains the
+        # last one, then the model runs alone; overlap: reader threads run beside the model
+        lockstep = engine.pipeline == "lockstep"
+        if lockstep:
+            reader.decode_threads = os.cpu_count() or 1
         writer.start()
 
         def flush():
             if not buf_t:
                 return
             x = buf_x[0] if len(buf_x) == 1 else np.concatenate(buf_x)  # one full chunk: no copy
+            if lockstep:
+                writer.wait_idle()
             tc = time.monotonic()
             res = engine(x)
             timings["compute"] += time.monotonic() - tc
@@ -621,8 +664,9 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             buf_v.clear()
 
         tr = time.monotonic()
-        for kept, xs, vs, n_read in _prefetch(reader, tiles, cfg.inference.reader_threads, ahead=cfg.inference.queue_size,
-                                              chunk=bs, min_valid=cfg.tiling.min_valid_fraction):
+        for kept, xs, vs, n_read in _prefetch(reader, tiles, 0 if lockstep else cfg.inference.reader_threads,
+                                              ahead=cfg.inference.queue_size, chunk=bs,
+                                              min_valid=cfg.tiling.min_valid_fraction):
             for _ in range(n_read):
                 _test_kill_point("reading")
             skipped += n_read - len(kept)
@@ -664,19 +708,22 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             write_labels_cog(stage / "labels.tif", labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
                              tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
 
-        # the table outputs on a side thread, beside the heatmap COG and the quicklook (the
-        # scene's serial tail: the model has nothing left to do)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-tables") as side:
+        # The scene's serial tail (the model has nothing left to do): the tables, the
+        # heatmap COG and the quicklook at once, on both cores (GDAL, zlib and the Parquet
+        # writer release the GIL). The quicklook's heat comes from the heatmap's scratch file.
+        heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
+        hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail") as side:
             tables = side.submit(write_tables)
-            heat.close(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
+            cog = side.submit(heat.close)
             if cfg.output.quicklook:
                 rgb, pvalid = reader.read_overview(cfg.output.quicklook_size)
-                hp = read_heatmap_preview(stage / "heatmap.tif", cfg.output.quicklook_size)
                 full_labels = labels
                 if unit.part is not None:  # a row band: show only its part of the grid
                     full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
                     full_labels[r0:r1] = labels
                 write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes)
+            cog.result()
             tables.result()
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
@@ -819,6 +866,7 @@ def run(
         warnings.simplefilter("ignore", TilingWarning)
         units = plan_units(scenes, cfg, shard, rows_of)
     report = RunReport()
+    engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
     for m in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(m, m, "failed", reason=f"{m}: no such file or directory", error_kind=InputError.kind))
         log(f"error: {m}: no such file or directory")
