@@ -65,7 +65,8 @@ LANDSAT_BANDS = (3, 2, 1)  # the file stores B, G, R; the model takes R, G, B
 
 SECTIONS = ("model", "gradcam", "tutorial", "e2e", "rss", "help")
 EXTRA_SECTIONS = ("profile",)  # only on request: where the time of one end-to-end run goes
-SWEEPS = ("batch", "batch-e2e", "threads", "intra", "jit", "bf16", "compress", "scene-compress", "queue")
+SWEEPS = ("batch", "batch-e2e", "pipeline", "pipeline-loaded", "threads", "intra", "jit", "bf16", "compress",
+          "scene-compress", "queue")
 
 # Tolerance for bf16 (stated, checked by the bf16 sweep): at least 99% of tiles keep their
 # float32 label, every changed label is a near tie in float32 (top-2 probability margin
@@ -327,15 +328,18 @@ def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
         return orig
 
     patches = [
-        (tiling.SceneReader, "read_tile", "cpu_read_tile", time.thread_time),
+        (tiling.SceneReader, "read_batch", "cpu_read_batch", time.thread_time),
+        (tiling.SceneReader, "read_batch", "wall_read_batch", time.perf_counter),
         (job.Engine, "__call__", "wall_engine", time.perf_counter),
         (writers.HeatmapWriter, "add", "cpu_heat_add", time.thread_time),
+        (job._Writer, "run", "cpu_writer_thread", time.thread_time),
+        (job._Writer, "wait_idle", "wall_wait_writer", time.perf_counter),
         (writers.TileTable, "add", "cpu_table_add", time.thread_time),
         (writers.TileTable, "write_geoparquet", "wall_parquet", time.perf_counter),
         (job, "write_labels_cog", "wall_labels_cog", time.perf_counter),
         (writers.HeatmapWriter, "close", "wall_heat_cog", time.perf_counter),
         (tiling.SceneReader, "read_overview", "wall_quicklook_read", time.perf_counter),
-        (job, "read_heatmap_preview", "wall_quicklook_heat", time.perf_counter),
+        (writers.HeatmapWriter, "preview", "wall_quicklook_heat", time.perf_counter),
         (job, "write_quicklook", "wall_quicklook_png", time.perf_counter),
     ]
     saved = [(owner, name, timed(owner, name, key, clock)) for owner, name, key, clock in patches]
@@ -665,12 +669,27 @@ def sweep_bf16(cfg, rounds: int, n_check: int) -> dict[str, Any]:
                           "max_mean_cam_mae": BF16_MAX_CAM_MAE}}
 
 
-def sweep_e2e(variants: dict[str, tuple[Path, dict, dict]], work: Path, rounds: int) -> dict[str, Any]:
-    """End-to-end runs per variant ``name -> (scene, config overrides, env)``, alternated."""
+@contextlib.contextmanager
+def cpu_load(n: int):
+    """``n`` busy-looping processes at normal priority for the duration (0: none): another
+    job on the same cores, as on a shared machine."""
+    procs = [subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def sweep_e2e(variants: dict[str, tuple[Path, dict, dict]], work: Path, rounds: int, load: int = 0) -> dict[str, Any]:
+    """End-to-end runs per variant ``name -> (scene, config overrides, env)``, alternated;
+    with ``load`` busy processes beside each run."""
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, (scene, over, env) in variants.items():
-            r = run_cli(scene, work, over, env)
+            with cpu_load(load):
+                r = run_cli(scene, work, over, env)
             log(f"  {name}: {r['tiles_per_s']} tiles/s (scene), {r['unit_s']} s, cpu {r['cpu_s']} s")
             runs[name].append(r)
     return {k: {"tiles_per_s": round(median([r["tiles_per_s"] for r in rs]), 2),
@@ -824,9 +843,15 @@ def run_sweep(name: str, cfg, over: dict, rounds: int, quick: bool, scenes_dir: 
     if name == "batch-e2e":
         variants = {f"batch_size={n}": (scene, with_("inference", batch_size=n), {}) for n in (32, 64, 128)}
     elif name == "threads":
-        variants = {f"reader_threads={n}": (scene, with_("inference", reader_threads=n), {}) for n in (1, 2, 4)}
+        variants = {f"reader_threads={n}": (scene, with_("inference", pipeline="overlap", reader_threads=n), {}) for n in (1, 2, 4)}
     elif name == "queue":
         variants = {f"queue_size={n}": (scene, with_("inference", queue_size=n), {}) for n in (2, 4, 8)}
+    elif name in ("pipeline", "pipeline-loaded"):
+        # -loaded: as many busy processes as cores beside each run (a shared machine)
+        variants = {"pipeline=lockstep": (scene, with_("inference", pipeline="lockstep"), {})}
+        variants.update({f"pipeline=overlap, reader_threads={n}": (scene, with_("inference", pipeline="overlap", reader_threads=n), {})
+                         for n in (1, 2)})
+        return sweep_e2e(variants, work, e2e_rounds, load=(os.cpu_count() or 1) if name == "pipeline-loaded" else 0)
     elif name == "intra":
         variants = {"intra=default": (scene, base, {})}
         variants.update({f"intra={n}": (scene, base, {"TF_NUM_INTRAOP_THREADS": str(n)}) for n in (1, 2, 3)})
