@@ -884,11 +884,41 @@ class _HeatGrid:
     col_start: np.ndarray
     row_start: np.ndarray
 
+    _axes: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
     @classmethod
     def make(cls, width: int, height: int, scale: float) -> "_HeatGrid":
         out_w = max(1, math.ceil(width * scale - 1e-9))
         out_h = max(1, math.ceil(height * scale - 1e-9))
         return cls(width, height, out_w, out_h, _pixel_starts(width, out_w), _pixel_starts(height, out_h))
+
+    def _axis(self, axis: str, origin: int, span: int):
+        """Along rows ("r") or columns ("c"), for a tile at ``origin`` of ``span`` scene
+        pixels: the heat pixels ``k0 .. k1`` it touches, where its scene pixels start and end
+        inside each (relative to ``origin``), and the share of each heat pixel it covers; or
+        None outside the scene. Cached: the tiles of a grid row (column) share their rows
+        (columns)."""
+        key = (axis, origin, span)
+        got = self._axes.get(key, False)
+        if got is not False:
+            return got
+        size, n_heat, starts = (self.height, self.out_h, self.row_start) if axis == "r" else \
+            (self.width, self.out_w, self.col_start)
+        s, e = max(origin, 0), min(origin + span, size)
+        if s >= e:
+            got = None
+        else:
+            k0, k1 = _heat_index(s, size, n_heat), _heat_index(e - 1, size, n_heat) + 1
+            a = np.clip(starts[k0:k1], s, e) - origin
+            b = np.clip(starts[k0 + 1:k1 + 1], s, e) - origin
+            share = (b - a) / (starts[k0 + 1:k1 + 1] - starts[k0:k1])
+            for arr in (a, b, share):
+                arr.setflags(write=False)
+            got = (k0, k1, a, b, share)
+        if len(self._axes) > 4096:
+            self._axes.clear()
+        self._axes[key] = got
+        return got
 
     def contribution(self, window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None):
         """Value and weight of one tile over the heat pixels it touches.
@@ -900,27 +930,22 @@ class _HeatGrid:
         pixel's centre (the CAM spans the whole tile window).
         """
         c0, r0, tw, th = (int(v) for v in window)
-        cs, ce = max(c0, 0), min(c0 + tw, self.width)
-        rs, re_ = max(r0, 0), min(r0 + th, self.height)
-        if cs >= ce or rs >= re_:
+        rows = self._axis("r", r0, th)
+        cols = self._axis("c", c0, tw)
+        if rows is None or cols is None:
             return None
         cam = np.asarray(cam, dtype=np.float64)
         if cam.ndim != 2 or min(cam.shape) < 1:
             raise ValueError(f"cam must be a non-empty 2-D array, got shape {cam.shape}")
-        j0, j1 = _heat_index(rs, self.height, self.out_h), _heat_index(re_ - 1, self.height, self.out_h) + 1
-        i0, i1 = _heat_index(cs, self.width, self.out_w), _heat_index(ce - 1, self.width, self.out_w) + 1
-        jj, ii = np.arange(j0, j1), np.arange(i0, i1)
+        j0, j1, ra, rb, share_r = rows
+        i0, i1, ca, cb, share_c = cols
 
         # weights: valid tile pixels inside each heat pixel / all scene pixels of it
-        ra = np.clip(self.row_start[jj], rs, re_) - r0
-        rb = np.clip(self.row_start[jj + 1], rs, re_) - r0
-        ca = np.clip(self.col_start[ii], cs, ce) - c0
-        cb = np.clip(self.col_start[ii + 1], cs, ce) - c0
         v = None if valid is None else np.asarray(valid, dtype=bool)
         if v is not None and v.ndim != 2:
             raise ValueError(f"valid mask must be 2-D, got shape {v.shape}")
         if v is None or v.all():  # every pixel valid (most tiles): no mask sums needed
-            counts = (rb - ra)[:, None] * (cb - ca)[None, :]
+            weight = np.outer(share_r, share_c)
         else:
             if v.shape != (th, tw):  # e.g. a mask at model resolution: stretch it (nearest)
                 import cv2
@@ -929,9 +954,9 @@ class _HeatGrid:
             s = np.zeros((th + 1, tw + 1), dtype=np.int64)
             np.cumsum(np.cumsum(v, axis=0), axis=1, out=s[1:, 1:])
             counts = s[np.ix_(rb, cb)] - s[np.ix_(ra, cb)] - s[np.ix_(rb, ca)] + s[np.ix_(ra, ca)]
-        area = ((self.row_start[jj + 1] - self.row_start[jj])[:, None]
-                * (self.col_start[ii + 1] - self.col_start[ii])[None, :])
-        weight = counts / area
+            area = ((self.row_start[j0 + 1:j1 + 1] - self.row_start[j0:j1])[:, None]
+                    * (self.col_start[i0 + 1:i1 + 1] - self.col_start[i0:i1])[None, :])
+            weight = counts / area
 
         # values: bilinear sample of the CAM at each heat pixel centre
         ch, cw = cam.shape
