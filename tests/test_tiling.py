@@ -353,6 +353,27 @@ def test_threads_read_the_same(scene_path):
         r.read_tile(tiles[0])
 
 
+@pytest.mark.parametrize("rel,bands", [(LANDSAT, [3, 2, 1]), (RGB_BYTE, None), (RGBA_BYTE, None)])
+def test_parallel_batch_reads_equal_tile_by_tile(scene_path, rel, bands):
+    """decode_threads > 1 (what a lockstep run sets: GDAL decodes a window's blocks on several
+    threads and the scaling is split over them), on a tiled and on two stripped files:
+    batches that cross grid rows and the clipped edge tiles come out exactly as one tile at
+    a time with one thread."""
+    opts = {"bands": bands} if bands else {}
+    with _open(scene_path(rel), tile_size=96, **opts) as one, _open(scene_path(rel), tile_size=96, **opts) as par:
+        par.decode_threads = 3
+        tiles = list(one.grid.tiles())
+        for i in range(0, len(tiles), 29):  # 29: batches start mid-row
+            batch = tiles[i:i + 29]
+            xp, vp = par.read_batch(batch)
+            for k, tile in enumerate(batch):
+                x1, v1 = one.read_tile(tile)
+                np.testing.assert_array_equal(xp[k], x1)
+                np.testing.assert_array_equal(vp[k], v1)
+    with pytest.raises(ValueError, match="closed"):
+        par.read_batch(tiles[:2])
+
+
 def test_overview(scene_path):
     path = scene_path(RGB_BYTE)
     with _open(path) as r, rasterio.open(path) as ds:
