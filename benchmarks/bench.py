@@ -516,7 +516,7 @@ def run_cli(scene: Path, work: Path, overrides: dict[str, dict[str, Any]] | None
 
 
 def bench_e2e(mb: ModelBench | None, scenes: dict[str, Path], work: Path, order: Sequence[str]) -> dict[str, Any]:
-    """End-to-end runs in ``order`` (e.g. base, big, base), each bracketed by model-only
+    """End-to-end runs in ``order`` (e.g. base, big, base, base), each bracketed by model-only
     measurements in this process (idle while the child runs)."""
     runs: dict[str, list[dict]] = {k: [] for k in scenes}
     for name in order:
@@ -799,7 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\n## sweep: {sw}\n\n" + json.dumps(res["sweeps"][sw], indent=1), flush=True)
         else:
             mb = ModelBench(cfg, n_batches=2 if quick else 4)
-            res["config"] = {"batch_size": cfg.inference.batch_size, "reader_threads": cfg.inference.reader_threads,
+            res["config"] = {"batch_size": cfg.inference.batch_size, "pipeline": mb.engine.pipeline,
+                             "reader_threads": cfg.inference.reader_threads,
                              "jit_compile": cfg.inference.jit_compile, "precision": mb.engine.precision,
                              "cam": cfg.cam.method, "layer": mb.engine.cam.layer, "tile_size": cfg.tiling.tile_size,
                              "compress": cfg.output.compress}
@@ -811,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = ["base"]
                 if "rss" in only:
                     scenes["big"] = scene_for(scenes_dir, 2 * size)
-                    order = ["base", "big"] if quick else ["base", "big", "base"]
+                    # three base runs: the machine's speed drifts by several % over minutes,
+                    # so the ratio is the median of three bracketed runs
+                    order = ["base", "big"] if quick else ["base", "big", "base", "base"]
                 res["e2e"] = bench_e2e(mb, scenes, work, order)
             if "help" in only:
                 res["help"] = bench_help(3 if quick else 9)
