@@ -1120,11 +1120,21 @@ class HeatmapWriter:
         self._write_raw(row, np.full((n, self.grid.out_w), HEATMAP_NODATA, np.float32))
 
     def _write_raw(self, row: int, heat: np.ndarray) -> None:
-        try:
+        with self._aborting():
             self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
+
+    @contextlib.contextmanager
+    def _aborting(self) -> Iterator[None]:
+        """On any error drop the temporary files (:meth:`abort`); a failed write becomes an
+        :class:`OutputError` naming the heatmap."""
+        try:
+            yield
         except _io_error_types() as exc:
             self.abort()
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
+        except BaseException:
+            self.abort()
+            raise
 
     # -- finish
 
@@ -1133,7 +1143,7 @@ class HeatmapWriter:
         :meth:`close` does this itself; call it first to take a :meth:`preview` before."""
         if self._closed or self._dst.closed:
             return
-        try:
+        with self._aborting():  # e.g. the strips file could not be flushed: disk full
             self.finish_rows(self.grid.height)
             self._dst.set_band_description(1, "heat")
             meta = {"HEATMAP_SCALE": repr(self.scale), "TILE_PX": str(self.tile_px),
@@ -1141,23 +1151,14 @@ class HeatmapWriter:
             meta.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
             self._dst.update_tags(**meta)
             self._dst.close()
-        except _io_error_types() as exc:  # e.g. the strips file could not be flushed: disk full
-            self.abort()
-            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
-        except BaseException:
-            self.abort()
-            raise
 
     def preview(self, max_size: int = 1024) -> np.ndarray:
         """:func:`read_heatmap_preview` of the finished heat (after :meth:`finish`), read
         from the scratch file, so a quicklook can be drawn while :meth:`close` writes the COG."""
         if self._closed or not self._dst.closed:
             raise RuntimeError("HeatmapWriter.preview needs finish() first and close() not yet")
-        try:
+        with self._aborting():  # the scratch file came out short: a full disk
             return read_heatmap_preview(self._strips, max_size)
-        except _io_error_types() as exc:  # the scratch file came out short: a full disk
-            self.abort()
-            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
 
     def close(self, tags: Mapping[str, Any] | None = None) -> Path:
         """Write the remaining rows and convert to a COG at ``path`` (atomic). ``tags`` are
@@ -1166,16 +1167,11 @@ class HeatmapWriter:
             return self.path
         self.finish(tags)
         try:
-            self._closed = True
-            with atomic_output(self.path) as tmp:
-                _cog_copy(self._strips, tmp, self.compress, "average",
-                          _overview_level(self.grid.out_w, self.grid.out_h))
-        except _io_error_types() as exc:  # e.g. the strips file could not be flushed: disk full
-            self.abort()
-            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
-        except BaseException:
-            self.abort()
-            raise
+            with self._aborting():
+                self._closed = True
+                with atomic_output(self.path) as tmp:
+                    _cog_copy(self._strips, tmp, self.compress, "average",
+                              _overview_level(self.grid.out_w, self.grid.out_h))
         finally:
             _remove_quietly(self._strips)
         self._sum = self._wsum = np.zeros((0, self.grid.out_w))
