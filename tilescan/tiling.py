@@ -703,7 +703,8 @@ class SceneReader:
 
         Neighbouring tiles of one grid row are read with one window and scaled together
         (the same values as tile by tile): one GDAL call per run of tiles instead of one
-        per tile (measured 0.50 -> ~0.36 ms CPU per 128 px tile of an LZW scene)."""
+        per tile (the call cost ~0.09 ms per 128 px tile; with the blocks already decoded a
+        batch read went from 0.30 to 0.16 ms CPU per tile)."""
         t, s = self.tile_px, self.input_size
         x = np.zeros((len(tiles), s, s, len(self.bands)), dtype=np.float32)
         valid = np.zeros((len(tiles), t, t), dtype=bool)
