@@ -468,7 +468,7 @@ def _read_chunk(reader: SceneReader, chunk: Sequence, min_valid: float) -> tuple
     """Read ``chunk`` tiles into one array; drop tiles with too little valid area (or none).
     Returns (kept tiles, their inputs (n, S, S, C), their valid masks, tiles read)."""
     x, v = reader.read_batch(chunk)
-    frac = v.mean(axis=(1, 2))
+    frac = np.count_nonzero(v.reshape(len(v), -1), axis=1) / float(reader.tile_px ** 2)
     keep = np.flatnonzero((frac >= min_valid) & (frac > 0))
     if len(keep) < len(chunk):
         x = x[keep]

@@ -636,14 +636,15 @@ class SceneReader:
             self._lut = np.clip(lut, 0.0, 1.0, out=lut)
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
-        """Scale ``data`` (C, h, w) into ``out`` (h, w, C) float32, invalid pixels 0."""
+        """Scale ``data`` (C, ...) into ``out`` (..., C) float32 (e.g. (C, h, w) into
+        (h, w, C)), pixels where ``valid`` (...) is False set to 0."""
         if self._lut is not None and data.dtype == self._dtype and len(self._lut) == len(data):
             index = data.view(self._lut_index)
             for i in range(len(data)):
                 np.take(self._lut[i], index[i], out=out[..., i], mode="clip")
         else:
             with np.errstate(invalid="ignore", over="ignore"):
-                np.copyto(out, data.transpose(1, 2, 0), casting="unsafe")
+                np.copyto(out, np.moveaxis(data, 0, -1), casting="unsafe")
                 out -= self._lo
                 out *= self._inv
                 np.clip(out, 0.0, 1.0, out=out)
@@ -734,9 +735,14 @@ class SceneReader:
                 f"(window {tile.clipped}) failed: {_describe(exc)}", path=str(self.info.path)) from exc
         if self._preview is not None:
             self._preview.take(window, data, v)
+        t, s, n = self.tile_px, self.input_size, len(tiles)
+        if t == s and h == t and window.width == n * t:  # whole tiles side by side: scaled
+            # straight into x, seen as (row, tile, column, band), without a strip copy
+            self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3))
+            valid[:] = v.reshape(t, n, t).transpose(1, 0, 2)
+            return
         unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
         self._to_unit_split(data, v, unit)
-        t, s = self.tile_px, self.input_size
         for k, tile in enumerate(tiles):
             a = int(tile.clipped.col_off) - c0
             w = int(tile.clipped.width)
