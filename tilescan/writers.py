@@ -77,6 +77,14 @@ _COMPRESSIONS = ("deflate", "zstd", "lzw", "lzma", "packbits", "raw")
 _PREDICTOR_OK = ("deflate", "zstd", "lzw", "lzma")
 
 
+def _compression(compress: str) -> str:
+    """``[output] compress`` as rio-cogeo names it ("none" -> "raw"); ValueError if unknown."""
+    compress = "raw" if compress.lower() == "none" else compress.lower()
+    if compress not in _COMPRESSIONS:
+        raise ValueError(f"unsupported compression {compress!r}; choose one of {', '.join(_COMPRESSIONS)}")
+    return compress
+
+
 # --------------------------------------------------------------------------- atomic files
 
 
@@ -706,15 +714,10 @@ def _prob_column_names(classes: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- label COG
 
 
-def _cog_profile(compress: str, *, predictor: int | None = None) -> dict:
+def _cog_profile(compress: str) -> dict:
     from rio_cogeo.profiles import cog_profiles
 
-    compress = "raw" if compress.lower() == "none" else compress.lower()  # the config says "none"
-    if compress not in _COMPRESSIONS:
-        raise ValueError(f"unsupported compression {compress!r}; choose one of {', '.join(_COMPRESSIONS)}")
-    profile = dict(cog_profiles.get(compress))
-    if predictor and compress in _PREDICTOR_OK:
-        profile["predictor"] = predictor
+    profile = dict(cog_profiles.get(_compression(compress)))
     profile["num_threads"] = "ALL_CPUS"
     return profile
 
@@ -728,9 +731,7 @@ def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, res
     2.0 s for rio-cogeo's ``cog_translate``, which encodes the data twice.)"""
     import rasterio.shutil
 
-    compress = "raw" if compress.lower() == "none" else compress.lower()  # the config says "none"
-    if compress not in _COMPRESSIONS:
-        raise ValueError(f"unsupported compression {compress!r}; choose one of {', '.join(_COMPRESSIONS)}")
+    compress = _compression(compress)
     opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE="512",
                 BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper())
     if compress in _PREDICTOR_OK:
@@ -998,8 +999,7 @@ class HeatmapWriter:
         self.path = Path(path)
         self.scale = float(scale)
         self.tile_px, self.stride_px = int(tile_px), int(stride_px)
-        self.compress = "raw" if compress.lower() == "none" else compress.lower()
-        self._profile_out = _cog_profile(self.compress, predictor=3)  # validates `compress`
+        self.compress = _compression(compress)
         self.grid = _HeatGrid.make(int(scene_width), int(scene_height), self.scale)
         g = self.grid
         self.transform = Affine(*scene_transform[:6]) @ Affine.scale(g.width / g.out_w, g.height / g.out_h)
