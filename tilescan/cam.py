@@ -366,10 +366,21 @@ def _torch_shim(body, head, both, jit: bool):
 _SHIMS: dict[str, Callable] = {"tensorflow": _tensorflow_shim, "jax": _jax_shim, "torch": _torch_shim}
 
 
-def _tf_has_gpu() -> bool:
-    import tensorflow as tf
+def model_on_accelerator(backend: str) -> bool:
+    """Whether the Keras backend computes on a GPU (or another accelerator), not the CPU."""
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    return bool(tf.config.list_logical_devices("GPU"))
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
 
 
 def resolve_jit(jit_compile: bool | str, backend: str) -> bool:
@@ -388,7 +399,7 @@ def resolve_jit(jit_compile: bool | str, backend: str) -> bool:
     if value != "auto":
         raise ConfigError(f"jit_compile must be 'auto', 'true' or 'false', got {jit_compile!r}")
     if backend == "tensorflow":
-        return _TF_GPU_AUTO_JIT if _tf_has_gpu() else _TF_CPU_AUTO_JIT
+        return _TF_GPU_AUTO_JIT if model_on_accelerator(backend) else _TF_CPU_AUTO_JIT
     return backend == "jax"
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
 from .errors import ConfigError, InputError
 
 SCENE_EXTS = {".tif", ".tiff"}
@@ -166,12 +167,6 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
         fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - head_in / height))
     return fig
-
-
-# ------------------------------------------------------------------------ targets
-
-from .cam import resolve_target  # noqa: E402,F401  (one resolver for run and explain)
-
 
 
 # ------------------------------------------------------------------------ inputs

@@ -37,6 +37,8 @@ import numpy as np
 from affine import Affine
 
 from . import __version__
+from .cam import model_on_accelerator
+from .cam import resolve_target as _resolve_class
 from .config import Config
 from .errors import (
     EXIT_ALL_FAILED,
@@ -329,32 +331,13 @@ class UnitLock:
 def resolve_target(target: str, classes: Sequence[str]) -> int | None:
     """``[cam] target_class`` -> class index (None = each tile's prediction), through the
     resolver ``tilescan explain`` uses; errors name the config key."""
-    from .cam import resolve_target as resolve
-
     try:
-        return resolve(target, classes)
+        return _resolve_class(target, classes)
     except ConfigError as exc:
         raise ConfigError(f"[cam] target_class: {exc.message}") from None
 
 
 # ----------------------------------------------------------------------------- engine
-
-
-def model_on_accelerator(backend: str) -> bool:
-    """Whether the Keras backend computes on a GPU (or another accelerator), not the CPU."""
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_logical_devices("GPU"))
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() != "cpu"
-    if backend == "torch":
-        import torch
-
-        return bool(torch.cuda.is_available())
-    return False
 
 
 def resolve_pipeline(pipeline: str, backend: str) -> str:
