@@ -375,9 +375,19 @@ def _sample_index(n: int, size: int) -> np.ndarray:
     return np.minimum(((np.arange(n) + 0.5) * (size / n)).astype(np.int64), size - 1)
 
 
-class _PreviewGather:
-    """A decimated copy of the scene filled in tile by tile (see ``gather_preview``).
-    Reader threads write disjoint parts (overlapping tiles write the same values)."""
+def _scan(fn, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` on two threads (GDAL decodes without the GIL): the
+    whole-scene samples taken when a scene is opened."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
+        return list(pool.map(fn, items))
+
+
+class _DecimatedCopy:
+    """A decimated copy of the scene filled window by window: from the tiles as they are
+    read (``gather_preview``) or from block windows (``_read_decimated``). Threads write
+    disjoint parts (overlapping windows write the same values)."""
 
     def __init__(self, shape: tuple[int, int], height: int, width: int, bands: int, dtype: np.dtype):
         self.shape = shape
@@ -449,7 +459,7 @@ class SceneReader:
         self._handles = [ds]
         self._closed = False
         self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
-        self._preview: _PreviewGather | None = None
+        self._preview: _DecimatedCopy | None = None
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
 
@@ -550,10 +560,7 @@ class SceneReader:
             d, v = self._read_raw(Window(c * bw, r * bh, min(bw, W - c * bw), min(bh, H - r * bh)))
             return d.reshape(len(d), -1), v.ravel()
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
-            parts = list(pool.map(read, blocks))
+        parts = _scan(read, blocks)
         return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
 
     def _read_decimated(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -577,11 +584,12 @@ class SceneReader:
         if not self._plain_layout(ds) or n * m * 4 > H * W:
             data, valid = self._read_raw(out_shape=shape)
         else:
-            rows, cols = _sample_index(n, H), _sample_index(m, W)
+            picked = _DecimatedCopy(shape, H, W, len(self.bands), self._dtype)
+            rows, cols = picked.rows, picked.cols
             bh, bw = ds.block_shapes[self.bands[0] - 1]
             step_r = bh * max(1, 256 // bh)
             step_c = W if bw >= W else bw * max(1, 4096 // bw)
-            jobs = []
+            windows = []  # block-aligned bands, cut to their first and last sampled pixel
             for r0 in range(0, H, step_r):
                 i0, i1 = np.searchsorted(rows, [r0, r0 + step_r])
                 if i0 == i1:
@@ -589,23 +597,10 @@ class SceneReader:
                 for c0 in range(0, W, step_c):
                     j0, j1 = np.searchsorted(cols, [c0, c0 + step_c])
                     if j0 < j1:
-                        jobs.append((int(i0), int(i1), int(j0), int(j1)))
-            data = np.empty((len(self.bands), n, m), dtype=self._dtype)
-            valid = np.empty((n, m), dtype=bool)
-
-            def read(job):
-                i0, i1, j0, j1 = job
-                r0, r1, c0, c1 = int(rows[i0]), int(rows[i1 - 1]) + 1, int(cols[j0]), int(cols[j1 - 1]) + 1
-                d, v = self._read_raw(Window(c0, r0, c1 - c0, r1 - r0))
-                ri, ci = rows[i0:i1] - r0, cols[j0:j1] - c0
-                data[:, i0:i1, j0:j1] = d[:, ri][:, :, ci]
-                valid[i0:i1, j0:j1] = v[ri][:, ci]
-
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
-                for _ in pool.map(read, jobs):
-                    pass
+                        windows.append(Window(int(cols[j0]), int(rows[i0]), int(cols[j1 - 1]) + 1 - int(cols[j0]),
+                                              int(rows[i1 - 1]) + 1 - int(rows[i0])))
+            _scan(lambda w: picked.take(w, *self._read_raw(w)), windows)
+            data, valid = picked.data, picked.valid
         self._decimated = (shape, data, valid)
         return data, valid
 
@@ -617,7 +612,7 @@ class SceneReader:
         shape = _decimated_shape(self.info.height, self.info.width, max_size)
         if (self._decimated is not None and self._decimated[0] == shape) or not self._plain_layout(self._ds()):
             return
-        self._preview = _PreviewGather(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
+        self._preview = _DecimatedCopy(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
 
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
         lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
