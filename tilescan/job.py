@@ -447,19 +447,20 @@ class Engine:
         return res
 
 
-def _read_chunk(reader: SceneReader, chunk: Sequence, min_valid: float) -> tuple[list, np.ndarray, list, int]:
+def _read_chunk(reader: SceneReader, chunk: Sequence, min_valid: float) -> tuple[list, np.ndarray, list, np.ndarray, int]:
     """Read ``chunk`` tiles into one array; drop tiles with too little valid area (or none).
-    Returns (kept tiles, their inputs (n, S, S, C), their valid masks, tiles read)."""
+    Returns (kept tiles, their inputs (n, S, S, C), their valid masks, their valid
+    fractions, tiles read)."""
     x, v = reader.read_batch(chunk)
     frac = np.count_nonzero(v.reshape(len(v), -1), axis=1) / float(reader.tile_px ** 2)
     keep = np.flatnonzero((frac >= min_valid) & (frac > 0))
     if len(keep) < len(chunk):
         x = x[keep]
-    return [chunk[i] for i in keep], x, [v[i] for i in keep], len(chunk)
+    return [chunk[i] for i in keep], x, [v[i] for i in keep], frac[keep], len(chunk)
 
 
 def _prefetch(reader: SceneReader, tiles: Sequence, threads: int, ahead: int, chunk: int = 1,
-              min_valid: float = 0.0) -> Iterator[tuple[list, np.ndarray, list, int]]:
+              min_valid: float = 0.0) -> Iterator[tuple[list, np.ndarray, list, np.ndarray, int]]:
     """Read ``tiles`` in order, ``chunk`` at a time (a model batch), on ``threads`` reader
     threads with at most ``ahead`` chunks in flight; yields what :func:`_read_chunk` returns.
     Whole chunks keep the main thread's per-tile work to nothing: a full chunk is a batch."""
@@ -573,6 +574,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         buf_t: list = []
         buf_x: list = []
         buf_v: list = []
+        buf_f: list = []  # valid fractions, from the reader
         bar = None
         if progress:
             from tqdm import tqdm
@@ -580,7 +582,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             bar = tqdm(total=len(tiles), desc=unit.key, unit="tile", leave=False, dynamic_ncols=True)
 
         def consume(item):  # on the writer thread
-            buf_t, buf_v, res = item
+            buf_t, buf_v, buf_f, res = item
             probs = np.asarray(res.probs, dtype=np.float32)
             cls = probs.argmax(axis=1)
             conf = probs[np.arange(len(cls)), cls]
@@ -595,7 +597,6 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             pcol = col_off + (px + 0.5) * size / w
             prow = row_off + (py + 0.5) * size / h
             a, b, c, d, e, f = transform[:6]
-            valid_frac = np.array([v.mean() for v in buf_v], dtype=np.float32)
             rows = {
                 "tile_index": np.array([t.index for t in buf_t], dtype=np.int64),
                 "row": np.array([t.row for t in buf_t], dtype=np.int32),
@@ -605,7 +606,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 "width": size.astype(np.int32),
                 "height": size.astype(np.int32),
                 "corners": _corners(transform, col_off, row_off, size, size),
-                "valid_fraction": valid_frac,
+                "valid_fraction": np.asarray(buf_f, dtype=np.float32),
                 "class_index": cls.astype(np.int16),
                 "confidence": conf.astype(np.float32),
                 "probabilities": probs,
@@ -639,15 +640,16 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             res = engine(x)
             timings["compute"] += time.monotonic() - tc
             _test_kill_point("inference")
-            writer.put((buf_t[:], buf_v[:], res))
+            writer.put((buf_t[:], buf_v[:], buf_f[:], res))
             if bar is not None:
                 bar.update(len(buf_t))
             buf_t.clear()
             buf_x.clear()
             buf_v.clear()
+            buf_f.clear()
 
         tr = time.monotonic()
-        for kept, xs, vs, n_read in _prefetch(reader, tiles, 0 if lockstep else cfg.inference.reader_threads,
+        for kept, xs, vs, fs, n_read in _prefetch(reader, tiles, 0 if lockstep else cfg.inference.reader_threads,
                                               ahead=cfg.inference.queue_size, chunk=bs,
                                               min_valid=cfg.tiling.min_valid_fraction):
             for _ in range(n_read):
@@ -661,6 +663,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 buf_t.extend(kept[i:i + take])
                 buf_x.append(xs[i:i + take])
                 buf_v.extend(vs[i:i + take])
+                buf_f.extend(fs[i:i + take])
                 i += take
                 if len(buf_t) == bs:
                     flush()
