@@ -15,6 +15,7 @@ in the steady state, and memory is bounded by the queue sizes, not the scene siz
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -28,7 +29,6 @@ import traceback
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
