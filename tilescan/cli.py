@@ -32,29 +32,10 @@ class _Ctx:
 
 
 def _quiet_backend(verbosity: int) -> None:
-    """Pick the Keras backend (TensorFlow unless KERAS_BACKEND says otherwise) and import
-    it now, with TensorFlow's C++ start-up chatter (written straight to file descriptor 2
-    before its logging is set up) kept off the terminal unless -v is given."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbosity <= 0 else "0")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if verbosity > 0 or "keras" in sys.modules:
-        import keras  # noqa: F401
+    """Import Keras now, its start-up chatter kept off the terminal unless -v is given."""
+    from .backend import import_keras
 
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import keras  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    if keras.backend.backend() == "tensorflow":  # its Python-side warnings (retracing notes)
-        import tensorflow as tf
-
-        tf.get_logger().setLevel("ERROR")
+    import_keras(verbosity)
 
 
 def _guard(fn: Callable[[], Any]) -> None:
@@ -137,7 +118,7 @@ def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, batc
     run.json} and OUT/report.json. Rerunning skips finished scenes."""
 
     def body():
-        _quiet_backend(obj.verbosity)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
         from .config import load_config
         from .job import parse_shard
         from .job import run as run_job

@@ -28,8 +28,10 @@ class TilingConfig:
     """Tile edge in scene pixels (or metres when ``units = "m"``)."""
     stride: int = 0
     """Step between tile origins; 0 means ``tile_size`` (no overlap)."""
-    units: str = "px"
-    """``px`` or ``m``: unit of ``tile_size`` and ``stride``."""
+    units: str = "auto"
+    """``auto`` (scene pixels where that puts the model at its ground scale, else ground
+    units at the nearest edge of the model's range), ``px`` or ``m``: unit of
+    ``tile_size`` and ``stride``."""
     min_valid_fraction: float = 0.5
     """Tiles with a smaller fraction of valid (not nodata / not masked) pixels are skipped."""
     bands: tuple[int, ...] = ()
@@ -111,6 +113,9 @@ class TrainConfig:
     test_fraction: float = 0.2
     seed: int = 20261126
     workers: int = 2
+    gsd_m: tuple[float, ...] = ()
+    """Ground sample distance of the training images as stored (metres per pixel: one value
+    or [finest, coarsest]); recorded in the model as its scale range. Empty = unknown."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 _CHOICES = {
-    ("tiling", "units"): {"px", "m"},
+    ("tiling", "units"): {"auto", "px", "m"},
     ("tiling", "scaling"): {"auto", "dtype", "percentile", "none"},
     ("inference", "jit_compile"): {"auto", "true", "false"},
     ("inference", "precision"): {"auto", "float32", "bf16"},
@@ -253,6 +258,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("train", "patience", "patience and warmup_epochs must be >= 0")
     if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:
         fail("train", "crop_scale", f"need 0 < low <= high <= 1, got {list(tr.crop_scale)}")
+    if len(tr.gsd_m) > 2 or any(not g > 0 for g in tr.gsd_m):
+        fail("train", "gsd_m", f"need one or two values > 0 (metres per pixel), got {list(tr.gsd_m)}")
     if not 0.0 <= tr.val_fraction < 1.0 or not 0.0 <= tr.test_fraction < 1.0 or tr.val_fraction + tr.test_fraction >= 1.0:
         fail("train", "val_fraction", "val_fraction and test_fraction must be in [0, 1) and sum below 1")
 

@@ -66,10 +66,14 @@ class Dataset:
         return np.array([c for _, c in self.items(split)], dtype=np.int64)
 
     def provenance(self) -> dict:
+        # names, not this machine's paths: the metadata ships with the model
+        source = self.split_source
+        if source.startswith("lists:"):
+            source = "lists:" + Path(source[len("lists:"):]).name
         info = {
             "dataset": self.name,
-            "root": str(self.root),
-            "split_source": self.split_source,
+            "root": self.root.name,
+            "split_source": source,
             "split_sha256": self.split_sha256,
             "counts": {k: len(v) for k, v in self.splits.items()},
         }

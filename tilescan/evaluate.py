@@ -34,9 +34,7 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
-import zipfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -245,33 +243,10 @@ def pick_examples(y_true: np.ndarray, y_pred: np.ndarray, n: int, seed: int = SE
 
 
 def record_scores(model_path: str | os.PathLike, key: str, entry: dict[str, Any]) -> str:
-    """Store ``entry`` as ``meta["scores"][key]`` in a model file: the ``tilescan.json``
-    member is replaced, every other member is copied unchanged (same name, date,
-    compression), through a temporary file and an atomic rename. Returns the new sha256."""
-    from .model import META_MEMBER, file_sha256, read_metadata
+    """Store ``entry`` as ``meta["scores"][key]`` in a model file; returns the new sha256."""
+    from .model import rewrite_metadata
 
-    p = Path(model_path)
-    meta = read_metadata(p)
-    meta.setdefault("scores", {})[key] = entry
-    new_meta = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write beside the model file to record scores: {exc}", path=str(p)) from None
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(p) as zin, zipfile.ZipFile(tmp, "w") as zout:
-            for info in zin.infolist():
-                data = new_meta if info.filename == META_MEMBER else zin.read(info)
-                zout.writestr(info, data, compress_type=info.compress_type)
-        read_metadata(tmp)  # the rewritten archive must read back before it replaces the model
-        os.chmod(tmp, os.stat(p).st_mode & 0o777)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return file_sha256(p)
+    return rewrite_metadata(model_path, lambda meta: meta.setdefault("scores", {}).__setitem__(key, entry))
 
 
 # ---------------------------------------------------------------------------- explanations

@@ -196,14 +196,17 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
     import warnings
 
     from .config import TilingConfig
-    from .tiling import TilingWarning, open_scene
+    from .tiling import TilingWarning
 
     cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), allow_pixel_space=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
-        reader = open_scene(path, cfg, lm.num_bands, lm.input_size, lm.meta.get("gsd_m"), lm.meta.get("bands"))
+        reader = lm.open_scene(path, cfg)
     for w in caught:
         log(f"warning: {w.message}")
+    scale = reader.plan.warning(str(path))
+    if scale:
+        log(f"warning: {scale['message']}")
     with reader:
         grid = reader.grid
         if tiles:

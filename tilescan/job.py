@@ -48,11 +48,13 @@ from .errors import (
     ConfigError,
     InputError,
     LockedError,
+    ModelError,
     OutputError,
     OutputExistsError,
     TilescanError,
 )
-from .tiling import SceneReader, TilingWarning, find_scenes, open_scene
+from .model import describe_model
+from .tiling import SceneReader, TilingWarning, find_scenes
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
 
 MANIFEST = "run.json"
@@ -204,9 +206,10 @@ class UnitResult:
     error_kind: str | None = None
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list = field(default_factory=list)  # structured: {"code", "message", ...}
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "")}
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "", [])}
 
 
 @dataclass
@@ -396,6 +399,9 @@ class Engine:
     """The model + CAM step, loaded once per invocation."""
 
     def __init__(self, cfg: Config, model_path: str | None = None):
+        from .backend import import_keras
+
+        keras = import_keras()
         from .cam import get_cam
         from .model import load_model
 
@@ -405,14 +411,11 @@ class Engine:
         self.input_size = lm.input_size
         self.bands = lm.num_bands
         self.target = resolve_target(cfg.cam.target_class, self.classes)
-        import keras
 
         self.precision = resolve_precision(cfg.inference.precision, keras.backend.backend())
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, keras.backend.backend())
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
-        self.gsd_m = lm.meta.get("gsd_m")
-        self.band_names = lm.meta.get("bands")
         self.batch_size = cfg.inference.batch_size
         # Trace/compile the step for the run's one batch shape on a side thread while the
         # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
@@ -542,7 +545,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     timings = {"read": 0.0, "compute": 0.0, "write": 0.0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
-        reader = open_scene(unit.scene, cfg.tiling, engine.bands, engine.input_size, engine.gsd_m, engine.band_names)
+        reader = engine.loaded.open_scene(unit.scene, cfg.tiling)
     try:
         if stage.exists():
             shutil.rmtree(stage)
@@ -553,6 +556,11 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     # what the user should know about the scene, not library deprecation notices
     scene_warnings = [str(w.message) for w in caught
                       if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    details = [{"code": "tiling", "message": w} for w in scene_warnings]
+    scale_warning = reader.plan.warning(str(unit.scene))
+    if scale_warning:
+        scene_warnings.append(scale_warning["message"])
+        details.append(scale_warning)
     for w in scene_warnings:
         log(f"warning: {w}" if w.startswith(str(unit.scene)) else f"warning: {unit.scene}: {w}")
     try:
@@ -674,6 +682,11 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             bar.close()
         timings["read"] = max(0.0, tw - tr - timings["compute"])
         n_done = len(table)
+        if n_done == 0:
+            empty = _why_no_tiles(reader, len(tiles), cfg.tiling.min_valid_fraction)
+            scene_warnings.append(empty["message"])
+            details.append(empty)
+            log(f"warning: {empty['message']}")
         per_class = {c: int((labels == i).sum()) for i, c in enumerate(engine.classes) if (labels == i).any()}
         crs = info.crs
         model_id = engine.loaded.model_id
@@ -737,6 +750,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 "bands_used": list(reader.bands),
                 "scale": [list(s) for s in reader.scale],
             },
+            "tiling": reader.plan.to_dict(),
             "model": {"id": model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256, "classes": engine.classes,
                       "precision": engine.precision},
             "config": cfg.to_dict(),
@@ -745,6 +759,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             "timings_s": {k: round(v, 3) for k, v in {**timings, "total": total}.items()},
             "tiles_per_s": round(n_done / total, 2) if total > 0 else None,
             "warnings": scene_warnings,
+            "warning_details": details,
             "outputs": sorted(p.name for p in stage.iterdir()),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -760,7 +775,24 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     reader.close()
     _test_kill_point("before-rename")
     _move_into_place(stage, final)
-    return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=counts, seconds=round(total, 2))
+    return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=counts, seconds=round(total, 2),
+                      warnings=[d for d in details if d["code"] != "tiling"])
+
+
+def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
+    """A warning for a unit that classified no tile, saying why."""
+    info, t = reader.info, reader.tile_px
+    if n_tiles == 0:
+        why = "its share of the tile grid is empty"
+    elif t > info.width or t > info.height:
+        best = min(1.0, info.width / t) * min(1.0, info.height / t)
+        why = (f"the {t}-px tiles are larger than the scene ({info.width} x {info.height} px): a tile "
+               f"holds at most {best:.0%} scene pixels, below min_valid_fraction {min_valid:g}; use a "
+               "smaller --tile-size or --min-valid")
+    else:
+        why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
+               "rest; --min-valid lowers the bar)")
+    return {"code": "no_tiles", "message": f"{info.path}: 0 of {n_tiles} tiles classified: {why}"}
 
 
 def _move_into_place(stage: Path, final: Path) -> None:
@@ -839,11 +871,15 @@ def run(
     scenes = find_scenes(present if present else inputs)  # raises InputError / NoScenesError
     _check_output_dir(out)
     _bound_gdal_cache()
-    engine = Engine(cfg, model_path)
+    # the metadata and hash decide what is already done; Keras and the model load only
+    # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
+    card = describe_model(model_path)
+    resolve_target(cfg.cam.target_class, card.classes)  # a bad --target fails before any scene
+    engine: Engine | None = None
 
     def rows_of(scene: Path) -> int | None:
         try:
-            with open_scene(scene, cfg.tiling, engine.bands, engine.input_size, engine.gsd_m, engine.band_names) as r:
+            with card.open_scene(scene, cfg.tiling) as r:
                 return r.grid.n_rows
         except TilescanError:
             return None
@@ -852,7 +888,6 @@ def run(
         warnings.simplefilter("ignore", TilingWarning)
         units = plan_units(scenes, cfg, shard, rows_of)
     report = RunReport()
-    engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
     for m in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(m, m, "failed", reason=f"{m}: no such file or directory", error_kind=InputError.kind))
         log(f"error: {m}: no such file or directory")
@@ -860,7 +895,7 @@ def run(
         t0 = time.monotonic()
         final = unit.out_dir(out)
         try:
-            fp = fingerprint(unit, cfg, engine.loaded.sha256)
+            fp = fingerprint(unit, cfg, card.sha256)
             with UnitLock(out, unit):
                 old = read_manifest(final)
                 if old is not None and old.get("status") == "complete":
@@ -876,12 +911,17 @@ def run(
                     raise OutputExistsError(
                         "exists but is not a finished tilescan output (no complete run.json); it was "
                         "left alone: move it away, or pass --overwrite to replace it", path=str(final))
+                if engine is None:
+                    engine = Engine(cfg, card.path)
+                    engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
                 res = process_unit(unit, out, cfg, engine, fp, progress, log)
                 report.results.append(res)
                 c = res.counts
                 log(f"{unit.key}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
                     f"{res.seconds:.1f} s -> {final}")
         except (TilescanError, OSError) as exc:
+            if isinstance(exc, ModelError):  # the model, not the scene: no later unit can do better
+                raise
             if isinstance(exc, OSError):
                 exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or final))
             if not exc.path:
@@ -897,6 +937,6 @@ def run(
     name = "report.json" if n == 1 else f"report-shard-{i:04d}-of-{n:04d}.json"
     data = report.to_dict()
     data["shard"] = [i, n]
-    data["model"] = {"id": engine.loaded.model_id, "sha256": engine.loaded.sha256}
+    data["model"] = {"id": card.model_id, "sha256": card.sha256}
     write_json(out / name, data)
     return report

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ModelError
+from .errors import ModelError, OutputError
 
 META_MEMBER = "tilescan.json"
 META_FORMAT = "tilescan-model/1"
@@ -127,6 +127,19 @@ class LoadedModel:
     def cam_layer(self) -> str:
         return str(self.meta.get("cam_layer") or DEFAULT_CAM_LAYER)
 
+    def open_scene(self, path, tiling):
+        """:func:`tilescan.tiling.open_scene` for this model's bands, input size and scale."""
+        from .tiling import open_scene
+
+        return open_scene(path, tiling, self.num_bands, self.input_size, self.meta.get("gsd_m"),
+                          self.meta.get("bands"), self.scale_range)
+
+    @property
+    def scale_range(self) -> tuple[float, float] | None:
+        """Metres per model input pixel within which the model keeps its accuracy (None: unknown)."""
+        rng = (self.meta.get("scale") or {}).get("input_gsd_m")
+        return None if not rng else (float(rng[0]), float(rng[1]))
+
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -144,7 +157,27 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
         raise ModelError(f"tilescan metadata lacks {', '.join(missing)}", path=path)
     if not isinstance(meta["classes"], list) or not meta["classes"]:
         raise ModelError("tilescan metadata 'classes' must be a non-empty list", path=path)
+    scale = meta.get("scale")
+    rng = scale.get("input_gsd_m") if isinstance(scale, dict) else scale
+    if rng is not None and not (isinstance(rng, list) and len(rng) == 2
+                                and all(isinstance(v, (int, float)) for v in rng) and 0 < rng[0] <= rng[1]):
+        raise ModelError("tilescan metadata 'scale.input_gsd_m' must be [lo, hi] metres with 0 < lo <= hi", path=path)
     return meta
+
+
+def model_path(path: str | os.PathLike | None) -> str:
+    """The model file to use: ``path``, or the packaged default."""
+    p = str(path) if path is not None else str(PACKAGE_MODEL)
+    if path is None and not os.path.exists(p):
+        raise ModelError("the packaged default model is missing; pass --model PATH", path=p)
+    return p
+
+
+def describe_model(path: str | os.PathLike | None = None) -> LoadedModel:
+    """A model's metadata and hash without loading Keras (``.model`` is None)."""
+    p = model_path(path)
+    meta = read_metadata(p)
+    return LoadedModel(model=None, meta=meta, path=p, sha256=file_sha256(p))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -176,9 +209,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load a tilescan model (the packaged default when ``path`` is None)."""
-    p = str(path) if path is not None else str(PACKAGE_MODEL)
-    if path is None and not os.path.exists(p):
-        raise ModelError("the packaged default model is missing; pass --model PATH", path=p)
+    p = model_path(path)
     meta = read_metadata(p)
     keras = _keras()
     try:
@@ -194,6 +225,35 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     if n_in is not None and int(n_in) != len(meta["bands"]):
         raise ModelError(f"the model takes {n_in} bands but its metadata lists {len(meta['bands'])}", path=p)
     return LoadedModel(model=model, meta=meta, path=p, sha256=file_sha256(p))
+
+
+def rewrite_metadata(path: str | os.PathLike, update) -> str:
+    """Change a model file's metadata in place: ``update(meta)`` edits the dict, the
+    ``tilescan.json`` member is replaced and every other member copied unchanged (same
+    name, date, compression), through a temporary file and an atomic rename. Returns the
+    new sha256."""
+    p = Path(path)
+    meta = read_metadata(p)
+    update(meta)
+    new_meta = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write beside the model file to update its metadata: {exc}", path=str(p)) from None
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(p) as zin, zipfile.ZipFile(tmp, "w") as zout:
+            for info in zin.infolist():
+                data = new_meta if info.filename == META_MEMBER else zin.read(info)
+                zout.writestr(info, data, compress_type=info.compress_type)
+        read_metadata(tmp)  # the rewritten archive must read back before it replaces the model
+        os.chmod(tmp, os.stat(p).st_mode & 0o777)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return file_sha256(p)
 
 
 def _halve_weights(h5_bytes: bytes) -> bytes:

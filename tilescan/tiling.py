@@ -16,6 +16,7 @@ Pieces, in the order a job uses them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "SceneReader",
     "Tile",
     "TileGrid",
+    "TilingPlan",
     "TilingWarning",
     "find_scenes",
     "open_scene",
@@ -459,6 +461,7 @@ class SceneReader:
         self._handles = [ds]
         self._closed = False
         self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
+        self.plan: TilingPlan | None = None  # set by open_scene
         self._preview: _DecimatedCopy | None = None
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
@@ -889,8 +892,80 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         "list one 1-based scene band per model band, in the model's order", path=p)
 
 
+@dataclass(frozen=True)
+class TilingPlan:
+    """How a scene's tiles were sized, and whether that puts the model at its scale.
+
+    ``scale`` is ``in_range`` (tiles in scene pixels, inside the model's range),
+    ``resampled`` (a finer scene: tiles sized in ground units at the model's finest scale
+    and resampled to the input size), ``coarser`` (the scene's pixels are coarser than the
+    model's coarsest input: no tiling can reach its range), ``unknown`` (no ground sample
+    distance), ``unchecked`` (the model declares no range) or ``forced`` (``units``,
+    ``resample_to_gsd`` chose the tiling; the range is still checked for the warning).
+    """
+
+    tile_px: int
+    stride_px: int
+    units: str
+    reason: str
+    scale: str
+    scene_gsd_m: float | None = None
+    input_gsd_m: float | None = None
+    tile_footprint_m: float | None = None
+    model_input_gsd_m: tuple[float, float] | None = None
+    model_input_size: int | None = None
+
+    def warning(self, path: str) -> dict | None:
+        """A structured warning when the labels are outside the model's scale, else None."""
+        lo_hi = self.model_input_gsd_m
+        if lo_hi is None:
+            return None
+        lo, hi = lo_hi
+        size = self.model_input_size or 0
+        model_tiles = f"{_metres(lo * size)}–{_metres(hi * size)} tiles"
+        if self.scene_gsd_m is None:
+            msg = (f"{path}: the scene's ground sample distance is unknown (no usable "
+                   f"georeferencing), so tilescan cannot check it against the model's scale "
+                   f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}); labels are only "
+                   "meaningful if its tiles cover about that much ground")
+            code = "scale_unknown"
+        elif self.input_gsd_m is not None and not lo * (1 - 1e-6) <= self.input_gsd_m <= hi * (1 + 1e-6):
+            side = "coarser" if self.input_gsd_m > hi else "finer"
+            msg = (f"{path}: scene at {self.scene_gsd_m:.3g} m per pixel; its {self.tile_px}-px tiles "
+                   f"cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per model input "
+                   f"pixel, {side} than the model's range ({lo:.3g}–{hi:.3g} m per input pixel, "
+                   f"{model_tiles}): its labels are not meaningful at this scale")
+            code = "scale_out_of_range"
+        else:
+            return None
+        return {"code": code, "message": msg, "scene_gsd_m": self.scene_gsd_m,
+                "tile_px": self.tile_px, "input_gsd_m": self.input_gsd_m,
+                "tile_footprint_m": self.tile_footprint_m, "model_input_gsd_m": list(lo_hi),
+                "model_tile_footprint_m": [lo * size, hi * size]}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_input_gsd_m"] = list(self.model_input_gsd_m) if self.model_input_gsd_m else None
+        return d
+
+
+def _metres(m: float | None) -> str:
+    if m is None:
+        return "unknown ground"
+    return f"{m / 1000:.3g} km" if m >= 1000 else f"{m:.3g} m"
+
+
 def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
-                   model_gsd_m: float | None) -> tuple[int, int]:
+                   model_gsd_m: float | None,
+                   model_scale: tuple[float, float] | None = None) -> TilingPlan:
+    """Tile and stride in scene pixels, and why (see ``[tiling] units`` in configs/default.toml).
+
+    ``units = "auto"`` keeps tiles in scene pixels where the model input pixel they give
+    (scene GSD x tile / input size) lies inside the model's range ``model_scale`` (metres
+    per input pixel); on a finer scene the tile grows until it reaches the range's fine
+    edge (and is resampled to the input size); a scene whose own pixels are coarser than
+    the range cannot be helped and keeps its pixel tiles (the plan's warning says so).
+    """
     p = str(info.path)
     size, stride = cfg.tile_size, cfg.stride or cfg.tile_size
     if stride > size:
@@ -898,6 +973,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
             f"[tiling] stride = {cfg.stride} is larger than tile_size = {cfg.tile_size}: "
             "the pixels between tiles would never be classified")
     gsd = info.gsd_m
+    units, scale = "px", "forced"
     if cfg.resample_to_gsd and model_gsd_m is None:
         warnings.warn(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
                       "GSD; tiles are not resampled", TilingWarning, stacklevel=3)
@@ -909,20 +985,57 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
         stride_px = round(tile_px * stride / size)
         how = (f"(model GSD {model_gsd_m:g} m x {input_size} px, scene GSD {gsd:.4g} m; "
                "turn off [tiling] resample_to_gsd)")
+        units, reason = "m", f"resample_to_gsd: tiles of {input_size} model pixels at {model_gsd_m:g} m"
     elif cfg.units == "m":
         if gsd is None:
             raise InputError('[tiling] units = "m" needs a georeferenced scene with a known '
                              'ground sample distance; use units = "px"', path=p)
         tile_px, stride_px = round(size / gsd), round(stride / gsd)
         how = f"({size} m at {gsd:.4g} m/px)"
+        units, reason = "m", f'units = "m": tiles of {size} m'
     else:
         tile_px, stride_px, how = size, stride, ""
+        reason = f'units = "px": tiles of {size} scene pixels'
+        if cfg.units == "auto":
+            if model_scale is None:
+                scale, reason = "unchecked", f"tiles of {size} scene pixels (the model declares no ground-scale range)"
+            elif gsd is None:
+                scale, reason = "unknown", f"tiles of {size} scene pixels (the scene's ground sample distance is unknown)"
+            else:
+                lo, hi = model_scale
+                at_px = gsd * size / input_size  # metres per model input pixel with pixel tiles
+                if at_px < lo:
+                    tile_px = math.ceil(size * lo / at_px - 1e-9)  # up: the input pixel stays >= lo
+                    stride_px = round(tile_px * stride / size)
+                    units, scale = "m", "resampled"
+                    reason = (f"scene at {gsd:.3g} m/px is finer than the model's range "
+                              f"({lo:.3g}–{hi:.3g} m per input pixel): tiles of {_metres(tile_px * gsd)} "
+                              f"({tile_px} px) resampled to {input_size} px")
+                    how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
+                elif at_px > hi and gsd <= hi:
+                    tile_px = max(1, math.floor(size * hi / at_px + 1e-9))  # down: stays <= hi
+                    stride_px = round(tile_px * stride / size)
+                    units, scale = "m", "resampled"
+                    reason = (f"{size}-px tiles would be coarser than the model's range: tiles of "
+                              f"{_metres(tile_px * gsd)} ({tile_px} px) resampled to {input_size} px")
+                elif at_px > hi:
+                    scale = "coarser"
+                    reason = (f"scene at {gsd:.3g} m/px is coarser than the model's range "
+                              f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
+                              f"tiles of {size} scene pixels")
+                else:
+                    scale = "in_range"
+                    reason = (f"tiles of {size} scene pixels: {at_px:.3g} m per input pixel is inside "
+                              f"the model's range ({lo:.3g}–{hi:.3g})")
     if tile_px < 1:
         raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
     if tile_px > MAX_TILE_PX:
         raise InputError(f"tiles would be {tile_px} px wide, above the {MAX_TILE_PX} px limit "
                          f"{how}", path=p)
-    return tile_px, min(max(1, stride_px), tile_px)
+    stride_px = min(max(1, stride_px), tile_px)
+    input_gsd = gsd * tile_px / input_size if gsd is not None else None
+    return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
+                      None if gsd is None else gsd * tile_px, model_scale, input_size)
 
 
 #: Share of sampled pixels that may hold the nodata value in some model bands but not in all
@@ -1008,7 +1121,8 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
 
 def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, input_size: int,
                model_gsd_m: float | None = None,
-               model_band_names: Sequence[str] | None = None) -> SceneReader:
+               model_band_names: Sequence[str] | None = None,
+               model_scale: Sequence[float] | None = None) -> SceneReader:
     """Check a GeoTIFF and return a :class:`SceneReader` for it.
 
     Raises :class:`InputError` (naming the file) when the scene is missing, a directory,
@@ -1025,12 +1139,17 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
     Tile size in scene pixels: ``cfg.tile_size`` (``units = "px"``), or converted from
     metres with the scene GSD (``units = "m"``); with ``cfg.resample_to_gsd`` and a model
     GSD, ``round(input_size * model_gsd_m / scene_gsd_m)`` (the stride keeps its ratio to
-    the tile size). Tiles are resized to ``input_size`` when the sizes differ.
+    the tile size); with ``units = "auto"`` (the default) from the model's ground-scale
+    range ``model_scale`` (metres per input pixel, see :func:`_tile_geometry`). Tiles are
+    resized to ``input_size`` when the sizes differ. ``reader.plan`` says what was chosen
+    and why (:class:`TilingPlan`).
     """
     if model_bands < 1 or input_size < 1:
         raise ValueError(f"model_bands and input_size must be >= 1, got {model_bands}, {input_size}")
     if model_gsd_m is not None and not model_gsd_m > 0:
         raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
+    if model_scale is not None and not 0 < model_scale[0] <= model_scale[1]:
+        raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
     path = Path(path)
     p = str(path)
     _check_file(path)
@@ -1067,9 +1186,11 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
             warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
                           "(allow_pixel_space = true)", TilingWarning, stacklevel=2)
         bands = _pick_bands(info, cfg, model_bands, model_band_names)
-        tile_px, stride_px = _tile_geometry(info, cfg, input_size, model_gsd_m)
-        grid = TileGrid(info.width, info.height, tile_px, stride_px)
+        plan = _tile_geometry(info, cfg, input_size, model_gsd_m,
+                              None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
+        grid = TileGrid(info.width, info.height, plan.tile_px, plan.stride_px)
         reader = SceneReader(info, ds, bands, grid, input_size)
+        reader.plan = plan
         reader.scale = tuple(_compute_scale(reader, cfg))
         reader._set_scale(reader.scale)
         return reader

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -155,6 +154,25 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             )
 
     return Checkpointer()
+
+
+def stated_scale(gsd_m, image_paths, input_size: int) -> dict:
+    """The metadata's ``scale`` for a model trained on images of a stated ground sample
+    distance (``[train] gsd_m``: metres per pixel of the images as stored, one value or a
+    range); unknown (``input_gsd_m`` null) when none is stated. The model sees an image
+    resized to ``input_size``, so its metres per input pixel scale by stored px / input px."""
+    if not gsd_m:
+        return {"input_gsd_m": None, "source": "unknown: the training data states no ground sample distance ([train] gsd_m)"}
+    from .data import decode_rgb
+
+    lo, hi = float(min(gsd_m)), float(max(gsd_m))
+    side = max(decode_rgb(Path(image_paths[0])).shape[:2])  # stored image edge, from the first image
+    f = side / input_size
+    return {
+        "input_gsd_m": [round(lo * f, 4), round(hi * f, 4)],
+        "tile_footprint_m": [round(lo * side, 1), round(hi * side, 1)],
+        "source": f"stated: [train] gsd_m = {[lo, hi]} m per stored pixel x {side} px / {input_size} px input",
+    }
 
 
 def plot_history(history_csv: Path, png: Path) -> None:
@@ -300,6 +318,7 @@ def train(
             "std": std,
         },
         "gsd_m": None,
+        "scale": stated_scale(cfg.gsd_m, tr_paths, size),
         "cam_layer": DEFAULT_CAM_LAYER,
         "training": {
             **dataset.provenance(),
@@ -310,13 +329,10 @@ def train(
             "best_epoch": state["best_epoch"],
             "stopped": state.get("stopped"),
             "seconds_this_run": round(time.monotonic() - t0, 1),
-            "host": platform.node(),
             "limit": limit,
         },
         "scores": {"val": {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)}},
     }
-    if (dataset.name or "").lower() == "aid":
-        meta["gsd_note"] = "AID mixes 0.5-8 m/px at 600 px; resized to 128 px that is about 2.3-37 m/px"
     sha = save_model(export, out, meta, half=half)
     hist_out = out.with_name(out.name[: -len(".keras")] + ".history.csv")
     if (ckpt / "history.csv").exists():
