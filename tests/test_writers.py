@@ -33,6 +33,7 @@ from tilescan.writers import (
     _HeatGrid,
     atomic_output,
     class_colors,
+    quicklook_layout,
     read_heatmap_preview,
     wkb_polygons,
     write_json,
@@ -538,12 +539,15 @@ def test_quicklook(tmp_path):
     labels = rng.integers(-1, len(CLASSES), (6, 8))
     heat = rng.uniform(0, 1, (30, 40)).astype(np.float32)
     heat[:5] = np.nan
-    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES)
+    # a 320 x 240 scene of 40 px tiles: 6 x 8 tiles
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES, scene_size=(320, 240), tile_px=40)
     img = np.asarray(Image.open(p))
+    lay = quicklook_layout(w, h)
     assert img.ndim == 3 and img.shape[2] == 3
-    assert 3 * w <= img.shape[1] <= 3 * w + 20 and img.shape[0] > h
+    assert img.shape[1] == lay.width and 3 * w <= img.shape[1] <= 3 * w + 20 and img.shape[0] > h
     assert img.std() > 10
-    panels = [img[14:14 + h, k * (w + 4):k * (w + 4) + w].astype(int) for k in range(3)]
+    panels = [img[lay.origin(k)[1]:lay.origin(k)[1] + h, lay.origin(k)[0]:lay.origin(k)[0] + w].astype(int)
+              for k in range(3)]
     assert np.abs(panels[0] - panels[1]).mean() > 5 and np.abs(panels[0] - panels[2]).mean() > 5
     # no heatmap, no labels: still three panels
     p2 = write_quicklook(tmp_path / "q2.png", rgb, None, None, None, CLASSES)
@@ -592,6 +596,10 @@ def test_outputs_for_real_scene(tmp_path, scene_path):
         h = heat.read(1)
         assert (h[0, 0] == HEATMAP_NODATA) and (h >= 0).mean() > 0.5  # nodata corner of the scene
     assert cog_validate(tmp_path / "heat.tif")[0] and cog_validate(tmp_path / "labels.tif")[0]
-    write_quicklook(tmp_path / "q.png", preview, pvalid, labels,
-                    read_heatmap_preview(tmp_path / "heat.tif", 256), CLASSES)
+    # the quicklook takes the run's grid, whose last row / column runs past the scene edge
+    ql_labels = np.full((1 + math.ceil((H - tile) / stride), 1 + math.ceil((W - tile) / stride)), -1)
+    ql_labels[:n_rows, :n_cols] = labels
+    write_quicklook(tmp_path / "q.png", preview, pvalid, ql_labels,
+                    read_heatmap_preview(tmp_path / "heat.tif", 256), CLASSES,
+                    scene_size=(W, H), tile_px=tile, stride=stride)
     assert Image.open(tmp_path / "q.png").size[0] >= 3 * (W // 4)

@@ -721,7 +721,8 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 if unit.part is not None:  # a row band: show only its part of the grid
                     full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
                     full_labels[r0:r1] = labels
-                write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes)
+                write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes,
+                                scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=stride)
             cog.result()
             tables.result()
         timings["write"] = time.monotonic() - tw

@@ -1,0 +1,215 @@
+"""The quicklook PNG shows each tile's class where the tile is: label cells are read back from
+the PNG at every tile's centre (windows computed here from the documented grid formula) on
+real scenes whose size is not a multiple of the tile size, written directly and by
+``tilescan run``. Also: the legend lists the classes present, the colour bar is the heat
+colour map, the font is readable."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from click.testing import CliRunner
+from PIL import Image
+
+from tilescan.writers import LABEL_BLEND, class_colors, quicklook_layout, write_quicklook
+
+NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 934 x 723, 4 bands
+RGB_BYTE = "rasterio/RGB.byte.tif"  # 791 x 718, nodata border
+CLASSES = [f"class {i}" for i in range(30)]
+
+
+def grid_shape(width, height, tile, stride):
+    """The tile grid's (rows, cols): every tile origin inside the scene, the last ones may
+    run past the right / bottom edge."""
+    return (1 + max(0, math.ceil((height - tile) / stride)), 1 + max(0, math.ceil((width - tile) / stride)))
+
+
+def preview_of(path, max_size):
+    """The scene decimated by nearest sampling, GDAL's rule (pixel floor((i + 0.5) * n / m)),
+    as the scene reader's preview is: RGB (first three bands) and its valid mask."""
+    with rasterio.open(path) as src:
+        W, H = src.width, src.height
+        f = min(1.0, max_size / max(W, H))
+        h, w = max(1, round(H * f)), max(1, round(W * f))
+        ri = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
+        ci = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
+        rgb = src.read([1, 2, 3])[:, ri][:, :, ci].transpose(1, 2, 0)
+        valid = (src.read_masks([1, 2, 3]) > 0).all(axis=0)[ri][:, ci]
+    return np.ascontiguousarray(rgb), valid, (W, H)
+
+
+def distinct_labels(n_rows, n_cols):
+    """A class per tile, different from all eight neighbours; every 7th tile skipped (-1)."""
+    idx = np.arange(n_rows)[:, None] * n_cols + np.arange(n_cols)[None]
+    labels = (np.arange(n_rows)[:, None] * 11 + np.arange(n_cols)[None] * 2) % 29 + 1
+    labels[idx % 7 == 3] = -1
+    return labels
+
+
+def panels(png, w, h):
+    """The scene and label panels of a quicklook PNG, located through its layout."""
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    lay = quicklook_layout(w, h)
+    (x0, y0), (x1, y1) = lay.origin(0), lay.origin(1)
+    assert img.shape[1] == lay.width
+    return img, img[y0:y0 + h, x0:x0 + w], img[y1:y1 + h, x1:x1 + w]
+
+
+def tile_centres(W, H, w, h, tile, stride, n_rows, n_cols):
+    """For each tile (r, c): the preview pixel at the centre of its window clipped to the scene."""
+    for r in range(n_rows):
+        for c in range(n_cols):
+            c0, r0 = c * stride, r * stride
+            cx, cy = (c0 + min(c0 + tile, W)) / 2, (r0 + min(r0 + tile, H)) / 2
+            yield r, c, min(int(cy * h / H), h - 1), min(int(cx * w / W), w - 1)
+
+
+def blended(scene_px, cls):
+    """The label panel's colour over a valid scene pixel: the scene blended with the class colour."""
+    return (1 - LABEL_BLEND) * np.asarray(scene_px, float) + LABEL_BLEND * np.array(class_colors(len(CLASSES))[cls])
+
+
+def check_centres(png, labels, preview_valid, W, H, tile, stride, row_offset=0):
+    """Every tile's centre pixel shows its class (blended with the scene) or, for skipped tiles
+    and tiles outside ``labels``' rows, the scene; returns how many labelled centres were checked."""
+    h, w = preview_valid.shape
+    n_rows, n_cols = grid_shape(W, H, tile, stride)
+    _, scene, lab = panels(png, w, h)
+    checked = 0
+    for r, c, y, x in tile_centres(W, H, w, h, tile, stride, n_rows, n_cols):
+        if not preview_valid[y, x]:
+            continue
+        k = labels[r - row_offset, c] if 0 <= r - row_offset < labels.shape[0] else -1
+        want = scene[y, x] if k < 0 else blended(scene[y, x], k)
+        assert np.abs(lab[y, x] - want).max() <= 1, (
+            f"tile ({r}, {c}) class {k}: label panel has {lab[y, x]} at its centre ({x}, {y}), expected {want}")
+        checked += k >= 0
+    return checked
+
+
+@pytest.mark.parametrize("rel", [NAIP, RGB_BYTE])
+@pytest.mark.parametrize("tile, stride, size", [(128, 128, 1024), (128, 128, 400), (128, 96, 1024),
+                                                (100, 64, 700)])
+def test_each_tile_centre_shows_its_class(tmp_path, scene_path, rel, tile, stride, size):
+    """Scene sizes that are not multiples of the tile: the last column / row of tiles runs
+    past the edge and must be drawn only over its part of the scene, not stretched."""
+    rgb, valid, (W, H) = preview_of(scene_path(rel), size)
+    n_rows, n_cols = grid_shape(W, H, tile, stride)
+    assert W % stride and H % stride
+    labels = distinct_labels(n_rows, n_cols)
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, None, CLASSES,
+                        scene_size=(W, H), tile_px=tile, stride=stride)
+    assert check_centres(p, labels, valid, W, H, tile, stride) >= 0.5 * (labels >= 0).sum()
+
+
+@pytest.mark.parametrize("rel", [NAIP, RGB_BYTE])
+def test_label_panel_is_the_tile_grid(tmp_path, scene_path, rel):
+    """Without overlap every preview pixel shows the tile whose window holds the scene pixel
+    it samples: the whole label panel equals the scene blended cell by cell."""
+    tile = 128
+    rgb, valid, (W, H) = preview_of(scene_path(rel), 600)
+    h, w = valid.shape
+    labels = distinct_labels(*grid_shape(W, H, tile, tile))
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, None, CLASSES, scene_size=(W, H), tile_px=tile)
+    _, scene, lab = panels(p, w, h)
+    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1) // tile
+    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1) // tile
+    k = labels[rows[:, None], cols[None]]
+    colours = np.array(class_colors(len(CLASSES)), float)[np.maximum(k, 0)]
+    want = np.where(((k >= 0) & valid)[..., None], (1 - LABEL_BLEND) * scene + LABEL_BLEND * colours, scene)
+    assert np.abs(lab - want).max() <= 1
+
+
+def test_row_band_and_outlines(tmp_path, scene_path):
+    """A row band's labels sit on their own grid rows (the rest shows the scene); outlines
+    darken the first pixel row / column of each tile and leave the centres alone."""
+    tile = 128
+    rgb, valid, (W, H) = preview_of(scene_path(NAIP), 1024)
+    n_rows, n_cols = grid_shape(W, H, tile, tile)
+    band = distinct_labels(n_rows, n_cols)[2:4]
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, band, None, CLASSES,
+                        scene_size=(W, H), tile_px=tile, row_offset=2, outlines=True)
+    assert check_centres(p, band, valid, W, H, tile, tile, row_offset=2) > 0
+    _, scene, lab = panels(p, *valid.shape[::-1])
+    for c in range(1, n_cols):  # full resolution: tile c starts at preview column c * tile
+        assert (lab[:, c * tile] < 40).all() and not (lab[:, c * tile - 1] < 40).all()
+    with pytest.raises(ValueError, match=r"do not fit the 6 x 8 grid"):
+        write_quicklook(tmp_path / "bad.png", rgb, valid, band, None, CLASSES,
+                        scene_size=(W, H), tile_px=tile, row_offset=5)
+    with pytest.raises(ValueError, match="scene_size and tile_px"):
+        write_quicklook(tmp_path / "bad.png", rgb, valid, band, None, CLASSES)
+
+
+@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # rio-cogeo's affine use
+def test_quicklook_of_a_run(tmp_path, scene_path):
+    """``tilescan run`` on the NAIP scene (934 x 723, 128 px tiles): the quicklook's label
+    panel shows, at every classified tile's centre, that tile's class from tiles.parquet."""
+    from tilescan.cli import main
+
+    scene = scene_path(NAIP)
+    res = CliRunner().invoke(main, ["run", str(scene), "-o", str(tmp_path), "--tile-size", "128", "--no-progress"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / scene.stem
+    t = pq.read_table(folder / "tiles.parquet", columns=["row", "col", "class_index"]).to_pydict()
+    W, H = 934, 723
+    labels = np.full(grid_shape(W, H, 128, 128), -1)
+    labels[t["row"], t["col"]] = t["class_index"]
+    assert (labels >= 0).sum() > 30
+    _, valid, _ = preview_of(scene, 1024)
+    assert check_centres(folder / "quicklook.png", labels, valid, W, H, 128, 128) == (labels >= 0).sum()
+
+
+def test_legend_colour_bar_and_font(tmp_path, scene_path):
+    """The legend has a swatch for each class present and none for the others; the colour bar
+    under the heat panel runs the jet colour map from 0 to 1; titles are drawn in a
+    TrueType font of readable height."""
+    rgb, valid, (W, H) = preview_of(scene_path(NAIP), 1024)
+    h, w = valid.shape
+    n_rows, n_cols = grid_shape(W, H, 128, 128)
+    present = [3, 17, 29]
+    labels = np.array(present * (n_rows * n_cols))[:n_rows * n_cols].reshape(n_rows, n_cols)
+    heat = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(32, 0)
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES, scene_size=(W, H), tile_px=128)
+    img, _, _ = panels(p, w, h)
+    lay = quicklook_layout(w, h)
+    below = img[lay.title_h + h:, :2 * w + lay.gap]
+    palette = class_colors(len(CLASSES))
+    for k, colour in enumerate(palette):
+        n = (below == colour).all(axis=-1).sum()
+        assert (n >= (lay.font_px - 2) ** 2) if k in present else n == 0, (k, n)
+
+    x0, y0, x1, y1 = lay.colorbar_box()
+    bar = img[(y0 + y1) // 2, x0:x1]
+    ramp = np.clip(np.arange(x1 - x0) * 255.0 / (x1 - x0 - 1) + 0.5, 0, 255).astype(np.uint8)
+    jet = cv2.applyColorMap(ramp[None], cv2.COLORMAP_JET)[0, :, ::-1].astype(int)
+    assert np.abs(bar - jet).max() <= 1
+    assert img[y1 + lay.font_px:, x0:x1].min() < 100  # tick labels and caption under the bar
+
+    assert 14 <= lay.font_px <= 16  # a ~1000 px panel
+    title = img[:lay.title_h, lay.origin(1)[0]:lay.origin(1)[0] + w].min(axis=(1, 2)) < 128
+    ys = np.flatnonzero(title)
+    assert ys.size and ys[-1] - ys[0] + 1 >= 0.65 * lay.font_px  # "labels": ascenders to baseline
+
+
+def test_palette_well_separated():
+    """The first 30 class colours (one per AID class) stay far apart in RGB and in CIELAB;
+    the label COG's colour table uses the same ones."""
+    from tilescan.writers import _srgb_to_lab
+
+    assert np.allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
+    assert np.allclose(_srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)
+    a = np.array(class_colors(30), float)
+    iu = np.triu_indices(30, 1)
+    rgb_d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))[iu]
+    lab = _srgb_to_lab(a)
+    lab_d = np.sqrt(((lab[:, None] - lab[None]) ** 2).sum(-1))[iu]
+    assert rgb_d.min() > 50 and lab_d.min() > 30
+    many = _srgb_to_lab(np.array(class_colors(60), float))
+    assert np.sqrt(((many[:, None] - many[None]) ** 2).sum(-1))[np.triu_indices(60, 1)].min() > 20
+    assert class_colors(60)[:30] == class_colors(30) == class_colors(30)
