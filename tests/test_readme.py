@@ -42,4 +42,4 @@ def test_quick_start_then_python_snippet(tmp_path, monkeypatch):
     assert len(tiles) > 0 and tiles.crs is not None and tiles.crs.to_epsg() == 26914
     assert heat.count() > 0 and float(heat.max()) <= 1.0
     assert Path(tmp_path, "out", "m_4709963_se_14_1_20190904", "quicklook.png").exists()
-    assert os.path.exists(REPO / "docs" / "quickstart-naip.png")
+    assert os.path.exists(REPO / "docs" / "quickstart-naip.jpg")
