@@ -102,6 +102,11 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     assert meta["training"]["counts"]["train"] == 40 and meta["training"]["counts"]["val"] == 20
     assert set(meta["training"]["split_sha256"]) == {"train", "val", "test"}
     assert 0.0 <= meta["scores"]["val"]["accuracy"] <= 1.0 and meta["scores"]["val"]["n"] == 20
+    # nothing of this machine in metadata that ships with a model
+    blob = json.dumps(meta)
+    assert str(tmp_path) not in blob and str(mini_aid) not in blob and "host" not in meta["training"]
+    # no ground sample distance stated: the scale is unknown, and run will not guess one
+    assert meta["scale"]["input_gsd_m"] is None and lm.scale_range is None
     hist = _history(out)
     assert [int(r["epoch"]) for r in hist] == [1, 2]
     png = out.with_name("m.curves.png")
@@ -189,3 +194,17 @@ def test_packaged_model_metadata():
     meta = read_metadata(Path(__file__).resolve().parents[1] / "tilescan" / "models" / "default.keras")
     assert len(meta["classes"]) == 30 and meta["input_size"] == [128, 128]
     assert "Xia" in meta["training"]["citation"] and "research" in meta["training"]["terms"]
+
+
+def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
+    out = tmp_path / "g.keras"
+    cfg = tmp_path / "g.toml"
+    cfg.write_text("[train]\ngsd_m = [2.0, 32.0]\n")  # AID: 0.5-8 m at 600 px, stored at 150 px
+    res = _train([mini_aid, "-o", out, "--config", cfg, "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--patience", "0"])
+    assert res.exit_code == 0, res.output
+    from tilescan.model import describe_model
+
+    card = describe_model(out)
+    side = 150  # the mini AID images keep AID's stored size
+    assert card.scale_range == pytest.approx((2.0 * side / 32, 32.0 * side / 32))
+    assert card.meta["scale"]["tile_footprint_m"] == pytest.approx([2.0 * side, 32.0 * side])
