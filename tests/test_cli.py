@@ -6,10 +6,13 @@ issue 2, each through the real click CLI on a real (small) scene.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tilescan.cli import main
+from tilescan.config import CAM_METHOD_NAMES
 
 SMALL = "rio-tiler/cog_rgb.tif"  # 383 x 232: one 400 px tile, a few seconds per run
 FAST = ["--tile-size", "400", "--no-progress"]
@@ -47,7 +51,8 @@ def test_help_does_not_import_tensorflow_or_keras():
     code = (
         "import sys\n"
         "from tilescan.cli import main\n"
-        "for args in (['--help'], ['run', '--help'], ['--version'], ['info']):\n"
+        "for args in (['--help'], ['run', '--help'], ['run', '-v', '--help'], ['train', '--help'], ['evaluate', '--help'],\n"
+        "             ['explain', '--help'], ['collect', '--help'], ['--version'], ['info']):\n"
         "    try:\n"
         "        main(args, prog_name='tilescan')\n"
         "    except SystemExit as e:\n"
@@ -196,3 +201,164 @@ def test_rerun_skips_and_overwrite_replaces(tmp_path, scene_path):
     assert man2["fingerprint"] == man1["fingerprint"] and man2["counts"] == man1["counts"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [scene.stem, "report.json"]
     assert not [p for p in out.iterdir() if ".old-" in p.name]
+
+
+# ------------------------------------------------------------------------------------
+# help that shows every default; -v/-q on either side of the command
+
+
+def help_text(*cmd: str) -> str:
+    r = CliRunner().invoke(main, [*cmd, "--help"], terminal_width=300, max_content_width=300, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def shown_default(text: str, option: str) -> str:
+    """The ``[default: ...]`` in the help of ``option`` (its lines up to the next option)."""
+    lines = text.splitlines()
+    i = next(i for i, ln in enumerate(lines) if re.match(rf"\s+(-\w, )?{re.escape(option)}\b", ln))
+    block = [lines[i], *itertools.takewhile(lambda ln: ln.strip() and not ln.lstrip().startswith("-"), lines[i + 1:])]
+    m = re.search(r"\[(?:env var: [^;]*; )?default: ([^;\]]+)", " ".join(block))
+    assert m, f"no default shown for {option}: {block!r}"
+    return m.group(1)
+
+
+def test_run_and_train_help_show_the_config_defaults():
+    """Options that defer to the config layers show the values of configs/default.toml."""
+    toml = tomllib.loads((Path(__file__).resolve().parents[1] / "configs" / "default.toml").read_text())
+    run_help = help_text("run")
+    want = {
+        "--tile-size": toml["tiling"]["tile_size"], "--stride": toml["tiling"]["stride"],
+        "--min-valid": toml["tiling"]["min_valid_fraction"], "--batch-size": toml["inference"]["batch_size"],
+        "--threads": toml["inference"]["reader_threads"], "--cam": toml["cam"]["method"],
+        "--heatmap-scale": toml["output"]["heatmap_scale"],
+    }
+    for opt, value in want.items():
+        assert shown_default(run_help, opt) == str(value), opt
+    assert shown_default(run_help, "--gpkg") == ("gpkg" if toml["output"]["gpkg"] else "no-gpkg")
+    for opt in ("--model", "--bands", "--cam-layer", "--target", "--shard", "--progress", "--overwrite", "--allow-pixel-space"):
+        assert shown_default(run_help, opt)
+    # the epilog says where values not given come from
+    flat = " ".join(run_help.split())
+    assert "TILESCAN_<SECTION>__<KEY>" in flat and "--config file" in flat and "configs/default.toml" in flat
+
+    train_help = help_text("train")
+    for opt, key in {"--epochs": "epochs", "--batch-size": "batch_size", "--image-size": "image_size",
+                     "--lr": "learning_rate", "--patience": "patience"}.items():
+        assert shown_default(train_help, opt) == str(toml["train"][key]), opt
+
+
+@pytest.mark.parametrize("cmd,defaults", [
+    ("evaluate", {"--split": "test", "--batch-size": "64", "--explain-samples": "8", "--cam": "gradcam"}),
+    ("explain", {"--cam": "gradcam", "--top": "4"}),
+    ("collect", {"--gpkg": "gpkg"}),
+])
+def test_every_command_help_shows_defaults(cmd, defaults):
+    text = help_text(cmd)
+    for opt, value in defaults.items():
+        assert shown_default(text, opt) == value, (cmd, opt)
+    for opt in ("-v", "-q"):  # documented on the command itself
+        assert re.search(rf"^\s+{opt}, --\w+ .*before or after the command", text, re.M), (cmd, opt)
+
+
+@pytest.mark.parametrize("cmd", ["run", "explain", "evaluate"])
+def test_help_lists_the_cam_methods_and_one_spelling(cmd):
+    text = help_text(cmd)
+    cam_line = next(ln for ln in text.splitlines() if re.match(r"\s+--cam\b", ln))
+    assert all(m in cam_line for m in CAM_METHOD_NAMES), cam_line
+    # the old spellings are accepted (tested below) but not advertised
+    assert "--cam-methods" not in text and not re.search(r"\s--layer\b", text)
+
+
+def test_cam_method_names_match_the_registry():
+    from tilescan.cam import CAM_METHODS
+
+    assert tuple(CAM_METHODS) == CAM_METHOD_NAMES
+
+
+def test_verbosity_flags_before_and_after_the_command(tmp_path, scene_path):
+    scene = scene_path(SMALL)
+    out = tmp_path / "out"
+    r = invoke("run", scene, "-o", out, *FAST, "-v")  # after the command: the user's trial
+    assert r.exit_code == 0, r.output
+    assert "done: 1 written" in r.output
+    # reruns (skipped, fast): -q hides the summary line on either side; the counts add up
+    r = invoke("run", scene, "-o", out, *FAST, "-q")
+    assert r.exit_code == 0 and "done:" not in r.output
+    r = invoke("-q", "run", scene, "-o", out, *FAST)
+    assert r.exit_code == 0 and "done:" not in r.output
+    r = invoke("-q", "run", scene, "-o", out, *FAST, "-v")  # -1 + 1 = normal output
+    assert r.exit_code == 0 and "done: 0 written, 1 already complete" in r.output
+    r = invoke("-v", "run", scene, "-o", out, *FAST, "-qq")
+    assert r.exit_code == 0 and "done:" not in r.output
+
+
+# ------------------------------------------------------------------------------------
+# errors about a value name the flag, variable or file it came from
+
+RGB_BYTE = "rasterio/RGB.byte.tif"  # 3 bands
+
+
+def test_bands_error_names_the_flag(tmp_path, scene_path):
+    scene = scene_path(RGB_BYTE)
+    out = tmp_path / "out"
+    r = invoke("run", scene, "--bands", "4,2,1", "-o", out, "--no-progress")
+    assert r.exit_code == 4, r.output
+    said = "--bands 4,2,1 names band 4, but the scene has 3 band(s)"
+    assert said in r.output and "[tiling]" not in r.output
+    (failed,) = report(out)["failed"]
+    assert said in failed["reason"] and str(scene.resolve()) in failed["reason"]
+
+
+def test_bands_error_names_the_config_file_or_variable(tmp_path, scene_path):
+    scene = scene_path(RGB_BYTE)
+    cfg = tmp_path / "my.toml"
+    cfg.write_text("[tiling]\nbands = [4, 2, 1]\n")
+    r = invoke("run", scene, "--config", cfg, "-o", tmp_path / "o1", "--no-progress")
+    assert r.exit_code == 4, r.output
+    said = f"[tiling] bands = [4, 2, 1] in {cfg} names band 4"
+    assert said in r.output and said in report(tmp_path / "o1")["failed"][0]["reason"]
+    r = invoke("run", scene, "-o", tmp_path / "o2", "--no-progress", env={"TILESCAN_TILING__BANDS": "4,2,1"})
+    assert r.exit_code == 4, r.output
+    assert "TILESCAN_TILING__BANDS=4,2,1 names band 4" in report(tmp_path / "o2")["failed"][0]["reason"]
+    # the flag wins over the file, and the message names the flag
+    r = invoke("run", scene, "--config", cfg, "--bands", "5,2,1", "-o", tmp_path / "o3", "--no-progress")
+    assert "--bands 5,2,1 names band 5" in r.output and str(cfg) not in r.output
+
+
+def test_stride_error_names_both_flags(tmp_path, scene_path):
+    scene = scene_path(SMALL)
+    r = invoke("run", scene, "-o", tmp_path / "o", "--stride", "100", "--tile-size", "64")
+    assert r.exit_code == 2 and "--stride 100: must not exceed --tile-size 64" in r.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[tiling]\ntile_size = 64\n")
+    r = invoke("run", scene, "-o", tmp_path / "o", "--stride", "100", "--config", cfg)
+    assert r.exit_code == 2 and f"--stride 100: must not exceed tile_size ([tiling] tile_size = 64 in {cfg})" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_cam_methods_name_the_flag(tmp_path, scene_path, aid_dir):
+    r = invoke("run", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcan")
+    assert r.exit_code == 2 and "'--cam'" in r.output and "gradcam++" in r.output
+    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcam,nope")
+    assert r.exit_code == 2 and "'--cam'" in r.output and "'nope'" in r.output and "scorecam" in r.output
+    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "o", "--cam", "eigen")
+    assert r.exit_code == 2 and "'--cam'" in r.output and "eigencam" in r.output
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[cam]\nmethod = "gradcan"\n')
+    r = invoke("run", scene_path(SMALL), "-o", tmp_path / "o", "--config", cfg)
+    assert r.exit_code == 2 and f"{cfg}: [cam] method: must be one of gradcam" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_old_option_spellings_still_work(tmp_path, scene_path, aid_dir):
+    # evaluate --cam-methods: validated like --cam, and refused next to it
+    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "gradcam,nope")
+    assert r.exit_code == 2 and "'--cam-methods'" in r.output and "'nope'" in r.output
+    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "eigencam", "--cam", "gradcam")
+    assert r.exit_code == 2 and "--cam-methods is the old spelling of --cam" in r.output
+    # explain --layer reaches the CAM: the figure's metadata records that layer
+    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "x", "--layer", "conv4_block2_out", "--top", "1", "--tile-size", "400")
+    assert r.exit_code == 0, r.output
+    (meta,) = (tmp_path / "x").glob("*.json")
+    assert json.loads(meta.read_text())["layer"] == "conv4_block2_out"

@@ -234,3 +234,54 @@ quicklook_size = 256
     assert man["counts"]["tiles_total"] == 1
     with rasterio.open(out / scene.stem / "heatmap.tif") as h:
         assert (h.width, h.height) == (math.ceil(383 * 0.5), math.ceil(232 * 0.5))
+
+
+# ------------------------------------------------------------------------------------
+# each value remembers where it came from, for later messages (tiling, the model)
+
+
+def test_origin_names_flag_variable_file_or_default(tmp_path):
+    f = toml(tmp_path, "[tiling]\nbands = [4, 2, 1]\ntile_size = 64\n[cam]\ntarget_class = \"Bare Land\"\n", "my.toml")
+    cfg = load_config(f, {"tiling": {"stride": 32, "min_valid_fraction": None}},
+                      environ={"TILESCAN_TILING__TILE_SIZE": "96"}, flags={("tiling", "stride"): "--stride 32"})
+    assert cfg.origin("tiling", "stride") == "--stride 32"
+    assert cfg.origin("tiling", "tile_size") == "TILESCAN_TILING__TILE_SIZE=96"  # env over file
+    assert cfg.origin("tiling", "bands") == f"[tiling] bands = [4, 2, 1] in {f}"
+    assert cfg.origin("cam", "target_class") == f'[cam] target_class = "Bare Land" in {f}'
+    assert cfg.origin("tiling", "min_valid_fraction") == "[tiling] min_valid_fraction = 0.5"  # a default
+    # the section answers alone (tiling code gets only a TilingConfig)
+    assert cfg.tiling.origin("bands") == cfg.origin("tiling", "bands")
+    # origins change neither equality nor the serialised config (run fingerprints)
+    same = build_config(cfg.to_dict())
+    assert same == cfg and same.to_dict() == cfg.to_dict()
+    assert "origin" not in json.dumps(cfg.to_dict()) and set(dataclasses.asdict(cfg.tiling)) == set(cfg.to_dict()["tiling"])
+    assert same.origin("tiling", "stride") == "[tiling] stride = 32"
+    # replace keeps the others' origins; the replaced value is plain
+    moved = cfg.replace("tiling", stride=16)
+    assert moved.origin("tiling", "bands") == cfg.origin("tiling", "bands") and moved.origin("tiling", "stride") == "[tiling] stride = 16"
+
+
+def test_origin_key_is_not_a_config_key(tmp_path):
+    for key in ("origins", "_origins", "SECTION"):
+        e = _error(build_config, {"tiling": {key: 1}}, source="x.toml")
+        assert f"unknown key [tiling] {key}" in str(e)
+
+
+def test_checks_name_the_flags_they_came_from(tmp_path):
+    flags = {("tiling", "stride"): "--stride 100", ("tiling", "tile_size"): "--tile-size 64"}
+    e = _error(load_config, None, {"tiling": {"stride": 100, "tile_size": 64}}, environ={}, flags=flags)
+    assert str(e).startswith("--stride 100: must not exceed --tile-size 64")
+    f = toml(tmp_path, "[tiling]\ntile_size = 64\n")
+    e = _error(load_config, f, {"tiling": {"stride": 100}}, environ={}, flags={("tiling", "stride"): "--stride 100"})
+    assert str(e).startswith(f"--stride 100: must not exceed tile_size ([tiling] tile_size = 64 in {f})")
+    e = _error(load_config, None, environ={"TILESCAN_TILING__STRIDE": "200"})
+    assert "TILESCAN_TILING__STRIDE" in str(e) and "tile_size ([tiling] tile_size = 128)" in str(e)
+    # both from one file: named as before
+    f = toml(tmp_path, "[tiling]\ntile_size = 64\nstride = 100\n", "both.toml")
+    assert str(_error(load_config, f, environ={})).startswith(f"{f}: [tiling] stride: must not exceed tile_size (64), got 100")
+
+
+def test_cam_method_is_checked(tmp_path):
+    e = _error(load_config, toml(tmp_path, '[cam]\nmethod = "gradcan"\n'), environ={})
+    assert "[cam] method: must be one of gradcam, gradcam++" in str(e)
+    assert load_config(toml(tmp_path, '[cam]\nmethod = "GradCAM"\n', "case.toml"), environ={}).cam.method == "GradCAM"

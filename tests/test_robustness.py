@@ -755,7 +755,7 @@ def test_bad_flag_value_is_a_usage_error(tmp_path, tiny_model, scenes_dir):
     assert res.exit_code == 2 and "--bands" in res.output and "'red'" in res.output
     res = invoke(["run", scene(SMALL), "-o", tmp_path / "out", "--model", tiny_model, "--stride", "100", "--tile-size", "64"])
     assert res.exit_code == 2
-    assert "command-line flags: [tiling] stride: must not exceed tile_size (64), got 100" in res.output
+    assert "--stride 100: must not exceed --tile-size 64, got 100" in res.output
 
 
 # -- output and faults ----------------------------------------------------------------

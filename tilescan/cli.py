@@ -8,13 +8,16 @@ and its exit code is returned. See ``tilescan.errors`` for the codes.
 
 from __future__ import annotations
 
+import functools
 import os
+import shlex
 import sys
 from typing import Any, Callable
 
 import click
 
 from . import __version__
+from .config import CAM_METHOD_NAMES, Config
 from .errors import EXIT_INTERNAL, EXIT_USAGE, TilescanError
 
 
@@ -61,19 +64,136 @@ def _guard(fn: Callable[[], Any]) -> None:
     sys.exit(code or 0)
 
 
-def _bands(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.replace(",", " ").split()]
-    except ValueError:
-        raise click.BadParameter(f"expected 1-based band numbers like 3,2,1, got {value!r}", param_hint="'--bands'") from None
+# ----------------------------------------------------------------------------- options
+
+_DEFAULTS = Config()
+_VERBOSITY_NOTE = "before or after the command name"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Option(click.Option):
+    """A click option whose help shows its default without click's parentheses.
+
+    ``config_key=(section, key)`` ties the option to a config value: it defaults to None
+    (so the TILESCAN_* variables, the --config file and the defaults decide), and its help
+    shows the built-in default from :mod:`tilescan.config`, so it cannot drift from
+    configs/default.toml.
+    """
+
+    def __init__(self, *decls: Any, config_key: tuple[str, str] | None = None, **kw: Any):
+        if config_key is not None:
+            kw.setdefault("default", None)
+        super().__init__(*decls, **kw)
+        self.config_key = config_key
+        if config_key is not None and self.show_default is None:
+            self.show_default = self._builtin_default()
+
+    def _builtin_default(self) -> str:
+        section, key = self.config_key  # type: ignore[misc]
+        value = getattr(getattr(_DEFAULTS, section), key)
+        if isinstance(value, bool):
+            if self.secondary_opts:  # --gpkg/--no-gpkg: name the side that is on
+                return (self.opts if value else self.secondary_opts)[-1].lstrip("-")
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if isinstance(self.show_default, str) and self.show_default:
+            extra["default"] = self.show_default
+        return extra
+
+    def as_typed(self, value: Any) -> str:
+        """The flag as the user would type it, e.g. ``--bands 4,2,1`` (for messages)."""
+        if self.is_bool_flag:
+            return max(self.opts if value else self.secondary_opts or self.opts, key=len)
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        return f"{max(self.opts, key=len)} {shlex.quote(text)}"
+
+
+option = functools.partial(click.option, cls=_Option)
+
+
+def _config_flags(ctx: click.Context) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """The config values given as flags (None = not given), and each flag as typed."""
+    layer: dict[str, dict[str, Any]] = {}
+    typed: dict[tuple[str, str], str] = {}
+    for param in ctx.command.params:
+        key = getattr(param, "config_key", None)
+        value = ctx.params.get(param.name) if param.name else None
+        if key is None or value is None:
+            continue
+        layer.setdefault(key[0], {})[key[1]] = value
+        typed[key] = param.as_typed(value)  # type: ignore[attr-defined]
+    return layer, typed
+
+
+def _count_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> None:
+    if count and isinstance(ctx.obj, _Ctx):
+        ctx.obj.verbosity += count if param.name == "verbose" else -count
+
+
+def _verbosity(cmd: Callable) -> Callable:
+    """-v/-q on a subcommand too (``tilescan run -v``), adding to those given before it."""
+    cmd = click.option("-q", "--quiet", count=True, expose_value=False, show_default=False, callback=_count_verbosity,
+                       help=f"Less output: errors and warnings only ({_VERBOSITY_NOTE}).")(cmd)
+    return click.option("-v", "--verbose", count=True, expose_value=False, show_default=False, callback=_count_verbosity,
+                        help=f"More output; repeatable ({_VERBOSITY_NOTE}).")(cmd)
+
+
+class _Bands(click.ParamType):
+    name = "N,N,N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).replace(",", " ").split())
+        except ValueError:
+            self.fail(f"expected 1-based band numbers like 3,2,1, got {value!r}", param, ctx)
+
+
+class _CamMethods(click.ParamType):
+    """One or more CAM methods, comma-separated, each one of ``CAM_METHOD_NAMES``."""
+
+    name = "METHOD[,METHOD...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
+        if isinstance(value, list):
+            return value
+        methods = [m.strip().lower() for m in str(value).split(",") if m.strip()]
+        unknown = [m for m in methods if m not in CAM_METHOD_NAMES]
+        if unknown or not methods:
+            got = f"unknown CAM method {unknown[0]!r}" if unknown else "no CAM method"
+            self.fail(f"{got}; choose from {', '.join(CAM_METHOD_NAMES)} (comma-separated)", param, ctx)
+        return methods
+
+
+def _old_spelling(ctx: click.Context, name: str, old_name: str) -> Any:
+    """The value of option ``name``, or of its hidden old spelling ``old_name`` when only
+    that was used."""
+    value, old = ctx.params[name], ctx.params[old_name]
+    if old is None:
+        return value
+    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        spelled = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+        raise click.UsageError(f"{spelled[old_name]} is the old spelling of {spelled[name]}: give only one of them", ctx)
+    return old
+
+
+_CAM_HELP = ", ".join(CAM_METHOD_NAMES)
+_LAYERS_EPILOG = (
+    "Options not given here are taken from TILESCAN_<SECTION>__<KEY> environment variables, "
+    "then from the --config file, then from the built-in defaults shown above (the values in "
+    "configs/default.toml). An error about a value names the flag, variable or file it came from."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="tilescan")
-@click.option("-v", "--verbose", count=True, help="More output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less output: errors and warnings only.")
+@click.option("-v", "--verbose", count=True, show_default=False, help=f"More output; repeatable ({_VERBOSITY_NOTE}).")
+@click.option("-q", "--quiet", count=True, show_default=False, help=f"Less output: errors and warnings only ({_VERBOSITY_NOTE}).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Classify every tile of GeoTIFF scenes with a ResNet-18, explain each label with a
@@ -89,34 +209,48 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 # ----------------------------------------------------------------------------- run
 
 
-@main.command()
+@main.command(epilog=_LAYERS_EPILOG)
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--model", "model_path", envvar="TILESCAN_MODEL", type=click.Path(dir_okay=False), help="A tilescan .keras model (default: the packaged AID model).")
+@option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
+        show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
-@click.option("--tile-size", type=click.IntRange(min=1), help="Tile edge in scene pixels.")
-@click.option("--stride", type=click.IntRange(min=0), help="Step between tiles (< tile size: overlapping tiles).")
-@click.option("--units", type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride. auto: scene pixels where that puts the model at its ground scale, else metres at the nearest edge of its range; px or m force one.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Tiles per model batch.")
-@click.option("--bands", help="1-based bands in the model's order, e.g. 3,2,1 for B,G,R files.")
-@click.option("--min-valid", type=click.FloatRange(0, 1), help="Skip tiles with less valid area than this fraction.")
-@click.option("--cam", "cam_method", help="CAM method: gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, scorecam.")
-@click.option("--cam-layer", help="Layer to explain (default: the model's last conv block).")
-@click.option("--target", "target_class", help="Explain this class (name or index) instead of each tile's prediction.")
-@click.option("--heatmap-scale", type=click.FloatRange(0, 1, min_open=True), help="Heatmap resolution as a fraction of the scene's.")
-@click.option("--gpkg/--no-gpkg", default=None, help="Also write tiles.gpkg for GIS installs without Parquet.")
-@click.option("--allow-pixel-space", is_flag=True, default=None, help="Process scenes without georeferencing, in pixel coordinates.")
-@click.option("--threads", "reader_threads", type=click.IntRange(min=1), help="Reader threads.")
-@click.option("--shard", help="Run share I/N of the work (0-based). Default: from Slurm array / Kubernetes indexed-job variables.")
-@click.option("--shard-count", type=click.IntRange(min=1), help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace finished outputs (never done without it).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar per scene (default: on a terminal).")
-@click.pass_obj
-def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, units, batch_size, bands, min_valid, cam_method, cam_layer,
-        target_class, heatmap_scale, gpkg, allow_pixel_space, reader_threads, shard, shard_count, overwrite, progress) -> None:
+@option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
+@option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
+        help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]),
+        help="Unit of --tile-size/--stride. auto: scene pixels where that puts the model at its ground scale, "
+             "else metres at the nearest edge of its range; px or m force one.")
+@option("--batch-size", config_key=("inference", "batch_size"), type=click.IntRange(min=1), help="Tiles per model batch.")
+@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+        help="1-based scene bands in the model's order, e.g. 3,2,1 for B,G,R files.")
+@option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1),
+        help="Skip tiles with less valid area than this fraction.")
+@option("--cam", "cam_method", config_key=("cam", "method"), type=click.Choice(CAM_METHOD_NAMES, case_sensitive=False),
+        metavar="METHOD", help=f"CAM method: {_CAM_HELP}.")
+@option("--cam-layer", config_key=("cam", "layer"), show_default="the model's last conv block", help="Layer to explain.")
+@option("--target", "target_class", config_key=("cam", "target_class"), show_default="each tile's prediction",
+        help="Explain this class (name or index).")
+@option("--heatmap-scale", config_key=("output", "heatmap_scale"), type=click.FloatRange(0, 1, min_open=True),
+        help="Heatmap resolution as a fraction of the scene's.")
+@option("--gpkg/--no-gpkg", config_key=("output", "gpkg"), help="Also write tiles.gpkg for GIS installs without Parquet.")
+@option("--allow-pixel-space", config_key=("tiling", "allow_pixel_space"), is_flag=True,
+        help="Process scenes without georeferencing, in pixel coordinates.")
+@option("--threads", "reader_threads", config_key=("inference", "reader_threads"), type=click.IntRange(min=1),
+        help="Reader threads (with [inference] pipeline = \"overlap\").")
+@option("--shard", show_default="from Slurm array / Kubernetes indexed-job variables, else all",
+        help="Run share I/N of the work (0-based I).")
+@option("--shard-count", type=click.IntRange(min=1), show_default="from TILESCAN_SHARD_COUNT",
+        help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
+@option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace finished outputs (never done without it).")
+@option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
+@_verbosity
+@click.pass_context
+def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_count, progress, **_config) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
     .tif/.tiff), writing OUT/<scene>/{tiles.parquet, labels.tif, heatmap.tif, quicklook.png,
     run.json} and OUT/report.json. Rerunning skips finished scenes."""
+    obj: _Ctx = ctx.obj
 
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
@@ -124,13 +258,8 @@ def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, unit
         from .job import parse_shard
         from .job import run as run_job
 
-        flags = {
-            "tiling": {"tile_size": tile_size, "stride": stride, "units": units, "bands": _bands(bands), "min_valid_fraction": min_valid, "allow_pixel_space": allow_pixel_space},
-            "inference": {"batch_size": batch_size, "reader_threads": reader_threads},
-            "cam": {"method": cam_method, "layer": cam_layer, "target_class": target_class},
-            "output": {"heatmap_scale": heatmap_scale, "gpkg": gpkg, "overwrite": overwrite},
-        }
-        cfg = load_config(config_path, flags)
+        flags, typed = _config_flags(ctx)
+        cfg = load_config(config_path, flags, flags=typed)
         sh = parse_shard(shard, count=shard_count)
         show = sys.stderr.isatty() if progress is None else progress
         report = run_job(inputs, out, cfg, model_path=model_path, shard=sh, progress=show and obj.verbosity >= 0, log=obj.log)
@@ -144,26 +273,29 @@ def run(obj: _Ctx, inputs, out, model_path, config_path, tile_size, stride, unit
 # ----------------------------------------------------------------------------- train
 
 
-@main.command()
+@main.command(epilog=_LAYERS_EPILOG)
 @click.argument("data", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.keras).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config with a [train] section (e.g. configs/aid-resnet18.toml).")
-@click.option("--splits", "splits_dir", type=click.Path(file_okay=False), help="Folder with train.txt / val.txt split lists (default: DATA/splits if present, else a seeded stratified split).")
-@click.option("--epochs", type=click.IntRange(min=1))
-@click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--image-size", type=click.IntRange(min=32))
-@click.option("--lr", "learning_rate", type=float)
-@click.option("--patience", type=click.IntRange(min=0), help="Early-stopping patience in epochs (0 = off).")
+@option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
+        help="Folder with train.txt / val.txt split lists.")
+@option("--epochs", config_key=("train", "epochs"), type=click.IntRange(min=1), help="Most epochs to train.")
+@option("--batch-size", config_key=("train", "batch_size"), type=click.IntRange(min=1), help="Images per training batch.")
+@option("--image-size", config_key=("train", "image_size"), type=click.IntRange(min=32), help="Model input edge in pixels.")
+@option("--lr", "learning_rate", config_key=("train", "learning_rate"), type=float, help="Peak learning rate.")
+@option("--patience", config_key=("train", "patience"), type=click.IntRange(min=0), help="Early-stopping patience in epochs (0 = off).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
-@click.option("--limit", type=click.IntRange(min=1), help="Use at most N images per split (smoke tests).")
-@click.option("--max-time", type=float, help="Stop after the epoch that crosses this many seconds.")
+@option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")
+@option("--max-time", type=float, show_default="no limit", help="Stop after the epoch that crosses this many seconds.")
 @click.option("--half", is_flag=True, help="Store weights as float16 (half the file size).")
-@click.option("--dataset-name", help="Name recorded in the model metadata (default: the folder name).")
-@click.pass_obj
-def train(obj: _Ctx, data, out, config_path, splits_dir, epochs, batch_size, image_size, learning_rate, patience, resume, overwrite, limit, max_time, half, dataset_name) -> None:
+@option("--dataset-name", show_default="the folder name", help="Name recorded in the model metadata.")
+@_verbosity
+@click.pass_context
+def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwrite, limit, max_time, half, dataset_name, **_config) -> None:
     """Train a ResNet-18 on DATA, a folder-per-class image dataset (AID layout, plain class
     folders, or Train/ Val/ Test/ folders). Only the train and val splits are read."""
+    obj: _Ctx = ctx.obj
 
     def body():
         _quiet_backend(obj.verbosity)
@@ -171,8 +303,8 @@ def train(obj: _Ctx, data, out, config_path, splits_dir, epochs, batch_size, ima
         from .data import load_dataset
         from .train import train as train_model
 
-        flags = {"train": {"epochs": epochs, "batch_size": batch_size, "image_size": image_size, "learning_rate": learning_rate, "patience": patience}}
-        cfg = load_config(config_path, flags).train
+        flags, typed = _config_flags(ctx)
+        cfg = load_config(config_path, flags, flags=typed).train
         ds = load_dataset(data, splits_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         if dataset_name:
             ds.name = dataset_name
@@ -190,27 +322,34 @@ def train(obj: _Ctx, data, out, config_path, splits_dir, epochs, batch_size, ima
 @main.command()
 @click.argument("model_path", metavar="MODEL")
 @click.argument("data", type=click.Path())
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), help="Which split to score.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for report.json, CSVs and PNGs.")
-@click.option("--splits", "splits_dir", type=click.Path(file_okay=False), help="Folder with split lists.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
+        help="Folder with split lists.")
+@click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per model batch.")
 @click.option("--tta", is_flag=True, help="Average over the 8 flips/rotations.")
-@click.option("--explain-samples", default=8, show_default=True, type=click.IntRange(min=0), help="Images in explanations.png.")
+@click.option("--explain-samples", default=8, type=click.IntRange(min=0), help="Images in explanations.png.")
 @click.option("--explanations", is_flag=True, help="Also score CAM faithfulness (deletion/insertion AUC) and cost per method.")
-@click.option("--cam-methods", default="gradcam", show_default=True, help="Comma-separated CAM methods for --explanations.")
-@click.option("--faithfulness-images", type=click.IntRange(min=1), help="With --explanations: score a seeded sample of N images (default: the whole split).")
+@click.option("--cam", "cam_methods", default="gradcam", type=_CamMethods(),
+              help=f"CAM methods for --explanations, comma-separated: {_CAM_HELP}.")
+@click.option("--cam-methods", "old_cam_methods", type=_CamMethods(), hidden=True)  # the old spelling of --cam
+@option("--faithfulness-images", type=click.IntRange(min=1), show_default="the whole split",
+        help="With --explanations: score a seeded sample of N images.")
 @click.option("--record", is_flag=True, help="Store the scores in the model file's metadata.")
-@click.option("--limit", type=click.IntRange(min=1), help="Use at most N images.")
-@click.pass_obj
-def evaluate(obj: _Ctx, model_path, data, split, out, splits_dir, batch_size, tta, explain_samples, explanations, cam_methods, faithfulness_images, record, limit) -> None:
+@option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images.")
+@_verbosity
+@click.pass_context
+def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch_size, tta, explain_samples, explanations, cam_methods,
+             old_cam_methods, faithfulness_images, record, limit) -> None:
     """Score MODEL (a .keras file, or 'default' for the packaged model) on a split of DATA:
     accuracy, per-class precision/recall/F1, confusion matrix, explanation figure."""
+    obj: _Ctx = ctx.obj
+    methods = _old_spelling(ctx, "cam_methods", "old_cam_methods")
 
     def body():
         _quiet_backend(obj.verbosity)
         from .evaluate import run_evaluate
 
-        methods = [m.strip() for m in cam_methods.split(",") if m.strip()]
         run_evaluate(None if model_path == "default" else model_path, data, split, out, splits_dir=splits_dir, batch_size=batch_size, tta=tta,
                      explain_samples=explain_samples, explanations=explanations, cam_methods=methods, record=record, limit=limit,
                      faithfulness_limit=faithfulness_images, log=obj.log)
@@ -231,30 +370,35 @@ def _tiles(value: str | None) -> list[tuple[int, int]]:
             r, c = part.split(",")
             out.append((int(r), int(c)))
         except ValueError:
-            raise click.BadParameter(f"tiles are ROW,COL pairs separated by spaces or ';', got {part!r}") from None
+            raise click.BadParameter(f"tiles are ROW,COL pairs separated by spaces or ';', got {part!r}", param_hint="'--tiles'") from None
     return out
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_SCENE...")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-@click.option("--model", "model_path", envvar="TILESCAN_MODEL", type=click.Path(dir_okay=False))
-@click.option("--cam", "methods", default="gradcam", show_default=True, help="One or more CAM methods, comma-separated.")
-@click.option("--layer", help="Layer to explain (default: last conv block).")
-@click.option("--target", help="Explain this class (name or index) instead of the prediction.")
-@click.option("--tiles", help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3'.")
-@click.option("--top", default=4, show_default=True, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
-@click.option("--tile-size", type=click.IntRange(min=1))
-@click.pass_obj
-def explain(obj: _Ctx, inputs, out, model_path, methods, layer, target, tiles, top, tile_size) -> None:
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
+        show_default="the packaged AID model", help="A tilescan .keras model.")
+@click.option("--cam", "methods", default="gradcam", type=_CamMethods(), help=f"CAM methods side by side, comma-separated: {_CAM_HELP}.")
+@option("--cam-layer", "layer", show_default="the model's last conv block", help="Layer to explain.")
+@click.option("--layer", "old_layer", hidden=True)  # the old spelling of --cam-layer
+@option("--target", show_default="the prediction", help="Explain this class (name or index).")
+@option("--tiles", show_default="the --top N most confident", help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3'.")
+@click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
+@option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge in scene pixels.")
+@_verbosity
+@click.pass_context
+def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size) -> None:
     """The study's figure: original | heatmap | overlay with label and confidence, for
     images or for tiles of a scene, for one or several CAM methods side by side."""
+    obj: _Ctx = ctx.obj
+    layer = _old_spelling(ctx, "layer", "old_layer")
 
     def body():
         _quiet_backend(obj.verbosity)
         from .explain import run_explain
 
-        paths = run_explain(list(inputs), out, model_path=model_path, methods=[m.strip() for m in methods.split(",") if m.strip()],
+        paths = run_explain(list(inputs), out, model_path=model_path, methods=methods,
                             layer=layer, target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, log=obj.log)
         for p in paths:
             click.echo(str(p))
@@ -268,7 +412,8 @@ def explain(obj: _Ctx, inputs, out, model_path, methods, layer, target, tiles, t
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--gpkg/--no-gpkg", default=True, show_default=True, help="Also write a GeoPackage copy.")
+@click.option("--gpkg/--no-gpkg", default=True, help="Also write a GeoPackage copy.")
+@_verbosity
 @click.pass_obj
 def collect(obj: _Ctx, out, gpkg) -> None:
     """Join the per-scene and per-shard tables of OUT into one GeoParquet dataset
@@ -288,6 +433,7 @@ def collect(obj: _Ctx, out, gpkg) -> None:
 
 @main.command()
 @click.argument("model_path", required=False, metavar="[MODEL]")
+@_verbosity
 @click.pass_obj
 def info(obj: _Ctx, model_path) -> None:
     """Show a model's metadata (default: the packaged model) without loading Keras."""

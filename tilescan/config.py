@@ -4,26 +4,64 @@ Precedence, highest first: command-line flag > ``TILESCAN_<SECTION>__<KEY>`` env
 variable > config file (``--config``) > the defaults below (also in ``configs/default.toml``).
 
 Every value is checked when the config is built, and an error names the key and the
-source it came from (the file path, the variable, or the flag). No Keras import here.
+source it came from (the file path, the variable, or the flag). Each section also keeps
+where its values came from (:meth:`Config.origin`), so later checks (tiling, the model)
+can name the flag, variable or file too. No Keras import here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import ConfigError
 
 ENV_PREFIX = "TILESCAN_"
+FLAGS_SOURCE = "command-line flags"
+
+# The CAM method names, kept here so the CLI can list them without importing tilescan.cam
+# (tests/test_cli.py checks they equal tilescan.cam.CAM_METHODS).
+CAM_METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
+
+
+def _toml_text(value: Any) -> str:
+    """A value as it would be written in the TOML file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_text(v) for v in value) + "]"
+    return str(value)
+
+
+class _Section:
+    """What every config section shares: where each of its values came from.
+
+    The origins are a plain attribute, not a dataclass field, so they stay out of
+    equality, ``to_dict()`` / ``asdict()`` and run fingerprints.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    def origin(self, key: str) -> str:
+        """How the user set ``key``, for messages: ``--bands 4,2,1``,
+        ``TILESCAN_TILING__BANDS=4,2,1``, ``[tiling] bands = [4, 2, 1] in my.toml``, or
+        ``[tiling] bands = [4, 2, 1]`` for a default or a value given in code."""
+        given = getattr(self, "_origins", {}).get(key)
+        return given or f"[{self.SECTION}] {key} = {_toml_text(getattr(self, key))}"
 
 
 @dataclass(frozen=True)
-class TilingConfig:
+class TilingConfig(_Section):
+    SECTION: ClassVar[str] = "tiling"
+
     tile_size: int = 128
     """Tile edge in scene pixels (or metres when ``units = "m"``)."""
     stride: int = 0
@@ -49,7 +87,9 @@ class TilingConfig:
 
 
 @dataclass(frozen=True)
-class InferenceConfig:
+class InferenceConfig(_Section):
+    SECTION: ClassVar[str] = "inference"
+
     batch_size: int = 32
     pipeline: str = "auto"
     """How reading overlaps the model. ``lockstep``: each batch is read between model calls,
@@ -71,7 +111,9 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
-class CamConfig:
+class CamConfig(_Section):
+    SECTION: ClassVar[str] = "cam"
+
     method: str = "gradcam"
     layer: str = ""
     """Target layer name; empty = the model's default CAM layer (last conv block)."""
@@ -80,7 +122,9 @@ class CamConfig:
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(_Section):
+    SECTION: ClassVar[str] = "output"
+
     heatmap_scale: float = 0.25
     """Heatmap raster resolution as a fraction of the scene's (1.0 = scene grid)."""
     quicklook: bool = True
@@ -92,7 +136,9 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    SECTION: ClassVar[str] = "train"
+
     epochs: int = 40
     batch_size: int = 64
     image_size: int = 128
@@ -130,8 +176,17 @@ class Config:
         return {f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, section: str, **values: Any) -> "Config":
-        """A copy with ``values`` set in ``section`` (checked like any other source)."""
-        return build_config(self.to_dict(), {section: values}, source="argument")
+        """A copy with ``values`` set in ``section`` (checked like any other source); the
+        other values keep their origins."""
+        cfg = build_config(self.to_dict(), {section: values}, source="argument")
+        for name in SECTIONS:
+            kept = {k: v for k, v in getattr(getattr(self, name), "_origins", {}).items() if name != section or k not in values}
+            object.__setattr__(getattr(cfg, name), "_origins", {**getattr(getattr(cfg, name), "_origins", {}), **kept})
+        return cfg
+
+    def origin(self, section: str, key: str) -> str:
+        """Where ``[section] key`` came from, for messages (see :meth:`_Section.origin`)."""
+        return getattr(self, section).origin(key)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -214,20 +269,39 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
 
 
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
+    def flag(section: str, key: str) -> str | None:
+        """The flag as typed (``--stride 200``) when the value came from one."""
+        if sources.get((section, key)) == FLAGS_SOURCE:
+            return getattr(getattr(cfg, section), "_origins", {}).get(key)
+        return None
+
     def fail(section: str, key: str, msg: str) -> None:
+        if said := flag(section, key):
+            raise ConfigError(f"{said}: {msg}")
         raise ConfigError(f"[{section}] {key}: {msg}", path=sources.get((section, key), "defaults"))
+
+    def other(section: str, key: str, of: str) -> str:
+        """``key`` named in a message about ``of``: the flag, or by name when both came
+        from the same place, else with where it came from."""
+        if said := flag(section, key):
+            return said
+        if sources.get((section, key), "defaults") == sources.get((section, of), "defaults"):
+            return f"{key} ({getattr(getattr(cfg, section), key)})"
+        return f"{key} ({cfg.origin(section, key)})"
 
     for (section, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             fail(section, key, f"must be one of {sorted(allowed)}, got {v!r}")
+    if cfg.cam.method.strip().lower() not in CAM_METHOD_NAMES:
+        fail("cam", "method", f"must be one of {', '.join(CAM_METHOD_NAMES)}, got {cfg.cam.method!r}")
     t = cfg.tiling
     if t.tile_size < 1:
         fail("tiling", "tile_size", f"must be >= 1, got {t.tile_size}")
     if t.stride < 0:
         fail("tiling", "stride", f"must be >= 0 (0 = tile_size), got {t.stride}")
     if t.stride > t.tile_size:
-        fail("tiling", "stride", f"must not exceed tile_size ({t.tile_size}), got {t.stride}: "
+        fail("tiling", "stride", f"must not exceed {other('tiling', 'tile_size', 'stride')}, got {t.stride}: "
              "the pixels between tiles would never be classified")
     if not 0.0 <= t.min_valid_fraction <= 1.0:
         fail("tiling", "min_valid_fraction", f"must be in [0, 1], got {t.min_valid_fraction}")
@@ -264,15 +338,22 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("train", "val_fraction", "val_fraction and test_fraction must be in [0, 1) and sum below 1")
 
 
-def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[str] = "defaults") -> Config:
+def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[str] = "defaults",
+                 origins: list[Mapping[tuple[str, str], str] | None] | None = None) -> Config:
     """Merge ``layers`` (lowest precedence first) over the defaults and check the result.
 
     ``source`` names each layer (one string for all, or one per layer) for error messages.
+    ``origins`` (one mapping or None per layer) says how each of a layer's values was
+    written (``--bands 4,2,1``, ``TILESCAN_TILING__BANDS=4,2,1``); a key a mapping leaves
+    out reads ``[tiling] bands = [4, 2, 1]``, and a layer with None (a file) reads
+    ``[tiling] bands = [4, 2, 1] in FILE``.
     """
     names = [source] * len(layers) if isinstance(source, str) else list(source)
+    texts = list(origins) if origins is not None else [None] * len(layers)
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     sources: dict[tuple[str, str], str] = {}
-    for layer, src in zip(layers, names):
+    said: dict[str, dict[str, str]] = {s: {} for s in SECTIONS}
+    for layer, src, text in zip(layers, names, texts):
         if not isinstance(layer, Mapping):
             raise ConfigError("the config must be a table of sections", path=src)
         for section, values in layer.items():
@@ -284,13 +365,21 @@ def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[st
                 raise ConfigError(f"[{section}] must be a table, got {values!r}", path=src)
             cls = SECTIONS[section]
             hints = typing.get_type_hints(cls)
+            keys = [f.name for f in dataclasses.fields(cls)]
             for key, value in values.items():
-                if key not in hints:
-                    known = ", ".join(f.name for f in dataclasses.fields(cls))
-                    raise ConfigError(f"unknown key [{section}] {key}; known keys: {known}", path=src)
-                merged[section][key] = _coerce(section, key, value, hints[key], src)
+                if key not in keys:
+                    raise ConfigError(f"unknown key [{section}] {key}; known keys: {', '.join(keys)}", path=src)
+                merged[section][key] = v = _coerce(section, key, value, hints[key], src)
                 sources[(section, key)] = src
+                if text is not None and (section, key) in text:
+                    said[section][key] = text[(section, key)]
+                elif text is not None or src in ("defaults", "argument"):
+                    said[section].pop(key, None)  # the plain "[section] key = value"
+                else:
+                    said[section][key] = f"[{section}] {key} = {_toml_text(v)} in {src}"
     cfg = Config(**{s: SECTIONS[s](**vals) for s, vals in merged.items()})
+    for s in SECTIONS:
+        object.__setattr__(getattr(cfg, s), "_origins", said[s])
     _check(cfg, sources)
     return cfg
 
@@ -328,20 +417,30 @@ def load_config(
     path: str | os.PathLike | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
+    flags: Mapping[tuple[str, str], str] | None = None,
 ) -> Config:
-    """The effective config: defaults < file < environment < ``overrides`` (flags)."""
+    """The effective config: defaults < file < environment < ``overrides`` (flags).
+
+    ``flags`` maps ``(section, key)`` to the flag as the user wrote it (``--bands 4,2,1``),
+    so messages about an override name the flag instead of ``[section] key``.
+    """
     layers: list[Mapping[str, Mapping[str, Any]]] = []
     names: list[str] = []
+    texts: list[Mapping[tuple[str, str], str] | None] = []
     if path is not None:
         layers.append(read_toml(path))
         names.append(str(path))
+        texts.append(None)
     env, env_names = env_layer(environ)
     # Each environment variable is its own layer so an error names the variable.
     for (section, key), var in env_names.items():
-        layers.append({section: {key: env[section][key]}})
+        value = env[section][key]
+        layers.append({section: {key: value}})
         names.append(f"environment variable {var}")
+        texts.append({(section, key): f"{var}={shlex.quote(value)}"})
     if overrides:
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
         layers.append({s: v for s, v in clean.items() if v})
-        names.append("command-line flags")
-    return build_config(*layers, source=names)
+        names.append(FLAGS_SOURCE)
+        texts.append(dict(flags or {}))
+    return build_config(*layers, source=names, origins=texts)

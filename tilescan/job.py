@@ -331,13 +331,13 @@ class UnitLock:
             self.fh.close()
 
 
-def resolve_target(target: str, classes: Sequence[str]) -> int | None:
+def resolve_target(target: str, classes: Sequence[str], origin: str = "[cam] target_class") -> int | None:
     """``[cam] target_class`` -> class index (None = each tile's prediction), through the
-    resolver ``tilescan explain`` uses; errors name the config key."""
+    resolver ``tilescan explain`` uses; errors name where the value came from (``origin``)."""
     try:
         return _resolve_class(target, classes)
     except ConfigError as exc:
-        raise ConfigError(f"[cam] target_class: {exc.message}") from None
+        raise ConfigError(f"{origin}: {exc.message}") from None
 
 
 # ----------------------------------------------------------------------------- engine
@@ -875,7 +875,7 @@ def run(
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)
-    resolve_target(cfg.cam.target_class, card.classes)  # a bad --target fails before any scene
+    resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
     engine: Engine | None = None
 
     def rows_of(scene: Path) -> int | None:

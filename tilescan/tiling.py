@@ -853,14 +853,14 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
                 model_band_names: Sequence[str] | None) -> list[int]:
     p = str(info.path)
     if cfg.bands:
+        given = cfg.origin("bands")  # as the user set it: --bands 4,2,1, the variable, or the file
         if len(cfg.bands) != model_bands:
             raise ConfigError(
-                f"[tiling] bands = {list(cfg.bands)} lists {len(cfg.bands)} band(s), "
-                f"but the model expects {model_bands}")
+                f"{given} lists {len(cfg.bands)} band(s), but the model expects {model_bands}")
         bad = [b for b in cfg.bands if not 1 <= b <= info.count]
         if bad:
             raise InputError(
-                f"[tiling] bands = {list(cfg.bands)} names band {bad[0]}, but the scene has "
+                f"{given} names band {bad[0]}, but the scene has "
                 f"{info.count} band(s) (valid indexes 1..{info.count})", path=p)
         return list(cfg.bands)
     plain = [i for i in range(1, info.count + 1) if i != info.alpha_band]
@@ -872,14 +872,14 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         if model_bands == 3:
             warnings.warn(
                 f"{p}: the bands carry no red/green/blue colour interpretation; using bands "
-                f"{plain} as red, green, blue (set [tiling] bands, e.g. bands = [3, 2, 1], "
-                "if the order differs)", TilingWarning, stacklevel=3)
+                f"{plain} as red, green, blue (if the order differs, give --bands, e.g. "
+                "--bands 3,2,1, or [tiling] bands = [3, 2, 1])", TilingWarning, stacklevel=3)
         return plain
     if len(plain) > model_bands:
         pick = plain[:model_bands]
         warnings.warn(
             f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
-            f"bands {pick} (set [tiling] bands to choose others)", TilingWarning, stacklevel=3)
+            f"bands {pick} (choose others with --bands or [tiling] bands)", TilingWarning, stacklevel=3)
         return pick
     names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
@@ -969,9 +969,8 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
     p = str(info.path)
     size, stride = cfg.tile_size, cfg.stride or cfg.tile_size
     if stride > size:
-        raise ConfigError(
-            f"[tiling] stride = {cfg.stride} is larger than tile_size = {cfg.tile_size}: "
-            "the pixels between tiles would never be classified")
+        raise ConfigError(f"{cfg.origin('stride')} is larger than {cfg.origin('tile_size')}: "
+                          "the pixels between tiles would never be classified")
     gsd = info.gsd_m
     units, scale = "px", "forced"
     if cfg.resample_to_gsd and model_gsd_m is None:
