@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tilescan.cli import main
 
-from .conftest import REPO, scene
+from conftest import REPO, scene
 
 README = (REPO / "README.md").read_text()
 

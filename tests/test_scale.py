@@ -20,7 +20,7 @@ from tilescan.cli import main
 from tilescan.config import TilingConfig
 from tilescan.model import describe_model
 
-from .conftest import scene
+from conftest import scene
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 5 m
 COGEO = "rasterio/cogeo.tif"  # 0.6 m (Web Mercator), 0.47 m on the ground
