@@ -389,7 +389,7 @@ def test_geographic_scene(runs):
 
 def test_scene_smaller_than_one_tile(runs):
     r = runs("small")
-    assert r["manifest"]["counts"] == {"tiles_total": 1, "tiles_skipped": 0, "tiles_classified": 1,
+    assert r["manifest"]["counts"] == {"tiles_total": 1, "tiles_skipped": 0, "tiles_empty": 0, "tiles_classified": 1,
                                        "per_class": r["manifest"]["counts"]["per_class"]}
     row = r["gdf"].iloc[0]
     assert (row["row"], row["col"], row["col_off"], row["row_off"], row["width"]) == (0, 0, 0, 0, 400)

@@ -546,6 +546,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = engine.loaded.open_scene(unit.scene, cfg.tiling)
+    timings = {**reader.timings, **timings}  # scan (finding the data) and stats, from the open
     try:
         if stage.exists():
             shutil.rmtree(stage)
@@ -567,7 +568,9 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         info, grid = reader.info, reader.grid
         r0 = unit.row_start or 0
         r1 = grid.n_rows if unit.row_stop is None else min(unit.row_stop, grid.n_rows)
-        tiles = list(grid.rows(r0, r1))
+        # tiles inside blocks known to be empty are skipped unread (valid fraction 0)
+        tiles, n_empty = reader.tiles_with_data(r0, r1)
+        n_tiles = (r1 - r0) * grid.n_cols
         stride = grid.stride
         transform = info.transform
         labels = np.full((r1 - r0, grid.n_cols), -1, dtype=np.int32)
@@ -578,7 +581,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         if cfg.output.quicklook and unit.part is None:
             reader.gather_preview(cfg.output.quicklook_size)  # from the tiles: no second decode
         bs = cfg.inference.batch_size
-        skipped = 0
+        skipped = n_empty
         buf_t: list = []
         buf_x: list = []
         buf_v: list = []
@@ -587,7 +590,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(tiles), desc=unit.key, unit="tile", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=n_tiles, initial=n_empty, desc=unit.key, unit="tile", leave=False, dynamic_ncols=True)
 
         def consume(item):  # on the writer thread
             buf_t, buf_v, buf_f, res = item
@@ -683,7 +686,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         timings["read"] = max(0.0, tw - tr - timings["compute"])
         n_done = len(table)
         if n_done == 0:
-            empty = _why_no_tiles(reader, len(tiles), cfg.tiling.min_valid_fraction)
+            empty = _why_no_tiles(reader, n_tiles, cfg.tiling.min_valid_fraction)
             scene_warnings.append(empty["message"])
             details.append(empty)
             log(f"warning: {empty['message']}")
@@ -728,8 +731,9 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
         counts = {
-            "tiles_total": len(tiles),
+            "tiles_total": n_tiles,
             "tiles_skipped": skipped,
+            "tiles_empty": n_empty,  # of the skipped: in empty blocks, never read
             "tiles_classified": n_done,
             "per_class": per_class,
         }
@@ -750,6 +754,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                 "gsd_m": info.gsd_m,
                 "bands_used": list(reader.bands),
                 "scale": [list(s) for s in reader.scale],
+                "coverage": reader.coverage.to_dict() if reader.coverage is not None else None,
             },
             "tiling": reader.plan.to_dict(),
             "model": {"id": model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256, "classes": engine.classes,
@@ -758,6 +763,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
             "versions": package_versions(),
             "counts": counts,
             "timings_s": {k: round(v, 3) for k, v in {**timings, "total": total}.items()},
+            "reads": {"windows": reader.windows_read, "pixels": reader.pixels_read},  # decoded from the scene
             "tiles_per_s": round(n_done / total, 2) if total > 0 else None,
             "warnings": scene_warnings,
             "warning_details": details,

@@ -12,15 +12,21 @@ Pieces, in the order a job uses them:
 - :meth:`SceneReader.read_tile` reads one tile window (never the whole scene) and returns
   the float32 model input plus a validity mask at scene resolution. Each thread gets its
   own dataset handle, so reader threads can read in parallel (GDAL releases the GIL).
+- :class:`BlockCoverage` (``reader.coverage``): the blocks of the file known to hold no
+  valid pixel, found from the TIFF's block index before anything is decoded, so
+  :meth:`SceneReader.tiles_with_data` skips empty areas in bulk and the stretch sample is
+  drawn where the data is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,7 @@ from .errors import ConfigError, InputError, NoScenesError
 
 __all__ = [
     "MAX_TILE_PX",
+    "BlockCoverage",
     "SceneInfo",
     "SceneReader",
     "Tile",
@@ -62,6 +69,16 @@ STATS_MAX_SIZE = 1024
 STATS_SAMPLE_PIXELS = 4 * 2**20
 #: Most scene pixels read with one window when neighbouring tiles are read together.
 READ_RUN_PIXELS = 2**20
+#: A stored block is compared byte for byte with the others of its size only when it is at
+#: most this share of its raw size (a block of one value compresses to a sliver of it).
+REPEAT_MAX_SHARE = 0.125
+#: Most bytes read from the file to compare such blocks.
+REPEAT_MAX_BYTES = 64 * 2**20
+#: Most blocks decoded to prove that a group of identical (or absent) blocks is empty.
+MAX_PROOF_READS = 64
+#: Scenes of more blocks than this are not scanned for empty blocks (the scan walks the
+#: block index in Python).
+MAX_SCAN_BLOCKS = 2**22
 #: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
 _PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
 
@@ -409,13 +426,127 @@ class _DecimatedCopy:
         self.valid[i0:i1, j0:j1] = valid[ri][:, ci]
         self.seen[i0:i1, j0:j1] = True
 
+    def mark_empty(self, coverage: "BlockCoverage | None") -> None:
+        """Count the samples inside known-empty blocks as seen (invalid): no read needed there."""
+        if coverage is not None and coverage.n_empty:
+            self.seen |= coverage.empty[np.ix_(self.rows // coverage.block_h, self.cols // coverage.block_w)]
 
-def _open_quiet(path: Path, decode_threads: int = 1):
+
+def _open_quiet(path: Path | str, decode_threads: int = 1):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         if decode_threads > 1:  # GDAL decodes the blocks of one read in parallel
             return rasterio.open(path, num_threads=str(decode_threads))
         return rasterio.open(path)
+
+
+# --------------------------------------------------------------------------------------
+# finding the data
+
+
+@dataclass(frozen=True)
+class BlockCoverage:
+    """The blocks of a scene's file proven to hold no valid pixel, found without decoding them.
+
+    Evidence, cheapest first: the TIFF block index (GDAL's ``BLOCK_SIZE_x_y`` /
+    ``BLOCK_OFFSET_x_y`` items of the ``TIFF`` metadata domain, read from the file's header,
+    so a remote COG costs no range request per block): a block with no bytes (a sparse
+    file) reads as the fill value; blocks whose compressed bytes are identical decode to the
+    same pixels (compared only for small blocks of a repeated size, in a local file). Each
+    such group is proven empty by decoding one block of it with the reader's own validity
+    rule (nodata, alpha, internal mask, NaN). Overviews are not used as evidence: an
+    overview pixel at nodata does not prove that the full-resolution pixels under it are.
+
+    ``empty[i, j]`` is True when block row ``i``, column ``j`` (``block_h`` x ``block_w``
+    scene pixels, cut at the scene's edge) holds no valid pixel; False means "not known to
+    be empty", read as usual.
+    """
+
+    block_h: int
+    block_w: int
+    empty: np.ndarray
+    absent: int = 0
+    """Empty blocks with no bytes in the file (sparse)."""
+    repeated: int = 0
+    """Empty blocks found through bytes identical to a block decoded as empty."""
+    proof_reads: int = 0
+    """Blocks decoded to prove that their group is empty."""
+    seconds: float = 0.0
+    last_block: tuple[int, int] | None = None
+    """The stored block at the highest file offset (a truncated file lacks it)."""
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.empty.size)
+
+    @property
+    def n_empty(self) -> int:
+        return int(np.count_nonzero(self.empty))
+
+    @property
+    def all_empty(self) -> bool:
+        return bool(self.empty.all())
+
+    def to_dict(self) -> dict:
+        return {"block_shape": [self.block_h, self.block_w], "blocks": self.n_blocks,
+                "blocks_empty": self.n_empty, "absent": self.absent, "repeated": self.repeated,
+                "proof_reads": self.proof_reads, "seconds": round(self.seconds, 4)}
+
+
+def _block_index(ds, bidx: int, nbr: int, nbc: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte count and file offset of every block of band ``bidx`` (0 for a block not stored)."""
+    sizes = np.zeros((nbr, nbc), np.int64)
+    offsets = np.zeros((nbr, nbc), np.int64)
+    get = ds.get_tag_item
+    for i in range(nbr):
+        for j in range(nbc):
+            s = get(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=bidx)
+            if s and s != "0":
+                sizes[i, j] = int(s)
+                offsets[i, j] = int(get(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=bidx) or 0)
+    return sizes, offsets
+
+
+def _content_tokens(sizes: np.ndarray, offsets: np.ndarray, raw_bytes: int, fh, budget: list[int]) -> np.ndarray:
+    """Per block: 0 not stored, ``k > 0`` the ``k``-th distinct content among the small
+    blocks of a repeated size (compared by a hash of their bytes), -1 unknown."""
+    tok = np.full(sizes.size, -1, np.int64)
+    flat_s, flat_o = sizes.ravel(), offsets.ravel()
+    tok[flat_s == 0] = 0
+    if fh is None:
+        return tok
+    small = np.flatnonzero((flat_s > 0) & (flat_s <= raw_bytes * REPEAT_MAX_SHARE))
+    if small.size < 2:
+        return tok
+    values, counts = np.unique(flat_s[small], return_counts=True)
+    cand = small[np.isin(flat_s[small], values[counts >= 2])]
+    ids: dict[bytes, int] = {}
+    for k in cand[np.argsort(flat_o[cand], kind="stable")]:  # in file order: sequential reads
+        size = int(flat_s[k])
+        if size > budget[0]:
+            break
+        budget[0] -= size
+        fh.seek(int(flat_o[k]))
+        digest = hashlib.blake2b(fh.read(size), digest_size=16, person=size.to_bytes(8, "little")).digest()
+        tok[k] = ids.setdefault(digest, len(ids) + 1)
+    return tok
+
+
+def _mask_ifd(path: str, ds):
+    """The internal mask's own TIFF directory (``GTIFF_DIR:k``), opened, or None: the first
+    directory after the image's of the image's size and one band (a multi-page file, where
+    that could be another image, has subdatasets and is left out)."""
+    if ds.subdatasets:
+        return None
+    for k in range(2, 2 * (1 + len(ds.overviews(1))) + 2):
+        try:
+            m = _open_quiet(f"GTIFF_DIR:{k}:{path}")
+        except Exception:
+            return None
+        if (m.width, m.height, m.count) == (ds.width, ds.height, 1):
+            return m
+        m.close()
+    return None
 
 
 class SceneReader:
@@ -465,6 +596,13 @@ class SceneReader:
         self._preview: _DecimatedCopy | None = None
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
+        #: Blocks known to be empty (:meth:`scan_coverage`; open_scene runs it); None: unknown.
+        self.coverage: BlockCoverage | None = None
+        #: Seconds spent opening the scene, by stage ("scan" for the data, "stats" for the stretch).
+        self.timings: dict[str, float] = {}
+        #: Windows read (and decoded) from the file so far, and their pixels.
+        self.windows_read = 0
+        self.pixels_read = 0
 
     # -- handles --------------------------------------------------------------------
 
@@ -504,9 +642,10 @@ class SceneReader:
 
     # -- raw reads ------------------------------------------------------------------
 
-    def _read_raw(self, window: Window | None = None,
-                  out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)."""
+    def _read_raw(self, window: Window | None = None, out_shape: tuple[int, int] | None = None,
+                  use_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)
+        (``use_mask=False``: without the internal mask, from the pixel values alone)."""
         ds = self._ds()
         kw = {}
         if window is not None:
@@ -514,6 +653,9 @@ class SceneReader:
         if out_shape is not None:
             kw["out_shape"] = (len(self._read_idx), *out_shape)
         raw = ds.read(list(self._read_idx), **kw)
+        with self._lock:
+            self.windows_read += 1
+            self.pixels_read += raw[0].size
         data = raw[self._band_pos] if self._band_pos != list(range(len(self._read_idx))) else raw
         valid = np.ones(raw.shape[1:], dtype=bool)
         for i, nd in enumerate(self._nodata):
@@ -523,7 +665,7 @@ class SceneReader:
                 valid &= data[i] != nd
         if self._alpha_pos is not None:
             valid &= raw[self._alpha_pos] != 0
-        if self._internal_mask:
+        if self._internal_mask and use_mask:
             mkw = dict(kw)
             if out_shape is not None:
                 mkw["out_shape"] = out_shape
@@ -537,26 +679,153 @@ class SceneReader:
         comp = (ds.compression.name.lower() if ds.compression else "none")
         return not ds.overviews(self.bands[0]) and comp in _PLAIN_CODECS
 
-    def _read_block_sample(self, max_pixels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    # -- finding the data -----------------------------------------------------------
+
+    def scan_coverage(self) -> BlockCoverage | None:
+        """Find the blocks that hold no valid pixel (:class:`BlockCoverage`), set
+        ``coverage`` and return it; None (nothing known) for a file without a TIFF block
+        index, or when the scan fails (the scene is then read as usual)."""
+        t0 = time.monotonic()
+        try:
+            cov = self._find_empty_blocks()
+        except Exception:  # an odd file: the reads find its problems and name them
+            cov = None
+        if cov is not None:
+            cov = dataclasses.replace(cov, seconds=time.monotonic() - t0)
+        self.coverage = cov
+        self.timings["scan"] = time.monotonic() - t0
+        return cov
+
+    def _find_empty_blocks(self) -> BlockCoverage | None:
+        ds = self._ds()
+        if ds.driver != "GTiff":
+            return None
+        H, W = self.info.height, self.info.width
+        shapes = {ds.block_shapes[b - 1] for b in self._read_idx}
+        if len(shapes) != 1:
+            return None
+        fbh, fbw = shapes.pop()  # the blocks as stored (may exceed a small scene)
+        bh, bw = min(fbh, H), min(fbw, W)
+        nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
+        if nbr * nbc > MAX_SCAN_BLOCKS:
+            return None
+        pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+        planes = [1] if pixel else list(self._read_idx)
+        raw_bytes = fbh * fbw * self._dtype.itemsize * (ds.count if pixel else 1)
+        path = str(self.info.path)
+        fh = open(path, "rb") if os.path.isfile(path) else None  # remote: absent blocks only
+        budget = [REPEAT_MAX_BYTES]
+        tokens, last, last_off = [], None, -1
+        use_mask, mask_ds = False, None
+        try:
+            indexes = [(ds, b, raw_bytes) for b in planes]
+            mask_ds = _mask_ifd(path, ds) if self._internal_mask else None
+            if mask_ds is not None and mask_ds.block_shapes[0] == (fbh, fbw):
+                indexes.append((mask_ds, 1, fbh * fbw))
+                use_mask = True
+            for src, b, raw in indexes:
+                sizes, offsets = _block_index(src, b, nbr, nbc)
+                k = int(np.argmax(offsets))
+                if sizes.flat[k] and offsets.flat[k] > last_off:
+                    last_off, last = int(offsets.flat[k]), divmod(k, nbc)
+                tokens.append(_content_tokens(sizes, offsets, raw, fh, budget))
+        finally:
+            if fh is not None:
+                fh.close()
+            if mask_ds is not None:
+                mask_ds.close()
+        # blocks with the same content in every plane decode alike: prove one per group
+        keys = np.stack(tokens, axis=1)
+        known = np.flatnonzero((keys >= 0).all(axis=1))
+        empty = np.zeros(nbr * nbc, bool)
+        absent = repeated = reads = 0
+        if known.size:
+            groups, inv = np.unique(keys[known], axis=0, return_inverse=True)
+            inv = inv.ravel()
+            rows, cols = np.divmod(known, nbc)
+            vis_h, vis_w = np.minimum(bh, H - rows * bh), np.minimum(bw, W - cols * bw)
+            for g in np.argsort(-np.bincount(inv), kind="stable"):
+                members = np.flatnonzero(inv == g)
+                while members.size and reads < MAX_PROOF_READS:
+                    # the member showing most of the block: an edge block shows a corner of
+                    # the same content, so it is proven by any member showing at least as much
+                    rep = members[np.argmax(vis_h[members] * vis_w[members])]
+                    reads += 1
+                    try:
+                        _, valid = self._read_raw(Window(int(cols[rep] * bw), int(rows[rep] * bh),
+                                                         int(vis_w[rep]), int(vis_h[rep])), use_mask=use_mask)
+                    except Exception:
+                        break
+                    if valid.any():
+                        break
+                    ok = (vis_h[members] <= vis_h[rep]) & (vis_w[members] <= vis_w[rep])
+                    empty[known[members[ok]]] = True
+                    if not groups[g].any():
+                        absent += int(ok.sum())
+                    else:
+                        repeated += int(ok.sum())
+                    members = members[~ok]
+        return BlockCoverage(bh, bw, empty.reshape(nbr, nbc), absent, repeated, reads, 0.0, last)
+
+    def tiles_with_data(self, row_start: int = 0, row_stop: int | None = None) -> tuple[list[Tile], int]:
+        """The tiles of grid rows ``[row_start, row_stop)`` that touch a block not known to be
+        empty (row-major), and how many were left out: those hold no valid pixel, so their
+        valid fraction is 0 and reading them could only skip them."""
+        g = self.grid
+        r0, r1 = max(0, row_start), g.n_rows if row_stop is None else min(row_stop, g.n_rows)
+        cov = self.coverage
+        if cov is None or not cov.n_empty or r1 <= r0:
+            return list(g.rows(r0, r1)), 0
+        data = np.zeros((cov.empty.shape[0] + 1, cov.empty.shape[1] + 1), np.int64)
+        np.cumsum(np.cumsum(~cov.empty, axis=0), axis=1, out=data[1:, 1:])
+
+        def span(starts: np.ndarray, size: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+            ends = np.minimum(starts + g.tile_size, size)  # the tile clipped to the scene
+            return starts // block, (ends - 1) // block + 1
+
+        a0, a1 = span(np.arange(r0, r1) * g.stride, self.info.height, cov.block_h)
+        b0, b1 = span(np.arange(g.n_cols) * g.stride, self.info.width, cov.block_w)
+        count = (data[np.ix_(a1, b1)] - data[np.ix_(a0, b1)] - data[np.ix_(a1, b0)] + data[np.ix_(a0, b0)])
+        rr, cc = np.nonzero(count > 0)
+        return [g.tile(int(r) + r0, int(c)) for r, c in zip(rr, cc)], int(count.size - rr.size)
+
+    def _read_block_sample(self, max_pixels: int, where_data: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """Whole blocks on an even grid over the scene, about ``max_pixels`` decoded in all,
         plus the last block (a truncated file misses its end): bands ``(C, N)`` in model
         order and the valid mask ``(N,)``. None when the file's blocks are too big for that
-        (e.g. one strip holding the whole scene)."""
+        (e.g. one strip holding the whole scene).
+
+        ``where_data``: only blocks not known to be empty (``coverage``), all of them when
+        they fit in ``max_pixels``, else spread evenly over them; the last block is then the
+        one stored at the end of the file. No block at all when every block is empty."""
         ds = self._ds()
         H, W = self.info.height, self.info.width
-        bh, bw = ds.block_shapes[self.bands[0] - 1]
-        bh, bw = min(bh, H), min(bw, W)
+        cov = self.coverage if where_data else None
+        if cov is not None:
+            bh, bw = cov.block_h, cov.block_w
+        else:
+            bh, bw = ds.block_shapes[self.bands[0] - 1]
+            bh, bw = min(bh, H), min(bw, W)
         if bh * bw * 4 > max_pixels:
             return None
         nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
         k = max(1, max_pixels // (bh * bw))
-        kr = min(nbr, k, max(1, round(math.sqrt(k * nbr / nbc))))
-        kc = min(nbc, max(1, k // kr))
-        rows = sorted({int((i + 0.5) * nbr / kr) for i in range(kr)})
-        cols = sorted({int((j + 0.5) * nbc / kc) for j in range(kc)})
-        blocks = [(r, c) for r in rows for c in cols]
-        if blocks[-1] != (nbr - 1, nbc - 1):
-            blocks.append((nbr - 1, nbc - 1))
+        if cov is not None:
+            full = np.argwhere(~cov.empty)
+            pick = full if len(full) <= k else full[((np.arange(k) + 0.5) * len(full) / k).astype(np.int64)]
+            blocks = [(int(r), int(c)) for r, c in pick]
+            if cov.last_block is not None and not cov.empty[cov.last_block] and cov.last_block not in blocks:
+                blocks.append(cov.last_block)
+        else:
+            kr = min(nbr, k, max(1, round(math.sqrt(k * nbr / nbc))))
+            kc = min(nbc, max(1, k // kr))
+            rows = sorted({int((i + 0.5) * nbr / kr) for i in range(kr)})
+            cols = sorted({int((j + 0.5) * nbc / kc) for j in range(kc)})
+            blocks = [(r, c) for r in rows for c in cols]
+            if blocks[-1] != (nbr - 1, nbc - 1):
+                blocks.append((nbr - 1, nbc - 1))
+        if not blocks:
+            return np.zeros((len(self.bands), 0), self._dtype), np.zeros(0, bool)
 
         def read(block):
             r, c = block
@@ -592,6 +861,8 @@ class SceneReader:
             bh, bw = ds.block_shapes[self.bands[0] - 1]
             step_r = bh * max(1, 256 // bh)
             step_c = W if bw >= W else bw * max(1, 4096 // bw)
+            cov = self.coverage
+            cov = cov if cov is not None and cov.n_empty and (cov.block_h, cov.block_w) == (min(bh, H), min(bw, W)) else None
             windows = []  # block-aligned bands, cut to their first and last sampled pixel
             for r0 in range(0, H, step_r):
                 i0, i1 = np.searchsorted(rows, [r0, r0 + step_r])
@@ -599,7 +870,8 @@ class SceneReader:
                     continue  # no sampled row in this band of blocks
                 for c0 in range(0, W, step_c):
                     j0, j1 = np.searchsorted(cols, [c0, c0 + step_c])
-                    if j0 < j1:
+                    if j0 < j1 and (cov is None or not cov.empty[r0 // bh:_ceil_div(r0 + step_r, bh),
+                                                                 c0 // bw:_ceil_div(c0 + step_c, bw)].all()):
                         windows.append(Window(int(cols[j0]), int(rows[i0]), int(cols[j1 - 1]) + 1 - int(cols[j0]),
                                               int(rows[i1 - 1]) + 1 - int(rows[i0])))
             _scan(lambda w: picked.take(w, *self._read_raw(w)), windows)
@@ -616,6 +888,7 @@ class SceneReader:
         if (self._decimated is not None and self._decimated[0] == shape) or not self._plain_layout(self._ds()):
             return
         self._preview = _DecimatedCopy(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
+        self._preview.mark_empty(self.coverage)  # skipped tiles are empty there
 
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
         lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
@@ -1081,9 +1354,16 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     n = len(reader.bands)
     H, W = reader.info.height, reader.info.width
     shape = _decimated_shape(H, W, STATS_MAX_SIZE)
+    cov = reader.coverage
     try:
         sample = None
-        if H * W > STATS_SAMPLE_PIXELS and reader._plain_layout(reader._ds()):
+        if cov is not None and cov.all_empty:  # nothing to read
+            sample = np.zeros((n, 0), dtype), np.zeros(0, bool)
+        elif H * W > STATS_SAMPLE_PIXELS and cov is not None and cov.n_empty:
+            # a large scene with empty areas: blocks where the data is (all of them when
+            # they fit), so a sparse scene gets the statistics of its data alone
+            sample = reader._read_block_sample(STATS_SAMPLE_PIXELS, where_data=True)
+        if sample is None and H * W > STATS_SAMPLE_PIXELS and reader._plain_layout(reader._ds()):
             # a large scene: blocks spread over it; decoding all would cost seconds
             sample = reader._read_block_sample(STATS_SAMPLE_PIXELS)
         if sample is None:
@@ -1094,7 +1374,10 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     except Exception as exc:
         raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
                          path=str(reader.info.path)) from exc
-    if not valid.any():
+    if cov is not None and cov.all_empty:
+        warnings.warn(f"{reader.info.path}: no valid pixel found: all {cov.n_blocks} blocks of the "
+                      "scene are empty (not stored, or nodata / masked; all nodata?)", TilingWarning, stacklevel=3)
+    elif not valid.any():
         warnings.warn(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
                       "spread over the scene (all nodata?)", TilingWarning, stacklevel=3)
     _warn_nodata_collision(reader, data)
@@ -1190,7 +1473,10 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
         grid = TileGrid(info.width, info.height, plan.tile_px, plan.stride_px)
         reader = SceneReader(info, ds, bands, grid, input_size)
         reader.plan = plan
+        reader.scan_coverage()  # before any decode: where the data is
+        t0 = time.monotonic()
         reader.scale = tuple(_compute_scale(reader, cfg))
+        reader.timings["stats"] = time.monotonic() - t0
         reader._set_scale(reader.scale)
         return reader
     except BaseException:

@@ -754,6 +754,7 @@ def _cog_profile(compress: str) -> dict:
 
     profile = dict(cog_profiles.get(_compression(compress)))
     profile["num_threads"] = "ALL_CPUS"
+    profile["sparse_ok"] = True  # blocks all at nodata are not written
     return profile
 
 
@@ -761,6 +762,7 @@ def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, res
     """Copy a tiled GeoTIFF to a COG with GDAL's COG driver in one pass: 512 px blocks,
     ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
+    Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size. (Measured on a 2560 x 2560 float32 heatmap: 1.4 s against
     2.0 s for rio-cogeo's ``cog_translate``, which encodes the data twice.)"""
@@ -768,7 +770,8 @@ def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, res
 
     compress = _compression(compress)
     opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE="512",
-                BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper())
+                BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper(),
+                SPARSE_OK="TRUE")
     if compress in _PREDICTOR_OK:
         opts["PREDICTOR"] = "YES"
     if overviews > 0:
@@ -1054,10 +1057,11 @@ class HeatmapWriter:
         try:
             profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
                            crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
-                           tiled=True, blockxsize=256, blockysize=256, bigtiff="IF_SAFER")
+                           tiled=True, blockxsize=256, blockysize=256, bigtiff="IF_SAFER", sparse_ok=True)
             # The strips file is a scratch copy read once by close(): left uncompressed, so
             # blending never pays for compression (measured: ~1 s per 2560^2 heatmap with
-            # deflate + predictor, on the model's cores); the COG is compressed once.
+            # deflate + predictor, on the model's cores); the COG is compressed once. Sparse:
+            # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
         except _io_error_types() as exc:
             _remove_quietly(self._strips)
@@ -1137,12 +1141,7 @@ class HeatmapWriter:
             self._sum[keep:self._rows] = 0.0
             self._wsum[keep:self._rows] = 0.0
             self._rows = keep
-        # rows no tile touched: nodata, in bounded chunks
-        row = self._base + n_buf
-        while row < done:
-            m = min(done - row, 256)
-            self._write_nodata(row, m)
-            row += m
+        # rows no tile touched stay unwritten: the sparse scratch file reads them as nodata
         self._base = done
 
     def _write(self, row: int, s: np.ndarray, w: np.ndarray) -> None:
@@ -1150,9 +1149,6 @@ class HeatmapWriter:
         ok = w > 0
         heat[ok] = (s[ok] / w[ok]).astype(np.float32)
         self._write_raw(row, heat)
-
-    def _write_nodata(self, row: int, n: int) -> None:
-        self._write_raw(row, np.full((n, self.grid.out_w), HEATMAP_NODATA, np.float32))
 
     def _write_raw(self, row: int, heat: np.ndarray) -> None:
         with self._aborting():
