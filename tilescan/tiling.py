@@ -527,7 +527,7 @@ def _content_tokens(sizes: np.ndarray, offsets: np.ndarray, raw_bytes: int, fh, 
             break
         budget[0] -= size
         fh.seek(int(flat_o[k]))
-        digest = hashlib.blake2b(fh.read(size), digest_size=16, person=size.to_bytes(8, "little")).digest()
+        digest = hashlib.blake2b(fh.read(size), digest_size=16).digest()
         tok[k] = ids.setdefault(digest, len(ids) + 1)
     return tok
 
