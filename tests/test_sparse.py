@@ -125,6 +125,14 @@ def load(run, name: str) -> dict:
     return check_outputs(run["out"] / run[name].stem, run[name], TILE)
 
 
+def tiles_touching(blocks: np.ndarray, block: int = 512, size: int = FRAME) -> int:
+    """How many tiles of a ``size``-square scene touch a block marked in ``blocks``."""
+    n = math.ceil(size / TILE)
+    return sum(bool(blocks[r * TILE // block:(min(r * TILE + TILE, size) - 1) // block + 1,
+                           c * TILE // block:(min(c * TILE + TILE, size) - 1) // block + 1].any())
+               for r in range(n) for c in range(n))
+
+
 def blocks_with_data(valid: np.ndarray, block: int) -> np.ndarray:
     """Which ``block``-square blocks of a scene hold a valid pixel."""
     H, W = valid.shape
@@ -174,7 +182,8 @@ def test_island_alone_and_in_a_sparse_frame_give_the_same_outputs(naip_run):
     n = (FRAME // TILE + 1) ** 2
     counts, man = b["manifest"]["counts"], b["manifest"]
     assert counts["tiles_total"] == n and counts["tiles_classified"] == len(ga)
-    assert counts["tiles_empty"] >= n - 8 * 16  # only tiles in the 2 x 2 blocks (512 px) under the island
+    blocks = blocks_with_data(placed(naip_run["valid"], ALIGNED), 512)
+    assert blocks.sum() == 4 and counts["tiles_empty"] == n - tiles_touching(blocks) == n - 64
     assert man["reads"]["windows"] < 100 and man["reads"]["pixels"] < 16 * 512 * 512
     cov = man["scene_info"]["coverage"]
     assert cov["blocks"] == math.ceil(FRAME / 512) ** 2 and cov["blocks_empty"] == cov["blocks"] - 4
@@ -212,11 +221,8 @@ def test_non_aligned_offset_counts_and_valid_fractions(naip_run):
     # the stored blocks (512 px) are those holding island pixels
     blocks = blocks_with_data(full, 512)
     n = FRAME // TILE + 1
-    touched = sum(blocks[r * TILE // 512:(min(r * TILE + TILE, FRAME) - 1) // 512 + 1,
-                         c * TILE // 512:(min(c * TILE + TILE, FRAME) - 1) // 512 + 1].any()
-                  for r in range(n) for c in range(n))
     counts = b["manifest"]["counts"]
-    assert counts["tiles_empty"] == n * n - touched
+    assert counts["tiles_empty"] == n * n - tiles_touching(blocks)
     assert counts["tiles_skipped"] == n * n - len(got)
 
 
