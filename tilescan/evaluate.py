@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import time
 from collections import deque
