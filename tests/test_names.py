@@ -304,3 +304,17 @@ def test_distinct_scenes_get_distinct_folders(items):
     assert len({layout.fold(n) for n in names}) == len(paths)
     for n in names:
         _assert_safe(n)
+
+
+def test_a_name_that_is_not_utf8_fails_alone_with_a_clear_message(tmp_path):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "good.tif")
+    shutil.copyfile(scene(SCENE), os.path.join(os.fsencode(scenes), b"bad\xff.tif"))
+    out = tmp_path / "out"
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    assert res.exit_code == 3, res.output
+    assert "not valid UTF-8" in res.output
+    rep = report(out)  # still valid JSON
+    assert [Path(r["scene"]).name for r in rep["done"]] == ["good.tif"]
+    assert "not valid UTF-8" in rep["failed"][0]["reason"]

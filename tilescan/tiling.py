@@ -812,6 +812,11 @@ def _check_file(path: Path) -> None:
         raise InputError("scene not found (no such file)", path=p) from None
     except OSError as exc:
         raise InputError(f"cannot access scene: {exc.strerror}", path=p) from None
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the file name is not valid UTF-8, which GDAL cannot open: rename the file",
+                         path=p.encode("utf-8", "backslashreplace").decode()) from None
     if path.is_dir():
         raise InputError(
             "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
