@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from . import layout
 from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
+from .log import emit
 from .writers import _prob_column_names, atomic_output, wkb_polygons, write_json
 
 TARGET_CRS = "OGC:CRS84"
@@ -407,7 +408,7 @@ class PartialCollectError(TilescanError):
         self.summary = summary
 
 
-def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = print,
+def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = emit,
                 strict: bool = True) -> dict:
     """Collect the finished units of ``out`` into ``out/collected/`` (see the module doc).
 

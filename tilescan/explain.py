@@ -28,6 +28,7 @@ import numpy as np
 
 from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
 from .errors import ConfigError, InputError
+from .log import emit
 
 SCENE_EXTS = {".tif", ".tiff"}
 HEATMAP_CMAP = "jet"
@@ -288,7 +289,7 @@ def run_explain(
     top: int = 4,
     tile_size: int | None = None,
     units: str = "auto",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 

@@ -53,6 +53,7 @@ from .errors import (
     TilescanError,
 )
 from .layout import LOCKS, MANIFEST, STAGING
+from .log import emit
 from .model import describe_model
 from .tiling import SceneReader, TilingWarning, find_scenes
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
@@ -874,7 +875,7 @@ def run(
     model_path: str | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
 ) -> RunReport:
     """Process every scene of ``inputs`` (files or folders) into ``out``; see the module doc."""
     out = Path(out)
