@@ -30,7 +30,7 @@ from tilescan.errors import OutputError
 from tilescan.job import _move_into_place
 
 SCENE = "rio-cogeo/image_rgb.tif"  # 512 x 512, EPSG:3857
-FAST = ("--tile-size", "256", "--no-progress")
+FAST = ("--tile-size", "256", "--units", "px", "--no-progress")
 LONG = "x" * 250  # a 254-byte file name with ".tif": legal on ext4, APFS, NTFS
 
 # file (relative to the scene folder) -> the folder tilescan must give it (None: checked apart)
@@ -171,7 +171,7 @@ def test_row_bands_of_an_odd_name_stay_in_its_folder(batch, tmp_path):
     out = tmp_path / "work" / "out"
     out.mkdir(parents=True)
     for i in range(2):
-        res = invoke(["run", batch["scenes"] / "..tif", "-o", out, "--tile-size", "128", "--no-progress",
+        res = invoke(["run", batch["scenes"] / "..tif", "-o", out, "--tile-size", "128", "--units", "px", "--no-progress",
                       "--shard", f"{i}/2"])
         assert res.exit_code == 0, res.output
     assert os.listdir(out.parent) == ["out"]

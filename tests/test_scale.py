@@ -137,7 +137,7 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
 def test_zero_tiles_warns_and_says_why(tmp_path):
     res = _run(tmp_path, str(scene(NAIP)), "--tile-size", "5000", "--units", "px")
     assert res.exit_code == 0, res.output
-    assert "0 of 1 tiles classified" in res.output and "larger than the scene" in res.output
+    assert "no tile classified (of 1)" in res.output and "larger than the scene" in res.output
     m = json.loads((tmp_path / "out" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
     assert m["counts"]["tiles_classified"] == 0
     codes = [w["code"] for w in m["warning_details"]]

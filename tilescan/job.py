@@ -777,7 +777,7 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
     else:
         why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
                "rest; --min-valid lowers the bar)")
-    return {"code": "no_tiles", "message": f"{info.path}: 0 of {n_tiles} tiles classified: {why}"}
+    return {"code": "no_tiles", "message": f"{info.path}: no tile classified (of {n_tiles}): {why}"}
 
 
 def _move_into_place(stage: Path, final: Path, out: Path) -> None:
