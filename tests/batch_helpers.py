@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from conftest import REPO, scene
 
 SCENES = ("rasterio/RGB.byte.tif", "rio-cogeo/image_rgb.tif", "rio-tiler/cog_rgb.tif", "rasterio/cogeo.tif")
-ARGS = ("--tile-size", "128")
+ARGS = ("--tile-size", "128", "--units", "px")  # pixel tiles on every scene: the tests count them
 # The order tilescan processes them in (sorted resolved paths) and their output folders.
 UNITS = ("RGB.byte", "cogeo", "image_rgb", "cog_rgb")
 JOBS = REPO / "jobs"

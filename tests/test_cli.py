@@ -358,7 +358,7 @@ def test_old_option_spellings_still_work(tmp_path, scene_path, aid_dir):
     r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "eigencam", "--cam", "gradcam")
     assert r.exit_code == 2 and "--cam-methods is the old spelling of --cam" in r.output
     # explain --layer reaches the CAM: the figure's metadata records that layer
-    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "x", "--layer", "conv4_block2_out", "--top", "1", "--tile-size", "400")
+    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "x", "--layer", "conv4_block2_out", "--top", "1", "--tile-size", "400", "--units", "px")
     assert r.exit_code == 0, r.output
     (meta,) = (tmp_path / "x").glob("*.json")
     assert json.loads(meta.read_text())["layer"] == "conv4_block2_out"

@@ -93,7 +93,8 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
     assert [u["unit"] for u in report["done"]] == ["cog_rgb"]
     done = _finished_folders(out)
     assert sorted(done) == sorted(bh.UNITS)
-    assert not any((out / ".tilescan-staging").iterdir())  # the killed runs' leftovers are gone
+    assert not (out / ".tilescan-staging").exists()  # the killed runs' leftovers are gone, and the emptied folder
+    assert not (out / ".tilescan-locks").exists()
     for name in bh.UNITS:
         _assert_unit_equal(out / name, ref / name)
 

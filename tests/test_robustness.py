@@ -554,7 +554,7 @@ def test_rotated_geotransform(batch):
 def test_band_count_mismatch_names_expected_found_and_mapping(tmp_path, scenes_dir):
     """The packaged AID model (red, green, blue) on a 1-band hillshade beside a good scene."""
     out = tmp_path / "out"
-    res = invoke(["run", scene(SHADE), scene(SMALL), "-o", out, "--no-progress"])
+    res = invoke(["run", scene(SHADE), scene(SMALL), "-o", out, "--units", "px", "--no-progress"])
     assert res.exit_code == 3, res.output
     reason = failed_reasons(report(out))["shade.tif"]["reason"]
     assert str(scene(SHADE).resolve()) in reason  # inputs are reported by their resolved path

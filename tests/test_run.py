@@ -49,7 +49,7 @@ CASES = {
     "rgba": (RGBA_BYTE, ["--tile-size", "128"], [1, 2, 3], 128, 0.5),
     "geographic": (WORLD, ["--tile-size", "128"], [1, 2, 3], 128, 0.5),
     # 383 * 232 / 400**2 = 0.56 of the tile is valid, above the default 0.5 threshold
-    "small": (SMALL, ["--tile-size", "400"], [1, 2, 3], 400, 0.5),
+    "small": (SMALL, ["--tile-size", "400", "--units", "px"], [1, 2, 3], 400, 0.5),
 }
 # the same scene as "rgb" with other options, for comparisons
 VARIANTS = {

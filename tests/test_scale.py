@@ -53,6 +53,11 @@ def test_auto_keeps_pixels_inside_the_range(card):
         p = plan(card, rel)
         assert (p.units, p.scale, p.tile_px) == ("px", "in_range", 128), rel
         assert p.warning(rel) is None
+    # a tile size the user chose stays in pixels; when it puts the input pixel outside the
+    # range (256-px Landsat tiles: 60 m per input pixel), the plan says so
+    p = plan(card, LANDSAT, tile_size=256)
+    assert (p.units, p.tile_px, p.scale) == ("px", 256, "coarser")
+    assert p.warning(LANDSAT)["code"] == "scale_out_of_range"
 
 
 def test_auto_sizes_tiles_in_metres_on_a_fine_scene(card):
@@ -76,6 +81,7 @@ def test_units_px_forces_scene_pixels(card):
 def test_coarse_scene_cannot_reach_the_range(card):
     p = plan(card, RGB_BYTE)
     assert (p.units, p.scale, p.tile_px) == ("px", "coarser", 128)
+    assert "no tiling reaches it" in p.reason
     w = p.warning(RGB_BYTE)
     assert w["code"] == "scale_out_of_range"
     assert w["scene_gsd_m"] == pytest.approx(300, rel=0.01)
@@ -131,10 +137,12 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
 def test_zero_tiles_warns_and_says_why(tmp_path):
     res = _run(tmp_path, str(scene(NAIP)), "--tile-size", "5000", "--units", "px")
     assert res.exit_code == 0, res.output
-    assert "0 of 1 tiles classified" in res.output and "larger than the scene" in res.output
+    assert "no tile classified (of 1)" in res.output and "larger than the scene" in res.output
     m = json.loads((tmp_path / "out" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
     assert m["counts"]["tiles_classified"] == 0
-    assert [w["code"] for w in m["warning_details"]] == ["no_tiles"]
+    codes = [w["code"] for w in m["warning_details"]]
+    # the forced 5000-px tiles (25 km) are also far outside the model's range: said too
+    assert codes[-2:] == ["scale_out_of_range", "no_tiles"]
 
 
 def test_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path):

@@ -1,3 +1,169 @@
-"""tilescan: classify and explain every tile of a GeoTIFF scene."""
+"""tilescan: classify every tile of a GeoTIFF scene and explain each label with Grad-CAM.
 
-__version__ = "0.1.0"
+The Python API (what the ``tilescan`` command calls)::
+
+    import tilescan
+    report = tilescan.run(["scene.tif"], "out", tile_size=256, cam="layercam")
+    report.exit_code, report.to_dict()["counts"]
+
+- :func:`run` — tile, classify, explain and write scenes (GeoParquet, COGs, quicklook).
+- :func:`load_config` / :class:`Config` — the settings of ``configs/default.toml``, with
+  the same precedence as the command line (arguments > ``TILESCAN_*`` > file > defaults).
+- :func:`load_model` / :func:`describe_model` — a tilescan ``.keras`` model with its
+  metadata (classes, input size, bands, ground-scale range); ``describe_model`` reads only
+  the metadata and never imports Keras.
+- :func:`explain_figures` — the study's figure (original, heatmap, overlay) for images or scene tiles.
+- :data:`CAM_METHODS` / :func:`get_cam` — the batched CAM methods.
+- Errors: :class:`TilescanError` and its subclasses; each carries its CLI ``exit_code``.
+
+The library writes no output to the terminal: it reports through :mod:`logging` (logger
+``tilescan``), silent unless the caller configures logging. Importing ``tilescan`` is cheap:
+Keras, TensorFlow and rasterio load only when a function needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .config import CAM_METHOD_NAMES as CAM_METHODS
+from .config import Config, load_config
+from .errors import (
+    ConfigError,
+    InputError,
+    LockedError,
+    ModelError,
+    NoScenesError,
+    OutputError,
+    OutputExistsError,
+    TilescanError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .job import RunReport
+    from .model import LoadedModel
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "CAM_METHODS",
+    "Config",
+    "ConfigError",
+    "InputError",
+    "LockedError",
+    "ModelError",
+    "NoScenesError",
+    "OutputError",
+    "OutputExistsError",
+    "TilescanError",
+    "describe_model",
+    "explain_figures",
+    "get_cam",
+    "load_config",
+    "load_model",
+    "run",
+]
+
+_RUN_SECTIONS = ("tiling", "inference", "cam", "output")
+_ALIASES = {"cam": ("cam", "method"), "min_valid": ("tiling", "min_valid_fraction"),
+            "target": ("cam", "target_class"), "threads": ("inference", "reader_threads")}
+
+
+def _override_layer(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``tile_size=256`` / ``tiling__tile_size=256`` / ``cam="layercam"`` -> a config layer."""
+    from .config import SECTIONS
+
+    layer: dict[str, dict[str, Any]] = {}
+    for name, value in overrides.items():
+        if "__" in name:
+            section, key = name.split("__", 1)
+        elif name in _ALIASES:
+            section, key = _ALIASES[name]
+        else:
+            owners = [s for s in _RUN_SECTIONS if name in SECTIONS[s].__dataclass_fields__]
+            if len(owners) != 1:
+                raise ConfigError(f"unknown setting {name!r}: use a key of [{'], ['.join(_RUN_SECTIONS)}] "
+                                  "(e.g. tile_size=256) or SECTION__KEY (e.g. tiling__stride=64)")
+            section, key = owners[0], name
+        layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def run(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: Config | str | os.PathLike | None = None,
+    *,
+    model: str | os.PathLike | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = False,
+    **overrides: Any,
+) -> "RunReport":
+    """Process scenes (GeoTIFF files, or folders searched for ``*.tif``) into ``out``.
+
+    ``config``: a :class:`Config`, a TOML file, or None (defaults and ``TILESCAN_*``
+    variables). ``overrides``: settings by key (``tile_size=256``, ``units="px"``,
+    ``batch_size=64``, ``cam="layercam"``, ``target="Forest"``) or ``section__key``;
+    they win over ``config``. ``model``: a tilescan ``.keras`` file (default: the packaged
+    model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``.
+
+    Returns a :class:`~tilescan.job.RunReport` (``.results``, ``.exit_code``,
+    ``.to_dict()``; also written to ``out/report.json``). One failing scene does not raise:
+    it is listed in the report. Raises :class:`TilescanError` for what stops the whole run
+    (no scenes, a bad setting, an unusable model or output folder).
+    """
+    from .job import run as _run
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if isinstance(config, Config):
+        base = config
+        cfg = base if not overrides else _replace_all(base, _override_layer(overrides))
+    else:
+        cfg = load_config(config, _override_layer(overrides))
+    return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
+                shard=shard, progress=progress)
+
+
+def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:
+    for section, values in layer.items():
+        cfg = cfg.replace(section, **values)
+    return cfg
+
+
+def load_model(path: str | os.PathLike | None = None) -> "LoadedModel":
+    """Load a tilescan model (default: the packaged one): ``.model`` (Keras), ``.classes``,
+    ``.input_size``, ``.scale_range``, ``.meta``. Imports Keras."""
+    from .backend import import_keras
+    from .model import load_model as _load
+
+    import_keras()
+    return _load(path)
+
+
+def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
+    """A model's metadata and sha256 without loading Keras (``.model`` is None)."""
+    from .model import describe_model as _describe
+
+    return _describe(path)
+
+
+def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+            **kwargs: Any) -> list:
+    """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
+    Keyword arguments as :func:`tilescan.explain.run_explain` (``methods``, ``layer``,
+    ``target``, ``tiles``, ``top``, ``tile_size``, ``units``, ``model_path``)."""
+    from .backend import import_keras
+    from .explain import run_explain
+
+    import_keras()
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return run_explain([str(p) for p in inputs], str(out), **kwargs)
+
+
+def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
+    """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model."""
+    from .cam import get_cam as _get
+
+    return _get(name, model, layer=layer, **kwargs)

@@ -385,10 +385,12 @@ def _tiles(value: str | None) -> list[tuple[int, int]]:
 @option("--target", show_default="the prediction", help="Explain this class (name or index).")
 @option("--tiles", show_default="the --top N most confident", help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3'.")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
-@option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge in scene pixels.")
+@option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge (scene pixels; metres with --units m).")
+@click.option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
+              help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
 @_verbosity
 @click.pass_context
-def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size) -> None:
+def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size, units) -> None:
     """The study's figure: original | heatmap | overlay with label and confidence, for
     images or for tiles of a scene, for one or several CAM methods side by side."""
     obj: _Ctx = ctx.obj
@@ -399,7 +401,8 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
         from .explain import run_explain
 
         paths = run_explain(list(inputs), out, model_path=model_path, methods=methods,
-                            layer=layer, target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, log=obj.log)
+                            layer=layer, target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size,
+                            units=units, log=obj.log)
         for p in paths:
             click.echo(str(p))
         return 0

@@ -31,17 +31,18 @@ writes, into ``OUT/collected/``:
 Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
 always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
 parts must not overlap, and a finished whole-scene output wins over row parts beside it.
+A scene that cannot be collected (its footprints do not reproject to longitude/latitude,
+its table is unreadable) is left out, named with the reason in the log and under
+``failed`` in ``summary.json``; the others are collected and the command exits 3.
 """
 
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -50,13 +51,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError, OutputError
+from . import layout
+from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
+from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
+from .log import emit
 from .writers import _prob_column_names, atomic_output, wkb_polygons, write_json
 
-COLLECTED = "collected"
-MANIFEST = "run.json"  # same names as tilescan.job (not imported: job pulls in the pipeline)
-STAGING = ".tilescan-staging"
-LOCKS = ".tilescan-locks"
 TARGET_CRS = "OGC:CRS84"
 
 _WKB_SIZE = 93  # our Polygon WKB: 1 + 4 + 4 + 4 header bytes, then 5 points of 2 doubles
@@ -120,7 +120,7 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
     for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != COLLECTED):
         sc = _Scene(d.name)
         whole = _complete(d)
-        parts = sorted(p for p in d.glob("rows-*") if p.is_dir())
+        parts = sorted(p for p in d.iterdir() if layout.PART_RE.fullmatch(p.name) and p.is_dir())
         if whole is not None:
             r = whole.get("rows") or [0, 0]
             sc.units.append(_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1]))))
@@ -218,9 +218,24 @@ class _Reprojector:
         tf, name = self._cache[key]
         x, y = tf.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
         out = np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape)
-        if not np.all(np.isfinite(out)):
-            raise InputError(f"tile footprints cannot be reprojected from {name} to longitude/latitude")
+        bad = int((~np.isfinite(out)).any(axis=(1, 2)).sum())
+        if bad:
+            raise InputError(f"{bad} of {len(out)} tile footprints cannot be reprojected from {_crs_label(crs_json)} "
+                             "to longitude/latitude (corners outside the area that CRS maps, e.g. beyond a "
+                             "geostationary disc)")
         return out, name
+
+
+def _crs_label(crs_json: dict) -> str:
+    """A CRS in a few words for a message: its authority code, else its name and method."""
+    from pyproj import CRS
+
+    crs = CRS.from_json_dict(crs_json)
+    auth = crs.to_authority()
+    if auth:
+        return ":".join(auth)
+    op = crs.coordinate_operation
+    return f"the CRS '{crs.name}'" + (f" ({op.method_name})" if op is not None else "")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -381,41 +396,92 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = print) -> dict:
+class PartialCollectError(TilescanError):
+    """Some scenes could not be collected; the others are in ``OUT/collected``.
+    ``summary`` is what :func:`run_collect` would have returned."""
+
+    exit_code = EXIT_PARTIAL
+    kind = "partial"
+
+    def __init__(self, message: str, path: str, summary: dict):
+        super().__init__(message, path=path)
+        self.summary = summary
+
+
+def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = emit,
+                strict: bool = True) -> dict:
     """Collect the finished units of ``out`` into ``out/collected/`` (see the module doc).
 
-    Returns the summary (also written as ``summary.json``)."""
+    Returns the summary (also written as ``summary.json``). When some scenes could not be
+    collected, the others are still written, and then :class:`PartialCollectError` is raised
+    (exit 3) unless ``strict`` is false; the summary lists them under ``failed``."""
     out = Path(out)
     if not out.is_dir():
         raise InputError("no such output folder", path=str(out))
     dest = out / COLLECTED
-    if (dest / MANIFEST).exists() or any(dest.glob("rows-*")):
-        raise OutputError("this folder holds a scene's outputs (a scene named 'collected'?); "
-                          "rename that scene's file and rerun it", path=str(dest))
-    (out / LOCKS).mkdir(exist_ok=True)
-    with open(out / LOCKS / "collect.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError("another 'tilescan collect' is writing this folder", path=str(out)) from None
-        return _collect(out, dest, gpkg, log)
+    if (dest / MANIFEST).exists() or any(p.is_dir() and layout.PART_RE.fullmatch(p.name) for p in _entries(dest)):
+        raise OutputError("this folder holds a scene's outputs (from a tilescan older than its scene-name "
+                          "rules, for a scene named 'collected'); move it away and rerun that scene", path=str(dest))
+    lock = layout.FileLock(out / LOCKS / ".collect.lock")
+    try:
+        lock.acquire()
+    except layout.Busy:
+        raise OutputError("another 'tilescan collect' is writing this folder", path=str(out)) from None
+    try:
+        summary = _collect(out, dest, gpkg, log)
+    finally:
+        lock.release()
+        layout.tidy(out)
+    if summary["failed"] and strict:
+        names = ", ".join(f["scene"] for f in summary["failed"])
+        raise PartialCollectError(
+            f"{len(summary['failed'])} scene(s) could not be collected ({names}; reasons above and in "
+            f"{dest / 'summary.json'}); the other {len(summary['scenes'])} scene(s) are in {dest}", path=str(out), summary=summary)
+    return summary
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return []
 
 
 def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
     scenes, skipped = find_units(out, log)
     if not scenes:
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
-    stage = out / STAGING / f"collected-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
+    layout.discard(stage)
     stage.mkdir(parents=True)
     try:
         summary = _build(scenes, skipped, stage, gpkg, log)
         _swap_into_place(stage, dest)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        layout.discard(stage)
         raise
     log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     return summary
+
+
+def _one_line(exc: Exception) -> str:
+    text = exc.message if isinstance(exc, TilescanError) else f"unexpected error {type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())
+
+
+def _scene_tables(sc: _Scene, reproject: _Reprojector) -> list[tuple[_Unit, pa.Table, dict]]:
+    """The collected rows of each unit of a scene, checked for duplicate or unordered tiles."""
+    out = []
+    last = -1
+    for u in sc.units:
+        t, info = _unit_table(u, reproject)
+        idx = t.column("tile_index").to_numpy()
+        if len(idx) and (idx[0] <= last or np.any(np.diff(idx) <= 0)):
+            raise InputError(f"duplicate or unordered tile_index values in {u.key}", path=str(u.folder))
+        if len(idx):
+            last = int(idx[-1])
+        out.append((u, t, info))
+    return out
 
 
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
@@ -428,23 +494,24 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
     bounds: list[float] | None = None
     total = 0
     scene_info: dict[str, dict] = {}
+    failed: list[dict] = []
     path = stage / "tiles.parquet"
     try:
         for sc in scenes:
-            last = -1
+            try:  # a scene is collected whole or not at all, and one bad scene does not stop the rest
+                tables = _scene_tables(sc, reproject)
+            except Exception as exc:
+                reason = _one_line(exc)
+                failed.append({"scene": sc.name, "units": [u.key for u in sc.units], "reason": reason})
+                log(f"error: collect: {sc.name}: {reason}")
+                continue
             crs_names = set()
-            for u in sc.units:
-                t, info = _unit_table(u, reproject)
+            for u, t, info in tables:
                 if classes is None:
                     classes, class_source = info["classes"], u.key
                 elif info["classes"] != classes:
                     raise InputError(f"its model has other classes than {class_source}'s; collect outputs of one model "
                                      "at a time", path=str(u.folder))
-                idx = t.column("tile_index").to_numpy()
-                if len(idx) and (idx[0] <= last or np.any(np.diff(idx) <= 0)):
-                    raise InputError(f"duplicate or unordered tile_index values in {u.key}", path=str(u.folder))
-                if len(idx):
-                    last = int(idx[-1])
                 if schema is None:
                     schema = _schema(t)
                     writer = pq.ParquetWriter(path, schema, compression="zstd", store_schema=False)
@@ -469,7 +536,9 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 "notes": sc.notes,
                 "model": m.get("model", {}).get("id"),
             }
-        assert writer is not None and classes is not None
+        if writer is None:
+            raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
+        assert classes is not None
         writer.add_key_value_metadata({
             "geo": json.dumps(_geo_meta(None if bounds is None else [float(v) for v in bounds])),
             "tilescan": json.dumps({"classes": classes, "n_tiles": total, "crs_note": "geometry is OGC:CRS84; "
@@ -491,6 +560,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
         "scenes": per_scene,
         "classes": rows,
         "skipped": skipped,
+        "failed": failed,
     }
     with atomic_output(stage / "summary.csv") as tmp:
         tmp.write_text(_csv_text(rows))
@@ -501,14 +571,15 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
 
 
 def _swap_into_place(stage: Path, dest: Path) -> None:
-    if dest.exists():
-        trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(dest, trash)
+    """Rename ``stage`` to ``OUT/collected``; an old set is parked in the staging area, then removed."""
+    if os.path.lexists(dest):
+        aside = stage.parent / layout.aside_name(COLLECTED)
+        layout.discard(aside)
+        os.replace(dest, aside)
         os.replace(stage, dest)
-        shutil.rmtree(trash, ignore_errors=True)
+        layout.discard(aside)
     else:
         os.replace(stage, dest)
 
 
-__all__ = ["run_collect", "find_units"]
+__all__ = ["run_collect", "find_units", "PartialCollectError"]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import ConfigError, OutputError
+from .log import emit
 from .explain import (
     RIGHT_COLOR,
     WRONG_COLOR,
@@ -346,7 +346,7 @@ def run_evaluate(
     cam_methods: Sequence[str] = ("gradcam",),
     record: bool = False,
     limit: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
     faithfulness_limit: int | None = None,
     faithfulness_steps: int = 16,
     seed: int = SEED,

@@ -28,6 +28,7 @@ import numpy as np
 
 from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
 from .errors import ConfigError, InputError
+from .log import emit
 
 SCENE_EXTS = {".tif", ".tiff"}
 HEATMAP_CMAP = "jet"
@@ -192,13 +193,14 @@ def _image_items(path: Path, lm) -> list[_Item]:
     return [_Item(x, {"source": str(path)})]
 
 
-def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log) -> tuple[list[_Item], dict]:
+def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log,
+                 units: str = "auto") -> tuple[list[_Item], dict]:
     import warnings
 
     from .config import TilingConfig
     from .tiling import TilingWarning
 
-    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), allow_pixel_space=True)
+    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, allow_pixel_space=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
@@ -286,7 +288,8 @@ def run_explain(
     tiles: Sequence[tuple[int, int]] = (),
     top: int = 4,
     tile_size: int | None = None,
-    log: Callable[[str], None] = print,
+    units: str = "auto",
+    log: Callable[[str], None] = emit,
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 
@@ -295,7 +298,7 @@ def run_explain(
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
-    pixels (default: the model input size).
+    pixels (default: the model input size); ``units``: as ``[tiling] units`` in ``run``.
 
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
@@ -335,7 +338,7 @@ def run_explain(
         is_scene = path.suffix.lower() in SCENE_EXTS
         scene_info = None
         if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log)
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units)
             stem = _unique_name(path.stem, "_tiles_explain", used)
         else:
             items = _image_items(path, lm)

@@ -16,7 +16,6 @@ in the steady state, and memory is bounded by the queue sizes, not the scene siz
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -36,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from affine import Affine
 
-from . import __version__
+from . import __version__, layout
 from .cam import model_on_accelerator
 from .cam import resolve_target as _resolve_class
 from .config import Config
@@ -53,13 +52,12 @@ from .errors import (
     OutputExistsError,
     TilescanError,
 )
+from .layout import LOCKS, MANIFEST, STAGING
+from .log import emit
 from .model import describe_model
 from .tiling import SceneReader, TilingWarning, find_scenes
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
 
-MANIFEST = "run.json"
-STAGING = ".tilescan-staging"
-LOCKS = ".tilescan-locks"
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
 #: so one row of blocks must fit (16 MB for a 10,000 px wide 3-band uint16 scene); GDAL's own
@@ -93,7 +91,7 @@ class Unit:
     """A scene, or the tile rows [row_start, row_stop) of it."""
 
     scene: Path
-    name: str  # output folder name (scene stem, made unique)
+    name: str  # output folder name (layout.scene_folder_names: safe, unique in the invocation)
     row_start: int | None = None
     row_stop: int | None = None
 
@@ -107,19 +105,16 @@ class Unit:
     def key(self) -> str:
         return self.name if self.part is None else f"{self.name}/{self.part}"
 
+    @property
+    def slot(self) -> str:
+        """The unit's entry name in OUT/.tilescan-staging and (+ ``.lock``) OUT/.tilescan-locks."""
+        return layout.slot(self.name, self.part)
+
     def out_dir(self, out: Path) -> Path:
         return out / self.name if self.part is None else out / self.name / self.part
 
 
-def unique_names(scenes: Sequence[Path]) -> list[str]:
-    """Output folder names: the scene stem, plus a short path hash where stems collide."""
-    stems = [s.stem for s in scenes]
-    out = []
-    for s, stem in zip(scenes, stems):
-        if stems.count(stem) > 1:
-            stem = f"{stem}-{hashlib.sha1(str(s.resolve()).encode()).hexdigest()[:8]}"
-        out.append(stem)
-    return out
+unique_names = layout.scene_folder_names
 
 
 def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: int | None = None) -> tuple[int, int]:
@@ -298,37 +293,26 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 class UnitLock:
-    """An exclusive, non-blocking ``flock`` on ``OUT/.tilescan-locks/<unit>.lock``."""
+    """An exclusive, non-blocking ``flock`` on ``OUT/.tilescan-locks/<unit slot>.lock``,
+    removed again when released (layout.FileLock)."""
 
     def __init__(self, out: Path, unit: Unit):
-        self.path = out / LOCKS / (unit.key.replace("/", "__") + ".lock")
+        self.path = out / LOCKS / (unit.slot + ".lock")
         self.target = unit.out_dir(out)
-        self.fh = None
+        self.lock = layout.FileLock(self.path)
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+")
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            holder = self.fh.read().strip()
-            self.fh.close()
+            self.lock.acquire()
+        except layout.Busy as busy:
             raise LockedError(
-                f"another tilescan process ({holder or 'unknown pid'}) is writing this output; "
+                f"another tilescan process ({busy.holder or 'unknown pid'}) is writing this output; "
                 f"it was left alone (lock {self.path})", path=str(self.target)
             ) from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self.fh.flush()
         return self
 
     def __exit__(self, *exc):
-        try:
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-        finally:
-            self.fh.close()
+        self.lock.release()
 
 
 def resolve_target(target: str, classes: Sequence[str], origin: str = "[cam] target_class") -> int | None:
@@ -541,7 +525,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
     """Run one unit into a staging folder, then move it into place (atomic per unit)."""
     t0 = time.monotonic()
     final = unit.out_dir(out)
-    stage = out / STAGING / unit.key.replace("/", "__")
+    stage = out / STAGING / unit.slot
     timings = {"read": 0.0, "compute": 0.0, "write": 0.0}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
@@ -781,7 +765,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         raise
     reader.close()
     _test_kill_point("before-rename")
-    _move_into_place(stage, final)
+    _move_into_place(stage, final, out)
     return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=counts, seconds=round(total, 2),
                       warnings=[d for d in details if d["code"] != "tiling"])
 
@@ -799,23 +783,36 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
     else:
         why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
                "rest; --min-valid lowers the bar)")
-    return {"code": "no_tiles", "message": f"{info.path}: 0 of {n_tiles} tiles classified: {why}"}
+    return {"code": "no_tiles", "message": f"{info.path}: no tile classified (of {n_tiles}): {why}"}
 
 
-def _move_into_place(stage: Path, final: Path) -> None:
-    """Rename the finished staging folder to ``final``; an old one is moved aside first."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.is_dir():
-            # keep row-band parts of a sharded run that live inside a scene folder
-            os.replace(final, trash)
-            for part in trash.glob("rows-*"):
-                os.replace(part, stage / part.name)
-        else:
-            os.replace(final, trash)
+def _move_into_place(stage: Path, final: Path, out: Path) -> None:
+    """Rename the finished staging folder to ``final``: a scene folder ``OUT/<name>`` or a row
+    band ``OUT/<name>/rows-…``. What was there is parked in the staging area, then removed
+    (row-band parts inside an old scene folder are kept). Any other target is refused, so
+    nothing outside the unit's own folder and tilescan's staging area is renamed or removed."""
+    scene_dir = final if final.parent == out else final.parent
+    if not (scene_dir.parent == out and layout.is_safe_name(scene_dir.name)
+            and (final == scene_dir or layout.PART_RE.fullmatch(final.name))):
+        raise OutputError(f"refusing to move {stage} there: not a scene folder directly inside {out}", path=str(final))
+    if final != scene_dir:
+        try:
+            scene_dir.mkdir()
+        except FileExistsError:
+            pass
+        if _link_or_file(scene_dir):  # a row band must stay inside OUT
+            raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
+                                    path=str(scene_dir))
+    if os.path.lexists(final):
+        aside = stage.parent / layout.aside_name(stage.name)
+        layout.discard(aside)  # left by a killed process that had this pid
+        os.replace(final, aside)
+        if final == scene_dir and aside.is_dir() and not aside.is_symlink():
+            for part in aside.iterdir():  # row-band parts of a sharded run stay with the scene
+                if layout.PART_RE.fullmatch(part.name) and part.is_dir() and not part.is_symlink():
+                    os.replace(part, stage / part.name)
         os.replace(stage, final)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+        layout.discard(aside)
     else:
         os.replace(stage, final)
     try:
@@ -826,14 +823,31 @@ def _move_into_place(stage: Path, final: Path) -> None:
         pass
 
 
+def _link_or_file(path: Path) -> bool:
+    return os.path.lexists(path) and (path.is_symlink() or not path.is_dir())
+
+
 def _occupied(final: Path) -> bool:
-    """True when something not made by tilescan sits where a unit's outputs go: a file, or a
-    folder with entries other than hidden files and row-band parts of a sharded run."""
+    """True when something not made by tilescan sits where a unit's outputs go: a file, a
+    link, or a folder with entries other than hidden files and row-band parts of a sharded run."""
     if not os.path.lexists(final):
         return False
-    if not final.is_dir() or final.is_symlink():
+    if final.is_symlink() or not final.is_dir():
         return True
-    return any(not (p.name.startswith(".") or (p.name.startswith("rows-") and p.is_dir())) for p in final.iterdir())
+    return any(not (p.name.startswith(".") or (layout.PART_RE.fullmatch(p.name) and p.is_dir())) for p in final.iterdir())
+
+
+def _legacy_outputs(out: Path, unit: Unit, legacy: str) -> Path | None:
+    """The unit's finished outputs under the folder name an older tilescan gave it, when
+    that differs from today's name (an unusual or case-colliding stem): they are not resumed
+    silently in the new place, and not left behind unnoticed either."""
+    if legacy in (unit.name, "", "..") or "/" in legacy:
+        return None
+    old = out / legacy if unit.part is None else out / legacy / unit.part
+    m = read_manifest(old)
+    if isinstance(m, dict) and m.get("status") == "complete" and m.get("scene") == str(unit.scene.resolve()):
+        return old
+    return None
 
 
 def _bound_gdal_cache() -> None:
@@ -867,7 +881,7 @@ def run(
     model_path: str | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
 ) -> RunReport:
     """Process every scene of ``inputs`` (files or folders) into ``out``; see the module doc."""
     out = Path(out)
@@ -894,6 +908,7 @@ def run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TilingWarning)
         units = plan_units(scenes, cfg, shard, rows_of)
+    legacy_names = dict(zip(scenes, layout.legacy_folder_names(scenes)))
     report = RunReport()
     for m in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(m, m, "failed", reason=f"{m}: no such file or directory", error_kind=InputError.kind))
@@ -904,6 +919,14 @@ def run(
         try:
             fp = fingerprint(unit, cfg, card.sha256)
             with UnitLock(out, unit):
+                if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
+                    raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
+                                            path=str(final.parent))
+                if not os.path.lexists(final) and (old_place := _legacy_outputs(out, unit, legacy_names[unit.scene])):
+                    raise OutputExistsError(
+                        f"finished outputs of this scene from an earlier tilescan version are in {old_place}; this "
+                        f"version writes them to {final} (a name safe on every filesystem): move or remove them, then rerun",
+                        path=str(final))
                 old = read_manifest(final)
                 if old is not None and old.get("status") == "complete":
                     if old.get("fingerprint") == fp and not cfg.output.overwrite:
@@ -940,10 +963,9 @@ def run(
             report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=round(time.monotonic() - t0, 2)))
             log("error: " + msg)
             log(traceback.format_exc(limit=5))
-    i, n = shard
-    name = "report.json" if n == 1 else f"report-shard-{i:04d}-of-{n:04d}.json"
+    layout.tidy(out)
     data = report.to_dict()
-    data["shard"] = [i, n]
+    data["shard"] = list(shard)
     data["model"] = {"id": card.model_id, "sha256": card.sha256}
-    write_json(out / name, data)
+    write_json(out / layout.report_name(shard), data)
     return report

@@ -18,13 +18,12 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ModelError, OutputError
+from .errors import ModelError
 
 META_MEMBER = "tilescan.json"
 META_FORMAT = "tilescan-model/1"
@@ -236,24 +235,22 @@ def rewrite_metadata(path: str | os.PathLike, update) -> str:
     meta = read_metadata(p)
     update(meta)
     new_meta = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write beside the model file to update its metadata: {exc}", path=str(p)) from None
-    os.close(fd)
-    try:
+    mode = os.stat(p).st_mode & 0o777
+    with _replacing(p) as tmp:
         with zipfile.ZipFile(p) as zin, zipfile.ZipFile(tmp, "w") as zout:
             for info in zin.infolist():
                 data = new_meta if info.filename == META_MEMBER else zin.read(info)
                 zout.writestr(info, data, compress_type=info.compress_type)
         read_metadata(tmp)  # the rewritten archive must read back before it replaces the model
-        os.chmod(tmp, os.stat(p).st_mode & 0o777)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.chmod(tmp, mode)
     return file_sha256(p)
+
+
+def _replacing(path: Path):
+    """``writers.atomic_output`` (temporary file beside ``path``, renamed over it on success)."""
+    from .writers import atomic_output  # imported here: writers loads rasterio
+
+    return atomic_output(path)
 
 
 def _halve_weights(h5_bytes: bytes) -> bytes:
@@ -301,9 +298,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any], half: bool 
     meta.setdefault("input_size", [int(model.input_shape[1]), int(model.input_shape[2])])
     validate_metadata(meta, str(p))
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=p.parent)
-    os.close(fd)
-    try:
+    with _replacing(p) as tmp:
         _keras().saving.save_model(model, tmp)
         with zipfile.ZipFile(tmp) as zf:
             members = {n: zf.read(n) for n in zf.namelist()}
@@ -314,9 +309,4 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any], half: bool 
             for name, data in members.items():
                 zf.writestr(name, data)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return file_sha256(p)

@@ -1085,6 +1085,11 @@ def _check_file(path: Path) -> None:
         raise InputError("scene not found (no such file)", path=p) from None
     except OSError as exc:
         raise InputError(f"cannot access scene: {exc.strerror}", path=p) from None
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the file name is not valid UTF-8, which GDAL cannot open: rename the file",
+                         path=p.encode("utf-8", "backslashreplace").decode()) from None
     if path.is_dir():
         raise InputError(
             "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
@@ -1169,12 +1174,12 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
 class TilingPlan:
     """How a scene's tiles were sized, and whether that puts the model at its scale.
 
-    ``scale`` is ``in_range`` (tiles in scene pixels, inside the model's range),
-    ``resampled`` (a finer scene: tiles sized in ground units at the model's finest scale
-    and resampled to the input size), ``coarser`` (the scene's pixels are coarser than the
-    model's coarsest input: no tiling can reach its range), ``unknown`` (no ground sample
-    distance), ``unchecked`` (the model declares no range) or ``forced`` (``units``,
-    ``resample_to_gsd`` chose the tiling; the range is still checked for the warning).
+    ``scale`` is the outcome: ``in_range`` (one model input pixel is inside the model's
+    range), ``resampled`` (``units = "auto"`` sized the tiles in ground units at the
+    range's fine edge, a finer scene), ``coarser`` / ``finer`` (the input pixel is outside
+    the range: the scene is too coarse for any tiling, or a forced tile size put it there),
+    ``unknown`` (no ground sample distance), ``unchecked`` (the model declares no range) or
+    ``forced`` (``units``/``resample_to_gsd`` chose and there is nothing to check against).
     """
 
     tile_px: int
@@ -1275,30 +1280,22 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                 scale, reason = "unknown", f"tiles of {size} scene pixels (the scene's ground sample distance is unknown)"
             else:
                 lo, hi = model_scale
-                at_px = gsd * size / input_size  # metres per model input pixel with pixel tiles
-                if at_px < lo:
-                    tile_px = math.ceil(size * lo / at_px - 1e-9)  # up: the input pixel stays >= lo
+                if gsd < lo:  # finer than the model: tiles of `size` pixels at its finest scale
+                    tile_px = math.ceil(size * lo / gsd - 1e-9)  # up: the input pixel stays >= lo
                     stride_px = round(tile_px * stride / size)
-                    units, scale = "m", "resampled"
+                    units = "m"
                     reason = (f"scene at {gsd:.3g} m/px is finer than the model's range "
                               f"({lo:.3g}–{hi:.3g} m per input pixel): tiles of {_metres(tile_px * gsd)} "
                               f"({tile_px} px) resampled to {input_size} px")
                     how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
-                elif at_px > hi and gsd <= hi:
-                    tile_px = max(1, math.floor(size * hi / at_px + 1e-9))  # down: stays <= hi
-                    stride_px = round(tile_px * stride / size)
-                    units, scale = "m", "resampled"
-                    reason = (f"{size}-px tiles would be coarser than the model's range: tiles of "
-                              f"{_metres(tile_px * gsd)} ({tile_px} px) resampled to {input_size} px")
-                elif at_px > hi:
-                    scale = "coarser"
+                elif gsd > hi:
                     reason = (f"scene at {gsd:.3g} m/px is coarser than the model's range "
                               f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
                               f"tiles of {size} scene pixels")
                 else:
-                    scale = "in_range"
-                    reason = (f"tiles of {size} scene pixels: {at_px:.3g} m per input pixel is inside "
-                              f"the model's range ({lo:.3g}–{hi:.3g})")
+                    reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
+                              f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
+                scale = "auto"
     if tile_px < 1:
         raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
     if tile_px > MAX_TILE_PX:
@@ -1306,6 +1303,12 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                          f"{how}", path=p)
     stride_px = min(max(1, stride_px), tile_px)
     input_gsd = gsd * tile_px / input_size if gsd is not None else None
+    if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
+        lo, hi = model_scale
+        scale = ("coarser" if input_gsd > hi * (1 + 1e-6) else "finer" if input_gsd < lo * (1 - 1e-6)
+                 else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
+    elif scale == "auto":
+        scale = "unchecked"
     return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
                       None if gsd is None else gsd * tile_px, model_scale, input_size)
 

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import Dataset, channel_stats, make_batches
 from .errors import ConfigError, OutputExistsError
 from .model import DEFAULT_CAM_LAYER, build_resnet18, save_model
+from .log import emit
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -221,7 +222,7 @@ def train(
     limit: int | None = None,
     half: bool = False,
     verbose: int = 2,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
 ) -> dict:
     """Train and save ``out`` (a ``.keras`` file). Returns a summary dict.
 

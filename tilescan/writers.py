@@ -260,7 +260,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, strict JSON (numpy values converted), atomically."""
     text = _dumps(obj, indent=2) + "\n"  # convert first: a TypeError leaves no file at all
     with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # a file name that is not valid UTF-8 arrives as lone surrogates: written as JSON \u escapes
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
     return Path(path)
 

@@ -1,0 +1,58 @@
+"""The Python API: `import tilescan` is light, documented, and the README's example runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pydoc
+import re
+import subprocess
+import sys
+
+import pytest
+
+import tilescan
+from conftest import REPO, scene
+
+
+def test_import_is_light_and_help_shows_the_api():
+    probe = "import sys, tilescan; print(sorted(m for m in ('keras', 'tensorflow', 'rasterio') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+    text = pydoc.render_doc(tilescan, renderer=pydoc.plaintext)
+    for name in ("run", "load_config", "describe_model", "load_model", "explain_figures", "get_cam"):
+        assert f"{name}(" in text, name
+    assert set(tilescan.__all__) <= set(dir(tilescan))
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n(import logging, tilescan.*?)```", readme, re.S).group(1)
+    rel = "../shared/data/scenes/opengeos-naip/m_4709963_se_14_1_20190904.tif"
+    assert rel in code
+    code = code.replace(rel, str(scene(rel[len("../shared/data/scenes/"):])))
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    with caplog.at_level(logging.INFO, logger="tilescan"):
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own example
+    report = ns["report"]
+    assert report.exit_code == 0 and report.to_dict()["counts"]["done"] == 1
+    manifest = json.loads((tmp_path / "out-py" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
+    assert manifest["config"]["cam"]["method"] == "layercam" and manifest["config"]["tiling"]["tile_size"] == 128
+    assert any("tiles classified" in r.getMessage() for r in caplog.records)  # progress reached the logger
+    assert ns["card"].scale_range is not None
+
+
+def test_library_prints_nothing(tmp_path, capsys):
+    report = tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", units="px", tile_size=200)
+    assert report.exit_code == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_bad_override_is_a_config_error(tmp_path):
+    with pytest.raises(tilescan.ConfigError, match="unknown setting 'tile_sise'"):
+        tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", tile_sise=3)
+    with pytest.raises(tilescan.ConfigError) as exc:
+        tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", units="feet")
+    assert exc.value.exit_code == 2

@@ -1,0 +1,320 @@
+"""Scene names never choose where tilescan writes (issue 16).
+
+Copies of one real 512 px scene under odd names (``..tif``, ``.tilescan-locks.tif``,
+``report.json.tif``, 250-character stems, NFC/NFD twins, ``CON.tif``, ``A.tif`` beside
+``a.tif``...) go through one ``tilescan run`` (the real CLI in this process, the packaged
+model, four tiles a scene); the tests then check what a user would see in OUT and beside it,
+``tilescan collect``, reruns and shards. The name mapping itself is property-tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import scene
+from tilescan import layout
+from tilescan.cli import main
+from tilescan.errors import OutputError
+from tilescan.job import _move_into_place
+
+SCENE = "rio-cogeo/image_rgb.tif"  # 512 x 512, EPSG:3857
+FAST = ("--tile-size", "256", "--units", "px", "--no-progress")
+LONG = "x" * 250  # a 254-byte file name with ".tif": legal on ext4, APFS, NTFS
+
+# file (relative to the scene folder) -> the folder tilescan must give it (None: checked apart)
+NAMES = {
+    "..tif": "_",
+    "...tif": "__",
+    ".tilescan-locks.tif": "_tilescan-locks",
+    ".tilescan-staging.tif": "_tilescan-staging",
+    "report.json.tif": "report.json_",
+    "report-shard-0000-of-0002.json.tif": "report-shard-0000-of-0002.json_",
+    "collected.tif": "collected_",
+    "CON.tif": "CON_",
+    "with space.tif": "with space",
+    "new\nline.tif": "new_line",
+    "plain.tif": "plain",  # an ordinary name maps to itself
+    f"one/{LONG}.tif": None,
+    f"two/{LONG}.tif": None,
+    unicodedata.normalize("NFC", "café.tif"): None,
+    unicodedata.normalize("NFD", "café.tif"): None,
+    "A.tif": None,
+    "a.tif": None,
+}
+
+
+def invoke(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ones included) -> sha256 of files, "dir" for folders."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def report(out: Path, name: str = "report.json") -> dict:
+    return json.loads((out / name).read_text())
+
+
+def folders(rep: dict) -> dict[str, Path]:
+    """Scene file (relative to the scene folder) -> its output folder, from a report."""
+    return {str(Path(r["scene"]).relative_to(rep["_scenes"])): Path(r["out_dir"]) for r in rep["done"]}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("names")
+    scenes = root / "scenes"
+    for rel in NAMES:
+        (scenes / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(scene(SCENE), scenes / rel)
+    assert len({p for p in scenes.rglob("*.tif")}) == len(NAMES)  # NFC and NFD are two files here
+    out = root / "work" / "out"
+    out.mkdir(parents=True)
+    beside = sorted(os.listdir(out.parent))
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    rep = report(out)
+    rep["_scenes"] = str(scenes.resolve())
+    return {"root": root, "scenes": scenes, "out": out, "beside": beside, "res": res, "report": rep}
+
+
+def test_every_scene_gets_its_own_safe_folder_inside_out(batch):
+    out, rep = batch["out"], batch["report"]
+    assert batch["res"].exit_code == 0, batch["res"].output
+    assert rep["counts"] == {"done": len(NAMES), "skipped": 0, "failed": 0}
+    assert sorted(os.listdir(out.parent)) == batch["beside"] == ["out"]  # nothing created or moved beside OUT
+    got = folders(rep)
+    assert set(got) == set(NAMES)
+    for rel, folder in got.items():
+        assert folder.parent == out and folder.is_dir() and not folder.is_symlink(), rel
+        assert len(folder.name.encode()) <= layout.MAX_NAME_BYTES and not folder.name.startswith(".")
+        if NAMES[rel] is not None:
+            assert folder.name == NAMES[rel], rel
+        m = json.loads((folder / "run.json").read_text())
+        assert m["status"] == "complete" and m["scene"] == str((batch["scenes"] / rel).resolve())  # the original path
+        t = pq.read_table(folder / "tiles.parquet", columns=["scene"])
+        assert set(t.column("scene").cast("string").to_pylist()) == {Path(rel).name}  # the original name, as is
+        assert t.num_rows == 4
+    # distinct even where macOS and Windows fold case and Unicode forms
+    assert len({layout.fold(f.name) for f in got.values()}) == len(NAMES)
+    nfc, nfd = (got[unicodedata.normalize(f, "café.tif")].name for f in ("NFC", "NFD"))
+    assert nfc != nfd and nfc.startswith("café-") and nfd.startswith("café-")
+    assert got["A.tif"].name.startswith("A-") and got["a.tif"].name.startswith("a-")
+    assert got[f"one/{LONG}.tif"] != got[f"two/{LONG}.tif"]
+    # OUT holds the scene folders and the report, and no bookkeeping is left after a successful run
+    assert sorted(os.listdir(out)) == sorted([f.name for f in got.values()] + ["report.json"])
+    assert report(out)["exit_code"] == 0  # report.json is the invocation's report, intact
+
+
+def test_collect_gathers_every_scene(batch, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(batch["out"], out)
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 0, res.output
+    t = pq.read_table(out / "collected" / "tiles.parquet", columns=["scene", "scene_file", "scene_path"]).to_pandas()
+    got = folders(batch["report"])
+    assert len(t) == 4 * len(NAMES)
+    assert set(t["scene"]) == {f.name for f in got.values()}
+    assert set(t["scene_file"]) == {Path(rel).name for rel in NAMES}
+    assert set(t["scene_path"]) == {str((batch["scenes"] / rel).resolve()) for rel in NAMES}
+    assert sorted(os.listdir(out)) == sorted([f.name for f in got.values()] + ["report.json", "collected"])
+
+
+def test_rerun_skips_all_and_old_folder_names_are_refused(batch, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(batch["out"], out)
+    res = invoke(["run", batch["scenes"], "-o", out, *FAST])
+    assert res.exit_code == 0, res.output
+    assert report(out)["counts"] == {"done": 0, "skipped": len(NAMES), "failed": 0}
+
+    # a.tif's outputs where tilescan put them before names were made case-insensitively
+    # unique (OUT/a): refused by name, not redone elsewhere, not touched
+    new = folders(batch["report"])["a.tif"].name
+    os.rename(out / new, out / "a")
+    before = tree(out / "a")
+    res = invoke(["run", batch["scenes"], "-o", out, *FAST])
+    assert res.exit_code == 3, res.output
+    rep = report(out)
+    assert rep["counts"] == {"done": 0, "skipped": len(NAMES) - 1, "failed": 1}
+    reason = rep["failed"][0]["reason"]
+    assert str(out / "a") in reason and str(out / new) in reason and "earlier tilescan version" in reason
+    assert tree(out / "a") == before and not (out / new).exists()
+
+
+def test_shards_cover_the_same_folders(batch, tmp_path):
+    out = tmp_path / "out"
+    for i in range(2):
+        res = invoke(["run", batch["scenes"], "-o", out, *FAST, "--shard", f"{i}/2"])
+        assert res.exit_code == 0, res.output
+    mine = [set(Path(r["out_dir"]).name for r in report(out, f"report-shard-{i:04d}-of-0002.json")["done"])
+            for i in range(2)]
+    assert not mine[0] & mine[1]
+    assert mine[0] | mine[1] == {f.name for f in folders(batch["report"]).values()}
+    assert sorted(os.listdir(out)) == sorted(mine[0] | mine[1] | {f"report-shard-{i:04d}-of-0002.json" for i in range(2)})
+
+
+def test_row_bands_of_an_odd_name_stay_in_its_folder(batch, tmp_path):
+    """One scene, two shards: its tile rows are split, each band written to OUT/_/rows-…"""
+    out = tmp_path / "work" / "out"
+    out.mkdir(parents=True)
+    for i in range(2):
+        res = invoke(["run", batch["scenes"] / "..tif", "-o", out, "--tile-size", "128", "--units", "px", "--no-progress",
+                      "--shard", f"{i}/2"])
+        assert res.exit_code == 0, res.output
+    assert os.listdir(out.parent) == ["out"]
+    assert sorted(os.listdir(out / "_")) == ["rows-00000-00002", "rows-00002-00004"]
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert summary["scenes"]["_"]["complete"] and summary["tiles"] == 16
+
+
+def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
+    """A geostationary scene's corner tiles lie off the earth disc: no lon/lat footprint."""
+    src = tmp_path / "scenes"
+    src.mkdir()
+    shutil.copyfile(scene("rasterio/goes.tif"), src / "goes.tif")
+    shutil.copyfile(scene(SCENE), src / "rgb.tif")
+    out = tmp_path / "out"
+    res = invoke(["run", src, "-o", out, *FAST])
+    assert res.exit_code == 0, res.output
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 3, res.output
+    lines = [ln for ln in res.output.splitlines() if "goes" in ln]
+    assert any(ln.startswith("error: collect: goes: ") and "cannot be reprojected" in ln for ln in lines), res.output
+    assert "$schema" not in res.output and "PROJJSON" not in res.output  # one readable line, no CRS dump
+    t = pq.read_table(out / "collected" / "tiles.parquet", columns=["scene"])
+    assert set(t.column("scene").to_pylist()) == {"rgb"} and t.num_rows == 4
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert [f["scene"] for f in summary["failed"]] == ["goes"]
+    assert sorted(os.listdir(out)) == ["collected", "goes", "report.json", "rgb"]  # lock folder gone too
+
+
+# ----------------------------------------------------------------------------- no model
+
+
+def test_move_into_place_only_targets_unit_folders(tmp_path):
+    out = tmp_path / "out"
+    stage = out / layout.STAGING / "x"
+    stage.mkdir(parents=True)
+    (stage / "run.json").write_text("{}")
+    keep = out / "other"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (out / "linked").symlink_to(tmp_path / "elsewhere")
+    before = tree(tmp_path)
+    for target in (out / ".", out / "..", out / ".hidden", out / "a" / "b", out / "other" / "notes.txt",
+                   out / "linked" / "rows-00000-00002", tmp_path / "elsewhere", out / "report.json"):
+        with pytest.raises(OutputError):
+            _move_into_place(stage, target, out)
+    assert tree(tmp_path) == before
+    _move_into_place(stage, out / "scene" / "rows-00000-00002", out)
+    assert (out / "scene" / "rows-00000-00002" / "run.json").is_file()
+
+
+def test_lock_file_is_removed_when_released(tmp_path):
+    path = tmp_path / layout.LOCKS / "scene.lock"
+    a, b = layout.FileLock(path), layout.FileLock(path)
+    a.acquire()
+    with pytest.raises(layout.Busy) as busy:
+        b.acquire()
+    assert busy.value.holder.startswith(f"pid {os.getpid()} ")
+    a.release()
+    assert not path.exists()
+    b.acquire()  # free again, on a new file
+    assert path.exists()
+    b.release()
+    assert not path.exists()
+    layout.tidy(tmp_path)
+    assert not (tmp_path / layout.LOCKS).exists()
+
+
+# ----------------------------------------------------------------------------- properties
+
+_ANY = st.text(st.characters(blacklist_categories=()), max_size=300)  # surrogates included
+_ODD = st.sampled_from([".", "..", "...", ".tilescan-locks", "report.json", "REPORT.JSON", "collected", "Collected",
+                        "con", "CON.tif", "lpt\u00b9", "nul .x", " ", "a.", "a ", "", "x" * 251, "é" * 200,
+                        "a/b", "a\\b", "a\0b", "a\nb", "\u2028", "report-shard-0001-of-0009.json"])
+_NAMES = _ANY | _ODD
+
+
+def _assert_safe(name: str) -> None:
+    raw = name.encode("utf-8")  # no lone surrogates left
+    assert 0 < len(raw) <= layout.MAX_NAME_BYTES
+    assert name not in (".", "..") and not name.startswith(".") and not name.endswith((".", " "))
+    assert not set(name) & set('<>:"/\\|?*\0') and not any(unicodedata.category(c) in ("Cc", "Cs") for c in name)
+    assert unicodedata.normalize("NFC", name) == name
+    assert layout.is_safe_name(name) and layout.folder_name(name) == name
+    assert not re.fullmatch(r"report(-shard-.*)?\.json|collected|\.tilescan.*", name.casefold())
+    assert name.split(".")[0].rstrip(" ").casefold() not in layout._DEVICES
+    # every name derived from it stays within one path component's 255 bytes
+    for derived in (layout.slot(name) + ".lock", layout.slot(name, "rows-999999-999999") + ".lock",
+                    layout.aside_name(layout.slot(name, "rows-999999-999999")), layout.with_tag(name, "f" * 40)):
+        assert len(derived.encode()) <= layout.MAX_DERIVED_BYTES
+
+
+@given(_NAMES)
+@settings(max_examples=400, deadline=None)
+def test_any_name_maps_to_one_safe_component(stem):
+    _assert_safe(layout.folder_name(stem))
+
+
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}[A-Za-z0-9_-]", fullmatch=True))
+def test_ordinary_names_map_to_themselves(stem):
+    if stem.split(".")[0].casefold() in layout._DEVICES or re.fullmatch(r"report(-shard-.*)?\.json|collected",
+                                                                        stem.casefold()):
+        return
+    assert layout.folder_name(stem) == stem
+
+
+def test_real_scene_names_map_to_themselves(scenes_dir):
+    for p in scenes_dir.rglob("*.[tT][iI][fF]"):
+        assert layout.folder_name(p.stem) == p.stem
+
+
+def _file_name_ok(stem: str) -> bool:
+    """Whether a file could have this stem (os.walk gives undecodable bytes as U+DC80..U+DCFF)."""
+    try:
+        os.fsencode(stem)
+    except UnicodeEncodeError:
+        return False
+    return "/" not in stem and "\0" not in stem
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), _NAMES.filter(_file_name_ok)), min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_distinct_scenes_get_distinct_folders(items):
+    paths = sorted({Path(f"/nonexistent-tilescan-test/d{k}/{stem}.tif") for k, stem in items})
+    names = layout.scene_folder_names(paths)
+    assert names == layout.scene_folder_names(paths)  # stable: every shard and rerun agrees
+    assert len({layout.fold(n) for n in names}) == len(paths)
+    for n in names:
+        _assert_safe(n)
+
+
+def test_a_name_that_is_not_utf8_fails_alone_with_a_clear_message(tmp_path):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "good.tif")
+    shutil.copyfile(scene(SCENE), os.path.join(os.fsencode(scenes), b"bad\xff.tif"))
+    out = tmp_path / "out"
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    assert res.exit_code == 3, res.output
+    assert "not valid UTF-8" in res.output
+    rep = report(out)  # still valid JSON
+    assert [Path(r["scene"]).name for r in rep["done"]] == ["good.tif"]
+    assert "not valid UTF-8" in rep["failed"][0]["reason"]

@@ -1,0 +1,24 @@
+"""The library's messages go to the ``tilescan`` logger, never straight to the terminal.
+
+Functions that report progress take a ``log`` callable (the CLI passes its own, which
+prints); their default is :func:`emit`, which logs at the level the message's prefix
+names (``error: …``, ``warning: …``, else info). A Python caller sees nothing unless it
+configures logging.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("tilescan")
+logger.addHandler(logging.NullHandler())
+
+
+def emit(msg: str) -> None:
+    """Log one message of the library at the level its prefix names."""
+    if msg.startswith("error"):
+        logger.error(msg)
+    elif msg.startswith("warning"):
+        logger.warning(msg)
+    else:
+        logger.info(msg)
