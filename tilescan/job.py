@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from affine import Affine
+from rasterio.transform import array_bounds
 
 from . import __version__
 from .cam import model_on_accelerator
@@ -56,6 +57,7 @@ from .errors import (
 from .model import describe_model
 from .tiling import SceneReader, TilingWarning, find_scenes
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
+from .qgis import write_scene_files
 
 MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
@@ -725,6 +727,11 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                                 scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=stride)
             cog.result()
             tables.result()
+        if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
+            write_scene_files(stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
+                              bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
+                              bands=reader.bands, scale=reader.scale, location=final,
+                              project=unit.name if unit.part is None else None)
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
         counts = {
