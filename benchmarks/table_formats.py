@@ -146,7 +146,7 @@ def writers(table, classes, crs, scene, model_id):
         from tilescan import gpkg
 
         saved = gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree
-        gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree = {}, dict, lambda p: None
+        gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree = {}, dict, lambda p, **kw: None
         try:
             table.write_gpkg(path, crs, classes, scene, model_id)
         finally:
@@ -165,7 +165,7 @@ def writers(table, classes, crs, scene, model_id):
         from tilescan import gpkg
 
         saved = pyogrio.write_arrow, gpkg.add_rtree
-        pyogrio.write_arrow, gpkg.add_rtree = as_fgb, lambda p: None
+        pyogrio.write_arrow, gpkg.add_rtree = as_fgb, lambda p, **kw: None
         try:
             table.write_gpkg(path, crs, classes, scene, model_id)
         finally:

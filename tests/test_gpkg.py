@@ -119,3 +119,26 @@ def test_index_written_in_this_process_when_its_sqlite_can(tmp_path):
     except sqlite3.Error:
         has = False
     assert gpkg.layer_options() == {"SPATIAL_INDEX": "YES" if has else "NO"}
+
+
+def test_table_formats_benchmark_runs(tmp_path):
+    """benchmarks/table_formats.py runs and reports every format (smallest mode), so it
+    cannot rot; no timing is asserted."""
+    from conftest import REPO
+
+    table, _ = _table(300)
+    parquet = tmp_path / "tiles.parquet"
+    table.write_geoparquet(parquet, "EPSG:32614", CLASSES, "s.tif", "m")
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "table_formats.py"), "--rows", "500", "--rounds",
+                          "1", "--scene", str(parquet), "--no-tensorflow", "--reader", "", "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for name, rows in (("scene", 300), ("synthetic", 500)):
+        t = report["tables"][name]
+        assert t["rows"] == rows
+        assert set(t["formats"]) == {"parquet", "gpkg_default", "gpkg_compat", "fgb"}
+        assert t["formats"]["gpkg_compat"]["gpkg_user_version"] == 10200 and t["formats"]["gpkg_compat"]["gpkg_rtree"]
+        assert all(f["bytes"] > 0 and f["write_s"] > 0 for f in t["formats"].values())
+    assert "| gpkg_compat |" in res.stdout
