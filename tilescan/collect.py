@@ -23,7 +23,8 @@ writes, into ``OUT/collected/``:
     ``allow_pixel_space``) get a null geometry and area.
 ``tiles.gpkg``
     The same rows as a GeoPackage 1.2 layer ``tiles`` (EPSG:4326, R-tree index) for GIS
-    installs that read no Parquet: probabilities as one ``p_<class>`` column each, no ``bbox``/``geometry_native``.
+    installs that read no Parquet: probabilities as one ``p_<class>`` column each, no
+    ``bbox``/``geometry_native``.
 ``summary.csv`` / ``summary.json``
     Tiles and area per class per scene; the JSON also lists each scene's units, whether all
     its tile rows are present, and the units that were skipped and why.
