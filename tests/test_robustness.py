@@ -1018,6 +1018,52 @@ def test_two_runs_on_the_same_output_at_once(tmp_path, kill_inputs, clean_refere
     json.loads((out / "report.json").read_text())  # whole, valid JSON (one of the two runs')
 
 
+def test_gpkg_without_any_rtree_capable_sqlite(tmp_path, tiny_model, scenes_dir):
+    """Row 39: neither this process's SQLite nor a fresh interpreter's has the R-tree module
+    (here, really: TensorFlow's SQLite, loaded into both through a sitecustomize). The scene
+    is still done; tiles.gpkg is complete and readable, without a spatial index, and the
+    warning names it."""
+    import tensorflow  # noqa: F401 - its SQLite (no R-tree module) now serves this process
+
+    from tilescan.gpkg import has_rtree
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import tensorflow\n")
+    src = scene(RGB_BYTE)
+    out = tmp_path / "out"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    with pytest.warns(UserWarning, match=r"tiles\.gpkg: written without a spatial index: .*no R-tree module"):
+        res = invoke(["run", src, "-o", out, "--model", tiny_model, "--tile-size", TILE, "--no-progress"], env=env)
+    assert res.exit_code == 0, res.output
+    folder = out / src.stem
+    check_outputs(folder, src, TILE)
+    gdf = gpd.read_file(folder / "tiles.gpkg", layer="tiles")
+    assert len(gdf) == len(gpd.read_parquet(folder / "tiles.parquet"))
+    assert not has_rtree(folder / "tiles.gpkg")
+    assert leftovers(out) == []
+
+
+def test_collect_project_when_a_scene_file_is_gone(tmp_path, tiny_model, scenes_dir):
+    """Row 40: a scene file moved away after its run. ``collect`` still joins the tables and
+    writes the project; the project simply has no layer for that scene's imagery."""
+    src = tmp_path / "scenes" / "gone.tif"
+    src.parent.mkdir()
+    shutil.copyfile(scene(RGB_BYTE), src)
+    out = tmp_path / "out"
+    res = invoke(["run", src, "-o", out, "--model", tiny_model, "--tile-size", TILE, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    src.unlink()
+    res = invoke(["collect", out])
+    assert res.exit_code == 0, res.output
+    import xml.etree.ElementTree as ET
+
+    project = ET.parse(out / "collected" / "collected.qgs").getroot()
+    layers = {m.findtext("layername"): m.findtext("datasource") for m in project.iter("maplayer")}
+    assert set(layers) == {"tiles", "labels", "heatmap"}
+    assert layers["labels"] == "../gone/labels.tif" and layers["tiles"] == "./tiles.gpkg|layername=tiles"
+
+
 # ------------------------------------------------------------------------------------
 # property-based: the tiling over random sizes, strides, tile sizes and transforms
 

@@ -233,7 +233,10 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="Explain this class (name or index).")
 @option("--heatmap-scale", config_key=("output", "heatmap_scale"), type=click.FloatRange(0, 1, min_open=True),
         help="Heatmap resolution as a fraction of the scene's.")
-@option("--gpkg/--no-gpkg", config_key=("output", "gpkg"), help="Also write tiles.gpkg for GIS installs without Parquet.")
+@option("--gpkg/--no-gpkg", config_key=("output", "gpkg"),
+        help="Also write tiles.gpkg (GeoPackage 1.2: every QGIS and GDAL reads it; GeoParquet needs GDAL >= 3.8).")
+@option("--styles/--no-styles", config_key=("output", "styles"),
+        help="Write QGIS styles (.qml) beside the outputs and a QGIS project <scene>.qgs.")
 @option("--allow-pixel-space", config_key=("tiling", "allow_pixel_space"), is_flag=True,
         help="Process scenes without georeferencing, in pixel coordinates.")
 @option("--threads", "reader_threads", config_key=("inference", "reader_threads"), type=click.IntRange(min=1),
@@ -248,8 +251,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @click.pass_context
 def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_count, progress, **_config) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
-    .tif/.tiff), writing OUT/<scene>/{tiles.parquet, labels.tif, heatmap.tif, quicklook.png,
-    run.json} and OUT/report.json. Rerunning skips finished scenes."""
+    .tif/.tiff), writing OUT/<scene>/{tiles.parquet, tiles.gpkg, labels.tif, heatmap.tif,
+    quicklook.png, *.qml, <scene>.qgs, run.json} and OUT/report.json. Rerunning skips
+    finished scenes."""
     obj: _Ctx = ctx.obj
 
     def body():
@@ -415,17 +419,19 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--gpkg/--no-gpkg", default=True, help="Also write a GeoPackage copy.")
+@click.option("--gpkg/--no-gpkg", default=True, show_default=True, help="Also write a GeoPackage copy.")
+@click.option("--styles/--no-styles", default=True, show_default=True,
+              help="Write a QGIS style for the table and a QGIS project (collected.qgs).")
 @_verbosity
 @click.pass_obj
-def collect(obj: _Ctx, out, gpkg) -> None:
+def collect(obj: _Ctx, out, gpkg, styles) -> None:
     """Join the per-scene and per-shard tables of OUT into one GeoParquet dataset
-    (OUT/collected/), a GeoPackage copy, and a per-class summary."""
+    (OUT/collected/), a GeoPackage copy, a per-class summary and a QGIS project."""
 
     def body():
         from .collect import run_collect
 
-        run_collect(out, gpkg=gpkg, log=obj.log)
+        run_collect(out, gpkg=gpkg, styles=styles, log=obj.log)
         return 0
 
     _guard(body)

@@ -22,11 +22,15 @@ writes, into ``OUT/collected/``:
     (covering column), ``geometry_native``. Scenes without georeferencing (processed with
     ``allow_pixel_space``) get a null geometry and area.
 ``tiles.gpkg``
-    The same rows as a GeoPackage layer ``tiles`` (EPSG:4326) for GIS installs that read no
-    Parquet: probabilities as one ``p_<class>`` column each, no ``bbox``/``geometry_native``.
+    The same rows as a GeoPackage 1.2 layer ``tiles`` (EPSG:4326, R-tree index) for GIS
+    installs that read no Parquet: probabilities as one ``p_<class>`` column each, no
+    ``bbox``/``geometry_native``.
 ``summary.csv`` / ``summary.json``
     Tiles and area per class per scene; the JSON also lists each scene's units, whether all
     its tile rows are present, and the units that were skipped and why.
+``tiles.qml`` / ``collected.qgs``
+    A QGIS style for the table and a QGIS project with the table and, per scene, its label
+    and heatmap rasters and the scene itself (:mod:`tilescan.qgis`; ``styles=False`` skips).
 
 Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
 always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
@@ -51,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import gpkg as gpkg_compat
 from . import layout
 from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
@@ -390,7 +395,9 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
     with atomic_output(path) as tmp:
         reader = pa.RecordBatchReader.from_batches(schema, batches())
         pyogrio.write_arrow(reader, str(tmp), layer="tiles", driver="GPKG", geometry_name="geometry",
-                            geometry_type="Polygon", crs=CRS.from_epsg(4326).to_wkt())
+                            geometry_type="Polygon", crs=CRS.from_epsg(4326).to_wkt(),
+                            dataset_options=gpkg_compat.DATASET_OPTIONS, layer_options=gpkg_compat.layer_options())
+        gpkg_compat.add_rtree(tmp, name=path)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -409,7 +416,7 @@ class PartialCollectError(TilescanError):
 
 
 def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], None] = emit,
-                strict: bool = True) -> dict:
+                strict: bool = True, styles: bool = True) -> dict:
     """Collect the finished units of ``out`` into ``out/collected/`` (see the module doc).
 
     Returns the summary (also written as ``summary.json``). When some scenes could not be
@@ -428,7 +435,7 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     except layout.Busy:
         raise OutputError("another 'tilescan collect' is writing this folder", path=str(out)) from None
     try:
-        summary = _collect(out, dest, gpkg, log)
+        summary = _collect(out, dest, gpkg, log, styles)
     finally:
         lock.release()
         layout.tidy(out)
@@ -447,7 +454,7 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
-def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styles: bool = True) -> dict:
     scenes, skipped = find_units(out, log)
     if not scenes:
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
@@ -456,6 +463,10 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None]) -> d
     stage.mkdir(parents=True)
     try:
         summary = _build(scenes, skipped, stage, gpkg, log)
+        if styles:  # a style for the table and a QGIS project with every scene's layers
+            from .qgis import write_collect_files
+
+            write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units])
         _swap_into_place(stage, dest)
     except BaseException:
         layout.discard(stage)

@@ -129,8 +129,11 @@ class OutputConfig(_Section):
     """Heatmap raster resolution as a fraction of the scene's (1.0 = scene grid)."""
     quicklook: bool = True
     quicklook_size: int = 1024
-    gpkg: bool = False
-    """Also write ``tiles.gpkg`` per scene (for GIS installs that read no Parquet)."""
+    gpkg: bool = True
+    """Also write ``tiles.gpkg`` per scene: GeoPackage 1.2 with an R-tree, which every QGIS
+    and GDAL >= 2.2 reads (GeoParquet needs GDAL >= 3.8 built with Arrow)."""
+    styles: bool = True
+    """Write QGIS styles (``.qml``) beside the outputs and a QGIS project per scene."""
     compress: str = "deflate"
     overwrite: bool = False
 

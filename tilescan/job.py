@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from affine import Affine
+from rasterio.transform import array_bounds
 
 from . import __version__, layout
 from .cam import model_on_accelerator
@@ -57,6 +58,7 @@ from .log import emit
 from .model import describe_model
 from .tiling import SceneReader, TilingWarning, find_scenes
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
+from .qgis import write_scene_files
 
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
@@ -712,6 +714,11 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
                                 scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=stride)
             cog.result()
             tables.result()
+        if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
+            write_scene_files(stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
+                              bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
+                              bands=reader.bands, scale=reader.scale, location=final,
+                              project=unit.name if unit.part is None else None)
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
         counts = {

@@ -672,8 +672,9 @@ class TileTable:
         no ``bbox`` column (GeoPackage keeps its own extent and R-tree index), plain string
         ``scene``/``label`` columns, and the probabilities as one float column per class,
         ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
-        stored as layer metadata. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL >= 3.8);
-        geopandas is not used.
+        stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.gpkg`), so
+        GDAL >= 2.2 (QGIS 3.x) reads it fully. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL
+        >= 3.8); geopandas is not used.
         """
         try:
             import pyogrio
@@ -710,13 +711,17 @@ class TileTable:
                 arrays.append(wkb_polygons(cols["corners"][lo:hi]))
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
+        from . import gpkg
+
         pj = _pyproj_crs(crs)
         meta = _dumps(_tilescan_meta(classes, model_id, scene, n, extra_metadata))
         with atomic_output(path) as tmp:
             reader = pa.RecordBatchReader.from_batches(schema, batches())
             pyogrio.write_arrow(reader, str(tmp), layer=layer, driver="GPKG", geometry_name="geometry",
                                 geometry_type="Polygon", crs=None if pj is None else pj.to_wkt(),
-                                layer_metadata={"tilescan": meta})
+                                layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
+                                layer_options=gpkg.layer_options())
+            gpkg.add_rtree(tmp, name=path)
         return Path(path)
 
 

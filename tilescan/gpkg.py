@@ -1,0 +1,272 @@
+"""GeoPackage files that older GDAL and QGIS read fully: version 1.2 and an R-tree index.
+
+GDAL >= 3.8 writes GeoPackage 1.4 by default, which GDAL 3.6 (Debian 12's QGIS 3.22) opens
+with a "may only be partially supported" warning; the 1.2 metadata (GDAL's ``VERSION=1.2``
+creation option, :data:`DATASET_OPTIONS`) is read by every GDAL since 2.2.
+
+The spatial index is added here instead of by GDAL: inside ``tilescan run`` TensorFlow is
+loaded with global symbols, and its SQLite build (without the R-tree module) then serves
+every SQLite user in the process, GDAL's too, so GDAL's own index step fails with "no such
+module: rtree" and leaves the file without an index. There, :func:`layer_options` turns
+GDAL's index off and :func:`add_rtree` builds the index the GeoPackage spec describes (the
+``gpkg_rtree_index`` extension with the 1.2 triggers, as GDAL writes them for
+``VERSION=1.2``) with Python's ``sqlite3``: in this process when its SQLite has the R-tree
+module, else in a short child process that has not loaded TensorFlow.
+
+Standard library only, so ``python -m tilescan.gpkg FILE`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+__all__ = ["DATASET_OPTIONS", "add_rtree", "has_rtree", "layer_options"]
+
+DATASET_OPTIONS = {"VERSION": "1.2"}
+"""GDAL GPKG dataset creation options for files every GDAL >= 2.2 reads without warnings."""
+
+
+def layer_options() -> dict[str, str]:
+    """GDAL GPKG layer creation options: GDAL's own (fast, bulk-loaded) R-tree when this
+    process's SQLite has the module, else none, for :func:`add_rtree` to add afterwards
+    (GDAL's attempt would fail with an error message, see the module doc)."""
+    return {"SPATIAL_INDEX": "YES" if _sqlite_has_rtree() else "NO"}
+
+_RTREE_EXT = "http://www.geopackage.org/spec120/#extension_rtree"
+_NO_RTREE = 3  # exit code of ``python -m tilescan.gpkg`` when its SQLite lacks the R-tree module
+
+
+def _q(name: str) -> str:
+    """An SQL identifier in double quotes."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sqlite_has_rtree() -> bool:
+    """Whether this process's SQLite has the R-tree module (checked each time: loading
+    TensorFlow later can change the answer)."""
+    try:
+        con = sqlite3.connect(":memory:")
+        try:
+            con.execute("CREATE VIRTUAL TABLE t USING rtree(id, a, b)")
+        finally:
+            con.close()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+def _envelope(blob: bytes) -> tuple[float, float, float, float] | None:
+    """(minx, maxx, miny, maxy) from a GeoPackage geometry blob's header; None if empty."""
+    if blob[:2] != b"GP":
+        raise ValueError("not a GeoPackage geometry blob")
+    flags = blob[3]
+    if flags & 0x10:  # the empty-geometry flag
+        return None
+    if not (flags >> 1) & 0x07:
+        raise ValueError("geometry blob without an envelope")
+    return struct.unpack_from("<4d" if flags & 1 else ">4d", blob, 8)
+
+
+def _triggers(t: str, g: str, fid: str) -> list[str]:
+    """The GeoPackage 1.2 R-tree triggers for table ``t``, geometry column ``g``."""
+    r = _q(f"rtree_{t}_{g}")
+    T, G, I = _q(t), _q(g), _q(fid)
+    values = f"VALUES (NEW.{I}, ST_MinX(NEW.{G}), ST_MaxX(NEW.{G}), ST_MinY(NEW.{G}), ST_MaxY(NEW.{G}))"
+    name = lambda s: _q(f"rtree_{t}_{g}_{s}")  # noqa: E731
+    return [
+        f"CREATE TRIGGER {name('insert')} AFTER INSERT ON {T} WHEN (NEW.{G} NOT NULL AND NOT ST_IsEmpty(NEW.{G})) "
+        f"BEGIN INSERT OR REPLACE INTO {r} {values}; END",
+        f"CREATE TRIGGER {name('update1')} AFTER UPDATE OF {G} ON {T} WHEN OLD.{I} = NEW.{I} AND "
+        f"(NEW.{G} NOTNULL AND NOT ST_IsEmpty(NEW.{G})) BEGIN INSERT OR REPLACE INTO {r} {values}; END",
+        f"CREATE TRIGGER {name('update2')} AFTER UPDATE OF {G} ON {T} WHEN OLD.{I} = NEW.{I} AND "
+        f"(NEW.{G} ISNULL OR ST_IsEmpty(NEW.{G})) BEGIN DELETE FROM {r} WHERE id = OLD.{I}; END",
+        f"CREATE TRIGGER {name('update3')} AFTER UPDATE ON {T} WHEN OLD.{I} != NEW.{I} AND "
+        f"(NEW.{G} NOTNULL AND NOT ST_IsEmpty(NEW.{G})) BEGIN DELETE FROM {r} WHERE id = OLD.{I}; "
+        f"INSERT OR REPLACE INTO {r} {values}; END",
+        f"CREATE TRIGGER {name('update4')} AFTER UPDATE ON {T} WHEN OLD.{I} != NEW.{I} AND "
+        f"(NEW.{G} ISNULL OR ST_IsEmpty(NEW.{G})) BEGIN DELETE FROM {r} WHERE id IN (OLD.{I}, NEW.{I}); END",
+        f"CREATE TRIGGER {name('delete')} AFTER DELETE ON {T} WHEN OLD.{G} NOT NULL "
+        f"BEGIN DELETE FROM {r} WHERE id = OLD.{I}; END",
+    ]
+
+
+def _fid_column(con: sqlite3.Connection, table: str) -> str:
+    for _, name, _, _, _, pk in con.execute(f"PRAGMA table_info({_q(table)})"):
+        if pk:
+            return name
+    raise ValueError(f"table {table!r} has no integer primary key")
+
+
+def _f32(x: float, up: bool) -> float:
+    """``x`` as the nearest float32 at or below it (``up``: at or above it)."""
+    f = _F32.unpack(_F32.pack(x))[0]
+    if (f < x) if up else (f > x):
+        bits = _U32.unpack(_F32.pack(f))[0]
+        away = (f > 0) == up  # one step away from zero, else towards it
+        if f == 0:
+            bits = 0x00000001 if up else 0x80000001
+        else:
+            bits += 1 if away else -1
+        f = _F32.unpack(_U32.pack(bits))[0]
+    return f
+
+
+_F32, _U32 = struct.Struct(">f"), struct.Struct(">I")
+
+
+def _pack_rtree(con: sqlite3.Connection, rtree: str, ids: list[int], boxes: list[tuple]) -> None:
+    """Fill the new, empty SQLite R-tree ``rtree`` with the (minx, maxx, miny, maxy) boxes
+    of rows ``ids`` by writing its node, parent and rowid tables directly, packed bottom-up
+    in sort-tile-recursive order (as GDAL's bulk loader does): several times faster than one
+    INSERT per row, and a tree SQLite's ``rtreecheck`` accepts.
+
+    The layout is SQLite's (ext/rtree): nodes of a fixed size (that of the root node the
+    CREATE VIRTUAL TABLE wrote), a 4-byte header (tree depth, in the root only; cell count)
+    and cells of a big-endian int64 id and four big-endian float32 coordinates, rounded
+    outwards. Node 1 is the root."""
+    import math
+
+    n = len(ids)
+    if n == 0:
+        return
+    size = con.execute(f"SELECT length(data) FROM {_q(rtree + '_node')} WHERE nodeno = 1").fetchone()[0]
+    per = (size - 4) // 24  # cells per node
+    cells = [(i, _f32(a, False), _f32(b, True), _f32(c, False), _f32(d, True)) for i, (a, b, c, d) in zip(ids, boxes)]
+    # sort-tile-recursive: vertical slices by x centre, each sorted by y centre
+    step = max(1, math.ceil(math.sqrt(-(-n // per)))) * per
+    cells.sort(key=lambda t: t[1] + t[2])
+    level = [t for k in range(0, n, step) for t in sorted(cells[k:k + step], key=lambda t: t[3] + t[4])]
+    node_rows, parent_rows, rowid_rows = [], [], []
+    next_no, depth = 2, 0
+
+    def blob(head: int, kids: list[tuple]) -> bytes:
+        data = struct.pack(f">HH{'q4f' * len(kids)}", head, len(kids), *[v for t in kids for v in t])
+        return data + bytes(size - len(data))
+
+    while len(level) > per:
+        up = []
+        for k in range(0, len(level), per):
+            kids, no = level[k:k + per], next_no
+            next_no += 1
+            node_rows.append((no, blob(0, kids)))
+            (rowid_rows if depth == 0 else parent_rows).extend((t[0], no) for t in kids)
+            up.append((no, min(t[1] for t in kids), max(t[2] for t in kids),
+                       min(t[3] for t in kids), max(t[4] for t in kids)))
+        level, depth = up, depth + 1
+    node_rows.append((1, blob(depth, level)))
+    (rowid_rows if depth == 0 else parent_rows).extend((t[0], 1) for t in level)
+    cur = con.cursor()
+    cur.executemany(f"INSERT OR REPLACE INTO {_q(rtree + '_node')} (nodeno, data) VALUES (?, ?)", node_rows)
+    cur.executemany(f"INSERT INTO {_q(rtree + '_parent')} (nodeno, parentnode) VALUES (?, ?)", parent_rows)
+    cur.executemany(f"INSERT INTO {_q(rtree + '_rowid')} (rowid, nodeno) VALUES (?, ?)", rowid_rows)
+
+
+def _index_in_process(path: Path) -> int:
+    """Add the R-tree to every feature table of ``path`` that has none; the number added."""
+    con = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        con.execute("BEGIN")
+        con.execute("CREATE TABLE IF NOT EXISTS gpkg_extensions (table_name TEXT, column_name TEXT, "
+                    "extension_name TEXT NOT NULL, definition TEXT NOT NULL, scope TEXT NOT NULL, "
+                    "CONSTRAINT ge_tce UNIQUE (table_name, column_name, extension_name))")
+        done = 0
+        for table, geom in con.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall():
+            rtree = f"rtree_{table}_{geom}"
+            if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
+                continue
+            fid = _fid_column(con, table)
+            con.execute(f"CREATE VIRTUAL TABLE {_q(rtree)} USING rtree(id, minx, maxx, miny, maxy)")
+            rows = con.execute(f"SELECT {_q(fid)}, {_q(geom)} FROM {_q(table)} WHERE {_q(geom)} IS NOT NULL")
+            ids, boxes = [], []
+            for i, b in rows:
+                e = _envelope(b)
+                if e is not None:
+                    ids.append(i)
+                    boxes.append(e)
+            _pack_rtree(con, rtree, ids, boxes)
+            for sql in _triggers(table, geom, fid):
+                con.execute(sql)
+            con.execute("INSERT OR REPLACE INTO gpkg_extensions VALUES (?, ?, 'gpkg_rtree_index', ?, 'write-only')",
+                        (table, geom, _RTREE_EXT))
+            done += 1
+        con.execute("COMMIT")
+        return done
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
+def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) -> None:
+    """Give every feature table of the GeoPackage ``path`` the spec's R-tree spatial index
+    (skipping tables that have one, e.g. from GDAL). Raises :class:`~tilescan.errors.OutputError`
+    naming ``name`` (default ``path``; e.g. the final name of a temporary file) when the file
+    cannot be indexed (full disk, not a GeoPackage...); when no SQLite at hand has the R-tree
+    module, warns and leaves the (valid) file without one."""
+    from .errors import OutputError
+
+    path = Path(path)
+    name = str(name if name is not None else path)
+    try:
+        if has_rtree(path):
+            return
+        if _sqlite_has_rtree():
+            _index_in_process(path)
+            return
+    except (sqlite3.Error, ValueError) as exc:
+        raise OutputError(f"cannot add the GeoPackage spatial index ({exc})", path=name) from exc
+    # This process's SQLite lacks the R-tree module: a fresh interpreter without TensorFlow.
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "tilescan.gpkg", str(path)], env=env,
+                          capture_output=True, text=True)
+    why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]  # its own message
+    if proc.returncode == _NO_RTREE:  # no SQLite here can build it: a file without an index
+        warnings.warn(f"{name}: written without a spatial index: {why}", stacklevel=2)
+        return
+    if proc.returncode != 0:
+        raise OutputError(f"cannot add the GeoPackage spatial index ({why})", path=name)
+
+
+def has_rtree(path: str | os.PathLike) -> bool:
+    """Whether every feature table of the GeoPackage ``path`` has a registered R-tree
+    (read with plain SQL: the R-tree module is not needed)."""
+    con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    try:
+        tables = con.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall()
+        names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        ext = set()
+        if "gpkg_extensions" in names:
+            ext = set(con.execute("SELECT table_name, column_name FROM gpkg_extensions "
+                                  "WHERE extension_name = 'gpkg_rtree_index'").fetchall())
+    finally:
+        con.close()
+    return bool(tables) and all((t, g) in ext and f"rtree_{t}_{g}" in names for t, g in tables)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m tilescan.gpkg FILE.gpkg", file=sys.stderr)
+        return 2
+    if not _sqlite_has_rtree():
+        print(f"the SQLite of {sys.executable} ({sqlite3.sqlite_version}) has no R-tree module", file=sys.stderr)
+        return _NO_RTREE
+    try:
+        _index_in_process(Path(argv[0]))
+    except (sqlite3.Error, ValueError) as exc:
+        print(f"{argv[0]}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

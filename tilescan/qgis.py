@@ -1,0 +1,611 @@
+"""QGIS styles and projects for tilescan's outputs, written as plain XML (QGIS not needed).
+
+Per output folder (:func:`write_scene_files`):
+
+* ``heatmap.qml``, ``labels.qml``, ``tiles.qml``: QGIS applies ``<name>.qml`` beside a file
+  as that layer's default style when the file is added, so ``heatmap.tif`` opens as a
+  pseudocolour ramp over 0..1 (the quicklook's jet colours, transparent for low heat and
+  nodata), ``labels.tif`` as a palette with class names, and ``tiles.parquet`` /
+  ``tiles.gpkg`` filled by ``label`` in the same colours (:func:`tilescan.writers.class_colors`),
+  at the quicklook's label opacity;
+* ``<scene>.qgs``: a QGIS project with the scene's RGB bands (stretched as the model saw
+  them), the labels, the heatmap and the tile table, each styled as above, referenced by
+  paths relative to the project, so the folder (moved together with the scenes) opens as
+  the quicklook shows it. The tile layer carries a second style, ``confidence``
+  (Layer > Styles), graduated by the model's confidence.
+
+:func:`write_collect_files` writes one project for ``tilescan collect``'s dataset.
+
+The XML follows what QGIS 3.22 writes (``.qml``: a ``<qgis>`` document holding the
+renderer; ``.qgs``: ``<projectCrs>``, ``<layer-tree-group>``, ``<mapcanvas>``,
+``<projectlayers>``, relative ``./`` paths), with the elements older QGIS 3 releases read too
+(symbol-layer properties both as ``<Option>`` maps and ``<prop>`` pairs). Every file is
+written atomically (:func:`tilescan.writers.atomic_output`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+from xml.etree import ElementTree as ET
+
+from .writers import LABEL_BLEND, atomic_output, class_colors
+
+__all__ = [
+    "Layer",
+    "heatmap_style",
+    "labels_style",
+    "tiles_style",
+    "write_collect_files",
+    "write_project",
+    "write_scene_files",
+    "write_style",
+]
+
+QGIS_VERSION = "3.22.0-Białowieża"
+"""Version written into the files: the oldest QGIS they are tested with (Debian 12's)."""
+
+_DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+
+# The quicklook's heat colours (OpenCV's JET) at its knots, and the opacity of each: low heat
+# is transparent so the scene shows through, strong heat opaque.
+_JET = ((0.0, (0, 0, 128), 0), (0.125, (0, 0, 255), 64), (0.375, (0, 255, 255), 192),
+        (0.625, (255, 255, 0), 255), (0.875, (255, 0, 0), 255), (1.0, (128, 0, 0), 255))
+# Confidence classes of the alternative tile style: red (unsure) to green (sure).
+_CONFIDENCE = ((0.0, 0.4, (215, 25, 28)), (0.4, 0.6, (253, 174, 97)), (0.6, 0.8, (255, 255, 191)),
+               (0.8, 0.9, (166, 217, 106)), (0.9, 1.0, (26, 150, 65)))
+_OUTLINE = "40,40,40,255"
+
+
+# ----------------------------------------------------------------------------- XML helpers
+
+
+def _el(parent: ET.Element | None, tag: str, text: Any = None, **attrs: Any) -> ET.Element:
+    e = ET.Element(tag) if parent is None else ET.SubElement(parent, tag)
+    for k, v in attrs.items():
+        e.set(k.rstrip("_"), str(v))  # class_ / pass_: Python keywords
+    if text is not None:
+        e.text = str(text)
+    return e
+
+
+def _options(parent: ET.Element, props: dict[str, str]) -> None:
+    """Symbol-layer properties as QGIS >= 3.16 reads them (<Option> map) and as older 3.x
+    releases do (<prop k v>)."""
+    m = _el(parent, "Option", type="Map")
+    for k, v in props.items():
+        _el(m, "Option", type="QString", name=k, value=v)
+    for k, v in props.items():
+        _el(parent, "prop", k=k, v=v)
+
+
+def _rgb(c: Sequence[int], a: int = 255) -> str:
+    return f"{c[0]},{c[1]},{c[2]},{a}"
+
+
+def _hex(c: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*c[:3])
+
+
+def _fill_symbol(parent: ET.Element, name: str, color: Sequence[int], outline: str = _OUTLINE) -> None:
+    s = _el(parent, "symbol", type="fill", name=name, alpha="1", clip_to_extent="1", force_rhr="0")
+    lyr = _el(s, "layer", class_="SimpleFill", enabled="1", locked="0", pass_="0")
+    _options(lyr, {"color": _rgb(color), "style": "solid", "outline_color": outline, "outline_style": "solid",
+                   "outline_width": "0.2", "outline_width_unit": "MM", "joinstyle": "miter",
+                   "offset": "0,0", "offset_unit": "MM"})
+
+
+def _srs(parent: ET.Element, crs: Any) -> ET.Element:
+    """<spatialrefsys> for ``crs`` (anything pyproj reads; None: left empty). QGIS uses
+    the authid when it has one, else the WKT."""
+    s = _el(parent, "spatialrefsys")
+    pj = _crs(crs)
+    if pj is None:
+        return s
+    _el(s, "wkt", pj.to_wkt())
+    with warnings.catch_warnings():  # pyproj warns that PROJ.4 strings lose detail: QGIS reads the WKT
+        warnings.simplefilter("ignore")
+        try:
+            _el(s, "proj4", pj.to_proj4())
+        except Exception:  # a CRS without a PROJ.4 form: the WKT is enough
+            _el(s, "proj4", "")
+    auth = pj.to_authority(min_confidence=100)
+    if auth:
+        _el(s, "authid", f"{auth[0]}:{auth[1]}")
+        if auth[0] == "EPSG":
+            _el(s, "srid", auth[1])
+    _el(s, "description", pj.name)
+    _el(s, "geographicflag", "true" if pj.is_geographic else "false")
+    return s
+
+
+def _crs(crs: Any):
+    from .writers import _pyproj_crs
+
+    return _pyproj_crs(crs)
+
+
+def _units(crs: Any) -> str:
+    pj = _crs(crs)
+    if pj is None or not pj.axis_info:
+        return "unknown"
+    unit = (pj.axis_info[0].unit_name or "").lower()
+    if unit.startswith("degree"):
+        return "degrees"
+    if "foot" in unit or "feet" in unit:
+        return "feet"
+    return "meters" if unit.startswith("metre") or unit.startswith("meter") else "unknown"
+
+
+def _extent(parent: ET.Element, tag: str, bounds: Sequence[float]) -> None:
+    e = _el(parent, tag)
+    for k, v in zip(("xmin", "ymin", "xmax", "ymax"), bounds):
+        _el(e, k, repr(float(v)))
+
+
+def _qml(root_attrs: dict[str, str]) -> ET.Element:
+    return _el(None, "qgis", version=QGIS_VERSION, styleCategories="AllStyleCategories", **root_attrs)
+
+
+def _to_bytes(root: ET.Element) -> bytes:
+    ET.indent(root, space=" ")
+    return (_DOCTYPE + ET.tostring(root, encoding="unicode") + "\n").encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- renderers
+
+
+def _raster_pipe(parent: ET.Element) -> ET.Element:
+    """<pipe> with nearest-neighbour resampling, for the renderer to go in."""
+    pipe = _el(parent, "pipe")
+    prov = _el(pipe, "provider")
+    _el(prov, "resampling", enabled="false", zoomedInResamplingMethod="nearestNeighbour",
+        zoomedOutResamplingMethod="nearestNeighbour", maxOversampling="2")
+    return pipe
+
+
+def _pipe_tail(pipe: ET.Element, smooth: bool = False) -> None:
+    """The filters after the renderer; ``smooth``: bilinear when zoomed in (else QGIS shows
+    each raster cell as a square)."""
+    _el(pipe, "brightnesscontrast", brightness="0", contrast="0", gamma="1")
+    _el(pipe, "huesaturation", saturation="0", grayscaleMode="0", invertColors="0", colorizeOn="0",
+        colorizeRed="255", colorizeGreen="128", colorizeBlue="128", colorizeStrength="100")
+    _el(pipe, "rasterresampler", maxOversampling="2", **({"zoomedInResampler": "bilinear"} if smooth else {}))
+    _el(pipe, "resamplingStage", "resamplingFilter")
+
+
+def _min_max_origin(parent: ET.Element, limits: str = "None") -> None:
+    m = _el(parent, "minMaxOrigin")
+    _el(m, "limits", limits)
+    _el(m, "extent", "WholeRaster")
+    _el(m, "statAccuracy", "Estimated")
+    _el(m, "cumulativeCutLower", "0.02")
+    _el(m, "cumulativeCutUpper", "0.98")
+    _el(m, "stdDevFactor", "2")
+
+
+def _heatmap_renderer(parent: ET.Element) -> None:
+    r = _el(parent, "rasterrenderer", type="singlebandpseudocolor", band="1", opacity="1", alphaBand="-1",
+            classificationMin="0", classificationMax="1", nodataColor="")
+    _el(r, "rasterTransparency")
+    _min_max_origin(r)
+    shader = _el(_el(r, "rastershader"), "colorrampshader", colorRampType="INTERPOLATED", classificationMode="1",
+                 clip="1", minimumValue="0", maximumValue="1", labelPrecision="3")
+    ramp = _el(shader, "colorramp", type="gradient", name="[source]")
+    stops = ":".join(f"{v:g};{_rgb(c, a)}" for v, c, a in _JET[1:-1])
+    _options(ramp, {"color1": _rgb(_JET[0][1], _JET[0][2]), "color2": _rgb(_JET[-1][1], _JET[-1][2]),
+                    "discrete": "0", "rampType": "gradient", "stops": stops})
+    for v, c, a in _JET:
+        _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=f"{v:g}")
+
+
+def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequence[int]) -> None:
+    r = _el(parent, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1", nodataColor="")
+    _el(r, "rasterTransparency")
+    _min_max_origin(r)
+    pal = _el(r, "colorPalette")
+    colors = class_colors(len(classes))
+    for i in present:
+        _el(pal, "paletteEntry", value=str(i), color=_hex(colors[i]), alpha="255", label=classes[i])
+
+
+def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -> None:
+    b = list(bands) + [bands[-1]] * (3 - len(bands)) if bands else [1, 2, 3]
+    r = _el(parent, "rasterrenderer", type="multibandcolor", redBand=b[0], greenBand=b[1], blueBand=b[2],
+            opacity="1", alphaBand="-1", nodataColor="")
+    _el(r, "rasterTransparency")
+    _min_max_origin(r, "None" if scale else "MinMax")
+    for i, name in enumerate(("red", "green", "blue")):
+        ce = _el(r, f"{name}ContrastEnhancement")
+        lo, hi = (scale[min(i, len(scale) - 1)] if scale else (0, 255))
+        _el(ce, "minValue", repr(float(lo)))
+        _el(ce, "maxValue", repr(float(hi)))
+        _el(ce, "algorithm", "StretchToMinimumMaximum")
+
+
+def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int]) -> ET.Element:
+    r = _el(parent, "renderer-v2", type="categorizedSymbol", attr="label", symbollevels="0", forceraster="0",
+            enableorderby="0", referencescale="-1")
+    cats, syms = _el(r, "categories"), _el(r, "symbols")
+    colors = class_colors(len(classes))
+    for k, i in enumerate(present):
+        _el(cats, "category", value=classes[i], label=classes[i], symbol=str(k), render="true")
+        _fill_symbol(syms, str(k), colors[i])
+    _el(r, "rotation")
+    _el(r, "sizescale")
+    return r
+
+
+def _graduated_confidence(parent: ET.Element) -> ET.Element:
+    r = _el(parent, "renderer-v2", type="graduatedSymbol", attr="confidence", graduatedMethod="GraduatedColor",
+            symbollevels="0", forceraster="0", enableorderby="0", referencescale="-1")
+    ranges, syms = _el(r, "ranges"), _el(r, "symbols")
+    for k, (lo, hi, c) in enumerate(_CONFIDENCE):
+        _el(ranges, "range", lower=f"{lo:g}", upper=f"{hi:g}", label=f"confidence {lo:g} - {hi:g}",
+            symbol=str(k), render="true")
+        _fill_symbol(syms, str(k), c)
+    method = _el(r, "classificationMethod", id="Custom")
+    _el(method, "symmetricMode", enabled="0", symmetrypoint="0", astride="0")
+    _el(method, "labelFormat", format="%1 - %2", labelprecision="2", trimtrailingzeroes="1")
+    _el(r, "rotation")
+    _el(r, "sizescale")
+    return r
+
+
+def _vector_common(parent: ET.Element, opacity: float) -> None:
+    _el(parent, "blendMode", "0")
+    _el(parent, "featureBlendMode", "0")
+    _el(parent, "layerOpacity", f"{opacity:g}")
+
+
+# ----------------------------------------------------------------------------- styles
+
+
+def heatmap_style() -> ET.Element:
+    """The heatmap's .qml: pseudocolour 0..1 (jet), low heat and nodata transparent."""
+    root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "1e+08", "maxScale": "0"})
+    pipe = _raster_pipe(root)
+    _heatmap_renderer(pipe)
+    _pipe_tail(pipe, smooth=True)  # smooth like the quicklook's heat
+    _el(root, "blendMode", "0")
+    return root
+
+
+def labels_style(classes: Sequence[str], present: Sequence[int] | None = None) -> ET.Element:
+    """The label raster's .qml: a palette of the classes ``present`` (default all)."""
+    present = range(len(classes)) if present is None else present
+    root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "1e+08", "maxScale": "0"})
+    pipe = _raster_pipe(root)
+    _paletted_renderer(pipe, classes, present)
+    _pipe_tail(pipe)
+    _el(root, "blendMode", "0")
+    return root
+
+
+def tiles_style(classes: Sequence[str], present: Sequence[int] | None = None, *,
+                by: str = "label") -> ET.Element:
+    """The tile table's .qml: categorised by ``label`` (one category per class present, the
+    label raster's colours) or, ``by="confidence"``, graduated by confidence."""
+    present = range(len(classes)) if present is None else present
+    root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "100000000", "maxScale": "0",
+                 "labelsEnabled": "0", "readOnly": "0", "simplifyDrawingHints": "1", "simplifyAlgorithm": "0",
+                 "simplifyDrawingTol": "1", "simplifyLocal": "1", "simplifyMaxScale": "1",
+                 "symbologyReferenceScale": "-1"})
+    if by == "label":
+        _categorized(root, classes, present)
+    elif by == "confidence":
+        _graduated_confidence(root)
+    else:
+        raise ValueError(f"tiles_style: by must be 'label' or 'confidence', got {by!r}")
+    _vector_common(root, LABEL_BLEND)
+    return root
+
+
+def write_style(path: str | os.PathLike, style: ET.Element) -> Path:
+    """Write a style document (from :func:`heatmap_style` & co.) as a .qml, atomically."""
+    data = _to_bytes(style)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- projects
+
+
+@dataclass
+class Layer:
+    """One layer of a project: ``path`` is the file (absolute, or relative to the project
+    folder), ``kind`` ``raster`` or ``vector``, ``style`` a style root from this module."""
+
+    name: str
+    path: str
+    kind: str
+    style: ET.Element
+    crs: Any = None
+    bounds: Sequence[float] | None = None
+    visible: bool = True
+    sublayer: str | None = None  # the layer inside a GeoPackage
+    alt_styles: dict[str, ET.Element] = field(default_factory=dict)  # more named styles
+    style_name: str = "default"
+
+
+def _source(layer: Layer, project_dir: Path) -> str:
+    """The datasource as QGIS stores it with relative paths: ``./x`` or ``../x``, or the
+    absolute path where no relative one exists (another drive)."""
+    p = layer.path
+    if os.path.isabs(p):
+        try:
+            p = os.path.relpath(p, project_dir)
+        except ValueError:  # e.g. another drive on Windows
+            p = layer.path
+    if not os.path.isabs(p):
+        p = p.replace(os.sep, "/")
+        p = p if p.startswith("../") or p.startswith("./") else "./" + p
+    return p + (f"|layername={layer.sublayer}" if layer.sublayer else "")
+
+
+def _layer_id(layer: Layer, k: int) -> str:
+    # QGIS ignores a stored id of 10 characters or fewer (and makes a new one, breaking the
+    # layer tree's references): the fixed part keeps every id longer
+    safe = "".join(c if c.isalnum() else "_" for c in layer.name)
+    return f"{safe}_tilescan_{k:04d}"
+
+
+def _maplayer(parent: ET.Element, layer: Layer, lid: str, source: str) -> None:
+    vector = layer.kind == "vector"
+    attrs = dict(layer.style.attrib)
+    attrs.pop("version", None)
+    attrs.pop("styleCategories", None)
+    if vector:
+        attrs.update(geometry="Polygon", wkbType="Polygon")
+    ml = _el(parent, "maplayer", type=layer.kind, autoRefreshEnabled="0", autoRefreshTime="0",
+             refreshOnNotifyEnabled="0", refreshOnNotifyMessage="", legendPlaceholderImage="", **attrs)
+    if layer.bounds is not None:
+        _extent(ml, "extent", layer.bounds)
+    _el(ml, "id", lid)
+    _el(ml, "datasource", source)
+    _el(ml, "layername", layer.name)
+    _srs(_el(ml, "srs"), layer.crs)
+    _el(ml, "provider", "ogr" if vector else "gdal", **({"encoding": "UTF-8"} if vector else {}))
+    sm = _el(ml, "map-layer-style-manager", current=layer.style_name)
+    for name, alt in layer.alt_styles.items():
+        _el(sm, "map-layer-style", name=name).append(alt)
+    _el(sm, "map-layer-style", name=layer.style_name)
+    for child in layer.style:  # the current style's elements live in the layer itself
+        ml.append(child)
+
+
+def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
+                  layers: Sequence[Layer] | None = None, groups: Sequence[tuple[str, Sequence[Layer]]] = (),
+                  location: str | os.PathLike | None = None) -> Path:
+    """Write a QGIS project (.qgs) holding ``layers`` (top first) and then ``groups`` of
+    layers, the map in ``crs`` zoomed to ``bounds`` (xmin, ymin, xmax, ymax in ``crs``).
+
+    File paths are stored relative to ``location`` (the folder the project will live in;
+    default: ``path``'s folder), so a project written in a staging folder is right once
+    moved into place. Written atomically."""
+    project_dir = Path(os.path.abspath(location if location is not None else Path(path).parent))
+    root = _el(None, "qgis", projectname=title, version=QGIS_VERSION)
+    _el(root, "homePath", path="")
+    _el(root, "title", title)
+    _srs(_el(root, "projectCrs"), crs)
+    tree = _el(root, "layer-tree-group")
+    _el(tree, "customproperties")
+    entries: list[tuple[ET.Element, Layer]] = [(tree, lyr) for lyr in layers or ()]
+    for name, members in groups:
+        g = _el(tree, "layer-tree-group", name=name, checked="Qt::Checked", expanded="1")
+        _el(g, "customproperties")
+        entries += [(g, lyr) for lyr in members]
+    canvas = _el(root, "mapcanvas", name="theMapCanvas", annotationsVisible="1")
+    _el(canvas, "units", _units(crs))
+    _extent(canvas, "extent", bounds)
+    _el(canvas, "rotation", "0")
+    _srs(_el(canvas, "destinationsrs"), crs)
+    _el(canvas, "rendermaptile", "0")
+    projectlayers = _el(root, "projectlayers")
+    for k, (node, layer) in enumerate(entries):
+        lid = _layer_id(layer, k)
+        source = _source(layer, project_dir)
+        t = _el(node, "layer-tree-layer", id=lid, name=layer.name, source=source,
+                providerKey="ogr" if layer.kind == "vector" else "gdal",
+                checked="Qt::Checked" if layer.visible else "Qt::Unchecked",
+                expanded="1" if layer.kind == "vector" else "0")  # the tiles' legend open: the classes
+        _el(t, "customproperties")
+        _maplayer(projectlayers, layer, lid, source)
+    props = _el(root, "properties")
+    _el(_el(props, "Paths"), "Absolute", "false", type="bool")
+    # QGIS 3.x reads <projectCrs> only with this flag set
+    _el(_el(props, "SpatialRefSys"), "ProjectionsEnabled", "1" if _crs(crs) is not None else "0", type="int")
+    view = _el(root, "ProjectViewSettings", UseProjectScales="0", rotation="0")
+    _el(view, "Scales")
+    dv = _el(view, "DefaultViewExtent", **dict(zip(("xmin", "ymin", "xmax", "ymax"), map(repr, map(float, bounds)))))
+    _srs(dv, crs)
+    data = _to_bytes(root)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- per scene
+
+
+def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[float],
+                 bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -> Layer | None:
+    """The scene's RGB layer, or None when the scene file is not there to reference."""
+    if scene is None or not os.path.isfile(scene):
+        return None
+    root = _qml({})
+    pipe = _raster_pipe(root)
+    _rgb_renderer(pipe, bands, scale)
+    _pipe_tail(pipe)
+    _el(root, "blendMode", "0")
+    return Layer("scene", os.path.abspath(scene), "raster", root, crs=crs, bounds=bounds)
+
+
+def _table(folder: Path) -> tuple[str, str | None] | None:
+    """The tile table a project should use: the GeoPackage (every QGIS reads it), else
+    the GeoParquet file (QGIS with GDAL >= 3.8 built with Arrow)."""
+    if (folder / "tiles.gpkg").exists():
+        return "tiles.gpkg", "tiles"
+    if (folder / "tiles.parquet").exists():
+        return "tiles.parquet", None
+    return None
+
+
+def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], present: Sequence[int], crs: Any,
+                      bounds: Sequence[float], scene: str | os.PathLike | None = None,
+                      bands: Sequence[int] = (1, 2, 3), scale: Sequence[Sequence[float]] | None = None,
+                      project: str | None = None, location: str | os.PathLike | None = None) -> list[Path]:
+    """Write the styles of the outputs in ``folder`` (``heatmap.qml``, ``labels.qml``,
+    ``tiles.qml``, each only when its output is there) and, when ``project`` is a name,
+    the project ``<project>.qgs`` with the scene (if its file exists), labels, heatmap and
+    tiles. ``location`` is where ``folder`` will end up (relative paths are computed from
+    there); ``present`` are the indexes of the classes in the table; ``bounds`` the scene's
+    extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
+    as the model read them. Returns the files written."""
+    folder = Path(folder)
+    present = sorted({int(i) for i in present})
+    bounds = _union(bounds, _table_bbox(folder / "tiles.parquet"))  # edge tiles may reach past the scene
+    written: list[Path] = []
+    styles = {}
+    if (folder / "heatmap.tif").exists():
+        styles["heatmap"] = heatmap_style()
+    if (folder / "labels.tif").exists():
+        styles["labels"] = labels_style(classes, present)
+    table = _table(folder)
+    if table is not None:
+        styles["tiles"] = tiles_style(classes, present)
+    for name, style in styles.items():
+        written.append(write_style(folder / f"{name}.qml", style))
+    if project:
+        layers = []
+        if table is not None:
+            layers.append(Layer("tiles", str(folder / table[0]), "vector", styles["tiles"], crs=crs, bounds=bounds,
+                                sublayer=table[1], style_name="label",
+                                alt_styles={"confidence": tiles_style(classes, present, by="confidence")}))
+        if "heatmap" in styles:
+            layers.append(Layer("heatmap", str(folder / "heatmap.tif"), "raster", styles["heatmap"], crs=crs,
+                                bounds=bounds, visible=False))
+        if "labels" in styles:
+            layers.append(Layer("labels", str(folder / "labels.tif"), "raster", styles["labels"], crs=crs,
+                                bounds=bounds, visible=False))
+        scene_layer = _scene_layer(scene, crs, bounds, bands, scale)
+        if scene_layer is not None:
+            layers.append(scene_layer)
+        where = Path(os.path.abspath(location if location is not None else folder))
+        for lyr in layers:  # output files by their final place
+            if Path(lyr.path).parent == folder:
+                lyr.path = str(where / Path(lyr.path).name)
+        written.append(write_project(folder / f"{project}.qgs", title=project, crs=crs, bounds=bounds,
+                                     layers=layers, location=where))
+    return written
+
+
+def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike | None,
+                        units: Sequence[tuple[str, str | os.PathLike, dict]], name: str = "collected") -> list[Path]:
+    """For ``tilescan collect``: the style ``tiles.qml`` of the collected table in ``folder``
+    and the project ``<name>.qgs`` with the collected tiles (longitude/latitude) on top,
+    then a group per scene with its label and heatmap rasters (hidden) and the scene itself.
+    ``units`` are (scene name, unit folder, its run.json) of every unit collected;
+    ``location`` is where ``folder`` will end up. The map is in the scenes' CRS when they
+    share one, else in WGS 84."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    where = Path(os.path.abspath(location if location is not None else folder))
+    schema = pq.read_schema(folder / "tiles.parquet")
+    classes = json.loads(schema.metadata[b"tilescan"])["classes"]
+    bbox = json.loads(schema.metadata[b"geo"])["columns"]["geometry"].get("bbox")
+    names = set(pq.read_table(folder / "tiles.parquet", columns=["label"]).column("label").to_pylist())
+    present = [i for i, c in enumerate(classes) if c in names]
+
+    scenes: dict[str, dict] = {}
+    for scene_name, unit_folder, m in units:
+        info = m.get("scene_info", {})
+        s = scenes.setdefault(scene_name, {"name": scene_name, "path": m.get("scene"), "crs": info.get("crs"),
+                                           "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
+                                           "scale": info.get("scale"), "units": []})
+        s["units"].append(Path(os.path.abspath(unit_folder)))
+
+    written: list[Path] = []
+    table = _table(folder)
+    tiles = tiles_style(classes, present)
+    if table is not None:
+        written.append(write_style(folder / "tiles.qml", tiles))
+    crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
+    crs = next(iter(crss)) if len(crss) == 1 else "EPSG:4326"
+    bounds = _project_bounds(crs, bbox, list(scenes.values()))
+    layers = []
+    if table is not None:
+        layers.append(Layer("tiles", str(where / table[0]), "vector", tiles, crs="EPSG:4326", bounds=bbox,
+                            sublayer=table[1], style_name="label",
+                            alt_styles={"confidence": tiles_style(classes, present, by="confidence")}))
+    groups = []
+    for s in scenes.values():
+        members = []
+        for u in s["units"]:
+            tag = "" if u.name == s["name"] else f" {u.name}"
+            if (u / "heatmap.tif").exists():
+                members.append(Layer(f"heatmap{tag}", str(u / "heatmap.tif"), "raster", heatmap_style(),
+                                     crs=s["crs"], bounds=s["bounds"], visible=False))
+            if (u / "labels.tif").exists():
+                members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster", labels_style(classes, present),
+                                     crs=s["crs"], bounds=s["bounds"], visible=False))
+        scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"])
+        if scene_layer is not None:
+            members.append(scene_layer)
+        if members:
+            groups.append((s["name"], members))
+    written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
+                                 groups=groups, location=where))
+    return written
+
+
+def _table_bbox(parquet: Path) -> list[float] | None:
+    """The extent of a GeoParquet file's geometries, from its ``geo`` metadata."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        geo = json.loads(pq.read_schema(parquet).metadata[b"geo"])
+        return geo["columns"][geo["primary_column"]].get("bbox")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _union(a: Sequence[float], b: Sequence[float] | None) -> tuple[float, float, float, float]:
+    if b is None:
+        return tuple(a)
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+def _grid_bounds(info: dict) -> tuple[float, float, float, float] | None:
+    """A scene's extent from run.json's ``scene_info`` (transform and size)."""
+    try:
+        a, b, c, d, e, f = info["transform"][:6]
+        w, h = info["width"], info["height"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    xs = [c + a * i + b * j for i, j in ((0, 0), (w, 0), (0, h), (w, h))]
+    ys = [f + d * i + e * j for i, j in ((0, 0), (w, 0), (0, h), (w, h))]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _project_bounds(crs: Any, bounds_lonlat: Sequence[float] | None, scenes: Sequence[dict]) -> Sequence[float]:
+    """The map extent in ``crs``: the collected tiles' lon/lat box transformed, else the
+    scenes' boxes."""
+    import pyproj
+
+    if bounds_lonlat is not None and _crs(crs) is not None:
+        t = pyproj.Transformer.from_crs("OGC:CRS84", _crs(crs), always_xy=True)
+        return t.transform_bounds(*bounds_lonlat)
+    boxes = [s["bounds"] for s in scenes if s.get("bounds")]
+    if not boxes:
+        return (0.0, 0.0, 1.0, 1.0)
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
