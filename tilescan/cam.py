@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ConfigError, ModelError
+from .model import DEFAULT_CAM_LAYER
 
-DEFAULT_CAM_LAYER = "conv5_block2_out"  # same value as tilescan.model.DEFAULT_CAM_LAYER
 LOGITS_LAYER = "logits"
 EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
 

@@ -42,8 +42,6 @@ its table is unreadable) is left out, named with the reason in the log and under
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -60,13 +58,10 @@ from . import layout
 from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from .log import emit
-from .writers import _prob_column_names, atomic_output, wkb_polygons, write_json
+from .writers import BBOX_TYPE, atomic_output, csv_text, prob_column_names, wkb_polygon_rings, wkb_polygons, write_json, write_text
 
 TARGET_CRS = "OGC:CRS84"
 
-_WKB_SIZE = 93  # our Polygon WKB: 1 + 4 + 4 + 4 header bytes, then 5 points of 2 doubles
-_WKB_HEADER = bytes([1]) + (3).to_bytes(4, "little") + (1).to_bytes(4, "little") + (5).to_bytes(4, "little")
-_BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
 _SHAPING = ("tiling", "cam", "output")
 
 
@@ -180,21 +175,6 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
 # ----------------------------------------------------------------------------- geometry
 
 
-def _decode_rings(geom: pa.Array) -> np.ndarray:
-    """(N, 5, 2) coordinates of tilescan's fixed-layout Polygon WKB."""
-    geom = geom.cast(pa.binary())
-    n = len(geom)
-    if n == 0:
-        return np.zeros((0, 5, 2))
-    offsets = np.frombuffer(geom.buffers()[1], np.int32)[geom.offset: geom.offset + n + 1]
-    if geom.null_count or not np.all(np.diff(offsets) == _WKB_SIZE):
-        raise InputError("unexpected geometry encoding (not tilescan's 5-point Polygon WKB)")
-    data = np.frombuffer(geom.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, _WKB_SIZE)
-    if not np.all(data[:, :13] == np.frombuffer(_WKB_HEADER, np.uint8)):
-        raise InputError("unexpected geometry encoding (not little-endian single-ring Polygon WKB)")
-    return np.ascontiguousarray(data[:, 13:]).view("<f8").reshape(n, 5, 2)
-
-
 def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
     from pyproj import Geod
 
@@ -251,7 +231,7 @@ _TAIL = [
     pa.field("area_m2", pa.float64()),
     pa.field("valid_area_m2", pa.float64()),
     pa.field("geometry", pa.binary()),
-    pa.field("bbox", _BBOX_TYPE),
+    pa.field("bbox", BBOX_TYPE),
     pa.field("geometry_native", pa.binary()),
 ]
 _HEAD = [pa.field("scene", pa.string(), nullable=False), pa.field("unit", pa.string(), nullable=False),
@@ -264,7 +244,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     geo = json.loads(t.schema.metadata[b"geo"])
     crs_json = geo["columns"][geo.get("primary_column", "geometry")].get("crs")
     n = t.num_rows
-    rings = _decode_rings(t.column("geometry").combine_chunks())
+    rings = wkb_polygon_rings(t.column("geometry").combine_chunks())
     lonlat, crs_name = reproject(crs_json, rings)
     cols: dict[str, pa.Array] = {
         "scene": pa.array([u.scene] * n, pa.string()),
@@ -280,7 +260,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     if lonlat is None:
         null_f = pa.nulls(n, pa.float64())
         cols.update({"crs": pa.nulls(n, pa.string()), "area_m2": null_f, "valid_area_m2": null_f,
-                     "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, _BBOX_TYPE)})
+                     "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, BBOX_TYPE)})
         bounds = None
     else:
         area = _geodesic_areas(lonlat)
@@ -291,7 +271,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
             "valid_area_m2": pa.array(area * valid),
             "geometry": wkb_polygons(lonlat[:, :4]),
             "bbox": pa.StructArray.from_arrays([pa.array(xs.min(1)), pa.array(ys.min(1)), pa.array(xs.max(1)), pa.array(ys.max(1))],
-                                               fields=list(_BBOX_TYPE)),
+                                               fields=list(BBOX_TYPE)),
         })
         bounds = (xs.min(), ys.min(), xs.max(), ys.max()) if n else None
     cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
@@ -356,15 +336,11 @@ class _Summary:
         return out
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
+def _summary_rows(rows: list[dict]) -> list[list]:
+    """The per-class summary as CSV rows: areas to the millimetre, confidences to 1e-6."""
     cols = ["scene", "label", "class_index", "tiles", "area_m2", "valid_area_m2", "mean_confidence"]
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{r[k]:.3f}" if isinstance(r[k], float) and k != "mean_confidence" else
-                        f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in cols})
-    return buf.getvalue()
+    return [cols] + [[f"{r[k]:.6f}" if k == "mean_confidence" and isinstance(r[k], float) else
+                      f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in cols] for r in rows]
 
 
 # ----------------------------------------------------------------------------- GeoPackage
@@ -378,7 +354,7 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
     from pyproj import CRS
 
     pf = pq.ParquetFile(parquet)
-    probs = _prob_column_names(classes)
+    probs = prob_column_names(classes)
     keep = [f for f in pf.schema_arrow if f.name not in ("probabilities", "bbox", "geometry_native", "geometry")]
     fields = keep + [pa.field(p, pa.float32()) for p in probs] + [pa.field("geometry", pa.binary())]
     schema = pa.schema(fields)
@@ -573,8 +549,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
         "skipped": skipped,
         "failed": failed,
     }
-    with atomic_output(stage / "summary.csv") as tmp:
-        tmp.write_text(_csv_text(rows))
+    write_text(stage / "summary.csv", csv_text(_summary_rows(rows)))
     write_json(stage / "summary.json", result)
     if gpkg:
         _write_gpkg(path, stage / "tiles.gpkg", classes)

@@ -30,8 +30,6 @@ averaged prediction is exactly invariant to flips and rotations of the input.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections import deque
@@ -44,12 +42,11 @@ import numpy as np
 
 from .errors import ConfigError, OutputError
 from .log import emit
+from .writers import csv_text, write_json, write_text
 from .explain import (
     RIGHT_COLOR,
     WRONG_COLOR,
     FigureRow,
-    atomic_write_json,
-    atomic_write_text,
     new_figure,
     render_rows,
     save_figure,
@@ -191,12 +188,6 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[st
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
@@ -438,15 +429,15 @@ def run_evaluate(
     if k > 5:
         top5 = float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
     cm = np.array(metrics["confusion_matrix"])
-    atomic_write_text(
+    write_text(
         out / "predictions.csv",
-        _csv_text([("path", "true", "pred", "confidence")]
+        csv_text([("path", "true", "pred", "confidence")]
                   + [(p, classes[t], classes[q], f"{c:.6f}") for p, t, q, c in zip(rel_paths, y_true, y_pred, conf)]),
     )
-    atomic_write_text(out / "confusion_matrix.csv", _csv_text([["true\\pred", *classes]] + [[classes[i], *cm[i].tolist()] for i in range(k)]))
-    atomic_write_text(
+    write_text(out / "confusion_matrix.csv", csv_text([["true\\pred", *classes]] + [[classes[i], *cm[i].tolist()] for i in range(k)]))
+    write_text(
         out / "per_class.csv",
-        _csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
+        csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
                   + [(r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"], r["predicted"]) for r in metrics["per_class"]]),
     )
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
@@ -489,7 +480,7 @@ def run_evaluate(
                              "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
                              f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
                              f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}", study["n"]))
-        atomic_write_text(out / "explanations.csv", _csv_text(rows_csv))
+        write_text(out / "explanations.csv", csv_text(rows_csv))
         outputs.append("explanations.csv")
         log(explanation_table(study))
 
@@ -545,7 +536,7 @@ def run_evaluate(
         report["recorded"] = {"key": key, "entry": entry, "model_sha256_after": new_sha}
         log(f"recorded scores['{key}'] in {lm.path}")
     report["timing"]["total_s"] = time.perf_counter() - t_start
-    atomic_write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
 
     weakest = sorted((r for r in metrics["per_class"] if r["support"] > 0), key=lambda r: r["f1"])[:5]
     log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  weighted F1 "

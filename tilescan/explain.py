@@ -18,7 +18,6 @@ The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ import numpy as np
 from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
 from .errors import ConfigError, InputError
 from .log import emit
+from .tiling import TIFF_SUFFIXES
+from .writers import write_bytes, write_json
 
-SCENE_EXTS = {".tif", ".tiff"}
 HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
 WRONG_COLOR = "#c62828"
@@ -46,45 +46,11 @@ METHOD_TITLES = {
 }
 
 
-# ------------------------------------------------------------------------ file writing
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + rename."""
-    from .writers import atomic_output
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        Path(tmp).write_bytes(data)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Render a matplotlib Figure to PNG and write it atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def new_figure(width_in: float, height_in: float):
@@ -335,7 +301,7 @@ def run_explain(
             raise InputError("input not found", path=str(path))
         if path.is_dir():
             raise InputError("input is a folder; name image or scene files", path=str(path))
-        is_scene = path.suffix.lower() in SCENE_EXTS
+        is_scene = path.suffix.lower() in TIFF_SUFFIXES
         scene_info = None
         if is_scene:
             items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units)
@@ -384,7 +350,7 @@ def run_explain(
         title = path.name if not is_scene else f"{path.name}: {len(items)} tiles"
         fig = render_rows(rows, methods, suptitle=title)
         png = save_figure(fig, out / f"{stem}.png")
-        atomic_write_json(
+        write_json(
             out / f"{stem}.json",
             {
                 "input": str(path),

@@ -37,6 +37,7 @@ from affine import Affine
 from rasterio.transform import array_bounds
 
 from . import __version__, layout
+from .backend import cpu_has_bf16
 from .cam import model_on_accelerator
 from .cam import resolve_target as _resolve_class
 from .config import Config
@@ -336,26 +337,13 @@ def resolve_pipeline(pipeline: str, backend: str) -> str:
     return "overlap" if model_on_accelerator(backend) else "lockstep"
 
 
-def _cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512_BF16 or AMX), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def resolve_precision(precision: str, backend: str) -> str:
     """``[inference] precision`` -> "float32" or "bf16". ``auto`` picks bf16 only where it
     was measured faster within tolerance (benchmarks/README.md): TensorFlow on a CPU with
     AVX512_BF16/AMX and no GPU. JAX/torch and GPUs were not measured, so they stay float32."""
     if precision != "auto":
         return precision
-    if backend != "tensorflow" or not _cpu_has_bf16():
+    if backend != "tensorflow" or not cpu_has_bf16():
         return "float32"
     return "float32" if model_on_accelerator(backend) else "bf16"
 

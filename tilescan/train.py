@@ -27,38 +27,26 @@ from .config import TrainConfig
 from .data import Dataset, channel_stats, make_batches
 from .errors import ConfigError, OutputExistsError
 from .model import DEFAULT_CAM_LAYER, build_resnet18, save_model
+from .backend import cpu_has_bf16
 from .log import emit
+from .writers import write_text
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def resolve_precision(setting: str) -> str:
-    """``mixed_bfloat16`` or ``float32`` for the ``mixed_precision`` setting."""
+    """``mixed_bfloat16`` or ``float32`` for ``[train] mixed_precision``. ``auto`` trains in
+    bf16 on a GPU or a CPU with native bf16 (unlike inference's ``auto``, which keeps
+    float32 on GPUs: training tolerates bf16 by design, inference was measured only on CPUs)."""
     if setting == "float32":
         return "float32"
     if setting == "bf16":
         return "mixed_bfloat16"
     import keras
 
-    if keras.backend.backend() == "jax":
-        import jax
+    from .cam import model_on_accelerator
 
-        if any(d.platform == "gpu" for d in jax.devices()):
-            return "mixed_bfloat16"
-    return "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    return "mixed_bfloat16" if model_on_accelerator(keras.backend.backend()) or cpu_has_bf16() else "float32"
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
@@ -146,7 +134,7 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             tmp = ckpt / ".last.tmp.keras"
             self.model.save(tmp)
             os.replace(tmp, ckpt / "last.keras")
-            _atomic_write_text(ckpt / "state.json", json.dumps(state, indent=2))
+            write_text(ckpt / "state.json", json.dumps(state, indent=2))
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
                 f"val_loss {val if val is not None else float('nan'):.4f} "

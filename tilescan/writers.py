@@ -25,10 +25,12 @@ No Keras, TensorFlow, geopandas or shapely here: this module stays fast to impor
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import datetime as _dt
 import errno
 import functools
+import io
 import json
 import math
 import os
@@ -37,7 +39,7 @@ import secrets
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +50,7 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 __all__ = [
     "HEATMAP_NODATA",
@@ -256,6 +258,26 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` atomically (its folder is created if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV (``\n`` line ends) of ``rows``, the first being the header."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, strict JSON (numpy values converted), atomically."""
     text = _dumps(obj, indent=2) + "\n"  # convert first: a TypeError leaves no file at all
@@ -366,8 +388,8 @@ def _rasterio_crs(crs: Any):
 # --------------------------------------------------------------------------- WKB
 
 
-_WKB_HEADER = struct.pack("<BIII", 1, 3, 1, 5)  # little-endian, Polygon, 1 ring, 5 points
-_WKB_POLY_SIZE = len(_WKB_HEADER) + 5 * 2 * 8  # 93 bytes
+WKB_HEADER = struct.pack("<BIII", 1, 3, 1, 5)  # little-endian, Polygon, 1 ring, 5 points
+WKB_POLY_SIZE = len(WKB_HEADER) + 5 * 2 * 8  # 93 bytes
 
 
 def _ccw_rings(corners: np.ndarray) -> np.ndarray:
@@ -392,10 +414,10 @@ def wkb_polygons(corners: np.ndarray) -> pa.BinaryArray:
         raise ValueError(f"corners must have shape (N, 4, 2), got {c.shape}")
     n = c.shape[0]
     rings = np.ascontiguousarray(_ccw_rings(c), dtype="<f8").reshape(n, 10)
-    buf = np.empty((n, _WKB_POLY_SIZE), dtype=np.uint8)
-    buf[:, : len(_WKB_HEADER)] = np.frombuffer(_WKB_HEADER, dtype=np.uint8)
-    buf[:, len(_WKB_HEADER):] = rings.view(np.uint8).reshape(n, 80)
-    offsets = np.arange(0, (n + 1) * _WKB_POLY_SIZE, _WKB_POLY_SIZE, dtype=np.int32)
+    buf = np.empty((n, WKB_POLY_SIZE), dtype=np.uint8)
+    buf[:, : len(WKB_HEADER)] = np.frombuffer(WKB_HEADER, dtype=np.uint8)
+    buf[:, len(WKB_HEADER):] = rings.view(np.uint8).reshape(n, 80)
+    offsets = np.arange(0, (n + 1) * WKB_POLY_SIZE, WKB_POLY_SIZE, dtype=np.int32)
     return pa.BinaryArray.from_buffers(
         pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(buf.reshape(-1))]
     )
@@ -427,9 +449,27 @@ _ACCEPTED = set(_SCALARS) | {"corners", "probabilities", "label", *_CORNER_KEYS}
 _ORDER_HEAD = ("scene", "tile_index", "row", "col", "col_off", "row_off", "width", "height",
                "valid_fraction", "label", "class_index", "confidence")
 _ORDER_CAM = ("cam_mean", "cam_max", "cam_raw_max", "cam_peak_x", "cam_peak_y")
-_BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
+BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
                         ("xmax", pa.float64()), ("ymax", pa.float64())])
 _ROW_GROUP = 65536
+
+
+
+def wkb_polygon_rings(geom) -> np.ndarray:
+    """(N, 5, 2) coordinates back from :func:`wkb_polygons`' fixed layout (a pyarrow array)."""
+    geom = geom.cast(pa.binary())
+    n = len(geom)
+    if n == 0:
+        return np.zeros((0, 5, 2))
+    offsets = np.frombuffer(geom.buffers()[1], np.int32)[geom.offset: geom.offset + n + 1]
+    if geom.null_count or not np.all(np.diff(offsets) == WKB_POLY_SIZE):
+        raise InputError("unexpected geometry encoding (not tilescan's 5-point Polygon WKB)")
+    data = np.frombuffer(geom.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, WKB_POLY_SIZE)
+    head = len(WKB_HEADER)
+    if not np.all(data[:, :head] == np.frombuffer(WKB_HEADER, np.uint8)):
+        raise InputError("unexpected geometry encoding (not little-endian single-ring Polygon WKB)")
+    return np.ascontiguousarray(data[:, head:]).view("<f8").reshape(n, 5, 2)
+
 
 
 class TileTable:
@@ -627,7 +667,7 @@ class TileTable:
         fields.append(pa.field("probabilities", pa.list_(pa.float32()), nullable=False))
         fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
         fields.append(pa.field("geometry", pa.binary(), nullable=False))
-        fields.append(pa.field("bbox", _BBOX_TYPE, nullable=False))
+        fields.append(pa.field("bbox", BBOX_TYPE, nullable=False))
         schema = pa.schema(fields, metadata={b"geo": _dumps(geo).encode(), b"tilescan": _dumps(meta).encode()})
 
         scene_dict = pa.array([str(scene)], pa.string())
@@ -650,7 +690,7 @@ class TileTable:
             arrays.append(pa.StructArray.from_arrays(
                 [pa.array(c[..., 0].min(axis=1)), pa.array(c[..., 1].min(axis=1)),
                  pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))],
-                fields=list(_BBOX_TYPE)))
+                fields=list(BBOX_TYPE)))
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         with atomic_output(path) as tmp:
@@ -684,7 +724,7 @@ class TileTable:
         classes, cols, codes, label_names = self._prepared(classes)
         k = len(classes)
         n = cols["corners"].shape[0]
-        prob_names = _prob_column_names(classes)
+        prob_names = prob_column_names(classes)
 
         fields = [pa.field("scene", pa.string())]
         fields += [pa.field("label", pa.string()) if name == "label" else pa.field(name, _SCALARS[name][1])
@@ -725,6 +765,7 @@ class TileTable:
         return Path(path)
 
 
+
 def _projjson(crs: Any) -> dict | None:
     pj = _pyproj_crs(crs)
     return None if pj is None else pj.to_json_dict()
@@ -739,7 +780,7 @@ def _tilescan_meta(classes: Sequence[str], model_id: str, scene: str, n: int,
     return {**base, **dict(extra or {})}
 
 
-def _prob_column_names(classes: Sequence[str]) -> list[str]:
+def prob_column_names(classes: Sequence[str]) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     for c in classes:
