@@ -1,0 +1,68 @@
+"""Compare two `tilescan run` output folders unit by unit: the check a restructuring must pass.
+
+    python benchmarks/same_outputs.py OUT_BEFORE OUT_AFTER
+
+For every unit folder (one with a run.json) in either tree: tiles.parquet rows equal (every
+column, exact), labels.tif pixels equal, heatmap.tif within 1e-6, and run.json's counts,
+tiling and warnings equal. Prints one line per unit and exits 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import rasterio
+
+
+def units(root: Path) -> dict[str, Path]:
+    return {str(p.parent.relative_to(root)): p.parent for p in sorted(root.rglob("run.json"))
+            if ".tilescan-" not in str(p)}
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    diffs = []
+    ta, tb = pq.read_table(a / "tiles.parquet"), pq.read_table(b / "tiles.parquet")
+    if ta.schema != tb.schema:
+        diffs.append("tiles.parquet schema differs")
+    elif not ta.equals(tb):
+        cols = [c for c in ta.column_names if not ta.column(c).equals(tb.column(c))]
+        diffs.append(f"tiles.parquet rows differ in {cols}")
+    with rasterio.open(a / "labels.tif") as la, rasterio.open(b / "labels.tif") as lb:
+        if la.transform != lb.transform or not np.array_equal(la.read(), lb.read()):
+            diffs.append("labels.tif pixels or transform differ")
+    with rasterio.open(a / "heatmap.tif") as ha, rasterio.open(b / "heatmap.tif") as hb:
+        x, y = ha.read(1), hb.read(1)
+        if x.shape != y.shape or ha.transform != hb.transform or np.abs(x - y).max(initial=0) > 1e-6:
+            diffs.append("heatmap.tif differs by more than 1e-6")
+    ma, mb = (json.loads((p / "run.json").read_text()) for p in (a, b))
+    for key in ("counts", "tiling", "warnings", "fingerprint"):
+        if ma.get(key) != mb.get(key):
+            diffs.append(f"run.json {key} differs")
+    return diffs
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    ra, rb = (Path(p) for p in argv)
+    ua, ub = units(ra), units(rb)
+    bad = 0
+    for key in sorted(set(ua) | set(ub)):
+        if key not in ua or key not in ub:
+            print(f"{key}: only in {'the first' if key in ua else 'the second'} tree")
+            bad += 1
+            continue
+        d = compare(ua[key], ub[key])
+        print(f"{key}: {'identical' if not d else '; '.join(d)}")
+        bad += bool(d)
+    print(f"{len(set(ua) | set(ub))} units, {bad} differ")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
