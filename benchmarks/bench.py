@@ -361,7 +361,7 @@ def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
         setattr(owner, name, wrapper)
         saved.append((owner, name, orig))
 
-    mark(job, "open_scene", "unit_start")
+    mark(job, "_open_unit", "unit_start")
     mark(job.Engine, "__call__", "first_batch")
     mark(job._Writer, "finish", "loop_end", after=True)
     mark(job, "_move_into_place", "unit_end")
