@@ -47,12 +47,8 @@ from .model import DEFAULT_CAM_LAYER
 LOGITS_LAYER = "logits"
 EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
 
-# What ``jit_compile="auto"`` means for TensorFlow. Measured on the 2-vCPU Zen 4 development
-# machine (TF-CPU 2.21, ResNet-18, 128 px, batch 32, variants alternated in one process,
-# 15 rounds, median tiles/s): Grad-CAM at conv5_block2_out 162 without XLA vs 137 with it,
-# at conv4_block2_out 130 vs 107, plain forward 159 vs 137. XLA is ~15% SLOWER on this CPU,
-# so "auto" keeps it off there. TF on a GPU was not measured (the lent GPU machines have no
-# TensorFlow): off until someone measures it.
+# What ``jit_compile="auto"`` means for TensorFlow: off, because XLA measured slower on the
+# CPU (benchmarks/README.md); TensorFlow on a GPU was never measured, so off there too.
 _TF_CPU_AUTO_JIT = False
 _TF_GPU_AUTO_JIT = False
 

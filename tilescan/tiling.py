@@ -65,7 +65,7 @@ MAX_TILE_PX = 8192
 STATS_MAX_SIZE = 1024
 #: Scenes (without overviews) of more pixels than this take their stretch statistics from
 #: whole blocks spread over the scene, about this many pixels decoded, instead of decoding
-#: every block for the decimated read (a 10,240 px scene: ~0.1 s against ~2 s).
+#: every block for the decimated read (timings in benchmarks/README.md).
 STATS_SAMPLE_PIXELS = 4 * 2**20
 #: Most scene pixels read with one window when neighbouring tiles are read together.
 READ_RUN_PIXELS = 2**20
@@ -896,8 +896,8 @@ class SceneReader:
         self._lo = lo.astype(np.float32)
         self._inv = (1.0 / (hi - lo)).astype(np.float32)
         # 8/16-bit integers: every possible value scaled once, with the same float32 steps as
-        # below, so a tile is scaled by one table look-up per pixel and band (the same values;
-        # measured 0.09 against 0.24 ms per 128 px 3-band tile).
+        # below, so a tile is scaled by one table look-up per pixel and band (the same values,
+        # faster: benchmarks/README.md).
         self._lut = None
         if self._dtype.kind in "ui" and self._dtype.itemsize <= 2:
             self._lut_index = np.dtype(f"u{self._dtype.itemsize}")
@@ -975,8 +975,7 @@ class SceneReader:
 
         Neighbouring tiles of one grid row are read with one window and scaled together
         (the same values as tile by tile): one GDAL call per run of tiles instead of one
-        per tile (the call cost ~0.09 ms per 128 px tile; with the blocks already decoded a
-        batch read went from 0.30 to 0.16 ms CPU per tile)."""
+        per tile, whose fixed cost dominated (benchmarks/README.md)."""
         t, s = self.tile_px, self.input_size
         x = np.zeros((len(tiles), s, s, len(self.bands)), dtype=np.float32)
         valid = np.zeros((len(tiles), t, t), dtype=bool)

@@ -811,8 +811,8 @@ def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, res
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
-    whatever the raster size. (Measured on a 2560 x 2560 float32 heatmap: 1.4 s against
-    2.0 s for rio-cogeo's ``cog_translate``, which encodes the data twice.)"""
+    whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
+    faster (benchmarks/README.md)."""
     import rasterio.shutil
 
     compress = _compression(compress)
@@ -1106,8 +1106,7 @@ class HeatmapWriter:
                            crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
                            tiled=True, blockxsize=256, blockysize=256, bigtiff="IF_SAFER", sparse_ok=True)
             # The strips file is a scratch copy read once by close(): left uncompressed, so
-            # blending never pays for compression (measured: ~1 s per 2560^2 heatmap with
-            # deflate + predictor, on the model's cores); the COG is compressed once. Sparse:
+            # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
             # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
         except _io_error_types() as exc:
@@ -1532,9 +1531,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
             x += width
         y += row_h
 
-    # libpng through OpenCV, zlib level 1 with the RLE strategy: on a real 3 x 1024 px
-    # Landsat quicklook 0.16 s and 5.5 MB, against 0.26 s / 5.8 MB for Pillow's level 1
-    # and 0.60 s / 5.4 MB for its default level 6
+    # libpng through OpenCV, zlib level 1 with the RLE strategy: faster than Pillow at any
+    # level for about the same size (benchmarks/README.md)
     ok, png = cv2.imencode(".png", np.ascontiguousarray(np.asarray(image)[:, :, ::-1]),
                            [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
     if not ok:  # pragma: no cover - OpenCV reports no reason
