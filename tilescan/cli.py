@@ -274,6 +274,62 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_c
     _guard(body)
 
 
+# ----------------------------------------------------------------------------- chips
+
+
+@main.command(epilog=_LAYERS_EPILOG)
+@click.argument("inputs", nargs=-1, required=True, metavar="SCENES...")
+@click.option("--labels", "labels_path", required=True, type=click.Path(),
+              help="Vector file of labelled polygons and/or points (GeoPackage, GeoJSON, Shapefile, GeoParquet, ...).")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write.")
+@option("--class-field", show_default="class, else label", help="Field of the labels that holds the class.")
+@option("--layer", show_default="the first", help="Layer of a labels file with several.")
+@option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
+        show_default="the packaged AID model", help="The model the chips are cut for (its input size, bands and scale): the parent for train --init.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file; its [tiling] section applies, as in run.")
+@option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m), as in run.")
+@option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), help="Step between tiles; 0 = the tile size.")
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride, as in run.")
+@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+        help="1-based scene bands in the model's order.")
+@click.option("--min-cover", default=0.9, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of a tile one class's polygons must cover for the tile to become a chip.")
+@click.option("--min-valid", default=0.95, type=click.FloatRange(0, 1, min_open=True),
+              help="Share of a tile that must be valid scene data (not nodata, not past the edge).")
+@click.option("--split", "split_method", default="blocks", type=click.Choice(["blocks", "scene", "random", "test"]),
+              help="blocks: whole spatial blocks per split; scene: whole scenes; random: chip by chip (optimistic); "
+                   "test: every chip in test (a set only for scoring).")
+@option("--block-size", type=click.FloatRange(0, min_open=True), show_default="4 tile footprints",
+              help="Block edge in metres (--split blocks).")
+@click.option("--val-fraction", default=0.15, type=click.FloatRange(0, 1, max_open=True), help="Share of chips for val.")
+@click.option("--test-fraction", default=0.15, type=click.FloatRange(0, 1, max_open=True), help="Share of chips for test.")
+@click.option("--seed", default=20261126, type=int, help="Seed of the split.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset folder.")
+@_verbosity
+@click.pass_context
+def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, model_path, config_path, min_cover, min_valid,
+          split_method, block_size, val_fraction, test_fraction, seed, overwrite, **_config) -> None:
+    """Cut training chips from SCENES (files or folders) where LABELS mark a class: the
+    tiles run would classify, as PNGs in DATASET/images/<class>/, with spatially separate
+    train/val/test splits, chips.parquet (each chip's scene, window, footprint, class) and
+    chips.json. Train on it with: tilescan train DATASET --init default -o MODEL.keras"""
+    obj: _Ctx = ctx.obj
+
+    def body():
+        from .chips import ChipOptions, cut_chips
+        from .config import load_config
+
+        flags, typed = _config_flags(ctx)
+        cfg = load_config(config_path, flags, flags=typed)
+        opts = ChipOptions(min_cover=min_cover, min_valid=min_valid, split=split_method, block_m=block_size,
+                           val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        cut_chips(list(inputs), labels_path, out, cfg.tiling, class_field=class_field, layer=layer, model_path=model_path,
+                  opts=opts, overwrite=overwrite, log=obj.log)
+        return 0
+
+    _guard(body)
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -288,6 +344,13 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_c
 @option("--image-size", config_key=("train", "image_size"), type=click.IntRange(min=32), help="Model input edge in pixels.")
 @option("--lr", "learning_rate", config_key=("train", "learning_rate"), type=float, help="Peak learning rate.")
 @option("--patience", config_key=("train", "patience"), type=click.IntRange(min=0), help="Early-stopping patience in epochs (0 = off).")
+@option("--init", config_key=("train", "init"), show_default="none: from scratch",
+        help="Fine-tune from a parent model: 'default' (the packaged model) or a .keras file. Its input size, bands and "
+             "normalisation are kept, its backbone weights copied, the head sized to DATA's classes.")
+@option("--freeze-epochs", config_key=("train", "freeze_epochs"), type=click.IntRange(min=0),
+        help="With --init: epochs that train the new head alone before the whole model.")
+@option("--finetune-lr", config_key=("train", "finetune_lr"), type=click.FloatRange(0),
+        help="With --init: peak learning rate once the backbone trains (0 = --lr / 10).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")
@@ -298,7 +361,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_c
 @click.pass_context
 def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwrite, limit, max_time, half, dataset_name, **_config) -> None:
     """Train a ResNet-18 on DATA, a folder-per-class image dataset (AID layout, plain class
-    folders, or Train/ Val/ Test/ folders). Only the train and val splits are read."""
+    folders, Train/ Val/ Test/ folders, or a `tilescan chips` dataset), from scratch or
+    fine-tuned from a parent (--init). Only the train and val splits are read."""
     obj: _Ctx = ctx.obj
 
     def body():

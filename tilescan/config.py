@@ -165,6 +165,13 @@ class TrainConfig(_Section):
     gsd_m: tuple[float, ...] = ()
     """Ground sample distance of the training images as stored (metres per pixel: one value
     or [finest, coarsest]); recorded in the model as its scale range. Empty = unknown."""
+    init: str = ""
+    """Parent model to fine-tune from: ``default`` (the packaged model) or a .keras file;
+    empty = train from scratch."""
+    freeze_epochs: int = 0
+    """With ``init``: epochs that train only the new head before the whole model."""
+    finetune_lr: float = 0.0
+    """With ``init``: peak learning rate once the backbone trains; 0 = learning_rate / 10."""
 
 
 @dataclass(frozen=True)
@@ -331,6 +338,10 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
             fail("train", key, f"must be >= 1, got {getattr(tr, key)}")
     if tr.learning_rate <= 0:
         fail("train", "learning_rate", f"must be > 0, got {tr.learning_rate}")
+    if tr.freeze_epochs < 0:
+        fail("train", "freeze_epochs", f"must be >= 0, got {tr.freeze_epochs}")
+    if tr.finetune_lr < 0:
+        fail("train", "finetune_lr", f"must be >= 0 (0 = learning_rate / 10), got {tr.finetune_lr}")
     if tr.patience < 0 or tr.warmup_epochs < 0:
         fail("train", "patience", "patience and warmup_epochs must be >= 0")
     if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:

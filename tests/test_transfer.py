@@ -1,0 +1,171 @@
+"""Fine-tuning from the shipped model on a chips dataset (`train --init`), and the fine-tuned
+model in `run`, `evaluate` and `explain` unchanged."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from click.testing import CliRunner
+from shapely.geometry import box
+
+from conftest import scene
+from tilescan.cli import main
+from tilescan.model import build_resnet18, describe_model, load_model, read_metadata, save_model
+from tilescan.transfer import copy_weights, head_plan
+
+NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
+FAST = ["--batch-size", "8", "--config"]  # followed by the config file of the fixture below
+
+
+def _cli(*args):
+    res = CliRunner().invoke(main, [*map(str, args)], catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory) -> Path:
+    """A two-class chips dataset over a real NAIP scene (labels in EPSG:4326)."""
+    naip = scene(NAIP)
+    tmp = tmp_path_factory.mktemp("legend")
+    with rasterio.open(naip) as ds:
+        (left, _, _, top), crs = ds.bounds, ds.crs
+    t = 640.0
+    rows = [{"class": "potholes", "geometry": box(left, top - 5 * t, left + 4 * t, top)},
+            {"class": "prairie", "geometry": box(left + 4 * t, top - 5 * t, left + 7 * t, top)}]
+    gpd.GeoDataFrame(rows, crs=crs).to_crs(4326).to_file(tmp / "labels.gpkg")
+    code, out = _cli("chips", naip, "--labels", tmp / "labels.gpkg", "-o", tmp / "ds", "--split", "random",
+                     "--val-fraction", "0.25", "--test-fraction", "0.25")
+    assert code == 0, out
+    (tmp / "fast.toml").write_text('[train]\naugment = false\nworkers = 1\nwarmup_epochs = 0\nmixed_precision = "float32"\n')
+    return tmp / "ds"
+
+
+def _fast(chips: Path) -> list[str]:
+    return [*FAST, str(chips.parent / "fast.toml")]
+
+
+def _layers_with_weights(model):
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+@pytest.fixture(scope="module")
+def finetuned(chips) -> Path:
+    out = chips.parent / "ft.keras"
+    code, log = _cli("train", chips, "--init", "default", "--epochs", "2", "--freeze-epochs", "1", "-o", out, *_fast(chips))
+    assert code == 0, log
+    assert "head only (backbone frozen): epochs 1-1" in log and "whole model: epochs 2-2, peak learning rate 0.0002" in log
+    return out
+
+
+def test_frozen_epochs_keep_the_parents_backbone(chips, tmp_path):
+    out = tmp_path / "frozen.keras"
+    code, log = _cli("train", chips, "--init", "default", "--epochs", "1", "--freeze-epochs", "1", "-o", out, *_fast(chips))
+    assert code == 0, log
+    parent, child = load_model(None), load_model(out)
+    pw, cw = _layers_with_weights(parent.model), _layers_with_weights(child.model)
+    assert set(pw) == set(cw)
+    for name in pw:
+        if name == "logits":
+            continue
+        for a, b in zip(pw[name], cw[name]):  # kernels and BatchNorm statistics alike
+            assert np.array_equal(a, b), name
+    assert cw["logits"][0].shape == (512, 2)
+    meta = child.meta
+    assert meta["classes"] == ["potholes", "prairie"] == meta["legend"]["classes"]
+    assert meta["parent"]["id"] == parent.model_id and meta["parent"]["sha256"] == describe_model(None).sha256
+    assert meta["parent"]["head"] == "new" and meta["parent"]["freeze_epochs"] == 1
+    assert meta["normalization"] == parent.meta["normalization"] and meta["bands"] == parent.meta["bands"]
+    assert "research use" in meta["terms"]
+    chips_card = json.loads((chips / "chips.json").read_text())
+    assert meta["training"]["chips"]["labels"]["sha256"] == chips_card["labels"]["sha256"]
+    assert meta["legend"]["labels"]["file"] == "labels.gpkg"
+    # cut at 5 m per input pixel, inside the parent's range: the child keeps that range
+    assert meta["scale"]["input_gsd_m"] == parent.meta["scale"]["input_gsd_m"]
+    assert meta["scale"]["source"].startswith("inherited from the parent") and meta["gsd_m"] == parent.meta["gsd_m"]
+    assert meta["scores"]["val"]["n"] == len((chips / "splits" / "val.txt").read_text().split())
+
+
+def test_fine_tuning_moves_the_backbone(finetuned):
+    """After the frozen epoch the whole model trains: the last checkpoint's backbone has
+    left the parent's (the saved model holds the best epoch on val, either of the two)."""
+    import keras
+
+    parent = load_model(None)
+    last = keras.saving.load_model(finetuned.with_name("ft.ckpt") / "last.keras", compile=False)
+    pw, cw = _layers_with_weights(parent.model), _layers_with_weights(last)
+    assert not np.array_equal(pw["conv1_conv"][0], cw["conv1_conv"][0])
+    assert all(layer.trainable for layer in last.layers)
+    meta = read_metadata(finetuned)
+    assert len(meta["classes"]) == 2 and meta["training"]["epochs_run"] == 2 and meta["training"]["best_epoch"] in (1, 2)
+
+
+def test_run_writes_the_new_legend(finetuned, chips, tmp_path):
+    naip = scene(NAIP)
+    code, log = _cli("run", naip, "--model", finetuned, "-o", tmp_path / "out")
+    assert code == 0, log
+    folder = tmp_path / "out" / naip.stem
+    legend = ["potholes", "prairie"]
+    table = pq.read_table(folder / "tiles.parquet")
+    assert json.loads(table.schema.metadata[b"tilescan"])["classes"] == legend
+    assert set(table.column("label").to_pylist()) <= set(legend)
+    assert len(table.column("probabilities")[0]) == 2
+    names = [c.text for c in ET.parse(folder / "labels.tif.aux.xml").getroot().iter("Category")]
+    assert names == legend
+    with rasterio.open(folder / "labels.tif") as ds:
+        cmap = ds.colormap(1)
+        assert cmap[0] != cmap[1] and ds.nodata == 255 and set(np.unique(ds.read(1))) <= {0, 1, 255}
+    # the chips are tiles of the run's grid: same rows, columns and windows
+    tiles = {(r["row"], r["col"]): (r["col_off"], r["row_off"], r["width"]) for r in table.to_pylist()}
+    for r in pq.read_table(chips / "chips.parquet").to_pylist():
+        assert tiles[(r["row"], r["col"])] == (r["col_off"], r["row_off"], r["width"])
+    run_json = json.loads((folder / "run.json").read_text())
+    assert run_json["tiling"]["scale"] == "in_range"
+
+
+def test_evaluate_and_explain_on_the_chips(finetuned, chips, tmp_path):
+    code, log = _cli("evaluate", finetuned, chips, "--split", "test", "-o", tmp_path / "ev", "--explain-samples", "2")
+    assert code == 0, log
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert [r["class"] for r in rep["metrics"]["per_class"]] == ["potholes", "prairie"]
+    assert rep["n"] == len((chips / "splits" / "test.txt").read_text().split())
+    for f in ("confusion_matrix.png", "explanations.png", "per_class.csv"):
+        assert (tmp_path / "ev" / f).stat().st_size > 0
+    code, log = _cli("explain", chips / "images" / "prairie" / sorted(p.name for p in (chips / "images" / "prairie").iterdir())[0],
+                     "--model", finetuned, "-o", tmp_path / "fig")
+    assert code == 0, log
+
+
+def test_head_is_kept_reordered_or_new():
+    parent = build_resnet18((32, 32, 3), 3)
+    w, b = parent.get_layer("logits").get_weights()
+    parent.get_layer("logits").set_weights([w, np.array([1.0, 2.0, 3.0], np.float32)])
+    for classes, plan, bias in ((["a", "b", "c"], "kept", [1, 2, 3]), (["c", "a", "b"], "reordered", [3, 1, 2]),
+                                (["a", "b"], "new", [0, 0])):
+        child = build_resnet18((32, 32, 3), len(classes))
+        assert copy_weights(parent, child, ["a", "b", "c"], classes) == plan == head_plan(["a", "b", "c"], classes)
+        assert child.get_layer("logits").get_weights()[1].tolist() == bias
+        assert np.array_equal(child.get_layer("conv5_block2_2_conv").get_weights()[0],
+                              parent.get_layer("conv5_block2_2_conv").get_weights()[0])
+
+
+def test_parents_that_cannot_be_refused(chips, tmp_path):
+    four = build_resnet18((128, 128, 4), 2)
+    save_model(four, tmp_path / "four.keras", {"classes": ["x", "y"], "input_size": [128, 128],
+                                               "bands": ["red", "green", "blue", "nir"], "normalization": {}})
+    code, out = _cli("train", chips, "--init", tmp_path / "four.keras", "-o", tmp_path / "m.keras")
+    assert code == 2 and "four.keras: the parent model takes 4 bands" in out
+    small = build_resnet18((64, 64, 3), 2)
+    save_model(small, tmp_path / "small.keras", {"classes": ["x", "y"], "input_size": [64, 64],
+                                                 "bands": ["red", "green", "blue"], "normalization": {}})
+    code, out = _cli("train", chips, "--init", tmp_path / "small.keras", "-o", tmp_path / "m.keras")
+    assert code == 2 and "the chips were cut at 128 px" in out and "takes 64 px inputs" in out
+    code, out = _cli("train", chips, "--init", "default", "--image-size", "96", "-o", tmp_path / "m.keras")
+    assert code == 2 and "the parent model takes 128 px inputs but --image-size is 96" in out
+    assert not (tmp_path / "m.keras").exists()

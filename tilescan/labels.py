@@ -1,0 +1,263 @@
+"""Vector labels drawn in a GIS: read them, name their classes, put them in a scene's CRS.
+
+A label file is anything GDAL reads as vectors (GeoPackage, GeoJSON, Shapefile, ... via
+pyogrio) or a GeoParquet file (read with pyarrow: the GDAL in pyogrio's wheels has no
+Parquet driver). Each feature is a polygon (an area of one class), a point (the tile
+around it is of that class) or is left out with its reason counted: no class value, no
+geometry, a line, an empty geometry.
+
+Shapely (GEOS) parses the WKB, repairs invalid rings (``make_valid``), reprojects the
+coordinates with pyproj and measures how much of a tile each class covers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .layout import fold, folder_name
+
+#: Class field names tried, in order, when none is given (matched case-insensitively).
+DEFAULT_CLASS_FIELDS = ("class", "label")
+_PARQUET_SUFFIXES = (".parquet", ".geoparquet")
+
+
+@dataclass
+class Labels:
+    """Label features with a class: ``geoms`` (shapely, in ``crs``), ``cls`` (index into
+    ``classes``), ``fid`` (feature number in the file, 0-based) and ``kind`` (``polygon``
+    or ``point``; a multi-point is one row per point)."""
+
+    path: Path
+    layer: str | None
+    class_field: str
+    crs: Any  # pyproj.CRS or None
+    classes: list[str]
+    geoms: np.ndarray
+    cls: np.ndarray
+    fid: np.ndarray
+    kind: np.ndarray
+    n_features: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Features left out, by reason (``no_class``, ``no_geometry``, ``empty``, ``line``)."""
+    renamed: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+
+    def in_crs(self, crs) -> np.ndarray:
+        """The geometries reprojected into ``crs`` (a rasterio or pyproj CRS); geometries
+        that do not reproject to finite coordinates become None."""
+        import shapely
+
+        target = _pyproj(crs)
+        if self.crs is None or target is None or self.crs == target:
+            return self.geoms
+        from pyproj import Transformer
+
+        tr = Transformer.from_crs(self.crs, target, always_xy=True)
+
+        def move(xy: np.ndarray) -> np.ndarray:
+            x, y = tr.transform(xy[:, 0], xy[:, 1])
+            return np.column_stack([x, y])
+
+        out = shapely.transform(self.geoms, move)
+        coords_ok = np.array([g is not None and np.isfinite(shapely.get_coordinates(g)).all() for g in out])
+        out = np.where(coords_ok, out, None)
+        poly = (self.kind == "polygon") & coords_ok
+        out[poly] = shapely.make_valid(out[poly])
+        return out
+
+
+def _pyproj(crs):
+    if crs is None:
+        return None
+    import pyproj
+
+    if isinstance(crs, pyproj.CRS):
+        return crs
+    if hasattr(crs, "to_wkt"):
+        wkt = crs.to_wkt()
+        return pyproj.CRS.from_wkt(wkt) if wkt else None
+    return pyproj.CRS.from_user_input(crs)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_geoparquet(path: Path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise InputError(f"cannot read the labels as Parquet: {exc}", path=str(path)) from None
+    geo = (table.schema.metadata or {}).get(b"geo")
+    if not geo:
+        raise InputError("a Parquet file without GeoParquet metadata ('geo'): not a GeoParquet label file", path=str(path))
+    geo = json.loads(geo)
+    col = geo.get("primary_column", "geometry")
+    info = geo.get("columns", {}).get(col, {})
+    if info.get("encoding", "WKB").upper() != "WKB":
+        raise InputError(f"GeoParquet geometry encoding {info.get('encoding')!r} is not supported (WKB is)", path=str(path))
+    crs = info.get("crs", "OGC:CRS84")  # GeoParquet: a missing crs means longitude/latitude
+    return table, (None if crs is None else _pyproj(json.dumps(crs) if isinstance(crs, dict) else crs)), col
+
+
+def _read_ogr(path: Path, layer: str | None):
+    import pyogrio
+
+    try:
+        layers = pyogrio.list_layers(str(path))
+        if layer is None and len(layers) > 1:
+            warnings.warn(f"{path}: {len(layers)} layers ({', '.join(str(n) for n in layers[:, 0])}); reading the first, "
+                          f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=3)
+        meta, table = pyogrio.read_arrow(str(path), layer=layer)
+    except Exception as exc:  # pyogrio's DataSourceError, DataLayerError, ...
+        raise InputError(f"GDAL cannot read the labels as a vector file: {exc}", path=str(path)) from None
+    col = None
+    for f in table.schema:
+        if (f.metadata or {}).get(b"ARROW:extension:name", b"").startswith(b"geoarrow"):
+            col = f.name
+    if col is None:
+        col = meta.get("geometry_name") or "wkb_geometry"
+    crs = meta.get("crs")
+    return table, (None if not crs else _pyproj(crs)), col
+
+
+def _class_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _sort_classes(names: set[str]) -> list[str]:
+    """Numeric codes in numeric order (2 before 10), names in alphabetical order."""
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names, key=lambda n: (n.casefold(), n))
+
+
+def read_labels(path: str | Path, class_field: str | None = None, layer: str | None = None) -> Labels:
+    """Read a label file; see the module docstring. Raises :class:`InputError` naming the
+    file when it is missing, unreadable, empty, has no class field or no usable feature."""
+    import shapely
+
+    path = Path(path)
+    p = str(path)
+    if not path.exists():
+        raise InputError("labels file not found", path=p)
+    if path.is_dir() and path.suffix.lower() not in (".gdb",):
+        raise InputError("labels path is a folder; give a vector file (GeoPackage, GeoJSON, Shapefile, GeoParquet)", path=p)
+    if path.suffix.lower() in _PARQUET_SUFFIXES:
+        table, crs, gcol = _read_geoparquet(path)
+    else:
+        table, crs, gcol = _read_ogr(path, layer)
+    n = table.num_rows
+    if n == 0:
+        raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
+    fields = [c for c in table.column_names if c != gcol]
+    if class_field is not None:
+        match = [c for c in fields if c == class_field] or [c for c in fields if c.casefold() == class_field.casefold()]
+        if not match:
+            raise ConfigError(f"--class-field {class_field!r} is not a field of the labels; fields: {', '.join(fields) or 'none'}", path=p)
+    else:
+        match = []
+        for want in DEFAULT_CLASS_FIELDS:
+            match = [c for c in fields if c.casefold() == want]
+            if match:
+                break
+        if not match:
+            raise ConfigError(f"the labels have no 'class' or 'label' field; name the field that holds the class with "
+                              f"--class-field (fields: {', '.join(fields) or 'none'})", path=p)
+    fname = match[0]
+    if gcol not in table.column_names:
+        raise InputError("the labels file has no geometry column", path=p)
+
+    values = [_class_name(v) for v in table.column(fname).to_pylist()]
+    wkb = table.column(gcol).to_pylist()
+    dropped: Counter = Counter()
+    geoms, names, fids, kinds = [], [], [], []
+    for i, (v, w) in enumerate(zip(values, wkb)):
+        if v is None:
+            dropped["no_class"] += 1
+            continue
+        if w is None:
+            dropped["no_geometry"] += 1
+            continue
+        g = shapely.from_wkb(w)
+        if g is None or g.is_empty:
+            dropped["empty"] += 1
+            continue
+        gt = g.geom_type
+        if gt in ("Point", "MultiPoint"):
+            for part in shapely.get_parts(g):
+                geoms.append(part), names.append(v), fids.append(i), kinds.append("point")
+        elif gt in ("Polygon", "MultiPolygon", "GeometryCollection"):
+            g = shapely.make_valid(g)
+            polys = [q for q in shapely.get_parts(g) if q.geom_type in ("Polygon", "MultiPolygon") and q.area > 0]
+            if not polys:
+                dropped["line" if gt == "GeometryCollection" else "empty"] += 1
+                continue
+            geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
+        else:
+            dropped["line"] += 1
+    if not geoms:
+        why = ", ".join(f"{c} {k.replace('_', ' ')}" for k, c in sorted(dropped.items()))
+        raise InputError(f"none of the {n} label features is usable ({why}); features need a polygon or point "
+                         f"geometry and a value in the class field '{fname}'", path=p)
+
+    # class names become folder names of the dataset: make them safe, and never let two meet
+    renamed: dict[str, str] = {}
+    for v in set(names):
+        safe = folder_name(v.replace("/", "_").replace("\\", "_"))
+        if safe != v:
+            renamed[v] = safe
+    names = [renamed.get(v, v) for v in names]
+    by_fold: dict[str, set[str]] = {}
+    for v in set(names):
+        by_fold.setdefault(fold(v), set()).add(v)
+    clash = [sorted(s) for s in by_fold.values() if len(s) > 1]
+    if clash:
+        raise InputError(f"classes {clash[0]} differ only in case or in characters a folder name cannot hold; "
+                         "rename one of them in the labels", path=p)
+    if renamed:
+        warnings.warn(f"{p}: class names changed to be folder names: "
+                      + ", ".join(f"{a!r} -> {b!r}" for a, b in sorted(renamed.items())), UserWarning, stacklevel=2)
+    classes = _sort_classes(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    if crs is None:
+        warnings.warn(f"{p}: the labels have no CRS; they are taken to be in each scene's CRS", UserWarning, stacklevel=2)
+    return Labels(path=path, layer=layer, class_field=fname, crs=crs, classes=classes,
+                  geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
+                  fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
+                  dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
+
+
+def crs_name(crs) -> str | None:
+    """``EPSG:4326``-style name of a CRS when it has one, else its WKT name."""
+    pj = _pyproj(crs)
+    if pj is None:
+        return None
+    auth = pj.to_authority()
+    return f"{auth[0]}:{auth[1]}" if auth else pj.name
+
