@@ -100,11 +100,12 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Nginx":
+    def start(self, port: int | None = None) -> "Nginx":
+        """Start on ``port`` (a restart on the same one), else on a free port."""
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.extra.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
-            self.port = _free_port()
+            self.port = port or _free_port()
             conf = self.prefix / "nginx.conf"
             conf.write_text(_CONF.format(user="user root;\n" if os.geteuid() == 0 else "", prefix=self.prefix,
                                          port=self.port, root=self.root, extra=self.extra, slow_rate=self.slow_rate))

@@ -956,8 +956,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets) -> Ru
                 if engine is None:
                     engine = Engine(cfg, card.path)
                     engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
-                with sources.remote_errors(unit.scene):
-                    res = process_unit(unit, out, cfg, engine, fp, progress, log)
+                res = sources.with_retries(unit.scene, lambda: process_unit(unit, out, cfg, engine, fp, progress, log), log)
                 report.results.append(res)
                 c = res.counts
                 log(f"{unit.key}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "

@@ -23,7 +23,9 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import logging
 import os
+import time
 import re
 import threading
 import warnings
@@ -173,6 +175,8 @@ def _gdal() -> ctypes.CDLL | None:
             lib.VSIIngestFile.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p),
                                           ctypes.POINTER(ctypes.c_uint64), ctypes.c_int64]
             lib.VSIFree.argtypes = [ctypes.c_void_p]
+            if hasattr(lib, "VSICurlPartialClearCache"):
+                lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
             if hasattr(lib, "VSISetPathSpecificOption"):
                 lib.VSISetPathSpecificOption.argtypes = [ctypes.c_char_p] * 3
             return lib
@@ -255,11 +259,62 @@ def _gdal_env() -> Iterator[None]:
         yield
 
 
+_curl_last: dict[str, str] = {}  # URL -> the last transfer failure GDAL's /vsicurl/ noted for it
+_CURL_LINE = re.compile(r"VSICURL: \w+\((?P<url>[^)]+)\).*?(?:curl error )?msg=(?P<msg>.+)$")
+#: bounded retries of a remote scene whose transfer failed (GDAL retries HTTP 429/5xx per
+#: request itself, but not a transfer cut short by a timeout or a dropped connection)
+UNIT_RETRIES = 2
+UNIT_RETRY_DELAY_S = 2.0
+
+
+class _CurlWatch(logging.Filter):
+    """Keeps the last transfer failure per URL from GDAL's VSICURL debug messages: GDAL
+    reports a timed-out or cut transfer only there (the read error just says a block came
+    short), and the cause belongs in the scene's error message. A filter on rasterio's
+    loggers: records below the level the logger had before are seen here and dropped, so
+    the user's logging shows nothing new."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            try:
+                m = _CURL_LINE.search(record.getMessage())
+            except Exception:  # a record that does not format: not ours
+                m = None
+            if m and m.group("msg").strip():
+                _curl_last[m.group("url").removeprefix("/vsicurl/")] = m.group("msg").strip()
+        return record.levelno >= self.level
+
+
+def _watch_transfers() -> None:
+    """Route GDAL's VSICURL debug messages (only those: CPL_DEBUG=VSICURL, unless the
+    environment sets CPL_DEBUG) to :class:`_CurlWatch`."""
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    if "CPL_DEBUG" not in os.environ and not get_gdal_config("CPL_DEBUG"):
+        set_gdal_config("CPL_DEBUG", "VSICURL")
+    for name in ("rasterio._err", "rasterio._env"):
+        lg = logging.getLogger(name)
+        if any(isinstance(f, _CurlWatch) for f in lg.filters):
+            continue
+        lg.addFilter(_CurlWatch(lg.getEffectiveLevel()))
+        lg.setLevel(logging.DEBUG)
+
+
+def transfer_failure(url: str) -> str | None:
+    """The last transfer failure GDAL noted for ``url`` (e.g. "Operation timed out ..."), if any."""
+    return _curl_last.get(url)
+
+
 def configure_gdal() -> None:
     """Apply :data:`REMOTE_GDAL_OPTIONS` to GDAL's network file systems only (path-specific
     options, GDAL >= 3.6; local files keep GDAL's defaults). A key set in the environment
     wins (path-specific options would otherwise hide it). Cheap: called per run and open."""
     lib = _gdal()
+    _watch_transfers()
     if lib is None or not hasattr(lib, "VSISetPathSpecificOption"):
         return
     for key, default in REMOTE_GDAL_OPTIONS.items():
@@ -271,24 +326,29 @@ def configure_gdal() -> None:
 # ----------------------------------------------------------------------------- errors
 
 
+_UNREACHABLE = ("couldn't connect", "could not connect", "connection refused", "failed to connect", "could not resolve",
+                "couldn't resolve", "connection reset", "empty reply", "recv failure", "send failure",
+                "server returned nothing", "did not answer")
+
+
 def cause(message: str) -> str:
     """A short reason for a GDAL/cURL network error message, followed by GDAL's words."""
     m = scrub(message.strip())
     low = m.lower()
     code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)", low)
     num = next((g for g in code.groups() if g), None) if code else None
-    if num == "404" or "does not exist in the file system" in low or "nosuchkey" in low or "nosuchbucket" in low:
+    if any(s in low for s in _UNREACHABLE):  # before 404: GDAL calls an unreachable file "does not exist"
+        why = "cannot reach the server (connection refused, reset or dropped)"
+    elif "timed out" in low or "too slow" in low or "timeout" in low:
+        why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)"
+    elif num == "404" or "does not exist in the file system" in low or "nosuchkey" in low or "nosuchbucket" in low:
         why = "not found (HTTP 404)"
     elif num in ("401", "403") or any(s in low for s in ("accessdenied", "access denied", "signaturedoesnotmatch",
                                                          "invalidaccesskeyid", "authentication", "unauthorized")):
         why = (f"access denied (HTTP {num or '403'}): check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                "AWS_PROFILE, GS_*, AZURE_*; AWS_NO_SIGN_REQUEST=YES for public buckets)")
-    elif "timed out" in low or "too slow" in low or "timeout" in low:
-        why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME; retried GDAL_HTTP_MAX_RETRY times)"
-    elif any(s in low for s in ("couldn't connect", "could not connect", "connection refused", "failed to connect",
-                                "could not resolve", "couldn't resolve", "connection reset", "empty reply",
-                                "recv failure", "send failure", "server returned nothing")):
-        why = "cannot reach the server (connection refused, reset or dropped)"
+    elif re.search(r"transfer closed|bytes remaining|bytes missing|partial file", low):
+        why = "the transfer was cut short (the server closed the connection mid-block)"
     elif num and num[0] == "5":
         why = f"server error (HTTP {num}), still failing after GDAL_HTTP_MAX_RETRY retries"
     elif num:
@@ -301,26 +361,63 @@ def cause(message: str) -> str:
 def _network_error(message: str) -> bool:
     low = message.lower()
     return any(s in low for s in ("curl", "http", "timed out", "timeout", "connect", "vsis3", "vsigs", "vsiaz",
-                                  "access denied", "accessdenied", "nosuch"))
+                                  "access denied", "accessdenied", "nosuch", "did not answer", "transfer closed",
+                                  "bytes missing", "end of response"))
+
+
+_TRANSIENT = ("timed out", "cannot reach the server", "server error", "cut short")
+
+
+def _failure_text(scene: Any, text: str) -> str:
+    """GDAL's read error for a remote scene, with the transfer failure behind it when GDAL
+    noted one (a timeout or a dropped connection shows only as a block that came short)."""
+    for url in getattr(scene, "urls", lambda: [])():
+        noted = _curl_last.pop(url, None)
+        if noted:
+            return f"{noted} ({text})"
+    if re.search(r"got \d+ bytes, expected \d+", text):
+        for url in getattr(scene, "urls", lambda: [])():
+            down = _probe(url)
+            if down:
+                return f"{down} ({text})"
+    return text
+
+
+def _probe(url: str) -> str | None:
+    """Why ``url`` cannot be reached now (GDAL's error), or None when it answers."""
+    lib = _gdal()
+    if lib is None:
+        return None
+    path = to_gdal_path(url)
+    with _gdal_env():
+        if hasattr(lib, "VSICurlPartialClearCache"):
+            lib.VSICurlPartialClearCache(path.encode())
+        lib.CPLErrorReset()
+        ok = _strings(lib, lib.VSIGetFileMetadata(path.encode(), b"HEADERS", None))
+        err = _last_error(lib)
+    return None if ok else (err or "the server did not answer (connection refused or dropped)")
 
 
 @contextlib.contextmanager
 def remote_errors(scene: Any) -> Iterator[None]:
     """Around the work on one scene: for a remote scene, turn network failures (GDAL's own
     exceptions, or tilescan's "cannot read" errors caused by them) into an
-    :class:`InputError` naming the URL without credentials and the cause."""
+    :class:`InputError` naming the URL without credentials and the cause; one whose cause
+    may pass (a timeout, a dropped connection, HTTP 5xx) is marked ``transient``."""
     if not getattr(scene, "remote", False):
         yield
         return
     try:
         yield
     except TilescanError as exc:
-        text = exc.message
-        if _network_error(text):
+        text = exc.message if exc.message.startswith("cannot open: ") else _failure_text(scene, exc.message)
+        if _network_error(text) and not text.startswith("cannot open: "):
             text = re.sub(r"^corrupt or truncated TIFF(?: \(GDAL cannot open it\))?: ", "", text)
-            exc.message = f"remote read failed: {cause(text)}"
-        exc.message = scrub(exc.message)
+            if not text.startswith(("cannot open", "not found", "access denied")):
+                text = f"remote read failed: {cause(text)}"
+        exc.message = scrub(text)
         exc.path = str(scene)
+        exc.transient = any(t in exc.message for t in _TRANSIENT)  # type: ignore[attr-defined]
         raise
     except (MemoryError, RecursionError):
         raise
@@ -331,8 +428,43 @@ def remote_errors(scene: Any) -> Iterator[None]:
 
         if isinstance(exc, OSError) and not isinstance(exc, RasterioError):
             raise  # the output side (disk full, permissions), not the network
+        err = InputError(f"remote read failed: {cause(_failure_text(scene, _describe(exc)))}", path=str(scene))
+        err.transient = any(t in err.message for t in _TRANSIENT)  # type: ignore[attr-defined]
+        raise err from None
 
-        raise InputError(f"remote read failed: {cause(_describe(exc))}", path=str(scene)) from None
+
+def with_retries(scene: Any, work, log) -> Any:
+    """``work()`` for one scene. A remote scene whose transfer failed for a cause that may
+    pass (timeout, dropped connection, HTTP 5xx after GDAL's own retries) is tried again,
+    ``TILESCAN_REMOTE_RETRIES`` times (default :data:`UNIT_RETRIES`), waiting
+    :data:`UNIT_RETRY_DELAY_S` seconds, then twice as long each time; a stop request
+    (SIGTERM) ends the waiting. Errors come out of :func:`remote_errors`."""
+    from . import stop
+
+    if not getattr(scene, "remote", False):
+        return work()
+    try:
+        retries = max(0, int(os.environ.get("TILESCAN_REMOTE_RETRIES", UNIT_RETRIES)))
+    except ValueError:
+        retries = UNIT_RETRIES
+    delay = UNIT_RETRY_DELAY_S
+    for attempt in range(retries + 1):
+        try:
+            with remote_errors(scene):
+                return work()
+        except InputError as exc:
+            if not getattr(exc, "transient", False) or attempt == retries:
+                if attempt:
+                    exc.message += f" (after {attempt} retr{'y' if attempt == 1 else 'ies'} of the scene)"
+                raise
+            log(f"warning: {exc}; trying the scene again in {delay:g} s ({attempt + 1} of {retries})")
+            end = time.monotonic() + delay
+            while time.monotonic() < end and not stop.requested():
+                time.sleep(0.1)
+            stop.check()
+            delay *= 2
+            for url in scene.urls():
+                _probe(url)  # forget what GDAL cached about it (a failed HEAD, a short block)
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -409,11 +541,12 @@ class RemoteScene(os.PathLike):
         except Exception as exc:
             from .tiling import _describe
 
-            text = _describe(exc)
-            if _network_error(text) or "not recognized as" in text.lower() or "no such file" in text.lower():
+            text = _failure_text(self, _describe(exc))  # with the transfer failure behind it, if any
+            low = text.lower()
+            if _network_error(text) or "does not exist in the file system" in low:
                 why = cause(text)
-                if "not recognized" in text.lower():
-                    why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
+            elif "not recognized as" in low:
+                why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
             else:
                 why = f"corrupt or truncated TIFF (GDAL cannot open it): {scrub(text)}"
             raise InputError(f"cannot open: {why}", path=self.shown) from None
@@ -431,6 +564,10 @@ class RemoteScene(os.PathLike):
 
     def manifest(self) -> dict:
         return {"source": {"kind": "url", "url": self.shown}}
+
+    def urls(self) -> list[str]:
+        """The URLs read for this scene, as GDAL is given them (for its failure notes)."""
+        return [self.url]
 
 
 def _int(text: str | None) -> int | None:

@@ -294,6 +294,9 @@ class StacScene(os.PathLike):
             out.append({"asset": key, **ident})
         return {"scene": f"stac-item:{self.collection or ''}/{self.id}", "assets": out}
 
+    def urls(self) -> list[str]:
+        return [h for h in self.hrefs if sources.is_url(h)]
+
     def manifest(self) -> dict:
         return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
                            "assets": {k: (sources.redact(h) if sources.is_url(h) else h)
