@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -81,3 +82,60 @@ def test_sigterm_from_outside_stops_within_seconds(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["interrupted"]["unit"] == "cogeo"
     assert not (out / "cogeo").exists()
+
+
+def test_second_signal_stops_at_once():
+    """The first SIGTERM asks to stop; a second one ends the process with SIGTERM's default."""
+    code = ("import os, signal, time\nfrom tilescan import stop\nwith stop.handling():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "    print('asked', stop.requested(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n    print('survived', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    assert p.returncode == -signal.SIGTERM, p.stderr
+    assert p.stdout.split() == ["asked", "SIGTERM"]
+
+
+def _wait_for_scene(out, proc, name="cogeo"):
+    staging = out / ".tilescan-staging" / name
+    deadline = time.monotonic() + 120
+    while not staging.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never started its scene"
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+def test_slurm_script_passes_sigterm_on(tmp_path):
+    """jobs/slurm/tilescan-array.sbatch as Slurm's --signal=B:TERM reaches it: to the batch
+    shell only. The shell passes it to tilescan, which stops cleanly and exits 75."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(bh.JOBS / "slurm" / "tilescan-array.sbatch"), "-o", str(out),
+                             str(bh.scene("rasterio/cogeo.tif")), "--units", "px", "--tile-size", "64", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env(TILESCAN=bh.exe()))
+    _wait_for_scene(out, proc)
+    proc.send_signal(signal.SIGTERM)  # the shell, not tilescan
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "finished with exit code 75" in stdout
+    assert json.loads((out / "report.json").read_text())["interrupted"]["unit"] == "cogeo"
+
+
+def test_k8s_cronjob_shell_passes_sigterm_on(tmp_path):
+    """The CronJob's container runs a shell (PID 1 in the pod): Kubernetes' SIGTERM reaches it,
+    and it must reach tilescan, which exits 75 and the collect step is skipped."""
+    import yaml
+
+    from test_k8s import K8S, _start_container
+
+    cron = yaml.safe_load((K8S / "cronjob.yaml").read_text())
+    spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= 30
+    data = tmp_path / "data"
+    bh.scene_folder(data / "scenes", rels=("rasterio/cogeo.tif",))
+    proc = _start_container(cron, data, TILESCAN_TILING__TILE_SIZE="64", TILESCAN_TILING__UNITS="px",
+                            TILESCAN_INFERENCE__BATCH_SIZE="8")
+    _wait_for_scene(data / "out", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "collect:" not in err and not (data / "out" / "collected").exists()
+    assert json.loads((data / "out" / "report.json").read_text())["interrupted"]["unit"] == "cogeo"
