@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+import rasterio.warp
 
 import batch_helpers as bh
 from conftest import SCENES, scene
@@ -71,12 +72,13 @@ def local_ref(tmp_path_factory):
 def test_url_outputs_equal_local_file_and_resume(server, local_ref, tmp_path):
     urls = [f"{server.url}/{COGEO}", f"{server.url}/{MOSAIC}"]
     out = tmp_path / "out"
-    rep = _run(urls, out)
+    rep = _run(urls, out, stac_items=True)
     assert rep.exit_code == 0, rep.to_dict()
     for name in ("cogeo", "mosaic_cog1"):
         _same_unit(out / name, local_ref / name)
         m = json.loads((out / name / "run.json").read_text())
         assert m["scene"] in urls and m["source"] == {"kind": "url", "url": m["scene"]}
+        _check_output_item(out / name, m)
     server.clear_log()
     again = _run(urls, out).to_dict()
     assert again["counts"] == {"done": 0, "skipped": 2, "failed": 0}
@@ -176,13 +178,14 @@ def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
     cat.normalize_hrefs(str(tmp_path / "stac"))
     cat.save(pystac.CatalogType.SELF_CONTAINED)
     out = tmp_path / "out"
-    rep = _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"])
+    rep = _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"], stac_items=True)
     assert rep.exit_code == 0, rep.to_dict()
     for item_id in ("cogeo-over-http", "cogeo-on-disk"):
         _same_unit(out / item_id, local_ref / "cogeo", scene_col=False)
         assert set(pq.read_table(out / item_id / "tiles.parquet").column("scene").to_pylist()) == {item_id}
         m = json.loads((out / item_id / "run.json").read_text())
         assert m["source"]["kind"] == "stac" and m["source"]["item"] == item_id
+        _check_output_item(out / item_id, m, source_item=item_id)
     assert _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"]).to_dict()["counts"]["skipped"] == 2
     # a catalogue served over HTTP (its item links relative to its URL) reads the same
     served = pystac.Catalog(id="served", description="served catalogue")
@@ -192,6 +195,33 @@ def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
     again = _run([f"{server.url}/extra/stac/catalog.json"], tmp_path / "out2")
     assert again.exit_code == 0, again.to_dict()
     _same_unit(tmp_path / "out2" / "cogeo-over-http", out / "cogeo-over-http")
+
+
+def _check_output_item(folder: Path, manifest: dict, source_item: str | None = None) -> None:
+    """OUT/<scene>/item.json: a STAC Item pystac reads, whose assets are the outputs."""
+    import pystac
+
+    item = pystac.Item.from_file(str(folder / "item.json"))
+    assert {"labels", "heatmap", "tiles", "quicklook", "run"} <= set(item.assets)
+    for key, asset in item.assets.items():
+        assert Path(asset.get_absolute_href()).is_file(), key
+    assert item.assets["labels"].media_type == "image/tiff; application=geotiff; profile=cloud-optimized"
+    assert item.properties["tilescan:model_id"] == manifest["model"]["id"]
+    assert item.properties["proj:code"] == manifest["scene_info"]["crs"]
+    with rasterio.open(folder / "labels.tif") as ds:
+        assert item.assets["labels"].extra_fields["proj:shape"] == [ds.height, ds.width]
+        assert item.assets["labels"].extra_fields["proj:transform"] == list(ds.transform)[:6]
+    si = manifest["scene_info"]  # the scene's corners in longitude/latitude
+    tf = rasterio.Affine(*si["transform"])
+    xs, ys = zip(*(tf * c for c in ((0, 0), (si["width"], 0), (si["width"], si["height"]), (0, si["height"]))))
+    lon, lat = rasterio.warp.transform(si["crs"], "EPSG:4326", xs, ys)
+    assert item.bbox == pytest.approx([min(lon), min(lat), max(lon), max(lat)], abs=1e-9)
+    (derived,) = item.get_links("derived_from")
+    if source_item:
+        assert item.properties["tilescan:source_item"] == source_item
+        assert item.datetime.year == 2020  # the source item's
+    else:
+        assert derived.href == manifest["scene"]
 
 
 def test_stac_bands_from_separate_assets_equal_the_single_file(server, local_ref, tmp_path):

@@ -99,6 +99,7 @@ def run(
     progress: bool = False,
     stac: Sequence[str] = (),
     assets: Sequence[str] | None = None,
+    stac_items: bool = False,
     **overrides: Any,
 ) -> "RunReport":
     """Process scenes (GeoTIFF files, or folders searched for ``*.tif``) into ``out``.
@@ -109,7 +110,8 @@ def run(
     they win over ``config``. ``model``: a tilescan ``.keras`` file (default: the packaged
     model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``. ``inputs`` may also be URLs
     (``https://``, ``s3://``, ``gs://``, ``az://``) and STAC ``*.json`` documents; ``stac``:
-    STAC documents by any name; ``assets``: the STAC asset key(s) or band names to read.
+    STAC documents by any name; ``assets``: the STAC asset key(s) or band names to read;
+    ``stac_items``: also write ``out/<scene>/item.json``, a STAC Item of the outputs.
 
     Returns a :class:`~tilescan.job.RunReport` (``.results``, ``.exit_code``,
     ``.to_dict()``; also written to ``out/report.json``). One failing scene does not raise:
@@ -126,7 +128,7 @@ def run(
     else:
         cfg = load_config(config, _override_layer(overrides))
     return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
-                shard=shard, progress=progress, stac=stac, assets=assets)
+                shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items)
 
 
 def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:

@@ -220,6 +220,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
               help="A STAC Item, ItemCollection, Catalog or Collection (file or URL; repeatable): each item is a scene.")
 @option("--asset", "asset", show_default="'visual' if the items have it, else the red, green, blue bands",
         help="STAC asset(s) to read: a key (visual), or keys or common band names in the model's order (red,green,blue).")
+@click.option("--stac-items", is_flag=True, help="Also write OUT/<scene>/item.json: a STAC Item describing the outputs.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
@@ -251,7 +252,8 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
 @_verbosity
 @click.pass_context
-def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, shard, shard_count, progress, **_config) -> None:
+def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, stac_items, shard, shard_count, progress,
+        **_config) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
     .tif/.tiff; https://, s3://, gs://, az:// URLs of scenes or of folders ending in /;
     STAC *.json documents), writing OUT/<scene>/{tiles.parquet, labels.tif, heatmap.tif,
@@ -272,7 +274,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
         show = sys.stderr.isatty() if progress is None else progress
         assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
         report = run_job(inputs, out, cfg, model_path=model_path, shard=sh, progress=show and obj.verbosity >= 0, log=obj.log,
-                         stac=stac, assets=assets)
+                         stac=stac, assets=assets, stac_items=stac_items)
         if report.interrupted:
             i = report.interrupted
             obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")

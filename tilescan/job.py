@@ -884,14 +884,16 @@ def run(
     log: Callable[[str], None] = emit,
     stac: Sequence[str] = (),
     assets: Sequence[str] | None = None,
+    stac_items: bool = False,
 ) -> RunReport:
     """Process every scene of ``inputs`` (files, folders, URLs, STAC documents) and ``stac``
-    (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read."""
+    (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
+    ``stac_items``: also write a STAC Item describing each finished scene's outputs."""
     with stop.handling():  # SIGTERM/SIGINT: stop between batches, report, exit 75
-        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets)
+        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items)
 
 
-def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets) -> RunReport:
+def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items) -> RunReport:
     out = Path(out)
     # A named input that does not exist (or a folder URL that cannot be listed) fails alone
     # (listed in report.json) unless no input gives a scene; then this raises before
@@ -980,6 +982,10 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets) -> Ru
             report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=round(time.monotonic() - t0, 2)))
             log("error: " + msg)
             log(traceback.format_exc(limit=5))
+    if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (tilescan.stac_out)
+        from .stac_out import write_items
+
+        write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
     layout.tidy(out)
     data = report.to_dict()
     data["shard"] = list(shard)

@@ -298,6 +298,8 @@ class StacScene(os.PathLike):
         return [h for h in self.hrefs if sources.is_url(h)]
 
     def manifest(self) -> dict:
+        when = self.item.datetime or self.item.common_metadata.start_datetime
         return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
+                           "datetime": when.isoformat() if when else None,
                            "assets": {k: (sources.redact(h) if sources.is_url(h) else h)
                                       for k, h in zip(self.keys, self.hrefs)}}}
