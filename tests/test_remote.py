@@ -125,6 +125,10 @@ def test_folder_url_lists_its_scenes(server, tmp_path):
     assert [s.name for s in scenes] == ["201404_13SED190110_201404_0x1500m_CL_1.tif", "cog_rgb.tif",
                                         "mosaic_cog1.tif", "mosaic_cog2.tif", "pix4d_alpha_nodata.tif"]
     assert all(str(s).startswith(f"{server.url}/rio-tiler/") for s in scenes)
+    # a folder URL that lists nothing fails alone, like a missing path
+    scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-folder/", scene(COGEO)])
+    assert scenes == [scene(COGEO)]
+    assert str(failed[0]).startswith(f"{server.url}/rasterio/no-such-folder/: no *.tif / *.tiff objects found")
 
 
 def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatch):
@@ -261,3 +265,13 @@ def test_stac_missing_asset_names_the_item(server, tmp_path):
 
     with pytest.raises(InputError, match=r"no-visual.*no asset or band named 'visual'.*thumbnail"):
         _run([doc], tmp_path / "out", assets=["visual"])
+
+
+def test_explain_reads_a_url(server, tmp_path):
+    from tilescan.explain import run_explain
+
+    url = f"{server.url}/{COGEO}"
+    pngs = run_explain([url], tmp_path / "fig", tile_size=256, units="px", top=2, log=lambda m: None)
+    assert [p.name for p in pngs] == ["cogeo_tiles_explain.png"]
+    record = json.loads((tmp_path / "fig" / "cogeo_tiles_explain.json").read_text())
+    assert record["input"] == url and record["kind"] == "scene" and len(record["rows"]) == 2

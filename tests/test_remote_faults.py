@@ -8,7 +8,6 @@ other scenes go on, nothing finished is lost, and a rerun once the server is bac
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 

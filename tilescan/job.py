@@ -46,7 +46,6 @@ from .errors import (
     EXIT_OUTPUT,
     EXIT_PARTIAL,
     ConfigError,
-    InputError,
     LockedError,
     ModelError,
     OutputError,

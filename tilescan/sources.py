@@ -25,9 +25,9 @@ import functools
 import glob
 import logging
 import os
-import time
 import re
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -633,9 +633,8 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     """
     from .tiling import find_scenes
 
-    local = [p for p in inputs if not is_url(str(p) if isinstance(p, os.PathLike) and not getattr(p, "remote", False) else p)
-             and not _is_stac_file(p)]
-    other = [p for p in inputs if p not in local]
+    local = [p for p in inputs if not is_url(p) and not _is_stac_file(p)]
+    other = [p for p in inputs if is_url(p) or _is_stac_file(p)]
     failed: list[InputError] = []
     missing = [p for p in local if not os.path.exists(p)]
     present = [p for p in local if os.path.exists(p)]
@@ -657,7 +656,12 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
             failed.append(exc)
     scenes: list = []
     if present:
-        scenes = list(find_scenes(present))
+        try:
+            scenes = list(find_scenes(present))
+        except NoScenesError as exc:  # a local folder without scenes: alone, when URLs give some
+            if not remote:
+                raise
+            failed.append(exc)
     elif missing and not remote:
         find_scenes(local)  # raises the first missing input's error, as tilescan always did
     seen = set()
