@@ -259,7 +259,7 @@ def _check_output_item(folder: Path, manifest: dict, source_item: str | None = N
         assert item.assets["labels"].extra_fields["proj:transform"] == list(ds.transform)[:6]
     si = manifest["scene_info"]  # the scene's corners in longitude/latitude
     tf = rasterio.Affine(*si["transform"])
-    xs, ys = zip(*(tf * c for c in ((0, 0), (si["width"], 0), (si["width"], si["height"]), (0, si["height"]))))
+    xs, ys = zip(*(tf @ c for c in ((0, 0), (si["width"], 0), (si["width"], si["height"]), (0, si["height"]))))
     lon, lat = rasterio.warp.transform(si["crs"], "EPSG:4326", xs, ys)
     assert item.bbox == pytest.approx([min(lon), min(lat), max(lon), max(lat)], abs=1e-9)
     (derived,) = item.get_links("derived_from")
