@@ -97,6 +97,9 @@ def run(
     model: str | os.PathLike | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
+    stac: Sequence[str] = (),
+    assets: Sequence[str] | None = None,
+    stac_items: bool = False,
     **overrides: Any,
 ) -> "RunReport":
     """Process scenes (GeoTIFF files, or folders searched for ``*.tif``) into ``out``.
@@ -105,7 +108,10 @@ def run(
     variables). ``overrides``: settings by key (``tile_size=256``, ``units="px"``,
     ``batch_size=64``, ``cam="layercam"``, ``target="Forest"``) or ``section__key``;
     they win over ``config``. ``model``: a tilescan ``.keras`` file (default: the packaged
-    model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``.
+    model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``. ``inputs`` may also be URLs
+    (``https://``, ``s3://``, ``gs://``, ``az://``) and STAC ``*.json`` documents; ``stac``:
+    STAC documents by any name; ``assets``: the STAC asset key(s) or band names to read;
+    ``stac_items``: also write ``out/<scene>/item.json``, a STAC Item of the outputs.
 
     Returns a :class:`~tilescan.job.RunReport` (``.results``, ``.exit_code``,
     ``.to_dict()``; also written to ``out/report.json``). One failing scene does not raise:
@@ -122,7 +128,7 @@ def run(
     else:
         cfg = load_config(config, _override_layer(overrides))
     return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
-                shard=shard, progress=progress)
+                shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items)
 
 
 def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:

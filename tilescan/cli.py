@@ -201,7 +201,8 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 
     \b
     Exit codes: 0 ok · 1 internal error · 2 usage/config error · 3 some scenes failed
-    · 4 every scene failed / none found · 5 model error · 6 output error.
+    · 4 every scene failed / none found · 5 model error · 6 output error
+    · 75 stopped by SIGTERM/SIGINT (rerun to resume).
     """
     ctx.obj = _Ctx(verbose - quiet)
 
@@ -210,11 +211,16 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 @main.command(epilog=_LAYERS_EPILOG)
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
+@click.option("--stac", "stac", multiple=True, metavar="URL_OR_FILE",
+              help="A STAC Item, ItemCollection, Catalog or Collection (file or URL; repeatable): each item is a scene.")
+@option("--asset", "asset", show_default="'visual' if the items have it, else the red, green, blue bands",
+        help="STAC asset(s) to read: a key (visual), or keys or common band names in the model's order (red,green,blue).")
+@click.option("--stac-items", is_flag=True, help="Also write OUT/<scene>/item.json: a STAC Item describing the outputs.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
@@ -249,12 +255,16 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
 @_verbosity
 @click.pass_context
-def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_count, progress, **_config) -> None:
+def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, stac_items, shard, shard_count, progress,
+        **_config) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
-    .tif/.tiff), writing OUT/<scene>/{tiles.parquet, tiles.gpkg, labels.tif, heatmap.tif,
-    quicklook.png, *.qml, <scene>.qgs, run.json} and OUT/report.json. Rerunning skips
-    finished scenes."""
+    .tif/.tiff; https://, s3://, gs://, az:// URLs of scenes or of folders ending in /;
+    STAC *.json documents), writing OUT/<scene>/{tiles.parquet, tiles.gpkg, labels.tif,
+    heatmap.tif, quicklook.png, *.qml, <scene>.qgs, run.json} and OUT/report.json.
+    Rerunning skips finished scenes."""
     obj: _Ctx = ctx.obj
+    if not inputs and not stac:
+        raise click.UsageError("give at least one INPUT (a file, folder or URL) or --stac", ctx)
 
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
@@ -266,7 +276,13 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, shard, shard_c
         cfg = load_config(config_path, flags, flags=typed)
         sh = parse_shard(shard, count=shard_count)
         show = sys.stderr.isatty() if progress is None else progress
-        report = run_job(inputs, out, cfg, model_path=model_path, shard=sh, progress=show and obj.verbosity >= 0, log=obj.log)
+        assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
+        report = run_job(inputs, out, cfg, model_path=model_path, shard=sh, progress=show and obj.verbosity >= 0, log=obj.log,
+                         stac=stac, assets=assets, stac_items=stac_items)
+        if report.interrupted:
+            i = report.interrupted
+            obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")
+                    + f"; {len(i['not_started'])} unit(s) not started; rerun the same command to resume")
         c = report.to_dict()["counts"]
         obj.log(f"done: {c['done']} written, {c['skipped']} already complete, {c['failed']} failed -> {out}")
         return report.exit_code

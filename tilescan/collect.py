@@ -8,7 +8,9 @@ writes, into ``OUT/collected/``:
 
 ``tiles.parquet``
     One GeoParquet 1.1 file with every tile of every scene, one row per tile, sorted by
-    ``(scene, tile_index)``. Scenes may come in different CRSs, and a GeoParquet geometry
+    ``(scene, tile_index)``; a large one (over ``spatial.SORT_MIN_ROWS`` rows) along a Hilbert
+    curve through the footprint centres instead, in row groups a bbox query can skip
+    (:mod:`tilescan.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
     column has one CRS, so footprints are reprojected to longitude/latitude (``OGC:CRS84``,
     i.e. WGS 84 in x=lon, y=lat order; corners are transformed exactly, edges are not
     densified -- tiles are small). The exact footprint in the scene's own CRS is kept as WKB
@@ -54,7 +56,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import gpkg as gpkg_compat
-from . import layout
+from . import layout, spatial
 from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from .log import emit
@@ -551,6 +553,8 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
     }
     write_text(stage / "summary.csv", csv_text(_summary_rows(rows)))
     write_json(stage / "summary.json", result)
+    if total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
+        spatial.sort_parquet(path)
     if gpkg:
         _write_gpkg(path, stage / "tiles.gpkg", classes)
     return result

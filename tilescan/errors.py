@@ -12,6 +12,8 @@ Exit codes (documented in the README):
 4     no scene could be processed (every input failed, or none found)
 5     model error (missing, corrupt, foreign, or without metadata)
 6     output error (unwritable folder, disk full, outputs exist, locked)
+75    stopped by SIGTERM or SIGINT (preempted): finished scenes are kept, the
+      interrupted one is named in report.json; rerun the same command to resume
 ====  ==========================================================
 """
 
@@ -24,6 +26,7 @@ EXIT_PARTIAL = 3
 EXIT_ALL_FAILED = 4
 EXIT_MODEL = 5
 EXIT_OUTPUT = 6
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL of sysexits.h: "try again later"
 
 
 class TilescanError(Exception):

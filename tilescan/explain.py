@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import sources
 from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
 from .errors import ConfigError, InputError
 from .log import emit
@@ -296,7 +297,7 @@ def run_explain(
     written: list[Path] = []
 
     for inp in inputs:
-        path = Path(inp)
+        path = sources.scene_path(inp)  # a Path, or a RemoteScene for a URL
         if not path.exists():
             raise InputError("input not found", path=str(path))
         if path.is_dir():

@@ -37,18 +37,18 @@ import numpy as np
 from affine import Affine
 from rasterio.transform import array_bounds
 
-from . import __version__, layout
+from . import __version__, layout, sources, stop
 from .backend import cpu_has_bf16
 from .cam import model_on_accelerator
 from .cam import resolve_target as _resolve_class
 from .config import Config
 from .errors import (
     EXIT_ALL_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_OUTPUT,
     EXIT_PARTIAL,
     ConfigError,
-    InputError,
     LockedError,
     ModelError,
     OutputError,
@@ -58,7 +58,7 @@ from .errors import (
 from .layout import LOCKS, MANIFEST, STAGING
 from .log import emit
 from .model import describe_model
-from .tiling import SceneReader, TilingWarning, find_scenes
+from .tiling import SceneReader, TilingWarning
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
 from .qgis import write_scene_files
 
@@ -79,6 +79,7 @@ def _test_kill_point(phase: str) -> None:
     unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
     staging, the folder not yet moved into place). tests/test_resume.py uses it to kill
     runs at exact points and check that a rerun gives the same outputs."""
+    stop.test_point(phase)  # TILESCAN_TEST_SIGNAL_AT: the same points, SIGTERM instead
     spec = os.environ.get("TILESCAN_TEST_KILL_AT")
     if not spec or spec.partition(":")[0] != phase:
         return
@@ -214,9 +215,12 @@ class UnitResult:
 @dataclass
 class RunReport:
     results: list[UnitResult] = field(default_factory=list)
+    interrupted: dict | None = None  # set when a signal stopped the run (tilescan.stop)
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
         failed = [r for r in self.results if r.status == "failed"]
         if not failed:
             return EXIT_OK
@@ -237,6 +241,7 @@ class RunReport:
             "failed": by("failed"),
             "counts": {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")},
             "exit_code": self.exit_code,
+            **({"interrupted": self.interrupted} if self.interrupted else {}),
         }
 
 
@@ -270,16 +275,14 @@ def package_versions() -> dict[str, str]:
 def fingerprint(unit: Unit, cfg: Config, model_sha: str) -> str:
     """What the outputs depend on: the scene file, the unit's rows, the result-shaping
     config (not batch size or threads), the model file."""
-    st = unit.scene.stat()
+    scene = sources.scene_identity(unit.scene)  # path, size, mtime; or URL and validators
     d = cfg.to_dict()
     shaping = {"tiling": d["tiling"], "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
     if d["inference"].get("precision", "float32") != "float32":  # bf16 changes the numbers slightly
         shaping["precision"] = d["inference"]["precision"]
     blob = json.dumps(
         {
-            "scene": str(unit.scene.resolve()),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            **scene,
             "rows": [unit.row_start, unit.row_stop],
             "config": shaping,
             "model": model_sha,
@@ -552,6 +555,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         timings["write"] = time.monotonic() - tw
         total = time.monotonic() - t0
         manifest = _manifest(unit, model_fp, cfg, engine, reader, done, stage, timings, total, scene_warnings, details)
+        manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
         write_json(stage / MANIFEST, manifest)
     _test_kill_point("before-rename")
     _move_into_place(stage, final, out)
@@ -683,6 +687,7 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
     for kept, xs, vs, fs, n_read in _prefetch(reader, tiles, 0 if lockstep else cfg.inference.reader_threads,
                                           ahead=cfg.inference.queue_size, chunk=bs,
                                           min_valid=cfg.tiling.min_valid_fraction):
+        stop.check()  # SIGTERM/SIGINT: drop this unit between batches
         for _ in range(n_read):
             _test_kill_point("reading")
         done.skipped += n_read - len(kept)
@@ -921,16 +926,26 @@ def run(
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
     log: Callable[[str], None] = emit,
+    stac: Sequence[str] = (),
+    assets: Sequence[str] | None = None,
+    stac_items: bool = False,
 ) -> RunReport:
-    """Process every scene of ``inputs`` (files or folders) into ``out``; see the module doc."""
+    """Process every scene of ``inputs`` (files, folders, URLs, STAC documents) and ``stac``
+    (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
+    ``stac_items``: also write a STAC Item describing each finished scene's outputs."""
+    with stop.handling():  # SIGTERM/SIGINT: stop between batches, report, exit 75
+        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items)
+
+
+def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items) -> RunReport:
     out = Path(out)
-    # A named input that does not exist fails alone (listed in report.json) unless no input
-    # exists at all; then find_scenes raises before anything is created.
-    missing = [str(p) for p in inputs if not os.path.exists(p)]
-    present = [p for p in inputs if os.path.exists(p)]
-    scenes = find_scenes(present if present else inputs)  # raises InputError / NoScenesError
+    # A named input that does not exist (or a folder URL that cannot be listed) fails alone
+    # (listed in report.json) unless no input gives a scene; then this raises before
+    # anything is created.
+    scenes, missing = sources.find_inputs(inputs, stac, assets)
     _check_output_dir(out)
     _bound_gdal_cache()
+    sources.configure_gdal()
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)
@@ -949,14 +964,18 @@ def run(
         units = plan_units(scenes, cfg, shard, rows_of)
     legacy_names = dict(zip(scenes, layout.legacy_folder_names(scenes)))
     report = RunReport()
-    for m in missing if shard[0] == 0 else []:
-        report.results.append(UnitResult(m, m, "failed", reason=f"{m}: no such file or directory", error_kind=InputError.kind))
-        log(f"error: {m}: no such file or directory")
-    for unit in units:
+    for err in missing if shard[0] == 0 else []:
+        report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
+        log(f"error: {err}")
+    for k, unit in enumerate(units):
+        if stop.requested():
+            report.interrupted = {"signal": stop.requested(), "unit": None, "not_started": [u.key for u in units[k:]]}
+            break
         t0 = time.monotonic()
         final = unit.out_dir(out)
         try:
-            fp = fingerprint(unit, cfg, card.sha256)
+            with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
+                fp = fingerprint(unit, cfg, card.sha256)
             with UnitLock(out, unit):
                 if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
                     raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
@@ -983,11 +1002,16 @@ def run(
                 if engine is None:
                     engine = Engine(cfg, card.path)
                     engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
-                res = process_unit(unit, out, cfg, engine, fp, progress, log)
+                res = sources.with_retries(unit.scene, lambda: process_unit(unit, out, cfg, engine, fp, progress, log), log)
                 report.results.append(res)
                 c = res.counts
                 log(f"{unit.key}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
                     f"{res.seconds:.1f} s -> {final}")
+        except stop.Interrupted as intr:  # the unit was dropped: nothing of it is in place
+            report.interrupted = {"signal": intr.signame, "unit": unit.key, "scene": str(unit.scene),
+                                  "not_started": [u.key for u in units[k + 1:]]}
+            log(f"{unit.key}: stopped by {intr.signame}; its partial outputs were removed")
+            break
         except (TilescanError, OSError) as exc:
             if isinstance(exc, ModelError):  # the model, not the scene: no later unit can do better
                 raise
@@ -1002,6 +1026,10 @@ def run(
             report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=round(time.monotonic() - t0, 2)))
             log("error: " + msg)
             log(traceback.format_exc(limit=5))
+    if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (tilescan.stac_out)
+        from .stac_out import write_items
+
+        write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
     layout.tidy(out)
     data = report.to_dict()
     data["shard"] = list(shard)

@@ -1434,14 +1434,18 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
         raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
     if model_scale is not None and not 0 < model_scale[0] <= model_scale[1]:
         raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
-    path = Path(path)
+    remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.sources
+    path = path if remote else Path(path)
     p = str(path)
-    _check_file(path)
-    try:
-        ds = _open_quiet(path)
-    except Exception as exc:
-        raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
-                         path=p) from exc
+    if remote:
+        ds = path.open()  # InputError naming the URL (without credentials) and the cause
+    else:
+        _check_file(path)
+        try:
+            ds = _open_quiet(path)
+        except Exception as exc:
+            raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
+                             path=p) from exc
     reader = None
     try:
         if ds.width < 1 or ds.height < 1:

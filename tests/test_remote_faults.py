@@ -1,0 +1,117 @@
+"""Faults of remote I/O, against a real nginx on 127.0.0.1 (tests/http_server.py): a URL
+that 404s, access denied, a server error that persists (retried with backoff, bounded), a
+truncated file, a response too slow for the timeout, and the server dying mid-scene. Each
+fails its scene with an error naming the URL (without credentials) and the cause; the
+other scenes go on, nothing finished is lost, and a rerun once the server is back completes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+import batch_helpers as bh
+from conftest import SCENES, scene
+from http_server import Nginx
+
+COGEO = "rasterio/cogeo.tif"
+LOCAL = "rio-tiler/cog_rgb.tif"  # a small local scene that must be done whatever the network does
+ARGS = ("--units", "px", "--tile-size", "256")
+
+
+@pytest.fixture
+def server(tmp_path):
+    scene(COGEO)
+    srv = Nginx(SCENES, tmp_path / "srv", slow_rate="20k").start()
+    yield srv
+    srv.stop()
+
+
+def _run(out, *inputs, **env):
+    return bh.tilescan("run", "--no-progress", "-o", out, *inputs, *ARGS, **env)
+
+
+def _failed(out) -> dict[str, str]:
+    report = json.loads((out / "report.json").read_text())
+    return {f["unit"]: f["reason"] for f in report["failed"]}
+
+
+def test_404_and_access_denied_fail_alone_naming_the_url_without_credentials(server, tmp_path):
+    missing = f"{server.url}/rasterio/no-such-scene.tif"
+    secret = f"http://alice:hunter2@127.0.0.1:{server.port}/403/cogeo.tif?X-Amz-Signature=s3cr3tsig&x=1"
+    out = tmp_path / "out"
+    p = _run(out, scene(LOCAL), missing, secret)
+    assert p.returncode == 3, p.stderr  # some scenes failed
+    report = json.loads((out / "report.json").read_text())
+    assert [d["unit"] for d in report["done"]] == ["cog_rgb"]
+    failed = _failed(out)
+    assert failed["no-such-scene"].startswith(f"{missing}: ") and "not found (HTTP 404)" in failed["no-such-scene"]
+    assert "access denied (HTTP 403)" in failed["cogeo"] and "check the credentials" in failed["cogeo"]
+    assert f"127.0.0.1:{server.port}/403/cogeo.tif" in failed["cogeo"]
+    for text in [p.stderr, p.stdout, *(f.read_text(errors="replace") for f in out.rglob("*") if f.is_file()
+                                        and f.suffix in (".json", ".txt", ".log"))]:
+        assert "hunter2" not in text and "s3cr3tsig" not in text and "alice" not in text
+
+
+def test_server_errors_are_retried_with_backoff_then_reported(server, tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    p = _run(out, f"{server.url}/503/cogeo.tif", GDAL_HTTP_MAX_RETRY="2", GDAL_HTTP_RETRY_DELAY="0.5")
+    assert p.returncode == 4, p.stderr
+    assert "server error (HTTP 503)" in _failed(out)["cogeo"]
+    tries = [r for r in server.requests() if r.path == "/503/cogeo.tif"]
+    assert len(tries) == 3, tries  # one try and two retries, no more
+    assert time.monotonic() - t0 > 0.5 + 1.0  # the second retry waited longer than the first
+
+
+def test_truncated_file_fails_alone(server, tmp_path):
+    data = scene(COGEO).read_bytes()
+    (server.extra / "cut.tif").write_bytes(data[: len(data) * 6 // 10])
+    out = tmp_path / "out"
+    p = _run(out, scene(LOCAL), f"{server.url}/extra/cut.tif")
+    assert p.returncode == 3, p.stderr
+    reason = _failed(out)["cut"]
+    assert reason.startswith(f"{server.url}/extra/cut.tif: ") and "truncated" in reason.lower(), reason
+    assert (out / "cog_rgb" / "run.json").exists() and not (out / "cut").exists()
+
+
+def test_slow_response_times_out(server, tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    p = _run(out, f"{server.url}/slow/{COGEO}", GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_MAX_RETRY="1",
+             GDAL_HTTP_RETRY_DELAY="0.2")
+    assert p.returncode == 4, p.stderr
+    assert "timed out" in _failed(out)["cogeo"]
+    assert time.monotonic() - t0 < 60
+
+
+def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):
+    url = f"{server.url}/slow/rio-tiler/mosaic_cog1.tif"  # 2.9 MB at 20 kB/s: still reading when killed
+    out = tmp_path / "out"
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(scene(LOCAL)), url, *ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=bh.env(GDAL_HTTP_MAX_RETRY="1", GDAL_HTTP_RETRY_DELAY="0.2"))
+    deadline = time.monotonic() + 120
+    while not any(r.method == "GET" and r.path.startswith("/slow/") for r in server.requests()) \
+            and not (out / ".tilescan-staging" / "mosaic_cog1").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the remote scene was never read"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    port = server.port
+    server.stop()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    reason = _failed(out)["mosaic_cog1"]
+    assert reason.startswith(url) and ("cannot reach the server" in reason or "timed out" in reason), reason
+    assert (out / "cog_rgb" / "run.json").exists() and not (out / "mosaic_cog1").exists()
+
+    server.slow_rate = "0"  # back, at full speed
+    server.start(port=port)
+    p = _run(out, scene(LOCAL), url)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["cog_rgb"]
+    assert [u["unit"] for u in report["done"]] == ["mosaic_cog1"]

@@ -1,0 +1,305 @@
+"""STAC inputs: each Item of an Item, ItemCollection, or static Catalog/Collection is a scene.
+
+The document is read with pystac (a local file or a URL; URLs through GDAL's network file
+systems, so the same credentials and endpoints apply as for scenes). An item's scene is one
+asset (``--asset visual``: a multi-band COG), or several single-band assets stacked in the
+model's band order (``--asset red,green,blue``: asset keys, or the common names of their
+``eo:bands`` / ``bands``). Without ``--asset``: ``visual`` where the item has it, else the
+red, green and blue bands by common name. Several assets are stacked by a GDAL VRT built in
+memory (the bands must cover the same footprint in one CRS; a coarser band is resampled to
+the finest grid, nearest neighbour), so reads stay windowed on every asset.
+
+An item's output folder is named after its id, which also goes into ``tiles.parquet``
+(the ``scene`` column) and ``run.json`` (``source.item``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+from xml.sax.saxutils import escape
+
+from . import sources
+from .errors import InputError, NoScenesError
+
+DEFAULT_ASSET = "visual"
+DEFAULT_BANDS = ("red", "green", "blue")
+_COLORINTERP = {"red": "Red", "green": "Green", "blue": "Blue"}
+
+
+def _pystac():
+    try:
+        import pystac
+    except ImportError:  # pragma: no cover - a dependency
+        raise InputError("reading STAC needs pystac (pip install pystac)") from None
+    return pystac
+
+
+def _stac_io():
+    """A pystac StacIO that reads URLs through GDAL (same credentials as the scenes)."""
+    pystac = _pystac()
+
+    class GdalStacIO(pystac.StacIO):
+        def read_text(self, source, *args, **kwargs) -> str:
+            href = str(source)
+            if sources.is_url(href):
+                return sources.read_bytes(sources.to_gdal_path(href)).decode("utf-8")
+            try:
+                return Path(href).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise InputError(f"cannot read the STAC document: {exc.strerror}", path=href) from None
+
+        def write_text(self, dest, txt, *args, **kwargs) -> None:  # pragma: no cover - never writes
+            raise InputError("tilescan does not write STAC documents here", path=str(dest))
+
+    return GdalStacIO()
+
+
+def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacScene"]:
+    """The scenes of a STAC document (file or URL): one per item, in document order."""
+    pystac = _pystac()
+    io = _stac_io()
+    href = source if sources.is_url(source) else str(Path(source).resolve())
+    shown = sources.redact(source) if sources.is_url(source) else href
+    try:
+        data = json.loads(io.read_text(href))
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"not a JSON document: {exc}", path=shown) from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    try:
+        if kind == "Feature":
+            items = [pystac.Item.from_dict(data, href=href, migrate=True)]
+        elif kind == "FeatureCollection":
+            items = list(pystac.ItemCollection.from_dict(data, preserve_dict=False).items)
+        elif kind in ("Catalog", "Collection"):
+            cat = pystac.read_file(href, stac_io=io)
+            items = list(cat.get_items(recursive=True))
+        else:
+            raise InputError(f"not a STAC Item, ItemCollection, Catalog or Collection (type {kind!r})", path=shown)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"not a valid STAC document: {type(exc).__name__}: {sources.scrub(str(exc))}", path=shown) from None
+    if not items:
+        raise NoScenesError("the STAC document holds no items", path=shown)
+    return [StacScene(item, shown, href, assets) for item in items]
+
+
+def _band_name(asset) -> str | None:
+    """The common name of a single-band asset (eo:bands or STAC 1.1 bands)."""
+    bands = asset.extra_fields.get("eo:bands") or asset.extra_fields.get("bands") or []
+    if len(bands) == 1 and isinstance(bands[0], dict):
+        return bands[0].get("common_name") or bands[0].get("eo:common_name") or bands[0].get("name")
+    return None
+
+
+class StacScene(os.PathLike):
+    """One STAC item as a scene (the :class:`tilescan.sources.RemoteScene` protocol)."""
+
+    remote = True
+
+    def __init__(self, item, source_shown: str, source_href: str, assets: Sequence[str] | None):
+        self.item = item
+        self.id = item.id
+        self.name = item.id
+        self.stem = item.id
+        self.suffix = ""
+        self.source = source_shown
+        self.collection = item.collection_id
+        self_href = item.get_self_href()
+        base = (sources.redact(self_href) if sources.is_url(self_href) else self_href) if self_href else source_shown
+        self.shown = f"{base}#{item.id}"
+        self.base_href = self_href or source_href  # relative asset hrefs are relative to this
+        self.keys, self.hrefs = self._pick(assets)
+        self.paths = [self._gdal_path(h) for h in self.hrefs]
+        self._vrt: str | None = None
+
+    # -- assets ------------------------------------------------------------------------
+
+    def _pick(self, wanted: Sequence[str] | None) -> tuple[list[str], list[str]]:
+        assets = self.item.assets
+        where = f"{self.shown}"
+        if wanted is None:
+            wanted = [DEFAULT_ASSET] if DEFAULT_ASSET in assets else list(DEFAULT_BANDS)
+        by_band = {}
+        for key, a in assets.items():
+            name = _band_name(a)
+            if name:
+                by_band.setdefault(name.lower(), key)
+        keys = []
+        for w in wanted:
+            key = w if w in assets else by_band.get(w.lower())
+            if key is None:
+                have = ", ".join(sorted(assets)) or "none"
+                raise InputError(f"item has no asset or band named {w!r} (assets: {have}); choose with --asset",
+                                 path=where)
+            keys.append(key)
+        return keys, [self._absolute(assets[k]) for k in keys]
+
+    def _absolute(self, asset) -> str:
+        href = asset.get_absolute_href() or asset.href
+        if sources.is_url(href) or os.path.isabs(href) or href.startswith("file://"):
+            return href
+        if sources.is_url(self.base_href):  # an ItemCollection's items have no self link
+            from urllib.parse import urljoin
+
+            return urljoin(self.base_href, href)
+        return str(Path(self.base_href).parent / href)
+
+    @staticmethod
+    def _gdal_path(href: str) -> str:
+        if sources.is_url(href):
+            scene = sources.RemoteScene(href)  # remembers the credential-free form for messages
+            return scene.gdal_path
+        if href.startswith("file://"):
+            href = href[len("file://"):]
+        return href
+
+    # -- the pathlib.Path protocol tilescan uses --------------------------------------------
+
+    def __fspath__(self) -> str:
+        return self._vrt if self._vrt is not None else self.paths[0]
+
+    def __str__(self) -> str:
+        return self.shown
+
+    def __repr__(self) -> str:
+        return f"StacScene({self.shown!r}, assets={self.keys})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StacScene) and (other.shown, other.keys) == (self.shown, self.keys)
+
+    def __hash__(self) -> int:
+        return hash(("stac", self.shown, tuple(self.keys)))
+
+    def __lt__(self, other: Any) -> bool:
+        return str(self) < str(other)
+
+    def resolve(self) -> "StacScene":
+        return self
+
+    def exists(self) -> bool:
+        return True
+
+    def is_dir(self) -> bool:
+        return False
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def open(self, decode_threads: int = 1):
+        import rasterio
+
+        sources.configure_gdal()
+        if len(self.paths) == 1:
+            return self._open_one(0)
+        if self._vrt is None:
+            self._vrt = self._build_vrt()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(self._vrt)
+
+    def _open_one(self, i: int):
+        import rasterio
+
+        href = self.hrefs[i]
+        if sources.is_url(href):
+            return sources.RemoteScene(href).open()
+        if not os.path.exists(self.paths[i]):
+            raise InputError(f"asset {self.keys[i]!r}: no such file {self.paths[i]}", path=self.shown)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                return rasterio.open(self.paths[i])
+        except Exception as exc:
+            from .tiling import _describe
+
+            raise InputError(f"asset {self.keys[i]!r}: corrupt or truncated TIFF (GDAL cannot open it): "
+                             f"{_describe(exc)}", path=self.shown) from None
+
+    def _build_vrt(self) -> str:
+        """A VRT stacking band 1 of each asset, in order, on the finest asset's grid."""
+        infos = []
+        for i in range(len(self.paths)):
+            try:
+                with self._open_one(i) as ds:
+                    if ds.count != 1:
+                        raise InputError(f"asset {self.keys[i]!r} has {ds.count} bands; stacked assets must have one "
+                                         "each (name a multi-band asset alone, e.g. --asset visual)", path=self.shown)
+                    infos.append({"crs": ds.crs, "bounds": ds.bounds, "w": ds.width, "h": ds.height,
+                                  "transform": ds.transform, "dtype": ds.dtypes[0], "nodata": ds.nodata,
+                                  "block": ds.block_shapes[0]})
+            except InputError as exc:
+                exc.message = f"asset {self.keys[i]!r}: {exc.message}" if not exc.message.startswith("asset") else exc.message
+                exc.path = self.shown
+                raise
+        first = infos[0]
+        for k, inf in zip(self.keys, infos):
+            if inf["crs"] != first["crs"] or any(abs(a - b) > 1e-6 * max(1.0, abs(b))
+                                                 for a, b in zip(inf["bounds"], first["bounds"])):
+                raise InputError(f"assets {self.keys[0]!r} and {k!r} do not cover the same footprint in one CRS; "
+                                 "tilescan stacks bands of one grid", path=self.shown)
+            if inf["dtype"] != first["dtype"]:
+                raise InputError(f"assets {self.keys[0]!r} ({first['dtype']}) and {k!r} ({inf['dtype']}) differ in "
+                                 "data type", path=self.shown)
+        fine = max(infos, key=lambda inf: inf["w"] * inf["h"])
+        W, H = fine["w"], fine["h"]
+        t = fine["transform"]
+        gdt = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+               "int32": "Int32", "float32": "Float32", "float64": "Float64"}[first["dtype"]]
+        parts = [f'<VRTDataset rasterXSize="{W}" rasterYSize="{H}">']
+        if first["crs"] is not None:
+            parts.append(f"<SRS>{escape(first['crs'].to_wkt())}</SRS>")
+        parts.append(f"<GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>")
+        for n, (key, path, inf) in enumerate(zip(self.keys, self.paths, infos), start=1):
+            parts.append(f'<VRTRasterBand dataType="{gdt}" band="{n}">')
+            band = (_band_name(self.item.assets[key]) or key).lower()
+            if band in _COLORINTERP:
+                parts.append(f"<ColorInterp>{_COLORINTERP[band]}</ColorInterp>")
+            parts.append(f"<Description>{escape(band)}</Description>")
+            if inf["nodata"] is not None:
+                parts.append(f"<NoDataValue>{inf['nodata']!r}</NoDataValue>")
+            kind = "ComplexSource" if inf["nodata"] is not None else "SimpleSource"
+            by, bx = inf["block"]
+            parts.append(
+                f'<{kind}><SourceFilename relativeToVRT="0">{escape(path)}</SourceFilename><SourceBand>1</SourceBand>'
+                f'<SourceProperties RasterXSize="{inf["w"]}" RasterYSize="{inf["h"]}" DataType="{gdt}" '
+                f'BlockXSize="{bx}" BlockYSize="{by}"/>'
+                f'<SrcRect xOff="0" yOff="0" xSize="{inf["w"]}" ySize="{inf["h"]}"/>'
+                f'<DstRect xOff="0" yOff="0" xSize="{W}" ySize="{H}"/>'
+                + (f"<NODATA>{inf['nodata']!r}</NODATA>" if inf["nodata"] is not None else "")
+                + f"</{kind}>")
+            parts.append("</VRTRasterBand>")
+        parts.append("</VRTDataset>")
+        return "".join(parts)
+
+    # -- fingerprint and run.json ------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """The item id and each asset's href (without credentials) and size/validators."""
+        out = []
+        for key, href, path in zip(self.keys, self.hrefs, self.paths):
+            if sources.is_url(href):
+                ident = sources.RemoteScene(href).identity()
+            else:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    raise InputError(f"asset {key!r}: no such file {path}", path=self.shown) from None
+                ident = {"scene": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            out.append({"asset": key, **ident})
+        return {"scene": f"stac-item:{self.collection or ''}/{self.id}", "assets": out}
+
+    def urls(self) -> list[str]:
+        return [h for h in self.hrefs if sources.is_url(h)]
+
+    def manifest(self) -> dict:
+        when = self.item.datetime or self.item.common_metadata.start_datetime
+        return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
+                           "datetime": when.isoformat() if when else None,
+                           "assets": {k: (sources.redact(h) if sources.is_url(h) else h)
+                                      for k, h in zip(self.keys, self.hrefs)}}}
