@@ -64,7 +64,7 @@ def _start_container(doc: dict, data: Path, **extra_env: str) -> subprocess.Pope
     assert mounts == {"/data"}
     # the reference run uses batch_helpers.ARGS (128-px tiles in scene pixels): the pods get
     # the same tiling through the environment, as a cluster's config would set it
-    env = bh.env(**{e["name"]: e["value"] for e in c.get("env", [])}, TILESCAN_TILING__UNITS="px", **extra_env)
+    env = bh.env(**{**{e["name"]: e["value"] for e in c.get("env", [])}, "TILESCAN_TILING__UNITS": "px", **extra_env})
     return subprocess.Popen(_local(c["command"] + c.get("args", []), data), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 

@@ -1,7 +1,7 @@
 """Resume after SIGKILL, and atomic outputs.
 
 ``tilescan run`` is killed with SIGKILL at exact points through the test hook
-``TILESCAN_TEST_KILL_AT=<phase>[:N]`` (tilescan/job.py: the process kills itself the Nth
+``TILESCAN_TEST_KILL_AT=<phase>[:N]`` (tilescan/faults.py: the process kills itself the Nth
 time it reaches the phase), again and again on the same output folder, as a crashing
 node would; after each kill no output that looks finished may be incomplete, and what is
 finished must equal an uninterrupted run. The last, undisturbed rerun of the same command

@@ -22,7 +22,6 @@ import json
 import os
 import queue
 import shutil
-import signal
 import threading
 import time
 import traceback
@@ -37,7 +36,7 @@ import numpy as np
 from affine import Affine
 from rasterio.transform import array_bounds
 
-from . import __version__, layout, sources, stop
+from . import __version__, faults, layout, sources, stop
 from .backend import cpu_has_bf16
 from .cam import model_on_accelerator
 from .cam import resolve_target as _resolve_class
@@ -58,9 +57,9 @@ from .errors import (
 from .layout import LOCKS, MANIFEST, STAGING
 from .log import emit
 from .model import describe_model
+from .qgis import write_scene_files
 from .tiling import SceneReader, TilingWarning
 from .writers import HeatmapWriter, TileTable, write_json, write_labels_cog, write_quicklook
-from .qgis import write_scene_files
 
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
@@ -68,24 +67,6 @@ OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
 #: default (5% of RAM) fills with blocks never read again and made peak memory grow with the
 #: scene size (benchmarks/README.md).
 GDAL_CACHE_MB = 256
-
-_KILL_SEEN: dict[str, int] = {}
-
-
-def _test_kill_point(phase: str) -> None:
-    """Test hook (no effect unless set): ``TILESCAN_TEST_KILL_AT=<phase>[:N]`` makes this
-    process SIGKILL itself the Nth time (default 1st) it reaches ``phase`` -- one of
-    ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing`` (the
-    unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
-    staging, the folder not yet moved into place). tests/test_resume.py uses it to kill
-    runs at exact points and check that a rerun gives the same outputs."""
-    stop.test_point(phase)  # TILESCAN_TEST_SIGNAL_AT: the same points, SIGTERM instead
-    spec = os.environ.get("TILESCAN_TEST_KILL_AT")
-    if not spec or spec.partition(":")[0] != phase:
-        return
-    _KILL_SEEN[phase] = _KILL_SEEN.get(phase, 0) + 1
-    if _KILL_SEEN[phase] == int(spec.partition(":")[2] or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- units
@@ -557,7 +538,7 @@ def process_unit(unit: Unit, out: Path, cfg: Config, engine: Engine, model_fp: s
         manifest = _manifest(unit, model_fp, cfg, engine, reader, done, stage, timings, total, scene_warnings, details)
         manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
         write_json(stage / MANIFEST, manifest)
-    _test_kill_point("before-rename")
+    faults.point("before-rename")
     _move_into_place(stage, final, out)
     return UnitResult(unit.key, str(unit.scene), "done", str(final), counts=manifest["counts"], seconds=round(total, 2),
                       warnings=[d for d in details if d["code"] != "tiling"])
@@ -674,7 +655,7 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
         tc = time.monotonic()
         res = engine(x)
         timings["compute"] += time.monotonic() - tc
-        _test_kill_point("inference")
+        faults.point("inference")
         writer.put((buf_t[:], buf_v[:], buf_f[:], res))
         if bar is not None:
             bar.update(len(buf_t))
@@ -689,7 +670,7 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
                                           min_valid=cfg.tiling.min_valid_fraction):
         stop.check()  # SIGTERM/SIGINT: drop this unit between batches
         for _ in range(n_read):
-            _test_kill_point("reading")
+            faults.point("reading")
         done.skipped += n_read - len(kept)
         if bar is not None and n_read > len(kept):
             bar.update(n_read - len(kept))
@@ -734,7 +715,7 @@ def _write_outputs(unit: Unit, stage: Path, final: Path, cfg: Config, engine: En
 
     def write_tables():
         done.table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
-        _test_kill_point("writing")
+        faults.point("writing")
         if cfg.output.gpkg:
             done.table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
         grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)

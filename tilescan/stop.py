@@ -20,7 +20,6 @@ from typing import Iterator
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _state = {"signal": None}
-_seen: dict[str, int] = {}
 
 
 class Interrupted(BaseException):
@@ -68,20 +67,3 @@ def handling() -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
         _state["signal"] = None
-
-
-def test_point(phase: str) -> None:
-    """Test hook (no effect unless set): ``TILESCAN_TEST_SIGNAL_AT=<phase>[:N][@SIG]``
-    makes this process send itself SIGTERM (or ``SIG``, e.g. ``SIGINT``) the Nth time
-    (default 1st) it reaches ``phase`` (the phases of ``TILESCAN_TEST_KILL_AT``,
-    tilescan/job.py). tests/test_preempt.py uses it to stop runs at exact points."""
-    spec = os.environ.get("TILESCAN_TEST_SIGNAL_AT")
-    if not spec:
-        return
-    spec, _, sig = spec.partition("@")
-    name, _, nth = spec.partition(":")
-    if name != phase:
-        return
-    _seen[phase] = _seen.get(phase, 0) + 1
-    if _seen[phase] == int(nth or 1):
-        os.kill(os.getpid(), getattr(signal, sig or "SIGTERM"))

@@ -1,0 +1,35 @@
+"""Fault injection for tests: the named points of a unit's pipeline where a test can make
+the process kill or signal itself. No effect unless one of these variables is set:
+
+- ``TILESCAN_TEST_KILL_AT=<phase>[:N]``: SIGKILL the Nth time (default 1st) the process
+  reaches ``phase`` (tests/test_resume.py: a rerun after the kill equals a clean run);
+- ``TILESCAN_TEST_SIGNAL_AT=<phase>[:N][@SIG]``: send SIGTERM (or ``SIG``, e.g. SIGINT)
+  instead (tests/test_preempt.py: a clean stop, then resume).
+
+Phases: ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing``
+(the unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
+staging, the folder not yet moved into place).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_seen: dict[tuple[str, str], int] = {}
+
+
+def point(phase: str) -> None:
+    """A fault-injection point of the pipeline (see the module doc)."""
+    for var, default in (("TILESCAN_TEST_SIGNAL_AT", "SIGTERM"), ("TILESCAN_TEST_KILL_AT", "SIGKILL")):
+        spec = os.environ.get(var)
+        if not spec:
+            continue
+        spec, _, sig = spec.partition("@")
+        name, _, nth = spec.partition(":")
+        if name != phase:
+            continue
+        key = (var, phase)
+        _seen[key] = _seen.get(key, 0) + 1
+        if _seen[key] == int(nth or 1):
+            os.kill(os.getpid(), getattr(signal, sig or default))
