@@ -353,9 +353,6 @@ def run_evaluate(
     import keras
 
     from . import __version__
-    from .cam import get_cam, upsample
-    from .data import load_dataset
-    from .model import PACKAGE_MODEL, load_model, read_metadata
 
     t_start = time.perf_counter()
     if int(batch_size) < 1:
@@ -369,30 +366,7 @@ def run_evaluate(
         raise ConfigError("no CAM method given")
     batch_size = int(batch_size)
 
-    ds = load_dataset(data, splits_dir=splits_dir)
-    items = ds.items(split)
-    if not items:
-        raise ConfigError(f"the '{split}' split is empty", path=str(data))
-    # the class check reads only the metadata, before the (slow) Keras load
-    if model_path is None and not PACKAGE_MODEL.exists():
-        load_model(None)  # raises the "packaged default model is missing" error
-    model_classes = list(read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
-    if model_classes != ds.classes:
-        only_m = [c for c in model_classes if c not in ds.classes]
-        only_d = [c for c in ds.classes if c not in model_classes]
-        why = (
-            f"model-only classes {only_m}, dataset-only classes {only_d}"
-            if only_m or only_d
-            else "the same names in a different order"
-        )
-        raise ConfigError(
-            f"the model's {len(model_classes)} classes do not match the dataset's {len(ds.classes)} ({why}); "
-            "evaluate a model on the dataset it was trained for",
-            path=str(data),
-        )
-    lm = load_model(model_path)
-    if lm.num_bands != 3:
-        raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
+    ds, lm, items = _eval_inputs(model_path, data, split, splits_dir)
     if limit is not None and int(limit) < len(items):
         sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
         items = [items[i] for i in sel]
@@ -428,43 +402,13 @@ def run_evaluate(
     top5 = None
     if k > 5:
         top5 = float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
-    cm = np.array(metrics["confusion_matrix"])
-    write_text(
-        out / "predictions.csv",
-        csv_text([("path", "true", "pred", "confidence")]
-                  + [(p, classes[t], classes[q], f"{c:.6f}") for p, t, q, c in zip(rel_paths, y_true, y_pred, conf)]),
-    )
-    write_text(out / "confusion_matrix.csv", csv_text([["true\\pred", *classes]] + [[classes[i], *cm[i].tolist()] for i in range(k)]))
-    write_text(
-        out / "per_class.csv",
-        csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
-                  + [(r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"], r["predicted"]) for r in metrics["per_class"]]),
-    )
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
              f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
-    plot_confusion(cm, classes, out / "confusion_matrix.png", title)
+    _write_tables(out, rel_paths, y_true, y_pred, conf, metrics, classes, title)
     outputs = ["report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv"]
-
-    # -- the explanation figure ------------------------------------------------------------
     if explain_samples > 0:
-        pick = pick_examples(y_true, y_pred, explain_samples, seed)
-        x = np.stack([x for _, x in iter_image_batches([paths[i] for i in pick], size, len(pick))][0])
-        rows = [None] * len(pick)
-        maps = {}
-        for m in cam_methods:  # one batch per method, explaining the predicted class
-            res = get_cam(m, model, layer=lm.cam_layer)(x, target=y_pred[pick].astype(np.int32))
-            maps[m] = upsample(res.cam, (size, size))
-        for r, i in enumerate(pick):
-            wrong = y_pred[i] != y_true[i]
-            rows[r] = FigureRow(
-                x[r],
-                {m: maps[m][r] for m in cam_methods},
-                f"true: {classes[y_true[i]]}\npred: {classes[y_pred[i]]} ({conf[i]:.2f})",
-                WRONG_COLOR if wrong else RIGHT_COLOR,
-            )
-        fig = render_rows(rows, cam_methods, suptitle=f"{split}: {int((y_pred[pick] != y_true[pick]).sum())} wrong, "
-                                                          f"{int((y_pred[pick] == y_true[pick]).sum())} right (seeded pick)")
-        save_figure(fig, out / "explanations.png")
+        _explanation_figure(out / "explanations.png", lm, paths, y_true, y_pred, conf, cam_methods,
+                            explain_samples, seed, split)
         outputs.append("explanations.png")
 
     # -- explanation study -------------------------------------------------------------------
@@ -473,14 +417,7 @@ def run_evaluate(
         log(f"explanation study: {', '.join(cam_methods)} + random maps, deletion/insertion AUC over "
             f"{faithfulness_limit or n} images ({faithfulness_steps} steps, blur baseline)")
         study = _explanation_study(lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
-        rows_csv = [("method", "tiles_per_s", "x_inference", "deletion_auc", "insertion_auc", "deletion_sem", "insertion_sem", "n")]
-        rows_csv.append(("inference", f"{study['inference_tiles_per_s']:.2f}", "1.0", "", "", "", "", ""))
-        for m, r in study["methods"].items():
-            rows_csv.append((m, "" if r["tiles_per_s"] is None else f"{r['tiles_per_s']:.2f}",
-                             "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
-                             f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
-                             f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}", study["n"]))
-        write_text(out / "explanations.csv", csv_text(rows_csv))
+        write_text(out / "explanations.csv", csv_text(_study_rows(study)))
         outputs.append("explanations.csv")
         log(explanation_table(study))
 
@@ -518,23 +455,7 @@ def run_evaluate(
     if study is not None:
         report["explanations"] = study
     if record:
-        key = f"{split}_tta" if tta else split
-        entry = {
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro"]["f1"],
-            "weighted_f1": metrics["weighted"]["f1"],
-            "n": n,
-            "tta": bool(tta),
-            "date": date,
-            "split_sha256": provenance.get("split_sha256", {}).get(split),
-            "dataset": provenance.get("dataset"),
-        }
-        try:
-            new_sha = record_scores(lm.path, key, entry)
-        except OSError as exc:
-            raise OutputError(f"cannot record the scores in the model file: {exc}", path=lm.path) from None
-        report["recorded"] = {"key": key, "entry": entry, "model_sha256_after": new_sha}
-        log(f"recorded scores['{key}'] in {lm.path}")
+        report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
     report["timing"]["total_s"] = time.perf_counter() - t_start
     write_json(out / "report.json", report)
 
@@ -544,3 +465,108 @@ def run_evaluate(
     log("weakest classes (F1): " + ", ".join(f"{r['class']} {r['f1']:.3f}" for r in weakest))
     log(f"wrote {', '.join(outputs)} to {out}")
     return report
+
+
+def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str | None):
+    """The dataset, the model (its classes checked against the dataset's from the metadata,
+    before the slow Keras load) and the split's items."""
+    from .data import load_dataset
+    from .model import PACKAGE_MODEL, load_model, read_metadata
+
+    ds = load_dataset(data, splits_dir=splits_dir)
+    items = ds.items(split)
+    if not items:
+        raise ConfigError(f"the '{split}' split is empty", path=str(data))
+    if model_path is None and not PACKAGE_MODEL.exists():
+        load_model(None)  # raises the "packaged default model is missing" error
+    model_classes = list(read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
+    if model_classes != ds.classes:
+        only_m = [c for c in model_classes if c not in ds.classes]
+        only_d = [c for c in ds.classes if c not in model_classes]
+        why = (
+            f"model-only classes {only_m}, dataset-only classes {only_d}"
+            if only_m or only_d
+            else "the same names in a different order"
+        )
+        raise ConfigError(
+            f"the model's {len(model_classes)} classes do not match the dataset's {len(ds.classes)} ({why}); "
+            "evaluate a model on the dataset it was trained for",
+            path=str(data),
+        )
+    lm = load_model(model_path)
+    if lm.num_bands != 3:
+        raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
+    return ds, lm, items
+
+
+def _write_tables(out: Path, rel_paths, y_true, y_pred, conf, metrics: dict, classes: Sequence[str], title: str) -> None:
+    """predictions.csv, confusion_matrix.csv/.png and per_class.csv."""
+    k = len(classes)
+    cm = np.array(metrics["confusion_matrix"])
+    write_text(
+        out / "predictions.csv",
+        csv_text([("path", "true", "pred", "confidence")]
+                 + [(p, classes[t], classes[q], f"{c:.6f}") for p, t, q, c in zip(rel_paths, y_true, y_pred, conf)]),
+    )
+    write_text(out / "confusion_matrix.csv", csv_text([["true\\pred", *classes]] + [[classes[i], *cm[i].tolist()] for i in range(k)]))
+    write_text(
+        out / "per_class.csv",
+        csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
+                 + [(r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"], r["predicted"])
+                    for r in metrics["per_class"]]),
+    )
+    plot_confusion(cm, classes, out / "confusion_matrix.png", title)
+
+
+def _explanation_figure(path: Path, lm, paths, y_true, y_pred, conf, cam_methods: Sequence[str], samples: int,
+                        seed: int, split: str) -> None:
+    """The study's figure for a seeded pick of right and wrong images, one batch per method."""
+    from .cam import get_cam, upsample
+
+    classes, size = lm.classes, lm.input_size
+    pick = pick_examples(y_true, y_pred, samples, seed)
+    x = np.stack([x for _, x in iter_image_batches([paths[i] for i in pick], size, len(pick))][0])
+    maps = {}
+    for m in cam_methods:  # explaining the predicted class
+        res = get_cam(m, lm.model, layer=lm.cam_layer)(x, target=y_pred[pick].astype(np.int32))
+        maps[m] = upsample(res.cam, (size, size))
+    rows = [FigureRow(x[r], {m: maps[m][r] for m in cam_methods},
+                      f"true: {classes[y_true[i]]}\npred: {classes[y_pred[i]]} ({conf[i]:.2f})",
+                      WRONG_COLOR if y_pred[i] != y_true[i] else RIGHT_COLOR)
+            for r, i in enumerate(pick)]
+    fig = render_rows(rows, cam_methods, suptitle=f"{split}: {int((y_pred[pick] != y_true[pick]).sum())} wrong, "
+                                                  f"{int((y_pred[pick] == y_true[pick]).sum())} right (seeded pick)")
+    save_figure(fig, path)
+
+
+def _study_rows(study: dict) -> list[tuple]:
+    """explanations.csv: cost and faithfulness of each CAM method, plain inference first."""
+    rows = [("method", "tiles_per_s", "x_inference", "deletion_auc", "insertion_auc", "deletion_sem", "insertion_sem", "n"),
+            ("inference", f"{study['inference_tiles_per_s']:.2f}", "1.0", "", "", "", "", "")]
+    for m, r in study["methods"].items():
+        rows.append((m, "" if r["tiles_per_s"] is None else f"{r['tiles_per_s']:.2f}",
+                     "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
+                     f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
+                     f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}", study["n"]))
+    return rows
+
+
+def _record(lm, split: str, tta: bool, metrics: dict, n: int, date: str, provenance: dict, log) -> dict:
+    """Store the scores in the model file's metadata (``scores[split]`` or ``[split_tta]``)."""
+    key = f"{split}_tta" if tta else split
+    entry = {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro"]["f1"],
+        "weighted_f1": metrics["weighted"]["f1"],
+        "n": n,
+        "tta": bool(tta),
+        "date": date,
+        "split_sha256": provenance.get("split_sha256", {}).get(split),
+        "dataset": provenance.get("dataset"),
+    }
+    try:
+        new_sha = record_scores(lm.path, key, entry)
+    except OSError as exc:
+        raise OutputError(f"cannot record the scores in the model file: {exc}", path=lm.path) from None
+    log(f"recorded scores['{key}'] in {lm.path}")
+    return {"key": key, "entry": entry, "model_sha256_after": new_sha}
