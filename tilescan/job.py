@@ -617,11 +617,6 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
     stack.push(lambda *exc: exc[0] is not None and _quietly(done.heat.abort))
     if cfg.output.quicklook and unit.part is None:
         reader.gather_preview(cfg.output.quicklook_size)  # from the tiles: no second decode
-    bs = cfg.inference.batch_size
-    buf_t: list = []
-    buf_x: list = []
-    buf_v: list = []
-    buf_f: list = []  # valid fractions, from the reader
     bar = None
     if progress:
         from tqdm import tqdm
@@ -646,27 +641,21 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
         reader.decode_threads = os.cpu_count() or 1
     writer.start()
 
-    def flush():
-        if not buf_t:
-            return
-        x = buf_x[0] if len(buf_x) == 1 else np.concatenate(buf_x)  # one full chunk: no copy
+    def step(batch: list, x: np.ndarray, valid: list, fractions: list) -> None:  # one full batch
         if lockstep:
             writer.wait_idle()
         tc = time.monotonic()
         res = engine(x)
         timings["compute"] += time.monotonic() - tc
         faults.point("inference")
-        writer.put((buf_t[:], buf_v[:], buf_f[:], res))
+        writer.put((batch, valid, fractions, res))
         if bar is not None:
-            bar.update(len(buf_t))
-        buf_t.clear()
-        buf_x.clear()
-        buf_v.clear()
-        buf_f.clear()
+            bar.update(len(batch))
 
+    batches = _Batches(cfg.inference.batch_size, step)
     tr = time.monotonic()
     for kept, xs, vs, fs, n_read in _prefetch(reader, tiles, 0 if lockstep else cfg.inference.reader_threads,
-                                          ahead=cfg.inference.queue_size, chunk=bs,
+                                          ahead=cfg.inference.queue_size, chunk=batches.size,
                                           min_valid=cfg.tiling.min_valid_fraction):
         stop.check()  # SIGTERM/SIGINT: drop this unit between batches
         for _ in range(n_read):
@@ -674,21 +663,45 @@ def _classify(unit: Unit, reader: SceneReader, cfg: Config, engine: Engine, stag
         done.skipped += n_read - len(kept)
         if bar is not None and n_read > len(kept):
             bar.update(n_read - len(kept))
-        i = 0
-        while i < len(kept):  # fill batches of exactly bs tiles (chunks lose skipped tiles)
-            take = min(bs - len(buf_t), len(kept) - i)
-            buf_t.extend(kept[i:i + take])
-            buf_x.append(xs[i:i + take])
-            buf_v.extend(vs[i:i + take])
-            buf_f.extend(fs[i:i + take])
-            i += take
-            if len(buf_t) == bs:
-                flush()
-    flush()
+        batches.add(kept, xs, vs, fs)
+    batches.flush()
     tw = time.monotonic()
     writer.finish()
     timings["read"] = max(0.0, tw - tr - timings["compute"])
     return done
+
+
+class _Batches:
+    """Tiles gathered into batches of exactly ``size`` (the reader's chunks lose the tiles
+    they skip); ``step(tiles, x, valid_masks, valid_fractions)`` gets each full batch."""
+
+    def __init__(self, size: int, step: Callable[[list, np.ndarray, list, list], None]):
+        self.size, self.step = size, step
+        self._t: list = []
+        self._x: list = []
+        self._v: list = []
+        self._f: list = []
+
+    def add(self, tiles: Sequence, x: np.ndarray, valid: Sequence, fractions: Sequence) -> None:
+        i = 0
+        while i < len(tiles):
+            take = min(self.size - len(self._t), len(tiles) - i)
+            self._t.extend(tiles[i:i + take])
+            self._x.append(x[i:i + take])
+            self._v.extend(valid[i:i + take])
+            self._f.extend(fractions[i:i + take])
+            i += take
+            if len(self._t) == self.size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand over what is gathered (a short last batch too)."""
+        if not self._t:
+            return
+        x = self._x[0] if len(self._x) == 1 else np.concatenate(self._x)  # one full chunk: no copy
+        batch, valid, fractions = self._t, self._v, self._f
+        self._t, self._x, self._v, self._f = [], [], [], []
+        self.step(batch, x, valid, fractions)
 
 
 def _quietly(fn: Callable[[], Any]) -> None:
