@@ -44,6 +44,7 @@ from .config import TilingConfig
 from .errors import ConfigError, InputError, OutputError, OutputExistsError
 from .labels import Labels, crs_name, read_labels
 from .splits import SPLITS, assign, auto_block_m, format_counts
+from .writers import pyproj_crs
 
 CHIPS_FORMAT = "tilescan-chips/1"
 CARD = "chips.json"
@@ -287,9 +288,7 @@ def _block_frame(scene_crs: Sequence, centres_lonlat: np.ndarray):
     in metres, else an azimuthal equidistant one centred on the chips (whole degrees)."""
     import pyproj
 
-    from .labels import _pyproj
-
-    crs = [_pyproj(c) for c in scene_crs]
+    crs = [pyproj_crs(c) for c in scene_crs]
     first = crs[0]
     if all(c == first for c in crs) and first.is_projected and \
             all(a.unit_name in ("metre", "meter") for a in first.axis_info[:2]):
@@ -305,10 +304,9 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .labels import _pyproj
     from .writers import atomic_output, wkb_polygons
 
-    pj = _pyproj(crs)
+    pj = pyproj_crs(crs)
     geo_col: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"],
                                "crs": None if pj is None else pj.to_json_dict(), "orientation": "counterclockwise"}
     if len(corners):
@@ -417,8 +415,6 @@ def cut_chips(
 
 def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts: ChipOptions, stage: Path,
            keys: list[str], log: Callable[[str], None], tiling_warning) -> dict:
-    from .labels import _pyproj
-
     inside = np.zeros(len(labels.geoms), dtype=bool)
     used = np.zeros(len(labels.geoms), dtype=bool)
     rows: list[dict] = []
@@ -491,13 +487,13 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
     for si, crs in enumerate(scene_crs):
         m = scene_idx == si
         if m.any():
-            lonlat[m] = _transform_corners(corners[m].mean(axis=1, keepdims=True), _pyproj(crs), _pyproj("EPSG:4326"))[:, 0]
+            lonlat[m] = _transform_corners(corners[m].mean(axis=1, keepdims=True), pyproj_crs(crs), pyproj_crs("EPSG:4326"))[:, 0]
     frame = _block_frame(scene_crs, lonlat)
     framed = np.zeros_like(corners)
     for si, crs in enumerate(scene_crs):
         m = scene_idx == si
         if m.any():
-            framed[m] = _transform_corners(corners[m], _pyproj(crs), frame)
+            framed[m] = _transform_corners(corners[m], pyproj_crs(crs), frame)
     footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
     block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
     res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
@@ -517,12 +513,12 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
         (stage / "images" / n).unlink()
     (stage / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
 
-    out_crs = labels.crs if labels.crs is not None else _pyproj(scene_crs[0])
+    out_crs = labels.crs if labels.crs is not None else pyproj_crs(scene_crs[0])
     table_corners = np.zeros_like(corners)
     for si, crs in enumerate(scene_crs):
         m = scene_idx == si
         if m.any():
-            table_corners[m] = _transform_corners(corners[m], _pyproj(crs), out_crs)
+            table_corners[m] = _transform_corners(corners[m], pyproj_crs(crs), out_crs)
     kept = res.split != ""
     table = {
         "chip": [r["chip"] for r in rows], "class": [classes[c] for c in y], "class_index": y.tolist(),

@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .layout import fold, folder_name
+from .writers import pyproj_crs
 
 #: Class field names tried, in order, when none is given (matched case-insensitively).
 DEFAULT_CLASS_FIELDS = ("class", "label")
@@ -56,7 +57,7 @@ class Labels:
         that do not reproject to finite coordinates become None."""
         import shapely
 
-        target = _pyproj(crs)
+        target = pyproj_crs(crs)
         if self.crs is None or target is None or self.crs == target:
             return self.geoms
         from pyproj import Transformer
@@ -73,19 +74,6 @@ class Labels:
         poly = (self.kind == "polygon") & coords_ok
         out[poly] = shapely.make_valid(out[poly])
         return out
-
-
-def _pyproj(crs):
-    if crs is None:
-        return None
-    import pyproj
-
-    if isinstance(crs, pyproj.CRS):
-        return crs
-    if hasattr(crs, "to_wkt"):
-        wkt = crs.to_wkt()
-        return pyproj.CRS.from_wkt(wkt) if wkt else None
-    return pyproj.CRS.from_user_input(crs)
 
 
 def file_sha256(path: Path) -> str:
@@ -114,7 +102,7 @@ def _read_geoparquet(path: Path):
     if info.get("encoding", "WKB").upper() != "WKB":
         raise InputError(f"GeoParquet geometry encoding {info.get('encoding')!r} is not supported (WKB is)", path=str(path))
     crs = info.get("crs", "OGC:CRS84")  # GeoParquet: a missing crs means longitude/latitude
-    return table, (None if crs is None else _pyproj(json.dumps(crs) if isinstance(crs, dict) else crs)), col
+    return table, (None if crs is None else pyproj_crs(json.dumps(crs) if isinstance(crs, dict) else crs)), col
 
 
 def _read_ogr(path: Path, layer: str | None):
@@ -135,7 +123,7 @@ def _read_ogr(path: Path, layer: str | None):
     if col is None:
         col = meta.get("geometry_name") or "wkb_geometry"
     crs = meta.get("crs")
-    return table, (None if not crs else _pyproj(crs)), col
+    return table, (None if not crs else pyproj_crs(crs)), col
 
 
 def _class_name(value: Any) -> str | None:
@@ -255,7 +243,7 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
 
 def crs_name(crs) -> str | None:
     """``EPSG:4326``-style name of a CRS when it has one, else its WKT name."""
-    pj = _pyproj(crs)
+    pj = pyproj_crs(crs)
     if pj is None:
         return None
     auth = pj.to_authority()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
-from .writers import LABEL_BLEND, atomic_output, class_colors
+from .writers import LABEL_BLEND, atomic_output, class_colors, pyproj_crs
 
 __all__ = [
     "Layer",
@@ -102,7 +102,7 @@ def _srs(parent: ET.Element, crs: Any) -> ET.Element:
     """<spatialrefsys> for ``crs`` (anything pyproj reads; None: left empty). QGIS uses
     the authid when it has one, else the WKT."""
     s = _el(parent, "spatialrefsys")
-    pj = _crs(crs)
+    pj = pyproj_crs(crs)
     if pj is None:
         return s
     _el(s, "wkt", pj.to_wkt())
@@ -122,14 +122,8 @@ def _srs(parent: ET.Element, crs: Any) -> ET.Element:
     return s
 
 
-def _crs(crs: Any):
-    from .writers import _pyproj_crs
-
-    return _pyproj_crs(crs)
-
-
 def _units(crs: Any) -> str:
-    pj = _crs(crs)
+    pj = pyproj_crs(crs)
     if pj is None or not pj.axis_info:
         return "unknown"
     unit = (pj.axis_info[0].unit_name or "").lower()
@@ -418,7 +412,7 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     props = _el(root, "properties")
     _el(_el(props, "Paths"), "Absolute", "false", type="bool")
     # QGIS 3.x reads <projectCrs> only with this flag set
-    _el(_el(props, "SpatialRefSys"), "ProjectionsEnabled", "1" if _crs(crs) is not None else "0", type="int")
+    _el(_el(props, "SpatialRefSys"), "ProjectionsEnabled", "1" if pyproj_crs(crs) is not None else "0", type="int")
     view = _el(root, "ProjectViewSettings", UseProjectScales="0", rotation="0")
     _el(view, "Scales")
     dv = _el(view, "DefaultViewExtent", **dict(zip(("xmin", "ymin", "xmax", "ymax"), map(repr, map(float, bounds)))))
@@ -602,8 +596,8 @@ def _project_bounds(crs: Any, bounds_lonlat: Sequence[float] | None, scenes: Seq
     scenes' boxes."""
     import pyproj
 
-    if bounds_lonlat is not None and _crs(crs) is not None:
-        t = pyproj.Transformer.from_crs("OGC:CRS84", _crs(crs), always_xy=True)
+    if bounds_lonlat is not None and pyproj_crs(crs) is not None:
+        t = pyproj.Transformer.from_crs("OGC:CRS84", pyproj_crs(crs), always_xy=True)
         return t.transform_bounds(*bounds_lonlat)
     boxes = [s["bounds"] for s in scenes if s.get("bounds")]
     if not boxes:

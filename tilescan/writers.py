@@ -355,7 +355,7 @@ def class_colors(n: int) -> list[tuple[int, int, int]]:
 # --------------------------------------------------------------------------- CRS helpers
 
 
-def _pyproj_crs(crs: Any):
+def pyproj_crs(crs: Any):
     """A pyproj CRS for a rasterio CRS / pyproj CRS / user string, or None."""
     if crs is None:
         return None
@@ -381,7 +381,7 @@ def _rasterio_crs(crs: Any):
 
     if isinstance(crs, RioCRS):
         return crs if crs.to_wkt() else None
-    pj = _pyproj_crs(crs)
+    pj = pyproj_crs(crs)
     return None if pj is None else RioCRS.from_wkt(pj.to_wkt())
 
 
@@ -753,7 +753,7 @@ class TileTable:
 
         from . import gpkg
 
-        pj = _pyproj_crs(crs)
+        pj = pyproj_crs(crs)
         meta = _dumps(_tilescan_meta(classes, model_id, scene, n, extra_metadata))
         with atomic_output(path) as tmp:
             reader = pa.RecordBatchReader.from_batches(schema, batches())
@@ -767,7 +767,7 @@ class TileTable:
 
 
 def _projjson(crs: Any) -> dict | None:
-    pj = _pyproj_crs(crs)
+    pj = pyproj_crs(crs)
     return None if pj is None else pj.to_json_dict()
 
 
