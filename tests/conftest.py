@@ -7,6 +7,7 @@ except when ``TILESCAN_REQUIRE_DATA=1`` (set by ``.ci/run``): there a missing fo
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,26 @@ SCENES = DATA / "scenes"
 AID = DATA / "aid"
 
 
+def unavailable(msg: str, require_var: str):
+    """Skip a test whose real part (data, a server, QGIS, Slurm) is missing here, with the
+    reason; fail instead when ``require_var`` is 1 (``.ci/run`` sets it: there it must exist)."""
+    if os.environ.get(require_var) == "1":
+        pytest.fail(f"{msg} -- {require_var}=1, so this is an error, not a skip")
+    pytest.skip(msg)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _need(path: Path) -> Path:
     if path.exists():
         return path
-    msg = f"real data not found at {path} (clone the project beside ../shared, or set TILESCAN_DATA)"
-    if os.environ.get("TILESCAN_REQUIRE_DATA") == "1":
-        pytest.fail(msg + " -- TILESCAN_REQUIRE_DATA=1, so this is an error, not a skip")
-    pytest.skip(msg)
+    unavailable(f"real data not found at {path} (clone the project beside ../shared, or set TILESCAN_DATA)",
+                "TILESCAN_REQUIRE_DATA")
 
 
 @pytest.fixture(scope="session")

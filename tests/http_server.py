@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from conftest import free_port, unavailable
 
 _CONF = """\
 {user}daemon off;
@@ -65,16 +65,8 @@ def need_nginx() -> str:
     exe = _nginx()
     if exe:
         return exe
-    msg = "nginx is not installed and cannot be installed here (apt-get install nginx-light, as root)"
-    if os.environ.get("TILESCAN_REQUIRE_NGINX") == "1":
-        pytest.fail(msg + " -- TILESCAN_REQUIRE_NGINX=1, so this is an error, not a skip")
-    pytest.skip(msg)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    unavailable("nginx is not installed and cannot be installed here (apt-get install nginx-light, as root)",
+                "TILESCAN_REQUIRE_NGINX")
 
 
 @dataclass
@@ -105,7 +97,7 @@ class Nginx:
         self.prefix.mkdir(parents=True, exist_ok=True)
         self.extra.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
-            self.port = port or _free_port()
+            self.port = port or free_port()
             conf = self.prefix / "nginx.conf"
             conf.write_text(_CONF.format(user="user root;\n" if os.geteuid() == 0 else "", prefix=self.prefix,
                                          port=self.port, root=self.root, extra=self.extra, slow_rate=self.slow_rate))

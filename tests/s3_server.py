@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
+from conftest import free_port, unavailable
 
 ACCESS_KEY, SECRET_KEY = "test:tester", "testing"
 _PACKAGES = ["swift", "swift-proxy", "swift-object", "swift-container", "swift-account", "memcached"]
@@ -40,16 +40,8 @@ def need_swift() -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
         missing = [b for b in ("swift-proxy-server", "swift-object-server", "swift-ring-builder", "memcached") if not _exe(b)]
     if missing:
-        msg = f"no S3-compatible server here ({', '.join(missing)} missing; apt-get install {' '.join(_PACKAGES)} as root)"
-        if os.environ.get("TILESCAN_REQUIRE_S3") == "1":
-            pytest.fail(msg + " -- TILESCAN_REQUIRE_S3=1, so this is an error, not a skip")
-        pytest.skip(msg)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        unavailable(f"no S3-compatible server here ({', '.join(missing)} missing; apt-get install "
+                    f"{' '.join(_PACKAGES)} as root)", "TILESCAN_REQUIRE_S3")
 
 
 def _wait(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
@@ -89,7 +81,7 @@ class SwiftS3:
         (etc / "swift.conf").write_text(
             f"[swift-hash]\nswift_hash_path_suffix = {uuid.uuid4().hex}\nswift_hash_path_prefix = {uuid.uuid4().hex}\n"
             "[storage-policy:0]\nname = Policy-0\ndefault = yes\n")
-        ports = {name: _free_port() for name in (*_SERVERS, "proxy", "memcached")}
+        ports = {name: free_port() for name in (*_SERVERS, "proxy", "memcached")}
         self.port = ports["proxy"]
         builder = _exe("swift-ring-builder")
         for name in _SERVERS:

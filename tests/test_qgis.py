@@ -29,6 +29,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
+from conftest import unavailable
 from tilescan.cli import main
 from tilescan.gpkg import has_rtree
 from tilescan.writers import LABEL_BLEND, class_colors
@@ -49,9 +50,7 @@ def _qgis_python() -> str:
                 return py
     msg = (f"no Python with QGIS's bindings ({', '.join(candidates)}: import qgis.core failed); on Debian/Ubuntu "
            "apt-get install python3-qgis, or set TILESCAN_QGIS_PYTHON")
-    if os.environ.get("TILESCAN_REQUIRE_QGIS") == "1":
-        pytest.fail(msg + " -- TILESCAN_REQUIRE_QGIS=1, so this is an error, not a skip")
-    pytest.skip(msg)
+    unavailable(msg, "TILESCAN_REQUIRE_QGIS")
 
 
 def qgis(py: str, spec: dict, tmp: Path) -> dict:

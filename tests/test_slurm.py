@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import batch_helpers as bh
+from conftest import unavailable
 
 CLUSTER = bh.JOBS / "slurm" / "local-cluster.sh"
 ARRAY = bh.JOBS / "slurm" / "tilescan-array.sbatch"
@@ -30,9 +31,7 @@ COLLECT = bh.JOBS / "slurm" / "collect.sbatch"
 
 
 def _unavailable(msg: str):
-    if os.environ.get("TILESCAN_REQUIRE_SLURM") == "1":
-        pytest.fail(msg + " -- TILESCAN_REQUIRE_SLURM=1, so this is an error, not a skip")
-    pytest.skip(msg)
+    unavailable(msg, "TILESCAN_REQUIRE_SLURM")
 
 
 @pytest.fixture(scope="module")
