@@ -13,7 +13,7 @@ What it measures, at the default config (``tilescan.config`` / ``configs/default
 1. ``model``     model-only throughput (tiles/s): the packaged model's forward pass
                  (``model.predict_on_batch``) on ready batches of real tiles;
 2. ``gradcam``   the model + vectorised Grad-CAM step exactly as ``tilescan run`` calls it
-                 (``tilescan.job.Engine``: probabilities + raw and normalised CAMs);
+                 (``tilescan.pipeline.engine.Engine``: probabilities + raw and normalised CAMs);
 3. ``tutorial``  the per-image Grad-CAM of the Keras tutorial (one image at a time, eager
                  gradient tape, gradients averaged over batch and spatial axes, divided by
                  the max): the baseline the study used, implemented here;
@@ -115,7 +115,7 @@ def machine() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    from tilescan.job import package_versions
+    from tilescan.pipeline.units import package_versions
 
     return package_versions()
 
@@ -142,7 +142,7 @@ def ready_tiles(n: int, tile: int = 128) -> np.ndarray:
     """``n`` real model-ready tiles (float32, 0..1, R,G,B) read from the Landsat scene with
     tilescan's own reader, spread over the scene."""
     from tilescan.config import TilingConfig
-    from tilescan.tiling import open_scene
+    from tilescan.scene.plan import open_scene
 
     cfg = TilingConfig(tile_size=tile, bands=LANDSAT_BANDS)
     with open_scene(LANDSAT, cfg, 3, tile) as reader:
@@ -171,7 +171,7 @@ def default_config(**sections: dict) -> Any:
 
 
 def make_engine(cfg) -> Any:
-    from tilescan.job import Engine
+    from tilescan.pipeline.engine import Engine
 
     return Engine(cfg)
 
@@ -211,7 +211,7 @@ def tutorial_gradcam(model, layer: str) -> Callable[[np.ndarray], np.ndarray]:
         import jax
         import jax.numpy as jnp
 
-        from tilescan.cam import split_model
+        from tilescan.explain.layers import split_model
 
         _, head, _ = split_model(model, layer)
 
@@ -297,15 +297,18 @@ def scene_for(folder: Path, size: int, compress: str = "lzw") -> Path:
 
 
 def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
-    """Run ``tilescan.job.run`` in this process with timers around each stage: thread CPU
+    """Run ``tilescan.pipeline.run.run`` in this process with timers around each stage: thread CPU
     seconds of the readers, the main thread's non-model work, the writer thread, and the
     wall time of the end-of-scene steps. Shows where the time goes when (4) lags (1)."""
     import resource
     import threading
 
-    import tilescan.job as job
-    import tilescan.tiling as tiling
-    import tilescan.writers as writers
+    import tilescan.pipeline.process as job
+    import tilescan.pipeline.run as run_module
+    from tilescan.outputs.heatmap import HeatmapWriter
+    from tilescan.outputs.table import TileTable
+    from tilescan.pipeline.engine import Engine
+    from tilescan.scene.reader import SceneReader
 
     acc: dict[str, float] = {}
     lock = threading.Lock()
@@ -328,18 +331,18 @@ def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
         return orig
 
     patches = [
-        (tiling.SceneReader, "read_batch", "cpu_read_batch", time.thread_time),
-        (tiling.SceneReader, "read_batch", "wall_read_batch", time.perf_counter),
-        (job.Engine, "__call__", "wall_engine", time.perf_counter),
-        (writers.HeatmapWriter, "add", "cpu_heat_add", time.thread_time),
+        (SceneReader, "read_batch", "cpu_read_batch", time.thread_time),
+        (SceneReader, "read_batch", "wall_read_batch", time.perf_counter),
+        (Engine, "__call__", "wall_engine", time.perf_counter),
+        (HeatmapWriter, "add", "cpu_heat_add", time.thread_time),
         (job._Writer, "run", "cpu_writer_thread", time.thread_time),
         (job._Writer, "wait_idle", "wall_wait_writer", time.perf_counter),
-        (writers.TileTable, "add", "cpu_table_add", time.thread_time),
-        (writers.TileTable, "write_geoparquet", "wall_parquet", time.perf_counter),
+        (TileTable, "add", "cpu_table_add", time.thread_time),
+        (TileTable, "write_geoparquet", "wall_parquet", time.perf_counter),
         (job, "write_labels_cog", "wall_labels_cog", time.perf_counter),
-        (writers.HeatmapWriter, "close", "wall_heat_cog", time.perf_counter),
-        (tiling.SceneReader, "read_overview", "wall_quicklook_read", time.perf_counter),
-        (writers.HeatmapWriter, "preview", "wall_quicklook_heat", time.perf_counter),
+        (HeatmapWriter, "close", "wall_heat_cog", time.perf_counter),
+        (SceneReader, "read_overview", "wall_quicklook_read", time.perf_counter),
+        (HeatmapWriter, "preview", "wall_quicklook_heat", time.perf_counter),
         (job, "write_quicklook", "wall_quicklook_png", time.perf_counter),
     ]
     saved = [(owner, name, timed(owner, name, key, clock)) for owner, name, key, clock in patches]
@@ -362,13 +365,13 @@ def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
         saved.append((owner, name, orig))
 
     mark(job, "_open_unit", "unit_start")
-    mark(job.Engine, "__call__", "first_batch")
+    mark(Engine, "__call__", "first_batch")
     mark(job._Writer, "finish", "loop_end", after=True)
     mark(job, "_move_into_place", "unit_end")
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     try:
-        report = job.run([scene], out, cfg, log=lambda m: None)
+        report = run_module.run([scene], out, cfg, log=lambda m: None)
     finally:
         for owner, name, orig in saved:
             setattr(owner, name, orig)
@@ -622,7 +625,7 @@ def aid_images(n: int, size: int) -> np.ndarray | None:
     lst = root / "splits" / "val.txt"
     if not lst.exists():
         return None
-    from tilescan.data import load_eval_image
+    from tilescan.training.data import load_eval_image
 
     names = [l.strip() for l in lst.read_text().splitlines() if l.strip()]
     pick = [names[int(i)] for i in np.linspace(0, len(names) - 1, num=min(n, len(names)))]
@@ -714,7 +717,7 @@ def table(res: dict[str, Any]) -> str:
     if m:
         rows.append(f"| 1 | model-only, ready batches of {res['config']['batch_size']} ({res['config']['precision']}) | "
                     f"{_fmt(m['model']['median'])} tiles/s | 1.00 |")
-        rows.append(f"| 2 | model + vectorised Grad-CAM (`tilescan.job.Engine`) | {_fmt(m['gradcam']['median'])} tiles/s | "
+        rows.append(f"| 2 | model + vectorised Grad-CAM (`tilescan.pipeline.engine.Engine`) | {_fmt(m['gradcam']['median'])} tiles/s | "
                     f"(2)/(1) = {_fmt(m['gradcam_over_model'], 3)} (target >= 0.95) |")
         if "tutorial" in m:
             rows.append(f"| 3 | Keras-tutorial Grad-CAM, per image, eager | {_fmt(m['tutorial']['median'])} tiles/s | "

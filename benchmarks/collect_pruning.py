@@ -15,7 +15,7 @@ many scenes, as a national collection would be. Layouts, each a GeoParquet 1.1 f
 
 - ``scene order, N-row groups``: scene after scene (the footprints in a random order, as
   folder names that follow dates or ids put them), in row groups of N rows;
-- ``Hilbert, N-row groups``: ``tilescan.spatial.sort_parquet`` (what ``collect`` does to a
+- ``Hilbert, N-row groups``: ``tilescan.outputs.spatial.sort_parquet`` (what ``collect`` does to a
   table over ``spatial.SORT_MIN_ROWS`` rows).
 
 Queries: 200 random squares per size (1, 4 and 16 footprint steps on a side), each counted
@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tilescan import spatial  # noqa: E402
+from tilescan.outputs import spatial
 
 SCENES = ("rasterio/RGB.byte.tif", "rio-cogeo/image_rgb.tif", "rio-tiler/cog_rgb.tif", "rasterio/cogeo.tif")
 

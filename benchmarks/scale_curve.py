@@ -59,7 +59,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 
-from tilescan.data import decode_rgb, load_dataset, resize  # noqa: E402
+from tilescan.training.data import decode_rgb, load_dataset, resize
 
 MODES = ("zoom_in", "blur", "context")
 DEFAULT_LEVELS = (0.25, 0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0)
@@ -180,7 +180,7 @@ def view_batch(mode: str, s: float, images: Sequence[np.ndarray], idx: Sequence[
 def score(model, classes: Sequence[str], images: Sequence[np.ndarray], labels: np.ndarray, partners: list[np.ndarray],
           mode: str, s: float, size: int, batch_size: int = 64) -> dict[str, Any]:
     """Accuracy and macro-F1 of ``model`` on the views of one mode and level (float32, no TTA)."""
-    from tilescan.evaluate import compute_metrics, predict_probs
+    from tilescan.training.evaluate import compute_metrics, predict_probs
 
     n = len(images)
     pred = np.empty(n, np.int64)
@@ -309,7 +309,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path:
     from matplotlib.patches import Patch
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    from tilescan.explain import new_figure, save_figure
+    from tilescan.explain.figures import new_figure, save_figure
 
     lo, hi = report["native_gsd_m"]
     mid = math.sqrt(lo * hi)
@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           seconds=time.perf_counter() - t_start, limit=args.limit, seed=args.seed,
                           batch_size=args.batch_size)
     if args.out:
-        from tilescan.writers import write_json
+        from tilescan.outputs.files import write_json
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, report)

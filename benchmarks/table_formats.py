@@ -90,7 +90,7 @@ def synthetic_table(rows: int, classes: list[str], seed: int = 0):
     """A TileTable of ``rows`` tiles on a square grid of 640 m tiles (UTM metres)."""
     import numpy as np
 
-    from tilescan.writers import TileTable
+    from tilescan.outputs.table import TileTable
 
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(rows)))
@@ -116,7 +116,7 @@ def scene_table(parquet: Path):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from tilescan.writers import TileTable
+    from tilescan.outputs.table import TileTable
 
     pf = pq.read_table(parquet)
     meta = json.loads(pf.schema.metadata[b"tilescan"])
@@ -139,11 +139,11 @@ def writers(table, classes, crs, scene, model_id):
     """name -> function(path) writing that format with tilescan's code."""
     import pyogrio
 
-    from tilescan.writers import TileTable  # noqa: F401 (the table's own methods are used)
+    from tilescan.outputs.table import TileTable
 
     def gpkg_default(path):
         # the previous writer: GDAL's defaults (GeoPackage 1.4, GDAL's own R-tree step)
-        from tilescan import gpkg
+        from tilescan.outputs import gpkg
 
         saved = gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree
         gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree = {}, dict, lambda p, **kw: None
@@ -162,7 +162,7 @@ def writers(table, classes, crs, scene, model_id):
             kw["driver"] = "FlatGeobuf"
             real(reader, _path, **kw)
 
-        from tilescan import gpkg
+        from tilescan.outputs import gpkg
 
         saved = pyogrio.write_arrow, gpkg.add_rtree
         pyogrio.write_arrow, gpkg.add_rtree = as_fgb, lambda p, **kw: None
@@ -180,7 +180,7 @@ def writers(table, classes, crs, scene, model_id):
 
 
 def measure(name: str, table, classes, crs, rounds: int, work: Path, reader: str | None) -> dict:
-    from tilescan import gpkg
+    from tilescan.outputs import gpkg
 
     fmts = writers(table, classes, crs, "scene.tif", "bench")
     times: dict[str, list[float]] = {k: [] for k in fmts}

@@ -1,4 +1,4 @@
-"""Tests of tilescan.cam: every method against an independent reference, batch == per image,
+"""Tests of tilescan.explain.cam: every method against an independent reference, batch == per image,
 no NaN for empty maps, layer choice and errors, other Keras backends in a subprocess."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from tilescan import cam as C  # noqa: E402
-from tilescan.errors import ConfigError  # noqa: E402
-from tilescan.model import build_resnet18  # noqa: E402
+from tilescan.explain import cam as C
+from tilescan.errors import ConfigError
+from tilescan.model import build_resnet18
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="references use tf.GradientTape")
 
@@ -303,7 +303,7 @@ def test_time_methods_reports_tiles_per_second(model, x):
 _BACKEND_SCRIPT = textwrap.dedent(
     """
     import numpy as np, keras
-    from tilescan import cam as C
+    from tilescan.explain import cam as C
     from tilescan.model import build_resnet18
     assert keras.backend.backend() == BACKEND, keras.backend.backend()
     keras.utils.set_random_seed(7)

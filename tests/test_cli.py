@@ -271,7 +271,7 @@ def test_help_lists_the_cam_methods_and_one_spelling(cmd):
 
 
 def test_cam_method_names_match_the_registry():
-    from tilescan.cam import CAM_METHODS
+    from tilescan.explain.cam import CAM_METHODS
 
     assert tuple(CAM_METHODS) == CAM_METHOD_NAMES
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
-from tilescan.collect import run_collect
+from tilescan.outputs.collect import run_collect
 from tilescan.errors import InputError
 
 quiet = lambda msg: None  # noqa: E731

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tilescan.config import Config, InferenceConfig, build_config, env_layer, load_config, read_toml
+from tilescan.config import (
+    Config,
+    InferenceConfig,
+    build_config,
+    env_layer,
+    load_config,
+    read_toml,
+)
 from tilescan.errors import EXIT_USAGE, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

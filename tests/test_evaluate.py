@@ -17,9 +17,9 @@ keras = pytest.importorskip("keras")
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
 
-from tilescan import evaluate as E  # noqa: E402
-from tilescan.errors import ConfigError  # noqa: E402
-from tilescan.model import META_MEMBER, build_resnet18, load_model, read_metadata, save_model  # noqa: E402
+from tilescan.training import evaluate as E
+from tilescan.errors import ConfigError
+from tilescan.model import META_MEMBER, build_resnet18, load_model, read_metadata, save_model
 
 CLASSES = ["Beach", "Forest", "Parking"]  # AID names: the real-AID test reuses the model
 SIZE = 32

@@ -12,9 +12,9 @@ keras = pytest.importorskip("keras")
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
 
-from tilescan.errors import ConfigError, InputError  # noqa: E402
-from tilescan.explain import resolve_target, run_explain  # noqa: E402
-from tilescan.model import build_resnet18, save_model  # noqa: E402
+from tilescan.errors import ConfigError, InputError
+from tilescan.explain.figures import resolve_target, run_explain
+from tilescan.model import build_resnet18, save_model
 
 CLASSES = ["Forest", "Parking", "River"]
 SIZE = 64

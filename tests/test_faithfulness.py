@@ -8,7 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from tilescan import faithfulness as F  # noqa: E402
+from tilescan.explain import faithfulness as F
 
 S = 32  # image side
 Q = 16  # the evidence sits in the top-left Q x Q quadrant

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilescan import gpkg
-from tilescan.writers import TileTable
+from tilescan.outputs import gpkg
+from tilescan.outputs.table import TileTable
 
 CLASSES = ["a", "b", "c"]
 

@@ -27,7 +27,7 @@ from conftest import scene
 from tilescan import layout
 from tilescan.cli import main
 from tilescan.errors import OutputError
-from tilescan.job import _move_into_place
+from tilescan.pipeline.units import _move_into_place
 
 SCENE = "rio-cogeo/image_rgb.tif"  # 512 x 512, EPSG:3857
 FAST = ("--tile-size", "256", "--units", "px", "--no-progress")

@@ -31,8 +31,9 @@ from click.testing import CliRunner
 
 from conftest import unavailable
 from tilescan.cli import main
-from tilescan.gpkg import has_rtree
-from tilescan.writers import LABEL_BLEND, class_colors
+from tilescan.outputs.gpkg import has_rtree
+from tilescan.outputs.quicklook import LABEL_BLEND
+from tilescan.outputs.palette import class_colors
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
 STEM = Path(NAIP).stem

@@ -16,7 +16,8 @@ import rasterio
 from click.testing import CliRunner
 from PIL import Image
 
-from tilescan.writers import LABEL_BLEND, class_colors, quicklook_layout, write_quicklook
+from tilescan.outputs.quicklook import LABEL_BLEND, quicklook_layout, write_quicklook
+from tilescan.outputs.palette import class_colors
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 934 x 723, 4 bands
 RGB_BYTE = "rasterio/RGB.byte.tif"  # 791 x 718, nodata border
@@ -200,7 +201,7 @@ def test_legend_colour_bar_and_font(tmp_path, scene_path):
 def test_palette_well_separated():
     """The first 30 class colours (one per AID class) stay far apart in RGB and in CIELAB;
     the label COG's colour table uses the same ones."""
-    from tilescan.writers import _srgb_to_lab
+    from tilescan.outputs.palette import _srgb_to_lab
 
     assert np.allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
     assert np.allclose(_srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)

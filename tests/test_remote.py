@@ -45,7 +45,7 @@ def _cfg(**tiling):
 
 
 def _run(inputs, out, **kw):
-    from tilescan.job import run
+    from tilescan.pipeline.run import run
 
     return run(inputs, out, _cfg(), log=lambda m: None, **kw)
 
@@ -85,7 +85,7 @@ def test_url_outputs_equal_local_file_and_resume(server, local_ref, tmp_path):
     assert again["counts"] == {"done": 0, "skipped": 2, "failed": 0}
     assert all(r.method == "HEAD" for r in server.requests())  # resume: no pixel read
 
-    from tilescan.collect import run_collect
+    from tilescan.outputs.collect import run_collect
 
     run_collect(out, gpkg=False, log=lambda m: None)
     t = pq.read_table(next((out / "collected").glob("*.parquet")))
@@ -119,7 +119,7 @@ def test_run_over_a_few_tiles_of_a_large_cog_fetches_a_small_part(server, tmp_pa
 
 
 def test_folder_url_lists_its_scenes(server, tmp_path):
-    from tilescan.sources import find_inputs
+    from tilescan.scene.sources import find_inputs
 
     scenes, failed = find_inputs([f"{server.url}/rio-tiler/"])
     assert not failed
@@ -187,7 +187,7 @@ def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatc
 
 
 def test_url_to_gdal_path_and_redaction():
-    from tilescan.sources import RemoteScene, redact, scrub, to_gdal_path
+    from tilescan.scene.sources import RemoteScene, redact, scrub, to_gdal_path
 
     assert to_gdal_path("https://h/a b.tif") == "/vsicurl/https://h/a b.tif"
     assert to_gdal_path("s3://bucket/k/x.tif") == "/vsis3/bucket/k/x.tif"
@@ -310,7 +310,7 @@ def test_stac_missing_asset_names_the_item(server, tmp_path):
 
 
 def test_explain_reads_a_url(server, tmp_path):
-    from tilescan.explain import run_explain
+    from tilescan.explain.figures import run_explain
 
     url = f"{server.url}/{COGEO}"
     pngs = run_explain([url], tmp_path / "fig", tile_size=256, units="px", top=2, log=lambda m: None)

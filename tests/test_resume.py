@@ -106,7 +106,7 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
 def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path):
     """Same config: skipped. Changed config: refused, files untouched. --overwrite: redone."""
     from tilescan.config import load_config
-    from tilescan.job import run
+    from tilescan.pipeline.run import run
 
     scene = scene_path("rio-tiler/cog_rgb.tif")
     out = tmp_path / "out"

@@ -51,8 +51,9 @@ from rio_cogeo.cogeo import cog_validate
 from conftest import REPO, scene
 from tilescan.cli import main
 from tilescan.config import TilingConfig
-from tilescan.job import _corners
-from tilescan.tiling import TilingWarning, open_scene
+from tilescan.pipeline.process import _corners
+from tilescan.scene.info import TilingWarning
+from tilescan.scene.plan import open_scene
 
 OUTPUTS = ("tiles.parquet", "labels.tif", "heatmap.tif", "quicklook.png", "run.json")
 LABEL_NODATA = 255
@@ -1025,7 +1026,7 @@ def test_gpkg_without_any_rtree_capable_sqlite(tmp_path, tiny_model, scenes_dir)
     warning names it."""
     import tensorflow  # noqa: F401 - its SQLite (no R-tree module) now serves this process
 
-    from tilescan.gpkg import has_rtree
+    from tilescan.outputs.gpkg import has_rtree
 
     site = tmp_path / "site"
     site.mkdir()

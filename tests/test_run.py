@@ -454,7 +454,7 @@ def test_target_class(runs):
 
     from tilescan.config import TilingConfig
     from tilescan.model import load_model
-    from tilescan.tiling import open_scene
+    from tilescan.scene.plan import open_scene
 
     a, b = runs("rgb"), runs("rgb_forest")
     assert b["manifest"]["config"]["cam"]["target_class"] == "Forest"
@@ -485,8 +485,9 @@ def test_lockstep_and_overlap_pipelines_agree(scene_path, tmp_path, monkeypatch)
     is lockstep on this CPU-only machine. The outputs are the same either way."""
     import threading
 
-    import tilescan.job as job
-    import tilescan.tiling as tiling
+    import tilescan.pipeline.run as job
+    from tilescan.pipeline.engine import Engine
+    from tilescan.scene.reader import SceneReader
     from tilescan.config import load_config
 
     threads: dict[str, set[int]] = {}
@@ -500,8 +501,8 @@ def test_lockstep_and_overlap_pipelines_agree(scene_path, tmp_path, monkeypatch)
 
         monkeypatch.setattr(owner, name, wrapper)
 
-    spy(tiling.SceneReader, "read_batch", "read")
-    spy(job.Engine, "__call__", "model")
+    spy(SceneReader, "read_batch", "read")
+    spy(Engine, "__call__", "model")
     out = {}
     for mode in ("auto", "lockstep", "overlap"):
         threads.clear()

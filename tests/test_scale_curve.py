@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tilescan.data import decode_rgb, load_dataset, resize
+from tilescan.training.data import decode_rgb, load_dataset, resize
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("scale_curve", REPO / "benchmarks" / "scale_curve.py")

@@ -1,7 +1,7 @@
 """jobs/slurm/ on a real single-node Slurm: an array job of 3 tasks over real scenes, and
 3 tasks sharing one scene by tile rows, each collected by a dependent collect job, must
 give the same tiles as one plain process. Also the shard logic itself
-(tilescan.job.parse_shard / plan_units), which needs no cluster.
+(tilescan.pipeline.units.parse_shard / plan_units), which needs no cluster.
 
 The fixture starts the cluster with jobs/slurm/local-cluster.sh (it apt-get installs
 slurmctld/slurmd/munge when missing, so it needs root). Without root, apt or a working
@@ -177,7 +177,7 @@ LISTED = [{"SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_
 
 def test_parse_shard_sources_and_errors():
     from tilescan.errors import ConfigError
-    from tilescan.job import parse_shard
+    from tilescan.pipeline.units import parse_shard
 
     assert parse_shard(None, {}) == (0, 1)
     assert parse_shard("2/5", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"}) == (2, 5)  # the flag wins
@@ -202,7 +202,7 @@ def test_parse_shard_sources_and_errors():
 
 @pytest.mark.parametrize("n_scenes,rows,n", [(1, 8, 3), (1, 9, 4), (1, 5, 3), (2, 20, 3), (4, 8, 3), (5, 50, 2), (3, 7, 1)])
 def test_plan_units_cover_every_tile_row_once(n_scenes, rows, n):
-    from tilescan.job import plan_units
+    from tilescan.pipeline.units import plan_units
 
     scenes = [Path(f"/data/s{k}.tif") for k in range(n_scenes)]
     shares = [plan_units(scenes, None, (i, n), lambda s: rows) for i in range(n)]

@@ -25,7 +25,8 @@ from rasterio.windows import Window
 from conftest import scene
 from test_robustness import check_outputs, invoke
 from tilescan.config import TilingConfig
-from tilescan.tiling import TilingWarning, open_scene
+from tilescan.scene.info import TilingWarning
+from tilescan.scene.plan import open_scene
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20100629.tif"  # R,G,B,NIR uint8, nodata 0, 5 m
 MOSAIC = "rio-tiler/mosaic_cog1.tif"  # Landsat 8 uint16, nodata 0, a COG with a nodata collar
@@ -339,12 +340,12 @@ def test_collar_scene_same_outputs_with_and_without_the_scan(tmp_path, scenes_di
     """mosaic_cog1.tif (a Landsat COG, nodata 0) stores its collar as identical small
     blocks: 5 of its 16 blocks are found empty, their tiles are not read, and every output
     equals that of a run that reads every tile (scan turned off)."""
-    import tilescan.tiling as tiling
+    import tilescan.scene.reader as reader_module
 
     path = scene(MOSAIC)
     res = invoke(["run", path, "-o", tmp_path / "scan", "--tile-size", TILE, "--no-progress", "-q"])
     assert res.exit_code == 0, res.output
-    monkeypatch.setattr(tiling, "MAX_SCAN_BLOCKS", 0)  # no scan: every tile is read
+    monkeypatch.setattr(reader_module, "MAX_SCAN_BLOCKS", 0)  # no scan: every tile is read
     res = invoke(["run", path, "-o", tmp_path / "plain", "--tile-size", TILE, "--no-progress", "-q"])
     assert res.exit_code == 0, res.output
     a = check_outputs(tmp_path / "scan" / path.stem, path, TILE)

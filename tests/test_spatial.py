@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
-from tilescan import spatial
+from tilescan.outputs import spatial
 
 
 def test_hilbert_index_visits_every_cell_once_stepping_to_a_neighbour():
@@ -97,7 +97,7 @@ def test_sort_keeps_rows_and_metadata_and_prunes(collected, tmp_path):
 
 def test_collect_sorts_a_large_table(tmp_path, tmp_path_factory, monkeypatch):
     """collect's call site, with the size bounds lowered so the real reference is 'large'."""
-    from tilescan.collect import run_collect
+    from tilescan.outputs.collect import run_collect
 
     out = tmp_path / "out"
     shutil.copytree(bh.reference(tmp_path_factory), out)

@@ -1,4 +1,4 @@
-"""Tests of tilescan.tiling: the grid (property-based), real scenes, synthetic edge cases."""
+"""Tests of tilescan.scene: the grid (property-based), real scenes, synthetic edge cases."""
 
 from __future__ import annotations
 
@@ -18,13 +18,9 @@ from rasterio.windows import Window
 
 from tilescan.config import TilingConfig
 from tilescan.errors import ConfigError, InputError, NoScenesError
-from tilescan.tiling import (
-    TileGrid,
-    TilingWarning,
-    find_scenes,
-    open_scene,
-    valid_fraction,
-)
+from tilescan.scene.grid import TileGrid, valid_fraction
+from tilescan.scene.info import TilingWarning, find_scenes
+from tilescan.scene.plan import open_scene
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
 RGBA_BYTE = "rasterio/RGBA.byte.tif"
@@ -407,10 +403,10 @@ def test_large_scene_stretch_from_spread_blocks(scene_path, tmp_path, monkeypatc
     (a few percent of a large scene decoded, not all of it); on the real Landsat scene with
     a quarter of its blocks it lands within 1% of the full-scene percentiles. The sample
     includes the last block, so a truncated file still fails when opened."""
-    import tilescan.tiling as tiling
+    import tilescan.scene.plan as plan_module
 
     path = scene_path(LANDSAT)
-    monkeypatch.setattr(tiling, "STATS_SAMPLE_PIXELS", 2**20)  # the scene has 3.8 M pixels
+    monkeypatch.setattr(plan_module, "STATS_SAMPLE_PIXELS", 2**20)  # the scene has 3.8 M pixels
     with _open(path, bands=[3, 2, 1]) as r, rasterio.open(path) as ds:
         full = ds.read([3, 2, 1])
         data, valid = r._read_block_sample(2**20)

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from tilescan.cli import main
 from tilescan.config import TrainConfig
-from tilescan.data import load_dataset, stratified_split
+from tilescan.training.data import load_dataset, stratified_split
 from tilescan.model import load_model, read_metadata
 
 CLASSES = ["Beach", "Forest", "Parking", "Port", "Stadium"]
@@ -159,8 +159,8 @@ def test_resume_after_sigkill(mini_aid, tmp_path):
 def test_early_stopping_restores_best(mini_aid, tmp_path):
     import keras
 
-    from tilescan.data import load_dataset
-    from tilescan.train import train
+    from tilescan.training.data import load_dataset
+    from tilescan.training.train import train
 
     ds = load_dataset(mini_aid)
     # min_delta larger than any change: every epoch after the first is a plateau

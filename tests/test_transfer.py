@@ -18,7 +18,7 @@ from shapely.geometry import box
 from conftest import scene
 from tilescan.cli import main
 from tilescan.model import build_resnet18, describe_model, load_model, read_metadata, save_model
-from tilescan.transfer import copy_weights, head_plan
+from tilescan.training.transfer import copy_weights, head_plan
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
 FAST = ["--batch-size", "8", "--config"]  # followed by the config file of the fixture below

@@ -1,4 +1,4 @@
-"""Tests for tilescan.writers: real files written and read back with the tools users load
+"""Tests for tilescan.outputs: real files written and read back with the tools users load
 them with (geopandas, pyarrow, rasterio, rio-cogeo, GDAL through VRT copies). No mocks."""
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ from rasterio.transform import Affine, from_origin
 from rio_cogeo.cogeo import cog_validate
 
 from tilescan.errors import OutputError
-from tilescan.writers import (
-    HEATMAP_NODATA,
-    LABEL_NODATA,
-    HeatmapWriter,
-    TileTable,
-    _HeatGrid,
-    atomic_output,
-    class_colors,
-    quicklook_layout,
-    read_heatmap_preview,
-    wkb_polygons,
-    write_json,
-    write_labels_cog,
-    write_quicklook,
-)
+from tilescan.outputs.cog import HEATMAP_NODATA, LABEL_NODATA, write_labels_cog
+from tilescan.outputs.heatmap import HeatmapWriter, _HeatGrid, read_heatmap_preview
+from tilescan.outputs.table import TileTable
+from tilescan.outputs.files import atomic_output, write_json
+from tilescan.outputs.palette import class_colors
+from tilescan.outputs.quicklook import quicklook_layout, write_quicklook
+from tilescan.outputs.geometry import wkb_polygons
 
 gpd = pytest.importorskip("geopandas")
 shapely = pytest.importorskip("shapely")
@@ -154,7 +146,7 @@ def test_file_too_large_becomes_output_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
         from rasterio.transform import from_origin
         from tilescan.errors import OutputError
-        from tilescan.writers import TileTable, write_json
+        from tilescan.outputs.table import TileTable; from tilescan.outputs.files import write_json
         out = {str(tmp_path)!r}
         try:
             write_json(out + "/big.json", {{"x": list(range(100000))}})

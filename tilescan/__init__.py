@@ -40,7 +40,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .job import RunReport
+    from .pipeline.report import RunReport
     from .model import LoadedModel
 
 __version__ = "0.2.0"
@@ -113,12 +113,12 @@ def run(
     STAC documents by any name; ``assets``: the STAC asset key(s) or band names to read;
     ``stac_items``: also write ``out/<scene>/item.json``, a STAC Item of the outputs.
 
-    Returns a :class:`~tilescan.job.RunReport` (``.results``, ``.exit_code``,
+    Returns a :class:`~tilescan.pipeline.report.RunReport` (``.results``, ``.exit_code``,
     ``.to_dict()``; also written to ``out/report.json``). One failing scene does not raise:
     it is listed in the report. Raises :class:`TilescanError` for what stops the whole run
     (no scenes, a bad setting, an unusable model or output folder).
     """
-    from .job import run as _run
+    from .pipeline.run import run as _run
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -157,10 +157,10 @@ def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
 def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
             **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
-    Keyword arguments as :func:`tilescan.explain.run_explain` (``methods``, ``layer``,
+    Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, ``layer``,
     ``target``, ``tiles``, ``top``, ``tile_size``, ``units``, ``model_path``)."""
     from .backend import import_keras
-    from .explain import run_explain
+    from .explain.figures import run_explain
 
     import_keras()
     if isinstance(inputs, (str, os.PathLike)):
@@ -170,6 +170,6 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model."""
-    from .cam import get_cam as _get
+    from .explain.cam import get_cam as _get
 
     return _get(name, model, layer=layer, **kwargs)

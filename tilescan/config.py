@@ -25,8 +25,8 @@ from .errors import ConfigError
 ENV_PREFIX = "TILESCAN_"
 FLAGS_SOURCE = "command-line flags"
 
-# The CAM method names, kept here so the CLI can list them without importing tilescan.cam
-# (tests/test_cli.py checks they equal tilescan.cam.CAM_METHODS).
+# The CAM method names, kept here so the CLI can list them without importing tilescan.explain.cam
+# (tests/test_cli.py checks they equal tilescan.explain.cam.CAM_METHODS).
 CAM_METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 
 

@@ -127,8 +127,8 @@ class LoadedModel:
         return str(self.meta.get("cam_layer") or DEFAULT_CAM_LAYER)
 
     def open_scene(self, path, tiling):
-        """:func:`tilescan.tiling.open_scene` for this model's bands, input size and scale."""
-        from .tiling import open_scene
+        """:func:`tilescan.scene.plan.open_scene` for this model's bands, input size and scale."""
+        from .scene.plan import open_scene
 
         return open_scene(path, tiling, self.num_bands, self.input_size, self.meta.get("gsd_m"),
                           self.meta.get("bands"), self.scale_range)
@@ -248,7 +248,7 @@ def rewrite_metadata(path: str | os.PathLike, update) -> str:
 
 def _replacing(path: Path):
     """``writers.atomic_output`` (temporary file beside ``path``, renamed over it on success)."""
-    from .writers import atomic_output  # imported here: writers loads rasterio
+    from .outputs.files import atomic_output
 
     return atomic_output(path)
 

@@ -11,8 +11,8 @@ python3 - "$aid" "$out" "$max" "$here/configs/aid-resnet18.toml" <<'PY'
 import sys, time
 from pathlib import Path
 from tilescan.config import load_config
-from tilescan.data import load_dataset
-from tilescan.train import train
+from tilescan.training.data import load_dataset
+from tilescan.training.train import train
 aid, out, max_s, cfg_path = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 cfg = load_config(cfg_path, environ={}).train
 ds = load_dataset(aid)

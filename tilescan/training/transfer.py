@@ -19,14 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 HEAD = "logits"
 
 
 def parent_path(init: str) -> str | None:
     """The model file ``init`` names (``default``: the packaged model)."""
-    from .model import model_path
+    from ..model import model_path
 
     return model_path(None if init == "default" else init)
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
 from . import sources
-from .errors import InputError, NoScenesError
+from ..errors import InputError, NoScenesError
 
 DEFAULT_ASSET = "visual"
 DEFAULT_BANDS = ("red", "green", "blue")
@@ -99,7 +99,7 @@ def _band_name(asset) -> str | None:
 
 
 class StacScene(os.PathLike):
-    """One STAC item as a scene (the :class:`tilescan.sources.RemoteScene` protocol)."""
+    """One STAC item as a scene (the :class:`tilescan.scene.sources.RemoteScene` protocol)."""
 
     remote = True
 
@@ -216,7 +216,7 @@ class StacScene(os.PathLike):
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 return rasterio.open(self.paths[i])
         except Exception as exc:
-            from .tiling import _describe
+            from .info import _describe
 
             raise InputError(f"asset {self.keys[i]!r}: corrupt or truncated TIFF (GDAL cannot open it): "
                              f"{_describe(exc)}", path=self.shown) from None

@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, OutputError
-from .log import emit
-from .writers import csv_text, write_json, write_text
-from .explain import (
+from ..errors import ConfigError, OutputError
+from ..log import emit
+from ..outputs.files import csv_text, write_json, write_text
+from ..explain.figures import (
     RIGHT_COLOR,
     WRONG_COLOR,
     FigureRow,
@@ -104,7 +104,7 @@ def predict_probs(model, x: np.ndarray, tta: bool = False, batch_size: int = 64)
 def iter_image_batches(
     paths: Sequence[Path], size: int, batch_size: int, workers: int | None = None, prefetch: int = 2
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, x)``: batches of evaluation views (:func:`tilescan.data.load_eval_image`)
+    """Yield ``(start, x)``: batches of evaluation views (:func:`tilescan.training.data.load_eval_image`)
     decoded in a thread pool, ``prefetch`` batches ahead of the consumer (bounded memory)."""
     from .data import load_eval_image
 
@@ -235,7 +235,7 @@ def pick_examples(y_true: np.ndarray, y_pred: np.ndarray, n: int, seed: int = SE
 
 def record_scores(model_path: str | os.PathLike, key: str, entry: dict[str, Any]) -> str:
     """Store ``entry`` as ``meta["scores"][key]`` in a model file; returns the new sha256."""
-    from .model import rewrite_metadata
+    from ..model import rewrite_metadata
 
     return rewrite_metadata(model_path, lambda meta: meta.setdefault("scores", {}).__setitem__(key, entry))
 
@@ -249,8 +249,8 @@ def _explanation_study(
     """Faithfulness (deletion / insertion AUC, blur baseline) of each CAM method and of
     random maps over ``paths``, explaining the predicted class, plus each method's cost
     measured against plain inference on 32 real images."""
-    from .cam import get_cam, time_methods
-    from .faithfulness import deletion_insertion, random_maps
+    from ..explain.cam import get_cam, time_methods
+    from ..explain.faithfulness import deletion_insertion, random_maps
 
     model = lm.model
     if limit is not None and limit < len(paths):
@@ -352,7 +352,7 @@ def run_evaluate(
     """
     import keras
 
-    from . import __version__
+    from .. import __version__
 
     t_start = time.perf_counter()
     if int(batch_size) < 1:
@@ -471,7 +471,7 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     """The dataset, the model (its classes checked against the dataset's from the metadata,
     before the slow Keras load) and the split's items."""
     from .data import load_dataset
-    from .model import PACKAGE_MODEL, load_model, read_metadata
+    from ..model import PACKAGE_MODEL, load_model, read_metadata
 
     ds = load_dataset(data, splits_dir=splits_dir)
     items = ds.items(split)
@@ -521,7 +521,7 @@ def _write_tables(out: Path, rel_paths, y_true, y_pred, conf, metrics: dict, cla
 def _explanation_figure(path: Path, lm, paths, y_true, y_pred, conf, cam_methods: Sequence[str], samples: int,
                         seed: int, split: str) -> None:
     """The study's figure for a seeded pick of right and wrong images, one batch per method."""
-    from .cam import get_cam, upsample
+    from ..explain.cam import get_cam, upsample
 
     classes, size = lm.classes, lm.input_size
     pick = pick_examples(y_true, y_pred, samples, seed)

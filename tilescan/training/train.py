@@ -25,13 +25,13 @@ from typing import Callable
 
 import numpy as np
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .data import Dataset, channel_stats, make_batches
-from .errors import ConfigError, InputError, OutputExistsError
-from .model import DEFAULT_CAM_LAYER, build_resnet18, save_model
-from .backend import cpu_has_bf16
-from .log import emit
-from .writers import write_text
+from ..errors import ConfigError, InputError, OutputExistsError
+from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
+from ..backend import cpu_has_bf16
+from ..log import emit
+from ..outputs.files import write_text
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -46,7 +46,7 @@ def resolve_precision(setting: str) -> str:
         return "mixed_bfloat16"
     import keras
 
-    from .cam import model_on_accelerator
+    from ..explain.shims import model_on_accelerator
 
     return "mixed_bfloat16" if model_on_accelerator(keras.backend.backend()) or cpu_has_bf16() else "float32"
 
@@ -252,7 +252,7 @@ def train(
     parent = None  # the parent's card (metadata and hash); its Keras model loads only for a fresh start
     size = cfg.image_size
     if cfg.init:
-        from .model import describe_model
+        from ..model import describe_model
 
         parent = describe_model(transfer.parent_path(cfg.init))
         size = transfer.check_parent(parent, cfg.image_size, "image_size" in getattr(cfg, "_origins", {}), chips_card)
@@ -267,7 +267,7 @@ def train(
 
     parent_model = None
     if parent is not None and not (resume and state_file.exists() and (ckpt / "last.keras").exists()):
-        from .model import load_model
+        from ..model import load_model
 
         parent_model = load_model(parent.path).model  # before the precision policy: its weights are float32
     policy = resolve_precision(cfg.mixed_precision)

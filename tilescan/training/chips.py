@@ -39,12 +39,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import __version__
-from .config import TilingConfig
-from .errors import ConfigError, InputError, OutputError, OutputExistsError
+from .. import __version__
+from ..config import TilingConfig
+from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from .labels import Labels, crs_name, read_labels
 from .splits import SPLITS, assign, auto_block_m, format_counts
-from .writers import pyproj_crs
+from ..outputs.geometry import pyproj_crs
 
 CHIPS_FORMAT = "tilescan-chips/1"
 CARD = "chips.json"
@@ -304,7 +304,8 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .writers import atomic_output, wkb_polygons
+    from ..outputs.files import atomic_output
+    from ..outputs.geometry import wkb_polygons
 
     pj = pyproj_crs(crs)
     geo_col: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"],
@@ -374,10 +375,10 @@ def cut_chips(
 ) -> dict:
     """Build the chips dataset ``out`` from the scenes in ``inputs`` (files or folders) and
     the labels file; returns the card (also written as ``out/chips.json``)."""
-    from .model import describe_model
-    from .tiling import TilingWarning, find_scenes
-    from .writers import write_json
-    from . import layout
+    from ..model import describe_model
+    from ..scene.info import TilingWarning, find_scenes
+    from ..outputs.files import write_json
+    from .. import layout
 
     opts.check()
     tiling = tiling or TilingConfig()

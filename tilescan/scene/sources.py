@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-from .errors import InputError, NoScenesError, TilescanError
+from ..errors import InputError, NoScenesError, TilescanError
 
 #: URL scheme -> GDAL virtual file system prefix.
 VSI = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/", "azure": "/vsiaz/"}
@@ -424,7 +424,7 @@ def remote_errors(scene: Any) -> Iterator[None]:
     except Exception as exc:
         from rasterio.errors import RasterioError
 
-        from .tiling import _describe
+        from .info import _describe
 
         if isinstance(exc, OSError) and not isinstance(exc, RasterioError):
             raise  # the output side (disk full, permissions), not the network
@@ -439,7 +439,7 @@ def with_retries(scene: Any, work, log) -> Any:
     ``TILESCAN_REMOTE_RETRIES`` times (default :data:`UNIT_RETRIES`), waiting
     :data:`UNIT_RETRY_DELAY_S` seconds, then twice as long each time; a stop request
     (SIGTERM) ends the waiting. Errors come out of :func:`remote_errors`."""
-    from . import stop
+    from .. import stop
 
     if not getattr(scene, "remote", False):
         return work()
@@ -539,7 +539,7 @@ class RemoteScene(os.PathLike):
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 return rasterio.open(self.gdal_path)
         except Exception as exc:
-            from .tiling import _describe
+            from .info import _describe
 
             text = _failure_text(self, _describe(exc))  # with the transfer failure behind it, if any
             low = text.lower()
@@ -627,11 +627,11 @@ def expand_url(url: str) -> list[RemoteScene]:
 def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequence[str] | None = None) -> tuple[list, list[InputError]]:
     """The scenes of ``inputs`` (local files and folders, URLs, STAC documents: ``*.json``)
     and ``stac`` (STAC documents whatever their name), in a fixed order (local files as
-    :func:`tilescan.tiling.find_scenes` sorts them, then URLs and STAC items in the order
+    :func:`tilescan.scene.info.find_scenes` sorts them, then URLs and STAC items in the order
     given), and the inputs that failed alone, as errors. Raises when nothing is left: the
     first input's error, or :class:`NoScenesError`.
     """
-    from .tiling import find_scenes
+    from .info import find_scenes
 
     local = [p for p in inputs if not is_url(p) and not _is_stac_file(p)]
     other = [p for p in inputs if is_url(p) or _is_stac_file(p)]

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 SPLITS = ("train", "val", "test")
 METHODS = ("blocks", "scene", "random", "test")

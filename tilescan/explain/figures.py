@@ -8,7 +8,7 @@ figure, a row per image or tile::
     original | <method> heatmap | <method> overlay | <method 2> heatmap | ...
 
 and a JSON file with the labels, confidences and (for tiles) the pixel windows and bounds.
-The CAMs of a figure are computed as ONE batch per method (:mod:`tilescan.cam`).
+The CAMs of a figure are computed as ONE batch per method (:mod:`tilescan.explain.cam`).
 
 The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used by
 :mod:`tilescan.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
@@ -25,12 +25,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import sources
-from .cam import resolve_target  # noqa: F401  (one resolver for run and explain)
-from .errors import ConfigError, InputError
-from .log import emit
-from .tiling import TIFF_SUFFIXES
-from .writers import write_bytes, write_json
+from ..scene import sources
+from .cam import resolve_target
+from ..errors import ConfigError, InputError
+from ..log import emit
+from ..scene.info import TIFF_SUFFIXES
+from ..outputs.files import write_bytes, write_json
 
 HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
@@ -152,7 +152,7 @@ class _Item:
 
 
 def _image_items(path: Path, lm) -> list[_Item]:
-    from .data import load_eval_image
+    from ..training.data import load_eval_image
 
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; ordinary images are RGB (use a GeoTIFF)", path=str(path))
@@ -164,8 +164,8 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
                  units: str = "auto") -> tuple[list[_Item], dict]:
     import warnings
 
-    from .config import TilingConfig
-    from .tiling import TilingWarning
+    from ..config import TilingConfig
+    from ..scene.info import TilingWarning
 
     cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, allow_pixel_space=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -260,7 +260,7 @@ def run_explain(
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 
-    ``methods``: CAM method names (:data:`tilescan.cam.CAM_METHODS`), one heatmap + overlay
+    ``methods``: CAM method names (:data:`tilescan.explain.cam.CAM_METHODS`), one heatmap + overlay
     column pair each. ``layer``: CAM layer (default: the model's). ``target``: class name or
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
@@ -271,7 +271,7 @@ def run_explain(
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
     from .cam import CAM_METHODS, get_cam, upsample
-    from .model import PACKAGE_MODEL, load_model, read_metadata
+    from ..model import PACKAGE_MODEL, load_model, read_metadata
 
     if not inputs:
         raise InputError("nothing to explain: no inputs given")

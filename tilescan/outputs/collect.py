@@ -56,11 +56,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import gpkg as gpkg_compat
-from . import layout, spatial
-from .errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
-from .layout import COLLECTED, LOCKS, MANIFEST, STAGING
-from .log import emit
-from .writers import BBOX_TYPE, atomic_output, csv_text, prob_column_names, wkb_polygon_rings, wkb_polygons, write_json, write_text
+from .. import layout
+from . import spatial
+from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
+from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
+from ..log import emit
+from .table import BBOX_TYPE, prob_column_names
+from .files import atomic_output, csv_text, write_json, write_text
+from .geometry import wkb_polygon_rings, wkb_polygons
 
 TARGET_CRS = "OGC:CRS84"
 

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .layout import MANIFEST
-from .writers import write_json
+from ..layout import MANIFEST
+from .files import write_json
 
 ITEM = "item.json"
 _ASSETS = {

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError
-from .layout import fold, folder_name
-from .writers import pyproj_crs
+from ..errors import ConfigError, InputError
+from ..layout import fold, folder_name
+from ..outputs.geometry import pyproj_crs
 
 #: Class field names tried, in order, when none is given (matched case-insensitively).
 DEFAULT_CLASS_FIELDS = ("class", "label")

@@ -13,7 +13,7 @@ GDAL's index off and :func:`add_rtree` builds the index the GeoPackage spec desc
 ``VERSION=1.2``) with Python's ``sqlite3``: in this process when its SQLite has the R-tree
 module, else in a short child process that has not loaded TensorFlow.
 
-Standard library only, so ``python -m tilescan.gpkg FILE`` starts fast.
+Standard library only, so ``python -m tilescan.outputs.gpkg FILE`` starts fast.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def layer_options() -> dict[str, str]:
     return {"SPATIAL_INDEX": "YES" if _sqlite_has_rtree() else "NO"}
 
 _RTREE_EXT = "http://www.geopackage.org/spec120/#extension_rtree"
-_NO_RTREE = 3  # exit code of ``python -m tilescan.gpkg`` when its SQLite lacks the R-tree module
+_NO_RTREE = 3  # exit code of ``python -m tilescan.outputs.gpkg`` when its SQLite lacks the R-tree module
 
 
 def _q(name: str) -> str:
@@ -211,7 +211,7 @@ def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) ->
     naming ``name`` (default ``path``; e.g. the final name of a temporary file) when the file
     cannot be indexed (full disk, not a GeoPackage...); when no SQLite at hand has the R-tree
     module, warns and leaves the (valid) file without one."""
-    from .errors import OutputError
+    from ..errors import OutputError
 
     path = Path(path)
     name = str(name if name is not None else path)
@@ -225,9 +225,9 @@ def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) ->
         raise OutputError(f"cannot add the GeoPackage spatial index ({exc})", path=name) from exc
     # This process's SQLite lacks the R-tree module: a fresh interpreter without TensorFlow.
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "tilescan.gpkg", str(path)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tilescan.outputs.gpkg", str(path)], env=env,
                           capture_output=True, text=True)
     why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]  # its own message
     if proc.returncode == _NO_RTREE:  # no SQLite here can build it: a file without an index

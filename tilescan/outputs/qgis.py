@@ -6,7 +6,7 @@ Per output folder (:func:`write_scene_files`):
   as that layer's default style when the file is added, so ``heatmap.tif`` opens as a
   pseudocolour ramp over 0..1 (the quicklook's jet colours, transparent for low heat and
   nodata), ``labels.tif`` as a palette with class names, and ``tiles.parquet`` /
-  ``tiles.gpkg`` filled by ``label`` in the same colours (:func:`tilescan.writers.class_colors`),
+  ``tiles.gpkg`` filled by ``label`` in the same colours (:func:`tilescan.outputs.palette.class_colors`),
   at the quicklook's label opacity;
 * ``<scene>.qgs``: a QGIS project with the scene's RGB bands (stretched as the model saw
   them), the labels, the heatmap and the tile table, each styled as above, referenced by
@@ -20,7 +20,7 @@ The XML follows what QGIS 3.22 writes (``.qml``: a ``<qgis>`` document holding t
 renderer; ``.qgs``: ``<projectCrs>``, ``<layer-tree-group>``, ``<mapcanvas>``,
 ``<projectlayers>``, relative ``./`` paths), with the elements older QGIS 3 releases read too
 (symbol-layer properties both as ``<Option>`` maps and ``<prop>`` pairs). Every file is
-written atomically (:func:`tilescan.writers.atomic_output`).
+written atomically (:func:`tilescan.outputs.files.atomic_output`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
-from .writers import LABEL_BLEND, atomic_output, class_colors, pyproj_crs
+from .quicklook import LABEL_BLEND
+from .files import atomic_output
+from .palette import class_colors
+from .geometry import pyproj_crs
 
 __all__ = [
     "Layer",

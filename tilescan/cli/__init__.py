@@ -1,0 +1,6 @@
+"""The `tilescan` command: click commands (commands.py) over the library, with the options
+they share defined once (options.py)."""
+
+from .commands import main
+
+__all__ = ["main"]

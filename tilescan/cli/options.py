@@ -1,0 +1,185 @@
+"""Shared CLI pieces: options defined once (with their config keys and defaults), -v/-q, errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from typing import Any, Callable
+import click
+from ..config import CAM_METHOD_NAMES, Config
+from ..errors import EXIT_INTERNAL, TilescanError
+
+
+class _Ctx:
+    def __init__(self, verbosity: int):
+        self.verbosity = verbosity
+
+    def log(self, msg: str) -> None:
+        if self.verbosity >= 0 or msg.startswith(("error", "warning")):
+            click.echo(msg, err=True)
+
+    def debug(self, msg: str) -> None:
+        if self.verbosity > 0:
+            click.echo(msg, err=True)
+
+
+def _quiet_backend(verbosity: int) -> None:
+    """Import Keras now, its start-up chatter kept off the terminal unless -v is given."""
+    from ..backend import import_keras
+
+    import_keras(verbosity)
+
+
+def _guard(fn: Callable[[], Any]) -> None:
+    """Run a command body; map errors to messages and exit codes."""
+    try:
+        code = fn()
+    except TilescanError as exc:
+        click.echo(f"tilescan: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("tilescan: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit:
+        raise
+    except click.ClickException:
+        raise
+    except Exception as exc:  # pragma: no cover - a bug
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"tilescan: internal error {type(exc).__name__}: {exc} (please report this)", err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code or 0)
+
+
+# ----------------------------------------------------------------------------- options
+
+_DEFAULTS = Config()
+
+
+_VERBOSITY_NOTE = "before or after the command name"
+
+
+class _Option(click.Option):
+    """A click option whose help shows its default without click's parentheses.
+
+    ``config_key=(section, key)`` ties the option to a config value: it defaults to None
+    (so the TILESCAN_* variables, the --config file and the defaults decide), and its help
+    shows the built-in default from :mod:`tilescan.config`, so it cannot drift from
+    configs/default.toml.
+    """
+
+    def __init__(self, *decls: Any, config_key: tuple[str, str] | None = None, **kw: Any):
+        if config_key is not None:
+            kw.setdefault("default", None)
+        super().__init__(*decls, **kw)
+        self.config_key = config_key
+        if config_key is not None and self.show_default is None:
+            self.show_default = self._builtin_default()
+
+    def _builtin_default(self) -> str:
+        section, key = self.config_key  # type: ignore[misc]
+        value = getattr(getattr(_DEFAULTS, section), key)
+        if isinstance(value, bool):
+            if self.secondary_opts:  # --gpkg/--no-gpkg: name the side that is on
+                return (self.opts if value else self.secondary_opts)[-1].lstrip("-")
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if isinstance(self.show_default, str) and self.show_default:
+            extra["default"] = self.show_default
+        return extra
+
+    def as_typed(self, value: Any) -> str:
+        """The flag as the user would type it, e.g. ``--bands 4,2,1`` (for messages)."""
+        if self.is_bool_flag:
+            return max(self.opts if value else self.secondary_opts or self.opts, key=len)
+        text = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        return f"{max(self.opts, key=len)} {shlex.quote(text)}"
+
+
+option = functools.partial(click.option, cls=_Option)
+
+
+def _config_flags(ctx: click.Context) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """The config values given as flags (None = not given), and each flag as typed."""
+    layer: dict[str, dict[str, Any]] = {}
+    typed: dict[tuple[str, str], str] = {}
+    for param in ctx.command.params:
+        key = getattr(param, "config_key", None)
+        value = ctx.params.get(param.name) if param.name else None
+        if key is None or value is None:
+            continue
+        layer.setdefault(key[0], {})[key[1]] = value
+        typed[key] = param.as_typed(value)  # type: ignore[attr-defined]
+    return layer, typed
+
+
+def _count_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> None:
+    if count and isinstance(ctx.obj, _Ctx):
+        ctx.obj.verbosity += count if param.name == "verbose" else -count
+
+
+def _verbosity(cmd: Callable) -> Callable:
+    """-v/-q on a subcommand too (``tilescan run -v``), adding to those given before it."""
+    cmd = click.option("-q", "--quiet", count=True, expose_value=False, show_default=False, callback=_count_verbosity,
+                       help=f"Less output: errors and warnings only ({_VERBOSITY_NOTE}).")(cmd)
+    return click.option("-v", "--verbose", count=True, expose_value=False, show_default=False, callback=_count_verbosity,
+                        help=f"More output; repeatable ({_VERBOSITY_NOTE}).")(cmd)
+
+
+class _Bands(click.ParamType):
+    name = "N,N,N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).replace(",", " ").split())
+        except ValueError:
+            self.fail(f"expected 1-based band numbers like 3,2,1, got {value!r}", param, ctx)
+
+
+class _CamMethods(click.ParamType):
+    """One or more CAM methods, comma-separated, each one of ``CAM_METHOD_NAMES``."""
+
+    name = "METHOD[,METHOD...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
+        if isinstance(value, list):
+            return value
+        methods = [m.strip().lower() for m in str(value).split(",") if m.strip()]
+        unknown = [m for m in methods if m not in CAM_METHOD_NAMES]
+        if unknown or not methods:
+            got = f"unknown CAM method {unknown[0]!r}" if unknown else "no CAM method"
+            self.fail(f"{got}; choose from {', '.join(CAM_METHOD_NAMES)} (comma-separated)", param, ctx)
+        return methods
+
+
+def _old_spelling(ctx: click.Context, name: str, old_name: str) -> Any:
+    """The value of option ``name``, or of its hidden old spelling ``old_name`` when only
+    that was used."""
+    value, old = ctx.params[name], ctx.params[old_name]
+    if old is None:
+        return value
+    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        spelled = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+        raise click.UsageError(f"{spelled[old_name]} is the old spelling of {spelled[name]}: give only one of them", ctx)
+    return old
+
+
+_CAM_HELP = ", ".join(CAM_METHOD_NAMES)
+
+
+_LAYERS_EPILOG = (
+    "Options not given here are taken from TILESCAN_<SECTION>__<KEY> environment variables, "
+    "then from the --config file, then from the built-in defaults shown above (the values in "
+    "configs/default.toml). An error about a value names the flag, variable or file it came from."
+)

@@ -1,0 +1,137 @@
+"""Where a CAM looks: candidate layers, the logits tensor, and the model split at a layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from ..errors import ConfigError, ModelError
+from ..model import DEFAULT_CAM_LAYER
+
+
+LOGITS_LAYER = "logits"
+
+
+def _keras():
+    import keras  # lazily: importing this module must not import TensorFlow
+
+    return keras
+
+
+# --------------------------------------------------------------------------------------
+# Splitting the model at a layer
+# --------------------------------------------------------------------------------------
+
+
+def candidate_layers(model) -> list[str]:
+    """Layers a CAM can target: those with a 4-D (B, h, w, k) output, shallow to deep.
+
+    For a tilescan ResNet-18 the useful ones are the block outputs ``conv{2..5}_block{1,2}_out``.
+    """
+    names = []
+    for layer in model.layers:
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4 and type(layer).__name__ != "InputLayer":
+            names.append(layer.name)
+    return names
+
+
+def _block_outputs(model) -> list[str]:
+    names = [n for n in candidate_layers(model) if n.endswith("_out")]
+    return names or candidate_layers(model)
+
+
+def _logits_tensor(model):
+    """The symbolic logits of ``model``: the ``logits`` layer, else the input of a final
+    softmax layer."""
+    names = {l.name for l in model.layers}
+    if LOGITS_LAYER in names:
+        return model.get_layer(LOGITS_LAYER).output
+    last = model.layers[-1]
+    act = getattr(last, "activation", None)
+    if type(last).__name__ == "Activation" and getattr(act, "__name__", "") == "softmax":
+        return last.input
+    raise ModelError(
+        f"model {model.name!r} has no '{LOGITS_LAYER}' layer and does not end in a softmax "
+        "Activation; CAMs explain the pre-softmax logits"
+    )
+
+
+def resolve_layer(model, layer: str | None = None) -> str:
+    """The layer name a CAM will use (``None``: ``conv5_block2_out``, else the deepest 4-D
+    layer). Raises ConfigError naming the candidates for an unknown or unusable layer."""
+    candidates = candidate_layers(model)
+    if layer is None:
+        if DEFAULT_CAM_LAYER in candidates:
+            return DEFAULT_CAM_LAYER
+        if not candidates:
+            raise ConfigError(f"model {model.name!r} has no layer with a (B, h, w, k) output to explain")
+        return candidates[-1]
+    if layer not in candidates:
+        known = {l.name for l in model.layers}
+        why = "has no (B, h, w, k) output" if layer in known else "is not a layer of the model"
+        raise ConfigError(
+            f"CAM layer {layer!r} {why}; candidate layers: {', '.join(_block_outputs(model))}"
+        )
+    return layer
+
+
+def _rebuild_head(model, start_tensor, end_tensor):
+    """Fallback head builder: re-apply the layers between ``start_tensor`` and
+    ``end_tensor`` to a fresh ``keras.Input`` by walking the functional graph (nodes record
+    their operation and call arguments). Residual branches are handled because every node
+    is rebuilt once from its own inputs; a branch that reaches the model input without
+    passing through ``start_tensor`` means the layer does not separate input from logits.
+    """
+    keras = _keras()
+    fresh = keras.Input(shape=tuple(start_tensor.shape[1:]), dtype=start_tensor.dtype, name="cam_acts")
+    built: dict[int, Any] = {id(start_tensor): fresh}
+
+    def build(t):
+        if id(t) in built:
+            return built[id(t)]
+        op, node_index, _ = t._keras_history
+        node = op._inbound_nodes[node_index]
+        if not node.input_tensors:
+            raise ConfigError("the CAM layer does not separate the model input from the logits")
+        for parent in node.input_tensors:
+            build(parent)
+        args, kwargs = node.arguments.fill_in(built)
+        outs = op(*args, **kwargs)
+        flat = outs if isinstance(outs, (list, tuple)) else [outs]
+        for old, new in zip(node.outputs, flat):
+            built[id(old)] = new
+        return built[id(t)]
+
+    return keras.Model(fresh, build(end_tensor), name="cam_head")
+
+
+def split_model(model, layer: str, force_rebuild: bool = False):
+    """(body, head, both): input -> acts, acts -> logits, input -> [acts, logits]."""
+    keras = _keras()
+    acts_t = model.get_layer(layer).output
+    logits_t = _logits_tensor(model)
+    inp = model.input
+    if isinstance(inp, (list, tuple)):
+        if len(inp) != 1:
+            raise ModelError("CAMs need a single-input model")
+        inp = inp[0]
+    body = keras.Model(inp, acts_t, name="cam_body")
+    both = keras.Model(inp, [acts_t, logits_t], name="cam_both")
+    head = None
+    if not force_rebuild:
+        try:  # Keras 3 Functional accepts an intermediate tensor as input (it clones it)
+            head = keras.Model(acts_t, logits_t, name="cam_head")
+        except (ValueError, TypeError, KeyError):
+            head = None
+    if head is None:
+        try:
+            head = _rebuild_head(model, acts_t, logits_t)
+        except ConfigError:
+            raise ConfigError(
+                f"CAM layer {layer!r} does not separate the model input from the logits (a "
+                f"branch bypasses it); candidate layers: {', '.join(_block_outputs(model))}"
+            ) from None
+    return body, head, both

@@ -1,0 +1,162 @@
+"""One gradient step per Keras backend (TensorFlow, JAX, torch): activations, gradients and logits for a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+import numpy as np
+from ..errors import ConfigError
+from .layers import _keras
+
+
+# What ``jit_compile="auto"`` means for TensorFlow: off, because XLA measured slower on the
+# CPU (benchmarks/README.md); TensorFlow on a GPU was never measured, so off there too.
+_TF_CPU_AUTO_JIT = False
+
+
+_TF_GPU_AUTO_JIT = False
+
+
+# --------------------------------------------------------------------------------------
+# Backend shim: the only backend-specific code
+# --------------------------------------------------------------------------------------
+#
+# Each ``_<backend>_shim(body, head, both, jit)`` returns two callables on numpy input:
+#   grad_step(x, target) -> (acts, grads, logits, target) float32 numpy; ``target`` entries
+#       < 0 mean "argmax of the logits"; grads = d(sum_b logits[b, target_b]) / d acts
+#   forward(x) -> (acts, logits) float32 numpy (no gradient)
+
+
+def _tensorflow_shim(body, head, both, jit: bool):
+    import tensorflow as tf
+
+    def step(x, target):
+        acts = body(x, training=False)
+        with tf.GradientTape() as tape:
+            tape.watch(acts)
+            logits = tf.cast(head(acts, training=False), tf.float32)
+            best = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            t = tf.where(target < 0, best, target)
+            score = tf.reduce_sum(tf.gather(logits, t, axis=1, batch_dims=1))
+        grads = tape.gradient(score, acts)
+        return tf.cast(acts, tf.float32), tf.cast(grads, tf.float32), logits, t
+
+    def fwd(x):
+        acts, logits = both(x, training=False)
+        return tf.cast(acts, tf.float32), tf.cast(logits, tf.float32)
+
+    step_fn = tf.function(step, jit_compile=jit, reduce_retracing=True)
+    fwd_fn = tf.function(fwd, jit_compile=jit, reduce_retracing=True)
+
+    def grad_step(x, target):
+        return tuple(np.asarray(v) for v in step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(target)))
+
+    def forward(x):
+        return tuple(np.asarray(v) for v in fwd_fn(tf.convert_to_tensor(x)))
+
+    return grad_step, forward
+
+
+def _jax_shim(body, head, both, jit: bool):
+    import jax
+    import jax.numpy as jnp
+
+    def step(bvars, hvars, x, target):
+        acts, _ = body.stateless_call(bvars[0], bvars[1], x, training=False)
+
+        def score(a):
+            logits, _ = head.stateless_call(hvars[0], hvars[1], a, training=False)
+            logits = logits.astype(jnp.float32)
+            t = jnp.where(target < 0, jnp.argmax(logits, axis=-1).astype(target.dtype), target)
+            return jnp.sum(jnp.take_along_axis(logits, t[:, None], axis=1)), (logits, t)
+
+        grads, (logits, t) = jax.grad(score, has_aux=True)(acts)
+        return acts.astype(jnp.float32), grads.astype(jnp.float32), logits, t
+
+    def fwd(vars_, x):
+        (acts, logits), _ = both.stateless_call(vars_[0], vars_[1], x, training=False)
+        return acts.astype(jnp.float32), logits.astype(jnp.float32)
+
+    if jit:
+        step, fwd = jax.jit(step), jax.jit(fwd)
+
+    def values(m):
+        return ([v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables])
+
+    def grad_step(x, target):
+        out = step(values(body), values(head), jnp.asarray(x), jnp.asarray(target))
+        return tuple(np.asarray(v) for v in out)
+
+    def forward(x):
+        return tuple(np.asarray(v) for v in fwd(values(both), jnp.asarray(x)))
+
+    return grad_step, forward
+
+
+def _torch_shim(body, head, both, jit: bool):
+    import torch
+
+    keras = _keras()
+
+    def to_np(t):
+        return keras.ops.convert_to_numpy(t)
+
+    def grad_step(x, target):
+        xt = keras.ops.convert_to_tensor(x)
+        with torch.no_grad():
+            acts = body(xt, training=False)
+        acts = acts.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head(acts, training=False).float()
+            tt = torch.as_tensor(target, device=logits.device, dtype=torch.int64)
+            t = torch.where(tt < 0, logits.argmax(dim=-1), tt)
+            score = logits.gather(1, t[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, acts)
+        return (to_np(acts.detach().float()), to_np(grads.float()), to_np(logits.detach()), to_np(t))
+
+    def forward(x):
+        with torch.no_grad():
+            acts, logits = both(keras.ops.convert_to_tensor(x), training=False)
+        return to_np(acts.float()), to_np(logits.float())
+
+    return grad_step, forward
+
+
+_SHIMS: dict[str, Callable] = {"tensorflow": _tensorflow_shim, "jax": _jax_shim, "torch": _torch_shim}
+
+
+def model_on_accelerator(backend: str) -> bool:
+    """Whether the Keras backend computes on a GPU (or another accelerator), not the CPU."""
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def resolve_jit(jit_compile: bool | str, backend: str) -> bool:
+    """"auto" | "true" | "false" (or a bool) -> whether the gradient step is compiled.
+
+    auto: TensorFlow -> XLA only where measured faster (not on the development CPU);
+    JAX -> ``jax.jit`` (always faster than op-by-op); torch -> eager autograd.
+    """
+    if isinstance(jit_compile, bool):
+        return jit_compile
+    value = str(jit_compile).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    if value != "auto":
+        raise ConfigError(f"jit_compile must be 'auto', 'true' or 'false', got {jit_compile!r}")
+    if backend == "tensorflow":
+        return _TF_GPU_AUTO_JIT if model_on_accelerator(backend) else _TF_CPU_AUTO_JIT
+    return backend == "jax"

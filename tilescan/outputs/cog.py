@@ -1,0 +1,158 @@
+"""Cloud-optimised GeoTIFF output: the label raster and the COG profile shared with the heatmap.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+import numpy as np
+from rasterio.io import MemoryFile
+from rasterio.transform import Affine
+from .files import _dumps, atomic_output
+from .geometry import _rasterio_crs
+from .palette import class_colors
+
+
+LABEL_NODATA = 255
+
+
+HEATMAP_NODATA = -1.0
+
+
+_COMPRESSIONS = ("deflate", "zstd", "lzw", "lzma", "packbits", "raw")
+
+
+_PREDICTOR_OK = ("deflate", "zstd", "lzw", "lzma")
+
+
+def _compression(compress: str) -> str:
+    """``[output] compress`` as rio-cogeo names it ("none" -> "raw"); ValueError if unknown."""
+    compress = "raw" if compress.lower() == "none" else compress.lower()
+    if compress not in _COMPRESSIONS:
+        raise ValueError(f"unsupported compression {compress!r}; choose one of {', '.join(_COMPRESSIONS)}")
+    return compress
+
+
+# --------------------------------------------------------------------------- label COG
+
+
+def _cog_profile(compress: str) -> dict:
+    from rio_cogeo.profiles import cog_profiles
+
+    profile = dict(cog_profiles.get(_compression(compress)))
+    profile["num_threads"] = "ALL_CPUS"
+    profile["sparse_ok"] = True  # blocks all at nodata are not written
+    return profile
+
+
+def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, resampling: str, overviews: int) -> None:
+    """Copy a tiled GeoTIFF to a COG with GDAL's COG driver in one pass: 512 px blocks,
+    ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
+    with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
+    Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
+    Overviews are built through a temporary file beside ``dst``, so memory stays small
+    whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
+    faster (benchmarks/README.md)."""
+    import rasterio.shutil
+
+    compress = _compression(compress)
+    opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE="512",
+                BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper(),
+                SPARSE_OK="TRUE")
+    if compress in _PREDICTOR_OK:
+        opts["PREDICTOR"] = "YES"
+    if overviews > 0:
+        opts["OVERVIEW_COUNT"] = str(overviews)
+    else:
+        opts["OVERVIEWS"] = "NONE"
+    rasterio.shutil.copy(str(src), str(dst), driver="COG", **opts)
+
+
+def _overview_level(width: int, height: int, block: int = 512) -> int:
+    """Number of 2x overview levels: until the longer side fits one block (rio-cogeo's own
+    rule looks at the shorter side, which leaves long thin rasters without overviews)."""
+    level = 0
+    while max(width, height) > block * 2**level and min(width, height) >= 2 ** (level + 1):
+        level += 1
+    return level
+
+
+def _aux_xml(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
+    """GDAL PAM sidecar: category names and a thematic raster attribute table for band 1."""
+    from xml.sax.saxutils import escape
+
+    cats = "".join(f"      <Category>{escape(c)}</Category>\n" for c in classes)
+    # Field types: 0 integer, 2 string. Usages: 0 generic, 2 name, 5 min-max (the value),
+    # 6/7/8 red/green/blue.
+    fields = [("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8)]
+    defs = "".join(
+        f'      <FieldDefn index="{i}">\n        <Name>{name}</Name>\n        <Type>{t}</Type>\n'
+        f"        <Usage>{u}</Usage>\n      </FieldDefn>\n"
+        for i, (name, t, u) in enumerate(fields)
+    )
+    rows = "".join(
+        f'      <Row index="{i}"><F>{i}</F><F>{escape(c)}</F><F>{r}</F><F>{g}</F><F>{b}</F></Row>\n'
+        for i, (c, (r, g, b)) in enumerate(zip(classes, colors))
+    )
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        "    <CategoryNames>\n" + cats + "    </CategoryNames>\n"
+        '    <GDALRasterAttributeTable tableType="thematic">\n' + defs + rows +
+        "    </GDALRasterAttributeTable>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
+
+
+def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform: Affine, crs: Any,
+                     classes: Sequence[str], *, compress: str = "deflate",
+                     tags: Mapping[str, Any] | None = None) -> Path:
+    """Write the tile class grid as a paletted uint8 Cloud-Optimized GeoTIFF.
+
+    ``labels`` is ``(n_rows, n_cols)`` with class indexes, ``-1`` for skipped tiles (written
+    as nodata 255). ``grid_transform`` maps grid cells (one per stride step) to the scene
+    CRS. The file gets a colour table (:func:`class_colors`, nodata transparent), band
+    description ``class``, tags ``CLASS_NAMES`` (JSON list) and ``CLASS_<i>=<name>``,
+    nearest-neighbour overviews, and a sidecar ``<path>.aux.xml`` holding GDAL category
+    names and a raster attribute table (GDAL keeps these only in PAM sidecars for GeoTIFF),
+    so QGIS shows class names and colours without styling. Both files are atomic; the
+    sidecar is renamed into place just before the raster.
+    """
+    from rio_cogeo.cogeo import cog_translate
+
+    classes = [str(c) for c in classes]
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"labels must be a non-empty 2-D grid, got shape {arr.shape}")
+    if len(classes) > LABEL_NODATA:
+        raise ValueError(f"a uint8 label raster holds at most {LABEL_NODATA} classes, got {len(classes)}")
+    if arr.size and (arr.min() < -1 or arr.max() >= len(classes)):
+        raise ValueError(f"labels must be -1 or a class index below {len(classes)}")
+    data = np.where(arr < 0, LABEL_NODATA, arr).astype(np.uint8)
+    colors = class_colors(len(classes))
+    cmap = {i: (*rgb, 255) for i, rgb in enumerate(colors)}
+    cmap[LABEL_NODATA] = (0, 0, 0, 0)
+    all_tags = {"CLASS_NAMES": _dumps(classes)}
+    all_tags.update({f"CLASS_{i}": c for i, c in enumerate(classes)})
+    all_tags.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
+
+    profile = dict(driver="GTiff", dtype="uint8", count=1, height=data.shape[0], width=data.shape[1],
+                   crs=_rasterio_crs(crs), transform=grid_transform, nodata=LABEL_NODATA)
+    aux_path = Path(str(path) + ".aux.xml")
+    with atomic_output(path) as tmp:
+        with MemoryFile() as mem:
+            with mem.open(**profile) as dst:
+                dst.write(data, 1)
+                dst.write_colormap(1, cmap)
+                dst.set_band_description(1, "class")
+                dst.update_tags(**all_tags)
+            with mem.open() as src:
+                cog_translate(src, str(tmp), _cog_profile(compress), nodata=LABEL_NODATA,
+                              overview_resampling="nearest",
+                              overview_level=_overview_level(data.shape[1], data.shape[0]), in_memory=True, quiet=True,
+                              additional_cog_metadata=all_tags)
+        with atomic_output(aux_path) as tmp_aux:
+            tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
+    return Path(path)

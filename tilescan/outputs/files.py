@@ -1,0 +1,219 @@
+"""Atomic file output (temp file, fsync, rename) and the JSON/CSV/text writers built on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import errno
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+import numpy as np
+from ..errors import OutputError
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _io_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the write failed" rather than "the caller has a bug"."""
+    types: list[type[BaseException]] = [OSError]  # includes RasterioIOError, ArrowIOError
+    try:  # GDAL errors raised by rasterio while writing blocks (private module, so guarded)
+        from rasterio import _err
+
+        types += [_err.CPLE_FileIOError, _err.CPLE_OpenFailedError, _err.CPLE_NoWriteAccessError,
+                  # libtiff's write errors (a full disk, a file-size limit) arrive as
+                  # "AppDefined", and a failed GDAL copy without a message as SystemError
+                  _err.CPLE_AppDefinedError, SystemError]
+    except (ImportError, AttributeError):  # pragma: no cover - depends on rasterio build
+        pass
+    try:
+        from pyogrio import errors as _pe
+
+        types += [_pe.DataSourceError, _pe.DataLayerError]
+    except ImportError:  # pragma: no cover - pyogrio is optional
+        pass
+    return tuple(types)
+
+
+def _space_hint(folder: Path | None) -> str:
+    """"; disk full: ..." / "; file-size limit ..." when the likely cause of a failed write is
+    a full file system or the process's ``ulimit -f`` (GDAL's own messages rarely say)."""
+    hints = []
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            hints.append(f"the process file-size limit (ulimit -f) is {soft} bytes")
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not on every platform
+        pass
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+            if free < 64 * 2**20:
+                hints.append(f"disk full? only {free / 2**20:.1f} MiB free in {folder}")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _describe(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """"cannot write (<reason>)", then a hint about space or limits for write failures."""
+    folder = Path(path).parent if path is not None else None
+    if isinstance(exc, OSError) and exc.strerror:
+        hint = _space_hint(folder) if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else ""
+        return f"cannot write ({exc.strerror}){hint}"
+    text = str(exc).strip() or type(exc).__name__
+    return f"cannot write ({text}){_space_hint(folder)}"
+
+
+def _temp_name(path: Path, tag: str = "tmp") -> Path:
+    # Hidden, unique, in the same folder (so os.replace is a rename on one file system);
+    # the final suffix is kept at the end so drivers that look at the extension still
+    # recognise the format (GDAL's GPKG driver warns on any other extension).
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+_SIDECARS = ("", ".aux.xml", "-journal", "-wal", "-shm", ".ovr")
+
+
+def _remove_quietly(path: Path) -> None:
+    for extra in _SIDECARS:
+        with contextlib.suppress(OSError):
+            os.remove(str(path) + extra)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible everywhere (e.g. Windows): best effort
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    The temporary file is ``.{name}.tmp-<pid>-<random>{suffix}`` in the same folder. When the
+    ``with`` body finishes, the file is fsync'ed and ``os.replace``d over ``path`` (and the
+    folder is fsync'ed). When the body raises, the temporary file (and any GDAL/SQLite
+    sidecar of it) is removed and nothing appears at ``path``.
+
+    Write failures -- :class:`OSError` (ENOSPC, EFBIG, EACCES, ENOTDIR...) and GDAL/pyogrio
+    file errors -- become :class:`OutputError` naming ``path``. The folder is probed before
+    the body runs, so an unwritable destination fails fast, before any work is done.
+    """
+    final = Path(path)
+    tmp = _temp_name(final)
+    io_errors = _io_error_types()
+    try:
+        # Probe: reserve the name, proving the folder exists and is writable.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise OutputError(_describe(exc, final), path=str(final)) from exc
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError("cannot write (the writer produced no file)", path=str(final))
+        if fsync:
+            _fsync_path(tmp)
+        os.replace(tmp, final)
+        if fsync:
+            _fsync_dir(final.parent)
+    except OutputError:
+        _remove_quietly(tmp)
+        raise
+    except io_errors as exc:
+        _remove_quietly(tmp)
+        raise OutputError(_describe(exc, final), path=str(final)) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    finally:
+        # GDAL may leave a PAM sidecar for the temporary name; it never belongs to the output.
+        with contextlib.suppress(OSError):
+            os.remove(str(tmp) + ".aux.xml")
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths, dates, sets and dataclasses to JSON types;
+    non-finite floats become ``null`` so the output is strict JSON."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_jsonable(v) for v in obj), key=repr)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "to_wkt") and hasattr(obj, "to_string"):  # a rasterio or pyproj CRS
+        return obj.to_string()
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` atomically (its folder is created if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8, atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """CSV (``\n`` line ends) of ``rows``, the first being the header."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, strict JSON (numpy values converted), atomically."""
+    text = _dumps(obj, indent=2) + "\n"  # convert first: a TypeError leaves no file at all
+    with atomic_output(path) as tmp:
+        # a file name that is not valid UTF-8 arrives as lone surrogates: written as JSON \u escapes
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
+            fh.write(text)
+    return Path(path)

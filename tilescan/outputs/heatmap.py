@@ -1,0 +1,380 @@
+"""The scene heatmap: tile CAMs blended where tiles overlap, streamed to a COG row band by row band.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from ..errors import OutputError
+from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level
+from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output
+from .geometry import _rasterio_crs
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def _pixel_starts(n_scene: int, n_heat: int) -> np.ndarray:
+    """First scene pixel of each heat pixel (length ``n_heat + 1``; the last is ``n_scene``).
+
+    A scene pixel belongs to the heat pixel its centre falls in: scene pixel ``p`` maps to
+    ``floor((p + 0.5) * n_heat / n_scene)``. Exact integer arithmetic, no rounding drift.
+    """
+    j = np.arange(n_heat + 1, dtype=np.int64)
+    num = 2 * j * n_scene - n_heat
+    return -((-num) // (2 * n_heat))
+
+
+def _heat_index(p: int, n_scene: int, n_heat: int) -> int:
+    return ((2 * p + 1) * n_heat) // (2 * n_scene)
+
+
+def _interp_matrix(pos: np.ndarray, n: int) -> np.ndarray:
+    """(len(pos), n) bilinear weights sampling a length-``n`` signal at ``pos`` (pixel-centre
+    coordinates, edges clamped) -- the same rule as ``cv2.resize(..., INTER_LINEAR)``."""
+    pos = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.floor(pos).astype(np.int64)
+    t = pos - i0
+    i1 = np.minimum(i0 + 1, n - 1)
+    m = np.zeros((pos.size, n), dtype=np.float64)
+    rows = np.arange(pos.size)
+    np.add.at(m, (rows, i0), 1.0 - t)
+    np.add.at(m, (rows, i1), t)
+    return m
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_interp(k0: int, k1: int, origin: int, span: int, n_cam: int, n_scene: int, n_heat: int) -> np.ndarray:
+    """Bilinear weights ``(k1 - k0, n_cam)`` sampling a CAM of ``n_cam`` cells that spans
+    scene pixels ``origin .. origin + span`` at the centres of heat pixels ``k0 .. k1`` along
+    one axis. Cached (read-only): every tile of a grid row shares its row weights and every
+    tile of a grid column its column weights, so blending costs no matrix building."""
+    centres = (np.arange(k0, k1) + 0.5) * (n_scene / n_heat)
+    m = _interp_matrix((centres - origin) / span * n_cam - 0.5, n_cam)
+    m.setflags(write=False)
+    return m
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeatGrid:
+    width: int  # scene pixels
+    height: int
+    out_w: int  # heat pixels
+    out_h: int
+    col_start: np.ndarray
+    row_start: np.ndarray
+
+    _axes: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def make(cls, width: int, height: int, scale: float) -> "_HeatGrid":
+        out_w = max(1, math.ceil(width * scale - 1e-9))
+        out_h = max(1, math.ceil(height * scale - 1e-9))
+        return cls(width, height, out_w, out_h, _pixel_starts(width, out_w), _pixel_starts(height, out_h))
+
+    def _axis(self, axis: str, origin: int, span: int):
+        """Along rows ("r") or columns ("c"), for a tile at ``origin`` of ``span`` scene
+        pixels: the heat pixels ``k0 .. k1`` it touches, where its scene pixels start and end
+        inside each (relative to ``origin``), and the share of each heat pixel it covers; or
+        None outside the scene. Cached: the tiles of a grid row (column) share their rows
+        (columns)."""
+        key = (axis, origin, span)
+        got = self._axes.get(key, False)
+        if got is not False:
+            return got
+        size, n_heat, starts = (self.height, self.out_h, self.row_start) if axis == "r" else \
+            (self.width, self.out_w, self.col_start)
+        s, e = max(origin, 0), min(origin + span, size)
+        if s >= e:
+            got = None
+        else:
+            k0, k1 = _heat_index(s, size, n_heat), _heat_index(e - 1, size, n_heat) + 1
+            a = np.clip(starts[k0:k1], s, e) - origin
+            b = np.clip(starts[k0 + 1:k1 + 1], s, e) - origin
+            share = (b - a) / (starts[k0 + 1:k1 + 1] - starts[k0:k1])
+            for arr in (a, b, share):
+                arr.setflags(write=False)
+            got = (k0, k1, a, b, share)
+        if len(self._axes) > 4096:
+            self._axes.clear()
+        self._axes[key] = got
+        return got
+
+    def contribution(self, window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None):
+        """Value and weight of one tile over the heat pixels it touches.
+
+        Returns ``(j0, i0, value, weight)`` (``value``/``weight`` float64 of shape
+        ``(nj, ni)`` starting at heat row ``j0``, column ``i0``) or None if the tile lies
+        outside the scene. ``weight`` is the fraction of each heat pixel's scene pixels that
+        are valid pixels of this tile; ``value`` is the CAM bilinearly resampled at the heat
+        pixel's centre (the CAM spans the whole tile window).
+        """
+        c0, r0, tw, th = (int(v) for v in window)
+        rows = self._axis("r", r0, th)
+        cols = self._axis("c", c0, tw)
+        if rows is None or cols is None:
+            return None
+        cam = np.asarray(cam, dtype=np.float64)
+        if cam.ndim != 2 or min(cam.shape) < 1:
+            raise ValueError(f"cam must be a non-empty 2-D array, got shape {cam.shape}")
+        j0, j1, ra, rb, share_r = rows
+        i0, i1, ca, cb, share_c = cols
+
+        # weights: valid tile pixels inside each heat pixel / all scene pixels of it
+        v = None if valid is None else np.asarray(valid, dtype=bool)
+        if v is not None and v.ndim != 2:
+            raise ValueError(f"valid mask must be 2-D, got shape {v.shape}")
+        if v is None or v.all():  # every pixel valid (most tiles): no mask sums needed
+            weight = np.outer(share_r, share_c)
+        else:
+            if v.shape != (th, tw):  # e.g. a mask at model resolution: stretch it (nearest)
+                import cv2
+
+                v = cv2.resize(v.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST).astype(bool)
+            s = np.zeros((th + 1, tw + 1), dtype=np.int64)
+            np.cumsum(np.cumsum(v, axis=0), axis=1, out=s[1:, 1:])
+            counts = s[np.ix_(rb, cb)] - s[np.ix_(ra, cb)] - s[np.ix_(rb, ca)] + s[np.ix_(ra, ca)]
+            area = ((self.row_start[j0 + 1:j1 + 1] - self.row_start[j0:j1])[:, None]
+                    * (self.col_start[i0 + 1:i1 + 1] - self.col_start[i0:i1])[None, :])
+            weight = counts / area
+
+        # values: bilinear sample of the CAM at each heat pixel centre
+        ch, cw = cam.shape
+        ry = _axis_interp(j0, j1, r0, th, ch, self.height, self.out_h)
+        rx = _axis_interp(i0, i1, c0, tw, cw, self.width, self.out_w)
+        value = ry @ cam @ rx.T
+        bad = ~np.isfinite(value)
+        if bad.any():
+            value[bad] = 0.0
+            weight = np.where(bad, 0.0, weight)
+        return j0, i0, value, weight
+
+
+class HeatmapWriter:
+    """Blend per-tile CAMs into a scene heatmap COG, in row strips with bounded memory.
+
+    The heatmap grid is ``ceil(W*scale) x ceil(H*scale)`` pixels covering the scene exactly:
+    its transform is ``scene_transform @ Affine.scale(W/out_w, H/out_h)``. Each tile's CAM is
+    resampled bilinearly onto the heat pixels of its footprint; where tiles overlap the heat
+    is the mean weighted by each tile's valid-pixel coverage (nodata pixels weigh 0). Heat
+    pixels that no valid tile pixel covers get :data:`HEATMAP_NODATA` (-1.0).
+
+    Tiles must arrive in row-major order of the tile grid (non-decreasing ``row_off``).
+    Adding a tile at ``row_off = r`` implies that rows above ``r`` are final (as does an
+    explicit :meth:`finish_rows`): finished heat rows go to a temporary tiled float32
+    GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
+    pixels, not the scene. :meth:`close` turns the temporary file into a COG at ``path``
+    (average overviews) atomically; :meth:`abort` removes the temporary files. As a context
+    manager it closes on success and aborts on error.
+    """
+
+    def __init__(self, path: str | os.PathLike, scene_width: int, scene_height: int,
+                 scene_transform: Affine, crs: Any, scale: float, tile_px: int, stride_px: int,
+                 compress: str = "deflate"):
+        if not (0 < scale <= 1):
+            raise ValueError(f"heatmap scale must be in (0, 1], got {scale}")
+        if scene_width < 1 or scene_height < 1:
+            raise ValueError(f"scene size must be positive, got {scene_width}x{scene_height}")
+        self.path = Path(path)
+        self.scale = float(scale)
+        self.tile_px, self.stride_px = int(tile_px), int(stride_px)
+        self.compress = _compression(compress)
+        self.grid = _HeatGrid.make(int(scene_width), int(scene_height), self.scale)
+        g = self.grid
+        self.transform = Affine(*scene_transform[:6]) @ Affine.scale(g.width / g.out_w, g.height / g.out_h)
+        self.crs = _rasterio_crs(crs)
+        self.width, self.height = g.out_w, g.out_h
+        # strip buffer: heat rows [base, base + rows) accumulate sum(w * v) and sum(w)
+        self._base = 0
+        cap = max(1, math.ceil((self.tile_px + max(self.stride_px, 1)) * self.scale) + 2)
+        self._sum = np.zeros((cap, g.out_w), np.float64)
+        self._wsum = np.zeros((cap, g.out_w), np.float64)
+        self._rows = 0
+        self._last_row_off = None
+        self.peak_buffer_rows = 0
+        self._closed = False
+        self._strips = _temp_name(self.path, "strips")
+        self._dst = None
+        try:
+            profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
+                           crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
+                           tiled=True, blockxsize=256, blockysize=256, bigtiff="IF_SAFER", sparse_ok=True)
+            # The strips file is a scratch copy read once by close(): left uncompressed, so
+            # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
+            # rows no tile touched are never written, and read back as nodata.
+            self._dst = rasterio.open(self._strips, "w", **profile)
+        except _io_error_types() as exc:
+            _remove_quietly(self._strips)
+            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
+
+    # -- context manager
+
+    def __enter__(self) -> "HeatmapWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes held by the strip accumulators now."""
+        return self._sum.nbytes + self._wsum.nbytes
+
+    # -- accumulate
+
+    def _ensure_rows(self, end_row: int) -> None:
+        need = end_row - self._base
+        if need > self._sum.shape[0]:
+            cap = max(need, int(self._sum.shape[0] * 1.5) + 1)
+            for name in ("_sum", "_wsum"):
+                old = getattr(self, name)
+                new = np.zeros((cap, old.shape[1]), np.float64)
+                new[: self._rows] = old[: self._rows]
+                setattr(self, name, new)
+        self._rows = max(self._rows, need)
+        self.peak_buffer_rows = max(self.peak_buffer_rows, self._rows)
+
+    def add(self, tile_window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Blend one tile: ``tile_window`` = (col_off, row_off, width, height) in scene pixels,
+        ``cam`` (h, w) in 0..1 spanning that window, ``valid`` (height, width) bool or None
+        (all valid). A mask of another size is stretched over the window (nearest)."""
+        if self._closed:
+            raise RuntimeError("HeatmapWriter is closed")
+        row_off = int(tile_window[1])
+        if self._last_row_off is not None and row_off < self._last_row_off:
+            raise ValueError(f"tiles must arrive in row-major order: row_off {row_off} after {self._last_row_off}")
+        if self._last_row_off is None or row_off > self._last_row_off:
+            self.finish_rows(row_off)
+            self._last_row_off = row_off
+        got = self.grid.contribution(tile_window, cam, valid)
+        if got is None:
+            return
+        j0, i0, value, weight = got
+        if j0 < self._base:
+            raise ValueError(f"tile {tuple(tile_window)} touches heat rows already written (< {self._base})")
+        nj, ni = value.shape
+        self._ensure_rows(j0 + nj)
+        a = j0 - self._base
+        self._sum[a:a + nj, i0:i0 + ni] += weight * value
+        self._wsum[a:a + nj, i0:i0 + ni] += weight
+
+    def finish_rows(self, scene_row: int) -> None:
+        """Declare that no later tile touches scene rows above ``scene_row``: heat rows made
+        only of those scene rows are written out and freed."""
+        if self._closed:
+            raise RuntimeError("HeatmapWriter is closed")
+        g = self.grid
+        scene_row = min(max(int(scene_row), 0), g.height)
+        done = int(np.searchsorted(g.row_start, scene_row, side="right")) - 1  # rows [0, done) final
+        done = min(done, g.out_h)
+        if done <= self._base:
+            return
+        n_buf = min(self._rows, done - self._base)
+        if n_buf > 0:
+            self._write(self._base, self._sum[:n_buf], self._wsum[:n_buf])
+            keep = self._rows - n_buf
+            self._sum[:keep] = self._sum[n_buf:self._rows]
+            self._wsum[:keep] = self._wsum[n_buf:self._rows]
+            self._sum[keep:self._rows] = 0.0
+            self._wsum[keep:self._rows] = 0.0
+            self._rows = keep
+        # rows no tile touched stay unwritten: the sparse scratch file reads them as nodata
+        self._base = done
+
+    def _write(self, row: int, s: np.ndarray, w: np.ndarray) -> None:
+        heat = np.full(s.shape, HEATMAP_NODATA, dtype=np.float32)
+        ok = w > 0
+        heat[ok] = (s[ok] / w[ok]).astype(np.float32)
+        self._write_raw(row, heat)
+
+    def _write_raw(self, row: int, heat: np.ndarray) -> None:
+        with self._aborting():
+            self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
+
+    @contextlib.contextmanager
+    def _aborting(self) -> Iterator[None]:
+        """On any error drop the temporary files (:meth:`abort`); a failed write becomes an
+        :class:`OutputError` naming the heatmap."""
+        try:
+            yield
+        except _io_error_types() as exc:
+            self.abort()
+            raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- finish
+
+    def finish(self, tags: Mapping[str, Any] | None = None) -> None:
+        """Write the remaining rows and tags to the scratch file; no tile can be added after.
+        :meth:`close` does this itself; call it first to take a :meth:`preview` before."""
+        if self._closed or self._dst.closed:
+            return
+        with self._aborting():  # e.g. the strips file could not be flushed: disk full
+            self.finish_rows(self.grid.height)
+            self._dst.set_band_description(1, "heat")
+            meta = {"HEATMAP_SCALE": repr(self.scale), "TILE_PX": str(self.tile_px),
+                    "STRIDE_PX": str(self.stride_px), "HEATMAP_NODATA": repr(HEATMAP_NODATA)}
+            meta.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
+            self._dst.update_tags(**meta)
+            self._dst.close()
+
+    def preview(self, max_size: int = 1024) -> np.ndarray:
+        """:func:`read_heatmap_preview` of the finished heat (after :meth:`finish`), read
+        from the scratch file, so a quicklook can be drawn while :meth:`close` writes the COG."""
+        if self._closed or not self._dst.closed:
+            raise RuntimeError("HeatmapWriter.preview needs finish() first and close() not yet")
+        with self._aborting():  # the scratch file came out short: a full disk
+            return read_heatmap_preview(self._strips, max_size)
+
+    def close(self, tags: Mapping[str, Any] | None = None) -> Path:
+        """Write the remaining rows and convert to a COG at ``path`` (atomic). ``tags`` are
+        ignored after :meth:`finish` (which took them)."""
+        if self._closed:
+            return self.path
+        self.finish(tags)
+        try:
+            with self._aborting():
+                self._closed = True
+                with atomic_output(self.path) as tmp:
+                    _cog_copy(self._strips, tmp, self.compress, "average",
+                              _overview_level(self.grid.out_w, self.grid.out_h))
+        finally:
+            _remove_quietly(self._strips)
+        self._sum = self._wsum = np.zeros((0, self.grid.out_w))
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything: close and remove the temporary files; ``path`` is not touched."""
+        self._closed = True
+        if self._dst is not None and not self._dst.closed:
+            with contextlib.suppress(Exception):
+                self._dst.close()
+        _remove_quietly(self._strips)
+
+
+def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.ndarray:
+    """Read a heatmap COG decimated so its longer side is at most ``max_size`` (GDAL reads
+    from the overviews); nodata becomes NaN. Returns float32 ``(h, w)``."""
+    with rasterio.open(path) as src:
+        f = max(src.width, src.height) / float(max_size)
+        if f <= 1:
+            shape = (src.height, src.width)
+        else:
+            shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+        data = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average)
+    return np.ma.filled(data.astype(np.float32), np.nan)

@@ -1,0 +1,373 @@
+"""The per-tile table: rows gathered per batch as columns, written as GeoParquet 1.1 and GeoPackage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ..errors import OutputError
+from .files import _dumps, atomic_output
+from .geometry import _projjson, pyproj_crs, wkb_polygons
+
+
+# --------------------------------------------------------------------------- tile table
+
+# name -> (numpy dtype, arrow type, default or None when required)
+_SCALARS: dict[str, tuple[Any, Any, Any]] = {
+    "tile_index": (np.int64, pa.int64(), None),
+    "row": (np.int32, pa.int32(), None),
+    "col": (np.int32, pa.int32(), None),
+    "col_off": (np.int32, pa.int32(), None),
+    "row_off": (np.int32, pa.int32(), None),
+    "width": (np.int32, pa.int32(), None),
+    "height": (np.int32, pa.int32(), None),
+    "valid_fraction": (np.float32, pa.float32(), 1.0),
+    "class_index": (np.int16, pa.int16(), None),
+    "confidence": (np.float32, pa.float32(), None),
+    "cam_mean": (np.float32, pa.float32(), np.nan),
+    "cam_max": (np.float32, pa.float32(), np.nan),
+    "cam_raw_max": (np.float32, pa.float32(), np.nan),
+    "cam_peak_x": (np.float64, pa.float64(), np.nan),
+    "cam_peak_y": (np.float64, pa.float64(), np.nan),
+}
+
+
+_CORNER_KEYS = ("x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3")
+
+
+_ACCEPTED = set(_SCALARS) | {"corners", "probabilities", "label", *_CORNER_KEYS}
+
+
+# output column order
+_ORDER_HEAD = ("scene", "tile_index", "row", "col", "col_off", "row_off", "width", "height",
+               "valid_fraction", "label", "class_index", "confidence")
+
+
+_ORDER_CAM = ("cam_mean", "cam_max", "cam_raw_max", "cam_peak_x", "cam_peak_y")
+
+
+BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
+                        ("xmax", pa.float64()), ("ymax", pa.float64())])
+
+
+_ROW_GROUP = 65536
+
+
+class TileTable:
+    """Per-tile results, accumulated batch by batch in compact numpy columns.
+
+    ``add(batch)`` takes a dict of equal-length arrays (one entry per tile):
+
+    * required: ``tile_index`` (int64), ``row``, ``col``, ``col_off``, ``row_off``,
+      ``width``, ``height`` (int32: the full tile window in scene pixels), ``class_index``
+      (int16), ``confidence`` (float32), ``probabilities`` (B,K float32), and the footprint,
+      either ``corners`` (B,4,2: UL, UR, LR, LL in scene CRS, may be rotated) or
+      ``x0, y0, ..., x3, y3`` in that order;
+    * optional: ``label`` (str; else ``classes[class_index]`` at write time),
+      ``valid_fraction`` (default 1), ``cam_mean``, ``cam_max``, ``cam_raw_max`` (float32),
+      ``cam_peak_x``, ``cam_peak_y`` (float64 map coords of the heat peak) -- NaN if absent.
+
+    Rows are written sorted by ``tile_index`` (so a resumed run writes the same file).
+    Memory is about ``150 + 4 K`` bytes per tile.
+    """
+
+    def __init__(self, classes: Sequence[str] | None = None):
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self._chunks: dict[str, list[np.ndarray]] = {k: [] for k in (*_SCALARS, "corners", "probabilities", "label_code")}
+        self._label_names: list[str] = []
+        self._label_lookup: dict[str, int] = {}
+        self._n = 0
+        self._k: int | None = None if classes is None else len(self.classes)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def n_classes(self) -> int | None:
+        return self._k
+
+    # -- accumulate
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        unknown = set(batch) - _ACCEPTED
+        if unknown:
+            raise ValueError(f"TileTable.add: unknown columns {sorted(unknown)}; accepted: {sorted(_ACCEPTED)}")
+        if "corners" in batch:
+            corners = np.asarray(batch["corners"], dtype=np.float64)
+        elif all(k in batch for k in _CORNER_KEYS):
+            corners = np.stack([np.asarray(batch[k], dtype=np.float64) for k in _CORNER_KEYS], axis=-1)
+            corners = corners.reshape(-1, 4, 2)
+        else:
+            raise ValueError("TileTable.add: give the footprint as 'corners' (B,4,2) or x0..y3")
+        if corners.ndim != 3 or corners.shape[1:] != (4, 2):
+            raise ValueError(f"TileTable.add: corners must be (B, 4, 2), got {corners.shape}")
+        b = corners.shape[0]
+
+        cols: dict[str, np.ndarray] = {}
+        for name, (dtype, _, default) in _SCALARS.items():
+            if name in batch:
+                arr = np.asarray(batch[name])
+                if arr.shape != (b,):
+                    raise ValueError(f"TileTable.add: {name!r} has shape {arr.shape}, expected ({b},)")
+                if np.issubdtype(np.dtype(dtype), np.integer) and not np.issubdtype(arr.dtype, np.integer):
+                    if arr.size and not np.all(np.equal(np.mod(arr, 1), 0)):
+                        raise ValueError(f"TileTable.add: {name!r} must hold integers")
+                cols[name] = arr.astype(dtype, copy=True)
+            elif default is None:
+                raise ValueError(f"TileTable.add: missing required column {name!r}")
+            else:
+                cols[name] = np.full(b, default, dtype=dtype)
+
+        probs = np.asarray(batch.get("probabilities"), dtype=np.float32) if "probabilities" in batch else None
+        if probs is None:
+            raise ValueError("TileTable.add: missing required column 'probabilities'")
+        if probs.ndim != 2 or probs.shape[0] != b:
+            raise ValueError(f"TileTable.add: probabilities must be (B, K) with B={b}, got {probs.shape}")
+        if self._k is None:
+            self._k = probs.shape[1]
+        elif probs.shape[1] != self._k:
+            raise ValueError(f"TileTable.add: probabilities have {probs.shape[1]} classes, expected {self._k}")
+
+        if "label" in batch:
+            labels = np.asarray(batch["label"]).astype(str)
+            if labels.shape != (b,):
+                raise ValueError(f"TileTable.add: 'label' has shape {labels.shape}, expected ({b},)")
+            uniq, inverse = np.unique(labels, return_inverse=True)
+            remap = np.array([self._label_code(str(u)) for u in uniq], dtype=np.int32)
+            codes = remap[inverse.reshape(-1)] if b else np.zeros(0, np.int32)
+        else:
+            codes = np.full(b, -1, dtype=np.int32)
+
+        for name, arr in cols.items():
+            self._chunks[name].append(arr)
+        self._chunks["corners"].append(corners.copy())
+        self._chunks["probabilities"].append(probs.copy())
+        self._chunks["label_code"].append(codes)
+        self._n += b
+
+    def _label_code(self, name: str) -> int:
+        code = self._label_lookup.get(name)
+        if code is None:
+            code = self._label_lookup[name] = len(self._label_names)
+            self._label_names.append(name)
+        return code
+
+    def _columns(self, k: int) -> dict[str, np.ndarray]:
+        """Concatenate the chunks (kept concatenated afterwards) and sort by tile_index."""
+        out = {}
+        for name, chunks in self._chunks.items():
+            if len(chunks) != 1:
+                if chunks:
+                    merged = np.concatenate(chunks)
+                elif name == "corners":
+                    merged = np.zeros((0, 4, 2), np.float64)
+                elif name == "probabilities":
+                    merged = np.zeros((0, k), np.float32)
+                elif name == "label_code":
+                    merged = np.zeros(0, np.int32)
+                else:
+                    merged = np.zeros(0, _SCALARS[name][0])
+                self._chunks[name] = [merged]
+            out[name] = self._chunks[name][0]
+        order = np.argsort(out["tile_index"], kind="stable")
+        if not np.all(order == np.arange(order.size)):
+            out = {name: arr[order] for name, arr in out.items()}
+        return out
+
+    def _prepared(self, classes: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray], np.ndarray, list[str]]:
+        """Class names checked against the probabilities, the columns, and the label codes
+        and names: what both table writers start from."""
+        classes = [str(c) for c in classes]
+        k = self._k if self._k is not None else len(classes)
+        if k != len(classes):
+            raise ValueError(f"TileTable: probabilities have {k} classes but {len(classes)} class names were given")
+        cols = self._columns(k)
+        codes, label_names = self._labels_for(cols, classes)
+        return classes, cols, codes, label_names
+
+    def _labels_for(self, cols: dict[str, np.ndarray], classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Dictionary codes and dictionary for the label column (filling missing labels
+        from ``classes[class_index]``)."""
+        codes = cols["label_code"].copy()
+        names = list(self._label_names)
+        missing = codes < 0
+        if missing.any():
+            ci = cols["class_index"][missing].astype(np.int64)
+            if ci.size and (ci.min() < 0 or ci.max() >= len(classes)):
+                raise ValueError("TileTable: class_index outside the class list; pass 'label' explicitly")
+            lookup = dict(zip(names, range(len(names))))
+            class_codes = np.empty(len(classes), np.int32)
+            for i, c in enumerate(classes):
+                if c not in lookup:
+                    lookup[c] = len(names)
+                    names.append(c)
+                class_codes[i] = lookup[c]
+            codes[missing] = class_codes[ci]
+        return codes, names
+
+    # -- GeoParquet
+
+    def write_geoparquet(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
+                         model_id: str, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write the table as GeoParquet 1.1 (zstd) atomically at ``path``.
+
+        Columns: ``scene`` (dictionary string), tile ids and windows, ``valid_fraction``,
+        ``label`` (dictionary string), ``class_index``, ``confidence``, ``probabilities``
+        (``list<float32>``, in ``classes`` order), the CAM statistics, ``geometry`` (WKB
+        Polygon, counter-clockwise) and ``bbox`` (struct covering column). File metadata:
+        ``geo`` (GeoParquet 1.1; ``crs`` is PROJJSON, or null for pixel space) and
+        ``tilescan`` (``classes``, ``model_id``, ``scene``, ``n_tiles`` and ``extra_metadata``).
+        """
+        classes, cols, codes, label_names = self._prepared(classes)
+        k = len(classes)
+        corners = cols["corners"]
+        n = corners.shape[0]
+
+        geo_col: dict[str, Any] = {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            "crs": _projjson(crs),
+            "orientation": "counterclockwise",
+            "edges": "planar",
+            "covering": {"bbox": {"xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
+                                  "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}},
+        }
+        if n:
+            geo_col["bbox"] = [float(corners[..., 0].min()), float(corners[..., 1].min()),
+                               float(corners[..., 0].max()), float(corners[..., 1].max())]
+        geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+        meta = _tilescan_meta(classes, model_id, scene, n, extra_metadata)
+
+        label_type = pa.dictionary(pa.int32(), pa.string())
+        fields = [pa.field("scene", pa.dictionary(pa.int32(), pa.string()), nullable=False)]
+        for name in _ORDER_HEAD[1:]:
+            if name == "label":
+                fields.append(pa.field("label", label_type, nullable=False))
+            else:
+                fields.append(pa.field(name, _SCALARS[name][1], nullable=False))
+        fields.append(pa.field("probabilities", pa.list_(pa.float32()), nullable=False))
+        fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
+        fields.append(pa.field("geometry", pa.binary(), nullable=False))
+        fields.append(pa.field("bbox", BBOX_TYPE, nullable=False))
+        schema = pa.schema(fields, metadata={b"geo": _dumps(geo).encode(), b"tilescan": _dumps(meta).encode()})
+
+        scene_dict = pa.array([str(scene)], pa.string())
+        label_dict = pa.array(label_names, pa.string())
+
+        def batch(lo: int, hi: int) -> pa.RecordBatch:
+            m = hi - lo
+            arrays: list[pa.Array] = [pa.DictionaryArray.from_arrays(pa.array(np.zeros(m, np.int32)), scene_dict)]
+            for name in _ORDER_HEAD[1:]:
+                if name == "label":
+                    arrays.append(pa.DictionaryArray.from_arrays(pa.array(codes[lo:hi]), label_dict))
+                else:
+                    arrays.append(pa.array(cols[name][lo:hi]))
+            p = np.ascontiguousarray(cols["probabilities"][lo:hi], dtype=np.float32)
+            offsets = np.arange(0, (m + 1) * k, k, dtype=np.int32) if k else np.zeros(m + 1, np.int32)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(p.reshape(-1))))
+            arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]
+            c = corners[lo:hi]
+            arrays.append(wkb_polygons(c))
+            arrays.append(pa.StructArray.from_arrays(
+                [pa.array(c[..., 0].min(axis=1)), pa.array(c[..., 1].min(axis=1)),
+                 pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))],
+                fields=list(BBOX_TYPE)))
+            return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+        with atomic_output(path) as tmp:
+            with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=True) as writer:
+                for lo in range(0, n, _ROW_GROUP):
+                    writer.write_batch(batch(lo, min(n, lo + _ROW_GROUP)), row_group_size=_ROW_GROUP)
+                if n == 0:
+                    writer.write_table(pa.Table.from_batches([batch(0, 0)], schema=schema))
+        return Path(path)
+
+    # -- GeoPackage
+
+    def write_gpkg(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
+                   model_id: str, extra_metadata: Mapping[str, Any] | None = None,
+                   layer: str = "tiles") -> Path:
+        """Write the same rows as a GeoPackage layer (default ``tiles``), atomically.
+
+        For GIS installs whose GDAL reads no Parquet. Differences from the GeoParquet file:
+        no ``bbox`` column (GeoPackage keeps its own extent and R-tree index), plain string
+        ``scene``/``label`` columns, and the probabilities as one float column per class,
+        ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
+        stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.gpkg`), so
+        GDAL >= 2.2 (QGIS 3.x) reads it fully. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL
+        >= 3.8); geopandas is not used.
+        """
+        try:
+            import pyogrio
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
+                              path=str(path)) from exc
+        classes, cols, codes, label_names = self._prepared(classes)
+        k = len(classes)
+        n = cols["corners"].shape[0]
+        prob_names = prob_column_names(classes)
+
+        fields = [pa.field("scene", pa.string())]
+        fields += [pa.field("label", pa.string()) if name == "label" else pa.field(name, _SCALARS[name][1])
+                   for name in _ORDER_HEAD[1:]]
+        fields += [pa.field(p, pa.float32()) for p in prob_names]
+        fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
+        fields.append(pa.field("geometry", pa.binary()))
+        schema = pa.schema(fields)
+        label_arr = np.array(label_names + [""], dtype=object)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for lo in range(0, max(n, 1), _ROW_GROUP):
+                hi = min(n, lo + _ROW_GROUP)
+                m = hi - lo
+                arrays = [pa.array([str(scene)] * m, pa.string())]
+                for name in _ORDER_HEAD[1:]:
+                    if name == "label":
+                        arrays.append(pa.array(label_arr[codes[lo:hi]], pa.string()))
+                    else:
+                        arrays.append(pa.array(cols[name][lo:hi]))
+                probs = cols["probabilities"][lo:hi]
+                arrays += [pa.array(np.ascontiguousarray(probs[:, i])) for i in range(k)]
+                arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]
+                arrays.append(wkb_polygons(cols["corners"][lo:hi]))
+                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+        from . import gpkg
+
+        pj = pyproj_crs(crs)
+        meta = _dumps(_tilescan_meta(classes, model_id, scene, n, extra_metadata))
+        with atomic_output(path) as tmp:
+            reader = pa.RecordBatchReader.from_batches(schema, batches())
+            pyogrio.write_arrow(reader, str(tmp), layer=layer, driver="GPKG", geometry_name="geometry",
+                                geometry_type="Polygon", crs=None if pj is None else pj.to_wkt(),
+                                layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
+                                layer_options=gpkg.layer_options())
+            gpkg.add_rtree(tmp, name=path)
+        return Path(path)
+
+
+def _tilescan_meta(classes: Sequence[str], model_id: str, scene: str, n: int,
+                   extra: Mapping[str, Any] | None) -> dict:
+    base = {"classes": list(classes), "model_id": model_id, "scene": str(scene), "n_tiles": int(n)}
+    clash = set(base) & set(extra or {})
+    if clash:
+        raise ValueError(f"extra_metadata may not override {sorted(clash)}")
+    return {**base, **dict(extra or {})}
+
+
+def prob_column_names(classes: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    for c in classes:
+        base = "p_" + (re.sub(r"\W+", "_", c).strip("_") or "class")
+        name, i = base, 2
+        while name.lower() in seen:  # GeoPackage column names are case-insensitive
+            name, i = f"{base}_{i}", i + 1
+        seen.add(name.lower())
+        names.append(name)
+    return names

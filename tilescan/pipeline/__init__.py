@@ -1,0 +1,2 @@
+"""The run: units and shards, the model engine, the per-unit pipeline and the run's report.
+"""

@@ -1,0 +1,120 @@
+"""The model step: the model and its CAM method compiled once, one call per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Sequence
+import numpy as np
+from ..backend import cpu_has_bf16
+from ..explain.shims import model_on_accelerator
+from ..explain.cam import resolve_target as _resolve_class
+from ..config import Config
+from ..errors import ConfigError
+
+
+def resolve_target(target: str, classes: Sequence[str], origin: str = "[cam] target_class") -> int | None:
+    """``[cam] target_class`` -> class index (None = each tile's prediction), through the
+    resolver ``tilescan explain`` uses; errors name where the value came from (``origin``)."""
+    try:
+        return _resolve_class(target, classes)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc.message}") from None
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def resolve_pipeline(pipeline: str, backend: str) -> str:
+    """``[inference] pipeline`` -> "lockstep" or "overlap" (``auto``: lockstep on the CPU)."""
+    if pipeline != "auto":
+        return pipeline
+    return "overlap" if model_on_accelerator(backend) else "lockstep"
+
+
+def resolve_precision(precision: str, backend: str) -> str:
+    """``[inference] precision`` -> "float32" or "bf16". ``auto`` picks bf16 only where it
+    was measured faster within tolerance (benchmarks/README.md): TensorFlow on a CPU with
+    AVX512_BF16/AMX and no GPU. JAX/torch and GPUs were not measured, so they stay float32."""
+    if precision != "auto":
+        return precision
+    if backend != "tensorflow" or not cpu_has_bf16():
+        return "float32"
+    return "float32" if model_on_accelerator(backend) else "bf16"
+
+
+def with_precision(model, precision: str):
+    """``model`` itself for float32; for bf16 a clone whose layers compute in bfloat16
+    (``mixed_bfloat16``: float32 weights, bf16 activations) except the input normalisation
+    and the ``logits``/``predictions`` head, which stay float32, with the same weights."""
+    if precision == "float32":
+        return model
+    import keras
+
+    keep = {"normalize", "logits", "predictions"}
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name not in keep and "dtype" in config and type(layer).__name__ != "InputLayer":
+            config["dtype"] = "mixed_bfloat16"
+        return type(layer).from_config(config)
+
+    out = keras.models.clone_model(model, clone_function=clone)
+    out.set_weights(model.get_weights())
+    return out
+
+
+class Engine:
+    """The model + CAM step, loaded once per invocation."""
+
+    def __init__(self, cfg: Config, model_path: str | None = None):
+        from ..backend import import_keras
+
+        keras = import_keras()
+        from ..explain.cam import get_cam
+        from ..model import load_model
+
+        self.loaded = load_model(model_path)
+        lm = self.loaded
+        self.classes = lm.classes
+        self.input_size = lm.input_size
+        self.bands = lm.num_bands
+        self.target = resolve_target(cfg.cam.target_class, self.classes)
+
+        self.precision = resolve_precision(cfg.inference.precision, keras.backend.backend())
+        self.pipeline = resolve_pipeline(cfg.inference.pipeline, keras.backend.backend())
+        self.model = with_precision(lm.model, self.precision)
+        self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
+        self.batch_size = cfg.inference.batch_size
+        # Trace/compile the step for the run's one batch shape on a side thread while the
+        # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
+        self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
+        self._warm.start()
+
+    def ready(self) -> None:
+        """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.join()
+
+    def _warmup(self) -> None:
+        try:
+            self._step(np.zeros((self.batch_size, self.input_size, self.input_size, self.bands), np.float32))
+        except Exception:  # the first real batch raises it again, where it is handled
+            pass
+
+    def __call__(self, x: np.ndarray):
+        self.ready()
+        return self._step(x)
+
+    def _step(self, x: np.ndarray):
+        n = len(x)
+        if 0 < n < self.batch_size:  # a short last batch: padded, so the step keeps one shape (no retrace)
+            x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
+        target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
+        res = self.cam(x, target=target)
+        if len(x) != n:
+            res = dataclasses.replace(res, probs=res.probs[:n], target=res.target[:n], raw=res.raw[:n], cam=res.cam[:n],
+                                      logits=None if res.logits is None else res.logits[:n])
+        return res

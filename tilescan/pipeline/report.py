@@ -1,0 +1,69 @@
+"""What a run did: one result per unit and the run's report and exit code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from .. import __version__
+from ..errors import (
+    EXIT_ALL_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_PARTIAL,
+    LockedError,
+    OutputError,
+    OutputExistsError,
+)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class UnitResult:
+    unit: str
+    scene: str
+    status: str  # done | skipped (already complete) | failed
+    out_dir: str | None = None
+    reason: str | None = None
+    error_kind: str | None = None
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    warnings: list = field(default_factory=list)  # structured: {"code", "message", ...}
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "", [])}
+
+
+@dataclass
+class RunReport:
+    results: list[UnitResult] = field(default_factory=list)
+    interrupted: dict | None = None  # set when a signal stopped the run (tilescan.stop)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        failed = [r for r in self.results if r.status == "failed"]
+        if not failed:
+            return EXIT_OK
+        if len(failed) == len(self.results):
+            # nothing written because of the output side only (exists, locked, disk full)
+            output_kinds = {OutputError.kind, OutputExistsError.kind, LockedError.kind}
+            if all(r.error_kind in output_kinds for r in failed):
+                return EXIT_OUTPUT
+            return EXIT_ALL_FAILED
+        return EXIT_PARTIAL
+
+    def to_dict(self) -> dict:
+        by = lambda s: [r.to_dict() for r in self.results if r.status == s]  # noqa: E731
+        return {
+            "tilescan": __version__,
+            "done": by("done"),
+            "skipped": by("skipped"),
+            "failed": by("failed"),
+            "counts": {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")},
+            "exit_code": self.exit_code,
+            **({"interrupted": self.interrupted} if self.interrupted else {}),
+        }

@@ -1,0 +1,217 @@
+"""The tile grid over a scene (windows, their order, the share of valid pixels) and the plan that sized it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator
+import numpy as np
+from rasterio.windows import Window
+
+
+#: Largest tile edge (scene pixels) a reader accepts; a bigger one would need gigabytes
+#: per tile (this happens with ``resample_to_gsd`` on a scene far finer than the model).
+MAX_TILE_PX = 8192
+
+
+# --------------------------------------------------------------------------------------
+# the grid
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One cell of a :class:`TileGrid`.
+
+    ``window`` is the full tile (``tile_size`` square); at the right and bottom edges it
+    extends past the scene, and that part is padded (and invalid) when read.
+    """
+
+    index: int
+    """Row-major number of the tile in its grid (``row * n_cols + col``)."""
+    row: int
+    col: int
+    window: Window
+    scene_width: int = field(repr=False)
+    scene_height: int = field(repr=False)
+
+    @property
+    def clipped(self) -> Window:
+        """The window intersected with the scene (never empty: tile origins lie inside)."""
+        w = self.window
+        c0, r0 = int(w.col_off), int(w.row_off)
+        return Window(c0, r0, min(c0 + int(w.width), self.scene_width) - c0,
+                      min(r0 + int(w.height), self.scene_height) - r0)
+
+    @property
+    def size(self) -> int:
+        """Tile edge in scene pixels."""
+        return int(self.window.width)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """A grid of square windows over a ``width`` × ``height`` scene.
+
+    With ``T = tile_size`` and ``S = stride`` (``stride = 0`` means ``S = T``; ``S`` may
+    not exceed ``T``, or pixels between tiles would be skipped)::
+
+        n_cols = 1 + max(0, ceil((width  - T) / S))
+        n_rows = 1 + max(0, ceil((height - T) / S))
+
+    Tile ``(r, c)`` has ``Window(col_off=c*S, row_off=r*S, width=T, height=T)``. Every
+    tile origin lies inside the scene; the last column/row of tiles may extend past the
+    right/bottom edge and is padded there, so no pixel is dropped. A scene smaller than
+    one tile gives exactly one tile. Tiles are numbered in row-major order.
+    """
+
+    width: int
+    height: int
+    tile_size: int
+    stride: int = 0
+    n_rows: int = field(init=False)
+    n_cols: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "height", "tile_size", "stride"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"TileGrid {name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"scene size must be at least 1x1, got {self.width}x{self.height}")
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
+        if self.stride < 0:
+            raise ValueError(f"stride must be >= 0 (0 = tile_size), got {self.stride}")
+        if self.stride == 0:
+            object.__setattr__(self, "stride", self.tile_size)
+        if self.stride > self.tile_size:
+            raise ValueError(
+                f"stride {self.stride} is larger than tile_size {self.tile_size}: "
+                "the pixels between tiles would never be read"
+            )
+        t, s = self.tile_size, self.stride
+        object.__setattr__(self, "n_cols", 1 + max(0, _ceil_div(self.width - t, s)))
+        object.__setattr__(self, "n_rows", 1 + max(0, _ceil_div(self.height - t, s)))
+
+    def __len__(self) -> int:
+        return self.n_rows * self.n_cols
+
+    def tile(self, row: int, col: int) -> Tile:
+        if not (0 <= row < self.n_rows and 0 <= col < self.n_cols):
+            raise IndexError(f"tile ({row}, {col}) outside a {self.n_rows}x{self.n_cols} grid")
+        s, t = self.stride, self.tile_size
+        return Tile(row * self.n_cols + col, row, col, Window(col * s, row * s, t, t),
+                    self.width, self.height)
+
+    def __getitem__(self, index: int) -> Tile:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"tile index {index} outside a grid of {n} tiles")
+        return self.tile(*divmod(index, self.n_cols))
+
+    def tiles(self) -> Iterator[Tile]:
+        """All tiles, row-major."""
+        return self.rows(0, self.n_rows)
+
+    def __iter__(self) -> Iterator[Tile]:
+        return self.tiles()
+
+    def rows(self, start: int, stop: int) -> Iterator[Tile]:
+        """Tiles of grid rows ``[start, stop)`` (clamped to the grid), row-major.
+
+        Disjoint row ranges give disjoint tile sets, so a scene can be sharded by rows.
+        """
+        start, stop = max(0, start), min(self.n_rows, stop)
+        for r in range(start, stop):
+            for c in range(self.n_cols):
+                yield self.tile(r, c)
+
+    def row_ranges(self, count: int) -> list[tuple[int, int]]:
+        """Split the grid rows into ``count`` contiguous ``(start, stop)`` ranges whose
+        sizes differ by at most one (ranges may be empty when ``count > n_rows``)."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        base, extra = divmod(self.n_rows, count)
+        out, start = [], 0
+        for i in range(count):
+            stop = start + base + (1 if i < extra else 0)
+            out.append((start, stop))
+            start = stop
+        return out
+
+
+def valid_fraction(valid: np.ndarray) -> float:
+    """Fraction of the full tile area that is valid (``valid`` covers the whole tile,
+    padding included, so a tile half outside the scene has at most 0.5)."""
+    return float(np.count_nonzero(valid)) / valid.size if valid.size else 0.0
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """How a scene's tiles were sized, and whether that puts the model at its scale.
+
+    ``scale`` is the outcome: ``in_range`` (one model input pixel is inside the model's
+    range), ``resampled`` (``units = "auto"`` sized the tiles in ground units at the
+    range's fine edge, a finer scene), ``coarser`` / ``finer`` (the input pixel is outside
+    the range: the scene is too coarse for any tiling, or a forced tile size put it there),
+    ``unknown`` (no ground sample distance), ``unchecked`` (the model declares no range) or
+    ``forced`` (``units``/``resample_to_gsd`` chose and there is nothing to check against).
+    """
+
+    tile_px: int
+    stride_px: int
+    units: str
+    reason: str
+    scale: str
+    scene_gsd_m: float | None = None
+    input_gsd_m: float | None = None
+    tile_footprint_m: float | None = None
+    model_input_gsd_m: tuple[float, float] | None = None
+    model_input_size: int | None = None
+
+    def warning(self, path: str) -> dict | None:
+        """A structured warning when the labels are outside the model's scale, else None."""
+        lo_hi = self.model_input_gsd_m
+        if lo_hi is None:
+            return None
+        lo, hi = lo_hi
+        size = self.model_input_size or 0
+        model_tiles = f"{_metres(lo * size)}–{_metres(hi * size)} tiles"
+        if self.scene_gsd_m is None:
+            msg = (f"{path}: the scene's ground sample distance is unknown (no usable "
+                   f"georeferencing), so tilescan cannot check it against the model's scale "
+                   f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}); labels are only "
+                   "meaningful if its tiles cover about that much ground")
+            code = "scale_unknown"
+        elif self.input_gsd_m is not None and not lo * (1 - 1e-6) <= self.input_gsd_m <= hi * (1 + 1e-6):
+            side = "coarser" if self.input_gsd_m > hi else "finer"
+            msg = (f"{path}: scene at {self.scene_gsd_m:.3g} m per pixel; its {self.tile_px}-px tiles "
+                   f"cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per model input "
+                   f"pixel, {side} than the model's range ({lo:.3g}–{hi:.3g} m per input pixel, "
+                   f"{model_tiles}): its labels are not meaningful at this scale")
+            code = "scale_out_of_range"
+        else:
+            return None
+        return {"code": code, "message": msg, "scene_gsd_m": self.scene_gsd_m,
+                "tile_px": self.tile_px, "input_gsd_m": self.input_gsd_m,
+                "tile_footprint_m": self.tile_footprint_m, "model_input_gsd_m": list(lo_hi),
+                "model_tile_footprint_m": [lo * size, hi * size]}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model_input_gsd_m"] = list(self.model_input_gsd_m) if self.model_input_gsd_m else None
+        return d
+
+
+def _metres(m: float | None) -> str:
+    if m is None:
+        return "unknown ground"
+    return f"{m / 1000:.3g} km" if m >= 1000 else f"{m:.3g} m"

@@ -1,0 +1,266 @@
+"""What a scene file is: checks before reading, its georeferencing, ground sample distance and nodata; finding scenes in the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+import numpy as np
+import rasterio
+import rasterio.windows
+from affine import Affine
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning
+from ..errors import InputError, NoScenesError
+
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+
+
+_OTHER_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image"),
+    (b"\x89HDF", "an HDF5 file"),
+    (b"CDF", "a netCDF file"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"<", "an XML/HTML text file"),
+)
+
+
+class TilingWarning(UserWarning):
+    """Something about a scene the user should know, but that does not stop the run."""
+
+
+# --------------------------------------------------------------------------------------
+# scene description
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: rasterio.crs.CRS | None
+    transform: Affine
+    nodata: float | None
+    """Nodata of band 1 (``nodatavals`` has every band's)."""
+    nodatavals: tuple[float | None, ...]
+    res: tuple[float, float]
+    bounds: tuple[float, float, float, float]
+    has_alpha: bool
+    alpha_band: int | None
+    """1-based index of the alpha band, if any."""
+    band_descriptions: tuple[str | None, ...]
+    colorinterp: tuple[str, ...]
+    georeferenced: bool
+    gsd_m: float | None
+    """Ground sample distance in metres, measured on the ellipsoid at the scene centre
+    (mean of the pixel's x and y steps); None without a CRS. For UTM / State Plane this
+    equals ``res`` × the unit to within 0.1 %; for Web Mercator it is the true ground
+    size (``res`` × cos(latitude)); for geographic CRSs it converts degrees to metres."""
+    nominal_gsd_m: float | None
+    """``res`` × the CRS's linear unit in metres (projected CRSs only)."""
+
+
+def _nodata_in_dtype(nodata: float | None, dtype: np.dtype) -> float | None:
+    """``nodata`` as a value of ``dtype``, or None if no pixel could ever equal it."""
+    if nodata is None:
+        return None
+    if np.issubdtype(dtype, np.floating):
+        return float(nodata)
+    if not math.isfinite(nodata) or nodata != int(nodata):
+        return None
+    info = np.iinfo(dtype)
+    return int(nodata) if info.min <= nodata <= info.max else None
+
+
+def _apply(t: Affine, col: float, row: float) -> tuple[float, float]:
+    """Pixel (col, row) to CRS coordinates (written out: ``Affine * tuple`` is deprecated
+    in newer affine releases and ``@`` missing in older ones)."""
+    return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+
+
+def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None:
+    """Metres per pixel at the scene centre, measured on the CRS's ellipsoid."""
+    try:
+        import pyproj
+
+        pcrs = pyproj.CRS.from_user_input(crs.to_wkt())
+        geod = pcrs.get_geod()
+        geog = pcrs.geodetic_crs
+        if geod is None or geog is None:
+            return None
+        tr = pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
+        cx, cy = width / 2.0, height / 2.0
+        pts = [_apply(transform, cx, cy), _apply(transform, cx + 1, cy), _apply(transform, cx, cy + 1)]
+        lon, lat = tr.transform([p[0] for p in pts], [p[1] for p in pts])
+        if not all(math.isfinite(v) for v in (*lon, *lat)):
+            return None
+        _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
+        _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
+        gsd = (abs(dx) + abs(dy)) / 2.0
+        return gsd if math.isfinite(gsd) and gsd > 0 else None
+    except Exception:  # an unusual CRS pyproj cannot handle: fall back to nominal
+        return None
+
+
+def _nominal_gsd(crs, res: tuple[float, float]) -> float | None:
+    try:
+        if crs is None or not crs.is_projected:
+            return None
+        _, factor = crs.linear_units_factor
+        return (abs(res[0]) + abs(res[1])) / 2.0 * float(factor)
+    except Exception:
+        return None
+
+
+def _is_georeferenced(ds) -> bool:
+    return ds.crs is not None and not ds.transform.is_identity
+
+
+def _scene_info(path: Path, ds) -> SceneInfo:
+    ci = tuple(c.name for c in ds.colorinterp)
+    alpha = next((i + 1 for i, c in enumerate(ds.colorinterp) if c == ColorInterp.alpha), None)
+    georef = _is_georeferenced(ds)
+    # A CRS without a geotransform gives pixel coordinates: outputs must not claim that CRS
+    # (a GIS would put them near 0, 0 of it), so such a scene is treated as having none.
+    crs = ds.crs if ds.crs and not ds.transform.is_identity else None
+    res = (float(ds.res[0]), float(ds.res[1]))
+    nominal = _nominal_gsd(crs, res) if georef else None
+    gsd = _ground_gsd(crs, ds.transform, ds.width, ds.height) if georef else None
+    if gsd is None:
+        gsd = nominal
+    return SceneInfo(
+        path=path,
+        width=ds.width,
+        height=ds.height,
+        count=ds.count,
+        dtype=str(ds.dtypes[0]),
+        crs=crs,
+        transform=ds.transform,
+        nodata=ds.nodata,
+        nodatavals=tuple(ds.nodatavals),
+        res=res,
+        bounds=tuple(ds.bounds),
+        has_alpha=alpha is not None,
+        alpha_band=alpha,
+        band_descriptions=tuple(ds.descriptions),
+        colorinterp=ci,
+        georeferenced=georef,
+        gsd_m=gsd,
+        nominal_gsd_m=nominal,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# reading
+
+
+def _describe(exc: BaseException) -> str:
+    """The messages of an exception and its causes (rasterio's own message is often just
+    "Read failed. See previous exception"; GDAL's detail is in the chain)."""
+    parts: list[str] = []
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        msg = str(e).strip()
+        if msg and "see previous exception" not in msg.lower() and not any(msg in q for q in parts):
+            parts.append(msg)
+        e = e.__cause__ or e.__context__
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _open_quiet(path: Path | str, decode_threads: int = 1):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        if decode_threads > 1:  # GDAL decodes the blocks of one read in parallel
+            return rasterio.open(path, num_threads=str(decode_threads))
+        return rasterio.open(path)
+
+
+# --------------------------------------------------------------------------------------
+# opening a scene
+
+
+def _check_file(path: Path) -> None:
+    p = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError("scene not found (no such file)", path=p) from None
+    except OSError as exc:
+        raise InputError(f"cannot access scene: {exc.strerror}", path=p) from None
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the file name is not valid UTF-8, which GDAL cannot open: rename the file",
+                         path=p.encode("utf-8", "backslashreplace").decode()) from None
+    if path.is_dir():
+        raise InputError(
+            "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
+            "*.tif / *.tiff)", path=p)
+    if st.st_size == 0:
+        raise InputError("empty file (0 bytes): not a GeoTIFF", path=p)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except PermissionError:
+        raise InputError("cannot read scene: permission denied", path=p) from None
+    except OSError as exc:
+        raise InputError(f"cannot read scene: {exc.strerror}", path=p) from None
+    if head[:4] not in _TIFF_MAGIC:
+        what = next((name for magic, name in _OTHER_MAGIC if head.startswith(magic)), None)
+        detail = f"it looks like {what}" if what else f"first bytes {head[:4]!r}"
+        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs", path=p)
+
+
+# --------------------------------------------------------------------------------------
+# finding scenes
+
+
+def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Scene paths from files and directories.
+
+    Files are taken as given, whatever their extension (:func:`open_scene` rejects
+    non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
+    ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates.
+    Raises :class:`InputError` for a path that does not exist and
+    :class:`NoScenesError` when nothing is found.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: dict[Path, None] = {}
+    searched: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            searched.append(str(p))
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in files:
+                    if name.lower().endswith(TIFF_SUFFIXES):
+                        f = Path(root, name)
+                        if f.is_file():
+                            found[f.resolve()] = None
+        elif p.exists():
+            found[p.resolve()] = None
+        else:
+            raise InputError("no such file or directory", path=str(p))
+    if not found:
+        if searched:
+            raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched))
+        raise NoScenesError("no scenes given")
+    return sorted(found)

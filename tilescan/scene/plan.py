@@ -1,0 +1,343 @@
+"""Opening a scene for a run: band choice, tile size from the model's scale, band stretch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+import numpy as np
+from ..config import TilingConfig
+from ..errors import ConfigError, InputError
+from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
+from .info import SceneInfo, TilingWarning, _check_file, _describe, _open_quiet, _scene_info
+from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape
+
+
+_DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def _rgb_from_names(names: Sequence[str | None]) -> list[int] | None:
+    """1-based indexes of the red, green and blue bands named in ``names``, if all three."""
+    found: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        words = set(_WORD.findall(name.lower()))
+        for colour in ("red", "green", "blue"):
+            if colour in words and colour not in found:
+                found[colour] = i + 1
+    if len(found) == 3 and len(set(found.values())) == 3:
+        return [found["red"], found["green"], found["blue"]]
+    return None
+
+
+def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
+                model_band_names: Sequence[str] | None) -> list[int]:
+    p = str(info.path)
+    if cfg.bands:
+        given = cfg.origin("bands")  # as the user set it: --bands 4,2,1, the variable, or the file
+        if len(cfg.bands) != model_bands:
+            raise ConfigError(
+                f"{given} lists {len(cfg.bands)} band(s), but the model expects {model_bands}")
+        bad = [b for b in cfg.bands if not 1 <= b <= info.count]
+        if bad:
+            raise InputError(
+                f"{given} names band {bad[0]}, but the scene has "
+                f"{info.count} band(s) (valid indexes 1..{info.count})", path=p)
+        return list(cfg.bands)
+    plain = [i for i in range(1, info.count + 1) if i != info.alpha_band]
+    if model_bands == 3:
+        rgb = _rgb_from_names(info.colorinterp) or _rgb_from_names(info.band_descriptions)
+        if rgb is not None:
+            return rgb
+    if len(plain) == model_bands:
+        if model_bands == 3:
+            warnings.warn(
+                f"{p}: the bands carry no red/green/blue colour interpretation; using bands "
+                f"{plain} as red, green, blue (if the order differs, give --bands, e.g. "
+                "--bands 3,2,1, or [tiling] bands = [3, 2, 1])", TilingWarning, stacklevel=3)
+        return plain
+    if len(plain) > model_bands:
+        pick = plain[:model_bands]
+        warnings.warn(
+            f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
+            f"bands {pick} (choose others with --bands or [tiling] bands)", TilingWarning, stacklevel=3)
+        return pick
+    names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
+    expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
+    found = f"{len(plain)}" + (" plus an alpha band" if info.alpha_band else "")
+    repeat = [plain[0]] * model_bands if plain else [1] * model_bands
+    flag = ",".join(str(b) for b in repeat)
+    raise InputError(
+        f"model expects {expected}, scene has {found}; map scene bands onto the model's "
+        f"with --bands {flag} (or [tiling] bands = {repeat}), which repeats band {repeat[0]}: "
+        "list one 1-based scene band per model band, in the model's order", path=p)
+
+
+def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
+                   model_gsd_m: float | None,
+                   model_scale: tuple[float, float] | None = None) -> TilingPlan:
+    """Tile and stride in scene pixels, and why (see ``[tiling] units`` in configs/default.toml).
+
+    ``units = "auto"`` keeps tiles in scene pixels where the model input pixel they give
+    (scene GSD x tile / input size) lies inside the model's range ``model_scale`` (metres
+    per input pixel); on a finer scene the tile grows until it reaches the range's fine
+    edge (and is resampled to the input size); a scene whose own pixels are coarser than
+    the range cannot be helped and keeps its pixel tiles (the plan's warning says so).
+    """
+    p = str(info.path)
+    size, stride = cfg.tile_size, cfg.stride or cfg.tile_size
+    if stride > size:
+        raise ConfigError(f"{cfg.origin('stride')} is larger than {cfg.origin('tile_size')}: "
+                          "the pixels between tiles would never be classified")
+    gsd = info.gsd_m
+    units, scale = "px", "forced"
+    if cfg.resample_to_gsd and model_gsd_m is None:
+        warnings.warn(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
+                      "GSD; tiles are not resampled", TilingWarning, stacklevel=3)
+    if cfg.resample_to_gsd and model_gsd_m is not None:
+        if gsd is None:
+            raise InputError("[tiling] resample_to_gsd needs a georeferenced scene with a "
+                             "known ground sample distance; this one has none", path=p)
+        tile_px = round(input_size * model_gsd_m / gsd)
+        stride_px = round(tile_px * stride / size)
+        how = (f"(model GSD {model_gsd_m:g} m x {input_size} px, scene GSD {gsd:.4g} m; "
+               "turn off [tiling] resample_to_gsd)")
+        units, reason = "m", f"resample_to_gsd: tiles of {input_size} model pixels at {model_gsd_m:g} m"
+    elif cfg.units == "m":
+        if gsd is None:
+            raise InputError('[tiling] units = "m" needs a georeferenced scene with a known '
+                             'ground sample distance; use units = "px"', path=p)
+        tile_px, stride_px = round(size / gsd), round(stride / gsd)
+        how = f"({size} m at {gsd:.4g} m/px)"
+        units, reason = "m", f'units = "m": tiles of {size} m'
+    else:
+        tile_px, stride_px, how = size, stride, ""
+        reason = f'units = "px": tiles of {size} scene pixels'
+        if cfg.units == "auto":
+            if model_scale is None:
+                scale, reason = "unchecked", f"tiles of {size} scene pixels (the model declares no ground-scale range)"
+            elif gsd is None:
+                scale, reason = "unknown", f"tiles of {size} scene pixels (the scene's ground sample distance is unknown)"
+            else:
+                lo, hi = model_scale
+                if gsd < lo:  # finer than the model: tiles of `size` pixels at its finest scale
+                    tile_px = math.ceil(size * lo / gsd - 1e-9)  # up: the input pixel stays >= lo
+                    stride_px = round(tile_px * stride / size)
+                    units = "m"
+                    reason = (f"scene at {gsd:.3g} m/px is finer than the model's range "
+                              f"({lo:.3g}–{hi:.3g} m per input pixel): tiles of {_metres(tile_px * gsd)} "
+                              f"({tile_px} px) resampled to {input_size} px")
+                    how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
+                elif gsd > hi:
+                    reason = (f"scene at {gsd:.3g} m/px is coarser than the model's range "
+                              f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
+                              f"tiles of {size} scene pixels")
+                else:
+                    reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
+                              f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
+                scale = "auto"
+    if tile_px < 1:
+        raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
+    if tile_px > MAX_TILE_PX:
+        raise InputError(f"tiles would be {tile_px} px wide, above the {MAX_TILE_PX} px limit "
+                         f"{how}", path=p)
+    stride_px = min(max(1, stride_px), tile_px)
+    input_gsd = gsd * tile_px / input_size if gsd is not None else None
+    if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
+        lo, hi = model_scale
+        scale = ("coarser" if input_gsd > hi * (1 + 1e-6) else "finer" if input_gsd < lo * (1 - 1e-6)
+                 else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
+    elif scale == "auto":
+        scale = "unchecked"
+    return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
+                      None if gsd is None else gsd * tile_px, model_scale, input_size)
+
+
+#: Share of sampled pixels that may hold the nodata value in some model bands but not in all
+#: before a scene is warned about (a real nodata border has it in every band at once).
+NODATA_COLLISION_FRACTION = 0.01
+
+
+def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
+    """Warn when the nodata value looks like a valid pixel value too.
+
+    A pixel counts as nodata when *any* model band holds the nodata value. Fill areas have
+    it in every band at once; when many pixels have it in some bands only, the value also
+    occurs in real data (e.g. 0 in dark water, or lossy compression around a border), and
+    those pixels are being dropped.
+    """
+    eq = [data[i] == nd for i, nd in enumerate(reader._nodata)
+          if nd is not None and not (isinstance(nd, float) and math.isnan(nd))]
+    distinct = {b for b, nd in zip(reader.bands, reader._nodata) if nd is not None}
+    if len(eq) < 2 or len(distinct) < 2 or data[0].size == 0:
+        return
+    eq = np.stack(eq)
+    partial = float(np.count_nonzero(eq.any(axis=0) & ~eq.all(axis=0))) / data[0].size
+    if partial > NODATA_COLLISION_FRACTION:
+        values = sorted({nd for nd in reader._nodata if nd is not None})
+        warnings.warn(
+            f"{reader.info.path}: nodata value {values[0] if len(values) == 1 else values} "
+            f"also occurs in valid data: {partial:.1%} of sampled pixels have it in some bands "
+            "but not all; those pixels are treated as nodata (fix the file's nodata, e.g. "
+            "gdal_edit.py -unsetnodata or -a_nodata)", TilingWarning, stacklevel=4)
+
+
+def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
+    """Per model band ``(lo, hi)`` from a sample of the scene: the decimated read, or on a
+    large scene without overviews whole blocks spread over it (``STATS_SAMPLE_PIXELS``).
+
+    Also serves as the up-front corrupt/truncated check: both samples touch blocks across
+    the whole scene, the last one included. (A damaged block elsewhere fails when its tile
+    is read, naming the tile; the job's staging keeps nothing of that scene.)
+    """
+    dtype = np.dtype(reader.info.dtype)
+    mode = cfg.scaling
+    if mode == "auto":
+        mode = "dtype" if dtype == np.uint8 else "percentile"
+    n = len(reader.bands)
+    H, W = reader.info.height, reader.info.width
+    shape = _decimated_shape(H, W, STATS_MAX_SIZE)
+    cov = reader.coverage
+    try:
+        sample = None
+        if cov is not None and cov.all_empty:  # nothing to read
+            sample = np.zeros((n, 0), dtype), np.zeros(0, bool)
+        elif H * W > STATS_SAMPLE_PIXELS and cov is not None and cov.n_empty:
+            # a large scene with empty areas: blocks where the data is (all of them when
+            # they fit), so a sparse scene gets the statistics of its data alone
+            sample = reader._read_block_sample(STATS_SAMPLE_PIXELS, where_data=True)
+        if sample is None and H * W > STATS_SAMPLE_PIXELS and reader._plain_layout(reader._ds()):
+            # a large scene: blocks spread over it; decoding all would cost seconds
+            sample = reader._read_block_sample(STATS_SAMPLE_PIXELS)
+        if sample is None:
+            # the decimated read (GDAL uses the overviews when there are any); it decodes
+            # blocks all over the scene, and the job's quicklook reuses it
+            sample = reader._read_decimated(shape)
+        data, valid = sample
+    except Exception as exc:
+        raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
+                         path=str(reader.info.path)) from exc
+    if cov is not None and cov.all_empty:
+        warnings.warn(f"{reader.info.path}: no valid pixel found: all {cov.n_blocks} blocks of the "
+                      "scene are empty (not stored, or nodata / masked; all nodata?)", TilingWarning, stacklevel=3)
+    elif not valid.any():
+        warnings.warn(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
+                      "spread over the scene (all nodata?)", TilingWarning, stacklevel=3)
+    _warn_nodata_collision(reader, data)
+    if mode == "none":
+        return [(0.0, 1.0)] * n
+    if mode == "dtype":
+        if np.issubdtype(dtype, np.integer):
+            return [(0.0, float(np.iinfo(dtype).max))] * n
+        return [(0.0, 1.0)] * n
+    lo_q, hi_q = cfg.percentiles
+    out = []
+    for i in range(n):
+        vals = data[i][valid]
+        if vals.size == 0:
+            lo, hi = (0.0, float(np.iinfo(dtype).max)) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
+        else:
+            lo, hi = (float(v) for v in np.percentile(vals, [lo_q, hi_q]))
+        if not hi > lo:
+            hi = lo + 1.0
+        out.append((lo, hi))
+    return out
+
+
+def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, input_size: int,
+               model_gsd_m: float | None = None,
+               model_band_names: Sequence[str] | None = None,
+               model_scale: Sequence[float] | None = None) -> SceneReader:
+    """Check a GeoTIFF and return a :class:`SceneReader` for it.
+
+    Raises :class:`InputError` (naming the file) when the scene is missing, a directory,
+    empty, not a TIFF, corrupt or truncated, not georeferenced (unless
+    ``cfg.allow_pixel_space``), has too few bands for the model, or ``cfg.bands`` names a
+    band it lacks; :class:`ConfigError` when ``cfg.bands`` has the wrong length or the
+    stride exceeds the tile size.
+
+    Band pick (1-based, model order): ``cfg.bands``; else, for a 3-band model, the bands
+    whose colour interpretation (or description) says red, green, blue; else all non-alpha
+    bands when there are exactly ``model_bands``; else the first ``model_bands`` non-alpha
+    bands (with a :class:`TilingWarning`).
+
+    Tile size in scene pixels: ``cfg.tile_size`` (``units = "px"``), or converted from
+    metres with the scene GSD (``units = "m"``); with ``cfg.resample_to_gsd`` and a model
+    GSD, ``round(input_size * model_gsd_m / scene_gsd_m)`` (the stride keeps its ratio to
+    the tile size); with ``units = "auto"`` (the default) from the model's ground-scale
+    range ``model_scale`` (metres per input pixel, see :func:`_tile_geometry`). Tiles are
+    resized to ``input_size`` when the sizes differ. ``reader.plan`` says what was chosen
+    and why (:class:`TilingPlan`).
+    """
+    if model_bands < 1 or input_size < 1:
+        raise ValueError(f"model_bands and input_size must be >= 1, got {model_bands}, {input_size}")
+    if model_gsd_m is not None and not model_gsd_m > 0:
+        raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
+    if model_scale is not None and not 0 < model_scale[0] <= model_scale[1]:
+        raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
+    remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.sources
+    path = path if remote else Path(path)
+    p = str(path)
+    if remote:
+        ds = path.open()  # InputError naming the URL (without credentials) and the cause
+    else:
+        _check_file(path)
+        try:
+            ds = _open_quiet(path)
+        except Exception as exc:
+            raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
+                             path=p) from exc
+    reader = None
+    try:
+        if ds.width < 1 or ds.height < 1:
+            raise InputError(f"scene has no pixels ({ds.width}x{ds.height})", path=p)
+        if ds.count < 1:
+            raise InputError("scene has no bands", path=p)
+        if np.dtype(ds.dtypes[0]).kind not in "uif":
+            raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
+                             "and floating-point rasters)", path=p)
+        info = _scene_info(path, ds)
+        if not info.georeferenced:
+            if ds.crs is None and ds.transform.is_identity:
+                what = "has no CRS and no geotransform"
+            elif ds.crs is None:
+                what = "has no CRS"
+            else:
+                what = "has no geotransform"
+            if ds.gcps[0]:
+                what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
+            if not cfg.allow_pixel_space:
+                raise InputError(
+                    f"scene {what}; pass --allow-pixel-space (allow_pixel_space = true in "
+                    "[tiling]) to process it anyway (outputs will not be georeferenced)", path=p)
+            where = ("in pixel coordinates (x = column, y = row)" if ds.transform.is_identity
+                     else "in the units of its geotransform")
+            warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
+                          "(allow_pixel_space = true)", TilingWarning, stacklevel=2)
+        bands = _pick_bands(info, cfg, model_bands, model_band_names)
+        plan = _tile_geometry(info, cfg, input_size, model_gsd_m,
+                              None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
+        grid = TileGrid(info.width, info.height, plan.tile_px, plan.stride_px)
+        reader = SceneReader(info, ds, bands, grid, input_size)
+        reader.plan = plan
+        reader.scan_coverage()  # before any decode: where the data is
+        t0 = time.monotonic()
+        reader.scale = tuple(_compute_scale(reader, cfg))
+        reader.timings["stats"] = time.monotonic() - t0
+        reader._set_scale(reader.scale)
+        return reader
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        else:
+            ds.close()
+        raise

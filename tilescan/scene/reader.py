@@ -1,0 +1,623 @@
+"""Reading tiles of one scene as model-ready arrays: windows, band scaling, masks, previews.
+
+Each thread gets its own dataset handle, so reader threads read in parallel (GDAL releases
+the GIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from typing import Sequence
+import cv2
+import numpy as np
+import rasterio
+import rasterio.windows
+from affine import Affine
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+from ..errors import InputError
+from .coverage import (
+    BlockCoverage,
+    MAX_PROOF_READS,
+    MAX_SCAN_BLOCKS,
+    REPEAT_MAX_BYTES,
+    _block_index,
+    _content_tokens,
+    _mask_ifd,
+)
+from .grid import Tile, TileGrid, TilingPlan, _ceil_div, valid_fraction
+from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
+
+
+#: Long side of the decimated read used for the per-band percentile stretch.
+STATS_MAX_SIZE = 1024
+
+
+#: Scenes (without overviews) of more pixels than this take their stretch statistics from
+#: whole blocks spread over the scene, about this many pixels decoded, instead of decoding
+#: every block for the decimated read (timings in benchmarks/README.md).
+STATS_SAMPLE_PIXELS = 4 * 2**20
+
+
+#: Most scene pixels read with one window when neighbouring tiles are read together.
+READ_RUN_PIXELS = 2**20
+
+
+#: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
+_PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
+
+
+def _decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
+    f = min(1.0, max_size / max(height, width))
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
+def _sample_index(n: int, size: int) -> np.ndarray:
+    """The source pixels a nearest decimation of ``size`` pixels to ``n`` picks, GDAL's
+    rule: ``floor((i + 0.5) * size / n)``."""
+    return np.minimum(((np.arange(n) + 0.5) * (size / n)).astype(np.int64), size - 1)
+
+
+def _scan(fn, items: Sequence) -> list:
+    """``[fn(item) for item in items]`` on two threads (GDAL decodes without the GIL): the
+    whole-scene samples taken when a scene is opened."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
+        return list(pool.map(fn, items))
+
+
+class _DecimatedCopy:
+    """A decimated copy of the scene filled window by window: from the tiles as they are
+    read (``gather_preview``) or from block windows (``_read_decimated``). Threads write
+    disjoint parts (overlapping windows write the same values)."""
+
+    def __init__(self, shape: tuple[int, int], height: int, width: int, bands: int, dtype: np.dtype):
+        self.shape = shape
+        self.rows, self.cols = _sample_index(shape[0], height), _sample_index(shape[1], width)
+        self.data = np.zeros((bands, *shape), dtype=dtype)
+        self.valid = np.zeros(shape, dtype=bool)
+        self.seen = np.zeros(shape, dtype=bool)
+
+    def take(self, window: Window, data: np.ndarray, valid: np.ndarray) -> None:
+        r0, c0 = int(window.row_off), int(window.col_off)
+        i0, i1 = np.searchsorted(self.rows, [r0, r0 + int(window.height)])
+        j0, j1 = np.searchsorted(self.cols, [c0, c0 + int(window.width)])
+        if i0 == i1 or j0 == j1:
+            return
+        ri, ci = self.rows[i0:i1] - r0, self.cols[j0:j1] - c0
+        self.data[:, i0:i1, j0:j1] = data[:, ri][:, :, ci]
+        self.valid[i0:i1, j0:j1] = valid[ri][:, ci]
+        self.seen[i0:i1, j0:j1] = True
+
+    def mark_empty(self, coverage: "BlockCoverage | None") -> None:
+        """Count the samples inside known-empty blocks as seen (invalid): no read needed there."""
+        if coverage is not None and coverage.n_empty:
+            self.seen |= coverage.empty[np.ix_(self.rows // coverage.block_h, self.cols // coverage.block_w)]
+
+
+class SceneReader:
+    """Reads tiles of one scene; made by :func:`open_scene`.
+
+    Attributes: ``info`` (:class:`SceneInfo`), ``grid`` (:class:`TileGrid` in scene
+    pixels), ``bands`` (1-based band indexes fed to the model, in model order),
+    ``tile_px`` (tile edge in scene pixels), ``input_size`` (model input edge),
+    ``scale`` (per model band ``(lo, hi)``: value ``v`` becomes ``(v - lo) / (hi - lo)``
+    clipped to [0, 1]).
+
+    Thread-safe: each thread reads through its own rasterio dataset handle.
+    """
+
+    def __init__(self, info: SceneInfo, ds, bands: Sequence[int], grid: TileGrid,
+                 input_size: int, scale: Sequence[tuple[float, float]] | None = None):
+        self.info = info
+        self.grid = grid
+        self.bands = tuple(int(b) for b in bands)
+        self.tile_px = grid.tile_size
+        self.input_size = int(input_size)
+        self._dtype = np.dtype(info.dtype)
+        self._nodata = tuple(_nodata_in_dtype(info.nodatavals[b - 1], self._dtype) for b in self.bands)
+        flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
+        self._alpha = info.alpha_band
+        # An internal (per-dataset) mask that is not an alpha band: read it with read_masks.
+        self._internal_mask = self._alpha is None and any(
+            MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags
+        )
+        self._float = np.issubdtype(self._dtype, np.floating)
+        self._read_idx = tuple(sorted(set(self.bands) | ({self._alpha} if self._alpha else set())))
+        pos = {b: i for i, b in enumerate(self._read_idx)}
+        self._band_pos = [pos[b] for b in self.bands]
+        self._alpha_pos = pos.get(self._alpha) if self._alpha else None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._local.ds = ds
+        self._local.decode_threads = 1
+        # Threads per read: GDAL decodes a window's blocks on this many threads (handles
+        # opened from now on) and the scaling is split over as many. 1: all on the caller.
+        self.decode_threads = 1
+        self._scale_pool = None
+        self._handles = [ds]
+        self._closed = False
+        self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
+        self.plan: TilingPlan | None = None  # set by open_scene
+        self._preview: _DecimatedCopy | None = None
+        self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
+        self._set_scale(self.scale)
+        #: Blocks known to be empty (:meth:`scan_coverage`; open_scene runs it); None: unknown.
+        self.coverage: BlockCoverage | None = None
+        #: Seconds spent opening the scene, by stage ("scan" for the data, "stats" for the stretch).
+        self.timings: dict[str, float] = {}
+        #: Windows read (and decoded) from the file so far, and their pixels.
+        self.windows_read = 0
+        self.pixels_read = 0
+
+    # -- handles --------------------------------------------------------------------
+
+    def _ds(self):
+        ds = getattr(self._local, "ds", None)
+        if ds is None or ds.closed or self._local.decode_threads != self.decode_threads:
+            if self._closed:
+                raise ValueError("SceneReader is closed")
+            ds = _open_quiet(self.info.path, self.decode_threads)
+            self._local.decode_threads = self.decode_threads
+            with self._lock:
+                if self._closed:
+                    ds.close()
+                    raise ValueError("SceneReader is closed")
+                self._handles.append(ds)
+            self._local.ds = ds
+        return ds
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles, self._handles = self._handles, []
+            pool, self._scale_pool = self._scale_pool, None
+        for ds in handles:
+            ds.close()
+        if pool is not None:
+            pool.shutdown()
+
+    def __enter__(self) -> "SceneReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    # -- raw reads ------------------------------------------------------------------
+
+    def _read_raw(self, window: Window | None = None, out_shape: tuple[int, int] | None = None,
+                  use_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)
+        (``use_mask=False``: without the internal mask, from the pixel values alone)."""
+        ds = self._ds()
+        kw = {}
+        if window is not None:
+            kw["window"] = window
+        if out_shape is not None:
+            kw["out_shape"] = (len(self._read_idx), *out_shape)
+        raw = ds.read(list(self._read_idx), **kw)
+        with self._lock:
+            self.windows_read += 1
+            self.pixels_read += raw[0].size
+        data = raw[self._band_pos] if self._band_pos != list(range(len(self._read_idx))) else raw
+        valid = np.ones(raw.shape[1:], dtype=bool)
+        for i, nd in enumerate(self._nodata):
+            if nd is not None:
+                if self._float and math.isnan(nd):
+                    continue  # NaN is caught by the finiteness test below
+                valid &= data[i] != nd
+        if self._alpha_pos is not None:
+            valid &= raw[self._alpha_pos] != 0
+        if self._internal_mask and use_mask:
+            mkw = dict(kw)
+            if out_shape is not None:
+                mkw["out_shape"] = out_shape
+            valid &= ds.read_masks(self.bands[0], **mkw) != 0
+        if self._float:
+            valid &= np.isfinite(data).all(axis=0)
+        return data, valid
+
+    def _plain_layout(self, ds) -> bool:
+        """No overviews and a codec without implicit ones: a decimated read decodes every block."""
+        comp = (ds.compression.name.lower() if ds.compression else "none")
+        return not ds.overviews(self.bands[0]) and comp in _PLAIN_CODECS
+
+    # -- finding the data -----------------------------------------------------------
+
+    def scan_coverage(self) -> BlockCoverage | None:
+        """Find the blocks that hold no valid pixel (:class:`BlockCoverage`), set
+        ``coverage`` and return it; None (nothing known) for a file without a TIFF block
+        index, or when the scan fails (the scene is then read as usual)."""
+        t0 = time.monotonic()
+        try:
+            cov = self._find_empty_blocks()
+        except Exception:  # an odd file: the reads find its problems and name them
+            cov = None
+        if cov is not None:
+            cov = dataclasses.replace(cov, seconds=time.monotonic() - t0)
+        self.coverage = cov
+        self.timings["scan"] = time.monotonic() - t0
+        return cov
+
+    def _find_empty_blocks(self) -> BlockCoverage | None:
+        ds = self._ds()
+        if ds.driver != "GTiff":
+            return None
+        H, W = self.info.height, self.info.width
+        shapes = {ds.block_shapes[b - 1] for b in self._read_idx}
+        if len(shapes) != 1:
+            return None
+        fbh, fbw = shapes.pop()  # the blocks as stored (may exceed a small scene)
+        bh, bw = min(fbh, H), min(fbw, W)
+        nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
+        if nbr * nbc > MAX_SCAN_BLOCKS:
+            return None
+        pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+        planes = [1] if pixel else list(self._read_idx)
+        raw_bytes = fbh * fbw * self._dtype.itemsize * (ds.count if pixel else 1)
+        path = str(self.info.path)
+        fh = open(path, "rb") if os.path.isfile(path) else None  # remote: absent blocks only
+        budget = [REPEAT_MAX_BYTES]
+        tokens, last, last_off = [], None, -1
+        use_mask, mask_ds = False, None
+        try:
+            indexes = [(ds, b, raw_bytes) for b in planes]
+            mask_ds = _mask_ifd(path, ds) if self._internal_mask else None
+            if mask_ds is not None and mask_ds.block_shapes[0] == (fbh, fbw):
+                indexes.append((mask_ds, 1, fbh * fbw))
+                use_mask = True
+            for src, b, raw in indexes:
+                sizes, offsets = _block_index(src, b, nbr, nbc)
+                k = int(np.argmax(offsets))
+                if sizes.flat[k] and offsets.flat[k] > last_off:
+                    last_off, last = int(offsets.flat[k]), divmod(k, nbc)
+                tokens.append(_content_tokens(sizes, offsets, raw, fh, budget))
+        finally:
+            if fh is not None:
+                fh.close()
+            if mask_ds is not None:
+                mask_ds.close()
+        # blocks with the same content in every plane decode alike: prove one per group
+        keys = np.stack(tokens, axis=1)
+        known = np.flatnonzero((keys >= 0).all(axis=1))
+        empty = np.zeros(nbr * nbc, bool)
+        absent = repeated = reads = 0
+        if known.size:
+            groups, inv = np.unique(keys[known], axis=0, return_inverse=True)
+            inv = inv.ravel()
+            rows, cols = np.divmod(known, nbc)
+            vis_h, vis_w = np.minimum(bh, H - rows * bh), np.minimum(bw, W - cols * bw)
+            for g in np.argsort(-np.bincount(inv), kind="stable"):
+                members = np.flatnonzero(inv == g)
+                while members.size and reads < MAX_PROOF_READS:
+                    # the member showing most of the block: an edge block shows a corner of
+                    # the same content, so it is proven by any member showing at least as much
+                    rep = members[np.argmax(vis_h[members] * vis_w[members])]
+                    reads += 1
+                    try:
+                        _, valid = self._read_raw(Window(int(cols[rep] * bw), int(rows[rep] * bh),
+                                                         int(vis_w[rep]), int(vis_h[rep])), use_mask=use_mask)
+                    except Exception:
+                        break
+                    if valid.any():
+                        break
+                    ok = (vis_h[members] <= vis_h[rep]) & (vis_w[members] <= vis_w[rep])
+                    empty[known[members[ok]]] = True
+                    if not groups[g].any():
+                        absent += int(ok.sum())
+                    else:
+                        repeated += int(ok.sum())
+                    members = members[~ok]
+        return BlockCoverage(bh, bw, empty.reshape(nbr, nbc), absent, repeated, reads, 0.0, last)
+
+    def tiles_with_data(self, row_start: int = 0, row_stop: int | None = None) -> tuple[list[Tile], int]:
+        """The tiles of grid rows ``[row_start, row_stop)`` that touch a block not known to be
+        empty (row-major), and how many were left out: those hold no valid pixel, so their
+        valid fraction is 0 and reading them could only skip them."""
+        g = self.grid
+        r0, r1 = max(0, row_start), g.n_rows if row_stop is None else min(row_stop, g.n_rows)
+        cov = self.coverage
+        if cov is None or not cov.n_empty or r1 <= r0:
+            return list(g.rows(r0, r1)), 0
+        data = np.zeros((cov.empty.shape[0] + 1, cov.empty.shape[1] + 1), np.int64)
+        np.cumsum(np.cumsum(~cov.empty, axis=0), axis=1, out=data[1:, 1:])
+
+        def span(starts: np.ndarray, size: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+            ends = np.minimum(starts + g.tile_size, size)  # the tile clipped to the scene
+            return starts // block, (ends - 1) // block + 1
+
+        a0, a1 = span(np.arange(r0, r1) * g.stride, self.info.height, cov.block_h)
+        b0, b1 = span(np.arange(g.n_cols) * g.stride, self.info.width, cov.block_w)
+        count = (data[np.ix_(a1, b1)] - data[np.ix_(a0, b1)] - data[np.ix_(a1, b0)] + data[np.ix_(a0, b0)])
+        rr, cc = np.nonzero(count > 0)
+        return [g.tile(int(r) + r0, int(c)) for r, c in zip(rr, cc)], int(count.size - rr.size)
+
+    def _read_block_sample(self, max_pixels: int, where_data: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+        """Whole blocks on an even grid over the scene, about ``max_pixels`` decoded in all,
+        plus the last block (a truncated file misses its end): bands ``(C, N)`` in model
+        order and the valid mask ``(N,)``. None when the file's blocks are too big for that
+        (e.g. one strip holding the whole scene).
+
+        ``where_data``: only blocks not known to be empty (``coverage``), all of them when
+        they fit in ``max_pixels``, else spread evenly over them; the last block is then the
+        one stored at the end of the file. No block at all when every block is empty."""
+        ds = self._ds()
+        H, W = self.info.height, self.info.width
+        cov = self.coverage if where_data else None
+        if cov is not None:
+            bh, bw = cov.block_h, cov.block_w
+        else:
+            bh, bw = ds.block_shapes[self.bands[0] - 1]
+            bh, bw = min(bh, H), min(bw, W)
+        if bh * bw * 4 > max_pixels:
+            return None
+        nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
+        k = max(1, max_pixels // (bh * bw))
+        if cov is not None:
+            full = np.argwhere(~cov.empty)
+            pick = full if len(full) <= k else full[((np.arange(k) + 0.5) * len(full) / k).astype(np.int64)]
+            blocks = [(int(r), int(c)) for r, c in pick]
+            if cov.last_block is not None and not cov.empty[cov.last_block] and cov.last_block not in blocks:
+                blocks.append(cov.last_block)
+        else:
+            kr = min(nbr, k, max(1, round(math.sqrt(k * nbr / nbc))))
+            kc = min(nbc, max(1, k // kr))
+            rows = sorted({int((i + 0.5) * nbr / kr) for i in range(kr)})
+            cols = sorted({int((j + 0.5) * nbc / kc) for j in range(kc)})
+            blocks = [(r, c) for r in rows for c in cols]
+            if blocks[-1] != (nbr - 1, nbc - 1):
+                blocks.append((nbr - 1, nbc - 1))
+        if not blocks:
+            return np.zeros((len(self.bands), 0), self._dtype), np.zeros(0, bool)
+
+        def read(block):
+            r, c = block
+            d, v = self._read_raw(Window(c * bw, r * bh, min(bw, W - c * bw), min(bh, H - r * bh)))
+            return d.reshape(len(d), -1), v.ravel()
+
+        parts = _scan(read, blocks)
+        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+
+    def _read_decimated(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """``_read_raw(out_shape=shape)``: the whole scene decimated (nearest) to ``shape``.
+
+        Files with overviews are read through GDAL (which uses them). Others would make GDAL
+        decode every block, and again per band once the scene outgrows the block cache; here
+        the scene is read instead in block-aligned windows (only those holding a sampled
+        row), on two threads, each block decoded once, and the sampled pixels are picked
+        with GDAL's own rule (source pixel ``floor((i + 0.5) * size / n)``), so the result
+        is identical. The last result is kept (a few MB): the stretch statistics and the
+        quicklook use the same read.
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        if self._decimated is not None and self._decimated[0] == shape:
+            return self._decimated[1], self._decimated[2]
+        ds = self._ds()
+        H, W = self.info.height, self.info.width
+        n, m = shape
+        # overviews (JPEG files have implicit ones), or barely decimated: let GDAL read
+        if not self._plain_layout(ds) or n * m * 4 > H * W:
+            data, valid = self._read_raw(out_shape=shape)
+        else:
+            picked = _DecimatedCopy(shape, H, W, len(self.bands), self._dtype)
+            rows, cols = picked.rows, picked.cols
+            bh, bw = ds.block_shapes[self.bands[0] - 1]
+            step_r = bh * max(1, 256 // bh)
+            step_c = W if bw >= W else bw * max(1, 4096 // bw)
+            cov = self.coverage
+            cov = cov if cov is not None and cov.n_empty and (cov.block_h, cov.block_w) == (min(bh, H), min(bw, W)) else None
+            windows = []  # block-aligned bands, cut to their first and last sampled pixel
+            for r0 in range(0, H, step_r):
+                i0, i1 = np.searchsorted(rows, [r0, r0 + step_r])
+                if i0 == i1:
+                    continue  # no sampled row in this band of blocks
+                for c0 in range(0, W, step_c):
+                    j0, j1 = np.searchsorted(cols, [c0, c0 + step_c])
+                    if j0 < j1 and (cov is None or not cov.empty[r0 // bh:_ceil_div(r0 + step_r, bh),
+                                                                 c0 // bw:_ceil_div(c0 + step_c, bw)].all()):
+                        windows.append(Window(int(cols[j0]), int(rows[i0]), int(cols[j1 - 1]) + 1 - int(cols[j0]),
+                                              int(rows[i1 - 1]) + 1 - int(rows[i0])))
+            _scan(lambda w: picked.take(w, *self._read_raw(w)), windows)
+            data, valid = picked.data, picked.valid
+        self._decimated = (shape, data, valid)
+        return data, valid
+
+    def gather_preview(self, max_size: int) -> None:
+        """Build the :meth:`read_overview` preview from the tiles as :meth:`read_tile` reads
+        them (the same pixels a decimated read would pick), so a job that reads every tile
+        need not decode the scene a second time for its quicklook. Only for files where
+        that read would decode every block (no overviews); a no-op otherwise."""
+        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        if (self._decimated is not None and self._decimated[0] == shape) or not self._plain_layout(self._ds()):
+            return
+        self._preview = _DecimatedCopy(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
+        self._preview.mark_empty(self.coverage)  # skipped tiles are empty there
+
+    def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
+        lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
+        hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
+        self._lo = lo.astype(np.float32)
+        self._inv = (1.0 / (hi - lo)).astype(np.float32)
+        # 8/16-bit integers: every possible value scaled once, with the same float32 steps as
+        # below, so a tile is scaled by one table look-up per pixel and band (the same values,
+        # faster: benchmarks/README.md).
+        self._lut = None
+        if self._dtype.kind in "ui" and self._dtype.itemsize <= 2:
+            self._lut_index = np.dtype(f"u{self._dtype.itemsize}")
+            values = np.arange(2 ** (8 * self._dtype.itemsize)).astype(self._lut_index)
+            values = values.view(self._dtype).astype(np.float32)
+            lut = (values[None, :] - self._lo[:, None]) * self._inv[:, None]
+            self._lut = np.clip(lut, 0.0, 1.0, out=lut)
+
+    def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+        """Scale ``data`` (C, ...) into ``out`` (..., C) float32 (e.g. (C, h, w) into
+        (h, w, C)), pixels where ``valid`` (...) is False set to 0."""
+        if self._lut is not None and data.dtype == self._dtype and len(self._lut) == len(data):
+            index = data.view(self._lut_index)
+            for i in range(len(data)):
+                np.take(self._lut[i], index[i], out=out[..., i], mode="clip")
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.copyto(out, np.moveaxis(data, 0, -1), casting="unsafe")
+                out -= self._lo
+                out *= self._inv
+                np.clip(out, 0.0, 1.0, out=out)
+        if not valid.all():
+            out[~valid] = 0.0
+
+    def _first_bad_tile(self, tiles: Sequence[Tile]) -> tuple[Tile, Exception] | None:
+        """The first of ``tiles`` whose window fails to read, and its error, through a fresh
+        single-threaded handle (after a failed multi-threaded read GDAL may hand back
+        zeros from its cache for the blocks that failed)."""
+        ds = _open_quiet(self.info.path)
+        try:
+            for tile in tiles:
+                try:
+                    ds.read(list(self._read_idx), window=tile.clipped)
+                except Exception as exc:
+                    return tile, exc
+        finally:
+            ds.close()
+        return None
+
+    def _to_unit_split(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+        """``_to_unit`` in ``decode_threads`` bands of rows at once (numpy's take and
+        arithmetic release the GIL)."""
+        n = min(self.decode_threads, len(out))
+        if n <= 1:
+            self._to_unit(data, valid, out)
+            return
+        with self._lock:
+            if self._scale_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._scale_pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="tilescan-scale")
+            pool = self._scale_pool
+        cuts = [len(out) * k // n for k in range(n + 1)]
+        parts = [(data[:, a:b], valid[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
+        futures = [pool.submit(self._to_unit, *p) for p in parts[1:]]
+        self._to_unit(*parts[0])
+        for f in futures:
+            f.result()
+
+    # -- public reads ---------------------------------------------------------------
+
+    def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, valid)`` for one tile.
+
+        ``x``: float32 ``(input_size, input_size, C)`` in [0, 1]; padding and invalid
+        pixels are 0. ``valid``: bool ``(tile_px, tile_px)`` at scene resolution, True
+        where the pixel is inside the scene and not nodata on any model band, not masked
+        (internal mask, alpha = 0) and finite.
+        """
+        x, valid = self.read_batch([tile])
+        return x[0], valid[0]
+
+    def read_batch(self, tiles: Sequence[Tile]) -> tuple[np.ndarray, np.ndarray]:
+        """``read_tile`` over several tiles, stacked: ``(B, S, S, C)`` and ``(B, T, T)``.
+
+        Neighbouring tiles of one grid row are read with one window and scaled together
+        (the same values as tile by tile): one GDAL call per run of tiles instead of one
+        per tile, whose fixed cost dominated (benchmarks/README.md)."""
+        t, s = self.tile_px, self.input_size
+        x = np.zeros((len(tiles), s, s, len(self.bands)), dtype=np.float32)
+        valid = np.zeros((len(tiles), t, t), dtype=bool)
+        start = 0
+        # runs: consecutive columns of one row, at most READ_RUN_PIXELS per window
+        max_run = max(1, READ_RUN_PIXELS // (t * t))
+        for k in range(1, len(tiles) + 1):
+            if (k == len(tiles) or tiles[k].row != tiles[k - 1].row or tiles[k].col != tiles[k - 1].col + 1
+                    or k - start >= max_run):
+                self._read_run(tiles[start:k], x[start:k], valid[start:k])
+                start = k
+        return x, valid
+
+    def _read_run(self, tiles: Sequence[Tile], x: np.ndarray, valid: np.ndarray) -> None:
+        """Read adjacent tiles of one row with one window into ``x`` and ``valid``."""
+        first, last = tiles[0].clipped, tiles[-1].clipped
+        c0, r0, h = int(first.col_off), int(first.row_off), int(first.height)
+        window = Window(c0, r0, int(last.col_off + last.width) - c0, h)
+        try:
+            data, v = self._read_raw(window)
+        except ValueError:
+            raise
+        except Exception as exc:
+            tile, exc = self._first_bad_tile(tiles) or (tiles[0], exc)
+            raise InputError(
+                f"corrupt or truncated TIFF: reading tile row {tile.row} col {tile.col} "
+                f"(window {tile.clipped}) failed: {_describe(exc)}", path=str(self.info.path)) from exc
+        if self._preview is not None:
+            self._preview.take(window, data, v)
+        t, s, n = self.tile_px, self.input_size, len(tiles)
+        if t == s and h == t and window.width == n * t:  # whole tiles side by side: scaled
+            # straight into x, seen as (row, tile, column, band), without a strip copy
+            self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3))
+            valid[:] = v.reshape(t, n, t).transpose(1, 0, 2)
+            return
+        unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
+        self._to_unit_split(data, v, unit)
+        for k, tile in enumerate(tiles):
+            a = int(tile.clipped.col_off) - c0
+            w = int(tile.clipped.width)
+            valid[k, :h, :w] = v[:, a:a + w]
+            if t == s:
+                x[k, :h, :w] = unit[:, a:a + w]
+            else:
+                full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
+                full[:h, :w] = unit[:, a:a + w]
+                interp = cv2.INTER_AREA if t > s else cv2.INTER_LINEAR
+                x[k] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
+
+    valid_fraction = staticmethod(valid_fraction)
+
+    def read_overview(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """A decimated preview of the whole scene: uint8 RGB ``(h, w, 3)`` (long side at
+        most ``max_size``; same bands and scaling as the tiles, the first three model
+        bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
+        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        pv = self._preview
+        if pv is not None and pv.shape == shape and pv.seen.all():
+            self._decimated = (shape, pv.data, pv.valid)
+            self._preview = None
+        data, valid = self._read_decimated(shape)
+        x = np.empty((*shape, len(self.bands)), dtype=np.float32)
+        self._to_unit(data, valid, x)
+        c = x.shape[2]
+        pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
+        rgb = np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
+        return rgb, valid
+
+    # -- georeferencing helpers -----------------------------------------------------
+
+    def tile_transform(self, tile: Tile) -> Affine:
+        """Affine transform of the full tile window (= ``rasterio.windows.transform``)."""
+        t = self.info.transform
+        x0, y0 = _apply(t, tile.window.col_off, tile.window.row_off)
+        return Affine(t.a, t.b, x0, t.d, t.e, y0)
+
+    def tile_bounds(self, tile: Tile, clipped: bool = False) -> tuple[float, float, float, float]:
+        """``(xmin, ymin, xmax, ymax)`` of the tile in the scene CRS."""
+        w = tile.clipped if clipped else tile.window
+        return tuple(rasterio.windows.bounds(w, self.info.transform))
+
+    def footprint(self, tile: Tile, clipped: bool = False) -> list[tuple[float, float]]:
+        """Closed ring of the tile's corners in the scene CRS (exact for rotated
+        geotransforms): top-left, top-right, bottom-right, bottom-left, top-left."""
+        w = tile.clipped if clipped else tile.window
+        c0, r0 = w.col_off, w.row_off
+        c1, r1 = c0 + w.width, r0 + w.height
+        T = self.info.transform
+        ring = [_apply(T, c0, r0), _apply(T, c1, r0), _apply(T, c1, r1), _apply(T, c0, r1)]
+        return [(float(x), float(y)) for x, y in ring + ring[:1]]
+
+    def __repr__(self) -> str:
+        return (f"SceneReader({self.info.path.name!r}, {self.info.width}x{self.info.height}, "
+                f"bands={list(self.bands)}, tile_px={self.tile_px}, tiles={len(self.grid)})")
