@@ -253,8 +253,9 @@ def _mirror_index(n_out: int, start: int, n_src: int) -> np.ndarray:
     return np.where(i < n_src, i, 2 * n_src - 1 - i)
 
 
-def build_scene(path: Path, size: int, compress: str = "lzw", block: int = 256, predictor: int | None = None) -> Path:
-    """A ``size`` x ``size`` uint16 B,G,R GeoTIFF made by mirror-tiling the Landsat scene:
+def build_scene(path: Path, size: int, compress: str = "lzw", block: int = 256, predictor: int | None = None,
+                height: int | None = None) -> Path:
+    """A ``size`` x ``size`` (or ``height``) uint16 B,G,R GeoTIFF made by mirror-tiling the Landsat scene:
     tiled ``block`` px, ``compress``-ed, same CRS and pixel size (the origin is kept, so
     the mosaic extends east and south), written window by window (bounded memory)."""
     import rasterio
@@ -264,7 +265,8 @@ def build_scene(path: Path, size: int, compress: str = "lzw", block: int = 256, 
         data = src.read()  # (3, 1860, 2041) uint16, 23 MB
         profile = src.profile.copy()
     _, sh, sw = data.shape
-    profile.update(width=size, height=size, tiled=True, blockxsize=block, blockysize=block,
+    width, height = size, height or size
+    profile.update(width=width, height=height, tiled=True, blockxsize=block, blockysize=block,
                    compress=compress, interleave="pixel", bigtiff="IF_SAFER", num_threads="ALL_CPUS")
     if compress == "none":
         profile.pop("compress")
@@ -274,11 +276,11 @@ def build_scene(path: Path, size: int, compress: str = "lzw", block: int = 256, 
     tmp = path.with_name(path.name + ".part")
     strip = 2048
     with rasterio.open(tmp, "w", **profile) as dst:
-        cols = _mirror_index(size, 0, sw)
-        for r0 in range(0, size, strip):
-            n = min(strip, size - r0)
+        cols = _mirror_index(width, 0, sw)
+        for r0 in range(0, height, strip):
+            n = min(strip, height - r0)
             rows = _mirror_index(n, r0, sh)
-            dst.write(data[:, rows][:, :, cols], window=Window(0, r0, size, n))
+            dst.write(data[:, rows][:, :, cols], window=Window(0, r0, width, n))
     os.replace(tmp, path)
     return path
 

@@ -31,7 +31,9 @@ def _run(out, **env):
 @pytest.mark.parametrize("point, finished, interrupted", [
     ("reading:50", ["RGB.byte"], "cogeo"),  # RGB.byte reads 42 tiles (23 kept): the 8th of cogeo
     ("inference:2@SIGINT", ["RGB.byte"], "cogeo"),  # cogeo's first batch computed: dropped
-    ("writing:1", ["RGB.byte"], None),  # RGB.byte's outputs being written: finished, cogeo never started
+    # RGB.byte's outputs are written while cogeo's tiles stream on (batches span scenes):
+    # RGB.byte is finished, cogeo dropped
+    ("writing:1", ["RGB.byte"], "cogeo"),
 ])
 def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_factory, point, finished, interrupted):
     ref = bh.reference(tmp_path_factory)

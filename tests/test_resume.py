@@ -68,9 +68,11 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
     assert [u["unit"] for u in ref_report["done"]] == list(bh.UNITS)  # the order the kill points assume
     # batch 32: RGB.byte (23 tiles) is one batch, cogeo (64) two, image_rgb and cog_rgb one each
     assert json.loads((ref / "cogeo" / "run.json").read_text())["config"]["inference"]["batch_size"] == 32
+    # Batches span scenes, and one finisher writes the units' outputs in unit order.
     plan = [
         ("reading:10", []),  # while reading the first scene: nothing is finished
-        ("inference:2", ["RGB.byte"]),  # cogeo's first batch computed: RGB.byte finished
+        ("inference:1", []),  # the first batch (RGB.byte and cogeo's first tiles) computed, not yet used
+        ("writing:2", ["RGB.byte"]),  # cogeo's tiles.parquet is in staging, RGB.byte finished before it
         ("writing:2", ["RGB.byte", "cogeo"]),  # image_rgb's tiles.parquet is in staging
         ("before-rename:2", ["RGB.byte", "cogeo", "image_rgb"]),  # cog_rgb complete, not yet renamed
     ]

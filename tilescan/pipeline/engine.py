@@ -82,8 +82,11 @@ class Engine:
         self.bands = lm.num_bands
         self.target = resolve_target(cfg.cam.target_class, self.classes)
 
-        self.precision = resolve_precision(cfg.inference.precision, keras.backend.backend())
-        self.pipeline = resolve_pipeline(cfg.inference.pipeline, keras.backend.backend())
+        backend = keras.backend.backend()
+        self.precision = resolve_precision(cfg.inference.precision, backend)
+        self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
+        self.runtime = {"backend": backend, "precision": self.precision, "pipeline": self.pipeline,
+                        "accelerator": model_on_accelerator(backend)}
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.batch_size = cfg.inference.batch_size
@@ -118,3 +121,26 @@ class Engine:
             res = dataclasses.replace(res, probs=res.probs[:n], target=res.target[:n], raw=res.raw[:n], cam=res.cam[:n],
                                       logits=None if res.logits is None else res.logits[:n])
         return res
+
+
+_ENGINES: dict[tuple, Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def shared_engine(cfg: Config, model_path: str | None = None) -> Engine:
+    """The process's engine for this model and these settings: loaded and compiled once per
+    process, so a notebook or a worker calling ``tilescan.run`` again starts at once."""
+    import os
+
+    from ..model import model_path as resolve_path
+
+    path = resolve_path(model_path)
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns, cfg.cam.method, cfg.cam.layer, cfg.cam.target_class,
+           cfg.inference.precision, cfg.inference.pipeline, cfg.inference.batch_size, cfg.inference.jit_compile)
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(key)
+        if engine is None:
+            _ENGINES.clear()  # one model in memory at a time
+            engine = _ENGINES[key] = Engine(cfg, model_path)
+    return engine

@@ -17,8 +17,9 @@ from ..log import emit
 from ..model import describe_model
 from ..scene.info import TilingWarning
 from ..outputs.files import write_json
-from .engine import Engine, resolve_target
-from .process import process_unit
+from .engine import Engine, resolve_target, shared_engine
+from .process import UnitJob
+from .stream import Stream
 from .report import RunReport, UnitResult
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest
 
@@ -78,15 +79,18 @@ def run(
     stac: Sequence[str] = (),
     assets: Sequence[str] | None = None,
     stac_items: bool = False,
+    engine: Engine | None = None,
 ) -> RunReport:
     """Process every scene of ``inputs`` (files, folders, URLs, STAC documents) and ``stac``
     (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
-    ``stac_items``: also write a STAC Item describing each finished scene's outputs."""
+    ``stac_items``: also write a STAC Item describing each finished scene's outputs;
+    ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
     with stop.handling():  # SIGTERM/SIGINT: stop between batches, report, exit 75
-        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items)
+        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine)
 
 
-def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items) -> RunReport:
+def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine) -> RunReport:
+    started = time.monotonic()
     out = Path(out)
     # A named input that does not exist (or a folder URL that cannot be listed) fails alone
     # (listed in report.json) unless no input gives a scene; then this raises before
@@ -99,7 +103,6 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)
     resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
-    engine: Engine | None = None
 
     def rows_of(scene: Path) -> int | None:
         try:
@@ -116,66 +119,83 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
-    for k, unit in enumerate(units):
-        if stop.requested():
-            report.interrupted = {"signal": stop.requested(), "unit": None, "not_started": [u.key for u in units[k:]]}
-            break
-        t0 = time.monotonic()
+    results: dict[int, UnitResult] = {}
+    retries = sources.SceneRetries()
+    retry: list[int] = []
+
+    def prepare(k: int, unit: Unit) -> UnitJob | UnitResult:
+        """On the opener thread: the unit's checks; a locked job, or why there is nothing to do."""
         final = unit.out_dir(out)
+        with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
+            fp = fingerprint(unit, cfg, card.sha256)
+        lock = UnitLock(out, unit).acquire()
         try:
-            with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
-                fp = fingerprint(unit, cfg, card.sha256)
-            with UnitLock(out, unit):
-                if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
-                    raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
-                                            path=str(final.parent))
-                if not os.path.lexists(final) and (old_place := _legacy_outputs(out, unit, legacy_names[unit.scene])):
-                    raise OutputExistsError(
-                        f"finished outputs of this scene from an earlier tilescan version are in {old_place}; this "
-                        f"version writes them to {final} (a name safe on every filesystem): move or remove them, then rerun",
-                        path=str(final))
-                old = read_manifest(final)
-                if old is not None and old.get("status") == "complete":
-                    if old.get("fingerprint") == fp and not cfg.output.overwrite:
-                        report.results.append(UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason="already complete with the same config and model", counts=old.get("counts", {})))
-                        log(f"{unit.key}: already complete, skipped")
-                        continue
-                    if not cfg.output.overwrite:
-                        raise OutputExistsError(
-                            "finished outputs from a different config, model or scene version exist; "
-                            "pass --overwrite to replace them", path=str(final))
-                elif not cfg.output.overwrite and _occupied(final):
-                    raise OutputExistsError(
-                        "exists but is not a finished tilescan output (no complete run.json); it was "
-                        "left alone: move it away, or pass --overwrite to replace it", path=str(final))
-                if engine is None:
-                    engine = Engine(cfg, card.path)
-                    engine.ready()  # start-up done: a scene's time (run.json) is the scene's own work
-                res = sources.with_retries(unit.scene, lambda: process_unit(unit, out, cfg, engine, fp, progress, log), log)
-                report.results.append(res)
-                c = res.counts
-                log(f"{unit.key}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
-                    f"{res.seconds:.1f} s -> {final}")
-        except stop.Interrupted as intr:  # the unit was dropped: nothing of it is in place
-            report.interrupted = {"signal": intr.signame, "unit": unit.key, "scene": str(unit.scene),
-                                  "not_started": [u.key for u in units[k + 1:]]}
-            log(f"{unit.key}: stopped by {intr.signame}; its partial outputs were removed")
-            break
-        except (TilescanError, OSError) as exc:
-            if isinstance(exc, ModelError):  # the model, not the scene: no later unit can do better
-                raise
-            if isinstance(exc, OSError):
-                exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or final))
+            if _already_done(out, unit, final, fp, cfg, legacy_names[unit.scene]):
+                lock.release()
+                log(f"{unit.key}: already complete, skipped")
+                old = read_manifest(final) or {}
+                return UnitResult(unit.key, str(unit.scene), "skipped", str(final),
+                                  reason="already complete with the same config and model", counts=old.get("counts", {}))
+        except BaseException:
+            lock.release()
+            raise
+        return UnitJob(k, unit, out, cfg, None, fp, lock, log)
+
+    def fail(what: UnitJob | Unit, exc: BaseException) -> UnitResult:
+        """A unit's error as its result; errors of the model (no later unit can do better) end the run."""
+        job = what if isinstance(what, UnitJob) else None
+        unit = job.unit if job else what
+        seconds = round(time.monotonic() - job.t0, 2) if job else None
+        if isinstance(exc, ModelError):
+            raise exc
+        if isinstance(exc, OSError):
+            exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or unit.out_dir(out)))
+        if isinstance(exc, TilescanError):
             if not exc.path:
                 exc.path = str(unit.scene)
-            report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=round(time.monotonic() - t0, 2)))
+            k = job.index if job else units.index(unit)
+            if job is not None and retries.wants(unit.scene, exc):  # not its checks: the scene's work
+                log(f"warning: {exc}; the scene will be tried again ({retries.attempt + 1} of {retries.retries})")
+                retry.append(k)
+                return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
+            retries.annotate(exc)
             log(f"error: {exc}")
-        except Exception as exc:  # a bug or an unexpected library error: one scene never kills the batch
-            msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"
-            report.results.append(UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=round(time.monotonic() - t0, 2)))
-            log("error: " + msg)
-            log(traceback.format_exc(limit=5))
-    if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (tilescan.stac_out)
+            return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
+        msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"  # a bug: one scene never kills the batch
+        log("error: " + msg)
+        log("".join(traceback.format_exception(exc, limit=5)))
+        return UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=seconds)
+
+    def on_result(k: int, res: UnitResult) -> None:
+        results[k] = res
+        if res.status == "done":
+            c = res.counts
+            log(f"{res.unit}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
+                f"{res.seconds:.1f} s -> {res.out_dir}")
+
+    bar = _progress_bar() if progress else None
+    todo = list(enumerate(units))
+    stats = []
+    try:
+        while todo:
+            make = (lambda: engine) if engine is not None else (lambda: shared_engine(cfg, card.path))
+            stream = Stream(make, cfg, prepare, fail, on_result, bar, started)
+            stream.run(todo)
+            stats.append(stream.stats.to_dict())
+            if stream.interrupted is not None:
+                report.interrupted = _interruption(stream, log)
+                break
+            todo = [(k, units[k]) for k in sorted(retry)]
+            retry.clear()
+            if todo and not retries.wait([units[k].scene for k, _ in todo], log):  # a stop while waiting
+                report.interrupted = {"signal": stop.requested(), "unit": None, "scene": None, "units": [],
+                                      "not_started": [u.key for _, u in todo]}
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    report.results.extend(results[k] for k in sorted(results))
+    if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (outputs.stac_items)
         from ..outputs.stac_items import write_items
 
         write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
@@ -183,5 +203,48 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     data = report.to_dict()
     data["shard"] = list(shard)
     data["model"] = {"id": card.model_id, "sha256": card.sha256}
+    data["timings_s"] = {"wall": round(time.monotonic() - started, 3), "streams": stats}
     write_json(out / layout.report_name(shard), data)
     return report
+
+
+def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str) -> bool:
+    """Whether the unit's outputs are in place from the same scene, config and model; raises
+    when something else is in the way (it is left alone)."""
+    if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
+        raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
+                                path=str(final.parent))
+    if not os.path.lexists(final) and (old_place := _legacy_outputs(out, unit, legacy)):
+        raise OutputExistsError(
+            f"finished outputs of this scene from an earlier tilescan version are in {old_place}; this "
+            f"version writes them to {final} (a name safe on every filesystem): move or remove them, then rerun",
+            path=str(final))
+    old = read_manifest(final)
+    if old is not None and old.get("status") == "complete":
+        if old.get("fingerprint") == fp and not cfg.output.overwrite:
+            return True
+        if not cfg.output.overwrite:
+            raise OutputExistsError(
+                "finished outputs from a different config, model or scene version exist; "
+                "pass --overwrite to replace them", path=str(final))
+    elif not cfg.output.overwrite and _occupied(final):
+        raise OutputExistsError(
+            "exists but is not a finished tilescan output (no complete run.json); it was "
+            "left alone: move it away, or pass --overwrite to replace it", path=str(final))
+    return False
+
+
+def _interruption(stream: Stream, log: Callable[[str], None]) -> dict:
+    """report.json's ``interrupted``: the signal, the units dropped, those never started."""
+    dropped = [job.unit for job in stream.dropped]
+    for unit in dropped:
+        log(f"{unit.key}: stopped by {stream.interrupted.signame}; its partial outputs were removed")
+    return {"signal": stream.interrupted.signame, "unit": dropped[0].key if dropped else None,
+            "scene": str(dropped[0].scene) if dropped else None, "units": [u.key for u in dropped],
+            "not_started": [u.key for u in stream.not_started]}
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    return tqdm(total=0, desc="tiles", unit="tile", leave=False, dynamic_ncols=True)

@@ -187,7 +187,7 @@ class UnitLock:
         self.target = unit.out_dir(out)
         self.lock = layout.FileLock(self.path)
 
-    def __enter__(self):
+    def acquire(self) -> "UnitLock":
         try:
             self.lock.acquire()
         except layout.Busy as busy:
@@ -197,8 +197,14 @@ class UnitLock:
             ) from None
         return self
 
-    def __exit__(self, *exc):
+    def release(self) -> None:
         self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def _move_into_place(stage: Path, final: Path, out: Path) -> None:

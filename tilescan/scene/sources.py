@@ -433,38 +433,47 @@ def remote_errors(scene: Any) -> Iterator[None]:
         raise err from None
 
 
-def with_retries(scene: Any, work, log) -> Any:
-    """``work()`` for one scene. A remote scene whose transfer failed for a cause that may
-    pass (timeout, dropped connection, HTTP 5xx after GDAL's own retries) is tried again,
-    ``TILESCAN_REMOTE_RETRIES`` times (default :data:`UNIT_RETRIES`), waiting
-    :data:`UNIT_RETRY_DELAY_S` seconds, then twice as long each time; a stop request
-    (SIGTERM) ends the waiting. Errors come out of :func:`remote_errors`."""
-    from .. import stop
+class SceneRetries:
+    """Bounded retries of remote scenes whose transfer failed for a cause that may pass
+    (timeout, dropped connection, HTTP 5xx after GDAL's own retries): such a unit is run
+    again after the others, ``TILESCAN_REMOTE_RETRIES`` times (default :data:`UNIT_RETRIES`),
+    waiting :data:`UNIT_RETRY_DELAY_S` seconds, then twice as long each time; a stop
+    request (SIGTERM) ends the waiting. Errors come out of :func:`remote_errors`."""
 
-    if not getattr(scene, "remote", False):
-        return work()
-    try:
-        retries = max(0, int(os.environ.get("TILESCAN_REMOTE_RETRIES", UNIT_RETRIES)))
-    except ValueError:
-        retries = UNIT_RETRIES
-    delay = UNIT_RETRY_DELAY_S
-    for attempt in range(retries + 1):
+    def __init__(self):
         try:
-            with remote_errors(scene):
-                return work()
-        except InputError as exc:
-            if not getattr(exc, "transient", False) or attempt == retries:
-                if attempt:
-                    exc.message += f" (after {attempt} retr{'y' if attempt == 1 else 'ies'} of the scene)"
-                raise
-            log(f"warning: {exc}; trying the scene again in {delay:g} s ({attempt + 1} of {retries})")
-            end = time.monotonic() + delay
-            while time.monotonic() < end and not stop.requested():
-                time.sleep(0.1)
-            stop.check()
-            delay *= 2
+            self.retries = max(0, int(os.environ.get("TILESCAN_REMOTE_RETRIES", UNIT_RETRIES)))
+        except ValueError:
+            self.retries = UNIT_RETRIES
+        self.attempt = 0  # retries done so far
+        self.delay = UNIT_RETRY_DELAY_S
+
+    def wants(self, scene: Any, exc: BaseException) -> bool:
+        """Whether ``exc`` of ``scene`` earns it another try."""
+        return (getattr(scene, "remote", False) and isinstance(exc, InputError) and getattr(exc, "transient", False)
+                and self.attempt < self.retries)
+
+    def annotate(self, exc: BaseException) -> None:
+        """Say in a final error how often the scene was tried again."""
+        if self.attempt and isinstance(exc, InputError) and getattr(exc, "transient", False):
+            exc.message += f" (after {self.attempt} retr{'y' if self.attempt == 1 else 'ies'} of the scene)"
+
+    def wait(self, scenes: Sequence[Any], log) -> bool:
+        """Wait before the next try of ``scenes``; False if a stop request came meanwhile."""
+        from .. import stop
+
+        self.attempt += 1
+        log(f"trying {len(scenes)} scene(s) again in {self.delay:g} s ({self.attempt} of {self.retries})")
+        end = time.monotonic() + self.delay
+        while time.monotonic() < end and not stop.requested():
+            time.sleep(0.1)
+        if stop.requested():
+            return False
+        self.delay *= 2
+        for scene in scenes:
             for url in scene.urls():
                 _probe(url)  # forget what GDAL cached about it (a failed HEAD, a short block)
+        return True
 
 
 # ----------------------------------------------------------------------------- scenes

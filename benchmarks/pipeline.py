@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""How fast the host side of ``tilescan run`` is, apart from the model.
+
+    python benchmarks/pipeline.py host  [--out benchmarks/results/host-ceiling.json]
+    python benchmarks/pipeline.py small [--out benchmarks/results/small-scenes.json]
+
+``host``: the real run (reading, scaling, batching, rows, labels, heat blending, every
+output) with the model step replaced by a no-op that returns results of the right shape,
+on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and
+to 2 cores with ``taskset`` (alternated, ``--rounds`` each): tiles/s over the run's wall
+time, and the ratio 2 cores / 1 core.
+
+``small``: 40 scenes of 512 x 512 px (16 tiles each) cut from the real Landsat scene, in one
+``tilescan run`` with the real model, against model + Grad-CAM alone on the same tiles in
+the same process, alternated: tiles/s over the run's wall time after the engine is ready
+(report.json ``timings_s``: start-up excluded, like the model-only figure) / model tiles/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import bench  # noqa: E402  (the Landsat mosaic builder and machine facts)
+
+HOST_SIZE = (12246, 11160)
+
+
+class NoopEngine:
+    """Stands in for the model + CAM step: results of the right shape at no cost, so the
+    run measures everything else. Labels come from the tile's mean, CAMs from its pixels."""
+
+    def __init__(self, card, batch_size: int):
+        self.loaded = card
+        self.classes = card.classes
+        self.input_size = card.input_size
+        self.batch_size = batch_size
+        self.cam = type("Layer", (), {"layer": "noop"})()
+        self.pipeline, self.precision = "lockstep", "float32"
+        self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": "lockstep"}
+
+    def ready(self) -> None:
+        pass
+
+    def __call__(self, x: np.ndarray):
+        from tilescan.explain.cam import CAMResult
+
+        n, k = len(x), len(self.classes)
+        mean = x.mean(axis=(1, 2, 3))
+        probs = np.full((n, k), 0.5 / (k - 1), np.float32)
+        cls = (mean * 1e3).astype(np.int64) % k
+        probs[np.arange(n), cls] = 0.5
+        raw = x[:, 16::32, 16::32, 0].astype(np.float32)  # (n, 4, 4), like the model's last block
+        cam = raw / np.maximum(raw.reshape(n, -1).max(axis=1), 1e-6)[:, None, None]
+        return CAMResult(probs, cls, raw, cam, "noop", None)
+
+
+def _host_once(scene: Path, out: Path) -> dict:
+    """One no-op run in this process (called under taskset)."""
+    import importlib
+
+    importlib.import_module("keras")  # a real run has Keras loaded before its first scene
+    from tilescan.config import load_config
+    from tilescan.model import describe_model
+    from tilescan.pipeline.run import run
+
+    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}}, environ={})
+    engine = NoopEngine(describe_model(), cfg.inference.batch_size)
+    t0 = time.perf_counter()
+    report = run([scene], out, cfg, log=lambda m: None, engine=engine)
+    wall = time.perf_counter() - t0
+    res = report.results[0]
+    manifest = json.loads((Path(res.out_dir) / "run.json").read_text())
+    n = res.counts["tiles_classified"]
+    return {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1), "timings_s": manifest["timings_s"]}
+
+
+def host(args) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-host-"))
+    scene = work / "landsat-mosaic-12246x11160-lzw.tif"
+    if not scene.exists():
+        bench.build_scene(scene, HOST_SIZE[0], height=HOST_SIZE[1])
+    runs: dict[str, list[dict]] = {"1": [], "2": []}
+    for r in range(args.rounds):
+        for cores in ("1", "2"):
+            out = work / f"out-{cores}-{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            cpus = "0" if cores == "1" else "0,1"
+            p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out)],
+                               capture_output=True, text=True, check=True)
+            got = json.loads(p.stdout.strip().splitlines()[-1])
+            runs[cores].append(got)
+            bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
+            shutil.rmtree(out, ignore_errors=True)
+    rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
+    return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"]},
+            "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
+            "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
+
+
+def _small_scenes(folder: Path, n: int = 40, size: int = 512) -> list[Path]:
+    """``n`` scenes of ``size`` px cut from the real Landsat scene (GeoTIFF, tiled, LZW)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with rasterio.open(bench.LANDSAT) as src:
+        profile = src.profile.copy()
+        profile.update(width=size, height=size, tiled=True, blockxsize=256, blockysize=256, compress="lzw")
+        cols, rows = (src.width - size) // size, (src.height - size) // size
+        for k in range(n):
+            col, row = (k % cols) * size, (k // cols % rows) * size
+            w = Window(col, row, size, size)
+            p = folder / f"chip-{k:03d}.tif"
+            with rasterio.open(p, "w", **{**profile, "transform": src.window_transform(w)}) as dst:
+                dst.write(src.read(window=w))
+            paths.append(p)
+    return paths
+
+
+def small(args) -> dict:
+    from tilescan.config import load_config
+    from tilescan.pipeline.engine import shared_engine
+    from tilescan.pipeline.run import run
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-small-"))
+    scenes = _small_scenes(work / "scenes")
+    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}}, environ={})
+    engine = shared_engine(cfg)
+    engine.ready()
+    # the same tiles the run classifies, as ready batches, for the model-only figure
+    tiles = bench.ready_tiles(640, engine.input_size)
+    bs = cfg.inference.batch_size
+    rates: dict[str, list[float]] = {"model": [], "run": []}
+    timings = []
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        for i in range(0, len(tiles), bs):
+            engine(tiles[i:i + bs])
+        rates["model"].append(len(tiles) / (time.perf_counter() - t0))
+        out = work / f"out-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        report = run(scenes, out, cfg, log=lambda m: None)
+        wall = time.perf_counter() - t0
+        data = json.loads((out / "report.json").read_text())
+        n = sum(x.counts["tiles_classified"] for x in report.results)
+        ready = data["timings_s"]["streams"][0]["engine_ready_s"] or 0.0
+        rates["run"].append(n / (wall - ready))
+        timings.append({"wall_s": round(wall, 3), "tiles": n, **data["timings_s"]})
+        bench.log(f"small: round {r + 1}: model {rates['model'][-1]:.1f} tiles/s, run {rates['run'][-1]:.1f} tiles/s")
+        shutil.rmtree(out, ignore_errors=True)
+    m, e = median(rates["model"]), median(rates["run"])
+    return {"scenes": len(scenes), "scene_px": 512, "tiles": timings[0]["tiles"], "model_tiles_per_s": round(m, 1),
+            "run_tiles_per_s": round(e, 1), "ratio_to_model": round(e / m, 3), "rounds": timings,
+            "rates": {k: [round(v, 1) for v in vs] for k, vs in rates.items()}}
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
+        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("host", "small"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+           "machine": bench.machine(), **(host(args) if args.what == "host" else small(args))}
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

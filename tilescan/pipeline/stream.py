@@ -1,0 +1,430 @@
+"""One stream of tiles over every unit of a run, so the model always gets full batches.
+
+Four kinds of threads share the work:
+
+- the **opener** takes the units in order, checks and locks each (``prepare``), opens its
+  scene (band stretch, empty blocks, staging folder) while the units before it are still
+  being read, and keeps one opened unit ready;
+- the **caller's thread** reads chunks of tiles (lockstep: between model steps, with GDAL
+  decoding on every core; overlap: on reader threads, ahead), gathers them into batches
+  of exactly ``batch_size`` that may span units, and runs the model + CAM step;
+- the **writer** turns each batch's results into each unit's rows, labels and heat;
+- a **finisher** writes a unit's outputs and moves them into place as soon as its last
+  tile is done, while the stream goes on with the next units.
+
+A failing unit is dropped alone (its staging folder removed, its lock released). A stop
+request (SIGTERM/SIGINT) ends reading: units whose every tile already went through the
+model are finished, the others are dropped.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .. import faults, stop
+from ..config import Config
+from ..errors import ModelError
+from .engine import Engine
+from .process import UnitJob
+from .report import UnitResult
+
+@dataclass
+class StreamStats:
+    """Run-level timings of one stream (report.json)."""
+
+    started: float = field(default_factory=time.monotonic)  # the run's start
+    engine_ready: float | None = None  # seconds from the start until the model step was compiled
+    first_batch: float | None = None  # seconds from the start until the first batch's results
+    model_s: float = 0.0  # in the model + CAM step
+    batches: int = 0
+    tiles: int = 0
+
+    def to_dict(self) -> dict:
+        def r(v):
+            return None if v is None else round(v, 3)
+
+        return {"engine_ready_s": r(self.engine_ready), "first_batch_s": r(self.first_batch),
+                "model_s": round(self.model_s, 3), "batches": self.batches, "tiles": self.tiles}
+
+
+class _Writer(threading.Thread):
+    """Runs ``handle(item)`` for each item put, in order, off the model's thread."""
+
+    def __init__(self, handle: Callable[[Any], None], maxsize: int):
+        super().__init__(name="tilescan-write", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.handle = handle
+
+    def run(self):
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:
+                    return
+                self.handle(item)
+            finally:
+                self.q.task_done()
+
+    def put(self, item) -> None:
+        self.q.put(item)
+
+    def wait_idle(self) -> None:
+        self.q.join()
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+
+
+class _Batcher:
+    """Read tiles gathered into batches of exactly ``size`` across units; ``step(pieces, x)``
+    gets each full batch as ``[(job, tiles, valid, fractions)]`` and the stacked inputs."""
+
+    def __init__(self, size: int, step: Callable[[list, np.ndarray], None]):
+        self.size, self.step = size, step
+        self.pieces: list = []  # (job, tiles, x, valid, fractions)
+        self.count = 0
+
+    def add(self, job: UnitJob, tiles: list, x: np.ndarray, valid: np.ndarray, fractions: np.ndarray) -> None:
+        i = 0
+        while i < len(tiles):
+            take = min(self.size - self.count, len(tiles) - i)
+            self.pieces.append((job, tiles[i:i + take], x[i:i + take], valid[i:i + take], fractions[i:i + take]))
+            self.count += take
+            i += take
+            if self.count == self.size:
+                self.flush()
+
+    def drop(self, keep: Callable[[UnitJob], bool]) -> None:
+        """Forget the gathered tiles of the jobs ``keep`` rejects."""
+        self.pieces = [p for p in self.pieces if keep(p[0])]
+        self.count = sum(len(p[1]) for p in self.pieces)
+
+    def flush(self) -> None:
+        """Hand over what is gathered (a short last batch too)."""
+        if not self.pieces:
+            return
+        pieces, self.pieces, self.count = self.pieces, [], 0
+        x = pieces[0][2] if len(pieces) == 1 else np.concatenate([p[2] for p in pieces])  # one piece: no copy
+        self.step([(job, tiles, valid, fr) for job, tiles, _, valid, fr in pieces], x)
+
+
+class Stream:
+    """Runs the units that ``units`` yields through one engine; see the module doc.
+
+    ``prepare(index, unit)`` (on the opener thread) returns an unopened, locked
+    :class:`UnitJob`, or a :class:`UnitResult` for a unit that is skipped or failed its checks.
+    ``fail(job_or_unit, exc) -> UnitResult`` turns an error into the unit's result (raising
+    for errors that end the run). Results reach ``on_result`` as they happen."""
+
+    def __init__(self, make_engine: Callable[[], Engine], cfg: Config, prepare: Callable[[int, Any], Any],
+                 fail: Callable[[Any, BaseException], UnitResult], on_result: Callable[[int, UnitResult], None],
+                 progress: Any = None, started: float | None = None):
+        self.make_engine, self.cfg = make_engine, cfg
+        self.engine: Engine | None = None
+        self.prepare, self.fail, self.on_result = prepare, fail, on_result
+        self.bar = progress
+        self.stats = StreamStats() if started is None else StreamStats(started)
+        self.batch_size = cfg.inference.batch_size
+        self.ahead = max(1, cfg.inference.queue_size)
+        self.in_flight: dict[int, UnitJob] = {}  # opened, not yet finished or dropped
+        self.not_started: list = []
+        self.interrupted: stop.Interrupted | None = None
+        self.dropped: list[UnitJob] = []  # dropped by a stop request
+        self._fatal: BaseException | None = None
+        self._lock = threading.Lock()
+        self._finishers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-finish")
+        self._finishing: list[Future] = []
+        self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
+
+    # -- the opener
+
+    def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
+        for k, unit in units:
+            if halt.is_set() or stop.requested():
+                out.put(("not_started", k, unit))
+                continue
+            job = None
+            try:
+                job = self.prepare(k, unit)
+                if isinstance(job, UnitJob):
+                    job.engine = self._engine()
+                    job.open()
+                    out.put(("job", k, job))
+                else:
+                    out.put(("result", k, job))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                if isinstance(job, UnitJob):
+                    job.abort()
+                out.put(("error", k, (job if isinstance(job, UnitJob) else unit, exc)))
+        out.put(None)
+
+    def _engine(self) -> Engine:
+        """The engine, made when the first unit needs it (a rerun with nothing to do never
+        imports Keras)."""
+        with self._lock:
+            if self.engine is None:
+                self.engine = self.make_engine()
+                self.engine.ready()
+                self.stats.engine_ready = time.monotonic() - self.stats.started
+            return self.engine
+
+    @property
+    def lockstep(self) -> bool:
+        return self.engine is not None and self.engine.pipeline == "lockstep"
+
+    def _opened(self, units: list) -> Iterator[UnitJob]:
+        """Opened jobs in unit order; the next is opened on the opener thread meanwhile."""
+        q: queue.Queue = queue.Queue(maxsize=1)
+        halt = threading.Event()
+        t = threading.Thread(target=self._opener, args=(units, q, halt), name="tilescan-open", daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not None:
+                kind, k, what = item
+                if kind == "job":
+                    with self._lock:
+                        self.in_flight[k] = what
+                    if self.bar is not None:
+                        self.bar.total = (self.bar.total or 0) + what.n_tiles
+                        self.bar.update(what.n_empty)
+                    yield what
+                elif kind == "result":
+                    self.on_result(k, what)
+                elif kind == "not_started":
+                    self.not_started.append(what)
+                else:
+                    self.on_result(k, self.fail(*what))
+        finally:
+            halt.set()
+            while t.is_alive():  # drain, so the opener is never stuck on a full queue
+                try:
+                    item = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                kind, k, what = item
+                if kind == "job":
+                    what.abort()
+                    self.not_started.append(what.unit)
+                elif kind == "result":
+                    self.on_result(k, what)
+                elif kind == "not_started":
+                    self.not_started.append(what)
+                else:
+                    self.on_result(k, self.fail(*what))
+            t.join()
+
+    # -- reading
+
+    def _chunks(self, units: list) -> Iterator[tuple[UnitJob, list | None, bool]]:
+        for job in self._opened(units):
+            chunks = job.chunks(self.batch_size)
+            if not chunks:
+                yield job, None, True
+            for i, c in enumerate(chunks):
+                yield job, c, i == len(chunks) - 1
+
+    def _reads(self, units: list) -> Iterator[tuple[UnitJob, bool, Any]]:
+        """(job, last chunk of the job?, read result or the exception) in tile order."""
+        def read(job, chunk):
+            if chunk is None or job.failed is not None:
+                return None
+            try:
+                return job.read(chunk)
+            except Exception as exc:  # noqa: BLE001 - the job's own failure
+                return exc
+
+        chunks = self._chunks(units)
+        try:
+            first = next(chunks, None)
+            if first is None:
+                return
+            if self.lockstep or self.cfg.inference.reader_threads == 0:
+                for job, chunk, last in _chain(first, chunks):
+                    yield job, last, read(job, chunk)
+                return
+            with ThreadPoolExecutor(max_workers=self.cfg.inference.reader_threads,
+                                    thread_name_prefix="tilescan-read") as pool:
+                pending: deque = deque()
+                for job, chunk, last in _chain(first, chunks):
+                    pending.append((job, last, pool.submit(read, job, chunk)))
+                    if len(pending) >= self.ahead:
+                        job, last, fut = pending.popleft()
+                        yield job, last, fut.result()
+                while pending:
+                    job, last, fut = pending.popleft()
+                    yield job, last, fut.result()
+        finally:
+            chunks.close()  # the opener stops; what it opened but nobody read is removed
+
+    # -- the model step and the writer
+
+    def _step(self, pieces: list, x: np.ndarray) -> None:
+        if self.lockstep:  # the model alone on the cores: the writer is done with the last batch
+            self._writer.wait_idle()
+        t = time.monotonic()
+        try:
+            res = self.engine(x)
+        except ModelError:
+            raise
+        except Exception as exc:  # every unit of the batch fails with it
+            for job, *_ in pieces:
+                self._drop(job, exc)
+            return
+        dt = time.monotonic() - t
+        self.stats.model_s += dt
+        self.stats.batches += 1
+        self.stats.tiles += len(x)
+        if self.stats.first_batch is None:
+            self.stats.first_batch = time.monotonic() - self.stats.started
+        faults.point("inference")
+        start = 0
+        for job, tiles, valid, fractions in pieces:
+            n = len(tiles)
+            job.timings["compute"] += dt * n / len(x)
+            job.n_sent += n
+            self._writer.put(("rows", job, tiles, valid, fractions, _slice(res, start, start + n)))
+            start += n
+        if self.bar is not None:
+            self.bar.update(len(x))
+
+    def _handle(self, item) -> None:
+        """On the writer thread: a batch's rows for a job, or a check whether it is done."""
+        try:
+            self._handle_item(item)
+        except BaseException as exc:  # noqa: BLE001 - a run-ending error: raised on the caller's thread
+            self._fatal = exc
+
+    def _handle_item(self, item) -> None:
+        kind, job = item[0], item[1]
+        if kind == "abort":
+            job.abort()
+            return
+        if job.failed is not None:
+            return
+        if kind == "rows":
+            try:
+                job.consume(*item[2:])
+            except Exception as exc:  # noqa: BLE001 - e.g. the disk filled while writing heat
+                job.failed = exc
+                job.abort()
+                self._result(job, self.fail(job, exc))
+                return
+        if job.ready_to_finish():
+            self._finishing.append(self._finishers.submit(self._finish, job))
+
+    def _finish(self, job: UnitJob) -> None:
+        try:
+            res = job.finish()
+        except BaseException as exc:  # noqa: BLE001
+            job.abort()
+            try:
+                res = self.fail(job, exc)
+            except BaseException as fatal:  # noqa: BLE001 - the run ends; raised on the caller's thread
+                self._fatal = fatal
+                return
+        self._result(job, res)
+
+    def _result(self, job: UnitJob, res: UnitResult) -> None:
+        with self._lock:
+            self.in_flight.pop(job.index, None)
+        self.on_result(job.index, res)
+
+    def _drop(self, job: UnitJob, exc: BaseException) -> None:
+        """Fail ``job`` now: no more of its tiles are read or used; the writer removes it."""
+        if job.failed is not None:
+            return
+        job.failed = exc
+        self._writer.put(("abort", job))
+        if not isinstance(exc, stop.Interrupted):
+            self._result(job, self.fail(job, exc))
+        else:
+            self.dropped.append(job)
+            with self._lock:
+                self.in_flight.pop(job.index, None)
+
+    # -- the run
+
+    def run(self, units: Iterable[tuple[int, Any]]) -> None:
+        """Process ``units`` ((index, unit) pairs); returns when every one has a result, was
+        dropped by a stop, or was not started."""
+        units = list(units)
+        batcher = _Batcher(self.batch_size, self._step)
+        self._writer.start()
+        reads = self._reads(units)
+        try:
+            try:
+                for job, last, got in reads:
+                    stop.check()
+                    self._raise_fatal()
+                    if job.failed is not None:
+                        continue
+                    if isinstance(got, BaseException):
+                        batcher.drop(lambda j: j is not job)
+                        self._drop(job, got)
+                        continue
+                    if got is not None:
+                        kept, x, valid, fractions, n_read = got
+                        for _ in range(n_read):
+                            faults.point("reading")
+                        job.n_read += n_read
+                        job.n_kept += len(kept)
+                        job.skipped += n_read - len(kept)
+                        if self.bar is not None and n_read > len(kept):
+                            self.bar.update(n_read - len(kept))
+                        if last:
+                            job.reading_done = True
+                        batcher.add(job, kept, x, valid, fractions)
+                    elif last:
+                        job.reading_done = True
+                    if last:
+                        self._writer.put(("check", job))
+                stop.check()
+                batcher.flush()
+            except stop.Interrupted as intr:
+                self.interrupted = intr
+                reads.close()  # nothing more is opened; opened but unread units are not started
+                with self._lock:
+                    jobs = sorted(self.in_flight.values(), key=lambda j: j.index)
+                for job in jobs:  # every tile through the model: finished; the rest dropped
+                    if not (job.reading_done and job.n_sent == job.n_kept):
+                        self._drop(job, intr)
+                batcher.drop(lambda j: j.failed is None)
+        finally:
+            reads.close()
+            self._writer.finish()
+            for f in list(self._finishing):
+                f.result()
+            self._finishers.shutdown()
+            with self._lock:
+                leftover = list(self.in_flight.values())
+            for job in leftover:  # an error ended the run: nothing of these is left behind
+                job.abort()
+        self._raise_fatal()
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _slice(res, a: int, b: int):
+    """Rows ``a:b`` of a batch's CAM result."""
+    import dataclasses
+
+    return dataclasses.replace(res, probs=res.probs[a:b], target=res.target[a:b], raw=res.raw[a:b], cam=res.cam[a:b],
+                               logits=None if res.logits is None else res.logits[a:b])
