@@ -312,8 +312,14 @@ _BACKEND_SCRIPT = textwrap.dedent(
     layer = m.get_layer("conv5_block2_out")
     acts = keras.ops.convert_to_numpy(keras.Model(m.input, layer.output)(x))
     w = keras.ops.convert_to_numpy(m.get_layer("logits").kernel)
+    fast = C.GradCAM(m, fast_head=True)  # no backward pass: the GAP -> Dense head's closed form
+    assert fast.path == "gap-dense", fast
     for target in (None, np.array([1, 4, 0, 2])):
-        res = C.GradCAM(m)(x, target=target)
+        res = C.GradCAM(m, fast_head=False)(x, target=target)
+        quick = fast(x, target=target)
+        assert (quick.target == res.target).all() and np.array_equal(quick.probs, res.probs)
+        assert np.abs(quick.raw - res.raw).max() < 1e-5 and np.abs(quick.cam - res.cam).max() < 1e-5
+        assert np.array_equal(quick.cam, C.normalize_per_image(quick.raw))
         t = keras.ops.convert_to_numpy(m(x)).argmax(-1) if target is None else target
         exp = np.maximum(np.einsum("bhwk,kb->bhw", acts, w[:, t]) / 4.0, 0)
         assert (res.target == t).all(), (res.target, t)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from ..errors import ConfigError
-from .layers import _keras, resolve_layer, split_model
-from .shims import _SHIMS, resolve_jit
+from .layers import _keras, gap_dense_head, resolve_layer, split_model
+from .shims import _GAP_DENSE_STEPS, _SHIMS, model_on_accelerator, resolve_jit
 
 
 EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
@@ -106,6 +106,8 @@ class CAMMethod:
 
     name = "cam"
     needs_grads = True  # False: only a forward pass (acts, logits) is run
+    path = "autodiff"  # how the maps are computed; GradCAM may switch to "gap-dense"
+    _fast_step: Callable | None = None  # set where one device step returns (logits, target, raw, cam)
 
     def __init__(self, model, layer: str | None = None, jit_compile: bool | str = "auto"):
         keras = _keras()
@@ -150,6 +152,10 @@ class CAMMethod:
         if x.ndim != 4:
             raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {x.shape}")
         t = self._targets(target, x.shape[0])
+        if self._fast_step is not None:
+            logits, t, raw, cam = self._fast_step(x, t)
+            return CAMResult(probs=softmax(logits), target=t.astype(np.int32), raw=raw.astype(np.float32),
+                             cam=cam.astype(np.float32), layer=self.layer, logits=logits.astype(np.float32))
         if self.needs_grads:
             acts, grads, logits, t = self._grad_step(x, t)
         else:
@@ -168,13 +174,52 @@ class CAMMethod:
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer!r}, backend={self.backend!r}, jit_compile={self.jit_compile})"
+        return (f"{type(self).__name__}(layer={self.layer!r}, backend={self.backend!r}, "
+                f"jit_compile={self.jit_compile}, path={self.path!r})")
+
+
+def resolve_fast_head(fast_head: bool | str) -> bool | None:
+    """"auto" | "true" | "false" (or a bool) -> True (required), False (never) or None
+    (auto: only where the model runs on an accelerator; on the CPU the autodiff path is as
+    fast and its raw maps are the ones earlier outputs were written with)."""
+    if isinstance(fast_head, bool):
+        return fast_head
+    value = str(fast_head).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    if value != "auto":
+        raise ConfigError(f"fast_head must be 'auto', 'true' or 'false', got {fast_head!r}")
+    return None
 
 
 class GradCAM(CAMMethod):
-    """Grad-CAM: channel weight = spatial mean of the gradient."""
+    """Grad-CAM: channel weight = spatial mean of the gradient.
+
+    When the head from the CAM layer to the logits is GlobalAveragePooling2D -> Dense, that
+    gradient is kernel[k, c] / (h * w) at every position, so ``fast_head`` can skip the
+    backward pass: one forward pass for activations and logits, and the maps and their
+    normalisation computed on the model's device (``path == "gap-dense"``). ``fast_head``:
+    "auto" (default) uses it when the head qualifies and the model runs on an accelerator;
+    True requires it (ConfigError for another head); False always differentiates
+    (``path == "autodiff"``). The two paths agree to float roundoff, not bit for bit.
+    """
 
     name = "gradcam"
+
+    def __init__(self, model, layer: str | None = None, jit_compile: bool | str = "auto", fast_head: bool | str = "auto"):
+        super().__init__(model, layer=layer, jit_compile=jit_compile)
+        want = resolve_fast_head(fast_head)
+        head = gap_dense_head(model, self.layer) if want is not False else None
+        if want is True and head is None:
+            raise ConfigError(
+                f"fast_head=True needs a GlobalAveragePooling2D -> Dense head after CAM layer {self.layer!r} "
+                f"of model {model.name!r}; use fast_head='auto' or False for this model"
+            )
+        if head is not None and (want is True or model_on_accelerator(self.backend)):
+            self._fast_step = _GAP_DENSE_STEPS[self.backend](self.both, head[0], self.jit_compile, EPS)
+            self.path = "gap-dense"
 
     def channel_weights(self, acts, grads, **context):
         return grads.mean(axis=(1, 2))

@@ -135,3 +135,41 @@ def split_model(model, layer: str, force_rebuild: bool = False):
                 f"branch bypasses it); candidate layers: {', '.join(_block_outputs(model))}"
             ) from None
     return body, head, both
+
+
+def _producer(tensor):
+    """(operation, input tensors) of the node that made a symbolic tensor."""
+    op, node_index, _ = tensor._keras_history
+    return op, list(op._inbound_nodes[node_index].input_tensors)
+
+
+def gap_dense_head(model, layer: str):
+    """(kernel, bias) of the Dense layer when the head from ``layer`` to the logits is exactly
+    GlobalAveragePooling2D -> Dense with a linear activation (a softmax ``predictions`` layer
+    after the logits is allowed); None for any other head.
+
+    Then d logit_c / d A_k(i, j) = kernel[k, c] / (h * w) everywhere, so Grad-CAM needs no
+    backward pass. ``kernel`` (k, classes) and ``bias`` (classes,) or None are the layer's
+    Keras variables, so a compiled step reads their current values.
+    """
+    keras = _keras()
+    try:
+        acts_t = model.get_layer(layer).output
+        dense, dense_in = _producer(_logits_tensor(model))
+        if type(dense) is not keras.layers.Dense or len(dense_in) != 1:
+            return None
+        pool, pool_in = _producer(dense_in[0])
+    except (AttributeError, IndexError, ValueError, ModelError):
+        return None
+    if type(pool) is not keras.layers.GlobalAveragePooling2D or len(pool_in) != 1 or pool_in[0] is not acts_t:
+        return None
+    if pool.data_format != "channels_last" or pool.keepdims:
+        return None
+    # exact Dense only: linear activation, plain float kernel (no LoRA, no quantised weights)
+    if dense.activation is not keras.activations.linear or getattr(dense, "lora_enabled", False):
+        return None
+    if getattr(dense, "quantization_mode", None) or getattr(dense.dtype_policy, "quantization_mode", None):
+        return None
+    if len(dense.kernel.shape) != 2:
+        return None
+    return dense.kernel, (dense.bias if dense.use_bias else None)

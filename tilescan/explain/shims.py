@@ -125,6 +125,95 @@ def _torch_shim(body, head, both, jit: bool):
 _SHIMS: dict[str, Callable] = {"tensorflow": _tensorflow_shim, "jax": _jax_shim, "torch": _torch_shim}
 
 
+# --------------------------------------------------------------------------------------
+# Grad-CAM through a GlobalAveragePooling2D -> Dense head: forward pass only
+# --------------------------------------------------------------------------------------
+#
+# Each ``_<backend>_gap_dense(both, kernel, jit, eps)`` returns one callable on numpy input:
+#   step(x, target) -> (logits, target, raw, cam) float32/int32 numpy, where the Grad-CAM
+#       channel weights are kernel[:, target] / (h * w) (the exact gradient of the logit
+#       through the pooling), raw = relu(sum_k w_k A_k) and cam = raw / its per-map maximum
+#       (zeros where the maximum <= eps), all computed on the model's device in one call.
+
+
+def _tensorflow_gap_dense(both, kernel, jit: bool, eps: float):
+    import tensorflow as tf
+
+    def step(x, target):
+        acts, logits = both(x, training=False)
+        acts, logits = tf.cast(acts, tf.float32), tf.cast(logits, tf.float32)
+        t = tf.where(target < 0, tf.argmax(logits, axis=-1, output_type=tf.int32), target)
+        area = tf.cast(tf.shape(acts)[1] * tf.shape(acts)[2], tf.float32)
+        weights = tf.transpose(tf.gather(tf.cast(kernel.value, tf.float32), t, axis=1)) / area  # (B, k)
+        raw = tf.nn.relu(tf.einsum("bhwk,bk->bhw", acts, weights))
+        peak = tf.reduce_max(raw, axis=(1, 2))
+        # 1/peak through float64: TensorFlow's graph-mode float32 reciprocal on the CPU is not
+        # correctly rounded, numpy's (normalize_per_image) is; rounding the float64 quotient is
+        inv = tf.cast(1.0 / tf.cast(tf.maximum(peak, eps), tf.float64), tf.float32)
+        scale = tf.where(peak > eps, inv, tf.zeros_like(peak))
+        return logits, t, raw, raw * scale[:, None, None]
+
+    step_fn = tf.function(step, jit_compile=jit, reduce_retracing=True)
+
+    def run(x, target):
+        return tuple(np.asarray(v) for v in step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(target)))
+
+    return run
+
+
+def _jax_gap_dense(both, kernel, jit: bool, eps: float):
+    import jax
+    import jax.numpy as jnp
+
+    def step(vars_, w, x, target):
+        (acts, logits), _ = both.stateless_call(vars_[0], vars_[1], x, training=False)
+        acts, logits = acts.astype(jnp.float32), logits.astype(jnp.float32)
+        t = jnp.where(target < 0, jnp.argmax(logits, axis=-1).astype(target.dtype), target)
+        weights = w.astype(jnp.float32)[:, t].T / (acts.shape[1] * acts.shape[2])
+        raw = jnp.maximum(jnp.einsum("bhwk,bk->bhw", acts, weights), 0.0)
+        peak = raw.max(axis=(1, 2))
+        scale = jnp.where(peak > eps, 1.0 / jnp.maximum(peak, eps), 0.0)
+        return logits, t, raw, raw * scale[:, None, None]
+
+    if jit:
+        step = jax.jit(step)
+
+    def run(x, target):
+        vars_ = ([v.value for v in both.trainable_variables], [v.value for v in both.non_trainable_variables])
+        out = step(vars_, kernel.value, jnp.asarray(x), jnp.asarray(target))
+        return tuple(np.asarray(v) for v in out)
+
+    return run
+
+
+def _torch_gap_dense(both, kernel, jit: bool, eps: float):
+    import torch
+
+    keras = _keras()
+
+    def run(x, target):
+        with torch.no_grad():
+            acts, logits = both(keras.ops.convert_to_tensor(x), training=False)
+            acts, logits = acts.float(), logits.float()
+            tt = torch.as_tensor(target, device=logits.device, dtype=torch.int64)
+            t = torch.where(tt < 0, logits.argmax(dim=-1), tt)
+            weights = kernel.value.float()[:, t].T / (acts.shape[1] * acts.shape[2])
+            raw = torch.relu(torch.einsum("bhwk,bk->bhw", acts, weights))
+            peak = raw.amax(dim=(1, 2))
+            scale = torch.where(peak > eps, 1.0 / torch.clamp(peak, min=eps), torch.zeros_like(peak))
+            cam = raw * scale[:, None, None]
+        return tuple(keras.ops.convert_to_numpy(v) for v in (logits, t.int(), raw, cam))
+
+    return run
+
+
+_GAP_DENSE_STEPS: dict[str, Callable] = {
+    "tensorflow": _tensorflow_gap_dense,
+    "jax": _jax_gap_dense,
+    "torch": _torch_gap_dense,
+}
+
+
 def model_on_accelerator(backend: str) -> bool:
     """Whether the Keras backend computes on a GPU (or another accelerator), not the CPU."""
     if backend == "tensorflow":
