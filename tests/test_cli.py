@@ -80,6 +80,45 @@ def test_console_script_help():
 
 
 # ------------------------------------------------------------------------------------
+# info --runtime: the backend and device a run would use
+
+
+def test_info_runtime_shows_backend_device_and_precision():
+    from tilescan.backend import cpu_has_bf16
+
+    r = invoke("info", "--runtime")
+    assert r.exit_code == 0, r.output
+    meta = json.loads(r.stdout)
+    assert "Airport" in meta["classes"]  # the model metadata, as plain `tilescan info` prints it
+    rt = meta["runtime"]
+    assert rt["backend"] == "tensorflow" and set(rt) >= {"device", "accelerators", "gpu_visible", "warning"}
+    assert rt["precision"]["setting"] == "float32" and rt["precision"]["used"] == "float32"  # the shipped default
+    on_cpu = rt["device"] == "cpu"
+    assert rt["precision"]["auto"] == ("bf16" if on_cpu and cpu_has_bf16() else "float32")
+    assert rt["pipeline"] == {"setting": "auto", "used": "lockstep" if on_cpu else "overlap"}
+    if rt["warning"]:  # a GPU this backend cannot use: said on stderr too
+        assert rt["warning"] in r.stderr
+    else:
+        assert "warning" not in r.stderr
+
+
+def test_info_runtime_resolves_the_config_and_environment(tmp_path):
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[inference]\nprecision = "bf16"\n')
+    rt = json.loads(invoke("info", "--runtime", "--config", cfg).stdout)["runtime"]
+    assert rt["precision"]["setting"] == rt["precision"]["used"] == "bf16"
+    r = invoke("info", "--runtime", env={"TILESCAN_INFERENCE__PIPELINE": "overlap"})
+    assert json.loads(r.stdout)["runtime"]["pipeline"] == {"setting": "overlap", "used": "overlap"}
+
+
+def test_info_without_runtime_has_no_runtime_and_config_needs_it(tmp_path):
+    r = invoke("info")
+    assert r.exit_code == 0 and "runtime" not in json.loads(r.stdout)
+    r = invoke("info", "--config", tmp_path / "x.toml")
+    assert r.exit_code == 2 and "--config is read only with --runtime" in r.output
+
+
+# ------------------------------------------------------------------------------------
 # exit codes
 
 

@@ -25,7 +25,7 @@ def _validate(*paths: Path, version: str | None = None) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("version", [None, "1.30.0"])  # the default (newest) and the oldest we claim
 def test_manifests_pass_strict_validation(version):
-    assert {p.name for p in MANIFESTS} >= {"indexed-job.yaml", "collect-job.yaml", "cronjob.yaml"}
+    assert {p.name for p in MANIFESTS} >= {"indexed-job.yaml", "indexed-job-gpu.yaml", "collect-job.yaml", "cronjob.yaml"}
     p = _validate(*MANIFESTS, version=version)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("passed") == len(MANIFESTS), p.stdout
@@ -75,9 +75,36 @@ def _run_container(doc: dict, data: Path, **extra_env: str) -> tuple[int, str]:
     return p.returncode, err
 
 
+def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():
+    cpu, gpu = (yaml.safe_load((K8S / name).read_text()) for name in ("indexed-job.yaml", "indexed-job-gpu.yaml"))
+    c, g = _container(cpu), _container(gpu)
+    assert g["command"] + g["args"] == c["command"] + c["args"]  # so the per-index run below covers both
+    assert g["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in g["resources"].get("requests", {})  # extended resources: limits alone
+    env = {e["name"]: e["value"] for e in g["env"]}
+    assert env["KERAS_BACKEND"] == "jax"
+    for key in ("podFailurePolicy", "backoffLimitPerIndex", "completionMode"):
+        assert gpu["spec"][key] == cpu["spec"][key], key
+    assert gpu["spec"]["template"]["spec"]["volumes"] == cpu["spec"]["template"]["spec"]["volumes"]
+    assert gpu["metadata"]["name"] != cpu["metadata"]["name"]  # both can exist in one namespace
+
+
+def test_gpu_image_installs_the_gpu_extra():
+    import tomllib
+
+    docker = (K8S / "Dockerfile.gpu").read_text()
+    extras = tomllib.loads((bh.JOBS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.search(r'pip install [^\n]*"\.\[gpu\]"', docker)
+    assert any(d.startswith("jax[cuda12]") for d in extras["gpu"])
+    assert re.search(r"^ENV .*KERAS_BACKEND=jax", docker, re.M)
+    image = _container(yaml.safe_load((K8S / "indexed-job-gpu.yaml").read_text()))["image"]
+    assert f"-t {image} " in docker  # the build command in its header makes the image the Job names
+
+
 @pytest.mark.slow
-def test_indexed_job_per_index_equals_one_process(tmp_path, tmp_path_factory):
-    job = yaml.safe_load((K8S / "indexed-job.yaml").read_text())
+@pytest.mark.parametrize("manifest", ["indexed-job.yaml", "indexed-job-gpu.yaml"])
+def test_indexed_job_per_index_equals_one_process(tmp_path, tmp_path_factory, manifest):
+    job = yaml.safe_load((K8S / manifest).read_text())
     spec = job["spec"]
     n = spec["completions"]
     assert spec["completionMode"] == "Indexed" and spec["parallelism"] == n
@@ -86,7 +113,9 @@ def test_indexed_job_per_index_equals_one_process(tmp_path, tmp_path_factory):
     data = tmp_path / "data"
     bh.scene_folder(data / "scenes")
     # the pods of the Job, run side by side as its parallelism says
-    pods = [_start_container(job, data, JOB_COMPLETION_INDEX=str(i)) for i in range(n)]
+    # no GPU (nor JAX) here: the GPU Job's pods compute on this CPU with TensorFlow
+    backend = {"KERAS_BACKEND": "tensorflow"} if "gpu" in manifest else {}
+    pods = [_start_container(job, data, JOB_COMPLETION_INDEX=str(i), **backend) for i in range(n)]
     for i, pod in enumerate(pods):
         _, err = pod.communicate(timeout=600)
         assert pod.returncode == 0, f"index {i}: {err}"

@@ -50,3 +50,97 @@ def cpu_has_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+# ----------------------------------------------------------------------------- devices
+
+_CPU_ONLY_REASON = {
+    "tensorflow": "this TensorFlow sees no GPU (tilescan installs the CPU-only tensorflow-cpu by default)",
+    "jax": "this JAX sees no GPU (installed without jax[cuda12], or its CUDA plugin found no usable driver)",
+    "torch": "this PyTorch sees no GPU (a build without CUDA, or no usable driver)",
+}
+
+
+def host_gpus(timeout: float = 10.0) -> list[str]:
+    """NVIDIA GPUs this machine shows, whatever Python packages are installed: the
+    ``nvidia-smi -L`` lines, else one entry per ``/dev/nvidiaN`` device file. Empty when
+    ``CUDA_VISIBLE_DEVICES`` hides every GPU on purpose ("" or "-1")."""
+    import glob
+    import shutil
+    import subprocess
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1", "NoDevFiles"):
+        return []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            p = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            p = None
+        if p is not None and p.returncode == 0:
+            gpus = [line.strip() for line in p.stdout.splitlines() if line.startswith("GPU ")]
+            if gpus:
+                return gpus
+    return sorted(d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia"):].isdigit())
+
+
+def backend_accelerators(keras) -> list[str]:
+    """The GPUs (or other accelerators) the active Keras backend computes on, e.g.
+    ``["gpu:0 NVIDIA H200"]``; empty when it runs on the CPU. Asks only the active backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        found = []
+        for i, dev in enumerate(tf.config.list_physical_devices("GPU")):
+            try:
+                name = tf.config.experimental.get_device_details(dev).get("device_name", "")
+            except (ValueError, RuntimeError):
+                name = ""
+            found.append(f"gpu:{i} {name}".strip())
+        return found
+    if backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip()
+                for d in jax.devices() if d.platform != "cpu"]
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        return [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    return []
+
+
+def device_warning(backend: str, backend_gpus: list[str], gpu_visible: bool) -> str | None:
+    """The warning to give when the machine has a GPU but the Keras backend computes on the
+    CPU (None when the backend uses a GPU, or when there is none to use)."""
+    if backend_gpus or not gpu_visible:
+        return None
+    reason = _CPU_ONLY_REASON.get(backend, f"Keras' {backend} backend sees no GPU")
+    also = "" if backend == "jax" else " and set KERAS_BACKEND=jax"
+    return (f"warning: this machine has a GPU but Keras' {backend} backend cannot use it: {reason}; "
+            f'tilescan runs on the CPU. To use the GPU: pip install "tilescan[gpu]"{also} '
+            '(README.md, "Running on a GPU").')
+
+
+def describe_device(keras=None) -> dict:
+    """Which Keras backend and device tilescan computes on: ``backend``, ``device`` ("cpu" or
+    the first accelerator), ``accelerators`` (all the backend uses), ``host_gpus`` and
+    ``gpu_visible`` (what the machine shows), and ``warning`` (a string when a GPU is there
+    but unused, else None). Imports Keras when ``keras`` is not given."""
+    if keras is None:
+        keras = import_keras()
+    backend = keras.backend.backend()
+    accelerators = backend_accelerators(keras)
+    host = host_gpus()
+    return {
+        "backend": backend,
+        "keras": keras.__version__,
+        "device": accelerators[0] if accelerators else "cpu",
+        "accelerators": accelerators,
+        "host_gpus": host,
+        "gpu_visible": bool(host),
+        "warning": device_warning(backend, accelerators, bool(host)),
+    }

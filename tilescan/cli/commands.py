@@ -356,10 +356,19 @@ def collect(obj: _Ctx, out, gpkg, styles) -> None:
 
 @main.command()
 @click.argument("model_path", required=False, metavar="[MODEL]")
+@click.option("--runtime", is_flag=True,
+              help="Also load Keras and show the backend and device it computes on, and the precision and "
+                   "pipeline that [inference] settings resolve to there (warns when a GPU is present but unused).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file whose [inference] settings --runtime resolves.")
 @_verbosity
-@click.pass_obj
-def info(obj: _Ctx, model_path) -> None:
-    """Show a model's metadata (default: the packaged model) without loading Keras."""
+@click.pass_context
+def info(ctx: click.Context, model_path, runtime, config_path) -> None:
+    """Show a model's metadata (default: the packaged model) without loading Keras;
+    with --runtime, also the Keras backend and device runs would use."""
+    obj: _Ctx = ctx.obj
+    if config_path and not runtime:
+        raise click.UsageError("--config is read only with --runtime", ctx)
 
     def body():
         import json
@@ -367,10 +376,32 @@ def info(obj: _Ctx, model_path) -> None:
         from ..model import PACKAGE_MODEL, read_metadata
 
         meta = read_metadata(model_path or PACKAGE_MODEL)
+        if runtime:
+            meta = {**meta, "runtime": _runtime(config_path, obj.verbosity)}
+            if meta["runtime"]["warning"]:
+                obj.log(meta["runtime"]["warning"])
         click.echo(json.dumps(meta, indent=2))
         return 0
 
     _guard(body)
+
+
+def _runtime(config_path, verbosity: int) -> dict:
+    """``tilescan info --runtime``: describe_device() plus what ``[inference]`` precision and
+    pipeline resolve to on that backend and device."""
+    from ..backend import describe_device, import_keras
+    from ..config import load_config
+    from ..pipeline.engine import resolve_pipeline, resolve_precision
+
+    cfg = load_config(config_path).inference
+    keras = import_keras(verbosity)
+    backend = keras.backend.backend()
+    return {
+        **describe_device(keras),
+        "precision": {"setting": cfg.precision, "used": resolve_precision(cfg.precision, backend),
+                      "auto": resolve_precision("auto", backend)},
+        "pipeline": {"setting": cfg.pipeline, "used": resolve_pipeline(cfg.pipeline, backend)},
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover
