@@ -50,7 +50,7 @@ class NoopEngine:
         self.input_size = card.input_size
         self.batch_size = batch_size
         self.cam = type("Layer", (), {"layer": "noop"})()
-        self.pipeline, self.precision = "lockstep", "float32"
+        self.pipeline, self.precision = os.environ.get("NOOP_PIPELINE", "lockstep"), "float32"
         self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": "lockstep"}
 
     def ready(self) -> None:
@@ -78,7 +78,8 @@ def _host_once(scene: Path, out: Path) -> dict:
     from tilescan.model import describe_model
     from tilescan.pipeline.run import run
 
-    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}}, environ={})
+    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]},
+                                 "inference": {"reader_threads": int(os.environ.get("NOOP_READERS", "1"))}}, environ={})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size)
     t0 = time.perf_counter()
     report = run([scene], out, cfg, log=lambda m: None, engine=engine)

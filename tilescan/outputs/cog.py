@@ -37,17 +37,8 @@ def _compression(compress: str) -> str:
 # --------------------------------------------------------------------------- label COG
 
 
-def _cog_profile(compress: str) -> dict:
-    from rio_cogeo.profiles import cog_profiles
-
-    profile = dict(cog_profiles.get(_compression(compress)))
-    profile["num_threads"] = "ALL_CPUS"
-    profile["sparse_ok"] = True  # blocks all at nodata are not written
-    return profile
-
-
-def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, resampling: str, overviews: int) -> None:
-    """Copy a tiled GeoTIFF to a COG with GDAL's COG driver in one pass: 512 px blocks,
+def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int) -> None:
+    """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass: 512 px blocks,
     ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
@@ -66,7 +57,7 @@ def _cog_copy(src: str | os.PathLike, dst: str | os.PathLike, compress: str, res
         opts["OVERVIEW_COUNT"] = str(overviews)
     else:
         opts["OVERVIEWS"] = "NONE"
-    rasterio.shutil.copy(str(src), str(dst), driver="COG", **opts)
+    rasterio.shutil.copy(src if hasattr(src, "read") else str(src), str(dst), driver="COG", **opts)
 
 
 def _overview_level(width: int, height: int, block: int = 512) -> int:
@@ -120,8 +111,6 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
     so QGIS shows class names and colours without styling. Both files are atomic; the
     sidecar is renamed into place just before the raster.
     """
-    from rio_cogeo.cogeo import cog_translate
-
     classes = [str(c) for c in classes]
     arr = np.asarray(labels)
     if arr.ndim != 2 or min(arr.shape) < 1:
@@ -148,11 +137,8 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
                 dst.write_colormap(1, cmap)
                 dst.set_band_description(1, "class")
                 dst.update_tags(**all_tags)
-            with mem.open() as src:
-                cog_translate(src, str(tmp), _cog_profile(compress), nodata=LABEL_NODATA,
-                              overview_resampling="nearest",
-                              overview_level=_overview_level(data.shape[1], data.shape[0]), in_memory=True, quiet=True,
-                              additional_cog_metadata=all_tags)
+            with mem.open() as src:  # GDAL's COG driver: colour table, tags and description come along
+                _cog_copy(src, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]))
         with atomic_output(aux_path) as tmp_aux:
             tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
     return Path(path)

@@ -23,6 +23,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -223,18 +224,51 @@ def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) ->
             return
     except (sqlite3.Error, ValueError) as exc:
         raise OutputError(f"cannot add the GeoPackage spatial index ({exc})", path=name) from exc
-    # This process's SQLite lacks the R-tree module: a fresh interpreter without TensorFlow.
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "tilescan.outputs.gpkg", str(path)], env=env,
-                          capture_output=True, text=True)
-    why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]  # its own message
-    if proc.returncode == _NO_RTREE:  # no SQLite here can build it: a file without an index
+    # This process's SQLite lacks the R-tree module: a helper interpreter without TensorFlow,
+    # started once and kept for the process's later files (a start per file cost more than
+    # the index).
+    code, why = _helper.index(path)
+    if code == _NO_RTREE:  # no SQLite here can build it: a file without an index
         warnings.warn(f"{name}: written without a spatial index: {why}", stacklevel=2)
         return
-    if proc.returncode != 0:
+    if code != 0:
         raise OutputError(f"cannot add the GeoPackage spatial index ({why})", path=name)
+
+
+class _IndexHelper:
+    """``python -m tilescan.outputs.gpkg --serve``: indexes the files named on its stdin, one
+    per line, answering ``<exit code> <message>`` per file; ends with this process."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return subprocess.Popen([sys.executable, "-m", "tilescan.outputs.gpkg", "--serve"], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
+
+    def index(self, path: Path) -> tuple[int, str]:
+        with self.lock:
+            for _ in range(2):  # a helper that died (killed, out of memory) is started again once
+                if self.proc is None or self.proc.poll() is not None:
+                    self.proc = self._start()
+                try:
+                    self.proc.stdin.write(str(path) + "\n")
+                    self.proc.stdin.flush()
+                    line = self.proc.stdout.readline()
+                except (BrokenPipeError, OSError):
+                    line = ""
+                if line:
+                    code, _, why = line.rstrip("\n").partition(" ")
+                    return int(code), why
+                self.proc = None
+            return 1, "the indexing helper process stopped"
+
+
+_helper = _IndexHelper()
 
 
 def has_rtree(path: str | os.PathLike) -> bool:
@@ -253,7 +287,25 @@ def has_rtree(path: str | os.PathLike) -> bool:
     return bool(tables) and all((t, g) in ext and f"rtree_{t}_{g}" in names for t, g in tables)
 
 
+def _serve() -> int:
+    """Index each file named on stdin; one answer line per file (see :class:`_IndexHelper`)."""
+    for line in sys.stdin:
+        path = line.rstrip("\n")
+        if not _sqlite_has_rtree():
+            answer = f"{_NO_RTREE} the SQLite of {sys.executable} ({sqlite3.sqlite_version}) has no R-tree module"
+        else:
+            try:
+                _index_in_process(Path(path))
+                answer = "0 ok"
+            except (sqlite3.Error, ValueError, OSError) as exc:
+                answer = f"1 {path}: {exc}".replace("\n", " ")
+        print(answer, flush=True)
+    return 0
+
+
 def _main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        return _serve()
     if len(argv) != 1:
         print("usage: python -m tilescan.gpkg FILE.gpkg", file=sys.stderr)
         return 2

@@ -85,8 +85,10 @@ class Engine:
         backend = keras.backend.backend()
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
-        self.runtime = {"backend": backend, "precision": self.precision, "pipeline": self.pipeline,
-                        "accelerator": model_on_accelerator(backend)}
+        from ..backend import describe_device
+
+        # backend, device, and a warning when a GPU is there but this backend cannot use it
+        self.runtime = {**describe_device(keras), "precision": self.precision, "pipeline": self.pipeline}
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.batch_size = cfg.inference.batch_size

@@ -86,6 +86,7 @@ class UnitJob:
         self.n_tiles = (self.r1 - self.r0) * grid.n_cols
         # tiles inside blocks known to be empty are skipped unread (valid fraction 0)
         self.tiles, self.n_empty = reader.tiles_with_data(self.r0, self.r1)
+        self.block_h = max(1, reader.block_height)
         self.skipped = self.n_empty
         if self.stage.exists():
             shutil.rmtree(self.stage)
@@ -104,6 +105,25 @@ class UnitJob:
     def chunks(self, size: int) -> list[list]:
         """The job's tiles with data, ``size`` at a time, in row-major order."""
         return [self.tiles[i:i + size] for i in range(0, len(self.tiles), size)]
+
+    def band_chunks(self, size: int) -> list[list]:
+        """The job's tiles with data in row-major order, cut where a tile starts in another
+        band of block rows (and every ``size`` tiles): a band's blocks are then decoded by
+        the one reader that reads it (``band``)."""
+        out: list[list] = []
+        cur: list = []
+        for t in self.tiles:
+            if cur and (len(cur) >= size or self.band(cur[-1]) != self.band(t)):
+                out.append(cur)
+                cur = []
+            cur.append(t)
+        if cur:
+            out.append(cur)
+        return out
+
+    def band(self, tile) -> int:
+        """The band of block rows the tile starts in."""
+        return int(tile.window.row_off) // self.block_h
 
     def read(self, chunk: Sequence) -> tuple[list, np.ndarray, np.ndarray, np.ndarray, int]:
         """Read ``chunk`` into one array; drop tiles with too little valid area (or none).

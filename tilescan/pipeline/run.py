@@ -173,13 +173,18 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
             log(f"{res.unit}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
                 f"{res.seconds:.1f} s -> {res.out_dir}")
 
+    def make_engine() -> Engine:
+        got = engine if engine is not None else shared_engine(cfg, card.path)
+        if got.runtime.get("warning"):  # a GPU this backend cannot use
+            log(got.runtime["warning"])
+        return got
+
     bar = _progress_bar() if progress else None
     todo = list(enumerate(units))
     stats = []
     try:
         while todo:
-            make = (lambda: engine) if engine is not None else (lambda: shared_engine(cfg, card.path))
-            stream = Stream(make, cfg, prepare, fail, on_result, bar, started)
+            stream = Stream(make_engine, cfg, prepare, fail, on_result, bar, started)
             stream.run(todo)
             stats.append(stream.stats.to_dict())
             if stream.interrupted is not None:

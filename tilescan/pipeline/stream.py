@@ -36,6 +36,10 @@ from .engine import Engine
 from .process import UnitJob
 from .report import UnitResult
 
+#: Most tiles an overlap reader reads with one call (a band of block rows, or part of one).
+BAND_CHUNK = 256
+
+
 @dataclass
 class StreamStats:
     """Run-level timings of one stream (report.json)."""
@@ -228,7 +232,8 @@ class Stream:
 
     def _chunks(self, units: list) -> Iterator[tuple[UnitJob, list | None, bool]]:
         for job in self._opened(units):
-            chunks = job.chunks(self.batch_size)
+            # lockstep reads a batch at a time; overlap whole bands of block rows, one reader each
+            chunks = job.chunks(self.batch_size) if self.lockstep else job.band_chunks(max(self.batch_size, BAND_CHUNK))
             if not chunks:
                 yield job, None, True
             for i, c in enumerate(chunks):
@@ -253,17 +258,24 @@ class Stream:
                 for job, chunk, last in _chain(first, chunks):
                     yield job, last, read(job, chunk)
                 return
-            with ThreadPoolExecutor(max_workers=self.cfg.inference.reader_threads,
-                                    thread_name_prefix="tilescan-read") as pool:
+            # one single-thread lane per reader; a band of block rows always goes to the same
+            # lane, so no block is decoded by two readers (each has its own GDAL handle)
+            n = self.cfg.inference.reader_threads
+            lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}") for i in range(n)]
+            try:
                 pending: deque = deque()
                 for job, chunk, last in _chain(first, chunks):
-                    pending.append((job, last, pool.submit(read, job, chunk)))
-                    if len(pending) >= self.ahead:
+                    lane = lanes[job.band(chunk[0]) % n] if chunk else lanes[0]
+                    pending.append((job, last, lane.submit(read, job, chunk)))
+                    if len(pending) >= self.ahead * n:
                         job, last, fut = pending.popleft()
                         yield job, last, fut.result()
                 while pending:
                     job, last, fut = pending.popleft()
                     yield job, last, fut.result()
+            finally:
+                for lane in lanes:
+                    lane.shutdown(wait=True, cancel_futures=True)
         finally:
             chunks.close()  # the opener stops; what it opened but nobody read is removed
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -128,6 +129,12 @@ def plan_units(scenes: Sequence[Path], cfg: Config, shard: tuple[int, int], rows
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of what shapes the outputs (run.json); looked up once per process."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"tilescan": __version__}

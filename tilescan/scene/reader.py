@@ -172,6 +172,11 @@ class SceneReader:
             self._local.ds = ds
         return ds
 
+    @property
+    def block_height(self) -> int:
+        """Rows of the file's blocks (tiles or strips) in the first band read."""
+        return int(self._ds().block_shapes[self.bands[0] - 1][0])
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

