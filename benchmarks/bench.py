@@ -299,96 +299,26 @@ def scene_for(folder: Path, size: int, compress: str = "lzw") -> Path:
 
 
 def profile_run(scene: Path, out: Path, cfg) -> dict[str, Any]:
-    """Run ``tilescan.pipeline.run.run`` in this process with timers around each stage: thread CPU
-    seconds of the readers, the main thread's non-model work, the writer thread, and the
-    wall time of the end-of-scene steps. Shows where the time goes when (4) lags (1)."""
+    """Where the time of one run goes, from the run's own records: the unit's stage seconds
+    (run.json ``timings_s``: scan, stats, read, compute, write, total) and the run's
+    (report.json ``timings_s``: engine ready, first batch, model seconds, wall), plus this
+    process's CPU seconds over the run."""
     import resource
-    import threading
 
-    import tilescan.pipeline.process as job
-    import tilescan.pipeline.run as run_module
-    from tilescan.outputs.heatmap import HeatmapWriter
-    from tilescan.outputs.table import TileTable
-    from tilescan.pipeline.engine import Engine
-    from tilescan.scene.reader import SceneReader
+    from tilescan.pipeline.run import run
 
-    acc: dict[str, float] = {}
-    lock = threading.Lock()
-
-    def add(key: str, v: float) -> None:
-        with lock:
-            acc[key] = acc.get(key, 0.0) + v
-
-    def timed(owner, name: str, key: str, clock=time.thread_time):
-        orig = getattr(owner, name)
-
-        def wrapper(*a, **kw):
-            t0 = clock()
-            try:
-                return orig(*a, **kw)
-            finally:
-                add(key, clock() - t0)
-
-        setattr(owner, name, wrapper)
-        return orig
-
-    patches = [
-        (SceneReader, "read_batch", "cpu_read_batch", time.thread_time),
-        (SceneReader, "read_batch", "wall_read_batch", time.perf_counter),
-        (Engine, "__call__", "wall_engine", time.perf_counter),
-        (HeatmapWriter, "add", "cpu_heat_add", time.thread_time),
-        (job._Writer, "run", "cpu_writer_thread", time.thread_time),
-        (job._Writer, "wait_idle", "wall_wait_writer", time.perf_counter),
-        (TileTable, "add", "cpu_table_add", time.thread_time),
-        (TileTable, "write_geoparquet", "wall_parquet", time.perf_counter),
-        (job, "write_labels_cog", "wall_labels_cog", time.perf_counter),
-        (HeatmapWriter, "close", "wall_heat_cog", time.perf_counter),
-        (SceneReader, "read_overview", "wall_quicklook_read", time.perf_counter),
-        (HeatmapWriter, "preview", "wall_quicklook_heat", time.perf_counter),
-        (job, "write_quicklook", "wall_quicklook_png", time.perf_counter),
-    ]
-    saved = [(owner, name, timed(owner, name, key, clock)) for owner, name, key, clock in patches]
-    # phase marks: (wall, process CPU) at the unit's start, first batch, end of the tile
-    # loop and the end of the unit: serial phases cost their CPU time in wall time
-    marks: dict[str, tuple[float, float]] = {}
-
-    def mark(owner, name: str, key: str, after: bool = False, once: bool = True):
-        orig = getattr(owner, name)
-
-        def wrapper(*a, **kw):
-            if not after and not (once and key in marks):
-                marks[key] = (time.perf_counter(), time.process_time())
-            r = orig(*a, **kw)
-            if after and not (once and key in marks):
-                marks[key] = (time.perf_counter(), time.process_time())
-            return r
-
-        setattr(owner, name, wrapper)
-        saved.append((owner, name, orig))
-
-    mark(job, "_open_unit", "unit_start")
-    mark(Engine, "__call__", "first_batch")
-    mark(job._Writer, "finish", "loop_end", after=True)
-    mark(job, "_move_into_place", "unit_end")
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    try:
-        report = run_module.run([scene], out, cfg, log=lambda m: None)
-    finally:
-        for owner, name, orig in saved:
-            setattr(owner, name, orig)
+    report = run([scene], out, cfg, log=lambda m: None)
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     res = report.results[0]
     manifest = json.loads((Path(res.out_dir) / "run.json").read_text())
-    out_d = {k: round(v, 3) for k, v in sorted(acc.items())}
-    order = ["unit_start", "first_batch", "loop_end", "unit_end"]
-    if all(k in marks for k in order):
-        for a, b in zip(order, order[1:]):
-            out_d[f"phase {a}->{b}"] = {"wall": round(marks[b][0] - marks[a][0], 3), "cpu": round(marks[b][1] - marks[a][1], 3)}
-    out_d.update(wall_total=round(wall, 3), cpu_total=round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
-                 tiles=res.counts.get("tiles_classified"), timings_s=manifest["timings_s"])
-    return out_d
+    run_timings = json.loads((out / "report.json").read_text())["timings_s"]
+    return {"wall_total": round(wall, 3),
+            "cpu_total": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
+            "tiles": res.counts.get("tiles_classified"), "unit_timings_s": manifest["timings_s"],
+            "run_timings_s": run_timings}
 
 
 # ----------------------------------------------------------------------------- (1)-(3)

@@ -58,10 +58,12 @@ class UnitJob:
         self.reader: SceneReader | None = None
         self.tiles: list = []
         self.n_read = self.n_kept = self.n_sent = self.n_consumed = 0
-        self.reading_done = False
+        self.reading_done = False  # every tile read and counted (the job can finish)
+        self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
         self.failed: BaseException | None = None
+        self.abort_queued = False
         self._finishing = False
-        self._claim = threading.Lock()
+        self.state = threading.Lock()
 
     @property
     def key(self) -> str:
@@ -153,7 +155,7 @@ class UnitJob:
 
     def ready_to_finish(self) -> bool:
         """True once, when every tile is read and consumed (the caller then finishes it)."""
-        with self._claim:
+        with self.state:
             if self._finishing or self.failed is not None or not self.reading_done or self.n_consumed < self.n_kept:
                 return False
             self._finishing = True

@@ -328,9 +328,7 @@ class Stream:
             try:
                 job.consume(*item[2:])
             except Exception as exc:  # noqa: BLE001 - e.g. the disk filled while writing heat
-                job.failed = exc
-                job.abort()
-                self._result(job, self.fail(job, exc))
+                self._drop(job, exc, on_writer=True)
                 return
         if job.ready_to_finish():
             self._finishing.append(self._finishers.submit(self._finish, job))
@@ -352,18 +350,32 @@ class Stream:
             self.in_flight.pop(job.index, None)
         self.on_result(job.index, res)
 
-    def _drop(self, job: UnitJob, exc: BaseException) -> None:
-        """Fail ``job`` now: no more of its tiles are read or used; the writer removes it."""
-        if job.failed is not None:
-            return
-        job.failed = exc
-        self._writer.put(("abort", job))
+    def _drop(self, job: UnitJob, exc: BaseException, on_writer: bool = False) -> None:
+        """Fail ``job`` now: no more of its tiles are read or used; it is removed once no
+        reader can still be reading it (:meth:`_abort_when_idle`)."""
+        with job.state:
+            if job.failed is not None:
+                return
+            job.failed = exc
         if not isinstance(exc, stop.Interrupted):
             self._result(job, self.fail(job, exc))
         else:
             self.dropped.append(job)
             with self._lock:
                 self.in_flight.pop(job.index, None)
+        self._abort_when_idle(job, on_writer)
+
+    def _abort_when_idle(self, job: UnitJob, on_writer: bool = False) -> None:
+        """Remove a failed job once its last chunk was read (no reader holds it any more);
+        on the writer thread, so no batch of it is being written meanwhile."""
+        with job.state:
+            if job.failed is None or not job.reads_over or job.abort_queued:
+                return
+            job.abort_queued = True
+        if on_writer:
+            job.abort()
+        else:
+            self._writer.put(("abort", job))
 
     # -- the run
 
@@ -377,13 +389,16 @@ class Stream:
         try:
             try:
                 for job, last, got in reads:
+                    if last:
+                        with job.state:
+                            job.reads_over = True  # no reader touches the job any more
                     stop.check()
                     self._raise_fatal()
-                    if job.failed is not None:
-                        continue
-                    if isinstance(got, BaseException):
+                    if job.failed is None and isinstance(got, BaseException):
                         batcher.drop(lambda j: j is not job)
                         self._drop(job, got)
+                    if job.failed is not None:
+                        self._abort_when_idle(job)
                         continue
                     if got is not None:
                         kept, x, valid, fractions, n_read = got
@@ -405,11 +420,13 @@ class Stream:
                 batcher.flush()
             except stop.Interrupted as intr:
                 self.interrupted = intr
-                reads.close()  # nothing more is opened; opened but unread units are not started
+                reads.close()  # readers stopped; opened but unread units are not started
                 with self._lock:
                     jobs = sorted(self.in_flight.values(), key=lambda j: j.index)
                 for job in jobs:  # every tile through the model: finished; the rest dropped
                     if not (job.reading_done and job.n_sent == job.n_kept):
+                        with job.state:
+                            job.reads_over = True
                         self._drop(job, intr)
                 batcher.drop(lambda j: j.failed is None)
         finally:
