@@ -89,3 +89,15 @@ def test_jax_backend_computes_on_the_gpu():
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout.strip().splitlines()[-1])
     assert d["backend"] == "jax" and d["device"] != "cpu" and d["warning"] is None, d
+
+
+def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from tilescan.backend import compilation_cache_dir
+
+    monkeypatch.delenv("TILESCAN_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "tilescan" / "jax")
+    monkeypatch.setenv("TILESCAN_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert compilation_cache_dir() == str(tmp_path / "mine")
+    monkeypatch.setenv("TILESCAN_COMPILE_CACHE", "off")
+    assert compilation_cache_dir() is None

@@ -22,6 +22,7 @@ def import_keras(verbosity: int | None = None):
     if not quiet or "keras" in sys.modules:
         import keras
 
+        _compilation_cache(keras)
         return keras
     sys.stderr.flush()
     saved = os.dup(2)
@@ -37,7 +38,36 @@ def import_keras(verbosity: int | None = None):
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")
+    _compilation_cache(keras)
     return keras
+
+
+def compilation_cache_dir() -> str | None:
+    """Where compiled model steps persist between processes (JAX's compilation cache):
+    ``TILESCAN_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/tilescan/jax`` (``~/.cache/...``);
+    None when that variable is ``off``."""
+    where = os.environ.get("TILESCAN_COMPILE_CACHE")
+    if where is not None:
+        return None if where.lower() in ("", "0", "off", "no") else where
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tilescan", "jax")
+
+
+def _compilation_cache(keras) -> None:
+    """Turn on JAX's persistent compilation cache, so a later process skips the XLA compile
+    of the same step (TensorFlow's traced functions have no such cache)."""
+    if keras.backend.backend() != "jax":
+        return
+    where = compilation_cache_dir()
+    if where is None:
+        return
+    import jax
+
+    try:
+        os.makedirs(where, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", where)
+    except (OSError, AttributeError):  # a read-only home, or a JAX without the option: compile each time
+        pass
 
 
 def cpu_has_bf16() -> bool:

@@ -85,10 +85,11 @@ class Engine:
         backend = keras.backend.backend()
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
-        from ..backend import describe_device
+        from ..backend import compilation_cache_dir, describe_device
 
         # backend, device, and a warning when a GPU is there but this backend cannot use it
-        self.runtime = {**describe_device(keras), "precision": self.precision, "pipeline": self.pipeline}
+        self.runtime = {**describe_device(keras), "precision": self.precision, "pipeline": self.pipeline,
+                        "compile_cache": compilation_cache_dir() if backend == "jax" else None}
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.batch_size = cfg.inference.batch_size
