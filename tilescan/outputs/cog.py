@@ -53,6 +53,8 @@ def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, 
                 SPARSE_OK="TRUE")
     if compress in _PREDICTOR_OK:
         opts["PREDICTOR"] = "YES"
+    if compress in ("deflate", "zstd"):  # the fastest level: written once per scene, at its end
+        opts["LEVEL"] = "1"
     if overviews > 0:
         opts["OVERVIEW_COUNT"] = str(overviews)
     else:

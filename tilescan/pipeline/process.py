@@ -146,8 +146,7 @@ class UnitJob:
     def consume(self, tiles: Sequence, valid: np.ndarray, fractions: np.ndarray, res) -> None:
         """One batch's share of model results: table rows, label cells, blended heat."""
         rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform)
-        for t, k in zip(tiles, cls):
-            self.labels[t.row - self.r0, t.col] = int(k)
+        self.labels[rows["row"] - self.r0, rows["col"]] = cls
         for j, t in enumerate(tiles):
             self.heat.add((t.window.col_off, t.window.row_off, t.window.width, t.window.height), cam[j], valid[j])
         self.table.add(rows)
