@@ -19,7 +19,7 @@ Which tiles become chips of which class:
 
 Output (``DATASET``, the folder-per-class layout ``tilescan train`` and ``evaluate`` read):
 ``images/<class>/<scene>_r<row>_c<col>.png``, ``classes.txt``, ``splits/{train,val,test}.txt``
-(see :mod:`tilescan.splits`), ``chips.parquet`` (GeoParquet: each chip's scene, window,
+(see :mod:`tilescan.training.splits`), ``chips.parquet`` (GeoParquet: each chip's scene, window,
 footprint in the labels' CRS, class, cover, split and block) and ``chips.json`` (the card:
 labels file and hash, model and tiling, per-scene plan and counts, split counts). The
 dataset is built in a hidden folder beside ``DATASET`` and renamed into place when whole.
@@ -416,122 +416,29 @@ def cut_chips(
 
 def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts: ChipOptions, stage: Path,
            keys: list[str], log: Callable[[str], None], tiling_warning) -> dict:
+    """Cut the chips of every scene into ``stage``, split them, write the lists and the table; returns the card."""
     inside = np.zeros(len(labels.geoms), dtype=bool)
     used = np.zeros(len(labels.geoms), dtype=bool)
     rows: list[dict] = []
     scene_cards: list[dict] = []
     scene_crs: list = []
     for si, (scene, key) in enumerate(zip(scenes, keys)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", tiling_warning)
-            reader = card.open_scene(scene, tiling)
-        with reader:
-            for w in caught:
-                if issubclass(w.category, tiling_warning):
-                    log(f"warning: {w.message}")
-            info = reader.info
-            if not info.georeferenced or info.crs is None:
-                raise InputError("the scene has no CRS or geotransform: labels are placed by map coordinates, so chips "
-                                 "need a georeferenced scene", path=str(scene))
-            plan = reader.plan
-            scale_warning = plan.warning(str(scene))
-            if scale_warning:
-                log(f"warning: {scale_warning['message']}")
-            geoms = labels.in_crs(info.crs)
-            scene_rows, counts = _cut_scene(reader, key, labels, geoms, opts, stage / "images", inside, used)
-            for r in scene_rows:
-                r["scene_index"] = si
-                r["input_gsd_m"] = plan.input_gsd_m
-            rows += scene_rows
-            scene_crs.append(info.crs)
-            skipped = {r: counts[r] for r in SKIP_REASONS}
-            log(f"{scene.name}: {counts['tiles']} tiles of {reader.tile_px} px ({plan.scale}"
-                + (f", {plan.input_gsd_m:.3g} m per input pixel" if plan.input_gsd_m else "") + f"): {counts['chips']} chips; "
-                + "skipped " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n))
-            scene_cards.append({
-                "scene": scene.name, "key": key, "path": str(scene), "crs": crs_name(info.crs),
-                "size": [info.width, info.height], "gsd_m": info.gsd_m, "bands": list(reader.bands),
-                "scaling": [list(s) for s in reader.scale], "tiling": plan.to_dict(),
-                "tiles": counts["tiles"], "chips": counts["chips"], "skipped": skipped,
-            })
-    outside = int(np.count_nonzero(~inside))
-    if outside == len(labels.geoms):
-        raise InputError(f"none of the {len(labels.geoms)} label features lies over any of the {len(scenes)} scene(s): "
-                         "check that the labels and scenes show the same place (and the labels' CRS)", path=str(labels.path))
-    if outside:
-        fids = labels.fid[~inside][:5].tolist()
-        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
-            f"{' ...' if outside > 5 else ''}); they gave no chip")
-    idle = int(np.count_nonzero(inside & ~used))
-    if idle:
-        log(f"note: {idle} label features over the scenes gave no chip (a polygon smaller than {opts.min_cover:.0%} of a "
-            "tile, tiles mixed or without enough valid data)")
-    if not rows:
-        raise InputError("no tile qualified as a chip: " + "; ".join(
-            f"{s['scene']}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s["skipped"].items() if n)
-            for s in scene_cards) + f" (min cover {opts.min_cover:g}, min valid {opts.min_valid:g})", path=str(labels.path))
-
-    # classes with chips, in the labels' order; the others leave the legend
-    present = sorted({r["cls"] for r in rows})
-    gone = [labels.classes[c] for c in range(len(labels.classes)) if c not in present]
-    if gone:
-        log(f"warning: class(es) {', '.join(map(repr, gone))} gave no chip and are left out of the legend")
-    classes = [labels.classes[c] for c in present]
-    remap = {c: i for i, c in enumerate(present)}
-    y = np.array([remap[r["cls"]] for r in rows], dtype=np.int64)
+        scene_rows, scene_card, crs = _cut_one_scene(scene, key, si, labels, card, tiling, opts, stage, inside, used,
+                                                     log, tiling_warning)
+        rows += scene_rows
+        scene_crs.append(crs)
+        scene_cards.append(scene_card)
+    outside, idle = _check_labels_used(labels, inside, used, rows, scene_cards, len(scenes), opts, log)
+    classes, gone, y = _legend(rows, labels, log)
     names = np.array([r["chip"] for r in rows], dtype=object)
     scene_idx = np.array([r["scene_index"] for r in rows])
     corners = np.stack([r["corners"] for r in rows])
-
-    # chip footprints and centres on the block frame shared by all scenes
-    lonlat = np.zeros((len(rows), 2))
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            lonlat[m] = _transform_corners(corners[m].mean(axis=1, keepdims=True), pyproj_crs(crs), pyproj_crs("EPSG:4326"))[:, 0]
-    frame = _block_frame(scene_crs, lonlat)
-    framed = np.zeros_like(corners)
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            framed[m] = _transform_corners(corners[m], pyproj_crs(crs), frame)
-    footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
-    block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
-    res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
-                 footprints=_polygons(framed), block_m=block_m, val_fraction=opts.val_fraction,
-                 test_fraction=opts.test_fraction, seed=opts.seed)
-    res.info["frame"] = crs_name(frame) if frame.to_authority() else frame.srs
-    if opts.split == "blocks":
-        res.info["block_m_auto"] = opts.block_m is None
-    log(f"split: {opts.split}"
-        + (f" (blocks of {block_m:g} m: {sum(res.info['groups'].values())} blocks)" if opts.split == "blocks" else "")
-        + (f"; {res.info['dropped_overlap']} val/test chips dropped for overlapping another split" if res.info.get("dropped_overlap") else "")
-        + "\n" + format_counts(res.info["counts"], classes))
-    for s in SPLITS:
-        lines = sorted(str(n) for n in names[res.split == s])
-        (stage / "splits" / f"{s}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-    for n in names[res.split == ""]:  # dropped by the overlap rule: not part of the dataset
-        (stage / "images" / n).unlink()
-    (stage / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
-
+    res = _split(corners, scene_idx, scene_crs, scene_cards, y, classes, names, opts, log)
+    _write_lists(stage, names, res.split, classes)
     out_crs = labels.crs if labels.crs is not None else pyproj_crs(scene_crs[0])
-    table_corners = np.zeros_like(corners)
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            table_corners[m] = _transform_corners(corners[m], pyproj_crs(crs), out_crs)
+    table_corners = _corners_in(corners, scene_idx, scene_crs, out_crs)
     kept = res.split != ""
-    table = {
-        "chip": [r["chip"] for r in rows], "class": [classes[c] for c in y], "class_index": y.tolist(),
-        "split": res.split.tolist(),
-        "block": [str(g) for g in res.group] if opts.split == "blocks" else
-                 ([scene_cards[i]["scene"] for i in scene_idx] if opts.split == "scene" else [""] * len(rows)),
-        "scene": [scenes_name for scenes_name in (scene_cards[i]["scene"] for i in scene_idx)],
-        **{k: [r[k] for r in rows] for k in ("row", "col", "col_off", "row_off", "width", "height", "input_gsd_m",
-                                               "valid_fraction", "cover", "label_fids")},
-    }
-    table = {k: [v for v, keep in zip(vals, kept) if keep] for k, vals in table.items()}
-    per_class = {c: int(np.count_nonzero(y[kept] == i)) for i, c in enumerate(classes)}
+    table = _chip_table(rows, classes, y, res, opts, scene_cards, scene_idx, kept)
     gsd = [r["input_gsd_m"] for r, keep in zip(rows, kept) if keep and r["input_gsd_m"]]
     model_scale = card.scale_range
     result = {
@@ -553,12 +460,139 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
         "within_model_scale": bool(model_scale and gsd and all(model_scale[0] - 1e-9 <= g <= model_scale[1] + 1e-9 for g in gsd)
                                    and len(gsd) == int(kept.sum())),
         "scenes": scene_cards,
-        "chips": {"total": int(kept.sum()), "per_class": per_class},
+        "chips": {"total": int(kept.sum()), "per_class": {c: int(np.count_nonzero(y[kept] == i)) for i, c in enumerate(classes)}},
         "split": {k: v for k, v in res.info.items()},
     }
     _write_table(stage / TABLE, table, table_corners[kept], out_crs,
                  {"classes": classes, "format": CHIPS_FORMAT, "labels": labels.path.name})
     return result
+
+
+def _cut_one_scene(scene: Path, key: str, si: int, labels: Labels, card, tiling: TilingConfig, opts: ChipOptions,
+                   stage: Path, inside: np.ndarray, used: np.ndarray, log: Callable[[str], None], tiling_warning):
+    """The chip rows of one scene (opened as ``run`` opens it), its entry in the card and its CRS."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tiling_warning)
+        reader = card.open_scene(scene, tiling)
+    with reader:
+        for w in caught:
+            if issubclass(w.category, tiling_warning):
+                log(f"warning: {w.message}")
+        info = reader.info
+        if not info.georeferenced or info.crs is None:
+            raise InputError("the scene has no CRS or geotransform: labels are placed by map coordinates, so chips "
+                             "need a georeferenced scene", path=str(scene))
+        plan = reader.plan
+        scale_warning = plan.warning(str(scene))
+        if scale_warning:
+            log(f"warning: {scale_warning['message']}")
+        geoms = labels.in_crs(info.crs)
+        scene_rows, counts = _cut_scene(reader, key, labels, geoms, opts, stage / "images", inside, used)
+        for r in scene_rows:
+            r["scene_index"] = si
+            r["input_gsd_m"] = plan.input_gsd_m
+        skipped = {r: counts[r] for r in SKIP_REASONS}
+        log(f"{scene.name}: {counts['tiles']} tiles of {reader.tile_px} px ({plan.scale}"
+            + (f", {plan.input_gsd_m:.3g} m per input pixel" if plan.input_gsd_m else "") + f"): {counts['chips']} chips; "
+            + "skipped " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n))
+        scene_card = {
+            "scene": scene.name, "key": key, "path": str(scene), "crs": crs_name(info.crs),
+            "size": [info.width, info.height], "gsd_m": info.gsd_m, "bands": list(reader.bands),
+            "scaling": [list(s) for s in reader.scale], "tiling": plan.to_dict(),
+            "tiles": counts["tiles"], "chips": counts["chips"], "skipped": skipped,
+        }
+    return scene_rows, scene_card, info.crs
+
+
+def _check_labels_used(labels: Labels, inside: np.ndarray, used: np.ndarray, rows: list[dict],
+                       scene_cards: list[dict], n_scenes: int, opts: ChipOptions,
+                       log: Callable[[str], None]) -> tuple[int, int]:
+    """How many label features lie outside every scene and how many over them gave no chip;
+    refuses labels that miss every scene and scenes that gave no chip."""
+    outside = int(np.count_nonzero(~inside))
+    if outside == len(labels.geoms):
+        raise InputError(f"none of the {len(labels.geoms)} label features lies over any of the {n_scenes} scene(s): "
+                         "check that the labels and scenes show the same place (and the labels' CRS)", path=str(labels.path))
+    if outside:
+        fids = labels.fid[~inside][:5].tolist()
+        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
+            f"{' ...' if outside > 5 else ''}); they gave no chip")
+    idle = int(np.count_nonzero(inside & ~used))
+    if idle:
+        log(f"note: {idle} label features over the scenes gave no chip (a polygon smaller than {opts.min_cover:.0%} of a "
+            "tile, tiles mixed or without enough valid data)")
+    if not rows:
+        raise InputError("no tile qualified as a chip: " + "; ".join(
+            f"{s['scene']}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s["skipped"].items() if n)
+            for s in scene_cards) + f" (min cover {opts.min_cover:g}, min valid {opts.min_valid:g})", path=str(labels.path))
+    return outside, idle
+
+
+def _legend(rows: list[dict], labels: Labels, log: Callable[[str], None]) -> tuple[list[str], list[str], np.ndarray]:
+    """The classes with chips in the labels' order, the classes left out, and each chip's index in that legend."""
+    present = sorted({r["cls"] for r in rows})
+    gone = [labels.classes[c] for c in range(len(labels.classes)) if c not in present]
+    if gone:
+        log(f"warning: class(es) {', '.join(map(repr, gone))} gave no chip and are left out of the legend")
+    classes = [labels.classes[c] for c in present]
+    remap = {c: i for i, c in enumerate(present)}
+    return classes, gone, np.array([remap[r["cls"]] for r in rows], dtype=np.int64)
+
+
+def _corners_in(corners: np.ndarray, scene_idx: np.ndarray, scene_crs: list, dst) -> np.ndarray:
+    """Points given in their scene's CRS (``scene_idx`` into ``scene_crs``), transformed to ``dst``."""
+    moved = np.zeros_like(corners)
+    for si, crs in enumerate(scene_crs):
+        m = scene_idx == si
+        if m.any():
+            moved[m] = _transform_corners(corners[m], pyproj_crs(crs), dst)
+    return moved
+
+
+def _split(corners: np.ndarray, scene_idx: np.ndarray, scene_crs: list, scene_cards: list[dict], y: np.ndarray,
+           classes: list[str], names: np.ndarray, opts: ChipOptions, log: Callable[[str], None]):
+    """Each chip's split (:func:`tilescan.training.splits.assign`), on the block frame shared by all scenes."""
+    lonlat = _corners_in(corners.mean(axis=1, keepdims=True), scene_idx, scene_crs, pyproj_crs("EPSG:4326"))[:, 0]
+    frame = _block_frame(scene_crs, lonlat)
+    framed = _corners_in(corners, scene_idx, scene_crs, frame)
+    footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
+    block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
+    res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
+                 footprints=_polygons(framed), block_m=block_m, val_fraction=opts.val_fraction,
+                 test_fraction=opts.test_fraction, seed=opts.seed)
+    res.info["frame"] = crs_name(frame) if frame.to_authority() else frame.srs
+    if opts.split == "blocks":
+        res.info["block_m_auto"] = opts.block_m is None
+    log(f"split: {opts.split}"
+        + (f" (blocks of {block_m:g} m: {sum(res.info['groups'].values())} blocks)" if opts.split == "blocks" else "")
+        + (f"; {res.info['dropped_overlap']} val/test chips dropped for overlapping another split" if res.info.get("dropped_overlap") else "")
+        + "\n" + format_counts(res.info["counts"], classes))
+    return res
+
+
+def _write_lists(stage: Path, names: np.ndarray, split: np.ndarray, classes: list[str]) -> None:
+    """The split lists and classes.txt; chips in no split (dropped for overlap) are deleted."""
+    for s in SPLITS:
+        lines = sorted(str(n) for n in names[split == s])
+        (stage / "splits" / f"{s}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    for n in names[split == ""]:  # dropped by the overlap rule: not part of the dataset
+        (stage / "images" / n).unlink()
+    (stage / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+
+
+def _chip_table(rows: list[dict], classes: list[str], y: np.ndarray, res, opts: ChipOptions,
+                scene_cards: list[dict], scene_idx: np.ndarray, kept: np.ndarray) -> dict[str, list]:
+    """The columns of chips.parquet (without the footprints) for the chips kept."""
+    table = {
+        "chip": [r["chip"] for r in rows], "class": [classes[c] for c in y], "class_index": y.tolist(),
+        "split": res.split.tolist(),
+        "block": [str(g) for g in res.group] if opts.split == "blocks" else
+                 ([scene_cards[i]["scene"] for i in scene_idx] if opts.split == "scene" else [""] * len(rows)),
+        "scene": [scene_cards[i]["scene"] for i in scene_idx],
+        **{k: [r[k] for r in rows] for k in ("row", "col", "col_off", "row_off", "width", "height", "input_gsd_m",
+                                               "valid_fraction", "cover", "label_fids")},
+    }
+    return {k: [v for v, keep in zip(vals, kept) if keep] for k, vals in table.items()}
 
 
 def read_card(data: str | os.PathLike) -> dict | None:
