@@ -476,18 +476,59 @@ def _scene_tables(sc: _Scene, reproject: _Reprojector) -> list[tuple[_Unit, pa.T
     return out
 
 
+class _TableWriter:
+    """The collected GeoParquet table, written unit by unit: one schema, one model's classes, the union of the bounds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+        self.classes: list[str] | None = None
+        self.class_source = ""
+        self.bounds: list[float] | None = None
+        self.total = 0
+
+    def add(self, u: _Unit, t: pa.Table, info: dict) -> pa.Table:
+        """Append a unit's rows (cast to the table's schema, which the first unit sets) and return them."""
+        if self.classes is None:
+            self.classes, self.class_source = info["classes"], u.key
+        elif info["classes"] != self.classes:
+            raise InputError(f"its model has other classes than {self.class_source}'s; collect outputs of one model "
+                             "at a time", path=str(u.folder))
+        if self.schema is None:
+            self.schema = _schema(t)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False)
+        t = t.select(self.schema.names).cast(self.schema)
+        self.writer.write_table(t, row_group_size=65536)
+        self.total += t.num_rows
+        b = info["bounds"]
+        if b is not None:
+            bounds = self.bounds
+            self.bounds = list(b) if bounds is None else [min(bounds[0], b[0]), min(bounds[1], b[1]),
+                                                          max(bounds[2], b[2]), max(bounds[3], b[3])]
+        return t
+
+    def write_metadata(self, scene_names: list[str]) -> None:
+        """The GeoParquet ``geo`` metadata and tilescan's own (classes, tile count, scenes)."""
+        assert self.writer is not None and self.classes is not None
+        self.writer.add_key_value_metadata({
+            "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds])),
+            "tilescan": json.dumps({"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
+                                    "geometry_native is in each row's crs", "scenes": scene_names}),
+        })
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+    """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
     summary = _Summary()
-    writer: pq.ParquetWriter | None = None
-    schema: pa.Schema | None = None
-    classes: list[str] | None = None
-    class_source = ""
-    bounds: list[float] | None = None
-    total = 0
+    table = _TableWriter(stage / "tiles.parquet")
     scene_info: dict[str, dict] = {}
     failed: list[dict] = []
-    path = stage / "tiles.parquet"
     try:
         for sc in scenes:
             try:  # a scene is collected whole or not at all, and one bad scene does not stop the rest
@@ -499,53 +540,50 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 continue
             crs_names = set()
             for u, t, info in tables:
-                if classes is None:
-                    classes, class_source = info["classes"], u.key
-                elif info["classes"] != classes:
-                    raise InputError(f"its model has other classes than {class_source}'s; collect outputs of one model "
-                                     "at a time", path=str(u.folder))
-                if schema is None:
-                    schema = _schema(t)
-                    writer = pq.ParquetWriter(path, schema, compression="zstd", store_schema=False)
-                t = t.select(schema.names).cast(schema)
-                writer.write_table(t, row_group_size=65536)
-                summary.add(sc.name, t)
-                total += t.num_rows
+                summary.add(sc.name, table.add(u, t, info))
                 if info["crs"]:
                     crs_names.add(info["crs"])
-                b = info["bounds"]
-                if b is not None:
-                    bounds = list(b) if bounds is None else [min(bounds[0], b[0]), min(bounds[1], b[1]),
-                                                             max(bounds[2], b[2]), max(bounds[3], b[3])]
-            m = sc.units[0].manifest
-            scene_info[sc.name] = {
-                "path": m.get("scene"),
-                "crs": sorted(crs_names)[0] if crs_names else None,
-                "units": [u.key for u in sc.units],
-                "tile_rows": sc.n_rows,
-                "complete": not sc.missing_rows,
-                "missing_rows": [list(r) for r in sc.missing_rows],
-                "notes": sc.notes,
-                "model": m.get("model", {}).get("id"),
-            }
-        if writer is None:
+            scene_info[sc.name] = _scene_entry(sc, crs_names)
+        if table.writer is None:
             raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
-        assert classes is not None
-        writer.add_key_value_metadata({
-            "geo": json.dumps(_geo_meta(None if bounds is None else [float(v) for v in bounds])),
-            "tilescan": json.dumps({"classes": classes, "n_tiles": total, "crs_note": "geometry is OGC:CRS84; "
-                                    "geometry_native is in each row's crs", "scenes": sorted(scene_info)}),
-        })
+        table.write_metadata(sorted(scene_info))
     finally:
-        if writer is not None:
-            writer.close()
+        table.close()
+    result = _result(summary, scene_info, table.total, skipped, failed)
+    write_text(stage / "summary.csv", csv_text(_summary_rows(result["classes"])))
+    write_json(stage / "summary.json", result)
+    if table.total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
+        spatial.sort_parquet(table.path)
+    if gpkg:
+        _write_gpkg(table.path, stage / "tiles.gpkg", table.classes)
+    return result
+
+
+def _scene_entry(sc: _Scene, crs_names: set[str]) -> dict:
+    """A collected scene's entry in summary.json (before its counts)."""
+    m = sc.units[0].manifest
+    return {
+        "path": m.get("scene"),
+        "crs": sorted(crs_names)[0] if crs_names else None,
+        "units": [u.key for u in sc.units],
+        "tile_rows": sc.n_rows,
+        "complete": not sc.missing_rows,
+        "missing_rows": [list(r) for r in sc.missing_rows],
+        "notes": sc.notes,
+        "model": m.get("model", {}).get("id"),
+    }
+
+
+def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
+            failed: list[dict]) -> dict:
+    """summary.json's content: the tiles and areas per scene and per class, what was skipped and what failed."""
     rows = summary.table()
     per_scene = {}
     for name, info in scene_info.items():
         s = summary.scenes.get(name, {"tiles": 0, "area_m2": 0.0, "valid_area_m2": 0.0})
         per_scene[name] = {**info, **s, "classes": {r["label"]: {k: r[k] for k in ("tiles", "area_m2", "valid_area_m2")}
                                                     for r in rows if r["scene"] == name}}
-    result = {
+    return {
         "tiles": total,
         "geometry_crs": TARGET_CRS,
         "area": "geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction",
@@ -554,13 +592,6 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
         "skipped": skipped,
         "failed": failed,
     }
-    write_text(stage / "summary.csv", csv_text(_summary_rows(rows)))
-    write_json(stage / "summary.json", result)
-    if total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
-        spatial.sort_parquet(path)
-    if gpkg:
-        _write_gpkg(path, stage / "tiles.gpkg", classes)
-    return result
 
 
 def _swap_into_place(stage: Path, dest: Path) -> None:
