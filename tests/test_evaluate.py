@@ -227,7 +227,9 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
 
 
 def test_compute_metrics_by_hand():
-    m = E.compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
+    from tilescan.training.metrics import compute_metrics
+
+    m = compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
     f1 = [2 / 3, 2 * (1 / 2) / (1 / 2 + 1), 0.0]

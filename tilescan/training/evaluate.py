@@ -15,9 +15,7 @@ computes the metrics with numpy, and writes into ``out_dir``:
 ``explanations.csv``        with ``explanations=True``: faithfulness and cost per CAM method
 ==========================  =================================================================
 
-Metrics: accuracy; per class precision = TP / predicted, recall = TP / support, F1 their
-harmonic mean (0 where undefined); macro averages over the classes that occur in the true
-or the predicted labels (scikit-learn's default), weighted averages by support.
+Metrics: :mod:`tilescan.training.metrics`.
 
 ``tta=True`` averages the softmax over the 8 dihedral views of each image (identity, the
 three 90-degree rotations, and the four of those flipped), all views of a batch stacked
@@ -43,6 +41,7 @@ import numpy as np
 from ..errors import ConfigError, OutputError
 from ..log import emit
 from ..outputs.files import csv_text, write_json, write_text
+from .metrics import compute_metrics
 from ..explain.figures import (
     RIGHT_COLOR,
     WRONG_COLOR,
@@ -124,67 +123,6 @@ def iter_image_batches(
             batch = np.stack([f.result() for f in futures])
             submit()
             yield s, batch
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) counts, rows = true class, columns = predicted class."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support, macro and weighted averages, the
-    confusion matrix and the most frequent confusions, from integer labels."""
-    k = len(classes)
-    cm = confusion_matrix(y_true, y_pred, k)
-    n = int(cm.sum())
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    pr = precision + recall
-    f1 = np.divide(2 * precision * recall, pr, out=np.zeros(k), where=pr > 0)
-    present = (support > 0) | (predicted > 0)
-    n_present = max(1, int(present.sum()))
-    weights = support / max(1.0, support.sum())
-
-    def avg(v, how):
-        return float(v[present].sum() / n_present) if how == "macro" else float((v * weights).sum())
-
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")
-    top = [
-        {"true": classes[i], "pred": classes[j], "count": int(off[i, j])}
-        for i, j in (divmod(int(o), k) for o in order[:10])
-        if off[i, j] > 0
-    ]
-    return {
-        "n": n,
-        "correct": int(tp.sum()),
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "macro": {"precision": avg(precision, "macro"), "recall": avg(recall, "macro"), "f1": avg(f1, "macro"), "classes": int(present.sum())},
-        "weighted": {"precision": avg(precision, "weighted"), "recall": avg(recall, "weighted"), "f1": avg(f1, "weighted")},
-        "per_class": [
-            {
-                "class": classes[i],
-                "index": i,
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-                "predicted": int(predicted[i]),
-            }
-            for i in range(k)
-        ],
-        "confusion_matrix": cm.tolist(),
-        "top_confusions": top,
-    }
 
 
 # ---------------------------------------------------------------------------- files
@@ -355,9 +293,7 @@ def run_evaluate(
     batch_size = int(batch_size)
 
     ds, lm, items = _eval_inputs(model_path, data, split, splits_dir)
-    if limit is not None and int(limit) < len(items):
-        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
-        items = [items[i] for i in sel]
+    items = _subset(items, limit, seed)
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
     y_true = np.array([c for _, c in items], dtype=np.int64)
@@ -373,9 +309,7 @@ def run_evaluate(
 
     # -- metrics and tables ---------------------------------------------------------------
     metrics = compute_metrics(y_true, y_pred, classes)
-    top5 = None
-    if k > 5:
-        top5 = float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
+    top5 = _top5(probs, y_true) if k > 5 else None
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
              f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
     _write_tables(out, rel_paths, y_true, y_pred, conf, metrics, classes, title)
@@ -408,6 +342,19 @@ def run_evaluate(
     write_json(out / "report.json", report)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
+
+
+def _subset(items: list, limit: int | None, seed: int) -> list:
+    """A seeded random ``limit`` of the items, in their order (all of them without a limit)."""
+    if limit is not None and int(limit) < len(items):
+        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
+        items = [items[i] for i in sel]
+    return items
+
+
+def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """The share of images whose true class is among the five most probable."""
+    return float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
 
 
 def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],
