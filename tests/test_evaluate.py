@@ -1,4 +1,4 @@
-"""Tests of tilescan.evaluate: metrics recomputed independently from predictions.csv, the
+"""Tests of tilescan.training.evaluate: metrics recomputed independently from predictions.csv, the
 files and figures, recording scores into the model file, TTA invariance, errors."""
 
 from __future__ import annotations

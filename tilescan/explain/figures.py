@@ -11,7 +11,7 @@ and a JSON file with the labels, confidences and (for tiles) the pixel windows a
 The CAMs of a figure are computed as ONE batch per method (:mod:`tilescan.explain.cam`).
 
 The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used by
-:mod:`tilescan.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
+:mod:`tilescan.training.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
 (no pyplot, no global backend switch), and written atomically.
 """
 

@@ -10,7 +10,7 @@ writes, into ``OUT/collected/``:
     One GeoParquet 1.1 file with every tile of every scene, one row per tile, sorted by
     ``(scene, tile_index)``; a large one (over ``spatial.SORT_MIN_ROWS`` rows) along a Hilbert
     curve through the footprint centres instead, in row groups a bbox query can skip
-    (:mod:`tilescan.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
+    (:mod:`tilescan.outputs.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
     column has one CRS, so footprints are reprojected to longitude/latitude (``OGC:CRS84``,
     i.e. WGS 84 in x=lon, y=lat order; corners are transformed exactly, edges are not
     densified -- tiles are small). The exact footprint in the scene's own CRS is kept as WKB
@@ -32,7 +32,7 @@ writes, into ``OUT/collected/``:
     its tile rows are present, and the units that were skipped and why.
 ``tiles.qml`` / ``collected.qgs``
     A QGIS style for the table and a QGIS project with the table and, per scene, its label
-    and heatmap rasters and the scene itself (:mod:`tilescan.qgis`; ``styles=False`` skips).
+    and heatmap rasters and the scene itself (:mod:`tilescan.outputs.qgis`; ``styles=False`` skips).
 
 Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
 always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
