@@ -201,16 +201,16 @@ def test_legend_colour_bar_and_font(tmp_path, scene_path):
 def test_palette_well_separated():
     """The first 30 class colours (one per AID class) stay far apart in RGB and in CIELAB;
     the label COG's colour table uses the same ones."""
-    from tilescan.outputs.palette import _srgb_to_lab
+    from tilescan.outputs.palette import srgb_to_lab
 
-    assert np.allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
-    assert np.allclose(_srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)
+    assert np.allclose(srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
+    assert np.allclose(srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)
     a = np.array(class_colors(30), float)
     iu = np.triu_indices(30, 1)
     rgb_d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))[iu]
-    lab = _srgb_to_lab(a)
+    lab = srgb_to_lab(a)
     lab_d = np.sqrt(((lab[:, None] - lab[None]) ** 2).sum(-1))[iu]
     assert rgb_d.min() > 50 and lab_d.min() > 30
-    many = _srgb_to_lab(np.array(class_colors(60), float))
+    many = srgb_to_lab(np.array(class_colors(60), float))
     assert np.sqrt(((many[:, None] - many[None]) ** 2).sum(-1))[np.triu_indices(60, 1)].min() > 20
     assert class_colors(60)[:30] == class_colors(30) == class_colors(30)
