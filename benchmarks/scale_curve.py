@@ -180,7 +180,8 @@ def view_batch(mode: str, s: float, images: Sequence[np.ndarray], idx: Sequence[
 def score(model, classes: Sequence[str], images: Sequence[np.ndarray], labels: np.ndarray, partners: list[np.ndarray],
           mode: str, s: float, size: int, batch_size: int = 64) -> dict[str, Any]:
     """Accuracy and macro-F1 of ``model`` on the views of one mode and level (float32, no TTA)."""
-    from tilescan.training.evaluate import compute_metrics, predict_probs
+    from tilescan.training.evaluate import predict_probs
+    from tilescan.training.metrics import compute_metrics
 
     n = len(images)
     pred = np.empty(n, np.int64)

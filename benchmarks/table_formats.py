@@ -11,7 +11,7 @@ Candidates, each written from the same ``TileTable`` through tilescan's own writ
 * ``parquet``      the primary table (GeoParquet 1.1, zstd): the reference;
 * ``gpkg_default`` GeoPackage as GDAL >= 3.8 writes it by default (version 1.4, GDAL's own
                    R-tree step), i.e. what ``--gpkg`` wrote before;
-* ``gpkg_compat``  GeoPackage 1.2 with the R-tree added by :mod:`tilescan.gpkg` (what
+* ``gpkg_compat``  GeoPackage 1.2 with the R-tree added by :mod:`tilescan.outputs.gpkg` (what
                    ``TileTable.write_gpkg`` writes now);
 * ``fgb``          FlatGeobuf with its packed Hilbert R-tree (GDAL's default ``SPATIAL_INDEX=YES``).
 

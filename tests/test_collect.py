@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
+from conftest import quiet
 from tilescan.outputs.collect import run_collect
 from tilescan.errors import InputError
 
-quiet = lambda msg: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from tilescan.config import (
     read_toml,
 )
 from tilescan.errors import EXIT_USAGE, ConfigError
+from conftest import QUIET_AFFINE, REPO, invoke
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def toml(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
@@ -207,12 +207,9 @@ def test_replace_is_checked():
 # the same precedence through the CLI, read back from run.json
 
 
-@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # rio-cogeo's own Affine use
+@QUIET_AFFINE  # rio-cogeo's own Affine use
 def test_cli_precedence_in_run_json(tmp_path, scene_path):
     import rasterio
-    from click.testing import CliRunner
-
-    from tilescan.cli import main
 
     scene = scene_path("rio-tiler/cog_rgb.tif")  # 383 x 232
     f = toml(tmp_path, """
@@ -227,8 +224,7 @@ quicklook_size = 256
 """)
     env = {"TILESCAN_TILING__TILE_SIZE": "96", "TILESCAN_INFERENCE__BATCH_SIZE": "8", "TILESCAN_OUTPUT__HEATMAP_SCALE": "0.5"}
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["run", str(scene), "-o", str(out), "--config", str(f), "--tile-size", "400",
-                                    "--batch-size", "2", "--no-progress"], env=env, catch_exceptions=False)
+    res = invoke(["run", scene, "-o", out, "--config", f, "--tile-size", "400", "--batch-size", "2", "--no-progress"], env=env)
     assert res.exit_code == 0, res.output
     man = json.loads((out / scene.stem / "run.json").read_text())
     c = man["config"]

@@ -1,4 +1,4 @@
-"""Tests of tilescan.evaluate: metrics recomputed independently from predictions.csv, the
+"""Tests of tilescan.training.evaluate: metrics recomputed independently from predictions.csv, the
 files and figures, recording scores into the model file, TTA invariance, errors."""
 
 from __future__ import annotations
@@ -19,20 +19,11 @@ Image = pytest.importorskip("PIL.Image")
 
 from tilescan.training import evaluate as E
 from tilescan.errors import ConfigError
-from tilescan.model import META_MEMBER, build_resnet18, load_model, read_metadata, save_model
+from tilescan.model import META_MEMBER, load_model, read_metadata
+from conftest import tiny_model_file
 
 CLASSES = ["Beach", "Forest", "Parking"]  # AID names: the real-AID test reuses the model
 SIZE = 32
-
-
-def _meta(classes, size=SIZE):
-    return {
-        "classes": list(classes),
-        "input_size": [size, size],
-        "bands": ["red", "green", "blue"],
-        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
-        "id": "tiny-test-model",
-    }
 
 
 def _write_dataset(root: Path, per_class_test: int = 10) -> Path:
@@ -65,14 +56,13 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    keras.utils.set_random_seed(11)
-    m = build_resnet18((SIZE, SIZE, 3), 3, mean=[0.5] * 3, std=[0.25] * 3)
-    # a head that reads the colours a little, so predictions are neither all right nor all one class
-    w, b = m.get_layer("logits").get_weights()
-    m.get_layer("logits").set_weights([w * 3.0, np.array([0.3, 0.0, -0.3], np.float32)])
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    save_model(m, path, _meta(CLASSES))
-    return path
+    def head_reads_colours(m):
+        # a head that reads the colours a little, so predictions are neither all right nor all one class
+        w, b = m.get_layer("logits").get_weights()
+        m.get_layer("logits").set_weights([w * 3.0, np.array([0.3, 0.0, -0.3], np.float32)])
+
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.keras", CLASSES, SIZE, seed=11,
+                           model_id="tiny-test-model", adjust=head_reads_colours)
 
 
 X_CHECK = np.random.default_rng(4).random((5, SIZE, SIZE, 3)).astype(np.float32)
@@ -227,7 +217,9 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
 
 
 def test_compute_metrics_by_hand():
-    m = E.compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
+    from tilescan.training.metrics import compute_metrics
+
+    m = compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
     f1 = [2 / 3, 2 * (1 / 2) / (1 / 2 + 1), 0.0]

@@ -14,21 +14,16 @@ Image = pytest.importorskip("PIL.Image")
 
 from tilescan.errors import ConfigError, InputError
 from tilescan.explain.figures import resolve_target, run_explain
-from tilescan.model import build_resnet18, save_model
+from conftest import quiet, tiny_model_file
 
 CLASSES = ["Forest", "Parking", "River"]
 SIZE = 64
-quiet = {"log": lambda s: None}
+QUIET = {"log": quiet}
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    keras.utils.set_random_seed(3)
-    m = build_resnet18((SIZE, SIZE, 3), 3, mean=[0.4] * 3, std=[0.2] * 3)
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    save_model(m, path, {"classes": CLASSES, "input_size": [SIZE, SIZE], "bands": ["red", "green", "blue"],
-                         "normalization": {"mean": [0.4] * 3, "std": [0.2] * 3}})
-    return path
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.keras", CLASSES, SIZE, seed=3, mean=0.4, std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +43,8 @@ def _png(path):
 
 
 def test_image_one_and_two_methods(model_file, image, tmp_path):
-    one = run_explain([str(image)], str(tmp_path / "one"), str(model_file), methods=("gradcam",), **quiet)
-    two = run_explain([str(image)], str(tmp_path / "two"), str(model_file), methods=("gradcam", "eigencam"), **quiet)
+    one = run_explain([str(image)], str(tmp_path / "one"), str(model_file), methods=("gradcam",), **QUIET)
+    two = run_explain([str(image)], str(tmp_path / "two"), str(model_file), methods=("gradcam", "eigencam"), **QUIET)
     assert [p.name for p in one] == [p.name for p in two] == ["field_explain.png"]
     (w1, h1), px = _png(one[0])
     (w2, h2), _ = _png(two[0])
@@ -65,7 +60,7 @@ def test_image_one_and_two_methods(model_file, image, tmp_path):
 
 def test_scene_top_tiles(model_file, scene_path, tmp_path):
     scene = scene_path("rasterio/RGB.byte.tif")
-    (png,) = run_explain([str(scene)], str(tmp_path), str(model_file), top=3, tile_size=128, **quiet)
+    (png,) = run_explain([str(scene)], str(tmp_path), str(model_file), top=3, tile_size=128, **QUIET)
     assert png.name == "RGB.byte_tiles_explain.png"
     (w, h), px = _png(png)
     assert h > w  # three rows of three panels
@@ -86,19 +81,19 @@ def test_scene_top_tiles(model_file, scene_path, tmp_path):
 def test_scene_named_tiles_and_target(model_file, scene_path, tmp_path):
     scene = scene_path("rasterio/RGB.byte.tif")
     run_explain([str(scene)], str(tmp_path), str(model_file), methods=("gradcam", "gradcam++"),
-                tiles=[(2, 3), (0, 0)], target="river", tile_size=128, **quiet)
+                tiles=[(2, 3), (0, 0)], target="river", tile_size=128, **QUIET)
     meta = json.loads((tmp_path / "RGB.byte_tiles_explain.json").read_text())
     assert [r["tile"] for r in meta["rows"]] == [[2, 3], [0, 0]]
     assert meta["target"] == "River"
     assert all(r["label"] == "River" and r["class_index"] == 2 for r in meta["rows"])
     assert meta["rows"][1]["valid_fraction"] < 0.5  # the nodata corner: named tiles are kept
     with pytest.raises(ConfigError, match="grid"):
-        run_explain([str(scene)], str(tmp_path), str(model_file), tiles=[(99, 0)], tile_size=128, **quiet)
+        run_explain([str(scene)], str(tmp_path), str(model_file), tiles=[(99, 0)], tile_size=128, **QUIET)
 
 
 def test_target_errors_and_resolution(model_file, image, tmp_path):
     with pytest.raises(ConfigError, match="Forest.*Parking.*River"):
-        run_explain([str(image)], str(tmp_path), str(model_file), target="Desert", **quiet)
+        run_explain([str(image)], str(tmp_path), str(model_file), target="Desert", **QUIET)
     with pytest.raises(ConfigError, match="out of range"):
         resolve_target(7, CLASSES)
     assert resolve_target("Parking", CLASSES) == 1
@@ -107,6 +102,6 @@ def test_target_errors_and_resolution(model_file, image, tmp_path):
     assert resolve_target(0, CLASSES) == 0
     assert resolve_target(None, CLASSES) is None
     with pytest.raises(InputError):
-        run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **quiet)
+        run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **QUIET)
     with pytest.raises(ConfigError, match="unknown CAM method"):
-        run_explain([str(image)], str(tmp_path), str(model_file), methods=("nope",), **quiet)
+        run_explain([str(image)], str(tmp_path), str(model_file), methods=("nope",), **QUIET)

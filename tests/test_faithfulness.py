@@ -1,4 +1,4 @@
-"""Tests of tilescan.faithfulness: a model whose evidence sits in a known region (so the right
+"""Tests of tilescan.explain.faithfulness: a model whose evidence sits in a known region (so the right
 answer is known), batch == per image, chunking, shapes, the blur against OpenCV."""
 
 from __future__ import annotations

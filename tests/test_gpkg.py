@@ -1,4 +1,4 @@
-"""tilescan.gpkg: the GeoPackage R-tree tilescan builds itself (packed, as SQLite lays it out).
+"""tilescan.outputs.gpkg: the GeoPackage R-tree tilescan builds itself (packed, as SQLite lays it out).
 
 The index is checked in a fresh interpreter whose SQLite has the R-tree module (this test
 process may have loaded TensorFlow, whose SQLite lacks it): SQLite's own ``rtreecheck``,

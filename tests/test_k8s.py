@@ -14,8 +14,7 @@ import yaml
 
 import batch_helpers as bh
 
-K8S = bh.JOBS / "k8s"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
+MANIFESTS = sorted(bh.K8S.glob("*.yaml"))
 
 
 def _validate(*paths: Path, version: str | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +31,7 @@ def test_manifests_pass_strict_validation(version):
 
 
 def test_strict_validation_rejects_a_misspelt_field(tmp_path):
-    doc = yaml.safe_load((K8S / "indexed-job.yaml").read_text())
+    doc = yaml.safe_load((bh.K8S / "indexed-job.yaml").read_text())
     doc["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # typo of volumeMounts
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc))
@@ -40,44 +39,15 @@ def test_strict_validation_rejects_a_misspelt_field(tmp_path):
     assert p.returncode != 0 and "volumeMount" in p.stdout + p.stderr
 
 
-def _container(doc: dict) -> dict:
-    spec = doc["spec"]
-    if doc["kind"] == "CronJob":
-        spec = spec["jobTemplate"]["spec"]
-    (c,) = spec["template"]["spec"]["containers"]
-    return c
-
-
-def _local(argv: list[str], data: Path) -> list[str]:
-    """The container's argv with /data mapped to a local folder and tilescan to this venv's."""
-    out = []
-    for a in argv:
-        a = a.replace("/data", str(data))
-        a = a if a != "tilescan" else bh.exe()
-        out.append(re.sub(r"(?<![\w/.-])tilescan(?= (run|collect)\b)", bh.exe(), a))
-    return out
-
-
-def _start_container(doc: dict, data: Path, **extra_env: str) -> subprocess.Popen:
-    c = _container(doc)
-    mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"/data"}
-    # the reference run uses batch_helpers.ARGS (128-px tiles in scene pixels): the pods get
-    # the same tiling through the environment, as a cluster's config would set it
-    env = bh.env(**{**{e["name"]: e["value"] for e in c.get("env", [])}, "TILESCAN_TILING__UNITS": "px", **extra_env})
-    return subprocess.Popen(_local(c["command"] + c.get("args", []), data), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-
-
 def _run_container(doc: dict, data: Path, **extra_env: str) -> tuple[int, str]:
-    p = _start_container(doc, data, **extra_env)
+    p = bh.start_container(doc, data, **extra_env)
     _, err = p.communicate(timeout=600)
     return p.returncode, err
 
 
 def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():
-    cpu, gpu = (yaml.safe_load((K8S / name).read_text()) for name in ("indexed-job.yaml", "indexed-job-gpu.yaml"))
-    c, g = _container(cpu), _container(gpu)
+    cpu, gpu = (yaml.safe_load((bh.K8S / name).read_text()) for name in ("indexed-job.yaml", "indexed-job-gpu.yaml"))
+    c, g = bh.container(cpu), bh.container(gpu)
     assert g["command"] + g["args"] == c["command"] + c["args"]  # so the per-index run below covers both
     assert g["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in g["resources"].get("requests", {})  # extended resources: limits alone
@@ -92,44 +62,44 @@ def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():
 def test_gpu_image_installs_the_gpu_extra():
     import tomllib
 
-    docker = (K8S / "Dockerfile.gpu").read_text()
+    docker = (bh.K8S / "Dockerfile.gpu").read_text()
     extras = tomllib.loads((bh.JOBS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert re.search(r'pip install [^\n]*"\.\[gpu\]"', docker)
     assert any(d.startswith("jax[cuda12]") for d in extras["gpu"])
     assert re.search(r"^ENV .*KERAS_BACKEND=jax", docker, re.M)
-    image = _container(yaml.safe_load((K8S / "indexed-job-gpu.yaml").read_text()))["image"]
+    image = bh.container(yaml.safe_load((bh.K8S / "indexed-job-gpu.yaml").read_text()))["image"]
     assert f"-t {image} " in docker  # the build command in its header makes the image the Job names
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("manifest", ["indexed-job.yaml", "indexed-job-gpu.yaml"])
 def test_indexed_job_per_index_equals_one_process(tmp_path, tmp_path_factory, manifest):
-    job = yaml.safe_load((K8S / manifest).read_text())
+    job = yaml.safe_load((bh.K8S / manifest).read_text())
     spec = job["spec"]
     n = spec["completions"]
     assert spec["completionMode"] == "Indexed" and spec["parallelism"] == n
-    env = {e["name"]: e["value"] for e in _container(job)["env"]}
+    env = {e["name"]: e["value"] for e in bh.container(job)["env"]}
     assert env["TILESCAN_SHARD_COUNT"] == str(n)  # tilescan must know N: the pod only gets its index
     data = tmp_path / "data"
     bh.scene_folder(data / "scenes")
     # the pods of the Job, run side by side as its parallelism says
     # no GPU (nor JAX) here: the GPU Job's pods compute on this CPU with TensorFlow
     backend = {"KERAS_BACKEND": "tensorflow"} if "gpu" in manifest else {}
-    pods = [_start_container(job, data, JOB_COMPLETION_INDEX=str(i), **backend) for i in range(n)]
+    pods = [bh.start_container(job, data, JOB_COMPLETION_INDEX=str(i), **backend) for i in range(n)]
     for i, pod in enumerate(pods):
         _, err = pod.communicate(timeout=600)
         assert pod.returncode == 0, f"index {i}: {err}"
     out = data / "out"
     reports = [json.loads((out / f"report-shard-{i:04d}-of-{n:04d}.json").read_text()) for i in range(n)]
     assert sorted(u["unit"] for r in reports for u in r["done"]) == sorted(bh.UNITS)
-    rc, err = _run_container(yaml.safe_load((K8S / "collect-job.yaml").read_text()), data)
+    rc, err = _run_container(yaml.safe_load((bh.K8S / "collect-job.yaml").read_text()), data)
     assert rc == 0, err
     bh.assert_same_tiles(bh.collected(out), bh.collected(bh.reference(tmp_path_factory)), exact=True)
 
 
 @pytest.mark.slow
 def test_cronjob_command_equals_one_process(tmp_path, tmp_path_factory):
-    cron = yaml.safe_load((K8S / "cronjob.yaml").read_text())
+    cron = yaml.safe_load((bh.K8S / "cronjob.yaml").read_text())
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # a slow night never overlaps the next
     assert len(cron["spec"]["schedule"].split()) == 5
     data = tmp_path / "data"

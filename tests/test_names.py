@@ -9,7 +9,6 @@ model, four tiles a scene); the tests then check what a user would see in OUT an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,13 +18,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import scene
+from conftest import invoke, read_report, scene, tree_hashes
 from tilescan import layout
-from tilescan.cli import main
 from tilescan.errors import OutputError
 from tilescan.pipeline.units import _move_into_place
 
@@ -55,20 +52,6 @@ NAMES = {
 }
 
 
-def invoke(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (hidden ones included) -> sha256 of files, "dir" for folders."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
-
-
-def report(out: Path, name: str = "report.json") -> dict:
-    return json.loads((out / name).read_text())
-
-
 def folders(rep: dict) -> dict[str, Path]:
     """Scene file (relative to the scene folder) -> its output folder, from a report."""
     return {str(Path(r["scene"]).relative_to(rep["_scenes"])): Path(r["out_dir"]) for r in rep["done"]}
@@ -86,7 +69,7 @@ def batch(tmp_path_factory):
     out.mkdir(parents=True)
     beside = sorted(os.listdir(out.parent))
     res = invoke(["run", scenes, "-o", out, *FAST])
-    rep = report(out)
+    rep = read_report(out)
     rep["_scenes"] = str(scenes.resolve())
     return {"root": root, "scenes": scenes, "out": out, "beside": beside, "res": res, "report": rep}
 
@@ -116,7 +99,7 @@ def test_every_scene_gets_its_own_safe_folder_inside_out(batch):
     assert got[f"one/{LONG}.tif"] != got[f"two/{LONG}.tif"]
     # OUT holds the scene folders and the report, and no bookkeeping is left after a successful run
     assert sorted(os.listdir(out)) == sorted([f.name for f in got.values()] + ["report.json"])
-    assert report(out)["exit_code"] == 0  # report.json is the invocation's report, intact
+    assert read_report(out)["exit_code"] == 0  # report.json is the invocation's report, intact
 
 
 def test_collect_gathers_every_scene(batch, tmp_path):
@@ -138,20 +121,20 @@ def test_rerun_skips_all_and_old_folder_names_are_refused(batch, tmp_path):
     shutil.copytree(batch["out"], out)
     res = invoke(["run", batch["scenes"], "-o", out, *FAST])
     assert res.exit_code == 0, res.output
-    assert report(out)["counts"] == {"done": 0, "skipped": len(NAMES), "failed": 0}
+    assert read_report(out)["counts"] == {"done": 0, "skipped": len(NAMES), "failed": 0}
 
     # a.tif's outputs where tilescan put them before names were made case-insensitively
     # unique (OUT/a): refused by name, not redone elsewhere, not touched
     new = folders(batch["report"])["a.tif"].name
     os.rename(out / new, out / "a")
-    before = tree(out / "a")
+    before = tree_hashes(out / "a", folders=True)
     res = invoke(["run", batch["scenes"], "-o", out, *FAST])
     assert res.exit_code == 3, res.output
-    rep = report(out)
+    rep = read_report(out)
     assert rep["counts"] == {"done": 0, "skipped": len(NAMES) - 1, "failed": 1}
     reason = rep["failed"][0]["reason"]
     assert str(out / "a") in reason and str(out / new) in reason and "earlier tilescan version" in reason
-    assert tree(out / "a") == before and not (out / new).exists()
+    assert tree_hashes(out / "a", folders=True) == before and not (out / new).exists()
 
 
 def test_shards_cover_the_same_folders(batch, tmp_path):
@@ -159,7 +142,7 @@ def test_shards_cover_the_same_folders(batch, tmp_path):
     for i in range(2):
         res = invoke(["run", batch["scenes"], "-o", out, *FAST, "--shard", f"{i}/2"])
         assert res.exit_code == 0, res.output
-    mine = [set(Path(r["out_dir"]).name for r in report(out, f"report-shard-{i:04d}-of-0002.json")["done"])
+    mine = [set(Path(r["out_dir"]).name for r in read_report(out, f"report-shard-{i:04d}-of-0002.json")["done"])
             for i in range(2)]
     assert not mine[0] & mine[1]
     assert mine[0] | mine[1] == {f.name for f in folders(batch["report"]).values()}
@@ -216,12 +199,12 @@ def test_move_into_place_only_targets_unit_folders(tmp_path):
     (keep / "notes.txt").write_text("mine")
     (tmp_path / "elsewhere").mkdir()
     (out / "linked").symlink_to(tmp_path / "elsewhere")
-    before = tree(tmp_path)
+    before = tree_hashes(tmp_path, folders=True)
     for target in (out / ".", out / "..", out / ".hidden", out / "a" / "b", out / "other" / "notes.txt",
                    out / "linked" / "rows-00000-00002", tmp_path / "elsewhere", out / "report.json"):
         with pytest.raises(OutputError):
             _move_into_place(stage, target, out)
-    assert tree(tmp_path) == before
+    assert tree_hashes(tmp_path, folders=True) == before
     _move_into_place(stage, out / "scene" / "rows-00000-00002", out)
     assert (out / "scene" / "rows-00000-00002" / "run.json").is_file()
 
@@ -250,6 +233,10 @@ _ODD = st.sampled_from([".", "..", "...", ".tilescan-locks", "report.json", "REP
                         "con", "CON.tif", "lpt\u00b9", "nul .x", " ", "a.", "a ", "", "x" * 251, "é" * 200,
                         "a/b", "a\\b", "a\0b", "a\nb", "\u2028", "report-shard-0001-of-0009.json"])
 _NAMES = _ANY | _ODD
+# Windows device names, stated here independently of layout.py: reserved with any extension
+# ("CON.tif") and trailing spaces.
+WINDOWS_DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
+                   | {f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"})
 
 
 def _assert_safe(name: str) -> None:
@@ -260,7 +247,7 @@ def _assert_safe(name: str) -> None:
     assert unicodedata.normalize("NFC", name) == name
     assert layout.is_safe_name(name) and layout.folder_name(name) == name
     assert not re.fullmatch(r"report(-shard-.*)?\.json|collected|\.tilescan.*", name.casefold())
-    assert name.split(".")[0].rstrip(" ").casefold() not in layout._DEVICES
+    assert name.split(".")[0].rstrip(" ").casefold() not in WINDOWS_DEVICES
     # every name derived from it stays within one path component's 255 bytes
     for derived in (layout.slot(name) + ".lock", layout.slot(name, "rows-999999-999999") + ".lock",
                     layout.aside_name(layout.slot(name, "rows-999999-999999")), layout.with_tag(name, "f" * 40)):
@@ -275,7 +262,7 @@ def test_any_name_maps_to_one_safe_component(stem):
 
 @given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,80}[A-Za-z0-9_-]", fullmatch=True))
 def test_ordinary_names_map_to_themselves(stem):
-    if stem.split(".")[0].casefold() in layout._DEVICES or re.fullmatch(r"report(-shard-.*)?\.json|collected",
+    if stem.split(".")[0].casefold() in WINDOWS_DEVICES or re.fullmatch(r"report(-shard-.*)?\.json|collected",
                                                                         stem.casefold()):
         return
     assert layout.folder_name(stem) == stem
@@ -315,6 +302,6 @@ def test_a_name_that_is_not_utf8_fails_alone_with_a_clear_message(tmp_path):
     res = invoke(["run", scenes, "-o", out, *FAST])
     assert res.exit_code == 3, res.output
     assert "not valid UTF-8" in res.output
-    rep = report(out)  # still valid JSON
+    rep = read_report(out)  # still valid JSON
     assert [Path(r["scene"]).name for r in rep["done"]] == ["good.tif"]
     assert "not valid UTF-8" in rep["failed"][0]["reason"]

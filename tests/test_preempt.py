@@ -19,7 +19,6 @@ import time
 import pytest
 
 import batch_helpers as bh
-from test_resume import _assert_unit_equal, _finished_folders
 
 SCENES = ("rasterio/RGB.byte.tif", "rasterio/cogeo.tif")  # units RGB.byte (23 tiles, 1 batch), cogeo (64, 2)
 
@@ -48,10 +47,10 @@ def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_fac
     assert report["interrupted"]["unit"] == interrupted
     assert report["interrupted"]["not_started"] == ([] if interrupted else ["cogeo"])
     assert [u["unit"] for u in report["done"]] == finished
-    done = _finished_folders(out)  # nothing partial where a user looks
+    done = bh.finished_folders(out)  # nothing partial where a user looks
     assert sorted(done) == finished
     for name in done:
-        _assert_unit_equal(out / name, ref / name)
+        bh.assert_unit_equal(out / name, ref / name)
     assert not (out / ".tilescan-staging").exists() or not any((out / ".tilescan-staging").iterdir())
 
     p = _run(out)
@@ -60,7 +59,7 @@ def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_fac
     assert [u["unit"] for u in report["skipped"]] == finished
     assert [u["unit"] for u in report["done"]] == ["cogeo"]
     for name in ("RGB.byte", "cogeo"):
-        _assert_unit_equal(out / name, ref / name)
+        bh.assert_unit_equal(out / name, ref / name)
 
 
 def test_sigterm_from_outside_stops_within_seconds(tmp_path):
@@ -126,14 +125,12 @@ def test_k8s_cronjob_shell_passes_sigterm_on(tmp_path):
     and it must reach tilescan, which exits 75 and the collect step is skipped."""
     import yaml
 
-    from test_k8s import K8S, _start_container
-
-    cron = yaml.safe_load((K8S / "cronjob.yaml").read_text())
+    cron = yaml.safe_load((bh.K8S / "cronjob.yaml").read_text())
     spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] >= 30
     data = tmp_path / "data"
     bh.scene_folder(data / "scenes", rels=("rasterio/cogeo.tif",))
-    proc = _start_container(cron, data, TILESCAN_TILING__TILE_SIZE="64", TILESCAN_TILING__UNITS="px",
+    proc = bh.start_container(cron, data, TILESCAN_TILING__TILE_SIZE="64", TILESCAN_TILING__UNITS="px",
                             TILESCAN_INFERENCE__BATCH_SIZE="8")
     _wait_for_scene(data / "out", proc)
     proc.send_signal(signal.SIGTERM)

@@ -27,10 +27,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
-from click.testing import CliRunner
 
-from conftest import unavailable
-from tilescan.cli import main
+from conftest import invoke, unavailable
 from tilescan.outputs.gpkg import has_rtree
 from tilescan.outputs.quicklook import LABEL_BLEND
 from tilescan.outputs.palette import class_colors
@@ -74,10 +72,9 @@ def made(tmp_path_factory, scenes_dir):
     scene = work / "scenes" / Path(NAIP).name
     shutil.copyfile(scenes_dir / NAIP, scene)
     out = work / "out"
-    runner = CliRunner()
-    res = runner.invoke(main, ["run", str(scene), "-o", str(out), "--no-progress"], catch_exceptions=False)
+    res = invoke(["run", scene, "-o", out, "--no-progress"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["collect", str(out)], catch_exceptions=False)
+    res = invoke(["collect", out])
     assert res.exit_code == 0, res.output
     with rasterio.open(scene) as ds:
         crs = ds.crs
@@ -153,8 +150,7 @@ def test_styles_and_project_written_with_relative_paths(made):
 
 def test_no_styles_writes_neither_styles_nor_project(tmp_path, scenes_dir):
     scene = scenes_dir / NAIP
-    res = CliRunner().invoke(main, ["run", str(scene), "-o", str(tmp_path / "o"), "--no-styles", "--no-gpkg",
-                                    "--no-progress"], catch_exceptions=False)
+    res = invoke(["run", scene, "-o", tmp_path / "o", "--no-styles", "--no-gpkg", "--no-progress"])
     assert res.exit_code == 0, res.output
     names = {p.name for p in (tmp_path / "o" / STEM).iterdir()}
     assert not {n for n in names if n.endswith((".qml", ".qgs", ".gpkg"))}, names

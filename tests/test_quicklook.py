@@ -6,28 +6,21 @@ colour map, the font is readable."""
 
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
-from click.testing import CliRunner
 from PIL import Image
 
 from tilescan.outputs.quicklook import LABEL_BLEND, quicklook_layout, write_quicklook
 from tilescan.outputs.palette import class_colors
+from conftest import QUIET_AFFINE, grid_shape, invoke
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 934 x 723, 4 bands
 RGB_BYTE = "rasterio/RGB.byte.tif"  # 791 x 718, nodata border
 CLASSES = [f"class {i}" for i in range(30)]
-
-
-def grid_shape(width, height, tile, stride):
-    """The tile grid's (rows, cols): every tile origin inside the scene, the last ones may
-    run past the right / bottom edge."""
-    return (1 + max(0, math.ceil((height - tile) / stride)), 1 + max(0, math.ceil((width - tile) / stride)))
 
 
 def preview_of(path, max_size):
@@ -146,15 +139,12 @@ def test_row_band_and_outlines(tmp_path, scene_path):
         write_quicklook(tmp_path / "bad.png", rgb, valid, band, None, CLASSES)
 
 
-@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # rio-cogeo's affine use
+@QUIET_AFFINE  # rio-cogeo's own Affine use
 def test_quicklook_of_a_run(tmp_path, scene_path):
     """``tilescan run`` on the NAIP scene (934 x 723, 128 px tiles): the quicklook's label
     panel shows, at every classified tile's centre, that tile's class from tiles.parquet."""
-    from tilescan.cli import main
-
     scene = scene_path(NAIP)
-    res = CliRunner().invoke(main, ["run", str(scene), "-o", str(tmp_path), "--tile-size", "128", "--no-progress"],
-                             catch_exceptions=False)
+    res = invoke(["run", scene, "-o", tmp_path, "--tile-size", "128", "--no-progress"])
     assert res.exit_code == 0, res.output
     folder = tmp_path / scene.stem
     t = pq.read_table(folder / "tiles.parquet", columns=["row", "col", "class_index"]).to_pydict()
@@ -201,16 +191,16 @@ def test_legend_colour_bar_and_font(tmp_path, scene_path):
 def test_palette_well_separated():
     """The first 30 class colours (one per AID class) stay far apart in RGB and in CIELAB;
     the label COG's colour table uses the same ones."""
-    from tilescan.outputs.palette import _srgb_to_lab
+    from tilescan.outputs.palette import srgb_to_lab
 
-    assert np.allclose(_srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
-    assert np.allclose(_srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)
+    assert np.allclose(srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.05)
+    assert np.allclose(srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.01)
     a = np.array(class_colors(30), float)
     iu = np.triu_indices(30, 1)
     rgb_d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))[iu]
-    lab = _srgb_to_lab(a)
+    lab = srgb_to_lab(a)
     lab_d = np.sqrt(((lab[:, None] - lab[None]) ** 2).sum(-1))[iu]
     assert rgb_d.min() > 50 and lab_d.min() > 30
-    many = _srgb_to_lab(np.array(class_colors(60), float))
+    many = srgb_to_lab(np.array(class_colors(60), float))
     assert np.sqrt(((many[:, None] - many[None]) ** 2).sum(-1))[np.triu_indices(60, 1)].min() > 20
     assert class_colors(60)[:30] == class_colors(30) == class_colors(30)

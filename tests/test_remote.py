@@ -187,7 +187,8 @@ def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatc
 
 
 def test_url_to_gdal_path_and_redaction():
-    from tilescan.scene.sources import RemoteScene, redact, scrub, to_gdal_path
+    from tilescan.scene.sources import RemoteScene
+    from tilescan.scene.vsi import redact, scrub, to_gdal_path
 
     assert to_gdal_path("https://h/a b.tif") == "/vsicurl/https://h/a b.tif"
     assert to_gdal_path("s3://bucket/k/x.tif") == "/vsis3/bucket/k/x.tif"

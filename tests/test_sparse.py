@@ -9,9 +9,7 @@ blocks are never read (``run.json`` ``counts.tiles_empty`` and ``reads``, the re
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
-from conftest import scene
-from test_robustness import check_outputs, invoke
+from conftest import HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, check_outputs, invoke, scene
 from tilescan.config import TilingConfig
 from tilescan.scene.info import TilingWarning
 from tilescan.scene.plan import open_scene
@@ -38,14 +35,9 @@ TILE = 128
 ALIGNED = (5120, 3840)  # island origin (col, row): multiples of the tile (and of 4: heat pixels)
 SHIFTED = (4999, 7013)  # not aligned to tiles nor blocks
 ISLAND = Window(0, 0, 928, 720)  # NAIP crop; 928 x 720 are multiples of 4, so heat pixels align
-LABEL_NODATA, HEAT_NODATA = 255, -1.0
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Use `@` matmul", PendingDeprecationWarning)
-        yield
+pytestmark = QUIET_AFFINE
 
 
 def write_frame(path: Path, island: np.ndarray, island_transform: Affine, crs, offset: tuple[int, int], *,
@@ -122,7 +114,7 @@ def naip_run(tmp_path_factory, scenes_dir):
 
 
 def load(run, name: str) -> dict:
-    """The checked outputs of scene ``name`` of the run (see test_robustness.check_outputs)."""
+    """The checked outputs of scene ``name`` of the run (see conftest.check_outputs)."""
     return check_outputs(run["out"] / run[name].stem, run[name], TILE)
 
 

@@ -1,4 +1,4 @@
-"""Spatially sorted collected tables (tilescan/spatial.py): the Hilbert key, the external
+"""Spatially sorted collected tables (tilescan/outputs/spatial.py): the Hilbert key, the external
 sort (same rows, metadata kept, compact row groups) and what a bbox query can skip, read
 from the row-group statistics as a reader does; and collect's call site on real outputs."""
 

@@ -12,7 +12,7 @@ import rasterio
 from rasterio.windows import Window
 
 from conftest import scene
-from test_resume import _assert_unit_equal
+from batch_helpers import assert_unit_equal
 from tilescan.config import load_config
 from tilescan.pipeline.engine import shared_engine
 from tilescan.pipeline.run import run
@@ -62,7 +62,7 @@ def test_batches_span_scenes_with_the_same_outputs(chips, solo, tmp_path):
     assert stream["batches"] == 2 and stream["tiles"] == 12
     assert 0 < stream["first_batch_s"] <= json.loads((out / "report.json").read_text())["timings_s"]["wall"]
     for p in chips:
-        _assert_unit_equal(out / p.stem, solo[p.stem])
+        assert_unit_equal(out / p.stem, solo[p.stem])
 
 
 def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):
@@ -80,7 +80,7 @@ def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):
     assert not (out / "chip-1b").exists()
     assert not any((out / ".tilescan-staging").glob("*")) if (out / ".tilescan-staging").exists() else True
     for p in chips:
-        _assert_unit_equal(out / p.stem, solo[p.stem])
+        assert_unit_equal(out / p.stem, solo[p.stem])
 
 
 def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path):
@@ -95,7 +95,7 @@ def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path):
         cfg = _cfg(pipeline=mode, reader_threads=threads, batch_size=32)
         assert run([path], outs[mode], cfg, log=lambda m: None).exit_code == 0
     name = Path(path).stem
-    _assert_unit_equal(outs["overlap"] / name, outs["lockstep"] / name)
+    assert_unit_equal(outs["overlap"] / name, outs["lockstep"] / name)
     a = json.loads((outs["overlap"] / name / "run.json").read_text())
     assert a["config"]["inference"]["pipeline"] == "overlap" and a["runtime"]["pipeline"] == "overlap"
     b = json.loads((outs["lockstep"] / name / "run.json").read_text())

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from tilescan.cli import main
+from conftest import invoke
 from tilescan.config import TrainConfig
 from tilescan.training.data import load_dataset, stratified_split
 from tilescan.model import load_model, read_metadata
@@ -51,9 +50,8 @@ def mini_aid(aid_dir, tmp_path_factory) -> Path:
     return root
 
 
-def _train(args, env_extra=None):
-    res = CliRunner().invoke(main, ["train", *map(str, args)], catch_exceptions=False)
-    return res
+def _train(args):
+    return invoke(["train", *args])
 
 
 def _history(model_path: Path) -> list[dict]:
@@ -184,9 +182,9 @@ def test_early_stopping_restores_best(mini_aid, tmp_path):
 
 
 def test_train_bad_inputs(tmp_path):
-    res = CliRunner().invoke(main, ["train", str(tmp_path / "nope"), "-o", str(tmp_path / "m.keras")])
+    res = _train([tmp_path / "nope", "-o", tmp_path / "m.keras"])
     assert res.exit_code == 4 and "not found" in res.output
-    res = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "m.h5")])
+    res = _train([tmp_path, "-o", tmp_path / "m.h5"])
     assert res.exit_code in (2, 4)
 
 

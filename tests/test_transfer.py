@@ -12,11 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
-from click.testing import CliRunner
 from shapely.geometry import box
 
-from conftest import scene
-from tilescan.cli import main
+from conftest import invoke, scene
 from tilescan.model import build_resnet18, describe_model, load_model, read_metadata, save_model
 from tilescan.training.transfer import copy_weights, head_plan
 
@@ -25,7 +23,7 @@ FAST = ["--batch-size", "8", "--config"]  # followed by the config file of the f
 
 
 def _cli(*args):
-    res = CliRunner().invoke(main, [*map(str, args)], catch_exceptions=False)
+    res = invoke(args)
     return res.exit_code, res.output
 
 

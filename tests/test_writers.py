@@ -32,11 +32,11 @@ from tilescan.outputs.files import atomic_output, write_json
 from tilescan.outputs.palette import class_colors
 from tilescan.outputs.quicklook import quicklook_layout, write_quicklook
 from tilescan.outputs.geometry import wkb_polygons
+from conftest import REPO
 
 gpd = pytest.importorskip("geopandas")
 shapely = pytest.importorskip("shapely")
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Airport", "BareLand", "Beach", "Forest", "Bridge & Road"]
 
 

@@ -11,7 +11,7 @@ and a JSON file with the labels, confidences and (for tiles) the pixel windows a
 The CAMs of a figure are computed as ONE batch per method (:mod:`tilescan.explain.cam`).
 
 The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used by
-:mod:`tilescan.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
+:mod:`tilescan.training.evaluate`. Figures are drawn with matplotlib's object API on an Agg canvas
 (no pyplot, no global backend switch), and written atomically.
 """
 
@@ -270,8 +270,48 @@ def run_explain(
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
-    from .cam import CAM_METHODS, get_cam, upsample
-    from ..model import PACKAGE_MODEL, load_model, read_metadata
+    methods = _checked_methods(inputs, methods, top, tile_size)
+    lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    written: list[Path] = []
+    for inp in inputs:
+        path = _input_path(inp)
+        is_scene = path.suffix.lower() in TIFF_SUFFIXES
+        scene_info = None
+        if is_scene:
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units)
+            stem = _unique_name(path.stem, "_tiles_explain", used)
+        else:
+            items = _image_items(path, lm)
+            stem = _unique_name(path.stem, "_explain", used)
+        first, maps, results = _explain_batch(items, cams, methods, target_idx)
+        rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
+        title = path.name if not is_scene else f"{path.name}: {len(items)} tiles"
+        png = save_figure(render_rows(rows, methods, suptitle=title), out / f"{stem}.png")
+        write_json(
+            out / f"{stem}.json",
+            {
+                "input": str(path),
+                "kind": "scene" if is_scene else "image",
+                "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
+                "methods": methods,
+                "layer": first.layer,
+                "target": None if target_idx is None else lm.classes[target_idx],
+                "input_size": lm.input_size,
+                "scene": scene_info,
+                "rows": records,
+            },
+        )
+        log(f"{path.name}: {len(items)} {'tiles' if is_scene else 'image'} explained -> {png}")
+        written.append(png)
+    return written
+
+
+def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None) -> list[str]:
+    """The CAM method names, lower-cased without repeats, after checking the arguments."""
+    from .cam import CAM_METHODS
 
     if not inputs:
         raise InputError("nothing to explain: no inputs given")
@@ -285,86 +325,74 @@ def run_explain(
     unknown = [m for m in methods if m not in CAM_METHODS]
     if unknown:
         raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")
+    return methods
+
+
+def _load_explainer(model_path: str | None, methods: list[str], layer: str | None, target):
+    """The loaded model, the target's class index (None: each prediction) and a CAM per method."""
+    from .cam import get_cam
+    from ..model import PACKAGE_MODEL, load_model, read_metadata
+
     if model_path is not None or PACKAGE_MODEL.exists():  # check the target before the slow Keras load
         resolve_target(target, read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
     lm = load_model(model_path)
     target_idx = resolve_target(target, lm.classes)
     cams = {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    classes = lm.classes
-    used: set[str] = set()
-    written: list[Path] = []
+    return lm, target_idx, cams
 
-    for inp in inputs:
-        path = sources.scene_path(inp)  # a Path, or a RemoteScene for a URL
-        if not path.exists():
-            raise InputError("input not found", path=str(path))
-        if path.is_dir():
-            raise InputError("input is a folder; name image or scene files", path=str(path))
-        is_scene = path.suffix.lower() in TIFF_SUFFIXES
-        scene_info = None
-        if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units)
-            stem = _unique_name(path.stem, "_tiles_explain", used)
-        else:
-            items = _image_items(path, lm)
-            stem = _unique_name(path.stem, "_explain", used)
-        x = np.stack([it.x for it in items])
-        t = None if target_idx is None else np.full(len(items), target_idx, dtype=np.int32)
 
-        maps: dict[str, np.ndarray] = {}
-        results = {}
-        for m, cam in cams.items():  # one batch per method
-            res = cam(x, target=t)
-            results[m] = res
-            maps[m] = upsample(res.cam, x.shape[1:3])
-        first = results[methods[0]]
-        probs, explained = first.probs, first.target
-        pred = probs.argmax(axis=1)
+def _input_path(inp: str):
+    """The input as a Path (a RemoteScene for a URL), refused when missing or a folder."""
+    path = sources.scene_path(inp)
+    if not path.exists():
+        raise InputError("input not found", path=str(path))
+    if path.is_dir():
+        raise InputError("input is a folder; name image or scene files", path=str(path))
+    return path
 
-        rows, records = [], []
-        for i, it in enumerate(items):
-            c = int(explained[i])
-            conf = float(probs[i, c])
-            label = f"{classes[c]} {conf:.2f}"
-            if target_idx is not None and int(pred[i]) != c:
-                label = f"target {classes[c]} {conf:.2f}\n(pred {classes[int(pred[i])]} {probs[i, pred[i]]:.2f})"
-            if "tile" in it.info:
-                r_, c_ = it.info["tile"]
-                label = f"tile ({r_}, {c_}): {label}"
-            rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label))
-            top3 = np.argsort(-probs[i])[:3]
-            records.append(
-                {
-                    **it.info,
-                    "label": classes[c],
-                    "class_index": c,
-                    "confidence": conf,
-                    "predicted": classes[int(pred[i])],
-                    "predicted_confidence": float(probs[i, pred[i]]),
-                    "top3": [{"label": classes[int(k)], "probability": float(probs[i, k])} for k in top3],
-                    "cam_max": {m: float(results[m].raw[i].max()) for m in methods},
-                }
-            )
 
-        title = path.name if not is_scene else f"{path.name}: {len(items)} tiles"
-        fig = render_rows(rows, methods, suptitle=title)
-        png = save_figure(fig, out / f"{stem}.png")
-        write_json(
-            out / f"{stem}.json",
+def _explain_batch(items: list[_Item], cams: dict, methods: list[str], target_idx: int | None):
+    """The first method's result, each method's maps at the input size and all results."""
+    from .cam import upsample
+
+    x = np.stack([it.x for it in items])
+    t = None if target_idx is None else np.full(len(items), target_idx, dtype=np.int32)
+    maps: dict[str, np.ndarray] = {}
+    results = {}
+    for m, cam in cams.items():  # one batch per method
+        res = cam(x, target=t)
+        results[m] = res
+        maps[m] = upsample(res.cam, x.shape[1:3])
+    return results[methods[0]], maps, results
+
+
+def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, methods: list[str],
+                      classes: Sequence[str], target_idx: int | None) -> tuple[list[FigureRow], list[dict]]:
+    """The figure rows and the JSON records of the explained items."""
+    probs, explained = first.probs, first.target
+    pred = probs.argmax(axis=1)
+    rows, records = [], []
+    for i, it in enumerate(items):
+        c = int(explained[i])
+        conf = float(probs[i, c])
+        label = f"{classes[c]} {conf:.2f}"
+        if target_idx is not None and int(pred[i]) != c:
+            label = f"target {classes[c]} {conf:.2f}\n(pred {classes[int(pred[i])]} {probs[i, pred[i]]:.2f})"
+        if "tile" in it.info:
+            r_, c_ = it.info["tile"]
+            label = f"tile ({r_}, {c_}): {label}"
+        rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label))
+        top3 = np.argsort(-probs[i])[:3]
+        records.append(
             {
-                "input": str(path),
-                "kind": "scene" if is_scene else "image",
-                "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
-                "methods": methods,
-                "layer": first.layer,
-                "target": None if target_idx is None else classes[target_idx],
-                "input_size": lm.input_size,
-                "scene": scene_info,
-                "rows": records,
-            },
+                **it.info,
+                "label": classes[c],
+                "class_index": c,
+                "confidence": conf,
+                "predicted": classes[int(pred[i])],
+                "predicted_confidence": float(probs[i, pred[i]]),
+                "top3": [{"label": classes[int(k)], "probability": float(probs[i, k])} for k in top3],
+                "cam_max": {m: float(results[m].raw[i].max()) for m in methods},
+            }
         )
-        log(f"{path.name}: {len(items)} {'tiles' if is_scene else 'image'} explained -> {png}")
-        written.append(png)
-    return written
+    return rows, records

@@ -10,7 +10,7 @@ writes, into ``OUT/collected/``:
     One GeoParquet 1.1 file with every tile of every scene, one row per tile, sorted by
     ``(scene, tile_index)``; a large one (over ``spatial.SORT_MIN_ROWS`` rows) along a Hilbert
     curve through the footprint centres instead, in row groups a bbox query can skip
-    (:mod:`tilescan.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
+    (:mod:`tilescan.outputs.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
     column has one CRS, so footprints are reprojected to longitude/latitude (``OGC:CRS84``,
     i.e. WGS 84 in x=lon, y=lat order; corners are transformed exactly, edges are not
     densified -- tiles are small). The exact footprint in the scene's own CRS is kept as WKB
@@ -32,7 +32,7 @@ writes, into ``OUT/collected/``:
     its tile rows are present, and the units that were skipped and why.
 ``tiles.qml`` / ``collected.qgs``
     A QGIS style for the table and a QGIS project with the table and, per scene, its label
-    and heatmap rasters and the scene itself (:mod:`tilescan.qgis`; ``styles=False`` skips).
+    and heatmap rasters and the scene itself (:mod:`tilescan.outputs.qgis`; ``styles=False`` skips).
 
 Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
 always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,119 +62,10 @@ from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, prob_column_names
 from .files import atomic_output, csv_text, write_json, write_text
+from .finished import _Scene, _Unit, find_units
 from .geometry import wkb_polygon_rings, wkb_polygons
 
 TARGET_CRS = "OGC:CRS84"
-
-_SHAPING = ("tiling", "cam", "output")
-
-
-@dataclass
-class _Unit:
-    folder: Path
-    scene: str  # scene folder name under OUT
-    key: str
-    manifest: dict
-    rows: tuple[int, int]
-
-
-@dataclass
-class _Scene:
-    name: str
-    units: list[_Unit] = field(default_factory=list)
-    n_rows: int | None = None
-    missing_rows: list[tuple[int, int]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- discovery
-
-
-def _complete(folder: Path) -> dict | None:
-    try:
-        m = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(m, dict) or m.get("status") != "complete" or not (folder / "tiles.parquet").is_file():
-        return None
-    return m
-
-
-def _shaping(m: dict) -> tuple:
-    cfg = m.get("config", {})
-    out = dict(cfg.get("output", {}))
-    out.pop("overwrite", None)
-    return (json.dumps([cfg.get("tiling"), cfg.get("cam"), out], sort_keys=True), m.get("model", {}).get("sha256"))
-
-
-def _n_rows(folder: Path, m: dict) -> int | None:
-    """Tile rows of the whole scene, from the scene height and the tile/stride in pixels."""
-    try:
-        meta = json.loads(pq.read_schema(folder / "tiles.parquet").metadata[b"tilescan"])
-        t, s, h = int(meta["tile_px"]), int(meta["stride_px"]), int(m["scene_info"]["height"])
-    except (KeyError, ValueError, TypeError, OSError):
-        return None
-    return 1 + max(0, -(-(h - t) // s))
-
-
-def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], list[dict]]:
-    """Finished units per scene folder, checked for overlaps; and what was skipped, why."""
-    scenes: list[_Scene] = []
-    skipped: list[dict] = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != COLLECTED):
-        sc = _Scene(d.name)
-        whole = _complete(d)
-        parts = sorted(p for p in d.iterdir() if layout.PART_RE.fullmatch(p.name) and p.is_dir())
-        if whole is not None:
-            r = whole.get("rows") or [0, 0]
-            sc.units.append(_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1]))))
-            if parts:
-                sc.notes.append(f"{len(parts)} row part(s) ignored: the whole-scene output is used")
-                log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
-        else:
-            if (d / MANIFEST).exists():
-                skipped.append({"unit": d.name, "reason": "run.json is not a complete manifest"})
-            for p in parts:
-                m = _complete(p)
-                if m is None:
-                    skipped.append({"unit": f"{d.name}/{p.name}", "reason": "no complete run.json / tiles.parquet"})
-                    continue
-                r = m.get("rows") or [0, 0]
-                sc.units.append(_Unit(p, d.name, f"{d.name}/{p.name}", m, (int(r[0]), int(r[1]))))
-        if not sc.units:
-            if not parts and not (d / MANIFEST).exists():
-                skipped.append({"unit": d.name, "reason": "no finished output in this folder"})
-            continue
-        sc.units.sort(key=lambda u: u.rows)
-        shaping = {_shaping(u.manifest) for u in sc.units}
-        paths = {u.manifest.get("scene") for u in sc.units}
-        if len(shaping) > 1 or len(paths) > 1:
-            raise InputError(
-                "its row parts come from different scenes, configs or models "
-                f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
-                path=str(d))
-        for a, b in zip(sc.units, sc.units[1:]):
-            if b.rows[0] < a.rows[1]:
-                raise InputError(
-                    f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
-                    "from sharded runs with different shard counts; remove one set", path=str(d))
-        sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
-        if sc.n_rows is not None:
-            edge = 0
-            for u in sc.units:
-                if u.rows[0] > edge:
-                    sc.missing_rows.append((edge, u.rows[0]))
-                edge = max(edge, u.rows[1])
-            if edge < sc.n_rows:
-                sc.missing_rows.append((edge, sc.n_rows))
-        if sc.missing_rows:
-            log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
-                "(a shard still running or failed?)")
-        scenes.append(sc)
-    for p in skipped:
-        log(f"collect: skipped {p['unit']}: {p['reason']}")
-    return scenes, skipped
-
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -476,18 +366,59 @@ def _scene_tables(sc: _Scene, reproject: _Reprojector) -> list[tuple[_Unit, pa.T
     return out
 
 
+class _TableWriter:
+    """The collected GeoParquet table, written unit by unit: one schema, one model's classes, the union of the bounds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+        self.classes: list[str] | None = None
+        self.class_source = ""
+        self.bounds: list[float] | None = None
+        self.total = 0
+
+    def add(self, u: _Unit, t: pa.Table, info: dict) -> pa.Table:
+        """Append a unit's rows (cast to the table's schema, which the first unit sets) and return them."""
+        if self.classes is None:
+            self.classes, self.class_source = info["classes"], u.key
+        elif info["classes"] != self.classes:
+            raise InputError(f"its model has other classes than {self.class_source}'s; collect outputs of one model "
+                             "at a time", path=str(u.folder))
+        if self.schema is None:
+            self.schema = _schema(t)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False)
+        t = t.select(self.schema.names).cast(self.schema)
+        self.writer.write_table(t, row_group_size=65536)
+        self.total += t.num_rows
+        b = info["bounds"]
+        if b is not None:
+            bounds = self.bounds
+            self.bounds = list(b) if bounds is None else [min(bounds[0], b[0]), min(bounds[1], b[1]),
+                                                          max(bounds[2], b[2]), max(bounds[3], b[3])]
+        return t
+
+    def write_metadata(self, scene_names: list[str]) -> None:
+        """The GeoParquet ``geo`` metadata and tilescan's own (classes, tile count, scenes)."""
+        assert self.writer is not None and self.classes is not None
+        self.writer.add_key_value_metadata({
+            "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds])),
+            "tilescan": json.dumps({"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
+                                    "geometry_native is in each row's crs", "scenes": scene_names}),
+        })
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+    """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
     summary = _Summary()
-    writer: pq.ParquetWriter | None = None
-    schema: pa.Schema | None = None
-    classes: list[str] | None = None
-    class_source = ""
-    bounds: list[float] | None = None
-    total = 0
+    table = _TableWriter(stage / "tiles.parquet")
     scene_info: dict[str, dict] = {}
     failed: list[dict] = []
-    path = stage / "tiles.parquet"
     try:
         for sc in scenes:
             try:  # a scene is collected whole or not at all, and one bad scene does not stop the rest
@@ -499,53 +430,50 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 continue
             crs_names = set()
             for u, t, info in tables:
-                if classes is None:
-                    classes, class_source = info["classes"], u.key
-                elif info["classes"] != classes:
-                    raise InputError(f"its model has other classes than {class_source}'s; collect outputs of one model "
-                                     "at a time", path=str(u.folder))
-                if schema is None:
-                    schema = _schema(t)
-                    writer = pq.ParquetWriter(path, schema, compression="zstd", store_schema=False)
-                t = t.select(schema.names).cast(schema)
-                writer.write_table(t, row_group_size=65536)
-                summary.add(sc.name, t)
-                total += t.num_rows
+                summary.add(sc.name, table.add(u, t, info))
                 if info["crs"]:
                     crs_names.add(info["crs"])
-                b = info["bounds"]
-                if b is not None:
-                    bounds = list(b) if bounds is None else [min(bounds[0], b[0]), min(bounds[1], b[1]),
-                                                             max(bounds[2], b[2]), max(bounds[3], b[3])]
-            m = sc.units[0].manifest
-            scene_info[sc.name] = {
-                "path": m.get("scene"),
-                "crs": sorted(crs_names)[0] if crs_names else None,
-                "units": [u.key for u in sc.units],
-                "tile_rows": sc.n_rows,
-                "complete": not sc.missing_rows,
-                "missing_rows": [list(r) for r in sc.missing_rows],
-                "notes": sc.notes,
-                "model": m.get("model", {}).get("id"),
-            }
-        if writer is None:
+            scene_info[sc.name] = _scene_entry(sc, crs_names)
+        if table.writer is None:
             raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
-        assert classes is not None
-        writer.add_key_value_metadata({
-            "geo": json.dumps(_geo_meta(None if bounds is None else [float(v) for v in bounds])),
-            "tilescan": json.dumps({"classes": classes, "n_tiles": total, "crs_note": "geometry is OGC:CRS84; "
-                                    "geometry_native is in each row's crs", "scenes": sorted(scene_info)}),
-        })
+        table.write_metadata(sorted(scene_info))
     finally:
-        if writer is not None:
-            writer.close()
+        table.close()
+    result = _result(summary, scene_info, table.total, skipped, failed)
+    write_text(stage / "summary.csv", csv_text(_summary_rows(result["classes"])))
+    write_json(stage / "summary.json", result)
+    if table.total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
+        spatial.sort_parquet(table.path)
+    if gpkg:
+        _write_gpkg(table.path, stage / "tiles.gpkg", table.classes)
+    return result
+
+
+def _scene_entry(sc: _Scene, crs_names: set[str]) -> dict:
+    """A collected scene's entry in summary.json (before its counts)."""
+    m = sc.units[0].manifest
+    return {
+        "path": m.get("scene"),
+        "crs": sorted(crs_names)[0] if crs_names else None,
+        "units": [u.key for u in sc.units],
+        "tile_rows": sc.n_rows,
+        "complete": not sc.missing_rows,
+        "missing_rows": [list(r) for r in sc.missing_rows],
+        "notes": sc.notes,
+        "model": m.get("model", {}).get("id"),
+    }
+
+
+def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
+            failed: list[dict]) -> dict:
+    """summary.json's content: the tiles and areas per scene and per class, what was skipped and what failed."""
     rows = summary.table()
     per_scene = {}
     for name, info in scene_info.items():
         s = summary.scenes.get(name, {"tiles": 0, "area_m2": 0.0, "valid_area_m2": 0.0})
         per_scene[name] = {**info, **s, "classes": {r["label"]: {k: r[k] for k in ("tiles", "area_m2", "valid_area_m2")}
                                                     for r in rows if r["scene"] == name}}
-    result = {
+    return {
         "tiles": total,
         "geometry_crs": TARGET_CRS,
         "area": "geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction",
@@ -554,13 +482,6 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
         "skipped": skipped,
         "failed": failed,
     }
-    write_text(stage / "summary.csv", csv_text(_summary_rows(rows)))
-    write_json(stage / "summary.json", result)
-    if total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
-        spatial.sort_parquet(path)
-    if gpkg:
-        _write_gpkg(path, stage / "tiles.gpkg", classes)
-    return result
 
 
 def _swap_into_place(stage: Path, dest: Path) -> None:
@@ -575,4 +496,4 @@ def _swap_into_place(stage: Path, dest: Path) -> None:
         os.replace(stage, dest)
 
 
-__all__ = ["run_collect", "find_units", "PartialCollectError"]
+__all__ = ["run_collect", "PartialCollectError"]

@@ -307,7 +307,7 @@ def _main(argv: list[str]) -> int:
     if argv == ["--serve"]:
         return _serve()
     if len(argv) != 1:
-        print("usage: python -m tilescan.gpkg FILE.gpkg", file=sys.stderr)
+        print("usage: python -m tilescan.outputs.gpkg FILE.gpkg", file=sys.stderr)
         return 2
     if not _sqlite_has_rtree():
         print(f"the SQLite of {sys.executable} ({sqlite3.sqlite_version}) has no R-tree module", file=sys.stderr)

@@ -32,7 +32,7 @@ _PALETTE_L = (35.0, 90.0)
 _PALETTE_MIN_CHROMA = 15.0
 
 
-def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """CIELAB (D65) of 8-bit sRGB colours ``(..., 3)``."""
     c = np.asarray(rgb, dtype=np.float64) / 255.0
     c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
@@ -50,12 +50,12 @@ def _extend_palette(n: int) -> tuple[tuple[int, int, int], ...]:
     models with more than 30 classes)."""
     g = np.arange(0, 256, _PALETTE_GRID)
     cand = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
-    lab = _srgb_to_lab(cand)
+    lab = srgb_to_lab(cand)
     keep = ((lab[:, 0] >= _PALETTE_L[0]) & (lab[:, 0] <= _PALETTE_L[1])
             & (np.hypot(lab[:, 1], lab[:, 2]) >= _PALETTE_MIN_CHROMA))
     cand, lab = cand[keep], lab[keep]
     out = list(_PALETTE)
-    dist = np.min(np.linalg.norm(lab[:, None] - _srgb_to_lab(np.array(out))[None], axis=-1), axis=1)
+    dist = np.min(np.linalg.norm(lab[:, None] - srgb_to_lab(np.array(out))[None], axis=-1), axis=1)
     while len(out) < n:
         i = int(np.argmax(dist))
         out.append(tuple(int(v) for v in cand[i]))

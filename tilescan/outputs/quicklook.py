@@ -14,30 +14,14 @@ from ..errors import OutputError
 from .files import atomic_output
 from .palette import class_colors
 
-
-"""Value of skipped tiles in the label raster (uint8)."""
-
-
-"""Value of heatmap pixels no valid tile pixel covers. Heat itself is in 0..1, so -1 can
-never be a real value; it is used instead of NaN because several tools (older QGIS
-styling, some web tilers, overview builders) handle a finite nodata more reliably."""
-
-
 # --------------------------------------------------------------------------- quicklook
 
-
 LABEL_BLEND = 0.55
-
-
 """Weight of the class colour in the quicklook's label panel; the scene shows through with
 the rest (a labelled pixel is ``(1 - LABEL_BLEND) * scene + LABEL_BLEND * colour``)."""
 
-
 HEAT_BLEND = 0.5
-
-
 """Weight of the colour-mapped heat in the quicklook's Grad-CAM panel."""
-
 
 _OUTLINE_RGB = (24, 24, 24)
 
@@ -177,9 +161,21 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     ``outlines`` draws the tile borders. ``heat`` (any size, NaN or negative = nodata;
     e.g. from :func:`read_heatmap_preview`) is stretched over the scene.
     """
-    import cv2
-    from PIL import Image, ImageDraw
+    rgb, valid = _checked_preview(preview_rgb, preview_valid)
+    classes = [str(c) for c in classes]
+    palette = np.array(class_colors(len(classes)) or [(0, 0, 0)], dtype=np.float32)
+    base = rgb.astype(np.float32)
+    base[~valid] *= 0.35  # dim nodata so the footprint is visible
+    label_panel, present = _label_panel(base, valid, labels, len(classes), palette, scene_size, tile_px,
+                                        stride, row_offset, outlines)
+    heat_panel, has_heat = _heat_panel(base, valid, heat)
+    image = _compose((base, label_panel, heat_panel), has_heat, present, classes, palette)
+    _write_png(path, image)
+    return Path(path)
 
+
+def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray]:
+    """The preview as (h, w, 3) uint8 and its (h, w) bool mask (all valid when None), checked."""
     rgb = np.asarray(preview_rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"preview_rgb must be (h, w, 3) uint8, got {rgb.shape} {rgb.dtype}")
@@ -187,13 +183,13 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     valid = np.ones((h, w), bool) if preview_valid is None else np.asarray(preview_valid, bool)
     if valid.shape != (h, w):
         raise ValueError(f"preview_valid must be {(h, w)}, got {valid.shape}")
-    classes = [str(c) for c in classes]
-    palette = np.array(class_colors(len(classes)) or [(0, 0, 0)], dtype=np.float32)
+    return rgb, valid
 
-    base = rgb.astype(np.float32)
-    base[~valid] *= 0.35  # dim nodata so the footprint is visible
-    scene_panel = base
 
+def _label_panel(base: np.ndarray, valid: np.ndarray, labels, n_classes: int, palette: np.ndarray,
+                 scene_size, tile_px, stride, row_offset: int, outlines: bool) -> tuple[np.ndarray, list[int]]:
+    """The label panel (class colours blended over the scene) and the classes present, most frequent first."""
+    h, w = valid.shape
     label_panel = base.copy()
     present: list[int] = []
     cells = None  # the grid row / column drawn at each preview row / column
@@ -205,11 +201,11 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
             raise ValueError(f"labels must be a 2-D tile grid, got shape {grid_labels.shape}")
         lab, *cells = _label_image(grid_labels, h, w, scene_size, tile_px,
                                    tile_px if stride is None else stride, row_offset)
-        hit = (lab >= 0) & (lab < len(classes)) & valid
+        hit = (lab >= 0) & (lab < n_classes) & valid
         label_panel[hit] = (1.0 - LABEL_BLEND) * base[hit] + LABEL_BLEND * palette[lab[hit]]
         flat = grid_labels.ravel()
-        flat = flat[(flat >= 0) & (flat < len(classes))]
-        counts = np.bincount(flat, minlength=len(classes))
+        flat = flat[(flat >= 0) & (flat < n_classes)]
+        counts = np.bincount(flat, minlength=n_classes)
         present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     if outlines and cells is not None:
         rows, cols = cells  # a border on the first preview pixel of each tile
@@ -217,8 +213,14 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         edge[1:][rows[1:] != rows[:-1]] = True
         edge[:, 1:][:, cols[1:] != cols[:-1]] = True
         label_panel[edge] = _OUTLINE_RGB
+    return label_panel, present
 
-    cmap = cv2.COLORMAP_JET
+
+def _heat_panel(base: np.ndarray, valid: np.ndarray, heat) -> tuple[np.ndarray, bool]:
+    """The Grad-CAM panel (jet over the scene; the scene darkened when there is no heat) and whether there is heat."""
+    import cv2
+
+    h, w = valid.shape
     heat_panel = base.copy()
     has_heat = heat is not None and np.asarray(heat).size > 0
     if has_heat:
@@ -226,19 +228,17 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         ok = np.isfinite(hm) & (hm >= 0)
         hm_r = cv2.resize(np.where(ok, hm, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         ok_r = cv2.resize(ok.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & valid
-        jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cmap)
+        jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
         jet = jet[..., ::-1].astype(np.float32)  # BGR -> RGB
         heat_panel[ok_r] = (1.0 - HEAT_BLEND) * base[ok_r] + HEAT_BLEND * jet[ok_r]
     else:
         heat_panel *= 0.5
+    return heat_panel, has_heat
 
-    lay = quicklook_layout(w, h)
-    s, pad = lay.font_px, lay.pad
-    font = _font(s)
-    row_h = round(s * 1.5)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    # the legend goes under the scene and label panels, the colour bar under the heat panel
-    legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad
+
+def _legend_lines(probe, font, s: int, present: list[int], classes: list[str],
+                  legend_w: int) -> list[list[tuple[int, int]]]:
+    """The legend's entries (class, width in px) packed into lines at most ``legend_w`` px wide."""
     lines: list[list[tuple[int, int]]] = []
     for i in present:
         width = s + s // 2 + round(probe.textlength(classes[i], font=font)) + s
@@ -246,6 +246,22 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
             lines[-1].append((i, width))
         else:
             lines.append([(i, width)])
+    return lines
+
+
+def _compose(panels, has_heat: bool, present: list[int], classes: list[str], palette: np.ndarray):
+    """The quicklook as a Pillow image: the three panels under their titles, the legend and the colour bar."""
+    from PIL import Image, ImageDraw
+
+    h, w = panels[0].shape[:2]
+    lay = quicklook_layout(w, h)
+    s, pad = lay.font_px, lay.pad
+    font = _font(s)
+    row_h = round(s * 1.5)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # the legend goes under the scene and label panels, the colour bar under the heat panel
+    legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad
+    lines = _legend_lines(probe, font, s, present, classes, legend_w)
     legend_h = (len(lines) * row_h + 2 * pad) if lines else 0
     bx, by, bx1, by1 = lay.colorbar_box()
     bar_w, bar_h, tick = bx1 - bx, by1 - by, max(3, s // 3)
@@ -254,29 +270,48 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     total_h = lay.title_h + h + max(legend_h, bar_band)
 
     canvas = np.full((total_h, lay.width, 3), 255, dtype=np.uint8)
-    for k, panel in enumerate((scene_panel, label_panel, heat_panel)):
+    for k, panel in enumerate(panels):
         x, y = lay.origin(k)
         canvas[y:y + h, x:x + w] = np.clip(panel + 0.5, 0, 255).astype(np.uint8)
     if has_heat:
-        ramp = np.clip(np.arange(bar_w) * (255.0 / max(1, bar_w - 1)) + 0.5, 0, 255).astype(np.uint8)
-        colors = cv2.applyColorMap(ramp[None, :], cmap)[0, :, ::-1]
-        canvas[by:by + bar_h, bx:bx + bar_w] = colors[None]
+        _paint_colorbar(canvas, bx, by, bar_w, bar_h)
     image = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(image)
     ty = (lay.title_h - s) // 2
     for k, title in enumerate(("scene", "labels", "Grad-CAM" if has_heat else "no heatmap")):
         draw.text((lay.origin(k)[0] + pad, ty), title, fill=(0, 0, 0), font=font)
     if has_heat:
-        draw.rectangle([bx - 1, by - 1, bx + bar_w, by + bar_h], outline=(0, 0, 0))
-        ly = by + bar_h + tick
-        for v in (0.0, 0.5, 1.0):  # tick labels: 0 left-aligned, 0.5 centred, 1 right-aligned
-            tx = bx + round(v * (bar_w - 1))
-            draw.line([tx, by + bar_h, tx, ly - 1], fill=(0, 0, 0))
-            text = f"{v:g}"
-            draw.text((tx - round(v * draw.textlength(text, font=font)), ly + 1), text, fill=(0, 0, 0), font=font)
-        for j, line in enumerate(caption):
-            draw.text((bx, ly + row_h * (j + 1)), line, fill=(0, 0, 0), font=font)
-    y = lay.title_h + h + pad
+        _draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
+    _draw_legend(draw, font, lines, classes, palette, pad, lay.title_h + h + pad, s, row_h)
+    return image
+
+
+def _paint_colorbar(canvas: np.ndarray, bx: int, by: int, bar_w: int, bar_h: int) -> None:
+    """The jet ramp from heat 0 (left) to 1 (right) into ``canvas`` at ``(bx, by)``."""
+    import cv2
+
+    ramp = np.clip(np.arange(bar_w) * (255.0 / max(1, bar_w - 1)) + 0.5, 0, 255).astype(np.uint8)
+    colors = cv2.applyColorMap(ramp[None, :], cv2.COLORMAP_JET)[0, :, ::-1]
+    canvas[by:by + bar_h, bx:bx + bar_w] = colors[None]
+
+
+def _draw_colorbar_text(draw, font, bx: int, by: int, bar_w: int, bar_h: int, tick: int, row_h: int,
+                        caption: list[str]) -> None:
+    """The colour bar's frame, its ticks at 0, 0.5 and 1 with their values, and the caption under them."""
+    draw.rectangle([bx - 1, by - 1, bx + bar_w, by + bar_h], outline=(0, 0, 0))
+    ly = by + bar_h + tick
+    for v in (0.0, 0.5, 1.0):  # tick labels: 0 left-aligned, 0.5 centred, 1 right-aligned
+        tx = bx + round(v * (bar_w - 1))
+        draw.line([tx, by + bar_h, tx, ly - 1], fill=(0, 0, 0))
+        text = f"{v:g}"
+        draw.text((tx - round(v * draw.textlength(text, font=font)), ly + 1), text, fill=(0, 0, 0), font=font)
+    for j, line in enumerate(caption):
+        draw.text((bx, ly + row_h * (j + 1)), line, fill=(0, 0, 0), font=font)
+
+
+def _draw_legend(draw, font, lines: list[list[tuple[int, int]]], classes: list[str], palette: np.ndarray,
+                 pad: int, y: int, s: int, row_h: int) -> None:
+    """A colour swatch and the name of each class present, line by line from ``y`` down."""
     for line in lines:
         x = pad
         for i, width in line:
@@ -286,6 +321,11 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
             x += width
         y += row_h
 
+
+def _write_png(path: str | os.PathLike, image) -> None:
+    """Encode the image as PNG and write it atomically to ``path``."""
+    import cv2
+
     # libpng through OpenCV, zlib level 1 with the RLE strategy: faster than Pillow at any
     # level for about the same size (benchmarks/README.md)
     ok, png = cv2.imencode(".png", np.ascontiguousarray(np.asarray(image)[:, :, ::-1]),
@@ -294,4 +334,3 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         raise OutputError("cannot encode the quicklook PNG", path=str(path))
     with atomic_output(path) as tmp:
         tmp.write_bytes(png.tobytes())
-    return Path(path)

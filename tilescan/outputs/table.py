@@ -298,7 +298,7 @@ class TileTable:
         no ``bbox`` column (GeoPackage keeps its own extent and R-tree index), plain string
         ``scene``/``label`` columns, and the probabilities as one float column per class,
         ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
-        stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.gpkg`), so
+        stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.outputs.gpkg`), so
         GDAL >= 2.2 (QGIS 3.x) reads it fully. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL
         >= 3.8); geopandas is not used.
         """

@@ -278,51 +278,11 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
     resized to ``input_size`` when the sizes differ. ``reader.plan`` says what was chosen
     and why (:class:`TilingPlan`).
     """
-    if model_bands < 1 or input_size < 1:
-        raise ValueError(f"model_bands and input_size must be >= 1, got {model_bands}, {input_size}")
-    if model_gsd_m is not None and not model_gsd_m > 0:
-        raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
-    if model_scale is not None and not 0 < model_scale[0] <= model_scale[1]:
-        raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
-    remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.sources
-    path = path if remote else Path(path)
-    p = str(path)
-    if remote:
-        ds = path.open()  # InputError naming the URL (without credentials) and the cause
-    else:
-        _check_file(path)
-        try:
-            ds = _open_quiet(path)
-        except Exception as exc:
-            raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
-                             path=p) from exc
+    _check_model_args(model_bands, input_size, model_gsd_m, model_scale)
+    path, ds = _open_dataset(path)
     reader = None
     try:
-        if ds.width < 1 or ds.height < 1:
-            raise InputError(f"scene has no pixels ({ds.width}x{ds.height})", path=p)
-        if ds.count < 1:
-            raise InputError("scene has no bands", path=p)
-        if np.dtype(ds.dtypes[0]).kind not in "uif":
-            raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
-                             "and floating-point rasters)", path=p)
-        info = _scene_info(path, ds)
-        if not info.georeferenced:
-            if ds.crs is None and ds.transform.is_identity:
-                what = "has no CRS and no geotransform"
-            elif ds.crs is None:
-                what = "has no CRS"
-            else:
-                what = "has no geotransform"
-            if ds.gcps[0]:
-                what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
-            if not cfg.allow_pixel_space:
-                raise InputError(
-                    f"scene {what}; pass --allow-pixel-space (allow_pixel_space = true in "
-                    "[tiling]) to process it anyway (outputs will not be georeferenced)", path=p)
-            where = ("in pixel coordinates (x = column, y = row)" if ds.transform.is_identity
-                     else "in the units of its geotransform")
-            warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
-                          "(allow_pixel_space = true)", TilingWarning, stacklevel=2)
+        info = _checked_info(path, ds, cfg)
         bands = _pick_bands(info, cfg, model_bands, model_band_names)
         plan = _tile_geometry(info, cfg, input_size, model_gsd_m,
                               None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
@@ -341,3 +301,65 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
         else:
             ds.close()
         raise
+
+
+def _check_model_args(model_bands: int, input_size: int, model_gsd_m: float | None,
+                      model_scale: Sequence[float] | None) -> None:
+    """Refuse model properties no model can have (a caller's bug, not a user's input)."""
+    if model_bands < 1 or input_size < 1:
+        raise ValueError(f"model_bands and input_size must be >= 1, got {model_bands}, {input_size}")
+    if model_gsd_m is not None and not model_gsd_m > 0:
+        raise ValueError(f"model_gsd_m must be > 0, got {model_gsd_m}")
+    if model_scale is not None and not 0 < model_scale[0] <= model_scale[1]:
+        raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
+
+
+def _open_dataset(path):
+    """The scene's path (a Path, or the remote scene itself) and its open rasterio dataset."""
+    remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.scene.sources
+    path = path if remote else Path(path)
+    if remote:
+        return path, path.open()  # InputError naming the URL (without credentials) and the cause
+    _check_file(path)
+    try:
+        return path, _open_quiet(path)
+    except Exception as exc:
+        raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
+                         path=str(path)) from exc
+
+
+def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
+    """The scene's :class:`SceneInfo`, after refusing a scene without pixels, bands, a readable
+    pixel type or (unless ``cfg.allow_pixel_space``) georeferencing."""
+    p = str(path)
+    if ds.width < 1 or ds.height < 1:
+        raise InputError(f"scene has no pixels ({ds.width}x{ds.height})", path=p)
+    if ds.count < 1:
+        raise InputError("scene has no bands", path=p)
+    if np.dtype(ds.dtypes[0]).kind not in "uif":
+        raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
+                         "and floating-point rasters)", path=p)
+    info = _scene_info(path, ds)
+    if not info.georeferenced:
+        _allow_pixel_space(p, ds, cfg)
+    return info
+
+
+def _allow_pixel_space(p: str, ds, cfg: TilingConfig) -> None:
+    """Refuse a scene that is not georeferenced, or warn that it is processed in pixel space."""
+    if ds.crs is None and ds.transform.is_identity:
+        what = "has no CRS and no geotransform"
+    elif ds.crs is None:
+        what = "has no CRS"
+    else:
+        what = "has no geotransform"
+    if ds.gcps[0]:
+        what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
+    if not cfg.allow_pixel_space:
+        raise InputError(
+            f"scene {what}; pass --allow-pixel-space (allow_pixel_space = true in "
+            "[tiling]) to process it anyway (outputs will not be georeferenced)", path=p)
+    where = ("in pixel coordinates (x = column, y = row)" if ds.transform.is_identity
+             else "in the units of its geotransform")
+    warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
+                  "(allow_pixel_space = true)", TilingWarning, stacklevel=4)  # points at open_scene's caller

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
-from . import sources
+from . import sources, vsi
 from ..errors import InputError, NoScenesError
 
 DEFAULT_ASSET = "visual"
@@ -45,8 +45,8 @@ def _stac_io():
     class GdalStacIO(pystac.StacIO):
         def read_text(self, source, *args, **kwargs) -> str:
             href = str(source)
-            if sources.is_url(href):
-                return sources.read_bytes(sources.to_gdal_path(href)).decode("utf-8")
+            if vsi.is_url(href):
+                return vsi.read_bytes(vsi.to_gdal_path(href)).decode("utf-8")
             try:
                 return Path(href).read_text(encoding="utf-8")
             except OSError as exc:
@@ -62,8 +62,8 @@ def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacSc
     """The scenes of a STAC document (file or URL): one per item, in document order."""
     pystac = _pystac()
     io = _stac_io()
-    href = source if sources.is_url(source) else str(Path(source).resolve())
-    shown = sources.redact(source) if sources.is_url(source) else href
+    href = source if vsi.is_url(source) else str(Path(source).resolve())
+    shown = vsi.redact(source) if vsi.is_url(source) else href
     try:
         data = json.loads(io.read_text(href))
     except InputError:
@@ -84,7 +84,7 @@ def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacSc
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"not a valid STAC document: {type(exc).__name__}: {sources.scrub(str(exc))}", path=shown) from None
+        raise InputError(f"not a valid STAC document: {type(exc).__name__}: {vsi.scrub(str(exc))}", path=shown) from None
     if not items:
         raise NoScenesError("the STAC document holds no items", path=shown)
     return [StacScene(item, shown, href, assets) for item in items]
@@ -112,7 +112,7 @@ class StacScene(os.PathLike):
         self.source = source_shown
         self.collection = item.collection_id
         self_href = item.get_self_href()
-        base = (sources.redact(self_href) if sources.is_url(self_href) else self_href) if self_href else source_shown
+        base = (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
         self.shown = f"{base}#{item.id}"
         self.base_href = self_href or source_href  # relative asset hrefs are relative to this
         self.keys, self.hrefs = self._pick(assets)
@@ -143,9 +143,9 @@ class StacScene(os.PathLike):
 
     def _absolute(self, asset) -> str:
         href = asset.get_absolute_href() or asset.href
-        if sources.is_url(href) or os.path.isabs(href) or href.startswith("file://"):
+        if vsi.is_url(href) or os.path.isabs(href) or href.startswith("file://"):
             return href
-        if sources.is_url(self.base_href):  # an ItemCollection's items have no self link
+        if vsi.is_url(self.base_href):  # an ItemCollection's items have no self link
             from urllib.parse import urljoin
 
             return urljoin(self.base_href, href)
@@ -153,7 +153,7 @@ class StacScene(os.PathLike):
 
     @staticmethod
     def _gdal_path(href: str) -> str:
-        if sources.is_url(href):
+        if vsi.is_url(href):
             scene = sources.RemoteScene(href)  # remembers the credential-free form for messages
             return scene.gdal_path
         if href.startswith("file://"):
@@ -194,7 +194,7 @@ class StacScene(os.PathLike):
     def open(self, decode_threads: int = 1):
         import rasterio
 
-        sources.configure_gdal()
+        vsi.configure_gdal()
         if len(self.paths) == 1:
             return self._open_one(0)
         if self._vrt is None:
@@ -207,7 +207,7 @@ class StacScene(os.PathLike):
         import rasterio
 
         href = self.hrefs[i]
-        if sources.is_url(href):
+        if vsi.is_url(href):
             return sources.RemoteScene(href).open()
         if not os.path.exists(self.paths[i]):
             raise InputError(f"asset {self.keys[i]!r}: no such file {self.paths[i]}", path=self.shown)
@@ -283,7 +283,7 @@ class StacScene(os.PathLike):
         """The item id and each asset's href (without credentials) and size/validators."""
         out = []
         for key, href, path in zip(self.keys, self.hrefs, self.paths):
-            if sources.is_url(href):
+            if vsi.is_url(href):
                 ident = sources.RemoteScene(href).identity()
             else:
                 try:
@@ -295,11 +295,11 @@ class StacScene(os.PathLike):
         return {"scene": f"stac-item:{self.collection or ''}/{self.id}", "assets": out}
 
     def urls(self) -> list[str]:
-        return [h for h in self.hrefs if sources.is_url(h)]
+        return [h for h in self.hrefs if vsi.is_url(h)]
 
     def manifest(self) -> dict:
         when = self.item.datetime or self.item.common_metadata.start_datetime
         return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
                            "datetime": when.isoformat() if when else None,
-                           "assets": {k: (sources.redact(h) if sources.is_url(h) else h)
+                           "assets": {k: (vsi.redact(h) if vsi.is_url(h) else h)
                                       for k, h in zip(self.keys, self.hrefs)}}}

@@ -6,20 +6,11 @@ the same band pick, per-scene scaling, tile size in pixels or metres, resampling
 model's ground scale, the same grid), and a chip is the array ``SceneReader.read_batch``
 returns for a grid tile, stored as a lossless PNG at the model input size (x 255, rounded).
 
-Which tiles become chips of which class:
-
-* polygons: a tile whose footprint is covered at least ``min_cover`` by one class, counting
-  only area no polygon of another class claims too;
-* points: the grid tile around each point (of the tiles holding it, the one whose centre is
-  nearest); points of two classes in one tile make it mixed;
-* skipped and counted: ``no_label`` (no labelled area), ``partly_labelled`` (one class,
-  below ``min_cover``), ``mixed`` (several classes, none reaching ``min_cover``),
-  ``overlap`` (a class would reach it but polygons of another class overlap it),
-  ``nodata`` (less than ``min_valid`` of the tile is valid scene data).
+Which tiles become chips of which class: :mod:`tilescan.training.chip_tiles`.
 
 Output (``DATASET``, the folder-per-class layout ``tilescan train`` and ``evaluate`` read):
 ``images/<class>/<scene>_r<row>_c<col>.png``, ``classes.txt``, ``splits/{train,val,test}.txt``
-(see :mod:`tilescan.splits`), ``chips.parquet`` (GeoParquet: each chip's scene, window,
+(see :mod:`tilescan.training.splits`), ``chips.parquet`` (GeoParquet: each chip's scene, window,
 footprint in the labels' CRS, class, cover, split and block) and ``chips.json`` (the card:
 labels file and hash, model and tiling, per-scene plan and counts, split counts). The
 dataset is built in a hidden folder beside ``DATASET`` and renamed into place when whole.
@@ -31,7 +22,6 @@ import dataclasses
 import os
 import shutil
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +32,7 @@ import numpy as np
 from .. import __version__
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
+from .chip_tiles import SKIP_REASONS, _cut_scene, _polygons, _transform_corners
 from .labels import Labels, crs_name, read_labels
 from .splits import SPLITS, assign, auto_block_m, format_counts
 from ..outputs.geometry import pyproj_crs
@@ -49,8 +40,6 @@ from ..outputs.geometry import pyproj_crs
 CHIPS_FORMAT = "tilescan-chips/1"
 CARD = "chips.json"
 TABLE = "chips.parquet"
-SKIP_REASONS = ("no_label", "partly_labelled", "mixed", "overlap", "nodata")
-READ_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -79,205 +68,6 @@ class ChipOptions:
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError(f"--val-fraction and --test-fraction must be in [0, 1) and sum below 1, "
                               f"got {self.val_fraction} and {self.test_fraction}")
-
-
-# ---------------------------------------------------------------------------- geometry
-
-
-def grid_corners(grid, transform) -> np.ndarray:
-    """(N, 4, 2) corners in the scene CRS of every tile of ``grid``, row-major (top-left,
-    top-right, bottom-right, bottom-left; exact for rotated geotransforms)."""
-    r, c = np.divmod(np.arange(len(grid)), grid.n_cols)
-    c0, r0 = (c * grid.stride).astype(np.float64), (r * grid.stride).astype(np.float64)
-    t = float(grid.tile_size)
-    cols = np.stack([c0, c0 + t, c0 + t, c0], axis=1)
-    rows = np.stack([r0, r0, r0 + t, r0 + t], axis=1)
-    a, b, xoff, d, e, yoff = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    return np.stack([a * cols + b * rows + xoff, d * cols + e * rows + yoff], axis=-1)
-
-
-def _polygons(corners: np.ndarray):
-    import shapely
-
-    return shapely.polygons(np.concatenate([corners, corners[:, :1]], axis=1))
-
-
-def _transform_corners(corners: np.ndarray, src, dst) -> np.ndarray:
-    from pyproj import Transformer
-
-    if src == dst:
-        return corners
-    tr = Transformer.from_crs(src, dst, always_xy=True)
-    x, y = tr.transform(corners[..., 0].ravel(), corners[..., 1].ravel())
-    return np.stack([np.asarray(x).reshape(corners.shape[:-1]), np.asarray(y).reshape(corners.shape[:-1])], axis=-1)
-
-
-# ---------------------------------------------------------------------------- one scene
-
-
-@dataclass
-class _TileCall:
-    outcome: str
-    cls: int = -1
-    cover: float = float("nan")
-    labels: tuple[int, ...] = ()
-
-
-def _polygon_calls(tile_polys, geoms: np.ndarray, cls: np.ndarray, idx: np.ndarray, min_cover: float) -> dict[int, _TileCall]:
-    """What the polygons say about each tile they touch (tiles they miss: no label)."""
-    import shapely
-
-    calls: dict[int, _TileCall] = {}
-    if not len(idx):
-        return calls
-    tree = shapely.STRtree(geoms[idx])
-    ti, gi = tree.query(tile_polys, predicate="intersects")
-    if not len(ti):
-        return calls
-    gi = idx[gi]
-    inter = shapely.intersection(tile_polys[ti], geoms[gi])
-    area = shapely.area(inter)
-    keep = area > 0
-    ti, gi, inter = ti[keep], gi[keep], inter[keep]
-    order = np.argsort(ti, kind="stable")
-    ti, gi, inter = ti[order], gi[order], inter[order]
-    starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1]])
-    ends = np.r_[starts[1:], len(ti)]
-    tile_area = shapely.area(tile_polys)
-    for s, e in zip(starts, ends):
-        t = int(ti[s])
-        full = float(tile_area[t])
-        by_class: dict[int, list] = {}
-        for g, piece in zip(gi[s:e], inter[s:e]):
-            by_class.setdefault(int(cls[g]), []).append(piece)
-        labels = tuple(int(g) for g in gi[s:e])
-        unions = {c: (p[0] if len(p) == 1 else shapely.union_all(p)) for c, p in by_class.items()}
-        if len(unions) == 1:
-            (c, u), = unions.items()
-            cover = float(u.area) / full
-            calls[t] = _TileCall("chip" if cover >= min_cover else "partly_labelled", c, cover, labels)
-            continue
-        plain = {c: float(u.area) / full for c, u in unions.items()}
-        own = {}
-        for c, u in unions.items():
-            others = shapely.union_all([v for d, v in unions.items() if d != c])
-            own[c] = float(shapely.difference(u, others).area) / full
-        best = max(own, key=own.get)
-        if own[best] >= min_cover:
-            calls[t] = _TileCall("chip", best, own[best], labels)
-        elif max(plain.values()) >= min_cover:
-            calls[t] = _TileCall("overlap", -1, own[best], labels)
-        else:
-            calls[t] = _TileCall("mixed", -1, own[best], labels)
-    return calls
-
-
-def _point_tiles(grid, transform, pts: np.ndarray) -> np.ndarray:
-    """Index of the grid tile around each point (x, y in the scene CRS), -1 outside the
-    scene. Of the tiles holding a point, the one whose centre is nearest."""
-    inv = ~transform
-    out = np.full(len(pts), -1, dtype=np.int64)
-    t, s = grid.tile_size, grid.stride
-    for i, (x, y) in enumerate(pts):
-        col, row = inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f
-        if not (0 <= col < grid.width and 0 <= row < grid.height):
-            continue
-
-        def nearest(v: float, n: int) -> int:
-            cands = range(max(0, int(np.floor((v - t) / s))), min(n, int(np.floor(v / s)) + 1))
-            cands = [k for k in cands if k * s <= v < k * s + t] or [min(n - 1, int(v // s))]
-            return min(cands, key=lambda k: abs(k * s + t / 2 - v))
-
-        out[i] = nearest(row, grid.n_rows) * grid.n_cols + nearest(col, grid.n_cols)
-    return out
-
-
-def _scene_polygon(info):
-    import shapely
-
-    T = info.transform
-    ring = [(T.a * c + T.b * r + T.c, T.d * c + T.e * r + T.f)
-            for c, r in ((0, 0), (info.width, 0), (info.width, info.height), (0, info.height), (0, 0))]
-    return shapely.Polygon(ring)
-
-
-def _save_png(path: Path, img: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(img).save(path, format="PNG", compress_level=6)
-
-
-def _cut_scene(reader, key: str, labels: Labels, geoms: np.ndarray, opts: ChipOptions, images: Path,
-               inside: np.ndarray, used: np.ndarray) -> tuple[list[dict], Counter]:
-    """Chips of one scene (written under ``images``), and the counts of skipped tiles."""
-    import shapely
-
-    info, grid = reader.info, reader.grid
-    corners = grid_corners(grid, info.transform)
-    tile_polys = _polygons(corners)
-    scene_poly = _scene_polygon(info)
-    live = np.array([g is not None for g in geoms])
-    here = np.zeros(len(geoms), dtype=bool)
-    here[live] = shapely.intersects(geoms[live], scene_poly)
-    inside |= here
-
-    poly_idx = np.flatnonzero(here & (labels.kind == "polygon"))
-    calls = _polygon_calls(tile_polys, geoms, labels.cls, poly_idx, opts.min_cover)
-    pt_idx = np.flatnonzero(here & (labels.kind == "point"))
-    if len(pt_idx):
-        xy = np.array([(g.x, g.y) for g in geoms[pt_idx]])
-        tiles = _point_tiles(grid, info.transform, xy)
-        by_tile: dict[int, list[int]] = {}
-        for g, t in zip(pt_idx, tiles):
-            if t >= 0:
-                by_tile.setdefault(int(t), []).append(int(g))
-        for t, gs in by_tile.items():
-            classes = {int(labels.cls[g]) for g in gs}
-            prev = calls.get(t)
-            if prev is not None and prev.outcome in ("mixed", "overlap"):
-                continue  # the polygons already rule this tile out
-            if prev is not None:
-                classes.add(prev.cls)  # a polygon of another class in the tile makes it mixed
-            if len(classes) == 1:
-                calls[t] = _TileCall("chip", classes.pop(), prev.cover if prev else float("nan"),
-                                     tuple(gs) + (prev.labels if prev else ()))
-            else:
-                calls[t] = _TileCall("mixed", -1, float("nan"), tuple(gs) + (prev.labels if prev else ()))
-
-    counts: Counter = Counter({r: 0 for r in SKIP_REASONS})
-    counts["no_label"] = len(grid) - len(calls)
-    for c in calls.values():
-        if c.outcome != "chip":
-            counts[c.outcome] += 1
-    wanted = sorted(t for t, c in calls.items() if c.outcome == "chip")
-    rows: list[dict] = []
-    t_px = reader.tile_px
-    for k in range(0, len(wanted), READ_BATCH):
-        chunk = [grid[t] for t in wanted[k:k + READ_BATCH]]
-        x, valid = reader.read_batch(chunk)
-        frac = np.count_nonzero(valid.reshape(len(chunk), -1), axis=1) / float(t_px * t_px)
-        for tile, xi, f in zip(chunk, x, frac):
-            call = calls[tile.index]
-            if f < opts.min_valid:
-                counts["nodata"] += 1
-                continue
-            cname = labels.classes[call.cls]
-            rel = f"{cname}/{key}_r{tile.row:04d}_c{tile.col:04d}.png"
-            (images / cname).mkdir(exist_ok=True)
-            _save_png(images / rel, np.rint(xi * 255.0).astype(np.uint8))
-            mine = [g for g in call.labels if labels.cls[g] == call.cls]  # slivers of neighbours do not count
-            used[mine] = True
-            w = tile.window
-            rows.append({
-                "chip": rel, "cls": call.cls, "row": tile.row, "col": tile.col,
-                "col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height),
-                "valid_fraction": float(f), "cover": float(call.cover),
-                "label_fids": sorted({int(labels.fid[g]) for g in mine}),
-                "corners": corners[tile.index],
-            })
-    counts["chips"] = len(rows)
-    counts["tiles"] = len(grid)
-    return rows, counts
 
 
 # ---------------------------------------------------------------------------- the dataset
@@ -416,122 +206,29 @@ def cut_chips(
 
 def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts: ChipOptions, stage: Path,
            keys: list[str], log: Callable[[str], None], tiling_warning) -> dict:
+    """Cut the chips of every scene into ``stage``, split them, write the lists and the table; returns the card."""
     inside = np.zeros(len(labels.geoms), dtype=bool)
     used = np.zeros(len(labels.geoms), dtype=bool)
     rows: list[dict] = []
     scene_cards: list[dict] = []
     scene_crs: list = []
     for si, (scene, key) in enumerate(zip(scenes, keys)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", tiling_warning)
-            reader = card.open_scene(scene, tiling)
-        with reader:
-            for w in caught:
-                if issubclass(w.category, tiling_warning):
-                    log(f"warning: {w.message}")
-            info = reader.info
-            if not info.georeferenced or info.crs is None:
-                raise InputError("the scene has no CRS or geotransform: labels are placed by map coordinates, so chips "
-                                 "need a georeferenced scene", path=str(scene))
-            plan = reader.plan
-            scale_warning = plan.warning(str(scene))
-            if scale_warning:
-                log(f"warning: {scale_warning['message']}")
-            geoms = labels.in_crs(info.crs)
-            scene_rows, counts = _cut_scene(reader, key, labels, geoms, opts, stage / "images", inside, used)
-            for r in scene_rows:
-                r["scene_index"] = si
-                r["input_gsd_m"] = plan.input_gsd_m
-            rows += scene_rows
-            scene_crs.append(info.crs)
-            skipped = {r: counts[r] for r in SKIP_REASONS}
-            log(f"{scene.name}: {counts['tiles']} tiles of {reader.tile_px} px ({plan.scale}"
-                + (f", {plan.input_gsd_m:.3g} m per input pixel" if plan.input_gsd_m else "") + f"): {counts['chips']} chips; "
-                + "skipped " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n))
-            scene_cards.append({
-                "scene": scene.name, "key": key, "path": str(scene), "crs": crs_name(info.crs),
-                "size": [info.width, info.height], "gsd_m": info.gsd_m, "bands": list(reader.bands),
-                "scaling": [list(s) for s in reader.scale], "tiling": plan.to_dict(),
-                "tiles": counts["tiles"], "chips": counts["chips"], "skipped": skipped,
-            })
-    outside = int(np.count_nonzero(~inside))
-    if outside == len(labels.geoms):
-        raise InputError(f"none of the {len(labels.geoms)} label features lies over any of the {len(scenes)} scene(s): "
-                         "check that the labels and scenes show the same place (and the labels' CRS)", path=str(labels.path))
-    if outside:
-        fids = labels.fid[~inside][:5].tolist()
-        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
-            f"{' ...' if outside > 5 else ''}); they gave no chip")
-    idle = int(np.count_nonzero(inside & ~used))
-    if idle:
-        log(f"note: {idle} label features over the scenes gave no chip (a polygon smaller than {opts.min_cover:.0%} of a "
-            "tile, tiles mixed or without enough valid data)")
-    if not rows:
-        raise InputError("no tile qualified as a chip: " + "; ".join(
-            f"{s['scene']}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s["skipped"].items() if n)
-            for s in scene_cards) + f" (min cover {opts.min_cover:g}, min valid {opts.min_valid:g})", path=str(labels.path))
-
-    # classes with chips, in the labels' order; the others leave the legend
-    present = sorted({r["cls"] for r in rows})
-    gone = [labels.classes[c] for c in range(len(labels.classes)) if c not in present]
-    if gone:
-        log(f"warning: class(es) {', '.join(map(repr, gone))} gave no chip and are left out of the legend")
-    classes = [labels.classes[c] for c in present]
-    remap = {c: i for i, c in enumerate(present)}
-    y = np.array([remap[r["cls"]] for r in rows], dtype=np.int64)
+        scene_rows, scene_card, crs = _cut_one_scene(scene, key, si, labels, card, tiling, opts, stage, inside, used,
+                                                     log, tiling_warning)
+        rows += scene_rows
+        scene_crs.append(crs)
+        scene_cards.append(scene_card)
+    outside, idle = _check_labels_used(labels, inside, used, rows, scene_cards, len(scenes), opts, log)
+    classes, gone, y = _legend(rows, labels, log)
     names = np.array([r["chip"] for r in rows], dtype=object)
     scene_idx = np.array([r["scene_index"] for r in rows])
     corners = np.stack([r["corners"] for r in rows])
-
-    # chip footprints and centres on the block frame shared by all scenes
-    lonlat = np.zeros((len(rows), 2))
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            lonlat[m] = _transform_corners(corners[m].mean(axis=1, keepdims=True), pyproj_crs(crs), pyproj_crs("EPSG:4326"))[:, 0]
-    frame = _block_frame(scene_crs, lonlat)
-    framed = np.zeros_like(corners)
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            framed[m] = _transform_corners(corners[m], pyproj_crs(crs), frame)
-    footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
-    block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
-    res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
-                 footprints=_polygons(framed), block_m=block_m, val_fraction=opts.val_fraction,
-                 test_fraction=opts.test_fraction, seed=opts.seed)
-    res.info["frame"] = crs_name(frame) if frame.to_authority() else frame.srs
-    if opts.split == "blocks":
-        res.info["block_m_auto"] = opts.block_m is None
-    log(f"split: {opts.split}"
-        + (f" (blocks of {block_m:g} m: {sum(res.info['groups'].values())} blocks)" if opts.split == "blocks" else "")
-        + (f"; {res.info['dropped_overlap']} val/test chips dropped for overlapping another split" if res.info.get("dropped_overlap") else "")
-        + "\n" + format_counts(res.info["counts"], classes))
-    for s in SPLITS:
-        lines = sorted(str(n) for n in names[res.split == s])
-        (stage / "splits" / f"{s}.txt").write_text("".join(f"{ln}\n" for ln in lines))
-    for n in names[res.split == ""]:  # dropped by the overlap rule: not part of the dataset
-        (stage / "images" / n).unlink()
-    (stage / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
-
+    res = _split(corners, scene_idx, scene_crs, scene_cards, y, classes, names, opts, log)
+    _write_lists(stage, names, res.split, classes)
     out_crs = labels.crs if labels.crs is not None else pyproj_crs(scene_crs[0])
-    table_corners = np.zeros_like(corners)
-    for si, crs in enumerate(scene_crs):
-        m = scene_idx == si
-        if m.any():
-            table_corners[m] = _transform_corners(corners[m], pyproj_crs(crs), out_crs)
+    table_corners = _corners_in(corners, scene_idx, scene_crs, out_crs)
     kept = res.split != ""
-    table = {
-        "chip": [r["chip"] for r in rows], "class": [classes[c] for c in y], "class_index": y.tolist(),
-        "split": res.split.tolist(),
-        "block": [str(g) for g in res.group] if opts.split == "blocks" else
-                 ([scene_cards[i]["scene"] for i in scene_idx] if opts.split == "scene" else [""] * len(rows)),
-        "scene": [scenes_name for scenes_name in (scene_cards[i]["scene"] for i in scene_idx)],
-        **{k: [r[k] for r in rows] for k in ("row", "col", "col_off", "row_off", "width", "height", "input_gsd_m",
-                                               "valid_fraction", "cover", "label_fids")},
-    }
-    table = {k: [v for v, keep in zip(vals, kept) if keep] for k, vals in table.items()}
-    per_class = {c: int(np.count_nonzero(y[kept] == i)) for i, c in enumerate(classes)}
+    table = _chip_table(rows, classes, y, res, opts, scene_cards, scene_idx, kept)
     gsd = [r["input_gsd_m"] for r, keep in zip(rows, kept) if keep and r["input_gsd_m"]]
     model_scale = card.scale_range
     result = {
@@ -553,12 +250,139 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
         "within_model_scale": bool(model_scale and gsd and all(model_scale[0] - 1e-9 <= g <= model_scale[1] + 1e-9 for g in gsd)
                                    and len(gsd) == int(kept.sum())),
         "scenes": scene_cards,
-        "chips": {"total": int(kept.sum()), "per_class": per_class},
+        "chips": {"total": int(kept.sum()), "per_class": {c: int(np.count_nonzero(y[kept] == i)) for i, c in enumerate(classes)}},
         "split": {k: v for k, v in res.info.items()},
     }
     _write_table(stage / TABLE, table, table_corners[kept], out_crs,
                  {"classes": classes, "format": CHIPS_FORMAT, "labels": labels.path.name})
     return result
+
+
+def _cut_one_scene(scene: Path, key: str, si: int, labels: Labels, card, tiling: TilingConfig, opts: ChipOptions,
+                   stage: Path, inside: np.ndarray, used: np.ndarray, log: Callable[[str], None], tiling_warning):
+    """The chip rows of one scene (opened as ``run`` opens it), its entry in the card and its CRS."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tiling_warning)
+        reader = card.open_scene(scene, tiling)
+    with reader:
+        for w in caught:
+            if issubclass(w.category, tiling_warning):
+                log(f"warning: {w.message}")
+        info = reader.info
+        if not info.georeferenced or info.crs is None:
+            raise InputError("the scene has no CRS or geotransform: labels are placed by map coordinates, so chips "
+                             "need a georeferenced scene", path=str(scene))
+        plan = reader.plan
+        scale_warning = plan.warning(str(scene))
+        if scale_warning:
+            log(f"warning: {scale_warning['message']}")
+        geoms = labels.in_crs(info.crs)
+        scene_rows, counts = _cut_scene(reader, key, labels, geoms, opts, stage / "images", inside, used)
+        for r in scene_rows:
+            r["scene_index"] = si
+            r["input_gsd_m"] = plan.input_gsd_m
+        skipped = {r: counts[r] for r in SKIP_REASONS}
+        log(f"{scene.name}: {counts['tiles']} tiles of {reader.tile_px} px ({plan.scale}"
+            + (f", {plan.input_gsd_m:.3g} m per input pixel" if plan.input_gsd_m else "") + f"): {counts['chips']} chips; "
+            + "skipped " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in skipped.items() if n))
+        scene_card = {
+            "scene": scene.name, "key": key, "path": str(scene), "crs": crs_name(info.crs),
+            "size": [info.width, info.height], "gsd_m": info.gsd_m, "bands": list(reader.bands),
+            "scaling": [list(s) for s in reader.scale], "tiling": plan.to_dict(),
+            "tiles": counts["tiles"], "chips": counts["chips"], "skipped": skipped,
+        }
+    return scene_rows, scene_card, info.crs
+
+
+def _check_labels_used(labels: Labels, inside: np.ndarray, used: np.ndarray, rows: list[dict],
+                       scene_cards: list[dict], n_scenes: int, opts: ChipOptions,
+                       log: Callable[[str], None]) -> tuple[int, int]:
+    """How many label features lie outside every scene and how many over them gave no chip;
+    refuses labels that miss every scene and scenes that gave no chip."""
+    outside = int(np.count_nonzero(~inside))
+    if outside == len(labels.geoms):
+        raise InputError(f"none of the {len(labels.geoms)} label features lies over any of the {n_scenes} scene(s): "
+                         "check that the labels and scenes show the same place (and the labels' CRS)", path=str(labels.path))
+    if outside:
+        fids = labels.fid[~inside][:5].tolist()
+        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
+            f"{' ...' if outside > 5 else ''}); they gave no chip")
+    idle = int(np.count_nonzero(inside & ~used))
+    if idle:
+        log(f"note: {idle} label features over the scenes gave no chip (a polygon smaller than {opts.min_cover:.0%} of a "
+            "tile, tiles mixed or without enough valid data)")
+    if not rows:
+        raise InputError("no tile qualified as a chip: " + "; ".join(
+            f"{s['scene']}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s["skipped"].items() if n)
+            for s in scene_cards) + f" (min cover {opts.min_cover:g}, min valid {opts.min_valid:g})", path=str(labels.path))
+    return outside, idle
+
+
+def _legend(rows: list[dict], labels: Labels, log: Callable[[str], None]) -> tuple[list[str], list[str], np.ndarray]:
+    """The classes with chips in the labels' order, the classes left out, and each chip's index in that legend."""
+    present = sorted({r["cls"] for r in rows})
+    gone = [labels.classes[c] for c in range(len(labels.classes)) if c not in present]
+    if gone:
+        log(f"warning: class(es) {', '.join(map(repr, gone))} gave no chip and are left out of the legend")
+    classes = [labels.classes[c] for c in present]
+    remap = {c: i for i, c in enumerate(present)}
+    return classes, gone, np.array([remap[r["cls"]] for r in rows], dtype=np.int64)
+
+
+def _corners_in(corners: np.ndarray, scene_idx: np.ndarray, scene_crs: list, dst) -> np.ndarray:
+    """Points given in their scene's CRS (``scene_idx`` into ``scene_crs``), transformed to ``dst``."""
+    moved = np.zeros_like(corners)
+    for si, crs in enumerate(scene_crs):
+        m = scene_idx == si
+        if m.any():
+            moved[m] = _transform_corners(corners[m], pyproj_crs(crs), dst)
+    return moved
+
+
+def _split(corners: np.ndarray, scene_idx: np.ndarray, scene_crs: list, scene_cards: list[dict], y: np.ndarray,
+           classes: list[str], names: np.ndarray, opts: ChipOptions, log: Callable[[str], None]):
+    """Each chip's split (:func:`tilescan.training.splits.assign`), on the block frame shared by all scenes."""
+    lonlat = _corners_in(corners.mean(axis=1, keepdims=True), scene_idx, scene_crs, pyproj_crs("EPSG:4326"))[:, 0]
+    frame = _block_frame(scene_crs, lonlat)
+    framed = _corners_in(corners, scene_idx, scene_crs, frame)
+    footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
+    block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
+    res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
+                 footprints=_polygons(framed), block_m=block_m, val_fraction=opts.val_fraction,
+                 test_fraction=opts.test_fraction, seed=opts.seed)
+    res.info["frame"] = crs_name(frame) if frame.to_authority() else frame.srs
+    if opts.split == "blocks":
+        res.info["block_m_auto"] = opts.block_m is None
+    log(f"split: {opts.split}"
+        + (f" (blocks of {block_m:g} m: {sum(res.info['groups'].values())} blocks)" if opts.split == "blocks" else "")
+        + (f"; {res.info['dropped_overlap']} val/test chips dropped for overlapping another split" if res.info.get("dropped_overlap") else "")
+        + "\n" + format_counts(res.info["counts"], classes))
+    return res
+
+
+def _write_lists(stage: Path, names: np.ndarray, split: np.ndarray, classes: list[str]) -> None:
+    """The split lists and classes.txt; chips in no split (dropped for overlap) are deleted."""
+    for s in SPLITS:
+        lines = sorted(str(n) for n in names[split == s])
+        (stage / "splits" / f"{s}.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    for n in names[split == ""]:  # dropped by the overlap rule: not part of the dataset
+        (stage / "images" / n).unlink()
+    (stage / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+
+
+def _chip_table(rows: list[dict], classes: list[str], y: np.ndarray, res, opts: ChipOptions,
+                scene_cards: list[dict], scene_idx: np.ndarray, kept: np.ndarray) -> dict[str, list]:
+    """The columns of chips.parquet (without the footprints) for the chips kept."""
+    table = {
+        "chip": [r["chip"] for r in rows], "class": [classes[c] for c in y], "class_index": y.tolist(),
+        "split": res.split.tolist(),
+        "block": [str(g) for g in res.group] if opts.split == "blocks" else
+                 ([scene_cards[i]["scene"] for i in scene_idx] if opts.split == "scene" else [""] * len(rows)),
+        "scene": [scene_cards[i]["scene"] for i in scene_idx],
+        **{k: [r[k] for r in rows] for k in ("row", "col", "col_off", "row_off", "width", "height", "input_gsd_m",
+                                               "valid_fraction", "cover", "label_fids")},
+    }
+    return {k: [v for v, keep in zip(vals, kept) if keep] for k, vals in table.items()}
 
 
 def read_card(data: str | os.PathLike) -> dict | None:

@@ -15,9 +15,7 @@ computes the metrics with numpy, and writes into ``out_dir``:
 ``explanations.csv``        with ``explanations=True``: faithfulness and cost per CAM method
 ==========================  =================================================================
 
-Metrics: accuracy; per class precision = TP / predicted, recall = TP / support, F1 their
-harmonic mean (0 where undefined); macro averages over the classes that occur in the true
-or the predicted labels (scikit-learn's default), weighted averages by support.
+Metrics: :mod:`tilescan.training.metrics`.
 
 ``tta=True`` averages the softmax over the 8 dihedral views of each image (identity, the
 three 90-degree rotations, and the four of those flipped), all views of a batch stacked
@@ -43,6 +41,7 @@ import numpy as np
 from ..errors import ConfigError, OutputError
 from ..log import emit
 from ..outputs.files import csv_text, write_json, write_text
+from .metrics import compute_metrics
 from ..explain.figures import (
     RIGHT_COLOR,
     WRONG_COLOR,
@@ -124,67 +123,6 @@ def iter_image_batches(
             batch = np.stack([f.result() for f in futures])
             submit()
             yield s, batch
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) counts, rows = true class, columns = predicted class."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support, macro and weighted averages, the
-    confusion matrix and the most frequent confusions, from integer labels."""
-    k = len(classes)
-    cm = confusion_matrix(y_true, y_pred, k)
-    n = int(cm.sum())
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    pr = precision + recall
-    f1 = np.divide(2 * precision * recall, pr, out=np.zeros(k), where=pr > 0)
-    present = (support > 0) | (predicted > 0)
-    n_present = max(1, int(present.sum()))
-    weights = support / max(1.0, support.sum())
-
-    def avg(v, how):
-        return float(v[present].sum() / n_present) if how == "macro" else float((v * weights).sum())
-
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")
-    top = [
-        {"true": classes[i], "pred": classes[j], "count": int(off[i, j])}
-        for i, j in (divmod(int(o), k) for o in order[:10])
-        if off[i, j] > 0
-    ]
-    return {
-        "n": n,
-        "correct": int(tp.sum()),
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "macro": {"precision": avg(precision, "macro"), "recall": avg(recall, "macro"), "f1": avg(f1, "macro"), "classes": int(present.sum())},
-        "weighted": {"precision": avg(precision, "weighted"), "recall": avg(recall, "weighted"), "f1": avg(f1, "weighted")},
-        "per_class": [
-            {
-                "class": classes[i],
-                "index": i,
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-                "predicted": int(predicted[i]),
-            }
-            for i in range(k)
-        ],
-        "confusion_matrix": cm.tolist(),
-        "top_confusions": top,
-    }
 
 
 # ---------------------------------------------------------------------------- files
@@ -350,58 +288,28 @@ def run_evaluate(
     the split, or ``faithfulness_limit`` images of it, and cost). ``explain_samples``:
     rows of ``explanations.png`` (0: no figure).
     """
-    import keras
-
-    from .. import __version__
-
     t_start = time.perf_counter()
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if limit is not None and int(limit) < 1:
-        raise ConfigError(f"limit must be >= 1, got {limit}")
-    if record and limit is not None:
-        raise ConfigError("record=True stores scores of the whole split; do not combine it with limit")
-    cam_methods = list(dict.fromkeys(str(m).strip().lower() for m in cam_methods))
-    if (explanations or explain_samples > 0) and not cam_methods:
-        raise ConfigError("no CAM method given")
+    cam_methods = _checked_eval_args(batch_size, limit, record, cam_methods, explanations, explain_samples)
     batch_size = int(batch_size)
 
     ds, lm, items = _eval_inputs(model_path, data, split, splits_dir)
-    if limit is not None and int(limit) < len(items):
-        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
-        items = [items[i] for i in sel]
+    items = _subset(items, limit, seed)
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
     y_true = np.array([c for _, c in items], dtype=np.int64)
     n, k = len(items), len(lm.classes)
     classes = lm.classes
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc}", path=str(out)) from None
+    out = _out_folder(out_dir)
     load_s = time.perf_counter() - t_start
     log(f"evaluating {lm.model_id} on {ds.name or data} '{split}' ({n} images{', TTA x8' if tta else ''})")
 
-    # -- predict ------------------------------------------------------------------------
-    model = lm.model
-    size = lm.input_size
-    t0 = time.perf_counter()
-    predict_probs(model, np.zeros((min(batch_size, n), size, size, 3), np.float32), tta=False, batch_size=batch_size)
-    warmup_s = time.perf_counter() - t0
-    probs = np.empty((n, k), dtype=np.float32)
-    t0 = time.perf_counter()
-    for s, x in iter_image_batches(paths, size, batch_size):
-        probs[s : s + len(x)] = predict_probs(model, x, tta=tta, batch_size=batch_size)
-    predict_s = time.perf_counter() - t0
+    probs, warmup_s, predict_s = _predict_split(lm, paths, n, k, batch_size, tta)
     y_pred = probs.argmax(axis=1)
     conf = probs[np.arange(n), y_pred]
 
     # -- metrics and tables ---------------------------------------------------------------
     metrics = compute_metrics(y_true, y_pred, classes)
-    top5 = None
-    if k > 5:
-        top5 = float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
+    top5 = _top5(probs, y_true) if k > 5 else None
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
              f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
     _write_tables(out, rel_paths, y_true, y_pred, conf, metrics, classes, title)
@@ -424,8 +332,81 @@ def run_evaluate(
     # -- report and record -----------------------------------------------------------------
     provenance = ds.provenance()
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report: dict[str, Any] = {
-        "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256, "input_size": size, "classes": k},
+    timing = {"load_s": load_s, "warmup_s": warmup_s, "predict_s": predict_s, "batch_size": batch_size}
+    report = _report(lm, split, n, k, limit, tta, metrics, top5, provenance, timing, date, outputs)
+    if study is not None:
+        report["explanations"] = study
+    if record:
+        report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
+    report["timing"]["total_s"] = time.perf_counter() - t_start
+    write_json(out / "report.json", report)
+    _log_summary(metrics, n, report, outputs, out, log)
+    return report
+
+
+def _subset(items: list, limit: int | None, seed: int) -> list:
+    """A seeded random ``limit`` of the items, in their order (all of them without a limit)."""
+    if limit is not None and int(limit) < len(items):
+        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
+        items = [items[i] for i in sel]
+    return items
+
+
+def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """The share of images whose true class is among the five most probable."""
+    return float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
+
+
+def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],
+                       explanations: bool, explain_samples: int) -> list[str]:
+    """The CAM method names, lower-cased without repeats, after checking the arguments."""
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"limit must be >= 1, got {limit}")
+    if record and limit is not None:
+        raise ConfigError("record=True stores scores of the whole split; do not combine it with limit")
+    cam_methods = list(dict.fromkeys(str(m).strip().lower() for m in cam_methods))
+    if (explanations or explain_samples > 0) and not cam_methods:
+        raise ConfigError("no CAM method given")
+    return cam_methods
+
+
+def _out_folder(out_dir: str) -> Path:
+    """The report folder, created (an :class:`OutputError` naming it when it cannot be)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc}", path=str(out)) from None
+    return out
+
+
+def _predict_split(lm, paths: list[Path], n: int, k: int, batch_size: int, tta: bool):
+    """The class probabilities of every image, and the seconds of the warm-up batch and of the predictions."""
+    model = lm.model
+    size = lm.input_size
+    t0 = time.perf_counter()
+    predict_probs(model, np.zeros((min(batch_size, n), size, size, 3), np.float32), tta=False, batch_size=batch_size)
+    warmup_s = time.perf_counter() - t0
+    probs = np.empty((n, k), dtype=np.float32)
+    t0 = time.perf_counter()
+    for s, x in iter_image_batches(paths, size, batch_size):
+        probs[s : s + len(x)] = predict_probs(model, x, tta=tta, batch_size=batch_size)
+    predict_s = time.perf_counter() - t0
+    return probs, warmup_s, predict_s
+
+
+def _report(lm, split: str, n: int, k: int, limit: int | None, tta: bool, metrics: dict, top5: float | None,
+            provenance: dict, timing: dict, date: str, outputs: list[str]) -> dict[str, Any]:
+    """report.json's content (before the explanation study, the record and the total time)."""
+    import keras
+
+    from .. import __version__
+
+    predict_s = timing["predict_s"]
+    return {
+        "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256, "input_size": lm.input_size, "classes": k},
         "split": split,
         "n": n,
         "limit": limit,
@@ -437,11 +418,11 @@ def run_evaluate(
         "metrics": metrics,
         "dataset": provenance,
         "timing": {
-            "load_s": load_s,
-            "warmup_s": warmup_s,
+            "load_s": timing["load_s"],
+            "warmup_s": timing["warmup_s"],
             "predict_s": predict_s,
             "images_per_s": n / predict_s if predict_s > 0 else None,
-            "batch_size": batch_size,
+            "batch_size": timing["batch_size"],
             "decode_workers": _workers(),
             "total_s": None,
         },
@@ -452,19 +433,15 @@ def run_evaluate(
         "outputs": outputs,
         "recorded": None,
     }
-    if study is not None:
-        report["explanations"] = study
-    if record:
-        report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
-    report["timing"]["total_s"] = time.perf_counter() - t_start
-    write_json(out / "report.json", report)
 
+
+def _log_summary(metrics: dict, n: int, report: dict, outputs: list[str], out: Path, log: Callable[[str], None]) -> None:
+    """Log the headline scores, the weakest classes and the files written."""
     weakest = sorted((r for r in metrics["per_class"] if r["support"] > 0), key=lambda r: r["f1"])[:5]
     log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  weighted F1 "
         f"{metrics['weighted']['f1']:.4f}  ({n} images, {report['images_per_s']:.0f} images/s)")
     log("weakest classes (F1): " + ", ".join(f"{r['class']} {r['f1']:.3f}" for r in weakest))
     log(f"wrote {', '.join(outputs)} to {out}")
-    return report
 
 
 def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str | None):

@@ -112,7 +112,7 @@ def _read_ogr(path: Path, layer: str | None):
         layers = pyogrio.list_layers(str(path))
         if layer is None and len(layers) > 1:
             warnings.warn(f"{path}: {len(layers)} layers ({', '.join(str(n) for n in layers[:, 0])}); reading the first, "
-                          f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=3)
+                          f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=4)  # read_labels' caller
         meta, table = pyogrio.read_arrow(str(path), layer=layer)
     except Exception as exc:  # pyogrio's DataSourceError, DataLayerError, ...
         raise InputError(f"GDAL cannot read the labels as a vector file: {exc}", path=str(path)) from None
@@ -148,22 +148,46 @@ def _sort_classes(names: set[str]) -> list[str]:
 def read_labels(path: str | Path, class_field: str | None = None, layer: str | None = None) -> Labels:
     """Read a label file; see the module docstring. Raises :class:`InputError` naming the
     file when it is missing, unreadable, empty, has no class field or no usable feature."""
-    import shapely
-
     path = Path(path)
+    p = str(path)
+    table, crs, gcol = _read_table(path, layer)
+    n = table.num_rows
+    if n == 0:
+        raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
+    fname = _class_field([c for c in table.column_names if c != gcol], class_field, p)
+    if gcol not in table.column_names:
+        raise InputError("the labels file has no geometry column", path=p)
+    values = [_class_name(v) for v in table.column(fname).to_pylist()]
+    geoms, names, fids, kinds, dropped = _features(values, table.column(gcol).to_pylist())
+    if not geoms:
+        why = ", ".join(f"{c} {k.replace('_', ' ')}" for k, c in sorted(dropped.items()))
+        raise InputError(f"none of the {n} label features is usable ({why}); features need a polygon or point "
+                         f"geometry and a value in the class field '{fname}'", path=p)
+    names, renamed = _folder_safe(names, p)
+    classes = _sort_classes(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    if crs is None:
+        warnings.warn(f"{p}: the labels have no CRS; they are taken to be in each scene's CRS", UserWarning, stacklevel=2)
+    return Labels(path=path, layer=layer, class_field=fname, crs=crs, classes=classes,
+                  geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
+                  fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
+                  dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
+
+
+def _read_table(path: Path, layer: str | None):
+    """The labels as an Arrow table, their CRS (None: not stated) and the geometry column's name."""
     p = str(path)
     if not path.exists():
         raise InputError("labels file not found", path=p)
     if path.is_dir() and path.suffix.lower() not in (".gdb",):
         raise InputError("labels path is a folder; give a vector file (GeoPackage, GeoJSON, Shapefile, GeoParquet)", path=p)
     if path.suffix.lower() in _PARQUET_SUFFIXES:
-        table, crs, gcol = _read_geoparquet(path)
-    else:
-        table, crs, gcol = _read_ogr(path, layer)
-    n = table.num_rows
-    if n == 0:
-        raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
-    fields = [c for c in table.column_names if c != gcol]
+        return _read_geoparquet(path)
+    return _read_ogr(path, layer)
+
+
+def _class_field(fields: list[str], class_field: str | None, p: str) -> str:
+    """The field holding the class: ``class_field`` (any case), else the first of :data:`DEFAULT_CLASS_FIELDS`."""
     if class_field is not None:
         match = [c for c in fields if c == class_field] or [c for c in fields if c.casefold() == class_field.casefold()]
         if not match:
@@ -177,12 +201,14 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
         if not match:
             raise ConfigError(f"the labels have no 'class' or 'label' field; name the field that holds the class with "
                               f"--class-field (fields: {', '.join(fields) or 'none'})", path=p)
-    fname = match[0]
-    if gcol not in table.column_names:
-        raise InputError("the labels file has no geometry column", path=p)
+    return match[0]
 
-    values = [_class_name(v) for v in table.column(fname).to_pylist()]
-    wkb = table.column(gcol).to_pylist()
+
+def _features(values: list[str | None], wkb: list[bytes | None]):
+    """The usable features (points one by one, polygons made valid and merged per feature) as geometries,
+    class names, feature ids and kinds, and the count of each reason a feature was left out."""
+    import shapely
+
     dropped: Counter = Counter()
     geoms, names, fids, kinds = [], [], [], []
     for i, (v, w) in enumerate(zip(values, wkb)):
@@ -209,12 +235,12 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
             geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
         else:
             dropped["line"] += 1
-    if not geoms:
-        why = ", ".join(f"{c} {k.replace('_', ' ')}" for k, c in sorted(dropped.items()))
-        raise InputError(f"none of the {n} label features is usable ({why}); features need a polygon or point "
-                         f"geometry and a value in the class field '{fname}'", path=p)
+    return geoms, names, fids, kinds, dropped
 
-    # class names become folder names of the dataset: make them safe, and never let two meet
+
+def _folder_safe(names: list[str], p: str) -> tuple[list[str], dict[str, str]]:
+    """Class names made safe as folder names (with a warning naming the changes), and the changes;
+    refuses two classes that would meet in one folder."""
     renamed: dict[str, str] = {}
     for v in set(names):
         safe = folder_name(v.replace("/", "_").replace("\\", "_"))
@@ -230,15 +256,9 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
                          "rename one of them in the labels", path=p)
     if renamed:
         warnings.warn(f"{p}: class names changed to be folder names: "
-                      + ", ".join(f"{a!r} -> {b!r}" for a, b in sorted(renamed.items())), UserWarning, stacklevel=2)
-    classes = _sort_classes(set(names))
-    index = {c: i for i, c in enumerate(classes)}
-    if crs is None:
-        warnings.warn(f"{p}: the labels have no CRS; they are taken to be in each scene's CRS", UserWarning, stacklevel=2)
-    return Labels(path=path, layer=layer, class_field=fname, crs=crs, classes=classes,
-                  geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
-                  fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
-                  dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
+                      + ", ".join(f"{a!r} -> {b!r}" for a, b in sorted(renamed.items())), UserWarning,
+                      stacklevel=3)  # points at read_labels' caller
+    return names, renamed
 
 
 def crs_name(crs) -> str | None:

@@ -218,23 +218,77 @@ def train(
 
     ``limit`` keeps the first N items of each split per run (for smoke tests);
     ``max_seconds`` stops after the epoch that would cross it (best weights kept).
-    ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.transfer`): its input size,
+    ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.training.transfer`): its input size,
     bands and normalisation, its backbone weights, ``cfg.freeze_epochs`` epochs of the head
     alone, then the whole model at ``cfg.finetune_lr``.
     """
     import keras
 
-    from . import transfer
     from .chips import read_card
 
     out = Path(out)
+    ckpt = _checkpoint_dir(out, overwrite, resume)
+    tr_paths, tr_y, va_paths, va_y = _split_paths(dataset, limit)
+    k = len(dataset.classes)
+    chips_card = read_card(dataset.root)
+    parent, size = _parent_and_size(cfg, chips_card, log)
+    freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
+    finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
+
+    resuming = resume and (ckpt / "state.json").exists() and (ckpt / "last.keras").exists()
+    parent_model = None
+    if parent is not None and not resuming:
+        from ..model import load_model
+
+        parent_model = load_model(parent.path).model  # before the precision policy: its weights are float32
+    policy = resolve_precision(cfg.mixed_precision)
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(cfg.seed)
+    state, model = _start_state(ckpt, resuming, resume, parent, tr_paths, size, cfg, log)
+    mean, std = state["mean"], state["std"]
+
+    train_ds = make_batches(
+        tr_paths, tr_y, k, cfg.batch_size, size, augment=cfg.augment, shuffle=True, seed=cfg.seed,
+        crop_scale=cfg.crop_scale, jitter=cfg.color_jitter, workers=cfg.workers, start_epoch=state["epochs_done"],
+    )
+    val_ds = make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers)
+    head = None
+    if model is None:
+        model, head = _new_model(size, k, mean, std, parent, parent_model, dataset.classes, tr_paths, tr_y, cfg,
+                                 state, log)
+        del parent_model
+    head = state.get("head", head)
+
+    phases = _phases(cfg, parent is not None, freeze, finetune_lr)
+    t0 = time.monotonic()
+    _fit_phases(model, phases, train_ds, val_ds, ckpt, state, cfg, parent is not None, freeze, max_seconds, t0,
+                verbose, log)
+    _restore_best(model, ckpt)
+    export, val_loss, val_acc = _export(model, size, k, mean, std, va_paths, va_y, cfg)
+    meta = _metadata(dataset, cfg, size, mean, std, tr_paths, policy, state, t0, limit,
+                     {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)})
+    if chips_card is not None:
+        _add_chips_metadata(meta, chips_card, cfg, parent, size)
+    if parent is not None:
+        _add_parent_metadata(meta, parent, head, freeze, finetune_lr, state, dataset, size, cfg, chips_card)
+    sha = save_model(export, out, meta, half=half)
+    _keep_history(out, ckpt)
+    log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
+    return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
+            "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
+    """The checkpoint folder ``<MODEL>.ckpt`` of ``out``, after checking the output name and that it may be written."""
     if out.suffix != ".keras":
         raise ConfigError("the output model must end in .keras", path=str(out))
     if out.exists() and not (overwrite or resume):
         raise OutputExistsError("model file exists; pass --overwrite to replace it", path=str(out))
-    ckpt = out.with_name(out.name[: -len(".keras")] + ".ckpt")
-    state_file = ckpt / "state.json"
+    return out.with_name(out.name[: -len(".keras")] + ".ckpt")
 
+
+def _split_paths(dataset: Dataset, limit: int | None):
+    """The train and val image paths and class indices (an evenly spread ``limit`` of each when given)."""
     train_items = dataset.items("train")
     val_items = dataset.items("val")
     if limit:  # an evenly spread subset, so every class is represented
@@ -244,11 +298,16 @@ def train(
     va_paths = [dataset.root / p for p, _ in val_items]
     tr_y = np.array([c for _, c in train_items])
     va_y = np.array([c for _, c in val_items])
-    k = len(dataset.classes)
     if not tr_paths:
         raise InputError("the dataset's train split is empty (a chips dataset cut with --split test is for scoring only)",
                          path=str(dataset.root))
-    chips_card = read_card(dataset.root)
+    return tr_paths, tr_y, va_paths, va_y
+
+
+def _parent_and_size(cfg: TrainConfig, chips_card: dict | None, log: Callable[[str], None]):
+    """The parent model's card (None: training from scratch) and the input size to train at."""
+    from . import transfer
+
     parent = None  # the parent's card (metadata and hash); its Keras model loads only for a fresh start
     size = cfg.image_size
     if cfg.init:
@@ -262,24 +321,19 @@ def train(
     if parent is None and (cfg.freeze_epochs or cfg.finetune_lr):
         log(f"warning: {cfg.origin('freeze_epochs') if cfg.freeze_epochs else cfg.origin('finetune_lr')} applies only "
             "when fine-tuning (--init); training from scratch")
-    freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
-    finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
+    return parent, size
 
-    parent_model = None
-    if parent is not None and not (resume and state_file.exists() and (ckpt / "last.keras").exists()):
-        from ..model import load_model
 
-        parent_model = load_model(parent.path).model  # before the precision policy: its weights are float32
-    policy = resolve_precision(cfg.mixed_precision)
-    keras.mixed_precision.set_global_policy(policy)
-    keras.utils.set_random_seed(cfg.seed)
+def _start_state(ckpt: Path, resuming: bool, resume: bool, parent, tr_paths, size: int, cfg: TrainConfig,
+                 log: Callable[[str], None]) -> tuple[dict, object]:
+    """The training state and model of a resumed run (model None for a fresh start, whose folder is emptied)."""
+    import keras
 
     state = {"best": float("inf"), "best_epoch": 0, "wait": 0, "epochs_done": 0, "stopped": None}
     model = None
-    if resume and state_file.exists() and (ckpt / "last.keras").exists():
-        state.update(json.loads(state_file.read_text()))
+    if resuming:
+        state.update(json.loads((ckpt / "state.json").read_text()))
         model = keras.saving.load_model(ckpt / "last.keras")
-        mean, std = state["mean"], state["std"]
         log(f"resuming from {ckpt} after epoch {state['epochs_done']} (best val_loss {state['best']:.4f} at epoch {state['best_epoch']})")
     else:
         if resume:
@@ -293,32 +347,42 @@ def train(
         else:
             mean, std = channel_stats(tr_paths, size, seed=cfg.seed)
         state.update(mean=mean, std=std)
+    return state, model
 
-    train_ds = make_batches(
-        tr_paths, tr_y, k, cfg.batch_size, size, augment=cfg.augment, shuffle=True, seed=cfg.seed,
-        crop_scale=cfg.crop_scale, jitter=cfg.color_jitter, workers=cfg.workers, start_epoch=state["epochs_done"],
-    )
-    val_ds = make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers)
+
+def _new_model(size: int, k: int, mean, std, parent, parent_model, classes, tr_paths, tr_y, cfg: TrainConfig,
+               state: dict, log: Callable[[str], None]):
+    """A fresh ResNet-18 and its head's origin: the parent's weights copied in when fine-tuning (None otherwise)."""
+    from . import transfer
 
     head = None
-    if model is None:
-        model = build_resnet18((size, size, 3), k, mean=mean, std=std)
-        if parent_model is not None:
-            head = transfer.copy_weights(parent_model, model, parent.meta["classes"], dataset.classes)
-            del parent_model
-            if head == "new":
-                fit = transfer.imprint_head(model, tr_paths, tr_y, k, size, cfg.label_smoothing, seed=cfg.seed)
-                state["imprint"] = fit
-                log(f"new head of {k} classes from the parent's features of {fit['images']} training images "
-                    f"(their accuracy as class means {fit['train_accuracy']:.3f})")
-            state["head"] = head
-    head = state.get("head", head)
+    model = build_resnet18((size, size, 3), k, mean=mean, std=std)
+    if parent_model is not None:
+        head = transfer.copy_weights(parent_model, model, parent.meta["classes"], classes)
+        if head == "new":
+            fit = transfer.imprint_head(model, tr_paths, tr_y, k, size, cfg.label_smoothing, seed=cfg.seed)
+            state["imprint"] = fit
+            log(f"new head of {k} classes from the parent's features of {fit['images']} training images "
+                f"(their accuracy as class means {fit['train_accuracy']:.3f})")
+        state["head"] = head
+    return model, head
 
-    # phases: the head alone for `freeze` epochs (fine-tuning only), then the whole model
+
+def _phases(cfg: TrainConfig, fine_tuning: bool, freeze: int, finetune_lr: float) -> list:
+    """(name, last epoch, config) of each phase: the head alone for ``freeze`` epochs, then the whole model."""
     phases = ([("frozen", freeze, dataclasses.replace(cfg, epochs=freeze, warmup_epochs=0, patience=0))] if freeze else [])
     phases.append(("all", cfg.epochs, dataclasses.replace(cfg, epochs=cfg.epochs - freeze, learning_rate=finetune_lr)
-                   if parent is not None else cfg))
-    t0 = time.monotonic()
+                   if fine_tuning else cfg))
+    return phases
+
+
+def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, cfg: TrainConfig, fine_tuning: bool,
+                freeze: int, max_seconds: float | None, t0: float, verbose: int, log: Callable[[str], None]) -> None:
+    """Fit each phase not finished yet, compiling afresh unless a resumed checkpoint's optimizer goes on."""
+    import keras
+
+    from . import transfer
+
     loaded = getattr(model, "optimizer", None) is not None and state["epochs_done"] > 0  # resumed: the checkpoint's optimizer state
     if state.get("stopped") == "time-limit":
         state["stopped"] = None  # a resumed run goes on where the time limit stopped it
@@ -327,7 +391,7 @@ def train(
         if state.get("stopped") or state["epochs_done"] >= end:
             start = end
             continue
-        if parent is not None:
+        if fine_tuning:
             transfer.set_backbone_trainable(model, name != "frozen")
         if not (loaded and state["epochs_done"] > start):
             if name == "all" and freeze:
@@ -337,7 +401,7 @@ def train(
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                 metrics=["accuracy"],
             )
-        if parent is not None:
+        if fine_tuning:
             log(f"{'head only (backbone frozen)' if name == 'frozen' else 'whole model'}: epochs "
                 f"{state['epochs_done'] + 1}-{end}, peak learning rate {phase_cfg.learning_rate:g}")
         left = None if max_seconds is None else max(0.0, max_seconds - (time.monotonic() - t0))
@@ -350,10 +414,19 @@ def train(
             verbose=verbose,
         )
         start = end
+
+
+def _restore_best(model, ckpt: Path) -> None:
+    """Load the best epoch's weights into ``model`` when a checkpoint holds them."""
     if (ckpt / "best.weights.h5").exists():
         with warnings.catch_warnings():  # best weights saved in another phase carry another optimizer's state
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(ckpt / "best.weights.h5")
+
+
+def _export(model, size: int, k: int, mean, std, va_paths, va_y, cfg: TrainConfig):
+    """A float32 copy of ``model`` and its val loss and accuracy."""
+    import keras
 
     # Export in float32 whatever the training precision was: CPUs without bf16 run it fast.
     keras.mixed_precision.set_global_policy("float32")
@@ -365,7 +438,15 @@ def train(
     val_loss, val_acc = export.evaluate(
         make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers), verbose=0
     )
-    meta = {
+    return export, val_loss, val_acc
+
+
+def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths, policy: str, state: dict,
+              t0: float, limit: int | None, val_scores: dict) -> dict:
+    """The tilescan metadata of a model trained from scratch (chips and parent add to it)."""
+    import keras
+
+    return {
         "id": f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-{datetime.now(timezone.utc):%Y%m%d}",
         "classes": list(dataset.classes),
         "input_size": [size, size],
@@ -390,35 +471,46 @@ def train(
             "seconds_this_run": round(time.monotonic() - t0, 1),
             "limit": limit,
         },
-        "scores": {"val": {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)}},
+        "scores": {"val": val_scores},
     }
-    if chips_card is not None:
-        prov = transfer.chips_provenance(chips_card)
-        meta["training"]["chips"] = prov
-        meta["legend"]["labels"] = prov["labels"]
-        if not cfg.gsd_m:  # a stated GSD wins; else the scale the chips were cut at
-            scale, gsd = transfer.child_scale(parent.meta if parent is not None else None, chips_card, size)
-            if scale is not None:
-                meta["scale"], meta["gsd_m"] = scale, gsd
-    if parent is not None:
-        meta["parent"] = transfer.child_metadata(parent, head, freeze, finetune_lr)
-        if state.get("imprint"):
-            meta["parent"]["head_init"] = {"method": "class means of the parent's features (weight imprinting)", **state["imprint"]}
-        meta["bands"] = list(parent.meta["bands"])
-        meta["normalization"] = dict(parent.meta["normalization"])
-        meta["cam_layer"] = parent.meta.get("cam_layer") or DEFAULT_CAM_LAYER
-        meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%d}"
-        meta["training"]["init"] = "default" if cfg.init == "default" else Path(cfg.init).name
-        if meta["parent"].get("terms"):
-            meta["terms"] = f"fine-tuned from {parent.model_id}, whose terms it inherits: {meta['parent']['terms']}"
-        if chips_card is None and not cfg.gsd_m:
-            meta["scale"]["source"] += ("; the parent's range is not inherited: the images did not come from "
-                                        "tilescan chips, so their ground scale is not known")
-    sha = save_model(export, out, meta, half=half)
+
+
+def _add_chips_metadata(meta: dict, chips_card: dict, cfg: TrainConfig, parent, size: int) -> None:
+    """The chips' provenance and labels, and the scale they were cut at unless ``[train] gsd_m`` states one."""
+    from . import transfer
+
+    prov = transfer.chips_provenance(chips_card)
+    meta["training"]["chips"] = prov
+    meta["legend"]["labels"] = prov["labels"]
+    if not cfg.gsd_m:  # a stated GSD wins; else the scale the chips were cut at
+        scale, gsd = transfer.child_scale(parent.meta if parent is not None else None, chips_card, size)
+        if scale is not None:
+            meta["scale"], meta["gsd_m"] = scale, gsd
+
+
+def _add_parent_metadata(meta: dict, parent, head, freeze: int, finetune_lr: float, state: dict, dataset: Dataset,
+                         size: int, cfg: TrainConfig, chips_card: dict | None) -> None:
+    """What a fine-tuned model inherits from its parent: bands, normalisation, CAM layer, terms, and its id."""
+    from . import transfer
+
+    meta["parent"] = transfer.child_metadata(parent, head, freeze, finetune_lr)
+    if state.get("imprint"):
+        meta["parent"]["head_init"] = {"method": "class means of the parent's features (weight imprinting)", **state["imprint"]}
+    meta["bands"] = list(parent.meta["bands"])
+    meta["normalization"] = dict(parent.meta["normalization"])
+    meta["cam_layer"] = parent.meta.get("cam_layer") or DEFAULT_CAM_LAYER
+    meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%d}"
+    meta["training"]["init"] = "default" if cfg.init == "default" else Path(cfg.init).name
+    if meta["parent"].get("terms"):
+        meta["terms"] = f"fine-tuned from {parent.model_id}, whose terms it inherits: {meta['parent']['terms']}"
+    if chips_card is None and not cfg.gsd_m:
+        meta["scale"]["source"] += ("; the parent's range is not inherited: the images did not come from "
+                                    "tilescan chips, so their ground scale is not known")
+
+
+def _keep_history(out: Path, ckpt: Path) -> None:
+    """The history CSV and learning-curve PNG beside the model."""
     hist_out = out.with_name(out.name[: -len(".keras")] + ".history.csv")
     if (ckpt / "history.csv").exists():
         hist_out.write_text((ckpt / "history.csv").read_text())
         plot_history(ckpt / "history.csv", out.with_name(out.name[: -len(".keras")] + ".curves.png"))
-    log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
-    return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
-            "seconds": round(time.monotonic() - t0, 1), **state}

@@ -1,0 +1,121 @@
+"""The finished units under a run's OUT folder, per scene: what ``tilescan collect`` reads
+(:mod:`tilescan.outputs.collect`). A unit is a whole scene's folder or a band of its tile
+rows (``rows-AAAAA-BBBBB``), finished when its ``run.json`` says complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from .. import layout
+from ..errors import InputError
+from ..layout import COLLECTED, MANIFEST
+
+
+@dataclass
+class _Unit:
+    folder: Path
+    scene: str  # scene folder name under OUT
+    key: str
+    manifest: dict
+    rows: tuple[int, int]
+
+
+@dataclass
+class _Scene:
+    name: str
+    units: list[_Unit] = field(default_factory=list)
+    n_rows: int | None = None
+    missing_rows: list[tuple[int, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _complete(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("status") != "complete" or not (folder / "tiles.parquet").is_file():
+        return None
+    return m
+
+
+def _shaping(m: dict) -> tuple:
+    cfg = m.get("config", {})
+    out = dict(cfg.get("output", {}))
+    out.pop("overwrite", None)
+    return (json.dumps([cfg.get("tiling"), cfg.get("cam"), out], sort_keys=True), m.get("model", {}).get("sha256"))
+
+
+def _n_rows(folder: Path, m: dict) -> int | None:
+    """Tile rows of the whole scene, from the scene height and the tile/stride in pixels."""
+    try:
+        meta = json.loads(pq.read_schema(folder / "tiles.parquet").metadata[b"tilescan"])
+        t, s, h = int(meta["tile_px"]), int(meta["stride_px"]), int(m["scene_info"]["height"])
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+    return 1 + max(0, -(-(h - t) // s))
+
+
+def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], list[dict]]:
+    """Finished units per scene folder, checked for overlaps; and what was skipped, why."""
+    scenes: list[_Scene] = []
+    skipped: list[dict] = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != COLLECTED):
+        sc = _Scene(d.name)
+        whole = _complete(d)
+        parts = sorted(p for p in d.iterdir() if layout.PART_RE.fullmatch(p.name) and p.is_dir())
+        if whole is not None:
+            r = whole.get("rows") or [0, 0]
+            sc.units.append(_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1]))))
+            if parts:
+                sc.notes.append(f"{len(parts)} row part(s) ignored: the whole-scene output is used")
+                log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
+        else:
+            if (d / MANIFEST).exists():
+                skipped.append({"unit": d.name, "reason": "run.json is not a complete manifest"})
+            for p in parts:
+                m = _complete(p)
+                if m is None:
+                    skipped.append({"unit": f"{d.name}/{p.name}", "reason": "no complete run.json / tiles.parquet"})
+                    continue
+                r = m.get("rows") or [0, 0]
+                sc.units.append(_Unit(p, d.name, f"{d.name}/{p.name}", m, (int(r[0]), int(r[1]))))
+        if not sc.units:
+            if not parts and not (d / MANIFEST).exists():
+                skipped.append({"unit": d.name, "reason": "no finished output in this folder"})
+            continue
+        sc.units.sort(key=lambda u: u.rows)
+        shaping = {_shaping(u.manifest) for u in sc.units}
+        paths = {u.manifest.get("scene") for u in sc.units}
+        if len(shaping) > 1 or len(paths) > 1:
+            raise InputError(
+                "its row parts come from different scenes, configs or models "
+                f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
+                path=str(d))
+        for a, b in zip(sc.units, sc.units[1:]):
+            if b.rows[0] < a.rows[1]:
+                raise InputError(
+                    f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
+                    "from sharded runs with different shard counts; remove one set", path=str(d))
+        sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
+        if sc.n_rows is not None:
+            edge = 0
+            for u in sc.units:
+                if u.rows[0] > edge:
+                    sc.missing_rows.append((edge, u.rows[0]))
+                edge = max(edge, u.rows[1])
+            if edge < sc.n_rows:
+                sc.missing_rows.append((edge, sc.n_rows))
+        if sc.missing_rows:
+            log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
+                "(a shard still running or failed?)")
+        scenes.append(sc)
+    for p in skipped:
+        log(f"collect: skipped {p['unit']}: {p['reason']}")
+    return scenes, skipped
