@@ -139,8 +139,6 @@ def writers(table, classes, crs, scene, model_id):
     """name -> function(path) writing that format with tilescan's code."""
     import pyogrio
 
-    from tilescan.outputs.table import TileTable
-
     def gpkg_default(path):
         # the previous writer: GDAL's defaults (GeoPackage 1.4, GDAL's own R-tree step)
         from tilescan.outputs import gpkg

@@ -14,7 +14,7 @@ from tilescan.errors import ConfigError
 from tilescan.explain import cam as C
 from tilescan.explain.layers import gap_dense_head
 from tilescan.explain.shims import model_on_accelerator
-from tilescan.model import build_resnet18, load_model
+from tilescan.model import load_model
 
 from conftest import scene
 

@@ -71,7 +71,7 @@ def test_console_script_help():
 def test_info_runtime_shows_backend_device_and_precision():
     from tilescan.backend import cpu_has_bf16
 
-    r = invoke("info", "--runtime")
+    r = invoke(["info", "--runtime"])
     assert r.exit_code == 0, r.output
     meta = json.loads(r.stdout)
     assert "Airport" in meta["classes"]  # the model metadata, as plain `tilescan info` prints it
@@ -90,16 +90,16 @@ def test_info_runtime_shows_backend_device_and_precision():
 def test_info_runtime_resolves_the_config_and_environment(tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text('[inference]\nprecision = "bf16"\n')
-    rt = json.loads(invoke("info", "--runtime", "--config", cfg).stdout)["runtime"]
+    rt = json.loads(invoke(["info", "--runtime", "--config", cfg]).stdout)["runtime"]
     assert rt["precision"]["setting"] == rt["precision"]["used"] == "bf16"
-    r = invoke("info", "--runtime", env={"TILESCAN_INFERENCE__PIPELINE": "overlap"})
+    r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap"})
     assert json.loads(r.stdout)["runtime"]["pipeline"] == {"setting": "overlap", "used": "overlap"}
 
 
 def test_info_without_runtime_has_no_runtime_and_config_needs_it(tmp_path):
-    r = invoke("info")
+    r = invoke(["info"])
     assert r.exit_code == 0 and "runtime" not in json.loads(r.stdout)
-    r = invoke("info", "--config", tmp_path / "x.toml")
+    r = invoke(["info", "--config", tmp_path / "x.toml"])
     assert r.exit_code == 2 and "--config is read only with --runtime" in r.output
 
 

@@ -16,12 +16,8 @@ MAX_FUNCTION_LINES = 80  # end_lineno - lineno of the def: its signature, docstr
 
 # Each exception states why it is allowed; an entry that no longer exceeds the limit fails the
 # test below, so the list only ever shrinks.
-LONG_MODULES = {
-    "tilescan/scene/reader.py": "being rewritten",
-}
-LONG_FUNCTIONS = {
-    ("tilescan/pipeline/run.py", "_run"): "being rewritten",
-}
+LONG_MODULES: dict[str, str] = {}
+LONG_FUNCTIONS: dict[tuple[str, str], str] = {}
 
 LIGHT = ("tilescan.scene", "tilescan.outputs", "tilescan.cli", "tilescan.config", "tilescan.layout", "tilescan.errors",
          "tilescan.log")

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import invoke, read_report, scene, tree_hashes
 from tilescan import layout
 from tilescan.errors import OutputError
-from tilescan.pipeline.units import _move_into_place
+from tilescan.pipeline.units import move_into_place
 
 SCENE = "rio-cogeo/image_rgb.tif"  # 512 x 512, EPSG:3857
 FAST = ("--tile-size", "256", "--units", "px", "--no-progress")
@@ -203,9 +203,9 @@ def test_move_into_place_only_targets_unit_folders(tmp_path):
     for target in (out / ".", out / "..", out / ".hidden", out / "a" / "b", out / "other" / "notes.txt",
                    out / "linked" / "rows-00000-00002", tmp_path / "elsewhere", out / "report.json"):
         with pytest.raises(OutputError):
-            _move_into_place(stage, target, out)
+            move_into_place(stage, target, out)
     assert tree_hashes(tmp_path, folders=True) == before
-    _move_into_place(stage, out / "scene" / "rows-00000-00002", out)
+    move_into_place(stage, out / "scene" / "rows-00000-00002", out)
     assert (out / "scene" / "rows-00000-00002" / "run.json").is_file()
 
 

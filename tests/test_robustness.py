@@ -47,7 +47,7 @@ from rasterio.windows import Window
 from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, read_report, scene,
                       tiny_model_file, tree_hashes)
 from tilescan.config import TilingConfig
-from tilescan.pipeline.process import _corners
+from tilescan.outputs.geometry import window_corners
 from tilescan.scene.info import TilingWarning
 from tilescan.scene.plan import open_scene
 
@@ -900,19 +900,18 @@ def test_gpkg_without_any_rtree_capable_sqlite(tmp_path, tiny_model, scenes_dir)
     (here, really: TensorFlow's SQLite, loaded into both through a sitecustomize). The scene
     is still done; tiles.gpkg is complete and readable, without a spatial index, and the
     warning names it."""
-    import tensorflow  # noqa: F401 - its SQLite (no R-tree module) now serves this process
-
     from tilescan.outputs.gpkg import has_rtree
 
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import tensorflow\n")
+    (site / "sitecustomize.py").write_text("import tensorflow\n")  # loaded first: its SQLite serves the process
     src = scene(RGB_BYTE)
     out = tmp_path / "out"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    with pytest.warns(UserWarning, match=r"tiles\.gpkg: written without a spatial index: .*no R-tree module"):
-        res = invoke(["run", src, "-o", out, "--model", tiny_model, "--tile-size", TILE, "--no-progress"], env=env)
-    assert res.exit_code == 0, res.output
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    res = subprocess.run([sys.executable, "-m", "tilescan", "run", str(src), "-o", str(out), "--model", str(tiny_model),
+                          "--tile-size", str(TILE), "--no-progress"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"tiles\.gpkg: written without a spatial index: .*no R-tree module", res.stderr), res.stderr
     folder = out / src.stem
     check_outputs(folder, src, TILE)
     gdf = gpd.read_file(folder / "tiles.gpkg", layer="tiles")
@@ -1003,7 +1002,7 @@ def test_tiling_covers_every_valid_pixel_under_any_transform(geom, transform, se
                 expect = np.array([wt * (0, 0), wt * (tile, 0), wt * (tile, tile), wt * (0, tile)])
                 scale = max(1.0, np.abs(expect).max())
                 np.testing.assert_allclose(np.array(r.footprint(t)[:4]), expect, rtol=0, atol=1e-9 * scale)
-                table = _corners(r.info.transform, np.array([w.col_off]), np.array([w.row_off]),
+                table = window_corners(r.info.transform, np.array([w.col_off]), np.array([w.row_off]),
                                  np.array([tile]), np.array([tile]))[0]
                 np.testing.assert_allclose(table, expect, rtol=0, atol=1e-9 * scale)
                 np.testing.assert_allclose(r.tile_bounds(t), rasterio.windows.bounds(w, r.info.transform),

@@ -332,12 +332,12 @@ def test_collar_scene_same_outputs_with_and_without_the_scan(tmp_path, scenes_di
     """mosaic_cog1.tif (a Landsat COG, nodata 0) stores its collar as identical small
     blocks: 5 of its 16 blocks are found empty, their tiles are not read, and every output
     equals that of a run that reads every tile (scan turned off)."""
-    import tilescan.scene.reader as reader_module
+    import tilescan.scene.coverage as coverage_module
 
     path = scene(MOSAIC)
     res = invoke(["run", path, "-o", tmp_path / "scan", "--tile-size", TILE, "--no-progress", "-q"])
     assert res.exit_code == 0, res.output
-    monkeypatch.setattr(reader_module, "MAX_SCAN_BLOCKS", 0)  # no scan: every tile is read
+    monkeypatch.setattr(coverage_module, "MAX_SCAN_BLOCKS", 0)  # no scan: every tile is read
     res = invoke(["run", path, "-o", tmp_path / "plain", "--tile-size", TILE, "--no-progress", "-q"])
     assert res.exit_code == 0, res.output
     a = check_outputs(tmp_path / "scan" / path.stem, path, TILE)

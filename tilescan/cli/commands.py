@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import os
 import sys
+
 import click
+
 from .. import __version__
 from ..config import CAM_METHOD_NAMES
 from .options import (
-    _Bands,
     _CAM_HELP,
-    _CamMethods,
-    _Ctx,
     _LAYERS_EPILOG,
     _VERBOSITY_NOTE,
+    _Bands,
+    _CamMethods,
     _config_flags,
+    _Ctx,
     _guard,
     _old_spelling,
     _quiet_backend,
@@ -103,8 +105,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
         from ..config import load_config
-        from ..pipeline.units import parse_shard
         from ..pipeline.run import run as run_job
+        from ..pipeline.units import parse_shard
 
         flags, typed = _config_flags(ctx)
         cfg = load_config(config_path, flags, flags=typed)
@@ -166,8 +168,8 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
     obj: _Ctx = ctx.obj
 
     def body():
-        from ..training.chips import ChipOptions, cut_chips
         from ..config import load_config
+        from ..training.chips import ChipOptions, cut_chips
 
         flags, typed = _config_flags(ctx)
         cfg = load_config(config_path, flags, flags=typed)

@@ -7,7 +7,9 @@ import functools
 import shlex
 import sys
 from typing import Any, Callable
+
 import click
+
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, TilescanError
 

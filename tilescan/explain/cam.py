@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
+
 import numpy as np
+
 from ..errors import ConfigError
 from .layers import _keras, gap_dense_head, resolve_layer, split_model
 from .shims import _GAP_DENSE_STEPS, _SHIMS, model_on_accelerator, resolve_jit
-
 
 EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
 

@@ -124,7 +124,7 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
             cam = row.maps[m]
             name = row.map_titles.get(m, method_title(m))
             ax_h, ax_o = axes[r, 1 + 2 * m_i], axes[r, 2 + 2 * m_i]
-            im = ax_h.imshow(cam, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax_h.imshow(cam, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax_h.set_title(name, fontsize=9)
             ax_o.imshow(overlay(row.image, cam), interpolation="nearest")
             ax_o.set_title(f"{name} overlay", fontsize=9)

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from typing import Any
+
 from ..errors import ConfigError, ModelError
 from ..model import DEFAULT_CAM_LAYER
-
 
 LOGITS_LAYER = "logits"
 

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from typing import Callable
+
 import numpy as np
+
 from ..errors import ConfigError
 from .layers import _keras
-
 
 # What ``jit_compile="auto"`` means for TensorFlow: off, because XLA measured slower on the
 # CPU (benchmarks/README.md); TensorFlow on a GPU was never measured, so off there too.

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 import numpy as np
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
+
 from .files import _dumps, atomic_output
 from .geometry import _rasterio_crs
 from .palette import class_colors
-
 
 LABEL_NODATA = 255
 

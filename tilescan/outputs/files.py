@@ -16,9 +16,10 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
-import numpy as np
-from ..errors import OutputError
 
+import numpy as np
+
+from ..errors import OutputError
 
 # --------------------------------------------------------------------------- atomic files
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import struct
 from typing import Any
+
 import numpy as np
 import pyarrow as pa
-from ..errors import InputError
 
+from ..errors import InputError
 
 # --------------------------------------------------------------------------- CRS helpers
 
@@ -102,3 +103,12 @@ def wkb_polygon_rings(geom) -> np.ndarray:
 def _projjson(crs: Any) -> dict | None:
     pj = pyproj_crs(crs)
     return None if pj is None else pj.to_json_dict()
+
+
+def window_corners(transform, col_off: np.ndarray, row_off: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """(B, 4, 2) map coordinates of the top-left, top-right, bottom-right and bottom-left
+    corners of pixel windows (exact for rotated geotransforms)."""
+    cols = np.stack([col_off, col_off + w, col_off + w, col_off], axis=1).astype(np.float64)
+    rows = np.stack([row_off, row_off, row_off + h, row_off + h], axis=1).astype(np.float64)
+    a, b, c, d, e, f = transform[:6]
+    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)

@@ -18,6 +18,7 @@ Standard library only, so ``python -m tilescan.outputs.gpkg FILE`` starts fast.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sqlite3
 import struct
@@ -241,6 +242,7 @@ class _IndexHelper:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
+        self.started_with: tuple | None = None  # the environment it was started in
         self.lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
@@ -251,12 +253,15 @@ class _IndexHelper:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
 
     def index(self, path: Path) -> tuple[int, str]:
+        env = (sys.executable, os.environ.get("PYTHONPATH"), os.environ.get("PATH"))
         with self.lock:
+            if self.proc is not None and self.started_with != env:  # e.g. a caller changed PYTHONPATH
+                self.close()
             for _ in range(2):  # a helper that died (killed, out of memory) is started again once
                 if self.proc is None or self.proc.poll() is not None:
-                    self.proc = self._start()
+                    self.proc, self.started_with = self._start(), env
                 try:
-                    self.proc.stdin.write(str(path) + "\n")
+                    self.proc.stdin.write(str(Path(path).resolve()) + "\n")
                     self.proc.stdin.flush()
                     line = self.proc.stdout.readline()
                 except (BrokenPipeError, OSError):
@@ -268,7 +273,23 @@ class _IndexHelper:
             return 1, "the indexing helper process stopped"
 
 
+    def close(self) -> None:
+        """End the helper (at exit): it stops when its stdin closes."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 _helper = _IndexHelper()
+atexit.register(_helper.close)
 
 
 def has_rtree(path: str | os.PathLike) -> bool:

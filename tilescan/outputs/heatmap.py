@@ -10,16 +10,17 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.windows import Window
+
 from ..errors import OutputError
 from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level
 from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output
 from .geometry import _rasterio_crs
-
 
 # --------------------------------------------------------------------------- heatmap
 

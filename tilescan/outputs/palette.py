@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import functools
-import numpy as np
 
+import numpy as np
 
 # --------------------------------------------------------------------------- colours
 

@@ -9,7 +9,9 @@ import functools
 import os
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
+
 from ..errors import OutputError
 from .files import atomic_output
 from .palette import class_colors

@@ -7,13 +7,14 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from ..errors import OutputError
 from .files import _dumps, atomic_output
 from .geometry import _projjson, pyproj_crs, wkb_polygons
-
 
 # --------------------------------------------------------------------------- tile table
 

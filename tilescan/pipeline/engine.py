@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 from typing import Sequence
+
 import numpy as np
+
 from ..backend import cpu_has_bf16
-from ..explain.shims import model_on_accelerator
-from ..explain.cam import resolve_target as _resolve_class
 from ..config import Config
 from ..errors import ConfigError
+from ..explain.cam import resolve_target as _resolve_class
+from ..explain.shims import model_on_accelerator
 
 
 def resolve_target(target: str, classes: Sequence[str], origin: str = "[cam] target_class") -> int | None:

@@ -27,6 +27,7 @@ from ..config import Config
 from ..layout import MANIFEST, STAGING
 from ..outputs.cog import write_labels_cog
 from ..outputs.files import write_json
+from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import write_scene_files
 from ..outputs.quicklook import write_quicklook
@@ -36,7 +37,7 @@ from ..scene.info import TilingWarning
 from ..scene.reader import SceneReader
 from .engine import Engine
 from .report import UnitResult
-from .units import Unit, UnitLock, _move_into_place, package_versions
+from .units import Unit, UnitLock, move_into_place, package_versions
 
 
 class UnitJob:
@@ -179,7 +180,7 @@ class UnitJob:
         manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
         write_json(self.stage / MANIFEST, manifest)
         faults.point("before-rename")
-        _move_into_place(self.stage, self.final, self.out)
+        move_into_place(self.stage, self.final, self.out)
         self.stack.pop_all()  # in place: nothing to undo but the reader and the lock
         self.reader.close()
         self.lock.release()
@@ -233,7 +234,7 @@ def _batch_rows(tiles: Sequence, fractions: Sequence[float], res, transform: Aff
         "row_off": row_off.astype(np.int32),
         "width": size.astype(np.int32),
         "height": size.astype(np.int32),
-        "corners": _corners(transform, col_off, row_off, size, size),
+        "corners": window_corners(transform, col_off, row_off, size, size),
         "valid_fraction": np.asarray(fractions, dtype=np.float32),
         "class_index": cls.astype(np.int16),
         "confidence": conf.astype(np.float32),
@@ -246,18 +247,6 @@ def _batch_rows(tiles: Sequence, fractions: Sequence[float], res, transform: Aff
     }
     return rows, cls, cam
 
-def _corners(transform: Affine, col_off: np.ndarray, row_off: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """(B, 4, 2) map coordinates of UL, UR, LR, LL of pixel windows."""
-    cols = np.stack([col_off, col_off + w, col_off + w, col_off], axis=1).astype(np.float64)
-    rows = np.stack([row_off, row_off, row_off + h, row_off + h], axis=1).astype(np.float64)
-    a, b, c, d, e, f = transform[:6]
-    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
-
-def _quietly(fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except Exception:  # cleanup after a failure must not hide that failure
-        pass
 
 
 def _write_outputs(job: UnitJob) -> None:
@@ -374,3 +363,9 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
         why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
                "rest; --min-valid lowers the bar)")
     return {"code": "no_tiles", "message": f"{info.path}: no tile classified (of {n_tiles}): {why}"}
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:  # cleanup after a failure must not hide that failure
+        pass

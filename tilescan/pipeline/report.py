@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from .. import __version__
 from ..errors import (
     EXIT_ALL_FAILED,
@@ -15,7 +16,6 @@ from ..errors import (
     OutputError,
     OutputExistsError,
 )
-
 
 # ----------------------------------------------------------------------------- results
 

@@ -9,20 +9,21 @@ import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
+
 from .. import layout, stop
-from ..scene import sources
 from ..config import Config
 from ..errors import ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import emit
 from ..model import describe_model
-from ..scene.info import TilingWarning
 from ..outputs.files import write_json
+from ..scene import sources
+from ..scene.info import TilingWarning
+from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .process import UnitJob
-from .stream import Stream
 from .report import RunReport, UnitResult
+from .stream import Stream
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest
-
 
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
 #: so one row of blocks must fit (16 MB for a 10,000 px wide 3-band uint16 scene); GDAL's own
@@ -98,108 +99,19 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     scenes, missing = sources.find_inputs(inputs, stac, assets)
     _check_output_dir(out)
     _bound_gdal_cache()
-    sources.configure_gdal()
+    configure_gdal()
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)
     resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
-
-    def rows_of(scene: Path) -> int | None:
-        try:
-            with card.open_scene(scene, cfg.tiling) as r:
-                return r.grid.n_rows
-        except TilescanError:
-            return None
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TilingWarning)
-        units = plan_units(scenes, cfg, shard, rows_of)
-    legacy_names = dict(zip(scenes, layout.legacy_folder_names(scenes)))
+    units = _plan(scenes, card, cfg, shard)
     report = RunReport()
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
-    results: dict[int, UnitResult] = {}
-    retries = sources.SceneRetries()
-    retry: list[int] = []
-
-    def prepare(k: int, unit: Unit) -> UnitJob | UnitResult:
-        """On the opener thread: the unit's checks; a locked job, or why there is nothing to do."""
-        final = unit.out_dir(out)
-        with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
-            fp = fingerprint(unit, cfg, card.sha256)
-        lock = UnitLock(out, unit).acquire()
-        try:
-            if _already_done(out, unit, final, fp, cfg, legacy_names[unit.scene]):
-                lock.release()
-                log(f"{unit.key}: already complete, skipped")
-                old = read_manifest(final) or {}
-                return UnitResult(unit.key, str(unit.scene), "skipped", str(final),
-                                  reason="already complete with the same config and model", counts=old.get("counts", {}))
-        except BaseException:
-            lock.release()
-            raise
-        return UnitJob(k, unit, out, cfg, None, fp, lock, log)
-
-    def fail(what: UnitJob | Unit, exc: BaseException) -> UnitResult:
-        """A unit's error as its result; errors of the model (no later unit can do better) end the run."""
-        job = what if isinstance(what, UnitJob) else None
-        unit = job.unit if job else what
-        seconds = round(time.monotonic() - job.t0, 2) if job else None
-        if isinstance(exc, ModelError):
-            raise exc
-        if isinstance(exc, OSError):
-            exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or unit.out_dir(out)))
-        if isinstance(exc, TilescanError):
-            if not exc.path:
-                exc.path = str(unit.scene)
-            k = job.index if job else units.index(unit)
-            if job is not None and retries.wants(unit.scene, exc):  # not its checks: the scene's work
-                log(f"warning: {exc}; the scene will be tried again ({retries.attempt + 1} of {retries.retries})")
-                retry.append(k)
-                return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
-            retries.annotate(exc)
-            log(f"error: {exc}")
-            return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
-        msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"  # a bug: one scene never kills the batch
-        log("error: " + msg)
-        log("".join(traceback.format_exception(exc, limit=5)))
-        return UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=seconds)
-
-    def on_result(k: int, res: UnitResult) -> None:
-        results[k] = res
-        if res.status == "done":
-            c = res.counts
-            log(f"{res.unit}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
-                f"{res.seconds:.1f} s -> {res.out_dir}")
-
-    def make_engine() -> Engine:
-        got = engine if engine is not None else shared_engine(cfg, card.path)
-        if got.runtime.get("warning"):  # a GPU this backend cannot use
-            log(got.runtime["warning"])
-        return got
-
-    bar = _progress_bar() if progress else None
-    todo = list(enumerate(units))
-    stats = []
-    try:
-        while todo:
-            stream = Stream(make_engine, cfg, prepare, fail, on_result, bar, started)
-            stream.run(todo)
-            stats.append(stream.stats.to_dict())
-            if stream.interrupted is not None:
-                report.interrupted = _interruption(stream, log)
-                break
-            todo = [(k, units[k]) for k in sorted(retry)]
-            retry.clear()
-            if todo and not retries.wait([units[k].scene for k, _ in todo], log):  # a stop while waiting
-                report.interrupted = {"signal": stop.requested(), "unit": None, "scene": None, "units": [],
-                                      "not_started": [u.key for _, u in todo]}
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    report.results.extend(results[k] for k in sorted(results))
+    book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine)
+    stats = book.process(progress, started, report)
+    report.results.extend(book.results[k] for k in sorted(book.results))
     if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (outputs.stac_items)
         from ..outputs.stac_items import write_items
 
@@ -211,6 +123,111 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     data["timings_s"] = {"wall": round(time.monotonic() - started, 3), "streams": stats}
     write_json(out / layout.report_name(shard), data)
     return report
+
+
+def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int]) -> list[Unit]:
+    """The units of this shard (row bands need each scene's grid: opened without Keras)."""
+    def rows_of(scene: Path) -> int | None:
+        try:
+            with card.open_scene(scene, cfg.tiling) as r:
+                return r.grid.n_rows
+        except TilescanError:
+            return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilingWarning)
+        return plan_units(scenes, cfg, shard, rows_of)
+
+
+class _Units:
+    """A run's units and their results: the checks before a unit opens, errors as results,
+    remote scenes tried again, and the streams that process them."""
+
+    def __init__(self, out: Path, cfg: Config, card, units: list[Unit], legacy: list[str], scenes: list,
+                 log: Callable[[str], None], engine: Engine | None):
+        self.out, self.cfg, self.card, self.units, self.log, self.engine = out, cfg, card, units, log, engine
+        self.legacy = dict(zip(scenes, legacy))
+        self.results: dict[int, UnitResult] = {}
+        self.retries = sources.SceneRetries()
+        self.retry: list[int] = []
+
+    def process(self, progress: bool, started: float, report: RunReport) -> list[dict]:
+        """Stream every unit (then the remote ones to try again); the streams' timings."""
+        bar = _progress_bar() if progress else None
+        todo, stats = list(enumerate(self.units)), []
+        try:
+            while todo:
+                stream = Stream(self.make_engine, self.cfg, self.prepare, self.fail, self.on_result, bar, started)
+                stream.run(todo)
+                stats.append(stream.stats.to_dict())
+                if stream.interrupted is not None:
+                    report.interrupted = _interruption(stream, self.log)
+                    break
+                todo = [(k, self.units[k]) for k in sorted(self.retry)]
+                self.retry.clear()
+                if todo and not self.retries.wait([u.scene for _, u in todo], self.log):  # a stop while waiting
+                    report.interrupted = {"signal": stop.requested(), "unit": None, "scene": None, "units": [],
+                                          "not_started": [u.key for _, u in todo]}
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        return stats
+
+    def make_engine(self) -> Engine:
+        got = self.engine if self.engine is not None else shared_engine(self.cfg, self.card.path)
+        if got.runtime.get("warning"):  # a GPU this backend cannot use
+            self.log(got.runtime["warning"])
+        return got
+
+    def prepare(self, k: int, unit: Unit) -> UnitJob | UnitResult:
+        """On the opener thread: the unit's checks; a locked job, or why there is nothing to do."""
+        final = unit.out_dir(self.out)
+        with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
+            fp = fingerprint(unit, self.cfg, self.card.sha256)
+        lock = UnitLock(self.out, unit).acquire()
+        try:
+            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene]):
+                lock.release()
+                self.log(f"{unit.key}: already complete, skipped")
+                old = read_manifest(final) or {}
+                return UnitResult(unit.key, str(unit.scene), "skipped", str(final),
+                                  reason="already complete with the same config and model", counts=old.get("counts", {}))
+        except BaseException:
+            lock.release()
+            raise
+        return UnitJob(k, unit, self.out, self.cfg, None, fp, lock, self.log)
+
+    def fail(self, what: UnitJob | Unit, exc: BaseException) -> UnitResult:
+        """A unit's error as its result; errors of the model (no later unit can do better) end the run."""
+        job = what if isinstance(what, UnitJob) else None
+        unit = job.unit if job else what
+        seconds = round(time.monotonic() - job.t0, 2) if job else None
+        if isinstance(exc, ModelError):
+            raise exc
+        if isinstance(exc, OSError):
+            exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or unit.out_dir(self.out)))
+        if not isinstance(exc, TilescanError):  # a bug: one scene never kills the batch
+            msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"
+            self.log("error: " + msg)
+            self.log("".join(traceback.format_exception(exc, limit=5)))
+            return UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=seconds)
+        if not exc.path:
+            exc.path = str(unit.scene)
+        if job is not None and self.retries.wants(unit.scene, exc):  # not its checks: the scene's work
+            self.log(f"warning: {exc}; the scene will be tried again ({self.retries.attempt + 1} of {self.retries.retries})")
+            self.retry.append(job.index)
+        else:
+            self.retries.annotate(exc)
+            self.log(f"error: {exc}")
+        return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
+
+    def on_result(self, k: int, res: UnitResult) -> None:
+        self.results[k] = res
+        if res.status == "done":
+            c = res.counts
+            self.log(f"{res.unit}: {c['tiles_classified']} tiles classified, {c['tiles_skipped']} skipped, "
+                     f"{res.seconds:.1f} s -> {res.out_dir}")
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str) -> bool:

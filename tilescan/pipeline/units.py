@@ -10,12 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
 from .. import __version__, layout
-from ..scene import sources
 from ..config import Config
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
 from ..layout import LOCKS, MANIFEST
-
+from ..scene import sources
 
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
 
@@ -214,7 +214,7 @@ class UnitLock:
         self.release()
 
 
-def _move_into_place(stage: Path, final: Path, out: Path) -> None:
+def move_into_place(stage: Path, final: Path, out: Path) -> None:
     """Rename the finished staging folder to ``final``: a scene folder ``OUT/<name>`` or a row
     band ``OUT/<name>/rows-…``. What was there is parked in the staging area, then removed
     (row-band parts inside an old scene folder are kept). Any other target is refused, so

@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
-import numpy as np
-from .info import _open_quiet
 
+import numpy as np
+from rasterio.windows import Window
+
+from .grid import _ceil_div
+from .info import _open_quiet
 
 #: A stored block is compared byte for byte with the others of its size only when it is at
 #: most this share of its raw size (a block of one value compresses to a sliver of it).
@@ -134,3 +138,78 @@ def _mask_ifd(path: str, ds):
             return m
         m.close()
     return None
+
+
+def find_empty_blocks(reader) -> BlockCoverage | None:
+    """The blocks of ``reader``'s scene (a :class:`~tilescan.scene.reader.SceneReader`) that hold no
+    valid pixel, from the TIFF block index and a few decoded blocks; None when not a tiled
+    GeoTIFF with one block shape or too many blocks."""
+    ds = reader._ds()
+    if ds.driver != "GTiff":
+        return None
+    H, W = reader.info.height, reader.info.width
+    shapes = {ds.block_shapes[b - 1] for b in reader._read_idx}
+    if len(shapes) != 1:
+        return None
+    fbh, fbw = shapes.pop()  # the blocks as stored (may exceed a small scene)
+    bh, bw = min(fbh, H), min(fbw, W)
+    nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
+    if nbr * nbc > MAX_SCAN_BLOCKS:
+        return None
+    pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+    planes = [1] if pixel else list(reader._read_idx)
+    raw_bytes = fbh * fbw * reader._dtype.itemsize * (ds.count if pixel else 1)
+    path = str(reader.info.path)
+    fh = open(path, "rb") if os.path.isfile(path) else None  # remote: absent blocks only
+    budget = [REPEAT_MAX_BYTES]
+    tokens, last, last_off = [], None, -1
+    use_mask, mask_ds = False, None
+    try:
+        indexes = [(ds, b, raw_bytes) for b in planes]
+        mask_ds = _mask_ifd(path, ds) if reader._internal_mask else None
+        if mask_ds is not None and mask_ds.block_shapes[0] == (fbh, fbw):
+            indexes.append((mask_ds, 1, fbh * fbw))
+            use_mask = True
+        for src, b, raw in indexes:
+            sizes, offsets = _block_index(src, b, nbr, nbc)
+            k = int(np.argmax(offsets))
+            if sizes.flat[k] and offsets.flat[k] > last_off:
+                last_off, last = int(offsets.flat[k]), divmod(k, nbc)
+            tokens.append(_content_tokens(sizes, offsets, raw, fh, budget))
+    finally:
+        if fh is not None:
+            fh.close()
+        if mask_ds is not None:
+            mask_ds.close()
+    # blocks with the same content in every plane decode alike: prove one per group
+    keys = np.stack(tokens, axis=1)
+    known = np.flatnonzero((keys >= 0).all(axis=1))
+    empty = np.zeros(nbr * nbc, bool)
+    absent = repeated = reads = 0
+    if known.size:
+        groups, inv = np.unique(keys[known], axis=0, return_inverse=True)
+        inv = inv.ravel()
+        rows, cols = np.divmod(known, nbc)
+        vis_h, vis_w = np.minimum(bh, H - rows * bh), np.minimum(bw, W - cols * bw)
+        for g in np.argsort(-np.bincount(inv), kind="stable"):
+            members = np.flatnonzero(inv == g)
+            while members.size and reads < MAX_PROOF_READS:
+                # the member showing most of the block: an edge block shows a corner of
+                # the same content, so it is proven by any member showing at least as much
+                rep = members[np.argmax(vis_h[members] * vis_w[members])]
+                reads += 1
+                try:
+                    _, valid = reader._read_raw(Window(int(cols[rep] * bw), int(rows[rep] * bh),
+                                                     int(vis_w[rep]), int(vis_h[rep])), use_mask=use_mask)
+                except Exception:
+                    break
+                if valid.any():
+                    break
+                ok = (vis_h[members] <= vis_h[rep]) & (vis_w[members] <= vis_w[rep])
+                empty[known[members[ok]]] = True
+                if not groups[g].any():
+                    absent += int(ok.sum())
+                else:
+                    repeated += int(ok.sum())
+                members = members[~ok]
+    return BlockCoverage(bh, bw, empty.reshape(nbr, nbc), absent, repeated, reads, 0.0, last)

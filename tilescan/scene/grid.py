@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
+
 import numpy as np
 from rasterio.windows import Window
-
 
 #: Largest tile edge (scene pixels) a reader accepts; a bigger one would need gigabytes
 #: per tile (this happens with ``resample_to_gsd`` on a scene far finer than the model).

@@ -9,14 +9,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
 import numpy as np
 import rasterio
 import rasterio.windows
 from affine import Affine
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
-from ..errors import InputError, NoScenesError
 
+from ..errors import InputError, NoScenesError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 

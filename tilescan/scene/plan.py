@@ -10,13 +10,14 @@ import time
 import warnings
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
+
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
 from .info import SceneInfo, TilingWarning, _check_file, _describe, _open_quiet, _scene_info
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape
-
 
 _DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
 

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from typing import Sequence
+
 import cv2
 import numpy as np
 import rasterio
@@ -19,19 +20,11 @@ import rasterio.windows
 from affine import Affine
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
+
 from ..errors import InputError
-from .coverage import (
-    BlockCoverage,
-    MAX_PROOF_READS,
-    MAX_SCAN_BLOCKS,
-    REPEAT_MAX_BYTES,
-    _block_index,
-    _content_tokens,
-    _mask_ifd,
-)
+from .coverage import BlockCoverage, find_empty_blocks
 from .grid import Tile, TileGrid, TilingPlan, _ceil_div, valid_fraction
 from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
-
 
 #: Long side of the decimated read used for the per-band percentile stretch.
 STATS_MAX_SIZE = 1024
@@ -243,7 +236,7 @@ class SceneReader:
         index, or when the scan fails (the scene is then read as usual)."""
         t0 = time.monotonic()
         try:
-            cov = self._find_empty_blocks()
+            cov = find_empty_blocks(self)
         except Exception:  # an odd file: the reads find its problems and name them
             cov = None
         if cov is not None:
@@ -251,77 +244,6 @@ class SceneReader:
         self.coverage = cov
         self.timings["scan"] = time.monotonic() - t0
         return cov
-
-    def _find_empty_blocks(self) -> BlockCoverage | None:
-        ds = self._ds()
-        if ds.driver != "GTiff":
-            return None
-        H, W = self.info.height, self.info.width
-        shapes = {ds.block_shapes[b - 1] for b in self._read_idx}
-        if len(shapes) != 1:
-            return None
-        fbh, fbw = shapes.pop()  # the blocks as stored (may exceed a small scene)
-        bh, bw = min(fbh, H), min(fbw, W)
-        nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
-        if nbr * nbc > MAX_SCAN_BLOCKS:
-            return None
-        pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
-        planes = [1] if pixel else list(self._read_idx)
-        raw_bytes = fbh * fbw * self._dtype.itemsize * (ds.count if pixel else 1)
-        path = str(self.info.path)
-        fh = open(path, "rb") if os.path.isfile(path) else None  # remote: absent blocks only
-        budget = [REPEAT_MAX_BYTES]
-        tokens, last, last_off = [], None, -1
-        use_mask, mask_ds = False, None
-        try:
-            indexes = [(ds, b, raw_bytes) for b in planes]
-            mask_ds = _mask_ifd(path, ds) if self._internal_mask else None
-            if mask_ds is not None and mask_ds.block_shapes[0] == (fbh, fbw):
-                indexes.append((mask_ds, 1, fbh * fbw))
-                use_mask = True
-            for src, b, raw in indexes:
-                sizes, offsets = _block_index(src, b, nbr, nbc)
-                k = int(np.argmax(offsets))
-                if sizes.flat[k] and offsets.flat[k] > last_off:
-                    last_off, last = int(offsets.flat[k]), divmod(k, nbc)
-                tokens.append(_content_tokens(sizes, offsets, raw, fh, budget))
-        finally:
-            if fh is not None:
-                fh.close()
-            if mask_ds is not None:
-                mask_ds.close()
-        # blocks with the same content in every plane decode alike: prove one per group
-        keys = np.stack(tokens, axis=1)
-        known = np.flatnonzero((keys >= 0).all(axis=1))
-        empty = np.zeros(nbr * nbc, bool)
-        absent = repeated = reads = 0
-        if known.size:
-            groups, inv = np.unique(keys[known], axis=0, return_inverse=True)
-            inv = inv.ravel()
-            rows, cols = np.divmod(known, nbc)
-            vis_h, vis_w = np.minimum(bh, H - rows * bh), np.minimum(bw, W - cols * bw)
-            for g in np.argsort(-np.bincount(inv), kind="stable"):
-                members = np.flatnonzero(inv == g)
-                while members.size and reads < MAX_PROOF_READS:
-                    # the member showing most of the block: an edge block shows a corner of
-                    # the same content, so it is proven by any member showing at least as much
-                    rep = members[np.argmax(vis_h[members] * vis_w[members])]
-                    reads += 1
-                    try:
-                        _, valid = self._read_raw(Window(int(cols[rep] * bw), int(rows[rep] * bh),
-                                                         int(vis_w[rep]), int(vis_h[rep])), use_mask=use_mask)
-                    except Exception:
-                        break
-                    if valid.any():
-                        break
-                    ok = (vis_h[members] <= vis_h[rep]) & (vis_w[members] <= vis_w[rep])
-                    empty[known[members[ok]]] = True
-                    if not groups[g].any():
-                        absent += int(ok.sum())
-                    else:
-                        repeated += int(ok.sum())
-                    members = members[~ok]
-        return BlockCoverage(bh, bw, empty.reshape(nbr, nbc), absent, repeated, reads, 0.0, last)
 
     def tiles_with_data(self, row_start: int = 0, row_stop: int | None = None) -> tuple[list[Tile], int]:
         """The tiles of grid rows ``[row_start, row_stop)`` that touch a block not known to be

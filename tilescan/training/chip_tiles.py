@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..outputs.geometry import window_corners
 from .labels import Labels
 
 if TYPE_CHECKING:
@@ -36,12 +37,8 @@ def grid_corners(grid, transform) -> np.ndarray:
     """(N, 4, 2) corners in the scene CRS of every tile of ``grid``, row-major (top-left,
     top-right, bottom-right, bottom-left; exact for rotated geotransforms)."""
     r, c = np.divmod(np.arange(len(grid)), grid.n_cols)
-    c0, r0 = (c * grid.stride).astype(np.float64), (r * grid.stride).astype(np.float64)
-    t = float(grid.tile_size)
-    cols = np.stack([c0, c0 + t, c0 + t, c0], axis=1)
-    rows = np.stack([r0, r0, r0 + t, r0 + t], axis=1)
-    a, b, xoff, d, e, yoff = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
-    return np.stack([a * cols + b * rows + xoff, d * cols + e * rows + yoff], axis=-1)
+    t = np.full(len(grid), grid.tile_size)
+    return window_corners(transform, c * grid.stride, r * grid.stride, t, t)
 
 
 def _polygons(corners: np.ndarray):
