@@ -7,8 +7,9 @@
 ``host``: the real run (reading, scaling, batching, rows, labels, heat blending, every
 output) with the model step replaced by a no-op that returns results of the right shape,
 on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and
-to 2 cores with ``taskset`` (alternated, ``--rounds`` each): tiles/s over the run's wall
-time, and the ratio 2 cores / 1 core.
+to 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
+(``--pipeline lockstep`` for the CPU default): tiles/s over the run's wall time, and the
+ratio 2 cores / 1 core.
 
 ``small``: 40 scenes of 512 x 512 px (16 tiles each) cut from the real Landsat scene, in one
 ``tilescan run`` with the real model, against model + Grad-CAM alone on the same tiles in
@@ -44,14 +45,14 @@ class NoopEngine:
     """Stands in for the model + CAM step: results of the right shape at no cost, so the
     run measures everything else. Labels come from the tile's mean, CAMs from its pixels."""
 
-    def __init__(self, card, batch_size: int):
+    def __init__(self, card, batch_size: int, pipeline: str):
         self.loaded = card
         self.classes = card.classes
         self.input_size = card.input_size
         self.batch_size = batch_size
         self.cam = type("Layer", (), {"layer": "noop"})()
-        self.pipeline, self.precision = os.environ.get("NOOP_PIPELINE", "lockstep"), "float32"
-        self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": "lockstep"}
+        self.pipeline, self.precision = pipeline, "float32"
+        self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": pipeline}
 
     def ready(self) -> None:
         pass
@@ -69,7 +70,7 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-def _host_once(scene: Path, out: Path) -> dict:
+def _host_once(scene: Path, out: Path, pipeline: str, readers: int) -> dict:
     """One no-op run in this process (called under taskset)."""
     import importlib
 
@@ -79,8 +80,8 @@ def _host_once(scene: Path, out: Path) -> dict:
     from tilescan.pipeline.run import run
 
     cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]},
-                                 "inference": {"reader_threads": int(os.environ.get("NOOP_READERS", "1"))}}, environ={})
-    engine = NoopEngine(describe_model(), cfg.inference.batch_size)
+                                 "inference": {"pipeline": pipeline, "reader_threads": readers}}, environ={})
+    engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     t0 = time.perf_counter()
     report = run([scene], out, cfg, log=lambda m: None, engine=engine)
     wall = time.perf_counter() - t0
@@ -101,7 +102,8 @@ def host(args) -> dict:
             out = work / f"out-{cores}-{r}"
             shutil.rmtree(out, ignore_errors=True)
             cpus = "0" if cores == "1" else "0,1"
-            p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out)],
+            p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out),
+                                args.pipeline, cores],
                                capture_output=True, text=True, check=True)
             got = json.loads(p.stdout.strip().splitlines()[-1])
             runs[cores].append(got)
@@ -109,6 +111,7 @@ def host(args) -> dict:
             shutil.rmtree(out, ignore_errors=True)
     rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
     return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"]},
+            "pipeline": args.pipeline, "reader_threads": "one per core" if args.pipeline == "overlap" else None,
             "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
             "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
 
@@ -174,11 +177,13 @@ def small(args) -> dict:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
-        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]))))
+        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("host", "small"))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pipeline", choices=("overlap", "lockstep"), default="overlap",
+                    help="host: overlap (one reader per core, as on a GPU) or lockstep (the CPU default)")
     ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -187,7 +187,19 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _dumps(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+    try:  # the common case: only the values JSON lacks are converted, no walk over the rest
+        return json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False, default=_json_default)
+    except (TypeError, ValueError):  # non-finite floats (to null), odd keys: the full conversion
+        return json.dumps(_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (Mapping, list, tuple)):  # e.g. a mapping proxy: convert it whole
+        return _jsonable(obj)
+    got = _jsonable(obj)
+    if isinstance(got, float) or got is None:  # a value that may need the non-finite rule: the slow path
+        raise ValueError("float from a non-JSON type")
+    return got
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
