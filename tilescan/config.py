@@ -99,9 +99,9 @@ class InferenceConfig(_Section):
     shared CPU every core the readers take stalls the model's threads: measured in
     benchmarks/README.md), overlap on a GPU."""
     reader_threads: int = 1
-    """Reader threads with ``pipeline = "overlap"``. One keeps up with the model on these CPUs and decodes each
-    block once (each thread has its own GDAL handle and cache); more steal the model's
-    cores (benchmarks/README.md: 1 > 2 > 4 threads end to end on 2 cores)."""
+    """Reader threads with ``pipeline = "overlap"``. Each reads whole bands of block rows with
+    its own GDAL handle, so no block is decoded twice whatever their number. On a GPU host,
+    one per core; on a CPU that also runs the model, more steal its cores (benchmarks/README.md)."""
     queue_size: int = 4
     jit_compile: str = "auto"
     """``auto``, ``true`` or ``false``: XLA-compile the model + CAM step."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .layers import _keras, gap_dense_head, resolve_layer, split_model
-from .shims import _GAP_DENSE_STEPS, _SHIMS, model_on_accelerator, resolve_jit
+from .shims import _GAP_DENSE_STEPS, _SHIMS, auto_flag, model_on_accelerator, resolve_jit
 
 EPS = 1e-12  # guards every division by a per-image or per-channel sum/maximum
 
@@ -183,16 +183,7 @@ def resolve_fast_head(fast_head: bool | str) -> bool | None:
     """"auto" | "true" | "false" (or a bool) -> True (required), False (never) or None
     (auto: only where the model runs on an accelerator; on the CPU the autodiff path is as
     fast and its raw maps are the ones earlier outputs were written with)."""
-    if isinstance(fast_head, bool):
-        return fast_head
-    value = str(fast_head).strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    if value != "auto":
-        raise ConfigError(f"fast_head must be 'auto', 'true' or 'false', got {fast_head!r}")
-    return None
+    return auto_flag(fast_head, "fast_head")
 
 
 class GradCAM(CAMMethod):

@@ -232,21 +232,29 @@ def model_on_accelerator(backend: str) -> bool:
     return False
 
 
+def auto_flag(value, name: str) -> bool | None:
+    """An ``auto``/``true``/``false`` setting (or a bool): True, False, or None for auto."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    if text != "auto":
+        raise ConfigError(f"{name} must be 'auto', 'true' or 'false', got {value!r}")
+    return None
+
+
 def resolve_jit(jit_compile: bool | str, backend: str) -> bool:
     """"auto" | "true" | "false" (or a bool) -> whether the gradient step is compiled.
 
     auto: TensorFlow -> XLA only where measured faster (not on the development CPU);
     JAX -> ``jax.jit`` (always faster than op-by-op); torch -> eager autograd.
     """
-    if isinstance(jit_compile, bool):
-        return jit_compile
-    value = str(jit_compile).strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    if value != "auto":
-        raise ConfigError(f"jit_compile must be 'auto', 'true' or 'false', got {jit_compile!r}")
+    choice = auto_flag(jit_compile, "jit_compile")
+    if choice is not None:
+        return choice
     if backend == "tensorflow":
         return _TF_GPU_AUTO_JIT if model_on_accelerator(backend) else _TF_CPU_AUTO_JIT
     return backend == "jax"

@@ -193,20 +193,9 @@ class Stream:
         t.start()
         try:
             while (item := q.get()) is not None:
-                kind, k, what = item
-                if kind == "job":
-                    with self._lock:
-                        self.in_flight[k] = what
-                    if self.bar is not None:
-                        self.bar.total = (self.bar.total or 0) + what.n_tiles
-                        self.bar.update(what.n_empty)
-                    yield what
-                elif kind == "result":
-                    self.on_result(k, what)
-                elif kind == "not_started":
-                    self.not_started.append(what)
-                else:
-                    self.on_result(k, self.fail(*what))
+                job = self._take(item, wanted=True)
+                if job is not None:
+                    yield job
         finally:
             halt.set()
             while t.is_alive():  # drain, so the opener is never stuck on a full queue
@@ -216,17 +205,30 @@ class Stream:
                     continue
                 if item is None:
                     break
-                kind, k, what = item
-                if kind == "job":
-                    what.abort()
-                    self.not_started.append(what.unit)
-                elif kind == "result":
-                    self.on_result(k, what)
-                elif kind == "not_started":
-                    self.not_started.append(what)
-                else:
-                    self.on_result(k, self.fail(*what))
+                self._take(item, wanted=False)
             t.join()
+
+    def _take(self, item: tuple, wanted: bool) -> UnitJob | None:
+        """One thing the opener handed over: an opened job (returned if ``wanted``, else
+        removed as not started), a result, a unit not started, or an error."""
+        kind, k, what = item
+        if kind == "job" and wanted:
+            with self._lock:
+                self.in_flight[k] = what
+            if self.bar is not None:
+                self.bar.total = (self.bar.total or 0) + what.n_tiles
+                self.bar.update(what.n_empty)
+            return what
+        if kind == "job":
+            what.abort()
+            self.not_started.append(what.unit)
+        elif kind == "result":
+            self.on_result(k, what)
+        elif kind == "not_started":
+            self.not_started.append(what)
+        else:
+            self.on_result(k, self.fail(*what))
+        return None
 
     # -- reading
 
