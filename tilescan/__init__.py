@@ -38,10 +38,11 @@ from .errors import (
     OutputExistsError,
     TilescanError,
 )
+from .log import emit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline.report import RunReport
     from .model import LoadedModel
+    from .pipeline.report import RunReport
 
 __version__ = "0.2.0"
 
@@ -56,12 +57,18 @@ __all__ = [
     "OutputError",
     "OutputExistsError",
     "TilescanError",
+    "collect",
+    "cut_chips",
     "describe_model",
+    "evaluate",
     "explain_figures",
     "get_cam",
     "load_config",
     "load_model",
+    "parse_shard",
     "run",
+    "runtime",
+    "train",
 ]
 
 _RUN_SECTIONS = ("tiling", "inference", "cam", "output")
@@ -173,3 +180,96 @@ def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     from .explain.cam import get_cam as _get
 
     return _get(name, model, layer=layer, **kwargs)
+
+
+def parse_shard(text: str | None = None, count: int | None = None) -> tuple[int, int]:
+    """``"I/N"`` (0-based ``I``) as ``(I, N)``; without ``text``, the shard a Slurm array
+    task or a Kubernetes Indexed Job gives this process, else ``(0, 1)``."""
+    from .pipeline.units import parse_shard as _parse
+
+    return _parse(text, count=count)
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str | os.PathLike | None = None, *,
+          splits: str | os.PathLike | None = None, name: str | None = None, resume: bool = False,
+          overwrite: bool = False, max_seconds: float | None = None, limit: int | None = None, half: bool = False,
+          verbose: int = 0, **overrides: Any) -> Any:
+    """Train a ResNet-18 on ``data`` (a folder-per-class image dataset) into the model file
+    ``out``; ``config``'s ``[train]`` section and ``overrides`` (``epochs=3``, ``init="default"``)
+    set the recipe. ``splits``: a folder of split lists; ``name``: the dataset's name in the
+    model's metadata. Imports Keras; returns what training reports (history, scores)."""
+    from .backend import import_keras
+    from .training.data import load_dataset
+    from .training.train import train as _train
+
+    cfg = _train_config(config, overrides)
+    import_keras()
+    ds = load_dataset(data, splits, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if name:
+        ds.name = name
+    emit(f"{ds.name}: {len(ds.classes)} classes, train {len(ds.items('train'))}, val {len(ds.items('val'))} "
+         f"({ds.split_source})")
+    return _train(ds, out, cfg, resume=resume, overwrite=overwrite, max_seconds=max_seconds, limit=limit, half=half,
+                  verbose=verbose)
+
+
+def _train_config(config, overrides: dict[str, Any]):
+    if isinstance(config, Config):
+        return config.train if not overrides else config.replace("train", **overrides).train
+    return load_config(config, {"train": overrides} if overrides else None).train
+
+
+def evaluate(model: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike, split: str = "test",
+             **kwargs: Any) -> dict:
+    """Score ``model`` (None: the packaged one) on ``split`` of ``data``, writing report.json,
+    CSVs and figures to ``out``; keyword arguments as
+    :func:`tilescan.training.evaluate.run_evaluate` (``batch_size``, ``tta``, ``explanations``,
+    ``cam_methods``, ``record``, ``limit``, ...). Imports Keras."""
+    from .backend import import_keras
+    from .training.evaluate import run_evaluate
+
+    import_keras()
+    return run_evaluate(None if model is None else str(model), str(data), split, str(out), **kwargs)
+
+
+def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> dict:
+    """Join the finished units of a run folder ``out`` into ``out/collected/`` (one GeoParquet
+    table, a GeoPackage copy, per-class summary, QGIS project); returns the summary."""
+    from .outputs.collect import run_collect
+
+    return run_collect(out, gpkg=gpkg, styles=styles)
+
+
+def cut_chips(scenes: Sequence[str | os.PathLike], labels: str | os.PathLike, out: str | os.PathLike,
+              config: Config | str | os.PathLike | None = None, *, class_field: str | None = None,
+              layer: str | None = None, model: str | os.PathLike | None = None, overwrite: bool = False,
+              **options: Any) -> Any:
+    """Cut the tiles of ``scenes`` that ``labels`` (polygons or points in any GDAL vector
+    format) label into a folder-per-class dataset at ``out``, tiled as ``run`` would tile them
+    (``config``'s ``[tiling]``); ``options`` as :class:`tilescan.training.chips.ChipOptions`
+    (``min_cover``, ``min_valid``, ``split``, ``block_m``, ``val_fraction``, ``test_fraction``,
+    ``seed``)."""
+    from .training.chips import ChipOptions
+    from .training.chips import cut_chips as _cut
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    return _cut([str(s) for s in scenes], labels, out, cfg.tiling, class_field=class_field, layer=layer,
+                model_path=None if model is None else str(model), opts=ChipOptions(**options), overwrite=overwrite)
+
+
+def runtime(config: Config | str | os.PathLike | None = None) -> dict:
+    """Where a run would compute: the Keras backend and device, the GPUs the machine shows, a
+    warning when one goes unused, and what ``[inference] precision`` and ``pipeline`` resolve
+    to with ``config``. Imports Keras."""
+    from .backend import describe_device, import_keras
+    from .pipeline.engine import resolve_pipeline, resolve_precision
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    keras = import_keras()
+    dev = describe_device(keras)
+    backend = dev["backend"]
+    inf = cfg.inference
+    return {**dev,
+            "precision": {"setting": inf.precision, "used": resolve_precision(inf.precision, backend),
+                          "auto": resolve_precision("auto", backend)},
+            "pipeline": {"setting": inf.pipeline, "used": resolve_pipeline(inf.pipeline, backend)}}

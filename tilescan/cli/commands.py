@@ -1,4 +1,4 @@
-"""The `tilescan` commands: thin click wrappers over the library.
+"""The `tilescan` commands: thin click wrappers over the public API (``import tilescan``).
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from .. import __version__
-from ..config import CAM_METHOD_NAMES
+import tilescan
+
 from .options import (
     _CAM_HELP,
     _LAYERS_EPILOG,
@@ -23,11 +23,12 @@ from .options import (
     _quiet_backend,
     _verbosity,
     option,
+    unconfigure_logging,
 )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
-@click.version_option(__version__, prog_name="tilescan")
+@click.version_option(tilescan.__version__, prog_name="tilescan")
 @click.option("-v", "--verbose", count=True, show_default=False, help=f"More output; repeatable ({_VERBOSITY_NOTE}).")
 @click.option("-q", "--quiet", count=True, show_default=False, help=f"Less output: errors and warnings only ({_VERBOSITY_NOTE}).")
 @click.pass_context
@@ -41,6 +42,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
     · 75 stopped by SIGTERM/SIGINT (rerun to resume).
     """
     ctx.obj = _Ctx(verbose - quiet)
+    ctx.call_on_close(unconfigure_logging)
 
 
 # ----------------------------------------------------------------------------- run
@@ -68,7 +70,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="1-based scene bands in the model's order, e.g. 3,2,1 for B,G,R files.")
 @option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1),
         help="Skip tiles with less valid area than this fraction.")
-@option("--cam", "cam_method", config_key=("cam", "method"), type=click.Choice(CAM_METHOD_NAMES, case_sensitive=False),
+@option("--cam", "cam_method", config_key=("cam", "method"), type=click.Choice(tilescan.CAM_METHODS, case_sensitive=False),
         metavar="METHOD", help=f"CAM method: {_CAM_HELP}.")
 @option("--cam-layer", config_key=("cam", "layer"), show_default="the model's last conv block", help="Layer to explain.")
 @option("--target", "target_class", config_key=("cam", "target_class"), show_default="each tile's prediction",
@@ -104,17 +106,13 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
-        from ..config import load_config
-        from ..pipeline.run import run as run_job
-        from ..pipeline.units import parse_shard
-
         flags, typed = _config_flags(ctx)
-        cfg = load_config(config_path, flags, flags=typed)
-        sh = parse_shard(shard, count=shard_count)
+        cfg = tilescan.load_config(config_path, flags, flags=typed)
+        sh = tilescan.parse_shard(shard, count=shard_count)
         show = sys.stderr.isatty() if progress is None else progress
         assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
-        report = run_job(inputs, out, cfg, model_path=model_path, shard=sh, progress=show and obj.verbosity >= 0, log=obj.log,
-                         stac=stac, assets=assets, stac_items=stac_items)
+        report = tilescan.run(list(inputs), out, cfg, model=model_path, shard=sh, progress=show and obj.verbosity >= 0,
+                              stac=stac, assets=assets, stac_items=stac_items)
         if report.interrupted:
             i = report.interrupted
             obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")
@@ -165,18 +163,13 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
     tiles run would classify, as PNGs in DATASET/images/<class>/, with spatially separate
     train/val/test splits, chips.parquet (each chip's scene, window, footprint, class) and
     chips.json. Train on it with: tilescan train DATASET --init default -o MODEL.keras"""
-    obj: _Ctx = ctx.obj
 
     def body():
-        from ..config import load_config
-        from ..training.chips import ChipOptions, cut_chips
-
         flags, typed = _config_flags(ctx)
-        cfg = load_config(config_path, flags, flags=typed)
-        opts = ChipOptions(min_cover=min_cover, min_valid=min_valid, split=split_method, block_m=block_size,
-                           val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-        cut_chips(list(inputs), labels_path, out, cfg.tiling, class_field=class_field, layer=layer, model_path=model_path,
-                  opts=opts, overwrite=overwrite, log=obj.log)
+        cfg = tilescan.load_config(config_path, flags, flags=typed)
+        tilescan.cut_chips(list(inputs), labels_path, out, cfg, class_field=class_field, layer=layer, model=model_path,
+                           overwrite=overwrite, min_cover=min_cover, min_valid=min_valid, split=split_method,
+                           block_m=block_size, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         return 0
 
     _guard(body)
@@ -219,18 +212,11 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
 
     def body():
         _quiet_backend(obj.verbosity)
-        from ..config import load_config
-        from ..training.data import load_dataset
-        from ..training.train import train as train_model
-
         flags, typed = _config_flags(ctx)
-        cfg = load_config(config_path, flags, flags=typed).train
-        ds = load_dataset(data, splits_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        if dataset_name:
-            ds.name = dataset_name
-        obj.log(f"{ds.name}: {len(ds.classes)} classes, train {len(ds.items('train'))}, val {len(ds.items('val'))} ({ds.split_source})")
+        cfg = tilescan.load_config(config_path, flags, flags=typed)
         verbose = 1 if sys.stdout.isatty() and obj.verbosity >= 0 else (2 if obj.verbosity > 0 else 0)
-        train_model(ds, out, cfg, resume=resume, overwrite=overwrite, max_seconds=max_time, limit=limit, half=half, verbose=verbose, log=obj.log)
+        tilescan.train(data, out, cfg, splits=splits_dir, name=dataset_name, resume=resume, overwrite=overwrite,
+                       max_seconds=max_time, limit=limit, half=half, verbose=verbose)
         return 0
 
     _guard(body)
@@ -268,11 +254,9 @@ def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch
 
     def body():
         _quiet_backend(obj.verbosity)
-        from ..training.evaluate import run_evaluate
-
-        run_evaluate(None if model_path == "default" else model_path, data, split, out, splits_dir=splits_dir, batch_size=batch_size, tta=tta,
-                     explain_samples=explain_samples, explanations=explanations, cam_methods=methods, record=record, limit=limit,
-                     faithfulness_limit=faithfulness_images, log=obj.log)
+        tilescan.evaluate(None if model_path == "default" else model_path, data, out, split, splits_dir=splits_dir,
+                          batch_size=batch_size, tta=tta, explain_samples=explain_samples, explanations=explanations,
+                          cam_methods=methods, record=record, limit=limit, faithfulness_limit=faithfulness_images)
         return 0
 
     _guard(body)
@@ -318,11 +302,8 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
 
     def body():
         _quiet_backend(obj.verbosity)
-        from ..explain.figures import run_explain
-
-        paths = run_explain(list(inputs), out, model_path=model_path, methods=methods,
-                            layer=layer, target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size,
-                            units=units, log=obj.log)
+        paths = tilescan.explain_figures(list(inputs), out, model_path=model_path, methods=methods, layer=layer,
+                                         target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units)
         for p in paths:
             click.echo(str(p))
         return 0
@@ -345,9 +326,7 @@ def collect(obj: _Ctx, out, gpkg, styles) -> None:
     (OUT/collected/), a GeoPackage copy, a per-class summary and a QGIS project."""
 
     def body():
-        from ..outputs.collect import run_collect
-
-        run_collect(out, gpkg=gpkg, styles=styles, log=obj.log)
+        tilescan.collect(out, gpkg=gpkg, styles=styles)
         return 0
 
     _guard(body)
@@ -375,35 +354,16 @@ def info(ctx: click.Context, model_path, runtime, config_path) -> None:
     def body():
         import json
 
-        from ..model import PACKAGE_MODEL, read_metadata
-
-        meta = read_metadata(model_path or PACKAGE_MODEL)
+        meta = tilescan.describe_model(model_path).meta
         if runtime:
-            meta = {**meta, "runtime": _runtime(config_path, obj.verbosity)}
+            _quiet_backend(obj.verbosity)
+            meta = {**meta, "runtime": tilescan.runtime(config_path)}
             if meta["runtime"]["warning"]:
                 obj.log(meta["runtime"]["warning"])
         click.echo(json.dumps(meta, indent=2))
         return 0
 
     _guard(body)
-
-
-def _runtime(config_path, verbosity: int) -> dict:
-    """``tilescan info --runtime``: describe_device() plus what ``[inference]`` precision and
-    pipeline resolve to on that backend and device."""
-    from ..backend import describe_device, import_keras
-    from ..config import load_config
-    from ..pipeline.engine import resolve_pipeline, resolve_precision
-
-    cfg = load_config(config_path).inference
-    keras = import_keras(verbosity)
-    backend = keras.backend.backend()
-    return {
-        **describe_device(keras),
-        "precision": {"setting": cfg.precision, "used": resolve_precision(cfg.precision, backend),
-                      "auto": resolve_precision("auto", backend)},
-        "pipeline": {"setting": cfg.pipeline, "used": resolve_pipeline(cfg.pipeline, backend)},
-    }
 
 
 if __name__ == "__main__":  # pragma: no cover

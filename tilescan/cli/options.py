@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import shlex
 import sys
 from typing import Any, Callable
@@ -12,19 +13,51 @@ import click
 
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, TilescanError
+from ..log import emit, logger
 
 
 class _Ctx:
+    """The command line's state: its verbosity (-v/-q anywhere), and the ``tilescan`` logger
+    configured to print on stderr as that verbosity says."""
+
     def __init__(self, verbosity: int):
         self.verbosity = verbosity
+        configure_logging(self)
 
     def log(self, msg: str) -> None:
-        if self.verbosity >= 0 or msg.startswith(("error", "warning")):
-            click.echo(msg, err=True)
+        emit(msg)
 
     def debug(self, msg: str) -> None:
-        if self.verbosity > 0:
-            click.echo(msg, err=True)
+        logger.debug(msg)
+
+
+class _CliHandler(logging.Handler):
+    """The library's log records on stderr: errors and warnings always, other messages unless
+    -q, debug with -v (read when each record comes, so -v/-q after the command count too)."""
+
+    def __init__(self, ctx: _Ctx):
+        super().__init__(logging.DEBUG)
+        self.ctx = ctx
+
+    def emit(self, record: logging.LogRecord) -> None:
+        v = self.ctx.verbosity
+        if record.levelno >= logging.WARNING or (record.levelno >= logging.INFO and v >= 0) or v > 0:
+            click.echo(record.getMessage(), err=True)
+
+
+def configure_logging(ctx: _Ctx) -> None:
+    """The CLI's logging (rasterio's way): the library only logs; this prints its records
+    until :func:`unconfigure_logging` (when the command ends)."""
+    unconfigure_logging()
+    logger.addHandler(_CliHandler(ctx))
+    logger.setLevel(logging.DEBUG)
+
+
+def unconfigure_logging() -> None:
+    """Detach the CLI's handler, so a Python caller in the same process sees nothing again."""
+    for h in [h for h in logger.handlers if isinstance(h, _CliHandler)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)
 
 
 def _quiet_backend(verbosity: int) -> None:
