@@ -56,3 +56,28 @@ def test_bad_override_is_a_config_error(tmp_path):
     with pytest.raises(tilescan.ConfigError) as exc:
         tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", units="feet")
     assert exc.value.exit_code == 2
+
+
+def test_the_commands_have_their_functions():
+    """Every command is a function of the public API (the CLI calls these, nothing else)."""
+    for name in ("run", "train", "evaluate", "collect", "cut_chips", "explain_figures", "describe_model", "runtime",
+                 "parse_shard"):
+        assert callable(getattr(tilescan, name)) and name in tilescan.__all__
+    assert tilescan.parse_shard("2/5") == (2, 5)
+    with pytest.raises(tilescan.ConfigError, match="0 <= I < N"):
+        tilescan.parse_shard("5/5")
+    rt = tilescan.runtime()
+    assert rt["backend"] == "tensorflow" and rt["pipeline"]["setting"] == "auto"
+
+
+def test_collect_from_python(tmp_path):
+    out = tmp_path / "o"
+    assert tilescan.run(scene("rio-tiler/cog_rgb.tif"), out, units="px", tile_size=200).exit_code == 0
+    summary = tilescan.collect(out, gpkg=False, styles=False)
+    import geopandas as gpd
+
+    table = gpd.read_parquet(out / "collected" / "tiles.parquet")
+    rows = gpd.read_parquet(out / "cog_rgb" / "tiles.parquet")
+    assert summary["tiles"] == len(table) == len(rows) > 0
+    assert summary["scenes"]["cog_rgb"]["complete"]
+    assert not (out / "collected" / "tiles.gpkg").exists() and not list((out / "collected").glob("*.qgs"))
