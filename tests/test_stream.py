@@ -63,6 +63,8 @@ def test_batches_span_scenes_with_the_same_outputs(chips, solo, tmp_path):
     assert 0 < stream["first_batch_s"] <= json.loads((out / "report.json").read_text())["timings_s"]["wall"]
     for p in chips:
         assert_unit_equal(out / p.stem, solo[p.stem])
+        rt = json.loads((out / p.stem / "run.json").read_text())["runtime"]
+        assert rt["first_batch_s"] == stream["first_batch_s"] and rt["engine_ready_s"] <= rt["first_batch_s"]
 
 
 def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):

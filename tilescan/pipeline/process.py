@@ -63,6 +63,7 @@ class UnitJob:
         self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
         self.failed: BaseException | None = None
         self.abort_queued = False
+        self.run_timings: Callable[[], dict] | None = None  # the run's start-up times (set by the stream)
         self._finishing = False
         self.state = threading.Lock()
 
@@ -327,7 +328,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "tiling": reader.plan.to_dict(),
         "model": {"id": engine.loaded.model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256,
                   "classes": engine.classes, "precision": engine.precision},
-        "runtime": engine.runtime,
+        "runtime": {**engine.runtime, **(job.run_timings() if job.run_timings else {})},
         "config": job.cfg.to_dict(),
         "versions": package_versions(),
         "counts": {

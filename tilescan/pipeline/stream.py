@@ -51,6 +51,10 @@ class StreamStats:
     batches: int = 0
     tiles: int = 0
 
+    def startup(self) -> dict:
+        """Seconds from the run's start until the engine was ready and the first batch done."""
+        return {k: v for k, v in self.to_dict().items() if k in ("engine_ready_s", "first_batch_s")}
+
     def to_dict(self) -> dict:
         def r(v):
             return None if v is None else round(v, 3)
@@ -161,6 +165,7 @@ class Stream:
                 job = self.prepare(k, unit)
                 if isinstance(job, UnitJob):
                     job.engine = self._engine()
+                    job.run_timings = self.stats.startup
                     job.open()
                     out.put(("job", k, job))
                 else:
