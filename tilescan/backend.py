@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+
+
+#: Held while file descriptor 2 points at /dev/null (a quiet Keras import, which may run on a
+#: worker thread); whoever prints to stderr from another thread takes it first.
+STDERR_LOCK = threading.RLock()
 
 
 def import_keras(verbosity: int | None = None):
@@ -24,16 +30,17 @@ def import_keras(verbosity: int | None = None):
 
         _compilation_cache(keras)
         return keras
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import keras
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with STDERR_LOCK:  # no other thread's message goes to /dev/null meanwhile
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import keras
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

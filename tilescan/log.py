@@ -8,7 +8,11 @@ configures logging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+import warnings
+from typing import Iterator
 
 logger = logging.getLogger("tilescan")
 logger.addHandler(logging.NullHandler())
@@ -22,3 +26,15 @@ def emit(msg: str) -> None:
         logger.warning(msg)
     else:
         logger.info(msg)
+
+
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def catching_warnings(record: bool = False) -> Iterator[list | None]:
+    """``warnings.catch_warnings``, one thread at a time: its filters are process-wide, so two
+    threads inside it at once (a scene opening while another scene's outputs are written)
+    would lose or swallow each other's warnings."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=record) as caught:
+        yield caught

@@ -13,6 +13,7 @@ import click
 
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, TilescanError
+from ..backend import STDERR_LOCK
 from ..log import emit, logger
 
 
@@ -42,7 +43,8 @@ class _CliHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         v = self.ctx.verbosity
         if record.levelno >= logging.WARNING or (record.levelno >= logging.INFO and v >= 0) or v > 0:
-            click.echo(record.getMessage(), err=True)
+            with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
+                click.echo(record.getMessage(), err=True)
 
 
 def configure_logging(ctx: _Ctx) -> None:

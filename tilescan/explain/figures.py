@@ -25,12 +25,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..scene import sources
-from .cam import resolve_target
 from ..errors import ConfigError, InputError
-from ..log import emit
-from ..scene.info import TIFF_SUFFIXES
+from ..log import catching_warnings, emit
 from ..outputs.files import write_bytes, write_json
+from ..scene import sources
+from ..scene.info import TIFF_SUFFIXES
+from .cam import resolve_target
 
 HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
@@ -168,7 +168,7 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
     from ..scene.info import TilingWarning
 
     cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, allow_pixel_space=True)
-    with warnings.catch_warnings(record=True) as caught:
+    with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
     for w in caught:
@@ -330,8 +330,8 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
 
 def _load_explainer(model_path: str | None, methods: list[str], layer: str | None, target):
     """The loaded model, the target's class index (None: each prediction) and a CAM per method."""
-    from .cam import get_cam
     from ..model import PACKAGE_MODEL, load_model, read_metadata
+    from .cam import get_cam
 
     if model_path is not None or PACKAGE_MODEL.exists():  # check the target before the slow Keras load
         resolve_target(target, read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])

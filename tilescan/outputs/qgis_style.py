@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
+from ..log import catching_warnings
 from .files import atomic_output
 from .geometry import pyproj_crs
 from .palette import class_colors
@@ -84,7 +85,7 @@ def _srs(parent: ET.Element, crs: Any) -> ET.Element:
     if pj is None:
         return s
     _el(s, "wkt", pj.to_wkt())
-    with warnings.catch_warnings():  # pyproj warns that PROJ.4 strings lose detail: QGIS reads the WKT
+    with catching_warnings():  # pyproj warns that PROJ.4 strings lose detail: QGIS reads the WKT
         warnings.simplefilter("ignore")
         try:
             _el(s, "proj4", pj.to_proj4())

@@ -13,7 +13,6 @@ import os
 import shutil
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +32,7 @@ from ..outputs.qgis import write_scene_files
 from ..outputs.quicklook import write_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
-from ..scene.info import TilingWarning
+from ..scene.info import collecting_tiling_warnings
 from ..scene.reader import SceneReader
 from .engine import Engine
 from .report import UnitResult
@@ -140,7 +139,8 @@ class UnitJob:
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):
             x, v = x[keep], v[keep]
-        self.timings["read"] += time.monotonic() - t
+        with self.state:  # readers of different bands add up here at once
+            self.timings["read"] += time.monotonic() - t
         return [chunk[i] for i in keep], x, v, frac[keep], len(chunk)
 
     # -- consume (the writer thread)
@@ -196,12 +196,9 @@ class UnitJob:
 def _open_unit(unit: Unit, cfg: Config, engine: Engine, log: Callable[[str], None]) -> tuple[SceneReader, list[str], list[dict]]:
     """The scene's reader, and what the user should know about it (logged once here):
     the messages, and the same as structured warnings (``code``, ``message``, ...)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", TilingWarning)
+    with collecting_tiling_warnings() as caught:  # this thread's, not process-wide
         reader = engine.loaded.open_scene(unit.scene, cfg.tiling)
-    # what the user should know about the scene, not library deprecation notices
-    scene_warnings = [str(w.message) for w in caught
-                      if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
+    scene_warnings = list(caught)
     details = [{"code": "tiling", "message": w} for w in scene_warnings]
     scale_warning = reader.plan.warning(str(unit.scene))
     if scale_warning:

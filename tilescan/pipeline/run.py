@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from .. import layout, stop
 from ..config import Config
 from ..errors import ModelError, OutputError, OutputExistsError, TilescanError
-from ..log import emit
+from ..log import catching_warnings, emit
 from ..model import describe_model
 from ..outputs.files import write_json
 from ..scene import sources
@@ -134,7 +134,7 @@ def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int]) -> list[Unit]
         except TilescanError:
             return None
 
-    with warnings.catch_warnings():
+    with catching_warnings():
         warnings.simplefilter("ignore", TilingWarning)
         return plan_units(scenes, cfg, shard, rows_of)
 

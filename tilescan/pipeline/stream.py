@@ -36,8 +36,9 @@ from .engine import Engine
 from .process import UnitJob
 from .report import UnitResult
 
-#: Most tiles an overlap reader reads with one call (a band of block rows, or part of one).
-BAND_CHUNK = 256
+#: Most tiles an overlap reader reads with one call (a band of block rows, or part of one):
+#: 128 tiles of 128 px are 25 MB of model input; each reader has at most two calls ahead.
+BAND_CHUNK = 128
 
 
 @dataclass
@@ -274,7 +275,7 @@ class Stream:
                 for job, chunk, last in _chain(first, chunks):
                     lane = lanes[job.band(chunk[0]) % n] if chunk else lanes[0]
                     pending.append((job, last, lane.submit(read, job, chunk)))
-                    if len(pending) >= self.ahead * n:
+                    if len(pending) >= max(self.ahead, 2 * n):
                         job, last, fut = pending.popleft()
                         yield job, last, fut.result()
                 while pending:

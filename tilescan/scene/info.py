@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import rasterio
@@ -40,6 +42,31 @@ _OTHER_MAGIC = (
 
 class TilingWarning(UserWarning):
     """Something about a scene the user should know, but that does not stop the run."""
+
+
+_collector = threading.local()
+
+
+def tiling_warning(message: str, stacklevel: int = 2) -> None:
+    """A :class:`TilingWarning` for the user; inside :func:`collecting_tiling_warnings` on this
+    thread it is collected instead (warnings' own catching is process-wide, and a run opens
+    scenes on one thread while others write outputs)."""
+    sink = getattr(_collector, "sink", None)
+    if sink is not None:
+        sink.append(message)
+    else:
+        warnings.warn(message, TilingWarning, stacklevel=stacklevel + 1)
+
+
+@contextlib.contextmanager
+def collecting_tiling_warnings() -> Iterator[list[str]]:
+    """Collect this thread's :func:`tiling_warning` messages into the list it yields."""
+    outer = getattr(_collector, "sink", None)
+    _collector.sink = []
+    try:
+        yield _collector.sink
+    finally:
+        _collector.sink = outer
 
 
 # --------------------------------------------------------------------------------------
@@ -185,6 +212,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _open_quiet(path: Path | str, decode_threads: int = 1):
+    # not catching_warnings: the scan threads of a scene being opened call this too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         if decode_threads > 1:  # GDAL decodes the blocks of one read in parallel

@@ -7,7 +7,6 @@ import math
 import os
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
-from .info import SceneInfo, TilingWarning, _check_file, _describe, _open_quiet, _scene_info
+from .info import SceneInfo, _check_file, _describe, _open_quiet, _scene_info, tiling_warning
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape
 
 _DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
@@ -61,16 +60,16 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
             return rgb
     if len(plain) == model_bands:
         if model_bands == 3:
-            warnings.warn(
+            tiling_warning(
                 f"{p}: the bands carry no red/green/blue colour interpretation; using bands "
                 f"{plain} as red, green, blue (if the order differs, give --bands, e.g. "
-                "--bands 3,2,1, or [tiling] bands = [3, 2, 1])", TilingWarning, stacklevel=3)
+                "--bands 3,2,1, or [tiling] bands = [3, 2, 1])", stacklevel=3)
         return plain
     if len(plain) > model_bands:
         pick = plain[:model_bands]
-        warnings.warn(
+        tiling_warning(
             f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
-            f"bands {pick} (choose others with --bands or [tiling] bands)", TilingWarning, stacklevel=3)
+            f"bands {pick} (choose others with --bands or [tiling] bands)", stacklevel=3)
         return pick
     names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
@@ -102,8 +101,8 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
     gsd = info.gsd_m
     units, scale = "px", "forced"
     if cfg.resample_to_gsd and model_gsd_m is None:
-        warnings.warn(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
-                      "GSD; tiles are not resampled", TilingWarning, stacklevel=3)
+        tiling_warning(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
+                      "GSD; tiles are not resampled", stacklevel=3)
     if cfg.resample_to_gsd and model_gsd_m is not None:
         if gsd is None:
             raise InputError("[tiling] resample_to_gsd needs a georeferenced scene with a "
@@ -185,11 +184,11 @@ def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
     partial = float(np.count_nonzero(eq.any(axis=0) & ~eq.all(axis=0))) / data[0].size
     if partial > NODATA_COLLISION_FRACTION:
         values = sorted({nd for nd in reader._nodata if nd is not None})
-        warnings.warn(
+        tiling_warning(
             f"{reader.info.path}: nodata value {values[0] if len(values) == 1 else values} "
             f"also occurs in valid data: {partial:.1%} of sampled pixels have it in some bands "
             "but not all; those pixels are treated as nodata (fix the file's nodata, e.g. "
-            "gdal_edit.py -unsetnodata or -a_nodata)", TilingWarning, stacklevel=4)
+            "gdal_edit.py -unsetnodata or -a_nodata)", stacklevel=4)
 
 
 def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
@@ -228,11 +227,11 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
         raise InputError(f"corrupt or truncated TIFF: {_describe(exc)}",
                          path=str(reader.info.path)) from exc
     if cov is not None and cov.all_empty:
-        warnings.warn(f"{reader.info.path}: no valid pixel found: all {cov.n_blocks} blocks of the "
-                      "scene are empty (not stored, or nodata / masked; all nodata?)", TilingWarning, stacklevel=3)
+        tiling_warning(f"{reader.info.path}: no valid pixel found: all {cov.n_blocks} blocks of the "
+                      "scene are empty (not stored, or nodata / masked; all nodata?)", stacklevel=3)
     elif not valid.any():
-        warnings.warn(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
-                      "spread over the scene (all nodata?)", TilingWarning, stacklevel=3)
+        tiling_warning(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
+                      "spread over the scene (all nodata?)", stacklevel=3)
     _warn_nodata_collision(reader, data)
     if mode == "none":
         return [(0.0, 1.0)] * n
@@ -362,5 +361,5 @@ def _allow_pixel_space(p: str, ds, cfg: TilingConfig) -> None:
             "[tiling]) to process it anyway (outputs will not be georeferenced)", path=p)
     where = ("in pixel coordinates (x = column, y = row)" if ds.transform.is_identity
              else "in the units of its geotransform")
-    warnings.warn(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
-                  "(allow_pixel_space = true)", TilingWarning, stacklevel=4)  # points at open_scene's caller
+    tiling_warning(f"{p}: scene {what}; processing it {where}, outputs carry no CRS "
+                  "(allow_pixel_space = true)", stacklevel=4)  # points at open_scene's caller

@@ -30,9 +30,20 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import quote, urlsplit
 
 from ..errors import InputError, NoScenesError, TilescanError
-from .vsi import (cause, configure_gdal, headers, is_url, list_folder, probe, redact, remember_redacted, scrub,
-                  take_transfer_failure, to_gdal_path)
-
+from ..log import catching_warnings
+from .vsi import (
+    cause,
+    configure_gdal,
+    headers,
+    is_url,
+    list_folder,
+    probe,
+    redact,
+    remember_redacted,
+    scrub,
+    take_transfer_failure,
+    to_gdal_path,
+)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -223,7 +234,7 @@ class RemoteScene(os.PathLike):
 
         configure_gdal()
         try:
-            with warnings.catch_warnings():
+            with catching_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 return rasterio.open(self.gdal_path)
         except Exception as exc:

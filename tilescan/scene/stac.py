@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import escape
 
-from . import sources, vsi
 from ..errors import InputError, NoScenesError
+from ..log import catching_warnings
+from . import sources, vsi
 
 DEFAULT_ASSET = "visual"
 DEFAULT_BANDS = ("red", "green", "blue")
@@ -199,7 +200,7 @@ class StacScene(os.PathLike):
             return self._open_one(0)
         if self._vrt is None:
             self._vrt = self._build_vrt()
-        with warnings.catch_warnings():
+        with catching_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             return rasterio.open(self._vrt)
 
@@ -212,7 +213,7 @@ class StacScene(os.PathLike):
         if not os.path.exists(self.paths[i]):
             raise InputError(f"asset {self.keys[i]!r}: no such file {self.paths[i]}", path=self.shown)
         try:
-            with warnings.catch_warnings():
+            with catching_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 return rasterio.open(self.paths[i])
         except Exception as exc:

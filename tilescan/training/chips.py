@@ -32,10 +32,11 @@ import numpy as np
 from .. import __version__
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
+from ..log import catching_warnings
+from ..outputs.geometry import pyproj_crs
 from .chip_tiles import SKIP_REASONS, _cut_scene, _polygons, _transform_corners
 from .labels import Labels, crs_name, read_labels
 from .splits import SPLITS, assign, auto_block_m, format_counts
-from ..outputs.geometry import pyproj_crs
 
 CHIPS_FORMAT = "tilescan-chips/1"
 CARD = "chips.json"
@@ -165,10 +166,10 @@ def cut_chips(
 ) -> dict:
     """Build the chips dataset ``out`` from the scenes in ``inputs`` (files or folders) and
     the labels file; returns the card (also written as ``out/chips.json``)."""
-    from ..model import describe_model
-    from ..scene.info import TilingWarning, find_scenes
-    from ..outputs.files import write_json
     from .. import layout
+    from ..model import describe_model
+    from ..outputs.files import write_json
+    from ..scene.info import TilingWarning, find_scenes
 
     opts.check()
     tiling = tiling or TilingConfig()
@@ -177,7 +178,7 @@ def cut_chips(
     card = describe_model(model_path)
     if card.num_bands != 3:
         raise ConfigError(f"the model takes {card.num_bands} bands; chips are RGB PNGs for 3-band models", path=card.path)
-    with warnings.catch_warnings(record=True) as caught:
+    with catching_warnings(record=True) as caught:
         warnings.simplefilter("always")
         labels = read_labels(labels_path, class_field, layer)
     for w in caught:
@@ -261,7 +262,7 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
 def _cut_one_scene(scene: Path, key: str, si: int, labels: Labels, card, tiling: TilingConfig, opts: ChipOptions,
                    stage: Path, inside: np.ndarray, used: np.ndarray, log: Callable[[str], None], tiling_warning):
     """The chip rows of one scene (opened as ``run`` opens it), its entry in the card and its CRS."""
-    with warnings.catch_warnings(record=True) as caught:
+    with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", tiling_warning)
         reader = card.open_scene(scene, tiling)
     with reader:

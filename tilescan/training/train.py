@@ -25,13 +25,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import TrainConfig
-from .data import Dataset, channel_stats, make_batches
-from ..errors import ConfigError, InputError, OutputExistsError
-from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..backend import cpu_has_bf16
-from ..log import emit
+from ..config import TrainConfig
+from ..errors import ConfigError, InputError, OutputExistsError
+from ..log import catching_warnings, emit
+from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..outputs.files import write_text
+from .data import Dataset, channel_stats, make_batches
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -414,7 +414,7 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
 def _restore_best(model, ckpt: Path) -> None:
     """Load the best epoch's weights into ``model`` when a checkpoint holds them."""
     if (ckpt / "best.weights.h5").exists():
-        with warnings.catch_warnings():  # best weights saved in another phase carry another optimizer's state
+        with catching_warnings():  # best weights saved in another phase carry another optimizer's state
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(ckpt / "best.weights.h5")
 
