@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
-
-#: Held while file descriptor 2 points at /dev/null (a quiet Keras import, which may run on a
-#: worker thread); whoever prints to stderr from another thread takes it first.
-STDERR_LOCK = threading.RLock()
+from .log import STDERR_LOCK
 
 
 def import_keras(verbosity: int | None = None):

@@ -28,6 +28,10 @@ def emit(msg: str) -> None:
         logger.info(msg)
 
 
+#: Held while file descriptor 2 points at /dev/null (a quiet Keras import, which may run on a
+#: worker thread); whoever prints to stderr from another thread takes it first.
+STDERR_LOCK = threading.RLock()
+
 _WARNINGS_LOCK = threading.RLock()
 
 

@@ -13,8 +13,7 @@ import click
 
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, TilescanError
-from ..backend import STDERR_LOCK
-from ..log import emit, logger
+from ..log import STDERR_LOCK, emit, logger
 
 
 class _Ctx:
