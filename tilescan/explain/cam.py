@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -39,6 +40,11 @@ class CAMResult:
 
     def __len__(self) -> int:
         return int(self.raw.shape[0])
+
+    def rows(self, a: int, b: int) -> "CAMResult":
+        """The results of tiles ``a:b`` of the batch."""
+        return dataclasses.replace(self, probs=self.probs[a:b], target=self.target[a:b], raw=self.raw[a:b],
+                                   cam=self.cam[a:b], logits=None if self.logits is None else self.logits[a:b])
 
 
 def normalize_per_image(raw: np.ndarray, eps: float = EPS) -> np.ndarray:

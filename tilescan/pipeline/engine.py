@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Sequence
 
@@ -123,8 +122,7 @@ class Engine:
         target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
         res = self.cam(x, target=target)
         if len(x) != n:
-            res = dataclasses.replace(res, probs=res.probs[:n], target=res.target[:n], raw=res.raw[:n], cam=res.cam[:n],
-                                      logits=None if res.logits is None else res.logits[:n])
+            res = res.rows(0, n)
         return res
 
 

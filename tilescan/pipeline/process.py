@@ -57,7 +57,7 @@ class UnitJob:
         self.t0 = time.monotonic()
         self.reader: SceneReader | None = None
         self.tiles: list = []
-        self.n_read = self.n_kept = self.n_sent = self.n_consumed = 0
+        self.n_kept = self.n_sent = self.n_consumed = 0
         self.reading_done = False  # every tile read and counted (the job can finish)
         self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
         self.failed: BaseException | None = None
@@ -65,10 +65,6 @@ class UnitJob:
         self.run_timings: Callable[[], dict] | None = None  # the run's start-up times (set by the stream)
         self._finishing = False
         self.state = threading.Lock()
-
-    @property
-    def key(self) -> str:
-        return self.unit.key
 
     # -- open (the opener thread)
 

@@ -313,7 +313,7 @@ class Stream:
             n = len(tiles)
             job.timings["compute"] += dt * n / len(x)
             job.n_sent += n
-            self._writer.put(("rows", job, tiles, valid, fractions, _slice(res, start, start + n)))
+            self._writer.put(("rows", job, tiles, valid, fractions, res.rows(start, start + n)))
             start += n
         if self.bar is not None:
             self.bar.update(len(x))
@@ -412,7 +412,6 @@ class Stream:
                         kept, x, valid, fractions, n_read = got
                         for _ in range(n_read):
                             faults.point("reading")
-                        job.n_read += n_read
                         job.n_kept += len(kept)
                         job.skipped += n_read - len(kept)
                         if self.bar is not None and n_read > len(kept):
@@ -457,11 +456,3 @@ class Stream:
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-def _slice(res, a: int, b: int):
-    """Rows ``a:b`` of a batch's CAM result."""
-    import dataclasses
-
-    return dataclasses.replace(res, probs=res.probs[a:b], target=res.target[a:b], raw=res.raw[a:b], cam=res.cam[a:b],
-                               logits=None if res.logits is None else res.logits[a:b])
