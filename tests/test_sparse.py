@@ -242,7 +242,7 @@ def test_empty_scene_reader_reads_nothing(tmp_path, scenes_dir):
         r = open_scene(path, TilingConfig(tile_size=TILE, units="px", bands=[1, 2, 3]), 3, TILE)
     with r:
         tiles, n_empty = r.tiles_with_data()
-        assert tiles == [] and n_empty == len(r.grid)
+        assert len(tiles) == 0 and n_empty == len(r.grid)
         r.gather_preview(1024)
         rgb, valid = r.read_overview(1024)
         assert not valid.any() and not rgb.any()

@@ -18,7 +18,7 @@ from rasterio.windows import Window
 
 from tilescan.config import TilingConfig
 from tilescan.errors import ConfigError, InputError, NoScenesError
-from tilescan.scene.grid import TileGrid, valid_fraction
+from tilescan.scene.grid import TileGrid, TileSet, valid_fraction
 from tilescan.scene.info import TilingWarning, find_scenes
 from tilescan.scene.plan import open_scene
 
@@ -125,6 +125,18 @@ def test_grid_rows_partition(args, cuts, shards):
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert sum(len(list(g.rows(a, b))) for a, b in ranges) == len(g)
     assert list(g.rows(-5, g.n_rows + 5)) == list(g.tiles())
+    # the same tiles as arrays (the pipeline's form): same order, windows, clipping, numbers
+    for a, b in zip(bounds, bounds[1:]):
+        ts, want = TileSet.rows_of(g, a, b), list(g.rows(a, b))
+        assert list(ts) == want and len(ts) == len(want)
+        assert ts.index.tolist() == [t.index for t in want]
+        assert ts.col_off.tolist() == [t.window.col_off for t in want]
+        assert ts.row_off.tolist() == [t.window.row_off for t in want]
+        assert ts.clipped_width.tolist() == [t.clipped.width for t in want]
+        assert ts.clipped_height.tolist() == [t.clipped.height for t in want]
+        if want:
+            assert ts[len(ts) - 1] == want[-1] and list(ts[1::2]) == want[1::2]
+            assert list(TileSet.of(g, want[::3])) == want[::3]
 
 
 def test_grid_small_scene_and_errors():
@@ -362,6 +374,9 @@ def test_parallel_batch_reads_equal_tile_by_tile(scene_path, rel, bands):
         for i in range(0, len(tiles), 29):  # 29: batches start mid-row
             batch = tiles[i:i + 29]
             xp, vp = par.read_batch(batch)
+            xs, vs = par.read_batch(TileSet.of(par.grid, batch))  # as arrays: the same
+            np.testing.assert_array_equal(xs, xp)
+            np.testing.assert_array_equal(vs, vp)
             for k, tile in enumerate(batch):
                 x1, v1 = one.read_tile(tile)
                 np.testing.assert_array_equal(xp[k], x1)

@@ -33,6 +33,7 @@ from ..outputs.quicklook import write_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
+from ..scene.grid import TileSet
 from ..scene.reader import SceneReader
 from .engine import Engine
 from .report import UnitResult
@@ -56,7 +57,7 @@ class UnitJob:
         self.timings = {"read": 0.0, "compute": 0.0, "write": 0.0}
         self.t0 = time.monotonic()
         self.reader: SceneReader | None = None
-        self.tiles: list = []
+        self.tiles: TileSet | None = None
         self.n_kept = self.n_sent = self.n_consumed = 0
         self.reading_done = False  # every tile read and counted (the job can finish)
         self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
@@ -101,30 +102,24 @@ class UnitJob:
 
     # -- read (reader threads)
 
-    def chunks(self, size: int) -> list[list]:
+    def chunks(self, size: int) -> list[TileSet]:
         """The job's tiles with data, ``size`` at a time, in row-major order."""
         return [self.tiles[i:i + size] for i in range(0, len(self.tiles), size)]
 
-    def band_chunks(self, size: int) -> list[list]:
+    def band_chunks(self, size: int) -> list[TileSet]:
         """The job's tiles with data in row-major order, cut where a tile starts in another
         band of block rows (and every ``size`` tiles): a band's blocks are then decoded by
         the one reader that reads it (``band``)."""
-        out: list[list] = []
-        cur: list = []
-        for t in self.tiles:
-            if cur and (len(cur) >= size or self.band(cur[-1]) != self.band(t)):
-                out.append(cur)
-                cur = []
-            cur.append(t)
-        if cur:
-            out.append(cur)
-        return out
+        bands = self.tiles.row_off // self.block_h
+        cut = np.flatnonzero(np.diff(bands)) + 1
+        return [self.tiles[i:min(i + size, int(b))]
+                for a, b in zip(np.r_[0, cut], np.r_[cut, len(self.tiles)]) for i in range(int(a), int(b), size)]
 
-    def band(self, tile) -> int:
-        """The band of block rows the tile starts in."""
-        return int(tile.window.row_off) // self.block_h
+    def band(self, tiles: TileSet) -> int:
+        """The band of block rows the first of ``tiles`` starts in."""
+        return int(tiles.row_off[0]) // self.block_h
 
-    def read(self, chunk: Sequence) -> tuple[list, np.ndarray, np.ndarray, np.ndarray, int]:
+    def read(self, chunk: TileSet) -> tuple[TileSet, np.ndarray, np.ndarray, np.ndarray, int]:
         """Read ``chunk`` into one array; drop tiles with too little valid area (or none).
         Returns (kept tiles, their inputs (n, S, S, C), their valid masks, their valid
         fractions, tiles read)."""
@@ -137,16 +132,17 @@ class UnitJob:
             x, v = x[keep], v[keep]
         with self.state:  # readers of different bands add up here at once
             self.timings["read"] += time.monotonic() - t
-        return [chunk[i] for i in keep], x, v, frac[keep], len(chunk)
+        return chunk[keep], x, v, frac[keep], len(chunk)
 
     # -- consume (the writer thread)
 
-    def consume(self, tiles: Sequence, valid: np.ndarray, fractions: np.ndarray, res) -> None:
+    def consume(self, tiles: TileSet, valid: np.ndarray, fractions: np.ndarray, res) -> None:
         """One batch's share of model results: table rows, label cells, blended heat."""
         rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform)
         self.labels[rows["row"] - self.r0, rows["col"]] = cls
-        for j, t in enumerate(tiles):
-            self.heat.add((t.window.col_off, t.window.row_off, t.window.width, t.window.height), cam[j], valid[j])
+        size = tiles.grid.tile_size
+        for j, (c0, r0) in enumerate(zip(rows["col_off"].tolist(), rows["row_off"].tolist())):
+            self.heat.add((c0, r0, size, size), cam[j], valid[j])
         self.table.add(rows)
         self.n_consumed += len(tiles)
 
@@ -204,7 +200,7 @@ def _open_unit(unit: Unit, cfg: Config, engine: Engine, log: Callable[[str], Non
         log(f"warning: {w}" if w.startswith(str(unit.scene)) else f"warning: {unit.scene}: {w}")
     return reader, scene_warnings, details
 
-def _batch_rows(tiles: Sequence, fractions: Sequence[float], res, transform: Affine) -> tuple[dict, np.ndarray, np.ndarray]:
+def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affine) -> tuple[dict, np.ndarray, np.ndarray]:
     """One batch's table columns, and its class indexes and CAMs, from the model step's result."""
     probs = np.asarray(res.probs, dtype=np.float32)
     cls = probs.argmax(axis=1)
@@ -212,18 +208,17 @@ def _batch_rows(tiles: Sequence, fractions: Sequence[float], res, transform: Aff
     cam = np.asarray(res.cam, dtype=np.float32)
     raw = np.asarray(res.raw, dtype=np.float32)
     n, h, w = cam.shape
-    col_off = np.array([t.window.col_off for t in tiles], dtype=np.int64)
-    row_off = np.array([t.window.row_off for t in tiles], dtype=np.int64)
-    size = np.array([t.window.width for t in tiles], dtype=np.int64)
+    col_off, row_off = tiles.col_off, tiles.row_off
+    size = np.full(n, tiles.grid.tile_size, dtype=np.int64)
     peak = cam.reshape(n, -1).argmax(axis=1)
     py, px = np.divmod(peak, w)
     pcol = col_off + (px + 0.5) * size / w
     prow = row_off + (py + 0.5) * size / h
     a, b, c, d, e, f = transform[:6]
     rows = {
-        "tile_index": np.array([t.index for t in tiles], dtype=np.int64),
-        "row": np.array([t.row for t in tiles], dtype=np.int32),
-        "col": np.array([t.col for t in tiles], dtype=np.int32),
+        "tile_index": tiles.index,
+        "row": tiles.row.astype(np.int32),
+        "col": tiles.col.astype(np.int32),
         "col_off": col_off.astype(np.int32),
         "row_off": row_off.astype(np.int32),
         "width": size.astype(np.int32),

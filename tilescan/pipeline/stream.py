@@ -273,7 +273,7 @@ class Stream:
             try:
                 pending: deque = deque()
                 for job, chunk, last in _chain(first, chunks):
-                    lane = lanes[job.band(chunk[0]) % n] if chunk else lanes[0]
+                    lane = lanes[job.band(chunk) % n] if chunk else lanes[0]
                     pending.append((job, last, lane.submit(read, job, chunk)))
                     if len(pending) >= max(self.ahead, 2 * n):
                         job, last, fut = pending.popleft()

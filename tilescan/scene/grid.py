@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from rasterio.windows import Window
@@ -146,6 +146,66 @@ class TileGrid:
             out.append((start, stop))
             start = stop
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class TileSet:
+    """Some tiles of one :class:`TileGrid` as arrays (grid ``row`` and ``col``), in the order
+    given: the pipeline's form of a list of :class:`Tile`, so that a batch is sliced, read and
+    turned into table rows with array operations instead of one Python object per tile.
+    Indexing with a slice or an index array gives a TileSet; iterating gives :class:`Tile`."""
+
+    grid: TileGrid
+    row: np.ndarray
+    col: np.ndarray
+
+    @classmethod
+    def of(cls, grid: TileGrid, tiles: "Sequence[Tile] | TileSet") -> "TileSet":
+        """``tiles`` (Tile objects of ``grid``, or a TileSet) as a TileSet."""
+        if isinstance(tiles, TileSet):
+            return tiles
+        return cls(grid, np.array([t.row for t in tiles], np.int64), np.array([t.col for t in tiles], np.int64))
+
+    @classmethod
+    def rows_of(cls, grid: TileGrid, start: int, stop: int) -> "TileSet":
+        """Every tile of grid rows ``[start, stop)`` (clamped), row-major."""
+        start, stop = max(0, start), min(grid.n_rows, stop)
+        rows = np.arange(start, max(start, stop), dtype=np.int64)
+        return cls(grid, np.repeat(rows, grid.n_cols), np.tile(np.arange(grid.n_cols, dtype=np.int64), len(rows)))
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, k):
+        if isinstance(k, (int, np.integer)):
+            return self.grid.tile(int(self.row[k]), int(self.col[k]))
+        return TileSet(self.grid, self.row[k], self.col[k])
+
+    def __iter__(self) -> Iterator[Tile]:
+        tile = self.grid.tile
+        return (tile(int(r), int(c)) for r, c in zip(self.row, self.col))
+
+    @property
+    def index(self) -> np.ndarray:
+        """Row-major tile numbers (``row * n_cols + col``)."""
+        return self.row * self.grid.n_cols + self.col
+
+    @property
+    def col_off(self) -> np.ndarray:
+        return self.col * self.grid.stride
+
+    @property
+    def row_off(self) -> np.ndarray:
+        return self.row * self.grid.stride
+
+    @property
+    def clipped_width(self) -> np.ndarray:
+        """Each tile's width inside the scene."""
+        return np.minimum(self.col_off + self.grid.tile_size, self.grid.width) - self.col_off
+
+    @property
+    def clipped_height(self) -> np.ndarray:
+        return np.minimum(self.row_off + self.grid.tile_size, self.grid.height) - self.row_off
 
 
 def valid_fraction(valid: np.ndarray) -> float:

@@ -11,7 +11,7 @@ import math
 import os
 import threading
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -23,7 +23,7 @@ from rasterio.windows import Window
 
 from ..errors import InputError
 from .coverage import BlockCoverage, find_empty_blocks
-from .grid import Tile, TileGrid, TilingPlan, _ceil_div, valid_fraction
+from .grid import Tile, TileGrid, TileSet, TilingPlan, _ceil_div, valid_fraction
 from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
 
 #: Long side of the decimated read used for the per-band percentile stretch.
@@ -245,7 +245,7 @@ class SceneReader:
         self.timings["scan"] = time.monotonic() - t0
         return cov
 
-    def tiles_with_data(self, row_start: int = 0, row_stop: int | None = None) -> tuple[list[Tile], int]:
+    def tiles_with_data(self, row_start: int = 0, row_stop: int | None = None) -> tuple[TileSet, int]:
         """The tiles of grid rows ``[row_start, row_stop)`` that touch a block not known to be
         empty (row-major), and how many were left out: those hold no valid pixel, so their
         valid fraction is 0 and reading them could only skip them."""
@@ -253,7 +253,7 @@ class SceneReader:
         r0, r1 = max(0, row_start), g.n_rows if row_stop is None else min(row_stop, g.n_rows)
         cov = self.coverage
         if cov is None or not cov.n_empty or r1 <= r0:
-            return list(g.rows(r0, r1)), 0
+            return TileSet.rows_of(g, r0, r1), 0
         data = np.zeros((cov.empty.shape[0] + 1, cov.empty.shape[1] + 1), np.int64)
         np.cumsum(np.cumsum(~cov.empty, axis=0), axis=1, out=data[1:, 1:])
 
@@ -265,7 +265,7 @@ class SceneReader:
         b0, b1 = span(np.arange(g.n_cols) * g.stride, self.info.width, cov.block_w)
         count = (data[np.ix_(a1, b1)] - data[np.ix_(a0, b1)] - data[np.ix_(a1, b0)] + data[np.ix_(a0, b0)])
         rr, cc = np.nonzero(count > 0)
-        return [g.tile(int(r) + r0, int(c)) for r, c in zip(rr, cc)], int(count.size - rr.size)
+        return TileSet(g, rr.astype(np.int64) + r0, cc.astype(np.int64)), int(count.size - rr.size)
 
     def _read_block_sample(self, max_pixels: int, where_data: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """Whole blocks on an even grid over the scene, about ``max_pixels`` decoded in all,
@@ -400,7 +400,7 @@ class SceneReader:
         if not valid.all():
             out[~valid] = 0.0
 
-    def _first_bad_tile(self, tiles: Sequence[Tile]) -> tuple[Tile, Exception] | None:
+    def _first_bad_tile(self, tiles: Iterable[Tile]) -> tuple[Tile, Exception] | None:
         """The first of ``tiles`` whose window fails to read, and its error, through a fresh
         single-threaded handle (after a failed multi-threaded read GDAL may hand back
         zeros from its cache for the blocks that failed)."""
@@ -448,30 +448,32 @@ class SceneReader:
         x, valid = self.read_batch([tile])
         return x[0], valid[0]
 
-    def read_batch(self, tiles: Sequence[Tile]) -> tuple[np.ndarray, np.ndarray]:
-        """``read_tile`` over several tiles, stacked: ``(B, S, S, C)`` and ``(B, T, T)``.
+    def read_batch(self, tiles: Sequence[Tile] | TileSet) -> tuple[np.ndarray, np.ndarray]:
+        """``read_tile`` over several tiles (of this reader's grid), stacked: ``(B, S, S, C)``
+        and ``(B, T, T)``.
 
         Neighbouring tiles of one grid row are read with one window and scaled together
         (the same values as tile by tile): one GDAL call per run of tiles instead of one
         per tile, whose fixed cost dominated (benchmarks/README.md)."""
+        tiles = TileSet.of(self.grid, tiles)
         t, s = self.tile_px, self.input_size
         x = np.zeros((len(tiles), s, s, len(self.bands)), dtype=np.float32)
         valid = np.zeros((len(tiles), t, t), dtype=bool)
-        start = 0
         # runs: consecutive columns of one row, at most READ_RUN_PIXELS per window
         max_run = max(1, READ_RUN_PIXELS // (t * t))
-        for k in range(1, len(tiles) + 1):
-            if (k == len(tiles) or tiles[k].row != tiles[k - 1].row or tiles[k].col != tiles[k - 1].col + 1
-                    or k - start >= max_run):
+        cut = np.flatnonzero((np.diff(tiles.row) != 0) | (np.diff(tiles.col) != 1)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(tiles)]):
+            for start in range(int(a), int(b), max_run):
+                k = min(start + max_run, int(b))
                 self._read_run(tiles[start:k], x[start:k], valid[start:k])
-                start = k
         return x, valid
 
-    def _read_run(self, tiles: Sequence[Tile], x: np.ndarray, valid: np.ndarray) -> None:
+    def _read_run(self, tiles: TileSet, x: np.ndarray, valid: np.ndarray) -> None:
         """Read adjacent tiles of one row with one window into ``x`` and ``valid``."""
-        first, last = tiles[0].clipped, tiles[-1].clipped
-        c0, r0, h = int(first.col_off), int(first.row_off), int(first.height)
-        window = Window(c0, r0, int(last.col_off + last.width) - c0, h)
+        c0, r0 = int(tiles.col_off[0]), int(tiles.row_off[0])
+        h = int(tiles.clipped_height[0])
+        widths = tiles.clipped_width
+        window = Window(c0, r0, int(tiles.col_off[-1] + widths[-1]) - c0, h)
         try:
             data, v = self._read_raw(window)
         except ValueError:
@@ -491,9 +493,9 @@ class SceneReader:
             return
         unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
         self._to_unit_split(data, v, unit)
-        for k, tile in enumerate(tiles):
-            a = int(tile.clipped.col_off) - c0
-            w = int(tile.clipped.width)
+        for k in range(n):
+            a = int(tiles.col_off[k]) - c0
+            w = int(widths[k])
             valid[k, :h, :w] = v[:, a:a + w]
             if t == s:
                 x[k, :h, :w] = unit[:, a:a + w]
