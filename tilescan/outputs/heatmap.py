@@ -97,6 +97,7 @@ class _HeatGrid:
     row_start: np.ndarray
 
     _axes: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _tables: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def make(cls, width: int, height: int, scale: float) -> "_HeatGrid":
@@ -163,6 +164,20 @@ class _HeatGrid:
         rx[n_idx, k_idx, hi] += t
         rx[pad] = 0.0
         return i0, ni, a, b, share, rx
+
+    def columns_of(self, c0: np.ndarray, span: int, n_cam: int, stride: int):
+        """:meth:`columns`, read from a table of the tile grid's columns when every tile sits
+        on a multiple of ``stride`` (as the grid's tiles do): all grid rows share it."""
+        if stride < 1 or c0[0] < 0 or np.any(c0 % stride):
+            return self.columns(c0, span, n_cam)
+        key = (span, n_cam, stride)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > 16:
+                self._tables.clear()
+            table = self._tables[key] = self.columns(np.arange(0, self.width, stride), span, n_cam)
+        k = c0 // stride
+        return tuple(x[k] for x in table)
 
     def contribution(self, window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None):
         """Value and weight of one tile over the heat pixels it touches.
@@ -251,8 +266,7 @@ class HeatmapWriter:
         # strip buffer: heat rows [base, base + rows) accumulate sum(w * v) and sum(w)
         self._base = 0
         cap = max(1, math.ceil((self.tile_px + max(self.stride_px, 1)) * self.scale) + 2)
-        self._sum = np.zeros((cap, g.out_w), np.float64)
-        self._wsum = np.zeros((cap, g.out_w), np.float64)
+        self._acc = np.zeros((2, cap, g.out_w), np.float64)  # sum(w * v) and sum(w), one array
         self._rows = 0
         self._last_row_off = None
         self.peak_buffer_rows = 0
@@ -285,19 +299,25 @@ class HeatmapWriter:
     @property
     def buffer_nbytes(self) -> int:
         """Bytes held by the strip accumulators now."""
-        return self._sum.nbytes + self._wsum.nbytes
+        return self._acc.nbytes
+
+    @property
+    def _sum(self) -> np.ndarray:
+        return self._acc[0]
+
+    @property
+    def _wsum(self) -> np.ndarray:
+        return self._acc[1]
 
     # -- accumulate
 
     def _ensure_rows(self, end_row: int) -> None:
         need = end_row - self._base
-        if need > self._sum.shape[0]:
-            cap = max(need, int(self._sum.shape[0] * 1.5) + 1)
-            for name in ("_sum", "_wsum"):
-                old = getattr(self, name)
-                new = np.zeros((cap, old.shape[1]), np.float64)
-                new[: self._rows] = old[: self._rows]
-                setattr(self, name, new)
+        if need > self._acc.shape[1]:
+            cap = max(need, int(self._acc.shape[1] * 1.5) + 1)
+            new = np.zeros((2, cap, self._acc.shape[2]), np.float64)
+            new[:, : self._rows] = self._acc[:, : self._rows]
+            self._acc = new
         self._rows = max(self._rows, need)
         self.peak_buffer_rows = max(self.peak_buffer_rows, self._rows)
 
@@ -389,17 +409,18 @@ class HeatmapWriter:
         if j0 < self._base:
             raise ValueError(f"tile {(int(c0[0]), r0, span, span)} touches heat rows already written (< {self._base})")
         m, (ch, cw) = len(c0), cams.shape[1:]
-        i0, ni, a, b, share_c, rx = g.columns(c0, span, cw)
+        i0, ni, a, b, share_c, rx = g.columns_of(c0, span, cw, self.stride_px)
         nj, width = j1 - j0, rx.shape[1]
 
-        # values: the same stacked products as the per-tile ry @ cam @ rx.T
+        # (value * weight, weight) of every tile, laid out (2, heat row, tile, heat column)
+        pw = np.empty((2, nj, m, width), dtype=np.float64)
+        value, weight = pw[0], pw[1]
         ry = _axis_interp(j0, j1, r0, span, ch, g.height, g.out_h)
         with np.errstate(invalid="ignore"):  # a NaN CAM cell: its tile weighs nothing below
-            value = np.matmul(np.matmul(ry, cams), rx.transpose(0, 2, 1))
-
+            # the same stacked products as the per-tile ry @ cam @ rx.T, written in place
+            np.matmul(np.matmul(ry, cams), rx.transpose(0, 2, 1), out=value.transpose(1, 0, 2))
         # weights: outer(share_r, share_c) where the mask is all valid, else valid counts / area
-        weight = np.empty((m, nj, width), dtype=np.float64)
-        weight[full] = share_r[None, :, None] * share_c[full][:, None, :]
+        np.multiply(share_r[:, None, None], share_c[None], out=weight)
         part = np.flatnonzero(~full)
         if len(part):
             v = valid[part]
@@ -409,29 +430,32 @@ class HeatmapWriter:
             counts = np.matmul(np.matmul(my, v.astype(np.float64)), mx.transpose(0, 2, 1))
             col_len = np.diff(g.col_start)[np.minimum(i0[part, None] + np.arange(width), g.out_w - 1)]
             area = (g.row_start[j0 + 1:j1 + 1] - g.row_start[j0:j1])[None, :, None] * col_len[:, None, :]
-            weight[part] = counts / area
-        bad = ~np.isfinite(value)
-        if bad.any():
+            weight[:, part] = (counts / area).transpose(1, 0, 2)
+        if not np.isfinite(value).all():
+            bad = ~np.isfinite(value)
             value[bad] = 0.0
             weight[bad] = 0.0
+        np.multiply(value, weight, out=value)
 
-        # add the k-th tile over each heat column in round k: per pixel, tiles in order
+        # round k adds, at each heat column, its k-th tile (tiles left to right): every heat
+        # pixel gets its tiles' terms in tile order, as tile by tile
         self._ensure_rows(j1)
         lo, hi = int(i0[0]), int((i0 + ni).max())
         px = np.arange(lo, hi)
         first = np.searchsorted(i0 + ni, px, side="right")
         last = np.searchsorted(i0, px, side="right") - 1
-        flat_v = (weight * value).transpose(1, 0, 2).reshape(nj, m * width)
-        flat_w = weight.transpose(1, 0, 2).reshape(nj, m * width)
-        rs = slice(j0 - self._base, j1 - self._base)
+        flat = pw.reshape(2 * nj, m * width)
+        acc = self._acc[:, j0 - self._base:j1 - self._base]
         for k in range(int((last - first).max()) + 1):
             t = first + k
             ok = t <= last
-            tt = np.minimum(t, m - 1)
-            col = tt * width + np.clip(px - i0[tt], 0, width - 1)
-            where = ok[None, :]
-            np.add(self._sum[rs, lo:hi], flat_v[:, col], out=self._sum[rs, lo:hi], where=where)
-            np.add(self._wsum[rs, lo:hi], flat_w[:, col], out=self._wsum[rs, lo:hi], where=where)
+            if not ok.all():
+                px, t, first, last = px[ok], t[ok], first[ok], last[ok]
+            terms = flat[:, t * width + (px - i0[t])].reshape(2, nj, -1)
+            if k == 0 and len(px) == hi - lo:  # every column covered: one slice
+                acc[:, :, lo:hi] += terms
+            else:
+                acc[:, :, px] += terms
 
     def finish_rows(self, scene_row: int) -> None:
         """Declare that no later tile touches scene rows above ``scene_row``: heat rows made
@@ -448,19 +472,16 @@ class HeatmapWriter:
         if n_buf > 0:
             self._write(self._base, self._sum[:n_buf], self._wsum[:n_buf])
             keep = self._rows - n_buf
-            self._sum[:keep] = self._sum[n_buf:self._rows]
-            self._wsum[:keep] = self._wsum[n_buf:self._rows]
-            self._sum[keep:self._rows] = 0.0
-            self._wsum[keep:self._rows] = 0.0
+            self._acc[:, :keep] = self._acc[:, n_buf:self._rows]
+            self._acc[:, keep:self._rows] = 0.0
             self._rows = keep
         # rows no tile touched stay unwritten: the sparse scratch file reads them as nodata
         self._base = done
 
     def _write(self, row: int, s: np.ndarray, w: np.ndarray) -> None:
-        heat = np.full(s.shape, HEATMAP_NODATA, dtype=np.float32)
         ok = w > 0
-        heat[ok] = (s[ok] / w[ok]).astype(np.float32)
-        self._write_raw(row, heat)
+        heat = np.divide(s, w, out=np.full(s.shape, HEATMAP_NODATA, dtype=np.float64), where=ok)
+        self._write_raw(row, heat.astype(np.float32))
 
     def _write_raw(self, row: int, heat: np.ndarray) -> None:
         with self._aborting():
@@ -517,7 +538,7 @@ class HeatmapWriter:
                               _overview_level(self.grid.out_w, self.grid.out_h))
         finally:
             _remove_quietly(self._strips)
-        self._sum = self._wsum = np.zeros((0, self.grid.out_w))
+        self._acc = np.zeros((2, 0, self.grid.out_w))
         return self.path
 
     def abort(self) -> None:
