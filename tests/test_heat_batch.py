@@ -95,14 +95,12 @@ CASES = {
 def test_add_batch_equals_add_loop(tmp_path, case, batch):
     W, H, tile, stride, scale, cam_px, mask_px = CASES[case]
     tiles = make_tiles(W, H, tile, stride, cam_px, mask_px, np.random.default_rng(len(case) * 100 + batch))
-    per_row = math.ceil(W / stride)
     assert batch == 1 or any(len(set(tiles[1][s:s + batch])) > 1 for s in range(0, len(tiles[0]), batch))
     ref, got, one, many = write_both(tmp_path, W, H, tile, stride, scale, tiles, batch)
     assert_same(ref, got)
     heat = got[got != HEATMAP_NODATA]
     assert heat.size > 0.5 * got.size and heat.min() >= 0 and heat.max() <= 1
     assert many.peak_buffer_rows == one.peak_buffer_rows <= math.ceil((tile + stride) * scale) + 2
-    assert per_row > 1
 
 
 @pytest.mark.parametrize("cam_px", [4, 7])

@@ -238,8 +238,9 @@ class HeatmapWriter:
     is the mean weighted by each tile's valid-pixel coverage (nodata pixels weigh 0). Heat
     pixels that no valid tile pixel covers get :data:`HEATMAP_NODATA` (-1.0).
 
-    :meth:`add` blends one tile, :meth:`add_batch` a batch with array operations (the
-    same heat, bit for bit). Tiles must arrive in row-major order of the tile grid (non-decreasing ``row_off``).
+    :meth:`add` blends one tile, :meth:`add_batch` a batch with array operations (the same
+    heat, bit for bit). Tiles must arrive in row-major order of the tile grid (non-decreasing
+    ``row_off``).
     Adding a tile at ``row_off = r`` implies that rows above ``r`` are final (as does an
     explicit :meth:`finish_rows`): finished heat rows go to a temporary tiled float32
     GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
