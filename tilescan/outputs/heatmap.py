@@ -66,6 +66,27 @@ def _axis_interp(k0: int, k1: int, origin: int, span: int, n_cam: int, n_scene: 
     return m
 
 
+@functools.lru_cache(maxsize=64)
+def _stretch_counts(n_mask: int, n_window: int) -> np.ndarray:
+    """``(n_window + 1, n_mask)``: row ``x`` counts, for each mask pixel along one axis, the
+    window pixels before ``x`` that a nearest stretch of the mask over the window gives it
+    (cv2's own map, read off a resized index image). Differences of two rows give how many
+    window pixels of a span each mask pixel fills, so mask sums need no stretched mask."""
+    if n_mask == n_window:
+        src = np.arange(n_window)
+    else:
+        import cv2
+
+        idx = np.broadcast_to(np.arange(n_mask, dtype=np.float32), (n_mask, n_mask))
+        src = cv2.resize(np.ascontiguousarray(idx), (n_window, n_window),
+                         interpolation=cv2.INTER_NEAREST)[0].astype(np.int64)
+    c = np.zeros((n_window + 1, n_mask), dtype=np.float64)
+    c[np.arange(1, n_window + 1), src] = 1.0
+    np.cumsum(c, axis=0, out=c)
+    c.setflags(write=False)
+    return c
+
+
 @dataclasses.dataclass(frozen=True)
 class _HeatGrid:
     width: int  # scene pixels
@@ -76,6 +97,7 @@ class _HeatGrid:
     row_start: np.ndarray
 
     _axes: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _tables: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def make(cls, width: int, height: int, scale: float) -> "_HeatGrid":
@@ -110,6 +132,52 @@ class _HeatGrid:
             self._axes.clear()
         self._axes[key] = got
         return got
+
+    def columns(self, c0: np.ndarray, span: int, n_cam: int):
+        """:meth:`_axis` and :func:`_axis_interp` for many tiles of width ``span`` at once
+        (``c0`` every tile's first scene column, all inside the scene), padded to the widest
+        footprint ``NI``: first heat column ``i0`` and count ``ni`` per tile, scene-column
+        bounds ``a``/``b`` and ``share`` ``(n, NI)`` (padding: empty span, share 0), and the
+        bilinear weights ``(n, NI, n_cam)`` (padding rows 0). Same arithmetic as the per-tile
+        helpers, so the same bits."""
+        size, n_heat, starts = self.width, self.out_w, self.col_start
+        s, e = np.maximum(c0, 0), np.minimum(c0 + span, size)
+        i0 = ((2 * s + 1) * n_heat) // (2 * size)
+        ni = ((2 * (e - 1) + 1) * n_heat) // (2 * size) + 1 - i0
+        width = int(ni.max())
+        pad = np.arange(width)[None, :] >= ni[:, None]
+        k = np.minimum(i0[:, None] + np.arange(width)[None, :], (i0 + ni - 1)[:, None])
+        a = np.clip(starts[k], s[:, None], e[:, None]) - c0[:, None]
+        b = np.clip(starts[k + 1], s[:, None], e[:, None]) - c0[:, None]
+        share = (b - a) / (starts[k + 1] - starts[k])
+        b[pad] = a[pad]
+        share[pad] = 0.0
+        # bilinear weights at each heat column centre, as _interp_matrix builds them
+        centres = (k + 0.5) * (size / n_heat)
+        pos = np.clip((centres - c0[:, None]) / span * n_cam - 0.5, 0.0, n_cam - 1.0)
+        lo = np.floor(pos).astype(np.int64)
+        t = pos - lo
+        hi = np.minimum(lo + 1, n_cam - 1)
+        rx = np.zeros((len(c0), width, n_cam), dtype=np.float64)
+        n_idx, k_idx = np.indices(k.shape)
+        rx[n_idx, k_idx, lo] = 1.0 - t
+        rx[n_idx, k_idx, hi] += t
+        rx[pad] = 0.0
+        return i0, ni, a, b, share, rx
+
+    def columns_of(self, c0: np.ndarray, span: int, n_cam: int, stride: int):
+        """:meth:`columns`, read from a table of the tile grid's columns when every tile sits
+        on a multiple of ``stride`` (as the grid's tiles do): all grid rows share it."""
+        if stride < 1 or c0[0] < 0 or np.any(c0 % stride):
+            return self.columns(c0, span, n_cam)
+        key = (span, n_cam, stride)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) > 16:
+                self._tables.clear()
+            table = self._tables[key] = self.columns(np.arange(0, self.width, stride), span, n_cam)
+        k = c0 // stride
+        return tuple(x[k] for x in table)
 
     def contribution(self, window: Sequence[int], cam: np.ndarray, valid: np.ndarray | None):
         """Value and weight of one tile over the heat pixels it touches.
@@ -170,7 +238,9 @@ class HeatmapWriter:
     is the mean weighted by each tile's valid-pixel coverage (nodata pixels weigh 0). Heat
     pixels that no valid tile pixel covers get :data:`HEATMAP_NODATA` (-1.0).
 
-    Tiles must arrive in row-major order of the tile grid (non-decreasing ``row_off``).
+    :meth:`add` blends one tile, :meth:`add_batch` a batch with array operations (the same
+    heat, bit for bit). Tiles must arrive in row-major order of the tile grid (non-decreasing
+    ``row_off``).
     Adding a tile at ``row_off = r`` implies that rows above ``r`` are final (as does an
     explicit :meth:`finish_rows`): finished heat rows go to a temporary tiled float32
     GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
@@ -198,8 +268,7 @@ class HeatmapWriter:
         # strip buffer: heat rows [base, base + rows) accumulate sum(w * v) and sum(w)
         self._base = 0
         cap = max(1, math.ceil((self.tile_px + max(self.stride_px, 1)) * self.scale) + 2)
-        self._sum = np.zeros((cap, g.out_w), np.float64)
-        self._wsum = np.zeros((cap, g.out_w), np.float64)
+        self._acc = np.zeros((2, cap, g.out_w), np.float64)  # sum(w * v) and sum(w), one array
         self._rows = 0
         self._last_row_off = None
         self.peak_buffer_rows = 0
@@ -232,19 +301,25 @@ class HeatmapWriter:
     @property
     def buffer_nbytes(self) -> int:
         """Bytes held by the strip accumulators now."""
-        return self._sum.nbytes + self._wsum.nbytes
+        return self._acc.nbytes
+
+    @property
+    def _sum(self) -> np.ndarray:
+        return self._acc[0]
+
+    @property
+    def _wsum(self) -> np.ndarray:
+        return self._acc[1]
 
     # -- accumulate
 
     def _ensure_rows(self, end_row: int) -> None:
         need = end_row - self._base
-        if need > self._sum.shape[0]:
-            cap = max(need, int(self._sum.shape[0] * 1.5) + 1)
-            for name in ("_sum", "_wsum"):
-                old = getattr(self, name)
-                new = np.zeros((cap, old.shape[1]), np.float64)
-                new[: self._rows] = old[: self._rows]
-                setattr(self, name, new)
+        if need > self._acc.shape[1]:
+            cap = max(need, int(self._acc.shape[1] * 1.5) + 1)
+            new = np.zeros((2, cap, self._acc.shape[2]), np.float64)
+            new[:, : self._rows] = self._acc[:, : self._rows]
+            self._acc = new
         self._rows = max(self._rows, need)
         self.peak_buffer_rows = max(self.peak_buffer_rows, self._rows)
 
@@ -272,6 +347,120 @@ class HeatmapWriter:
         self._sum[a:a + nj, i0:i0 + ni] += weight * value
         self._wsum[a:a + nj, i0:i0 + ni] += weight
 
+    def add_batch(self, col_off, row_off, size, cams: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Blend a batch of square tiles with array operations: the same heat, bit for bit,
+        as :meth:`add` tile by tile in the same order.
+
+        ``col_off``, ``row_off`` (length ``n``) and ``size`` (one or ``n`` values) give each
+        tile's window in scene pixels, ``cams`` ``(n, h, w)`` spans it, ``valid`` ``(n, S, S)``
+        bool or None (all valid; a mask of another size than the window is stretched over
+        it, nearest). Tiles come in row-major order; a batch may span several grid rows,
+        whose finished heat rows are written between them as :meth:`add` does.
+        """
+        if self._closed:
+            raise RuntimeError("HeatmapWriter is closed")
+        c0 = np.asarray(col_off, dtype=np.int64).reshape(-1)
+        r0 = np.asarray(row_off, dtype=np.int64).reshape(-1)
+        n = len(c0)
+        span = np.broadcast_to(np.asarray(size, dtype=np.int64), (n,)) if np.ndim(size) == 0 else \
+            np.asarray(size, dtype=np.int64).reshape(-1)
+        cams = np.asarray(cams, dtype=np.float64)
+        if len(r0) != n or len(span) != n:
+            raise ValueError(f"col_off, row_off and size need one value per tile, got {n}, {len(r0)}, {len(span)}")
+        if cams.ndim != 3 or len(cams) != n or min(cams.shape[1:], default=0) < 1:
+            raise ValueError(f"cams must be (n={n}, h, w) with h, w >= 1, got shape {cams.shape}")
+        if valid is not None:
+            valid = np.asarray(valid, dtype=bool)
+            if valid.ndim != 3 or len(valid) != n:
+                raise ValueError(f"valid masks must be (n={n}, S, S), got shape {valid.shape}")
+        if n == 0:
+            return
+        if np.any(span < 1):
+            raise ValueError(f"tile size must be positive, got {int(span.min())}")
+        prev = r0[:-1] if self._last_row_off is None else np.concatenate([[self._last_row_off], r0[:-1]])
+        back = np.flatnonzero(r0[-len(prev):] < prev)
+        if len(back):
+            k = int(back[0]) + n - len(prev)
+            raise ValueError(f"tiles must arrive in row-major order: row_off {int(r0[k])} after {int(prev[back[0]])}")
+        full = np.ones(n, dtype=bool) if valid is None else valid.reshape(n, -1).all(axis=1)
+        # runs of one grid row (one window size, columns left to right) blend together
+        cut = np.flatnonzero((r0[1:] != r0[:-1]) | (span[1:] != span[:-1]) | (c0[1:] < c0[:-1])) + 1
+        for s, e in zip([0, *cut.tolist()], [*cut.tolist(), n]):
+            row = int(r0[s])
+            if self._last_row_off is None or row > self._last_row_off:
+                self.finish_rows(row)
+                self._last_row_off = row
+            self._blend_run(c0[s:e], row, int(span[s]), cams[s:e],
+                            None if valid is None else valid[s:e], full[s:e])
+
+    def _blend_run(self, c0: np.ndarray, r0: int, span: int, cams: np.ndarray,
+                   valid: np.ndarray | None, full: np.ndarray) -> None:
+        """Blend tiles of one grid row (``c0`` non-decreasing) into the strip buffers,
+        adding to each heat pixel in tile order, as tile-by-tile blending does."""
+        g = self.grid
+        rows = g._axis("r", r0, span)
+        if rows is None:
+            return
+        inside = (c0 < g.width) & (c0 + span > 0)
+        if not inside.all():
+            c0, cams, full = c0[inside], cams[inside], full[inside]
+            valid = None if valid is None else valid[inside]
+            if len(c0) == 0:
+                return
+        j0, j1, ra, rb, share_r = rows
+        if j0 < self._base:
+            raise ValueError(f"tile {(int(c0[0]), r0, span, span)} touches heat rows already written (< {self._base})")
+        m, (ch, cw) = len(c0), cams.shape[1:]
+        i0, ni, a, b, share_c, rx = g.columns_of(c0, span, cw, self.stride_px)
+        nj, width = j1 - j0, rx.shape[1]
+
+        # (value * weight, weight) of every tile, laid out (2, heat row, tile, heat column)
+        pw = np.empty((2, nj, m, width), dtype=np.float64)
+        value, weight = pw[0], pw[1]
+        ry = _axis_interp(j0, j1, r0, span, ch, g.height, g.out_h)
+        with np.errstate(invalid="ignore"):  # a NaN CAM cell: its tile weighs nothing below
+            # the same stacked products as the per-tile ry @ cam @ rx.T, written in place
+            np.matmul(np.matmul(ry, cams), rx.transpose(0, 2, 1), out=value.transpose(1, 0, 2))
+        # weights: outer(share_r, share_c) where the mask is all valid, else valid counts / area
+        np.multiply(share_r[:, None], share_c.reshape(1, -1), out=weight.reshape(nj, -1))
+        part = np.flatnonzero(~full)
+        if len(part):
+            v = valid[part]
+            cy, cx = _stretch_counts(v.shape[1], span), _stretch_counts(v.shape[2], span)
+            my = cy[rb] - cy[ra]  # (nj, S): window pixels of each heat row per mask row
+            mx = cx[b[part]] - cx[a[part]]  # (p, NI, S)
+            # whole counts, exact in float32 while a tile has under 2**24 pixels (half the work)
+            ft = np.float32 if span <= 4096 else np.float64
+            counts = np.matmul(np.matmul(my.astype(ft), v.astype(ft)), mx.astype(ft).transpose(0, 2, 1))
+            col_len = np.diff(g.col_start)[np.minimum(i0[part, None] + np.arange(width), g.out_w - 1)]
+            area = (g.row_start[j0 + 1:j1 + 1] - g.row_start[j0:j1])[None, :, None] * col_len[:, None, :]
+            weight[:, part] = (counts.astype(np.float64) / area).transpose(1, 0, 2)
+        if not (np.isfinite(cams).all() and np.abs(cams).max() < 1e300) and not np.isfinite(value).all():
+            bad = ~np.isfinite(value)
+            value[bad] = 0.0
+            weight[bad] = 0.0
+        np.multiply(value, weight, out=value)
+
+        # round k adds, at each heat column, its k-th tile (tiles left to right): every heat
+        # pixel gets its tiles' terms in tile order, as tile by tile
+        self._ensure_rows(j1)
+        lo, hi = int(i0[0]), int((i0 + ni).max())
+        px = np.arange(lo, hi)
+        first = np.searchsorted(i0 + ni, px, side="right")
+        last = np.searchsorted(i0, px, side="right") - 1
+        flat = pw.reshape(2 * nj, m * width)
+        acc = self._acc[:, j0 - self._base:j1 - self._base]
+        for k in range(int((last - first).max()) + 1):
+            t = first + k
+            ok = t <= last
+            if not ok.all():
+                px, t, first, last = px[ok], t[ok], first[ok], last[ok]
+            terms = flat[:, t * width + (px - i0[t])].reshape(2, nj, -1)
+            if k == 0 and len(px) == hi - lo:  # every column covered: one slice
+                acc[:, :, lo:hi] += terms
+            else:
+                acc[:, :, px] += terms
+
     def finish_rows(self, scene_row: int) -> None:
         """Declare that no later tile touches scene rows above ``scene_row``: heat rows made
         only of those scene rows are written out and freed."""
@@ -287,19 +476,16 @@ class HeatmapWriter:
         if n_buf > 0:
             self._write(self._base, self._sum[:n_buf], self._wsum[:n_buf])
             keep = self._rows - n_buf
-            self._sum[:keep] = self._sum[n_buf:self._rows]
-            self._wsum[:keep] = self._wsum[n_buf:self._rows]
-            self._sum[keep:self._rows] = 0.0
-            self._wsum[keep:self._rows] = 0.0
+            self._acc[:, :keep] = self._acc[:, n_buf:self._rows]
+            self._acc[:, keep:self._rows] = 0.0
             self._rows = keep
         # rows no tile touched stay unwritten: the sparse scratch file reads them as nodata
         self._base = done
 
     def _write(self, row: int, s: np.ndarray, w: np.ndarray) -> None:
-        heat = np.full(s.shape, HEATMAP_NODATA, dtype=np.float32)
         ok = w > 0
-        heat[ok] = (s[ok] / w[ok]).astype(np.float32)
-        self._write_raw(row, heat)
+        heat = np.divide(s, w, out=np.full(s.shape, HEATMAP_NODATA, dtype=np.float64), where=ok)
+        self._write_raw(row, heat.astype(np.float32))
 
     def _write_raw(self, row: int, heat: np.ndarray) -> None:
         with self._aborting():
@@ -356,7 +542,7 @@ class HeatmapWriter:
                               _overview_level(self.grid.out_w, self.grid.out_h))
         finally:
             _remove_quietly(self._strips)
-        self._sum = self._wsum = np.zeros((0, self.grid.out_w))
+        self._acc = np.zeros((2, 0, self.grid.out_w))
         return self.path
 
     def abort(self) -> None:
