@@ -140,9 +140,7 @@ class UnitJob:
         """One batch's share of model results: table rows, label cells, blended heat."""
         rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform)
         self.labels[rows["row"] - self.r0, rows["col"]] = cls
-        size = tiles.grid.tile_size
-        for j, (c0, r0) in enumerate(zip(rows["col_off"].tolist(), rows["row_off"].tolist())):
-            self.heat.add((c0, r0, size, size), cam[j], valid[j])
+        self.heat.add_batch(tiles.col_off, tiles.row_off, tiles.grid.tile_size, cam, valid)
         self.table.add(rows)
         self.n_consumed += len(tiles)
 
