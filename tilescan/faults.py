@@ -19,8 +19,9 @@ import signal
 _seen: dict[tuple[str, str], int] = {}
 
 
-def point(phase: str) -> None:
-    """A fault-injection point of the pipeline (see the module doc)."""
+def point(phase: str, times: int = 1) -> None:
+    """A fault-injection point of the pipeline (see the module doc), reached ``times`` times
+    in a row (e.g. once per tile of a chunk read at once)."""
     for var, default in (("TILESCAN_TEST_SIGNAL_AT", "SIGTERM"), ("TILESCAN_TEST_KILL_AT", "SIGKILL")):
         spec = os.environ.get(var)
         if not spec:
@@ -30,6 +31,7 @@ def point(phase: str) -> None:
         if name != phase:
             continue
         key = (var, phase)
-        _seen[key] = _seen.get(key, 0) + 1
-        if _seen[key] == int(nth or 1):
+        before = _seen.get(key, 0)
+        _seen[key] = before + times
+        if before < int(nth or 1) <= before + times:
             os.kill(os.getpid(), getattr(signal, sig or default))

@@ -19,6 +19,7 @@ model are finished, the others are dropped.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,9 @@ from .report import UnitResult
 #: Most tiles an overlap reader reads with one call (a band of block rows, or part of one):
 #: 128 tiles of 128 px are 25 MB of model input; each reader has at most two calls ahead.
 BAND_CHUNK = 128
+
+#: How much nicer than the run the finisher thread is (scene outputs, off the model's cores).
+FINISH_NICE = 10
 
 
 @dataclass
@@ -150,7 +154,8 @@ class Stream:
         self.dropped: list[UnitJob] = []  # dropped by a stop request
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
-        self._finishers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-finish")
+        self._finishers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-finish",
+                                             initializer=_background_priority)
         self._finishing: list[Future] = []
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
 
@@ -410,8 +415,7 @@ class Stream:
                         continue
                     if got is not None:
                         kept, x, valid, fractions, n_read = got
-                        for _ in range(n_read):
-                            faults.point("reading")
+                        faults.point("reading", n_read)
                         job.n_kept += len(kept)
                         job.skipped += n_read - len(kept)
                         if self.bar is not None and n_read > len(kept):
@@ -451,6 +455,16 @@ class Stream:
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one; threads it
+    starts inherit it): a unit's outputs are then written in the time the model leaves the
+    cores, instead of slowing the model down."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FINISH_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
 
 
 def _chain(first, rest):
