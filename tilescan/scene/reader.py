@@ -175,6 +175,7 @@ class SceneReader:
             self._closed = True
             handles, self._handles = self._handles, []
             pool, self._scale_pool = self._scale_pool, None
+            self._decimated = self._preview = None
         for ds in handles:
             ds.close()
         if pool is not None:
@@ -195,6 +196,15 @@ class SceneReader:
                   use_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)
         (``use_mask=False``: without the internal mask, from the pixel values alone)."""
+        whole = self._decimated
+        if self._closed:
+            raise ValueError("SceneReader is closed")
+        if (window is not None and out_shape is None and use_mask and whole is not None
+                and whole[0] == (self.info.height, self.info.width)):
+            # a small scene's statistics read holds it whole, at full resolution: no second decode
+            r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+            if r0 >= 0 and c0 >= 0 and r0 + h <= whole[0][0] and c0 + w <= whole[0][1]:
+                return whole[1][:, r0:r0 + h, c0:c0 + w], whole[2][r0:r0 + h, c0:c0 + w]
         ds = self._ds()
         kw = {}
         if window is not None:
