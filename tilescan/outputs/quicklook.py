@@ -7,12 +7,13 @@ import contextlib
 import dataclasses
 import functools
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import OutputError
 from .files import atomic_output
 from .palette import class_colors
 
@@ -165,20 +166,19 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
-    palette = np.array(class_colors(len(classes)) or [(0, 0, 0)], dtype=np.float32)
-    base = rgb.astype(np.float32)
-    base[~valid] *= 0.35  # dim nodata so the footprint is visible
-    label_panel, present = _label_panel(base, valid, labels, len(classes), palette, scene_size, tile_px,
+    palette = _palette(len(classes))
+    scene_panel = _scene_panel(rgb, valid)
+    label_panel, present = _label_panel(rgb, valid, scene_panel, labels, len(classes), scene_size, tile_px,
                                         stride, row_offset, outlines)
-    heat_panel, has_heat = _heat_panel(base, valid, heat)
-    image = _compose((base, label_panel, heat_panel), has_heat, present, classes, palette)
+    heat_panel, has_heat = _heat_panel(rgb, valid, scene_panel, heat)
+    image = _compose((scene_panel, label_panel, heat_panel), has_heat, present, classes, palette)
     _write_png(path, image)
     return Path(path)
 
 
 def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray]:
     """The preview as (h, w, 3) uint8 and its (h, w) bool mask (all valid when None), checked."""
-    rgb = np.asarray(preview_rgb)
+    rgb = np.ascontiguousarray(preview_rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"preview_rgb must be (h, w, 3) uint8, got {rgb.shape} {rgb.dtype}")
     h, w = rgb.shape[:2]
@@ -188,54 +188,167 @@ def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray
     return rgb, valid
 
 
-def _label_panel(base: np.ndarray, valid: np.ndarray, labels, n_classes: int, palette: np.ndarray,
+# The panels are drawn in uint8 through look-up tables. Each table entry is computed with
+# the float32 operations, in the order, of the straightforward drawing (the scene as
+# float32, nodata dimmed, colours blended, + 0.5, clipped, truncated; see
+# tests/test_outputs_speed.py), so a pixel is the same as that drawing would give, at a
+# fraction of the cost of blending float images through boolean masks.
+
+_DIM = 0.35  # nodata is dimmed to this fraction of its brightness, so the footprint is visible
+_NO_HEAT_DIM = 0.5  # the heat panel without heat: the scene at half brightness
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    """A float32 panel value as the quicklook stores it: rounded half up, clipped to 0..255."""
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+def _scene_f32(valid: bool) -> np.ndarray:
+    """The scene panel's float32 value for each uint8 value 0..255, valid or nodata."""
+    v = np.arange(256, dtype=np.float32)
+    if not valid:
+        v *= _DIM
+    return v
+
+
+@functools.lru_cache(maxsize=8)
+def _palette(n_classes: int) -> np.ndarray:
+    """The class colours as float32 (n, 3); black when there is no class."""
+    palette = np.array(class_colors(n_classes) or [(0, 0, 0)], dtype=np.float32)
+    palette.setflags(write=False)
+    return palette
+
+
+@functools.lru_cache(maxsize=1)
+def _dim_lut() -> np.ndarray:
+    """uint8 value -> the scene panel's value at nodata."""
+    return _to_u8(_scene_f32(False))
+
+
+@functools.lru_cache(maxsize=8)
+def _label_lut(n_classes: int) -> np.ndarray:
+    """(n + 3, 3, 256) uint8: the label panel's value of a pixel of class ``c`` (rows
+    ``0 .. n-1``), of an unlabelled valid pixel (row ``n``), of an unlabelled nodata pixel
+    (row ``n + 1``) and of a tile border (row ``n + 2``), per channel and scene value."""
+    palette = _palette(n_classes)
+    n = len(palette) if n_classes else 0
+    v = _scene_f32(True)
+    lut = np.empty((n + 3, 3, 256), np.uint8)
+    lut[:n] = _to_u8((1.0 - LABEL_BLEND) * v[None, None, :] + LABEL_BLEND * palette[:n, :, None])
+    lut[n] = _to_u8(v)
+    lut[n + 1] = _dim_lut()
+    lut[n + 2] = _to_u8(np.array(_OUTLINE_RGB, dtype=np.float32))[:, None]
+    lut.setflags(write=False)
+    return lut
+
+
+@functools.lru_cache(maxsize=1)
+def _heat_blend_lut() -> tuple[np.ndarray, bool]:
+    """(256, 256) uint8: the heat panel's value for scene value ``v`` (rows) under jet value
+    ``j`` (columns); and whether it is ``(v + j + 1) >> 1`` (so with ``HEAT_BLEND = 0.5``),
+    which is cheaper to compute than a look-up."""
+    v, j = _scene_f32(True), np.arange(256, dtype=np.float32)
+    lut = _to_u8((1.0 - HEAT_BLEND) * v[:, None] + HEAT_BLEND * j[None, :])
+    halves = (np.arange(256)[:, None] + np.arange(256)[None, :] + 1) >> 1
+    return lut, bool(np.array_equal(lut, halves))
+
+
+@functools.lru_cache(maxsize=2)
+def _no_heat_luts() -> np.ndarray:
+    """(2, 256) uint8: the heat panel without heat, for valid (row 0) and nodata (row 1) values."""
+    return np.stack([_to_u8(_scene_f32(ok) * _NO_HEAT_DIM) for ok in (True, False)])
+
+
+def _lut3(lut: np.ndarray) -> np.ndarray:
+    """A (256,) table as OpenCV's LUT takes it for a three-channel image."""
+    return np.ascontiguousarray(np.broadcast_to(lut.reshape(256, 1, 1), (256, 1, 3)))
+
+
+def _put(dst: np.ndarray, src: np.ndarray, where: np.ndarray) -> None:
+    """``dst[where] = src[where]`` for (h, w, 3) uint8 images and an (h, w) bool mask."""
+    import cv2
+
+    cv2.copyTo(src, where.view(np.uint8), dst)
+
+
+def _scene_panel(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The scene as drawn: nodata dimmed."""
+    import cv2
+
+    panel = rgb.copy()
+    if not valid.all():
+        _put(panel, cv2.LUT(rgb, _lut3(_dim_lut())), ~valid)
+    return panel
+
+
+def _label_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, labels, n_classes: int,
                  scene_size, tile_px, stride, row_offset: int, outlines: bool) -> tuple[np.ndarray, list[int]]:
     """The label panel (class colours blended over the scene) and the classes present, most frequent first."""
     h, w = valid.shape
-    label_panel = base.copy()
-    present: list[int] = []
-    cells = None  # the grid row / column drawn at each preview row / column
-    if labels is not None and np.asarray(labels).size:
-        if scene_size is None or tile_px is None:
-            raise ValueError("write_quicklook needs scene_size and tile_px to place the labels")
-        grid_labels = np.asarray(labels, dtype=np.int64)
-        if grid_labels.ndim != 2:
-            raise ValueError(f"labels must be a 2-D tile grid, got shape {grid_labels.shape}")
-        lab, *cells = _label_image(grid_labels, h, w, scene_size, tile_px,
+    if labels is None or not np.asarray(labels).size:
+        return scene_panel.copy(), []
+    if scene_size is None or tile_px is None:
+        raise ValueError("write_quicklook needs scene_size and tile_px to place the labels")
+    grid_labels = np.asarray(labels, dtype=np.int64)
+    if grid_labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D tile grid, got shape {grid_labels.shape}")
+    lab, rows, cols = _label_image(grid_labels, h, w, scene_size, tile_px,
                                    tile_px if stride is None else stride, row_offset)
-        hit = (lab >= 0) & (lab < n_classes) & valid
-        label_panel[hit] = (1.0 - LABEL_BLEND) * base[hit] + LABEL_BLEND * palette[lab[hit]]
-        flat = grid_labels.ravel()
-        flat = flat[(flat >= 0) & (flat < n_classes)]
-        counts = np.bincount(flat, minlength=n_classes)
-        present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-    if outlines and cells is not None:
-        rows, cols = cells  # a border on the first preview pixel of each tile
-        edge = np.zeros((h, w), bool)
-        edge[1:][rows[1:] != rows[:-1]] = True
-        edge[:, 1:][:, cols[1:] != cols[:-1]] = True
-        label_panel[edge] = _OUTLINE_RGB
-    return label_panel, present
+    # each pixel's row of the label table: its class, else unlabelled valid / nodata, or a border
+    n = n_classes
+    code = np.where(valid, n, n + 1).astype(np.intp)
+    hit = (lab >= 0) & (lab < n) & valid
+    np.copyto(code, lab, where=hit)
+    if outlines:  # a border on the first preview pixel of each tile
+        code[1:][rows[1:] != rows[:-1]] = n + 2
+        code[:, 1:][:, cols[1:] != cols[:-1]] = n + 2
+    lut = _label_lut(n).reshape(-1)
+    code *= 3 * 256
+    panel = np.empty((h, w, 3), np.uint8)
+    for ch in range(3):
+        idx = code + rgb[:, :, ch]
+        if ch:
+            idx += ch * 256
+        panel[:, :, ch] = lut.take(idx)
+    flat = grid_labels.ravel()
+    flat = flat[(flat >= 0) & (flat < n_classes)]
+    counts = np.bincount(flat, minlength=n_classes)
+    present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    return panel, present
 
 
-def _heat_panel(base: np.ndarray, valid: np.ndarray, heat) -> tuple[np.ndarray, bool]:
+def _heat_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, heat) -> tuple[np.ndarray, bool]:
     """The Grad-CAM panel (jet over the scene; the scene darkened when there is no heat) and whether there is heat."""
     import cv2
 
     h, w = valid.shape
-    heat_panel = base.copy()
     has_heat = heat is not None and np.asarray(heat).size > 0
-    if has_heat:
-        hm = np.asarray(heat, dtype=np.float32)
-        ok = np.isfinite(hm) & (hm >= 0)
-        hm_r = cv2.resize(np.where(ok, hm, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-        ok_r = cv2.resize(ok.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & valid
-        jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-        jet = jet[..., ::-1].astype(np.float32)  # BGR -> RGB
-        heat_panel[ok_r] = (1.0 - HEAT_BLEND) * base[ok_r] + HEAT_BLEND * jet[ok_r]
+    if not has_heat:
+        dark = _no_heat_luts()
+        panel = cv2.LUT(rgb, _lut3(dark[0]))
+        if not valid.all():
+            _put(panel, cv2.LUT(rgb, _lut3(dark[1])), ~valid)
+        return panel, False
+    hm = np.asarray(heat, dtype=np.float32)
+    ok = np.isfinite(hm) & (hm >= 0)
+    hm_r = cv2.resize(np.where(ok, hm, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    ok_r = cv2.resize(ok.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & valid
+    jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    jet = jet[..., ::-1]  # BGR -> RGB
+    lut, halves = _heat_blend_lut()
+    if halves:
+        panel = np.add(rgb, jet, dtype=np.uint16)
+        panel += 1
+        panel >>= 1
+        panel = panel.astype(np.uint8)
     else:
-        heat_panel *= 0.5
-    return heat_panel, has_heat
+        idx = rgb.astype(np.intp)
+        idx <<= 8
+        idx += jet
+        panel = lut.reshape(-1).take(idx)
+    if not ok_r.all():  # the scene where there is no heat
+        _put(panel, scene_panel, ~ok_r)
+    return panel, True
 
 
 def _legend_lines(probe, font, s: int, present: list[int], classes: list[str],
@@ -252,7 +365,8 @@ def _legend_lines(probe, font, s: int, present: list[int], classes: list[str],
 
 
 def _compose(panels, has_heat: bool, present: list[int], classes: list[str], palette: np.ndarray):
-    """The quicklook as a Pillow image: the three panels under their titles, the legend and the colour bar."""
+    """The quicklook as a Pillow image: the three (h, w, 3) uint8 panels under their titles,
+    the legend and the colour bar."""
     from PIL import Image, ImageDraw
 
     h, w = panels[0].shape[:2]
@@ -274,7 +388,7 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     canvas = np.full((total_h, lay.width, 3), 255, dtype=np.uint8)
     for k, panel in enumerate(panels):
         x, y = lay.origin(k)
-        canvas[y:y + h, x:x + w] = np.clip(panel + 0.5, 0, 255).astype(np.uint8)
+        canvas[y:y + h, x:x + w] = panel
     if has_heat:
         _paint_colorbar(canvas, bx, by, bar_w, bar_h)
     image = Image.fromarray(canvas, "RGB")
@@ -324,15 +438,34 @@ def _draw_legend(draw, font, lines: list[list[tuple[int, int]]], classes: list[s
         y += row_h
 
 
-def _write_png(path: str | os.PathLike, image) -> None:
-    """Encode the image as PNG and write it atomically to ``path``."""
-    import cv2
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC of type + data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
-    # libpng through OpenCV, zlib level 1 with the RLE strategy: faster than Pillow at any
-    # level for about the same size (benchmarks/README.md)
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(np.asarray(image)[:, :, ::-1]),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
-    if not ok:  # pragma: no cover - OpenCV reports no reason
-        raise OutputError("cannot encode the quicklook PNG", path=str(path))
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An (h, w, 3) uint8 image as an 8-bit RGB PNG: every row with the "Up" filter (its
+    difference to the row above, computed at once for the whole image), deflated at zlib
+    level 1 with the RLE strategy. The cheapest encoding measured for the quicklook, a tenth
+    larger than libpng's adaptive filters (benchmarks/README.md)."""
+    a = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if a.ndim != 3 or a.shape[2] != 3 or not a.size:
+        raise ValueError(f"png_bytes needs a non-empty (h, w, 3) uint8 image, got shape {a.shape}")
+    h, w = a.shape[:2]
+    rows = a.reshape(h, w * 3)
+    raw = np.empty((h, 1 + w * 3), np.uint8)
+    raw[:, 0] = 2  # filter type Up; the row above the first is zeros, so its bytes stay as they are
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # modulo 256, as PNG defines it
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = z.compress(raw) + z.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
+            + _png_chunk(b"IEND", b""))
+
+
+def _write_png(path: str | os.PathLike, image) -> None:
+    """Encode the image as PNG (:func:`png_bytes`) and write it atomically to ``path``."""
+    data = png_bytes(np.asarray(image))
     with atomic_output(path) as tmp:
-        tmp.write_bytes(png.tobytes())
+        tmp.write_bytes(data)
