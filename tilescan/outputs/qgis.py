@@ -123,6 +123,17 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     File paths are stored relative to ``location`` (the folder the project will live in;
     default: ``path``'s folder), so a project written in a staging folder is right once
     moved into place. Written atomically."""
+    root = _project_tree(path, title=title, crs=crs, bounds=bounds, layers=layers, groups=groups, location=location)
+    data = _to_bytes(root)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
+                  layers: Sequence[Layer] | None, groups: Sequence[tuple[str, Sequence[Layer]]],
+                  location: str | os.PathLike | None) -> ET.Element:
+    """The document :func:`write_project` writes."""
     project_dir = Path(os.path.abspath(location if location is not None else Path(path).parent))
     root = _el(None, "qgis", projectname=title, version=QGIS_VERSION)
     _el(root, "homePath", path="")
@@ -159,10 +170,7 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     _el(view, "Scales")
     dv = _el(view, "DefaultViewExtent", **dict(zip(("xmin", "ymin", "xmax", "ymax"), map(repr, map(float, bounds)))))
     _srs(dv, crs)
-    data = _to_bytes(root)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+    return root
 
 
 # ----------------------------------------------------------------------------- per scene

@@ -261,16 +261,19 @@ def memo_attrib(style: ET.Element) -> dict[str, str]:
     return dict(_built(style.key).attrib if type(style) is _Memo else style.attrib)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=1024)
 def _built(key: tuple) -> ET.Element:
     """The style tree of ``key``; shared, so never changed (:func:`_xml` only reads it)."""
     return _BUILDERS[key[0]](*key[1:])
 
 
-@functools.lru_cache(maxsize=256)
 def _memo_xml(key: tuple, level: int, whole: bool) -> str:
     """The style ``key`` serialised at depth ``level``: its root, or its children with the
     line breaks between them (the last one's comes from where the stand-in sits)."""
+    return (_symbol_xml if key[0] == "fill" else _style_xml)(key, level, whole)
+
+
+def _serialised(key: tuple, level: int, whole: bool) -> str:
     root, out = _built(key), []
     if whole:
         _xml(root, level, out)
@@ -281,6 +284,10 @@ def _memo_xml(key: tuple, level: int, whole: bool) -> str:
             out.append(_escape_cdata(tail) if tail and tail.strip() else _indentation(level))
         _xml(child, level, out)
     return "".join(out)
+
+
+_style_xml = functools.lru_cache(maxsize=256)(_serialised)  # whole styles: a few kB each
+_symbol_xml = functools.lru_cache(maxsize=2048)(_serialised)  # fill symbols: one per class and place
 
 
 @functools.lru_cache(maxsize=64)
@@ -359,14 +366,19 @@ def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequ
         _el(ce, "algorithm", "StretchToMinimumMaximum")
 
 
-def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int]) -> ET.Element:
+def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
+                 memo: bool = False) -> ET.Element:
+    """The renderer by class; ``memo``: each class's fill symbol a :class:`_Memo` (for :func:`memo_style`)."""
     r = _el(parent, "renderer-v2", type="categorizedSymbol", attr="label", symbollevels="0", forceraster="0",
             enableorderby="0", referencescale="-1")
     cats, syms = _el(r, "categories"), _el(r, "symbols")
     colors = class_colors(len(classes))
     for k, i in enumerate(present):
         _el(cats, "category", value=classes[i], label=classes[i], symbol=str(k), render="true")
-        _fill_symbol(syms, str(k), colors[i])
+        if memo:
+            syms.append(_memo(("fill", str(k), tuple(colors[i]))))
+        else:
+            _fill_symbol(syms, str(k), colors[i])
     _el(r, "rotation")
     _el(r, "sizescale")
     return r
@@ -422,13 +434,17 @@ def tiles_style(classes: Sequence[str], present: Sequence[int] | None = None, *,
                 by: str = "label") -> ET.Element:
     """The tile table's .qml: categorised by ``label`` (one category per class present, the
     label raster's colours) or, ``by="confidence"``, graduated by confidence."""
+    return _tiles_style(classes, present, by)
+
+
+def _tiles_style(classes: Sequence[str], present: Sequence[int] | None, by: str, memo: bool = False) -> ET.Element:
     present = range(len(classes)) if present is None else present
     root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "100000000", "maxScale": "0",
                  "labelsEnabled": "0", "readOnly": "0", "simplifyDrawingHints": "1", "simplifyAlgorithm": "0",
                  "simplifyDrawingTol": "1", "simplifyLocal": "1", "simplifyMaxScale": "1",
                  "symbologyReferenceScale": "-1"})
     if by == "label":
-        _categorized(root, classes, present)
+        _categorized(root, classes, present, memo)
     elif by == "confidence":
         _graduated_confidence(root)
     else:
@@ -459,5 +475,15 @@ def _confidence_style() -> ET.Element:
     return tiles_style((), (), by="confidence")  # the same whatever the classes
 
 
-_BUILDERS = {"heatmap": heatmap_style, "labels": labels_style, "tiles": tiles_style,
-             "confidence": _confidence_style, "scene": scene_style}
+def _memo_tiles_style(classes: Sequence[str], present: Sequence[int] | None) -> ET.Element:
+    return _tiles_style(classes, present, "label", memo=True)  # the fill symbols memoised one by one
+
+
+def _symbol(name: str, color: tuple[int, ...]) -> ET.Element:
+    holder = ET.Element("symbols")
+    _fill_symbol(holder, name, color)
+    return holder[0]
+
+
+_BUILDERS = {"heatmap": heatmap_style, "labels": labels_style, "tiles": _memo_tiles_style,
+             "confidence": _confidence_style, "scene": scene_style, "fill": _symbol}
