@@ -112,19 +112,6 @@ def _preview_tiles(n_preview: int, n_scene: int, tile_px: int, stride: int, n_ti
     return np.clip(k, 0, n_tiles - 1)
 
 
-def _label_image(labels: np.ndarray, h: int, w: int, scene_size: tuple[int, int], tile_px: int,
-                 stride: int, row_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class index per preview pixel (-1: no tile or a skipped one), and the grid row and
-    column drawn at each preview row / column."""
-    rows, cols = _preview_cells(labels.shape, h, w, scene_size, tile_px, stride, row_offset)
-    n_band = labels.shape[0]
-    band = rows - row_offset
-    inside = (band >= 0) & (band < n_band)
-    out = np.full((h, w), -1, dtype=np.int64)
-    out[inside] = labels[band[inside]][:, cols]
-    return out, rows, cols
-
-
 def _wrap(size: int, text: str, width: int) -> list[str]:
     """``text`` broken at spaces into lines at most ``width`` px wide in the ``size`` px font
     (a longer word stays whole)."""
@@ -179,11 +166,9 @@ def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray
     return rgb, valid
 
 
-# The panels are drawn in uint8 through look-up tables. Each table entry is computed with
-# the float32 operations, in the order, of the straightforward drawing (the scene as
-# float32, nodata dimmed, colours blended, + 0.5, clipped, truncated; see
-# tests/test_outputs_speed.py), so a pixel is the same as that drawing would give, at a
-# fraction of the cost of blending float images through boolean masks.
+# The panels are drawn in uint8 through look-up tables whose entries come from the float32
+# operations, in order, of the plain drawing (scene as float32, nodata dimmed, colours blended,
+# + 0.5, clipped, truncated): the same pixels (tests/test_outputs_speed.py), far cheaper.
 
 _DIM = 0.35  # nodata is dimmed to this fraction of its brightness, so the footprint is visible
 _NO_HEAT_DIM = 0.5  # the heat panel without heat: the scene at half brightness
@@ -255,20 +240,13 @@ def _lut3(lut: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(lut.reshape(256, 1, 1), (256, 1, 3)))
 
 
-def _put(dst: np.ndarray, src: np.ndarray, where: np.ndarray) -> None:
-    """``dst[where] = src[where]`` for (h, w, 3) uint8 images and an (h, w) bool mask."""
-    import cv2
-
-    cv2.copyTo(src, where.view(np.uint8), dst)
-
-
 def _scene_panel(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """The scene as drawn: nodata dimmed."""
     import cv2
 
     panel = rgb.copy()
     if not valid.all():
-        _put(panel, cv2.LUT(rgb, _lut3(_dim_lut())), ~valid)
+        cv2.copyTo(cv2.LUT(rgb, _lut3(_dim_lut())), (~valid).view(np.uint8), panel)  # panel[~valid] = ...
     return panel
 
 
@@ -285,13 +263,11 @@ def _label_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, la
         raise ValueError(f"labels must be a 2-D tile grid, got shape {grid_labels.shape}")
     stride = tile_px if stride is None else stride
     rows, cols = _preview_cells(grid_labels.shape, h, w, scene_size, tile_px, stride, row_offset)
-    row_runs, col_runs = _runs(rows), _runs(cols)
-    n = n_classes
+    row_runs, col_runs, n = _runs(rows), _runs(cols), n_classes
     if h * w >= _MIN_CELL_PX * len(row_runs) * len(col_runs):
         panel = _label_cells(rgb, valid, scene_panel, grid_labels, n, rows - row_offset, row_runs, col_runs, cols)
     else:  # many tiny cells: one look-up per pixel costs less than one call per cell
-        lab, _, _ = _label_image(grid_labels, h, w, scene_size, tile_px, stride, row_offset)
-        panel = _label_pixels(rgb, valid, lab, n)
+        panel = _label_pixels(rgb, valid, grid_labels, n, rows - row_offset, cols)
     if outlines:  # a border on the first preview pixel of each tile
         border = _label_lut(n)[n + 2, :, 0]
         panel[1:][rows[1:] != rows[:-1]] = border
@@ -354,14 +330,17 @@ def _label_cells(rgb, valid, scene_panel, grid_labels, n: int, band_rows, row_ru
             c = int(row[col])
             if 0 <= c < n:
                 cv2.LUT(rgb[r0:r1, c0:c1], luts[c], dst=panel[r0:r1, c0:c1])
-    if not valid.all():
-        _put(panel, scene_panel, ~valid)
+    if not valid.all():  # nodata shows the scene
+        cv2.copyTo(scene_panel, (~valid).view(np.uint8), panel)
     return panel
 
 
-def _label_pixels(rgb, valid, lab: np.ndarray, n: int) -> np.ndarray:
-    """The label panel looked up pixel by pixel from the class image ``lab`` (-1: none)."""
+def _label_pixels(rgb, valid, grid_labels, n: int, band_rows, cols) -> np.ndarray:
+    """The label panel looked up pixel by pixel."""
     h, w = valid.shape
+    inside = (band_rows >= 0) & (band_rows < len(grid_labels))
+    lab = np.full((h, w), -1, dtype=np.int64)  # the class drawn at each pixel (-1: none)
+    lab[inside] = grid_labels[band_rows[inside]][:, cols]
     code = np.where(valid, n, n + 1).astype(np.intp)  # rows of the label table: unlabelled valid / nodata
     np.copyto(code, lab, where=(lab >= 0) & (lab < n) & valid)
     lut = _label_lut(n).reshape(-1)
@@ -385,7 +364,7 @@ def _heat_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, hea
         dark = _no_heat_luts()
         panel = cv2.LUT(rgb, _lut3(dark[0]))
         if not valid.all():
-            _put(panel, cv2.LUT(rgb, _lut3(dark[1])), ~valid)
+            cv2.copyTo(cv2.LUT(rgb, _lut3(dark[1])), (~valid).view(np.uint8), panel)
         return panel, False
     hm = np.asarray(heat, dtype=np.float32)
     ok = np.isfinite(hm) & (hm >= 0)
@@ -407,7 +386,7 @@ def _heat_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, hea
         idx += jet
         panel = lut.reshape(-1).take(idx)
     if not ok_r.all():  # the scene where there is no heat
-        _put(panel, scene_panel, ~ok_r)
+        cv2.copyTo(scene_panel, (~ok_r).view(np.uint8), panel)
     return panel, True
 
 
