@@ -34,8 +34,8 @@ from xml.etree import ElementTree as ET
 
 from .files import atomic_output
 from .geometry import pyproj_crs
-from .qgis_style import (QGIS_VERSION, _el, _extent, _srs, _to_bytes, _units, heatmap_style, labels_style,
-                         scene_style, tiles_style, write_style)
+from .qgis_style import (QGIS_VERSION, _crs_facts, _el, _extent, _memo, _Memo, _srs, _to_bytes, _units, memo_attrib,
+                         memo_style, write_style)
 
 __all__ = [
     "Layer",
@@ -89,7 +89,7 @@ def _layer_id(layer: Layer, k: int) -> str:
 
 def _maplayer(parent: ET.Element, layer: Layer, lid: str, source: str) -> None:
     vector = layer.kind == "vector"
-    attrs = dict(layer.style.attrib)
+    attrs = memo_attrib(layer.style)
     attrs.pop("version", None)
     attrs.pop("styleCategories", None)
     if vector:
@@ -107,8 +107,11 @@ def _maplayer(parent: ET.Element, layer: Layer, lid: str, source: str) -> None:
     for name, alt in layer.alt_styles.items():
         _el(sm, "map-layer-style", name=name).append(alt)
     _el(sm, "map-layer-style", name=layer.style_name)
-    for child in layer.style:  # the current style's elements live in the layer itself
-        ml.append(child)
+    if type(layer.style) is _Memo:  # the current style's elements live in the layer itself
+        ml.append(_memo(layer.style.key, whole=False))
+    else:
+        for child in layer.style:
+            ml.append(child)
 
 
 def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
@@ -120,6 +123,17 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     File paths are stored relative to ``location`` (the folder the project will live in;
     default: ``path``'s folder), so a project written in a staging folder is right once
     moved into place. Written atomically."""
+    root = _project_tree(path, title=title, crs=crs, bounds=bounds, layers=layers, groups=groups, location=location)
+    data = _to_bytes(root)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
+                  layers: Sequence[Layer] | None, groups: Sequence[tuple[str, Sequence[Layer]]],
+                  location: str | os.PathLike | None) -> ET.Element:
+    """The document :func:`write_project` writes."""
     project_dir = Path(os.path.abspath(location if location is not None else Path(path).parent))
     root = _el(None, "qgis", projectname=title, version=QGIS_VERSION)
     _el(root, "homePath", path="")
@@ -151,15 +165,12 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     props = _el(root, "properties")
     _el(_el(props, "Paths"), "Absolute", "false", type="bool")
     # QGIS 3.x reads <projectCrs> only with this flag set
-    _el(_el(props, "SpatialRefSys"), "ProjectionsEnabled", "1" if pyproj_crs(crs) is not None else "0", type="int")
+    _el(_el(props, "SpatialRefSys"), "ProjectionsEnabled", "1" if _crs_facts(crs)[2] else "0", type="int")
     view = _el(root, "ProjectViewSettings", UseProjectScales="0", rotation="0")
     _el(view, "Scales")
     dv = _el(view, "DefaultViewExtent", **dict(zip(("xmin", "ymin", "xmax", "ymax"), map(repr, map(float, bounds)))))
     _srs(dv, crs)
-    data = _to_bytes(root)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+    return root
 
 
 # ----------------------------------------------------------------------------- per scene
@@ -170,7 +181,9 @@ def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[flo
     """The scene's RGB layer, or None when the scene file is not there to reference."""
     if scene is None or not os.path.isfile(scene):
         return None
-    return Layer("scene", os.path.abspath(scene), "raster", scene_style(bands, scale), crs=crs, bounds=bounds)
+    key_scale = None if scale is None else tuple(tuple(float(v) for v in pair) for pair in scale)
+    return Layer("scene", os.path.abspath(scene), "raster", memo_style("scene", tuple(bands), key_scale),
+                 crs=crs, bounds=bounds)
 
 
 def _table(folder: Path) -> tuple[str, str | None] | None:
@@ -195,17 +208,17 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
     extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
     as the model read them. Returns the files written."""
     folder = Path(folder)
-    present = sorted({int(i) for i in present})
+    classes, present = tuple(str(c) for c in classes), tuple(sorted({int(i) for i in present}))
     bounds = _union(bounds, _table_bbox(folder / "tiles.parquet"))  # edge tiles may reach past the scene
     written: list[Path] = []
     styles = {}
     if (folder / "heatmap.tif").exists():
-        styles["heatmap"] = heatmap_style()
+        styles["heatmap"] = memo_style("heatmap")
     if (folder / "labels.tif").exists():
-        styles["labels"] = labels_style(classes, present)
+        styles["labels"] = memo_style("labels", classes, present)
     table = _table(folder)
     if table is not None:
-        styles["tiles"] = tiles_style(classes, present)
+        styles["tiles"] = memo_style("tiles", classes, present)
     for name, style in styles.items():
         written.append(write_style(folder / f"{name}.qml", style))
     if project:
@@ -213,7 +226,7 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
         if table is not None:
             layers.append(Layer("tiles", str(folder / table[0]), "vector", styles["tiles"], crs=crs, bounds=bounds,
                                 sublayer=table[1], style_name="label",
-                                alt_styles={"confidence": tiles_style(classes, present, by="confidence")}))
+                                alt_styles={"confidence": memo_style("confidence")}))
         if "heatmap" in styles:
             layers.append(Layer("heatmap", str(folder / "heatmap.tif"), "raster", styles["heatmap"], crs=crs,
                                 bounds=bounds, visible=False))
@@ -261,8 +274,9 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
         s["units"].append(Path(os.path.abspath(unit_folder)))
 
     written: list[Path] = []
+    classes, present = tuple(str(c) for c in classes), tuple(present)
     table = _table(folder)
-    tiles = tiles_style(classes, present)
+    tiles = memo_style("tiles", classes, present)
     if table is not None:
         written.append(write_style(folder / "tiles.qml", tiles))
     crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
@@ -272,17 +286,18 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     if table is not None:
         layers.append(Layer("tiles", str(where / table[0]), "vector", tiles, crs="EPSG:4326", bounds=bbox,
                             sublayer=table[1], style_name="label",
-                            alt_styles={"confidence": tiles_style(classes, present, by="confidence")}))
+                            alt_styles={"confidence": memo_style("confidence")}))
     groups = []
     for s in scenes.values():
         members = []
         for u in s["units"]:
             tag = "" if u.name == s["name"] else f" {u.name}"
             if (u / "heatmap.tif").exists():
-                members.append(Layer(f"heatmap{tag}", str(u / "heatmap.tif"), "raster", heatmap_style(),
+                members.append(Layer(f"heatmap{tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
             if (u / "labels.tif").exists():
-                members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster", labels_style(classes, present),
+                members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster",
+                                     memo_style("labels", classes, present),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
         scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"])
         if scene_layer is not None:

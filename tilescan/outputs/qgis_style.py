@@ -10,7 +10,9 @@ graduated by the model's confidence; the scene is its RGB bands stretched as the
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -81,28 +83,74 @@ def _srs(parent: ET.Element, crs: Any) -> ET.Element:
     """<spatialrefsys> for ``crs`` (anything pyproj reads; None: left empty). QGIS uses
     the authid when it has one, else the WKT."""
     s = _el(parent, "spatialrefsys")
-    pj = pyproj_crs(crs)
-    if pj is None:
-        return s
-    _el(s, "wkt", pj.to_wkt())
-    with catching_warnings():  # pyproj warns that PROJ.4 strings lose detail: QGIS reads the WKT
-        warnings.simplefilter("ignore")
-        try:
-            _el(s, "proj4", pj.to_proj4())
-        except Exception:  # a CRS without a PROJ.4 form: the WKT is enough
-            _el(s, "proj4", "")
-    auth = pj.to_authority(min_confidence=100)
-    if auth:
-        _el(s, "authid", f"{auth[0]}:{auth[1]}")
-        if auth[0] == "EPSG":
-            _el(s, "srid", auth[1])
-    _el(s, "description", pj.name)
-    _el(s, "geographicflag", "true" if pj.is_geographic else "false")
+    for tag, text in _crs_facts(crs)[0]:
+        _el(s, tag, text)
     return s
 
 
 def _units(crs: Any) -> str:
+    return _crs_facts(crs)[1]
+
+
+_CRS_FACTS: dict[Any, tuple] = {}
+_CRS_LOCK = threading.Lock()
+
+
+def _crs_key(crs: Any) -> Any:
+    """What decides everything the files say about ``crs``: the WKT pyproj reads it from (see
+    :func:`tilescan.outputs.geometry.pyproj_crs`), the string itself, or None when not hashable."""
+    import pyproj
+
+    if crs is None or isinstance(crs, str):
+        return crs
+    if hasattr(crs, "to_wkt") and not isinstance(crs, pyproj.CRS):  # a rasterio CRS
+        try:
+            return ("wkt", crs.to_wkt(version="WKT2_2019"))
+        except TypeError:
+            return ("wkt", crs.to_wkt())
+    return None
+
+
+def _crs_facts(crs: Any) -> tuple[tuple[tuple[str, str], ...], str, bool]:
+    """For ``crs``: the children of its <spatialrefsys> (tag, text), its map units, and whether
+    pyproj reads it. Worked out with pyproj once per CRS (the same few CRSs recur scene after scene)."""
+    key = _crs_key(crs)
+    if key is not None:
+        with _CRS_LOCK:
+            got = _CRS_FACTS.get(key)
+        if got is not None:
+            return got
     pj = pyproj_crs(crs)
+    facts = (_srs_fields(pj), _units_of(pj), pj is not None)
+    if key is not None:
+        with _CRS_LOCK:
+            if len(_CRS_FACTS) >= 64:
+                _CRS_FACTS.clear()
+            _CRS_FACTS[key] = facts
+    return facts
+
+
+def _srs_fields(pj) -> tuple[tuple[str, str], ...]:
+    if pj is None:
+        return ()
+    fields = [("wkt", pj.to_wkt())]
+    with catching_warnings():  # pyproj warns that PROJ.4 strings lose detail: QGIS reads the WKT
+        warnings.simplefilter("ignore")
+        try:
+            fields.append(("proj4", pj.to_proj4()))
+        except Exception:  # a CRS without a PROJ.4 form: the WKT is enough
+            fields.append(("proj4", ""))
+    auth = pj.to_authority(min_confidence=100)
+    if auth:
+        fields.append(("authid", f"{auth[0]}:{auth[1]}"))
+        if auth[0] == "EPSG":
+            fields.append(("srid", auth[1]))
+    fields.append(("description", pj.name))
+    fields.append(("geographicflag", "true" if pj.is_geographic else "false"))
+    return tuple(fields)
+
+
+def _units_of(pj) -> str:
     if pj is None or not pj.axis_info:
         return "unknown"
     unit = (pj.axis_info[0].unit_name or "").lower()
@@ -124,8 +172,127 @@ def _qml(root_attrs: dict[str, str]) -> ET.Element:
 
 
 def _to_bytes(root: ET.Element) -> bytes:
-    ET.indent(root, space=" ")
-    return (_DOCTYPE + ET.tostring(root, encoding="unicode") + "\n").encode("utf-8")
+    """The document as ``ET.indent(root, space=" ")`` and ``ET.tostring`` write it, after the
+    DOCTYPE; written here in one pass without changing the tree (tests/test_outputs_speed.py
+    compares the two)."""
+    out = [_DOCTYPE]
+    _xml(root, 0, out)
+    if root.tail:
+        out.append(_escape_cdata(root.tail))
+    out.append("\n")
+    return "".join(out).encode("utf-8")
+
+
+_escape_attrib = ET._escape_attrib  # ElementTree's own escaping, so the text is the same as its
+_escape_cdata = ET._escape_cdata
+
+
+@functools.lru_cache(maxsize=64)
+def _indentation(level: int) -> str:
+    return "\n" + " " * level
+
+
+def _xml(elem: ET.Element, level: int, out: list[str]) -> None:
+    """Append ``elem`` at depth ``level`` (without its tail) to ``out``: the whitespace that
+    ``ET.indent`` would give (a child per line, one space per level; text or tails that are
+    not whitespace kept), the markup that ``ET.tostring`` writes. A :class:`_Memo` adds its
+    style's memoised text."""
+    if type(elem) is _Memo:
+        out.append(_memo_xml(elem.key, level, elem.whole))
+        return
+    tag = elem.tag
+    out.append("<" + tag)
+    for k, v in elem.items():
+        out.append(f' {k}="{_escape_attrib(v)}"')
+    text, n, inner = elem.text, len(elem), None
+    if n:
+        inner = _indentation(level + 1)
+        if not text or not text.strip():
+            text = inner
+    if not (text or n):
+        out.append(" />")
+        return
+    out.append(">")
+    if text:
+        out.append(text if text is inner else _escape_cdata(text))
+    for i, child in enumerate(elem):
+        _xml(child, level + 1, out)
+        tail = child.tail
+        if tail and tail.strip():
+            out.append(_escape_cdata(tail))
+        else:
+            out.append(inner if i < n - 1 else _indentation(level))
+    out.append("</" + tag + ">")
+
+
+# ----------------------------------------------------------------------------- memoised styles
+# A run writes the same few styles scene after scene (the heatmap's and the confidence style
+# always, the others whenever the classes present and the stretch repeat): each is built and
+# serialised once per arguments and depth, and a :class:`_Memo` stands for it in the trees of
+# :func:`write_style` and :mod:`tilescan.outputs.qgis`'s projects.
+
+
+class _Memo(ET.Element):
+    """Stand-in, in a tree serialised by :func:`_to_bytes`, for the memoised style ``key``:
+    its root element (``whole``) or, as the last child of an element, the root's children.
+    ElementTree itself writes it as an empty element."""
+
+    key: tuple
+    whole: bool
+
+
+def _memo(key: tuple, whole: bool = True) -> _Memo:
+    m = _Memo("tilescan-memo")
+    m.key, m.whole = key, whole
+    return m
+
+
+def memo_style(kind: str, *args: Any) -> ET.Element:
+    """The style ``kind`` (``heatmap``, ``labels``, ``tiles``, ``confidence`` or ``scene``;
+    the arguments of its function, hashable) for :func:`write_style` and project layers,
+    built and serialised once per arguments."""
+    if kind not in _BUILDERS:
+        raise ValueError(f"memo_style: unknown style {kind!r}")
+    return _memo((kind, *args))
+
+
+def memo_attrib(style: ET.Element) -> dict[str, str]:
+    """The attributes of a style's root element (memoised or not)."""
+    return dict(_built(style.key).attrib if type(style) is _Memo else style.attrib)
+
+
+@functools.lru_cache(maxsize=1024)
+def _built(key: tuple) -> ET.Element:
+    """The style tree of ``key``; shared, so never changed (:func:`_xml` only reads it)."""
+    return _BUILDERS[key[0]](*key[1:])
+
+
+def _memo_xml(key: tuple, level: int, whole: bool) -> str:
+    """The style ``key`` serialised at depth ``level``: its root, or its children with the
+    line breaks between them (the last one's comes from where the stand-in sits)."""
+    return (_symbol_xml if key[0] == "fill" else _style_xml)(key, level, whole)
+
+
+def _serialised(key: tuple, level: int, whole: bool) -> str:
+    root, out = _built(key), []
+    if whole:
+        _xml(root, level, out)
+        return "".join(out)
+    for i, child in enumerate(root):
+        if i:
+            tail = root[i - 1].tail
+            out.append(_escape_cdata(tail) if tail and tail.strip() else _indentation(level))
+        _xml(child, level, out)
+    return "".join(out)
+
+
+_style_xml = functools.lru_cache(maxsize=256)(_serialised)  # whole styles: a few kB each
+_symbol_xml = functools.lru_cache(maxsize=2048)(_serialised)  # fill symbols: one per class and place
+
+
+@functools.lru_cache(maxsize=64)
+def _qml_bytes(key: tuple) -> bytes:
+    return _to_bytes(_built(key))
 
 
 # ----------------------------------------------------------------------------- renderers
@@ -199,14 +366,19 @@ def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequ
         _el(ce, "algorithm", "StretchToMinimumMaximum")
 
 
-def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int]) -> ET.Element:
+def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
+                 memo: bool = False) -> ET.Element:
+    """The renderer by class; ``memo``: each class's fill symbol a :class:`_Memo` (for :func:`memo_style`)."""
     r = _el(parent, "renderer-v2", type="categorizedSymbol", attr="label", symbollevels="0", forceraster="0",
             enableorderby="0", referencescale="-1")
     cats, syms = _el(r, "categories"), _el(r, "symbols")
     colors = class_colors(len(classes))
     for k, i in enumerate(present):
         _el(cats, "category", value=classes[i], label=classes[i], symbol=str(k), render="true")
-        _fill_symbol(syms, str(k), colors[i])
+        if memo:
+            syms.append(_memo(("fill", str(k), tuple(colors[i]))))
+        else:
+            _fill_symbol(syms, str(k), colors[i])
     _el(r, "rotation")
     _el(r, "sizescale")
     return r
@@ -262,13 +434,17 @@ def tiles_style(classes: Sequence[str], present: Sequence[int] | None = None, *,
                 by: str = "label") -> ET.Element:
     """The tile table's .qml: categorised by ``label`` (one category per class present, the
     label raster's colours) or, ``by="confidence"``, graduated by confidence."""
+    return _tiles_style(classes, present, by)
+
+
+def _tiles_style(classes: Sequence[str], present: Sequence[int] | None, by: str, memo: bool = False) -> ET.Element:
     present = range(len(classes)) if present is None else present
     root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "100000000", "maxScale": "0",
                  "labelsEnabled": "0", "readOnly": "0", "simplifyDrawingHints": "1", "simplifyAlgorithm": "0",
                  "simplifyDrawingTol": "1", "simplifyLocal": "1", "simplifyMaxScale": "1",
                  "symbologyReferenceScale": "-1"})
     if by == "label":
-        _categorized(root, classes, present)
+        _categorized(root, classes, present, memo)
     elif by == "confidence":
         _graduated_confidence(root)
     else:
@@ -278,8 +454,8 @@ def tiles_style(classes: Sequence[str], present: Sequence[int] | None = None, *,
 
 
 def write_style(path: str | os.PathLike, style: ET.Element) -> Path:
-    """Write a style document (from :func:`heatmap_style` & co.) as a .qml, atomically."""
-    data = _to_bytes(style)
+    """Write a style document (from :func:`heatmap_style` & co., or :func:`memo_style`) as a .qml, atomically."""
+    data = _qml_bytes(style.key) if type(style) is _Memo else _to_bytes(style)
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
@@ -293,3 +469,21 @@ def scene_style(bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -
     _pipe_tail(pipe)
     _el(root, "blendMode", "0")
     return root
+
+
+def _confidence_style() -> ET.Element:
+    return tiles_style((), (), by="confidence")  # the same whatever the classes
+
+
+def _memo_tiles_style(classes: Sequence[str], present: Sequence[int] | None) -> ET.Element:
+    return _tiles_style(classes, present, "label", memo=True)  # the fill symbols memoised one by one
+
+
+def _symbol(name: str, color: tuple[int, ...]) -> ET.Element:
+    holder = ET.Element("symbols")
+    _fill_symbol(holder, name, color)
+    return holder[0]
+
+
+_BUILDERS = {"heatmap": heatmap_style, "labels": labels_style, "tiles": _memo_tiles_style,
+             "confidence": _confidence_style, "scene": scene_style, "fill": _symbol}
