@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 import tilescan.outputs.quicklook as Q
 from tilescan.outputs import qgis, qgis_style as QS
 from tilescan.outputs.palette import class_colors
+from tilescan.outputs.png import png_bytes
 from conftest import grid_shape
 from test_quicklook import CLASSES, RGB_BYTE, distinct_labels, preview_of
 
@@ -198,12 +199,12 @@ def test_png_decodes_everywhere_and_stays_small(tmp_path, scene_path):
     rng = np.random.default_rng(3)
     for shape in [(1, 1, 3), (1, 7, 3), (9, 1, 3), (33, 45, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = Q.png_bytes(img)
+        data = png_bytes(img)
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), img)
         np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1],
                                       img)
     with pytest.raises(ValueError, match=r"\(h, w, 3\) uint8"):
-        Q.png_bytes(np.zeros((4, 4), np.uint8))
+        png_bytes(np.zeros((4, 4), np.uint8))
     # a real quicklook: about the size libpng's adaptive filters give
     rgb, valid, (W, H) = preview_of(scene_path(RGB_BYTE), 800)
     p = Q.write_quicklook(tmp_path / "q.png", rgb, valid, distinct_labels(*grid_shape(W, H, 128, 128)),
