@@ -3,8 +3,9 @@
     python benchmarks/same_outputs.py OUT_BEFORE OUT_AFTER
 
 For every unit folder (one with a run.json) in either tree: tiles.parquet rows equal (every
-column, exact), labels.tif pixels equal, heatmap.tif within 1e-6, and run.json's counts,
-tiling and warnings equal. Prints one line per unit and exits 1 on any difference.
+column, exact), labels.tif pixels equal, heatmap.tif within 1e-6, quicklook.png pixels
+equal (decoded), the QGIS styles and project byte for byte, and run.json's counts, tiling and
+warnings equal. Prints one line per unit and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def compare(a: Path, b: Path) -> list[str]:
         x, y = ha.read(1), hb.read(1)
         if x.shape != y.shape or ha.transform != hb.transform or np.abs(x - y).max(initial=0) > 1e-6:
             diffs.append("heatmap.tif differs by more than 1e-6")
+    qa, qb = a / "quicklook.png", b / "quicklook.png"
+    if qa.exists() != qb.exists():
+        diffs.append("quicklook.png in one tree only")
+    elif qa.exists():
+        from PIL import Image
+
+        with Image.open(qa) as ia, Image.open(qb) as ib:
+            if ia.size != ib.size or not np.array_equal(np.asarray(ia), np.asarray(ib)):
+                diffs.append("quicklook.png pixels differ")
+    for f in sorted({p.name for p in a.glob("*.q[mg][ls]")} | {p.name for p in b.glob("*.q[mg][ls]")}):
+        if not ((a / f).exists() and (b / f).exists() and (a / f).read_bytes() == (b / f).read_bytes()):
+            diffs.append(f"{f} differs")
     ma, mb = (json.loads((p / "run.json").read_text()) for p in (a, b))
     for key in ("counts", "tiling", "warnings", "fingerprint"):
         if ma.get(key) != mb.get(key):
