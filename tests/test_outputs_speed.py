@@ -5,6 +5,7 @@ straightforward computation it replaces: the same pixels, the same bytes."""
 from __future__ import annotations
 
 import io
+import sys
 from xml.etree import ElementTree as ET
 
 import cv2
@@ -195,7 +196,12 @@ def test_quicklook_of_a_real_scene_equals_the_plain_drawing(tmp_path, scene_path
         np.testing.assert_array_equal(src.read().transpose(1, 2, 0), want)
 
 
-def test_png_decodes_everywhere_and_stays_small(tmp_path, scene_path):
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_png_decodes_everywhere_and_stays_small(tmp_path, scene_path, monkeypatch, deflate):
+    if deflate == "zlib":  # an install without the isal wheel
+        monkeypatch.setitem(sys.modules, "isal", None)
+    else:
+        pytest.importorskip("isal")
     rng = np.random.default_rng(3)
     for shape in [(1, 1, 3), (1, 7, 3), (9, 1, 3), (33, 45, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
