@@ -64,6 +64,9 @@ class UnitJob:
         self.failed: BaseException | None = None
         self.abort_queued = False
         self.run_timings: Callable[[], dict] | None = None  # the run's start-up times (set by the stream)
+        # two threads for the tail's parallel writes, kept by the stream for the whole run: a
+        # new thread pays GDAL's and PROJ's per-thread set-up again (several ms per scene)
+        self.tail_pool: ThreadPoolExecutor | None = None
         self._finishing = False
         self.state = threading.Lock()
 
@@ -266,7 +269,8 @@ def _write_outputs(job: UnitJob) -> None:
     heat = job.heat
     heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
     hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail") as side:
+    with contextlib.ExitStack() as stack:
+        side = job.tail_pool or stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail"))
         tables = side.submit(write_tables)
         cog = side.submit(heat.close)
         if cfg.output.quicklook:

@@ -4,7 +4,7 @@ Four kinds of threads share the work:
 
 - the **opener** takes the units in order, checks and locks each (``prepare``), opens its
   scene (band stretch, empty blocks, staging folder) while the units before it are still
-  being read, and keeps one opened unit ready;
+  being read, and keeps one opened unit ready (small ones: two batches' worth);
 - the **caller's thread** reads chunks of tiles (lockstep: between model steps, with GDAL
   decoding on every core; overlap: on reader threads, ahead), gathers them into batches
   of exactly ``batch_size`` that may span units, and runs the model + CAM step;
@@ -156,6 +156,10 @@ class Stream:
         self._lock = threading.Lock()
         self._finishers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-finish",
                                              initializer=_background_priority)
+        self._room = threading.Condition()
+        self._ahead = (0, 0)  # units opened and not yet taken for reading, and their tiles
+        self._tail = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail",
+                                        initializer=_background_priority)
         self._finishing: list[Future] = []
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
 
@@ -163,6 +167,7 @@ class Stream:
 
     def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
         for k, unit in units:
+            self._wait_for_room(halt)
             if halt.is_set() or stop.requested():
                 out.put(("not_started", k, unit))
                 continue
@@ -172,7 +177,10 @@ class Stream:
                 if isinstance(job, UnitJob):
                     job.engine = self._engine()
                     job.run_timings = self.stats.startup
+                    job.tail_pool = self._tail
                     job.open()
+                    with self._room:
+                        self._ahead = (self._ahead[0] + 1, self._ahead[1] + len(job.tiles))
                     out.put(("job", k, job))
                 else:
                     out.put(("result", k, job))
@@ -181,6 +189,19 @@ class Stream:
                     job.abort()
                 out.put(("error", k, (job if isinstance(job, UnitJob) else unit, exc)))
         out.put(None)
+
+    def _wait_for_room(self, halt: threading.Event) -> None:
+        """Wait while opened, not yet read units hold two batches' worth of tiles or more: one
+        large scene is opened ahead of the reading, but as many small ones as fill the next
+        two batches (all of a batch's units must be open before it can be read)."""
+        with self._room:
+            while self._ahead[0] and self._ahead[1] >= 2 * self.batch_size and not halt.is_set():
+                self._room.wait(0.1)
+
+    def _taken(self, job: UnitJob) -> None:
+        with self._room:
+            self._ahead = (self._ahead[0] - 1, self._ahead[1] - len(job.tiles))
+            self._room.notify()
 
     def _engine(self) -> Engine:
         """The engine, made when the first unit needs it (a rerun with nothing to do never
@@ -198,7 +219,7 @@ class Stream:
 
     def _opened(self, units: list) -> Iterator[UnitJob]:
         """Opened jobs in unit order; the next is opened on the opener thread meanwhile."""
-        q: queue.Queue = queue.Queue(maxsize=1)
+        q: queue.Queue = queue.Queue()  # how far the opener runs ahead: _wait_for_room
         halt = threading.Event()
         t = threading.Thread(target=self._opener, args=(units, q, halt), name="tilescan-open", daemon=True)
         t.start()
@@ -223,6 +244,8 @@ class Stream:
         """One thing the opener handed over: an opened job (returned if ``wanted``, else
         removed as not started), a result, a unit not started, or an error."""
         kind, k, what = item
+        if kind == "job":
+            self._taken(what)
         if kind == "job" and wanted:
             with self._lock:
                 self.in_flight[k] = what
@@ -446,6 +469,7 @@ class Stream:
             for f in list(self._finishing):
                 f.result()
             self._finishers.shutdown()
+            self._tail.shutdown()
             with self._lock:
                 leftover = list(self.in_flight.values())
             for job in leftover:  # an error ended the run: nothing of these is left behind
