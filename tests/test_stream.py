@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 from rasterio.windows import Window
@@ -112,3 +113,48 @@ def test_the_engine_is_made_once_per_process():
     assert other is not first and other.cam.__class__.__name__ == "HiResCAM"
     assert first.runtime["backend"] == "tensorflow" and first.runtime["device"] == "cpu"
     assert np.isfinite(first(np.zeros((2, first.input_size, first.input_size, 3), np.float32)).probs).all()
+
+
+def test_open_scenes_do_not_pile_up_behind_a_slow_finisher(chips, solo, tmp_path, monkeypatch):
+    """When writing outputs is slower than the model, no further scene is opened once
+    FINISH_BACKLOG units wait for the finisher (each open scene holds memory and files)."""
+    import threading
+    import time
+
+    import tilescan.pipeline.stream as stream_module
+    from tilescan.pipeline.process import UnitJob
+
+    many = [tmp_path / "in" / f"c{k:02d}.tif" for k in range(12)]
+    many[0].parent.mkdir()
+    for k, p in enumerate(many):
+        p.write_bytes(chips[k % 3].read_bytes())
+    monkeypatch.setattr(stream_module, "FINISH_BACKLOG", 2)
+    opened, most, lock = set(), [0], threading.Lock()
+    real_open, real_finish = UnitJob.open, UnitJob.finish
+
+    def tracked_open(job):
+        real_open(job)
+        with lock:
+            opened.add(job.index)
+            most[0] = max(most[0], len(opened))
+
+    def slow_finish(job):
+        time.sleep(0.3)  # a slow disk
+        res = real_finish(job)
+        with lock:
+            opened.discard(job.index)
+        return res
+
+    monkeypatch.setattr(UnitJob, "open", tracked_open)
+    monkeypatch.setattr(UnitJob, "finish", slow_finish)
+    out = tmp_path / "out"
+    report = run(many, out, _cfg(), log=lambda m: None)
+    assert report.exit_code == 0 and len(report.results) == 12
+    # 2 waiting for the finisher + 1 being finished + two batches (16 tiles: 4 scenes) opened ahead
+    assert most[0] <= 2 + 1 + 4, most[0]
+    for k, p in enumerate(many):  # each copy's labels and table rows (its own scene name aside)
+        want = solo[chips[k % 3].stem]
+        a, b = (pq.read_table(d / "tiles.parquet").drop(["scene"]) for d in (out / p.stem, want))
+        assert a.equals(b), p.name
+        with rasterio.open(out / p.stem / "labels.tif") as x, rasterio.open(want / "labels.tif") as y:
+            np.testing.assert_array_equal(x.read(), y.read())

@@ -44,6 +44,9 @@ BAND_CHUNK = 128
 #: How much nicer than the run the finisher thread is (scene outputs, off the model's cores).
 FINISH_NICE = 10
 
+#: Most units waiting for (or in) the finisher before no further unit is opened.
+FINISH_BACKLOG = 16
+
 
 @dataclass
 class StreamStats:
@@ -158,6 +161,7 @@ class Stream:
                                              initializer=_background_priority)
         self._room = threading.Condition()
         self._ahead = (0, 0)  # units opened and not yet taken for reading, and their tiles
+        self._backlog = 0  # units handed to the finisher and not yet finished
         self._tail = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail",
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
@@ -193,10 +197,18 @@ class Stream:
     def _wait_for_room(self, halt: threading.Event) -> None:
         """Wait while opened, not yet read units hold two batches' worth of tiles or more: one
         large scene is opened ahead of the reading, but as many small ones as fill the next
-        two batches (all of a batch's units must be open before it can be read)."""
+        two batches (all of a batch's units must be open before it can be read). Wait too
+        while ``FINISH_BACKLOG`` read units wait for the finisher: the model then pauses until
+        their outputs are written, instead of open scenes (memory, file handles) piling up."""
         with self._room:
-            while self._ahead[0] and self._ahead[1] >= 2 * self.batch_size and not halt.is_set():
+            while (((self._ahead[0] and self._ahead[1] >= 2 * self.batch_size) or self._backlog >= FINISH_BACKLOG)
+                   and not halt.is_set()):
                 self._room.wait(0.1)
+
+    def _finished_one(self, _fut: Future) -> None:
+        with self._room:
+            self._backlog -= 1
+            self._room.notify()
 
     def _taken(self, job: UnitJob) -> None:
         with self._room:
@@ -367,7 +379,11 @@ class Stream:
                 self._drop(job, exc, on_writer=True)
                 return
         if job.ready_to_finish():
-            self._finishing.append(self._finishers.submit(self._finish, job))
+            with self._room:
+                self._backlog += 1
+            fut = self._finishers.submit(self._finish, job)
+            fut.add_done_callback(self._finished_one)
+            self._finishing.append(fut)
 
     def _finish(self, job: UnitJob) -> None:
         try:
