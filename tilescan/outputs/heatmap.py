@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -273,6 +274,7 @@ class HeatmapWriter:
         self._last_row_off = None
         self.peak_buffer_rows = 0
         self._closed = False
+        self._scratch_gone = False  # close() or abort() removed the scratch file
         self._strips = _temp_name(self.path, "strips")
         self._dst = None
         try:
@@ -523,14 +525,16 @@ class HeatmapWriter:
     def preview(self, max_size: int = 1024) -> np.ndarray:
         """:func:`read_heatmap_preview` of the finished heat (after :meth:`finish`), read
         from the scratch file, so a quicklook can be drawn while :meth:`close` writes the COG."""
-        if self._closed or not self._dst.closed:
-            raise RuntimeError("HeatmapWriter.preview needs finish() first and close() not yet")
+        if self._scratch_gone or not self._dst.closed:
+            raise RuntimeError("HeatmapWriter.preview needs finish() first, and the scratch file (close() removes it)")
         with self._aborting():  # the scratch file came out short: a full disk
             return read_heatmap_preview(self._strips, max_size)
 
-    def close(self, tags: Mapping[str, Any] | None = None) -> Path:
+    def close(self, tags: Mapping[str, Any] | None = None, keep_scratch: threading.Event | None = None) -> Path:
         """Write the remaining rows and convert to a COG at ``path`` (atomic). ``tags`` are
-        ignored after :meth:`finish` (which took them)."""
+        ignored after :meth:`finish` (which took them). With ``keep_scratch`` the scratch file
+        is removed only once that event is set: another thread may read a :meth:`preview`
+        from it meanwhile."""
         if self._closed:
             return self.path
         self.finish(tags)
@@ -541,13 +545,16 @@ class HeatmapWriter:
                     _cog_copy(self._strips, tmp, self.compress, "average",
                               _overview_level(self.grid.out_w, self.grid.out_h))
         finally:
+            if keep_scratch is not None:
+                keep_scratch.wait()
+            self._scratch_gone = True
             _remove_quietly(self._strips)
         self._acc = np.zeros((2, 0, self.grid.out_w))
         return self.path
 
     def abort(self) -> None:
         """Drop everything: close and remove the temporary files; ``path`` is not touched."""
-        self._closed = True
+        self._closed = self._scratch_gone = True
         if self._dst is not None and not self._dst.closed:
             with contextlib.suppress(Exception):
                 self._dst.close()

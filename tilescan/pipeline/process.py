@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -265,30 +265,41 @@ def _write_outputs(job: UnitJob) -> None:
 
     # The scene's tail, off the model's thread: the tables, the heatmap COG and the
     # quicklook at once (GDAL, zlib and the Parquet writer release the GIL). The
-    # quicklook's heat comes from the heatmap's scratch file.
+    # quicklook's heat is read from the heatmap's scratch file while the COG is written.
     heat = job.heat
     heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
-    hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
+    previewed = threading.Event()
     with contextlib.ExitStack() as stack:
         side = job.tail_pool or stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail"))
-        tables = side.submit(write_tables)
-        cog = side.submit(heat.close)
-        if cfg.output.quicklook:
-            rgb, pvalid = reader.read_overview(cfg.output.quicklook_size)
-            full_labels = job.labels
-            if unit.part is not None:  # a row band: show only its part of the grid
-                full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
-                full_labels[r0:job.r1] = job.labels
-            write_quicklook(stage / "quicklook.png", rgb, pvalid, full_labels, hp, engine.classes,
-                            scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=stride)
-        cog.result()
-        tables.result()
+        futures = [side.submit(write_tables), side.submit(heat.close, keep_scratch=previewed)]
+        try:
+            try:
+                hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
+            finally:
+                previewed.set()
+            if cfg.output.quicklook:
+                _write_quicklook(job, hp)
+        finally:
+            wait(futures)  # a failed step still lets the others end before the job is removed
+        for f in futures:
+            f.result()
     if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
         labels = job.labels
         write_scene_files(stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
                           bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                           bands=reader.bands, scale=reader.scale, location=job.final,
                           project=unit.name if unit.part is None else None)
+
+
+def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
+    reader, grid, info = job.reader, job.reader.grid, job.reader.info
+    rgb, pvalid = reader.read_overview(job.cfg.output.quicklook_size)
+    full_labels = job.labels
+    if job.unit.part is not None:  # a row band: show only its part of the grid
+        full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
+        full_labels[job.r0:job.r1] = job.labels
+    write_quicklook(job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview, job.engine.classes,
+                    scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride)
 
 
 def _manifest(job: UnitJob, total: float) -> dict:
