@@ -170,6 +170,8 @@ class Stream:
     # -- the opener
 
     def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
+        # not at a lower priority: the engine (and with it the model's thread pools, which
+        # inherit this thread's priority) may be made here
         for k, unit in units:
             self._wait_for_room(halt)
             if halt.is_set() or stop.requested():
