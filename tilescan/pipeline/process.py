@@ -292,6 +292,7 @@ def _write_outputs(job: UnitJob) -> None:
 
 
 def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
+    """The unit's quicklook.png in staging: the scene's preview, its labels and the heat."""
     reader, grid, info = job.reader, job.reader.grid, job.reader.info
     rgb, pvalid = reader.read_overview(job.cfg.output.quicklook_size)
     full_labels = job.labels
