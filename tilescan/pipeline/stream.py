@@ -170,8 +170,7 @@ class Stream:
     # -- the opener
 
     def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
-        # not at a lower priority: the engine (and with it the model's thread pools, which
-        # inherit this thread's priority) may be made here
+        _background_priority()  # it opens ahead of the reading: the model's threads come first
         for k, unit in units:
             self._wait_for_room(halt)
             if halt.is_set() or stop.requested():
@@ -181,7 +180,11 @@ class Stream:
             try:
                 job = self.prepare(k, unit)
                 if isinstance(job, UnitJob):
-                    job.engine = self._engine()
+                    job.engine = self._engine_from_caller(k, out, halt)
+                    if job.engine is None:  # the run is ending (the engine failed, or a stop)
+                        job.abort()
+                        out.put(("not_started", k, unit))
+                        continue
                     job.run_timings = self.stats.startup
                     job.tail_pool = self._tail
                     job.open()
@@ -216,6 +219,19 @@ class Stream:
         with self._room:
             self._ahead = (self._ahead[0] - 1, self._ahead[1] - len(job.tiles))
             self._room.notify()
+
+    def _engine_from_caller(self, k: int, out: queue.Queue, halt: threading.Event) -> Engine | None:
+        """On the opener thread: the engine, which the caller's thread makes when the first
+        unit needs it (``("engine", k, made)`` in the queue). There, Keras' quiet import
+        (stderr on /dev/null for a moment) hides no other thread's messages, and the model's
+        thread pools start at the run's priority, not the opener's lower one. None if the
+        run ends meanwhile."""
+        if self.engine is None:
+            made = threading.Event()
+            out.put(("engine", k, made))
+            while not made.wait(0.1) and not halt.is_set():
+                pass
+        return self.engine
 
     def _engine(self) -> Engine:
         """The engine, made when the first unit needs it (a rerun with nothing to do never
@@ -258,6 +274,13 @@ class Stream:
         """One thing the opener handed over: an opened job (returned if ``wanted``, else
         removed as not started), a result, a unit not started, or an error."""
         kind, k, what = item
+        if kind == "engine":  # the opener waits for it; not made for a run that is ending
+            try:
+                if wanted:
+                    self._engine()
+            finally:
+                what.set()
+            return None
         if kind == "job":
             self._taken(what)
         if kind == "job" and wanted:
