@@ -4,7 +4,8 @@ Four kinds of threads share the work:
 
 - the **opener** takes the units in order, checks and locks each (``prepare``), opens its
   scene (band stretch, empty blocks, staging folder) while the units before it are still
-  being read, and keeps one opened unit ready (small ones: two batches' worth);
+  being read, and keeps one opened unit ready (small ones: two batches' worth); it runs at
+  a lower priority, and has the caller's thread make the engine when the first unit needs it;
 - the **caller's thread** reads chunks of tiles (lockstep: between model steps, with GDAL
   decoding on every core; overlap: on reader threads, ahead), gathers them into batches
   of exactly ``batch_size`` that may span units, and runs the model + CAM step;
@@ -41,7 +42,7 @@ from .report import UnitResult
 #: 128 tiles of 128 px are 25 MB of model input; each reader has at most two calls ahead.
 BAND_CHUNK = 128
 
-#: How much nicer than the run the finisher thread is (scene outputs, off the model's cores).
+#: How much nicer than the run the opener and finisher threads are (off the model's cores).
 FINISH_NICE = 10
 
 #: Most units waiting for (or in) the finisher before no further unit is opened.
