@@ -64,7 +64,7 @@ class UnitJob:
         self.failed: BaseException | None = None
         self.abort_queued = False
         self.run_timings: Callable[[], dict] | None = None  # the run's start-up times (set by the stream)
-        # two threads for the tail's parallel writes, kept by the stream for the whole run: a
+        # the stream's two threads for the tail's parallel writes, kept for the whole run: a
         # new thread pays GDAL's and PROJ's per-thread set-up again (several ms per scene)
         self.tail_pool: ThreadPoolExecutor | None = None
         self._finishing = False
@@ -269,20 +269,18 @@ def _write_outputs(job: UnitJob) -> None:
     heat = job.heat
     heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
     previewed = threading.Event()
-    with contextlib.ExitStack() as stack:
-        side = job.tail_pool or stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail"))
-        futures = [side.submit(write_tables), side.submit(heat.close, keep_scratch=previewed)]
+    futures = [job.tail_pool.submit(write_tables), job.tail_pool.submit(heat.close, keep_scratch=previewed)]
+    try:
         try:
-            try:
-                hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
-            finally:
-                previewed.set()
-            if cfg.output.quicklook:
-                _write_quicklook(job, hp)
+            hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
         finally:
-            wait(futures)  # a failed step still lets the others end before the job is removed
-        for f in futures:
-            f.result()
+            previewed.set()
+        if cfg.output.quicklook:
+            _write_quicklook(job, hp)
+    finally:
+        wait(futures)  # a failed step still lets the others end before the job is removed
+    for f in futures:
+        f.result()
     if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
         labels = job.labels
         write_scene_files(stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
