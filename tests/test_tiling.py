@@ -395,6 +395,20 @@ def test_overview(scene_path):
         np.testing.assert_array_equal(rgb[valid], dec.transpose(1, 2, 0)[valid])
 
 
+
+@pytest.mark.parametrize("name,kw", [(RGB_BYTE, {}), (RGB_BYTE, {"scaling": "percentile"}),
+                                     (LANDSAT, {"bands": [3, 2, 1]}), (LANDSAT, {"bands": [2]})])
+def test_overview_from_uint8_tables_equals_the_float_scaling(scene_path, name, kw):
+    """8/16-bit previews come from the scaling tables taken to uint8: the same pixels as
+    scaling to float and rounding (one band shown as grey)."""
+    with _open(scene_path(name), model_bands=len(kw.get("bands", [1, 2, 3])), tile_size=128, **kw) as r:
+        rgb, valid = r.read_overview(300)
+        r._lut = None  # the float path
+        want_rgb, want_valid = r.read_overview(300)
+    assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
+    np.testing.assert_array_equal(rgb, want_rgb)
+    np.testing.assert_array_equal(valid, want_valid)
+
 def test_preview_gathered_from_tiles_equals_the_decimated_read(scene_path):
     """A job that reads every tile gets its quicklook preview from those reads (no second
     decode of the scene): identical to the decimated read of a fresh reader. With tiles
@@ -583,3 +597,19 @@ def test_real_scene_dir(scenes_dir):
     got = find_scenes([scenes_dir])
     assert len(got) >= 25 and all(p.suffix.lower() in (".tif", ".tiff") for p in got)
     assert not any(p.name.endswith(".aux.xml") for p in got)
+
+
+def test_histogram_percentiles_are_numpys_floats():
+    """The stretch's percentiles of 8/16-bit data come from a histogram: the same floats as
+    np.percentile, or every scene's scaling (and so its labels) would change."""
+    from tilescan.scene.plan import _percentiles
+
+    rng = np.random.default_rng(7)
+    for dt in (np.uint8, np.uint16, np.int8, np.int16, np.float32):
+        lo, hi = (-5, 5) if dt == np.float32 else (np.iinfo(dt).min, np.iinfo(dt).max)
+        for trial in range(60):
+            n = int(rng.integers(2, 3000))
+            v = (rng.integers(lo, hi, n, endpoint=True) if trial % 2 else rng.normal(0, 40, n).clip(lo, hi)).astype(dt)
+            q = [(2, 98), (0, 100), (50, 50), tuple(rng.uniform(0, 100, 2))][trial % 4]
+            want, got = np.percentile(v, q), _percentiles(v, q)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (dt, n, q, want, got)
