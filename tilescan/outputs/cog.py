@@ -140,8 +140,9 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
                 dst.write_colormap(1, cmap)
                 dst.set_band_description(1, "class")
                 dst.update_tags(**all_tags)
-            with mem.open() as src:  # GDAL's COG driver: colour table, tags and description come along
-                _cog_copy(src, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]))
+                # copied while open: GDAL's COG driver takes colour table, tags and description
+                # along, and the CRS as it was set (reopening would parse it from GeoKeys again)
+                _cog_copy(dst, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]))
         with atomic_output(aux_path) as tmp_aux:
             tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
     return Path(path)
