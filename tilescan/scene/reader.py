@@ -528,10 +528,20 @@ class SceneReader:
             self._decimated = (shape, pv.data, pv.valid)
             self._preview = None
         data, valid = self._read_decimated(shape)
-        x = np.empty((*shape, len(self.bands)), dtype=np.float32)
-        self._to_unit(data, valid, x)
-        c = x.shape[2]
+        c = len(self.bands)
         pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
+        if self._lut is not None and data.dtype == self._dtype and len(self._lut) == c:
+            # 8/16-bit: the bands' scaling tables taken to uint8 once, then one look-up per pixel
+            lut8 = np.rint(self._lut[pick] * 255.0).astype(np.uint8)
+            index = data.view(self._lut_index)
+            rgb = np.empty((*shape, 3), dtype=np.uint8)
+            for i, b in enumerate(pick):
+                rgb[..., i] = lut8[i][index[b]]
+            if not valid.all():
+                rgb[~valid] = 0
+            return rgb, valid
+        x = np.empty((*shape, c), dtype=np.float32)
+        self._to_unit(data, valid, x)
         rgb = np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
         return rgb, valid
 
