@@ -37,20 +37,25 @@ def _compression(compress: str) -> str:
 
 # --------------------------------------------------------------------------- label COG
 
+#: Block size of the COGs written, in pixels.
+COG_BLOCK = 512
 
-def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int) -> None:
+
+def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int,
+              one_block: bool = False) -> None:
     """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass: 512 px blocks,
     ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
-    faster (benchmarks/README.md)."""
+    faster (benchmarks/README.md). ``one_block``: the raster fits one block, so its one tile
+    is compressed on this thread (GDAL's worker threads would only add the hand-over)."""
     import rasterio.shutil
 
     compress = _compression(compress)
-    opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE="512",
-                BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper(),
+    opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE=str(COG_BLOCK),
+                BIGTIFF="IF_SAFER", NUM_THREADS="1" if one_block else "ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper(),
                 SPARSE_OK="TRUE")
     if compress in _PREDICTOR_OK:
         opts["PREDICTOR"] = "YES"
@@ -142,7 +147,8 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
                 dst.update_tags(**all_tags)
                 # copied while open: GDAL's COG driver takes colour table, tags and description
                 # along, and the CRS as it was set (reopening would parse it from GeoKeys again)
-                _cog_copy(dst, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]))
+                _cog_copy(dst, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]),
+                          one_block=max(data.shape) <= COG_BLOCK)
         with atomic_output(aux_path) as tmp_aux:
             tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
     return Path(path)
