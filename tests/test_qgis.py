@@ -149,12 +149,14 @@ def test_styles_and_project_written_with_relative_paths(made):
 
 
 def test_no_styles_writes_neither_styles_nor_project(tmp_path, scenes_dir):
+    """The lean set for many chips: no styles, project, GeoPackage or quicklook; the tables,
+    COGs and run.json as always."""
     scene = scenes_dir / NAIP
-    res = invoke(["run", scene, "-o", tmp_path / "o", "--no-styles", "--no-gpkg", "--no-progress"])
+    res = invoke(["run", scene, "-o", tmp_path / "o", "--no-styles", "--no-gpkg", "--no-quicklook", "--no-progress"])
     assert res.exit_code == 0, res.output
     names = {p.name for p in (tmp_path / "o" / STEM).iterdir()}
-    assert not {n for n in names if n.endswith((".qml", ".qgs", ".gpkg"))}, names
-    assert {"tiles.parquet", "labels.tif", "heatmap.tif"} <= names
+    assert not {n for n in names if n.endswith((".qml", ".qgs", ".gpkg", ".png"))}, names
+    assert {"tiles.parquet", "labels.tif", "heatmap.tif", "run.json"} <= names
 
 
 def test_gpkg_is_version_12_with_a_valid_rtree(made):

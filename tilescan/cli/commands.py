@@ -81,6 +81,8 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="Also write tiles.gpkg (GeoPackage 1.2: every QGIS and GDAL reads it; GeoParquet needs GDAL >= 3.8).")
 @option("--styles/--no-styles", config_key=("output", "styles"),
         help="Write QGIS styles (.qml) beside the outputs and a QGIS project <scene>.qgs.")
+@option("--quicklook/--no-quicklook", config_key=("output", "quicklook"),
+        help="Write quicklook.png (the scene, its labels and the heat side by side).")
 @option("--allow-pixel-space", config_key=("tiling", "allow_pixel_space"), is_flag=True,
         help="Process scenes without georeferencing, in pixel coordinates.")
 @option("--threads", "reader_threads", config_key=("inference", "reader_threads"), type=click.IntRange(min=1),
