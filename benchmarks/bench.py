@@ -93,6 +93,14 @@ def tilescan_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tilescan.cli"]
 
 
+def report(res: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark's results as JSON, and write them to ``out`` when given."""
+    text = json.dumps(res, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "cores": os.cpu_count()}
     try:

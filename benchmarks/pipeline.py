@@ -232,10 +232,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
            "machine": bench.machine(), **(host(args) if args.what == "host" else small(args))}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    bench.report(res, args.out)
     return 0
 
 

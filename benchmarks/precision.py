@@ -16,7 +16,6 @@ a reduced precision on a device only where the label agreement is at least
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -88,10 +87,7 @@ def main(argv=None) -> int:
     res["precisions"]["bf16"].update(check)
     res["precisions"]["bf16"]["changed"] = [names[i] for i in changed[:50]]
     res["precisions"]["bf16"]["auto_may_pick"] = check["label_agreement"] >= AUTO_MIN_AGREEMENT
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    bench.report(res, args.out)
     return 0
 
 
