@@ -101,3 +101,16 @@ def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert compilation_cache_dir() == str(tmp_path / "mine")
     monkeypatch.setenv("TILESCAN_COMPILE_CACHE", "off")
     assert compilation_cache_dir() is None
+
+
+def test_jax_caches_every_compiled_step(tmp_path):
+    """With JAX, a second process finds the model step in the persistent cache: JAX keeps
+    only compiles over 1 s by default, which a small model's step on a CPU is not."""
+    pytest.importorskip("jax")
+    code = ("import json, os, jax; from tilescan.backend import import_keras; import_keras(); "
+            "print(json.dumps([jax.config.jax_compilation_cache_dir, "
+            "jax.config.jax_persistent_cache_min_compile_time_secs]))")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TILESCAN_COMPILE_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == [str(tmp_path / "cache"), 0.0]

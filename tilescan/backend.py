@@ -69,6 +69,8 @@ def _compilation_cache(keras) -> None:
     try:
         os.makedirs(where, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", where)
+        # every step, however short its compile: JAX keeps only those over 1 s by default
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except (OSError, AttributeError):  # a read-only home, or a JAX without the option: compile each time
         pass
 
