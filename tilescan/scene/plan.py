@@ -267,7 +267,7 @@ def _percentiles(vals: np.ndarray, q: Sequence[float]) -> np.ndarray:
         vi = np.asanyarray(linear["get_virtual_index"](vals.size, qs))
         prev_i, next_i = fb._get_indexes(vals, vi, vals.size)
         gamma = fb._get_gamma(vi, prev_i, linear)
-    except (AttributeError, KeyError, TypeError):  # another numpy: its own percentile
+    except (ImportError, AttributeError, KeyError, TypeError):  # another numpy: its own percentile
         return np.percentile(vals, q)
     info = np.iinfo(vals.dtype)
     shift = vals.astype(np.int32) - info.min if info.min else vals
