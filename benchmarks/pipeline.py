@@ -61,6 +61,10 @@ class NoopEngine:
     def ready(self) -> None:
         pass
 
+    def submit(self, x: np.ndarray):
+        res = self(x)
+        return lambda: res
+
     def __call__(self, x: np.ndarray):
         from tilescan.explain.cam import CAMResult
 

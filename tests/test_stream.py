@@ -158,3 +158,86 @@ def test_open_scenes_do_not_pile_up_behind_a_slow_finisher(chips, solo, tmp_path
         assert a.equals(b), p.name
         with rasterio.open(out / p.stem / "labels.tif") as x, rasterio.open(want / "labels.tif") as y:
             np.testing.assert_array_equal(x.read(), y.read())
+
+
+def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_path, monkeypatch):
+    """Overlap: the stream hands the model batch k+1 before it collects batch k (on an
+    asynchronous device the upload of the next batch overlaps the compute of this one);
+    lockstep starts and collects each batch in turn. The outputs are the same."""
+    from tilescan.pipeline.engine import Engine
+
+    events: list[str] = []
+    real_submit = Engine.submit
+
+    def submit(self, x):
+        events.append("start")
+        collect = real_submit(self, x)
+
+        def traced():
+            events.append("collect")
+            return collect()
+        return traced
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    five = [tmp_path / "in" / f"c{k}.tif" for k in range(5)]  # 20 tiles: batches of 8, 8 and 4
+    five[0].parent.mkdir()
+    for k, p in enumerate(five):
+        p.write_bytes(chips[k % 3].read_bytes())
+    for mode, want in (("lockstep", ["start", "collect"] * 3),
+                       ("overlap", ["start", "start", "collect", "start", "collect", "collect"])):
+        events.clear()
+        out = tmp_path / mode
+        report = run(five, out, _cfg(pipeline=mode, reader_threads=1), log=lambda m: None)
+        assert report.exit_code == 0
+        assert events == want, (mode, events)
+    for p in five:
+        assert_unit_equal(tmp_path / "overlap" / p.stem, tmp_path / "lockstep" / p.stem)
+
+
+def test_jax_one_pass_gradcam_is_dispatched_ahead(tmp_path, monkeypatch):
+    """With JAX's one-pass Grad-CAM (the GPU path, forced here on the CPU) a batch is
+    dispatched before the one before it is read back, and the outputs equal lockstep's."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    code = r'''
+import json, sys
+import tilescan.explain.cam as cam
+cam.model_on_accelerator = lambda backend: True
+import tilescan.explain.shims as shims
+from tilescan.config import load_config
+from tilescan.pipeline.run import run
+events = []
+real = cam._GAP_DENSE_STEPS["jax"]
+def traced(*a, **k):
+    step = real(*a, **k)
+    dispatch = step.dispatch
+    class Back:
+        def __init__(self, v): self.v = v
+        def __array__(self, dtype=None, copy=None):
+            events.append("f"); import numpy; return numpy.asarray(self.v)
+    def ahead(x, t):
+        events.append("d"); return [Back(v) for v in dispatch(x, t)]
+    step.dispatch = ahead
+    return step
+cam._GAP_DENSE_STEPS["jax"] = traced
+seqs = {}
+for mode in ("lockstep", "overlap"):
+    events.clear()
+    cfg = load_config(overrides={"inference": {"pipeline": mode, "batch_size": 16},
+                                 "tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]}}, environ={})
+    assert run([sys.argv[1]], sys.argv[2] + "/" + mode, cfg, log=lambda m: None).exit_code == 0
+    seqs[mode] = "".join(e for i, e in enumerate(events) if e == "d" or events[i - 1] != "f")
+print(json.dumps(seqs))
+'''
+    import os
+
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    p = subprocess.run([sys.executable, "-c", code, str(scene(LANDSAT)), str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seqs = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "dd" not in seqs["lockstep"] and "dd" in seqs["overlap"], seqs
+    name = Path(scene(LANDSAT)).stem
+    assert_unit_equal(tmp_path / "overlap" / name, tmp_path / "lockstep" / name)

@@ -154,15 +154,33 @@ class CAMMethod:
             raise ValueError(f"target classes must be in 0..{self.num_classes - 1}, got {t.tolist()}")
         return t.astype(np.int32)
 
-    def __call__(self, x, target=None) -> CAMResult:
+    def _checked(self, x, target) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x, dtype=np.float32)
         if x.ndim != 4:
             raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {x.shape}")
-        t = self._targets(target, x.shape[0])
+        return x, self._targets(target, x.shape[0])
+
+    def _fast_result(self, logits, t, raw, cam) -> CAMResult:
+        return CAMResult(probs=softmax(logits), target=t.astype(np.int32), raw=raw.astype(np.float32),
+                         cam=cam.astype(np.float32), layer=self.layer, logits=logits.astype(np.float32))
+
+    def submit(self, x, target=None) -> Callable[[], CAMResult]:
+        """Start the step on ``x`` and return a function that waits for its :class:`CAMResult`.
+        Where the device step is asynchronous (JAX's one-pass Grad-CAM), the caller can hand
+        the device its next batch before collecting this one, so the upload of the next
+        overlaps this one's compute; elsewhere the step runs here and now."""
+        dispatch = getattr(self._fast_step, "dispatch", None)
+        if dispatch is None:
+            res = self(x, target)
+            return lambda: res
+        x, t = self._checked(x, target)
+        out = dispatch(x, t)
+        return lambda: self._fast_result(*(np.asarray(v) for v in out))
+
+    def __call__(self, x, target=None) -> CAMResult:
+        x, t = self._checked(x, target)
         if self._fast_step is not None:
-            logits, t, raw, cam = self._fast_step(x, t)
-            return CAMResult(probs=softmax(logits), target=t.astype(np.int32), raw=raw.astype(np.float32),
-                             cam=cam.astype(np.float32), layer=self.layer, logits=logits.astype(np.float32))
+            return self._fast_result(*self._fast_step(x, t))
         if self.needs_grads:
             acts, grads, logits, t = self._grad_step(x, t)
         else:

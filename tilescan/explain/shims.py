@@ -179,11 +179,16 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
     if jit:
         step = jax.jit(step)
 
-    def run(x, target):
+    def dispatch(x, target):
+        """Queue the step on the device and return at once (JAX dispatches asynchronously):
+        the device arrays, read back by np.asarray when the caller wants them."""
         vars_ = ([v.value for v in both.trainable_variables], [v.value for v in both.non_trainable_variables])
-        out = step(vars_, kernel.value, jnp.asarray(x), jnp.asarray(target))
-        return tuple(np.asarray(v) for v in out)
+        return step(vars_, kernel.value, jnp.asarray(x), jnp.asarray(target))
 
+    def run(x, target):
+        return tuple(np.asarray(v) for v in dispatch(x, target))
+
+    run.dispatch = dispatch
     return run
 
 

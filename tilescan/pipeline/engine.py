@@ -112,18 +112,26 @@ class Engine:
             pass
 
     def __call__(self, x: np.ndarray):
+        return self.submit(x)()
+
+    def submit(self, x: np.ndarray):
+        """Start the step on ``x``; returns a function that waits for its result (see
+        :meth:`~tilescan.explain.cam.CAMMethod.submit`: asynchronous only where the device is)."""
         self.ready()
-        return self._step(x)
+        return self._submit(x)
 
     def _step(self, x: np.ndarray):
+        return self._submit(x)()
+
+    def _submit(self, x: np.ndarray):
         n = len(x)
         if 0 < n < self.batch_size:  # a short last batch: padded, so the step keeps one shape (no retrace)
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
-        res = self.cam(x, target=target)
-        if len(x) != n:
-            res = res.rows(0, n)
-        return res
+        collect = self.cam.submit(x, target=target)
+        if len(x) == n:
+            return collect
+        return lambda: collect().rows(0, n)
 
 
 _ENGINES: dict[tuple, Engine] = {}

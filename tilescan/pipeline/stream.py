@@ -167,6 +167,8 @@ class Stream:
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
+        self._pending: tuple | None = None  # a started batch not yet collected (overlap)
+        self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
 
@@ -356,33 +358,56 @@ class Stream:
     # -- the model step and the writer
 
     def _step(self, pieces: list, x: np.ndarray) -> None:
+        """Hand a batch to the model. Overlap: the batch is started before the one before it
+        is collected, so where the device works asynchronously (JAX) it receives this batch
+        while it still computes the last one; lockstep: started and collected at once."""
         if self.lockstep:  # the model alone on the cores: the writer is done with the last batch
             self._writer.wait_idle()
         t = time.monotonic()
         try:
-            res = self.engine(x)
+            collect = self.engine.submit(x)
         except ModelError:
             raise
         except Exception as exc:  # every unit of the batch fails with it
             for job, *_ in pieces:
                 self._drop(job, exc)
             return
-        dt = time.monotonic() - t
+        self._collect()  # the batch before this one
+        self._pending = (pieces, len(x), collect, t)
+        if self.lockstep:
+            self._collect()
+
+    def _collect(self) -> None:
+        """The started batch's result (if any) to the writer, as rows per unit."""
+        if self._pending is None:
+            return
+        (pieces, n_x, collect, t), self._pending = self._pending, None
+        try:
+            res = collect()
+        except ModelError:
+            raise
+        except Exception as exc:  # every unit of the batch fails with it
+            for job, *_ in pieces:
+                self._drop(job, exc)
+            return
+        done = time.monotonic()
+        dt = done - max(t, self._collected)  # its model time, not counting the batch before's
+        self._collected = done
         self.stats.model_s += dt
         self.stats.batches += 1
-        self.stats.tiles += len(x)
+        self.stats.tiles += n_x
         if self.stats.first_batch is None:
-            self.stats.first_batch = time.monotonic() - self.stats.started
+            self.stats.first_batch = done - self.stats.started
         faults.point("inference")
         start = 0
         for job, tiles, valid, fractions in pieces:
             n = len(tiles)
-            job.timings["compute"] += dt * n / len(x)
+            job.timings["compute"] += dt * n / n_x
             job.n_sent += n
             self._writer.put(("rows", job, tiles, valid, fractions, res.rows(start, start + n)))
             start += n
         if self.bar is not None:
-            self.bar.update(len(x))
+            self.bar.update(n_x)
 
     def _handle(self, item) -> None:
         """On the writer thread: a batch's rows for a job, or a check whether it is done."""
@@ -494,9 +519,11 @@ class Stream:
                         self._writer.put(("check", job))
                 stop.check()
                 batcher.flush()
+                self._collect()
             except stop.Interrupted as intr:
                 self.interrupted = intr
                 reads.close()  # readers stopped; opened but unread units are not started
+                self._collect()  # a batch the model has started is finished, not thrown away
                 with self._lock:
                     jobs = sorted(self.in_flight.values(), key=lambda j: j.index)
                 for job in jobs:  # every tile through the model: finished; the rest dropped
