@@ -364,31 +364,33 @@ class Stream:
         if self.lockstep:  # the model alone on the cores: the writer is done with the last batch
             self._writer.wait_idle()
         t = time.monotonic()
-        try:
-            collect = self.engine.submit(x)
-        except ModelError:
-            raise
-        except Exception as exc:  # every unit of the batch fails with it
-            for job, *_ in pieces:
-                self._drop(job, exc)
+        collect = self._model(pieces, lambda: self.engine.submit(x))
+        if collect is None:
             return
         self._collect()  # the batch before this one
         self._pending = (pieces, len(x), collect, t)
         if self.lockstep:
             self._collect()
 
+    def _model(self, pieces: list, call: Callable[[], Any]) -> Any:
+        """``call()`` (starting or collecting a batch); on an error other than a
+        :class:`ModelError` (which ends the run) every unit of the batch fails: None."""
+        try:
+            return call()
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the batch's units' failure
+            for job, *_ in pieces:
+                self._drop(job, exc)
+            return None
+
     def _collect(self) -> None:
         """The started batch's result (if any) to the writer, as rows per unit."""
         if self._pending is None:
             return
         (pieces, n_x, collect, t), self._pending = self._pending, None
-        try:
-            res = collect()
-        except ModelError:
-            raise
-        except Exception as exc:  # every unit of the batch fails with it
-            for job, *_ in pieces:
-                self._drop(job, exc)
+        res = self._model(pieces, collect)
+        if res is None:
             return
         done = time.monotonic()
         dt = done - max(t, self._collected)  # its model time, not counting the batch before's
