@@ -4,6 +4,7 @@
     python benchmarks/pipeline.py host  [--out benchmarks/results/host-ceiling.json]
     python benchmarks/pipeline.py small [--out benchmarks/results/small-scenes.json]
     python benchmarks/pipeline.py small --lean [--out benchmarks/results/small-scenes-lean.json]
+    python benchmarks/pipeline.py small-host [--out benchmarks/results/small-host.json]
 
 ``host``: the real run (reading, scaling, batching, rows, labels, heat blending, every
 output) with the model step replaced by a no-op that returns results of the right shape,
@@ -11,6 +12,12 @@ on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to
 to 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
 (``--pipeline lockstep`` for the CPU default): tiles/s over the run's wall time, and the
 ratio 2 cores / 1 core.
+
+``small-host``: the same no-op run over 160 scenes of 512 x 512 px (16 tiles each, cut from
+the real Landsat scene), on 1 and on 2 cores, with ``[inference] output_workers`` 0 (the
+per-scene GeoPackage, quicklook and QGIS files written by the run's threads) and 2 (by two
+helper processes): scenes/s, and the ratio 2 cores / 1 core of each. That ratio is how the
+host side of many small scenes scales with cores, as it must on a GPU host.
 
 ``small``: 40 scenes of 512 x 512 px (16 tiles each) cut from the real Landsat scene, in one
 ``tilescan run`` with the real model, against model + Grad-CAM alone on the same tiles in
@@ -78,8 +85,9 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-def _host_once(scene: Path, out: Path, pipeline: str, readers: int) -> dict:
-    """One no-op run in this process (called under taskset)."""
+def _host_once(scene: Path, out: Path, pipeline: str, readers: int, workers: int = 0) -> dict:
+    """One no-op run in this process (called under taskset) of ``scene``, or of every
+    ``chip-*.tif`` in it when it is a folder."""
     import importlib
 
     importlib.import_module("keras")  # a real run has Keras loaded before its first scene
@@ -88,15 +96,22 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: int) -> dict:
     from tilescan.pipeline.run import run
 
     cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]},
-                                 "inference": {"pipeline": pipeline, "reader_threads": readers}}, environ={})
+                                 "inference": {"pipeline": pipeline, "reader_threads": readers,
+                                               "output_workers": workers}}, environ={})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
+    scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
     t0 = time.perf_counter()
-    report = run([scene], out, cfg, log=lambda m: None, engine=engine)
+    report = run(scenes, out, cfg, log=lambda m: None, engine=engine)
     wall = time.perf_counter() - t0
-    res = report.results[0]
-    manifest = json.loads((Path(res.out_dir) / "run.json").read_text())
-    n = res.counts["tiles_classified"]
-    return {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1), "timings_s": manifest["timings_s"]}
+    if any(r.status != "done" for r in report.results):
+        raise SystemExit(f"a unit failed: {[r.reason for r in report.results if r.status != 'done']}")
+    n = sum(r.counts["tiles_classified"] for r in report.results)
+    got = {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1)}
+    if len(scenes) == 1:
+        got["timings_s"] = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())["timings_s"]
+    else:
+        got["scenes_per_s"] = round(len(scenes) / wall, 2)
+    return got
 
 
 def host(args) -> dict:
@@ -109,11 +124,7 @@ def host(args) -> dict:
         for cores in ("1", "2"):
             out = work / f"out-{cores}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            cpus = "0" if cores == "1" else "0,1"
-            p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out),
-                                args.pipeline, cores],
-                               capture_output=True, text=True, check=True)
-            got = json.loads(p.stdout.strip().splitlines()[-1])
+            got = _taskset(cores, scene, out, args.pipeline, cores)
             runs[cores].append(got)
             bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
             shutil.rmtree(out, ignore_errors=True)
@@ -126,6 +137,44 @@ def host(args) -> dict:
 
 #: ``small --lean``: the per-scene extras off.
 LEAN_OUTPUTS = {"gpkg": False, "quicklook": False, "styles": False}
+
+
+def small_host(args) -> dict:
+    """``small-host``: the ``host`` measure on many small scenes, with the per-scene outputs
+    written by the run's threads (``output_workers`` 0) and by 2 helper processes."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-smallhost-"))
+    folder = work / "chips"
+    if len(list(folder.glob("chip-*.tif"))) != SMALL_HOST_SCENES:
+        shutil.rmtree(folder, ignore_errors=True)
+        _small_scenes(folder, n=SMALL_HOST_SCENES)
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for workers in (0, 2):
+            for cores in ("1", "2"):
+                out = work / f"out-{workers}-{cores}-{r}"
+                shutil.rmtree(out, ignore_errors=True)
+                got = _taskset(cores, folder, out, "overlap", cores, workers)
+                runs.setdefault(f"workers{workers}_{cores}core", []).append(got)
+                bench.log(f"small-host: output_workers {workers}, {cores} core(s), round {r + 1}: "
+                          f"{got['scenes_per_s']} scenes/s")
+                shutil.rmtree(out, ignore_errors=True)
+    rate = {k: median(g["scenes_per_s"] for g in rs) for k, rs in runs.items()}
+    return {"scenes": SMALL_HOST_SCENES, "scene_px": 512, "tiles": runs["workers0_1core"][0]["tiles"],
+            "scenes_per_s": rate,
+            "ratio_2_to_1": {w: round(rate[f"{w}_2core"] / rate[f"{w}_1core"], 3) for w in ("workers0", "workers2")},
+            "runs": runs}
+
+
+def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0) -> dict:
+    """``_host_once`` in a fresh process pinned to the first ``cores`` cores."""
+    cpus = "0" if cores == "1" else "0,1"
+    p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out), pipeline,
+                        readers, str(workers)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+#: ``small-host``: scenes of 512 x 512 px; enough for a run of several seconds on 2 cores.
+SMALL_HOST_SCENES = 160
 
 
 def _small_scenes(folder: Path, n: int = 40, size: int = 512) -> list[Path]:
@@ -222,10 +271,11 @@ def _cpu() -> float:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
-        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+                                    int(sys.argv[6]) if len(sys.argv) > 6 else 0)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("host", "small"))
+    ap.add_argument("what", choices=("host", "small", "small-host"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pipeline", choices=("overlap", "lockstep"), default="overlap",
                     help="host: overlap (one reader per core, as on a GPU) or lockstep (the CPU default)")
@@ -235,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
-           "machine": bench.machine(), **(host(args) if args.what == "host" else small(args))}
+           "machine": bench.machine(), **{"host": host, "small": small, "small-host": small_host}[args.what](args)}
     bench.report(res, args.out)
     return 0
 

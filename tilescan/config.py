@@ -102,6 +102,11 @@ class InferenceConfig(_Section):
     """Reader threads with ``pipeline = "overlap"``. Each reads whole bands of block rows with
     its own GDAL handle, so no block is decoded twice whatever their number. On a GPU host,
     one per core; on a CPU that also runs the model, more steal its cores (benchmarks/README.md)."""
+    output_workers: int = 0
+    """Helper processes that write each unit's GeoPackage, label COG, quicklook and QGIS files
+    (0: the run's own threads). Those writers hold Python's GIL, so with many small scenes on a GPU
+    host, threads stop scaling at a couple of cores and processes do not
+    (benchmarks/README.md); on a CPU the model needs every core and 0 costs the least."""
     queue_size: int = 4
     jit_compile: str = "auto"
     """``auto``, ``true`` or ``false``: XLA-compile the model + CAM step."""
@@ -325,6 +330,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("inference", "batch_size", f"must be >= 1, got {i.batch_size}")
     if i.reader_threads < 1:
         fail("inference", "reader_threads", f"must be >= 1, got {i.reader_threads}")
+    if i.output_workers < 0:
+        fail("inference", "output_workers", f"must be >= 0, got {i.output_workers}")
     if i.queue_size < 1:
         fail("inference", "queue_size", f"must be >= 1, got {i.queue_size}")
     o = cfg.output

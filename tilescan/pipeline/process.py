@@ -64,9 +64,10 @@ class UnitJob:
         self.failed: BaseException | None = None
         self.abort_queued = False
         self.run_timings: Callable[[], dict] | None = None  # the run's start-up times (set by the stream)
-        # the stream's two threads for the tail's parallel writes, kept for the whole run: a
+        # the stream's threads for the tail's parallel writes, kept for the whole run: a
         # new thread pays GDAL's and PROJ's per-thread set-up again (several ms per scene)
         self.tail_pool: ThreadPoolExecutor | None = None
+        self.workers = None  # the stream's output helper processes, if it has them
         self._finishing = False
         self.state = threading.Lock()
 
@@ -181,6 +182,14 @@ class UnitJob:
         return UnitResult(unit.key, str(unit.scene), "done", str(self.final), counts=manifest["counts"],
                           seconds=round(total, 2), warnings=[d for d in self.details if d["code"] != "tiling"])
 
+    def in_helper(self, fn: Callable, *args, **kwargs) -> Any:
+        """``fn(*args, **kwargs)`` in one of the stream's output helper processes, if it has
+        them (``[inference] output_workers``, :class:`~tilescan.outputs.workers.OutputWorkers`),
+        else on this thread."""
+        if self.workers is None:
+            return fn(*args, **kwargs)
+        return self.workers.call(fn, *args, **kwargs)
+
     def abort(self) -> None:
         """Remove everything of the job (staging folder, scratch files), close, unlock."""
         self.stack.close()
@@ -254,22 +263,28 @@ def _write_outputs(job: UnitJob) -> None:
         "cam_layer": engine.cam.layer,
     }
 
+    helper = job.in_helper  # the writers that hold the GIL: in a helper process, if the run has them
+
     def write_tables():
         job.table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
         faults.point("writing")
         if cfg.output.gpkg:
-            job.table.write_gpkg(stage / "tiles.gpkg", crs, engine.classes, unit.scene.name, model_id, extra)
-        grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
-        write_labels_cog(stage / "labels.tif", job.labels, grid_tf, crs, engine.classes, compress=cfg.output.compress,
-                         tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
+            helper(TileTable.write_gpkg, job.table, stage / "tiles.gpkg", crs, engine.classes, unit.scene.name,
+                   model_id, extra)
 
-    # The scene's tail, off the model's thread: the tables, the heatmap COG and the
-    # quicklook at once (GDAL, zlib and the Parquet writer release the GIL). The
+    def write_labels():
+        grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
+        helper(write_labels_cog, stage / "labels.tif", job.labels, grid_tf, crs, engine.classes,
+            compress=cfg.output.compress, tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
+
+    # The scene's tail, off the model's thread: the tables, the label and heatmap COGs and
+    # the quicklook at once (GDAL, zlib and the Parquet writer release the GIL). The
     # quicklook's heat is read from the heatmap's scratch file while the COG is written.
     heat = job.heat
     heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
     previewed = threading.Event()
-    futures = [job.tail_pool.submit(write_tables), job.tail_pool.submit(heat.close, keep_scratch=previewed)]
+    futures = [job.tail_pool.submit(write_tables), job.tail_pool.submit(heat.close, keep_scratch=previewed),
+               job.tail_pool.submit(write_labels)]
     try:
         try:
             hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
@@ -283,10 +298,10 @@ def _write_outputs(job: UnitJob) -> None:
         f.result()
     if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
         labels = job.labels
-        write_scene_files(stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
-                          bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
-                          bands=reader.bands, scale=reader.scale, location=job.final,
-                          project=unit.name if unit.part is None else None)
+        helper(write_scene_files, stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
+               bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
+               bands=reader.bands, scale=reader.scale, location=job.final,
+               project=unit.name if unit.part is None else None)
 
 
 def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
@@ -297,8 +312,8 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
     if job.unit.part is not None:  # a row band: show only its part of the grid
         full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
         full_labels[job.r0:job.r1] = job.labels
-    write_quicklook(job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview, job.engine.classes,
-                    scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride)
+    job.in_helper(write_quicklook, job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview,
+                  job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride)
 
 
 def _manifest(job: UnitJob, total: float) -> dict:

@@ -158,12 +158,19 @@ class Stream:
         self.dropped: list[UnitJob] = []  # dropped by a stop request
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
-        self._finishers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilescan-finish",
+        # with output helper processes, as many units are finished at once as there are helpers
+        nw = cfg.inference.output_workers
+        self._workers = None
+        if nw:
+            from ..outputs.workers import OutputWorkers
+
+            self._workers = OutputWorkers(nw, nice=FINISH_NICE)
+        self._finishers = ThreadPoolExecutor(max_workers=max(1, nw), thread_name_prefix="tilescan-finish",
                                              initializer=_background_priority)
         self._room = threading.Condition()
         self._ahead = (0, 0)  # units opened and not yet taken for reading, and their tiles
         self._backlog = 0  # units handed to the finisher and not yet finished
-        self._tail = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tilescan-tail",
+        self._tail = ThreadPoolExecutor(max_workers=2 * max(1, nw), thread_name_prefix="tilescan-tail",
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
@@ -190,6 +197,7 @@ class Stream:
                         continue
                     job.run_timings = self.stats.startup
                     job.tail_pool = self._tail
+                    job.workers = self._workers
                     job.open()
                     with self._room:
                         self._ahead = (self._ahead[0] + 1, self._ahead[1] + len(job.tiles))
@@ -541,6 +549,8 @@ class Stream:
                 f.result()
             self._finishers.shutdown()
             self._tail.shutdown()
+            if self._workers is not None:
+                self._workers.close()
             with self._lock:
                 leftover = list(self.in_flight.values())
             for job in leftover:  # an error ended the run: nothing of these is left behind
