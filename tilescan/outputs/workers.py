@@ -125,8 +125,8 @@ class OutputWorkers:
             if self._closed:
                 raise RuntimeError("the output workers are closed")
             if self._started < self.n:
+                child = _Child(self.nice)  # counted once started (a failed start raises here)
                 self._started += 1
-                child = _Child(self.nice)
                 self._children.append(child)
                 return child
         child = self._idle.get()
