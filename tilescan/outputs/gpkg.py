@@ -246,10 +246,9 @@ class _IndexHelper:
         self.lock = threading.Lock()
 
     def _start(self) -> subprocess.Popen:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return subprocess.Popen([sys.executable, "-m", "tilescan.outputs.gpkg", "--serve"], env=env, text=True,
+        from .workers import child_env
+
+        return subprocess.Popen([sys.executable, "-m", "tilescan.outputs.gpkg", "--serve"], env=child_env(), text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
 
     def index(self, path: Path) -> tuple[int, str]:

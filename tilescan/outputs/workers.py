@@ -1,5 +1,5 @@
 """Helper processes for the per-scene outputs that hold Python's GIL: the GeoPackage, the
-quicklook and the QGIS files.
+label COG, the quicklook and the QGIS files.
 
 In one process those writers take turns on the GIL with the opener, the writer and the
 model's own Python thread, so with many small scenes the run stops scaling at a couple of
@@ -61,13 +61,19 @@ class WorkerDied(OutputError):
     it wrote for fails; the next call gets a fresh process."""
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a ``python -m tilescan...`` child: with this tilescan
+    first on ``PYTHONPATH``, so the child imports the same package."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 class _Child:
     def __init__(self, nice: int):
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.outputs.workers", str(int(nice))],
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, bufsize=-1)
 
     def call(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
