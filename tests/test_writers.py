@@ -337,7 +337,9 @@ def test_labels_cog(tmp_path, shape):
         assert json.loads(src.tags()["CLASS_NAMES"]) == CLASSES and src.tags()["CLASS_4"] == "Bridge & Road"
         assert src.descriptions == ("class",)
         if max(shape) > 512:
-            assert src.overviews(1) == [2]
+            assert src.overviews(1) == [2] and src.block_shapes[0] == (512, 512)
+        else:  # one block just big enough: no padding to compress
+            assert src.block_shapes[0] == (16, 16)
     # GDAL itself picks up category names and the attribute table from the sidecar
     vrt = tmp_path / "copy.vrt"
     rasterio.shutil.copy(path, vrt, driver="VRT")
@@ -399,6 +401,7 @@ def test_heatmap_matches_naive_accumulation_aligned(tmp_path):
         assert src.crs.to_epsg() == 32618 and src.nodata == HEATMAP_NODATA
         assert src.transform == gt @ Affine.scale(4, 4)
         assert (src.width, src.height) == (50, 42)
+        assert src.block_shapes[0] == (64, 64)  # one block that just holds it
     np.testing.assert_allclose(got, expect, atol=1e-6)
     assert (got == HEATMAP_NODATA).sum() == (wsum == 0).sum()
     assert cog_validate(tmp_path / "heat.tif")[0]

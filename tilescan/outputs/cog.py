@@ -41,20 +41,30 @@ def _compression(compress: str) -> str:
 COG_BLOCK = 512
 
 
+def _cog_block(width: int, height: int) -> int:
+    """The COG's block size: :data:`COG_BLOCK`, or for a raster that fits one such block the
+    smallest power of two (16 at least, as TIFF tiles must be) that holds it; a one-block
+    file then compresses its pixels, not a block of padding around them."""
+    side = max(int(width), int(height), 16)
+    return COG_BLOCK if side > COG_BLOCK else 1 << (side - 1).bit_length()
+
+
 def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int,
-              one_block: bool = False) -> None:
+              size: tuple[int, int]) -> None:
     """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass: 512 px blocks,
     ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
-    faster (benchmarks/README.md). ``one_block``: the raster fits one block, so its one tile
-    is compressed on this thread (GDAL's worker threads would only add the hand-over)."""
+    faster (benchmarks/README.md). ``size`` (width, height) sets the block (:func:`_cog_block`);
+    a raster that fits one block is compressed on this thread (GDAL's worker threads would
+    only add the hand-over)."""
     import rasterio.shutil
 
     compress = _compression(compress)
-    opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE=str(COG_BLOCK),
+    one_block = max(size) <= COG_BLOCK
+    opts = dict(COMPRESS="NONE" if compress == "raw" else compress.upper(), BLOCKSIZE=str(_cog_block(*size)),
                 BIGTIFF="IF_SAFER", NUM_THREADS="1" if one_block else "ALL_CPUS", OVERVIEW_RESAMPLING=resampling.upper(),
                 SPARSE_OK="TRUE")
     if compress in _PREDICTOR_OK:
@@ -148,7 +158,7 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
                 # copied while open: GDAL's COG driver takes colour table, tags and description
                 # along, and the CRS as it was set (reopening would parse it from GeoKeys again)
                 _cog_copy(dst, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]),
-                          one_block=max(data.shape) <= COG_BLOCK)
+                          (data.shape[1], data.shape[0]))
         with atomic_output(aux_path) as tmp_aux:
             tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
     return Path(path)

@@ -19,7 +19,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from ..errors import OutputError
-from .cog import COG_BLOCK, HEATMAP_NODATA, _cog_copy, _compression, _overview_level
+from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level
 from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output
 from .geometry import _rasterio_crs
 
@@ -544,7 +544,7 @@ class HeatmapWriter:
                 with atomic_output(self.path) as tmp:
                     _cog_copy(self._strips, tmp, self.compress, "average",
                               _overview_level(self.grid.out_w, self.grid.out_h),
-                              one_block=max(self.grid.out_w, self.grid.out_h) <= COG_BLOCK)
+                              (self.grid.out_w, self.grid.out_h))
         finally:
             if keep_scratch is not None:
                 keep_scratch.wait()
