@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -120,17 +121,28 @@ def _apply(t: Affine, col: float, row: float) -> tuple[float, float]:
     return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
 
 
+@functools.lru_cache(maxsize=64)
+def _geodesy(wkt: str):
+    """The ellipsoid of the CRS ``wkt`` and a transformer from it to its geographic CRS
+    (None without either): made once per CRS, as a run's scenes mostly share one (pyproj's
+    objects are thread-safe)."""
+    import pyproj
+
+    pcrs = pyproj.CRS.from_user_input(wkt)
+    geod = pcrs.get_geod()
+    geog = pcrs.geodetic_crs
+    if geod is None or geog is None:
+        return None
+    return geod, pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
+
+
 def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None:
     """Metres per pixel at the scene centre, measured on the CRS's ellipsoid."""
     try:
-        import pyproj
-
-        pcrs = pyproj.CRS.from_user_input(crs.to_wkt())
-        geod = pcrs.get_geod()
-        geog = pcrs.geodetic_crs
-        if geod is None or geog is None:
+        tools = _geodesy(crs.to_wkt())
+        if tools is None:
             return None
-        tr = pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
+        geod, tr = tools
         cx, cy = width / 2.0, height / 2.0
         pts = [_apply(transform, cx, cy), _apply(transform, cx + 1, cy), _apply(transform, cx, cy + 1)]
         lon, lat = tr.transform([p[0] for p in pts], [p[1] for p in pts])
