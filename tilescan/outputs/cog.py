@@ -51,15 +51,14 @@ def _cog_block(width: int, height: int) -> int:
 
 def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int,
               size: tuple[int, int]) -> None:
-    """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass: 512 px blocks,
-    ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
+    """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass:
+    blocks of :func:`_cog_block`, ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
     with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
-    faster (benchmarks/README.md). ``size`` (width, height) sets the block (:func:`_cog_block`);
-    a raster that fits one block is compressed on this thread (GDAL's worker threads would
-    only add the hand-over)."""
+    faster (benchmarks/README.md). ``size`` is the raster's (width, height); one that fits one
+    block is compressed on this thread (GDAL's worker threads would only add the hand-over)."""
     import rasterio.shutil
 
     compress = _compression(compress)
