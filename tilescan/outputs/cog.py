@@ -51,9 +51,10 @@ def _cog_block(width: int, height: int) -> int:
 
 def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int,
               size: tuple[int, int]) -> None:
-    """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one pass:
-    blocks of :func:`_cog_block`, ``compress`` with the predictor (floating-point for floats), ``overviews`` levels built
-    with ``resampling`` (nodata-aware), tags, nodata and band descriptions carried over.
+    """Copy a tiled GeoTIFF (a path or an open dataset) to a COG with GDAL's COG driver in one
+    pass: blocks of :func:`_cog_block`, ``compress`` with the predictor (floating-point for
+    floats), ``overviews`` levels built with ``resampling`` (nodata-aware), tags, nodata and
+    band descriptions carried over.
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is

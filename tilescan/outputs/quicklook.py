@@ -534,7 +534,7 @@ class _BandDraw:
 
 def _drawn(canvas: np.ndarray, y0: int, y1: int, size: int, paint) -> np.ndarray:
     """Rows ``y0 .. y1`` of ``canvas`` after ``paint(draw)`` drew on them (a :class:`_BandDraw`)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     if y1 <= y0:
         paint(_BandDraw(None, y0, y1, size))  # any drawing there overflows
