@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Where the host CPU of many small scenes goes, and two checkouts side by side.
+
+Run from the project root::
+
+    python benchmarks/scene_cpu.py --out benchmarks/results/scene-cpu.json
+    python benchmarks/scene_cpu.py --repo /path/to/older/checkout --repo . --pairs 5
+
+A real ``tilescan run`` of 160 chips of 512 x 512 px (cut from the real Landsat scene, as
+``pipeline.py small-host`` makes them) with the model step replaced by a no-op
+(``pipeline.NoopEngine``), in a fresh process pinned to one core, writers on the run's threads
+(``output_workers = 0``). Reported per run: the process's CPU per scene, scenes/s, and the
+CPU per scene of each step (``time.thread_time`` around it, on whichever thread runs it: the
+opener, readers, writer, finisher and tail threads). GeoPackage index helper processes are not
+counted. With several ``--repo``, runs of each checkout alternate (each imports tilescan and
+``benchmarks/pipeline.py`` from its own checkout), and each pair's ratio of CPU per scene to
+the first checkout's is reported: this shared machine's speed drifts, so only ratios measured
+side by side carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+HERE = Path(__file__).resolve().parent
+
+#: step -> (module, attribute path) timed in the child; steps a checkout lacks are skipped.
+STEPS = {
+    "open scene": ("tilescan.pipeline.process", "UnitJob.open"),
+    "read tiles": ("tilescan.pipeline.process", "UnitJob.read"),
+    "rows and heat": ("tilescan.pipeline.process", "UnitJob.consume"),
+    "GeoParquet": ("tilescan.outputs.table", "TileTable.write_geoparquet"),
+    "GeoPackage": ("tilescan.outputs.table", "TileTable.write_gpkg"),
+    "label COG": ("tilescan.pipeline.process", "write_labels_cog"),
+    "heatmap COG": ("tilescan.outputs.heatmap", "HeatmapWriter.close"),
+    "quicklook": ("tilescan.pipeline.process", "_write_quicklook"),
+    "QGIS files": ("tilescan.pipeline.process", "write_scene_files"),
+    "run.json": ("tilescan.pipeline.process", "write_json"),
+}
+
+
+def _child(repo: Path, chips: Path) -> dict:
+    """One timed no-op run of ``chips`` with tilescan from ``repo`` (in this process)."""
+    import collections
+    import importlib
+    import threading
+
+    sys.path[:0] = [str(repo), str(repo / "benchmarks")]
+    importlib.import_module("keras")  # a real run has Keras loaded before its first scene
+    import pipeline  # noqa: E402  (repo's own: its NoopEngine)
+    from tilescan.config import load_config
+    from tilescan.model import describe_model
+    from tilescan.pipeline.run import run
+
+    spent: collections.Counter = collections.Counter()
+    inside = threading.local()  # a step called inside another is counted in the outer one only
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if getattr(inside, "on", False):
+                return fn(*args, **kwargs)
+            inside.on, t = True, time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.thread_time() - t
+                inside.on = False
+        return wrapper
+
+    for name, (mod, attr) in STEPS.items():
+        owner = importlib.import_module(mod)
+        *path, last = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, last):
+            setattr(owner, last, timed(name, getattr(owner, last)))
+
+    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}}, environ={})
+    engine = pipeline.NoopEngine(describe_model(), cfg.inference.batch_size, "overlap")
+    scenes = sorted(chips.glob("chip-*.tif"))
+    out = Path(tempfile.mkdtemp(prefix="tilescan-scenecpu-"))
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        report = run(scenes, out / "o", cfg, log=lambda m: None, engine=engine)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if any(r.status != "done" for r in report.results):
+        raise SystemExit(f"a unit failed: {[r.reason for r in report.results if r.status != 'done']}")
+    n = len(scenes)
+    return {"scenes": n, "scenes_per_s": round(n / wall, 2), "cpu_ms_per_scene": round(cpu / n * 1e3, 1),
+            "steps_ms_per_scene": {k: round(v / n * 1e3, 2) for k, v in spent.items()}}
+
+
+def _one(repo: Path, chips: Path) -> dict:
+    p = subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "_child", str(repo), str(chips)],
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"the run with {repo} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        print(json.dumps(_child(Path(argv[1]).resolve(), Path(argv[2]))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", action="append", type=Path,
+                    help="a tilescan checkout to run (repeat to compare; default: this one)")
+    ap.add_argument("--pairs", type=int, default=3, help="runs of each checkout, alternated")
+    ap.add_argument("--work", type=Path, help="folder for the chips (default: a temp folder)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    repos = [r.resolve() for r in (args.repo or [HERE.parent])]
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
+    import bench
+    import pipeline
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="tilescan-scenecpu-"))
+    chips = work / "chips"
+    if len(list(chips.glob("chip-*.tif"))) != pipeline.SMALL_HOST_SCENES:
+        shutil.rmtree(chips, ignore_errors=True)
+        pipeline._small_scenes(chips, n=pipeline.SMALL_HOST_SCENES)
+    runs: dict[str, list[dict]] = {str(r): [] for r in repos}
+    for k in range(args.pairs):
+        for r in repos:
+            got = _one(r, chips)
+            runs[str(r)].append(got)
+            bench.log(f"scene_cpu: {r}, run {k + 1}: {got['cpu_ms_per_scene']} ms of CPU per scene, "
+                      f"{got['scenes_per_s']} scenes/s")
+    summary = {}
+    for r, rs in runs.items():
+        steps = sorted({s for g in rs for s in g["steps_ms_per_scene"]})
+        summary[r] = {"cpu_ms_per_scene": median(g["cpu_ms_per_scene"] for g in rs),
+                      "scenes_per_s": median(g["scenes_per_s"] for g in rs),
+                      "steps_ms_per_scene": {s: round(median(g["steps_ms_per_scene"].get(s, 0.0) for g in rs), 2)
+                                             for s in steps}}
+    result = {"command": "python benchmarks/scene_cpu.py " + " ".join(argv), "machine": bench.machine(),
+              "chips": pipeline.SMALL_HOST_SCENES, "chip_px": 512, "cores": 1, "summary": summary, "runs": runs}
+    if len(repos) > 1:
+        base = runs[str(repos[0])]
+        result["cpu_ratio_to_first"] = {
+            str(r): {"pairs": [round(g["cpu_ms_per_scene"] / b["cpu_ms_per_scene"], 3)
+                               for g, b in zip(runs[str(r)], base)]} for r in repos[1:]}
+        for v in result["cpu_ratio_to_first"].values():
+            v["median"] = median(v["pairs"])
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
