@@ -101,6 +101,33 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_staging_folder_is_synced_once_after_its_files(tmp_path, monkeypatch):
+    """Inside ``folder_synced_once`` each file is still fsync'ed, but its folder only once, at
+    the end (not after a failed block); other folders as before."""
+    from tilescan.outputs import files
+
+    synced: list[tuple[str, str]] = []
+    monkeypatch.setattr(files, "_fsync_path", lambda p: synced.append(("file", Path(p).name)))
+    monkeypatch.setattr(files, "_fsync_dir", lambda d: synced.append(("dir", Path(d).name)))
+    stage, other = tmp_path / "stage", tmp_path / "other"
+    stage.mkdir()
+    other.mkdir()
+    with files.folder_synced_once(stage):
+        write_json(stage / "a.json", {"a": 1})
+        write_json(stage / "b.json", {"b": 2})
+        write_json(other / "c.json", {"c": 3})
+        assert ("dir", "stage") not in synced and ("dir", "other") in synced
+    assert [k for k, n in synced if k == "file"] == ["file"] * 3
+    assert synced[-1] == ("dir", "stage") and synced.count(("dir", "stage")) == 1
+    synced.clear()
+    with pytest.raises(RuntimeError), files.folder_synced_once(stage):
+        write_json(stage / "d.json", {"d": 4})
+        raise RuntimeError("the unit failed")
+    assert [k for k, _ in synced] == ["file"]  # the file, and no folder sync
+    write_json(stage / "e.json", {"e": 5})  # after the block: synced per file again
+    assert synced[-1] == ("dir", "stage")
+
+
 def test_write_json_numpy_and_strict(tmp_path):
     p = write_json(tmp_path / "m.json", {"a": np.float32(1.5), "b": np.arange(3), "c": np.int64(7),
                                          "d": float("nan"), "e": Path("x/y"), "f": (np.bool_(True),)})

@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -108,14 +109,36 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+_one_sync: set[str] = set()  # folders whose fsync after each rename into them waits for :func:`folder_synced_once`
+_one_sync_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def folder_synced_once(folder: str | os.PathLike) -> Iterator[None]:
+    """Within the block, :func:`atomic_output` does not fsync ``folder`` after each file it
+    renames into it (on any thread); the folder is fsync'ed once when the block ends without
+    an error. For a staging folder whose files only count once the folder itself is renamed
+    into place: each of its renames is then on disk before that."""
+    key = os.path.abspath(folder)
+    with _one_sync_lock:
+        _one_sync.add(key)
+    try:
+        yield
+    finally:
+        with _one_sync_lock:
+            _one_sync.discard(key)
+    _fsync_dir(Path(folder))
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.
 
     The temporary file is ``.{name}.tmp-<pid>-<random>{suffix}`` in the same folder. When the
-    ``with`` body finishes, the file is fsync'ed and ``os.replace``d over ``path`` (and the
-    folder is fsync'ed). When the body raises, the temporary file (and any GDAL/SQLite
-    sidecar of it) is removed and nothing appears at ``path``.
+    ``with`` body finishes, the file is fsync'ed and ``os.replace``d over ``path``, and the
+    folder is fsync'ed (unless :func:`folder_synced_once` leaves that for later). When the
+    body raises, the temporary file (and any GDAL/SQLite sidecar of it) is removed and
+    nothing appears at ``path``.
 
     Write failures -- :class:`OSError` (ENOSPC, EFBIG, EACCES, ENOTDIR...) and GDAL/pyogrio
     file errors -- become :class:`OutputError` naming ``path``. The folder is probed before
@@ -138,7 +161,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, final)
-        if fsync:
+        if fsync and os.path.abspath(final.parent) not in _one_sync:
             _fsync_dir(final.parent)
     except OutputError:
         _remove_quietly(tmp)

@@ -25,7 +25,7 @@ from .. import faults
 from ..config import Config
 from ..layout import MANIFEST, STAGING
 from ..outputs.cog import write_labels_cog
-from ..outputs.files import write_json
+from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import write_scene_files
@@ -167,13 +167,14 @@ class UnitJob:
             self.details.append(empty)
             self.log(f"warning: {empty['message']}")
         tw = time.monotonic()
-        with sources.remote_errors(unit.scene):
-            _write_outputs(self)
-        self.timings["write"] = time.monotonic() - tw
-        total = time.monotonic() - self.t0
-        manifest = _manifest(self, total)
-        manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
-        write_json(self.stage / MANIFEST, manifest)
+        with folder_synced_once(self.stage):  # before the folder is renamed into place
+            with sources.remote_errors(unit.scene):
+                _write_outputs(self)
+            self.timings["write"] = time.monotonic() - tw
+            total = time.monotonic() - self.t0
+            manifest = _manifest(self, total)
+            manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
+            write_json(self.stage / MANIFEST, manifest)
         faults.point("before-rename")
         move_into_place(self.stage, self.final, self.out)
         self.stack.pop_all()  # in place: nothing to undo but the reader and the lock
