@@ -4,8 +4,8 @@
 
 For every unit folder (one with a run.json) in either tree: tiles.parquet rows equal (every
 column, exact), labels.tif pixels equal, heatmap.tif within 1e-6, quicklook.png pixels
-equal (decoded), the QGIS styles and project byte for byte, and run.json's counts, tiling and
-warnings equal. Prints one line per unit and exits 1 on any difference.
+equal (decoded), tiles.gpkg's rows, R-tree, extent, count, metadata and schema equal, the
+QGIS styles and project byte for byte, and run.json's counts, tiling and warnings equal. Prints one line per unit and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -51,11 +51,35 @@ def compare(a: Path, b: Path) -> list[str]:
     for f in sorted({p.name for p in a.glob("*.q[mg][ls]")} | {p.name for p in b.glob("*.q[mg][ls]")}):
         if not ((a / f).exists() and (b / f).exists() and (a / f).read_bytes() == (b / f).read_bytes()):
             diffs.append(f"{f} differs")
+    ga, gb = a / "tiles.gpkg", b / "tiles.gpkg"
+    if ga.exists() != gb.exists():
+        diffs.append("tiles.gpkg in one tree only")
+    elif ga.exists():
+        da, db = _gpkg(ga), _gpkg(gb)
+        diffs += [f"tiles.gpkg {k} differs" for k in da if da[k] != db[k]]
     ma, mb = (json.loads((p / "run.json").read_text()) for p in (a, b))
     for key in ("counts", "tiling", "warnings", "fingerprint"):
         if ma.get(key) != mb.get(key):
             diffs.append(f"run.json {key} differs")
     return diffs
+
+
+def _gpkg(path: Path) -> dict:
+    """A GeoPackage's rows (geometry blobs included), its R-tree's tables, extent, feature
+    count, metadata and schema, read with plain SQL (no write times)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        out = {t: con.execute(f'SELECT * FROM "{t}"').fetchall() for t in (
+            "tiles", "rtree_tiles_geom_node", "rtree_tiles_geom_rowid", "rtree_tiles_geom_parent",
+            "gpkg_ogr_contents", "gpkg_metadata", "gpkg_geometry_columns", "gpkg_spatial_ref_sys")}
+        out["extent"] = con.execute("SELECT min_x, min_y, max_x, max_y, srs_id FROM gpkg_contents").fetchall()
+        out["extensions"] = sorted(con.execute("SELECT * FROM gpkg_extensions").fetchall(), key=repr)
+        out["schema"] = sorted(con.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=repr)
+        return out
+    finally:
+        con.close()
 
 
 def main(argv: list[str]) -> int:

@@ -139,35 +139,27 @@ def writers(table, classes, crs, scene, model_id):
     """name -> function(path) writing that format with tilescan's code."""
     import pyogrio
 
+    def gdal(path, driver, **options):
+        # the GeoPackage writer's columns, handed to GDAL as a whole
+        import pyarrow as pa
+
+        from tilescan.outputs.geometry import pyproj_crs
+
+        schema, batches, _ = table._gpkg_arrow(classes, scene)
+        pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches), str(path), layer="tiles",
+                            driver=driver, geometry_name="geometry", geometry_type="Polygon",
+                            crs=pyproj_crs(crs).to_wkt(), **options)
+
     def gpkg_default(path):
         # the previous writer: GDAL's defaults (GeoPackage 1.4, GDAL's own R-tree step)
-        from tilescan.outputs import gpkg
+        from tilescan.outputs.files import _dumps
+        from tilescan.outputs.table import _tilescan_meta
 
-        saved = gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree
-        gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree = {}, dict, lambda p, **kw: None
-        try:
-            table.write_gpkg(path, crs, classes, scene, model_id)
-        finally:
-            gpkg.DATASET_OPTIONS, gpkg.layer_options, gpkg.add_rtree = saved
+        meta = _dumps(_tilescan_meta(classes, model_id, scene, len(table), None))
+        gdal(path, "GPKG", layer_metadata={"tilescan": meta})
 
     def fgb(path):
-        # the GeoPackage writer's columns, written by GDAL's FlatGeobuf driver instead
-        real = pyogrio.write_arrow
-
-        def as_fgb(reader, _path, **kw):
-            for k in ("dataset_options", "layer_options", "layer_metadata"):
-                kw.pop(k, None)
-            kw["driver"] = "FlatGeobuf"
-            real(reader, _path, **kw)
-
-        from tilescan.outputs import gpkg
-
-        saved = pyogrio.write_arrow, gpkg.add_rtree
-        pyogrio.write_arrow, gpkg.add_rtree = as_fgb, lambda p, **kw: None
-        try:
-            table.write_gpkg(path, crs, classes, scene, model_id)
-        finally:
-            pyogrio.write_arrow, gpkg.add_rtree = saved
+        gdal(path, "FlatGeobuf")
 
     return {
         "parquet": (".parquet", lambda p: table.write_geoparquet(p, crs, classes, scene, model_id)),

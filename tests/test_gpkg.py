@@ -8,6 +8,7 @@ and window queries through the index against the tiles' exact boxes.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import struct
 import subprocess
@@ -108,6 +109,7 @@ def test_float32_bounds_round_outwards(x):
     for v in (lo, hi):  # exactly representable as float32
         assert struct.unpack(">f", struct.pack(">f", v))[0] == v
     assert hi == lo or np.nextafter(np.float32(lo), np.float32(np.inf)) == np.float32(hi)
+    assert gpkg._f32_boxes([(x, x, -x, -x)]) == [(lo, hi, gpkg._f32(-x, False), gpkg._f32(-x, True))]
 
 
 def test_index_written_in_this_process_when_its_sqlite_can(tmp_path):
@@ -142,3 +144,103 @@ def test_table_formats_benchmark_runs(tmp_path):
         assert t["formats"]["gpkg_compat"]["gpkg_user_version"] == 10200 and t["formats"]["gpkg_compat"]["gpkg_rtree"]
         assert all(f["bytes"] > 0 and f["write_s"] > 0 for f in t["formats"].values())
     assert "| gpkg_compat |" in res.stdout
+
+
+_WRITE_BOTH = r"""
+import sys
+if sys.argv[3] == "tf":
+    import tensorflow  # noqa: F401 - as in tilescan run: its SQLite (no R-tree module) then serves this process
+import pyarrow as pa, pyogrio
+sys.path.insert(0, sys.argv[4])
+from test_gpkg import _table, CLASSES
+from tilescan.outputs import gpkg, table as T
+
+t, _ = _table(int(sys.argv[2]), seed=5)
+scene = 'odd & <name> "quoted" é.tif'
+extra = {"note": "a & b < c > d"}
+t.write_gpkg(sys.argv[1] + "/new.gpkg", "EPSG:32614", CLASSES, scene, "model-1", extra)
+t.write_gpkg(sys.argv[1] + "/again.gpkg", "EPSG:32614", CLASSES, scene, "model-1", extra)  # from the cached template
+# the reference: GDAL given the same columns, as write_gpkg wrote every file before
+schema, batches, _ = t._gpkg_arrow(CLASSES, scene)
+meta = T._dumps(T._tilescan_meta(CLASSES, "model-1", scene, len(t), extra))
+ref = sys.argv[1] + "/ref.gpkg"
+pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches), ref, layer="tiles", driver="GPKG",
+                    geometry_name="geometry", geometry_type="Polygon", crs=T.pyproj_crs("EPSG:32614").to_wkt(),
+                    layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
+                    layer_options=gpkg.layer_options())
+gpkg.add_rtree(ref)
+print(gpkg.layer_options()["SPATIAL_INDEX"])  # YES: GDAL built the reference's R-tree itself
+"""
+
+_RTREE_ROWS = r"""
+import json, sqlite3, sys
+con = sqlite3.connect(sys.argv[1])
+print(json.dumps({"check": con.execute("SELECT rtreecheck('rtree_tiles_geom')").fetchone()[0],
+                  "rows": con.execute('SELECT * FROM "rtree_tiles_geom" ORDER BY id').fetchall()}))
+"""
+
+
+def _gpkg_dump(path) -> dict:
+    """Every table and schema entry of a GeoPackage but the R-tree's node pages, with the
+    write times left out."""
+    con = sqlite3.connect(path)
+    try:
+        # trigger SQL compared without spaces and case: GDAL's own R-tree triggers differ from
+        # tilescan's (the 1.2 spec's) only there
+        out = {"schema": sorted((k, name, t, re.sub(r"\s+", "", sql).lower() if k == "trigger" else sql)
+                                for k, name, t, sql in con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
+                                                                   "WHERE name NOT LIKE 'rtree%\\_node' ESCAPE '\\'"))}
+        for t in ("tiles", "gpkg_ogr_contents", "gpkg_metadata", "gpkg_geometry_columns", "gpkg_spatial_ref_sys",
+                  "sqlite_sequence"):
+            out[t] = con.execute(f"SELECT * FROM {t}").fetchall()
+        out["gpkg_extensions"] = sorted(con.execute("SELECT * FROM gpkg_extensions").fetchall(), key=repr)
+        out["contents"] = con.execute("SELECT table_name, data_type, identifier, description, srs_id "
+                                      "FROM gpkg_contents").fetchall()
+        out["extent"] = con.execute("SELECT min_x, min_y, max_x, max_y FROM gpkg_contents").fetchall()
+        out["metadata_reference"] = con.execute("SELECT reference_scope, table_name, column_name, row_id_value, "
+                                                "md_file_id, md_parent_id FROM gpkg_metadata_reference").fetchall()
+        out["pragmas"] = [con.execute(f"PRAGMA {p}").fetchall() for p in ("application_id", "user_version", "page_size")]
+        return out
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("sqlite_of", ["python", "tf"])
+@pytest.mark.parametrize("n", [0, 16, 700])
+def test_gpkg_filled_from_a_template_equals_gdal_writing_it(tmp_path, n, sqlite_of):
+    """write_gpkg copies an empty layer GDAL wrote and adds the rows with Python's sqlite3:
+    the same rows (geometry blobs byte for byte), metadata, extent, count, extensions and
+    schema as GDAL writing the whole table, and an R-tree SQLite accepts holding the same
+    boxes; also inside a process that loaded TensorFlow (whose SQLite has no R-tree module)."""
+    if sqlite_of == "tf":
+        pytest.importorskip("tensorflow")
+    from conftest import REPO
+
+    res = subprocess.run([sys.executable, "-c", _WRITE_BOTH, str(tmp_path), str(n), sqlite_of,
+                          str(REPO / "tests")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = _gpkg_dump(tmp_path / "ref.gpkg")
+    for name in ("new.gpkg", "again.gpkg"):
+        got = _gpkg_dump(tmp_path / name)
+        ext_got, ext_ref = got.pop("extent"), ref["extent"]
+        assert got == {k: v for k, v in ref.items() if k != "extent"}
+        assert np.allclose(np.array(ext_got, float), np.array(ext_ref, float), rtol=1e-15, atol=0, equal_nan=True)
+        assert len(got["tiles"]) == n and got["gpkg_ogr_contents"] == [("tiles", n)]
+        assert "é" in got["gpkg_metadata"][0][4] and "&amp;" in got["gpkg_metadata"][0][4]
+    rtrees = []
+    for name in ("ref.gpkg", "new.gpkg"):
+        r = subprocess.run([sys.executable, "-c", _RTREE_ROWS, str(tmp_path / name)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        rtrees.append(json.loads(r.stdout))
+    assert rtrees[1]["check"] == "ok" and len(rtrees[1]["rows"]) == n
+    if res.stdout.split()[-1] == "YES":  # the reference's R-tree is SQLite's own
+        # SQLite rounds a bound outwards to float32 with a multiply, at times one step further
+        got, want = np.array(rtrees[1]["rows"]).reshape(-1, 5), np.array(rtrees[0]["rows"]).reshape(-1, 5)
+        assert np.array_equal(got[:, 0], want[:, 0]) and np.allclose(got, want, rtol=2.5e-7, atol=0)
+        boxes = _table(n, seed=5)[1]
+        assert np.all(got[:, [1, 3]] <= boxes[:, [0, 2]]) and np.all(got[:, [2, 4]] >= boxes[:, [1, 3]])
+    else:  # both packed by tilescan (as every file written inside tilescan run was)
+        assert rtrees[1]["rows"] == rtrees[0]["rows"]
+    if n:
+        df = pyogrio.read_dataframe(tmp_path / "new.gpkg", bbox=tuple(np.array(ref["extent"][0], float)))
+        assert len(df) == n and df.crs.to_epsg() == 32614

@@ -37,6 +37,9 @@ def _io_error_types() -> tuple[type[BaseException], ...]:
                   _err.CPLE_AppDefinedError, SystemError]
     except (ImportError, AttributeError):  # pragma: no cover - depends on rasterio build
         pass
+    import sqlite3
+
+    types.append(sqlite3.OperationalError)  # a GeoPackage written with sqlite3: disk full, I/O error
     try:
         from pyogrio import errors as _pe
 

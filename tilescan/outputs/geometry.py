@@ -84,6 +84,22 @@ def wkb_polygons(corners: np.ndarray) -> pa.BinaryArray:
     )
 
 
+def gpkg_polygons(corners: np.ndarray, srs_id: int) -> tuple[list[bytes], np.ndarray]:
+    """GeoPackage geometry blobs of the :func:`wkb_polygons` polygons, as GDAL writes them
+    (magic ``GP``, version 0, flags: little-endian with an XY envelope, ``srs_id``, the
+    envelope minx, maxx, miny, maxy, then the WKB), and those envelopes (N, 4)."""
+    wkb = wkb_polygons(corners)
+    n = len(wkb)
+    rings = _ccw_rings(np.asarray(corners, dtype=np.float64)) if n else np.zeros((0, 5, 2))
+    boxes = np.stack([rings[..., 0].min(1), rings[..., 0].max(1), rings[..., 1].min(1), rings[..., 1].max(1)], 1)
+    head = struct.pack("<2sBBi", b"GP", 0, 0x03, int(srs_id))
+    buf = np.empty((n, len(head) + 32 + WKB_POLY_SIZE), np.uint8)
+    buf[:, :len(head)] = np.frombuffer(head, np.uint8)
+    buf[:, len(head):len(head) + 32] = np.ascontiguousarray(boxes, "<f8").view(np.uint8).reshape(n, 32)
+    buf[:, len(head) + 32:] = np.frombuffer(wkb.buffers()[2], np.uint8, n * WKB_POLY_SIZE).reshape(n, WKB_POLY_SIZE)
+    return [r.tobytes() for r in buf], boxes
+
+
 def wkb_polygon_rings(geom) -> np.ndarray:
     """(N, 5, 2) coordinates back from :func:`wkb_polygons`' fixed layout (a pyarrow array)."""
     geom = geom.cast(pa.binary())

@@ -13,7 +13,12 @@ GDAL's index off and :func:`add_rtree` builds the index the GeoPackage spec desc
 ``VERSION=1.2``) with Python's ``sqlite3``: in this process when its SQLite has the R-tree
 module, else in a short child process that has not loaded TensorFlow.
 
-Standard library only, so ``python -m tilescan.outputs.gpkg FILE`` starts fast.
+Each file of a run is then a copy of an empty layer so written (once per process, CRS and
+columns), filled by :func:`fill_copy` with Python's ``sqlite3`` as GDAL would fill it: no
+R-tree module or GDAL set-up is needed per file.
+
+Standard library only (numpy is used where installed, and imported only to fill an index),
+so ``python -m tilescan.outputs.gpkg FILE`` starts fast.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Mapping, Sequence
 
-__all__ = ["DATASET_OPTIONS", "add_rtree", "has_rtree", "layer_options"]
+__all__ = ["DATASET_OPTIONS", "add_rtree", "fill_copy", "has_rtree", "layer_options"]
 
 DATASET_OPTIONS = {"VERSION": "1.2"}
 """GDAL GPKG dataset creation options for files every GDAL >= 2.2 reads without warnings."""
@@ -122,6 +128,24 @@ def _f32(x: float, up: bool) -> float:
 _F32, _U32 = struct.Struct(">f"), struct.Struct(">I")
 
 
+def _f32_boxes(boxes: Sequence[tuple]) -> list[tuple]:
+    """(minx, maxx, miny, maxy) boxes rounded outwards to float32 (:func:`_f32` on each
+    value), at once with numpy where it is installed."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - the standard-library fallback
+        return [(_f32(a, False), _f32(b, True), _f32(c, False), _f32(d, True)) for a, b, c, d in boxes]
+    x = np.asarray(boxes, np.float64).reshape(-1, 4)
+    with np.errstate(over="ignore"):
+        f = x.astype(np.float32)
+    up = np.array([False, True, False, True])
+    low = ~up & (f > x)  # a lower bound rounded up: one float32 step down, and the reverse
+    high = up & (f < x)
+    f[low] = np.nextafter(f[low], np.float32(-np.inf))
+    f[high] = np.nextafter(f[high], np.float32(np.inf))
+    return [tuple(r) for r in f.tolist()]
+
+
 def _pack_rtree(con: sqlite3.Connection, rtree: str, ids: list[int], boxes: list[tuple]) -> None:
     """Fill the new, empty SQLite R-tree ``rtree`` with the (minx, maxx, miny, maxy) boxes
     of rows ``ids`` by writing its node, parent and rowid tables directly, packed bottom-up
@@ -139,7 +163,7 @@ def _pack_rtree(con: sqlite3.Connection, rtree: str, ids: list[int], boxes: list
         return
     size = con.execute(f"SELECT length(data) FROM {_q(rtree + '_node')} WHERE nodeno = 1").fetchone()[0]
     per = (size - 4) // 24  # cells per node
-    cells = [(i, _f32(a, False), _f32(b, True), _f32(c, False), _f32(d, True)) for i, (a, b, c, d) in zip(ids, boxes)]
+    cells = [(i, *box) for i, box in zip(ids, _f32_boxes(boxes))]
     # sort-tile-recursive: vertical slices by x centre, each sorted by y centre
     step = max(1, math.ceil(math.sqrt(-(-n // per)))) * per
     cells.sort(key=lambda t: t[1] + t[2])
@@ -213,16 +237,25 @@ def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) ->
     naming ``name`` (default ``path``; e.g. the final name of a temporary file) when the file
     cannot be indexed (full disk, not a GeoPackage...); when no SQLite at hand has the R-tree
     module, warns and leaves the (valid) file without one."""
+    name = str(name if name is not None else path)
+    why = try_rtree(path, name)
+    if why is not None:
+        warnings.warn(f"{name}: written without a spatial index: {why}", stacklevel=2)
+
+
+def try_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) -> str | None:
+    """:func:`add_rtree` without the warning: None when ``path`` has its index, else why no
+    SQLite at hand could build it."""
     from ..errors import OutputError
 
     path = Path(path)
     name = str(name if name is not None else path)
     try:
         if has_rtree(path):
-            return
+            return None
         if _sqlite_has_rtree():
             _index_in_process(path)
-            return
+            return None
     except (sqlite3.Error, ValueError) as exc:
         raise OutputError(f"cannot add the GeoPackage spatial index ({exc})", path=name) from exc
     # This process's SQLite lacks the R-tree module: a helper interpreter without TensorFlow,
@@ -230,10 +263,71 @@ def add_rtree(path: str | os.PathLike, name: str | os.PathLike | None = None) ->
     # the index).
     code, why = _helper.index(path)
     if code == _NO_RTREE:  # no SQLite here can build it: a file without an index
-        warnings.warn(f"{name}: written without a spatial index: {why}", stacklevel=2)
-        return
+        return why
     if code != 0:
         raise OutputError(f"cannot add the GeoPackage spatial index ({why})", path=name)
+    return None
+
+
+def _xml_text(text: str) -> str:
+    """``text`` escaped as GDAL writes an element's text in its metadata XML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def fill_copy(template: str | os.PathLike, dest: str | os.PathLike, columns: Mapping[str, Sequence],
+              geometry: Sequence[bytes], boxes: Sequence[tuple], metadata: tuple[str, str] | None = None) -> None:
+    """Write ``dest``: a copy of the GeoPackage ``template`` (one empty feature table, as GDAL
+    made it, with its R-tree if it has one) with rows added, as GDAL would have added them.
+
+    ``columns`` holds the values of each of the table's columns but its fid and geometry (by
+    name); ``geometry`` the rows' GeoPackage geometry blobs, ``boxes`` their
+    (minx, maxx, miny, maxy). The R-tree is packed from the boxes
+    (:func:`_pack_rtree`) with its triggers set aside meanwhile (they call GDAL's SQL
+    functions), so Python's ``sqlite3`` does it all, with or without the R-tree module and
+    without GDAL's per-file set-up. The table's extent, change time, feature count and
+    metadata time are updated as GDAL updates them; ``metadata`` ``(marker, text)`` replaces
+    ``marker`` in the template's metadata XML by ``text``."""
+    import shutil
+
+    shutil.copyfile(template, dest)
+    con = sqlite3.connect(str(dest), isolation_level=None)
+    try:
+        # a new temporary file that is fsync'ed and renamed by the caller, removed on failure
+        con.execute("PRAGMA journal_mode = OFF")
+        con.execute("PRAGMA synchronous = OFF")
+        con.execute("BEGIN")
+        (table, geom), = con.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall()
+        rtree = f"rtree_{table}_{geom}"
+        indexed = con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone() is not None
+        triggers = [(n, sql) for n, sql in con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                                                       "AND tbl_name = ?", (table,)) if n.startswith(rtree + "_")]
+        for name, _ in triggers:
+            con.execute(f"DROP TRIGGER {_q(name)}")
+        fid = _fid_column(con, table)
+        cols = [r[1] for r in con.execute(f"PRAGMA table_info({_q(table)})") if r[1] != fid]
+        rows = list(zip(*(geometry if c == geom else columns[c] for c in cols)))
+        if rows:
+            con.executemany(f"INSERT INTO {_q(table)} ({', '.join(map(_q, cols))}) VALUES "
+                            f"({', '.join('?' * len(cols))})", rows)
+            if indexed:
+                ids = [i for (i,) in con.execute(f"SELECT {_q(fid)} FROM {_q(table)} ORDER BY {_q(fid)}")]
+                _pack_rtree(con, rtree, ids, boxes)
+            extent = (min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes),
+                      max(b[3] for b in boxes))
+            # GDAL writes the extent through SQLite's printf, which keeps 16 significant digits
+            con.execute("UPDATE gpkg_contents SET min_x = ?, max_x = ?, min_y = ?, max_y = ? WHERE table_name = ?",
+                        (*(float(f"{v:.16g}") for v in extent), table))
+        for _, sql in triggers:
+            con.execute(sql)
+        now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+        con.execute(f"UPDATE gpkg_contents SET last_change = {now} WHERE table_name = ?", (table,))
+        if metadata is not None:
+            con.execute("UPDATE gpkg_metadata SET metadata = replace(metadata, ?, ?)",
+                        (_xml_text(metadata[0]), _xml_text(metadata[1])))
+            con.execute(f"UPDATE gpkg_metadata_reference SET timestamp = {now} WHERE table_name = ?", (table,))
+        con.execute("COMMIT")
+    finally:
+        con.close()
 
 
 class _IndexHelper:

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import sqlite3
+import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -14,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from .files import _dumps, atomic_output
-from .geometry import _projjson, pyproj_crs, wkb_polygons
+from .geometry import _projjson, gpkg_polygons, pyproj_crs, wkb_polygons
 
 # --------------------------------------------------------------------------- tile table
 
@@ -300,23 +304,41 @@ class TileTable:
         ``scene``/``label`` columns, and the probabilities as one float column per class,
         ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
         stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.outputs.gpkg`), so
-        GDAL >= 2.2 (QGIS 3.x) reads it fully. Needs ``pyogrio`` (``pyogrio.write_arrow``, GDAL
-        >= 3.8); geopandas is not used.
+        GDAL >= 2.2 (QGIS 3.x) reads it fully.
+
+        GDAL (``pyogrio.write_arrow``, GDAL >= 3.8; geopandas is not used) writes the empty
+        layer once per process, CRS and columns (:func:`_gpkg_template`); each file is a copy
+        of it that Python's ``sqlite3`` fills with the rows as GDAL would
+        (:func:`tilescan.outputs.gpkg.fill_copy`): GDAL's set-up of a new GeoPackage costs
+        more than a small scene's rows.
         """
-        try:
-            import pyogrio
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
-                              path=str(path)) from exc
+        from . import gpkg
+
+        schema, batches, corners = self._gpkg_arrow(classes, scene)
+        pj = pyproj_crs(crs)
+        meta = _dumps(_tilescan_meta(classes, model_id, scene, len(corners), extra_metadata))
+        with atomic_output(path) as tmp:
+            template, srs_id, no_index = _gpkg_template(schema, layer, None if pj is None else pj.to_wkt())
+            columns: dict[str, list] = {name: [] for name in schema.names if name != "geometry"}
+            for b in batches:
+                for name in columns:
+                    columns[name] += b.column(name).to_pylist()
+            geometry, boxes = gpkg_polygons(corners, srs_id)
+            gpkg.fill_copy(template, tmp, columns, geometry, boxes.tolist(), metadata=(_META_MARK, meta))
+        if no_index is not None:
+            warnings.warn(f"{path}: written without a spatial index: {no_index}", stacklevel=2)
+        return Path(path)
+
+    def _gpkg_arrow(self, classes: Sequence[str], scene: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch], np.ndarray]:
+        """The GeoPackage layer's columns as Arrow record batches, the geometry as WKB (as
+        GDAL would be given them), and the footprints' corners."""
         classes, cols, codes, label_names = self._prepared(classes)
         k = len(classes)
         n = cols["corners"].shape[0]
-        prob_names = prob_column_names(classes)
-
         fields = [pa.field("scene", pa.string())]
         fields += [pa.field("label", pa.string()) if name == "label" else pa.field(name, _SCALARS[name][1])
                    for name in _ORDER_HEAD[1:]]
-        fields += [pa.field(p, pa.float32()) for p in prob_names]
+        fields += [pa.field(p, pa.float32()) for p in prob_column_names(classes)]
         fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
         fields.append(pa.field("geometry", pa.binary()))
         schema = pa.schema(fields)
@@ -338,18 +360,62 @@ class TileTable:
                 arrays.append(wkb_polygons(cols["corners"][lo:hi]))
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
+        return schema, batches(), cols["corners"]
+
+
+#: Stands for the ``tilescan`` metadata JSON in a GeoPackage template (:func:`_gpkg_template`).
+_META_MARK = "tilescan-metadata-0b9e7c41"
+
+_templates: dict[tuple, tuple[Path, int, str | None]] = {}
+_templates_lock = threading.Lock()
+_template_numbers = itertools.count()
+
+
+def _gpkg_template(schema: pa.Schema, layer: str, crs_wkt: str | None) -> tuple[Path, int, str | None]:
+    """An empty GeoPackage layer with these columns and CRS, written by GDAL once per process
+    (into a temporary folder removed at exit), with its R-tree index and :data:`_META_MARK`
+    as its ``tilescan`` metadata; the GeoPackage id of its CRS; and None, or why it has no
+    index (no SQLite at hand has the R-tree module)."""
+    key = (schema.to_string(show_schema_metadata=False), layer, crs_wkt)
+    with _templates_lock:
+        got = _templates.get(key)
+        if got is not None and got[0].exists():
+            return got
+        try:
+            import pyogrio
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed") from exc
         from . import gpkg
 
-        pj = pyproj_crs(crs)
-        meta = _dumps(_tilescan_meta(classes, model_id, scene, n, extra_metadata))
-        with atomic_output(path) as tmp:
-            reader = pa.RecordBatchReader.from_batches(schema, batches())
-            pyogrio.write_arrow(reader, str(tmp), layer=layer, driver="GPKG", geometry_name="geometry",
-                                geometry_type="Polygon", crs=None if pj is None else pj.to_wkt(),
-                                layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
-                                layer_options=gpkg.layer_options())
-            gpkg.add_rtree(tmp, name=path)
-        return Path(path)
+        folder = _template_folder()
+        path = folder / f"template-{next(_template_numbers)}.gpkg"
+        pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, iter([])), str(path), layer=layer, driver="GPKG",
+                            geometry_name="geometry", geometry_type="Polygon", crs=crs_wkt,
+                            layer_metadata={"tilescan": _META_MARK}, dataset_options=gpkg.DATASET_OPTIONS,
+                            layer_options={"SPATIAL_INDEX": "NO"})
+        no_index = gpkg.try_rtree(path)  # tilescan's index (GDAL's own can fail inside a run, see gpkg)
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (srs_id,), = con.execute("SELECT srs_id FROM gpkg_geometry_columns").fetchall()
+        finally:
+            con.close()
+        _templates[key] = (path, int(srs_id), no_index)
+        return _templates[key]
+
+
+_folder: list[Path] = []
+
+
+def _template_folder() -> Path:
+    """This process's folder for GeoPackage templates, made once and removed at exit."""
+    if not _folder or not _folder[0].is_dir():
+        import atexit
+        import shutil
+        import tempfile
+
+        _folder[:] = [Path(tempfile.mkdtemp(prefix="tilescan-gpkg-"))]
+        atexit.register(shutil.rmtree, _folder[0], True)
+    return _folder[0]
 
 
 def _tilescan_meta(classes: Sequence[str], model_id: str, scene: str, n: int,
