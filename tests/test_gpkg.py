@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilescan.outputs import gpkg
+from tilescan.outputs import table as table_mod
 from tilescan.outputs.table import TileTable
 
 CLASSES = ["a", "b", "c"]
@@ -206,12 +207,13 @@ def _gpkg_dump(path) -> dict:
 
 
 @pytest.mark.parametrize("sqlite_of", ["python", "tf"])
-@pytest.mark.parametrize("n", [0, 16, 700])
+@pytest.mark.parametrize("n", [0, 16, 700, table_mod.GPKG_FILL_ROWS + 1])
 def test_gpkg_filled_from_a_template_equals_gdal_writing_it(tmp_path, n, sqlite_of):
-    """write_gpkg copies an empty layer GDAL wrote and adds the rows with Python's sqlite3:
-    the same rows (geometry blobs byte for byte), metadata, extent, count, extensions and
-    schema as GDAL writing the whole table, and an R-tree SQLite accepts holding the same
-    boxes; also inside a process that loaded TensorFlow (whose SQLite has no R-tree module)."""
+    """write_gpkg copies an empty layer GDAL wrote and adds the rows with Python's sqlite3
+    (tables up to GPKG_FILL_ROWS rows; larger ones GDAL writes whole): the same rows (geometry
+    blobs byte for byte), metadata, extent, count, extensions and schema as GDAL writing the
+    whole table, and an R-tree SQLite accepts holding the same boxes; also inside a process
+    that loaded TensorFlow (whose SQLite has no R-tree module)."""
     if sqlite_of == "tf":
         pytest.importorskip("tensorflow")
     from conftest import REPO

@@ -306,19 +306,34 @@ class TileTable:
         stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.outputs.gpkg`), so
         GDAL >= 2.2 (QGIS 3.x) reads it fully.
 
-        GDAL (``pyogrio.write_arrow``, GDAL >= 3.8; geopandas is not used) writes the empty
-        layer once per process, CRS and columns (:func:`_gpkg_template`); each file is a copy
-        of it that Python's ``sqlite3`` fills with the rows as GDAL would
-        (:func:`tilescan.outputs.gpkg.fill_copy`): GDAL's set-up of a new GeoPackage costs
-        more than a small scene's rows.
+        GDAL writes it (``pyogrio.write_arrow``, GDAL >= 3.8; geopandas is not used). A table
+        of up to :data:`GPKG_FILL_ROWS` rows is written as a copy of an empty layer that GDAL
+        wrote once per process, CRS and columns (:func:`_gpkg_template`), filled by Python's
+        ``sqlite3`` as GDAL would fill it (:func:`tilescan.outputs.gpkg.fill_copy`): GDAL's
+        set-up of a new file costs more than a small scene's rows, and its bulk write less
+        than ``sqlite3`` for many rows.
         """
         from . import gpkg
 
         schema, batches, corners = self._gpkg_arrow(classes, scene)
         pj = pyproj_crs(crs)
+        wkt = None if pj is None else pj.to_wkt()
         meta = _dumps(_tilescan_meta(classes, model_id, scene, len(corners), extra_metadata))
+        if len(corners) > GPKG_FILL_ROWS:
+            try:
+                import pyogrio
+            except ImportError as exc:  # pragma: no cover - depends on the install
+                raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
+                                  path=str(path)) from exc
+            with atomic_output(path) as tmp:
+                pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches), str(tmp), layer=layer,
+                                    driver="GPKG", geometry_name="geometry", geometry_type="Polygon", crs=wkt,
+                                    layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
+                                    layer_options=gpkg.layer_options())
+                gpkg.add_rtree(tmp, name=path)
+            return Path(path)
         with atomic_output(path) as tmp:
-            template, srs_id, no_index = _gpkg_template(schema, layer, None if pj is None else pj.to_wkt())
+            template, srs_id, no_index = _gpkg_template(schema, layer, wkt)
             columns: dict[str, list] = {name: [] for name in schema.names if name != "geometry"}
             for b in batches:
                 for name in columns:
@@ -362,6 +377,10 @@ class TileTable:
 
         return schema, batches(), cols["corners"]
 
+
+#: Most rows of a GeoPackage filled from a template (:meth:`TileTable.write_gpkg`); about
+#: where the two ways take the same time.
+GPKG_FILL_ROWS = 2048
 
 #: Stands for the ``tilescan`` metadata JSON in a GeoPackage template (:func:`_gpkg_template`).
 _META_MARK = "tilescan-metadata-0b9e7c41"
