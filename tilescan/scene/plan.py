@@ -16,7 +16,7 @@ from ..config import TilingConfig
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
 from .info import SceneInfo, _check_file, _describe, _open_quiet, _scene_info, tiling_warning
-from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape
+from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape, _scan
 
 _DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
 
@@ -240,8 +240,8 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
             return [(0.0, float(np.iinfo(dtype).max))] * n
         return [(0.0, 1.0)] * n
     lo_q, hi_q = cfg.percentiles
-    out = []
-    for i in range(n):
+
+    def band(i: int) -> tuple[float, float]:
         vals = data[i][valid]
         if vals.size == 0:
             lo, hi = (0.0, float(np.iinfo(dtype).max)) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
@@ -249,8 +249,10 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
             lo, hi = (float(v) for v in _percentiles(vals, (lo_q, hi_q)))
         if not hi > lo:
             hi = lo + 1.0
-        out.append((lo, hi))
-    return out
+        return lo, hi
+
+    # a large sample's bands side by side (numpy counts and sorts without the GIL)
+    return _scan(band, range(n)) if valid.size >= 2**20 and n > 1 else [band(i) for i in range(n)]
 
 
 def _percentiles(vals: np.ndarray, q: Sequence[float]) -> np.ndarray:
