@@ -26,6 +26,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from tilescan.errors import OutputError
 from tilescan.outputs.cog import HEATMAP_NODATA, LABEL_NODATA, write_labels_cog
+from tilescan.outputs import heatmap as heatmap_mod
 from tilescan.outputs.heatmap import HeatmapWriter, _HeatGrid, read_heatmap_preview
 from tilescan.outputs.table import TileTable
 from tilescan.outputs.files import atomic_output, write_json
@@ -468,7 +469,8 @@ def test_heatmap_strips_equal_full_array_unaligned(tmp_path):
     assert hw.peak_buffer_rows <= bound < grid.out_h
 
 
-def test_heatmap_memory_bounded_on_tall_scene(tmp_path):
+def test_heatmap_memory_bounded_on_tall_scene(tmp_path, monkeypatch):
+    monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", 0)  # the scratch-file way, whatever the size
     W, H, tile, stride, scale = 256, 4096, 64, 32, 0.25
     rng = np.random.default_rng(2)
     hw = HeatmapWriter(tmp_path / "tall.tif", W, H, from_origin(0, H, 1, 1), None, scale, tile, stride)
@@ -547,6 +549,35 @@ def test_heatmap_preview_before_the_cog(tmp_path):
     np.testing.assert_array_equal(np.isnan(early), np.isnan(late))
     ok = np.isfinite(early)
     assert ok.mean() > 0.7 and np.abs(early[ok] - late[ok]).mean() < 0.05  # full-res vs overview average
+
+
+@pytest.mark.parametrize("W, H, tile, stride, scale", [(203, 457, 40, 25, 0.3), (512, 512, 128, 128, 0.25),
+                                                       (1500, 1100, 100, 100, 0.5)])
+def test_heatmap_held_in_memory_equals_the_scratch_file_way(tmp_path, monkeypatch, W, H, tile, stride, scale):
+    """A small heatmap is kept whole in memory instead of a scratch file: the same COG, byte
+    for byte, and the same quicklook previews, full size and decimated."""
+    got = {}
+    for way, limit in (("memory", heatmap_mod.HEAT_IN_MEMORY_PX), ("file", 0)):
+        monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", limit)
+        folder = tmp_path / way
+        folder.mkdir()
+        hw = HeatmapWriter(folder / "heat.tif", W, H, from_origin(0, H, 1, 1), "EPSG:32618", scale, tile, stride)
+        assert (hw._mem is not None) == (way == "memory")
+        rng = np.random.default_rng(4)
+        for r0 in range(0, H, stride):
+            for c0 in range(0, W, stride):
+                if (r0 // stride + c0 // stride) % 5:  # some tiles left out: nodata
+                    hw.add((c0, r0, tile, tile), rng.uniform(0, 1, (4, 4)).astype(np.float32), None)
+        hw.finish(tags={"MODEL_ID": "m1"})
+        previews = [hw.preview(n) for n in (1024, 64)]
+        hw.close()
+        assert leftovers(folder) == []
+        got[way] = ((folder / "heat.tif").read_bytes(), previews)
+    assert got["memory"][0] == got["file"][0]
+    for a, b in zip(got["memory"][1], got["file"][1]):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(got["memory"][1][0]).any()
+    assert np.isnan(got["memory"][1][0]).any() or stride < tile  # overlapping tiles may fill the gaps
 
 
 # --------------------------------------------------------------------------- quicklook

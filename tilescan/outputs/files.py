@@ -133,6 +133,19 @@ def folder_synced_once(folder: str | os.PathLike) -> Iterator[None]:
     _fsync_dir(Path(folder))
 
 
+def probe_folder(final: str | os.PathLike, tmp: Path | None = None) -> None:
+    """Reserve and release a temporary name beside ``final``, proving its folder exists and
+    is writable; else :class:`OutputError` naming ``final``. Fails fast, before any work."""
+    final = Path(final)
+    tmp = tmp if tmp is not None else _temp_name(final)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise OutputError(_describe(exc, final), path=str(final)) from exc
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.
@@ -150,13 +163,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
     final = Path(path)
     tmp = _temp_name(final)
     io_errors = _io_error_types()
-    try:
-        # Probe: reserve the name, proving the folder exists and is writable.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as exc:
-        raise OutputError(_describe(exc, final), path=str(final)) from exc
+    probe_folder(final, tmp)
     try:
         yield tmp
         if not tmp.exists():

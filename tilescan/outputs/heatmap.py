@@ -20,10 +20,14 @@ from rasterio.windows import Window
 
 from ..errors import OutputError
 from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level
-from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output
+from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output, probe_folder
 from .geometry import _rasterio_crs
 
 # --------------------------------------------------------------------------- heatmap
+
+#: Largest heatmap (in heat pixels, 4 bytes each) held whole in memory instead of a scratch
+#: file: that of a 4,096 px scene at heatmap scale 0.25.
+HEAT_IN_MEMORY_PX = 1 << 20
 
 
 def _pixel_starts(n_scene: int, n_heat: int) -> np.ndarray:
@@ -245,9 +249,11 @@ class HeatmapWriter:
     Adding a tile at ``row_off = r`` implies that rows above ``r`` are final (as does an
     explicit :meth:`finish_rows`): finished heat rows go to a temporary tiled float32
     GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
-    pixels, not the scene. :meth:`close` turns the temporary file into a COG at ``path``
-    (average overviews) atomically; :meth:`abort` removes the temporary files. As a context
-    manager it closes on success and aborts on error.
+    pixels, not the scene. A heatmap of at most :data:`HEAT_IN_MEMORY_PX` pixels (a small
+    scene's) is kept whole in memory instead: no temporary file to make, fill and read back.
+    :meth:`close` turns the temporary file (or array) into a COG at ``path`` (average
+    overviews) atomically; :meth:`abort` removes the temporary files. As a context manager it
+    closes on success and aborts on error.
     """
 
     def __init__(self, path: str | os.PathLike, scene_width: int, scene_height: int,
@@ -275,12 +281,20 @@ class HeatmapWriter:
         self.peak_buffer_rows = 0
         self._closed = False
         self._scratch_gone = False  # close() or abort() removed the scratch file
+        self._finished = False  # finish(): no more rows; the tags taken
         self._strips = _temp_name(self.path, "strips")
         self._dst = None
+        self._profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
+                             crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
+                             tiled=True, blockxsize=256, blockysize=256)
+        self._tags: dict[str, str] = {}
+        self._mem = None  # the whole heat, when it is small enough to hold (no scratch file)
+        if g.out_w * g.out_h <= HEAT_IN_MEMORY_PX:
+            probe_folder(self.path)  # an unwritable destination fails now, as the scratch file would
+            self._mem = np.full((g.out_h, g.out_w), HEATMAP_NODATA, np.float32)
+            return
         try:
-            profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
-                           crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
-                           tiled=True, blockxsize=256, blockysize=256, bigtiff="IF_SAFER", sparse_ok=True)
+            profile = dict(self._profile, bigtiff="IF_SAFER", sparse_ok=True)
             # The strips file is a scratch copy read once by close(): left uncompressed, so
             # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
             # rows no tile touched are never written, and read back as nodata.
@@ -490,6 +504,9 @@ class HeatmapWriter:
         self._write_raw(row, heat.astype(np.float32))
 
     def _write_raw(self, row: int, heat: np.ndarray) -> None:
+        if self._mem is not None:
+            self._mem[row:row + heat.shape[0], :heat.shape[1]] = heat
+            return
         with self._aborting():
             self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
 
@@ -511,22 +528,43 @@ class HeatmapWriter:
     def finish(self, tags: Mapping[str, Any] | None = None) -> None:
         """Write the remaining rows and tags to the scratch file; no tile can be added after.
         :meth:`close` does this itself; call it first to take a :meth:`preview` before."""
-        if self._closed or self._dst.closed:
+        if self._closed or self._finished:
             return
         with self._aborting():  # e.g. the strips file could not be flushed: disk full
             self.finish_rows(self.grid.height)
-            self._dst.set_band_description(1, "heat")
             meta = {"HEATMAP_SCALE": repr(self.scale), "TILE_PX": str(self.tile_px),
                     "STRIDE_PX": str(self.stride_px), "HEATMAP_NODATA": repr(HEATMAP_NODATA)}
             meta.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
-            self._dst.update_tags(**meta)
-            self._dst.close()
+            self._tags = meta
+            self._finished = True
+            if self._dst is not None:
+                self._dst.set_band_description(1, "heat")
+                self._dst.update_tags(**meta)
+                self._dst.close()
+
+    @contextlib.contextmanager
+    def _mem_dataset(self) -> Iterator[Any]:
+        """The in-memory heat as an open GeoTIFF in GDAL's memory file system, as the
+        scratch file would be (tags, band description, nodata)."""
+        from rasterio.io import MemoryFile
+
+        with MemoryFile() as mf, mf.open(**self._profile) as ds:
+            ds.write(self._mem, 1)
+            ds.set_band_description(1, "heat")
+            ds.update_tags(**self._tags)
+            yield ds
 
     def preview(self, max_size: int = 1024) -> np.ndarray:
         """:func:`read_heatmap_preview` of the finished heat (after :meth:`finish`), read
-        from the scratch file, so a quicklook can be drawn while :meth:`close` writes the COG."""
-        if self._scratch_gone or not self._dst.closed:
+        from the scratch file (or array), so a quicklook can be drawn while :meth:`close`
+        writes the COG."""
+        if self._scratch_gone or not self._finished:
             raise RuntimeError("HeatmapWriter.preview needs finish() first, and the scratch file (close() removes it)")
+        if self._mem is not None:
+            if max(self.width, self.height) <= max_size:  # what GDAL's masked read at full size gives
+                return np.where(self._mem == HEATMAP_NODATA, np.float32(np.nan), self._mem)
+            with self._mem_dataset() as ds:
+                return _preview_of(ds, max_size)
         with self._aborting():  # the scratch file came out short: a full disk
             return read_heatmap_preview(self._strips, max_size)
 
@@ -538,13 +576,16 @@ class HeatmapWriter:
         if self._closed:
             return self.path
         self.finish(tags)
+        size = (self.grid.out_w, self.grid.out_h)
         try:
             with self._aborting():
                 self._closed = True
                 with atomic_output(self.path) as tmp:
-                    _cog_copy(self._strips, tmp, self.compress, "average",
-                              _overview_level(self.grid.out_w, self.grid.out_h),
-                              (self.grid.out_w, self.grid.out_h))
+                    if self._mem is not None:
+                        with self._mem_dataset() as src:  # copied while open, as the label COG is
+                            _cog_copy(src, tmp, self.compress, "average", _overview_level(*size), size)
+                    else:
+                        _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
         finally:
             if keep_scratch is not None:
                 keep_scratch.wait()
@@ -566,10 +607,14 @@ def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.nd
     """Read a heatmap COG decimated so its longer side is at most ``max_size`` (GDAL reads
     from the overviews); nodata becomes NaN. Returns float32 ``(h, w)``."""
     with rasterio.open(path) as src:
-        f = max(src.width, src.height) / float(max_size)
-        if f <= 1:
-            shape = (src.height, src.width)
-        else:
-            shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
-        data = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average)
+        return _preview_of(src, max_size)
+
+
+def _preview_of(src: Any, max_size: int) -> np.ndarray:
+    f = max(src.width, src.height) / float(max_size)
+    if f <= 1:
+        shape = (src.height, src.width)
+    else:
+        shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+    data = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average)
     return np.ma.filled(data.astype(np.float32), np.nan)
