@@ -920,6 +920,28 @@ def test_gpkg_without_any_rtree_capable_sqlite(tmp_path, tiny_model, scenes_dir)
     assert leftovers(out) == []
 
 
+def test_gpkg_of_a_run_is_indexed_without_gdal_errors(tmp_path, tiny_model, scenes_dir):
+    """The usual case beside row 39: in a real run (TensorFlow loaded) each tiles.gpkg is a
+    filled copy of an indexed empty layer. Every file has its R-tree, SQLite's rtreecheck
+    accepts it, and GDAL printed no error on the way (its own index step would, there)."""
+    from tilescan.outputs.gpkg import has_rtree
+
+    srcs = [scene(RGB_BYTE), scene("rasterio/cogeo.tif")]
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "tilescan", "run", *map(str, srcs), "-o", str(out), "--model",
+                          str(tiny_model), "--tile-size", str(TILE), "--no-progress"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not [line for line in res.stderr.splitlines() if line.startswith("ERROR")], res.stderr
+    for src in srcs:
+        gpkg_path = out / src.stem / "tiles.gpkg"
+        assert has_rtree(gpkg_path)
+        check = subprocess.run([sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
+                                "\"SELECT rtreecheck('rtree_tiles_geom')\").fetchone()[0])", str(gpkg_path)],
+                               capture_output=True, text=True)
+        assert check.stdout.strip() == "ok", check.stderr
+        assert len(gpd.read_file(gpkg_path, layer="tiles")) == len(gpd.read_parquet(out / src.stem / "tiles.parquet"))
+
+
 def test_collect_project_when_a_scene_file_is_gone(tmp_path, tiny_model, scenes_dir):
     """Row 40: a scene file moved away after its run. ``collect`` still joins the tables and
     writes the project; the project simply has no layer for that scene's imagery."""
