@@ -326,10 +326,12 @@ class TileTable:
                 raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
                                   path=str(path)) from exc
             with atomic_output(path) as tmp:
+                # tilescan's index, not GDAL's: whether GDAL's SQLite has the R-tree module inside
+                # a run depends on what loaded SQLite first (see gpkg), and its failure prints an error
                 pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches), str(tmp), layer=layer,
                                     driver="GPKG", geometry_name="geometry", geometry_type="Polygon", crs=wkt,
                                     layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
-                                    layer_options=gpkg.layer_options())
+                                    layer_options={"SPATIAL_INDEX": "NO"})
                 gpkg.add_rtree(tmp, name=path)
             return Path(path)
         with atomic_output(path) as tmp:
@@ -412,7 +414,7 @@ def _gpkg_template(schema: pa.Schema, layer: str, crs_wkt: str | None) -> tuple[
                             geometry_name="geometry", geometry_type="Polygon", crs=crs_wkt,
                             layer_metadata={"tilescan": _META_MARK}, dataset_options=gpkg.DATASET_OPTIONS,
                             layer_options={"SPATIAL_INDEX": "NO"})
-        no_index = gpkg.try_rtree(path)  # tilescan's index (GDAL's own can fail inside a run, see gpkg)
+        no_index = gpkg.try_rtree(path)  # tilescan's index, as for large tables below
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             (srs_id,), = con.execute("SELECT srs_id FROM gpkg_geometry_columns").fetchall()
