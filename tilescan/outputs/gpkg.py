@@ -6,12 +6,14 @@ creation option, :data:`DATASET_OPTIONS`) is read by every GDAL since 2.2.
 
 The spatial index is added here instead of by GDAL: inside ``tilescan run`` TensorFlow is
 loaded with global symbols, and its SQLite build (without the R-tree module) then serves
-every SQLite user in the process, GDAL's too, so GDAL's own index step fails with "no such
-module: rtree" and leaves the file without an index. There, :func:`layer_options` turns
-GDAL's index off and :func:`add_rtree` builds the index the GeoPackage spec describes (the
-``gpkg_rtree_index`` extension with the 1.2 triggers, as GDAL writes them for
+SQLite users in the process that bind to it later, GDAL's too, so GDAL's own index step
+fails with "no such module: rtree" (printed) and leaves the file without an index. The
+tile tables turn GDAL's index off and :func:`add_rtree` builds the index the GeoPackage spec
+describes (the ``gpkg_rtree_index`` extension with the 1.2 triggers, as GDAL writes them for
 ``VERSION=1.2``) with Python's ``sqlite3``: in this process when its SQLite has the R-tree
-module, else in a short child process that has not loaded TensorFlow.
+module (Python's ``sqlite3`` loaded before TensorFlow keeps its own), else in a short child
+process that has not loaded TensorFlow. :func:`layer_options` lets GDAL index where no
+TensorFlow is loaded (``tilescan collect``).
 
 Each file of a run is then a copy of an empty layer so written (once per process, CRS and
 columns), filled by :func:`fill_copy` with Python's ``sqlite3`` as GDAL would fill it: no
