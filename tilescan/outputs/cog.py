@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
+from . import oneblock
 from .files import _dumps, atomic_output
 from .geometry import _rasterio_crs
 from .palette import class_colors
@@ -76,6 +77,21 @@ def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, 
     else:
         opts["OVERVIEWS"] = "NONE"
     rasterio.shutil.copy(src if hasattr(src, "read") else str(src), str(dst), driver="COG", **opts)
+
+
+def write_cog(tmp: str | os.PathLike, data: np.ndarray, gdal_write: Callable[[], None], *, transform: Affine,
+              crs: Any, nodata: float, tags: Mapping[str, str], description: str, compress: str,
+              colormap: tuple = ()) -> None:
+    """Write the COG of the 2-D ``data`` at ``tmp``: ``gdal_write()`` writes it with GDAL; a
+    raster that fits one block (no overviews) is put together by :mod:`.oneblock` once GDAL
+    has written one of its kind (``crs`` a rasterio CRS or None)."""
+    h, w = data.shape
+    if max(w, h) > COG_BLOCK:
+        gdal_write()
+        return
+    oneblock.write(tmp, data, transform=transform, crs_key=crs.to_wkt() if crs is not None else "", nodata=nodata,
+                   tags=tags, description=description, colormap=colormap, compress=_compression(compress),
+                   block=_cog_block(w, h), gdal_write=gdal_write)
 
 
 def _overview_level(width: int, height: int, block: int = 512) -> int:
@@ -145,20 +161,25 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
     all_tags.update({f"CLASS_{i}": c for i, c in enumerate(classes)})
     all_tags.update({str(k): v if isinstance(v, str) else _dumps(v) for k, v in (tags or {}).items()})
 
+    rio_crs = _rasterio_crs(crs)
     profile = dict(driver="GTiff", dtype="uint8", count=1, height=data.shape[0], width=data.shape[1],
-                   crs=_rasterio_crs(crs), transform=grid_transform, nodata=LABEL_NODATA)
+                   crs=rio_crs, transform=grid_transform, nodata=LABEL_NODATA)
     aux_path = Path(str(path) + ".aux.xml")
+    size = (data.shape[1], data.shape[0])
     with atomic_output(path) as tmp:
-        with MemoryFile() as mem:
-            with mem.open(**profile) as dst:
-                dst.write(data, 1)
-                dst.write_colormap(1, cmap)
-                dst.set_band_description(1, "class")
-                dst.update_tags(**all_tags)
-                # copied while open: GDAL's COG driver takes colour table, tags and description
-                # along, and the CRS as it was set (reopening would parse it from GeoKeys again)
-                _cog_copy(dst, tmp, compress, "nearest", _overview_level(data.shape[1], data.shape[0]),
-                          (data.shape[1], data.shape[0]))
+        def gdal_write() -> None:
+            with MemoryFile() as mem:
+                with mem.open(**profile) as dst:
+                    dst.write(data, 1)
+                    dst.write_colormap(1, cmap)
+                    dst.set_band_description(1, "class")
+                    dst.update_tags(**all_tags)
+                    # copied while open: GDAL's COG driver takes colour table, tags and description
+                    # along, and the CRS as it was set (reopening would parse it from GeoKeys again)
+                    _cog_copy(dst, tmp, compress, "nearest", _overview_level(*size), size)
+
+        write_cog(tmp, data, gdal_write, transform=grid_transform, crs=rio_crs, nodata=LABEL_NODATA, tags=all_tags,
+                  description="class", colormap=tuple(sorted(cmap.items())), compress=compress)
         with atomic_output(aux_path) as tmp_aux:
             tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
     return Path(path)
