@@ -25,11 +25,21 @@ def _deflater():
     return isal_zlib.compressobj(1)
 
 
+def _crc32():
+    """A CRC-32 function (zlib's signature): ISA-L's, about 10x faster, when there is one."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.crc32
+    return isal_zlib.crc32
+
+
 def _png_chunk(kind: bytes, *pieces: bytes) -> list[bytes]:
     """One PNG chunk as pieces to write in turn: length, type, data, CRC of type + data."""
-    crc = zlib.crc32(kind)
+    crc32 = _crc32()
+    crc = crc32(kind)
     for p in pieces:
-        crc = zlib.crc32(p, crc)
+        crc = crc32(p, crc)
     return [struct.pack(">I", sum(map(len, pieces))) + kind, *pieces, struct.pack(">I", crc)]
 
 
