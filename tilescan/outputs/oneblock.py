@@ -70,9 +70,11 @@ def write(path: str | os.PathLike, data: np.ndarray, *, transform: Any, crs_key:
 
 def _fits(data: np.ndarray, transform: Any, tags: Mapping[str, str], description: str, compress: str,
           nodata: float) -> bool:
-    """Whether a file can be put together here: deflate, north-up, plain ASCII metadata,
+    """Whether a file can be put together here: deflate, north-up (x east, y south), ASCII metadata,
     and a block that holds data (GDAL leaves a block all at nodata out of the file)."""
-    if compress != "deflate" or data.dtype not in (np.uint8, np.float32) or transform.b or transform.d:
+    if compress != "deflate" or data.dtype not in (np.uint8, np.float32):
+        return False
+    if transform.b or transform.d or not (transform.a > 0 > transform.e):  # GDAL stores others another way
         return False
     for text in (*tags.values(), description):
         if not (text.isascii() and text.isprintable() and text == text.strip()):
@@ -185,6 +187,8 @@ def _learn(written: bytes, data: np.ndarray, transform: Any, tags: Mapping[str, 
         tags_of = {t: v for t, _, _, v in entries}
         if struct.unpack_from("<I", written, off + 2 + 12 * n)[0] != 0 or 330 in tags_of:
             return None  # overviews or sub-images: not one block
+        if _SCALE not in tags_of or _TIEPOINT not in tags_of:
+            return None  # georeferenced another way (or not at all)
         (data_at,), (count,) = struct.unpack("<I", tags_of[_OFFSETS]), struct.unpack("<I", tags_of[_COUNTS])
         block = (struct.unpack("<H", tags_of[323])[0], struct.unpack("<H", tags_of[322])[0])
         predictor = struct.unpack("<H", tags_of.get(317, b"\1\0"))[0]
