@@ -125,7 +125,8 @@ def test_what_the_rebuild_cannot_match_stays_with_gdal(tmp_path, monkeypatch, as
     # values GDAL writes its own way (leading space, non-ASCII), a rotated or south-up grid, a block all
     # at nodata (GDAL leaves it out): written by GDAL, readable as before
     for i, (lab, tags, t) in enumerate([(labels, {"NOTE": " padded"}, tf), (labels, {"NOTE": "café"}, tf),
-                                        (labels, {}, Affine(1, 0.5, 0, 0.5, -1, 0)), (labels, {}, Affine(5, 0, 0, 0, 5, 0)),
+                                        (labels, {}, Affine(1, 0.5, 0, 0.5, -1, 0)),
+                                        (labels, {}, Affine(5, 0, 0, 0, 5, 0)),
                                         (np.full((2, 2), -1), {}, tf)]):
         for k in range(2):  # the second of its kind would be put together, if it fitted
             p = tmp_path / f"f{i}-{k}.tif"
