@@ -157,3 +157,11 @@ def test_many_small_scenes_get_gdal_identical_cogs(tmp_path, assembled):
         oneblock._known.update(known or oneblock._known)
         _same(tmp_path / f"{k}.tif", tmp_path / f"{k}-gdal.tif")
     assert assembled.count(None) == 3  # all but the first
+
+
+def test_kinds_remembered_are_bounded(tmp_path):
+    """Scenes of ever new sizes do not grow the remembered layouts without end."""
+    for k in range(oneblock._KINDS + 6):
+        write_labels_cog(tmp_path / "l.tif", np.zeros((1, k + 1)), Affine(10, 0, 100, 0, -10, 200), "EPSG:4326", CLASSES)
+    assert len(oneblock._known) == oneblock._KINDS
+    assert all(v is not None for v in oneblock._known.values())

@@ -42,6 +42,7 @@ class _Layout:
 
 _known: dict[tuple, _Layout | None] = {}  # kind -> its layout, or None: GDAL writes that kind
 _lock = threading.Lock()
+_KINDS = 64  # kinds remembered (a few kB each); scenes of ever new sizes evict the oldest
 
 
 def write(path: str | os.PathLike, data: np.ndarray, *, transform: Any, crs_key: str, nodata: float,
@@ -64,6 +65,8 @@ def write(path: str | os.PathLike, data: np.ndarray, *, transform: Any, crs_key:
             written = f.read()
         learned = _learn(written, data, transform, tags, description)
         with _lock:
+            while len(_known) >= _KINDS:
+                _known.pop(next(iter(_known)))
             _known.setdefault(kind, learned)
     return False
 
@@ -123,8 +126,7 @@ def _deflate(raw: bytes) -> bytes:
     return isal_zlib.compress(raw, 1)
 
 
-def _values(layout: _Layout, data: np.ndarray, transform: Any, tags: Mapping[str, str],
-            description: str) -> dict[int, bytes]:
+def _values(transform: Any, tags: Mapping[str, str], description: str) -> dict[int, bytes]:
     """This file's own tag values (all but the block's offset and size)."""
     return {_SCALE: struct.pack("<3d", transform.a, -transform.e, 0.0),
             _TIEPOINT: struct.pack("<6d", 0.0, 0.0, 0.0, transform.c, transform.f, 0.0),
@@ -135,7 +137,7 @@ def _assemble(layout: _Layout, data: np.ndarray, transform: Any, tags: Mapping[s
               description: str, stored: bytes | None = None) -> bytes:
     """The whole file: ``layout`` with this file's values and block (``stored``: the
     deflated block to use, else deflated here)."""
-    own = _values(layout, data, transform, tags, description)
+    own = _values(transform, tags, description)
     if stored is None:
         stored = _deflate(_block(data, layout.block, layout.predictor))
     entries = [(t, ty, n, own.get(t, v)) for t, ty, n, v in layout.entries]
