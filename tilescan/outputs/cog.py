@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -103,7 +104,8 @@ def _overview_level(width: int, height: int, block: int = 512) -> int:
     return level
 
 
-def _aux_xml(classes: Sequence[str], colors: Sequence[tuple[int, int, int]]) -> str:
+@functools.lru_cache(maxsize=16)
+def _aux_xml(classes: tuple[str, ...], colors: tuple[tuple[int, int, int], ...]) -> str:
     """GDAL PAM sidecar: category names and a thematic raster attribute table for band 1."""
     from xml.sax.saxutils import escape
 
@@ -181,5 +183,5 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
         write_cog(tmp, data, gdal_write, transform=grid_transform, crs=rio_crs, nodata=LABEL_NODATA, tags=all_tags,
                   description="class", colormap=tuple(sorted(cmap.items())), compress=compress)
         with atomic_output(aux_path) as tmp_aux:
-            tmp_aux.write_text(_aux_xml(classes, colors), encoding="utf-8")
+            tmp_aux.write_text(_aux_xml(tuple(classes), tuple(map(tuple, colors))), encoding="utf-8")  # one per legend
     return Path(path)

@@ -99,7 +99,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     scenes, missing = sources.find_inputs(inputs, stac, assets)
     _check_output_dir(out)
     _bound_gdal_cache()
-    configure_gdal()
+    configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)

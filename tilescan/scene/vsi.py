@@ -315,12 +315,16 @@ def take_transfer_failure(url: str) -> str | None:
     return _curl_last.pop(url, None)
 
 
-def configure_gdal() -> None:
+def configure_gdal(watch: bool = True) -> None:
     """Apply :data:`REMOTE_GDAL_OPTIONS` to GDAL's network file systems only (path-specific
     options, GDAL >= 3.6; local files keep GDAL's defaults). A key set in the environment
-    wins (path-specific options would otherwise hide it). Cheap: called per run and open."""
+    wins (path-specific options would otherwise hide it). Cheap: called per run and open.
+    ``watch``: also note transfer failures (:func:`_watch_transfers`); every remote scene
+    turns it on when it is listed, identified or opened. Off, rasterio's debug messages are
+    not made at all (a local scene's outputs open GDAL a few times each)."""
     lib = _gdal()
-    _watch_transfers()
+    if watch:
+        _watch_transfers()
     if lib is None or not hasattr(lib, "VSISetPathSpecificOption"):
         return
     for key, default in REMOTE_GDAL_OPTIONS.items():
