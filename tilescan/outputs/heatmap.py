@@ -17,7 +17,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from ..errors import OutputError
-from .cog import COG_BLOCK, HEATMAP_NODATA, _cog_copy, _compression, _overview_level, write_cog
+from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level, write_cog
 from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output, probe_folder
 from .geometry import _rasterio_crs
 from .heatgrid import _HeatGrid, _axis_interp, _stretch_counts  # noqa: F401 - re-exported
@@ -377,19 +377,15 @@ class HeatmapWriter:
             with self._aborting():
                 self._closed = True
                 with atomic_output(self.path) as tmp:
-                    def gdal_write() -> None:
-                        if self._mem is None:
-                            _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
-                            return
-                        with self._mem_dataset() as src:  # copied while open, as the label COG is
-                            _cog_copy(src, tmp, self.compress, "average", _overview_level(*size), size)
+                    if self._mem is not None:
+                        def gdal_write() -> None:
+                            with self._mem_dataset() as src:  # copied while open, as the label COG is
+                                _cog_copy(src, tmp, self.compress, "average", _overview_level(*size), size)
 
-                    if self._mem is None and max(size) > COG_BLOCK:
-                        gdal_write()
-                    else:  # one block: the same file from memory or from a (small) scratch file
-                        heat = self._mem if self._mem is not None else _read_band(self._strips)
-                        write_cog(tmp, heat, gdal_write, transform=self.transform, crs=self.crs,
+                        write_cog(tmp, self._mem, gdal_write, transform=self.transform, crs=self.crs,
                                   nodata=HEATMAP_NODATA, tags=self._tags, description="heat", compress=self.compress)
+                    else:
+                        _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
         finally:
             if keep_scratch is not None:
                 keep_scratch.wait()
@@ -405,11 +401,6 @@ class HeatmapWriter:
             with contextlib.suppress(Exception):
                 self._dst.close()
         _remove_quietly(self._strips)
-
-
-def _read_band(path: str | os.PathLike) -> np.ndarray:
-    with rasterio.open(path) as src:
-        return src.read(1)
 
 
 def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .png import _deflater
+
 # TIFF field types and their sizes in bytes
 _SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8}
 _OFFSETS, _COUNTS, _SCALE, _TIEPOINT, _METADATA = 324, 325, 33550, 33922, 42112
@@ -119,11 +121,8 @@ def _block(data: np.ndarray, block: tuple[int, int], predictor: int) -> bytes:
 
 
 def _deflate(raw: bytes) -> bytes:
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return zlib.compress(raw, 1)
-    return isal_zlib.compress(raw, 1)
+    z = _deflater()  # the quicklook's: ISA-L at level 1, else zlib
+    return z.compress(raw) + z.flush()
 
 
 def _values(transform: Any, tags: Mapping[str, str], description: str) -> dict[int, bytes]:
@@ -140,8 +139,8 @@ def _assemble(layout: _Layout, data: np.ndarray, transform: Any, tags: Mapping[s
     own = _values(transform, tags, description)
     if stored is None:
         stored = _deflate(_block(data, layout.block, layout.predictor))
-    entries = [(t, ty, n, own.get(t, v)) for t, ty, n, v in layout.entries]
-    entries = [(t, ty, len(v) // _SIZES[ty], v) if t in own else (t, ty, n, v) for t, ty, n, v in entries]
+    entries = [(t, ty, len(own[t]) // _SIZES[ty], own[t]) if t in own else (t, ty, n, v)
+               for t, ty, n, v in layout.entries]
     at = len(layout.head) + 2 + 12 * len(entries) + 4
     where, tail = {}, []
     values = {t: v for t, _, _, v in entries}
