@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -29,8 +30,16 @@ def pyproj_crs(crs: Any):
             wkt = crs.to_wkt()
         if not wkt:
             return None
-        return pyproj.CRS.from_user_input(wkt)
-    return pyproj.CRS.from_user_input(crs)
+        return _pyproj_of(wkt)
+    return _pyproj_of(crs) if isinstance(crs, str) else pyproj.CRS.from_user_input(crs)
+
+
+@functools.lru_cache(maxsize=64)
+def _pyproj_of(text: str):
+    """Read once per text: a run's scenes share a few CRSs (pyproj's CRS is safe across threads)."""
+    import pyproj
+
+    return pyproj.CRS.from_user_input(text)
 
 
 def _rasterio_crs(crs: Any):

@@ -240,9 +240,10 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
             return [(0.0, float(np.iinfo(dtype).max))] * n
         return [(0.0, 1.0)] * n
     lo_q, hi_q = cfg.percentiles
+    every = bool(valid.all())  # then no masked copy of each band
 
     def band(i: int) -> tuple[float, float]:
-        vals = data[i][valid]
+        vals = data[i] if every else data[i][valid]
         if vals.size == 0:
             lo, hi = (0.0, float(np.iinfo(dtype).max)) if np.issubdtype(dtype, np.integer) else (0.0, 1.0)
         else:

@@ -196,15 +196,10 @@ class SceneReader:
                   use_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)
         (``use_mask=False``: without the internal mask, from the pixel values alone)."""
-        whole = self._decimated
         if self._closed:
             raise ValueError("SceneReader is closed")
-        if (window is not None and out_shape is None and use_mask and whole is not None
-                and whole[0] == (self.info.height, self.info.width)):
-            # a small scene's statistics read holds it whole, at full resolution: no second decode
-            r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
-            if r0 >= 0 and c0 >= 0 and r0 + h <= whole[0][0] and c0 + w <= whole[0][1]:
-                return whole[1][:, r0:r0 + h, c0:c0 + w], whole[2][r0:r0 + h, c0:c0 + w]
+        if out_shape is None and use_mask and (held := self._held(window)) is not None:
+            return held
         ds = self._ds()
         kw = {}
         if window is not None:
@@ -232,6 +227,17 @@ class SceneReader:
         if self._float:
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
+
+    def _held(self, window: Window | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """``window`` of a small scene that its statistics read holds whole, at full
+        resolution (no second decode); None when not held."""
+        whole = self._decimated
+        if window is None or whole is None or whole[0] != (self.info.height, self.info.width):
+            return None
+        r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+        if r0 >= 0 and c0 >= 0 and r0 + h <= whole[0][0] and c0 + w <= whole[0][1]:
+            return whole[1][:, r0:r0 + h, c0:c0 + w], whole[2][r0:r0 + h, c0:c0 + w]
+        return None
 
     def _plain_layout(self, ds) -> bool:
         """No overviews and a codec without implicit ones: a decimated read decodes every block."""
@@ -399,8 +405,9 @@ class SceneReader:
         (h, w, C)), pixels where ``valid`` (...) is False set to 0."""
         if self._lut is not None and data.dtype == self._dtype and len(self._lut) == len(data):
             index = data.view(self._lut_index)  # every value indexes the table: no bounds to check
+            # take, then one strided copy: faster than fancy indexing or np.take into the strided band
             for i in range(len(data)):
-                out[..., i] = self._lut[i][index[i]]  # faster than np.take into the strided band
+                out[..., i] = self._lut[i].take(index[i])
         else:
             with np.errstate(invalid="ignore", over="ignore"):
                 np.copyto(out, np.moveaxis(data, 0, -1), casting="unsafe")
@@ -425,10 +432,10 @@ class SceneReader:
             ds.close()
         return None
 
-    def _to_unit_split(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
+    def _to_unit_split(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray, split: bool = True) -> None:
         """``_to_unit`` in ``decode_threads`` bands of rows at once (numpy's take and
-        arithmetic release the GIL)."""
-        n = min(self.decode_threads, len(out))
+        arithmetic release the GIL); in one piece unless ``split``."""
+        n = min(self.decode_threads, len(out)) if split else 1
         if n <= 1:
             self._to_unit(data, valid, out)
             return
@@ -484,6 +491,9 @@ class SceneReader:
         h = int(tiles.clipped_height[0])
         widths = tiles.clipped_width
         window = Window(c0, r0, int(tiles.col_off[-1] + widths[-1]) - c0, h)
+        # a held scene's read is small and comes from memory, and while many small scenes
+        # run, finishers hold the other cores: handing half to a helper thread costs more
+        split = self._held(window) is None
         try:
             data, v = self._read_raw(window)
         except ValueError:
@@ -498,11 +508,11 @@ class SceneReader:
         t, s, n = self.tile_px, self.input_size, len(tiles)
         if t == s and h == t and window.width == n * t:  # whole tiles side by side: scaled
             # straight into x, seen as (row, tile, column, band), without a strip copy
-            self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3))
+            self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3), split)
             valid[:] = v.reshape(t, n, t).transpose(1, 0, 2)
             return
         unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
-        self._to_unit_split(data, v, unit)
+        self._to_unit_split(data, v, unit, split)
         for k in range(n):
             a = int(tiles.col_off[k]) - c0
             w = int(widths[k])
@@ -536,7 +546,7 @@ class SceneReader:
             index = data.view(self._lut_index)
             rgb = np.empty((*shape, 3), dtype=np.uint8)
             for i, b in enumerate(pick):
-                rgb[..., i] = lut8[i][index[b]]
+                rgb[..., i] = lut8[i].take(index[b])
             if not valid.all():
                 rgb[~valid] = 0
             return rgb, valid
