@@ -158,12 +158,15 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
 
     Write failures -- :class:`OSError` (ENOSPC, EFBIG, EACCES, ENOTDIR...) and GDAL/pyogrio
     file errors -- become :class:`OutputError` naming ``path``. The folder is probed before
-    the body runs, so an unwritable destination fails fast, before any work is done.
+    the body runs, so an unwritable destination fails fast, before any work is done (not a
+    folder within :func:`folder_synced_once`: a staging folder the run has just made).
     """
     final = Path(path)
     tmp = _temp_name(final)
     io_errors = _io_error_types()
-    probe_folder(final, tmp)
+    staged = os.path.abspath(final.parent) in _one_sync  # a staging folder, made by this run
+    if not staged:
+        probe_folder(final, tmp)
     try:
         yield tmp
         if not tmp.exists():
@@ -171,7 +174,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, final)
-        if fsync and os.path.abspath(final.parent) not in _one_sync:
+        if fsync and not staged:
             _fsync_dir(final.parent)
     except OutputError:
         _remove_quietly(tmp)
