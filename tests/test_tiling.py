@@ -385,6 +385,21 @@ def test_parallel_batch_reads_equal_tile_by_tile(scene_path, rel, bands):
         par.read_batch(tiles[:2])
 
 
+def test_released_handles_are_closed_and_reads_go_on(scene_path):
+    """Once a scene's tiles are read its GDAL handles are closed (their cached blocks freed);
+    a later read opens a fresh one and gives the same tiles."""
+    with _open(scene_path(LANDSAT), tile_size=96, bands=[3, 2, 1]) as r:
+        tiles = list(r.grid.tiles())[:9]
+        x0, v0 = r.read_batch(tiles)
+        handles = list(r._handles)
+        r.release_handles()
+        assert handles and all(ds.closed for ds in handles)
+        x1, v1 = r.read_batch(tiles)
+        assert r._handles and not r._handles[0].closed
+    np.testing.assert_array_equal(x1, x0)
+    np.testing.assert_array_equal(v1, v0)
+
+
 def test_overview(scene_path):
     path = scene_path(RGB_BYTE)
     with _open(path) as r, rasterio.open(path) as ds:
@@ -408,6 +423,21 @@ def test_overview_from_uint8_tables_equals_the_float_scaling(scene_path, name, k
     assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
     np.testing.assert_array_equal(rgb, want_rgb)
     np.testing.assert_array_equal(valid, want_valid)
+
+@pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]})])
+def test_model_inputs_from_scaling_tables_equal_the_float_scaling(scene_path, name, kw):
+    """8/16-bit tiles are scaled by a look-up in each band's table: the same float32 inputs as
+    the arithmetic (a small scene held whole and a large one read window by window)."""
+    with _open(scene_path(name), tile_size=96, **kw) as r:
+        assert r._lut is not None
+        tiles = list(r.grid.tiles())[::7][:40]
+        x, v = r.read_batch(tiles)
+        r._lut = None  # the float path
+        want_x, want_v = r.read_batch(tiles)
+    assert x.dtype == np.float32 and 0.0 < x.max() <= 1.0
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(v, want_v)
+
 
 def test_preview_gathered_from_tiles_equals_the_decimated_read(scene_path):
     """A job that reads every tile gets its quicklook preview from those reads (no second

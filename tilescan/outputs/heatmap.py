@@ -361,7 +361,7 @@ class HeatmapWriter:
                 return np.where(self._mem == HEATMAP_NODATA, np.float32(np.nan), self._mem)
             with self._mem_dataset() as ds:
                 return _preview_of(ds, max_size)
-        with self._aborting():  # the scratch file came out short: a full disk
+        with self._aborting(), _uncached():  # _aborting: the scratch file came out short (a full disk)
             return read_heatmap_preview(self._strips, max_size)
 
     def close(self, tags: Mapping[str, Any] | None = None, keep_scratch: threading.Event | None = None) -> Path:
@@ -385,7 +385,8 @@ class HeatmapWriter:
                         write_cog(tmp, self._mem, gdal_write, transform=self.transform, crs=self.crs,
                                   nodata=HEATMAP_NODATA, tags=self._tags, description="heat", compress=self.compress)
                     else:
-                        _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
+                        with _uncached():
+                            _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
         finally:
             if keep_scratch is not None:
                 keep_scratch.wait()
@@ -401,6 +402,12 @@ class HeatmapWriter:
             with contextlib.suppress(Exception):
                 self._dst.close()
         _remove_quietly(self._strips)
+
+
+def _uncached() -> rasterio.Env:
+    """Reads of the (uncompressed) scratch file past GDAL's block cache: the same values, and
+    the heat, read twice (preview and COG), no longer fills the cache as large as it is."""
+    return rasterio.Env(GTIFF_DIRECT_IO="YES")
 
 
 def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.ndarray:

@@ -166,6 +166,7 @@ class UnitJob:
             self.scene_warnings.append(empty["message"])
             self.details.append(empty)
             self.log(f"warning: {empty['message']}")
+        self.reader.release_handles()  # every tile is read: the scene's cached blocks go
         tw = time.monotonic()
         with folder_synced_once(self.stage):  # before the folder is renamed into place
             with sources.remote_errors(unit.scene):

@@ -170,6 +170,15 @@ class SceneReader:
         """Rows of the file's blocks (tiles or strips) in the first band read."""
         return int(self._ds().block_shapes[self.bands[0] - 1][0])
 
+    def release_handles(self) -> None:
+        """Close the GDAL handles opened so far; a later read opens a fresh one. Once a
+        scene's tiles are all read, its blocks in GDAL's cache are then freed for the
+        outputs' own reads to reuse, instead of those growing the memory beside them."""
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for ds in handles:
+            ds.close()
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
