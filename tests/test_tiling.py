@@ -424,6 +424,7 @@ def test_overview_from_uint8_tables_equals_the_float_scaling(scene_path, name, k
     np.testing.assert_array_equal(rgb, want_rgb)
     np.testing.assert_array_equal(valid, want_valid)
 
+
 @pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]})])
 def test_model_inputs_from_scaling_tables_equal_the_float_scaling(scene_path, name, kw):
     """8/16-bit tiles are scaled by a look-up in each band's table: the same float32 inputs as

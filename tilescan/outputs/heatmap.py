@@ -405,8 +405,8 @@ class HeatmapWriter:
 
 
 def _uncached() -> rasterio.Env:
-    """Reads of the (uncompressed) scratch file past GDAL's block cache: the same values, and
-    the heat, read twice (preview and COG), no longer fills the cache as large as it is."""
+    """Reads of the uncompressed scratch file past GDAL's block cache (the same values): the
+    heat is read twice, for the preview and the COG, and would sit in the cache whole."""
     return rasterio.Env(GTIFF_DIRECT_IO="YES")
 
 
