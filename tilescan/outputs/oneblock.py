@@ -18,6 +18,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def _fits(data: np.ndarray, transform: Any, tags: Mapping[str, str], description
 
 
 def _esc(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    return escape(text, {'"': "&quot;"})
 
 
 def _metadata(tags: Mapping[str, str], description: str) -> bytes:

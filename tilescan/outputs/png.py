@@ -5,6 +5,7 @@ or zlib with the RLE strategy where isal is not installed (benchmarks/README.md)
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -25,8 +26,9 @@ def _deflater():
     return isal_zlib.compressobj(1)
 
 
+@functools.lru_cache(maxsize=1)
 def _crc32():
-    """A CRC-32 function (zlib's signature): ISA-L's, about 10x faster, when there is one."""
+    """A CRC-32 function (zlib's signature): ISA-L's, faster, when there is one."""
     try:
         from isal import isal_zlib
     except ImportError:

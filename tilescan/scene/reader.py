@@ -500,11 +500,9 @@ class SceneReader:
         h = int(tiles.clipped_height[0])
         widths = tiles.clipped_width
         window = Window(c0, r0, int(tiles.col_off[-1] + widths[-1]) - c0, h)
-        # a held scene's read is small and comes from memory, and while many small scenes
-        # run, finishers hold the other cores: handing half to a helper thread costs more
-        split = self._held(window) is None
+        held = self._held(window)
         try:
-            data, v = self._read_raw(window)
+            data, v = held if held is not None else self._read_raw(window)
         except ValueError:
             raise
         except Exception as exc:
@@ -515,6 +513,9 @@ class SceneReader:
         if self._preview is not None:
             self._preview.take(window, data, v)
         t, s, n = self.tile_px, self.input_size, len(tiles)
+        # a held scene's read is small and comes from memory, and while many small scenes
+        # run, finishers hold the other cores: handing half to a helper thread costs more
+        split = held is None
         if t == s and h == t and window.width == n * t:  # whole tiles side by side: scaled
             # straight into x, seen as (row, tile, column, band), without a strip copy
             self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3), split)
