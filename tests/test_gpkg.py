@@ -113,6 +113,37 @@ def test_float32_bounds_round_outwards(x):
     assert gpkg._f32_boxes([(x, x, -x, -x)]) == [(lo, hi, gpkg._f32(-x, False), gpkg._f32(-x, True))]
 
 
+def test_helper_started_early_indexes_the_next_file(tmp_path):
+    """A run starts the index helper while its first scene is read (``_IndexHelper.start``):
+    the file written later is indexed by that same process, and correctly."""
+    helper = gpkg._IndexHelper()
+    try:
+        helper.start()
+        started = helper.proc
+        assert started is not None and started.poll() is None
+        helper.start()  # already running: kept, not started twice
+        assert helper.proc is started
+        t, boxes = _table(300)
+        path = tmp_path / "t.gpkg"
+        pyogrio.write_arrow(_arrow_reader(t), str(path), layer="tiles", driver="GPKG", geometry_name="geometry",
+                            geometry_type="Polygon", crs="EPSG:32633", layer_options={"SPATIAL_INDEX": "NO"})
+        code, why = helper.index(path)
+        assert code == 0, why
+        assert helper.proc is started
+    finally:
+        helper.close()
+    got = _check(path)
+    assert got["check"] == "ok" and got["rows"] == len(boxes)
+
+
+def _arrow_reader(t: TileTable):
+    """The table's GeoPackage columns as an Arrow stream, as the GDAL writer is given them."""
+    import pyarrow as pa
+
+    schema, batches, _ = t._gpkg_arrow(CLASSES, "s.tif")
+    return pa.RecordBatchReader.from_batches(schema, batches)
+
+
 def test_index_written_in_this_process_when_its_sqlite_can(tmp_path):
     """Without TensorFlow's SQLite in the way GDAL builds the index itself (layer_options)."""
     probe = sqlite3.connect(":memory:")

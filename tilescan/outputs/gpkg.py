@@ -26,6 +26,7 @@ so ``python -m tilescan.outputs.gpkg FILE`` starts fast.
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import sqlite3
 import struct
@@ -347,8 +348,21 @@ class _IndexHelper:
         return subprocess.Popen([sys.executable, "-m", "tilescan.outputs.gpkg", "--serve"], env=child_env(), text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
 
+    def start(self) -> None:
+        """Start the helper now, if none runs, without waiting for it to be ready: its
+        interpreter starts while this process does other work, not when the first file waits."""
+        env = self._env()
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None or self.started_with != env:
+                self.close()
+                self.proc, self.started_with = self._start(), env
+
+    @staticmethod
+    def _env() -> tuple:
+        return sys.executable, os.environ.get("PYTHONPATH"), os.environ.get("PATH")
+
     def index(self, path: Path) -> tuple[int, str]:
-        env = (sys.executable, os.environ.get("PYTHONPATH"), os.environ.get("PATH"))
+        env = self._env()
         with self.lock:
             if self.proc is not None and self.started_with != env:  # e.g. a caller changed PYTHONPATH
                 self.close()
@@ -385,6 +399,15 @@ class _IndexHelper:
 
 _helper = _IndexHelper()
 atexit.register(_helper.close)
+
+
+def warm_up() -> None:
+    """Load what the first GeoPackage of a process needs (GDAL's writer, ``pyogrio``, with
+    pandas where installed; the index helper when this process's SQLite has no R-tree
+    module), so that a run's first scene does not wait for it at its end."""
+    importlib.import_module("pyogrio")
+    if not _sqlite_has_rtree():
+        _helper.start()
 
 
 def has_rtree(path: str | os.PathLike) -> bool:

@@ -9,6 +9,7 @@ finished (tables, COGs, quicklook, QGIS files, run.json) and moved into place, o
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import threading
@@ -304,6 +305,20 @@ def _write_outputs(job: UnitJob) -> None:
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                bands=reader.bands, scale=reader.scale, location=job.final,
                project=unit.name if unit.part is None else None)
+
+
+def warm_writers(cfg: Config) -> None:
+    """Once per run, on a tail thread while the first unit is read: load what its writers
+    would otherwise load at its end, on its critical path (the CRS library, the GeoPackage
+    writer and index helper). Best effort: a failure shows where the writer itself runs."""
+    try:
+        importlib.import_module("pyproj")
+        if cfg.output.gpkg and not cfg.inference.output_workers:  # else helper processes write it
+            from ..outputs import gpkg
+
+            gpkg.warm_up()
+    except Exception:  # noqa: BLE001 - the writer reports it, with its file
+        pass
 
 
 def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:

@@ -35,7 +35,7 @@ from .. import faults, stop
 from ..config import Config
 from ..errors import ModelError
 from .engine import Engine
-from .process import UnitJob
+from .process import UnitJob, warm_writers
 from .report import UnitResult
 
 #: Most tiles an overlap reader reads with one call (a band of block rows, or part of one):
@@ -173,6 +173,7 @@ class Stream:
         self._tail = ThreadPoolExecutor(max_workers=2 * max(1, nw), thread_name_prefix="tilescan-tail",
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
+        self._warmed = False  # warm_writers submitted
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: tuple | None = None  # a started batch not yet collected (overlap)
         self._collected = 0.0  # when the last batch was collected
@@ -199,6 +200,9 @@ class Stream:
                     job.tail_pool = self._tail
                     job.workers = self._workers
                     job.open()
+                    if not self._warmed:  # the first unit to write: its writers load while it is read
+                        self._warmed = True
+                        self._tail.submit(warm_writers, self.cfg)
                     with self._room:
                         self._ahead = (self._ahead[0] + 1, self._ahead[1] + len(job.tiles))
                     out.put(("job", k, job))
