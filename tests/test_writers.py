@@ -102,6 +102,33 @@ def test_atomic_output_replaces_only_on_success(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_first_write_loads_no_pyogrio_and_its_errors_still_name_the_file(tmp_path):
+    """A run's first file does not pay for importing pyogrio (and geopandas and pandas, where
+    installed): atomic_output looks its error types up only when something raises. A GDAL
+    error from a body that loaded pyogrio is still an OutputError naming the file."""
+    code = textwrap.dedent(f"""
+        import sys
+        from tilescan.errors import OutputError
+        from tilescan.outputs.files import atomic_output, write_json
+        write_json({str(tmp_path / "a.json")!r}, {{"a": 1}})
+        print("pyogrio" in sys.modules)
+        try:
+            with atomic_output({str(tmp_path / "t.gpkg")!r}) as tmp:
+                open(tmp, "w").write("half")
+                import pyogrio.errors
+                raise pyogrio.errors.DataSourceError("no such layer")
+        except OutputError as e:
+            print(e)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    loaded, message = res.stdout.strip().splitlines()
+    assert loaded == "False"
+    assert message == f"{tmp_path / 't.gpkg'}: cannot write (no such layer)"
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
 def test_a_staging_folder_is_synced_once_after_its_files(tmp_path, monkeypatch):
     """Inside ``folder_synced_once`` each file is still fsync'ed, but its folder only once, at
     the end (not after a failed block); other folders as before."""

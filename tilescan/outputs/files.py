@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -40,12 +41,11 @@ def _io_error_types() -> tuple[type[BaseException], ...]:
     import sqlite3
 
     types.append(sqlite3.OperationalError)  # a GeoPackage written with sqlite3: disk full, I/O error
-    try:
-        from pyogrio import errors as _pe
-
-        types += [_pe.DataSourceError, _pe.DataLayerError]
-    except ImportError:  # pragma: no cover - pyogrio is optional
-        pass
+    # pyogrio's errors only where it is loaded (only then can they be raised): importing it
+    # here would load it, and geopandas and pandas where installed, for every first write
+    pe = sys.modules.get("pyogrio.errors")
+    if pe is not None:
+        types += [pe.DataSourceError, pe.DataLayerError]
     return tuple(types)
 
 
@@ -163,7 +163,6 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
     """
     final = Path(path)
     tmp = _temp_name(final)
-    io_errors = _io_error_types()
     staged = os.path.abspath(final.parent) in _one_sync  # a staging folder, made by this run
     if not staged:
         probe_folder(final, tmp)
@@ -179,7 +178,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
     except OutputError:
         _remove_quietly(tmp)
         raise
-    except io_errors as exc:
+    except _io_error_types() as exc:  # evaluated when raised: the body may have loaded pyogrio
         _remove_quietly(tmp)
         raise OutputError(_describe(exc, final), path=str(final)) from exc
     except BaseException:
