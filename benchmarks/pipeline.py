@@ -22,9 +22,11 @@ host side of many small scenes scales with cores, as it must on a GPU host.
 ``small``: 40 scenes of 512 x 512 px (16 tiles each) cut from the real Landsat scene, in one
 ``tilescan run`` with the real model, against model + Grad-CAM alone on the same tiles in
 the same process, alternated: tiles/s over the run's wall time after the engine is ready
-(report.json ``timings_s``: start-up excluded, like the model-only figure) / model tiles/s
-of the pass just before it, the median over rounds (``round_ratios``: each round's);
-and the host side's CPU per scene: the run's CPU (process and helper) less model-only's.
+(report.json ``timings_s``: start-up excluded, like the model-only figure) / the mean model
+tiles/s of the passes just before and just after it, the median over rounds
+(``round_ratios``: each round's; ``ratio_to_model_before``: against the pass before only, the
+figure of sessions up to 12); and the host side's CPU per scene: the run's CPU (process and
+helper) less model-only's (the pass before).
 ``--lean``: the same run without the per-scene extras a user with many chips can turn off
 (``[output] gpkg``, ``quicklook``, ``styles`` = false): tables, label and heat COGs only.
 """
@@ -218,12 +220,18 @@ def small(args) -> dict:
     rates: dict[str, list[float]] = {"model": [], "run": []}
     host_ms: list[float] = []
     timings = []
-    for r in range(args.rounds):
+
+    def model_only() -> tuple[float, float]:
+        """Model + Grad-CAM alone on the run's number of tiles: (tiles/s, CPU seconds)."""
         t0, c0 = time.perf_counter(), _cpu()
         for i in range(0, len(tiles), bs):
             engine(tiles[i:i + bs])
-        rates["model"].append(len(tiles) / (time.perf_counter() - t0))
-        model_cpu = _cpu() - c0
+        return len(tiles) / (time.perf_counter() - t0), _cpu() - c0
+
+    after: list[float] = []
+    for r in range(args.rounds):
+        rate, model_cpu = model_only()
+        rates["model"].append(rate)
         out = work / f"out-{r}"
         shutil.rmtree(out, ignore_errors=True)
         t0, c0 = time.perf_counter(), _cpu()
@@ -238,19 +246,23 @@ def small(args) -> dict:
         timings.append({"wall_s": round(wall, 3), "tiles": n, "cpu_s": {"model_only": round(model_cpu, 2),
                                                                          "run": round(run_cpu, 2)},
                         **data["timings_s"]})
-        bench.log(f"small: round {r + 1}: model {rates['model'][-1]:.1f} tiles/s, run {rates['run'][-1]:.1f} tiles/s, "
-                  f"host CPU {host_ms[-1]:.1f} ms per scene")
         shutil.rmtree(out, ignore_errors=True)
+        after.append(model_only()[0])
+        bench.log(f"small: round {r + 1}: model {rates['model'][-1]:.1f} tiles/s before, {after[-1]:.1f} after, "
+                  f"run {rates['run'][-1]:.1f} tiles/s, host CPU {host_ms[-1]:.1f} ms per scene")
     m, e = median(rates["model"]), median(rates["run"])
-    # each round's run against the model-only pass just before it: side by side, so a slow
-    # spell of this shared machine moves both
-    ratios = [r / mo for r, mo in zip(rates["run"], rates["model"])]
+    # each round's run against the model-only passes just before and just after it (their
+    # mean): side by side, so a slow spell of this shared machine moves both
+    ratios = [r / ((b + a) / 2) for r, b, a in zip(rates["run"], rates["model"], after)]
+    before = [r / mo for r, mo in zip(rates["run"], rates["model"])]
     return {"scenes": len(scenes), "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
             "tiles": timings[0]["tiles"], "model_tiles_per_s": round(m, 1),
             "run_tiles_per_s": round(e, 1), "ratio_to_model": round(median(ratios), 3),
             "round_ratios": [round(x, 3) for x in ratios], "ratio_of_medians": round(e / m, 3),
+            "ratio_to_model_before": round(median(before), 3), "round_ratios_before": [round(x, 3) for x in before],
             "host_cpu_ms_per_scene": round(median(host_ms), 1), "rounds": timings,
-            "rates": {k: [round(v, 1) for v in vs] for k, vs in rates.items()}}
+            "rates": {**{k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+                      "model_after": [round(v, 1) for v in after]}}
 
 
 def _cpu() -> float:
