@@ -348,14 +348,18 @@ class _IndexHelper:
         return subprocess.Popen([sys.executable, "-m", "tilescan.outputs.gpkg", "--serve"], env=child_env(), text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=1)
 
+    def _ensure(self, env: tuple) -> None:
+        """A running helper started in ``env`` (called with the lock held): one that died or
+        was started in another environment (e.g. a caller changed PYTHONPATH) is replaced."""
+        if self.proc is None or self.proc.poll() is not None or self.started_with != env:
+            self.close()
+            self.proc, self.started_with = self._start(), env
+
     def start(self) -> None:
         """Start the helper now, if none runs, without waiting for it to be ready: its
         interpreter starts while this process does other work, not when the first file waits."""
-        env = self._env()
         with self.lock:
-            if self.proc is None or self.proc.poll() is not None or self.started_with != env:
-                self.close()
-                self.proc, self.started_with = self._start(), env
+            self._ensure(self._env())
 
     @staticmethod
     def _env() -> tuple:
@@ -364,11 +368,8 @@ class _IndexHelper:
     def index(self, path: Path) -> tuple[int, str]:
         env = self._env()
         with self.lock:
-            if self.proc is not None and self.started_with != env:  # e.g. a caller changed PYTHONPATH
-                self.close()
             for _ in range(2):  # a helper that died (killed, out of memory) is started again once
-                if self.proc is None or self.proc.poll() is not None:
-                    self.proc, self.started_with = self._start(), env
+                self._ensure(env)
                 try:
                     self.proc.stdin.write(str(Path(path).resolve()) + "\n")
                     self.proc.stdin.flush()
