@@ -3,6 +3,7 @@ them with (geopandas, pyarrow, rasterio, rio-cogeo, GDAL through VRT copies). No
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -606,6 +607,52 @@ def test_heatmap_held_in_memory_equals_the_scratch_file_way(tmp_path, monkeypatc
         np.testing.assert_array_equal(a, b)
     assert np.isfinite(got["memory"][1][0]).any()
     assert np.isnan(got["memory"][1][0]).any() or stride < tile  # overlapping tiles may fill the gaps
+
+
+@pytest.mark.parametrize("kind", ["heat", "labels"])
+def test_cog_overviews_do_not_depend_on_the_temporary_codec(tmp_path, monkeypatch, kind):
+    """The COG copy has GDAL build its overviews through a PackBits temporary file instead of
+    its default (ZSTD or LZW), for speed: the same file, byte for byte. Sizes whose halves
+    round down (non-integer ratios at the edge) and nodata gaps, where another overview
+    path of GDAL's gives other pixels."""
+    from tilescan.outputs import cog
+
+    w, h = 3062, 2790  # the heat of a 12,246 x 11,160 px scene: three overview levels
+    rng = np.random.default_rng(5)
+    if kind == "heat":
+        data = rng.uniform(0, 1, (h, w)).astype(np.float32)
+        data[:, :700] = HEATMAP_NODATA
+        data[1000:1400] = HEATMAP_NODATA
+        profile = dict(dtype="float32", nodata=HEATMAP_NODATA)
+        resampling = "average"
+    else:
+        data = rng.integers(0, 30, (h, w)).astype(np.uint8)
+        data[:500] = LABEL_NODATA
+        profile = dict(dtype="uint8", nodata=LABEL_NODATA)
+        resampling = "nearest"
+    src = tmp_path / "src.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=1, crs="EPSG:32621",
+                       transform=from_origin(717345, -2776995, 120, 120), tiled=True, blockxsize=256,
+                       blockysize=256, **profile) as dst:
+        dst.write(data, 1)
+    levels = cog._overview_level(w, h)
+    assert levels == 3
+    cog._cog_copy(src, tmp_path / "packbits.tif", "deflate", resampling, levels, (w, h))
+    calls = []
+
+    def gdal_default(**options):  # the copy with GDAL's own temporary codec
+        calls.append(options)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(rasterio, "Env", gdal_default)
+    cog._cog_copy(src, tmp_path / "default.tif", "deflate", resampling, levels, (w, h))
+    monkeypatch.undo()
+    assert (tmp_path / "packbits.tif").read_bytes() == (tmp_path / "default.tif").read_bytes()
+    assert calls == [{"COG_TMP_COMPRESSION": "PACKBITS"}]  # the option was set (and bypassed above)
+    with rasterio.open(tmp_path / "packbits.tif") as ds:
+        assert ds.overviews(1) == [2, 4, 8]
+        assert np.array_equal(ds.read(1), data)
+    assert cog_validate(str(tmp_path / "packbits.tif"))[0]
 
 
 # --------------------------------------------------------------------------- quicklook
