@@ -552,6 +552,46 @@ def test_read_heatmap_preview(tmp_path):
     assert np.nanmax(prev) <= 1
 
 
+@pytest.mark.parametrize("pattern", ["speckle", "blocks", "stripes", "almost_all_nodata"])
+def test_heat_preview_equals_the_masked_read(tmp_path, pattern):
+    """The quicklook's heat is read without the nodata mask (GDAL's average leaves nodata out
+    by itself): the same pixels and the same NaNs as the masked read, at sizes whose ratios
+    are not whole numbers, over any nodata pattern."""
+    rng = np.random.default_rng(len(pattern))
+    h, w = 1031, 1277
+    heat = rng.uniform(0, 1, (h, w)).astype(np.float32)
+    if pattern == "speckle":
+        heat[rng.uniform(size=(h, w)) < 0.6] = HEATMAP_NODATA
+    elif pattern == "blocks":
+        for _ in range(6):
+            r0, c0 = rng.integers(0, h), rng.integers(0, w)
+            heat[r0:r0 + rng.integers(1, h // 2), c0:c0 + rng.integers(1, w // 2)] = HEATMAP_NODATA
+    elif pattern == "stripes":
+        heat[:, ::3] = HEATMAP_NODATA
+        heat[::7] = HEATMAP_NODATA
+        heat[500:540] = HEATMAP_NODATA
+    else:
+        heat[rng.uniform(size=(h, w)) < 0.999] = HEATMAP_NODATA
+    path = tmp_path / "heat.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1, dtype="float32",
+                       nodata=HEATMAP_NODATA, crs="EPSG:32618", transform=from_origin(0, h, 1, 1),
+                       tiled=True, blockxsize=256, blockysize=256) as dst:
+        dst.write(heat, 1)
+    nans = []
+    with rasterio.open(path) as src:
+        for size in (1024, 997, 333, 64, 7):
+            got = heatmap_mod._preview_of(src, size)
+            f = max(w, h) / size
+            masked = src.read(1, out_shape=(round(h / f), round(w / f)), masked=True,
+                              resampling=rasterio.enums.Resampling.average)
+            want = np.ma.filled(masked.astype(np.float32), np.nan)
+            assert got.shape == want.shape and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)  # NaNs in the same places
+            assert np.isfinite(got).any()
+            nans.append(int(np.isnan(got).sum()))
+    assert nans[0] > 0  # at the largest size some preview pixels see nodata only
+
+
 def test_heatmap_preview_before_the_cog(tmp_path):
     """finish() + preview() give the quicklook's heat before close() writes the COG (the job
     draws the quicklook while the COG is written): the same picture as the COG's preview,

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -423,5 +423,11 @@ def _preview_of(src: Any, max_size: int) -> np.ndarray:
         shape = (src.height, src.width)
     else:
         shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+    if src.nodata is not None and src.mask_flag_enums[0] == [MaskFlags.nodata]:
+        # GDAL's average leaves nodata pixels out and gives nodata where all are: what the
+        # masked read gives, without reading and resampling the mask as well
+        data = src.read(1, out_shape=shape, resampling=Resampling.average).astype(np.float32, copy=False)
+        data[data == src.nodata] = np.nan
+        return data
     data = src.read(1, out_shape=shape, masked=True, resampling=Resampling.average)
     return np.ma.filled(data.astype(np.float32), np.nan)
