@@ -80,7 +80,8 @@ def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, 
         opts["OVERVIEW_COUNT"] = str(overviews)
         # GDAL computes the overviews into a temporary GeoTIFF, ZSTD or LZW by default. PackBits
         # costs almost nothing to write and read back, and a compressed file keeps GDAL on the
-        # same overview path (each level from full resolution): the same bytes, less CPU
+        # same overview path (each level from full resolution): the same bytes, less CPU, for
+        # a temporary file about as large as the overviews' raw pixels
         env = rasterio.Env(COG_TMP_COMPRESSION="PACKBITS")
     else:
         opts["OVERVIEWS"] = "NONE"
