@@ -644,3 +644,7 @@ def test_histogram_percentiles_are_numpys_floats():
             q = [(2, 98), (0, 100), (50, 50), tuple(rng.uniform(0, 100, 2))][trial % 4]
             want, got = np.percentile(v, q), _percentiles(v, q)
             assert got.dtype == want.dtype and np.array_equal(got, want), (dt, n, q, want, got)
+    for dt, n in ((np.uint16, 2**20 + 1), (np.int16, 5 * 2**19 + 3)):  # counted in chunks
+        v = rng.normal(0, 900, n).clip(np.iinfo(dt).min, np.iinfo(dt).max).astype(dt)
+        want, got = np.percentile(v, (2, 98)), _percentiles(v, (2, 98))
+        assert got.dtype == want.dtype and np.array_equal(got, want), (dt, n, want, got)

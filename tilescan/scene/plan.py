@@ -256,6 +256,9 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     return _scan(band, range(n)) if valid.size >= 2**20 and n > 1 else [band(i) for i in range(n)]
 
 
+_COUNT_CHUNK = 2**20  # values counted at once by _percentiles (8 MB of intp)
+
+
 def _percentiles(vals: np.ndarray, q: Sequence[float]) -> np.ndarray:
     """``np.percentile(vals, q)``, the same floats: for 8- and 16-bit integers the order
     statistics come from a histogram (one counting pass instead of a partition) and numpy's
@@ -273,8 +276,12 @@ def _percentiles(vals: np.ndarray, q: Sequence[float]) -> np.ndarray:
     except (ImportError, AttributeError, KeyError, TypeError):  # another numpy: its own percentile
         return np.percentile(vals, q)
     info = np.iinfo(vals.dtype)
-    shift = vals.astype(np.int32) - info.min if info.min else vals
-    counts = np.cumsum(np.bincount(shift, minlength=info.max - info.min + 1))
+    n_values = info.max - info.min + 1
+    counts = np.zeros(n_values, np.int64)
+    for i in range(0, vals.size, _COUNT_CHUNK):  # bincount copies its input to intp: a chunk at a time
+        part = vals[i:i + _COUNT_CHUNK]
+        counts += np.bincount(part.astype(np.int32) - info.min if info.min else part, minlength=n_values)
+    np.cumsum(counts, out=counts)
     ranks = np.concatenate([prev_i, next_i]) % vals.size  # numpy's -1 means the last
     at = (np.searchsorted(counts, ranks, side="right") + info.min).astype(vals.dtype)
     return fb._lerp(at[:len(prev_i)], at[len(prev_i):], gamma)
