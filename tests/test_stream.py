@@ -115,6 +115,67 @@ def test_the_engine_is_made_once_per_process():
     assert np.isfinite(first(np.zeros((2, first.input_size, first.input_size, 3), np.float32)).probs).all()
 
 
+def test_the_first_scenes_open_while_the_model_loads(chips, solo, tmp_path, monkeypatch):
+    """Opening a scene needs only the model's metadata: on a cold start the first scenes are
+    opened (checks, stretch, staging) while the caller's thread loads Keras and the model,
+    not after. The outputs are the same."""
+    import threading
+    import time
+
+    from tilescan.pipeline.process import UnitJob
+    from tilescan.pipeline.run import _Units
+
+    when: dict[str, float] = {}
+    real_make, real_open = _Units.make_engine, UnitJob.open
+
+    def slow_make(self):
+        time.sleep(1.0)  # a cold start: Keras' import and the model's load
+        got = real_make(self)
+        when["engine_made"] = time.monotonic()
+        return got
+
+    def tracked_open(job):
+        real_open(job)
+        when.setdefault("first_opened", time.monotonic())
+        when.setdefault("opened_on", threading.current_thread().name)
+
+    monkeypatch.setattr(_Units, "make_engine", slow_make)
+    monkeypatch.setattr(UnitJob, "open", tracked_open)
+    out = tmp_path / "out"
+    report = run(chips, out, _cfg(), log=lambda m: None)
+    assert report.exit_code == 0
+    assert when["first_opened"] < when["engine_made"] and when["opened_on"] == "tilescan-open"
+    for p in chips:
+        assert_unit_equal(out / p.stem, solo[p.stem])
+
+
+def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeypatch):
+    """The scenes open with the metadata read at the run's start; an engine loaded from a
+    different file (replaced meanwhile) ends the run with a model error, and the opened
+    scenes leave nothing behind."""
+    import dataclasses
+
+    from tilescan.errors import ModelError
+    from tilescan.pipeline.run import _Units
+
+    real_make = _Units.make_engine
+
+    class Other:  # the engine, as if loaded from another model file
+        def __init__(self, engine):
+            self._engine = engine
+            self.loaded = dataclasses.replace(engine.loaded, sha256="0" * 64)
+
+        def __getattr__(self, name):
+            return getattr(self._engine, name)
+
+    monkeypatch.setattr(_Units, "make_engine", lambda self: Other(real_make(self)))
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match="model file changed"):
+        run(chips, out, _cfg(), log=lambda m: None)
+    assert not any((out / p.stem).exists() for p in chips)
+    assert not [f for f in out.rglob("*") if f.is_file()]  # no staged output, no lock left
+
+
 def test_open_scenes_do_not_pile_up_behind_a_slow_finisher(chips, solo, tmp_path, monkeypatch):
     """When writing outputs is slower than the model, no further scene is opened once
     FINISH_BACKLOG units wait for the finisher (each open scene holds memory and files)."""

@@ -24,7 +24,9 @@ from rasterio.transform import array_bounds
 
 from .. import faults
 from ..config import Config
+from ..errors import ModelError
 from ..layout import MANIFEST, STAGING
+from ..model import LoadedModel
 from ..outputs.cog import write_labels_cog
 from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
@@ -47,9 +49,12 @@ class UnitJob:
     ``open`` (opener thread) -> ``read`` (reader threads, in tile order) -> ``consume`` (the
     writer thread, in tile order) -> ``finish`` (a finisher thread) or ``abort``."""
 
-    def __init__(self, index: int, unit: Unit, out: Path, cfg: Config, engine: Engine | None, fingerprint: str,
+    def __init__(self, index: int, unit: Unit, out: Path, cfg: Config, card: LoadedModel, fingerprint: str,
                  lock: UnitLock, log: Callable[[str], None]):
-        self.index, self.unit, self.out, self.cfg, self.engine = index, unit, out, cfg, engine
+        # ``card``: the model's metadata (classes, bands, input size, scale), all that opening
+        # needs, so the scene opens while Keras and the model load; the engine comes with use()
+        self.index, self.unit, self.out, self.cfg, self.card = index, unit, out, cfg, card
+        self.engine: Engine | None = None
         self.fingerprint, self.lock, self.log = fingerprint, lock, log
         self.final = unit.out_dir(out)
         self.stage = out / STAGING / unit.slot
@@ -79,12 +84,10 @@ class UnitJob:
         self.t0 = time.monotonic()
         cfg, unit = self.cfg, self.unit
         with sources.remote_errors(unit.scene):
-            self.reader, self.scene_warnings, self.details = _open_unit(unit, cfg, self.engine, self.log)
+            self.reader, self.scene_warnings, self.details = _open_unit(unit, cfg, self.card, self.log)
         reader = self.reader
         self.stack.callback(reader.close)
         self.timings.update(reader.timings)  # scan (finding the data) and stats
-        if self.engine.pipeline == "lockstep":  # reads run between model steps: GDAL may use every core
-            reader.decode_threads = os.cpu_count() or 1
         info, grid = reader.info, reader.grid
         self.r0 = unit.row_start or 0
         self.r1 = grid.n_rows if unit.row_stop is None else min(unit.row_stop, grid.n_rows)
@@ -98,12 +101,23 @@ class UnitJob:
         self.stage.mkdir(parents=True)
         self.stack.callback(shutil.rmtree, self.stage, ignore_errors=True)
         self.labels = np.full((self.r1 - self.r0, grid.n_cols), -1, dtype=np.int32)
-        self.table = TileTable(self.engine.classes)
+        self.table = TileTable(self.card.classes)
         self.heat = HeatmapWriter(self.stage / "heatmap.tif", info.width, info.height, info.transform, info.crs,
                                   cfg.output.heatmap_scale, reader.tile_px, grid.stride, compress=cfg.output.compress)
         self.stack.callback(_quietly, self.heat.abort)
         if cfg.output.quicklook and unit.part is None:
             reader.gather_preview(cfg.output.quicklook_size)  # from the tiles: no second decode
+
+    def use(self, engine: Engine, ready_at: float = 0.0) -> None:
+        """The engine that classifies the job's tiles (once it is made, after ``open``);
+        ``ready_at``: when it was ready (time.monotonic). A scene opened while the model
+        loaded counts its time from then: its opening is part of the start-up."""
+        if engine.loaded.sha256 != self.card.sha256:  # the file was replaced since the run read its metadata
+            raise ModelError("the model file changed while the run started; run again", path=str(engine.loaded.path))
+        self.engine = engine
+        self.t0 = max(self.t0, ready_at)
+        if engine.pipeline == "lockstep":  # reads run between model steps: GDAL may use every core
+            self.reader.decode_threads = os.cpu_count() or 1
 
     # -- read (reader threads)
 
@@ -198,11 +212,11 @@ class UnitJob:
         self.stack.close()
 
 
-def _open_unit(unit: Unit, cfg: Config, engine: Engine, log: Callable[[str], None]) -> tuple[SceneReader, list[str], list[dict]]:
+def _open_unit(unit: Unit, cfg: Config, card: LoadedModel, log: Callable[[str], None]) -> tuple[SceneReader, list[str], list[dict]]:
     """The scene's reader, and what the user should know about it (logged once here):
     the messages, and the same as structured warnings (``code``, ``message``, ...)."""
     with collecting_tiling_warnings() as caught:  # this thread's, not process-wide
-        reader = engine.loaded.open_scene(unit.scene, cfg.tiling)
+        reader = card.open_scene(unit.scene, cfg.tiling)
     scene_warnings = list(caught)
     details = [{"code": "tiling", "message": w} for w in scene_warnings]
     scale_warning = reader.plan.warning(str(unit.scene))

@@ -196,7 +196,7 @@ class _Units:
         except BaseException:
             lock.release()
             raise
-        return UnitJob(k, unit, self.out, self.cfg, None, fp, lock, self.log)
+        return UnitJob(k, unit, self.out, self.cfg, self.card, fp, lock, self.log)
 
     def fail(self, what: UnitJob | Unit, exc: BaseException) -> UnitResult:
         """A unit's error as its result; errors of the model (no later unit can do better) end the run."""

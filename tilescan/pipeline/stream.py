@@ -5,7 +5,8 @@ Four kinds of threads share the work:
 - the **opener** takes the units in order, checks and locks each (``prepare``), opens its
   scene (band stretch, empty blocks, staging folder) while the units before it are still
   being read, and keeps one opened unit ready (small ones: two batches' worth); it runs at
-  a lower priority, and has the caller's thread make the engine when the first unit needs it;
+  a lower priority, and has the caller's thread make the engine when the first unit needs it
+  (opening needs only the model's metadata: the first units open while the model loads);
 - the **caller's thread** reads chunks of tiles (lockstep: between model steps, with GDAL
   decoding on every core; overlap: on reader threads, ahead), gathers them into batches
   of exactly ``batch_size`` that may span units, and runs the model + CAM step;
@@ -173,7 +174,8 @@ class Stream:
         self._tail = ThreadPoolExecutor(max_workers=2 * max(1, nw), thread_name_prefix="tilescan-tail",
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
-        self._warmed = False  # warm_writers submitted
+        self._engine_asked = False  # the opener asked the caller's thread for the engine
+        self._engine_at = 0.0  # when the engine was ready (time.monotonic)
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: tuple | None = None  # a started batch not yet collected (overlap)
         self._collected = 0.0  # when the last batch was collected
@@ -191,18 +193,13 @@ class Stream:
             try:
                 job = self.prepare(k, unit)
                 if isinstance(job, UnitJob):
-                    job.engine = self._engine_from_caller(k, out, halt)
-                    if job.engine is None:  # the run is ending (the engine failed, or a stop)
-                        job.abort()
-                        out.put(("not_started", k, unit))
-                        continue
+                    if not self._engine_asked:  # the first unit with work: the caller loads the model
+                        self._engine_asked = True
+                        out.put(("engine", k, None))
                     job.run_timings = self.stats.startup
                     job.tail_pool = self._tail
                     job.workers = self._workers
-                    job.open()
-                    if not self._warmed:  # the first unit to write: its writers load while it is read
-                        self._warmed = True
-                        self._tail.submit(warm_writers, self.cfg)
+                    job.open()  # meanwhile: opening needs only the model's metadata
                     with self._room:
                         self._ahead = (self._ahead[0] + 1, self._ahead[1] + len(job.tiles))
                     out.put(("job", k, job))
@@ -235,27 +232,19 @@ class Stream:
             self._ahead = (self._ahead[0] - 1, self._ahead[1] - len(job.tiles))
             self._room.notify()
 
-    def _engine_from_caller(self, k: int, out: queue.Queue, halt: threading.Event) -> Engine | None:
-        """On the opener thread: the engine, which the caller's thread makes when the first
-        unit needs it (``("engine", k, made)`` in the queue). There, Keras' quiet import
-        (stderr on /dev/null for a moment) hides no other thread's messages, and the model's
-        thread pools start at the run's priority, not the opener's lower one. None if the
-        run ends meanwhile."""
-        if self.engine is None:
-            made = threading.Event()
-            out.put(("engine", k, made))
-            while not made.wait(0.1) and not halt.is_set():
-                pass
-        return self.engine
-
     def _engine(self) -> Engine:
-        """The engine, made when the first unit needs it (a rerun with nothing to do never
-        imports Keras)."""
+        """The engine, made on the caller's thread when the first unit needs it (a rerun with
+        nothing to do never imports Keras). There, Keras' quiet import (stderr on /dev/null
+        for a moment, :data:`~tilescan.log.STDERR_LOCK` held) hides no other thread's
+        messages, and the model's thread pools start at the run's priority, not the opener's
+        lower one. Meanwhile the opener opens the first units: that needs only the model's
+        metadata; each gets the engine when the caller takes it (:meth:`_take`)."""
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
                 self.engine.ready()
-                self.stats.engine_ready = time.monotonic() - self.stats.started
+                self._engine_at = time.monotonic()
+                self.stats.engine_ready = self._engine_at - self.stats.started
             return self.engine
 
     @property
@@ -289,16 +278,21 @@ class Stream:
         """One thing the opener handed over: an opened job (returned if ``wanted``, else
         removed as not started), a result, a unit not started, or an error."""
         kind, k, what = item
-        if kind == "engine":  # the opener waits for it; not made for a run that is ending
-            try:
-                if wanted:
-                    self._engine()
-            finally:
-                what.set()
+        if kind == "engine":  # not made for a run that is ending
+            if wanted:
+                self._engine()
+                # the first unit's writers load while it is read (after Keras: loading it can
+                # change what the GeoPackage writer needs)
+                self._tail.submit(warm_writers, self.cfg)
             return None
         if kind == "job":
             self._taken(what)
         if kind == "job" and wanted:
+            try:
+                what.use(self._engine(), self._engine_at)  # made already: its request came before any job
+            except BaseException:
+                what.abort()
+                raise
             with self._lock:
                 self.in_flight[k] = what
             if self.bar is not None:
