@@ -175,6 +175,7 @@ class Stream:
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
         self._engine_asked = False  # the opener asked the caller's thread for the engine
+        self._warmed = False  # warm_writers submitted
         self._engine_at = 0.0  # when the engine was ready (time.monotonic)
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: tuple | None = None  # a started batch not yet collected (overlap)
@@ -281,9 +282,6 @@ class Stream:
         if kind == "engine":  # not made for a run that is ending
             if wanted:
                 self._engine()
-                # the first unit's writers load while it is read (after Keras: loading it can
-                # change what the GeoPackage writer needs)
-                self._tail.submit(warm_writers, self.cfg)
             return None
         if kind == "job":
             self._taken(what)
@@ -293,6 +291,9 @@ class Stream:
             except BaseException:
                 what.abort()
                 raise
+            if not self._warmed:  # the first unit's writers load while it is read (after Keras,
+                self._warmed = True  # which can change what the GeoPackage writer needs)
+                self._tail.submit(warm_writers, self.cfg)
             with self._lock:
                 self.in_flight[k] = what
             if self.bar is not None:
