@@ -176,7 +176,6 @@ class Stream:
         self._finishing: list[Future] = []
         self._engine_asked = False  # the opener asked the caller's thread for the engine
         self._warmed = False  # warm_writers submitted
-        self._engine_at = 0.0  # when the engine was ready (time.monotonic)
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: tuple | None = None  # a started batch not yet collected (overlap)
         self._collected = 0.0  # when the last batch was collected
@@ -244,8 +243,7 @@ class Stream:
             if self.engine is None:
                 self.engine = self.make_engine()
                 self.engine.ready()
-                self._engine_at = time.monotonic()
-                self.stats.engine_ready = self._engine_at - self.stats.started
+                self.stats.engine_ready = time.monotonic() - self.stats.started
             return self.engine
 
     @property
@@ -287,7 +285,8 @@ class Stream:
             self._taken(what)
         if kind == "job" and wanted:
             try:
-                what.use(self._engine(), self._engine_at)  # made already: its request came before any job
+                engine = self._engine()  # made already: its request came before any job
+                what.use(engine, self.stats.started + self.stats.engine_ready)
             except BaseException:
                 what.abort()
                 raise
