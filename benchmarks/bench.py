@@ -343,15 +343,25 @@ class ModelBench:
         self.batches = [x[i * self.bs:(i + 1) * self.bs] for i in range(n_batches)]
         self.fwd = model_only(self.engine.model)
         self._tutorial = None
+        # as many batches at once as the engine computes at once ([inference] model_streams)
+        self.streams = getattr(self.engine, "streams", 1)
+        self._pool = None
+        if self.streams > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.streams)
 
     def model(self) -> int:
-        for b in self.batches:
-            self.fwd(b)
+        if self._pool is None:
+            for b in self.batches:
+                self.fwd(b)
+        else:
+            list(self._pool.map(self.fwd, self.batches))
         return sum(len(b) for b in self.batches)
 
     def gradcam(self) -> int:
-        for b in self.batches:
-            self.engine(b)
+        for collect in [self.engine.submit(b) for b in self.batches]:  # the engine's streams at once
+            collect()
         return sum(len(b) for b in self.batches)
 
     def tutorial(self, n: int) -> int:

@@ -81,6 +81,7 @@ def test_info_runtime_shows_backend_device_and_precision():
     on_cpu = rt["device"] == "cpu"
     assert rt["precision"]["auto"] == ("bf16" if on_cpu and cpu_has_bf16() else "float32")
     assert rt["pipeline"] == {"setting": "auto", "used": "lockstep" if on_cpu else "overlap"}
+    assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu else 1}
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too
         assert rt["warning"] in r.stderr
     else:
@@ -92,8 +93,11 @@ def test_info_runtime_resolves_the_config_and_environment(tmp_path):
     cfg.write_text('[inference]\nprecision = "bf16"\n')
     rt = json.loads(invoke(["info", "--runtime", "--config", cfg]).stdout)["runtime"]
     assert rt["precision"]["setting"] == rt["precision"]["used"] == "bf16"
-    r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap"})
-    assert json.loads(r.stdout)["runtime"]["pipeline"] == {"setting": "overlap", "used": "overlap"}
+    r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap",
+                                           "TILESCAN_INFERENCE__MODEL_STREAMS": "1"})
+    rt = json.loads(r.stdout)["runtime"]
+    assert rt["pipeline"] == {"setting": "overlap", "used": "overlap"}
+    assert rt["model_streams"] == {"setting": "1", "used": 1}
 
 
 def test_info_without_runtime_has_no_runtime_and_config_needs_it(tmp_path):

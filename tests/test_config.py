@@ -288,3 +288,12 @@ def test_cam_method_is_checked(tmp_path):
     e = _error(load_config, toml(tmp_path, '[cam]\nmethod = "gradcan"\n'), environ={})
     assert "[cam] method: must be one of gradcam, gradcam++" in str(e)
     assert load_config(toml(tmp_path, '[cam]\nmethod = "GradCAM"\n', "case.toml"), environ={}).cam.method == "GradCAM"
+
+
+def test_model_streams_is_auto_or_a_whole_number(tmp_path):
+    assert load_config(environ={}).inference.model_streams == "auto"
+    assert load_config(toml(tmp_path, "[inference]\nmodel_streams = 1\n"), environ={}).inference.model_streams == "1"
+    for bad in ("0", "two", "-1", "1.5"):
+        e = _error(load_config, None, environ={"TILESCAN_INFERENCE__MODEL_STREAMS": bad})
+        assert "[inference] model_streams: must be auto or a whole number >= 1" in str(e), str(e)
+        assert "TILESCAN_INFERENCE__MODEL_STREAMS" in str(e)

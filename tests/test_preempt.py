@@ -29,7 +29,9 @@ def _run(out, **env):
 
 @pytest.mark.parametrize("point, finished, interrupted", [
     ("reading:50", ["RGB.byte"], "cogeo"),  # RGB.byte reads 42 tiles (23 kept): the 8th of cogeo
-    ("inference:2@SIGINT", ["RGB.byte"], "cogeo"),  # cogeo's first batch computed: dropped
+    # the first batch (RGB.byte's 23 tiles and cogeo's first 9) computed: cogeo is dropped,
+    # though the batch the model had started beside it (two streams on the CPU) is finished
+    ("inference:1@SIGINT", ["RGB.byte"], "cogeo"),
     # RGB.byte's outputs are written while cogeo's tiles stream on (batches span scenes):
     # RGB.byte is finished, cogeo dropped -- unless cogeo's tiles were all through the model
     # by then (the finisher races the stream), when both are finished and the run ends 0

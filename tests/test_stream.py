@@ -225,7 +225,9 @@ def test_open_scenes_do_not_pile_up_behind_a_slow_finisher(chips, solo, tmp_path
 def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_path, monkeypatch):
     """Overlap: the stream hands the model batch k+1 before it collects batch k (on an
     asynchronous device the upload of the next batch overlaps the compute of this one);
-    lockstep starts and collects each batch in turn. The outputs are the same."""
+    lockstep starts and collects each batch in turn. An engine of two streams (two steps
+    computed at once, the CPU default) gets one batch more before a collect. The outputs
+    are the same every way."""
     from tilescan.pipeline.engine import Engine
 
     events: list[str] = []
@@ -245,15 +247,20 @@ def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_pat
     five[0].parent.mkdir()
     for k, p in enumerate(five):
         p.write_bytes(chips[k % 3].read_bytes())
-    for mode, want in (("lockstep", ["start", "collect"] * 3),
-                       ("overlap", ["start", "start", "collect", "start", "collect", "collect"])):
+    start, collect = "start", "collect"
+    for mode, streams, want in (("lockstep", 1, [start, collect] * 3),  # one engine per streams value
+                                ("overlap", 1, [start, start, collect, start, collect, collect]),
+                                ("lockstep", 2, [start, start, collect, start, collect, collect]),
+                                ("overlap", 2, [start, start, start, collect, collect, collect])):
         events.clear()
-        out = tmp_path / mode
-        report = run(five, out, _cfg(pipeline=mode, reader_threads=1), log=lambda m: None)
+        out = tmp_path / f"{mode}-{streams}"
+        report = run(five, out, _cfg(pipeline=mode, reader_threads=1, model_streams=streams), log=lambda m: None)
         assert report.exit_code == 0
-        assert events == want, (mode, events)
+        assert events == want, (mode, streams, events)
+        assert json.loads((out / five[0].stem / "run.json").read_text())["runtime"]["model_streams"] == streams
     for p in five:
-        assert_unit_equal(tmp_path / "overlap" / p.stem, tmp_path / "lockstep" / p.stem)
+        for other in ("lockstep-2", "overlap-1", "overlap-2"):
+            assert_unit_equal(tmp_path / other / p.stem, tmp_path / "lockstep-1" / p.stem)
 
 
 def test_jax_one_pass_gradcam_is_dispatched_ahead(tmp_path, monkeypatch):

@@ -113,6 +113,10 @@ class InferenceConfig(_Section):
     precision: str = "float32"
     """``float32``, ``bf16`` (bfloat16 compute, float32 logits and CAMs), or ``auto``
     (bf16 where measured faster: TensorFlow on a CPU with AVX512_BF16 or AMX)."""
+    model_streams: str = "auto"
+    """Model + CAM steps computed at once, each on its own batch (a number, or ``auto``: 2
+    for TensorFlow on the CPU, where a second step fills the cores while the first waits
+    at its sync points; 1 elsewhere). The same results either way (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +338,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("inference", "output_workers", f"must be >= 0, got {i.output_workers}")
     if i.queue_size < 1:
         fail("inference", "queue_size", f"must be >= 1, got {i.queue_size}")
+    if i.model_streams != "auto" and not (i.model_streams.strip().isdigit() and int(i.model_streams) >= 1):
+        fail("inference", "model_streams", f"must be auto or a whole number >= 1, got {i.model_streams!r}")
     o = cfg.output
     if not 0.0 < o.heatmap_scale <= 1.0:
         fail("output", "heatmap_scale", f"must be in (0, 1], got {o.heatmap_scale}")

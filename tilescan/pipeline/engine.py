@@ -45,6 +45,16 @@ def resolve_precision(precision: str, backend: str) -> str:
     return "float32" if model_on_accelerator(backend) else "bf16"
 
 
+def resolve_streams(streams: str, backend: str) -> int:
+    """``[inference] model_streams`` -> how many model + CAM steps run at once. ``auto``: 2
+    for TensorFlow on the CPU (one step leaves cores idle at its sync points, and a second
+    fills them: measured in benchmarks/README.md), 1 on accelerators (their steps are
+    asynchronous already) and for the backends not measured."""
+    if streams != "auto":
+        return int(streams)
+    return 2 if backend == "tensorflow" and not model_on_accelerator(backend) else 1
+
+
 def with_precision(model, precision: str):
     """``model`` itself for float32; for bf16 a clone whose layers compute in bfloat16
     (``mixed_bfloat16``: float32 weights, bf16 activations) except the input normalisation
@@ -86,14 +96,21 @@ class Engine:
         backend = keras.backend.backend()
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
+        self.streams = resolve_streams(cfg.inference.model_streams, backend)
         from ..backend import compilation_cache_dir, describe_device
 
         # backend, device, and a warning when a GPU is there but this backend cannot use it
         self.runtime = {**describe_device(keras), "precision": self.precision, "pipeline": self.pipeline,
-                        "compile_cache": compilation_cache_dir() if backend == "jax" else None}
+                        "model_streams": self.streams, "compile_cache": compilation_cache_dir() if backend == "jax" else None}
         self.model = with_precision(lm.model, self.precision)
         self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
         self.batch_size = cfg.inference.batch_size
+        # several streams: each step on one of these threads (the backend releases the GIL)
+        self._pool = None
+        if self.streams > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="tilescan-model")
         # Trace/compile the step for the run's one batch shape on a side thread while the
         # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
         self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
@@ -116,7 +133,8 @@ class Engine:
 
     def submit(self, x: np.ndarray):
         """Start the step on ``x``; returns a function that waits for its result (see
-        :meth:`~tilescan.explain.cam.CAMMethod.submit`: asynchronous only where the device is)."""
+        :meth:`~tilescan.explain.cam.CAMMethod.submit`: asynchronous where the device is, or
+        with several ``streams``, on one of the engine's threads)."""
         self.ready()
         return self._submit(x)
 
@@ -128,7 +146,10 @@ class Engine:
         if 0 < n < self.batch_size:  # a short last batch: padded, so the step keeps one shape (no retrace)
             x = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
         target = None if self.target is None else np.full(len(x), self.target, dtype=np.int32)
-        collect = self.cam.submit(x, target=target)
+        if self._pool is not None:
+            collect = self._pool.submit(lambda: self.cam.submit(x, target=target)()).result
+        else:
+            collect = self.cam.submit(x, target=target)
         if len(x) == n:
             return collect
         return lambda: collect().rows(0, n)
@@ -148,7 +169,8 @@ def shared_engine(cfg: Config, model_path: str | None = None) -> Engine:
     path = resolve_path(model_path)
     st = os.stat(path)
     key = (str(path), st.st_size, st.st_mtime_ns, cfg.cam.method, cfg.cam.layer, cfg.cam.target_class,
-           cfg.inference.precision, cfg.inference.pipeline, cfg.inference.batch_size, cfg.inference.jit_compile)
+           cfg.inference.precision, cfg.inference.pipeline, cfg.inference.batch_size, cfg.inference.jit_compile,
+           cfg.inference.model_streams)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:

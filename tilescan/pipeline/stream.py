@@ -9,7 +9,8 @@ Four kinds of threads share the work:
   (opening needs only the model's metadata: the first units open while the model loads);
 - the **caller's thread** reads chunks of tiles (lockstep: between model steps, with GDAL
   decoding on every core; overlap: on reader threads, ahead), gathers them into batches
-  of exactly ``batch_size`` that may span units, and runs the model + CAM step;
+  of exactly ``batch_size`` that may span units, and hands them to the model + CAM step
+  (on the CPU, two steps compute at once on the engine's threads: ``model_streams``);
 - the **writer** turns each batch's results into each unit's rows, labels and heat;
 - a **finisher** writes a unit's outputs and moves them into place as soon as its last
   tile is done, while the stream goes on with the next units.
@@ -177,7 +178,7 @@ class Stream:
         self._engine_asked = False  # the opener asked the caller's thread for the engine
         self._warmed = False  # warm_writers submitted
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
-        self._pending: tuple | None = None  # a started batch not yet collected (overlap)
+        self._pending: deque = deque()  # started batches not yet collected, oldest first
         self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
@@ -366,16 +367,16 @@ class Stream:
     def _step(self, pieces: list, x: np.ndarray) -> None:
         """Hand a batch to the model. Overlap: the batch is started before the one before it
         is collected, so where the device works asynchronously (JAX) it receives this batch
-        while it still computes the last one; lockstep: started and collected at once."""
+        while it still computes the last one; lockstep: started and collected at once, or,
+        with an engine of several streams, once that many are started (:meth:`_depth`)."""
         if self.lockstep:  # the model alone on the cores: the writer is done with the last batch
             self._writer.wait_idle()
         t = time.monotonic()
         collect = self._model(pieces, lambda: self.engine.submit(x))
         if collect is None:
             return
-        self._collect()  # the batch before this one
-        self._pending = (pieces, len(x), collect, t)
-        if self.lockstep:
+        self._pending.append((pieces, len(x), collect, t))
+        while len(self._pending) > self._depth():
             self._collect()
 
     def _model(self, pieces: list, call: Callable[[], Any]) -> Any:
@@ -390,11 +391,22 @@ class Stream:
                 self._drop(job, exc)
             return None
 
+    def _depth(self) -> int:
+        """How many started batches stay uncollected once a new one has started: lockstep
+        collects each at once unless the engine computes several (``streams``) at a time;
+        overlap keeps one more started, so the engine has the next batch before it is idle."""
+        streams = getattr(self.engine, "streams", 1)
+        return streams - 1 if self.lockstep else streams
+
+    def _collect_all(self) -> None:
+        while self._pending:
+            self._collect()
+
     def _collect(self) -> None:
         """The started batch's result (if any) to the writer, as rows per unit."""
-        if self._pending is None:
+        if not self._pending:
             return
-        (pieces, n_x, collect, t), self._pending = self._pending, None
+        pieces, n_x, collect, t = self._pending.popleft()
         res = self._model(pieces, collect)
         if res is None:
             return
@@ -527,11 +539,11 @@ class Stream:
                         self._writer.put(("check", job))
                 stop.check()
                 batcher.flush()
-                self._collect()
+                self._collect_all()
             except stop.Interrupted as intr:
                 self.interrupted = intr
                 reads.close()  # readers stopped; opened but unread units are not started
-                self._collect()  # a batch the model has started is finished, not thrown away
+                self._collect_all()  # batches the model has started are finished, not thrown away
                 with self._lock:
                     jobs = sorted(self.in_flight.values(), key=lambda j: j.index)
                 for job in jobs:  # every tile through the model: finished; the rest dropped
