@@ -11,7 +11,8 @@ Run from the project root::
 What it measures, at the default config (``tilescan.config`` / ``configs/default.toml``):
 
 1. ``model``     model-only throughput (tiles/s): the packaged model's forward pass
-                 (``model.predict_on_batch``) on ready batches of real tiles;
+                 (``model.predict_on_batch``) on ready batches of real tiles, as many batches
+                 at once as the engine computes (``[inference] model_streams``);
 2. ``gradcam``   the model + vectorised Grad-CAM step exactly as ``tilescan run`` calls it
                  (``tilescan.pipeline.engine.Engine``: probabilities + raw and normalised CAMs);
 3. ``tutorial``  the per-image Grad-CAM of the Keras tutorial (one image at a time, eager
@@ -31,7 +32,8 @@ Variants are measured in ONE process and alternated round by round so that load 
 processes hits them alike; the table reports medians and ratios. The end-to-end runs are
 bracketed by model-only measurements taken just before and after each one, and (4)/(1) uses
 those brackets. Sweeps (``--sweep``) vary one choice at a time: batch size, reader threads,
-TensorFlow intra-op threads, XLA ``jit_compile``, bf16, input-scene and output compression.
+TensorFlow intra-op threads, model steps at once (``streams``), XLA ``jit_compile``, bf16,
+input-scene and output compression.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ LANDSAT_BANDS = (3, 2, 1)  # the file stores B, G, R; the model takes R, G, B
 SECTIONS = ("model", "gradcam", "tutorial", "e2e", "rss", "help")
 EXTRA_SECTIONS = ("profile",)  # only on request: where the time of one end-to-end run goes
 SWEEPS = ("batch", "batch-e2e", "pipeline", "pipeline-loaded", "threads", "intra", "jit", "bf16", "compress",
-          "scene-compress", "queue")
+          "scene-compress", "queue", "streams")
 
 # Tolerance for bf16 (stated, checked by the bf16 sweep): at least 99% of tiles keep their
 # float32 label, every changed label is a near tie in float32 (top-2 probability margin
@@ -800,6 +802,9 @@ def run_sweep(name: str, cfg, over: dict, rounds: int, quick: bool, scenes_dir: 
         variants = {f"batch_size={n}": (scene, with_("inference", batch_size=n), {}) for n in (32, 64, 128)}
     elif name == "threads":
         variants = {f"reader_threads={n}": (scene, with_("inference", pipeline="overlap", reader_threads=n), {}) for n in (1, 2, 4)}
+    elif name == "streams":  # model + CAM steps computed at once ([inference] model_streams)
+        variants = {f"model_streams={n}": (scene, with_("inference", model_streams=str(n)), {}) for n in (1, 2, 3)}
+        variants["pipeline=overlap, model_streams=2"] = (scene, with_("inference", pipeline="overlap", model_streams="2"), {})
     elif name == "queue":
         variants = {f"queue_size={n}": (scene, with_("inference", queue_size=n), {}) for n in (2, 4, 8)}
     elif name in ("pipeline", "pipeline-loaded"):
