@@ -411,3 +411,24 @@ def _raised(fn, *args) -> list[BaseException]:
     except BaseException as exc:  # noqa: BLE001
         return [exc]
     return []
+
+
+def test_auto_model_streams_follow_the_backend_and_the_usable_cores(monkeypatch):
+    """``model_streams = "auto"``: two steps at once for TensorFlow on a CPU of two or more
+    usable cores; one on a single core (taskset, a one-CPU Slurm task), on a GPU and with the
+    other backends; a number is taken as given."""
+    import os
+
+    import tilescan.pipeline.engine as engine_module
+    from tilescan.pipeline.engine import resolve_streams
+
+    monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert resolve_streams("auto", "tensorflow") == 2
+    assert resolve_streams("auto", "jax") == resolve_streams("auto", "torch") == 1
+    assert resolve_streams("3", "jax") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert resolve_streams("auto", "tensorflow") == 1 and resolve_streams("2", "tensorflow") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: True)
+    assert resolve_streams("auto", "tensorflow") == 1

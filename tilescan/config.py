@@ -115,8 +115,9 @@ class InferenceConfig(_Section):
     (bf16 where measured faster: TensorFlow on a CPU with AVX512_BF16 or AMX)."""
     model_streams: str = "auto"
     """Model + CAM steps computed at once, each on its own batch (a number, or ``auto``: 2
-    for TensorFlow on the CPU, where a second step fills the cores while the first waits
-    at its sync points; 1 elsewhere). The same results either way (benchmarks/README.md)."""
+    for TensorFlow on a CPU of two or more usable cores, where a second step fills the cores
+    while the first waits at its sync points; 1 elsewhere). The same results either way
+    (benchmarks/README.md)."""
 
 
 @dataclass(frozen=True)

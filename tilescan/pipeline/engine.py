@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Sequence
 
@@ -47,12 +48,22 @@ def resolve_precision(precision: str, backend: str) -> str:
 
 def resolve_streams(streams: str, backend: str) -> int:
     """``[inference] model_streams`` -> how many model + CAM steps run at once. ``auto``: 2
-    for TensorFlow on the CPU (one step leaves cores idle at its sync points, and a second
-    fills them: measured in benchmarks/README.md), 1 on accelerators (their steps are
+    for TensorFlow on a CPU of two cores or more that this process may use (one step leaves
+    cores idle at its sync points, and a second fills them; on one core it only adds
+    switching: measured in benchmarks/README.md), 1 on accelerators (their steps are
     asynchronous already) and for the backends not measured."""
     if streams != "auto":
         return int(streams)
-    return 2 if backend == "tensorflow" and not model_on_accelerator(backend) else 1
+    on_cpu = backend == "tensorflow" and not model_on_accelerator(backend)
+    return 2 if on_cpu and usable_cores() >= 2 else 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: ``taskset``, a Slurm or cgroup cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def with_precision(model, precision: str):
@@ -162,8 +173,6 @@ _ENGINES_LOCK = threading.Lock()
 def shared_engine(cfg: Config, model_path: str | None = None) -> Engine:
     """The process's engine for this model and these settings: loaded and compiled once per
     process, so a notebook or a worker calling ``tilescan.run`` again starts at once."""
-    import os
-
     from ..model import model_path as resolve_path
 
     path = resolve_path(model_path)
