@@ -346,7 +346,7 @@ class ModelBench:
         self.fwd = model_only(self.engine.model)
         self._tutorial = None
         # as many batches at once as the engine computes at once ([inference] model_streams)
-        self.streams = getattr(self.engine, "streams", 1)
+        self.streams = self.engine.streams
         self._pool = None
         if self.streams > 1:
             from concurrent.futures import ThreadPoolExecutor

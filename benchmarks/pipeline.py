@@ -66,6 +66,7 @@ class NoopEngine:
         self.batch_size = batch_size
         self.cam = type("Layer", (), {"layer": "noop"})()
         self.pipeline, self.precision = pipeline, "float32"
+        self.streams = 1  # one step at a time, as the engine on a GPU
         self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": pipeline}
 
     def ready(self) -> None:

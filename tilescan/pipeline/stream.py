@@ -395,17 +395,14 @@ class Stream:
         """How many started batches stay uncollected once a new one has started: lockstep
         collects each at once unless the engine computes several (``streams``) at a time;
         overlap keeps one more started, so the engine has the next batch before it is idle."""
-        streams = getattr(self.engine, "streams", 1)
-        return streams - 1 if self.lockstep else streams
+        return self.engine.streams - 1 if self.lockstep else self.engine.streams
 
     def _collect_all(self) -> None:
         while self._pending:
             self._collect()
 
     def _collect(self) -> None:
-        """The started batch's result (if any) to the writer, as rows per unit."""
-        if not self._pending:
-            return
+        """The oldest started batch's result to the writer, as rows per unit."""
         pieces, n_x, collect, t = self._pending.popleft()
         res = self._model(pieces, collect)
         if res is None:
