@@ -67,6 +67,9 @@ class NoopEngine:
         self.cam = type("Layer", (), {"layer": "noop"})()
         self.pipeline, self.precision = pipeline, "float32"
         self.streams = 1  # one step at a time, as the engine on a GPU
+        from tilescan.backend import usable_cores
+
+        self.cores = usable_cores()
         self.runtime = {"backend": "none (no-op model)", "precision": "float32", "pipeline": pipeline}
 
     def ready(self) -> None:

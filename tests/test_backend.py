@@ -114,3 +114,122 @@ def test_jax_caches_every_compiled_step(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1]) == [str(tmp_path / "cache"), 0.0]
+
+
+# ----------------------------------------------------------------------------- CPU cores
+
+
+def _fake_proc(tmp_path, cgroup: str, mounts: list[str]):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text("".join(f"{i} 1 0:{i} {m}\n" for i, m in enumerate(mounts, 30)))
+    return str(proc)
+
+
+def test_cgroup_v2_quota_of_the_process_and_the_folders_above(tmp_path):
+    """A container's CPU limit (cgroup v2 ``cpu.max``), set on its own cgroup or a parent:
+    the smallest counts; ``max`` is no limit."""
+    from tilescan.backend import cgroup_cpu_quota
+
+    root = tmp_path / "cg"
+    pod = root / "kubepods" / "pod1"
+    pod.mkdir(parents=True)
+    (root / "cpu.max").write_text("max 100000\n")
+    (root / "kubepods" / "cpu.max").write_text("400000 100000\n")
+    (pod / "cpu.max").write_text("150000 100000\n")
+    proc = _fake_proc(tmp_path, "0::/kubepods/pod1\n", [f"/ {root} rw,nosuid - cgroup2 cgroup2 rw"])
+    assert cgroup_cpu_quota(proc) == 1.5
+    (pod / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(proc) == 4.0
+    (root / "kubepods" / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(proc) is None
+
+
+def test_cgroup_v1_quota_in_a_container_namespace(tmp_path):
+    """cgroup v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), as a container sees it: its
+    cgroup is the mount's root; ``-1`` is no limit; other controllers are not read."""
+    from tilescan.backend import cgroup_cpu_quota
+
+    cpu, mem = tmp_path / "cpu", tmp_path / "memory"
+    cpu.mkdir()
+    mem.mkdir()
+    (cpu / "cpu.cfs_quota_us").write_text("200000\n")
+    (cpu / "cpu.cfs_period_us").write_text("100000\n")
+    (mem / "cpu.cfs_quota_us").write_text("50000\n")  # not the cpu controller: ignored
+    (mem / "cpu.cfs_period_us").write_text("100000\n")
+    proc = _fake_proc(tmp_path, "5:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n",
+                      [f"/docker/abc {cpu} rw - cgroup cgroup rw,cpu,cpuacct",
+                       f"/docker/abc {mem} rw - cgroup cgroup rw,memory"])
+    assert cgroup_cpu_quota(proc) == 2.0
+    (cpu / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(proc) is None
+
+
+def test_no_quota_when_the_files_are_missing(tmp_path):
+    from tilescan.backend import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(str(tmp_path / "nowhere")) is None
+    assert cgroup_cpu_quota(_fake_proc(tmp_path, "0::/a\n", [f"/ {tmp_path / 'gone'} rw - cgroup2 cgroup2 rw"])) is None
+
+
+def test_usable_cores_take_the_smaller_of_affinity_and_quota(monkeypatch):
+    import tilescan.backend as backend
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda proc="/proc/self": 1.5)
+    assert backend.cpu_budget() == {"cores": 2, "affinity": 16, "quota": 1.5}  # a fraction rounds up
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda proc="/proc/self": 0.25)
+    assert backend.usable_cores() == 1
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda proc="/proc/self": 64.0)
+    assert backend.usable_cores() == 16
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda proc="/proc/self": None)
+    assert backend.usable_cores() == 16
+
+
+def _cpu_limited_cgroup(tmp_name: str):
+    """A real cgroup with a quota of one CPU (v1 ``cpu`` controller or v2), or a skip."""
+    if os.geteuid() != 0:
+        pytest.skip("making a cgroup needs root")
+    v1 = "/sys/fs/cgroup/cpu"
+    if os.path.isfile(os.path.join(v1, "cpu.cfs_quota_us")):
+        folder = os.path.join(v1, tmp_name)
+        files = {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"}
+    elif os.path.isfile("/sys/fs/cgroup/cgroup.controllers"):
+        folder = os.path.join("/sys/fs/cgroup", tmp_name)
+        files = {"cpu.max": "100000 100000"}
+    else:
+        pytest.skip("no cgroup CPU controller mounted at /sys/fs/cgroup")
+    try:
+        os.mkdir(folder)
+        for name, value in files.items():
+            with open(os.path.join(folder, name), "w") as fh:
+                fh.write(value)
+    except OSError as exc:
+        if os.path.isdir(folder):
+            os.rmdir(folder)
+        pytest.skip(f"cannot make a CPU-limited cgroup here: {exc}")
+    return folder
+
+
+def test_a_cpu_limited_cgroup_sizes_the_run(tmp_path):
+    """In a real cgroup with a one-CPU quota (a container with ``limits.cpu: 1``) on a
+    machine of two cores or more: ``tilescan info --runtime`` counts one usable core, runs
+    one model step at a time and gives TensorFlow one compute thread."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a machine of two cores or more")
+    folder = _cpu_limited_cgroup(f"tilescan-test-{os.getpid()}")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "TF_NUM_INTRAOP_THREADS"}
+        code = ("import os, sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid()));"
+                "from tilescan.cli import main; main(['info', '--runtime'])")
+        p = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, timeout=300,
+                           env=env)
+        assert p.returncode == 0, p.stderr
+        rt = json.loads(p.stdout)["runtime"]
+        assert rt["cpu"] == {"cores": 1, "affinity": len(os.sched_getaffinity(0)), "quota": 1.0,
+                             "tf_intra_op_threads": 1}
+        if rt["device"] == "cpu":
+            assert rt["model_streams"]["used"] == 1
+    finally:
+        os.rmdir(folder)  # the process has left it

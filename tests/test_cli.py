@@ -81,7 +81,7 @@ def test_info_runtime_shows_backend_device_and_precision():
     on_cpu = rt["device"] == "cpu"
     assert rt["precision"]["auto"] == ("bf16" if on_cpu and cpu_has_bf16() else "float32")
     assert rt["pipeline"] == {"setting": "auto", "used": "lockstep" if on_cpu else "overlap"}
-    from tilescan.pipeline.engine import usable_cores
+    from tilescan.backend import usable_cores
 
     assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu and usable_cores() >= 2 else 1}
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too

@@ -6,6 +6,7 @@ for TensorFlow's import.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -20,6 +21,8 @@ def import_keras(verbosity: int | None = None):
     if verbosity is not None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbosity <= 0 else "0")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" not in sys.modules:
+        tensorflow_threads()
     quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
     if not quiet or "keras" in sys.modules:
         import keras
@@ -85,6 +88,105 @@ def cpu_has_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+# ----------------------------------------------------------------------------- CPU cores
+
+
+def usable_cores() -> int:
+    """The cores this process may keep busy: those it may run on (its affinity: ``taskset``,
+    a Slurm or cgroup cpuset), fewer where its cgroup's CPU quota allows less (a container's
+    CPU limit, e.g. Kubernetes' ``limits.cpu``; a fraction rounds up)."""
+    return cpu_budget()["cores"]
+
+
+def cpu_budget(proc: str = "/proc/self") -> dict:
+    """``cores`` (see :func:`usable_cores`), ``affinity`` (how many cores the process may
+    run on) and ``quota`` (the CPUs its cgroup quota allows, None when unlimited or unknown)."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc)
+    cores = affinity if quota is None else max(1, min(affinity, math.ceil(quota - 1e-9)))
+    return {"cores": cores, "affinity": affinity, "quota": quota}
+
+
+def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
+    """The CPUs this process's cgroup (or one above it) may use per period, as
+    ``cpu.max`` (cgroup v2) or ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (v1) set it;
+    None when no quota is set or the files cannot be read. ``proc``: where the process's
+    ``cgroup`` and ``mountinfo`` files are."""
+    try:
+        with open(os.path.join(proc, "cgroup")) as fh:
+            memberships = [line.rstrip("\n").split(":", 2) for line in fh if line.count(":") >= 2]
+        with open(os.path.join(proc, "mountinfo")) as fh:
+            mounts = [line.split() for line in fh]
+    except OSError:
+        return None
+    limits = []
+    for fields in mounts:
+        if "-" not in fields:
+            continue
+        root, mount_point = fields[3], fields[4]
+        i = fields.index("-")
+        fstype, options = fields[i + 1], fields[i + 3].split(",") if len(fields) > i + 3 else []
+        if fstype == "cgroup2":
+            member = next((m[2] for m in memberships if m[0] == "0" and m[1] == ""), None)
+        elif fstype == "cgroup" and "cpu" in options:
+            member = next((m[2] for m in memberships if "cpu" in m[1].split(",")), None)
+        else:
+            continue
+        if member is None:
+            continue
+        limits += _quotas_up(mount_point, root, member, fstype == "cgroup2")
+    return min(limits) if limits else None
+
+
+def _quotas_up(mount_point: str, root: str, member: str, v2: bool) -> list[float]:
+    """The CPU quotas set on the process's cgroup folder under ``mount_point`` and on each
+    folder above it up to the mount point (a container sees its own cgroup as the root)."""
+    rel = os.path.relpath(member, root) if member.startswith(root) else "."
+    folder = os.path.normpath(os.path.join(mount_point, rel))
+    if not os.path.isdir(folder):
+        folder = mount_point
+    found = []
+    while True:
+        q = _read_quota(folder, v2)
+        if q is not None:
+            found.append(q)
+        if os.path.normpath(folder) == os.path.normpath(mount_point):
+            return found
+        folder = os.path.dirname(folder)
+
+
+def _read_quota(folder: str, v2: bool) -> float | None:
+    """The quota in CPUs set in one cgroup folder, or None (unlimited, or no such file)."""
+    try:
+        if v2:
+            with open(os.path.join(folder, "cpu.max")) as fh:
+                quota, period = (fh.read().split() + ["100000"])[:2]
+            if quota == "max":
+                return None
+        else:
+            with open(os.path.join(folder, "cpu.cfs_quota_us")) as fh:
+                quota = fh.read().strip()
+            with open(os.path.join(folder, "cpu.cfs_period_us")) as fh:
+                period = fh.read().strip()
+        q, p = int(quota), int(period)
+    except (OSError, ValueError):
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def tensorflow_threads() -> None:
+    """Size TensorFlow's compute thread pool by :func:`usable_cores` where a cgroup quota
+    allows fewer cores than the process may run on: TensorFlow counts only the latter, and
+    its threads then wait on the quota (benchmarks/README.md). A ``TF_NUM_INTRAOP_THREADS``
+    the user set wins. Call before TensorFlow starts."""
+    budget = cpu_budget()
+    if budget["cores"] < budget["affinity"]:
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(budget["cores"]))
 
 
 # ----------------------------------------------------------------------------- devices
@@ -163,8 +265,10 @@ def device_warning(backend: str, backend_gpus: list[str], gpu_visible: bool) -> 
 def describe_device(keras=None) -> dict:
     """Which Keras backend and device tilescan computes on: ``backend``, ``device`` ("cpu" or
     the first accelerator), ``accelerators`` (all the backend uses), ``host_gpus`` and
-    ``gpu_visible`` (what the machine shows), and ``warning`` (a string when a GPU is there
-    but unused, else None). Imports Keras when ``keras`` is not given."""
+    ``gpu_visible`` (what the machine shows), ``warning`` (a string when a GPU is there
+    but unused, else None), and ``cpu``: :func:`cpu_budget` and the compute threads
+    TensorFlow was told to use (``TF_NUM_INTRAOP_THREADS``; None: its own choice, one per
+    core it may run on). Imports Keras when ``keras`` is not given."""
     if keras is None:
         keras = import_keras()
     backend = keras.backend.backend()
@@ -178,4 +282,12 @@ def describe_device(keras=None) -> dict:
         "host_gpus": host,
         "gpu_visible": bool(host),
         "warning": device_warning(backend, accelerators, bool(host)),
+        "cpu": {**cpu_budget(), "tf_intra_op_threads": _env_int("TF_NUM_INTRAOP_THREADS")},
     }
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..backend import cpu_has_bf16
+from ..backend import cpu_has_bf16, usable_cores
 from ..config import Config
 from ..errors import ConfigError
 from ..explain.cam import resolve_target as _resolve_class
@@ -58,14 +58,6 @@ def resolve_streams(streams: str, backend: str) -> int:
     return 2 if on_cpu and usable_cores() >= 2 else 1
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: ``taskset``, a Slurm or cgroup cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
 def with_precision(model, precision: str):
     """``model`` itself for float32; for bf16 a clone whose layers compute in bfloat16
     (``mixed_bfloat16``: float32 weights, bf16 activations) except the input normalisation
@@ -108,6 +100,7 @@ class Engine:
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
         self.streams = resolve_streams(cfg.inference.model_streams, backend)
+        self.cores = usable_cores()  # the cores this process may keep busy (affinity, cgroup quota)
         from ..backend import compilation_cache_dir, describe_device
 
         # backend, device, and a warning when a GPU is there but this backend cannot use it

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import shutil
 import threading
 import time
@@ -117,7 +116,7 @@ class UnitJob:
         self.engine = engine
         self.t0 = max(self.t0, ready_at)
         if engine.pipeline == "lockstep":  # reads run between model steps: GDAL may use every core
-            self.reader.decode_threads = os.cpu_count() or 1
+            self.reader.decode_threads = engine.cores
 
     # -- read (reader threads)
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..backend import usable_cores
 from ..errors import ConfigError, OutputError
 from ..log import emit
 from ..outputs.files import csv_text, write_json, write_text
@@ -56,7 +57,7 @@ SEED = 20261126
 
 
 def _workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))
+    return max(2, min(8, usable_cores()))
 
 
 # ---------------------------------------------------------------------------- predicting
