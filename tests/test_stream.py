@@ -419,9 +419,11 @@ def test_auto_model_streams_follow_the_backend_and_the_usable_cores(monkeypatch)
     other backends; a number is taken as given."""
     import os
 
+    import tilescan.backend
     import tilescan.pipeline.engine as engine_module
     from tilescan.pipeline.engine import resolve_streams
 
+    monkeypatch.setattr(tilescan.backend, "cgroup_cpu_quota", lambda proc="/proc/self": None)  # not this machine's
     monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert resolve_streams("auto", "tensorflow") == 2
