@@ -233,3 +233,58 @@ def test_a_cpu_limited_cgroup_sizes_the_run(tmp_path):
             assert rt["model_streams"]["used"] == 1
     finally:
         os.rmdir(folder)  # the process has left it
+
+
+# ----------------------------------------------------------------------------- Keras' import and the collector
+
+_IMPORT_GC = """
+import gc, json, sys
+from tilescan import backend
+if sys.argv[1] == "off":
+    gc.disable()
+if sys.argv[1] == "own":
+    backend.own_process()
+collections = []
+gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "stop" else None)
+backend.import_keras(verbosity=0)
+print(json.dumps({"collections": collections, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["library", "off", "own"])
+def test_keras_import_runs_no_collection_and_leaves_the_collector_as_it_was(mode):
+    """Keras' import creates objects by the million that all stay: no full garbage collection
+    runs meanwhile (before, several walked them all for nothing). The collector is on or off
+    afterwards as it was; only in tilescan's own process is anything frozen, and there not
+    even a young collection walks the import's objects."""
+    p = subprocess.run([sys.executable, "-c", _IMPORT_GC, mode], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 2 not in got["collections"]
+    if mode == "own":
+        assert got["collections"] == []
+    assert got["enabled"] is (mode != "off")
+    if mode == "own":
+        assert got["frozen"] > 100_000  # Keras and its backend, out of every later collection's way
+    else:
+        assert got["frozen"] == 0  # a program using tilescan as a library keeps its collector as it was
+
+
+def test_the_tilescan_command_owns_its_process():
+    """The console script and ``python -m tilescan`` go through ``tilescan.cli.entry``, which
+    freezes what Keras' import left (so the exit does not walk it); ``main`` alone, as
+    click's test runner and a program calling it use it, does not."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "tilescan"]
+    assert script.value == "tilescan.cli:entry"
+    at_exit = "import atexit, gc, runpy, sys; atexit.register(lambda: print('FROZEN', gc.get_freeze_count()));"
+    runs = {"python -m tilescan": "sys.argv[1:] = ['info', '--runtime']; runpy.run_module('tilescan', run_name='__main__')",
+            "python -m tilescan.cli": "sys.argv[1:] = ['info', '--runtime']; runpy.run_module('tilescan.cli', run_name='__main__')",
+            "main()": "from tilescan.cli import main; main(['info', '--runtime'])"}
+    for how, code in runs.items():
+        p = subprocess.run([sys.executable, "-c", at_exit + code], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (how, p.stderr)
+        info, _, frozen = p.stdout.rpartition("FROZEN")
+        assert json.loads(info)["runtime"]["backend"]
+        assert (int(frozen) > 100_000) is (how != "main()"), (how, frozen)

@@ -6,11 +6,46 @@ for TensorFlow's import.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 import sys
 
 from .log import STDERR_LOCK
+
+
+#: True in the ``tilescan`` command's process (:func:`own_process`), False where tilescan is
+#: a library inside someone else's program.
+_OWN_PROCESS = False
+
+
+def own_process() -> None:
+    """Say that this process is tilescan's own (the ``tilescan`` command, :func:`tilescan.cli.entry`):
+    what Keras' import leaves in memory then stays out of the garbage collector's way until
+    the process ends (:func:`_keras_import_gc`). Not for a program that uses tilescan as a
+    library: it would do the same to that program's objects."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
+
+@contextlib.contextmanager
+def _keras_import_gc():
+    """The cyclic garbage collector paused while Keras and its backend are imported: the
+    import creates objects by the million that all stay, so the full collections it would
+    trigger meanwhile walk them all and find nothing. The collector is left on or off as it
+    was. In tilescan's own process (:func:`own_process`) the objects alive after the import
+    are then frozen (``gc.freeze``): later full collections, and the one at the process's
+    exit, no longer walk them (benchmarks/README.md, "Start-up and exit")."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        if _OWN_PROCESS:
+            gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def import_keras(verbosity: int | None = None):
@@ -21,30 +56,34 @@ def import_keras(verbosity: int | None = None):
     if verbosity is not None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbosity <= 0 else "0")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "tensorflow" not in sys.modules:
-        tensorflow_threads()
-    quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
-    if not quiet or "keras" in sys.modules:
+    if "keras" in sys.modules:
         import keras
 
         _compilation_cache(keras)
         return keras
-    with STDERR_LOCK:  # no other thread's message goes to /dev/null meanwhile
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 2)
+    quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
+    with _keras_import_gc():
+        if "tensorflow" not in sys.modules:
+            tensorflow_threads()
+        if not quiet:
             import keras
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        else:
+            with STDERR_LOCK:  # no other thread's message goes to /dev/null meanwhile
+                sys.stderr.flush()
+                saved = os.dup(2)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, 2)
+                    import keras
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                    os.close(devnull)
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
 
-        tf.get_logger().setLevel("ERROR")
-    _compilation_cache(keras)
+                tf.get_logger().setLevel("ERROR")
+        _compilation_cache(keras)
     return keras
 
 

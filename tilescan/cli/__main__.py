@@ -1,3 +1,3 @@
-from .commands import main
+from . import entry
 
-main()
+entry()
