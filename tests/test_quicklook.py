@@ -204,3 +204,66 @@ def test_palette_well_separated():
     many = srgb_to_lab(np.array(class_colors(60), float))
     assert np.sqrt(((many[:, None] - many[None]) ** 2).sum(-1))[np.triu_indices(60, 1)].min() > 20
     assert class_colors(60)[:30] == class_colors(30) == class_colors(30)
+
+
+WARNING_RGB = (178, 24, 24)
+
+
+def _warning_ink(image: np.ndarray) -> np.ndarray:
+    """Rows of ``image`` holding pixels of exactly the warning's colour."""
+    return np.flatnonzero((image == WARNING_RGB).all(axis=2).any(axis=1))
+
+
+def test_a_warning_is_written_under_the_legend(tmp_path, scene_path):
+    """A quicklook with a warning (a scene outside the model's scale) is the same picture with
+    the warning, in red, on rows of its own under the legend; wrapped to the picture's width."""
+    rgb, valid, (W, H) = preview_of(scene_path(RGB_BYTE), 400)
+    labels = distinct_labels(*grid_shape(W, H, 128, 128))
+    heat = np.linspace(0, 1, 30 * 30, dtype=np.float32).reshape(30, 30)
+    kw = dict(scene_size=(W, H), tile_px=128)
+    plain = np.asarray(Image.open(write_quicklook(tmp_path / "a.png", rgb, valid, labels, heat, CLASSES, **kw)))
+    text = "these labels are not meaningful at this scale: " + "a long explanation " * 12
+    warned = np.asarray(Image.open(write_quicklook(tmp_path / "b.png", rgb, valid, labels, heat, CLASSES,
+                                                   warning=text, **kw)))
+    assert warned.shape[1] == plain.shape[1] and warned.shape[0] > plain.shape[0]
+    lay = quicklook_layout(rgb.shape[1], rgb.shape[0])
+    below = lay.title_h + rgb.shape[0]
+    np.testing.assert_array_equal(warned[:below], plain[:below])  # the panels and titles as they were
+    assert not len(_warning_ink(plain))
+    rows = _warning_ink(warned)
+    assert len(rows) and rows.min() > below
+    # more than one line: the text is wrapped, not cut at the picture's edge
+    assert (np.diff(rows) > 1).any()
+    ink = (warned == WARNING_RGB).all(axis=2)
+    assert not ink[:, lay.width - lay.pad:].any()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_run_writes_the_scale_warning_on_the_quicklook(tmp_path, scene_path):
+    """``tilescan run``: the 300 m scene's quicklook carries its scale warning, the NAIP scene's
+    (at the model's scale) none."""
+    out = tmp_path / "out"
+    res = invoke(["run", scene_path(RGB_BYTE), scene_path(NAIP), "-o", out, "--no-progress", "-q"])
+    assert res.exit_code == 0, res.output
+    coarse = np.asarray(Image.open(out / "RGB.byte" / "quicklook.png").convert("RGB"))
+    fine = np.asarray(Image.open(out / "m_4709963_se_14_1_20190904" / "quicklook.png").convert("RGB"))
+    assert len(_warning_ink(coarse)) and not len(_warning_ink(fine))
+
+
+def test_scale_notes_from_the_structured_warnings():
+    """What the quicklook says, from ``run.json``'s ``warning_details`` of each kind."""
+    from tilescan.pipeline.process import _scale_note
+    from tilescan.scene.grid import TilingPlan
+
+    def plan(scene_gsd):
+        return TilingPlan(tile_px=128, stride_px=128, units="px", reason="", scale="x", scene_gsd_m=scene_gsd,
+                          input_gsd_m=scene_gsd, tile_footprint_m=None if scene_gsd is None else 128 * scene_gsd,
+                          model_input_gsd_m=(1.345, 45.21), model_input_size=128)
+
+    coarse = _scale_note([{"code": "tiling", "message": "other"}, plan(78_000.0).warning("w.tif")])
+    assert "not meaningful" in coarse and "78 km per model input pixel, coarser" in coarse and "1.34–45.2 m" in coarse
+    fine = _scale_note([plan(0.05).warning("f.tif")])
+    assert "0.05 m per model input pixel, finer" in fine
+    unknown = _scale_note([plan(None).warning("u.tif")])
+    assert "unknown" in unknown and "1.34–45.2 m" in unknown
+    assert _scale_note([]) is None and plan(5.0).warning("ok.tif") is None

@@ -29,6 +29,8 @@ _OUTLINE_RGB = (24, 24, 24)
 
 _HEAT_CAPTION = "Grad-CAM (0 = no evidence, 1 = strongest)"
 
+_WARNING_RGB = (178, 24, 24)  # the warning under the legend
+
 
 @dataclasses.dataclass(frozen=True)
 class QuicklookLayout:
@@ -125,7 +127,8 @@ def _wrap(size: int, text: str, width: int) -> list[str]:
 def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_valid: np.ndarray | None,
                     labels: np.ndarray | None, heat: np.ndarray | None, classes: Sequence[str], *,
                     scene_size: tuple[int, int] | None = None, tile_px: int | None = None,
-                    stride: int | None = None, row_offset: int = 0, outlines: bool = False) -> Path:
+                    stride: int | None = None, row_offset: int = 0, outlines: bool = False,
+                    warning: str | None = None) -> Path:
     """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
@@ -138,7 +141,9 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     (where tiles overlap, each pixel shows the tile whose centre is nearest, the later
     one on a tie).
     ``outlines`` draws the tile borders. ``heat`` (any size, NaN or negative = nodata;
-    e.g. from :func:`read_heatmap_preview`) is stretched over the scene.
+    e.g. from :func:`read_heatmap_preview`) is stretched over the scene. ``warning`` (e.g.
+    that the labels are outside the model's scale) is written in red under the legend, so
+    the picture does not travel without it.
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
@@ -147,7 +152,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     label_panel, present = _label_panel(rgb, valid, scene_panel, labels, len(classes), scene_size, tile_px,
                                         stride, row_offset, outlines)
     heat_panel, has_heat = _heat_panel(rgb, valid, scene_panel, heat)
-    image = _compose((scene_panel, label_panel, heat_panel), has_heat, present, classes, palette)
+    image = _compose((scene_panel, label_panel, heat_panel), has_heat, present, classes, palette, warning)
     _write_png(path, image)
     return Path(path)
 
@@ -400,9 +405,10 @@ def _legend_lines(s: int, present: list[int], classes: list[str], legend_w: int)
     return lines
 
 
-def _compose(panels, has_heat: bool, present: list[int], classes: list[str], palette: np.ndarray) -> np.ndarray:
+def _compose(panels, has_heat: bool, present: list[int], classes: list[str], palette: np.ndarray,
+             warning: str | None = None) -> np.ndarray:
     """The quicklook (H, W, 3) uint8: the three (h, w, 3) uint8 panels under their titles,
-    the legend and the colour bar."""
+    the legend (and the warning under it) and the colour bar."""
     h, w = panels[0].shape[:2]
     lay = quicklook_layout(w, h)
     s, pad = lay.font_px, lay.pad
@@ -411,7 +417,8 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     # the legend goes under the scene and label panels, the colour bar under the heat panel
     legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad
     lines = _legend_lines(s, present, classes, legend_w)
-    legend_h = (len(lines) * row_h + 2 * pad) if lines else 0
+    warned = _wrap(s, f"Warning: {warning}", legend_w) if warning else []
+    legend_h = ((len(lines) + len(warned)) * row_h + 2 * pad) if lines or warned else 0
     bx, by, bx1, by1 = lay.colorbar_box()
     bar_w, bar_h, tick = bx1 - bx, by1 - by, max(3, s // 3)
     caption = _wrap(s, _HEAT_CAPTION, bar_w) if has_heat else []
@@ -432,6 +439,9 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
         if has_heat:
             _draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
         _draw_legend(draw, font, lines, classes, palette, pad, lay.title_h + h + pad, s, row_h)
+        y = lay.title_h + h + pad + len(lines) * row_h + (row_h - s) // 2
+        for j, line in enumerate(warned):
+            draw.text((pad, y + j * row_h), line, fill=_WARNING_RGB, font=font)
 
     # Pillow draws on the rows above and below the panels only, unless something drawn there
     # would reach into the panels (then on the whole image: the same pixels either way)

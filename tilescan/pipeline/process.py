@@ -343,7 +343,25 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
         full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
         full_labels[job.r0:job.r1] = job.labels
     job.in_helper(write_quicklook, job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview,
-                  job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride)
+                  job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
+                  warning=_scale_note(job.details))
+
+
+def _scale_note(details: list[dict]) -> str | None:
+    """What the quicklook says under its legend when the labels are outside the model's
+    scale (or it cannot be known): from the unit's structured warning, without its path."""
+    for d in details:
+        lo, hi = d.get("model_input_gsd_m") or (None, None)
+        if d["code"] == "scale_out_of_range":
+            side = "coarser" if d["input_gsd_m"] > hi else "finer"
+            gsd = d["input_gsd_m"]
+            at = f"{gsd / 1000:.3g} km" if gsd >= 1000 else f"{gsd:.3g} m"
+            return (f"these labels are not meaningful at this scale: {at} per model input pixel, {side} than "
+                    f"the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
+        if d["code"] == "scale_unknown":
+            return (f"the scene's ground scale is unknown, so these labels could not be checked against the "
+                    f"model's range of {lo:.3g}–{hi:.3g} m per input pixel (run.json: warning_details)")
+    return None
 
 
 def _manifest(job: UnitJob, total: float) -> dict:
