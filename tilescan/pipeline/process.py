@@ -353,8 +353,8 @@ def _scale_note(details: list[dict]) -> str | None:
     for d in details:
         lo, hi = d.get("model_input_gsd_m") or (None, None)
         if d["code"] == "scale_out_of_range":
-            side = "coarser" if d["input_gsd_m"] > hi else "finer"
             gsd = d["input_gsd_m"]
+            side = "coarser" if gsd > hi else "finer"
             at = f"{gsd / 1000:.3g} km" if gsd >= 1000 else f"{gsd:.3g} m"
             return (f"these labels are not meaningful at this scale: {at} per model input pixel, {side} than "
                     f"the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
