@@ -132,6 +132,20 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
     by_unit = {r["unit"]: r for r in report["done"]}
     assert [w["code"] for w in by_unit["RGB.byte"]["warnings"]] == ["scale_out_of_range"]
     assert "warnings" not in by_unit["m_4709963_se_14_1_20190904"]
+    # the outputs themselves carry it (read as GDAL, pyarrow and pyogrio read them), the in-range scene's not
+    import pyarrow.parquet as pq
+    import pyogrio
+    import rasterio
+
+    for unit, warned in (("RGB.byte", True), ("m_4709963_se_14_1_20190904", False)):
+        for name in ("labels.tif", "heatmap.tif"):
+            with rasterio.open(out / unit / name) as src:
+                tag = src.tags().get("SCALE_WARNING")
+            assert (tag is not None and "not meaningful at this scale" in tag) is warned, (unit, name, tag)
+        meta = json.loads(pq.read_schema(out / unit / "tiles.parquet").metadata[b"tilescan"])
+        assert ("not meaningful" in meta.get("scale_warning", "")) is warned
+        layer_meta = json.loads(pyogrio.read_info(out / unit / "tiles.gpkg")["layer_metadata"]["tilescan"])
+        assert ("scale_warning" in layer_meta) is warned
 
 
 def test_zero_tiles_warns_and_says_why(tmp_path):

@@ -278,6 +278,11 @@ def _write_outputs(job: UnitJob) -> None:
         "cam_method": cfg.cam.method,
         "cam_layer": engine.cam.layer,
     }
+    # labels outside the model's scale say so in every output, not only in run.json
+    note = _scale_note(job.details)
+    scale_tag = {} if note is None else {"SCALE_WARNING": note.replace("–", "-")}  # TIFF tags stay ASCII
+    if note is not None:
+        extra["scale_warning"] = note
 
     helper = job.in_helper  # the writers that hold the GIL: in a helper process, if the run has them
 
@@ -291,13 +296,14 @@ def _write_outputs(job: UnitJob) -> None:
     def write_labels():
         grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
         helper(write_labels_cog, stage / "labels.tif", job.labels, grid_tf, crs, engine.classes,
-            compress=cfg.output.compress, tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride})
+            compress=cfg.output.compress,
+            tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride, **scale_tag})
 
     # The scene's tail, off the model's thread: the tables, the label and heatmap COGs and
     # the quicklook at once (GDAL, zlib and the Parquet writer release the GIL). The
     # quicklook's heat is read from the heatmap's scratch file while the COG is written.
     heat = job.heat
-    heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer})
+    heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer, **scale_tag})
     previewed = threading.Event()
     futures = [job.tail_pool.submit(write_tables), job.tail_pool.submit(heat.close, keep_scratch=previewed),
                job.tail_pool.submit(write_labels)]
@@ -307,7 +313,7 @@ def _write_outputs(job: UnitJob) -> None:
         finally:
             previewed.set()
         if cfg.output.quicklook:
-            _write_quicklook(job, hp)
+            _write_quicklook(job, hp, note)
     finally:
         wait(futures)  # a failed step still lets the others end before the job is removed
     for f in futures:
@@ -334,8 +340,9 @@ def warm_writers(cfg: Config) -> None:
         pass
 
 
-def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
-    """The unit's quicklook.png in staging: the scene's preview, its labels and the heat."""
+def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str | None) -> None:
+    """The unit's quicklook.png in staging: the scene's preview, its labels and the heat
+    (and ``warning`` under its legend)."""
     reader, grid, info = job.reader, job.reader.grid, job.reader.info
     rgb, pvalid = reader.read_overview(job.cfg.output.quicklook_size)
     full_labels = job.labels
@@ -344,12 +351,12 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None) -> None:
         full_labels[job.r0:job.r1] = job.labels
     job.in_helper(write_quicklook, job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
-                  warning=_scale_note(job.details))
+                  warning=warning)
 
 
 def _scale_note(details: list[dict]) -> str | None:
-    """What the quicklook says under its legend when the labels are outside the model's
-    scale (or it cannot be known): from the unit's structured warning, without its path."""
+    """What the outputs say when the labels are outside the model's scale (or it cannot be
+    known): from the unit's structured warning, without its path; None when in range."""
     for d in details:
         lo, hi = d.get("model_input_gsd_m") or (None, None)
         if d["code"] == "scale_out_of_range":
