@@ -252,18 +252,17 @@ def test_run_writes_the_scale_warning_on_the_quicklook(tmp_path, scene_path):
 
 def test_scale_notes_from_the_structured_warnings():
     """What the quicklook says, from ``run.json``'s ``warning_details`` of each kind."""
-    from tilescan.pipeline.process import _scale_note
-    from tilescan.scene.grid import TilingPlan
+    from tilescan.scene.grid import TilingPlan, scale_note
 
     def plan(scene_gsd):
         return TilingPlan(tile_px=128, stride_px=128, units="px", reason="", scale="x", scene_gsd_m=scene_gsd,
                           input_gsd_m=scene_gsd, tile_footprint_m=None if scene_gsd is None else 128 * scene_gsd,
                           model_input_gsd_m=(1.345, 45.21), model_input_size=128)
 
-    coarse = _scale_note([{"code": "tiling", "message": "other"}, plan(78_000.0).warning("w.tif")])
+    coarse = scale_note([{"code": "tiling", "message": "other"}, plan(78_000.0).warning("w.tif")])
     assert "not meaningful" in coarse and "78 km per model input pixel, coarser" in coarse and "1.34–45.2 m" in coarse
-    fine = _scale_note([plan(0.05).warning("f.tif")])
+    fine = scale_note([plan(0.05).warning("f.tif")])
     assert "0.05 m per model input pixel, finer" in fine
-    unknown = _scale_note([plan(None).warning("u.tif")])
+    unknown = scale_note([plan(None).warning("u.tif")])
     assert "unknown" in unknown and "1.34–45.2 m" in unknown
-    assert _scale_note([]) is None and plan(5.0).warning("ok.tif") is None
+    assert scale_note([]) is None and plan(5.0).warning("ok.tif") is None

@@ -116,7 +116,7 @@ def _run(tmp_path, *args):
 
 
 def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
-    res = _run(tmp_path, str(scene(RGB_BYTE)), str(scene(NAIP)))
+    res = _run(tmp_path, str(scene(RGB_BYTE)), str(scene(NAIP)), "--stac-items")
     assert res.exit_code == 0, res.output
     # once, on the console, for the coarse scene only
     assert res.output.count("coarser than the model's range") == 1
@@ -146,6 +146,16 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
         assert ("not meaningful" in meta.get("scale_warning", "")) is warned
         layer_meta = json.loads(pyogrio.read_info(out / unit / "tiles.gpkg")["layer_metadata"]["tilescan"])
         assert ("scale_warning" in layer_meta) is warned
+        item = json.loads((out / unit / "item.json").read_text())
+        assert ("tilescan:scale_warning" in item["properties"]) is warned
+    # and so does the table collected over both scenes
+    res = CliRunner().invoke(main, ["collect", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert "not meaningful" in summary["scenes"]["RGB.byte"]["scale_warning"]
+    assert "scale_warning" not in summary["scenes"]["m_4709963_se_14_1_20190904"]
+    meta = json.loads(pq.read_schema(out / "collected" / "tiles.parquet").metadata[b"tilescan"])
+    assert list(meta["scale_warnings"]) == ["RGB.byte"]
 
 
 def test_zero_tiles_warns_and_says_why(tmp_path):

@@ -398,13 +398,17 @@ class _TableWriter:
                                                           max(bounds[2], b[2]), max(bounds[3], b[3])]
         return t
 
-    def write_metadata(self, scene_names: list[str]) -> None:
-        """The GeoParquet ``geo`` metadata and tilescan's own (classes, tile count, scenes)."""
+    def write_metadata(self, scene_names: list[str], scale_warnings: dict[str, str]) -> None:
+        """The GeoParquet ``geo`` metadata and tilescan's own (classes, tile count, scenes,
+        the scale warnings of scenes outside the model's scale)."""
         assert self.writer is not None and self.classes is not None
+        own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
+               "geometry_native is in each row's crs", "scenes": scene_names}
+        if scale_warnings:
+            own["scale_warnings"] = scale_warnings
         self.writer.add_key_value_metadata({
             "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds])),
-            "tilescan": json.dumps({"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
-                                    "geometry_native is in each row's crs", "scenes": scene_names}),
+            "tilescan": json.dumps(own),
         })
 
     def close(self) -> None:
@@ -436,7 +440,8 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
             scene_info[sc.name] = _scene_entry(sc, crs_names)
         if table.writer is None:
             raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
-        table.write_metadata(sorted(scene_info))
+        table.write_metadata(sorted(scene_info), {name: info["scale_warning"] for name, info in sorted(scene_info.items())
+                                                  if "scale_warning" in info})
     finally:
         table.close()
     result = _result(summary, scene_info, table.total, skipped, failed)
@@ -461,7 +466,15 @@ def _scene_entry(sc: _Scene, crs_names: set[str]) -> dict:
         "missing_rows": [list(r) for r in sc.missing_rows],
         "notes": sc.notes,
         "model": m.get("model", {}).get("id"),
+        **({"scale_warning": note} if (note := _scale_note(sc)) else {}),
     }
+
+
+def _scale_note(sc: _Scene) -> str | None:
+    """What the scene's run said about its labels and the model's scale (None: in range)."""
+    from ..scene.grid import scale_note
+
+    return next(filter(None, (scale_note(u.manifest.get("warning_details") or []) for u in sc.units)), None)
 
 
 def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],

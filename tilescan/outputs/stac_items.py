@@ -103,6 +103,11 @@ def item_for(folder: Path) -> dict:
                 _set_crs(ap, g["crs"])
             ap.shape = g["shape"]
             ap.transform = g["transform"]
+    from ..scene.grid import scale_note
+
+    note = scale_note(m.get("warning_details") or [])
+    if note:  # labels outside the model's scale
+        item.properties["tilescan:scale_warning"] = note
     if source.get("kind") == "stac":
         item.properties["tilescan:source_item"] = source.get("item")
         if source.get("collection"):

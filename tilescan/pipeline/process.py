@@ -35,7 +35,7 @@ from ..outputs.quicklook import write_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
-from ..scene.grid import TileSet
+from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
 from .engine import Engine
 from .report import UnitResult
@@ -279,7 +279,7 @@ def _write_outputs(job: UnitJob) -> None:
         "cam_layer": engine.cam.layer,
     }
     # labels outside the model's scale say so in every output, not only in run.json
-    note = _scale_note(job.details)
+    note = scale_note(job.details)
     scale_tag = {} if note is None else {"SCALE_WARNING": note.replace("–", "-")}  # TIFF tags stay ASCII
     if note is not None:
         extra["scale_warning"] = note
@@ -352,23 +352,6 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str
     job.in_helper(write_quicklook, job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
                   warning=warning)
-
-
-def _scale_note(details: list[dict]) -> str | None:
-    """What the outputs say when the labels are outside the model's scale (or it cannot be
-    known): from the unit's structured warning, without its path; None when in range."""
-    for d in details:
-        lo, hi = d.get("model_input_gsd_m") or (None, None)
-        if d["code"] == "scale_out_of_range":
-            gsd = d["input_gsd_m"]
-            side = "coarser" if gsd > hi else "finer"
-            at = f"{gsd / 1000:.3g} km" if gsd >= 1000 else f"{gsd:.3g} m"
-            return (f"these labels are not meaningful at this scale: {at} per model input pixel, {side} than "
-                    f"the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
-        if d["code"] == "scale_unknown":
-            return (f"the scene's ground scale is unknown, so these labels could not be checked against the "
-                    f"model's range of {lo:.3g}–{hi:.3g} m per input pixel (run.json: warning_details)")
-    return None
 
 
 def _manifest(job: UnitJob, total: float) -> dict:

@@ -271,6 +271,23 @@ class TilingPlan:
         return d
 
 
+def scale_note(details: Sequence[dict]) -> str | None:
+    """What the outputs say when the labels are outside the model's scale (or it cannot be
+    known): from the unit's structured warning, without its path; None when in range."""
+    for d in details:
+        lo, hi = d.get("model_input_gsd_m") or (None, None)
+        if d["code"] == "scale_out_of_range":
+            gsd = d["input_gsd_m"]
+            side = "coarser" if gsd > hi else "finer"
+            at = f"{gsd / 1000:.3g} km" if gsd >= 1000 else f"{gsd:.3g} m"
+            return (f"these labels are not meaningful at this scale: {at} per model input pixel, {side} than "
+                    f"the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
+        if d["code"] == "scale_unknown":
+            return (f"the scene's ground scale is unknown, so these labels could not be checked against the "
+                    f"model's range of {lo:.3g}–{hi:.3g} m per input pixel (run.json: warning_details)")
+    return None
+
+
 def _metres(m: float | None) -> str:
     if m is None:
         return "unknown ground"
