@@ -277,11 +277,9 @@ def scale_note(details: Sequence[dict]) -> str | None:
     for d in details:
         lo, hi = d.get("model_input_gsd_m") or (None, None)
         if d["code"] == "scale_out_of_range":
-            gsd = d["input_gsd_m"]
-            side = "coarser" if gsd > hi else "finer"
-            at = f"{gsd / 1000:.3g} km" if gsd >= 1000 else f"{gsd:.3g} m"
-            return (f"these labels are not meaningful at this scale: {at} per model input pixel, {side} than "
-                    f"the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
+            side = "coarser" if d["input_gsd_m"] > hi else "finer"
+            return (f"these labels are not meaningful at this scale: {_metres(d['input_gsd_m'])} per model input "
+                    f"pixel, {side} than the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
         if d["code"] == "scale_unknown":
             return (f"the scene's ground scale is unknown, so these labels could not be checked against the "
                     f"model's range of {lo:.3g}–{hi:.3g} m per input pixel (run.json: warning_details)")
