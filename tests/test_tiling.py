@@ -20,7 +20,9 @@ from tilescan.config import TilingConfig
 from tilescan.errors import ConfigError, InputError, NoScenesError
 from tilescan.scene.grid import TileGrid, TileSet, valid_fraction
 from tilescan.scene.info import TilingWarning, find_scenes
+from tilescan.scene import reader as reader_module
 from tilescan.scene.plan import open_scene
+from tilescan.scene.reader import SCALE_CHUNK_BYTES
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
 RGBA_BYTE = "rasterio/RGBA.byte.tif"
@@ -414,30 +416,73 @@ def test_overview(scene_path):
 @pytest.mark.parametrize("name,kw", [(RGB_BYTE, {}), (RGB_BYTE, {"scaling": "percentile"}),
                                      (LANDSAT, {"bands": [3, 2, 1]}), (LANDSAT, {"bands": [2]})])
 def test_overview_from_uint8_tables_equals_the_float_scaling(scene_path, name, kw):
-    """8/16-bit previews come from the scaling tables taken to uint8: the same pixels as
-    scaling to float and rounding (one band shown as grey)."""
+    """8/16-bit previews come from a uint8 table per band: the same pixels as scaling the
+    decimated read to float and rounding (one band shown as grey)."""
     with _open(scene_path(name), model_bands=len(kw.get("bands", [1, 2, 3])), tile_size=128, **kw) as r:
         rgb, valid = r.read_overview(300)
-        r._lut = None  # the float path
-        want_rgb, want_valid = r.read_overview(300)
+        data, want_valid = r._read_decimated(rgb.shape[:2])
+        x = np.empty((*want_valid.shape, len(data)), dtype=np.float32)
+        r._to_unit(data, want_valid, x)
+    pick = [0, 1, 2] if x.shape[2] >= 3 else [0, 0, 0]
     assert rgb.dtype == np.uint8 and rgb.shape[2] == 3
-    np.testing.assert_array_equal(rgb, want_rgb)
+    np.testing.assert_array_equal(rgb, np.rint(x[:, :, pick] * 255.0).astype(np.uint8))
     np.testing.assert_array_equal(valid, want_valid)
 
 
-@pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]})])
-def test_model_inputs_from_scaling_tables_equal_the_float_scaling(scene_path, name, kw):
-    """8/16-bit tiles are scaled by a look-up in each band's table: the same float32 inputs as
-    the arithmetic (a small scene held whole and a large one read window by window)."""
-    with _open(scene_path(name), tile_size=96, **kw) as r:
-        assert r._lut is not None
-        tiles = list(r.grid.tiles())[::7][:40]
+def _scaled(r, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The model input of a window by the plain formula, the whole array at once."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = np.clip((np.moveaxis(data, 0, -1).astype(np.float32) - r._lo) * r._inv, 0.0, 1.0)
+    x[~valid] = 0.0
+    return x
+
+
+def _float_scene(tmp_path):
+    """A float32 scene with nodata, NaN and values past the stretch, 300 x 260 px."""
+    rng = np.random.default_rng(5)
+    data = rng.normal(0.2, 0.15, size=(3, 260, 300)).astype(np.float32)
+    data[:, 10:40, 20:90] = -9999.0
+    data[1, 100:130, 5:30] = np.nan
+    data[2, 200:, 250:] = 1e30
+    path = tmp_path / "float.tif"
+    _write(path, data, nodata=-9999.0)
+    return path
+
+
+@pytest.mark.parametrize("chunk", [1, 5000, SCALE_CHUNK_BYTES, 2**40])
+@pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]}),
+                                     ("float", {})])
+def test_model_inputs_scaled_piece_by_piece_equal_the_formula(scene_path, tmp_path, monkeypatch, name, kw, chunk):
+    """Tiles are scaled a few rows at a time (``SCALE_CHUNK_BYTES``, from one row to the
+    whole window): the same float32 inputs as the formula over the whole window at once,
+    for a small scene held whole, a large one read window by window and a float scene
+    with nodata, NaN and huge values."""
+    monkeypatch.setattr(reader_module, "SCALE_CHUNK_BYTES", chunk)
+    path = _float_scene(tmp_path) if name == "float" else scene_path(name)
+    with _open(path, tile_size=128, **kw) as r:
+        tiles = list(r.grid.tiles())[::5][:30]
         x, v = r.read_batch(tiles)
-        r._lut = None  # the float path
-        want_x, want_v = r.read_batch(tiles)
-    assert x.dtype == np.float32 and 0.0 < x.max() <= 1.0
-    np.testing.assert_array_equal(x, want_x)
-    np.testing.assert_array_equal(v, want_v)
+        for tile, xi, vi in zip(tiles, x, v):
+            data, valid = r._read_raw(tile.clipped)
+            h, w = valid.shape
+            want = np.zeros_like(xi)
+            want[:h, :w] = _scaled(r, data, valid)
+            np.testing.assert_array_equal(xi, want)
+            np.testing.assert_array_equal(vi[:h, :w], valid)
+    assert x.dtype == np.float32 and 0.0 < x.max() <= 1.0 and x.min() >= 0.0
+
+
+@pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]})])
+def test_resized_tiles_the_same_whatever_the_scaling_pieces(scene_path, monkeypatch, name, kw):
+    """Tiles resized to the model's input (96 px tiles, 128 px input) get the same inputs
+    whether their window is scaled one row at a time or in one piece."""
+    got = []
+    for chunk in (1, 2**40):
+        monkeypatch.setattr(reader_module, "SCALE_CHUNK_BYTES", chunk)
+        with _open(scene_path(name), tile_size=96, **kw) as r:
+            got.append(r.read_batch(list(r.grid.tiles())[::7][:40]))
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 def test_preview_gathered_from_tiles_equals_the_decimated_read(scene_path):

@@ -40,6 +40,12 @@ STATS_SAMPLE_PIXELS = 4 * 2**20
 READ_RUN_PIXELS = 2**20
 
 
+#: Most bytes of scaled output written per step of SceneReader._to_unit: each step's bands
+#: meet in a cache-sized piece instead of streaming the whole window once per band through
+#: a cache that the other cores share (benchmarks/README.md).
+SCALE_CHUNK_BYTES = 2**20
+
+
 #: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
 _PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
 
@@ -398,33 +404,33 @@ class SceneReader:
         hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
         self._lo = lo.astype(np.float32)
         self._inv = (1.0 / (hi - lo)).astype(np.float32)
-        # 8/16-bit integers: every possible value scaled once, with the same float32 steps as
-        # below, so a tile is scaled by one table look-up per pixel and band (the same values,
-        # faster: benchmarks/README.md).
-        self._lut = None
-        if self._dtype.kind in "ui" and self._dtype.itemsize <= 2:
-            self._lut_index = np.dtype(f"u{self._dtype.itemsize}")
-            values = np.arange(2 ** (8 * self._dtype.itemsize)).astype(self._lut_index)
-            values = values.view(self._dtype).astype(np.float32)
-            lut = (values[None, :] - self._lo[:, None]) * self._inv[:, None]
-            self._lut = np.clip(lut, 0.0, 1.0, out=lut)
+        self._preview_lut = None
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
         """Scale ``data`` (C, ...) into ``out`` (..., C) float32 (e.g. (C, h, w) into
-        (h, w, C)), pixels where ``valid`` (...) is False set to 0."""
-        if self._lut is not None and data.dtype == self._dtype and len(self._lut) == len(data):
-            index = data.view(self._lut_index)  # every value indexes the table: no bounds to check
-            # take, then one strided copy: faster than fancy indexing or np.take into the strided band
-            for i in range(len(data)):
-                out[..., i] = self._lut[i].take(index[i])
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                np.copyto(out, np.moveaxis(data, 0, -1), casting="unsafe")
-                out -= self._lo
-                out *= self._inv
-                np.clip(out, 0.0, 1.0, out=out)
-        if not valid.all():
-            out[~valid] = 0.0
+        (h, w, C)): ``clip((v - lo) * inv, 0, 1)`` in float32, pixels where ``valid`` (...)
+        is False set to 0.
+
+        A few rows (first axis) at a time, at most ``SCALE_CHUNK_BYTES`` of ``out`` each,
+        band by band through one small buffer: the pieces stay in the core's own cache while
+        the bands meet in ``out``, where whole windows streamed through the cache the cores
+        share, once per band and step (the same values; benchmarks/README.md)."""
+        if not len(out):
+            return
+        step = max(1, SCALE_CHUNK_BYTES // max(1, out[0].nbytes))
+        band = np.empty(out.shape[:-1] if step >= len(out) else (step, *out.shape[1:-1]), dtype=np.float32)
+        all_valid = bool(valid.all())
+        with np.errstate(invalid="ignore", over="ignore"):
+            for a in range(0, len(out), step):
+                piece, d, tmp = out[a:a + step], data[:, a:a + step], band[:len(out) - a]
+                for i in range(len(d)):
+                    np.copyto(tmp, d[i], casting="unsafe")
+                    tmp -= self._lo[i]
+                    tmp *= self._inv[i]
+                    np.clip(tmp, 0.0, 1.0, out=tmp)
+                    piece[..., i] = tmp
+                if not all_valid:
+                    piece[~valid[a:a + step]] = 0.0
 
     def _first_bad_tile(self, tiles: Iterable[Tile]) -> tuple[Tile, Exception] | None:
         """The first of ``tiles`` whose window fails to read, and its error, through a fresh
@@ -550,10 +556,10 @@ class SceneReader:
         data, valid = self._read_decimated(shape)
         c = len(self.bands)
         pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
-        if self._lut is not None and data.dtype == self._dtype and len(self._lut) == c:
-            # 8/16-bit: the bands' scaling tables taken to uint8 once, then one look-up per pixel
-            lut8 = np.rint(self._lut[pick] * 255.0).astype(np.uint8)
-            index = data.view(self._lut_index)
+        if self._dtype.kind in "ui" and self._dtype.itemsize <= 2 and data.dtype == self._dtype:
+            # 8/16-bit: every value's uint8 in a table per band, then one look-up per pixel
+            lut8 = self._preview_table()[pick]
+            index = data.view(f"u{self._dtype.itemsize}")
             rgb = np.empty((*shape, 3), dtype=np.uint8)
             for i, b in enumerate(pick):
                 rgb[..., i] = lut8[i].take(index[b])
@@ -564,6 +570,17 @@ class SceneReader:
         self._to_unit(data, valid, x)
         rgb = np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
         return rgb, valid
+
+    def _preview_table(self) -> np.ndarray:
+        """(C, 2**bits) uint8: each possible 8/16-bit value of each band as the preview
+        shows it, scaled as ``_to_unit`` scales it, then rounded (made once per scaling)."""
+        if self._preview_lut is None:
+            n = 2 ** (8 * self._dtype.itemsize)
+            values = np.arange(n).astype(f"u{self._dtype.itemsize}").view(self._dtype)
+            unit = np.empty((n, len(self.bands)), dtype=np.float32)
+            self._to_unit(np.broadcast_to(values, (len(self.bands), n)), np.ones(n, dtype=bool), unit)
+            self._preview_lut = np.ascontiguousarray(np.rint(unit.T * 255.0).astype(np.uint8))
+        return self._preview_lut
 
     # -- georeferencing helpers -----------------------------------------------------
 
