@@ -451,16 +451,25 @@ def _float_scene(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 5000, SCALE_CHUNK_BYTES, 2**40])
 @pytest.mark.parametrize("name,kw", [(RGB_BYTE, {"scaling": "percentile"}), (LANDSAT, {"bands": [3, 2, 1]}),
-                                     ("float", {})])
-def test_model_inputs_scaled_piece_by_piece_equal_the_formula(scene_path, tmp_path, monkeypatch, name, kw, chunk):
+                                     ("float", {}), (LANDSAT, {"bands": [3, 2, 1], "stride": 96})])
+@pytest.mark.parametrize("pick", ["spread", "rows"])
+def test_model_inputs_scaled_piece_by_piece_equal_the_formula(scene_path, tmp_path, monkeypatch, name, kw, chunk, pick):
     """Tiles are scaled a few rows at a time (``SCALE_CHUNK_BYTES``, from one row to the
     whole window): the same float32 inputs as the formula over the whole window at once,
-    for a small scene held whole, a large one read window by window and a float scene
-    with nodata, NaN and huge values."""
+    for a small scene held whole, a large one read window by window (tiles side by side
+    or overlapping) and a float scene with nodata, NaN and huge values; tiles spread over
+    the scene, and whole grid rows read together (whole tiles, then the one clipped at the
+    right edge, and the bottom row clipped)."""
     monkeypatch.setattr(reader_module, "SCALE_CHUNK_BYTES", chunk)
     path = _float_scene(tmp_path) if name == "float" else scene_path(name)
     with _open(path, tile_size=128, **kw) as r:
-        tiles = list(r.grid.tiles())[::5][:30]
+        tiles = list(r.grid.tiles())
+        if pick == "spread":
+            tiles = tiles[::5][:30]
+        else:
+            last = r.grid.n_rows - 1
+            tiles = [tile for tile in tiles if tile.row in (1, last)]
+            assert tiles[-1].clipped.width < 128 and tiles[-1].clipped.height < 128
         x, v = r.read_batch(tiles)
         for tile, xi, vi in zip(tiles, x, v):
             data, valid = r._read_raw(tile.clipped)

@@ -522,25 +522,36 @@ class SceneReader:
         # a held scene's read is small and comes from memory, and while many small scenes
         # run, finishers hold the other cores: handing half to a helper thread costs more
         split = held is None
-        if t == s and h == t and window.width == n * t:  # whole tiles side by side: scaled
-            # straight into x, seen as (row, tile, column, band), without a strip copy
-            self._to_unit_split(data.reshape(len(data), t, n, t), v.reshape(t, n, t), x.transpose(1, 0, 2, 3), split)
-            valid[:] = v.reshape(t, n, t).transpose(1, 0, 2)
-            return
-        unit = np.empty((h, window.width, len(self.bands)), dtype=np.float32)
-        self._to_unit_split(data, v, unit, split)
-        for k in range(n):
-            a = int(tiles.col_off[k]) - c0
-            w = int(widths[k])
-            valid[k, :h, :w] = v[:, a:a + w]
+        # whole tiles side by side from the run's start (often all but the last, clipped at
+        # the scene's right edge): scaled straight into x, seen as (row, tile, column, band),
+        # without a strip copy
+        k = 0
+        if t == s and h == t:
+            side = (tiles.col_off - c0 == np.arange(n) * t) & (widths == t)
+            k = n if side.all() else int(np.argmin(side))
+        if k:
+            head = v[:, :k * t].reshape(t, k, t)
+            self._to_unit_split(data[:, :, :k * t].reshape(len(data), t, k, t), head, x[:k].transpose(1, 0, 2, 3), split)
+            valid[:k] = head.transpose(1, 0, 2)
+            if k == n:
+                return
+        # the others through a strip from the first of them on
+        a0 = int(tiles.col_off[k]) - c0
+        unit = np.empty((h, window.width - a0, len(self.bands)), dtype=np.float32)
+        self._to_unit_split(data[:, :, a0:], v[:, a0:], unit, split)
+        for j in range(k, n):
+            a = int(tiles.col_off[j]) - c0
+            w = int(widths[j])
+            valid[j, :h, :w] = v[:, a:a + w]
+            a -= a0
             if t == s:
-                x[k] = 0.0  # the padding past the scene's edge
-                x[k, :h, :w] = unit[:, a:a + w]
+                x[j] = 0.0  # the padding past the scene's edge
+                x[j, :h, :w] = unit[:, a:a + w]
             else:
                 full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
                 full[:h, :w] = unit[:, a:a + w]
                 interp = cv2.INTER_AREA if t > s else cv2.INTER_LINEAR
-                x[k] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
+                x[j] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
 
     valid_fraction = staticmethod(valid_fraction)
 
