@@ -2,6 +2,7 @@
 """How fast the host side of ``tilescan run`` is, apart from the model.
 
     python benchmarks/pipeline.py host  [--out benchmarks/results/host-ceiling.json]
+    python benchmarks/pipeline.py host --repo OLD_CHECKOUT --repo . [--out ...]   # side by side
     python benchmarks/pipeline.py small [--out benchmarks/results/small-scenes.json]
     python benchmarks/pipeline.py small --lean [--out benchmarks/results/small-scenes-lean.json]
     python benchmarks/pipeline.py small-host [--out benchmarks/results/small-host.json]
@@ -11,7 +12,9 @@ output) with the model step replaced by a no-op that returns results of the righ
 on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and
 to 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
 (``--pipeline lockstep`` for the CPU default): tiles/s over the run's wall time, and the
-ratio 2 cores / 1 core.
+ratio 2 cores / 1 core. With ``--repo`` (twice or more) each checkout's own run alternates
+with the others' in every round, and each run's rate is also given as a ratio to the first
+checkout's run beside it: this shared machine's speed drifts, so only those carry.
 
 ``small-host``: the same no-op run over 160 scenes of 512 x 512 px (16 tiles each, cut from
 the real Landsat scene), on 1 and on 2 cores, with ``[inference] output_workers`` 0 (the
@@ -126,6 +129,8 @@ def host(args) -> dict:
     scene = work / "landsat-mosaic-12246x11160-lzw.tif"
     if not scene.exists():
         bench.build_scene(scene, HOST_SIZE[0], height=HOST_SIZE[1])
+    if args.repo:
+        return _host_side_by_side(args, scene, work)
     runs: dict[str, list[dict]] = {"1": [], "2": []}
     for r in range(args.rounds):
         for cores in ("1", "2"):
@@ -140,6 +145,34 @@ def host(args) -> dict:
             "pipeline": args.pipeline, "reader_threads": "one per core" if args.pipeline == "overlap" else None,
             "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
             "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
+
+
+def _host_side_by_side(args, scene: Path, work: Path) -> dict:
+    """``host --repo A --repo B``: each checkout's own no-op run (its tilescan and its
+    ``benchmarks/pipeline.py``), alternated within every round and core count (the order
+    turned each round); per pair the rate's ratio to the first checkout's."""
+    repos = [Path(r).resolve() for r in args.repo]
+    runs = {str(r): {"1": [], "2": []} for r in repos}
+    for k in range(args.rounds):
+        for cores in ("1", "2"):
+            for repo in repos[k % len(repos):] + repos[:k % len(repos)]:
+                out = work / "out-side-by-side"
+                shutil.rmtree(out, ignore_errors=True)
+                got = _taskset(cores, scene, out, args.pipeline, cores, repo=repo)
+                runs[str(repo)][cores].append(got)
+                bench.log(f"host: {repo}, {cores} core(s), round {k + 1}: {got['tiles_per_s']} tiles/s")
+                shutil.rmtree(out, ignore_errors=True)
+    first = runs[str(repos[0])]
+    res = {}
+    for repo, rs in runs.items():
+        rate = {c: median(g["tiles_per_s"] for g in v) for c, v in rs.items()}
+        res[repo] = {"tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
+                     "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
+                     "per_pair_to_first": {c: [round(g["tiles_per_s"] / f["tiles_per_s"], 3)
+                                               for g, f in zip(v, first[c])] for c, v in rs.items()},
+                     "runs": rs}
+    return {"scene": {"path": scene.name, "size": HOST_SIZE}, "pipeline": args.pipeline,
+            "reader_threads": "one per core" if args.pipeline == "overlap" else None, "checkouts": res}
 
 
 #: ``small --lean``: the per-scene extras off.
@@ -172,11 +205,16 @@ def small_host(args) -> dict:
             "runs": runs}
 
 
-def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0) -> dict:
-    """``_host_once`` in a fresh process pinned to the first ``cores`` cores."""
+def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0,
+             repo: Path | None = None) -> dict:
+    """``_host_once`` in a fresh process pinned to the first ``cores`` cores (with tilescan
+    and this script from checkout ``repo``, run from outside it, when given)."""
     cpus = "0" if cores == "1" else "0,1"
-    p = subprocess.run(["taskset", "-c", cpus, sys.executable, __file__, "_host", str(scene), str(out), pipeline,
-                        readers, str(workers)], capture_output=True, text=True, check=True)
+    script, env, cwd = __file__, None, None
+    if repo is not None:
+        script, env, cwd = str(repo / "benchmarks" / "pipeline.py"), {**os.environ, "PYTHONPATH": str(repo)}, out.parent
+    p = subprocess.run(["taskset", "-c", cpus, sys.executable, script, "_host", str(scene), str(out), pipeline,
+                        readers, str(workers)], capture_output=True, text=True, check=True, env=env, cwd=cwd)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -308,6 +346,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
+    ap.add_argument("--repo", action="append",
+                    help="host: a tilescan checkout to run (repeat to compare checkouts side by side)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
