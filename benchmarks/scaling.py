@@ -18,7 +18,6 @@ value, medians. Both ways must give the same array.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
