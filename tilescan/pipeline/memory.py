@@ -3,8 +3,7 @@
 A batch array taken from an :class:`ArrayPool` goes back to the pool by itself once nothing
 refers to it any more (the model has taken what it needs and its last view is dropped), and
 the next read writes into it. Freshly allocated memory is not free: the kernel zeroes every
-page on its first write, which cost about a tenth of a no-op run's CPU on the 12k mosaic
-(benchmarks/README.md).
+page on its first write (measured in benchmarks/README.md, "The host side").
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ class ArrayPool:
         self.reused = self.fresh = 0
 
     def empty(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        need = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        need = max(1, size)
         buf = None
         with self._lock:
             for i, b in enumerate(self._free):
@@ -53,7 +53,7 @@ class ArrayPool:
                 self.fresh += 1
         if buf is None:
             buf = np.empty(need, dtype=np.uint8)
-        return np.asarray(_Lease(self, buf))[:math.prod(shape) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+        return np.asarray(_Lease(self, buf))[:size].view(dtype).reshape(shape)
 
     def _give_back(self, buf: np.ndarray) -> None:
         with self._lock:
