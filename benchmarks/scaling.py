@@ -9,7 +9,7 @@ One window as the host-ceiling run reads it (128 rows of 64 whole tiles of 128 p
 the real Landsat scene's pixels repeated across), scaled into the batch array two ways:
 ``table``, the way of sessions 11-17 (each band looked up in a 65,536-entry float32 table
 built with the same float32 steps, over the whole window, then copied into the interleaved
-batch), and ``reader``, ``SceneReader._to_unit`` as it is now. Each is timed in a fresh
+batch), and ``reader``, ``SceneReader._to_unit`` (``tilescan.scene.scaling.to_unit``) as it is now. Each is timed in a fresh
 process pinned to one core, alone and with a copy of itself on the other core at the same
 time (the two cores share the L3 cache), the ways alternated, ``--rounds`` each; ns per
 value, medians. Both ways must give the same array.

@@ -20,9 +20,9 @@ from tilescan.config import TilingConfig
 from tilescan.errors import ConfigError, InputError, NoScenesError
 from tilescan.scene.grid import TileGrid, TileSet, valid_fraction
 from tilescan.scene.info import TilingWarning, find_scenes
-from tilescan.scene import reader as reader_module
+from tilescan.scene import scaling as scaling_module
 from tilescan.scene.plan import open_scene
-from tilescan.scene.reader import SCALE_CHUNK_BYTES
+from tilescan.scene.scaling import SCALE_CHUNK_BYTES
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
 RGBA_BYTE = "rasterio/RGBA.byte.tif"
@@ -460,7 +460,7 @@ def test_model_inputs_scaled_piece_by_piece_equal_the_formula(scene_path, tmp_pa
     or overlapping) and a float scene with nodata, NaN and huge values; tiles spread over
     the scene, and whole grid rows read together (whole tiles, then the one clipped at the
     right edge, and the bottom row clipped)."""
-    monkeypatch.setattr(reader_module, "SCALE_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(scaling_module, "SCALE_CHUNK_BYTES", chunk)
     path = _float_scene(tmp_path) if name == "float" else scene_path(name)
     with _open(path, tile_size=128, **kw) as r:
         tiles = list(r.grid.tiles())
@@ -487,7 +487,7 @@ def test_resized_tiles_the_same_whatever_the_scaling_pieces(scene_path, monkeypa
     whether their window is scaled one row at a time or in one piece."""
     got = []
     for chunk in (1, 2**40):
-        monkeypatch.setattr(reader_module, "SCALE_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(scaling_module, "SCALE_CHUNK_BYTES", chunk)
         with _open(scene_path(name), tile_size=96, **kw) as r:
             got.append(r.read_batch(list(r.grid.tiles())[::7][:40]))
     np.testing.assert_array_equal(got[0][0], got[1][0])

@@ -104,9 +104,9 @@ def _preview_tiles(n_preview: int, n_scene: int, tile_px: int, stride: int, n_ti
     window centre is nearest to the scene pixel the preview pixel shows (the pixel the
     preview reader samples); on a tie, the later tile. With ``stride == tile_px`` that is
     the one tile whose window holds the pixel."""
-    from ..scene.reader import _sample_index
+    from ..scene.decimate import sample_index
 
-    sp = _sample_index(n_preview, n_scene)
+    sp = sample_index(n_preview, n_scene)
     # nearest of the centres k * stride + tile_px / 2 to sp + 0.5, in integers
     k = (2 * sp + 1 - tile_px + stride) // (2 * stride)
     return np.clip(k, 0, n_tiles - 1)

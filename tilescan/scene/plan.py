@@ -16,7 +16,8 @@ from ..config import TilingConfig
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
 from .info import SceneInfo, _check_file, _describe, _open_quiet, _scene_info, tiling_warning
-from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _decimated_shape, _scan
+from .decimate import decimated_shape
+from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
 
 _DEFAULT_BAND_NAMES = {3: ("red", "green", "blue")}
 
@@ -205,7 +206,7 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
         mode = "dtype" if dtype == np.uint8 else "percentile"
     n = len(reader.bands)
     H, W = reader.info.height, reader.info.width
-    shape = _decimated_shape(H, W, STATS_MAX_SIZE)
+    shape = decimated_shape(H, W, STATS_MAX_SIZE)
     cov = reader.coverage
     try:
         sample = None

@@ -25,6 +25,8 @@ from ..errors import InputError
 from .coverage import BlockCoverage, find_empty_blocks
 from .grid import Tile, TileGrid, TileSet, TilingPlan, _ceil_div, valid_fraction
 from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
+from .decimate import DecimatedCopy, decimated_shape
+from .scaling import preview_table, to_unit
 
 #: Long side of the decimated read used for the per-band percentile stretch.
 STATS_MAX_SIZE = 1024
@@ -40,25 +42,8 @@ STATS_SAMPLE_PIXELS = 4 * 2**20
 READ_RUN_PIXELS = 2**20
 
 
-#: Most bytes of scaled output written per step of SceneReader._to_unit: each step's bands
-#: meet in a cache-sized piece instead of streaming the whole window once per band through
-#: a cache that the other cores share (benchmarks/README.md).
-SCALE_CHUNK_BYTES = 2**20
-
-
 #: Codecs without implicit overviews, decimated block by block in SceneReader._read_decimated.
 _PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
-
-
-def _decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
-    f = min(1.0, max_size / max(height, width))
-    return max(1, round(height * f)), max(1, round(width * f))
-
-
-def _sample_index(n: int, size: int) -> np.ndarray:
-    """The source pixels a nearest decimation of ``size`` pixels to ``n`` picks, GDAL's
-    rule: ``floor((i + 0.5) * size / n)``."""
-    return np.minimum(((np.arange(n) + 0.5) * (size / n)).astype(np.int64), size - 1)
 
 
 def _scan(fn, items: Sequence) -> list:
@@ -68,35 +53,6 @@ def _scan(fn, items: Sequence) -> list:
 
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1), thread_name_prefix="tilescan-scan") as pool:
         return list(pool.map(fn, items))
-
-
-class _DecimatedCopy:
-    """A decimated copy of the scene filled window by window: from the tiles as they are
-    read (``gather_preview``) or from block windows (``_read_decimated``). Threads write
-    disjoint parts (overlapping windows write the same values)."""
-
-    def __init__(self, shape: tuple[int, int], height: int, width: int, bands: int, dtype: np.dtype):
-        self.shape = shape
-        self.rows, self.cols = _sample_index(shape[0], height), _sample_index(shape[1], width)
-        self.data = np.zeros((bands, *shape), dtype=dtype)
-        self.valid = np.zeros(shape, dtype=bool)
-        self.seen = np.zeros(shape, dtype=bool)
-
-    def take(self, window: Window, data: np.ndarray, valid: np.ndarray) -> None:
-        r0, c0 = int(window.row_off), int(window.col_off)
-        i0, i1 = np.searchsorted(self.rows, [r0, r0 + int(window.height)])
-        j0, j1 = np.searchsorted(self.cols, [c0, c0 + int(window.width)])
-        if i0 == i1 or j0 == j1:
-            return
-        ri, ci = self.rows[i0:i1] - r0, self.cols[j0:j1] - c0
-        self.data[:, i0:i1, j0:j1] = data[:, ri][:, :, ci]
-        self.valid[i0:i1, j0:j1] = valid[ri][:, ci]
-        self.seen[i0:i1, j0:j1] = True
-
-    def mark_empty(self, coverage: "BlockCoverage | None") -> None:
-        """Count the samples inside known-empty blocks as seen (invalid): no read needed there."""
-        if coverage is not None and coverage.n_empty:
-            self.seen |= coverage.empty[np.ix_(self.rows // coverage.block_h, self.cols // coverage.block_w)]
 
 
 class SceneReader:
@@ -143,7 +99,7 @@ class SceneReader:
         self._closed = False
         self._decimated: tuple | None = None  # (shape, data, valid) of the last decimated read
         self.plan: TilingPlan | None = None  # set by open_scene
-        self._preview: _DecimatedCopy | None = None
+        self._preview: DecimatedCopy | None = None
         self.scale: tuple[tuple[float, float], ...] = tuple(scale) if scale is not None else ()
         self._set_scale(self.scale)
         #: Blocks known to be empty (:meth:`scan_coverage`; open_scene runs it); None: unknown.
@@ -385,7 +341,7 @@ class SceneReader:
         if not self._plain_layout(ds) or n * m * 4 > H * W:
             data, valid = self._read_raw(out_shape=shape)
         else:
-            picked = _DecimatedCopy(shape, H, W, len(self.bands), self._dtype)
+            picked = DecimatedCopy(shape, H, W, len(self.bands), self._dtype)
             rows, cols = picked.rows, picked.cols
             bh, bw = ds.block_shapes[self.bands[0] - 1]
             step_r = bh * max(1, 256 // bh)
@@ -413,10 +369,10 @@ class SceneReader:
         them (the same pixels a decimated read would pick), so a job that reads every tile
         need not decode the scene a second time for its quicklook. Only for files where
         that read would decode every block (no overviews); a no-op otherwise."""
-        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        shape = decimated_shape(self.info.height, self.info.width, max_size)
         if (self._decimated is not None and self._decimated[0] == shape) or not self._plain_layout(self._ds()):
             return
-        self._preview = _DecimatedCopy(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
+        self._preview = DecimatedCopy(shape, self.info.height, self.info.width, len(self.bands), self._dtype)
         self._preview.mark_empty(self.coverage)  # skipped tiles are empty there
 
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
@@ -427,30 +383,8 @@ class SceneReader:
         self._preview_lut = None
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
-        """Scale ``data`` (C, ...) into ``out`` (..., C) float32 (e.g. (C, h, w) into
-        (h, w, C)): ``clip((v - lo) * inv, 0, 1)`` in float32, pixels where ``valid`` (...)
-        is False set to 0.
-
-        A few rows (first axis) at a time, at most ``SCALE_CHUNK_BYTES`` of ``out`` each,
-        band by band through one small buffer: the pieces stay in the core's own cache while
-        the bands meet in ``out``, where whole windows streamed through the cache the cores
-        share, once per band and step (the same values; benchmarks/README.md)."""
-        if not len(out):
-            return
-        step = max(1, SCALE_CHUNK_BYTES // max(1, out[0].nbytes))
-        band = np.empty(out.shape[:-1] if step >= len(out) else (step, *out.shape[1:-1]), dtype=np.float32)
-        all_valid = bool(valid.all())
-        with np.errstate(invalid="ignore", over="ignore"):
-            for a in range(0, len(out), step):
-                piece, d, tmp = out[a:a + step], data[:, a:a + step], band[:len(out) - a]
-                for i in range(len(d)):
-                    np.copyto(tmp, d[i], casting="unsafe")
-                    tmp -= self._lo[i]
-                    tmp *= self._inv[i]
-                    np.clip(tmp, 0.0, 1.0, out=tmp)
-                    piece[..., i] = tmp
-                if not all_valid:
-                    piece[~valid[a:a + step]] = 0.0
+        """:func:`tilescan.scene.scaling.to_unit` with this scene's stretch."""
+        to_unit(data, valid, out, self._lo, self._inv)
 
     def _first_bad_tile(self, tiles: Iterable[Tile]) -> tuple[Tile, Exception] | None:
         """The first of ``tiles`` whose window fails to read, and its error, through a fresh
@@ -580,7 +514,7 @@ class SceneReader:
         """A decimated preview of the whole scene: uint8 RGB ``(h, w, 3)`` (long side at
         most ``max_size``; same bands and scaling as the tiles, the first three model
         bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
-        shape = _decimated_shape(self.info.height, self.info.width, max_size)
+        shape = decimated_shape(self.info.height, self.info.width, max_size)
         pv = self._preview
         if pv is not None and pv.shape == shape and pv.seen.all():
             self._decimated = (shape, pv.data, pv.valid)
@@ -604,14 +538,9 @@ class SceneReader:
         return rgb, valid
 
     def _preview_table(self) -> np.ndarray:
-        """(C, 2**bits) uint8: each possible 8/16-bit value of each band as the preview
-        shows it, scaled as ``_to_unit`` scales it, then rounded (made once per scaling)."""
+        """:func:`tilescan.scene.scaling.preview_table` of this scene's stretch (made once)."""
         if self._preview_lut is None:
-            n = 2 ** (8 * self._dtype.itemsize)
-            values = np.arange(n).astype(f"u{self._dtype.itemsize}").view(self._dtype)
-            unit = np.empty((n, len(self.bands)), dtype=np.float32)
-            self._to_unit(np.broadcast_to(values, (len(self.bands), n)), np.ones(n, dtype=bool), unit)
-            self._preview_lut = np.ascontiguousarray(np.rint(unit.T * 255.0).astype(np.uint8))
+            self._preview_lut = preview_table(self._dtype, self._lo, self._inv)
         return self._preview_lut
 
     # -- georeferencing helpers -----------------------------------------------------
