@@ -189,20 +189,16 @@ class SceneReader:
             kw["window"] = window
         if out_shape is not None:
             kw["out_shape"] = (len(self._read_idx), *out_shape)
-        if scratch and window is not None and out_shape is None:
-            h, w = int(window.height), int(window.width)
-            kw["out"] = self._scratch("raw", (len(self._read_idx), h, w), self._dtype)
-            valid = self._scratch("valid", (h, w), bool)
-            valid.fill(True)
-        else:
-            valid = None
+        scratch = scratch and window is not None and out_shape is None
+        if scratch:
+            kw["out"] = self._scratch("raw", (len(self._read_idx), int(window.height), int(window.width)), self._dtype)
         raw = ds.read(list(self._read_idx), **kw)
         with self._lock:
             self.windows_read += 1
             self.pixels_read += raw[0].size
         data = raw[:len(self.bands)]
-        if valid is None:
-            valid = np.ones(raw.shape[1:], dtype=bool)
+        valid = self._scratch("valid", raw.shape[1:], bool) if scratch else np.empty(raw.shape[1:], dtype=bool)
+        valid.fill(True)
         for i, nd in enumerate(self._nodata):
             if nd is not None:
                 if self._float and math.isnan(nd):
