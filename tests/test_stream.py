@@ -224,6 +224,40 @@ def test_open_scenes_do_not_pile_up_behind_a_slow_finisher(chips, solo, tmp_path
             np.testing.assert_array_equal(x.read(), y.read())
 
 
+def test_two_units_are_finished_at_once(chips, solo, tmp_path, monkeypatch):
+    """Units are finished two at a time on the run's threads (FINISHERS): while one waits
+    for the disk the other writes, and a run of many small scenes does not end with a queue
+    of them written one by one. Two finishes meet at a barrier, which one finisher never
+    lets happen; the outputs are each scene's own."""
+    import threading
+
+    from tilescan.pipeline.process import UnitJob
+
+    many = [tmp_path / "in" / f"c{k:02d}.tif" for k in range(6)]
+    many[0].parent.mkdir()
+    for k, p in enumerate(many):
+        p.write_bytes(chips[k % 3].read_bytes())
+    both, met = threading.Barrier(2, timeout=20), []
+    real_finish = UnitJob.finish
+
+    def finish(job):
+        if not met:
+            try:
+                both.wait()
+                met.append(job.index)
+            except threading.BrokenBarrierError:
+                pass
+        return real_finish(job)
+
+    monkeypatch.setattr(UnitJob, "finish", finish)
+    out = tmp_path / "out"
+    report = run(many, out, _cfg(), log=lambda m: None)
+    assert report.exit_code == 0 and len(met) == 2
+    for k, p in enumerate(many):
+        a, b = (pq.read_table(d / "tiles.parquet").drop(["scene"]) for d in (out / p.stem, solo[chips[k % 3].stem]))
+        assert a.equals(b), p.name
+
+
 def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_path, monkeypatch):
     """Overlap: the stream hands the model batch k+1 before it collects batch k (on an
     asynchronous device the upload of the next batch overlaps the compute of this one);

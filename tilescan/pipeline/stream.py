@@ -51,6 +51,11 @@ FINISH_NICE = 10
 #: Most units waiting for (or in) the finisher before no further unit is opened.
 FINISH_BACKLOG = 16
 
+#: Units finished at once on the run's threads (more with output helper processes: one each).
+#: While one waits for the disk or its tail steps the other writes, so the finisher keeps up
+#: with many small scenes instead of leaving a queue of them to write after the model is done.
+FINISHERS = 2
+
 
 @dataclass
 class StreamStats:
@@ -168,12 +173,13 @@ class Stream:
             from ..outputs.workers import OutputWorkers
 
             self._workers = OutputWorkers(nw, nice=FINISH_NICE)
-        self._finishers = ThreadPoolExecutor(max_workers=max(1, nw), thread_name_prefix="tilescan-finish",
+        finishers = max(FINISHERS, nw)
+        self._finishers = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix="tilescan-finish",
                                              initializer=_background_priority)
         self._room = threading.Condition()
         self._ahead = (0, 0)  # units opened and not yet taken for reading, and their tiles
         self._backlog = 0  # units handed to the finisher and not yet finished
-        self._tail = ThreadPoolExecutor(max_workers=2 * max(1, nw), thread_name_prefix="tilescan-tail",
+        self._tail = ThreadPoolExecutor(max_workers=2 * finishers, thread_name_prefix="tilescan-tail",
                                         initializer=_background_priority)
         self._finishing: list[Future] = []
         self._engine_asked = False  # the opener asked the caller's thread for the engine
