@@ -4,6 +4,7 @@
     python benchmarks/pipeline.py host  [--out benchmarks/results/host-ceiling.json]
     python benchmarks/pipeline.py host --repo OLD_CHECKOUT --repo . [--out ...]   # side by side
     python benchmarks/pipeline.py small [--out benchmarks/results/small-scenes.json]
+    python benchmarks/pipeline.py small --repo OLD_CHECKOUT --repo . [--pairs 3] [--rounds 2]   # side by side
     python benchmarks/pipeline.py small --lean [--out benchmarks/results/small-scenes-lean.json]
     python benchmarks/pipeline.py small-host [--out benchmarks/results/small-host.json]
 
@@ -30,6 +31,8 @@ tiles/s of the passes just before and just after it, the median over rounds
 (``round_ratios``: each round's; ``ratio_to_model_before``: against the pass before only, the
 figure of sessions up to 12); and the host side's CPU per scene: the run's CPU (process and
 helper) less model-only's (the pass before).
+With ``--repo`` (twice or more) each checkout runs its own ``small`` in a fresh process,
+alternated ``--pairs`` times, and each pair's ratio is given beside the first checkout's.
 ``--lean``: the same run without the per-scene extras a user with many chips can turn off
 (``[output] gpkg``, ``quicklook``, ``styles`` = false): tables, label and heat COGs only.
 """
@@ -243,7 +246,38 @@ def _small_scenes(folder: Path, n: int = 40, size: int = 512) -> list[Path]:
     return paths
 
 
+def _small_side_by_side(args) -> dict:
+    """``small --repo A --repo B``: each checkout's own ``small`` run (its tilescan, its
+    ``benchmarks/pipeline.py``, in a fresh process with its own model-only passes) of
+    ``--rounds`` rounds, the checkouts alternated ``--pairs`` times (the order turned each
+    time); per pair each ratio beside the first checkout's."""
+    repos = [Path(r).resolve() for r in args.repo]
+    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-small-"))
+    runs: dict[str, list[dict]] = {str(r): [] for r in repos}
+    for k in range(args.pairs):
+        for repo in repos[k % len(repos):] + repos[:k % len(repos)]:
+            got = work / "side-by-side.json"
+            cmd = [sys.executable, str(repo / "benchmarks" / "pipeline.py"), "small", "--rounds", str(args.rounds),
+                   "--work", str(work), "--out", str(got)] + (["--lean"] if args.lean else [])
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"small with {repo} failed:\n{p.stderr[-3000:]}")
+            r = json.loads(got.read_text())
+            runs[str(repo)].append({k: r[k] for k in ("ratio_to_model", "round_ratios", "model_tiles_per_s",
+                                                      "run_tiles_per_s", "host_cpu_ms_per_scene")})
+            bench.log(f"small: {repo}, pair {k + 1}: ratio {r['ratio_to_model']} (rounds {r['round_ratios']})")
+    first = runs[str(repos[0])]
+    return {"scenes": 40, "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
+            "checkouts": {repo: {"ratio_to_model": round(median(g["ratio_to_model"] for g in rs), 3),
+                                 "host_cpu_ms_per_scene": round(median(g["host_cpu_ms_per_scene"] for g in rs), 1),
+                                 "per_pair_minus_first": [round(g["ratio_to_model"] - f["ratio_to_model"], 3)
+                                                          for g, f in zip(rs, first)],
+                                 "runs": rs} for repo, rs in runs.items()}}
+
+
 def small(args) -> dict:
+    if args.repo:
+        return _small_side_by_side(args)
     from tilescan.config import load_config
     from tilescan.pipeline.engine import shared_engine
     from tilescan.pipeline.run import run
@@ -347,7 +381,8 @@ def main(argv=None) -> int:
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
     ap.add_argument("--repo", action="append",
-                    help="host: a tilescan checkout to run (repeat to compare checkouts side by side)")
+                    help="host, small: a tilescan checkout to run (repeat to compare checkouts side by side)")
+    ap.add_argument("--pairs", type=int, default=3, help="small --repo: times each checkout's run is repeated")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
