@@ -131,15 +131,12 @@ def test_first_write_loads_no_pyogrio_and_its_errors_still_name_the_file(tmp_pat
 
 
 def test_a_staging_folder_is_synced_once_after_its_files(tmp_path, monkeypatch):
-    """Inside ``folder_synced_once`` the files of the staging folder are fsync'ed at its end,
-    all before the folder, which is synced once (nothing of a failed block); other folders
-    as before: each file, then its folder."""
+    """Inside ``folder_synced_once`` each file is still fsync'ed, but its folder only once, at
+    the end (not after a failed block); other folders as before."""
     from tilescan.outputs import files
 
     synced: list[tuple[str, str]] = []
-    # a file outside the staging folder is synced under its temporary name, before the rename
-    monkeypatch.setattr(files, "_fsync_path",
-                        lambda p: synced.append(("file", Path(p).name.lstrip(".").split(".tmp-")[0])))
+    monkeypatch.setattr(files, "_fsync_path", lambda p: synced.append(("file", Path(p).name)))
     monkeypatch.setattr(files, "_fsync_dir", lambda d: synced.append(("dir", Path(d).name)))
     stage, other = tmp_path / "stage", tmp_path / "other"
     stage.mkdir()
@@ -148,50 +145,16 @@ def test_a_staging_folder_is_synced_once_after_its_files(tmp_path, monkeypatch):
         write_json(stage / "a.json", {"a": 1})
         write_json(stage / "b.json", {"b": 2})
         write_json(other / "c.json", {"c": 3})
-        assert synced == [("file", "c.json"), ("dir", "other")]
-    assert sorted(synced[2:4]) == [("file", "a.json"), ("file", "b.json")]
-    assert synced[4:] == [("dir", "stage")]
+        assert ("dir", "stage") not in synced and ("dir", "other") in synced
+    assert [k for k, n in synced if k == "file"] == ["file"] * 3
+    assert synced[-1] == ("dir", "stage") and synced.count(("dir", "stage")) == 1
     synced.clear()
     with pytest.raises(RuntimeError), files.folder_synced_once(stage):
         write_json(stage / "d.json", {"d": 4})
         raise RuntimeError("the unit failed")
-    assert synced == []  # a failed unit's staging folder is removed: nothing to sync
+    assert [k for k, _ in synced] == ["file"]  # the file, and no folder sync
     write_json(stage / "e.json", {"e": 5})  # after the block: synced per file again
-    assert synced == [("file", "e.json"), ("dir", "stage")]
-
-
-def test_a_staging_folders_files_are_synced_at_once(tmp_path, monkeypatch):
-    """The staging folder's files are fsync'ed concurrently (the file system can commit them
-    together): two syncs meet at a barrier, which one sync after another never would. A
-    failed fsync is an OutputError naming its file."""
-    import threading
-
-    from tilescan.errors import OutputError
-    from tilescan.outputs import files
-
-    both = threading.Barrier(2, timeout=10)
-    real = files._fsync_path
-
-    def sync(p):
-        both.wait()
-        real(p)
-
-    monkeypatch.setattr(files, "_fsync_path", sync)
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    with files.folder_synced_once(stage):
-        write_json(stage / "a.json", {"a": 1})
-        write_json(stage / "b.json", {"b": 2})
-    assert json.loads((stage / "b.json").read_text()) == {"b": 2}
-
-    def broken(p):
-        if Path(p).name == "b.json":
-            raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(files, "_fsync_path", broken)
-    with pytest.raises(OutputError, match="b.json.*Input/output error"), files.folder_synced_once(stage):
-        write_json(stage / "a.json", {"a": 1})
-        write_json(stage / "b.json", {"b": 2})
+    assert synced[-1] == ("dir", "stage")
 
 
 def test_write_json_numpy_and_strict(tmp_path):

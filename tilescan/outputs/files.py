@@ -112,57 +112,25 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-#: staging folders inside :func:`folder_synced_once` -> the files renamed into them, to fsync at its end
-_one_sync: dict[str, list[Path]] = {}
+_one_sync: set[str] = set()  # folders whose fsync after each rename into them waits for :func:`folder_synced_once`
 _one_sync_lock = threading.Lock()
-_sync_pool = None  # threads that fsync a staging folder's files at once (made when first needed)
 
 
 @contextlib.contextmanager
 def folder_synced_once(folder: str | os.PathLike) -> Iterator[None]:
-    """Within the block, :func:`atomic_output` fsyncs neither the files it renames into
-    ``folder`` (on any thread) nor the folder. When the block ends without an error, those
-    files are fsync'ed all at once (the file system commits them together, instead of one
-    wait for the disk per file), then the folder. For a staging folder whose files only count
-    once the folder itself is renamed into place: each of them is on disk before that."""
+    """Within the block, :func:`atomic_output` does not fsync ``folder`` after each file it
+    renames into it (on any thread); the folder is fsync'ed once when the block ends without
+    an error. For a staging folder whose files only count once the folder itself is renamed
+    into place: each of its renames is then on disk before that."""
     key = os.path.abspath(folder)
     with _one_sync_lock:
-        _one_sync[key] = []
+        _one_sync.add(key)
     try:
         yield
     finally:
         with _one_sync_lock:
-            written = _one_sync.pop(key)
-    _fsync_files(written)
+            _one_sync.discard(key)
     _fsync_dir(Path(folder))
-
-
-def _fsync_files(paths: list[Path]) -> None:
-    """fsync ``paths`` concurrently (each on its own thread, the GIL released); a failure is
-    an :class:`OutputError` naming its file. A file removed since it was written is skipped."""
-    global _sync_pool
-
-    def sync(path: Path) -> None:
-        try:
-            _fsync_path(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OutputError(_describe(exc, path), path=str(path)) from exc
-
-    paths = list(dict.fromkeys(paths))
-    if len(paths) < 2:
-        for p in paths:
-            sync(p)
-        return
-    with _one_sync_lock:
-        if _sync_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _sync_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tilescan-fsync")
-        pool = _sync_pool
-    for f in [pool.submit(sync, p) for p in paths]:
-        f.result()
 
 
 def probe_folder(final: str | os.PathLike, tmp: Path | None = None) -> None:
@@ -184,8 +152,7 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
 
     The temporary file is ``.{name}.tmp-<pid>-<random>{suffix}`` in the same folder. When the
     ``with`` body finishes, the file is fsync'ed and ``os.replace``d over ``path``, and the
-    folder is fsync'ed (in a staging folder, :func:`folder_synced_once` leaves both fsyncs
-    for its end). When the
+    folder is fsync'ed (unless :func:`folder_synced_once` leaves that for later). When the
     body raises, the temporary file (and any GDAL/SQLite sidecar of it) is removed and
     nothing appears at ``path``.
 
@@ -196,22 +163,18 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
     """
     final = Path(path)
     tmp = _temp_name(final)
-    with _one_sync_lock:  # a staging folder made by this run: its files are fsync'ed at its end
-        staged = _one_sync.get(os.path.abspath(final.parent))
-    if staged is None:
+    staged = os.path.abspath(final.parent) in _one_sync  # a staging folder, made by this run
+    if not staged:
         probe_folder(final, tmp)
     try:
         yield tmp
         if not tmp.exists():
             raise OutputError("cannot write (the writer produced no file)", path=str(final))
-        if fsync and staged is None:
+        if fsync:
             _fsync_path(tmp)
         os.replace(tmp, final)
-        if fsync and staged is None:
+        if fsync and not staged:
             _fsync_dir(final.parent)
-        elif fsync:
-            with _one_sync_lock:
-                staged.append(final)
     except OutputError:
         _remove_quietly(tmp)
         raise
