@@ -12,8 +12,9 @@ Four kinds of threads share the work:
   of exactly ``batch_size`` that may span units, and hands them to the model + CAM step
   (on the CPU, two steps compute at once on the engine's threads: ``model_streams``);
 - the **writer** turns each batch's results into each unit's rows, labels and heat;
-- a **finisher** writes a unit's outputs and moves them into place as soon as its last
-  tile is done, while the stream goes on with the next units.
+- the **finishers** (two, or one per output helper process) each write a unit's outputs
+  and move them into place as soon as its last tile is done, while the stream goes on with
+  the next units.
 
 A failing unit is dropped alone (its staging folder removed, its lock released). A stop
 request (SIGTERM/SIGINT) ends reading: units whose every tile already went through the
