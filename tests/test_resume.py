@@ -29,34 +29,42 @@ def _run(out: Path, kill_at: str | None = None):
 def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_factory):
     ref = bh.reference(tmp_path_factory)
     ref_report = json.loads((ref / "report.json").read_text())
-    assert [u["unit"] for u in ref_report["done"]] == list(bh.UNITS)  # the order the kill points assume
+    assert [u["unit"] for u in ref_report["done"]] == list(bh.UNITS)  # in unit order
     # batch 32: RGB.byte (23 tiles) is one batch, cogeo (64) two, image_rgb and cog_rgb one each
     assert json.loads((ref / "cogeo" / "run.json").read_text())["config"]["inference"]["batch_size"] == 32
-    # Batches span scenes, and one finisher writes the units' outputs in unit order.
+    # Batches span scenes, and two finisher threads write units' outputs side by side, so
+    # which units are done at a later kill depends on the threads' timing; what must hold
+    # at every kill: the folders a user sees are whole units equal to the reference, and
+    # nothing finished before is undone.
     plan = [
-        ("reading:10", []),  # while reading the first scene: nothing is finished
-        ("inference:1", []),  # the first batch (RGB.byte and cogeo's first tiles) computed, not yet used
-        ("writing:2", ["RGB.byte"]),  # cogeo's tiles.parquet is in staging, RGB.byte finished before it
-        ("writing:2", ["RGB.byte", "cogeo"]),  # image_rgb's tiles.parquet is in staging
-        ("before-rename:2", ["RGB.byte", "cogeo", "image_rgb"]),  # cog_rgb complete, not yet renamed
+        ("reading:10", 0, 0),  # while reading the first scene: nothing is finished
+        ("inference:1", 0, 0),  # the first batch (RGB.byte and cogeo's first tiles) computed, not yet used
+        ("writing:1", 0, 0),  # the first unit's tiles.parquet is in staging: nothing moved into place yet
+        # a third unit's table: a finisher took it, so one of the first two was finished
+        # (two finishers), and no fourth one has started
+        ("writing:3", 1, 2),
+        ("before-rename:1", 0, 0),  # a unit complete in staging, killed before its rename
     ]
     out = tmp_path / "out"
-    for kill_at, finished in plan:
+    before: set[str] = set()
+    for kill_at, least, most in plan:
         p = _run(out, kill_at)
         assert p.returncode == -signal.SIGKILL, f"{kill_at}: expected SIGKILL, got {p.returncode}\n{p.stderr}"
         assert not (out / "report.json").exists()  # written only by a run that ends
         done = bh.finished_folders(out)
-        assert sorted(done) == sorted(finished), kill_at
+        assert before <= set(done) and least <= len(set(done) - before) <= most, (kill_at, sorted(done))
         for name, folder in done.items():
             bh.assert_unit_equal(folder, ref / name)
-    staged = list((out / ".tilescan-staging").glob("*/run.json"))
-    assert [s.parent.name for s in staged] == ["cog_rgb"]  # killed just before its rename
+        before = set(done)
+    staged = [s.parent.name for s in (out / ".tilescan-staging").glob("*/run.json")]
+    assert staged and not set(staged) & before  # killed just before its rename: not in place
+    assert len(before) < len(bh.UNITS)
 
     p = _run(out)  # the same command, undisturbed
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte", "cogeo", "image_rgb"]
-    assert [u["unit"] for u in report["done"]] == ["cog_rgb"]
+    assert [u["unit"] for u in report["skipped"]] == [u for u in bh.UNITS if u in before]
+    assert [u["unit"] for u in report["done"]] == [u for u in bh.UNITS if u not in before]
     done = bh.finished_folders(out)
     assert sorted(done) == sorted(bh.UNITS)
     assert not (out / ".tilescan-staging").exists()  # the killed runs' leftovers are gone, and the emptied folder

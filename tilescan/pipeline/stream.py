@@ -167,7 +167,7 @@ class Stream:
         self.dropped: list[UnitJob] = []  # dropped by a stop request
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
-        # with output helper processes, as many units are finished at once as there are helpers
+        # output helper processes (if any): a unit finished at once for each, and at least FINISHERS
         nw = cfg.inference.output_workers
         self._workers = None
         if nw:
