@@ -263,8 +263,8 @@ def _small_side_by_side(args) -> dict:
             if p.returncode:
                 raise SystemExit(f"small with {repo} failed:\n{p.stderr[-3000:]}")
             r = json.loads(got.read_text())
-            runs[str(repo)].append({k: r[k] for k in ("ratio_to_model", "round_ratios", "model_tiles_per_s",
-                                                      "run_tiles_per_s", "host_cpu_ms_per_scene")})
+            runs[str(repo)].append({key: r[key] for key in ("ratio_to_model", "round_ratios", "model_tiles_per_s",
+                                                            "run_tiles_per_s", "host_cpu_ms_per_scene")})
             bench.log(f"small: {repo}, pair {k + 1}: ratio {r['ratio_to_model']} (rounds {r['round_ratios']})")
     first = runs[str(repos[0])]
     return {"scenes": 40, "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
