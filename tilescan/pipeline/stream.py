@@ -52,8 +52,8 @@ FINISH_NICE = 10
 #: Most units waiting for (or in) the finisher before no further unit is opened.
 FINISH_BACKLOG = 16
 
-#: Units finished at once on the run's threads (more with output helper processes: one each).
-#: While one waits for the disk or its tail steps the other writes, so the finisher keeps up
+#: Units finished at once (with output helper processes, at least one for each helper).
+#: While one waits for the disk or its tail steps the other writes, so the finishers keep up
 #: with many small scenes instead of leaving a queue of them to write after the model is done.
 FINISHERS = 2
 
@@ -167,7 +167,7 @@ class Stream:
         self.dropped: list[UnitJob] = []  # dropped by a stop request
         self._fatal: BaseException | None = None
         self._lock = threading.Lock()
-        # output helper processes (if any): a unit finished at once for each, and at least FINISHERS
+        # helper processes for the writers that hold the GIL ([inference] output_workers)
         nw = cfg.inference.output_workers
         self._workers = None
         if nw:
