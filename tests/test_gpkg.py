@@ -280,3 +280,53 @@ def test_gpkg_filled_from_a_template_equals_gdal_writing_it(tmp_path, n, sqlite_
                             "bbox=tuple(map(float, sys.argv[2].split(',')))); print(len(df), df.crs.to_epsg())",
                             str(tmp_path / "new.gpkg"), bbox], capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.split() == [str(n), "32614"], r.stderr
+
+
+_HOLDER = ("import sys, time\nfrom tilescan.outputs.table import _template_folder\n"
+           "print(_template_folder(), flush=True)\nif sys.argv[1] == 'stay': time.sleep(120)\n")
+
+
+def _holder(tmp, mode: str):
+    """A process that makes its GeoPackage template folder in ``tmp``, says where, and
+    stays (``stay``) or exits (``exit``)."""
+    import os
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, mode], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    from pathlib import Path
+
+    return p, Path(p.stdout.readline().strip())
+
+
+def test_template_folders_of_killed_processes_are_removed_by_the_next(tmp_path):
+    """A process removes its template folder at exit; one killed before its exit ran leaves
+    it, and the next process to make one removes it, but never a living process's; a folder
+    without an owner file (an older tilescan) goes once a day old."""
+    import os
+    import signal
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    old, fresh = tmp / "tilescan-gpkg-old", tmp / "tilescan-gpkg-fresh"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "template-0.gpkg").write_bytes(b"x")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    killed, killed_dir = _holder(tmp, "stay")
+    alive, alive_dir = _holder(tmp, "stay")
+    try:
+        assert killed_dir.is_dir() and alive_dir.is_dir() and killed_dir != alive_dir
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        assert killed_dir.is_dir()  # nothing of it ran at its end
+        last, last_dir = _holder(tmp, "exit")
+        assert last.wait(30) == 0
+        assert not last_dir.exists()  # removed at its own exit
+        assert not killed_dir.exists() and not old.exists()
+        assert alive_dir.is_dir() and fresh.is_dir()
+    finally:
+        alive.kill()
+        alive.wait(10)
+        for p in (killed, alive):
+            p.stdout.close()

@@ -468,3 +468,30 @@ def test_auto_model_streams_follow_the_backend_and_the_usable_cores(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: True)
     assert resolve_streams("auto", "tensorflow") == 1
+
+
+def test_output_helpers_outlive_the_thread_that_started_them(tmp_path, monkeypatch):
+    """A helper started by a finisher thread serves the pool until the pool closes (a
+    parent-death signal would kill it when that thread ends), and it ends by a normal exit:
+    the GeoPackage template folder it made in the temporary folder is gone."""
+    import os
+    import threading
+
+    from tilescan.outputs.table import _template_folder
+    from tilescan.outputs.workers import OutputWorkers
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    got: list = []
+    with OutputWorkers(1) as pool:
+        t = threading.Thread(target=lambda: got.extend([pool.call(os.getpid), pool.call(_template_folder)]))
+        t.start()
+        t.join(60)
+        pid, folder = got
+        assert folder.parent == tmp and folder.is_dir()
+        import time
+
+        time.sleep(0.3)  # the starting thread has ended
+        assert pool.call(os.getpid) == pid
+    assert not folder.exists() and not list(tmp.iterdir())

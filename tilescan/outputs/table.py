@@ -424,19 +424,66 @@ def _gpkg_template(schema: pa.Schema, layer: str, crs_wkt: str | None) -> tuple[
         return _templates[key]
 
 
-_folder: list[Path] = []
+_folder: list = []  # [this process's template folder, the open file that holds its lock]
+_OWNER = "owner.lock"
+_UNOWNED_AGE_S = 86400  # a folder without an owner file this old was left by a killed process
 
 
 def _template_folder() -> Path:
-    """This process's folder for GeoPackage templates, made once and removed at exit."""
+    """This process's folder for GeoPackage templates, made once and removed at exit. It
+    holds a lock while this process lives, so that a later process removes the folders of
+    processes that were killed before their exit ran (:func:`_sweep_templates`)."""
     if not _folder or not _folder[0].is_dir():
         import atexit
         import shutil
         import tempfile
 
-        _folder[:] = [Path(tempfile.mkdtemp(prefix="tilescan-gpkg-"))]
-        atexit.register(shutil.rmtree, _folder[0], True)
+        folder = Path(tempfile.mkdtemp(prefix="tilescan-gpkg-"))
+        lock = _hold_lock(folder)
+        _folder[:] = [folder, lock]
+        atexit.register(shutil.rmtree, folder, True)
+        _sweep_templates(folder)
     return _folder[0]
+
+
+def _hold_lock(folder: Path):
+    """Lock a file in ``folder`` for as long as this process lives (the kernel lets go when
+    it ends, however it ends); locked under a temporary name first, so that a sweeper never
+    sees an owner file nobody holds yet. None where there are no advisory locks."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: killed processes' folders stay
+        return None
+    f = open(folder / (_OWNER + ".new"), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.replace(folder / (_OWNER + ".new"), folder / _OWNER)
+    return f
+
+
+def _sweep_templates(mine: Path) -> None:
+    """Remove the template folders beside ``mine`` whose process has ended without removing
+    its own (killed: SIGKILL, out of memory): their owner file's lock can be taken. Folders
+    from before the lock are removed once a day old."""
+    try:
+        import fcntl
+        import shutil
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    import time
+
+    for folder in mine.parent.glob("tilescan-gpkg-*"):
+        if folder == mine:
+            continue
+        try:
+            if not (folder / _OWNER).exists():  # made by a version without the lock
+                if time.time() - folder.stat().st_mtime > _UNOWNED_AGE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            with open(folder / _OWNER, "r+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)  # while held: no one else takes it
+        except OSError:  # alive (locked), not ours to open, or already gone
+            continue
 
 
 def _tilescan_meta(classes: Sequence[str], model_id: str, scene: str, n: int,

@@ -11,8 +11,11 @@ The children are plain ``python -m tilescan.outputs.workers`` processes, not
 script calling :func:`tilescan.run` without a ``__main__`` guard would run itself), and
 forking a process that has loaded TensorFlow is unsafe. A child never loads TensorFlow, so
 GDAL's SQLite there has the R-tree module the GeoPackage index needs. Children ignore
-SIGINT and SIGTERM (the run decides how to stop and waits for the calls it started), end
-when their stdin closes, and are killed when the run's process dies.
+SIGINT and SIGTERM (the run decides how to stop and waits for the calls it started) and
+end when their stdin closes: when the run closes them, or when its process dies (killed: a
+busy child first finishes its call). They end by a normal exit, so what they made in the
+temporary folder is removed (a parent-death signal would kill them when the *thread* that
+started them ends, before the run closes them, and leave that behind).
 """
 
 from __future__ import annotations
@@ -176,21 +179,9 @@ class OutputWorkers:
         self.close()
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the process that started it dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        pass
-
-
 def _serve(nice: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
     if nice:
         try:
             os.nice(nice)
