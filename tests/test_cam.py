@@ -342,3 +342,44 @@ def test_gradcam_closed_form_other_backend(backend):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK " + backend in proc.stdout
+
+
+def test_tensorflow_steps_trace_without_autograph_and_fall_back_when_a_layer_needs_it(tmp_path, monkeypatch):
+    """The TensorFlow steps are traced without AutoGraph (no converted module written to the
+    temporary folder); a function with Python control flow on a tensor, as a custom layer
+    may have, still runs, through AutoGraph, with the right branch for each input."""
+    import tempfile
+
+    from tilescan.explain.shims import _tf_function
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def plain(x):
+        return tf.nn.relu(x) * 2.0
+
+    def branchy(x):
+        if tf.reduce_sum(x) > 0:  # a tensor as a Python bool: needs AutoGraph in a graph
+            return x * 2.0
+        return -x
+
+    x = np.array([1.0, -3.0], np.float32)
+    assert _tf_function(plain, False)(tf.constant(x)).numpy().tolist() == [2.0, 0.0]
+    assert not list(tmp_path.glob("__autograph_generated_file*"))
+    f = _tf_function(branchy, False)
+    assert f(tf.constant(x)).numpy().tolist() == [-1.0, 3.0]
+    assert f(tf.constant(-x)).numpy().tolist() == [-2.0, 6.0]
+
+
+def test_the_shipped_models_cam_step_writes_no_autograph_module(tmp_path, monkeypatch):
+    """Grad-CAM of the shipped model through the TensorFlow step leaves nothing in the
+    temporary folder."""
+    import tempfile
+
+    from tilescan.model import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    loaded = load_model()
+    n = loaded.input_size
+    got = C.get_cam("gradcam", loaded.model)(np.random.default_rng(0).random((2, n, n, loaded.num_bands), np.float32))
+    assert got.cam.shape[0] == 2
+    assert not list(tmp_path.iterdir())

@@ -28,6 +28,29 @@ _TF_GPU_AUTO_JIT = False
 #   forward(x) -> (acts, logits) float32 numpy (no gradient)
 
 
+def _tf_function(fn, jit: bool):
+    """``tf.function(fn)`` without AutoGraph: a model without Python control flow on tensors
+    (any Keras 3 model that also runs on JAX) traces the same graph sooner, and AutoGraph
+    leaves no converted module in the temporary folder (which a killed process would not
+    remove). A model whose layers need AutoGraph gets it, from the first call that needs it."""
+    import tensorflow as tf
+
+    plain = tf.function(fn, jit_compile=jit, reduce_retracing=True, autograph=False)
+    chosen = [plain]
+
+    def call(*args):
+        f = chosen[0]
+        try:
+            return f(*args)
+        except tf.errors.OperatorNotAllowedInGraphError:  # e.g. `if tensor:` in a custom layer
+            if f is not plain:
+                raise
+            chosen[0] = tf.function(fn, jit_compile=jit, reduce_retracing=True)
+            return chosen[0](*args)
+
+    return call
+
+
 def _tensorflow_shim(body, head, both, jit: bool):
     import tensorflow as tf
 
@@ -46,8 +69,7 @@ def _tensorflow_shim(body, head, both, jit: bool):
         acts, logits = both(x, training=False)
         return tf.cast(acts, tf.float32), tf.cast(logits, tf.float32)
 
-    step_fn = tf.function(step, jit_compile=jit, reduce_retracing=True)
-    fwd_fn = tf.function(fwd, jit_compile=jit, reduce_retracing=True)
+    step_fn, fwd_fn = _tf_function(step, jit), _tf_function(fwd, jit)
 
     def grad_step(x, target):
         return tuple(np.asarray(v) for v in step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(target)))
@@ -154,7 +176,7 @@ def _tensorflow_gap_dense(both, kernel, jit: bool, eps: float):
         scale = tf.where(peak > eps, inv, tf.zeros_like(peak))
         return logits, t, raw, raw * scale[:, None, None]
 
-    step_fn = tf.function(step, jit_compile=jit, reduce_retracing=True)
+    step_fn = _tf_function(step, jit)
 
     def run(x, target):
         return tuple(np.asarray(v) for v in step_fn(tf.convert_to_tensor(x), tf.convert_to_tensor(target)))
