@@ -455,8 +455,12 @@ def _hold_lock(folder: Path):
     except ImportError:  # pragma: no cover - not POSIX: killed processes' folders stay
         return None
     f = open(folder / (_OWNER + ".new"), "w")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    os.replace(folder / (_OWNER + ".new"), folder / _OWNER)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(folder / (_OWNER + ".new"), folder / _OWNER)
+    except OSError:  # a file system without locks: the folder stays unowned (swept a day old)
+        f.close()
+        return None
     return f
 
 
