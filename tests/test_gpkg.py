@@ -290,11 +290,10 @@ def _holder(tmp, mode: str):
     """A process that makes its GeoPackage template folder in ``tmp``, says where, and
     stays (``stay``) or exits (``exit``)."""
     import os
+    from pathlib import Path
 
     p = subprocess.Popen([sys.executable, "-c", _HOLDER, mode], stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "TMPDIR": str(tmp)})
-    from pathlib import Path
-
     return p, Path(p.stdout.readline().strip())
 
 

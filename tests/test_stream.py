@@ -476,6 +476,7 @@ def test_output_helpers_outlive_the_thread_that_started_them(tmp_path, monkeypat
     the GeoPackage template folder it made in the temporary folder is gone."""
     import os
     import threading
+    import time
 
     from tilescan.outputs.table import _template_folder
     from tilescan.outputs.workers import OutputWorkers
@@ -490,8 +491,6 @@ def test_output_helpers_outlive_the_thread_that_started_them(tmp_path, monkeypat
         t.join(60)
         pid, folder = got
         assert folder.parent == tmp and folder.is_dir()
-        import time
-
         time.sleep(0.3)  # the starting thread has ended
         assert pool.call(os.getpid) == pid
     assert not folder.exists() and not list(tmp.iterdir())
