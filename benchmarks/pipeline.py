@@ -150,6 +150,12 @@ def host(args) -> dict:
             "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
 
 
+def _in_turn(repos: list[Path], k: int) -> list[Path]:
+    """The checkouts in the order of round (or pair) ``k``: turned by one each time, so
+    none always runs first."""
+    return repos[k % len(repos):] + repos[:k % len(repos)]
+
+
 def _host_side_by_side(args, scene: Path, work: Path) -> dict:
     """``host --repo A --repo B``: each checkout's own no-op run (its tilescan and its
     ``benchmarks/pipeline.py``), alternated within every round and core count (the order
@@ -158,7 +164,7 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
     runs = {str(r): {"1": [], "2": []} for r in repos}
     for k in range(args.rounds):
         for cores in ("1", "2"):
-            for repo in repos[k % len(repos):] + repos[:k % len(repos)]:
+            for repo in _in_turn(repos, k):
                 out = work / "out-side-by-side"
                 shutil.rmtree(out, ignore_errors=True)
                 got = _taskset(cores, scene, out, args.pipeline, cores, repo=repo)
@@ -255,7 +261,7 @@ def _small_side_by_side(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-small-"))
     runs: dict[str, list[dict]] = {str(r): [] for r in repos}
     for k in range(args.pairs):
-        for repo in repos[k % len(repos):] + repos[:k % len(repos)]:
+        for repo in _in_turn(repos, k):
             got = work / "side-by-side.json"
             cmd = [sys.executable, str(repo / "benchmarks" / "pipeline.py"), "small", "--rounds", str(args.rounds),
                    "--work", str(work), "--out", str(got)] + (["--lean"] if args.lean else [])
