@@ -30,6 +30,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -348,7 +349,7 @@ class Stream:
             if first is None:
                 return
             if self.lockstep or self.cfg.inference.reader_threads == 0:
-                for job, chunk, last in _chain(first, chunks):
+                for job, chunk, last in chain((first,), chunks):
                     yield job, last, read(job, chunk)
                 return
             # one single-thread lane per reader; a band of block rows always goes to the same
@@ -357,7 +358,7 @@ class Stream:
             lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}") for i in range(n)]
             try:
                 pending: deque = deque()
-                for job, chunk, last in _chain(first, chunks):
+                for job, chunk, last in chain((first,), chunks):
                     lane = lanes[job.band(chunk) % n] if chunk else lanes[0]
                     pending.append((job, last, lane.submit(read, job, chunk)))
                     if len(pending) >= max(self.ahead, 2 * n):
@@ -588,8 +589,3 @@ def _background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FINISH_NICE)
     except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
         pass
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
