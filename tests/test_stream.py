@@ -4,6 +4,7 @@ overlap readers on lanes give the lockstep outputs, the engine is made once per 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -149,13 +150,15 @@ def test_the_first_scenes_open_while_the_model_loads(chips, solo, tmp_path, monk
         assert_unit_equal(out / p.stem, solo[p.stem])
 
 
-def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeypatch):
+@pytest.mark.parametrize("second_fails", [False, True])
+def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeypatch, second_fails):
     """The scenes open with the metadata read at the run's start; an engine loaded from a
     different file (replaced meanwhile) ends the run with a model error, and the opened
-    scenes leave nothing behind."""
+    scenes leave nothing behind, also those opened after a second model error."""
     import dataclasses
 
     from tilescan.errors import ModelError
+    from tilescan.pipeline.process import UnitJob
     from tilescan.pipeline.run import _Units
 
     real_make = _Units.make_engine
@@ -168,7 +171,22 @@ def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeyp
         def __getattr__(self, name):
             return getattr(self._engine, name)
 
-    monkeypatch.setattr(_Units, "make_engine", lambda self: Other(real_make(self)))
+    def make_after_the_opener(self):  # the opener has opened every chip and ended by then
+        opener = [t for t in threading.enumerate() if t.name == "tilescan-open"]
+        for t in opener:
+            t.join(60)
+        return Other(real_make(self))
+
+    monkeypatch.setattr(_Units, "make_engine", make_after_the_opener)
+    if second_fails:  # chip-1 fails its opening with a model error; chip-2 opens after it
+        real_open = UnitJob.open
+
+        def failing_open(job):
+            if job.unit.key == "chip-1":
+                raise ModelError("the model file changed under chip-1")
+            return real_open(job)
+
+        monkeypatch.setattr(UnitJob, "open", failing_open)
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="model file changed"):
         run(chips, out, _cfg(), log=lambda m: None)

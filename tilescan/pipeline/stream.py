@@ -275,15 +275,21 @@ class Stream:
                     yield job
         finally:
             halt.set()
-            while t.is_alive():  # drain, so the opener is never stuck on a full queue
+            late = None  # drained: the opener is never stuck on a full queue, and what it
+            while t.is_alive() or not q.empty():  # queued before it ended is removed too
                 try:
                     item = q.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 if item is None:
                     break
-                self._take(item, wanted=False)
+                try:
+                    self._take(item, wanted=False)
+                except BaseException as exc:  # noqa: BLE001 - e.g. a model error: the rest is removed first
+                    late = late or exc
             t.join()
+            if late is not None:
+                raise late
 
     def _take(self, item: tuple, wanted: bool) -> UnitJob | None:
         """One thing the opener handed over: an opened job (returned if ``wanted``, else
