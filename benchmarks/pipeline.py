@@ -81,6 +81,9 @@ class NoopEngine:
     def ready(self) -> None:
         pass
 
+    def readers(self, setting: str) -> int:
+        return self.cores if setting == "auto" else int(setting)  # auto: as on a GPU host
+
     def submit(self, x: np.ndarray):
         res = self(x)
         return lambda: res

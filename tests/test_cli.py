@@ -84,6 +84,7 @@ def test_info_runtime_shows_backend_device_and_precision():
     from tilescan.backend import usable_cores
 
     assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu and usable_cores() >= 2 else 1}
+    assert rt["reader_threads"] == {"setting": "auto", "used": 1 if on_cpu else usable_cores()}
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too
         assert rt["warning"] in r.stderr
     else:
@@ -96,10 +97,12 @@ def test_info_runtime_resolves_the_config_and_environment(tmp_path):
     rt = json.loads(invoke(["info", "--runtime", "--config", cfg]).stdout)["runtime"]
     assert rt["precision"]["setting"] == rt["precision"]["used"] == "bf16"
     r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap",
-                                           "TILESCAN_INFERENCE__MODEL_STREAMS": "1"})
+                                           "TILESCAN_INFERENCE__MODEL_STREAMS": "1",
+                                           "TILESCAN_INFERENCE__READER_THREADS": "3"})
     rt = json.loads(r.stdout)["runtime"]
     assert rt["pipeline"] == {"setting": "overlap", "used": "overlap"}
     assert rt["model_streams"] == {"setting": "1", "used": 1}
+    assert rt["reader_threads"] == {"setting": "3", "used": 3}
 
 
 def test_info_without_runtime_has_no_runtime_and_config_needs_it(tmp_path):

@@ -125,8 +125,8 @@ def test_env_booleans(text, value):
 
 def test_real_environment_is_read_by_default(monkeypatch):
     monkeypatch.setenv("TILESCAN_INFERENCE__READER_THREADS", "3")
-    assert load_config().inference.reader_threads == 3
-    assert load_config(overrides={"inference": {"reader_threads": 1}}).inference.reader_threads == 1
+    assert load_config().inference.reader_threads == "3"
+    assert load_config(overrides={"inference": {"reader_threads": 1}}).inference.reader_threads == "1"
 
 
 # ------------------------------------------------------------------------------------
@@ -290,10 +290,11 @@ def test_cam_method_is_checked(tmp_path):
     assert load_config(toml(tmp_path, '[cam]\nmethod = "GradCAM"\n', "case.toml"), environ={}).cam.method == "GradCAM"
 
 
-def test_model_streams_is_auto_or_a_whole_number(tmp_path):
-    assert load_config(environ={}).inference.model_streams == "auto"
-    assert load_config(toml(tmp_path, "[inference]\nmodel_streams = 1\n"), environ={}).inference.model_streams == "1"
+@pytest.mark.parametrize("key", ["model_streams", "reader_threads"])
+def test_streams_and_readers_are_auto_or_a_whole_number(tmp_path, key):
+    assert getattr(load_config(environ={}).inference, key) == "auto"
+    assert getattr(load_config(toml(tmp_path, f"[inference]\n{key} = 1\n"), environ={}).inference, key) == "1"
     for bad in ("0", "two", "-1", "1.5"):
-        e = _error(load_config, None, environ={"TILESCAN_INFERENCE__MODEL_STREAMS": bad})
-        assert "[inference] model_streams: must be auto or a whole number >= 1" in str(e), str(e)
-        assert "TILESCAN_INFERENCE__MODEL_STREAMS" in str(e)
+        e = _error(load_config, None, environ={f"TILESCAN_INFERENCE__{key.upper()}": bad})
+        assert f"[inference] {key}: must be auto or a whole number >= 1" in str(e), str(e)
+        assert f"TILESCAN_INFERENCE__{key.upper()}" in str(e)

@@ -87,9 +87,18 @@ def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):
         assert_unit_equal(out / p.stem, solo[p.stem])
 
 
-def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path):
+def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path, monkeypatch):
     """Two overlap readers, each reading whole bands of block rows, on a real scene of many
     block rows: the same rows, labels and heat as reading between model steps."""
+    from tilescan.pipeline.process import UnitJob
+
+    real_read, lanes = UnitJob.read, set()
+
+    def read(job, chunk):
+        lanes.add(threading.current_thread().name)
+        return real_read(job, chunk)
+
+    monkeypatch.setattr(UnitJob, "read", read)
     path = scene(LANDSAT)
     with rasterio.open(path) as ds:
         assert ds.height // ds.block_shapes[0][0] >= 4  # several bands to share out
@@ -102,7 +111,9 @@ def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path):
     assert_unit_equal(outs["overlap"] / name, outs["lockstep"] / name)
     a = json.loads((outs["overlap"] / name / "run.json").read_text())
     assert a["config"]["inference"]["pipeline"] == "overlap" and a["runtime"]["pipeline"] == "overlap"
+    assert a["runtime"]["reader_threads"] == 2 and {"tilescan-read0_0", "tilescan-read1_0"} <= lanes
     b = json.loads((outs["lockstep"] / name / "run.json").read_text())
+    assert b["runtime"]["reader_threads"] is None  # lockstep reads between the model's steps
     assert a["reads"]["pixels"] == b["reads"]["pixels"]  # every tile read once either way
 
 
@@ -486,6 +497,26 @@ def test_auto_model_streams_follow_the_backend_and_the_usable_cores(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: True)
     assert resolve_streams("auto", "tensorflow") == 1
+
+
+def test_auto_readers_are_one_per_core_on_an_accelerator_and_one_on_the_cpu(monkeypatch):
+    """``reader_threads = "auto"``: with the model on a GPU the host's cores read (one reader
+    each, as the host side scales with them); with the model on the CPU one reader, which
+    leaves the cores to the model; a number is taken as given."""
+    import os
+
+    import tilescan.backend
+    import tilescan.pipeline.engine as engine_module
+    from tilescan.pipeline.engine import resolve_readers
+
+    monkeypatch.setattr(tilescan.backend, "cgroup_cpu_quota", lambda proc="/proc/self": None)  # not this machine's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: True)
+    assert resolve_readers("auto", "jax") == 16 and resolve_readers("3", "jax") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert resolve_readers("auto", "tensorflow") == 4
+    monkeypatch.setattr(engine_module, "model_on_accelerator", lambda backend: False)
+    assert resolve_readers("auto", "tensorflow") == 1 and resolve_readers("2", "tensorflow") == 2
 
 
 def test_output_helpers_outlive_the_thread_that_started_them(tmp_path, monkeypatch):

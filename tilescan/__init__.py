@@ -260,9 +260,10 @@ def cut_chips(scenes: Sequence[str | os.PathLike], labels: str | os.PathLike, ou
 def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     """Where a run would compute: the Keras backend and device, the GPUs the machine shows, a
     warning when one goes unused, and what ``[inference] precision`` and ``pipeline`` resolve
-    to with ``config``, and how many model steps run at once (``model_streams``). Imports Keras."""
+    to with ``config``, how many model steps run at once (``model_streams``) and how many
+    threads read with the overlap pipeline (``reader_threads``). Imports Keras."""
     from .backend import describe_device, import_keras
-    from .pipeline.engine import resolve_pipeline, resolve_precision, resolve_streams
+    from .pipeline.engine import resolve_pipeline, resolve_precision, resolve_readers, resolve_streams
 
     cfg = config if isinstance(config, Config) else load_config(config)
     keras = import_keras()
@@ -273,4 +274,5 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
             "precision": {"setting": inf.precision, "used": resolve_precision(inf.precision, backend),
                           "auto": resolve_precision("auto", backend)},
             "pipeline": {"setting": inf.pipeline, "used": resolve_pipeline(inf.pipeline, backend)},
-            "model_streams": {"setting": inf.model_streams, "used": resolve_streams(inf.model_streams, backend)}}
+            "model_streams": {"setting": inf.model_streams, "used": resolve_streams(inf.model_streams, backend)},
+            "reader_threads": {"setting": inf.reader_threads, "used": resolve_readers(inf.reader_threads, backend)}}

@@ -98,10 +98,12 @@ class InferenceConfig(_Section):
     ahead while the model runs. ``auto``: lockstep when the model runs on the CPU (on a
     shared CPU every core the readers take stalls the model's threads: measured in
     benchmarks/README.md), overlap on a GPU."""
-    reader_threads: int = 1
-    """Reader threads with ``pipeline = "overlap"``. Each reads whole bands of block rows with
-    its own GDAL handle, so no block is decoded twice whatever their number. On a GPU host,
-    one per core; on a CPU that also runs the model, more steal its cores (benchmarks/README.md)."""
+    reader_threads: str = "auto"
+    """Reader threads with ``pipeline = "overlap"`` (a number, or ``auto``). Each reads whole
+    bands of block rows with its own GDAL handle, so no block is decoded twice whatever their
+    number. ``auto``: one per usable core when the model runs on an accelerator (the host
+    side then scales with the cores), 1 when it runs on the CPU (there more readers steal the
+    model's cores: benchmarks/README.md)."""
     output_workers: int = 0
     """Helper processes that write each unit's GeoPackage, label COG, quicklook and QGIS files
     (0: the run's own threads). Those writers hold Python's GIL, so with many small scenes on a GPU
@@ -333,14 +335,14 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
     i = cfg.inference
     if i.batch_size < 1:
         fail("inference", "batch_size", f"must be >= 1, got {i.batch_size}")
-    if i.reader_threads < 1:
-        fail("inference", "reader_threads", f"must be >= 1, got {i.reader_threads}")
+    for key in ("reader_threads", "model_streams"):
+        v = getattr(i, key)
+        if v != "auto" and not (v.strip().isdigit() and int(v) >= 1):
+            fail("inference", key, f"must be auto or a whole number >= 1, got {v!r}")
     if i.output_workers < 0:
         fail("inference", "output_workers", f"must be >= 0, got {i.output_workers}")
     if i.queue_size < 1:
         fail("inference", "queue_size", f"must be >= 1, got {i.queue_size}")
-    if i.model_streams != "auto" and not (i.model_streams.strip().isdigit() and int(i.model_streams) >= 1):
-        fail("inference", "model_streams", f"must be auto or a whole number >= 1, got {i.model_streams!r}")
     o = cfg.output
     if not 0.0 < o.heatmap_scale <= 1.0:
         fail("output", "heatmap_scale", f"must be in (0, 1], got {o.heatmap_scale}")

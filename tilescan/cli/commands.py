@@ -85,8 +85,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="Write quicklook.png (the scene, its labels and the heat side by side).")
 @option("--allow-pixel-space", config_key=("tiling", "allow_pixel_space"), is_flag=True,
         help="Process scenes without georeferencing, in pixel coordinates.")
-@option("--threads", "reader_threads", config_key=("inference", "reader_threads"), type=click.IntRange(min=1),
-        help="Reader threads (with [inference] pipeline = \"overlap\").")
+@option("--threads", "reader_threads", config_key=("inference", "reader_threads"), metavar="N|auto",
+        help="Reader threads with [inference] pipeline = \"overlap\" (auto: one per core when the model runs on a GPU, "
+             "1 on the CPU).")
 @option("--output-workers", "output_workers", config_key=("inference", "output_workers"), type=click.IntRange(min=0),
         help="Helper processes for the GeoPackage, label COG, quicklook and QGIS files (0: the run's threads; "
              "GPU hosts with many small scenes).")

@@ -46,6 +46,15 @@ def resolve_precision(precision: str, backend: str) -> str:
     return "float32" if model_on_accelerator(backend) else "bf16"
 
 
+def resolve_readers(readers: str, backend: str) -> int:
+    """``[inference] reader_threads`` -> reader threads with the overlap pipeline. ``auto``:
+    one per usable core when the model runs on an accelerator (the cores are the host's to
+    read with), 1 when it runs on the CPU (readers there take the model's cores)."""
+    if readers != "auto":
+        return int(readers)
+    return usable_cores() if model_on_accelerator(backend) else 1
+
+
 def resolve_streams(streams: str, backend: str) -> int:
     """``[inference] model_streams`` -> how many model + CAM steps run at once. ``auto``: 2
     for TensorFlow on a CPU of two cores or more that this process may use (one step leaves
@@ -100,6 +109,7 @@ class Engine:
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
         self.streams = resolve_streams(cfg.inference.model_streams, backend)
+        self.backend = backend
         self.cores = usable_cores()  # the cores this process may keep busy (affinity, cgroup quota)
         from ..backend import compilation_cache_dir, describe_device
 
@@ -119,6 +129,11 @@ class Engine:
         # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
         self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
         self._warm.start()
+
+    def readers(self, setting: str) -> int:
+        """Reader threads of the overlap pipeline for ``[inference] reader_threads`` here (a run's
+        setting: the engine is shared by runs whose settings differ)."""
+        return resolve_readers(setting, self.backend)
 
     def ready(self) -> None:
         """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""

@@ -382,7 +382,8 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "tiling": reader.plan.to_dict(),
         "model": {"id": engine.loaded.model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256,
                   "classes": engine.classes, "precision": engine.precision},
-        "runtime": {**engine.runtime, **(job.run_timings() if job.run_timings else {})},
+        "runtime": {**engine.runtime, "reader_threads": engine.readers(job.cfg.inference.reader_threads)
+                    if engine.pipeline == "overlap" else None, **(job.run_timings() if job.run_timings else {})},
         "config": job.cfg.to_dict(),
         "versions": package_versions(),
         "counts": {

@@ -354,13 +354,13 @@ class Stream:
             first = next(chunks, None)
             if first is None:
                 return
-            if self.lockstep or self.cfg.inference.reader_threads == 0:
+            if self.lockstep:
                 for job, chunk, last in chain((first,), chunks):
                     yield job, last, read(job, chunk)
                 return
             # one single-thread lane per reader; a band of block rows always goes to the same
             # lane, so no block is decoded by two readers (each has its own GDAL handle)
-            n = self.cfg.inference.reader_threads
+            n = self.engine.readers(self.cfg.inference.reader_threads)
             lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}") for i in range(n)]
             try:
                 pending: deque = deque()
