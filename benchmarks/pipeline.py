@@ -12,8 +12,9 @@
 output) with the model step replaced by a no-op that returns results of the right shape,
 on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and
 to 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
-(``--pipeline lockstep`` for the CPU default): tiles/s over the run's wall time, and the
-ratio 2 cores / 1 core. With ``--repo`` (twice or more) each checkout's own run alternates
+(``--pipeline lockstep`` for the CPU default; ``--readers default`` for the config's
+default, ``auto``: one per core on a GPU host, as the no-op engine stands for one): tiles/s
+over the run's wall time, and the ratio 2 cores / 1 core. With ``--repo`` (twice or more) each checkout's own run alternates
 with the others' in every round, and each run's rate is also given as a ratio to the first
 checkout's run beside it: this shared machine's speed drifts, so only those carry.
 
@@ -101,9 +102,9 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-def _host_once(scene: Path, out: Path, pipeline: str, readers: int, workers: int = 0) -> dict:
+def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0) -> dict:
     """One no-op run in this process (called under taskset) of ``scene``, or of every
-    ``chip-*.tif`` in it when it is a folder."""
+    ``chip-*.tif`` in it when it is a folder; ``readers`` "default": the config's default."""
     import importlib
 
     importlib.import_module("keras")  # a real run has Keras loaded before its first scene
@@ -111,9 +112,10 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: int, workers: int
     from tilescan.model import describe_model
     from tilescan.pipeline.run import run
 
-    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]},
-                                 "inference": {"pipeline": pipeline, "reader_threads": readers,
-                                               "output_workers": workers}}, environ={})
+    inference = {"pipeline": pipeline, "output_workers": workers}
+    if readers != "default":
+        inference["reader_threads"] = int(readers)
+    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}, environ={})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
     t0 = time.perf_counter()
@@ -124,7 +126,9 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: int, workers: int
     n = sum(r.counts["tiles_classified"] for r in report.results)
     got = {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1)}
     if len(scenes) == 1:
-        got["timings_s"] = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())["timings_s"]
+        manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
+        got["timings_s"] = manifest["timings_s"]
+        got["reader_threads"] = manifest["runtime"].get("reader_threads")  # what the run used
     else:
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     return got
@@ -142,15 +146,26 @@ def host(args) -> dict:
         for cores in ("1", "2"):
             out = work / f"out-{cores}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            got = _taskset(cores, scene, out, args.pipeline, cores)
+            got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores))
             runs[cores].append(got)
             bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
             shutil.rmtree(out, ignore_errors=True)
     rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
     return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"]},
-            "pipeline": args.pipeline, "reader_threads": "one per core" if args.pipeline == "overlap" else None,
+            "pipeline": args.pipeline, "reader_threads": _readers_said(args),
             "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
             "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
+
+
+def _readers(args, cores: str) -> str:
+    """The reader setting of a ``host`` run: one per core, or the config's default."""
+    return "default" if args.readers == "default" else cores
+
+
+def _readers_said(args) -> str | None:
+    if args.pipeline != "overlap":
+        return None
+    return "the config's default" if args.readers == "default" else "one per core"
 
 
 def _in_turn(repos: list[Path], k: int) -> list[Path]:
@@ -170,7 +185,7 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
             for repo in _in_turn(repos, k):
                 out = work / "out-side-by-side"
                 shutil.rmtree(out, ignore_errors=True)
-                got = _taskset(cores, scene, out, args.pipeline, cores, repo=repo)
+                got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), repo=repo)
                 runs[str(repo)][cores].append(got)
                 bench.log(f"host: {repo}, {cores} core(s), round {k + 1}: {got['tiles_per_s']} tiles/s")
                 shutil.rmtree(out, ignore_errors=True)
@@ -184,7 +199,7 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
                                                for g, f in zip(v, first[c])] for c, v in rs.items()},
                      "runs": rs}
     return {"scene": {"path": scene.name, "size": HOST_SIZE}, "pipeline": args.pipeline,
-            "reader_threads": "one per core" if args.pipeline == "overlap" else None, "checkouts": res}
+            "reader_threads": _readers_said(args), "checkouts": res}
 
 
 #: ``small --lean``: the per-scene extras off.
@@ -378,7 +393,7 @@ def _cpu() -> float:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
-        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+        print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5],
                                     int(sys.argv[6]) if len(sys.argv) > 6 else 0)))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,6 +401,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pipeline", choices=("overlap", "lockstep"), default="overlap",
                     help="host: overlap (one reader per core, as on a GPU) or lockstep (the CPU default)")
+    ap.add_argument("--readers", choices=("per-core", "default"), default="per-core",
+                    help="host: one overlap reader per core, or the config's default reader_threads (what a "
+                         "user gets; checkouts from 1eff980 on)")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
