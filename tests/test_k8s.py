@@ -53,6 +53,8 @@ def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():
     assert "nvidia.com/gpu" not in g["resources"].get("requests", {})  # extended resources: limits alone
     env = {e["name"]: e["value"] for e in g["env"]}
     assert env["KERAS_BACKEND"] == "jax"
+    # one reader per requested CPU: with no CPU limit, auto would count every core of the node
+    assert "cpu" not in g["resources"]["limits"] and env["TILESCAN_INFERENCE__READER_THREADS"] == g["resources"]["requests"]["cpu"]
     for key in ("podFailurePolicy", "backoffLimitPerIndex", "completionMode"):
         assert gpu["spec"][key] == cpu["spec"][key], key
     assert gpu["spec"]["template"]["spec"]["volumes"] == cpu["spec"]["template"]["spec"]["volumes"]

@@ -76,6 +76,17 @@ def test_gpu_count_from_slurm_when_cuda_visible_devices_is_unset():
     assert [m.group(2, 3) for m in map(LINE.match, p.stdout.splitlines()) if m] == [("0", "2"), ("1", "2")]
 
 
+def test_each_process_reads_with_its_share_of_the_task_cpus():
+    """--cpus-per-task=8 with 2 GPUs: each process reads with 4 threads (reader_threads =
+    "auto" would start 8 in each); a reader setting in the environment is kept."""
+    p = _script("-o", "OUT", "s.tif", TILESCAN_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="8")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(" TILESCAN_INFERENCE__READER_THREADS=4 ") == 2, p.stdout
+    p = _script("-o", "OUT", "s.tif", TILESCAN_DRY_RUN="1", CUDA_VISIBLE_DEVICES="0,1", SLURM_CPUS_PER_TASK="8",
+                TILESCAN_INFERENCE__READER_THREADS="2")
+    assert p.stdout.count(" TILESCAN_INFERENCE__READER_THREADS=2 ") == 2, p.stdout
+
+
 @pytest.mark.slow
 def test_two_tasks_of_two_gpus_equal_one_process(tmp_path, tmp_path_factory):
     out = tmp_path / "out"
