@@ -109,7 +109,7 @@ class Engine:
         self.precision = resolve_precision(cfg.inference.precision, backend)
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
         self.streams = resolve_streams(cfg.inference.model_streams, backend)
-        self.backend = backend
+        self._auto_readers = resolve_readers("auto", backend)  # asks the backend for its device once
         self.cores = usable_cores()  # the cores this process may keep busy (affinity, cgroup quota)
         from ..backend import compilation_cache_dir, describe_device
 
@@ -133,7 +133,7 @@ class Engine:
     def readers(self, setting: str) -> int:
         """Reader threads of the overlap pipeline for ``[inference] reader_threads`` here (a run's
         setting: the engine is shared by runs whose settings differ)."""
-        return resolve_readers(setting, self.backend)
+        return self._auto_readers if setting == "auto" else int(setting)
 
     def ready(self) -> None:
         """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""
