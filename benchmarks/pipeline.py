@@ -9,14 +9,15 @@
     python benchmarks/pipeline.py small-host [--out benchmarks/results/small-host.json]
 
 ``host``: the real run (reading, scaling, batching, rows, labels, heat blending, every
-output) with the model step replaced by a no-op that returns results of the right shape,
-on a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and
-to 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
+output) with the model step replaced by a no-op that returns results of the right shape, on
+a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 core and to
+2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
 (``--pipeline lockstep`` for the CPU default; ``--readers default`` for the config's
 default, ``auto``: one per core on a GPU host, as the no-op engine stands for one): tiles/s
-over the run's wall time, and the ratio 2 cores / 1 core. With ``--repo`` (twice or more) each checkout's own run alternates
-with the others' in every round, and each run's rate is also given as a ratio to the first
-checkout's run beside it: this shared machine's speed drifts, so only those carry.
+over the run's wall time, and the ratio 2 cores / 1 core. With ``--repo`` (twice or more)
+each checkout's own run alternates with the others' in every round, and each run's rate is
+also given as a ratio to the first checkout's run beside it: this shared machine's speed
+drifts, so only those carry.
 
 ``small-host``: the same no-op run over 160 scenes of 512 x 512 px (16 tiles each, cut from
 the real Landsat scene), on 1 and on 2 cores, with ``[inference] output_workers`` 0 (the

@@ -53,7 +53,7 @@ STEPS = {
 }
 
 
-#: Figures of a run whose medians the summary gives (the checkout's own run may lack the later ones).
+#: The figures of each run whose medians the summary gives.
 _FIGURES = ("cpu_ms_per_scene", "scenes_per_s", "user_ms_per_scene", "system_ms_per_scene", "minor_faults_per_scene")
 
 
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     summary = {}
     for r, rs in runs.items():
         steps = sorted({s for g in rs for s in g["steps_ms_per_scene"]})
-        summary[r] = {**{f: median(g[f] for g in rs) for f in _FIGURES if f in rs[0]},
+        summary[r] = {**{f: median(g[f] for g in rs) for f in _FIGURES},
                       "steps_ms_per_scene": {s: round(median(g["steps_ms_per_scene"].get(s, 0.0) for g in rs), 2)
                                              for s in steps}}
     result = {"command": "python benchmarks/scene_cpu.py " + " ".join(argv), "machine": bench.machine(),
