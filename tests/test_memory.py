@@ -76,3 +76,33 @@ def test_a_run_reuses_its_batch_memory_with_the_same_outputs(tmp_path, monkeypat
     assert with_pool.reused > 0 and without.reused == 0
     name = Path(path).stem
     assert_unit_equal(outs[4] / name, outs[0] / name)
+
+
+@pytest.mark.parametrize("user_set", [False, True])
+def test_a_run_reads_without_huge_page_advice_and_leaves_numpy_as_it_was(tmp_path, monkeypatch, user_set):
+    """While a run reads, numpy advises no transparent huge pages for new arrays; after it,
+    numpy's setting is as before. A user's NUMPY_MADVISE_HUGEPAGE is left alone."""
+    from tilescan.pipeline.process import UnitJob
+
+    switch = np._core.multiarray._set_madvise_hugepage if hasattr(np, "_core") else np.core.multiarray._set_madvise_hugepage
+    if user_set:
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    seen, real_read = [], UnitJob.read
+
+    def read(job, chunk):
+        now = switch(False)  # what it was; then put back
+        switch(now)
+        seen.append(now)
+        return real_read(job, chunk)
+
+    monkeypatch.setattr(UnitJob, "read", read)
+    cfg = load_config(overrides={"tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]},
+                                 "inference": {"batch_size": 16, "pipeline": "overlap", "reader_threads": 2}},
+                      environ={})
+    before = switch(True)
+    try:
+        assert run([scene(LANDSAT)], tmp_path / "out", cfg, log=lambda m: None).exit_code == 0
+        assert seen and set(seen) == ({True} if user_set else {False})
+        assert switch(True) is True  # numpy's setting after the run: as before it
+    finally:
+        switch(before)

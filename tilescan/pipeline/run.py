@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
 
 from .. import layout, stop
 from ..config import Config
@@ -52,6 +55,24 @@ def _bound_gdal_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
 
 
+@contextlib.contextmanager
+def _small_pages():
+    """numpy's advice for transparent huge pages off while a run streams its buffers, then
+    as before: a huge page is zeroed whole, and where the kernel must first compact memory
+    to find one, on its first write, that cost more than a run gained (benchmarks/README.md,
+    "Huge pages"). NUMPY_MADVISE_HUGEPAGE, when set, is the user's choice and is kept."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    switch = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    if switch is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        yield
+        return
+    before = switch(False)
+    try:
+        yield
+    finally:
+        switch(before)
+
+
 def _check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +107,7 @@ def run(
     (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
     ``stac_items``: also write a STAC Item describing each finished scene's outputs;
     ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
-    with stop.handling():  # SIGTERM/SIGINT: stop between batches, report, exit 75
+    with stop.handling(), _small_pages():  # SIGTERM/SIGINT: stop between batches, report, exit 75
         return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine)
 
 
