@@ -83,8 +83,9 @@ def test_a_run_reads_without_huge_page_advice_and_leaves_numpy_as_it_was(tmp_pat
     """While a run reads, numpy advises no transparent huge pages for new arrays; after it,
     numpy's setting is as before. A user's NUMPY_MADVISE_HUGEPAGE is left alone."""
     from tilescan.pipeline.process import UnitJob
+    from tilescan.pipeline.run import _huge_page_switch
 
-    switch = np._core.multiarray._set_madvise_hugepage if hasattr(np, "_core") else np.core.multiarray._set_madvise_hugepage
+    switch = _huge_page_switch()
     if user_set:
         monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
     seen, real_read = [], UnitJob.read

@@ -55,14 +55,20 @@ def _bound_gdal_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
 
 
+def _huge_page_switch() -> Callable[[bool], bool] | None:
+    """numpy's switch of its transparent-huge-page advice (returns the setting before), or
+    None where this numpy has none."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return getattr(core.multiarray, "_set_madvise_hugepage", None)
+
+
 @contextlib.contextmanager
 def _small_pages():
     """numpy's advice for transparent huge pages off while a run streams its buffers, then
-    as before: a huge page is zeroed whole, and where the kernel must first compact memory
-    to find one, on its first write, that cost more than a run gained (benchmarks/README.md,
+    as before: such a page is zeroed whole on its first write (after compacting memory where
+    no free one is at hand), and that cost a run more than it gained (benchmarks/README.md,
     "Huge pages"). NUMPY_MADVISE_HUGEPAGE, when set, is the user's choice and is kept."""
-    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    switch = getattr(core.multiarray, "_set_madvise_hugepage", None)
+    switch = _huge_page_switch()
     if switch is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         yield
         return
