@@ -32,7 +32,10 @@ the same process, alternated: tiles/s over the run's wall time after the engine 
 tiles/s of the passes just before and just after it, the median over rounds
 (``round_ratios``: each round's; ``ratio_to_model_before``: against the pass before only, the
 figure of sessions up to 12); and the host side's CPU per scene: the run's CPU (process and
-helper) less model-only's (the pass before).
+helper) less model-only's (the pass before). ``cpu_ceiling``: the most the run could reach
+with the CPU it used, were every core busy all the time: the model-only time of its tiles
+over the run's CPU seconds divided by the cores (``cores``); where the cores are saturated,
+the ratio stays under it, and only less CPU per scene raises it.
 With ``--repo`` (twice or more) each checkout runs its own ``small`` in a fresh process,
 alternated ``--pairs`` times, and each pair's ratio is given beside the first checkout's.
 ``--lean``: the same run without the per-scene extras a user with many chips can turn off
@@ -289,7 +292,8 @@ def _small_side_by_side(args) -> dict:
                 raise SystemExit(f"small with {repo} failed:\n{p.stderr[-3000:]}")
             r = json.loads(got.read_text())
             runs[str(repo)].append({key: r[key] for key in ("ratio_to_model", "round_ratios", "model_tiles_per_s",
-                                                            "run_tiles_per_s", "host_cpu_ms_per_scene")})
+                                                            "run_tiles_per_s", "host_cpu_ms_per_scene", "cpu_ceiling")
+                                    if key in r})  # an older checkout's benchmark may lack a figure
             bench.log(f"small: {repo}, pair {k + 1}: ratio {r['ratio_to_model']} (rounds {r['round_ratios']})")
     first = runs[str(repos[0])]
     return {"scenes": 40, "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
@@ -361,12 +365,19 @@ def small(args) -> dict:
     # mean): side by side, so a slow spell of this shared machine moves both
     ratios = [r / ((b + a) / 2) for r, b, a in zip(rates["run"], rates["model"], after)]
     before = [r / mo for r, mo in zip(rates["run"], rates["model"])]
+    # the most the run could reach with its CPU: the model-only time over the time the run's
+    # CPU (model and host side) takes on these cores when all of them are busy
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ceilings = [(t["tiles"] / ((b + a) / 2)) / (t["cpu_s"]["run"] / cores)
+                for t, b, a in zip(timings, rates["model"], after)]
     return {"scenes": len(scenes), "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
             "tiles": timings[0]["tiles"], "model_tiles_per_s": round(m, 1),
             "run_tiles_per_s": round(e, 1), "ratio_to_model": round(median(ratios), 3),
             "round_ratios": [round(x, 3) for x in ratios], "ratio_of_medians": round(e / m, 3),
             "ratio_to_model_before": round(median(before), 3), "round_ratios_before": [round(x, 3) for x in before],
-            "host_cpu_ms_per_scene": round(median(host_ms), 1), "rounds": timings,
+            "host_cpu_ms_per_scene": round(median(host_ms), 1), "cores": cores,
+            "cpu_ceiling": round(median(ceilings), 3), "round_cpu_ceilings": [round(x, 3) for x in ceilings],
+            "rounds": timings,
             "rates": {**{k: [round(v, 1) for v in vs] for k, vs in rates.items()},
                       "model_after": [round(v, 1) for v in after]}}
 
