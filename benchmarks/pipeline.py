@@ -34,8 +34,9 @@ tiles/s of the passes just before and just after it, the median over rounds
 figure of sessions up to 12); and the host side's CPU per scene: the run's CPU (process and
 helper) less model-only's (the pass before). ``cpu_ceiling``: the most the run could reach
 with the CPU it used, were every core busy all the time: the model-only time of its tiles
-over the run's CPU seconds divided by the cores (``cores``); where the cores are saturated,
-the ratio stays under it, and only less CPU per scene raises it.
+over the run's CPU seconds divided by the cores it may keep busy (``cores``, as
+``tilescan.backend.usable_cores`` counts them); where the cores are saturated, the ratio
+stays under it, and only less CPU per scene raises it.
 With ``--repo`` (twice or more) each checkout runs its own ``small`` in a fresh process,
 alternated ``--pairs`` times, and each pair's ratio is given beside the first checkout's.
 ``--lean``: the same run without the per-scene extras a user with many chips can turn off
@@ -307,6 +308,7 @@ def _small_side_by_side(args) -> dict:
 def small(args) -> dict:
     if args.repo:
         return _small_side_by_side(args)
+    from tilescan.backend import usable_cores
     from tilescan.config import load_config
     from tilescan.pipeline.engine import shared_engine
     from tilescan.pipeline.run import run
@@ -363,13 +365,13 @@ def small(args) -> dict:
     m, e = median(rates["model"]), median(rates["run"])
     # each round's run against the model-only passes just before and just after it (their
     # mean): side by side, so a slow spell of this shared machine moves both
-    ratios = [r / ((b + a) / 2) for r, b, a in zip(rates["run"], rates["model"], after)]
+    model_around = [(b + a) / 2 for b, a in zip(rates["model"], after)]
+    ratios = [r / mo for r, mo in zip(rates["run"], model_around)]
     before = [r / mo for r, mo in zip(rates["run"], rates["model"])]
     # the most the run could reach with its CPU: the model-only time over the time the run's
     # CPU (model and host side) takes on these cores when all of them are busy
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ceilings = [(t["tiles"] / ((b + a) / 2)) / (t["cpu_s"]["run"] / cores)
-                for t, b, a in zip(timings, rates["model"], after)]
+    cores = usable_cores()
+    ceilings = [(t["tiles"] / mo) / (t["cpu_s"]["run"] / cores) for t, mo in zip(timings, model_around)]
     return {"scenes": len(scenes), "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
             "tiles": timings[0]["tiles"], "model_tiles_per_s": round(m, 1),
             "run_tiles_per_s": round(e, 1), "ratio_to_model": round(median(ratios), 3),
