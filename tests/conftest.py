@@ -36,6 +36,15 @@ def unavailable(msg: str, require_var: str):
     pytest.skip(msg)
 
 
+def need_jax() -> None:
+    """JAX, the GPU extra's backend (``tilescan[test]`` installs its CPU build): skip without
+    it, fail with ``TILESCAN_REQUIRE_JAX=1`` (``.ci/run``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        unavailable('jax is not installed (pip install -e ".[test]" brings its CPU build)', "TILESCAN_REQUIRE_JAX")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a server a test starts."""
     with socket.socket() as s:

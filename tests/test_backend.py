@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from conftest import need_jax
 from tilescan.backend import describe_device, device_warning, host_gpus
 
 
@@ -106,7 +107,7 @@ def test_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_jax_caches_every_compiled_step(tmp_path):
     """With JAX, a second process finds the model step in the persistent cache: JAX keeps
     only compiles over 1 s by default, which a small model's step on a CPU is not."""
-    pytest.importorskip("jax")
+    need_jax()
     code = ("import json, os, jax; from tilescan.backend import import_keras; import_keras(); "
             "print(json.dumps([jax.config.jax_compilation_cache_dir, "
             "jax.config.jax_persistent_cache_min_compile_time_secs]))")

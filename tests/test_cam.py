@@ -18,7 +18,7 @@ tf = pytest.importorskip("tensorflow")
 from tilescan.explain import cam as C
 from tilescan.errors import ConfigError
 from tilescan.model import build_resnet18
-from conftest import REPO
+from conftest import REPO, need_jax
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="references use tf.GradientTape")
 
@@ -334,7 +334,9 @@ _BACKEND_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_gradcam_closed_form_other_backend(backend):
-    if importlib.util.find_spec(backend) is None:
+    if backend == "jax":
+        need_jax()  # the GPU extra's backend: tested in CI
+    elif importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed; the {backend} gradient shim is untested here")
     env = dict(os.environ, KERAS_BACKEND=backend)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

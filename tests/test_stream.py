@@ -13,7 +13,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from conftest import scene
+from conftest import need_jax, scene
 from batch_helpers import assert_unit_equal
 from tilescan.config import load_config
 from tilescan.pipeline.engine import shared_engine
@@ -331,7 +331,7 @@ def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_pat
 def test_jax_one_pass_gradcam_is_dispatched_ahead(tmp_path, monkeypatch):
     """With JAX's one-pass Grad-CAM (the GPU path, forced here on the CPU) a batch is
     dispatched before the one before it is read back, and the outputs equal lockstep's."""
-    pytest.importorskip("jax")
+    need_jax()
     import subprocess
     import sys
 

@@ -1,0 +1,104 @@
+"""JAX, the backend ``tilescan[gpu]`` installs, run on this machine's CPU (``tilescan[test]``
+installs the CPU build): the shipped model gives TensorFlow's labels on real scenes, and a
+second process finds every compiled step in JAX's persistent compilation cache. CUDA itself
+needs a GPU (``tests/test_backend.py``, mark ``gpu``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from batch_helpers import assert_unit_equal, env, tilescan
+from conftest import need_jax, scene
+
+NAIP = [f"opengeos-naip/m_4709963_se_14_1_{d}.tif" for d in ("20100629", "20150926", "20190904")]  # 5 m, the model's scale
+
+
+# The CLI in a fresh process that also counts JAX's persistent-cache events (its public
+# monitoring hook) and writes them, as JSON, to the file named by the first argument.
+_COUNTING_CLI = """
+import atexit, collections, json, sys
+import jax.monitoring
+counts = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kw: counts.update([event.rsplit("/", 1)[-1]]))
+report, sys.argv = sys.argv[1], ["tilescan", *sys.argv[2:]]
+atexit.register(lambda: open(report, "w").write(json.dumps(counts)))
+from tilescan.cli import entry
+entry()
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The NAIP scenes through the CLI: once with TensorFlow, twice with JAX sharing one
+    compilation cache (each run a fresh process; JAX's cache hits and misses counted)."""
+    need_jax()
+    paths = [scene(s) for s in NAIP]
+    base = tmp_path_factory.mktemp("jax")
+    cache = base / "cache"
+    args = ("run", "--no-progress", *paths)
+    p = tilescan(*args, "-o", base / "tf", KERAS_BACKEND="tensorflow", TILESCAN_COMPILE_CACHE=str(cache))
+    assert p.returncode == 0, p.stderr[-3000:]
+    listed = {"tf": sorted(cache.iterdir()) if cache.exists() else []}
+    events = {}
+    for name in ("jax1", "jax2"):
+        report = base / f"{name}-events.json"
+        p = subprocess.run([sys.executable, "-c", _COUNTING_CLI, str(report), *map(str, args), "-o", str(base / name)],
+                           capture_output=True, text=True, timeout=600,
+                           env=env(KERAS_BACKEND="jax", TILESCAN_COMPILE_CACHE=str(cache)))
+        assert p.returncode == 0, p.stderr[-3000:]
+        events[name] = json.loads(report.read_text())
+        listed[name] = sorted(f.name for f in cache.iterdir())
+    return {n: base / n for n in ("tf", "jax1", "jax2")}, cache, listed, events
+
+
+def _units(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_runs_say_which_backend_computed(runs):
+    out, cache = runs[:2]
+    for name, backend in (("tf", "tensorflow"), ("jax1", "jax")):
+        for unit in _units(out[name]):
+            rt = json.loads((unit / "run.json").read_text())["runtime"]
+            assert rt["backend"] == backend and rt["device"] == "cpu" and rt["precision"] == "float32", rt
+            # JAX compiles the model step, and its cache is where the environment says
+            assert rt["compile_cache"] == (str(cache) if backend == "jax" else None), rt
+
+
+def test_jax_gives_tensorflows_labels_probabilities_and_heatmaps(runs):
+    out = runs[0]
+    tf_units, jax_units = _units(out["tf"]), _units(out["jax1"])
+    assert [u.name for u in tf_units] == [u.name for u in jax_units] and len(tf_units) == len(NAIP)
+    for a, b in zip(tf_units, jax_units):
+        ta, tb = pq.read_table(a / "tiles.parquet"), pq.read_table(b / "tiles.parquet")
+        assert ta.num_rows == tb.num_rows > 0
+        for col in ("row", "col", "geometry", "label", "class_index", "valid_fraction"):
+            assert ta[col].to_pylist() == tb[col].to_pylist(), f"{a.name}: {col} differs"
+        for col in ("probabilities", "confidence", "cam_mean", "cam_max", "cam_raw_max"):
+            x, y = np.array(ta[col].to_pylist(), np.float64), np.array(tb[col].to_pylist(), np.float64)
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5, err_msg=f"{a.name}: {col}")
+        with rasterio.open(a / "labels.tif") as x, rasterio.open(b / "labels.tif") as y:
+            np.testing.assert_array_equal(y.read(), x.read(), err_msg=f"{a.name}: label pixels")
+        with rasterio.open(a / "heatmap.tif") as x, rasterio.open(b / "heatmap.tif") as y:
+            hx, hy = x.read(1), y.read(1)
+            assert x.profile == y.profile
+            np.testing.assert_array_equal(hy == y.nodata, hx == x.nodata, err_msg=f"{a.name}: heat nodata")
+            np.testing.assert_allclose(hy, hx, rtol=0, atol=1e-5, err_msg=f"{a.name}: heat")
+
+
+def test_a_second_process_finds_every_compiled_step_in_the_cache(runs):
+    out, _, listed, events = runs
+    assert listed["tf"] == []  # TensorFlow has no such cache: nothing is written there
+    first, second = events["jax1"], events["jax2"]
+    assert first.get("cache_misses", 0) > 0 and listed["jax1"], (first, listed["jax1"])  # compiled and kept
+    assert second.get("cache_misses", 0) == 0 and second.get("cache_hits", 0) >= first["cache_misses"], second
+    assert listed["jax2"] == listed["jax1"]  # and nothing new was written
+    for a, b in zip(_units(out["jax1"]), _units(out["jax2"])):
+        assert_unit_equal(b, a)
