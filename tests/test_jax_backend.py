@@ -102,3 +102,40 @@ def test_a_second_process_finds_every_compiled_step_in_the_cache(runs):
     assert listed["jax2"] == listed["jax1"]  # and nothing new was written
     for a, b in zip(_units(out["jax1"]), _units(out["jax2"])):
         assert_unit_equal(b, a)
+
+
+_LOADS = """
+import collections, json, sys
+import numpy as np
+import jax.monitoring
+counts = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kw: counts.update([event.rsplit("/", 1)[-1]]))
+from tilescan.backend import import_keras
+keras = import_keras()
+from tilescan.model import PACKAGE_MODEL, load_model
+fast = load_model().model  # first: it finds nothing compiled, in memory or in the (empty) cache
+fast_compiles = counts["cache_misses"]
+plain = keras.saving.load_model(PACKAGE_MODEL, compile=False)  # Keras' own path
+x = np.random.default_rng(0).random((4, *fast.input_shape[1:]), dtype=np.float32)
+print(json.dumps({
+    "fast_compiles": fast_compiles, "plain_compiles": counts["cache_misses"] - fast_compiles,
+    "variables": len(plain.variables),
+    "same_variables": all(a.path == b.path and a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+                          for a, b in zip(fast.variables, plain.variables)) and len(fast.variables) == len(plain.variables),
+    "same_outputs": bool(np.array_equal(np.asarray(fast(x)), np.asarray(plain(x)))),
+}))
+"""
+
+
+def test_loading_the_model_with_jax_compiles_nothing_per_weight(tmp_path):
+    """The shipped model loads under JAX without a compile per weight shape (Keras' own path
+    compiles its random initialisers and float16-to-float32 conversions one shape at a time)
+    and with the same weights, bit for bit, as that path."""
+    need_jax()
+    p = subprocess.run([sys.executable, "-c", _LOADS], capture_output=True, text=True, timeout=600,
+                       env=env(KERAS_BACKEND="jax", TILESCAN_COMPILE_CACHE=str(tmp_path / "cache")))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["same_variables"] and got["same_outputs"], got
+    assert got["plain_compiles"] >= 10, got  # what is saved: dozens of compiles
+    assert got["fast_compiles"] <= 2, got  # the input Normalization layer's own build steps

@@ -11,6 +11,7 @@ import gc
 import math
 import os
 import sys
+import threading
 
 from .log import STDERR_LOCK
 
@@ -85,6 +86,70 @@ def import_keras(verbosity: int | None = None):
                 tf.get_logger().setLevel("ERROR")
         _compilation_cache(keras)
     return keras
+
+
+_loading = threading.local()  # set on the thread that loads a model under loading_without_compiles
+
+
+@contextlib.contextmanager
+def loading_without_compiles(keras):
+    """While a saved model loads with JAX as the backend: its variables start as zeros made on
+    the host and take the file's arrays through ``jax.device_put``, instead of the layers'
+    random initialisers and ``jnp.asarray``, each of which JAX compiles once per shape (dozens
+    of small compiles before the first batch, benchmarks/README.md "Start-up"). The saved
+    values replace the initial ones either way. Only the loading thread is affected; anything
+    else (another backend, a distributed layout, a dtype numpy lacks, a value to convert)
+    takes Keras' own path. Keras' JAX variable class is patched for the block, so a Keras
+    without it loads as usual."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    try:
+        import jax
+        import numpy as np
+        from keras.src.backend.jax.core import JaxVariable
+
+        init, convert = JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def host_zeros(self, initializer):
+        dtype = _numpy_dtype(np, self._dtype)
+        if getattr(_loading, "on", False) and dtype is not None and getattr(self, "_layout", None) is None:
+            self._initialize_layout()
+            if self._layout is None:
+                return self._initialize(jax.device_put(np.zeros(self._shape, dtype)))
+        return init(self, initializer)
+
+    def host_array(self, value, dtype=None):
+        if getattr(_loading, "on", False) and not isinstance(value, jax.Array) and hasattr(value, "__array__"):
+            a, want = np.asarray(value), _numpy_dtype(np, dtype) if dtype is not None else None
+            if want is None and dtype is None:
+                return jax.device_put(a)
+            if want is not None and np.can_cast(a.dtype, want, "safe"):  # exact, e.g. float16 weights to float32
+                return jax.device_put(a.astype(want, copy=False))
+        return convert(self, value, dtype)
+
+    with _patch_lock:
+        JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor = host_zeros, host_array
+        _loading.on = True
+        try:
+            yield
+        finally:
+            _loading.on = False
+            JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor = init, convert
+
+
+_patch_lock = threading.Lock()
+
+
+def _numpy_dtype(np, dtype):
+    """``dtype`` (a Keras dtype name) as numpy's, or None where numpy has no such dtype."""
+    try:
+        return np.dtype(str(dtype))
+    except TypeError:
+        return None
 
 
 def compilation_cache_dir() -> str | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .backend import loading_without_compiles
 from .errors import ModelError
 
 META_MEMBER = "tilescan.json"
@@ -212,7 +213,8 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     meta = read_metadata(p)
     keras = _keras()
     try:
-        model = keras.saving.load_model(p, compile=False)
+        with loading_without_compiles(keras):
+            model = keras.saving.load_model(p, compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive
         raise ModelError(f"cannot load the Keras model: {type(exc).__name__}: {exc}", path=p) from None
     n_out = int(model.output_shape[-1])
