@@ -98,9 +98,8 @@ def loading_without_compiles(keras):
     random initialisers and ``jnp.asarray``, each of which JAX compiles once per shape (dozens
     of small compiles before the first batch, benchmarks/README.md "Start-up"). The saved
     values replace the initial ones either way. Only the loading thread is affected; anything
-    else (another backend, a distributed layout, a dtype numpy lacks, a value to convert)
-    takes Keras' own path. Keras' JAX variable class is patched for the block, so a Keras
-    without it loads as usual."""
+    else (another backend, a distributed layout, a dtype numpy lacks, a narrowing cast)
+    takes Keras' own path, as does everything when this Keras has no such JAX variable class."""
     if keras.backend.backend() != "jax":
         yield
         return
@@ -123,12 +122,12 @@ def loading_without_compiles(keras):
         return init(self, initializer)
 
     def host_array(self, value, dtype=None):
-        if getattr(_loading, "on", False) and not isinstance(value, jax.Array) and hasattr(value, "__array__"):
-            a, want = np.asarray(value), _numpy_dtype(np, dtype) if dtype is not None else None
-            if want is None and dtype is None:
-                return jax.device_put(a)
-            if want is not None and np.can_cast(a.dtype, want, "safe"):  # exact, e.g. float16 weights to float32
-                return jax.device_put(a.astype(want, copy=False))
+        want = _numpy_dtype(np, dtype) if dtype is not None else None
+        if getattr(_loading, "on", False) and want is not None and hasattr(value, "__array__") \
+                and not isinstance(value, jax.Array):
+            value = np.asarray(value)
+            if np.can_cast(value.dtype, want, "safe"):  # exact, e.g. float16 weights to float32
+                return jax.device_put(value.astype(want, copy=False))
         return convert(self, value, dtype)
 
     with _patch_lock:
