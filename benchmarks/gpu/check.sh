@@ -39,6 +39,7 @@ cat "$OUT/device.txt"
 step info 120 "$PY" -m tilescan.cli info --runtime
 rm -rf "$TILESCAN_COMPILE_CACHE"  # the first run starts cold, the second finds its steps cached
 for k in 1 2; do
+  rm -rf "/tmp/tilescan-startup$k"  # a fresh output folder: a rerun on the same machine must not find it done
   step "startup$k" 120 "$PY" -m tilescan.cli run "$SCENE" --bands 3,2,1 --batch-size "$BATCH" -o "/tmp/tilescan-startup$k" -q
   cp "/tmp/tilescan-startup$k/report.json" "$OUT/startup$k-report.json" 2>/dev/null
 done
