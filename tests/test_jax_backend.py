@@ -20,13 +20,18 @@ from conftest import need_jax, scene
 NAIP = [f"opengeos-naip/m_4709963_se_14_1_{d}.tif" for d in ("20100629", "20150926", "20190904")]  # 5 m, the model's scale
 
 
-# The CLI in a fresh process that also counts JAX's persistent-cache events (its public
-# monitoring hook) and writes them, as JSON, to the file named by the first argument.
-_COUNTING_CLI = """
-import atexit, collections, json, sys
+# The start of a child script: JAX's events (its public monitoring hook) counted by their last
+# name, e.g. "cache_hits" and "cache_misses" of the persistent compilation cache.
+_COUNT_EVENTS = """
+import collections
 import jax.monitoring
 counts = collections.Counter()
 jax.monitoring.register_event_listener(lambda event, **kw: counts.update([event.rsplit("/", 1)[-1]]))
+"""
+
+# The CLI in a fresh process, its JAX events written, as JSON, to the file named by the first argument.
+_COUNTING_CLI = _COUNT_EVENTS + """
+import atexit, json, sys
 report, sys.argv = sys.argv[1], ["tilescan", *sys.argv[2:]]
 atexit.register(lambda: open(report, "w").write(json.dumps(counts)))
 from tilescan.cli import entry
@@ -45,7 +50,7 @@ def runs(tmp_path_factory):
     args = ("run", "--no-progress", *paths)
     p = tilescan(*args, "-o", base / "tf", KERAS_BACKEND="tensorflow", TILESCAN_COMPILE_CACHE=str(cache))
     assert p.returncode == 0, p.stderr[-3000:]
-    listed = {"tf": sorted(cache.iterdir()) if cache.exists() else []}
+    listed = {"tf": _listed(cache)}
     events = {}
     for name in ("jax1", "jax2"):
         report = base / f"{name}-events.json"
@@ -54,8 +59,12 @@ def runs(tmp_path_factory):
                            env=env(KERAS_BACKEND="jax", TILESCAN_COMPILE_CACHE=str(cache)))
         assert p.returncode == 0, p.stderr[-3000:]
         events[name] = json.loads(report.read_text())
-        listed[name] = sorted(f.name for f in cache.iterdir())
+        listed[name] = _listed(cache)
     return {n: base / n for n in ("tf", "jax1", "jax2")}, cache, listed, events
+
+
+def _listed(cache: Path) -> list[str]:
+    return sorted(f.name for f in cache.iterdir()) if cache.exists() else []
 
 
 def _units(out: Path) -> list[Path]:
@@ -104,12 +113,9 @@ def test_a_second_process_finds_every_compiled_step_in_the_cache(runs):
         assert_unit_equal(b, a)
 
 
-_LOADS = """
-import collections, json, sys
+_LOADS = _COUNT_EVENTS + """
+import json
 import numpy as np
-import jax.monitoring
-counts = collections.Counter()
-jax.monitoring.register_event_listener(lambda event, **kw: counts.update([event.rsplit("/", 1)[-1]]))
 from tilescan.backend import import_keras
 keras = import_keras()
 from tilescan.model import PACKAGE_MODEL, load_model

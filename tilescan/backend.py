@@ -89,6 +89,7 @@ def import_keras(verbosity: int | None = None):
 
 
 _loading = threading.local()  # set on the thread that loads a model under loading_without_compiles
+_patch_lock = threading.Lock()  # one such load at a time patches Keras' JAX variable class
 
 
 @contextlib.contextmanager
@@ -113,16 +114,22 @@ def loading_without_compiles(keras):
         yield
         return
 
+    def numpy_dtype(dtype):  # a Keras dtype name as numpy's; None where numpy has none
+        try:
+            return None if dtype is None else np.dtype(str(dtype))
+        except TypeError:
+            return None
+
     def host_zeros(self, initializer):
-        dtype = _numpy_dtype(np, self._dtype)
-        if getattr(_loading, "on", False) and dtype is not None and getattr(self, "_layout", None) is None:
-            self._initialize_layout()
+        dtype = numpy_dtype(self._dtype)
+        if getattr(_loading, "on", False) and dtype is not None:
+            self._initialize_layout()  # as Keras' own path does first; a distributed layout stays with it
             if self._layout is None:
                 return self._initialize(jax.device_put(np.zeros(self._shape, dtype)))
         return init(self, initializer)
 
     def host_array(self, value, dtype=None):
-        want = _numpy_dtype(np, dtype) if dtype is not None else None
+        want = numpy_dtype(dtype)
         if getattr(_loading, "on", False) and want is not None and hasattr(value, "__array__") \
                 and not isinstance(value, jax.Array):
             value = np.asarray(value)
@@ -138,17 +145,6 @@ def loading_without_compiles(keras):
         finally:
             _loading.on = False
             JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor = init, convert
-
-
-_patch_lock = threading.Lock()
-
-
-def _numpy_dtype(np, dtype):
-    """``dtype`` (a Keras dtype name) as numpy's, or None where numpy has no such dtype."""
-    try:
-        return np.dtype(str(dtype))
-    except TypeError:
-        return None
 
 
 def compilation_cache_dir() -> str | None:
