@@ -14,7 +14,10 @@ a 12,246 x 11,160 px uint16 Landsat mosaic (8,352 tiles of 128 px), pinned to 1 
 2 cores with ``taskset`` (alternated, ``--rounds`` each), with one overlap reader per core
 (``--pipeline lockstep`` for the CPU default; ``--readers default`` for the config's
 default, ``auto``: one per core on a GPU host, as the no-op engine stands for one): tiles/s
-over the run's wall time, and the ratio 2 cores / 1 core. With ``--repo`` (twice or more)
+over the run's wall time, and the ratio 2 cores / 1 core; beside it the stream's own rate,
+between the first batch and the last (``phases_s``: the scene's opening before it and its
+outputs after it are serial ends of a single-scene run, which a run of several scenes
+overlaps with the next scene's reading). With ``--repo`` (twice or more)
 each checkout's own run alternates with the others' in every round, and each run's rate is
 also given as a ratio to the first checkout's run beside it: this shared machine's speed
 drifts, so only those carry.
@@ -134,9 +137,25 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
         got["reader_threads"] = manifest["runtime"].get("reader_threads")  # what the run used
+        got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
     else:
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     return got
+
+
+def _phases(timings: dict, batch: int) -> dict:
+    """A run's three phases from ``report.json``: up to its first batch's results (opening
+    and the stretch), between its first and last batch (the stream itself, where readers and
+    writer run side by side), and after its last (the scene's outputs); the stream's rate is
+    that of the tiles after the first batch over the time between. A multi-scene run
+    overlaps one scene's ends with the others' reading; a single scene cannot."""
+    if len(timings.get("streams", [])) != 1 or timings["streams"][0].get("last_batch_s") is None:
+        return {}  # a checkout from before report.json had last_batch_s
+    st = timings["streams"][0]
+    first, last = st["first_batch_s"], st["last_batch_s"]
+    return {"phases_s": {"to_first_batch": first, "between": round(last - first, 3),
+                         "after_last_batch": round(timings["wall"] - last, 3)},
+            "stream_tiles_per_s": round((st["tiles"] - min(batch, st["tiles"])) / max(last - first, 1e-9), 1)}
 
 
 def host(args) -> dict:
@@ -156,10 +175,15 @@ def host(args) -> dict:
             bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
             shutil.rmtree(out, ignore_errors=True)
     rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
+    stream = {c: median(g["stream_tiles_per_s"] for g in rs) for c, rs in runs.items()}
     return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"]},
             "pipeline": args.pipeline, "reader_threads": _readers_said(args),
             "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
-            "ratio_2_to_1": round(rate["2"] / rate["1"], 3), "runs": runs}
+            "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
+            "stream_tiles_per_s_1core": stream["1"], "stream_tiles_per_s_2cores": stream["2"],
+            "stream_ratio_2_to_1": round(stream["2"] / stream["1"], 3),
+            "phases_s": {c: {k: median(g["phases_s"][k] for g in rs) for k in rs[0]["phases_s"]} for c, rs in runs.items()},
+            "runs": runs}
 
 
 def _readers(args, cores: str) -> str:

@@ -66,6 +66,7 @@ class StreamStats:
     started: float = field(default_factory=time.monotonic)  # the run's start
     engine_ready: float | None = None  # seconds from the start until the model step was compiled
     first_batch: float | None = None  # seconds from the start until the first batch's results
+    last_batch: float | None = None  # ... until the last batch's results (the stream's rate in between)
     model_s: float = 0.0  # in the model + CAM step
     batches: int = 0
     tiles: int = 0
@@ -79,7 +80,7 @@ class StreamStats:
             return None if v is None else round(v, 3)
 
         return {"engine_ready_s": r(self.engine_ready), "first_batch_s": r(self.first_batch),
-                "model_s": round(self.model_s, 3), "batches": self.batches, "tiles": self.tiles}
+                "last_batch_s": r(self.last_batch), "model_s": round(self.model_s, 3), "batches": self.batches, "tiles": self.tiles}
 
 
 class _Writer(threading.Thread):
@@ -432,6 +433,7 @@ class Stream:
         self.stats.tiles += n_x
         if self.stats.first_batch is None:
             self.stats.first_batch = done - self.stats.started
+        self.stats.last_batch = done - self.stats.started
         faults.point("inference")
         start = 0
         for job, tiles, valid, fractions in pieces:
