@@ -1,7 +1,10 @@
 """jobs/slurm/ on a real single-node Slurm: an array job of 3 tasks over real scenes, and
 3 tasks sharing one scene by tile rows, each collected by a dependent collect job, must
-give the same tiles as one plain process. Also the shard logic itself
-(tilescan.pipeline.units.parse_shard / plan_units), which needs no cluster.
+give the same tiles as one plain process; so must the GPU job (tilescan-gpu.sbatch) as an
+array of 2 tasks of 2 GPUs each, on the node's stand-in GPUs, which Slurm allocates and
+hands out as it does real ones (CUDA_VISIBLE_DEVICES), with the model on JAX's CPU build.
+Also the shard logic itself (tilescan.pipeline.units.parse_shard / plan_units), which needs
+no cluster.
 
 The fixture starts the cluster with jobs/slurm/local-cluster.sh (it apt-get installs
 slurmctld/slurmd/munge when missing, so it needs root). Without root, apt or a working
@@ -11,6 +14,7 @@ is a failure.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,11 +27,13 @@ from pathlib import Path
 import pytest
 
 import batch_helpers as bh
-from conftest import unavailable
+from conftest import need_jax, unavailable
 
 CLUSTER = bh.JOBS / "slurm" / "local-cluster.sh"
 ARRAY = bh.JOBS / "slurm" / "tilescan-array.sbatch"
+GPU_JOB = bh.JOBS / "slurm" / "tilescan-gpu.sbatch"
 COLLECT = bh.JOBS / "slurm" / "collect.sbatch"
+GPUS = 2  # stand-in GPUs of the local node (local-cluster.sh: TILESCAN_SLURM_GPUS)
 
 
 def _unavailable(msg: str):
@@ -46,7 +52,8 @@ def slurm():
     t0 = time.monotonic()
     try:
         try:
-            p = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=900)
+            p = subprocess.run([str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=900,
+                               env={**os.environ, "TILESCAN_SLURM_GPUS": str(GPUS)})
         except subprocess.TimeoutExpired:
             _unavailable("jobs/slurm/local-cluster.sh start took more than 15 minutes")
         if p.returncode != 0:
@@ -99,10 +106,17 @@ def runs(slurm, tmp_path_factory):
     jobs["multi-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['multi']}", COLLECT, multi)
     jobs["split"] = _sbatch(slurm, work, "--array=0-2", ARRAY, "-o", split, bh.scene("rasterio/cogeo.tif"), *bh.ARGS)
     jobs["split-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['split']}", COLLECT, split)
+    gpu = work / "gpu"
+    if importlib.util.find_spec("jax") is not None:  # the GPU job's backend (its test skips without it)
+        # without the tests' KERAS_BACKEND: the job's own default (JAX) is what a user gets
+        plain = {k: v for k, v in slurm.items() if k != "KERAS_BACKEND"}
+        jobs["gpu"] = _sbatch(plain, work, "--array=0-1", f"--gres=gpu:{GPUS}", GPU_JOB, "-o", gpu,
+                              *bh.scene_paths(), *bh.ARGS)
+        jobs["gpu-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['gpu']}", COLLECT, gpu)
     ref = bh.reference(tmp_path_factory)
     _wait(slurm, list(jobs.values()))
-    print(f"slurm: both arrays and collect jobs finished {time.monotonic() - t0:.1f} s after submission")
-    return {"work": work, "multi": multi, "split": split, "jobs": jobs, "ref": ref, "env": slurm}
+    print(f"slurm: the arrays and collect jobs finished {time.monotonic() - t0:.1f} s after submission")
+    return {"work": work, "multi": multi, "split": split, "gpu": gpu, "jobs": jobs, "ref": ref, "env": slurm}
 
 
 def _check_jobs(runs, name: str) -> None:
@@ -119,10 +133,10 @@ def _check_jobs(runs, name: str) -> None:
     assert "tiles from" in (work / f"tilescan-collect-{jobs[name + '-collect']}.out").read_text()
 
 
-def _shard_reports(out: Path) -> list[dict]:
-    reports = [json.loads((out / f"report-shard-{i:04d}-of-0003.json").read_text()) for i in range(3)]
+def _shard_reports(out: Path, n: int = 3) -> list[dict]:
+    reports = [json.loads((out / f"report-shard-{i:04d}-of-{n:04d}.json").read_text()) for i in range(n)]
     for i, r in enumerate(reports):
-        assert r["shard"] == [i, 3] and r["counts"]["failed"] == 0
+        assert r["shard"] == [i, n] and r["counts"]["failed"] == 0
     return reports
 
 
@@ -164,6 +178,35 @@ def test_array_splits_one_scene_by_tile_rows(runs):
     bh.assert_same_tiles(got, want, exact=False)
     summary = json.loads((runs["split"] / "collected" / "summary.json").read_text())
     assert summary["scenes"]["cogeo"]["complete"] is True and summary["scenes"]["cogeo"]["tiles"] == 64
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_gpu_array_runs_one_process_per_allocated_gpu(runs):
+    """sbatch --array=0-1 --gres=gpu:2 tilescan-gpu.sbatch: Slurm allocates the node's two
+    GPUs to one task at a time; each task runs a process per GPU, each on its own GPU and
+    shard (task k: shards 2k and 2k+1 of 4), and together they equal one plain process."""
+    need_jax()
+    env, work, jobs = runs["env"], runs["work"], runs["jobs"]
+    states = _states(env, jobs["gpu"])
+    assert sorted(states) == ["0", "1"], states
+    for task, (state, code) in states.items():
+        log = work / f"tilescan-gpu-{jobs['gpu']}_{task}.out"
+        text = log.read_text() if log.exists() else ""
+        assert (state, code) == ("COMPLETED", "0:0"), f"task {task}: {state} {code}\n{text}"
+        # the GPUs are Slurm's allocation (CUDA_VISIBLE_DEVICES), not a setting of the test
+        assert f"(array task {task} of 2) on " in text and "2 GPU(s) [0 1], shards" in text, text
+        for r in range(GPUS):
+            assert f"[shard {GPUS * int(task) + r}/4 gpu {r}] done:" in text, text
+        assert "exit codes of the processes: 0 0" in text and "finished with exit code 0" in text, text
+    assert list(_states(env, jobs["gpu-collect"]).values()) == [("COMPLETED", "0:0")]
+    reports = _shard_reports(runs["gpu"], 4)
+    done = [u["unit"] for r in reports for u in r["done"]]
+    assert sorted(done) == sorted(bh.UNITS)  # every scene once, by exactly one process
+    runtimes = {json.loads((runs["gpu"] / u / "run.json").read_text())["runtime"]["backend"] for u in done}
+    assert runtimes == {"jax"}, runtimes  # the GPU job's backend
+    # JAX against the TensorFlow reference: the same tiles and labels, numbers within float noise
+    bh.assert_same_tiles(bh.collected(runs["gpu"]), bh.collected(runs["ref"]), exact=False)
 
 
 # ----------------------------------------------------------------------------- shard logic (no cluster)

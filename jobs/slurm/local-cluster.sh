@@ -13,6 +13,11 @@
 # needs nor disturbs a system-wide munge or Slurm. Ports: the first free pair at or above
 # $TILESCAN_SLURM_PORT (default 6817); slurmctld gets the first, slurmd the second.
 # Without cgroups here: process tracking by /proc, no CPU or memory enforcement.
+# TILESCAN_SLURM_GPUS=N (default 0) gives the node N stand-in GPUs: a generic resource
+# `gpu` that Slurm schedules and hands out as it does real ones (`--gres=gpu:G` jobs wait
+# for them, and each gets CUDA_VISIBLE_DEVICES for its share), backed by device nodes like
+# /dev/null in STATE_DIR/gpus, so that jobs/slurm/tilescan-gpu.sbatch can be tried on the
+# real scheduler without a GPU.
 # Exit codes: 0 ok, 1 failed to start, 2 usage, 3 not root / cannot install.
 set -euo pipefail
 
@@ -78,6 +83,19 @@ write_conf() {
   port=${TILESCAN_SLURM_PORT:-6817}
   while port_busy "$port" || port_busy $((port + 1)); do port=$((port + 2)); done
   mkdir -p "$STATE/ctld" "$STATE/spool"
+  local gpus=${TILESCAN_SLURM_GPUS:-0} gres="" gres_types=""
+  case "$gpus" in ''|*[!0-9]*) say "TILESCAN_SLURM_GPUS must be a number, not '$gpus'"; exit 2 ;; esac
+  rm -f "$STATE/gres.conf"
+  if [ "$gpus" -gt 0 ]; then  # gres.conf sits beside slurm.conf, where both daemons look
+    mkdir -p "$STATE/gpus"
+    # Slurm takes only character or block devices: each is a node like /dev/null (1, 3)
+    for i in $(seq 0 $((gpus - 1))); do
+      [ -c "$STATE/gpus/gpu$i" ] || mknod "$STATE/gpus/gpu$i" c 1 3
+    done
+    echo "NodeName=${host} Name=gpu File=${STATE}/gpus/gpu[0-$((gpus - 1))]" >"$STATE/gres.conf"
+    gres=" Gres=gpu:${gpus}"
+    gres_types="GresTypes=gpu"
+  fi
   # SlurmctldHost and NodeName must be the short host name; both talk over 127.0.0.1.
   cat >"$CONF" <<EOF
 # written by jobs/slurm/local-cluster.sh -- a single-node test cluster
@@ -110,7 +128,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MinJobAge=600
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
+${gres_types}
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem}${gres} State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -168,5 +187,5 @@ case "$cmd" in
   status)
     export SLURM_CONF="$CONF"
     sinfo && squeue ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
