@@ -110,8 +110,8 @@ def runs(slurm, tmp_path_factory):
     if importlib.util.find_spec("jax") is not None:  # the GPU job's backend (its test skips without it)
         # without the tests' KERAS_BACKEND: the job's own default (JAX) is what a user gets
         plain = {k: v for k, v in slurm.items() if k != "KERAS_BACKEND"}
-        jobs["gpu"] = _sbatch(plain, work, "--array=0-1", f"--gres=gpu:{GPUS}", GPU_JOB, "-o", gpu,
-                              *bh.scene_paths(), *bh.ARGS)
+        jobs["gpu"] = _sbatch(plain, work, "--array=0-1", f"--gres=gpu:{GPUS}", "--cpus-per-task=2", GPU_JOB,
+                              "-o", gpu, *bh.scene_paths(), *bh.ARGS)
         jobs["gpu-collect"] = _sbatch(slurm, work, f"--dependency=afterany:{jobs['gpu']}", COLLECT, gpu)
     ref = bh.reference(tmp_path_factory)
     _wait(slurm, list(jobs.values()))
@@ -183,9 +183,10 @@ def test_array_splits_one_scene_by_tile_rows(runs):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_gpu_array_runs_one_process_per_allocated_gpu(runs):
-    """sbatch --array=0-1 --gres=gpu:2 tilescan-gpu.sbatch: Slurm allocates the node's two
-    GPUs to one task at a time; each task runs a process per GPU, each on its own GPU and
-    shard (task k: shards 2k and 2k+1 of 4), and together they equal one plain process."""
+    """sbatch --array=0-1 --gres=gpu:2 --cpus-per-task=2 tilescan-gpu.sbatch: Slurm allocates
+    the node's two GPUs to one task at a time; each task runs a process per GPU, each on its
+    own GPU and shard (task k: shards 2k and 2k+1 of 4) with its share of the task's CPUs,
+    and together they equal one plain process."""
     need_jax()
     env, work, jobs = runs["env"], runs["work"], runs["jobs"]
     states = _states(env, jobs["gpu"])
@@ -196,6 +197,7 @@ def test_gpu_array_runs_one_process_per_allocated_gpu(runs):
         assert (state, code) == ("COMPLETED", "0:0"), f"task {task}: {state} {code}\n{text}"
         # the GPUs are Slurm's allocation (CUDA_VISIBLE_DEVICES), not a setting of the test
         assert f"(array task {task} of 2) on " in text and "2 GPU(s) [0 1], shards" in text, text
+        assert "KERAS_BACKEND=jax cpus=2" in text, text
         for r in range(GPUS):
             assert f"[shard {GPUS * int(task) + r}/4 gpu {r}] done:" in text, text
         assert "exit codes of the processes: 0 0" in text and "finished with exit code 0" in text, text
@@ -203,8 +205,9 @@ def test_gpu_array_runs_one_process_per_allocated_gpu(runs):
     reports = _shard_reports(runs["gpu"], 4)
     done = [u["unit"] for r in reports for u in r["done"]]
     assert sorted(done) == sorted(bh.UNITS)  # every scene once, by exactly one process
-    runtimes = {json.loads((runs["gpu"] / u / "run.json").read_text())["runtime"]["backend"] for u in done}
-    assert runtimes == {"jax"}, runtimes  # the GPU job's backend
+    runtimes = [json.loads((runs["gpu"] / u / "run.json").read_text())["runtime"] for u in done]
+    # the GPU job's backend, and one CPU thread each: the task's 2 CPUs shared by its 2 processes
+    assert {(rt["backend"], rt["cpu"]["tf_intra_op_threads"]) for rt in runtimes} == {("jax", 1)}, runtimes
     # JAX against the TensorFlow reference: the same tiles and labels, numbers within float noise
     bh.assert_same_tiles(bh.collected(runs["gpu"]), bh.collected(runs["ref"]), exact=False)
 
