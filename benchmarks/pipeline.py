@@ -17,7 +17,8 @@ default, ``auto``: one per core on a GPU host, as the no-op engine stands for on
 over the run's wall time, and the ratio 2 cores / 1 core; beside it the stream's own rate,
 between the first batch and the last (``phases_s``: the scene's opening before it and its
 outputs after it are serial ends of a single-scene run, which a run of several scenes
-overlaps with the next scene's reading). With ``--repo`` (twice or more)
+overlaps with the next scene's reading; ``--copies N`` runs N copies of the mosaic in one
+run, each its own scene). With ``--repo`` (twice or more)
 each checkout's own run alternates with the others' in every round, and each run's rate is
 also given as a ratio to the first checkout's run beside it: this shared machine's speed
 drifts, so only those carry.
@@ -137,9 +138,9 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
         got["reader_threads"] = manifest["runtime"].get("reader_threads")  # what the run used
-        got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
     else:
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
+    got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
     return got
 
 
@@ -158,11 +159,25 @@ def _phases(timings: dict, batch: int) -> dict:
             "stream_tiles_per_s": round((st["tiles"] - min(batch, st["tiles"])) / max(last - first, 1e-9), 1)}
 
 
+def _copies(scene: Path, n: int) -> Path:
+    """A folder of ``n`` hard links to ``scene`` named ``chip-K.tif``: one run over n scenes
+    (each its own unit and outputs) that are the same file, as ``_host_once`` takes a folder."""
+    folder = scene.parent / f"{scene.stem}-x{n}"
+    folder.mkdir(exist_ok=True)
+    for k in range(n):
+        link = folder / f"chip-{k}.tif"
+        if not link.exists():
+            os.link(scene, link)
+    return folder
+
+
 def host(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-host-"))
     scene = work / "landsat-mosaic-12246x11160-lzw.tif"
     if not scene.exists():
         bench.build_scene(scene, HOST_SIZE[0], height=HOST_SIZE[1])
+    if args.copies > 1:
+        scene = _copies(scene, args.copies)
     if args.repo:
         return _host_side_by_side(args, scene, work)
     runs: dict[str, list[dict]] = {"1": [], "2": []}
@@ -176,7 +191,7 @@ def host(args) -> dict:
             shutil.rmtree(out, ignore_errors=True)
     rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
     stream = {c: median(g["stream_tiles_per_s"] for g in rs) for c, rs in runs.items()}
-    return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"]},
+    return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"], "copies": args.copies},
             "pipeline": args.pipeline, "reader_threads": _readers_said(args),
             "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
             "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
@@ -442,6 +457,9 @@ def main(argv=None) -> int:
     ap.add_argument("--readers", choices=("per-core", "default"), default="per-core",
                     help="host: one overlap reader per core, or the config's default reader_threads (what a "
                          "user gets; checkouts from 1eff980 on)")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="host: the mosaic this many times in one run (each copy its own scene and outputs): "
+                         "every scene's opening and outputs overlap another's reading, but the first's and the last's")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
