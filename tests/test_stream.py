@@ -287,6 +287,67 @@ def test_two_units_are_finished_at_once(chips, solo, tmp_path, monkeypatch):
         assert a.equals(b), p.name
 
 
+def test_background_threads_share_one_core_with_the_model_on_the_cpu(chips, solo, tmp_path, monkeypatch):
+    """With the model on the CPU, the threads that finish units and write their outputs run
+    on the process's last core, and the caller's thread (the model's) keeps every core; the
+    outputs are those of each scene run alone."""
+    import os
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and two usable cores")
+    from tilescan.outputs.table import TileTable
+    from tilescan.pipeline.process import UnitJob
+
+    cores = os.sched_getaffinity(0)
+    seen = []
+    real_finish, real_parquet = UnitJob.finish, TileTable.write_geoparquet
+
+    def finish(job):
+        seen.append(("finisher", os.sched_getaffinity(0)))  # pid 0: the calling thread
+        return real_finish(job)
+
+    def write_geoparquet(table, *a, **k):
+        seen.append(("tail step", os.sched_getaffinity(0)))
+        return real_parquet(table, *a, **k)
+
+    monkeypatch.setattr(UnitJob, "finish", finish)
+    monkeypatch.setattr(TileTable, "write_geoparquet", write_geoparquet)
+    out = tmp_path / "out"
+    assert run(chips, out, _cfg(), log=lambda m: None).exit_code == 0
+    assert {k for k, _ in seen} == {"finisher", "tail step"} and len(seen) == 2 * len(chips)
+    assert all(a == {max(cores)} for _, a in seen), seen
+    assert os.sched_getaffinity(0) == cores
+    for p in chips:
+        assert_unit_equal(out / p.stem, solo[p.stem])
+
+
+def test_background_threads_spread_with_the_model_on_an_accelerator(monkeypatch):
+    """On a GPU the host's cores are the background threads' own; on one core there is
+    nothing to share."""
+    import os
+    from types import SimpleNamespace
+
+    from tilescan.pipeline.threads import SharedCore, host_core
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert host_core(SimpleNamespace(runtime={"device": "cpu"})) == 3
+    assert host_core(SimpleNamespace(runtime={"device": "cuda:0"})) is None
+    assert host_core(SimpleNamespace(runtime={})) is None  # an engine that does not say
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5}, raising=False)
+    assert host_core(SimpleNamespace(runtime={"device": "cpu"})) is None
+    moved = []
+    monkeypatch.setattr(os, "sched_setaffinity", lambda tid, cpus: moved.append(cpus), raising=False)
+    core = SharedCore()
+    core.join()  # before the engine is known: stays
+    core.set(SimpleNamespace(runtime={"device": "cpu"}))
+    core.join()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    core.set(SimpleNamespace(runtime={"device": "cpu"}))
+    core.join()
+    core.join()  # once per thread
+    assert moved == [{1}]
+
+
 def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_path, monkeypatch):
     """Overlap: the stream hands the model batch k+1 before it collects batch k (on an
     asynchronous device the upload of the next batch overlaps the compute of this one);

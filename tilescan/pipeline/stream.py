@@ -23,7 +23,6 @@ model are finished, the others are dropped.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -42,13 +41,11 @@ from .engine import Engine
 from .memory import ArrayPool
 from .process import UnitJob, warm_writers
 from .report import UnitResult
+from .threads import FINISH_NICE, SharedCore, background_priority
 
 #: Most tiles an overlap reader reads with one call (a band of block rows, or part of one):
 #: 128 tiles of 128 px are 25 MB of model input; each reader has at most two calls ahead.
 BAND_CHUNK = 128
-
-#: How much nicer than the run the opener and finisher threads are (off the model's cores).
-FINISH_NICE = 10
 
 #: Most units waiting for (or in) the finisher before no further unit is opened.
 FINISH_BACKLOG = 16
@@ -177,13 +174,14 @@ class Stream:
 
             self._workers = OutputWorkers(nw, nice=FINISH_NICE)
         finishers = max(FINISHERS, nw)
+        self._core = SharedCore()  # where the background threads run, set with the engine
         self._finishers = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix="tilescan-finish",
-                                             initializer=_background_priority)
+                                             initializer=self._core.background)
         self._room = threading.Condition()
         self._ahead = (0, 0)  # units opened and not yet taken for reading, and their tiles
         self._backlog = 0  # units handed to the finisher and not yet finished
         self._tail = ThreadPoolExecutor(max_workers=2 * finishers, thread_name_prefix="tilescan-tail",
-                                        initializer=_background_priority)
+                                        initializer=self._core.background)
         self._finishing: list[Future] = []
         self._engine_asked = False  # the opener asked the caller's thread for the engine
         self._warmed = False  # warm_writers submitted
@@ -195,8 +193,9 @@ class Stream:
     # -- the opener
 
     def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
-        _background_priority()  # it opens ahead of the reading: the model's threads come first
+        background_priority()  # it opens ahead of the reading: the model's threads come first
         for k, unit in units:
+            self._core.join()  # once the engine is known (the first units open while it loads)
             self._wait_for_room(halt)
             if halt.is_set() or stop.requested():
                 out.put(("not_started", k, unit))
@@ -257,6 +256,7 @@ class Stream:
                 self.engine = self.make_engine()
                 self.engine.ready()
                 self.stats.engine_ready = time.monotonic() - self.stats.started
+                self._core.set(self.engine)
             return self.engine
 
     @property
@@ -587,13 +587,3 @@ class Stream:
     def _raise_fatal(self) -> None:
         if self._fatal is not None:
             raise self._fatal
-
-
-def _background_priority() -> None:
-    """Lower the calling thread's CPU priority (Linux schedules threads one by one; threads it
-    starts inherit it): a unit's outputs are then written in the time the model leaves the
-    cores, instead of slowing the model down."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FINISH_NICE)
-    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
-        pass

@@ -1,0 +1,63 @@
+"""Where the run's background threads (the opener, the finishers and their tail steps) run:
+at a lower priority than the model's, and with the model on the CPU on one shared core."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+#: How much nicer than the run the opener and finisher threads are (off the model's cores).
+FINISH_NICE = 10
+
+
+def host_core(engine) -> int | None:
+    """With the model on the CPU (two cores or more), the core that the threads which open
+    scenes and write their outputs share: the last the process may use. Spread over every
+    core they interrupted each of the model's threads, and each of its ops waits for the
+    slowest; on one core they stall one of them, and wait less for each other (fewer thread
+    switches, less CPU per scene; benchmarks/README.md). None with the model on an
+    accelerator, where the host's cores are theirs and they must spread."""
+    if (getattr(engine, "runtime", None) or {}).get("device") != "cpu":
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return cpus[-1] if len(cpus) >= 2 else None
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux schedules threads one by one; threads it
+    starts inherit it): a unit's outputs are then written in the time the model leaves the
+    cores, instead of slowing the model down."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FINISH_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+        pass
+
+
+class SharedCore:
+    """The core a run's background threads share (:func:`host_core`), once the engine is
+    known; each such thread moves there once (:meth:`join`)."""
+
+    def __init__(self):
+        self.cpu: int | None = None
+        self._joined = threading.local()
+
+    def set(self, engine) -> None:
+        self.cpu = host_core(engine)
+
+    def join(self) -> None:
+        """Move the calling thread to :attr:`cpu`, once, if there is one (best effort)."""
+        if self.cpu is None or getattr(self._joined, "done", False):
+            return
+        self._joined.done = True
+        try:
+            os.sched_setaffinity(threading.get_native_id(), {self.cpu})
+        except (AttributeError, OSError):  # not Linux, or not allowed: any core
+            pass
+
+    def background(self) -> None:
+        """A finisher's or tail step's thread starts: at a lower priority, on the shared core."""
+        background_priority()
+        self.join()
