@@ -16,7 +16,8 @@ def host_core(engine) -> int | None:
     core they interrupted each of the model's threads, and each of its ops waits for the
     slowest; on one core they stall one of them, and wait less for each other (fewer thread
     switches, less CPU per scene; benchmarks/README.md). None with the model on an
-    accelerator, where the host's cores are theirs and they must spread."""
+    accelerator, where the host's cores are theirs and they must spread. Threads these start
+    keep the core too: GDAL's pool for the large COGs, when a tail step starts it first."""
     if (getattr(engine, "runtime", None) or {}).get("device") != "cpu":
         return None
     try:
