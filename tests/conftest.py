@@ -21,6 +21,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# as tilescan.backend.import_keras sets it: tests that import Keras first get the same TensorFlow
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TILESCAN_DATA", REPO.parent / "shared" / "data"))

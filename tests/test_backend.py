@@ -229,11 +229,25 @@ def test_a_cpu_limited_cgroup_sizes_the_run(tmp_path):
         assert p.returncode == 0, p.stderr
         rt = json.loads(p.stdout)["runtime"]
         assert rt["cpu"] == {"cores": 1, "affinity": len(os.sched_getaffinity(0)), "quota": 1.0,
-                             "tf_intra_op_threads": 1}
+                             "tf_intra_op_threads": 1, "onednn": True}
         if rt["device"] == "cpu":
             assert rt["model_streams"]["used"] == 1
     finally:
         os.rmdir(folder)  # the process has left it
+
+
+@pytest.mark.parametrize("user", [None, "0"])
+def test_tensorflow_runs_onednn_unless_the_user_says_otherwise(user):
+    """``tilescan info --runtime`` in a fresh process: TensorFlow runs oneDNN's kernels
+    (they keep a tile's result the same wherever it sits in its batch), on any x86 CPU;
+    a ``TF_ENABLE_ONEDNN_OPTS`` the user set wins, and run.json says which."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if user is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = user
+    p = subprocess.run([sys.executable, "-m", "tilescan", "info", "--runtime"], capture_output=True, text=True,
+                       timeout=300, env={**env, "KERAS_BACKEND": "tensorflow"})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["runtime"]["cpu"]["onednn"] is (user is None)
 
 
 # ----------------------------------------------------------------------------- Keras' import and the collector

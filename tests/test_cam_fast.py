@@ -155,3 +155,17 @@ def test_other_methods_never_take_the_fast_path(shipped):
     for name in ("gradcam++", "hirescam", "eigencam"):
         cam = C.get_cam(name, shipped.model, layer=shipped.cam_layer)
         assert cam.path == "autodiff" and cam._fast_step is None
+
+
+@pytest.mark.parametrize("fast_head", [False, True], ids=["autodiff", "gap-dense"])
+def test_a_tiles_result_does_not_depend_on_its_batch(shipped, tiles, fast_head):
+    """The same bits for a tile wherever it sits in its batch and whatever else the batch
+    holds: a run batches tiles of several scenes together, and shards or a resumed run batch
+    them otherwise (on AVX2-only CPUs the matrix product and Eigen's convolutions did not)."""
+    cam = C.GradCAM(shipped.model, layer=shipped.cam_layer, fast_head=fast_head)
+    whole = cam(tiles)
+    order = np.roll(np.arange(len(tiles))[::-1], 5)
+    for idx in (order, np.arange(5), np.arange(3, 16, 2)):
+        part = cam(tiles[idx])
+        for field in ("probs", "logits", "target", "raw", "cam"):
+            np.testing.assert_array_equal(getattr(part, field), getattr(whole, field)[idx], err_msg=field)

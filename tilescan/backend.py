@@ -66,6 +66,7 @@ def import_keras(verbosity: int | None = None):
     with _keras_import_gc():
         if "tensorflow" not in sys.modules:
             tensorflow_threads()
+            tensorflow_onednn()
         if not quiet:
             import keras
         else:
@@ -288,6 +289,29 @@ def tensorflow_threads() -> None:
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(budget["cores"]))
 
 
+def tensorflow_onednn() -> None:
+    """Turn on TensorFlow's oneDNN kernels, which it turns on by itself only on CPUs with
+    AVX-512 VNNI/BF16 or AMX: without them (Eigen's kernels, e.g. on AVX2-only CPUs) a
+    convolution's result for a tile changed in its last bits with the tile's place in the
+    batch, so the same tile batched with other scenes' tiles (one stream over several
+    scenes, shards, a resumed run) got other floats; oneDNN's are the same there, and
+    faster (benchmarks/README.md). A ``TF_ENABLE_ONEDNN_OPTS`` the user set wins. Call
+    before TensorFlow starts."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def tensorflow_onednn_enabled() -> bool | None:
+    """Whether this process's TensorFlow runs oneDNN's kernels (None: not TensorFlow, or it
+    cannot say)."""
+    if "tensorflow" not in sys.modules:
+        return None
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 # ----------------------------------------------------------------------------- devices
 
 _CPU_ONLY_REASON = {
@@ -365,9 +389,10 @@ def describe_device(keras=None) -> dict:
     """Which Keras backend and device tilescan computes on: ``backend``, ``device`` ("cpu" or
     the first accelerator), ``accelerators`` (all the backend uses), ``host_gpus`` and
     ``gpu_visible`` (what the machine shows), ``warning`` (a string when a GPU is there
-    but unused, else None), and ``cpu``: :func:`cpu_budget` and the compute threads
+    but unused, else None), and ``cpu``: :func:`cpu_budget`, the compute threads
     TensorFlow was told to use (``TF_NUM_INTRAOP_THREADS``; None: its own choice, one per
-    core it may run on). Imports Keras when ``keras`` is not given."""
+    core it may run on) and whether it runs oneDNN's kernels (:func:`tensorflow_onednn`).
+    Imports Keras when ``keras`` is not given."""
     if keras is None:
         keras = import_keras()
     backend = keras.backend.backend()
@@ -381,7 +406,8 @@ def describe_device(keras=None) -> dict:
         "host_gpus": host,
         "gpu_visible": bool(host),
         "warning": device_warning(backend, accelerators, bool(host)),
-        "cpu": {**cpu_budget(), "tf_intra_op_threads": _env_int("TF_NUM_INTRAOP_THREADS")},
+        "cpu": {**cpu_budget(), "tf_intra_op_threads": _env_int("TF_NUM_INTRAOP_THREADS"),
+                "onednn": tensorflow_onednn_enabled() if backend == "tensorflow" else None},
     }
 
 

@@ -35,9 +35,9 @@ REQUIRED_KEYS = ("classes", "input_size", "bands", "normalization")
 
 
 def _keras():
-    import keras  # imported lazily: `tilescan --help` must not pay for TensorFlow
+    from .backend import import_keras  # lazily: `tilescan --help` must not pay for TensorFlow
 
-    return keras
+    return import_keras()  # with tilescan's settings for TensorFlow, if this starts it
 
 
 def _basic_block(x, filters: int, stride: int, name: str, wd_layers: list):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import ConfigError, ModelError
@@ -10,11 +11,15 @@ from ..model import DEFAULT_CAM_LAYER
 
 LOGITS_LAYER = "logits"
 
+#: Largest Dense kernel (features x classes) whose logits :func:`split_model` computes as
+#: per-image sums (:func:`_row_dense`; the shipped model's: 512 x 30).
+ROW_DENSE_MAX = 1 << 16
+
 
 def _keras():
-    import keras  # lazily: importing this module must not import TensorFlow
+    from ..backend import import_keras  # lazily: importing this module must not import TensorFlow
 
-    return keras
+    return import_keras()  # with tilescan's settings for TensorFlow, if this starts it
 
 
 # --------------------------------------------------------------------------------------
@@ -118,6 +123,9 @@ def split_model(model, layer: str, force_rebuild: bool = False):
         if len(inp) != 1:
             raise ModelError("CAMs need a single-input model")
         inp = inp[0]
+    found = _gap_dense(model, layer)
+    if found is not None and math.prod(found[0].kernel.shape) <= ROW_DENSE_MAX:
+        logits_t = _row_dense(found[0])(found[1])  # each image's logits alike wherever it sits in the batch
     body = keras.Model(inp, acts_t, name="cam_body")
     both = keras.Model(inp, [acts_t, logits_t], name="cam_both")
     head = None
@@ -152,6 +160,16 @@ def gap_dense_head(model, layer: str):
     backward pass. ``kernel`` (k, classes) and ``bias`` (classes,) or None are the layer's
     Keras variables, so a compiled step reads their current values.
     """
+    found = _gap_dense(model, layer)
+    if found is None:
+        return None
+    dense = found[0]
+    return dense.kernel, (dense.bias if dense.use_bias else None)
+
+
+def _gap_dense(model, layer: str):
+    """(Dense layer, symbolic pooled tensor) of a GlobalAveragePooling2D -> Dense head after
+    ``layer`` (:func:`gap_dense_head`), or None."""
     keras = _keras()
     try:
         acts_t = model.get_layer(layer).output
@@ -172,4 +190,31 @@ def gap_dense_head(model, layer: str):
         return None
     if len(dense.kernel.shape) != 2:
         return None
-    return dense.kernel, (dense.bias if dense.use_bias else None)
+    return dense, dense_in[0]
+
+
+def _row_dense(dense):
+    """A layer computing ``dense``'s logits (with its own variables, in float32) as one sum of
+    products per image and class, instead of the matrix product: a CPU matrix product (Eigen's,
+    oneDNN's) adds up an image's products in an order that depends on the image's place in
+    the batch, so its logits changed in the last bits when the same tile was batched with
+    other tiles (several scenes at once, shards, a resumed run). Same maths; the gradient
+    with respect to the pooled features is the same kernel column. It holds a batch x
+    kernel array of products, hence only for kernels up to :data:`ROW_DENSE_MAX` values."""
+    keras = _keras()
+    ops = keras.ops
+
+    class RowDense(keras.layers.Layer):
+        def __init__(self):
+            super().__init__(name=f"{dense.name}_rows", dtype="float32")
+            self.dense = dense  # tracked: its kernel and bias are this layer's variables
+
+        def call(self, pooled):
+            w = ops.transpose(ops.cast(self.dense.kernel, "float32"))  # (classes, k)
+            out = ops.sum(ops.expand_dims(ops.cast(pooled, "float32"), 1) * ops.expand_dims(w, 0), axis=-1)
+            return out + ops.cast(self.dense.bias, "float32") if self.dense.use_bias else out
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], int(self.dense.kernel.shape[1]))
+
+    return RowDense()
