@@ -321,6 +321,38 @@ def test_background_threads_share_one_core_with_the_model_on_the_cpu(chips, solo
         assert_unit_equal(out / p.stem, solo[p.stem])
 
 
+@pytest.mark.parametrize("user", [None, "2"])
+def test_numpy_blas_runs_one_thread_during_a_run(chips, solo, tmp_path, monkeypatch, user):
+    """While a run blends heat (numpy's matrix products), numpy's BLAS has one thread, whose
+    idle workers would otherwise spin on the readers' and the model's cores; afterwards, as
+    before. OPENBLAS_NUM_THREADS set by the user is kept. The outputs are the same."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from tilescan.outputs.heatmap import HeatmapWriter
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("numpy here uses no BLAS library that threadpoolctl knows")
+    if user is not None:
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", user)
+    seen = []
+    real = HeatmapWriter.add_batch
+
+    def add_batch(self, *a, **k):
+        seen.append(blas_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HeatmapWriter, "add_batch", add_batch)
+    out = tmp_path / "out"
+    assert run(chips[:2], out, _cfg(), log=lambda m: None).exit_code == 0
+    assert seen and all(s == ([1] * len(before) if user is None else before) for s in seen), (before, seen)
+    assert blas_threads() == before
+    for p in chips[:2]:
+        assert_unit_equal(out / p.stem, solo[p.stem])
+
+
 def test_background_threads_spread_with_the_model_on_an_accelerator(monkeypatch):
     """On a GPU the host's cores are the background threads' own; on one core there is
     nothing to share."""

@@ -26,6 +26,7 @@ from .engine import Engine, resolve_target, shared_engine
 from .process import UnitJob
 from .report import RunReport, UnitResult
 from .stream import Stream
+from .threads import one_blas_thread
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest
 
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
@@ -113,7 +114,7 @@ def run(
     (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
     ``stac_items``: also write a STAC Item describing each finished scene's outputs;
     ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
-    with stop.handling(), _small_pages():  # SIGTERM/SIGINT: stop between batches, report, exit 75
+    with stop.handling(), _small_pages(), one_blas_thread():  # SIGTERM/SIGINT: stop between batches, report, exit 75
         return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine)
 
 

@@ -3,6 +3,7 @@ at a lower priority than the model's, and with the model on the CPU on one share
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -62,3 +63,26 @@ class SharedCore:
         """A finisher's or tail step's thread starts: at a lower priority, on the shared core."""
         background_priority()
         self.join()
+
+
+#: Settings of the BLAS thread count that are the user's choice (:func:`one_blas_thread`).
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread during a run, then as before (``threadpoolctl``, which
+    finds the BLAS library numpy loaded and sets its thread count). A run's matrix products
+    are small (heat blending, CAM upsampling) and gain nothing from BLAS's threads, whose
+    workers spin-wait after each product on the cores the readers and the model need
+    (benchmarks/README.md). A thread count the user set in the environment is kept."""
+    if any(v in os.environ for v in _BLAS_THREAD_VARS):
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an install without it: BLAS as numpy set it up
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
