@@ -326,7 +326,8 @@ def test_numpy_blas_runs_one_thread_during_a_run(chips, solo, tmp_path, monkeypa
     """While a run blends heat (numpy's matrix products), numpy's BLAS has one thread, whose
     idle workers would otherwise spin on the readers' and the model's cores; afterwards, as
     before. OPENBLAS_NUM_THREADS set by the user is kept. The outputs are the same."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # a dependency of tilescan
+
     from tilescan.outputs.heatmap import HeatmapWriter
 
     def blas_threads():

@@ -1,5 +1,6 @@
 """Where the run's background threads (the opener, the finishers and their tail steps) run:
-at a lower priority than the model's, and with the model on the CPU on one shared core."""
+at a lower priority than the model's, and with the model on the CPU on one shared core; and
+numpy's BLAS threads, one during a run."""
 
 from __future__ import annotations
 
