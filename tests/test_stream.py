@@ -62,7 +62,8 @@ def test_batches_span_scenes_with_the_same_outputs(chips, solo, tmp_path):
     stream = json.loads((out / "report.json").read_text())["timings_s"]["streams"][0]
     # 12 tiles in batches of 8: two batches, not one padded batch per scene
     assert stream["batches"] == 2 and stream["tiles"] == 12
-    assert 0 < stream["first_batch_s"] < stream["last_batch_s"] <= json.loads((out / "report.json").read_text())["timings_s"]["wall"]
+    # two model streams may return both batches within the same millisecond (times are rounded)
+    assert 0 < stream["first_batch_s"] <= stream["last_batch_s"] <= json.loads((out / "report.json").read_text())["timings_s"]["wall"]
     for p in chips:
         assert_unit_equal(out / p.stem, solo[p.stem])
         rt = json.loads((out / p.stem / "run.json").read_text())["runtime"]
