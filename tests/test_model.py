@@ -278,3 +278,29 @@ def test_packaged_model_loads_as_resnet18():
     assert 11_180_000 < m.count_params() < 11_250_000
     assert m.get_layer("conv1_conv").kernel_size == (7, 7)
     assert all(f"conv{s}_block{b}_out" in conv_layer_names(m) for s in range(2, 6) for b in (1, 2))
+
+
+def test_file_sha256_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """A process running many runs hashes its model once; a file changed in place, even to
+    the same size with its modification time put back, is hashed again."""
+    import hashlib
+
+    import tilescan.model as model_mod
+
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"a" * 4096)
+    first = file_sha256(path)
+    assert first == hashlib.sha256(b"a" * 4096).hexdigest()
+
+    def no_reading(*a, **k):
+        raise AssertionError("an unchanged file was read again")
+
+    monkeypatch.setattr(model_mod, "open", no_reading, raising=False)
+    assert file_sha256(path) == first
+    monkeypatch.undo()
+
+    st = os.stat(path)
+    with open(path, "r+b") as f:  # same size, other bytes, the same modification time
+        f.write(b"b")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 4095).hexdigest()

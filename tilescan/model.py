@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +142,32 @@ class LoadedModel:
         return None if not rng else (float(rng[0]), float(rng[1]))
 
 
+_HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> sha256 of that file
+_HASHED_LOCK = threading.Lock()
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's sha256 (hex). Remembered for the process while the file is unchanged (same
+    inode, size, change and modification times): every run reports its model's, and a
+    process running many (the Python API, one run per chip) should not hash it each time."""
+    before = _identity(os.stat(path))
+    with _HASHED_LOCK:
+        known = _HASHED.get(before)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if _identity(os.stat(path)) == before:  # not changed while it was read
+        with _HASHED_LOCK:
+            _HASHED[before] = digest
+    return digest
 
 
 def validate_metadata(meta: Any, path: str) -> dict[str, Any]:

@@ -80,10 +80,28 @@ def one_blas_thread():
     if any(v in os.environ for v in _BLAS_THREAD_VARS):
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # an install without it: BLAS as numpy set it up
+    controller = _blas_controller()
+    if controller is None:  # an install without threadpoolctl: BLAS as numpy set it up
         yield
         return
-    with threadpool_limits(1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+_CONTROLLER: list = []  # the process's threadpoolctl controller, once made
+_CONTROLLER_LOCK = threading.Lock()
+
+
+def _blas_controller():
+    """threadpoolctl's view of the thread pools of the libraries loaded, made once per process
+    (finding them walks every loaded library: too slow to do again on each run); None
+    without threadpoolctl. numpy's BLAS is loaded with numpy, before any run."""
+    with _CONTROLLER_LOCK:
+        if not _CONTROLLER:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                _CONTROLLER.append(None)
+            else:
+                _CONTROLLER.append(ThreadpoolController())
+        return _CONTROLLER[0]
