@@ -32,7 +32,7 @@ import bench  # noqa: E402
 
 # the child: ``python -c CHILD repo chip work runs``; prints its figures as JSON
 CHILD = r"""
-import json, os, shutil, sys, time
+import json, shutil, sys, time
 from pathlib import Path
 from statistics import median
 repo, chip, work, runs = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
@@ -75,7 +75,6 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE))
     from pipeline import _small_scenes
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tilescan-setup-"))

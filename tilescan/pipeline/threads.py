@@ -5,6 +5,7 @@ numpy's BLAS threads, one during a run."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -88,20 +89,13 @@ def one_blas_thread():
         yield
 
 
-_CONTROLLER: list = []  # the process's threadpoolctl controller, once made
-_CONTROLLER_LOCK = threading.Lock()
-
-
+@functools.lru_cache(maxsize=1)
 def _blas_controller():
     """threadpoolctl's view of the thread pools of the libraries loaded, made once per process
     (finding them walks every loaded library: too slow to do again on each run); None
     without threadpoolctl. numpy's BLAS is loaded with numpy, before any run."""
-    with _CONTROLLER_LOCK:
-        if not _CONTROLLER:
-            try:
-                from threadpoolctl import ThreadpoolController
-            except ImportError:
-                _CONTROLLER.append(None)
-            else:
-                _CONTROLLER.append(ThreadpoolController())
-        return _CONTROLLER[0]
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()

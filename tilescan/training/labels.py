@@ -12,7 +12,6 @@ coordinates with pyproj and measures how much of a tile each class covers.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections import Counter
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..layout import fold, folder_name
+from ..model import file_sha256
 from ..outputs.geometry import pyproj_crs
 
 #: Class field names tried, in order, when none is given (matched case-insensitively).
@@ -74,14 +74,6 @@ class Labels:
         poly = (self.kind == "polygon") & coords_ok
         out[poly] = shapely.make_valid(out[poly])
         return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_geoparquet(path: Path):
