@@ -61,7 +61,8 @@ def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, 
     Sparse: blocks all at nodata are not written (nor encoded), in the image and overviews.
     Overviews are built through a temporary file beside ``dst``, so memory stays small
     whatever the raster size; rio-cogeo's ``cog_translate`` encodes the data twice, so this is
-    faster (benchmarks/README.md). ``size`` is the raster's (width, height); one that fits one
+    faster (benchmarks/README.md). ``overviews`` -1: copy the source's own overviews instead
+    (a VRT listing them). ``size`` is the raster's (width, height); one that fits one
     block is compressed on this thread (GDAL's worker threads would only add the hand-over)."""
     import rasterio
     import rasterio.shutil
@@ -83,6 +84,8 @@ def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, 
         # same overview path (each level from full resolution): the same bytes, less CPU, for
         # a temporary file about as large as the overviews' raw pixels
         env = rasterio.Env(COG_TMP_COMPRESSION="PACKBITS")
+    elif overviews < 0:
+        opts["OVERVIEWS"] = "FORCE_USE_EXISTING"
     else:
         opts["OVERVIEWS"] = "NONE"
     with env:

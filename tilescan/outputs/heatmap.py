@@ -21,6 +21,7 @@ from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level, write
 from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output, probe_folder
 from .geometry import _rasterio_crs
 from .heatgrid import _HeatGrid, _axis_interp, _stretch_counts  # noqa: F401 - re-exported
+from .heatpyramid import HeatPyramid
 
 # --------------------------------------------------------------------------- heatmap
 
@@ -47,6 +48,8 @@ class HeatmapWriter:
     GeoTIFF and are freed, so memory is about ``width * (tile + stride) * scale`` heat
     pixels, not the scene. A heatmap of at most :data:`HEAT_IN_MEMORY_PX` pixels (a small
     scene's) is kept whole in memory instead: no temporary file to make, fill and read back.
+    The scratch file's overviews are built as its rows are written (:mod:`.heatpyramid`, as
+    GDAL's ``average`` builds them), so the copy at the end has none to compute.
     :meth:`close` turns the temporary file (or array) into a COG at ``path`` (average
     overviews) atomically; :meth:`abort` removes the temporary files. As a context manager it
     closes on success and aborts on error.
@@ -85,6 +88,8 @@ class HeatmapWriter:
                              tiled=True, blockxsize=256, blockysize=256)
         self._tags: dict[str, str] = {}
         self._mem = None  # the whole heat, when it is small enough to hold (no scratch file)
+        self._pyramid: HeatPyramid | None = None  # the COG's overviews, built as rows are written
+        self._vrt = _temp_name(self.path.with_suffix(".vrt"), "heat")
         if g.out_w * g.out_h <= HEAT_IN_MEMORY_PX:
             probe_folder(self.path)  # an unwritable destination fails now, as the scratch file would
             self._mem = np.full((g.out_h, g.out_w), HEATMAP_NODATA, np.float32)
@@ -95,8 +100,12 @@ class HeatmapWriter:
             # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
             # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
+            levels = _overview_level(g.out_w, g.out_h)
+            if levels:
+                self._pyramid = HeatPyramid(g.out_w, g.out_h, levels, HEATMAP_NODATA,
+                                            [_temp_name(self.path, f"ovr{k + 1}") for k in range(levels)])
         except _io_error_types() as exc:
-            _remove_quietly(self._strips)
+            self.abort()
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
 
     # -- context manager
@@ -305,6 +314,8 @@ class HeatmapWriter:
             return
         with self._aborting():
             self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
+            if self._pyramid is not None:
+                self._pyramid.feed(row, heat)
 
     @contextlib.contextmanager
     def _aborting(self) -> Iterator[None]:
@@ -337,6 +348,8 @@ class HeatmapWriter:
                 self._dst.set_band_description(1, "heat")
                 self._dst.update_tags(**meta)
                 self._dst.close()
+            if self._pyramid is not None:
+                self._pyramid.finish()
 
     @contextlib.contextmanager
     def _mem_dataset(self) -> Iterator[Any]:
@@ -384,14 +397,18 @@ class HeatmapWriter:
 
                         write_cog(tmp, self._mem, gdal_write, transform=self.transform, crs=self.crs,
                                   nodata=HEATMAP_NODATA, tags=self._tags, description="heat", compress=self.compress)
+                    elif self._pyramid is not None:  # the overviews made while the heat came
+                        self._pyramid.vrt(self._strips, self._vrt)
+                        with _uncached():
+                            _cog_copy(self._vrt, tmp, self.compress, "average", -1, size)
                     else:
                         with _uncached():
-                            _cog_copy(self._strips, tmp, self.compress, "average", _overview_level(*size), size)
+                            _cog_copy(self._strips, tmp, self.compress, "average", 0, size)
         finally:
             if keep_scratch is not None:
                 keep_scratch.wait()
             self._scratch_gone = True
-            _remove_quietly(self._strips)
+            self._remove_scratch()
         self._acc = np.zeros((2, 0, self.grid.out_w))
         return self.path
 
@@ -401,7 +418,16 @@ class HeatmapWriter:
         if self._dst is not None and not self._dst.closed:
             with contextlib.suppress(Exception):
                 self._dst.close()
+        if self._pyramid is not None:
+            with contextlib.suppress(Exception):
+                self._pyramid.close()
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
         _remove_quietly(self._strips)
+        _remove_quietly(self._vrt)
+        for p in self._pyramid.paths if self._pyramid is not None else ():
+            _remove_quietly(p)
 
 
 def _uncached() -> rasterio.Env:

@@ -1,0 +1,126 @@
+"""The heatmap COG's overviews, built while the heat is blended (tilescan.outputs.heatpyramid),
+against GDAL's own ``average`` overviews of the same heat: same levels, same sizes, same
+pixels, on odd sizes, nodata holes and rows no tile touched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+import tilescan.outputs.heatmap as heatmap_mod
+from tilescan.outputs.cog import HEATMAP_NODATA, _cog_copy, _overview_level
+from tilescan.outputs.heatmap import HeatmapWriter
+from tilescan.outputs.heatpyramid import HeatPyramid
+
+from conftest import QUIET_AFFINE
+from test_heat_batch import make_tiles
+from test_writers import cog_validate
+
+pytestmark = [QUIET_AFFINE, pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")]
+
+
+def gdal_levels(tmp_path, heat: np.ndarray) -> list[np.ndarray]:
+    """GDAL's COG driver's average overviews of ``heat`` (nodata -1), as the heatmap COG was
+    written before: from an uncompressed tiled GeoTIFF, each level read back whole."""
+    h, w = heat.shape
+    src, dst = tmp_path / "ref-src.tif", tmp_path / "ref.tif"
+    with rasterio.open(src, "w", driver="GTiff", dtype="float32", count=1, width=w, height=h,
+                       nodata=HEATMAP_NODATA, tiled=True, blockxsize=256, blockysize=256,
+                       transform=from_origin(0, h, 1, 1)) as d:
+        d.write(heat, 1)
+    _cog_copy(src, dst, "deflate", "average", _overview_level(w, h), (w, h))
+    return read_levels(dst)
+
+
+def read_levels(path) -> list[np.ndarray]:
+    with rasterio.open(path) as ds:
+        n = len(ds.overviews(1))
+        out = [ds.read(1)]
+    for k in range(n):
+        with rasterio.open(path, OVERVIEW_LEVEL=k) as ds:
+            out.append(ds.read(1))
+    return out
+
+
+def assert_same_levels(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert [a.shape for a in got] == [b.shape for b in want]
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert np.array_equal(a == HEATMAP_NODATA, b == HEATMAP_NODATA), f"level {k}: nodata differs"
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=f"level {k}")
+
+
+def heat_like(rng, h: int, w: int, holes: bool) -> np.ndarray:
+    """Smooth heat in 0..1 with a nodata border, an empty band of rows and, with ``holes``,
+    nodata pixels scattered all over (without, most rows hold no nodata at all)."""
+    y, x = np.mgrid[0:h, 0:w]
+    heat = (0.5 + 0.5 * np.sin(x / 37.0 + rng.uniform(0, 6)) * np.cos(y / 23.0)).astype(np.float32)
+    heat += rng.uniform(0, 0.05, heat.shape).astype(np.float32)
+    heat = np.clip(heat, 0, 1)
+    if holes:
+        heat[rng.uniform(size=heat.shape) < 0.05] = HEATMAP_NODATA
+        heat[:, : rng.integers(0, 40)] = HEATMAP_NODATA
+    else:
+        heat[-rng.integers(1, 40):, : rng.integers(1, 40)] = HEATMAP_NODATA
+    r = int(rng.integers(0, h - 50))
+    heat[r:r + int(rng.integers(1, 50))] = HEATMAP_NODATA
+    return heat
+
+
+@pytest.mark.parametrize("w,h,holes", [(1531, 1395, True), (3062, 2790, False), (2049, 1031, True), (2049, 1031, False),
+                                       (1027, 2053, True), (4100, 530, False), (1100, 1100, True)])
+def test_pyramid_equals_gdal_average_overviews(tmp_path, w, h, holes):
+    rng = np.random.default_rng(w * 7 + h)
+    heat = heat_like(rng, h, w, holes)
+    levels = _overview_level(w, h)
+    assert levels >= 1
+    paths = [tmp_path / f"ovr{k}.tif" for k in range(levels)]
+    pyr = HeatPyramid(w, h, levels, HEATMAP_NODATA, paths)
+    row = 0
+    while row < h:  # rows in uneven runs; an all-nodata run is skipped, as the heat writer skips it
+        n = int(rng.integers(1, 70))
+        part = heat[row:row + n]
+        if (part != HEATMAP_NODATA).any():
+            pyr.feed(row, part)
+        row += n
+    pyr.finish()
+    got = [heat]
+    for p in paths:
+        with rasterio.open(p) as ds:
+            got.append(ds.read(1))
+    assert_same_levels(got, gdal_levels(tmp_path, heat))
+
+
+def test_heatmap_cog_overviews_as_gdal_makes_them(tmp_path, monkeypatch):
+    """The heatmap COG of a large scene (its scratch-file way) carries overviews equal to
+    those GDAL builds from its full-resolution heat, is a valid COG, and leaves no scratch
+    file behind; an aborted one leaves nothing at all."""
+    monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", 0)
+    W, H, tile, stride, scale = 5000, 3300, 128, 128, 0.25
+    rng = np.random.default_rng(5)
+    c0, r0, cams, valid = make_tiles(W, H, tile, stride, 4, 32, rng, drop=0.3)
+    keep = (r0 < 1200) | (r0 >= 1800)  # a band of grid rows with no tile: heat rows never written
+    c0, r0, cams, valid = c0[keep], r0[keep], cams[keep], valid[keep]
+    folder = tmp_path / "odd & <name> é 'x' %20"  # the scratch files and VRT live beside the output
+    folder.mkdir()
+    path = folder / "heat.tif"
+    with HeatmapWriter(path, W, H, from_origin(500000.0, 4000000.0, 3.0, 3.0), "EPSG:32633", scale, tile,
+                       stride) as hw:
+        assert hw._pyramid is not None
+        for s in range(0, len(c0), 256):
+            hw.add_batch(c0[s:s + 256], r0[s:s + 256], tile, cams[s:s + 256], valid[s:s + 256])
+    got = read_levels(path)
+    assert len(got) == 1 + _overview_level(*got[0].shape[::-1]) == 3
+    assert (got[0][400] == HEATMAP_NODATA).all()  # the band without tiles
+    assert_same_levels(got, gdal_levels(tmp_path, got[0]))
+    ok, errors, warnings = cog_validate(path)
+    assert ok and not errors and not warnings, (errors, warnings)
+    with rasterio.open(path) as ds:
+        assert ds.tags()["HEATMAP_NODATA"] == repr(HEATMAP_NODATA) and ds.descriptions == ("heat",)
+    assert sorted(p.name for p in folder.iterdir()) == ["heat.tif"]  # no scratch, VRT or level file left
+
+    hw = HeatmapWriter(folder / "gone.tif", W, H, from_origin(0, H, 1, 1), None, scale, tile, stride)
+    hw.add_batch(c0[:50], r0[:50], tile, cams[:50], valid[:50])
+    hw.abort()
+    assert sorted(p.name for p in folder.iterdir()) == ["heat.tif"]

@@ -1,0 +1,199 @@
+"""The heatmap COG's overviews, built row by row while the heat is blended.
+
+GDAL's COG driver builds a raster's overviews when it copies it, on one thread, after the
+scene's last tile: for a large heatmap that is the serial part of its tail. Here the same
+levels are computed as finished heat rows arrive, by GDAL's own rule for ``average`` (each
+level from the one above, ``floor(n / 2)`` pixels a side, every output pixel the mean of the
+source pixels under it weighted by the part of each it covers, nodata left out), and the COG
+is copied from the heat with these levels attached, as existing overviews.
+tests/test_heat_overviews.py checks them against GDAL's, pixel for pixel, on odd sizes and nodata.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from .files import _remove_quietly
+
+
+def level_sizes(width: int, height: int, levels: int) -> list[tuple[int, int]]:
+    """``(width, height)`` of each overview level: each half the one above, rounded down."""
+    sizes, w, h = [], int(width), int(height)
+    for _ in range(levels):
+        w, h = w // 2, h // 2
+        sizes.append((w, h))
+    return sizes
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``n_dst`` output pixels along an axis: its first and (past the) last
+    source pixel, the source indexes ``(n_dst, T)`` and their weights ``(n_dst, T)``: the
+    part of each source pixel that the footprint ``[i * r, (i + 1) * r)`` covers
+    (``r = n_src / n_dst``), 0 past its end."""
+    r = n_src / n_dst
+    lo = np.floor(np.arange(n_dst) * r).astype(np.int64)
+    hi = np.minimum(np.ceil((np.arange(n_dst) + 1) * r).astype(np.int64), n_src)
+    t = int((hi - lo).max())
+    idx = lo[:, None] + np.arange(t)[None, :]
+    x0 = np.arange(n_dst)[:, None] * r
+    x1 = np.minimum((np.arange(n_dst)[:, None] + 1) * r, n_src)
+    w = np.minimum(idx + 1, x1) - np.maximum(idx, x0)
+    w = np.where(idx < hi[:, None], np.maximum(w, 0.0), 0.0)
+    idx = np.minimum(idx, n_src - 1)
+    for a in (lo, hi, idx, w):
+        a.setflags(write=False)
+    return lo, hi, idx, w
+
+
+class _Level:
+    """One overview level: the horizontally reduced rows of the level above, waiting until
+    every source row under the next output row has come."""
+
+    def __init__(self, src_w: int, src_h: int, w: int, h: int, nodata: float):
+        self.w, self.h, self.nodata = w, h, nodata
+        self._x = _taps(src_w, w)
+        self._y = _taps(src_h, h)
+        self._pairs = src_w == 2 * w  # every output pixel is two whole source pixels
+        self._rows = np.zeros((0, 2, w))  # per source row: sum(weight * value), sum(weight)
+        self._first = 0  # source row of self._rows[0]
+        self._next = 0  # next output row
+
+    def _across(self, block: np.ndarray) -> np.ndarray:
+        """``(n, 2, w)``: each source row reduced across, its weighted sums and weights."""
+        ok = block != self.nodata
+        full = bool(ok.all())  # no nodata: every row's weights are the taps' sums
+        v = (block if full else np.where(ok, block, block.dtype.type(0))).astype(np.float64)
+        out = np.empty((len(block), 2, self.w))
+        if self._pairs:
+            np.add(v[:, 0::2], v[:, 1::2], out=out[:, 0])
+            if full:
+                out[:, 1] = 2.0
+            else:
+                c = ok.view(np.uint8)
+                np.add(c[:, 0::2], c[:, 1::2], out=out[:, 1], dtype=np.float64)
+            return out
+        _, _, idx, wx = self._x
+        c = None if full else ok.astype(np.float64)
+        out[:, 0] = v[:, idx[:, 0]] * wx[:, 0]
+        out[:, 1] = wx[:, 0] if full else c[:, idx[:, 0]] * wx[:, 0]
+        for t in range(1, idx.shape[1]):
+            out[:, 0] += v[:, idx[:, t]] * wx[:, t]
+            out[:, 1] += wx[:, t] if full else c[:, idx[:, t]] * wx[:, t]
+        return out
+
+    def feed(self, block: np.ndarray) -> np.ndarray | None:
+        """Take the next source rows ``(n, src_w)``; return the output rows they complete
+        ``(m, w)`` (float32, nodata where no valid pixel lies under one), or None."""
+        self._rows = np.concatenate([self._rows, self._across(block)])
+        lo, hi, idy, wy = self._y
+        end = int(np.searchsorted(hi, self._first + len(self._rows), side="right"))
+        if end <= self._next:
+            return None
+        o = slice(self._next, end)
+        k = idy[o] - self._first  # (m, T) rows of the buffer under each output row
+        acc = self._rows[k[:, 0]] * wy[o, 0, None, None]
+        for t in range(1, k.shape[1]):
+            acc += self._rows[k[:, t]] * wy[o, t, None, None]
+        self._next = end
+        if end < self.h:  # drop source rows no later output row needs
+            drop = int(lo[end]) - self._first
+            if drop > 0:
+                self._rows = self._rows[drop:]
+                self._first += drop
+        ok = acc[:, 1] > 0
+        out = np.divide(acc[:, 0], acc[:, 1], out=np.full(ok.shape, self.nodata), where=ok)
+        return out.astype(np.float32)
+
+
+class HeatPyramid:
+    """The overview levels of a ``width x height`` heat with ``nodata``, fed its rows in order
+    (:meth:`feed`; rows skipped are nodata) and written to uncompressed, sparse, tiled
+    scratch GeoTIFFs at ``paths``. :meth:`vrt` attaches them to the heat file as its
+    overviews, for GDAL's COG driver to copy."""
+
+    def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path]):
+        import rasterio
+        from rasterio.transform import Affine
+
+        self.width, self.height, self.nodata = int(width), int(height), float(nodata)
+        self.paths = [Path(p) for p in paths]
+        self.sizes = level_sizes(width, height, levels)
+        src = [(self.width, self.height), *self.sizes]
+        self._levels = [_Level(*src[k], *src[k + 1], self.nodata) for k in range(levels)]
+        self._row = 0  # next heat row expected
+        self._written = [0] * levels
+        self._files = []
+        try:
+            for (w, h), p in zip(self.sizes, self.paths):
+                block = min(256, 16 * math.ceil(max(w, h) / 16))
+                # a plain pixel grid (the VRT takes only the pixels): rasterio warns on none
+                self._files.append(rasterio.open(p, "w", driver="GTiff", dtype="float32", count=1, width=w,
+                                                 height=h, nodata=self.nodata, transform=Affine(1, 0, 0, 0, -1, h),
+                                                 tiled=True, blockxsize=block, blockysize=block, sparse_ok=True,
+                                                 bigtiff="IF_SAFER"))
+        except BaseException:
+            self.close()
+            for p in self.paths:
+                _remove_quietly(p)
+            raise
+
+    def feed(self, row: int, heat: np.ndarray) -> None:
+        """Heat rows ``[row, row + len(heat))`` are final (rows before ``row`` not yet fed
+        are nodata)."""
+        self.skip_to(row)
+        self._push(0, heat)
+        self._row = row + len(heat)
+
+    def skip_to(self, row: int) -> None:
+        """Rows before ``row`` not fed so far are nodata (no tile touched them)."""
+        row = min(int(row), self.height)
+        while self._row < row:
+            n = min(row - self._row, 256)
+            self._push(0, np.full((n, self.width), self.nodata, np.float32))
+            self._row += n
+
+    def _push(self, k: int, rows: np.ndarray) -> None:
+        if k >= len(self._levels):
+            return
+        out = self._levels[k].feed(rows)
+        if out is None:
+            return
+        from rasterio.windows import Window
+
+        if (out != self.nodata).any():  # all nodata: left unwritten, the sparse file reads it so
+            self._files[k].write(out, 1, window=Window(0, self._written[k], out.shape[1], out.shape[0]))
+        self._written[k] += len(out)
+        self._push(k + 1, out)
+
+    def finish(self) -> None:
+        """The rows not fed are nodata; every level is complete and its file closed."""
+        self.skip_to(self.height)
+        if self._written != [h for _, h in self.sizes]:
+            raise RuntimeError(f"overview rows written {self._written}, expected {[h for _, h in self.sizes]}")
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files:
+            if not f.closed:
+                f.close()
+
+    def vrt(self, heat_path: Path, vrt_path: Path) -> None:
+        """Write at ``vrt_path`` a VRT of the (finished, closed) heat file that lists the
+        levels as its overviews."""
+        import rasterio.shutil
+
+        rasterio.shutil.copy(str(heat_path), str(vrt_path), driver="VRT")
+        text = Path(vrt_path).read_text(encoding="utf-8")
+        ov = "".join(f'<Overview><SourceFilename relativeToVRT="0">{escape(os.path.abspath(p))}</SourceFilename>'
+                     f"<SourceBand>1</SourceBand></Overview>" for p in self.paths)
+        if text.count("</VRTRasterBand>") != 1:
+            raise RuntimeError(f"unexpected VRT of {heat_path}")
+        Path(vrt_path).write_text(text.replace("</VRTRasterBand>", ov + "</VRTRasterBand>"), encoding="utf-8")
