@@ -124,3 +124,32 @@ def test_heatmap_cog_overviews_as_gdal_makes_them(tmp_path, monkeypatch):
     hw.add_batch(c0[:50], r0[:50], tile, cams[:50], valid[:50])
     hw.abort()
     assert sorted(p.name for p in folder.iterdir()) == ["heat.tif"]
+
+
+@pytest.mark.parametrize("W,H,preview", [(5000, 3300, 1024), (4100, 6050, 700), (4400, 4300, 1000), (5000, 3300, 1200)])
+def test_heatmap_preview_built_as_rows_come_equals_the_read_of_the_heat(tmp_path, monkeypatch, W, H, preview):
+    """The quicklook's heat preview that the writer builds while blending equals the one read
+    from the heat with GDAL's decimated average (what it was before), NaN where nodata, for
+    ratios near 1 and far from it; another size is still read from the heat."""
+    monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", 0)
+    tile, scale = 128, 0.25
+    rng = np.random.default_rng(W + H)
+    c0, r0, cams, valid = make_tiles(W, H, tile, tile, 4, 32, rng, drop=0.3)
+    keep = (r0 < 600) | (r0 >= 1400)
+    tiles = c0[keep], r0[keep], cams[keep], valid[keep]
+    got = {}
+    for name, size in (("built", preview), ("read", None)):
+        hw = HeatmapWriter(tmp_path / f"{name}.tif", W, H, from_origin(0, H, 1, 1), None, scale, tile, tile,
+                           preview_size=size)
+        for s in range(0, len(tiles[0]), 256):
+            hw.add_batch(tiles[0][s:s + 256], tiles[1][s:s + 256], tile, tiles[2][s:s + 256], tiles[3][s:s + 256])
+        hw.finish()
+        assert (hw._preview_size is not None) == (size is not None)
+        got[name] = hw.preview(preview), hw.preview(preview // 2)
+        hw.close()
+    built, read = got["built"], got["read"]
+    assert built[0].shape == read[0].shape and max(built[0].shape) == preview
+    assert np.isnan(built[0]).any() and not np.isnan(built[0]).all()
+    for b, r in zip(built, read):  # the second is not the built size: read from the heat
+        assert np.array_equal(np.isnan(b), np.isnan(r))
+        np.testing.assert_allclose(b, r, rtol=0, atol=1e-6)  # sums in another order: a float32 ulp at most

@@ -49,7 +49,8 @@ class HeatmapWriter:
     pixels, not the scene. A heatmap of at most :data:`HEAT_IN_MEMORY_PX` pixels (a small
     scene's) is kept whole in memory instead: no temporary file to make, fill and read back.
     The scratch file's overviews are built as its rows are written (:mod:`.heatpyramid`, as
-    GDAL's ``average`` builds them), so the copy at the end has none to compute.
+    GDAL's ``average`` builds them), so the copy at the end has none to compute; so is, with
+    ``preview_size``, the :meth:`preview` of that size the quicklook takes.
     :meth:`close` turns the temporary file (or array) into a COG at ``path`` (average
     overviews) atomically; :meth:`abort` removes the temporary files. As a context manager it
     closes on success and aborts on error.
@@ -57,7 +58,7 @@ class HeatmapWriter:
 
     def __init__(self, path: str | os.PathLike, scene_width: int, scene_height: int,
                  scene_transform: Affine, crs: Any, scale: float, tile_px: int, stride_px: int,
-                 compress: str = "deflate"):
+                 compress: str = "deflate", preview_size: int | None = None):
         if not (0 < scale <= 1):
             raise ValueError(f"heatmap scale must be in (0, 1], got {scale}")
         if scene_width < 1 or scene_height < 1:
@@ -89,6 +90,7 @@ class HeatmapWriter:
         self._tags: dict[str, str] = {}
         self._mem = None  # the whole heat, when it is small enough to hold (no scratch file)
         self._pyramid: HeatPyramid | None = None  # the COG's overviews, built as rows are written
+        self._preview_size: int | None = None  # the preview built beside them, if any
         self._vrt = _temp_name(self.path.with_suffix(".vrt"), "heat")
         if g.out_w * g.out_h <= HEAT_IN_MEMORY_PX:
             probe_folder(self.path)  # an unwritable destination fails now, as the scratch file would
@@ -101,9 +103,12 @@ class HeatmapWriter:
             # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
             levels = _overview_level(g.out_w, g.out_h)
-            if levels:
-                self._pyramid = HeatPyramid(g.out_w, g.out_h, levels, HEATMAP_NODATA,
-                                            [_temp_name(self.path, f"ovr{k + 1}") for k in range(levels)])
+            self._preview_size = preview_size if preview_size and max(g.out_w, g.out_h) > preview_size else None
+            if levels or self._preview_size:
+                self._pyramid = HeatPyramid(
+                    g.out_w, g.out_h, levels, HEATMAP_NODATA,
+                    [_temp_name(self.path, f"ovr{k + 1}") for k in range(levels)],
+                    preview=None if self._preview_size is None else _preview_shape(g.out_w, g.out_h, preview_size))
         except _io_error_types() as exc:
             self.abort()
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
@@ -374,6 +379,8 @@ class HeatmapWriter:
                 return np.where(self._mem == HEATMAP_NODATA, np.float32(np.nan), self._mem)
             with self._mem_dataset() as ds:
                 return _preview_of(ds, max_size)
+        if max_size == self._preview_size and self._pyramid is not None:  # built as the rows came
+            return np.where(self._pyramid.preview == HEATMAP_NODATA, np.float32(np.nan), self._pyramid.preview)
         with self._aborting(), _uncached():  # _aborting: the scratch file came out short (a full disk)
             return read_heatmap_preview(self._strips, max_size)
 
@@ -397,7 +404,7 @@ class HeatmapWriter:
 
                         write_cog(tmp, self._mem, gdal_write, transform=self.transform, crs=self.crs,
                                   nodata=HEATMAP_NODATA, tags=self._tags, description="heat", compress=self.compress)
-                    elif self._pyramid is not None:  # the overviews made while the heat came
+                    elif self._pyramid is not None and self._pyramid.sizes:  # the overviews made while the heat came
                         self._pyramid.vrt(self._strips, self._vrt)
                         with _uncached():
                             _cog_copy(self._vrt, tmp, self.compress, "average", -1, size)
@@ -443,12 +450,16 @@ def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.nd
         return _preview_of(src, max_size)
 
 
-def _preview_of(src: Any, max_size: int) -> np.ndarray:
-    f = max(src.width, src.height) / float(max_size)
+def _preview_shape(width: int, height: int, max_size: int) -> tuple[int, int]:
+    """``(h, w)`` of a preview whose longer side is at most ``max_size``."""
+    f = max(width, height) / float(max_size)
     if f <= 1:
-        shape = (src.height, src.width)
-    else:
-        shape = (max(1, round(src.height / f)), max(1, round(src.width / f)))
+        return height, width
+    return max(1, round(height / f)), max(1, round(width / f))
+
+
+def _preview_of(src: Any, max_size: int) -> np.ndarray:
+    shape = _preview_shape(src.width, src.height, max_size)
     if src.nodata is not None and src.mask_flag_enums[0] == [MaskFlags.nodata]:
         # GDAL's average leaves nodata pixels out and gives nodata where all are: what the
         # masked read gives, without reading and resampling the mask as well

@@ -32,6 +32,9 @@ def level_sizes(width: int, height: int, levels: int) -> list[tuple[int, int]]:
     return sizes
 
 
+_EDGE = 1e-8  # pixels: how far past an edge a footprint must reach to take the next pixel
+
+
 @functools.lru_cache(maxsize=64)
 def _taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each of ``n_dst`` output pixels along an axis: its first and (past the) last
@@ -39,15 +42,17 @@ def _taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     part of each source pixel that the footprint ``[i * r, (i + 1) * r)`` covers
     (``r = n_src / n_dst``), 0 past its end."""
     r = n_src / n_dst
-    lo = np.floor(np.arange(n_dst) * r).astype(np.int64)
-    hi = np.minimum(np.ceil((np.arange(n_dst) + 1) * r).astype(np.int64), n_src)
+    x0 = np.arange(n_dst) * r
+    x1 = np.minimum((np.arange(n_dst) + 1) * r, n_src)
+    # a footprint that ends (starts) a rounding error past a pixel edge does not take that pixel
+    lo = np.floor(x0 + _EDGE).astype(np.int64)
+    hi = np.minimum(np.ceil(x1 - _EDGE).astype(np.int64), n_src)
     t = int((hi - lo).max())
     idx = lo[:, None] + np.arange(t)[None, :]
-    x0 = np.arange(n_dst)[:, None] * r
-    x1 = np.minimum((np.arange(n_dst)[:, None] + 1) * r, n_src)
+    x0, x1 = x0[:, None], x1[:, None]
     w = np.minimum(idx + 1, x1) - np.maximum(idx, x0)
     w = np.where(idx < hi[:, None], np.maximum(w, 0.0), 0.0)
-    idx = np.minimum(idx, n_src - 1)
+    idx = np.minimum(idx, hi[:, None] - 1)  # padding taps (weight 0) stay inside the footprint
     for a in (lo, hi, idx, w):
         a.setflags(write=False)
     return lo, hi, idx, w
@@ -70,9 +75,10 @@ class _Level:
         """``(n, 2, w)``: each source row reduced across, its weighted sums and weights."""
         ok = block != self.nodata
         full = bool(ok.all())  # no nodata: every row's weights are the taps' sums
-        v = (block if full else np.where(ok, block, block.dtype.type(0))).astype(np.float64)
+        v = block if full else np.where(ok, block, block.dtype.type(0))
         out = np.empty((len(block), 2, self.w))
         if self._pairs:
+            v = v.astype(np.float64)
             np.add(v[:, 0::2], v[:, 1::2], out=out[:, 0])
             if full:
                 out[:, 1] = 2.0
@@ -80,13 +86,17 @@ class _Level:
                 c = ok.view(np.uint8)
                 np.add(c[:, 0::2], c[:, 1::2], out=out[:, 1], dtype=np.float64)
             return out
+        # gathered as they are (float32, bool) and widened by the float64 weights: the same
+        # products as from float64 copies, with half the memory traffic
         _, _, idx, wx = self._x
-        c = None if full else ok.astype(np.float64)
-        out[:, 0] = v[:, idx[:, 0]] * wx[:, 0]
-        out[:, 1] = wx[:, 0] if full else c[:, idx[:, 0]] * wx[:, 0]
+        np.multiply(v[:, idx[:, 0]], wx[:, 0], out=out[:, 0])
+        if full:
+            out[:, 1] = wx[:, 0]
+        else:
+            np.multiply(ok[:, idx[:, 0]], wx[:, 0], out=out[:, 1])
         for t in range(1, idx.shape[1]):
             out[:, 0] += v[:, idx[:, t]] * wx[:, t]
-            out[:, 1] += wx[:, t] if full else c[:, idx[:, t]] * wx[:, t]
+            out[:, 1] += wx[:, t] if full else ok[:, idx[:, t]] * wx[:, t]
         return out
 
     def feed(self, block: np.ndarray) -> np.ndarray | None:
@@ -117,9 +127,12 @@ class HeatPyramid:
     """The overview levels of a ``width x height`` heat with ``nodata``, fed its rows in order
     (:meth:`feed`; rows skipped are nodata) and written to uncompressed, sparse, tiled
     scratch GeoTIFFs at ``paths``. :meth:`vrt` attaches them to the heat file as its
-    overviews, for GDAL's COG driver to copy."""
+    overviews, for GDAL's COG driver to copy. With ``preview`` ``(h, w)``, also the heat
+    averaged to that size in memory (:attr:`preview`), as GDAL's decimated read of the heat
+    file gives it."""
 
-    def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path]):
+    def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path],
+                 preview: tuple[int, int] | None = None):
         import rasterio
         from rasterio.transform import Affine
 
@@ -128,6 +141,9 @@ class HeatPyramid:
         self.sizes = level_sizes(width, height, levels)
         src = [(self.width, self.height), *self.sizes]
         self._levels = [_Level(*src[k], *src[k + 1], self.nodata) for k in range(levels)]
+        # the quicklook's heat, (h, w): the same average straight from the heat, as a decimated read gives
+        self._preview = None if preview is None else _Level(self.width, self.height, preview[1], preview[0], self.nodata)
+        self._preview_rows: list[np.ndarray] = []
         self._row = 0  # next heat row expected
         self._written = [0] * levels
         self._files = []
@@ -161,6 +177,10 @@ class HeatPyramid:
             self._row += n
 
     def _push(self, k: int, rows: np.ndarray) -> None:
+        if k == 0 and self._preview is not None:
+            done = self._preview.feed(rows)
+            if done is not None:
+                self._preview_rows.append(done)
         if k >= len(self._levels):
             return
         out = self._levels[k].feed(rows)
@@ -178,7 +198,18 @@ class HeatPyramid:
         self.skip_to(self.height)
         if self._written != [h for _, h in self.sizes]:
             raise RuntimeError(f"overview rows written {self._written}, expected {[h for _, h in self.sizes]}")
+        if self._preview is not None:
+            self._preview_rows = [np.concatenate(self._preview_rows)]
+            if len(self._preview_rows[0]) != self._preview.h:
+                raise RuntimeError(f"preview rows {len(self._preview_rows[0])}, expected {self._preview.h}")
         self.close()
+
+    @property
+    def preview(self) -> np.ndarray:
+        """The preview ``(h, w)`` float32 with nodata, after :meth:`finish`."""
+        if self._preview is None or len(self._preview_rows) != 1 or len(self._preview_rows[0]) != self._preview.h:
+            raise RuntimeError("HeatPyramid.preview needs a preview size and finish()")
+        return self._preview_rows[0]
 
     def close(self) -> None:
         for f in self._files:

@@ -103,7 +103,8 @@ class UnitJob:
         self.labels = np.full((self.r1 - self.r0, grid.n_cols), -1, dtype=np.int32)
         self.table = TileTable(self.card.classes)
         self.heat = HeatmapWriter(self.stage / "heatmap.tif", info.width, info.height, info.transform, info.crs,
-                                  cfg.output.heatmap_scale, reader.tile_px, grid.stride, compress=cfg.output.compress)
+                                  cfg.output.heatmap_scale, reader.tile_px, grid.stride, compress=cfg.output.compress,
+                                  preview_size=cfg.output.quicklook_size if cfg.output.quicklook else None)
         self.stack.callback(_quietly, self.heat.abort)
         if cfg.output.quicklook and unit.part is None:
             reader.gather_preview(cfg.output.quicklook_size)  # from the tiles: no second decode
