@@ -153,3 +153,32 @@ def test_heatmap_preview_built_as_rows_come_equals_the_read_of_the_heat(tmp_path
     for b, r in zip(built, read):  # the second is not the built size: read from the heat
         assert np.array_equal(np.isnan(b), np.isnan(r))
         np.testing.assert_allclose(b, r, rtol=0, atol=1e-6)  # sums in another order: a float32 ulp at most
+
+
+def test_heatmap_levels_failing_on_their_thread_fail_the_heatmap_and_leave_nothing(tmp_path, monkeypatch):
+    """A full disk while the overview levels are written (on the pyramid's own thread) fails
+    the heatmap with an OutputError naming it, and every scratch file goes."""
+    from tilescan.errors import OutputError
+    import tilescan.outputs.heatpyramid as pyramid_mod
+
+    monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", 0)
+    calls = {"n": 0}
+    real = pyramid_mod._Level.feed
+
+    def failing(self, block):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise OSError(28, "No space left on device")
+        return real(self, block)
+
+    monkeypatch.setattr(pyramid_mod._Level, "feed", failing)
+    W, H, tile = 4400, 4300, 128
+    rng = np.random.default_rng(3)
+    c0, r0, cams, valid = make_tiles(W, H, tile, tile, 4, 32, rng, drop=0.1)
+    path = tmp_path / "heat.tif"
+    with pytest.raises(OutputError, match="heat.tif"):
+        with HeatmapWriter(path, W, H, from_origin(0, H, 1, 1), None, 0.25, tile, tile, preview_size=1024) as hw:
+            for s in range(0, len(c0), 256):
+                hw.add_batch(c0[s:s + 256], r0[s:s + 256], tile, cams[s:s + 256], valid[s:s + 256])
+    assert calls["n"] >= 40
+    assert list(tmp_path.iterdir()) == []

@@ -108,7 +108,8 @@ class HeatmapWriter:
                 self._pyramid = HeatPyramid(
                     g.out_w, g.out_h, levels, HEATMAP_NODATA,
                     [_temp_name(self.path, f"ovr{k + 1}") for k in range(levels)],
-                    preview=None if self._preview_size is None else _preview_shape(g.out_w, g.out_h, preview_size))
+                    preview=None if self._preview_size is None else _preview_shape(g.out_w, g.out_h, preview_size),
+                    background=True)
         except _io_error_types() as exc:
             self.abort()
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc

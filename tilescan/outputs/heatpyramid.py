@@ -11,9 +11,11 @@ tests/test_heat_overviews.py checks them against GDAL's, pixel for pixel, on odd
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape
@@ -31,6 +33,8 @@ def level_sizes(width: int, height: int, levels: int) -> list[tuple[int, int]]:
         sizes.append((w, h))
     return sizes
 
+
+_QUEUED = 32  # row runs waiting for the pyramid's thread at most (a few MB): then feed() waits
 
 _EDGE = 1e-8  # pixels: how far past an edge a footprint must reach to take the next pixel
 
@@ -129,10 +133,10 @@ class HeatPyramid:
     scratch GeoTIFFs at ``paths``. :meth:`vrt` attaches them to the heat file as its
     overviews, for GDAL's COG driver to copy. With ``preview`` ``(h, w)``, also the heat
     averaged to that size in memory (:attr:`preview`), as GDAL's decimated read of the heat
-    file gives it."""
+    file gives it. With ``background``, the rows are taken in on a thread of its own."""
 
     def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path],
-                 preview: tuple[int, int] | None = None):
+                 preview: tuple[int, int] | None = None, background: bool = False):
         import rasterio
         from rasterio.transform import Affine
 
@@ -147,6 +151,10 @@ class HeatPyramid:
         self._row = 0  # next heat row expected
         self._written = [0] * levels
         self._files = []
+        # its own thread, started by the first feed() (so with that thread's priority and cores):
+        # the levels are then built beside the blending, not in its time
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilescan-heat-levels") if background else None
+        self._queued: collections.deque[Future] = collections.deque()
         try:
             for (w, h), p in zip(self.sizes, self.paths):
                 block = min(256, 16 * math.ceil(max(w, h) / 16))
@@ -163,7 +171,16 @@ class HeatPyramid:
 
     def feed(self, row: int, heat: np.ndarray) -> None:
         """Heat rows ``[row, row + len(heat))`` are final (rows before ``row`` not yet fed
-        are nodata)."""
+        are nodata). With ``background``, handed to the pyramid's own thread (``heat`` must
+        not change afterwards); an error there is raised by a later call or :meth:`finish`."""
+        if self._pool is None:
+            self._feed(row, heat)
+            return
+        while self._queued and (self._queued[0].done() or len(self._queued) >= _QUEUED):
+            self._queued.popleft().result()
+        self._queued.append(self._pool.submit(self._feed, row, heat))
+
+    def _feed(self, row: int, heat: np.ndarray) -> None:
         self.skip_to(row)
         self._push(0, heat)
         self._row = row + len(heat)
@@ -195,6 +212,10 @@ class HeatPyramid:
 
     def finish(self) -> None:
         """The rows not fed are nodata; every level is complete and its file closed."""
+        if self._pool is not None:
+            while self._queued:
+                self._queued.popleft().result()
+            self._pool.shutdown()
         self.skip_to(self.height)
         if self._written != [h for _, h in self.sizes]:
             raise RuntimeError(f"overview rows written {self._written}, expected {[h for _, h in self.sizes]}")
@@ -212,6 +233,8 @@ class HeatPyramid:
         return self._preview_rows[0]
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
         for f in self._files:
             if not f.closed:
                 f.close()
