@@ -1,12 +1,13 @@
-"""The heatmap COG's overviews, built row by row while the heat is blended.
+"""The heatmap COG's overviews and the quicklook's heat, built row by row while the heat is blended.
 
 GDAL's COG driver builds a raster's overviews when it copies it, on one thread, after the
-scene's last tile: for a large heatmap that is the serial part of its tail. Here the same
-levels are computed as finished heat rows arrive, by GDAL's own rule for ``average`` (each
-level from the one above, ``floor(n / 2)`` pixels a side, every output pixel the mean of the
-source pixels under it weighted by the part of each it covers, nodata left out), and the COG
-is copied from the heat with these levels attached, as existing overviews.
-tests/test_heat_overviews.py checks them against GDAL's, pixel for pixel, on odd sizes and nodata.
+scene's last tile, and the quicklook read the heat back averaged to its size: for a large
+heatmap, the serial part of its tail. Here both are computed as finished heat rows arrive,
+by GDAL's own rule for ``average`` (each level from the one above, ``floor(n / 2)`` pixels a
+side; every output pixel the mean of the source pixels under it, weighted by the part of each
+it covers; nodata left out), and the COG is copied from the heat with these levels attached,
+as existing overviews. tests/test_heat_overviews.py checks them against GDAL's: nodata the
+same, values within 1e-6 (a float32 ulp here and there, where sums run in another order).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _nicer() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
     except (AttributeError, OSError):
         pass
+
 
 _EDGE = 1e-8  # pixels: how far past an edge a footprint must reach to take the next pixel
 
