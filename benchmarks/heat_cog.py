@@ -12,8 +12,8 @@ batches of 256, row by row, as a run calls it, then ``finish()``), the quicklook
 ``preview(1024)`` (``preview_size=1024`` where the checkout's writer takes it, as a run passes
 its quicklook size) and ``close()`` (the COG: its overviews, compression, the atomic move).
 The preview and the COG are what a one-scene run waits for after its last batch (side by
-side, each on its thread); the blending runs beside the stream. Each figure: wall seconds, median over rounds,
-and the calling thread's CPU.
+side, each on its thread); the blending runs beside the stream. Each figure: wall seconds
+and the calling thread's CPU, medians over rounds.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ W, H, TILE, SCALE, BATCH = (int(a) if "." not in a else float(a) for a in sys.ar
 cams_all = np.load(sys.argv[9])
 rows, cols = -(-H // TILE), -(-W // TILE)
 r, c = np.divmod(np.arange(rows * cols), cols)
-t0, c0 = time.perf_counter(), time.thread_time()
 import inspect
 kw = {"preview_size": 1024} if "preview_size" in inspect.signature(HeatmapWriter).parameters else {}
+t0, c0 = time.perf_counter(), time.thread_time()
 hw = HeatmapWriter(sys.argv[2], W, H, from_origin(600000.0, 4000000.0, 30.0, 30.0), "EPSG:32621", SCALE, TILE, TILE,
                    **kw)
 for s in range(0, len(r), BATCH):
