@@ -182,3 +182,45 @@ def test_heatmap_levels_failing_on_their_thread_fail_the_heatmap_and_leave_nothi
                 hw.add_batch(c0[s:s + 256], r0[s:s + 256], tile, cams[s:s + 256], valid[s:s + 256])
     assert calls["n"] >= 40
     assert list(tmp_path.iterdir()) == []
+
+
+def pyramid_of(tmp_path, name, heat, runs, preview, skip_empty):
+    """The levels and preview of ``heat`` fed in ``runs`` of rows; with ``skip_empty`` an
+    all-nodata run is left out (skipped, as the heat writer skips rows no tile touched)."""
+    h, w = heat.shape
+    paths = [tmp_path / f"{name}{k}.tif" for k in range(_overview_level(w, h))]
+    pyr = HeatPyramid(w, h, len(paths), HEATMAP_NODATA, paths, preview=preview)
+    row = 0
+    for n in runs:
+        part = heat[row:row + n]
+        if not skip_empty or (part != HEATMAP_NODATA).any():
+            pyr.feed(row, part)
+        row += n
+    pyr.finish()
+    levels = [heat]
+    for p in paths:
+        with rasterio.open(p) as ds:
+            levels.append(ds.read(1))
+    return levels, pyr.preview
+
+
+@pytest.mark.parametrize("w,h,islands", [(3001, 2503, 1), (2049, 3075, 3), (1300, 1300, 0)])
+def test_sparse_heat_levels_and_preview_as_if_every_row_were_fed(tmp_path, w, h, islands):
+    """A large frame with a few islands of heat (a sparse scene): the empty bands between
+    them are skipped, not averaged, and the levels and preview are exactly those of
+    feeding every nodata row, and the levels those GDAL builds."""
+    rng = np.random.default_rng(w + h)
+    heat = np.full((h, w), HEATMAP_NODATA, np.float32)
+    for _ in range(islands):
+        r, c = int(rng.integers(0, h - 300)), int(rng.integers(0, w - 400))
+        heat[r:r + int(rng.integers(1, 300)), c:c + int(rng.integers(1, 400))] = rng.uniform(0, 1)
+    runs = list(rng.integers(1, 200, size=h))
+    preview = (int(rng.integers(100, 900)), int(rng.integers(100, 900)))
+    skipped, prev_skipped = pyramid_of(tmp_path, "skip", heat, runs, preview, skip_empty=True)
+    fed, prev_fed = pyramid_of(tmp_path, "fed", heat, runs, preview, skip_empty=False)
+    assert [a.shape for a in skipped] == [b.shape for b in fed]
+    for k, (a, b) in enumerate(zip(skipped, fed)):
+        assert np.array_equal(a, b), f"level {k}"
+    assert prev_skipped.shape == preview and np.array_equal(prev_skipped, prev_fed)
+    assert (prev_skipped != HEATMAP_NODATA).any() == (islands > 0)
+    assert_same_levels(skipped, gdal_levels(tmp_path, heat))

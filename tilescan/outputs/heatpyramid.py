@@ -79,7 +79,7 @@ class _Level:
     every source row under the next output row has come."""
 
     def __init__(self, src_w: int, src_h: int, w: int, h: int, nodata: float):
-        self.w, self.h, self.nodata = w, h, nodata
+        self.src_w, self.w, self.h, self.nodata = src_w, w, h, nodata
         self._x = _taps(src_w, w)
         self._y = _taps(src_h, h)
         self._pairs = src_w == 2 * w  # every output pixel is two whole source pixels
@@ -137,6 +137,35 @@ class _Level:
         ok = acc[:, 1] > 0
         out = np.divide(acc[:, 0], acc[:, 1], out=np.full(ok.shape, self.nodata), where=ok)
         return out.astype(np.float32)
+
+    def skip(self, n: int) -> tuple[np.ndarray | None, int]:
+        """The next ``n`` source rows are nodata: return the output rows they complete, as
+        those computed (``(m, w)`` or None) and then the count of those that lie wholly on
+        the skipped rows (nodata, not computed): an empty band costs its edges only."""
+        lo, hi, _, _ = self._y
+        s0 = self._first + len(self._rows)
+        s1 = s0 + n
+        end = int(np.searchsorted(hi, s1, side="right"))
+        # output rows before `end` that also cover rows already here: computed the usual way,
+        # from the nodata rows they need (the same sums as feeding every skipped row)
+        j = min(max(self._next, int(np.searchsorted(lo, s0, side="left"))), end)
+        out = None
+        if j > self._next:
+            need = int(hi[j - 1]) - s0
+            out = self.feed(np.full((need, self.src_w), self.nodata, np.float32))
+            s0 += need
+        empty = max(end - self._next, 0)
+        if empty:
+            self._next = end
+            keep = int(lo[end]) if end < self.h else s1  # the first source row a later output row needs
+            first = max(keep, self._first)
+            self._rows = self._rows[first - self._first:]
+            self._first = first
+            s0 = max(s0, first)
+        # the skipped rows a later output row still needs wait, reduced (all zero)
+        if s1 > s0:
+            self._rows = np.concatenate([self._rows, np.zeros((s1 - s0, 2, self.w))])
+        return out, empty
 
 
 class HeatPyramid:
@@ -201,10 +230,9 @@ class HeatPyramid:
     def skip_to(self, row: int) -> None:
         """Rows before ``row`` not fed so far are nodata (no tile touched them)."""
         row = min(int(row), self.height)
-        while self._row < row:
-            n = min(row - self._row, 256)
-            self._push(0, np.full((n, self.width), self.nodata, np.float32))
-            self._row += n
+        if self._row < row:
+            self._skip(0, row - self._row)
+            self._row = row
 
     def _push(self, k: int, rows: np.ndarray) -> None:
         if k == 0 and self._preview is not None:
@@ -214,14 +242,32 @@ class HeatPyramid:
         if k >= len(self._levels):
             return
         out = self._levels[k].feed(rows)
-        if out is None:
-            return
+        if out is not None:
+            self._emit(k, out)
+
+    def _emit(self, k: int, out: np.ndarray) -> None:
+        """Level ``k``'s next rows: written, and fed to the level below."""
         from rasterio.windows import Window
 
         if (out != self.nodata).any():  # all nodata: left unwritten, the sparse file reads it so
             self._files[k].write(out, 1, window=Window(0, self._written[k], out.shape[1], out.shape[0]))
         self._written[k] += len(out)
         self._push(k + 1, out)
+
+    def _skip(self, k: int, n: int) -> None:
+        """``n`` nodata rows into level ``k``'s source (k = 0: the heat's)."""
+        if k == 0 and self._preview is not None:
+            done, empty = self._preview.skip(n)
+            self._preview_rows += [r for r in (done, np.full((empty, self._preview.w), self.nodata, np.float32))
+                                   if r is not None and len(r)]
+        if k >= len(self._levels):
+            return
+        done, empty = self._levels[k].skip(n)
+        if done is not None:
+            self._emit(k, done)
+        if empty:  # nodata: left unwritten, the sparse file reads it so
+            self._written[k] += empty
+            self._skip(k + 1, empty)
 
     def finish(self) -> None:
         """The rows not fed are nodata; every level is complete and its file closed."""
