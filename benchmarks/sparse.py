@@ -6,6 +6,7 @@ Run from the project root::
     python benchmarks/sparse.py --out benchmarks/results/sparse-cpu-2core.json
     python benchmarks/sparse.py --baseline ../main          # also the code before, for "today"
     python benchmarks/sparse.py --baseline ../main --baseline-frame   # + the slow 50k run today
+    python benchmarks/sparse.py --baseline ../main --baseline-rounds  # the frame on both codes, each round
 
 It builds, in a temporary folder (``--scenes DIR`` keeps them), 50,000 x 50,000 px GeoTIFFs
 (tiled 512, deflate, nodata 0, written sparse: a few MB on disk) holding the real NAIP scene
@@ -42,6 +43,7 @@ from affine import Affine  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from bench import DATA, log, machine, median, versions  # noqa: E402
+from tilescan.outputs.cog import HEATMAP_NODATA  # noqa: E402
 
 NAIP = DATA / "scenes" / "opengeos-naip" / "m_4709963_se_14_1_20100629.tif"
 COLLARS = {"RGB.byte": DATA / "scenes" / "rasterio" / "RGB.byte.tif",
@@ -122,10 +124,28 @@ def same_island(island: dict, frame: dict, offset: tuple[int, int]) -> dict[str,
             "labels_identical": bool((b["labels"][dr:dr + h, dc:dc + w] == a["labels"]).all() and (rest == 255).all())}
 
 
-def same_outputs(x: dict, y: dict) -> dict[str, bool]:
+def heat_levels(folder: str) -> list[np.ndarray]:
+    """The heatmap COG's overview levels, each read whole."""
+    path = Path(folder) / "heatmap.tif"
+    with rasterio.open(path) as ds:
+        n = len(ds.overviews(1))
+    levels = []
+    for k in range(n):
+        with rasterio.open(path, OVERVIEW_LEVEL=k) as ds:
+            levels.append(ds.read(1))
+    return levels
+
+
+def same_outputs(x: dict, y: dict) -> dict[str, Any]:
     a, b = outputs(x["dir"]), outputs(y["dir"])
+    la, lb = heat_levels(x["dir"]), heat_levels(y["dir"])
+    same_nodata = len(la) == len(lb) and all(
+        p.shape == q.shape and np.array_equal(p == HEATMAP_NODATA, q == HEATMAP_NODATA) for p, q in zip(la, lb))
     return {"rows": bool(a["table"].equals(b["table"])), "labels": bool((a["labels"] == b["labels"]).all()),
-            "heatmap": bool(np.array_equal(a["heat"], b["heat"]))}
+            "heatmap": bool(np.array_equal(a["heat"], b["heat"])),
+            "heat_overviews": len(la), "heat_overviews_nodata_same": bool(same_nodata),
+            "heat_overviews_max_diff": float(max((np.abs(p - q).max() for p, q in zip(la, lb)), default=0.0))
+            if same_nodata else None}
 
 
 def summary(runs: list[dict]) -> dict[str, Any]:
@@ -140,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=Path, help="keep the built frames here (reused when present)")
     ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare with (its tilescan/ is run)")
     ap.add_argument("--baseline-frame", action="store_true", help="also run the baseline on the non-aligned frame once")
+    ap.add_argument("--baseline-rounds", action="store_true",
+                    help="run the baseline on the non-aligned frame in every round too, alternated, and compare outputs")
     ap.add_argument("--out", type=Path, help="write every number here (JSON)")
     args = ap.parse_args(argv)
     if not NAIP.exists():
@@ -161,15 +183,22 @@ def main(argv=None) -> int:
 
         # the island alone against its frames, alternated
         runs: dict[str, list] = {"island": [], "aligned": [], "shifted": []}
+        both = bool(args.baseline and args.baseline_rounds)
+        if both:
+            runs["shifted_baseline"] = []
         for k in range(args.rounds):
             last = k == args.rounds - 1
             runs["island"].append(run(NAIP, work, REPO, keep=last))
             runs["aligned"].append(run(frames["aligned"], work, REPO, keep=last))
-            runs["shifted"].append(run(frames["shifted"], work, REPO))
+            runs["shifted"].append(run(frames["shifted"], work, REPO, keep=last and both))
+            if both:
+                runs["shifted_baseline"].append(run(frames["shifted"], work, args.baseline, keep=last))
             log(f"round {k + 1}: " + ", ".join(f"{n} {r[-1]['wall_s']} s" for n, r in runs.items()))
         sparse = {n: summary(r) for n, r in runs.items()}
         sparse["aligned_vs_island"] = same_island(runs["island"][-1], runs["aligned"][-1], where["aligned"])
-        for n in ("aligned", "shifted"):
+        if both:
+            sparse["shifted_vs_baseline"] = same_outputs(runs["shifted"][-1], runs["shifted_baseline"][-1])
+        for n in [k for k in runs if k != "island"]:
             sparse[f"{n}_over_island_wall"] = round(sparse[n]["wall_s"] / sparse["island"]["wall_s"], 3)
             sparse[f"{n}_over_island_scene"] = round(sparse[n]["scene_s"] / sparse["island"]["scene_s"], 3)
         if args.baseline and args.baseline_frame:
