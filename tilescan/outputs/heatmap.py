@@ -377,11 +377,11 @@ class HeatmapWriter:
             raise RuntimeError("HeatmapWriter.preview needs finish() first, and the scratch file (close() removes it)")
         if self._mem is not None:
             if max(self.width, self.height) <= max_size:  # what GDAL's masked read at full size gives
-                return np.where(self._mem == HEATMAP_NODATA, np.float32(np.nan), self._mem)
+                return _nan_for_nodata(self._mem)
             with self._mem_dataset() as ds:
                 return _preview_of(ds, max_size)
         if max_size == self._preview_size and self._pyramid is not None:  # built as the rows came
-            return np.where(self._pyramid.preview == HEATMAP_NODATA, np.float32(np.nan), self._pyramid.preview)
+            return _nan_for_nodata(self._pyramid.preview)
         with self._aborting(), _uncached():  # _aborting: the scratch file came out short (a full disk)
             return read_heatmap_preview(self._strips, max_size)
 
@@ -449,6 +449,11 @@ def read_heatmap_preview(path: str | os.PathLike, max_size: int = 1024) -> np.nd
     from the overviews); nodata becomes NaN. Returns float32 ``(h, w)``."""
     with rasterio.open(path) as src:
         return _preview_of(src, max_size)
+
+
+def _nan_for_nodata(heat: np.ndarray) -> np.ndarray:
+    """A copy of ``heat`` with NaN where it is nodata, as a masked read fills it."""
+    return np.where(heat == HEATMAP_NODATA, np.float32(np.nan), heat)
 
 
 def _preview_shape(width: int, height: int, max_size: int) -> tuple[int, int]:
