@@ -68,27 +68,37 @@ def heat_like(rng, h: int, w: int, holes: bool) -> np.ndarray:
     return heat
 
 
+def pyramid_of(tmp_path, name, heat, runs, preview, skip_empty):
+    """The levels and preview of ``heat`` fed in ``runs`` of rows; with ``skip_empty`` an
+    all-nodata run is left out (skipped, as the heat writer skips rows no tile touched)."""
+    h, w = heat.shape
+    paths = [tmp_path / f"{name}{k}.tif" for k in range(_overview_level(w, h))]
+    pyr = HeatPyramid(w, h, len(paths), HEATMAP_NODATA, paths, preview=preview)
+    row = 0
+    for n in runs:
+        part = heat[row:row + n]
+        if not skip_empty or (part != HEATMAP_NODATA).any():
+            pyr.feed(row, part)
+        row += n
+    pyr.finish()
+    levels = [heat]
+    for p in paths:
+        with rasterio.open(p) as ds:
+            levels.append(ds.read(1))
+    return levels, None if preview is None else pyr.preview
+
+
 @pytest.mark.parametrize("w,h,holes", [(1531, 1395, True), (3062, 2790, False), (2049, 1031, True), (2049, 1031, False),
                                        (1027, 2053, True), (4100, 530, False), (1100, 1100, True)])
 def test_pyramid_equals_gdal_average_overviews(tmp_path, w, h, holes):
     rng = np.random.default_rng(w * 7 + h)
     heat = heat_like(rng, h, w, holes)
-    levels = _overview_level(w, h)
-    assert levels >= 1
-    paths = [tmp_path / f"ovr{k}.tif" for k in range(levels)]
-    pyr = HeatPyramid(w, h, levels, HEATMAP_NODATA, paths)
-    row = 0
+    assert _overview_level(w, h) >= 1
+    runs, row = [], 0
     while row < h:  # rows in uneven runs; an all-nodata run is skipped, as the heat writer skips it
-        n = int(rng.integers(1, 70))
-        part = heat[row:row + n]
-        if (part != HEATMAP_NODATA).any():
-            pyr.feed(row, part)
-        row += n
-    pyr.finish()
-    got = [heat]
-    for p in paths:
-        with rasterio.open(p) as ds:
-            got.append(ds.read(1))
+        runs.append(int(rng.integers(1, 70)))
+        row += runs[-1]
+    got, _ = pyramid_of(tmp_path, "ovr", heat, runs, None, skip_empty=True)
     assert_same_levels(got, gdal_levels(tmp_path, heat))
 
 
@@ -182,26 +192,6 @@ def test_heatmap_levels_failing_on_their_thread_fail_the_heatmap_and_leave_nothi
                 hw.add_batch(c0[s:s + 256], r0[s:s + 256], tile, cams[s:s + 256], valid[s:s + 256])
     assert calls["n"] >= 40
     assert list(tmp_path.iterdir()) == []
-
-
-def pyramid_of(tmp_path, name, heat, runs, preview, skip_empty):
-    """The levels and preview of ``heat`` fed in ``runs`` of rows; with ``skip_empty`` an
-    all-nodata run is left out (skipped, as the heat writer skips rows no tile touched)."""
-    h, w = heat.shape
-    paths = [tmp_path / f"{name}{k}.tif" for k in range(_overview_level(w, h))]
-    pyr = HeatPyramid(w, h, len(paths), HEATMAP_NODATA, paths, preview=preview)
-    row = 0
-    for n in runs:
-        part = heat[row:row + n]
-        if not skip_empty or (part != HEATMAP_NODATA).any():
-            pyr.feed(row, part)
-        row += n
-    pyr.finish()
-    levels = [heat]
-    for p in paths:
-        with rasterio.open(p) as ds:
-            levels.append(ds.read(1))
-    return levels, pyr.preview
 
 
 @pytest.mark.parametrize("w,h,islands", [(3001, 2503, 1), (2049, 3075, 3), (1300, 1300, 0)])
