@@ -171,9 +171,8 @@ class _Level:
 class HeatPyramid:
     """The overview levels of a ``width x height`` heat with ``nodata``, fed its rows in order
     (:meth:`feed`; rows skipped are nodata, and cost only where they meet fed rows) and
-    written to uncompressed, sparse, tiled
-    scratch GeoTIFFs at ``paths``. :meth:`vrt` attaches them to the heat file as its
-    overviews, for GDAL's COG driver to copy. With ``preview`` ``(h, w)``, also the heat
+    written to uncompressed, sparse, tiled scratch GeoTIFFs at ``paths``. :meth:`vrt`
+    attaches them to the heat file as its overviews, for GDAL's COG driver to copy. With ``preview`` ``(h, w)``, also the heat
     averaged to that size in memory (:attr:`preview`), as GDAL's decimated read of the heat
     file gives it. With ``background``, the rows are taken in on a thread of its own."""
 
