@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare with (its tilescan/ is run)")
     ap.add_argument("--baseline-frame", action="store_true", help="also run the baseline on the non-aligned frame once")
     ap.add_argument("--baseline-rounds", action="store_true",
-                    help="run the baseline on the non-aligned frame in every round too, alternated, and compare outputs")
+                    help="run the baseline on the non-aligned frame in every round too, alternated, "
+                         "and compare outputs")
     ap.add_argument("--out", type=Path, help="write every number here (JSON)")
     args = ap.parse_args(argv)
     if not NAIP.exists():

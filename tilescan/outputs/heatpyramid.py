@@ -172,9 +172,10 @@ class HeatPyramid:
     """The overview levels of a ``width x height`` heat with ``nodata``, fed its rows in order
     (:meth:`feed`; rows skipped are nodata, and cost only where they meet fed rows) and
     written to uncompressed, sparse, tiled scratch GeoTIFFs at ``paths``. :meth:`vrt`
-    attaches them to the heat file as its overviews, for GDAL's COG driver to copy. With ``preview`` ``(h, w)``, also the heat
-    averaged to that size in memory (:attr:`preview`), as GDAL's decimated read of the heat
-    file gives it. With ``background``, the rows are taken in on a thread of its own."""
+    attaches them to the heat file as its overviews, for GDAL's COG driver to copy. With
+    ``preview`` ``(h, w)``, also the heat averaged to that size in memory (:attr:`preview`),
+    as GDAL's decimated read of the heat file gives it. With ``background``, the rows are
+    taken in on a thread of its own."""
 
     def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path],
                  preview: tuple[int, int] | None = None, background: bool = False):
@@ -187,7 +188,8 @@ class HeatPyramid:
         src = [(self.width, self.height), *self.sizes]
         self._levels = [_Level(*src[k], *src[k + 1], self.nodata) for k in range(levels)]
         # the quicklook's heat, (h, w): the same average straight from the heat, as a decimated read gives
-        self._preview = None if preview is None else _Level(self.width, self.height, preview[1], preview[0], self.nodata)
+        self._preview = None if preview is None else _Level(self.width, self.height, preview[1], preview[0],
+                                                            self.nodata)
         self._preview_rows: list[np.ndarray] = []
         self._row = 0  # next heat row expected
         self._written = [0] * levels
@@ -258,8 +260,10 @@ class HeatPyramid:
         """``n`` nodata rows into level ``k``'s source (k = 0: the heat's)."""
         if k == 0 and self._preview is not None:
             done, empty = self._preview.skip(n)
-            self._preview_rows += [r for r in (done, np.full((empty, self._preview.w), self.nodata, np.float32))
-                                   if r is not None and len(r)]
+            if done is not None:
+                self._preview_rows.append(done)
+            if empty:
+                self._preview_rows.append(np.full((empty, self._preview.w), self.nodata, np.float32))
         if k >= len(self._levels):
             return
         done, empty = self._levels[k].skip(n)
