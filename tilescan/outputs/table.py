@@ -162,23 +162,28 @@ class TileTable:
             self._label_names.append(name)
         return code
 
+    def seal(self) -> None:
+        """Put each column's chunks together now, so that writers in several threads at once
+        only read them (each writer otherwise does it on its first call)."""
+        for name, chunks in self._chunks.items():
+            if len(chunks) > 1:
+                self._chunks[name] = [np.concatenate(chunks)]
+
     def _columns(self, k: int) -> dict[str, np.ndarray]:
         """Concatenate the chunks (kept concatenated afterwards) and sort by tile_index."""
+        self.seal()
         out = {}
         for name, chunks in self._chunks.items():
-            if len(chunks) != 1:
-                if chunks:
-                    merged = np.concatenate(chunks)
-                elif name == "corners":
-                    merged = np.zeros((0, 4, 2), np.float64)
-                elif name == "probabilities":
-                    merged = np.zeros((0, k), np.float32)
-                elif name == "label_code":
-                    merged = np.zeros(0, np.int32)
-                else:
-                    merged = np.zeros(0, _SCALARS[name][0])
-                self._chunks[name] = [merged]
-            out[name] = self._chunks[name][0]
+            if chunks:
+                out[name] = chunks[0]
+            elif name == "corners":
+                out[name] = np.zeros((0, 4, 2), np.float64)
+            elif name == "probabilities":
+                out[name] = np.zeros((0, k), np.float32)
+            elif name == "label_code":
+                out[name] = np.zeros(0, np.int32)
+            else:
+                out[name] = np.zeros(0, _SCALARS[name][0])
         order = np.argsort(out["tile_index"], kind="stable")
         if not np.all(order == np.arange(order.size)):
             out = {name: arr[order] for name, arr in out.items()}

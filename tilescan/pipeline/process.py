@@ -288,12 +288,13 @@ def _write_outputs(job: UnitJob) -> None:
 
     helper = job.in_helper  # the writers that hold the GIL: in a helper process, if the run has them
 
-    def write_tables():
+    def write_parquet():
         job.table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
         faults.point("writing")
-        if cfg.output.gpkg:
-            helper(TileTable.write_gpkg, job.table, stage / "tiles.gpkg", crs, engine.classes, unit.scene.name,
-                   model_id, extra)
+
+    def write_gpkg():
+        helper(TileTable.write_gpkg, job.table, stage / "tiles.gpkg", crs, engine.classes, unit.scene.name,
+               model_id, extra)
 
     def write_labels():
         grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
@@ -301,14 +302,17 @@ def _write_outputs(job: UnitJob) -> None:
             compress=cfg.output.compress,
             tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride, **scale_tag})
 
-    # The scene's tail, off the model's thread: the tables, the label and heatmap COGs and
+    # The scene's tail, off the model's thread: each table, the label and heatmap COGs and
     # the quicklook at once (GDAL, zlib and the Parquet writer release the GIL). The
     # quicklook's heat is read from the heatmap's scratch file while the COG is written.
     heat = job.heat
     heat.finish(tags={"MODEL_ID": model_id, "CAM_METHOD": cfg.cam.method, "CAM_LAYER": engine.cam.layer, **scale_tag})
+    job.table.seal()  # its columns put together once, before both table writers read them
     previewed = threading.Event()
-    futures = [job.tail_pool.submit(write_tables), job.tail_pool.submit(heat.close, keep_scratch=previewed),
+    futures = [job.tail_pool.submit(write_parquet), job.tail_pool.submit(heat.close, keep_scratch=previewed),
                job.tail_pool.submit(write_labels)]
+    if cfg.output.gpkg:
+        futures.append(job.tail_pool.submit(write_gpkg))
     try:
         try:
             hp = heat.preview(cfg.output.quicklook_size) if cfg.output.quicklook else None
