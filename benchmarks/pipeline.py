@@ -220,6 +220,8 @@ def host(args) -> dict:
 def _core_counts(args) -> list[str]:
     """``--cores``: the core counts of ``host`` (without ``--repo``), each no more than the
     cores this process may use; ``all`` is that many."""
+    if args.repo and args.cores != "1,2":
+        raise SystemExit("--cores: side by side (--repo) runs on 1 and 2 cores only")
     avail = len(os.sched_getaffinity(0))
     counts = [str(avail) if c.strip() == "all" else c.strip() for c in args.cores.split(",")]
     if not all(c.isdigit() and 1 <= int(c) <= avail for c in counts):
