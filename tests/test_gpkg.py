@@ -105,12 +105,19 @@ def test_add_rtree_names_the_file_it_cannot_index(tmp_path):
 @settings(max_examples=300, deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False, min_value=-3e38, max_value=3e38))
 def test_float32_bounds_round_outwards(x):
-    lo, hi = gpkg._f32(x, False), gpkg._f32(x, True)
+    """An R-tree box's lower bounds go to the nearest float32 at or below, its upper bounds at
+    or above: the float32 values around ``x`` found here from ``struct``'s rounding."""
+    def around(v: float) -> tuple[float, float]:
+        f = struct.unpack(">f", struct.pack(">f", v))[0]  # the nearest float32, compared as float64
+        below = f if f <= v else float(np.nextafter(np.float32(f), np.float32(-np.inf)))
+        above = f if f >= v else float(np.nextafter(np.float32(f), np.float32(np.inf)))
+        return below, above
+
+    (lo, hi), (nlo, nhi) = around(x), around(-x)
     assert lo <= x <= hi
-    for v in (lo, hi):  # exactly representable as float32
-        assert struct.unpack(">f", struct.pack(">f", v))[0] == v
     assert hi == lo or np.nextafter(np.float32(lo), np.float32(np.inf)) == np.float32(hi)
-    assert gpkg._f32_boxes([(x, x, -x, -x)]) == [(lo, hi, gpkg._f32(-x, False), gpkg._f32(-x, True))]
+    got = gpkg._f32_boxes([(x, x, -x, -x)])
+    assert got.dtype == np.float32 and got.tolist() == [[lo, hi, nlo, nhi]]
 
 
 def test_helper_started_early_indexes_the_next_file(tmp_path):
