@@ -60,7 +60,7 @@ from . import spatial
 from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from ..log import emit
-from .table import BBOX_TYPE, prob_column_names
+from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .files import atomic_output, csv_text, write_json, write_text
 from .finished import _Scene, _Unit, find_units
 from .geometry import wkb_polygon_rings, wkb_polygons
@@ -387,7 +387,8 @@ class _TableWriter:
                              "at a time", path=str(u.folder))
         if self.schema is None:
             self.schema = _schema(t)
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False)
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False,
+                                           use_dictionary=dictionary_columns(self.schema))
         t = t.select(self.schema.names).cast(self.schema)
         self.writer.write_table(t, row_group_size=65536)
         self.total += t.num_rows

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from .table import dictionary_columns
+
 #: rows per row group of a spatially sorted table (benchmarks/README.md: pruning vs. size)
 ROW_GROUP_ROWS = 16384
 #: tables with more rows than this are sorted; a smaller one is one or two row groups anyway
@@ -116,7 +118,8 @@ def sort_parquet(path: Path, row_group_rows: int | None = None, column: str = "b
         for s in sinks:
             s.close()
         meta = schema.metadata
-        with pq.ParquetWriter(out, schema, compression="zstd", store_schema=False) as w:
+        with pq.ParquetWriter(out, schema, compression="zstd", store_schema=False,
+                              use_dictionary=dictionary_columns(schema)) as w:
             for b in range(n_buckets):
                 with ipc.open_file(str(tmp_dir / f"{b:05d}.arrow")) as f:
                     t = f.read_all()

@@ -63,6 +63,14 @@ BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
 _ROW_GROUP = 65536
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth Parquet's dictionary encoding (``use_dictionary``): the names
+    (strings), whose values repeat. On the probabilities, CAM statistics and coordinates,
+    whose values hardly do, it made a scene's table larger and slower to write."""
+    return [f.name for f in schema
+            if pa.types.is_dictionary(f.type) or pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+
+
 class TileTable:
     """Per-tile results, accumulated batch by batch in compact numpy columns.
 
@@ -290,7 +298,8 @@ class TileTable:
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         with atomic_output(path) as tmp:
-            with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=True) as writer:
+            with pq.ParquetWriter(str(tmp), schema, compression="zstd", write_statistics=True,
+                                  use_dictionary=dictionary_columns(schema)) as writer:
                 for lo in range(0, n, _ROW_GROUP):
                     writer.write_batch(batch(lo, min(n, lo + _ROW_GROUP)), row_group_size=_ROW_GROUP)
                 if n == 0:
