@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -40,6 +41,12 @@ def test_one_geoparquet_table_with_every_tile(ref):
     assert len(gdf) == sum(t.num_rows for t in per_scene.values())
     assert not gdf.duplicated(["scene", "tile_index"]).any()
     assert list(gdf["scene"].unique()) == sorted(bh.UNITS)  # sorted by scene, then tile
+    # dictionary pages on the name columns only (on numbers they made the table larger)
+    f = pq.ParquetFile(path)
+    rg = f.metadata.row_group(0)
+    names = {c.name for c in f.schema_arrow if pa.types.is_string(c.type) or pa.types.is_dictionary(c.type)}
+    assert {"scene", "unit", "label"} <= names
+    assert {rg.column(i).path_in_schema for i in range(rg.num_columns) if rg.column(i).has_dictionary_page} == names
     for name, t in per_scene.items():
         part = gdf[gdf["scene"] == name]
         assert part["tile_index"].tolist() == t.column("tile_index").to_pylist()
