@@ -466,6 +466,8 @@ def run_cli(scene: Path, work: Path, overrides: dict[str, dict[str, Any]] | None
         "cpu_s": round(st["cpu_s"], 2),
         "timings_s": manifest.get("timings_s"),
         "precision": manifest.get("model", {}).get("precision"),
+        "batch_size": manifest.get("config", {}).get("inference", {}).get("batch_size"),
+        "runtime": manifest.get("runtime"),
         "output_bytes": sizes,
     }
 

