@@ -302,3 +302,76 @@ def test_the_tilescan_command_owns_its_process():
         info, _, frozen = p.stdout.rpartition("FROZEN")
         assert json.loads(info)["runtime"]["backend"]
         assert (int(frozen) > 100_000) is (how != "main()"), (how, frozen)
+
+
+_OPTIONAL = """
+import json, sys
+from tilescan import backend
+if sys.argv[1] == "own":
+    backend.own_process()
+keras = backend.import_keras(verbosity=0)
+during = "matplotlib.pyplot" in sys.modules
+import matplotlib.pyplot  # noqa: E402  (tilescan train plots with it later in the same process)
+from keras.src.visualization import plot_image_gallery  # noqa: E402
+print(json.dumps({"during": during, "keras_sees_pyplot": plot_image_gallery.plt is not None}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["own", "library"])
+def test_tilescans_own_process_imports_keras_without_its_unused_extras(mode):
+    """Keras imports pyplot (and scikit-learn) when installed, for features tilescan never
+    calls: in tilescan's own process they stay out of its start-up, and import normally
+    afterwards; a program using tilescan as a library gets Keras untouched."""
+    p = subprocess.run([sys.executable, "-c", _OPTIONAL, mode], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"during": mode == "library", "keras_sees_pyplot": mode == "library"}
+
+
+_PREALLOCATE = """
+import os, sys
+from tilescan import backend
+if sys.argv[1] == "own":
+    backend.own_process()
+backend.import_keras(verbosity=0)
+import jax
+jax.devices()
+print(os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "unset"))
+"""
+
+
+@pytest.mark.parametrize("mode, user, want", [("own", None, "false"), ("own", "true", "true"),
+                                              ("library", None, "unset")])
+def test_the_tilescan_command_lets_jax_take_gpu_memory_as_needed(mode, user, want):
+    """JAX reserves most of a GPU's memory at its first transfer, seconds of every run's
+    start-up on a large GPU: the tilescan command asks it to allocate as needed instead,
+    unless the user said otherwise; a program using tilescan as a library decides itself."""
+    need_jax()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    if user is not None:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user
+    p = subprocess.run([sys.executable, "-c", _PREALLOCATE, mode], capture_output=True, text=True, timeout=300,
+                       env={**env, "KERAS_BACKEND": "jax"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == want
+
+
+def test_a_model_loaded_with_jax_has_every_variable_on_the_device(tmp_path):
+    """With JAX, the model's values are read on the host and moved to the device in one
+    transfer: afterwards every variable holds a device array (none left as a host array that
+    each step would copy again), with the file's values."""
+    need_jax()
+    code = ("import json, numpy as np, jax; from tilescan.backend import import_keras; import_keras(0); "
+            "from tilescan.model import load_model; m = load_model().model; "
+            "vals = [v._value for v in m.variables]; "
+            "print(json.dumps([len(vals), sum(isinstance(v, jax.Array) for v in vals), "
+            "float(sum(np.abs(np.asarray(v)).sum() for v in vals))]))")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TILESCAN_COMPILE_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    n, on_device, total = json.loads(p.stdout.strip().splitlines()[-1])
+    from tilescan.model import load_model
+
+    keras_model = load_model().model  # this process's backend (TensorFlow in the suite)
+    assert n == len(keras_model.variables) and on_device == n
+    assert total == pytest.approx(float(sum(abs(v.numpy()).sum() for v in keras_model.variables)), rel=1e-6)

@@ -30,6 +30,28 @@ def own_process() -> None:
     _OWN_PROCESS = True
 
 
+# Keras imports these when they are installed, for features tilescan never calls (its scikit-learn
+# wrappers, its image-gallery plots); in tilescan's own process they stay out of the start-up.
+_KERAS_OPTIONAL = ("sklearn", "matplotlib.pyplot")
+
+
+@contextlib.contextmanager
+def _keras_optional_hidden():
+    """While Keras is imported in tilescan's own process (:func:`own_process`): the modules of
+    ``_KERAS_OPTIONAL`` not yet imported look absent to it, as if not installed (Keras then
+    leaves those features off); they import normally afterwards (``tilescan train`` plots with
+    pyplot). A library user's process imports Keras untouched."""
+    hidden = [n for n in _KERAS_OPTIONAL if _OWN_PROCESS and n not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # an import of it raises ImportError
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
 @contextlib.contextmanager
 def _keras_import_gc():
     """The cyclic garbage collector paused while Keras and its backend are imported: the
@@ -57,13 +79,17 @@ def import_keras(verbosity: int | None = None):
     if verbosity is not None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbosity <= 0 else "0")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if _OWN_PROCESS and os.environ["KERAS_BACKEND"] == "jax":
+        # JAX reserves 75 % of a GPU's memory at its first transfer, seconds of start-up on a
+        # large GPU (benchmarks/README.md); a run needs far less. The user's own setting stays.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if "keras" in sys.modules:
         import keras
 
         _compilation_cache(keras)
         return keras
     quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
-    with _keras_import_gc():
+    with _keras_import_gc(), _keras_optional_hidden():
         if "tensorflow" not in sys.modules:
             tensorflow_threads()
             tensorflow_onednn()
