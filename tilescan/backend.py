@@ -122,10 +122,11 @@ _patch_lock = threading.Lock()  # one such load at a time patches Keras' JAX var
 @contextlib.contextmanager
 def loading_without_compiles(keras):
     """While a saved model loads with JAX as the backend: its variables start as zeros made on
-    the host and take the file's arrays through ``jax.device_put``, instead of the layers'
-    random initialisers and ``jnp.asarray``, each of which JAX compiles once per shape (dozens
-    of small compiles before the first batch, benchmarks/README.md "Start-up"). The saved
-    values replace the initial ones either way. Only the loading thread is affected; anything
+    the host and take the file's arrays there, instead of the layers' random initialisers and
+    ``jnp.asarray``, each of which JAX compiles once per shape (dozens of small compiles before
+    the first batch, benchmarks/README.md "Start-up"); once loaded, the values move to the
+    device in one ``jax.device_put`` of them all rather than one transfer per variable. The
+    saved values replace the initial ones either way. Only the loading thread is affected; anything
     else (another backend, a distributed layout, a dtype numpy lacks, a narrowing cast)
     takes Keras' own path, as does everything when this Keras has no such JAX variable class."""
     if keras.backend.backend() != "jax":
@@ -152,7 +153,8 @@ def loading_without_compiles(keras):
         if getattr(_loading, "on", False) and dtype is not None:
             self._initialize_layout()  # as Keras' own path does first; a distributed layout stays with it
             if self._layout is None:
-                return self._initialize(jax.device_put(np.zeros(self._shape, dtype)))
+                _loading.held.append(self)
+                return self._initialize(np.zeros(self._shape, dtype))
         return init(self, initializer)
 
     def host_array(self, value, dtype=None):
@@ -161,17 +163,23 @@ def loading_without_compiles(keras):
                 and not isinstance(value, jax.Array):
             value = np.asarray(value)
             if np.can_cast(value.dtype, want, "safe"):  # exact, e.g. float16 weights to float32
-                return jax.device_put(value.astype(want, copy=False))
+                _loading.held.append(self)
+                return value.astype(want, copy=True)  # its own copy: the file's buffer may be reused
         return convert(self, value, dtype)
 
     with _patch_lock:
         JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor = host_zeros, host_array
-        _loading.on = True
+        _loading.on, _loading.held = True, []
         try:
             yield
         finally:
             _loading.on = False
             JaxVariable._initialize_with_initializer, JaxVariable._convert_to_tensor = init, convert
+            held, _loading.held = _loading.held, []
+        # the model loaded: every value still on the host moves to the device in one call
+        moving = list({id(v): v for v in held if isinstance(v._value, np.ndarray)}.values())
+        for var, value in zip(moving, jax.device_put([v._value for v in moving])):
+            var._direct_assign(value)
 
 
 def compilation_cache_dir() -> str | None:
