@@ -19,6 +19,9 @@ if [ -z "${SKIP_SITE:-}" ]; then
 else
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
+# every module compiled to bytecode first, as pip does on install: the packed site has none, and
+# each process would otherwise compile Keras from source at every start (benchmarks/README.md)
+timeout 120 "$PY" -m compileall -q -j 0 ${PYTHONPATH:+${PYTHONPATH%%:*}} "$REPO/tilescan" > /dev/null 2>&1
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
 export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache}
 # pyogrio (33 MB) is not carried: the runs write every output but the GeoPackage copy

@@ -15,6 +15,9 @@ if [ -z "${SKIP_SITE:-}" ]; then
   mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site || { echo "no .gpu/site.tar.xz"; exit 3; }
   export PYTHONPATH=/tmp/site:$REPO${PYTHONPATH:+:$PYTHONPATH}
 fi
+# every module compiled to bytecode first, as pip does on install: the packed site has none, and
+# each process would otherwise compile Keras from source at every start (benchmarks/README.md)
+timeout 120 "$PY" -m compileall -q -j 0 ${PYTHONPATH:+${PYTHONPATH%%:*}} "$REPO/tilescan" > /dev/null 2>&1
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
 export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache} TILESCAN_OUTPUT__GPKG=false
 BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
