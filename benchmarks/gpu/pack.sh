@@ -3,7 +3,8 @@
 # GPU machine lacks (its Python is 3.12 with JAX, numpy, pyarrow, opencv, pillow, click), as
 # one xz archive, since their wheels alone would pass the 64 MiB a device call may carry; a
 # 1,024 px crop of the Landsat scene (the 10,240 px mosaic is mirror-tiled from it there); and
-# AID test images spread over the classes (N_AID, default 300) for the precision check.
+# AID test images spread over the classes (N_AID, default 300) for the precision check; py-spy
+# when the venv has it; with BASE=COMMIT, that commit's tree for startup_ab.sh.
 # Needs network access to PyPI here. Run from the repository root: bash benchmarks/gpu/pack.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -53,5 +54,15 @@ for p in pick:
     (dst_aid / "images" / p).write_bytes((aid / "images" / p).read_bytes())
 print(f"{out} and {len(pick)} AID test images in {dst_root}")
 PYEOF
+# py-spy for diagnose.sh's GIL profile, when this environment has it (a static binary, ~2 MB as xz)
+if [ -x "$REPO/.venv/bin/py-spy" ] && [ ! -f "$DST/py-spy.xz" ]; then xz -9 -c "$REPO/.venv/bin/py-spy" > "$DST/py-spy.xz"; fi
+# BASE=COMMIT: that commit's tilescan in .gpu/base for startup_ab.sh, with this tree's startup.py
+# (the same probe for both) and its model file a link to this tree's
+if [ -n "${BASE:-}" ]; then
+  rm -rf "$DST/base" && mkdir -p "$DST/base/benchmarks"
+  git -C "$REPO" archive "$BASE" tilescan | tar x -C "$DST/base"
+  cp "$REPO/benchmarks/startup.py" "$DST/base/benchmarks/"
+  ln -sf ../../../../tilescan/models/default.keras "$DST/base/tilescan/models/default.keras"
+fi
 du -sh "$DST"/* | sed 's/^/  /'
 echo "carry: .gpu   command: bash benchmarks/gpu/check.sh"

