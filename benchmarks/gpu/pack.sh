@@ -3,8 +3,9 @@
 # GPU machine lacks (its Python is 3.12 with JAX, numpy, pyarrow, opencv, pillow, click), as
 # one xz archive, since their wheels alone would pass the 64 MiB a device call may carry; a
 # 1,024 px crop of the Landsat scene (the 10,240 px mosaic is mirror-tiled from it there); and
-# AID test images spread over the classes (N_AID, default 300) for the precision check; py-spy
-# when the venv has it; with BASE=COMMIT, that commit's tree for startup_ab.sh.
+# AID test images spread over the classes (N_AID, default 300) for the precision check; with
+# SPY=1 py-spy (diagnose.sh), with BASE=COMMIT that commit's tree (startup_ab.sh). It prints what a
+# device call would carry: the limit is 64 MiB (with N_AID=300, py-spy and a base tree it is over).
 # Needs network access to PyPI here. Run from the repository root: bash benchmarks/gpu/pack.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -54,8 +55,8 @@ for p in pick:
     (dst_aid / "images" / p).write_bytes((aid / "images" / p).read_bytes())
 print(f"{out} and {len(pick)} AID test images in {dst_root}")
 PYEOF
-# py-spy for diagnose.sh's GIL profile, when this environment has it (a static binary, ~2 MB as xz)
-if [ -x "$REPO/.venv/bin/py-spy" ] && [ ! -f "$DST/py-spy.xz" ]; then xz -9 -c "$REPO/.venv/bin/py-spy" > "$DST/py-spy.xz"; fi
+# SPY=1: py-spy for diagnose.sh's GIL profile, from this venv (a static binary, ~2 MB as xz)
+if [ -n "${SPY:-}" ]; then xz -9 -c "$REPO/.venv/bin/py-spy" > "$DST/py-spy.xz"; fi
 # BASE=COMMIT: that commit's tilescan in .gpu/base for startup_ab.sh, with this tree's startup.py
 # (the same probe for both) and its model file a link to this tree's
 if [ -n "${BASE:-}" ]; then
@@ -65,4 +66,17 @@ if [ -n "${BASE:-}" ]; then
   ln -sf ../../../../tilescan/models/default.keras "$DST/base/tilescan/models/default.keras"
 fi
 du -sh "$DST"/* | sed 's/^/  /'
+# what a device call carries: the working tree (tracked and untracked files git does not ignore) and .gpu
+"$PY" - "$REPO" <<'PYEOF'
+import os, subprocess, sys
+repo = sys.argv[1]
+names = subprocess.check_output(["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+tree = sum(os.path.getsize(os.path.join(repo, n.decode())) for n in names.split(b"\0")
+           if n and os.path.isfile(os.path.join(repo, n.decode())))
+gpu = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(repo, ".gpu")) for f in fs
+          if not os.path.islink(os.path.join(r, f)))
+mib = (tree + gpu) / 2**20
+print(f"  a device call carries {mib:.1f} MiB (limit 64)" + ("" if mib <= 64 else
+      ": too much; pack again with fewer AID images (N_AID), or without py-spy or the base tree"))
+PYEOF
 echo "carry: .gpu   command: bash benchmarks/gpu/check.sh"
