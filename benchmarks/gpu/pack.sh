@@ -27,6 +27,7 @@ if [ ! -f "$DST/site.tar.xz" ]; then
   rm -rf "$whl" "$site"
 fi
 "$PY" - "$DATA" "$DST/data" "$N_AID" <<'PYEOF'
+import shutil
 import sys
 from pathlib import Path
 import numpy as np
@@ -45,6 +46,7 @@ with rasterio.open(src_root / name) as src:
     with rasterio.open(out, "w", **prof) as dst:
         dst.write(src.read(window=w))
 aid, dst_aid = src_root / "aid", dst_root / "aid"
+shutil.rmtree(dst_aid, ignore_errors=True)  # exactly N_AID images, whatever an earlier pack left
 names = [l.strip() for l in (aid / "splits" / "test.txt").read_text().splitlines() if l.strip()]
 pick = [names[int(i)] for i in np.linspace(0, len(names) - 1, num=min(n, len(names)))]
 (dst_aid / "splits").mkdir(parents=True, exist_ok=True)
