@@ -85,6 +85,7 @@ def test_info_runtime_shows_backend_device_and_precision():
 
     assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu and usable_cores() >= 2 else 1}
     assert rt["reader_threads"] == {"setting": "auto", "used": 1 if on_cpu else usable_cores()}
+    assert rt["reader_processes"] == {"setting": False, "used": False}
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too
         assert rt["warning"] in r.stderr
     else:
@@ -98,9 +99,11 @@ def test_info_runtime_resolves_the_config_and_environment(tmp_path):
     assert rt["precision"]["setting"] == rt["precision"]["used"] == "bf16"
     r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap",
                                            "TILESCAN_INFERENCE__MODEL_STREAMS": "1",
-                                           "TILESCAN_INFERENCE__READER_THREADS": "3"})
+                                           "TILESCAN_INFERENCE__READER_THREADS": "3",
+                                           "TILESCAN_INFERENCE__READER_PROCESSES": "true"})
     rt = json.loads(r.stdout)["runtime"]
     assert rt["pipeline"] == {"setting": "overlap", "used": "overlap"}
+    assert rt["reader_processes"] == {"setting": True, "used": True}
     assert rt["model_streams"] == {"setting": "1", "used": 1}
     assert rt["reader_threads"] == {"setting": "3", "used": 3}
 

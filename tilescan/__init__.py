@@ -261,7 +261,8 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     """Where a run would compute: the Keras backend and device, the GPUs the machine shows, a
     warning when one goes unused, and what ``[inference] precision`` and ``pipeline`` resolve
     to with ``config``, how many model steps run at once (``model_streams``) and how many
-    threads read with the overlap pipeline (``reader_threads``). Imports Keras."""
+    threads read with the overlap pipeline (``reader_threads``), and whether they read in helper
+    processes (``reader_processes``). Imports Keras."""
     from .backend import describe_device, import_keras
     from .pipeline.engine import resolve_pipeline, resolve_precision, resolve_readers, resolve_streams
 
@@ -275,4 +276,6 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
                           "auto": resolve_precision("auto", backend)},
             "pipeline": {"setting": inf.pipeline, "used": resolve_pipeline(inf.pipeline, backend)},
             "model_streams": {"setting": inf.model_streams, "used": resolve_streams(inf.model_streams, backend)},
-            "reader_threads": {"setting": inf.reader_threads, "used": resolve_readers(inf.reader_threads, backend)}}
+            "reader_threads": {"setting": inf.reader_threads, "used": resolve_readers(inf.reader_threads, backend)},
+            "reader_processes": {"setting": inf.reader_processes,
+                                 "used": inf.reader_processes and resolve_pipeline(inf.pipeline, backend) == "overlap"}}

@@ -88,6 +88,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @option("--threads", "reader_threads", config_key=("inference", "reader_threads"), metavar="N|auto",
         help="Reader threads with [inference] pipeline = \"overlap\" (auto: one per core when the model runs on a GPU, "
              "1 on the CPU).")
+@option("--reader-processes/--reader-threads-only", "reader_processes", config_key=("inference", "reader_processes"),
+        help="With [inference] pipeline = \"overlap\": each reader decodes and scales in a helper process of its own "
+             "(local files), off the run's GIL (GPU hosts).")
 @option("--output-workers", "output_workers", config_key=("inference", "output_workers"), type=click.IntRange(min=0),
         help="Helper processes for the GeoPackage, label COG, quicklook and QGIS files (0: the run's threads; "
              "GPU hosts with many small scenes).")

@@ -200,13 +200,19 @@ def _serve(nice: int) -> int:
                 fn = getattr(fn, part)
             reply = (True, fn(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            exc.add_note("in the output helper process:\n" + "".join(traceback.format_exception(exc)).rstrip())
-            try:
-                pickle.dumps(exc)
-            except Exception:  # noqa: BLE001 - an error that cannot travel: its text does
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-            reply = (False, exc)
+            reply = (False, portable_error(exc, "the output helper process"))
         _send(stdout, reply)
+
+
+def portable_error(exc: BaseException, where: str) -> BaseException:
+    """``exc`` with its traceback in ``where`` as a note, made fit to be pickled back to the
+    run: an error that cannot travel is replaced by a RuntimeError with its text."""
+    exc.add_note(f"in {where}:\n" + "".join(traceback.format_exception(exc)).rstrip())
+    try:
+        pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - its text travels instead
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from ..scene.info import collecting_tiling_warnings
 from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
 from .engine import Engine
+from .readers import read_batch
 from .report import UnitResult
 from .units import Unit, UnitLock, move_into_place, package_versions
 
@@ -145,7 +146,7 @@ class UnitJob:
         fractions, tiles read)."""
         t = time.monotonic()
         with sources.remote_errors(self.unit.scene):
-            x, v = self.reader.read_batch(chunk, self.batch_memory.empty if self.batch_memory else np.empty)
+            x, v = read_batch(self.reader, chunk, self.batch_memory.empty if self.batch_memory else np.empty)
         frac = np.count_nonzero(v.reshape(len(v), -1), axis=1) / float(self.reader.tile_px ** 2)
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):
@@ -388,7 +389,8 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "model": {"id": engine.loaded.model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256,
                   "classes": engine.classes, "precision": engine.precision},
         "runtime": {**engine.runtime, "reader_threads": engine.readers(job.cfg.inference.reader_threads)
-                    if engine.pipeline == "overlap" else None, **(job.run_timings() if job.run_timings else {})},
+                    if engine.pipeline == "overlap" else None, "reader_processes": reader.process_key is not None,
+                    **(job.run_timings() if job.run_timings else {})},
         "config": job.cfg.to_dict(),
         "versions": package_versions(),
         "counts": {

@@ -40,6 +40,7 @@ from ..errors import ModelError
 from .engine import Engine
 from .memory import ArrayPool
 from .process import UnitJob, warm_writers
+from .readers import ReaderProcesses
 from .report import UnitResult
 from .threads import FINISH_NICE, SharedCore, background_priority
 
@@ -188,6 +189,7 @@ class Stream:
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: deque = deque()  # started batches not yet collected, oldest first
         self._memory = ArrayPool()  # the model inputs' memory, reused from batch to batch
+        self._read_procs = ReaderProcesses() if cfg.inference.reader_processes else None
         self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
@@ -254,6 +256,8 @@ class Stream:
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
+                if self._read_procs is not None and not self.lockstep:  # they start while the step compiles
+                    self._read_procs.start(self.engine.readers(self.cfg.inference.reader_threads))
                 self.engine.ready()
                 self.stats.engine_ready = time.monotonic() - self.stats.started
                 self._core.set(self.engine)
@@ -362,7 +366,10 @@ class Stream:
             # one single-thread lane per reader; a band of block rows always goes to the same
             # lane, so no block is decoded by two readers (each has its own GDAL handle)
             n = self.engine.readers(self.cfg.inference.reader_threads)
-            lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}") for i in range(n)]
+            procs = self._read_procs  # or each lane reads through its own process
+            lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}",
+                                        initializer=None if procs is None else procs.bind, initargs=(i,))
+                     for i in range(n)]
             try:
                 pending: deque = deque()
                 for job, chunk, last in chain((first,), chunks):
@@ -531,6 +538,8 @@ class Stream:
                     if last:
                         with job.state:
                             job.reads_over = True  # no reader touches the job any more
+                        if self._read_procs is not None:
+                            self._read_procs.forget(job.reader)
                     stop.check()
                     self._raise_fatal()
                     if job.failed is None and isinstance(got, BaseException):
@@ -570,6 +579,8 @@ class Stream:
                 batcher.drop(lambda j: j.failed is None)
         finally:
             reads.close()
+            if self._read_procs is not None:
+                self._read_procs.close()
             self._writer.finish()
             for f in list(self._finishing):
                 f.result()

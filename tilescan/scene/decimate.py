@@ -11,7 +11,7 @@ from rasterio.windows import Window
 if TYPE_CHECKING:
     from .coverage import BlockCoverage
 
-__all__ = ["DecimatedCopy", "decimated_shape", "sample_index"]
+__all__ = ["DecimatedCopy", "decimated_shape", "pick", "sample_index"]
 
 
 def decimated_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -24,6 +24,20 @@ def sample_index(n: int, size: int) -> np.ndarray:
     """The source pixels a nearest decimation of ``size`` pixels to ``n`` picks, GDAL's
     rule: ``floor((i + 0.5) * size / n)``."""
     return np.minimum(((np.arange(n) + 0.5) * (size / n)).astype(np.int64), size - 1)
+
+
+def pick(rows: np.ndarray, cols: np.ndarray, window: Window, data: np.ndarray,
+         valid: np.ndarray) -> tuple | None:
+    """The samples (scene ``rows`` x ``cols``) inside ``window`` of its ``data`` (C, h, w) and
+    ``valid`` (h, w): ``(i0, i1, j0, j1, data, valid)``, the decimated copy's part they fill;
+    None when the window holds no sample."""
+    r0, c0 = int(window.row_off), int(window.col_off)
+    i0, i1 = np.searchsorted(rows, [r0, r0 + int(window.height)])
+    j0, j1 = np.searchsorted(cols, [c0, c0 + int(window.width)])
+    if i0 == i1 or j0 == j1:
+        return None
+    ri, ci = rows[i0:i1] - r0, cols[j0:j1] - c0
+    return int(i0), int(i1), int(j0), int(j1), data[:, ri][:, :, ci], valid[ri][:, ci]
 
 
 class DecimatedCopy:
@@ -39,14 +53,15 @@ class DecimatedCopy:
         self.seen = np.zeros(shape, dtype=bool)
 
     def take(self, window: Window, data: np.ndarray, valid: np.ndarray) -> None:
-        r0, c0 = int(window.row_off), int(window.col_off)
-        i0, i1 = np.searchsorted(self.rows, [r0, r0 + int(window.height)])
-        j0, j1 = np.searchsorted(self.cols, [c0, c0 + int(window.width)])
-        if i0 == i1 or j0 == j1:
+        self.put(pick(self.rows, self.cols, window, data, valid))
+
+    def put(self, picked: tuple | None) -> None:
+        """Store what :func:`pick` took from a window (e.g. in a reader process)."""
+        if picked is None:
             return
-        ri, ci = self.rows[i0:i1] - r0, self.cols[j0:j1] - c0
-        self.data[:, i0:i1, j0:j1] = data[:, ri][:, :, ci]
-        self.valid[i0:i1, j0:j1] = valid[ri][:, ci]
+        i0, i1, j0, j1, data, valid = picked
+        self.data[:, i0:i1, j0:j1] = data
+        self.valid[i0:i1, j0:j1] = valid
         self.seen[i0:i1, j0:j1] = True
 
     def mark_empty(self, coverage: "BlockCoverage | None") -> None:

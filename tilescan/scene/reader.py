@@ -109,6 +109,8 @@ class SceneReader:
         #: Windows read (and decoded) from the file so far, and their pixels.
         self.windows_read = 0
         self.pixels_read = 0
+        #: Set once a reader process (tilescan.pipeline.readers) holds a copy of this reader.
+        self.process_key: int | None = None
 
     # -- handles --------------------------------------------------------------------
 
@@ -151,6 +153,21 @@ class SceneReader:
             ds.close()
         if pool is not None:
             pool.shutdown()
+
+    def __getstate__(self) -> dict:
+        """For a reader process (:mod:`tilescan.pipeline.readers`): no handles, locks or previews."""
+        state = self.__dict__.copy()
+        for k in ("_lock", "_local", "_handles", "_scale_pool", "_decimated", "_preview", "_preview_lut"):
+            del state[k]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock(), _local=threading.local(), _handles=[], _scale_pool=None,
+                             _decimated=None, _preview=None, _preview_lut=None, decode_threads=1)
+
+    def holds_whole(self) -> bool:
+        """True when the scene's statistics read holds it whole in memory (a small scene)."""
+        return self._decimated is not None and self._decimated[0] == (self.info.height, self.info.width)
 
     def __enter__(self) -> "SceneReader":
         return self

