@@ -114,10 +114,11 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0, gpkg: bool = True) -> dict:
+def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0, gpkg: bool = True,
+               procs: bool = False) -> dict:
     """One no-op run in this process (called under taskset) of ``scene``, or of every
     ``chip-*.tif`` in it when it is a folder; ``readers`` "default": the config's default;
-    ``gpkg`` False: without the GeoPackage."""
+    ``gpkg`` False: without the GeoPackage; ``procs``: reader processes."""
     import importlib
 
     importlib.import_module("keras")  # a real run has Keras loaded before its first scene
@@ -125,7 +126,7 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     from tilescan.model import describe_model
     from tilescan.pipeline.run import run
 
-    inference = {"pipeline": pipeline, "output_workers": workers}
+    inference = {"pipeline": pipeline, "output_workers": workers, **({"reader_processes": True} if procs else {})}
     if readers != "default":
         inference["reader_threads"] = int(readers)
     overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}
@@ -134,13 +135,20 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     cfg = load_config(overrides=overrides, environ={})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
+    import resource
+
+    own0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     report = run(scenes, out, cfg, log=lambda m: None, engine=engine)
     wall = time.perf_counter() - t0
+    own1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     if any(r.status != "done" for r in report.results):
         raise SystemExit(f"a unit failed: {[r.reason for r in report.results if r.status != 'done']}")
     n = sum(r.counts["tiles_classified"] for r in report.results)
-    got = {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1)}
+    got = {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1),
+           # CPU of the run's own process (its GIL's share is part of it) and of its helpers, a tile
+           "cpu_ms_per_tile": {"run_process": round(1e3 * _cpu_s(own0, own1) / n, 4),
+                               "helper_processes": round(1e3 * _cpu_s(kids0, kids1) / n, 4)}}
     if len(scenes) == 1:
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
@@ -149,6 +157,10 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
     return got
+
+
+def _cpu_s(before, after) -> float:
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _phases(timings: dict, batch: int) -> dict:
@@ -188,12 +200,15 @@ def host(args) -> dict:
         scene = _copies(scene, args.copies)
     if args.repo:
         return _host_side_by_side(args, scene, work)
+    if args.reader_processes == "both":
+        return _host_readers_compared(args, scene, work, counts)
     runs: dict[str, list[dict]] = {c: [] for c in counts}
     for r in range(args.rounds):
         for cores in counts:
             out = work / f"out-{cores}-{r}"
             shutil.rmtree(out, ignore_errors=True)
-            got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), gpkg=not args.no_gpkg)
+            got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), gpkg=not args.no_gpkg,
+                           procs=args.reader_processes == "on")
             runs[cores].append(got)
             bench.log(f"host: {cores} core(s), round {r + 1}: {got['tiles_per_s']} tiles/s")
             shutil.rmtree(out, ignore_errors=True)
@@ -215,6 +230,37 @@ def host(args) -> dict:
                        for c, rs in runs.items()}
     res["runs"] = runs
     return res
+
+
+def _host_readers_compared(args, scene: Path, work: Path, counts: list[str]) -> dict:
+    """Reader threads and reader processes side by side: each round runs both on each core
+    count, alternated; medians of tiles/s and of the CPU a tile in the run's own process (where
+    its GIL is) and in its helper processes."""
+    runs: dict[str, dict[str, list[dict]]] = {c: {"threads": [], "processes": []} for c in counts}
+    for r in range(args.rounds):
+        for cores in counts:
+            for way in (("threads", "processes") if r % 2 == 0 else ("processes", "threads")):
+                out = work / f"out-{cores}-{r}-{way}"
+                shutil.rmtree(out, ignore_errors=True)
+                got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), gpkg=not args.no_gpkg,
+                               procs=way == "processes")
+                runs[cores][way].append(got)
+                bench.log(f"host: {cores} core(s), {way}, round {r + 1}: {got['tiles_per_s']} tiles/s")
+                shutil.rmtree(out, ignore_errors=True)
+
+    def med(rs: list[dict]) -> dict:
+        return {"tiles_per_s": median(g["tiles_per_s"] for g in rs),
+                "stream_tiles_per_s": median(g["stream_tiles_per_s"] for g in rs),
+                "cpu_ms_per_tile": {k: median(g["cpu_ms_per_tile"][k] for g in rs) for k in rs[0]["cpu_ms_per_tile"]}}
+
+    by = {}
+    for c, ways in runs.items():
+        t, p = med(ways["threads"]), med(ways["processes"])
+        by[c] = {"threads": t, "processes": p, "ratio_processes_to_threads": round(p["tiles_per_s"] / t["tiles_per_s"], 3),
+                 "run_process_cpu_ratio": round(p["cpu_ms_per_tile"]["run_process"] / t["cpu_ms_per_tile"]["run_process"], 3)}
+    return {"scene": {"path": scene.name, "size": HOST_SIZE, "tiles": runs[counts[0]]["threads"][0]["tiles"],
+                      "copies": args.copies}, "pipeline": args.pipeline, "reader_threads": _readers_said(args),
+            "readers_compared": by, "runs": runs}
 
 
 def _core_counts(args) -> list[str]:
@@ -259,7 +305,7 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
                 out = work / "out-side-by-side"
                 shutil.rmtree(out, ignore_errors=True)
                 got = _taskset(cores, scene, out, args.pipeline, _readers(args, cores), repo=repo,
-                               gpkg=not args.no_gpkg)
+                               gpkg=not args.no_gpkg, procs=args.reader_processes == "on")
                 runs[str(repo)][cores].append(got)
                 bench.log(f"host: {repo}, {cores} core(s), round {k + 1}: {got['tiles_per_s']} tiles/s")
                 shutil.rmtree(out, ignore_errors=True)
@@ -307,7 +353,7 @@ def small_host(args) -> dict:
 
 
 def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0,
-             repo: Path | None = None, gpkg: bool = True) -> dict:
+             repo: Path | None = None, gpkg: bool = True, procs: bool = False) -> dict:
     """``_host_once`` in a fresh process pinned to the first ``cores`` cores (with tilescan
     and this script from checkout ``repo``, run from outside it, when given)."""
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:int(cores)])  # the first N usable cores
@@ -315,7 +361,8 @@ def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, wo
     if repo is not None:
         script, env, cwd = str(repo / "benchmarks" / "pipeline.py"), {**os.environ, "PYTHONPATH": str(repo)}, out.parent
     p = subprocess.run(["taskset", "-c", cpus, sys.executable, script, "_host", str(scene), str(out), pipeline,
-                        readers, str(workers), *([] if gpkg else ["no-gpkg"])], capture_output=True, text=True,
+                        readers, str(workers), *([] if gpkg else ["no-gpkg"]), *(["procs"] if procs else [])],
+                       capture_output=True, text=True,
                        check=True, env=env, cwd=cwd)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -478,7 +525,8 @@ def _cpu() -> float:
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_host":
         print(json.dumps(_host_once(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5],
-                                    int(sys.argv[6]) if len(sys.argv) > 6 else 0, gpkg=sys.argv[7:8] != ["no-gpkg"])))
+                                    int(sys.argv[6]) if len(sys.argv) > 6 else 0, gpkg="no-gpkg" not in sys.argv[7:],
+                                    procs="procs" in sys.argv[7:])))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("host", "small", "small-host"))
@@ -496,6 +544,9 @@ def main(argv=None) -> int:
                          "e.g. 1,all on a GPU host; the JSON keeps its 1- and 2-core names for 1,2")
     ap.add_argument("--no-gpkg", action="store_true",
                     help="host: without the GeoPackage (as on the GPU machine, whose image lacks pyogrio)")
+    ap.add_argument("--reader-processes", choices=("off", "on", "both"), default="off",
+                    help="host: [inference] reader_processes (each overlap reader in a process of its own); both: "
+                         "reader threads and processes side by side, alternated")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")
