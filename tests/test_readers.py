@@ -75,7 +75,7 @@ def test_a_child_killed_mid_read_fails_that_read_and_the_lane_starts_a_fresh_one
     child.proc.kill()  # as the kernel's OOM killer would, while the lane waits for its answer
     child.proc.wait()
     with pytest.raises(ReaderDied, match=r"reader process stopped \(exit status -9\)"):
-        child.read(reader, tiles, np.empty)
+        child.read(reader, tiles)
     np.testing.assert_array_equal(read_batch(reader, tiles)[0], want)  # the scene is sent to the new one
     assert lane._child(0) is not child
     reader.close()

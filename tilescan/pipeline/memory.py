@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 
 import numpy as np
 
@@ -30,10 +31,15 @@ class _Lease:
 
 class ArrayPool:
     """``empty(shape, dtype)`` like ``np.empty``, from buffers used before where one fits
-    (at least the size asked, at most twice it); at most ``keep`` unused buffers are kept."""
+    (at least the size asked, at most twice it); at most ``keep`` unused buffers are kept.
+    ``make(nbytes)`` makes a new buffer (uint8; default: ``np.empty``) and ``dropped(buf)``
+    hears of each one not kept (e.g. memory shared with helper processes)."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 4, make: Callable[[int], np.ndarray] | None = None,
+                 dropped: Callable[[np.ndarray], None] | None = None):
         self.keep = keep
+        self._make = make or (lambda n: np.empty(n, dtype=np.uint8))
+        self._dropped = dropped
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
         #: Arrays handed out from a used buffer, and from new memory.
@@ -52,15 +58,21 @@ class ArrayPool:
             else:
                 self.fresh += 1
         if buf is None:
-            buf = np.empty(need, dtype=np.uint8)
+            buf = self._make(need)
         return np.asarray(_Lease(self, buf))[:size].view(dtype).reshape(shape)
 
     def _give_back(self, buf: np.ndarray) -> None:
         with self._lock:
             if len(self._free) < self.keep:
                 self._free.append(buf)
+                return
+        if self._dropped is not None:
+            self._dropped(buf)
 
     def clear(self) -> None:
         """Forget the unused buffers (their memory is freed)."""
         with self._lock:
-            self._free.clear()
+            free, self._free = self._free, []
+        if self._dropped is not None:
+            for buf in free:
+                self._dropped(buf)

@@ -6,9 +6,10 @@ hands its chunks of tiles to its own child (``python -m tilescan.pipeline.reader
 like the output helpers of :mod:`tilescan.outputs.workers`, for the same reasons). The child
 gets the scene's :class:`~tilescan.scene.reader.SceneReader` once (pickled: the grid, bands,
 masks and stretch, no handles), reads each chunk exactly as the reader would in the run, and
-sends the model input and the valid masks back over a socket, received straight into the
-batch's memory with one call each (no Python loop, no GIL while it waits). The quicklook's
-samples it took from the windows come back with them.
+writes the model input and the valid masks into memory it shares with the run (anonymous
+shared files, each handed over the socket once), where the batch takes them: no copy on the
+way back, and the lane's thread waits without the GIL. The quicklook's samples it took from
+the windows come back in its answer.
 
 Only local files not held in memory go to a child: a small scene's reads come from memory
 and a remote one's from the run's own connection, on the lane's thread as before. A child
@@ -18,6 +19,8 @@ ignores SIGINT and SIGTERM (the run decides how to stop) and ends when its socke
 from __future__ import annotations
 
 import itertools
+import math
+import mmap
 import os
 import pickle
 import signal
@@ -35,11 +38,12 @@ from ..outputs.workers import child_env, portable_error
 from ..scene.decimate import pick
 from ..scene.grid import TileSet
 from ..scene.reader import SceneReader
+from .memory import ArrayPool
 
 __all__ = ["ReaderDied", "ReaderProcesses", "read_batch"]
 
 _LEN = struct.Struct("<Q")
-_BUFFER = 8 * 2**20  # socket buffers: a chunk's arrays cross in a few large copies
+_MAX_FDS = 8  # shared buffers handed over with one message at most
 _KEEP = 8  # scenes a child keeps (the lanes read at most a few at once)
 _keys = itertools.count()
 _lane = threading.local()
@@ -50,9 +54,16 @@ class ReaderDied(RuntimeError):
     starts a fresh process for its next read."""
 
 
-def _send(sock: socket.socket, obj: Any) -> None:
+def _send(sock: socket.socket, obj: Any, fds: list[int] = ()) -> None:
+    """One message (length, pickle); ``fds`` (open files) travel with its length."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    head = _LEN.pack(len(data))
+    if fds:
+        if socket.send_fds(sock, [head], list(fds)) != len(head):
+            raise OSError("a short send of a message's length")
+        sock.sendall(data)
+    else:
+        sock.sendall(head + data)
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -64,33 +75,74 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def _recv(sock: socket.socket) -> Any:
-    head = bytearray(_LEN.size)
-    _recv_into(sock, memoryview(head))
+def _recv(sock: socket.socket) -> tuple[Any, list[int]]:
+    """One message and the files that came with it."""
+    head, fds = b"", []
+    while len(head) < _LEN.size:
+        part, got, _, _ = socket.recv_fds(sock, _LEN.size - len(head), _MAX_FDS)
+        if not part:
+            raise EOFError("the reader process closed its socket")
+        head += part
+        fds += got
     data = bytearray(_LEN.unpack(head)[0])
     _recv_into(sock, memoryview(data))
-    return pickle.loads(data)
+    return pickle.loads(data), fds
+
+
+class _SharedMemory:
+    """The model inputs' memory, shared with the reader processes: an :class:`ArrayPool` of
+    anonymous shared files (``memfd``), each handed to a child with the first read that uses
+    it, so the child writes the tiles where the model takes them (no copy on the way back)."""
+
+    def __init__(self, keep: int):
+        self._ids = itertools.count()
+        self._files: dict[int, tuple[int, int]] = {}  # buffer address -> (id, file)
+        self.dropped: list[int] = []  # ids of buffers gone, in order (appended without a lock)
+        self.pool = ArrayPool(keep=keep, make=self._make, dropped=self._drop)
+
+    def _make(self, n: int) -> np.ndarray:
+        fd = os.memfd_create("tilescan-batch", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, n)
+            buf = np.frombuffer(mmap.mmap(fd, n), dtype=np.uint8)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[buf.ctypes.data] = (next(self._ids), fd)
+        return buf
+
+    def _drop(self, buf: np.ndarray) -> None:  # from a lease's __del__: no lock taken
+        bid, fd = self._files.pop(buf.ctypes.data)
+        os.close(fd)
+        self.dropped.append(bid)
+
+    def take(self, nbytes: int) -> tuple[np.ndarray, int, int]:
+        """A shared uint8 array of ``nbytes``, its buffer's id and file."""
+        raw = self.pool.empty((nbytes,), np.uint8)
+        return (raw, *self._files[raw.ctypes.data])
+
+    def close(self) -> None:
+        self.pool.clear()
 
 
 class _Child:
     """One reader process and the run's end of its socket (used by one lane thread at a time)."""
 
-    def __init__(self):
+    def __init__(self, memory: _SharedMemory):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (ours, theirs):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUFFER)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno())],
                                          env=child_env(), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
             theirs.close()
-        self.sock = ours
+        self.sock, self.memory = ours, memory
         self.known: set[int] = set()  # the readers it holds
         self.forget: list[int] = []  # readers it may drop, told with the next read
+        self.buffers: set[int] = set()  # the shared buffers it has
+        self.dropped_seen = len(memory.dropped)
 
-    def read(self, reader: SceneReader, tiles: TileSet, empty: Callable) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, reader: SceneReader, tiles: TileSet) -> tuple[np.ndarray, np.ndarray]:
         if reader.process_key is None:
             reader.process_key = next(_keys)
         key = reader.process_key
@@ -99,15 +151,19 @@ class _Child:
         view = (preview.rows, preview.cols) if preview is not None and key not in self.known else None
         forget, self.forget = self.forget, []
         t, s = reader.tile_px, reader.input_size
-        x = empty((len(tiles), s, s, len(reader.bands)), np.float32)
-        valid = np.empty((len(tiles), t, t), dtype=bool)
+        xshape, vshape = (len(tiles), s, s, len(reader.bands)), (len(tiles), t, t)
+        xbytes = math.prod(xshape) * 4
+        raw, bid, fd = self.memory.take(xbytes + math.prod(vshape))
+        gone = self.memory.dropped[self.dropped_seen:]
+        self.dropped_seen += len(gone)
+        gone = [b for b in gone if b in self.buffers]
+        self.buffers.difference_update(gone)
+        new = bid not in self.buffers
         try:
-            _send(self.sock, (forget, key, state, view, tiles.row, tiles.col))
+            _send(self.sock, (forget, gone, key, state, view, tiles.row, tiles.col, bid, xbytes), [fd] if new else [])
             self.known.add(key)
-            ok, got = _recv(self.sock)
-            if ok:
-                _recv_into(self.sock, memoryview(x).cast("B"))
-                _recv_into(self.sock, memoryview(valid).cast("B"))
+            self.buffers.add(bid)
+            (ok, got), _ = _recv(self.sock)
         except (OSError, EOFError) as exc:
             raise ReaderDied(f"the reader process stopped (exit status {self.proc.poll()})") from exc
         if not ok:
@@ -119,7 +175,7 @@ class _Child:
         if preview is not None:
             for p in picked:
                 preview.put(p)
-        return x, valid
+        return raw[:xbytes].view(np.float32).reshape(xshape), raw[xbytes:].view(bool).reshape(vshape)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -142,8 +198,10 @@ class ReaderProcesses:
         self._children: dict[int, _Child] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.memory = _SharedMemory(keep=4)
 
     def start(self, n: int) -> None:
+        self.memory.pool.keep = n + 4  # a free buffer for each lane, and some
         for lane in range(n):
             self._child(lane)
 
@@ -155,7 +213,7 @@ class ReaderProcesses:
             if child is None or not child.alive():
                 if child is not None:
                     child.close()
-                child = self._children[lane] = _Child()
+                child = self._children[lane] = _Child(self.memory)
             return child
 
     def bind(self, lane: int) -> None:
@@ -179,15 +237,17 @@ class ReaderProcesses:
             children, self._children = list(self._children.values()), {}
         for child in children:
             child.close()
+        self.memory.close()
 
 
 def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:
     """``reader.read_batch(tiles, empty)``, through this thread's reader process when it has one
-    (:meth:`ReaderProcesses.bind`) and the scene is a local file not held in memory."""
+    (:meth:`ReaderProcesses.bind`) and the scene is a local file not held in memory (then in
+    memory shared with the process, not from ``empty``)."""
     procs = getattr(_lane, "procs", None)
     if procs is None or reader.holds_whole() or not os.path.isfile(reader.info.path):
         return reader.read_batch(tiles, empty)
-    return procs._child(_lane.index).read(reader, tiles, empty)
+    return procs._child(_lane.index).read(reader, tiles)
 
 
 # -- the child -------------------------------------------------------------------------
@@ -205,34 +265,25 @@ class _Picks:
             self.picked.append(p)
 
 
-class _Scratch:
-    """``empty(shape, dtype)`` in one buffer reused from read to read (sent before the next)."""
-
-    def __init__(self):
-        self.buf = np.empty(0, np.uint8)
-
-    def __call__(self, shape: tuple, dtype) -> np.ndarray:
-        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self.buf.nbytes < need:
-            self.buf = np.empty(need, np.uint8)
-        return self.buf[:need].view(dtype).reshape(shape)
-
-
 def _serve(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     readers: OrderedDict[int, tuple[SceneReader, _Picks | None]] = OrderedDict()
-    scratch = _Scratch()
+    buffers: dict[int, np.ndarray] = {}  # the run's shared buffers, by id
     while True:
         try:
-            forget, key, state, view, row, col = _recv(sock)
+            (forget, gone, key, state, view, row, col, bid, xbytes), fds = _recv(sock)
         except (EOFError, OSError):
             return 0
         for k in forget:
             if k in readers:
                 readers.pop(k)[0].close()
-        x = valid = None
+        for b in gone:
+            buffers.pop(b, None)  # unmapped with its last array
+        for f in fds:  # the buffer this read writes into, new to this process
+            buffers[bid] = np.frombuffer(mmap.mmap(f, 0), dtype=np.uint8)
+            os.close(f)
         try:
             if state is not None:
                 readers[key] = (pickle.loads(state), None if view is None else _Picks(*view))
@@ -242,7 +293,13 @@ def _serve(fd: int) -> int:
             reader, picks = readers[key]
             reader._preview = picks
             w0, p0 = reader.windows_read, reader.pixels_read
-            x, valid = reader.read_batch(TileSet(reader.grid, row, col), scratch)
+            raw = buffers[bid]
+
+            def into(shape, dtype):
+                return raw[:xbytes].view(dtype).reshape(shape)
+
+            x, valid = reader.read_batch(TileSet(reader.grid, row, col), into)
+            raw[xbytes:xbytes + valid.size].view(bool).reshape(valid.shape)[...] = valid
             reply = (True, (reader.windows_read - w0, reader.pixels_read - p0, picks.picked if picks else []))
             if picks is not None:
                 picks.picked = []
@@ -250,9 +307,6 @@ def _serve(fd: int) -> int:
             reply = (False, portable_error(exc, "the reader process"))
         try:
             _send(sock, reply)
-            if reply[0]:
-                sock.sendall(memoryview(np.ascontiguousarray(x)).cast("B"))
-                sock.sendall(memoryview(np.ascontiguousarray(valid)).cast("B"))
         except OSError:
             return 0
 
