@@ -8,7 +8,8 @@ the process kill or signal itself. No effect unless one of these variables is se
 
 Phases: ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing``
 (the unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
-staging, the folder not yet moved into place).
+staging, the folder not yet moved into place). The variables are read at the first point a
+process reaches.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import os
 import signal
 
 _seen: dict[tuple[str, str], int] = {}
+_specs: tuple | None = None  # (variable, default signal, value), read once: points are on the per-batch path
 
 
 def point(phase: str, times: int = 1) -> None:
     """A fault-injection point of the pipeline (see the module doc), reached ``times`` times
     in a row (e.g. once per tile of a chunk read at once)."""
-    for var, default in (("TILESCAN_TEST_SIGNAL_AT", "SIGTERM"), ("TILESCAN_TEST_KILL_AT", "SIGKILL")):
-        spec = os.environ.get(var)
+    global _specs
+    if _specs is None:
+        _specs = tuple((var, default, os.environ.get(var)) for var, default in
+                       (("TILESCAN_TEST_SIGNAL_AT", "SIGTERM"), ("TILESCAN_TEST_KILL_AT", "SIGKILL")))
+    for var, default, spec in _specs:
         if not spec:
             continue
         spec, _, sig = spec.partition("@")
