@@ -107,7 +107,7 @@ class InferenceConfig(_Section):
     reader_processes: bool = False
     """With ``pipeline = "overlap"``: each reader decodes and scales in a helper process of its
     own, and the model input comes back over a socket, so reading holds none of the run's GIL
-    (local files; benchmarks/README.md). Off: reader threads in the run's process."""
+    (local files, on Linux; benchmarks/README.md). Off: reader threads in the run's process."""
     output_workers: int = 0
     """Helper processes that write each unit's GeoPackage, label COG, quicklook and QGIS files
     (0: the run's own threads). Those writers hold Python's GIL, so with many small scenes on a GPU

@@ -40,13 +40,15 @@ from ..scene.grid import TileSet
 from ..scene.reader import SceneReader
 from .memory import ArrayPool
 
-__all__ = ["ReaderDied", "ReaderProcesses", "read_batch"]
+__all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "read_batch"]
 
 _LEN = struct.Struct("<Q")
 _MAX_FDS = 8  # shared buffers handed over with one message at most
 _KEEP = 8  # scenes a child keeps (the lanes read at most a few at once)
 _keys = itertools.count()
 _lane = threading.local()
+#: Shared anonymous files and file passing over sockets: Linux; elsewhere the lanes read on their threads.
+AVAILABLE = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
 
 class ReaderDied(RuntimeError):
@@ -245,7 +247,7 @@ def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty) 
     (:meth:`ReaderProcesses.bind`) and the scene is a local file not held in memory (then in
     memory shared with the process, not from ``empty``)."""
     procs = getattr(_lane, "procs", None)
-    if procs is None or reader.holds_whole() or not os.path.isfile(reader.info.path):
+    if procs is None or not AVAILABLE or reader.holds_whole() or not os.path.isfile(reader.info.path):
         return reader.read_batch(tiles, empty)
     return procs._child(_lane.index).read(reader, tiles)
 
