@@ -153,6 +153,7 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
         got["reader_threads"] = manifest["runtime"].get("reader_threads")  # what the run used
+        got["reader_processes"] = manifest["runtime"].get("reader_processes")
     else:
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))

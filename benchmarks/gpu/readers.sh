@@ -13,9 +13,12 @@ BUDGET=${BUDGET:-540}
 BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
 export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
 multi() {  # name, reader_processes: `tilescan run` over 4 copies of the mosaic at $BATCH, report.json kept
+  # with the first unit's runtime (whether reader processes were used)
   rm -rf "/tmp/multi-$1"
   TILESCAN_INFERENCE__READER_PROCESSES=$2 "$PY" -m tilescan.cli -q run /tmp/multi --bands 3,2,1 --no-progress \
-    -o "/tmp/multi-$1" && cp "/tmp/multi-$1/report.json" "$OUT/e2e-multi-$1.json"
+    -o "/tmp/multi-$1" && "$PY" -c "import json, sys; r = json.load(open(sys.argv[1] + '/report.json'))
+r['runtime_m0'] = json.load(open(sys.argv[1] + '/m0/run.json'))['runtime']  # what the run used
+json.dump(r, open(sys.argv[2], 'w'), indent=1)" "/tmp/multi-$1" "$OUT/e2e-multi-$1.json"
 }
 export -f multi
 export PY OUT
