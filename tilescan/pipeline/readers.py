@@ -29,7 +29,6 @@ import struct
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
@@ -44,7 +43,6 @@ __all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "read_batch"]
 
 _LEN = struct.Struct("<Q")
 _MAX_FDS = 8  # shared buffers handed over with one message at most
-_KEEP = 8  # scenes a child keeps (the lanes read at most a few at once)
 _keys = itertools.count()
 _lane = threading.local()
 #: Shared anonymous files and file passing over sockets: Linux; elsewhere the lanes read on their threads.
@@ -131,10 +129,14 @@ class _Child:
     """One reader process and the run's end of its socket (used by one lane thread at a time)."""
 
     def __init__(self, memory: _SharedMemory):
+        from .run import GDAL_CACHE_MB
+
+        env = child_env()
+        env.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))  # in MB: the bound the run's own process has
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno())],
-                                         env=child_env(), pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -204,7 +206,7 @@ class ReaderProcesses:
 
     def start(self, n: int) -> None:
         self.memory.pool.keep = n + 4  # a free buffer for each lane, and some
-        for lane in range(n):
+        for lane in range(n if AVAILABLE else 0):
             self._child(lane)
 
     def _child(self, lane: int) -> _Child:
@@ -271,7 +273,7 @@ def _serve(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    readers: OrderedDict[int, tuple[SceneReader, _Picks | None]] = OrderedDict()
+    readers: dict[int, tuple[SceneReader, _Picks | None]] = {}
     buffers: dict[int, np.ndarray] = {}  # the run's shared buffers, by id
     while True:
         try:
@@ -287,11 +289,8 @@ def _serve(fd: int) -> int:
             buffers[bid] = np.frombuffer(mmap.mmap(f, 0), dtype=np.uint8)
             os.close(f)
         try:
-            if state is not None:
+            if state is not None:  # kept until the run says every tile of it is read
                 readers[key] = (pickle.loads(state), None if view is None else _Picks(*view))
-                while len(readers) > _KEEP:
-                    readers.popitem(last=False)[1][0].close()
-            readers.move_to_end(key)
             reader, picks = readers[key]
             reader._preview = picks
             w0, p0 = reader.windows_read, reader.pixels_read
