@@ -51,6 +51,41 @@ def test_a_child_reads_what_the_reader_reads(lane):
     reader.close()
 
 
+def _tiled_up(src: str, dst, reps: int = 3):
+    """``src`` repeated ``reps`` x ``reps`` times into a tiled LZW GeoTIFF (same bands, nodata and
+    alpha): large enough to be read from the file, not held in memory."""
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        data, profile, interp = ds.read(), ds.profile, ds.colorinterp
+    data = np.tile(data, (1, reps, reps))
+    profile.update(width=data.shape[2], height=data.shape[1], tiled=True, blockxsize=256, blockysize=256,
+                   compress="lzw")
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+        out.colorinterp = interp
+    return dst
+
+
+@pytest.mark.parametrize("name, tile", [
+    ("rasterio/RGB.byte.tif", 128),  # nodata 0 around the scene
+    ("rasterio/RGBA.byte.tif", 192),  # an alpha band, and tiles resized to the model's 128 px
+])
+def test_a_child_reads_masks_and_resized_tiles_as_the_reader(lane, tmp_path, name, tile):
+    path = _tiled_up(scene(name), tmp_path / "big.tif")
+    cfg = load_config(overrides={"tiling": {"units": "px", "tile_size": tile}}, environ={})
+    reader = open_scene(path, cfg.tiling, model_bands=3, input_size=128)
+    assert not reader.holds_whole()
+    tiles = TileSet.rows_of(reader.grid, 0, reader.grid.n_rows)
+    want_x, want_v = reader.read_batch(tiles)
+    assert 0 < want_v.mean() < 1  # some pixels masked, some not
+    got_x, got_v = read_batch(reader, tiles)
+    assert reader.process_key is not None
+    np.testing.assert_array_equal(got_x, want_x)
+    np.testing.assert_array_equal(got_v, want_v)
+    reader.close()
+
+
 def test_a_bad_read_names_the_file_and_the_child_goes_on(lane, tmp_path):
     path = tmp_path / "cut.tif"
     shutil.copy(scene(LANDSAT), path)
