@@ -100,11 +100,16 @@ class _Child:
                 f.close()
             except OSError:
                 pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Wait for a helper process told to end (its input closed), killing it after ``timeout`` s."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class OutputWorkers:

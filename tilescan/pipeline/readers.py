@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..outputs.workers import child_env, portable_error
+from ..outputs.workers import child_env, portable_error, wait_or_kill
 from ..scene.decimate import pick
 from ..scene.grid import TileSet
 from ..scene.reader import SceneReader
@@ -186,11 +186,7 @@ class _Child:
 
     def close(self) -> None:
         self.sock.close()  # the child ends at the end of its socket
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc)
 
 
 class ReaderProcesses:
