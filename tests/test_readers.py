@@ -5,6 +5,7 @@ child serving, a child killed mid-read fails that read alone and the lane starts
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,4 +114,23 @@ def test_a_child_killed_mid_read_fails_that_read_and_the_lane_starts_a_fresh_one
         child.read(reader, tiles)
     np.testing.assert_array_equal(read_batch(reader, tiles)[0], want)  # the scene is sent to the new one
     assert lane._child(0) is not child
+    reader.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads a process's mappings (Linux)")
+def test_buffers_the_run_drops_are_unmapped_in_the_child(lane):
+    """Reads of many sizes make a new shared buffer each; those the pool does not keep are
+    dropped, and the child unmaps them with its next read: its shared memory stays bounded."""
+    import gc
+
+    reader = _open(scene(LANDSAT))
+    lane.start(1)  # the pool keeps 1 + 4 free buffers
+    for k in range(1, 16):  # sizes too different for the pool to reuse one buffer for another
+        x, v = read_batch(reader, TileSet.rows_of(reader.grid, 0, reader.grid.n_rows)[: 2 ** (k % 8) + k])
+        del x, v
+        gc.collect()
+    read_batch(reader, TileSet.rows_of(reader.grid, 0, 1))  # tells the child of the last drops
+    maps = Path(f"/proc/{lane._child(0).proc.pid}/maps").read_text()
+    mapped = {line.split()[0] for line in maps.splitlines() if "tilescan-batch" in line}
+    assert 0 < len(mapped) <= lane.memory.pool.keep + 1, len(mapped)
     reader.close()
