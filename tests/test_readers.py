@@ -134,3 +134,31 @@ def test_buffers_the_run_drops_are_unmapped_in_the_child(lane):
     mapped = {line.split()[0] for line in maps.splitlines() if "tilescan-batch" in line}
     assert 0 < len(mapped) <= lane.memory.pool.keep + 1, len(mapped)
     reader.close()
+
+
+def test_lanes_start_with_the_run_and_fit_the_engine():
+    """Reader processes start before the engine is made when the overlap pipeline is set (or
+    likely: ``auto`` on a host with NVIDIA device files), then fit the engine's reader count."""
+    import glob
+
+    from tilescan.pipeline.readers import lanes_ahead
+
+    def inference(**kw):
+        return load_config(overrides={"inference": kw}, environ={}).inference
+
+    assert lanes_ahead(inference(pipeline="overlap", reader_threads=3, reader_processes=True)) == 3
+    assert lanes_ahead(inference(pipeline="overlap", reader_threads=3)) == 0  # not asked for
+    assert lanes_ahead(inference(pipeline="lockstep", reader_threads=3, reader_processes=True)) == 0
+    gpu_files = bool(glob.glob("/dev/nvidia[0-9]*"))
+    assert bool(lanes_ahead(inference(pipeline="auto", reader_processes=True))) == gpu_files
+    assert ReaderProcesses.for_run(inference(pipeline="overlap")) is None
+    procs = ReaderProcesses.for_run(inference(pipeline="overlap", reader_threads=3, reader_processes=True))
+    try:
+        started = {k: c.proc for k, c in procs._children.items()}
+        assert sorted(started) == [0, 1, 2] and all(p.poll() is None for p in started.values())
+        procs.start(1)  # the engine reads with one lane: the others end
+        assert sorted(procs._children) == [0] and procs._children[0].proc is started[0]
+        assert started[1].poll() is not None and started[2].poll() is not None
+    finally:
+        procs.close()
+    assert started[0].poll() is not None

@@ -18,6 +18,7 @@ ignores SIGINT and SIGTERM (the run decides how to stop) and ends when its socke
 
 from __future__ import annotations
 
+import glob
 import itertools
 import math
 import mmap
@@ -39,7 +40,7 @@ from ..scene.grid import TileSet
 from ..scene.reader import SceneReader
 from .memory import ArrayPool
 
-__all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "read_batch"]
+__all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "lanes_ahead", "read_batch"]
 
 _LEN = struct.Struct("<Q")
 _MAX_FDS = 8  # shared buffers handed over with one message at most
@@ -200,10 +201,25 @@ class ReaderProcesses:
         self._closed = False
         self.memory = _SharedMemory(keep=4)
 
+    @classmethod
+    def for_run(cls, inference) -> "ReaderProcesses | None":
+        """A run's reader processes, if its ``[inference]`` settings ask for them; those
+        likely needed (:func:`lanes_ahead`) start now, while Keras and the model load."""
+        if not inference.reader_processes:
+            return None
+        procs = cls()
+        procs.start(lanes_ahead(inference))
+        return procs
+
     def start(self, n: int) -> None:
+        """Have lanes 0 .. n-1 each a process (started now), and no others."""
         self.memory.pool.keep = n + 4  # a free buffer for each lane, and some
         for lane in range(n if AVAILABLE else 0):
             self._child(lane)
+        with self._lock:
+            extra = [self._children.pop(k) for k in [k for k in self._children if k >= n]]
+        for child in extra:
+            child.close()
 
     def _child(self, lane: int) -> _Child:
         with self._lock:
@@ -238,6 +254,22 @@ class ReaderProcesses:
         for child in children:
             child.close()
         self.memory.close()
+
+
+def lanes_ahead(inference) -> int:
+    """Reader processes worth starting before the engine is made, while Keras and the model
+    load (``inference``: the run's ``[inference]`` settings): the overlap pipeline's readers
+    when it is set, or likely (``auto`` on a host with NVIDIA device files); else 0."""
+    if not (inference.reader_processes and AVAILABLE) or inference.pipeline == "lockstep":
+        return 0
+    if inference.pipeline == "auto" and (os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+                                         or not glob.glob("/dev/nvidia[0-9]*")):
+        return 0
+    if inference.reader_threads != "auto":
+        return int(inference.reader_threads)
+    from ..backend import usable_cores
+
+    return usable_cores()
 
 
 def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:

@@ -189,7 +189,7 @@ class Stream:
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: deque = deque()  # started batches not yet collected, oldest first
         self._memory = ArrayPool()  # the model inputs' memory, reused from batch to batch
-        self._read_procs = ReaderProcesses() if cfg.inference.reader_processes else None
+        self._read_procs = ReaderProcesses.for_run(cfg.inference)  # None, or starting while the model loads
         self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
@@ -256,8 +256,8 @@ class Stream:
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
-                if self._read_procs is not None and not self.lockstep:  # they start while the step compiles
-                    self._read_procs.start(self.engine.readers(self.cfg.inference.reader_threads))
+                if self._read_procs is not None:  # the lanes' count known: the rest start while the step compiles
+                    self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
                 self.engine.ready()
                 self.stats.engine_ready = time.monotonic() - self.stats.started
                 self._core.set(self.engine)
