@@ -151,14 +151,52 @@ def test_lanes_start_with_the_run_and_fit_the_engine():
     assert lanes_ahead(inference(pipeline="lockstep", reader_threads=3, reader_processes=True)) == 0
     gpu_files = bool(glob.glob("/dev/nvidia[0-9]*"))
     assert bool(lanes_ahead(inference(pipeline="auto", reader_processes=True))) == gpu_files
-    assert ReaderProcesses.for_run(inference(pipeline="overlap")) is None
+    off = ReaderProcesses.for_run(inference(pipeline="overlap"))
+    off.start(3)
+    assert not off.enabled and not off._children  # off: no process, and binding does nothing
     procs = ReaderProcesses.for_run(inference(pipeline="overlap", reader_threads=3, reader_processes=True))
     try:
-        started = {k: c.proc for k, c in procs._children.items()}
-        assert sorted(started) == [0, 1, 2] and all(p.poll() is None for p in started.values())
+        started = {k: c.proc for k, c in procs._children.items()}  # the scenes' opener (-1) and 3 lanes
+        assert sorted(started) == [-1, 0, 1, 2] and all(p.poll() is None for p in started.values())
         procs.start(1)  # the engine reads with one lane: the others end
-        assert sorted(procs._children) == [0] and procs._children[0].proc is started[0]
+        assert sorted(procs._children) == [-1, 0] and procs._children[0].proc is started[0]
         assert started[1].poll() is not None and started[2].poll() is not None
     finally:
         procs.close()
-    assert started[0].poll() is not None
+    assert started[0].poll() is not None and started[-1].poll() is not None
+
+
+def test_a_scene_opened_in_the_child_is_the_scene_opened_here():
+    """The opener's process: the same reader (grid, bands, stretch, coverage, plan, a small
+    scene held whole) and the same tiling warnings as opening it in the run's process."""
+    from tilescan.model import describe_model
+    from tilescan.pipeline.readers import open_scene
+    from tilescan.scene.info import collecting_tiling_warnings
+
+    card = describe_model()
+    naip = scene("opengeos-naip/m_4709963_se_14_1_20100629.tif")  # 4 bands for a 3-band model: a warning
+    tiling = load_config(environ={}).tiling
+    with collecting_tiling_warnings() as want_warned:
+        want = card.open_scene(naip, tiling)
+    procs = ReaderProcesses()
+    procs.bind(-1)
+    try:
+        with collecting_tiling_warnings() as got_warned:
+            got = open_scene(card, naip, tiling)
+    finally:
+        procs.close()
+        from tilescan.pipeline import readers
+
+        del readers._lane.procs
+    assert got_warned == want_warned and any("bands" in w for w in got_warned)
+    assert (got.bands, got.scale, got.plan, got.grid.n_rows, got.grid.n_cols) == \
+        (want.bands, want.scale, want.plan, want.grid.n_rows, want.grid.n_cols)
+    timing = ("seconds",)  # how long the scan took differs
+    assert {k: v for k, v in got.coverage.to_dict().items() if k not in timing} == \
+        {k: v for k, v in want.coverage.to_dict().items() if k not in timing}
+    assert got.holds_whole() and want.holds_whole()
+    tiles = TileSet.rows_of(want.grid, 0, want.grid.n_rows)
+    for a, b in zip(got.read_batch(tiles), want.read_batch(tiles)):  # from what it holds
+        np.testing.assert_array_equal(a, b)
+    got.close()
+    want.close()

@@ -70,13 +70,15 @@ def test_batches_span_scenes_with_the_same_outputs(chips, solo, tmp_path):
         assert rt["first_batch_s"] == stream["first_batch_s"] and rt["engine_ready_s"] <= rt["first_batch_s"]
 
 
-def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path):
+@pytest.mark.parametrize("procs", [False, True], ids=["threads", "reader-processes"])
+def test_a_bad_scene_mid_stream_fails_alone(chips, solo, tmp_path, procs):
+    """With reader processes the scenes are opened in one too: the same outputs and failure."""
     bad = tmp_path / "in" / "chip-1b.tif"  # sorts between chip-1 and chip-2
     bad.parent.mkdir()
     data = chips[1].read_bytes()
     bad.write_bytes(data[: len(data) * 7 // 10])  # the last blocks are cut off
     out = tmp_path / "out"
-    report = run([*chips, bad], out, _cfg(), log=lambda m: None)
+    report = run([*chips, bad], out, _cfg(reader_processes=procs), log=lambda m: None)
     assert report.exit_code == 3
     status = {Path(r.scene).stem: r.status for r in report.results}
     assert status == {"chip-0": "done", "chip-1": "done", "chip-1b": "failed", "chip-2": "done"}
@@ -120,8 +122,9 @@ def test_overlap_readers_on_lanes_give_the_lockstep_outputs(tmp_path, monkeypatc
 
 def test_reader_processes_give_the_thread_readers_outputs(tmp_path, monkeypatch):
     """``reader_processes``: two overlap readers, each reading in a process of its own, on a
-    real scene of many block rows: the same rows, labels, heat and quicklook as reader threads,
-    with no tile read in the run's own process."""
+    real scene of many block rows, opened in a process too: the same rows, labels, heat and
+    quicklook as reader threads, with no tile read and no scene opened in the run's own process."""
+    import tilescan.scene.plan
     from tilescan.scene.reader import SceneReader
 
     path = scene(LANDSAT)
@@ -129,8 +132,9 @@ def test_reader_processes_give_the_thread_readers_outputs(tmp_path, monkeypatch)
     for procs in (False, True):
         outs[procs] = tmp_path / f"procs-{procs}"
         cfg = _cfg(pipeline="overlap", reader_threads=2, reader_processes=procs, batch_size=32)
-        if procs:  # the children are fresh interpreters: only a read in this process fails
+        if procs:  # the children are fresh interpreters: only a read or an opening in this process fails
             monkeypatch.setattr(SceneReader, "read_batch", lambda *a, **k: pytest.fail("read in the run's process"))
+            monkeypatch.setattr(tilescan.scene.plan, "open_scene", lambda *a, **k: pytest.fail("opened in the run"))
         assert run([path], outs[procs], cfg, log=lambda m: None).exit_code == 0
     name = Path(path).stem
     assert_unit_equal(outs[True] / name, outs[False] / name)

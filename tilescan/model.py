@@ -132,8 +132,11 @@ class LoadedModel:
         """:func:`tilescan.scene.plan.open_scene` for this model's bands, input size and scale."""
         from .scene.plan import open_scene
 
-        return open_scene(path, tiling, self.num_bands, self.input_size, self.meta.get("gsd_m"),
-                          self.meta.get("bands"), self.scale_range)
+        return open_scene(path, tiling, *self.scene_args())
+
+    def scene_args(self) -> tuple:
+        """What :func:`tilescan.scene.plan.open_scene` takes of the model, after the path and tiling."""
+        return self.num_bands, self.input_size, self.meta.get("gsd_m"), self.meta.get("bands"), self.scale_range
 
     @property
     def scale_range(self) -> tuple[float, float] | None:

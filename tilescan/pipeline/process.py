@@ -38,7 +38,7 @@ from ..scene.info import collecting_tiling_warnings
 from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
 from .engine import Engine
-from .readers import read_batch
+from .readers import open_scene, read_batch
 from .report import UnitResult
 from .units import Unit, UnitLock, move_into_place, package_versions
 
@@ -218,7 +218,7 @@ def _open_unit(unit: Unit, cfg: Config, card: LoadedModel, log: Callable[[str], 
     """The scene's reader, and what the user should know about it (logged once here):
     the messages, and the same as structured warnings (``code``, ``message``, ...)."""
     with collecting_tiling_warnings() as caught:  # this thread's, not process-wide
-        reader = card.open_scene(unit.scene, cfg.tiling)
+        reader = open_scene(card, unit.scene, cfg.tiling)  # in the opener's process, if it has one
     scene_warnings = list(caught)
     details = [{"code": "tiling", "message": w} for w in scene_warnings]
     scale_warning = reader.plan.warning(str(unit.scene))

@@ -37,10 +37,12 @@ import numpy as np
 from ..outputs.workers import child_env, portable_error, wait_or_kill
 from ..scene.decimate import pick
 from ..scene.grid import TileSet
+from ..scene.info import collecting_tiling_warnings, tiling_warning
 from ..scene.reader import SceneReader
 from .memory import ArrayPool
+from .threads import FINISH_NICE
 
-__all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "lanes_ahead", "read_batch"]
+__all__ = ["AVAILABLE", "ReaderDied", "ReaderProcesses", "lanes_ahead", "open_scene", "read_batch"]
 
 _LEN = struct.Struct("<Q")
 _MAX_FDS = 8  # shared buffers handed over with one message at most
@@ -129,14 +131,14 @@ class _SharedMemory:
 class _Child:
     """One reader process and the run's end of its socket (used by one lane thread at a time)."""
 
-    def __init__(self, memory: _SharedMemory):
+    def __init__(self, memory: _SharedMemory, nice: int = 0):
         from .run import GDAL_CACHE_MB
 
         env = child_env()
         env.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))  # in MB: the bound the run's own process has
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno()), str(nice)],
                                          env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
@@ -165,7 +167,8 @@ class _Child:
         self.buffers.difference_update(gone)
         new = bid not in self.buffers
         try:
-            _send(self.sock, (forget, gone, key, state, view, tiles.row, tiles.col, bid, xbytes), [fd] if new else [])
+            _send(self.sock, ("read", (forget, gone, key, state, view, tiles.row, tiles.col, bid, xbytes)),
+                  [fd] if new else [])
             self.known.add(key)
             self.buffers.add(bid)
             (ok, got), _ = _recv(self.sock)
@@ -192,29 +195,34 @@ class _Child:
 
 class ReaderProcesses:
     """One reader process per lane, started when first asked for (:meth:`start` starts some
-    ahead, while the model loads). A lane's thread calls :meth:`bind` once; then
-    :func:`read_batch` on that thread reads through the lane's process."""
+    ahead, while the model loads), and one that opens the scenes (lane -1, the opener's). A
+    lane's thread calls :meth:`bind` once; then :func:`read_batch` and :func:`open_scene` on
+    that thread go through the lane's process. Off (``enabled`` False): binding does nothing."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and AVAILABLE
         self._children: dict[int, _Child] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.memory = _SharedMemory(keep=4)
 
     @classmethod
-    def for_run(cls, inference) -> "ReaderProcesses | None":
-        """A run's reader processes, if its ``[inference]`` settings ask for them; those
-        likely needed (:func:`lanes_ahead`) start now, while Keras and the model load."""
-        if not inference.reader_processes:
-            return None
-        procs = cls()
-        procs.start(lanes_ahead(inference))
+    def for_run(cls, inference) -> "ReaderProcesses":
+        """A run's reader processes, off unless its ``[inference]`` settings ask for them; then
+        the scenes' opener and the lanes likely needed (:func:`lanes_ahead`) start now, while
+        Keras and the model load."""
+        procs = cls(inference.reader_processes)
+        if procs.enabled:
+            procs._child(-1)
+            procs.start(lanes_ahead(inference))
         return procs
 
     def start(self, n: int) -> None:
-        """Have lanes 0 .. n-1 each a process (started now), and no others."""
+        """Have lanes 0 .. n-1 each a process (started now), and no others but the opener's."""
+        if not self.enabled:
+            return
         self.memory.pool.keep = n + 4  # a free buffer for each lane, and some
-        for lane in range(n if AVAILABLE else 0):
+        for lane in range(n):
             self._child(lane)
         with self._lock:
             extra = [self._children.pop(k) for k in [k for k in self._children if k >= n]]
@@ -229,12 +237,14 @@ class ReaderProcesses:
             if child is None or not child.alive():
                 if child is not None:
                     child.close()
-                child = self._children[lane] = _Child(self.memory)
+                child = self._children[lane] = _Child(self.memory, nice=FINISH_NICE if lane < 0 else 0)
             return child
 
     def bind(self, lane: int) -> None:
-        """Have this thread read through lane ``lane``'s process (a lane's initializer)."""
-        _lane.procs, _lane.index = self, lane
+        """Have this thread read (open: lane -1) through lane ``lane``'s process (a lane's
+        initializer); nothing when off."""
+        if self.enabled:
+            _lane.procs, _lane.index = self, lane
 
     def forget(self, reader: SceneReader) -> None:
         """Every tile of ``reader`` is read: the processes may drop their copy of it."""
@@ -272,12 +282,35 @@ def lanes_ahead(inference) -> int:
     return usable_cores()
 
 
+def open_scene(card, scene, tiling) -> SceneReader:
+    """``card.open_scene(scene, tiling)`` (``card``: the model's :class:`~tilescan.model.LoadedModel`),
+    in this thread's process when it has one (the opener's, :meth:`ReaderProcesses.bind`) and
+    the scene is a local file: its stretch sample is decoded and counted there, and the reader
+    comes back with what it holds (a small scene whole), its tiling warnings re-issued here."""
+    procs = getattr(_lane, "procs", None)
+    if procs is None or not os.path.isfile(scene):
+        return card.open_scene(scene, tiling)
+    child = procs._child(_lane.index)
+    try:
+        _send(child.sock, ("open", (scene, tiling, *card.scene_args())))
+        (ok, got), _ = _recv(child.sock)
+    except (OSError, EOFError) as exc:
+        raise ReaderDied(f"the process opening {scene} stopped (exit status {child.proc.poll()})") from exc
+    if not ok:
+        raise got
+    reader, decimated, warned = got
+    reader._decimated = decimated
+    for message in warned:
+        tiling_warning(message)
+    return reader
+
+
 def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:
     """``reader.read_batch(tiles, empty)``, through this thread's reader process when it has one
     (:meth:`ReaderProcesses.bind`) and the scene is a local file not held in memory (then in
     memory shared with the process, not from ``empty``)."""
     procs = getattr(_lane, "procs", None)
-    if procs is None or not AVAILABLE or reader.holds_whole() or not os.path.isfile(reader.info.path):
+    if procs is None or reader.holds_whole() or not os.path.isfile(reader.info.path):
         return reader.read_batch(tiles, empty)
     return procs._child(_lane.index).read(reader, tiles)
 
@@ -297,48 +330,77 @@ class _Picks:
             self.picked.append(p)
 
 
-def _serve(fd: int) -> int:
+def _open(scene, tiling, *args) -> tuple:
+    """The opener's work in the child: the reader and its tiling warnings."""
+    from ..scene.plan import open_scene as _open_scene
+
+    with collecting_tiling_warnings() as caught:
+        reader = _open_scene(scene, tiling, *args)
+    return reader, list(caught)
+
+
+def _serve(fd: int, nice: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     sock = socket.socket(fileno=fd)
     readers: dict[int, tuple[SceneReader, _Picks | None]] = {}
     buffers: dict[int, np.ndarray] = {}  # the run's shared buffers, by id
     while True:
         try:
-            (forget, gone, key, state, view, row, col, bid, xbytes), fds = _recv(sock)
+            (kind, msg), fds = _recv(sock)
         except (EOFError, OSError):
             return 0
-        for k in forget:
-            if k in readers:
-                readers.pop(k)[0].close()
-        for b in gone:
-            buffers.pop(b, None)  # unmapped with its last array
-        for f in fds:  # the buffer this read writes into, new to this process
-            buffers[bid] = np.frombuffer(mmap.mmap(f, 0), dtype=np.uint8)
-            os.close(f)
+        opened = None
         try:
-            if state is not None:  # kept until the run says every tile of it is read
-                readers[key] = (pickle.loads(state), None if view is None else _Picks(*view))
-            reader, picks = readers[key]
-            reader._preview = picks
-            w0, p0 = reader.windows_read, reader.pixels_read
-            raw = buffers[bid]
-
-            def into(shape, dtype):
-                return raw[:xbytes].view(dtype).reshape(shape)
-
-            x, valid = reader.read_batch(TileSet(reader.grid, row, col), into)
-            raw[xbytes:xbytes + valid.size].view(bool).reshape(valid.shape)[...] = valid
-            reply = (True, (reader.windows_read - w0, reader.pixels_read - p0, picks.picked if picks else []))
-            if picks is not None:
-                picks.picked = []
+            if kind == "open":  # the reader travels without its handles, what it holds beside it
+                opened, warned = _open(*msg)
+                reply = (True, (opened, opened._decimated, warned))
+            else:
+                reply = (True, _read(readers, buffers, msg, fds))
         except BaseException as exc:  # noqa: BLE001 - handed back to the run
             reply = (False, portable_error(exc, "the reader process"))
         try:
             _send(sock, reply)
         except OSError:
             return 0
+        finally:
+            if opened is not None:
+                opened.close()
+
+
+def _read(readers: dict, buffers: dict, msg: tuple, fds: list[int]) -> tuple:
+    """A lane's read in the child, into the shared buffer; its counts and preview samples."""
+    forget, gone, key, state, view, row, col, bid, xbytes = msg
+    for k in forget:
+        if k in readers:
+            readers.pop(k)[0].close()
+    for b in gone:
+        buffers.pop(b, None)  # unmapped with its last array
+    for f in fds:  # the buffer this read writes into, new to this process
+        buffers[bid] = np.frombuffer(mmap.mmap(f, 0), dtype=np.uint8)
+        os.close(f)
+    if state is not None:  # kept until the run says every tile of it is read
+        readers[key] = (pickle.loads(state), None if view is None else _Picks(*view))
+    reader, picks = readers[key]
+    reader._preview = picks
+    w0, p0 = reader.windows_read, reader.pixels_read
+    raw = buffers[bid]
+
+    def into(shape, dtype):
+        return raw[:xbytes].view(dtype).reshape(shape)
+
+    x, valid = reader.read_batch(TileSet(reader.grid, row, col), into)
+    raw[xbytes:xbytes + valid.size].view(bool).reshape(valid.shape)[...] = valid
+    picked = picks.picked if picks is not None else []
+    if picks is not None:
+        picks.picked = []
+    return reader.windows_read - w0, reader.pixels_read - p0, picked
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1])))
+    sys.exit(_serve(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0))

@@ -189,13 +189,14 @@ class Stream:
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: deque = deque()  # started batches not yet collected, oldest first
         self._memory = ArrayPool()  # the model inputs' memory, reused from batch to batch
-        self._read_procs = ReaderProcesses.for_run(cfg.inference)  # None, or starting while the model loads
+        self._read_procs = ReaderProcesses.for_run(cfg.inference)  # off, or starting while the model loads
         self._collected = 0.0  # when the last batch was collected
 
     # -- the opener
 
     def _opener(self, units: list, out: queue.Queue, halt: threading.Event) -> None:
         background_priority()  # it opens ahead of the reading: the model's threads come first
+        self._read_procs.bind(-1)  # with reader processes, scenes open in a process of their own
         for k, unit in units:
             self._core.join()  # once the engine is known (the first units open while it loads)
             self._wait_for_room(halt)
@@ -256,8 +257,8 @@ class Stream:
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
-                if self._read_procs is not None:  # the lanes' count known: the rest start while the step compiles
-                    self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
+                # the lanes' count known: reader processes start while the step compiles
+                self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
                 self.engine.ready()
                 self.stats.engine_ready = time.monotonic() - self.stats.started
                 self._core.set(self.engine)
@@ -366,9 +367,8 @@ class Stream:
             # one single-thread lane per reader; a band of block rows always goes to the same
             # lane, so no block is decoded by two readers (each has its own GDAL handle)
             n = self.engine.readers(self.cfg.inference.reader_threads)
-            procs = self._read_procs  # or each lane reads through its own process
             lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tilescan-read{i}",
-                                        initializer=None if procs is None else procs.bind, initargs=(i,))
+                                        initializer=self._read_procs.bind, initargs=(i,))  # its process, if any
                      for i in range(n)]
             try:
                 pending: deque = deque()
@@ -538,8 +538,7 @@ class Stream:
                     if last:
                         with job.state:
                             job.reads_over = True  # no reader touches the job any more
-                        if self._read_procs is not None:
-                            self._read_procs.forget(job.reader)
+                        self._read_procs.forget(job.reader)
                     stop.check()
                     self._raise_fatal()
                     if job.failed is None and isinstance(got, BaseException):
@@ -579,8 +578,7 @@ class Stream:
                 batcher.drop(lambda j: j.failed is None)
         finally:
             reads.close()
-            if self._read_procs is not None:
-                self._read_procs.close()
+            self._read_procs.close()
             self._writer.finish()
             for f in list(self._finishing):
                 f.result()
