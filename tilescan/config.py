@@ -106,8 +106,9 @@ class InferenceConfig(_Section):
     model's cores: benchmarks/README.md)."""
     reader_processes: bool = False
     """With ``pipeline = "overlap"``: each reader decodes and scales in a helper process of its
-    own, and the model input comes back over a socket, so reading holds none of the run's GIL
-    (local files, on Linux; benchmarks/README.md). Off: reader threads in the run's process."""
+    own, writing the model input into memory shared with the run, and the scenes open in one
+    more, so reading and opening hold none of the run's GIL (local files, on Linux;
+    benchmarks/README.md). Off: reader threads and the opener thread in the run's process."""
     output_workers: int = 0
     """Helper processes that write each unit's GeoPackage, label COG, quicklook and QGIS files
     (0: the run's own threads). Those writers hold Python's GIL, so with many small scenes on a GPU
