@@ -9,7 +9,9 @@ masks and stretch, no handles), reads each chunk exactly as the reader would in 
 writes the model input and the valid masks into memory it shares with the run (anonymous
 shared files, each handed over the socket once), where the batch takes them: no copy on the
 way back, and the lane's thread waits without the GIL. The quicklook's samples it took from
-the windows come back in its answer.
+the windows come back in its answer. The scenes open in one more child (the opener's lane,
+-1): its checks, stretch sample and empty-block scan; the reader comes back pickled with what
+it holds (a small scene whole), and its tiling warnings are issued again in the run.
 
 Only local files not held in memory go to a child: a small scene's reads come from memory
 and a remote one's from the run's own connection, on the lane's thread as before. A child
