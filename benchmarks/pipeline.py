@@ -329,28 +329,32 @@ LEAN_OUTPUTS = {"gpkg": False, "quicklook": False, "styles": False}
 
 def small_host(args) -> dict:
     """``small-host``: the ``host`` measure on many small scenes, with the per-scene outputs
-    written by the run's threads (``output_workers`` 0) and by 2 helper processes."""
+    written by the run's threads (``output_workers`` 0) and by 2 helper processes (and, with
+    ``--reader-processes on|both``, the scenes opened in a reader process)."""
     work = Path(args.work)
     folder = work / "chips"
     if len(list(folder.glob("chip-*.tif"))) != SMALL_HOST_SCENES:
         shutil.rmtree(folder, ignore_errors=True)
         _small_scenes(folder, n=SMALL_HOST_SCENES)
     runs: dict[str, list[dict]] = {}
+    ways = {"off": (False,), "on": (True,), "both": (False, True)}[args.reader_processes]
     for r in range(args.rounds):
         for workers in (0, 2):
-            for cores in ("1", "2"):
-                out = work / f"out-{workers}-{cores}-{r}"
-                shutil.rmtree(out, ignore_errors=True)
-                got = _taskset(cores, folder, out, "overlap", cores, workers)
-                runs.setdefault(f"workers{workers}_{cores}core", []).append(got)
-                bench.log(f"small-host: output_workers {workers}, {cores} core(s), round {r + 1}: "
-                          f"{got['scenes_per_s']} scenes/s")
-                shutil.rmtree(out, ignore_errors=True)
+            for procs in ways:
+                for cores in ("1", "2"):
+                    out = work / f"out-{workers}-{cores}-{r}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    got = _taskset(cores, folder, out, "overlap", cores, workers, procs=procs)
+                    runs.setdefault(f"workers{workers}{'_procs' if procs else ''}_{cores}core", []).append(got)
+                    bench.log(f"small-host: output_workers {workers}, reader processes {procs}, {cores} core(s), "
+                              f"round {r + 1}: {got['scenes_per_s']} scenes/s")
+                    shutil.rmtree(out, ignore_errors=True)
     rate = {k: median(g["scenes_per_s"] for g in rs) for k, rs in runs.items()}
-    return {"scenes": SMALL_HOST_SCENES, "scene_px": 512, "tiles": runs["workers0_1core"][0]["tiles"],
-            "scenes_per_s": rate,
-            "ratio_2_to_1": {w: round(rate[f"{w}_2core"] / rate[f"{w}_1core"], 3) for w in ("workers0", "workers2")},
-            "runs": runs}
+    cpu = {k: {c: median(g["cpu_ms_per_tile"][c] for g in rs) for c in rs[0]["cpu_ms_per_tile"]} for k, rs in runs.items()}
+    ways = sorted({k.rsplit("_", 1)[0] for k in runs})
+    return {"scenes": SMALL_HOST_SCENES, "scene_px": 512, "tiles": next(iter(runs.values()))[0]["tiles"],
+            "scenes_per_s": rate, "ratio_2_to_1": {w: round(rate[f"{w}_2core"] / rate[f"{w}_1core"], 3) for w in ways},
+            "cpu_ms_per_tile": cpu, "runs": runs}
 
 
 def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0,
@@ -546,8 +550,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-gpkg", action="store_true",
                     help="host: without the GeoPackage (as on the GPU machine, whose image lacks pyogrio)")
     ap.add_argument("--reader-processes", choices=("off", "on", "both"), default="off",
-                    help="host: [inference] reader_processes (each overlap reader in a process of its own); both: "
-                         "reader threads and processes side by side, alternated")
+                    help="host, small-host: [inference] reader_processes (each overlap reader in a process of its own); "
+                         "both: reader threads and processes side by side, alternated")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")

@@ -92,6 +92,20 @@ def test_url_outputs_equal_local_file_and_resume(server, local_ref, tmp_path):
     assert set(t.column("scene_path").to_pylist()) == set(urls)
 
 
+def test_reader_processes_leave_remote_scenes_to_the_run(server, local_ref, tmp_path):
+    """With reader processes on, a scene behind a URL still opens and reads through the run's
+    own GDAL (its connection and settings): the same outputs as the local file."""
+    from tilescan.config import load_config
+    from tilescan.pipeline.run import run
+
+    cfg = load_config(None, {"tiling": {"tile_size": 256, "units": "px"},
+                             "inference": {"pipeline": "overlap", "reader_processes": True}}, environ={})
+    out = tmp_path / "out"
+    assert run([f"{server.url}/{COGEO}"], out, cfg, log=lambda m: None).exit_code == 0
+    _same_unit(out / "cogeo", local_ref / "cogeo")
+    assert json.loads((out / "cogeo" / "run.json").read_text())["runtime"]["reader_processes"] is False
+
+
 def test_run_over_a_few_tiles_of_a_large_cog_fetches_a_small_part(server, tmp_path):
     """A COG of the largest real scene (with overviews, as cloud COGs have); the run covers
     the first two of 15 tile rows (shard 0/7 of one scene): the server sends a fraction of

@@ -146,7 +146,8 @@ class UnitJob:
         fractions, tiles read)."""
         t = time.monotonic()
         with sources.remote_errors(self.unit.scene):
-            x, v = read_batch(self.reader, chunk, self.batch_memory.empty if self.batch_memory else np.empty)
+            x, v = read_batch(self.reader, chunk, self.batch_memory.empty if self.batch_memory else np.empty,
+                              remote=getattr(self.unit.scene, "remote", False))
         frac = np.count_nonzero(v.reshape(len(v), -1), axis=1) / float(self.reader.tile_px ** 2)
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):

@@ -140,8 +140,8 @@ class _Child:
         env.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))  # in MB: the bound the run's own process has
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno()), str(nice)],
-                                         env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            argv = [sys.executable, "-m", "tilescan.pipeline.readers", str(theirs.fileno()), str(nice)]
+            self.proc = subprocess.Popen(argv, env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -287,10 +287,11 @@ def lanes_ahead(inference) -> int:
 def open_scene(card, scene, tiling) -> SceneReader:
     """``card.open_scene(scene, tiling)`` (``card``: the model's :class:`~tilescan.model.LoadedModel`),
     in this thread's process when it has one (the opener's, :meth:`ReaderProcesses.bind`) and
-    the scene is a local file: its stretch sample is decoded and counted there, and the reader
-    comes back with what it holds (a small scene whole), its tiling warnings re-issued here."""
+    the scene is a local file (not remote): its stretch sample is decoded and counted there, and
+    the reader comes back with what it holds (a small scene whole), its tiling warnings issued
+    again here."""
     procs = getattr(_lane, "procs", None)
-    if procs is None or not os.path.isfile(scene):
+    if procs is None or getattr(scene, "remote", False) or not os.path.isfile(scene):
         return card.open_scene(scene, tiling)
     child = procs._child(_lane.index)
     try:
@@ -307,12 +308,14 @@ def open_scene(card, scene, tiling) -> SceneReader:
     return reader
 
 
-def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty) -> tuple[np.ndarray, np.ndarray]:
+def read_batch(reader: SceneReader, tiles: TileSet, empty: Callable = np.empty,
+               remote: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``reader.read_batch(tiles, empty)``, through this thread's reader process when it has one
-    (:meth:`ReaderProcesses.bind`) and the scene is a local file not held in memory (then in
-    memory shared with the process, not from ``empty``)."""
+    (:meth:`ReaderProcesses.bind`) and the scene is a local file (not ``remote``: a URL or a STAC
+    item, whose path may be a local VRT of remote files) not held in memory (then in memory
+    shared with the process, not from ``empty``)."""
     procs = getattr(_lane, "procs", None)
-    if procs is None or reader.holds_whole() or not os.path.isfile(reader.info.path):
+    if procs is None or remote or reader.holds_whole() or not os.path.isfile(reader.info.path):
         return reader.read_batch(tiles, empty)
     return procs._child(_lane.index).read(reader, tiles)
 
