@@ -184,7 +184,9 @@ class OutputWorkers:
         self.close()
 
 
-def _serve(nice: int) -> int:
+def helper_start(nice: int) -> None:
+    """A helper process's first step: SIGINT and SIGTERM ignored (the run decides how to stop
+    and ends its helpers), its CPU priority lowered by ``nice`` where allowed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
@@ -192,6 +194,10 @@ def _serve(nice: int) -> int:
             os.nice(nice)
         except OSError:
             pass
+
+
+def _serve(nice: int) -> int:
+    helper_start(nice)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing printed by a callee can corrupt the replies
     while True:

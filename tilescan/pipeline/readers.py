@@ -26,7 +26,6 @@ import math
 import mmap
 import os
 import pickle
-import signal
 import socket
 import struct
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..outputs.workers import child_env, portable_error, wait_or_kill
+from ..outputs.workers import child_env, helper_start, portable_error, wait_or_kill
 from ..scene.decimate import pick
 from ..scene.grid import TileSet
 from ..scene.info import collecting_tiling_warnings, tiling_warning
@@ -168,17 +167,9 @@ class _Child:
         gone = [b for b in gone if b in self.buffers]
         self.buffers.difference_update(gone)
         new = bid not in self.buffers
-        try:
-            _send(self.sock, ("read", (forget, gone, key, state, view, tiles.row, tiles.col, bid, xbytes)),
-                  [fd] if new else [])
-            self.known.add(key)
-            self.buffers.add(bid)
-            (ok, got), _ = _recv(self.sock)
-        except (OSError, EOFError) as exc:
-            raise ReaderDied(f"the reader process stopped (exit status {self.proc.poll()})") from exc
-        if not ok:
-            raise got
-        windows, pixels, picked = got
+        windows, pixels, picked = self.call(
+            ("read", (forget, gone, key, state, view, tiles.row, tiles.col, bid, xbytes)), [fd] if new else [],
+            sent=lambda: (self.known.add(key), self.buffers.add(bid)))
         with reader._lock:
             reader.windows_read += windows
             reader.pixels_read += pixels
@@ -186,6 +177,21 @@ class _Child:
             for p in picked:
                 preview.put(p)
         return raw[:xbytes].view(np.float32).reshape(xshape), raw[xbytes:].view(bool).reshape(vshape)
+
+    def call(self, msg: tuple, fds: list[int] = (), sent: Callable[[], Any] | None = None,
+             what: str = "the reader process") -> Any:
+        """Send ``msg`` (and ``fds``), call ``sent()`` once it is sent, and return the child's
+        answer, or raise its error; :class:`ReaderDied` when the child is gone."""
+        try:
+            _send(self.sock, msg, fds)
+            if sent is not None:
+                sent()
+            (ok, got), _ = _recv(self.sock)
+        except (OSError, EOFError) as exc:
+            raise ReaderDied(f"{what} stopped (exit status {self.proc.poll()})") from exc
+        if not ok:
+            raise got
+        return got
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -293,15 +299,8 @@ def open_scene(card, scene, tiling) -> SceneReader:
     procs = getattr(_lane, "procs", None)
     if procs is None or getattr(scene, "remote", False) or not os.path.isfile(scene):
         return card.open_scene(scene, tiling)
-    child = procs._child(_lane.index)
-    try:
-        _send(child.sock, ("open", (scene, tiling, *card.scene_args())))
-        (ok, got), _ = _recv(child.sock)
-    except (OSError, EOFError) as exc:
-        raise ReaderDied(f"the process opening {scene} stopped (exit status {child.proc.poll()})") from exc
-    if not ok:
-        raise got
-    reader, decimated, warned = got
+    reader, decimated, warned = procs._child(_lane.index).call(("open", (scene, tiling, *card.scene_args())),
+                                                              what=f"the process opening {scene}")
     reader._decimated = decimated
     for message in warned:
         tiling_warning(message)
@@ -345,13 +344,7 @@ def _open(scene, tiling, *args) -> tuple:
 
 
 def _serve(fd: int, nice: int) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if nice:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
+    helper_start(nice)
     sock = socket.socket(fileno=fd)
     readers: dict[int, tuple[SceneReader, _Picks | None]] = {}
     buffers: dict[int, np.ndarray] = {}  # the run's shared buffers, by id
