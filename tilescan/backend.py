@@ -359,11 +359,10 @@ def host_gpus(timeout: float = 10.0) -> list[str]:
     """NVIDIA GPUs this machine shows, whatever Python packages are installed: the
     ``nvidia-smi -L`` lines, else one entry per ``/dev/nvidiaN`` device file. Empty when
     ``CUDA_VISIBLE_DEVICES`` hides every GPU on purpose ("" or "-1")."""
-    import glob
     import shutil
     import subprocess
 
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1", "NoDevFiles"):
+    if _gpus_hidden():
         return []
     smi = shutil.which("nvidia-smi")
     if smi:
@@ -375,6 +374,21 @@ def host_gpus(timeout: float = 10.0) -> list[str]:
             gpus = [line.strip() for line in p.stdout.splitlines() if line.startswith("GPU ")]
             if gpus:
                 return gpus
+    return gpu_device_files()
+
+
+def _gpus_hidden() -> bool:
+    """``CUDA_VISIBLE_DEVICES`` hides every GPU on purpose ("", "-1")."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1", "NoDevFiles")
+
+
+def gpu_device_files() -> list[str]:
+    """The NVIDIA GPUs' device files (``/dev/nvidiaN``), none when :func:`_gpus_hidden`: a
+    look at the machine without running anything (:func:`host_gpus` asks ``nvidia-smi`` first)."""
+    import glob
+
+    if _gpus_hidden():
+        return []
     return sorted(d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia"):].isdigit())
 
 

@@ -20,7 +20,6 @@ ignores SIGINT and SIGTERM (the run decides how to stop) and ends when its socke
 
 from __future__ import annotations
 
-import glob
 import itertools
 import math
 import mmap
@@ -280,14 +279,11 @@ def lanes_ahead(inference) -> int:
     when it is set, or likely (``auto`` on a host with NVIDIA device files); else 0."""
     if not (inference.reader_processes and AVAILABLE) or inference.pipeline == "lockstep":
         return 0
-    if inference.pipeline == "auto" and (os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
-                                         or not glob.glob("/dev/nvidia[0-9]*")):
-        return 0
-    if inference.reader_threads != "auto":
-        return int(inference.reader_threads)
-    from ..backend import usable_cores
+    from ..backend import gpu_device_files, usable_cores
 
-    return usable_cores()
+    if inference.pipeline == "auto" and not gpu_device_files():
+        return 0
+    return usable_cores() if inference.reader_threads == "auto" else int(inference.reader_threads)
 
 
 def open_scene(card, scene, tiling) -> SceneReader:

@@ -235,9 +235,9 @@ class SceneReader:
     def _held(self, window: Window | None) -> tuple[np.ndarray, np.ndarray] | None:
         """``window`` of a small scene that its statistics read holds whole, at full
         resolution (no second decode); None when not held."""
-        whole = self._decimated
-        if window is None or whole is None or whole[0] != (self.info.height, self.info.width):
+        if window is None or not self.holds_whole():
             return None
+        whole = self._decimated
         r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
         if r0 >= 0 and c0 >= 0 and r0 + h <= whole[0][0] and c0 + w <= whole[0][1]:
             return whole[1][:, r0:r0 + h, c0:c0 + w], whole[2][r0:r0 + h, c0:c0 + w]
