@@ -145,3 +145,47 @@ def test_loading_the_model_with_jax_compiles_nothing_per_weight(tmp_path):
     assert got["same_variables"] and got["same_outputs"], got
     assert got["plain_compiles"] >= 10, got  # what is saved: dozens of compiles
     assert got["fast_compiles"] <= 2, got  # the input Normalization layer's own build steps
+
+
+_ONE_PASS = """
+import json, sys
+import numpy as np
+import rasterio
+from tilescan.model import load_model
+from tilescan.explain.cam import GradCAM
+card = load_model()
+with rasterio.open(sys.argv[1]) as src:  # 8 tiles of a NAIP scene, scaled as the model takes them
+    a = src.read([1, 2, 3], window=((0, 256), (0, 512))).astype(np.float32) / 255
+x = np.stack([a[:, r:r + 128, c:c + 128].transpose(1, 2, 0) for r in (0, 128) for c in range(0, 512, 128)])
+fast = GradCAM(card.model, layer=card.cam_layer, fast_head=True)
+slow = GradCAM(card.model, layer=card.cam_layer, fast_head=False)
+t = np.array([3, 1, 0, 29, 5, 7, 11, 2], np.int32)
+out = {"path": fast.path}
+for name, target in (("predicted", None), ("given", t)):
+    f, s = fast.submit(x, target=target)(), slow(x, target=target)
+    out[name] = {"target": f.target.tolist(), "slow_target": s.target.tolist(),
+                 "dtypes": [str(f.probs.dtype), str(f.target.dtype), str(f.raw.dtype), str(f.cam.dtype)],
+                 "shapes": [list(f.raw.shape), list(f.cam.shape), list(f.probs.shape)],
+                 "probs": float(np.abs(f.probs - s.probs).max()), "raw": float(np.abs(f.raw - s.raw).max()),
+                 "cam": float(np.abs(f.cam - s.cam).max()), "logits": float(np.abs(f.logits - s.logits).max())}
+print(json.dumps(out))
+"""
+
+
+def test_jax_one_pass_gradcam_equals_the_backward_pass():
+    """JAX's one-pass Grad-CAM (the GPU path; its results come back to the host as one array)
+    gives the backward pass's classes, probabilities and maps, for predicted and given
+    classes, on real tiles."""
+    need_jax()
+    p = subprocess.run([sys.executable, "-c", _ONE_PASS, str(scene(NAIP[2]))], capture_output=True, text=True,
+                       timeout=600, env=env(KERAS_BACKEND="jax"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["path"] == "gap-dense"
+    assert got["given"]["target"] == [3, 1, 0, 29, 5, 7, 11, 2]
+    for case in ("predicted", "given"):
+        g = got[case]
+        assert g["target"] == g["slow_target"], got
+        assert g["dtypes"] == ["float32", "int32", "float32", "float32"]
+        assert g["shapes"] == [[8, 4, 4], [8, 4, 4], [8, 30]], got
+        assert max(g["probs"], g["raw"], g["cam"], g["logits"]) < 1e-4, got

@@ -174,8 +174,8 @@ class CAMMethod:
             res = self(x, target)
             return lambda: res
         x, t = self._checked(x, target)
-        out = dispatch(x, t)
-        return lambda: self._fast_result(*(np.asarray(v) for v in out))
+        collect = dispatch(x, t)
+        return lambda: self._fast_result(*collect())
 
     def __call__(self, x, target=None) -> CAMResult:
         x, t = self._checked(x, target)

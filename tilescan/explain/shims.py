@@ -188,6 +188,8 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
     import jax
     import jax.numpy as jnp
 
+    traced: dict[str, tuple[int, ...]] = {}  # the CAM's (h, w) and the class count, set when the step is traced
+
     def step(vars_, w, x, target):
         (acts, logits), _ = both.stateless_call(vars_[0], vars_[1], x, training=False)
         acts, logits = acts.astype(jnp.float32), logits.astype(jnp.float32)
@@ -196,19 +198,37 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
         raw = jnp.maximum(jnp.einsum("bhwk,bk->bhw", acts, weights), 0.0)
         peak = raw.max(axis=(1, 2))
         scale = jnp.where(peak > eps, 1.0 / jnp.maximum(peak, eps), 0.0)
-        return logits, t, raw, raw * scale[:, None, None]
+        cam = raw * scale[:, None, None]
+        traced["hw"], traced["k"] = tuple(raw.shape[1:]), (logits.shape[1],)
+        # one array, so one copy to the host: each copy lets the GIL go, and getting it back
+        # waits out the other threads' switch interval (class indexes are exact in float32)
+        b = raw.shape[0]
+        return jnp.concatenate([logits, t.astype(jnp.float32)[:, None], raw.reshape(b, -1), cam.reshape(b, -1)],
+                               axis=1)
 
     if jit:
         step = jax.jit(step)
 
     def dispatch(x, target):
-        """Queue the step on the device and return at once (JAX dispatches asynchronously):
-        the device arrays, read back by np.asarray when the caller wants them."""
+        """Queue the step on the device and return at once (JAX dispatches asynchronously) a
+        function that waits for its (logits, target, raw, cam), copied to the host at once.
+        The jitted step takes the numpy batch itself: one call uploads and queues it."""
         vars_ = ([v.value for v in both.trainable_variables], [v.value for v in both.non_trainable_variables])
-        return step(vars_, kernel.value, jnp.asarray(x), jnp.asarray(target))
+        if not jit:
+            x, target = jnp.asarray(x), jnp.asarray(target)
+        packed = step(vars_, kernel.value, x, target)
+        (k,), (h, w) = traced["k"], traced["hw"]
+
+        def collect():
+            got = np.asarray(packed)
+            n, a = len(got), k + 1 + h * w
+            return (got[:, :k], got[:, k].astype(np.int32), got[:, k + 1:a].reshape(n, h, w),
+                    got[:, a:].reshape(n, h, w))
+
+        return collect
 
     def run(x, target):
-        return tuple(np.asarray(v) for v in dispatch(x, target))
+        return dispatch(x, target)()
 
     run.dispatch = dispatch
     return run
