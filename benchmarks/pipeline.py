@@ -97,6 +97,11 @@ class NoopEngine:
     def readers(self, setting: str) -> int:
         return self.cores if setting == "auto" else int(setting)  # auto: as on a GPU host
 
+    def switch_interval(self, setting: str) -> float | None:
+        from tilescan.pipeline.engine import resolve_switch_interval
+
+        return resolve_switch_interval(setting, True)  # as on a GPU host
+
     def submit(self, x: np.ndarray):
         res = self(x)
         return lambda: res

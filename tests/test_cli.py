@@ -86,6 +86,7 @@ def test_info_runtime_shows_backend_device_and_precision():
     assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu and usable_cores() >= 2 else 1}
     assert rt["reader_threads"] == {"setting": "auto", "used": 1 if on_cpu else usable_cores()}
     assert rt["reader_processes"] == {"setting": False, "used": False}
+    assert rt["switch_interval_ms"] == {"setting": "auto", "used": 5.0 if on_cpu else 0.5}  # Python's own on a CPU
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too
         assert rt["warning"] in r.stderr
     else:
@@ -100,8 +101,10 @@ def test_info_runtime_resolves_the_config_and_environment(tmp_path):
     r = invoke(["info", "--runtime"], env={"TILESCAN_INFERENCE__PIPELINE": "overlap",
                                            "TILESCAN_INFERENCE__MODEL_STREAMS": "1",
                                            "TILESCAN_INFERENCE__READER_THREADS": "3",
-                                           "TILESCAN_INFERENCE__READER_PROCESSES": "true"})
+                                           "TILESCAN_INFERENCE__READER_PROCESSES": "true",
+                                           "TILESCAN_INFERENCE__SWITCH_INTERVAL_MS": "0.25"})
     rt = json.loads(r.stdout)["runtime"]
+    assert rt["switch_interval_ms"] == {"setting": "0.25", "used": 0.25}
     assert rt["pipeline"] == {"setting": "overlap", "used": "overlap"}
     assert rt["reader_processes"] == {"setting": True, "used": True}
     assert rt["model_streams"] == {"setting": "1", "used": 1}

@@ -408,6 +408,59 @@ def test_background_threads_spread_with_the_model_on_an_accelerator(monkeypatch)
     assert moved == [{1}]
 
 
+@pytest.mark.parametrize("setting", ["auto", "0.25"])
+def test_the_gil_switch_interval_is_the_runs_while_it_streams(chips, tmp_path, monkeypatch, setting):
+    """``switch_interval_ms``: the model's thread steps with the interval set (auto on the
+    CPU: Python's own), run.json says which, and Python's own is back after the run."""
+    import sys
+
+    from tilescan.pipeline.engine import Engine
+
+    seen = []
+    real_submit = Engine.submit
+
+    def submit(self, x):
+        seen.append(sys.getswitchinterval())
+        return real_submit(self, x)
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    before = sys.getswitchinterval()
+    out = tmp_path / "out"
+    assert run(chips[:1], out, _cfg(switch_interval_ms=setting), log=lambda m: None).exit_code == 0
+    want = before if setting == "auto" else 0.25e-3  # this test's engine computes on the CPU
+    assert seen and set(seen) == {want}
+    assert sys.getswitchinterval() == before
+    rt = json.loads((out / chips[0].stem / "run.json").read_text())["runtime"]
+    assert rt["switch_interval_ms"] == round(want * 1e3, 3)
+
+
+def test_runs_at_once_keep_the_shortest_switch_interval():
+    """Two runs in one process: each asks for its interval, the shorter holds while both run,
+    and the one before both is back when the last ends, in either order."""
+    import sys
+
+    from tilescan.pipeline.threads import SwitchInterval
+
+    before = sys.getswitchinterval()
+    for order in ((0, 1), (1, 0)):
+        a, b = SwitchInterval(), SwitchInterval()
+        a.set(1.0)
+        assert sys.getswitchinterval() == 1e-3
+        b.set(0.5)
+        b.set(0.1)  # set once per run: the second call changes nothing
+        assert sys.getswitchinterval() == 0.5e-3
+        first, second = (a, b)[order[0]], (a, b)[order[1]]
+        first.restore()
+        assert sys.getswitchinterval() == (0.5e-3 if first is a else 1e-3)
+        second.restore()
+        second.restore()
+        assert sys.getswitchinterval() == before
+    none = SwitchInterval()
+    none.set(None)  # auto on the CPU: Python's own, untouched
+    none.restore()
+    assert sys.getswitchinterval() == before
+
+
 def test_overlap_starts_the_next_batch_before_collecting_the_last(chips, tmp_path, monkeypatch):
     """Overlap: the stream hands the model batch k+1 before it collects batch k (on an
     asynchronous device the upload of the next batch overlaps the compute of this one);

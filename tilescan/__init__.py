@@ -24,6 +24,7 @@ Keras, TensorFlow and rasterio load only when a function needs them.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import CAM_METHOD_NAMES as CAM_METHODS
@@ -261,10 +262,13 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     """Where a run would compute: the Keras backend and device, the GPUs the machine shows, a
     warning when one goes unused, and what ``[inference] precision`` and ``pipeline`` resolve
     to with ``config``, how many model steps run at once (``model_streams``) and how many
-    threads read with the overlap pipeline (``reader_threads``), and whether they read in helper
-    processes (``reader_processes``). Imports Keras."""
+    threads read with the overlap pipeline (``reader_threads``), whether they read in helper
+    processes (``reader_processes``), and the GIL's switch interval during the stream
+    (``switch_interval_ms``). Imports Keras."""
     from .backend import describe_device, import_keras
-    from .pipeline.engine import resolve_pipeline, resolve_precision, resolve_readers, resolve_streams
+    from .explain.shims import model_on_accelerator
+    from .pipeline.engine import (resolve_pipeline, resolve_precision, resolve_readers, resolve_streams,
+                                  resolve_switch_interval)
 
     cfg = config if isinstance(config, Config) else load_config(config)
     keras = import_keras()
@@ -278,4 +282,7 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
             "model_streams": {"setting": inf.model_streams, "used": resolve_streams(inf.model_streams, backend)},
             "reader_threads": {"setting": inf.reader_threads, "used": resolve_readers(inf.reader_threads, backend)},
             "reader_processes": {"setting": inf.reader_processes,
-                                 "used": inf.reader_processes and resolve_pipeline(inf.pipeline, backend) == "overlap"}}
+                                 "used": inf.reader_processes and resolve_pipeline(inf.pipeline, backend) == "overlap"},
+            "switch_interval_ms": {"setting": inf.switch_interval_ms,
+                                   "used": resolve_switch_interval(inf.switch_interval_ms, model_on_accelerator(backend))
+                                   or round(1e3 * sys.getswitchinterval(), 3)}}

@@ -125,6 +125,12 @@ class InferenceConfig(_Section):
     for TensorFlow on a CPU of two or more usable cores, where a second step fills the cores
     while the first waits at its sync points; 1 elsewhere). The same results either way
     (benchmarks/README.md)."""
+    switch_interval_ms: str = "auto"
+    """How long a thread of the run may keep Python's GIL from another that waits for it
+    (``sys.setswitchinterval``, in ms; a number, or ``auto``). Each call to the model's device
+    lets the GIL go, and getting it back waits out this interval whenever a reader or the
+    writer runs Python code meanwhile. ``auto``: 0.5 with the model on an accelerator, Python's
+    own (5) on the CPU (benchmarks/README.md). Set back when the run ends."""
 
 
 @dataclass(frozen=True)
@@ -278,7 +284,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # "auto" or a number
             return str(value)
         raise bad("a string")
     if origin is tuple:
@@ -293,6 +299,14 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
             raise bad(f"a list of {len(args)} values")
         return tuple(_coerce(section, key, v, t, source) for v, t in zip(value, args))
     raise bad(str(typ))  # pragma: no cover - all field types are handled above
+
+
+def _number(text: str) -> float:
+    """A setting's text as a number; NaN where it is none."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return float("nan")
 
 
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
@@ -344,6 +358,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         v = getattr(i, key)
         if v != "auto" and not (v.strip().isdigit() and int(v) >= 1):
             fail("inference", key, f"must be auto or a whole number >= 1, got {v!r}")
+    if i.switch_interval_ms != "auto" and not 0.0 < _number(i.switch_interval_ms) <= 1000.0:
+        fail("inference", "switch_interval_ms", f"must be auto or a number of ms in (0, 1000], got {i.switch_interval_ms!r}")
     if i.output_workers < 0:
         fail("inference", "output_workers", f"must be >= 0, got {i.output_workers}")
     if i.queue_size < 1:

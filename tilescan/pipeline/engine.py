@@ -55,6 +55,19 @@ def resolve_readers(readers: str, backend: str) -> int:
     return usable_cores() if model_on_accelerator(backend) else 1
 
 
+#: ``switch_interval_ms = "auto"`` with the model on an accelerator: the model's thread gets the
+#: GIL back after each device call in about this long (benchmarks/README.md, gil_wait.py)
+ACCELERATOR_SWITCH_MS = 0.5
+
+
+def resolve_switch_interval(setting: str, on_accelerator: bool) -> float | None:
+    """``[inference] switch_interval_ms`` -> the interval in ms, or None to leave Python's own
+    (``auto`` with the model on the CPU, where its steps hold no GIL to wait for)."""
+    if setting != "auto":
+        return float(setting)
+    return ACCELERATOR_SWITCH_MS if on_accelerator else None
+
+
 def resolve_streams(streams: str, backend: str) -> int:
     """``[inference] model_streams`` -> how many model + CAM steps run at once. ``auto``: 2
     for TensorFlow on a CPU of two cores or more that this process may use (one step leaves
@@ -110,6 +123,7 @@ class Engine:
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
         self.streams = resolve_streams(cfg.inference.model_streams, backend)
         self._auto_readers = resolve_readers("auto", backend)  # asks the backend for its device once
+        self._on_accelerator = model_on_accelerator(backend)
         self.cores = usable_cores()  # the cores this process may keep busy (affinity, cgroup quota)
         from ..backend import compilation_cache_dir, describe_device
 
@@ -134,6 +148,11 @@ class Engine:
         """Reader threads of the overlap pipeline for ``[inference] reader_threads`` here (a run's
         setting: the engine is shared by runs whose settings differ)."""
         return self._auto_readers if setting == "auto" else int(setting)
+
+    def switch_interval(self, setting: str) -> float | None:
+        """The GIL's switch interval (ms) for ``[inference] switch_interval_ms`` here, or None
+        for Python's own (:func:`resolve_switch_interval`)."""
+        return resolve_switch_interval(setting, self._on_accelerator)
 
     def ready(self) -> None:
         """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""

@@ -42,7 +42,7 @@ from .memory import ArrayPool
 from .process import UnitJob, warm_writers
 from .readers import ReaderProcesses
 from .report import UnitResult
-from .threads import FINISH_NICE, SharedCore, background_priority
+from .threads import FINISH_NICE, SharedCore, SwitchInterval, background_priority
 
 #: Most tiles an overlap reader reads with one call (a band of block rows, or part of one):
 #: 128 tiles of 128 px are 25 MB of model input; each reader has at most two calls ahead.
@@ -172,10 +172,10 @@ class Stream:
         self._workers = None
         if nw:
             from ..outputs.workers import OutputWorkers
-
             self._workers = OutputWorkers(nw, nice=FINISH_NICE)
         finishers = max(FINISHERS, nw)
         self._core = SharedCore()  # where the background threads run, set with the engine
+        self._switch = SwitchInterval()  # the GIL's switch interval, set with the engine
         self._finishers = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix="tilescan-finish",
                                              initializer=self._core.background)
         self._room = threading.Condition()
@@ -262,6 +262,7 @@ class Stream:
                 self.engine.ready()
                 self.stats.engine_ready = time.monotonic() - self.stats.started
                 self._core.set(self.engine)
+                self._switch.set(self.engine.switch_interval(self.cfg.inference.switch_interval_ms))
             return self.engine
 
     @property
@@ -579,6 +580,7 @@ class Stream:
         finally:
             reads.close()
             self._read_procs.close()
+            self._switch.restore()
             self._writer.finish()
             for f in list(self._finishing):
                 f.result()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 #: How much nicer than the run the opener and finisher threads are (off the model's cores).
@@ -65,6 +66,37 @@ class SharedCore:
         """A finisher's or tail step's thread starts: at a lower priority, on the shared core."""
         background_priority()
         self.join()
+
+
+class SwitchInterval:
+    """The GIL's switch interval of a run (``[inference] switch_interval_ms``): set when its
+    engine is known (:meth:`set`), as before when the last run that set one ends
+    (:meth:`restore`); runs at once in one process keep the shortest they asked for."""
+
+    _lock = threading.Lock()
+    _held: list[float] = []  # the intervals (s) of the runs holding one
+    _before = 0.0  # the interval before the first of them
+
+    def __init__(self):
+        self._mine: float | None = None
+
+    def set(self, ms: float | None) -> None:
+        if ms is None or self._mine is not None:
+            return
+        with self._lock:
+            if not SwitchInterval._held:
+                SwitchInterval._before = sys.getswitchinterval()
+            self._mine = ms / 1e3
+            SwitchInterval._held.append(self._mine)
+            sys.setswitchinterval(min(SwitchInterval._held))
+
+    def restore(self) -> None:
+        if self._mine is None:
+            return
+        with self._lock:
+            SwitchInterval._held.remove(self._mine)
+            self._mine = None
+            sys.setswitchinterval(min(SwitchInterval._held, default=SwitchInterval._before))
 
 
 #: Settings of the BLAS thread count that are the user's choice (:func:`one_blas_thread`).
