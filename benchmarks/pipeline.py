@@ -24,7 +24,9 @@ run, each its own scene). ``--cores 1,all`` pins to 1 core and to every usable c
 ``--repo`` (twice or more)
 each checkout's own run alternates with the others' in every round, and each run's rate is
 also given as a ratio to the first checkout's run beside it: this shared machine's speed
-drifts, so only those carry.
+drifts, so only those carry. Each run also gives the CPU a tile of the run's own process and
+of its helpers (``cpu_ms_per_tile``), and of each thread of the run's process by name
+(``run_process_cpu_ms_per_tile_by_thread``, read from ``/proc``): where the serial part is.
 
 ``small-host``: the same no-op run over 160 scenes of 512 x 512 px (16 tiles each, cut from
 the real Landsat scene), on 1 and on 2 cores, with ``[inference] output_workers`` 0 (the
@@ -143,9 +145,11 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     import resource
 
     own0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    threads = _ThreadCPU()
     t0 = time.perf_counter()
     report = run(scenes, out, cfg, log=lambda m: None, engine=engine)
     wall = time.perf_counter() - t0
+    by_thread = threads.stop()
     own1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     if any(r.status != "done" for r in report.results):
         raise SystemExit(f"a unit failed: {[r.reason for r in report.results if r.status != 'done']}")
@@ -153,7 +157,8 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     got = {"tiles": n, "wall_s": round(wall, 3), "tiles_per_s": round(n / wall, 1),
            # CPU of the run's own process (its GIL's share is part of it) and of its helpers, a tile
            "cpu_ms_per_tile": {"run_process": round(1e3 * _cpu_s(own0, own1) / n, 4),
-                               "helper_processes": round(1e3 * _cpu_s(kids0, kids1) / n, 4)}}
+                               "helper_processes": round(1e3 * _cpu_s(kids0, kids1) / n, 4)},
+           "run_process_cpu_ms_per_tile_by_thread": {k: round(1e3 * v / n, 4) for k, v in by_thread.items()}}
     if len(scenes) == 1:
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
@@ -163,6 +168,58 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
     return got
+
+
+class _ThreadCPU:
+    """The CPU time of each thread of this process by name (a pool's threads together), read
+    from ``/proc`` every 20 ms while the run lasts (a thread's last 20 ms may be missed)."""
+
+    def __init__(self):
+        import threading
+
+        self._seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="bench-thread-cpu", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import re
+        import threading
+
+        tick = os.sysconf("SC_CLK_TCK")
+        base: dict[int, float] = {}  # the CPU of the threads already there (the main thread's imports)
+        first = True
+        while True:
+            for t in threading.enumerate():
+                if t.native_id is None or t is self._thread:
+                    continue
+                try:
+                    with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                cpu = (int(fields[11]) + int(fields[12])) / tick
+                if first:
+                    base[t.native_id] = cpu
+                self._seen[t.native_id] = (re.sub(r"_\d+$", "", t.name), cpu - base.get(t.native_id, 0.0))
+            first = False
+            if self._stop.wait(0.02):
+                return
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        out: dict[str, float] = {}
+        for name, s in self._seen.values():
+            out[name] = out.get(name, 0.0) + s
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _by_thread(runs: list[dict]) -> dict[str, float]:
+    """The median of each thread's CPU a tile over ``runs`` (0 in a run without it)."""
+    names = {k for g in runs for k in g.get("run_process_cpu_ms_per_tile_by_thread", {})}
+    got = {k: median(g.get("run_process_cpu_ms_per_tile_by_thread", {}).get(k, 0.0) for g in runs) for k in names}
+    return dict(sorted(got.items(), key=lambda kv: -kv[1]))
 
 
 def _cpu_s(before, after) -> float:
@@ -257,7 +314,8 @@ def _host_readers_compared(args, scene: Path, work: Path, counts: list[str]) -> 
     def med(rs: list[dict]) -> dict:
         return {"tiles_per_s": median(g["tiles_per_s"] for g in rs),
                 "stream_tiles_per_s": median(g["stream_tiles_per_s"] for g in rs),
-                "cpu_ms_per_tile": {k: median(g["cpu_ms_per_tile"][k] for g in rs) for k in rs[0]["cpu_ms_per_tile"]}}
+                "cpu_ms_per_tile": {k: median(g["cpu_ms_per_tile"][k] for g in rs) for k in rs[0]["cpu_ms_per_tile"]},
+                "run_process_cpu_ms_per_tile_by_thread": _by_thread(rs)}
 
     by = {}
     for c, ways in runs.items():
@@ -321,6 +379,9 @@ def _host_side_by_side(args, scene: Path, work: Path) -> dict:
         rate = {c: median(g["tiles_per_s"] for g in v) for c, v in rs.items()}
         res[repo] = {"tiles_per_s_1core": rate["1"], "tiles_per_s_2cores": rate["2"],
                      "ratio_2_to_1": round(rate["2"] / rate["1"], 3),
+                     "run_process_cpu_ms_per_tile": {c: median(g["cpu_ms_per_tile"]["run_process"] for g in v)
+                                                     for c, v in rs.items()},
+                     "run_process_cpu_ms_per_tile_by_thread": {c: _by_thread(v) for c, v in rs.items()},
                      "per_pair_to_first": {c: [round(g["tiles_per_s"] / f["tiles_per_s"], 3)
                                                for g, f in zip(v, first[c])] for c, v in rs.items()},
                      "runs": rs}

@@ -1,25 +1,37 @@
 #!/bin/bash
-# Reader threads against reader processes ([inference] reader_processes) on the GPU machine, in
-# one device call (same .gpu/ carry as check.sh; py-spy as .gpu/py-spy.xz when there): the host
-# side's no-op run of the 12k mosaic on 1, 4 and all cores, each way, alternated (2 rounds); the real model
-# end to end on the 10,240 px mosaic (bench.py e2e), each way; `tilescan run` over 4 copies of
-# that mosaic (batches span scenes), each way; and, with py-spy, the held GIL of a no-op
-# all-core run with reader processes. JSONs and one archive with every log in $OUT.
+# Reader threads against reader processes ([inference] reader_processes), and the GIL's switch
+# interval the run keeps on a GPU ([inference] switch_interval_ms: auto = 0.5 ms) against
+# Python's 5 ms, on the GPU machine in one device call (same .gpu/ carry as check.sh; py-spy as
+# .gpu/py-spy.xz when there), the most telling first (the budget cuts the last): the real model
+# end to end on the 10,240 px mosaic (bench.py e2e) with threads, processes, and threads at 5 ms;
+# `tilescan run` over 4 copies of that mosaic (batches span scenes) the same three ways and
+# processes at 5 ms; the host side's no-op run of the 12k mosaic on 1 and all cores, threads
+# and processes alternated (2 rounds); and, with py-spy, the held GIL of a no-op all-core run
+# with reader processes. JSONs and one archive with every log in $OUT.
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-readers}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-560}
 . benchmarks/gpu/common.sh
-step info 60 "$PY" -m tilescan.cli info --runtime
-step host-readers 150 "$PY" benchmarks/pipeline.py host --readers default --cores "${CORES:-1,4,all}" --rounds 2 \
-  --no-gpkg --reader-processes both --work /tmp/tilescan-host --out "$OUT/host-readers.json"
-for m in false true; do
-  step "e2e-procs-$m" 90 env TILESCAN_INFERENCE__READER_PROCESSES=$m "$PY" benchmarks/bench.py --only model,gradcam,e2e \
-    --size "$SIZE" --rounds 2 --set "inference.batch_size=$BATCH" --scenes /tmp/tilescan-scenes --out "$OUT/e2e-procs-$m.json"
-done
+step info 40 "$PY" -m tilescan.cli info --runtime
+e2e() {  # name, VAR=VALUE...: bench.py's model-only, model + Grad-CAM and end-to-end runs with those settings
+  local name=$1
+  shift
+  step "e2e-$name" 90 env "$@" "$PY" benchmarks/bench.py --only model,gradcam,e2e --size "$SIZE" --rounds 2 \
+    --set "inference.batch_size=$BATCH" --scenes /tmp/tilescan-scenes --out "$OUT/e2e-$name.json"
+}
+e2e procs-false TILESCAN_INFERENCE__READER_PROCESSES=false
+e2e procs-true TILESCAN_INFERENCE__READER_PROCESSES=true
+e2e procs-false-switch5 TILESCAN_INFERENCE__READER_PROCESSES=false TILESCAN_INFERENCE__SWITCH_INTERVAL_MS=5
 step mosaic 60 bash -c "mosaic_copies /tmp/multi"
 step e2e-multi-threads 60 bash -c "multi threads TILESCAN_INFERENCE__READER_PROCESSES=false"
 step e2e-multi-procs 60 bash -c "multi procs TILESCAN_INFERENCE__READER_PROCESSES=true"
+step e2e-multi-threads-switch5 60 bash -c \
+  "multi threads-switch5 TILESCAN_INFERENCE__READER_PROCESSES=false TILESCAN_INFERENCE__SWITCH_INTERVAL_MS=5"
+step e2e-multi-procs-switch5 60 bash -c \
+  "multi procs-switch5 TILESCAN_INFERENCE__READER_PROCESSES=true TILESCAN_INFERENCE__SWITCH_INTERVAL_MS=5"
+step host-readers 120 "$PY" benchmarks/pipeline.py host --readers default --cores "${CORES:-1,all}" --rounds 2 \
+  --no-gpkg --reader-processes both --work /tmp/tilescan-host --out "$OUT/host-readers.json"
 if [ -f .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil-procs 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil-procs.txt" -- \
@@ -27,4 +39,4 @@ if [ -f .gpu/py-spy.xz ]; then
     --work /tmp/tilescan-host
   step gil-procs 30 "$PY" benchmarks/gil_profile.py "$OUT/spy-gil-procs.txt" --tiles 16704 --out "$OUT/gil-procs.json"
 fi
-archive readers-all '*.json'
+archive readers-all 'e2e-procs-*.json' 'e2e-multi-*.json'  # 7 + the archive: a call brings back 8 files
