@@ -74,6 +74,8 @@ import numpy as np  # noqa: E402
 import bench  # noqa: E402  (the Landsat mosaic builder and machine facts)
 
 HOST_SIZE = (12246, 11160)
+#: ``--switch-ms``: the one setting a ``host`` run takes from the environment
+_SWITCH_VAR = "TILESCAN_INFERENCE__SWITCH_INTERVAL_MS"
 
 
 class NoopEngine:
@@ -139,7 +141,7 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}
     if not gpkg:
         overrides["output"] = {"gpkg": False}
-    cfg = load_config(overrides=overrides, environ={})
+    cfg = load_config(overrides=overrides, environ={k: v for k, v in os.environ.items() if k == _SWITCH_VAR})
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
     import resource
@@ -158,7 +160,8 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
            # CPU of the run's own process (its GIL's share is part of it) and of its helpers, a tile
            "cpu_ms_per_tile": {"run_process": round(1e3 * _cpu_s(own0, own1) / n, 4),
                                "helper_processes": round(1e3 * _cpu_s(kids0, kids1) / n, 4)},
-           "run_process_cpu_ms_per_tile_by_thread": {k: round(1e3 * v / n, 4) for k, v in by_thread.items()}}
+           "run_process_cpu_ms_per_tile_by_thread": {k: round(1e3 * v / n, 4) for k, v in by_thread.items()},
+           "switch_interval_ms": engine.switch_interval(cfg.inference.switch_interval_ms)}
     if len(scenes) == 1:
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
         got["timings_s"] = manifest["timings_s"]
@@ -618,6 +621,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reader-processes", choices=("off", "on", "both"), default="off",
                     help="host, small-host: [inference] reader_processes (each overlap reader in a process of its own); "
                          "both: reader threads and processes side by side, alternated")
+    ap.add_argument("--switch-ms", help="host: [inference] switch_interval_ms for the runs (default: auto, which the "
+                                        "no-op engine, standing for a GPU host, resolves to 0.5)")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")
@@ -626,6 +631,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=3, help="small --repo: times each checkout's run is repeated")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.switch_ms is not None:
+        os.environ[_SWITCH_VAR] = args.switch_ms  # the runs' processes inherit it
     own = args.work is None  # a temp folder of its own (the 12k mosaic alone is 630 MB): removed at the end
     if own:
         args.work = tempfile.mkdtemp(prefix=f"tilescan-{args.what}-")
