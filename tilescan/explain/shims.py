@@ -188,7 +188,7 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
     import jax
     import jax.numpy as jnp
 
-    traced: dict[str, tuple[int, ...]] = {}  # the CAM's (h, w) and the class count, set when the step is traced
+    traced: dict[str, tuple[int, int, int]] = {}  # (classes, CAM height, width), set when the step is traced
 
     def step(vars_, w, x, target):
         (acts, logits), _ = both.stateless_call(vars_[0], vars_[1], x, training=False)
@@ -199,7 +199,7 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
         peak = raw.max(axis=(1, 2))
         scale = jnp.where(peak > eps, 1.0 / jnp.maximum(peak, eps), 0.0)
         cam = raw * scale[:, None, None]
-        traced["hw"], traced["k"] = tuple(raw.shape[1:]), (logits.shape[1],)
+        traced["shape"] = (logits.shape[1], *raw.shape[1:])
         # one array, so one copy to the host: each copy lets the GIL go, and getting it back
         # waits out the other threads' switch interval (class indexes are exact in float32)
         b = raw.shape[0]
@@ -217,7 +217,7 @@ def _jax_gap_dense(both, kernel, jit: bool, eps: float):
         if not jit:
             x, target = jnp.asarray(x), jnp.asarray(target)
         packed = step(vars_, kernel.value, x, target)
-        (k,), (h, w) = traced["k"], traced["hw"]
+        k, h, w = traced["shape"]
 
         def collect():
             got = np.asarray(packed)
