@@ -24,7 +24,6 @@ Keras, TensorFlow and rasterio load only when a function needs them.
 from __future__ import annotations
 
 import os
-import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import CAM_METHOD_NAMES as CAM_METHODS
@@ -268,7 +267,7 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     from .backend import describe_device, import_keras
     from .explain.shims import model_on_accelerator
     from .pipeline.engine import (resolve_pipeline, resolve_precision, resolve_readers, resolve_streams,
-                                  resolve_switch_interval)
+                                  resolve_switch_interval, switch_ms_used)
 
     cfg = config if isinstance(config, Config) else load_config(config)
     keras = import_keras()
@@ -284,5 +283,5 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
             "reader_processes": {"setting": inf.reader_processes,
                                  "used": inf.reader_processes and resolve_pipeline(inf.pipeline, backend) == "overlap"},
             "switch_interval_ms": {"setting": inf.switch_interval_ms,
-                                   "used": resolve_switch_interval(inf.switch_interval_ms, model_on_accelerator(backend))
-                                   or round(1e3 * sys.getswitchinterval(), 3)}}
+                                   "used": switch_ms_used(resolve_switch_interval(inf.switch_interval_ms,
+                                                                                  model_on_accelerator(backend)))}}

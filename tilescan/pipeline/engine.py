@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Sequence
 
@@ -66,6 +67,12 @@ def resolve_switch_interval(setting: str, on_accelerator: bool) -> float | None:
     if setting != "auto":
         return float(setting)
     return ACCELERATOR_SWITCH_MS if on_accelerator else None
+
+
+def switch_ms_used(ms: float | None) -> float:
+    """The interval (ms) a run streams at, as reported: ``ms`` as resolved, or Python's own
+    where the run leaves it (None)."""
+    return ms if ms is not None else round(1e3 * sys.getswitchinterval(), 3)
 
 
 def resolve_streams(streams: str, backend: str) -> int:

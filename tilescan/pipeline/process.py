@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import shutil
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -38,7 +37,7 @@ from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
 from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
-from .engine import Engine
+from .engine import Engine, switch_ms_used
 from .readers import open_scene, read_batch
 from .report import UnitResult
 from .units import Unit, UnitLock, move_into_place, package_versions
@@ -392,7 +391,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
                   "classes": engine.classes, "precision": engine.precision},
         "runtime": {**engine.runtime, "reader_threads": engine.readers(job.cfg.inference.reader_threads)
                     if engine.pipeline == "overlap" else None, "reader_processes": reader.process_key is not None,
-                    "switch_interval_ms": _switch_ms(engine, job.cfg),
+                    "switch_interval_ms": switch_ms_used(engine.switch_interval(job.cfg.inference.switch_interval_ms)),
                     **(job.run_timings() if job.run_timings else {})},
         "config": job.cfg.to_dict(),
         "versions": package_versions(),
@@ -413,12 +412,6 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "outputs": sorted(p.name for p in job.stage.iterdir()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _switch_ms(engine: Engine, cfg: Config) -> float:
-    """The GIL's switch interval the run's stream used (ms): its setting's, or Python's own."""
-    ms = engine.switch_interval(cfg.inference.switch_interval_ms)
-    return ms if ms is not None else round(1e3 * sys.getswitchinterval(), 3)
 
 
 def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
