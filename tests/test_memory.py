@@ -54,28 +54,31 @@ def test_memory_fits_the_size_asked_and_keeps_few():
 
 @pytest.mark.parametrize("mode,threads", [("lockstep", 1), ("overlap", 2)])
 def test_a_run_reuses_its_batch_memory_with_the_same_outputs(tmp_path, monkeypatch, mode, threads):
-    """A real scene of many batches: the batches' inputs come from memory used before, and
-    the outputs equal those of a run whose every batch gets new memory."""
-    pools = []
+    """A real scene of many batches: the inputs read, and (overlap: 24 tiles do not divide
+    a band's 32) the batches put together from several pieces, come from memory used before,
+    and the outputs equal those of a run whose every array gets new memory."""
+    pools = {}
 
     class Counted(ArrayPool):
-        def __init__(self, keep=4):
+        def __init__(self, keep, run):
             super().__init__(keep)
-            pools.append(self)
+            pools.setdefault(run, []).append(self)
 
     cfg = load_config(overrides={"tiling": {"units": "px", "tile_size": 128, "bands": [3, 2, 1]},
-                                 "inference": {"batch_size": 16, "pipeline": mode, "reader_threads": threads}},
+                                 "inference": {"batch_size": 24, "pipeline": mode, "reader_threads": threads}},
                       environ={})
     path = scene(LANDSAT)
     outs = {}
-    for keep in (4, 0):  # keep 0: no buffer is ever kept, every batch is new memory
-        monkeypatch.setattr(stream, "ArrayPool", lambda keep=keep: Counted(keep))
-        outs[keep] = tmp_path / f"keep{keep}"
-        assert run([path], outs[keep], cfg, log=lambda m: None).exit_code == 0
-    with_pool, without = pools
-    assert with_pool.reused > 0 and without.reused == 0
+    for run_keeps in (True, False):  # False: no buffer is ever kept, every array is new memory
+        monkeypatch.setattr(stream, "ArrayPool", lambda keep=4, k=run_keeps: Counted(keep if k else 0, k))
+        outs[run_keeps] = tmp_path / f"keep{run_keeps}"
+        assert run([path], outs[run_keeps], cfg, log=lambda m: None).exit_code == 0
+    (reads, batches), (reads0, batches0) = pools[True], pools[False]
+    assert reads.reused > 0 and reads0.reused == batches0.reused == 0
+    if mode == "overlap":  # lockstep reads a batch at a time: here no batch is of two pieces
+        assert batches.reused > 0 and batches0.fresh > 0
     name = Path(path).stem
-    assert_unit_equal(outs[4] / name, outs[0] / name)
+    assert_unit_equal(outs[True] / name, outs[False] / name)
 
 
 @pytest.mark.parametrize("user_set", [False, True])

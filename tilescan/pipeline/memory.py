@@ -4,17 +4,20 @@ A batch array taken from an :class:`ArrayPool` goes back to the pool by itself o
 refers to it any more (the model has taken what it needs and its last view is dropped), and
 the next read writes into it. Freshly allocated memory is not free: the kernel zeroes every
 page on its first write (measured in benchmarks/README.md, "The host side").
+
+A :class:`Batcher` gathers the pieces read into batches of the model's size across units; a
+batch of several pieces is put together in such memory too (one piece is passed as it is).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ArrayPool"]
+__all__ = ["ArrayPool", "Batcher"]
 
 
 class _Lease:
@@ -76,3 +79,38 @@ class ArrayPool:
         if self._dropped is not None:
             for buf in free:
                 self._dropped(buf)
+
+
+class Batcher:
+    """Read tiles gathered into batches of exactly ``size`` across units; ``step(pieces, x)``
+    gets each full batch as ``[(job, tiles, valid, fractions)]`` and the stacked inputs."""
+
+    def __init__(self, size: int, step: Callable[[list, np.ndarray], None], memory: ArrayPool):
+        self.size, self.step, self.memory = size, step, memory  # memory: for batches put together
+        self.pieces: list = []  # (job, tiles, x, valid, fractions)
+        self.count = 0
+
+    def add(self, job, tiles: list, x: np.ndarray, valid: np.ndarray, fractions: np.ndarray) -> None:
+        i = 0
+        while i < len(tiles):
+            take = min(self.size - self.count, len(tiles) - i)
+            self.pieces.append((job, tiles[i:i + take], x[i:i + take], valid[i:i + take], fractions[i:i + take]))
+            self.count += take
+            i += take
+            if self.count == self.size:
+                self.flush()
+
+    def drop(self, keep: Callable[[Any], bool]) -> None:
+        """Forget the gathered tiles of the jobs ``keep`` rejects."""
+        self.pieces = [p for p in self.pieces if keep(p[0])]
+        self.count = sum(len(p[1]) for p in self.pieces)
+
+    def flush(self) -> None:
+        """Hand over what is gathered (a short last batch too)."""
+        if not self.pieces:
+            return
+        pieces, self.pieces, self.count = self.pieces, [], 0
+        xs = [p[2] for p in pieces]  # one piece: no copy; more: into reused memory, as fresh pages cost
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs, out=self.memory.empty(
+            (sum(map(len, xs)), *xs[0].shape[1:]), xs[0].dtype))
+        self.step([(job, tiles, valid, fr) for job, tiles, _, valid, fr in pieces], x)

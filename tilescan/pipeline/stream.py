@@ -38,7 +38,7 @@ from .. import faults, stop
 from ..config import Config
 from ..errors import ModelError
 from .engine import Engine
-from .memory import ArrayPool
+from .memory import ArrayPool, Batcher
 from .process import UnitJob, warm_writers
 from .readers import ReaderProcesses
 from .report import UnitResult
@@ -110,39 +110,6 @@ class _Writer(threading.Thread):
         self.join()
 
 
-class _Batcher:
-    """Read tiles gathered into batches of exactly ``size`` across units; ``step(pieces, x)``
-    gets each full batch as ``[(job, tiles, valid, fractions)]`` and the stacked inputs."""
-
-    def __init__(self, size: int, step: Callable[[list, np.ndarray], None]):
-        self.size, self.step = size, step
-        self.pieces: list = []  # (job, tiles, x, valid, fractions)
-        self.count = 0
-
-    def add(self, job: UnitJob, tiles: list, x: np.ndarray, valid: np.ndarray, fractions: np.ndarray) -> None:
-        i = 0
-        while i < len(tiles):
-            take = min(self.size - self.count, len(tiles) - i)
-            self.pieces.append((job, tiles[i:i + take], x[i:i + take], valid[i:i + take], fractions[i:i + take]))
-            self.count += take
-            i += take
-            if self.count == self.size:
-                self.flush()
-
-    def drop(self, keep: Callable[[UnitJob], bool]) -> None:
-        """Forget the gathered tiles of the jobs ``keep`` rejects."""
-        self.pieces = [p for p in self.pieces if keep(p[0])]
-        self.count = sum(len(p[1]) for p in self.pieces)
-
-    def flush(self) -> None:
-        """Hand over what is gathered (a short last batch too)."""
-        if not self.pieces:
-            return
-        pieces, self.pieces, self.count = self.pieces, [], 0
-        x = pieces[0][2] if len(pieces) == 1 else np.concatenate([p[2] for p in pieces])  # one piece: no copy
-        self.step([(job, tiles, valid, fr) for job, tiles, _, valid, fr in pieces], x)
-
-
 class Stream:
     """Runs the units that ``units`` yields through one engine; see the module doc.
 
@@ -188,7 +155,7 @@ class Stream:
         self._warmed = False  # warm_writers submitted
         self._writer = _Writer(self._handle, maxsize=max(2, cfg.inference.queue_size))
         self._pending: deque = deque()  # started batches not yet collected, oldest first
-        self._memory = ArrayPool()  # the model inputs' memory, reused from batch to batch
+        self._memory, self._batches = ArrayPool(), ArrayPool(keep=3)  # model inputs read, and batches of pieces
         self._read_procs = ReaderProcesses.for_run(cfg.inference)  # off, or starting while the model loads
         self._collected = 0.0  # when the last batch was collected
 
@@ -530,7 +497,7 @@ class Stream:
         """Process ``units`` ((index, unit) pairs); returns when every one has a result, was
         dropped by a stop, or was not started."""
         units = list(units)
-        batcher = _Batcher(self.batch_size, self._step)
+        batcher = Batcher(self.batch_size, self._step, self._batches)
         self._writer.start()
         reads = self._reads(units)
         try:
@@ -586,7 +553,8 @@ class Stream:
                 f.result()
             self._finishers.shutdown()
             self._tail.shutdown()
-            self._memory.clear()
+            for pool in (self._memory, self._batches):
+                pool.clear()
             if self._workers is not None:
                 self._workers.close()
             with self._lock:
