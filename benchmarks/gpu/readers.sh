@@ -6,7 +6,7 @@
 # end to end on the 10,240 px mosaic (bench.py e2e) with threads, processes, and threads at 5 ms;
 # `tilescan run` over 4 copies of that mosaic (batches span scenes) the same three ways and
 # processes at 5 ms; the host side's no-op run of the 12k mosaic on 1 and all cores, threads
-# and processes alternated (2 rounds), and on all cores with threads at 5 ms; and, with py-spy,
+# and processes alternated (2 rounds), and on all cores with threads at 5 ms, at the run's batch; and, with py-spy,
 # the held GIL of a no-op all-core run with reader processes. JSONs and one archive with every
 # log in $OUT.
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -32,14 +32,14 @@ step e2e-multi-threads-switch5 60 bash -c \
 step e2e-multi-procs-switch5 60 bash -c \
   "multi procs-switch5 TILESCAN_INFERENCE__READER_PROCESSES=true TILESCAN_INFERENCE__SWITCH_INTERVAL_MS=5"
 step host-readers 120 "$PY" benchmarks/pipeline.py host --readers default --cores "${CORES:-1,all}" --rounds 2 \
-  --no-gpkg --reader-processes both --work /tmp/tilescan-host --out "$OUT/host-readers.json"
+  --no-gpkg --reader-processes both --batch "$BATCH" --work /tmp/tilescan-host --out "$OUT/host-readers.json"
 step host-threads-switch5 60 "$PY" benchmarks/pipeline.py host --readers default --cores all --rounds 1 --no-gpkg \
-  --switch-ms 5 --work /tmp/tilescan-host --out "$OUT/host-threads-switch5.json"
+  --switch-ms 5 --batch "$BATCH" --work /tmp/tilescan-host --out "$OUT/host-threads-switch5.json"
 if [ -f .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil-procs 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil-procs.txt" -- \
     "$PY" benchmarks/pipeline.py host --readers default --cores all --copies 2 --rounds 1 --no-gpkg --reader-processes on \
-    --work /tmp/tilescan-host
+    --batch "$BATCH" --work /tmp/tilescan-host
   step gil-procs 30 "$PY" benchmarks/gil_profile.py "$OUT/spy-gil-procs.txt" --tiles 16704 --out "$OUT/gil-procs.json"
 fi
 archive readers-all 'e2e-procs-*.json' 'e2e-multi-*.json'  # 7 + the archive: a call brings back 8 files
