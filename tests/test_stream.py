@@ -188,6 +188,49 @@ def test_the_first_scenes_open_while_the_model_loads(chips, solo, tmp_path, monk
         assert_unit_equal(out / p.stem, solo[p.stem])
 
 
+@pytest.mark.parametrize("mode", ["lockstep", "overlap"])
+def test_the_first_tiles_are_read_while_the_step_compiles(chips, solo, tmp_path, monkeypatch, mode):
+    """Once the model is loaded its step compiles on a thread of its own; the caller does not
+    wait for it before reading: the first tiles are read meanwhile, and the wait is the run's
+    start-up, not the scenes' (their seconds start when the step is ready). Same outputs."""
+    import time
+
+    from tilescan.pipeline.process import UnitJob
+    from tilescan.pipeline.run import _Units
+
+    read_once, seen = threading.Event(), {}
+    real_make, real_read = _Units.make_engine, UnitJob.read
+
+    def make(self):
+        engine = real_make(self)
+        real_ready = engine.ready
+
+        def compiling():  # as a cold compile: ready once the first tiles are read, and a second more
+            if "read_before_ready" not in seen:  # the first call (each step calls it)
+                seen["read_before_ready"] = read_once.wait(timeout=20)
+                time.sleep(1.0)
+            real_ready()
+
+        monkeypatch.setattr(engine, "ready", compiling)
+        return engine
+
+    def read(job, chunk):
+        got = real_read(job, chunk)
+        read_once.set()
+        return got
+
+    monkeypatch.setattr(_Units, "make_engine", make)
+    monkeypatch.setattr(UnitJob, "read", read)
+    out = tmp_path / "out"
+    report = run(chips, out, _cfg(pipeline=mode, reader_threads=2), log=lambda m: None)
+    assert report.exit_code == 0 and seen["read_before_ready"]
+    streams = json.loads((out / "report.json").read_text())["timings_s"]["streams"]
+    assert streams[0]["engine_ready_s"] <= streams[0]["first_batch_s"]
+    for p in chips:
+        assert json.loads((out / p.stem / "run.json").read_text())["timings_s"]["total"] < 1.0  # the wait is not theirs
+        assert_unit_equal(out / p.stem, solo[p.stem])
+
+
 @pytest.mark.parametrize("second_fails", [False, True])
 def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeypatch, second_fails):
     """The scenes open with the metadata read at the run's start; an engine loaded from a

@@ -158,6 +158,7 @@ class Stream:
         self._memory, self._batches = ArrayPool(), ArrayPool(keep=3)  # model inputs read, and batches of pieces
         self._read_procs = ReaderProcesses.for_run(cfg.inference)  # off, or starting while the model loads
         self._collected = 0.0  # when the last batch was collected
+        self._built = 0.0  # when the engine was made (its step then compiles until _ready)
 
     # -- the opener
 
@@ -220,17 +221,30 @@ class Stream:
         for a moment, :data:`~tilescan.log.STDERR_LOCK` held) hides no other thread's
         messages, and the model's thread pools start at the run's priority, not the opener's
         lower one. Meanwhile the opener opens the first units: that needs only the model's
-        metadata; each gets the engine when the caller takes it (:meth:`_take`)."""
+        metadata; each gets the engine when the caller takes it (:meth:`_take`). The step
+        compiles on the engine's own thread until the first batch needs it (:meth:`_ready`)."""
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
-                # the lanes' count known: reader processes start while the step compiles
+                self._built = time.monotonic()
+                # the lanes' count known: reader processes start, and the readers read, while the step compiles
                 self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
-                self.engine.ready()
-                self.stats.engine_ready = time.monotonic() - self.stats.started
                 self._core.set(self.engine)
                 self._switch.set(self.engine.switch_interval(self.cfg.inference.switch_interval_ms))
             return self.engine
+
+    def _ready(self) -> None:
+        """Wait until the engine's step is compiled, once (before the first batch, or at the
+        end). Units taken before count their time from then: what they opened and read while
+        the model got ready is the run's start-up, not theirs."""
+        if self.engine is None or self.stats.engine_ready is not None:
+            return
+        self.engine.ready()
+        now = time.monotonic()
+        self.stats.engine_ready = now - self.stats.started
+        with self._lock:
+            for job in self.in_flight.values():
+                job.t0 = max(job.t0, now)
 
     @property
     def lockstep(self) -> bool:
@@ -278,7 +292,8 @@ class Stream:
         if kind == "job" and wanted:
             try:
                 engine = self._engine()  # made already: its request came before any job
-                what.use(engine, self.stats.started + self.stats.engine_ready)
+                ready = self.stats.engine_ready
+                what.use(engine, self._built if ready is None else self.stats.started + ready)
             except BaseException:
                 what.abort()
                 raise
@@ -362,6 +377,7 @@ class Stream:
         is collected, so where the device works asynchronously (JAX) it receives this batch
         while it still computes the last one; lockstep: started and collected at once, or,
         with an engine of several streams, once that many are started (:meth:`_depth`)."""
+        self._ready()
         if self.lockstep:  # the model alone on the cores: the writer is done with the last batch
             self._writer.wait_idle()
         t = time.monotonic()
@@ -546,6 +562,7 @@ class Stream:
                 batcher.drop(lambda j: j.failed is None)
         finally:
             reads.close()
+            self._ready()  # a run without batches too: its report says when, and no compile outlives it
             self._read_procs.close()
             self._switch.restore()
             self._writer.finish()
