@@ -9,6 +9,7 @@
     python benchmarks/pipeline.py small --repo OLD_CHECKOUT --repo . [--pairs 3] [--rounds 2]   # side by side
     python benchmarks/pipeline.py small --lean [--out benchmarks/results/small-scenes-lean.json]
     python benchmarks/pipeline.py small-host [--out benchmarks/results/small-host.json]
+    python benchmarks/pipeline.py small-host --repo OLD_CHECKOUT --repo . [--reader-processes on]   # side by side
 
 ``host``: the real run (reading, scaling, batching, rows, labels, heat blending, every
 output) with the model step replaced by a no-op that returns results of the right shape, on
@@ -415,23 +416,34 @@ def small_host(args) -> dict:
         _small_scenes(folder, n=SMALL_HOST_SCENES)
     runs: dict[str, list[dict]] = {}
     ways = {"off": (False,), "on": (True,), "both": (False, True)}[args.reader_processes]
+    repos = [Path(r).resolve() for r in args.repo] if args.repo else [None]
     for r in range(args.rounds):
         for workers in (0, 2):
             for procs in ways:
                 for cores in ("1", "2"):
-                    out = work / f"out-{workers}-{cores}-{r}"
-                    shutil.rmtree(out, ignore_errors=True)
-                    got = _taskset(cores, folder, out, "overlap", cores, workers, procs=procs)
-                    runs.setdefault(f"workers{workers}{'_procs' if procs else ''}_{cores}core", []).append(got)
-                    bench.log(f"small-host: output_workers {workers}, reader processes {procs}, {cores} core(s), "
-                              f"round {r + 1}: {got['scenes_per_s']} scenes/s")
-                    shutil.rmtree(out, ignore_errors=True)
+                    for k, repo in enumerate(repos):  # with --repo: each checkout's run beside the others'
+                        out = work / f"out-{workers}-{cores}-{r}-{k}"
+                        shutil.rmtree(out, ignore_errors=True)
+                        got = _taskset(cores, folder, out, "overlap", cores, workers, repo=repo, procs=procs)
+                        label = f"{repo}:" if len(repos) > 1 else ""
+                        way = f"{label}workers{workers}{'_procs' if procs else ''}_{cores}core"
+                        runs.setdefault(way, []).append(got)
+                        bench.log(f"small-host: {label}output_workers {workers}, reader processes {procs}, "
+                                  f"{cores} core(s), round {r + 1}: {got['scenes_per_s']} scenes/s")
+                        shutil.rmtree(out, ignore_errors=True)
     rate = {k: median(g["scenes_per_s"] for g in rs) for k, rs in runs.items()}
     cpu = {k: {c: median(g["cpu_ms_per_tile"][c] for g in rs) for c in rs[0]["cpu_ms_per_tile"]} for k, rs in runs.items()}
     ways = sorted({k.rsplit("_", 1)[0] for k in runs})
-    return {"scenes": SMALL_HOST_SCENES, "scene_px": 512, "tiles": next(iter(runs.values()))[0]["tiles"],
-            "scenes_per_s": rate, "ratio_2_to_1": {w: round(rate[f"{w}_2core"] / rate[f"{w}_1core"], 3) for w in ways},
-            "cpu_ms_per_tile": cpu, "runs": runs}
+    res = {"scenes": SMALL_HOST_SCENES, "scene_px": 512, "tiles": next(iter(runs.values()))[0]["tiles"],
+           "scenes_per_s": rate, "ratio_2_to_1": {w: round(rate[f"{w}_2core"] / rate[f"{w}_1core"], 3) for w in ways},
+           "cpu_ms_per_tile": cpu,
+           "run_process_cpu_ms_per_tile_by_thread": {k: _by_thread(rs) for k, rs in runs.items()}}
+    if len(repos) > 1:  # each run's scenes/s over the first checkout's run beside it
+        first = f"{repos[0]}:"
+        res["ratio_to_first_checkout"] = {k: [round(g["scenes_per_s"] / f["scenes_per_s"], 3)
+                                              for g, f in zip(rs, runs[first + k.split(":", 1)[1]])]
+                                          for k, rs in runs.items() if not k.startswith(first)}
+    return {**res, "runs": runs}
 
 
 def _taskset(cores: str, scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0,
@@ -637,7 +649,7 @@ def main(argv=None) -> int:
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")
     ap.add_argument("--repo", action="append",
-                    help="host, small: a tilescan checkout to run (repeat to compare checkouts side by side)")
+                    help="host, small, small-host: a tilescan checkout to run (repeat: checkouts side by side)")
     ap.add_argument("--pairs", type=int, default=3, help="small --repo: times each checkout's run is repeated")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)

@@ -83,6 +83,7 @@ class SceneReader:
             MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags
         )
         self._float = np.issubdtype(self._dtype, np.floating)
+        self._block_h = int(ds.block_shapes[self.bands[0] - 1][0])  # kept: a copy from a reader process has no handle
         # read in the model's order (the alpha band after them, unless it is one of them): the
         # bands are then the read's first rows, a view, not a reordered copy of each window
         self._read_idx = tuple(self.bands) + ((self._alpha,) if self._alpha and self._alpha not in self.bands else ())
@@ -132,7 +133,7 @@ class SceneReader:
     @property
     def block_height(self) -> int:
         """Rows of the file's blocks (tiles or strips) in the first band read."""
-        return int(self._ds().block_shapes[self.bands[0] - 1][0])
+        return self._block_h
 
     def release_handles(self) -> None:
         """Close the GDAL handles opened so far; a later read opens a fresh one. Once a
