@@ -209,6 +209,7 @@ def test_the_first_tiles_are_read_while_the_step_compiles(chips, solo, tmp_path,
             if "read_before_ready" not in seen:  # the first call (each step calls it)
                 seen["read_before_ready"] = read_once.wait(timeout=20)
                 time.sleep(1.0)
+                monkeypatch.setattr(engine, "ready_at", time.monotonic())  # when it compiled
             real_ready()
 
         monkeypatch.setattr(engine, "ready", compiling)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -148,6 +149,7 @@ class Engine:
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="tilescan-model")
         # Trace/compile the step for the run's one batch shape on a side thread while the
         # caller goes on (run() plans its units meanwhile); joined by ready() or first use.
+        self.ready_at: float | None = None  # time.monotonic() when the step was compiled
         self._warm: threading.Thread | None = threading.Thread(target=self._warmup, name="tilescan-warmup", daemon=True)
         self._warm.start()
 
@@ -172,6 +174,7 @@ class Engine:
             self._step(np.zeros((self.batch_size, self.input_size, self.input_size, self.bands), np.float32))
         except Exception:  # the first real batch raises it again, where it is handled
             pass
+        self.ready_at = time.monotonic()
 
     def __call__(self, x: np.ndarray):
         return self.submit(x)()

@@ -240,7 +240,8 @@ class Stream:
         if self.engine is None or self.stats.engine_ready is not None:
             return
         self.engine.ready()
-        now = time.monotonic()
+        # when it compiled (an engine made before this run: when the run got it), not when asked
+        now = max(getattr(self.engine, "ready_at", None) or time.monotonic(), self._built)
         self.stats.engine_ready = now - self.stats.started
         with self._lock:
             for job in self.in_flight.values():
