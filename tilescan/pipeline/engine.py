@@ -131,7 +131,7 @@ class Engine:
         self.pipeline = resolve_pipeline(cfg.inference.pipeline, backend)
         self.streams = resolve_streams(cfg.inference.model_streams, backend)
         self._auto_readers = resolve_readers("auto", backend)  # asks the backend for its device once
-        self._on_accelerator = model_on_accelerator(backend)
+        self.on_accelerator = model_on_accelerator(backend)
         self.cores = usable_cores()  # the cores this process may keep busy (affinity, cgroup quota)
         from ..backend import compilation_cache_dir, describe_device
 
@@ -161,7 +161,7 @@ class Engine:
     def switch_interval(self, setting: str) -> float | None:
         """The GIL's switch interval (ms) for ``[inference] switch_interval_ms`` here, or None
         for Python's own (:func:`resolve_switch_interval`)."""
-        return resolve_switch_interval(setting, self._on_accelerator)
+        return resolve_switch_interval(setting, self.on_accelerator)
 
     def ready(self) -> None:
         """Wait until the step is traced/compiled (a one-time start-up cost, not a scene's)."""

@@ -221,31 +221,36 @@ class Stream:
         for a moment, :data:`~tilescan.log.STDERR_LOCK` held) hides no other thread's
         messages, and the model's thread pools start at the run's priority, not the opener's
         lower one. Meanwhile the opener opens the first units: that needs only the model's
-        metadata; each gets the engine when the caller takes it (:meth:`_take`). The step
-        compiles on the engine's own thread until the first batch needs it (:meth:`_ready`)."""
+        metadata; each gets the engine when the caller takes it (:meth:`_take`). With the model
+        on an accelerator the readers read while the step compiles on the engine's thread, on
+        cores the model does not use, until the first batch needs it (:meth:`_ready`); on the
+        CPU the two would share the model's cores (measured no faster), so the step comes first."""
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
                 self._built = time.monotonic()
-                # the lanes' count known: reader processes start, and the readers read, while the step compiles
+                # the lanes' count known: reader processes start while the step compiles
                 self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
+                if not getattr(self.engine, "on_accelerator", False):
+                    self._ready(taken=False)  # no unit is taken before the engine is made
                 self._core.set(self.engine)
                 self._switch.set(self.engine.switch_interval(self.cfg.inference.switch_interval_ms))
             return self.engine
 
-    def _ready(self) -> None:
+    def _ready(self, taken: bool = True) -> None:
         """Wait until the engine's step is compiled, once (before the first batch, or at the
-        end). Units taken before count their time from then: what they opened and read while
-        the model got ready is the run's start-up, not theirs."""
+        end). Units ``taken`` before count their time from then: what they opened and read
+        while the model got ready is the run's start-up, not theirs."""
         if self.engine is None or self.stats.engine_ready is not None:
             return
         self.engine.ready()
         # when it compiled (an engine made before this run: when the run got it), not when asked
         now = max(getattr(self.engine, "ready_at", None) or time.monotonic(), self._built)
         self.stats.engine_ready = now - self.stats.started
-        with self._lock:
-            for job in self.in_flight.values():
-                job.t0 = max(job.t0, now)
+        if taken:
+            with self._lock:
+                for job in self.in_flight.values():
+                    job.t0 = max(job.t0, now)
 
     @property
     def lockstep(self) -> bool:
