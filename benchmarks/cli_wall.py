@@ -13,10 +13,11 @@ scene (``pipeline.py small``'s). Per process: the wall time from its start to it
 run's own time (``report.json``: ``wall``, ``engine_ready_s``), the time from the model's
 step being ready to the first batch's results, the scenes' own seconds, and the time from the
 report being written to the process's end (the exit). ``--inputs`` adds the Landsat scene in
-128 px tiles (240 tiles); ``--env`` sets a variable for every run (e.g. the GPU's pipeline). With several checkouts each pair's ratio of
-wall times to the first checkout's is reported: this shared machine's speed drifts, so only
-ratios measured side by side carry. One run of each checkout comes first and is not counted
-(``--warmup``): the first import of a checkout compiles its modules.
+128 px tiles (240 tiles); ``--env`` sets a variable for every run (e.g. the GPU's pipeline).
+With several checkouts each pair's ratio of wall times to the first checkout's is reported:
+this shared machine's speed drifts, so only ratios measured side by side carry. One run of
+each checkout comes first and is not counted (``--warmup``): the first import of a checkout
+compiles its modules.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}, "inference": inference}
     if not gpkg:
         overrides["output"] = {"gpkg": False}
-    cfg = load_config(overrides=overrides, environ={k: v for k, v in os.environ.items() if k in (_SWITCH_VAR, _BATCH_VAR)})
+    environ = {k: v for k, v in os.environ.items() if k in (_SWITCH_VAR, _BATCH_VAR)}
+    cfg = load_config(overrides=overrides, environ=environ)
     engine = NoopEngine(describe_model(), cfg.inference.batch_size, pipeline)
     scenes = sorted(scene.glob("chip-*.tif")) if scene.is_dir() else [scene]
     import resource
