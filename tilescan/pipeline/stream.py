@@ -139,6 +139,7 @@ class Stream:
         self._workers = None
         if nw:
             from ..outputs.workers import OutputWorkers
+
             self._workers = OutputWorkers(nw, nice=FINISH_NICE)
         finishers = max(FINISHERS, nw)
         self._core = SharedCore()  # where the background threads run, set with the engine
@@ -158,7 +159,7 @@ class Stream:
         self._memory, self._batches = ArrayPool(), ArrayPool(keep=3)  # model inputs read, and batches of pieces
         self._read_procs = ReaderProcesses.for_run(cfg.inference)  # off, or starting while the model loads
         self._collected = 0.0  # when the last batch was collected
-        self._built = 0.0  # when the engine was made (its step then compiles until _ready)
+        self._since = 0.0  # units taken count their time from here: the engine made, then its step ready
 
     # -- the opener
 
@@ -228,7 +229,7 @@ class Stream:
         with self._lock:
             if self.engine is None:
                 self.engine = self.make_engine()
-                self._built = time.monotonic()
+                self._since = time.monotonic()
                 # the lanes' count known: reader processes start while the step compiles
                 self._read_procs.start(0 if self.lockstep else self.engine.readers(self.cfg.inference.reader_threads))
                 if not getattr(self.engine, "on_accelerator", False):
@@ -245,12 +246,12 @@ class Stream:
             return
         self.engine.ready()
         # when it compiled (an engine made before this run: when the run got it), not when asked
-        now = max(getattr(self.engine, "ready_at", None) or time.monotonic(), self._built)
-        self.stats.engine_ready = now - self.stats.started
+        self._since = max(getattr(self.engine, "ready_at", None) or time.monotonic(), self._since)
+        self.stats.engine_ready = self._since - self.stats.started
         if taken:
             with self._lock:
                 for job in self.in_flight.values():
-                    job.t0 = max(job.t0, now)
+                    job.t0 = max(job.t0, self._since)
 
     @property
     def lockstep(self) -> bool:
@@ -298,8 +299,7 @@ class Stream:
         if kind == "job" and wanted:
             try:
                 engine = self._engine()  # made already: its request came before any job
-                ready = self.stats.engine_ready
-                what.use(engine, self._built if ready is None else self.stats.started + ready)
+                what.use(engine, self._since)
             except BaseException:
                 what.abort()
                 raise
