@@ -3,6 +3,9 @@ and a run with it writes what a run without it writes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +113,40 @@ def test_a_run_reads_without_huge_page_advice_and_leaves_numpy_as_it_was(tmp_pat
         assert switch(True) is True  # numpy's setting after the run: as before it
     finally:
         switch(before)
+
+
+_CYCLES = """
+import resource, sys
+import numpy as np
+from tilescan.pipeline.memory import keep_freed_memory
+
+def faults():  # two 3 MiB arrays made and freed, 20 times: fresh pages zeroed on first write
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        a, b = np.ones(3 * 2**20, np.uint8), np.ones(3 * 2**20, np.uint8)
+        del a, b
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+before = faults()
+kept = keep_freed_memory()
+print(before, kept, faults(), keep_freed_memory())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.parametrize("user_threshold", [False, True])
+def test_freed_arrays_are_reused_not_faulted_in_again(user_threshold):
+    """Arrays freed and made again, as a run's scenes make theirs: once malloc keeps freed
+    memory, the later ones need (almost) no fresh pages. A threshold the user set wins."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    if user_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # 1 MiB: every 3 MiB array mapped afresh
+    out = subprocess.run([sys.executable, "-c", _CYCLES], env=env, capture_output=True, text=True, check=True)
+    before, kept, after, again = out.stdout.split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert int(before) > 10 * 3 * 2**20 // page  # without it: fresh pages again and again
+    assert kept == "True" and again == "False"  # once per process
+    if user_threshold:
+        assert int(after) > 10 * 3 * 2**20 // page
+    else:
+        assert int(after) < 3 * 2 * 3 * 2**20 // page  # the first round's two arrays, at most

@@ -7,17 +7,27 @@ page on its first write (measured in benchmarks/README.md, "The host side").
 
 A :class:`Batcher` gathers the pieces read into batches of the model's size across units; a
 batch of several pieces is put together in such memory too (one piece is passed as it is).
+
+:func:`keep_freed_memory` has the C library's ``malloc`` keep the other arrays a run frees
+(a scene's quicklook, heat and table columns) for the next ones.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import threading
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ArrayPool", "Batcher"]
+__all__ = ["ArrayPool", "Batcher", "keep_freed_memory"]
+
+#: Freed blocks up to this size stay with ``malloc`` for reuse (:func:`keep_freed_memory`).
+KEEP_FREED_BYTES = 16 * 2**20
+
+_kept = False
 
 
 class _Lease:
@@ -114,3 +124,31 @@ class Batcher:
         x = xs[0] if len(xs) == 1 else np.concatenate(xs, out=self.memory.empty(
             (sum(map(len, xs)), *xs[0].shape[1:]), xs[0].dtype))
         self.step([(job, tiles, valid, fr) for job, tiles, _, valid, fr in pieces], x)
+
+
+def keep_freed_memory(nbytes: int = KEEP_FREED_BYTES) -> bool:
+    """Once per process, have glibc's ``malloc`` keep freed blocks of up to ``nbytes`` for the
+    next allocations instead of handing them back to the kernel, whose fresh pages are zeroed
+    one by one on first write. glibc does this by itself once a program frees a block that
+    large (its dynamic mmap threshold); freeing one here gets there from the first scene on,
+    and a threshold the user set (``MALLOC_MMAP_THRESHOLD_``, ``GLIBC_TUNABLES``) stays, as
+    glibc then ignores the free. True if done now; False elsewhere than on glibc, or done before."""
+    global _kept
+    if _kept or not _glibc():
+        return False
+    _kept = True
+    try:
+        libc = ctypes.CDLL(None)  # the process's own C library
+        malloc, free = libc.malloc, libc.free
+    except (OSError, AttributeError):
+        return False
+    malloc.restype, malloc.argtypes, free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    free(malloc(int(nbytes)))
+    return True
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or no such name here
+        return False

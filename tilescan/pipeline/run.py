@@ -23,6 +23,7 @@ from ..scene import sources
 from ..scene.info import TilingWarning
 from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
+from .memory import keep_freed_memory
 from .process import UnitJob
 from .report import RunReport, UnitResult
 from .stream import Stream
@@ -114,6 +115,7 @@ def run(
     (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
     ``stac_items``: also write a STAC Item describing each finished scene's outputs;
     ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
+    keep_freed_memory()  # a scene's arrays reuse the last scene's memory
     with stop.handling(), _small_pages(), one_blas_thread():  # SIGTERM/SIGINT: stop between batches, report, exit 75
         return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine)
 
