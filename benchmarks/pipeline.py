@@ -128,6 +128,62 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
+#: The steps of a scene's end whose times a one-scene ``_host_once`` reports (``tail_s``).
+TAIL_STEPS = {
+    "heat rows": ("tilescan.outputs.heatmap", "HeatmapWriter.finish"),
+    "GeoParquet": ("tilescan.outputs.table", "TileTable.write_geoparquet"),
+    "GeoPackage": ("tilescan.outputs.table", "TileTable.write_gpkg"),
+    "label COG": ("tilescan.pipeline.process", "write_labels_cog"),
+    "heatmap COG": ("tilescan.outputs.heatmap", "HeatmapWriter.close"),
+    "quicklook": ("tilescan.pipeline.process", "_write_quicklook"),
+    "QGIS files": ("tilescan.pipeline.process", "write_scene_files"),
+    "run.json": ("tilescan.pipeline.process", "write_json"),
+}
+
+
+class _Tail:
+    """Wall time (``time.monotonic``) and thread CPU of each call of :data:`TAIL_STEPS` in this
+    process, for a one-scene run's timeline after its last batch: on a host with free cores its
+    end lasts as long as its longest chain of steps, on a busy one their CPU shares the cores."""
+
+    def __init__(self):
+        import importlib
+        import threading
+
+        self.calls: list[tuple[str, float, float, float]] = []
+        self._lock = threading.Lock()
+        for name, (mod, attr) in TAIL_STEPS.items():
+            owner = importlib.import_module(mod)
+            *path, last = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part, None)
+            if owner is not None and hasattr(owner, last):  # a step an older checkout lacks is left out
+                setattr(owner, last, self._timed(name, getattr(owner, last)))
+
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t, c = time.monotonic(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.calls.append((name, t, time.monotonic(), time.thread_time() - c))
+        return timed
+
+    def after(self, t0: float, last_batch_s: float) -> dict:
+        """Each step's first start and last end in seconds after the last batch (``t0``: the
+        run's start on the same clock), and its CPU on its own thread (GDAL's and helper
+        processes' not included); steps done before the last batch are left out."""
+        got: dict[str, dict] = {}
+        for name, a, b, cpu in sorted(self.calls, key=lambda c: c[1]):
+            a, b = a - t0 - last_batch_s, b - t0 - last_batch_s
+            if b < 0:
+                continue
+            g = got.setdefault(name, {"start": round(a, 3), "end": 0.0, "cpu": 0.0})
+            g["end"], g["cpu"] = round(b, 3), round(g["cpu"] + cpu, 3)
+        return got
+
+
 def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int = 0, gpkg: bool = True,
                procs: bool = False) -> dict:
     """One no-op run in this process (called under taskset) of ``scene``, or of every
@@ -153,8 +209,9 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     import resource
 
     own0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    tail = _Tail() if len(scenes) == 1 else None
     threads = _ThreadCPU()
-    t0 = time.perf_counter()
+    t0, m0 = time.perf_counter(), time.monotonic()
     report = run(scenes, out, cfg, log=lambda m: None, engine=engine)
     wall = time.perf_counter() - t0
     by_thread = threads.stop()
@@ -180,6 +237,9 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
     else:
         got["scenes_per_s"] = round(len(scenes) / wall, 2)
     got.update(_phases(json.loads((out / "report.json").read_text())["timings_s"], cfg.inference.batch_size))
+    if tail is not None and "phases_s" in got:
+        last = got["phases_s"]["to_first_batch"] + got["phases_s"]["between"]
+        got["tail_s"] = tail.after(m0, last)
     return got
 
 
@@ -304,8 +364,18 @@ def host(args) -> dict:
                                "reader_threads": [g.get("reader_threads") for g in runs[c]]} for c in counts}
     res["phases_s"] = {c: {k: median(g["phases_s"][k] for g in rs) for k in rs[0]["phases_s"]}
                        for c, rs in runs.items()}
+    if all("tail_s" in g for rs in runs.values() for g in rs):
+        res["tail_s"] = {c: _tail_medians(rs) for c, rs in runs.items()}
     res["runs"] = runs
     return res
+
+
+def _tail_medians(runs: list[dict]) -> dict:
+    """The median start, end and CPU of each step after the last batch over ``runs``, by start."""
+    names = {k for g in runs for k in g["tail_s"]}
+    got = {k: {f: round(median(g["tail_s"][k][f] for g in runs if k in g["tail_s"]), 3) for f in ("start", "end", "cpu")}
+           for k in names}
+    return dict(sorted(got.items(), key=lambda kv: kv[1]["start"]))
 
 
 def _host_readers_compared(args, scene: Path, work: Path, counts: list[str]) -> dict:
@@ -328,7 +398,8 @@ def _host_readers_compared(args, scene: Path, work: Path, counts: list[str]) -> 
         return {"tiles_per_s": median(g["tiles_per_s"] for g in rs),
                 "stream_tiles_per_s": median(g["stream_tiles_per_s"] for g in rs),
                 "cpu_ms_per_tile": {k: median(g["cpu_ms_per_tile"][k] for g in rs) for k in rs[0]["cpu_ms_per_tile"]},
-                "run_process_cpu_ms_per_tile_by_thread": _by_thread(rs)}
+                "run_process_cpu_ms_per_tile_by_thread": _by_thread(rs),
+                **({"tail_s": _tail_medians(rs)} if all("tail_s" in g for g in rs) else {})}
 
     by = {}
     for c, ways in runs.items():
@@ -530,7 +601,10 @@ def small(args) -> dict:
     overrides = {"tiling": {"units": "px", "bands": [3, 2, 1]}}
     if args.lean:
         overrides["output"] = LEAN_OUTPUTS
-    cfg = load_config(overrides=overrides, environ={})
+    elif args.no_gpkg:
+        overrides["output"] = {"gpkg": False}
+    environ = {k: v for k, v in os.environ.items() if k == _BATCH_VAR}  # --batch
+    cfg = load_config(overrides=overrides, environ=environ)
     engine = shared_engine(cfg)
     engine.ready()
     # the same tiles the run classifies, as ready batches, for the model-only figure
@@ -584,7 +658,8 @@ def small(args) -> dict:
     # CPU (model and host side) takes on these cores when all of them are busy
     cores = usable_cores()
     ceilings = [(t["tiles"] / mo) / (t["cpu_s"]["run"] / cores) for t, mo in zip(timings, model_around)]
-    return {"scenes": len(scenes), "scene_px": 512, "outputs": LEAN_OUTPUTS if args.lean else "all (defaults)",
+    return {"scenes": len(scenes), "scene_px": 512, "batch_size": bs,
+            "outputs": LEAN_OUTPUTS if args.lean else {"gpkg": False} if args.no_gpkg else "all (defaults)",
             "tiles": timings[0]["tiles"], "model_tiles_per_s": round(m, 1),
             "run_tiles_per_s": round(e, 1), "ratio_to_model": round(median(ratios), 3),
             "round_ratios": [round(x, 3) for x in ratios], "ratio_of_medians": round(e / m, 3),
@@ -638,14 +713,14 @@ def main(argv=None) -> int:
                     help="host: the core counts to pin runs to, comma-separated ('all': every usable core), "
                          "e.g. 1,all on a GPU host; the JSON keeps its 1- and 2-core names for 1,2")
     ap.add_argument("--no-gpkg", action="store_true",
-                    help="host: without the GeoPackage (as on the GPU machine, whose image lacks pyogrio)")
+                    help="host, small: without the GeoPackage (as on the GPU machine, whose image lacks pyogrio)")
     ap.add_argument("--reader-processes", choices=("off", "on", "both"), default="off",
                     help="host, small-host: [inference] reader_processes (each overlap reader in a process of its own); "
                          "both: reader threads and processes side by side, alternated")
     ap.add_argument("--switch-ms", help="host: [inference] switch_interval_ms for the runs (default: auto, which the "
                                         "no-op engine, standing for a GPU host, resolves to 0.5)")
-    ap.add_argument("--batch", type=int, help="host: [inference] batch_size for the runs (default: the config's; "
-                                              "256 as on the H200)")
+    ap.add_argument("--batch", type=int, help="host, small: [inference] batch_size for the runs (default: the "
+                                              "config's; 256 as on the H200)")
     ap.add_argument("--lean", action="store_true",
                     help="small: without the GeoPackage, quicklook and QGIS files (tables and COGs only)")
     ap.add_argument("--work", help="folder for scenes and outputs, kept (default: a temp folder, removed at the end)")
