@@ -128,31 +128,23 @@ class NoopEngine:
         return CAMResult(probs, cls, raw, cam, "noop", None)
 
 
-#: The steps of a scene's end whose times a one-scene ``_host_once`` reports (``tail_s``).
-TAIL_STEPS = {
-    "heat rows": ("tilescan.outputs.heatmap", "HeatmapWriter.finish"),
-    "GeoParquet": ("tilescan.outputs.table", "TileTable.write_geoparquet"),
-    "GeoPackage": ("tilescan.outputs.table", "TileTable.write_gpkg"),
-    "label COG": ("tilescan.pipeline.process", "write_labels_cog"),
-    "heatmap COG": ("tilescan.outputs.heatmap", "HeatmapWriter.close"),
-    "quicklook": ("tilescan.pipeline.process", "_write_quicklook"),
-    "QGIS files": ("tilescan.pipeline.process", "write_scene_files"),
-    "run.json": ("tilescan.pipeline.process", "write_json"),
-}
-
-
 class _Tail:
-    """Wall time (``time.monotonic``) and thread CPU of each call of :data:`TAIL_STEPS` in this
-    process, for a one-scene run's timeline after its last batch: on a host with free cores its
-    end lasts as long as its longest chain of steps, on a busy one their CPU shares the cores."""
+    """Wall time (``time.monotonic``) and thread CPU of each call of a scene's end steps in this
+    process (``scene_cpu.STEPS``' outputs, and the heat's last rows), for a one-scene run's
+    timeline after its last batch: on a host with free cores its end lasts as long as its
+    longest chain of steps, on a busy one their CPU shares the cores."""
 
     def __init__(self):
         import importlib
         import threading
 
+        from scene_cpu import STEPS
+
+        steps = {"heat rows": ("tilescan.outputs.heatmap", "HeatmapWriter.finish"),
+                 **{k: v for k, v in STEPS.items() if k not in ("open scene", "read tiles", "rows and heat")}}
         self.calls: list[tuple[str, float, float, float]] = []
         self._lock = threading.Lock()
-        for name, (mod, attr) in TAIL_STEPS.items():
+        for name, (mod, attr) in steps.items():
             owner = importlib.import_module(mod)
             *path, last = attr.split(".")
             for part in path:
