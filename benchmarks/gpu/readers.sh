@@ -3,8 +3,8 @@
 # interval the run keeps on a GPU ([inference] switch_interval_ms: auto = 0.5 ms) against
 # Python's 5 ms, on the GPU machine in one device call (the .gpu/ carry of check.sh, packed with
 # N_AID=0 SPY=1: no AID images are needed here, and py-spy as .gpu/py-spy.xz), the most telling
-# first (the budget cuts the last): the real model end to end on the 10,240 px mosaic (bench.py e2e) with threads, processes, and threads at 5 ms;
-# `tilescan run` over 4 copies of that mosaic (batches span scenes) with threads and processes;
+# first (the budget cuts the last): the real model end to end on the 10,240 px mosaic (bench.py
+# e2e) with threads, processes, and threads at 5 ms; `tilescan run` over 4 copies of that mosaic (batches span scenes) with threads and processes;
 # the 40 chips of 512 px with the real model (`pipeline.py small`: chips a second on the GPU
 # host); the 4 copies with threads and processes at 5 ms; the host side's no-op run of the 12k
 # mosaic on 1 and all cores, threads and processes alternated (2 rounds; its `tail_s`: each of the
