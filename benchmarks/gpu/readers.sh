@@ -6,7 +6,8 @@
 # first (the budget cuts the last): the real model end to end on the 10,240 px mosaic (bench.py
 # e2e) with threads, processes, and threads at 5 ms; `tilescan run` over 4 copies of that mosaic (batches span scenes) with threads and processes;
 # the 40 chips of 512 px with the real model (`pipeline.py small`: chips a second on the GPU
-# host); the 4 copies with threads and processes at 5 ms; the host side's no-op run of the 12k
+# host), and 320 chips in one `tilescan run` process against four sharing the GPU
+# (`chips_procs.py`); the 4 copies with threads and processes at 5 ms; the host side's no-op run of the 12k
 # mosaic on 1 and all cores, threads and processes alternated (2 rounds; its `tail_s`: each of the
 # scene's end steps after the last batch, with cores free), and on all cores with threads at 5 ms,
 # at the run's batch; and, with py-spy, the held GIL of a no-op all-core run with reader
@@ -30,6 +31,8 @@ step mosaic 60 bash -c "mosaic_copies /tmp/multi"
 step e2e-multi-threads 60 bash -c "multi threads TILESCAN_INFERENCE__READER_PROCESSES=false"
 step e2e-multi-procs 60 bash -c "multi procs TILESCAN_INFERENCE__READER_PROCESSES=true"
 step small 45 "$PY" benchmarks/pipeline.py small --rounds 3 --no-gpkg --work /tmp/tilescan-small --out "$OUT/small.json"
+step chips-procs 75 "$PY" benchmarks/chips_procs.py --chips 320 --procs 1,4 --work /tmp/tilescan-chips \
+  --out "$OUT/chips-procs.json"
 step e2e-multi-threads-switch5 60 bash -c \
   "multi threads-switch5 TILESCAN_INFERENCE__READER_PROCESSES=false TILESCAN_INFERENCE__SWITCH_INTERVAL_MS=5"
 step e2e-multi-procs-switch5 60 bash -c \
