@@ -29,7 +29,9 @@ also given as a ratio to the first checkout's run beside it: this shared machine
 drifts, so only those carry. Each run also gives the CPU a tile of the run's own process and
 of its helpers (``cpu_ms_per_tile``), and of each thread of the run's process by name
 (``run_process_cpu_ms_per_tile_by_thread``, read from ``/proc``): where the serial part is;
-and the page faults a tile of each (``minor_faults_per_tile``): memory not reused.
+and the page faults a tile of each (``minor_faults_per_tile``): memory not reused. A run of one
+scene also gives its end step by step (``tail_s``: each output's start and end in seconds
+after the last batch, and its CPU on its own thread), and the summary their medians.
 
 ``small-host``: the same no-op run over 160 scenes of 512 x 512 px (16 tiles each, cut from
 the real Landsat scene), on 1 and on 2 cores, with ``[inference] output_workers`` 0 (the
@@ -52,7 +54,8 @@ stays under it, and only less CPU per scene raises it.
 With ``--repo`` (twice or more) each checkout runs its own ``small`` in a fresh process,
 alternated ``--pairs`` times, and each pair's ratio is given beside the first checkout's.
 ``--lean``: the same run without the per-scene extras a user with many chips can turn off
-(``[output] gpkg``, ``quicklook``, ``styles`` = false): tables, label and heat COGs only.
+(``[output] gpkg``, ``quicklook``, ``styles`` = false): tables, label and heat COGs only;
+``--no-gpkg``: without the GeoPackage alone; ``--batch N``: at that batch (a GPU's 256).
 """
 
 from __future__ import annotations

@@ -4,14 +4,15 @@
 # Python's 5 ms, on the GPU machine in one device call (the .gpu/ carry of check.sh, packed with
 # N_AID=0 SPY=1: no AID images are needed here, and py-spy as .gpu/py-spy.xz), the most telling
 # first (the budget cuts the last): the real model end to end on the 10,240 px mosaic (bench.py
-# e2e) with threads, processes, and threads at 5 ms; `tilescan run` over 4 copies of that mosaic (batches span scenes) with threads and processes;
-# the 40 chips of 512 px with the real model (`pipeline.py small`: chips a second on the GPU
-# host), and 320 chips in one `tilescan run` process against four sharing the GPU
-# (`chips_procs.py`); the 4 copies with threads and processes at 5 ms; the host side's no-op run of the 12k
-# mosaic on 1 and all cores, threads and processes alternated (2 rounds; its `tail_s`: each of the
-# scene's end steps after the last batch, with cores free), and on all cores with threads at 5 ms,
-# at the run's batch; and, with py-spy, the held GIL of a no-op all-core run with reader
-# processes. JSONs and one archive with every log in $OUT.
+# e2e) with threads, processes, and threads at 5 ms; `tilescan run` over 4 copies of that mosaic
+# (batches span scenes) with threads and processes; the 40 chips of 512 px with the real model
+# (`pipeline.py small`: chips a second on the GPU host), and 320 chips in one `tilescan run`
+# process against four sharing the GPU (`chips_procs.py`); the 4 copies with threads and
+# processes at 5 ms; the host side's no-op run of the 12k mosaic on 1 and all cores, threads and
+# processes alternated (2 rounds; its `tail_s`: each of the scene's end steps after the last
+# batch, with cores free), and on all cores with threads at 5 ms, at the run's batch; and, with
+# py-spy, the held GIL of a no-op all-core run with reader processes. JSONs and one archive with
+# every log in $OUT.
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 OUT=${OUT:-/tmp/tilescan-gpu-readers}
