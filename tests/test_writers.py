@@ -623,6 +623,55 @@ def test_heatmap_preview_before_the_cog(tmp_path):
     assert ok.mean() > 0.7 and np.abs(early[ok] - late[ok]).mean() < 0.05  # full-res vs overview average
 
 
+@pytest.mark.parametrize("held", ["memory", "file"])
+def test_heatmap_cog_failing_beside_the_preview_leaves_the_preview_and_fails_as_output(tmp_path, monkeypatch, held):
+    """The job draws the quicklook from preview() while close() writes the COG on another
+    thread (keep_scratch). When that COG fails (a full disk), the preview being read is not
+    taken away: it is the disk, an OutputError naming the heatmap, that fails the scene, not a
+    "preview needs finish()" error from a scratch file removed under it."""
+    import threading
+
+    if held == "file":
+        monkeypatch.setattr(heatmap_mod, "HEAT_IN_MEMORY_PX", 0)
+    W, H = 600, 400
+    hw = HeatmapWriter(tmp_path / "h.tif", W, H, from_origin(0, H, 1, 1), "EPSG:32618", 0.5, 100, 100)
+    assert (hw._mem is not None) == (held == "memory")
+    rng = np.random.default_rng(5)
+    for r0 in range(0, H, 100):
+        for c0 in range(0, W, 100):
+            hw.add((c0, r0, 100, 100), rng.uniform(0, 1, (4, 4)).astype(np.float32), None)
+    hw.finish()
+    failed = threading.Event()
+
+    def full_disk(*args, **kwargs):
+        failed.set()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(heatmap_mod, "_cog_copy", full_disk)
+    monkeypatch.setattr(heatmap_mod, "write_cog", lambda tmp, data, gdal_write, **kw: gdal_write())
+    previewed, raised = threading.Event(), []
+
+    def close():
+        try:
+            hw.close(keep_scratch=previewed)
+        except Exception as exc:  # noqa: BLE001 - looked at below
+            raised.append(exc)
+
+    t = threading.Thread(target=close)
+    t.start()
+    assert failed.wait(10)
+    t.join(0.5)  # the failed close waits for the preview before it removes anything
+    try:
+        preview = hw.preview(100)
+    finally:
+        previewed.set()
+    t.join(10)
+    assert preview.shape == (67, 100) and np.isfinite(preview).all()
+    assert len(raised) == 1 and isinstance(raised[0], OutputError) and "h.tif" in str(raised[0])
+    assert "No space left" in str(raised[0])
+    assert leftovers(tmp_path) == [] and not (tmp_path / "h.tif").exists()
+
+
 @pytest.mark.parametrize("W, H, tile, stride, scale", [(203, 457, 40, 25, 0.3), (512, 512, 128, 128, 0.25),
                                                        (1500, 1100, 100, 100, 0.5)])
 def test_heatmap_held_in_memory_equals_the_scratch_file_way(tmp_path, monkeypatch, W, H, tile, stride, scale):

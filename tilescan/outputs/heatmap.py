@@ -324,17 +324,23 @@ class HeatmapWriter:
                 self._pyramid.feed(row, heat)
 
     @contextlib.contextmanager
-    def _aborting(self) -> Iterator[None]:
-        """On any error drop the temporary files (:meth:`abort`); a failed write becomes an
+    def _aborting(self, keep_scratch: threading.Event | None = None) -> Iterator[None]:
+        """On any error drop the temporary files (:meth:`abort`), once ``keep_scratch`` is set
+        if given (a preview may be read from them meanwhile); a failed write becomes an
         :class:`OutputError` naming the heatmap."""
         try:
             yield
         except _io_error_types() as exc:
-            self.abort()
+            self._abort_after(keep_scratch)
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc
         except BaseException:
-            self.abort()
+            self._abort_after(keep_scratch)
             raise
+
+    def _abort_after(self, keep_scratch: threading.Event | None) -> None:
+        if keep_scratch is not None:
+            keep_scratch.wait()
+        self.abort()
 
     # -- finish
 
@@ -395,7 +401,7 @@ class HeatmapWriter:
         self.finish(tags)
         size = (self.grid.out_w, self.grid.out_h)
         try:
-            with self._aborting():
+            with self._aborting(keep_scratch):  # a failure too leaves the preview's reading be
                 self._closed = True
                 with atomic_output(self.path) as tmp:
                     if self._mem is not None:
