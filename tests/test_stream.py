@@ -621,9 +621,9 @@ def _children(cmd: str = "") -> set[int]:
 
 
 def test_output_helper_processes_write_the_same_files(chips, solo, tmp_path):
-    """``output_workers = 2``: the GeoPackage, labels COG, quicklook and QGIS files come from
-    two helper processes, several units are finished at once, and every file equals the
-    one-process run's; no helper is left running after the run."""
+    """``output_workers = 2``: the GeoParquet, GeoPackage, labels COG, quicklook and QGIS files
+    come from two helper processes, several units are finished at once, and every file equals
+    the one-process run's; no helper is left running after the run."""
     import pyogrio
     from PIL import Image
 
@@ -644,6 +644,7 @@ def test_output_helper_processes_write_the_same_files(chips, solo, tmp_path):
     for p in five:
         a, b = outs[2] / p.stem, outs[0] / p.stem
         assert_unit_equal(a, b)
+        assert (a / "tiles.parquet").read_bytes() == (b / "tiles.parquet").read_bytes()  # its metadata too
         assert sorted(x.name for x in a.iterdir()) == sorted(x.name for x in b.iterdir())
         ga, gb = pyogrio.read_dataframe(a / "tiles.gpkg"), pyogrio.read_dataframe(b / "tiles.gpkg")
         assert len(ga) == len(gb) > 0 and ga.equals(gb)

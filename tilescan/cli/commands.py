@@ -92,8 +92,8 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="With [inference] pipeline = \"overlap\": each reader decodes and scales in a helper process of its own "
              "(local files), off the run's GIL (GPU hosts).")
 @option("--output-workers", "output_workers", config_key=("inference", "output_workers"), type=click.IntRange(min=0),
-        help="Helper processes for the GeoPackage, label COG, quicklook and QGIS files (0: the run's threads; "
-             "GPU hosts with many small scenes).")
+        help="Helper processes for the GeoParquet, GeoPackage, label COG, quicklook and QGIS files (0: the "
+             "run's threads; GPU hosts with many small scenes).")
 @option("--shard", show_default="from Slurm array / Kubernetes indexed-job variables, else all",
         help="Run share I/N of the work (0-based I).")
 @option("--shard-count", type=click.IntRange(min=1), show_default="from TILESCAN_SHARD_COUNT",

@@ -291,7 +291,8 @@ def _write_outputs(job: UnitJob) -> None:
     helper = job.in_helper  # the writers that hold the GIL: in a helper process, if the run has them
 
     def write_parquet():
-        job.table.write_geoparquet(stage / "tiles.parquet", crs, engine.classes, unit.scene.name, model_id, extra)
+        helper(TileTable.write_geoparquet, job.table, stage / "tiles.parquet", crs, engine.classes, unit.scene.name,
+               model_id, extra)
         faults.point("writing")
 
     def write_gpkg():
