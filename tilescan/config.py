@@ -111,8 +111,8 @@ class InferenceConfig(_Section):
     benchmarks/README.md). Off: reader threads and the opener thread in the run's process."""
     output_workers: int = 0
     """Helper processes that write each unit's GeoParquet, GeoPackage, label COG, quicklook and
-    QGIS files (0: the run's own threads). Those writers hold Python's GIL, so with many small scenes on a GPU
-    host, threads stop scaling at a couple of cores and processes do not
+    QGIS files (0: the run's own threads). Those writers hold Python's GIL, so with many small
+    scenes on a GPU host, threads stop scaling at a couple of cores and processes do not
     (benchmarks/README.md); on a CPU the model needs every core and 0 costs the least."""
     queue_size: int = 4
     jit_compile: str = "auto"
