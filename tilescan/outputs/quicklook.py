@@ -157,6 +157,16 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     return Path(path)
 
 
+def write_scene_quicklook(path: str | os.PathLike, read: np.ndarray, valid: np.ndarray, stretch, labels, heat,
+                          classes: Sequence[str], **kw) -> Path:
+    """:func:`write_quicklook` of ``SceneReader.overview_read``'s read and mask, scaled here by ``stretch``
+    (``preview_stretch``; None: ``read`` is the RGB already), so an output helper does that too."""
+    from ..scene.scaling import preview_rgb
+
+    rgb = read if stretch is None else preview_rgb(read, valid, *stretch)
+    return write_quicklook(path, rgb, valid, labels, heat, classes, **kw)
+
+
 def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray]:
     """The preview as (h, w, 3) uint8 and its (h, w) bool mask (all valid when None), checked."""
     rgb = np.ascontiguousarray(preview_rgb)

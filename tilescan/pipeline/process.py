@@ -31,12 +31,13 @@ from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import write_scene_files
-from ..outputs.quicklook import write_quicklook
+from ..outputs.quicklook import write_scene_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
 from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
+from ..scene.scaling import preview_rgb
 from .engine import Engine, switch_ms_used
 from .readers import open_scene, read_batch
 from .report import UnitResult
@@ -353,12 +354,15 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str
     """The unit's quicklook.png in staging: the scene's preview, its labels and the heat
     (and ``warning`` under its legend)."""
     reader, grid, info = job.reader, job.reader.grid, job.reader.info
-    rgb, pvalid = reader.read_overview(job.cfg.output.quicklook_size)
+    read, pvalid = reader.overview_read(job.cfg.output.quicklook_size)
+    stretch = reader.preview_stretch()
+    if read.dtype.itemsize > 2:  # a helper draws 8/16-bit reads; a wider one costs more to send than to draw here
+        read, stretch = preview_rgb(read, pvalid, *stretch), None
     full_labels = job.labels
     if job.unit.part is not None:  # a row band: show only its part of the grid
         full_labels = np.full((grid.n_rows, grid.n_cols), -1, np.int32)
         full_labels[job.r0:job.r1] = job.labels
-    job.in_helper(write_quicklook, job.stage / "quicklook.png", rgb, pvalid, full_labels, heat_preview,
+    job.in_helper(write_scene_quicklook, job.stage / "quicklook.png", read, pvalid, stretch, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
                   warning=warning)
 

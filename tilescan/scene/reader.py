@@ -26,7 +26,7 @@ from .coverage import BlockCoverage, find_empty_blocks
 from .grid import Tile, TileGrid, TileSet, TilingPlan, _ceil_div, valid_fraction
 from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
 from .decimate import DecimatedCopy, decimated_shape
-from .scaling import preview_table, to_unit
+from .scaling import preview_rgb, to_unit
 
 #: Long side of the decimated read used for the per-band percentile stretch.
 STATS_MAX_SIZE = 1024
@@ -158,13 +158,13 @@ class SceneReader:
     def __getstate__(self) -> dict:
         """For a reader process (:mod:`tilescan.pipeline.readers`): no handles, locks or previews."""
         state = self.__dict__.copy()
-        for k in ("_lock", "_local", "_handles", "_scale_pool", "_decimated", "_preview", "_preview_lut"):
+        for k in ("_lock", "_local", "_handles", "_scale_pool", "_decimated", "_preview"):
             del state[k]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock(), _local=threading.local(), _handles=[], _scale_pool=None,
-                             _decimated=None, _preview=None, _preview_lut=None, decode_threads=1)
+                             _decimated=None, _preview=None, decode_threads=1)
 
     def holds_whole(self) -> bool:
         """True when the scene's statistics read holds it whole in memory (a small scene)."""
@@ -394,7 +394,6 @@ class SceneReader:
         hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
         self._lo = lo.astype(np.float32)
         self._inv = (1.0 / (hi - lo)).astype(np.float32)
-        self._preview_lut = None
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
         """:func:`tilescan.scene.scaling.to_unit` with this scene's stretch."""
@@ -528,34 +527,24 @@ class SceneReader:
         """A decimated preview of the whole scene: uint8 RGB ``(h, w, 3)`` (long side at
         most ``max_size``; same bands and scaling as the tiles, the first three model
         bands as R, G, B, a single band as grey) and its bool valid mask ``(h, w)``."""
+        data, valid = self.overview_read(max_size)
+        return preview_rgb(data, valid, *self.preview_stretch()), valid
+
+    def overview_read(self, max_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`read_overview` draws: the scene's bands decimated to a long side of at
+        most ``max_size`` ``(C, h, w)`` and their valid mask; from the tiles when the reads
+        gathered it (:meth:`gather_preview`)."""
         shape = decimated_shape(self.info.height, self.info.width, max_size)
         pv = self._preview
         if pv is not None and pv.shape == shape and pv.seen.all():
             self._decimated = (shape, pv.data, pv.valid)
             self._preview = None
-        data, valid = self._read_decimated(shape)
-        c = len(self.bands)
-        pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
-        if self._dtype.kind in "ui" and self._dtype.itemsize <= 2 and data.dtype == self._dtype:
-            # 8/16-bit: every value's uint8 in a table per band, then one look-up per pixel
-            lut8 = self._preview_table()[pick]
-            index = data.view(f"u{self._dtype.itemsize}")
-            rgb = np.empty((*shape, 3), dtype=np.uint8)
-            for i, b in enumerate(pick):
-                rgb[..., i] = lut8[i].take(index[b])
-            if not valid.all():
-                rgb[~valid] = 0
-            return rgb, valid
-        x = np.empty((*shape, c), dtype=np.float32)
-        self._to_unit(data, valid, x)
-        rgb = np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
-        return rgb, valid
+        return self._read_decimated(shape)
 
-    def _preview_table(self) -> np.ndarray:
-        """:func:`tilescan.scene.scaling.preview_table` of this scene's stretch (made once)."""
-        if self._preview_lut is None:
-            self._preview_lut = preview_table(self._dtype, self._lo, self._inv)
-        return self._preview_lut
+    def preview_stretch(self) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+        """``(dtype, lo, inv)``: how :func:`~tilescan.scene.scaling.preview_rgb` scales
+        :meth:`overview_read` as the tiles are scaled."""
+        return self._dtype, self._lo, self._inv
 
     # -- georeferencing helpers -----------------------------------------------------
 

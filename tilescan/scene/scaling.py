@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCALE_CHUNK_BYTES", "preview_table", "to_unit"]
+__all__ = ["SCALE_CHUNK_BYTES", "preview_rgb", "preview_table", "to_unit"]
 
 #: Most bytes of scaled output written per step of :func:`to_unit`: each step's bands meet
 #: in a cache-sized piece instead of streaming the whole window once per band through a
@@ -48,3 +48,27 @@ def preview_table(dtype: np.dtype, lo: np.ndarray, inv: np.ndarray) -> np.ndarra
     unit = np.empty((n, len(lo)), dtype=np.float32)
     to_unit(np.broadcast_to(values, (len(lo), n)), np.ones(n, dtype=bool), unit, lo, inv)
     return np.ascontiguousarray(np.rint(unit.T * 255.0).astype(np.uint8))
+
+
+def preview_rgb(data: np.ndarray, valid: np.ndarray, dtype: np.dtype, lo: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """The uint8 RGB ``(h, w, 3)`` a preview shows of a decimated read ``data`` ``(C, h, w)``
+    of a scene of ``dtype`` stretched by ``lo``, ``inv`` (:func:`to_unit`, rounded): the
+    first three bands as R, G, B, one band as grey, two as R, G, G; nodata (``~valid``) black.
+    Plain arrays in, so an output helper process can draw it as well as the run."""
+    dtype = np.dtype(dtype)
+    c, shape = len(data), data.shape[1:]
+    pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
+    if dtype.kind in "ui" and dtype.itemsize <= 2 and data.dtype == dtype:
+        # 8/16-bit: every value's uint8 in a table per band shown, then one look-up per pixel
+        used = sorted(set(pick))
+        lut8 = preview_table(dtype, np.asarray(lo)[used], np.asarray(inv)[used])
+        index = data.view(f"u{dtype.itemsize}")
+        rgb = np.empty((*shape, 3), dtype=np.uint8)
+        for i, b in enumerate(pick):
+            rgb[..., i] = lut8[used.index(b)].take(index[b])
+        if not valid.all():
+            rgb[~valid] = 0
+        return rgb
+    x = np.empty((*shape, c), dtype=np.float32)
+    to_unit(data, valid, x, lo, inv)
+    return np.rint(x[:, :, pick] * 255.0).astype(np.uint8)
