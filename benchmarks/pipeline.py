@@ -138,22 +138,15 @@ class _Tail:
     longest chain of steps, on a busy one their CPU shares the cores."""
 
     def __init__(self):
-        import importlib
         import threading
 
-        from scene_cpu import STEPS
+        from scene_cpu import STEPS, wrap_steps
 
         steps = {"heat rows": ("tilescan.outputs.heatmap", "HeatmapWriter.finish"),
                  **{k: v for k, v in STEPS.items() if k not in ("open scene", "read tiles", "rows and heat")}}
         self.calls: list[tuple[str, float, float, float]] = []
         self._lock = threading.Lock()
-        for name, (mod, attr) in steps.items():
-            owner = importlib.import_module(mod)
-            *path, last = attr.split(".")
-            for part in path:
-                owner = getattr(owner, part, None)
-            if owner is not None and hasattr(owner, last):  # a step an older checkout lacks is left out
-                setattr(owner, last, self._timed(name, getattr(owner, last)))
+        wrap_steps(steps, self._timed)
 
     def _timed(self, name: str, fn):
         def timed(*args, **kwargs):

@@ -53,6 +53,20 @@ STEPS = {
 }
 
 
+def wrap_steps(steps: dict, wrap) -> None:
+    """Replace each step's function (``name -> (module, attribute path)``) by ``wrap(name, fn)``
+    in this process; a step a checkout lacks is left out."""
+    import importlib
+
+    for name, (mod, attr) in steps.items():
+        owner = importlib.import_module(mod)
+        *path, last = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, last):
+            setattr(owner, last, wrap(name, getattr(owner, last)))
+
+
 #: The figures of each run whose medians the summary gives.
 _FIGURES = ("cpu_ms_per_scene", "scenes_per_s", "user_ms_per_scene", "system_ms_per_scene", "minor_faults_per_scene")
 
@@ -81,13 +95,7 @@ def _child(repo: Path, chips: Path) -> dict:
                 inside.on = False
         return wrapper
 
-    for name, (mod, attr) in STEPS.items():
-        owner = importlib.import_module(mod)
-        *path, last = attr.split(".")
-        for part in path:
-            owner = getattr(owner, part, None)
-        if owner is not None and hasattr(owner, last):
-            setattr(owner, last, timed(name, getattr(owner, last)))
+    wrap_steps(STEPS, timed)
 
     importlib.import_module("keras")  # before the clock: its import is start-up, not the scenes' CPU
     out = Path(tempfile.mkdtemp(prefix="tilescan-scenecpu-"))
