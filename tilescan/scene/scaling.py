@@ -60,12 +60,12 @@ def preview_rgb(data: np.ndarray, valid: np.ndarray, dtype: np.dtype, lo: np.nda
     pick = [0, 1, 2] if c >= 3 else ([0, 0, 0] if c == 1 else [0, 1, 1])
     if dtype.kind in "ui" and dtype.itemsize <= 2 and data.dtype == dtype:
         # 8/16-bit: every value's uint8 in a table per band shown, then one look-up per pixel
-        used = sorted(set(pick))
-        lut8 = preview_table(dtype, np.asarray(lo)[used], np.asarray(inv)[used])
+        shown = max(pick) + 1  # the bands shown are the first ones
+        lut8 = preview_table(dtype, lo[:shown], inv[:shown])
         index = data.view(f"u{dtype.itemsize}")
         rgb = np.empty((*shape, 3), dtype=np.uint8)
         for i, b in enumerate(pick):
-            rgb[..., i] = lut8[used.index(b)].take(index[b])
+            rgb[..., i] = lut8[b].take(index[b])
         if not valid.all():
             rgb[~valid] = 0
         return rgb
