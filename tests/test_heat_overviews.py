@@ -12,7 +12,7 @@ from rasterio.transform import from_origin
 import tilescan.outputs.heatmap as heatmap_mod
 from tilescan.outputs.cog import HEATMAP_NODATA, _cog_copy, _overview_level
 from tilescan.outputs.heatmap import HeatmapWriter
-from tilescan.outputs.heatpyramid import HeatPyramid
+from tilescan.outputs.heatpyramid import BlockRows, HeatPyramid
 
 from conftest import QUIET_AFFINE
 from test_heat_batch import make_tiles
@@ -214,3 +214,29 @@ def test_sparse_heat_levels_and_preview_as_if_every_row_were_fed(tmp_path, w, h,
     assert prev_skipped.shape == preview and np.array_equal(prev_skipped, prev_fed)
     assert (prev_skipped != HEATMAP_NODATA).any() == (islands > 0)
     assert_same_levels(skipped, gdal_levels(tmp_path, heat))
+
+
+@pytest.mark.parametrize("w,h,block", [(1000, 777, 256), (300, 64, 16), (513, 1030, 256)])
+def test_rows_written_a_row_of_blocks_at_a_time_read_back_as_given(tmp_path, w, h, block):
+    """BlockRows: rows given in runs with gaps (rows no tile touched), within one row of
+    blocks and across them, read back as written whole, the gaps as nodata."""
+    rng = np.random.default_rng(w * h)
+    want = np.full((h, w), HEATMAP_NODATA, np.float32)
+    path = tmp_path / "rows.tif"
+    with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=w, height=h,
+                       nodata=HEATMAP_NODATA, tiled=True, blockxsize=block, blockysize=block,
+                       sparse_ok=True) as ds:
+        out = BlockRows(ds, block, HEATMAP_NODATA)
+        row = 0
+        while row < h:
+            row += int(rng.integers(0, 3 * block)) if rng.random() < 0.3 else 0  # a gap
+            n = min(int(rng.integers(1, 2 * block)), h - row)
+            if n <= 0:
+                break
+            rows = rng.uniform(0, 1, (n, w)).astype(np.float32)
+            out.write(row, rows)
+            want[row:row + n] = rows
+            row += n
+        out.flush()
+    with rasterio.open(path) as ds:
+        assert np.array_equal(ds.read(1), want)

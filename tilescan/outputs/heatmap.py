@@ -14,14 +14,13 @@ import numpy as np
 import rasterio
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.transform import Affine
-from rasterio.windows import Window
 
 from ..errors import OutputError
 from .cog import HEATMAP_NODATA, _cog_copy, _compression, _overview_level, write_cog
 from .files import _describe, _dumps, _io_error_types, _remove_quietly, _temp_name, atomic_output, probe_folder
 from .geometry import _rasterio_crs
 from .heatgrid import _HeatGrid, _axis_interp, _stretch_counts  # noqa: F401 - re-exported
-from .heatpyramid import HeatPyramid
+from .heatpyramid import BlockRows, HeatPyramid
 
 # --------------------------------------------------------------------------- heatmap
 
@@ -84,6 +83,7 @@ class HeatmapWriter:
         self._finished = False  # finish(): no more rows; the tags taken
         self._strips = _temp_name(self.path, "strips")
         self._dst = None
+        self._rows_out: BlockRows | None = None  # the scratch file's rows, a row of blocks at a time
         self._profile = dict(driver="GTiff", dtype="float32", count=1, width=g.out_w, height=g.out_h,
                              crs=self.crs, transform=self.transform, nodata=HEATMAP_NODATA,
                              tiled=True, blockxsize=256, blockysize=256)
@@ -102,6 +102,7 @@ class HeatmapWriter:
             # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
             # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
+            self._rows_out = BlockRows(self._dst, profile["blockysize"], HEATMAP_NODATA)
             levels = _overview_level(g.out_w, g.out_h)
             self._preview_size = preview_size if preview_size and max(g.out_w, g.out_h) > preview_size else None
             if levels or self._preview_size:
@@ -319,7 +320,7 @@ class HeatmapWriter:
             self._mem[row:row + heat.shape[0], :heat.shape[1]] = heat
             return
         with self._aborting():
-            self._dst.write(heat, 1, window=Window(0, row, heat.shape[1], heat.shape[0]))
+            self._rows_out.write(row, heat)
             if self._pyramid is not None:
                 self._pyramid.feed(row, heat)
 
@@ -357,6 +358,7 @@ class HeatmapWriter:
             self._tags = meta
             self._finished = True
             if self._dst is not None:
+                self._rows_out.flush()
                 self._dst.set_band_description(1, "heat")
                 self._dst.update_tags(**meta)
                 self._dst.close()

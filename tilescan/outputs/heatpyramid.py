@@ -48,6 +48,50 @@ def _nicer() -> None:
         pass
 
 
+class BlockRows:
+    """Rows of a tiled GeoTIFF open for writing (``ds``, band 1, blocks ``block_h`` rows high),
+    handed to GDAL a whole row of blocks at a time. GDAL writes such a row straight to the
+    file; a part of one waits in its block cache as dirty blocks until the file is closed, and
+    rasterio's close flushes them with Python's GIL held, a stall for every other thread of
+    the run. Rows not given before a row of blocks is written are ``nodata``, as a sparse file
+    reads them."""
+
+    def __init__(self, ds, block_h: int, nodata: float):
+        self._ds, self._bh, self._nodata = ds, int(block_h), nodata
+        self._buf: np.ndarray | None = None  # one row of blocks, reused
+        self._top = -1  # first row of the row of blocks held; -1: none held
+        self._end = 0  # rows [top, end) of it set so far (nodata where none was given)
+
+    def write(self, row: int, rows: np.ndarray) -> None:
+        """Rows ``[row, row + len(rows))``, given in order (never a row twice)."""
+        height = self._ds.height
+        while len(rows):
+            top = row - row % self._bh
+            if top != self._top:
+                self.flush()
+                if self._buf is None:
+                    self._buf = np.empty((min(self._bh, height), self._ds.width), np.float32)
+                self._top, self._end = top, top
+            stop = min(top + self._bh, height)
+            n = min(len(rows), stop - row)
+            self._buf[self._end - top:row - top] = self._nodata
+            self._buf[row - top:row - top + n] = rows[:n]
+            self._end, row, rows = row + n, row + n, rows[n:]
+            if self._end == stop:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the row of blocks held, if any (its rows not given as nodata)."""
+        from rasterio.windows import Window
+
+        if self._top < 0:
+            return
+        stop = min(self._top + self._bh, self._ds.height)
+        self._buf[self._end - self._top:stop - self._top] = self._nodata
+        self._ds.write(self._buf[:stop - self._top], 1, window=Window(0, self._top, self._ds.width, stop - self._top))
+        self._top = -1
+
+
 _EDGE = 1e-8  # pixels: how far past an edge a footprint must reach to take the next pixel
 
 
@@ -194,6 +238,7 @@ class HeatPyramid:
         self._row = 0  # next heat row expected
         self._written = [0] * levels
         self._files = []
+        self._out: list[BlockRows] = []  # each level's rows to its file, a row of blocks at a time
         # its own thread, started by the first feed() (so on that thread's cores), nicer than it:
         # it takes the CPU the run leaves, and whatever it has not done waits for finish()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilescan-heat-levels",
@@ -207,6 +252,7 @@ class HeatPyramid:
                                                  height=h, nodata=self.nodata, transform=Affine(1, 0, 0, 0, -1, h),
                                                  tiled=True, blockxsize=block, blockysize=block, sparse_ok=True,
                                                  bigtiff="IF_SAFER"))
+                self._out.append(BlockRows(self._files[-1], block, self.nodata))
         except BaseException:
             self.close()
             for p in self.paths:
@@ -249,10 +295,8 @@ class HeatPyramid:
 
     def _emit(self, k: int, out: np.ndarray) -> None:
         """Level ``k``'s next rows: written, and fed to the level below."""
-        from rasterio.windows import Window
-
         if (out != self.nodata).any():  # all nodata: left unwritten, the sparse file reads it so
-            self._files[k].write(out, 1, window=Window(0, self._written[k], out.shape[1], out.shape[0]))
+            self._out[k].write(self._written[k], out)
         self._written[k] += len(out)
         self._push(k + 1, out)
 
@@ -280,6 +324,8 @@ class HeatPyramid:
                 self._queued.popleft()[0].result()
             self._pool.shutdown()
         self.skip_to(self.height)
+        for out in self._out:
+            out.flush()
         if self._written != [h for _, h in self.sizes]:
             raise RuntimeError(f"overview rows written {self._written}, expected {[h for _, h in self.sizes]}")
         if self._preview is not None:
