@@ -2,6 +2,7 @@
 """The heatmap of a large scene: its blending, and the COG written after the last tile.
 
     python benchmarks/heat_cog.py --repo OLD_CHECKOUT --repo . [--rounds 4] [--out benchmarks/results/heat-cog.json]
+    python benchmarks/heat_cog.py --repo OLD_CHECKOUT --repo . --beside   # the GIL it leaves another thread
 
 The heat of the 12,246 x 11,160 px mosaic of ``pipeline.py host`` (8,352 tiles of 128 px,
 heatmap scale 0.25: 3,062 x 2,790 heat pixels, three overview levels), each tile's 4 x 4 CAM
@@ -11,6 +12,10 @@ core and to 2 cores, checkouts alternated round by round: the blending (``add_ba
 batches of 256, row by row, as a run calls it, then ``finish()``), the quicklook's heat
 ``preview(1024)`` (``preview_size=1024`` where the checkout's writer takes it, as a run passes
 its quicklook size) and ``close()`` (the COG: its overviews, compression, the atomic move).
+With ``--beside`` (2 cores only) a thread beside them wakes every millisecond, as one
+feeding a GPU waits on it, and each step also gives how long that thread was kept waiting
+for the GIL past Python's switch interval (``*_beside_stalled_s``, and its longest wait):
+the time one call held the GIL throughout.
 The preview and the COG are what a one-scene run waits for after its last batch (side by
 side, each on its thread); the blending runs beside the stream. Each figure: wall seconds
 and the calling thread's CPU, medians over rounds.
@@ -45,19 +50,42 @@ rows, cols = -(-H // TILE), -(-W // TILE)
 r, c = np.divmod(np.arange(rows * cols), cols)
 import inspect
 kw = {"preview_size": 1024} if "preview_size" in inspect.signature(HeatmapWriter).parameters else {}
-t0, c0 = time.perf_counter(), time.thread_time()
+beside = sys.argv[10] == "beside"
+if beside:  # a thread of the run that waits on something else (as one feeding a GPU): how late it gets the GIL
+    import threading
+    wakes = []
+    def wake():
+        while True:
+            t = time.perf_counter()
+            time.sleep(0.001)
+            now = time.perf_counter()
+            wakes.append((now, now - t - 0.001))
+    threading.Thread(target=wake, daemon=True).start()
+    time.sleep(0.2)
+marks = []
+def mark():
+    marks.append((time.perf_counter(), time.thread_time()))
+mark()
 hw = HeatmapWriter(sys.argv[2], W, H, from_origin(600000.0, 4000000.0, 30.0, 30.0), "EPSG:32621", SCALE, TILE, TILE,
                    **kw)
 for s in range(0, len(r), BATCH):
     hw.add_batch(c[s:s + BATCH] * TILE, r[s:s + BATCH] * TILE, TILE, cams_all[s:s + BATCH])
+mark()
 hw.finish()
-t1, c1 = time.perf_counter(), time.thread_time()
+mark()
 hw.preview(1024)
-t2, c2 = time.perf_counter(), time.thread_time()
+mark()
 hw.close()
-t3, c3 = time.perf_counter(), time.thread_time()
-print(json.dumps({"blend_s": t1 - t0, "blend_cpu_s": c1 - c0, "preview_s": t2 - t1, "preview_cpu_s": c2 - c1,
-                  "close_s": t3 - t2, "close_cpu_s": c3 - c2}))
+mark()
+got = {}
+for name, (a, b) in zip(("add", "finish", "preview", "close"), zip(marks, marks[1:])):
+    got[name + "_s"], got[name + "_cpu_s"] = b[0] - a[0], b[1] - a[1]
+    if beside:  # its waits past Python's switch interval (5 ms): the GIL held by one call all along
+        late = [w for t, w in wakes if a[0] <= t < b[0]]
+        got[name + "_beside_stalled_s"] = sum(w for w in late if w > 0.005)
+        got[name + "_beside_longest_s"] = max(late, default=0.0)
+got["blend_s"], got["blend_cpu_s"] = got["add_s"] + got["finish_s"], got["add_cpu_s"] + got["finish_cpu_s"]
+print(json.dumps(got))
 """
 
 
@@ -83,6 +111,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", action="append", required=True, help="a checkout (twice or more: side by side)")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--beside", action="store_true",
+                    help="a thread running Python beside the heat's (2 cores only): the share of each step it ran")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     import bench
@@ -93,14 +123,16 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tilescan-heatcog-"))
     cams = work / "cams.npy"
     _cams(cams)
-    runs: dict[str, dict[str, list[dict]]] = {r: {"1": [], "2": []} for r in repos}
+    core_counts = ("2",) if args.beside else ("1", "2")
+    runs: dict[str, dict[str, list[dict]]] = {r: {c: [] for c in core_counts} for r in repos}
     for k in range(args.rounds):
-        for cores in ("1", "2"):
+        for cores in core_counts:
             for repo in repos if k % 2 == 0 else repos[::-1]:
                 out = work / f"heat-{k}-{cores}.tif"
                 cpu = "0" if cores == "1" else "0,1"
                 got = subprocess.run(["taskset", "-c", cpu, sys.executable, "-c", _CHILD, repo, str(out), str(W), str(H),
-                                      str(TILE), str(SCALE), str(BATCH), "-", str(cams)],
+                                      str(TILE), str(SCALE), str(BATCH), "-", str(cams),
+                                      "beside" if args.beside and cores == "2" else "-"],
                                      capture_output=True, text=True, check=True)
                 runs[repo][cores].append(json.loads(got.stdout.strip().splitlines()[-1]))
                 os.remove(out)

@@ -216,17 +216,20 @@ def test_sparse_heat_levels_and_preview_as_if_every_row_were_fed(tmp_path, w, h,
     assert_same_levels(skipped, gdal_levels(tmp_path, heat))
 
 
-@pytest.mark.parametrize("w,h,block", [(1000, 777, 256), (300, 64, 16), (513, 1030, 256)])
-def test_rows_written_a_row_of_blocks_at_a_time_read_back_as_given(tmp_path, w, h, block):
+@pytest.mark.parametrize("w,h,block,hold_rows", [(1000, 777, 256, 0), (300, 64, 16, 0), (513, 1030, 256, 0),
+                                                 (513, 1030, 256, 300), (1000, 777, 256, 10_000)])
+def test_rows_written_a_row_of_blocks_at_a_time_read_back_as_given(tmp_path, w, h, block, hold_rows):
     """BlockRows: rows given in runs with gaps (rows no tile touched), within one row of
-    blocks and across them, read back as written whole, the gaps as nodata."""
+    blocks and across them, read back as written whole, the gaps as nodata; rows held in
+    memory (up to ``hold_rows`` rows' bytes) take no space in the file until written."""
     rng = np.random.default_rng(w * h)
     want = np.full((h, w), HEATMAP_NODATA, np.float32)
     path = tmp_path / "rows.tif"
     with rasterio.open(path, "w", driver="GTiff", dtype="float32", count=1, width=w, height=h,
                        nodata=HEATMAP_NODATA, tiled=True, blockxsize=block, blockysize=block,
                        sparse_ok=True) as ds:
-        out = BlockRows(ds, block, HEATMAP_NODATA)
+        out = BlockRows(ds, block, HEATMAP_NODATA, hold_bytes=hold_rows * w * 4)
+        empty_size = path.stat().st_size
         row = 0
         while row < h:
             row += int(rng.integers(0, 3 * block)) if rng.random() < 0.3 else 0  # a gap
@@ -237,6 +240,8 @@ def test_rows_written_a_row_of_blocks_at_a_time_read_back_as_given(tmp_path, w, 
             out.write(row, rows)
             want[row:row + n] = rows
             row += n
+        if hold_rows >= h:
+            assert path.stat().st_size == empty_size  # all held
         out.flush()
     with rasterio.open(path) as ds:
         assert np.array_equal(ds.read(1), want)

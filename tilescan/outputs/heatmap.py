@@ -28,6 +28,10 @@ from .heatpyramid import BlockRows, HeatPyramid
 #: file: that of a 4,096 px scene at heatmap scale 0.25.
 HEAT_IN_MEMORY_PX = 1 << 20
 
+#: Finished heat rows kept in memory before they go to the scratch files (``BlockRows``):
+#: a scene's scratch takes disk space at its end, after the scenes finished before it.
+HEAT_HELD_BYTES = 64 << 20
+
 
 
 class HeatmapWriter:
@@ -102,7 +106,7 @@ class HeatmapWriter:
             # blending never pays for compression on the model's cores; the COG is compressed once. Sparse:
             # rows no tile touched are never written, and read back as nodata.
             self._dst = rasterio.open(self._strips, "w", **profile)
-            self._rows_out = BlockRows(self._dst, profile["blockysize"], HEATMAP_NODATA)
+            self._rows_out = BlockRows(self._dst, profile["blockysize"], HEATMAP_NODATA, HEAT_HELD_BYTES)
             levels = _overview_level(g.out_w, g.out_h)
             self._preview_size = preview_size if preview_size and max(g.out_w, g.out_h) > preview_size else None
             if levels or self._preview_size:
@@ -110,7 +114,7 @@ class HeatmapWriter:
                     g.out_w, g.out_h, levels, HEATMAP_NODATA,
                     [_temp_name(self.path, f"ovr{k + 1}") for k in range(levels)],
                     preview=None if self._preview_size is None else _preview_shape(g.out_w, g.out_h, preview_size),
-                    background=True)
+                    background=True, hold_bytes=HEAT_HELD_BYTES)
         except _io_error_types() as exc:
             self.abort()
             raise OutputError(_describe(exc, self.path), path=str(self.path)) from exc

@@ -54,13 +54,20 @@ class BlockRows:
     file; a part of one waits in its block cache as dirty blocks until the file is closed, and
     rasterio's close flushes them with Python's GIL held, a stall for every other thread of
     the run. Rows not given before a row of blocks is written are ``nodata``, as a sparse file
-    reads them."""
+    reads them.
 
-    def __init__(self, ds, block_h: int, nodata: float):
-        self._ds, self._bh, self._nodata = ds, int(block_h), nodata
-        self._buf: np.ndarray | None = None  # one row of blocks, reused
-        self._top = -1  # first row of the row of blocks held; -1: none held
+    Finished rows of blocks wait in memory up to ``hold_bytes`` (the oldest written first past
+    that) and the rest by :meth:`flush`: a scratch file takes its disk space when its rows are
+    all there, as it did in GDAL's cache, so on a nearly full disk the scenes finished before
+    it are written first."""
+
+    def __init__(self, ds, block_h: int, nodata: float, hold_bytes: int = 0):
+        self._ds, self._bh, self._nodata, self._hold = ds, int(block_h), nodata, int(hold_bytes)
+        self._buf: np.ndarray | None = None  # the row of blocks being filled
+        self._top = -1  # its first row; -1: none
         self._end = 0  # rows [top, end) of it set so far (nodata where none was given)
+        self._held: collections.deque[tuple[int, np.ndarray]] = collections.deque()  # (top, rows) not written
+        self._held_bytes = 0
 
     def write(self, row: int, rows: np.ndarray) -> None:
         """Rows ``[row, row + len(rows))``, given in order (never a row twice)."""
@@ -68,7 +75,7 @@ class BlockRows:
         while len(rows):
             top = row - row % self._bh
             if top != self._top:
-                self.flush()
+                self._row_done()
                 if self._buf is None:
                     self._buf = np.empty((min(self._bh, height), self._ds.width), np.float32)
                 self._top, self._end = top, top
@@ -78,18 +85,33 @@ class BlockRows:
             self._buf[row - top:row - top + n] = rows[:n]
             self._end, row, rows = row + n, row + n, rows[n:]
             if self._end == stop:
-                self.flush()
+                self._row_done()
 
-    def flush(self) -> None:
-        """Write the row of blocks held, if any (its rows not given as nodata)."""
-        from rasterio.windows import Window
-
+    def _row_done(self) -> None:
+        """The row of blocks being filled is complete (its rows not given: nodata): held or written."""
         if self._top < 0:
             return
-        stop = min(self._top + self._bh, self._ds.height)
-        self._buf[self._end - self._top:stop - self._top] = self._nodata
-        self._ds.write(self._buf[:stop - self._top], 1, window=Window(0, self._top, self._ds.width, stop - self._top))
+        n = min(self._top + self._bh, self._ds.height) - self._top
+        self._buf[self._end - self._top:n] = self._nodata
+        self._held.append((self._top, self._buf[:n]))
+        self._held_bytes += self._buf[:n].nbytes
         self._top = -1
+        if self._hold > 0:
+            self._buf = None  # held: the next row of blocks gets a buffer of its own
+        self._write_held(self._hold)
+
+    def _write_held(self, keep_bytes: int) -> None:
+        from rasterio.windows import Window
+
+        while self._held and self._held_bytes > keep_bytes:
+            top, rows = self._held.popleft()
+            self._held_bytes -= rows.nbytes
+            self._ds.write(rows, 1, window=Window(0, top, self._ds.width, len(rows)))
+
+    def flush(self) -> None:
+        """Write every row given so far (the row of blocks being filled completed with nodata)."""
+        self._row_done()
+        self._write_held(0)
 
 
 _EDGE = 1e-8  # pixels: how far past an edge a footprint must reach to take the next pixel
@@ -219,10 +241,11 @@ class HeatPyramid:
     attaches them to the heat file as its overviews, for GDAL's COG driver to copy. With
     ``preview`` ``(h, w)``, also the heat averaged to that size in memory (:attr:`preview`),
     as GDAL's decimated read of the heat file gives it. With ``background``, the rows are
-    taken in on a thread of its own."""
+    taken in on a thread of its own. Each level's rows wait in memory up to its share of
+    ``hold_bytes`` (:class:`BlockRows`)."""
 
     def __init__(self, width: int, height: int, levels: int, nodata: float, paths: Sequence[Path],
-                 preview: tuple[int, int] | None = None, background: bool = False):
+                 preview: tuple[int, int] | None = None, background: bool = False, hold_bytes: int = 0):
         import rasterio
         from rasterio.transform import Affine
 
@@ -252,7 +275,8 @@ class HeatPyramid:
                                                  height=h, nodata=self.nodata, transform=Affine(1, 0, 0, 0, -1, h),
                                                  tiled=True, blockxsize=block, blockysize=block, sparse_ok=True,
                                                  bigtiff="IF_SAFER"))
-                self._out.append(BlockRows(self._files[-1], block, self.nodata))
+                # each level a quarter of the one above: held as long as the heat's rows are
+                self._out.append(BlockRows(self._files[-1], block, self.nodata, hold_bytes >> 2 * len(self._files)))
         except BaseException:
             self.close()
             for p in self.paths:
