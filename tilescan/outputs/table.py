@@ -376,8 +376,8 @@ class TileTable:
         label_arr = np.array(label_names + [""], dtype=object)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for lo in range(0, max(n, 1), _ROW_GROUP):
-                hi = min(n, lo + _ROW_GROUP)
+            for lo in range(0, max(n, 1), GPKG_BATCH_ROWS):
+                hi = min(n, lo + GPKG_BATCH_ROWS)
                 m = hi - lo
                 arrays = [pa.array([str(scene)] * m, pa.string())]
                 for name in _ORDER_HEAD[1:]:
@@ -397,6 +397,10 @@ class TileTable:
 #: Most rows of a GeoPackage filled from a template (:meth:`TileTable.write_gpkg`); about
 #: where the two ways take the same time.
 GPKG_FILL_ROWS = 2048
+
+#: Rows in each batch GDAL writes to a GeoPackage: pyogrio holds Python's GIL while GDAL writes
+#: a batch, so the run's other threads get it back between batches.
+GPKG_BATCH_ROWS = 2048
 
 #: Stands for the ``tilescan`` metadata JSON in a GeoPackage template (:func:`_gpkg_template`).
 _META_MARK = "tilescan-metadata-0b9e7c41"
