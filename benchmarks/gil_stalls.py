@@ -26,23 +26,34 @@ from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: Child-script source: a thread that wakes every millisecond (as one feeding a GPU waits on
+#: it), and ``waits(a, b)``: its longest wait for the GIL between perf_counter times ``a`` and
+#: ``b``, and its waits past Python's 5 ms switch interval (one call holding the GIL throughout).
+WAKER = r"""
+import threading, time
+_wakes = []
+def _wake():
+    while True:
+        t = time.perf_counter()
+        time.sleep(0.001)
+        now = time.perf_counter()
+        _wakes.append((now, now - t - 0.001))
+threading.Thread(target=_wake, daemon=True).start()
+time.sleep(0.2)
+def waits(a, b):
+    late = [w for t, w in _wakes if a <= t < b]
+    return max(late, default=0.0), sum(w for w in late if w > 0.005)
+"""
+
 _CHILD = r"""
-import json, sys, threading, time
+import json, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import tilescan.outputs.table  # the checkout's, before table_formats puts this project's first on the path
 from table_formats import synthetic_table
 assert tilescan.__file__.startswith(sys.argv[1]), tilescan.__file__
 classes = [f"class_{k}" for k in range(30)]
 table = synthetic_table(int(sys.argv[4]), classes)
-wakes = []
-def wake():
-    while True:
-        t = time.perf_counter()
-        time.sleep(0.001)
-        now = time.perf_counter()
-        wakes.append((now, now - t - 0.001))
-threading.Thread(target=wake, daemon=True).start()
-time.sleep(0.2)
+""" + WAKER + r"""
 out, got = sys.argv[3], {}
 for name, write in (("gpkg", lambda p: table.write_gpkg(p, "EPSG:32633", classes, "scene.tif", "model")),
                     ("parquet", lambda p: table.write_geoparquet(p, "EPSG:32633", classes, "scene.tif", "model"))):
@@ -50,9 +61,8 @@ for name, write in (("gpkg", lambda p: table.write_gpkg(p, "EPSG:32633", classes
     a = time.perf_counter()
     write(f"{out}/t.{name}")
     b = time.perf_counter()
-    late = [w for t, w in wakes if a <= t < b]
-    got[name] = {"s": b - a, "longest_wait_s": max(late, default=0.0),
-                 "waits_past_5ms_s": sum(w for w in late if w > 0.005)}
+    longest, past = waits(a, b)
+    got[name] = {"s": b - a, "longest_wait_s": longest, "waits_past_5ms_s": past}
 print(json.dumps(got))
 """
 

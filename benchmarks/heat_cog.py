@@ -52,16 +52,7 @@ import inspect
 kw = {"preview_size": 1024} if "preview_size" in inspect.signature(HeatmapWriter).parameters else {}
 beside = sys.argv[10] == "beside"
 if beside:  # a thread of the run that waits on something else (as one feeding a GPU): how late it gets the GIL
-    import threading
-    wakes = []
-    def wake():
-        while True:
-            t = time.perf_counter()
-            time.sleep(0.001)
-            now = time.perf_counter()
-            wakes.append((now, now - t - 0.001))
-    threading.Thread(target=wake, daemon=True).start()
-    time.sleep(0.2)
+    exec(sys.argv[11])  # gil_stalls.WAKER: waits(a, b)
 marks = []
 def mark():
     marks.append((time.perf_counter(), time.thread_time()))
@@ -81,9 +72,7 @@ got = {}
 for name, (a, b) in zip(("add", "finish", "preview", "close"), zip(marks, marks[1:])):
     got[name + "_s"], got[name + "_cpu_s"] = b[0] - a[0], b[1] - a[1]
     if beside:  # its waits past Python's switch interval (5 ms): the GIL held by one call all along
-        late = [w for t, w in wakes if a[0] <= t < b[0]]
-        got[name + "_beside_stalled_s"] = sum(w for w in late if w > 0.005)
-        got[name + "_beside_longest_s"] = max(late, default=0.0)
+        got[name + "_beside_longest_s"], got[name + "_beside_stalled_s"] = waits(a[0], b[0])
 got["blend_s"], got["blend_cpu_s"] = got["add_s"] + got["finish_s"], got["add_cpu_s"] + got["finish_cpu_s"]
 print(json.dumps(got))
 """
@@ -116,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     import bench
+    import gil_stalls
 
     repos = [str(Path(r).resolve()) for r in args.repo]
     if not bench.LANDSAT.exists():
@@ -132,7 +122,7 @@ def main(argv=None) -> int:
                 cpu = "0" if cores == "1" else "0,1"
                 got = subprocess.run(["taskset", "-c", cpu, sys.executable, "-c", _CHILD, repo, str(out), str(W), str(H),
                                       str(TILE), str(SCALE), str(BATCH), "-", str(cams),
-                                      "beside" if args.beside and cores == "2" else "-"],
+                                      "beside" if args.beside and cores == "2" else "-", gil_stalls.WAKER],
                                      capture_output=True, text=True, check=True)
                 runs[repo][cores].append(json.loads(got.stdout.strip().splitlines()[-1]))
                 os.remove(out)
