@@ -91,10 +91,10 @@ class BlockRows:
         """The row of blocks being filled is complete (its rows not given: nodata): held or written."""
         if self._top < 0:
             return
-        n = min(self._top + self._bh, self._ds.height) - self._top
-        self._buf[self._end - self._top:n] = self._nodata
-        self._held.append((self._top, self._buf[:n]))
-        self._held_bytes += self._buf[:n].nbytes
+        rows = self._buf[:min(self._top + self._bh, self._ds.height) - self._top]
+        rows[self._end - self._top:] = self._nodata
+        self._held.append((self._top, rows))
+        self._held_bytes += rows.nbytes
         self._top = -1
         if self._hold > 0:
             self._buf = None  # held: the next row of blocks gets a buffer of its own
@@ -268,7 +268,7 @@ class HeatPyramid:
                                         initializer=_nicer) if background else None
         self._queued: collections.deque[tuple[Future, int]] = collections.deque()
         try:
-            for (w, h), p in zip(self.sizes, self.paths):
+            for k, ((w, h), p) in enumerate(zip(self.sizes, self.paths)):
                 block = min(256, 16 * math.ceil(max(w, h) / 16))
                 # a plain pixel grid (the VRT takes only the pixels): rasterio warns on none
                 self._files.append(rasterio.open(p, "w", driver="GTiff", dtype="float32", count=1, width=w,
@@ -276,7 +276,7 @@ class HeatPyramid:
                                                  tiled=True, blockxsize=block, blockysize=block, sparse_ok=True,
                                                  bigtiff="IF_SAFER"))
                 # each level a quarter of the one above: held as long as the heat's rows are
-                self._out.append(BlockRows(self._files[-1], block, self.nodata, hold_bytes >> 2 * len(self._files)))
+                self._out.append(BlockRows(self._files[-1], block, self.nodata, hold_bytes >> 2 * (k + 1)))
         except BaseException:
             self.close()
             for p in self.paths:
