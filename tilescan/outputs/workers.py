@@ -94,12 +94,16 @@ class _Child:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def close(self) -> None:
+    def end(self) -> None:
+        """Tell the helper to end: it does when its stdin closes."""
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
             except OSError:
                 pass
+
+    def close(self) -> None:
+        self.end()
         wait_or_kill(self.proc)
 
 
@@ -110,6 +114,15 @@ def wait_or_kill(proc: subprocess.Popen, timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def close_all(children) -> None:
+    """End helper processes (each with ``end()`` and ``close()``), all told first: they end
+    side by side, not one after another."""
+    for child in children:
+        child.end()
+    for child in children:
+        child.close()
 
 
 class OutputWorkers:
@@ -173,8 +186,7 @@ class OutputWorkers:
         with self._lock:
             self._closed = True
             children, self._children = self._children, []
-        for child in children:
-            child.close()
+        close_all(children)
         atexit.unregister(self.close)
 
     def __enter__(self) -> "OutputWorkers":

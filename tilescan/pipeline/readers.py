@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..outputs.workers import child_env, helper_start, portable_error, wait_or_kill
+from ..outputs.workers import child_env, close_all, helper_start, portable_error, wait_or_kill
 from ..scene.decimate import pick
 from ..scene.grid import TileSet
 from ..scene.info import collecting_tiling_warnings, tiling_warning
@@ -195,8 +195,12 @@ class _Child:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def end(self) -> None:
+        """Tell the child to end: it does at the end of its socket."""
+        self.sock.close()
+
     def close(self) -> None:
-        self.sock.close()  # the child ends at the end of its socket
+        self.end()
         wait_or_kill(self.proc)
 
 
@@ -268,8 +272,7 @@ class ReaderProcesses:
         with self._lock:
             self._closed = True
             children, self._children = list(self._children.values()), {}
-        for child in children:
-            child.close()
+        close_all(children)
         self.memory.close()
 
 
