@@ -170,6 +170,8 @@ def test_second_signal_stops_at_once():
 
 
 def _wait_for_scene(out, proc, name="cogeo"):
+    """Until the scene is opened, and half a second more: most often while the model still
+    loads (the first scene opens meanwhile), so the signals sent then test a stop at start-up."""
     staging = out / ".tilescan-staging" / name
     deadline = time.monotonic() + 120
     while not staging.exists() and proc.poll() is None:
