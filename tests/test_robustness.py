@@ -523,6 +523,130 @@ def test_collision_check_on_real_scenes(batch):
     assert not any("also occurs" in w for w in rot["warnings"])
 
 
+def _same_results(a: Path, b: Path) -> None:
+    """Two runs' outputs of one scene hold the same results: rows, label pixels, heat, counts,
+    stretch and warnings (not their provenance: fingerprint, source path, run.json's nodata_from)."""
+    ta, tb = gpd.read_parquet(a / "tiles.parquet"), gpd.read_parquet(b / "tiles.parquet")
+    assert len(ta) and ta.equals(tb)
+    for name in ("labels.tif", "heatmap.tif"):
+        with rasterio.open(a / name) as x, rasterio.open(b / name) as y:
+            assert np.array_equal(x.read(), y.read(), equal_nan=True), name
+    ma, mb = (json.loads((f / "run.json").read_text()) for f in (a, b))
+    assert ma["counts"] == mb["counts"]
+    assert ma["scene_info"]["scale"] == mb["scene_info"]["scale"]
+    assert ma["scene_info"]["nodata"] == mb["scene_info"]["nodata"]
+    strip = [w.split(": ", 1)[1] for w in ma["warnings"]], [w.split(": ", 1)[1] for w in mb["warnings"]]
+    assert strip[0] == strip[1]
+
+
+def _scene_nodata_xml(project: Path) -> list[tuple[str, str | None]]:
+    """The scene layer's user nodata in a QGIS project: (band, value) per band listed."""
+    import xml.etree.ElementTree as ET
+
+    layer = next(m for m in ET.parse(project).getroot().iter("maplayer") if m.findtext("layername") == "scene")
+    return [(e.get("bandNo"), e.find("noDataRange").get("min") if e.find("noDataRange") is not None else None)
+            for e in layer.iter("noDataList") if e.get("useSrcNoData") == "0"]
+
+
+def test_fill_border_the_file_does_not_declare(tmp_path, tiny_model):
+    """A Landsat L1 corner (21.7 % zeros in every band, no nodata tag): tilescan says so and
+    names the setting; with ``--nodata 0`` the results are exactly those of the same file
+    declaring nodata 0 -- the fill is skipped, left out of the stretch, and transparent in the
+    QGIS project -- and run.json says where the nodata came from."""
+    for sub in ("plain", "tagged"):
+        (tmp_path / sub).mkdir()
+    crop = write_like(scene(LANDSAT), tmp_path / "plain" / "corner.tif", window=Window(0, 0, 640, 640),
+                      tiled=True, blockxsize=256, blockysize=256)
+    tagged = write_like(crop, tmp_path / "tagged" / "corner.tif", nodata=0,
+                        tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(crop) as ds:
+        assert ds.nodata is None and 0.2 < (ds.read() == 0).all(axis=0).mean() < 0.25
+    args = ["--model", tiny_model, "--tile-size", TILE, "--units", "px", "--no-progress"]
+    outs = {k: tmp_path / k for k in ("as_is", "setting", "declared")}
+    for key, path, extra in (("as_is", crop, []), ("setting", crop, ["--nodata", "0"]), ("declared", tagged, [])):
+        res = invoke(["run", path, "-o", outs[key], *args, *extra])
+        assert res.exit_code == 0, res.output
+    as_is, setting, declared = (outs[k] / "corner" for k in ("as_is", "setting", "declared"))
+    m = json.loads((as_is / "run.json").read_text())
+    hint = [w for w in m["warnings"] if "declares no nodata" in w]
+    assert len(hint) == 1 and "21." in hint[0] and "--nodata 0" in hint[0] and str(crop) in hint[0]
+    assert m["counts"]["tiles_classified"] == 100  # the fill is classified as data
+    assert all(lo == 0 for lo, _ in m["scene_info"]["scale"])  # and starts the stretch
+    _same_results(setting, declared)
+    s = json.loads((setting / "run.json").read_text())
+    assert s["scene_info"]["nodata"] == 0 and s["scene_info"]["nodata_from"] == "--nodata 0"
+    assert json.loads((declared / "run.json").read_text())["scene_info"]["nodata_from"] == "file"
+    assert not any("declares no nodata" in w for w in s["warnings"])
+    expect = tile_valid_fractions(tagged, [1, 2, 3], TILE)
+    got = {(r.row, r.col): r.valid_fraction for r in gpd.read_parquet(setting / "tiles.parquet").itertuples()}
+    assert got.keys() == {k for k, v in expect.items() if v >= 0.5} and len(got) < 100
+    assert all(lo > 0 for lo, _ in s["scene_info"]["scale"])
+    assert _scene_nodata_xml(setting / "corner.qgs") == [("1", "0"), ("2", "0"), ("3", "0")]
+    assert _scene_nodata_xml(declared / "corner.qgs") == []  # QGIS reads the file's own
+
+
+def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):
+    """``--nodata none`` on RGB.byte.tif (nodata 0) gives the results of the same file without
+    its nodata tag, with no hint: the user has said what the zeros are."""
+    (tmp_path / "untagged").mkdir()
+    untagged = write_like(scene(RGB_BYTE), tmp_path / "untagged" / "RGB.byte.tif", nodata=None)
+    args = ["--model", tiny_model, "--tile-size", TILE, "--no-progress"]
+    for out, path, extra in ((tmp_path / "none", scene(RGB_BYTE), ["--nodata", "none"]), (tmp_path / "untagged_out", untagged, [])):
+        res = invoke(["run", path, "-o", out, *args, *extra])
+        assert res.exit_code == 0, res.output
+    ours, theirs = tmp_path / "none" / "RGB.byte", tmp_path / "untagged_out" / "RGB.byte"
+    m = json.loads((ours / "run.json").read_text())
+    assert m["scene_info"]["nodata"] is None and m["scene_info"]["nodata_from"] == "--nodata none"
+    assert not any("declares no nodata" in w for w in m["warnings"])
+    assert any("declares no nodata" in w for w in json.loads((theirs / "run.json").read_text())["warnings"])
+    ta, tb = gpd.read_parquet(ours / "tiles.parquet"), gpd.read_parquet(theirs / "tiles.parquet")
+    assert len(ta) and ta.equals(tb)
+    for name in ("labels.tif", "heatmap.tif"):
+        with rasterio.open(ours / name) as x, rasterio.open(theirs / name) as y:
+            assert np.array_equal(x.read(), y.read()), name
+    assert _scene_nodata_xml(ours / "RGB.byte.qgs") == [("1", None), ("2", None), ("3", None)]
+
+
+def test_nodata_setting_a_scene_cannot_hold(tmp_path, tiny_model):
+    """``--nodata 300`` fails the uint8 scene, naming the file, the setting and the range, and
+    the uint16 scene beside it is written (exit 3); text that is no value is a usage error."""
+    crop = write_like(scene(LANDSAT), tmp_path / "corner.tif", window=Window(0, 0, 256, 256))
+    out = tmp_path / "out"
+    res = invoke(["run", scene(RGB_BYTE), crop, "-o", out, "--model", tiny_model, "--tile-size", TILE,
+                  "--units", "px", "--nodata", "300", "--no-progress"])
+    assert res.exit_code == 3, res.output
+    rep = read_report(out)
+    assert [Path(r["scene"]).name for r in rep["done"]] == ["corner.tif"]
+    (failed,) = failed_reasons(rep).values()
+    assert failed["error_kind"] == "config"
+    for part in ("RGB.byte.tif", "--nodata 300", "uint8", "0..255"):
+        assert part in failed["reason"], failed
+    assert not (out / "RGB.byte").exists()
+    res = invoke(["run", crop, "-o", tmp_path / "out2", "--model", tiny_model, "--nodata", "zero"])
+    assert res.exit_code == 2 and "--nodata" in res.output and "'zero'" in res.output, res.output
+
+
+def test_default_nodata_keeps_earlier_outputs_finished(tmp_path, monkeypatch):
+    """The default (``file``) is left out of the run fingerprint, so outputs finished by a
+    release before the setting existed are still skipped on a rerun; a set value changes it."""
+    from tilescan.config import Config, load_config
+    from tilescan.pipeline.units import Unit, fingerprint
+
+    unit = Unit(scene(RGB_BYTE), "RGB.byte")
+    prints = {v: fingerprint(unit, load_config(None, {"tiling": {"nodata": v}}), "sha") for v in ("file", " File", "0", "none")}
+    assert prints["file"] == prints[" File"]
+    assert len({prints["file"], prints["0"], prints["none"]}) == 3
+    to_dict = Config.to_dict
+
+    def earlier(self):  # the config as a release without the setting hashed it
+        d = to_dict(self)
+        del d["tiling"]["nodata"]
+        return d
+
+    monkeypatch.setattr(Config, "to_dict", earlier)
+    assert fingerprint(unit, load_config(), "sha") == prints["file"]
+
+
 # -- model and config -----------------------------------------------------------------
 
 

@@ -72,6 +72,10 @@ class TilingConfig(_Section):
     ``tile_size`` and ``stride``."""
     min_valid_fraction: float = 0.5
     """Tiles with a smaller fraction of valid (not nodata / not masked) pixels are skipped."""
+    nodata: str = "file"
+    """The scenes' nodata value: ``file`` (each file's own), a number (every band's, in place of
+    the file's, as ``gdal_translate -a_nodata`` would set it), or ``none`` (the files' nodata
+    ignored; an alpha band, an internal mask or NaN still marks pixels invalid)."""
     bands: tuple[int, ...] = ()
     """1-based band indexes fed to the model in its band order; empty = auto
     (first 3 bands, or the RGB bands named by the file's colour interpretation)."""
@@ -301,6 +305,25 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     raise bad(str(typ))  # pragma: no cover - all field types are handled above
 
 
+def nodata_setting(text: str) -> tuple[bool, float | None]:
+    """``[tiling] nodata`` read: whether it replaces the files' own nodata, and by what (None:
+    no nodata at all). Raises ValueError for text that is none of ``file``, ``none``, a number."""
+    t = str(text).strip().lower()
+    if t == "file":
+        return False, None
+    if t == "none":
+        return True, None
+    return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
+
+
+def _is_nodata_setting(text: str) -> bool:
+    try:
+        nodata_setting(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _number(text: str) -> float:
     """A setting's text as a number; NaN where it is none."""
     try:
@@ -348,6 +371,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("tiling", "min_valid_fraction", f"must be in [0, 1], got {t.min_valid_fraction}")
     if any(b < 1 for b in t.bands):
         fail("tiling", "bands", f"band indexes are 1-based, got {list(t.bands)}")
+    if not _is_nodata_setting(t.nodata):
+        fail("tiling", "nodata", f"must be file, none or a number, got {t.nodata!r}")
     lo, hi = t.percentiles
     if not 0.0 <= lo < hi <= 100.0:
         fail("tiling", "percentiles", f"need 0 <= low < high <= 100, got {list(t.percentiles)}")

@@ -70,6 +70,9 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="1-based scene bands in the model's order, e.g. 3,2,1 for B,G,R files.")
 @option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1),
         help="Skip tiles with less valid area than this fraction.")
+@option("--nodata", config_key=("tiling", "nodata"), metavar="VALUE|none|file",
+        help="The scenes' nodata value: a number replaces each file's own on every band (e.g. 0 for a fill "
+             "border the file does not declare); none ignores the files' nodata; file keeps it.")
 @option("--cam", "cam_method", config_key=("cam", "method"), type=click.Choice(tilescan.CAM_METHODS, case_sensitive=False),
         metavar="METHOD", help=f"CAM method: {_CAM_HELP}.")
 @option("--cam-layer", config_key=("cam", "layer"), show_default="the model's last conv block", help="Layer to explain.")

@@ -63,6 +63,9 @@ class Layer:
     sublayer: str | None = None  # the layer inside a GeoPackage
     alt_styles: dict[str, ET.Element] = field(default_factory=dict)  # more named styles
     style_name: str = "default"
+    #: A raster's nodata in place of its file's, ``(band, value)`` for each band shown (value
+    #: None: no nodata); None: the file's own
+    nodata: Sequence[tuple[int, float | None]] | None = None
 
 
 def _source(layer: Layer, project_dir: Path) -> str:
@@ -103,6 +106,12 @@ def _maplayer(parent: ET.Element, layer: Layer, lid: str, source: str) -> None:
     _el(ml, "layername", layer.name)
     _srs(_el(ml, "srs"), layer.crs)
     _el(ml, "provider", "ogr" if vector else "gdal", **({"encoding": "UTF-8"} if vector else {}))
+    if layer.nodata is not None:  # as QGIS stores "Transparency > No data value" set by the user
+        nd = _el(ml, "noData")
+        for band, value in layer.nodata:
+            listed = _el(nd, "noDataList", bandNo=int(band), useSrcNoData="0")
+            if value is not None and value == value:  # NaN: QGIS leaves it out of a float raster anyway
+                _el(listed, "noDataRange", min=f"{value:.17g}", max=f"{value:.17g}")
     sm = _el(ml, "map-layer-style-manager", current=layer.style_name)
     for name, alt in layer.alt_styles.items():
         _el(sm, "map-layer-style", name=name).append(alt)
@@ -177,13 +186,16 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 
 
 def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[float],
-                 bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -> Layer | None:
-    """The scene's RGB layer, or None when the scene file is not there to reference."""
+                 bands: Sequence[int], scale: Sequence[Sequence[float]] | None,
+                 nodata: tuple[float | None] | None = None) -> Layer | None:
+    """The scene's RGB layer, or None when the scene file is not there to reference.
+    ``nodata``: None for the file's own, else ``(value,)`` (None: no nodata) on the bands shown,
+    as the run read them (``[tiling] nodata``)."""
     if scene is None or not os.path.isfile(scene):
         return None
     key_scale = None if scale is None else tuple(tuple(float(v) for v in pair) for pair in scale)
     return Layer("scene", os.path.abspath(scene), "raster", memo_style("scene", tuple(bands), key_scale),
-                 crs=crs, bounds=bounds)
+                 crs=crs, bounds=bounds, nodata=None if nodata is None else [(b, nodata[0]) for b in bands])
 
 
 def _table(folder: Path) -> tuple[str, str | None] | None:
@@ -199,14 +211,16 @@ def _table(folder: Path) -> tuple[str, str | None] | None:
 def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], present: Sequence[int], crs: Any,
                       bounds: Sequence[float], scene: str | os.PathLike | None = None,
                       bands: Sequence[int] = (1, 2, 3), scale: Sequence[Sequence[float]] | None = None,
-                      project: str | None = None, location: str | os.PathLike | None = None) -> list[Path]:
+                      nodata: tuple[float | None] | None = None, project: str | None = None,
+                      location: str | os.PathLike | None = None) -> list[Path]:
     """Write the styles of the outputs in ``folder`` (``heatmap.qml``, ``labels.qml``,
     ``tiles.qml``, each only when its output is there) and, when ``project`` is a name,
     the project ``<project>.qgs`` with the scene (if its file exists), labels, heatmap and
     tiles. ``location`` is where ``folder`` will end up (relative paths are computed from
     there); ``present`` are the indexes of the classes in the table; ``bounds`` the scene's
     extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
-    as the model read them. Returns the files written."""
+    as the model read them, ``nodata`` its nodata where the run replaced the file's
+    (:func:`_scene_layer`). Returns the files written."""
     folder = Path(folder)
     classes, present = tuple(str(c) for c in classes), tuple(sorted({int(i) for i in present}))
     bounds = _union(bounds, _table_bbox(folder / "tiles.parquet"))  # edge tiles may reach past the scene
@@ -233,7 +247,7 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
         if "labels" in styles:
             layers.append(Layer("labels", str(folder / "labels.tif"), "raster", styles["labels"], crs=crs,
                                 bounds=bounds, visible=False))
-        scene_layer = _scene_layer(scene, crs, bounds, bands, scale)
+        scene_layer = _scene_layer(scene, crs, bounds, bands, scale, nodata)
         if scene_layer is not None:
             layers.append(scene_layer)
         where = Path(os.path.abspath(location if location is not None else folder))
@@ -270,7 +284,9 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
         info = m.get("scene_info", {})
         s = scenes.setdefault(scene_name, {"name": scene_name, "path": m.get("scene"), "crs": info.get("crs"),
                                            "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
-                                           "scale": info.get("scale"), "units": []})
+                                           "scale": info.get("scale"), "units": [],
+                                           "nodata": None if info.get("nodata_from", "file") == "file"
+                                           else (info.get("nodata"),)})
         s["units"].append(Path(os.path.abspath(unit_folder)))
 
     written: list[Path] = []
@@ -299,7 +315,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                 members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster",
                                      memo_style("labels", classes, present),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
-        scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"])
+        scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
+                                   s["nodata"])
         if scene_layer is not None:
             members.append(scene_layer)
         if members:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__, layout
-from ..config import Config
+from ..config import Config, nodata_setting
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
 from ..layout import LOCKS, MANIFEST
 from ..scene import sources
@@ -163,7 +163,10 @@ def fingerprint(unit: Unit, cfg: Config, model_sha: str) -> str:
     config (not batch size or threads), the model file."""
     scene = sources.scene_identity(unit.scene)  # path, size, mtime; or URL and validators
     d = cfg.to_dict()
-    shaping = {"tiling": d["tiling"], "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
+    tiling = dict(d["tiling"])
+    if not nodata_setting(tiling.get("nodata", "file"))[0]:
+        tiling.pop("nodata", None)  # the default, left out: outputs of releases before the setting stay finished
+    shaping = {"tiling": tiling, "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
     if d["inference"].get("precision", "float32") != "float32":  # bf16 changes the numbers slightly
         shaping["precision"] = d["inference"]["precision"]
     blob = json.dumps(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -12,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import TilingConfig
+from ..config import TilingConfig, nodata_setting
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
-from .info import SceneInfo, _check_file, _describe, _open_quiet, _scene_info, tiling_warning
+from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning
 from .decimate import decimated_shape
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
 
@@ -188,8 +189,34 @@ def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
         tiling_warning(
             f"{reader.info.path}: nodata value {values[0] if len(values) == 1 else values} "
             f"also occurs in valid data: {partial:.1%} of sampled pixels have it in some bands "
-            "but not all; those pixels are treated as nodata (fix the file's nodata, e.g. "
-            "gdal_edit.py -unsetnodata or -a_nodata)", stacklevel=4)
+            "but not all; those pixels are treated as nodata (if they are data, run with --nodata none "
+            "or another value, or fix the file's nodata, e.g. gdal_edit.py -unsetnodata or -a_nodata)",
+            stacklevel=4)
+
+
+#: Share of sampled pixels at 0 in every model band above which a scene that declares no
+#: nodata, mask or alpha is suspected of a fill border (a Landsat scene's collar, say).
+UNDECLARED_FILL_FRACTION = 0.01
+
+
+def _hint_undeclared_fill(reader: SceneReader, cfg: TilingConfig, data: np.ndarray, valid: np.ndarray) -> None:
+    """Warn when a scene that declares no nodata, mask or alpha holds 0 in every band over a
+    share of its sample: such pixels are classified and stretched as data, and a fill border
+    would then get labels of its own and darken the stretch of the rest."""
+    if (nodata_setting(cfg.nodata)[0] or reader._alpha or reader._internal_mask
+            or any(nd is not None for nd in reader._nodata) or not valid.size):
+        return
+    zero = data[0] == 0
+    if np.count_nonzero(zero) <= UNDECLARED_FILL_FRACTION * valid.size:  # the usual answer, from one band
+        return
+    for band in data[1:]:
+        zero &= band == 0
+    share = np.count_nonzero(zero & valid) / valid.size
+    if share > UNDECLARED_FILL_FRACTION:
+        tiling_warning(
+            f"{reader.info.path}: {share:.1%} of sampled pixels are 0 in every band and the file declares "
+            "no nodata, so they are classified and stretched as data; if they are fill, run with "
+            "--nodata 0 ([tiling] nodata = 0)", stacklevel=4)
 
 
 def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
@@ -234,6 +261,7 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
         tiling_warning(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
                       "spread over the scene (all nodata?)", stacklevel=3)
     _warn_nodata_collision(reader, data)
+    _hint_undeclared_fill(reader, cfg, data, valid)
     if mode == "none":
         return [(0.0, 1.0)] * n
     if mode == "dtype":
@@ -317,7 +345,7 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
     path, ds = _open_dataset(path)
     reader = None
     try:
-        info = _checked_info(path, ds, cfg)
+        info = _declared_nodata(_checked_info(path, ds, cfg), cfg)
         bands = _pick_bands(info, cfg, model_bands, model_band_names)
         plan = _tile_geometry(info, cfg, input_size, model_gsd_m,
                               None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
@@ -378,6 +406,21 @@ def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
     if not info.georeferenced:
         _allow_pixel_space(p, ds, cfg)
     return info
+
+
+def _declared_nodata(info: SceneInfo, cfg: TilingConfig) -> SceneInfo:
+    """``info`` with the nodata of ``cfg.nodata`` in place of the file's on every band (as if
+    the file declared it), or unchanged for ``file``; a number no pixel of the scene's type
+    can hold is refused, naming the setting and the file."""
+    replace, value = nodata_setting(cfg.nodata)
+    if not replace:
+        return info
+    dtype = np.dtype(info.dtype)
+    if value is not None and _nodata_in_dtype(value, dtype) is None:
+        span = f" ({np.iinfo(dtype).min}..{np.iinfo(dtype).max})" if dtype.kind in "iu" else ""
+        raise ConfigError(f"{cfg.origin('nodata')}: no pixel of this {dtype} scene{span} can hold that value",
+                          path=str(info.path))
+    return dataclasses.replace(info, nodata=value, nodatavals=(value,) * info.count)
 
 
 def _allow_pixel_space(p: str, ds, cfg: TilingConfig) -> None:
