@@ -250,3 +250,25 @@ def test_existing_dataset_needs_overwrite(scene_path, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "other", "--split", "test", "--overwrite")
     assert code == 6 and "not a tilescan chips dataset" in out and (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_nodata_setting_keeps_an_undeclared_fill_out_of_the_chips(scene_path, tmp_path):
+    """The Landsat scene's zero collar, which the file does not declare: by default its tiles
+    are chips like any other; with ``--nodata 0`` they are skipped as nodata, the stretch
+    leaves them out, and each chip is still the tile run reads with the same setting."""
+    scene = scene_path(LANDSAT)
+    (left, bottom, right, top), crs = _bounds(scene)
+    t = 128 * 30.0
+    labels = _write(tmp_path / "corner.gpkg", [{"class": "edge", "geometry": box(left, top - 2 * t, left + 5 * t, top)},
+                                               {"class": "other", "geometry": box(left, bottom, left + 5 * t, bottom + 2 * t)}],
+                    crs)
+    common = ["--labels", labels, "--split", "random", "--val-fraction", "0", "--test-fraction", "0"]
+    code, out = _chips(scene, *common, "-o", tmp_path / "as_is")
+    assert code == 0, out
+    code, out = _chips(scene, *common, "-o", tmp_path / "fill", "--nodata", "0")
+    assert code == 0, out
+    as_is, fill = _card(tmp_path / "as_is")["scenes"][0], _card(tmp_path / "fill")["scenes"][0]
+    assert as_is["skipped"]["nodata"] == 0 and fill["skipped"]["nodata"] > 0
+    assert fill["chips"] == as_is["chips"] - fill["skipped"]["nodata"]
+    assert all(lo == 0 for lo, _ in as_is["scaling"]) and all(lo > 0 for lo, _ in fill["scaling"])
+    _assert_chips_are_run_tiles(tmp_path / "fill", scene, TilingConfig(nodata="0"))

@@ -583,6 +583,10 @@ def test_fill_border_the_file_does_not_declare(tmp_path, tiny_model):
     assert all(lo > 0 for lo, _ in s["scene_info"]["scale"])
     assert _scene_nodata_xml(setting / "corner.qgs") == [("1", "0"), ("2", "0"), ("3", "0")]
     assert _scene_nodata_xml(declared / "corner.qgs") == []  # QGIS reads the file's own
+    for key, expect_xml in (("setting", [("1", "0"), ("2", "0"), ("3", "0")]), ("declared", [])):
+        res = invoke(["collect", outs[key], "--no-gpkg"])  # its project takes the nodata from run.json
+        assert res.exit_code == 0, res.output
+        assert _scene_nodata_xml(outs[key] / "collected" / "collected.qgs") == expect_xml
 
 
 def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):

@@ -154,6 +154,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride, as in run.")
 @option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order.")
+@option("--nodata", config_key=("tiling", "nodata"), metavar="VALUE|none|file",
+        help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
 @click.option("--min-cover", default=0.9, type=click.FloatRange(0, 1, min_open=True),
               help="Share of a tile one class's polygons must cover for the tile to become a chip.")
 @click.option("--min-valid", default=0.95, type=click.FloatRange(0, 1, min_open=True),
