@@ -630,7 +630,7 @@ def test_nodata_setting_a_scene_cannot_hold(tmp_path, tiny_model):
     assert res.exit_code == 2 and "--nodata" in res.output and "'zero'" in res.output, res.output
 
 
-def test_default_nodata_keeps_earlier_outputs_finished(tmp_path, monkeypatch):
+def test_default_nodata_keeps_earlier_outputs_finished(monkeypatch):
     """The default (``file``) is left out of the run fingerprint, so outputs finished by a
     release before the setting existed are still skipped on a rerun; a set value changes it."""
     from tilescan.config import Config, load_config
