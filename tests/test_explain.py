@@ -105,3 +105,19 @@ def test_target_errors_and_resolution(model_file, image, tmp_path):
         run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **QUIET)
     with pytest.raises(ConfigError, match="unknown CAM method"):
         run_explain([str(image)], str(tmp_path), str(model_file), methods=("nope",), **QUIET)
+
+
+def test_scene_nodata_setting(model_file, scene_path, tmp_path):
+    """``nodata`` as in run: RGB.byte.tif's nodata corner is invalid with the file's own
+    nodata (0) and valid data with ``none``; a value that is no value is refused."""
+    scene = scene_path("rasterio/RGB.byte.tif")
+    got = {}
+    for setting in ("file", "none"):
+        run_explain([str(scene)], str(tmp_path / setting), str(model_file), tiles=[(0, 0), (2, 3)], tile_size=128,
+                    nodata=setting, **QUIET)
+        got[setting] = json.loads((tmp_path / setting / "RGB.byte_tiles_explain.json").read_text())
+    assert got["file"]["scene"]["nodata"] == 0 and got["none"]["scene"]["nodata"] is None
+    assert got["file"]["rows"][0]["valid_fraction"] < 0.5 and got["none"]["rows"][0]["valid_fraction"] == 1.0
+    assert got["file"]["rows"][1]["valid_fraction"] > 0.99 and got["none"]["rows"][1]["valid_fraction"] == 1.0
+    with pytest.raises(ConfigError, match="nodata"):
+        run_explain([str(scene)], str(tmp_path / "bad"), str(model_file), tile_size=128, nodata="zero", **QUIET)

@@ -165,7 +165,7 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
             **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
     Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, ``layer``,
-    ``target``, ``tiles``, ``top``, ``tile_size``, ``units``, ``model_path``)."""
+    ``target``, ``tiles``, ``top``, ``tile_size``, ``units``, ``nodata``, ``model_path``)."""
     from .backend import import_keras
     from .explain.figures import run_explain
 

@@ -306,9 +306,12 @@ def _tiles(value: str | None) -> list[tuple[int, int]]:
 @option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge (scene pixels; metres with --units m).")
 @click.option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
               help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
+@click.option("--nodata", default="file", metavar="VALUE|none|file",
+              help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
 @_verbosity
 @click.pass_context
-def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size, units) -> None:
+def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size, units,
+            nodata) -> None:
     """The study's figure: original | heatmap | overlay with label and confidence, for
     images or for tiles of a scene, for one or several CAM methods side by side."""
     obj: _Ctx = ctx.obj
@@ -317,7 +320,8 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
     def body():
         _quiet_backend(obj.verbosity)
         paths = tilescan.explain_figures(list(inputs), out, model_path=model_path, methods=methods, layer=layer,
-                                         target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units)
+                                         target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units,
+                                         nodata=nodata)
         for p in paths:
             click.echo(str(p))
         return 0

@@ -161,13 +161,13 @@ def _image_items(path: Path, lm) -> list[_Item]:
 
 
 def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log,
-                 units: str = "auto") -> tuple[list[_Item], dict]:
+                 units: str = "auto", nodata: str = "file") -> tuple[list[_Item], dict]:
     import warnings
 
     from ..config import TilingConfig
     from ..scene.info import TilingWarning
 
-    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, allow_pixel_space=True)
+    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, nodata=nodata, allow_pixel_space=True)
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
@@ -230,6 +230,7 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
             "grid": [grid.n_rows, grid.n_cols],
             "tile_size_px": grid.tile_size,
             "bands": list(reader.bands),
+            "nodata": reader.info.nodata,
         }
     return items, scene
 
@@ -256,6 +257,7 @@ def run_explain(
     top: int = 4,
     tile_size: int | None = None,
     units: str = "auto",
+    nodata: str = "file",
     log: Callable[[str], None] = emit,
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
@@ -265,12 +267,13 @@ def run_explain(
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
-    pixels (default: the model input size); ``units``: as ``[tiling] units`` in ``run``.
+    pixels (default: the model input size); ``units`` and ``nodata``: as ``[tiling] units``
+    and ``[tiling] nodata`` in ``run``.
 
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
-    methods = _checked_methods(inputs, methods, top, tile_size)
+    methods = _checked_methods(inputs, methods, top, tile_size, nodata)
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def run_explain(
         is_scene = path.suffix.lower() in TIFF_SUFFIXES
         scene_info = None
         if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units)
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata)
             stem = _unique_name(path.stem, "_tiles_explain", used)
         else:
             items = _image_items(path, lm)
@@ -309,8 +312,10 @@ def run_explain(
     return written
 
 
-def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None) -> list[str]:
+def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
+                     nodata: str = "file") -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
+    from ..config import nodata_setting
     from .cam import CAM_METHODS
 
     if not inputs:
@@ -322,6 +327,10 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
         raise ConfigError(f"top must be >= 1, got {top}")
     if tile_size is not None and int(tile_size) < 1:
         raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
+    try:
+        nodata_setting(nodata)
+    except ValueError:
+        raise ConfigError(f"nodata must be file, none or a number, got {nodata!r}") from None
     unknown = [m for m in methods if m not in CAM_METHODS]
     if unknown:
         raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")
