@@ -316,7 +316,8 @@ def nodata_setting(text: str) -> tuple[bool, float | None]:
     return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
 
 
-def _is_nodata_setting(text: str) -> bool:
+def is_nodata_setting(text: str) -> bool:
+    """Whether ``text`` is a ``[tiling] nodata`` value (:func:`nodata_setting` reads it)."""
     try:
         nodata_setting(text)
     except ValueError:
@@ -371,7 +372,7 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("tiling", "min_valid_fraction", f"must be in [0, 1], got {t.min_valid_fraction}")
     if any(b < 1 for b in t.bands):
         fail("tiling", "bands", f"band indexes are 1-based, got {list(t.bands)}")
-    if not _is_nodata_setting(t.nodata):
+    if not is_nodata_setting(t.nodata):
         fail("tiling", "nodata", f"must be file, none or a number, got {t.nodata!r}")
     lo, hi = t.percentiles
     if not 0.0 <= lo < hi <= 100.0:

@@ -315,7 +315,7 @@ def run_explain(
 def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
                      nodata: str = "file") -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
-    from ..config import nodata_setting
+    from ..config import is_nodata_setting
     from .cam import CAM_METHODS
 
     if not inputs:
@@ -327,10 +327,8 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
         raise ConfigError(f"top must be >= 1, got {top}")
     if tile_size is not None and int(tile_size) < 1:
         raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
-    try:
-        nodata_setting(nodata)
-    except ValueError:
-        raise ConfigError(f"nodata must be file, none or a number, got {nodata!r}") from None
+    if not is_nodata_setting(nodata):
+        raise ConfigError(f"nodata must be file, none or a number, got {nodata!r}")
     unknown = [m for m in methods if m not in CAM_METHODS]
     if unknown:
         raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")

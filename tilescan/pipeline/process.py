@@ -22,7 +22,7 @@ from affine import Affine
 from rasterio.transform import array_bounds
 
 from .. import faults
-from ..config import Config, nodata_setting
+from ..config import Config
 from ..errors import ModelError
 from ..layout import MANIFEST, STAGING
 from ..model import LoadedModel
@@ -330,7 +330,7 @@ def _write_outputs(job: UnitJob) -> None:
         f.result()
     if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
         labels = job.labels
-        nodata = (info.nodata,) if nodata_setting(cfg.tiling.nodata)[0] else None  # the project's scene as read
+        nodata = None if info.nodata_from == "file" else (info.nodata,)  # the project's scene as read
         helper(write_scene_files, stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                bands=reader.bands, scale=reader.scale, nodata=nodata, location=job.final,
@@ -387,7 +387,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
             "crs": info.crs.to_string() if info.crs else None,
             "transform": list(info.transform[:6]),
             "nodata": info.nodata,
-            "nodata_from": job.cfg.tiling.origin("nodata") if nodata_setting(job.cfg.tiling.nodata)[0] else "file",
+            "nodata_from": info.nodata_from,
             "gsd_m": info.gsd_m,
             "bands_used": list(reader.bands),
             "scale": [list(s) for s in reader.scale],

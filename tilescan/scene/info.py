@@ -101,6 +101,9 @@ class SceneInfo:
     size (``res`` × cos(latitude)); for geographic CRSs it converts degrees to metres."""
     nominal_gsd_m: float | None
     """``res`` × the CRS's linear unit in metres (projected CRSs only)."""
+    nodata_from: str = "file"
+    """Where ``nodata`` comes from: ``file``, or the ``[tiling] nodata`` setting as the user
+    gave it (e.g. ``--nodata 0``), which replaced the file's on every band."""
 
 
 def _nodata_in_dtype(nodata: float | None, dtype: np.dtype) -> float | None:

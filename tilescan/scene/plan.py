@@ -199,11 +199,11 @@ def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
 UNDECLARED_FILL_FRACTION = 0.01
 
 
-def _hint_undeclared_fill(reader: SceneReader, cfg: TilingConfig, data: np.ndarray, valid: np.ndarray) -> None:
+def _hint_undeclared_fill(reader: SceneReader, data: np.ndarray, valid: np.ndarray) -> None:
     """Warn when a scene that declares no nodata, mask or alpha holds 0 in every band over a
     share of its sample: such pixels are classified and stretched as data, and a fill border
     would then get labels of its own and darken the stretch of the rest."""
-    if (nodata_setting(cfg.nodata)[0] or reader._alpha or reader._internal_mask
+    if (reader.info.nodata_from != "file" or reader._alpha or reader._internal_mask
             or any(nd is not None for nd in reader._nodata) or not valid.size):
         return
     zero = data[0] == 0
@@ -261,7 +261,7 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
         tiling_warning(f"{reader.info.path}: no valid pixel found in a sample of {valid.size} pixels "
                       "spread over the scene (all nodata?)", stacklevel=3)
     _warn_nodata_collision(reader, data)
-    _hint_undeclared_fill(reader, cfg, data, valid)
+    _hint_undeclared_fill(reader, data, valid)
     if mode == "none":
         return [(0.0, 1.0)] * n
     if mode == "dtype":
@@ -420,7 +420,7 @@ def _declared_nodata(info: SceneInfo, cfg: TilingConfig) -> SceneInfo:
         span = f" ({np.iinfo(dtype).min}..{np.iinfo(dtype).max})" if dtype.kind in "iu" else ""
         raise ConfigError(f"{cfg.origin('nodata')}: no pixel of this {dtype} scene{span} can hold that value",
                           path=str(info.path))
-    return dataclasses.replace(info, nodata=value, nodatavals=(value,) * info.count)
+    return dataclasses.replace(info, nodata=value, nodatavals=(value,) * info.count, nodata_from=cfg.origin("nodata"))
 
 
 def _allow_pixel_space(p: str, ds, cfg: TilingConfig) -> None:
