@@ -151,6 +151,24 @@ def same_crs(a, b) -> bool:
     return pa_.equals(pb, ignore_axis_order=True)
 
 
+def same_unit(got: Path, want: Path, scene_col: bool = True) -> None:
+    """Two unit folders hold the same results: every tiles.parquet row (the ``scene`` column
+    too unless ``scene_col`` is false), and labels.tif and heatmap.tif pixel for pixel with
+    the same profile."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import rasterio
+
+    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
+    if not scene_col:
+        a, b = a.drop(["scene"]), b.drop(["scene"])
+    assert a.num_rows > 0 and a.equals(b), f"{got}: tiles.parquet differs from {want}"
+    for name in ("labels.tif", "heatmap.tif"):
+        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
+            assert x.profile == y.profile
+            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got}/{name}")
+
+
 def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None = None) -> dict:
     """Re-read every output of one scene and check it against the scene; returns them.
 

@@ -14,14 +14,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
 import rasterio.warp
 
 import batch_helpers as bh
-from conftest import SCENES, scene
+from conftest import SCENES, same_unit, scene
 from http_server import Nginx
 
 COGEO = "rasterio/cogeo.tif"
@@ -50,17 +49,6 @@ def _run(inputs, out, **kw):
     return run(inputs, out, _cfg(), log=lambda m: None, **kw)
 
 
-def _same_unit(got: Path, want: Path, scene_col: bool = True) -> None:
-    a, b = pq.read_table(got / "tiles.parquet"), pq.read_table(want / "tiles.parquet")
-    if not scene_col:
-        a, b = a.drop(["scene"]), b.drop(["scene"])
-    assert a.num_rows > 0 and a.equals(b), f"{got}: tiles.parquet differs from {want}"
-    for name in ("labels.tif", "heatmap.tif"):
-        with rasterio.open(got / name) as x, rasterio.open(want / name) as y:
-            assert x.profile == y.profile
-            np.testing.assert_array_equal(x.read(), y.read(), err_msg=f"{got}/{name}")
-
-
 @pytest.fixture(scope="module")
 def local_ref(tmp_path_factory):
     """The local-file runs the remote ones must equal."""
@@ -76,7 +64,7 @@ def test_url_outputs_equal_local_file_and_resume(server, local_ref, tmp_path):
     rep = _run(urls, out, stac_items=True)
     assert rep.exit_code == 0, rep.to_dict()
     for name in ("cogeo", "mosaic_cog1"):
-        _same_unit(out / name, local_ref / name)
+        same_unit(out / name, local_ref / name)
         m = json.loads((out / name / "run.json").read_text())
         assert m["scene"] in urls and m["source"] == {"kind": "url", "url": m["scene"]}
         _check_output_item(out / name, m)
@@ -102,7 +90,7 @@ def test_reader_processes_leave_remote_scenes_to_the_run(server, local_ref, tmp_
                              "inference": {"pipeline": "overlap", "reader_processes": True}}, environ={})
     out = tmp_path / "out"
     assert run([f"{server.url}/{COGEO}"], out, cfg, log=lambda m: None).exit_code == 0
-    _same_unit(out / "cogeo", local_ref / "cogeo")
+    same_unit(out / "cogeo", local_ref / "cogeo")
     assert json.loads((out / "cogeo" / "run.json").read_text())["runtime"]["reader_processes"] is False
 
 
@@ -173,7 +161,7 @@ def test_s3_signed_reads_and_prefix_listing(s3, local_ref, tmp_path):
     (failed,) = report["failed"]
     assert failed["reason"].startswith("s3://scenes/nope.tif: cannot open: not found (HTTP 404)"), failed
     for name in ("cogeo", "cog_rgb"):
-        _same_unit(out / name, local_ref / name)
+        same_unit(out / name, local_ref / name)
     assert json.loads((out / "cog_rgb" / "run.json").read_text())["scene"] == f"s3://scenes/{COG_RGB}"
 
 
@@ -195,7 +183,7 @@ def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatc
     p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out", "s3://rasterio/cogeo.tif",
                     "--units", "px", "--tile-size", "256", **env)
     assert p.returncode == 0, p.stderr
-    _same_unit(tmp_path / "out" / "cogeo", local_ref / "cogeo")
+    same_unit(tmp_path / "out" / "cogeo", local_ref / "cogeo")
     assert json.loads((tmp_path / "out" / "cogeo" / "run.json").read_text())["scene"] == "s3://rasterio/cogeo.tif"
     assert any(r.path == "/rasterio/cogeo.tif" and r.range for r in server.requests())
 
@@ -242,7 +230,7 @@ def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
     rep = _run([], out, stac=[str(tmp_path / "stac" / "catalog.json")], assets=["visual"], stac_items=True)
     assert rep.exit_code == 0, rep.to_dict()
     for item_id in ("cogeo-over-http", "cogeo-on-disk"):
-        _same_unit(out / item_id, local_ref / "cogeo", scene_col=False)
+        same_unit(out / item_id, local_ref / "cogeo", scene_col=False)
         assert set(pq.read_table(out / item_id / "tiles.parquet").column("scene").to_pylist()) == {item_id}
         m = json.loads((out / item_id / "run.json").read_text())
         assert m["source"]["kind"] == "stac" and m["source"]["item"] == item_id
@@ -255,7 +243,7 @@ def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
     served.save(pystac.CatalogType.SELF_CONTAINED)
     again = _run([f"{server.url}/extra/stac/catalog.json"], tmp_path / "out2")
     assert again.exit_code == 0, again.to_dict()
-    _same_unit(tmp_path / "out2" / "cogeo-over-http", out / "cogeo-over-http")
+    same_unit(tmp_path / "out2" / "cogeo-over-http", out / "cogeo-over-http")
 
 
 def _check_output_item(folder: Path, manifest: dict, source_item: str | None = None) -> None:
@@ -308,7 +296,7 @@ def test_stac_bands_from_separate_assets_equal_the_single_file(server, local_ref
     doc.write_text(json.dumps(coll.to_dict()))
     rep = _run([doc], tmp_path / "out")  # no --asset: no "visual", so red, green, blue by common name
     assert rep.exit_code == 0, rep.to_dict()
-    _same_unit(tmp_path / "out" / "cogeo-bands", local_ref / "cogeo", scene_col=False)
+    same_unit(tmp_path / "out" / "cogeo-bands", local_ref / "cogeo", scene_col=False)
     m = json.loads((tmp_path / "out" / "cogeo-bands" / "run.json").read_text())
     assert list(m["source"]["assets"]) == ["B1", "B2", "B3"]
 

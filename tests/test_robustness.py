@@ -44,8 +44,8 @@ from PIL import Image
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
-from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, read_report, scene,
-                      tiny_model_file, tree_hashes)
+from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, read_report, same_unit,
+                      scene, tiny_model_file, tree_hashes)
 from tilescan.config import TilingConfig
 from tilescan.outputs.geometry import window_corners
 from tilescan.scene.info import TilingWarning
@@ -526,11 +526,7 @@ def test_collision_check_on_real_scenes(batch):
 def _same_results(a: Path, b: Path) -> None:
     """Two runs' outputs of one scene hold the same results: rows, label pixels, heat, counts,
     stretch and warnings (not their provenance: fingerprint, source path, run.json's nodata_from)."""
-    ta, tb = gpd.read_parquet(a / "tiles.parquet"), gpd.read_parquet(b / "tiles.parquet")
-    assert len(ta) and ta.equals(tb)
-    for name in ("labels.tif", "heatmap.tif"):
-        with rasterio.open(a / name) as x, rasterio.open(b / name) as y:
-            assert np.array_equal(x.read(), y.read(), equal_nan=True), name
+    same_unit(a, b)
     ma, mb = (json.loads((f / "run.json").read_text()) for f in (a, b))
     assert ma["counts"] == mb["counts"]
     assert ma["scene_info"]["scale"] == mb["scene_info"]["scale"]
@@ -603,11 +599,7 @@ def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):
     assert m["scene_info"]["nodata"] is None and m["scene_info"]["nodata_from"] == "--nodata none"
     assert not any("declares no nodata" in w for w in m["warnings"])
     assert any("declares no nodata" in w for w in json.loads((theirs / "run.json").read_text())["warnings"])
-    ta, tb = gpd.read_parquet(ours / "tiles.parquet"), gpd.read_parquet(theirs / "tiles.parquet")
-    assert len(ta) and ta.equals(tb)
-    for name in ("labels.tif", "heatmap.tif"):
-        with rasterio.open(ours / name) as x, rasterio.open(theirs / name) as y:
-            assert np.array_equal(x.read(), y.read()), name
+    same_unit(ours, theirs)
     assert _scene_nodata_xml(ours / "RGB.byte.qgs") == [("1", None), ("2", None), ("3", None)]
 
 
