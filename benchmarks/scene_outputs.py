@@ -9,7 +9,7 @@ Scenes: 40 chips of 512 x 512 px cut from the real Landsat scene (windows 192 px
 each chip differs: its classes present and its stretch, hence its styles, are its own) and
 one 2,048 x 2,048 px scene mirror-tiled from it (``bench.build_scene``). A real
 ``tilescan run`` with the model step replaced by a no-op (``pipeline.NoopEngine``) writes every
-output; the arguments it passes to ``write_quicklook`` and ``write_scene_files`` are kept and
+output; the arguments it passes to ``write_scene_quicklook`` and ``write_scene_files`` are kept and
 the two calls are then replayed on their own, ``--rounds`` times over every scene (what the
 modules memoise forgotten before each round, as in a fresh run). The
 figure is the CPU time of the calling thread (``time.thread_time``: OpenCV's, zlib's and
@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import bench  # noqa: E402  (the Landsat scene, the mosaic builder, machine facts)
 
 # the quicklook's steps, timed where tilescan.outputs.quicklook has them
-_QUICKLOOK_PARTS = ("_label_panel", "_heat_panel", "_compose", "_write_png")
+_QUICKLOOK_PARTS = ("_scene_panel", "_label_panel", "_heat_panel", "_compose", "_write_png")
 
 
 def _chips(folder: Path, n: int = 40, size: int = 512, step: int = 192) -> list[Path]:
@@ -75,7 +75,7 @@ def _captured_run(scenes: list[Path], out: Path) -> tuple[list[tuple], list[tupl
     from tilescan.pipeline.run import run
 
     quicklooks, qgis = [], []
-    real_ql, real_qgis = PR.write_quicklook, PR.write_scene_files
+    real_ql, real_qgis = PR.write_scene_quicklook, PR.write_scene_files
 
     def ql(path, *args, **kw):
         quicklooks.append((Path(path).parent.name, args, kw))
@@ -88,11 +88,11 @@ def _captured_run(scenes: list[Path], out: Path) -> tuple[list[tuple], list[tupl
     cfg = load_config(overrides={"tiling": {"units": "px", "bands": list(bench.LANDSAT_BANDS)},
                                  "inference": {"pipeline": "lockstep"}}, environ={})
     engine = P.NoopEngine(describe_model(), cfg.inference.batch_size, "lockstep")
-    PR.write_quicklook, PR.write_scene_files = ql, sf
+    PR.write_scene_quicklook, PR.write_scene_files = ql, sf
     try:
         run(scenes, out, cfg, log=lambda m: None, engine=engine)
     finally:
-        PR.write_quicklook, PR.write_scene_files = real_ql, real_qgis
+        PR.write_scene_quicklook, PR.write_scene_files = real_ql, real_qgis
     return quicklooks, qgis
 
 
@@ -130,7 +130,8 @@ def _cold_caches() -> None:
 
 
 def _replay(quicklooks: list[tuple], qgis: list[tuple], rounds: int, work: Path) -> dict:
-    """Median thread CPU (ms) per call of write_quicklook (and its parts) and write_scene_files."""
+    """Median thread CPU (ms) per call of write_scene_quicklook (the preview's stretch, the
+    drawing and its parts, the PNG) and write_scene_files."""
     import tilescan.outputs.quicklook as Q
     from tilescan.outputs.qgis import write_scene_files
 
@@ -144,7 +145,7 @@ def _replay(quicklooks: list[tuple], qgis: list[tuple], rounds: int, work: Path)
                 for v in parts.values():
                     v.append(0.0)
                 t = time.thread_time()
-                p = Q.write_quicklook(work / f"{name}.png", *args, **kw)
+                p = Q.write_scene_quicklook(work / f"{name}.png", *args, **kw)
                 ql_ms.append((time.thread_time() - t) * 1e3)
                 png_bytes.append(p.stat().st_size)
             for folder, kw in qgis:
