@@ -109,6 +109,25 @@ def read_report(out: Path, name: str = "report.json") -> dict:
     return json.loads((out / name).read_text())
 
 
+#: The colour of the quicklook's warning text (tilescan.outputs.quicklook), exactly.
+WARNING_RGB = (178, 24, 24)
+
+
+def warning_ink(image):
+    """Rows of a quicklook (an (h, w, 3) array) holding pixels of exactly the warning's colour."""
+    import numpy as np
+
+    return np.flatnonzero((np.asarray(image) == WARNING_RGB).all(axis=2).any(axis=1))
+
+
+def quicklook_has_warning(path: Path) -> bool:
+    """Whether the quicklook PNG at ``path`` carries a warning under its legend."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return bool(len(warning_ink(im.convert("RGB"))))
+
+
 def tree_hashes(root: Path, folders: bool = False) -> dict[str, str]:
     """sha256 of every file under ``root`` (relative path -> digest); with ``folders``, every
     folder too (as "dir"), hidden ones included."""

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tilescan.outputs.quicklook import LABEL_BLEND, quicklook_layout, write_quicklook
 from tilescan.outputs.palette import class_colors
-from conftest import QUIET_AFFINE, grid_shape, invoke
+from conftest import QUIET_AFFINE, WARNING_RGB, grid_shape, invoke, warning_ink
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"  # 934 x 723, 4 bands
 RGB_BYTE = "rasterio/RGB.byte.tif"  # 791 x 718, nodata border
@@ -206,14 +206,6 @@ def test_palette_well_separated():
     assert class_colors(60)[:30] == class_colors(30) == class_colors(30)
 
 
-WARNING_RGB = (178, 24, 24)
-
-
-def _warning_ink(image: np.ndarray) -> np.ndarray:
-    """Rows of ``image`` holding pixels of exactly the warning's colour."""
-    return np.flatnonzero((image == WARNING_RGB).all(axis=2).any(axis=1))
-
-
 def test_a_warning_is_written_under_the_legend(tmp_path, scene_path):
     """A quicklook with a warning (a scene outside the model's scale) is the same picture with
     the warning, in red, on rows of its own under the legend; wrapped to the picture's width."""
@@ -229,8 +221,8 @@ def test_a_warning_is_written_under_the_legend(tmp_path, scene_path):
     lay = quicklook_layout(rgb.shape[1], rgb.shape[0])
     below = lay.title_h + rgb.shape[0]
     np.testing.assert_array_equal(warned[:below], plain[:below])  # the panels and titles as they were
-    assert not len(_warning_ink(plain))
-    rows = _warning_ink(warned)
+    assert not len(warning_ink(plain))
+    rows = warning_ink(warned)
     assert len(rows) and rows.min() > below
     # more than one line: the text is wrapped, not cut at the picture's edge
     assert (np.diff(rows) > 1).any()
@@ -247,7 +239,7 @@ def test_run_writes_the_scale_warning_on_the_quicklook(tmp_path, scene_path):
     assert res.exit_code == 0, res.output
     coarse = np.asarray(Image.open(out / "RGB.byte" / "quicklook.png").convert("RGB"))
     fine = np.asarray(Image.open(out / "m_4709963_se_14_1_20190904" / "quicklook.png").convert("RGB"))
-    assert len(_warning_ink(coarse)) and not len(_warning_ink(fine))
+    assert len(warning_ink(coarse)) and not len(warning_ink(fine))
 
 
 def test_scale_notes_from_the_structured_warnings():

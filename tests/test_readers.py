@@ -188,7 +188,7 @@ def test_a_scene_opened_in_the_child_is_the_scene_opened_here():
         from tilescan.pipeline import readers
 
         del readers._lane.procs
-    assert got_warned == want_warned and any("bands" in w for w in got_warned)
+    assert got_warned == want_warned and any("bands" in w["message"] for w in got_warned)
     assert (got.bands, got.scale, got.plan, got.grid.n_rows, got.grid.n_cols) == \
         (want.bands, want.scale, want.plan, want.grid.n_rows, want.grid.n_cols)
     timing = ("seconds",)  # how long the scan took differs

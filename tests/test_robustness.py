@@ -44,8 +44,8 @@ from PIL import Image
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
-from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, read_report, same_unit,
-                      scene, tiny_model_file, tree_hashes)
+from conftest import (HEAT_NODATA, LABEL_NODATA, QUIET_AFFINE, REPO, check_outputs, invoke, quicklook_has_warning,
+                      read_report, same_unit, scene, tiny_model_file, tree_hashes)
 from tilescan.config import TilingConfig
 from tilescan.outputs.geometry import window_corners
 from tilescan.scene.info import TilingWarning
@@ -566,6 +566,11 @@ def test_fill_border_the_file_does_not_declare(tmp_path, tiny_model):
     m = json.loads((as_is / "run.json").read_text())
     hint = [w for w in m["warnings"] if "declares no nodata" in w]
     assert len(hint) == 1 and "21." in hint[0] and "--nodata 0" in hint[0] and str(crop) in hint[0]
+    coded = [d for d in m["warning_details"] if d["code"] == "undeclared_fill"]
+    assert len(coded) == 1 and coded[0]["message"] == hint[0] and 0.21 < coded[0]["zero_share"] < 0.22
+    assert read_report(outs["as_is"])["done"][0]["warnings"] == coded
+    # the quicklook says so too, in red under its legend (and not once the fill is nodata)
+    assert quicklook_has_warning(as_is / "quicklook.png") and not quicklook_has_warning(setting / "quicklook.png")
     assert m["counts"]["tiles_classified"] == 100  # the fill is classified as data
     assert all(lo == 0 for lo, _ in m["scene_info"]["scale"])  # and starts the stretch
     _same_results(setting, declared)

@@ -35,6 +35,7 @@ from ..outputs.quicklook import write_scene_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
+from ..scene.plan import fill_note
 from ..scene.grid import TileSet, scale_note
 from ..scene.reader import SceneReader
 from ..scene.scaling import preview_rgb
@@ -221,8 +222,8 @@ def _open_unit(unit: Unit, cfg: Config, card: LoadedModel, log: Callable[[str], 
     the messages, and the same as structured warnings (``code``, ``message``, ...)."""
     with collecting_tiling_warnings() as caught:  # this thread's, not process-wide
         reader = open_scene(card, unit.scene, cfg.tiling)  # in the opener's process, if it has one
-    scene_warnings = list(caught)
-    details = [{"code": "tiling", "message": w} for w in scene_warnings]
+    details = list(caught)
+    scene_warnings = [d["message"] for d in details]
     scale_warning = reader.plan.warning(str(unit.scene))
     if scale_warning:
         scene_warnings.append(scale_warning["message"])
@@ -323,7 +324,7 @@ def _write_outputs(job: UnitJob) -> None:
         finally:
             previewed.set()
         if cfg.output.quicklook:
-            _write_quicklook(job, hp, note)
+            _write_quicklook(job, hp, "; ".join(filter(None, (note, fill_note(job.details)))) or None)
     finally:
         wait(futures)  # a failed step still lets the others end before the job is removed
     for f in futures:

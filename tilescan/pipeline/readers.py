@@ -301,8 +301,8 @@ def open_scene(card, scene, tiling) -> SceneReader:
     reader, decimated, warned = procs._child(_lane.index).call(("open", (scene, tiling, *card.scene_args())),
                                                               what=f"the process opening {scene}")
     reader._decimated = decimated
-    for message in warned:
-        tiling_warning(message)
+    for w in warned:
+        tiling_warning(**w)
     return reader
 
 

@@ -48,20 +48,21 @@ class TilingWarning(UserWarning):
 _collector = threading.local()
 
 
-def tiling_warning(message: str, stacklevel: int = 2) -> None:
+def tiling_warning(message: str, stacklevel: int = 2, *, code: str = "tiling", **fields) -> None:
     """A :class:`TilingWarning` for the user; inside :func:`collecting_tiling_warnings` on this
     thread it is collected instead (warnings' own catching is process-wide, and a run opens
-    scenes on one thread while others write outputs)."""
+    scenes on one thread while others write outputs), as ``{"code", "message", **fields}``:
+    a warning that outputs act on has a ``code`` of its own (run.json's ``warning_details``)."""
     sink = getattr(_collector, "sink", None)
     if sink is not None:
-        sink.append(message)
+        sink.append({"code": code, "message": message, **fields})
     else:
         warnings.warn(message, TilingWarning, stacklevel=stacklevel + 1)
 
 
 @contextlib.contextmanager
-def collecting_tiling_warnings() -> Iterator[list[str]]:
-    """Collect this thread's :func:`tiling_warning` messages into the list it yields."""
+def collecting_tiling_warnings() -> Iterator[list[dict]]:
+    """Collect this thread's :func:`tiling_warning` calls into the list it yields (as dicts)."""
     outer = getattr(_collector, "sink", None)
     _collector.sink = []
     try:

@@ -216,7 +216,17 @@ def _hint_undeclared_fill(reader: SceneReader, data: np.ndarray, valid: np.ndarr
         tiling_warning(
             f"{reader.info.path}: {share:.1%} of sampled pixels are 0 in every band and the file declares "
             "no nodata, so they are classified and stretched as data; if they are fill, run with "
-            "--nodata 0 ([tiling] nodata = 0)", stacklevel=4)
+            "--nodata 0 ([tiling] nodata = 0)", stacklevel=4, code="undeclared_fill", zero_share=round(share, 4))
+
+
+def fill_note(details: Sequence[dict]) -> str | None:
+    """What the quicklook says under its legend when :func:`_hint_undeclared_fill` warned (from
+    the unit's structured warnings, without the path); None when it did not."""
+    for d in details:
+        if d["code"] == "undeclared_fill":
+            return (f"{d['zero_share']:.0%} of the sampled pixels are 0 in every band and the file declares no "
+                    "nodata, so they are labelled as data; if they are fill, run with --nodata 0")
+    return None
 
 
 def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, float]]:
