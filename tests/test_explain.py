@@ -117,6 +117,7 @@ def test_scene_nodata_setting(model_file, scene_path, tmp_path):
                     nodata=setting, **QUIET)
         got[setting] = json.loads((tmp_path / setting / "RGB.byte_tiles_explain.json").read_text())
     assert got["file"]["scene"]["nodata"] == 0 and got["none"]["scene"]["nodata"] is None
+    assert got["file"]["scene"]["nodata_from"] == "file" and "nodata" in got["none"]["scene"]["nodata_from"]
     assert got["file"]["rows"][0]["valid_fraction"] < 0.5 and got["none"]["rows"][0]["valid_fraction"] == 1.0
     assert got["file"]["rows"][1]["valid_fraction"] > 0.99 and got["none"]["rows"][1]["valid_fraction"] == 1.0
     with pytest.raises(ConfigError, match="nodata"):

@@ -231,6 +231,7 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
             "tile_size_px": grid.tile_size,
             "bands": list(reader.bands),
             "nodata": reader.info.nodata,
+            "nodata_from": reader.info.nodata_from,  # "file", or the setting that replaced it
         }
     return items, scene
 
