@@ -874,14 +874,17 @@ def test_full_disk_small_filesystem(tmp_path, tiny_model, scenes_dir):
 
 
 def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
-    """Three scenes whose output place is taken: finished outputs of another config, a
-    folder that is not a tilescan output, and one locked by another process. Without
-    --overwrite all three are refused (exit 6, nothing changed); with it the first two are
-    replaced and the locked one is still left alone."""
+    """Four scenes whose output place is taken: finished outputs of another config, unfinished
+    ones (a run.json not complete), a folder that is not a tilescan output, and one locked by
+    another process. Without --overwrite all four are refused (exit 6, nothing changed); with
+    it the first two are replaced, and the folder of something else and the locked one are
+    still left alone, byte for byte."""
     out = tmp_path / "out"
     out.mkdir()
-    world, geos, smaller = (batch["good"][k] for k in ("world", "geos", "smaller"))
+    world, geos, smaller, goes = (batch["good"][k] for k in ("world", "geos", "smaller", "goes"))
     shutil.copytree(batch["out"] / world.stem, out / world.stem)  # made with --tile-size 64
+    shutil.copytree(batch["out"] / goes.stem, out / goes.stem)
+    (out / goes.stem / "run.json").write_text(json.dumps({"status": "started"}))
     (out / geos.stem).mkdir()
     (out / geos.stem / "my_notes.txt").write_text("not tilescan's")
     (out / ".tilescan-locks").mkdir()
@@ -889,14 +892,19 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running tilescan would
     try:
         before = {k: v for k, v in tree_hashes(out).items() if not k.startswith(".")}
-        res = invoke(["run", world, geos, smaller, "-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"])
+        scenes = [world, geos, smaller, goes]
+        res = invoke(["run", *scenes, "-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"])
         assert res.exit_code == 6, res.output
         failed = failed_reasons(read_report(out))
         assert failed[world.name]["error_kind"] == "exists"
         assert "finished outputs from a different config" in failed[world.name]["reason"]
         assert "pass --overwrite" in failed[world.name]["reason"]
+        assert failed[goes.name]["error_kind"] == "exists"
+        assert "unfinished tilescan outputs" in failed[goes.name]["reason"]
+        assert "pass --overwrite" in failed[goes.name]["reason"]
         assert failed[geos.name]["error_kind"] == "exists"
-        assert "is not a finished tilescan output" in failed[geos.name]["reason"]
+        assert "is not a tilescan output" in failed[geos.name]["reason"]
+        assert "even with --overwrite" in failed[geos.name]["reason"]
         assert failed[smaller.name]["error_kind"] == "locked"
         assert "another tilescan process" in failed[smaller.name]["reason"]
         for name, r in failed.items():
@@ -904,15 +912,15 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
         after = {k: v for k, v in tree_hashes(out).items() if not k.startswith(".") and k != "report.json"}
         assert after == before
 
-        res = invoke(["run", world, geos, smaller, "-o", out, "--model", tiny_model, "--tile-size", 128,
+        res = invoke(["run", *scenes, "-o", out, "--model", tiny_model, "--tile-size", 128,
                       "--overwrite", "--no-progress"])
         assert res.exit_code == 3, res.output
         rep = read_report(out)
-        assert {Path(r["scene"]).name for r in rep["done"]} == {world.name, geos.name}
-        assert [Path(r["scene"]).name for r in rep["failed"]] == [smaller.name]
+        assert {Path(r["scene"]).name for r in rep["done"]} == {world.name, goes.name}
+        assert sorted(Path(r["scene"]).name for r in rep["failed"]) == sorted([geos.name, smaller.name])
         check_outputs(out / world.stem, world, 128)
-        check_outputs(out / geos.stem, geos, 128)
-        assert not (out / geos.stem / "my_notes.txt").exists()
+        check_outputs(out / goes.stem, goes, 128)
+        assert tree_hashes(out / geos.stem) == {"my_notes.txt": before[f"{geos.stem}/my_notes.txt"]}
         assert not (out / smaller.stem).exists()
     finally:
         lock.close()

@@ -101,7 +101,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
         help="Run share I/N of the work (0-based I).")
 @option("--shard-count", type=click.IntRange(min=1), show_default="from TILESCAN_SHARD_COUNT",
         help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
-@option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace finished outputs (never done without it).")
+@option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace tilescan's earlier outputs (never done without it; a folder of something else never).")
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
 @_verbosity
 @click.pass_context

@@ -279,10 +279,15 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             raise OutputExistsError(
                 "finished outputs from a different config, model or scene version exist; "
                 "pass --overwrite to replace them", path=str(final))
-    elif not cfg.output.overwrite and _occupied(final):
-        raise OutputExistsError(
-            "exists but is not a finished tilescan output (no complete run.json); it was "
-            "left alone: move it away, or pass --overwrite to replace it", path=str(final))
+    elif _occupied(final):
+        if old is None and not (final / layout.MANIFEST).is_file():  # something else's: --overwrite leaves it too
+            raise OutputExistsError(
+                "exists but is not a tilescan output (no run.json); it was left alone, even with "
+                "--overwrite: move it away, or choose another output folder", path=str(final))
+        if not cfg.output.overwrite:
+            raise OutputExistsError(
+                "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
+                "pass --overwrite to replace them", path=str(final))
     return False
 
 
