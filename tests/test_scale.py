@@ -58,6 +58,9 @@ def test_auto_keeps_pixels_inside_the_range(card):
     p = plan(card, LANDSAT, tile_size=256)
     assert (p.units, p.tile_px, p.scale) == ("px", 256, "coarser")
     assert p.warning(LANDSAT)["code"] == "scale_out_of_range"
+    assert "but 256-px tiles give 60 m per input pixel, outside it" in p.reason  # not "inside" alone
+    p = plan(card, NAIP, tile_size=32)  # and on the fine side
+    assert (p.units, p.tile_px, p.scale) == ("px", 32, "finer") and "outside it" in p.reason
 
 
 def test_auto_sizes_tiles_in_metres_on_a_fine_scene(card):

@@ -63,8 +63,8 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
 @option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]),
-        help="Unit of --tile-size/--stride. auto: scene pixels where that puts the model at its ground scale, "
-             "else metres at the nearest edge of its range; px or m force one.")
+        help="Unit of --tile-size/--stride. auto: scene pixels where the scene's pixel size is inside the "
+             "model's ground-scale range, else (a finer scene) metres at the range's fine edge; px or m force one.")
 @option("--batch-size", config_key=("inference", "batch_size"), type=click.IntRange(min=1), help="Tiles per model batch.")
 @option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order, e.g. 3,2,1 for B,G,R files.")

@@ -146,6 +146,10 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                 else:
                     reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
                               f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
+                    want = gsd * size / input_size
+                    if not lo * (1 - 1e-6) <= want <= hi * (1 + 1e-6):  # the size the user chose leaves it
+                        reason += (f", but {size}-px tiles give {want:.3g} m per input pixel, outside it; kept "
+                                   f"as configured ({input_size}-px tiles keep the scene's scale)")
                 scale = "auto"
     if tile_px < 1:
         raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
