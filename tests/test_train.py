@@ -92,6 +92,8 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     out = tmp_path / "m.keras"
     res = _train([mini_aid, "-o", out, "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--patience", "0"])
     assert res.exit_code == 0, res.output
+    assert "checkpoints (" in res.output and f"kept in {tmp_path / 'm.ckpt'} for --resume" in res.output
+    assert (tmp_path / "m.ckpt").is_dir()  # what the message says is there
     # the test images do not exist: training worked, so it never opened them
     assert not any((mini_aid / "images" / ln).exists() for ln in (mini_aid / "splits/test.txt").read_text().split())
     lm = load_model(out)
@@ -198,8 +200,10 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
     out = tmp_path / "g.keras"
     cfg = tmp_path / "g.toml"
     cfg.write_text("[train]\ngsd_m = [2.0, 32.0]\n")  # AID: 0.5-8 m at 600 px, stored at 150 px
-    res = _train([mini_aid, "-o", out, "--config", cfg, "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--patience", "0"])
+    res = _train([mini_aid, "-o", out, "--config", cfg, "--epochs", "1", "--image-size", "32", "--batch-size", "16",
+                  "--patience", "0", "--limit", "30"])
     assert res.exit_code == 0, res.output
+    assert "train 40, val 20 " in res.output and "--limit 30: 30 and 20 of them used" in res.output  # as trained
     from tilescan.model import describe_model
 
     card = describe_model(out)

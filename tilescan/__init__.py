@@ -207,8 +207,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     ds = load_dataset(data, splits, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if name:
         ds.name = name
-    emit(f"{ds.name}: {len(ds.classes)} classes, train {len(ds.items('train'))}, val {len(ds.items('val'))} "
-         f"({ds.split_source})")
+    n_train, n_val = len(ds.items("train")), len(ds.items("val"))
+    used = f"; --limit {limit}: {min(limit, n_train)} and {min(limit, n_val)} of them used" if limit else ""
+    emit(f"{ds.name}: {len(ds.classes)} classes, train {n_train}, val {n_val} ({ds.split_source}{used})")
     return _train(ds, out, cfg, resume=resume, overwrite=overwrite, max_seconds=max_seconds, limit=limit, half=half,
                   verbose=verbose)
 

@@ -269,6 +269,8 @@ def train(
     sha = save_model(export, out, meta, half=half)
     _keep_history(out, ckpt)
     log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
+    held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
+    log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
 
