@@ -191,9 +191,9 @@ def test_exit_6_output_errors(tmp_path, scene_path):
     # a folder that cannot be created (its parent is a file)
     r = invoke(["run", scene, "-o", a_file / "sub", *FAST])
     assert r.exit_code == 6 and "not-a-folder" in r.output
-    # -o naming a file is a bad option value: click's usage error
+    # -o naming a file: the same kind of error, the file untouched
     r = invoke(["run", scene, "-o", a_file, *FAST])
-    assert r.exit_code == 2 and "not-a-folder" in r.output
+    assert r.exit_code == 6 and "not-a-folder: output path exists and is not a folder" in r.output
     assert a_file.read_text() == "x"
 
 

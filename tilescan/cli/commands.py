@@ -50,7 +50,7 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 @main.command(epilog=_LAYERS_EPILOG)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
