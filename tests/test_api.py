@@ -40,6 +40,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
     manifest = json.loads((tmp_path / "out-py" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
     assert manifest["config"]["cam"]["method"] == "layercam" and manifest["config"]["tiling"]["tile_size"] == 128
     assert any("tiles classified" in r.getMessage() for r in caplog.records)  # progress reached the logger
+    # the scene's warning (4 bands for a 3-band model) as a WARNING record, its level said once
+    warned = [r.getMessage() for r in caplog.records if r.name == "tilescan" and r.levelno == logging.WARNING]
+    assert any("4 bands" in m for m in warned) and not any(m.startswith("warning") for m in warned)
     assert ns["card"].scale_range is not None
 
 

@@ -3,6 +3,7 @@ same file: every byte outside the deflated block, what GDAL reads back, and COG 
 
 from __future__ import annotations
 
+import logging
 import struct
 import zlib
 
@@ -165,3 +166,15 @@ def test_kinds_remembered_are_bounded(tmp_path):
         write_labels_cog(tmp_path / "l.tif", np.zeros((1, k + 1)), Affine(10, 0, 100, 0, -10, 200), "EPSG:4326", CLASSES)
     assert len(oneblock._known) == oneblock._KINDS
     assert all(v is not None for v in oneblock._known.values())
+
+
+def test_a_small_block_is_written_without_a_logged_warning(tmp_path, caplog):
+    """A label raster of 6 x 8 tiles gets one 16-px block (GDAL writes it, with a notice that
+    blocks under 128 px are unusual): the file has that block, and a Python caller's log gets
+    no warning about it."""
+    labels = np.arange(48, dtype=np.int16).reshape(6, 8) % len(CLASSES)
+    with caplog.at_level(logging.INFO):  # GDAL's notices reach rasterio's logger
+        write_labels_cog(tmp_path / "labels.tif", labels, Affine(5.0, 0, 0, 0, -5.0, 0), "EPSG:32621", CLASSES)
+    with rasterio.open(tmp_path / "labels.tif") as ds:
+        assert ds.block_shapes == [(16, 16)] and ds.colormap(1)[0][:3] != (0, 0, 0)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("rasterio") and r.levelno >= logging.INFO]

@@ -18,14 +18,18 @@ logger = logging.getLogger("tilescan")
 logger.addHandler(logging.NullHandler())
 
 
+#: The prefixes a library message may start with, and the level each names.
+LEVEL_PREFIXES = {"error: ": logging.ERROR, "warning: ": logging.WARNING}
+
+
 def emit(msg: str) -> None:
-    """Log one message of the library at the level its prefix names."""
-    if msg.startswith("error"):
-        logger.error(msg)
-    elif msg.startswith("warning"):
-        logger.warning(msg)
-    else:
-        logger.info(msg)
+    """Log one message of the library at the level its prefix names, without the prefix (the
+    record's level says it; the CLI writes it back)."""
+    for prefix, level in LEVEL_PREFIXES.items():
+        if msg.startswith(prefix):
+            logger.log(level, msg[len(prefix):])
+            return
+    logger.info(msg)
 
 
 #: Held while file descriptor 2 points at /dev/null (a quiet Keras import, which may run on a

@@ -13,7 +13,7 @@ import click
 
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, TilescanError
-from ..log import STDERR_LOCK, emit, logger
+from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger
 
 
 class _Ctx:
@@ -42,8 +42,9 @@ class _CliHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         v = self.ctx.verbosity
         if record.levelno >= logging.WARNING or (record.levelno >= logging.INFO and v >= 0) or v > 0:
+            prefix = next((p for p, level in LEVEL_PREFIXES.items() if record.levelno == level), "")
             with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
-                click.echo(record.getMessage(), err=True)
+                click.echo(prefix + record.getMessage(), err=True)
 
 
 def configure_logging(ctx: _Ctx) -> None:

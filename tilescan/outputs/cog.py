@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -50,6 +51,18 @@ def _cog_block(width: int, height: int) -> int:
     file then compresses its pixels, not a block of padding around them."""
     side = max(int(width), int(height), 16)
     return COG_BLOCK if side > COG_BLOCK else 1 << (side - 1).bit_length()
+
+
+class _SmallBlockNotice(logging.Filter):
+    """Drops GDAL's notice that a COG block under 128 px is unusual: :func:`_cog_block` asks for
+    one on purpose (a raster that fits one small block), GDAL writes it, and the notice would
+    only reach a Python caller's log as a warning about nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "for BLOCKSIZE creation option that should be >= 128" not in record.getMessage()
+
+
+logging.getLogger("rasterio._env").addFilter(_SmallBlockNotice())
 
 
 def _cog_copy(src: Any, dst: str | os.PathLike, compress: str, resampling: str, overviews: int,
@@ -184,8 +197,8 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
         def gdal_write() -> None:
             with MemoryFile() as mem:
                 with mem.open(**profile) as dst:
+                    dst.write_colormap(1, cmap)  # before the pixels: GDAL sets the palette's tag only then
                     dst.write(data, 1)
-                    dst.write_colormap(1, cmap)
                     dst.set_band_description(1, "class")
                     dst.update_tags(**all_tags)
                     # copied while open: GDAL's COG driver takes colour table, tags and description
