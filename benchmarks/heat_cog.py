@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bench.machine(),
            "heat_px": [round(W * SCALE), round(H * SCALE)], "tiles": -(-H // TILE) * -(-W // TILE),
            "rounds": args.rounds, "checkouts": {}}
+    shutil.rmtree(work, ignore_errors=True)
     for repo in repos:
         res["checkouts"][repo] = {
             cores: {key: round(median(r[key] for r in rs), 3) for key in rs[0]} | {"runs": rs}
