@@ -7,6 +7,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -212,6 +213,10 @@ def _scene_info(path: Path, ds) -> SceneInfo:
 # reading
 
 
+#: libtiff's "row 4294967295, col 4294967295" (an unset position, -1 unsigned) says nothing to a user.
+_UNSET_POSITION = re.compile(r" at row 4294967295, col 4294967295,")
+
+
 def _describe(exc: BaseException) -> str:
     """The messages of an exception and its causes (rasterio's own message is often just
     "Read failed. See previous exception"; GDAL's detail is in the chain)."""
@@ -220,7 +225,7 @@ def _describe(exc: BaseException) -> str:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        msg = str(e).strip()
+        msg = _UNSET_POSITION.sub("", str(e).strip())
         if msg and "see previous exception" not in msg.lower() and not any(msg in q for q in parts):
             parts.append(msg)
         e = e.__cause__ or e.__context__
