@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import shutil
 import threading
 import time
@@ -36,7 +37,7 @@ from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
 from ..scene.plan import fill_note
-from ..scene.grid import TileSet, scale_note
+from ..scene.grid import TileSet, _metres, scale_note
 from ..scene.reader import SceneReader
 from ..scene.scaling import preview_rgb
 from .engine import Engine, switch_ms_used
@@ -429,9 +430,14 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
         why = "its share of the tile grid is empty"
     elif t > info.width or t > info.height:
         best = min(1.0, info.width / t) * min(1.0, info.height / t)
+        if reader.plan.scale == "resampled":  # grown to the model's finest scale: smaller ones leave it
+            fix = (f"the scene is smaller than one tile at the model's finest scale ({_metres(reader.plan.tile_footprint_m)}): "
+                   f"--min-valid {math.floor(best * 100) / 100:.2f} classifies it as one padded tile, --units px --tile-size N "
+                   "tiles it outside the model's scale")
+        else:
+            fix = "use a smaller --tile-size or --min-valid"
         why = (f"the {t}-px tiles are larger than the scene ({info.width} x {info.height} px): a tile "
-               f"holds at most {best:.0%} scene pixels, below min_valid_fraction {min_valid:g}; use a "
-               "smaller --tile-size or --min-valid")
+               f"holds at most {best:.0%} scene pixels, below min_valid_fraction {min_valid:g}; {fix}")
     else:
         why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
                "rest; --min-valid lowers the bar)")
