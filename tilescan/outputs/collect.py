@@ -58,7 +58,7 @@ from . import gpkg as gpkg_compat
 from .. import layout
 from . import spatial
 from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
-from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
+from ..layout import COLLECTED, LOCKS, MANIFEST, REPORT, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .files import atomic_output, csv_text, write_json, write_text
@@ -332,8 +332,9 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     stage.mkdir(parents=True)
+    run_failed = _run_failures(out, {u.key for sc in scenes for u in sc.units}, log)
     try:
-        summary = _build(scenes, skipped, stage, gpkg, log)
+        summary = _build(scenes, skipped, stage, gpkg, log, run_failed)
         if styles:  # a style for the table and a QGIS project with every scene's layers
             from .qgis import write_collect_files
 
@@ -417,7 +418,28 @@ class _TableWriter:
             self.writer.close()
 
 
-def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None]) -> dict:
+def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> list[dict]:
+    """The units that the latest ``report*.json`` of ``out`` list as failed and that have no
+    finished output to collect (a later run may have finished them): summary.json's
+    ``failed_in_run``, so the set does not look complete when scenes are missing from it."""
+    found: dict[str, dict] = {}
+    for report in [out / REPORT, *sorted(out.glob("report-shard-*-of-*.json"))]:  # layout.report_name's
+        try:
+            failed = json.loads(report.read_text()).get("failed") or []
+        except (OSError, ValueError, AttributeError):
+            continue  # a report being written, or not tilescan's: the run's log has it
+        for f in failed:
+            if isinstance(f, dict) and f.get("unit") not in collected:
+                found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
+                    "report": report.name}
+    if found:
+        log(f"warning: collect: {len(found)} scene(s) failed in their run and are not in the collected set "
+            f"({', '.join(sorted(map(str, found)))}; see summary.json's failed_in_run)")
+    return [found[k] for k in sorted(found, key=str)]
+
+
+def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None],
+           run_failed: list[dict] = ()) -> dict:
     """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
     summary = _Summary()
@@ -445,7 +467,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                                                   if "scale_warning" in info})
     finally:
         table.close()
-    result = _result(summary, scene_info, table.total, skipped, failed)
+    result = _result(summary, scene_info, table.total, skipped, failed, list(run_failed))
     write_text(stage / "summary.csv", csv_text(_summary_rows(result["classes"])))
     write_json(stage / "summary.json", result)
     if table.total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
@@ -479,8 +501,9 @@ def _scale_note(sc: _Scene) -> str | None:
 
 
 def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
-            failed: list[dict]) -> dict:
-    """summary.json's content: the tiles and areas per scene and per class, what was skipped and what failed."""
+            failed: list[dict], run_failed: list[dict]) -> dict:
+    """summary.json's content: the tiles and areas per scene and per class, what was skipped, what
+    could not be collected (``failed``) and what failed in its run (``failed_in_run``)."""
     rows = summary.table()
     per_scene = {}
     for name, info in scene_info.items():
@@ -495,6 +518,7 @@ def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped:
         "classes": rows,
         "skipped": skipped,
         "failed": failed,
+        "failed_in_run": run_failed,
     }
 
 
