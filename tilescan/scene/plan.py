@@ -84,6 +84,19 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         "list one 1-based scene band per model band, in the model's order", path=p)
 
 
+def _in_range_reason(size: int, gsd: float, model_scale: tuple[float, float], input_size: int) -> str:
+    """Why ``units = "auto"`` keeps tiles of ``size`` pixels on a scene inside the model's range,
+    and, when the size the user chose takes the input pixel out of it, that too."""
+    lo, hi = model_scale
+    reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
+              f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
+    want = gsd * size / input_size
+    if not lo * (1 - 1e-6) <= want <= hi * (1 + 1e-6):
+        reason += (f", but {size}-px tiles give {want:.3g} m per input pixel, outside it; kept "
+                   f"as configured ({input_size}-px tiles keep the scene's scale)")
+    return reason
+
+
 def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                    model_gsd_m: float | None,
                    model_scale: tuple[float, float] | None = None) -> TilingPlan:
@@ -144,12 +157,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                               f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
                               f"tiles of {size} scene pixels")
                 else:
-                    reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
-                              f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
-                    want = gsd * size / input_size
-                    if not lo * (1 - 1e-6) <= want <= hi * (1 + 1e-6):  # the size the user chose leaves it
-                        reason += (f", but {size}-px tiles give {want:.3g} m per input pixel, outside it; kept "
-                                   f"as configured ({input_size}-px tiles keep the scene's scale)")
+                    reason = _in_range_reason(size, gsd, model_scale, input_size)
                 scale = "auto"
     if tile_px < 1:
         raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
