@@ -101,7 +101,7 @@ def test_target_errors_and_resolution(model_file, image, tmp_path):
     assert resolve_target("2", CLASSES) == 2
     assert resolve_target(0, CLASSES) == 0
     assert resolve_target(None, CLASSES) is None
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="missing.png: no such file or directory"):  # as run says it
         run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **QUIET)
     with pytest.raises(ConfigError, match="unknown CAM method"):
         run_explain([str(image)], str(tmp_path), str(model_file), methods=("nope",), **QUIET)

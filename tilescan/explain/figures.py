@@ -353,7 +353,7 @@ def _input_path(inp: str):
     """The input as a Path (a RemoteScene for a URL), refused when missing or a folder."""
     path = sources.scene_path(inp)
     if not path.exists():
-        raise InputError("input not found", path=str(path))
+        raise InputError("no such file or directory", path=str(path))
     if path.is_dir():
         raise InputError("input is a folder; name image or scene files", path=str(path))
     return path
