@@ -401,3 +401,15 @@ def test_old_option_spellings_still_work(tmp_path, scene_path, aid_dir):
     assert r.exit_code == 0, r.output
     (meta,) = (tmp_path / "x").glob("*.json")
     assert json.loads(meta.read_text())["layer"] == "conv4_block2_out"
+
+
+def test_explain_tiles_given_once_or_several_times(tmp_path, scene_path):
+    """``--tiles 0,0 --tiles '1,1;0,1'``: every tile named, in the order given (not the last
+    option alone); a pair that is not ROW,COL is a usage error naming the option."""
+    r = invoke(["explain", scene_path(SMALL), "-o", tmp_path / "x", "--tiles", "0,0", "--tiles", "1,1;0,1",
+                "--tile-size", "100", "--units", "px"])
+    assert r.exit_code == 0, r.output
+    (meta,) = (tmp_path / "x").glob("*.json")
+    assert [row["tile"] for row in json.loads(meta.read_text())["rows"]] == [[0, 0], [1, 1], [0, 1]]
+    r = invoke(["explain", scene_path(SMALL), "-o", tmp_path / "y", "--tiles", "0,0", "--tiles", "1"])
+    assert r.exit_code == 2 and "'--tiles'" in r.output and "'1'" in r.output

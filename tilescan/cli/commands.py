@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 import click
 
@@ -279,11 +280,10 @@ def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch
 # ----------------------------------------------------------------------------- explain
 
 
-def _tiles(value: str | None) -> list[tuple[int, int]]:
-    if not value:
-        return []
+def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
+    """``--tiles``, given once or more, as (row, col) pairs in the order given."""
     out = []
-    for part in value.replace(";", " ").split():
+    for part in " ".join(values).replace(";", " ").split():
         try:
             r, c = part.split(",")
             out.append((int(r), int(c)))
@@ -301,7 +301,8 @@ def _tiles(value: str | None) -> list[tuple[int, int]]:
 @option("--cam-layer", "layer", show_default="the model's last conv block", help="Layer to explain.")
 @click.option("--layer", "old_layer", hidden=True)  # the old spelling of --cam-layer
 @option("--target", show_default="the prediction", help="Explain this class (name or index).")
-@option("--tiles", show_default="the --top N most confident", help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3'.")
+@option("--tiles", multiple=True, show_default="the --top N most confident",
+        help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3' (or --tiles 0,1 --tiles 2,3).")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
 @option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge (scene pixels; metres with --units m).")
 @click.option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
