@@ -292,7 +292,7 @@ def run_explain(
             stem = _unique_name(path.stem, "_explain", used)
         first, maps, results = _explain_batch(items, cams, methods, target_idx)
         rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
-        title = path.name if not is_scene else f"{path.name}: {len(items)} tiles"
+        title = path.name if not is_scene else f"{path.name}: {len(items)} tile{'s' * (len(items) != 1)}"
         png = save_figure(render_rows(rows, methods, suptitle=title), out / f"{stem}.png")
         write_json(
             out / f"{stem}.json",
@@ -308,7 +308,7 @@ def run_explain(
                 "rows": records,
             },
         )
-        log(f"{path.name}: {len(items)} {'tiles' if is_scene else 'image'} explained -> {png}")
+        log(f"{path.name}: {len(items)} {('tile' + 's' * (len(items) != 1)) if is_scene else 'image'} explained -> {png}")
         written.append(png)
     return written
 
