@@ -108,6 +108,11 @@ def test_polygons_in_another_crs(scene_path, tmp_path):
         centre = gpd.GeoSeries([Point(left + (r["col"] + 0.5) * t, top - (r["row"] + 0.5) * t)], crs=crs).to_crs(4326)[0]
         assert r.geometry.contains(centre)
     assert _assert_chips_are_run_tiles(tmp_path / "ds", scene) == 14
+    # -q: nothing on stdout, and of the messages on stderr only the warnings (as run and train)
+    res = invoke(["-q", "chips", scene, "--labels", labels, "-o", tmp_path / "ds-q", "--split", "random"])
+    assert res.exit_code == 0 and res.stdout == "", res.output
+    assert "label features lie outside every scene" in res.stderr and "with a class in" not in res.stderr
+    assert _card(tmp_path / "ds-q")["chips"]["per_class"] == {"farm": 6, "water": 8}
 
 
 def test_chips_of_a_resampled_scene_are_what_run_reads(scene_path, tmp_path):

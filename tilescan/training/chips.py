@@ -32,7 +32,7 @@ import numpy as np
 from .. import __version__
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
-from ..log import catching_warnings
+from ..log import catching_warnings, emit
 from ..outputs.geometry import pyproj_crs
 from .chip_tiles import SKIP_REASONS, _cut_scene, _polygons, _transform_corners
 from .labels import Labels, crs_name, read_labels
@@ -162,7 +162,7 @@ def cut_chips(
     model_path: str | os.PathLike | None = None,
     opts: ChipOptions = ChipOptions(),
     overwrite: bool = False,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = emit,
 ) -> dict:
     """Build the chips dataset ``out`` from the scenes in ``inputs`` (files or folders) and
     the labels file; returns the card (also written as ``out/chips.json``)."""
