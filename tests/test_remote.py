@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -301,15 +302,25 @@ def test_stac_bands_from_separate_assets_equal_the_single_file(server, local_ref
     assert list(m["source"]["assets"]) == ["B1", "B2", "B3"]
 
 
-def test_stac_missing_asset_names_the_item(server, tmp_path):
-    item = _item("no-visual", {"thumbnail": f"{server.url}/{COGEO}"})
-    doc = tmp_path / "item.json"
-    item.set_self_href(str(doc))
-    doc.write_text(json.dumps(item.to_dict()))
-    from tilescan.errors import InputError
+def test_stac_missing_asset_names_the_item(server, local_ref, tmp_path):
+    """An item without the asset asked for fails alone, named, like a bad scene; the other
+    items of its document are done (exit 3); alone, it is a run with nothing done (exit 4)."""
+    import pystac
 
-    with pytest.raises(InputError, match=r"no-visual.*no asset or band named 'visual'.*thumbnail"):
-        _run([doc], tmp_path / "out", assets=["visual"])
+    items = [_item("no-visual", {"thumbnail": f"{server.url}/{COGEO}"}),
+             _item("has-visual", {"visual": f"{server.url}/{COGEO}"})]
+    doc = tmp_path / "items.json"
+    doc.write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    out = tmp_path / "out"
+    rep = _run([doc], out, assets=["visual"]).to_dict()
+    assert rep["exit_code"] == 3 and [r["unit"] for r in rep["done"]] == ["has-visual"], rep
+    (failed,) = rep["failed"]
+    assert failed["unit"] == "no-visual" and failed["error_kind"] == "input"
+    assert re.search(r"no-visual.*no asset or band named 'visual'.*thumbnail", failed["reason"]), failed
+    same_unit(out / "has-visual", local_ref / "cogeo", scene_col=False)
+    alone = tmp_path / "item.json"
+    alone.write_text(json.dumps(items[0].to_dict()))
+    assert _run([alone], tmp_path / "out2", assets=["visual"]).exit_code == 4
 
 
 def test_explain_reads_a_url(server, tmp_path):

@@ -116,9 +116,17 @@ class StacScene(os.PathLike):
         base = (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
         self.shown = f"{base}#{item.id}"
         self.base_href = self_href or source_href  # relative asset hrefs are relative to this
-        self.keys, self.hrefs = self._pick(assets)
+        self.unusable: InputError | None = None  # an item without the assets asked for: fails alone, as a scene
+        try:
+            self.keys, self.hrefs = self._pick(assets)
+        except InputError as exc:
+            self.unusable, self.keys, self.hrefs = exc, [], []
         self.paths = [self._gdal_path(h) for h in self.hrefs]
         self._vrt: str | None = None
+
+    def _usable(self) -> None:
+        if self.unusable is not None:
+            raise self.unusable
 
     # -- assets ------------------------------------------------------------------------
 
@@ -164,7 +172,7 @@ class StacScene(os.PathLike):
     # -- the pathlib.Path protocol tilescan uses --------------------------------------------
 
     def __fspath__(self) -> str:
-        return self._vrt if self._vrt is not None else self.paths[0]
+        return self._vrt if self._vrt is not None else self.paths[0] if self.paths else self.shown
 
     def __str__(self) -> str:
         return self.shown
@@ -195,6 +203,7 @@ class StacScene(os.PathLike):
     def open(self, decode_threads: int = 1):
         import rasterio
 
+        self._usable()
         vsi.configure_gdal()
         if len(self.paths) == 1:
             return self._open_one(0)
@@ -282,6 +291,7 @@ class StacScene(os.PathLike):
 
     def identity(self) -> dict:
         """The item id and each asset's href (without credentials) and size/validators."""
+        self._usable()
         out = []
         for key, href, path in zip(self.keys, self.hrefs, self.paths):
             if vsi.is_url(href):
