@@ -210,3 +210,15 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
     side = 150  # the mini AID images keep AID's stored size
     assert card.scale_range == pytest.approx((2.0 * side / 32, 32.0 * side / 32))
     assert card.meta["scale"]["tile_footprint_m"] == pytest.approx([2.0 * side, 32.0 * side])
+
+
+def test_limit_takes_every_class_whatever_the_list_order():
+    """``--limit``: a chips dataset lists its chips scene by scene, so one class may fill the
+    first hundreds; the subset still holds every class, in the list's order."""
+    from tilescan.training.train import _spread
+
+    items = [(f"a{i}.png", 0) for i in range(90)] + [(f"b{i}.png", 1) for i in range(8)] + [("c0.png", 2)]
+    got = _spread(items, 6)
+    assert len(got) == 6 and {c for _, c in got} == {0, 1, 2}
+    assert got == sorted(got, key=items.index)
+    assert _spread(items, 1000) == items  # a limit above the list: all of it

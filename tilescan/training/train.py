@@ -284,13 +284,27 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     return out.with_name(out.name[: -len(".keras")] + ".ckpt")
 
 
+def _spread(items: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    """``limit`` of ``items`` taken from each class in turn (each class's own evenly spread over
+    its list), so every class is represented whatever order the split list is in (a chips
+    dataset lists its chips scene by scene, where one class may fill the first hundreds)."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, c) in enumerate(items):
+        by_class.setdefault(c, []).append(i)
+    queues = [own[:: max(1, len(own) // limit)] for _, own in sorted(by_class.items())]
+    picked: list[int] = []
+    for turn in range(max(map(len, queues), default=0)):
+        picked += [q[turn] for q in queues if turn < len(q)]
+    return [items[i] for i in sorted(picked[:limit])]  # in the split list's order
+
+
 def _split_paths(dataset: Dataset, limit: int | None):
-    """The train and val image paths and class indices (an evenly spread ``limit`` of each when given)."""
+    """The train and val image paths and class indices (a ``limit`` of each when given, spread
+    over the classes: :func:`_spread`)."""
     train_items = dataset.items("train")
     val_items = dataset.items("val")
-    if limit:  # an evenly spread subset, so every class is represented
-        train_items = train_items[:: max(1, len(train_items) // limit)][:limit]
-        val_items = val_items[:: max(1, len(val_items) // limit)][:limit]
+    if limit:
+        train_items, val_items = _spread(train_items, limit), _spread(val_items, limit)
     tr_paths = [dataset.root / p for p, _ in train_items]
     va_paths = [dataset.root / p for p, _ in val_items]
     tr_y = np.array([c for _, c in train_items])
