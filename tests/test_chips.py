@@ -113,6 +113,14 @@ def test_polygons_in_another_crs(scene_path, tmp_path):
     assert res.exit_code == 0 and res.stdout == "", res.output
     assert "label features lie outside every scene" in res.stderr and "with a class in" not in res.stderr
     assert _card(tmp_path / "ds-q")["chips"]["per_class"] == {"farm": 6, "water": 8}
+    # the same polygons in the scene's own CRS: the same chips and the same skips, tile for tile
+    # (the reprojected ones border their neighbour tiles by slivers, which label nothing)
+    native = _write(tmp_path / "native.gpkg", rows, crs)
+    code, out = _chips(scene, "--labels", native, "-o", tmp_path / "ds-native", "--split", "random")
+    assert code == 0, out
+    assert _card(tmp_path / "ds-native")["scenes"][0]["skipped"] == card["scenes"][0]["skipped"]
+    native_table = pq.read_table(tmp_path / "ds-native" / "chips.parquet").to_pylist()
+    assert {(r["row"], r["col"]): r["class"] for r in native_table} == got
 
 
 def test_chips_of_a_resampled_scene_are_what_run_reads(scene_path, tmp_path):

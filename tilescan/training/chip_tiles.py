@@ -60,6 +60,11 @@ def _transform_corners(corners: np.ndarray, src, dst) -> np.ndarray:
 # ---------------------------------------------------------------------------- one scene
 
 
+#: Share of a tile's area below which a polygon's overlap with it is a sliver, not a label:
+#: polygons reprojected from another CRS meet a tile they only border by ~1e-12 of its area.
+SLIVER = 1e-6
+
+
 @dataclass
 class _TileCall:
     outcome: str
@@ -81,14 +86,13 @@ def _polygon_calls(tile_polys, geoms: np.ndarray, cls: np.ndarray, idx: np.ndarr
         return calls
     gi = idx[gi]
     inter = shapely.intersection(tile_polys[ti], geoms[gi])
-    area = shapely.area(inter)
-    keep = area > 0
+    tile_area = shapely.area(tile_polys)
+    keep = shapely.area(inter) > SLIVER * tile_area[ti]  # a shared edge, once reprojected, is no label
     ti, gi, inter = ti[keep], gi[keep], inter[keep]
     order = np.argsort(ti, kind="stable")
     ti, gi, inter = ti[order], gi[order], inter[order]
     starts = np.flatnonzero(np.r_[True, ti[1:] != ti[:-1]])
     ends = np.r_[starts[1:], len(ti)]
-    tile_area = shapely.area(tile_polys)
     for s, e in zip(starts, ends):
         t = int(ti[s])
         full = float(tile_area[t])
