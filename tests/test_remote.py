@@ -133,6 +133,9 @@ def test_folder_url_lists_its_scenes(server, tmp_path):
     scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-folder/", scene(COGEO)])
     assert scenes == [scene(COGEO).resolve()]  # local inputs come back resolved, as find_scenes gives them
     assert str(failed[0]).startswith(f"{server.url}/rasterio/no-such-folder/: no *.tif / *.tiff objects found")
+    # the folder without its '/': read as a file, which fails, and the message says what to add
+    rep = _run([f"{server.url}/rio-tiler"], tmp_path / "out").to_dict()
+    assert rep["exit_code"] == 4 and "end the URL with '/' to list its files" in rep["failed"][0]["reason"], rep
 
 
 @pytest.fixture(scope="module")

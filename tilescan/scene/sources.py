@@ -248,6 +248,9 @@ class RemoteScene(os.PathLike):
                 why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
             else:
                 why = f"corrupt or truncated TIFF (GDAL cannot open it): {scrub(text)}"
+            last = urlsplit(self.shown).path.rsplit("/", 1)[-1]
+            if self.shown.lower().startswith(("http://", "https://")) and last and "." not in last:
+                why += "; if it is a folder, end the URL with '/' to list its files"
             raise InputError(f"cannot open: {why}", path=self.shown) from None
 
     def identity(self) -> dict:
