@@ -334,3 +334,31 @@ def test_explain_reads_a_url(server, tmp_path):
     assert [p.name for p in pngs] == ["cogeo_tiles_explain.png"]
     record = json.loads((tmp_path / "fig" / "cogeo_tiles_explain.json").read_text())
     assert record["input"] == url and record["kind"] == "scene" and len(record["rows"]) == 2
+
+
+def _project_sources(qgs: Path) -> dict[str, str]:
+    import xml.etree.ElementTree as ET
+
+    return {ml.findtext("layername"): ml.findtext("datasource") for ml in ET.parse(qgs).getroot().iter("maplayer")}
+
+
+def test_a_url_scenes_project_reads_the_scene_from_its_url(server, tmp_path):
+    """The QGIS project of a scene behind a URL holds the scene as GDAL reads it
+    (``/vsicurl/…``), and a real QGIS opens that layer from the server; a URL with credentials
+    gets no scene layer, and the project carries none of them."""
+    from test_qgis import _qgis_python, qgis
+
+    url = f"{server.url}/{COGEO}"
+    out = tmp_path / "out"
+    assert _run([url], out).exit_code == 0
+    qgs = out / "cogeo" / "cogeo.qgs"
+    assert _project_sources(qgs)["scene"] == f"/vsicurl/{url}"
+    report = qgis(_qgis_python(), {"projects": [str(qgs)]}, tmp_path)
+    (project,) = report["projects"]
+    layers = {lyr["name"]: lyr for lyr in project["layers"]}
+    assert project["read"] and layers["scene"]["valid"] and layers["labels"]["valid"], project
+    secret = url.replace("://", "://me:pa55@") + "?sig=abc123"
+    assert _run([secret], tmp_path / "out2").exit_code == 0
+    text = (tmp_path / "out2" / "cogeo" / "cogeo.qgs").read_text()
+    assert "scene" not in _project_sources(tmp_path / "out2" / "cogeo" / "cogeo.qgs")
+    assert "pa55" not in text and "abc123" not in text

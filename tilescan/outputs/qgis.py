@@ -72,6 +72,8 @@ def _source(layer: Layer, project_dir: Path) -> str:
     """The datasource as QGIS stores it with relative paths: ``./x`` or ``../x``, or the
     absolute path where no relative one exists (another drive)."""
     p = layer.path
+    if p.startswith("/vsi"):  # a remote scene through GDAL's network file systems: as it is
+        return p
     if os.path.isabs(p):
         try:
             p = os.path.relpath(p, project_dir)
@@ -188,14 +190,34 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[float],
                  bands: Sequence[int], scale: Sequence[Sequence[float]] | None,
                  nodata: tuple[float | None] | None = None) -> Layer | None:
-    """The scene's RGB layer, or None when the scene file is not there to reference.
+    """The scene's RGB layer, or None when there is no scene to reference (:func:`_scene_source`).
     ``nodata``: None for the file's own, else ``(value,)`` (None: no nodata) on the bands shown,
     as the run read them (``[tiling] nodata``)."""
-    if scene is None or not os.path.isfile(scene):
+    source = _scene_source(scene)
+    if source is None:
         return None
     key_scale = None if scale is None else tuple(tuple(float(v) for v in pair) for pair in scale)
-    return Layer("scene", os.path.abspath(scene), "raster", memo_style("scene", tuple(bands), key_scale),
+    return Layer("scene", source, "raster", memo_style("scene", tuple(bands), key_scale),
                  crs=crs, bounds=bounds, nodata=None if nodata is None else [(b, nodata[0]) for b in bands])
+
+
+def _scene_source(scene: str | os.PathLike | None) -> str | None:
+    """Where QGIS reads the scene: a local file that is there (absolute; written relative), a
+    remote scene's GDAL path (``/vsicurl/https://…``, ``/vsis3/…``) when its URL carries no
+    credentials or signature (those never go into a project), else None (also for a STAC
+    item's stacked assets: their VRT is the run's own)."""
+    if scene is None:
+        return None
+    if getattr(scene, "remote", False):
+        from ..scene import vsi
+
+        urls, paths = ([scene.url], [os.fspath(scene)]) if hasattr(scene, "url") else (scene.hrefs, scene.paths)
+        if len(paths) != 1:
+            return None
+        if vsi.is_url(urls[0]):
+            return paths[0] if vsi.redact(urls[0]) == urls[0] else None
+        scene = paths[0]
+    return os.path.abspath(scene) if os.path.isfile(scene) else None
 
 
 def _table(folder: Path) -> tuple[str, str | None] | None:
