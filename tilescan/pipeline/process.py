@@ -332,11 +332,10 @@ def _write_outputs(job: UnitJob) -> None:
         f.result()
     if cfg.output.styles:  # .qml styles beside the outputs and, per whole scene, a QGIS project
         labels = job.labels
-        nodata = None if info.nodata_from == "file" else (info.nodata,)  # the project's scene as read
         helper(write_scene_files, stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
-               bands=reader.bands, scale=reader.scale, nodata=nodata, location=job.final,
-               project=unit.name if unit.part is None else None)
+               bands=reader.bands, scale=reader.scale, nodata=info.nodata, nodata_from=info.nodata_from,
+               location=job.final, project=unit.name if unit.part is None else None)
 
 
 def warm_writers(cfg: Config) -> None:
