@@ -169,6 +169,19 @@ def test_exit_3_some_failed_and_4_all_failed(tmp_path, scene_path):
     assert r.exit_code == 4 and "no *.tif" in r.output
     r = invoke(["run", tmp_path / "nowhere.tif", "-o", tmp_path / "o6", *FAST])
     assert r.exit_code == 4 and "nowhere.tif" in r.output
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
+    # into the first run's OUT: its report is replaced by this run's, its scene kept
+    r = invoke(["run", empty, "-o", out, *FAST])
+    assert r.exit_code == 4
+    rep = read_report(out)
+    assert rep["exit_code"] == 4 and rep["counts"] == {"done": 0, "skipped": 0, "failed": 0}
+    assert rep["error"]["kind"] == "no-scenes" and f"no *.tif / *.tiff scenes found in {empty}" in rep["error"]["message"]
+    assert all((out / scene.stem / f).is_file() for f in OUTPUTS)
+    r = invoke(["run", tmp_path / "nowhere.tif", "-o", out, *FAST])  # the input named, as when others exist
+    rep = read_report(out)
+    assert r.exit_code == 4 and rep["exit_code"] == 4 and rep["counts"]["failed"] == 1
+    assert rep["failed"][0]["scene"] == str(tmp_path / "nowhere.tif")
+    assert rep["failed"][0]["reason"].endswith("nowhere.tif: no such file or directory")
 
 
 def test_exit_5_model_errors(tmp_path, scene_path):
@@ -179,9 +192,15 @@ def test_exit_5_model_errors(tmp_path, scene_path):
     assert r.exit_code == 5 and "noise.keras" in r.output
     r = invoke(["run", scene, "-o", tmp_path / "o", *FAST, "--model", tmp_path / "missing.keras"])
     assert r.exit_code == 5 and "missing.keras" in r.output and "not found" in r.output
+    assert not (tmp_path / "o").exists()  # not made for a run that cannot start
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "report.json").write_text('{"exit_code": 0}')  # an earlier run's
     r = invoke(["run", scene, "-o", tmp_path / "o", *FAST], env={"TILESCAN_MODEL": str(noise)})
     assert r.exit_code == 5 and "noise.keras" in r.output
     assert not (tmp_path / "o" / scene.stem).exists()
+    rep = read_report(tmp_path / "o")  # this run's report replaced it, and says why nothing was done
+    assert rep["exit_code"] == 5 and rep["error"]["kind"] == "model" and "noise.keras" in rep["error"]["message"]
+    assert rep["counts"] == {"done": 0, "skipped": 0, "failed": 0}
 
 
 def test_exit_6_output_errors(tmp_path, scene_path):

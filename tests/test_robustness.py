@@ -723,7 +723,12 @@ def test_corrupt_or_foreign_model(case, bad_models, tmp_path, scenes_dir):
     res = invoke(["run", scene(SMALL), "-o", out, "--model", bad_models[case]])
     assert res.exit_code == 5, res.output
     assert f"tilescan: {bad_models[case]}: " in res.output and MODEL_CASES[case] in res.output
-    assert not (out / "cog_rgb").exists() and not (out / "report.json").exists()
+    assert not (out / "cog_rgb").exists()
+    if case in ("garbage_weights", "metadata_mismatch"):  # found when the model loads: the run's report says so
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["exit_code"] == 5 and MODEL_CASES[case] in rep["error"]["message"]
+    else:  # found in the file's metadata, before the run makes OUT
+        assert not out.exists()
 
 
 def test_model_from_environment_variable(bad_models, tmp_path, scenes_dir):

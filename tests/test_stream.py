@@ -277,7 +277,48 @@ def test_a_model_file_replaced_at_start_up_ends_the_run(chips, tmp_path, monkeyp
     with pytest.raises(ModelError, match="model file changed"):
         run(chips, out, _cfg(), log=lambda m: None)
     assert not any((out / p.stem).exists() for p in chips)
-    assert not [f for f in out.rglob("*") if f.is_file()]  # no staged output, no lock left
+    # no staged output, no lock left: only the run's report, which says why
+    assert [f.name for f in out.rglob("*") if f.is_file()] == ["report.json"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["exit_code"] == 5 and rep["error"]["kind"] == "model" and rep["counts"]["done"] == 0
+
+
+def test_a_model_error_mid_run_is_reported_with_the_scenes_done(chips, tmp_path):
+    """The model failing on the last batch ends the run (exit 5); the report replacing the
+    earlier run's lists the scenes of the batches before as done, with their outputs in place."""
+    from tilescan.errors import ModelError
+
+    cfg = _cfg(batch_size=4)  # a batch per chip
+    engine = shared_engine(cfg)
+
+    class FailsThird:  # the shared engine, its third batch failing
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def submit(self, x):
+            self.calls += 1
+            collect = engine.submit(x)
+            if self.calls < 3:
+                return collect
+
+            def fail():
+                collect()
+                raise ModelError("the device was lost")
+            return fail
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"exit_code": 0, "done": [{"unit": "yesterday"}]}))
+    with pytest.raises(ModelError, match="device was lost"):
+        run(chips, out, cfg, log=lambda m: None, engine=FailsThird())
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["exit_code"] == 5 and rep["error"] == {"kind": "model", "message": "the device was lost"}
+    done = [r["unit"] for r in rep["done"]]
+    assert done == ["chip-0", "chip-1"]
+    assert all((out / u / "run.json").is_file() for u in done) and not (out / "chip-2").exists()
 
 
 @pytest.mark.parametrize("streams", [1, 2])

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import layout, stop
 from ..config import Config
-from ..errors import ModelError, OutputError, OutputExistsError, TilescanError
+from ..errors import EXIT_INTERNAL, InputError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit
 from ..model import describe_model
 from ..outputs.files import write_json
@@ -117,31 +117,55 @@ def run(
     ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
     keep_freed_memory()  # a scene's arrays reuse the last scene's memory
     with stop.handling(), _small_pages(), one_blas_thread():  # SIGTERM/SIGINT: stop between batches, report, exit 75
-        return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine)
+        report = RunReport()
+        try:
+            return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine, report)
+        except Exception as exc:
+            _report_failure(Path(out), shard, exc, report)
+            raise
 
 
-def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine) -> RunReport:
+def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: RunReport) -> None:
+    """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
+    report in an OUT that exists, so a report of an earlier run is never taken for this one's:
+    the units' results so far, and the error. An OUT that does not exist is not made for it."""
+    if not out.is_dir():
+        return
+    if isinstance(exc, InputError) and exc.path and not report.results:  # the input that gave no scene
+        report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
+    kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
+    message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
+    data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
+    try:
+        write_json(out / layout.report_name(shard), data)
+    except (OSError, TilescanError):  # OUT not writable: the error raised is the run's own
+        pass
+
+
+def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine,
+         report: RunReport) -> RunReport:
     started = time.monotonic()
     out = Path(out)
     # A named input that does not exist (or a folder URL that cannot be listed) fails alone
     # (listed in report.json) unless no input gives a scene; then this raises before
     # anything is created.
     scenes, missing = sources.find_inputs(inputs, stac, assets)
+    # the metadata and hash decide what is already done; Keras and the model load only
+    # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
+    card = describe_model(model_path)  # a model that is not one: OUT is not made for it
+    resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
     _check_output_dir(out)
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
-    # the metadata and hash decide what is already done; Keras and the model load only
-    # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
-    card = describe_model(model_path)
-    resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
     units = _plan(scenes, card, cfg, shard)
-    report = RunReport()
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
     book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine)
-    stats = book.process(progress, started, report)
-    report.results.extend(book.results[k] for k in sorted(book.results))
+    try:
+        stats = book.process(progress, started, report)
+    finally:  # also when an error ends the run: its report lists what was done
+        report.results.extend(book.results[k] for k in sorted(book.results))
     if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (outputs.stac_items)
         from ..outputs.stac_items import write_items
 
