@@ -298,3 +298,43 @@ def test_qgis_draws_the_class_colours_at_tile_centres(made, report):
         err = np.abs(expect - drawn).max(axis=1)
         assert names[int(err.argmin())] == label, (xy, label, drawn)
         assert err[names.index(label)] <= 3, (xy, label, drawn)
+
+
+def test_what_an_alpha_band_or_internal_mask_hides_is_transparent_in_the_projects(tmp_path, scenes_dir, qgis_py):
+    """RGBA.byte.tif (an alpha band) and the same pixels with the alpha as an internal mask:
+    in the scene's project and the collected one, a real QGIS draws the pixels they hide
+    transparent (the white map background shows), not black, and the others drawn."""
+    rgba = scenes_dir / "rasterio" / "RGBA.byte.tif"
+    masked = tmp_path / "in" / "masked.tif"
+    masked.parent.mkdir()
+    with rasterio.open(rgba) as src:
+        alpha, pixels = src.read(4), src.read((1, 2, 3))
+        profile = {**src.profile, "count": 3}
+        transform = src.transform
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(masked, "w", **profile) as dst:
+        dst.write(pixels)
+        dst.write_mask(alpha)
+    rng = np.random.default_rng(0)
+    points, hidden = [], []
+    for value in (0, 255):
+        rows, cols = np.nonzero(alpha == value)
+        pick = rng.choice(len(rows), 40, replace=False)
+        xs, ys = rasterio.transform.xy(transform, rows[pick], cols[pick])  # pixel centres
+        points += [[float(x), float(y)] for x, y in zip(xs, ys)]
+        hidden += [value == 0] * len(pick)
+    out = tmp_path / "out"
+    for scene in (rgba, masked):
+        res = invoke(["run", scene, "-o", out, "--no-progress"])
+        assert res.exit_code == 0, res.output
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 0, res.output
+    projects = [out / "RGBA.byte" / "RGBA.byte.qgs", out / "masked" / "masked.qgs", out / "collected" / "collected.qgs"]
+    spec = {"renders": [{"project": str(p), "size": [791, 718], "points": points, "layers": ["scene"]} for p in projects]}
+    rep = qgis(qgis_py, spec, tmp_path)
+    white = [255, 255, 255, 255]
+    for r, layers in zip(rep["renders"], (["scene"], ["scene"], ["scene", "scene"])):  # collected: both scenes
+        assert r["errors"] == [] and r["layers"] == layers, r
+        seen = [(s["rgba"], h) for s, h in zip(r["samples"], hidden) if s["rgba"] is not None]  # in the view
+        assert sum(h for _, h in seen) >= 30 and sum(not h for _, h in seen) >= 30, r["project"]
+        assert all(c == white for c, h in seen if h), r["project"]  # hidden: transparent
+        assert sum(c != white for c, h in seen if not h) >= 30, r["project"]  # the scene is drawn

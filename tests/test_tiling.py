@@ -599,7 +599,7 @@ def test_internal_mask(tmp_path):
             ds.write(np.full((3, 64, 64), 9, np.uint8))
             ds.write_mask(mask)
     with _open(p, tile_size=32, input_size=32, bands=[1, 2, 3]) as r:
-        assert r._internal_mask
+        assert r.internal_mask
         for tile, x, valid in _all_tiles(r):
             r0, c0 = tile.window.row_off, tile.window.col_off
             np.testing.assert_array_equal(valid, mask[r0:r0 + 32, c0:c0 + 32] != 0)

@@ -189,17 +189,27 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 
 def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[float],
                  bands: Sequence[int], scale: Sequence[Sequence[float]] | None,
-                 nodata: float | None = None, nodata_from: str = "file") -> Layer | None:
+                 nodata: float | None = None, nodata_from: str = "file", alpha: int | None = None) -> Layer | None:
     """The scene's RGB layer, or None when there is no scene to reference (:func:`_scene_source`).
     ``nodata`` and ``nodata_from`` as run.json's ``scene_info`` has them: where the run replaced
     the file's nodata (``[tiling] nodata``), the layer shows ``nodata`` (None: no nodata) on the
-    bands shown; with the file's own (``file``), QGIS reads it from the file."""
+    bands shown; with the file's own (``file``), QGIS reads it from the file. ``alpha``: the
+    band drawn as transparency (:func:`qgis_alpha_band`), so masked pixels are not black."""
     source = _scene_source(scene)
     if source is None:
         return None
     key_scale = None if scale is None else tuple(tuple(float(v) for v in pair) for pair in scale)
-    return Layer("scene", source, "raster", memo_style("scene", tuple(bands), key_scale),
+    return Layer("scene", source, "raster", memo_style("scene", tuple(bands), key_scale, alpha),
                  crs=crs, bounds=bounds, nodata=None if nodata_from == "file" else [(b, nodata) for b in bands])
+
+
+def qgis_alpha_band(count: int | None, alpha_band: int | None, internal_mask: bool) -> int | None:
+    """The band of a scene QGIS draws as its transparency: its alpha band; for an internal
+    (per-dataset) mask, the band QGIS adds after the file's last to show it (``count + 1``);
+    else None (the file's nodata, if any, is transparent by itself)."""
+    if alpha_band:
+        return int(alpha_band)
+    return int(count) + 1 if internal_mask and count else None
 
 
 def _scene_source(scene: str | os.PathLike | None) -> str | None:
@@ -234,16 +244,16 @@ def _table(folder: Path) -> tuple[str, str | None] | None:
 def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], present: Sequence[int], crs: Any,
                       bounds: Sequence[float], scene: str | os.PathLike | None = None,
                       bands: Sequence[int] = (1, 2, 3), scale: Sequence[Sequence[float]] | None = None,
-                      nodata: float | None = None, nodata_from: str = "file", project: str | None = None,
-                      location: str | os.PathLike | None = None) -> list[Path]:
+                      nodata: float | None = None, nodata_from: str = "file", alpha: int | None = None,
+                      project: str | None = None, location: str | os.PathLike | None = None) -> list[Path]:
     """Write the styles of the outputs in ``folder`` (``heatmap.qml``, ``labels.qml``,
     ``tiles.qml``, each only when its output is there) and, when ``project`` is a name,
     the project ``<project>.qgs`` with the scene (if its file exists), labels, heatmap and
     tiles. ``location`` is where ``folder`` will end up (relative paths are computed from
     there); ``present`` are the indexes of the classes in the table; ``bounds`` the scene's
     extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
-    as the model read them, ``nodata`` and ``nodata_from`` its nodata and where that came from
-    (:func:`_scene_layer`). Returns the files written."""
+    as the model read them, ``nodata`` and ``nodata_from`` its nodata and where that came from,
+    ``alpha`` the band QGIS shows as its transparency (:func:`_scene_layer`). Returns the files written."""
     folder = Path(folder)
     classes, present = tuple(str(c) for c in classes), tuple(sorted({int(i) for i in present}))
     bounds = _union(bounds, _table_bbox(folder / "tiles.parquet"))  # edge tiles may reach past the scene
@@ -270,7 +280,7 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
         if "labels" in styles:
             layers.append(Layer("labels", str(folder / "labels.tif"), "raster", styles["labels"], crs=crs,
                                 bounds=bounds, visible=False))
-        scene_layer = _scene_layer(scene, crs, bounds, bands, scale, nodata, nodata_from)
+        scene_layer = _scene_layer(scene, crs, bounds, bands, scale, nodata, nodata_from, alpha)
         if scene_layer is not None:
             layers.append(scene_layer)
         where = Path(os.path.abspath(location if location is not None else folder))
@@ -309,7 +319,9 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                                            "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
                                            "scale": info.get("scale"), "units": [],
                                            "nodata": info.get("nodata"),
-                                           "nodata_from": info.get("nodata_from", "file")})
+                                           "nodata_from": info.get("nodata_from", "file"),
+                                           "alpha": qgis_alpha_band(info.get("count"), info.get("alpha_band"),
+                                                                    info.get("internal_mask", False))})
         s["units"].append(Path(os.path.abspath(unit_folder)))
 
     written: list[Path] = []
@@ -339,7 +351,7 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                                      memo_style("labels", classes, present),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
         scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
-                                   s["nodata"], s["nodata_from"])
+                                   s["nodata"], s["nodata_from"], s["alpha"])
         if scene_layer is not None:
             members.append(scene_layer)
         if members:

@@ -352,10 +352,11 @@ def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequ
         _el(pal, "paletteEntry", value=str(i), color=_hex(colors[i]), alpha="255", label=classes[i])
 
 
-def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -> None:
+def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequence[float]] | None,
+                  alpha: int | None = None) -> None:
     b = list(bands) + [bands[-1]] * (3 - len(bands)) if bands else [1, 2, 3]
     r = _el(parent, "rasterrenderer", type="multibandcolor", redBand=b[0], greenBand=b[1], blueBand=b[2],
-            opacity="1", alphaBand="-1", nodataColor="")
+            opacity="1", alphaBand=str(alpha or -1), nodataColor="")
     _el(r, "rasterTransparency")
     _min_max_origin(r, "None" if scale else "MinMax")
     for i, name in enumerate(("red", "green", "blue")):
@@ -461,11 +462,12 @@ def write_style(path: str | os.PathLike, style: ET.Element) -> Path:
     return Path(path)
 
 
-def scene_style(bands: Sequence[int], scale: Sequence[Sequence[float]] | None) -> ET.Element:
-    """The scene's style in a project: its RGB bands stretched as the model saw them."""
+def scene_style(bands: Sequence[int], scale: Sequence[Sequence[float]] | None, alpha: int | None = None) -> ET.Element:
+    """The scene's style in a project: its RGB bands stretched as the model saw them, and
+    ``alpha`` (a band, 1-based) drawn as its transparency."""
     root = _qml({})
     pipe = _raster_pipe(root)
-    _rgb_renderer(pipe, bands, scale)
+    _rgb_renderer(pipe, bands, scale, alpha)
     _pipe_tail(pipe)
     _el(root, "blendMode", "0")
     return root

@@ -31,7 +31,7 @@ from ..outputs.cog import write_labels_cog
 from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
-from ..outputs.qgis import write_scene_files
+from ..outputs.qgis import qgis_alpha_band, write_scene_files
 from ..outputs.quicklook import write_scene_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
@@ -335,6 +335,7 @@ def _write_outputs(job: UnitJob) -> None:
         helper(write_scene_files, stage, classes=engine.classes, present=np.unique(labels[labels >= 0]), crs=crs,
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                bands=reader.bands, scale=reader.scale, nodata=info.nodata, nodata_from=info.nodata_from,
+               alpha=qgis_alpha_band(info.count, info.alpha_band, reader.internal_mask),
                location=job.final, project=unit.name if unit.part is None else None)
 
 
@@ -389,6 +390,8 @@ def _manifest(job: UnitJob, total: float) -> dict:
             "transform": list(info.transform[:6]),
             "nodata": info.nodata,
             "nodata_from": info.nodata_from,
+            "alpha_band": reader.info.alpha_band,
+            "internal_mask": reader.internal_mask,
             "gsd_m": info.gsd_m,
             "bands_used": list(reader.bands),
             "scale": [list(s) for s in reader.scale],

@@ -166,7 +166,7 @@ def find_empty_blocks(reader) -> BlockCoverage | None:
     use_mask, mask_ds = False, None
     try:
         indexes = [(ds, b, raw_bytes) for b in planes]
-        mask_ds = _mask_ifd(path, ds) if reader._internal_mask else None
+        mask_ds = _mask_ifd(path, ds) if reader.internal_mask else None
         if mask_ds is not None and mask_ds.block_shapes[0] == (fbh, fbw):
             indexes.append((mask_ds, 1, fbh * fbw))
             use_mask = True

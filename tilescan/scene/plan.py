@@ -215,7 +215,7 @@ def _hint_undeclared_fill(reader: SceneReader, data: np.ndarray, valid: np.ndarr
     """Warn when a scene that declares no nodata, mask or alpha holds 0 in every band over a
     share of its sample: such pixels are classified and stretched as data, and a fill border
     would then get labels of its own and darken the stretch of the rest."""
-    if (reader.info.nodata_from != "file" or reader._alpha or reader._internal_mask
+    if (reader.info.nodata_from != "file" or reader._alpha or reader.internal_mask
             or any(nd is not None for nd in reader._nodata) or not valid.size):
         return
     zero = data[0] == 0

@@ -79,7 +79,7 @@ class SceneReader:
         flags = [ds.mask_flag_enums[b - 1] for b in self.bands]
         self._alpha = info.alpha_band
         # An internal (per-dataset) mask that is not an alpha band: read it with read_masks.
-        self._internal_mask = self._alpha is None and any(
+        self.internal_mask = self._alpha is None and any(
             MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags
         )
         self._float = np.issubdtype(self._dtype, np.floating)
@@ -224,7 +224,7 @@ class SceneReader:
                 valid &= data[i] != nd
         if self._alpha_pos is not None:
             valid &= raw[self._alpha_pos] != 0
-        if self._internal_mask and use_mask:
+        if self.internal_mask and use_mask:
             mkw = {k: v for k, v in kw.items() if k != "out"}
             if out_shape is not None:
                 mkw["out_shape"] = out_shape
