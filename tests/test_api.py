@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pydoc
 import re
 import subprocess
@@ -51,6 +52,50 @@ def test_library_prints_nothing(tmp_path, capsys):
     assert report.exit_code == 0
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+_QUIET_PROBE = """
+import sys, tilescan
+cog, plain, image, out = sys.argv[1:]
+assert tilescan.run(cog, out + "/a", units="px", tile_size=200).exit_code == 0
+assert tilescan.run(plain, out + "/b", units="px", tile_size=100, allow_pixel_space=True).exit_code == 0
+for k in range(3):  # figures again and again, as a notebook's cell is run
+    tilescan.explain_figures(image, out + f"/e{k}", methods="gradcam,layercam")
+"""
+
+
+def test_library_prints_nothing_to_the_terminal(tmp_path, aid_dir):
+    """A fresh process as a notebook's kernel is, with TensorFlow's log level not set: nothing
+    reaches file descriptors 1 and 2 (TensorFlow's start-up lines, retracing notes, GDAL's
+    and pyogrio's warnings on a scene without a CRS), and the process ends without warnings
+    of its own (e.g. an unclosed file), with Python's warnings shown."""
+    import numpy as np
+    import rasterio
+
+    plain = tmp_path / "plain.tif"  # no CRS, no transform: a pixel-space scene
+    with rasterio.open(plain, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8") as dst:
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    res = subprocess.run([sys.executable, "-W", "default", "-c", _QUIET_PROBE, str(scene("rio-tiler/cog_rgb.tif")),
+                          str(plain), str(aid_dir / "images" / "Pond" / "pond_1.jpg"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+
+
+def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
+    """"default" names the packaged model; CAM methods may be comma-separated as on the
+    command line; one scene may be given as a string; a wrong shard is a ConfigError, as
+    ``--shard`` gives, before anything is made."""
+    assert tilescan.describe_model("default").sha256 == tilescan.describe_model().sha256
+    for bad in [(3, 2), (-1, 2), (0, 0), ("0", "2")]:
+        with pytest.raises(tilescan.ConfigError, match="0 <= I < N"):
+            tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", shard=bad)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(tilescan.ConfigError, match="'nope'"):  # the name, not its first letter
+        tilescan.explain_figures(aid_dir / "images" / "Pond" / "pond_1.jpg", tmp_path / "e", methods="gradcam,nope")
+    with pytest.raises(tilescan.InputError, match="nowhere.tif: no such file"):
+        tilescan.cut_chips(str(tmp_path / "nowhere.tif"), tmp_path / "labels.geojson", tmp_path / "chips")
 
 
 def test_bad_override_is_a_config_error(tmp_path):

@@ -170,6 +170,56 @@ def test_second_signal_stops_at_once():
     assert p.stdout.split() == ["asked", "SIGTERM"]
 
 
+def test_second_sigint_raises_in_python_with_the_api_setting():
+    """With ``second="raise"`` (the Python API), the second SIGINT raises KeyboardInterrupt
+    and the process lives on; Python's own handler is back after the block."""
+    code = ("import os, signal, time\nfrom tilescan import stop\ntry:\n    with stop.handling('raise'):\n"
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+            "        print('asked', stop.requested(), flush=True)\n"
+            "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n        print('not raised', flush=True)\n"
+            "except KeyboardInterrupt:\n    print('raised', flush=True)\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["asked", "SIGINT", "raised", "True"]
+
+
+_API_LOOP = """
+import json, sys, tilescan
+out, scenes = sys.argv[1], sys.argv[2:]
+codes = []
+try:
+    for s in scenes:  # a notebook's loop over scenes
+        codes.append(tilescan.run(s, out, tile_size=128, units="px").exit_code)
+except KeyboardInterrupt as exc:
+    print(json.dumps({"raised": str(exc), "codes": codes}))
+else:
+    print(json.dumps({"raised": None, "codes": codes}))
+"""
+
+
+def test_ctrl_c_in_the_python_api_stops_cleanly_then_raises(tmp_path):
+    """Ctrl-C (SIGINT) during ``tilescan.run()`` in a loop: the run stops as a preempted one
+    does (report.json names the interrupted scene, nothing partial in place), then
+    KeyboardInterrupt ends the loop; the next scene is not started. SIGTERM returns the
+    report with exit code 75 instead, and the loop goes on."""
+    scenes = [bh.scene(s) for s in SCENES]
+    for sig, expect in (("SIGINT", None), ("SIGTERM", [75, 0])):
+        out = tmp_path / sig
+        p = subprocess.run([sys.executable, "-c", _API_LOOP, str(out), *map(str, scenes)], capture_output=True,
+                           text=True, timeout=600, env=bh.env(TILESCAN_TEST_SIGNAL_AT=f"reading:10@{sig}"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        got = json.loads(p.stdout.strip().splitlines()[-1])
+        report = json.loads((out / "report.json").read_text())
+        if sig == "SIGINT":
+            assert got["codes"] == [] and "stopped by SIGINT" in got["raised"], got
+            assert report["interrupted"]["signal"] == "SIGINT" and report["interrupted"]["unit"] == "RGB.byte"
+            assert not (out / "RGB.byte").exists() and not (out / "cogeo").exists()
+        else:  # the fault point fires once per process: the second scene runs through
+            assert got == {"raised": None, "codes": expect}, got
+            assert sorted(bh.finished_folders(out)) == ["cogeo"]
+
+
 def _wait_for_scene(out, proc, name="cogeo"):
     """Until the scene is opened, and half a second more: most often while the model still
     loads (the first scene opens meanwhile), so the signals sent then test a stop at start-up."""

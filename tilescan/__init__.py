@@ -107,6 +107,7 @@ def run(
     stac: Sequence[str] = (),
     assets: Sequence[str] | None = None,
     stac_items: bool = False,
+    interrupt: str = "raise",
     **overrides: Any,
 ) -> "RunReport":
     """Process scenes (GeoTIFF files, or folders searched for ``*.tif``) into ``out``.
@@ -121,9 +122,17 @@ def run(
     ``stac_items``: also write ``out/<scene>/item.json``, a STAC Item of the outputs.
 
     Returns a :class:`~tilescan.pipeline.report.RunReport` (``.results``, ``.exit_code``,
-    ``.to_dict()``; also written to ``out/report.json``). One failing scene does not raise:
-    it is listed in the report. Raises :class:`TilescanError` for what stops the whole run
-    (no scenes, a bad setting, an unusable model or output folder).
+    ``.to_dict()``; also written to ``out/report.json``). A scene that fails (unreadable, or a
+    path that does not exist beside others that do) does not raise: it is listed in the
+    report. Raises :class:`TilescanError` for what stops the whole run (no input gives a
+    scene, a bad setting, an unusable model or output folder). Finished outputs of another
+    config are replaced with ``overwrite=True`` (the CLI's ``--overwrite``).
+
+    Ctrl-C (SIGINT, in the main thread) stops the run cleanly, as a scheduler's SIGTERM does
+    (finished scenes kept, the rest left for a rerun to resume, ``report.json`` written),
+    then raises :class:`KeyboardInterrupt`; a second Ctrl-C raises at once. SIGTERM returns
+    the report, its ``exit_code`` 75. ``interrupt="report"`` returns the report for SIGINT too,
+    and a second signal ends the process, as the ``tilescan`` command does.
     """
     from .pipeline.run import run as _run
 
@@ -134,8 +143,11 @@ def run(
         cfg = base if not overrides else _replace_all(base, _override_layer(overrides))
     else:
         cfg = load_config(config, _override_layer(overrides))
+    if interrupt not in ("raise", "report"):
+        raise ConfigError(f"interrupt must be 'raise' or 'report', got {interrupt!r}")
     return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
-                shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items)
+                shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
+                ctrl_c_raises=interrupt == "raise")
 
 
 def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:
@@ -164,15 +176,23 @@ def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
 def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
             **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
-    Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, ``layer``,
-    ``target``, ``tiles``, ``top``, ``tile_size``, ``units``, ``nodata``, ``model_path``)."""
+    Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``: a list, or
+    names comma-separated as on the command line; ``layer``, ``target``, ``tiles``, ``top``,
+    ``tile_size``, ``units``, ``nodata``, ``model_path``)."""
     from .backend import import_keras
     from .explain.figures import run_explain
 
     import_keras()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if isinstance(kwargs.get("methods"), str):
+        kwargs["methods"] = _names(kwargs["methods"])
     return run_explain([str(p) for p in inputs], str(out), **kwargs)
+
+
+def _names(text: str) -> list[str]:
+    """``"gradcam, layercam"`` -> ``["gradcam", "layercam"]``: names as the command line takes them."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
@@ -222,14 +242,16 @@ def _train_config(config, overrides: dict[str, Any]):
 
 def evaluate(model: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike, split: str = "test",
              **kwargs: Any) -> dict:
-    """Score ``model`` (None: the packaged one) on ``split`` of ``data``, writing report.json,
-    CSVs and figures to ``out``; keyword arguments as
+    """Score ``model`` (None or ``"default"``: the packaged one) on ``split`` of ``data``, writing
+    report.json, CSVs and figures to ``out``; keyword arguments as
     :func:`tilescan.training.evaluate.run_evaluate` (``batch_size``, ``tta``, ``explanations``,
-    ``cam_methods``, ``record``, ``limit``, ...). Imports Keras."""
+    ``cam_methods`` (a list, or comma-separated), ``record``, ``limit``, ...). Imports Keras."""
     from .backend import import_keras
     from .training.evaluate import run_evaluate
 
     import_keras()
+    if isinstance(kwargs.get("cam_methods"), str):
+        kwargs["cam_methods"] = _names(kwargs["cam_methods"])
     return run_evaluate(None if model is None else str(model), str(data), split, str(out), **kwargs)
 
 
@@ -241,7 +263,7 @@ def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> d
     return run_collect(out, gpkg=gpkg, styles=styles)
 
 
-def cut_chips(scenes: Sequence[str | os.PathLike], labels: str | os.PathLike, out: str | os.PathLike,
+def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: str | os.PathLike, out: str | os.PathLike,
               config: Config | str | os.PathLike | None = None, *, class_field: str | None = None,
               layer: str | None = None, model: str | os.PathLike | None = None, overwrite: bool = False,
               **options: Any) -> Any:
@@ -254,6 +276,8 @@ def cut_chips(scenes: Sequence[str | os.PathLike], labels: str | os.PathLike, ou
     from .training.chips import cut_chips as _cut
 
     cfg = config if isinstance(config, Config) else load_config(config)
+    if isinstance(scenes, (str, os.PathLike)):
+        scenes = [scenes]
     return _cut([str(s) for s in scenes], labels, out, cfg.tiling, class_field=class_field, layer=layer,
                 model_path=None if model is None else str(model), opts=ChipOptions(**options), overwrite=overwrite)
 

@@ -73,11 +73,11 @@ def _keras_import_gc():
 
 def import_keras(verbosity: int | None = None):
     """Import Keras with TensorFlow unless ``KERAS_BACKEND`` says otherwise; with
-    ``verbosity <= 0`` (or ``TF_CPP_MIN_LOG_LEVEL`` >= 1 when ``verbosity`` is None) the
-    C++ start-up chatter that TensorFlow writes straight to file descriptor 2 stays off the
-    terminal, and its Python-side warnings (retracing notes) are lowered to errors."""
-    if verbosity is not None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if verbosity <= 0 else "0")
+    ``verbosity <= 0``, or None (the Python API) unless ``TF_CPP_MIN_LOG_LEVEL`` is set to 0,
+    the C++ start-up chatter that TensorFlow writes straight to file descriptor 2 stays off
+    the terminal (``TF_CPP_MIN_LOG_LEVEL=2`` where unset), and its Python-side warnings
+    (retracing notes) are lowered to errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbosity is not None and verbosity > 0 else "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if _OWN_PROCESS and os.environ["KERAS_BACKEND"] == "jax":
         # JAX reserves 75 % of a GPU's memory at its first transfer, seconds of start-up on a

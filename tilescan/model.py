@@ -190,7 +190,10 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
 
 
 def model_path(path: str | os.PathLike | None) -> str:
-    """The model file to use: ``path``, or the packaged default."""
+    """The model file to use: ``path``, or the packaged default (None, or ``"default"`` where
+    no file of that name is in the working folder)."""
+    if path is not None and str(path) == "default" and not os.path.exists("default"):
+        path = None
     p = str(path) if path is not None else str(PACKAGE_MODEL)
     if path is None and not os.path.exists(p):
         raise ModelError("the packaged default model is missing; pass --model PATH", path=p)

@@ -6,7 +6,8 @@ calls :func:`check` between batches, which raises :class:`Interrupted` so the un
 flight is dropped (its staging folder removed, nothing moved into place) and the run
 writes ``report.json`` naming it and exits with :data:`tilescan.errors.EXIT_INTERRUPTED`.
 A unit already writing its outputs is finished first (seconds). A second signal stops
-the process at once, with the default action of that signal.
+the process at once, with the default action of that signal; for the Python API, a second
+SIGINT raises :class:`KeyboardInterrupt` instead (a notebook's kernel lives on).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state = {"signal": None}
+_state: dict = {"signal": None, "second": "end"}
 
 
 class Interrupted(BaseException):
@@ -45,25 +46,38 @@ def check() -> None:
 
 def _handler(signum, frame) -> None:
     if _state["signal"] is not None:  # the second signal: stop now
+        if _state["second"] == "raise" and signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)  # a third: Python's own again
+            raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
     _state["signal"] = signal.Signals(signum).name
 
 
+class Seen:
+    """What :func:`handling` saw: ``signal``, the name of the signal that asked to stop
+    while the block ran (set when it ends), or None."""
+
+    signal: str | None = None
+
+
 @contextlib.contextmanager
-def handling() -> Iterator[None]:
+def handling(second: str = "end") -> Iterator[Seen]:
     """Turn SIGTERM/SIGINT into a stop request while the block runs (main thread only;
     elsewhere, e.g. the Python API called from a worker thread, signals keep their
-    handlers). The previous handlers are restored after."""
+    handlers). ``second``: what a second signal does: ``"end"`` the process; ``"raise"``
+    (a SIGINT): :class:`KeyboardInterrupt`. The previous handlers are restored after."""
+    seen = Seen()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
-    _state["signal"] = None
+    _state.update(signal=None, second=second)
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
-        yield
+        yield seen
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _state["signal"] = None
+        seen.signal = _state["signal"]
+        _state.update(signal=None, second="end")

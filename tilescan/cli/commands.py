@@ -125,7 +125,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
         show = sys.stderr.isatty() if progress is None else progress
         assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
         report = tilescan.run(list(inputs), out, cfg, model=model_path, shard=sh, progress=show and obj.verbosity >= 0,
-                              stac=stac, assets=assets, stac_items=stac_items)
+                              stac=stac, assets=assets, stac_items=stac_items, interrupt="report")
         if report.interrupted:
             i = report.interrupted
             obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")
@@ -269,7 +269,7 @@ def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch
 
     def body():
         _quiet_backend(obj.verbosity)
-        tilescan.evaluate(None if model_path == "default" else model_path, data, out, split, splits_dir=splits_dir,
+        tilescan.evaluate(model_path, data, out, split, splits_dir=splits_dir,
                           batch_size=batch_size, tta=tta, explain_samples=explain_samples, explanations=explanations,
                           cam_methods=methods, record=record, limit=limit, faithfulness_limit=faithfulness_images)
         return 0

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from ..log import catching_warnings
 from .files import _dumps, atomic_output
 from .geometry import _projjson, gpkg_polygons, pyproj_crs, wkb_polygons
 
@@ -428,10 +429,12 @@ def _gpkg_template(schema: pa.Schema, layer: str, crs_wkt: str | None) -> tuple[
 
         folder = _template_folder()
         path = folder / f"template-{next(_template_numbers)}.gpkg"
-        pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, iter([])), str(path), layer=layer, driver="GPKG",
-                            geometry_name="geometry", geometry_type="Polygon", crs=crs_wkt,
-                            layer_metadata={"tilescan": _META_MARK}, dataset_options=gpkg.DATASET_OPTIONS,
-                            layer_options={"SPATIAL_INDEX": "NO"})
+        with catching_warnings():  # a scene in pixel space has no CRS, by the user's choice
+            warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+            pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, iter([])), str(path), layer=layer,
+                                driver="GPKG", geometry_name="geometry", geometry_type="Polygon", crs=crs_wkt,
+                                layer_metadata={"tilescan": _META_MARK}, dataset_options=gpkg.DATASET_OPTIONS,
+                                layer_options={"SPATIAL_INDEX": "NO"})
         no_index = gpkg.try_rtree(path)  # tilescan's index, as for large tables below
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -460,6 +463,8 @@ def _template_folder() -> Path:
         lock = _hold_lock(folder)
         _folder[:] = [folder, lock]
         atexit.register(shutil.rmtree, folder, True)
+        if lock is not None:
+            atexit.register(lock.close)  # first (last in, first out): the lock ends with the process
         _sweep_templates(folder)
     return _folder[0]
 

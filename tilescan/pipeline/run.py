@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import layout, stop
 from ..config import Config
-from ..errors import EXIT_INTERNAL, InputError, ModelError, OutputError, OutputExistsError, TilescanError
+from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit
 from ..model import describe_model
 from ..outputs.files import write_json
@@ -110,19 +110,39 @@ def run(
     assets: Sequence[str] | None = None,
     stac_items: bool = False,
     engine: Engine | None = None,
+    ctrl_c_raises: bool = False,
 ) -> RunReport:
     """Process every scene of ``inputs`` (files, folders, URLs, STAC documents) and ``stac``
     (STAC documents) into ``out``; see the module doc. ``assets``: the STAC asset(s) to read;
     ``stac_items``: also write a STAC Item describing each finished scene's outputs;
-    ``engine``: the model step to use instead of the process's shared one (benchmarks)."""
+    ``engine``: the model step to use instead of the process's shared one (benchmarks);
+    ``ctrl_c_raises`` (the Python API): a SIGINT stops the run as a SIGTERM does, then raises
+    :class:`KeyboardInterrupt`, also when the run had finished meanwhile; a second raises at once."""
+    shard = _checked_shard(shard)
     keep_freed_memory()  # a scene's arrays reuse the last scene's memory
-    with stop.handling(), _small_pages(), one_blas_thread():  # SIGTERM/SIGINT: stop between batches, report, exit 75
+    # SIGTERM/SIGINT: stop between batches, report, exit 75
+    with stop.handling("raise" if ctrl_c_raises else "end") as seen, _small_pages(), one_blas_thread():
         report = RunReport()
         try:
-            return _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine, report)
+            _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine, report)
         except Exception as exc:
             _report_failure(Path(out), shard, exc, report)
             raise
+    if ctrl_c_raises and seen.signal == "SIGINT":
+        raise KeyboardInterrupt(f"tilescan.run stopped by SIGINT; finished scenes are kept ({Path(out) / layout.report_name(shard)})")
+    return report
+
+
+def _checked_shard(shard) -> tuple[int, int]:
+    """``shard`` as ``(i, n)`` with ``0 <= i < n``, or a :class:`ConfigError` (as ``--shard``)."""
+    try:
+        i, n = shard
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (i, n)) and 0 <= i < n
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"shard must be (I, N), two integers with 0 <= I < N, got {shard!r}")
+    return int(i), int(n)
 
 
 def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: RunReport) -> None:

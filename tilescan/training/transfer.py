@@ -28,7 +28,7 @@ def parent_path(init: str) -> str | None:
     """The model file ``init`` names (``default``: the packaged model)."""
     from ..model import model_path
 
-    return model_path(None if init == "default" else init)
+    return model_path(init)
 
 
 def check_parent(card, image_size: int, image_size_given: bool, chips_card: dict | None) -> int:
