@@ -61,6 +61,9 @@ assert tilescan.run(cog, out + "/a", units="px", tile_size=200).exit_code == 0
 assert tilescan.run(plain, out + "/b", units="px", tile_size=100, allow_pixel_space=True).exit_code == 0
 for k in range(3):  # figures again and again, as a notebook's cell is run
     tilescan.explain_figures(image, out + f"/e{k}", methods="gradcam,layercam")
+tilescan.collect(out + "/a")  # with TensorFlow loaded: its SQLite has no R-tree module
+from tilescan.outputs.gpkg import has_rtree
+assert has_rtree(out + "/a/collected/tiles.gpkg")
 """
 
 
@@ -68,7 +71,8 @@ def test_library_prints_nothing_to_the_terminal(tmp_path, aid_dir):
     """A fresh process as a notebook's kernel is, with TensorFlow's log level not set: nothing
     reaches file descriptors 1 and 2 (TensorFlow's start-up lines, retracing notes, GDAL's
     and pyogrio's warnings on a scene without a CRS), and the process ends without warnings
-    of its own (e.g. an unclosed file), with Python's warnings shown."""
+    of its own (e.g. an unclosed file), with Python's warnings shown; a collect after the run
+    has its spatial index without GDAL's error about the R-tree module."""
     import numpy as np
     import rasterio
 

@@ -173,3 +173,65 @@ def test_nothing_to_collect_is_a_clear_error(tmp_path):
     assert p.returncode == 4 and "no finished scene outputs" in p.stderr
     p = bh.tilescan("collect", tmp_path / "missing")
     assert p.returncode == 4 and "no such output folder" in p.stderr
+
+
+@pytest.mark.parametrize("where", ["utm-60s", "lon-0-360"])
+def test_tiles_across_the_antimeridian_are_cut_there(tmp_path, where):
+    """Real NAIP pixels placed across 180° (in UTM zone 60S near Fiji; in longitudes that run
+    from 179.99 on past 180, as 0..360 data do): in the collected lon/lat table no tile spans
+    the globe. Those crossing 180° are MultiPolygons cut there (RFC 7946), every longitude is
+    in -180..180, none is found near 0°, areas are the tiles' ground areas, the GeoPackage
+    holds the same, and the collected QGIS project opens on the scene, not on the world."""
+    import geopandas as gpd
+    import pyproj
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from conftest import invoke, scene
+
+    src_path = scene("opengeos-naip/m_4709963_se_14_1_20190904.tif")
+    with rasterio.open(src_path) as src:
+        pixels = src.read((1, 2, 3), window=Window(0, 0, 640, 384))
+        profile = {**src.profile, "count": 3, "width": 640, "height": 384}
+    if where == "utm-60s":
+        x, y = pyproj.Transformer.from_crs("OGC:CRS84", "EPSG:32760", always_xy=True).transform(180.0, -16.8)
+        profile.update(crs="EPSG:32760", transform=Affine(5, 0, round(x) - 1500, 0, -5, round(y)))
+    else:
+        profile.update(crs="EPSG:4326", transform=Affine(4.7e-5, 0, 179.99, 0, -4.5e-5, -16.8))
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / f"{where}.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    out = tmp_path / "out"
+    res = invoke(["run", path, "-o", out, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = invoke(["collect", out])
+    assert res.exit_code == 0, res.output
+    table = out / "collected" / "tiles.parquet"
+    gdf = gpd.read_parquet(table)
+    assert len(gdf) > 0 and gdf.geometry.is_valid.all()
+    cut = gdf[gdf.geom_type == "MultiPolygon"]
+    assert 0 < len(cut) < len(gdf)
+    xmin, _, xmax, _ = gdf.total_bounds
+    assert -180 <= xmin and xmax <= 180
+    for g in cut.geometry:  # two narrow parts, one ending at 180°, one starting at -180°
+        parts = sorted(g.geoms, key=lambda p: p.bounds[0])
+        assert len(parts) == 2 and parts[0].bounds[0] == -180 and parts[1].bounds[2] == 180
+        assert all(p.bounds[2] - p.bounds[0] < 0.01 for p in parts)
+    assert (gdf.geometry.bounds["maxx"] - gdf.geometry.bounds["minx"] < 0.01).sum() == len(gdf) - len(cut)
+    assert len(gdf.cx[0:10, -20:-10]) == 0
+    geo = json.loads(pq.read_schema(table).metadata[b"geo"])["columns"]["geometry"]
+    assert geo["geometry_types"] == ["Polygon", "MultiPolygon"]
+    # ground areas, another way: the native footprints in an equal-area projection on the spot
+    native = gpd.GeoSeries.from_wkb(gdf["geometry_native"].tolist(), crs=profile["crs"])
+    laea = "+proj=laea +lat_0=-16.8 +lon_0=180 +ellps=WGS84 +units=m"
+    np.testing.assert_allclose(gdf["area_m2"], native.to_crs(laea).area, rtol=1e-4)
+    g = gpd.read_file(out / "collected" / "tiles.gpkg", layer="tiles")
+    assert len(g) == len(gdf) and (g.geom_type == "MultiPolygon").sum() == len(cut)
+    if where == "utm-60s":  # one CRS: the project's map is in it, on the scene (3.2 km across)
+        import xml.etree.ElementTree as ET
+
+        canvas = ET.parse(out / "collected" / "collected.qgs").getroot().find("mapcanvas/extent")
+        width = float(canvas.findtext("xmax")) - float(canvas.findtext("xmin"))
+        assert 3000 < width < 10_000, width

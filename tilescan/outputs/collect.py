@@ -13,7 +13,8 @@ writes, into ``OUT/collected/``:
     (:mod:`tilescan.outputs.spatial`). Scenes may come in different CRSs, and a GeoParquet geometry
     column has one CRS, so footprints are reprojected to longitude/latitude (``OGC:CRS84``,
     i.e. WGS 84 in x=lon, y=lat order; corners are transformed exactly, edges are not
-    densified -- tiles are small). The exact footprint in the scene's own CRS is kept as WKB
+    densified -- tiles are small; a footprint across 180° is cut there into a MultiPolygon,
+    as RFC 7946 has it, and longitudes of 0..360 data come back in -180..180). The exact footprint in the scene's own CRS is kept as WKB
     in ``geometry_native`` with that CRS in ``crs`` (an authority code or WKT), so nothing
     is lost. Columns: ``scene`` (the scene's folder name under OUT, unique per scene),
     ``unit`` (the unit folder, e.g. ``cogeo/rows-00000-00003``), ``scene_file``,
@@ -63,7 +64,7 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .files import atomic_output, csv_text, write_json, write_text
 from .finished import _Scene, _Unit, find_units
-from .geometry import wkb_polygon_rings, wkb_polygons
+from .geometry import antimeridian_wkb, wkb_polygon_rings, wkb_polygons, wrap_longitudes
 
 TARGET_CRS = "OGC:CRS84"
 
@@ -157,21 +158,38 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         cols.update({"crs": pa.nulls(n, pa.string()), "area_m2": null_f, "valid_area_m2": null_f,
                      "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, BBOX_TYPE)})
         bounds = None
+        n_across = 0
     else:
-        area = _geodesic_areas(lonlat)
-        xs, ys = lonlat[:, :4, 0], lonlat[:, :4, 1]
+        geometry, box, area, n_across = _lonlat_footprints(lonlat)
         cols.update({
             "crs": pa.array([crs_name] * n, pa.string()),
             "area_m2": pa.array(area),
             "valid_area_m2": pa.array(area * valid),
-            "geometry": wkb_polygons(lonlat[:, :4]),
-            "bbox": pa.StructArray.from_arrays([pa.array(xs.min(1)), pa.array(ys.min(1)), pa.array(xs.max(1)), pa.array(ys.max(1))],
-                                               fields=list(BBOX_TYPE)),
+            "geometry": geometry,
+            "bbox": pa.StructArray.from_arrays([pa.array(v) for v in box], fields=list(BBOX_TYPE)),
         })
-        bounds = (xs.min(), ys.min(), xs.max(), ys.max()) if n else None
+        bounds = (box[0].min(), box[1].min(), box[2].max(), box[3].max()) if n else None
     cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
     meta = json.loads(t.schema.metadata[b"tilescan"])
-    return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name}
+    return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name,
+                            "antimeridian": n_across}
+
+
+def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
+    """Reprojected footprints (N,5,2) as the table's WKB, their boxes (xmin, ymin, xmax,
+    ymax), geodesic areas, and how many cross the antimeridian: those are cut there into a
+    MultiPolygon (RFC 7946's way), and their boxes span every longitude."""
+    corners, across = wrap_longitudes(lonlat[:, :4])
+    geometry = wkb_polygons(corners)
+    xs, ys = corners[..., 0], corners[..., 1]
+    box = [xs.min(1), ys.min(1), xs.max(1), ys.max(1)]
+    if across.any():
+        wkb = geometry.to_pylist()
+        for i in np.flatnonzero(across):
+            wkb[i] = antimeridian_wkb(corners[i])
+        geometry = pa.array(wkb, pa.binary())
+        box[0][across], box[2][across] = -180.0, 180.0
+    return geometry, box, _geodesic_areas(corners), int(across.sum())
 
 
 def _schema(first: pa.Table) -> pa.Schema:
@@ -179,12 +197,14 @@ def _schema(first: pa.Table) -> pa.Schema:
     return pa.schema(_HEAD + mid + _TAIL)
 
 
-def _geo_meta(bbox: list[float] | None) -> dict:
+def _geo_meta(bbox: list[float] | None, antimeridian: int = 0) -> dict:
+    """GeoParquet's metadata of the collected table; ``antimeridian``: how many footprints
+    are cut there into MultiPolygons."""
     from pyproj import CRS
 
     col: dict[str, Any] = {
         "encoding": "WKB",
-        "geometry_types": ["Polygon"],
+        "geometry_types": ["Polygon", "MultiPolygon"] if antimeridian else ["Polygon"],
         "crs": CRS.from_user_input(TARGET_CRS).to_json_dict(),
         "orientation": "counterclockwise",
         "edges": "planar",
@@ -263,10 +283,11 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
             arrays.append(b.column("geometry"))
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
+    cut = json.loads(pf.schema_arrow.metadata[b"tilescan"]).get("antimeridian_tiles")  # MultiPolygons among them
     with atomic_output(path) as tmp:
         reader = pa.RecordBatchReader.from_batches(schema, batches())
         pyogrio.write_arrow(reader, str(tmp), layer="tiles", driver="GPKG", geometry_name="geometry",
-                            geometry_type="Polygon", crs=CRS.from_epsg(4326).to_wkt(),
+                            geometry_type="Unknown" if cut else "Polygon", crs=CRS.from_epsg(4326).to_wkt(),
                             dataset_options=gpkg_compat.DATASET_OPTIONS, layer_options=gpkg_compat.layer_options())
         gpkg_compat.add_rtree(tmp, name=path)
 
@@ -378,6 +399,7 @@ class _TableWriter:
         self.class_source = ""
         self.bounds: list[float] | None = None
         self.total = 0
+        self.antimeridian = 0  # footprints cut at the antimeridian
 
     def add(self, u: _Unit, t: pa.Table, info: dict) -> pa.Table:
         """Append a unit's rows (cast to the table's schema, which the first unit sets) and return them."""
@@ -393,6 +415,7 @@ class _TableWriter:
         t = t.select(self.schema.names).cast(self.schema)
         self.writer.write_table(t, row_group_size=65536)
         self.total += t.num_rows
+        self.antimeridian += info["antimeridian"]
         b = info["bounds"]
         if b is not None:
             bounds = self.bounds
@@ -408,8 +431,11 @@ class _TableWriter:
                "geometry_native is in each row's crs", "scenes": scene_names}
         if scale_warnings:
             own["scale_warnings"] = scale_warnings
+        if self.antimeridian:
+            own["antimeridian_tiles"] = self.antimeridian
         self.writer.add_key_value_metadata({
-            "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds])),
+            "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds],
+                                        self.antimeridian)),
             "tilescan": json.dumps(own),
         })
 

@@ -93,6 +93,49 @@ def wkb_polygons(corners: np.ndarray) -> pa.BinaryArray:
     )
 
 
+def wrap_longitudes(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,4,2) longitude/latitude corners with each tile's longitudes made continuous (no
+    jump of 360 between corners) and its west edge brought into [-180, 180); and which tiles
+    then reach east of 180°, across the antimeridian. Scenes in 0..360 longitudes come back
+    in -180..180."""
+    c = np.array(corners, dtype=np.float64)
+    x = c[..., 0]
+    x = x[:, :1] + (x - x[:, :1] + 180.0) % 360.0 - 180.0  # within 180° of the first corner
+    x -= 360.0 * np.floor((x.min(axis=1, keepdims=True) + 180.0) / 360.0)
+    c[..., 0] = x
+    return c, x.max(axis=1) > 180.0
+
+
+def _half(ring: np.ndarray, west: bool) -> list[tuple[float, float]]:
+    """The part of a convex ring (open, k x 2) west (or east) of longitude 180."""
+    out = []
+    for p, q in zip(ring, np.roll(ring, -1, axis=0)):
+        p_in, q_in = (p[0] <= 180.0, q[0] <= 180.0) if west else (p[0] >= 180.0, q[0] >= 180.0)
+        if p_in:
+            out.append((float(p[0]), float(p[1])))
+        if p_in != q_in:
+            t = (180.0 - p[0]) / (q[0] - p[0])
+            out.append((180.0, float(p[1] + t * (q[1] - p[1]))))
+    return out
+
+
+def antimeridian_wkb(corners: np.ndarray) -> bytes:
+    """A tile's footprint that crosses 180° (corners as :func:`wrap_longitudes` gives them) as
+    a WKB MultiPolygon of its parts west and east of it, each counter-clockwise and in
+    -180..180, as GeoJSON (RFC 7946) cuts such geometries; a Polygon if one part is empty."""
+    ring = _ccw_rings(np.asarray(corners, dtype=np.float64)[None])[0, :4]
+    parts = []
+    for west in (True, False):
+        pts = _half(ring, west)
+        if len(pts) >= 3:
+            pts = pts if west else [(x - 360.0, y) for x, y in pts]
+            parts.append(struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(pts) + 1)
+                         + struct.pack(f"<{2 * (len(pts) + 1)}d", *(v for p in pts + pts[:1] for v in p)))
+    if len(parts) == 1:
+        return parts[0]
+    return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)
+
+
 def gpkg_polygons(corners: np.ndarray, srs_id: int) -> tuple[list[bytes], np.ndarray]:
     """GeoPackage geometry blobs of the :func:`wkb_polygons` polygons, as GDAL writes them
     (magic ``GP``, version 0, flags: little-endian with an XY envelope, ``srs_id``, the

@@ -45,9 +45,10 @@ DATASET_OPTIONS = {"VERSION": "1.2"}
 
 def layer_options() -> dict[str, str]:
     """GDAL GPKG layer creation options: GDAL's own (fast, bulk-loaded) R-tree when this
-    process's SQLite has the module, else none, for :func:`add_rtree` to add afterwards
-    (GDAL's attempt would fail with an error message, see the module doc)."""
-    return {"SPATIAL_INDEX": "YES" if _sqlite_has_rtree() else "NO"}
+    process's SQLite has the module and TensorFlow is not loaded (whose SQLite GDAL may then
+    use, see the module doc), else none, for :func:`add_rtree` to add afterwards (GDAL's
+    attempt would fail with an error message: ``tilescan.collect()`` after a run in a notebook)."""
+    return {"SPATIAL_INDEX": "YES" if _sqlite_has_rtree() and "tensorflow" not in sys.modules else "NO"}
 
 _RTREE_EXT = "http://www.geopackage.org/spec120/#extension_rtree"
 _NO_RTREE = 3  # exit code of ``python -m tilescan.outputs.gpkg`` when its SQLite lacks the R-tree module

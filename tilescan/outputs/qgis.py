@@ -307,7 +307,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     folder = Path(folder)
     where = Path(os.path.abspath(location if location is not None else folder))
     schema = pq.read_schema(folder / "tiles.parquet")
-    classes = json.loads(schema.metadata[b"tilescan"])["classes"]
+    own = json.loads(schema.metadata[b"tilescan"])
+    classes = own["classes"]
     bbox = json.loads(schema.metadata[b"geo"])["columns"]["geometry"].get("bbox")
     names = set(pq.read_table(folder / "tiles.parquet", columns=["label"]).column("label").to_pylist())
     present = [i for i, c in enumerate(classes) if c in names]
@@ -332,6 +333,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
         written.append(write_style(folder / "tiles.qml", tiles))
     crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
     crs = next(iter(crss)) if len(crss) == 1 else "EPSG:4326"
+    if own.get("antimeridian_tiles") and len(crss) == 1:  # the tiles' box spans the globe: the scenes' own
+        bbox = None
     bounds = _project_bounds(crs, bbox, list(scenes.values()))
     layers = []
     if table is not None:
