@@ -179,7 +179,8 @@ def test_nothing_to_collect_is_a_clear_error(tmp_path):
 def test_tiles_across_the_antimeridian_are_cut_there(tmp_path, where):
     """Real NAIP pixels placed across 180° (in UTM zone 60S near Fiji; in longitudes that run
     from 179.99 on past 180, as 0..360 data do): in the collected lon/lat table no tile spans
-    the globe. Those crossing 180° are MultiPolygons cut there (RFC 7946), every longitude is
+    the globe. Those crossing 180° are MultiPolygons cut there (RFC 7946), as is the scene's
+    STAC Item, whose bbox goes from west of 180° to east of it; every longitude is
     in -180..180, none is found near 0°, areas are the tiles' ground areas, the GeoPackage
     holds the same, and the collected QGIS project opens on the scene, not on the world."""
     import geopandas as gpd
@@ -204,8 +205,12 @@ def test_tiles_across_the_antimeridian_are_cut_there(tmp_path, where):
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
     out = tmp_path / "out"
-    res = invoke(["run", path, "-o", out, "--no-progress"])
+    res = invoke(["run", path, "-o", out, "--no-progress", "--stac-items"])
     assert res.exit_code == 0, res.output
+    item = json.loads((out / where / "item.json").read_text())  # the scene's STAC Item: cut too
+    assert item["geometry"]["type"] == "MultiPolygon"
+    west, _, east, _ = item["bbox"]
+    assert 179.9 < west < 180 and -180 < east < -179.9  # west > east across 180° (RFC 7946, 5.2)
     res = invoke(["collect", out])
     assert res.exit_code == 0, res.output
     table = out / "collected" / "tiles.parquet"

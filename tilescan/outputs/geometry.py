@@ -119,18 +119,26 @@ def _half(ring: np.ndarray, west: bool) -> list[tuple[float, float]]:
     return out
 
 
-def antimeridian_wkb(corners: np.ndarray) -> bytes:
-    """A tile's footprint that crosses 180° (corners as :func:`wrap_longitudes` gives them) as
-    a WKB MultiPolygon of its parts west and east of it, each counter-clockwise and in
-    -180..180, as GeoJSON (RFC 7946) cuts such geometries; a Polygon if one part is empty."""
-    ring = _ccw_rings(np.asarray(corners, dtype=np.float64)[None])[0, :4]
+def antimeridian_parts(ring: np.ndarray) -> list[list[tuple[float, float]]]:
+    """A convex ring (open, k x 2) with continuous longitudes, its west edge in [-180, 180),
+    as its parts west and east of 180° (the east one moved to -180..), open and in the ring's
+    orientation, as GeoJSON (RFC 7946) cuts geometries there; one part if it does not cross."""
     parts = []
     for west in (True, False):
-        pts = _half(ring, west)
+        pts = _half(np.asarray(ring, dtype=np.float64), west)
         if len(pts) >= 3:
-            pts = pts if west else [(x - 360.0, y) for x, y in pts]
-            parts.append(struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(pts) + 1)
-                         + struct.pack(f"<{2 * (len(pts) + 1)}d", *(v for p in pts + pts[:1] for v in p)))
+            parts.append(pts if west else [(x - 360.0, y) for x, y in pts])
+    return parts
+
+
+def antimeridian_wkb(corners: np.ndarray) -> bytes:
+    """A tile's footprint that crosses 180° (corners as :func:`wrap_longitudes` gives them) as
+    a WKB MultiPolygon of its :func:`antimeridian_parts`, each counter-clockwise; a Polygon if
+    one part is empty."""
+    ring = _ccw_rings(np.asarray(corners, dtype=np.float64)[None])[0, :4]
+    parts = [struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(pts) + 1)
+             + struct.pack(f"<{2 * (len(pts) + 1)}d", *(v for p in pts + pts[:1] for v in p))
+             for pts in antimeridian_parts(ring)]
     if len(parts) == 1:
         return parts[0]
     return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from ..layout import MANIFEST
 from .files import write_json
 
@@ -63,11 +65,9 @@ def item_for(folder: Path) -> dict:
         from rasterio.warp import transform_geom
 
         ring = [[c, f], [c + a * w, f + d * w], [c + a * w + b * h, f + d * w + e * h], [c + b * h, f + e * h], [c, f]]
-        geometry = transform_geom(CRS.from_user_input(crs), "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
-                                  antimeridian_cutting=True)
-        pts = [p for poly in ([geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"])
-               for p in poly[0]]
-        bbox = [min(p[0] for p in pts), min(p[1] for p in pts), max(p[0] for p in pts), max(p[1] for p in pts)]
+        geometry = _in_longitude_range(transform_geom(CRS.from_user_input(crs), "EPSG:4326",
+                                                      {"type": "Polygon", "coordinates": [ring]}, antimeridian_cutting=True))
+        bbox = _lonlat_bbox(geometry)
     source = m.get("source") or {}
     finished = dt.datetime.strptime(m["finished_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
     when = finished
@@ -126,6 +126,35 @@ def _set_crs(proj, crs: str) -> None:
 
         proj.epsg = None
         proj.wkt2 = CRS.from_user_input(crs).to_wkt()
+
+
+def _in_longitude_range(geometry: dict) -> dict:
+    """A lon/lat GeoJSON geometry with longitudes in -180..180: a polygon of 0..360 data (GDAL
+    leaves it as it is) moved there and, where it then crosses 180°, cut there."""
+    if geometry["type"] != "Polygon" or all(-180.0 <= p[0] <= 180.0 for p in geometry["coordinates"][0]):
+        return geometry
+    from .geometry import antimeridian_parts
+
+    ring = np.array(geometry["coordinates"][0][:-1], dtype=np.float64)
+    ring[:, 0] -= 360.0 * np.floor((ring[:, 0].min() + 180.0) / 360.0)
+    parts = [[list(p) for p in pts + pts[:1]] for pts in antimeridian_parts(ring)]
+    if len(parts) == 1:
+        return {"type": "Polygon", "coordinates": [parts[0]]}
+    return {"type": "MultiPolygon", "coordinates": [[p] for p in parts]}
+
+
+def _lonlat_bbox(geometry: dict) -> list[float]:
+    """A GeoJSON geometry's bbox; for one cut at the antimeridian, west of it first and east
+    last, so west > east (RFC 7946, 5.2), rather than a box around the globe."""
+    polys = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    boxes = [(min(p[0] for p in poly[0]), min(p[1] for p in poly[0]), max(p[0] for p in poly[0]),
+              max(p[1] for p in poly[0])) for poly in polys]
+    south, north = min(b[1] for b in boxes), max(b[3] for b in boxes)
+    east_of = [b for b in boxes if b[2] >= 180.0]  # the parts ending at 180° and those starting at -180°
+    west_of = [b for b in boxes if b[0] <= -180.0]
+    if east_of and west_of and len(east_of) + len(west_of) == len(boxes):
+        return [min(b[0] for b in east_of), south, max(b[2] for b in west_of), north]
+    return [min(b[0] for b in boxes), south, max(b[2] for b in boxes), north]
 
 
 def write_items(out: Path, folders: list[Path], log: Callable[[str], None]) -> list[Path]:
