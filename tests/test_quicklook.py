@@ -281,3 +281,35 @@ def test_a_quicklook_drawn_from_the_scene_read_is_the_one_drawn_from_its_preview
     as_rgb = write_scene_quicklook(tmp_path / "rgb.png", rgb, valid, None, labels, None, CLASSES, **kw)
     assert read.shape[0] == len(bands) and read.shape[1:] == rgb.shape[:2]
     assert got.read_bytes() == want.read_bytes() == as_rgb.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["south-up", "east-left"])
+def test_a_scene_stored_south_up_or_east_left_is_drawn_north_up(tmp_path, scene_path, how):
+    """The NAIP scene stored with its rows from south to north (a positive y pixel size), or
+    its columns from east to west: the quicklook's panels show it north-up, east-right, as
+    the map does, like the same pixels stored the usual way (up to the stretch, sampled from
+    other pixels of the flipped file), not mirrored."""
+    from affine import Affine
+
+    src_path = scene_path(NAIP)
+    with rasterio.open(src_path) as src:
+        pixels, profile, t = src.read((1, 2, 3)), {**src.profile, "count": 3}, src.transform
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    usual, turned = tmp_path / "a" / "naip.tif", tmp_path / "b" / "naip.tif"
+    with rasterio.open(usual, "w", **profile) as dst:
+        dst.write(pixels)
+    if how == "south-up":
+        flipped, t2 = pixels[:, ::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * pixels.shape[1])
+    else:
+        flipped, t2 = pixels[:, :, ::-1], Affine(-t.a, 0, t.c + t.a * pixels.shape[2], 0, t.e, t.f)
+    with rasterio.open(turned, "w", **{**profile, "transform": t2}) as dst:
+        dst.write(np.ascontiguousarray(flipped))
+    for scene, out in ((usual, tmp_path / "out-a"), (turned, tmp_path / "out-b")):
+        res = invoke(["run", scene, "-o", out, "--no-progress"])
+        assert res.exit_code == 0, res.output
+    W, H = 934, 723
+    _, a, _ = panels(tmp_path / "out-a" / "naip" / "quicklook.png", W, H)
+    _, b, _ = panels(tmp_path / "out-b" / "naip" / "quicklook.png", W, H)
+    mirrored = b[::-1] if how == "south-up" else b[:, ::-1]
+    assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - mirrored).mean()

@@ -128,7 +128,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
                     labels: np.ndarray | None, heat: np.ndarray | None, classes: Sequence[str], *,
                     scene_size: tuple[int, int] | None = None, tile_px: int | None = None,
                     stride: int | None = None, row_offset: int = 0, outlines: bool = False,
-                    warning: str | None = None) -> Path:
+                    warning: str | None = None, flip: tuple[bool, bool] = (False, False)) -> Path:
     """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
@@ -143,7 +143,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     ``outlines`` draws the tile borders. ``heat`` (any size, NaN or negative = nodata;
     e.g. from :func:`read_heatmap_preview`) is stretched over the scene. ``warning`` (e.g.
     that the labels are outside the model's scale) is written in red under the legend, so
-    the picture does not travel without it.
+    the picture does not travel without it. ``flip`` (rows, columns): turn the panels over,
+    for a scene stored south-up or east-left, so north is up as on a map (:func:`north_up_flip`).
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
@@ -152,9 +153,23 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     label_panel, present = _label_panel(rgb, valid, scene_panel, labels, len(classes), scene_size, tile_px,
                                         stride, row_offset, outlines)
     heat_panel, has_heat = _heat_panel(rgb, valid, scene_panel, heat)
-    image = _compose((scene_panel, label_panel, heat_panel), has_heat, present, classes, palette, warning)
+    maps = (scene_panel, label_panel, heat_panel)
+    if flip[0]:
+        maps = tuple(p[::-1] for p in maps)
+    if flip[1]:
+        maps = tuple(p[:, ::-1] for p in maps)
+    image = _compose(maps, has_heat, present, classes, palette, warning)
     _write_png(path, image)
     return Path(path)
+
+
+def north_up_flip(transform) -> tuple[bool, bool]:
+    """Whether a scene's pixel rows, and its columns, run against north-up, east-right (a
+    south-up scene: rows northward); a rotated scene (shear terms) is drawn as stored."""
+    a, b, _, d, e, _ = tuple(transform)[:6]
+    if b or d:
+        return False, False
+    return e > 0, a < 0
 
 
 def write_scene_quicklook(path: str | os.PathLike, read: np.ndarray, valid: np.ndarray, stretch, labels, heat,

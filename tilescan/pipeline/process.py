@@ -32,7 +32,7 @@ from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import qgis_alpha_band, write_scene_files
-from ..outputs.quicklook import write_scene_quicklook
+from ..outputs.quicklook import north_up_flip, write_scene_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
@@ -367,7 +367,7 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str
         full_labels[job.r0:job.r1] = job.labels
     job.in_helper(write_scene_quicklook, job.stage / "quicklook.png", read, pvalid, stretch, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
-                  warning=warning)
+                  warning=warning, flip=north_up_flip(info.transform))
 
 
 def _manifest(job: UnitJob, total: float) -> dict:
