@@ -90,7 +90,8 @@ def test_library_prints_nothing_to_the_terminal(tmp_path, aid_dir):
 def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
     """"default" names the packaged model; CAM methods may be comma-separated as on the
     command line; one scene may be given as a string; a wrong shard is a ConfigError, as
-    ``--shard`` gives, before anything is made."""
+    ``--shard`` gives, before anything is made, and so are flat overrides to load_config;
+    get_cam takes what load_model returns."""
     assert tilescan.describe_model("default").sha256 == tilescan.describe_model().sha256
     for bad in [(3, 2), (-1, 2), (0, 0), ("0", "2")]:
         with pytest.raises(tilescan.ConfigError, match="0 <= I < N"):
@@ -100,6 +101,11 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
         tilescan.explain_figures(aid_dir / "images" / "Pond" / "pond_1.jpg", tmp_path / "e", methods="gradcam,nope")
     with pytest.raises(tilescan.InputError, match="nowhere.tif: no such file"):
         tilescan.cut_chips(str(tmp_path / "nowhere.tif"), tmp_path / "labels.geojson", tmp_path / "chips")
+    with pytest.raises(tilescan.ConfigError, match="by section"):  # not an AttributeError
+        tilescan.load_config(None, {"tile_size": 256})
+    loaded = tilescan.load_model("default")
+    cam = tilescan.get_cam("gradcam", loaded)  # what load_model returns, as a Keras model would be
+    assert cam.layer == loaded.cam_layer
 
 
 def test_bad_override_is_a_config_error(tmp_path):

@@ -173,12 +173,12 @@ def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
     return _describe(path)
 
 
-def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
-            **kwargs: Any) -> list:
+def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                    model: str | os.PathLike | None = None, **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
     Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``: a list, or
     names comma-separated as on the command line; ``layer``, ``target``, ``tiles``, ``top``,
-    ``tile_size``, ``units``, ``nodata``, ``model_path``)."""
+    ``tile_size``, ``units``, ``nodata``); ``model`` as in :func:`run`."""
     from .backend import import_keras
     from .explain.figures import run_explain
 
@@ -187,6 +187,8 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         inputs = [inputs]
     if isinstance(kwargs.get("methods"), str):
         kwargs["methods"] = _names(kwargs["methods"])
+    if model is not None:
+        kwargs["model_path"] = str(model)
     return run_explain([str(p) for p in inputs], str(out), **kwargs)
 
 
@@ -196,9 +198,12 @@ def _names(text: str) -> list[str]:
 
 
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
-    """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model."""
+    """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model, or to the
+    model of :func:`load_model` (then ``layer`` defaults to the one its metadata names)."""
     from .explain.cam import get_cam as _get
 
+    if hasattr(model, "cam_layer") and hasattr(model, "model"):  # a LoadedModel
+        layer, model = layer or model.cam_layer, model.model
     return _get(name, model, layer=layer, **kwargs)
 
 

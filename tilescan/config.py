@@ -516,6 +516,10 @@ def load_config(
         names.append(f"environment variable {var}")
         texts.append({(section, key): f"{var}={shlex.quote(value)}"})
     if overrides:
+        flat = [s for s, vals in overrides.items() if not isinstance(vals, Mapping)]
+        if flat:
+            raise ConfigError(f"overrides are by section, e.g. {{'tiling': {{'{flat[0]}': ...}}}}; got {flat[0]!r} "
+                              "with a value of its own (tilescan.run() takes such keys as keywords)")
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
         layers.append({s: v for s, v in clean.items() if v})
         names.append(FLAGS_SOURCE)

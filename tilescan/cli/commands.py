@@ -320,7 +320,7 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
 
     def body():
         _quiet_backend(obj.verbosity)
-        paths = tilescan.explain_figures(list(inputs), out, model_path=model_path, methods=methods, layer=layer,
+        paths = tilescan.explain_figures(list(inputs), out, model=model_path, methods=methods, layer=layer,
                                          target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units,
                                          nodata=nodata)
         for p in paths:
