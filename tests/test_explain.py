@@ -122,3 +122,26 @@ def test_scene_nodata_setting(model_file, scene_path, tmp_path):
     assert got["file"]["rows"][1]["valid_fraction"] > 0.99 and got["none"]["rows"][1]["valid_fraction"] == 1.0
     with pytest.raises(ConfigError, match="nodata"):
         run_explain([str(scene)], str(tmp_path / "bad"), str(model_file), tile_size=128, nodata="zero", **QUIET)
+
+
+def test_figures_again_load_the_model_once_and_a_changed_file_again(model_file, image, tmp_path, monkeypatch):
+    """Figures made again and again (a notebook's cell) reuse the loaded model and its CAMs:
+    the same figure, one load; a model file replaced since is loaded again."""
+    import shutil
+
+    import tilescan.model
+    from tilescan.explain import figures
+
+    loads = []
+    real = tilescan.model.load_model
+    monkeypatch.setattr(tilescan.model, "load_model", lambda p=None: loads.append(p) or real(p))
+    figures._explainer.cache_clear()
+    mine = tmp_path / "mine.keras"
+    shutil.copyfile(model_file, mine)
+    first = run_explain([str(image)], str(tmp_path / "a"), str(mine), methods=("gradcam",), **QUIET)
+    again = run_explain([str(image)], str(tmp_path / "b"), str(mine), methods=("gradcam",), **QUIET)
+    assert len(loads) == 1 and first[0].read_bytes() == again[0].read_bytes()
+    other = tiny_model_file(tmp_path / "other.keras", CLASSES, SIZE, seed=4, mean=0.4, std=0.2)
+    shutil.copyfile(other, mine)  # replaced in place
+    run_explain([str(image)], str(tmp_path / "c"), str(mine), methods=("gradcam",), **QUIET)
+    assert len(loads) == 2

@@ -17,6 +17,7 @@ The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass, field
@@ -338,15 +339,27 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
 
 def _load_explainer(model_path: str | None, methods: list[str], layer: str | None, target):
     """The loaded model, the target's class index (None: each prediction) and a CAM per method."""
-    from ..model import PACKAGE_MODEL, load_model, read_metadata
-    from .cam import get_cam
+    from ..model import PACKAGE_MODEL, read_metadata
+    from ..model import model_path as model_path_of
 
     if model_path is not None or PACKAGE_MODEL.exists():  # check the target before the slow Keras load
         resolve_target(target, read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
-    lm = load_model(model_path)
-    target_idx = resolve_target(target, lm.classes)
-    cams = {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}
-    return lm, target_idx, cams
+    path = model_path_of(model_path)
+    st = os.stat(path) if os.path.exists(path) else None
+    lm, cams = _explainer(path, None if st is None else (st.st_mtime_ns, st.st_size), tuple(methods), layer)
+    return lm, resolve_target(target, lm.classes), cams
+
+
+@functools.lru_cache(maxsize=2)
+def _explainer(path: str, version: tuple | None, methods: tuple[str, ...], layer: str | None):
+    """The loaded model and a CAM per method, kept for the next call with the same file (as
+    it was: ``version``), methods and layer: figures made again and again in a notebook load
+    and trace once."""
+    from ..model import load_model
+    from .cam import get_cam
+
+    lm = load_model(path)
+    return lm, {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}
 
 
 def _input_path(inp: str):
