@@ -99,6 +99,12 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
     assert not (tmp_path / "o").exists()
     with pytest.raises(tilescan.ConfigError, match="'nope'"):  # the name, not its first letter
         tilescan.explain_figures(aid_dir / "images" / "Pond" / "pond_1.jpg", tmp_path / "e", methods="gradcam,nope")
+    with pytest.raises(tilescan.ConfigError, match="'nope'"):  # before a single image is classified
+        tilescan.evaluate("default", aid_dir, tmp_path / "ev", split="val", limit=5, explanations=True,
+                          cam_methods="gradcam,nope")
+    with pytest.raises(tilescan.InputError, match="input is a folder"):
+        tilescan.explain_figures(aid_dir / "images" / "Pond", tmp_path / "e")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "ev").exists()  # nothing made for a refused call
     with pytest.raises(tilescan.InputError, match="nowhere.tif: no such file"):
         tilescan.cut_chips(str(tmp_path / "nowhere.tif"), tmp_path / "labels.geojson", tmp_path / "chips")
     with pytest.raises(tilescan.ConfigError, match="by section"):  # not an AttributeError

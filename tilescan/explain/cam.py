@@ -376,6 +376,18 @@ CAM_METHODS: dict[str, type[CAMMethod]] = {
 }
 
 
+def checked_methods(methods) -> list[str]:
+    """CAM method names, lower-cased without repeats; a :class:`ConfigError` for none or an
+    unknown one, before any work."""
+    names = list(dict.fromkeys(str(m).strip().lower() for m in methods))
+    if not names:
+        raise ConfigError("no CAM method given")
+    unknown = [m for m in names if m not in CAM_METHODS]
+    if unknown:
+        raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")
+    return names
+
+
 def get_cam(name: str, model, layer: str | None = None, **kw) -> CAMMethod:
     """A CAM method by registry name (case-insensitive); extra keywords go to its
     constructor (``jit_compile``, and for scorecam ``chunk_size``, ``max_channels``)."""

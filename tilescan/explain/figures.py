@@ -276,13 +276,13 @@ def run_explain(
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
     methods = _checked_methods(inputs, methods, top, tile_size, nodata)
+    paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     written: list[Path] = []
-    for inp in inputs:
-        path = _input_path(inp)
+    for path in paths:
         is_scene = path.suffix.lower() in TIFF_SUFFIXES
         scene_info = None
         if is_scene:
@@ -318,22 +318,17 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
                      nodata: str = "file") -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
     from ..config import is_nodata_setting
-    from .cam import CAM_METHODS
+    from .cam import checked_methods
 
     if not inputs:
         raise InputError("nothing to explain: no inputs given")
-    methods = list(dict.fromkeys(str(m).strip().lower() for m in methods))
-    if not methods:
-        raise ConfigError("no CAM method given")
+    methods = checked_methods(methods)
     if int(top) < 1:
         raise ConfigError(f"top must be >= 1, got {top}")
     if tile_size is not None and int(tile_size) < 1:
         raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
     if not is_nodata_setting(nodata):
         raise ConfigError(f"nodata must be file, none or a number, got {nodata!r}")
-    unknown = [m for m in methods if m not in CAM_METHODS]
-    if unknown:
-        raise ConfigError(f"unknown CAM method {unknown[0]!r}; known methods: {', '.join(CAM_METHODS)}")
     return methods
 
 

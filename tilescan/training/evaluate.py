@@ -367,10 +367,11 @@ def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_met
         raise ConfigError(f"limit must be >= 1, got {limit}")
     if record and limit is not None:
         raise ConfigError("record=True stores scores of the whole split; do not combine it with limit")
-    cam_methods = list(dict.fromkeys(str(m).strip().lower() for m in cam_methods))
-    if (explanations or explain_samples > 0) and not cam_methods:
-        raise ConfigError("no CAM method given")
-    return cam_methods
+    if not (explanations or explain_samples > 0):
+        return list(cam_methods)
+    from ..explain.cam import checked_methods
+
+    return checked_methods(cam_methods)
 
 
 def _out_folder(out_dir: str) -> Path:
