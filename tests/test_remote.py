@@ -23,6 +23,7 @@ import rasterio.warp
 import batch_helpers as bh
 from conftest import SCENES, same_unit, scene
 from http_server import Nginx
+from tilescan.outputs.collect import run_collect
 
 COGEO = "rasterio/cogeo.tif"
 MOSAIC = "rio-tiler/mosaic_cog1.tif"
@@ -344,21 +345,25 @@ def _project_sources(qgs: Path) -> dict[str, str]:
 
 def test_a_url_scenes_project_reads_the_scene_from_its_url(server, tmp_path):
     """The QGIS project of a scene behind a URL holds the scene as GDAL reads it
-    (``/vsicurl/…``), and a real QGIS opens that layer from the server; a URL with credentials
-    gets no scene layer, and the project carries none of them."""
+    (``/vsicurl/…``), as does the collected project, and a real QGIS opens that layer from the
+    server; a URL with credentials gets no scene layer, and the projects carry none of them."""
     from test_qgis import _qgis_python, qgis
 
     url = f"{server.url}/{COGEO}"
     out = tmp_path / "out"
     assert _run([url], out).exit_code == 0
-    qgs = out / "cogeo" / "cogeo.qgs"
-    assert _project_sources(qgs)["scene"] == f"/vsicurl/{url}"
-    report = qgis(_qgis_python(), {"projects": [str(qgs)]}, tmp_path)
-    (project,) = report["projects"]
-    layers = {lyr["name"]: lyr for lyr in project["layers"]}
-    assert project["read"] and layers["scene"]["valid"] and layers["labels"]["valid"], project
+    assert run_collect(out, gpkg=False)["tiles"] > 0
+    qgs, collected = out / "cogeo" / "cogeo.qgs", out / "collected" / "collected.qgs"
+    assert _project_sources(qgs)["scene"] == _project_sources(collected)["scene"] == f"/vsicurl/{url}"
+    report = qgis(_qgis_python(), {"projects": [str(qgs), str(collected)]}, tmp_path)
+    for project in report["projects"]:
+        layers = {lyr["name"]: lyr for lyr in project["layers"]}
+        assert project["read"] and layers["scene"]["valid"] and layers["labels"]["valid"], project
     secret = url.replace("://", "://me:pa55@") + "?sig=abc123"
-    assert _run([secret], tmp_path / "out2").exit_code == 0
-    text = (tmp_path / "out2" / "cogeo" / "cogeo.qgs").read_text()
-    assert "scene" not in _project_sources(tmp_path / "out2" / "cogeo" / "cogeo.qgs")
-    assert "pa55" not in text and "abc123" not in text
+    out2 = tmp_path / "out2"
+    assert _run([secret], out2).exit_code == 0
+    assert run_collect(out2, gpkg=False)["tiles"] > 0
+    for project in (out2 / "cogeo" / "cogeo.qgs", out2 / "collected" / "collected.qgs"):
+        text = project.read_text()
+        assert "scene" not in _project_sources(project)
+        assert "pa55" not in text and "abc123" not in text

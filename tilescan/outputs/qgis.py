@@ -190,12 +190,12 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 def _scene_layer(scene: str | os.PathLike | None, crs: Any, bounds: Sequence[float],
                  bands: Sequence[int], scale: Sequence[Sequence[float]] | None,
                  nodata: float | None = None, nodata_from: str = "file", alpha: int | None = None) -> Layer | None:
-    """The scene's RGB layer, or None when there is no scene to reference (:func:`_scene_source`).
+    """The scene's RGB layer, or None when there is no scene to reference (:func:`scene_source`).
     ``nodata`` and ``nodata_from`` as run.json's ``scene_info`` has them: where the run replaced
     the file's nodata (``[tiling] nodata``), the layer shows ``nodata`` (None: no nodata) on the
     bands shown; with the file's own (``file``), QGIS reads it from the file. ``alpha``: the
     band drawn as transparency (:func:`qgis_alpha_band`), so masked pixels are not black."""
-    source = _scene_source(scene)
+    source = scene_source(scene)
     if source is None:
         return None
     key_scale = None if scale is None else tuple(tuple(float(v) for v in pair) for pair in scale)
@@ -212,13 +212,15 @@ def qgis_alpha_band(count: int | None, alpha_band: int | None, internal_mask: bo
     return int(count) + 1 if internal_mask and count else None
 
 
-def _scene_source(scene: str | os.PathLike | None) -> str | None:
+def scene_source(scene: str | os.PathLike | None) -> str | None:
     """Where QGIS reads the scene: a local file that is there (absolute; written relative), a
     remote scene's GDAL path (``/vsicurl/https://…``, ``/vsis3/…``) when its URL carries no
     credentials or signature (those never go into a project), else None (also for a STAC
     item's stacked assets: their VRT is the run's own)."""
     if scene is None:
         return None
+    if isinstance(scene, str) and scene.startswith("/vsi"):  # as run.json's scene_layer has it
+        return scene
     if getattr(scene, "remote", False):
         from ..scene import vsi
 
@@ -316,7 +318,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     scenes: dict[str, dict] = {}
     for scene_name, unit_folder, m in units:
         info = m.get("scene_info", {})
-        s = scenes.setdefault(scene_name, {"name": scene_name, "path": m.get("scene"), "crs": info.get("crs"),
+        s = scenes.setdefault(scene_name, {"name": scene_name, "path": m.get("scene_layer", m.get("scene")),
+                                           "crs": info.get("crs"),
                                            "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
                                            "scale": info.get("scale"), "units": [],
                                            "nodata": info.get("nodata"),

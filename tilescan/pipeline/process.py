@@ -31,7 +31,7 @@ from ..outputs.cog import write_labels_cog
 from ..outputs.files import folder_synced_once, write_json
 from ..outputs.geometry import window_corners
 from ..outputs.heatmap import HeatmapWriter
-from ..outputs.qgis import qgis_alpha_band, write_scene_files
+from ..outputs.qgis import qgis_alpha_band, scene_source, write_scene_files
 from ..outputs.quicklook import north_up_flip, write_scene_quicklook
 from ..outputs.table import TileTable
 from ..scene import sources
@@ -379,6 +379,8 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "status": "complete",
         "fingerprint": job.fingerprint,
         "scene": str(unit.scene.resolve()),
+        # where GIS tools read a remote scene (None with credentials in its URL): collect's project
+        **({"scene_layer": scene_source(unit.scene)} if getattr(unit.scene, "remote", False) else {}),
         "unit": unit.key,
         "rows": [job.r0, job.r1],
         "scene_info": {
