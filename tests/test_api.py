@@ -93,6 +93,10 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
     ``--shard`` gives, before anything is made, and so are flat overrides to load_config;
     get_cam takes what load_model returns."""
     assert tilescan.describe_model("default").sha256 == tilescan.describe_model().sha256
+    pond = aid_dir / "images" / "Pond" / "pond_1.jpg"
+    assert tilescan.explain_figures(pond, tmp_path / "x", model="default")[0].is_file()
+    scores = tilescan.evaluate("default", aid_dir, tmp_path / "ev0", split="val", limit=3, explain_samples=0)
+    assert scores["model"]["sha256"] == tilescan.describe_model().sha256
     for bad in [(3, 2), (-1, 2), (0, 0), ("0", "2")]:
         with pytest.raises(tilescan.ConfigError, match="0 <= I < N"):
             tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o", shard=bad)

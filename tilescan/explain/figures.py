@@ -334,12 +334,11 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
 
 def _load_explainer(model_path: str | None, methods: list[str], layer: str | None, target):
     """The loaded model, the target's class index (None: each prediction) and a CAM per method."""
-    from ..model import PACKAGE_MODEL, read_metadata
     from ..model import model_path as model_path_of
+    from ..model import read_metadata
 
-    if model_path is not None or PACKAGE_MODEL.exists():  # check the target before the slow Keras load
-        resolve_target(target, read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
-    path = model_path_of(model_path)
+    path = model_path_of(model_path)  # "default" or None: the packaged model
+    resolve_target(target, read_metadata(path)["classes"])  # the target checked before the slow Keras load
     st = os.stat(path) if os.path.exists(path) else None
     lm, cams = _explainer(path, None if st is None else (st.st_mtime_ns, st.st_size), tuple(methods), layer)
     return lm, resolve_target(target, lm.classes), cams

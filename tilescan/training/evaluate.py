@@ -450,15 +450,14 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     """The dataset, the model (its classes checked against the dataset's from the metadata,
     before the slow Keras load) and the split's items."""
     from .data import load_dataset
-    from ..model import PACKAGE_MODEL, load_model, read_metadata
+    from ..model import load_model, read_metadata
+    from ..model import model_path as model_file
 
     ds = load_dataset(data, splits_dir=splits_dir)
     items = ds.items(split)
     if not items:
         raise ConfigError(f"the '{split}' split is empty", path=str(data))
-    if model_path is None and not PACKAGE_MODEL.exists():
-        load_model(None)  # raises the "packaged default model is missing" error
-    model_classes = list(read_metadata(model_path if model_path is not None else PACKAGE_MODEL)["classes"])
+    model_classes = list(read_metadata(model_file(model_path))["classes"])  # "default", None: the packaged one
     if model_classes != ds.classes:
         only_m = [c for c in model_classes if c not in ds.classes]
         only_d = [c for c in ds.classes if c not in model_classes]
