@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -188,6 +189,13 @@ def test_train_bad_inputs(tmp_path):
     assert res.exit_code == 4 and "not found" in res.output
     res = _train([tmp_path, "-o", tmp_path / "m.h5"])
     assert res.exit_code in (2, 4)
+    one = tmp_path / "one" / "Forest"  # one class folder: nothing to tell apart
+    one.mkdir(parents=True)
+    for k in range(4):
+        cv2.imwrite(str(one / f"{k}.png"), np.full((32, 32, 3), 40 * k, np.uint8))
+    res = _train([tmp_path / "one", "-o", tmp_path / "m.keras"])
+    assert res.exit_code == 2 and "needs two classes or more; this dataset has 1 (Forest)" in res.output, res.output
+    assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
 
 
 def test_packaged_model_metadata():

@@ -167,3 +167,33 @@ def test_parents_that_cannot_be_refused(chips, tmp_path):
     code, out = _cli("train", chips, "--init", "default", "--image-size", "96", "-o", tmp_path / "m.keras")
     assert code == 2 and "the parent model takes 128 px inputs but --image-size is 96" in out
     assert not (tmp_path / "m.keras").exists()
+
+
+def test_resume_is_the_checkpointed_run(chips, tmp_path, aid_dir):
+    """``--resume`` without ``--init`` or ``--freeze-epochs`` goes on with the fine-tune the
+    checkpoint records (stopped after its frozen epoch): the model keeps its parent, the
+    parent's terms and scale. A checkpoint of other classes, or another ``--init``, is refused
+    with a message naming the checkpoint, before any training."""
+    out = tmp_path / "ft.keras"
+    code, log = _cli("train", chips, "--init", "default", "--epochs", "2", "--freeze-epochs", "1", "--max-time", "0.01",
+                     "-o", out, *_fast(chips))
+    state = json.loads((tmp_path / "ft.ckpt" / "state.json").read_text())
+    assert code == 0 and state["stopped"] == "time-limit" and state["epochs_done"] == 1, log  # after its first epoch
+    code, log = _cli("train", chips, "--epochs", "2", "--resume", "-o", out, *_fast(chips))
+    assert code == 0, log
+    assert "resuming with the checkpoint's settings: " in log and "init default (given none)" in log, log
+    assert "freeze_epochs 1 (given 0)" in log
+    assert "resuming from" in log and "whole model: epochs 2-2" in log
+    meta = read_metadata(out)
+    parent = describe_model(None)
+    assert meta["parent"]["sha256"] == parent.sha256 and "research use" in meta["terms"]
+    assert meta["scale"]["input_gsd_m"] == parent.meta["scale"]["input_gsd_m"]
+    other = tmp_path / "other"  # the same number of classes, other names
+    for name in ("Pond", "Beach"):
+        (other / name).mkdir(parents=True)
+        for img in sorted((aid_dir / "images" / name).iterdir())[:6]:
+            (other / name / img.name).write_bytes(img.read_bytes())
+    code, log = _cli("train", other, "--epochs", "2", "--resume", "-o", out, *_fast(chips))
+    assert code == 2 and f"{tmp_path / 'ft.ckpt'}: its checkpoint" in log and "other classes (potholes, prairie)" in log, log
+    code, log = _cli("train", chips, "--epochs", "2", "--resume", "--init", str(out), "-o", out, *_fast(chips))
+    assert code == 2 and "fine-tuned from default" in log, log

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -222,7 +222,12 @@ def train(
     from .chips import read_card
 
     out = Path(out)
+    if len(dataset.classes) < 2:
+        raise ConfigError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
+                          f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
     ckpt = _checkpoint_dir(out, overwrite, resume)
+    if resume:
+        cfg = _as_checkpointed(cfg, ckpt, dataset.classes, log)
     tr_paths, tr_y, va_paths, va_y = _split_paths(dataset, limit)
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
@@ -240,6 +245,8 @@ def train(
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
     state, model = _start_state(ckpt, resuming, resume, parent, tr_paths, size, cfg, log)
+    state.setdefault("run", {"classes": list(dataset.classes), "init_path": parent.path if parent is not None else None,
+                             "recipe": {k: v for k, v in asdict(cfg).items() if k not in _FREE_ON_RESUME}})
     mean, std = state["mean"], state["std"]
 
     train_ds = make_batches(
@@ -313,6 +320,51 @@ def _split_paths(dataset: Dataset, limit: int | None):
         raise InputError("the dataset's train split is empty (a chips dataset cut with --split test is for scoring only)",
                          path=str(dataset.root))
     return tr_paths, tr_y, va_paths, va_y
+
+
+#: Train settings a resumed run may change: the rest are the checkpointed run's own.
+_FREE_ON_RESUME = ("epochs", "workers", "val_fraction", "test_fraction")
+
+
+def _as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: Callable[[str], None]) -> TrainConfig:
+    """``cfg`` for ``--resume``: the run the checkpoint records must be this one. Other classes
+    or another ``--init`` are refused; the checkpoint's recipe is kept (its parent, and so the
+    parent's terms, when ``--init`` is not repeated; its frozen epochs, learning rates...),
+    and settings given otherwise are named. ``epochs`` may change (:data:`_FREE_ON_RESUME`)."""
+    try:
+        run = json.loads((ckpt / "state.json").read_text()).get("run")
+    except (OSError, ValueError):  # no checkpoint yet: a fresh start
+        return cfg
+    if not run:  # a checkpoint of an earlier version, which recorded neither
+        return cfg
+    if list(run["classes"]) != list(classes):
+        raise ConfigError(f"its checkpoint {ckpt} is of a run on other classes ({', '.join(run['classes'])}) than "
+                          f"this dataset's ({', '.join(classes)}): resume with that run's data, or pass --overwrite "
+                          "to start afresh", path=str(ckpt))
+    recipe = run["recipe"]
+    if cfg.init:
+        from .transfer import parent_path
+
+        if run["init_path"] is None or os.path.realpath(parent_path(cfg.init)) != os.path.realpath(run["init_path"]):
+            raise ConfigError(f"--init {cfg.init}: its checkpoint {ckpt} is of a run "
+                              + (f"fine-tuned from {recipe['init']}" if recipe["init"] else "trained from scratch")
+                              + ": resume it as it was started, or pass --overwrite to start afresh", path=str(ckpt))
+    as_given = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if hasattr(cfg, k)}  # JSON: lists
+    kept = {k: v for k, v in as_given.items() if v != getattr(cfg, k) and not (k == "init" and cfg.init)}
+    if not kept:
+        return cfg
+    log("resuming with the checkpoint's settings: " + ", ".join(f"{k} {_said(v)} (given {_said(getattr(cfg, k))})"
+                                                                 for k, v in kept.items()))
+    said = getattr(cfg, "_origins", {})
+    cfg = dataclasses.replace(cfg, **kept)
+    object.__setattr__(cfg, "_origins", said)
+    return cfg
+
+
+def _said(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return "none" if value in (None, "") else str(value)
 
 
 def _parent_and_size(cfg: TrainConfig, chips_card: dict | None, log: Callable[[str], None]):
