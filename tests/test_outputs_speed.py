@@ -135,7 +135,7 @@ def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     h, w = valid.shape
     lay = Q.quicklook_layout(w, h)
-    s, pad, font, row_h = lay.font_px, lay.pad, Q._font(lay.font_px), round(lay.font_px * 1.5)
+    s, pad, font, row_h = lay.font_px, lay.pad, Q.qt.font(lay.font_px), round(lay.font_px * 1.5)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     has_heat = heat is not None
     legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -12,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import quicklook_text as qt
 from .palette import class_colors
 from .png import write_png as _write_png
 
@@ -71,34 +71,6 @@ def quicklook_layout(panel_w: int, panel_h: int) -> QuicklookLayout:
                            title_h=round(font_px * 1.7), pad=max(4, font_px // 3))
 
 
-@functools.lru_cache(maxsize=1)
-def _font_path() -> str | None:
-    """DejaVu Sans as shipped with matplotlib (found without importing it), or None."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("matplotlib")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if p.is_file():
-            return str(p)
-    return None
-
-
-def _font(size: int):
-    """A TrueType font of ``size`` px; Pillow's own font if DejaVu Sans is missing. Not
-    cached: a font object is not shared between the threads that draw quicklooks."""
-    from PIL import ImageFont
-
-    path = _font_path()
-    if path is not None:
-        with contextlib.suppress(OSError):
-            return ImageFont.truetype(path, size)
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _preview_tiles(n_preview: int, n_scene: int, tile_px: int, stride: int, n_tiles: int) -> np.ndarray:
     """The grid column (or row) drawn at each preview pixel along one axis: the tile whose
     window centre is nearest to the scene pixel the preview pixel shows (the pixel the
@@ -110,18 +82,6 @@ def _preview_tiles(n_preview: int, n_scene: int, tile_px: int, stride: int, n_ti
     # nearest of the centres k * stride + tile_px / 2 to sp + 0.5, in integers
     k = (2 * sp + 1 - tile_px + stride) // (2 * stride)
     return np.clip(k, 0, n_tiles - 1)
-
-
-def _wrap(size: int, text: str, width: int) -> list[str]:
-    """``text`` broken at spaces into lines at most ``width`` px wide in the ``size`` px font
-    (a longer word stays whole)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and _text_len(size, f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
 
 
 def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_valid: np.ndarray | None,
@@ -422,7 +382,7 @@ def _legend_lines(s: int, present: list[int], classes: list[str], legend_w: int)
     """The legend's entries (class, width in px) packed into lines at most ``legend_w`` px wide."""
     lines: list[list[tuple[int, int]]] = []
     for i in present:
-        width = s + s // 2 + round(_text_len(s, classes[i])) + s
+        width = s + s // 2 + round(qt.text_len(s, classes[i])) + s
         if lines and sum(e[1] for e in lines[-1]) + width <= legend_w:
             lines[-1].append((i, width))
         else:
@@ -437,16 +397,16 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     h, w = panels[0].shape[:2]
     lay = quicklook_layout(w, h)
     s, pad = lay.font_px, lay.pad
-    font = _font(s)
+    font = qt.font(s)
     row_h = round(s * 1.5)
     # the legend goes under the scene and label panels, the colour bar under the heat panel
     legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad
     lines = _legend_lines(s, present, classes, legend_w)
-    warned = _wrap(s, f"Warning: {warning}", legend_w) if warning else []
+    warned = qt.wrap(s, f"Warning: {warning}", legend_w) if warning else []
     legend_h = ((len(lines) + len(warned)) * row_h + 2 * pad) if lines or warned else 0
     bx, by, bx1, by1 = lay.colorbar_box()
     bar_w, bar_h, tick = bx1 - bx, by1 - by, max(3, s // 3)
-    caption = _wrap(s, _HEAT_CAPTION, bar_w) if has_heat else []
+    caption = qt.wrap(s, _HEAT_CAPTION, bar_w) if has_heat else []
     bar_band = (2 * pad + bar_h + tick + row_h * (1 + len(caption))) if has_heat else 0
     total_h = lay.title_h + h + max(legend_h, bar_band)
 
@@ -472,9 +432,9 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     # would reach into the panels (then on the whole image: the same pixels either way)
     below_y = lay.title_h + h
     try:
-        top, bottom = _title_row(w, has_heat), _drawn(canvas, below_y, total_h, s, below)
-    except _Overflow:
-        return np.array(_drawn(canvas, 0, total_h, s, lambda d: (titles(d), below(d))))
+        top, bottom = _title_row(w, has_heat), qt.drawn(canvas, below_y, total_h, s, below)
+    except qt.Overflow:
+        return np.array(qt.drawn(canvas, 0, total_h, s, lambda d: (titles(d), below(d))))
     canvas[:lay.title_h] = top
     canvas[below_y:] = bottom
     return canvas
@@ -491,92 +451,9 @@ def _title_row(panel_w: int, has_heat: bool) -> np.ndarray:
     """The quicklook's rows above the panels: the same for every quicklook of this width."""
     lay = quicklook_layout(panel_w, 1)  # the panel height moves nothing in these rows
     row = np.full((lay.title_h, lay.width, 3), 255, dtype=np.uint8)
-    row = _drawn(row, 0, lay.title_h, lay.font_px, lambda d: _draw_titles(d, lay, has_heat, _font(lay.font_px)))
+    row = qt.drawn(row, 0, lay.title_h, lay.font_px, lambda d: _draw_titles(d, lay, has_heat, qt.font(lay.font_px)))
     row.setflags(write=False)
     return row
-
-
-class _Overflow(Exception):
-    """Something drawn on a band of the quicklook would reach outside it."""
-
-
-@functools.lru_cache(maxsize=4096)
-def _ink_box(size: int, text: str) -> tuple[int, int, int, int]:
-    """Where the ink of ``text`` in the ``size`` px font falls, relative to where it is drawn."""
-    return tuple(_font(size).getbbox(text))
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_len(size: int, text: str) -> float:
-    """The advance of ``text`` in the ``size`` px font (as ``ImageDraw.textlength`` measures it)."""
-    from PIL import Image, ImageDraw
-
-    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=_font(size))
-
-
-@functools.lru_cache(maxsize=4096)
-def _text_mask(size: int, text: str):
-    """``text`` in the ``size`` px font as Pillow draws it: its coverage mask (an "L" image of
-    its ink box) and the box's offset from the point drawn at. Rendered once per text; each
-    quicklook pastes it, which blends exactly as ``ImageDraw.text`` does (both fill the ink
-    through the same mask)."""
-    from PIL import Image, ImageDraw
-
-    x0, y0, x1, y1 = _ink_box(size, text)
-    mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
-    ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=_font(size))
-    return mask, x0, y0
-
-
-class _BandDraw:
-    """Pillow's drawing on rows ``y0 .. y1`` of the quicklook, in the quicklook's coordinates;
-    raises :class:`_Overflow` instead of drawing anything that would reach outside those rows."""
-
-    def __init__(self, image, y0: int, y1: int, size: int):
-        from PIL import ImageDraw
-
-        self.image, self.y0, self.y1, self.size = image, y0, y1, size
-        self.draw = None if image is None else ImageDraw.Draw(image)
-
-    def _rows(self, top: int, bottom: int) -> int:
-        if top < self.y0 or bottom > self.y1:
-            raise _Overflow
-        return self.y0
-
-    def textlength(self, text: str, font=None) -> float:
-        return _text_len(self.size, text)
-
-    def text(self, xy, text: str, fill, font) -> None:
-        _, top, _, bottom = _ink_box(self.size, text)
-        y0 = self._rows(xy[1] + top, xy[1] + bottom)
-        x, y = xy[0], xy[1] - y0
-        if isinstance(x, int) and isinstance(y, int):  # ``font`` is the band's, ``_font(size)``
-            mask, dx, dy = _text_mask(self.size, text)
-            self.image.paste(fill, (x + dx, y + dy), mask)
-        else:  # a sub-pixel position: drawn afresh
-            self.draw.text((x, y), text, fill=fill, font=font)
-
-    def rectangle(self, xy, fill=None, outline=None) -> None:
-        x0, ya, x1, yb = xy
-        y0 = self._rows(min(ya, yb), max(ya, yb) + 1)
-        self.draw.rectangle([x0, ya - y0, x1, yb - y0], fill=fill, outline=outline)
-
-    def line(self, xy, fill) -> None:
-        x0, ya, x1, yb = xy
-        y0 = self._rows(min(ya, yb), max(ya, yb) + 1)
-        self.draw.line([x0, ya - y0, x1, yb - y0], fill=fill)
-
-
-def _drawn(canvas: np.ndarray, y0: int, y1: int, size: int, paint) -> np.ndarray:
-    """Rows ``y0 .. y1`` of ``canvas`` after ``paint(draw)`` drew on them (a :class:`_BandDraw`)."""
-    from PIL import Image
-
-    if y1 <= y0:
-        paint(_BandDraw(None, y0, y1, size))  # any drawing there overflows
-        return canvas[y0:y1]
-    image = Image.fromarray(canvas[y0:y1], "RGB")
-    paint(_BandDraw(image, y0, y1, size))
-    return np.asarray(image)
 
 
 def _paint_colorbar(canvas: np.ndarray, bx: int, by: int, bar_w: int, bar_h: int) -> None:
