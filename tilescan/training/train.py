@@ -222,12 +222,7 @@ def train(
     from .chips import read_card
 
     out = Path(out)
-    if len(dataset.classes) < 2:
-        raise ConfigError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
-                          f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
-    ckpt = _checkpoint_dir(out, overwrite, resume)
-    if resume:
-        cfg = _as_checkpointed(cfg, ckpt, dataset.classes, log)
+    ckpt, cfg = _checked_start(dataset, out, cfg, overwrite, resume, log)
     tr_paths, tr_y, va_paths, va_y = _split_paths(dataset, limit)
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
@@ -280,6 +275,17 @@ def train(
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool,
+                   log: Callable[[str], None]) -> tuple[Path, TrainConfig]:
+    """The checkpoint folder and the recipe to train with, once the data, the output and a
+    checkpoint to resume are known to fit."""
+    if len(dataset.classes) < 2:
+        raise ConfigError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
+                          f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
+    ckpt = _checkpoint_dir(out, overwrite, resume)
+    return ckpt, _as_checkpointed(cfg, ckpt, dataset.classes, log) if resume else cfg
 
 
 def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
