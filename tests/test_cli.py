@@ -216,6 +216,21 @@ def test_exit_6_output_errors(tmp_path, scene_path):
     assert a_file.read_text() == "x"
 
 
+def test_every_command_says_when_its_output_folder_cannot_be_made(tmp_path, aid_dir):
+    """Under a file: exit 6 and the same words from train, explain and evaluate as from run,
+    not a traceback."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    pond = aid_dir / "images" / "Pond" / "pond_1.jpg"
+    for args, made in ((["train", aid_dir, "--limit", "2", "--epochs", "1", "-o", a_file / "m.keras"], "m.ckpt"),
+                       (["explain", pond, "-o", a_file / "sub"], "sub"),
+                       (["evaluate", "default", aid_dir, "--limit", "2", "-o", a_file / "sub"], "sub")):
+        r = invoke(args)
+        assert r.exit_code == 6, (args[0], r.output)
+        assert f"{a_file / made}: cannot create the output folder: Not a directory" in r.output, r.output
+    assert a_file.read_text() == "x"
+
+
 # ------------------------------------------------------------------------------------
 # rerun and --overwrite
 

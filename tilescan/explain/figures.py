@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
-from ..outputs.files import write_bytes, write_json
+from ..outputs.files import make_folder, write_bytes, write_json
 from ..scene import sources
 from ..scene.info import TIFF_SUFFIXES
 from .cam import resolve_target
@@ -278,8 +278,7 @@ def run_explain(
     methods = _checked_methods(inputs, methods, top, tile_size, nodata)
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     used: set[str] = set()
     written: list[Path] = []
     for path in paths:

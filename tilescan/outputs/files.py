@@ -133,6 +133,19 @@ def folder_synced_once(folder: str | os.PathLike) -> Iterator[None]:
     _fsync_dir(Path(folder))
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder, made with its parents; an :class:`OutputError` naming it, with the
+    cause in words, when it cannot be (a file in its way, no permission, a read-only disk)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError("output path exists and is not a folder", path=str(out)) from None
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", path=str(out)) from None
+    return out
+
+
 def probe_folder(final: str | os.PathLike, tmp: Path | None = None) -> None:
     """Reserve and release a temporary name beside ``final``, proving its folder exists and
     is writable; else :class:`OutputError` naming ``final``. Fails fast, before any work."""

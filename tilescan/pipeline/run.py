@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit
 from ..model import describe_model
-from ..outputs.files import write_json
+from ..outputs.files import make_folder, write_json
 from ..scene import sources
 from ..scene.info import TilingWarning
 from ..scene.vsi import configure_gdal
@@ -82,14 +82,7 @@ def _small_pages():
 
 
 def _check_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise OutputError("output path exists and is not a folder", path=str(out)) from None
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror}", path=str(out)) from None
-    if not out.is_dir():
-        raise OutputError("output path is not a folder", path=str(out))
+    make_folder(out)
     probe = out / f".tilescan-write-test-{os.getpid()}"
     try:
         probe.write_bytes(b"")

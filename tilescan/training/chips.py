@@ -33,6 +33,7 @@ from .. import __version__
 from ..config import TilingConfig
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import catching_warnings, emit
+from ..outputs.files import make_folder
 from ..outputs.geometry import pyproj_crs
 from .chip_tiles import SKIP_REASONS, _cut_scene, _polygons, _transform_corners
 from .labels import Labels, crs_name, read_labels
@@ -139,8 +140,8 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
         if read_card(out) is None:  # --overwrite replaces a chips dataset, never some other folder
             raise OutputExistsError("is not empty and not a tilescan chips dataset (no chips.json): it is not replaced, "
                                     "even with --overwrite; choose another folder", path=str(out))
+    make_folder(out.parent)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         stage = out.parent / f".{out.name}.partial-{os.getpid()}"
         if stage.exists():
             shutil.rmtree(stage)

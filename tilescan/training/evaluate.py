@@ -41,7 +41,7 @@ import numpy as np
 from ..backend import usable_cores
 from ..errors import ConfigError, OutputError
 from ..log import emit
-from ..outputs.files import csv_text, write_json, write_text
+from ..outputs.files import csv_text, make_folder, write_json, write_text
 from .metrics import compute_metrics
 from ..explain.figures import (
     RIGHT_COLOR,
@@ -300,7 +300,7 @@ def run_evaluate(
     y_true = np.array([c for _, c in items], dtype=np.int64)
     n, k = len(items), len(lm.classes)
     classes = lm.classes
-    out = _out_folder(out_dir)
+    out = make_folder(out_dir)
     load_s = time.perf_counter() - t_start
     log(f"evaluating {lm.model_id} on {ds.name or data} '{split}' ({n} images{', TTA x8' if tta else ''})")
 
@@ -372,16 +372,6 @@ def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_met
     from ..explain.cam import checked_methods
 
     return checked_methods(cam_methods)
-
-
-def _out_folder(out_dir: str) -> Path:
-    """The report folder, created (an :class:`OutputError` naming it when it cannot be)."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc}", path=str(out)) from None
-    return out
 
 
 def _predict_split(lm, paths: list[Path], n: int, k: int, batch_size: int, tta: bool):

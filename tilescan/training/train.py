@@ -30,7 +30,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, InputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
-from ..outputs.files import write_text
+from ..outputs.files import make_folder, write_text
 from .data import Dataset, channel_stats, make_batches
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
@@ -410,7 +410,7 @@ def _start_state(ckpt: Path, resuming: bool, resume: bool, parent, tr_paths, siz
         if ckpt.exists():
             for f in ckpt.iterdir():
                 f.unlink()
-        ckpt.mkdir(parents=True, exist_ok=True)
+        make_folder(ckpt)
         if parent is not None:  # the parent's normalisation: its backbone expects exactly that input
             mean, std = list(parent.meta["normalization"]["mean"]), list(parent.meta["normalization"]["std"])
         else:
