@@ -261,8 +261,9 @@ def test_existing_dataset_needs_overwrite(scene_path, tmp_path):
     assert _card(tmp_path / "ds")["split"]["counts"]["test"]["x"] > 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "other", "--split", "test", "--overwrite")
-    assert code == 6 and "not a tilescan chips dataset" in out and (tmp_path / "other" / "notes.txt").exists()
+    for extra in ([], ["--overwrite"]):  # said at once, not after a hint that --overwrite would do
+        code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "other", "--split", "test", *extra)
+        assert code == 6 and "not a tilescan chips dataset" in out and (tmp_path / "other" / "notes.txt").exists()
 
 
 def test_nodata_setting_keeps_an_undeclared_fill_out_of_the_chips(scene_path, tmp_path):
@@ -285,3 +286,36 @@ def test_nodata_setting_keeps_an_undeclared_fill_out_of_the_chips(scene_path, tm
     assert fill["chips"] == as_is["chips"] - fill["skipped"]["nodata"]
     assert all(lo == 0 for lo, _ in as_is["scaling"]) and all(lo > 0 for lo, _ in fill["scaling"])
     _assert_chips_are_run_tiles(tmp_path / "fill", scene, TilingConfig(nodata="0"))
+
+
+def test_a_stopped_or_killed_chips_run_leaves_nothing_half_made(scene_path, tmp_path):
+    """SIGTERM (a scheduler's stop) while chips are cut: exit 75, and its hidden staging folder
+    is removed. A staging folder that a run killed outright on this machine left (its process
+    gone) is removed by the next run; another machine's is left alone."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import batch_helpers as bh
+
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "l.gpkg", [{"class": "x", "geometry": box(left, bottom, right, top)}], crs)
+    out = tmp_path / "ds"
+    p = subprocess.Popen([bh.exe(), "chips", scene, "--labels", labels, "-o", out, "--stride", "8", "--split", "test"],
+                         env=bh.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(s.glob("images/*/*.png") for s in tmp_path.glob(".ds.partial-*")):  # cutting
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "slow"
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 75 and "tilescan: stopped by SIGTERM" in err, err
+    assert not list(tmp_path.glob(".ds.*")) and not out.exists()
+    dead = tmp_path / f".ds.partial-{socket.gethostname()}-{2 ** 22 + 11}"  # no such process
+    other = tmp_path / ".ds.partial-elsewhere-1"
+    for d in (dead, other):
+        (d / "images").mkdir(parents=True)
+    assert _chips(scene, "--labels", labels, "-o", out, "--split", "test")[0] == 0
+    assert not dead.exists() and other.exists() and (out / "chips.json").is_file()

@@ -6,13 +6,16 @@ from __future__ import annotations
 import functools
 import logging
 import shlex
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import click
 
+from .. import stop
 from ..config import CAM_METHOD_NAMES, Config
-from ..errors import EXIT_INTERNAL, TilescanError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TilescanError
 from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger
 
 
@@ -69,16 +72,25 @@ def _quiet_backend(verbosity: int) -> None:
     import_keras(verbosity)
 
 
+def _raise_on_sigterm(signum, frame) -> None:
+    raise stop.Interrupted("SIGTERM")
+
+
 def _guard(fn: Callable[[], Any]) -> None:
-    """Run a command body; map errors to messages and exit codes."""
+    """Run a command body; map errors to messages and exit codes. SIGTERM (a scheduler's
+    stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
+    it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         code = fn()
     except TilescanError as exc:
         click.echo(f"tilescan: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("tilescan: interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, stop.Interrupted) as exc:
+        name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
+        click.echo(f"tilescan: stopped by {name}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.Exit:
         raise
     except click.ClickException:

@@ -19,8 +19,10 @@ dataset is built in a hidden folder beside ``DATASET`` and renamed into place wh
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,18 +133,36 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
         pq.write_table(table, str(tmp), compression="zstd")
 
 
+def _remove_orphans(out: Path) -> None:
+    """Remove the staging folders of ``out`` that processes of this machine left when they
+    were killed outright (SIGKILL, a lost node): their process is gone. Another machine's,
+    or a live one's, are left alone."""
+    prefix = f".{out.name}.partial-{socket.gethostname()}-"
+    for stage in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stage.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", path=str(out))
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise OutputExistsError("the dataset folder exists and is not empty; pass --overwrite to replace it", path=str(out))
         if read_card(out) is None:  # --overwrite replaces a chips dataset, never some other folder
             raise OutputExistsError("is not empty and not a tilescan chips dataset (no chips.json): it is not replaced, "
                                     "even with --overwrite; choose another folder", path=str(out))
+        if not overwrite:
+            raise OutputExistsError("the dataset folder exists and is not empty; pass --overwrite to replace it", path=str(out))
     make_folder(out.parent)
+    _remove_orphans(out)
     try:
-        stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+        stage = out.parent / f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}"
         if stage.exists():
             shutil.rmtree(stage)
         (stage / "images").mkdir(parents=True)
