@@ -80,10 +80,19 @@ def _guard(fn: Callable[[], Any]) -> None:
     """Run a command body; map errors to messages and exit codes. SIGTERM (a scheduler's
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
     it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    before = signal.signal(signal.SIGTERM, _raise_on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
-        code = fn()
+        code = _body(fn)
+    finally:  # a caller in this process (a test's CliRunner) keeps its own handler
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+    sys.exit(code or 0)
+
+
+def _body(fn: Callable[[], Any]):
+    """``fn()``'s exit code; its errors as messages and exits."""
+    try:
+        return fn()
     except TilescanError as exc:
         click.echo(f"tilescan: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -101,7 +110,6 @@ def _guard(fn: Callable[[], Any]) -> None:
         traceback.print_exc()
         click.echo(f"tilescan: internal error {type(exc).__name__}: {exc} (please report this)", err=True)
         sys.exit(EXIT_INTERNAL)
-    sys.exit(code or 0)
 
 
 # ----------------------------------------------------------------------------- options
