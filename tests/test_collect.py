@@ -133,11 +133,14 @@ def test_row_parts_unfinished_units_and_staging(ref, tmp_path):
     shutil.copytree(ref / "cog_rgb", stage)
     (out / "ghost").mkdir()
     shutil.copy(ref / "cog_rgb" / "tiles.parquet", out / "ghost" / "tiles.parquet")
+    shutil.copytree(ref / "cog_rgb", out / "tableless")  # finished, then its table lost
+    (out / "tableless" / "tiles.parquet").unlink()
     _fake_part(out, "cogeo", 0, 4, ref / "cogeo")
     notes: list[str] = []
     summary = run_collect(out, gpkg=False, log=notes.append)
     bh.assert_same_tiles(bh.collected(out), bh.collected(ref), exact=True)
     assert {"unit": "ghost", "reason": "no finished output in this folder"} in summary["skipped"]
+    assert {"unit": "tableless", "reason": "tiles.parquet is missing"} in summary["skipped"]
     assert any("ignoring 1 row part" in n for n in notes)
     assert not (out / "collected" / "tiles.gpkg").exists()
 

@@ -45,6 +45,17 @@ def _complete(folder: Path) -> dict | None:
     return m
 
 
+def _why_unfinished(folder: Path) -> str:
+    """Why a folder with a run.json is no finished unit, in words."""
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "run.json is not readable JSON"
+    if not isinstance(m, dict) or m.get("status") != "complete":
+        return "run.json is not a complete manifest"
+    return "tiles.parquet is missing"
+
+
 def _shaping(m: dict) -> tuple:
     cfg = m.get("config", {})
     out = dict(cfg.get("output", {}))
@@ -78,7 +89,7 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
                 log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
         else:
             if (d / MANIFEST).exists():
-                skipped.append({"unit": d.name, "reason": "run.json is not a complete manifest"})
+                skipped.append({"unit": d.name, "reason": _why_unfinished(d)})
             for p in parts:
                 m = _complete(p)
                 if m is None:

@@ -366,7 +366,8 @@ def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_met
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")
     if record and limit is not None:
-        raise ConfigError("record=True stores scores of the whole split; do not combine it with limit")
+        raise ConfigError("--record (record=True) stores the scores of the whole split: do not combine it with "
+                          "--limit (limit=)")
     if not (explanations or explain_samples > 0):
         return list(cam_methods)
     from ..explain.cam import checked_methods
