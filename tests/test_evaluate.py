@@ -214,6 +214,11 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
     rows = _read_csv(tmp_path / "explanations.csv")
     assert [row[0] for row in rows[1:]] == ["inference", "gradcam", "random"]
     assert any(line.startswith("| method | tiles/s") for line in logs)
+    # evaluated again into the same folder without the study: its table, from another run, goes
+    r = E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path), batch_size=16, explain_samples=0,
+                       log=logs.append)
+    assert not (tmp_path / "explanations.csv").exists() and "explanations.csv" not in r["outputs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(r["outputs"])
 
 
 def test_compute_metrics_by_hand():

@@ -341,6 +341,8 @@ def run_evaluate(
         report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
     report["timing"]["total_s"] = time.perf_counter() - t_start
     write_json(out / "report.json", report)
+    for stale in set(EVAL_OUTPUTS) - set(outputs):  # an earlier evaluation's, which this one does not replace
+        (out / stale).unlink(missing_ok=True)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
 
@@ -356,6 +358,11 @@ def _subset(items: list, limit: int | None, seed: int) -> list:
 def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
     """The share of images whose true class is among the five most probable."""
     return float(np.mean((np.argsort(-probs, axis=1)[:, :5] == y_true[:, None]).any(axis=1)))
+
+
+#: Every file an evaluation may write into its folder.
+EVAL_OUTPUTS = ("report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv",
+                "explanations.png", "explanations.csv")
 
 
 def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],
