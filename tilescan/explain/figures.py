@@ -290,6 +290,8 @@ def run_explain(
             items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands)
             stem = _unique_name(path.stem, "_tiles_explain", used)
         else:
+            if tiles:
+                log(f"warning: {path}: --tiles picks tiles of scenes; an image is explained whole")
             items = _image_items(path, lm)
             stem = _unique_name(path.stem, "_explain", used)
         first, maps, results = _explain_batch(items, cams, methods, target_idx)
