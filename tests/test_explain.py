@@ -164,3 +164,9 @@ def test_figures_again_load_the_model_once_and_a_changed_file_again(model_file, 
     shutil.copyfile(other, mine)  # replaced in place
     run_explain([str(image)], str(tmp_path / "c"), str(mine), methods=("gradcam",), **QUIET)
     assert len(loads) == 2
+
+
+def test_tiles_with_an_image_are_said_to_apply_to_scenes(model_file, image, tmp_path):
+    said: list[str] = []
+    run_explain([str(image)], str(tmp_path), str(model_file), tiles=[(0, 0)], log=said.append)
+    assert any(f"{image}: --tiles picks tiles of scenes; an image is explained whole" in m for m in said), said
