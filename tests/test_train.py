@@ -123,13 +123,17 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     assert res.exit_code == 6 and "exists" in res.output
 
 
-def test_resume_after_sigkill(mini_aid, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
+    """Killed outright, or stopped by a scheduler's SIGTERM (exit 75, saying how to go on):
+    --resume continues from the last finished epoch."""
     out = tmp_path / "r.keras"
     ckpt = tmp_path / "r.ckpt"
     cmd = [sys.executable, "-m", "tilescan.cli", "train", str(mini_aid), "-o", str(out), "--epochs", "4",
            "--image-size", "32", "--batch-size", "16", "--patience", "0"]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err.open("w"))
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:
@@ -141,8 +145,12 @@ def test_resume_after_sigkill(mini_aid, tmp_path):
         else:
             pytest.fail("no checkpoint after 240 s")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    if sig == signal.SIGTERM:
+        said = err.read_text()
+        assert proc.returncode == 75 and "tilescan: stopped by SIGTERM" in said, said
+        assert f"the finished epochs are in {ckpt}: the same command with --resume goes on from there" in said
     done_before = json.loads((ckpt / "state.json").read_text())["epochs_done"]
     assert 2 <= done_before < 4 and not out.exists()
     res = _train([mini_aid, "-o", out, "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--patience", "0", "--resume"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import click
 
 import tilescan
+
+from .. import stop
 
 from .options import (
     _CAM_HELP,
@@ -230,8 +233,14 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
         flags, typed = _config_flags(ctx)
         cfg = tilescan.load_config(config_path, flags, flags=typed)
         verbose = 1 if sys.stdout.isatty() and obj.verbosity >= 0 else (2 if obj.verbosity > 0 else 0)
-        tilescan.train(data, out, cfg, splits=splits_dir, name=dataset_name, resume=resume, overwrite=overwrite,
-                       max_seconds=max_time, limit=limit, half=half, verbose=verbose)
+        try:
+            tilescan.train(data, out, cfg, splits=splits_dir, name=dataset_name, resume=resume, overwrite=overwrite,
+                           max_seconds=max_time, limit=limit, half=half, verbose=verbose)
+        except (KeyboardInterrupt, stop.Interrupted):
+            ckpt = Path(out).with_suffix(".ckpt")
+            if (ckpt / "state.json").is_file():
+                obj.log(f"the finished epochs are in {ckpt}: the same command with --resume goes on from there")
+            raise
         return 0
 
     _guard(body)
