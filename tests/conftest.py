@@ -247,7 +247,9 @@ def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None 
     with rasterio.open(folder / "labels.tif") as L:
         assert (L.crs is not None and same_crs(L.crs, crs)) if georef else L.crs is None
         assert L.shape == (n_rows, n_cols) and L.nodata == LABEL_NODATA
-        assert L.transform.almost_equals(T * Affine.scale(stride), precision=1e-6 * max(1.0, abs(T.c), abs(T.f)))
+        half = (tile - stride) / 2  # each cell centred on its tile (overlapping tiles: the middle of it)
+        assert L.transform.almost_equals(T * Affine.translation(half, half) * Affine.scale(stride),
+                                         precision=1e-6 * max(1.0, abs(T.c), abs(T.f)))
         labels = L.read(1)
     expect = np.full((n_rows, n_cols), LABEL_NODATA, np.uint8)
     expect[gdf.row.to_numpy(), gdf.col.to_numpy()] = gdf.class_index.to_numpy()

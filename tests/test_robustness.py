@@ -461,6 +461,23 @@ def test_band_count_mismatch_names_expected_found_and_mapping(tmp_path, scenes_d
     check_outputs(out / "cog_rgb", scene(SMALL), 128)
 
 
+@pytest.mark.parametrize("stride", [TILE // 2, TILE // 4])
+def test_overlapping_tiles_label_the_middle_of_each_tile(tmp_path, tiny_model, stride):
+    """``--stride`` below the tile size (cog_rgb.tif, 383 x 232, a size no tile fits): the
+    outputs pass the usual checks with that stride, and each labels.tif cell is centred on its
+    tile, so the label read at a tile's centre on the map is that tile's class."""
+    out = tmp_path / "out"
+    res = invoke(["run", scene(SMALL), "-o", out, "--model", tiny_model, "--units", "px", "--tile-size", str(TILE),
+                  "--stride", str(stride), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    o = check_outputs(out / "cog_rgb", scene(SMALL), TILE, stride)
+    gdf = o["gdf"]
+    with rasterio.open(out / "cog_rgb" / "labels.tif") as lab:
+        centres = gdf.geometry.centroid
+        rows, cols = rasterio.transform.rowcol(lab.transform, centres.x.to_numpy(), centres.y.to_numpy())
+        assert (np.asarray(rows) == gdf["row"].to_numpy()).all() and (np.asarray(cols) == gdf["col"].to_numpy()).all()
+
+
 def test_band_mapping_flag_makes_it_work(tmp_path, scenes_dir):
     out = tmp_path / "out"
     res = invoke(["run", scene(SHADE), "-o", out, "--bands", "1,1,1", "--no-progress"])

@@ -303,7 +303,10 @@ def _write_outputs(job: UnitJob) -> None:
                model_id, extra)
 
     def write_labels():
-        grid_tf = transform @ Affine.translation(0, r0 * stride) @ Affine.scale(stride)
+        # each cell centred on its tile's centre: with overlapping tiles (stride < tile) the
+        # part of the scene nearest that tile, as the quicklook draws it; else the tile itself
+        half = (reader.tile_px - stride) / 2
+        grid_tf = transform @ Affine.translation(half, r0 * stride + half) @ Affine.scale(stride)
         helper(write_labels_cog, stage / "labels.tif", job.labels, grid_tf, crs, engine.classes,
             compress=cfg.output.compress,
             tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride, **scale_tag})
