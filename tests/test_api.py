@@ -55,8 +55,10 @@ def test_library_prints_nothing(tmp_path, capsys):
 
 
 _QUIET_PROBE = """
-import sys, tilescan
-cog, plain, image, out = sys.argv[1:]
+import logging, sys, tilescan
+cog, plain, image, out, naip = sys.argv[1:]
+logging.basicConfig(level=logging.WARNING)  # a user's own handler on stderr
+assert tilescan.run(naip, out + "/n").exit_code == 0  # warns (4 bands) while Keras loads
 assert tilescan.run(cog, out + "/a", units="px", tile_size=200).exit_code == 0
 assert tilescan.run(plain, out + "/b", units="px", tile_size=100, allow_pixel_space=True).exit_code == 0
 for k in range(3):  # figures again and again, as a notebook's cell is run
@@ -68,9 +70,10 @@ assert has_rtree(out + "/a/collected/tiles.gpkg")
 
 
 def test_library_prints_nothing_to_the_terminal(tmp_path, aid_dir):
-    """A fresh process as a notebook's kernel is, with TensorFlow's log level not set: nothing
-    reaches file descriptors 1 and 2 (TensorFlow's start-up lines, retracing notes, GDAL's
-    and pyogrio's warnings on a scene without a CRS), and the process ends without warnings
+    """A fresh process as a notebook's kernel is, with TensorFlow's log level not set and a
+    logging handler of the user's on stderr: only tilescan's own warnings reach file
+    descriptors 1 and 2 (none lost while Keras loads quietly; no TensorFlow start-up lines,
+    retracing notes, GDAL's or pyogrio's warnings on a scene without a CRS), and the process ends without warnings
     of its own (e.g. an unclosed file), with Python's warnings shown; a collect after the run
     has its spatial index without GDAL's error about the R-tree module."""
     import numpy as np
@@ -81,10 +84,13 @@ def test_library_prints_nothing_to_the_terminal(tmp_path, aid_dir):
         dst.write(np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8))
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     res = subprocess.run([sys.executable, "-W", "default", "-c", _QUIET_PROBE, str(scene("rio-tiler/cog_rgb.tif")),
-                          str(plain), str(aid_dir / "images" / "Pond" / "pond_1.jpg"), str(tmp_path)],
+                          str(plain), str(aid_dir / "images" / "Pond" / "pond_1.jpg"), str(tmp_path),
+                          str(scene("opengeos-naip/m_4709963_se_14_1_20190904.tif"))],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout == "" and res.stderr == "", res.stdout + res.stderr
+    lines = res.stderr.splitlines()
+    assert res.stdout == "" and all(line.startswith("WARNING:tilescan:") for line in lines), res.stdout + res.stderr
+    assert any("scene has 4 bands and the model takes 3" in line for line in lines), lines  # not lost meanwhile
 
 
 def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):

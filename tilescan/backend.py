@@ -10,6 +10,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 import sys
 import threading
 
@@ -96,23 +97,47 @@ def import_keras(verbosity: int | None = None):
         if not quiet:
             import keras
         else:
-            with STDERR_LOCK:  # no other thread's message goes to /dev/null meanwhile
-                sys.stderr.flush()
-                saved = os.dup(2)
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                try:
-                    os.dup2(devnull, 2)
-                    import keras
-                finally:
-                    os.dup2(saved, 2)
-                    os.close(saved)
-                    os.close(devnull)
+            with STDERR_LOCK, _without_tensorflow_chatter():
+                import keras
             if keras.backend.backend() == "tensorflow":
                 import tensorflow as tf
 
                 tf.get_logger().setLevel("ERROR")
         _compilation_cache(keras)
     return keras
+
+
+#: The lines TensorFlow's C++ side writes to file descriptor 2 as it starts: absl's note,
+#: glog-style records (``I0000 00:00:… file.cc:N] …``) and the CPU-feature note's second line.
+_TF_CHATTER = re.compile(r"WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ "
+                         r"\S+:\d+\]|To enable the following instructions: .*rebuild TensorFlow")
+
+
+@contextlib.contextmanager
+def _without_tensorflow_chatter():
+    """File descriptor 2 into a scratch file while the block runs; then what was written there
+    goes on to the real stderr, but TensorFlow's start-up lines (:data:`_TF_CHATTER`). Other
+    threads' messages meanwhile (a library user's log handler, which takes no lock of
+    tilescan's) are delayed, not lost."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    scratch = tempfile.TemporaryFile()
+    try:
+        os.dup2(scratch.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        scratch.seek(0)
+        lines = scratch.read().decode("utf-8", "replace").splitlines(keepends=True)
+        scratch.close()
+        kept = "".join(line for line in lines if not _TF_CHATTER.match(line))
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()
 
 
 _loading = threading.local()  # set on the thread that loads a model under loading_without_compiles
@@ -343,7 +368,8 @@ def tensorflow_onednn_enabled() -> bool | None:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:
         return None
-    return bool(_pywrap_util_port.IsMklEnabled())
+    with STDERR_LOCK, _without_tensorflow_chatter():  # asking logs "oneDNN custom operations are on"
+        return bool(_pywrap_util_port.IsMklEnabled())
 
 
 # ----------------------------------------------------------------------------- devices
