@@ -238,3 +238,23 @@ def test_limit_takes_every_class_whatever_the_list_order():
     assert len(got) == 6 and {c for _, c in got} == {0, 1, 2}
     assert got == sorted(got, key=items.index)
     assert _spread(items, 1000) == items  # a limit above the list: all of it
+
+
+def test_a_failed_training_leaves_keras_precision_as_it_was(tmp_path, mini_aid):
+    """The process's Keras precision policy is the caller's again after train, also when the
+    run fails once it has set its own (bf16 on CPUs that have it): later models in the same
+    process (a notebook) are built in float32, not silently in bfloat16."""
+    import keras
+
+    from tilescan.config import load_config
+    from tilescan.errors import OutputError
+    from tilescan.training.data import load_dataset
+    from tilescan.training.train import train
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cfg = load_config(None, {"train": {"mixed_precision": "bf16", "epochs": 1, "image_size": 32}}).train
+    before = keras.mixed_precision.global_policy().name
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        train(load_dataset(mini_aid), a_file / "m.keras", cfg, limit=2, verbose=0)
+    assert keras.mixed_precision.global_policy().name == before == "float32"

@@ -197,7 +197,26 @@ def plot_history(history_csv: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
-def train(
+def train(dataset: Dataset, out: str | Path, cfg: TrainConfig, **kwargs) -> dict:
+    """Train and save ``out`` (a ``.keras`` file). Returns a summary dict.
+
+    ``limit`` keeps the first N items of each split per run (for smoke tests);
+    ``max_seconds`` stops after the epoch that would cross it (best weights kept).
+    ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.training.transfer`): its input size,
+    bands and normalisation, its backbone weights, ``cfg.freeze_epochs`` epochs of the head
+    alone, then the whole model at ``cfg.finetune_lr``. Keyword arguments as :func:`_train`.
+    Keras' global precision policy is the caller's again afterwards, also after an error or a stop.
+    """
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    try:
+        return _train(dataset, out, cfg, **kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
+def _train(
     dataset: Dataset,
     out: str | Path,
     cfg: TrainConfig,
@@ -209,14 +228,7 @@ def train(
     verbose: int = 2,
     log: Callable[[str], None] = emit,
 ) -> dict:
-    """Train and save ``out`` (a ``.keras`` file). Returns a summary dict.
-
-    ``limit`` keeps the first N items of each split per run (for smoke tests);
-    ``max_seconds`` stops after the epoch that would cross it (best weights kept).
-    ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.training.transfer`): its input size,
-    bands and normalisation, its backbone weights, ``cfg.freeze_epochs`` epochs of the head
-    alone, then the whole model at ``cfg.finetune_lr``.
-    """
+    """:func:`train`'s work."""
     import keras
 
     from .chips import read_card
