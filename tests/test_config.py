@@ -165,8 +165,11 @@ def test_bad_file_values_name_the_file(tmp_path):
 
 
 def test_bad_flag_values_name_the_flags():
-    e = _error(load_config, None, {"output": {"heatmap_scale": 0.0}}, environ={})
+    """Overrides from the command line name the flags; the same from Python, the code."""
+    e = _error(load_config, None, {"output": {"heatmap_scale": 0.0}}, environ={}, flags={})
     assert "command-line flags" in str(e) and "heatmap_scale" in str(e)
+    e = _error(load_config, None, {"output": {"heatmap_scale": 0.0}}, environ={})
+    assert "arguments given in code" in str(e) and "command-line" not in str(e) and "heatmap_scale" in str(e)
 
 
 @pytest.mark.parametrize("section,key,value,message", [

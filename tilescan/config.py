@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 ENV_PREFIX = "TILESCAN_"
 FLAGS_SOURCE = "command-line flags"
+CODE_SOURCE = "arguments given in code"  # overrides from Python (tilescan.run's keywords), not from flags
 
 # The CAM method names, kept here so the CLI can list them without importing tilescan.explain.cam
 # (tests/test_cli.py checks they equal tilescan.explain.cam.CAM_METHODS).
@@ -522,6 +523,6 @@ def load_config(
                               "with a value of its own (tilescan.run() takes such keys as keywords)")
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
         layers.append({s: v for s, v in clean.items() if v})
-        names.append(FLAGS_SOURCE)
+        names.append(FLAGS_SOURCE if flags is not None else CODE_SOURCE)
         texts.append(dict(flags or {}))
     return build_config(*layers, source=names, origins=texts)
