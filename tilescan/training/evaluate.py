@@ -341,8 +341,7 @@ def run_evaluate(
         report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
     report["timing"]["total_s"] = time.perf_counter() - t_start
     write_json(out / "report.json", report)
-    for stale in set(EVAL_OUTPUTS) - set(outputs):  # an earlier evaluation's, which this one does not replace
-        (out / stale).unlink(missing_ok=True)
+    _remove_stale(out, outputs)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
 
@@ -363,6 +362,12 @@ def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
 #: Every file an evaluation may write into its folder.
 EVAL_OUTPUTS = ("report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv",
                 "explanations.png", "explanations.csv")
+
+
+def _remove_stale(out: Path, outputs: Sequence[str]) -> None:
+    """Remove the files of an earlier evaluation in ``out`` that this one did not write."""
+    for stale in set(EVAL_OUTPUTS) - set(outputs):
+        (out / stale).unlink(missing_ok=True)
 
 
 def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],
