@@ -216,9 +216,9 @@ def test_exit_6_output_errors(tmp_path, scene_path):
     assert a_file.read_text() == "x"
 
 
-def test_every_command_says_when_its_output_folder_cannot_be_made(tmp_path, aid_dir):
-    """Under a file: exit 6 and the same words from train, explain and evaluate as from run,
-    not a traceback."""
+def test_every_command_says_when_its_output_folder_cannot_be_made(tmp_path, aid_dir, scene_path):
+    """Under a file, or a file itself: exit 6 and the same words from train, explain, evaluate
+    and chips as from run, not a traceback or click's usage error."""
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
     pond = aid_dir / "images" / "Pond" / "pond_1.jpg"
@@ -228,6 +228,14 @@ def test_every_command_says_when_its_output_folder_cannot_be_made(tmp_path, aid_
         r = invoke(args)
         assert r.exit_code == 6, (args[0], r.output)
         assert f"{a_file / made}: cannot create the output folder: Not a directory" in r.output, r.output
+    # -o naming the file itself: exit 6 and tilescan's words, as run gives (not click's usage error)
+    labels = tmp_path / "l.geojson"
+    labels.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"class": "a"}, '
+                      '"geometry": {"type": "Point", "coordinates": [-99.8, 47.1]}}]}')
+    for args in (["explain", pond, "-o", a_file], ["evaluate", "default", aid_dir, "--limit", "2", "-o", a_file],
+                 ["chips", scene_path(SMALL), "--labels", labels, "-o", a_file]):
+        r = invoke(args)
+        assert r.exit_code == 6 and f"{a_file}: " in r.output and "exists and is not a folder" in r.output, r.output
     assert a_file.read_text() == "x"
 
 

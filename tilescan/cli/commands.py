@@ -147,7 +147,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @click.argument("inputs", nargs=-1, required=True, metavar="SCENES...")
 @click.option("--labels", "labels_path", required=True, type=click.Path(),
               help="Vector file of labelled polygons and/or points (GeoPackage, GeoJSON, Shapefile, GeoParquet, ...).")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Dataset folder to write.")
 @option("--class-field", show_default="class, else label", help="Field of the labels that holds the class.")
 @option("--layer", show_default="the first", help="Layer of a labels file with several.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
@@ -253,7 +253,7 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
 @click.argument("model_path", metavar="MODEL")
 @click.argument("data", type=click.Path())
 @click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), help="Which split to score.")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for report.json, CSVs and PNGs.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Folder for report.json, CSVs and PNGs.")
 @option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
         help="Folder with split lists.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per model batch.")
@@ -303,7 +303,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_SCENE...")
-@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the figures.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Folder for the figures.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--cam", "methods", default="gradcam", type=_CamMethods(), help=f"CAM methods side by side, comma-separated: {_CAM_HELP}.")
