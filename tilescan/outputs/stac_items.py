@@ -133,10 +133,9 @@ def _in_longitude_range(geometry: dict) -> dict:
     leaves it as it is) moved there and, where it then crosses 180°, cut there."""
     if geometry["type"] != "Polygon" or all(-180.0 <= p[0] <= 180.0 for p in geometry["coordinates"][0]):
         return geometry
-    from .geometry import antimeridian_parts
+    from .geometry import antimeridian_parts, wrap_longitudes
 
-    ring = np.array(geometry["coordinates"][0][:-1], dtype=np.float64)
-    ring[:, 0] -= 360.0 * np.floor((ring[:, 0].min() + 180.0) / 360.0)
+    (ring,), _ = wrap_longitudes(np.array(geometry["coordinates"][0][:-1], dtype=np.float64)[None])
     parts = [[list(p) for p in pts + pts[:1]] for pts in antimeridian_parts(ring)]
     if len(parts) == 1:
         return {"type": "Polygon", "coordinates": [parts[0]]}
