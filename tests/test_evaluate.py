@@ -18,7 +18,7 @@ cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
 
 from tilescan.training import evaluate as E
-from tilescan.errors import ConfigError
+from tilescan.errors import ConfigError, InputError
 from tilescan.model import META_MEMBER, load_model, read_metadata
 from conftest import tiny_model_file
 
@@ -243,7 +243,7 @@ def test_pick_examples_mixes_right_and_wrong():
     assert len(E.pick_examples(y, y, 4)) == 4  # no wrong ones: all right
 
 
-def test_errors(model_file, dataset, tmp_path):
+def test_errors(model_file, dataset, tmp_path, monkeypatch):
     # the same images under a class list in another order: a different class index
     other = tmp_path / "permuted"
     other.mkdir()
@@ -256,6 +256,22 @@ def test_errors(model_file, dataset, tmp_path):
         E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), record=True, limit=5, log=lambda s: None)
     with pytest.raises(ConfigError, match="split"):
         E.run_evaluate(str(model_file), str(dataset), "nope", str(tmp_path / "o"), log=lambda s: None)
+    # a split list naming an image that is not there: stopped before the model loads, naming the list
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / "images").symlink_to(dataset / "images")
+    (gone / "classes.txt").symlink_to(dataset / "classes.txt")
+    shutil.copytree(dataset / "splits", gone / "splits")
+    with open(gone / "splits" / "test.txt", "a") as fh:
+        fh.write("Forest/forest_99.png\nBeach/beach_98.png\n")
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the split was checked")
+
+    monkeypatch.setattr("tilescan.model.load_model", no_load)
+    with pytest.raises(InputError, match=r"test split's image 'Forest/forest_99.png' \(and 1 more\) is not found") as e:
+        E.run_evaluate(str(model_file), str(gone), "test", str(tmp_path / "o"), log=lambda s: None)
+    assert e.value.path == str(gone / "splits" / "test.txt")
+    assert not (tmp_path / "o").exists()
 
 
 def test_real_aid_images(aid_dir, model_file, tmp_path):

@@ -206,6 +206,20 @@ def test_train_bad_inputs(tmp_path):
     assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
 
 
+def test_a_listed_image_not_there_stops_before_training(mini_aid, tmp_path):
+    root = tmp_path / "gone"
+    root.mkdir()
+    for name in ("images", "classes.txt"):
+        (root / name).symlink_to(mini_aid / name)
+    shutil.copytree(mini_aid / "splits", root / "splits")
+    with open(root / "splits" / "val.txt", "a") as fh:
+        fh.write("Port/port_9999.jpg\n")
+    res = _train([root, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4, res.output
+    assert f"{root / 'splits' / 'val.txt'}: the val split's image 'Port/port_9999.jpg' is not found" in res.output
+    assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
+
+
 def test_packaged_model_metadata():
     meta = read_metadata(Path(__file__).resolve().parents[1] / "tilescan" / "models" / "default.keras")
     assert len(meta["classes"]) == 30 and meta["input_size"] == [128, 128]

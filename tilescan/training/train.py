@@ -330,6 +330,8 @@ def _split_paths(dataset: Dataset, limit: int | None):
     val_items = dataset.items("val")
     if limit:
         train_items, val_items = _spread(train_items, limit), _spread(val_items, limit)
+    dataset.check_found("train", train_items)
+    dataset.check_found("val", val_items)
     tr_paths = [dataset.root / p for p, _ in train_items]
     va_paths = [dataset.root / p for p, _ in val_items]
     tr_y = np.array([c for _, c in train_items])
