@@ -141,6 +141,11 @@ def test_scene_bands_as_in_run(model_file, scene_path, tmp_path):
     assert res.exit_code == 0, res.output
     stem = landsat.stem
     assert json.loads((tmp_path / "bgr" / f"{stem}_tiles_explain.json").read_text())["scene"]["bands"] == [3, 2, 1]
+    # options the user typed are named as typed, as run names them
+    for args, said in ((["--bands", "3,2"], "--bands 3,2 lists 2 band(s), but the model expects 3"),
+                       (["--nodata", "zero"], "--nodata zero: must be file, none or a number")):
+        res = invoke(["explain", landsat, "-o", tmp_path / "bad", "--model", model_file, *args])
+        assert res.exit_code == 2 and said in res.output, res.output
 
 
 def test_figures_again_load_the_model_once_and_a_changed_file_again(model_file, image, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from .options import (
     _guard,
     _old_spelling,
     _quiet_backend,
+    _typed_flags,
     _verbosity,
     option,
     unconfigure_logging,
@@ -314,10 +315,10 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
         help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3' (or --tiles 0,1 --tiles 2,3).")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
 @option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge (scene pixels; metres with --units m).")
-@click.option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
-              help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
-@click.option("--nodata", default="file", metavar="VALUE|none|file",
-              help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
+@option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
+        help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
+@option("--nodata", default="file", metavar="VALUE|none|file",
+        help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
 @option("--bands", type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order, as in run, e.g. 3,2,1 for B,G,R files.")
 @_verbosity
@@ -333,7 +334,8 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
         _quiet_backend(obj.verbosity)
         paths = tilescan.explain_figures(list(inputs), out, model=model_path, methods=methods, layer=layer,
                                          target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units,
-                                         nodata=nodata, bands=bands or ())
+                                         nodata=nodata, bands=bands or (),
+                                         flags=_typed_flags(ctx, "tile_size", "units", "nodata", "bands"))
         for p in paths:
             click.echo(str(p))
         return 0

@@ -179,6 +179,13 @@ def _config_flags(ctx: click.Context) -> tuple[dict[str, dict[str, Any]], dict[t
     return layer, typed
 
 
+def _typed_flags(ctx: click.Context, *names: str) -> dict[str, str]:
+    """The options among ``names`` given on the command line, each as typed (for messages)."""
+    source = click.core.ParameterSource.COMMANDLINE
+    return {p.name: p.as_typed(ctx.params[p.name]) for p in ctx.command.params  # type: ignore[attr-defined]
+            if p.name in names and ctx.get_parameter_source(p.name) == source}
+
+
 def _count_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> None:
     if count and isinstance(ctx.obj, _Ctx):
         ctx.obj.verbosity += count if param.name == "verbose" else -count

@@ -22,7 +22,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -162,7 +162,8 @@ def _image_items(path: Path, lm) -> list[_Item]:
 
 
 def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log,
-                 units: str = "auto", nodata: str = "file", bands: Sequence[int] = ()) -> tuple[list[_Item], dict]:
+                 units: str = "auto", nodata: str = "file", bands: Sequence[int] = (),
+                 flags: Mapping[str, str] = {}) -> tuple[list[_Item], dict]:
     import warnings
 
     from ..config import TilingConfig
@@ -170,6 +171,7 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
 
     cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, nodata=nodata, allow_pixel_space=True,
                        bands=tuple(int(b) for b in bands))
+    object.__setattr__(cfg, "_origins", dict(flags))  # messages name the options as the user typed them
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
@@ -263,6 +265,7 @@ def run_explain(
     nodata: str = "file",
     bands: Sequence[int] = (),
     log: Callable[[str], None] = emit,
+    flags: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 
@@ -272,12 +275,14 @@ def run_explain(
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
     pixels (default: the model input size); ``units``, ``nodata`` and ``bands`` (empty: chosen
-    as run chooses them): as ``[tiling] units``, ``nodata`` and ``bands`` in ``run``.
+    as run chooses them): as ``[tiling] units``, ``nodata`` and ``bands`` in ``run``. ``flags``:
+    the option each of those came from as typed (``{"bands": "--bands 4,2"}``), for messages.
 
     Writes ``<stem>_explain.png`` + ``.json`` per image and
     ``<scene-stem>_tiles_explain.png`` + ``.json`` per scene into ``out_dir``.
     """
-    methods = _checked_methods(inputs, methods, top, tile_size, nodata)
+    flags = dict(flags or {})
+    methods = _checked_methods(inputs, methods, top, tile_size, nodata, flags)
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
     out = make_folder(out_dir)
@@ -287,7 +292,8 @@ def run_explain(
         is_scene = path.suffix.lower() in TIFF_SUFFIXES
         scene_info = None
         if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands)
+            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands,
+                                             flags)
             stem = _unique_name(path.stem, "_tiles_explain", used)
         else:
             if tiles:
@@ -318,7 +324,7 @@ def run_explain(
 
 
 def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
-                     nodata: str = "file") -> list[str]:
+                     nodata: str = "file", flags: Mapping[str, str] = {}) -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
     from ..config import is_nodata_setting
     from .cam import checked_methods
@@ -331,7 +337,7 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
     if tile_size is not None and int(tile_size) < 1:
         raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
     if not is_nodata_setting(nodata):
-        raise ConfigError(f"nodata must be file, none or a number, got {nodata!r}")
+        raise ConfigError(f"{flags.get('nodata', 'nodata')}: must be file, none or a number, got {nodata!r}")
     return methods
 
 
