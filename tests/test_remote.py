@@ -21,7 +21,7 @@ import rasterio
 import rasterio.warp
 
 import batch_helpers as bh
-from conftest import SCENES, same_unit, scene
+from conftest import SCENES, invoke, same_unit, scene
 from http_server import Nginx
 from tilescan.outputs.collect import run_collect
 
@@ -139,6 +139,29 @@ def test_folder_url_lists_its_scenes(server, tmp_path):
     assert rep["exit_code"] == 4 and "end the URL with '/' to list its files" in rep["failed"][0]["reason"], rep
 
 
+def test_folder_url_with_odd_file_names_and_a_signed_folder_url(server, local_ref, tmp_path):
+    """Names an index page links percent-encoded (space, +, #, é, a literal %20) are read as
+    named, into folders named as the files; a folder URL with a signature, which GDAL cannot
+    list, is refused with the reason, its secret nowhere."""
+    import shutil
+
+    odd = server.extra / "odd"
+    odd.mkdir(exist_ok=True)
+    names = ["a b.tif", "p+q.tif", "x#1.tif", "é.tif", "pc%20t.tif"]
+    for n in names:
+        shutil.copyfile(scene(COGEO), odd / n)
+    rep = _run([f"{server.url}/extra/odd/"], tmp_path / "out").to_dict()
+    assert rep["exit_code"] == 0, rep
+    for n in names:
+        same_unit(tmp_path / "out" / n[:-4], local_ref / "cogeo", scene_col=False)
+    assert json.loads((tmp_path / "out" / "a b" / "run.json").read_text())["scene"] == f"{server.url}/extra/odd/a%20b.tif"
+    (tmp_path / "signed").mkdir()
+    res = invoke(["run", f"{server.url}/extra/odd/?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA7", "-o", tmp_path / "signed"])
+    said = (tmp_path / "signed" / "report.json").read_text()
+    assert res.exit_code == 4 and "cannot list a folder URL with a query" in json.loads(said)["error"]["message"], said
+    assert "s3cr3t" not in said + res.output and "AKIA7" not in said + res.output
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A real S3-compatible server (Swift + s3api, tests/s3_server.py) holding real scenes."""
@@ -208,6 +231,24 @@ def test_url_to_gdal_path_and_redaction():
     s = RemoteScene(url)
     assert str(s) == shown and s.stem == "scene" and os.fspath(s) == "/vsicurl/" + url
     assert "pa55" not in scrub(f"GDAL: cannot read /vsicurl/{url}: 404") and "abc123" not in scrub(os.fspath(s))
+    # a signed URL tilescan never saw (a STAC document's, quoted by GDAL) is redacted in any text too
+    text = scrub("cannot read: Cannot open file '/vsicurl/http://h/i.json?sig=zz9&X-Amz-Credential=AK1&v=2'. Retry.")
+    assert text == "cannot read: Cannot open file '/vsicurl/http://h/i.json?sig=REDACTED&X-Amz-Credential=REDACTED&v=2'. Retry."
+    assert scrub("see http://h/a%20b.tif?v=2, then") == "see http://h/a%20b.tif?v=2, then"  # nothing secret: as written
+
+
+def test_network_causes_in_a_users_words():
+    """GDAL's and curl's texts for the usual failures, each given its cause and a hint fit
+    for the kind of server (HTTP credentials are not AWS variables)."""
+    from tilescan.scene.sources import _network_error
+    from tilescan.scene.vsi import cause
+
+    assert cause("HTTP response code on http://127.0.0.1:1/x/: 0").startswith("cannot reach the server")
+    slow = "Operation too slow. Less than 1024 bytes/sec transferred the last 4 seconds"
+    assert _network_error(slow) and cause(slow).startswith("timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)")
+    http = cause("HTTP response code on http://h/auth/a.tif: 401")
+    assert http.startswith("access denied (HTTP 401)") and "GDAL_HTTP_USERPWD" in http and "AWS_" not in http
+    assert "AWS_ACCESS_KEY_ID" in cause("/vsis3/b/k.tif: HTTP response code: 403 AccessDenied")
 
 
 # ----------------------------------------------------------------------------- STAC

@@ -27,7 +27,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import InputError, NoScenesError, TilescanError
 from ..log import catching_warnings
@@ -59,7 +59,7 @@ UNIT_RETRY_DELAY_S = 2.0
 def _network_error(message: str) -> bool:
     low = message.lower()
     return any(s in low for s in ("curl", "http", "timed out", "timeout", "connect", "vsis3", "vsigs", "vsiaz",
-                                  "access denied", "accessdenied", "nosuch", "did not answer", "transfer closed",
+                                  "access denied", "accessdenied", "nosuch", "did not answer", "too slow", "transfer closed",
                                   "bytes missing", "end of response"))
 
 
@@ -306,6 +306,9 @@ def expand_url(url: str) -> list[RemoteScene]:
     """A scene URL as one scene; a folder URL as its ``*.tif`` / ``*.tiff`` objects (sorted)."""
     if not _is_folder_url(url):
         return [RemoteScene(url)]
+    if "?" in url:  # GDAL lists no folder URL with a query (a signed or token URL)
+        raise InputError("cannot list a folder URL with a query (a signature or token): give the scenes' own URLs, "
+                         "or the credentials in the environment (README: Scenes in the cloud)", path=redact(url))
     configure_gdal()
     base = url if url.endswith("/") else url + "/"
     gdal_dir = to_gdal_path(base)
@@ -317,12 +320,8 @@ def expand_url(url: str) -> list[RemoteScene]:
     http = base.split("://", 1)[0].lower() in ("http", "https")
     scenes = []
     for n in sorted(set(names)):
-        rel = quote(n, safe="/") if http else n
-        if "?" in base:  # a signed folder URL: its query goes after each object's path
-            head, _, q = base.partition("?")
-            scenes.append(RemoteScene(f"{head}{rel}?{q}"))
-        else:
-            scenes.append(RemoteScene(base + rel))
+        # an index page's links come percent-encoded (nginx, Apache) or, from some servers, as plain names
+        scenes.append(RemoteScene(base + (quote(unquote(n), safe="/") if http else n)))
     return scenes
 
 

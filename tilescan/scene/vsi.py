@@ -116,14 +116,30 @@ def remember_redacted(raw: str, shown: str) -> None:
             _secrets[raw] = shown
 
 
+_URL_IN_TEXT = re.compile(r"\w+://[^\s'\"<>]+")
+
+
+def _redacted_in_text(m: re.Match) -> str:
+    """A URL found in free text, redacted when its query holds a secret-looking parameter
+    (else as written: :func:`redact` re-encodes a query); trailing punctuation kept."""
+    url = m.group(0)
+    tail = len(url) - len(url.rstrip(":;,.)]'"))
+    url, end = url[: len(url) - tail], url[len(url) - tail:]
+    query = url.partition("?")[2]
+    if query and any(_SECRET_PARAM.search(k) for k, _ in parse_qsl(query, keep_blank_values=True)):
+        url = redact(url)
+    return url + end
+
+
 def scrub(text: str) -> str:
     """``text`` (an error message, a log line) with every URL tilescan has seen replaced by
-    its redacted form, and any ``user:password@`` left removed."""
+    its redacted form, and any other URL with a secret in its query or ``user:password@``
+    redacted too (a URL that reached a message by a way tilescan did not foresee)."""
     with _secrets_lock:
         pairs = sorted(_secrets.items(), key=lambda kv: -len(kv[0]))
     for raw, shown in pairs:
         text = text.replace(raw, shown)
-    return _USERINFO.sub(r"\1", text)
+    return _URL_IN_TEXT.sub(_redacted_in_text, _USERINFO.sub(r"\1", text))
 
 
 # ----------------------------------------------------------------------------- GDAL (ctypes)
@@ -345,9 +361,10 @@ def cause(message: str) -> str:
     """A short reason for a GDAL/cURL network error message, followed by GDAL's words."""
     m = scrub(message.strip())
     low = m.lower()
-    code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)", low)
+    code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)"
+                     r"|response code on \S+: (\d+)$", low)
     num = next((g for g in code.groups() if g), None) if code else None
-    if any(s in low for s in _UNREACHABLE):  # before 404: GDAL calls an unreachable file "does not exist"
+    if any(s in low for s in _UNREACHABLE) or num == "0":  # curl's code 0: no answer at all  # before 404: GDAL calls an unreachable file "does not exist"
         why = "cannot reach the server (connection refused, reset or dropped)"
     elif "timed out" in low or "too slow" in low or "timeout" in low:
         why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)"
@@ -355,8 +372,10 @@ def cause(message: str) -> str:
         why = "not found (HTTP 404)"
     elif num in ("401", "403") or any(s in low for s in ("accessdenied", "access denied", "signaturedoesnotmatch",
                                                          "invalidaccesskeyid", "authentication", "unauthorized")):
-        why = (f"access denied (HTTP {num or '403'}): check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-               "AWS_PROFILE, GS_*, AZURE_*; AWS_NO_SIGN_REQUEST=YES for public buckets)")
+        cloud = any(k in low for k in ("vsis3", "vsigs", "vsiaz", "s3://", "gs://", "az://")) or "http" not in low
+        why = f"access denied (HTTP {num or '403'}): check the credentials " + (
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GS_*, AZURE_*; AWS_NO_SIGN_REQUEST=YES for public "
+            "buckets)" if cloud else "(GDAL_HTTP_AUTH + GDAL_HTTP_USERPWD, GDAL_HTTP_HEADERS, or a new signed URL)")
     elif re.search(r"transfer closed|bytes remaining|bytes missing|partial file", low):
         why = "the transfer was cut short (the server closed the connection mid-block)"
     elif num and num[0] == "5":
