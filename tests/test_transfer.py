@@ -127,6 +127,30 @@ def test_run_writes_the_new_legend(finetuned, chips, tmp_path):
     assert run_json["tiling"]["scale"] == "in_range"
 
 
+def test_chips_cut_from_other_bands_are_what_the_model_reads(chips, tmp_path):
+    """Chips cut with --bands 4,1,2 (NIR, red, green of NAIP) give a model that states those
+    scene bands, and run and explain read them where no --bands is given (not red, green, blue)."""
+    naip = scene(NAIP)
+    code, out = _cli("chips", naip, "--labels", chips.parent / "labels.gpkg", "-o", tmp_path / "cir", "--bands", "4,1,2",
+                     "--split", "random", "--val-fraction", "0.25", "--test-fraction", "0.25")
+    assert code == 0, out
+    code, log = _cli("train", tmp_path / "cir", "--init", "default", "--epochs", "1", "--freeze-epochs", "1", "--limit", "8",
+                     "-o", tmp_path / "cir.keras", *_fast(chips))
+    assert code == 0, log
+    assert read_metadata(tmp_path / "cir.keras")["scene_bands"] == [4, 1, 2]
+    for args, bands in (([], [4, 1, 2]), (["--bands", "1,2,3"], [1, 2, 3])):
+        out = tmp_path / f"run{len(args)}"
+        code, log = _cli("run", naip, "--model", tmp_path / "cir.keras", "-o", out, *args)
+        assert code == 0, log
+        assert json.loads((out / naip.stem / "run.json").read_text())["scene_info"]["bands_used"] == bands
+    code, log = _cli("explain", naip, "--model", tmp_path / "cir.keras", "--tiles", "0,0", "-o", tmp_path / "ex")
+    assert code == 0, log
+    assert json.loads((tmp_path / "ex" / f"{naip.stem}_tiles_explain.json").read_text())["scene"]["bands"] == [4, 1, 2]
+    # a scene with fewer bands than the model's scene bands name: refused, naming where they come from
+    code, log = _cli("run", scene("rasterio/RGB.byte.tif"), "--model", tmp_path / "cir.keras", "-o", tmp_path / "rgb")
+    assert code == 4 and "the model's scene_bands 4,1,2" in log, log
+
+
 def test_evaluate_and_explain_on_the_chips(finetuned, chips, tmp_path):
     code, log = _cli("evaluate", finetuned, chips, "--split", "test", "-o", tmp_path / "ev", "--explain-samples", "2")
     assert code == 0, log

@@ -132,7 +132,21 @@ class LoadedModel:
         """:func:`tilescan.scene.plan.open_scene` for this model's bands, input size and scale."""
         from .scene.plan import open_scene
 
-        return open_scene(path, tiling, *self.scene_args())
+        return open_scene(path, self.tiling_for(tiling), *self.scene_args())
+
+    def tiling_for(self, tiling):
+        """``tiling`` with the scene bands this model's chips were cut from (``scene_bands``,
+        ``tilescan chips --bands``) where it names none: a model trained on NIR, red, green
+        chips reads those bands, not the scene's red, green, blue."""
+        import dataclasses
+
+        bands = self.meta.get("scene_bands")
+        if tiling.bands or not bands:
+            return tiling
+        out = dataclasses.replace(tiling, bands=tuple(int(b) for b in bands))
+        said = f"the model's scene_bands {','.join(str(b) for b in bands)} (its chips' --bands; give --bands for others)"
+        object.__setattr__(out, "_origins", {**getattr(tiling, "_origins", {}), "bands": said})
+        return out
 
     def scene_args(self) -> tuple:
         """What :func:`tilescan.scene.plan.open_scene` takes of the model, after the path and tiling."""

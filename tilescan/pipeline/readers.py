@@ -298,8 +298,8 @@ def open_scene(card, scene, tiling) -> SceneReader:
     procs = getattr(_lane, "procs", None)
     if procs is None or getattr(scene, "remote", False) or not os.path.isfile(scene):
         return card.open_scene(scene, tiling)
-    reader, decimated, warned = procs._child(_lane.index).call(("open", (scene, tiling, *card.scene_args())),
-                                                              what=f"the process opening {scene}")
+    args = (scene, card.tiling_for(tiling), *card.scene_args())
+    reader, decimated, warned = procs._child(_lane.index).call(("open", args), what=f"the process opening {scene}")
     reader._decimated = decimated
     for w in warned:
         tiling_warning(**w)

@@ -565,6 +565,10 @@ def _add_chips_metadata(meta: dict, chips_card: dict, cfg: TrainConfig, parent, 
     prov = transfer.chips_provenance(chips_card)
     meta["training"]["chips"] = prov
     meta["legend"]["labels"] = prov["labels"]
+    # the bands the chips were cut from, when given (or the parent's, which cut them): run reads the same
+    bands = (chips_card.get("tiling") or {}).get("bands") or (parent.meta.get("scene_bands") if parent is not None else None)
+    if bands:
+        meta["scene_bands"] = [int(b) for b in bands]
     if not cfg.gsd_m:  # a stated GSD wins; else the scale the chips were cut at
         scale, gsd = transfer.child_scale(parent.meta if parent is not None else None, chips_card, size)
         if scale is not None:
