@@ -59,16 +59,17 @@ class Dataset:
             raise ConfigError(f"dataset has no '{split}' split (has: {', '.join(self.splits)})", path=str(self.root))
         return self.splits[split]
 
-    def check_found(self, split: str, items: list[tuple[str, int]] | None = None) -> None:
-        """Every image of ``split`` (or of ``items`` taken from it) exists: checked before a
+    def check_found(self, **items_of: list[tuple[str, int]]) -> None:
+        """Every image of the items given per split (``train=[...]``) exists: checked before a
         model loads, not an epoch or a scoring pass into the work."""
-        missing = [p for p, _ in (self.items(split) if items is None else items) if not (self.root / p).is_file()]
-        if missing:
-            lists = self.split_source.startswith("lists:")
-            where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise InputError(f"the {split} split's image '{missing[0]}'{more} is not found under {self.root}",
-                             path=str(where))
+        for split, items in items_of.items():
+            missing = [p for p, _ in items if not (self.root / p).is_file()]
+            if missing:
+                lists = self.split_source.startswith("lists:")
+                where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise InputError(f"the {split} split's image '{missing[0]}'{more} is not found under {self.root}",
+                                 path=str(where))
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / p for p, _ in self.items(split)]

@@ -460,7 +460,7 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     items = ds.items(split)
     if not items:
         raise ConfigError(f"the '{split}' split is empty", path=str(data))
-    ds.check_found(split, items)
+    ds.check_found(**{split: items})
     model_classes = list(read_metadata(model_file(model_path))["classes"])  # "default", None: the packaged one
     if model_classes != ds.classes:
         only_m = [c for c in model_classes if c not in ds.classes]

@@ -330,8 +330,7 @@ def _split_paths(dataset: Dataset, limit: int | None):
     val_items = dataset.items("val")
     if limit:
         train_items, val_items = _spread(train_items, limit), _spread(val_items, limit)
-    dataset.check_found("train", train_items)
-    dataset.check_found("val", val_items)
+    dataset.check_found(train=train_items, val=val_items)
     tr_paths = [dataset.root / p for p, _ in train_items]
     va_paths = [dataset.root / p for p, _ in val_items]
     tr_y = np.array([c for _, c in train_items])
@@ -565,10 +564,8 @@ def _add_chips_metadata(meta: dict, chips_card: dict, cfg: TrainConfig, parent, 
     prov = transfer.chips_provenance(chips_card)
     meta["training"]["chips"] = prov
     meta["legend"]["labels"] = prov["labels"]
-    # the bands the chips were cut from, when given (or the parent's, which cut them): run reads the same
-    bands = (chips_card.get("tiling") or {}).get("bands") or (parent.meta.get("scene_bands") if parent is not None else None)
-    if bands:
-        meta["scene_bands"] = [int(b) for b in bands]
+    if bands := transfer.scene_bands(chips_card, parent):
+        meta["scene_bands"] = bands
     if not cfg.gsd_m:  # a stated GSD wins; else the scale the chips were cut at
         scale, gsd = transfer.child_scale(parent.meta if parent is not None else None, chips_card, size)
         if scale is not None:

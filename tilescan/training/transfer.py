@@ -185,6 +185,13 @@ def chips_provenance(card: dict) -> dict[str, Any]:
     }
 
 
+def scene_bands(card: dict, parent) -> list[int] | None:
+    """The scene bands the chips were cut from when given (``chips --bands``), else those of the
+    parent they were cut for: what ``run`` reads for the model (``LoadedModel.tiling_for``)."""
+    bands = (card.get("tiling") or {}).get("bands") or (parent.meta.get("scene_bands") if parent is not None else None)
+    return [int(b) for b in bands] if bands else None
+
+
 def child_metadata(parent_card, head: str, freeze_epochs: int, finetune_lr: float) -> dict[str, Any]:
     """The ``parent`` entry of a fine-tuned model's metadata (and the terms it inherits)."""
     pm = parent_card.meta
