@@ -92,6 +92,25 @@ def test_coarse_scene_cannot_reach_the_range(card):
     assert w["model_input_gsd_m"] == list(card.scale_range)
 
 
+def test_a_range_of_one_value_keeps_the_same_sensors_scenes():
+    """A model trained on chips of one scene states a range of one value; a scene of the same
+    sensor a hair finer or coarser (another UTM zone) keeps its pixel tiles, with no warning
+    and no reason that contradicts its status; a scene 5 % finer is resampled to the range."""
+    from tilescan.scene.plan import open_scene
+
+    path = scene(NAIP)
+    with open_scene(path, TilingConfig(), 3, 128) as r:
+        gsd = r.info.gsd_m
+    for f in (1.001, 0.999):
+        with open_scene(path, TilingConfig(), 3, 128, model_scale=(gsd * f, gsd * f)) as r:
+            p = r.plan
+        assert (p.tile_px, p.scale) == (128, "in_range") and p.warning(NAIP) is None, p
+        assert "inside the model's range" in p.reason and "finer" not in p.reason and "coarser" not in p.reason
+    with open_scene(path, TilingConfig(), 3, 128, model_scale=(gsd * 1.05, gsd * 1.05)) as r:
+        p = r.plan
+    assert (p.tile_px, p.scale) == (135, "resampled") and p.warning(NAIP) is None, p
+
+
 def test_pixel_space_scene_scale_is_unknown(card, tmp_path):
     import rasterio
 

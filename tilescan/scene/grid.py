@@ -214,6 +214,17 @@ def valid_fraction(valid: np.ndarray) -> float:
     return float(np.count_nonzero(valid)) / valid.size if valid.size else 0.0
 
 
+#: How far (relative) past the edges of a model's range a scale still counts as inside it: a
+#: sensor's pixel size moves by this much between projections and UTM zones, and a range of one
+#: value (a model trained on chips of one scene) must not turn such a scene away.
+SCALE_SLACK = 0.01
+
+
+def within_scale(value: float, lo: float, hi: float) -> bool:
+    """Whether ``value`` (metres per input pixel) lies in the range ``lo``..``hi``, with :data:`SCALE_SLACK`."""
+    return lo * (1 - SCALE_SLACK) <= value <= hi * (1 + SCALE_SLACK)
+
+
 @dataclass(frozen=True)
 class TilingPlan:
     """How a scene's tiles were sized, and whether that puts the model at its scale.
@@ -251,7 +262,7 @@ class TilingPlan:
                    f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}); labels are only "
                    "meaningful if its tiles cover about that much ground")
             code = "scale_unknown"
-        elif self.input_gsd_m is not None and not lo * (1 - 1e-6) <= self.input_gsd_m <= hi * (1 + 1e-6):
+        elif self.input_gsd_m is not None and not within_scale(self.input_gsd_m, lo, hi):
             side = "coarser" if self.input_gsd_m > hi else "finer"
             msg = (f"{path}: scene at {self.scene_gsd_m:.3g} m per pixel; its {self.tile_px}-px tiles "
                    f"cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per model input "

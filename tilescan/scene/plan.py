@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import TilingConfig, nodata_setting
 from ..errors import ConfigError, InputError
-from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres
+from .grid import MAX_TILE_PX, SCALE_SLACK, TileGrid, TilingPlan, _metres, within_scale
 from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning
 from .decimate import decimated_shape
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
@@ -91,7 +91,7 @@ def _in_range_reason(size: int, gsd: float, model_scale: tuple[float, float], in
     reason = (f"tiles of {size} scene pixels: the scene's {gsd:.3g} m/px is inside the "
               f"model's range ({lo:.3g}–{hi:.3g} m per input pixel)")
     want = gsd * size / input_size
-    if not lo * (1 - 1e-6) <= want <= hi * (1 + 1e-6):
+    if not within_scale(want, lo, hi):
         reason += (f", but {size}-px tiles give {want:.3g} m per input pixel, outside it; kept "
                    f"as configured ({input_size}-px tiles keep the scene's scale)")
     return reason
@@ -144,7 +144,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                 scale, reason = "unknown", f"tiles of {size} scene pixels (the scene's ground sample distance is unknown)"
             else:
                 lo, hi = model_scale
-                if gsd < lo:  # finer than the model: tiles of `size` pixels at its finest scale
+                if gsd < lo * (1 - SCALE_SLACK):  # finer than the model: tiles of `size` pixels at its finest scale
                     tile_px = math.ceil(size * lo / gsd - 1e-9)  # up: the input pixel stays >= lo
                     stride_px = round(tile_px * stride / size)
                     units = "m"
@@ -152,7 +152,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                               f"({lo:.3g}–{hi:.3g} m per input pixel): tiles of {_metres(tile_px * gsd)} "
                               f"({tile_px} px) resampled to {input_size} px")
                     how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
-                elif gsd > hi:
+                elif gsd > hi * (1 + SCALE_SLACK):
                     reason = (f"scene at {gsd:.3g} m/px is coarser than the model's range "
                               f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
                               f"tiles of {size} scene pixels")
@@ -168,7 +168,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
     input_gsd = gsd * tile_px / input_size if gsd is not None else None
     if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
         lo, hi = model_scale
-        scale = ("coarser" if input_gsd > hi * (1 + 1e-6) else "finer" if input_gsd < lo * (1 - 1e-6)
+        scale = ("coarser" if input_gsd > hi * (1 + SCALE_SLACK) else "finer" if input_gsd < lo * (1 - SCALE_SLACK)
                  else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
     elif scale == "auto":
         scale = "unchecked"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from ..scene.grid import within_scale
 
 HEAD = "logits"
 
@@ -150,7 +151,7 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
         return None, None
     got = chips_card.get("input_gsd_m")
     prange = ((parent_meta or {}).get("scale") or {}).get("input_gsd_m")
-    if parent_meta is not None and got and prange and prange[0] - 1e-9 <= got[0] and got[1] <= prange[1] + 1e-9:
+    if parent_meta is not None and got and prange and all(within_scale(g, *prange) for g in got):
         scale = {k: v for k, v in parent_meta["scale"].items()}
         scale["source"] = (f"inherited from the parent {parent_meta.get('id')}: its chips were cut by tilescan chips at "
                            f"{got[0]:.4g}-{got[1]:.4g} m per input pixel, inside the parent's range")
