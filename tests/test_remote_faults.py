@@ -88,6 +88,23 @@ def test_slow_response_times_out(server, tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_a_server_down_when_a_scene_starts_is_tried_again(server, tmp_path):
+    """A scene whose first request (its checks, before any read) finds the server down is tried
+    again, as one cut short mid-read is: with the server back within the wait, the run completes."""
+    url, port, out = f"{server.url}/{COGEO}", server.port, tmp_path / "out"
+    server.stop()
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(scene(LOCAL)), url, *ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=bh.env(GDAL_HTTP_MAX_RETRY="0", TILESCAN_REMOTE_RETRIES="2"))
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if "cannot reach the server" in line and "will be tried again (1 of 2)" in line:
+            server.start(port=port)
+    assert proc.wait(timeout=120) == 0, "".join(said)
+    assert (out / "cogeo" / "run.json").exists() and (out / "cog_rgb" / "run.json").exists()
+
+
 def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):
     url = f"{server.url}/slow/rio-tiler/mosaic_cog1.tif"  # 2.9 MB at 20 kB/s: still reading when killed
     out = tmp_path / "out"

@@ -281,9 +281,9 @@ class _Units:
             return UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=seconds)
         if not exc.path:
             exc.path = str(unit.scene)
-        if job is not None and self.retries.wants(unit.scene, exc):  # not its checks: the scene's work
+        if self.retries.wants(unit.scene, exc):  # a network failure, in the scene's checks (its HEAD) or its work
             self.log(f"warning: {exc}; the scene will be tried again ({self.retries.attempt + 1} of {self.retries.retries})")
-            self.retry.append(job.index)
+            self.retry.append(job.index if job is not None else self.units.index(unit))
         else:
             self.retries.annotate(exc)
             self.log(f"error: {exc}")
