@@ -290,6 +290,21 @@ def test_stac_catalog_items_are_units(server, local_ref, tmp_path):
     again = _run([f"{server.url}/extra/stac/catalog.json"], tmp_path / "out2")
     assert again.exit_code == 0, again.to_dict()
     same_unit(tmp_path / "out2" / "cogeo-over-http", out / "cogeo-over-http")
+    # a child catalogue whose file is gone fails alone, naming its link; the other items go on
+    import shutil
+
+    broken = pystac.Catalog(id="broken", description="a child is gone")
+    broken.add_item(_item("cogeo-on-disk", {"visual": scene(COGEO)}))
+    gone = pystac.Catalog(id="gone", description="deleted after saving")
+    gone.add_item(_item("never-read", {"visual": scene(COGEO)}))
+    broken.add_child(gone)
+    broken.normalize_hrefs(str(tmp_path / "broken"))
+    broken.save(pystac.CatalogType.SELF_CONTAINED)
+    shutil.rmtree(tmp_path / "broken" / "gone")
+    rep = _run([], out, stac=[str(tmp_path / "broken" / "catalog.json")], assets=["visual"]).to_dict()
+    assert rep["exit_code"] == 3 and rep["counts"] == {"done": 0, "skipped": 1, "failed": 1}, rep
+    assert rep["failed"][0]["reason"].startswith(f"{tmp_path / 'broken' / 'gone' / 'catalog.json'}: the child link of "
+                                                 "'broken' cannot be read"), rep["failed"]
 
 
 def _check_output_item(folder: Path, manifest: dict, source_item: str | None = None) -> None:

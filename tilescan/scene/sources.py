@@ -348,7 +348,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
             if forced or _is_stac_file(src):
                 from .stac import load_items
 
-                remote.extend(load_items(str(src), assets))
+                remote.extend(load_items(str(src), assets, failed))
             elif getattr(src, "remote", False):
                 remote.append(src)
             else:

@@ -59,8 +59,9 @@ def _stac_io():
     return GdalStacIO()
 
 
-def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacScene"]:
-    """The scenes of a STAC document (file or URL): one per item, in document order."""
+def load_items(source: str, assets: Sequence[str] | None = None, failed: list | None = None) -> list["StacScene"]:
+    """The scenes of a STAC document (file or URL): one per item, in document order. A
+    catalogue's item or child link that cannot be read fails alone, into ``failed`` (given)."""
     pystac = _pystac()
     io = _stac_io()
     href = source if vsi.is_url(source) else str(Path(source).resolve())
@@ -72,6 +73,8 @@ def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacSc
     except ValueError as exc:
         raise InputError(f"not a JSON document: {exc}", path=shown) from None
     kind = data.get("type") if isinstance(data, dict) else None
+    failed = [] if failed is None else failed
+    before = len(failed)
     try:
         if kind == "Feature":
             items = [pystac.Item.from_dict(data, href=href, migrate=True)]
@@ -79,16 +82,35 @@ def load_items(source: str, assets: Sequence[str] | None = None) -> list["StacSc
             items = list(pystac.ItemCollection.from_dict(data, preserve_dict=False).items)
         elif kind in ("Catalog", "Collection"):
             cat = pystac.read_file(href, stac_io=io)
-            items = list(cat.get_items(recursive=True))
+            items = list(_catalog_items(cat, failed))
         else:
             raise InputError(f"not a STAC Item, ItemCollection, Catalog or Collection (type {kind!r})", path=shown)
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"not a valid STAC document: {type(exc).__name__}: {vsi.scrub(str(exc))}", path=shown) from None
-    if not items:
+    if not items and len(failed) == before:
         raise NoScenesError("the STAC document holds no items", path=shown)
     return [StacScene(item, shown, href, assets) for item in items]
+
+
+def _catalog_items(cat, failed: list):
+    """A catalogue's items, then its children's, in document order (as pystac's ``get_items``
+    gives them), each link resolved alone: one that cannot be read becomes an error in ``failed``."""
+    for rel in ("item", "child"):
+        for link in cat.get_links(rel):
+            try:
+                link.resolve_stac_object(root=cat.get_root())
+            except Exception as exc:
+                href = link.get_absolute_href() or link.href
+                shown = vsi.redact(href) if vsi.is_url(href) else href
+                failed.append(InputError(f"the {rel} link of {cat.id!r} cannot be read: {type(exc).__name__}: "
+                                         f"{vsi.scrub(str(exc))}", path=shown))
+                continue
+            if rel == "item":
+                yield link.target
+            else:
+                yield from _catalog_items(link.target, failed)
 
 
 def _band_name(asset) -> str | None:
