@@ -135,7 +135,8 @@ class Nginx:
         path = self.prefix / "access.log"
         for line in path.read_text().splitlines() if path.exists() else []:
             head, _, rng = line.partition(' "')
-            method, p, status, sent = head.split()
+            method, rest = head.split(" ", 1)
+            p, status, sent = rest.rsplit(" ", 2)  # nginx logs the path decoded: it may hold spaces
             rng = rng.rstrip('"')
             out.append(Request(method, p, int(status), int(sent), None if rng == "-" else rng))
         return out

@@ -59,12 +59,14 @@ def test_404_and_access_denied_fail_alone_naming_the_url_without_credentials(ser
 def test_server_errors_are_retried_with_backoff_then_reported(server, tmp_path):
     out = tmp_path / "out"
     t0 = time.monotonic()
-    p = _run(out, f"{server.url}/503/cogeo.tif", GDAL_HTTP_MAX_RETRY="2", GDAL_HTTP_RETRY_DELAY="0.5")
+    p = _run(out, f"{server.url}/503/cogeo.tif", GDAL_HTTP_MAX_RETRY="2", GDAL_HTTP_RETRY_DELAY="0.5",
+             TILESCAN_REMOTE_RETRIES="1")
     assert p.returncode == 4, p.stderr
-    assert "server error (HTTP 503)" in _failed(out)["cogeo"]
+    assert "server error (HTTP 503)" in _failed(out)["cogeo"] and "(after 1 retry of the scene)" in _failed(out)["cogeo"]
     tries = [r for r in server.requests() if r.path == "/503/cogeo.tif"]
-    assert len(tries) == 3, tries  # one try and two retries, no more
-    assert time.monotonic() - t0 > 0.5 + 1.0  # the second retry waited longer than the first
+    # three rounds of one try and GDAL's two retries, no more: the scene, the probe before its retry, the retry
+    assert len(tries) == 3 * 3, tries
+    assert time.monotonic() - t0 > 2 * (0.5 + 1.0) + 2  # each second retry waited longer than the first; 2 s between
 
 
 def test_truncated_file_fails_alone(server, tmp_path):

@@ -57,7 +57,7 @@ UNIT_RETRY_DELAY_S = 2.0
 
 
 def _network_error(message: str) -> bool:
-    low = message.lower()
+    low = re.sub(r"(?:/vsi\w+/)?\w+://\S+|/vsi\w+/\S+", "", message.lower())  # not the URL's own "http" or "/vsis3/"
     return any(s in low for s in ("curl", "http", "timed out", "timeout", "connect", "vsis3", "vsigs", "vsiaz",
                                   "access denied", "accessdenied", "nosuch", "did not answer", "too slow", "transfer closed",
                                   "bytes missing", "end of response"))
