@@ -11,6 +11,7 @@ outputs. A SIGTERM from outside, as a scheduler sends it, must stop the run in s
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -160,14 +161,18 @@ def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
 
 
 def test_second_signal_stops_at_once():
-    """The first SIGTERM asks to stop; a second one ends the process with SIGTERM's default."""
+    """The first SIGTERM asks to stop; the same one again within a second is that request
+    (a scheduler's, delivered to the process and through its job script's trap); a second one
+    after that ends the process with SIGTERM's default."""
     code = ("import os, signal, time\nfrom tilescan import stop\nwith stop.handling():\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
             "    print('asked', stop.requested(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n    print('same', flush=True)\n"
+            "    time.sleep(stop.REPEAT_S)\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n    print('survived', flush=True)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
     assert p.returncode == -signal.SIGTERM, p.stderr
-    assert p.stdout.split() == ["asked", "SIGTERM"]
+    assert p.stdout.split() == ["asked", "SIGTERM", "same"]
 
 
 def test_second_sigint_raises_in_python_with_the_api_setting():
@@ -233,15 +238,22 @@ def _wait_for_scene(out, proc, name="cogeo"):
     time.sleep(0.5)
 
 
-def test_slurm_script_passes_sigterm_on(tmp_path):
-    """jobs/slurm/tilescan-array.sbatch as Slurm's --signal=B:TERM reaches it: to the batch
-    shell only. The shell passes it to tilescan, which stops cleanly and exits 75."""
+@pytest.mark.parametrize("to", ["shell", "group"])
+def test_slurm_script_passes_sigterm_on(tmp_path, to):
+    """jobs/slurm/tilescan-array.sbatch as Slurm's SIGTERM reaches it: to the batch shell only
+    (--signal=B:TERM), which passes it to tilescan; or to every process of the job (scancel,
+    preemption), so tilescan gets it twice, directly and through the shell. Either way tilescan
+    stops cleanly and exits 75."""
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(bh.JOBS / "slurm" / "tilescan-array.sbatch"), "-o", str(out),
                              str(bh.scene("rasterio/cogeo.tif")), "--units", "px", "--tile-size", "64", "--batch-size", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env(TILESCAN=bh.exe()))
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bh.env(TILESCAN=bh.exe()),
+                            start_new_session=True)
     _wait_for_scene(out, proc)
-    proc.send_signal(signal.SIGTERM)  # the shell, not tilescan
+    if to == "shell":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     stdout, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
     assert "finished with exit code 75" in stdout

@@ -212,6 +212,48 @@ def test_gpu_array_runs_one_process_per_allocated_gpu(runs):
     bh.assert_same_tiles(bh.collected(runs["gpu"]), bh.collected(runs["ref"]), exact=False)
 
 
+def _wait_for(what, check, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not seen in {timeout} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_stopped_task_requeues_itself_alone_and_a_cancelled_one_not(slurm, tmp_path):
+    """The time-limit warning (SIGTERM to the batch shell, as --signal=B:TERM@120 sends it) to an
+    array's last task, whose job id is the array's own, requeues that task alone: the other task
+    runs on to the end. A task the user cancels (scancel: SIGTERM to all its processes, tilescan
+    gets it twice) stops cleanly with exit 75 and is not requeued."""
+    naip = [bh.scene(f"opengeos-naip/m_4709963_se_14_1_{d}.tif") for d in ("20100629", "20150926")]
+    out = tmp_path / "out"
+    slow = ("--tile-size", "16", "--units", "px", "--batch-size", "8")  # a scene takes a minute: still running when signalled
+    job = _sbatch(slurm, tmp_path, "--array=0-1", ARRAY, "-o", out, *naip, *slow)
+    logs = [tmp_path / f"tilescan-{job}_{t}.out" for t in (0, 1)]
+    staging = out / ".tilescan-staging"
+    _wait_for("both tasks' scenes in staging", lambda: staging.is_dir() and len(list(staging.iterdir())) >= 2)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", f"{job}_1"], env=slurm, check=True)
+    _wait_for("task 1's requeue", lambda: "requeueing" in logs[1].read_text())
+    _wait_for("task 0 at its end", lambda: _states(slurm, f"{job}_0")["0"][0] == "COMPLETED")
+    assert f"stopped by a signal; requeueing {job}_1 (finished scenes are kept)" in logs[1].read_text()
+    text = logs[0].read_text()
+    assert "finished with exit code 0" in text and "requeueing" not in text and "DUE TO JOB REQUEUE" not in text, text
+    subprocess.run(["scancel", job], env=slurm, check=True)  # the requeued task waits for its begin time
+
+    job = _sbatch(slurm, tmp_path, "--array=0-0", ARRAY, "-o", tmp_path / "cancelled", naip[0], *slow)
+    log = tmp_path / f"tilescan-{job}_0.out"
+    _wait_for("the task's scene in staging", lambda: (tmp_path / "cancelled" / ".tilescan-staging").is_dir()
+              and any((tmp_path / "cancelled" / ".tilescan-staging").iterdir()))
+    subprocess.run(["scancel", f"{job}_0"], env=slurm, check=True)
+    _wait(slurm, [job])
+    text = log.read_text()
+    assert f"not requeued: {job}_0 is " in text and "finished with exit code 75" in text, text
+    report = json.loads((tmp_path / "cancelled" / "report.json").read_text())
+    assert report["interrupted"]["signal"] == "SIGTERM" and not any((tmp_path / "cancelled").glob("m_*"))
+
+
 # ----------------------------------------------------------------------------- shard logic (no cluster)
 
 # What Slurm 22.05 sets in the tasks of --array=0-6:3 and --array=1,3,5 (seen on the local cluster)

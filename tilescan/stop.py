@@ -5,8 +5,8 @@ Schedulers that preempt a job send SIGTERM, wait a grace period, then send SIGKI
 calls :func:`check` between batches, which raises :class:`Interrupted` so the unit in
 flight is dropped (its staging folder removed, nothing moved into place) and the run
 writes ``report.json`` naming it and exits with :data:`tilescan.errors.EXIT_INTERRUPTED`.
-A unit already writing its outputs is finished first (seconds). A second signal stops
-the process at once, with the default action of that signal; for the Python API, a second
+A unit already writing its outputs is finished first (seconds). A second signal (not a
+SIGTERM again within :data:`REPEAT_S`) stops the process at once, with the default action of that signal; for the Python API, a second
 SIGINT raises :class:`KeyboardInterrupt` instead (a notebook's kernel lives on).
 """
 
@@ -16,11 +16,12 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state: dict = {"signal": None, "second": "end"}
+_state: dict = {"signal": None, "second": "end", "at": 0.0}
 
 
 class Interrupted(BaseException):
@@ -44,15 +45,23 @@ def check() -> None:
         raise Interrupted(name)
 
 
+#: A SIGTERM again within this many seconds of the first is the same request: a scheduler's
+#: arrives twice, once to the process and once through its job script's trap. (A second
+#: Ctrl-C is a person's: it ends the run at once.)
+REPEAT_S = 1.0
+
+
 def _handler(signum, frame) -> None:
     if _state["signal"] is not None:  # the second signal: stop now
+        if signum == signal.SIGTERM == signal.Signals[_state["signal"]] and time.monotonic() - _state["at"] < REPEAT_S:
+            return
         if _state["second"] == "raise" and signum == signal.SIGINT:
             signal.signal(signum, signal.default_int_handler)  # a third: Python's own again
             raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    _state["signal"] = signal.Signals(signum).name
+    _state.update(signal=signal.Signals(signum).name, at=time.monotonic())
 
 
 class Seen:
