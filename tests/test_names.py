@@ -123,18 +123,51 @@ def test_rerun_skips_all_and_old_folder_names_are_refused(batch, tmp_path):
     assert res.exit_code == 0, res.output
     assert read_report(out)["counts"] == {"done": 0, "skipped": len(NAMES), "failed": 0}
 
-    # a.tif's outputs where tilescan put them before names were made case-insensitively
-    # unique (OUT/a): refused by name, not redone elsewhere, not touched
-    new = folders(batch["report"])["a.tif"].name
-    os.rename(out / new, out / "a")
-    before = tree_hashes(out / "a", folders=True)
+    # CON.tif's outputs where tilescan put them before names were made safe on every
+    # filesystem (OUT/CON): refused by name, not redone elsewhere, not touched
+    new = folders(batch["report"])["CON.tif"].name
+    os.rename(out / new, out / "CON")
+    before = tree_hashes(out / "CON", folders=True)
     res = invoke(["run", batch["scenes"], "-o", out, *FAST])
     assert res.exit_code == 3, res.output
     rep = read_report(out)
     assert rep["counts"] == {"done": 0, "skipped": len(NAMES) - 1, "failed": 1}
     reason = rep["failed"][0]["reason"]
-    assert str(out / "a") in reason and str(out / new) in reason and "earlier tilescan version" in reason
+    assert str(out / "CON") in reason and str(out / new) in reason and "earlier tilescan version" in reason
+    assert tree_hashes(out / "CON", folders=True) == before and not (out / new).exists()
+    os.rename(out / "CON", out / new)
+
+    # a.tif's outputs under its bare name (OUT/a: as an older tilescan wrote them, or as a run
+    # that had not seen A.tif yet did): they stay a.tif's folder, skipped; A.tif keeps its own
+    new = folders(batch["report"])["a.tif"].name
+    os.rename(out / new, out / "a")
+    before = tree_hashes(out / "a", folders=True)
+    res = invoke(["run", batch["scenes"], "-o", out, *FAST])
+    assert res.exit_code == 0, res.output
+    assert read_report(out)["counts"] == {"done": 0, "skipped": len(NAMES), "failed": 0}
     assert tree_hashes(out / "a", folders=True) == before and not (out / new).exists()
+
+
+def test_a_scene_of_the_same_stem_arriving_later_leaves_the_first_where_it_is(tmp_path):
+    """A cron job's folder: dup.tif is done as OUT/dup; later another dup.tif arrives in a
+    subfolder. The first is not done again under a new name (nor counted twice by collect);
+    the newcomer gets a name of its own."""
+    scenes, out = tmp_path / "scenes", tmp_path / "out"
+    (scenes / "later").mkdir(parents=True)
+    shutil.copyfile(scene(SCENE), scenes / "dup.tif")
+    assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+    first = tree_hashes(out / "dup", folders=True)
+    shutil.copyfile(scene(SCENE), scenes / "later" / "dup.tif")
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    assert res.exit_code == 0, res.output
+    rep = read_report(out)
+    assert [Path(r["out_dir"]).name for r in rep["skipped"]] == ["dup"]
+    assert [r["scene"] for r in rep["done"]] == [str((scenes / "later" / "dup.tif").resolve())]
+    assert tree_hashes(out / "dup", folders=True) == first
+    assert invoke(["collect", out]).exit_code == 0
+    table = pq.read_table(out / "collected" / "tiles.parquet")
+    per_scene = {s: table.column("scene").to_pylist().count(s) for s in set(table.column("scene").to_pylist())}
+    assert len(per_scene) == 2 and len(set(per_scene.values())) == 1, per_scene
 
 
 def test_shards_cover_the_same_folders(batch, tmp_path):

@@ -23,7 +23,7 @@ import shutil
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
@@ -119,15 +119,26 @@ def _path_digest(path: Path) -> str:
         return _digest(text)
 
 
-def scene_folder_names(scenes: Sequence[Path]) -> list[str]:
+def scene_folder_names(scenes: Sequence[Path], holds: Callable[[str, Path], bool] | None = None) -> list[str]:
     """Output folder names of the scenes of one invocation, in order: :func:`folder_name`
     of each stem, plus ``-<hash of the resolved path>`` on the names that would coincide on
-    a case-insensitive filesystem. Every shard of a run computes the same list."""
+    a case-insensitive filesystem. Every shard of a run computes the same list. ``holds(name,
+    scene)``: whether the output folder ``name`` already holds that scene's finished outputs;
+    such a scene keeps its name when another of the same stem arrives later (a cron job's
+    folder), so it is not done again under a new one."""
     bases = [folder_name(s.stem) for s in scenes]
     names = list(bases)
+    kept = set()
+    if holds is not None:  # at most one scene per name keeps it
+        seen = Counter(fold(n) for n in names)
+        owner = {}
+        for i, n in enumerate(names):
+            if seen[fold(n)] > 1 and fold(n) not in owner and holds(n, scenes[i]):
+                owner[fold(n)] = i
+        kept = set(owner.values())
     for width in (8, 16, 40):
         seen = Counter(fold(n) for n in names)
-        clash = [i for i, n in enumerate(names) if seen[fold(n)] > 1]
+        clash = [i for i, n in enumerate(names) if seen[fold(n)] > 1 and i not in kept]
         if not clash:
             return names
         for i in clash:

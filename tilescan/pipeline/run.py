@@ -170,7 +170,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     _check_output_dir(out)
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
-    units = _plan(scenes, card, cfg, shard)
+    units = _plan(scenes, card, cfg, shard, out)
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
@@ -192,7 +192,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     return report
 
 
-def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int]) -> list[Unit]:
+def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int], out: Path) -> list[Unit]:
     """The units of this shard (row bands need each scene's grid: opened without Keras)."""
     def rows_of(scene: Path) -> int | None:
         try:
@@ -201,9 +201,16 @@ def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int]) -> list[Unit]
         except TilescanError:
             return None
 
+    def holds(name: str, scene) -> bool:  # OUT/name has this scene's finished outputs, whole or a row band
+        folder = out / name
+        for m in (read_manifest(folder), *(read_manifest(band) for band in sorted(folder.glob("rows-*"))[:1])):
+            if isinstance(m, dict) and m.get("status") == "complete":
+                return m.get("scene") == str(scene.resolve())
+        return False
+
     with catching_warnings():
         warnings.simplefilter("ignore", TilingWarning)
-        return plan_units(scenes, cfg, shard, rows_of)
+        return plan_units(scenes, cfg, shard, rows_of, holds)
 
 
 class _Units:

@@ -105,15 +105,17 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: 
     return 0, 1
 
 
-def plan_units(scenes: Sequence[Path], cfg: Config, shard: tuple[int, int], rows_of: Callable[[Path], int | None]) -> list[Unit]:
+def plan_units(scenes: Sequence[Path], cfg: Config, shard: tuple[int, int], rows_of: Callable[[Path], int | None],
+               holds: Callable[[str, Path], bool] | None = None) -> list[Unit]:
     """All units of the run (every shard computes the same list), then this shard's share.
+    ``holds``: as in :func:`tilescan.layout.scene_folder_names`.
 
     With N > 1 shards and fewer scenes than shards, a scene with at least ``2 N`` tile rows
     is split into N bands of tile rows (sizes differing by at most one), so N workers can
     share one huge scene; units are dealt round-robin.
     """
     i, n = shard
-    names = unique_names(scenes)
+    names = unique_names(scenes, holds)
     units: list[Unit] = []
     for scene, name in zip(scenes, names):
         rows = rows_of(scene) if 1 < n and len(scenes) < n else None
