@@ -297,6 +297,10 @@ def test_collect_names_the_scenes_that_failed_in_the_run(batch, tmp_path):
     longitude/latitude, are its own ``failed``: exit 3.)"""
     out = tmp_path / "out"
     shutil.copytree(batch["out"], out)
+    # the report of an earlier run with 4 shards, older than the batch's: not the latest run's word
+    stale = out / "report-shard-0001-of-0004.json"
+    stale.write_text(json.dumps({"failed": [{"unit": "gone", "scene": "gone.tif", "reason": "an old failure"}]}))
+    os.utime(stale, (1e9, 1e9))
     res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
     assert res.exit_code == 3, res.output
     summary = json.loads((out / "collected" / "summary.json").read_text())

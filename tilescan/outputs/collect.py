@@ -449,7 +449,7 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
     finished output to collect (a later run may have finished them): summary.json's
     ``failed_in_run``, so the set does not look complete when scenes are missing from it."""
     found: dict[str, dict] = {}
-    for report in [out / REPORT, *sorted(out.glob("report-shard-*-of-*.json"))]:  # layout.report_name's
+    for report in _latest_reports(out):
         try:
             failed = json.loads(report.read_text()).get("failed") or []
         except (OSError, ValueError, AttributeError):
@@ -462,6 +462,21 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
         log(f"warning: collect: {len(found)} scene(s) failed in their run and are not in the collected set "
             f"({', '.join(sorted(map(str, found)))}; see summary.json's failed_in_run)")
     return [found[k] for k in sorted(found, key=str)]
+
+
+def _latest_reports(out: Path) -> list[Path]:
+    """The reports of the latest run: ``report.json``, or the shard reports of one shard count
+    (``report-shard-I-of-N.json``, layout.report_name's), whichever was written last; an
+    earlier run's, of another shard count, no longer speaks for the scenes."""
+    runs: dict[str, list[Path]] = {}
+    for report in [out / REPORT, *sorted(out.glob("report-shard-*-of-*.json"))]:
+        if report.is_file():
+            runs.setdefault(report.name.rpartition("-of-")[2] if report.name != REPORT else "", []).append(report)
+
+    def written(run: str) -> float:
+        return max(r.stat().st_mtime for r in runs[run])
+
+    return runs[max(runs, key=written)] if runs else []
 
 
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None],
