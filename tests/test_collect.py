@@ -16,7 +16,7 @@ import pytest
 
 import batch_helpers as bh
 from conftest import quiet
-from tilescan.outputs.collect import run_collect
+from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
 
 
@@ -168,6 +168,14 @@ def test_scene_split_in_row_parts(ref, tmp_path):
     _fake_part(out, "cogeo", 2, 8, ref / "cogeo")  # from a run with another shard count
     with pytest.raises(InputError, match="overlap"):
         run_collect(out, log=quiet)
+    # beside another scene: that one is collected, the overlapping one named as not collected
+    shutil.copytree(ref / "cog_rgb", out / "cog_rgb")
+    with pytest.raises(PartialCollectError) as e:
+        run_collect(out, log=quiet)
+    summary = e.value.summary
+    assert list(summary["scenes"]) == ["cog_rgb"]
+    assert [f["scene"] for f in summary["failed"]] == ["cogeo"] and "overlap" in summary["failed"][0]["reason"]
+    assert set(bh.collected(out)["scene"]) == {"cog_rgb"}
 
 
 def test_nothing_to_collect_is_a_clear_error(tmp_path):

@@ -375,6 +375,8 @@ def _one_line(exc: Exception) -> str:
 
 def _scene_tables(sc: _Scene, reproject: _Reprojector) -> list[tuple[_Unit, pa.Table, dict]]:
     """The collected rows of each unit of a scene, checked for duplicate or unordered tiles."""
+    if sc.refused is not None:
+        raise sc.refused
     out = []
     last = -1
     for u in sc.units:

@@ -33,6 +33,7 @@ class _Scene:
     n_rows: int | None = None
     missing_rows: list[tuple[int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    refused: InputError | None = None  # its row parts do not fit together: the scene is not collected, the rest is
 
 
 def _complete(folder: Path) -> dict | None:
@@ -105,13 +106,13 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
         shaping = {_shaping(u.manifest) for u in sc.units}
         paths = {u.manifest.get("scene") for u in sc.units}
         if len(shaping) > 1 or len(paths) > 1:
-            raise InputError(
+            sc.refused = InputError(
                 "its row parts come from different scenes, configs or models "
                 f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
                 path=str(d))
         for a, b in zip(sc.units, sc.units[1:]):
-            if b.rows[0] < a.rows[1]:
-                raise InputError(
+            if b.rows[0] < a.rows[1] and sc.refused is None:
+                sc.refused = InputError(
                     f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
                     "from sharded runs with different shard counts; remove one set", path=str(d))
         sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
