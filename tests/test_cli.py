@@ -203,6 +203,31 @@ def test_exit_5_model_errors(tmp_path, scene_path):
     assert rep["counts"] == {"done": 0, "skipped": 0, "failed": 0}
 
 
+def test_settings_that_do_not_hold_replace_the_report_too(tmp_path, scene_path):
+    """A bad setting (a flag, a TILESCAN_* variable, the Python API's keyword) stops the run
+    before it starts: OUT's report, an earlier run's, is replaced by one that says why (the
+    shard's own report for a sharded run), so a monitor never reads yesterday's success."""
+    import tilescan
+
+    scene, out = scene_path(SMALL), tmp_path / "o"
+    out.mkdir()
+    earlier = '{"exit_code": 0}'
+    (out / "report.json").write_text(earlier)
+    (out / "report-shard-0001-of-0002.json").write_text(earlier)
+    r = invoke(["run", scene, "-o", out, *FAST, "--stride", "1000"])
+    rep = read_report(out)
+    assert r.exit_code == 2 and rep["exit_code"] == 2 and rep["error"]["kind"] == "config"
+    assert rep["error"]["message"].startswith("--stride 1000: must not exceed")
+    r = invoke(["run", scene, "-o", out, *FAST, "--shard", "1/2"], env={"TILESCAN_TILING__MIN_VALID_FRACTION": "lots"})
+    rep = read_report(out, "report-shard-0001-of-0002.json")
+    assert r.exit_code == 2 and rep["exit_code"] == 2 and "TILESCAN_TILING__MIN_VALID_FRACTION" in rep["error"]["message"]
+    (out / "report.json").write_text(earlier)
+    with pytest.raises(tilescan.ConfigError):
+        tilescan.run(scene, out, tile_size=-1)
+    assert read_report(out)["error"]["kind"] == "config"
+    assert not (out / scene.stem).exists()
+
+
 def test_exit_6_output_errors(tmp_path, scene_path):
     scene = scene_path(SMALL)
     a_file = tmp_path / "not-a-folder"

@@ -134,17 +134,21 @@ def run(
     the report, its ``exit_code`` 75. ``interrupt="report"`` returns the report for SIGINT too,
     and a second signal ends the process, as the ``tilescan`` command does.
     """
+    from .pipeline.run import report_failed_start
     from .pipeline.run import run as _run
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    if isinstance(config, Config):
-        base = config
-        cfg = base if not overrides else _replace_all(base, _override_layer(overrides))
-    else:
-        cfg = load_config(config, _override_layer(overrides))
-    if interrupt not in ("raise", "report"):
-        raise ConfigError(f"interrupt must be 'raise' or 'report', got {interrupt!r}")
+    try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
+        if isinstance(config, Config):
+            cfg = config if not overrides else _replace_all(config, _override_layer(overrides))
+        else:
+            cfg = load_config(config, _override_layer(overrides))
+        if interrupt not in ("raise", "report"):
+            raise ConfigError(f"interrupt must be 'raise' or 'report', got {interrupt!r}")
+    except TilescanError as exc:
+        report_failed_start(out, shard, exc)
+        raise
     return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
                 shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
                 ctrl_c_raises=interrupt == "raise")

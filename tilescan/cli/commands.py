@@ -124,8 +124,15 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
         flags, typed = _config_flags(ctx)
-        cfg = tilescan.load_config(config_path, flags, flags=typed)
-        sh = tilescan.parse_shard(shard, count=shard_count)
+        sh = (0, 1)
+        try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
+            sh = tilescan.parse_shard(shard, count=shard_count)
+            cfg = tilescan.load_config(config_path, flags, flags=typed)
+        except tilescan.TilescanError as exc:
+            from ..pipeline.run import report_failed_start
+
+            report_failed_start(out, sh, exc)
+            raise
         show = sys.stderr.isatty() if progress is None else progress
         assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
         report = tilescan.run(list(inputs), out, cfg, model=model_path, shard=sh, progress=show and obj.verbosity >= 0,

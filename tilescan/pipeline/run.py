@@ -138,6 +138,11 @@ def _checked_shard(shard) -> tuple[int, int]:
     return int(i), int(n)
 
 
+def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:
+    """:func:`_report_failure` for a run that could not start (its settings or shard are wrong)."""
+    _report_failure(Path(out), shard, exc, RunReport())
+
+
 def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: RunReport) -> None:
     """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
     report in an OUT that exists, so a report of an earlier run is never taken for this one's:
