@@ -324,6 +324,34 @@ def test_missing_path_alone(tmp_path, tiny_model):
     assert not out.exists()  # nothing to do: no output folder is made
 
 
+def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_model):
+    """A subfolder the run may not list and a *.tif link to nothing are named in the report as
+    failed inputs (exit 3), not passed over in silence; the readable scene is done. (As root,
+    the run drops the capabilities that read through permissions, as an ordinary user has none.)"""
+    import batch_helpers as bh
+
+    scenes, out = tmp_path / "scenes", tmp_path / "out"
+    (scenes / "locked").mkdir(parents=True)
+    shutil.copyfile(scene("rasterio/cogeo.tif"), scenes / "a.tif")
+    shutil.copyfile(scene("rasterio/cogeo.tif"), scenes / "locked" / "b.tif")
+    (scenes / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    (scenes / "locked").chmod(0)
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to read as an ordinary user while root")
+    try:
+        p = subprocess.run([*prefix, bh.exe(), "run", str(scenes), "-o", str(out), "--model", str(tiny_model),
+                            "--units", "px", "--tile-size", "256"], capture_output=True, text=True, env=bh.env(), timeout=300)
+    finally:
+        (scenes / "locked").chmod(0o755)
+    assert p.returncode == 3, p.stderr
+    reasons = {r["scene"]: r["reason"] for r in read_report(out)["failed"]}
+    assert reasons == {str(scenes / "locked"): f"{scenes / 'locked'}: cannot list this folder: Permission denied",
+                       str(scenes / "gone.tif"): f"{scenes / 'gone.tif'}: a link to nothing (a broken symbolic link)"}
+    assert (out / "a" / "run.json").is_file()
+
+
 def test_missing_path_in_batch(batch):
     r = failed_reasons(batch["report"])[batch["missing"].name]
     assert r["reason"] == f"{batch['missing']}: no such file or directory"

@@ -281,34 +281,44 @@ def _check_file(path: Path) -> None:
 # finding scenes
 
 
-def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None) -> list[Path]:
     """Scene paths from files and directories.
 
     Files are taken as given, whatever their extension (:func:`open_scene` rejects
     non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
     ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates.
     Raises :class:`InputError` for a path that does not exist and
-    :class:`NoScenesError` when nothing is found.
+    :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
+    ``*.tif`` link to nothing are errors of their own, put in ``unreadable`` (given), else raised.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     found: dict[Path, None] = {}
     searched: list[str] = []
+    errors: list[InputError] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             searched.append(str(p))
-            for root, dirs, files in os.walk(p):
+            walk = os.walk(p, onerror=lambda e: errors.append(InputError(f"cannot list this folder: {e.strerror}",
+                                                                           path=e.filename)))
+            for root, dirs, files in walk:
                 dirs.sort()
                 for name in files:
                     if name.lower().endswith(TIFF_SUFFIXES):
                         f = Path(root, name)
                         if f.is_file():
                             found[f.resolve()] = None
+                        elif f.is_symlink() and not f.exists():
+                            errors.append(InputError("a link to nothing (a broken symbolic link)", path=str(f)))
         elif p.exists():
             found[p.resolve()] = None
         else:
             raise InputError("no such file or directory", path=str(p))
+    if errors and (unreadable is None or not found):
+        raise errors[0]
+    if unreadable is not None:
+        unreadable.extend(errors)
     if not found:
         if searched:
             raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched))

@@ -358,7 +358,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     scenes: list = []
     if present:
         try:
-            scenes = list(find_scenes(present))
+            scenes = list(find_scenes(present, failed))
         except NoScenesError as exc:  # a local folder without scenes: alone, when URLs give some
             if not remote:
                 raise
