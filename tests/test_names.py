@@ -198,6 +198,23 @@ def test_row_bands_of_an_odd_name_stay_in_its_folder(batch, tmp_path):
     assert summary["scenes"]["_"]["complete"] and summary["tiles"] == 16
 
 
+def test_outputs_in_the_way_say_what_they_were_made_from(tmp_path):
+    """A finished folder in the way of a scene names what differs: another scene file of the
+    same name (run in another invocation), or another version of this file; never just
+    "something", so --overwrite is not given on a guess."""
+    out = tmp_path / "out"
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copyfile(scene(SCENE), tmp_path / d / "s.tif")
+    assert invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST]).exit_code == 0
+    res = invoke(["run", tmp_path / "b" / "s.tif", "-o", out, *FAST])
+    assert res.exit_code == 6 and f"of another scene file ({tmp_path / 'a' / 's.tif'}; a different scene of the " \
+        "same name wants another output folder" in res.output, res.output
+    os.utime(tmp_path / "a" / "s.tif", (1e9, 1e9))
+    res = invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST])
+    assert res.exit_code == 6 and "made from another version of the scene file" in res.output, res.output
+
+
 def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
     """A geostationary scene's corner tiles lie off the earth disc: no lon/lat footprint."""
     src = tmp_path / "scenes"

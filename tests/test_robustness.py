@@ -972,7 +972,7 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
         assert res.exit_code == 6, res.output
         failed = failed_reasons(read_report(out))
         assert failed[world.name]["error_kind"] == "exists"
-        assert "finished outputs from a different config" in failed[world.name]["reason"]
+        assert "finished outputs made with other settings ([tiling] tile_size 64 -> 128) exist" in failed[world.name]["reason"]
         assert "pass --overwrite" in failed[world.name]["reason"]
         assert failed[goes.name]["error_kind"] == "exists"
         assert "unfinished tilescan outputs" in failed[goes.name]["reason"]

@@ -266,7 +266,7 @@ class _Units:
             fp = fingerprint(unit, self.cfg, self.card.sha256)
         lock = UnitLock(self.out, unit).acquire()
         try:
-            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene]):
+            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card.sha256):
                 lock.release()
                 self.log(f"{unit.key}: already complete, skipped")
                 old = read_manifest(final) or {}
@@ -309,7 +309,25 @@ class _Units:
                      f"{res.seconds:.1f} s -> {res.out_dir}")
 
 
-def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str) -> bool:
+def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> str:
+    """What the finished outputs in the way were made from, where it differs from this run's
+    (the fingerprint says only that something does): the scene file, the model, settings."""
+    scene = str(unit.scene.resolve())
+    if old.get("scene") != scene:
+        return (f"of another scene file ({old.get('scene')}; a different scene of the same name wants another "
+                "output folder, a moved file --overwrite)")
+    was, now = old.get("config") or {}, cfg.to_dict()
+    changed = [f"[{sec}] {key} {was.get(sec, {}).get(key)!r} -> {value!r}" for sec in ("tiling", "cam", "output")
+               for key, value in now[sec].items() if key != "overwrite" and was.get(sec, {}).get(key, value) != value]
+    if changed:
+        return "made with other settings (" + ", ".join(changed) + ")"
+    model = old.get("model") or {}
+    if model.get("sha256") != model_sha:
+        return f"made with another model ({model.get('id')})"
+    return "made from another version of the scene file (its size or modification time differ)"
+
+
+def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, model_sha: str) -> bool:
     """Whether the unit's outputs are in place from the same scene, config and model; raises
     when something else is in the way (it is left alone)."""
     if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
@@ -325,9 +343,8 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
         if old.get("fingerprint") == fp and not cfg.output.overwrite:
             return True
         if not cfg.output.overwrite:
-            raise OutputExistsError(
-                "finished outputs from a different config, model or scene version exist; "
-                "pass --overwrite to replace them", path=str(final))
+            raise OutputExistsError(f"finished outputs {_what_differs(old, unit, cfg, model_sha)} exist; pass --overwrite to "
+                                    "replace them", path=str(final))
     elif _occupied(final):
         if old is None and not (final / layout.MANIFEST).is_file():  # something else's: --overwrite leaves it too
             raise OutputExistsError(
