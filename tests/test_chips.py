@@ -221,6 +221,12 @@ def test_spatial_split_keeps_blocks_whole(scene_path, tmp_path):
     b = blocks.to_crs(card["split"]["frame"]).geometry.centroid
     ij = blocks["block"].str.split(",", expand=True).astype(int)
     assert ((b.x // 12000).astype(int) == ij[0]).all() and ((b.y // 12000).astype(int) == ij[1]).all()
+    # a scene in another CRS that no label covers (a folder's other scenes): the same split
+    code, out = _chips(scene, scene_path(NAIP), "--labels", labels, "-o", tmp_path / "more", "--block-size", "12000")
+    assert code == 0, out
+    more = gpd.read_parquet(tmp_path / "more" / "chips.parquet")
+    assert _card(tmp_path / "more")["split"]["frame"] == card["split"]["frame"]
+    assert more[["chip", "block", "split"]].equals(blocks[["chip", "block", "split"]])
 
     code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "random", "--split", "random")
     assert code == 0, out

@@ -365,9 +365,10 @@ def _split(corners: np.ndarray, scene_idx: np.ndarray, scene_crs: list, scene_ca
            classes: list[str], names: np.ndarray, opts: ChipOptions, log: Callable[[str], None]):
     """Each chip's split (:func:`tilescan.training.splits.assign`), on the block frame shared by all scenes."""
     lonlat = _corners_in(corners.mean(axis=1, keepdims=True), scene_idx, scene_crs, pyproj_crs("EPSG:4326"))[:, 0]
-    frame = _block_frame(scene_crs, lonlat)
+    used = sorted(set(scene_idx.tolist()))  # the scenes that gave chips: one without any changes no split
+    frame = _block_frame([scene_crs[i] for i in used], lonlat)
     framed = _corners_in(corners, scene_idx, scene_crs, frame)
-    footprint_m = max(s["tiling"]["tile_footprint_m"] or 0.0 for s in scene_cards)
+    footprint_m = max(scene_cards[i]["tiling"]["tile_footprint_m"] or 0.0 for i in used)
     block_m = opts.block_m if opts.block_m is not None else auto_block_m(footprint_m)
     res = assign(opts.split, y=y, classes=classes, names=names, scene=scene_idx, centres=framed.mean(axis=1),
                  footprints=_polygons(framed), block_m=block_m, val_fraction=opts.val_fraction,
