@@ -220,6 +220,18 @@ def test_a_listed_image_not_there_stops_before_training(mini_aid, tmp_path):
     assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
 
 
+def test_an_empty_val_split_stops_before_training_and_says_why(mini_aid, tmp_path):
+    root = tmp_path / "noval"
+    root.mkdir()
+    for name in ("images", "classes.txt"):
+        (root / name).symlink_to(mini_aid / name)
+    shutil.copytree(mini_aid / "splits", root / "splits")
+    (root / "splits" / "val.txt").write_text("")
+    res = _train([root, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4 and "the dataset's val split is empty" in res.output and "--val-fraction" in res.output, res.output
+    assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
+
+
 def test_packaged_model_metadata():
     meta = read_metadata(Path(__file__).resolve().parents[1] / "tilescan" / "models" / "default.keras")
     assert len(meta["classes"]) == 30 and meta["input_size"] == [128, 128]
@@ -245,7 +257,7 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
 def test_limit_takes_every_class_whatever_the_list_order():
     """``--limit``: a chips dataset lists its chips scene by scene, so one class may fill the
     first hundreds; the subset still holds every class, in the list's order."""
-    from tilescan.training.train import _spread
+    from tilescan.training.data import spread as _spread
 
     items = [(f"a{i}.png", 0) for i in range(90)] + [(f"b{i}.png", 1) for i in range(8)] + [("c0.png", 2)]
     got = _spread(items, 6)

@@ -213,6 +213,40 @@ def load_dataset(
     return Dataset(image_root, classes, splits, f"stratified(seed={seed})", hashes, name)
 
 
+def spread(items: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    """``limit`` of ``items`` taken from each class in turn (each class's own evenly spread over
+    its list), so every class is represented whatever order the split list is in (a chips
+    dataset lists its chips scene by scene, where one class may fill the first hundreds)."""
+    by_class: dict[int, list[int]] = {}
+    for i, (_, c) in enumerate(items):
+        by_class.setdefault(c, []).append(i)
+    queues = [own[:: max(1, len(own) // limit)] for _, own in sorted(by_class.items())]
+    picked: list[int] = []
+    for turn in range(max(map(len, queues), default=0)):
+        picked += [q[turn] for q in queues if turn < len(q)]
+    return [items[i] for i in sorted(picked[:limit])]  # in the split list's order
+
+
+def train_val_paths(dataset: Dataset, limit: int | None):
+    """The train and val image paths and class indices (a ``limit`` of each when given, spread
+    over the classes: :func:`spread`)."""
+    train_items = dataset.items("train")
+    val_items = dataset.items("val")
+    if limit:
+        train_items, val_items = spread(train_items, limit), spread(val_items, limit)
+    dataset.check_found(train=train_items, val=val_items)
+    tr_paths = [dataset.root / p for p, _ in train_items]
+    va_paths = [dataset.root / p for p, _ in val_items]
+    tr_y = np.array([c for _, c in train_items])
+    va_y = np.array([c for _, c in val_items])
+    for name, paths, why in (("train", tr_paths, "a chips dataset cut with --split test is for scoring only"),
+                             ("val", va_paths, "training stops early and keeps its best epoch by the val chips: cut "
+                                               "the chips again with a --val-fraction above 0")):
+        if not paths:
+            raise InputError(f"the dataset's {name} split is empty ({why})", path=str(dataset.root))
+    return tr_paths, tr_y, va_paths, va_y
+
+
 # ---------------------------------------------------------------------------- images
 
 

@@ -27,11 +27,11 @@ import numpy as np
 
 from ..backend import cpu_has_bf16
 from ..config import TrainConfig
-from ..errors import ConfigError, InputError, OutputExistsError
+from ..errors import ConfigError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..outputs.files import make_folder, write_text
-from .data import Dataset, channel_stats, make_batches
+from .data import Dataset, channel_stats, make_batches, train_val_paths
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
@@ -235,7 +235,7 @@ def _train(
 
     out = Path(out)
     ckpt, cfg = _checked_start(dataset, out, cfg, overwrite, resume, log)
-    tr_paths, tr_y, va_paths, va_y = _split_paths(dataset, limit)
+    tr_paths, tr_y, va_paths, va_y = train_val_paths(dataset, limit)
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
     parent, size = _parent_and_size(cfg, chips_card, log)
@@ -307,38 +307,6 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     if out.exists() and not (overwrite or resume):
         raise OutputExistsError("model file exists; pass --overwrite to replace it", path=str(out))
     return out.with_name(out.name[: -len(".keras")] + ".ckpt")
-
-
-def _spread(items: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
-    """``limit`` of ``items`` taken from each class in turn (each class's own evenly spread over
-    its list), so every class is represented whatever order the split list is in (a chips
-    dataset lists its chips scene by scene, where one class may fill the first hundreds)."""
-    by_class: dict[int, list[int]] = {}
-    for i, (_, c) in enumerate(items):
-        by_class.setdefault(c, []).append(i)
-    queues = [own[:: max(1, len(own) // limit)] for _, own in sorted(by_class.items())]
-    picked: list[int] = []
-    for turn in range(max(map(len, queues), default=0)):
-        picked += [q[turn] for q in queues if turn < len(q)]
-    return [items[i] for i in sorted(picked[:limit])]  # in the split list's order
-
-
-def _split_paths(dataset: Dataset, limit: int | None):
-    """The train and val image paths and class indices (a ``limit`` of each when given, spread
-    over the classes: :func:`_spread`)."""
-    train_items = dataset.items("train")
-    val_items = dataset.items("val")
-    if limit:
-        train_items, val_items = _spread(train_items, limit), _spread(val_items, limit)
-    dataset.check_found(train=train_items, val=val_items)
-    tr_paths = [dataset.root / p for p, _ in train_items]
-    va_paths = [dataset.root / p for p, _ in val_items]
-    tr_y = np.array([c for _, c in train_items])
-    va_y = np.array([c for _, c in val_items])
-    if not tr_paths:
-        raise InputError("the dataset's train split is empty (a chips dataset cut with --split test is for scoring only)",
-                         path=str(dataset.root))
-    return tr_paths, tr_y, va_paths, va_y
 
 
 #: Train settings a resumed run may change: the rest are the checkpointed run's own.
