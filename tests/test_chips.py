@@ -253,6 +253,15 @@ def test_split_that_leaves_a_class_out_of_train_is_refused(scene_path, tmp_path)
     code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene", "--val-fraction", "0",
                        "--test-fraction", "0")
     assert code == 0, out
+    assert "warning: no chip is in val: train needs val chips" in out  # said now, not when train refuses it
+
+
+def test_chips_of_one_class_are_written_with_a_warning(scene_path, tmp_path):
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "l.gpkg", [{"class": "x", "geometry": box(left, bottom, right, top)}], crs)
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
+    assert code == 0 and "warning: the chips hold one class (x): train needs two or more" in out, out
 
 
 def test_existing_dataset_needs_overwrite(scene_path, tmp_path):

@@ -77,6 +77,16 @@ class ChipOptions:
 # ---------------------------------------------------------------------------- the dataset
 
 
+def _warn_what_train_refuses(card: dict, log: Callable[[str], None]) -> None:
+    """Say at once what ``train`` would refuse of this dataset: chips of one class only, no val chips."""
+    counts = card.get("split", {}).get("counts", {})
+    classes = sorted({c for per in counts.values() for c, n in per.items() if n})
+    if len(classes) < 2:
+        log(f"warning: the chips hold one class ({', '.join(classes)}): train needs two or more (label another class)")
+    elif card["split"].get("method") != "test" and not sum(counts.get("val", {}).values()):
+        log("warning: no chip is in val: train needs val chips (cut again with a --val-fraction above 0)")
+
+
 def _block_frame(scene_crs: Sequence, centres_lonlat: np.ndarray):
     """The CRS the blocks are laid in: the scenes' own when they share one projected CRS
     in metres, else an azimuthal equidistant one centred on the chips (whole degrees)."""
@@ -210,6 +220,7 @@ def cut_chips(
     stage = _prepare_out(out, overwrite)
     try:
         result = _build(scenes, labels, card, tiling, opts, stage, layout.scene_folder_names(scenes), log, TilingWarning)
+        _warn_what_train_refuses(result, log)
         write_json(stage / CARD, result)
         try:
             if out.exists():
