@@ -131,13 +131,17 @@ def test_chips_cut_from_other_bands_are_what_the_model_reads(chips, tmp_path):
     """Chips cut with --bands 4,1,2 (NIR, red, green of NAIP) give a model that states those
     scene bands, and run and explain read them where no --bands is given (not red, green, blue)."""
     naip = scene(NAIP)
-    code, out = _cli("chips", naip, "--labels", chips.parent / "labels.gpkg", "-o", tmp_path / "cir", "--bands", "4,1,2",
+    labels = gpd.read_file(chips.parent / "labels.gpkg").replace({"class": {"prairie": "wet/prairie"}})
+    labels.to_file(tmp_path / "labels.gpkg")  # a class no folder can be named: renamed, and the model says so
+    code, out = _cli("chips", naip, "--labels", tmp_path / "labels.gpkg", "-o", tmp_path / "cir", "--bands", "4,1,2",
                      "--split", "random", "--val-fraction", "0.25", "--test-fraction", "0.25")
-    assert code == 0, out
+    assert code == 0 and "class names changed to be folder names: 'wet/prairie' -> 'wet_prairie'" in out, out
     code, log = _cli("train", tmp_path / "cir", "--init", "default", "--epochs", "1", "--freeze-epochs", "1", "--limit", "8",
                      "-o", tmp_path / "cir.keras", *_fast(chips))
     assert code == 0, log
-    assert read_metadata(tmp_path / "cir.keras")["scene_bands"] == [4, 1, 2]
+    meta = read_metadata(tmp_path / "cir.keras")
+    assert meta["scene_bands"] == [4, 1, 2] and meta["classes"] == ["potholes", "wet_prairie"]
+    assert meta["legend"]["labels"]["renamed_classes"] == {"wet/prairie": "wet_prairie"}
     for args, bands in (([], [4, 1, 2]), (["--bands", "1,2,3"], [1, 2, 3])):
         out = tmp_path / f"run{len(args)}"
         code, log = _cli("run", naip, "--model", tmp_path / "cir.keras", "-o", out, *args)

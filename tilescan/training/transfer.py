@@ -174,7 +174,8 @@ def chips_provenance(card: dict) -> dict[str, Any]:
     split = card.get("split", {})
     return {
         "format": card.get("format"),
-        "labels": {k: card["labels"].get(k) for k in ("file", "sha256", "layer", "class_field", "crs", "features")},
+        "labels": {k: card["labels"].get(k) for k in ("file", "sha256", "layer", "class_field", "crs", "features",
+                                                      "renamed_classes")},
         "scenes": [{"scene": s["scene"], "crs": s.get("crs"), "gsd_m": s.get("gsd_m"), "tile_px": s["tiling"].get("tile_px"),
                     "chips": s.get("chips")} for s in card.get("scenes", [])],
         "cut_for_model": {k: card.get("model", {}).get(k) for k in ("id", "sha256")},
