@@ -205,6 +205,21 @@ def _quadrants(scene: Path, tmp_path: Path) -> Path:
     return _write(tmp_path / "quad.gpkg", rows, crs)
 
 
+def test_chips_name_the_label_features_by_their_ids_in_the_file(scene_path, tmp_path):
+    """label_fids are the GeoPackage's feature ids, as QGIS shows them ($id), not row numbers:
+    after a feature is deleted (fid 2), the fourth quadrant is still fid 4."""
+    import sqlite3
+
+    scene = scene_path(NAIP)
+    labels = _quadrants(scene, tmp_path)
+    with sqlite3.connect(labels) as db:
+        db.execute("DELETE FROM quad WHERE fid = 2")
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
+    assert code == 0, out
+    table = pq.read_table(tmp_path / "ds" / "chips.parquet").to_pylist()
+    assert {r["class"]: r["label_fids"] for r in table} == {"a": [1], "c": [3], "d": [4]}
+
+
 def test_spatial_split_keeps_blocks_whole(scene_path, tmp_path):
     scene = scene_path(LANDSAT)
     labels = _quadrants(scene, tmp_path)

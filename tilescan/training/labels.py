@@ -34,7 +34,8 @@ _PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 @dataclass
 class Labels:
     """Label features with a class: ``geoms`` (shapely, in ``crs``), ``cls`` (index into
-    ``classes``), ``fid`` (feature number in the file, 0-based) and ``kind`` (``polygon``
+    ``classes``), ``fid`` (the feature's id in a vector file, as QGIS shows it; in GeoParquet
+    its row number, 0-based) and ``kind`` (``polygon``
     or ``point``; a multi-point is one row per point)."""
 
     path: Path
@@ -94,7 +95,7 @@ def _read_geoparquet(path: Path):
     if info.get("encoding", "WKB").upper() != "WKB":
         raise InputError(f"GeoParquet geometry encoding {info.get('encoding')!r} is not supported (WKB is)", path=str(path))
     crs = info.get("crs", "OGC:CRS84")  # GeoParquet: a missing crs means longitude/latitude
-    return table, (None if crs is None else pyproj_crs(json.dumps(crs) if isinstance(crs, dict) else crs)), col
+    return table, (None if crs is None else pyproj_crs(json.dumps(crs) if isinstance(crs, dict) else crs)), col, None
 
 
 def _read_ogr(path: Path, layer: str | None):
@@ -105,9 +106,12 @@ def _read_ogr(path: Path, layer: str | None):
         if layer is None and len(layers) > 1:
             warnings.warn(f"{path}: {len(layers)} layers ({', '.join(str(n) for n in layers[:, 0])}); reading the first, "
                           f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=4)  # read_labels' caller
-        meta, table = pyogrio.read_arrow(str(path), layer=layer)
+        meta, table = pyogrio.read_arrow(str(path), layer=layer, return_fids=True)
     except Exception as exc:  # pyogrio's DataSourceError, DataLayerError, ...
         raise InputError(f"GDAL cannot read the labels as a vector file: {exc}", path=str(path)) from None
+    fid_col, fids = meta.get("fid_column"), None
+    if fid_col in table.column_names:  # the file's own feature ids (QGIS' $id), kept apart from the fields
+        fids, table = table.column(fid_col).to_pylist(), table.drop([fid_col])
     col = None
     for f in table.schema:
         if (f.metadata or {}).get(b"ARROW:extension:name", b"").startswith(b"geoarrow"):
@@ -115,7 +119,7 @@ def _read_ogr(path: Path, layer: str | None):
     if col is None:
         col = meta.get("geometry_name") or "wkb_geometry"
     crs = meta.get("crs")
-    return table, (None if not crs else pyproj_crs(crs)), col
+    return table, (None if not crs else pyproj_crs(crs)), col, fids
 
 
 def _class_name(value: Any) -> str | None:
@@ -142,7 +146,7 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     file when it is missing, unreadable, empty, has no class field or no usable feature."""
     path = Path(path)
     p = str(path)
-    table, crs, gcol = _read_table(path, layer)
+    table, crs, gcol, file_fids = _read_table(path, layer)
     n = table.num_rows
     if n == 0:
         raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
@@ -151,6 +155,8 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
         raise InputError("the labels file has no geometry column", path=p)
     values = [_class_name(v) for v in table.column(fname).to_pylist()]
     geoms, names, fids, kinds, dropped = _features(values, table.column(gcol).to_pylist())
+    if file_fids is not None:  # a vector file's feature ids, not row numbers
+        fids = [int(file_fids[i]) for i in fids]
     if not geoms:
         why = ", ".join(f"{c} {k.replace('_', ' ')}" for k, c in sorted(dropped.items()))
         raise InputError(f"none of the {n} label features is usable ({why}); features need a polygon or point "
@@ -167,7 +173,8 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
 
 
 def _read_table(path: Path, layer: str | None):
-    """The labels as an Arrow table, their CRS (None: not stated) and the geometry column's name."""
+    """The labels as an Arrow table, their CRS (None: not stated), the geometry column's name and
+    the features' ids in the file (None: row numbers serve, as in GeoParquet)."""
     p = str(path)
     if not path.exists():
         raise InputError("labels file not found", path=p)
