@@ -264,6 +264,7 @@ def test_split_that_leaves_a_class_out_of_train_is_refused(scene_path, tmp_path)
     labels = _write(tmp_path / "two.gpkg", rows, "EPSG:4326")
     code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene")
     assert code == 4 and "no split of the 2 group(s) leaves any chip for val" in out and "--split random" in out
+    assert "use more scenes" in out and "--block-size" not in out  # advice for a scene split, not for blocks
     assert not (tmp_path / "ds").exists()
     code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene", "--val-fraction", "0",
                        "--test-fraction", "0")

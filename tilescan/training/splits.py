@@ -142,7 +142,8 @@ def assign(method: str, *, y: np.ndarray, classes: Sequence[str], names: np.ndar
             if exc.missing:
                 msg = (f"class(es) {', '.join(repr(classes[c]) for c in exc.missing)} would be left out of train: "
                        f"no split of the {len(set(groups))} {per_group}s keeps every class in train")
-            raise InputError(f"{msg}. Label more {per_group}s of each class, use smaller blocks (--block-size), "
+            more = "smaller blocks (--block-size), " if method == "blocks" else "more scenes, "
+            raise InputError(f"{msg}. Label more {per_group}s of each class, use {more}"
                              "fewer val/test chips (--val-fraction, --test-fraction), or --split random (optimistic scores)") from None
         split = np.array(SPLITS, dtype=object)[idx]
     # every class must be in train, whatever the method
@@ -155,9 +156,11 @@ def assign(method: str, *, y: np.ndarray, classes: Sequence[str], names: np.ndar
     if method in ("blocks", "scene") and footprints is not None and n:
         split, dropped = _drop_overlaps(split, footprints)
         if val_fraction > 0 and not (split == "val").any():
+            advice = ("--split scene for overlapping scenes of different places, larger blocks, "
+                      if method == "blocks" else "scenes that do not overlap (several years of one place share its "
+                                                 "ground), ")
             raise InputError(f"every val chip overlaps a train chip (overlapping scenes or tiles): the {method} split "
-                             "has nothing left for val; use --split scene for overlapping scenes of different places, "
-                             "larger blocks, or a stride equal to the tile size")
+                             f"has nothing left for val; use {advice}or a stride equal to the tile size")
     info["dropped_overlap"] = int(dropped)
     info["groups"] = {s: int(len(set(groups[split == s]))) for s in SPLITS}
     info["counts"] = counts_table(split, y, classes)
