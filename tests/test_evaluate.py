@@ -272,6 +272,9 @@ def test_errors(model_file, dataset, tmp_path, monkeypatch):
         E.run_evaluate(str(model_file), str(gone), "test", str(tmp_path / "o"), log=lambda s: None)
     assert e.value.path == str(gone / "splits" / "test.txt")
     assert not (tmp_path / "o").exists()
+    (gone / "splits" / "test.txt").write_text("")  # a data problem, exit 4 as in train; not a setting's
+    with pytest.raises(InputError, match="the 'test' split is empty"):
+        E.run_evaluate(str(model_file), str(gone), "test", str(tmp_path / "o"), log=lambda s: None)
 
 
 def test_real_aid_images(aid_dir, model_file, tmp_path):

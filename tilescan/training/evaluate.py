@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..backend import usable_cores
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, InputError, OutputError
 from ..log import emit
 from ..outputs.files import csv_text, make_folder, write_json, write_text
 from .metrics import compute_metrics
@@ -459,7 +459,7 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     ds = load_dataset(data, splits_dir=splits_dir)
     items = ds.items(split)
     if not items:
-        raise ConfigError(f"the '{split}' split is empty", path=str(data))
+        raise InputError(f"the '{split}' split is empty", path=str(data))
     ds.check_found(**{split: items})
     model_classes = list(read_metadata(model_file(model_path))["classes"])  # "default", None: the packaged one
     if model_classes != ds.classes:
