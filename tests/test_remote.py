@@ -381,6 +381,12 @@ def test_stac_missing_asset_names_the_item(server, local_ref, tmp_path):
     alone = tmp_path / "item.json"
     alone.write_text(json.dumps(items[0].to_dict()))
     assert _run([alone], tmp_path / "out2", assets=["visual"]).exit_code == 4
+    # a stacked band's asset that is not there: the message names the asset and its URL
+    gone = _item("one-band-gone", {k: f"{server.url}/{COGEO}" for k in ("red", "blue")} | {"green": f"{server.url}/nope.tif"})
+    doc.write_text(json.dumps(pystac.ItemCollection([gone]).to_dict()))
+    rep = _run([doc], tmp_path / "out3", assets=["red", "green", "blue"]).to_dict()
+    assert f"#one-band-gone: asset 'green' ({server.url}/nope.tif): cannot open: not found (HTTP 404)" \
+        in rep["failed"][0]["reason"], rep["failed"]
 
 
 def test_explain_reads_a_url(server, tmp_path):

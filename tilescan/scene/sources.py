@@ -93,8 +93,9 @@ def remote_errors(scene: Any) -> Iterator[None]:
     try:
         yield
     except TilescanError as exc:
-        text = exc.message if exc.message.startswith("cannot open: ") else _failure_text(scene, exc.message)
-        if _network_error(text) and not text.startswith("cannot open: "):
+        told = exc.message.startswith(("cannot open: ", "asset "))  # its cause already said (a STAC asset's too)
+        text = exc.message if told else _failure_text(scene, exc.message)
+        if _network_error(text) and not told:
             text = re.sub(r"^corrupt or truncated TIFF(?: \(GDAL cannot open it\))?: ", "", text)
             if not text.startswith(("cannot open", "not found", "access denied")):
                 text = f"remote read failed: {cause(text)}"

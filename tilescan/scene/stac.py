@@ -317,7 +317,11 @@ class StacScene(os.PathLike):
         out = []
         for key, href, path in zip(self.keys, self.hrefs, self.paths):
             if vsi.is_url(href):
-                ident = sources.RemoteScene(href).identity()
+                try:
+                    ident = sources.RemoteScene(href).identity()
+                except InputError as exc:  # which asset, at which URL: stacked bands fail one by one
+                    exc.message, exc.path = f"asset {key!r} ({exc.path}): {exc.message}", self.shown
+                    raise
             else:
                 try:
                     st = os.stat(path)
