@@ -45,6 +45,16 @@ def _run_container(doc: dict, data: Path, **extra_env: str) -> tuple[int, str]:
     return p.returncode, err
 
 
+@pytest.mark.parametrize("manifest_file", ["indexed-job.yaml", "indexed-job-gpu.yaml"])
+def test_exit_codes_end_what_a_retry_cannot_mend(manifest_file):
+    """tilescan's exit codes in the Job's podFailurePolicy: a bad config or model (2, 5) fails
+    the Job; failed scenes (3, 4) end their index without retries that would redo the same bad
+    files; a stop (75) is retried and does not count."""
+    rules = yaml.safe_load((bh.K8S / manifest_file).read_text())["spec"]["podFailurePolicy"]["rules"]
+    by_action = {r["action"]: sorted(r["onExitCodes"]["values"]) for r in rules if "onExitCodes" in r}
+    assert by_action == {"FailJob": [2, 5], "Ignore": [75], "FailIndex": [3, 4]}
+
+
 def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():
     cpu, gpu = (yaml.safe_load((bh.K8S / name).read_text()) for name in ("indexed-job.yaml", "indexed-job-gpu.yaml"))
     c, g = bh.container(cpu), bh.container(gpu)
