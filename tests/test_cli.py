@@ -68,6 +68,15 @@ def test_console_script_help():
 # info --runtime: the backend and device a run would use
 
 
+def test_info_shows_a_legend_as_written(tmp_path):
+    from conftest import tiny_model_file
+
+    model = tiny_model_file(tmp_path / "m.keras", ["Étang à canards", "Prairie"], 32, seed=0)
+    r = invoke(["info", model])
+    assert r.exit_code == 0 and '"Étang à canards"' in r.stdout and "\\u00c9" not in r.stdout, r.stdout
+    assert json.loads(r.stdout)["classes"] == ["Étang à canards", "Prairie"]
+
+
 def test_info_runtime_shows_backend_device_and_precision():
     from tilescan.backend import cpu_has_bf16
 

@@ -283,6 +283,8 @@ def test_parse_shard_sources_and_errors():
     ]:
         with pytest.raises(ConfigError, match=match):
             parse_shard(*bad)
+    with pytest.raises(ConfigError, match="--shard-count 3 needs JOB_COMPLETION_INDEX"):
+        parse_shard(None, {}, count=3)  # not every unit, on each of 3 pods that lack their index
     for env in LISTED:  # every task of such an array fails, not just some
         with pytest.raises(ConfigError):
             parse_shard(None, env)

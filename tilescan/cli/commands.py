@@ -399,7 +399,7 @@ def info(ctx: click.Context, model_path, runtime, config_path) -> None:
             meta = {**meta, "runtime": tilescan.runtime(config_path)}
             if meta["runtime"]["warning"]:
                 obj.log(meta["runtime"]["warning"])
-        click.echo(json.dumps(meta, indent=2))
+        click.echo(json.dumps(meta, indent=2, ensure_ascii=False))  # a legend's names as written: Étang, not \u00c9tang
         return 0
 
     _guard(body)

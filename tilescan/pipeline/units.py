@@ -102,6 +102,9 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: 
         if not 0 <= i < n:
             raise ConfigError(f"JOB_COMPLETION_INDEX={i} is outside 0..{n - 1}")
         return i, n
+    if count is not None:  # a shard count with no index to go with it would run every unit, N times over
+        raise ConfigError(f"--shard-count {count} needs JOB_COMPLETION_INDEX (a Kubernetes Indexed Job sets it); "
+                          "elsewhere pass --shard I/N")
     return 0, 1
 
 
