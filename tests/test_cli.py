@@ -212,6 +212,14 @@ def test_exit_5_model_errors(tmp_path, scene_path):
     assert rep["counts"] == {"done": 0, "skipped": 0, "failed": 0}
 
 
+def test_a_shard_says_which_it_is_and_its_report_names_folders_in_full(tmp_path, scene_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke(["run", scene_path(SMALL), "-o", "out", *FAST, "--shard", "0/2"])
+    assert r.exit_code == 0 and "shard 0/2: " in r.output, r.output
+    rep = read_report(tmp_path / "out", "report-shard-0000-of-0002.json")
+    assert all(Path(u["out_dir"]).is_absolute() and Path(u["out_dir"]).is_dir() for u in rep["done"]), rep["done"]
+
+
 def test_settings_that_do_not_hold_replace_the_report_too(tmp_path, scene_path):
     """A bad setting (a flag, a TILESCAN_* variable, the Python API's keyword) stops the run
     before it starts: OUT's report, an earlier run's, is replaced by one that says why (the

@@ -163,7 +163,7 @@ def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: R
 def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine,
          report: RunReport) -> RunReport:
     started = time.monotonic()
-    out = Path(out)
+    out = Path(out).absolute()  # reports name folders a monitor elsewhere can find
     # A named input that does not exist (or a folder URL that cannot be listed) fails alone
     # (listed in report.json) unless no input gives a scene; then this raises before
     # anything is created.
@@ -176,6 +176,8 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     units = _plan(scenes, card, cfg, shard, out)
+    if shard[1] > 1:  # which share this process does, as the scheduler or --shard gave it
+        log(f"shard {shard[0]}/{shard[1]}: {len(units)} unit(s) of {len(scenes)} scene(s)")
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
