@@ -181,6 +181,8 @@ def test_bad_labels_fail_clearly(scene_path, tmp_path):
     assert code == 2 and "no 'class' or 'label' field" in out and "fields: name" in out
     code, out = _chips(scene, "--labels", nofield, "--class-field", "klass", "-o", tmp_path / "b")
     assert code == 2 and "--class-field 'klass' is not a field" in out
+    code, out = _chips(scene, "--labels", nofield, "--layer", "roads", "-o", tmp_path / "b")
+    assert code == 2 and "--layer 'roads' is not a layer of the labels; layers: nofield" in out, out
     far = _write(tmp_path / "far.gpkg", [{"class": "a", "geometry": box(0, 0, 10, 10)}], "EPSG:4326")
     code, out = _chips(scene, "--labels", far, "-o", tmp_path / "c")
     assert code == 4 and "none of the 1 label features lies over any of the 1 scene(s)" in out

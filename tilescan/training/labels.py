@@ -103,10 +103,15 @@ def _read_ogr(path: Path, layer: str | None):
 
     try:
         layers = pyogrio.list_layers(str(path))
+        names = [str(n) for n in layers[:, 0]]
         if layer is None and len(layers) > 1:
-            warnings.warn(f"{path}: {len(layers)} layers ({', '.join(str(n) for n in layers[:, 0])}); reading the first, "
+            warnings.warn(f"{path}: {len(layers)} layers ({', '.join(names)}); reading the first, "
                           f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=4)  # read_labels' caller
+        if layer is not None and str(layer) not in names:
+            raise ConfigError(f"--layer {layer!r} is not a layer of the labels; layers: {', '.join(names)}", path=str(path))
         meta, table = pyogrio.read_arrow(str(path), layer=layer, return_fids=True)
+    except ConfigError:
+        raise
     except Exception as exc:  # pyogrio's DataSourceError, DataLayerError, ...
         raise InputError(f"GDAL cannot read the labels as a vector file: {exc}", path=str(path)) from None
     fid_col, fids = meta.get("fid_column"), None
