@@ -220,6 +220,13 @@ def test_a_shard_says_which_it_is_and_its_report_names_folders_in_full(tmp_path,
     assert all(Path(u["out_dir"]).is_absolute() and Path(u["out_dir"]).is_dir() for u in rep["done"]), rep["done"]
 
 
+def test_asset_is_for_stac_items(tmp_path, scene_path):
+    r = invoke(["run", scene_path(SMALL), "-o", tmp_path / "a", *FAST, "--asset", ""])
+    assert r.exit_code == 2 and "give asset keys" in r.output and not (tmp_path / "a").exists()
+    r = invoke(["run", scene_path(SMALL), "-o", tmp_path / "b", *FAST, "--asset", "visual"])
+    assert r.exit_code == 0 and "--asset picks assets of STAC items" in r.output and "ignored" in r.output
+
+
 def test_settings_that_do_not_hold_replace_the_report_too(tmp_path, scene_path):
     """A bad setting (a flag, a TILESCAN_* variable, the Python API's keyword) stops the run
     before it starts: OUT's report, an earlier run's, is replaced by one that says why (the

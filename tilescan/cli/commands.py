@@ -134,7 +134,11 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
             report_failed_start(out, sh, exc)
             raise
         show = sys.stderr.isatty() if progress is None else progress
-        assets = [a.strip() for a in asset.split(",") if a.strip()] if asset else None
+        assets = [a.strip() for a in asset.split(",") if a.strip()] if asset is not None else None
+        if asset is not None and not assets:
+            raise click.BadParameter("give asset keys, e.g. visual or red,green,blue", param_hint="--asset")
+        if assets and not stac and not any(str(i).lower().endswith(".json") for i in inputs):
+            obj.log("warning: --asset picks assets of STAC items, and no STAC document is among the inputs: ignored")
         report = tilescan.run(list(inputs), out, cfg, model=model_path, shard=sh, progress=show and obj.verbosity >= 0,
                               stac=stac, assets=assets, stac_items=stac_items, interrupt="report")
         if report.interrupted:
