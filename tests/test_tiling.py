@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -676,6 +677,16 @@ def test_find_scenes(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NoScenesError, match="empty"):
         find_scenes([tmp_path / "empty"])
+    # git-annex / DataLad: files are links to content-named objects; a scene keeps its link's
+    # name (its output folder's), two links to one object are two scenes
+    (tmp_path / "annex").mkdir()
+    _write(tmp_path / "annex" / "SHA256E-s48--9f2.tif", data)
+    (tmp_path / "links").mkdir()
+    for name in ("north.tif", "south.tif"):
+        (tmp_path / "links" / name).symlink_to(Path("..") / "annex" / "SHA256E-s48--9f2.tif")
+    got = find_scenes([tmp_path / "links", tmp_path / "links" / "north.tif"])
+    assert got == [(tmp_path / "links").resolve() / "north.tif", (tmp_path / "links").resolve() / "south.tif"]
+    assert {p.resolve() for p in got} == {(tmp_path / "annex" / "SHA256E-s48--9f2.tif").resolve()}
 
 
 def test_real_scene_dir(scenes_dir):

@@ -281,12 +281,19 @@ def _check_file(path: Path) -> None:
 # finding scenes
 
 
+def _named(f: Path) -> Path:
+    """A scene's absolute path; a link to a file keeps its own name (a git-annex or DataLad
+    file is a link to a content-named object), and names its output folder."""
+    return f.parent.resolve() / f.name if f.is_symlink() else f.resolve()
+
+
 def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None) -> list[Path]:
     """Scene paths from files and directories.
 
     Files are taken as given, whatever their extension (:func:`open_scene` rejects
     non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
-    ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates.
+    ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates; a link to a
+    file keeps its name (:func:`_named`).
     Raises :class:`InputError` for a path that does not exist and
     :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
     ``*.tif`` link to nothing are errors of their own, put in ``unreadable`` (given), else raised.
@@ -308,11 +315,11 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
                     if name.lower().endswith(TIFF_SUFFIXES):
                         f = Path(root, name)
                         if f.is_file():
-                            found[f.resolve()] = None
+                            found[_named(f)] = None
                         elif f.is_symlink() and not f.exists():
                             errors.append(InputError("a link to nothing (a broken symbolic link)", path=str(f)))
         elif p.exists():
-            found[p.resolve()] = None
+            found[_named(p)] = None
         else:
             raise InputError("no such file or directory", path=str(p))
     if errors and (unreadable is None or not found):
