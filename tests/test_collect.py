@@ -141,6 +141,9 @@ def test_row_parts_unfinished_units_and_staging(ref, tmp_path):
     bh.assert_same_tiles(bh.collected(out), bh.collected(ref), exact=True)
     assert {"unit": "ghost", "reason": "no finished output in this folder"} in summary["skipped"]
     assert {"unit": "tableless", "reason": "tiles.parquet is missing"} in summary["skipped"]
+    # the staged unit is named as not finished (a run may be writing it while collect runs)
+    assert {"unit": "cog_rgb", "reason": "not finished: being written by a run, or left by one that was stopped "
+                                         "(in .tilescan-staging)"} in summary["skipped"]
     assert any("ignoring 1 row part" in n for n in notes)
     assert not (out / "collected" / "tiles.gpkg").exists()
 

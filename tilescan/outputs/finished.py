@@ -128,6 +128,25 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
             log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
                 "(a shard still running or failed?)")
         scenes.append(sc)
+    skipped += _in_staging(out)
     for p in skipped:
         log(f"collect: skipped {p['unit']}: {p['reason']}")
     return scenes, skipped
+
+
+def _in_staging(out: Path) -> list[dict]:
+    """Units in OUT's staging area: being written by a run (collect may run beside it), or left
+    by one that was killed; not collected, and said so (a scene's unit name, or SCENE/rows-…)."""
+    try:
+        entries = sorted(e.name for e in (out / layout.STAGING).iterdir())
+    except OSError:
+        return []
+    units = []
+    for name in entries:
+        part, _, scene = name[1:].partition(".")
+        if not name.startswith("."):
+            units.append(name)
+        elif layout.PART_RE.fullmatch(part) and scene:  # layout.slot's name for a row band
+            units.append(f"{scene}/{part}")
+    return [{"unit": u, "reason": "not finished: being written by a run, or left by one that was stopped "
+                                  f"(in {layout.STAGING})"} for u in units]
