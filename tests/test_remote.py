@@ -231,6 +231,10 @@ def test_url_to_gdal_path_and_redaction():
     s = RemoteScene(url)
     assert str(s) == shown and s.stem == "scene" and os.fspath(s) == "/vsicurl/" + url
     assert "pa55" not in scrub(f"GDAL: cannot read /vsicurl/{url}: 404") and "abc123" not in scrub(os.fspath(s))
+    # an object store's key holds '#' and '?' as characters: the scene is named by the whole key
+    for url, name in (("s3://scenes/odd/x#1+2.tif", "x#1+2"), ("s3://b/k?v.tif", "k?v"), ("gs://b/a%20b.tif", "a%20b")):
+        s = RemoteScene(url)
+        assert (s.stem, str(s), os.fspath(s)) == (name, url, to_gdal_path(url)), s
     # a signed URL tilescan never saw (a STAC document's, quoted by GDAL) is redacted in any text too
     text = scrub("cannot read: Cannot open file '/vsicurl/http://h/i.json?sig=zz9&X-Amz-Credential=AK1&v=2'. Retry.")
     assert text == "cannot read: Cannot open file '/vsicurl/http://h/i.json?sig=REDACTED&X-Amz-Credential=REDACTED&v=2'. Retry."

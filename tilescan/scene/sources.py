@@ -163,11 +163,21 @@ class SceneRetries:
 # ----------------------------------------------------------------------------- scenes
 
 
-def _leaf(url: str) -> str:
-    from urllib.parse import unquote
+def _is_http(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("http", "https") if "://" in url else False
 
-    path = urlsplit(url).path if "://" in url else url
-    return unquote(path.rstrip("/").rsplit("/", 1)[-1]) or "scene"
+
+def _url_path(url: str) -> str:
+    """The path part of a URL: an HTTP URL's without query and fragment; an object store's key
+    as written (``s3://b/x#1?.tif``: ``#`` and ``?`` are characters of the key)."""
+    if _is_http(url):
+        return urlsplit(url).path
+    return "/" + url.split("://", 1)[1].partition("/")[2] if "://" in url else url
+
+
+def _leaf(url: str) -> str:
+    leaf = _url_path(url).rstrip("/").rsplit("/", 1)[-1]
+    return (unquote(leaf) if _is_http(url) else leaf) or "scene"
 
 
 class RemoteScene(os.PathLike):
@@ -182,7 +192,7 @@ class RemoteScene(os.PathLike):
         self.shown = redact(url)
         remember_redacted(url, self.shown)
         remember_redacted(self.gdal_path, to_gdal_path(self.shown) if "://" in self.shown else self.shown)
-        self.name = _leaf(self.shown.split("?", 1)[0])
+        self.name = _leaf(self.shown)
 
     # -- the pathlib.Path protocol tilescan uses ---------------------------------------
 
@@ -249,7 +259,7 @@ class RemoteScene(os.PathLike):
                 why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
             else:
                 why = f"corrupt or truncated TIFF (GDAL cannot open it): {scrub(text)}"
-            last = urlsplit(self.shown).path.rsplit("/", 1)[-1]
+            last = _url_path(self.shown).rsplit("/", 1)[-1]
             if self.shown.lower().startswith(("http://", "https://")) and last and "." not in last:
                 why += "; if it is a folder, end the URL with '/' to list its files"
             raise InputError(f"cannot open: {why}", path=self.shown) from None
@@ -295,19 +305,19 @@ def manifest_fields(scene: Any) -> dict:
 
 
 def _is_folder_url(url: str) -> bool:
-    path = urlsplit(url).path if "://" in url else url
+    path = _url_path(url)
     if path.endswith("/") or not path.strip("/"):
         return True
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     leaf = path.rstrip("/").rsplit("/", 1)[-1]
-    return scheme in ("s3", "gs", "az", "azure") and "." not in leaf and "?" not in url
+    return scheme in ("s3", "gs", "az", "azure") and "." not in leaf
 
 
 def expand_url(url: str) -> list[RemoteScene]:
     """A scene URL as one scene; a folder URL as its ``*.tif`` / ``*.tiff`` objects (sorted)."""
     if not _is_folder_url(url):
         return [RemoteScene(url)]
-    if "?" in url:  # GDAL lists no folder URL with a query (a signed or token URL)
+    if "?" in url and _is_http(url):  # GDAL lists no folder URL with a query (a signed or token URL)
         raise InputError("cannot list a folder URL with a query (a signature or token): give the scenes' own URLs, "
                          "or the credentials in the environment (README: Scenes in the cloud)", path=redact(url))
     configure_gdal()

@@ -92,6 +92,8 @@ def redact(url: str) -> str:
     for p in ("/vsicurl/",):
         if url.startswith(p) and "://" in url:
             prefix, url = p, url[len(p):]
+    if url.split("://", 1)[0].lower() not in ("http", "https"):
+        return prefix + url  # an object store's key as written: '?' and '#' belong to it, no secret does
     try:
         parts = urlsplit(url)
     except ValueError:
