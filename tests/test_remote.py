@@ -385,6 +385,9 @@ def test_stac_missing_asset_names_the_item(server, local_ref, tmp_path):
     alone = tmp_path / "item.json"
     alone.write_text(json.dumps(items[0].to_dict()))
     assert _run([alone], tmp_path / "out2", assets=["visual"]).exit_code == 4
+    # no --asset: the message says what the default pick looked for
+    reason = _run([alone], tmp_path / "out2b").to_dict()["failed"][0]["reason"]
+    assert "item has no 'visual' asset, and no asset or band named 'red' (assets: thumbnail)" in reason, reason
     # a stacked band's asset that is not there: the message names the asset and its URL
     gone = _item("one-band-gone", {k: f"{server.url}/{COGEO}" for k in ("red", "blue")} | {"green": f"{server.url}/nope.tif"})
     doc.write_text(json.dumps(pystac.ItemCollection([gone]).to_dict()))

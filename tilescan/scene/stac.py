@@ -155,6 +155,7 @@ class StacScene(os.PathLike):
     def _pick(self, wanted: Sequence[str] | None) -> tuple[list[str], list[str]]:
         assets = self.item.assets
         where = f"{self.shown}"
+        given = wanted is not None
         if wanted is None:
             wanted = [DEFAULT_ASSET] if DEFAULT_ASSET in assets else list(DEFAULT_BANDS)
         by_band = {}
@@ -163,11 +164,12 @@ class StacScene(os.PathLike):
             if name:
                 by_band.setdefault(name.lower(), key)
         keys = []
+        chosen = "" if given else f"no {DEFAULT_ASSET!r} asset, and "  # what the default pick looked for
         for w in wanted:
             key = w if w in assets else by_band.get(w.lower())
             if key is None:
                 have = ", ".join(sorted(assets)) or "none"
-                raise InputError(f"item has no asset or band named {w!r} (assets: {have}); choose with --asset",
+                raise InputError(f"item has {chosen}no asset or band named {w!r} (assets: {have}); choose with --asset",
                                  path=where)
             keys.append(key)
         return keys, [self._absolute(assets[k]) for k in keys]
