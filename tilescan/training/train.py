@@ -189,7 +189,7 @@ def plot_history(history_csv: Path, png: Path) -> None:
         ax.set_ylabel(metric)
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(f"learning curves ({history_csv.parent.name})")
+    fig.suptitle(f"learning curves ({png.name.removesuffix('.curves.png')})")  # the model's name, not its checkpoint folder's
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp)
