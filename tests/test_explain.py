@@ -175,3 +175,18 @@ def test_tiles_with_an_image_are_said_to_apply_to_scenes(model_file, image, tmp_
     said: list[str] = []
     run_explain([str(image)], str(tmp_path), str(model_file), tiles=[(0, 0)], log=said.append)
     assert any(f"{image}: --tiles picks tiles of scenes; an image is explained whole" in m for m in said), said
+
+
+def test_a_scene_outside_the_models_scale_says_so_on_its_figure(scene_path, tmp_path):
+    """RGB.byte.tif is 300 m per pixel, far coarser than the shipped model's range: its figure
+    carries the warning in red under the tiles (a figure travels without its log), and its JSON
+    the structured warning; a NAIP scene at the model's scale has neither."""
+    red = {}
+    for rel in ("rasterio/RGB.byte.tif", "opengeos-naip/m_4709963_se_14_1_20190904.tif"):
+        (png,) = run_explain([str(scene_path(rel))], str(tmp_path / "ex"), None, top=1, **QUIET)
+        px = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        below = px[np.flatnonzero((px < 30).all(axis=2).any(axis=1)).max() + 1:]  # under the last row's frames
+        red[rel] = int(((below[..., 0] > 150) & (below[..., 1] < 100) & (below[..., 2] < 100)).sum())
+        warning = json.loads(png.with_suffix(".json").read_text())["scene"]["scale_warning"]
+        assert (warning or {}).get("code") == ("scale_out_of_range" if "RGB" in rel else None), warning
+    assert red["rasterio/RGB.byte.tif"] > 500 and red["opengeos-naip/m_4709963_se_14_1_20190904.tif"] < 50, red

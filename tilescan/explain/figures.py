@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import make_folder, write_bytes, write_json
 from ..scene import sources
+from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
 from .cam import resolve_target
 
@@ -55,12 +57,12 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
-def new_figure(width_in: float, height_in: float):
+def new_figure(width_in: float, height_in: float, layout: str | None = None):
     """A matplotlib Figure on its own Agg canvas (no pyplot state, safe in threads)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_in, height_in))
+    fig = Figure(figsize=(width_in, height_in), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -107,15 +109,17 @@ class FigureRow:
     map_titles: dict[str, str] = field(default_factory=dict)
 
 
-def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4):
+def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4,
+                warning: str | None = None):
     """The figure: one row per :class:`FigureRow`, columns original | heatmap | overlay
-    per method. Returns the matplotlib Figure."""
+    per method; ``warning`` in red under the title (labels outside the model's scale), so the
+    figure never travels without it. Returns the matplotlib Figure."""
     if not rows:
         raise ValueError("nothing to draw")
     n_cols = 1 + 2 * len(methods)
-    head_in = 0.45 if suptitle else 0.0  # room for the suptitle above the first row's titles
+    head_in = (0.45 if suptitle else 0.0) + (0.35 if warning else 0.0)  # room above the first row's titles
     height = cell_in * 1.12 * len(rows) + head_in
-    fig = new_figure(cell_in * n_cols, height)
+    fig = new_figure(cell_in * n_cols, height, layout="constrained")  # titles kept clear of the row above
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r, 0]
@@ -134,7 +138,9 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
             ax.set_yticks([])
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - head_in / height))
+    if warning:  # under the figure, in red, wrapped to its width
+        fig.supxlabel("\n".join(textwrap.wrap(f"Warning: {warning}", width=int(cell_in * n_cols * 14))),
+                      fontsize=8.5, color="#c00000")
     return fig
 
 
@@ -236,6 +242,7 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
             "bands": list(reader.bands),
             "nodata": reader.info.nodata,
             "nodata_from": reader.info.nodata_from,  # "file", or the setting that replaced it
+            "scale_warning": scale,  # labels outside the model's scale: also in red on the figure
         }
     return items, scene
 
@@ -303,7 +310,9 @@ def run_explain(
         first, maps, results = _explain_batch(items, cams, methods, target_idx)
         rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
         title = path.name if not is_scene else f"{path.name}: {len(items)} tile{'s' * (len(items) != 1)}"
-        png = save_figure(render_rows(rows, methods, suptitle=title), out / f"{stem}.png")
+        note = scale_note([scene_info["scale_warning"]]) if scene_info and scene_info["scale_warning"] else None
+        note = note and note.replace("run.json: warning_details", f"{stem}.json: scene.scale_warning")
+        png = save_figure(render_rows(rows, methods, suptitle=title, warning=note), out / f"{stem}.png")
         write_json(
             out / f"{stem}.json",
             {
