@@ -491,6 +491,14 @@ def test_band_count_mismatch_names_expected_found_and_mapping(tmp_path, scenes_d
     assert "model expects 3 bands (red, green, blue), scene has 1" in reason
     assert "--bands 1,1,1" in reason
     check_outputs(out / "cog_rgb", scene(SMALL), 128)
+    # two bands (a stack of two STAC assets, a red + NIR file): each once, the last again
+    with rasterio.open(scene(SMALL)) as src:
+        profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 2, "dtype": src.dtypes[0],
+                   "crs": src.crs, "transform": src.transform}
+        with rasterio.open(tmp_path / "two.tif", "w", **profile) as dst:
+            dst.write(src.read([1, 2]))
+    res = invoke(["run", tmp_path / "two.tif", "-o", tmp_path / "out2", "--units", "px", "--no-progress"])
+    assert res.exit_code == 4 and "scene has 2; map scene bands onto the model's with --bands 1,2,2" in res.output, res.output
 
 
 @pytest.mark.parametrize("stride", [TILE // 2, TILE // 4])

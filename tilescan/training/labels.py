@@ -13,6 +13,7 @@ coordinates with pyproj and measures how much of a tile each class covers.
 from __future__ import annotations
 
 import math
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -260,7 +261,8 @@ def _folder_safe(names: list[str], p: str) -> tuple[list[str], dict[str, str]]:
                          "rename one of them in the labels", path=p)
     if renamed:
         warnings.warn(f"{p}: class names changed to be folder names: "
-                      + ", ".join(f"{a!r} -> {b!r}" for a, b in sorted(renamed.items())), UserWarning,
+                      + ", ".join(f"{a!r} -> {b!r}" + (" (its Unicode NFC form)" if unicodedata.normalize("NFC", a) == b
+                                                      else "") for a, b in sorted(renamed.items())), UserWarning,
                       stacklevel=3)  # points at read_labels' caller
     return names, renamed
 
