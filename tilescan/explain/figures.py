@@ -112,12 +112,12 @@ class FigureRow:
 def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4,
                 warning: str | None = None):
     """The figure: one row per :class:`FigureRow`, columns original | heatmap | overlay
-    per method; ``warning`` in red under the title (labels outside the model's scale), so the
+    per method; ``warning`` in red under the tiles (labels outside the model's scale), so the
     figure never travels without it. Returns the matplotlib Figure."""
     if not rows:
         raise ValueError("nothing to draw")
     n_cols = 1 + 2 * len(methods)
-    head_in = (0.45 if suptitle else 0.0) + (0.35 if warning else 0.0)  # room above the first row's titles
+    head_in = (0.45 if suptitle else 0.0) + (0.35 if warning else 0.0)  # room for the title and the warning
     height = cell_in * 1.12 * len(rows) + head_in
     fig = new_figure(cell_in * n_cols, height, layout="constrained")  # titles kept clear of the row above
     axes = fig.subplots(len(rows), n_cols, squeeze=False)

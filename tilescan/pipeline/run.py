@@ -319,8 +319,9 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> str:
         return (f"of another scene file ({old.get('scene')}; a different scene of the same name wants another "
                 "output folder, a moved file --overwrite)")
     was, now = old.get("config") or {}, cfg.to_dict()
-    changed = [f"[{sec}] {key} {was.get(sec, {}).get(key)!r} -> {value!r}" for sec in ("tiling", "cam", "output")
-               for key, value in now[sec].items() if key != "overwrite" and was.get(sec, {}).get(key, value) != value]
+    shaping = {sec: now[sec] for sec in ("tiling", "cam", "output")} | {"inference": {"precision": now["inference"]["precision"]}}
+    changed = [f"[{sec}] {key} {was.get(sec, {}).get(key)!r} -> {value!r}" for sec, values in shaping.items()
+               for key, value in values.items() if key != "overwrite" and was.get(sec, {}).get(key, value) != value]
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")"
     model = old.get("model") or {}

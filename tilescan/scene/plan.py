@@ -76,7 +76,7 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
     names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
     found = f"{len(plain)}" + (" plus an alpha band" if info.alpha_band else "")
-    repeat = (plain + [plain[-1]] * model_bands)[:model_bands] if plain else [1] * model_bands  # each band, the last again
+    repeat = (plain + [plain[-1]] * model_bands)[:model_bands] if plain else [1] * model_bands  # the last again
     flag = ",".join(str(b) for b in repeat)
     raise InputError(
         f"model expects {expected}, scene has {found}; map scene bands onto the model's "
