@@ -100,3 +100,30 @@ def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path)
     second = json.loads((out / "cog_rgb" / "run.json").read_text())
     assert second["fingerprint"] != first["fingerprint"] and second["config"]["output"]["heatmap_scale"] == 0.5
     assert not any(p.name.startswith(".cog_rgb.old") for p in out.iterdir())  # the replaced folder is gone
+
+
+def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path, scene_path):
+    """A SIGKILLed run's staging folder of a unit whose scene is gone (or of another shard
+    count) is removed by the next run into OUT, whatever scenes it has; one whose lock a live
+    process holds (being written) is left alone."""
+    from tilescan import layout
+    from tilescan.config import load_config
+    from tilescan.pipeline.run import run
+
+    out = tmp_path / "out"
+    staging = out / ".tilescan-staging"
+    for name in ("gone", ".rows-00000-00004.gone2", "busy"):
+        (staging / name).mkdir(parents=True)
+        (staging / name / "tiles.parquet").write_bytes(b"half")
+    (out / ".tilescan-locks").mkdir()
+    held = layout.FileLock(out / ".tilescan-locks" / "busy.lock")
+    held.acquire()  # as the process writing it holds it
+    try:
+        notes: list[str] = []
+        cfg = load_config(None, {"tiling": {"tile_size": 256}}, environ={})
+        assert run([scene_path("rio-tiler/cog_rgb.tif")], out, cfg, log=notes.append).exit_code == 0
+        assert sorted(p.name for p in staging.iterdir()) == ["busy"]
+        assert any("removed 2 unfinished unit(s)" in n for n in notes), notes
+    finally:
+        held.release()
+    assert (out / "cog_rgb" / "run.json").is_file()

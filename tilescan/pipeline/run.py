@@ -28,7 +28,7 @@ from .process import UnitJob
 from .report import RunReport, UnitResult
 from .stream import Stream
 from .threads import one_blas_thread
-from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest
+from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest, sweep_staging
 
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
 #: so one row of blocks must fit (16 MB for a 10,000 px wide 3-band uint16 scene); GDAL's own
@@ -190,6 +190,8 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         from ..outputs.stac_items import write_items
 
         write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
+    if left := sweep_staging(out):
+        log(f"removed {len(left)} unfinished unit(s) a stopped run had left in {layout.STAGING}: {', '.join(left)}")
     layout.tidy(out)
     data = report.to_dict()
     data["shard"] = list(shard)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from .. import __version__, layout
 from ..config import Config, nodata_setting
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
-from ..layout import LOCKS, MANIFEST
+from ..layout import LOCKS, MANIFEST, STAGING
 from ..scene import sources
 
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
@@ -220,6 +220,33 @@ class UnitLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def sweep_staging(out: Path) -> list[str]:
+    """Remove the staging folders of units no process holds (their writer's lock is free): a
+    SIGKILLed run's unit that no later run included (its scene gone, another shard count) would
+    otherwise stay forever. Returns their names. Every writer of a unit's staging folder holds
+    that unit's lock, so a unit being written is never touched."""
+    try:
+        entries = list((out / STAGING).iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        part = entry.name[1:].partition(".")[0]
+        if entry.name.startswith(".") and not layout.PART_RE.fullmatch(part):  # not a unit's (collect's, an aside)
+            continue
+        lock = layout.FileLock(out / LOCKS / (entry.name + ".lock"))
+        try:
+            lock.acquire()
+        except layout.Busy:
+            continue
+        try:
+            layout.discard(entry)
+            removed.append(entry.name)
+        finally:
+            lock.release()
+    return removed
 
 
 def move_into_place(stage: Path, final: Path, out: Path) -> None:
