@@ -99,6 +99,8 @@ def test_target_errors_and_resolution(model_file, image, tmp_path):
     assert resolve_target("Parking", CLASSES) == 1
     assert resolve_target("parking", CLASSES) == 1
     assert resolve_target("2", CLASSES) == 2
+    # a legend's own name where chips made it a folder name ('/' -> '_'): the same class
+    assert resolve_target("Prairie / Grassland", ["Cropland", "Prairie _ Grassland"]) == 1
     assert resolve_target(0, CLASSES) == 0
     assert resolve_target(None, CLASSES) is None
     with pytest.raises(InputError, match="missing.png: no such file or directory"):  # as run says it

@@ -105,6 +105,13 @@ def folder_name(stem: str) -> str:
     return name
 
 
+
+def class_folder_name(name: str) -> str:
+    """The folder a class's chips go in (``images/<class>/``): :func:`folder_name` with ``/``
+    and ``\\`` made ``_`` too (they would nest folders)."""
+    return folder_name(name.replace("/", "_").replace("\\", "_"))
+
+
 def fold(name: str) -> str:
     """The key under which a case-insensitive filesystem (macOS, Windows) sees ``name``."""
     # upper() first: NTFS folds through upper case ("ı" is "I" there), casefold() alone does not

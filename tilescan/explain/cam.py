@@ -452,6 +452,11 @@ def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | No
         folded = [i for i, c in enumerate(classes) if c.lower() == s.lower()]
         if len(folded) == 1:
             return folded[0]
+        from ..layout import class_folder_name
+
+        safe = class_folder_name(s)  # the label's own name, as chips made it a folder's
+        if safe in classes:
+            return list(classes).index(safe)
         try:
             idx = int(s)
         except ValueError:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..layout import fold, folder_name
+from ..layout import class_folder_name, fold
 from ..model import file_sha256
 from ..outputs.geometry import pyproj_crs
 
@@ -248,7 +248,7 @@ def _folder_safe(names: list[str], p: str) -> tuple[list[str], dict[str, str]]:
     refuses two classes that would meet in one folder."""
     renamed: dict[str, str] = {}
     for v in set(names):
-        safe = folder_name(v.replace("/", "_").replace("\\", "_"))
+        safe = class_folder_name(v)
         if safe != v:
             renamed[v] = safe
     names = [renamed.get(v, v) for v in names]
