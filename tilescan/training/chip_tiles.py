@@ -195,9 +195,11 @@ def _cut_scene(reader, key: str, labels: Labels, geoms: np.ndarray, opts: ChipOp
 
     counts: Counter = Counter({r: 0 for r in SKIP_REASONS})
     counts["no_label"] = len(grid) - len(calls)
-    for c in calls.values():
-        if c.outcome != "chip":
-            counts[c.outcome] += 1
+    for t, c in calls.items():
+        if c.outcome != "chip":  # a tile mostly past the scene's edge is short of data, whatever its labels
+            w = grid[t].window
+            in_scene = (min(w.width, info.width - w.col_off) * min(w.height, info.height - w.row_off)) / (w.width * w.height)
+            counts["nodata" if in_scene < opts.min_valid else c.outcome] += 1
     wanted = sorted(t for t, c in calls.items() if c.outcome == "chip")
     rows: list[dict] = []
     t_px = reader.tile_px
