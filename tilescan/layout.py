@@ -105,7 +105,6 @@ def folder_name(stem: str) -> str:
     return name
 
 
-
 def class_folder_name(name: str) -> str:
     """The folder a class's chips go in (``images/<class>/``): :func:`folder_name` with ``/``
     and ``\\`` made ``_`` too (they would nest folders)."""
@@ -174,6 +173,15 @@ def slot(name: str, part: str | None = None) -> str:
     folder name for a whole scene, ``.<part>.<name>`` for a row band (scene names never
     start with a dot, so the two kinds cannot meet)."""
     return name if part is None else f".{part}.{name}"
+
+
+def unit_of_slot(entry: str) -> str | None:
+    """The unit a :func:`slot` name stands for (``scene``, or ``scene/rows-…``); None for the
+    staging area's other entries (collect's, an output parked aside)."""
+    part, _, name = entry[1:].partition(".")
+    if not entry.startswith("."):
+        return entry
+    return f"{name}/{part}" if PART_RE.fullmatch(part) and name else None
 
 
 def aside_name(entry: str) -> str:

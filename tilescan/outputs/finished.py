@@ -141,12 +141,6 @@ def _in_staging(out: Path) -> list[dict]:
         entries = sorted(e.name for e in (out / layout.STAGING).iterdir())
     except OSError:
         return []
-    units = []
-    for name in entries:
-        part, _, scene = name[1:].partition(".")
-        if not name.startswith("."):
-            units.append(name)
-        elif layout.PART_RE.fullmatch(part) and scene:  # layout.slot's name for a row band
-            units.append(f"{scene}/{part}")
+    units = [u for u in map(layout.unit_of_slot, entries) if u is not None]
     return [{"unit": u, "reason": "not finished: being written by a run, or left by one that was stopped "
                                   f"(in {layout.STAGING})"} for u in units]

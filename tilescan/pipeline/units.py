@@ -233,8 +233,7 @@ def sweep_staging(out: Path) -> list[str]:
         return []
     removed = []
     for entry in entries:
-        part = entry.name[1:].partition(".")[0]
-        if entry.name.startswith(".") and not layout.PART_RE.fullmatch(part):  # not a unit's (collect's, an aside)
+        if layout.unit_of_slot(entry.name) is None:  # not a unit's (collect's, an aside)
             continue
         lock = layout.FileLock(out / LOCKS / (entry.name + ".lock"))
         try:
