@@ -35,6 +35,7 @@ from .vsi import (
     cause,
     configure_gdal,
     headers,
+    is_http,
     is_url,
     list_folder,
     probe,
@@ -163,21 +164,17 @@ class SceneRetries:
 # ----------------------------------------------------------------------------- scenes
 
 
-def _is_http(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in ("http", "https") if "://" in url else False
-
-
 def _url_path(url: str) -> str:
     """The path part of a URL: an HTTP URL's without query and fragment; an object store's key
     as written (``s3://b/x#1?.tif``: ``#`` and ``?`` are characters of the key)."""
-    if _is_http(url):
+    if is_http(url):
         return urlsplit(url).path
     return "/" + url.split("://", 1)[1].partition("/")[2] if "://" in url else url
 
 
 def _leaf(url: str) -> str:
     leaf = _url_path(url).rstrip("/").rsplit("/", 1)[-1]
-    return (unquote(leaf) if _is_http(url) else leaf) or "scene"
+    return (unquote(leaf) if is_http(url) else leaf) or "scene"
 
 
 class RemoteScene(os.PathLike):
@@ -260,7 +257,7 @@ class RemoteScene(os.PathLike):
             else:
                 why = f"corrupt or truncated TIFF (GDAL cannot open it): {scrub(text)}"
             last = _url_path(self.shown).rsplit("/", 1)[-1]
-            if self.shown.lower().startswith(("http://", "https://")) and last and "." not in last:
+            if is_http(self.shown) and last and "." not in last:
                 why += "; if it is a folder, end the URL with '/' to list its files"
             raise InputError(f"cannot open: {why}", path=self.shown) from None
 
@@ -317,7 +314,7 @@ def expand_url(url: str) -> list[RemoteScene]:
     """A scene URL as one scene; a folder URL as its ``*.tif`` / ``*.tiff`` objects (sorted)."""
     if not _is_folder_url(url):
         return [RemoteScene(url)]
-    if "?" in url and _is_http(url):  # GDAL lists no folder URL with a query (a signed or token URL)
+    if "?" in url and is_http(url):  # GDAL lists no folder URL with a query (a signed or token URL)
         raise InputError("cannot list a folder URL with a query (a signature or token): give the scenes' own URLs, "
                          "or the credentials in the environment (README: Scenes in the cloud)", path=redact(url))
     configure_gdal()
@@ -329,11 +326,10 @@ def expand_url(url: str) -> list[RemoteScene]:
     if not names:
         raise NoScenesError("no *.tif / *.tiff objects found under this folder URL (GDAL lists a folder that does not "
                             "exist or may not be read as empty: check the URL and the credentials)", path=redact(base))
-    http = base.split("://", 1)[0].lower() in ("http", "https")
     scenes = []
     for n in sorted(set(names)):
         # an index page's links come percent-encoded (nginx, Apache) or, from some servers, as plain names
-        scenes.append(RemoteScene(base + (quote(unquote(n), safe="/") if http else n)))
+        scenes.append(RemoteScene(base + (quote(unquote(n), safe="/") if is_http(base) else n)))
     return scenes
 
 

@@ -70,6 +70,12 @@ def is_url(text: Any) -> bool:
     return scheme in VSI
 
 
+def is_http(url: str) -> bool:
+    """Whether ``url`` is an HTTP(S) URL (query and fragment are URL syntax there, not part of
+    an object store's key)."""
+    return "://" in url and url.split("://", 1)[0].lower() in ("http", "https")
+
+
 def to_gdal_path(url: str) -> str:
     """The GDAL virtual file system path of a URL (``s3://b/k`` -> ``/vsis3/b/k``)."""
     if url.startswith(_PREFIXES):
@@ -92,7 +98,7 @@ def redact(url: str) -> str:
     for p in ("/vsicurl/",):
         if url.startswith(p) and "://" in url:
             prefix, url = p, url[len(p):]
-    if url.split("://", 1)[0].lower() not in ("http", "https"):
+    if not is_http(url):
         return prefix + url  # an object store's key as written: '?' and '#' belong to it, no secret does
     try:
         parts = urlsplit(url)
