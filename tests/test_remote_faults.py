@@ -8,6 +8,7 @@ other scenes go on, nothing finished is lost, and a rerun once the server is bac
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -105,6 +106,37 @@ def test_a_server_down_when_a_scene_starts_is_tried_again(server, tmp_path):
             server.start(port=port)
     assert proc.wait(timeout=120) == 0, "".join(said)
     assert (out / "cogeo" / "run.json").exists() and (out / "cog_rgb" / "run.json").exists()
+
+
+def test_a_rerun_while_the_server_is_down_keeps_finished_scenes(server, tmp_path):
+    """A rerun that cannot reach the server to check a finished remote scene for changes keeps
+    it as it is (skipped, with the reason and a warning) instead of failing it after waiting
+    for retries; a scene never finished still fails, and once the server is back a change to
+    the finished scene is found."""
+    (server.extra / "cogeo.tif").write_bytes(scene(COGEO).read_bytes())
+    url, other, out = f"{server.url}/extra/cogeo.tif", f"{server.url}/rio-tiler/cog_rgb.tif", tmp_path / "out"
+    p = _run(out, url)
+    assert p.returncode == 0, p.stderr
+    manifest = (out / "cogeo" / "run.json").read_bytes()
+    port = server.port
+    server.stop()
+    t0 = time.monotonic()
+    p = _run(out, url, other, GDAL_HTTP_MAX_RETRY="0", TILESCAN_REMOTE_RETRIES="1")
+    assert p.returncode == 3, p.stderr  # the scene never finished failed; the finished one did not
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["cogeo"]
+    reason = report["skipped"][0]["reason"]
+    assert "could not be reached to check it for changes" in reason and "cannot reach the server" in reason, reason
+    assert "warning: cogeo: already complete; kept unchecked" in p.stderr, p.stderr
+    assert "cannot reach the server" in _failed(out)["cog_rgb"]
+    assert (out / "cogeo" / "run.json").read_bytes() == manifest
+    assert time.monotonic() - t0 < 60
+
+    server.start(port=port)
+    later = (server.extra / "cogeo.tif").stat().st_mtime + 60  # a newer Last-Modified: not the finished scene
+    os.utime(server.extra / "cogeo.tif", (later, later))
+    p = _run(out, url)
+    assert p.returncode == 6 and "finished outputs made from another version of the scene" in p.stderr, p.stderr
 
 
 def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):

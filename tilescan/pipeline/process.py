@@ -53,12 +53,13 @@ class UnitJob:
     writer thread, in tile order) -> ``finish`` (a finisher thread) or ``abort``."""
 
     def __init__(self, index: int, unit: Unit, out: Path, cfg: Config, card: LoadedModel, fingerprint: str,
-                 lock: UnitLock, log: Callable[[str], None]):
+                 lock: UnitLock, log: Callable[[str], None], version: dict | None = None):
         # ``card``: the model's metadata (classes, bands, input size, scale), all that opening
         # needs, so the scene opens while Keras and the model load; the engine comes with use()
         self.index, self.unit, self.out, self.cfg, self.card = index, unit, out, cfg, card
         self.engine: Engine | None = None
         self.fingerprint, self.lock, self.log = fingerprint, lock, log
+        self.version = version  # the scene's identity in the fingerprint (run.json's scene_version)
         self.final = unit.out_dir(out)
         self.stage = out / STAGING / unit.slot
         self.stack = contextlib.ExitStack()  # what abort() must undo, newest first
@@ -381,6 +382,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
     return {
         "status": "complete",
         "fingerprint": job.fingerprint,
+        "scene_version": job.version,
         "scene": str(unit.scene.resolve()),
         # where GIS tools read a remote scene (None with credentials in its URL): collect's project
         **({"scene_layer": scene_source(unit.scene)} if getattr(unit.scene, "remote", False) else {}),

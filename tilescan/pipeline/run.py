@@ -266,8 +266,14 @@ class _Units:
     def prepare(self, k: int, unit: Unit) -> UnitJob | UnitResult:
         """On the opener thread: the unit's checks; a locked job, or why there is nothing to do."""
         final = unit.out_dir(self.out)
-        with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
-            fp = fingerprint(unit, self.cfg, self.card.sha256)
+        try:
+            with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
+                version = sources.scene_identity(unit.scene)
+        except InputError as exc:
+            if (kept := self._kept_unchecked(unit, final, exc)) is not None:
+                return kept
+            raise
+        fp = fingerprint(unit, self.cfg, self.card.sha256, version)
         lock = UnitLock(self.out, unit).acquire()
         try:
             if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card.sha256):
@@ -279,7 +285,21 @@ class _Units:
         except BaseException:
             lock.release()
             raise
-        return UnitJob(k, unit, self.out, self.cfg, self.card, fp, lock, self.log)
+        return UnitJob(k, unit, self.out, self.cfg, self.card, fp, lock, self.log, version)
+
+    def _kept_unchecked(self, unit: Unit, final: Path, exc: InputError) -> UnitResult | None:
+        """A finished unit whose remote scene could not be reached to check it for changes (a
+        network failure that may pass): kept as it is, with a warning, instead of failed, so an
+        outage does not fail a rerun with nothing to do; None when it is not such a unit."""
+        old = read_manifest(final) or {}
+        version = old.get("scene_version")
+        if (not getattr(exc, "transient", False) or self.cfg.output.overwrite or old.get("status") != "complete"
+                or version is None or old.get("fingerprint") != fingerprint(unit, self.cfg, self.card.sha256, version)):
+            return None
+        reason = ("already complete; kept unchecked, as its scene could not be reached to check it for changes "
+                  f"(the next run checks it): {exc}")
+        self.log(f"warning: {unit.key}: {reason}")
+        return UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason=reason, counts=old.get("counts", {}))
 
     def fail(self, what: UnitJob | Unit, exc: BaseException) -> UnitResult:
         """A unit's error as its result; errors of the model (no later unit can do better) end the run."""

@@ -163,10 +163,11 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def fingerprint(unit: Unit, cfg: Config, model_sha: str) -> str:
+def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = None) -> str:
     """What the outputs depend on: the scene file, the unit's rows, the result-shaping
-    config (not batch size or threads), the model file."""
-    scene = sources.scene_identity(unit.scene)  # path, size, mtime; or URL and validators
+    config (not batch size or threads), the model file. ``version``: the scene's
+    :func:`sources.scene_identity` (path, size, mtime; or URL and validators), when known."""
+    scene = sources.scene_identity(unit.scene) if version is None else version
     d = cfg.to_dict()
     tiling = dict(d["tiling"])
     if not nodata_setting(tiling.get("nodata", "file"))[0]:
