@@ -181,6 +181,26 @@ def test_scene_split_in_row_parts(ref, tmp_path):
     assert set(bh.collected(out)["scene"]) == {"cog_rgb"}
 
 
+def test_row_parts_must_share_what_shapes_outputs_as_the_fingerprint_counts_it(ref, tmp_path):
+    """collect puts row parts together only when they were made as one run would make them:
+    a part in bf16 beside one in float32 is refused (its numbers differ slightly); a part
+    written before the nodata setting existed matches one with the default."""
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = [_fake_part(out, "cogeo", r0, r1, ref / "cogeo") for r0, r1 in [(0, 3), (3, 8)]]
+    m = json.loads((parts[1] / "run.json").read_text())
+    assert m["config"]["tiling"]["nodata"] == "file"
+    del m["config"]["tiling"]["nodata"]
+    (parts[1] / "run.json").write_text(json.dumps(m))
+    run_collect(out, log=quiet)
+    assert len(bh.collected(out)) == len(bh.collected(ref).query("scene == 'cogeo'"))
+
+    m["config"]["inference"]["precision"] = "bf16"
+    (parts[1] / "run.json").write_text(json.dumps(m))
+    with pytest.raises(InputError, match="different scenes, configs or models"):
+        run_collect(out, log=quiet)
+
+
 def test_nothing_to_collect_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     p = bh.tilescan("collect", tmp_path / "empty")

@@ -317,6 +317,22 @@ def nodata_setting(text: str) -> tuple[bool, float | None]:
     return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
 
 
+def output_shaping(config: dict) -> dict:
+    """The settings that shape a unit's outputs, from a resolved config as a dict (``to_dict``,
+    run.json's ``config``): ``[tiling]``, ``[cam]``, ``[output]`` but ``overwrite``, and a
+    precision other than float32 (bf16 changes the numbers slightly). The default nodata is
+    left out, so outputs of releases before that setting read the same."""
+    tiling = dict(config.get("tiling") or {})
+    if not nodata_setting(tiling.get("nodata", "file"))[0]:
+        tiling.pop("nodata", None)
+    shaping = {"tiling": tiling, "cam": config.get("cam"),
+               "output": {k: v for k, v in (config.get("output") or {}).items() if k != "overwrite"}}
+    precision = (config.get("inference") or {}).get("precision", "float32")
+    if precision != "float32":
+        shaping["precision"] = precision
+    return shaping
+
+
 def is_nodata_setting(text: str) -> bool:
     """Whether ``text`` is a ``[tiling] nodata`` value (:func:`nodata_setting` reads it)."""
     try:

@@ -13,6 +13,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from .. import layout
+from ..config import output_shaping
 from ..errors import InputError
 from ..layout import COLLECTED, MANIFEST
 
@@ -58,10 +59,8 @@ def _why_unfinished(folder: Path) -> str:
 
 
 def _shaping(m: dict) -> tuple:
-    cfg = m.get("config", {})
-    out = dict(cfg.get("output", {}))
-    out.pop("overwrite", None)
-    return (json.dumps([cfg.get("tiling"), cfg.get("cam"), out], sort_keys=True), m.get("model", {}).get("sha256"))
+    """What shaped a unit's outputs, as its fingerprint counts it: settings and model."""
+    return json.dumps(output_shaping(m.get("config") or {}), sort_keys=True), (m.get("model") or {}).get("sha256")
 
 
 def _n_rows(folder: Path, m: dict) -> int | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import __version__, layout
-from ..config import Config, nodata_setting
+from ..config import Config, output_shaping
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
 from ..layout import LOCKS, MANIFEST, STAGING
 from ..scene import sources
@@ -168,18 +168,11 @@ def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = 
     config (not batch size or threads), the model file. ``version``: the scene's
     :func:`sources.scene_identity` (path, size, mtime; or URL and validators), when known."""
     scene = sources.scene_identity(unit.scene) if version is None else version
-    d = cfg.to_dict()
-    tiling = dict(d["tiling"])
-    if not nodata_setting(tiling.get("nodata", "file"))[0]:
-        tiling.pop("nodata", None)  # the default, left out: outputs of releases before the setting stay finished
-    shaping = {"tiling": tiling, "cam": d["cam"], "output": {k: v for k, v in d["output"].items() if k != "overwrite"}}
-    if d["inference"].get("precision", "float32") != "float32":  # bf16 changes the numbers slightly
-        shaping["precision"] = d["inference"]["precision"]
     blob = json.dumps(
         {
             **scene,
             "rows": [unit.row_start, unit.row_stop],
-            "config": shaping,
+            "config": output_shaping(cfg.to_dict()),
             "model": model_sha,
         },
         sort_keys=True,
