@@ -274,3 +274,46 @@ def test_tiles_across_the_antimeridian_are_cut_there(tmp_path, where):
         canvas = ET.parse(out / "collected" / "collected.qgs").getroot().find("mapcanvas/extent")
         width = float(canvas.findtext("xmax")) - float(canvas.findtext("xmin"))
         assert 3000 < width < 10_000, width
+
+
+@pytest.mark.parametrize("pole", ["south", "north"])
+def test_a_tile_round_a_pole_is_a_cap_up_to_the_pole(tmp_path, pole):
+    """Real NAIP pixels placed over a pole in its polar stereographic CRS: the tile holding the
+    pole is, in the collected lon/lat table, a valid Polygon spanning every longitude and closed
+    along the pole (as the scene's STAC Item is), not cut at 180° into two slivers; every other
+    tile stays a small quadrilateral, and the areas are the tiles' ground areas."""
+    import geopandas as gpd
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+    from shapely.geometry import Point
+
+    from conftest import invoke, scene
+
+    with rasterio.open(scene("opengeos-naip/m_4709963_se_14_1_20190904.tif")) as src:
+        pixels = src.read((1, 2, 3), window=Window(0, 0, 640, 384))
+        profile = {**src.profile, "count": 3, "width": 640, "height": 384}
+    crs = "EPSG:3031" if pole == "south" else "EPSG:3413"
+    profile.update(crs=crs, transform=Affine(5, 0, -1403, 0, -5, 897))  # the pole in tile (row 1, col 2) at 256 px
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / f"{pole}.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(pixels)
+    out = tmp_path / "out"
+    assert invoke(["run", path, "-o", out, "--no-progress", "--stac-items", "--units", "px", "--tile-size", "256"]).exit_code == 0
+    assert invoke(["collect", out]).exit_code == 0
+    gdf = gpd.read_parquet(out / "collected" / "tiles.parquet")
+    native = gpd.GeoSeries.from_wkb(gdf["geometry_native"].tolist(), crs=crs)
+    at_pole = native.contains(Point(0, 0)).to_numpy()
+    assert at_pole.sum() == 1 and gdf.geometry.is_valid.all()
+    cap, edge = gdf.geometry[at_pole].iloc[0], 90.0 if pole == "north" else -90.0
+    assert cap.geom_type == "Polygon" and cap.bounds[0] == -180 and cap.bounds[2] == 180 and edge in cap.bounds
+    assert cap.contains(Point(0, edge * 0.99999)) and cap.contains(Point(90, edge * 0.99999))
+    # the others hold their own centres, not the pole
+    centres = native[~at_pole].centroid.to_crs("OGC:CRS84")
+    assert all(g.contains(c) and not g.contains(Point(0, edge * 0.99999))
+               for g, c in zip(gdf.geometry[~at_pole], centres))
+    item = json.loads((out / pole / "item.json").read_text())  # GDAL's footprint of the scene: a cap too
+    assert item["bbox"][0] == -180 and item["bbox"][2] == 180
+    laea = f"+proj=laea +lat_0={edge:g} +lon_0=0 +ellps=WGS84 +units=m"
+    np.testing.assert_allclose(gdf["area_m2"], native.to_crs(laea).area, rtol=1e-3)

@@ -64,7 +64,8 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .files import atomic_output, csv_text, write_json, write_text
 from .finished import _Scene, _Unit, find_units
-from .geometry import antimeridian_wkb, wkb_polygon_rings, wkb_polygons, wrap_longitudes
+from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
+                       wrap_longitudes)
 
 TARGET_CRS = "OGC:CRS84"
 
@@ -178,17 +179,24 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
 def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
     """Reprojected footprints (N,5,2) as the table's WKB, their boxes (xmin, ymin, xmax,
     ymax), geodesic areas, and how many cross the antimeridian: those are cut there into a
-    MultiPolygon (RFC 7946's way), and their boxes span every longitude."""
+    MultiPolygon (RFC 7946's way), and their boxes span every longitude. A tile round a
+    pole becomes a cap that spans every longitude up to the pole (:func:`polar_cap_wkb`)."""
+    polar = pole_turns(lonlat[:, :4]) != 0
     corners, across = wrap_longitudes(lonlat[:, :4])
+    across &= ~polar
     geometry = wkb_polygons(corners)
     xs, ys = corners[..., 0], corners[..., 1]
     box = [xs.min(1), ys.min(1), xs.max(1), ys.max(1)]
-    if across.any():
+    if across.any() or polar.any():
         wkb = geometry.to_pylist()
         for i in np.flatnonzero(across):
             wkb[i] = antimeridian_wkb(corners[i])
-        geometry = pa.array(wkb, pa.binary())
         box[0][across], box[2][across] = -180.0, 180.0
+        for i in np.flatnonzero(polar):
+            wkb[i], cap = polar_cap_wkb(lonlat[i, :4])
+            for b, v in zip(box, cap):
+                b[i] = v
+        geometry = pa.array(wkb, pa.binary())
     return geometry, box, _geodesic_areas(corners), int(across.sum())
 
 

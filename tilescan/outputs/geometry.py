@@ -144,6 +144,41 @@ def antimeridian_wkb(corners: np.ndarray) -> bytes:
     return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)
 
 
+def pole_turns(corners: np.ndarray) -> np.ndarray:
+    """(N,) for (N,4,2) longitude/latitude corners: 1 or -1 where a tile's ring goes once
+    round a pole (its longitudes turn through 360°), else 0."""
+    x = np.asarray(corners, dtype=np.float64)[..., 0]
+    step = (np.roll(x, -1, axis=1) - x + 180.0) % 360.0 - 180.0
+    return np.rint(step.sum(axis=1) / 360.0).astype(np.int64)
+
+
+def polar_cap_wkb(corners: np.ndarray) -> tuple[bytes, tuple[float, float, float, float]]:
+    """A footprint round a pole (4 longitude/latitude corners, :func:`pole_turns` not 0) as a
+    WKB Polygon in -180..180, counter-clockwise: its ring unrolled eastward across every
+    longitude, cut at 180° and closed along the pole, as GeoJSON draws such a cap; and its
+    box (xmin, ymin, xmax, ymax)."""
+    c = np.asarray(corners, dtype=np.float64)
+    lon, lat = c[:, 0], c[:, 1]
+    step = (np.roll(lon, -1) - lon + 180.0) % 360.0 - 180.0
+    x0 = 180.0 - (180.0 - lon[0]) % 360.0  # in (-180, 180]
+    path = np.column_stack([x0 + np.concatenate([[0.0], np.cumsum(step)]), np.append(lat, lat[0])])
+    if path[-1, 0] < path[0, 0]:  # westward: the same ring the other way, from x0 to x0 + 360
+        path = path[::-1] + [360.0, 0.0]
+    k = int(np.searchsorted(path[:, 0], 180.0, side="right")) - 1  # path[k] <= 180 < path[k + 1]
+    (xa, ya), (xb, yb) = path[k], path[k + 1]
+    y180 = ya + (180.0 - xa) / (xb - xa) * (yb - ya)
+    pole = 90.0 if lat.mean() > 0 else -90.0
+    east, west = path[:k + 1], path[k + 1:-1] - [360.0, 0.0]  # west of x0 once moved by 360
+    ring = np.array([(-180.0, y180), *west, *east, *([(180.0, y180)] if xa < 180.0 else []),
+                     (180.0, pole), (-180.0, pole)])
+    x, y = ring[:, 0], ring[:, 1]
+    if (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() < 0:
+        ring = ring[::-1]
+    closed = np.concatenate([ring, ring[:1]])
+    wkb = struct.pack("<BIII", 1, 3, 1, len(closed)) + np.ascontiguousarray(closed, "<f8").tobytes()
+    return wkb, (-180.0, float(min(y.min(), pole)), 180.0, float(max(y.max(), pole)))
+
+
 def gpkg_polygons(corners: np.ndarray, srs_id: int) -> tuple[list[bytes], np.ndarray]:
     """GeoPackage geometry blobs of the :func:`wkb_polygons` polygons, as GDAL writes them
     (magic ``GP``, version 0, flags: little-endian with an XY envelope, ``srs_id``, the
