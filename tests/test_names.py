@@ -355,3 +355,44 @@ def test_a_name_that_is_not_utf8_fails_alone_with_a_clear_message(tmp_path):
     rep = read_report(out)  # still valid JSON
     assert [Path(r["scene"]).name for r in rep["done"]] == ["good.tif"]
     assert "not valid UTF-8" in rep["failed"][0]["reason"]
+
+
+def test_an_out_inside_the_input_folder_is_not_read_as_scenes(tmp_path):
+    """OUT inside the input folder, or the input folder itself: a rerun finds only the
+    user's scenes, not the labels and heatmaps of its own outputs, nor what a killed run
+    left in staging, nor macOS's ``._`` companion files; nothing fails, nothing new is made."""
+    scenes = tmp_path / "in"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "a.tif")
+    for out in (scenes / "out", scenes):
+        assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+        (out / ".tilescan-staging" / "a").mkdir(parents=True, exist_ok=True)  # as a killed run leaves it
+        shutil.copyfile(out / "a" / "heatmap.tif", out / ".tilescan-staging" / "a" / ".heatmap.tif.tmp-1-x.tif")
+        (scenes / "._a.tif").write_bytes(b"\0\5\26\7" + bytes(60))  # AppleDouble: not a TIFF
+        before = sorted(n for n in os.listdir(out) if not n.startswith("."))
+        res = invoke(["run", scenes, "-o", out, *FAST])
+        assert res.exit_code == 0, res.output
+        rep = read_report(out)
+        assert [Path(r["scene"]).name for r in rep["skipped"]] == ["a.tif"] and not rep["done"] and not rep["failed"]
+        assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == before  # nothing new
+        assert not (out / ".tilescan-staging").exists()  # the leftover swept
+
+
+def test_a_scene_alone_with_its_stem_keeps_the_tagged_folder_it_was_done_in(tmp_path):
+    """x/s.tif and y/s.tif are done as OUT/s-<hash>; x/s.tif run by itself, or y/s.tif
+    removed, leaves x's outputs where they are: not done again as OUT/s (collect would
+    count the scene twice)."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    for sub in ("x", "y"):
+        (scenes / sub).mkdir(parents=True)
+        shutil.copyfile(scene(SCENE), scenes / sub / "s.tif")
+    assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+    tagged = sorted(os.listdir(out))
+    assert len([n for n in tagged if n.startswith("s-")]) == 2
+    (scenes / "y" / "s.tif").unlink()
+    for inputs in (scenes / "x" / "s.tif", scenes):
+        res = invoke(["run", inputs, "-o", out, *FAST])
+        assert res.exit_code == 0, res.output
+        rep = read_report(out)
+        assert len(rep["skipped"]) == 1 and not rep["done"]
+        assert sorted(os.listdir(out)) == tagged

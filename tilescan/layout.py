@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,18 @@ _RESERVED_RE = re.compile(r"report(-shard-.*)?\.json|collected")
 _DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
             | {f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"})
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a unit's output folder that tilescan wrote (its ``run.json``
+    says so): a folder search leaves such folders out, so an OUT inside an input folder is
+    never read as scenes."""
+    try:
+        with open(Path(folder) / MANIFEST, "rb") as f:
+            m = json.loads(f.read(1 << 22))
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and "fingerprint" in m and "scene_info" in m
 
 
 def report_name(shard: tuple[int, int]) -> str:
@@ -131,12 +144,17 @@ def scene_folder_names(scenes: Sequence[Path], holds: Callable[[str, Path], bool
     a case-insensitive filesystem. Every shard of a run computes the same list. ``holds(name,
     scene)``: whether the output folder ``name`` already holds that scene's finished outputs;
     such a scene keeps its name when another of the same stem arrives later (a cron job's
-    folder), so it is not done again under a new one."""
+    folder), and its tagged name when it is left alone with its stem (the other removed, or
+    the scene run by itself), so it is not done again under a new one."""
     bases = [folder_name(s.stem) for s in scenes]
     names = list(bases)
     kept = set()
     if holds is not None:  # at most one scene per name keeps it
         seen = Counter(fold(n) for n in names)
+        for i, n in enumerate(names):  # a stem of its own now, finished under its tag before: keeps the tag
+            tagged = with_tag(bases[i], _path_digest(scenes[i])[:8])
+            if seen[fold(n)] == 1 and holds(tagged, scenes[i]) and not holds(n, scenes[i]):
+                names[i] = tagged
         owner = {}
         for i, n in enumerate(names):
             if seen[fold(n)] > 1 and fold(n) not in owner and holds(n, scenes[i]):

@@ -22,6 +22,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
 
 from ..errors import InputError, NoScenesError
+from ..layout import is_output_folder
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -292,7 +293,9 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
 
     Files are taken as given, whatever their extension (:func:`open_scene` rejects
     non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
-    ``*.tiff`` (any case). The result is absolute, sorted and free of duplicates; a link to a
+    ``*.tiff`` (any case), leaving out hidden folders (``.name``: tilescan's own staging, a
+    ``.git``), macOS's ``._name.tif`` companions and tilescan's output folders (an OUT inside
+    the input folder, :func:`~tilescan.layout.is_output_folder`). The result is absolute, sorted and free of duplicates; a link to a
     file keeps its name (:func:`_named`).
     Raises :class:`InputError` for a path that does not exist and
     :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
@@ -310,9 +313,9 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
             walk = os.walk(p, onerror=lambda e: errors.append(InputError(f"cannot list this folder: {e.strerror}",
                                                                            path=e.filename)))
             for root, dirs, files in walk:
-                dirs.sort()
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d)))
                 for name in files:
-                    if name.lower().endswith(TIFF_SUFFIXES):
+                    if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith("._"):
                         f = Path(root, name)
                         if f.is_file():
                             found[_named(f)] = None
