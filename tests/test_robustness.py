@@ -956,6 +956,38 @@ def test_full_disk_small_filesystem(tmp_path, tiny_model, scenes_dir):
         _umount(out)
 
 
+def test_a_disk_already_full_when_collect_or_a_rerun_starts(tmp_path, tiny_model, scenes_dir):
+    """OUT on a file system with no byte left after a first run: collect, and a rerun with
+    --overwrite, end with the disk-full message naming what they could not write (no
+    traceback), leave no lock file behind, and the finished outputs stay as they were."""
+    out = tmp_path / "disk"
+    if not _mount_tmpfs(out, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        small, _ = _full_disk_inputs(tmp_path)
+        args = [small, "-o", out, "--model", tiny_model, "--tile-size", 128, "--bands", "3,2,1", "--no-progress"]
+        assert invoke(["run", *args]).exit_code == 0
+        before = tree_hashes(out / small.stem)
+        fd = os.open(out / "fill", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, bytes(1 << 16)):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        res = invoke(["collect", out])
+        assert res.exit_code == 6, res.output
+        assert "No space left on device" in res.output and "disk full? only" in res.output, res.output
+        res = invoke(["run", *args, "--overwrite"])
+        assert res.exit_code == 6, res.output
+        assert f"{out}/.tilescan-" in res.output and "cannot write (No space left on device); disk full? only" in res.output
+        assert not (out / ".tilescan-locks").exists() or not os.listdir(out / ".tilescan-locks")
+        assert tree_hashes(out / small.stem) == before
+    finally:
+        _umount(out)
+
+
 def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
     """Four scenes whose output place is taken: finished outputs of another config, unfinished
     ones (a run.json not complete), a folder that is not a tilescan output, and one locked by

@@ -273,8 +273,11 @@ class FileLock:
             mine = os.fstat(fd)
             if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
                 self.fd = fd
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+                try:  # who holds it, for the message of a process it turns away; a full disk leaves it blank
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+                except OSError:
+                    pass
                 return
             os.close(fd)  # the holder removed this file as it let go: lock the new one
         raise OSError(errno.EAGAIN, "could not take the lock (its file keeps changing)", str(self.path))

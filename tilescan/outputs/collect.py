@@ -62,7 +62,7 @@ from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from ..layout import COLLECTED, LOCKS, MANIFEST, REPORT, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
-from .files import atomic_output, csv_text, write_json, write_text
+from .files import atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
@@ -334,6 +334,8 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
         lock.acquire()
     except layout.Busy:
         raise OutputError("another 'tilescan collect' is writing this folder", path=str(out)) from None
+    except OSError as exc:  # a full disk, a read-only OUT
+        raise write_error(exc, lock.path) from None
     try:
         summary = _collect(out, dest, gpkg, log, styles)
     finally:
@@ -360,17 +362,19 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
-    stage.mkdir(parents=True)
     run_failed = _run_failures(out, {u.key for sc in scenes for u in sc.units}, log)
     try:
+        stage.mkdir(parents=True)
         summary = _build(scenes, skipped, stage, gpkg, log, run_failed)
         if styles:  # a style for the table and a QGIS project with every scene's layers
             from .qgis import write_collect_files
 
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units])
         _swap_into_place(stage, dest)
-    except BaseException:
+    except BaseException as exc:
         layout.discard(stage)
+        if isinstance(exc, OSError):  # the new set could not be written (a full disk); the old one is kept
+            raise write_error(exc, getattr(exc, "filename", None) or stage) from exc
         raise
     log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     return summary

@@ -79,6 +79,12 @@ def _describe(exc: BaseException, path: str | os.PathLike | None = None) -> str:
     return f"cannot write ({text}){_space_hint(folder)}"
 
 
+def write_error(exc: OSError, path: str | os.PathLike) -> OutputError:
+    """An OS error writing ``path`` as the :class:`OutputError` that names it: "cannot write
+    (<reason>)", with the free space where the disk is full."""
+    return OutputError(_describe(exc, path), path=str(path))
+
+
 def _temp_name(path: Path, tag: str = "tmp") -> Path:
     # Hidden, unique, in the same folder (so os.replace is a rename on one file system);
     # the final suffix is kept at the end so drivers that look at the extension still

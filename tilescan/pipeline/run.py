@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit
 from ..model import describe_model
-from ..outputs.files import make_folder, write_json
+from ..outputs.files import make_folder, write_error, write_json
 from ..scene import sources
 from ..scene.info import TilingWarning
 from ..scene.vsi import configure_gdal
@@ -309,7 +309,7 @@ class _Units:
         if isinstance(exc, ModelError):
             raise exc
         if isinstance(exc, OSError):
-            exc = OutputError(f"{exc.strerror or exc}", path=str(getattr(exc, 'filename', None) or unit.out_dir(self.out)))
+            exc = write_error(exc, getattr(exc, "filename", None) or unit.out_dir(self.out))
         if not isinstance(exc, TilescanError):  # a bug: one scene never kills the batch
             msg = f"{unit.scene}: unexpected error {type(exc).__name__}: {exc}"
             self.log("error: " + msg)
