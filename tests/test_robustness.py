@@ -313,6 +313,28 @@ def test_collect_names_the_scenes_that_failed_in_the_run(batch, tmp_path):
     assert len(summary["scenes"]) == len(batch["good"]) - 2
 
 
+def test_collect_says_which_scenes_it_takes_from_an_earlier_run(tmp_path, tiny_model):
+    """A scene file replaced by another image after its run: the rerun refuses to touch its
+    outputs (exit 3); collect still gathers them, as the only outputs of that scene, but names
+    it in a warning and under summary.json's ``earlier_outputs`` with the run's reason."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    scenes.mkdir()
+    first = write_like(scene(AERIAL), scenes / "a.tif", window=Window(0, 0, 256, 256))
+    write_like(scene(AERIAL), scenes / "b.tif", window=Window(256, 0, 256, 256))
+    args = ["-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"]
+    assert invoke(["run", scenes, *args]).exit_code == 0
+    write_like(scene(AERIAL), first, window=Window(0, 256, 256, 256))  # another image, the same name
+    assert invoke(["run", scenes, *args]).exit_code == 3
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0, res.output
+    assert "1 scene(s) failed in their run and are collected from an earlier run's outputs" in res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert sorted(summary["scenes"]) == ["a", "b"] and summary["failed_in_run"] == []
+    (earlier,) = summary["earlier_outputs"]
+    assert earlier["unit"] == "a" and earlier["error_kind"] == "exists"
+    assert "another version of the scene file" in earlier["reason"]
+
+
 # -- input ----------------------------------------------------------------------------
 
 

@@ -458,10 +458,11 @@ class _TableWriter:
             self.writer.close()
 
 
-def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> list[dict]:
-    """The units that the latest ``report*.json`` of ``out`` list as failed and that have no
-    finished output to collect (a later run may have finished them): summary.json's
-    ``failed_in_run``, so the set does not look complete when scenes are missing from it."""
+def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """The units that the latest ``report*.json`` of ``out`` list as failed: those with no
+    finished output (summary.json's ``failed_in_run``: the set does not look complete when
+    scenes are missing from it), and those collected from an earlier run's outputs, which may
+    be out of date (``earlier_outputs``: the scene file or the settings changed since)."""
     found: dict[str, dict] = {}
     for report in _latest_reports(out):
         try:
@@ -469,13 +470,17 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
         except (OSError, ValueError, AttributeError):
             continue  # a report being written, or not tilescan's: the run's log has it
         for f in failed:
-            if isinstance(f, dict) and f.get("unit") not in collected:
+            if isinstance(f, dict):
                 found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
                     "report": report.name}
-    if found:
-        log(f"warning: collect: {len(found)} scene(s) failed in their run and are not in the collected set "
-            f"({', '.join(sorted(map(str, found)))}; see summary.json's failed_in_run)")
-    return [found[k] for k in sorted(found, key=str)]
+    units = sorted(found, key=str)
+    missing, earlier = [found[k] for k in units if k not in collected], [found[k] for k in units if k in collected]
+    for units, what, key in ((missing, "are not in the collected set", "failed_in_run"),
+                             (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
+        if units:
+            log(f"warning: collect: {len(units)} scene(s) failed in their run and {what} "
+                f"({', '.join(str(u['unit']) for u in units)}; see summary.json's {key})")
+    return missing, earlier
 
 
 def _latest_reports(out: Path) -> list[Path]:
@@ -494,7 +499,7 @@ def _latest_reports(out: Path) -> list[Path]:
 
 
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None],
-           run_failed: list[dict] = ()) -> dict:
+           run_failed: tuple[list[dict], list[dict]] = ([], [])) -> dict:
     """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
     summary = _Summary()
@@ -522,7 +527,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                                                   if "scale_warning" in info})
     finally:
         table.close()
-    result = _result(summary, scene_info, table.total, skipped, failed, list(run_failed))
+    result = _result(summary, scene_info, table.total, skipped, failed, *run_failed)
     write_text(stage / "summary.csv", csv_text(_summary_rows(result["classes"])))
     write_json(stage / "summary.json", result)
     if table.total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
@@ -556,9 +561,9 @@ def _scale_note(sc: _Scene) -> str | None:
 
 
 def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
-            failed: list[dict], run_failed: list[dict]) -> dict:
+            failed: list[dict], run_failed: list[dict], earlier: list[dict]) -> dict:
     """summary.json's content: the tiles and areas per scene and per class, what was skipped, what
-    could not be collected (``failed``) and what failed in its run (``failed_in_run``)."""
+    could not be collected (``failed``), and what failed in its run (:func:`_run_failures`)."""
     rows = summary.table()
     per_scene = {}
     for name, info in scene_info.items():
@@ -574,6 +579,7 @@ def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped:
         "skipped": skipped,
         "failed": failed,
         "failed_in_run": run_failed,
+        "earlier_outputs": earlier,
     }
 
 
