@@ -112,7 +112,10 @@ def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path,
 
     out = tmp_path / "out"
     staging = out / ".tilescan-staging"
-    for name in ("gone", ".rows-00000-00004.gone2", "busy"):
+    # units, an old output parked aside by a run killed mid-swap, a killed collect's set and its
+    # old one parked aside; and what is not tilescan's
+    for name in ("gone", ".rows-00000-00004.gone2", "busy", ".old-20019.cog_rgb", ".collect-19924",
+                 ".old-19925.collected", ".old-x.y"):
         (staging / name).mkdir(parents=True)
         (staging / name / "tiles.parquet").write_bytes(b"half")
     (out / ".tilescan-locks").mkdir()
@@ -122,8 +125,9 @@ def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path,
         notes: list[str] = []
         cfg = load_config(None, {"tiling": {"tile_size": 256}}, environ={})
         assert run([scene_path("rio-tiler/cog_rgb.tif")], out, cfg, log=notes.append).exit_code == 0
-        assert sorted(p.name for p in staging.iterdir()) == ["busy"]
-        assert any("removed 2 unfinished unit(s)" in n for n in notes), notes
+        assert sorted(p.name for p in staging.iterdir()) == [".old-x.y", "busy"]
+        assert "removed what stopped runs had left in .tilescan-staging: .collect-19924, .old-19925.collected, " \
+               ".old-20019.cog_rgb, .rows-00000-00004.gone2, gone" in notes, notes
     finally:
         held.release()
     assert (out / "cog_rgb" / "run.json").is_file()

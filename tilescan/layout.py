@@ -30,6 +30,7 @@ MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
 LOCKS = ".tilescan-locks"
 COLLECTED = "collected"
+COLLECT_LOCK = ".collect.lock"  # in LOCKS: held by a running collect
 REPORT = "report.json"
 
 #: Bound of a scene folder name in UTF-8 bytes, collision suffix included; leaves room for
@@ -200,6 +201,19 @@ def unit_of_slot(entry: str) -> str | None:
     if not entry.startswith("."):
         return entry
     return f"{name}/{part}" if PART_RE.fullmatch(part) and name else None
+
+
+def staging_lock(entry: str) -> str | None:
+    """The lock (its file name in ``.tilescan-locks/``) that whoever writes the staging entry
+    ``entry`` holds: a unit's, for its folder and an old output parked aside from it;
+    collect's, for its new set and the old one parked aside; None for anything else."""
+    if entry.startswith(".old-"):  # aside_name's
+        pid, _, entry = entry[len(".old-"):].partition(".")
+        if not pid.isdigit():
+            return None
+    if entry == COLLECTED or (entry.startswith(".collect-") and entry[len(".collect-"):].isdigit()):
+        return COLLECT_LOCK
+    return entry + ".lock" if unit_of_slot(entry) is not None else None
 
 
 def aside_name(entry: str) -> str:

@@ -329,7 +329,7 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     if (dest / MANIFEST).exists() or any(p.is_dir() and layout.PART_RE.fullmatch(p.name) for p in _entries(dest)):
         raise OutputError("this folder holds a scene's outputs (from a tilescan older than its scene-name "
                           "rules, for a scene named 'collected'); move it away and rerun that scene", path=str(dest))
-    lock = layout.FileLock(out / LOCKS / ".collect.lock")
+    lock = layout.FileLock(out / LOCKS / layout.COLLECT_LOCK)
     try:
         lock.acquire()
     except layout.Busy:

@@ -191,7 +191,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
 
         write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
     if left := sweep_staging(out):
-        log(f"removed {len(left)} unfinished unit(s) a stopped run had left in {layout.STAGING}: {', '.join(left)}")
+        log(f"removed what stopped runs had left in {layout.STAGING}: {', '.join(sorted(left))}")
     layout.tidy(out)
     data = report.to_dict()
     data["shard"] = list(shard)

@@ -217,19 +217,21 @@ class UnitLock:
 
 
 def sweep_staging(out: Path) -> list[str]:
-    """Remove the staging folders of units no process holds (their writer's lock is free): a
-    SIGKILLed run's unit that no later run included (its scene gone, another shard count) would
-    otherwise stay forever. Returns their names. Every writer of a unit's staging folder holds
-    that unit's lock, so a unit being written is never touched."""
+    """Remove what no process is writing from the staging area (its writer's lock is free): a
+    SIGKILLed run's unit that no later run included (its scene gone, another shard count), an
+    old output it had parked aside, a killed collect's set would otherwise stay forever.
+    Returns their names. Every writer of a staging entry holds its lock
+    (:func:`~tilescan.layout.staging_lock`), so one being written is never touched."""
     try:
         entries = list((out / STAGING).iterdir())
     except OSError:
         return []
     removed = []
     for entry in entries:
-        if layout.unit_of_slot(entry.name) is None:  # not a unit's (collect's, an aside)
+        guard = layout.staging_lock(entry.name)
+        if guard is None:  # not tilescan's
             continue
-        lock = layout.FileLock(out / LOCKS / (entry.name + ".lock"))
+        lock = layout.FileLock(out / LOCKS / guard)
         try:
             lock.acquire()
         except layout.Busy:
