@@ -153,7 +153,11 @@ def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
         assert f"the finished epochs are in {ckpt}: the same command with --resume goes on from there" in said
     done_before = json.loads((ckpt / "state.json").read_text())["epochs_done"]
     assert 2 <= done_before < 4 and not out.exists()
-    res = _train([mini_aid, "-o", out, "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--patience", "0", "--resume"])
+    args = [mini_aid, "-o", out, "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--patience", "0"]
+    res = _train(args)  # the same command without --resume: the finished epochs are not thrown away
+    assert res.exit_code == 6 and f"{ckpt} holds {done_before} finished epoch(s)" in res.output, res.output
+    assert json.loads((ckpt / "state.json").read_text())["epochs_done"] == done_before
+    res = _train([*args, "--resume"])
     assert res.exit_code == 0, res.output
     assert f"after epoch {done_before}" in res.output
     hist = _history(out)
@@ -163,6 +167,11 @@ def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
     # the learning-rate schedule continued too (cosine to zero at the last epoch)
     lrs = [float(r["learning_rate"]) for r in hist]
     assert lrs[-1] < lrs[1]
+    # the model kept, its checkpoint removed: --resume has nothing to go on from, and the model stays
+    kept = out.read_bytes()
+    shutil.rmtree(ckpt)
+    res = _train([*args, "--resume"])
+    assert res.exit_code == 6 and "there is no checkpoint" in res.output and out.read_bytes() == kept
 
 
 def test_early_stopping_restores_best(mini_aid, tmp_path):

@@ -301,12 +301,25 @@ def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: boo
 
 
 def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
-    """The checkpoint folder ``<MODEL>.ckpt`` of ``out``, after checking the output name and that it may be written."""
+    """The checkpoint folder ``<MODEL>.ckpt`` of ``out``, after checking the output name and
+    that nothing kept is lost without ``overwrite``: a model file (``resume`` replaces it only
+    by going on from its checkpoint), or the finished epochs of an interrupted run."""
     if out.suffix != ".keras":
         raise ConfigError("the output model must end in .keras", path=str(out))
-    if out.exists() and not (overwrite or resume):
-        raise OutputExistsError("model file exists; pass --overwrite to replace it", path=str(out))
-    return out.with_name(out.name[: -len(".keras")] + ".ckpt")
+    ckpt = out.with_name(out.name[: -len(".keras")] + ".ckpt")
+    if overwrite:
+        return ckpt
+    try:
+        done = int(json.loads((ckpt / "state.json").read_text())["epochs_done"]) if (ckpt / "last.keras").exists() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        done = 0
+    if out.exists() and not (resume and done):
+        raise OutputExistsError("model file exists; pass --overwrite to replace it"
+                                + (f" (there is no checkpoint in {ckpt} to resume)" if resume else ""), path=str(out))
+    if done and not resume:
+        raise OutputExistsError(f"{ckpt} holds {done} finished epoch(s) of an earlier run: pass --resume to go on "
+                                "from there, or --overwrite to start afresh", path=str(out))
+    return ckpt
 
 
 #: Train settings a resumed run may change: the rest are the checkpointed run's own.
