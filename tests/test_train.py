@@ -284,3 +284,32 @@ def test_a_failed_training_leaves_keras_precision_as_it_was(tmp_path, mini_aid):
     with pytest.raises(OutputError, match="cannot create the output folder"):
         train(load_dataset(mini_aid), a_file / "m.keras", cfg, limit=2, verbose=0)
     assert keras.mixed_precision.global_policy().name == before == "float32"
+
+
+def test_evaluate_splits_as_training_did_and_says_when_the_split_changed(mini_aid, tmp_path, monkeypatch):
+    """Plain class folders split with a seed of the user's ([train] seed 7): evaluate draws the
+    same split (its test images are none of the model's training images), and once an image is
+    added (the class's split moves) it warns, in its output and report, that the test split may
+    hold training images."""
+    import csv as _csv
+
+    from tilescan.training.data import load_dataset
+
+    plain = tmp_path / "plain"
+    shutil.copytree(mini_aid / "images", plain)
+    monkeypatch.setenv("TILESCAN_TRAIN__SEED", "7")
+    out = tmp_path / "s7.keras"
+    res = _train([plain, "-o", out, "--epochs", "1", "--image-size", "32", "--batch-size", "16"])
+    assert res.exit_code == 0 and "stratified(seed=7)" in res.output, res.output
+    monkeypatch.delenv("TILESCAN_TRAIN__SEED")
+    trained = {p for p, _ in load_dataset(plain, seed=7).splits["train"]}
+    res = invoke(["evaluate", out, plain, "-o", tmp_path / "ev", "--explain-samples", "0"])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    with open(tmp_path / "ev" / "predictions.csv") as fh:
+        tested = [r["path"] for r in _csv.DictReader(fh)]
+    assert tested and not set(tested) & trained
+    first = sorted((plain / CLASSES[0]).iterdir())[0]
+    shutil.copy(first, first.with_name("added.jpg"))  # one more image: that class's split is drawn anew
+    res = invoke(["evaluate", out, plain, "-o", tmp_path / "ev2", "--explain-samples", "0"])
+    assert res.exit_code == 0 and "may hold images the model was trained on" in res.output, res.output
+    assert "may hold images" in json.loads((tmp_path / "ev2" / "report.json").read_text())["split_warning"]

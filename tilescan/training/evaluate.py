@@ -293,7 +293,7 @@ def run_evaluate(
     cam_methods = _checked_eval_args(batch_size, limit, record, cam_methods, explanations, explain_samples)
     batch_size = int(batch_size)
 
-    ds, lm, items = _eval_inputs(model_path, data, split, splits_dir)
+    ds, lm, items, overlap = _eval_inputs(model_path, data, split, splits_dir, log)
     items = _subset(items, limit, seed)
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
@@ -335,8 +335,7 @@ def run_evaluate(
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     timing = {"load_s": load_s, "warmup_s": warmup_s, "predict_s": predict_s, "batch_size": batch_size}
     report = _report(lm, split, n, k, limit, tta, metrics, top5, provenance, timing, date, outputs)
-    if study is not None:
-        report["explanations"] = study
+    report.update({"explanations": study} if study is not None else {}, **({"split_warning": overlap} if overlap else {}))
     if record:
         report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
     report["timing"]["total_s"] = time.perf_counter() - t_start
@@ -449,14 +448,17 @@ def _log_summary(metrics: dict, n: int, report: dict, outputs: list[str], out: P
     log(f"wrote {', '.join(outputs)} to {out}")
 
 
-def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str | None):
-    """The dataset, the model (its classes checked against the dataset's from the metadata,
-    before the slow Keras load) and the split's items."""
+def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str | None, log: Callable[[str], None]):
+    """The dataset, split as the model's training split it (its seed and fractions), the model
+    (its classes checked against the dataset's from the metadata, before the slow Keras load),
+    the split's items, and why they may hold training images (:func:`_split_changed`)."""
     from .data import load_dataset
     from ..model import load_model, read_metadata
     from ..model import model_path as model_file
 
-    ds = load_dataset(data, splits_dir=splits_dir)
+    trained = read_metadata(model_file(model_path)).get("training") or {}
+    drawn = {k: v for k, v in (trained.get("config") or {}).items() if k in ("val_fraction", "test_fraction", "seed")}
+    ds = load_dataset(data, splits_dir=splits_dir, **drawn)
     items = ds.items(split)
     if not items:
         raise InputError(f"the '{split}' split is empty", path=str(data))
@@ -478,7 +480,30 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     lm = load_model(model_path)
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
-    return ds, lm, items
+    overlap = _split_changed(trained, ds, split)
+    if overlap:
+        log(f"warning: {overlap}")
+    return ds, lm, items, overlap
+
+
+def _split_changed(trained: dict, ds, split: str) -> str | None:
+    """Why ``split`` may hold images the model was trained on: the dataset is the one it was
+    trained on (its folder name, its kind of split), but its train or val split differs from
+    the one recorded then (files added, removed or renamed since); None when they match or
+    there is nothing to compare (another dataset)."""
+    was = trained.get("split_sha256") or {}
+
+    def kind(source) -> str:
+        return str(source).split("(")[0].split(":")[0]
+
+    if kind(trained.get("split_source")) != kind(ds.split_source) or trained.get("root") != ds.root.name:
+        return None
+    changed = [s for s in ("train", "val") if s in was and was[s] != ds.split_sha256.get(s)]
+    if not changed:
+        return None
+    return (f"the dataset's {' and '.join(changed)} split{'s' if len(changed) > 1 else ''} differ from the model's at "
+            "training (files added, removed or renamed since, or other split lists): its "
+            f"'{split}' split may hold images the model was trained on, and score it too high")
 
 
 def _write_tables(out: Path, rel_paths, y_true, y_pred, conf, metrics: dict, classes: Sequence[str], title: str) -> None:
