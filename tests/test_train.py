@@ -313,3 +313,34 @@ def test_evaluate_splits_as_training_did_and_says_when_the_split_changed(mini_ai
     res = invoke(["evaluate", out, plain, "-o", tmp_path / "ev2", "--explain-samples", "0"])
     assert res.exit_code == 0 and "may hold images the model was trained on" in res.output, res.output
     assert "may hold images" in json.loads((tmp_path / "ev2" / "report.json").read_text())["split_warning"]
+
+
+def test_what_a_class_folder_holds_besides_its_images(tmp_path):
+    """Plain class folders as users' machines leave them: a Jupyter checkpoint folder, a zip's
+    __MACOSX folder and macOS's ._ files are not classes or images; a class folder with no
+    images yet is no class; images in a class folder's subfolders are that class's; a 16-bit
+    image is refused by name instead of being read as a near-black 8-bit one."""
+    from tilescan.errors import InputError
+    from tilescan.training.data import decode_rgb, load_dataset
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for cls in ("Forest", "Pond"):
+        for j in range(6):
+            sub = root / cls / ("batch 2" if j >= 4 else "")
+            sub.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(sub / f"{cls}{j}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (root / "Meadow").mkdir()  # a class to come
+    (root / ".ipynb_checkpoints").mkdir()
+    cv2.imwrite(str(root / ".ipynb_checkpoints" / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    (root / "__MACOSX" / "Pond").mkdir(parents=True)
+    (root / "__MACOSX" / "Pond" / "._Pond0.png").write_bytes(b"\0\5\26\7Mac OS X")
+    (root / "Pond" / "._Pond0.png").write_bytes(b"\0\5\26\7Mac OS X")
+    ds = load_dataset(root)
+    assert ds.classes == ["Forest", "Pond"]
+    items = sorted(p for split in ds.splits.values() for p, _ in split)
+    assert len(items) == 12 and "Pond/batch 2/Pond5.png" in items
+    deep = root / "Forest" / "deep.tif"
+    cv2.imwrite(str(deep), (rng.integers(0, 4096, (40, 40, 3))).astype(np.uint16))  # 12-bit data
+    with pytest.raises(InputError, match="a uint16 image: images to train or evaluate on are 8-bit RGB"):
+        decode_rgb(deep)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -95,12 +96,26 @@ class Dataset:
         return info
 
 
+def _visible(p: Path) -> bool:
+    """Not hidden (``.name``: a ``.ipynb_checkpoints``, macOS's ``._name.jpg``) nor a zip's ``__MACOSX``."""
+    return not p.name.startswith(".") and p.name != "__MACOSX"
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    return p.suffix.lower() in IMAGE_EXTS and _visible(p) and p.is_file()
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The images of a class folder, its subfolders' included (hidden ones left out), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if _visible(Path(d))]
+        found += [f for f in (Path(root, name) for name in files) if _is_image(f)]
+    return sorted(found)
 
 
 def _class_dirs(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and any(_is_image(f) for f in d.iterdir()))
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d) and _class_images(d))
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
@@ -119,12 +134,11 @@ def _hash_lines(lines: Sequence[str]) -> str:
 def _list_items(root: Path, rel_root: Path, classes: list[str]) -> list[tuple[str, int]]:
     index = {c: i for i, c in enumerate(classes)}
     items = []
-    for cls in sorted(d.name for d in root.iterdir() if d.is_dir()):
-        if cls not in index:
+    for cls in sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d)):
+        images = _class_images(root / cls)
+        if cls not in index and images:  # a folder without images (a class to come) has nothing to train on
             raise InputError(f"class folder '{cls}' is not in the class list {classes}", path=str(root))
-        for f in sorted((root / cls).iterdir()):
-            if _is_image(f):
-                items.append((str(f.relative_to(rel_root)), index[cls]))
+        items += [(str(f.relative_to(rel_root)), index[cls]) for f in images]
     return items
 
 
@@ -254,9 +268,12 @@ def decode_rgb(path: Path) -> np.ndarray:
     """Decode an image file to uint8 RGB (H, W, 3)."""
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None:
         raise InputError("cannot decode image (missing, corrupt or unsupported)", path=str(path))
+    if img.dtype != np.uint8:  # OpenCV's 8-bit read keeps a 16-bit value's high byte: 12-bit data go black
+        raise InputError(f"a {img.dtype} image: images to train or evaluate on are 8-bit RGB; cut 8-bit chips from "
+                         "16-bit scenes with 'tilescan chips' (stretched as run stretches a scene)", path=str(path))
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
