@@ -185,8 +185,10 @@ def test_early_stopping_restores_best(mini_aid, tmp_path):
     cfg = TrainConfig(epochs=10, batch_size=16, image_size=32, patience=2, min_delta=1e30, warmup_epochs=0,
                       schedule="constant", learning_rate=1e-3, mixed_precision="float32", workers=1)
     out = tmp_path / "es.keras"
-    r = train(ds, out, cfg, overwrite=True, verbose=0, log=lambda m: None)
+    said: list[str] = []
+    r = train(ds, out, cfg, overwrite=True, verbose=0, log=said.append)
     assert r["stopped"] == "early-stopping"
+    assert "early stopping: no better val_loss for 2 epochs (the best, epoch 1, is kept)" in said
     assert r["epochs_done"] == 3 and r["best_epoch"] == 1  # 1 best + patience 2
     hist = _history(out)
     assert len(hist) == 3

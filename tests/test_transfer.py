@@ -207,6 +207,7 @@ def test_resume_is_the_checkpointed_run(chips, tmp_path, aid_dir):
                      "-o", out, *_fast(chips))
     state = json.loads((tmp_path / "ft.ckpt" / "state.json").read_text())
     assert code == 0 and state["stopped"] == "time-limit" and state["epochs_done"] == 1, log  # after its first epoch
+    assert "stopping for --max-time: another epoch of " in log and "--resume goes on" in log
     code, log = _cli("train", chips, "--epochs", "2", "--resume", "-o", out, *_fast(chips))
     assert code == 0, log
     assert "resuming with the checkpoint's settings: " in log and "init default (given none)" in log, log

@@ -229,7 +229,7 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")
-@option("--max-time", type=click.FloatRange(min=0), show_default="no limit", help="Stop after the epoch that crosses this many seconds.")
+@option("--max-time", type=click.FloatRange(min=0), show_default="no limit", help="Stop once another epoch as long as the last would end past this many seconds (--resume goes on).")
 @click.option("--half", is_flag=True, help="Store weights as float16 (half the file size).")
 @option("--dataset-name", show_default="the folder name", help="Name recorded in the model metadata.")
 @_verbosity

@@ -143,6 +143,10 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
                 f"val_acc {logs.get('val_accuracy', float('nan')):.4f} lr {row['learning_rate']:.2e} "
                 f"({secs:.0f} s){'  *best*' if state['best_epoch'] == epoch + 1 else ''}"
             )
+            if state["stopped"] == "early-stopping":
+                log(f"early stopping: no better val_loss for {cfg.patience} epochs (the best, epoch {state['best_epoch']}, is kept)")
+            elif state["stopped"] == "time-limit":
+                log(f"stopping for --max-time: another epoch of {secs:.0f} s would end past {max_seconds:.0f} s; --resume goes on")
 
     return Checkpointer()
 
