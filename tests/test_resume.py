@@ -50,7 +50,8 @@ def test_killed_again_and_again_then_rerun_equals_clean_run(tmp_path, tmp_path_f
     for kill_at, least, most in plan:
         p = _run(out, kill_at)
         assert p.returncode == -signal.SIGKILL, f"{kill_at}: expected SIGKILL, got {p.returncode}\n{p.stderr}"
-        assert not (out / "report.json").exists()  # written only by a run that ends
+        report = json.loads((out / "report.json").read_text())  # the killed run's, still running: never a finished one's
+        assert report["running"] and report["pid"] and "exit_code" not in report
         done = bh.finished_folders(out)
         assert before <= set(done) and least <= len(set(done) - before) <= most, (kill_at, sorted(done))
         for name, folder in done.items():

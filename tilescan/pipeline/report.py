@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from .. import __version__
 from ..errors import (
@@ -36,10 +38,21 @@ class UnitResult:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "", [])}
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class RunReport:
     results: list[UnitResult] = field(default_factory=list)
     interrupted: dict | None = None  # set when a signal stopped the run (tilescan.stop)
+    started_at: str = field(default_factory=_now)
+
+    def running(self) -> dict:
+        """The report while the run goes on (replaced at its end): one still ``running`` whose
+        process is gone was killed (SIGKILL, out of memory, a lost node)."""
+        return {"tilescan": __version__, "running": True, "started_at": self.started_at, "pid": os.getpid(),
+                "host": os.uname().nodename}
 
     @property
     def exit_code(self) -> int:
@@ -66,4 +79,6 @@ class RunReport:
             "counts": {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")},
             "exit_code": self.exit_code,
             **({"interrupted": self.interrupted} if self.interrupted else {}),
+            "started_at": self.started_at,
+            "finished_at": _now(),
         }

@@ -173,6 +173,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     card = describe_model(model_path)  # a model that is not one: OUT is not made for it
     resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
     _check_output_dir(out)
+    write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     units = _plan(scenes, card, cfg, shard, out)
