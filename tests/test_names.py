@@ -396,3 +396,24 @@ def test_a_scene_alone_with_its_stem_keeps_the_tagged_folder_it_was_done_in(tmp_
         rep = read_report(out)
         assert len(rep["skipped"]) == 1 and not rep["done"]
         assert sorted(os.listdir(out)) == tagged
+
+
+def test_what_a_user_adds_beside_the_outputs_outlives_overwrite_and_collect(tmp_path):
+    """A project saved beside a scene's outputs and notes in OUT/collected are kept when
+    ``--overwrite`` replaces the scene's outputs and a new ``collect`` replaces the set; what
+    tilescan wrote there is replaced, a stale output it no longer writes is not kept."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "a.tif")
+    assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+    assert invoke(["collect", out]).exit_code == 0
+    (out / "a" / "a-edited.qgs").write_text("<qgis/>")
+    (out / "a" / "notes").mkdir()
+    (out / "collected" / "NOTES.txt").write_text("mine")
+    res = invoke(["run", scenes, "-o", out, *FAST, "--overwrite", "--no-gpkg"])
+    assert res.exit_code == 0 and "kept what was added beside its outputs: a-edited.qgs, notes" in res.output, res.output
+    assert (out / "a" / "a-edited.qgs").read_text() == "<qgis/>" and (out / "a" / "notes").is_dir()
+    assert not (out / "a" / "tiles.gpkg").exists()  # tilescan's, not written this time: not kept
+    res = invoke(["collect", out])
+    assert res.exit_code == 0 and "kept what was added to" in res.output, res.output
+    assert (out / "collected" / "NOTES.txt").read_text() == "mine" and (out / "collected" / "tiles.parquet").is_file()

@@ -1003,7 +1003,7 @@ def test_a_disk_already_full_when_collect_or_a_rerun_starts(tmp_path, tiny_model
         assert "No space left on device" in res.output and "disk full? only" in res.output, res.output
         res = invoke(["run", *args, "--overwrite"])
         assert res.exit_code == 6, res.output
-        assert f"{out}/.tilescan-" in res.output and "cannot write (No space left on device); disk full? only" in res.output
+        assert f"{out}/report.json: cannot write (No space left on device); disk full? only" in res.output, res.output
         assert not (out / ".tilescan-locks").exists() or not os.listdir(out / ".tilescan-locks")
         assert tree_hashes(out / small.stem) == before
     finally:

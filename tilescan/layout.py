@@ -216,6 +216,28 @@ def staging_lock(entry: str) -> str | None:
     return entry + ".lock" if unit_of_slot(entry) is not None else None
 
 
+#: What tilescan writes in a unit's folder (and in OUT/collected): with their sidecars
+#: (``labels.tif.aux.xml``, ``tiles.gpkg-journal``), the unit's ``<name>.qgs`` and row-band parts.
+UNIT_FILES = frozenset({"labels.tif", "heatmap.tif", "tiles.parquet", "tiles.gpkg", "quicklook.png", MANIFEST,
+                        "item.json", "labels.qml", "heatmap.qml", "tiles.qml"})
+COLLECTED_FILES = frozenset({"tiles.parquet", "tiles.gpkg", "summary.csv", "summary.json", "collected.qgs", "tiles.qml"})
+
+
+def carry_over(old: Path, new: Path, ours: frozenset[str], project: str | None = None) -> list[str]:
+    """Move what a user added to a folder tilescan replaces (an entry that is none of ``ours``,
+    their sidecars, ``project``, a row-band part or hidden) from ``old`` into ``new``, unless
+    ``new`` has one of that name; returns their names."""
+    kept = []
+    for entry in sorted(old.iterdir()):
+        n = entry.name
+        if (n.startswith(".") or n == project or PART_RE.fullmatch(n) or os.path.lexists(new / n)
+                or any(n == f or n.startswith((f + ".", f + "-")) for f in ours)):
+            continue
+        os.replace(entry, new / n)
+        kept.append(n)
+    return kept
+
+
 def aside_name(entry: str) -> str:
     """Where an old output is parked in ``.tilescan-staging/`` while its replacement moves in."""
     return f".old-{os.getpid()}.{entry}"

@@ -370,7 +370,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
             from .qgis import write_collect_files
 
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units])
-        _swap_into_place(stage, dest)
+        _swap_into_place(stage, dest, log)
     except BaseException as exc:
         layout.discard(stage)
         if isinstance(exc, OSError):  # the new set could not be written (a full disk); the old one is kept
@@ -583,8 +583,10 @@ def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped:
     }
 
 
-def _swap_into_place(stage: Path, dest: Path) -> None:
-    """Rename ``stage`` to ``OUT/collected``; an old set is parked in the staging area, then removed."""
+def _swap_into_place(stage: Path, dest: Path, log: Callable[[str], None]) -> None:
+    """Rename ``stage`` to ``OUT/collected``; an old set is parked aside, then removed (what a user added to it kept)."""
+    if dest.is_dir() and not dest.is_symlink() and (kept := layout.carry_over(dest, stage, layout.COLLECTED_FILES)):
+        log(f"collect: kept what was added to {dest}: {', '.join(kept)}")
     if os.path.lexists(dest):
         aside = stage.parent / layout.aside_name(COLLECTED)
         layout.discard(aside)

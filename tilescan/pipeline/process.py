@@ -199,7 +199,8 @@ class UnitJob:
             manifest.update(sources.manifest_fields(unit.scene))  # a URL's or STAC item's source
             write_json(self.stage / MANIFEST, manifest)
         faults.point("before-rename")
-        move_into_place(self.stage, self.final, self.out)
+        if kept := move_into_place(self.stage, self.final, self.out):
+            self.log(f"{unit.key}: kept what was added beside its outputs: {', '.join(kept)}")
         self.stack.pop_all()  # in place: nothing to undo but the reader and the lock
         self.reader.close()
         self.lock.release()

@@ -244,11 +244,13 @@ def sweep_staging(out: Path) -> list[str]:
     return removed
 
 
-def move_into_place(stage: Path, final: Path, out: Path) -> None:
+def move_into_place(stage: Path, final: Path, out: Path) -> list[str]:
     """Rename the finished staging folder to ``final``: a scene folder ``OUT/<name>`` or a row
     band ``OUT/<name>/rows-…``. What was there is parked in the staging area, then removed
-    (row-band parts inside an old scene folder are kept). Any other target is refused, so
+    (row-band parts inside an old scene folder, and what a user added beside tilescan's
+    outputs, are kept: their names are returned). Any other target is refused, so
     nothing outside the unit's own folder and tilescan's staging area is renamed or removed."""
+    kept: list[str] = []
     scene_dir = final if final.parent == out else final.parent
     if not (scene_dir.parent == out and layout.is_safe_name(scene_dir.name)
             and (final == scene_dir or layout.PART_RE.fullmatch(final.name))):
@@ -269,6 +271,8 @@ def move_into_place(stage: Path, final: Path, out: Path) -> None:
             for part in aside.iterdir():  # row-band parts of a sharded run stay with the scene
                 if layout.PART_RE.fullmatch(part.name) and part.is_dir() and not part.is_symlink():
                     os.replace(part, stage / part.name)
+        if aside.is_dir() and not aside.is_symlink():
+            kept = layout.carry_over(aside, stage, layout.UNIT_FILES, f"{scene_dir.name}.qgs")
         os.replace(stage, final)
         layout.discard(aside)
     else:
@@ -279,6 +283,7 @@ def move_into_place(stage: Path, final: Path, out: Path) -> None:
         os.close(fd)
     except OSError:
         pass
+    return kept
 
 
 def _link_or_file(path: Path) -> bool:
