@@ -153,6 +153,8 @@ def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
         assert f"the finished epochs are in {ckpt}: the same command with --resume goes on from there" in said
     done_before = json.loads((ckpt / "state.json").read_text())["epochs_done"]
     assert 2 <= done_before < 4 and not out.exists()
+    with open(ckpt / "history.csv", "a") as fh:  # the row of an epoch killed while its checkpoint was saved
+        fh.write(f"{done_before + 1},9,0,9,0,0.001,1\n")
     args = [mini_aid, "-o", out, "--epochs", "4", "--image-size", "32", "--batch-size", "16", "--patience", "0"]
     res = _train(args)  # the same command without --resume: the finished epochs are not thrown away
     assert res.exit_code == 6 and f"{ckpt} holds {done_before} finished epoch(s)" in res.output, res.output
@@ -346,3 +348,16 @@ def test_what_a_class_folder_holds_besides_its_images(tmp_path):
     cv2.imwrite(str(deep), (rng.integers(0, 4096, (40, 40, 3))).astype(np.uint16))  # 12-bit data
     with pytest.raises(InputError, match="a uint16 image: images to train or evaluate on are 8-bit RGB"):
         decode_rgb(deep)
+
+
+def test_a_stop_signal_waits_for_the_checkpoint_to_be_whole():
+    """A Ctrl-C while an epoch's checkpoint is written takes effect once it is written."""
+    from tilescan import stop
+
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            written.append("state.json")
+    assert written == ["state.json"]

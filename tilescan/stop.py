@@ -72,6 +72,26 @@ class Seen:
 
 
 @contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT while the block runs (a checkpoint is written whole), then act
+    on the first that came as the handler before would have (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if came and callable(old[came[0]]):
+            old[came[0]](came[0], None)
+        elif came and old[came[0]] == signal.SIG_DFL:
+            os.kill(os.getpid(), came[0])
+
+
+@contextlib.contextmanager
 def handling(second: str = "end") -> Iterator[Seen]:
     """Turn SIGTERM/SIGINT into a stop request while the block runs (main thread only;
     elsewhere, e.g. the Python API called from a worker thread, signals keep their

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .. import stop
 from ..backend import cpu_has_bf16
 from ..config import TrainConfig
 from ..errors import ConfigError, OutputExistsError
@@ -98,7 +99,10 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             self.t_epoch = time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
+            with stop.deferred():  # a stop signal waits for the epoch's checkpoint to be whole
+                self._checkpoint(epoch, dict(logs or {}))
+
+        def _checkpoint(self, epoch, logs):
             secs = time.monotonic() - self.t_epoch
             row = {
                 "epoch": epoch + 1,
@@ -400,6 +404,7 @@ def _start_state(ckpt: Path, resuming: bool, resume: bool, parent, tr_paths, siz
     model = None
     if resuming:
         state.update(json.loads((ckpt / "state.json").read_text()))
+        _history_upto(ckpt / "history.csv", state["epochs_done"])  # a row of an epoch killed while it was saved
         model = keras.saving.load_model(ckpt / "last.keras")
         log(f"resuming from {ckpt} after epoch {state['epochs_done']} (best val_loss {state['best']:.4f} at epoch {state['best_epoch']})")
     else:
@@ -575,6 +580,13 @@ def _add_parent_metadata(meta: dict, parent, head, freeze: int, finetune_lr: flo
     if chips_card is None and not cfg.gsd_m:
         meta["scale"]["source"] += ("; the parent's range is not inherited: the images did not come from "
                                     "tilescan chips, so their ground scale is not known")
+
+
+def _history_upto(path: Path, epochs: int) -> None:
+    """Drop the rows of ``history.csv`` past epoch ``epochs`` (the epochs the checkpoint holds)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        write_text(path, "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= epochs]))
 
 
 def _keep_history(out: Path, ckpt: Path) -> None:
