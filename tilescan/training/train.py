@@ -12,7 +12,6 @@ finished epoch with the same schedule, data order and early-stopping state.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -23,8 +22,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from .. import stop
 from ..backend import cpu_has_bf16
 from ..config import TrainConfig
@@ -32,9 +29,9 @@ from ..errors import ConfigError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..outputs.files import make_folder, write_text
+from . import history
 from .data import Dataset, channel_stats, make_batches, train_val_paths
 
-HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds"]
 
 
 def resolve_precision(setting: str) -> str:
@@ -113,13 +110,7 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
                 "learning_rate": _current_lr(self.model.optimizer),
                 "seconds": round(secs, 2),
             }
-            hist = ckpt / "history.csv"
-            new = not hist.exists()
-            with hist.open("a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            history.append_row(ckpt / "history.csv", row)
             val = logs.get("val_loss")
             if val is not None and val < state["best"] - cfg.min_delta:
                 state.update(best=float(val), best_epoch=epoch + 1, wait=0,
@@ -172,37 +163,6 @@ def stated_scale(gsd_m, image_paths, input_size: int) -> dict:
         "tile_footprint_m": [round(lo * side, 1), round(hi * side, 1)],
         "source": f"stated: [train] gsd_m = {[lo, hi]} m per stored pixel x {side} px / {input_size} px input",
     }
-
-
-def plot_history(history_csv: Path, png: Path) -> None:
-    """Learning curves (loss and accuracy, train vs val) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(history_csv.open()))
-    if not rows:
-        return
-    ep = [int(r["epoch"]) for r in rows]
-
-    def col(k):
-        return [float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, metric in ((a, "loss"), (b, "accuracy")):
-        ax.plot(ep, col(metric), label="train")
-        ax.plot(ep, col(f"val_{metric}"), label="val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"learning curves ({png.name.removesuffix('.curves.png')})")  # the model's name, not its checkpoint folder's
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
 
 
 def train(dataset: Dataset, out: str | Path, cfg: TrainConfig, **kwargs) -> dict:
@@ -289,7 +249,7 @@ def _train(
     if parent is not None:
         _add_parent_metadata(meta, parent, head, freeze, finetune_lr, state, dataset, size, cfg, chips_card)
     sha = save_model(export, out, meta, half=half)
-    _keep_history(out, ckpt)
+    history.keep_beside(out, ckpt)
     log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
     held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
@@ -404,7 +364,7 @@ def _start_state(ckpt: Path, resuming: bool, resume: bool, parent, tr_paths, siz
     model = None
     if resuming:
         state.update(json.loads((ckpt / "state.json").read_text()))
-        _history_upto(ckpt / "history.csv", state["epochs_done"])  # a row of an epoch killed while it was saved
+        history.keep_upto(ckpt / "history.csv", state["epochs_done"])  # a row of an epoch killed while it was saved
         model = keras.saving.load_model(ckpt / "last.keras")
         log(f"resuming from {ckpt} after epoch {state['epochs_done']} (best val_loss {state['best']:.4f} at epoch {state['best_epoch']})")
     else:
@@ -580,18 +540,3 @@ def _add_parent_metadata(meta: dict, parent, head, freeze: int, finetune_lr: flo
     if chips_card is None and not cfg.gsd_m:
         meta["scale"]["source"] += ("; the parent's range is not inherited: the images did not come from "
                                     "tilescan chips, so their ground scale is not known")
-
-
-def _history_upto(path: Path, epochs: int) -> None:
-    """Drop the rows of ``history.csv`` past epoch ``epochs`` (the epochs the checkpoint holds)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        write_text(path, "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= epochs]))
-
-
-def _keep_history(out: Path, ckpt: Path) -> None:
-    """The history CSV and learning-curve PNG beside the model."""
-    hist_out = out.with_name(out.name[: -len(".keras")] + ".history.csv")
-    if (ckpt / "history.csv").exists():
-        hist_out.write_text((ckpt / "history.csv").read_text())
-        plot_history(ckpt / "history.csv", out.with_name(out.name[: -len(".keras")] + ".curves.png"))
