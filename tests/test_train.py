@@ -361,3 +361,17 @@ def test_a_stop_signal_waits_for_the_checkpoint_to_be_whole():
             time.sleep(0.05)
             written.append("state.json")
     assert written == ["state.json"]
+
+
+def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_path):
+    """A finished 2-epoch run resumed with --epochs 4: epochs 3 and 4 train on a cosine
+    schedule over 4 epochs (a learning rate above 0 at the end of epoch 3, 0 at the end of the
+    last), not on the 2-epoch one, which had reached 0."""
+    out = tmp_path / "m.keras"
+    args = [mini_aid, "-o", out, "--image-size", "32", "--batch-size", "16", "--patience", "0"]
+    assert _train([*args, "--epochs", "2"]).exit_code == 0
+    assert float(_history(out)[-1]["learning_rate"]) == 0.0
+    res = _train([*args, "--epochs", "4", "--resume"])
+    assert res.exit_code == 0, res.output
+    lrs = [float(r["learning_rate"]) for r in _history(out)]
+    assert len(lrs) == 4 and lrs[2] > 0 and lrs[3] == 0.0, lrs

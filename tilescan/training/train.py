@@ -52,17 +52,7 @@ def resolve_precision(setting: str) -> str:
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     import keras
 
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-    if cfg.schedule == "cosine":
-        if warm > 0:
-            lr = keras.optimizers.schedules.CosineDecay(
-                cfg.learning_rate * 0.01, total - warm, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warm
-            )
-        else:
-            lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total, alpha=0.0)
-    else:
-        lr = cfg.learning_rate
+    lr = schedule(cfg, steps_per_epoch)
     if cfg.optimizer == "adamw":
         opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
         # no decay on BatchNorm scales/offsets and biases
@@ -72,6 +62,20 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
     else:
         opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
     return opt
+
+
+def schedule(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning rate over ``cfg.epochs`` epochs: warm-up then cosine decay to 0, or constant."""
+    import keras
+
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    if cfg.schedule != "cosine":
+        return cfg.learning_rate
+    if warm > 0:
+        return keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate * 0.01, total - warm, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warm)
+    return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total, alpha=0.0)
 
 
 def _current_lr(opt) -> float:
@@ -418,6 +422,9 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
     loaded = getattr(model, "optimizer", None) is not None and state["epochs_done"] > 0  # resumed: the checkpoint's optimizer state
     if state.get("stopped") == "time-limit":
         state["stopped"] = None  # a resumed run goes on where the time limit stopped it
+    elif state.get("stopped") == "early-stopping" and state["epochs_done"] < cfg.epochs:
+        log(f"nothing to go on with: the checkpointed run stopped early after epoch {state['epochs_done']} "
+            "(no better val_loss); --overwrite trains afresh")
     start = 0
     for name, end, phase_cfg in phases:
         if state.get("stopped") or state["epochs_done"] >= end:
@@ -433,6 +440,8 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                 metrics=["accuracy"],
             )
+        else:  # the checkpoint's optimizer goes on, on this phase's schedule over the epochs asked now
+            model.optimizer.learning_rate = schedule(phase_cfg, len(train_ds))
         if fine_tuning:
             log(f"{'head only (backbone frozen)' if name == 'frozen' else 'whole model'}: epochs "
                 f"{state['epochs_done'] + 1}-{end}, peak learning rate {phase_cfg.learning_rate:g}")
