@@ -375,3 +375,9 @@ def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_
     assert res.exit_code == 0, res.output
     lrs = [float(r["learning_rate"]) for r in _history(out)]
     assert len(lrs) == 4 and lrs[2] > 0 and lrs[3] == 0.0, lrs
+
+
+def test_a_limit_below_the_class_count_says_which_classes_go_without(mini_aid, tmp_path):
+    res = _train([mini_aid, "-o", tmp_path / "l.keras", "--epochs", "1", "--image-size", "32", "--limit", "3"])
+    assert res.exit_code == 0, res.output
+    assert "warning: --limit 3 is below the 5 classes: 2 of them get no image" in res.output

@@ -239,6 +239,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     n_train, n_val = len(ds.items("train")), len(ds.items("val"))
     used = f"; --limit {limit}: {min(limit, n_train)} and {min(limit, n_val)} of them used" if limit else ""
     emit(f"{ds.name}: {len(ds.classes)} classes, train {n_train}, val {n_val} ({ds.split_source}{used})")
+    if limit and limit < len(ds.classes):
+        emit(f"warning: --limit {limit} is below the {len(ds.classes)} classes: {len(ds.classes) - limit} of them get no image")
     return _train(ds, out, cfg, resume=resume, overwrite=overwrite, max_seconds=max_seconds, limit=limit, half=half,
                   verbose=verbose)
 
