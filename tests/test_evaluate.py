@@ -18,7 +18,7 @@ cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
 
 from tilescan.training import evaluate as E
-from tilescan.errors import ConfigError, InputError
+from tilescan.errors import ConfigError, InputError, OutputExistsError
 from tilescan.model import META_MEMBER, load_model, read_metadata
 from conftest import tiny_model_file
 
@@ -254,8 +254,14 @@ def test_errors(model_file, dataset, tmp_path, monkeypatch):
         E.run_evaluate(str(model_file), str(other), "test", str(tmp_path / "o"), log=lambda s: None)
     with pytest.raises(ConfigError, match="limit"):
         E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), record=True, limit=5, log=lambda s: None)
-    with pytest.raises(ConfigError, match="split"):
+    with pytest.raises(InputError, match="dataset has no 'nope' split"):  # the data's, exit 4 as an empty one
         E.run_evaluate(str(model_file), str(dataset), "nope", str(tmp_path / "o"), log=lambda s: None)
+    ran = tmp_path / "ran"  # a run's output folder: its report.json is not replaced by the evaluation's
+    ran.mkdir()
+    (ran / "report.json").write_text(json.dumps({"done": [], "exit_code": 0}))
+    with pytest.raises(OutputExistsError, match="holds the report.json of a 'tilescan run'"):
+        E.run_evaluate(str(model_file), str(dataset), "test", str(ran), log=lambda s: None)
+    assert json.loads((ran / "report.json").read_text())["exit_code"] == 0
     # a split list naming an image that is not there: stopped before the model loads, naming the list
     gone = tmp_path / "gone"
     gone.mkdir()

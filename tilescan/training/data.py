@@ -57,7 +57,7 @@ class Dataset:
 
     def items(self, split: str) -> list[tuple[str, int]]:
         if split not in self.splits:
-            raise ConfigError(f"dataset has no '{split}' split (has: {', '.join(self.splits)})", path=str(self.root))
+            raise InputError(f"dataset has no '{split}' split (has: {', '.join(self.splits)})", path=str(self.root))
         return self.splits[split]
 
     def check_found(self, **items_of: list[tuple[str, int]]) -> None:

@@ -28,6 +28,7 @@ averaged prediction is exactly invariant to flips and rotations of the input.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..backend import usable_cores
-from ..errors import ConfigError, InputError, OutputError
+from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
 from ..outputs.files import csv_text, make_folder, write_json, write_text
 from .metrics import compute_metrics
@@ -290,7 +291,7 @@ def run_evaluate(
     rows of ``explanations.png`` (0: no figure).
     """
     t_start = time.perf_counter()
-    cam_methods = _checked_eval_args(batch_size, limit, record, cam_methods, explanations, explain_samples)
+    cam_methods = _checked_eval_args(batch_size, limit, record, cam_methods, explanations, explain_samples, out_dir)
     batch_size = int(batch_size)
 
     ds, lm, items, overlap = _eval_inputs(model_path, data, split, splits_dir, log)
@@ -370,8 +371,16 @@ def _remove_stale(out: Path, outputs: Sequence[str]) -> None:
 
 
 def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],
-                       explanations: bool, explain_samples: int) -> list[str]:
-    """The CAM method names, lower-cased without repeats, after checking the arguments."""
+                       explanations: bool, explain_samples: int, out_dir) -> list[str]:
+    """The CAM method names, lower-cased without repeats, after checking the arguments (and that
+    ``out_dir`` is no run's output folder, whose report.json the evaluation's would replace)."""
+    try:
+        theirs = json.loads((Path(out_dir) / "report.json").read_text())
+    except (OSError, ValueError):
+        theirs = {}
+    if isinstance(theirs, dict) and ("exit_code" in theirs or theirs.get("running")):
+        raise OutputExistsError("holds the report.json of a 'tilescan run' (its output folder): give the evaluation "
+                                "a folder of its own", path=str(out_dir))
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and int(limit) < 1:
