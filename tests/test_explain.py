@@ -192,3 +192,20 @@ def test_a_scene_outside_the_models_scale_says_so_on_its_figure(scene_path, tmp_
         warning = json.loads(png.with_suffix(".json").read_text())["scene"]["scale_warning"]
         assert (warning or {}).get("code") == ("scale_out_of_range" if "RGB" in rel else None), warning
     assert red["rasterio/RGB.byte.tif"] > 500 and red["opengeos-naip/m_4709963_se_14_1_20190904.tif"] < 50, red
+
+
+def test_scene_tiles_are_runs_tiles_for_a_model_of_another_input_size(model_file, scene_path, tmp_path):
+    """A 64 px model: explain's tile (2, 3) is run's tile (2, 3) of tiles.parquet, the same
+    window, label and confidence (it read 64 px tiles, another place, before)."""
+    import pyarrow.parquet as pq
+
+    from conftest import invoke
+
+    scene = scene_path("rasterio/RGB.byte.tif")
+    assert invoke(["run", scene, "-o", tmp_path / "out", "--model", model_file, "--no-progress"]).exit_code == 0
+    row = [r for r in pq.read_table(tmp_path / "out" / "RGB.byte" / "tiles.parquet").to_pylist()
+           if (r["row"], r["col"]) == (2, 3)][0]
+    run_explain([str(scene)], str(tmp_path / "x"), str(model_file), tiles=[(2, 3)], **QUIET)
+    got = json.loads((tmp_path / "x" / "RGB.byte_tiles_explain.json").read_text())["rows"][0]
+    assert got["window"] == {k: row[k] for k in ("col_off", "row_off", "width", "height")}, got["window"]
+    assert got["label"] == row["label"] and got["confidence"] == pytest.approx(row["confidence"], abs=1e-5)

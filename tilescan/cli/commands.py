@@ -325,7 +325,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
 @option("--tiles", multiple=True, show_default="the --top N most confident",
         help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3' (or --tiles 0,1 --tiles 2,3).")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
-@option("--tile-size", type=click.IntRange(min=1), show_default="the model's input size", help="Tile edge (scene pixels; metres with --units m).")
+@option("--tile-size", type=click.IntRange(min=1), show_default="as run: 128", help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
         help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
 @option("--nodata", default="file", metavar="VALUE|none|file",

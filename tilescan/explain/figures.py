@@ -175,8 +175,8 @@ def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target:
     from ..config import TilingConfig
     from ..scene.info import TilingWarning
 
-    cfg = TilingConfig(tile_size=int(tile_size or lm.input_size), units=units, nodata=nodata, allow_pixel_space=True,
-                       bands=tuple(int(b) for b in bands))
+    sized = {"tile_size": int(tile_size)} if tile_size else {}  # else run's default: the same tiles as run reads
+    cfg = TilingConfig(**sized, units=units, nodata=nodata, allow_pixel_space=True, bands=tuple(int(b) for b in bands))
     object.__setattr__(cfg, "_origins", dict(flags))  # messages name the options as the user typed them
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
@@ -281,7 +281,7 @@ def run_explain(
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
-    pixels (default: the model input size); ``units``, ``nodata`` and ``bands`` (empty: chosen
+    pixels (default: run's, so the tiles are run's); ``units``, ``nodata`` and ``bands`` (empty: chosen
     as run chooses them): as ``[tiling] units``, ``nodata`` and ``bands`` in ``run``. ``flags``:
     the option each of those came from as typed (``{"bands": "--bands 4,2"}``), for messages.
 
