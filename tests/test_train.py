@@ -381,3 +381,29 @@ def test_a_limit_below_the_class_count_says_which_classes_go_without(mini_aid, t
     res = _train([mini_aid, "-o", tmp_path / "l.keras", "--epochs", "1", "--image-size", "32", "--limit", "3"])
     assert res.exit_code == 0, res.output
     assert "warning: --limit 3 is below the 5 classes: 2 of them get no image" in res.output
+
+
+def test_split_lists_that_share_images_are_refused(mini_aid, tmp_path):
+    data = tmp_path / "shared"
+    data.mkdir()
+    for name in ("images", "classes.txt"):
+        (data / name).symlink_to(mini_aid / name)
+    shutil.copytree(mini_aid / "splits", data / "splits")
+    first = (mini_aid / "splits" / "train.txt").read_text().split()[0]
+    with open(data / "splits" / "test.txt", "a") as fh:
+        fh.write(first + "\n")
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4 and f"train.txt and test.txt share images ('{first}')" in res.output, res.output
+
+
+def test_a_class_without_val_images_is_named(tmp_path):
+    """Plain folders with a class of one image: the stratified split gives it no val image,
+    and train says so before it trains."""
+    rng = np.random.default_rng(1)
+    for cls, n in (("Forest", 12), ("Pond", 12), ("Meadow", 1)):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for j in range(n):
+            cv2.imwrite(str(tmp_path / "d" / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    res = _train([tmp_path / "d", "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert "warning: no val image of 1 class(es) (Meadow)" in res.output

@@ -142,6 +142,16 @@ def _list_items(root: Path, rel_root: Path, classes: list[str]) -> list[tuple[st
     return items
 
 
+def _check_disjoint(splits: dict[str, list[tuple[str, int]]], lists_dir: Path) -> None:
+    """Split lists that share an image: a model scored on images it was trained on scores too high."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted({p for p, _ in splits.get(a, [])} & {p for p, _ in splits.get(b, [])})
+        if shared:
+            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+            raise InputError(f"{a}.txt and {b}.txt share images ('{shared[0]}'{more}): each image belongs to one "
+                             "split", path=str(lists_dir))
+
+
 def stratified_split(
     items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[tuple[str, int]]]:
@@ -219,6 +229,7 @@ def load_dataset(
             splits[split] = items
         if "train" not in splits or "val" not in splits:
             raise InputError("split lists need at least train.txt and val.txt", path=str(lists_dir))
+        _check_disjoint(splits, lists_dir)
         return Dataset(image_root, classes, splits, f"lists:{lists_dir}", hashes, name)
 
     items = _list_items(image_root, image_root, classes)
