@@ -407,3 +407,16 @@ def test_a_class_without_val_images_is_named(tmp_path):
     res = _train([tmp_path / "d", "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
     assert res.exit_code == 0, res.output
     assert "warning: no val image of 1 class(es) (Meadow)" in res.output
+
+
+def test_an_image_that_is_none_is_named_before_any_epoch(mini_aid, tmp_path):
+    """A zero-byte val image: refused by name before training starts (it ended a whole epoch
+    later, at validation)."""
+    data = tmp_path / "z"
+    shutil.copytree(mini_aid, data)
+    bad = (data / "splits" / "val.txt").read_text().split()[2]
+    (data / "images" / bad).write_bytes(b"")
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4, res.output
+    assert f"the val split's image '{bad}' cannot be read as an image (empty, not an image, or corrupt)" in res.output
+    assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()

@@ -61,16 +61,18 @@ class Dataset:
         return self.splits[split]
 
     def check_found(self, **items_of: list[tuple[str, int]]) -> None:
-        """Every image of the items given per split (``train=[...]``) exists: checked before a
-        model loads, not an epoch or a scoring pass into the work."""
+        """Every image of the items given per split (``train=[...]``) exists and has an image
+        header (an empty file, another kind of file): checked before a model loads, not an
+        epoch or a scoring pass into the work."""
+        lists = self.split_source.startswith("lists:")
         for split, items in items_of.items():
-            missing = [p for p, _ in items if not (self.root / p).is_file()]
-            if missing:
-                lists = self.split_source.startswith("lists:")
-                where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
-                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise InputError(f"the {split} split's image '{missing[0]}'{more} is not found under {self.root}",
-                                 path=str(where))
+            where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
+            for why, bad in (("is not found under " + str(self.root), lambda f: not f.is_file()),
+                             ("cannot be read as an image (empty, not an image, or corrupt)", _no_image_header)):
+                found = [p for p, _ in items if bad(self.root / p)]
+                if found:
+                    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+                    raise InputError(f"the {split} split's image '{found[0]}'{more} {why}", path=str(where))
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / p for p, _ in self.items(split)]
@@ -94,6 +96,17 @@ class Dataset:
             info["citation"] = AID_CITATION
             info["terms"] = AID_TERMS
         return info
+
+
+def _no_image_header(path: Path) -> bool:
+    """Whether ``path`` has no header Pillow knows as an image's (its pixels are not read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return not (im.width and im.height)
+    except Exception:  # noqa: BLE001 - whatever the file is, it is no image
+        return True
 
 
 def _visible(p: Path) -> bool:
