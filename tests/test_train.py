@@ -420,3 +420,25 @@ def test_an_image_that_is_none_is_named_before_any_epoch(mini_aid, tmp_path):
     assert res.exit_code == 4, res.output
     assert f"the val split's image '{bad}' cannot be read as an image (empty, not an image, or corrupt)" in res.output
     assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
+
+
+def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
+    """'Forêt' written decomposed (as macOS names folders) and composed: one class, so a model
+    trained on one copy of the data is evaluated on the other (it was refused, the names looking
+    the same)."""
+    import unicodedata
+
+    from tilescan.training.data import load_dataset
+
+    rng = np.random.default_rng(2)
+    for form, root in (("NFD", tmp_path / "nfd"), ("NFC", tmp_path / "nfc")):
+        for name in ("Forêt", "Étang"):
+            d = root / unicodedata.normalize(form, name)
+            d.mkdir(parents=True)
+            for j in range(10):
+                cv2.imwrite(str(d / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    assert load_dataset(tmp_path / "nfd").classes == load_dataset(tmp_path / "nfc").classes == ["Forêt", "Étang"]
+    out = tmp_path / "m.keras"
+    assert _train([tmp_path / "nfd", "-o", out, "--epochs", "1", "--image-size", "32"]).exit_code == 0
+    res = invoke(["evaluate", out, tmp_path / "nfc", "-o", tmp_path / "ev", "--explain-samples", "0"])
+    assert res.exit_code == 0, res.output

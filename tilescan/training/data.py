@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -127,14 +128,20 @@ def _class_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _nfc(name: str) -> str:
+    """A class name as one Unicode form (macOS writes folder names decomposed: 'Forêt' is then
+    another string than the same name typed elsewhere)."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _class_dirs(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d) and _class_images(d))
+    return sorted({_nfc(d.name) for d in root.iterdir() if d.is_dir() and _visible(d) and _class_images(d)})
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
     for c in candidates:
         if c.is_file():
-            names = [ln.strip() for ln in c.read_text().splitlines() if ln.strip()]
+            names = [_nfc(ln.strip()) for ln in c.read_text().splitlines() if ln.strip()]
             if names:
                 return names
     return None
@@ -149,9 +156,9 @@ def _list_items(root: Path, rel_root: Path, classes: list[str]) -> list[tuple[st
     items = []
     for cls in sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d)):
         images = _class_images(root / cls)
-        if cls not in index and images:  # a folder without images (a class to come) has nothing to train on
+        if _nfc(cls) not in index and images:  # a folder without images (a class to come) has nothing to train on
             raise InputError(f"class folder '{cls}' is not in the class list {classes}", path=str(root))
-        items += [(str(f.relative_to(rel_root)), index[cls]) for f in images]
+        items += [(str(f.relative_to(rel_root)), index[_nfc(cls)]) for f in images]
     return items
 
 
@@ -235,7 +242,7 @@ def load_dataset(
             hashes[split] = hashlib.sha256(f.read_bytes()).hexdigest()
             items = []
             for ln in lines:
-                cls = Path(ln).parts[0]
+                cls = _nfc(Path(ln).parts[0])
                 if cls not in index:
                     raise InputError(f"line '{ln}': class folder '{cls}' is not a known class", path=str(f))
                 items.append((ln, index[cls]))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import unicodedata
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -472,7 +473,8 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     if not items:
         raise InputError(f"the '{split}' split is empty", path=str(data))
     ds.check_found(**{split: items})
-    model_classes = list(read_metadata(model_file(model_path))["classes"])  # "default", None: the packaged one
+    # "default", None: the packaged one; names compared in one Unicode form, as datasets read them
+    model_classes = [unicodedata.normalize("NFC", c) for c in read_metadata(model_file(model_path))["classes"]]
     if model_classes != ds.classes:
         only_m = [c for c in model_classes if c not in ds.classes]
         only_d = [c for c in ds.classes if c not in model_classes]
