@@ -417,3 +417,22 @@ def test_what_a_user_adds_beside_the_outputs_outlives_overwrite_and_collect(tmp_
     res = invoke(["collect", out])
     assert res.exit_code == 0 and "kept what was added to" in res.output, res.output
     assert (out / "collected" / "NOTES.txt").read_text() == "mine" and (out / "collected" / "tiles.parquet").is_file()
+
+
+def test_collect_counts_a_scene_file_once_whatever_folders_hold_it(tmp_path):
+    """Outputs of one scene file in two folders (an earlier tilescan did it again under a new
+    name): collect takes the one finished last, once, and says why it skipped the other."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "a.tif")
+    assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+    shutil.copytree(out / "a", out / "a-5e1f0000")
+    m = json.loads((out / "a-5e1f0000" / "run.json").read_text())
+    m["finished_at"] = "2020-01-01T00:00:00Z"
+    (out / "a-5e1f0000" / "run.json").write_text(json.dumps(m))
+    res = invoke(["collect", out])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert list(summary["scenes"]) == ["a"] and summary["tiles"] == 4
+    (skip,) = [s for s in summary["skipped"] if s["unit"] == "a-5e1f0000"]
+    assert "the same scene file" in skip["reason"] and "as a, which was finished later" in skip["reason"]

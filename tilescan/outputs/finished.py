@@ -127,10 +127,30 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
             log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
                 "(a shard still running or failed?)")
         scenes.append(sc)
-    skipped += _in_staging(out)
+    scenes, twice = _once_per_scene_file(scenes)
+    skipped += twice + _in_staging(out)
     for p in skipped:
         log(f"collect: skipped {p['unit']}: {p['reason']}")
     return scenes, skipped
+
+
+def _once_per_scene_file(scenes: list[_Scene]) -> tuple[list[_Scene], list[dict]]:
+    """One folder per scene file: of folders made from the same file (done again under another
+    name), the one finished last; the others are skipped, so no tile is counted twice."""
+    def file(sc: _Scene) -> str:
+        return str(sc.units[0].manifest.get("scene"))
+
+    def finished(sc: _Scene) -> str:
+        return max(str(u.manifest.get("finished_at", "")) for u in sc.units)
+
+    newest: dict[str, _Scene] = {}
+    for sc in scenes:
+        if file(sc) not in newest or finished(sc) > finished(newest[file(sc)]):
+            newest[file(sc)] = sc
+    kept = [sc for sc in scenes if newest[file(sc)] is sc]
+    return kept, [{"unit": sc.name, "reason": f"the same scene file ({file(sc)}) as {newest[file(sc)].name}, which was "
+                   "finished later and is collected: remove the folder you do not want"}
+                  for sc in scenes if newest[file(sc)] is not sc]
 
 
 def _in_staging(out: Path) -> list[dict]:
