@@ -239,7 +239,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     n_train, n_val = len(ds.items("train")), len(ds.items("val"))
     used = f"; --limit {limit}: {min(limit, n_train)} and {min(limit, n_val)} of them used" if limit else ""
     emit(f"{ds.name}: {len(ds.classes)} classes, train {n_train}, val {n_val} ({ds.split_source}{used})")
-    if bare := [c for i, c in enumerate(ds.classes) if not any(k == i for _, k in ds.items("val"))]:
+    in_val = {k for _, k in ds.items("val")}
+    if bare := [c for i, c in enumerate(ds.classes) if i not in in_val]:
         emit(f"warning: no val image of {len(bare)} class(es) ({', '.join(bare[:5])}{'…' if len(bare) > 5 else ''}): "
              "early stopping and the val scores do not see them")
     if limit and limit < len(ds.classes):

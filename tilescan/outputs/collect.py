@@ -475,11 +475,11 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
                     "report": report.name}
     units = sorted(found, key=str)
     missing, earlier = [found[k] for k in units if k not in collected], [found[k] for k in units if k in collected]
-    for units, what, key in ((missing, "are not in the collected set", "failed_in_run"),
-                             (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
-        if units:
-            log(f"warning: collect: {len(units)} scene(s) failed in their run and {what} "
-                f"({', '.join(str(u['unit']) for u in units)}; see summary.json's {key})")
+    for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
+                              (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
+        if listed:
+            log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
+                f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
     return missing, earlier
 
 

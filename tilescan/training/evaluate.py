@@ -466,15 +466,15 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     from ..model import load_model, read_metadata
     from ..model import model_path as model_file
 
-    trained = read_metadata(model_file(model_path)).get("training") or {}
+    meta = read_metadata(model_file(model_path))  # "default", None: the packaged one
+    trained = meta.get("training") or {}
     drawn = {k: v for k, v in (trained.get("config") or {}).items() if k in ("val_fraction", "test_fraction", "seed")}
     ds = load_dataset(data, splits_dir=splits_dir, **drawn)
     items = ds.items(split)
     if not items:
         raise InputError(f"the '{split}' split is empty", path=str(data))
     ds.check_found(**{split: items})
-    # "default", None: the packaged one; names compared in one Unicode form, as datasets read them
-    model_classes = [unicodedata.normalize("NFC", c) for c in read_metadata(model_file(model_path))["classes"]]
+    model_classes = [unicodedata.normalize("NFC", c) for c in meta["classes"]]  # in one Unicode form, as datasets read them
     if model_classes != ds.classes:
         only_m = [c for c in model_classes if c not in ds.classes]
         only_d = [c for c in ds.classes if c not in model_classes]
