@@ -49,15 +49,19 @@ _DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """A unit folder's ``run.json`` as read (None when it is missing or not JSON)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def is_output_folder(folder: Path) -> bool:
     """Whether ``folder`` is a unit's output folder that tilescan wrote (its ``run.json``
     says so): a folder search leaves such folders out, so an OUT inside an input folder is
     never read as scenes."""
-    try:
-        with open(Path(folder) / MANIFEST, "rb") as f:
-            m = json.loads(f.read(1 << 22))
-    except (OSError, ValueError):
-        return False
+    m = read_manifest(folder)
     return isinstance(m, dict) and "fingerprint" in m and "scene_info" in m
 
 

@@ -38,10 +38,7 @@ class _Scene:
 
 
 def _complete(folder: Path) -> dict | None:
-    try:
-        m = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    m = layout.read_manifest(folder)
     if not isinstance(m, dict) or m.get("status") != "complete" or not (folder / "tiles.parquet").is_file():
         return None
     return m
@@ -49,9 +46,8 @@ def _complete(folder: Path) -> dict | None:
 
 def _why_unfinished(folder: Path) -> str:
     """Why a folder with a run.json is no finished unit, in words."""
-    try:
-        m = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+    m = layout.read_manifest(folder)
+    if m is None:
         return "run.json is not readable JSON"
     if not isinstance(m, dict) or m.get("status") != "complete":
         return "run.json is not a complete manifest"

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import layout, stop
+from ..layout import read_manifest
 from ..config import Config
 from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit
@@ -28,7 +29,7 @@ from .process import UnitJob
 from .report import RunReport, UnitResult
 from .stream import Stream
 from .threads import one_blas_thread
-from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, read_manifest, sweep_staging
+from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, sweep_staging
 
 #: GDAL block cache of a run, unless GDAL_CACHEMAX is set. Tiles are read in row-major order,
 #: so one row of blocks must fit (16 MB for a 10,000 px wide 3-band uint16 scene); GDAL's own

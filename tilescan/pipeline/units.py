@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from .. import __version__, layout
 from ..config import Config, output_shaping
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
-from ..layout import LOCKS, MANIFEST, STAGING
+from ..layout import LOCKS, STAGING
 from ..scene import sources
 
 OUTPUT_FILES = ("tiles.parquet", "labels.tif", "heatmap.tif")
@@ -178,13 +178,6 @@ def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = 
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class UnitLock:

@@ -295,8 +295,8 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     non-TIFFs with a clear error); directories are searched recursively for ``*.tif`` /
     ``*.tiff`` (any case), leaving out hidden folders (``.name``: tilescan's own staging, a
     ``.git``), macOS's ``._name.tif`` companions and tilescan's output folders (an OUT inside
-    the input folder, :func:`~tilescan.layout.is_output_folder`). The result is absolute, sorted and free of duplicates; a link to a
-    file keeps its name (:func:`_named`).
+    the input folder, :func:`~tilescan.layout.is_output_folder`). The result is absolute,
+    sorted and free of duplicates; a link to a file keeps its name (:func:`_named`).
     Raises :class:`InputError` for a path that does not exist and
     :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
     ``*.tif`` link to nothing are errors of their own, put in ``unreadable`` (given), else raised.

@@ -24,7 +24,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -119,13 +119,16 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTS and _visible(p) and p.is_file()
 
 
-def _class_images(folder: Path) -> list[Path]:
-    """The images of a class folder, its subfolders' included (hidden ones left out), sorted."""
-    found = []
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """The images of a class folder, its subfolders' included (hidden ones left out), as found."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if _visible(Path(d))]
-        found += [f for f in (Path(root, name) for name in files) if _is_image(f)]
-    return sorted(found)
+        yield from (f for f in (Path(root, name) for name in files) if _is_image(f))
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """:func:`_walk_images`, sorted."""
+    return sorted(_walk_images(folder))
 
 
 def _nfc(name: str) -> str:
@@ -135,7 +138,7 @@ def _nfc(name: str) -> str:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    return sorted({_nfc(d.name) for d in root.iterdir() if d.is_dir() and _visible(d) and _class_images(d)})
+    return sorted({_nfc(d.name) for d in root.iterdir() if d.is_dir() and _visible(d) and any(_walk_images(d))})
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
