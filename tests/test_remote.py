@@ -130,10 +130,21 @@ def test_folder_url_lists_its_scenes(server, tmp_path):
     assert [s.name for s in scenes] == ["201404_13SED190110_201404_0x1500m_CL_1.tif", "cog_rgb.tif",
                                         "mosaic_cog1.tif", "mosaic_cog2.tif", "pix4d_alpha_nodata.tif"]
     assert all(str(s).startswith(f"{server.url}/rio-tiler/") for s in scenes)
-    # a folder URL that lists nothing fails alone, like a missing path
-    scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-folder/", scene(COGEO)])
+    # a folder URL that cannot be listed fails alone, like a missing path, with the server's answer
+    (server.extra / "no-scenes").mkdir(exist_ok=True)
+    (server.extra / "no-scenes" / "README.txt").write_text("not a scene")
+    scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-folder/", f"{server.url}/403/", scene(COGEO),
+                                  f"{server.url}/extra/no-scenes/"])
     assert scenes == [scene(COGEO).resolve()]  # local inputs come back resolved, as find_scenes gives them
-    assert str(failed[0]).startswith(f"{server.url}/rasterio/no-such-folder/: no *.tif / *.tiff objects found")
+    assert [str(f) for f in failed] == [
+        f"{server.url}/rasterio/no-such-folder/: cannot list this folder URL: not found (HTTP 404); GDAL said: "
+        "HTTP response code: 404",
+        f"{server.url}/403/: cannot list this folder URL: access denied (HTTP 403): check the credentials (GDAL_HTTP_AUTH "
+        "+ GDAL_HTTP_USERPWD, GDAL_HTTP_HEADERS, or a new signed URL); GDAL said: HTTP response code: 403; or the server "
+        "does not list this folder: give the scenes' own URLs",
+        # a folder that is there, without scenes
+        f"{server.url}/extra/no-scenes/: no *.tif / *.tiff objects found under this folder URL (GDAL lists a folder that does not "
+        "exist or may not be read as empty: check the URL and the credentials)"]
     # the folder without its '/': read as a file, which fails, and the message says what to add
     rep = _run([f"{server.url}/rio-tiler"], tmp_path / "out").to_dict()
     assert rep["exit_code"] == 4 and "end the URL with '/' to list its files" in rep["failed"][0]["reason"], rep
@@ -201,6 +212,15 @@ def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):
     (failed,) = json.loads((out / "report.json").read_text())["failed"]
     assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: access denied (HTTP 403): check the credentials")
     assert "not-the-secret-XYZ" not in p.stderr + (out / "report.json").read_text()
+    # a prefix: the listing is refused, and the message says so (not "no scenes found")
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out2", "s3://scenes/rio-tiler/", "s3://scenes/no-such-prefix/",
+                    **s3.gdal_env(secret="not-the-secret-XYZ"))
+    assert p.returncode == 4, p.stderr
+    assert "tilescan: s3://scenes/rio-tiler/: cannot list this folder URL: access denied (HTTP 403): check the " \
+           "credentials (AWS_ACCESS_KEY_ID" in p.stderr and "give the scenes' own URLs" not in p.stderr, p.stderr
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out3", "s3://scenes/no-such-prefix/", **s3.gdal_env())
+    assert p.returncode == 4 and "s3://scenes/no-such-prefix/: cannot list this folder URL: not found (HTTP 404)" \
+        in p.stderr, p.stderr
 
 
 def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatch):
@@ -253,6 +273,10 @@ def test_network_causes_in_a_users_words():
     http = cause("HTTP response code on http://h/auth/a.tif: 401")
     assert http.startswith("access denied (HTTP 401)") and "GDAL_HTTP_USERPWD" in http and "AWS_" not in http
     assert "AWS_ACCESS_KEY_ID" in cause("/vsis3/b/k.tif: HTTP response code: 403 AccessDenied")
+    # an S3 server's own words, as VSI's last error gives them for a listing or a stat
+    assert cause("The request signature we calculated does not match the signature you provided.").startswith(
+        "access denied (HTTP 403)")
+    assert cause("The specified key does not exist.").startswith("not found (HTTP 404)")
 
 
 # ----------------------------------------------------------------------------- STAC
@@ -436,3 +460,13 @@ def test_a_url_scenes_project_reads_the_scene_from_its_url(server, tmp_path):
         text = project.read_text()
         assert "scene" not in _project_sources(project)
         assert "pa55" not in text and "abc123" not in text
+
+
+def test_stac_document_urls_that_are_not_there_say_the_servers_answer(server):
+    from tilescan.scene.sources import find_inputs
+
+    scenes, failed = find_inputs([f"{server.url}/rasterio/no-such-item.json", f"{server.url}/403/catalog.json",
+                                  scene(COGEO)])
+    assert scenes == [scene(COGEO).resolve()]
+    assert "not found (HTTP 404)" in str(failed[0]) and str(failed[0]).startswith(f"{server.url}/rasterio/no-such-item.json: ")
+    assert "access denied (HTTP 403)" in str(failed[1]) and str(failed[1]).startswith(f"{server.url}/403/catalog.json: ")

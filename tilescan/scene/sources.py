@@ -322,7 +322,7 @@ def expand_url(url: str) -> list[RemoteScene]:
     gdal_dir = to_gdal_path(base)
     remember_redacted(base, redact(base))
     remember_redacted(gdal_dir, to_gdal_path(redact(base)))
-    names = [n for n in list_folder(gdal_dir.rstrip("/")) if n.lower().endswith(TIFF_SUFFIXES)]
+    names = [n for n in list_folder(gdal_dir.rstrip("/"), redact(base)) if n.lower().endswith(TIFF_SUFFIXES)]
     if not names:
         raise NoScenesError("no *.tif / *.tiff objects found under this folder URL (GDAL lists a folder that does not "
                             "exist or may not be read as empty: check the URL and the credentials)", path=redact(base))

@@ -47,7 +47,7 @@ def _stac_io():
         def read_text(self, source, *args, **kwargs) -> str:
             href = str(source)
             if vsi.is_url(href):
-                return vsi.read_bytes(vsi.to_gdal_path(href)).decode("utf-8")
+                return vsi.read_bytes(vsi.to_gdal_path(href), shown=vsi.redact(href)).decode("utf-8")
             try:
                 return Path(href).read_text(encoding="utf-8")
             except OSError as exc:

@@ -190,6 +190,10 @@ def _gdal() -> ctypes.CDLL | None:
                 lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
             if hasattr(lib, "VSISetPathSpecificOption"):
                 lib.VSISetPathSpecificOption.argtypes = [ctypes.c_char_p] * 3
+            if hasattr(lib, "VSIGetLastErrorMsg"):
+                lib.VSIStatExL.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+                lib.VSIGetLastErrorMsg.restype = ctypes.c_char_p
+                lib.VSIErrorReset.argtypes = []
             return lib
         except (OSError, AttributeError):
             continue
@@ -212,20 +216,49 @@ def _last_error(lib) -> str:
     return msg.decode("utf-8", "replace") if msg else ""
 
 
-def list_folder(gdal_dir: str) -> list[str]:
+def list_folder(gdal_dir: str, shown: str | None = None) -> list[str]:
     """Relative names of every file under a remote folder (GDAL's VSIReadDirRecursive).
-    Raises :class:`InputError` when it cannot be listed."""
+    Raises :class:`InputError` naming ``shown`` (default: the path without credentials) when
+    it cannot be listed."""
     lib = _gdal()
-    shown = scrub(gdal_dir)
+    shown = shown or scrub(gdal_dir)
     if lib is None:
         raise InputError("cannot list a remote folder: GDAL's library was not found", path=shown)
     with _gdal_env():
         lib.CPLErrorReset()
         names = _strings(lib, lib.VSIReadDirRecursive(gdal_dir.encode()))
         err = _last_error(lib)
+    err = err or (stat_error(gdal_dir + "/") if not names else "")
     if not names and err:
-        raise InputError(f"cannot list this folder URL: {cause(err)}", path=shown)
+        web = gdal_dir.startswith("/vsicurl/") and "(HTTP 403)" in cause(err)  # a web server may refuse any listing
+        hint = "; or the server does not list this folder: give the scenes' own URLs" if web else ""
+        raise InputError(f"cannot list this folder URL: {cause(err)}{hint}", path=shown)
     return names
+
+
+#: VSIStatExL flags: whether the path exists; set VSI's last error when it does not.
+_STAT_EXISTS, _STAT_SET_ERROR = 0x1, 0x8
+
+
+def stat_error(gdal_path: str) -> str | None:
+    """Why GDAL cannot find ``gdal_path`` (its words, e.g. "HTTP response code: 403"), or None
+    when it exists. A folder that lists empty, or a file GDAL "cannot open", says no more than
+    that; this asks for the server's answer."""
+    lib = _gdal()
+    if lib is None or not hasattr(lib, "VSIGetLastErrorMsg"):
+        return None
+    stat = ctypes.create_string_buffer(512)  # a VSIStatBufL (struct stat), not read
+    with _gdal_env():
+        lib.VSIErrorReset()
+        if lib.VSIStatExL(gdal_path.encode(), stat, _STAT_EXISTS | _STAT_SET_ERROR) == 0:
+            return None
+        msg = lib.VSIGetLastErrorMsg()
+    return msg.decode("utf-8", "replace") if msg else "no such file"
+
+
+def _http_answer(message: str | None) -> str | None:
+    """``message`` when it gives a server's answer (an HTTP code, a cloud error name)."""
+    return message if message and re.search(r"\b[1-5]\d\d\b|Error|Denied|NoSuch", message) else None
 
 
 def headers(gdal_path: str) -> dict[str, str] | None:
@@ -242,11 +275,13 @@ def headers(gdal_path: str) -> dict[str, str] | None:
     return {k.lower(): v for k, _, v in (i.partition("=") for i in items)}
 
 
-def read_bytes(gdal_path: str, limit: int = 64 << 20) -> bytes:
-    """A whole remote (or local) file through GDAL (a STAC JSON document)."""
+def read_bytes(gdal_path: str, limit: int = 64 << 20, shown: str | None = None) -> bytes:
+    """A whole remote (or local) file through GDAL (a STAC JSON document). An error names
+    ``shown`` (default: the path without credentials)."""
     lib = _gdal()
+    shown = shown or scrub(gdal_path)
     if lib is None:
-        raise InputError("cannot read a remote file: GDAL's library was not found", path=scrub(gdal_path))
+        raise InputError("cannot read a remote file: GDAL's library was not found", path=shown)
     buf = ctypes.c_void_p()
     size = ctypes.c_uint64()
     with _gdal_env():
@@ -254,7 +289,8 @@ def read_bytes(gdal_path: str, limit: int = 64 << 20) -> bytes:
         ok = lib.VSIIngestFile(None, gdal_path.encode(), ctypes.byref(buf), ctypes.byref(size), limit)
         err = _last_error(lib)
     if not ok:
-        raise InputError(f"cannot read: {cause(err or 'no such file')}", path=scrub(gdal_path))
+        why = _http_answer(stat_error(gdal_path)) or err or "no such file"  # "Cannot open file" says less
+        raise InputError(f"cannot read: {cause(why)}", path=shown)
     try:
         return ctypes.string_at(buf, size.value)
     finally:
@@ -282,7 +318,10 @@ def probe(url: str) -> str | None:
         lib.CPLErrorReset()
         ok = _strings(lib, lib.VSIGetFileMetadata(path.encode(), b"HEADERS", None))
         err = _last_error(lib)
-    return None if ok else (err or "the server did not answer (connection refused or dropped)")
+    if ok:
+        return None
+    # no headers and no error: the server's answer (403 once a signed URL expires), else none came
+    return err or _http_answer(stat_error(path)) or "the server did not answer (connection refused or dropped)"
 
 
 # ----------------------------------------------------------------------------- transfer failures
@@ -376,10 +415,12 @@ def cause(message: str) -> str:
         why = "cannot reach the server (connection refused, reset or dropped)"
     elif "timed out" in low or "too slow" in low or "timeout" in low:
         why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)"
-    elif num == "404" or "does not exist in the file system" in low or "nosuchkey" in low or "nosuchbucket" in low:
+    elif num == "404" or "does not exist in the file system" in low or "nosuchkey" in low or "nosuchbucket" in low \
+            or re.search(r"specified (?:key|bucket) does not exist", low):
         why = "not found (HTTP 404)"
     elif num in ("401", "403") or any(s in low for s in ("accessdenied", "access denied", "signaturedoesnotmatch",
-                                                         "invalidaccesskeyid", "authentication", "unauthorized")):
+                                                         "invalidaccesskeyid", "authentication", "unauthorized",
+                                                         "signature we calculated", "access key id you provided")):
         cloud = any(k in low for k in ("vsis3", "vsigs", "vsiaz", "s3://", "gs://", "az://")) or "http" not in low
         why = f"access denied (HTTP {num or '403'}): check the credentials " + (
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GS_*, AZURE_*; AWS_NO_SIGN_REQUEST=YES for public "
