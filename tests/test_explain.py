@@ -209,3 +209,31 @@ def test_scene_tiles_are_runs_tiles_for_a_model_of_another_input_size(model_file
     got = json.loads((tmp_path / "x" / "RGB.byte_tiles_explain.json").read_text())["rows"][0]
     assert got["window"] == {k: row[k] for k in ("col_off", "row_off", "width", "height")}, got["window"]
     assert got["label"] == row["label"] and got["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+
+
+def test_a_tiff_image_without_georeferencing_is_explained_whole(model_file, image, tmp_path):
+    """An 8-bit TIFF without georeferencing (a UC Merced chip, a photo saved as .tif) is an image,
+    as train reads it: the same label and confidence as the same pixels in a PNG. --tile-size
+    asks for its tiles; a georeferenced TIFF of the same pixels is a scene."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    tif = tmp_path / "field.tif"
+    with Image.open(image) as im:
+        im.save(tif)
+    said = []
+    run_explain([str(image), str(tif)], str(tmp_path / "out"), str(model_file), log=said.append)
+    as_png = json.loads((tmp_path / "out" / "field_explain.json").read_text())
+    as_tif = json.loads((tmp_path / "out" / "field-2_explain.json").read_text())
+    assert as_tif["kind"] == "image" and [r["label"] for r in as_tif["rows"]] == [r["label"] for r in as_png["rows"]]
+    assert as_tif["rows"][0]["confidence"] == pytest.approx(as_png["rows"][0]["confidence"], abs=1e-6)
+    assert any("field.tif: not georeferenced: explained whole, as an image" in s for s in said), said
+    run_explain([str(tif)], str(tmp_path / "tiles"), str(model_file), tile_size=32, units="px", **QUIET)
+    assert json.loads((tmp_path / "tiles" / "field_tiles_explain.json").read_text())["kind"] == "scene"
+    geo = tmp_path / "geo.tif"
+    px = np.moveaxis(np.asarray(Image.open(image).convert("RGB")), 2, 0)
+    with rasterio.open(geo, "w", driver="GTiff", width=px.shape[2], height=px.shape[1], count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 5, 5)) as ds:
+        ds.write(px)
+    run_explain([str(geo)], str(tmp_path / "geo"), str(model_file), units="px", **QUIET)
+    assert json.loads((tmp_path / "geo" / "geo_tiles_explain.json").read_text())["kind"] == "scene"

@@ -35,6 +35,9 @@ from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
 from .cam import resolve_target
 
+#: A TIFF without georeferencing, 8-bit and up to this many px a side, is an image (as train
+#: reads one: a UC Merced chip, an exported photo) and is explained whole.
+IMAGE_TIFF_MAX_PX = 1024
 HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
 WRONG_COLOR = "#c62828"
@@ -296,7 +299,7 @@ def run_explain(
     used: set[str] = set()
     written: list[Path] = []
     for path in paths:
-        is_scene = path.suffix.lower() in TIFF_SUFFIXES
+        is_scene = _is_scene(path, forced=bool(tiles or tile_size or bands), log=log)
         scene_info = None
         if is_scene:
             items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands,
@@ -372,6 +375,30 @@ def _explainer(path: str, version: tuple | None, methods: tuple[str, ...], layer
 
     lm = load_model(path)
     return lm, {m: get_cam(m, lm.model, layer=layer or lm.cam_layer) for m in methods}
+
+
+def _is_scene(path, forced: bool, log) -> bool:
+    """Whether to explain ``path`` as a scene's tiles: a TIFF, unless it is an image (no
+    georeferencing, 8-bit, at most :data:`IMAGE_TIFF_MAX_PX` a side) and neither --tiles,
+    --tile-size nor --bands asks for tiles."""
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return False
+    if forced or getattr(path, "remote", False):
+        return True
+    import rasterio
+
+    from ..scene.info import _is_georeferenced
+
+    try:
+        with rasterio.open(path) as ds:
+            image = (not _is_georeferenced(ds) and not ds.gcps[0] and max(ds.width, ds.height) <= IMAGE_TIFF_MAX_PX
+                     and set(ds.dtypes) == {"uint8"} and ds.count in (1, 3, 4))
+    except rasterio.errors.RasterioError:
+        return True  # the scene reader says what is wrong with it
+    if image:
+        log(f"{path.name}: not georeferenced: explained whole, as an image (as train reads one); "
+            "--tile-size or --tiles explains its tiles")
+    return not image
 
 
 def _input_path(inp: str):
