@@ -302,3 +302,22 @@ def test_real_aid_images(aid_dir, model_file, tmp_path):
     r = E.run_evaluate(str(model_file), str(root), "test", str(tmp_path / "out"), batch_size=8, explain_samples=0, log=lambda s: None)
     assert r["n"] == 12 and r["dataset"]["dataset"] == "aid3"
     assert sum(sum(row) for row in r["metrics"]["confusion_matrix"]) == 12
+
+
+def test_a_stop_before_anything_is_written_leaves_no_empty_folder(dataset, model_file, tmp_path, monkeypatch):
+    """Ctrl-C while the split is predicted: the folders evaluate made are gone again; a folder
+    that was there before stays, with what it held."""
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_predict_split", stopped)
+    out = tmp_path / "reports" / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        E.run_evaluate(str(model_file), str(dataset), out_dir=str(out), explain_samples=0, log=lambda m: None)
+    assert not (tmp_path / "reports").exists()
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    with pytest.raises(KeyboardInterrupt):
+        E.run_evaluate(str(model_file), str(dataset), out_dir=str(mine / "eval"), explain_samples=0, log=lambda m: None)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -237,3 +237,11 @@ def test_a_tiff_image_without_georeferencing_is_explained_whole(model_file, imag
         ds.write(px)
     run_explain([str(geo)], str(tmp_path / "geo"), str(model_file), units="px", **QUIET)
     assert json.loads((tmp_path / "geo" / "geo_tiles_explain.json").read_text())["kind"] == "scene"
+
+
+def test_a_failure_before_the_first_figure_leaves_no_empty_folder(model_file, tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing a reader can use
+    with pytest.raises(InputError, match="broken.tif"):
+        run_explain([str(bad)], str(tmp_path / "figs" / "a"), str(model_file), **QUIET)
+    assert not (tmp_path / "figs").exists()

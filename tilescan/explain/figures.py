@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
-from ..outputs.files import make_folder, write_bytes, write_json
+from ..outputs.files import folder_kept_if_used, write_bytes, write_json
 from ..scene import sources
 from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
@@ -295,43 +295,44 @@ def run_explain(
     methods = _checked_methods(inputs, methods, top, tile_size, nodata, flags)
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
-    out = make_folder(out_dir)
     used: set[str] = set()
     written: list[Path] = []
-    for path in paths:
-        is_scene = _is_scene(path, forced=bool(tiles or tile_size or bands), log=log)
-        scene_info = None
-        if is_scene:
-            items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands,
-                                             flags)
-            stem = _unique_name(path.stem, "_tiles_explain", used)
-        else:
-            if tiles:
-                log(f"warning: {path}: --tiles picks tiles of scenes; an image is explained whole")
-            items = _image_items(path, lm)
-            stem = _unique_name(path.stem, "_explain", used)
-        first, maps, results = _explain_batch(items, cams, methods, target_idx)
-        rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
-        title = path.name if not is_scene else f"{path.name}: {len(items)} tile{'s' * (len(items) != 1)}"
-        note = scale_note([scene_info["scale_warning"]]) if scene_info and scene_info["scale_warning"] else None
-        note = note and note.replace("run.json: warning_details", f"{stem}.json: scene.scale_warning")
-        png = save_figure(render_rows(rows, methods, suptitle=title, warning=note), out / f"{stem}.png")
-        write_json(
-            out / f"{stem}.json",
-            {
-                "input": str(path),
-                "kind": "scene" if is_scene else "image",
-                "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
-                "methods": methods,
-                "layer": first.layer,
-                "target": None if target_idx is None else lm.classes[target_idx],
-                "input_size": lm.input_size,
-                "scene": scene_info,
-                "rows": records,
-            },
-        )
-        log(f"{path.name}: {len(items)} {('tile' + 's' * (len(items) != 1)) if is_scene else 'image'} explained -> {png}")
-        written.append(png)
+    with folder_kept_if_used(out_dir) as out:  # none left empty by a stop before the first figure
+        for path in paths:
+            is_scene = _is_scene(path, forced=bool(tiles or tile_size or bands), log=log)
+            scene_info = None
+            if is_scene:
+                items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands,
+                                                 flags)
+                stem = _unique_name(path.stem, "_tiles_explain", used)
+            else:
+                if tiles:
+                    log(f"warning: {path}: --tiles picks tiles of scenes; an image is explained whole")
+                items = _image_items(path, lm)
+                stem = _unique_name(path.stem, "_explain", used)
+            first, maps, results = _explain_batch(items, cams, methods, target_idx)
+            rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
+            title = path.name if not is_scene else f"{path.name}: {len(items)} tile{'s' * (len(items) != 1)}"
+            note = scale_note([scene_info["scale_warning"]]) if scene_info and scene_info["scale_warning"] else None
+            note = note and note.replace("run.json: warning_details", f"{stem}.json: scene.scale_warning")
+            png = save_figure(render_rows(rows, methods, suptitle=title, warning=note), out / f"{stem}.png")
+            write_json(
+                out / f"{stem}.json",
+                {
+                    "input": str(path),
+                    "kind": "scene" if is_scene else "image",
+                    "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
+                    "methods": methods,
+                    "layer": first.layer,
+                    "target": None if target_idx is None else lm.classes[target_idx],
+                    "input_size": lm.input_size,
+                    "scene": scene_info,
+                    "rows": records,
+                },
+            )
+            what = ("tile" + "s" * (len(items) != 1)) if is_scene else "image"
+            log(f"{path.name}: {len(items)} {what} explained -> {png}")
+            written.append(png)
     return written
 
 

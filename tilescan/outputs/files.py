@@ -152,6 +152,25 @@ def make_folder(path: str | os.PathLike) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def folder_kept_if_used(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`make_folder` now (an unusable path fails before any work); the folders it made
+    are removed again when the block ends in an error or a stop (Ctrl-C) before anything was
+    written into them, so a stopped command leaves no empty output folder behind."""
+    out = Path(path)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
+    folder = make_folder(out)
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:  # not empty (something was written), or not ours any more
+                break
+        raise
+
+
 def probe_folder(final: str | os.PathLike, tmp: Path | None = None) -> None:
     """Reserve and release a temporary name beside ``final``, proving its folder exists and
     is writable; else :class:`OutputError` naming ``final``. Fails fast, before any work."""

@@ -43,7 +43,7 @@ import numpy as np
 from ..backend import usable_cores
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
-from ..outputs.files import csv_text, make_folder, write_json, write_text
+from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
 from .metrics import compute_metrics
 from ..explain.figures import (
     RIGHT_COLOR,
@@ -302,11 +302,10 @@ def run_evaluate(
     y_true = np.array([c for _, c in items], dtype=np.int64)
     n, k = len(items), len(lm.classes)
     classes = lm.classes
-    out = make_folder(out_dir)
     load_s = time.perf_counter() - t_start
     log(f"evaluating {lm.model_id} on {ds.name or data} '{split}' ({n} images{', TTA x8' if tta else ''})")
-
-    probs, warmup_s, predict_s = _predict_split(lm, paths, n, k, batch_size, tta)
+    with folder_kept_if_used(out_dir) as out:
+        probs, warmup_s, predict_s = _predict_split(lm, paths, n, k, batch_size, tta)
     y_pred = probs.argmax(axis=1)
     conf = probs[np.arange(n), y_pred]
 
