@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, write_bytes, write_json
+from ..outputs.fonts import family_for
 from ..scene import sources
 from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
@@ -53,8 +54,20 @@ METHOD_TITLES = {
 }
 
 
+def figure_fonts(fig) -> None:
+    """Each text of ``fig`` that DejaVu Sans cannot draw (class names in Chinese...) in a font
+    that can (:func:`fonts.family_for`). Before a layout measures the texts; save_figure calls it."""
+    from matplotlib.text import Text
+
+    for t in fig.findobj(Text):
+        family = family_for(t.get_text())
+        if family:
+            t.set_fontfamily([family, "DejaVu Sans"])
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Render a matplotlib Figure to PNG and write it atomically."""
+    """Render a matplotlib Figure to PNG (:func:`figure_fonts` first) and write it atomically."""
+    figure_fonts(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return write_bytes(path, buf.getvalue())

@@ -6,30 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 
 import numpy as np
 
-
-@functools.lru_cache(maxsize=1)
-def font_path() -> str | None:
-    """DejaVu Sans as shipped with matplotlib (found without importing it), or None."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("matplotlib")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        p = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-        if p.is_file():
-            return str(p)
-    return None
+from .fonts import font_for
 
 
-def font(size: int):
-    """A TrueType font of ``size`` px; Pillow's own font if DejaVu Sans is missing. Not
-    cached: a font object is not shared between the threads that draw quicklooks."""
+def font(size: int, text: str = ""):
+    """A TrueType font of ``size`` px that has the characters of ``text`` (:func:`fonts.font_for`:
+    DejaVu Sans, or an installed font for the characters it lacks); Pillow's own font if there
+    is none. Not cached: a font object is not shared between the threads that draw quicklooks."""
     from PIL import ImageFont
 
-    path = font_path()
+    path = font_for(text)
     if path is not None:
         with contextlib.suppress(OSError):
             return ImageFont.truetype(path, size)
@@ -37,6 +26,9 @@ def font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         return ImageFont.load_default()
+
+
+_font = font  # for BandDraw.text, whose argument is named ``font`` as Pillow's is
 
 
 def wrap(size: int, text: str, width: int) -> list[str]:
@@ -58,7 +50,7 @@ class Overflow(Exception):
 @functools.lru_cache(maxsize=4096)
 def ink_box(size: int, text: str) -> tuple[int, int, int, int]:
     """Where the ink of ``text`` in the ``size`` px font falls, relative to where it is drawn."""
-    return tuple(font(size).getbbox(text))
+    return tuple(font(size, text).getbbox(text))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -66,7 +58,7 @@ def text_len(size: int, text: str) -> float:
     """The advance of ``text`` in the ``size`` px font (as ``ImageDraw.textlength`` measures it)."""
     from PIL import Image, ImageDraw
 
-    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font(size))
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font(size, text))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -79,7 +71,7 @@ def text_mask(size: int, text: str):
 
     x0, y0, x1, y1 = ink_box(size, text)
     mask = Image.new("L", (max(1, x1 - x0), max(1, y1 - y0)), 0)
-    ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font(size))
+    ImageDraw.Draw(mask).text((-x0, -y0), text, fill=255, font=font(size, text))
     return mask, x0, y0
 
 
@@ -105,11 +97,11 @@ class BandDraw:
         _, top, _, bottom = ink_box(self.size, text)
         y0 = self._rows(xy[1] + top, xy[1] + bottom)
         x, y = xy[0], xy[1] - y0
-        if isinstance(x, int) and isinstance(y, int):  # ``font`` is the band's, ``font(size)``
+        if isinstance(x, int) and isinstance(y, int):
             mask, dx, dy = text_mask(self.size, text)
             self.image.paste(fill, (x + dx, y + dy), mask)
-        else:  # a sub-pixel position: drawn afresh
-            self.draw.text((x, y), text, fill=fill, font=font)
+        else:  # a sub-pixel position: drawn afresh, in the font its characters need
+            self.draw.text((x, y), text, fill=fill, font=_font(self.size, text))
 
     def rectangle(self, xy, fill=None, outline=None) -> None:
         x0, ya, x1, yb = xy

@@ -49,6 +49,7 @@ from ..explain.figures import (
     RIGHT_COLOR,
     WRONG_COLOR,
     FigureRow,
+    figure_fonts,
     new_figure,
     render_rows,
     save_figure,
@@ -155,6 +156,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (support)")
     ax.set_title(title, fontsize=10)
+    figure_fonts(fig)  # before the layout measures the class names
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -1,0 +1,106 @@
+"""The fonts of the text tilescan draws (the quicklook's legend, explain's and evaluate's
+figures): DejaVu Sans as shipped with matplotlib (Latin, Greek, Cyrillic), and, for a text
+holding characters it lacks (class names in Chinese, Japanese, Korean, Thai...), a font that
+has them all: ``TILESCAN_FONT`` (a .ttf/.otf/.ttc file) first, then the fonts installed in the
+usual folders. When none has them, a warning names the characters and how to get a font.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+
+from ..log import logger
+
+#: A font file to use for characters DejaVu Sans lacks, before the installed ones.
+FONT_ENV = "TILESCAN_FONT"
+
+#: Where fonts are installed (Linux, macOS, Windows); searched only for a text DejaVu cannot draw.
+FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts", "/Library/Fonts",
+             "/System/Library/Fonts", "~/Library/Fonts", "C:/Windows/Fonts")
+_FONT_SUFFIXES = (".ttf", ".otf", ".ttc")
+
+
+@functools.lru_cache(maxsize=1)
+def dejavu_path() -> str | None:
+    """DejaVu Sans as shipped with matplotlib (found without importing it), or None."""
+    spec = importlib.util.find_spec("matplotlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _chars(path: str) -> frozenset[int]:
+    """The code points the font's first face maps (empty when it cannot be read)."""
+    try:
+        from fontTools.ttLib import TTFont
+
+        with TTFont(path, lazy=True, fontNumber=0) as f:
+            return frozenset(f.getBestCmap() or ())
+    except Exception:  # not a font fontTools reads (or fontTools missing): never chosen
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed() -> tuple[str, ...]:
+    """The font files in :data:`FONT_DIRS`, sorted within each folder."""
+    found: list[str] = []
+    for d in FONT_DIRS:
+        root = Path(d).expanduser()
+        if root.is_dir():
+            found += sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in _FONT_SUFFIXES)
+    return tuple(found)
+
+
+def _needed(text: str) -> frozenset[int]:
+    """The characters of ``text`` DejaVu Sans lacks (none for ASCII, without reading a font)."""
+    if text.isascii():
+        return frozenset()
+    base = dejavu_path()
+    have = _chars(base) if base else frozenset()
+    return frozenset(ord(c) for c in text if not c.isspace() and ord(c) not in have)
+
+
+@functools.lru_cache(maxsize=1024)
+def font_for(text: str) -> str | None:
+    """The font file to draw ``text`` in: DejaVu Sans when it has every character, else the
+    first of ``TILESCAN_FONT`` and the installed fonts that has them all (DejaVu Sans, with a
+    warning once per set of characters, when none has)."""
+    need = _needed(text)
+    if not need:
+        return dejavu_path()
+    own = os.environ.get(FONT_ENV, "")
+    for path in ([own] if own else []) + list(_installed()):
+        if need <= _chars(path):
+            return path
+    _warn_missing("".join(sorted(map(chr, need))))
+    return dejavu_path()
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_missing(chars: str) -> None:
+    logger.warning(f"no installed font has the characters {chars[:20]!r} (class names drawn in the quicklook "
+                   f"and figures): they show as boxes; install a font that has them (e.g. Debian's fonts-noto-cjk "
+                   f"for Chinese, Japanese, Korean) or name one in {FONT_ENV}")
+
+
+def family_for(text: str) -> str | None:
+    """matplotlib's family name for :func:`font_for`'s font when it is not DejaVu Sans (the
+    file registered with matplotlib's font manager), else None."""
+    path = font_for(text)
+    if path is None or path == dejavu_path():
+        return None
+    return _registered(path)
+
+
+@functools.lru_cache(maxsize=16)
+def _registered(path: str) -> str:
+    from matplotlib import font_manager
+
+    font_manager.fontManager.addfont(path)
+    return font_manager.FontProperties(fname=path).get_name()
