@@ -7,13 +7,11 @@ so the check is what a user sees: two different names give different pixels."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import unavailable
+from conftest import scene, tiny_model_file, unavailable
 from tilescan.outputs import fonts
 from tilescan.outputs import quicklook_text as qt
 from tilescan.outputs.quicklook import write_quicklook
@@ -22,7 +20,7 @@ NAMES = ("耕地", "林地")  # cropland, forest land: the same length, one char
 
 
 def _clear():
-    for f in (fonts.font_for, fonts._installed, fonts._warn_missing, qt.ink_box, qt.text_len, qt.text_mask):
+    for f in (fonts.font_for, fonts._installed, qt.ink_box, qt.text_len, qt.text_mask):
         f.cache_clear()
 
 
@@ -65,24 +63,46 @@ def _figure(path, name: str) -> np.ndarray:
     return np.asarray(Image.open(save_figure(fig, path)).convert("RGB"))
 
 
-def test_chinese_class_names_are_drawn_in_a_font_that_has_them(cjk_font, tmp_path, caplog):
+def test_chinese_class_names_are_drawn_in_a_font_that_has_them(cjk_font, tmp_path):
     assert fonts.font_for(NAMES[0]) == cjk_font and fonts.font_for("Forêt") == fonts.dejavu_path()
-    with caplog.at_level(logging.WARNING, logger="tilescan"):
-        a, b = (_quicklook(tmp_path / f"{i}.png", n) for i, n in enumerate(NAMES))
-        assert a.shape == b.shape and (a != b).any()  # the legend shows two different names
-        fa, fb = (_figure(tmp_path / f"fig{i}.png", n) for i, n in enumerate(NAMES))
-        assert fa.shape == fb.shape and (fa != fb).any()
-    assert not caplog.records
+    a, b = (_quicklook(tmp_path / f"{i}.png", n) for i, n in enumerate(NAMES))
+    assert a.shape == b.shape and (a != b).any()  # the legend shows two different names
+    fa, fb = (_figure(tmp_path / f"fig{i}.png", n) for i, n in enumerate(NAMES))
+    assert fa.shape == fb.shape and (fa != fb).any()
+    said: list[str] = []
+    fonts.check_names(NAMES, said.append, "the figures' titles")
+    assert not said
 
 
 def test_without_such_a_font_a_warning_says_so_and_tilescan_font_is_used(cjk_font, no_installed_fonts, tmp_path,
-                                                                         caplog, monkeypatch):
-    with caplog.at_level(logging.WARNING, logger="tilescan"):
-        a, b = (_quicklook(tmp_path / f"{i}.png", n) for i, n in enumerate(NAMES))
+                                                                         monkeypatch):
+    a, b = (_quicklook(tmp_path / f"{i}.png", n) for i, n in enumerate(NAMES))
     assert (a == b).all()  # boxes: the two names cannot be told apart
-    assert any("no installed font has the characters" in r.getMessage() and "TILESCAN_FONT" in r.getMessage()
-               for r in caplog.records), caplog.records
+    said: list[str] = []
+    fonts.check_names(["Forêt", *NAMES], said.append, "the quicklooks' legends")
+    assert len(said) == 1 and said[0].startswith("warning: no installed font has the characters '地林耕' of the class "
+                                                 "names: they show as boxes in the quicklooks' legends"), said
+    assert "TILESCAN_FONT" in said[0]
     _clear()
     monkeypatch.setenv(fonts.FONT_ENV, cjk_font)
     a, b = (_quicklook(tmp_path / f"env{i}.png", n) for i, n in enumerate(NAMES))
     assert (a != b).any()
+    fonts.check_names(NAMES, said.append, "the quicklooks' legends")
+    assert len(said) == 1
+
+
+def test_a_run_says_once_when_its_class_names_would_show_as_boxes(cjk_font, tmp_path, monkeypatch):
+    """The warning comes from the run itself (its quicklooks may be drawn in helper processes);
+    with the font installed there is none."""
+    from tilescan.config import load_config
+    from tilescan.pipeline.run import run
+
+    model = tiny_model_file(tmp_path / "m.keras", list(NAMES), 32, seed=0)
+    cfg = load_config(overrides={"tiling": {"tile_size": 256, "units": "px"}}, environ={})
+    said: list[str] = []
+    assert run([scene("rasterio/RGB.byte.tif")], tmp_path / "a", cfg, model_path=str(model), log=said.append).exit_code == 0
+    assert not [m for m in said if "font" in m], said
+    monkeypatch.setattr(fonts, "FONT_DIRS", ())
+    _clear()
+    run([scene("rasterio/RGB.byte.tif")], tmp_path / "b", cfg, model_path=str(model), log=said.append)
+    assert sum("no installed font has the characters '地林耕'" in m for m in said) == 1, said

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, write_bytes, write_json
-from ..outputs.fonts import family_for
+from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
@@ -308,6 +308,7 @@ def run_explain(
     methods = _checked_methods(inputs, methods, top, tile_size, nodata, flags)
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
+    check_names(lm.classes, log, "the figures' titles")
     used: set[str] = set()
     written: list[Path] = []
     with folder_kept_if_used(out_dir) as out:  # none left empty by a stop before the first figure

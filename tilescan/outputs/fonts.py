@@ -2,7 +2,7 @@
 figures): DejaVu Sans as shipped with matplotlib (Latin, Greek, Cyrillic), and, for a text
 holding characters it lacks (class names in Chinese, Japanese, Korean, Thai...), a font that
 has them all: ``TILESCAN_FONT`` (a .ttf/.otf/.ttc file) first, then the fonts installed in the
-usual folders. When none has them, a warning names the characters and how to get a font.
+usual folders. When none has them, :func:`check_names` names the characters and how to get a font.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
-
-from ..log import logger
+from typing import Callable, Sequence
 
 #: A font file to use for characters DejaVu Sans lacks, before the installed ones.
 FONT_ENV = "TILESCAN_FONT"
@@ -69,8 +68,8 @@ def _needed(text: str) -> frozenset[int]:
 @functools.lru_cache(maxsize=1024)
 def font_for(text: str) -> str | None:
     """The font file to draw ``text`` in: DejaVu Sans when it has every character, else the
-    first of ``TILESCAN_FONT`` and the installed fonts that has them all (DejaVu Sans, with a
-    warning once per set of characters, when none has)."""
+    first of ``TILESCAN_FONT`` and the installed fonts that has them all (DejaVu Sans when none
+    has: :func:`check_names` says so)."""
     need = _needed(text)
     if not need:
         return dejavu_path()
@@ -78,15 +77,18 @@ def font_for(text: str) -> str | None:
     for path in ([own] if own else []) + list(_installed()):
         if need <= _chars(path):
             return path
-    _warn_missing("".join(sorted(map(chr, need))))
     return dejavu_path()
 
 
-@functools.lru_cache(maxsize=64)
-def _warn_missing(chars: str) -> None:
-    logger.warning(f"no installed font has the characters {chars[:20]!r} (class names drawn in the quicklook "
-                   f"and figures): they show as boxes; install a font that has them (e.g. Debian's fonts-noto-cjk "
-                   f"for Chinese, Japanese, Korean) or name one in {FONT_ENV}")
+def check_names(names: Sequence[str], log: Callable[[str], None], where: str) -> None:
+    """Warn through ``log`` when no font found draws some characters of the class ``names``
+    (they would show as boxes in ``where``). Called once by the command that draws them: the
+    quicklooks may be drawn in helper processes, whose messages reach no one."""
+    chars = sorted({chr(c) for n in names if font_for(n) == dejavu_path() for c in _needed(n)})
+    if chars:
+        log(f"warning: no installed font has the characters {''.join(chars[:20])!r} of the class names: they show "
+            f"as boxes in {where}; install a font that has them (e.g. Debian's fonts-noto-cjk for Chinese, Japanese, "
+            f"Korean) or name one in {FONT_ENV}")
 
 
 def family_for(text: str) -> str | None:

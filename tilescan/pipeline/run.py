@@ -20,6 +20,7 @@ from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputE
 from ..log import catching_warnings, emit
 from ..model import describe_model
 from ..outputs.files import make_folder, write_error, write_json
+from ..outputs import fonts
 from ..scene import sources
 from ..scene.info import TilingWarning
 from ..scene.vsi import configure_gdal
@@ -173,6 +174,8 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)  # a model that is not one: OUT is not made for it
     resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
+    if cfg.output.quicklook:
+        fonts.check_names(card.classes, log, "the quicklooks' legends")
     _check_output_dir(out)
     write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
     _bound_gdal_cache()

@@ -44,6 +44,7 @@ from ..backend import usable_cores
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
 from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
+from ..outputs.fonts import check_names
 from .metrics import compute_metrics
 from ..explain.figures import (
     RIGHT_COLOR,
@@ -298,6 +299,7 @@ def run_evaluate(
     batch_size = int(batch_size)
 
     ds, lm, items, overlap = _eval_inputs(model_path, data, split, splits_dir, log)
+    check_names(lm.classes, log, "the confusion matrix")
     items = _subset(items, limit, seed)
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
