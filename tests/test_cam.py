@@ -385,3 +385,13 @@ def test_the_shipped_models_cam_step_writes_no_autograph_module(tmp_path, monkey
     got = C.get_cam("gradcam", loaded.model)(np.random.default_rng(0).random((2, n, n, loaded.num_bands), np.float32))
     assert got.cam.shape[0] == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_pixels_outside_0_1_are_refused_not_classified(x, cams):
+    """0..255 pixels (uint8, or floats from np.asarray(image, float)) run through the model give
+    confident, wrong labels: the CAM methods refuse them and say what the model takes."""
+    with pytest.raises(ValueError, match=r"float pixels in 0\.\.1 \(uint8 / 255\).*got uint8 pixels"):
+        cams("gradcam")((x * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match=r"got values up to 2\d\d"):
+        cams("gradcam")(x * 255)
+    cams("gradcam")(x)  # 0..1 as before

@@ -162,7 +162,8 @@ def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:
 
 def load_model(path: str | os.PathLike | None = None) -> "LoadedModel":
     """Load a tilescan model (default: the packaged one): ``.model`` (Keras), ``.classes``,
-    ``.input_size``, ``.scale_range``, ``.meta``. Imports Keras."""
+    ``.input_size``, ``.scale_range``, ``.meta``. Imports Keras. The model takes (B, H, W, C)
+    float pixels in 0..1 (uint8 / 255); its normalisation is inside it."""
     from .backend import import_keras
     from .model import load_model as _load
 
@@ -203,7 +204,8 @@ def _names(text: str) -> list[str]:
 
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model, or to the
-    model of :func:`load_model` (then ``layer`` defaults to the one its metadata names)."""
+    model of :func:`load_model` (then ``layer`` defaults to the one its metadata names).
+    Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused)."""
     from .explain.cam import get_cam as _get
 
     if hasattr(model, "cam_layer") and hasattr(model, "model"):  # a LoadedModel

@@ -155,10 +155,16 @@ class CAMMethod:
         return t.astype(np.int32)
 
     def _checked(self, x, target) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x, dtype=np.float32)
-        if x.ndim != 4:
-            raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {x.shape}")
-        return x, self._targets(target, x.shape[0])
+        raw = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x)
+        if raw.ndim != 4:
+            raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {raw.shape}")
+        # 0..255 pixels give confident, wrong labels: refused (a strided sample keeps the check cheap)
+        top = float(raw.reshape(-1)[::1009].max()) if raw.size and raw.dtype.kind == "f" else 0.0
+        if raw.dtype.kind in "iub" or top > 1.5:
+            got = f"{raw.dtype} pixels" if raw.dtype.kind in "iub" else f"values up to {top:g}"
+            raise ValueError(f"CAM input must be float pixels in 0..1 (uint8 / 255), as the model was trained on; "
+                             f"got {got}")
+        return raw.astype(np.float32, copy=False), self._targets(target, raw.shape[0])
 
     def _fast_result(self, logits, t, raw, cam) -> CAMResult:
         return CAMResult(probs=softmax(logits), target=t.astype(np.int32), raw=raw.astype(np.float32),
