@@ -354,3 +354,27 @@ def test_a_stopped_or_killed_chips_run_leaves_nothing_half_made(scene_path, tmp_
         (d / "images").mkdir(parents=True)
     assert _chips(scene, "--labels", labels, "-o", out, "--split", "test")[0] == 0
     assert not dead.exists() and other.exists() and (out / "chips.json").is_file()
+
+
+def test_a_shapefile_in_gbk_or_cp1252_without_its_cpg_says_how_to_read_it(scene_path, tmp_path, monkeypatch):
+    """Old ArcGIS/MapInfo exports: a Shapefile whose text is GBK or CP1252 and which has lost its
+    .cpg. GDAL cannot know the encoding; tilescan says so (exit 4, naming the file), and both
+    remedies it gives work."""
+    from tilescan.training.labels import read_labels
+
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    mx = (left + right) / 2
+    rows = [{"类别": "耕地", "geometry": box(left, bottom, mx, top)}, {"类别": "林地", "geometry": box(mx, bottom, right, top)}]
+    shp = _write(tmp_path / "gbk.shp", rows, crs, encoding="gbk")
+    fr = _write(tmp_path / "fr.shp", [{"classe": "Forêt", "geometry": box(left, bottom, mx, top)}], crs, encoding="cp1252")
+    for p in (shp, fr):
+        p.with_suffix(".cpg").unlink()
+        code, out = _chips(scene, "--labels", p, "-o", tmp_path / "out")
+        assert code == 4 and f"{p}: the labels' text is not UTF-8" in out and "put a .cpg file beside it" in out, out
+        assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("SHAPE_ENCODING", "GBK")
+    assert read_labels(shp, class_field="类别").classes == ["林地", "耕地"]
+    monkeypatch.delenv("SHAPE_ENCODING")
+    shp.with_suffix(".cpg").write_text("GBK")
+    assert read_labels(shp, class_field="类别").classes == ["林地", "耕地"]

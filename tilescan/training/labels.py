@@ -115,6 +115,12 @@ def _read_ogr(path: Path, layer: str | None):
         raise
     except Exception as exc:  # pyogrio's DataSourceError, DataLayerError, ...
         raise InputError(f"GDAL cannot read the labels as a vector file: {exc}", path=str(path)) from None
+    if str(meta.get("encoding") or "UTF-8").upper().replace("-", "") != "UTF8" and not _utf8_text(table):
+        # a Shapefile without a .cpg: GDAL hands over its bytes; guessing would give a legend of mojibake
+        raise InputError("the labels' text is not UTF-8 and the file does not say which encoding it is in (a "
+                         "Shapefile without its .cpg): put a .cpg file beside it naming the encoding (e.g. GBK for "
+                         "Chinese, CP1252 for Western European), or set SHAPE_ENCODING=GBK (...) when you run this",
+                         path=str(path))
     fid_col, fids = meta.get("fid_column"), None
     if fid_col in table.column_names:  # the file's own feature ids (QGIS' $id), kept apart from the fields
         fids, table = table.column(fid_col).to_pylist(), table.drop([fid_col])
@@ -126,6 +132,20 @@ def _read_ogr(path: Path, layer: str | None):
         col = meta.get("geometry_name") or "wkb_geometry"
     crs = meta.get("crs")
     return table, (None if not crs else pyproj_crs(crs)), col, fids
+
+
+def _utf8_text(table) -> bool:
+    """Whether the field names and text values of an Arrow table are valid UTF-8."""
+    import pyarrow as pa
+
+    try:
+        table.column_names  # decoded here
+        for col in table.columns:
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                col.validate(full=True)
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        return False
+    return True
 
 
 def _class_name(value: Any) -> str | None:
