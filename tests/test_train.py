@@ -319,6 +319,32 @@ def test_evaluate_splits_as_training_did_and_says_when_the_split_changed(mini_ai
     assert "may hold images" in json.loads((tmp_path / "ev2" / "report.json").read_text())["split_warning"]
 
 
+def test_a_set_only_for_scoring_is_not_taken_for_the_changed_training_set(mini_aid, tmp_path):
+    """Chips datasets keep their images in images/, as AID does: a model trained on one and
+    scored on another region's set (chips --split test: empty train and val lists) gets no
+    warning that the test split may hold its training images; its own set with a train list
+    changed still does."""
+    out = tmp_path / "m.keras"
+    assert _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--batch-size", "16"]).exit_code == 0
+    region = tmp_path / "region_b"
+    shutil.copytree(mini_aid / "images", region / "images")
+    (region / "splits").mkdir()
+    (region / "classes.txt").write_text((mini_aid / "classes.txt").read_text())
+    test = (mini_aid / "splits" / "train.txt").read_text()  # images there, in another region's set
+    for split, text in {"train": "", "val": "", "test": test}.items():
+        (region / "splits" / f"{split}.txt").write_text(text)
+    res = invoke(["evaluate", out, region, "-o", tmp_path / "ev", "--explain-samples", "0"])
+    assert res.exit_code == 0 and "may hold images" not in res.output, res.output
+    assert "split_warning" not in json.loads((tmp_path / "ev" / "report.json").read_text())
+    same = tmp_path / "same"
+    shutil.copytree(mini_aid, same / mini_aid.name)
+    lines = (same / mini_aid.name / "splits" / "train.txt").read_text().split()
+    (same / mini_aid.name / "splits" / "train.txt").write_text("\n".join(lines[1:]) + "\n")  # one image less
+    res = invoke(["evaluate", out, same / mini_aid.name, "-o", tmp_path / "ev2", "--explain-samples", "0",
+                  "--split", "val"])
+    assert res.exit_code == 0 and "may hold images the model was trained on" in res.output, res.output
+
+
 def test_what_a_class_folder_holds_besides_its_images(tmp_path):
     """Plain class folders as users' machines leave them: a Jupyter checkpoint folder, a zip's
     __MACOSX folder and macOS's ._ files are not classes or images; a class folder with no

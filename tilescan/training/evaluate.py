@@ -478,19 +478,7 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
         raise InputError(f"the '{split}' split is empty", path=str(data))
     ds.check_found(**{split: items})
     model_classes = [unicodedata.normalize("NFC", c) for c in meta["classes"]]  # in one Unicode form, as datasets read them
-    if model_classes != ds.classes:
-        only_m = [c for c in model_classes if c not in ds.classes]
-        only_d = [c for c in ds.classes if c not in model_classes]
-        why = (
-            f"model-only classes {only_m}, dataset-only classes {only_d}"
-            if only_m or only_d
-            else "the same names in a different order"
-        )
-        raise ConfigError(
-            f"the model's {len(model_classes)} classes do not match the dataset's {len(ds.classes)} ({why}); "
-            "evaluate a model on the dataset it was trained for",
-            path=str(data),
-        )
+    items = _in_model_classes(items, ds.classes, model_classes, data, log)
     lm = load_model(model_path)
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
@@ -498,6 +486,21 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     if overlap:
         log(f"warning: {overlap}")
     return ds, lm, items, overlap
+
+
+def _in_model_classes(items: list, classes: list[str], model_classes: list[str], data: str, log) -> list:
+    """The items with the model's class indices: a dataset may hold some of its classes (a test
+    region without water), in any order; one the model does not know is refused."""
+    unknown = [c for c in classes if c not in model_classes]
+    if unknown:
+        raise ConfigError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
+                          "evaluate a model on a dataset of its own legend", path=str(data))
+    absent = [c for c in model_classes if c not in classes]
+    if absent:
+        log(f"warning: {data}: the dataset has {len(classes)} of the model's {len(model_classes)} classes; the others "
+            f"({', '.join(absent)}) have no images, and count in the scores only where the model predicts them")
+    index = [model_classes.index(c) for c in classes]
+    return [(p, index[c]) for p, c in items]
 
 
 def _split_changed(trained: dict, ds, split: str) -> str | None:
@@ -512,6 +515,10 @@ def _split_changed(trained: dict, ds, split: str) -> str | None:
 
     if kind(trained.get("split_source")) != kind(ds.split_source) or trained.get("root") != ds.root.name:
         return None
+    if ds.root.name.lower() == "images" and str(trained.get("dataset", "")).casefold() != ds.name.casefold():
+        return None  # every chips dataset's images are in an images/ folder: its own name tells them apart
+    if not ds.splits.get("train") and not ds.splits.get("val"):
+        return None  # a set only for scoring (chips --split test), not the training set changed
     changed = [s for s in ("train", "val") if s in was and was[s] != ds.split_sha256.get(s)]
     if not changed:
         return None
