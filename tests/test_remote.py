@@ -349,6 +349,7 @@ def _check_output_item(folder: Path, manifest: dict, source_item: str | None = N
     with rasterio.open(folder / "labels.tif") as ds:
         assert item.assets["labels"].extra_fields["proj:shape"] == [ds.height, ds.width]
         assert item.assets["labels"].extra_fields["proj:transform"] == list(ds.transform)[:6]
+        assert item.assets["labels"].title.endswith(f"nodata {ds.nodata:g})"), item.assets["labels"].title
     si = manifest["scene_info"]  # the scene's corners in longitude/latitude
     tf = rasterio.Affine(*si["transform"])
     xs, ys = zip(*(tf @ c for c in ((0, 0), (si["width"], 0), (si["width"], si["height"]), (0, si["height"]))))

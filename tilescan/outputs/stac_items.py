@@ -22,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..layout import MANIFEST
+from .cog import LABEL_NODATA
 from .files import write_json
 
 ITEM = "item.json"
 _ASSETS = {
     "labels.tif": ("labels", "image/tiff; application=geotiff; profile=cloud-optimized", ["data", "labels"],
-                   "tile labels (class index per tile, nodata -1)"),
+                   f"tile labels (class index per tile, nodata {LABEL_NODATA})"),
     "heatmap.tif": ("heatmap", "image/tiff; application=geotiff; profile=cloud-optimized", ["data"],
                     "CAM heatmap of each tile's label, blended over the scene"),
     "tiles.parquet": ("tiles", "application/vnd.apache.parquet", ["data"],
