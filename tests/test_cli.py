@@ -150,6 +150,9 @@ def test_exit_2_usage_and_config_errors(tmp_path, scene_path):
     assert r.exit_code == 2 and "Volcano" in r.output and "Forest" in r.output
     r = invoke(["run", scene, "-o", out, *FAST, "--cam", "nosuchcam"])
     assert r.exit_code == 2 and "nosuchcam" in r.output
+    # bands the model cannot take: refused once, before any scene (not each scene failed, exit 4)
+    r = invoke(["run", scene, scene_path(SMALL), "-o", out, *FAST, "--bands", "1,2"])
+    assert r.exit_code == 2 and r.output.count("--bands 1,2 lists 2 band(s), but the model expects 3") == 1, r.output
     assert not (out / scene.stem).exists()
 
 

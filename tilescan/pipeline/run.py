@@ -23,6 +23,7 @@ from ..outputs.files import make_folder, write_error, write_json
 from ..outputs import fonts
 from ..scene import sources
 from ..scene.info import TilingWarning
+from ..scene.plan import check_band_count
 from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory
@@ -174,6 +175,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)  # a model that is not one: OUT is not made for it
     resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
+    check_band_count(cfg.tiling, card.num_bands)
     if cfg.output.quicklook:
         fonts.check_names(card.classes, log, "the quicklooks' legends")
     _check_output_dir(out)

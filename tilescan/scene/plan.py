@@ -41,14 +41,18 @@ def _rgb_from_names(names: Sequence[str | None]) -> list[int] | None:
     return None
 
 
+def check_band_count(cfg: TilingConfig, model_bands: int) -> None:
+    """Refuse ``bands`` of another length than the model's inputs (every scene would fail alike)."""
+    if cfg.bands and len(cfg.bands) != model_bands:
+        raise ConfigError(f"{cfg.origin('bands')} lists {len(cfg.bands)} band(s), but the model expects {model_bands}")
+
+
 def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
                 model_band_names: Sequence[str] | None) -> list[int]:
     p = str(info.path)
     if cfg.bands:
         given = cfg.origin("bands")  # as the user set it: --bands 4,2,1, the variable, or the file
-        if len(cfg.bands) != model_bands:
-            raise ConfigError(
-                f"{given} lists {len(cfg.bands)} band(s), but the model expects {model_bands}")
+        check_band_count(cfg, model_bands)
         bad = [b for b in cfg.bands if not 1 <= b <= info.count]
         if bad:
             raise InputError(
