@@ -317,3 +317,38 @@ def test_a_tile_round_a_pole_is_a_cap_up_to_the_pole(tmp_path, pole):
     assert item["bbox"][0] == -180 and item["bbox"][2] == 180
     laea = f"+proj=laea +lat_0={edge:g} +lon_0=0 +ellps=WGS84 +units=m"
     np.testing.assert_allclose(gdf["area_m2"], native.to_crs(laea).area, rtol=1e-3)
+
+
+def test_a_scene_that_is_a_git_annex_link_is_named_by_its_link_everywhere(tmp_path):
+    """git-annex / DataLad: the scene is a link to a content-named object. run.json, the
+    collected table and both QGIS projects name the link the user gave, not the object (which
+    changes with every new version); a new version of the scene is that scene again, in its own
+    folder, not a second scene."""
+    from conftest import scene
+    from tilescan.config import load_config
+    from tilescan.pipeline.run import run
+
+    objects = tmp_path / "ds" / ".git" / "annex" / "objects"
+    objects.mkdir(parents=True)
+    shutil.copyfile(scene("rasterio/RGB.byte.tif"), objects / "SHA256E-s1--aaa.tif")
+    link = tmp_path / "ds" / "bahamas.tif"
+    link.symlink_to(Path(".git/annex/objects/SHA256E-s1--aaa.tif"))
+    out = tmp_path / "out"
+    cfg = load_config(overrides={"tiling": {"tile_size": 256, "units": "px"}}, environ={})
+    assert run([tmp_path / "ds"], out, cfg, log=quiet).exit_code == 0
+    manifest = json.loads((out / "bahamas" / "run.json").read_text())
+    assert manifest["scene"] == str(link)
+    run_collect(out, log=quiet)
+    paths = set(pq.read_table(out / "collected" / "tiles.parquet", columns=["scene_path"]).column(0).to_pylist())
+    assert paths == {str(link)}
+    for qgs in (out / "bahamas" / "bahamas.qgs", out / "collected" / "collected.qgs"):
+        text = qgs.read_text()
+        assert "bahamas.tif" in text and ".git/annex" not in text, qgs
+    # a new version: another object, the link moved to it
+    shutil.copyfile(objects / "SHA256E-s1--aaa.tif", objects / "SHA256E-s2--bbb.tif")
+    link.unlink()
+    link.symlink_to(Path(".git/annex/objects/SHA256E-s2--bbb.tif"))
+    rep = run([tmp_path / "ds"], out, cfg, log=quiet).to_dict()
+    assert rep["exit_code"] == 6 and "another version of the scene file" in rep["failed"][0]["reason"], rep
+    assert run([tmp_path / "ds"], out, cfg.replace("output", overwrite=True), log=quiet).exit_code == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["bahamas", "collected", "report.json"]

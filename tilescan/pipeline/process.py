@@ -384,7 +384,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "status": "complete",
         "fingerprint": job.fingerprint,
         "scene_version": job.version,
-        "scene": str(unit.scene.resolve()),
+        "scene": sources.recorded_path(unit.scene),
         # where GIS tools read a remote scene (None with credentials in its URL): collect's project
         **({"scene_layer": scene_source(unit.scene)} if getattr(unit.scene, "remote", False) else {}),
         "unit": unit.key,

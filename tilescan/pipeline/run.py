@@ -48,7 +48,7 @@ def _legacy_outputs(out: Path, unit: Unit, legacy: str) -> Path | None:
         return None
     old = out / legacy if unit.part is None else out / legacy / unit.part
     m = read_manifest(old)
-    if isinstance(m, dict) and m.get("status") == "complete" and m.get("scene") == str(unit.scene.resolve()):
+    if isinstance(m, dict) and m.get("status") == "complete" and m.get("scene") == sources.recorded_path(unit.scene):
         return old
     return None
 
@@ -221,7 +221,7 @@ def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int], out: Path) ->
         folder = out / name
         for m in (read_manifest(folder), *(read_manifest(band) for band in sorted(folder.glob("rows-*"))[:1])):
             if isinstance(m, dict) and m.get("status") == "complete":
-                return m.get("scene") == str(scene.resolve())
+                return m.get("scene") == sources.recorded_path(scene)
         return False
 
     with catching_warnings():
@@ -343,7 +343,7 @@ class _Units:
 def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> str:
     """What the finished outputs in the way were made from, where it differs from this run's
     (the fingerprint says only that something does): the scene file, the model, settings."""
-    scene = str(unit.scene.resolve())
+    scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
         return (f"of another scene file ({old.get('scene')}; a different scene of the same name wants another "
                 "output folder, a moved file --overwrite)")

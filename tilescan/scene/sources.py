@@ -296,6 +296,17 @@ def scene_identity(scene: Any) -> dict:
     return {"scene": str(scene.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def recorded_path(scene: Any) -> str:
+    """The scene as ``run.json`` names it (``scene``): a local file's absolute path with its
+    folders resolved and its own name kept, so a symbolic link to a content-named file
+    (git-annex, DataLad) stays the link the user gave (a plain file's path is the resolved
+    one, as before); a URL as given."""
+    if getattr(scene, "remote", False):
+        return str(scene)
+    p = Path(scene)
+    return str(Path(os.path.realpath(p.parent)) / p.name)
+
+
 def manifest_fields(scene: Any) -> dict:
     """Extra run.json fields for a remote or STAC scene (nothing for a local file)."""
     return scene.manifest() if hasattr(scene, "manifest") else {}
