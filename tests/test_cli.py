@@ -252,6 +252,14 @@ def test_settings_that_do_not_hold_replace_the_report_too(tmp_path, scene_path):
     with pytest.raises(tilescan.ConfigError):
         tilescan.run(scene, out, tile_size=-1)
     assert read_report(out)["error"]["kind"] == "config"
+    # values the option parser refuses (a range, a choice), whichever way OUT and the shard are spelled
+    for args, report in (([f"-o{out}", "--tile-size", "0"], "report.json"),
+                         (["--units", "km", f"--out={out}", "--shard", "1/2"], "report-shard-0001-of-0002.json")):
+        (out / report).write_text(earlier)
+        r = invoke(["run", scene, *args])
+        rep = read_report(out, report)
+        assert r.exit_code == 2 and rep["exit_code"] == 2 and rep["error"]["kind"] == "config", (args, rep)
+        assert ("--tile-size" if "--tile-size" in args else "--units") in rep["error"]["message"]
     assert not (out / scene.stem).exists()
 
 

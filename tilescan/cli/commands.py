@@ -53,7 +53,43 @@ def main(ctx: click.Context, verbose: int, quiet: int) -> None:
 # ----------------------------------------------------------------------------- run
 
 
-@main.command(epilog=_LAYERS_EPILOG)
+def _arg_value(args: Sequence[str], *names: str) -> str | None:
+    """The value last given to one of the options ``names`` in raw ``args`` (``-o X``, ``-oX``,
+    ``--out X``, ``--out=X``); None if none."""
+    found = None
+    for i, a in enumerate(args):
+        if a in names and i + 1 < len(args):
+            found = args[i + 1]
+        for n in names:
+            long = n.startswith("--")
+            if (long and a.startswith(n + "=")) or (not long and a.startswith(n) and a != n and not a.startswith("--")):
+                found = a[len(n) + long:]
+    return found
+
+
+class _RunCommand(click.Command):
+    """``run``, whose options the parser refuses (exit 2) also replace OUT's report with the
+    error, as a setting tilescan refuses itself does: a monitor never reads an earlier run's
+    report as this one's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        raw = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            out = _arg_value(raw, "-o", "--out")
+            if out:
+                from ..pipeline.run import report_failed_start
+
+                try:
+                    shard = tilescan.parse_shard(_arg_value(raw, "--shard"))
+                except tilescan.TilescanError:
+                    shard = (0, 1)
+                report_failed_start(out, shard, tilescan.ConfigError(exc.format_message()))
+            raise
+
+
+@main.command(cls=_RunCommand, epilog=_LAYERS_EPILOG)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
