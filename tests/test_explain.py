@@ -245,3 +245,21 @@ def test_a_failure_before_the_first_figure_leaves_no_empty_folder(model_file, tm
     with pytest.raises(InputError, match="broken.tif"):
         run_explain([str(bad)], str(tmp_path / "figs" / "a"), str(model_file), **QUIET)
     assert not (tmp_path / "figs").exists()
+
+
+def test_python_callers_spell_settings_as_run_takes_them(model_file, scene_path, tmp_path):
+    """From Python, ``units`` is checked as run checks it (a typo is refused, not read as
+    pixels), and ``bands`` and ``tiles`` may be written as on the command line."""
+    scene = str(scene_path("rasterio/RGB.byte.tif"))
+    for units in ("km", "PX", "metres"):
+        with pytest.raises(ConfigError, match=rf"\[tiling\] units: must be one of \['auto', 'm', 'px'\], got '{units}'"):
+            run_explain([scene], str(tmp_path / "u"), str(model_file), units=units, **QUIET)
+    assert not (tmp_path / "u").exists()
+    run_explain([scene], str(tmp_path / "s"), str(model_file), tiles="2,3;0,0", bands="3,2,1", tile_size=128, **QUIET)
+    run_explain([scene], str(tmp_path / "t"), str(model_file), tiles=[(2, 3), (0, 0)], bands=(3, 2, 1), tile_size=128,
+                **QUIET)
+    a, b = (json.loads((tmp_path / d / "RGB.byte_tiles_explain.json").read_text()) for d in "st")
+    assert a["scene"]["bands"] == [3, 2, 1] and [r["tile"] for r in a["rows"]] == [[2, 3], [0, 0]]
+    assert a["rows"] == b["rows"]
+    with pytest.raises(ConfigError, match="ROW,COL pairs"):
+        run_explain([scene], str(tmp_path / "v"), str(model_file), tiles="2;3", **QUIET)

@@ -471,3 +471,18 @@ def test_stac_document_urls_that_are_not_there_say_the_servers_answer(server):
     assert scenes == [scene(COGEO).resolve()]
     assert "not found (HTTP 404)" in str(failed[0]) and str(failed[0]).startswith(f"{server.url}/rasterio/no-such-item.json: ")
     assert "access denied (HTTP 403)" in str(failed[1]) and str(failed[1]).startswith(f"{server.url}/403/catalog.json: ")
+
+
+def test_python_callers_give_one_stac_document_and_assets_as_strings(server, local_ref, tmp_path):
+    """tilescan.run(stac="items.json", assets="visual"): one document and a comma-separated
+    asset list, as the command line takes them (not read one character at a time)."""
+    import pystac
+
+    import tilescan
+
+    doc = tmp_path / "items.txt"  # a STAC document by any name
+    doc.write_text(json.dumps(pystac.ItemCollection([_item("has-visual", {"visual": f"{server.url}/{COGEO}",
+                                                                           "image": f"{server.url}/{MOSAIC}"})]).to_dict()))
+    rep = tilescan.run([], tmp_path / "out", stac=str(doc), assets="visual", tile_size=256, units="px")
+    assert rep.exit_code == 0 and [r.unit for r in rep.results] == ["has-visual"], rep.to_dict()
+    same_unit(tmp_path / "out" / "has-visual", local_ref / "cogeo", scene_col=False)

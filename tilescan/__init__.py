@@ -118,7 +118,8 @@ def run(
     they win over ``config``. ``model``: a tilescan ``.keras`` file (default: the packaged
     model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``. ``inputs`` may also be URLs
     (``https://``, ``s3://``, ``gs://``, ``az://``) and STAC ``*.json`` documents; ``stac``:
-    STAC documents by any name; ``assets``: the STAC asset key(s) or band names to read;
+    STAC documents by any name (one, or a list); ``assets``: the STAC asset key(s) or band
+    names to read (a list, or comma-separated);
     ``stac_items``: also write ``out/<scene>/item.json``, a STAC Item of the outputs.
 
     Returns a :class:`~tilescan.pipeline.report.RunReport` (``.results``, ``.exit_code``,
@@ -139,6 +140,10 @@ def run(
 
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if isinstance(stac, (str, os.PathLike)):
+        stac = [stac]
+    if isinstance(assets, str):  # "red,green,blue", as on the command line
+        assets = [a.strip() for a in assets.split(",") if a.strip()]
     try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
         if isinstance(config, Config):
             cfg = config if not overrides else _replace_all(config, _override_layer(overrides))

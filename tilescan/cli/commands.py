@@ -339,14 +339,12 @@ def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch
 
 def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
     """``--tiles``, given once or more, as (row, col) pairs in the order given."""
-    out = []
-    for part in " ".join(values).replace(";", " ").split():
-        try:
-            r, c = part.split(",")
-            out.append((int(r), int(c)))
-        except ValueError:
-            raise click.BadParameter(f"tiles are ROW,COL pairs separated by spaces or ';', got {part!r}", param_hint="'--tiles'") from None
-    return out
+    from ..explain.figures import parse_tiles
+
+    try:
+        return parse_tiles(" ".join(values))
+    except tilescan.ConfigError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--tiles'") from None
 
 
 @main.command()

@@ -183,17 +183,23 @@ def _image_items(path: Path, lm) -> list[_Item]:
     return [_Item(x, {"source": str(path)})]
 
 
-def _scene_items(path: Path, lm, tiles, top: int, tile_size: int | None, target: int | None, log,
-                 units: str = "auto", nodata: str = "file", bands: Sequence[int] = (),
-                 flags: Mapping[str, str] = {}) -> tuple[list[_Item], dict]:
+def _tiling(tile_size, units: str, nodata: str, bands, flags: Mapping[str, str]):
+    """The scenes' tiling settings, checked as run checks them (``bands`` also as "3,2,1");
+    unset ones are run's defaults, so the tiles are the ones run reads."""
+    from ..config import CODE_SOURCE, build_config
+
+    given = {"tile_size": tile_size, "units": units, "nodata": nodata, "bands": bands or None}
+    cfg = build_config({"tiling": {"allow_pixel_space": True, **{k: v for k, v in given.items() if v is not None}}},
+                       source=CODE_SOURCE).tiling
+    object.__setattr__(cfg, "_origins", dict(flags))  # messages name the options as the user typed them
+    return cfg
+
+
+def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) -> tuple[list[_Item], dict]:
     import warnings
 
-    from ..config import TilingConfig
     from ..scene.info import TilingWarning
 
-    sized = {"tile_size": int(tile_size)} if tile_size else {}  # else run's default: the same tiles as run reads
-    cfg = TilingConfig(**sized, units=units, nodata=nodata, allow_pixel_space=True, bands=tuple(int(b) for b in bands))
-    object.__setattr__(cfg, "_origins", dict(flags))  # messages name the options as the user typed them
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", TilingWarning)
         reader = lm.open_scene(path, cfg)
@@ -306,6 +312,8 @@ def run_explain(
     """
     flags = dict(flags or {})
     methods = _checked_methods(inputs, methods, top, tile_size, nodata, flags)
+    tiling = _tiling(tile_size, units, nodata, bands, flags)
+    tiles = parse_tiles(tiles) if isinstance(tiles, str) else tiles
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
     check_names(lm.classes, log, "the figures' titles")
@@ -316,8 +324,7 @@ def run_explain(
             is_scene = _is_scene(path, forced=bool(tiles or tile_size or bands), log=log)
             scene_info = None
             if is_scene:
-                items, scene_info = _scene_items(path, lm, tiles, top, tile_size, target_idx, log, units, nodata, bands,
-                                                 flags)
+                items, scene_info = _scene_items(path, lm, tiles, top, tiling, target_idx, log)
                 stem = _unique_name(path.stem, "_tiles_explain", used)
             else:
                 if tiles:
@@ -348,6 +355,19 @@ def run_explain(
             log(f"{path.name}: {len(items)} {what} explained -> {png}")
             written.append(png)
     return written
+
+
+def parse_tiles(text: str) -> list[tuple[int, int]]:
+    """Tiles written as on the command line, ROW,COL pairs separated by spaces or ';'
+    ("0,1;2,3"), as (row, col) pairs in the order given."""
+    out = []
+    for part in text.replace(";", " ").split():
+        try:
+            r, c = part.split(",")
+            out.append((int(r), int(c)))
+        except ValueError:
+            raise ConfigError(f"tiles are ROW,COL pairs separated by spaces or ';', got {part!r}") from None
+    return out
 
 
 def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
