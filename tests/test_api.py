@@ -9,6 +9,7 @@ import pydoc
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,6 +39,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
         exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own example
     report = ns["report"]
     assert report.exit_code == 0 and report.to_dict()["counts"]["done"] == 1
+    # the report a notebook keeps is the one written: the same end time, shard and model, later too
+    time.sleep(1.1)
+    assert report.to_dict() == json.loads((tmp_path / "out-py" / "report.json").read_text())
     manifest = json.loads((tmp_path / "out-py" / "m_4709963_se_14_1_20190904" / "run.json").read_text())
     assert manifest["config"]["cam"]["method"] == "layercam" and manifest["config"]["tiling"]["tile_size"] == 128
     assert any("tiles classified" in r.getMessage() for r in caplog.records)  # progress reached the logger

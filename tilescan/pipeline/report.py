@@ -47,6 +47,13 @@ class RunReport:
     results: list[UnitResult] = field(default_factory=list)
     interrupted: dict | None = None  # set when a signal stopped the run (tilescan.stop)
     started_at: str = field(default_factory=_now)
+    finished_at: str | None = None  # set by :meth:`finish`
+    extra: dict = field(default_factory=dict)  # more fields of report.json (shard, model, timings)
+
+    def finish(self, **extra) -> None:
+        """The run has ended: its end time, and ``extra`` fields for ``report.json``."""
+        self.finished_at = _now()
+        self.extra.update(extra)
 
     def running(self) -> dict:
         """The report while the run goes on (replaced at its end): one still ``running`` whose
@@ -80,5 +87,6 @@ class RunReport:
             "exit_code": self.exit_code,
             **({"interrupted": self.interrupted} if self.interrupted else {}),
             "started_at": self.started_at,
-            "finished_at": _now(),
+            "finished_at": self.finished_at or _now(),  # the end time, once the run has ended
+            **self.extra,
         }

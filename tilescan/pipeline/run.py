@@ -200,11 +200,9 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if left := sweep_staging(out):
         log(f"removed what stopped runs had left in {layout.STAGING}: {', '.join(sorted(left))}")
     layout.tidy(out)
-    data = report.to_dict()
-    data["shard"] = list(shard)
-    data["model"] = {"id": card.model_id, "sha256": card.sha256}
-    data["timings_s"] = {"wall": round(time.monotonic() - started, 3), "streams": stats}
-    write_json(out / layout.report_name(shard), data)
+    report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
+                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
+    write_json(out / layout.report_name(shard), report.to_dict())
     return report
 
 

@@ -254,7 +254,8 @@ def _train(
         _add_parent_metadata(meta, parent, head, freeze, finetune_lr, state, dataset, size, cfg, chips_card)
     sha = save_model(export, out, meta, half=half)
     history.keep_beside(out, ckpt)
-    log(f"saved {out} (val accuracy {val_acc:.4f}, best epoch {state['best_epoch']}, sha256 {sha[:12]})")
+    log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
+        f"{state['best_epoch']}, sha256 {sha[:12]})")
     held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
