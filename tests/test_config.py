@@ -123,6 +123,11 @@ def test_env_booleans(text, value):
     assert load_config(None, environ={"TILESCAN_OUTPUT__OVERWRITE": text}).output.overwrite is value
 
 
+@pytest.mark.parametrize("text", ["3,2,1", "3 2 1", "[3, 2, 1]", "[3,2,1]"])
+def test_env_lists_as_the_flag_or_toml_writes_them(text):
+    assert load_config(None, environ={"TILESCAN_TILING__BANDS": text}).tiling.bands == (3, 2, 1)
+
+
 def test_real_environment_is_read_by_default(monkeypatch):
     monkeypatch.setenv("TILESCAN_INFERENCE__READER_THREADS", "3")
     assert load_config().inference.reader_threads == "3"

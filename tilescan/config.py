@@ -294,8 +294,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
         raise bad("a string")
     if origin is tuple:
         args = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
+        if isinstance(value, str):  # "3,2,1", "3 2 1", or as TOML writes it: "[3, 2, 1]"
+            value = [v.strip("'\"") for v in value.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()]
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
         if len(args) == 2 and args[1] is Ellipsis:
