@@ -150,6 +150,11 @@ def test_exit_2_usage_and_config_errors(tmp_path, scene_path):
     assert r.exit_code == 2 and "Volcano" in r.output and "Forest" in r.output
     r = invoke(["run", scene, "-o", out, *FAST, "--cam", "nosuchcam"])
     assert r.exit_code == 2 and "nosuchcam" in r.output
+    # a CAM layer the model has not: named as the user set it
+    for args, env, said in ((["--cam-layer", "nolayer"], None, "--cam-layer nolayer: CAM layer 'nolayer' is not a layer"),
+                            ([], {"TILESCAN_CAM__LAYER": "nolayer"}, "TILESCAN_CAM__LAYER=nolayer: CAM layer 'nolayer'")):
+        r = invoke(["run", scene, "-o", out, *FAST, *args], env=env)
+        assert r.exit_code == 2 and said in r.output, r.output
     # bands the model cannot take: refused once, before any scene (not each scene failed, exit 4)
     r = invoke(["run", scene, scene_path(SMALL), "-o", out, *FAST, "--bands", "1,2"])
     assert r.exit_code == 2 and r.output.count("--bands 1,2 lists 2 band(s), but the model expects 3") == 1, r.output

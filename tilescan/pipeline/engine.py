@@ -139,7 +139,13 @@ class Engine:
         self.runtime = {**describe_device(keras), "precision": self.precision, "pipeline": self.pipeline,
                         "model_streams": self.streams, "compile_cache": compilation_cache_dir() if backend == "jax" else None}
         self.model = with_precision(lm.model, self.precision)
-        self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer, jit_compile=cfg.inference.jit_compile)
+        try:
+            self.cam = get_cam(cfg.cam.method, self.model, layer=cfg.cam.layer or lm.cam_layer,
+                               jit_compile=cfg.inference.jit_compile)
+        except ConfigError as exc:  # a layer of the user's: named as they set it (flag, variable, file)
+            if cfg.cam.layer:
+                exc.message = f"{cfg.cam.origin('layer')}: {exc.message}"
+            raise
         self.batch_size = cfg.inference.batch_size
         # several streams: each step on one of these threads (the backend releases the GIL)
         self._pool = None
