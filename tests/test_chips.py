@@ -378,3 +378,20 @@ def test_a_shapefile_in_gbk_or_cp1252_without_its_cpg_says_how_to_read_it(scene_
     monkeypatch.delenv("SHAPE_ENCODING")
     shp.with_suffix(".cpg").write_text("GBK")
     assert read_labels(shp, class_field="类别").classes == ["林地", "耕地"]
+
+
+def test_the_split_table_lines_up_in_a_terminal_whatever_the_script():
+    """Chinese names take two columns a character, a decomposed é one: the counts stay in their
+    columns (each row as wide on screen as the header)."""
+    import unicodedata
+
+    from tilescan.training.splits import format_counts
+
+    names = ["耕地", "Forêt", unicodedata.normalize("NFD", "Prés")]
+    counts = {s: {n: 7 for n in names} for s in ("train", "val", "test")}
+    rows = format_counts(counts, names).splitlines()
+
+    def on_screen(text):
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) == "W" else 1 for c in text)
+
+    assert len({on_screen(r) for r in rows}) == 1, rows

@@ -14,6 +14,7 @@ are dropped, and a test chip overlapping a val chip too.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -191,12 +192,18 @@ def _drop_overlaps(split: np.ndarray, footprints, min_share: float = 0.01) -> tu
     return split, dropped
 
 
+def _columns(text: str) -> int:
+    """The terminal columns ``text`` takes: an East Asian wide character two, a combining mark none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def format_counts(counts: dict[str, dict[str, int]], classes: Sequence[str]) -> str:
-    """A small text table: one row per class, a column per split, totals."""
-    w = max([5] + [len(c) for c in classes])
+    """A small text table: one row per class, a column per split, totals (aligned in a
+    terminal whatever the script of the class names)."""
+    w = max([5] + [_columns(c) for c in classes])
     lines = [f"{'class':<{w}}  {'train':>6} {'val':>6} {'test':>6}"]
     for c in classes:
-        lines.append(f"{c:<{w}}  " + " ".join(f"{counts[s][c]:>6}" for s in SPLITS))
+        lines.append(c + " " * (w - _columns(c)) + "  " + " ".join(f"{counts[s][c]:>6}" for s in SPLITS))
     lines.append(f"{'total':<{w}}  " + " ".join(f"{sum(counts[s].values()):>6}" for s in SPLITS))
     return "\n".join(lines)
 
