@@ -159,3 +159,19 @@ def test_collect_from_python(tmp_path):
     assert summary["tiles"] == len(table) == len(rows) > 0
     assert summary["scenes"]["cog_rgb"]["complete"]
     assert not (out / "collected" / "tiles.gpkg").exists() and not list((out / "collected").glob("*.qgs"))
+
+
+def test_get_cam_on_a_loaded_model_takes_a_class_name_as_target(tmp_path):
+    import numpy as np
+
+    from conftest import tiny_model_file
+
+    lm = tilescan.load_model(tiny_model_file(tmp_path / "m.keras", ["Forest", "River"], 32, seed=1))
+    x = np.random.default_rng(0).random((3, 32, 32, 3)).astype(np.float32)
+    cam = tilescan.get_cam("gradcam", lm)
+    by_name, by_index = cam(x, target="river"), cam(x, target=1)
+    assert (by_name.target == 1).all() and np.array_equal(by_name.cam, by_index.cam)
+    with pytest.raises(tilescan.ConfigError, match="Forest"):
+        cam(x, target="Lake")
+    with pytest.raises(ValueError, match="a class name needs the model's classes"):
+        tilescan.get_cam("gradcam", lm.model, layer=lm.cam_layer)(x, target="River")

@@ -210,12 +210,17 @@ def _names(text: str) -> list[str]:
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model, or to the
     model of :func:`load_model` (then ``layer`` defaults to the one its metadata names).
-    Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused)."""
+    Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused);
+    ``target``: None (each image's prediction), class indexes, or, bound to a loaded model, a
+    class name."""
     from .explain.cam import get_cam as _get
 
-    if hasattr(model, "cam_layer") and hasattr(model, "model"):  # a LoadedModel
-        layer, model = layer or model.cam_layer, model.model
-    return _get(name, model, layer=layer, **kwargs)
+    classes = None
+    if hasattr(model, "cam_layer") and hasattr(model, "model"):  # a LoadedModel: its layer, and targets by name
+        layer, model, classes = layer or model.cam_layer, model.model, list(model.classes)
+    cam = _get(name, model, layer=layer, **kwargs)
+    cam.classes = classes
+    return cam
 
 
 def parse_shard(text: str | None = None, count: int | None = None) -> tuple[int, int]:

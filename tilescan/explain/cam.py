@@ -115,6 +115,7 @@ class CAMMethod:
     needs_grads = True  # False: only a forward pass (acts, logits) is run
     path = "autodiff"  # how the maps are computed; GradCAM may switch to "gap-dense"
     _fast_step: Callable | None = None  # set where one device step returns (logits, target, raw, cam)
+    classes: Sequence[str] | None = None  # the model's class names, where known: a target may be one
 
     def __init__(self, model, layer: str | None = None, jit_compile: bool | str = "auto"):
         keras = _keras()
@@ -145,6 +146,11 @@ class CAMMethod:
     def _targets(self, target, batch: int) -> np.ndarray:
         if target is None:
             return np.full((batch,), -1, dtype=np.int32)
+        if isinstance(target, str):
+            if self.classes is None:
+                raise ValueError(f"target {target!r}: a class name needs the model's classes (get_cam on "
+                                 "tilescan.load_model()'s model), else give the class index")
+            target = resolve_target(target, self.classes)
         t = np.asarray(target)
         if t.ndim == 0:
             t = np.full((batch,), int(t))
