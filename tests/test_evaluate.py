@@ -277,6 +277,10 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
 def test_errors(model_file, dataset, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="limit"):
         E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), record=True, limit=5, log=lambda s: None)
+    for kw, said in (({"batch_size": "x"}, "batch_size must be a whole number >= 1, got 'x'"),
+                     ({"batch_size": 0}, "got 0"), ({"limit": 2.5}, "limit must be a whole number >= 1, got 2.5")):
+        with pytest.raises(ConfigError, match=said):  # a tilescan error, as every other one, not int()'s ValueError
+            E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), log=lambda s: None, **kw)
     with pytest.raises(InputError, match="dataset has no 'nope' split"):  # the data's, exit 4 as an empty one
         E.run_evaluate(str(model_file), str(dataset), "nope", str(tmp_path / "o"), log=lambda s: None)
     ran = tmp_path / "ran"  # a run's output folder: its report.json is not replaced by the evaluation's

@@ -333,6 +333,17 @@ def output_shaping(config: dict) -> dict:
     return shaping
 
 
+def positive_int(name: str, value: Any) -> int:
+    """``value`` of the argument ``name`` as an integer >= 1, else a ConfigError saying so."""
+    try:
+        n = int(value) if not isinstance(value, bool) and float(value) == int(value) else None
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or n < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    return n
+
+
 def is_nodata_setting(text: str) -> bool:
     """Whether ``text`` is a ``[tiling] nodata`` value (:func:`nodata_setting` reads it)."""
     try:

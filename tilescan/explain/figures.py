@@ -373,16 +373,15 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
 def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
                      nodata: str = "file", flags: Mapping[str, str] = {}) -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
-    from ..config import is_nodata_setting
+    from ..config import is_nodata_setting, positive_int
     from .cam import checked_methods
 
     if not inputs:
         raise InputError("nothing to explain: no inputs given")
     methods = checked_methods(methods)
-    if int(top) < 1:
-        raise ConfigError(f"top must be >= 1, got {top}")
-    if tile_size is not None and int(tile_size) < 1:
-        raise ConfigError(f"tile_size must be >= 1, got {tile_size}")
+    positive_int("top", top)
+    if tile_size is not None:
+        positive_int("tile_size", tile_size)
     if not is_nodata_setting(nodata):
         raise ConfigError(f"{flags.get('nodata', 'nodata')}: must be file, none or a number, got {nodata!r}")
     return methods

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..backend import usable_cores
+from ..config import positive_int
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
 from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
@@ -385,10 +386,9 @@ def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_met
     if isinstance(theirs, dict) and ("exit_code" in theirs or theirs.get("running")):
         raise OutputExistsError("holds the report.json of a 'tilescan run' (its output folder): give the evaluation "
                                 "a folder of its own", path=str(out_dir))
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if limit is not None and int(limit) < 1:
-        raise ConfigError(f"limit must be >= 1, got {limit}")
+    positive_int("batch_size", batch_size)
+    if limit is not None:
+        positive_int("limit", limit)
     if record and limit is not None:
         raise ConfigError("--record (record=True) stores the scores of the whole split: do not combine it with "
                           "--limit (limit=)")
