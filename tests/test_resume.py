@@ -132,3 +132,32 @@ def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path,
     finally:
         held.release()
     assert (out / "cog_rgb" / "run.json").is_file()
+
+
+def test_a_second_run_leaves_the_report_of_the_run_still_at_work(tmp_path):
+    """Two runs over one OUT (the same command started twice, cron without its lock wrapper):
+    the second leaves report.json to the first, whose process still runs, and says so; once
+    that process is gone (killed: its report still says running), the next run's report
+    replaces it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a process whose command line is tilescan's, as a run's is, holding OUT's report
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "tilescan", "run"])
+    theirs = {"tilescan": "0", "running": True, "started_at": "2026-12-05T00:00:00+00:00", "pid": holder.pid,
+              "host": os.uname().nodename, "shard": [0, 1]}
+    (out / "report.json").write_text(json.dumps(theirs))
+    try:
+        p = bh.tilescan("run", "--no-progress", "-o", out, bh.scene_paths()[0], *bh.ARGS)
+        assert p.returncode == 0 and f"another tilescan run (pid {holder.pid}) is writing into" in p.stderr, p.stderr
+        assert json.loads((out / "report.json").read_text()) == theirs
+        assert (out / bh.UNITS[0] / "run.json").is_file()  # its own work is done all the same
+    finally:
+        holder.kill()
+        holder.wait()
+    p = bh.tilescan("run", "--no-progress", "-o", out, bh.scene_paths()[0], *bh.ARGS)
+    report = json.loads((out / "report.json").read_text())
+    assert p.returncode == 0 and report["exit_code"] == 0 and [u["unit"] for u in report["skipped"]] == [bh.UNITS[0]]

@@ -49,6 +49,7 @@ class RunReport:
     started_at: str = field(default_factory=_now)
     finished_at: str | None = None  # set by :meth:`finish`
     extra: dict = field(default_factory=dict)  # more fields of report.json (shard, model, timings)
+    held_by: int | None = None  # another live run's pid, whose report.json this run leaves alone
 
     def finish(self, **extra) -> None:
         """The run has ended: its end time, and ``extra`` fields for ``report.json``."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import traceback
@@ -150,7 +151,7 @@ def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: R
     """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
     report in an OUT that exists, so a report of an earlier run is never taken for this one's:
     the units' results so far, and the error. An OUT that does not exist is not made for it."""
-    if not out.is_dir():
+    if not out.is_dir() or report.held_by is not None:
         return
     if isinstance(exc, InputError) and exc.path and not report.results:  # the input that gave no scene
         report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
@@ -179,7 +180,12 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if cfg.output.quicklook:
         fonts.check_names(card.classes, log, "the quicklooks' legends")
     _check_output_dir(out)
-    write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
+    report.held_by = _live_report_holder(out / layout.report_name(shard))
+    if report.held_by is None:
+        write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
+    else:  # a second run over the same OUT: the report stays the first one's, which is still at work
+        log(f"warning: another tilescan run (pid {report.held_by}) is writing into {out}: its "
+            f"{layout.report_name(shard)} is left to it, and this run's outcome is only printed")
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     units = _plan(scenes, card, cfg, shard, out)
@@ -202,8 +208,33 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     layout.tidy(out)
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
                   timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
-    write_json(out / layout.report_name(shard), report.to_dict())
+    if report.held_by is None:
+        write_json(out / layout.report_name(shard), report.to_dict())
     return report
+
+
+def _live_report_holder(path: Path) -> int | None:
+    """The pid of another process on this host whose run's report ``path`` is and which still
+    runs (its report says ``running``); None when there is none."""
+    try:
+        m = json.loads(path.read_text())
+        pid = int(m["pid"]) if m.get("running") and m.get("host") == os.uname().nodename else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if pid is None or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    try:  # a killed run's pid taken by another program since
+        if b"tilescan" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:  # no /proc here (macOS): alive is all there is to know
+        pass
+    return pid
 
 
 def _plan(scenes: list, card, cfg: Config, shard: tuple[int, int], out: Path) -> list[Unit]:
