@@ -404,8 +404,8 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
         if old.get("fingerprint") == fp and not cfg.output.overwrite:
             return True
         if not cfg.output.overwrite:
-            raise OutputExistsError(f"finished outputs {_what_differs(old, unit, cfg, model_sha)} exist; pass --overwrite to "
-                                    "replace them", path=str(final))
+            raise OutputExistsError(f"finished outputs {_what_differs(old, unit, cfg, model_sha)} exist; pass --overwrite "
+                                    "(overwrite=True from Python) to replace them", path=str(final))
     elif _occupied(final):
         if old is None and not (final / layout.MANIFEST).is_file():  # something else's: --overwrite leaves it too
             raise OutputExistsError(
@@ -414,7 +414,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
         if not cfg.output.overwrite:
             raise OutputExistsError(
                 "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
-                "pass --overwrite to replace them", path=str(final))
+                "pass --overwrite (overwrite=True from Python) to replace them", path=str(final))
     return False
 
 
