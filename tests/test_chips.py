@@ -104,6 +104,9 @@ def test_polygons_in_another_crs(scene_path, tmp_path):
     # provenance: GeoParquet in the labels' CRS; each footprint holds its tile's centre
     gdf = gpd.read_parquet(tmp_path / "ds" / "chips.parquet")
     assert gdf.crs.to_epsg() == 4326
+    # the class column's categories in the legend's order, as tiles.parquet's label: codes are class indexes
+    assert list(gdf["class"].cat.categories) == ["farm", "water"]
+    assert (gdf["class"].cat.codes == gdf["class_index"]).all()
     for _, r in gdf.iterrows():
         centre = gpd.GeoSeries([Point(left + (r["col"] + 0.5) * t, top - (r["row"] + 0.5) * t)], crs=crs).to_crs(4326)[0]
         assert r.geometry.contains(centre)

@@ -120,7 +120,9 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
     geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
     arrays = {
         "chip": pa.array(table_rows["chip"], pa.string()),
-        "class": pa.array(table_rows["class"], pa.string()).dictionary_encode(),
+        # the legend's order, as tiles.parquet's label: a category's code is its class index
+        "class": pa.DictionaryArray.from_arrays(pa.array(table_rows["class_index"], pa.int32()),
+                                                pa.array(meta["classes"], pa.string())),
         "class_index": pa.array(table_rows["class_index"], pa.int16()),
         "split": pa.array(table_rows["split"], pa.string()).dictionary_encode(),
         "block": pa.array(table_rows["block"], pa.string()),
