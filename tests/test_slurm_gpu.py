@@ -58,6 +58,7 @@ def test_every_shard_runs_once_on_its_own_gpu(gpus, ids, step):
 @pytest.mark.parametrize("args, env, message", [
     (["-o", "OUT", "s.tif"], {}, "no GPU allocated"),
     (["-o", "OUT", "s.tif"], {"CUDA_VISIBLE_DEVICES": "-1"}, "no GPU allocated"),
+    (["-o", "OUT", "s.tif"], {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "no GPU allocated"),  # Slurm: gres, no device files
     (["-o", "OUT", "s.tif", "--shard", "0/2"], {"CUDA_VISIBLE_DEVICES": "0"}, "do not pass --shard"),
     (["-o", "OUT", "s.tif", "--shard-count=2"], {"CUDA_VISIBLE_DEVICES": "0"}, "do not pass --shard-count"),
     # --array=1,3,5: three tasks whose ids are not numberable as min + k*step
