@@ -93,7 +93,8 @@ def test_info_runtime_shows_backend_device_and_precision():
     from tilescan.backend import usable_cores
 
     assert rt["model_streams"] == {"setting": "auto", "used": 2 if on_cpu and usable_cores() >= 2 else 1}
-    assert rt["reader_threads"] == {"setting": "auto", "used": 1 if on_cpu else usable_cores()}
+    # readers only in the overlap pipeline: none in the CPU's lockstep, as run.json says it (null)
+    assert rt["reader_threads"] == {"setting": "auto", "used": None if on_cpu else usable_cores()}
     assert rt["reader_processes"] == {"setting": False, "used": False}
     assert rt["switch_interval_ms"] == {"setting": "auto", "used": 5.0 if on_cpu else 0.5}  # Python's own on a CPU
     if rt["warning"]:  # a GPU this backend cannot use: said on stderr too

@@ -330,14 +330,15 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     dev = describe_device(keras)
     backend = dev["backend"]
     inf = cfg.inference
+    overlap = resolve_pipeline(inf.pipeline, backend) == "overlap"  # readers only there (run.json: null in lockstep)
     return {**dev,
             "precision": {"setting": inf.precision, "used": resolve_precision(inf.precision, backend),
                           "auto": resolve_precision("auto", backend)},
             "pipeline": {"setting": inf.pipeline, "used": resolve_pipeline(inf.pipeline, backend)},
             "model_streams": {"setting": inf.model_streams, "used": resolve_streams(inf.model_streams, backend)},
-            "reader_threads": {"setting": inf.reader_threads, "used": resolve_readers(inf.reader_threads, backend)},
-            "reader_processes": {"setting": inf.reader_processes,
-                                 "used": inf.reader_processes and resolve_pipeline(inf.pipeline, backend) == "overlap"},
+            "reader_threads": {"setting": inf.reader_threads,
+                               "used": resolve_readers(inf.reader_threads, backend) if overlap else None},
+            "reader_processes": {"setting": inf.reader_processes, "used": inf.reader_processes and overlap},
             "switch_interval_ms": {"setting": inf.switch_interval_ms,
                                    "used": switch_ms_used(resolve_switch_interval(inf.switch_interval_ms,
                                                                                   model_on_accelerator(backend)))}}
