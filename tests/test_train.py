@@ -414,6 +414,46 @@ def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_
     assert len(lrs) == 4 and lrs[2] > 0 and lrs[3] == 0.0, lrs
 
 
+def test_resume_trains_on_the_checkpointed_runs_split_or_refuses(mini_aid, tmp_path, monkeypatch):
+    """Plain class folders split with seed 7, resumed without the seed: the split is the
+    checkpoint's (not one drawn with the seed given now, whose train images would hold the
+    model's test images), and evaluate finds its test split untouched by training. Resumed
+    after an image was added, it is refused: the epochs to come would train on other images."""
+    import csv as _csv
+
+    from tilescan.training.data import load_dataset
+
+    plain = tmp_path / "plain"
+    shutil.copytree(mini_aid / "images", plain)
+    out = tmp_path / "m.keras"
+    args = [plain, "-o", out, "--image-size", "32", "--batch-size", "16", "--patience", "0"]
+    monkeypatch.setenv("TILESCAN_TRAIN__SEED", "7")
+    assert _train([*args, "--epochs", "1"]).exit_code == 0
+    monkeypatch.delenv("TILESCAN_TRAIN__SEED")
+    res = _train([*args, "--epochs", "2", "--resume"])
+    assert res.exit_code == 0 and "resuming with the checkpoint's settings: seed 7 (given 20261126)" in res.output, \
+        res.output
+    assert "stratified(seed=7)" in res.output
+    res = invoke(["evaluate", out, plain, "-o", tmp_path / "ev", "--explain-samples", "0"])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    with open(tmp_path / "ev" / "predictions.csv") as fh:
+        tested = {r["path"] for r in _csv.DictReader(fh)}
+    assert tested and not tested & {p for p, _ in load_dataset(plain, seed=7).splits["train"]}
+    first = sorted((plain / CLASSES[0]).iterdir())[0]
+    shutil.copy(first, first.with_name("added.jpg"))
+    res = _train([*args, "--epochs", "3", "--resume"])
+    assert res.exit_code == 2 and "is of a run on other train or val images" in res.output, res.output
+
+
+def test_a_class_without_a_training_image_is_refused(mini_aid, tmp_path):
+    data = tmp_path / "tt"
+    for split, names in (("Train", CLASSES[:-1]), ("Test", CLASSES)):
+        for c in names:
+            shutil.copytree(mini_aid / "images" / c, data / split / c)
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4 and f"no training image of 1 class(es) ({CLASSES[-1]})" in res.output, res.output
+
+
 def test_a_limit_below_the_class_count_says_which_classes_go_without(mini_aid, tmp_path):
     res = _train([mini_aid, "-o", tmp_path / "l.keras", "--epochs", "1", "--image-size", "32", "--limit", "3"])
     assert res.exit_code == 0, res.output

@@ -245,11 +245,13 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     ``stopped``...)."""
     from .backend import import_keras
     from .training.data import load_dataset
+    from .training.train import checkpoint_split
     from .training.train import train as _train
 
     cfg = _train_config(config, overrides)
     import_keras()
-    ds = load_dataset(data, splits, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    drawn = {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed}
+    ds = load_dataset(data, splits, **{**drawn, **(checkpoint_split(out) if resume else {})})  # resumed: its split
     if name:
         ds.name = name
     n_train, n_val = len(ds.items("train")), len(ds.items("val"))

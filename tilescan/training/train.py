@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from .. import stop
 from ..backend import cpu_has_bf16
 from ..config import TrainConfig
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, InputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..outputs.files import make_folder, write_text
@@ -206,7 +206,7 @@ def _train(
     from .chips import read_card
 
     out = Path(out)
-    ckpt, cfg = _checked_start(dataset, out, cfg, overwrite, resume, log)
+    ckpt, cfg = _checked_start(dataset, out, cfg, overwrite, resume, log, limit)
     tr_paths, tr_y, va_paths, va_y = train_val_paths(dataset, limit)
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
@@ -225,7 +225,8 @@ def _train(
     keras.utils.set_random_seed(cfg.seed)
     state, model = _start_state(ckpt, resuming, resume, parent, tr_paths, size, cfg, log)
     state.setdefault("run", {"classes": list(dataset.classes), "init_path": parent.path if parent is not None else None,
-                             "recipe": {k: v for k, v in asdict(cfg).items() if k not in _FREE_ON_RESUME}})
+                             "recipe": {k: v for k, v in asdict(cfg).items() if k not in _FREE_ON_RESUME},
+                             "split": _split_record(dataset, cfg, limit)})
     mean, std = state["mean"], state["std"]
 
     train_ds = make_batches(
@@ -263,14 +264,56 @@ def _train(
 
 
 def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool,
-                   log: Callable[[str], None]) -> tuple[Path, TrainConfig]:
+                   log: Callable[[str], None], limit: int | None = None) -> tuple[Path, TrainConfig]:
     """The checkpoint folder and the recipe to train with, once the data, the output and a
     checkpoint to resume are known to fit."""
     if len(dataset.classes) < 2:
         raise ConfigError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
                           f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
+    trained = {k for _, k in dataset.items("train")}  # none at all: train_val_paths says why
+    if trained and (untaught := [c for i, c in enumerate(dataset.classes) if i not in trained]):
+        raise InputError(f"no training image of {len(untaught)} class(es) ({', '.join(untaught[:5])}): the model "
+                         "could not learn them; add images to the train split, or leave the class out",
+                         path=str(dataset.root))
     ckpt = _checkpoint_dir(out, overwrite, resume)
-    return ckpt, _as_checkpointed(cfg, ckpt, dataset.classes, log) if resume else cfg
+    if not resume:
+        return ckpt, cfg
+    cfg = _as_checkpointed(cfg, ckpt, dataset.classes, log)
+    _same_split(dataset, cfg, limit, ckpt)
+    return ckpt, cfg
+
+
+def _split_record(dataset: Dataset, cfg: TrainConfig, limit: int | None) -> dict:
+    """What decides which images a run trains and validates on, kept in its checkpoint: the
+    split lists' hashes, the seed and fractions a drawn split was drawn with, ``limit``."""
+    return {"sha256": {s: dataset.split_sha256.get(s) for s in ("train", "val")}, "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "limit": limit}
+
+
+def checkpoint_split(out: str | Path) -> dict:
+    """The seed and fractions the checkpointed run of model file ``out`` drew its split with
+    (none for a fresh start, or a checkpoint of an earlier version): ``--resume`` splits the
+    data with them."""
+    out = Path(out)
+    try:
+        run = json.loads((out.with_name(out.name.removesuffix(".keras") + ".ckpt") / "state.json").read_text())["run"]
+        return {k: run["split"][k] for k in ("seed", "val_fraction", "test_fraction")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _same_split(dataset: Dataset, cfg: TrainConfig, limit: int | None, ckpt: Path) -> None:
+    """Refuse to resume on other train or val images than the checkpointed run's: the epochs
+    to come would train on its val or test images (a test score that leaks, unwarned)."""
+    try:
+        was = json.loads((ckpt / "state.json").read_text())["run"]["split"]
+    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet, or one of an earlier version
+        return
+    now = _split_record(dataset, cfg, limit)
+    if now["sha256"] != was["sha256"] or now["limit"] != was["limit"]:
+        raise ConfigError(f"its checkpoint {ckpt} is of a run on other train or val images (images added, removed or "
+                          "renamed since, other split lists or fractions, another --limit): resume with the same "
+                          "data and options, or pass --overwrite to start afresh", path=str(ckpt))
 
 
 def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
@@ -296,7 +339,7 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
 
 
 #: Train settings a resumed run may change: the rest are the checkpointed run's own.
-_FREE_ON_RESUME = ("epochs", "workers", "val_fraction", "test_fraction")
+_FREE_ON_RESUME = ("epochs", "workers")
 
 
 def _as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: Callable[[str], None]) -> TrainConfig:
