@@ -352,3 +352,30 @@ def test_a_scene_that_is_a_git_annex_link_is_named_by_its_link_everywhere(tmp_pa
     assert rep["exit_code"] == 6 and "another version of the scene file" in rep["failed"][0]["reason"], rep
     assert run([tmp_path / "ds"], out, cfg.replace("output", overwrite=True), log=quiet).exit_code == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["bahamas", "collected", "report.json"]
+
+
+def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path):
+    """A sharded job over a folder that changes between the shards' starts (a scene dropped in
+    after shard 0 began): each shard divides the list it saw, so a scene may be done by none.
+    Each report says what its shard listed, and collect warns; once the shards agree, it does not."""
+    from conftest import scene
+    from tilescan.config import load_config
+    from tilescan.pipeline.run import run
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("rasterio/RGB.byte.tif", "rio-tiler/cog_rgb.tif"):
+        shutil.copyfile(scene(name), inputs / Path(name).name)
+    cfg = load_config(overrides={"tiling": {"tile_size": 256, "units": "px"}}, environ={})
+    assert run([inputs], out, cfg, shard=(0, 2), log=quiet).exit_code == 0
+    shutil.copyfile(scene("rasterio/RGBA.byte.tif"), inputs / "RGBA.byte.tif")  # arrives between the shards' starts
+    assert run([inputs], out, cfg, shard=(1, 2), log=quiet).exit_code == 0
+    counts = [json.loads((out / f"report-shard-000{i}-of-0002.json").read_text())["scenes_listed"]["count"] for i in (0, 1)]
+    assert counts == [2, 3]
+    notes: list[str] = []
+    run_collect(out, gpkg=False, log=notes.append)
+    assert any("the shards of the latest run listed different scenes (2, 3)" in n for n in notes), notes
+    assert run([inputs], out, cfg, shard=(0, 2), log=quiet).exit_code == 0  # the job again: both list the same
+    notes.clear()
+    run_collect(out, gpkg=False, log=notes.append)
+    assert not any("listed different scenes" in n for n in notes), notes

@@ -63,7 +63,7 @@ from ..layout import COLLECTED, LOCKS, MANIFEST, REPORT, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, find_units
+from .finished import _Scene, _Unit, find_units, shards_disagree
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -206,8 +206,7 @@ def _schema(first: pa.Table) -> pa.Schema:
 
 
 def _geo_meta(bbox: list[float] | None, antimeridian: int = 0) -> dict:
-    """GeoParquet's metadata of the collected table; ``antimeridian``: how many footprints
-    are cut there into MultiPolygons."""
+    """GeoParquet's metadata of the table; ``antimeridian``: footprints cut there into MultiPolygons."""
     from pyproj import CRS
 
     col: dict[str, Any] = {
@@ -438,8 +437,7 @@ class _TableWriter:
         return t
 
     def write_metadata(self, scene_names: list[str], scale_warnings: dict[str, str]) -> None:
-        """The GeoParquet ``geo`` metadata and tilescan's own (classes, tile count, scenes,
-        the scale warnings of scenes outside the model's scale)."""
+        """The ``geo`` metadata and tilescan's (classes, tile count, scenes, scale warnings)."""
         assert self.writer is not None and self.classes is not None
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
                "geometry_native is in each row's crs", "scenes": scene_names}
@@ -459,20 +457,23 @@ class _TableWriter:
 
 
 def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """The units that the latest ``report*.json`` of ``out`` list as failed: those with no
-    finished output (summary.json's ``failed_in_run``: the set does not look complete when
-    scenes are missing from it), and those collected from an earlier run's outputs, which may
-    be out of date (``earlier_outputs``: the scene file or the settings changed since)."""
+    """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
+    output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
+    an earlier run's outputs, maybe out of date (``earlier_outputs``); shards that listed other scenes."""
     found: dict[str, dict] = {}
+    listed: list = []  # what each shard of the run listed: the input may have changed between their starts
     for report in _latest_reports(out):
         try:
-            failed = json.loads(report.read_text()).get("failed") or []
+            failed = (data := json.loads(report.read_text())).get("failed") or []
         except (OSError, ValueError, AttributeError):
             continue  # a report being written, or not tilescan's: the run's log has it
+        listed.append(data.get("scenes_listed"))
         for f in failed:
             if isinstance(f, dict):
                 found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
                     "report": report.name}
+    if why := shards_disagree(listed):
+        log(f"warning: collect: {why}")
     units = sorted(found, key=str)
     missing, earlier = [found[k] for k in units if k not in collected], [found[k] for k in units if k in collected]
     for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
@@ -562,8 +563,7 @@ def _scale_note(sc: _Scene) -> str | None:
 
 def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
             failed: list[dict], run_failed: list[dict], earlier: list[dict]) -> dict:
-    """summary.json's content: the tiles and areas per scene and per class, what was skipped, what
-    could not be collected (``failed``), and what failed in its run (:func:`_run_failures`)."""
+    """summary.json: tiles and areas per scene and class, skipped, not collected (``failed``), failed in the run."""
     rows = summary.table()
     per_scene = {}
     for name, info in scene_info.items():

@@ -159,3 +159,15 @@ def _in_staging(out: Path) -> list[dict]:
     units = [u for u in map(layout.unit_of_slot, entries) if u is not None]
     return [{"unit": u, "reason": "not finished: being written by a run, or left by one that was stopped "
                                   f"(in {layout.STAGING})"} for u in units]
+
+
+def shards_disagree(listed: list) -> str | None:
+    """Why the shards of one run may have missed scenes: their reports' ``scenes_listed``
+    (count and hash of the scenes each listed when it started) differ, as when scenes were
+    added to or removed from the input between the shards' starts. None when they agree."""
+    seen = {(x.get("count"), x.get("sha256")) for x in listed if isinstance(x, dict)}
+    if len(seen) < 2:
+        return None
+    return (f"the shards of the latest run listed different scenes ({', '.join(sorted(str(c) for c, _ in seen))}): "
+            "the input changed while they ran, and a scene may have been done by none; rerun the job (what is "
+            "finished is skipped), then collect again")

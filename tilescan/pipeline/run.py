@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -206,7 +207,9 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if left := sweep_staging(out):
         log(f"removed what stopped runs had left in {layout.STAGING}: {', '.join(sorted(left))}")
     layout.tidy(out)
+    listed = "\n".join(sorted(sources.recorded_path(s) for s in scenes))  # shards of one job must list the same
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
+                  scenes_listed={"count": len(scenes), "sha256": hashlib.sha256(listed.encode()).hexdigest()},
                   timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
     if report.held_by is None:
         write_json(out / layout.report_name(shard), report.to_dict())
