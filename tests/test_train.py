@@ -519,3 +519,14 @@ def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
     assert _train([tmp_path / "nfd", "-o", out, "--epochs", "1", "--image-size", "32"]).exit_code == 0
     res = invoke(["evaluate", out, tmp_path / "nfc", "-o", tmp_path / "ev", "--explain-samples", "0"])
     assert res.exit_code == 0, res.output
+
+
+def test_resume_with_overwrite_and_heatmaps_of_a_tiny_input_are_said(mini_aid, tmp_path):
+    """--resume and --overwrite ask for opposite things: refused, before anything is touched.
+    At 32 px the explained layer is one cell, so the model's heatmaps are flat: said."""
+    out = tmp_path / "m.keras"
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--resume", "--overwrite"])
+    assert res.exit_code == 2 and "--resume goes on from the checkpoint and --overwrite starts afresh" in res.output
+    assert not out.exists() and not (tmp_path / "m.ckpt").exists()
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "5"])
+    assert res.exit_code == 0 and "warning: at 32 px the Grad-CAM layer is 1 x 1 cells" in res.output, res.output

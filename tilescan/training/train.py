@@ -322,6 +322,8 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     by going on from its checkpoint), or the finished epochs of an interrupted run."""
     if out.suffix != ".keras":
         raise ConfigError("the output model must end in .keras", path=str(out))
+    if overwrite and resume:
+        raise ConfigError("--resume goes on from the checkpoint and --overwrite starts afresh: give one of them")
     ckpt = out.with_name(out.name[: -len(".keras")] + ".ckpt")
     if overwrite:
         return ckpt
@@ -397,6 +399,9 @@ def _parent_and_size(cfg: TrainConfig, chips_card: dict | None, log: Callable[[s
     elif chips_card is not None and int(chips_card.get("input_size", size)) != size:
         log(f"warning: the chips were cut at {chips_card['input_size']} px for model {chips_card['model']['id']}, "
             f"but the model trains at {size} px: run would tile scenes for {size} px, not as the chips were cut")
+    if size < 64:  # the explained block (conv5, 1/32 of the input) is then one cell: flat heatmaps
+        log(f"warning: at {size} px the Grad-CAM layer is {max(1, size // 32)} x {max(1, size // 32)} cells: the "
+            "heatmaps of this model cannot show where in a tile its evidence lies (64 px or more gives 2 x 2 and up)")
     if parent is None and (cfg.freeze_epochs or cfg.finetune_lr):
         log(f"warning: {cfg.origin('freeze_epochs') if cfg.freeze_epochs else cfg.origin('finetune_lr')} applies only "
             "when fine-tuning (--init); training from scratch")
