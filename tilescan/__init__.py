@@ -245,7 +245,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     ``stopped``...)."""
     from .backend import import_keras
     from .training.data import load_dataset
-    from .training.train import checkpoint_split
+    from .training.resuming import checkpoint_split
     from .training.train import train as _train
 
     cfg = _train_config(config, overrides)

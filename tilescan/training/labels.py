@@ -119,7 +119,7 @@ def _read_ogr(path: Path, layer: str | None):
         # a Shapefile without a .cpg: GDAL hands over its bytes; guessing would give a legend of mojibake
         raise InputError("the labels' text is not UTF-8 and the file does not say which encoding it is in (a "
                          "Shapefile without its .cpg): put a .cpg file beside it naming the encoding (e.g. GBK for "
-                         "Chinese, CP1252 for Western European), or set SHAPE_ENCODING=GBK (...) when you run this",
+                         "Chinese, CP1252 for Western European), or set SHAPE_ENCODING to it (SHAPE_ENCODING=GBK) when you run this",
                          path=str(path))
     fid_col, fids = meta.get("fid_column"), None
     if fid_col in table.column_names:  # the file's own feature ids (QGIS' $id), kept apart from the fields

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .. import stop
 from ..backend import cpu_has_bf16
@@ -30,6 +30,7 @@ from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
 from ..outputs.files import make_folder, write_text
 from . import history
+from . import resuming
 from .data import Dataset, channel_stats, make_batches, train_val_paths
 
 
@@ -214,19 +215,19 @@ def _train(
     freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
     finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
 
-    resuming = resume and (ckpt / "state.json").exists() and (ckpt / "last.keras").exists()
+    from_checkpoint = resume and (ckpt / "state.json").exists() and (ckpt / "last.keras").exists()
     parent_model = None
-    if parent is not None and not resuming:
+    if parent is not None and not from_checkpoint:
         from ..model import load_model
 
         parent_model = load_model(parent.path).model  # before the precision policy: its weights are float32
     policy = resolve_precision(cfg.mixed_precision)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
-    state, model = _start_state(ckpt, resuming, resume, parent, tr_paths, size, cfg, log)
+    state, model = _start_state(ckpt, from_checkpoint, resume, parent, tr_paths, size, cfg, log)
     state.setdefault("run", {"classes": list(dataset.classes), "init_path": parent.path if parent is not None else None,
-                             "recipe": {k: v for k, v in asdict(cfg).items() if k not in _FREE_ON_RESUME},
-                             "split": _split_record(dataset, cfg, limit)})
+                             "recipe": {k: v for k, v in asdict(cfg).items() if k not in resuming.FREE_ON_RESUME},
+                             "split": resuming.split_record(dataset, cfg, limit)})
     mean, std = state["mean"], state["std"]
 
     train_ds = make_batches(
@@ -278,42 +279,9 @@ def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: boo
     ckpt = _checkpoint_dir(out, overwrite, resume)
     if not resume:
         return ckpt, cfg
-    cfg = _as_checkpointed(cfg, ckpt, dataset.classes, log)
-    _same_split(dataset, cfg, limit, ckpt)
+    cfg = resuming.as_checkpointed(cfg, ckpt, dataset.classes, log)
+    resuming.same_split(dataset, cfg, limit, ckpt)
     return ckpt, cfg
-
-
-def _split_record(dataset: Dataset, cfg: TrainConfig, limit: int | None) -> dict:
-    """What decides which images a run trains and validates on, kept in its checkpoint: the
-    split lists' hashes, the seed and fractions a drawn split was drawn with, ``limit``."""
-    return {"sha256": {s: dataset.split_sha256.get(s) for s in ("train", "val")}, "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "limit": limit}
-
-
-def checkpoint_split(out: str | Path) -> dict:
-    """The seed and fractions the checkpointed run of model file ``out`` drew its split with
-    (none for a fresh start, or a checkpoint of an earlier version): ``--resume`` splits the
-    data with them."""
-    out = Path(out)
-    try:
-        run = json.loads((out.with_name(out.name.removesuffix(".keras") + ".ckpt") / "state.json").read_text())["run"]
-        return {k: run["split"][k] for k in ("seed", "val_fraction", "test_fraction")}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _same_split(dataset: Dataset, cfg: TrainConfig, limit: int | None, ckpt: Path) -> None:
-    """Refuse to resume on other train or val images than the checkpointed run's: the epochs
-    to come would train on its val or test images (a test score that leaks, unwarned)."""
-    try:
-        was = json.loads((ckpt / "state.json").read_text())["run"]["split"]
-    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet, or one of an earlier version
-        return
-    now = _split_record(dataset, cfg, limit)
-    if now["sha256"] != was["sha256"] or now["limit"] != was["limit"]:
-        raise ConfigError(f"its checkpoint {ckpt} is of a run on other train or val images (images added, removed or "
-                          "renamed since, other split lists or fractions, another --limit): resume with the same "
-                          "data and options, or pass --overwrite to start afresh", path=str(ckpt))
 
 
 def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
@@ -324,7 +292,7 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
         raise ConfigError("the output model must end in .keras", path=str(out))
     if overwrite and resume:
         raise ConfigError("--resume goes on from the checkpoint and --overwrite starts afresh: give one of them")
-    ckpt = out.with_name(out.name[: -len(".keras")] + ".ckpt")
+    ckpt = resuming.checkpoint_path(out)
     if overwrite:
         return ckpt
     try:
@@ -338,51 +306,6 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
         raise OutputExistsError(f"{ckpt} holds {done} finished epoch(s) of an earlier run: pass --resume to go on "
                                 "from there, or --overwrite to start afresh", path=str(out))
     return ckpt
-
-
-#: Train settings a resumed run may change: the rest are the checkpointed run's own.
-_FREE_ON_RESUME = ("epochs", "workers")
-
-
-def _as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: Callable[[str], None]) -> TrainConfig:
-    """``cfg`` for ``--resume``: the run the checkpoint records must be this one. Other classes
-    or another ``--init`` are refused; the checkpoint's recipe is kept (its parent, and so the
-    parent's terms, when ``--init`` is not repeated; its frozen epochs, learning rates...),
-    and settings given otherwise are named. ``epochs`` may change (:data:`_FREE_ON_RESUME`)."""
-    try:
-        run = json.loads((ckpt / "state.json").read_text()).get("run")
-    except (OSError, ValueError):  # no checkpoint yet: a fresh start
-        return cfg
-    if not run:  # a checkpoint of an earlier version, which recorded neither
-        return cfg
-    if list(run["classes"]) != list(classes):
-        raise ConfigError(f"its checkpoint {ckpt} is of a run on other classes ({', '.join(run['classes'])}) than "
-                          f"this dataset's ({', '.join(classes)}): resume with that run's data, or pass --overwrite "
-                          "to start afresh", path=str(ckpt))
-    recipe = run["recipe"]
-    if cfg.init:
-        from .transfer import parent_path
-
-        if run["init_path"] is None or os.path.realpath(parent_path(cfg.init)) != os.path.realpath(run["init_path"]):
-            raise ConfigError(f"--init {cfg.init}: its checkpoint {ckpt} is of a run "
-                              + (f"fine-tuned from {recipe['init']}" if recipe["init"] else "trained from scratch")
-                              + ": resume it as it was started, or pass --overwrite to start afresh", path=str(ckpt))
-    as_given = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if hasattr(cfg, k)}  # JSON: lists
-    kept = {k: v for k, v in as_given.items() if v != getattr(cfg, k) and not (k == "init" and cfg.init)}
-    if not kept:
-        return cfg
-    log("resuming with the checkpoint's settings: " + ", ".join(f"{k} {_said(v)} (given {_said(getattr(cfg, k))})"
-                                                                 for k, v in kept.items()))
-    said = getattr(cfg, "_origins", {})
-    cfg = dataclasses.replace(cfg, **kept)
-    object.__setattr__(cfg, "_origins", said)
-    return cfg
-
-
-def _said(value) -> str:
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return "none" if value in (None, "") else str(value)
 
 
 def _parent_and_size(cfg: TrainConfig, chips_card: dict | None, log: Callable[[str], None]):
@@ -408,14 +331,14 @@ def _parent_and_size(cfg: TrainConfig, chips_card: dict | None, log: Callable[[s
     return parent, size
 
 
-def _start_state(ckpt: Path, resuming: bool, resume: bool, parent, tr_paths, size: int, cfg: TrainConfig,
+def _start_state(ckpt: Path, from_checkpoint: bool, resume: bool, parent, tr_paths, size: int, cfg: TrainConfig,
                  log: Callable[[str], None]) -> tuple[dict, object]:
     """The training state and model of a resumed run (model None for a fresh start, whose folder is emptied)."""
     import keras
 
     state = {"best": float("inf"), "best_epoch": 0, "wait": 0, "epochs_done": 0, "stopped": None}
     model = None
-    if resuming:
+    if from_checkpoint:
         state.update(json.loads((ckpt / "state.json").read_text()))
         history.keep_upto(ckpt / "history.csv", state["epochs_done"])  # a row of an epoch killed while it was saved
         model = keras.saving.load_model(ckpt / "last.keras")

@@ -1,0 +1,99 @@
+"""What a resumed training run (``train --resume``) shares with its checkpoint: the classes,
+the parent, the recipe (:func:`as_checkpointed`), and the images it trains and validates on
+(:func:`same_split`: the split recorded as :func:`split_record`, which ``--resume`` draws
+again with :func:`checkpoint_split`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import TrainConfig
+from ..errors import ConfigError
+from .data import Dataset
+
+
+def split_record(dataset: Dataset, cfg: TrainConfig, limit: int | None) -> dict:
+    """What decides which images a run trains and validates on, kept in its checkpoint: the
+    split lists' hashes, the seed and fractions a drawn split was drawn with, ``limit``."""
+    return {"sha256": {s: dataset.split_sha256.get(s) for s in ("train", "val")}, "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "limit": limit}
+
+
+def checkpoint_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".keras") + ".ckpt")
+
+
+def checkpointed_run(ckpt: Path) -> dict:
+    """The run a checkpoint records (its classes, parent, recipe, split); empty when there is no
+    checkpoint, or one of an earlier version."""
+    try:
+        return json.loads((ckpt / "state.json").read_text()).get("run") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def checkpoint_split(out: str | Path) -> dict:
+    """The seed and fractions the checkpointed run of model file ``out`` drew its split with
+    (none for a fresh start, or a checkpoint of an earlier version): ``--resume`` splits the
+    data with them."""
+    split = checkpointed_run(checkpoint_path(Path(out))).get("split") or {}
+    return {k: split[k] for k in ("seed", "val_fraction", "test_fraction") if k in split}
+
+
+def same_split(dataset: Dataset, cfg: TrainConfig, limit: int | None, ckpt: Path) -> None:
+    """Refuse to resume on other train or val images than the checkpointed run's: the epochs
+    to come would train on its val or test images (a test score that leaks, unwarned)."""
+    was = checkpointed_run(ckpt).get("split")
+    if not was:  # no checkpoint yet, or one of an earlier version
+        return
+    now = split_record(dataset, cfg, limit)
+    if now["sha256"] != was["sha256"] or now["limit"] != was["limit"]:
+        raise ConfigError(f"its checkpoint {ckpt} is of a run on other train or val images (images added, removed or "
+                          "renamed since, other split lists or fractions, another --limit): resume with the same "
+                          "data and options, or pass --overwrite to start afresh", path=str(ckpt))
+
+
+#: Train settings a resumed run may change: the rest are the checkpointed run's own.
+FREE_ON_RESUME = ("epochs", "workers")
+
+
+def as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: Callable[[str], None]) -> TrainConfig:
+    """``cfg`` for ``--resume``: the run the checkpoint records must be this one. Other classes
+    or another ``--init`` are refused; the checkpoint's recipe is kept (its parent, and so the
+    parent's terms, when ``--init`` is not repeated; its frozen epochs, learning rates...),
+    and settings given otherwise are named. ``epochs`` may change (:data:`FREE_ON_RESUME`)."""
+    run = checkpointed_run(ckpt)
+    if not run:  # no checkpoint yet (a fresh start), or one of an earlier version, which recorded none
+        return cfg
+    if list(run["classes"]) != list(classes):
+        raise ConfigError(f"its checkpoint {ckpt} is of a run on other classes ({', '.join(run['classes'])}) than "
+                          f"this dataset's ({', '.join(classes)}): resume with that run's data, or pass --overwrite "
+                          "to start afresh", path=str(ckpt))
+    recipe = run["recipe"]
+    if cfg.init:
+        from .transfer import parent_path
+
+        if run["init_path"] is None or os.path.realpath(parent_path(cfg.init)) != os.path.realpath(run["init_path"]):
+            raise ConfigError(f"--init {cfg.init}: its checkpoint {ckpt} is of a run "
+                              + (f"fine-tuned from {recipe['init']}" if recipe["init"] else "trained from scratch")
+                              + ": resume it as it was started, or pass --overwrite to start afresh", path=str(ckpt))
+    as_given = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if hasattr(cfg, k)}  # JSON: lists
+    kept = {k: v for k, v in as_given.items() if v != getattr(cfg, k) and not (k == "init" and cfg.init)}
+    if not kept:
+        return cfg
+    log("resuming with the checkpoint's settings: " + ", ".join(f"{k} {_said(v)} (given {_said(getattr(cfg, k))})"
+                                                                 for k, v in kept.items()))
+    said = getattr(cfg, "_origins", {})
+    cfg = dataclasses.replace(cfg, **kept)
+    object.__setattr__(cfg, "_origins", said)
+    return cfg
+
+
+def _said(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return "none" if value in (None, "") else str(value)
