@@ -208,8 +208,9 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         log(f"removed what stopped runs had left in {layout.STAGING}: {', '.join(sorted(left))}")
     layout.tidy(out)
     listed = "\n".join(sorted(sources.recorded_path(s) for s in scenes))  # shards of one job must list the same
+    digest = hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
-                  scenes_listed={"count": len(scenes), "sha256": hashlib.sha256(listed.encode()).hexdigest()},
+                  scenes_listed={"count": len(scenes), "sha256": digest},
                   timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
     if report.held_by is None:
         write_json(out / layout.report_name(shard), report.to_dict())
