@@ -143,7 +143,7 @@ def run(
     if isinstance(stac, (str, os.PathLike)):
         stac = [stac]
     if isinstance(assets, str):  # "red,green,blue", as on the command line
-        assets = [a.strip() for a in assets.split(",") if a.strip()]
+        assets = _names(assets)
     try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
         if isinstance(config, Config):
             cfg = config if not overrides else _replace_all(config, _override_layer(overrides))
