@@ -24,7 +24,7 @@ import shutil
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 MANIFEST = "run.json"
 STAGING = ".tilescan-staging"
@@ -49,12 +49,18 @@ _DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """A unit folder's ``run.json`` as read (None when it is missing or not JSON)."""
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file of tilescan's as read (a manifest, a report, a checkpoint's state); None
+    when it is missing or not JSON (being written, or not tilescan's)."""
     try:
-        return json.loads((Path(folder) / MANIFEST).read_text())
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """A unit folder's ``run.json`` as read (None when it is missing or not JSON)."""
+    return read_json(Path(folder) / MANIFEST)
 
 
 def is_output_folder(folder: Path) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import time
 import traceback
@@ -220,10 +219,10 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
 def _live_report_holder(path: Path) -> int | None:
     """The pid of another process on this host whose run's report ``path`` is and which still
     runs (its report says ``running``); None when there is none."""
+    m = layout.read_json(path)
     try:
-        m = json.loads(path.read_text())
         pid = int(m["pid"]) if m.get("running") and m.get("host") == os.uname().nodename else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # not a running report of tilescan's
         return None
     if pid is None or pid == os.getpid():
         return None

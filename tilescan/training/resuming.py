@@ -6,13 +6,13 @@ again with :func:`checkpoint_split`)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..layout import read_json
 from .data import Dataset
 
 
@@ -30,10 +30,8 @@ def checkpoint_path(out: Path) -> Path:
 def checkpointed_run(ckpt: Path) -> dict:
     """The run a checkpoint records (its classes, parent, recipe, split); empty when there is no
     checkpoint, or one of an earlier version."""
-    try:
-        return json.loads((ckpt / "state.json").read_text()).get("run") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    state = read_json(ckpt / "state.json")
+    return (state.get("run") or {}) if isinstance(state, dict) else {}
 
 
 def checkpoint_split(out: str | Path) -> dict:
