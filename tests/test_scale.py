@@ -8,6 +8,7 @@ no tiling can reach the range. Scenes are real GeoTIFFs from ../shared/data/scen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -178,6 +179,28 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
     assert "scale_warning" not in summary["scenes"]["m_4709963_se_14_1_20190904"]
     meta = json.loads(pq.read_schema(out / "collected" / "tiles.parquet").metadata[b"tilescan"])
     assert list(meta["scale_warnings"]) == ["RGB.byte"]
+
+
+def test_bands_unlike_the_models_inputs_are_warned_about(card, tmp_path):
+    def note(rel, bands=None, model=card):
+        with model.open_scene(scene(rel), TilingConfig(bands=bands)) as r:
+            return model.band_warning(r, rel)
+
+    # the bands the files declare red, green, blue, or none declared: nothing to say
+    assert note(RGB_BYTE) is None and note(RGB_BYTE, (1, 2, 3)) is None and note(LANDSAT, (3, 2, 1)) is None
+    grey = note("rasterio/shade.tif", (1, 1, 1))  # one hillshade band into all three inputs
+    assert grey["code"] == "bands_unlike_model" and "band 1 feeds several inputs" in grey["message"]
+    false_colour = note("grass-nc/lsat7_2000_stack_6band.tif", (4, 3, 2))  # descriptions B4_nir, B3_red, B2_green
+    assert "band 3 red, fed as green, band 2 green, fed as blue" in false_colour["message"]
+    # a model fine-tuned on chips of such bands reads them as its inputs
+    child = dataclasses.replace(card, meta={**card.meta, "scene_bands": [4, 3, 2]})
+    assert note("grass-nc/lsat7_2000_stack_6band.tif", (4, 3, 2), child) is None
+    # run records it with the scene's other warnings
+    res = _run(tmp_path, str(scene(RGB_BYTE)), "--bands", "3,2,1")
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "out" / "RGB.byte" / "run.json").read_text())
+    assert [w["code"] for w in got["warning_details"]] == ["scale_out_of_range", "bands_unlike_model"]
+    assert "band 3 blue, fed as red" in res.output
 
 
 def test_zero_tiles_warns_and_says_why(tmp_path):

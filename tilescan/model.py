@@ -134,6 +134,13 @@ class LoadedModel:
 
         return open_scene(path, self.tiling_for(tiling), *self.scene_args())
 
+    def band_warning(self, reader, path: str) -> dict | None:
+        """:func:`tilescan.scene.plan.band_warning` for a scene this model opened; None for a
+        model that reads bands of its own (``scene_bands``): its inputs hold what its chips held."""
+        from .scene.plan import band_warning
+
+        return None if self.meta.get("scene_bands") else band_warning(reader.info, reader.bands, self.meta.get("bands"), path)
+
     def tiling_for(self, tiling):
         """``tiling`` with the scene bands this model's chips were cut from (``scene_bands``,
         ``tilescan chips --bands``) where it names none: a model trained on NIR, red, green

@@ -206,8 +206,9 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
     for w in caught:
         log(f"warning: {w.message}")
     scale = reader.plan.warning(str(path))
-    if scale:
-        log(f"warning: {scale['message']}")
+    for note in (scale, lm.band_warning(reader, str(path))):
+        if note:
+            log(f"warning: {note['message']}")
     with reader:
         grid = reader.grid
         if tiles:

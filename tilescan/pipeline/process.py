@@ -227,10 +227,10 @@ def _open_unit(unit: Unit, cfg: Config, card: LoadedModel, log: Callable[[str], 
         reader = open_scene(card, unit.scene, cfg.tiling)  # in the opener's process, if it has one
     details = list(caught)
     scene_warnings = [d["message"] for d in details]
-    scale_warning = reader.plan.warning(str(unit.scene))
-    if scale_warning:
-        scene_warnings.append(scale_warning["message"])
-        details.append(scale_warning)
+    for note in (reader.plan.warning(str(unit.scene)), card.band_warning(reader, str(unit.scene))):
+        if note:
+            scene_warnings.append(note["message"])
+            details.append(note)
     for w in scene_warnings:
         log(f"warning: {w}" if w.startswith(str(unit.scene)) else f"warning: {unit.scene}: {w}")
     return reader, scene_warnings, details

@@ -41,6 +41,43 @@ def _rgb_from_names(names: Sequence[str | None]) -> list[int] | None:
     return None
 
 
+def _declared_colour(info: SceneInfo, band: int) -> str | None:
+    """The colour a scene band says it holds (its colour interpretation, else a colour word
+    in its description), or None when it says none."""
+    ci = info.colorinterp[band - 1].lower() if band <= len(info.colorinterp) else ""
+    if ci in ("red", "green", "blue"):
+        return ci
+    words = set(_WORD.findall((info.band_descriptions[band - 1] or "").lower())) if band <= len(info.band_descriptions) else set()
+    said = [c for c in ("red", "green", "blue") if c in words]
+    return said[0] if len(said) == 1 and not words & {"nir", "infrared", "edge"} else None
+
+
+def band_warning(info: SceneInfo, bands: Sequence[int], model_band_names: Sequence[str] | None,
+                 path: str) -> dict | None:
+    """A structured warning when the picked scene bands are not what the model's inputs are
+    named: one band fed to several inputs (a grey image to a colour model), or a band the
+    file declares one colour fed to the input of another (false colour). None otherwise, and
+    for a model whose inputs are not named red, green, blue."""
+    names = [str(n).lower() for n in model_band_names or ()]
+    if len(names) != len(bands) or not set(names) <= {"red", "green", "blue"}:
+        return None
+    problems = []
+    if len(set(bands)) < len(bands):
+        repeated = sorted(b for b in set(bands) if list(bands).count(b) > 1)
+        problems.append(f"band {', '.join(map(str, repeated))} feeds several inputs (the model was trained "
+                        "on three different colours)")
+    crossed = [f"band {b} {said}, fed as {want}" for b, want in zip(bands, names)
+               if (said := _declared_colour(info, b)) is not None and said != want]
+    if crossed:
+        problems.append("the file declares " + ", ".join(crossed))
+    if not problems:
+        return None
+    return {"code": "bands_unlike_model", "bands": list(bands), "model_bands": names,
+            "message": (f"{path}: bands {','.join(map(str, bands))} are not the model's inputs "
+                        f"({', '.join(names)}): " + "; ".join(problems)
+                        + "; labels and confidences for such input were never measured")}
+
+
 def check_band_count(cfg: TilingConfig, model_bands: int) -> None:
     """Refuse ``bands`` of another length than the model's inputs (every scene would fail alike)."""
     if cfg.bands and len(cfg.bands) != model_bands:
