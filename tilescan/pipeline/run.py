@@ -17,7 +17,8 @@ import numpy as np
 from .. import layout, stop
 from ..layout import read_manifest
 from ..config import Config
-from ..errors import EXIT_INTERNAL, ConfigError, InputError, ModelError, OutputError, OutputExistsError, TilescanError
+from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError,
+                      TilescanError)
 from ..log import catching_warnings, emit
 from ..model import describe_model
 from ..outputs.files import make_folder, write_error, write_json
@@ -272,9 +273,11 @@ class _Units:
         self.results: dict[int, UnitResult] = {}
         self.retries = sources.SceneRetries()
         self.retry: list[int] = []
+        self.locked: list[int] = []  # units another process was writing: taken up once it lets go
 
     def process(self, progress: bool, started: float, report: RunReport) -> list[dict]:
-        """Stream every unit (then the remote ones to try again); the streams' timings."""
+        """Stream every unit (then the remote ones to try again, and those another process was
+        writing, once it lets go of them); the streams' timings."""
         bar = _progress_bar() if progress else None
         todo, stats = list(enumerate(self.units)), []
         try:
@@ -285,11 +288,14 @@ class _Units:
                 if stream.interrupted is not None:
                     report.interrupted = _interruption(stream, self.log)
                     break
-                todo = [(k, self.units[k]) for k in sorted(self.retry)]
+                retry, locked = sorted(self.retry), sorted(self.locked)
                 self.retry.clear()
-                if todo and not self.retries.wait([u.scene for _, u in todo], self.log):  # a stop while waiting
+                self.locked.clear()
+                todo = [(k, self.units[k]) for k in sorted(retry + locked)]
+                if ((retry and not self.retries.wait([self.units[k].scene for k in retry], self.log))
+                        or not all(UnitLock(self.out, self.units[k]).wait_free(self.log) for k in locked)):
                     report.interrupted = {"signal": stop.requested(), "unit": None, "scene": None, "units": [],
-                                          "not_started": [u.key for _, u in todo]}
+                                          "not_started": [u.key for _, u in todo]}  # a stop while waiting
                     break
         finally:
             if bar is not None:
@@ -356,7 +362,11 @@ class _Units:
             return UnitResult(unit.key, str(unit.scene), "failed", reason=msg, error_kind="internal", seconds=seconds)
         if not exc.path:
             exc.path = str(unit.scene)
-        if self.retries.wants(unit.scene, exc):  # a network failure, in the scene's checks (its HEAD) or its work
+        if isinstance(exc, LockedError):  # another run is writing it: once it lets go, skipped if finished, else done
+            self.log(f"warning: {unit.key}: another tilescan process ({exc.holder}) is writing {exc.path}; "
+                     "this run waits for it after its other scenes")
+            self.locked.append(self.units.index(unit))
+        elif self.retries.wants(unit.scene, exc):  # a network failure, in the scene's checks (its HEAD) or its work
             self.log(f"warning: {exc}; the scene will be tried again ({self.retries.attempt + 1} of {self.retries.retries})")
             self.retry.append(job.index if job is not None else self.units.index(unit))
         else:

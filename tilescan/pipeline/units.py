@@ -7,11 +7,12 @@ import functools
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import __version__, layout
+from .. import __version__, layout, stop
 from ..config import Config, output_shaping
 from ..errors import ConfigError, LockedError, OutputError, OutputExistsError
 from ..layout import LOCKS, STAGING
@@ -193,11 +194,30 @@ class UnitLock:
         try:
             self.lock.acquire()
         except layout.Busy as busy:
-            raise LockedError(
-                f"another tilescan process ({busy.holder or 'unknown pid'}) is writing this output; "
-                f"it was left alone (lock {self.path})", path=str(self.target)
-            ) from None
+            err = LockedError(f"another tilescan process ({busy.holder or 'unknown pid'}) is writing this output; "
+                              f"it was left alone (lock {self.path})", path=str(self.target))
+            err.holder = busy.holder or "unknown pid"
+            raise err from None
         return self
+
+    def wait_free(self, log: Callable[[str], None], every_s: float = 300.0) -> bool:
+        """Wait until no process holds the lock (a process that ends lets go of it, however it
+        ends), polled twice a second and said in the log every ``every_s``; False when a stop
+        request (SIGTERM, SIGINT) comes first."""
+        said = None
+        while not stop.requested():
+            try:
+                self.lock.acquire()
+            except layout.Busy as busy:
+                if said is None or time.monotonic() - said >= every_s:
+                    log(f"{'still ' if said else ''}waiting for {busy.holder or 'another tilescan process'} "
+                        f"to finish {self.target}")
+                    said = time.monotonic()
+                time.sleep(0.5)
+                continue
+            self.lock.release()
+            return True
+        return False
 
     def release(self) -> None:
         self.lock.release()
