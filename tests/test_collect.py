@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
-from conftest import quiet
+from conftest import quiet, scene
 from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
 
@@ -95,6 +95,27 @@ def test_summary_counts_tiles_and_area_per_class_per_scene(ref):
         assert s["complete"] and s["units"] == [name]
         assert s["tiles"] == runs[name]["tiles_classified"]
         assert {k: v["tiles"] for k, v in s["classes"].items()} == runs[name]["per_class"]
+
+
+def test_overlapping_tiles_count_their_own_ground_once(tmp_path):
+    """With a stride of half the tile size every spot lies under about four footprints; the
+    summary counts each tile's stride cell (the label raster's pixel), so a scene's classes
+    add up to its ground, not to four times it; the table keeps each tile's whole footprint."""
+    import rasterio
+
+    out = tmp_path / "out"
+    path = scene("rasterio/RGB.byte.tif")
+    p = bh.tilescan("run", "--no-progress", "-o", out, path, *bh.ARGS, "--stride", "64", "--min-valid", "0")
+    assert p.returncode == 0, p.stderr
+    assert bh.tilescan("collect", out).returncode == 0
+    df = bh.collected(out)
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    s = summary["scenes"]["RGB.byte"]
+    assert s["area_m2"] == pytest.approx(df["area_m2"].sum() / 4)
+    assert sum(c["area_m2"] for c in s["classes"].values()) == pytest.approx(s["area_m2"])
+    with rasterio.open(path) as ds:  # UTM, 300 m pixels: the scene's ground in m^2, near enough to geodesic
+        ground = ds.width * ds.height * abs(ds.transform.a * ds.transform.e)
+    assert 0.9 * ground < s["area_m2"] < 1.05 * ground, (s["area_m2"], ground)
 
 
 def test_geopackage_copy_has_the_same_rows(ref):

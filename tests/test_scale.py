@@ -169,6 +169,10 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
         assert ("not meaningful" in meta.get("scale_warning", "")) is warned
         layer_meta = json.loads(pyogrio.read_info(out / unit / "tiles.gpkg")["layer_metadata"]["tilescan"])
         assert ("scale_warning" in layer_meta) is warned
+        # and every tile, where a GIS user clicks one (QGIS shows no layer metadata of a GeoPackage)
+        check = "coarser" if warned else "in_range"
+        assert set(pq.read_table(out / unit / "tiles.parquet").column("scale_check").to_pylist()) == {check}
+        assert set(pyogrio.read_dataframe(out / unit / "tiles.gpkg", columns=["scale_check"])["scale_check"]) == {check}
         item = json.loads((out / unit / "item.json").read_text())
         assert ("tilescan:scale_warning" in item["properties"]) is warned
     # and so does the table collected over both scenes
@@ -179,6 +183,16 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
     assert "scale_warning" not in summary["scenes"]["m_4709963_se_14_1_20190904"]
     meta = json.loads(pq.read_schema(out / "collected" / "tiles.parquet").metadata[b"tilescan"])
     assert list(meta["scale_warnings"]) == ["RGB.byte"]
+    collected = pyogrio.read_dataframe(out / "collected" / "tiles.gpkg", columns=["scene", "scale_check"],
+                                       read_geometry=False)
+    assert dict(collected.drop_duplicates().values.tolist()) == {"RGB.byte": "coarser",
+                                                                 "m_4709963_se_14_1_20190904": "in_range"}
+    import csv
+
+    with open(out / "collected" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["scene"]: r["scale_check"] for r in rows} == {"RGB.byte": "coarser",
+                                                            "m_4709963_se_14_1_20190904": "in_range"}
 
 
 def test_bands_unlike_the_models_inputs_are_warned_about(card, tmp_path):

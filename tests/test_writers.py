@@ -268,7 +268,7 @@ def test_geoparquet_roundtrip(tmp_path, epsg, transform):
     table.add(subset(full, second))  # labels derived from the class list
     crs = rasterio.crs.CRS.from_epsg(epsg)
     path = table.write_geoparquet(tmp_path / "tiles.parquet", crs, CLASSES, "scene_a", "resnet18@abc",
-                                  {"tile_px": np.int64(64), "stride_px": 32})
+                                  {"tile_px": np.int64(64), "stride_px": 32}, scale_check="coarser")
     assert leftovers(tmp_path) == []
 
     gdf = gpd.read_parquet(path)
@@ -280,6 +280,7 @@ def test_geoparquet_roundtrip(tmp_path, epsg, transform):
     assert shapely.is_ccw(shapely.get_exterior_ring(gdf.geometry.values)).all()
     assert (gdf["label"].astype(str).to_numpy() == labels).all()
     assert (gdf["scene"].astype(str) == "scene_a").all()
+    assert (gdf["scale_check"].astype(str) == "coarser").all()  # the scene's, on every tile a GIS user clicks
     np.testing.assert_array_equal(np.stack(gdf["probabilities"].to_numpy()), full["probabilities"])
     np.testing.assert_array_equal(gdf["cam_peak_x"].to_numpy(), full["cam_peak_x"])
     assert "bbox" not in gdf.columns  # geopandas recognises the covering column
@@ -314,7 +315,7 @@ def test_geoparquet_roundtrip(tmp_path, epsg, transform):
     # only the names carry a dictionary: on numbers and geometry one made the file larger and slower
     rg = pf.metadata.row_group(0)
     dictionary = {rg.column(i).path_in_schema for i in range(rg.num_columns) if rg.column(i).has_dictionary_page}
-    assert dictionary == {"scene", "label"}
+    assert dictionary == {"scene", "label", "scale_check"}
 
     # the covering column makes bbox-filtered reads work
     xmin, ymin, xmax, ymax = col["bbox"]
@@ -334,6 +335,7 @@ def test_geoparquet_pixel_space_and_empty(tmp_path):
     gdf = gpd.read_parquet(tmp_path / "px.parquet")
     assert gdf.crs is None and len(gdf) == 4
     assert gdf.geometry.iloc[0].equals(shapely.box(0, 0, 32, 32))
+    assert gdf["scale_check"].isna().all()  # not given: null, the column still there
 
     empty = TileTable(CLASSES)
     empty.write_geoparquet(tmp_path / "empty.parquet", "EPSG:32618", CLASSES, "s", "m")
@@ -357,9 +359,11 @@ def test_gpkg_roundtrip(tmp_path):
     batch = tile_batch(transform, 200, 160, 64, 32, rng)
     table = TileTable(CLASSES)
     table.add(batch)
-    table.write_gpkg(tmp_path / "tiles.gpkg", "EPSG:32618", CLASSES, "scene_a", "m1", {"run": 1})
+    table.write_gpkg(tmp_path / "tiles.gpkg", "EPSG:32618", CLASSES, "scene_a", "m1", {"run": 1},
+                     scale_check="in_range")
     assert leftovers(tmp_path) == []
     gdf = gpd.read_file(tmp_path / "tiles.gpkg", layer="tiles")
+    assert (gdf["scale_check"] == "in_range").all()
     n = batch["tile_index"].size
     assert len(gdf) == n and gdf.crs.to_epsg() == 32618
     assert shapely.equals(gdf.geometry.values, shapely.polygons(batch["corners"])).all()

@@ -18,7 +18,8 @@ writes, into ``OUT/collected/``:
     in ``geometry_native`` with that CRS in ``crs`` (an authority code or WKT), so nothing
     is lost. Columns: ``scene`` (the scene's folder name under OUT, unique per scene),
     ``unit`` (the unit folder, e.g. ``cogeo/rows-00000-00003``), ``scene_file``,
-    ``scene_path``, the per-scene columns (``tile_index``, ``row``, ``col``, pixel window,
+    ``scene_path``, ``scale_check`` (the unit's ``tiling.scale`` from its run.json: ``coarser``
+    where its labels are not meaningful), the per-scene columns (``tile_index``, ``row``, ``col``, pixel window,
     ``valid_fraction``, ``label``, ``class_index``, ``confidence``, ``probabilities``, CAM
     statistics), ``crs``, ``area_m2`` (geodesic area of the footprint on the WGS 84
     ellipsoid), ``valid_area_m2`` (``area_m2 * valid_fraction``), ``geometry``, ``bbox``
@@ -27,9 +28,10 @@ writes, into ``OUT/collected/``:
 ``tiles.gpkg``
     The same rows as a GeoPackage 1.2 layer ``tiles`` (EPSG:4326, R-tree index) for GIS
     installs that read no Parquet: probabilities as one ``p_<class>`` column each, no
-    ``bbox``/``geometry_native``.
+    ``bbox``/``geometry_native``; the table's ``tilescan`` metadata as layer metadata.
 ``summary.csv`` / ``summary.json``
-    Tiles and area per class per scene; the JSON also lists each scene's units, whether all
+    Tiles and area per class per scene (:mod:`tilescan.outputs.summary`), with the scene's
+    ``scale_check``; the JSON also lists each scene's units, whether all
     its tile rows are present, and the units that were skipped and why.
 ``tiles.qml`` / ``collected.qgs``
     A QGIS style for the table and a QGIS project with the table and, per scene, its label
@@ -46,7 +48,6 @@ its table is unreadable) is left out, named with the reason in the log and under
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -62,6 +63,7 @@ from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from ..layout import COLLECTED, LOCKS, MANIFEST, REPORT, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
+from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units, shards_disagree
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
@@ -132,8 +134,9 @@ _TAIL = [
     pa.field("geometry_native", pa.binary()),
 ]
 _HEAD = [pa.field("scene", pa.string(), nullable=False), pa.field("unit", pa.string(), nullable=False),
-         pa.field("scene_file", pa.string(), nullable=False), pa.field("scene_path", pa.string())]
-_DROP = {"scene", "geometry", "bbox"}
+         pa.field("scene_file", pa.string(), nullable=False), pa.field("scene_path", pa.string()),
+         pa.field("scale_check", pa.string())]  # from run.json: a unit written before tables had it has it too
+_DROP = {"scene", "geometry", "bbox", "scale_check"}
 
 
 def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
@@ -148,6 +151,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         "unit": pa.array([u.key] * n, pa.string()),
         "scene_file": t.column("scene").cast(pa.string()).combine_chunks(),
         "scene_path": pa.array([u.manifest.get("scene")] * n, pa.string()),
+        "scale_check": pa.array([(u.manifest.get("tiling") or {}).get("scale")] * n, pa.string()),
     }
     for name in t.column_names:
         if name not in _DROP:
@@ -222,49 +226,6 @@ def _geo_meta(bbox: list[float] | None, antimeridian: int = 0) -> dict:
     return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
 
 
-# ----------------------------------------------------------------------------- summary
-
-
-class _Summary:
-    def __init__(self):
-        self.rows: dict[tuple[str, str], dict] = {}
-        self.scenes: dict[str, dict] = {}
-
-    def add(self, scene: str, t: pa.Table) -> None:
-        s = self.scenes.setdefault(scene, {"tiles": 0, "area_m2": 0.0, "valid_area_m2": 0.0})
-        labels = np.asarray(t.column("label").to_pylist(), dtype=object)
-        ci = t.column("class_index").to_numpy()
-        area = t.column("area_m2").to_numpy(zero_copy_only=False).astype(np.float64)
-        varea = t.column("valid_area_m2").to_numpy(zero_copy_only=False).astype(np.float64)
-        conf = t.column("confidence").to_numpy().astype(np.float64)
-        for lab in sorted(set(labels)):
-            m = labels == lab
-            r = self.rows.setdefault((scene, lab), {"scene": scene, "label": lab, "class_index": int(ci[m][0]), "tiles": 0,
-                                                    "area_m2": 0.0, "valid_area_m2": 0.0, "_conf": 0.0})
-            r["tiles"] += int(m.sum())
-            r["area_m2"] += float(np.nansum(area[m]))
-            r["valid_area_m2"] += float(np.nansum(varea[m]))
-            r["_conf"] += float(conf[m].sum())
-        s["tiles"] += t.num_rows
-        s["area_m2"] += float(np.nansum(area))
-        s["valid_area_m2"] += float(np.nansum(varea))
-
-    def table(self) -> list[dict]:
-        out = []
-        for (_, _), r in sorted(self.rows.items()):
-            row = {k: v for k, v in r.items() if not k.startswith("_")}
-            row["mean_confidence"] = r["_conf"] / r["tiles"] if r["tiles"] else math.nan
-            out.append(row)
-        return out
-
-
-def _summary_rows(rows: list[dict]) -> list[list]:
-    """The per-class summary as CSV rows: areas to the millimetre, confidences to 1e-6."""
-    cols = ["scene", "label", "class_index", "tiles", "area_m2", "valid_area_m2", "mean_confidence"]
-    return [cols] + [[f"{r[k]:.6f}" if k == "mean_confidence" and isinstance(r[k], float) else
-                      f"{r[k]:.3f}" if isinstance(r[k], float) else r[k] for k in cols] for r in rows]
-
-
 # ----------------------------------------------------------------------------- GeoPackage
 
 
@@ -290,12 +251,14 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
             arrays.append(b.column("geometry"))
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
-    cut = json.loads(pf.schema_arrow.metadata[b"tilescan"]).get("antimeridian_tiles")  # MultiPolygons among them
+    own = pf.schema_arrow.metadata[b"tilescan"].decode()  # classes, scenes, scale warnings: as the table's
+    cut = json.loads(own).get("antimeridian_tiles")  # MultiPolygons among them
     with atomic_output(path) as tmp:
         reader = pa.RecordBatchReader.from_batches(schema, batches())
         pyogrio.write_arrow(reader, str(tmp), layer="tiles", driver="GPKG", geometry_name="geometry",
                             geometry_type="Unknown" if cut else "Polygon", crs=CRS.from_epsg(4326).to_wkt(),
-                            dataset_options=gpkg_compat.DATASET_OPTIONS, layer_options=gpkg_compat.layer_options())
+                            layer_metadata={"tilescan": own}, dataset_options=gpkg_compat.DATASET_OPTIONS,
+                            layer_options=gpkg_compat.layer_options())
         gpkg_compat.add_rtree(tmp, name=path)
 
 
@@ -503,7 +466,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
            run_failed: tuple[list[dict], list[dict]] = ([], [])) -> dict:
     """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
-    summary = _Summary()
+    summary = ClassSummary()
     table = _TableWriter(stage / "tiles.parquet")
     scene_info: dict[str, dict] = {}
     failed: list[dict] = []
@@ -518,7 +481,9 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 continue
             crs_names = set()
             for u, t, info in tables:
-                summary.add(sc.name, table.add(u, t, info))
+                tiling = u.manifest.get("tiling") or {}  # overlapping tiles count their stride's cell
+                share = (tiling.get("stride_px", 1) / tiling.get("tile_px", 1)) ** 2
+                summary.add(sc.name, table.add(u, t, info), share)
                 if info["crs"]:
                     crs_names.add(info["crs"])
             scene_info[sc.name] = _scene_entry(sc, crs_names)
@@ -529,7 +494,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
     finally:
         table.close()
     result = _result(summary, scene_info, table.total, skipped, failed, *run_failed)
-    write_text(stage / "summary.csv", csv_text(_summary_rows(result["classes"])))
+    write_text(stage / "summary.csv", csv_text(csv_rows(result["classes"])))
     write_json(stage / "summary.json", result)
     if table.total > spatial.SORT_MIN_ROWS:  # large: Hilbert order, row groups a bbox query can skip
         spatial.sort_parquet(table.path)
@@ -561,7 +526,7 @@ def _scale_note(sc: _Scene) -> str | None:
     return next(filter(None, (scale_note(u.manifest.get("warning_details") or []) for u in sc.units)), None)
 
 
-def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped: list[dict],
+def _result(summary: ClassSummary, scene_info: dict[str, dict], total: int, skipped: list[dict],
             failed: list[dict], run_failed: list[dict], earlier: list[dict]) -> dict:
     """summary.json: tiles and areas per scene and class, skipped, not collected (``failed``), failed in the run."""
     rows = summary.table()
@@ -573,7 +538,7 @@ def _result(summary: _Summary, scene_info: dict[str, dict], total: int, skipped:
     return {
         "tiles": total,
         "geometry_crs": TARGET_CRS,
-        "area": "geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction",
+        "area": AREA_NOTE,
         "scenes": per_scene,
         "classes": rows,
         "skipped": skipped,

@@ -232,11 +232,14 @@ class TileTable:
     # -- GeoParquet
 
     def write_geoparquet(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
-                         model_id: str, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+                         model_id: str, extra_metadata: Mapping[str, Any] | None = None,
+                         scale_check: str | None = None) -> Path:
         """Write the table as GeoParquet 1.1 (zstd) atomically at ``path``.
 
         Columns: ``scene`` (dictionary string), tile ids and windows, ``valid_fraction``,
-        ``label`` (dictionary string), ``class_index``, ``confidence``, ``probabilities``
+        ``label`` (dictionary string), ``class_index``, ``confidence``, ``scale_check`` (the
+        scene's, as run.json's ``tiling.scale``: ``coarser`` where labels are not meaningful;
+        null when not given), ``probabilities``
         (``list<float32>``, in ``classes`` order), the CAM statistics, ``geometry`` (WKB
         Polygon, counter-clockwise) and ``bbox`` (struct covering column). File metadata:
         ``geo`` (GeoParquet 1.1; ``crs`` is PROJJSON, or null for pixel space) and
@@ -269,7 +272,7 @@ class TileTable:
                 fields.append(pa.field("label", label_type, nullable=False))
             else:
                 fields.append(pa.field(name, _SCALARS[name][1], nullable=False))
-        fields.append(pa.field("probabilities", pa.list_(pa.float32()), nullable=False))
+        fields += [pa.field("scale_check", label_type), pa.field("probabilities", pa.list_(pa.float32()), nullable=False)]
         fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
         fields.append(pa.field("geometry", pa.binary(), nullable=False))
         fields.append(pa.field("bbox", BBOX_TYPE, nullable=False))
@@ -277,6 +280,8 @@ class TileTable:
 
         scene_dict = pa.array([str(scene)], pa.string())
         label_dict = pa.array(label_names, pa.string())
+        check_dict = pa.array([scale_check or ""], pa.string())
+        no_check = np.full(min(n, _ROW_GROUP), scale_check is None)
 
         def batch(lo: int, hi: int) -> pa.RecordBatch:
             m = hi - lo
@@ -286,6 +291,7 @@ class TileTable:
                     arrays.append(pa.DictionaryArray.from_arrays(pa.array(codes[lo:hi]), label_dict))
                 else:
                     arrays.append(pa.array(cols[name][lo:hi]))
+            arrays.append(pa.DictionaryArray.from_arrays(pa.array(np.zeros(m, np.int32), mask=no_check[:m]), check_dict))
             p = np.ascontiguousarray(cols["probabilities"][lo:hi], dtype=np.float32)
             offsets = np.arange(0, (m + 1) * k, k, dtype=np.int32) if k else np.zeros(m + 1, np.int32)
             arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(p.reshape(-1))))
@@ -311,12 +317,12 @@ class TileTable:
 
     def write_gpkg(self, path: str | os.PathLike, crs: Any, classes: Sequence[str], scene: str,
                    model_id: str, extra_metadata: Mapping[str, Any] | None = None,
-                   layer: str = "tiles") -> Path:
+                   layer: str = "tiles", scale_check: str | None = None) -> Path:
         """Write the same rows as a GeoPackage layer (default ``tiles``), atomically.
 
         For GIS installs whose GDAL reads no Parquet. Differences from the GeoParquet file:
         no ``bbox`` column (GeoPackage keeps its own extent and R-tree index), plain string
-        ``scene``/``label`` columns, and the probabilities as one float column per class,
+        ``scene``/``label``/``scale_check`` columns, and the probabilities as one float column per class,
         ``p_<class>`` (non-alphanumerics replaced by ``_``). The ``tilescan`` metadata JSON is
         stored as layer metadata. GeoPackage 1.2 with an R-tree index (:mod:`tilescan.outputs.gpkg`), so
         GDAL >= 2.2 (QGIS 3.x) reads it fully.
@@ -330,7 +336,7 @@ class TileTable:
         """
         from . import gpkg
 
-        schema, batches, corners = self._gpkg_arrow(classes, scene)
+        schema, batches, corners = self._gpkg_arrow(classes, scene, scale_check)
         pj = pyproj_crs(crs)
         wkt = None if pj is None else pj.to_wkt()
         meta = _dumps(_tilescan_meta(classes, model_id, scene, len(corners), extra_metadata))
@@ -361,7 +367,8 @@ class TileTable:
             warnings.warn(f"{path}: written without a spatial index: {no_index}", stacklevel=2)
         return Path(path)
 
-    def _gpkg_arrow(self, classes: Sequence[str], scene: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch], np.ndarray]:
+    def _gpkg_arrow(self, classes: Sequence[str], scene: str,
+                    scale_check: str | None = None) -> tuple[pa.Schema, Iterator[pa.RecordBatch], np.ndarray]:
         """The GeoPackage layer's columns as Arrow record batches, the geometry as WKB (as
         GDAL would be given them), and the footprints' corners."""
         classes, cols, codes, label_names = self._prepared(classes)
@@ -370,6 +377,7 @@ class TileTable:
         fields = [pa.field("scene", pa.string())]
         fields += [pa.field("label", pa.string()) if name == "label" else pa.field(name, _SCALARS[name][1])
                    for name in _ORDER_HEAD[1:]]
+        fields.append(pa.field("scale_check", pa.string()))
         fields += [pa.field(p, pa.float32()) for p in prob_column_names(classes)]
         fields += [pa.field(name, _SCALARS[name][1]) for name in _ORDER_CAM]
         fields.append(pa.field("geometry", pa.binary()))
@@ -386,6 +394,7 @@ class TileTable:
                         arrays.append(pa.array(label_arr[codes[lo:hi]], pa.string()))
                     else:
                         arrays.append(pa.array(cols[name][lo:hi]))
+                arrays.append(pa.array([scale_check] * m, pa.string()))
                 probs = cols["probabilities"][lo:hi]
                 arrays += [pa.array(np.ascontiguousarray(probs[:, i])) for i in range(k)]
                 arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]

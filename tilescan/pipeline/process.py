@@ -297,12 +297,12 @@ def _write_outputs(job: UnitJob) -> None:
 
     def write_parquet():
         helper(TileTable.write_geoparquet, job.table, stage / "tiles.parquet", crs, engine.classes, unit.scene.name,
-               model_id, extra)
+               model_id, extra, scale_check=reader.plan.scale)
         faults.point("writing")
 
     def write_gpkg():
         helper(TileTable.write_gpkg, job.table, stage / "tiles.gpkg", crs, engine.classes, unit.scene.name,
-               model_id, extra)
+               model_id, extra, scale_check=reader.plan.scale)
 
     def write_labels():
         # each cell centred on its tile's centre: with overlapping tiles (stride < tile) the
