@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import xml.etree.ElementTree as ET
 import unicodedata
 from pathlib import Path
 
@@ -234,6 +235,9 @@ def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
     summary = json.loads((out / "collected" / "summary.json").read_text())
     assert [f["scene"] for f in summary["failed"]] == ["goes"]
     assert sorted(os.listdir(out)) == ["collected", "goes", "report.json", "rgb"]  # lock folder gone too
+    # nor is it in the collected project (its layers in lon/lat hang or crash QGIS 3.22)
+    project = ET.parse(out / "collected" / "collected.qgs").getroot()
+    assert [g.get("name") for g in project.iter("layer-tree-group") if g.get("name")] == ["rgb"]
 
 
 # ----------------------------------------------------------------------------- no model

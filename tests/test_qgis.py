@@ -269,7 +269,8 @@ def test_collect_project_opens(made, report):
     p = report["projects"][1]
     assert p["read"] and p["crs"] == made["epsg"]  # one scene: its CRS
     by_name = {(lyr["group"], lyr["name"]): lyr for lyr in p["layers"]}
-    assert set(by_name) == {(None, "tiles"), (STEM, "heatmap"), (STEM, "labels"), (STEM, "scene")}
+    # drawing order, top first: the collected tiles over each scene's layers, not under its image
+    assert list(by_name) == [(None, "tiles"), (STEM, "heatmap"), (STEM, "labels"), (STEM, "scene")]
     for key, lyr in by_name.items():
         assert lyr["valid"], (key, lyr["source"])
         assert lyr["source"].startswith(str(made["new"])), key

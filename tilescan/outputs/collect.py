@@ -331,7 +331,8 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         if styles:  # a style for the table and a QGIS project with every scene's layers
             from .qgis import write_collect_files
 
-            write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units])
+            write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
+                                              if sc.name in summary["scenes"]])  # not those left out
         _swap_into_place(stage, dest, log)
     except BaseException as exc:
         layout.discard(stage)

@@ -152,11 +152,15 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     _srs(_el(root, "projectCrs"), crs)
     tree = _el(root, "layer-tree-group")
     _el(tree, "customproperties")
-    entries: list[tuple[ET.Element, Layer]] = [(tree, lyr) for lyr in layers or ()]
-    for name, members in groups:
-        g = _el(tree, "layer-tree-group", name=name, checked="Qt::Checked", expanded="1")
-        _el(g, "customproperties")
-        entries += [(g, lyr) for lyr in members]
+    entries: list[tuple[str | None, Layer]] = [(None, lyr) for lyr in layers or ()]
+    entries += [(name, lyr) for name, members in groups for lyr in members]
+    nodes: dict[str | None, ET.Element] = {None: tree}
+
+    def node_of(group: str | None) -> ET.Element:  # made when first used: the top layers come first, drawn on top
+        if group not in nodes:
+            nodes[group] = _el(tree, "layer-tree-group", name=group, checked="Qt::Checked", expanded="1")
+            _el(nodes[group], "customproperties")
+        return nodes[group]
     canvas = _el(root, "mapcanvas", name="theMapCanvas", annotationsVisible="1")
     _el(canvas, "units", _units(crs))
     _extent(canvas, "extent", bounds)
@@ -164,10 +168,10 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
     _srs(_el(canvas, "destinationsrs"), crs)
     _el(canvas, "rendermaptile", "0")
     projectlayers = _el(root, "projectlayers")
-    for k, (node, layer) in enumerate(entries):
+    for k, (group, layer) in enumerate(entries):
         lid = _layer_id(layer, k)
         source = _source(layer, project_dir)
-        t = _el(node, "layer-tree-layer", id=lid, name=layer.name, source=source,
+        t = _el(node_of(group), "layer-tree-layer", id=lid, name=layer.name, source=source,
                 providerKey="ogr" if layer.kind == "vector" else "gdal",
                 checked="Qt::Checked" if layer.visible else "Qt::Unchecked",
                 expanded="1" if layer.kind == "vector" else "0")  # the tiles' legend open: the classes
