@@ -690,6 +690,45 @@ def test_fill_border_the_file_does_not_declare(tmp_path, tiny_model):
         assert _scene_nodata_xml(outs[key] / "collected" / "collected.qgs") == expect_xml
 
 
+def test_float_scenes_whose_fill_or_range_breaks_the_stretch(tmp_path, tiny_model):
+    """A float scene with an undeclared huge fill (ArcGIS' -3.4e38 in float32, -1.8e308 in
+    float64) or values too small for float32: never labels of NaN inputs. The float32 fill is
+    named with the setting that fixes it (and --nodata then gives the declared file's results);
+    a stretch float32 cannot hold fails the scene with the reason, the others of the batch done."""
+    with rasterio.open(scene(AERIAL)) as ds:
+        rgb = ds.read(window=Window(0, 0, 384, 384)).astype(np.float64)
+    f32, f64 = np.finfo(np.float32).min, np.finfo(np.float64).min
+    made = {}
+    for name, data, nodata in (("f32_fill", np.where(np.arange(384) < 100, f32, rgb).astype(np.float32), None),
+                               ("f32_declared", np.where(np.arange(384) < 100, f32, rgb).astype(np.float32), float(f32)),
+                               ("f64_fill", np.where(np.arange(384) < 100, f64, rgb), None),
+                               ("f64_tiny", rgb * 1e-300, None)):
+        (tmp_path / name).mkdir()
+        made[name] = write_like(scene(AERIAL), tmp_path / name / "s.tif", data=data, nodata=nodata)
+    args = ["--model", tiny_model, "--tile-size", TILE, "--units", "px", "--no-progress"]
+    res = invoke(["run", made["f32_fill"], "-o", tmp_path / "as_is", *args])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "as_is" / "s" / "run.json").read_text())
+    coded = [d for d in m["warning_details"] if d["code"] == "undeclared_fill"]
+    assert len(coded) == 1 and coded[0]["fill_value"] == pytest.approx(float(f32), rel=1e-7)
+    assert 0.2 < coded[0]["fill_share"] < 0.3
+    assert "--nodata -3.4028235e+38" in coded[0]["message"]
+    for out, path, extra in (("setting", made["f32_fill"], ["--nodata", "-3.4028235e+38"]),
+                             ("declared", made["f32_declared"], [])):
+        assert invoke(["run", path, "-o", tmp_path / out, *args, *extra]).exit_code == 0
+    _same_results(tmp_path / "setting" / "s", tmp_path / "declared" / "s")
+    confidence = gpd.read_parquet(tmp_path / "setting" / "s" / "tiles.parquet")["confidence"]
+    assert len(confidence) and np.isfinite(confidence).all()
+
+    res = invoke(["run", made["f64_fill"], made["f64_tiny"], made["f32_declared"], "-o", tmp_path / "batch", *args])
+    assert res.exit_code == 3, res.output
+    failed = {Path(r["scene"]).parent.name: r for r in read_report(tmp_path / "batch")["failed"]}
+    assert set(failed) == {"f64_fill", "f64_tiny"} and all(r["error_kind"] == "input" for r in failed.values())
+    assert "cannot be applied in float32: if -1.7976931348623157e+308 is fill, run with --nodata" in failed["f64_fill"]["reason"]
+    assert "range is too narrow" in failed["f64_tiny"]["reason"]
+    assert "RuntimeWarning" not in res.output
+
+
 def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):
     """``--nodata none`` on RGB.byte.tif (nodata 0) gives the results of the same file without
     its nodata tag, with no hint: the user has said what the zeros are."""

@@ -113,8 +113,9 @@ def _nodata_in_dtype(nodata: float | None, dtype: np.dtype) -> float | None:
     """``nodata`` as a value of ``dtype``, or None if no pixel could ever equal it."""
     if nodata is None:
         return None
-    if np.issubdtype(dtype, np.floating):
-        return float(nodata)
+    if np.issubdtype(dtype, np.floating):  # as the type holds it: -3.4028235e+38 given is float32's lowest
+        with np.errstate(over="ignore"):
+            return float(np.dtype(dtype).type(nodata))
     if not math.isfinite(nodata) or nodata != int(nodata):
         return None
     info = np.iinfo(dtype)

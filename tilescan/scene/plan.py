@@ -252,24 +252,46 @@ def _warn_nodata_collision(reader: SceneReader, data: np.ndarray) -> None:
 UNDECLARED_FILL_FRACTION = 0.01
 
 
+#: Magnitude beyond which a float scene's value is taken for fill (ArcGIS' -3.4028235e38,
+#: float64's -1.797e308), never a measurement.
+EXTREME_FILL = 1e30
+
+
+def _fill_candidates(data: np.ndarray, least: float):
+    """``(value, pixels)`` of the fills a scene may hold undeclared, where the first band has
+    more than ``least`` of them: 0 in every band, and for a float scene one value of magnitude
+    >= :data:`EXTREME_FILL` in every band (its most common)."""
+    zero = data[0] == 0
+    if np.count_nonzero(zero) > least:  # the usual answer, from one band
+        for band in data[1:]:
+            zero &= band == 0
+        yield 0, zero
+    if np.issubdtype(data.dtype, np.floating):
+        extreme = np.abs(data[0]) >= EXTREME_FILL
+        if np.count_nonzero(extreme) > least:
+            values, counts = np.unique(data[0][extreme], return_counts=True)
+            value = values[np.argmax(counts)]
+            yield value.item(), np.all(data == value, axis=0)
+
+
 def _hint_undeclared_fill(reader: SceneReader, data: np.ndarray, valid: np.ndarray) -> None:
     """Warn when a scene that declares no nodata, mask or alpha holds 0 in every band over a
-    share of its sample: such pixels are classified and stretched as data, and a fill border
-    would then get labels of its own and darken the stretch of the rest."""
+    share of its sample (or, in a float scene, one huge value such as -3.4e38): such pixels
+    are classified and stretched as data, and a fill border would then get labels of its own
+    and darken the stretch of the rest (a huge one leaves no stretch at all)."""
     if (reader.info.nodata_from != "file" or reader._alpha or reader.internal_mask
             or any(nd is not None for nd in reader._nodata) or not valid.size):
         return
-    zero = data[0] == 0
-    if np.count_nonzero(zero) <= UNDECLARED_FILL_FRACTION * valid.size:  # the usual answer, from one band
-        return
-    for band in data[1:]:
-        zero &= band == 0
-    share = np.count_nonzero(zero & valid) / valid.size
-    if share > UNDECLARED_FILL_FRACTION:
-        tiling_warning(
-            f"{reader.info.path}: {share:.1%} of sampled pixels are 0 in every band and the file declares "
-            "no nodata, so they are classified and stretched as data; if they are fill, run with "
-            "--nodata 0 ([tiling] nodata = 0)", stacklevel=4, code="undeclared_fill", zero_share=round(share, 4))
+    for value, fill in _fill_candidates(data, UNDECLARED_FILL_FRACTION * valid.size):
+        share = np.count_nonzero(fill & valid) / valid.size
+        if share > UNDECLARED_FILL_FRACTION:
+            said = "0" if value == 0 else str(data.dtype.type(value))  # as the file holds it: -3.4028235e+38
+            tiling_warning(
+                f"{reader.info.path}: {share:.1%} of sampled pixels are {said} in every band and the file declares "
+                "no nodata, so they are classified and stretched as data; if they are fill, run with "
+                f"--nodata {said} ([tiling] nodata = {said})", stacklevel=4, code="undeclared_fill",
+                fill_value=float(value), **{"zero_share" if value == 0 else "fill_share": round(share, 4)})
+            return
 
 
 def fill_note(details: Sequence[dict]) -> str | None:
@@ -277,8 +299,10 @@ def fill_note(details: Sequence[dict]) -> str | None:
     the unit's structured warnings, without the path); None when it did not."""
     for d in details:
         if d["code"] == "undeclared_fill":
-            return (f"{d['zero_share']:.0%} of the sampled pixels are 0 in every band and the file declares no "
-                    "nodata, so they are labelled as data; if they are fill, run with --nodata 0")
+            value, share = d.get("fill_value", 0), d.get("zero_share", d.get("fill_share"))
+            said = repr(float(value)) if value else "0"  # exact: what --nodata needs
+            return (f"{share:.0%} of the sampled pixels are {said} in every band and the file declares no "
+                    f"nodata, so they are labelled as data; if they are fill, run with --nodata {said}")
     return None
 
 
@@ -420,6 +444,12 @@ def open_scene(path: str | os.PathLike, cfg: TilingConfig, model_bands: int, inp
         reader.scale = tuple(_compute_scale(reader, cfg))
         reader.timings["stats"] = time.monotonic() - t0
         reader._set_scale(reader.scale)
+        if not (np.isfinite(reader._lo).all() and np.isfinite(reader._inv).all()):  # NaN inputs, labels of nothing
+            lo_hi = ", ".join(f"{lo:.4g}..{hi:.4g}" for lo, hi in reader.scale)
+            fill = next((v for b in reader.scale for v in b if abs(v) >= EXTREME_FILL), None)
+            raise InputError(f"its stretch ({lo_hi} per band) cannot be applied in float32: " + (
+                f"if {fill!r} is fill, run with --nodata {fill!r}" if fill is not None
+                else "its values' range is too narrow for it (rescale the file)"), path=str(path))
         return reader
     except BaseException:
         if reader is not None:
@@ -479,7 +509,7 @@ def _declared_nodata(info: SceneInfo, cfg: TilingConfig) -> SceneInfo:
     if not replace:
         return info
     dtype = np.dtype(info.dtype)
-    if value is not None and _nodata_in_dtype(value, dtype) is None:
+    if value is not None and (value := _nodata_in_dtype(value, dtype)) is None:
         span = f" ({np.iinfo(dtype).min}..{np.iinfo(dtype).max})" if dtype.kind in "iu" else ""
         raise ConfigError(f"{cfg.origin('nodata')}: no pixel of this {dtype} scene{span} can hold that value",
                           path=str(info.path))

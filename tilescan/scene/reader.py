@@ -392,8 +392,9 @@ class SceneReader:
     def _set_scale(self, scale: Sequence[tuple[float, float]]) -> None:
         lo = np.array([s[0] for s in scale], dtype=np.float64) if scale else np.zeros(len(self.bands))
         hi = np.array([s[1] for s in scale], dtype=np.float64) if scale else np.ones(len(self.bands))
-        self._lo = lo.astype(np.float32)
-        self._inv = (1.0 / (hi - lo)).astype(np.float32)
+        with np.errstate(over="ignore", divide="ignore"):  # beyond float32: open_scene refuses the stretch
+            self._lo = lo.astype(np.float32)
+            self._inv = (1.0 / (hi - lo)).astype(np.float32)
 
     def _to_unit(self, data: np.ndarray, valid: np.ndarray, out: np.ndarray) -> None:
         """:func:`tilescan.scene.scaling.to_unit` with this scene's stretch."""
