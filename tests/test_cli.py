@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from tilescan.cli import main
 from tilescan.config import CAM_METHOD_NAMES
-from conftest import OUTPUTS, QUIET_AFFINE, invoke, read_report
+from conftest import OUTPUTS, QUIET_AFFINE, invoke, read_report, scene
 
 SMALL = "rio-tiler/cog_rgb.tif"  # 383 x 232: one 400 px tile, a few seconds per run
 FAST = ["--tile-size", "400", "--no-progress"]
@@ -54,6 +54,17 @@ def test_help_does_not_import_tensorflow_or_keras():
     for opt in ("--out", "--model", "--config", "--tile-size", "--stride", "--batch-size", "--overwrite"):
         assert opt in p.stdout
     assert '"classes"' in p.stdout and "Airport" in p.stdout
+
+
+def test_an_empty_output_path_is_a_usage_error(tmp_path, monkeypatch):
+    """``-o "$OUTDIR"`` with the variable unset: exit 2, and nothing written where it runs."""
+    monkeypatch.chdir(tmp_path)
+    scene_file = scene("rasterio/RGB.byte.tif")
+    for args in (["run", scene_file, "-o", ""], ["chips", scene_file, "--labels", "x.gpkg", "-o", " "],
+                 ["explain", scene_file, "-o", ""], ["collect", ""]):
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert res.exit_code == 2 and "is empty (an unset variable in a script?)" in res.output, (args, res.output)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_console_script_help():

@@ -729,6 +729,19 @@ def test_float_scenes_whose_fill_or_range_breaks_the_stretch(tmp_path, tiny_mode
     assert "RuntimeWarning" not in res.output
 
 
+def test_a_singular_geotransform_is_refused_by_name(tmp_path, tiny_model):
+    """Pixel size 0 (a broken exporter's file): an input error naming the file and the fix,
+    not an internal error with a traceback; the batch's other scene is done."""
+    with rasterio.open(scene(SMALL)) as ds:
+        t = ds.transform
+    bad = write_like(scene(SMALL), tmp_path / "flat.tif", transform=Affine(0, 0, t.c, 0, 0, t.f))
+    res = invoke(["run", bad, scene(SMALL), "-o", tmp_path / "out", "--model", tiny_model, "--no-progress"])
+    assert res.exit_code == 3, res.output
+    (failed,) = read_report(tmp_path / "out")["failed"]
+    assert failed["error_kind"] == "input" and "geotransform is singular (pixel size 0 x 0" in failed["reason"]
+    assert "Traceback" not in res.output
+
+
 def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):
     """``--nodata none`` on RGB.byte.tif (nodata 0) gives the results of the same file without
     its nodata tag, with no hint: the user has said what the zeros are."""

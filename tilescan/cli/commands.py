@@ -15,6 +15,7 @@ import tilescan
 from .. import stop
 
 from .options import (
+    OutPath,
     _CAM_HELP,
     _LAYERS_EPILOG,
     _VERBOSITY_NOTE,
@@ -91,7 +92,7 @@ class _RunCommand(click.Command):
 
 @main.command(cls=_RunCommand, epilog=_LAYERS_EPILOG)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder.")
+@click.option("-o", "--out", required=True, type=OutPath(), help="Output folder.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
@@ -195,7 +196,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @click.argument("inputs", nargs=-1, required=True, metavar="SCENES...")
 @click.option("--labels", "labels_path", required=True, type=click.Path(),
               help="Vector file of labelled polygons and/or points (GeoPackage, GeoJSON, Shapefile, GeoParquet, ...).")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Dataset folder to write.")
+@click.option("-o", "--out", required=True, type=OutPath(), help="Dataset folder to write.")
 @option("--class-field", show_default="class, else label", help="Field of the labels that holds the class.")
 @option("--layer", show_default="the first", help="Layer of a labels file with several.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
@@ -246,7 +247,7 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 
 @main.command(epilog=_LAYERS_EPILOG)
 @click.argument("data", type=click.Path())
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.keras).")
+@click.option("-o", "--out", required=True, type=OutPath(dir_okay=False), help="Model file to write (.keras).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config with a [train] section (e.g. configs/aid-resnet18.toml).")
 @option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
         help="Folder with train.txt / val.txt split lists.")
@@ -301,7 +302,7 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
 @click.argument("model_path", metavar="MODEL")
 @click.argument("data", type=click.Path())
 @click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), help="Which split to score.")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Folder for report.json, CSVs and PNGs.")
+@click.option("-o", "--out", required=True, type=OutPath(), help="Folder for report.json, CSVs and PNGs.")
 @option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
         help="Folder with split lists.")
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per model batch.")
@@ -349,7 +350,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="IMAGE_OR_SCENE...")
-@click.option("-o", "--out", required=True, type=click.Path(), help="Folder for the figures.")
+@click.option("-o", "--out", required=True, type=OutPath(), help="Folder for the figures.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
 @click.option("--cam", "methods", default="gradcam", type=_CamMethods(), help=f"CAM methods side by side, comma-separated: {_CAM_HELP}.")
@@ -392,7 +393,7 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=OutPath(file_okay=False))
 @click.option("--gpkg/--no-gpkg", default=True, show_default=True, help="Also write a GeoPackage copy.")
 @click.option("--styles/--no-styles", default=True, show_default=True,
               help="Write a QGIS style for the table and a QGIS project (collected.qgs).")

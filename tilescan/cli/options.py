@@ -19,6 +19,16 @@ from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TilescanError
 from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger
 
 
+class OutPath(click.Path):
+    """A path option or argument that must name something: ``-o ""`` (an unset variable in a
+    script) is a usage error, not the current folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (an unset variable in a script?): give a path, e.g. -o out", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Ctx:
     """The command line's state: its verbosity (-v/-q anywhere), and the ``tilescan`` logger
     configured to print on stderr as that verbosity says."""

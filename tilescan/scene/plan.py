@@ -495,6 +495,10 @@ def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
     if np.dtype(ds.dtypes[0]).kind not in "uif":
         raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
                          "and floating-point rasters)", path=p)
+    t = ds.transform
+    if t.a * t.e - t.b * t.d == 0:  # every pixel at one point, or on one line
+        raise InputError(f"its geotransform is singular (pixel size {t.a:g} x {t.e:g}, rotation {t.b:g}, {t.d:g}): "
+                         "its pixels have no extent; fix it (e.g. gdal_edit.py -a_ullr ULX ULY LRX LRY)", path=p)
     info = _scene_info(path, ds)
     if not info.georeferenced:
         _allow_pixel_space(p, ds, cfg)
