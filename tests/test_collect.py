@@ -389,11 +389,18 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
         shutil.copyfile(scene(name), inputs / Path(name).name)
     cfg = load_config(overrides={"tiling": {"tile_size": 256, "units": "px"}}, environ={})
     assert run([inputs], out, cfg, shard=(0, 2), log=quiet).exit_code == 0
+    # shard 1/2 not run yet (pending in a queue): collect says the set is not whole
+    notes: list[str] = []
+    summary = run_collect(out, gpkg=False, log=notes.append)
+    assert summary["unfinished_in_run"] == [{"unit": None, "report": "report-shard-0001-of-0002.json",
+                                             "why": "no report of shard 1/2: it has not run (or its start failed "
+                                                    "before one)"}]
+    assert any("the latest run left work undone" in n for n in notes), notes
     shutil.copyfile(scene("rasterio/RGBA.byte.tif"), inputs / "RGBA.byte.tif")  # arrives between the shards' starts
     assert run([inputs], out, cfg, shard=(1, 2), log=quiet).exit_code == 0
     counts = [json.loads((out / f"report-shard-000{i}-of-0002.json").read_text())["scenes_listed"]["count"] for i in (0, 1)]
     assert counts == [2, 3]
-    notes: list[str] = []
+    notes.clear()
     run_collect(out, gpkg=False, log=notes.append)
     assert any("the shards of the latest run listed different scenes (2, 3)" in n for n in notes), notes
     assert run([inputs], out, cfg, shard=(0, 2), log=quiet).exit_code == 0  # the job again: both list the same

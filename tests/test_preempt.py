@@ -64,6 +64,10 @@ def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_fac
     for name in done:
         bh.assert_unit_equal(out / name, ref / name)
     assert not (out / ".tilescan-staging").exists() or not any((out / ".tilescan-staging").iterdir())
+    p = bh.tilescan("collect", out)  # say, Slurm's afterany step after a time limit: the set is not whole
+    assert p.returncode == 0 and "the latest run left work undone" in p.stderr, p.stderr
+    undone = json.loads((out / "collected" / "summary.json").read_text())["unfinished_in_run"]
+    assert [(u["unit"], u["why"]) for u in undone] == [("cogeo", f"its run was stopped by {sig}")]
 
     p = _run(out)
     assert p.returncode == 0, p.stderr

@@ -65,7 +65,7 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, find_units, shards_disagree
+from .finished import _Scene, _Unit, find_units, shards_disagree, unfinished_in_run
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -420,24 +420,31 @@ class _TableWriter:
             self.writer.close()
 
 
-def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
     """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
     output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
-    an earlier run's outputs, maybe out of date (``earlier_outputs``); shards that listed other scenes."""
+    an earlier run's outputs, maybe out of date (``earlier_outputs``); what the run left undone
+    (``unfinished_in_run``: stopped, still running, shards not run); shards that listed other scenes."""
     found: dict[str, dict] = {}
     listed: list = []  # what each shard of the run listed: the input may have changed between their starts
+    read: list[tuple[str, dict]] = []
     for report in _latest_reports(out):
         try:
             failed = (data := json.loads(report.read_text())).get("failed") or []
         except (OSError, ValueError, AttributeError):
             continue  # a report being written, or not tilescan's: the run's log has it
         listed.append(data.get("scenes_listed"))
+        read.append((report.name, data))
         for f in failed:
             if isinstance(f, dict):
                 found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
                     "report": report.name}
     if why := shards_disagree(listed):
         log(f"warning: collect: {why}")
+    if undone := unfinished_in_run(read, collected):
+        said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
+        log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
+            "then collect again; summary.json's unfinished_in_run)")
     units = sorted(found, key=str)
     missing, earlier = [found[k] for k in units if k not in collected], [found[k] for k in units if k in collected]
     for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
@@ -445,7 +452,7 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
         if listed:
             log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
                 f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
-    return missing, earlier
+    return missing, earlier, undone
 
 
 def _latest_reports(out: Path) -> list[Path]:
@@ -464,7 +471,7 @@ def _latest_reports(out: Path) -> list[Path]:
 
 
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None],
-           run_failed: tuple[list[dict], list[dict]] = ([], [])) -> dict:
+           run_failed: tuple[list[dict], list[dict], list[dict]] = ([], [], [])) -> dict:
     """Write the collected table, the summaries and (``gpkg``) the GeoPackage into ``stage``; returns the summary."""
     reproject = _Reprojector()
     summary = ClassSummary()
@@ -528,7 +535,7 @@ def _scale_note(sc: _Scene) -> str | None:
 
 
 def _result(summary: ClassSummary, scene_info: dict[str, dict], total: int, skipped: list[dict],
-            failed: list[dict], run_failed: list[dict], earlier: list[dict]) -> dict:
+            failed: list[dict], run_failed: list[dict], earlier: list[dict], unfinished: list[dict]) -> dict:
     """summary.json: tiles and areas per scene and class, skipped, not collected (``failed``), failed in the run."""
     rows = summary.table()
     per_scene = {}
@@ -546,6 +553,7 @@ def _result(summary: ClassSummary, scene_info: dict[str, dict], total: int, skip
         "failed": failed,
         "failed_in_run": run_failed,
         "earlier_outputs": earlier,
+        "unfinished_in_run": unfinished,
     }
 
 

@@ -171,3 +171,27 @@ def shards_disagree(listed: list) -> str | None:
     return (f"the shards of the latest run listed different scenes ({', '.join(sorted(str(c) for c, _ in seen))}): "
             "the input changed while they ran, and a scene may have been done by none; rerun the job (what is "
             "finished is skipped), then collect again")
+
+
+def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> list[dict]:
+    """What the latest run's reports (``(file name, contents)``) say it left undone and is not
+    collected: units a stop (SIGTERM, a time limit) dropped or never started, reports of a run
+    that had not ended (still running, or killed), and the shards of ``N`` with no report at
+    all (not run yet). summary.json's ``unfinished_in_run``."""
+    out: list[dict] = []
+    shards: set[tuple[int, int]] = set()
+    for name, data in reports:
+        if isinstance(shard := data.get("shard"), list) and len(shard) == 2:
+            shards.add((int(shard[0]), int(shard[1])))
+        if data.get("running"):
+            out.append({"unit": None, "report": name, "why": f"its run had not ended (pid {data.get('pid')} on "
+                        f"{data.get('host')}: still running, or killed)"})
+        stopped = data.get("interrupted") or {}
+        for unit in [*(stopped.get("units") or []), *(stopped.get("not_started") or [])]:
+            if unit not in collected:
+                out.append({"unit": unit, "report": name, "why": f"its run was stopped by {stopped.get('signal')}"})
+    for n in {n for _, n in shards if n > 1}:
+        for i in sorted(set(range(n)) - {k for k, m in shards if m == n}):
+            out.append({"unit": None, "report": layout.report_name((i, n)),
+                        "why": f"no report of shard {i}/{n}: it has not run (or its start failed before one)"})
+    return out
