@@ -210,7 +210,8 @@ def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):
                     **s3.gdal_env(secret="not-the-secret-XYZ"))
     assert p.returncode == 4, p.stderr
     (failed,) = json.loads((out / "report.json").read_text())["failed"]
-    assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: access denied (HTTP 403): check the credentials")
+    assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: access denied (HTTP 403): check the credentials "
+                                       "(AWS_ACCESS_KEY_ID")  # the object store's, not HTTP's (its endpoint is http://)
     assert "not-the-secret-XYZ" not in p.stderr + (out / "report.json").read_text()
     # a prefix: the listing is refused, and the message says so (not "no scenes found")
     p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out2", "s3://scenes/rio-tiler/", "s3://scenes/no-such-prefix/",

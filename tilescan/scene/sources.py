@@ -99,7 +99,7 @@ def remote_errors(scene: Any) -> Iterator[None]:
         if _network_error(text) and not told:
             text = re.sub(r"^corrupt or truncated TIFF(?: \(GDAL cannot open it\))?: ", "", text)
             if not text.startswith(("cannot open", "not found", "access denied")):
-                text = f"remote read failed: {cause(text)}"
+                text = f"remote read failed: {cause(text, str(scene))}"
         exc.message = scrub(text)
         exc.path = str(scene)
         exc.transient = any(t in exc.message for t in _TRANSIENT)  # type: ignore[attr-defined]
@@ -113,7 +113,7 @@ def remote_errors(scene: Any) -> Iterator[None]:
 
         if isinstance(exc, OSError) and not isinstance(exc, RasterioError):
             raise  # the output side (disk full, permissions), not the network
-        err = InputError(f"remote read failed: {cause(_failure_text(scene, _describe(exc)))}", path=str(scene))
+        err = InputError(f"remote read failed: {cause(_failure_text(scene, _describe(exc)), str(scene))}", path=str(scene))
         err.transient = any(t in err.message for t in _TRANSIENT)  # type: ignore[attr-defined]
         raise err from None
 
@@ -251,7 +251,7 @@ class RemoteScene(os.PathLike):
             text = _failure_text(self, _describe(exc))  # with the transfer failure behind it, if any
             low = text.lower()
             if _network_error(text) or "does not exist in the file system" in low:
-                why = cause(text)
+                why = cause(text, self.gdal_path)
             elif "not recognized as" in low:
                 why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
             else:

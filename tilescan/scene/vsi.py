@@ -232,7 +232,7 @@ def list_folder(gdal_dir: str, shown: str | None = None) -> list[str]:
     if not names and err:
         web = gdal_dir.startswith("/vsicurl/") and "(HTTP 403)" in cause(err)  # a web server may refuse any listing
         hint = "; or the server does not list this folder: give the scenes' own URLs" if web else ""
-        raise InputError(f"cannot list this folder URL: {cause(err)}{hint}", path=shown)
+        raise InputError(f"cannot list this folder URL: {cause(err, gdal_dir)}{hint}", path=shown)
     return names
 
 
@@ -290,7 +290,7 @@ def read_bytes(gdal_path: str, limit: int = 64 << 20, shown: str | None = None) 
         err = _last_error(lib)
     if not ok:
         why = _http_answer(stat_error(gdal_path)) or err or "no such file"  # "Cannot open file" says less
-        raise InputError(f"cannot read: {cause(why)}", path=shown)
+        raise InputError(f"cannot read: {cause(why, gdal_path)}", path=shown)
     try:
         return ctypes.string_at(buf, size.value)
     finally:
@@ -404,8 +404,9 @@ _UNREACHABLE = ("couldn't connect", "could not connect", "connection refused", "
                 "server returned nothing", "did not answer")
 
 
-def cause(message: str) -> str:
-    """A short reason for a GDAL/cURL network error message, followed by GDAL's words."""
+def cause(message: str, where: str = "") -> str:
+    """A short reason for a GDAL/cURL network error message, followed by GDAL's words;
+    ``where``: the URL or GDAL path it came from (an object store's wants other credentials)."""
     m = scrub(message.strip())
     low = m.lower()
     code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)"
@@ -421,7 +422,8 @@ def cause(message: str) -> str:
     elif num in ("401", "403") or any(s in low for s in ("accessdenied", "access denied", "signaturedoesnotmatch",
                                                          "invalidaccesskeyid", "authentication", "unauthorized",
                                                          "signature we calculated", "access key id you provided")):
-        cloud = any(k in low for k in ("vsis3", "vsigs", "vsiaz", "s3://", "gs://", "az://")) or "http" not in low
+        cloud = any(k in f"{low} {where.lower()}" for k in ("vsis3", "vsigs", "vsiaz", "s3://", "gs://", "az://")) \
+            or "http" not in low
         why = f"access denied (HTTP {num or '403'}): check the credentials " + (
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GS_*, AZURE_*; AWS_NO_SIGN_REQUEST=YES for public "
             "buckets)" if cloud else "(GDAL_HTTP_AUTH + GDAL_HTTP_USERPWD, GDAL_HTTP_HEADERS, or a new signed URL)")
