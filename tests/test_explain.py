@@ -55,7 +55,7 @@ def test_image_one_and_two_methods(model_file, image, tmp_path):
     (row,) = meta["rows"]
     assert row["label"] == row["predicted"] and row["label"] in CLASSES
     assert 0 < row["confidence"] <= 1
-    assert set(row["cam_max"]) == {"gradcam", "eigencam"}
+    assert set(row["cam_raw_max"]) == {"gradcam", "eigencam"}
 
 
 def test_scene_top_tiles(model_file, scene_path, tmp_path):

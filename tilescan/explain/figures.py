@@ -487,7 +487,7 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
                 "predicted": classes[int(pred[i])],
                 "predicted_confidence": float(probs[i, pred[i]]),
                 "top3": [{"label": classes[int(k)], "probability": float(probs[i, k])} for k in top3],
-                "cam_max": {m: float(results[m].raw[i].max()) for m in methods},
+                "cam_raw_max": {m: float(results[m].raw[i].max()) for m in methods},  # as the run table names it
             }
         )
     return rows, records

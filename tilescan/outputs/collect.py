@@ -404,7 +404,7 @@ class _TableWriter:
         """The ``geo`` metadata and tilescan's (classes, tile count, scenes, scale warnings)."""
         assert self.writer is not None and self.classes is not None
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
-               "geometry_native is in each row's crs", "scenes": scene_names}
+               "geometry_native and cam_peak_x/y are in each row's crs", "scenes": scene_names}
         if scale_warnings:
             own["scale_warnings"] = scale_warnings
         if self.antimeridian:
