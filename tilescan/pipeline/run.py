@@ -209,9 +209,14 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     layout.tidy(out)
     listed = "\n".join(sorted(sources.recorded_path(s) for s in scenes))  # shards of one job must list the same
     digest = hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
+    late = {}
+    if (sig := stop.requested()) and not report.interrupted:  # it came once every tile was classified
+        log(f"warning: stopped by {sig} after every scene's tiles were classified: their outputs were finished, "
+            "nothing was left to stop")
+        late = {"stop_requested": sig}
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
                   scenes_listed={"count": len(scenes), "sha256": digest},
-                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
+                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats}, **late)
     if report.held_by is None:
         write_json(out / layout.report_name(shard), report.to_dict())
     return report
