@@ -1,16 +1,19 @@
 """Compare two `tilescan run` output folders unit by unit: the check a restructuring must pass.
 
-    python benchmarks/same_outputs.py OUT_BEFORE OUT_AFTER
+    python benchmarks/same_outputs.py OUT_BEFORE OUT_AFTER [--added COLUMN ...]
 
 For every unit folder (one with a run.json) in either tree: tiles.parquet rows equal (every
 column, exact), labels.tif pixels equal, heatmap.tif within 1e-6, quicklook.png pixels
 equal (decoded), tiles.gpkg's rows, R-tree, extent, count, metadata and schema equal, the
 QGIS styles and project byte for byte, and run.json's counts, tiling and warnings equal. Prints one line per unit and exits 1 on any difference.
+``--added COLUMN``: a table column the second tree has and the first has not (a change that
+adds one): both tables are compared without it, and each unit's line names it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,9 +27,13 @@ def units(root: Path) -> dict[str, Path]:
             if ".tilescan-" not in str(p)}
 
 
-def compare(a: Path, b: Path) -> list[str]:
+def compare(a: Path, b: Path, added: tuple[str, ...] = ()) -> list[str]:
     diffs = []
     ta, tb = pq.read_table(a / "tiles.parquet"), pq.read_table(b / "tiles.parquet")
+    if added:
+        if missing := [c for c in added if c not in tb.column_names or c in ta.column_names]:
+            diffs.append(f"tiles.parquet: {missing} not added by the second tree")
+        tb = tb.drop_columns([c for c in added if c in tb.column_names]).replace_schema_metadata(tb.schema.metadata)
     if ta.schema != tb.schema:
         diffs.append("tiles.parquet schema differs")
     elif not ta.equals(tb):
@@ -55,7 +62,7 @@ def compare(a: Path, b: Path) -> list[str]:
     if ga.exists() != gb.exists():
         diffs.append("tiles.gpkg in one tree only")
     elif ga.exists():
-        da, db = _gpkg(ga), _gpkg(gb)
+        da, db = _gpkg(ga), _gpkg(gb, added)
         diffs += [f"tiles.gpkg {k} differs" for k in da if da[k] != db[k]]
     ma, mb = (json.loads((p / "run.json").read_text()) for p in (a, b))
     for key in ("counts", "tiling", "warnings", "fingerprint"):
@@ -64,25 +71,31 @@ def compare(a: Path, b: Path) -> list[str]:
     return diffs
 
 
-def _gpkg(path: Path) -> dict:
+def _gpkg(path: Path, added: tuple[str, ...] = ()) -> dict:
     """A GeoPackage's rows (geometry blobs included), its R-tree's tables, extent, feature
-    count, metadata and schema, read with plain SQL (no write times)."""
+    count, metadata and schema, read with plain SQL (no write times); without the ``added``
+    columns of ``tiles``."""
     import sqlite3
 
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        out = {t: con.execute(f'SELECT * FROM "{t}"').fetchall() for t in (
+        cols = ", ".join(f'"{r[1]}"' for r in con.execute('PRAGMA table_info("tiles")') if r[1] not in added)
+        out = {t: con.execute(f'SELECT {cols if t == "tiles" else "*"} FROM "{t}"').fetchall() for t in (
             "tiles", "rtree_tiles_geom_node", "rtree_tiles_geom_rowid", "rtree_tiles_geom_parent",
             "gpkg_ogr_contents", "gpkg_metadata", "gpkg_geometry_columns", "gpkg_spatial_ref_sys")}
         out["extent"] = con.execute("SELECT min_x, min_y, max_x, max_y, srs_id FROM gpkg_contents").fetchall()
         out["extensions"] = sorted(con.execute("SELECT * FROM gpkg_extensions").fetchall(), key=repr)
-        out["schema"] = sorted(con.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=repr)
+        drop = re.compile("|".join(rf'"{re.escape(c)}" \w+, ' for c in added) or "(?!)")  # a column's definition
+        out["schema"] = sorted(((t, n, drop.sub("", sql) if sql else sql)
+                                for t, n, sql in con.execute("SELECT type, name, sql FROM sqlite_master")), key=repr)
         return out
     finally:
         con.close()
 
 
 def main(argv: list[str]) -> int:
+    added = tuple(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--added")
+    argv = [a for i, a in enumerate(argv) if a != "--added" and (i == 0 or argv[i - 1] != "--added")]
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
@@ -94,8 +107,9 @@ def main(argv: list[str]) -> int:
             print(f"{key}: only in {'the first' if key in ua else 'the second'} tree")
             bad += 1
             continue
-        d = compare(ua[key], ub[key])
-        print(f"{key}: {'identical' if not d else '; '.join(d)}")
+        d = compare(ua[key], ub[key], added)
+        same = "identical" + (f" (but the added {', '.join(added)})" if added else "")
+        print(f"{key}: {same if not d else '; '.join(d)}")
         bad += bool(d)
     print(f"{len(set(ua) | set(ub))} units, {bad} differ")
     return 1 if bad else 0
