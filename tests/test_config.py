@@ -167,6 +167,20 @@ def test_bad_file_values_name_the_file(tmp_path):
     assert "directory" in str(_error(read_toml, tmp_path))
     f = toml(tmp_path, "tiling = 3\n", "flat.toml")
     assert "must be a table" in str(_error(load_config, f, environ={}))
+    f = toml(tmp_path, "tile_size = 64\n", "no-section.toml")  # a key above its section
+    assert "tile_size = 64 is outside any section: put it under [tiling]" in str(_error(load_config, f, environ={}))
+    f = toml(tmp_path, "[tiling]\nnodata = false\n", "nodata.toml")
+    assert "expected a string or a number, got False" in str(_error(load_config, f, environ={}))
+    f = tmp_path / "latin1.toml"
+    f.write_bytes("[tiling]\n# Étang\ntile_size = 64\n".encode("latin-1"))
+    assert "not valid TOML: not UTF-8 text" in str(_error(load_config, f, environ={}))
+
+
+def test_a_config_file_saved_with_a_utf8_mark_is_read(tmp_path):
+    """Windows Notepad starts UTF-8 files with a byte-order mark, which TOML does not allow."""
+    f = tmp_path / "notepad.toml"
+    f.write_bytes(b"\xef\xbb\xbf[tiling]\ntile_size = 64\n")
+    assert load_config(f, environ={}).tiling.tile_size == 64
 
 
 def test_bad_flag_values_name_the_flags():

@@ -291,7 +291,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # "auto" or a number
             return str(value)
-        raise bad("a string")
+        raise bad("a string or a number")
     if origin is tuple:
         args = typing.get_args(typ)
         if isinstance(value, str):  # "3,2,1", "3 2 1", or as TOML writes it: "[3, 2, 1]"
@@ -463,6 +463,9 @@ def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[st
             raise ConfigError("the config must be a table of sections", path=src)
         for section, values in layer.items():
             if section not in SECTIONS:
+                home = [name for name, cls in SECTIONS.items() if section in {f.name for f in dataclasses.fields(cls)}]
+                if home and not isinstance(values, Mapping):  # `tile_size = 64` above any [section]
+                    raise ConfigError(f"{section} = {values!r} is outside any section: put it under [{home[0]}]", path=src)
                 raise ConfigError(
                     f"unknown section [{section}]; known sections: {', '.join(SECTIONS)}", path=src
                 )
@@ -493,7 +496,10 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            return tomllib.load(fh)
+            text = fh.read().removeprefix(b"\xef\xbb\xbf")  # Windows Notepad's UTF-8 mark, which TOML has not
+        return tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})", path=str(p)) from None
     except FileNotFoundError:
         raise ConfigError("config file not found", path=str(p)) from None
     except IsADirectoryError:
