@@ -139,7 +139,9 @@ class LoadedModel:
         model that reads bands of its own (``scene_bands``): its inputs hold what its chips held."""
         from .scene.plan import band_warning
 
-        return None if self.meta.get("scene_bands") else band_warning(reader.info, reader.bands, self.meta.get("bands"), path)
+        if self.meta.get("scene_bands"):
+            return None
+        return band_warning(reader.info, reader.bands, self.meta.get("bands"), path)
 
     def tiling_for(self, tiling):
         """``tiling`` with the scene bands this model's chips were cut from (``scene_bands``,

@@ -47,7 +47,8 @@ def _declared_colour(info: SceneInfo, band: int) -> str | None:
     ci = info.colorinterp[band - 1].lower() if band <= len(info.colorinterp) else ""
     if ci in ("red", "green", "blue"):
         return ci
-    words = set(_WORD.findall((info.band_descriptions[band - 1] or "").lower())) if band <= len(info.band_descriptions) else set()
+    text = info.band_descriptions[band - 1] if band <= len(info.band_descriptions) else None
+    words = set(_WORD.findall((text or "").lower()))
     said = [c for c in ("red", "green", "blue") if c in words]
     return said[0] if len(said) == 1 and not words & {"nir", "infrared", "edge"} else None
 
