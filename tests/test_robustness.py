@@ -347,9 +347,10 @@ def test_missing_path_alone(tmp_path, tiny_model):
 
 
 def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_model):
-    """A subfolder the run may not list and a *.tif link to nothing are named in the report as
-    failed inputs (exit 3), not passed over in silence; the readable scene is done. (As root,
-    the run drops the capabilities that read through permissions, as an ordinary user has none.)"""
+    """A subfolder the run may not list, a *.tif link to nothing, a loop of links, a FIFO and a
+    GDAL VRT so named are named in the report as failed inputs (exit 3), each with what it is,
+    not passed over in silence (nor read: a FIFO would block); the readable scene is done. (As
+    root, the run drops the capabilities that read through permissions, as an ordinary user has none.)"""
     import batch_helpers as bh
 
     scenes, out = tmp_path / "scenes", tmp_path / "out"
@@ -357,6 +358,10 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
     shutil.copyfile(scene("rasterio/cogeo.tif"), scenes / "a.tif")
     shutil.copyfile(scene("rasterio/cogeo.tif"), scenes / "locked" / "b.tif")
     (scenes / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    (scenes / "loop1.tif").symlink_to(scenes / "loop2.tif")
+    (scenes / "loop2.tif").symlink_to(scenes / "loop1.tif")
+    os.mkfifo(scenes / "pipe.tif")
+    (scenes / "mosaic.tif").write_text('<VRTDataset rasterXSize="10" rasterYSize="10"></VRTDataset>')
     (scenes / "locked").chmod(0)
     caps = "-dac_override,-dac_read_search"
     prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
@@ -369,8 +374,14 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
         (scenes / "locked").chmod(0o755)
     assert p.returncode == 3, p.stderr
     reasons = {r["scene"]: r["reason"] for r in read_report(out)["failed"]}
-    assert reasons == {str(scenes / "locked"): f"{scenes / 'locked'}: cannot list this folder: Permission denied",
-                       str(scenes / "gone.tif"): f"{scenes / 'gone.tif'}: a link to nothing (a broken symbolic link)"}
+    assert reasons == {
+        str(scenes / "locked"): f"{scenes / 'locked'}: cannot list this folder: Permission denied",
+        str(scenes / "gone.tif"): f"{scenes / 'gone.tif'}: a link to nothing (a broken symbolic link)",
+        **{str(scenes / n): f"{scenes / n}: a symbolic link loop (the links lead back to themselves)"
+           for n in ("loop1.tif", "loop2.tif")},
+        str(scenes / "pipe.tif"): f"{scenes / 'pipe.tif'}: not a regular file (a FIFO, a device or a socket): not a GeoTIFF",
+        str(scenes / "mosaic.tif"): f"{scenes / 'mosaic.tif'}: not a TIFF file (it looks like a GDAL VRT: make it a "
+                                    "GeoTIFF first, e.g. gdal_translate -of COG in.vrt out.tif); tilescan reads GeoTIFFs"}
     assert (out / "a" / "run.json").is_file()
 
 

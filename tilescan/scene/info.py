@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
 import re
+import stat
 import threading
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ _OTHER_MAGIC = (
     (b"CDF", "a netCDF file"),
     (b"PK\x03\x04", "a zip archive"),
     (b"\x1f\x8b", "a gzip archive"),
+    (b"<VRTDataset", "a GDAL VRT: make it a GeoTIFF first, e.g. gdal_translate -of COG in.vrt out.tif"),
     (b"<", "an XML/HTML text file"),
 )
 
@@ -247,6 +250,19 @@ def _open_quiet(path: Path | str, decode_threads: int = 1):
 # opening a scene
 
 
+_NOT_REGULAR = "not a regular file (a FIFO, a device or a socket): not a GeoTIFF"
+
+
+def _dead_link(f: Path) -> str:
+    """Why the symbolic link ``f`` leads to no file: a loop, or nothing."""
+    try:
+        os.stat(f)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (the links lead back to themselves)"
+    return "a link to nothing (a broken symbolic link)"
+
+
 def _check_file(path: Path) -> None:
     p = str(path)
     try:
@@ -264,6 +280,8 @@ def _check_file(path: Path) -> None:
         raise InputError(
             "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
             "*.tif / *.tiff)", path=p)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(_NOT_REGULAR, path=p)
     if st.st_size == 0:
         raise InputError("empty file (0 bytes): not a GeoTIFF", path=p)
     try:
@@ -320,8 +338,10 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
                         f = Path(root, name)
                         if f.is_file():
                             found[_named(f)] = None
-                        elif f.is_symlink() and not f.exists():
-                            errors.append(InputError("a link to nothing (a broken symbolic link)", path=str(f)))
+                        elif f.exists():  # a FIFO, device or socket so named: never read (a FIFO would block)
+                            errors.append(InputError(_NOT_REGULAR, path=str(f)))
+                        elif f.is_symlink():
+                            errors.append(InputError(_dead_link(f), path=str(f)))
         elif p.exists():
             found[_named(p)] = None
         else:
