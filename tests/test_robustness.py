@@ -1069,6 +1069,16 @@ def test_a_disk_already_full_when_collect_or_a_rerun_starts(tmp_path, tiny_model
         assert f"{out}/report.json: cannot write (No space left on device); disk full? only" in res.output, res.output
         assert not (out / ".tilescan-locks").exists() or not os.listdir(out / ".tilescan-locks")
         assert tree_hashes(out / small.stem) == before
+        # the report says so (written in place over the last one), not the earlier run's success
+        report = read_report(out)
+        assert report["exit_code"] == 6 and "No space left on device" in report["error"]["message"], report
+        # room for the running report only: the final one goes over it, not left "running" as a killed run's
+        os.truncate(out / "fill", os.stat(out / "fill").st_size - 4096)
+        res = invoke(["run", *args, "--overwrite"])
+        assert res.exit_code == 6, res.output
+        report = read_report(out)
+        assert "running" not in report and report["exit_code"] == 6, report
+        assert tree_hashes(out / small.stem) == before
     finally:
         _umount(out)
 

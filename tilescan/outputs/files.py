@@ -295,6 +295,23 @@ def csv_text(rows: Iterable[Sequence[Any]]) -> str:
     return buf.getvalue()
 
 
+def write_json_in_place(path: str | os.PathLike, obj: Any) -> bool:
+    """Write ``obj`` as compact JSON over the existing file at ``path``, in place, when it fits
+    in the blocks that file already holds: on a full disk, where :func:`write_json` cannot make
+    its temporary file, the last word still reaches a file it once wrote. False when it cannot."""
+    text = _dumps(obj).encode("utf-8", "backslashreplace")
+    try:
+        with open(path, "r+b") as fh:
+            if len(text) > os.fstat(fh.fileno()).st_blocks * 512:  # past them it would need a new block
+                return False
+            fh.write(text)
+            fh.truncate()
+            os.fsync(fh.fileno())
+        return True
+    except OSError:
+        return False
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, strict JSON (numpy values converted), atomically."""
     text = _dumps(obj, indent=2) + "\n"  # convert first: a TypeError leaves no file at all

@@ -21,7 +21,7 @@ from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, Model
                       TilescanError)
 from ..log import catching_warnings, emit
 from ..model import describe_model
-from ..outputs.files import make_folder, write_error, write_json
+from ..outputs.files import make_folder, write_error, write_json, write_json_in_place
 from ..outputs import fonts
 from ..scene import sources
 from ..scene.info import TilingWarning
@@ -159,10 +159,13 @@ def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: R
     kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
     message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
     data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
+    path = out / layout.report_name(shard)
     try:
-        write_json(out / layout.report_name(shard), data)
+        write_json(path, data)
     except (OSError, TilescanError):  # OUT not writable: the error raised is the run's own
-        pass
+        # a full disk: the short form over the running report, so that it is not taken for a killed run's
+        write_json_in_place(path, {k: data[k] for k in ("tilescan", "counts", "exit_code", "error", "shard",
+                                                        "started_at", "finished_at")})
 
 
 def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine,
