@@ -163,6 +163,13 @@ def test_eigencam_matches_per_image_svd(model, x, cams, layer):
     np.testing.assert_array_equal(res.target, np.asarray(model(x)).argmax(-1))
 
 
+def test_eigencam_is_the_same_map_for_every_target(x, cams):
+    """What the README says of eigencam: class-agnostic, unlike Grad-CAM."""
+    eigen, grad = cams("eigencam"), cams("gradcam")
+    np.testing.assert_array_equal(eigen(x, target=np.zeros(len(x), int)).raw, eigen(x, target=np.full(len(x), 3)).raw)
+    assert not np.allclose(grad(x, target=np.zeros(len(x), int)).raw, grad(x, target=np.full(len(x), 3)).raw)
+
+
 def test_scorecam_matches_per_image_reference():
     keras.utils.set_random_seed(11)
     small = build_resnet18((32, 32, 3), 5)

@@ -160,6 +160,8 @@ def test_exit_2_usage_and_config_errors(tmp_path, scene_path):
     assert r.exit_code == 2 and "TILESCAN_TILING__STRIDE" in r.output
     r = invoke(["run", scene, "-o", out, *FAST, "--target", "Volcano"])
     assert r.exit_code == 2 and "Volcano" in r.output and "Forest" in r.output
+    r = invoke(["run", scene, "-o", tmp_path / "eigen", *FAST, "--target", "Forest", "--cam", "eigencam"])
+    assert r.exit_code == 0 and "--target Forest changes nothing with eigencam" in r.output, r.output
     r = invoke(["run", scene, "-o", out, *FAST, "--cam", "nosuchcam"])
     assert r.exit_code == 2 and "nosuchcam" in r.output
     # a CAM layer the model has not: named as the user set it

@@ -317,6 +317,9 @@ def run_explain(
     tiles = parse_tiles(tiles) if isinstance(tiles, str) else tiles
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
+    if target_idx is not None and "eigencam" in methods:
+        log("warning: the target changes nothing for eigencam: it maps the first principal component of the "
+            "layer's activations, the same map for every class")
     check_names(lm.classes, log, "the figures' titles")
     used: set[str] = set()
     written: list[Path] = []

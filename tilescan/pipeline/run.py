@@ -179,7 +179,10 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)  # a model that is not one: OUT is not made for it
-    resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class"))  # fails before any scene
+    if resolve_target(cfg.cam.target_class, card.classes, cfg.cam.origin("target_class")) is not None \
+            and cfg.cam.method == "eigencam":  # a target is checked before any scene; eigencam has no use for it
+        log(f"warning: {cfg.cam.origin('target_class')} changes nothing with eigencam: it maps the first principal "
+            "component of the layer's activations, the same map for every class")
     check_band_count(cfg.tiling, card.num_bands)
     if cfg.output.quicklook:
         fonts.check_names(card.classes, log, "the quicklooks' legends")
