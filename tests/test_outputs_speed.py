@@ -149,7 +149,8 @@ def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
     bx, by, bx1, by1 = lay.colorbar_box()
     bar_w, bar_h, tick = bx1 - bx, by1 - by, max(3, s // 3)
     caption = []
-    for word in Q._HEAT_CAPTION.split() if has_heat else []:
+    title = Q.CAM_METHOD_TITLES[kw.get("cam", "gradcam")]
+    for word in Q._HEAT_CAPTION.format(title).split() if has_heat else []:
         if caption and probe.textlength(f"{caption[-1]} {word}", font=font) <= bar_w:
             caption[-1] = f"{caption[-1]} {word}"
         else:
@@ -164,8 +165,8 @@ def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
         Q._paint_colorbar(canvas, bx, by, bar_w, bar_h)
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    for k, title in enumerate(("scene", "labels", "Grad-CAM" if has_heat else "no heatmap")):
-        draw.text((lay.origin(k)[0] + pad, (lay.title_h - s) // 2), title, fill=(0, 0, 0), font=font)
+    for k, name in enumerate(("scene", "labels", title if has_heat else "no heatmap")):
+        draw.text((lay.origin(k)[0] + pad, (lay.title_h - s) // 2), name, fill=(0, 0, 0), font=font)
     if has_heat:
         Q._draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
     Q._draw_legend(draw, font, lines, classes, np.array(class_colors(len(classes)), np.float32), pad,
@@ -174,10 +175,11 @@ def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # GDAL reading the PNG
-@pytest.mark.parametrize("with_heat", [True, False])
-def test_quicklook_of_a_real_scene_equals_the_plain_drawing(tmp_path, scene_path, with_heat):
+@pytest.mark.parametrize("with_heat, cam", [(True, "gradcam"), (True, "layercam"), (False, "gradcam")])
+def test_quicklook_of_a_real_scene_equals_the_plain_drawing(tmp_path, scene_path, with_heat, cam):
     """RGB.byte.tif (a nodata border) with a row band of labels, outlines and heat with holes:
-    the PNG decodes (Pillow, OpenCV, GDAL) to the plain drawing's pixels."""
+    the PNG decodes (Pillow, OpenCV, GDAL) to the plain drawing's pixels; the heat panel and its
+    caption name the CAM method."""
     rgb, valid, (W, H) = preview_of(scene_path(RGB_BYTE), 500)
     assert not valid.all()
     n_rows, n_cols = grid_shape(W, H, 96, 80)
@@ -186,7 +188,7 @@ def test_quicklook_of_a_real_scene_equals_the_plain_drawing(tmp_path, scene_path
     if with_heat:
         heat = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)
         heat[5:9] = np.nan
-    kw = dict(scene_size=(W, H), tile_px=96, stride=80, row_offset=1, outlines=True)
+    kw = dict(scene_size=(W, H), tile_px=96, stride=80, row_offset=1, outlines=True, cam=cam)
     classes = [f"class {i}" if i % 4 else f"a much longer class name {i}" for i in range(30)]
     p = Q.write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, classes, **kw)
     want = reference_quicklook(rgb, valid, labels, heat, classes, **kw)

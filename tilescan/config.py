@@ -30,6 +30,10 @@ CODE_SOURCE = "arguments given in code"  # overrides from Python (tilescan.run's
 # (tests/test_cli.py checks they equal tilescan.explain.cam.CAM_METHODS).
 CAM_METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 
+#: How figures and quicklooks name each CAM method.
+CAM_METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgradcam": "XGrad-CAM",
+                     "layercam": "LayerCAM", "eigencam": "Eigen-CAM", "scorecam": "Score-CAM"}
+
 
 def _toml_text(value: Any) -> str:
     """A value as it would be written in the TOML file."""

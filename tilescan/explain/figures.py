@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..config import CAM_METHOD_TITLES
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, write_bytes, write_json
@@ -43,15 +44,7 @@ HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
 WRONG_COLOR = "#c62828"
 RIGHT_COLOR = "black"
-METHOD_TITLES = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGrad-CAM",
-    "layercam": "LayerCAM",
-    "eigencam": "Eigen-CAM",
-    "scorecam": "Score-CAM",
-}
+METHOD_TITLES = CAM_METHOD_TITLES
 
 
 def figure_fonts(fig) -> None:

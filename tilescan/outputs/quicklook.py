@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import CAM_METHOD_TITLES
 from . import quicklook_text as qt
 from .palette import class_colors
 from .png import write_png as _write_png
@@ -27,7 +28,7 @@ HEAT_BLEND = 0.5
 _OUTLINE_RGB = (24, 24, 24)
 
 
-_HEAT_CAPTION = "Grad-CAM (0 = no evidence, 1 = strongest)"
+_HEAT_CAPTION = "{} in each tile (0 = no evidence, 1 = the tile's strongest)"
 
 _WARNING_RGB = (178, 24, 24)  # the warning under the legend
 
@@ -88,7 +89,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
                     labels: np.ndarray | None, heat: np.ndarray | None, classes: Sequence[str], *,
                     scene_size: tuple[int, int] | None = None, tile_px: int | None = None,
                     stride: int | None = None, row_offset: int = 0, outlines: bool = False,
-                    warning: str | None = None, flip: tuple[bool, bool] = (False, False)) -> Path:
+                    warning: str | None = None, flip: tuple[bool, bool] = (False, False), cam: str = "gradcam") -> Path:
     """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
@@ -105,6 +106,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     that the labels are outside the model's scale) is written in red under the legend, so
     the picture does not travel without it. ``flip`` (rows, columns): turn the panels over,
     for a scene stored south-up or east-left, so north is up as on a map (:func:`north_up_flip`).
+    ``cam``: the CAM method the heat is of, as its panel and caption name it.
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
@@ -118,7 +120,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         maps = tuple(p[::-1] for p in maps)
     if flip[1]:
         maps = tuple(p[:, ::-1] for p in maps)
-    image = _compose(maps, has_heat, present, classes, palette, warning)
+    image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning)
     _write_png(path, image)
     return Path(path)
 
@@ -390,12 +392,13 @@ def _legend_lines(s: int, present: list[int], classes: list[str], legend_w: int)
     return lines
 
 
-def _compose(panels, has_heat: bool, present: list[int], classes: list[str], palette: np.ndarray,
+def _compose(panels, heat_title: str | None, present: list[int], classes: list[str], palette: np.ndarray,
              warning: str | None = None) -> np.ndarray:
     """The quicklook (H, W, 3) uint8: the three (h, w, 3) uint8 panels under their titles,
     the legend (and the warning under it) and the colour bar."""
     h, w = panels[0].shape[:2]
     lay = quicklook_layout(w, h)
+    has_heat = heat_title is not None
     s, pad = lay.font_px, lay.pad
     font = qt.font(s)
     row_h = round(s * 1.5)
@@ -406,7 +409,7 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     legend_h = ((len(lines) + len(warned)) * row_h + 2 * pad) if lines or warned else 0
     bx, by, bx1, by1 = lay.colorbar_box()
     bar_w, bar_h, tick = bx1 - bx, by1 - by, max(3, s // 3)
-    caption = qt.wrap(s, _HEAT_CAPTION, bar_w) if has_heat else []
+    caption = qt.wrap(s, _HEAT_CAPTION.format(heat_title), bar_w) if has_heat else []
     bar_band = (2 * pad + bar_h + tick + row_h * (1 + len(caption))) if has_heat else 0
     total_h = lay.title_h + h + max(legend_h, bar_band)
 
@@ -418,7 +421,7 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
         _paint_colorbar(canvas, bx, by, bar_w, bar_h)
 
     def titles(draw):
-        _draw_titles(draw, lay, has_heat, font)
+        _draw_titles(draw, lay, heat_title, font)
 
     def below(draw):
         if has_heat:
@@ -432,7 +435,7 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     # would reach into the panels (then on the whole image: the same pixels either way)
     below_y = lay.title_h + h
     try:
-        top, bottom = _title_row(w, has_heat), qt.drawn(canvas, below_y, total_h, s, below)
+        top, bottom = _title_row(w, heat_title), qt.drawn(canvas, below_y, total_h, s, below)
     except qt.Overflow:
         return np.array(qt.drawn(canvas, 0, total_h, s, lambda d: (titles(d), below(d))))
     canvas[:lay.title_h] = top
@@ -440,18 +443,18 @@ def _compose(panels, has_heat: bool, present: list[int], classes: list[str], pal
     return canvas
 
 
-def _draw_titles(draw, lay: QuicklookLayout, has_heat: bool, font) -> None:
+def _draw_titles(draw, lay: QuicklookLayout, heat_title: str | None, font) -> None:
     ty = (lay.title_h - lay.font_px) // 2
-    for k, title in enumerate(("scene", "labels", "Grad-CAM" if has_heat else "no heatmap")):
+    for k, title in enumerate(("scene", "labels", heat_title or "no heatmap")):
         draw.text((lay.origin(k)[0] + lay.pad, ty), title, fill=(0, 0, 0), font=font)
 
 
 @functools.lru_cache(maxsize=16)
-def _title_row(panel_w: int, has_heat: bool) -> np.ndarray:
+def _title_row(panel_w: int, heat_title: str | None) -> np.ndarray:
     """The quicklook's rows above the panels: the same for every quicklook of this width."""
     lay = quicklook_layout(panel_w, 1)  # the panel height moves nothing in these rows
     row = np.full((lay.title_h, lay.width, 3), 255, dtype=np.uint8)
-    row = qt.drawn(row, 0, lay.title_h, lay.font_px, lambda d: _draw_titles(d, lay, has_heat, qt.font(lay.font_px)))
+    row = qt.drawn(row, 0, lay.title_h, lay.font_px, lambda d: _draw_titles(d, lay, heat_title, qt.font(lay.font_px)))
     row.setflags(write=False)
     return row
 
