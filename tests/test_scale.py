@@ -206,9 +206,12 @@ def test_bands_unlike_the_models_inputs_are_warned_about(card, tmp_path):
     assert grey["code"] == "bands_unlike_model" and "band 1 feeds several inputs" in grey["message"]
     false_colour = note("grass-nc/lsat7_2000_stack_6band.tif", (4, 3, 2))  # descriptions B4_nir, B3_red, B2_green
     assert "band 3 red, fed as green, band 2 green, fed as blue" in false_colour["message"]
-    # a model fine-tuned on chips of such bands reads them as its inputs
+    # a model fine-tuned on chips of such bands reads them as its inputs; other bands are not its inputs
     child = dataclasses.replace(card, meta={**card.meta, "scene_bands": [4, 3, 2]})
     assert note("grass-nc/lsat7_2000_stack_6band.tif", (4, 3, 2), child) is None
+    for other in ((3, 2, 1), (4, 4, 4)):
+        got = note("grass-nc/lsat7_2000_stack_6band.tif", other, child)
+        assert got["code"] == "bands_unlike_model" and "not the scene bands the model was trained on (4,3,2" in got["message"]
     # run records it with the scene's other warnings
     res = _run(tmp_path, str(scene(RGB_BYTE)), "--bands", "3,2,1")
     assert res.exit_code == 0, res.output

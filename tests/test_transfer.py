@@ -146,7 +146,17 @@ def test_chips_cut_from_other_bands_are_what_the_model_reads(chips, tmp_path):
         out = tmp_path / f"run{len(args)}"
         code, log = _cli("run", naip, "--model", tmp_path / "cir.keras", "-o", out, *args)
         assert code == 0, log
-        assert json.loads((out / naip.stem / "run.json").read_text())["scene_info"]["bands_used"] == bands
+        manifest = json.loads((out / naip.stem / "run.json").read_text())
+        assert manifest["scene_info"]["bands_used"] == bands
+        # other bands than its chips' are not its inputs: said, as for the shipped model's red, green, blue
+        other = [w for w in manifest["warning_details"] if w["code"] == "bands_unlike_model"]
+        assert bool(other) == bool(args) and ("not the scene bands the model was trained on (4,1,2" in log) == bool(args)
+    # scored on chips of its legend cut by colour for the shipped model: said too
+    code, log = _cli("chips", naip, "--labels", tmp_path / "labels.gpkg", "-o", tmp_path / "rgb", "--split", "random",
+                     "--val-fraction", "0.25", "--test-fraction", "0.25")
+    assert code == 0, log
+    code, log = _cli("evaluate", tmp_path / "cir.keras", tmp_path / "rgb", "--split", "test", "-o", tmp_path / "ev")
+    assert code == 0 and "the chips were cut from scene bands red, green, blue by colour" in log, log
     code, log = _cli("explain", naip, "--model", tmp_path / "cir.keras", "--tiles", "0,0", "-o", tmp_path / "ex")
     assert code == 0, log
     assert json.loads((tmp_path / "ex" / f"{naip.stem}_tiles_explain.json").read_text())["scene"]["bands"] == [4, 1, 2]

@@ -108,7 +108,7 @@ class _RunCommand(click.Command):
         help="Unit of --tile-size/--stride. auto: scene pixels where the scene's pixel size is inside the "
              "model's ground-scale range, else (a finer scene) metres at the range's fine edge; px or m force one.")
 @option("--batch-size", config_key=("inference", "batch_size"), type=click.IntRange(min=1), help="Tiles per model batch.")
-@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order, e.g. 3,2,1 for B,G,R files.")
 @option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1),
         help="Skip tiles with less valid area than this fraction.")
@@ -205,7 +205,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), help="Step between tiles; 0 = the tile size.")
 @option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride, as in run.")
-@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+@option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order.")
 @option("--nodata", config_key=("tiling", "nodata"), metavar="VALUE|none|file",
         help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
@@ -365,7 +365,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
         help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
 @option("--nodata", default="file", metavar="VALUE|none|file",
         help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
-@option("--bands", type=_Bands(), show_default="auto: the RGB bands by colour, else the first ones",
+@option("--bands", type=_Bands(), show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order, as in run, e.g. 3,2,1 for B,G,R files.")
 @_verbosity
 @click.pass_context

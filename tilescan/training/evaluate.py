@@ -15,15 +15,11 @@ computes the metrics with numpy, and writes into ``out_dir``:
 ``explanations.csv``        with ``explanations=True``: faithfulness and cost per CAM method
 ==========================  =================================================================
 
-Metrics: :mod:`tilescan.training.metrics`.
-
-``tta=True`` averages the softmax over the 8 dihedral views of each image (identity, the
-three 90-degree rotations, and the four of those flipped), all views of a batch stacked
-into one array: overhead imagery has no "up", so these views are label-preserving and the
-averaged prediction is exactly invariant to flips and rotations of the input.
-
-``record=True`` writes the scores into the model file's metadata (``scores`` in
-``tilescan.json``), by rewriting only that member of the ``.keras`` zip, atomically.
+Metrics: :mod:`tilescan.training.metrics`. ``tta=True`` averages the softmax over the 8
+dihedral views of each image (the four rotations, flipped and not), stacked into one array:
+overhead imagery has no "up", so the prediction is exactly invariant to flips and rotations
+of the input. ``record=True`` writes the scores into the model file's metadata (``scores``
+in ``tilescan.json``) atomically.
 """
 
 from __future__ import annotations
@@ -465,6 +461,8 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     """The dataset, split as the model's training split it (its seed and fractions), the model
     (its classes checked against the dataset's from the metadata, before the slow Keras load),
     the split's items, and why they may hold training images (:func:`_split_changed`)."""
+    from . import transfer
+    from .chips import read_card
     from .data import load_dataset
     from ..model import load_model, read_metadata
     from ..model import model_path as model_file
@@ -485,6 +483,8 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     overlap = _split_changed(trained, ds, split)
     if overlap:
         log(f"warning: {overlap}")
+    if other := transfer.chips_bands_differ(read_card(ds.root), lm):
+        log(f"warning: {other}")
     return ds, lm, items, overlap
 
 

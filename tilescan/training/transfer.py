@@ -194,6 +194,24 @@ def scene_bands(card: dict, parent) -> list[int] | None:
     return [int(b) for b in bands] if bands else None
 
 
+def chips_bands_differ(card: dict | None, lm) -> str | None:
+    """Why a chips dataset (its ``chips.json``) holds other scene bands than the model ``lm``
+    reads (its ``scene_bands``), or None: chips cut with other ``--bands``, or by colour for
+    the packaged model. Its scores would be of input it was not trained on."""
+    from ..model import describe_model
+
+    own = [int(b) for b in lm.meta.get("scene_bands") or ()]
+    if card is None or not own:
+        return None
+    cut = ",".join(str(int(b)) for b in (card.get("tiling") or {}).get("bands") or ())
+    if not cut and (card.get("model") or {}).get("sha256") == describe_model(None).sha256:
+        cut = "red, green, blue by colour"
+    if not cut or cut == ",".join(map(str, own)):
+        return None
+    return (f"the chips were cut from scene bands {cut} (chips.json), but the model reads bands "
+            f"{','.join(map(str, own))} (its scene_bands): its scores here are of input it was not trained on")
+
+
 def child_metadata(parent_card, head: str, freeze_epochs: int, finetune_lr: float) -> dict[str, Any]:
     """The ``parent`` entry of a fine-tuned model's metadata (and the terms it inherits)."""
     pm = parent_card.meta
