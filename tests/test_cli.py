@@ -64,6 +64,8 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path, monkeypatch):
                  ["explain", scene_file, "-o", ""], ["collect", ""]):
         res = CliRunner().invoke(main, [str(a) for a in args])
         assert res.exit_code == 2 and "is empty (an unset variable in a script?)" in res.output, (args, res.output)
+    res = CliRunner().invoke(main, ["run", "", str(scene_file), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "an INPUT is empty (an unset variable in a script?)" in res.output, res.output
     assert list(tmp_path.iterdir()) == []
 
 

@@ -161,3 +161,18 @@ def test_a_second_run_leaves_the_report_of_the_run_still_at_work(tmp_path):
     p = bh.tilescan("run", "--no-progress", "-o", out, bh.scene_paths()[0], *bh.ARGS)
     report = json.loads((out / "report.json").read_text())
     assert p.returncode == 0 and report["exit_code"] == 0 and [u["unit"] for u in report["skipped"]] == [bh.UNITS[0]]
+    # the holder killed while the second run works: at its end the report it left to it is nobody's, and it writes its own
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "tilescan", "run"])
+    (out / "report.json").write_text(json.dumps({**theirs, "pid": holder.pid}))
+    second = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene_paths()[1]), *bh.ARGS],
+                              stderr=subprocess.PIPE, text=True, env=bh.env())
+    try:
+        for line in second.stderr:
+            if f"another tilescan run (pid {holder.pid}) is writing into" in line:
+                break
+    finally:
+        holder.kill()
+        holder.wait()
+    second.communicate(timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    assert second.returncode == 0 and "running" not in report and [u["unit"] for u in report["done"]] == [bh.scene_paths()[1].stem]

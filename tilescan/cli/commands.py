@@ -157,6 +157,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
     obj: _Ctx = ctx.obj
     if not inputs and not stac:
         raise click.UsageError("give at least one INPUT (a file, folder or URL) or --stac", ctx)
+    if any(not str(i).strip() for i in inputs):
+        raise click.UsageError("an INPUT is empty (an unset variable in a script?): give a file, folder or URL", ctx)
 
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model

@@ -25,7 +25,7 @@ class OutPath(click.Path):
 
     def convert(self, value, param, ctx):
         if isinstance(value, str) and not value.strip():
-            self.fail("is empty (an unset variable in a script?): give a path, e.g. -o out", param, ctx)
+            self.fail("is empty (an unset variable in a script?): give a path", param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -176,8 +176,8 @@ def shards_disagree(listed: list) -> str | None:
 def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> list[dict]:
     """What the latest run's reports (``(file name, contents)``) say it left undone and is not
     collected: units a stop (SIGTERM, a time limit) dropped or never started, reports of a run
-    that had not ended (still running, or killed), and the shards of ``N`` with no report at
-    all (not run yet). summary.json's ``unfinished_in_run``."""
+    that had not ended (still running, or killed) or that ended with an error, and the shards
+    of ``N`` with no report at all (not run yet). summary.json's ``unfinished_in_run``."""
     out: list[dict] = []
     shards: set[tuple[int, int]] = set()
     for name, data in reports:
@@ -186,6 +186,9 @@ def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> l
         if data.get("running"):
             out.append({"unit": None, "report": name, "why": f"its run had not ended (pid {data.get('pid')} on "
                         f"{data.get('host')}: still running, or killed)"})
+        if isinstance(error := data.get("error"), dict):  # a run that ended before its scenes (a setting, the model)
+            out.append({"unit": None, "report": name, "why": f"its run ended with an error (exit {data.get('exit_code')}, "
+                        f"{error.get('kind')}): {error.get('message')}"})
         stopped = data.get("interrupted") or {}
         for unit in [*(stopped.get("units") or []), *(stopped.get("not_started") or [])]:
             if unit not in collected:

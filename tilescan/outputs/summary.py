@@ -3,8 +3,8 @@
 
 A tile's area counts its share of the ground: with a stride below the tile size, tiles
 overlap, and each one counts the cell of the stride around its centre (the label raster's
-pixel, ``area_m2 * (stride_px / tile_px) ** 2``), so the classes of a scene add up to its
-ground, not to the overlapping footprints.
+pixel, ``area_m2 * (stride_px / tile_px) ** 2``), so overlapping footprints are not counted
+twice (the cells, as the label raster, stop half the overlap short of the scene's edges).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from ..errors import (
 class UnitResult:
     unit: str
     scene: str
-    status: str  # done | skipped (already complete) | failed
+    status: str  # done | skipped (already complete) | failed; waiting (another process's, for now: never reported)
     out_dir: str | None = None
     reason: str | None = None
     error_kind: str | None = None

@@ -192,7 +192,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
     else:  # a second run over the same OUT: the report stays the first one's, which is still at work
         log(f"warning: another tilescan run (pid {report.held_by}) is writing into {out}: its "
-            f"{layout.report_name(shard)} is left to it, and this run's outcome is only printed")
+            f"{layout.report_name(shard)} is left to it while it runs (this run's replaces it only if it has ended)")
     _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     units = _plan(scenes, card, cfg, shard, out)
@@ -215,14 +215,15 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     layout.tidy(out)
     listed = "\n".join(sorted(sources.recorded_path(s) for s in scenes))  # shards of one job must list the same
     digest = hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
-    late = {}
     if (sig := stop.requested()) and not report.interrupted:  # it came once every tile was classified
-        log(f"warning: stopped by {sig} after every scene's tiles were classified: their outputs were finished, "
-            "nothing was left to stop")
-        late = {"stop_requested": sig}
+        log(f"stopped by {sig} after every scene's tiles were classified: their outputs were finished, nothing "
+            "was left to stop (a rerun of the same command skips them)")
+        report.interrupted = {"signal": sig, "unit": None, "scene": None, "units": [], "not_started": []}
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
                   scenes_listed={"count": len(scenes), "sha256": digest},
-                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats}, **late)
+                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
+    if report.held_by is not None and _live_report_holder(out / layout.report_name(shard)) is None:
+        report.held_by = None  # the run that held the report is gone (killed): this one's is the last word
     if report.held_by is None:
         write_json(out / layout.report_name(shard), report.to_dict())
     return report
@@ -298,6 +299,7 @@ class _Units:
                 stats.append(stream.stats.to_dict())
                 if stream.interrupted is not None:
                     report.interrupted = _interruption(stream, self.log)
+                    report.interrupted["not_started"] += [self.units[k].key for k in sorted(self.locked)]
                     break
                 retry, locked = sorted(self.retry), sorted(self.locked)
                 self.retry.clear()
@@ -377,7 +379,8 @@ class _Units:
             self.log(f"warning: {unit.key}: another tilescan process ({exc.holder}) is writing {exc.path}; "
                      "this run waits for it after its other scenes")
             self.locked.append(self.units.index(unit))
-        elif self.retries.wants(unit.scene, exc):  # a network failure, in the scene's checks (its HEAD) or its work
+            return UnitResult(unit.key, str(unit.scene), "waiting", reason=str(exc), error_kind=exc.kind)
+        if self.retries.wants(unit.scene, exc):  # a network failure, in the scene's checks (its HEAD) or its work
             self.log(f"warning: {exc}; the scene will be tried again ({self.retries.attempt + 1} of {self.retries.retries})")
             self.retry.append(job.index if job is not None else self.units.index(unit))
         else:
@@ -386,6 +389,8 @@ class _Units:
         return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
 
     def on_result(self, k: int, res: UnitResult) -> None:
+        if res.status == "waiting":  # another process's until it lets go: this run's result comes later, or never
+            return
         self.results[k] = res
         if res.status == "done":
             c = res.counts
