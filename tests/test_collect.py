@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
+import tilescan
 from conftest import quiet, scene
 from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
@@ -396,6 +397,12 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
                                              "why": "no report of shard 1/2: it has not run (or its start failed "
                                                     "before one)"}]
     assert any("the latest run left work undone" in n for n in notes), notes
+    # shard 1/2 starts, but its model file is missing: it ends with an error, and collect says so
+    with pytest.raises(tilescan.ModelError):
+        run([inputs], out, cfg, model_path=str(tmp_path / "missing.keras"), shard=(1, 2), log=quiet)
+    (undone,) = run_collect(out, gpkg=False, log=quiet)["unfinished_in_run"]
+    assert undone["report"] == "report-shard-0001-of-0002.json"
+    assert undone["why"].startswith("its run ended with an error (exit 5, model): ") and "missing.keras" in undone["why"]
     shutil.copyfile(scene("rasterio/RGBA.byte.tif"), inputs / "RGBA.byte.tif")  # arrives between the shards' starts
     assert run([inputs], out, cfg, shard=(1, 2), log=quiet).exit_code == 0
     counts = [json.loads((out / f"report-shard-000{i}-of-0002.json").read_text())["scenes_listed"]["count"] for i in (0, 1)]
