@@ -141,6 +141,7 @@ def test_chips_cut_from_other_bands_are_what_the_model_reads(chips, tmp_path):
     assert code == 0, log
     meta = read_metadata(tmp_path / "cir.keras")
     assert meta["scene_bands"] == [4, 1, 2] and meta["classes"] == ["potholes", "wet_prairie"]
+    assert meta["bands"] == ["scene band 4", "scene band 1", "scene band 2"]  # its inputs, not its parent's red, green, blue
     assert meta["legend"]["labels"]["renamed_classes"] == {"wet/prairie": "wet_prairie"}
     for args, bands in (([], [4, 1, 2]), (["--bands", "1,2,3"], [1, 2, 3])):
         out = tmp_path / f"run{len(args)}"

@@ -512,6 +512,8 @@ def _add_parent_metadata(meta: dict, parent, head, freeze: int, finetune_lr: flo
     if state.get("imprint"):
         meta["parent"]["head_init"] = {"method": "class means of the parent's features (weight imprinting)", **state["imprint"]}
     meta["bands"] = list(parent.meta["bands"])
+    if meta.get("scene_bands") and meta["scene_bands"] != parent.meta.get("scene_bands"):
+        meta["bands"] = [f"scene band {b}" for b in meta["scene_bands"]]  # what its inputs hold, not the parent's colours
     meta["normalization"] = dict(parent.meta["normalization"])
     meta["cam_layer"] = parent.meta.get("cam_layer") or DEFAULT_CAM_LAYER
     meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%d}"
