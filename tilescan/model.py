@@ -135,21 +135,12 @@ class LoadedModel:
         return open_scene(path, self.tiling_for(tiling), *self.scene_args())
 
     def band_warning(self, reader, path: str) -> dict | None:
-        """:func:`tilescan.scene.plan.band_warning` for a scene this model opened; for a model
-        that reads bands of its own (``scene_bands``, its chips' ``--bands``), a warning when
-        other bands feed it."""
+        """:func:`tilescan.scene.plan.band_warning` for a scene this model opened (with its own
+        ``scene_bands``, where it was trained on chips of other bands)."""
         from .scene.plan import band_warning
 
         own = [int(b) for b in self.meta.get("scene_bands") or ()]
-        if not own:
-            return band_warning(reader.info, reader.bands, self.meta.get("bands"), path)
-        if list(reader.bands) == own:
-            return None
-        said = ",".join(map(str, own))
-        return {"code": "bands_unlike_model", "bands": list(reader.bands), "model_scene_bands": own,
-                "message": (f"{path}: bands {','.join(map(str, reader.bands))} are not the scene bands the model was "
-                            f"trained on ({said}, its chips' --bands): its labels for other input were never measured "
-                            "(the same bands in another file's order are fine)")}
+        return band_warning(reader.info, reader.bands, self.meta.get("bands"), path, own)
 
     def tiling_for(self, tiling):
         """``tiling`` with the scene bands this model's chips were cut from (``scene_bands``,

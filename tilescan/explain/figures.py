@@ -44,7 +44,6 @@ HEATMAP_CMAP = "jet"
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
 WRONG_COLOR = "#c62828"
 RIGHT_COLOR = "black"
-METHOD_TITLES = CAM_METHOD_TITLES
 
 
 def figure_fonts(fig) -> None:
@@ -80,7 +79,7 @@ def new_figure(width_in: float, height_in: float, layout: str | None = None):
 
 
 def method_title(name: str) -> str:
-    return METHOD_TITLES.get(str(name).lower(), str(name))
+    return CAM_METHOD_TITLES.get(str(name).lower(), str(name))
 
 
 def display_rgb(x: np.ndarray) -> np.ndarray:

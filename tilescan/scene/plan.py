@@ -54,11 +54,19 @@ def _declared_colour(info: SceneInfo, band: int) -> str | None:
 
 
 def band_warning(info: SceneInfo, bands: Sequence[int], model_band_names: Sequence[str] | None,
-                 path: str) -> dict | None:
-    """A structured warning when the picked scene bands are not what the model's inputs are
-    named: one band fed to several inputs (a grey image to a colour model), or a band the
-    file declares one colour fed to the input of another (false colour). None otherwise, and
+                 path: str, own: Sequence[int] = ()) -> dict | None:
+    """A structured warning when the picked scene bands are not what the model's inputs are:
+    for a model that reads bands of its own (``own``: its ``scene_bands``, its chips' ``--bands``),
+    other bands; else one band fed to several inputs (a grey image to a colour model), or a band
+    the file declares one colour fed to the input of another (false colour). None otherwise, and
     for a model whose inputs are not named red, green, blue."""
+    if own:
+        if list(bands) == list(own):
+            return None
+        return {"code": "bands_unlike_model", "bands": list(bands), "model_scene_bands": list(own),
+                "message": (f"{path}: bands {','.join(map(str, bands))} are not the scene bands the model was "
+                            f"trained on ({','.join(map(str, own))}, its chips' --bands): its labels for other input "
+                            "were never measured (the same bands in another file's order are fine)")}
     names = [str(n).lower() for n in model_band_names or ()]
     if len(names) != len(bands) or not set(names) <= {"red", "green", "blue"}:
         return None
