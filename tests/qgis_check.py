@@ -11,12 +11,16 @@ SPEC.json::
      "projects": ["OUT/scene/scene.qgs", ...],
      "renders":  [{"project": "...qgs", "png": "out.png", "size": [w, h],
                    "layers": null or ["labels", ...],   # null: the layers visible in the project
-                   "points": [[x, y], ...]}]}            # map coordinates to sample
+                   "points": [[x, y], ...]}],            # map coordinates to sample
+     "styles":   [{"vector": "labels.gpkg", "field": "class",  # a user's legend styled in QGIS,
+                   "colors": {"water": [r, g, b], ...},      # saved as a .qml ("Save Style...")
+                   "qml": "legend.qml"}]}
 
 Each layer is opened as QGIS's "Add Layer" opens a file (its default style, ``<name>.qml``,
 applied); each project is read with ``QgsProject.read``; each render draws the project's
-layers with ``QgsMapRendererParallelJob`` at the project's default view. Prints one JSON
-object: ``qgis`` (version), ``layers``, ``projects``, ``renders``.
+layers with ``QgsMapRendererParallelJob`` at the project's default view; each style is a
+categorised renderer of a vector layer by a field, saved as QGIS saves a layer's style.
+Prints one JSON object: ``qgis`` (version), ``layers``, ``projects``, ``renders``, ``styles``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ from qgis.core import (  # noqa: E402
     QgsMapSettings,
     QgsPointXY,
     QgsProject,
+    QgsCategorizedSymbolRenderer,
     QgsRasterLayer,
+    QgsRendererCategory,
+    QgsSymbol,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QSize  # noqa: E402
@@ -195,6 +202,19 @@ def render(spec: dict) -> dict:
             "errors": [e.message for e in job.errors()], "samples": samples}
 
 
+def save_style(spec: dict) -> dict:
+    """A vector layer categorised by ``field`` in the given colours, its style saved as ``qml``."""
+    layer = QgsVectorLayer(spec["vector"], "labels", "ogr")
+    cats = []
+    for value, rgb in spec["colors"].items():
+        sym = QgsSymbol.defaultSymbol(layer.geometryType())
+        sym.setColor(QColor(*rgb))
+        cats.append(QgsRendererCategory(value, sym, value))
+    layer.setRenderer(QgsCategorizedSymbolRenderer(spec["field"], cats))
+    message, ok = layer.saveNamedStyle(spec["qml"])
+    return {"valid": layer.isValid(), "saved": bool(ok), "message": message}
+
+
 def main(argv: list[str]) -> int:
     with open(argv[0]) as fh:
         spec = json.load(fh)
@@ -205,7 +225,8 @@ def main(argv: list[str]) -> int:
         out = {"qgis": Qgis.QGIS_VERSION,
                "layers": [open_layer(s) for s in spec.get("layers", [])],
                "projects": [read_project(p) for p in spec.get("projects", [])],
-               "renders": [render(s) for s in spec.get("renders", [])]}
+               "renders": [render(s) for s in spec.get("renders", [])],
+               "styles": [save_style(s) for s in spec.get("styles", [])]}
     finally:
         QgsProject.instance().clear()
     print(json.dumps(out))

@@ -101,20 +101,26 @@ def test_each_tile_centre_shows_its_class(tmp_path, scene_path, rel, tile, strid
     assert check_centres(p, labels, valid, W, H, tile, stride) >= 0.5 * (labels >= 0).sum()
 
 
+# a legend's own colours (a model's legend.colors), unlike the palette's
+OWN_COLOURS = [(8 * i, 255 - 8 * i, (37 * i) % 256) for i in range(len(CLASSES))]
+
+
 @pytest.mark.parametrize("rel", [NAIP, RGB_BYTE])
-def test_label_panel_is_the_tile_grid(tmp_path, scene_path, rel):
+@pytest.mark.parametrize("tile, own", [(128, False), (128, True), (16, True)])  # 16: drawn pixel by pixel
+def test_label_panel_is_the_tile_grid(tmp_path, scene_path, rel, tile, own):
     """Without overlap every preview pixel shows the tile whose window holds the scene pixel
-    it samples: the whole label panel equals the scene blended cell by cell."""
-    tile = 128
+    it samples: the whole label panel equals the scene blended cell by cell, in the palette's
+    colours or the legend's own."""
     rgb, valid, (W, H) = preview_of(scene_path(rel), 600)
     h, w = valid.shape
     labels = distinct_labels(*grid_shape(W, H, tile, tile))
-    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, None, CLASSES, scene_size=(W, H), tile_px=tile)
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, None, CLASSES, scene_size=(W, H), tile_px=tile,
+                        colors=OWN_COLOURS if own else None)
     _, scene, lab = panels(p, w, h)
     rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1) // tile
     cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1) // tile
     k = labels[rows[:, None], cols[None]]
-    colours = np.array(class_colors(len(CLASSES)), float)[np.maximum(k, 0)]
+    colours = np.array(OWN_COLOURS if own else class_colors(len(CLASSES)), float)[np.maximum(k, 0)]
     want = np.where(((k >= 0) & valid)[..., None], (1 - LABEL_BLEND) * scene + LABEL_BLEND * colours, scene)
     assert np.abs(lab - want).max() <= 1
 

@@ -16,6 +16,7 @@ from shapely.geometry import box
 
 from conftest import invoke, scene
 from tilescan.model import build_resnet18, describe_model, load_model, read_metadata, save_model
+from tilescan.outputs.palette import read_class_colors
 from tilescan.training.transfer import copy_weights, head_plan
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
@@ -177,6 +178,45 @@ def test_evaluate_and_explain_on_the_chips(finetuned, chips, tmp_path):
     code, log = _cli("explain", chips / "images" / "prairie" / sorted(p.name for p in (chips / "images" / "prairie").iterdir())[0],
                      "--model", finetuned, "-o", tmp_path / "fig")
     assert code == 0, log
+
+
+def test_a_legend_styled_in_qgis_colours_every_output(chips, tmp_path):
+    """The user's labels layer styled in QGIS and saved as a .qml: `train --class-colors` keeps
+    those colours in the model (a class the style does not name keeps the palette's), and the
+    run's label raster, styles and project, and collect's, draw the classes in them in QGIS."""
+    from test_qgis import _qgis_python, qgis
+
+    py = _qgis_python()
+    want = {"potholes": [200, 30, 30], "prairie": [20, 160, 40]}
+    qml = tmp_path / "legend.qml"
+    made = qgis(py, {"styles": [{"vector": str(chips.parent / "labels.gpkg"), "field": "class",
+                                 "colors": {"potholes": want["potholes"], "PRAIRIE": want["prairie"], "roads": [0, 0, 0]},
+                                 "qml": str(qml)}]}, tmp_path)
+    assert made["styles"][0]["saved"], made
+    out = tmp_path / "m.keras"
+    code, log = _cli("train", chips, "--init", "default", "--epochs", "1", "--class-colors", qml, "-o", out, *_fast(chips))
+    assert code == 0, log
+    legend = read_metadata(out)["legend"]
+    assert legend["colors"] == ["#c81e1e", "#14a028"] and legend["colors_from"] == "legend.qml"  # PRAIRIE: by case
+    naip = scene(NAIP)
+    code, log = _cli("run", naip, "--model", out, "-o", tmp_path / "out", "--no-progress")
+    assert code == 0, log
+    code, log = _cli("collect", tmp_path / "out")
+    assert code == 0, log
+    folder = tmp_path / "out" / naip.stem
+    with rasterio.open(folder / "labels.tif") as ds:
+        assert [list(ds.colormap(1)[i][:3]) for i in (0, 1)] == [want["potholes"], want["prairie"]]
+    table = pq.read_table(folder / "tiles.parquet")
+    labels = table.column("label").to_pylist()
+    assert set(labels) == {"potholes", "prairie"}, "both classes drawn"
+    for style in (folder / "labels.qml", folder / "tiles.qml", tmp_path / "out" / "collected" / "tiles.qml"):
+        got = read_class_colors(style)
+        assert {c: list(got[c]) for c in want} == want, style
+    centres = [[(b["xmin"] + b["xmax"]) / 2, (b["ymin"] + b["ymax"]) / 2] for b in table.column("bbox").to_pylist()]
+    rep = qgis(py, {"renders": [{"project": str(folder / f"{naip.stem}.qgs"), "png": str(tmp_path / "labels.png"),
+                                 "size": [934, 723], "points": centres, "layers": ["labels"]}]}, tmp_path)
+    samples = rep["renders"][0]["samples"]
+    assert [s["rgba"][:3] for s in samples] == [want[lab] for lab in labels]
 
 
 def test_head_is_kept_reordered_or_new():

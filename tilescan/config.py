@@ -204,6 +204,9 @@ class TrainConfig(_Section):
     """With ``init``: epochs that train only the new head before the whole model."""
     finetune_lr: float = 0.0
     """With ``init``: peak learning rate once the backbone trains; 0 = learning_rate / 10."""
+    class_colors: str = ""
+    """A file of the legend's colours (a QGIS .qml style, a colour map, JSON, or lines
+    ``name,#rrggbb``), stored in the model for its outputs; empty = tilescan's palette."""
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,20 @@ class LoadedModel:
         return list(self.meta["classes"])
 
     @property
+    def colors(self) -> tuple[tuple[int, int, int], ...]:
+        """Each class's colour in the outputs: the legend's own (``legend.colors``, from ``train
+        --class-colors``), else tilescan's palette."""
+        from .outputs.palette import model_colors
+
+        return model_colors(len(self.meta["classes"]), (self.meta.get("legend") or {}).get("colors"))
+
+    @property
+    def own_colors(self) -> list[str] | None:
+        """The legend's own colours as stored (``#rrggbb``), None where the palette's are used."""
+        own = (self.meta.get("legend") or {}).get("colors")
+        return list(own) if own and len(own) == len(self.meta["classes"]) else None
+
+    @property
     def input_size(self) -> int:
         return int(self.meta["input_size"][0])
 
@@ -208,6 +222,18 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
     if rng is not None and not (isinstance(rng, list) and len(rng) == 2
                                 and all(isinstance(v, (int, float)) for v in rng) and 0 < rng[0] <= rng[1]):
         raise ModelError("tilescan metadata 'scale.input_gsd_m' must be [lo, hi] metres with 0 < lo <= hi", path=path)
+    colors = (meta.get("legend") or {}).get("colors") if isinstance(meta.get("legend"), dict) else None
+    if colors is not None:
+        from .outputs.palette import parse_color
+
+        try:
+            if not isinstance(colors, list) or len(colors) != len(meta["classes"]):
+                raise ValueError(f"{len(colors) if isinstance(colors, list) else 'no list of'} colours")
+            for c in colors:
+                parse_color(c)
+        except ValueError as e:
+            raise ModelError(f"tilescan metadata 'legend.colors' must be a #rrggbb per class "
+                             f"({len(meta['classes'])}): {e}", path=path) from None
     return meta
 
 

@@ -265,6 +265,10 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
         help="With --init: epochs that train the new head alone before the whole model.")
 @option("--finetune-lr", config_key=("train", "finetune_lr"), type=click.FloatRange(0),
         help="With --init: peak learning rate once the backbone trains (0 = --lr / 10).")
+@option("--class-colors", config_key=("train", "class_colors"), type=click.Path(dir_okay=False),
+        show_default="tilescan's palette (a parent's own colours with --init)",
+        help="Your legend's colours, kept in the model for the label rasters, quicklooks and QGIS styles: a QGIS .qml "
+             "style of your labels layer, QGIS's exported colour map, JSON, or lines 'name,#rrggbb'.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")

@@ -160,12 +160,12 @@ def _aux_xml(classes: tuple[str, ...], colors: tuple[tuple[int, int, int], ...])
 
 def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform: Affine, crs: Any,
                      classes: Sequence[str], *, compress: str = "deflate",
-                     tags: Mapping[str, Any] | None = None) -> Path:
+                     tags: Mapping[str, Any] | None = None, colors: Sequence[Sequence[int]] | None = None) -> Path:
     """Write the tile class grid as a paletted uint8 Cloud-Optimized GeoTIFF.
 
     ``labels`` is ``(n_rows, n_cols)`` with class indexes, ``-1`` for skipped tiles (written
     as nodata 255). ``grid_transform`` maps grid cells (one per stride step) to the scene
-    CRS. The file gets a colour table (:func:`class_colors`, nodata transparent), band
+    CRS. The file gets a colour table (``colors``, one per class, else :func:`class_colors`; nodata transparent), band
     description ``class``, tags ``CLASS_NAMES`` (JSON list) and ``CLASS_<i>=<name>``,
     nearest-neighbour overviews, and a sidecar ``<path>.aux.xml`` holding GDAL category
     names and a raster attribute table (GDAL keeps these only in PAM sidecars for GeoTIFF),
@@ -181,7 +181,9 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
     if arr.size and (arr.min() < -1 or arr.max() >= len(classes)):
         raise ValueError(f"labels must be -1 or a class index below {len(classes)}")
     data = np.where(arr < 0, LABEL_NODATA, arr).astype(np.uint8)
-    colors = class_colors(len(classes))
+    colors = class_colors(len(classes)) if colors is None else [tuple(int(v) for v in c[:3]) for c in colors]
+    if len(colors) != len(classes):
+        raise ValueError(f"{len(colors)} colours for {len(classes)} classes")
     cmap = {i: (*rgb, 255) for i, rgb in enumerate(colors)}
     cmap[LABEL_NODATA] = (0, 0, 0, 0)
     all_tags = {"CLASS_NAMES": _dumps(classes)}

@@ -177,7 +177,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
     meta = json.loads(t.schema.metadata[b"tilescan"])
     return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name,
-                            "antimeridian": n_across}
+                            "antimeridian": n_across, "class_colors": meta.get("class_colors")}
 
 
 def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
@@ -373,6 +373,7 @@ class _TableWriter:
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
         self.classes: list[str] | None = None
+        self.colors: list[str] | None = None  # the model's own legend colours, where it has them
         self.class_source = ""
         self.bounds: list[float] | None = None
         self.total = 0
@@ -381,7 +382,7 @@ class _TableWriter:
     def add(self, u: _Unit, t: pa.Table, info: dict) -> pa.Table:
         """Append a unit's rows (cast to the table's schema, which the first unit sets) and return them."""
         if self.classes is None:
-            self.classes, self.class_source = info["classes"], u.key
+            self.classes, self.class_source, self.colors = info["classes"], u.key, info["class_colors"]
         elif info["classes"] != self.classes:
             raise InputError(f"its model has other classes than {self.class_source}'s; collect outputs of one model "
                              "at a time", path=str(u.folder))
@@ -405,6 +406,8 @@ class _TableWriter:
         assert self.writer is not None and self.classes is not None
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
                "geometry_native and cam_peak_x/y are in each row's crs", "scenes": scene_names}
+        if self.colors:
+            own["class_colors"] = self.colors
         if scale_warnings:
             own["scale_warnings"] = scale_warnings
         if self.antimeridian:

@@ -251,7 +251,8 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
                       bounds: Sequence[float], scene: str | os.PathLike | None = None,
                       bands: Sequence[int] = (1, 2, 3), scale: Sequence[Sequence[float]] | None = None,
                       nodata: float | None = None, nodata_from: str = "file", alpha: int | None = None,
-                      project: str | None = None, location: str | os.PathLike | None = None) -> list[Path]:
+                      project: str | None = None, location: str | os.PathLike | None = None,
+                      colors: Sequence[Sequence[int]] | None = None) -> list[Path]:
     """Write the styles of the outputs in ``folder`` (``heatmap.qml``, ``labels.qml``,
     ``tiles.qml``, each only when its output is there) and, when ``project`` is a name,
     the project ``<project>.qgs`` with the scene (if its file exists), labels, heatmap and
@@ -259,19 +260,21 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
     there); ``present`` are the indexes of the classes in the table; ``bounds`` the scene's
     extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
     as the model read them, ``nodata`` and ``nodata_from`` its nodata and where that came from,
-    ``alpha`` the band QGIS shows as its transparency (:func:`_scene_layer`). Returns the files written."""
+    ``alpha`` the band QGIS shows as its transparency (:func:`_scene_layer`), ``colors`` the
+    classes' colours (the model's legend; default the palette). Returns the files written."""
     folder = Path(folder)
     classes, present = tuple(str(c) for c in classes), tuple(sorted({int(i) for i in present}))
+    colors = _colors(colors)
     bounds = _union(bounds, _table_bbox(folder / "tiles.parquet"))  # edge tiles may reach past the scene
     written: list[Path] = []
     styles = {}
     if (folder / "heatmap.tif").exists():
         styles["heatmap"] = memo_style("heatmap")
     if (folder / "labels.tif").exists():
-        styles["labels"] = memo_style("labels", classes, present)
+        styles["labels"] = memo_style("labels", classes, present, colors)
     table = _table(folder)
     if table is not None:
-        styles["tiles"] = memo_style("tiles", classes, present)
+        styles["tiles"] = memo_style("tiles", classes, present, colors)
     for name, style in styles.items():
         written.append(write_style(folder / f"{name}.qml", style))
     if project:
@@ -296,6 +299,15 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
         written.append(write_project(folder / f"{project}.qgs", title=project, crs=crs, bounds=bounds,
                                      layers=layers, location=where))
     return written
+
+
+def _colors(colors) -> tuple[tuple[int, int, int], ...] | None:
+    """Class colours as a memo key: (r, g, b) tuples from tuples or ``#rrggbb``; None: the palette's."""
+    if not colors:
+        return None
+    from .palette import parse_color
+
+    return tuple(parse_color(c) if isinstance(c, str) else tuple(int(v) for v in c[:3]) for c in colors)
 
 
 def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike | None,
@@ -334,8 +346,9 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
 
     written: list[Path] = []
     classes, present = tuple(str(c) for c in classes), tuple(present)
+    colors = _colors(own.get("class_colors"))
     table = _table(folder)
-    tiles = memo_style("tiles", classes, present)
+    tiles = memo_style("tiles", classes, present, colors)
     if table is not None:
         written.append(write_style(folder / "tiles.qml", tiles))
     crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
@@ -358,7 +371,7 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
             if (u / "labels.tif").exists():
                 members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster",
-                                     memo_style("labels", classes, present),
+                                     memo_style("labels", classes, present, colors),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
         scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
                                    s["nodata"], s["nodata_from"], s["alpha"])

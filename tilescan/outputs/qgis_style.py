@@ -342,12 +342,13 @@ def _heatmap_renderer(parent: ET.Element) -> None:
         _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=f"{v:g}")
 
 
-def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequence[int]) -> None:
+def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
+                       colors: Sequence[Sequence[int]] | None = None) -> None:
     r = _el(parent, "rasterrenderer", type="paletted", band="1", opacity="1", alphaBand="-1", nodataColor="")
     _el(r, "rasterTransparency")
     _min_max_origin(r)
     pal = _el(r, "colorPalette")
-    colors = class_colors(len(classes))
+    colors = class_colors(len(classes)) if colors is None else colors
     for i in present:
         _el(pal, "paletteEntry", value=str(i), color=_hex(colors[i]), alpha="255", label=classes[i])
 
@@ -368,12 +369,12 @@ def _rgb_renderer(parent: ET.Element, bands: Sequence[int], scale: Sequence[Sequ
 
 
 def _categorized(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
-                 memo: bool = False) -> ET.Element:
+                 memo: bool = False, colors: Sequence[Sequence[int]] | None = None) -> ET.Element:
     """The renderer by class; ``memo``: each class's fill symbol a :class:`_Memo` (for :func:`memo_style`)."""
     r = _el(parent, "renderer-v2", type="categorizedSymbol", attr="label", symbollevels="0", forceraster="0",
             enableorderby="0", referencescale="-1")
     cats, syms = _el(r, "categories"), _el(r, "symbols")
-    colors = class_colors(len(classes))
+    colors = class_colors(len(classes)) if colors is None else colors
     for k, i in enumerate(present):
         _el(cats, "category", value=classes[i], label=classes[i], symbol=str(k), render="true")
         if memo:
@@ -420,32 +421,35 @@ def heatmap_style() -> ET.Element:
     return root
 
 
-def labels_style(classes: Sequence[str], present: Sequence[int] | None = None) -> ET.Element:
-    """The label raster's .qml: a palette of the classes ``present`` (default all)."""
+def labels_style(classes: Sequence[str], present: Sequence[int] | None = None,
+                 colors: Sequence[Sequence[int]] | None = None) -> ET.Element:
+    """The label raster's .qml: a palette of the classes ``present`` (default all), in
+    ``colors`` (one per class; default :func:`class_colors`)."""
     present = range(len(classes)) if present is None else present
     root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "1e+08", "maxScale": "0"})
     pipe = _raster_pipe(root)
-    _paletted_renderer(pipe, classes, present)
+    _paletted_renderer(pipe, classes, present, colors)
     _pipe_tail(pipe)
     _el(root, "blendMode", "0")
     return root
 
 
 def tiles_style(classes: Sequence[str], present: Sequence[int] | None = None, *,
-                by: str = "label") -> ET.Element:
+                by: str = "label", colors: Sequence[Sequence[int]] | None = None) -> ET.Element:
     """The tile table's .qml: categorised by ``label`` (one category per class present, the
     label raster's colours) or, ``by="confidence"``, graduated by confidence."""
-    return _tiles_style(classes, present, by)
+    return _tiles_style(classes, present, by, colors=colors)
 
 
-def _tiles_style(classes: Sequence[str], present: Sequence[int] | None, by: str, memo: bool = False) -> ET.Element:
+def _tiles_style(classes: Sequence[str], present: Sequence[int] | None, by: str, memo: bool = False,
+                 colors: Sequence[Sequence[int]] | None = None) -> ET.Element:
     present = range(len(classes)) if present is None else present
     root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "100000000", "maxScale": "0",
                  "labelsEnabled": "0", "readOnly": "0", "simplifyDrawingHints": "1", "simplifyAlgorithm": "0",
                  "simplifyDrawingTol": "1", "simplifyLocal": "1", "simplifyMaxScale": "1",
                  "symbologyReferenceScale": "-1"})
     if by == "label":
-        _categorized(root, classes, present, memo)
+        _categorized(root, classes, present, memo, colors)
     elif by == "confidence":
         _graduated_confidence(root)
     else:
@@ -477,8 +481,9 @@ def _confidence_style() -> ET.Element:
     return tiles_style((), (), by="confidence")  # the same whatever the classes
 
 
-def _memo_tiles_style(classes: Sequence[str], present: Sequence[int] | None) -> ET.Element:
-    return _tiles_style(classes, present, "label", memo=True)  # the fill symbols memoised one by one
+def _memo_tiles_style(classes: Sequence[str], present: Sequence[int] | None,
+                      colors: Sequence[Sequence[int]] | None = None) -> ET.Element:
+    return _tiles_style(classes, present, "label", memo=True, colors=colors)  # the fill symbols memoised one by one
 
 
 def _symbol(name: str, color: tuple[int, ...]) -> ET.Element:

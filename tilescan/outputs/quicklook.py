@@ -89,7 +89,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
                     labels: np.ndarray | None, heat: np.ndarray | None, classes: Sequence[str], *,
                     scene_size: tuple[int, int] | None = None, tile_px: int | None = None,
                     stride: int | None = None, row_offset: int = 0, outlines: bool = False,
-                    warning: str | None = None, flip: tuple[bool, bool] = (False, False), cam: str = "gradcam") -> Path:
+                    warning: str | None = None, flip: tuple[bool, bool] = (False, False), cam: str = "gradcam",
+                    colors: Sequence[Sequence[int]] | None = None) -> Path:
     """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
@@ -106,13 +107,15 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     that the labels are outside the model's scale) is written in red under the legend, so
     the picture does not travel without it. ``flip`` (rows, columns): turn the panels over,
     for a scene stored south-up or east-left, so north is up as on a map (:func:`north_up_flip`).
-    ``cam``: the CAM method the heat is of, as its panel and caption name it.
+    ``cam``: the CAM method the heat is of, as its panel and caption name it. ``colors``: an
+    (r, g, b) per class (the model's own legend colours), else :func:`class_colors`.
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
-    palette = _palette(len(classes))
+    colors = tuple(class_colors(len(classes))) if colors is None else tuple(tuple(int(v) for v in c) for c in colors)
+    palette = _palette(colors)
     scene_panel = _scene_panel(rgb, valid)
-    label_panel, present = _label_panel(rgb, valid, scene_panel, labels, len(classes), scene_size, tile_px,
+    label_panel, present = _label_panel(rgb, valid, scene_panel, labels, colors, scene_size, tile_px,
                                         stride, row_offset, outlines)
     heat_panel, has_heat = _heat_panel(rgb, valid, scene_panel, heat)
     maps = (scene_panel, label_panel, heat_panel)
@@ -178,9 +181,9 @@ def _scene_f32(valid: bool) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _palette(n_classes: int) -> np.ndarray:
+def _palette(colors: tuple) -> np.ndarray:
     """The class colours as float32 (n, 3); black when there is no class."""
-    palette = np.array(class_colors(n_classes) or [(0, 0, 0)], dtype=np.float32)
+    palette = np.array(colors or [(0, 0, 0)], dtype=np.float32)
     palette.setflags(write=False)
     return palette
 
@@ -192,12 +195,12 @@ def _dim_lut() -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _label_lut(n_classes: int) -> np.ndarray:
+def _label_lut(colors: tuple) -> np.ndarray:
     """(n + 3, 3, 256) uint8: the label panel's value of a pixel of class ``c`` (rows
     ``0 .. n-1``), of an unlabelled valid pixel (row ``n``), of an unlabelled nodata pixel
     (row ``n + 1``) and of a tile border (row ``n + 2``), per channel and scene value."""
-    palette = _palette(n_classes)
-    n = len(palette) if n_classes else 0
+    palette = _palette(colors)
+    n = len(colors)
     v = _scene_f32(True)
     lut = np.empty((n + 3, 3, 256), np.uint8)
     lut[:n] = _to_u8((1.0 - LABEL_BLEND) * v[None, None, :] + LABEL_BLEND * palette[:n, :, None])
@@ -240,7 +243,7 @@ def _scene_panel(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return panel
 
 
-def _label_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, labels, n_classes: int,
+def _label_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, labels, colors: tuple,
                  scene_size, tile_px, stride, row_offset: int, outlines: bool) -> tuple[np.ndarray, list[int]]:
     """The label panel (class colours blended over the scene) and the classes present, most frequent first."""
     h, w = valid.shape
@@ -253,18 +256,18 @@ def _label_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, la
         raise ValueError(f"labels must be a 2-D tile grid, got shape {grid_labels.shape}")
     stride = tile_px if stride is None else stride
     rows, cols = _preview_cells(grid_labels.shape, h, w, scene_size, tile_px, stride, row_offset)
-    row_runs, col_runs, n = _runs(rows), _runs(cols), n_classes
+    row_runs, col_runs, n = _runs(rows), _runs(cols), len(colors)
     if h * w >= _MIN_CELL_PX * len(row_runs) * len(col_runs):
-        panel = _label_cells(rgb, valid, scene_panel, grid_labels, n, rows - row_offset, row_runs, col_runs, cols)
+        panel = _label_cells(rgb, valid, scene_panel, grid_labels, colors, rows - row_offset, row_runs, col_runs, cols)
     else:  # many tiny cells: one look-up per pixel costs less than one call per cell
-        panel = _label_pixels(rgb, valid, grid_labels, n, rows - row_offset, cols)
+        panel = _label_pixels(rgb, valid, grid_labels, colors, rows - row_offset, cols)
     if outlines:  # a border on the first preview pixel of each tile
-        border = _label_lut(n)[n + 2, :, 0]
+        border = _label_lut(colors)[n + 2, :, 0]
         panel[1:][rows[1:] != rows[:-1]] = border
         panel[:, 1:][:, cols[1:] != cols[:-1]] = border
     flat = grid_labels.ravel()
-    flat = flat[(flat >= 0) & (flat < n_classes)]
-    counts = np.bincount(flat, minlength=n_classes)
+    flat = flat[(flat >= 0) & (flat < n)]
+    counts = np.bincount(flat, minlength=n)
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     return panel, present
 
@@ -297,18 +300,18 @@ def _runs(cells: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _label_luts3(n_classes: int) -> np.ndarray:
+def _label_luts3(colors: tuple) -> np.ndarray:
     """The label table of each class as OpenCV's LUT takes it: (n, 256, 1, 3) uint8."""
-    lut = _label_lut(n_classes)[:n_classes]
+    lut = _label_lut(colors)[:len(colors)]
     return np.ascontiguousarray(lut.transpose(0, 2, 1)[:, :, None, :])
 
 
-def _label_cells(rgb, valid, scene_panel, grid_labels, n: int, band_rows, row_runs, col_runs, cols) -> np.ndarray:
+def _label_cells(rgb, valid, scene_panel, grid_labels, colors: tuple, band_rows, row_runs, col_runs, cols) -> np.ndarray:
     """The label panel drawn tile cell by tile cell: each labelled cell's pixels through its
     class's table, nodata left as the scene shows it."""
     import cv2
 
-    luts = _label_luts3(n)
+    luts, n = _label_luts3(colors), len(colors)
     panel = scene_panel.copy()
     n_band = len(grid_labels)
     for r0, r1, _ in row_runs:
@@ -325,15 +328,15 @@ def _label_cells(rgb, valid, scene_panel, grid_labels, n: int, band_rows, row_ru
     return panel
 
 
-def _label_pixels(rgb, valid, grid_labels, n: int, band_rows, cols) -> np.ndarray:
+def _label_pixels(rgb, valid, grid_labels, colors: tuple, band_rows, cols) -> np.ndarray:
     """The label panel looked up pixel by pixel."""
-    h, w = valid.shape
+    h, w, n = *valid.shape, len(colors)
     inside = (band_rows >= 0) & (band_rows < len(grid_labels))
     lab = np.full((h, w), -1, dtype=np.int64)  # the class drawn at each pixel (-1: none)
     lab[inside] = grid_labels[band_rows[inside]][:, cols]
     code = np.where(valid, n, n + 1).astype(np.intp)  # rows of the label table: unlabelled valid / nodata
     np.copyto(code, lab, where=(lab >= 0) & (lab < n) & valid)
-    lut = _label_lut(n).reshape(-1)
+    lut = _label_lut(colors).reshape(-1)
     code *= 3 * 256
     panel = np.empty((h, w, 3), np.uint8)
     for ch in range(3):

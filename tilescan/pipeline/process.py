@@ -287,6 +287,9 @@ def _write_outputs(job: UnitJob) -> None:
         "cam_method": cfg.cam.method,
         "cam_layer": engine.cam.layer,
     }
+    colors = engine.loaded.colors
+    if own := engine.loaded.own_colors:  # the model's legend colours: collect styles its table with them too
+        extra["class_colors"] = own
     # labels outside the model's scale say so in every output, not only in run.json
     note = scale_note(job.details)
     scale_tag = {} if note is None else {"SCALE_WARNING": note.replace("–", "-")}  # TIFF tags stay ASCII
@@ -310,7 +313,7 @@ def _write_outputs(job: UnitJob) -> None:
         half = (reader.tile_px - stride) / 2
         grid_tf = transform @ Affine.translation(half, r0 * stride + half) @ Affine.scale(stride)
         helper(write_labels_cog, stage / "labels.tif", job.labels, grid_tf, crs, engine.classes,
-            compress=cfg.output.compress,
+            compress=cfg.output.compress, colors=colors,
             tags={"MODEL_ID": model_id, "TILE_PX": reader.tile_px, "STRIDE_PX": stride, **scale_tag})
 
     # The scene's tail, off the model's thread: each table, the label and heatmap COGs and
@@ -341,7 +344,7 @@ def _write_outputs(job: UnitJob) -> None:
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                bands=reader.bands, scale=reader.scale, nodata=info.nodata, nodata_from=info.nodata_from,
                alpha=qgis_alpha_band(info.count, info.alpha_band, reader.internal_mask),
-               location=job.final, project=unit.name if unit.part is None else None)
+               location=job.final, project=unit.name if unit.part is None else None, colors=colors)
 
 
 def warm_writers(cfg: Config) -> None:
@@ -372,7 +375,8 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str
         full_labels[job.r0:job.r1] = job.labels
     job.in_helper(write_scene_quicklook, job.stage / "quicklook.png", read, pvalid, stretch, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
-                  warning=warning, flip=north_up_flip(info.transform), cam=job.cfg.cam.method)
+                  warning=warning, flip=north_up_flip(info.transform), cam=job.cfg.cam.method,
+                  colors=job.engine.loaded.colors)
 
 
 def _manifest(job: UnitJob, total: float) -> dict:

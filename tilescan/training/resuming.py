@@ -56,7 +56,7 @@ def same_split(dataset: Dataset, cfg: TrainConfig, limit: int | None, ckpt: Path
 
 
 #: Train settings a resumed run may change: the rest are the checkpointed run's own.
-FREE_ON_RESUME = ("epochs", "workers")
+FREE_ON_RESUME = ("epochs", "workers", "class_colors")
 
 
 def as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: Callable[[str], None]) -> TrainConfig:

@@ -204,6 +204,7 @@ def _train(
     """:func:`train`'s work."""
     import keras
 
+    from . import transfer
     from .chips import read_card
 
     out = Path(out)
@@ -212,6 +213,7 @@ def _train(
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
     parent, size = _parent_and_size(cfg, chips_card, log)
+    colors = transfer.legend_colors(cfg.class_colors, cfg.origin("class_colors"), dataset.classes, parent, log)
     freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
     finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
 
@@ -254,6 +256,8 @@ def _train(
         _add_chips_metadata(meta, chips_card, cfg, parent, size)
     if parent is not None:
         _add_parent_metadata(meta, parent, head, freeze, finetune_lr, state, dataset, size, cfg, chips_card)
+    if colors:
+        meta["legend"].update(colors)
     sha = save_model(export, out, meta, half=half)
     history.keep_beside(out, ckpt)
     log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
