@@ -223,6 +223,79 @@ def test_row_parts_must_share_what_shapes_outputs_as_the_fingerprint_counts_it(r
         run_collect(out, log=quiet)
 
 
+def _edit(run_json: Path, **fields) -> None:
+    m = json.loads(run_json.read_text())
+    m.update(fields)
+    run_json.write_text(json.dumps(m))
+
+
+def test_row_parts_of_another_version_of_the_scene_file_or_newer_than_the_whole_scene(ref, tmp_path):
+    """Shards run on both sides of a change to the scene file are not joined as one scene; row
+    parts that cover the scene and were finished after a whole-scene output beside it (a
+    sharded rerun with --overwrite) are collected instead of that older output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = [_fake_part(out, "cogeo", r0, r1, ref / "cogeo") for r0, r1 in [(0, 3), (3, 8)]]
+    m = json.loads((parts[1] / "run.json").read_text())
+    _edit(parts[1] / "run.json", scene_version={**m["scene_version"], "size": m["scene_version"]["size"] + 1})
+    with pytest.raises(InputError, match="different versions of the scene file"):
+        run_collect(out, log=quiet)
+
+    _edit(parts[1] / "run.json", scene_version=m["scene_version"])
+    shutil.copytree(ref / "cogeo", out / "cogeo", dirs_exist_ok=True)  # the whole-scene output, finished first
+    for p in parts:
+        _edit(p / "run.json", finished_at=m["finished_at"].replace(m["finished_at"][:4], "2999"))
+    notes: list[str] = []
+    summary = run_collect(out, log=notes.append)
+    assert summary["scenes"]["cogeo"]["units"] == ["cogeo/rows-00000-00003", "cogeo/rows-00003-00008"]
+    assert any("collecting the row parts" in n for n in notes), notes
+    bh.assert_same_tiles(bh.collected(out), bh.collected(ref).query("scene == 'cogeo'").reset_index(drop=True))
+
+    shutil.rmtree(parts[1])  # newer, but not the whole scene: the whole-scene output stays
+    notes.clear()
+    summary = run_collect(out, log=notes.append)
+    assert summary["scenes"]["cogeo"]["units"] == ["cogeo"] and any("ignoring 1 row part" in n for n in notes)
+
+
+def test_a_unit_that_failed_is_said_collected_from_its_scenes_earlier_output(ref, tmp_path):
+    """A sharded rerun refused beside a finished whole-scene output: its failed row bands are
+    that scene's, which is collected from the earlier output (``earlier_outputs``), not missing."""
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected", "report*.json"))
+    failed = [{"unit": f"cogeo/rows-0000{a}-0000{b}", "scene": "x", "error_kind": "output", "reason": "exists"}
+              for a, b in ((0, 4), (4, 8))]
+    (out / "report.json").write_text(json.dumps({"failed": failed}))
+    notes: list[str] = []
+    summary = run_collect(out, log=notes.append)
+    assert summary["failed_in_run"] == [] and [u["unit"] for u in summary["earlier_outputs"]] == [f["unit"] for f in failed]
+    assert not any("are not in the collected set" in n for n in notes)
+
+
+def test_outputs_of_a_scene_file_that_is_gone_or_of_another_model_are_said(ref, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected"))
+    names = sorted(p.parent.name for p in out.glob("*/run.json"))
+    _edit(out / names[0] / "run.json", scene=str(tmp_path / "moved-away.tif"))
+    notes: list[str] = []
+    summary = run_collect(out, log=notes.append)
+    said = f"its scene file {tmp_path / 'moved-away.tif'} is gone (moved, renamed or deleted)"
+    assert said in summary["scenes"][names[0]]["notes"][-1] and any(said in n for n in notes), notes
+    assert not any("is gone" in str(summary["scenes"][n]["notes"]) for n in names[1:])
+    assert not any("models of the same classes" in n for n in notes)
+
+    m = json.loads((out / names[1] / "run.json").read_text())
+    _edit(out / names[1] / "run.json", model={**m["model"], "id": "retrained", "sha256": "f" * 64})
+    notes.clear()
+    summary = run_collect(out, log=notes.append)
+    assert summary["scenes"][names[1]]["model"] == "retrained"
+    assert any("classified by 2 models of the same classes" in n and "retrained (ffffffffffff)" in n for n in notes)
+    for n in names:  # the outputs read on another machine: one line, not one per scene
+        _edit(out / n / "run.json", scene=f"/elsewhere/{n}.tif")
+    notes.clear()
+    run_collect(out, log=notes.append)
+    assert sum("is gone" in n or "none of the" in n for n in notes) == 1, notes
+
+
 def test_nothing_to_collect_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     p = bh.tilescan("collect", tmp_path / "empty")

@@ -1336,6 +1336,7 @@ def test_collect_project_when_a_scene_file_is_gone(tmp_path, tiny_model, scenes_
     src.unlink()
     res = invoke(["collect", out])
     assert res.exit_code == 0, res.output
+    assert f"gone: its scene file {src} is gone (moved, renamed or deleted)" in res.output
     import xml.etree.ElementTree as ET
 
     project = ET.parse(out / "collected" / "collected.qgs").getroot()

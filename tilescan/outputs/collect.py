@@ -65,7 +65,7 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, find_units, shards_disagree, unfinished_in_run
+from .finished import _Scene, _Unit, covered, find_units, shards_disagree, unfinished_in_run
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -325,6 +325,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     run_failed = _run_failures(out, {u.key for sc in scenes for u in sc.units}, log)
+    _say_models(scenes, log)
     try:
         stage.mkdir(parents=True)
         summary = _build(scenes, skipped, stage, gpkg, log, run_failed)
@@ -341,6 +342,19 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise
     log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     return summary
+
+
+def _say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
+    """A warning when the scenes were classified by more than one model (of one legend: others are refused)."""
+    by: dict[tuple, list[str]] = {}
+    for sc in scenes:
+        m = sc.units[0].manifest.get("model") or {}
+        by.setdefault((m.get("id"), str(m.get("sha256"))[:12]), []).append(sc.name)
+    if len(by) > 1:
+        said = "; ".join(f"{mid} ({sha}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                         for (mid, sha), names in by.items())
+        log(f"warning: collect: the scenes were classified by {len(by)} models of the same classes ({said}): the "
+            "table and summary count their labels together (each scene's model is in summary.json)")
 
 
 def _one_line(exc: Exception) -> str:
@@ -449,7 +463,8 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
         log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
             "then collect again; summary.json's unfinished_in_run)")
     units = sorted(found, key=str)
-    missing, earlier = [found[k] for k in units if k not in collected], [found[k] for k in units if k in collected]
+    missing = [found[k] for k in units if not covered(k, collected)]
+    earlier = [found[k] for k in units if covered(k, collected)]
     for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
                               (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
         if listed:

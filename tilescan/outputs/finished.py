@@ -6,6 +6,7 @@ rows (``rows-AAAAA-BBBBB``), finished when its ``run.json`` says complete.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,60 +75,126 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
     scenes: list[_Scene] = []
     skipped: list[dict] = []
     for d in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != COLLECTED):
-        sc = _Scene(d.name)
-        whole = _complete(d)
-        parts = sorted(p for p in d.iterdir() if layout.PART_RE.fullmatch(p.name) and p.is_dir())
-        if whole is not None:
-            r = whole.get("rows") or [0, 0]
-            sc.units.append(_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1]))))
-            if parts:
-                sc.notes.append(f"{len(parts)} row part(s) ignored: the whole-scene output is used")
-                log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
-        else:
-            if (d / MANIFEST).exists():
-                skipped.append({"unit": d.name, "reason": _why_unfinished(d)})
-            for p in parts:
-                m = _complete(p)
-                if m is None:
-                    skipped.append({"unit": f"{d.name}/{p.name}", "reason": "no complete run.json / tiles.parquet"})
-                    continue
-                r = m.get("rows") or [0, 0]
-                sc.units.append(_Unit(p, d.name, f"{d.name}/{p.name}", m, (int(r[0]), int(r[1]))))
-        if not sc.units:
-            if not parts and not (d / MANIFEST).exists():
-                skipped.append({"unit": d.name, "reason": "no finished output in this folder"})
+        sc = _scene_units(d, skipped, log)
+        if sc is None:
             continue
-        sc.units.sort(key=lambda u: u.rows)
-        shaping = {_shaping(u.manifest) for u in sc.units}
-        paths = {u.manifest.get("scene") for u in sc.units}
-        if len(shaping) > 1 or len(paths) > 1:
-            sc.refused = InputError(
-                "its row parts come from different scenes, configs or models "
-                f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
-                path=str(d))
-        for a, b in zip(sc.units, sc.units[1:]):
-            if b.rows[0] < a.rows[1] and sc.refused is None:
-                sc.refused = InputError(
-                    f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
-                    "from sharded runs with different shard counts; remove one set", path=str(d))
-        sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
-        if sc.n_rows is not None:
-            edge = 0
-            for u in sc.units:
-                if u.rows[0] > edge:
-                    sc.missing_rows.append((edge, u.rows[0]))
-                edge = max(edge, u.rows[1])
-            if edge < sc.n_rows:
-                sc.missing_rows.append((edge, sc.n_rows))
+        _check_parts(sc, d)
         if sc.missing_rows:
             log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
                 "(a shard still running or failed?)")
+        if gone := _scene_gone(sc):
+            sc.notes.append(gone)
         scenes.append(sc)
+    _say_gone(scenes, log)
     scenes, twice = _once_per_scene_file(scenes)
     skipped += twice + _in_staging(out)
     for p in skipped:
         log(f"collect: skipped {p['unit']}: {p['reason']}")
     return scenes, skipped
+
+
+def _scene_units(d: Path, skipped: list[dict], log: Callable[[str], None]) -> _Scene | None:
+    """A scene folder's finished units: its whole-scene output, or its row parts where there is
+    none, or where all of them were finished after it (a sharded rerun with --overwrite)."""
+    sc = _Scene(d.name)
+    whole = _complete(d)
+    parts = sorted(p for p in d.iterdir() if layout.PART_RE.fullmatch(p.name) and p.is_dir())
+    done: list[_Unit] = []
+    for p in parts:
+        m = _complete(p)
+        if m is None:
+            if whole is None:
+                skipped.append({"unit": f"{d.name}/{p.name}", "reason": "no complete run.json / tiles.parquet"})
+            continue
+        r = m.get("rows") or [0, 0]
+        done.append(_Unit(p, d.name, f"{d.name}/{p.name}", m, (int(r[0]), int(r[1]))))
+    if whole is not None and _newer_and_whole(done, whole):
+        sc.units = done
+        sc.notes.append("the whole-scene output was finished before its row parts, which cover the scene: the row "
+                        "parts are used")
+        log(f"collect: {d.name}: its row parts were finished after the whole-scene output beside them and cover "
+            "the scene: collecting the row parts (remove the folder's own outputs, or the parts, to keep one set)")
+    elif whole is not None:
+        r = whole.get("rows") or [0, 0]
+        sc.units = [_Unit(d, d.name, d.name, whole, (int(r[0]), int(r[1])))]
+        if parts:
+            sc.notes.append(f"{len(parts)} row part(s) ignored: the whole-scene output is used")
+            log(f"collect: {d.name}: a whole-scene output exists; ignoring {len(parts)} row part(s) beside it")
+    else:
+        if (d / MANIFEST).exists():
+            skipped.append({"unit": d.name, "reason": _why_unfinished(d)})
+        sc.units = done
+    if not sc.units:
+        if not parts and not (d / MANIFEST).exists():
+            skipped.append({"unit": d.name, "reason": "no finished output in this folder"})
+        return None
+    sc.units.sort(key=lambda u: u.rows)
+    return sc
+
+
+def _newer_and_whole(parts: list[_Unit], whole: dict) -> bool:
+    """Whether finished row parts were all finished after the whole-scene output and cover every tile row."""
+    if not parts or any(str(u.manifest.get("finished_at", "")) <= str(whole.get("finished_at", "")) for u in parts):
+        return False
+    n_rows = _n_rows(parts[0].folder, parts[0].manifest)
+    rows = sorted(u.rows for u in parts)
+    return n_rows is not None and rows[0][0] == 0 and rows[-1][1] >= n_rows and all(
+        b[0] <= a[1] for a, b in zip(rows, rows[1:]))
+
+
+def _check_parts(sc: _Scene, d: Path) -> None:
+    """Refuse row parts that do not make one scene (other scene files, versions of the file,
+    configs or models; overlapping rows), and note the tile rows none of them holds."""
+    shaping = {_shaping(u.manifest) for u in sc.units}
+    paths = {u.manifest.get("scene") for u in sc.units}
+    versions = {json.dumps(u.manifest.get("scene_version"), sort_keys=True) for u in sc.units}
+    if len(shaping) > 1 or len(paths) > 1:
+        sc.refused = InputError(
+            "its row parts come from different scenes, configs or models "
+            f"({', '.join(u.key for u in sc.units)}); remove the stale ones or rerun with --overwrite",
+            path=str(d))
+    elif len(versions) > 1:
+        sc.refused = InputError(
+            "its row parts were made from different versions of the scene file (its size or modification time "
+            f"changed between them: {', '.join(u.key for u in sc.units)}); rerun the job with --overwrite so "
+            "every part is made from the file as it is now", path=str(d))
+    for a, b in zip(sc.units, sc.units[1:]):
+        if b.rows[0] < a.rows[1] and sc.refused is None:
+            sc.refused = InputError(
+                f"row parts {a.key} and {b.key} overlap (tile rows {a.rows} and {b.rows}): they come "
+                "from sharded runs with different shard counts; remove one set", path=str(d))
+    sc.n_rows = _n_rows(sc.units[0].folder, sc.units[0].manifest)
+    if sc.n_rows is not None:
+        edge = 0
+        for u in sc.units:
+            if u.rows[0] > edge:
+                sc.missing_rows.append((edge, u.rows[0]))
+            edge = max(edge, u.rows[1])
+        if edge < sc.n_rows:
+            sc.missing_rows.append((edge, sc.n_rows))
+
+
+def _say_gone(scenes: list[_Scene], log: Callable[[str], None]) -> None:
+    """A warning per scene whose file is gone; one line where none is there (outputs moved to another machine)."""
+    gone = [sc for sc in scenes if sc.notes and sc.notes[-1].startswith(_GONE)]
+    if len(gone) > 1 and len(gone) == len(scenes):
+        log(f"warning: collect: none of the {len(gone)} scene files is where its run.json says (the outputs were "
+            "moved to another machine, or the scenes moved): their outputs are collected as they were")
+        return
+    for sc in gone:
+        log(f"warning: collect: {sc.name}: {sc.notes[-1]}")
+
+
+_GONE = "its scene file "
+
+
+def _scene_gone(sc: _Scene) -> str | None:
+    """Why a scene's outputs may be stale: its local scene file is no longer where it was read."""
+    scene = str(sc.units[0].manifest.get("scene") or "")
+    if not scene or "://" in scene or os.path.lexists(scene):
+        return None
+    return (f"{_GONE}{scene} is gone (moved, renamed or deleted): its outputs are collected as they were; "
+            f"remove this folder to leave them out")
 
 
 def _once_per_scene_file(scenes: list[_Scene]) -> tuple[list[_Scene], list[dict]]:
@@ -173,6 +240,12 @@ def shards_disagree(listed: list) -> str | None:
             "finished is skipped), then collect again")
 
 
+def covered(unit, collected: set[str]) -> bool:
+    """Whether a run's unit (``SCENE`` or ``SCENE/rows-…``) is in the collected set: itself, or
+    its scene collected from a whole-scene output (whose unit key is the scene's name)."""
+    return unit in collected or str(unit).split("/")[0] in collected
+
+
 def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> list[dict]:
     """What the latest run's reports (``(file name, contents)``) say it left undone and is not
     collected: units a stop (SIGTERM, a time limit) dropped or never started, reports of a run
@@ -191,7 +264,7 @@ def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> l
                         f"{error.get('kind')}): {error.get('message')}"})
         stopped = data.get("interrupted") or {}
         for unit in [*(stopped.get("units") or []), *(stopped.get("not_started") or [])]:
-            if unit not in collected:
+            if not covered(unit, collected):
                 out.append({"unit": unit, "report": name, "why": f"its run was stopped by {stopped.get('signal')}"})
     for n in {n for _, n in shards if n > 1}:
         for i in sorted(set(range(n)) - {k for k, m in shards if m == n}):
