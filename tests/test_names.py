@@ -209,8 +209,8 @@ def test_outputs_in_the_way_say_what_they_were_made_from(tmp_path):
         shutil.copyfile(scene(SCENE), tmp_path / d / "s.tif")
     assert invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST]).exit_code == 0
     res = invoke(["run", tmp_path / "b" / "s.tif", "-o", out, *FAST])
-    assert res.exit_code == 6 and f"of another scene file ({tmp_path / 'a' / 's.tif'}; a different scene of the " \
-        "same name wants another output folder" in res.output, res.output
+    assert res.exit_code == 6 and f"of another scene file of the same name ({tmp_path / 'a' / 's.tif'}) exist: if " \
+        "this is that file moved, pass --overwrite" in res.output, res.output
     os.utime(tmp_path / "a" / "s.tif", (1e9, 1e9))
     res = invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST])
     assert res.exit_code == 6 and "made from another version of the scene file" in res.output, res.output

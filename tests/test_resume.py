@@ -103,6 +103,47 @@ def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path)
     assert not any(p.name.startswith(".cog_rgb.old") for p in out.iterdir())  # the replaced folder is gone
 
 
+def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tmp_path, scene_path):
+    """A nightly job into one OUT: settings that give the same outputs (the stride equal to the
+    tile size, the bands the automatic pick chose) skip finished scenes; --update redoes the
+    scene whose file changed and skips the other; it never replaces another scene file's
+    outputs of the same name."""
+    import os
+    import shutil
+
+    from conftest import invoke
+
+    src = tmp_path / "scenes"
+    src.mkdir()
+    for name in ("a", "b"):
+        shutil.copyfile(scene_path("rio-tiler/cog_rgb.tif"), src / f"{name}.tif")
+    out = tmp_path / "out"
+    args = ["--tile-size", "128", "--units", "px", "--no-progress"]
+    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    stamps = lambda n: {f.name: f.stat().st_mtime_ns for f in (out / n).iterdir()}  # noqa: E731
+    before = {n: stamps(n) for n in ("a", "b")}
+    for same in (["--stride", "128"], ["--bands", "1,2,3"], ["--update"]):
+        res = invoke(["run", src, "-o", out, *args, *same])
+        assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 2, (same, res.output)
+    os.utime(src / "a.tif", (1e9, 1e9))  # a's file changed
+    res = invoke(["run", src, "-o", out, *args])
+    assert res.exit_code == 3 and "pass --update to redo the scenes that changed" in res.output, res.output
+    res = invoke(["run", src, "-o", out, *args, "--update"])
+    rep = read(out)
+    assert res.exit_code == 0 and [d["unit"] for d in rep["done"]] == ["a"] and rep["counts"]["skipped"] == 1
+    assert stamps("b") == before["b"] and stamps("a") != before["a"]
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(src / "b.tif", other / "a.tif")  # another scene named a
+    res = invoke(["run", other / "a.tif", "-o", out, *args, "--update"])
+    assert res.exit_code == 6 and f"of another scene file of the same name ({src / 'a.tif'})" in res.output
+    assert "if this is that file moved, pass --overwrite" in res.output, res.output
+
+
+def read(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
 def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path, scene_path):
     """A SIGKILLed run's staging folder of a unit whose scene is gone (or of another shard
     count) is removed by the next run into OUT, whatever scenes it has; one whose lock a live

@@ -1103,7 +1103,7 @@ def test_existing_outputs_are_never_clobbered(batch, tmp_path, tiny_model):
     failed = failed_reasons(read_report(out))
     assert failed[world.name]["error_kind"] == "exists"
     assert "finished outputs made with other settings ([tiling] tile_size 64 -> 128) exist" in failed[world.name]["reason"]
-    assert "pass --overwrite" in failed[world.name]["reason"]
+    assert "pass --update" in failed[world.name]["reason"] and "--overwrite to redo all" in failed[world.name]["reason"]
     assert failed[goes.name]["error_kind"] == "exists"
     assert "unfinished tilescan outputs" in failed[goes.name]["reason"]
     assert "pass --overwrite" in failed[goes.name]["reason"]

@@ -168,6 +168,9 @@ class OutputConfig(_Section):
     """Write QGIS styles (``.qml``) beside the outputs and a QGIS project per scene."""
     compress: str = "deflate"
     overwrite: bool = False
+    update: bool = False
+    """Redo the scenes whose finished outputs were made from another version of the scene
+    file, other settings or another model (``overwrite`` without redoing the rest)."""
 
 
 @dataclass(frozen=True)
@@ -324,16 +327,19 @@ def nodata_setting(text: str) -> tuple[bool, float | None]:
     return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
 
 
+RERUN_KEYS = ("overwrite", "update")  # [output] keys that say what to redo, not how outputs are made
+
+
 def output_shaping(config: dict) -> dict:
     """The settings that shape a unit's outputs, from a resolved config as a dict (``to_dict``,
-    run.json's ``config``): ``[tiling]``, ``[cam]``, ``[output]`` but ``overwrite``, and a
+    run.json's ``config``): ``[tiling]``, ``[cam]``, ``[output]`` but :data:`RERUN_KEYS`, and a
     precision other than float32 (bf16 changes the numbers slightly). The default nodata is
     left out, so outputs of releases before that setting read the same."""
     tiling = dict(config.get("tiling") or {})
     if not nodata_setting(tiling.get("nodata", "file"))[0]:
         tiling.pop("nodata", None)
     shaping = {"tiling": tiling, "cam": config.get("cam"),
-               "output": {k: v for k, v in (config.get("output") or {}).items() if k != "overwrite"}}
+               "output": {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}}
     precision = (config.get("inference") or {}).get("precision", "float32")
     if precision != "float32":
         shaping["precision"] = precision

@@ -144,6 +144,9 @@ class _RunCommand(click.Command):
 @option("--shard-count", type=click.IntRange(min=1), show_default="from TILESCAN_SHARD_COUNT",
         help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
 @option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace tilescan's earlier outputs (never done without it; a folder of something else never).")
+@option("--update", config_key=("output", "update"), is_flag=True,
+        help="Redo only the scenes whose outputs were made from another version of the scene file, other settings "
+             "or another model (refused without it); skip the finished ones that match, as always.")
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
 @_verbosity
 @click.pass_context
