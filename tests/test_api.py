@@ -48,6 +48,8 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
     # the scene's warning (4 bands for a 3-band model) as a WARNING record, its level said once
     warned = [r.getMessage() for r in caplog.records if r.name == "tilescan" and r.levelno == logging.WARNING]
     assert any("4 bands" in m for m in warned) and not any(m.startswith("warning") for m in warned)
+    # and in the report, as the README tells a user without a logging set-up to read it
+    assert any("4 bands" in w["message"] for w in report.to_dict()["done"][0]["warnings"])
     assert ns["card"].scale_range is not None
 
 
@@ -126,6 +128,25 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
     loaded = tilescan.load_model("default")
     cam = tilescan.get_cam("gradcam", loaded)  # what load_model returns, as a Keras model would be
     assert cam.layer == loaded.cam_layer
+
+
+def test_what_a_notebook_user_passes_is_taken_or_refused_in_a_line(tmp_path, aid_dir):
+    """A loaded model where a model is asked for; ``cam=`` as run and the commands spell it;
+    one value for a list that may hold one; a pattern the shell would have expanded, named."""
+    rgb = scene("rio-tiler/cog_rgb.tif")
+    loaded = tilescan.load_model()
+    assert tilescan.run(rgb, tmp_path / "o", model=loaded, tile_size=256).exit_code == 0
+    with pytest.raises(tilescan.ConfigError) as exc:
+        tilescan.run(rgb, tmp_path / "o2", model=loaded.model)
+    assert exc.value.exit_code == 2 and len(str(exc.value)) < 200 and "not a Functional" in str(exc.value)
+    pond = aid_dir / "images" / "Pond" / "pond_1.jpg"
+    figs = tilescan.explain_figures(pond, tmp_path / "x", cam="gradcam,layercam")
+    assert len(figs) == 1 and figs[0].is_file()
+    with pytest.raises(tilescan.ConfigError, match="not both"):
+        tilescan.explain_figures(pond, tmp_path / "y", cam="gradcam", methods=["layercam"])
+    assert tilescan.load_config(None, {"train": {"gsd_m": 5.0}}).train.gsd_m == (5.0,)
+    with pytest.raises(tilescan.InputError, match="a pattern: tilescan takes files and folders"):
+        tilescan.run(str(rgb.parent / "*.tif"), tmp_path / "o3")
 
 
 def test_bad_override_is_a_config_error(tmp_path):

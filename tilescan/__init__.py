@@ -154,7 +154,7 @@ def run(
     except TilescanError as exc:
         report_failed_start(out, shard, exc)
         raise
-    return _run(list(inputs), out, cfg, model_path=None if model is None else str(model),
+    return _run(list(inputs), out, cfg, model_path=_model_file(model),
                 shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
                 ctrl_c_raises=interrupt == "raise")
 
@@ -186,8 +186,8 @@ def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
 def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
                     model: str | os.PathLike | None = None, **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
-    Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``: a list, or
-    names comma-separated as on the command line; ``layer``, ``target``, ``tiles``, ``top``,
+    Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, or ``cam`` as
+    :func:`run` and the command line call it: a list, or names comma-separated; ``layer``, ``target``, ``tiles``, ``top``,
     ``tile_size``, ``units``, ``nodata``); ``model`` as in :func:`run`."""
     from .backend import import_keras
     from .explain.figures import run_explain
@@ -195,10 +195,11 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     import_keras()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    _cam_alias(kwargs, "methods")
     if isinstance(kwargs.get("methods"), str):
         kwargs["methods"] = _names(kwargs["methods"])
     if model is not None:
-        kwargs["model_path"] = str(model)
+        kwargs["model_path"] = _model_file(model)
     return run_explain([str(p) for p in inputs], str(out), **kwargs)
 
 
@@ -212,7 +213,10 @@ def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     model of :func:`load_model` (then ``layer`` defaults to the one its metadata names).
     Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused);
     ``target``: None (each image's prediction), class indexes, or, bound to a loaded model, a
-    class name."""
+    class name. Returns a ``CAMResult``: ``probs``, ``cls``, and per image the map at the
+    layer's own resolution (``raw``, and ``cam`` normalised to 0..1: 4 x 4 for the default
+    layer of a 128 px input): resize it to the image to overlay it, as ``run`` and
+    ``explain_figures`` do."""
     from .explain.cam import get_cam as _get
 
     classes = None
@@ -278,14 +282,15 @@ def evaluate(model: str | os.PathLike | None, data: str | os.PathLike, out: str 
     """Score ``model`` (None or ``"default"``: the packaged one) on ``split`` of ``data``, writing
     report.json, CSVs and figures to ``out``; keyword arguments as
     :func:`tilescan.training.evaluate.run_evaluate` (``batch_size``, ``tta``, ``explanations``,
-    ``cam_methods`` (a list, or comma-separated), ``record``, ``limit``, ...). Imports Keras."""
+    ``cam_methods`` or ``cam`` (a list, or comma-separated), ``record``, ``limit``, ...). Imports Keras."""
     from .backend import import_keras
     from .training.evaluate import run_evaluate
 
     import_keras()
+    _cam_alias(kwargs, "cam_methods")
     if isinstance(kwargs.get("cam_methods"), str):
         kwargs["cam_methods"] = _names(kwargs["cam_methods"])
-    return run_evaluate(None if model is None else str(model), str(data), split, str(out), **kwargs)
+    return run_evaluate(_model_file(model), str(data), split, str(out), **kwargs)
 
 
 def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> dict:
@@ -312,7 +317,7 @@ def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: s
     if isinstance(scenes, (str, os.PathLike)):
         scenes = [scenes]
     return _cut([str(s) for s in scenes], labels, out, cfg.tiling, class_field=class_field, layer=layer,
-                model_path=None if model is None else str(model), opts=ChipOptions(**options), overwrite=overwrite)
+                model_path=_model_file(model), opts=ChipOptions(**options), overwrite=overwrite)
 
 
 def runtime(config: Config | str | os.PathLike | None = None) -> dict:
@@ -344,3 +349,19 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
             "switch_interval_ms": {"setting": inf.switch_interval_ms,
                                    "used": switch_ms_used(resolve_switch_interval(inf.switch_interval_ms,
                                                                                   model_on_accelerator(backend)))}}
+
+
+def _model_file(model) -> str | None:
+    """A ``model`` argument as the functions above take it: a path, ``"default"``, or what
+    :func:`load_model` returns (its file); None for the packaged model."""
+    from .model import model_path
+
+    return None if model is None else model_path(model)
+
+
+def _cam_alias(kwargs: dict, name: str) -> None:
+    """``cam=``, as :func:`run` and every command's ``--cam`` spell it, for the keyword ``name``."""
+    if "cam" in kwargs:
+        if name in kwargs:
+            raise ConfigError(f"give the CAM methods once: cam= or {name}=, not both")
+        kwargs[name] = kwargs.pop("cam")

@@ -306,6 +306,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
         args = typing.get_args(typ)
         if isinstance(value, str):  # "3,2,1", "3 2 1", or as TOML writes it: "[3, 2, 1]"
             value = [v.strip("'\"") for v in value.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and args[-1] is Ellipsis:
+            value = [value]  # one value of a list that may hold one (gsd_m=5.0), as "5" reads
         if not isinstance(value, (list, tuple)):
             raise bad("a list")
         if len(args) == 2 and args[1] is Ellipsis:

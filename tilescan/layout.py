@@ -277,6 +277,11 @@ def tidy(out: Path) -> None:
             pass
 
 
+def lock_holder() -> str:
+    """What a lock this process takes says of its holder (in messages of those it turns away)."""
+    return f"pid {os.getpid()} on {os.uname().nodename}"
+
+
 class Busy(Exception):
     """The lock is held by another process; ``holder`` is what it wrote into the lock file."""
 
@@ -321,7 +326,7 @@ class FileLock:
                 self.fd = fd
                 try:  # who holds it, for the message of a process it turns away; a full disk leaves it blank
                     os.ftruncate(fd, 0)
-                    os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+                    os.pwrite(fd, lock_holder().encode(), 0)
                 except OSError:
                     pass
                 return

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .backend import loading_without_compiles
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 META_MEMBER = "tilescan.json"
 META_FORMAT = "tilescan-model/1"
@@ -239,7 +239,12 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
 
 def model_path(path: str | os.PathLike | None) -> str:
     """The model file to use: ``path``, or the packaged default (None, or ``"default"`` where
-    no file of that name is in the working folder)."""
+    no file of that name is in the working folder); a :class:`LoadedModel` stands for its file."""
+    if isinstance(path, LoadedModel):
+        path = path.path
+    elif path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"model must be a .keras file's path, \"default\" or what tilescan.load_model() returns, "
+                          f"not a {type(path).__name__}")
     if path is not None and str(path) == "default" and not os.path.exists("default"):
         path = None
     p = str(path) if path is not None else str(PACKAGE_MODEL)

@@ -205,7 +205,7 @@ class UnitJob:
         self.reader.close()
         self.lock.release()
         return UnitResult(unit.key, str(unit.scene), "done", str(self.final), counts=manifest["counts"],
-                          seconds=round(total, 2), warnings=[d for d in self.details if d["code"] != "tiling"])
+                          seconds=round(total, 2), warnings=list(self.details))
 
     def in_helper(self, fn: Callable, *args, **kwargs) -> Any:
         """``fn(*args, **kwargs)`` in one of the stream's output helper processes, if it has

@@ -376,7 +376,7 @@ class _Units:
         if not exc.path:
             exc.path = str(unit.scene)
         if isinstance(exc, LockedError):  # another run is writing it: once it lets go, skipped if finished, else done
-            self.log(f"warning: {unit.key}: another tilescan process ({exc.holder}) is writing {exc.path}; "
+            self.log(f"warning: {unit.key}: {getattr(exc, 'who', 'another tilescan process')} is writing {exc.path}; "
                      "this run waits for it after its other scenes")
             self.locked.append(self.units.index(unit))
             return UnitResult(unit.key, str(unit.scene), "waiting", reason=str(exc), error_kind=exc.kind)

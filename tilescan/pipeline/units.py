@@ -194,9 +194,11 @@ class UnitLock:
         try:
             self.lock.acquire()
         except layout.Busy as busy:
-            err = LockedError(f"another tilescan process ({busy.holder or 'unknown pid'}) is writing this output; "
-                              f"it was left alone (lock {self.path})", path=str(self.target))
-            err.holder = busy.holder or "unknown pid"
+            who = ("another run in this process (a thread of yours)" if busy.holder == layout.lock_holder()
+                   else f"another tilescan process ({busy.holder or 'unknown pid'})")
+            err = LockedError(f"{who} is writing this output; it was left alone (lock {self.path})",
+                              path=str(self.target))
+            err.holder, err.who = busy.holder or "unknown pid", who
             raise err from None
         return self
 

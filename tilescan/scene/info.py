@@ -307,6 +307,13 @@ def _named(f: Path) -> Path:
     return f.parent.resolve() / f.name if f.is_symlink() else f.resolve()
 
 
+def missing_input(p) -> InputError:
+    """The error for an input that is not there; a pattern the shell would have expanded is named so."""
+    pattern = any(c in str(p) for c in "*?[")
+    return InputError("no such file or directory" + (" (a pattern: tilescan takes files and folders, not patterns; "
+                      "expand it with glob.glob() from Python)" if pattern else ""), path=str(p))
+
+
 def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None) -> list[Path]:
     """Scene paths from files and directories.
 
@@ -345,7 +352,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         elif p.exists():
             found[_named(p)] = None
         else:
-            raise InputError("no such file or directory", path=str(p))
+            raise missing_input(p)
     if errors and (unreadable is None or not found):
         raise errors[0]
     if unreadable is not None:

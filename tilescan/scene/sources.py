@@ -351,7 +351,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     given), and the inputs that failed alone, as errors. Raises when nothing is left: the
     first input's error, or :class:`NoScenesError`.
     """
-    from .info import find_scenes
+    from .info import find_scenes, missing_input
 
     local = [p for p in inputs if not is_url(p) and not _is_stac_file(p)]
     other = [p for p in inputs if is_url(p) or _is_stac_file(p)]
@@ -359,7 +359,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     missing = [p for p in local if not os.path.exists(p)]
     present = [p for p in local if os.path.exists(p)]
     for p in missing:
-        failed.append(InputError("no such file or directory", path=str(p)))
+        failed.append(missing_input(p))
     remote: list = []
     for item in list(other) + [(s, "stac") for s in stac]:
         src, forced = (item if isinstance(item, tuple) else (item, None))

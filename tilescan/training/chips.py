@@ -64,13 +64,13 @@ class ChipOptions:
         for name in ("min_cover", "min_valid"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+                raise ConfigError(f"--{name.replace('_', '-')} ({name} from Python) must be in (0, 1], got {v}")
         if self.split not in ("blocks", "scene", "random", "test"):
-            raise ConfigError(f"--split must be blocks, scene, random or test, got {self.split!r}")
+            raise ConfigError(f"--split (split from Python) must be blocks, scene, random or test, got {self.split!r}")
         if self.block_m is not None and not self.block_m > 0:
-            raise ConfigError(f"--block-size must be > 0 metres, got {self.block_m}")
+            raise ConfigError(f"--block-size (block_m from Python) must be > 0 metres, got {self.block_m}")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            raise ConfigError(f"--val-fraction and --test-fraction must be in [0, 1) and sum below 1, "
+            raise ConfigError(f"--val-fraction and --test-fraction (val_fraction, test_fraction from Python) must be in [0, 1) and sum below 1, "
                               f"got {self.val_fraction} and {self.test_fraction}")
 
 

@@ -387,7 +387,7 @@ def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_met
         positive_int("limit", limit)
     if record and limit is not None:
         raise ConfigError("--record (record=True) stores the scores of the whole split: do not combine it with "
-                          "--limit (limit=)")
+                          "--limit (limit=N)")
     if not (explanations or explain_samples > 0):
         return list(cam_methods)
     from ..explain.cam import checked_methods
