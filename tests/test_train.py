@@ -499,6 +499,41 @@ def test_an_image_that_is_none_is_named_before_any_epoch(mini_aid, tmp_path):
     assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
 
 
+@pytest.mark.parametrize("split, how, said", [
+    ("train", "jpeg cut in half", "is cut short (its JPEG end marker is missing"),
+    ("val", "16-bit png", "is not 8-bit (PNG, 16-bit RGB): images to train or evaluate on are 8-bit RGB"),
+    ("train", "6-band tiff", "is a TIFF of 6 uint16 band(s): images to train or evaluate on are 8-bit RGB"),
+])
+def test_an_image_train_would_fail_on_or_learn_wrongly_is_named_before_any_epoch(mini_aid, tmp_path, split, how, said):
+    """Images that decode only partly (a copy cut short: the rest read as grey, with no file
+    named) or not as 8-bit RGB (they failed inside an epoch, or after a whole one for val):
+    refused by name, with the others of their kind counted, before training starts."""
+    import rasterio
+
+    data = tmp_path / "d"
+    shutil.copytree(mini_aid, data)
+    bad = (data / "splits" / f"{split}.txt").read_text().split()[1]
+    img = data / "images" / bad
+    if how == "jpeg cut in half":
+        whole = img.read_bytes()
+        img.write_bytes(whole[:len(whole) // 2])
+    elif how == "16-bit png":
+        img.unlink()
+        img = img.with_name(img.name + ".png")  # listed by its new name below
+        cv2.imwrite(str(img), np.full((64, 64, 3), 3000, np.uint16))
+    else:
+        img.unlink()
+        img = img.with_name(img.name + ".tif")
+        with rasterio.open(img, "w", driver="GTiff", width=64, height=64, count=6, dtype="uint16") as ds:
+            ds.write(np.ones((6, 64, 64), np.uint16))
+    listed = data / "splits" / f"{split}.txt"
+    listed.write_text(listed.read_text().replace(bad, str(img.relative_to(data / "images"))))
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4, res.output
+    assert f"the {split} split's image '{img.relative_to(data / 'images')}' {said}" in res.output, res.output
+    assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
+
+
 def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
     """'Forêt' written decomposed (as macOS names folders) and composed: one class, so a model
     trained on one copy of the data is evaluated on the other (it was refused, the names looking

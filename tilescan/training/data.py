@@ -62,18 +62,22 @@ class Dataset:
         return self.splits[split]
 
     def check_found(self, **items_of: list[tuple[str, int]]) -> None:
-        """Every image of the items given per split (``train=[...]``) exists and has an image
-        header (an empty file, another kind of file): checked before a model loads, not an
-        epoch or a scoring pass into the work."""
+        """Every image of the items given per split (``train=[...]``) exists and is an 8-bit
+        image in one piece (:func:`_image_problem`: its header and last bytes, not its pixels):
+        checked before a model loads, not an epoch or a scoring pass into the work."""
         lists = self.split_source.startswith("lists:")
         for split, items in items_of.items():
             where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
-            for why, bad in (("is not found under " + str(self.root), lambda f: not f.is_file()),
-                             ("cannot be read as an image (empty, not an image, or corrupt)", _no_image_header)):
-                found = [p for p, _ in items if bad(self.root / p)]
-                if found:
-                    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                    raise InputError(f"the {split} split's image '{found[0]}'{more} {why}", path=str(where))
+            problems: dict[str, list[str]] = {}
+            missing = [p for p, _ in items if not (self.root / p).is_file()]
+            if missing:
+                problems["is not found under " + str(self.root)] = missing
+            for p, _ in items if not missing else ():
+                if why := _image_problem(self.root / p):
+                    problems.setdefault(why, []).append(p)
+            for why, found in problems.items():
+                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+                raise InputError(f"the {split} split's image '{found[0]}'{more} {why}", path=str(where))
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / p for p, _ in self.items(split)]
@@ -99,15 +103,65 @@ class Dataset:
         return info
 
 
-def _no_image_header(path: Path) -> bool:
-    """Whether ``path`` has no header Pillow knows as an image's (its pixels are not read)."""
+_NOT_AN_IMAGE = "cannot be read as an image (empty, not an image, or corrupt)"
+_EIGHT_BIT = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+_MAKE_CHIPS = ("images to train or evaluate on are 8-bit RGB; cut 8-bit chips from scenes with 'tilescan chips' "
+               "(stretched as run stretches a scene)")
+
+
+def _image_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a training image, from its header and last bytes (its
+    pixels are not decoded): not an image, not 8-bit, or cut short. None for a good one."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return not (im.width and im.height)
-    except Exception:  # noqa: BLE001 - whatever the file is, it is no image
-        return True
+            size, mode, kind, depth = (im.width, im.height), im.mode, im.format, _bit_depth(im, path)
+    except Exception:  # noqa: BLE001 - whatever the file is, it is no image Pillow reads
+        return _tiff_problem(path) or _NOT_AN_IMAGE
+    if not all(size):
+        return _NOT_AN_IMAGE
+    if mode not in _EIGHT_BIT or depth > 8:
+        return f"is not 8-bit ({kind}, {depth}-bit {mode}): {_MAKE_CHIPS}"
+    if kind in _END_MARKERS and _cut_short(path, _END_MARKERS[kind]):
+        return (f"is cut short (its {kind} end marker is missing: an interrupted copy or download); its missing "
+                "part would be learned or scored as grey: copy it again, or leave it out")
+    return None
+
+
+def _bit_depth(im, path: Path) -> int:
+    """Bits per sample as the file stores them (Pillow opens a 16-bit colour PNG as 8-bit RGB)."""
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            f.seek(24)  # IHDR's bit depth, after the signature, the chunk's length and type, width and height
+            return f.read(1)[0]
+    bits = getattr(im, "tag_v2", {}).get(258) if im.format == "TIFF" else None
+    return max(bits) if isinstance(bits, tuple) else int(bits or 8)
+
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}  # a whole file ends with its end marker
+
+
+def _cut_short(path: Path, marker: bytes) -> bool:
+    """Whether the file's last bytes hold no end marker (a few bytes after it are allowed)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - min(1024, size // 2)))
+        return marker not in f.read()
+
+
+def _tiff_problem(path: Path) -> str | None:
+    """A TIFF Pillow cannot read (more than 4 bands, 16-bit multiband, float) described as GDAL reads it."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        import rasterio
+
+        with rasterio.open(path) as ds:
+            bands, dtype = ds.count, ds.dtypes[0]
+    except Exception:  # noqa: BLE001 - no TIFF GDAL reads either
+        return None
+    return f"is a TIFF of {bands} {dtype} band(s): {_MAKE_CHIPS}"
 
 
 def _visible(p: Path) -> bool:
@@ -306,8 +360,7 @@ def decode_rgb(path: Path) -> np.ndarray:
     if img is None:
         raise InputError("cannot decode image (missing, corrupt or unsupported)", path=str(path))
     if img.dtype != np.uint8:  # OpenCV's 8-bit read keeps a 16-bit value's high byte: 12-bit data go black
-        raise InputError(f"a {img.dtype} image: images to train or evaluate on are 8-bit RGB; cut 8-bit chips from "
-                         "16-bit scenes with 'tilescan chips' (stretched as run stretches a scene)", path=str(path))
+        raise InputError(f"a {img.dtype} image: {_MAKE_CHIPS}", path=str(path))
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
