@@ -74,6 +74,21 @@ def test_chinese_class_names_are_drawn_in_a_font_that_has_them(cjk_font, tmp_pat
     assert not said
 
 
+def test_a_name_no_font_has_whole_is_drawn_in_the_font_that_has_most_of_it(cjk_font, tmp_path, recwarn):
+    """A Chinese name beside a character no installed font has (a private-use one): the
+    Chinese drawn, not boxes for all; the one character named once, and no glyph warnings
+    of matplotlib's besides."""
+    odd = "\ue000"  # in no font
+    mixed = [f"{odd} {n}" for n in NAMES]
+    assert fonts.font_for(mixed[0]) == cjk_font
+    fa, fb = (_figure(tmp_path / f"fig{i}.png", n) for i, n in enumerate(mixed))
+    assert (fa != fb).any()  # the two names can be told apart
+    assert not [w for w in recwarn if "Glyph" in str(w.message)]
+    said: list[str] = []
+    fonts.check_names(mixed, said.append, "the figures' titles")
+    assert len(said) == 1 and f"the characters {odd!r}" in said[0], said
+
+
 def test_without_such_a_font_a_warning_says_so_and_tilescan_font_is_used(cjk_font, no_installed_fonts, tmp_path,
                                                                          monkeypatch):
     a, b = (_quicklook(tmp_path / f"{i}.png", n) for i, n in enumerate(NAMES))

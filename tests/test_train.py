@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -345,7 +346,7 @@ def test_a_set_only_for_scoring_is_not_taken_for_the_changed_training_set(mini_a
     assert res.exit_code == 0 and "may hold images the model was trained on" in res.output, res.output
 
 
-def test_what_a_class_folder_holds_besides_its_images(tmp_path):
+def test_what_a_class_folder_holds_besides_its_images(tmp_path, caplog):
     """Plain class folders as users' machines leave them: a Jupyter checkpoint folder, a zip's
     __MACOSX folder and macOS's ._ files are not classes or images; a class folder with no
     images yet is no class; images in a class folder's subfolders are that class's; a 16-bit
@@ -370,6 +371,11 @@ def test_what_a_class_folder_holds_besides_its_images(tmp_path):
     assert ds.classes == ["Forest", "Pond"]
     items = sorted(p for split in ds.splits.values() for p, _ in split)
     assert len(items) == 12 and "Pond/batch 2/Pond5.png" in items
+    (root / "Pond" / "annexed.jpg").symlink_to("../.git/annex/objects/not-fetched.jpg")  # content not fetched
+    with caplog.at_level(logging.WARNING, logger="tilescan"):
+        assert load_dataset(root).classes == ["Forest", "Pond"]
+    said = [r.getMessage() for r in caplog.records if "links to nothing" in r.getMessage()]
+    assert len(said) == 1 and "1 image file(s)" in said[0] and "Pond/annexed.jpg" in said[0], said
     deep = root / "Forest" / "deep.tif"
     cv2.imwrite(str(deep), (rng.integers(0, 4096, (40, 40, 3))).astype(np.uint16))  # 12-bit data
     with pytest.raises(InputError, match="a uint16 image: images to train or evaluate on are 8-bit RGB"):

@@ -21,6 +21,7 @@ import functools
 import io
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -61,7 +62,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Render a matplotlib Figure to PNG (:func:`figure_fonts` first) and write it atomically."""
     figure_fonts(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    with warnings.catch_warnings():  # characters no font has: check_names said so once, by name
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return write_bytes(path, buf.getvalue())
 
 

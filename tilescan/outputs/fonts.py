@@ -77,23 +77,34 @@ def _needed(text: str) -> frozenset[int]:
 @functools.lru_cache(maxsize=1024)
 def font_for(text: str) -> str | None:
     """The font file to draw ``text`` in: DejaVu Sans when it has every character, else the
-    first of ``TILESCAN_FONT`` and the installed fonts that has them all (DejaVu Sans when none
-    has: :func:`check_names` says so)."""
+    first of ``TILESCAN_FONT`` and the installed fonts that has them all, else the one that has
+    most of them (a Chinese name beside an emoji: the Chinese drawn), else DejaVu Sans
+    (:func:`check_names` names what shows as boxes)."""
     need = _needed(text)
     if not need:
         return dejavu_path()
     own = os.environ.get(FONT_ENV, "")
+    best, most = dejavu_path(), 0
     for path in ([own] if own else []) + list(_installed()):
-        if need <= _chars(path):
+        have = len(need & _chars(path))
+        if have == len(need):
             return path
-    return dejavu_path()
+        if have > most:
+            best, most = path, have
+    return best
+
+
+def _missing(text: str) -> frozenset[int]:
+    """The characters of ``text`` that the font it is drawn in (:func:`font_for`) lacks."""
+    need = _needed(text)
+    return need - _chars(font_for(text)) if need and font_for(text) else need
 
 
 def check_names(names: Sequence[str], log: Callable[[str], None], where: str) -> None:
     """Warn through ``log`` when no font found draws some characters of the class ``names``
     (they would show as boxes in ``where``). Called once by the command that draws them: the
     quicklooks may be drawn in helper processes, whose messages reach no one."""
-    chars = sorted({chr(c) for n in names if font_for(n) == dejavu_path() for c in _needed(n)})
+    chars = sorted({chr(c) for n in names for c in _missing(n)})
     if chars:
         log(f"warning: no installed font has the characters {''.join(chars[:20])!r} of the class names: they show "
             f"as boxes in {where}; install a font that has them (e.g. Debian's fonts-noto-cjk for Chinese, Japanese, "

@@ -180,6 +180,22 @@ def _walk_images(folder: Path) -> Iterator[Path]:
         yield from (f for f in (Path(root, name) for name in files) if _is_image(f))
 
 
+def _say_dangling(root: Path) -> None:
+    """A warning for image files that are links to nothing (a git-annex or DataLad dataset
+    whose content was not fetched): left out as no image, which alone says nothing."""
+    gone = []
+    for r, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if _visible(Path(d))]
+        gone += [Path(r, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTS and _visible(Path(f))
+                 and not Path(r, f).exists()]
+    if gone:
+        from ..log import emit
+
+        emit(f"warning: {len(gone)} image file(s) under {root} are links to nothing and are left out (e.g. "
+             f"{gone[0].relative_to(root)}): a git-annex or DataLad dataset whose content is not fetched "
+             "('git annex get' / 'datalad get')?")
+
+
 def _class_images(folder: Path) -> list[Path]:
     """:func:`_walk_images`, sorted."""
     return sorted(_walk_images(folder))
@@ -263,6 +279,7 @@ def load_dataset(
     if not data.is_dir():
         raise InputError("dataset path is not a folder", path=str(data))
     name = data.name if data.name.lower() != "images" else data.parent.name
+    _say_dangling(data)
 
     split_folders = {}
     for d in data.iterdir():
