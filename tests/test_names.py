@@ -243,6 +243,26 @@ def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
 # ----------------------------------------------------------------------------- no model
 
 
+def test_an_output_folder_that_refuses_the_finished_unit_is_the_one_named(tmp_path, monkeypatch):
+    """OUT made read-only while a run works (the staging folder inside it stays writable): the
+    error names OUT, which cannot be written, not the staging folder."""
+    from tilescan.outputs.files import write_error
+    from tilescan.pipeline import units
+
+    out = tmp_path / "out"
+    stage = out / layout.STAGING / "x"
+    stage.mkdir(parents=True)
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", str(src), str(dst))
+
+    monkeypatch.setattr(units.os, "replace", refused)
+    with pytest.raises(PermissionError) as exc:
+        units.move_into_place(stage, out / "x", out)
+    err = write_error(exc.value, exc.value.filename)
+    assert err.path == str(out) and "Permission denied" in str(err), str(err)
+
+
 def test_move_into_place_only_targets_unit_folders(tmp_path):
     out = tmp_path / "out"
     stage = out / layout.STAGING / "x"

@@ -259,6 +259,15 @@ def sweep_staging(out: Path) -> list[str]:
     return removed
 
 
+def _rename_into(stage: Path, final: Path) -> None:
+    """``os.replace``; a folder that refuses it is named as the one that cannot be written
+    (the staging folder is writable: it was just written)."""
+    try:
+        os.replace(stage, final)
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, exc.strerror, str(final.parent)) from exc
+
+
 def move_into_place(stage: Path, final: Path, out: Path) -> list[str]:
     """Rename the finished staging folder to ``final``: a scene folder ``OUT/<name>`` or a row
     band ``OUT/<name>/rows-…``. What was there is parked in the staging area, then removed
@@ -288,10 +297,10 @@ def move_into_place(stage: Path, final: Path, out: Path) -> list[str]:
                     os.replace(part, stage / part.name)
         if aside.is_dir() and not aside.is_symlink():
             kept = layout.carry_over(aside, stage, layout.UNIT_FILES, f"{scene_dir.name}.qgs")
-        os.replace(stage, final)
+        _rename_into(stage, final)
         layout.discard(aside)
     else:
-        os.replace(stage, final)
+        _rename_into(stage, final)
     try:
         fd = os.open(final.parent, os.O_RDONLY)
         os.fsync(fd)
