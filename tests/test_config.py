@@ -152,6 +152,9 @@ def test_bad_env_value_names_the_variable():
     assert "TILESCAN_NOPE__X" in str(e) and "unknown section [nope]" in str(e)
     e = _error(load_config, None, environ={"TILESCAN_TILING__TILESIZE": "1"})
     assert "unknown key [tiling] tilesize" in str(e) and "tile_size" in str(e)
+    # a flag or argument that sets the key wins without reading the variable (a fix needs no unset)
+    cfg = load_config(None, {"tiling": {"tile_size": 256}}, environ={"TILESCAN_TILING__TILE_SIZE": "big"})
+    assert cfg.tiling.tile_size == 256
 
 
 def test_bad_file_values_name_the_file(tmp_path):

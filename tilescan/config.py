@@ -558,8 +558,13 @@ def load_config(
         names.append(str(path))
         texts.append(None)
     env, env_names = env_layer(environ)
-    # Each environment variable is its own layer so an error names the variable.
+    given = {(s, k) for s, vals in (overrides or {}).items() if isinstance(vals, Mapping)
+             for k, v in vals.items() if v is not None}
+    # Each environment variable is its own layer so an error names the variable; one a flag
+    # or argument overrides is not read (a bad value there does not stop a run that sets the key)
     for (section, key), var in env_names.items():
+        if (section, key) in given:
+            continue
         value = env[section][key]
         layers.append({section: {key: value}})
         names.append(f"environment variable {var}")
