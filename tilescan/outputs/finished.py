@@ -36,6 +36,7 @@ class _Scene:
     missing_rows: list[tuple[int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     refused: InputError | None = None  # its row parts do not fit together: the scene is not collected, the rest is
+    gone: str | None = None  # why its outputs may be stale: its scene file is no longer where it was read
 
 
 def _complete(folder: Path) -> dict | None:
@@ -82,8 +83,9 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
         if sc.missing_rows:
             log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
                 "(a shard still running or failed?)")
-        if gone := _scene_gone(sc):
-            sc.notes.append(gone)
+        sc.gone = _scene_gone(sc)
+        if sc.gone:
+            sc.notes.append(sc.gone)
         scenes.append(sc)
     _say_gone(scenes, log)
     scenes, twice = _once_per_scene_file(scenes)
@@ -176,16 +178,13 @@ def _check_parts(sc: _Scene, d: Path) -> None:
 
 def _say_gone(scenes: list[_Scene], log: Callable[[str], None]) -> None:
     """A warning per scene whose file is gone; one line where none is there (outputs moved to another machine)."""
-    gone = [sc for sc in scenes if sc.notes and sc.notes[-1].startswith(_GONE)]
+    gone = [sc for sc in scenes if sc.gone]
     if len(gone) > 1 and len(gone) == len(scenes):
         log(f"warning: collect: none of the {len(gone)} scene files is where its run.json says (the outputs were "
             "moved to another machine, or the scenes moved): their outputs are collected as they were")
         return
     for sc in gone:
-        log(f"warning: collect: {sc.name}: {sc.notes[-1]}")
-
-
-_GONE = "its scene file "
+        log(f"warning: collect: {sc.name}: {sc.gone}")
 
 
 def _scene_gone(sc: _Scene) -> str | None:
@@ -193,7 +192,7 @@ def _scene_gone(sc: _Scene) -> str | None:
     scene = str(sc.units[0].manifest.get("scene") or "")
     if not scene or "://" in scene or os.path.lexists(scene):
         return None
-    return (f"{_GONE}{scene} is gone (moved, renamed or deleted): its outputs are collected as they were; "
+    return (f"its scene file {scene} is gone (moved, renamed or deleted): its outputs are collected as they were; "
             f"remove this folder to leave them out")
 
 

@@ -398,9 +398,10 @@ class _Units:
                      f"{res.seconds:.1f} s -> {res.out_dir}")
 
 
-def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> str:
+def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[str, str]:
     """What the finished outputs in the way were made from, where it differs from this run's
-    (the fingerprint says only that something does): the scene file, the model, settings."""
+    (the fingerprint says only that something does): the scene file, the model, settings;
+    and what to do about it."""
     scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
         return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, pass "
