@@ -261,7 +261,8 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
     (part / "classes.txt").write_text("\n".join(kept) + "\n")
     said: list[str] = []
     r = E.run_evaluate(str(model_file), str(part), "test", str(tmp_path / "o"), explain_samples=0, log=said.append)
-    assert any("the dataset has 2 of the model's 3 classes; the others (Beach) have no images" in m for m in said), said
+    assert any("the scored split has images of 2 of the model's 3 classes; the others (Beach) have none" in m
+               for m in said), said
     by = {row["class"]: row for row in r["metrics"]["per_class"]}
     assert [row["class"] for row in r["metrics"]["per_class"]] == CLASSES  # the model's order
     assert by["Beach"]["support"] == 0

@@ -43,15 +43,7 @@ from ..log import emit
 from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
 from ..outputs.fonts import check_names
 from .metrics import compute_metrics
-from ..explain.figures import (
-    RIGHT_COLOR,
-    WRONG_COLOR,
-    FigureRow,
-    figure_fonts,
-    new_figure,
-    render_rows,
-    save_figure,
-)
+from ..explain.figures import RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts, new_figure, render_rows, save_figure
 
 DEFAULT_OUT_DIR = "evaluation"
 SEED = 20261126
@@ -495,12 +487,13 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
     if unknown:
         raise ConfigError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
                           "evaluate a model on a dataset of its own legend", path=str(data))
-    absent = [c for c in model_classes if c not in classes]
-    if absent:
-        log(f"warning: {data}: the dataset has {len(classes)} of the model's {len(model_classes)} classes; the others "
-            f"({', '.join(absent)}) have no images, and count in the scores only where the model predicts them")
-    index = [model_classes.index(c) for c in classes]
-    return [(p, index[c]) for p, c in items]
+    items = [(p, model_classes.index(classes[c])) for p, c in items]
+    seen = {k for _, k in items}  # a class of the dataset may have no image in this split either
+    if absent := [c for k, c in enumerate(model_classes) if k not in seen]:
+        log(f"warning: {data}: the scored split has images of {len(seen)} of the model's {len(model_classes)} classes; "
+            f"the others ({', '.join(absent)}) have none: no recall, and they count in the scores (macro averages "
+            "included) only where the model predicts them")
+    return items
 
 
 def _split_changed(trained: dict, ds, split: str) -> str | None:
