@@ -19,6 +19,7 @@ import tilescan
 from conftest import quiet, scene
 from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
+from tilescan.training.legend_colors import read_class_colors
 
 
 
@@ -294,6 +295,33 @@ def test_outputs_of_a_scene_file_that_is_gone_or_of_another_model_are_said(ref, 
     notes.clear()
     run_collect(out, log=notes.append)
     assert sum("is gone" in n or "none of the" in n for n in notes) == 1, notes
+
+
+def _with_colours(table_path: Path, colours: list[str]) -> None:
+    t = pq.read_table(table_path)
+    meta = dict(t.schema.metadata)
+    meta[b"tilescan"] = json.dumps({**json.loads(meta[b"tilescan"]), "class_colors": colours}).encode()
+    pq.write_table(t.replace_schema_metadata(meta), table_path)
+
+
+def test_a_models_own_legend_colours_style_the_collected_set_whatever_the_scenes_order(ref, tmp_path):
+    """Scenes of a model with its own colours beside scenes of one without (the palette): the
+    own colours style the set, also where a palette scene sorts first; other own colours are said."""
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected"))
+    names = sorted(p.parent.name for p in out.glob("*/run.json"))
+    classes = json.loads(pq.read_schema(out / names[0] / "tiles.parquet").metadata[b"tilescan"])["classes"]
+    own = ["#123456"] * len(classes)
+    _with_colours(out / names[-1] / "tiles.parquet", own)
+    notes: list[str] = []
+    run_collect(out, log=notes.append)
+    meta = json.loads(pq.read_schema(out / "collected" / "tiles.parquet").metadata[b"tilescan"])
+    drawn = read_class_colors(out / "collected" / "tiles.qml")
+    assert meta["class_colors"] == own and drawn and set(drawn.values()) == {(0x12, 0x34, 0x56)}
+    assert not any("other legend colours" in n for n in notes)
+    _with_colours(out / names[0] / "tiles.parquet", ["#654321"] * len(classes))
+    run_collect(out, log=notes.append)
+    assert any(f"the models of {names[-1]} have other legend colours than {names[0]}'s" in n for n in notes), notes
 
 
 def test_nothing_to_collect_is_a_clear_error(tmp_path):

@@ -5,11 +5,14 @@ style made in QGIS, through train, run and collect, drawn by QGIS) and tests/tes
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from conftest import invoke, tiny_model_file
-from tilescan.outputs.palette import class_colors, model_colors, parse_color, read_class_colors
+from tilescan.outputs.palette import class_colors, model_colors, parse_color
+from tilescan.training.legend_colors import legend_colors, read_class_colors
 from tilescan.outputs.qgis_style import labels_style, tiles_style, write_style
 
 
@@ -30,6 +33,17 @@ def test_text_and_json_colour_files(tmp_path):
     j = tmp_path / "legend.json"
     j.write_text(json.dumps({"Étang": "#1f78b4", "forest": [34, 139, 34]}))
     assert read_class_colors(j) == {"Étang": (31, 120, 180), "forest": (34, 139, 34)}
+    semi = tmp_path / "semi.csv"  # a header line, ';' as a spreadsheet writes it
+    semi.write_text("class;color\nwater;0,0,255\n")
+    assert read_class_colors(semi) == {"water": (0, 0, 255)}
+    for text, said in (("water,#1f78b4\nwater,#ff0000\n", "'water' is given #ff0000 and, before, #1f78b4"),
+                       ("water,#ff0000ff\n", "8 hex digits"), ('{"water": 5}', "'water': 5 is not a colour")):
+        (tmp_path / "x.txt").write_text(text)
+        with pytest.raises(ValueError, match=said):
+            read_class_colors(tmp_path / "x.txt")
+    (tmp_path / "latin.txt").write_bytes("forêt,#00ff00\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_class_colors(tmp_path / "latin.txt")
     bad = tmp_path / "bad.csv"
     bad.write_text("water,#1f78b4\nforest,green\n")
     with pytest.raises(ValueError, match="line 2: 'forest,green'"):
@@ -41,12 +55,42 @@ def test_text_and_json_colour_files(tmp_path):
 
 
 def test_qgis_exported_colour_map(tmp_path):
-    """QGIS's paletted raster "Export Color Map": value,r,g,b,alpha,label (a label may hold commas)."""
+    """QGIS's paletted raster "Export Color Map", as QGIS 3.22 writes it (a comment line first):
+    value,r,g,b,alpha,label, the label as it is, commas included."""
     p = tmp_path / "map.txt"
-    p.write_text("INTERPOLATION:EXACT\n10,0,100,0,255,Tree cover\n80,0,100,200,255,Permanent water bodies, lakes\n")
+    p.write_text("# QGIS Generated Color Map Export File\nINTERPOLATION:EXACT\n10,0,100,0,255,Tree cover\n"
+                 "80,0,100,200,255,Bare,sandy\n")
     got = read_class_colors(p)
     assert got["Tree cover"] == got["10"] == (0, 100, 0)
-    assert got["Permanent water bodies, lakes"] == (0, 100, 200)
+    assert got["Bare,sandy"] == (0, 100, 200)
+
+
+def _qml(symbols: str) -> str:
+    """A categorised style as QGIS 3.22 saves it, its symbols' layers given."""
+    return ('<!DOCTYPE qgis><qgis version="3.22.16"><renderer-v2 type="categorizedSymbol" attr="class"><categories>'
+            '<category render="true" value="water" symbol="0" label="Water"/>'
+            '<category render="true" value="road" symbol="1" label="Road"/></categories><symbols>' + symbols +
+            '</symbols><source-symbol><symbol type="fill" name="0"><layer class="SimpleFill"><Option type="Map">'
+            '<Option type="QString" value="1,2,3,255" name="color"/></Option></layer></symbol></source-symbol>'
+            '</renderer-v2></qgis>')
+
+
+def _layer(kind: str, **props) -> str:
+    opts = "".join(f'<Option type="QString" value="{v}" name="{k}"/>' for k, v in props.items())
+    return f'<layer class="{kind}"><Option type="Map">{opts}</Option></layer>'
+
+
+def test_the_colour_each_kind_of_qgis_symbol_draws(tmp_path):
+    """A fill's colour, a line's (line_color), and a fill drawn as its outline only (labels
+    over imagery): the outline's; not the source symbol's."""
+    p = tmp_path / "s.qml"
+    p.write_text(_qml(f'<symbol type="fill" name="0">{_layer("SimpleFill", color="190,178,151,255", style="no", outline_color="31,120,180,255")}</symbol>'
+                      f'<symbol type="line" name="1">{_layer("SimpleLine", line_color="227,26,28,255")}</symbol>'))
+    got = read_class_colors(p)
+    assert got["water"] == got["Water"] == (31, 120, 180) and got["road"] == (227, 26, 28)
+    p.write_text('<!DOCTYPE qgis><qgis><renderer-v2 type="graduatedSymbol" attr="x"><ranges/></renderer-v2></qgis>')
+    with pytest.raises(ValueError, match="its renderer: graduatedSymbol.*Categorized"):
+        read_class_colors(p)
 
 
 def test_tilescans_own_styles_read_back(tmp_path):
@@ -58,6 +102,34 @@ def test_tilescans_own_styles_read_back(tmp_path):
     for name in ("labels.qml", "tiles.qml"):
         got = read_class_colors(tmp_path / name)
         assert [got[c] for c in classes] == own, name
+
+
+class _Parent:
+    model_id = "parent"
+
+    def __init__(self, classes, colors):
+        self.meta = {"classes": classes, "legend": {"colors": colors}}
+
+
+def test_each_class_gets_its_colour_by_any_name_it_had_and_no_two_the_same():
+    """By the name in any Unicode form, then ignoring case, or by the labels' name a chips class
+    was renamed from; the file over a parent's colours; palette colours no class has for the rest."""
+    import unicodedata
+
+    said: list[str] = []
+    nfd = unicodedata.normalize("NFD", "Forêt")
+    (p := Path(tempfile.mkdtemp()) / "c.txt").write_text(f"{nfd},#00ff00\nCrop/fallow,#ffff00\nURBAN,#ff0000\n")
+    parent = _Parent(["Water", "Urban", "Other"], ["#0000ff", "#000000", "#e6194b"])
+    got = legend_colors(str(p), "--class-colors", ["Forêt", "Crop_fallow", "Urban", "Water", "Other", "New"],
+                        parent, said.append, {"Crop_fallow": "Crop/fallow"})
+    assert got["colors"][:5] == ["#00ff00", "#ffff00", "#ff0000", "#0000ff", "#e6194b"]
+    assert got["colors"][5] not in got["colors"][:5]  # the palette's first colour is taken: the next free one
+    assert got["colors_from"] == "c.txt, then the parent parent"
+    assert any("gives no colour for 1 class(es) ('New')" in m for m in said), said
+    said.clear()
+    p.write_text("a,#ff0000\nb,#ff0000\n")
+    legend_colors(str(p), "--class-colors", ["a", "b"], None, said.append)
+    assert any("classes 'a', 'b' have the same colour #ff0000" in m for m in said), said
 
 
 def test_model_colours_fall_back_on_the_palette():
@@ -91,7 +163,9 @@ def test_a_colour_file_train_cannot_use_is_refused_before_any_epoch(tmp_path):
             Image.new("RGB", (32, 32), (20 * i, 90, 30)).save(tmp_path / "ds" / cls / f"{i}.png")
     other = tmp_path / "other.csv"
     other.write_text("roads,#ff0000\nrail,#000000\n")
-    cases = [(tmp_path / "missing.csv", "cannot be used"), (other, "names none of the 2 classes (forest, water)")]
+    (tmp_path / "empty.csv").write_text("")
+    cases = [(tmp_path / "missing.csv", "cannot be used"), (other, "names none of the 2 classes ('forest', 'water')"),
+             (tmp_path / "empty.csv", "it names none (it is empty)")]
     for path, said in cases:
         res = invoke(["train", tmp_path / "ds", "-o", tmp_path / "m.keras", "--class-colors", path, "--epochs", "1"])
         assert res.exit_code == 2, res.output

@@ -16,7 +16,7 @@ from shapely.geometry import box
 
 from conftest import invoke, scene
 from tilescan.model import build_resnet18, describe_model, load_model, read_metadata, save_model
-from tilescan.outputs.palette import read_class_colors
+from tilescan.training.legend_colors import read_class_colors
 from tilescan.training.transfer import copy_weights, head_plan
 
 NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
@@ -254,8 +254,9 @@ def test_resume_is_the_checkpointed_run(chips, tmp_path, aid_dir):
     parent's terms and scale. A checkpoint of other classes, or another ``--init``, is refused
     with a message naming the checkpoint, before any training."""
     out = tmp_path / "ft.keras"
+    (tmp_path / "legend.csv").write_text("potholes,#1f78b4\n")
     code, log = _cli("train", chips, "--init", "default", "--epochs", "2", "--freeze-epochs", "1", "--max-time", "0.01",
-                     "-o", out, *_fast(chips))
+                     "--class-colors", tmp_path / "legend.csv", "-o", out, *_fast(chips))
     state = json.loads((tmp_path / "ft.ckpt" / "state.json").read_text())
     assert code == 0 and state["stopped"] == "time-limit" and state["epochs_done"] == 1, log  # after its first epoch
     assert "stopping for --max-time: another epoch of " in log and "--resume goes on" in log
@@ -267,6 +268,7 @@ def test_resume_is_the_checkpointed_run(chips, tmp_path, aid_dir):
     meta = read_metadata(out)
     parent = describe_model(None)
     assert meta["parent"]["sha256"] == parent.sha256 and "research use" in meta["terms"]
+    assert meta["legend"]["colors"][0] == "#1f78b4"  # the colours of the run it resumed
     assert meta["scale"]["input_gsd_m"] == parent.meta["scale"]["input_gsd_m"]
     other = tmp_path / "other"  # the same number of classes, other names
     for name in ("Pond", "Beach"):

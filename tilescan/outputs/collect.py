@@ -65,7 +65,7 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, covered, find_units, shards_disagree, unfinished_in_run
+from .finished import _Scene, _Unit, covered, find_units, say_models, shards_disagree, unfinished_in_run
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -325,7 +325,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     run_failed = _run_failures(out, {u.key for sc in scenes for u in sc.units}, log)
-    _say_models(scenes, log)
+    say_models(scenes, log)
     try:
         stage.mkdir(parents=True)
         summary = _build(scenes, skipped, stage, gpkg, log, run_failed)
@@ -342,19 +342,6 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise
     log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     return summary
-
-
-def _say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
-    """A warning when the scenes were classified by more than one model (of one legend: others are refused)."""
-    by: dict[tuple, list[str]] = {}
-    for sc in scenes:
-        m = sc.units[0].manifest.get("model") or {}
-        by.setdefault((m.get("id"), str(m.get("sha256"))[:12]), []).append(sc.name)
-    if len(by) > 1:
-        said = "; ".join(f"{mid} ({sha}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
-                         for (mid, sha), names in by.items())
-        log(f"warning: collect: the scenes were classified by {len(by)} models of the same classes ({said}): the "
-            "table and summary count their labels together (each scene's model is in summary.json)")
 
 
 def _one_line(exc: Exception) -> str:
@@ -387,7 +374,9 @@ class _TableWriter:
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
         self.classes: list[str] | None = None
-        self.colors: list[str] | None = None  # the model's own legend colours, where it has them
+        self.colors: list[str] | None = None  # the first unit's model's own legend colours, where one has them
+        self.colors_source = ""
+        self.other_colors: list[str] = []  # units of models with other own colours
         self.class_source = ""
         self.bounds: list[float] | None = None
         self.total = 0
@@ -396,10 +385,14 @@ class _TableWriter:
     def add(self, u: _Unit, t: pa.Table, info: dict) -> pa.Table:
         """Append a unit's rows (cast to the table's schema, which the first unit sets) and return them."""
         if self.classes is None:
-            self.classes, self.class_source, self.colors = info["classes"], u.key, info["class_colors"]
+            self.classes, self.class_source = info["classes"], u.key
         elif info["classes"] != self.classes:
             raise InputError(f"its model has other classes than {self.class_source}'s; collect outputs of one model "
                              "at a time", path=str(u.folder))
+        if info["class_colors"] and self.colors is None:  # a model's own legend colours over the palette
+            self.colors, self.colors_source = info["class_colors"], u.key
+        elif info["class_colors"] and info["class_colors"] != self.colors:
+            self.other_colors.append(u.key)
         if self.schema is None:
             self.schema = _schema(t)
             self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False,
@@ -513,6 +506,9 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 if info["crs"]:
                     crs_names.add(info["crs"])
             scene_info[sc.name] = _scene_entry(sc, crs_names)
+        if table.other_colors:
+            log(f"warning: collect: the models of {', '.join(table.other_colors[:3])} have other legend colours than "
+                f"{table.colors_source}'s: the collected styles draw every scene in {table.colors_source}'s")
         if table.writer is None:
             raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
         table.write_metadata(sorted(scene_info), {name: info["scale_warning"] for name, info in sorted(scene_info.items())

@@ -239,6 +239,19 @@ def shards_disagree(listed: list) -> str | None:
             "finished is skipped), then collect again")
 
 
+def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
+    """A warning when the scenes were classified by more than one model (of one legend: others are refused)."""
+    by: dict[tuple, list[str]] = {}
+    for sc in scenes:
+        m = sc.units[0].manifest.get("model") or {}
+        by.setdefault((m.get("id"), str(m.get("sha256"))[:12]), []).append(sc.name)
+    if len(by) > 1:
+        said = "; ".join(f"{mid} ({sha}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                         for (mid, sha), names in by.items())
+        log(f"warning: collect: the scenes were classified by {len(by)} models of the same classes ({said}): the "
+            "table and summary count their labels together (each scene's model is in summary.json)")
+
+
 def covered(unit, collected: set[str]) -> bool:
     """Whether a run's unit (``SCENE`` or ``SCENE/rows-…``) is in the collected set: itself, or
     its scene collected from a whole-scene output (whose unit key is the scene's name)."""

@@ -1,14 +1,10 @@
 """Class colours: a fixed palette extended by farthest-first picks in CIELAB, or a legend's
-own colours (a model's ``legend.colors``, read from a user's file by :func:`read_class_colors`).
+own colours (a model's ``legend.colors``: :mod:`tilescan.training.legend_colors`).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -104,7 +100,10 @@ def parse_color(text: str) -> tuple[int, int, int]:
         h = t[1:]
         if len(h) == 3:
             h = "".join(ch * 2 for ch in h)
-        if len(h) in (6, 8) and all(ch in "0123456789abcdefABCDEF" for ch in h):
+        if len(h) == 8:  # #rrggbbaa to some tools, #aarrggbb to Qt: not guessed
+            raise ValueError(f"{t!r}: 8 hex digits are read as #rrggbbaa by some tools and #aarrggbb by others; "
+                             "give #rrggbb")
+        if len(h) == 6 and all(ch in "0123456789abcdefABCDEF" for ch in h):
             return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
         raise ValueError(f"{t!r} is not a colour (#rrggbb)")
     parts = [p.strip() for p in t.replace(";", ",").split(",")]
@@ -115,72 +114,3 @@ def parse_color(text: str) -> tuple[int, int, int]:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise ValueError(f"{t!r} is not a colour (#rrggbb or r,g,b with values 0..255)")
     return rgb  # type: ignore[return-value]
-
-
-def read_class_colors(path: str | os.PathLike) -> dict[str, tuple[int, int, int]]:
-    """Class name -> colour, from a file a GIS user has: a QGIS style (``.qml``) of a
-    categorised vector layer (by category value and label) or of a paletted raster (by entry
-    label and value), QGIS's exported colour map (``INTERPOLATION:`` then ``value,r,g,b,a,label``),
-    JSON (``{"water": "#1f78b4", ...}``), or text lines ``name,#rrggbb`` / ``name,r,g,b``
-    (comma or tab; ``#`` starts a comment line). A ValueError names the line that is wrong."""
-    p = Path(path)
-    text = p.read_text(encoding="utf-8-sig")
-    if p.suffix.lower() == ".qml" or text.lstrip().startswith("<"):
-        return _qml_colors(text)
-    if p.suffix.lower() == ".json" or text.lstrip().startswith("{"):
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("a JSON colour file holds an object: {\"class name\": \"#rrggbb\", ...}")
-        return {str(k): parse_color(v if isinstance(v, str) else ",".join(map(str, v))) for k, v in data.items()}
-    out: dict[str, tuple[int, int, int]] = {}
-    lines = text.splitlines()
-    exported = bool(lines) and lines[0].strip().upper().startswith("INTERPOLATION")
-    for i, line in enumerate(lines[1:] if exported else lines, start=2 if exported else 1):
-        if not line.strip() or line.lstrip().startswith("#"):  # a name comes first: '#' starts a comment
-            continue
-        parts = [x.strip() for x in next(csv.reader([line], delimiter="\t" if "\t" in line else ","))]
-        try:
-            if exported:  # value,r,g,b,a,label
-                rgb = parse_color(",".join(parts[1:4]))
-                names = [parts[0]] + [", ".join(parts[5:])] * (len(parts) > 5)
-            else:
-                rgb, names = parse_color(",".join(parts[1:]) if len(parts) > 2 else parts[1]), [parts[0]]
-        except (ValueError, IndexError) as e:
-            raise ValueError(f"line {i}: {line.strip()!r}: {e if isinstance(e, ValueError) else 'a name and a colour'}") from None
-        for name in names:
-            if name:
-                out.setdefault(name, rgb)
-    return out
-
-
-def _qml_colors(text: str) -> dict[str, tuple[int, int, int]]:
-    """Class colours of a QGIS style: categories (value and label -> their symbol's fill
-    colour) or a raster palette (label and value -> colour)."""
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise ValueError(f"not a readable QGIS style (XML: {e})") from None
-    out: dict[str, tuple[int, int, int]] = {}
-    symbols = {}
-    for sym in (s for holder in root.iter("symbols") for s in holder.findall("symbol")):  # not a source-symbol
-        for el in sym.iter():
-            key = el.get("name") if el.tag == "Option" else el.get("k") if el.tag == "prop" else None
-            if key in ("color", "fill_color") and el.get("value" if el.tag == "Option" else "v"):
-                symbols.setdefault(sym.get("name"), parse_color(el.get("value" if el.tag == "Option" else "v")))
-                break
-    for cat in root.iter("category"):
-        rgb = symbols.get(cat.get("symbol"))
-        if rgb is not None:
-            for name in (cat.get("value"), cat.get("label")):
-                if name:
-                    out.setdefault(name, rgb)
-    for entry in root.iter("paletteEntry"):
-        rgb = parse_color(entry.get("color", ""))
-        for name in (entry.get("label"), entry.get("value")):
-            if name:
-                out.setdefault(name, rgb)
-    if not out:
-        raise ValueError("this QGIS style has no categories or palette entries with colours")
-    return out

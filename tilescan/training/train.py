@@ -204,7 +204,6 @@ def _train(
     """:func:`train`'s work."""
     import keras
 
-    from . import transfer
     from .chips import read_card
 
     out = Path(out)
@@ -213,7 +212,7 @@ def _train(
     k = len(dataset.classes)
     chips_card = read_card(dataset.root)
     parent, size = _parent_and_size(cfg, chips_card, log)
-    colors = transfer.legend_colors(cfg.class_colors, cfg.origin("class_colors"), dataset.classes, parent, log)
+    colors = _legend(cfg, dataset, chips_card, parent, log)
     freeze = min(cfg.freeze_epochs, cfg.epochs) if parent is not None else 0
     finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
 
@@ -230,6 +229,9 @@ def _train(
     state.setdefault("run", {"classes": list(dataset.classes), "init_path": parent.path if parent is not None else None,
                              "recipe": {k: v for k, v in asdict(cfg).items() if k not in resuming.FREE_ON_RESUME},
                              "split": resuming.split_record(dataset, cfg, limit)})
+    if colors:  # kept with the checkpoints: --resume without --class-colors goes on with them
+        state["run"]["colors"] = colors
+    colors = colors or state["run"].get("colors")
     mean, std = state["mean"], state["std"]
 
     train_ds = make_batches(
@@ -266,6 +268,16 @@ def _train(
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _legend(cfg: TrainConfig, dataset: Dataset, chips_card: dict | None, parent, log: Callable[[str], None]) -> dict | None:
+    """The legend's colours (:func:`~tilescan.training.legend_colors.legend_colors`), a chips
+    class matched also by the name it had in the labels file."""
+    from .legend_colors import legend_colors
+
+    renamed = ((chips_card or {}).get("labels") or {}).get("renamed_classes") or {}
+    return legend_colors(cfg.class_colors, cfg.origin("class_colors"), dataset.classes, parent, log,
+                         {safe: name for name, safe in renamed.items()})
 
 
 def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool,

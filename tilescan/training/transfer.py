@@ -230,37 +230,3 @@ def child_metadata(parent_card, head: str, freeze_epochs: int, finetune_lr: floa
             entry[key] = training.get(key) or pm["parent"][key]
     return entry
 
-
-def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log) -> dict | None:
-    """The model's ``legend`` colours (``colors``: ``#rrggbb`` per class, ``colors_from``):
-    from the user's colour file ``path`` (``[train] class_colors``, said as ``origin``; by
-    class name, exactly or else ignoring case), else a parent's own colours of the classes
-    it shares with the child; the palette's for the others (named in the log). None where
-    neither gives any. A :class:`ConfigError` when the file cannot be read or names no class."""
-    from ..outputs.palette import class_colors, hex_color, parse_color, read_class_colors
-
-    if path:
-        try:
-            given = read_class_colors(path)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"{origin}: the colour file cannot be used: {e}", path=str(path)) from None
-        source = Path(path).name
-    elif parent is not None and (own := (parent.meta.get("legend") or {}).get("colors")):
-        given, source = dict(zip(parent.meta["classes"], map(parse_color, own))), f"the parent {parent.model_id}"
-    else:
-        return None
-    folded = {str(k).casefold(): v for k, v in given.items()}
-    picked = [given.get(c, folded.get(str(c).casefold())) for c in classes]
-    missing = [c for c, rgb in zip(classes, picked) if rgb is None]
-    if len(missing) == len(classes):
-        if not path:
-            return None
-        raise ConfigError(f"{origin}: the colour file names none of the {len(classes)} classes "
-                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); it names "
-                          f"{', '.join(list(given)[:6])}{', ...' if len(given) > 6 else ''}", path=str(path))
-    if missing:
-        log(f"warning: {source} gives no colour for {len(missing)} class(es) ({', '.join(missing[:6])}"
-            f"{', ...' if len(missing) > 6 else ''}): they get tilescan's palette colours")
-    palette = class_colors(len(classes))
-    return {"colors": [hex_color(palette[i] if rgb is None else rgb) for i, rgb in enumerate(picked)],
-            "colors_from": source}
