@@ -218,6 +218,10 @@ def test_row_parts_must_share_what_shapes_outputs_as_the_fingerprint_counts_it(r
     run_collect(out, log=quiet)
     assert len(bh.collected(out)) == len(bh.collected(ref).query("scene == 'cogeo'"))
 
+    m["config"]["tiling"]["stride"] = m["config"]["tiling"]["tile_size"]  # the same tiles as stride 0
+    m["config"]["tiling"]["bands"] = m["scene_info"]["bands_used"]  # the bands the automatic pick chose
+    (parts[1] / "run.json").write_text(json.dumps(m))
+    run_collect(out, log=quiet)
     m["config"]["inference"]["precision"] = "bf16"
     (parts[1] / "run.json").write_text(json.dumps(m))
     with pytest.raises(InputError, match="different scenes, configs or models"):
@@ -252,6 +256,16 @@ def test_row_parts_of_another_version_of_the_scene_file_or_newer_than_the_whole_
     assert any("collecting the row parts" in n for n in notes), notes
     bh.assert_same_tiles(bh.collected(out), bh.collected(ref).query("scene == 'cogeo'").reset_index(drop=True))
 
+    newer = m["finished_at"].replace(m["finished_at"][:4], "3000")  # a sharded rerun after the file changed,
+    for r0, r1 in [(0, 5), (5, 8)]:                                  # with another shard count
+        _edit(_fake_part(out, "cogeo", r0, r1, ref / "cogeo") / "run.json", finished_at=newer,
+              scene_version={**m["scene_version"], "size": 1})
+    notes.clear()
+    summary = run_collect(out, log=notes.append)
+    assert summary["scenes"]["cogeo"]["units"] == ["cogeo/rows-00000-00005", "cogeo/rows-00005-00008"], notes
+    assert any("ignoring 2 of earlier runs" in n for n in notes), notes
+    for r in ("00000-00005", "00005-00008"):
+        shutil.rmtree(out / "cogeo" / f"rows-{r}")
     shutil.rmtree(parts[1])  # newer, but not the whole scene: the whole-scene output stays
     notes.clear()
     summary = run_collect(out, log=notes.append)
@@ -270,6 +284,12 @@ def test_a_unit_that_failed_is_said_collected_from_its_scenes_earlier_output(ref
     summary = run_collect(out, log=notes.append)
     assert summary["failed_in_run"] == [] and [u["unit"] for u in summary["earlier_outputs"]] == [f["unit"] for f in failed]
     assert not any("are not in the collected set" in n for n in notes)
+    shutil.rmtree(out / "cogeo")  # the scene from row bands, its whole-scene rerun failed
+    for r0, r1 in [(0, 3), (3, 8)]:
+        _fake_part(out, "cogeo", r0, r1, ref / "cogeo")
+    (out / "report.json").write_text(json.dumps({"failed": [{"unit": "cogeo", "scene": "x", "reason": "broken"}]}))
+    summary = run_collect(out, log=quiet)
+    assert summary["failed_in_run"] == [] and [u["unit"] for u in summary["earlier_outputs"]] == ["cogeo"]
 
 
 def test_outputs_of_a_scene_file_that_is_gone_or_of_another_model_are_said(ref, tmp_path):
@@ -283,6 +303,12 @@ def test_outputs_of_a_scene_file_that_is_gone_or_of_another_model_are_said(ref, 
     assert said in summary["scenes"][names[0]]["notes"][-1] and any(said in n for n in notes), notes
     assert not any("is gone" in str(summary["scenes"][n]["notes"]) for n in names[1:])
     assert not any("models of the same classes" in n for n in notes)
+    m = json.loads((out / names[2] / "run.json").read_text())
+    _edit(out / names[2] / "run.json", scene_version={**m["scene_version"], "size": m["scene_version"]["size"] + 1})
+    notes.clear()
+    run_collect(out, log=notes.append)
+    assert any(f"{names[2]}: its scene file {m['scene']} changed since its outputs were made" in n for n in notes), notes
+    _edit(out / names[2] / "run.json", scene_version=m["scene_version"])
 
     m = json.loads((out / names[1] / "run.json").read_text())
     _edit(out / names[1] / "run.json", model={**m["model"], "id": "retrained", "sha256": "f" * 64})

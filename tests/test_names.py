@@ -210,7 +210,7 @@ def test_outputs_in_the_way_say_what_they_were_made_from(tmp_path):
     assert invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST]).exit_code == 0
     res = invoke(["run", tmp_path / "b" / "s.tif", "-o", out, *FAST])
     assert res.exit_code == 6 and f"of another scene file of the same name ({tmp_path / 'a' / 's.tif'}) exist: if " \
-        "this is that file moved, pass --overwrite" in res.output, res.output
+        "this is that file moved, run it alone with --overwrite" in res.output, res.output
     os.utime(tmp_path / "a" / "s.tif", (1e9, 1e9))
     res = invoke(["run", tmp_path / "a" / "s.tif", "-o", out, *FAST])
     assert res.exit_code == 6 and "made from another version of the scene file" in res.output, res.output

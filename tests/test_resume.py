@@ -137,7 +137,11 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
     shutil.copyfile(src / "b.tif", other / "a.tif")  # another scene named a
     res = invoke(["run", other / "a.tif", "-o", out, *args, "--update"])
     assert res.exit_code == 6 and f"of another scene file of the same name ({src / 'a.tif'})" in res.output
-    assert "if this is that file moved, pass --overwrite" in res.output, res.output
+    assert "if this is that file moved, run it alone with --overwrite" in res.output, res.output
+    fresh = tmp_path / "out2"  # the other way round: bands and stride given first, then left to the defaults
+    assert invoke(["run", src / "b.tif", "-o", fresh, *args, "--bands", "1,2,3", "--stride", "128"]).exit_code == 0
+    res = invoke(["run", src / "b.tif", "-o", fresh, *args])
+    assert res.exit_code == 0 and read(fresh)["counts"]["skipped"] == 1, res.output
 
 
 def read(out: Path) -> dict:

@@ -170,6 +170,16 @@ class LoadedModel:
         object.__setattr__(out, "_origins", {**getattr(tiling, "_origins", {}), "bands": said})
         return out
 
+    def auto_bands(self, path, tiling) -> list[int] | None:
+        """The scene bands this model reads from ``path`` where none are given (its ``scene_bands``,
+        else the automatic pick); None where the scene cannot be opened."""
+        import dataclasses
+
+        from .scene.plan import auto_bands
+
+        own = self.tiling_for(dataclasses.replace(tiling, bands=())).bands
+        return list(own) if own else auto_bands(path, tiling, self.num_bands, self.meta.get("bands"))
+
     def scene_args(self) -> tuple:
         """What :func:`tilescan.scene.plan.open_scene` takes of the model, after the path and tiling."""
         return self.num_bands, self.input_size, self.meta.get("gsd_m"), self.meta.get("bands"), self.scale_range

@@ -537,6 +537,7 @@ def _scene_entry(sc: _Scene, crs_names: set[str]) -> dict:
         "missing_rows": [list(r) for r in sc.missing_rows],
         "notes": sc.notes,
         "model": m.get("model", {}).get("id"),
+        "model_sha256": m.get("model", {}).get("sha256"),
         **({"scale_warning": note} if (note := _scale_note(sc)) else {}),
     }
 

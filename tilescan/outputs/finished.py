@@ -57,8 +57,15 @@ def _why_unfinished(folder: Path) -> str:
 
 
 def _shaping(m: dict) -> tuple:
-    """What shaped a unit's outputs, as its fingerprint counts it: settings and model."""
-    return json.dumps(output_shaping(m.get("config") or {}), sort_keys=True), (m.get("model") or {}).get("sha256")
+    """What shaped a unit's outputs, as its fingerprint counts it: settings and model; settings
+    that give the same outputs as one (a stride of the tile size or 0, the bands as read)."""
+    shaping = output_shaping(m.get("config") or {})
+    tiling = shaping["tiling"]
+    if tiling.get("stride") == tiling.get("tile_size"):
+        tiling["stride"] = 0
+    if used := (m.get("scene_info") or {}).get("bands_used"):
+        tiling["bands"] = used
+    return json.dumps(shaping, sort_keys=True), (m.get("model") or {}).get("sha256")
 
 
 def _n_rows(folder: Path, m: dict) -> int | None:
@@ -79,6 +86,7 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
         sc = _scene_units(d, skipped, log)
         if sc is None:
             continue
+        _newest_set(sc, log)
         _check_parts(sc, d)
         if sc.missing_rows:
             log(f"warning: collect: {d.name}: tile rows {sc.missing_rows} have no finished output yet "
@@ -86,6 +94,9 @@ def find_units(out: Path, log: Callable[[str], None]) -> tuple[list[_Scene], lis
         sc.gone = _scene_gone(sc)
         if sc.gone:
             sc.notes.append(sc.gone)
+        elif changed := _scene_changed(sc):
+            sc.notes.append(changed)
+            log(f"warning: collect: {d.name}: {changed}")
         scenes.append(sc)
     _say_gone(scenes, log)
     scenes, twice = _once_per_scene_file(scenes)
@@ -138,10 +149,35 @@ def _newer_and_whole(parts: list[_Unit], whole: dict) -> bool:
     """Whether finished row parts were all finished after the whole-scene output and cover every tile row."""
     if not parts or any(str(u.manifest.get("finished_at", "")) <= str(whole.get("finished_at", "")) for u in parts):
         return False
+    return _covers(parts, gaps=False)
+
+
+def _covers(parts: list[_Unit], gaps: bool = True) -> bool:
+    """Whether the row parts hold every tile row of their scene, each once (``gaps`` False: overlaps allowed)."""
     n_rows = _n_rows(parts[0].folder, parts[0].manifest)
     rows = sorted(u.rows for u in parts)
     return n_rows is not None and rows[0][0] == 0 and rows[-1][1] >= n_rows and all(
-        b[0] <= a[1] for a, b in zip(rows, rows[1:]))
+        (b[0] == a[1]) if gaps else (b[0] <= a[1]) for a, b in zip(rows, rows[1:]))
+
+
+def _newest_set(sc: _Scene, log: Callable[[str], None]) -> None:
+    """Of row parts made in several runs (another version of the scene file, another shard
+    count, other settings), the set of the run finished last where it covers the scene alone:
+    it is collected, the others named as ignored."""
+    runs: dict[tuple, list[_Unit]] = {}
+    for u in sc.units:
+        runs.setdefault((json.dumps(u.manifest.get("scene_version"), sort_keys=True), _shaping(u.manifest)), []).append(u)
+    if len(runs) < 2:
+        return
+    ends = {k: max(str(u.manifest.get("finished_at", "")) for u in us) for k, us in runs.items()}
+    last = max(ends, key=ends.get)
+    if list(ends.values()).count(ends[last]) > 1 or not _covers(runs[last]):
+        return
+    stale = [u.key for u in sc.units if u not in runs[last]]
+    sc.units = sorted(runs[last], key=lambda u: u.rows)
+    sc.notes.append(f"row parts of earlier runs ignored ({', '.join(stale)}): the newest set covers the scene")
+    log(f"collect: {sc.name}: the row parts finished last cover the scene; ignoring {len(stale)} of earlier runs "
+        f"({', '.join(stale[:4])}{', ...' if len(stale) > 4 else ''}; remove them to keep one set)")
 
 
 def _check_parts(sc: _Scene, d: Path) -> None:
@@ -158,8 +194,8 @@ def _check_parts(sc: _Scene, d: Path) -> None:
     elif len(versions) > 1:
         sc.refused = InputError(
             "its row parts were made from different versions of the scene file (its size or modification time "
-            f"changed between them: {', '.join(u.key for u in sc.units)}); rerun the job with --overwrite so "
-            "every part is made from the file as it is now", path=str(d))
+            f"changed between them: {', '.join(u.key for u in sc.units)}); rerun the job with --update, which "
+            "makes again the parts of the older version, then collect", path=str(d))
     for a, b in zip(sc.units, sc.units[1:]):
         if b.rows[0] < a.rows[1] and sc.refused is None:
             sc.refused = InputError(
@@ -190,10 +226,25 @@ def _say_gone(scenes: list[_Scene], log: Callable[[str], None]) -> None:
 def _scene_gone(sc: _Scene) -> str | None:
     """Why a scene's outputs may be stale: its local scene file is no longer where it was read."""
     scene = str(sc.units[0].manifest.get("scene") or "")
-    if not scene or "://" in scene or os.path.lexists(scene):
+    if not scene or "://" in scene or os.path.exists(scene):
         return None
     return (f"its scene file {scene} is gone (moved, renamed or deleted): its outputs are collected as they were; "
             f"remove this folder to leave them out")
+
+
+def _scene_changed(sc: _Scene) -> str | None:
+    """Why a scene's outputs may be stale: its local scene file's size or modification time is
+    not what its outputs were made from."""
+    version = sc.units[0].manifest.get("scene_version") or {}
+    scene = str(sc.units[0].manifest.get("scene") or "")
+    try:
+        st = os.stat(scene)
+    except (OSError, ValueError):
+        return None
+    if "size" not in version or (st.st_size, st.st_mtime_ns) == (version.get("size"), version.get("mtime_ns")):
+        return None
+    return (f"its scene file {scene} changed since its outputs were made (its size or modification time): they "
+            "are collected as they were; rerun the job with --update to make them again")
 
 
 def _once_per_scene_file(scenes: list[_Scene]) -> tuple[list[_Scene], list[dict]]:
@@ -253,9 +304,12 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
 
 
 def covered(unit, collected: set[str]) -> bool:
-    """Whether a run's unit (``SCENE`` or ``SCENE/rows-…``) is in the collected set: itself, or
-    its scene collected from a whole-scene output (whose unit key is the scene's name)."""
-    return unit in collected or str(unit).split("/")[0] in collected
+    """Whether a run's unit is in the collected set: a row band (``SCENE/rows-…``) itself or its
+    scene's whole-scene output (whose key is the scene's name); a whole scene from either."""
+    scene, _, part = str(unit).partition("/")
+    if part:
+        return unit in collected or scene in collected
+    return scene in collected or any(k.startswith(scene + "/") for k in collected)
 
 
 def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> list[dict]:

@@ -20,7 +20,7 @@ from ..config import RERUN_KEYS, Config
 from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError,
                       TilescanError)
 from ..log import catching_warnings, emit
-from ..model import describe_model
+from ..model import LoadedModel, describe_model
 from ..outputs.files import make_folder, write_error, write_json, write_json_in_place
 from ..outputs import fonts
 from ..scene import sources
@@ -334,7 +334,7 @@ class _Units:
         fp = fingerprint(unit, self.cfg, self.card.sha256, version)
         lock = UnitLock(self.out, unit).acquire()
         try:
-            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card.sha256, version):
+            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version):
                 lock.release()
                 self.log(f"{unit.key}: already complete, skipped")
                 old = read_manifest(final) or {}
@@ -404,9 +404,9 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
     and what to do about it."""
     scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
-        return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, pass "
-                "--overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename it or run it "
-                "into another output folder: --overwrite would replace the other scene's outputs")
+        return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, run "
+                "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
+                "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     was, now = old.get("config") or {}, cfg.to_dict()
     shaping = {sec: now[sec] for sec in ("tiling", "cam", "output")} | {"inference": {"precision": now["inference"]["precision"]}}
     changed = [f"[{sec}] {key} {was.get(sec, {}).get(key)!r} -> {value!r}" for sec, values in shaping.items()
@@ -416,27 +416,27 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
         return "made with other settings (" + ", ".join(changed) + ")", redo
     model = old.get("model") or {}
     if model.get("sha256") != model_sha:
-        return f"made with another model ({model.get('id')})", redo
+        return f"made with another model ({model.get('id')}, sha256 {str(model.get('sha256'))[:12]})", redo
     return "made from another version of the scene file (its size or modification time differ)", redo
 
 
-def _equivalent(old: dict, unit: Unit, cfg: Config, model_sha: str, version: dict | None) -> bool:
+def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
     """Whether finished outputs whose fingerprint differs were made with settings that give the
     same outputs: a stride equal to the tile size given or left 0, bands given as the automatic
-    pick chose them, or left to it where they were given as it chooses."""
+    pick chose them, or left to it where it picks those given."""
     was = (old.get("config") or {}).get("tiling") or {}
     now, same = cfg.tiling, {}
     if was.get("tile_size") == now.tile_size and {was.get("stride"), now.stride} <= {0, now.tile_size}:
         same["stride"] = was.get("stride")
-    used = (old.get("scene_info") or {}).get("bands_used")
-    if list(was.get("bands") or []) != list(now.bands) and used and list(now.bands) == list(used):
-        same["bands"] = tuple(was.get("bands") or ())
+    before, used = list(was.get("bands") or []), (old.get("scene_info") or {}).get("bands_used")
+    if before != list(now.bands) and used and list(now.bands or card.auto_bands(unit.scene, now) or [None]) == used:
+        same["bands"] = tuple(before)
     if not same or version is None:
         return False
-    return old.get("fingerprint") == fingerprint(unit, cfg.replace("tiling", **same), model_sha, version)
+    return old.get("fingerprint") == fingerprint(unit, cfg.replace("tiling", **same), card.sha256, version)
 
 
-def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, model_sha: str,
+def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,
                   version: dict | None = None) -> bool:
     """Whether the unit's outputs are in place from the same scene, config and model (or
     settings that give the same outputs); raises when something else is in the way (it is
@@ -451,18 +451,19 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             path=str(final))
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
-        if not cfg.output.overwrite and (old.get("fingerprint") == fp or _equivalent(old, unit, cfg, model_sha, version)):
+        if not cfg.output.overwrite and (old.get("fingerprint") == fp or _equivalent(old, unit, cfg, card, version)):
             return True
         if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
             return False  # --update never replaces another scene file's outputs
-        what, advice = _what_differs(old, unit, cfg, model_sha)
+        what, advice = _what_differs(old, unit, cfg, card.sha256)
         raise OutputExistsError(f"finished outputs {what} exist: {advice}", path=str(final))
     elif _occupied(final):
         if old is None and not (final / layout.MANIFEST).is_file():  # something else's: --overwrite leaves it too
             raise OutputExistsError(
                 "exists but is not a tilescan output (no run.json); it was left alone, even with "
                 "--overwrite: move it away, or choose another output folder", path=str(final))
-        if not (cfg.output.overwrite or cfg.output.update):
+        mine = not isinstance(old, dict) or old.get("scene") in (None, sources.recorded_path(unit.scene))
+        if not (cfg.output.overwrite or (cfg.output.update and mine)):  # --update: never another scene file's
             raise OutputExistsError(
                 "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
                 "pass --overwrite (overwrite=True from Python) to replace them", path=str(final))

@@ -479,6 +479,19 @@ def _check_model_args(model_bands: int, input_size: int, model_gsd_m: float | No
         raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
 
 
+def auto_bands(path, cfg: TilingConfig, model_bands: int, model_band_names: Sequence[str] | None) -> list[int] | None:
+    """The scene bands ``open_scene`` picks with no bands given (its warnings not said: this only
+    compares settings), or None where the scene cannot be opened."""
+    from .info import collecting_tiling_warnings
+
+    try:
+        path, ds = _open_dataset(path)
+        with ds, collecting_tiling_warnings():
+            return _pick_bands(_scene_info(path, ds), dataclasses.replace(cfg, bands=()), model_bands, model_band_names)
+    except Exception:  # noqa: BLE001 - the run's own open says what is wrong with the scene
+        return None
+
+
 def _open_dataset(path):
     """The scene's path (a Path, or the remote scene itself) and its open rasterio dataset."""
     remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.scene.sources
