@@ -111,14 +111,15 @@ _MAKE_CHIPS = ("images to train or evaluate on are 8-bit RGB; cut 8-bit chips fr
 
 def _image_problem(path: Path) -> str | None:
     """What keeps ``path`` from being a training image, from its header and last bytes (its
-    pixels are not decoded): not an image, not 8-bit, or cut short. None for a good one."""
+    pixels are not decoded): not an image, not 8-bit, or cut short. None for a good one, and
+    for an 8-bit TIFF only GDAL reads the header of."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             size, mode, kind, depth = (im.width, im.height), im.mode, im.format, _bit_depth(im, path)
     except Exception:  # noqa: BLE001 - whatever the file is, it is no image Pillow reads
-        return _tiff_problem(path) or _NOT_AN_IMAGE
+        return _not_pillows(path)
     if not all(size):
         return _NOT_AN_IMAGE
     if mode not in _EIGHT_BIT or depth > 8:
@@ -150,16 +151,19 @@ def _cut_short(path: Path, marker: bytes) -> bool:
         return marker not in f.read()
 
 
-def _tiff_problem(path: Path) -> str | None:
-    """A TIFF Pillow cannot read (more than 4 bands, 16-bit multiband, float) described as GDAL reads it."""
+def _not_pillows(path: Path) -> str | None:
+    """What is wrong with a file Pillow cannot read, as GDAL reads a TIFF: other bands or bit
+    depth than 8-bit grey or colour (those OpenCV decodes for training: None); else no image."""
     if path.suffix.lower() not in (".tif", ".tiff"):
-        return None
+        return _NOT_AN_IMAGE
     try:
         import rasterio
 
         with rasterio.open(path) as ds:
             bands, dtype = ds.count, ds.dtypes[0]
     except Exception:  # noqa: BLE001 - no TIFF GDAL reads either
+        return _NOT_AN_IMAGE
+    if dtype == "uint8" and bands in (1, 3, 4):
         return None
     return f"is a TIFF of {bands} {dtype} band(s): {_MAKE_CHIPS}"
 
