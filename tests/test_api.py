@@ -125,6 +125,8 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
         tilescan.cut_chips(str(tmp_path / "nowhere.tif"), tmp_path / "labels.geojson", tmp_path / "chips")
     with pytest.raises(tilescan.ConfigError, match="by section"):  # not an AttributeError
         tilescan.load_config(None, {"tile_size": 256})
+    with pytest.raises(tilescan.ConfigError, match=r"e.g. \{'cam': \{'method'"):  # the key's own section
+        tilescan.load_config(None, {"method": "layercam"})
     loaded = tilescan.load_model("default")
     cam = tilescan.get_cam("gradcam", loaded)  # what load_model returns, as a Keras model would be
     assert cam.layer == loaded.cam_layer

@@ -881,7 +881,7 @@ def test_model_from_environment_variable(bad_models, tmp_path, scenes_dir):
 CONFIG_CASES = {  # file text -> what the message must say
     "unknown_key": ("[tiling]\ntilesize = 64\n", "unknown key [tiling] tilesize; known keys: tile_size"),
     "wrong_type": ("[tiling]\ntile_size = \"big\"\n", "[tiling] tile_size: expected an integer, got 'big'"),
-    "wrong_type_list": ("[tiling]\nbands = 3\n", "[tiling] bands: expected a list, got 3"),
+    "wrong_type_list": ("[tiling]\npercentiles = 2\n", "[tiling] percentiles: expected a list, got 2"),
     "out_of_range": ("[inference]\nbatch_size = 0\n", "[inference] batch_size: must be >= 1, got 0"),
     "bad_choice": ("[output]\ncompress = \"zip\"\n", "[output] compress: must be one of"),
     "unknown_section": ("[tilling]\ntile_size = 64\n", "unknown section [tilling]"),

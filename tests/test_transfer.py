@@ -219,6 +219,16 @@ def test_a_legend_styled_in_qgis_colours_every_output(chips, tmp_path):
     assert [s["rgba"][:3] for s in samples] == [want[lab] for lab in labels]
 
 
+def test_one_training_chip_a_class_gives_a_head_of_sane_confidence(chips, tmp_path):
+    """The smallest trial the README offers (--limit as many as the classes: one chip each):
+    the imprinted head's loss on those chips is a loss, not 1e8 (no spread within a class)."""
+    out = tmp_path / "one.keras"
+    code, log = _cli("train", chips, "--init", "default", "--epochs", "1", "--limit", "2", "-o", out, *_fast(chips))
+    assert code == 0, log
+    head = read_metadata(out)["parent"]["head_init"]
+    assert head["images"] == 2 and head["loss"] < 5, head
+
+
 def test_head_is_kept_reordered_or_new():
     parent = build_resnet18((32, 32, 3), 3)
     w, b = parent.get_layer("logits").get_weights()

@@ -572,7 +572,9 @@ def load_config(
     if overrides:
         flat = [s for s, vals in overrides.items() if not isinstance(vals, Mapping)]
         if flat:
-            raise ConfigError(f"overrides are by section, e.g. {{'tiling': {{'{flat[0]}': ...}}}}; got {flat[0]!r} "
+            home = next((name for name, cls in SECTIONS.items() if flat[0] in {f.name for f in dataclasses.fields(cls)}),
+                        "tiling")
+            raise ConfigError(f"overrides are by section, e.g. {{'{home}': {{'{flat[0]}': ...}}}}; got {flat[0]!r} "
                               "with a value of its own (tilescan.run() takes such keys as keywords)")
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
         layers.append({s: v for s, v in clean.items() if v})

@@ -113,7 +113,11 @@ def imprint_head(model, paths: Sequence[Path], labels, k: int, size: int, label_
         f.append(np.asarray(feats.predict_on_batch(x), dtype=np.float64))
     f, y = np.concatenate(f), labels[pick]
     mu = np.stack([f[y == c].mean(axis=0) if (y == c).any() else f.mean(axis=0) for c in range(k)])
-    var = max(float(np.mean(np.sum((f - mu[y]) ** 2, axis=1))) / f.shape[1], 1e-12)
+    within = float(np.mean(np.sum((f - mu[y]) ** 2, axis=1))) / f.shape[1]
+    spread = float(np.mean(np.sum((f - f.mean(axis=0)) ** 2, axis=1))) / f.shape[1]
+    # at least a tenth of the features' whole spread: one image a class has none within its class,
+    # and a variance near 0 made logits no temperature of the search below brings back
+    var = max(within, 0.1 * spread, 1e-12)
     base = (f @ mu.T - 0.5 * np.sum(mu * mu, axis=1)) / var
     target = np.full((len(y), k), label_smoothing / k)
     target[np.arange(len(y)), y] += 1.0 - label_smoothing
