@@ -98,7 +98,8 @@ def test_panels_equal_the_plain_float_drawing(tile, stride, row_offset, outlines
 
     want = reference_panels(rgb, valid, labels, heat, 30, scene_size, tile, stride, row_offset, outlines)
     scene = Q._scene_panel(rgb, valid)
-    label, present = Q._label_panel(rgb, valid, scene, labels, 30, scene_size, tile, stride, row_offset, outlines)
+    colors = tuple(class_colors(30))
+    label, present = Q._label_panel(rgb, valid, scene, labels, colors, scene_size, tile, stride, row_offset, outlines)
     heat_panel, has_heat = Q._heat_panel(rgb, valid, scene, heat)
     no_heat, _ = Q._heat_panel(rgb, valid, scene, None)
     assert has_heat and present and set(present) <= set(range(30))
@@ -121,8 +122,9 @@ def test_tables_equal_the_float_blends_for_every_value():
     for c in (0, 7, 29):
         for ch in range(3):
             blend = (1.0 - Q.LABEL_BLEND) * v + Q.LABEL_BLEND * palette[c, ch]
-            np.testing.assert_array_equal(Q._label_lut(30)[c, ch], np.clip(blend + 0.5, 0, 255).astype(np.uint8))
-    np.testing.assert_array_equal(Q._label_lut(30)[30, 0], np.arange(256))  # valid, unlabelled: the scene
+            np.testing.assert_array_equal(Q._label_lut(tuple(class_colors(30)))[c, ch],
+                                          np.clip(blend + 0.5, 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(Q._label_lut(tuple(class_colors(30)))[30, 0], np.arange(256))  # valid, unlabelled: the scene
 
 
 def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
