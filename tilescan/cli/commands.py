@@ -217,13 +217,15 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @click.option("--min-cover", default=0.9, type=click.FloatRange(0, 1, min_open=True),
               help="Share of a tile one class's polygons must cover for the tile to become a chip.")
 @click.option("--min-valid", default=0.95, type=click.FloatRange(0, 1, min_open=True),
-              help="Share of a tile that must be valid scene data (not nodata, not past the edge).")
+              help="Share of a tile that must be valid scene data (not nodata, not past the edge) to be a chip; "
+                   "chips' own, not [tiling] min_valid_fraction (which tiles run classifies).")
 @click.option("--split", "split_method", default="blocks", type=click.Choice(["blocks", "scene", "random", "test"]),
               help="blocks: whole spatial blocks per split; scene: whole scenes; random: chip by chip (optimistic); "
                    "test: every chip in test (a set only for scoring).")
 @option("--block-size", type=click.FloatRange(0, min_open=True), show_default="4 tile footprints",
               help="Block edge in metres (--split blocks).")
-@click.option("--val-fraction", default=0.15, type=click.FloatRange(0, 1, max_open=True), help="Share of chips for val.")
+@click.option("--val-fraction", default=0.15, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of chips for val (chips' own, not [train] val_fraction, which splits plain image folders).")
 @click.option("--test-fraction", default=0.15, type=click.FloatRange(0, 1, max_open=True), help="Share of chips for test.")
 @click.option("--seed", default=20261126, type=int, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset folder.")

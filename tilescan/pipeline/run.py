@@ -409,8 +409,15 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     was, now = old.get("config") or {}, cfg.to_dict()
     shaping = {sec: now[sec] for sec in ("tiling", "cam", "output")} | {"inference": {"precision": now["inference"]["precision"]}}
-    changed = [f"[{sec}] {key} {was.get(sec, {}).get(key)!r} -> {value!r}" for sec, values in shaping.items()
-               for key, value in values.items() if key not in RERUN_KEYS and was.get(sec, {}).get(key, value) != value]
+    def said(key, value) -> str:
+        """A value as the message shows it: a stride of 0 is the tile size, no bands the automatic pick."""
+        if key == "stride" and not value:
+            return "0 (the tile size)"
+        return "[] (the automatic pick)" if key == "bands" and not value else repr(value)
+
+    changed = [f"[{sec}] {key} {said(key, was.get(sec, {}).get(key))} -> {said(key, value)}"
+               for sec, values in shaping.items() for key, value in values.items()
+               if key not in RERUN_KEYS and was.get(sec, {}).get(key, value) != value]
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
