@@ -17,7 +17,7 @@ from rasterio.transform import Affine
 from . import oneblock
 from .files import _dumps, atomic_output
 from .geometry import _rasterio_crs
-from .palette import class_colors
+from .palette import colors_for
 
 LABEL_NODATA = 255
 
@@ -165,7 +165,7 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
 
     ``labels`` is ``(n_rows, n_cols)`` with class indexes, ``-1`` for skipped tiles (written
     as nodata 255). ``grid_transform`` maps grid cells (one per stride step) to the scene
-    CRS. The file gets a colour table (``colors``, one per class, else :func:`class_colors`; nodata transparent), band
+    CRS. The file gets a colour table (``colors``, one per class, else the palette: :func:`~tilescan.outputs.palette.colors_for`; nodata transparent), band
     description ``class``, tags ``CLASS_NAMES`` (JSON list) and ``CLASS_<i>=<name>``,
     nearest-neighbour overviews, and a sidecar ``<path>.aux.xml`` holding GDAL category
     names and a raster attribute table (GDAL keeps these only in PAM sidecars for GeoTIFF),
@@ -181,9 +181,7 @@ def write_labels_cog(path: str | os.PathLike, labels: np.ndarray, grid_transform
     if arr.size and (arr.min() < -1 or arr.max() >= len(classes)):
         raise ValueError(f"labels must be -1 or a class index below {len(classes)}")
     data = np.where(arr < 0, LABEL_NODATA, arr).astype(np.uint8)
-    colors = class_colors(len(classes)) if colors is None else [tuple(int(v) for v in c[:3]) for c in colors]
-    if len(colors) != len(classes):
-        raise ValueError(f"{len(colors)} colours for {len(classes)} classes")
+    colors = colors_for(len(classes), colors)
     cmap = {i: (*rgb, 255) for i, rgb in enumerate(colors)}
     cmap[LABEL_NODATA] = (0, 0, 0, 0)
     all_tags = {"CLASS_NAMES": _dumps(classes)}

@@ -87,6 +87,17 @@ def model_colors(n: int, own: Sequence[str] | None) -> tuple[tuple[int, int, int
     return tuple(class_colors(n))
 
 
+def colors_for(n: int, colors: Sequence[Sequence[int]] | None) -> tuple[tuple[int, int, int], ...]:
+    """The ``n`` classes' colours a writer draws: ``colors`` (an (r, g, b) each, one per class)
+    as integer tuples, else :func:`class_colors`; a ValueError where their count is not ``n``."""
+    if colors is None:
+        return tuple(class_colors(n))
+    out = tuple(tuple(int(v) for v in c[:3]) for c in colors)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} colours for {n} classes")
+    return out  # type: ignore[return-value]
+
+
 def hex_color(rgb: Sequence[int]) -> str:
     """``#rrggbb`` of an (r, g, b)."""
     return "#{:02x}{:02x}{:02x}".format(*(int(v) for v in rgb[:3]))

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import CAM_METHOD_TITLES
 from . import quicklook_text as qt
-from .palette import class_colors
+from .palette import colors_for
 from .png import write_png as _write_png
 
 # --------------------------------------------------------------------------- quicklook
@@ -108,11 +108,11 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     the picture does not travel without it. ``flip`` (rows, columns): turn the panels over,
     for a scene stored south-up or east-left, so north is up as on a map (:func:`north_up_flip`).
     ``cam``: the CAM method the heat is of, as its panel and caption name it. ``colors``: an
-    (r, g, b) per class (the model's own legend colours), else :func:`class_colors`.
+    (r, g, b) per class (the model's own legend colours), else the palette (:func:`~tilescan.outputs.palette.colors_for`).
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
-    colors = tuple(class_colors(len(classes))) if colors is None else tuple(tuple(int(v) for v in c) for c in colors)
+    colors = colors_for(len(classes), colors)
     palette = _palette(colors)
     scene_panel = _scene_panel(rgb, valid)
     label_panel, present = _label_panel(rgb, valid, scene_panel, labels, colors, scene_size, tile_px,
