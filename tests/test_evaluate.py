@@ -105,20 +105,19 @@ def test_metrics_match_an_independent_count(evaluated):
     pred = Counter(p for _, p in pairs)
     f1s, precs, recs = {}, {}, {}
     for c in CLASSES:
-        precs[c] = tp[c] / pred[c] if pred[c] else 0.0
-        recs[c] = tp[c] / sup[c] if sup[c] else 0.0
-        s = precs[c] + recs[c]
-        f1s[c] = 2 * precs[c] * recs[c] / s if s else 0.0
+        precs[c] = tp[c] / pred[c] if pred[c] else None  # never predicted: undefined
+        recs[c] = tp[c] / sup[c] if sup[c] else None  # no support: undefined
+        pr, rc = precs[c] or 0.0, recs[c] or 0.0
+        f1s[c] = (2 * pr * rc / (pr + rc) if pr + rc else 0.0) if sup[c] or pred[c] else None
     present = [c for c in CLASSES if sup[c] or pred[c]]
     per = {r["class"]: r for r in report["metrics"]["per_class"]}
     for c in CLASSES:
-        assert per[c]["precision"] == pytest.approx(precs[c])
-        assert per[c]["recall"] == pytest.approx(recs[c])
-        assert per[c]["f1"] == pytest.approx(f1s[c])
+        for got, want in ((per[c]["precision"], precs[c]), (per[c]["recall"], recs[c]), (per[c]["f1"], f1s[c])):
+            assert got is None if want is None else got == pytest.approx(want)
         assert per[c]["support"] == sup[c]
     assert report["macro_f1"] == pytest.approx(sum(f1s[c] for c in present) / len(present))
-    assert report["weighted_f1"] == pytest.approx(sum(f1s[c] * sup[c] for c in CLASSES) / n)
-    assert report["metrics"]["macro"]["precision"] == pytest.approx(sum(precs[c] for c in present) / len(present))
+    assert report["weighted_f1"] == pytest.approx(sum(f1s[c] * sup[c] for c in present) / n)
+    assert report["metrics"]["macro"]["precision"] == pytest.approx(sum(precs[c] or 0.0 for c in present) / len(present))
     # confusion matrix CSV: header of class names, rows = true, columns = predicted, sums to n
     cm = _read_csv(out / "confusion_matrix.csv")
     assert cm[0][1:] == CLASSES
@@ -130,6 +129,8 @@ def test_metrics_match_an_independent_count(evaluated):
     assert pc[0] == ["class", "precision", "recall", "f1", "support", "predicted"]
     assert [r[0] for r in pc[1:]] == CLASSES
     assert [int(r[4]) for r in pc[1:]] == [sup[c] for c in CLASSES]
+    assert [r[1:4] for r in pc[1:]] == [["" if v is None else f"{v:.6f}" for v in (precs[c], recs[c], f1s[c])]
+                                        for c in CLASSES]
     # confidences are probabilities
     conf = np.array([float(r[3]) for r in preds])
     assert ((conf >= 1 / 3 - 1e-6) & (conf <= 1)).all()
@@ -230,6 +231,14 @@ def test_compute_metrics_by_hand():
     f1 = [2 / 3, 2 * (1 / 2) / (1 / 2 + 1), 0.0]
     assert [r["f1"] for r in m["per_class"]] == pytest.approx(f1)
     assert m["macro"]["f1"] == pytest.approx(sum(f1) / 3)
+    assert m["per_class"][2]["precision"] is None and m["per_class"][2]["recall"] == 0.0  # c: missed, never predicted
+    # d: neither true nor predicted (all None, left out of the macro average); e: predicted, never true
+    m = compute_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 4, 1]), ["a", "b", "c", "d", "e"])
+    d, e = m["per_class"][3], m["per_class"][4]
+    assert (d["precision"], d["recall"], d["f1"]) == (None, None, None)
+    assert (e["precision"], e["recall"], e["f1"]) == (0.0, None, 0.0)
+    assert m["macro"]["classes"] == 4
+    assert m["macro"]["f1"] == pytest.approx((2 / 3 + 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)) / 4)
     assert m["top_confusions"][0] == {"true": "a", "pred": "b", "count": 1}
 
 
@@ -265,7 +274,9 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
                for m in said), said
     by = {row["class"]: row for row in r["metrics"]["per_class"]}
     assert [row["class"] for row in r["metrics"]["per_class"]] == CLASSES  # the model's order
-    assert by["Beach"]["support"] == 0
+    assert by["Beach"]["support"] == 0 and by["Beach"]["recall"] is None  # nothing to recall: undefined, not 0
+    beach = next(row for row in _read_csv(tmp_path / "o" / "per_class.csv") if row[0] == "Beach")
+    assert beach[2] == "" and beach[4] == "0"
     for c in kept:  # each kept class scored as in the full dataset
         mine = {k: by[c][k] for k in ("support", "recall")}
         assert mine == {k: next(x for x in full["metrics"]["per_class"] if x["class"] == c)[k] for k in mine}

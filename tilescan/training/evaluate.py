@@ -533,8 +533,8 @@ def _write_tables(out: Path, rel_paths, y_true, y_pred, conf, metrics: dict, cla
     write_text(
         out / "per_class.csv",
         csv_text([("class", "precision", "recall", "f1", "support", "predicted")]
-                 + [(r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"], r["predicted"])
-                    for r in metrics["per_class"]]),
+                 + [(r["class"], *("" if r[m] is None else f"{r[m]:.6f}" for m in ("precision", "recall", "f1")),
+                     r["support"], r["predicted"]) for r in metrics["per_class"]]),
     )
     plot_confusion(cm, classes, out / "confusion_matrix.png", title)
 

@@ -1,8 +1,10 @@
 """Classification metrics from integer labels, with numpy alone.
 
 Accuracy; per class precision = TP / predicted, recall = TP / support, F1 their harmonic
-mean (0 where undefined); macro averages over the classes that occur in the true or the
-predicted labels (scikit-learn's default), weighted averages by support.
+mean. Per class, a value with nothing to divide by is None (precision of a class never
+predicted, recall of a class with no support, F1 of a class with neither); the averages count
+it as 0: macro averages over the classes that occur in the true or the predicted labels
+(scikit-learn's default), weighted averages by support.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[st
         for i, j in (divmod(int(o), k) for o in order[:10])
         if off[i, j] > 0
     ]
+    def defined(v: np.ndarray, ok: np.ndarray, i: int) -> float | None:
+        return float(v[i]) if ok[i] else None
+
     return {
         "n": n,
         "correct": int(tp.sum()),
@@ -57,9 +62,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[st
             {
                 "class": classes[i],
                 "index": i,
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
+                "precision": defined(precision, predicted > 0, i),
+                "recall": defined(recall, support > 0, i),
+                "f1": defined(f1, present, i),
                 "support": int(support[i]),
                 "predicted": int(predicted[i]),
             }
