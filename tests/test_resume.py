@@ -96,8 +96,13 @@ def test_finished_outputs_are_replaced_only_with_overwrite(tmp_path, scene_path)
     assert "--overwrite" in rep["failed"][0]["reason"]
     assert {f.name: f.stat().st_mtime_ns for f in (out / "cog_rgb").iterdir()} == before
 
-    rep = run([scene], out, cfg(heatmap_scale=0.5, overwrite=True), log=quiet).to_dict()
+    said: list[str] = []
+    rep = run([scene], out, cfg(heatmap_scale=0.5, overwrite=True), log=said.append).to_dict()
     assert rep["counts"]["done"] == 1
+    what = "made with other settings ([output] heatmap_scale 0.25 -> 0.5)"  # what was replaced, and why
+    assert rep["done"][0]["replaced"] == what and f"cog_rgb: redoing its finished outputs, {what}" in said, said
+    rep = run([scene], out, cfg(heatmap_scale=0.5, overwrite=True), log=quiet).to_dict()
+    assert rep["done"][0]["replaced"] == "as --overwrite asks (made with the same scene, settings and model)"
     second = json.loads((out / "cog_rgb" / "run.json").read_text())
     assert second["fingerprint"] != first["fingerprint"] and second["config"]["output"]["heatmap_scale"] == 0.5
     assert not any(p.name.startswith(".cog_rgb.old") for p in out.iterdir())  # the replaced folder is gone
@@ -131,6 +136,8 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
     res = invoke(["run", src, "-o", out, *args, "--update"])
     rep = read(out)
     assert res.exit_code == 0 and [d["unit"] for d in rep["done"]] == ["a"] and rep["counts"]["skipped"] == 1
+    what = "made from another version of the scene file (its size or modification time differ)"
+    assert rep["done"][0]["replaced"] == what and f"a: redoing its finished outputs, {what}" in res.output
     assert stamps("b") == before["b"] and stamps("a") != before["a"]
     other = tmp_path / "other"
     other.mkdir()

@@ -60,6 +60,7 @@ class UnitJob:
         self.engine: Engine | None = None
         self.fingerprint, self.lock, self.log = fingerprint, lock, log
         self.version = version  # the scene's identity in the fingerprint (run.json's scene_version)
+        self.replaces: str | None = None  # what the finished outputs it redoes were made from (report.json)
         self.final = unit.out_dir(out)
         self.stage = out / STAGING / unit.slot
         self.stack = contextlib.ExitStack()  # what abort() must undo, newest first
@@ -205,7 +206,7 @@ class UnitJob:
         self.reader.close()
         self.lock.release()
         return UnitResult(unit.key, str(unit.scene), "done", str(self.final), counts=manifest["counts"],
-                          seconds=round(total, 2), warnings=list(self.details))
+                          seconds=round(total, 2), warnings=list(self.details), replaced=self.replaces)
 
     def in_helper(self, fn: Callable, *args, **kwargs) -> Any:
         """``fn(*args, **kwargs)`` in one of the stream's output helper processes, if it has

@@ -33,6 +33,7 @@ class UnitResult:
     counts: dict = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list = field(default_factory=list)  # structured: {"code", "message", ...}
+    replaced: str | None = None  # done over finished outputs (--update, --overwrite): what they were made from
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "", [])}

@@ -334,7 +334,8 @@ class _Units:
         fp = fingerprint(unit, self.cfg, self.card.sha256, version)
         lock = UnitLock(self.out, unit).acquire()
         try:
-            if _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version):
+            done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version)
+            if done:
                 lock.release()
                 self.log(f"{unit.key}: already complete, skipped")
                 old = read_manifest(final) or {}
@@ -343,7 +344,11 @@ class _Units:
         except BaseException:
             lock.release()
             raise
-        return UnitJob(k, unit, self.out, self.cfg, self.card, fp, lock, self.log, version)
+        if replaces:
+            self.log(f"{unit.key}: redoing its finished outputs, {replaces}")
+        job = UnitJob(k, unit, self.out, self.cfg, self.card, fp, lock, self.log, version)
+        job.replaces = replaces
+        return job
 
     def _kept_unchecked(self, unit: Unit, final: Path, exc: InputError) -> UnitResult | None:
         """A finished unit whose remote scene could not be reached to check it for changes (a
@@ -444,10 +449,11 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,
-                  version: dict | None = None) -> bool:
+                  version: dict | None = None) -> tuple[bool, str | None]:
     """Whether the unit's outputs are in place from the same scene, config and model (or
-    settings that give the same outputs); raises when something else is in the way (it is
-    left alone), or made otherwise without ``overwrite`` or ``update``."""
+    settings that give the same outputs), and when finished outputs are to be redone
+    (``overwrite``, ``update``), what they were made from; raises when something else is in
+    the way (it is left alone), or made otherwise without ``overwrite`` or ``update``."""
     if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
         raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
                                 path=str(final.parent))
@@ -458,11 +464,13 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             path=str(final))
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
-        if not cfg.output.overwrite and (old.get("fingerprint") == fp or _equivalent(old, unit, cfg, card, version)):
-            return True
-        if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
-            return False  # --update never replaces another scene file's outputs
+        same = old.get("fingerprint") == fp
+        if not cfg.output.overwrite and (same or _equivalent(old, unit, cfg, card, version)):
+            return True, None
         what, advice = _what_differs(old, unit, cfg, card.sha256)
+        if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
+            # --update never replaces another scene file's outputs
+            return False, ("as --overwrite asks (made with the same scene, settings and model)" if same else what)
         raise OutputExistsError(f"finished outputs {what} exist: {advice}", path=str(final))
     elif _occupied(final):
         if old is None and not (final / layout.MANIFEST).is_file():  # something else's: --overwrite leaves it too
@@ -474,7 +482,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             raise OutputExistsError(
                 "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
                 "pass --overwrite (overwrite=True from Python) to replace them", path=str(final))
-    return False
+    return False, None
 
 
 def _interruption(stream: Stream, log: Callable[[str], None]) -> dict:
