@@ -406,6 +406,56 @@ def test_batch_equals_one_tile_at_a_time(runs):
     assert a["manifest"]["fingerprint"] == b["manifest"]["fingerprint"]
 
 
+def test_cam_statistics_are_those_of_the_heatmap_over_the_tiles_data(runs):
+    """A tile over the scene's nodata collar or past its edge: its CAM statistics are those
+    of the part the heatmap shows (its valid pixels), not of the padding the model saw; its
+    peak lies inside the scene."""
+    r = runs("rgb")
+    gdf = r["gdf"]
+    with rasterio.open(scene(RGB_BYTE)) as src:
+        width, height, to_px = src.width, src.height, ~src.transform
+    with rasterio.open(r["dir"] / "heatmap.tif") as ds:
+        heat, to_heat = ds.read(1), ~ds.transform
+    partial = gdf[gdf["valid_fraction"] < 1]
+    assert len(partial) >= 10
+    for t in partial.itertuples():
+        x0, y0, x1, y1 = t.geometry.bounds
+        (c0, r0), (c1, r1) = to_heat * (x0, y1), to_heat * (x1, y0)
+        shown = heat[max(0, round(r0)):round(r1), max(0, round(c0)):round(c1)]
+        shown = shown[shown != HEAT_NODATA]
+        assert abs(shown.mean() - t.cam_mean) < 0.03, (t.tile_index, shown.mean(), t.cam_mean)
+        col, row = to_px * (t.cam_peak_x, t.cam_peak_y)
+        assert 0 <= col <= width and 0 <= row <= height, t.tile_index
+
+
+def test_cam_statistics_leave_out_padding_and_nodata():
+    """The mean weighs each CAM cell by its valid share; max, raw max and peak come from
+    cells holding data: here the map peaks in the padding (right half) of the first tile."""
+    from types import SimpleNamespace
+
+    from tilescan.pipeline.process import _batch_rows
+    from tilescan.scene.grid import TileGrid, TileSet
+
+    cam = np.array([[[0.2, 0.4, 1.0, 0.9], [0.1, 0.3, 0.8, 0.7]]] * 2, dtype=np.float32)  # (2, 2, 4)
+    valid = np.zeros((2, 8, 8), bool)
+    valid[0, :, :5] = True  # 5 of 8 columns (2 a cell): cells 0 and 1 whole, cell 2 half
+    valid[1] = True
+    res = SimpleNamespace(probs=np.eye(2, dtype=np.float32), cam=cam, raw=cam * 5)
+    tiles = TileSet.rows_of(TileGrid(16, 8, tile_size=8), 0, 1)  # two tiles side by side
+    rows, _, _ = _batch_rows(tiles, np.array([5 / 8, 1.0]), res, Affine.identity(), valid)
+    share = np.array([1, 1, 0.5, 0])
+    want = (cam[0] * share).sum() / (share.sum() * 2)
+    np.testing.assert_allclose(rows["cam_mean"], [want, cam[1].mean()], rtol=1e-6)
+    np.testing.assert_allclose(rows["cam_max"], [1.0, 1.0])  # the half-valid cell 2 holds data
+    np.testing.assert_allclose(rows["cam_raw_max"], [5.0, 5.0])
+    valid[0, :, 4] = False  # now only cells 0 and 1: peak at cell (0, 1), max 0.4
+    rows, _, _ = _batch_rows(tiles, np.array([4 / 8, 1.0]), res, Affine.identity(), valid)
+    np.testing.assert_allclose(rows["cam_max"], [0.4, 1.0])
+    np.testing.assert_allclose(rows["cam_raw_max"], [2.0, 5.0])
+    assert (rows["cam_peak_x"][0], rows["cam_peak_y"][0]) == (3.0, 2.0)  # cell (0, 1)'s centre in pixels
+    assert (rows["cam_peak_x"][1], rows["cam_peak_y"][1]) == (13.0, 2.0)
+
+
 def test_hirescam(runs):
     """``--cam hirescam`` runs and is recorded. On the last conv layer of a GAP + dense head
     its gradient is the same at every position (W[:, c] / (h*w)), so HiResCAM equals
@@ -444,15 +494,19 @@ def test_target_class(runs):
     assert (ga["class_index"] != forest).any()  # some tiles explain another class than their label
     with open_scene(a["scene"], TilingConfig(tile_size=128), lm.num_bands, lm.input_size,
                     lm.meta.get("gsd_m"), lm.meta.get("bands")) as reader:
-        x = np.stack([reader.read_tile(reader.grid.tile(int(r), int(c)))[0] for r, c in zip(ga["row"], ga["col"])])
+        read = [reader.read_tile(reader.grid.tile(int(r), int(c))) for r, c in zip(ga["row"], ga["col"])]
+    x, valid = np.stack([t[0] for t in read]), np.stack([t[1] for t in read])
     np.testing.assert_allclose(np.asarray(lm.model(x, training=False)), np.stack(ga["probabilities"]), atol=1e-4)
     acts = np.asarray(keras.Model(lm.model.input, lm.model.get_layer("conv5_block2_out").output)(x, training=False))
     w = lm.model.get_layer("logits").kernel.numpy()
     hw = acts.shape[1] * acts.shape[2]
     raw_pred = np.maximum(np.einsum("bhwk,kb->bhw", acts, w[:, ga["class_index"].to_numpy()]), 0) / hw
     raw_forest = np.maximum(np.einsum("bhwk,k->bhw", acts, w[:, forest]), 0) / hw
-    np.testing.assert_allclose(ga["cam_raw_max"], raw_pred.max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
-    np.testing.assert_allclose(gb["cam_raw_max"], raw_forest.max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
+    n, h, wd = raw_pred.shape
+    s = valid.shape[1]
+    seen = valid.reshape(n, h, s // h, wd, s // wd).any(axis=(2, 4))  # the cells holding data (the table's)
+    np.testing.assert_allclose(ga["cam_raw_max"], np.where(seen, raw_pred, 0).max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(gb["cam_raw_max"], np.where(seen, raw_forest, 0).max(axis=(1, 2)), atol=1e-4, rtol=1e-3)
     assert not np.allclose(raw_pred.max(axis=(1, 2)), raw_forest.max(axis=(1, 2)), atol=1e-3)
 
 

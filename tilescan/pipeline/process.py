@@ -165,7 +165,7 @@ class UnitJob:
 
     def consume(self, tiles: TileSet, valid: np.ndarray, fractions: np.ndarray, res) -> None:
         """One batch's share of model results: table rows, label cells, blended heat."""
-        rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform)
+        rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform, valid)
         self.labels[rows["row"] - self.r0, rows["col"]] = cls
         self.heat.add_batch(tiles.col_off, tiles.row_off, tiles.grid.tile_size, cam, valid)
         self.table.add(rows)
@@ -236,8 +236,37 @@ def _open_unit(unit: Unit, cfg: Config, card: LoadedModel, log: Callable[[str], 
         log(f"warning: {w}" if w.startswith(str(unit.scene)) else f"warning: {unit.scene}: {w}")
     return reader, scene_warnings, details
 
-def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affine) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One batch's table columns, and its class indexes and CAMs, from the model step's result."""
+def _cam_cover(valid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(n, h, w) share of valid pixels in each CAM cell of tiles' (n, S, S) valid masks."""
+    n, sh, sw = valid.shape
+    ey, ex = np.arange(h) * sh // h, np.arange(w) * sw // w  # each cell's first mask row / column
+    counts = np.add.reduceat(np.add.reduceat(valid.view(np.uint8), ey, axis=1, dtype=np.int32), ex, axis=2)
+    area = np.outer(np.diff(np.r_[ey, sh]), np.diff(np.r_[ex, sw]))
+    return counts / area
+
+
+def _cam_stats(cam: np.ndarray, raw: np.ndarray, fractions: np.ndarray, valid: np.ndarray | None) -> tuple:
+    """Mean (weighted by each cell's valid share), max, raw max and peak cell of each tile's
+    CAM over its valid pixels, as the heatmap shows it: padding past the scene's edge and
+    nodata count for nothing."""
+    n, h, w = cam.shape
+    mean, top, raw_top = cam.mean(axis=(1, 2)), cam.max(axis=(1, 2)), raw.max(axis=(1, 2))
+    peak = cam.reshape(n, -1).argmax(axis=1)
+    part = np.flatnonzero(fractions < 1) if valid is not None else np.empty(0, np.intp)
+    if len(part):  # tiles with padding or nodata: their stats over the cells holding data
+        cover = _cam_cover(valid[part], h, w)
+        c, seen = cam[part], cover > 0
+        mean[part] = (c * cover).sum(axis=(1, 2)) / cover.sum(axis=(1, 2))
+        top[part] = np.where(seen, c, -np.inf).max(axis=(1, 2))
+        raw_top[part] = np.where(seen, raw[part], -np.inf).max(axis=(1, 2))
+        peak[part] = np.where(seen, c, -np.inf).reshape(len(part), -1).argmax(axis=1)
+    return mean, top, raw_top, peak
+
+
+def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affine,
+                valid: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One batch's table columns, and its class indexes and CAMs, from the model step's result
+    (``valid``: the tiles' (n, S, S) valid masks; None, all valid)."""
     probs = np.asarray(res.probs, dtype=np.float32)
     cls = probs.argmax(axis=1)
     conf = probs[np.arange(len(cls)), cls]
@@ -246,7 +275,8 @@ def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affi
     n, h, w = cam.shape
     col_off, row_off = tiles.col_off, tiles.row_off
     size = np.full(n, tiles.grid.tile_size, dtype=np.int64)
-    peak = cam.reshape(n, -1).argmax(axis=1)
+    fractions = np.asarray(fractions, dtype=np.float32)
+    cam_mean, cam_max, cam_raw_max, peak = _cam_stats(cam, raw, fractions, valid)
     py, px = np.divmod(peak, w)
     pcol = col_off + (px + 0.5) * size / w
     prow = row_off + (py + 0.5) * size / h
@@ -260,13 +290,13 @@ def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affi
         "width": size.astype(np.int32),
         "height": size.astype(np.int32),
         "corners": window_corners(transform, col_off, row_off, size, size),
-        "valid_fraction": np.asarray(fractions, dtype=np.float32),
+        "valid_fraction": fractions,
         "class_index": cls.astype(np.int16),
         "confidence": conf.astype(np.float32),
         "probabilities": probs,
-        "cam_mean": cam.mean(axis=(1, 2)),
-        "cam_max": cam.max(axis=(1, 2)),
-        "cam_raw_max": raw.max(axis=(1, 2)),
+        "cam_mean": cam_mean.astype(np.float32),
+        "cam_max": cam_max,
+        "cam_raw_max": cam_raw_max,
         "cam_peak_x": a * pcol + b * prow + c,
         "cam_peak_y": d * pcol + e * prow + f,
     }
