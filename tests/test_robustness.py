@@ -590,7 +590,25 @@ def test_all_nodata_scene(batch, pixel_run, derived):
         assert len(o["gdf"]) == 0 and o["gdf"].crs.to_epsg() == 32618
         assert (o["labels"] == LABEL_NODATA).all() and (o["heat"] == HEAT_NODATA).all()
         assert any("no valid pixel" in w for w in o["manifest"]["warnings"])
+        said = next(d["message"] for d in o["manifest"]["warning_details"] if d["code"] == "no_tiles")
+        # no --min-valid would help: the advice is the one that might
+        assert "no tile holds a valid pixel" in said and "--min-valid" not in said
+        assert "if the file's nodata value 0 is data here, --nodata none reads it as data" in said
     assert pixel_run["res"].exit_code == 0
+
+
+def test_no_tile_full_enough_names_the_min_valid_that_classifies_one(tmp_path, tiny_model):
+    """No tile reaches --min-valid: the warning names the fullest tile's share, and that
+    --min-valid classifies it."""
+    data = np.zeros((3, 128, 128), np.uint8)
+    data[:, 10:50, 70:110] = 100  # 40 x 40 px of data in the second of 64 px tiles: 39.06 %
+    path = write_like(scene(RGB_BYTE), tmp_path / "speck.tif", data=data, nodata=0)
+    args = ["run", path, "--model", tiny_model, "--tile-size", "64", "--units", "px", "--no-progress"]
+    res = invoke([*args, "-o", tmp_path / "a"])
+    assert res.exit_code == 0 and "no tile has at least 50% valid pixels" in res.output, res.output
+    assert "the fullest has 39.1%: --min-valid 0.39 classifies it" in res.output, res.output
+    res = invoke([*args, "-o", tmp_path / "b", "--min-valid", "0.39"])
+    assert res.exit_code == 0 and "1 tiles classified" in res.output, res.output
 
 
 def test_nan_and_inf_in_float_data(batch, derived):

@@ -70,6 +70,7 @@ class UnitJob:
         self.reader: SceneReader | None = None
         self.tiles: TileSet | None = None
         self.n_kept = self.n_sent = self.n_consumed = 0
+        self.best_fraction = 0.0  # the largest valid share of a tile read (what --min-valid would need)
         self.reading_done = False  # every tile read and counted (the job can finish)
         self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
         self.failed: BaseException | None = None
@@ -159,6 +160,7 @@ class UnitJob:
             x, v = x[keep], v[keep]
         with self.state:  # readers of different bands add up here at once
             self.timings["read"] += time.monotonic() - t
+            self.best_fraction = max(self.best_fraction, float(frac.max(initial=0.0)))
         return chunk[keep], x, v, frac[keep], len(chunk)
 
     # -- consume (the writer thread)
@@ -185,7 +187,7 @@ class UnitJob:
         """Write the outputs and run.json in staging, move the folder into place, unlock."""
         unit = self.unit
         if len(self.table) == 0:
-            empty = _why_no_tiles(self.reader, self.n_tiles, self.cfg.tiling.min_valid_fraction)
+            empty = _why_no_tiles(self.reader, self.n_tiles, self.cfg.tiling.min_valid_fraction, self.best_fraction)
             self.scene_warnings.append(empty["message"])
             self.details.append(empty)
             self.log(f"warning: {empty['message']}")
@@ -468,8 +470,9 @@ def _manifest(job: UnitJob, total: float) -> dict:
     }
 
 
-def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
-    """A warning for a unit that classified no tile, saying why."""
+def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float, best: float) -> dict:
+    """A warning for a unit that classified no tile, saying why (``best``: the largest valid
+    share of a tile read)."""
     info, t = reader.info, reader.tile_px
     if n_tiles == 0:
         why = "its share of the tile grid is empty"
@@ -483,9 +486,13 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float) -> dict:
             fix = "use a smaller --tile-size or --min-valid"
         why = (f"the {t}-px tiles are larger than the scene ({info.width} x {info.height} px): a tile "
                f"holds at most {best:.0%} scene pixels, below min_valid_fraction {min_valid:g}; {fix}")
+    elif best == 0:
+        why = "no tile holds a valid pixel: nodata, alpha or a mask cover all of it"
+        if info.nodata is not None and info.nodata_from == "file":
+            why += f" (if the file's nodata value {info.nodata:g} is data here, --nodata none reads it as data)"
     else:
-        why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the "
-               "rest; --min-valid lowers the bar)")
+        why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the rest); "
+               f"the fullest has {best:.1%}: --min-valid {math.floor(best * 1000) / 1000:g} classifies it")
     return {"code": "no_tiles", "message": f"{info.path}: no tile classified (of {n_tiles}): {why}"}
 
 def _quietly(fn: Callable[[], Any]) -> None:
