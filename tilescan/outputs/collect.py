@@ -65,7 +65,8 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, covered, find_units, say_models, shards_disagree, unfinished_in_run
+from .finished import (_Scene, _Unit, covered, find_units, say_models, shards_disagree, stopped_before_redoing,
+                       unfinished_in_run)
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -324,7 +325,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
-    run_failed = _run_failures(out, {u.key for sc in scenes for u in sc.units}, log)
+    run_failed = _run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
     say_models(scenes, log)
     try:
         stage.mkdir(parents=True)
@@ -430,11 +431,12 @@ class _TableWriter:
             self.writer.close()
 
 
-def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
+def _run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
     """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
     output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
-    an earlier run's outputs, maybe out of date (``earlier_outputs``); what the run left undone
-    (``unfinished_in_run``: stopped, still running, shards not run); shards that listed other scenes."""
+    an earlier run's outputs, maybe out of date (``earlier_outputs``, with the units a stop kept
+    the run from redoing); what the run left undone (``unfinished_in_run``: stopped, still
+    running, shards not run); shards that listed other scenes. ``collected``: key -> run.json."""
     found: dict[str, dict] = {}
     listed: list = []  # what each shard of the run listed: the input may have changed between their starts
     read: list[tuple[str, dict]] = []
@@ -463,7 +465,11 @@ def _run_failures(out: Path, collected: set[str], log: Callable[[str], None]) ->
         if listed:
             log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
                 f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
-    return missing, earlier, undone
+    if stale := stopped_before_redoing(read, collected):
+        log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
+            f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
+            "collect again; summary.json's earlier_outputs")
+    return missing, earlier + stale, undone
 
 
 def _latest_reports(out: Path) -> list[Path]:

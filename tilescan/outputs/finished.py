@@ -14,7 +14,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from .. import layout
-from ..config import output_shaping
+from ..config import RERUN_KEYS, output_shaping
 from ..errors import InputError
 from ..layout import COLLECTED, MANIFEST
 
@@ -301,6 +301,62 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
                          for (mid, sha), names in by.items())
         log(f"warning: collect: the scenes were classified by {len(by)} models of the same classes ({said}): the "
             "table and summary count their labels together (each scene's model is in summary.json)")
+
+
+def changed_settings(was: dict, now: dict) -> list[str]:
+    """The settings that shape outputs (``[tiling]``, ``[cam]``, ``[output]`` but
+    :data:`RERUN_KEYS`, the precision) that differ from resolved config ``was`` to ``now``
+    (run.json's ``config``), as ``[tiling] stride 0 (the tile size) -> 64``; a key ``was``
+    lacks (an older release's) is taken as the same."""
+    def said(key, value) -> str:
+        """A value as the message shows it: a stride of 0 is the tile size, no bands the automatic pick."""
+        if key == "stride" and not value:
+            return "0 (the tile size)"
+        return "[] (the automatic pick)" if key == "bands" and not value else repr(value)
+
+    shaping = {sec: now.get(sec) or {} for sec in ("tiling", "cam", "output")}
+    shaping["inference"] = {"precision": (now.get("inference") or {}).get("precision", "float32")}
+    return [f"[{sec}] {key} {said(key, was.get(sec, {}).get(key))} -> {said(key, value)}"
+            for sec, values in shaping.items() for key, value in values.items()
+            if key not in RERUN_KEYS and (was.get(sec) or {}).get(key, value) != value]
+
+
+def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str | None:
+    """How a finished unit (its run.json) was made otherwise than a run with resolved
+    ``config`` and model would make it, or None: settings that give the same outputs (a
+    stride of the tile size or 0, the bands as the automatic pick read them) are the same."""
+    was, now = manifest.get("config") or {}, json.loads(json.dumps(config))
+    tiling, before = now.setdefault("tiling", {}), (was.get("tiling") or {})
+    if tiling.get("tile_size") == before.get("tile_size") and {tiling.get("stride"), before.get("stride")} <= {
+            0, tiling.get("tile_size")}:
+        tiling["stride"] = before.get("stride")
+    used = (manifest.get("scene_info") or {}).get("bands_used")
+    if list(tiling.get("bands") or used or []) == list(used or []):  # the automatic pick, or the bands it read
+        tiling["bands"] = before.get("bands")
+    if changed := changed_settings(was, now):
+        return "made with other settings (" + ", ".join(changed) + ")"
+    if model_sha and (manifest.get("model") or {}).get("sha256") not in (None, model_sha):
+        return f"made with another model ({(manifest.get('model') or {}).get('id')})"
+    return None
+
+
+def stopped_before_redoing(reports: list[tuple[str, dict]], collected: dict[str, dict]) -> list[dict]:
+    """The units a stop kept the latest run (its reports, ``(file name, contents)``) from
+    redoing whose collected outputs (``collected``: key -> run.json) that run would not have
+    kept: made with other settings or another model (an interrupted ``--update``)."""
+    out: list[dict] = []
+    for name, data in reports:
+        stopped, config = data.get("interrupted") or {}, data.get("config")
+        if not isinstance(config, dict):  # a report of a release that did not record its settings
+            continue
+        for unit in [*(stopped.get("units") or []), *(stopped.get("not_started") or [])]:
+            for key in (k for k in collected if covered(k, {unit})):  # its own output, its scene's, its row bands
+                if why := made_otherwise(collected[key], config, (data.get("model") or {}).get("sha256")):
+                    out.append({"unit": unit, "scene": None, "error_kind": "interrupted", "report": name, "made": why,
+                                "reason": f"its run was stopped by {stopped.get('signal')} before redoing it: the "
+                                          f"outputs collected ({key}) were {why}"})
+                    break
+    return out
 
 
 def covered(unit, collected: set[str]) -> bool:

@@ -16,11 +16,12 @@ import numpy as np
 
 from .. import layout, stop
 from ..layout import read_manifest
-from ..config import RERUN_KEYS, Config
+from ..config import Config
 from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError,
                       TilescanError)
 from ..log import catching_warnings, emit
 from ..model import LoadedModel, describe_model
+from ..outputs.finished import changed_settings
 from ..outputs.files import make_folder, write_error, write_json, write_json_in_place
 from ..outputs import fonts
 from ..scene import sources
@@ -219,7 +220,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         log(f"stopped by {sig} after every scene's tiles were classified: their outputs were finished, nothing "
             "was left to stop (a rerun of the same command skips them)")
         report.interrupted = {"signal": sig, "unit": None, "scene": None, "units": [], "not_started": []}
-    report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256},
+    report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256}, config=cfg.to_dict(),
                   scenes_listed={"count": len(scenes), "sha256": digest},
                   timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
     if report.held_by is not None and _live_report_holder(out / layout.report_name(shard)) is None:
@@ -412,17 +413,7 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
         return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, run "
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
-    was, now = old.get("config") or {}, cfg.to_dict()
-    shaping = {sec: now[sec] for sec in ("tiling", "cam", "output")} | {"inference": {"precision": now["inference"]["precision"]}}
-    def said(key, value) -> str:
-        """A value as the message shows it: a stride of 0 is the tile size, no bands the automatic pick."""
-        if key == "stride" and not value:
-            return "0 (the tile size)"
-        return "[] (the automatic pick)" if key == "bands" and not value else repr(value)
-
-    changed = [f"[{sec}] {key} {said(key, was.get(sec, {}).get(key))} -> {said(key, value)}"
-               for sec, values in shaping.items() for key, value in values.items()
-               if key not in RERUN_KEYS and was.get(sec, {}).get(key, value) != value]
+    changed = changed_settings(old.get("config") or {}, cfg.to_dict())
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
