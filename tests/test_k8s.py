@@ -52,7 +52,7 @@ def test_exit_codes_end_what_a_retry_cannot_mend(manifest_file):
     files; a stop (75) is retried and does not count."""
     rules = yaml.safe_load((bh.K8S / manifest_file).read_text())["spec"]["podFailurePolicy"]["rules"]
     by_action = {r["action"]: sorted(r["onExitCodes"]["values"]) for r in rules if "onExitCodes" in r}
-    assert by_action == {"FailJob": [2, 5], "Ignore": [75], "FailIndex": [3, 4]}
+    assert by_action == {"FailJob": [2, 5], "Ignore": [75], "FailIndex": [3, 4, 6]}
 
 
 def test_gpu_job_is_the_cpu_job_with_one_gpu_per_pod():

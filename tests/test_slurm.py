@@ -254,6 +254,25 @@ def test_a_stopped_task_requeues_itself_alone_and_a_cancelled_one_not(slurm, tmp
     assert report["interrupted"]["signal"] == "SIGTERM" and not any((tmp_path / "cancelled").glob("m_*"))
 
 
+def test_a_stopped_task_is_not_requeued_blind_when_slurm_does_not_answer(tmp_path):
+    """A stop while the controller does not answer (``scontrol show job`` fails; here a
+    stand-in for a controller timeout): the task is not requeued, and the log says why and
+    what to do, rather than naming an empty job state."""
+    quiet = tmp_path / "bin"
+    quiet.mkdir()
+    (quiet / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out' >&2\nexit 1\n")
+    (quiet / "scontrol").chmod(0o755)
+    env = bh.env(SLURM_JOB_ID="1000", SLURM_ARRAY_JOB_ID="1000", SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_COUNT="1",
+                 SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="0", SLURM_ARRAY_TASK_STEP="1",
+                 TILESCAN_TEST_SIGNAL_AT="reading:1", TILESCAN=bh.exe())
+    env["PATH"] = f"{quiet}{os.pathsep}{env['PATH']}"
+    p = subprocess.run(["bash", str(ARRAY), "-o", tmp_path / "out", bh.scene("rasterio/RGB.byte.tif"), *bh.ARGS],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 75, p.stderr
+    assert ("not requeued: Slurm could not be asked for 1000_0's state (scontrol show job failed); resubmit to "
+            "resume") in p.stderr, p.stderr
+
+
 # ----------------------------------------------------------------------------- shard logic (no cluster)
 
 # What Slurm 22.05 sets in the tasks of --array=0-6:3 and --array=1,3,5 (seen on the local cluster)
