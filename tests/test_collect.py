@@ -62,6 +62,12 @@ def test_one_geoparquet_table_with_every_tile(ref):
         native = gpd.GeoSeries.from_wkb(part["geometry_native"], crs=json.dumps(crs)).to_crs("OGC:CRS84")
         np.testing.assert_allclose(native.bounds.values, part.geometry.bounds.values, atol=1e-9)
         assert (part["crs"] == gpd.GeoSeries([], crs=json.dumps(crs)).crs.to_string()).all()
+        # the CAM peak: in the scene's CRS as in its table, and in lon/lat beside the geometry
+        np.testing.assert_array_equal(part["cam_peak_x"], t.column("cam_peak_x").to_numpy())
+        peak = gpd.GeoSeries(gpd.points_from_xy(part["cam_peak_x"], part["cam_peak_y"]), crs=json.dumps(crs))
+        peak = peak.to_crs("OGC:CRS84")
+        np.testing.assert_allclose(np.c_[part["cam_peak_lon"], part["cam_peak_lat"]], np.c_[peak.x, peak.y], atol=1e-9)
+        assert gpd.GeoSeries(peak.values, index=part.index).within(part.geometry).all()
 
 
 def test_areas_are_geodesic_square_metres(ref):

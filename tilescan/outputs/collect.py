@@ -103,7 +103,7 @@ class _Reprojector:
         tf, name = self._cache[key]
         x, y = tf.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
         out = np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape)
-        bad = int((~np.isfinite(out)).any(axis=(1, 2)).sum())
+        bad = int((~np.isfinite(out) & np.isfinite(rings)).any(axis=(1, 2)).sum())  # a point given as NaN stays NaN
         if bad:
             raise InputError(f"{bad} of {len(out)} tile footprints cannot be reprojected from {_crs_label(crs_json)} "
                              "to longitude/latitude (corners outside the area that CRS maps, e.g. beyond a "
@@ -128,6 +128,8 @@ def _crs_label(crs_json: dict) -> str:
 
 _TAIL = [
     pa.field("crs", pa.string()),
+    pa.field("cam_peak_lon", pa.float64()),  # cam_peak_x/y in longitude/latitude, as the geometry
+    pa.field("cam_peak_lat", pa.float64()),
     pa.field("area_m2", pa.float64()),
     pa.field("valid_area_m2", pa.float64()),
     pa.field("geometry", pa.binary()),
@@ -146,7 +148,9 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     crs_json = geo["columns"][geo.get("primary_column", "geometry")].get("crs")
     n = t.num_rows
     rings = wkb_polygon_rings(t.column("geometry").combine_chunks())
-    lonlat, crs_name = reproject(crs_json, rings)
+    peaks = np.stack([t.column(c).to_numpy() for c in ("cam_peak_x", "cam_peak_y")], axis=-1)[:, None]
+    lonlat, crs_name = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints and CAM peaks
+    peaks = None if lonlat is None else lonlat[:, -1]
     cols: dict[str, pa.Array] = {
         "scene": pa.array([u.scene] * n, pa.string()),
         "unit": pa.array([u.key] * n, pa.string()),
@@ -161,14 +165,15 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     valid = t.column("valid_fraction").to_numpy().astype(np.float64)
     if lonlat is None:
         null_f = pa.nulls(n, pa.float64())
-        cols.update({"crs": pa.nulls(n, pa.string()), "area_m2": null_f, "valid_area_m2": null_f,
-                     "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, BBOX_TYPE)})
+        cols.update({"crs": pa.nulls(n, pa.string()), "cam_peak_lon": null_f, "cam_peak_lat": null_f, "area_m2": null_f,
+                     "valid_area_m2": null_f, "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, BBOX_TYPE)})
         bounds = None
         n_across = 0
     else:
-        geometry, box, area, n_across = _lonlat_footprints(lonlat)
+        geometry, box, area, n_across = _lonlat_footprints(lonlat[:, :-1])
         cols.update({
             "crs": pa.array([crs_name] * n, pa.string()),
+            "cam_peak_lon": pa.array(peaks[:, 0]), "cam_peak_lat": pa.array(peaks[:, 1]),
             "area_m2": pa.array(area),
             "valid_area_m2": pa.array(area * valid),
             "geometry": geometry,
@@ -413,7 +418,7 @@ class _TableWriter:
         """The ``geo`` metadata and tilescan's (classes, tile count, scenes, scale warnings)."""
         assert self.writer is not None and self.classes is not None
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
-               "geometry_native and cam_peak_x/y are in each row's crs", "scenes": scene_names}
+               "geometry_native and cam_peak_x/y are in each row's crs (cam_peak_lon/lat: the peak in OGC:CRS84)", "scenes": scene_names}
         if self.colors:
             own["class_colors"] = self.colors
         if scale_warnings:
