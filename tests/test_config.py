@@ -269,13 +269,15 @@ quicklook_size = 256
 
 
 def test_origin_names_flag_variable_file_or_default(tmp_path):
-    f = toml(tmp_path, "[tiling]\nbands = [4, 2, 1]\ntile_size = 64\n[cam]\ntarget_class = \"Bare Land\"\n", "my.toml")
+    f = toml(tmp_path, "[tiling]\nbands = [4, 2, 1]\ntile_size = 64\nnodata = 0\n[cam]\ntarget_class = \"Bare Land\"\n",
+             "my.toml")
     cfg = load_config(f, {"tiling": {"stride": 32, "min_valid_fraction": None}},
                       environ={"TILESCAN_TILING__TILE_SIZE": "96"}, flags={("tiling", "stride"): "--stride 32"})
     assert cfg.origin("tiling", "stride") == "--stride 32"
     assert cfg.origin("tiling", "tile_size") == "TILESCAN_TILING__TILE_SIZE=96"  # env over file
     assert cfg.origin("tiling", "bands") == f"[tiling] bands = [4, 2, 1] in {f}"
     assert cfg.origin("cam", "target_class") == f'[cam] target_class = "Bare Land" in {f}'
+    assert cfg.origin("tiling", "nodata") == f"[tiling] nodata = 0 in {f}"  # as written, though kept as text
     assert cfg.origin("tiling", "min_valid_fraction") == "[tiling] min_valid_fraction = 0.5"  # a default
     # the section answers alone (tiling code gets only a TilingConfig)
     assert cfg.tiling.origin("bands") == cfg.origin("tiling", "bands")

@@ -499,7 +499,7 @@ def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[st
                 elif text is not None or src in ("defaults", "argument"):
                     said[section].pop(key, None)  # the plain "[section] key = value"
                 else:
-                    said[section][key] = f"[{section}] {key} = {_toml_text(v)} in {src}"
+                    said[section][key] = f"[{section}] {key} = {_toml_text(value)} in {src}"  # as the file has it
     cfg = Config(**{s: SECTIONS[s](**vals) for s, vals in merged.items()})
     for s in SECTIONS:
         object.__setattr__(getattr(cfg, s), "_origins", said[s])
