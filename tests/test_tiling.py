@@ -346,6 +346,10 @@ def test_tile_size_in_metres_and_model_gsd(scene_path):
         open_scene(path, cfg, 3, 128, model_gsd_m=600_000.0)
     with pytest.warns(TilingWarning, match="no native"):
         open_scene(path, cfg, 3, 128).close()
+    # a 300 m scene blown up 3x to a 100 m model: warned, the model's pixel size but not its detail
+    with pytest.warns(TilingWarning, match=r"resample_to_gsd enlarges the scene 3.00x, from 300 m to the model's 100 m"):
+        with open_scene(path, cfg, 3, 128, model_gsd_m=100.0) as r:
+            assert r.tile_px == 43
 
 
 def test_threads_read_the_same(scene_path):

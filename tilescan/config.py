@@ -492,7 +492,7 @@ def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[st
             for key, value in values.items():
                 if key not in keys:
                     raise ConfigError(f"unknown key [{section}] {key}; known keys: {', '.join(keys)}", path=src)
-                merged[section][key] = v = _coerce(section, key, value, hints[key], src)
+                merged[section][key] = _coerce(section, key, value, hints[key], src)
                 sources[(section, key)] = src
                 if text is not None and (section, key) in text:
                     said[section][key] = text[(section, key)]
