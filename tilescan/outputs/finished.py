@@ -60,12 +60,17 @@ def _shaping(m: dict) -> tuple:
     """What shaped a unit's outputs, as its fingerprint counts it: settings and model; settings
     that give the same outputs as one (a stride of the tile size or 0, the bands as read)."""
     shaping = output_shaping(m.get("config") or {})
-    tiling = shaping["tiling"]
+    _as_read(shaping["tiling"], (m.get("scene_info") or {}).get("bands_used"))
+    return json.dumps(shaping, sort_keys=True), (m.get("model") or {}).get("sha256")
+
+
+def _as_read(tiling: dict, used: list | None) -> None:
+    """``[tiling]`` settings in the one form of those that give the same outputs: a stride of
+    the tile size as 0, the bands as they were read (``used``: run.json's ``bands_used``)."""
     if tiling.get("stride") == tiling.get("tile_size"):
         tiling["stride"] = 0
-    if used := (m.get("scene_info") or {}).get("bands_used"):
+    if used:
         tiling["bands"] = used
-    return json.dumps(shaping, sort_keys=True), (m.get("model") or {}).get("sha256")
 
 
 def _n_rows(folder: Path, m: dict) -> int | None:
@@ -325,14 +330,10 @@ def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str |
     """How a finished unit (its run.json) was made otherwise than a run with resolved
     ``config`` and model would make it, or None: settings that give the same outputs (a
     stride of the tile size or 0, the bands as the automatic pick read them) are the same."""
-    was, now = manifest.get("config") or {}, json.loads(json.dumps(config))
-    tiling, before = now.setdefault("tiling", {}), (was.get("tiling") or {})
-    if tiling.get("tile_size") == before.get("tile_size") and {tiling.get("stride"), before.get("stride")} <= {
-            0, tiling.get("tile_size")}:
-        tiling["stride"] = before.get("stride")
+    was, now = (json.loads(json.dumps(c)) for c in (manifest.get("config") or {}, config))
     used = (manifest.get("scene_info") or {}).get("bands_used")
-    if list(tiling.get("bands") or used or []) == list(used or []):  # the automatic pick, or the bands it read
-        tiling["bands"] = before.get("bands")
+    _as_read(was.setdefault("tiling", {}), used)
+    _as_read(now.setdefault("tiling", {}), now["tiling"].get("bands") or used)  # the automatic pick: as it read them
     if changed := changed_settings(was, now):
         return "made with other settings (" + ", ".join(changed) + ")"
     if model_sha and (manifest.get("model") or {}).get("sha256") not in (None, model_sha):
