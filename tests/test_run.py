@@ -454,6 +454,11 @@ def test_cam_statistics_leave_out_padding_and_nodata():
     np.testing.assert_allclose(rows["cam_raw_max"], [2.0, 5.0])
     assert (rows["cam_peak_x"][0], rows["cam_peak_y"][0]) == (3.0, 2.0)  # cell (0, 1)'s centre in pixels
     assert (rows["cam_peak_x"][1], rows["cam_peak_y"][1]) == (13.0, 2.0)
+    from tilescan.pipeline.process import _cam_cover
+
+    tiny = np.zeros((1, 2, 2), bool)  # a tile of 2 x 2 px under a 4 x 4 CAM: each cell takes its pixel's share
+    tiny[0, 0, 0] = True
+    np.testing.assert_array_equal(_cam_cover(tiny, 4, 4)[0], np.kron([[1, 0], [0, 0]], np.ones((2, 2))))
 
 
 def test_hirescam(runs):

@@ -243,7 +243,8 @@ def _cam_cover(valid: np.ndarray, h: int, w: int) -> np.ndarray:
     n, sh, sw = valid.shape
     ey, ex = np.arange(h) * sh // h, np.arange(w) * sw // w  # each cell's first mask row / column
     counts = np.add.reduceat(np.add.reduceat(valid.view(np.uint8), ey, axis=1, dtype=np.int32), ex, axis=2)
-    area = np.outer(np.diff(np.r_[ey, sh]), np.diff(np.r_[ex, sw]))
+    # a mask smaller than the CAM (tiles of a few pixels): a cell's count is its one pixel's
+    area = np.maximum(np.outer(np.diff(np.r_[ey, sh]), np.diff(np.r_[ex, sw])), 1)
     return counts / area
 
 
