@@ -60,13 +60,12 @@ from . import gpkg as gpkg_compat
 from .. import layout
 from . import spatial
 from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
-from ..layout import COLLECTED, LOCKS, MANIFEST, REPORT, STAGING
+from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import (_Scene, _Unit, covered, find_units, say_models, shards_disagree, stopped_before_redoing,
-                       unfinished_in_run)
+from .finished import _Scene, _Unit, find_units, run_failures, say_models
 from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -330,7 +329,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
-    run_failed = _run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
+    run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
     say_models(scenes, log)
     try:
         stage.mkdir(parents=True)
@@ -434,62 +433,6 @@ class _TableWriter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
-    """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
-    output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
-    an earlier run's outputs, maybe out of date (``earlier_outputs``, with the units a stop kept
-    the run from redoing); what the run left undone (``unfinished_in_run``: stopped, still
-    running, shards not run); shards that listed other scenes. ``collected``: key -> run.json."""
-    found: dict[str, dict] = {}
-    listed: list = []  # what each shard of the run listed: the input may have changed between their starts
-    read: list[tuple[str, dict]] = []
-    for report in _latest_reports(out):
-        try:
-            failed = (data := json.loads(report.read_text())).get("failed") or []
-        except (OSError, ValueError, AttributeError):
-            continue  # a report being written, or not tilescan's: the run's log has it
-        listed.append(data.get("scenes_listed"))
-        read.append((report.name, data))
-        for f in failed:
-            if isinstance(f, dict):
-                found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
-                    "report": report.name}
-    if why := shards_disagree(listed):
-        log(f"warning: collect: {why}")
-    if undone := unfinished_in_run(read, collected):
-        said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
-        log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
-            "then collect again; summary.json's unfinished_in_run)")
-    units = sorted(found, key=str)
-    missing = [found[k] for k in units if not covered(k, collected)]
-    earlier = [found[k] for k in units if covered(k, collected)]
-    for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
-                              (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
-        if listed:
-            log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
-                f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
-    if stale := stopped_before_redoing(read, collected):
-        log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
-            f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
-            "collect again; summary.json's earlier_outputs")
-    return missing, earlier + stale, undone
-
-
-def _latest_reports(out: Path) -> list[Path]:
-    """The reports of the latest run: ``report.json``, or the shard reports of one shard count
-    (``report-shard-I-of-N.json``, layout.report_name's), whichever was written last; an
-    earlier run's, of another shard count, no longer speaks for the scenes."""
-    runs: dict[str, list[Path]] = {}
-    for report in [out / REPORT, *sorted(out.glob("report-shard-*-of-*.json"))]:
-        if report.is_file():
-            runs.setdefault(report.name.rpartition("-of-")[2] if report.name != REPORT else "", []).append(report)
-
-    def written(run: str) -> float:
-        return max(r.stat().st_mtime for r in runs[run])
-
-    return runs[max(runs, key=written)] if runs else []
 
 
 def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, log: Callable[[str], None],

@@ -1,6 +1,7 @@
 """The finished units under a run's OUT folder, per scene: what ``tilescan collect`` reads
 (:mod:`tilescan.outputs.collect`). A unit is a whole scene's folder or a band of its tile
-rows (``rows-AAAAA-BBBBB``), finished when its ``run.json`` says complete.
+rows (``rows-AAAAA-BBBBB``), finished when its ``run.json`` says complete; and what the
+latest run's reports say of them (failed, stopped, made with other settings).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 from .. import layout
 from ..config import RERUN_KEYS, output_shaping
 from ..errors import InputError
-from ..layout import COLLECTED, MANIFEST
+from ..layout import COLLECTED, MANIFEST, REPORT
 
 
 @dataclass
@@ -394,3 +395,59 @@ def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> l
             out.append({"unit": None, "report": layout.report_name((i, n)),
                         "why": f"no report of shard {i}/{n}: it has not run (or its start failed before one)"})
     return out
+
+
+def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
+    output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
+    an earlier run's outputs, maybe out of date (``earlier_outputs``, with the units a stop kept
+    the run from redoing); what the run left undone (``unfinished_in_run``: stopped, still
+    running, shards not run); shards that listed other scenes. ``collected``: key -> run.json."""
+    found: dict[str, dict] = {}
+    listed: list = []  # what each shard of the run listed: the input may have changed between their starts
+    read: list[tuple[str, dict]] = []
+    for report in latest_reports(out):
+        try:
+            failed = (data := json.loads(report.read_text())).get("failed") or []
+        except (OSError, ValueError, AttributeError):
+            continue  # a report being written, or not tilescan's: the run's log has it
+        listed.append(data.get("scenes_listed"))
+        read.append((report.name, data))
+        for f in failed:
+            if isinstance(f, dict):
+                found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
+                    "report": report.name}
+    if why := shards_disagree(listed):
+        log(f"warning: collect: {why}")
+    if undone := unfinished_in_run(read, collected):
+        said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
+        log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
+            "then collect again; summary.json's unfinished_in_run)")
+    units = sorted(found, key=str)
+    missing = [found[k] for k in units if not covered(k, collected)]
+    earlier = [found[k] for k in units if covered(k, collected)]
+    for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
+                              (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
+        if listed:
+            log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
+                f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
+    if stale := stopped_before_redoing(read, collected):
+        log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
+            f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
+            "collect again; summary.json's earlier_outputs")
+    return missing, earlier + stale, undone
+
+
+def latest_reports(out: Path) -> list[Path]:
+    """The reports of the latest run: ``report.json``, or the shard reports of one shard count
+    (``report-shard-I-of-N.json``, layout.report_name's), whichever was written last; an
+    earlier run's, of another shard count, no longer speaks for the scenes."""
+    runs: dict[str, list[Path]] = {}
+    for report in [out / REPORT, *sorted(out.glob("report-shard-*-of-*.json"))]:
+        if report.is_file():
+            runs.setdefault(report.name.rpartition("-of-")[2] if report.name != REPORT else "", []).append(report)
+
+    def written(run: str) -> float:
+        return max(r.stat().st_mtime for r in runs[run])
+
+    return runs[max(runs, key=written)] if runs else []
