@@ -61,6 +61,7 @@ class Layer:
     bounds: Sequence[float] | None = None
     visible: bool = True
     sublayer: str | None = None  # the layer inside a GeoPackage
+    subset: str | None = None  # a vector layer's filter (QGIS's provider subset string)
     alt_styles: dict[str, ET.Element] = field(default_factory=dict)  # more named styles
     style_name: str = "default"
     #: A raster's nodata in place of its file's, ``(band, value)`` for each band shown (value
@@ -68,21 +69,30 @@ class Layer:
     nodata: Sequence[tuple[int, float | None]] | None = None
 
 
+#: A file at most this many folders up from a project (OUT/<scene>/ or OUT/collected/: what lies
+#: beside OUT) is written relative, so a folder holding OUT and its scenes moves as one; one
+#: further away (a shared store of scenes) absolute, so OUT moves alone and still finds it.
+RELATIVE_UP = 2
+
+
 def _source(layer: Layer, project_dir: Path) -> str:
-    """The datasource as QGIS stores it with relative paths: ``./x`` or ``../x``, or the
-    absolute path where no relative one exists (another drive)."""
+    """The datasource as QGIS stores it with relative paths: ``./x`` or ``../x`` (up to
+    :data:`RELATIVE_UP` folders up), else the absolute path (also where no relative one
+    exists: another drive)."""
     p = layer.path
     if p.startswith("/vsi"):  # a remote scene through GDAL's network file systems: as it is
         return p
     if os.path.isabs(p):
         try:
-            p = os.path.relpath(p, project_dir)
+            rel = os.path.relpath(p, project_dir)
         except ValueError:  # e.g. another drive on Windows
-            p = layer.path
+            rel = layer.path
+        if Path(rel).parts[:RELATIVE_UP + 1].count(os.pardir) <= RELATIVE_UP:
+            p = rel
     if not os.path.isabs(p):
         p = p.replace(os.sep, "/")
         p = p if p.startswith("../") or p.startswith("./") else "./" + p
-    return p + (f"|layername={layer.sublayer}" if layer.sublayer else "")
+    return p + (f"|layername={layer.sublayer}" if layer.sublayer else "") + (f"|subset={layer.subset}" if layer.subset else "")
 
 
 def _layer_id(layer: Layer, k: int) -> str:
@@ -313,8 +323,11 @@ def _colors(colors) -> tuple[tuple[int, int, int], ...] | None:
 def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike | None,
                         units: Sequence[tuple[str, str | os.PathLike, dict]], name: str = "collected") -> list[Path]:
     """For ``tilescan collect``: the style ``tiles.qml`` of the collected table in ``folder``
-    and the project ``<name>.qgs`` with the collected tiles (longitude/latitude) on top,
-    then a group per scene with its label and heatmap rasters (hidden) and the scene itself.
+    and the project ``<name>.qgs`` with every collected tile (longitude/latitude; hidden) on
+    top, then a group per scene with its tiles (the table filtered to the scene, so they go
+    on and off with it: scenes of one place from other years do not cover each other), its
+    label and heatmap rasters (hidden) and the scene itself, each layer named with the scene
+    and with the legend of the scene's own classes.
     ``units`` are (scene name, unit folder, its run.json) of every unit collected;
     ``location`` is where ``folder`` will end up. The map is in the scenes' CRS when they
     share one, else in WGS 84."""
@@ -328,8 +341,12 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     own = json.loads(schema.metadata[b"tilescan"])
     classes = own["classes"]
     bbox = json.loads(schema.metadata[b"geo"])["columns"]["geometry"].get("bbox")
-    names = set(pq.read_table(folder / "tiles.parquet", columns=["label"]).column("label").to_pylist())
-    present = [i for i, c in enumerate(classes) if c in names]
+    labelled = pq.read_table(folder / "tiles.parquet", columns=["scene", "label"]).to_pydict()
+    index = {c: i for i, c in enumerate(classes)}
+    of_scene: dict[str, set[int]] = {}
+    for scene_name, label in zip(labelled["scene"], labelled["label"]):
+        of_scene.setdefault(scene_name, set()).add(index[label])
+    present = sorted(set().union(*of_scene.values()))
 
     scenes: dict[str, dict] = {}
     for scene_name, unit_folder, m in units:
@@ -357,25 +374,33 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
         bbox = None
     bounds = _project_bounds(crs, bbox, list(scenes.values()))
     layers = []
+    def tiles_layer(title: str, style, subset: str | None = None, visible: bool = True) -> Layer:
+        return Layer(title, str(where / table[0]), "vector", style, crs="EPSG:4326", bounds=bbox, sublayer=table[1],
+                     style_name="label", alt_styles={"confidence": memo_style("confidence")}, subset=subset,
+                     visible=visible)
+
     if table is not None:
-        layers.append(Layer("tiles", str(where / table[0]), "vector", tiles, crs="EPSG:4326", bounds=bbox,
-                            sublayer=table[1], style_name="label",
-                            alt_styles={"confidence": memo_style("confidence")}))
+        layers.append(tiles_layer("tiles", tiles, visible=False))
     groups = []
     for s in scenes.values():
-        members = []
+        members, own = [], tuple(sorted(of_scene.get(s["name"], ())))
+        if table is not None and own:
+            quoted = s["name"].replace("'", "''")
+            members.append(tiles_layer(f"tiles {s['name']}", memo_style("tiles", classes, own, colors),
+                                       subset=f"\"scene\" = '{quoted}'"))
         for u in s["units"]:
-            tag = "" if u.name == s["name"] else f" {u.name}"
+            tag = s["name"] if u.name == s["name"] else f"{s['name']} {u.name}"
             if (u / "heatmap.tif").exists():
-                members.append(Layer(f"heatmap{tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
+                members.append(Layer(f"heatmap {tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
             if (u / "labels.tif").exists():
-                members.append(Layer(f"labels{tag}", str(u / "labels.tif"), "raster",
-                                     memo_style("labels", classes, present, colors),
+                members.append(Layer(f"labels {tag}", str(u / "labels.tif"), "raster",
+                                     memo_style("labels", classes, own or tuple(present), colors),
                                      crs=s["crs"], bounds=s["bounds"], visible=False))
         scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
                                    s["nodata"], s["nodata_from"], s["alpha"])
         if scene_layer is not None:
+            scene_layer.name = f"scene {s['name']}"
             members.append(scene_layer)
         if members:
             groups.append((s["name"], members))

@@ -177,12 +177,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
         how = (f"(model GSD {model_gsd_m:g} m x {input_size} px, scene GSD {gsd:.4g} m; "
                "turn off [tiling] resample_to_gsd)")
         units, reason = "m", f"resample_to_gsd: tiles of {input_size} model pixels at {model_gsd_m:g} m"
-        if gsd > 2 * model_gsd_m:  # blown up: the model's pixel size, not its detail
-            tiling_warning(f"{p}: [tiling] resample_to_gsd enlarges the scene {gsd / model_gsd_m:.2f}x, from {gsd:.3g} m "
-                           f"to the model's {model_gsd_m:g} m per pixel: its tiles have the model's pixel size but "
-                           f"the detail of {gsd:.3g} m pixels, which the model was not trained on; without "
-                           "resample_to_gsd the default tiling (--units auto) reads the scene at its own scale "
-                           "where the model's range allows", stacklevel=3, code="upsampled", factor=round(gsd / model_gsd_m, 3))
+        _warn_upsampled(p, gsd, model_gsd_m)
     elif cfg.units == "m":
         if gsd is None:
             raise InputError('[tiling] units = "m" needs a georeferenced scene with a known '
@@ -230,6 +225,16 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
         scale = "unchecked"
     return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
                       None if gsd is None else gsd * tile_px, model_scale, input_size)
+
+
+def _warn_upsampled(path: str, gsd: float, model_gsd_m: float) -> None:
+    """resample_to_gsd blowing a scene up more than 2x: the model's pixel size, not its detail."""
+    if gsd > 2 * model_gsd_m:
+        tiling_warning(f"{path}: [tiling] resample_to_gsd enlarges the scene {gsd / model_gsd_m:.2f}x, from {gsd:.3g} m "
+                       f"to the model's {model_gsd_m:g} m per pixel: its tiles have the model's pixel size but "
+                       f"the detail of {gsd:.3g} m pixels, which the model was not trained on; without "
+                       "resample_to_gsd the default tiling (--units auto) reads the scene at its own scale "
+                       "where the model's range allows", stacklevel=4, code="upsampled", factor=round(gsd / model_gsd_m, 3))
 
 
 #: Share of sampled pixels that may hold the nodata value in some model bands but not in all
