@@ -157,6 +157,9 @@ def test_no_styles_writes_neither_styles_nor_project(tmp_path, scenes_dir):
     names = {p.name for p in (tmp_path / "o" / STEM).iterdir()}
     assert not {n for n in names if n.endswith((".qml", ".qgs", ".gpkg", ".png"))}, names
     assert {"tiles.parquet", "labels.tif", "heatmap.tif", "run.json"} <= names
+    assert "--no-gpkg" not in res.output  # no project, so no word on its tiles layer
+    res = invoke(["run", scene, "-o", tmp_path / "p", "--no-gpkg", "--no-quicklook", "--no-progress"])
+    assert res.exit_code == 0 and "--no-gpkg: the tiles layer of the scenes' QGIS projects is tiles.parquet" in res.output
 
 
 def test_gpkg_is_version_12_with_a_valid_rtree(made):
@@ -269,14 +272,50 @@ def test_collect_project_opens(made, report):
     p = report["projects"][1]
     assert p["read"] and p["crs"] == made["epsg"]  # one scene: its CRS
     by_name = {(lyr["group"], lyr["name"]): lyr for lyr in p["layers"]}
-    # drawing order, top first: the collected tiles over each scene's layers, not under its image
-    assert list(by_name) == [(None, "tiles"), (STEM, "heatmap"), (STEM, "labels"), (STEM, "scene")]
+    # drawing order, top first: every tile (hidden), then each scene's group: its tiles over its
+    # rasters, not under its image; each layer named with its scene (QGIS's pickers list names)
+    assert list(by_name) == [(None, "tiles"), (STEM, f"tiles {STEM}"), (STEM, f"heatmap {STEM}"),
+                             (STEM, f"labels {STEM}"), (STEM, f"scene {STEM}")]
     for key, lyr in by_name.items():
         assert lyr["valid"], (key, lyr["source"])
         assert lyr["source"].startswith(str(made["new"])), key
-    tiles = by_name[(None, "tiles")]
-    assert tiles["features"] == made["table"].num_rows and tiles["crs"] == "EPSG:4326"
-    assert [c["value"] for c in tiles["renderer"]["categories"]] == _present(made)
+    every, tiles = by_name[(None, "tiles")], by_name[(STEM, f"tiles {STEM}")]
+    assert not every["visible"] and tiles["visible"]  # a scene's tiles go on and off with its group
+    for lyr in (every, tiles):
+        assert lyr["features"] == made["table"].num_rows and lyr["crs"] == "EPSG:4326"
+        assert [c["value"] for c in lyr["renderer"]["categories"]] == _present(made)
+
+
+def test_collected_project_of_one_place_in_two_years_keeps_each_years_tiles_in_its_group(tmp_path, scenes_dir,
+                                                                                         qgis_py):
+    """Two years of one NAIP quarter quad collected: each scene's group holds its own tiles
+    (the table filtered to it), legends of its own classes, layers named with it; and the
+    scenes, on a store apart from OUT, are found by absolute paths once OUT moves alone."""
+    years = ("20100629", "20190904")
+    out = tmp_path / "work" / "out"
+    res = invoke(["run", *(scenes_dir / f"opengeos-naip/m_4709963_se_14_1_{y}.tif" for y in years), "-o", out,
+                  "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert invoke(["collect", out]).exit_code == 0
+    moved = tmp_path / "elsewhere" / "deeper" / "out"
+    moved.parent.mkdir(parents=True)
+    os.rename(out, moved)
+    rep = qgis(qgis_py, {"projects": [str(moved / "collected" / "collected.qgs")]}, tmp_path)
+    p = rep["projects"][0]
+    assert p["read"] and all(lyr["valid"] for lyr in p["layers"]), p["layers"]
+    by_name = {(lyr["group"], lyr["name"]): lyr for lyr in p["layers"]}
+    total = 0
+    for y in years:
+        stem = f"m_4709963_se_14_1_{y}"
+        table = pq.read_table(moved / stem / "tiles.parquet")
+        own = set(table.column("label").to_pylist())
+        tiles, labels = by_name[(stem, f"tiles {stem}")], by_name[(stem, f"labels {stem}")]
+        assert tiles["features"] == table.num_rows
+        assert {c["value"] for c in tiles["renderer"]["categories"]} == own
+        assert {c["label"] for c in labels["renderer"]["classes"]} == own
+        assert by_name[(stem, f"scene {stem}")]["valid"]
+        total += table.num_rows
+    assert by_name[(None, "tiles")]["features"] == total and not by_name[(None, "tiles")]["visible"]
 
 
 def test_qgis_draws_the_class_colours_at_tile_centres(made, report):
@@ -329,11 +368,15 @@ def test_what_an_alpha_band_or_internal_mask_hides_is_transparent_in_the_project
         assert res.exit_code == 0, res.output
     res = invoke(["collect", out, "--no-gpkg"])
     assert res.exit_code == 0, res.output
+    assert "--no-gpkg: the tiles layer of collected.qgs is tiles.parquet, which QGIS opens only with GDAL >= 3.8" \
+        in res.output, res.output  # the project's tiles layer opens in fewer QGIS installs: said
     projects = [out / "RGBA.byte" / "RGBA.byte.qgs", out / "masked" / "masked.qgs", out / "collected" / "collected.qgs"]
-    spec = {"renders": [{"project": str(p), "size": [791, 718], "points": points, "layers": ["scene"]} for p in projects]}
+    shown = (["scene"], ["scene"], ["scene RGBA.byte", "scene masked"])  # collected: both scenes, named
+    spec = {"renders": [{"project": str(p), "size": [791, 718], "points": points, "layers": layers}
+                        for p, layers in zip(projects, shown)]}
     rep = qgis(qgis_py, spec, tmp_path)
     white = [255, 255, 255, 255]
-    for r, layers in zip(rep["renders"], (["scene"], ["scene"], ["scene", "scene"])):  # collected: both scenes
+    for r, layers in zip(rep["renders"], shown):
         assert r["errors"] == [] and r["layers"] == layers, r
         seen = [(s["rgba"], h) for s, h in zip(r["samples"], hidden) if s["rgba"] is not None]  # in the view
         assert sum(h for _, h in seen) >= 30 and sum(not h for _, h in seen) >= 30, r["project"]

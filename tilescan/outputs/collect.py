@@ -330,6 +330,10 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
+    if styles and not gpkg:
+        from .qgis import parquet_only_warning
+
+        log(parquet_only_warning("collected.qgs"))
     say_models(scenes, log)
     try:
         stage.mkdir(parents=True)

@@ -247,6 +247,14 @@ def scene_source(scene: str | os.PathLike | None) -> str | None:
     return os.path.abspath(scene) if os.path.isfile(scene) else None
 
 
+def parquet_only_warning(what: str) -> str:
+    """The warning for projects made without the GeoPackage (``--no-gpkg``): their tiles layer
+    is the GeoParquet file, which not every QGIS opens."""
+    return (f"warning: --no-gpkg: the tiles layer of {what} is tiles.parquet, which QGIS opens only with GDAL "
+            ">= 3.8 built with Arrow (not QGIS 3.22 on Debian 12, for one); without --no-gpkg it is the GeoPackage, "
+            "which every QGIS 3 opens")
+
+
 def _table(folder: Path) -> tuple[str, str | None] | None:
     """The tile table a project should use: the GeoPackage (every QGIS reads it), else
     the GeoParquet file (QGIS with GDAL >= 3.8 built with Arrow)."""
@@ -339,15 +347,56 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     where = Path(os.path.abspath(location if location is not None else folder))
     schema = pq.read_schema(folder / "tiles.parquet")
     own = json.loads(schema.metadata[b"tilescan"])
-    classes = own["classes"]
+    classes = tuple(str(c) for c in own["classes"])
     bbox = json.loads(schema.metadata[b"geo"])["columns"]["geometry"].get("bbox")
-    labelled = pq.read_table(folder / "tiles.parquet", columns=["scene", "label"]).to_pydict()
+    of_scene = _classes_of_scenes(folder / "tiles.parquet", classes)
+    present = tuple(sorted(set().union(*of_scene.values())))
+    scenes = _collected_scenes(units)
+    written: list[Path] = []
+    colors = _colors(own.get("class_colors"))
+    table = _table(folder)
+    tiles = memo_style("tiles", classes, present, colors)
+    if table is not None:
+        written.append(write_style(folder / "tiles.qml", tiles))
+    crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
+    crs = next(iter(crss)) if len(crss) == 1 else "EPSG:4326"
+    if own.get("antimeridian_tiles") and len(crss) == 1:  # the tiles' box spans the globe: the scenes' own
+        bbox = None
+    bounds = _project_bounds(crs, bbox, list(scenes.values()))
+
+    def tiles_layer(title: str, shown: tuple[int, ...], subset: str | None = None, visible: bool = True) -> Layer:
+        return Layer(title, str(where / table[0]), "vector", memo_style("tiles", classes, shown, colors),
+                     crs="EPSG:4326", bounds=bbox, sublayer=table[1], style_name="label",
+                     alt_styles={"confidence": memo_style("confidence")}, subset=subset, visible=visible)
+
+    layers = [] if table is None else [tiles_layer("tiles", present, visible=False)]
+    groups = []
+    for s in scenes.values():
+        mine = tuple(sorted(of_scene.get(s["name"], ())))
+        members = [] if table is None or not mine else [
+            tiles_layer(f"tiles {s['name']}", mine, subset="\"scene\" = '" + s["name"].replace("'", "''") + "'")]
+        members += _scene_group(s, classes, mine or present, colors, bounds)
+        if members:
+            groups.append((s["name"], members))
+    written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
+                                 groups=groups, location=where))
+    return written
+
+
+def _classes_of_scenes(parquet: Path, classes: Sequence[str]) -> dict[str, set[int]]:
+    """The indexes of the classes each scene of a collected table has tiles of."""
+    import pyarrow.parquet as pq
+
+    labelled = pq.read_table(parquet, columns=["scene", "label"]).to_pydict()
     index = {c: i for i, c in enumerate(classes)}
     of_scene: dict[str, set[int]] = {}
     for scene_name, label in zip(labelled["scene"], labelled["label"]):
         of_scene.setdefault(scene_name, set()).add(index[label])
-    present = sorted(set().union(*of_scene.values()))
+    return of_scene
 
+
+def _collected_scenes(units: Sequence[tuple[str, str | os.PathLike, dict]]) -> dict[str, dict]:
+    """What the collected project shows of each scene, from its units' run.json."""
     scenes: dict[str, dict] = {}
     for scene_name, unit_folder, m in units:
         info = m.get("scene_info", {})
@@ -360,53 +409,28 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                                            "alpha": qgis_alpha_band(info.get("count"), info.get("alpha_band"),
                                                                     info.get("internal_mask", False))})
         s["units"].append(Path(os.path.abspath(unit_folder)))
+    return scenes
 
-    written: list[Path] = []
-    classes, present = tuple(str(c) for c in classes), tuple(present)
-    colors = _colors(own.get("class_colors"))
-    table = _table(folder)
-    tiles = memo_style("tiles", classes, present, colors)
-    if table is not None:
-        written.append(write_style(folder / "tiles.qml", tiles))
-    crss = {str(s["crs"]) for s in scenes.values() if s["crs"]}
-    crs = next(iter(crss)) if len(crss) == 1 else "EPSG:4326"
-    if own.get("antimeridian_tiles") and len(crss) == 1:  # the tiles' box spans the globe: the scenes' own
-        bbox = None
-    bounds = _project_bounds(crs, bbox, list(scenes.values()))
-    layers = []
-    def tiles_layer(title: str, style, subset: str | None = None, visible: bool = True) -> Layer:
-        return Layer(title, str(where / table[0]), "vector", style, crs="EPSG:4326", bounds=bbox, sublayer=table[1],
-                     style_name="label", alt_styles={"confidence": memo_style("confidence")}, subset=subset,
-                     visible=visible)
 
-    if table is not None:
-        layers.append(tiles_layer("tiles", tiles, visible=False))
-    groups = []
-    for s in scenes.values():
-        members, own = [], tuple(sorted(of_scene.get(s["name"], ())))
-        if table is not None and own:
-            quoted = s["name"].replace("'", "''")
-            members.append(tiles_layer(f"tiles {s['name']}", memo_style("tiles", classes, own, colors),
-                                       subset=f"\"scene\" = '{quoted}'"))
-        for u in s["units"]:
-            tag = s["name"] if u.name == s["name"] else f"{s['name']} {u.name}"
-            if (u / "heatmap.tif").exists():
-                members.append(Layer(f"heatmap {tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
-                                     crs=s["crs"], bounds=s["bounds"], visible=False))
-            if (u / "labels.tif").exists():
-                members.append(Layer(f"labels {tag}", str(u / "labels.tif"), "raster",
-                                     memo_style("labels", classes, own or tuple(present), colors),
-                                     crs=s["crs"], bounds=s["bounds"], visible=False))
-        scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
-                                   s["nodata"], s["nodata_from"], s["alpha"])
-        if scene_layer is not None:
-            scene_layer.name = f"scene {s['name']}"
-            members.append(scene_layer)
-        if members:
-            groups.append((s["name"], members))
-    written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
-                                 groups=groups, location=where))
-    return written
+def _scene_group(s: dict, classes: tuple[str, ...], shown: tuple[int, ...], colors, bounds) -> list[Layer]:
+    """A scene's rasters in the collected project: each unit's heatmap and labels (hidden,
+    with the legend of ``shown`` classes), then the scene; each named with the scene."""
+    members = []
+    for u in s["units"]:
+        tag = s["name"] if u.name == s["name"] else f"{s['name']} {u.name}"
+        if (u / "heatmap.tif").exists():
+            members.append(Layer(f"heatmap {tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
+                                 crs=s["crs"], bounds=s["bounds"], visible=False))
+        if (u / "labels.tif").exists():
+            members.append(Layer(f"labels {tag}", str(u / "labels.tif"), "raster",
+                                 memo_style("labels", classes, shown, colors),
+                                 crs=s["crs"], bounds=s["bounds"], visible=False))
+    scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],
+                               s["nodata"], s["nodata_from"], s["alpha"])
+    if scene_layer is not None:
+        scene_layer.name = f"scene {s['name']}"
+        members.append(scene_layer)
+    return members
 
 
 def _table_bbox(parquet: Path) -> list[float] | None:
