@@ -449,18 +449,18 @@ def test_a_url_scenes_project_reads_the_scene_from_its_url(server, tmp_path):
     assert _run([url], out).exit_code == 0
     assert run_collect(out, gpkg=False)["tiles"] > 0
     qgs, collected = out / "cogeo" / "cogeo.qgs", out / "collected" / "collected.qgs"
-    assert _project_sources(qgs)["scene"] == _project_sources(collected)["scene"] == f"/vsicurl/{url}"
+    assert _project_sources(qgs)["scene"] == _project_sources(collected)["scene cogeo"] == f"/vsicurl/{url}"
     report = qgis(_qgis_python(), {"projects": [str(qgs), str(collected)]}, tmp_path)
-    for project in report["projects"]:
+    for project, named in zip(report["projects"], ("", " cogeo")):  # the collected project's layers name their scene
         layers = {lyr["name"]: lyr for lyr in project["layers"]}
-        assert project["read"] and layers["scene"]["valid"] and layers["labels"]["valid"], project
+        assert project["read"] and layers["scene" + named]["valid"] and layers["labels" + named]["valid"], project
     secret = url.replace("://", "://me:pa55@") + "?sig=abc123"
     out2 = tmp_path / "out2"
     assert _run([secret], out2).exit_code == 0
     assert run_collect(out2, gpkg=False)["tiles"] > 0
     for project in (out2 / "cogeo" / "cogeo.qgs", out2 / "collected" / "collected.qgs"):
         text = project.read_text()
-        assert "scene" not in _project_sources(project)
+        assert not [name for name in _project_sources(project) if name.startswith("scene")]
         assert "pa55" not in text and "abc123" not in text
 
 

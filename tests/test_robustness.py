@@ -668,7 +668,7 @@ def _scene_nodata_xml(project: Path) -> list[tuple[str, str | None]]:
     """The scene layer's user nodata in a QGIS project: (band, value) per band listed."""
     import xml.etree.ElementTree as ET
 
-    layer = next(m for m in ET.parse(project).getroot().iter("maplayer") if m.findtext("layername") == "scene")
+    layer = next(m for m in ET.parse(project).getroot().iter("maplayer") if m.findtext("layername").startswith("scene"))
     return [(e.get("bandNo"), e.find("noDataRange").get("min") if e.find("noDataRange") is not None else None)
             for e in layer.iter("noDataList") if e.get("useSrcNoData") == "0"]
 
@@ -1359,8 +1359,9 @@ def test_collect_project_when_a_scene_file_is_gone(tmp_path, tiny_model, scenes_
 
     project = ET.parse(out / "collected" / "collected.qgs").getroot()
     layers = {m.findtext("layername"): m.findtext("datasource") for m in project.iter("maplayer")}
-    assert set(layers) == {"tiles", "labels", "heatmap"}
-    assert layers["labels"] == "../gone/labels.tif" and layers["tiles"] == "./tiles.gpkg|layername=tiles"
+    assert set(layers) == {"tiles", "tiles gone", "labels gone", "heatmap gone"}  # no scene layer
+    assert layers["labels gone"] == "../gone/labels.tif" and layers["tiles"] == "./tiles.gpkg|layername=tiles"
+    assert layers["tiles gone"] == "./tiles.gpkg|layername=tiles|subset=\"scene\" = 'gone'"
 
 
 # ------------------------------------------------------------------------------------
