@@ -202,6 +202,18 @@ def test_s3_signed_reads_and_prefix_listing(s3, local_ref, tmp_path):
     for name in ("cogeo", "cog_rgb"):
         same_unit(out / name, local_ref / name)
     assert json.loads((out / "cog_rgb" / "run.json").read_text())["scene"] == f"s3://scenes/{COG_RGB}"
+    # the object's size, not that of GDAL's first ranged read: a rerun reading more at open is
+    # the same scene (skipped), and so are outputs whose run.json has a range's size
+    for name, path in (("cogeo", COGEO), ("cog_rgb", COG_RGB)):
+        version = json.loads((out / name / "run.json").read_text())["scene_version"]
+        assert version["size"] == scene(path).stat().st_size and version["etag"], version
+    manifest = out / "cogeo" / "run.json"
+    m = json.loads(manifest.read_text())
+    m["scene_version"]["size"] = 16384  # as releases before this one read it on S3
+    manifest.write_text(json.dumps(m))
+    p = bh.tilescan("run", "--no-progress", "-o", out, f"s3://scenes/{COGEO}", "s3://scenes/rio-tiler",
+                    "--units", "px", "--tile-size", "256", **s3.gdal_env(), GDAL_INGESTED_BYTES_AT_OPEN="65536")
+    assert p.returncode == 0 and json.loads((out / "report.json").read_text())["counts"]["skipped"] == 2, p.stderr
 
 
 def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):

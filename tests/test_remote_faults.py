@@ -136,7 +136,8 @@ def test_a_rerun_while_the_server_is_down_keeps_finished_scenes(server, tmp_path
     later = (server.extra / "cogeo.tif").stat().st_mtime + 60  # a newer Last-Modified: not the finished scene
     os.utime(server.extra / "cogeo.tif", (later, later))
     p = _run(out, url)
-    assert p.returncode == 6 and "finished outputs made from another version of the scene" in p.stderr, p.stderr
+    assert p.returncode == 6 and "made from another version of the scene (its size, ETag or Last-Modified differ)" \
+        in p.stderr, p.stderr
 
 
 def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):

@@ -423,13 +423,16 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
     model = old.get("model") or {}
     if model.get("sha256") != model_sha:
         return f"made with another model ({model.get('id')}, sha256 {str(model.get('sha256'))[:12]})", redo
+    if getattr(unit.scene, "remote", False):
+        return "made from another version of the scene (its size, ETag or Last-Modified differ)", redo
     return "made from another version of the scene file (its size or modification time differ)", redo
 
 
 def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
     """Whether finished outputs whose fingerprint differs were made with settings that give the
     same outputs: a stride equal to the tile size given or left 0, bands given as the automatic
-    pick chose them, or left to it where it picks those given."""
+    pick chose them, or left to it where it picks those given; or from the same remote object
+    (its ETag) whose size an earlier release read wrong."""
     was = (old.get("config") or {}).get("tiling") or {}
     now, same = cfg.tiling, {}
     if was.get("tile_size") == now.tile_size and {was.get("stride"), now.stride} <= {0, now.tile_size}:
@@ -437,7 +440,10 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     before, used = list(was.get("bands") or []), (old.get("scene_info") or {}).get("bands_used")
     if before != list(now.bands) and used and list(now.bands or card.auto_bands(unit.scene, now) or [None]) == used:
         same["bands"] = tuple(before)
-    if not same or version is None:
+    was_version = old.get("scene_version") or {}
+    if version is not None and version.get("etag") and {**was_version, "size": None} == {**version, "size": None}:
+        version = was_version  # the same object by its ETag: size as an earlier release read it (a range's on S3)
+    elif not same or version is None:
         return False
     return old.get("fingerprint") == fingerprint(unit, cfg.replace("tiling", **same), card.sha256, version)
 

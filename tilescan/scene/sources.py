@@ -269,7 +269,7 @@ class RemoteScene(os.PathLike):
         if h is None:  # no headers: GDAL's open says why (404, refused...), or the scheme has none
             self.open().close()
             h = {}
-        return {"scene": self.shown, "size": _int(h.get("content-length")),
+        return {"scene": self.shown, "size": object_size(h),
                 "etag": h.get("etag"), "last_modified": h.get("last-modified")}
 
     def manifest(self) -> dict:
@@ -278,6 +278,14 @@ class RemoteScene(os.PathLike):
     def urls(self) -> list[str]:
         """The URLs read for this scene, as GDAL is given them (for its failure notes)."""
         return [self.url]
+
+
+def object_size(h: dict[str, str]) -> int | None:
+    """A remote object's size from the headers GDAL got: the total of a ranged answer's
+    ``Content-Range`` (``bytes 0-16383/2526050``: on S3 GDAL's first request is a ranged
+    GET, whose ``Content-Length`` is the range's), else ``Content-Length`` (a HEAD's)."""
+    total = (h.get("content-range") or "").rpartition("/")[2]
+    return _int(total) if total.strip().isdigit() else _int(h.get("content-length"))
 
 
 def _int(text: str | None) -> int | None:
