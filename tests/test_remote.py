@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -484,6 +485,54 @@ def test_stac_document_urls_that_are_not_there_say_the_servers_answer(server):
     assert scenes == [scene(COGEO).resolve()]
     assert "not found (HTTP 404)" in str(failed[0]) and str(failed[0]).startswith(f"{server.url}/rasterio/no-such-item.json: ")
     assert "access denied (HTTP 403)" in str(failed[1]) and str(failed[1]).startswith(f"{server.url}/403/catalog.json: ")
+
+
+def test_stac_documents_are_read_with_the_scenes_gdal_settings(server, monkeypatch):
+    """A STAC document is read as scenes are: a server error retried as tilescan sets GDAL's
+    retries, and no listing of the document's folder."""
+    from tilescan.scene import vsi
+    from tilescan.scene.sources import find_inputs
+
+    monkeypatch.setitem(vsi.REMOTE_GDAL_OPTIONS, "GDAL_HTTP_MAX_RETRY", "2")  # tilescan's, not GDAL's default of none
+    monkeypatch.setitem(vsi.REMOTE_GDAL_OPTIONS, "GDAL_HTTP_RETRY_DELAY", "0.1")
+    for key in ("GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_DELAY", "GDAL_DISABLE_READDIR_ON_OPEN"):
+        monkeypatch.delenv(key, raising=False)
+    server.clear_log()
+    _, failed = find_inputs([f"{server.url}/503/items.json", scene(COGEO)])
+    assert "server error (HTTP 503), still failing after GDAL_HTTP_MAX_RETRY retries" in str(failed[0]), failed
+    tries = lambda: [r.status for r in server.requests() if r.path == "/503/items.json"]  # noqa: E731
+    for _ in range(50):  # nginx logs a request after answering it: the last line may come a moment later
+        if len(tries()) >= 3:
+            break
+        time.sleep(0.05)
+    assert tries() == [503] * 3  # one try and two retries, as tilescan sets them
+    doc = server.extra / "items.json"
+    doc.write_text(json.dumps({"type": "FeatureCollection",
+                               "features": [_item("one", {"visual": f"{server.url}/{COGEO}"}).to_dict()]}))
+    server.clear_log()
+    scenes, failed = find_inputs([f"{server.url}/extra/items.json"])
+    assert [sc.id for sc in scenes] == ["one"] and not failed
+    assert [r.path for r in server.requests() if r.path.endswith("/")] == []  # its folder was not listed
+    from conftest import free_port
+
+    _, failed = find_inputs([f"http://127.0.0.1:{free_port()}/items.json", scene(COGEO)])  # nothing listens there
+    assert "cannot read: cannot reach the server (connection refused" in str(failed[0]), failed
+
+
+def test_one_item_id_in_two_collections_of_a_document_is_two_scenes(tmp_path):
+    """A search across collections may give one id in each: both are scenes, each named with
+    its collection, in folders of their own."""
+    items = []
+    for collection, path in (("naip", COG_RGB), ("aerial", COGEO)):
+        it = _item("dup", {"visual": scene(path)})
+        it.collection_id = collection
+        items.append(it.to_dict())
+    doc = tmp_path / "dups.json"
+    doc.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    rep = _run([], tmp_path / "out", stac=[str(doc)])
+    assert rep.exit_code == 0 and len(rep.results) == 2, rep.to_dict()
+    shown = {json.loads((Path(r.out_dir) / "run.json").read_text())["scene"] for r in rep.results}
+    assert shown == {f"{doc}#naip/dup", f"{doc}#aerial/dup"} and len({r.out_dir for r in rep.results}) == 2
 
 
 def test_python_callers_give_one_stac_document_and_assets_as_strings(server, local_ref, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 from xml.sax.saxutils import escape
@@ -47,6 +48,7 @@ def _stac_io():
         def read_text(self, source, *args, **kwargs) -> str:
             href = str(source)
             if vsi.is_url(href):
+                vsi.configure_gdal()  # the scenes' retries, timeouts and no folder listing, for documents too
                 return vsi.read_bytes(vsi.to_gdal_path(href), shown=vsi.redact(href)).decode("utf-8")
             try:
                 return Path(href).read_text(encoding="utf-8")
@@ -91,7 +93,12 @@ def load_items(source: str, assets: Sequence[str] | None = None, failed: list | 
         raise InputError(f"not a valid STAC document: {type(exc).__name__}: {vsi.scrub(str(exc))}", path=shown) from None
     if not items and len(failed) == before:
         raise NoScenesError("the STAC document holds no items", path=shown)
-    return [StacScene(item, shown, href, assets) for item in items]
+    scenes = [StacScene(item, shown, href, assets) for item in items]
+    ids = Counter(sc.shown for sc in scenes)
+    for sc in scenes:  # one id in several collections (a search across them): each named with its collection
+        if ids[sc.shown] > 1 and sc.collection:
+            sc.shown = f"{sc.shown.rpartition('#')[0]}#{sc.collection}/{sc.id}"
+    return scenes
 
 
 def _catalog_items(cat, failed: list):
@@ -204,7 +211,7 @@ class StacScene(os.PathLike):
     def __repr__(self) -> str:
         return f"StacScene({self.shown!r}, assets={self.keys})"
 
-    def __eq__(self, other: object) -> bool:
+    def __eq__(self, other: object) -> bool:  # the same item of the same document, with the same assets
         return isinstance(other, StacScene) and (other.shown, other.keys) == (self.shown, self.keys)
 
     def __hash__(self) -> int:

@@ -289,7 +289,8 @@ def read_bytes(gdal_path: str, limit: int = 64 << 20, shown: str | None = None) 
         ok = lib.VSIIngestFile(None, gdal_path.encode(), ctypes.byref(buf), ctypes.byref(size), limit)
         err = _last_error(lib)
     if not ok:
-        why = _http_answer(stat_error(gdal_path)) or err or "no such file"  # "Cannot open file" says less
+        why = (_http_answer(stat_error(gdal_path)) or take_transfer_failure(gdal_path.removeprefix("/vsicurl/"))
+               or err or "no such file")  # "Cannot open file" says less than the server's answer or curl's failure
         raise InputError(f"cannot read: {cause(why, gdal_path)}", path=shown)
     try:
         return ctypes.string_at(buf, size.value)
