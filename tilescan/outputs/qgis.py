@@ -255,6 +255,15 @@ def parquet_only_warning(what: str) -> str:
             "which every QGIS 3 opens")
 
 
+def _tiles_layer(title: str, folder: Path, table: tuple[str, str | None], style, crs: Any, bounds,
+                 subset: str | None = None, visible: bool = True) -> Layer:
+    """A project's layer of a tile table (:func:`_table`'s, in ``folder``): styled by label,
+    with the confidence style beside it; ``subset`` filters its rows."""
+    return Layer(title, str(folder / table[0]), "vector", style, crs=crs, bounds=bounds, sublayer=table[1],
+                 style_name="label", alt_styles={"confidence": memo_style("confidence")}, subset=subset,
+                 visible=visible)
+
+
 def _table(folder: Path) -> tuple[str, str | None] | None:
     """The tile table a project should use: the GeoPackage (every QGIS reads it), else
     the GeoParquet file (QGIS with GDAL >= 3.8 built with Arrow)."""
@@ -298,9 +307,7 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
     if project:
         layers = []
         if table is not None:
-            layers.append(Layer("tiles", str(folder / table[0]), "vector", styles["tiles"], crs=crs, bounds=bounds,
-                                sublayer=table[1], style_name="label",
-                                alt_styles={"confidence": memo_style("confidence")}))
+            layers.append(_tiles_layer("tiles", folder, table, styles["tiles"], crs, bounds))
         if "heatmap" in styles:
             layers.append(Layer("heatmap", str(folder / "heatmap.tif"), "raster", styles["heatmap"], crs=crs,
                                 bounds=bounds, visible=False))
@@ -365,9 +372,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     bounds = _project_bounds(crs, bbox, list(scenes.values()))
 
     def tiles_layer(title: str, shown: tuple[int, ...], subset: str | None = None, visible: bool = True) -> Layer:
-        return Layer(title, str(where / table[0]), "vector", memo_style("tiles", classes, shown, colors),
-                     crs="EPSG:4326", bounds=bbox, sublayer=table[1], style_name="label",
-                     alt_styles={"confidence": memo_style("confidence")}, subset=subset, visible=visible)
+        return _tiles_layer(title, where, table, memo_style("tiles", classes, shown, colors), "EPSG:4326", bbox,
+                            subset=subset, visible=visible)
 
     layers = [] if table is None else [tiles_layer("tiles", present, visible=False)]
     groups = []
