@@ -521,18 +521,21 @@ def test_stac_documents_are_read_with_the_scenes_gdal_settings(server, monkeypat
 
 def test_one_item_id_in_two_collections_of_a_document_is_two_scenes(tmp_path):
     """A search across collections may give one id in each: both are scenes, each named with
-    its collection, in folders of their own."""
+    its collection, in folders of their own; one without the asset asked for fails by that name."""
     items = []
-    for collection, path in (("naip", COG_RGB), ("aerial", COGEO)):
-        it = _item("dup", {"visual": scene(path)})
+    for collection, asset, path in (("naip", "visual", COG_RGB), ("aerial", "visual", COGEO), ("thumbs", "thumbnail", COGEO)):
+        it = _item("dup", {asset: scene(path)})
         it.collection_id = collection
         items.append(it.to_dict())
     doc = tmp_path / "dups.json"
     doc.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
     rep = _run([], tmp_path / "out", stac=[str(doc)])
-    assert rep.exit_code == 0 and len(rep.results) == 2, rep.to_dict()
-    shown = {json.loads((Path(r.out_dir) / "run.json").read_text())["scene"] for r in rep.results}
-    assert shown == {f"{doc}#naip/dup", f"{doc}#aerial/dup"} and len({r.out_dir for r in rep.results}) == 2
+    done = [r for r in rep.results if r.status == "done"]
+    assert rep.exit_code == 3 and len(done) == 2, rep.to_dict()
+    shown = {json.loads((Path(r.out_dir) / "run.json").read_text())["scene"] for r in done}
+    assert shown == {f"{doc}#naip/dup", f"{doc}#aerial/dup"} and len({r.out_dir for r in done}) == 2
+    (failed,) = rep.to_dict()["failed"]
+    assert failed["reason"].startswith(f"{doc}#thumbs/dup: item has no 'visual' asset"), failed
 
 
 def test_python_callers_give_one_stac_document_and_assets_as_strings(server, local_ref, tmp_path):
