@@ -93,12 +93,15 @@ def load_items(source: str, assets: Sequence[str] | None = None, failed: list | 
         raise InputError(f"not a valid STAC document: {type(exc).__name__}: {vsi.scrub(str(exc))}", path=shown) from None
     if not items and len(failed) == before:
         raise NoScenesError("the STAC document holds no items", path=shown)
-    scenes = [StacScene(item, shown, href, assets) for item in items]
-    ids = Counter(sc.shown for sc in scenes)
-    for sc in scenes:  # one id in several collections (a search across them): each named with its collection
-        if ids[sc.shown] > 1 and sc.collection:
-            sc.shown = f"{sc.shown.rpartition('#')[0]}#{sc.collection}/{sc.id}"
-    return scenes
+    named = [f"{_document(item, shown)}#{item.id}" for item in items]
+    ids = Counter(named)  # one id in several collections (a search across them): each named with its collection
+    return [StacScene(item, shown, href, assets, by_collection=ids[n] > 1) for item, n in zip(items, named)]
+
+
+def _document(item, source_shown: str) -> str:
+    """The document an item is named after: its own href (credentials removed), else the one read."""
+    self_href = item.get_self_href()
+    return (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
 
 
 def _catalog_items(cat, failed: list):
@@ -133,7 +136,9 @@ class StacScene(os.PathLike):
 
     remote = True
 
-    def __init__(self, item, source_shown: str, source_href: str, assets: Sequence[str] | None):
+    def __init__(self, item, source_shown: str, source_href: str, assets: Sequence[str] | None,
+                 by_collection: bool = False):
+        # ``by_collection``: named DOCUMENT#COLLECTION/ID (its id is in other collections of the document too)
         self.item = item
         self.id = item.id
         self.name = item.id
@@ -141,10 +146,9 @@ class StacScene(os.PathLike):
         self.suffix = ""
         self.source = source_shown
         self.collection = item.collection_id
-        self_href = item.get_self_href()
-        base = (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
-        self.shown = f"{base}#{item.id}"
-        self.base_href = self_href or source_href  # relative asset hrefs are relative to this
+        qualified = f"{self.collection}/" if by_collection and self.collection else ""
+        self.shown = f"{_document(item, source_shown)}#{qualified}{item.id}"
+        self.base_href = item.get_self_href() or source_href  # relative asset hrefs are relative to this
         self.unusable: InputError | None = None  # an item without the assets asked for: fails alone, as a scene
         try:
             self.keys, self.hrefs = self._pick(assets)
