@@ -43,6 +43,9 @@ def test_one_geoparquet_table_with_every_tile(ref):
     assert len(gdf) == sum(t.num_rows for t in per_scene.values())
     assert not gdf.duplicated(["scene", "tile_index"]).any()
     assert list(gdf["scene"].unique()) == sorted(bh.UNITS)  # sorted by scene, then tile
+    own = json.loads(pq.read_schema(path).metadata[b"tilescan"])  # which model made the labels, as each scene's table says
+    ids = {json.loads(pq.read_schema(ref / u / "tiles.parquet").metadata[b"tilescan"])["model_id"] for u in bh.UNITS}
+    assert ids == {own["model_id"]} and "model_ids" not in own and own["scenes"] == sorted(bh.UNITS)
     # dictionary pages on the name columns only (on numbers they made the table larger)
     f = pq.ParquetFile(path)
     rg = f.metadata.row_group(0)
@@ -321,6 +324,8 @@ def test_outputs_of_a_scene_file_that_is_gone_or_of_another_model_are_said(ref, 
     notes.clear()
     summary = run_collect(out, log=notes.append)
     assert summary["scenes"][names[1]]["model"] == "retrained"
+    meta = json.loads(pq.read_schema(out / "collected" / "tiles.parquet").metadata[b"tilescan"])
+    assert "retrained" in meta["model_ids"] and len(meta["model_ids"]) == 2 and "model_id" not in meta
     assert any("classified by 2 models of the same classes" in n and "retrained (ffffffffffff)" in n for n in notes)
     for n in names:  # the outputs read on another machine: one line, not one per scene
         _edit(out / n / "run.json", scene=f"/elsewhere/{n}.tif")

@@ -417,11 +417,16 @@ class _TableWriter:
                                                           max(bounds[2], b[2]), max(bounds[3], b[3])]
         return t
 
-    def write_metadata(self, scene_names: list[str], scale_warnings: dict[str, str]) -> None:
-        """The ``geo`` metadata and tilescan's (classes, tile count, scenes, scale warnings)."""
+    def write_metadata(self, scene_info: dict[str, dict]) -> None:
+        """The ``geo`` metadata and tilescan's (classes, tile count, scenes, their model ids, scale warnings)."""
         assert self.writer is not None and self.classes is not None
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
-               "geometry_native and cam_peak_x/y are in each row's crs (cam_peak_lon/lat: the peak in OGC:CRS84)", "scenes": scene_names}
+               "geometry_native and cam_peak_x/y are in each row's crs (cam_peak_lon/lat: the peak in OGC:CRS84)",
+               "scenes": sorted(scene_info)}
+        ids = sorted({str(info.get("model")) for info in scene_info.values()})
+        own.update({"model_id": ids[0]} if len(ids) == 1 else {"model_ids": ids})  # several: collect warned
+        scale_warnings = {name: info["scale_warning"] for name, info in sorted(scene_info.items())
+                          if "scale_warning" in info}
         if self.colors:
             own["class_colors"] = self.colors
         if scale_warnings:
@@ -469,8 +474,7 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 f"{table.colors_source}'s: the collected styles draw every scene in {table.colors_source}'s")
         if table.writer is None:
             raise InputError("no scene could be collected: " + "; ".join(f"{f['scene']}: {f['reason']}" for f in failed))
-        table.write_metadata(sorted(scene_info), {name: info["scale_warning"] for name, info in sorted(scene_info.items())
-                                                  if "scale_warning" in info})
+        table.write_metadata(scene_info)
     finally:
         table.close()
     result = _result(summary, scene_info, table.total, skipped, failed, *run_failed)
