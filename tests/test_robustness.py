@@ -593,7 +593,7 @@ def test_all_nodata_scene(batch, pixel_run, derived):
         said = next(d["message"] for d in o["manifest"]["warning_details"] if d["code"] == "no_tiles")
         # no --min-valid would help: the advice is the one that might
         assert "no tile holds a valid pixel" in said and "--min-valid" not in said
-        assert "if the file's nodata value 0 is data here, --nodata none reads it as data" in said
+        assert "if the file's nodata value 0 is data here, --nodata none (nodata='none' from Python) reads it as data" in said
     assert pixel_run["res"].exit_code == 0
 
 
@@ -606,7 +606,7 @@ def test_no_tile_full_enough_names_the_min_valid_that_classifies_one(tmp_path, t
     args = ["run", path, "--model", tiny_model, "--tile-size", "64", "--units", "px", "--no-progress"]
     res = invoke([*args, "-o", tmp_path / "a"])
     assert res.exit_code == 0 and "no tile has at least 50% valid pixels" in res.output, res.output
-    assert "the fullest has 39.1%: --min-valid 0.39 classifies it" in res.output, res.output
+    assert "the fullest has 39.1%: --min-valid 0.39 (min_valid=0.39 from Python) classifies it" in res.output, res.output
     res = invoke([*args, "-o", tmp_path / "b", "--min-valid", "0.39"])
     assert res.exit_code == 0 and "1 tiles classified" in res.output, res.output
 

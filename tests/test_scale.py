@@ -229,7 +229,7 @@ def test_zero_tiles_warns_and_says_why(tmp_path):
     codes = [w["code"] for w in m["warning_details"]]
     # the forced 5000-px tiles (25 km) are also far outside the model's range: said too
     assert codes[-2:] == ["scale_out_of_range", "no_tiles"]
-    assert "use a smaller --tile-size or --min-valid" in m["warning_details"][-1]["message"]
+    assert "use a smaller --tile-size or --min-valid (tile_size, min_valid from Python)" in m["warning_details"][-1]["message"]
 
 
 def test_a_scene_smaller_than_the_models_finest_tile_is_told_what_works(tmp_path):
@@ -239,7 +239,7 @@ def test_a_scene_smaller_than_the_models_finest_tile_is_told_what_works(tmp_path
     assert res.exit_code == 0, res.output
     (w,) = json.loads((tmp_path / "out" / "cog_rgb" / "run.json").read_text())["warning_details"]
     assert w["code"] == "no_tiles" and "smaller than one tile at the model's finest scale (172 m)" in w["message"]
-    assert "--min-valid 0.06 classifies it as one padded tile" in w["message"]
+    assert "--min-valid 0.06 (min_valid=0.06 from Python) classifies it as one padded tile" in w["message"]
     assert "use a smaller --tile-size" not in w["message"]
 
 

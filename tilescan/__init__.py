@@ -101,7 +101,7 @@ def run(
     out: str | os.PathLike,
     config: Config | str | os.PathLike | None = None,
     *,
-    model: str | os.PathLike | None = None,
+    model: str | os.PathLike | LoadedModel | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
     stac: Sequence[str] = (),
@@ -109,7 +109,7 @@ def run(
     stac_items: bool = False,
     interrupt: str = "raise",
     **overrides: Any,
-) -> "RunReport":
+) -> RunReport:
     """Process scenes (GeoTIFF files, or folders searched for ``*.tif``) into ``out``.
 
     ``config``: a :class:`Config`, a TOML file, or None (defaults and ``TILESCAN_*``
@@ -165,7 +165,7 @@ def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:
     return cfg
 
 
-def load_model(path: str | os.PathLike | None = None) -> "LoadedModel":
+def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load a tilescan model (default: the packaged one): ``.model`` (Keras), ``.classes``,
     ``.input_size``, ``.scale_range``, ``.meta``. Imports Keras. The model takes (B, H, W, C)
     float pixels in 0..1 (uint8 / 255); its normalisation is inside it."""
@@ -176,7 +176,7 @@ def load_model(path: str | os.PathLike | None = None) -> "LoadedModel":
     return _load(path)
 
 
-def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
+def describe_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """A model's metadata and sha256 without loading Keras (``.model`` is None)."""
     from .model import describe_model as _describe
 
@@ -184,7 +184,7 @@ def describe_model(path: str | os.PathLike | None = None) -> "LoadedModel":
 
 
 def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                    model: str | os.PathLike | None = None, **kwargs: Any) -> list:
+                    model: str | os.PathLike | LoadedModel | None = None, **kwargs: Any) -> list:
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
     Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, or ``cam`` as
     :func:`run` and the command line call it: a list, or names comma-separated; ``layer``, ``target``, ``tiles``, ``top``,
@@ -192,15 +192,29 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     from .backend import import_keras
     from .explain.figures import run_explain
 
-    import_keras()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    if not all(isinstance(p, (str, os.PathLike)) for p in inputs):
+        raise TypeError("explain_figures takes image or scene file paths; for an array of pixels, "
+                        "use get_cam(name, load_model()) on it")
     _cam_alias(kwargs, "methods")
+    _only_keywords_of(run_explain, kwargs, "explain_figures", exclude=("inputs", "out_dir", "model_path", "flags"))
+    import_keras()
     if isinstance(kwargs.get("methods"), str):
         kwargs["methods"] = _names(kwargs["methods"])
     if model is not None:
         kwargs["model_path"] = _model_file(model)
     return run_explain([str(p) for p in inputs], str(out), **kwargs)
+
+
+def _only_keywords_of(func, kwargs: dict, name: str, exclude: Sequence[str] = ()) -> None:
+    """A TypeError naming the API function ``name`` for keywords ``func`` does not take."""
+    import inspect
+
+    known = set(inspect.signature(func).parameters) - set(exclude)
+    if unknown := sorted(set(kwargs) - known):
+        raise TypeError(f"{name}() got unexpected keyword arguments {', '.join(unknown)} "
+                        f"(it takes {', '.join(sorted(known))})")
 
 
 def _names(text: str) -> list[str]:
@@ -213,8 +227,8 @@ def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     model of :func:`load_model` (then ``layer`` defaults to the one its metadata names).
     Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused);
     ``target``: None (each image's prediction), class indexes, or, bound to a loaded model, a
-    class name. Returns a ``CAMResult``: ``probs``, ``cls``, and per image the map at the
-    layer's own resolution (``raw``, and ``cam`` normalised to 0..1: 4 x 4 for the default
+    class name. Returns a ``CAMResult``: ``probs`` (the prediction is ``probs.argmax(-1)``),
+    ``target`` (the class each map explains), and per image the map at the layer's own resolution (``raw``, and ``cam`` normalised to 0..1: 4 x 4 for the default
     layer of a 128 px input): resize it to the image to overlay it, as ``run`` and
     ``explain_figures`` do."""
     from .explain.cam import get_cam as _get
@@ -277,7 +291,7 @@ def _train_config(config, overrides: dict[str, Any]):
     return load_config(config, {"train": overrides} if overrides else None).train
 
 
-def evaluate(model: str | os.PathLike | None, data: str | os.PathLike, out: str | os.PathLike, split: str = "test",
+def evaluate(model: str | os.PathLike | LoadedModel | None, data: str | os.PathLike, out: str | os.PathLike, split: str = "test",
              **kwargs: Any) -> dict:
     """Score ``model`` (None or ``"default"``: the packaged one) on ``split`` of ``data``, writing
     report.json, CSVs and figures to ``out``; keyword arguments as
@@ -303,7 +317,7 @@ def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> d
 
 def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: str | os.PathLike, out: str | os.PathLike,
               config: Config | str | os.PathLike | None = None, *, class_field: str | None = None,
-              layer: str | None = None, model: str | os.PathLike | None = None, overwrite: bool = False,
+              layer: str | None = None, model: str | os.PathLike | LoadedModel | None = None, overwrite: bool = False,
               **options: Any) -> Any:
     """Cut the tiles of ``scenes`` that ``labels`` (polygons or points in any GDAL vector
     format) label into a folder-per-class dataset at ``out``, tiled as ``run`` would tile them

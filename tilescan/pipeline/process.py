@@ -481,19 +481,21 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float, best: flo
         best = min(1.0, info.width / t) * min(1.0, info.height / t)
         if reader.plan.scale == "resampled":  # grown to the model's finest scale: smaller ones leave it
             fix = (f"the scene is smaller than one tile at the model's finest scale ({_metres(reader.plan.tile_footprint_m)}): "
-                   f"--min-valid {math.floor(best * 100) / 100:.2f} classifies it as one padded tile, --units px --tile-size N "
-                   "tiles it outside the model's scale")
+                   f"--min-valid {(mv := math.floor(best * 100) / 100):.2f} (min_valid={mv:.2f} from Python) classifies it "
+                   "as one padded tile, --units px --tile-size N (units='px', tile_size=N) tiles it outside the model's scale")
         else:
-            fix = "use a smaller --tile-size or --min-valid"
+            fix = "use a smaller --tile-size or --min-valid (tile_size, min_valid from Python)"
         why = (f"the {t}-px tiles are larger than the scene ({info.width} x {info.height} px): a tile "
                f"holds at most {best:.0%} scene pixels, below min_valid_fraction {min_valid:g}; {fix}")
     elif best == 0:
         why = "no tile holds a valid pixel: nodata, alpha or a mask cover all of it"
         if info.nodata is not None and info.nodata_from == "file":
-            why += f" (if the file's nodata value {info.nodata:g} is data here, --nodata none reads it as data)"
+            why += (f" (if the file's nodata value {info.nodata:g} is data here, --nodata none (nodata='none' from "
+                    "Python) reads it as data)")
     else:
         why = (f"no tile has at least {min_valid:.0%} valid pixels (nodata, alpha or a mask cover the rest); "
-               f"the fullest has {best:.1%}: --min-valid {math.floor(best * 1000) / 1000:g} classifies it")
+               f"the fullest has {best:.1%}: --min-valid {(mv := math.floor(best * 1000) / 1000):g} (min_valid={mv:g} "
+               "from Python) classifies it")
     return {"code": "no_tiles", "message": f"{info.path}: no tile classified (of {n_tiles}): {why}"}
 
 def _quietly(fn: Callable[[], Any]) -> None:

@@ -24,6 +24,9 @@ from ..errors import (
 
 @dataclass
 class UnitResult:
+    """One unit's (a scene, or a shard's row band of it) outcome: ``status``, its output folder
+    (``out_dir``), counts, warnings, and for a failure the ``reason`` and ``error_kind``."""
+
     unit: str
     scene: str
     status: str  # done | skipped (already complete) | failed; waiting (another process's, for now: never reported)
@@ -45,6 +48,10 @@ def _now() -> str:
 
 @dataclass
 class RunReport:
+    """What :func:`tilescan.run` did: ``results`` (one :class:`UnitResult` per unit; ``done``,
+    ``skipped``, ``failed`` by status), ``exit_code`` as the command's, and ``to_dict()``,
+    the contents of ``report.json``."""
+
     results: list[UnitResult] = field(default_factory=list)
     interrupted: dict | None = None  # set when a signal stopped the run (tilescan.stop)
     started_at: str = field(default_factory=_now)
@@ -64,10 +71,25 @@ class RunReport:
                 "host": os.uname().nodename}
 
     @property
+    def done(self) -> list[UnitResult]:
+        """Units classified by this run."""
+        return [r for r in self.results if r.status == "done"]
+
+    @property
+    def skipped(self) -> list[UnitResult]:
+        """Units whose outputs were already complete."""
+        return [r for r in self.results if r.status == "skipped"]
+
+    @property
+    def failed(self) -> list[UnitResult]:
+        """Units that failed, each with its ``reason`` and ``error_kind``: a run with failures returns, not raises."""
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        failed = [r for r in self.results if r.status == "failed"]
+        failed = self.failed
         if not failed:
             return EXIT_OK
         if len(failed) == len(self.results):
@@ -79,12 +101,11 @@ class RunReport:
         return EXIT_PARTIAL
 
     def to_dict(self) -> dict:
-        by = lambda s: [r.to_dict() for r in self.results if r.status == s]  # noqa: E731
         return {
             "tilescan": __version__,
-            "done": by("done"),
-            "skipped": by("skipped"),
-            "failed": by("failed"),
+            "done": [r.to_dict() for r in self.done],
+            "skipped": [r.to_dict() for r in self.skipped],
+            "failed": [r.to_dict() for r in self.failed],
             "counts": {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")},
             "exit_code": self.exit_code,
             **({"interrupted": self.interrupted} if self.interrupted else {}),
