@@ -367,6 +367,9 @@ def test_nothing_to_collect_is_a_clear_error(tmp_path):
     assert p.returncode == 4 and "no finished scene outputs" in p.stderr
     p = bh.tilescan("collect", tmp_path / "missing")
     assert p.returncode == 4 and "no such output folder" in p.stderr
+    (tmp_path / "report.json").write_text("{}")  # from Python, a run's file given for its folder
+    with pytest.raises(InputError, match="is a file, not the output folder of a run"):
+        tilescan.collect(tmp_path / "report.json")
 
 
 @pytest.mark.parametrize("where", ["utm-60s", "lon-0-360"])

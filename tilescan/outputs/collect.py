@@ -291,7 +291,8 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     (exit 3) unless ``strict`` is false; the summary lists them under ``failed``."""
     out = Path(out)
     if not out.is_dir():
-        raise InputError("no such output folder", path=str(out))
+        raise InputError("is a file, not the output folder of a run" if out.exists() else "no such output folder",
+                         path=str(out))
     dest = out / COLLECTED
     if (dest / MANIFEST).exists() or any(p.is_dir() and layout.PART_RE.fullmatch(p.name) for p in _entries(dest)):
         raise OutputError("this folder holds a scene's outputs (from a tilescan older than its scene-name "
