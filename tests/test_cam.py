@@ -176,13 +176,12 @@ def test_scorecam_matches_per_image_reference():
     layer, n = "conv2_block2_out", 8
     xs = np.random.default_rng(5).random((3, 32, 32, 3)).astype(np.float32)
     res = C.get_cam("scorecam", small, layer=layer, max_channels=n, chunk_size=5)(xs)
-    body = keras.Model(small.input, small.get_layer(layer).output)
     to_logits = keras.Model(small.input, small.get_layer("logits").output)
     for i in range(len(xs)):
-        a = np.asarray(body(xs[i : i + 1]))[0]  # (8, 8, 64)
-        base = np.asarray(to_logits(xs[i : i + 1]))[0]
-        c = int(base.argmax())
-        top = np.argsort(-a.mean((0, 1)), kind="stable")[:n]
+        acts, grads, logits, t = _eager_reference(small, layer, xs[i : i + 1], None)
+        a, base, c = acts[0], logits[0], int(t[0])  # (8, 8, 64)
+        part = a.mean((0, 1)) * grads[0].mean((0, 1))  # the channels' part in the target's logit
+        top = np.argsort(-part, kind="stable")[:n]
         gains = []
         for ch in top:
             up = np.asarray(keras.ops.image.resize(a[None, :, :, ch, None], (32, 32), interpolation="bilinear"))[0, :, :, 0]
@@ -196,6 +195,29 @@ def test_scorecam_matches_per_image_reference():
         assert res.target[i] == c
         np.testing.assert_allclose(res.raw[i], expected, rtol=1e-4, atol=1e-5 * max(expected.max(), 1e-6))
     assert res.raw.shape == (3, 8, 8) and res.raw.max() > 0
+
+
+def test_scorecam_finds_the_explained_class_where_it_is(aid_dir):
+    """A 2 x 2 mosaic of three desert images and one of storage tanks, the tanks in each
+    quadrant in turn: Score-CAM of StorageTanks, with its default 32 channels, is hottest in
+    the tanks' quadrant, as Grad-CAM is (the most active channels alone are the desert's)."""
+    from pathlib import Path
+
+    from tilescan.model import load_model
+    from tilescan.training.data import load_eval_image
+
+    images = aid_dir / "images"
+    desert = [load_eval_image(images / "Desert" / f"desert_{i}.jpg", 64) for i in (10, 11, 12, 13)]
+    tanks = load_eval_image(Path(images / "StorageTanks" / "storagetanks_122.jpg"), 64)
+    mosaics = []
+    for q in range(4):
+        parts = [tanks if k == q else d for k, d in enumerate(desert)]
+        mosaics.append(np.vstack([np.hstack(parts[:2]), np.hstack(parts[2:])]))
+    loaded = load_model(None)
+    res = C.get_cam("scorecam", loaded.model, layer=loaded.cam_layer)(np.stack(mosaics).astype(np.float32),
+                                                                     target=np.full(4, loaded.classes.index("StorageTanks")))
+    hottest = [int(np.argmax([c[:2, :2].mean(), c[:2, 2:].mean(), c[2:, :2].mean(), c[2:, 2:].mean()])) for c in res.cam]
+    assert hottest == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------- batch vs per image

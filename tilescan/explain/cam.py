@@ -328,13 +328,14 @@ class ScoreCAM(CAMMethod):
     normalised to [0, 1], masks the input; the channel weight is the softmax over channels
     of the target logit's increase over the unmasked input's logit. Forward passes only,
     run ``chunk_size`` masked tiles at a time. ``max_channels`` keeps, per tile, the N
-    channels of highest mean activation (the others get weight 0); default 32, which keeps
-    Score-CAM usable on a CPU (all 512 channels of ResNet-18's last block cost 512 forward
-    passes per tile); ``None`` uses all. Cost: B * N forward passes.
+    channels that add most to the target's logit (mean activation times mean gradient, as
+    Grad-CAM weighs them; the others get weight 0): the most active channels alone are those
+    of what fills the tile, not of the class explained. Default 32, which keeps Score-CAM
+    usable on a CPU (all 512 channels of ResNet-18's last block cost 512 forward passes per
+    tile); ``None`` uses all, and needs no gradient. Cost: B * N forward passes.
     """
 
     name = "scorecam"
-    needs_grads = False
 
     def __init__(self, model, layer=None, jit_compile="auto", chunk_size: int = 64, max_channels: int | None = 32):
         super().__init__(model, layer=layer, jit_compile=jit_compile)
@@ -344,19 +345,21 @@ class ScoreCAM(CAMMethod):
             raise ConfigError(f"max_channels must be >= 1 or None, got {max_channels}")
         self.chunk_size = int(chunk_size)
         self.max_channels = None if max_channels is None else int(max_channels)
+        self.needs_grads = self.max_channels is not None  # to pick the channels of the target
 
-    def select_channels(self, acts: np.ndarray) -> np.ndarray:
-        """(B, N) channel indices per tile: all, or the top-N by mean activation."""
+    def select_channels(self, acts: np.ndarray, grads: np.ndarray | None) -> np.ndarray:
+        """(B, N) channel indices per tile: all, or the top-N by their part in the target's
+        logit (mean activation x mean gradient)."""
         b, k = acts.shape[0], acts.shape[-1]
         if self.max_channels is None or self.max_channels >= k:
             return np.broadcast_to(np.arange(k), (b, k))
-        means = acts.mean(axis=(1, 2))
-        return np.argsort(-means, axis=1, kind="stable")[:, : self.max_channels]
+        part = acts.mean(axis=(1, 2)) * grads.mean(axis=(1, 2))
+        return np.argsort(-part, axis=1, kind="stable")[:, : self.max_channels]
 
     def channel_weights(self, acts, grads, x=None, target=None, logits=None, **context):
         b, h, w, k = acts.shape
         size = x.shape[1:3]
-        chans = self.select_channels(acts)  # (B, N)
+        chans = self.select_channels(acts, grads)  # (B, N)
         n = chans.shape[1]
         img_idx = np.repeat(np.arange(b), n)
         ch_idx = chans.reshape(-1)
