@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import xml.etree.ElementTree as ET
 import unicodedata
 from pathlib import Path
@@ -115,6 +116,21 @@ def test_collect_gathers_every_scene(batch, tmp_path):
     assert set(t["scene_file"]) == {Path(rel).name for rel in NAMES}
     assert set(t["scene_path"]) == {str((batch["scenes"] / rel).resolve()) for rel in NAMES}
     assert sorted(os.listdir(out)) == sorted([f.name for f in got.values()] + ["report.json", "collected"])
+
+
+def test_an_output_folder_named_with_uri_characters_collects(batch, tmp_path):
+    """'#', '?' and '%20' in the output folder's path are part of its name for every writer:
+    collect's GeoPackage is indexed where it is, and nothing lands beside the folder."""
+    out = tmp_path / "res #1 %20 ?x" / "out"
+    shutil.copytree(batch["out"], out)
+    res = invoke(["collect", out])
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(tmp_path)) == ["res #1 %20 ?x"] and os.listdir(out.parent) == ["out"]
+    con = sqlite3.connect(out / "collected" / "tiles.gpkg")
+    try:
+        assert con.execute("SELECT count(*) FROM rtree_tiles_geom").fetchone()[0] == 4 * len(NAMES)
+    finally:
+        con.close()
 
 
 def test_rerun_skips_all_and_old_folder_names_are_refused(batch, tmp_path):

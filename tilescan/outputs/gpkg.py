@@ -407,10 +407,16 @@ def warm_up() -> None:
         _helper.start()
 
 
+def connect_read_only(path: str | os.PathLike) -> sqlite3.Connection:
+    """SQLite on ``path``, read only: a ``file:`` URI with the path percent-encoded, so that a
+    ``#``, ``?`` or ``%`` in a folder name is part of the name, not of the URI."""
+    return sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+
+
 def has_rtree(path: str | os.PathLike) -> bool:
     """Whether every feature table of the GeoPackage ``path`` has a registered R-tree
     (read with plain SQL: the R-tree module is not needed)."""
-    con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+    con = connect_read_only(path)
     try:
         tables = con.execute("SELECT table_name, column_name FROM gpkg_geometry_columns").fetchall()
         names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import sqlite3
 import threading
 import warnings
 from pathlib import Path
@@ -445,7 +444,7 @@ def _gpkg_template(schema: pa.Schema, layer: str, crs_wkt: str | None) -> tuple[
                                 layer_metadata={"tilescan": _META_MARK}, dataset_options=gpkg.DATASET_OPTIONS,
                                 layer_options={"SPATIAL_INDEX": "NO"})
         no_index = gpkg.try_rtree(path)  # tilescan's index, as for large tables below
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        con = gpkg.connect_read_only(path)
         try:
             (srs_id,), = con.execute("SELECT srs_id FROM gpkg_geometry_columns").fetchall()
         finally:
