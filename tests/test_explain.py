@@ -263,3 +263,25 @@ def test_python_callers_spell_settings_as_run_takes_them(model_file, scene_path,
     assert a["rows"] == b["rows"]
     with pytest.raises(ConfigError, match="ROW,COL pairs"):
         run_explain([scene], str(tmp_path / "v"), str(model_file), tiles="2;3", **QUIET)
+
+
+def test_a_tile_past_the_scenes_edge_is_drawn_pale_there(model_file, scene_path, tmp_path, monkeypatch):
+    """The NAIP scene's bottom tile row holds 83 of 128 rows: the model saw the rest mirrored,
+    and the figure draws that part pale, and says so in the tile's title; a whole tile is drawn as is."""
+    from tilescan.explain import figures
+
+    drawn = []
+    render = figures.render_rows
+    monkeypatch.setattr(figures, "render_rows", lambda rows, *a, **k: drawn.extend(rows) or render(rows, *a, **k))
+    naip = scene_path("opengeos-naip/m_4709963_se_14_1_20190904.tif")
+    run_explain([str(naip)], str(tmp_path / "fig"), str(model_file), tiles=[(5, 4), (1, 5)], tile_size=128,
+                units="px", **QUIET)
+    edge, whole = drawn
+    assert edge.outside_data_mask.shape == (SIZE, SIZE) and whole.outside_data_mask is None
+    rows_inside = int(np.flatnonzero(edge.outside_data_mask.all(axis=1))[0])  # 723 px = 5 x 128 + 83
+    assert rows_inside == -(-83 * SIZE // 128) and not edge.outside_data_mask[:rows_inside].any()
+    shaded = figures._shaded(figures.display_rgb(edge.image), edge.outside_data_mask)
+    assert np.allclose(shaded[:rows_inside], figures.display_rgb(edge.image)[:rows_inside])
+    assert shaded[rows_inside:].std() < figures.display_rgb(edge.image)[rows_inside:].std()  # washed out
+    titles = [ax.get_title() for ax in figures.render_rows([edge, whole], ["gradcam"]).axes[::3]]
+    assert "pale: no data, the model saw the data mirrored" in titles[0] and "pale" not in titles[1]

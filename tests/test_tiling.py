@@ -23,6 +23,7 @@ from tilescan.scene.grid import TileGrid, TileSet, valid_fraction
 from tilescan.scene.info import TilingWarning, find_scenes
 from tilescan.scene import scaling as scaling_module
 from tilescan.scene.plan import open_scene
+from tilescan.scene.reader import mirror_outside_data
 from tilescan.scene.scaling import SCALE_CHUNK_BYTES
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
@@ -179,7 +180,20 @@ def test_rgb_byte_nodata_overlap_footprints(scene_path):
             assert 0.0 <= x.min() and x.max() <= 1.0
             c = tile.clipped
             h, w = c.height, c.width
-            assert not valid[h:].any() and not valid[:, w:].any() and not x[h:].any() and not x[:, w:].any()
+            assert not valid[h:].any() and not valid[:, w:].any()
+            # past the last row (column) holding data the model sees the rows (columns) before it mirrored, not black
+            rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+            if not len(rows):  # no data: nothing to mirror, all 0
+                assert not x.any()
+                continue
+            r1, c1, box = rows[-1] + 1, cols[-1] + 1, np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            assert r1 <= h and c1 <= w and not x[box][~valid[box]].any()
+            if r1 < 128:
+                k = min(128 - r1, r1 - rows[0] - 1)
+                np.testing.assert_array_equal(x[r1:r1 + k, box[1]], x[r1 - 2::-1][:k, box[1]])
+            if c1 < 128:
+                k = min(128 - c1, c1 - cols[0] - 1)
+                np.testing.assert_array_equal(x[box[0], c1:c1 + k], x[box[0], c1 - 2::-1][:, :k])
             # footprint = windows.transform of the tile window
             expect = rasterio.windows.transform(tile.window, info.transform)
             assert r.tile_transform(tile) == expect
@@ -192,10 +206,9 @@ def test_rgb_byte_nodata_overlap_footprints(scene_path):
             np.testing.assert_array_equal(valid[:h, :w], (masks != 0).all(axis=0))
             dmask = ds.dataset_mask(window=c)
             assert not (valid[:h, :w] & (dmask == 0)).any()
-            # values: exactly data / 255 on valid pixels, 0 elsewhere
+            # values: exactly data / 255 on valid pixels, 0 on the others amid them (checked below, round them)
             data = ds.read(list(r.bands), window=c).transpose(1, 2, 0).astype(np.float32) / 255.0
             np.testing.assert_allclose(x[:h, :w][valid[:h, :w]], data[valid[:h, :w]], atol=1e-6)
-            assert not x[:h, :w][~valid[:h, :w]].any()
             assert r.valid_fraction(valid) <= (h * w) / 128**2
             covered[c.row_off:c.row_off + h, c.col_off:c.col_off + w] |= valid[:h, :w]
         np.testing.assert_array_equal(covered, band_valid)  # every valid pixel in some tile
@@ -222,7 +235,9 @@ def test_rgba_alpha_is_mask_not_band(scene_path):
             alpha = ds.read(4, window=c)
             np.testing.assert_array_equal(valid[:c.height, :c.width], alpha != 0)
             np.testing.assert_array_equal(valid[:c.height, :c.width], ds.dataset_mask(window=c) != 0)
-            assert not x[~valid].any()
+            rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+            box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] if len(rows) else np.s_[:, :]
+            assert not x[box][~valid[box]].any()  # masked pixels amid the data: 0 (those round it mirror it)
             n_invalid += int((~valid[:c.height, :c.width]).sum())
         assert n_invalid == int((ds.dataset_mask() == 0).sum()) > 0
 
@@ -275,7 +290,8 @@ def test_scene_smaller_than_tile(scene_path):
         assert x.shape == (128, 128, 3) and valid.shape == (512, 512)
         assert valid[:232, :383].all() and not valid[232:].any() and not valid[:, 383:].any()
         assert r.valid_fraction(valid) == pytest.approx(383 * 232 / 512**2)
-        assert not x[60:].any() and not x[:, 97:].any()  # padding stays 0 after resizing
+        # past the scene's edge its pixels mirrored, then the tile resized: no black band
+        assert x[60:].min(axis=(0, 1)).max() > 0 and x[:, 97:].min(axis=(0, 1)).max() > 0
         assert x[:56, :94].max() > 0
 
 
@@ -481,7 +497,7 @@ def test_model_inputs_scaled_piece_by_piece_equal_the_formula(scene_path, tmp_pa
             h, w = valid.shape
             want = np.zeros_like(xi)
             want[:h, :w] = _scaled(r, data, valid)
-            np.testing.assert_array_equal(xi, want)
+            np.testing.assert_array_equal(xi, mirror_outside_data(want, vi))  # past the data: mirrored
             np.testing.assert_array_equal(vi[:h, :w], valid)
     assert x.dtype == np.float32 and 0.0 < x.max() <= 1.0 and x.min() >= 0.0
 
@@ -546,6 +562,29 @@ def test_large_scene_stretch_from_spread_blocks(scene_path, tmp_path, monkeypatc
 # synthetic scenes
 
 
+def test_pixels_outside_the_box_of_the_data_mirror_it():
+    """Rows and columns past the box of a tile's valid pixels mirror the box about its last
+    row / column (first, before it); invalid pixels inside the box stay 0; a box of one row repeats it."""
+    tile = np.zeros((6, 5, 1), np.float32)
+    valid = np.zeros((6, 5), bool)
+    tile[1:4, 0:3, 0] = [[1, 2, 3], [4, 0, 6], [7, 8, 9]]
+    valid[1:4, 0:3] = True
+    valid[2, 1] = False  # a nodata pixel inside the box
+    got = mirror_outside_data(tile, valid)[..., 0]
+    np.testing.assert_array_equal(got, [[4, 0, 6, 0, 4],
+                                        [1, 2, 3, 2, 1],
+                                        [4, 0, 6, 0, 4],
+                                        [7, 8, 9, 8, 7],
+                                        [4, 0, 6, 0, 4],
+                                        [1, 2, 3, 2, 1]])
+    line = np.zeros((3, 3, 1), np.float32)
+    line[0, :, 0] = [1, 2, 3]
+    np.testing.assert_array_equal(mirror_outside_data(line, line[..., 0] > 0)[..., 0], [[1, 2, 3]] * 3)
+    whole = np.ones((4, 4, 1), np.float32)
+    assert mirror_outside_data(whole, np.ones((4, 4), bool)) is whole
+    assert not mirror_outside_data(np.zeros((4, 4, 1), np.float32), np.zeros((4, 4), bool)).any()
+
+
 def test_one_pixel_scene(tmp_path):
     p = _write(tmp_path / "one.tif", np.full((3, 1, 1), 200, np.uint8))
     with _open(p) as r:
@@ -553,7 +592,7 @@ def test_one_pixel_scene(tmp_path):
         x, valid = r.read_tile(r.grid.tile(0, 0))
         assert valid[0, 0] and valid.sum() == 1
         assert r.valid_fraction(valid) == 1 / 128**2
-        assert x[0, 0] == pytest.approx(200 / 255) and x[1:, 1:].max() == 0
+        assert np.allclose(x, 200 / 255)  # its one pixel fills the tile: no black around it
 
 
 def test_all_nodata_scene(tmp_path):
@@ -608,7 +647,8 @@ def test_internal_mask(tmp_path):
         for tile, x, valid in _all_tiles(r):
             r0, c0 = tile.window.row_off, tile.window.col_off
             np.testing.assert_array_equal(valid, mask[r0:r0 + 32, c0:c0 + 32] != 0)
-            assert not x[~valid].any() and x[valid].min() == pytest.approx(9 / 255)
+            # a rectangle of data: round it, the model sees it mirrored; a tile without data is 0
+            assert np.allclose(x, 9 / 255) if valid.any() else not x.any()
 
 
 def test_not_georeferenced(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import textwrap
 import warnings
@@ -118,6 +119,16 @@ class FigureRow:
     title: str
     color: str = RIGHT_COLOR
     map_titles: dict[str, str] = field(default_factory=dict)
+    outside_data_mask: np.ndarray | None = None  # (H, W) True outside the data (past the scene's edge), where the model saw it mirrored
+
+
+def _shaded(rgb: np.ndarray, outside_data_mask: np.ndarray | None) -> np.ndarray:
+    """``rgb`` with the part outside the data washed out towards grey."""
+    if outside_data_mask is None or not outside_data_mask.any():
+        return rgb
+    out = rgb.copy()
+    out[outside_data_mask] = 0.35 * out[outside_data_mask] + 0.65 * 0.6
+    return out
 
 
 def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4,
@@ -134,15 +145,17 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r, 0]
-        ax.imshow(display_rgb(row.image), interpolation="nearest")
-        ax.set_title(row.title, fontsize=9, color=row.color)
+        ax.imshow(_shaded(display_rgb(row.image), row.outside_data_mask), interpolation="nearest")
+        pale = row.outside_data_mask is not None and row.outside_data_mask.any()
+        ax.set_title(row.title + ("\n(pale: no data, the model saw the data mirrored)" if pale else ""), fontsize=9,
+                     color=row.color)
         for m_i, m in enumerate(methods):
             cam = row.maps[m]
             name = row.map_titles.get(m, method_title(m))
             ax_h, ax_o = axes[r, 1 + 2 * m_i], axes[r, 2 + 2 * m_i]
             ax_h.imshow(cam, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax_h.set_title(name, fontsize=9)
-            ax_o.imshow(overlay(row.image, cam), interpolation="nearest")
+            ax_o.imshow(_shaded(overlay(row.image, cam), row.outside_data_mask), interpolation="nearest")
             ax_o.set_title(f"{name} overlay", fontsize=9)
         for ax in axes[r]:
             ax.set_xticks([])
@@ -167,6 +180,7 @@ def _predict(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 class _Item:
     x: np.ndarray  # (S, S, C) model input
     info: dict[str, Any]
+    outside_data_mask: np.ndarray | None = None  # (S, S) True outside the tile's data (past the scene's edge), seen mirrored
 
 
 def _image_items(path: Path, lm) -> list[_Item]:
@@ -239,18 +253,14 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
         items = []
         for tile, xi, vi in zip(chosen, x, valid):
             w = tile.window
-            items.append(
-                _Item(
-                    xi,
-                    {
-                        "source": str(path),
-                        "tile": [tile.row, tile.col],
-                        "window": {"col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)},
-                        "bounds": [float(v) for v in reader.tile_bounds(tile)],
-                        "valid_fraction": float(vi.mean()),
-                    },
-                )
-            )
+            info = {
+                "source": str(path),
+                "tile": [tile.row, tile.col],
+                "window": {"col_off": int(w.col_off), "row_off": int(w.row_off), "width": int(w.width), "height": int(w.height)},
+                "bounds": [float(v) for v in reader.tile_bounds(tile)],
+                "valid_fraction": float(vi.mean()),
+            }
+            items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0])))
         scene = {
             "width": reader.info.width,
             "height": reader.info.height,
@@ -263,6 +273,18 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
             "scale_warning": scale,  # labels outside the model's scale: also in red on the figure
         }
     return items, scene
+
+
+def _outside_data(valid: np.ndarray, s: int) -> np.ndarray | None:
+    """(s, s) True outside the box of a tile's ``valid`` pixels (past the scene's edge, or a
+    frame's nodata round the data), drawn at ``s`` px, where the model saw the box mirrored; None: nowhere."""
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    t = valid.shape[0]
+    if not len(rows) or (rows[0], rows[-1], cols[0], cols[-1]) == (0, t - 1, 0, t - 1):
+        return None
+    out = np.ones((s, s), bool)
+    out[rows[0] * s // t:math.ceil((rows[-1] + 1) * s / t), cols[0] * s // t:math.ceil((cols[-1] + 1) * s / t)] = False
+    return out
 
 
 def _unique_name(stem: str, suffix: str, used: set[str]) -> str:
@@ -474,7 +496,7 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
         if "tile" in it.info:
             r_, c_ = it.info["tile"]
             label = f"tile ({r_}, {c_}): {label}"
-        rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label))
+        rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label, outside_data_mask=it.outside_data_mask))
         top3 = np.argsort(-probs[i])[:3]
         records.append(
             {

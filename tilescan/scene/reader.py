@@ -46,6 +46,26 @@ READ_RUN_PIXELS = 2**20
 _PLAIN_CODECS = {"none", "lzw", "deflate", "zstd", "packbits", "lzma", "lerc", "lerc_deflate", "lerc_zstd"}
 
 
+def mirror_outside_data(tile: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``tile`` (t, t, C) with its pixels outside the bounding box of its ``valid`` ones (past
+    the scene's edge, or a frame's nodata around the data) mirroring that box, about its last
+    row and column (repeated where the box is narrower than the rest); invalid pixels inside
+    the box stay as they are (0). Black there gave the model a straight edge that it read as
+    a class of its own: AID validation images cut to 96 of 128 rows kept their label 74 % of
+    the time with black, 91 % mirrored (benchmarks/README.md). The rule reads only the tile's
+    pixels and mask, so a scene and the same scene inside a larger empty frame give the same inputs."""
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    if not len(rows):
+        return tile
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    t_h, t_w = valid.shape
+    if (r0, r1, c0, c1) == (0, t_h, 0, t_w):
+        return tile
+    box = tile[r0:r1, c0:c1]
+    mode = "reflect" if min(box.shape[:2]) > 1 else "edge"
+    return np.pad(box, ((r0, t_h - r1), (c0, t_w - c1), (0, 0)), mode=mode)
+
+
 def _scan(fn, items: Sequence) -> list:
     """``[fn(item) for item in items]`` on two threads (GDAL decodes without the GIL): the
     whole-scene samples taken when a scene is opened."""
@@ -440,8 +460,9 @@ class SceneReader:
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """``(x, valid)`` for one tile.
 
-        ``x``: float32 ``(input_size, input_size, C)`` in [0, 1]; padding and invalid
-        pixels are 0. ``valid``: bool ``(tile_px, tile_px)`` at scene resolution, True
+        ``x``: float32 ``(input_size, input_size, C)`` in [0, 1]; invalid pixels are 0, and
+        those outside the box of the valid ones (past the scene's edge) mirror it
+        (:func:`mirror_outside_data`). ``valid``: bool ``(tile_px, tile_px)`` at scene resolution, True
         where the pixel is inside the scene and not nodata on any model band, not masked
         (internal mask, alpha = 0) and finite.
         """
@@ -502,6 +523,9 @@ class SceneReader:
             head = v[:, :k * t].reshape(t, k, t)
             self._to_unit_split(data[:, :, :k * t].reshape(len(data), t, k, t), head, x[:k].transpose(1, 0, 2, 3), split)
             valid[:k] = head.transpose(1, 0, 2)
+            if not head.all():  # a frame's nodata round the data: mirrored, as past the scene's edge
+                for i in np.flatnonzero(~valid[:k].all(axis=(1, 2))):
+                    x[i] = mirror_outside_data(x[i], valid[i])
             if k == n:
                 return
         # the others through a strip from the first of them on
@@ -513,12 +537,12 @@ class SceneReader:
             w = int(widths[j])
             valid[j, :h, :w] = v[:, a:a + w]
             a -= a0
+            full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
+            full[:h, :w] = unit[:, a:a + w]
+            full = mirror_outside_data(full, valid[j])
             if t == s:
-                x[j] = 0.0  # the padding past the scene's edge
-                x[j, :h, :w] = unit[:, a:a + w]
+                x[j] = full
             else:
-                full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
-                full[:h, :w] = unit[:, a:a + w]
                 interp = cv2.INTER_AREA if t > s else cv2.INTER_LINEAR
                 x[j] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
 
