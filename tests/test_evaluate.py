@@ -212,9 +212,14 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
     g = st["methods"]["gradcam"]
     assert 0 <= g["deletion_auc"] <= 1 and 0 <= g["insertion_auc"] <= 1
     assert g["tiles_per_s"] > 0 and g["x_inference"] > 0
+    # the paired difference to random maps is the mean of the per-image differences: the AUCs' difference
+    assert g["deletion_vs_random"] == pytest.approx(g["deletion_auc"] - st["methods"]["random"]["deletion_auc"])
+    assert g["insertion_vs_random_sem"] >= 0 and "deletion_vs_random" not in st["methods"]["random"]
     rows = _read_csv(tmp_path / "explanations.csv")
     assert [row[0] for row in rows[1:]] == ["inference", "gradcam", "random"]
-    assert any(line.startswith("| method | tiles/s") for line in logs)
+    assert float(dict(zip(rows[0], rows[2]))["deletion_vs_random"]) == pytest.approx(g["deletion_vs_random"], abs=1e-6)
+    table = next(line for line in logs if line.startswith("| method | tiles/s"))
+    assert "deletion − random" in table and "± one standard error over the 6 images" in table
     # evaluated again into the same folder without the study: its table, from another run, goes
     r = E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path), batch_size=16, explain_samples=0,
                        log=logs.append)

@@ -42,6 +42,7 @@ from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
 from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
 from ..outputs.fonts import check_names
+from .cam_study import explanation_study, explanation_table, study_rows
 from .metrics import compute_metrics
 from ..explain.figures import RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts, new_figure, render_rows, save_figure
 
@@ -173,87 +174,6 @@ def record_scores(model_path: str | os.PathLike, key: str, entry: dict[str, Any]
     return rewrite_metadata(model_path, lambda meta: meta.setdefault("scores", {}).__setitem__(key, entry))
 
 
-# ---------------------------------------------------------------------------- explanations
-
-
-def _explanation_study(
-    lm, paths, methods, steps, batch_size, limit, seed, log
-) -> dict[str, Any]:
-    """Faithfulness (deletion / insertion AUC, blur baseline) of each CAM method and of
-    random maps over ``paths``, explaining the predicted class, plus each method's cost
-    measured against plain inference on 32 real images."""
-    from ..explain.cam import get_cam, time_methods
-    from ..explain.faithfulness import deletion_insertion, random_maps
-
-    model = lm.model
-    if limit is not None and limit < len(paths):
-        sel = np.sort(np.random.default_rng(seed + 1).choice(len(paths), int(limit), replace=False))
-        paths = [paths[i] for i in sel]
-    cams = {m: get_cam(m, model, layer=lm.cam_layer) for m in methods}
-    names = list(methods) + ["random"]
-    dels: dict[str, list] = {m: [] for m in names}
-    inss: dict[str, list] = {m: [] for m in names}
-    t0 = time.perf_counter()
-    fb = min(batch_size, 32)  # images per faithfulness batch: B * 2 * steps rows each
-    for s, x in iter_image_batches(paths, lm.input_size, fb):
-        target = None
-        # a short last batch is padded for the CAM step (one input shape, one trace)
-        xc = np.concatenate([x, np.zeros((fb - len(x), *x.shape[1:]), x.dtype)]) if len(x) < fb < len(paths) else x
-        for m, cam in cams.items():
-            res = cam(xc)
-            res_cam, res_t = res.cam[: len(x)], res.target[: len(x)]
-            target = res_t if target is None else target
-            d, i = deletion_insertion(model, x, res_cam, res_t, steps=steps)
-            dels[m].append(d)
-            inss[m].append(i)
-        shape = (len(x), *res_cam.shape[1:])
-        d, i = deletion_insertion(model, x, random_maps(shape, seed=seed + s), target, steps=steps)
-        dels["random"].append(d)
-        inss["random"].append(i)
-    faith_s = time.perf_counter() - t0
-
-    x32 = np.stack([x for _, x in iter_image_batches(paths[:32], lm.input_size, 32)][0])
-    speed = time_methods(model, x32, methods=list(methods), repeats=5, layer=lm.cam_layer)
-    inference = speed["inference"]
-    out: dict[str, Any] = {
-        "n": len(paths),
-        "steps": int(steps),
-        "baseline": "blur",
-        "target": "predicted class",
-        "layer": next(iter(cams.values())).layer,
-        "inference_tiles_per_s": inference,
-        "timing_batch": int(len(x32)),
-        "seconds": faith_s,
-        "methods": {},
-    }
-    for m in names:
-        d, i = np.concatenate(dels[m]), np.concatenate(inss[m])
-        tps = speed.get(m)
-        out["methods"][m] = {
-            "tiles_per_s": tps,
-            "x_inference": (inference / tps) if tps else None,
-            "deletion_auc": float(d.mean()),
-            "insertion_auc": float(i.mean()),
-            "deletion_sem": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0,
-            "insertion_sem": float(i.std(ddof=1) / np.sqrt(len(i))) if len(i) > 1 else 0.0,
-        }
-    return out
-
-
-def explanation_table(study: dict[str, Any]) -> str:
-    """The study as a markdown table."""
-    lines = [
-        "| method | tiles/s | × inference | deletion AUC ↓ | insertion AUC ↑ |",
-        "|---|---:|---:|---:|---:|",
-        f"| inference | {study['inference_tiles_per_s']:.0f} | 1.00 | | |",
-    ]
-    for m, r in study["methods"].items():
-        tps = f"{r['tiles_per_s']:.0f}" if r["tiles_per_s"] else "–"
-        rel = f"{r['x_inference']:.2f}" if r["x_inference"] else "–"
-        lines.append(f"| {m} | {tps} | {rel} | {r['deletion_auc']:.3f} | {r['insertion_auc']:.3f} |")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------- the command
 
 
@@ -319,8 +239,8 @@ def run_evaluate(
     if explanations:
         log(f"explanation study: {', '.join(cam_methods)} + random maps, deletion/insertion AUC over "
             f"{faithfulness_limit or n} images ({faithfulness_steps} steps, blur baseline)")
-        study = _explanation_study(lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
-        write_text(out / "explanations.csv", csv_text(_study_rows(study)))
+        study = explanation_study(lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
+        write_text(out / "explanations.csv", csv_text(study_rows(study)))
         outputs.append("explanations.csv")
         log(explanation_table(study))
 
@@ -558,18 +478,6 @@ def _explanation_figure(path: Path, lm, paths, y_true, y_pred, conf, cam_methods
     fig = render_rows(rows, cam_methods, suptitle=f"{split}: {int((y_pred[pick] != y_true[pick]).sum())} wrong, "
                                                   f"{int((y_pred[pick] == y_true[pick]).sum())} right (seeded pick)")
     save_figure(fig, path)
-
-
-def _study_rows(study: dict) -> list[tuple]:
-    """explanations.csv: cost and faithfulness of each CAM method, plain inference first."""
-    rows = [("method", "tiles_per_s", "x_inference", "deletion_auc", "insertion_auc", "deletion_sem", "insertion_sem", "n"),
-            ("inference", f"{study['inference_tiles_per_s']:.2f}", "1.0", "", "", "", "", "")]
-    for m, r in study["methods"].items():
-        rows.append((m, "" if r["tiles_per_s"] is None else f"{r['tiles_per_s']:.2f}",
-                     "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
-                     f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
-                     f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}", study["n"]))
-    return rows
 
 
 def _record(lm, split: str, tta: bool, metrics: dict, n: int, date: str, provenance: dict, log) -> dict:
