@@ -127,7 +127,7 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
     assert invoke(["run", src, "-o", out, *args]).exit_code == 0
     stamps = lambda n: {f.name: f.stat().st_mtime_ns for f in (out / n).iterdir()}  # noqa: E731
     before = {n: stamps(n) for n in ("a", "b")}
-    for same in (["--stride", "128"], ["--bands", "1,2,3"], ["--update"]):
+    for same in (["--stride", "128"], ["--bands", "1,2,3"], ["--update"], ["--allow-pixel-space"]):  # the last: they have a CRS
         res = invoke(["run", src, "-o", out, *args, *same])
         assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 2, (same, res.output)
     os.utime(src / "a.tif", (1e9, 1e9))  # a's file changed
@@ -149,6 +149,33 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
     assert invoke(["run", src / "b.tif", "-o", fresh, *args, "--bands", "1,2,3", "--stride", "128"]).exit_code == 0
     res = invoke(["run", src / "b.tif", "-o", fresh, *args])
     assert res.exit_code == 0 and read(fresh)["counts"]["skipped"] == 1, res.output
+
+
+def test_a_finished_scene_whose_output_files_were_deleted_is_redone(tmp_path, scene_path):
+    """Output files deleted by hand: the next run redoes the scene (same settings, so without
+    --update), says which files were missing, and the others are left as they were."""
+    import shutil
+
+    from conftest import invoke
+
+    src = tmp_path / "scenes"
+    src.mkdir()
+    for name in ("a", "b"):
+        shutil.copyfile(scene_path("rio-tiler/cog_rgb.tif"), src / f"{name}.tif")
+    out = tmp_path / "out"
+    args = ["--tile-size", "128", "--units", "px", "--no-progress"]
+    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    listed = json.loads((out / "a" / "run.json").read_text())["outputs"]
+    b_before = {f.name: f.stat().st_mtime_ns for f in (out / "b").iterdir()}
+    (out / "a" / "tiles.parquet").unlink()
+    (out / "a" / "heatmap.tif").unlink()
+    res = invoke(["run", src, "-o", out, *args])
+    rep = read(out)
+    assert res.exit_code == 0 and [d["unit"] for d in rep["done"]] == ["a"] and rep["counts"]["skipped"] == 1
+    what = "as heatmap.tif, tiles.parquet are missing (deleted since)"
+    assert rep["done"][0]["replaced"] == what and f"a: redoing its finished outputs, {what}" in res.output
+    assert sorted(p.name for p in (out / "a").iterdir()) == sorted([*listed, "run.json"])
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "b").iterdir()} == b_before
 
 
 def read(out: Path) -> dict:

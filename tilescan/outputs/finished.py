@@ -61,17 +61,20 @@ def _shaping(m: dict) -> tuple:
     """What shaped a unit's outputs, as its fingerprint counts it: settings and model; settings
     that give the same outputs as one (a stride of the tile size or 0, the bands as read)."""
     shaping = output_shaping(m.get("config") or {})
-    _as_read(shaping["tiling"], (m.get("scene_info") or {}).get("bands_used"))
+    _as_read(shaping["tiling"], m.get("scene_info") or {})
     return json.dumps(shaping, sort_keys=True), (m.get("model") or {}).get("sha256")
 
 
-def _as_read(tiling: dict, used: list | None) -> None:
+def _as_read(tiling: dict, scene_info: dict, bands: list | None = None) -> None:
     """``[tiling]`` settings in the one form of those that give the same outputs: a stride of
-    the tile size as 0, the bands as they were read (``used``: run.json's ``bands_used``)."""
+    the tile size as 0, the bands as they were read (``bands``, else run.json's ``bands_used``
+    in ``scene_info``), and no ``allow_pixel_space`` for a scene with a CRS."""
     if tiling.get("stride") == tiling.get("tile_size"):
         tiling["stride"] = 0
-    if used:
+    if used := bands or scene_info.get("bands_used"):
         tiling["bands"] = used
+    if scene_info.get("crs"):
+        tiling.pop("allow_pixel_space", None)
 
 
 def _n_rows(folder: Path, m: dict) -> int | None:
@@ -332,9 +335,9 @@ def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str |
     ``config`` and model would make it, or None: settings that give the same outputs (a
     stride of the tile size or 0, the bands as the automatic pick read them) are the same."""
     was, now = (json.loads(json.dumps(c)) for c in (manifest.get("config") or {}, config))
-    used = (manifest.get("scene_info") or {}).get("bands_used")
-    _as_read(was.setdefault("tiling", {}), used)
-    _as_read(now.setdefault("tiling", {}), now["tiling"].get("bands") or used)  # the automatic pick: as it read them
+    info = manifest.get("scene_info") or {}
+    _as_read(was.setdefault("tiling", {}), info)
+    _as_read(now.setdefault("tiling", {}), info, now["tiling"].get("bands"))  # the automatic pick: as it read them
     if changed := changed_settings(was, now):
         return "made with other settings (" + ", ".join(changed) + ")"
     if model_sha and (manifest.get("model") or {}).get("sha256") not in (None, model_sha):

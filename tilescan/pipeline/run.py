@@ -440,6 +440,8 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     before, used = list(was.get("bands") or []), (old.get("scene_info") or {}).get("bands_used")
     if before != list(now.bands) and used and list(now.bands or card.auto_bands(unit.scene, now) or [None]) == used:
         same["bands"] = tuple(before)
+    if was.get("allow_pixel_space", now.allow_pixel_space) != now.allow_pixel_space and (old.get("scene_info") or {}).get("crs"):
+        same["allow_pixel_space"] = was["allow_pixel_space"]  # a scene with a CRS: the setting changes nothing
     was_version = old.get("scene_version") or {}
     if version is not None and version.get("etag") and {**was_version, "size": None} == {**version, "size": None}:
         version = was_version  # the same object by its ETag: size as an earlier release read it (a range's on S3)
@@ -466,7 +468,10 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
     if old is not None and old.get("status") == "complete":
         same = old.get("fingerprint") == fp
         if not cfg.output.overwrite and (same or _equivalent(old, unit, cfg, card, version)):
-            return True, None
+            gone = [f for f in old.get("outputs") or [] if not os.path.lexists(final / f)]
+            if not gone:
+                return True, None
+            return False, f"as {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing (deleted since)"
         what, advice = _what_differs(old, unit, cfg, card.sha256)
         if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
             # --update never replaces another scene file's outputs
