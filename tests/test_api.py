@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tilescan
@@ -39,6 +41,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
         exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own example
     report = ns["report"]
     assert report.exit_code == 0 and report.to_dict()["counts"]["done"] == 1
+    assert not report.failed and not report.skipped and (Path(report.done[0].out_dir) / "tiles.parquet").is_file()
     # the report a notebook keeps is the one written: the same end time, shard and model, later too
     time.sleep(1.1)
     assert report.to_dict() == json.loads((tmp_path / "out-py" / "report.json").read_text())
@@ -146,6 +149,10 @@ def test_what_a_notebook_user_passes_is_taken_or_refused_in_a_line(tmp_path, aid
     assert len(figs) == 1 and figs[0].is_file()
     with pytest.raises(tilescan.ConfigError, match="not both"):
         tilescan.explain_figures(pond, tmp_path / "y", cam="gradcam", methods=["layercam"])
+    with pytest.raises(TypeError, match="explain_figures takes image or scene file paths; .* use get_cam"):
+        tilescan.explain_figures(np.zeros((2, 128, 128, 3), np.float32), tmp_path / "y")
+    with pytest.raises(TypeError, match=r"explain_figures\(\) got unexpected keyword arguments tile \(it takes .*tiles"):
+        tilescan.explain_figures(pond, tmp_path / "y", tile=(0, 0))
     assert tilescan.load_config(None, {"train": {"gsd_m": 5.0}}).train.gsd_m == (5.0,)
     with pytest.raises(tilescan.InputError, match="a pattern: tilescan takes files and folders"):
         tilescan.run(str(rgb.parent / "*.tif"), tmp_path / "o3")

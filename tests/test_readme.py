@@ -44,17 +44,3 @@ def test_quick_start_then_python_snippet(tmp_path, monkeypatch):
     assert Path(tmp_path, "out", "m_4709963_se_14_1_20190904", "quicklook.png").exists()
     assert os.path.exists(REPO / "docs" / "quickstart-naip.jpg")
 
-
-def test_use_from_python_snippet(tmp_path, monkeypatch):
-    """The "Use from Python" example runs as written: a done scene with its outputs, no failure."""
-    snippet = re.search(r"```python\n(import logging, tilescan.*?)```", README, re.S).group(1)
-    rel = re.search(r'"(\.\./shared/data/scenes/[^"]+)"', snippet).group(1)
-    snippet = snippet.replace(rel, str(scene(rel[len("../shared/data/scenes/"):])))
-    monkeypatch.chdir(tmp_path)
-    ns: dict = {}
-    exec(compile(snippet, "README.md", "exec"), ns)  # noqa: S102 - the README's own example
-    report = ns["report"]
-    assert report.exit_code == 0 and not report.failed and len(report.done) == 1
-    assert (Path(report.done[0].out_dir) / "tiles.parquet").is_file()
-    assert report.to_dict()["counts"] == {"done": 1, "skipped": 0, "failed": 0}
-    assert len(ns["card"].classes) == 30

@@ -198,7 +198,7 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         raise TypeError("explain_figures takes image or scene file paths; for an array of pixels, "
                         "use get_cam(name, load_model()) on it")
     _cam_alias(kwargs, "methods")
-    _only_keywords_of(run_explain, kwargs, "explain_figures", exclude=("inputs", "out_dir", "model_path", "flags"))
+    _only_keywords_of(run_explain, kwargs, "explain_figures", exclude=("inputs", "out_dir", "model_path"))
     import_keras()
     if isinstance(kwargs.get("methods"), str):
         kwargs["methods"] = _names(kwargs["methods"])
