@@ -228,9 +228,9 @@ def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused);
     ``target``: None (each image's prediction), class indexes, or, bound to a loaded model, a
     class name. Returns a ``CAMResult``: ``probs`` (the prediction is ``probs.argmax(-1)``),
-    ``target`` (the class each map explains), and per image the map at the layer's own resolution (``raw``, and ``cam`` normalised to 0..1: 4 x 4 for the default
-    layer of a 128 px input): resize it to the image to overlay it, as ``run`` and
-    ``explain_figures`` do."""
+    ``target`` (the class each map explains), and per image the map at the layer's own
+    resolution (``raw``, and ``cam`` normalised to 0..1: 4 x 4 for the default layer of a
+    128 px input): resize it to the image to overlay it, as ``run`` and ``explain_figures`` do."""
     from .explain.cam import get_cam as _get
 
     classes = None

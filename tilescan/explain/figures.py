@@ -278,12 +278,14 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
 def _outside_data(valid: np.ndarray, s: int) -> np.ndarray | None:
     """(s, s) True outside the box of a tile's ``valid`` pixels (past the scene's edge, or a
     frame's nodata round the data), drawn at ``s`` px, where the model saw the box mirrored; None: nowhere."""
-    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
-    t = valid.shape[0]
-    if not len(rows) or (rows[0], rows[-1], cols[0], cols[-1]) == (0, t - 1, 0, t - 1):
+    from ..scene.reader import data_box
+
+    if (box := data_box(valid)) is None:
         return None
+    r0, r1, c0, c1 = box
+    t = valid.shape[0]
     out = np.ones((s, s), bool)
-    out[rows[0] * s // t:math.ceil((rows[-1] + 1) * s / t), cols[0] * s // t:math.ceil((cols[-1] + 1) * s / t)] = False
+    out[r0 * s // t:math.ceil(r1 * s / t), c0 * s // t:math.ceil(c1 * s / t)] = False
     return out
 
 

@@ -59,7 +59,7 @@ def _why_unfinished(folder: Path) -> str:
 
 def _shaping(m: dict) -> tuple:
     """What shaped a unit's outputs, as its fingerprint counts it: settings and model; settings
-    that give the same outputs as one (a stride of the tile size or 0, the bands as read)."""
+    that give the same outputs as one (:func:`_as_read`)."""
     shaping = output_shaping(m.get("config") or {})
     _as_read(shaping["tiling"], m.get("scene_info") or {})
     return json.dumps(shaping, sort_keys=True), (m.get("model") or {}).get("sha256")
@@ -333,7 +333,8 @@ def changed_settings(was: dict, now: dict) -> list[str]:
 def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str | None:
     """How a finished unit (its run.json) was made otherwise than a run with resolved
     ``config`` and model would make it, or None: settings that give the same outputs (a
-    stride of the tile size or 0, the bands as the automatic pick read them) are the same."""
+    stride of the tile size or 0, the bands as the automatic pick read them, ``allow_pixel_space``
+    for a scene with a CRS) are the same."""
     was, now = (json.loads(json.dumps(c)) for c in (manifest.get("config") or {}, config))
     info = manifest.get("scene_info") or {}
     _as_read(was.setdefault("tiling", {}), info)
