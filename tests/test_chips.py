@@ -186,6 +186,10 @@ def test_bad_labels_fail_clearly(scene_path, tmp_path):
     assert code == 2 and "--class-field 'klass' is not a field" in out
     code, out = _chips(scene, "--labels", nofield, "--layer", "roads", "-o", tmp_path / "b")
     assert code == 2 and "--layer 'roads' is not a layer of the labels; layers: nofield" in out, out
+    gpd.read_file(empty).to_file(nofield, layer="polys")  # a second layer, which holds the class field
+    code, out = _chips(scene, "--labels", nofield, "-o", tmp_path / "b")
+    assert code == 2 and "fields: name); these are the fields of layer 'nofield', the first of 2 (nofield, polys): " \
+        "another may hold the classes (--layer NAME)" in out, out
     far = _write(tmp_path / "far.gpkg", [{"class": "a", "geometry": box(0, 0, 10, 10)}], "EPSG:4326")
     code, out = _chips(scene, "--labels", far, "-o", tmp_path / "c")
     assert code == 4 and "none of the 1 label features lies over any of the 1 scene(s)" in out

@@ -216,7 +216,7 @@ def test_train_bad_inputs(tmp_path):
     for k in range(4):
         cv2.imwrite(str(one / f"{k}.png"), np.full((32, 32, 3), 40 * k, np.uint8))
     res = _train([tmp_path / "one", "-o", tmp_path / "m.keras"])
-    assert res.exit_code == 2 and "needs two classes or more; this dataset has 1 (Forest)" in res.output, res.output
+    assert res.exit_code == 4 and "needs two classes or more; this dataset has 1 (Forest)" in res.output, res.output
     assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
 
 

@@ -176,7 +176,10 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     n = table.num_rows
     if n == 0:
         raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
-    fname = _class_field([c for c in table.column_names if c != gcol], class_field, p)
+    try:
+        fname = _class_field([c for c in table.column_names if c != gcol], class_field, p)
+    except ConfigError as exc:
+        raise ConfigError(exc.message + _other_layers(path, layer), path=p) from None
     if gcol not in table.column_names:
         raise InputError("the labels file has no geometry column", path=p)
     values = [_class_name(v) for v in table.column(fname).to_pylist()]
@@ -196,6 +199,17 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
                   geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
                   fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
                   dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
+
+
+def _other_layers(path: Path, layer: str | None) -> str:
+    """What a message about the fields adds where the file has other layers than the one read."""
+    if layer is not None or path.suffix.lower() in _PARQUET_SUFFIXES:
+        return ""
+    import pyogrio
+
+    names = [str(n) for n in pyogrio.list_layers(str(path))[:, 0]]
+    return (f"; these are the fields of layer '{names[0]}', the first of {len(names)} ({', '.join(names)}): "
+            "another may hold the classes (--layer NAME)") if len(names) > 1 else ""
 
 
 def _read_table(path: Path, layer: str | None):
