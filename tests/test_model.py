@@ -218,6 +218,11 @@ def test_load_refuses_foreign_corrupt_and_missing_files(tmp_path):
     _refused(noise, "not a .keras model file")
     _refused(tmp_path / "missing.keras", "not found")
     _refused(tmp_path, "directory")
+    scene = tmp_path / "scene.tif"  # a scene given to `tilescan info`: said what info is for
+    scene.write_bytes(b"II*\x00" + bytes(64))
+    _refused(scene, "not a .keras model file .*; tilescan info describes models: for a scene, `gdalinfo`")
+    (tmp_path / "gone.keras").symlink_to(tmp_path / "nowhere.keras")
+    _refused(tmp_path / "gone.keras", r"model file not found \(a broken link\)")
 
 
 def test_load_refuses_broken_or_inconsistent_metadata(tmp_path, saved):

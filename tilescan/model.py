@@ -274,7 +274,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``tilescan.json`` of a model file, without loading Keras."""
     p = str(path)
     if not os.path.exists(p):
-        raise ModelError("model file not found", path=p)
+        raise ModelError("model file not found" + (" (a broken link)" if os.path.islink(p) else ""), path=p)
     if os.path.isdir(p):
         raise ModelError("model path is a directory; expected a .keras file", path=p)
     try:
@@ -291,7 +291,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                 )
             meta = json.loads(zf.read(META_MEMBER).decode("utf-8"))
     except zipfile.BadZipFile:
-        raise ModelError("not a .keras model file (not a zip archive, or a corrupt one)", path=p) from None
+        scene = Path(p).suffix.lower() in (".tif", ".tiff", ".vrt", ".jp2", ".img")
+        raise ModelError("not a .keras model file (not a zip archive, or a corrupt one)" + (
+            "; tilescan info describes models: for a scene, `gdalinfo` tells what it holds and `tilescan run` "
+            "checks it" if scene else ""), path=p) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"tilescan metadata is not valid JSON: {exc}", path=p) from None
     return validate_metadata(meta, p)
