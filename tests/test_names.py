@@ -397,6 +397,21 @@ def test_a_name_that_is_not_utf8_fails_alone_with_a_clear_message(tmp_path):
     assert "not valid UTF-8" in rep["failed"][0]["reason"]
 
 
+def test_a_bad_scene_named_with_a_newline_is_said_on_one_line(tmp_path):
+    """A file name holding a newline: its error is one log line (the newline escaped), so a
+    `grep '^error:'` of the log keeps the reason; report.json keeps the name as it is."""
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copyfile(scene(SCENE), scenes / "good.tif")
+    (scenes / "bad\nname.tif").write_bytes(b"not a tiff at all")
+    out = tmp_path / "out"
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    assert res.exit_code == 3, res.output
+    said = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "bad\\nname.tif: not a TIFF" in said[0], res.output
+    assert read_report(out)["failed"][0]["scene"] == str(scenes / "bad\nname.tif")
+
+
 def test_an_out_inside_the_input_folder_is_not_read_as_scenes(tmp_path):
     """OUT inside the input folder, or the input folder itself: a rerun finds only the
     user's scenes, not the labels and heatmaps of its own outputs, nor what a killed run

@@ -46,7 +46,9 @@ class TilescanError(Exception):
 
     def __str__(self) -> str:
         if self.path:
-            return f"{self.path}: {self.message}"
+            # a newline or other control character in a file name, escaped: one message stays one line
+            shown = "".join(repr(c)[1:-1] if ord(c) < 32 or ord(c) == 127 else c for c in self.path)
+            return f"{shown}: {self.message}"
         return self.message
 
 
