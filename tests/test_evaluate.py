@@ -282,6 +282,9 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
     assert by["Beach"]["support"] == 0 and by["Beach"]["recall"] is None  # nothing to recall: undefined, not 0
     beach = next(row for row in _read_csv(tmp_path / "o" / "per_class.csv") if row[0] == "Beach")
     assert beach[2] == "" and beach[4] == "0"
+    weakest = next(m for m in said if m.startswith("weakest classes (F1): "))  # a class only predicted is named too
+    assert by["Beach"]["predicted"] > 0  # the tiny model predicts it: wrongly, every time
+    assert f"; predicted, with no image in the split (all wrong): Beach {by['Beach']['predicted']} times" in weakest
     for c in kept:  # each kept class scored as in the full dataset
         mine = {k: by[c][k] for k in ("support", "recall")}
         assert mine == {k: next(x for x in full["metrics"]["per_class"] if x["class"] == c)[k] for k in mine}
