@@ -87,7 +87,11 @@ def test_frozen_epochs_keep_the_parents_backbone(chips, tmp_path):
     assert meta["legend"]["labels"]["file"] == "labels.gpkg"
     # cut at 5 m per input pixel, inside the parent's range: the child keeps that range
     assert meta["scale"]["input_gsd_m"] == parent.meta["scale"]["input_gsd_m"]
-    assert meta["scale"]["source"].startswith("inherited from the parent") and meta["gsd_m"] == parent.meta["gsd_m"]
+    assert meta["scale"]["source"].startswith("inherited from the parent")
+    # resample_to_gsd reads scenes where the new classes were seen: at the chips' scale, not the parent's
+    lo, hi = chips_card["input_gsd_m"]
+    assert meta["gsd_m"] == pytest.approx((lo * hi) ** 0.5, rel=1e-3) and lo <= meta["gsd_m"] <= hi
+    assert meta["gsd_m"] != parent.meta["gsd_m"]
     assert meta["scores"]["val"]["n"] == len((chips / "splits" / "val.txt").read_text().split())
 
 

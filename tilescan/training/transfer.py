@@ -16,6 +16,7 @@ terms, how the head was made, the chips provenance when the data came from
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -146,8 +147,10 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
     """The child's ``scale`` and ``gsd_m``, or (None, None) to keep what ``[train] gsd_m``
     states.
 
-    * chips cut by tilescan with every chip inside the parent's range: the parent's range
-      and ``gsd_m`` (its backbone was measured there and the new classes were seen there);
+    * chips cut by tilescan with every chip inside the parent's range: the parent's range (its
+      backbone was measured there and the new classes were seen there), and as ``gsd_m`` (what
+      ``resample_to_gsd`` reads scenes at) the scale the chips were cut at, their range's
+      geometric middle: the parent's own would read scenes where the new classes were never seen;
     * chips otherwise: the range of metres per input pixel the chips were cut at;
     * no chips card: unknown here (the caller falls back on ``[train] gsd_m``).
     """
@@ -161,7 +164,8 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
                            f"{got[0]:.4g}-{got[1]:.4g} m per input pixel, inside the parent's range")
         scale["parent_source"] = parent_meta["scale"].get("source")
         scale["chips_input_gsd_m"] = got
-        return scale, parent_meta.get("gsd_m")
+        lo, hi = float(got[0]), float(got[1])
+        return scale, min(max(math.sqrt(lo * hi), lo), hi)
     if got:
         lo, hi = float(got[0]), float(got[1])
         return {
