@@ -731,6 +731,21 @@ def test_find_scenes(tmp_path):
     got = find_scenes([tmp_path / "links", tmp_path / "links" / "north.tif"])
     assert got == [(tmp_path / "links").resolve() / "north.tif", (tmp_path / "links").resolve() / "south.tif"]
     assert {p.resolve() for p in got} == {(tmp_path / "annex" / "SHA256E-s48--9f2.tif").resolve()}
+    # a folder of scenes linked into a job folder is searched; a loop of links ends; a folder twice, once
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "linked").symlink_to(tmp_path / "sub")
+    (tmp_path / "job" / "again").symlink_to(tmp_path / "sub")
+    (tmp_path / "job" / "loop").symlink_to(tmp_path / "job")
+    assert find_scenes(tmp_path / "job") == sorted([(tmp_path / "sub/c.Tif").resolve(),
+                                                    (tmp_path / "sub/deep/A.TIFF").resolve()])
+    # every link to nothing is named, not only the first
+    (tmp_path / "dead").mkdir()
+    for name in ("x.tif", "y.tif"):
+        (tmp_path / "dead" / name).symlink_to(tmp_path / "gone" / name)
+    with pytest.raises(InputError) as err:
+        find_scenes(tmp_path / "dead")
+    assert str(err.value).startswith(str(tmp_path / "dead" / "x.tif")) and "; and 1 more: " in str(err.value)
+    assert str(tmp_path / "dead" / "y.tif") in str(err.value)
 
 
 def test_real_scene_dir(scenes_dir):

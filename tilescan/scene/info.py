@@ -314,6 +314,25 @@ def missing_input(p) -> InputError:
                       "expand it with glob.glob() from Python)" if pattern else ""), path=str(p))
 
 
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    """A folder's device and inode (the same through any link to it); None where it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _first_visit(path: Path, walked: set) -> bool:
+    """Whether a search has not been in ``path`` yet (recorded now): a folder reached again
+    through a link (a loop, or a second link) is searched once."""
+    key = _folder_id(path)
+    if key is None or key not in walked:
+        walked.add(key)
+        return True
+    return False
+
+
 def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None) -> list[Path]:
     """Scene paths from files and directories.
 
@@ -322,7 +341,8 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     ``*.tiff`` (any case), leaving out hidden folders (``.name``: tilescan's own staging, a
     ``.git``), macOS's ``._name.tif`` companions and tilescan's output folders (an OUT inside
     the input folder, :func:`~tilescan.layout.is_output_folder`). The result is absolute,
-    sorted and free of duplicates; a link to a file keeps its name (:func:`_named`).
+    sorted and free of duplicates; a link to a file keeps its name (:func:`_named`); a linked folder
+    is searched as the folder it links to, once (a loop of links ends).
     Raises :class:`InputError` for a path that does not exist and
     :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
     ``*.tif`` link to nothing are errors of their own, put in ``unreadable`` (given), else raised.
@@ -336,11 +356,13 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         p = Path(item)
         if p.is_dir():
             searched.append(str(p))
-            walk = os.walk(p, onerror=lambda e: errors.append(InputError(f"cannot list this folder: {e.strerror}",
-                                                                           path=e.filename)))
+            walk = os.walk(p, followlinks=True, onerror=lambda e: errors.append(
+                InputError(f"cannot list this folder: {e.strerror}", path=e.filename)))
+            walked = {_folder_id(p)}
             for root, dirs, files in walk:
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d)))
-                for name in files:
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d))
+                                 and _first_visit(Path(root, d), walked))  # a linked folder once, and no loop
+                for name in sorted(files):  # errors in name order too
                     if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith("._"):
                         f = Path(root, name)
                         if f.is_file():
@@ -354,7 +376,10 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         else:
             raise missing_input(p)
     if errors and (unreadable is None or not found):
-        raise errors[0]
+        if len(errors) == 1:
+            raise errors[0]
+        raise InputError(f"{errors[0].message}; and {len(errors) - 1} more: " + "; ".join(map(str, errors[1:6]))
+                         + ("; ..." if len(errors) > 6 else ""), path=errors[0].path)
     if unreadable is not None:
         unreadable.extend(errors)
     if not found:
