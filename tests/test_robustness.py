@@ -594,6 +594,7 @@ def test_all_nodata_scene(batch, pixel_run, derived):
         # no --min-valid would help: the advice is the one that might
         assert "no tile holds a valid pixel" in said and "--min-valid" not in said
         assert "if the file's nodata value 0 is data here, --nodata none (nodata='none' from Python) reads it as data" in said
+        assert quicklook_has_warning(out / "all_nodata" / "quicklook.png")  # why no label, under the legend
     assert pixel_run["res"].exit_code == 0
 
 

@@ -367,7 +367,9 @@ def _write_outputs(job: UnitJob) -> None:
         finally:
             previewed.set()
         if cfg.output.quicklook:
-            _write_quicklook(job, hp, "; ".join(filter(None, (note, fill_note(job.details)))) or None)
+            empty = next((d["message"].removeprefix(f"{reader.info.path}: ") for d in job.details
+                          if d["code"] == "no_tiles"), None)  # the scene drawn thrice, and why no label
+            _write_quicklook(job, hp, "; ".join(filter(None, (empty, note, fill_note(job.details)))) or None)
     finally:
         wait(futures)  # a failed step still lets the others end before the job is removed
     for f in futures:
