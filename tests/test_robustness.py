@@ -598,6 +598,23 @@ def test_all_nodata_scene(batch, pixel_run, derived):
     assert pixel_run["res"].exit_code == 0
 
 
+def test_data_left_unlabelled_below_min_valid_is_warned_about(tmp_path, tiny_model):
+    """A 512 px scene in 384 px tiles: the three edge tiles hold a third of the data or less,
+    below --min-valid 0.5, so 44 % of the scene has no label: said, with the setting; in
+    256 px tiles every tile is whole, and nothing is said."""
+    path = scene("rio-cogeo/image_rgb.tif")
+    args = ["run", path, "--model", tiny_model, "--units", "px", "--no-progress"]
+    res = invoke([*args, "--tile-size", "384", "-o", tmp_path / "a"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "a" / "image_rgb" / "run.json").read_text())
+    (w,) = [d for d in m["warning_details"] if d["code"] == "unlabelled_data"]
+    assert w["share"] == pytest.approx(1 - 384**2 / 512**2, abs=1e-3) and m["counts"]["tiles_classified"] == 1
+    assert "44% of the scene's data lies in tiles below min_valid_fraction 0.5" in res.output
+    assert "a lower --min-valid (min_valid from Python) labels them" in w["message"]
+    res = invoke([*args, "--tile-size", "256", "-o", tmp_path / "b"])
+    assert res.exit_code == 0 and "unlabelled_data" not in (tmp_path / "b" / "image_rgb" / "run.json").read_text()
+
+
 def test_no_tile_full_enough_names_the_min_valid_that_classifies_one(tmp_path, tiny_model):
     """No tile reaches --min-valid: the warning names the fullest tile's share, and that
     --min-valid classifies it."""

@@ -45,6 +45,9 @@ from .readers import open_scene, read_batch
 from .report import UnitResult
 from .units import Unit, UnitLock, move_into_place, package_versions
 
+#: A unit's tiles below --min-valid holding more than this share of the data it read are warned about.
+UNLABELLED_DATA_WARN = 0.05
+
 
 class UnitJob:
     """A unit in flight: its reader, staging folder and lock, and what its tiles gave so far.
@@ -71,6 +74,7 @@ class UnitJob:
         self.tiles: TileSet | None = None
         self.n_kept = self.n_sent = self.n_consumed = 0
         self.best_fraction = 0.0  # the largest valid share of a tile read (what --min-valid would need)
+        self.data_read = self.data_dropped = 0.0  # valid area of the tiles read, and of those below --min-valid
         self.reading_done = False  # every tile read and counted (the job can finish)
         self.reads_over = False  # no reader holds the job any more (a failed job can be removed)
         self.failed: BaseException | None = None
@@ -158,9 +162,12 @@ class UnitJob:
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):
             x, v = x[keep], v[keep]
+        dropped = float(frac.sum() - frac[keep].sum())
         with self.state:  # readers of different bands add up here at once
             self.timings["read"] += time.monotonic() - t
             self.best_fraction = max(self.best_fraction, float(frac.max(initial=0.0)))
+            self.data_read += float(frac.sum())
+            self.data_dropped += dropped
         return chunk[keep], x, v, frac[keep], len(chunk)
 
     # -- consume (the writer thread)
@@ -186,11 +193,15 @@ class UnitJob:
     def finish(self) -> UnitResult:
         """Write the outputs and run.json in staging, move the folder into place, unlock."""
         unit = self.unit
+        said = None
         if len(self.table) == 0:
-            empty = _why_no_tiles(self.reader, self.n_tiles, self.cfg.tiling.min_valid_fraction, self.best_fraction)
-            self.scene_warnings.append(empty["message"])
-            self.details.append(empty)
-            self.log(f"warning: {empty['message']}")
+            said = _why_no_tiles(self.reader, self.n_tiles, self.cfg.tiling.min_valid_fraction, self.best_fraction)
+        elif self.data_dropped > UNLABELLED_DATA_WARN * self.data_read:
+            said = _unlabelled_data(self)
+        if said is not None:
+            self.scene_warnings.append(said["message"])
+            self.details.append(said)
+            self.log(f"warning: {said['message']}")
         self.reader.release_handles()  # every tile is read: the scene's cached blocks go
         tw = time.monotonic()
         with folder_synced_once(self.stage):  # before the folder is renamed into place
@@ -471,6 +482,17 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "outputs": sorted(p.name for p in job.stage.iterdir()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _unlabelled_data(job: UnitJob) -> dict:
+    """A warning for a unit whose tiles below ``--min-valid`` (at the scene's edges, round its
+    nodata) hold more than :data:`UNLABELLED_DATA_WARN` of the data it read."""
+    share = job.data_dropped / job.data_read
+    return {"code": "unlabelled_data", "share": round(share, 4),
+            "message": f"{job.reader.info.path}: {share:.0%} of the scene's data lies in tiles below min_valid_fraction "
+                       f"{job.cfg.tiling.min_valid_fraction:g} (at its edges or round its nodata), left without a label; "
+                       "a lower --min-valid (min_valid from Python) labels them, the less surely the less data a tile "
+                       "holds (README, \"What the labels mean\")"}
 
 
 def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float, best: float) -> dict:
