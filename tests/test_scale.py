@@ -146,14 +146,14 @@ def test_run_warns_once_on_a_coarse_scene_and_records_it(tmp_path):
     out = tmp_path / "out"
     coarse = json.loads((out / "RGB.byte" / "run.json").read_text())
     codes = [w["code"] for w in coarse["warning_details"]]
-    assert codes == ["scale_out_of_range"]
+    assert codes == ["scale_out_of_range", "unlabelled_data"]  # and its collar's tiles below --min-valid
     assert coarse["tiling"]["scale"] == "coarser"
     fine = json.loads((out / "m_4709963_se_14_1_20190904" / "run.json").read_text())
     assert not [w for w in fine["warning_details"] if w["code"].startswith("scale")]
     assert fine["tiling"]["scale"] == "in_range" and fine["tiling"]["units"] == "px"
     report = json.loads((out / "report.json").read_text())
     by_unit = {r["unit"]: r for r in report["done"]}
-    assert [w["code"] for w in by_unit["RGB.byte"]["warnings"]] == ["scale_out_of_range"]
+    assert [w["code"] for w in by_unit["RGB.byte"]["warnings"]] == ["scale_out_of_range", "unlabelled_data"]
     assert [w["code"] for w in by_unit["m_4709963_se_14_1_20190904"]["warnings"]] == ["tiling"]  # its 4 bands, no scale
     # the outputs themselves carry it (read as GDAL, pyarrow and pyogrio read them), the in-range scene's not
     import pyarrow.parquet as pq
@@ -216,7 +216,7 @@ def test_bands_unlike_the_models_inputs_are_warned_about(card, tmp_path):
     res = _run(tmp_path, str(scene(RGB_BYTE)), "--bands", "3,2,1")
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "out" / "RGB.byte" / "run.json").read_text())
-    assert [w["code"] for w in got["warning_details"]] == ["scale_out_of_range", "bands_unlike_model"]
+    assert [w["code"] for w in got["warning_details"]] == ["scale_out_of_range", "bands_unlike_model", "unlabelled_data"]
     assert "band 3 blue, fed as red" in res.output
 
 
