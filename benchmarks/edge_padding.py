@@ -5,7 +5,7 @@ split) cut to their first ``keep`` rows or columns of 128, the rest filled each 
 
 Run from the project root::
 
-    python benchmarks/edge_padding.py --out benchmarks/results/edge-padding.json   # about 2 min on 2 cores
+    python benchmarks/edge_padding.py --keep 96,83,64,45,32 --out benchmarks/results/edge-padding.json   # about 3 min on 2 cores
 
 Fills: ``black`` (0, what ``run`` fed the model before), ``mirror`` (numpy's ``reflect``,
 what it feeds now, ``tilescan.scene.reader.mirror_outside_data``), ``edge`` (the last row or
