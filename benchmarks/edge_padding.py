@@ -5,7 +5,7 @@ split) cut to their first ``keep`` rows or columns of 128, the rest filled each 
 
 Run from the project root::
 
-    python benchmarks/edge_padding.py --keep 96,83,64,45,32 --out benchmarks/results/edge-padding.json   # about 3 min on 2 cores
+    python benchmarks/edge_padding.py --out benchmarks/results/edge-padding.json   # about 3 min on 2 cores
 
 Fills: ``black`` (0, what ``run`` fed the model before), ``mirror`` (numpy's ``reflect``,
 what it feeds now, ``tilescan.scene.reader.mirror_outside_data``), ``edge`` (the last row or
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("TILESCAN_DATA", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--images", type=int, default=900, help="validation images, drawn with a fixed seed")
-    ap.add_argument("--keep", default="96,83,64", help="rows (or columns) of 128 inside the scene")
+    ap.add_argument("--keep", default="96,83,64,45,32", help="rows (or columns) of 128 inside the scene")
     ap.add_argument("--out", help="write the results JSON here")
     a = ap.parse_args(argv)
 
