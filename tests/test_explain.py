@@ -283,5 +283,8 @@ def test_a_tile_past_the_scenes_edge_is_drawn_pale_there(model_file, scene_path,
     shaded = figures._shaded(figures.display_rgb(edge.image), edge.outside_data_mask)
     assert np.allclose(shaded[:rows_inside], figures.display_rgb(edge.image)[:rows_inside])
     assert shaded[rows_inside:].std() < figures.display_rgb(edge.image)[rows_inside:].std()  # washed out
-    titles = [ax.get_title() for ax in figures.render_rows([edge, whole], ["gradcam"]).axes[::3]]
+    fig = figures.render_rows([edge, whole], ["gradcam"])
+    titles = [ax.get_title() for ax in fig.axes[:6:3]]
     assert "pale: no data, the model saw the data mirrored" in titles[0] and "pale" not in titles[1]
+    # the maps' colour bar says what its ends mean
+    assert any("each map divided by its own peak" in ax.get_xlabel() for ax in fig.axes[6:]), [a.get_xlabel() for a in fig.axes]

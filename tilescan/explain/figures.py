@@ -140,7 +140,7 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
         raise ValueError("nothing to draw")
     n_cols = 1 + 2 * len(methods)
     head_in = (0.45 if suptitle else 0.0) + (0.35 if warning else 0.0)  # room for the title and the warning
-    height = cell_in * 1.12 * len(rows) + head_in
+    height = cell_in * 1.12 * len(rows) + head_in + 0.55  # and the colour bar
     fig = new_figure(cell_in * n_cols, height, layout="constrained")  # titles kept clear of the row above
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, row in enumerate(rows):
@@ -160,12 +160,25 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+    _colour_bar(fig, axes)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     if warning:  # under the figure, in red, wrapped to its width
         fig.supxlabel("\n".join(textwrap.wrap(f"Warning: {warning}", width=int(cell_in * n_cols * 14))),
                       fontsize=8.5, color="#c00000")
     return fig
+
+
+def _colour_bar(fig, axes) -> None:
+    """The maps' colour scale under the figure, and what 0 and 1 mean: each map divided by its own peak."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), HEATMAP_CMAP), ax=list(axes.ravel()), location="bottom",
+                       shrink=0.6, aspect=45, pad=0.02)
+    bar.set_label("each map divided by its own peak: 0 = no evidence for the class, 1 = the map's strongest "
+                  "(compare places within a map, not maps)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 # ------------------------------------------------------------------------ inputs
