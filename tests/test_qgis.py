@@ -215,6 +215,8 @@ def test_each_output_opens_in_qgis_with_its_style(made, report):
     assert items[0]["value"] == 0 and items[-1]["value"] == 1
     assert items[0]["color"][3] == 0 and items[-1]["color"][3] == 255  # low heat transparent
     assert len({tuple(i["color"][:3]) for i in items}) == len(items)  # a colour ramp, not one grey
+    # the legend, as QGIS reads it, says what the ends mean (each tile's map is divided by its own peak)
+    assert items[0]["label"].startswith("0: no evidence") and "each tile 0-1" in items[-1]["label"]
 
     labels = layers["labels.tif"]["renderer"]
     assert labels["type"] == "paletted"

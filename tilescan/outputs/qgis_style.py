@@ -338,8 +338,9 @@ def _heatmap_renderer(parent: ET.Element) -> None:
     stops = ":".join(f"{v:g};{_rgb(c, a)}" for v, c, a in _JET[1:-1])
     _options(ramp, {"color1": _rgb(_JET[0][1], _JET[0][2]), "color2": _rgb(_JET[-1][1], _JET[-1][2]),
                     "discrete": "0", "rampType": "gradient", "stops": stops})
-    for v, c, a in _JET:
-        _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=f"{v:g}")
+    ends = {0.0: "0: no evidence for the tile's label", 1.0: "1: the strongest in its tile (each tile 0-1)"}
+    for v, c, a in _JET:  # the legend says what the ends mean: each tile's map is divided by its own peak
+        _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=ends.get(v, f"{v:g}"))
 
 
 def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
