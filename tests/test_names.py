@@ -431,6 +431,12 @@ def test_an_out_inside_the_input_folder_is_not_read_as_scenes(tmp_path):
         assert [Path(r["scene"]).name for r in rep["skipped"]] == ["a.tif"] and not rep["done"] and not rep["failed"]
         assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == before  # nothing new
         assert not (out / ".tilescan-staging").exists()  # the leftover swept
+    # OUT inside the input folder with a scene's run.json damaged: OUT is still never searched
+    out = scenes / "out"
+    (out / "a" / "run.json").write_text("")
+    res = invoke(["run", scenes, "-o", out, *FAST, "--overwrite"])
+    rep = read_report(out)
+    assert res.exit_code == 0 and [Path(r["scene"]).name for r in rep["done"]] == ["a.tif"] and not rep["failed"], res.output
 
 
 def test_a_scene_alone_with_its_stem_keeps_the_tagged_folder_it_was_done_in(tmp_path):

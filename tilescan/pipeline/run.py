@@ -177,7 +177,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     # A named input that does not exist (or a folder URL that cannot be listed) fails alone
     # (listed in report.json) unless no input gives a scene; then this raises before
     # anything is created.
-    scenes, missing = sources.find_inputs(inputs, stac, assets)
+    scenes, missing = sources.find_inputs(inputs, stac, assets, out=out)
     # the metadata and hash decide what is already done; Keras and the model load only
     # when a unit needs them (a rerun with nothing to do never imports TensorFlow)
     card = describe_model(model_path)  # a model that is not one: OUT is not made for it

@@ -333,7 +333,8 @@ def _first_visit(path: Path, walked: set) -> bool:
     return False
 
 
-def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None) -> list[Path]:
+def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreadable: list | None = None,
+                exclude: str | os.PathLike | None = None) -> list[Path]:
     """Scene paths from files and directories.
 
     Files are taken as given, whatever their extension (:func:`open_scene` rejects
@@ -346,6 +347,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     Raises :class:`InputError` for a path that does not exist and
     :class:`NoScenesError` when nothing is found. A subfolder that cannot be read and a
     ``*.tif`` link to nothing are errors of their own, put in ``unreadable`` (given), else raised.
+    ``exclude``: a folder never searched (the run's OUT, even where its run.json files are damaged).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -358,7 +360,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
             searched.append(str(p))
             walk = os.walk(p, followlinks=True, onerror=lambda e: errors.append(
                 InputError(f"cannot list this folder: {e.strerror}", path=e.filename)))
-            walked = {_folder_id(p)}
+            walked = {_folder_id(p), *([_folder_id(Path(exclude))] if exclude is not None else [])}  # OUT: never searched
             for root, dirs, files in walk:
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d))
                                  and _first_visit(Path(root, d), walked))  # a linked folder once, and no loop

@@ -352,12 +352,14 @@ def expand_url(url: str) -> list[RemoteScene]:
     return scenes
 
 
-def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequence[str] | None = None) -> tuple[list, list[InputError]]:
+def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequence[str] | None = None,
+                out: Path | None = None) -> tuple[list, list[InputError]]:
     """The scenes of ``inputs`` (local files and folders, URLs, STAC documents: ``*.json``)
     and ``stac`` (STAC documents whatever their name), in a fixed order (local files as
     :func:`tilescan.scene.info.find_scenes` sorts them, then URLs and STAC items in the order
     given), and the inputs that failed alone, as errors. Raises when nothing is left: the
-    first input's error, or :class:`NoScenesError`.
+    first input's error, or :class:`NoScenesError`. ``out``: the run's output folder, never
+    searched for scenes.
     """
     from .info import find_scenes, missing_input
 
@@ -385,7 +387,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     scenes: list = []
     if present:
         try:
-            scenes = list(find_scenes(present, failed))
+            scenes = list(find_scenes(present, failed, exclude=out))
         except NoScenesError as exc:  # a local folder without scenes: alone, when URLs give some
             if not remote:
                 raise
