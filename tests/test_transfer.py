@@ -4,6 +4,7 @@ model in `run`, `evaluate` and `explain` unchanged."""
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def test_frozen_epochs_keep_the_parents_backbone(chips, tmp_path):
     meta = child.meta
     assert meta["classes"] == ["potholes", "prairie"] == meta["legend"]["classes"]
     assert meta["parent"]["id"] == parent.model_id and meta["parent"]["sha256"] == describe_model(None).sha256
+    # its own id tells two models trained the same day apart (to the second, UTC)
+    assert re.fullmatch(r"tilescan-resnet18-.+-128px-finetuned-\d{8}T\d{6}", meta["id"]), meta["id"]
     assert meta["parent"]["head"] == "new" and meta["parent"]["freeze_epochs"] == 1
     assert meta["normalization"] == parent.meta["normalization"] and meta["bands"] == parent.meta["bands"]
     assert "research use" in meta["terms"]

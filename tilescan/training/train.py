@@ -476,7 +476,7 @@ def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths
     import keras
 
     return {
-        "id": f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-{datetime.now(timezone.utc):%Y%m%d}",
+        "id": f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}",
         "classes": list(dataset.classes),
         "input_size": [size, size],
         "bands": ["red", "green", "blue"],
@@ -532,7 +532,7 @@ def _add_parent_metadata(meta: dict, parent, head, freeze: int, finetune_lr: flo
         meta["bands"] = [f"scene band {b}" for b in meta["scene_bands"]]  # what its inputs hold, not the parent's colours
     meta["normalization"] = dict(parent.meta["normalization"])
     meta["cam_layer"] = parent.meta.get("cam_layer") or DEFAULT_CAM_LAYER
-    meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%d}"
+    meta["id"] = f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-finetuned-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     meta["training"]["init"] = "default" if cfg.init == "default" else Path(cfg.init).name
     if meta["parent"].get("terms"):
         meta["terms"] = f"fine-tuned from {parent.model_id}, whose terms it inherits: {meta['parent']['terms']}"
