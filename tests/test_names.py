@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from conftest import invoke, read_report, scene, tree_hashes
 from tilescan import layout
 from tilescan.errors import OutputError
+from tilescan.outputs.gpkg import has_rtree
 from tilescan.pipeline.units import move_into_place
 
 SCENE = "rio-cogeo/image_rgb.tif"  # 512 x 512, EPSG:3857
@@ -126,9 +127,12 @@ def test_an_output_folder_named_with_uri_characters_collects(batch, tmp_path):
     res = invoke(["collect", out])
     assert res.exit_code == 0, res.output
     assert sorted(os.listdir(tmp_path)) == ["res #1 %20 ?x"] and os.listdir(out.parent) == ["out"]
-    con = sqlite3.connect(out / "collected" / "tiles.gpkg")
+    gpkg = out / "collected" / "tiles.gpkg"
+    assert has_rtree(gpkg)  # read back where it is, '#' and all (plain SQL: no R-tree module needed)
+    con = sqlite3.connect(gpkg)
     try:
-        assert con.execute("SELECT count(*) FROM rtree_tiles_geom").fetchone()[0] == 4 * len(NAMES)
+        assert con.execute("SELECT count(*) FROM tiles").fetchone()[0] == 4 * len(NAMES)
+        assert con.execute("SELECT count(*) FROM rtree_tiles_geom_rowid").fetchone()[0] == 4 * len(NAMES)
     finally:
         con.close()
 
