@@ -118,13 +118,7 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
 
     from conftest import invoke
 
-    src = tmp_path / "scenes"
-    src.mkdir()
-    for name in ("a", "b"):
-        shutil.copyfile(scene_path("rio-tiler/cog_rgb.tif"), src / f"{name}.tif")
-    out = tmp_path / "out"
-    args = ["--tile-size", "128", "--units", "px", "--no-progress"]
-    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
     stamps = lambda n: {f.name: f.stat().st_mtime_ns for f in (out / n).iterdir()}  # noqa: E731
     before = {n: stamps(n) for n in ("a", "b")}
     for same in (["--stride", "128"], ["--bands", "1,2,3"], ["--update"], ["--allow-pixel-space"]):  # the last: they have a CRS
@@ -154,17 +148,9 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
 def test_a_finished_scene_whose_output_files_were_deleted_is_redone(tmp_path, scene_path):
     """Output files deleted by hand: the next run redoes the scene (same settings, so without
     --update), says which files were missing, and the others are left as they were."""
-    import shutil
-
     from conftest import invoke
 
-    src = tmp_path / "scenes"
-    src.mkdir()
-    for name in ("a", "b"):
-        shutil.copyfile(scene_path("rio-tiler/cog_rgb.tif"), src / f"{name}.tif")
-    out = tmp_path / "out"
-    args = ["--tile-size", "128", "--units", "px", "--no-progress"]
-    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
     listed = json.loads((out / "a" / "run.json").read_text())["outputs"]
     b_before = {f.name: f.stat().st_mtime_ns for f in (out / "b").iterdir()}
     (out / "a" / "tiles.parquet").unlink()
@@ -176,6 +162,22 @@ def test_a_finished_scene_whose_output_files_were_deleted_is_redone(tmp_path, sc
     assert rep["done"][0]["replaced"] == what and f"a: redoing its finished outputs, {what}" in res.output
     assert sorted(p.name for p in (out / "a").iterdir()) == sorted([*listed, "run.json"])
     assert {f.name: f.stat().st_mtime_ns for f in (out / "b").iterdir()} == b_before
+
+
+def _two_scenes_done(tmp_path: Path, scene_path) -> tuple[Path, Path, list[str]]:
+    """Scenes a.tif and b.tif (one real scene twice) run into OUT: (scene folder, OUT, run options)."""
+    import shutil
+
+    from conftest import invoke
+
+    src = tmp_path / "scenes"
+    src.mkdir()
+    for name in ("a", "b"):
+        shutil.copyfile(scene_path("rio-tiler/cog_rgb.tif"), src / f"{name}.tif")
+    out = tmp_path / "out"
+    args = ["--tile-size", "128", "--units", "px", "--no-progress"]
+    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    return src, out, args
 
 
 def read(out: Path) -> dict:
