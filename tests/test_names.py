@@ -191,6 +191,28 @@ def test_a_scene_of_the_same_stem_arriving_later_leaves_the_first_where_it_is(tm
     assert len(per_scene) == 2 and len(set(per_scene.values())) == 1, per_scene
 
 
+def test_a_newcomer_named_like_a_tagged_folder_leaves_that_folder_to_its_scene(tmp_path):
+    """a.tif and a.TIF are done as OUT/a-<tag> each; later a scene named like one of those
+    folders arrives (a-<tag>.tif): the folder stays its scene's, skipped, and the newcomer
+    gets a name of its own (it was the tagged scene that moved, and was refused as an older
+    tilescan's outputs)."""
+    scenes, out = tmp_path / "scenes", tmp_path / "out"
+    scenes.mkdir()
+    for name in ("a.tif", "a.TIF"):
+        shutil.copyfile(scene(SCENE), scenes / name)
+    assert invoke(["run", scenes, "-o", out, *FAST]).exit_code == 0
+    taken = {Path(r["scene"]).name: Path(r["out_dir"]).name for r in read_report(out)["done"]}
+    before = tree_hashes(out / taken["a.TIF"], folders=True)
+    shutil.copyfile(scene(SCENE), scenes / f"{taken['a.TIF']}.tif")
+    res = invoke(["run", scenes, "-o", out, *FAST])
+    assert res.exit_code == 0, res.output
+    rep = read_report(out)
+    assert sorted(Path(r["out_dir"]).name for r in rep["skipped"]) == sorted(taken.values())
+    (done,) = rep["done"]
+    assert Path(done["scene"]).name == f"{taken['a.TIF']}.tif" and Path(done["out_dir"]).name not in taken.values()
+    assert tree_hashes(out / taken["a.TIF"], folders=True) == before
+
+
 def test_shards_cover_the_same_folders(batch, tmp_path):
     out = tmp_path / "out"
     for i in range(2):

@@ -159,21 +159,19 @@ def scene_folder_names(scenes: Sequence[Path], holds: Callable[[str, Path], bool
     the scene run by itself), so it is not done again under a new one."""
     bases = [folder_name(s.stem) for s in scenes]
     names = list(bases)
-    kept = set()
-    if holds is not None:  # at most one scene per name keeps it
+    if holds is not None:
         seen = Counter(fold(n) for n in names)
         for i, n in enumerate(names):  # a stem of its own now, finished under its tag before: keeps the tag
             tagged = with_tag(bases[i], _path_digest(scenes[i])[:8])
             if seen[fold(n)] == 1 and holds(tagged, scenes[i]) and not holds(n, scenes[i]):
                 names[i] = tagged
-        owner = {}
-        for i, n in enumerate(names):
-            if seen[fold(n)] > 1 and fold(n) not in owner and holds(n, scenes[i]):
-                owner[fold(n)] = i
-        kept = set(owner.values())
+    kept: dict[str, int] = {}  # a name -> the one scene whose finished outputs are there: it keeps the name
     for width in (8, 16, 40):
         seen = Counter(fold(n) for n in names)
-        clash = [i for i, n in enumerate(names) if seen[fold(n)] > 1 and i not in kept]
+        for i, n in enumerate(names):  # also a tagged name that a newcomer's stem now takes (a-7b1dd898.tif)
+            if holds is not None and seen[fold(n)] > 1 and fold(n) not in kept and holds(n, scenes[i]):
+                kept[fold(n)] = i
+        clash = [i for i, n in enumerate(names) if seen[fold(n)] > 1 and kept.get(fold(n)) != i]
         if not clash:
             return names
         for i in clash:
