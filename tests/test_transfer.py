@@ -185,6 +185,15 @@ def test_evaluate_and_explain_on_the_chips(finetuned, chips, tmp_path):
     code, log = _cli("explain", chips / "images" / "prairie" / sorted(p.name for p in (chips / "images" / "prairie").iterdir())[0],
                      "--model", finetuned, "-o", tmp_path / "fig")
     assert code == 0, log
+    assert "may lie over the model's training chips" not in log and "split_warning" not in rep
+    # chips cut again from the same labels (another split): they may cover the training chips' ground, said
+    code, out = _cli("chips", scene(NAIP), "--labels", chips.parent / "labels.gpkg", "-o", tmp_path / "again",
+                     "--split", "random", "--seed", "7")
+    assert code == 0, out
+    code, log = _cli("evaluate", finetuned, tmp_path / "again", "--split", "val", "-o", tmp_path / "ev2",
+                     "--explain-samples", "0")
+    assert code == 0 and "its chips were cut from the labels the model was trained from (labels.gpkg" in log, log
+    assert "may lie over the model's training chips" in json.loads((tmp_path / "ev2" / "report.json").read_text())["split_warning"]
 
 
 def test_a_legend_styled_in_qgis_colours_every_output(chips, tmp_path):

@@ -395,10 +395,11 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     lm = load_model(model_path)
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
-    overlap = _split_changed(trained, ds, split)
+    card = read_card(ds.root)
+    overlap = _split_changed(trained, ds, split) or _same_labels_other_cut(trained, card, ds, split)
     if overlap:
         log(f"warning: {overlap}")
-    if other := transfer.chips_bands_differ(read_card(ds.root), lm):
+    if other := transfer.chips_bands_differ(card, lm):
         log(f"warning: {other}")
     return ds, lm, items, overlap
 
@@ -441,6 +442,23 @@ def _split_changed(trained: dict, ds, split: str) -> str | None:
     return (f"the dataset's {' and '.join(changed)} split{'s' if len(changed) > 1 else ''} differ from the model's at "
             "training (files added, removed or renamed since, or other split lists): its "
             f"'{split}' split may hold images the model was trained on, and score it too high")
+
+
+def _same_labels_other_cut(trained: dict, card: dict | None, ds, split: str) -> str | None:
+    """Why ``split`` of a chips dataset may lie over the model's training chips on the ground:
+    it was cut from the labels file the model was trained from (the same sha256), but in
+    another cut (other tiles or another split); None otherwise."""
+    labels = (card or {}).get("labels") or {}
+    was = ((trained.get("chips") or {}).get("labels") or {}).get("sha256")
+    if not was or labels.get("sha256") != was:
+        return None
+    trained_split = trained.get("split_sha256") or {}
+    if all(trained_split.get(s) == ds.split_sha256.get(s) for s in ("train", "val")):
+        return None  # the very chips it was trained from: their own test split is apart
+    return (f"its chips were cut from the labels the model was trained from ({labels.get('file')}, the same sha256) "
+            f"in another cut (other tiles or another split): its '{split}' chips may lie over the model's training "
+            "chips on the ground and score it too high; score it on the test split of the chips it was trained "
+            "from, or on labels it never saw")
 
 
 def _write_tables(out: Path, rel_paths, y_true, y_pred, conf, metrics: dict, classes: Sequence[str], title: str) -> None:
