@@ -402,3 +402,22 @@ def test_the_split_table_lines_up_in_a_terminal_whatever_the_script():
         return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) == "W" else 1 for c in text)
 
     assert len({on_screen(r) for r in rows}) == 1, rows
+
+
+def test_splits_that_would_score_little_are_warned_about():
+    """What the chips' card says of its splits: a val split of one class and an empty test
+    split (a test fraction was asked for) are said at once; splits of every class are not."""
+    from tilescan.training.chips import _warn_what_train_refuses
+
+    said: list[str] = []
+    card = {"split": {"method": "blocks", "test_fraction": 0.15,
+                      "counts": {"train": {"crop": 9, "grass": 7}, "val": {"crop": 3, "grass": 0}, "test": {}}}}
+    _warn_what_train_refuses(card, said.append)
+    assert said == ["warning: the val chips are all of one class (crop) of 2: scores on them say little of the "
+                    "others (more labels, a smaller --block-size or --split random spread the classes)",
+                    "warning: no chip is in test, though a test fraction was asked for: evaluate has nothing to "
+                    "score (more labels, or a smaller --block-size, spread chips over the splits)"]
+    said.clear()
+    card["split"]["counts"].update(val={"crop": 2, "grass": 1}, test={"crop": 1, "grass": 2})
+    _warn_what_train_refuses(card, said.append)
+    assert said == []

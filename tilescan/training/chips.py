@@ -78,13 +78,22 @@ class ChipOptions:
 
 
 def _warn_what_train_refuses(card: dict, log: Callable[[str], None]) -> None:
-    """Say at once what ``train`` would refuse of this dataset: chips of one class only, no val chips."""
+    """Say at once what ``train`` would refuse of this dataset (chips of one class only, no val
+    chips), and splits that would score little (val or test chips of one class, no test chips)."""
     counts = card.get("split", {}).get("counts", {})
     classes = sorted({c for per in counts.values() for c, n in per.items() if n})
     if len(classes) < 2:
         log(f"warning: the chips hold one class ({', '.join(classes)}): train needs two or more (label another class)")
     elif card["split"].get("method") != "test" and not sum(counts.get("val", {}).values()):
         log("warning: no chip is in val: train needs val chips (cut again with a --val-fraction above 0)")
+    for name in ("val", "test") if len(classes) > 1 else ():  # a split that scores one class says little
+        held = sorted(c for c, n in counts.get(name, {}).items() if n)
+        if name == "test" and not held and card["split"].get("test_fraction", 0) > 0:
+            log("warning: no chip is in test, though a test fraction was asked for: evaluate has nothing to score "
+                "(more labels, or a smaller --block-size, spread chips over the splits)")
+        elif len(held) == 1:
+            log(f"warning: the {name} chips are all of one class ({held[0]}) of {len(classes)}: scores on them say "
+                "little of the others (more labels, a smaller --block-size or --split random spread the classes)")
 
 
 def _block_frame(scene_crs: Sequence, centres_lonlat: np.ndarray):
