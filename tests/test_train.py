@@ -108,7 +108,7 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     blob = json.dumps(meta)
     assert str(tmp_path) not in blob and str(mini_aid) not in blob and "host" not in meta["training"]
     # no ground sample distance stated: the scale is unknown, and run will not guess one
-    assert meta["scale"]["input_gsd_m"] is None and lm.scale_range is None
+    assert meta["scale"]["input_gsd_m"] is None and lm.scale_range is None and meta["gsd_m"] is None
     hist = _history(out)
     assert [int(r["epoch"]) for r in hist] == [1, 2]
     png = out.with_name("m.curves.png")
@@ -257,6 +257,8 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
     side = 150  # the mini AID images keep AID's stored size
     assert card.scale_range == pytest.approx((2.0 * side / 32, 32.0 * side / 32))
     assert card.meta["scale"]["tile_footprint_m"] == pytest.approx([2.0 * side, 32.0 * side])
+    # and what resample_to_gsd reads scenes at: the range's geometric middle, inside it
+    assert card.meta["gsd_m"] == pytest.approx((2.0 * side / 32 * 32.0 * side / 32) ** 0.5)
 
 
 def test_limit_takes_every_class_whatever_the_list_order():

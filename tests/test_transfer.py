@@ -305,3 +305,17 @@ def test_resume_is_the_checkpointed_run(chips, tmp_path, aid_dir):
     assert code == 2 and f"{tmp_path / 'ft.ckpt'}: its checkpoint" in log and "other classes (potholes, prairie)" in log, log
     code, log = _cli("train", chips, "--epochs", "2", "--resume", "--init", str(out), "-o", out, *_fast(chips))
     assert code == 2 and "fine-tuned from default" in log, log
+
+
+def test_a_childs_scale_and_gsd_from_its_chips():
+    """Chips inside the parent's range: the parent's range, and the chips' scale as gsd_m; chips
+    outside it: their own range, and its middle as gsd_m (resample_to_gsd reads scenes there)."""
+    from tilescan.training.transfer import child_scale
+
+    parent = {"id": "p", "gsd_m": 7.8, "scale": {"input_gsd_m": [1.345, 45.21], "source": "measured"}}
+    scale, gsd = child_scale(parent, {"input_gsd_m": [2.5, 10.0]}, 128)
+    assert scale["input_gsd_m"] == [1.345, 45.21] and gsd == pytest.approx(5.0)
+    scale, gsd = child_scale(parent, {"input_gsd_m": [290.0, 310.0]}, 128)
+    assert scale["input_gsd_m"] == [290.0, 310.0] and gsd == pytest.approx((290.0 * 310.0) ** 0.5)
+    assert "outside the parent's range" in scale["source"]
+    assert child_scale(parent, {"input_gsd_m": None}, 128) == (None, None)

@@ -475,6 +475,9 @@ def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths
     """The tilescan metadata of a model trained from scratch (chips and parent add to it)."""
     import keras
 
+    from .transfer import middle_gsd
+
+    scale = stated_scale(cfg.gsd_m, tr_paths, size)
     return {
         "id": f"tilescan-resnet18-{dataset.name or 'custom'}-{size}px-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}",
         "classes": list(dataset.classes),
@@ -485,8 +488,8 @@ def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths
             "mean": mean,
             "std": std,
         },
-        "gsd_m": None,
-        "scale": stated_scale(cfg.gsd_m, tr_paths, size),
+        "gsd_m": middle_gsd(scale["input_gsd_m"]),  # None where no scale is stated (the chips may set one)
+        "scale": scale,
         "cam_layer": DEFAULT_CAM_LAYER,
         "legend": {"classes": list(dataset.classes)},
         "training": {

@@ -151,7 +151,7 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
       backbone was measured there and the new classes were seen there), and as ``gsd_m`` (what
       ``resample_to_gsd`` reads scenes at) the scale the chips were cut at, their range's
       geometric middle: the parent's own would read scenes where the new classes were never seen;
-    * chips otherwise: the range of metres per input pixel the chips were cut at;
+    * chips otherwise: the range of metres per input pixel the chips were cut at, and its middle;
     * no chips card: unknown here (the caller falls back on ``[train] gsd_m``).
     """
     if chips_card is None:
@@ -164,8 +164,7 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
                            f"{got[0]:.4g}-{got[1]:.4g} m per input pixel, inside the parent's range")
         scale["parent_source"] = parent_meta["scale"].get("source")
         scale["chips_input_gsd_m"] = got
-        lo, hi = float(got[0]), float(got[1])
-        return scale, min(max(math.sqrt(lo * hi), lo), hi)
+        return scale, middle_gsd(got)
     if got:
         lo, hi = float(got[0]), float(got[1])
         return {
@@ -173,8 +172,17 @@ def child_scale(parent_meta: dict | None, chips_card: dict | None, size: int) ->
             "tile_footprint_m": [round(lo * size, 1), round(hi * size, 1)],
             "source": f"chips: cut by tilescan chips at {lo:.4g}-{hi:.4g} m per input pixel"
                       + (" (outside the parent's range, so the parent's is not inherited)" if parent_meta else ""),
-        }, None
+        }, middle_gsd(got)
     return None, None
+
+
+def middle_gsd(span: Sequence[float] | None) -> float | None:
+    """A model's ``gsd_m`` (what ``resample_to_gsd`` reads scenes at) from the range of metres per
+    input pixel its classes were seen at: the range's geometric middle; None for no range."""
+    if not span:
+        return None
+    lo, hi = float(span[0]), float(span[1])
+    return min(max(math.sqrt(lo * hi), lo), hi)
 
 
 def chips_provenance(card: dict) -> dict[str, Any]:
