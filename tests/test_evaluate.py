@@ -218,6 +218,9 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
     rows = _read_csv(tmp_path / "explanations.csv")
     assert [row[0] for row in rows[1:]] == ["inference", "gradcam", "random"]
     assert float(dict(zip(rows[0], rows[2]))["deletion_vs_random"]) == pytest.approx(g["deletion_vs_random"], abs=1e-6)
+    # the verdict is kept, not only printed: told apart from random maps by two standard errors on either AUC
+    told = -g["deletion_vs_random"] > 2 * g["deletion_vs_random_sem"] or g["insertion_vs_random"] > 2 * g["insertion_vs_random_sem"]
+    assert g["unlike_random"] is told and dict(zip(rows[0], rows[2]))["unlike_random"] == str(told).lower()
     table = next(line for line in logs if line.startswith("| method | tiles/s"))
     assert "deletion − random" in table and "± one standard error over the 6 images" in table
     # evaluated again into the same folder without the study: its table, from another run, goes

@@ -78,6 +78,7 @@ def explanation_study(
             out["methods"][m].update({"deletion_vs_random": float((d - rand_d).mean()), "deletion_vs_random_sem": _sem(d - rand_d),
                                       "insertion_vs_random": float((i - rand_i).mean()),
                                       "insertion_vs_random_sem": _sem(i - rand_i)})
+            out["methods"][m]["unlike_random"] = _unlike_random(out["methods"][m])
     return out
 
 
@@ -106,7 +107,7 @@ def explanation_table(study: dict[str, Any]) -> str:
               for k in ("deletion", "insertion")]
         lines.append(f"| {m} | {tps} | {rel} | {r['deletion_auc']:.3f} ± {r['deletion_sem']:.3f} | "
                      f"{r['insertion_auc']:.3f} ± {r['insertion_sem']:.3f} | {vs[0]} | {vs[1]} |")
-    like = [m for m, r in study["methods"].items() if m != "random" and not _unlike_random(r)]
+    like = [m for m, r in study["methods"].items() if r.get("unlike_random") is False]
     if like:
         lines.append(f"(± one standard error over the {study['n']} images; {', '.join(like)}: not told apart from "
                      "random maps, within two standard errors on both AUCs)")
@@ -118,7 +119,7 @@ def explanation_table(study: dict[str, Any]) -> str:
 
 def study_rows(study: dict) -> list[tuple]:
     """explanations.csv: cost and faithfulness of each CAM method, plain inference first."""
-    vs = ("deletion_vs_random", "deletion_vs_random_sem", "insertion_vs_random", "insertion_vs_random_sem")
+    vs = ("deletion_vs_random", "deletion_vs_random_sem", "insertion_vs_random", "insertion_vs_random_sem", "unlike_random")
     rows = [("method", "tiles_per_s", "x_inference", "deletion_auc", "insertion_auc", "deletion_sem", "insertion_sem",
              *vs, "n"), ("inference", f"{study['inference_tiles_per_s']:.2f}", "1.0", *[""] * (5 + len(vs)))]
     for m, r in study["methods"].items():
@@ -126,5 +127,6 @@ def study_rows(study: dict) -> list[tuple]:
                      "" if r["x_inference"] is None else f"{r['x_inference']:.4f}",
                      f"{r['deletion_auc']:.6f}", f"{r['insertion_auc']:.6f}",
                      f"{r['deletion_sem']:.6f}", f"{r['insertion_sem']:.6f}",
-                     *(f"{r[k]:.6f}" if k in r else "" for k in vs), study["n"]))
+                     *(("" if k not in r else str(r[k]).lower() if isinstance(r[k], bool) else f"{r[k]:.6f}") for k in vs),
+                     study["n"]))
     return rows
