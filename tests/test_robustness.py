@@ -609,7 +609,7 @@ def test_data_left_unlabelled_below_min_valid_is_warned_about(tmp_path, tiny_mod
     m = json.loads((tmp_path / "a" / "image_rgb" / "run.json").read_text())
     (w,) = [d for d in m["warning_details"] if d["code"] == "unlabelled_data"]
     assert w["share"] == pytest.approx(1 - 384**2 / 512**2, abs=1e-3) and m["counts"]["tiles_classified"] == 1
-    assert "44% of the scene's data lies in tiles below min_valid_fraction 0.5" in res.output
+    assert f"{w['share']:.1%} of the scene's data lies in tiles below min_valid_fraction 0.5" in res.output
     assert "a lower --min-valid (min_valid from Python) labels them" in w["message"]
     res = invoke([*args, "--tile-size", "256", "-o", tmp_path / "b"])
     assert res.exit_code == 0 and "unlabelled_data" not in (tmp_path / "b" / "image_rgb" / "run.json").read_text()

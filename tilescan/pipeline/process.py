@@ -487,9 +487,9 @@ def _manifest(job: UnitJob, total: float) -> dict:
 def _unlabelled_data(job: UnitJob) -> dict:
     """A warning for a unit whose tiles below ``--min-valid`` (at the scene's edges, round its
     nodata) hold more than :data:`UNLABELLED_DATA_WARN` of the data it read."""
-    share = job.data_dropped / job.data_read
-    return {"code": "unlabelled_data", "share": round(share, 4),
-            "message": f"{job.reader.info.path}: {share:.0%} of the scene's data lies in tiles below min_valid_fraction "
+    share = round(job.data_dropped / job.data_read, 4)  # the message says what run.json records
+    return {"code": "unlabelled_data", "share": share,
+            "message": f"{job.reader.info.path}: {share:.1%} of the scene's data lies in tiles below min_valid_fraction "
                        f"{job.cfg.tiling.min_valid_fraction:g} (at its edges or round its nodata), left without a label; "
                        "a lower --min-valid (min_valid from Python) labels them, the less surely the less data a tile "
                        "holds (README, \"What the labels mean\")"}

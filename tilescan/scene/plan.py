@@ -321,7 +321,7 @@ def fill_note(details: Sequence[dict]) -> str | None:
         if d["code"] == "undeclared_fill":
             value, share = d.get("fill_value", 0), d.get("zero_share", d.get("fill_share"))
             said = repr(float(value)) if value else "0"  # exact: what --nodata needs
-            return (f"{share:.0%} of the sampled pixels are {said} in every band and the file declares no "
+            return (f"{share:.1%} of the sampled pixels are {said} in every band and the file declares no "
                     f"nodata, so they are labelled as data; if they are fill, run with --nodata {said}")
     return None
 
