@@ -162,11 +162,12 @@ class UnitJob:
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):
             x, v = x[keep], v[keep]
-        dropped = float(frac.sum() - frac[keep].sum())
+        read = float(frac.sum())
+        dropped = read - float(frac[keep].sum())
         with self.state:  # readers of different bands add up here at once
             self.timings["read"] += time.monotonic() - t
             self.best_fraction = max(self.best_fraction, float(frac.max(initial=0.0)))
-            self.data_read += float(frac.sum())
+            self.data_read += read
             self.data_dropped += dropped
         return chunk[keep], x, v, frac[keep], len(chunk)
 

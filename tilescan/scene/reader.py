@@ -538,12 +538,12 @@ class SceneReader:
             w = int(widths[j])
             valid[j, :h, :w] = v[:, a:a + w]
             a -= a0
-            full = np.zeros((t, t, len(self.bands)), dtype=np.float32)
+            full = x[j] if t == s else np.empty((t, t, len(self.bands)), dtype=np.float32)  # in place where it can
+            full[...] = 0.0
             full[:h, :w] = unit[:, a:a + w]
-            full = mirror_outside_data(full, valid[j])
-            if t == s:
-                x[j] = full
-            else:
+            if not valid[j].all():  # only then is there a box to mirror: no copy for a whole tile
+                full[...] = mirror_outside_data(full, valid[j])
+            if t != s:
                 interp = cv2.INTER_AREA if t > s else cv2.INTER_LINEAR
                 x[j] = cv2.resize(full, (s, s), interpolation=interp).reshape(s, s, -1)
 
