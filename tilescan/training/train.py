@@ -286,7 +286,7 @@ def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: boo
     checkpoint to resume are known to fit."""
     if len(dataset.classes) < 2:
         raise InputError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
-                          f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
+                         f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
     trained = {k for _, k in dataset.items("train")}  # none at all: train_val_paths says why
     if trained and (untaught := [c for i, c in enumerate(dataset.classes) if i not in trained]):
         raise InputError(f"no training image of {len(untaught)} class(es) ({', '.join(untaught[:5])}): the model "
