@@ -5,7 +5,6 @@ style made in QGIS, through train, run and collect, drawn by QGIS) and tests/tes
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -111,14 +110,14 @@ class _Parent:
         self.meta = {"classes": classes, "legend": {"colors": colors}}
 
 
-def test_each_class_gets_its_colour_by_any_name_it_had_and_no_two_the_same():
+def test_each_class_gets_its_colour_by_any_name_it_had_and_no_two_the_same(tmp_path):
     """By the name in any Unicode form, then ignoring case, or by the labels' name a chips class
     was renamed from; the file over a parent's colours; palette colours no class has for the rest."""
     import unicodedata
 
     said: list[str] = []
     nfd = unicodedata.normalize("NFD", "Forêt")
-    (p := Path(tempfile.mkdtemp()) / "c.txt").write_text(f"{nfd},#00ff00\nCrop/fallow,#ffff00\nURBAN,#ff0000\n")
+    (p := tmp_path / "c.txt").write_text(f"{nfd},#00ff00\nCrop/fallow,#ffff00\nURBAN,#ff0000\n")
     parent = _Parent(["Water", "Urban", "Other"], ["#0000ff", "#000000", "#e6194b"])
     got = legend_colors(str(p), "--class-colors", ["Forêt", "Crop_fallow", "Urban", "Water", "Other", "New"],
                         parent, said.append, {"Crop_fallow": "Crop/fallow"})
