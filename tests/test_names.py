@@ -44,6 +44,7 @@ NAMES = {
     "collected.tif": "collected_",
     "CON.tif": "CON_",
     "with space.tif": "with space",
+    "a%20b.tif": "a_20b",  # QGIS cannot open a GeoPackage under a%20b/
     "new\nline.tif": "new_line",
     "plain.tif": "plain",  # an ordinary name maps to itself
     f"one/{LONG}.tif": None,
@@ -359,7 +360,7 @@ def _assert_safe(name: str) -> None:
     raw = name.encode("utf-8")  # no lone surrogates left
     assert 0 < len(raw) <= layout.MAX_NAME_BYTES
     assert name not in (".", "..") and not name.startswith(".") and not name.endswith((".", " "))
-    assert not set(name) & set('<>:"/\\|?*\0') and not any(unicodedata.category(c) in ("Cc", "Cs") for c in name)
+    assert not set(name) & set('<>:"/\\|?*%\0') and not any(unicodedata.category(c) in ("Cc", "Cs") for c in name)
     assert unicodedata.normalize("NFC", name) == name
     assert layout.is_safe_name(name) and layout.folder_name(name) == name
     assert not re.fullmatch(r"report(-shard-.*)?\.json|collected|\.tilescan.*", name.casefold())
@@ -523,3 +524,10 @@ def test_collect_counts_a_scene_file_once_whatever_folders_hold_it(tmp_path):
     assert list(summary["scenes"]) == ["a"] and summary["tiles"] == 4
     (skip,) = [s for s in summary["skipped"] if s["unit"] == "a-5e1f0000"]
     assert "the same scene file" in skip["reason"] and "as a, which was finished later" in skip["reason"]
+
+
+def test_a_class_folder_keeps_a_percent_sign():
+    """Only scene folders hold a GeoPackage that QGIS must open: a class named "50% tree cover"
+    keeps its name as its chips folder's (``train`` reads the class from it)."""
+    assert layout.class_folder_name("50% tree cover") == "50% tree cover"
+    assert layout.folder_name("50% tree cover") == "50_ tree cover"

@@ -384,3 +384,26 @@ def test_what_an_alpha_band_or_internal_mask_hides_is_transparent_in_the_project
         assert sum(h for _, h in seen) >= 30 and sum(not h for _, h in seen) >= 30, r["project"]
         assert all(c == white for c, h in seen if h), r["project"]  # hidden: transparent
         assert sum(c != white for c, h in seen if not h) >= 30, r["project"]  # the scene is drawn
+
+
+def test_a_scene_named_with_a_percent_escape_has_its_tiles_layer_in_qgis(tmp_path, scenes_dir, qgis_py):
+    """QGIS opened the GeoPackage of a folder named ``a%20b/`` as ``a b/`` (GDAL's read-only
+    SQLite URI unescapes it), so the tiles layer of its project was broken: ``%`` is kept out
+    of scene folder names, and an output folder with one in its path is warned of."""
+    scenes = tmp_path / "in"
+    scenes.mkdir()
+    shutil.copyfile(scenes_dir / "rio-cogeo" / "image_rgb.tif", scenes / "a%20b.tif")
+    fast = ("--tile-size", "256", "--units", "px", "--no-progress", "--no-quicklook")
+    res = invoke(["run", scenes, "-o", tmp_path / "out", *fast])
+    assert res.exit_code == 0 and "'%'" not in res.output, res.output
+    res = invoke(["collect", tmp_path / "out"])
+    assert res.exit_code == 0, res.output
+    projects = [tmp_path / "out" / "a_20b" / "a_20b.qgs", tmp_path / "out" / "collected" / "collected.qgs"]
+    rep = qgis(qgis_py, {"projects": [str(p) for p in projects]}, tmp_path)
+    for project in rep["projects"]:
+        tiles = [lyr for lyr in project["layers"] if lyr["name"].startswith("tiles")]
+        assert tiles and all(lyr["valid"] for lyr in tiles), project
+
+    res = invoke(["run", scenes, "-o", tmp_path / "out%41", *fast])
+    assert res.exit_code == 0, res.output
+    assert f"{tmp_path / 'out%41'}: QGIS cannot open the scenes' tiles.gpkg in a path with a '%'" in res.output

@@ -47,6 +47,9 @@ _RESERVED_RE = re.compile(r"report(-shard-.*)?\.json|collected")
 _DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
             | {f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"})
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
+# and in a scene folder's name '%': QGIS opens a GeoPackage read-only through an SQLite URI in
+# which GDAL (3.6 at least) escapes '?' and '#' but not '%', so "a%20b/tiles.gpkg" is looked for as "a b/"
+_SCENE_FORBIDDEN = _WINDOWS_FORBIDDEN | {"%"}
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -102,18 +105,19 @@ def with_tag(name: str, tag: str) -> str:
     return f"{_cut(name, MAX_NAME_BYTES - len(tag) - 1)}-{tag}"
 
 
-def folder_name(stem: str) -> str:
+def folder_name(stem: str, forbidden: set[str] = _SCENE_FORBIDDEN) -> str:
     """A scene's output folder name from its name (file stem, URL leaf, item id).
 
-    NFC-normalised; control characters, lone surrogates and characters Windows or macOS
-    forbid (``<>:"/\\|?*``) become ``_``; a leading ``.`` and trailing ``.`` or spaces
-    become ``_``; tilescan's own names (``report.json``, ``report-shard-*.json``,
-    ``collected``) and Windows device names (``CON``, ``com1.x``…) get a ``_`` after them;
+    NFC-normalised; control characters, lone surrogates, characters Windows or macOS
+    forbid (``<>:"/\\|?*``) and ``%`` (``forbidden``) become ``_``; a leading ``.`` and
+    trailing ``.`` or spaces become ``_``; tilescan's own names (``report.json``,
+    ``report-shard-*.json``, ``collected``) and Windows device names (``CON``, ``com1.x``…)
+    get a ``_`` after them;
     longer than :data:`MAX_NAME_BYTES` bytes, it is cut and tagged with a hash of ``stem``.
     Ordinary names are returned unchanged, and ``folder_name(folder_name(s)) == folder_name(s)``.
     """
     name = unicodedata.normalize("NFC", stem)
-    name = "".join("_" if c in _WINDOWS_FORBIDDEN or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") else c
+    name = "".join("_" if c in forbidden or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") else c
                    for c in name) or "_"
     if name[0] == ".":
         name = "_" + name[1:]
@@ -131,8 +135,8 @@ def folder_name(stem: str) -> str:
 
 def class_folder_name(name: str) -> str:
     """The folder a class's chips go in (``images/<class>/``): :func:`folder_name` with ``/``
-    and ``\\`` made ``_`` too (they would nest folders)."""
-    return folder_name(name.replace("/", "_").replace("\\", "_"))
+    and ``\\`` made ``_`` too (they would nest folders), and ``%`` kept (no GeoPackage goes there)."""
+    return folder_name(name.replace("/", "_").replace("\\", "_"), _WINDOWS_FORBIDDEN)
 
 
 def fold(name: str) -> str:

@@ -331,10 +331,12 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
-    if styles and not gpkg:
-        from .qgis import parquet_only_warning
+    from .qgis import parquet_only_warning, percent_warning
 
+    if styles and not gpkg:
         log(parquet_only_warning("collected.qgs"))
+    if gpkg and (said := percent_warning(dest, "the collected tiles.gpkg")):
+        log(said)
     say_models(scenes, log)
     try:
         stage.mkdir(parents=True)

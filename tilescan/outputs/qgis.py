@@ -255,6 +255,15 @@ def parquet_only_warning(what: str) -> str:
             "which every QGIS 3 opens")
 
 
+def percent_warning(folder: Path, what: str) -> str | None:
+    """The warning for GeoPackages written under a path with a ``%`` (``folder``), which QGIS
+    cannot open (GDAL's GeoPackage driver, as QGIS opens it, unescapes the path); else None."""
+    if "%" not in str(folder):
+        return None
+    return (f"warning: {folder}: QGIS cannot open {what} in a path with a '%' (GDAL takes '%XX' there for an "
+            "escaped character); the GeoParquet tables and rasters open; write to a folder whose path has no '%' for QGIS")
+
+
 def _tiles_layer(title: str, folder: Path, table: tuple[str, str | None], style, crs: Any, bounds,
                  subset: str | None = None, visible: bool = True) -> Layer:
     """A project's layer of a tile table (:func:`_table`'s, in ``folder``): styled by label,

@@ -22,7 +22,7 @@ from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, Model
 from ..log import catching_warnings, emit
 from ..model import LoadedModel, describe_model
 from ..outputs.finished import changed_settings
-from ..outputs.qgis import parquet_only_warning
+from ..outputs.qgis import parquet_only_warning, percent_warning
 from ..outputs.files import make_folder, write_error, write_json, write_json_in_place
 from ..outputs import fonts
 from ..scene import sources
@@ -190,6 +190,8 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         fonts.check_names(card.classes, log, "the quicklooks' legends")
     if cfg.output.styles and not cfg.output.gpkg:
         log(parquet_only_warning("the scenes' QGIS projects"))
+    if cfg.output.gpkg and (said := percent_warning(out, "the scenes' tiles.gpkg")):
+        log(said)
     _check_output_dir(out)
     report.held_by = _live_report_holder(out / layout.report_name(shard))
     if report.held_by is None:
