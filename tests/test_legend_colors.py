@@ -5,7 +5,6 @@ style made in QGIS, through train, run and collect, drawn by QGIS) and tests/tes
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
