@@ -900,7 +900,7 @@ def test_corrupt_or_foreign_model(case, bad_models, tmp_path, scenes_dir):
     out = tmp_path / "out"
     res = invoke(["run", scene(SMALL), "-o", out, "--model", bad_models[case]])
     assert res.exit_code == 5, res.output
-    assert f"tilescan: {bad_models[case]}: " in res.output and MODEL_CASES[case] in res.output
+    assert f"tilescan: error: {bad_models[case]}: " in res.output and MODEL_CASES[case] in res.output
     assert not (out / "cog_rgb").exists()
     if case in ("garbage_weights", "metadata_mismatch"):  # found when the model loads: the run's report says so
         rep = json.loads((out / "report.json").read_text())
@@ -933,7 +933,7 @@ def test_config_file_errors_name_key_and_file(case, tmp_path, tiny_model, scenes
     out = tmp_path / "out"
     res = invoke(["run", scene(SMALL), "-o", out, "--model", tiny_model, "--config", cfg])
     assert res.exit_code == 2, res.output
-    assert f"tilescan: {cfg}: " in res.output and message in res.output
+    assert f"tilescan: error: {cfg}: " in res.output and message in res.output
     assert not out.exists()
 
 
@@ -951,7 +951,7 @@ def test_missing_config_file(tmp_path, tiny_model, scenes_dir):
 def test_bad_environment_variable_is_named(var, value, message, tmp_path, tiny_model, scenes_dir):
     res = invoke(["run", scene(SMALL), "-o", tmp_path / "out", "--model", tiny_model], env={var: value})
     assert res.exit_code == 2, res.output
-    assert f"tilescan: environment variable {var}: {message}" in res.output
+    assert f"tilescan: error: environment variable {var}: {message}" in res.output
 
 
 def test_bad_flag_value_is_a_usage_error(tmp_path, tiny_model, scenes_dir):

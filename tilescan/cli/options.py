@@ -104,7 +104,7 @@ def _body(fn: Callable[[], Any]):
     try:
         return fn()
     except TilescanError as exc:
-        click.echo(f"tilescan: {exc}", err=True)
+        click.echo(f"tilescan: error: {exc}", err=True)  # "error:" as a scene's error lines
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, stop.Interrupted) as exc:
         name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
