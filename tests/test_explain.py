@@ -288,3 +288,15 @@ def test_a_tile_past_the_scenes_edge_is_drawn_pale_there(model_file, scene_path,
     assert "pale: no data, the model saw the data mirrored" in titles[0] and "pale" not in titles[1]
     # the maps' colour bar says what its ends mean
     assert any("each map divided by its own peak" in ax.get_xlabel() for ax in fig.axes[6:]), [a.get_xlabel() for a in fig.axes]
+
+
+def test_many_methods_are_drawn_two_lines_a_tile_not_one_long_row(model_file, image, tmp_path):
+    """Seven methods were 15 panels in one row (a 3,611 x 380 px figure): from three methods on,
+    each tile's heatmaps are drawn above their overlays, the original beside the heatmaps."""
+    methods = ["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam"]
+    (png,) = run_explain([str(image)], str(tmp_path / "seven"), str(model_file), methods=methods, **QUIET)
+    w, h = Image.open(png).size
+    assert w < 3 * h, (w, h)
+    (png,) = run_explain([str(image)], str(tmp_path / "one"), str(model_file), **QUIET)
+    w1, h1 = Image.open(png).size
+    assert w1 > 2 * h1, (w1, h1)  # one method: the study's row, original | heatmap | overlay

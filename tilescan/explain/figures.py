@@ -134,17 +134,20 @@ def _shaded(rgb: np.ndarray, outside_data_mask: np.ndarray | None) -> np.ndarray
 def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4,
                 warning: str | None = None):
     """The figure: one row per :class:`FigureRow`, columns original | heatmap | overlay
-    per method; ``warning`` in red under the tiles (labels outside the model's scale), so the
-    figure never travels without it. Returns the matplotlib Figure."""
+    per method; from three methods on, each row is two lines (heatmaps above their overlays)
+    so the figure stays readable, not 15 panels wide; ``warning`` in red under the tiles
+    (labels outside the model's scale), so the figure never travels without it. Returns the
+    matplotlib Figure."""
     if not rows:
         raise ValueError("nothing to draw")
-    n_cols = 1 + 2 * len(methods)
+    lines = 1 if len(methods) <= 2 else 2
+    n_cols = 1 + len(methods) * (3 - lines)
     head_in = (0.45 if suptitle else 0.0) + (0.35 if warning else 0.0)  # room for the title and the warning
-    height = cell_in * 1.12 * len(rows) + head_in + 0.55  # and the colour bar
+    height = cell_in * 1.12 * len(rows) * lines + head_in + 0.55  # and the colour bar
     fig = new_figure(cell_in * n_cols, height, layout="constrained")  # titles kept clear of the row above
-    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    axes = fig.subplots(len(rows) * lines, n_cols, squeeze=False)
     for r, row in enumerate(rows):
-        ax = axes[r, 0]
+        ax = axes[r * lines, 0]
         ax.imshow(_shaded(display_rgb(row.image), row.outside_data_mask), interpolation="nearest")
         pale = row.outside_data_mask is not None and row.outside_data_mask.any()
         ax.set_title(row.title + ("\n(pale: no data, the model saw the data mirrored)" if pale else ""), fontsize=9,
@@ -152,14 +155,19 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
         for m_i, m in enumerate(methods):
             cam = row.maps[m]
             name = row.map_titles.get(m, method_title(m))
-            ax_h, ax_o = axes[r, 1 + 2 * m_i], axes[r, 2 + 2 * m_i]
+            if lines == 1:
+                ax_h, ax_o = axes[r, 1 + 2 * m_i], axes[r, 2 + 2 * m_i]
+            else:
+                ax_h, ax_o = axes[2 * r, 1 + m_i], axes[2 * r + 1, 1 + m_i]
             ax_h.imshow(cam, cmap=HEATMAP_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax_h.set_title(name, fontsize=9)
             ax_o.imshow(_shaded(overlay(row.image, cam), row.outside_data_mask), interpolation="nearest")
             ax_o.set_title(f"{name} overlay", fontsize=9)
-        for ax in axes[r]:
+        for ax in axes[r * lines:(r + 1) * lines].ravel():
             ax.set_xticks([])
             ax.set_yticks([])
+        if lines == 2:
+            axes[2 * r + 1, 0].set_axis_off()  # under the original: nothing
     _colour_bar(fig, axes)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
@@ -331,8 +339,8 @@ def run_explain(
 ) -> list[Path]:
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 
-    ``methods``: CAM method names (:data:`tilescan.explain.cam.CAM_METHODS`), one heatmap + overlay
-    column pair each. ``layer``: CAM layer (default: the model's). ``target``: class name or
+    ``methods``: CAM method names (:data:`tilescan.explain.cam.CAM_METHODS`), a heatmap and its
+    overlay each (:func:`render_rows`). ``layer``: CAM layer (default: the model's). ``target``: class name or
     index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
