@@ -65,6 +65,9 @@ def renderer_info(layer) -> dict:
         out.update(min=r.classificationMin(), max=r.classificationMax(), band=r.band(),
                    ramp_type=int(fn.colorRampType()),
                    items=[{"value": i.value, "color": _color(i.color), "label": i.label} for i in fn.colorRampItemList()])
+        legend = fn.legendSettings()  # QGIS >= 3.18: the ramp drawn as one bar, its ends labelled (or not)
+        out["ramp_legend"] = {"continuous": legend.useContinuousLegend(), "min_label": legend.minimumLabel(),
+                              "max_label": legend.maximumLabel()}
     elif t == "paletted":
         out.update(band=r.band(), classes=[{"value": c.value, "color": _color(c.color), "label": c.label}
                                            for c in r.classes()])

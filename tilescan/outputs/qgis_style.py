@@ -327,6 +327,11 @@ def _min_max_origin(parent: ET.Element, limits: str = "None") -> None:
     _el(m, "stdDevFactor", "2")
 
 
+#: What the heatmap legend's ends say (each tile's map is divided by its own peak).
+HEAT_MIN_LABEL = "0: no evidence for the tile's label"
+HEAT_MAX_LABEL = "1: the strongest in its tile (each tile 0-1)"
+
+
 def _heatmap_renderer(parent: ET.Element) -> None:
     r = _el(parent, "rasterrenderer", type="singlebandpseudocolor", band="1", opacity="1", alphaBand="-1",
             classificationMin="0", classificationMax="1", nodataColor="")
@@ -338,9 +343,12 @@ def _heatmap_renderer(parent: ET.Element) -> None:
     stops = ":".join(f"{v:g};{_rgb(c, a)}" for v, c, a in _JET[1:-1])
     _options(ramp, {"color1": _rgb(_JET[0][1], _JET[0][2]), "color2": _rgb(_JET[-1][1], _JET[-1][2]),
                     "discrete": "0", "rampType": "gradient", "stops": stops})
-    ends = {0.0: "0: no evidence for the tile's label", 1.0: "1: the strongest in its tile (each tile 0-1)"}
+    ends = {0.0: HEAT_MIN_LABEL, 1.0: HEAT_MAX_LABEL}
     for v, c, a in _JET:  # the legend says what the ends mean: each tile's map is divided by its own peak
         _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=ends.get(v, f"{v:g}"))
+    # QGIS >= 3.18 draws the ramp as one bar, without the items' labels: its ends are labelled here
+    _el(shader, "rampLegendSettings", minimumLabel=HEAT_MIN_LABEL, maximumLabel=HEAT_MAX_LABEL, prefix="", suffix="",
+        direction="0", orientation="2", useContinuousLegend="1")
 
 
 def _paletted_renderer(parent: ET.Element, classes: Sequence[str], present: Sequence[int],
