@@ -378,8 +378,13 @@ def test_what_an_alpha_band_or_internal_mask_hides_is_transparent_in_the_project
     projects = [out / "RGBA.byte" / "RGBA.byte.qgs", out / "masked" / "masked.qgs", out / "collected" / "collected.qgs"]
     shown = (["scene"], ["scene"], ["scene RGBA.byte", "scene masked"])  # collected: both scenes, named
     spec = {"renders": [{"project": str(p), "size": [791, 718], "points": points, "layers": layers}
-                        for p, layers in zip(projects, shown)]}
+                        for p, layers in zip(projects, shown)], "projects": [str(p) for p in projects]}
     rep = qgis(qgis_py, spec, tmp_path)
+    # a 300 m scene: its labels are outside the model's scale, and the layers QGIS lists say so
+    flag = " (labels not meaningful at this scale)"
+    assert {lyr["name"] for lyr in rep["projects"][0]["layers"]} == {"tiles" + flag, "heatmap", "labels" + flag, "scene"}
+    collected = {lyr["name"]: lyr["group"] for lyr in rep["projects"][2]["layers"]}
+    assert collected["tiles RGBA.byte" + flag] == collected["labels RGBA.byte" + flag] == "RGBA.byte" + flag
     white = [255, 255, 255, 255]
     for r, layers in zip(rep["renders"], shown):
         assert r["errors"] == [] and r["layers"] == layers, r

@@ -264,6 +264,18 @@ def percent_warning(folder: Path, what: str) -> str | None:
             "escaped character); the GeoParquet tables and rasters open; write to a folder whose path has no '%' for QGIS")
 
 
+#: What a layer's name adds when its labels are outside the model's scale (run.json's
+#: ``tiling.scale``): the warning must show where the labels are looked at, not only in run.json.
+SCALE_FLAGS = {"coarser": "labels not meaningful at this scale", "finer": "labels not meaningful at this scale",
+               "unknown": "scale unknown: labels not checked"}
+
+
+def flagged(name: str, scale_check: str | None) -> str:
+    """``name`` with the scale's flag after it (:data:`SCALE_FLAGS`), or as it is."""
+    flag = SCALE_FLAGS.get(scale_check or "")
+    return f"{name} ({flag})" if flag else name
+
+
 def _tiles_layer(title: str, folder: Path, table: tuple[str, str | None], style, crs: Any, bounds,
                  subset: str | None = None, visible: bool = True) -> Layer:
     """A project's layer of a tile table (:func:`_table`'s, in ``folder``): styled by label,
@@ -288,7 +300,7 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
                       bands: Sequence[int] = (1, 2, 3), scale: Sequence[Sequence[float]] | None = None,
                       nodata: float | None = None, nodata_from: str = "file", alpha: int | None = None,
                       project: str | None = None, location: str | os.PathLike | None = None,
-                      colors: Sequence[Sequence[int]] | None = None) -> list[Path]:
+                      colors: Sequence[Sequence[int]] | None = None, scale_check: str | None = None) -> list[Path]:
     """Write the styles of the outputs in ``folder`` (``heatmap.qml``, ``labels.qml``,
     ``tiles.qml``, each only when its output is there) and, when ``project`` is a name,
     the project ``<project>.qgs`` with the scene (if its file exists), labels, heatmap and
@@ -297,7 +309,9 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
     extent in ``crs``; ``bands`` and ``scale`` the scene bands and their stretch (lo, hi)
     as the model read them, ``nodata`` and ``nodata_from`` its nodata and where that came from,
     ``alpha`` the band QGIS shows as its transparency (:func:`_scene_layer`), ``colors`` the
-    classes' colours (the model's legend; default the palette). Returns the files written."""
+    classes' colours (the model's legend; default the palette), ``scale_check`` run.json's
+    ``tiling.scale`` (the tiles and labels layers say when it is off, :func:`flagged`).
+    Returns the files written."""
     folder = Path(folder)
     classes, present = tuple(str(c) for c in classes), tuple(sorted({int(i) for i in present}))
     colors = _colors(colors)
@@ -316,13 +330,13 @@ def write_scene_files(folder: str | os.PathLike, *, classes: Sequence[str], pres
     if project:
         layers = []
         if table is not None:
-            layers.append(_tiles_layer("tiles", folder, table, styles["tiles"], crs, bounds))
+            layers.append(_tiles_layer(flagged("tiles", scale_check), folder, table, styles["tiles"], crs, bounds))
         if "heatmap" in styles:
             layers.append(Layer("heatmap", str(folder / "heatmap.tif"), "raster", styles["heatmap"], crs=crs,
                                 bounds=bounds, visible=False))
         if "labels" in styles:
-            layers.append(Layer("labels", str(folder / "labels.tif"), "raster", styles["labels"], crs=crs,
-                                bounds=bounds, visible=False))
+            layers.append(Layer(flagged("labels", scale_check), str(folder / "labels.tif"), "raster", styles["labels"],
+                                crs=crs, bounds=bounds, visible=False))
         scene_layer = _scene_layer(scene, crs, bounds, bands, scale, nodata, nodata_from, alpha)
         if scene_layer is not None:
             layers.append(scene_layer)
@@ -389,10 +403,11 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     for s in scenes.values():
         mine = tuple(sorted(of_scene.get(s["name"], ())))
         members = [] if table is None or not mine else [
-            tiles_layer(f"tiles {s['name']}", mine, subset="\"scene\" = '" + s["name"].replace("'", "''") + "'")]
+            tiles_layer(flagged(f"tiles {s['name']}", s["scale_check"]), mine,
+                        subset="\"scene\" = '" + s["name"].replace("'", "''") + "'")]
         members += _scene_group(s, classes, mine or present, colors, bounds)
         if members:
-            groups.append((s["name"], members))
+            groups.append((flagged(s["name"], s["scale_check"]), members))
     written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
                                  groups=groups, location=where))
     return written
@@ -419,6 +434,7 @@ def _collected_scenes(units: Sequence[tuple[str, str | os.PathLike, dict]]) -> d
                                            "crs": info.get("crs"),
                                            "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
                                            "scale": info.get("scale"), "units": [],
+                                           "scale_check": (m.get("tiling") or {}).get("scale"),
                                            "nodata": info.get("nodata"),
                                            "nodata_from": info.get("nodata_from", "file"),
                                            "alpha": qgis_alpha_band(info.get("count"), info.get("alpha_band"),
@@ -437,7 +453,7 @@ def _scene_group(s: dict, classes: tuple[str, ...], shown: tuple[int, ...], colo
             members.append(Layer(f"heatmap {tag}", str(u / "heatmap.tif"), "raster", memo_style("heatmap"),
                                  crs=s["crs"], bounds=s["bounds"], visible=False))
         if (u / "labels.tif").exists():
-            members.append(Layer(f"labels {tag}", str(u / "labels.tif"), "raster",
+            members.append(Layer(flagged(f"labels {tag}", s["scale_check"]), str(u / "labels.tif"), "raster",
                                  memo_style("labels", classes, shown, colors),
                                  crs=s["crs"], bounds=s["bounds"], visible=False))
     scene_layer = _scene_layer(s["path"], s["crs"], s["bounds"] or bounds, s["bands"] or (1, 2, 3), s["scale"],

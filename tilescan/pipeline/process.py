@@ -392,7 +392,8 @@ def _write_outputs(job: UnitJob) -> None:
                bounds=array_bounds(info.height, info.width, transform), scene=unit.scene,
                bands=reader.bands, scale=reader.scale, nodata=info.nodata, nodata_from=info.nodata_from,
                alpha=qgis_alpha_band(info.count, info.alpha_band, reader.internal_mask),
-               location=job.final, project=unit.name if unit.part is None else None, colors=colors)
+               location=job.final, project=unit.name if unit.part is None else None, colors=colors,
+               scale_check=reader.plan.scale)
 
 
 def warm_writers(cfg: Config) -> None:
