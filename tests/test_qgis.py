@@ -294,8 +294,9 @@ def test_collect_project_opens(made, report):
 def test_collected_project_of_one_place_in_two_years_keeps_each_years_tiles_in_its_group(tmp_path, scenes_dir,
                                                                                          qgis_py):
     """Two years of one NAIP quarter quad collected: each scene's group holds its own tiles
-    (the table filtered to it), legends of its own classes, layers named with it; and the
-    scenes, on a store apart from OUT, are found by absolute paths once OUT moves alone."""
+    (the table filtered to it), legends of its own classes, layers named with it, the later
+    year switched off; and the scenes, on a store apart from OUT, are found by absolute paths
+    once OUT moves alone."""
     years = ("20100629", "20190904")
     out = tmp_path / "work" / "out"
     res = invoke(["run", *(scenes_dir / f"opengeos-naip/m_4709963_se_14_1_{y}.tif" for y in years), "-o", out,
@@ -321,6 +322,16 @@ def test_collected_project_of_one_place_in_two_years_keeps_each_years_tiles_in_i
         assert by_name[(stem, f"scene {stem}")]["valid"]
         total += table.num_rows
     assert by_name[(None, "tiles")]["features"] == total and not by_name[(None, "tiles")]["visible"]
+    # one place: the first year's group is shown, the other's starts switched off, so their tiles
+    # past the scene's edge (no scene covers them) do not blend into colours of no class
+    first, second = (f"m_4709963_se_14_1_{y}" for y in years)
+    assert by_name[(first, f"tiles {first}")]["visible"] and by_name[(first, f"scene {first}")]["visible"]
+    assert not by_name[(second, f"tiles {second}")]["visible"] and not by_name[(second, f"scene {second}")]["visible"]
+    # the view holds the whole scenes, their unlabelled east edge too, not only the tiles
+    with rasterio.open(scenes_dir / f"opengeos-naip/{first}.tif") as ds:
+        left, bottom, right, top = ds.bounds
+    x0, y0, x1, y1 = p["view_extent"]
+    assert x0 <= left and y0 <= bottom and x1 >= right and y1 >= top, (p["view_extent"], ds.bounds)
 
 
 def test_qgis_draws_the_class_colours_at_tile_centres(made, report):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 from xml.etree import ElementTree as ET
 
 from .files import atomic_output
@@ -137,14 +137,16 @@ def _maplayer(parent: ET.Element, layer: Layer, lid: str, source: str) -> None:
 
 def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
                   layers: Sequence[Layer] | None = None, groups: Sequence[tuple[str, Sequence[Layer]]] = (),
-                  location: str | os.PathLike | None = None) -> Path:
+                  location: str | os.PathLike | None = None, hidden: Collection[str] = ()) -> Path:
     """Write a QGIS project (.qgs) holding ``layers`` (top first) and then ``groups`` of
-    layers, the map in ``crs`` zoomed to ``bounds`` (xmin, ymin, xmax, ymax in ``crs``).
+    layers (those named in ``hidden`` switched off), the map in ``crs`` zoomed to ``bounds``
+    (xmin, ymin, xmax, ymax in ``crs``).
 
     File paths are stored relative to ``location`` (the folder the project will live in;
     default: ``path``'s folder), so a project written in a staging folder is right once
     moved into place. Written atomically."""
-    root = _project_tree(path, title=title, crs=crs, bounds=bounds, layers=layers, groups=groups, location=location)
+    root = _project_tree(path, title=title, crs=crs, bounds=bounds, layers=layers, groups=groups, location=location,
+                         hidden=hidden)
     data = _to_bytes(root)
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
@@ -153,7 +155,7 @@ def write_project(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 
 def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequence[float],
                   layers: Sequence[Layer] | None, groups: Sequence[tuple[str, Sequence[Layer]]],
-                  location: str | os.PathLike | None) -> ET.Element:
+                  location: str | os.PathLike | None, hidden: Collection[str] = ()) -> ET.Element:
     """The document :func:`write_project` writes."""
     project_dir = Path(os.path.abspath(location if location is not None else Path(path).parent))
     root = _el(None, "qgis", projectname=title, version=QGIS_VERSION)
@@ -168,7 +170,8 @@ def _project_tree(path: str | os.PathLike, *, title: str, crs: Any, bounds: Sequ
 
     def node_of(group: str | None) -> ET.Element:  # made when first used: the top layers come first, drawn on top
         if group not in nodes:
-            nodes[group] = _el(tree, "layer-tree-group", name=group, checked="Qt::Checked", expanded="1")
+            nodes[group] = _el(tree, "layer-tree-group", name=group, expanded="1",
+                               checked="Qt::Unchecked" if group in hidden else "Qt::Checked")
             _el(nodes[group], "customproperties")
         return nodes[group]
     canvas = _el(root, "mapcanvas", name="theMapCanvas", annotationsVisible="1")
@@ -408,9 +411,48 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
         members += _scene_group(s, classes, mine or present, colors, bounds)
         if members:
             groups.append((flagged(s["name"], s["scale_check"]), members))
+    repeats = _repeats(list(scenes.values()))
     written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
-                                 groups=groups, location=where))
+                                 groups=groups, location=where,
+                                 hidden={flagged(s["name"], s["scale_check"]) for s in repeats}))
     return written
+
+
+def _repeats(scenes: Sequence[dict]) -> list[dict]:
+    """The scenes whose box lies mostly (over half of it) on the box of an earlier scene that is
+    shown: one place in other years. Their groups start switched off, so their tiles past the
+    scene's edge, where no scene covers them, do not blend with the shown year's colours."""
+    boxes = [_lonlat_box(s) for s in scenes]
+    shown: list = []
+    repeats = []
+    for s, box in zip(scenes, boxes):
+        if box is not None and any(_overlap(box, other) > 0.5 * _area(box) for other in shown):
+            repeats.append(s)
+        elif box is not None:
+            shown.append(box)
+    return repeats
+
+
+def _lonlat_box(s: dict) -> tuple[float, float, float, float] | None:
+    """A scene's box in longitude/latitude, None where unknown or across 180 degrees."""
+    import pyproj
+
+    crs = pyproj_crs(s.get("crs"))
+    if crs is None or not s.get("bounds"):
+        return None
+    try:
+        box = pyproj.Transformer.from_crs(crs, "OGC:CRS84", always_xy=True).transform_bounds(*s["bounds"])
+    except pyproj.exceptions.ProjError:
+        return None
+    return box if box[0] < box[2] and box[1] < box[3] else None
+
+
+def _area(b: Sequence[float]) -> float:
+    return (b[2] - b[0]) * (b[3] - b[1])
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _classes_of_scenes(parquet: Path, classes: Sequence[str]) -> dict[str, set[int]]:
@@ -496,14 +538,16 @@ def _grid_bounds(info: dict) -> tuple[float, float, float, float] | None:
 
 
 def _project_bounds(crs: Any, bounds_lonlat: Sequence[float] | None, scenes: Sequence[dict]) -> Sequence[float]:
-    """The map extent in ``crs``: the collected tiles' lon/lat box transformed, else the
-    scenes' boxes."""
+    """The map extent in ``crs``: the collected tiles' lon/lat box transformed, with the boxes
+    of the scenes in ``crs`` (a scene's unlabelled edge is in view too); without the tiles' box,
+    every scene's box."""
     import pyproj
 
+    boxes = [s["bounds"] for s in scenes if s.get("bounds")]
     if bounds_lonlat is not None and pyproj_crs(crs) is not None:
         t = pyproj.Transformer.from_crs("OGC:CRS84", pyproj_crs(crs), always_xy=True)
-        return t.transform_bounds(*bounds_lonlat)
-    boxes = [s["bounds"] for s in scenes if s.get("bounds")]
+        boxes = [t.transform_bounds(*bounds_lonlat)] + [s["bounds"] for s in scenes
+                                                         if s.get("bounds") and str(s["crs"]) == str(crs)]
     if not boxes:
         return (0.0, 0.0, 1.0, 1.0)
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
