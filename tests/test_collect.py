@@ -48,6 +48,7 @@ def test_one_geoparquet_table_with_every_tile(ref):
     assert ids == {own["model_id"]} and "model_ids" not in own and own["scenes"] == sorted(bh.UNITS)
     # dictionary pages on the name columns only (on numbers they made the table larger)
     f = pq.ParquetFile(path)
+    assert f.num_row_groups == 1  # the scenes' rows gathered, not a row group per scene (a footer per chip)
     rg = f.metadata.row_group(0)
     names = {c.name for c in f.schema_arrow if pa.types.is_string(c.type) or pa.types.is_dictionary(c.type)}
     assert {"scene", "unit", "label"} <= names

@@ -381,9 +381,14 @@ def _scene_tables(sc: _Scene, reproject: _Reprojector) -> list[tuple[_Unit, pa.T
 class _TableWriter:
     """The collected GeoParquet table, written unit by unit: one schema, one model's classes, the union of the bounds."""
 
+    # rows of a row group: units are gathered to it (a group per 16-tile chip made the footer most of the file)
+    GROUP_ROWS = 65536
+
     def __init__(self, path: Path):
         self.path = path
         self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []  # units' rows not yet written, fewer than GROUP_ROWS
+        self.pending_rows = 0
         self.schema: pa.Schema | None = None
         self.classes: list[str] | None = None
         self.colors: list[str] | None = None  # the first unit's model's own legend colours, where one has them
@@ -410,7 +415,10 @@ class _TableWriter:
             self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd", store_schema=False,
                                            use_dictionary=dictionary_columns(self.schema))
         t = t.select(self.schema.names).cast(self.schema)
-        self.writer.write_table(t, row_group_size=65536)
+        self.pending.append(t)
+        self.pending_rows += t.num_rows
+        if self.pending_rows >= self.GROUP_ROWS:
+            self._flush()
         self.total += t.num_rows
         self.antimeridian += info["antimeridian"]
         b = info["bounds"]
@@ -420,9 +428,17 @@ class _TableWriter:
                                                           max(bounds[2], b[2]), max(bounds[3], b[3])]
         return t
 
+    def _flush(self) -> None:
+        """Write the gathered units' rows (row groups of GROUP_ROWS)."""
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.GROUP_ROWS)
+            self.pending, self.pending_rows = [], 0
+
     def write_metadata(self, scene_info: dict[str, dict]) -> None:
-        """The ``geo`` metadata and tilescan's (classes, tile count, scenes, their model ids, scale warnings)."""
+        """The rows still gathered, then the ``geo`` metadata and tilescan's (classes, tile count,
+        scenes, their model ids, scale warnings)."""
         assert self.writer is not None and self.classes is not None
+        self._flush()
         own = {"classes": self.classes, "n_tiles": self.total, "crs_note": "geometry is OGC:CRS84; "
                "geometry_native and cam_peak_x/y are in each row's crs (cam_peak_lon/lat: the peak in OGC:CRS84)",
                "scenes": sorted(scene_info)}
