@@ -556,3 +556,26 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
     notes.clear()
     run_collect(out, gpkg=False, log=notes.append)
     assert not any("listed different scenes" in n for n in notes), notes
+
+
+def test_over_so_many_scenes_the_collected_project_is_one_tiles_layer(ref, tmp_path, monkeypatch):
+    """545 chips made a collected.qgs of 2,174 layers (a group per scene) that QGIS took nearly
+    a minute to open: over MAX_SCENE_GROUPS scenes it holds every tile as one layer, shown."""
+    import xml.etree.ElementTree as ET
+
+    from tilescan.outputs import qgis
+
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected"))
+    monkeypatch.setattr(qgis, "MAX_SCENE_GROUPS", len(bh.UNITS) - 1)
+    notes: list[str] = []
+    run_collect(out, log=notes.append)
+    tree = ET.parse(out / "collected" / "collected.qgs").find("layer-tree-group")
+    assert tree.findall("layer-tree-group") == []  # no group per scene
+    (tiles,) = tree.findall("layer-tree-layer")
+    assert tiles.get("name") == "tiles" and tiles.get("checked") == "Qt::Checked"
+    assert any(f"{len(bh.UNITS)} scenes: collected.qgs holds their tiles as one layer" in n for n in notes), notes
+    monkeypatch.setattr(qgis, "MAX_SCENE_GROUPS", len(bh.UNITS))  # as many as that: a group each
+    run_collect(out, log=quiet)
+    tree = ET.parse(out / "collected" / "collected.qgs").find("layer-tree-group")
+    assert len(tree.findall("layer-tree-group")) == len(bh.UNITS)

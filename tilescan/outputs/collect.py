@@ -342,8 +342,12 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         stage.mkdir(parents=True)
         summary = _build(scenes, skipped, stage, gpkg, log, run_failed)
         if styles:  # a style for the table and a QGIS project with every scene's layers
-            from .qgis import write_collect_files
+            from .qgis import MAX_SCENE_GROUPS, write_collect_files
 
+            if len(summary["scenes"]) > MAX_SCENE_GROUPS:
+                log(f"collect: {len(summary['scenes'])} scenes: collected.qgs holds their tiles as one layer, without "
+                    f"a group per scene (over {MAX_SCENE_GROUPS} groups make it slow to open in QGIS); each scene's "
+                    "own project is in its folder")
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
                                               if sc.name in summary["scenes"]])  # not those left out
         _swap_into_place(stage, dest, log)
