@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import rasterio
 import rasterio.windows
@@ -25,6 +27,7 @@ from tilescan.scene import scaling as scaling_module
 from tilescan.scene.plan import open_scene
 from tilescan.scene.reader import mirror_outside_data
 from tilescan.scene.scaling import SCALE_CHUNK_BYTES
+from conftest import invoke
 
 RGB_BYTE = "rasterio/RGB.byte.tif"
 RGBA_BYTE = "rasterio/RGBA.byte.tif"
@@ -772,3 +775,48 @@ def test_histogram_percentiles_are_numpys_floats():
         v = rng.normal(0, 900, n).clip(np.iinfo(dt).min, np.iinfo(dt).max).astype(dt)
         want, got = np.percentile(v, (2, 98)), _percentiles(v, (2, 98))
         assert got.dtype == want.dtype and np.array_equal(got, want), (dt, n, want, got)
+
+
+def _landsat_chips(folder: Path, landsat: Path) -> dict[str, tuple[int, int]]:
+    """Three 512 px chips of the real 16-bit Landsat scene that overlap by half (pre-tiled
+    imagery), each with its own georeferencing; name -> (col, row) of its corner in the scene."""
+    corners = {"a": (768, 768), "b": (1024, 768), "c": (768, 1024)}
+    folder.mkdir()
+    with rasterio.open(landsat) as ds:
+        for name, (c, r) in corners.items():
+            w = Window(c, r, 512, 512)
+            with rasterio.open(folder / f"{name}.tif", "w", **{**ds.profile, "width": 512, "height": 512,
+                                                              "transform": ds.window_transform(w)}) as out:
+                out.write(ds.read(window=w))
+    return corners
+
+
+def test_a_fixed_value_range_gives_one_place_one_label_whichever_chip_holds_it(tmp_path, scene_path):
+    """16-bit chips are stretched each by its own percentiles: the same ground got other labels
+    in each overlapping chip. scaling = "range" stretches every scene alike: same pixels, same
+    probabilities; outside it, a clear configuration error."""
+    corners = _landsat_chips(tmp_path / "chips", scene_path(LANDSAT))
+    cfg = tmp_path / "range.toml"
+    cfg.write_text('[tiling]\nscaling = "range"\nvalue_range = [6000, 11000]\n')
+    for name, extra in (("auto", []), ("range", ["--config", cfg])):
+        res = invoke(["run", tmp_path / "chips", "-o", tmp_path / name, "--no-quicklook", "--no-gpkg", "--no-styles",
+                      "--no-progress", *extra])
+        assert res.exit_code == 0, res.output
+    scales = {n: json.loads((tmp_path / "auto" / n / "run.json").read_text())["scene_info"]["scale"] for n in corners}
+    assert len({json.dumps(s) for s in scales.values()}) == 3  # the percentile stretch: one per chip
+    seen: dict[tuple[int, int], list] = {}
+    for n, (c0, r0) in corners.items():
+        assert json.loads((tmp_path / "range" / n / "run.json").read_text())["scene_info"]["scale"] == [[6000, 11000]] * 3
+        for row in pq.read_table(tmp_path / "range" / n / "tiles.parquet").to_pylist():
+            seen.setdefault((c0 + row["col_off"], r0 + row["row_off"]), []).append(row["probabilities"])
+    shared = [p for p in seen.values() if len(p) > 1]
+    assert len(shared) == 12 and all(np.allclose(p[0], q, atol=1e-5) for p in shared for q in p[1:])
+
+    for toml, said in (('scaling = "range"', "[tiling] value_range: scaling = range needs it"),
+                       ("value_range = [0, 1]", "[tiling] value_range: is used only with scaling = range"),
+                       ('scaling = "range"\nvalue_range = [5, 1]', "need pairs of low < high"),
+                       ('scaling = "range"\nvalue_range = [0, 1, 0, 2]', "gives 2 low/high pairs, but the model takes 3")):
+        cfg.write_text(f"[tiling]\n{toml}\n")
+        res = invoke(["run", tmp_path / "chips", "-o", tmp_path / "bad", "--config", cfg, "--no-progress"])
+        assert res.exit_code == 2 and said in res.output, res.output
+    assert not (tmp_path / "bad").exists()

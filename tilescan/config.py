@@ -18,7 +18,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from .errors import ConfigError
 
@@ -85,10 +85,13 @@ class TilingConfig(_Section):
     """1-based band indexes fed to the model in its band order; empty = auto
     (first 3 bands, or the RGB bands named by the file's colour interpretation)."""
     scaling: str = "auto"
-    """``auto`` (uint8 → /255, others → percentile stretch), ``dtype`` (divide by the
-    dtype maximum), ``percentile``, or ``none`` (values are already 0..1)."""
+    """``auto`` (uint8 → /255, others → percentile stretch), ``dtype`` (divide by the dtype
+    maximum), ``percentile``, ``range`` (``value_range``), or ``none`` (values are 0..1)."""
     percentiles: tuple[float, float] = (2.0, 98.0)
     """Low/high percentiles of the per-band stretch (computed once per scene)."""
+    value_range: tuple[float, ...] = ()
+    """With ``scaling = "range"``: the values stretched to 0 and 1, ``[low, high]`` or a pair per
+    model band; one stretch for all scenes (16-bit chips stretched each alone label alike ground apart)."""
     resample_to_gsd: bool = False
     """Resample tiles so their ground sample distance matches the model's native GSD."""
     allow_pixel_space: bool = False
@@ -241,7 +244,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 _CHOICES = {
     ("tiling", "units"): {"auto", "px", "m"},
-    ("tiling", "scaling"): {"auto", "dtype", "percentile", "none"},
+    ("tiling", "scaling"): {"auto", "dtype", "percentile", "range", "none"},
     ("inference", "jit_compile"): {"auto", "true", "false"},
     ("inference", "precision"): {"auto", "float32", "bf16"},
     ("inference", "pipeline"): {"auto", "lockstep", "overlap"},
@@ -340,6 +343,8 @@ def output_shaping(config: dict) -> dict:
     tiling = dict(config.get("tiling") or {})
     if not nodata_setting(tiling.get("nodata", "file"))[0]:
         tiling.pop("nodata", None)
+    if not tiling.get("value_range"):  # nor an unset range (outputs before it resume)
+        tiling.pop("value_range", None)
     shaping = {"tiling": tiling, "cam": config.get("cam"),
                "output": {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}}
     precision = (config.get("inference") or {}).get("precision", "float32")
@@ -374,6 +379,17 @@ def _number(text: str) -> float:
         return float(text.strip())
     except ValueError:
         return float("nan")
+
+
+def _check_value_range(t: TilingConfig, fail: Callable[[str, str, str], None]) -> None:
+    """``[tiling] value_range``: pairs of low < high, given with ``scaling = "range"`` and only then."""
+    if t.scaling == "range" and not t.value_range:
+        fail("tiling", "value_range", "scaling = range needs it: [low, high], or a pair per model band")
+    if t.value_range and t.scaling != "range":
+        fail("tiling", "value_range", f"is used only with scaling = range, not {t.scaling!r}: set both")
+    pairs = list(zip(t.value_range[::2], t.value_range[1::2]))
+    if len(t.value_range) % 2 or any(not lo < hi for lo, hi in pairs):
+        fail("tiling", "value_range", f"need pairs of low < high, got {list(t.value_range)}")
 
 
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
@@ -420,6 +436,7 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
     lo, hi = t.percentiles
     if not 0.0 <= lo < hi <= 100.0:
         fail("tiling", "percentiles", f"need 0 <= low < high <= 100, got {list(t.percentiles)}")
+    _check_value_range(t, fail)
     i = cfg.inference
     if i.batch_size < 1:
         fail("inference", "batch_size", f"must be >= 1, got {i.batch_size}")

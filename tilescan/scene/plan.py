@@ -88,9 +88,13 @@ def band_warning(info: SceneInfo, bands: Sequence[int], model_band_names: Sequen
 
 
 def check_band_count(cfg: TilingConfig, model_bands: int) -> None:
-    """Refuse ``bands`` of another length than the model's inputs (every scene would fail alike)."""
+    """Refuse ``bands``, or ``value_range`` pairs, of another count than the model's inputs
+    (every scene would fail alike)."""
     if cfg.bands and len(cfg.bands) != model_bands:
         raise ConfigError(f"{cfg.origin('bands')} lists {len(cfg.bands)} band(s), but the model expects {model_bands}")
+    if len(cfg.value_range) not in (0, 2, 2 * model_bands):
+        raise ConfigError(f"{cfg.origin('value_range')} gives {len(cfg.value_range) // 2} low/high pairs, but the "
+                          f"model takes {model_bands} band(s): give one pair for all, or one per band")
 
 
 def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
@@ -371,6 +375,10 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     _hint_undeclared_fill(reader, data, valid)
     if mode == "none":
         return [(0.0, 1.0)] * n
+    if mode == "range":  # the user's stretch, the same for every scene
+        check_band_count(cfg, n)
+        pairs = list(zip(cfg.value_range[::2], cfg.value_range[1::2]))
+        return pairs * n if len(pairs) == 1 else pairs
     if mode == "dtype":
         if np.issubdtype(dtype, np.integer):
             return [(0.0, float(np.iinfo(dtype).max))] * n
