@@ -313,6 +313,26 @@ def test_collect_names_the_scenes_that_failed_in_the_run(batch, tmp_path):
     assert len(summary["scenes"]) == len(batch["good"]) - 2
 
 
+def test_collect_require_complete_exits_3_while_the_run_left_scenes_out(tmp_path, tiny_model):
+    """A pipeline step "collect, then publish" must not publish half a batch: with
+    --require-complete, collect still writes the set but exits 3 while the latest run's failed
+    scenes are missing from it; once the run has every scene, 0."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    scenes.mkdir()
+    good = write_like(scene(AERIAL), scenes / "a.tif", window=Window(0, 0, 256, 256))
+    (scenes / "b.tif").write_bytes(good.read_bytes()[:4000])  # truncated
+    args = ["-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"]
+    assert invoke(["run", scenes, *args]).exit_code == 3
+    assert invoke(["collect", out, "--no-gpkg", "--no-styles"]).exit_code == 0  # without it: as before
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
+    assert res.exit_code == 3, res.output
+    assert "--require-complete: the collected set is not the whole batch: 1 scene(s) failed in the run" in res.output
+    assert sorted(json.loads((out / "collected" / "summary.json").read_text())["scenes"]) == ["a"]  # still written
+    (scenes / "b.tif").unlink()
+    assert invoke(["run", scenes, *args]).exit_code == 0
+    assert invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"]).exit_code == 0
+
+
 def test_collect_says_which_scenes_it_takes_from_an_earlier_run(tmp_path, tiny_model):
     """A scene file replaced by another image after its run: the rerun refuses to touch its
     outputs (exit 3); collect still gathers them, as the only outputs of that scene, but names

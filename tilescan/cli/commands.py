@@ -13,6 +13,7 @@ import click
 import tilescan
 
 from .. import stop
+from ..errors import EXIT_PARTIAL
 
 from .options import (
     OutPath,
@@ -408,14 +409,23 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
 @click.option("--gpkg/--no-gpkg", default=True, show_default=True, help="Also write a GeoPackage copy.")
 @click.option("--styles/--no-styles", default=True, show_default=True,
               help="Write a QGIS style for the table and a QGIS project (collected.qgs).")
+@click.option("--require-complete", is_flag=True,
+              help="Exit 3 (the set still written) when the latest run failed scenes or left work undone that are "
+                   "not in the collected set: for a step that must publish only a whole batch.")
 @_verbosity
 @click.pass_obj
-def collect(obj: _Ctx, out, gpkg, styles) -> None:
+def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
     """Join the per-scene and per-shard tables of OUT into one GeoParquet dataset
     (OUT/collected/), a GeoPackage copy, a per-class summary and a QGIS project."""
 
     def body():
-        tilescan.collect(out, gpkg=gpkg, styles=styles)
+        summary = tilescan.collect(out, gpkg=gpkg, styles=styles)
+        failed, undone = summary["failed_in_run"], summary["unfinished_in_run"]
+        if require_complete and (failed or undone):
+            obj.log(f"error: collect: --require-complete: the collected set is not the whole batch: {len(failed)} "
+                    f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone (summary.json's "
+                    "failed_in_run, unfinished_in_run)")
+            return EXIT_PARTIAL
         return 0
 
     _guard(body)
