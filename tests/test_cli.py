@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -453,6 +454,31 @@ def test_verbosity_flags_before_and_after_the_command(tmp_path, scene_path):
     assert r.exit_code == 0 and "done: 0 written, 1 already complete" in r.output
     r = invoke(["-v", "run", scene, "-o", out, *FAST, "-qq"])
     assert r.exit_code == 0 and "done:" not in r.output
+
+
+def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path, scene_path):
+    """Pre-tiled chips of one sensor printed the same warning once per chip (272 lines in a
+    cron log): alike but for the scene it names, it is printed FOLD_AFTER times and then
+    counted in one line at the end; -v prints each; a rerun names no skipped scene without -v."""
+    from tilescan.cli.options import FOLD_AFTER
+
+    scenes = tmp_path / "in"
+    scenes.mkdir()
+    for i in range(FOLD_AFTER + 2):
+        shutil.copyfile(scene_path(RGB_BYTE), scenes / f"r{i}.tif")
+    args = ["run", scenes, "-o", tmp_path / "out", "--no-quicklook", "--no-gpkg", "--no-styles", "--no-progress"]
+    r = invoke(args)
+    assert r.exit_code == 0, r.output
+    coarser = [line for line in r.output.splitlines() if "coarser than the model's range" in line]
+    assert len(coarser) == FOLD_AFTER + 1, coarser
+    assert coarser[-1].startswith("warning: 2 more alike, not printed (-v prints each") and "r4.tif" not in coarser[-1]
+    assert all(f"r{i}.tif" in coarser[i] for i in range(FOLD_AFTER))
+    r = invoke([*args, "--overwrite", "-v"])
+    assert sum("coarser than the model's range" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
+    r = invoke(args)
+    assert "already complete" not in r.output.replace("5 already complete", "") and "done: 0 written" in r.output
+    r = invoke([*args, "-v"])
+    assert sum("already complete, skipped" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
 
 
 # ------------------------------------------------------------------------------------

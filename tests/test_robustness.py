@@ -1310,7 +1310,8 @@ def test_two_runs_on_the_same_output_at_once(tmp_path, kill_inputs, clean_refere
     waiting for the other process to finish it; both exit 0; the outputs equal a clean run's."""
     scenes, names = kill_inputs
     out = tmp_path / "out"
-    args = ["run", *scenes, "-o", out, "--model", tiny_model, "--tile-size", TILE, "--stride", 48, "--no-progress"]
+    args = ["run", *scenes, "-o", out, "--model", tiny_model, "--tile-size", TILE, "--stride", 48, "--no-progress",
+            "-v"]  # -v: each scene skipped is named
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = []
     for log in logs:

@@ -251,7 +251,7 @@ def test_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path):
         import sys
         from tilescan.cli import main
         try:
-            main(["run", {src!r}, "-o", {str(out)!r}, "--no-progress"])
+            main(["run", {src!r}, "-o", {str(out)!r}, "--no-progress", "-v"])
         except SystemExit as e:
             code = e.code
         print("EXIT", code, "KERAS", "keras" in sys.modules, "TF", "tensorflow" in sys.modules)

@@ -44,20 +44,50 @@ class _Ctx:
         logger.debug(msg)
 
 
+#: A warning alike but for what it names first (its scene) is printed this many times, then
+#: counted, and the count said when the command ends (-v prints each): 272 chips of one sensor
+#: printed 272 lines of one warning.
+FOLD_AFTER = 3
+
+
 class _CliHandler(logging.Handler):
     """The library's log records on stderr: errors and warnings always, other messages unless
-    -q, debug with -v (read when each record comes, so -v/-q after the command count too)."""
+    -q, debug with -v (read when each record comes, so -v/-q after the command count too);
+    warnings alike past :data:`FOLD_AFTER` counted, not printed, without -v."""
 
     def __init__(self, ctx: _Ctx):
         super().__init__(logging.DEBUG)
         self.ctx = ctx
+        self.alike: dict[str, int] = {}  # a warning's text after its first "name: " -> how many came
 
     def emit(self, record: logging.LogRecord) -> None:
         v = self.ctx.verbosity
         if record.levelno >= logging.WARNING or (record.levelno >= logging.INFO and v >= 0) or v > 0:
+            msg = record.getMessage()
+            if record.levelno == logging.WARNING and v <= 0 and not self._first_alike(msg):
+                return
             prefix = next((p for p, level in LEVEL_PREFIXES.items() if record.levelno == level), "")
-            with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
-                click.echo(prefix + record.getMessage(), err=True)
+            self._echo(prefix + msg)
+
+    def _first_alike(self, msg: str) -> bool:
+        """Whether ``msg`` is one of the first FOLD_AFTER warnings alike (the same after the name before its first ': ')."""
+        _, sep, what = msg.partition(": ")
+        if not sep:
+            return True
+        n = self.alike[what] = self.alike.get(what, 0) + 1
+        return n <= FOLD_AFTER
+
+    def say_folded(self) -> None:
+        """The warnings counted, not printed: how many more of each."""
+        for what, n in self.alike.items():
+            if n > FOLD_AFTER:
+                self._echo(f"warning: {n - FOLD_AFTER} more alike, not printed (-v prints each; each scene's run.json "
+                           f"has its own): {what}")
+
+    @staticmethod
+    def _echo(line: str) -> None:
+        with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
+            click.echo(line, err=True)
 
 
 def configure_logging(ctx: _Ctx) -> None:
@@ -71,6 +101,7 @@ def configure_logging(ctx: _Ctx) -> None:
 def unconfigure_logging() -> None:
     """Detach the CLI's handler, so a Python caller in the same process sees nothing again."""
     for h in [h for h in logger.handlers if isinstance(h, _CliHandler)]:
+        h.say_folded()
         logger.removeHandler(h)
     logger.setLevel(logging.NOTSET)
 

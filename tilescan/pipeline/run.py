@@ -19,7 +19,7 @@ from ..layout import read_manifest
 from ..config import Config
 from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError,
                       TilescanError)
-from ..log import catching_warnings, emit
+from ..log import catching_warnings, emit, logger
 from ..model import LoadedModel, describe_model
 from ..outputs.finished import changed_settings
 from ..outputs.qgis import parquet_only_warning, percent_warning
@@ -343,7 +343,7 @@ class _Units:
             done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version)
             if done:
                 lock.release()
-                self.log(f"{unit.key}: already complete, skipped")
+                logger.debug(f"{unit.key}: already complete, skipped")  # -v: a rerun of 500 chips printed 500 lines
                 old = read_manifest(final) or {}
                 return UnitResult(unit.key, str(unit.scene), "skipped", str(final),
                                   reason="already complete with the same config and model", counts=old.get("counts", {}))
