@@ -112,8 +112,8 @@ def folder_name(stem: str, forbidden: set[str] = _SCENE_FORBIDDEN) -> str:
     forbid (``<>:"/\\|?*``) and ``%`` (``forbidden``) become ``_``; a leading ``.`` and
     trailing ``.`` or spaces become ``_``; tilescan's own names (``report.json``,
     ``report-shard-*.json``, ``collected``) and Windows device names (``CON``, ``com1.x``…)
-    get a ``_`` after them;
-    longer than :data:`MAX_NAME_BYTES` bytes, it is cut and tagged with a hash of ``stem``.
+    get a ``_`` after them; longer than :data:`MAX_NAME_BYTES` bytes, it is cut and tagged
+    with a hash of ``stem``.
     Ordinary names are returned unchanged, and ``folder_name(folder_name(s)) == folder_name(s)``.
     """
     name = unicodedata.normalize("NFC", stem)

@@ -340,8 +340,8 @@ def run_explain(
     """Explanation figures for images and GeoTIFF scene tiles; returns the PNG paths.
 
     ``methods``: CAM method names (:data:`tilescan.explain.cam.CAM_METHODS`), a heatmap and its
-    overlay each (:func:`render_rows`). ``layer``: CAM layer (default: the model's). ``target``: class name or
-    index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
+    overlay each (:func:`render_rows`). ``layer``: CAM layer (default: the model's).
+    ``target``: class name or index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
     is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
     pixels (default: run's, so the tiles are run's); ``units``, ``nodata`` and ``bands`` (empty: chosen
