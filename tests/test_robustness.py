@@ -322,7 +322,8 @@ def test_collect_require_complete_exits_3_while_the_run_left_scenes_out(tmp_path
     good = write_like(scene(AERIAL), scenes / "a.tif", window=Window(0, 0, 256, 256))
     (scenes / "b.tif").write_bytes(good.read_bytes()[:4000])  # truncated
     args = ["-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"]
-    assert invoke(["run", scenes, *args]).exit_code == 3
+    res = invoke(["run", scenes, *args])
+    assert res.exit_code == 3 and f"1 failed ({(scenes / 'b.tif').resolve()}) -> " in res.output  # named at the end
     assert invoke(["collect", out, "--no-gpkg", "--no-styles"]).exit_code == 0  # without it: as before
     res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
     assert res.exit_code == 3, res.output

@@ -189,7 +189,9 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
             obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")
                     + f"; {len(i['not_started'])} unit(s) not started; rerun the same command to resume")
         c = report.to_dict()["counts"]
-        obj.log(f"done: {c['done']} written, {c['skipped']} already complete, {c['failed']} failed -> {out}")
+        failed = [r.scene for r in report.failed]  # named again at the end of a long log (report.json has why)
+        named = f" ({', '.join(failed[:3])}{f' and {len(failed) - 3} more' if len(failed) > 3 else ''})" if failed else ""
+        obj.log(f"done: {c['done']} written, {c['skipped']} already complete, {c['failed']} failed{named} -> {out}")
         return report.exit_code
 
     _guard(body)
