@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -121,6 +122,22 @@ def test_run_over_a_few_tiles_of_a_large_cog_fetches_a_small_part(server, tmp_pa
     assert len(reqs) <= 10, reqs
     assert all(r.status in (200, 206) for r in reqs)
     assert not any(r.method == "GET" and r.range is None for r in reqs)  # never the whole file
+
+
+def test_no_url_or_credential_reaches_stderr_through_gdals_debug_messages(server, tmp_path):
+    """tilescan turns GDAL's VSICURL debug messages on to learn why a transfer failed; set for
+    the whole process (as listing a folder URL did), GDAL printed them on stderr from threads
+    reading outside rasterio's error handler: 8 'VSICURL: Downloading …' lines per large scene,
+    each with the scene's URL, its user:password and signature, in every cron log."""
+    small = server.extra / "small"
+    small.mkdir(exist_ok=True)
+    shutil.copyfile(scene(COG_RGB), small / "cog_rgb.tif")
+    host = server.url.removeprefix("http://")
+    secret = f"http://me:pa55@{host}/{LC08}?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA7"
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out", f"{server.url}/extra/small/", secret,
+                    "--units", "px", "--tile-size", "512")
+    assert p.returncode == 0, p.stderr
+    assert "VSICURL" not in p.stderr and not any(s in p.stderr for s in ("pa55", "s3cr3t", "AKIA7")), p.stderr
 
 
 def test_folder_url_lists_its_scenes(server, tmp_path):

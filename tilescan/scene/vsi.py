@@ -356,11 +356,14 @@ class _CurlWatch(logging.Filter):
 
 def _watch_transfers() -> None:
     """Route GDAL's VSICURL debug messages (only those: CPL_DEBUG=VSICURL, unless the
-    environment sets CPL_DEBUG) to :class:`_CurlWatch`."""
-    from rasterio.env import get_gdal_config, set_gdal_config
+    environment sets CPL_DEBUG) to :class:`_CurlWatch`. Set for the calling thread only: set
+    for the process (rasterio does so from the main thread), GDAL printed them, URLs with their
+    credentials, on stderr from every thread that reads outside rasterio's error handler."""
+    from rasterio.env import get_gdal_config
 
-    if "CPL_DEBUG" not in os.environ and not get_gdal_config("CPL_DEBUG"):
-        set_gdal_config("CPL_DEBUG", "VSICURL")
+    lib = _gdal()
+    if "CPL_DEBUG" not in os.environ and not get_gdal_config("CPL_DEBUG") and lib is not None:
+        lib.CPLSetThreadLocalConfigOption(b"CPL_DEBUG", b"VSICURL")
     for name in ("rasterio._err", "rasterio._env"):
         lg = logging.getLogger(name)
         if any(isinstance(f, _CurlWatch) for f in lg.filters):
