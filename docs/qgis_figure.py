@@ -1,14 +1,15 @@
-"""Draw docs/qgis-project.png: a tilescan project (.qgs) as QGIS renders it, headless.
+"""Draw docs/qgis-project.jpg: a tilescan project (.qgs) as QGIS renders it, headless.
 
 Runs under a Python with QGIS's bindings (Debian: ``/usr/bin/python3``, ``python3-qgis``)::
 
     tilescan run ../shared/data/scenes/opengeos-naip/m_4709963_se_14_1_20190904.tif -o out
     QT_QPA_PLATFORM=offscreen /usr/bin/python3 docs/qgis_figure.py \\
-        out/m_4709963_se_14_1_20190904/m_4709963_se_14_1_20190904.qgs docs/qgis-project.png
+        out/m_4709963_se_14_1_20190904/m_4709963_se_14_1_20190904.qgs docs/qgis-project.jpg
 
 A QGIS print layout with two maps of the project at its saved view, each with the
 project's own layer styles: the layers visible when the project opens (the tiles over the
-scene) and the heatmap over the scene; and the legend QGIS builds from those styles.
+scene) and the heatmap over the scene; and the legend QGIS builds from those styles. The
+image's format is its file's suffix (Qt writes it: no GDAL georeferencing of the image).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from qgis.core import (  # noqa: E402
     QgsProject,
     QgsUnitTypes,
 )
+from qgis.PyQt.QtCore import QSize  # noqa: E402
 from qgis.PyQt.QtGui import QFont  # noqa: E402
 
 
-def main(qgs: str, png: str, width_mm: float = 260.0, dpi: int = 110) -> None:
+def main(qgs: str, png: str, width_mm: float = 285.0, dpi: int = 110) -> None:
     app = QgsApplication([], False)
     app.initQgis()
     project = QgsProject.instance()
@@ -47,7 +49,7 @@ def main(qgs: str, png: str, width_mm: float = 260.0, dpi: int = 110) -> None:
     visible = [lyr for lyr in root.layerOrder() if root.findLayer(lyr.id()).isVisible()]
     extent = project.viewSettings().defaultViewExtent()
 
-    gap, legend_w, title_h = 4.0, 40.0, 8.0
+    gap, legend_w, title_h = 4.0, 64.0, 8.0  # the legend wide enough for the heatmap's labelled ends
     map_w = (width_mm - legend_w - 3 * gap) / 2
     map_h = map_w * extent.height() / extent.width()
     layout = QgsPrintLayout(project)
@@ -92,11 +94,9 @@ def main(qgs: str, png: str, width_mm: float = 260.0, dpi: int = 110) -> None:
     legend.attemptMove(QgsLayoutPoint(width_mm - legend_w - gap + 2, gap, QgsUnitTypes.LayoutMillimeters))
     layout.addLayoutItem(legend)
 
-    settings = QgsLayoutExporter.ImageExportSettings()
-    settings.dpi = dpi
-    result = QgsLayoutExporter(layout).exportToImage(png, settings)
-    if result != QgsLayoutExporter.Success:
-        raise SystemExit(f"layout export failed ({result})")
+    image = QgsLayoutExporter(layout).renderPageToImage(0, QSize(), dpi)
+    if image.isNull() or not image.save(png, quality=88):
+        raise SystemExit(f"{png}: the layout could not be drawn or saved")
     print(png)
     sys.stdout.flush()
     os._exit(0)  # QGIS's teardown can crash headless after the work is done

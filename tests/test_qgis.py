@@ -216,7 +216,7 @@ def test_each_output_opens_in_qgis_with_its_style(made, report):
     assert items[0]["color"][3] == 0 and items[-1]["color"][3] == 255  # low heat transparent
     assert len({tuple(i["color"][:3]) for i in items}) == len(items)  # a colour ramp, not one grey
     # the legend, as QGIS reads it, says what the ends mean (each tile's map is divided by its own peak)
-    assert items[0]["label"].startswith("0: no evidence") and "each tile 0-1" in items[-1]["label"]
+    assert items[0]["label"].startswith("0: no evidence") and "strongest in its own tile" in items[-1]["label"]
     # and QGIS >= 3.18, which draws the ramp as one bar without those labels, labels its ends the same
     ends = heat["ramp_legend"]
     assert ends["continuous"] and (ends["min_label"], ends["max_label"]) == (items[0]["label"], items[-1]["label"])

@@ -329,7 +329,7 @@ def _min_max_origin(parent: ET.Element, limits: str = "None") -> None:
 
 #: What the heatmap legend's ends say (each tile's map is divided by its own peak).
 HEAT_MIN_LABEL = "0: no evidence for the tile's label"
-HEAT_MAX_LABEL = "1: the strongest in its tile (each tile 0-1)"
+HEAT_MAX_LABEL = "1: the strongest in its own tile"
 
 
 def _heatmap_renderer(parent: ET.Element) -> None:
