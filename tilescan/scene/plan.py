@@ -123,9 +123,11 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         return plain
     if len(plain) > model_bands:
         pick = plain[:model_bands]
+        names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
         tiling_warning(
             f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
-            f"bands {pick} (choose others with --bands or [tiling] bands)", stacklevel=3)
+            f"bands {pick}{' as ' + ', '.join(names) if names else ''} (--bands {','.join(map(str, pick))} picks "
+            "them without this warning; choose others with --bands or [tiling] bands)", stacklevel=3)
         return pick
     names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
