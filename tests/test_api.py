@@ -130,6 +130,8 @@ def test_the_api_takes_what_the_command_line_takes(tmp_path, aid_dir):
         tilescan.load_config(None, {"tile_size": 256})
     with pytest.raises(tilescan.ConfigError, match=r"e.g. \{'cam': \{'method'"):  # the key's own section
         tilescan.load_config(None, {"method": "layercam"})
+    with pytest.raises(tilescan.ConfigError, match=r"e.g. \{'tiling': \{'min_valid_fraction'"):  # run()'s keyword: its key
+        tilescan.load_config(None, {"min_valid": 0.3})
     loaded = tilescan.load_model("default")
     cam = tilescan.get_cam("gradcam", loaded)  # what load_model returns, as a Keras model would be
     assert cam.layer == loaded.cam_layer

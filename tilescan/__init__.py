@@ -27,6 +27,7 @@ import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import CAM_METHOD_NAMES as CAM_METHODS
+from .config import KEYWORD_ALIASES as _ALIASES
 from .config import Config, load_config
 from .errors import (
     ConfigError,
@@ -72,8 +73,6 @@ __all__ = [
 ]
 
 _RUN_SECTIONS = ("tiling", "inference", "cam", "output")
-_ALIASES = {"cam": ("cam", "method"), "min_valid": ("tiling", "min_valid_fraction"),
-            "target": ("cam", "target_class"), "threads": ("inference", "reader_threads")}
 
 
 def _override_layer(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

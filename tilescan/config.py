@@ -2,11 +2,9 @@
 
 Precedence, highest first: command-line flag > ``TILESCAN_<SECTION>__<KEY>`` environment
 variable > config file (``--config``) > the defaults below (also in ``configs/default.toml``).
-
-Every value is checked when the config is built, and an error names the key and the
-source it came from (the file path, the variable, or the flag). Each section also keeps
-where its values came from (:meth:`Config.origin`), so later checks (tiling, the model)
-can name the flag, variable or file too. No Keras import here.
+Every value is checked when the config is built; an error names the key and its source (the
+file path, the variable, or the flag), which each section keeps (:meth:`Config.origin`) for
+later checks (tiling, the model) to name too. No Keras import here.
 """
 
 from __future__ import annotations
@@ -240,6 +238,9 @@ class Config:
         return getattr(self, section).origin(key)
 
 
+KEYWORD_ALIASES = {"cam": ("cam", "method"), "min_valid": ("tiling", "min_valid_fraction"),  # run()'s short names
+                   "target": ("cam", "target_class"), "threads": ("inference", "reader_threads")}
+
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 _CHOICES = {
@@ -383,13 +384,12 @@ def _number(text: str) -> float:
 
 def _check_value_range(t: TilingConfig, fail: Callable[[str, str, str], None]) -> None:
     """``[tiling] value_range``: pairs of low < high, given with ``scaling = "range"`` and only then."""
-    if t.scaling == "range" and not t.value_range:
-        fail("tiling", "value_range", "scaling = range needs it: [low, high], or a pair per model band")
-    if t.value_range and t.scaling != "range":
-        fail("tiling", "value_range", f"is used only with scaling = range, not {t.scaling!r}: set both")
-    pairs = list(zip(t.value_range[::2], t.value_range[1::2]))
-    if len(t.value_range) % 2 or any(not lo < hi for lo, hi in pairs):
-        fail("tiling", "value_range", f"need pairs of low < high, got {list(t.value_range)}")
+    v = t.value_range
+    if (t.scaling == "range") != bool(v):
+        fail("tiling", "value_range", f"is used only with scaling = range, not {t.scaling!r}: set both" if v
+             else "scaling = range needs it: [low, high], or a pair per model band")
+    if len(v) % 2 or any(not lo < hi for lo, hi in zip(v[::2], v[1::2])):
+        fail("tiling", "value_range", f"need pairs of low < high, got {list(v)}")
 
 
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
@@ -589,9 +589,9 @@ def load_config(
     if overrides:
         flat = [s for s, vals in overrides.items() if not isinstance(vals, Mapping)]
         if flat:
-            home = next((name for name, cls in SECTIONS.items() if flat[0] in {f.name for f in dataclasses.fields(cls)}),
-                        "tiling")
-            raise ConfigError(f"overrides are by section, e.g. {{'{home}': {{'{flat[0]}': ...}}}}; got {flat[0]!r} "
+            home, key = KEYWORD_ALIASES.get(flat[0]) or (next((name for name, cls in SECTIONS.items() if flat[0] in {
+                f.name for f in dataclasses.fields(cls)}), "tiling"), flat[0])
+            raise ConfigError(f"overrides are by section, e.g. {{'{home}': {{'{key}': ...}}}}; got {flat[0]!r} "
                               "with a value of its own (tilescan.run() takes such keys as keywords)")
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}
         layers.append({s: v for s, v in clean.items() if v})
