@@ -337,7 +337,8 @@ def test_collect_require_complete_exits_3_while_the_run_left_scenes_out(tmp_path
 def test_collect_says_which_scenes_it_takes_from_an_earlier_run(tmp_path, tiny_model):
     """A scene file replaced by another image after its run: the rerun refuses to touch its
     outputs (exit 3); collect still gathers them, as the only outputs of that scene, but names
-    it in a warning and under summary.json's ``earlier_outputs`` with the run's reason."""
+    it in a warning (as refused, not failed) and under summary.json's ``earlier_outputs`` with
+    the run's reason."""
     scenes, out = tmp_path / "in", tmp_path / "out"
     scenes.mkdir()
     first = write_like(scene(AERIAL), scenes / "a.tif", window=Window(0, 0, 256, 256))
@@ -348,7 +349,9 @@ def test_collect_says_which_scenes_it_takes_from_an_earlier_run(tmp_path, tiny_m
     assert invoke(["run", scenes, *args]).exit_code == 3
     res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
     assert res.exit_code == 0, res.output
-    assert "1 scene(s) failed in their run and are collected from an earlier run's outputs" in res.output
+    # refused on purpose, not failed: said as such (a newcomer read "failed ... out of date" as broken)
+    assert "1 scene(s) are collected from the outputs the latest run refused to replace" in res.output
+    assert "failed in their run" not in res.output
     summary = json.loads((out / "collected" / "summary.json").read_text())
     assert sorted(summary["scenes"]) == ["a", "b"] and summary["failed_in_run"] == []
     (earlier,) = summary["earlier_outputs"]

@@ -430,10 +430,15 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
     units = sorted(found, key=str)
     missing = [found[k] for k in units if not covered(k, collected)]
     earlier = [found[k] for k in units if covered(k, collected)]
-    for listed, what, key in ((missing, "are not in the collected set", "failed_in_run"),
-                              (earlier, "are collected from an earlier run's outputs, which may be out of date", "earlier_outputs")):
+    refused = [u for u in earlier if u.get("error_kind") == "exists"]  # kept on purpose: said so, not "failed"
+    for listed, what, key in (
+            (missing, "failed in their run and are not in the collected set", "failed_in_run"),
+            ([u for u in earlier if u not in refused], "failed in their run and are collected from an earlier "
+             "run's outputs, which may be out of date", "earlier_outputs"),
+            (refused, "are collected from the outputs the latest run refused to replace (made with other settings, "
+             "another model or another version of the scene file: --update redoes them)", "earlier_outputs")):
         if listed:
-            log(f"warning: collect: {len(listed)} scene(s) failed in their run and {what} "
+            log(f"warning: collect: {len(listed)} scene(s) {what} "
                 f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
     if stale := stopped_before_redoing(read, collected):
         log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
