@@ -371,3 +371,18 @@ def test_a_stop_before_anything_is_written_leaves_no_empty_folder(dataset, model
     with pytest.raises(KeyboardInterrupt):
         E.run_evaluate(str(model_file), str(dataset), out_dir=str(mine / "eval"), explain_samples=0, log=lambda m: None)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_weakest_classes_leave_out_those_scored_perfectly():
+    """On a small split most classes score F1 1.000: those are not "weakest"; with none below
+    1, the line says so."""
+    said: list[str] = []
+    per_class = [{"class": c, "f1": f, "support": 3} for c, f in (("Center", 0.667), ("Airport", 1.0), ("Church", 1.0))]
+    metrics = {"per_class": per_class, "accuracy": 0.9, "macro": {"f1": 0.9}, "weighted": {"f1": 0.9}}
+    E._log_summary(metrics, 9, {"images_per_s": 10.0}, ["metrics.json"], Path("out"), said.append)
+    assert "weakest classes (F1): Center 0.667" in said and not any("Airport" in m for m in said)
+    for row in per_class:
+        row["f1"] = 1.0
+    said.clear()
+    E._log_summary(metrics, 9, {"images_per_s": 10.0}, ["metrics.json"], Path("out"), said.append)
+    assert "weakest classes (F1): none below 1" in said
