@@ -3,7 +3,9 @@ free port of 127.0.0.1 with its own config, prefix and logs in a temp folder.
 
 It serves ``root`` (the real scenes) with Range support and HTML folder listings, plus
 ``/extra/`` (a folder the test fills), ``/slow/`` (the scenes at a limited rate), ``/503/``
-(always 503) and ``/403/`` (always 403). The access log has one line per request: method,
+(always 503), ``/403/`` (always 403) and ``/norange/`` (the scenes without Range support);
+and, where ``openssl`` makes it a certificate, the scenes over HTTPS (``tls_url``) with a
+self-signed certificate (``cert``). The access log has one line per request: method,
 path, status, bytes sent and the Range header, which the tests count.
 
 Tests skip with the reason when nginx is not installed and cannot be (``apt-get install
@@ -43,8 +45,17 @@ http {{
     location /slow/ {{ alias {root}/; limit_rate {slow_rate}; }}
     location /503/ {{ return 503; }}
     location /403/ {{ return 403; }}
+    location /norange/ {{ alias {root}/; max_ranges 0; }}
   }}
-}}
+{tls}}}
+"""
+# the scenes over HTTPS with a self-signed certificate (a server whose CA the machine does not trust)
+_TLS = """  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {prefix}/cert.pem;
+    ssl_certificate_key {prefix}/key.pem;
+    root {root};
+  }}
 """
 
 
@@ -87,6 +98,12 @@ class Nginx:
         self.slow_rate = slow_rate
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.tls_port = 0
+        self.cert = self.prefix / "cert.pem"
+
+    @property
+    def tls_url(self) -> str | None:
+        return f"https://127.0.0.1:{self.tls_port}" if self.tls_port else None
 
     @property
     def url(self) -> str:
@@ -99,8 +116,13 @@ class Nginx:
         for attempt in range(5):
             self.port = port or free_port()
             conf = self.prefix / "nginx.conf"
+            tls = ""
+            if self._certificate():
+                self.tls_port = self.tls_port or free_port()
+                tls = _TLS.format(port=self.tls_port, prefix=self.prefix, root=self.root)
             conf.write_text(_CONF.format(user="user root;\n" if os.geteuid() == 0 else "", prefix=self.prefix,
-                                         port=self.port, root=self.root, extra=self.extra, slow_rate=self.slow_rate))
+                                         port=self.port, root=self.root, extra=self.extra, slow_rate=self.slow_rate,
+                                         tls=tls))
             self.proc = subprocess.Popen([self.exe, "-c", str(conf), "-p", str(self.prefix)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             deadline = time.monotonic() + 10
@@ -115,6 +137,17 @@ class Nginx:
             if "Address already in use" not in err:
                 raise RuntimeError(f"nginx did not start: {err}")
         raise RuntimeError("nginx did not start: no free port")
+
+    def _certificate(self) -> bool:
+        """A self-signed certificate for 127.0.0.1 in the prefix (made once); False without openssl."""
+        if self.cert.exists():
+            return True
+        if not shutil.which("openssl"):
+            return False
+        p = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                            "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout",
+                            str(self.prefix / "key.pem"), "-out", str(self.cert)], capture_output=True, timeout=60)
+        return p.returncode == 0
 
     def stop(self) -> None:
         """Stop at once (SIGTERM to the master: a "server that dies")."""

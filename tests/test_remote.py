@@ -23,7 +23,7 @@ import rasterio
 import rasterio.warp
 
 import batch_helpers as bh
-from conftest import SCENES, invoke, same_unit, scene
+from conftest import SCENES, invoke, same_unit, scene, unavailable
 from http_server import Nginx
 from tilescan.outputs.collect import run_collect
 
@@ -138,6 +138,25 @@ def test_no_url_or_credential_reaches_stderr_through_gdals_debug_messages(server
                     "--units", "px", "--tile-size", "512")
     assert p.returncode == 0, p.stderr
     assert "VSICURL" not in p.stderr and not any(s in p.stderr for s in ("pa55", "s3cr3t", "AKIA7")), p.stderr
+
+
+def test_a_server_without_range_requests_or_with_an_untrusted_certificate_is_said_to_be_so(server, tmp_path,
+                                                                                          monkeypatch):
+    """A server that ignores Range requests made a sound file 'corrupt or truncated'; one whose
+    TLS certificate the machine does not trust made it 'not found (HTTP 404)' or its folder
+    'cannot reach the server': each now says what is wrong and what to set."""
+    rep = _run([f"{server.url}/norange/{COGEO}"], tmp_path / "a").to_dict()
+    (f,) = rep["failed"]
+    assert "the server does not answer HTTP Range requests" in f["reason"] and "corrupt" not in f["reason"], f
+    if server.tls_url is None:
+        unavailable("no openssl to make the test server a certificate", "TILESCAN_REQUIRE_NGINX")
+    rep = _run([f"{server.tls_url}/{COGEO}", f"{server.tls_url}/rio-tiler/"], tmp_path / "b").to_dict()
+    assert len(rep["failed"]) == 2 and rep["exit_code"] == 4, rep
+    for f in rep["failed"]:
+        assert "the server's TLS certificate is not trusted: set GDAL_CURL_CA_BUNDLE" in f["reason"], f
+        assert "404" not in f["reason"].split(";")[0] and "cannot reach" not in f["reason"], f
+    monkeypatch.setenv("GDAL_CURL_CA_BUNDLE", str(server.cert))  # the CA given: the same server's scenes are read
+    assert _run([f"{server.tls_url}/{COG_RGB}"], tmp_path / "c").exit_code == 0
 
 
 def test_folder_url_lists_its_scenes(server, tmp_path):

@@ -250,15 +250,16 @@ class RemoteScene(os.PathLike):
 
             text = _failure_text(self, _describe(exc))  # with the transfer failure behind it, if any
             low = text.lower()
-            if _network_error(text) or "does not exist in the file system" in low:
+            if _network_error(text) or "does not exist in the file system" in low or "range downloading" in low \
+                    or "certificate" in low:
                 why = cause(text, self.gdal_path)
             elif "not recognized as" in low:
                 why = f"not a GeoTIFF GDAL can read; GDAL said: {scrub(text)}"
             else:
                 why = f"corrupt or truncated TIFF (GDAL cannot open it): {scrub(text)}"
             last = _url_path(self.shown).rsplit("/", 1)[-1]
-            if is_http(self.shown) and last and "." not in last:
-                why += "; if it is a folder, end the URL with '/' to list its files"
+            if is_http(self.shown) and last and "." not in last:  # a folder, or a STAC API's item or search
+                why += "; if it is a folder, end the URL with '/' to list its files; a STAC document, give it with --stac"
             raise InputError(f"cannot open: {why}", path=self.shown) from None
 
     def identity(self) -> dict:

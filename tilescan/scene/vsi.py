@@ -229,6 +229,9 @@ def list_folder(gdal_dir: str, shown: str | None = None) -> list[str]:
         names = _strings(lib, lib.VSIReadDirRecursive(gdal_dir.encode()))
         err = _last_error(lib)
     err = err or (stat_error(gdal_dir + "/") if not names else "")
+    url = gdal_dir.removeprefix("/vsicurl/")
+    if not names and err and (why := take_transfer_failure(url) or take_transfer_failure(url.rstrip("/") + "/")):
+        err = f"{err} ({why})"  # GDAL's error says only "HTTP response code: 0"; the transfer, why (a certificate)
     if not names and err:
         web = gdal_dir.startswith("/vsicurl/") and "(HTTP 403)" in cause(err)  # a web server may refuse any listing
         hint = "; or the server does not list this folder: give the scenes' own URLs" if web else ""
@@ -408,6 +411,10 @@ _UNREACHABLE = ("couldn't connect", "could not connect", "connection refused", "
                 "server returned nothing", "did not answer")
 
 
+_UNTRUSTED = ("ssl certificate problem", "certificate verify failed", "self-signed certificate",
+              "self signed certificate", "unable to get local issuer certificate")
+
+
 def cause(message: str, where: str = "") -> str:
     """A short reason for a GDAL/cURL network error message, followed by GDAL's words;
     ``where``: the URL or GDAL path it came from (an object store's wants other credentials)."""
@@ -416,7 +423,13 @@ def cause(message: str, where: str = "") -> str:
     code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)"
                      r"|response code on \S+: (\d+)$", low)
     num = next((g for g in code.groups() if g), None) if code else None
-    if any(s in low for s in _UNREACHABLE) or num == "0":  # curl's code 0: no answer at all  # before 404: GDAL calls an unreachable file "does not exist"
+    if any(s in low for s in _UNTRUSTED):  # before 404 and "no answer": GDAL says those of a refused certificate
+        why = ("the server's TLS certificate is not trusted: set GDAL_CURL_CA_BUNDLE to your CA bundle (or "
+               "GDAL_HTTP_UNSAFESSL=YES to skip the check)")
+    elif "range downloading not supported" in low:
+        why = ("the server does not answer HTTP Range requests, which reading part of a remote GeoTIFF needs: "
+               "download the file, or serve it from a server that does")
+    elif any(s in low for s in _UNREACHABLE) or num == "0":  # curl's code 0: no answer at all  # before 404: GDAL calls an unreachable file "does not exist"
         why = "cannot reach the server (connection refused, reset or dropped)"
     elif "timed out" in low or "too slow" in low or "timeout" in low:
         why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)"
