@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -138,6 +140,56 @@ def test_a_rerun_while_the_server_is_down_keeps_finished_scenes(server, tmp_path
     p = _run(out, url)
     assert p.returncode == 6 and "made from another version of the scene (its size, ETag or Last-Modified differ)" \
         in p.stderr, p.stderr
+
+
+class _Hung:
+    """A server that takes connections and never answers (a hung host), on ``port``; counts them."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self.sock.settimeout(0.2)
+        self.held: list[socket.socket] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        for c in [*self.held, self.sock]:
+            c.close()
+
+
+def test_a_rerun_against_a_hung_server_waits_for_it_once_not_once_a_scene(server, tmp_path):
+    """A rerun whose server takes connections and never answers waited its timeout for every
+    finished scene in turn (60 s each by default: hours for a cron job of many scenes); once the
+    server has not answered a check, its other finished scenes are kept unchecked at once."""
+    names = [f"c{i}.tif" for i in range(3)]
+    for n in names:
+        (server.extra / n).write_bytes(scene(COGEO).read_bytes())
+    urls, out = [f"{server.url}/extra/{n}" for n in names], tmp_path / "out"
+    assert _run(out, *urls).returncode == 0
+    port = server.port
+    server.stop()
+    hung = _Hung(port)
+    try:
+        p = _run(out, *urls, GDAL_HTTP_TIMEOUT="2", GDAL_HTTP_MAX_RETRY="0", TILESCAN_REMOTE_RETRIES="0")
+        connections = len(hung.held)
+    finally:
+        hung.close()
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    reasons = {u["unit"]: u["reason"] for u in report["skipped"]}
+    assert sorted(reasons) == ["c0", "c1", "c2"] and all("kept unchecked" in r for r in reasons.values()), reasons
+    assert sum("not asked, as its server did not answer for" in r for r in reasons.values()) == 2, reasons
+    assert connections <= 2, connections  # the first scene's check only (one was three, and three timeouts)
 
 
 def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):

@@ -292,6 +292,7 @@ class _Units:
         self.retries = sources.SceneRetries()
         self.retry: list[int] = []
         self.locked: list[int] = []  # units another process was writing: taken up once it lets go
+        self.unanswered: dict[str, InputError] = {}  # a server that did not answer a check -> why (this run)
 
     def process(self, progress: bool, started: float, report: RunReport) -> list[dict]:
         """Stream every unit (then the remote ones to try again, and those another process was
@@ -330,10 +331,15 @@ class _Units:
     def prepare(self, k: int, unit: Unit) -> UnitJob | UnitResult:
         """On the opener thread: the unit's checks; a locked job, or why there is nothing to do."""
         final = unit.out_dir(self.out)
+        server = sources.server_of(unit.scene)
+        if server in self.unanswered and (kept := self._kept_unchecked(unit, final, self.unanswered[server])):
+            return kept  # a hung server is waited for once a run, not once for each of its finished scenes
         try:
             with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
                 version = sources.scene_identity(unit.scene)
         except InputError as exc:
+            if getattr(exc, "transient", False) and server:
+                self.unanswered.setdefault(server, exc)
             if (kept := self._kept_unchecked(unit, final, exc)) is not None:
                 return kept
             raise
@@ -365,8 +371,9 @@ class _Units:
         if (not getattr(exc, "transient", False) or self.cfg.output.overwrite or old.get("status") != "complete"
                 or version is None or old.get("fingerprint") != fingerprint(unit, self.cfg, self.card.sha256, version)):
             return None
+        said = str(exc) if exc.path in (None, str(unit.scene)) else f"not asked, as its server did not answer for {exc}"
         reason = ("already complete; kept unchecked, as its scene could not be reached to check it for changes "
-                  f"(the next run checks it): {exc}")
+                  f"(the next run checks it): {said}")
         self.log(f"warning: {unit.key}: {reason}")
         return UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason=reason, counts=old.get("counts", {}))
 

@@ -57,6 +57,14 @@ UNIT_RETRY_DELAY_S = 2.0
 # ----------------------------------------------------------------------------- errors
 
 
+def server_of(scene: Any) -> str | None:
+    """The server (scheme and host, or bucket) a remote scene is read from; None for a file."""
+    if not getattr(scene, "remote", False):
+        return None
+    parts = urlsplit(str(scene))
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.hostname else None
+
+
 def _network_error(message: str) -> bool:
     low = re.sub(r"(?:/vsi\w+/)?\w+://\S+|/vsi\w+/\S+", "", message.lower())  # not the URL's own "http" or "/vsis3/"
     return any(s in low for s in ("curl", "http", "timed out", "timeout", "connect", "vsis3", "vsigs", "vsiaz",
