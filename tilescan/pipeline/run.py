@@ -416,10 +416,21 @@ class _Units:
                      f"{res.seconds:.1f} s -> {res.out_dir}")
 
 
-def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[str, str]:
+_VERSION_KEYS = {"mtime_ns": "modified", "last_modified": "Last-Modified", "etag": "ETag"}
+
+
+def _said(key: str, value) -> str:
+    """A scene version's value as a message shows it: a modification time in UTC, to the second."""
+    if key == "mtime_ns" and isinstance(value, int):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value / 1e9))
+    return str(value)
+
+
+def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str, version: dict | None = None) -> tuple[str, str]:
     """What the finished outputs in the way were made from, where it differs from this run's
-    (the fingerprint says only that something does): the scene file, the model, settings;
-    and what to do about it."""
+    (the fingerprint says only that something does): the scene file, the model, settings, the
+    scene's version (its ``version`` now against run.json's: what changed, old -> new); and
+    what to do about it."""
     scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
         return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, run "
@@ -432,9 +443,14 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str) -> tuple[s
     model = old.get("model") or {}
     if model.get("sha256") != model_sha:
         return f"made with another model ({model.get('id')}, sha256 {str(model.get('sha256'))[:12]})", redo
+    was = old.get("scene_version") or {}
+    moved = [f"{_VERSION_KEYS.get(k, k)} {_said(k, was.get(k))} -> {_said(k, v)}" for k, v in (version or {}).items()
+             if k != "scene" and was.get(k) != v]
     if getattr(unit.scene, "remote", False):
-        return "made from another version of the scene (its size, ETag or Last-Modified differ)", redo
-    return "made from another version of the scene file (its size or modification time differ)", redo
+        return ("made from another version of the scene (" + ("; ".join(moved) or "its size, ETag or Last-Modified "
+                "differ") + ")"), redo
+    return ("made from another version of the scene file (" + ("; ".join(moved) or "its size or modification time "
+            "differ") + ")"), redo
 
 
 def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
@@ -481,7 +497,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             if not gone:
                 return True, None
             return False, f"as {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing (deleted since)"
-        what, advice = _what_differs(old, unit, cfg, card.sha256)
+        what, advice = _what_differs(old, unit, cfg, card.sha256, version)
         if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
             # --update never replaces another scene file's outputs
             return False, ("as --overwrite asks (made with the same scene, settings and model)" if same else what)
