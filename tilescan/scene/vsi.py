@@ -229,14 +229,26 @@ def list_folder(gdal_dir: str, shown: str | None = None) -> list[str]:
         names = _strings(lib, lib.VSIReadDirRecursive(gdal_dir.encode()))
         err = _last_error(lib)
     err = err or (stat_error(gdal_dir + "/") if not names else "")
-    url = gdal_dir.removeprefix("/vsicurl/")
-    if not names and err and (why := take_transfer_failure(url) or take_transfer_failure(url.rstrip("/") + "/")):
+    if not names and err and (why := _why_unlisted(lib, gdal_dir)):
         err = f"{err} ({why})"  # GDAL's error says only "HTTP response code: 0"; the transfer, why (a certificate)
     if not names and err:
         web = gdal_dir.startswith("/vsicurl/") and "(HTTP 403)" in cause(err)  # a web server may refuse any listing
         hint = "; or the server does not list this folder: give the scenes' own URLs" if web else ""
         raise InputError(f"cannot list this folder URL: {cause(err, gdal_dir)}{hint}", path=shown)
     return names
+
+
+def _why_unlisted(lib, gdal_dir: str) -> str | None:
+    """The transfer's failure behind a folder that could not be listed: as GDAL noted it, else
+    from a new request (GDAL's cached failure of an earlier check keeps only "response code 0")."""
+    url = gdal_dir.removeprefix("/vsicurl/")
+    if why := take_transfer_failure(url) or take_transfer_failure(url.rstrip("/") + "/"):
+        return why
+    if not hasattr(lib, "VSICurlPartialClearCache"):
+        return None
+    lib.VSICurlPartialClearCache(gdal_dir.rstrip("/").encode())
+    why = stat_error(gdal_dir.rstrip("/") + "/")
+    return why if why and "curl error" in why.lower() else None
 
 
 #: VSIStatExL flags: whether the path exists; set VSI's last error when it does not.
@@ -421,7 +433,7 @@ def cause(message: str, where: str = "") -> str:
     m = scrub(message.strip())
     low = m.lower()
     code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)"
-                     r"|response code on \S+: (\d+)$", low)
+                     r"|response code(?: on \S+)?: (\d+)$", low)
     num = next((g for g in code.groups() if g), None) if code else None
     if any(s in low for s in _UNTRUSTED):  # before 404 and "no answer": GDAL says those of a refused certificate
         why = ("the server's TLS certificate is not trusted: set GDAL_CURL_CA_BUNDLE to your CA bundle (or "
