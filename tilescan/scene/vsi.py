@@ -442,7 +442,9 @@ def cause(message: str, where: str = "") -> str:
         why = ("the server does not answer HTTP Range requests, which reading part of a remote GeoTIFF needs: "
                "download the file, or serve it from a server that does")
     elif any(s in low for s in _UNREACHABLE) or num == "0":  # curl's code 0: no answer at all  # before 404: GDAL calls an unreachable file "does not exist"
-        why = "cannot reach the server (connection refused, reset or dropped)"
+        why = "cannot reach the server (connection refused, reset or dropped" + (
+            "; or its TLS certificate is not trusted here: GDAL_CURL_CA_BUNDLE)" if "https://" in f"{low} {where.lower()}"
+            else ")")  # GDAL's cached failure of a certificate keeps only "code 0"
     elif "timed out" in low or "too slow" in low or "timeout" in low:
         why = "timed out (GDAL_HTTP_TIMEOUT / GDAL_HTTP_LOW_SPEED_TIME)"
     elif num == "404" or "does not exist in the file system" in low or "nosuchkey" in low or "nosuchbucket" in low \
