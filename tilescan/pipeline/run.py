@@ -446,11 +446,9 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str, version: d
     was = old.get("scene_version") or {}
     moved = [f"{_VERSION_KEYS.get(k, k)} {_said(k, was.get(k))} -> {_said(k, v)}" for k, v in (version or {}).items()
              if k != "scene" and was.get(k) != v]
-    if getattr(unit.scene, "remote", False):
-        return ("made from another version of the scene (" + ("; ".join(moved) or "its size, ETag or Last-Modified "
-                "differ") + ")"), redo
-    return ("made from another version of the scene file (" + ("; ".join(moved) or "its size or modification time "
-            "differ") + ")"), redo
+    remote = getattr(unit.scene, "remote", False)
+    unknown = "its size, ETag or Last-Modified differ" if remote else "its size or modification time differ"
+    return f"made from another version of the scene{'' if remote else ' file'} ({'; '.join(moved) or unknown})", redo
 
 
 def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
