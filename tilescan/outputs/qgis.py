@@ -409,7 +409,8 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
 
     many = len(scenes) > MAX_SCENE_GROUPS
     layers = [] if table is None else [tiles_layer("tiles", present, visible=many)]
-    groups = []
+    groups, hidden = [], set()
+    repeats = set() if many else _repeats(list(scenes.values()))
     for s in [] if many else scenes.values():
         mine = tuple(sorted(of_scene.get(s["name"], ())))
         members = [] if table is None or not mine else [
@@ -417,25 +418,26 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
                         subset="\"scene\" = '" + s["name"].replace("'", "''") + "'")]
         members += _scene_group(s, classes, mine or present, colors, bounds)
         if members:
-            groups.append((flagged(s["name"], s["scale_check"]), members))
-    repeats = [] if many else _repeats(list(scenes.values()))
+            groups.append((group := flagged(s["name"], s["scale_check"]), members))
+            if s["name"] in repeats:
+                hidden.add(group)
     written.append(write_project(folder / f"{name}.qgs", title=name, crs=crs, bounds=bounds, layers=layers,
-                                 groups=groups, location=where,
-                                 hidden={flagged(s["name"], s["scale_check"]) for s in repeats}))
+                                 groups=groups, location=where, hidden=hidden))
     return written
 
 
-def _repeats(scenes: Sequence[dict]) -> list[dict]:
-    """The scenes whose box lies mostly (over half of it) on the box of an earlier scene that is
-    shown: one place in other years. Their groups start switched off, so their tiles past the
-    scene's edge, where no scene covers them, do not blend with the shown year's colours."""
-    boxes = [_lonlat_box(s) for s in scenes]
+def _repeats(scenes: Sequence[dict]) -> set[str]:
+    """The names of the scenes whose box lies mostly (over half of it) on the box of an earlier
+    scene that is shown: one place in other years. Their groups start switched off, so their
+    tiles past the scene's edge, where no scene covers them, do not blend with the shown year's."""
     shown: list = []
-    repeats = []
-    for s, box in zip(scenes, boxes):
-        if box is not None and any(_overlap(box, other) > 0.5 * _area(box) for other in shown):
-            repeats.append(s)
-        elif box is not None:
+    repeats = set()
+    for s in scenes:
+        if (box := _lonlat_box(s)) is None:
+            continue
+        if any(_overlap(box, other) > 0.5 * _area(box) for other in shown):
+            repeats.add(s["name"])
+        else:
             shown.append(box)
     return repeats
 
@@ -550,11 +552,11 @@ def _project_bounds(crs: Any, bounds_lonlat: Sequence[float] | None, scenes: Seq
     every scene's box."""
     import pyproj
 
-    boxes = [s["bounds"] for s in scenes if s.get("bounds")]
-    if bounds_lonlat is not None and pyproj_crs(crs) is not None:
-        t = pyproj.Transformer.from_crs("OGC:CRS84", pyproj_crs(crs), always_xy=True)
-        boxes = [t.transform_bounds(*bounds_lonlat)] + [s["bounds"] for s in scenes
-                                                         if s.get("bounds") and str(s["crs"]) == str(crs)]
+    tiles = bounds_lonlat is not None and pyproj_crs(crs) is not None
+    boxes = [s["bounds"] for s in scenes if s.get("bounds") and (not tiles or str(s["crs"]) == str(crs))]
+    if tiles:
+        boxes.append(pyproj.Transformer.from_crs("OGC:CRS84", pyproj_crs(crs), always_xy=True)
+                     .transform_bounds(*bounds_lonlat))
     if not boxes:
         return (0.0, 0.0, 1.0, 1.0)
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
