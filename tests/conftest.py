@@ -192,9 +192,10 @@ def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None 
     """Re-read every output of one scene and check it against the scene; returns them.
 
     - run.json complete, listing the outputs, which all exist;
-    - tiles.parquet loads in geopandas with the scene's CRS (none without georeferencing),
-      one row per classified tile, each footprint the rasterio window-transform polygon of
-      its pixel window, whose origin lies inside the scene; probabilities finite, summing to 1;
+    - tiles.parquet passes an independent GeoParquet 1.1 checker, loads in geopandas with the
+      scene's CRS (none without georeferencing), one row per classified tile, each footprint
+      the rasterio window-transform polygon of its pixel window, whose origin lies inside the
+      scene; probabilities finite, summing to 1;
     - labels.tif and heatmap.tif pass rio-cogeo's COG validation, carry the scene CRS, the
       label grid has the documented shape and transform and holds each row's class at its
       (row, col), the heatmap covers exactly the scene and holds 0..1 or nodata, no NaN;
@@ -224,6 +225,7 @@ def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None 
 
     gdf = gpd.read_parquet(folder / "tiles.parquet")
     assert len(gdf) == counts["tiles_classified"]
+    assert_geoparquet_conformant(folder / "tiles.parquet")
     if georef:
         assert gdf.crs is not None and same_crs(gdf.crs, crs), (gdf.crs, crs)
     else:
@@ -268,6 +270,25 @@ def check_outputs(folder: Path, scene_file: Path, tile: int, stride: int | None 
     with Image.open(folder / "quicklook.png") as im:
         im.verify()
     return {"gdf": gdf, "manifest": man, "labels": labels, "heat": heat, "crs": crs, "transform": T}
+
+
+def assert_geoparquet_conformant(path: Path) -> dict:
+    """An independent checker's verdict on a GeoParquet file (geoparquet-validator, from the test
+    extra): GeoParquet 1.1, and no test of the core, covering or distribution class failed, each
+    class with at least one test passed. Skips without the checker, fails instead with
+    ``TILESCAN_REQUIRE_VALIDATOR=1`` (``.ci/run``). Returns its report."""
+    try:
+        import geoparquet_validator as gpv
+    except ImportError:
+        unavailable('geoparquet-validator is not installed (pip install -e ".[test]" brings it)',
+                    "TILESCAN_REQUIRE_VALIDATOR")
+    report = gpv.check(str(path))
+    assert report["version"] == "1.1.0", report["version"]
+    failed = [(o["id"], o["message"]) for o in report["outcomes"] if o["status"] == "fail"]
+    assert not failed, (path, failed)
+    for kind in ("core", "covering", "distribution"):
+        assert any(o["status"] == "pass" and o["id"].startswith(f"/conf/{kind}/") for o in report["outcomes"]), kind
+    return report
 
 
 def window_corners(T, col_off, row_off, size):

@@ -13,7 +13,7 @@ import rasterio
 from PIL import Image
 from shapely.geometry import Point, box
 
-from conftest import invoke
+from conftest import assert_geoparquet_conformant, invoke
 from tilescan.config import TilingConfig
 from tilescan.model import describe_model
 
@@ -104,6 +104,7 @@ def test_polygons_in_another_crs(scene_path, tmp_path):
     # provenance: GeoParquet in the labels' CRS; each footprint holds its tile's centre
     gdf = gpd.read_parquet(tmp_path / "ds" / "chips.parquet")
     assert gdf.crs.to_epsg() == 4326
+    assert_geoparquet_conformant(tmp_path / "ds" / "chips.parquet")
     # the class column's categories in the legend's order, as tiles.parquet's label: codes are class indexes
     assert list(gdf["class"].cat.categories) == ["farm", "water"]
     assert (gdf["class"].cat.codes == gdf["class_index"]).all()

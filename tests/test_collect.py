@@ -16,7 +16,7 @@ import pytest
 
 import batch_helpers as bh
 import tilescan
-from conftest import quiet, scene
+from conftest import assert_geoparquet_conformant, quiet, scene
 from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
 from tilescan.training.legend_colors import read_class_colors
@@ -39,6 +39,7 @@ def test_one_geoparquet_table_with_every_tile(ref):
     gdf = gpd.read_parquet(path)
     assert gdf.crs.equals("OGC:CRS84") and gdf.geometry.is_valid.all()
     assert np.allclose(gdf.total_bounds, col["bbox"])
+    assert_geoparquet_conformant(path)
     per_scene = {u: pq.read_table(ref / u / "tiles.parquet") for u in bh.UNITS}
     assert len(gdf) == sum(t.num_rows for t in per_scene.values())
     assert not gdf.duplicated(["scene", "tile_index"]).any()

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch_helpers as bh
+from conftest import assert_geoparquet_conformant
 from tilescan.outputs import spatial
 
 
@@ -111,3 +112,5 @@ def test_collect_sorts_a_large_table(tmp_path, tmp_path_factory, monkeypatch):
     assert (np.diff(keys.astype(np.int64)) >= 0).all()
     bh.assert_same_tiles(bh.collected(out), bh.collected(bh.reference(tmp_path_factory)), exact=True)
     assert json.loads(f.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["covering"]["bbox"]
+    order = {o["id"]: o for o in assert_geoparquet_conformant(out / "collected" / "tiles.parquet")["outcomes"]}
+    assert order["/conf/distribution/spatial-order"]["status"] == "pass", order["/conf/distribution/spatial-order"]

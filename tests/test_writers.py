@@ -34,7 +34,7 @@ from tilescan.outputs.files import atomic_output, write_json
 from tilescan.outputs.palette import class_colors
 from tilescan.outputs.quicklook import quicklook_layout, write_quicklook
 from tilescan.outputs.geometry import wkb_polygons
-from conftest import REPO
+from conftest import REPO, assert_geoparquet_conformant
 
 gpd = pytest.importorskip("geopandas")
 shapely = pytest.importorskip("shapely")
@@ -341,6 +341,8 @@ def test_geoparquet_pixel_space_and_empty(tmp_path):
     empty.write_geoparquet(tmp_path / "empty.parquet", "EPSG:32618", CLASSES, "s", "m")
     gdf = gpd.read_parquet(tmp_path / "empty.parquet")
     assert len(gdf) == 0 and gdf.crs.to_epsg() == 32618
+    assert pq.ParquetFile(tmp_path / "empty.parquet").num_row_groups == 0  # no group without statistics
+    assert_geoparquet_conformant(tmp_path / "empty.parquet")
     empty.write_gpkg(tmp_path / "empty.gpkg", "EPSG:32618", CLASSES, "s", "m")
     gdf = gpd.read_file(tmp_path / "empty.gpkg")
     assert len(gdf) == 0 and gdf.crs.to_epsg() == 32618 and "p_Airport" in gdf.columns

@@ -66,7 +66,7 @@ from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units, run_failures, say_models
-from .geometry import (antimeridian_wkb, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
+from .geometry import (antimeridian_wkb, geo_metadata, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
 TARGET_CRS = "OGC:CRS84"
@@ -218,17 +218,8 @@ def _geo_meta(bbox: list[float] | None, antimeridian: int = 0) -> dict:
     """GeoParquet's metadata of the table; ``antimeridian``: footprints cut there into MultiPolygons."""
     from pyproj import CRS
 
-    col: dict[str, Any] = {
-        "encoding": "WKB",
-        "geometry_types": ["Polygon", "MultiPolygon"] if antimeridian else ["Polygon"],
-        "crs": CRS.from_user_input(TARGET_CRS).to_json_dict(),
-        "orientation": "counterclockwise",
-        "edges": "planar",
-        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
-    }
-    if bbox is not None:
-        col["bbox"] = bbox
-    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
+    return geo_metadata(CRS.from_user_input(TARGET_CRS).to_json_dict(), bbox,
+                        ("Polygon", "MultiPolygon") if antimeridian else ("Polygon",))
 
 
 # ----------------------------------------------------------------------------- GeoPackage
@@ -457,8 +448,7 @@ class _TableWriter:
         if self.antimeridian:
             own["antimeridian_tiles"] = self.antimeridian
         self.writer.add_key_value_metadata({
-            "geo": json.dumps(_geo_meta(None if self.bounds is None else [float(v) for v in self.bounds],
-                                        self.antimeridian)),
+            "geo": json.dumps(_geo_meta(self.bounds, self.antimeridian)),
             "tilescan": json.dumps(own),
         })
 

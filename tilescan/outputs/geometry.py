@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -91,6 +91,31 @@ def wkb_polygons(corners: np.ndarray) -> pa.BinaryArray:
     return pa.BinaryArray.from_buffers(
         pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(buf.reshape(-1))]
     )
+
+
+BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
+                       ("xmax", pa.float64()), ("ymax", pa.float64())])
+
+
+def bbox_column(corners: np.ndarray) -> pa.StructArray:
+    """The ``bbox`` covering column (GeoParquet 1.1) of (N,4,2) footprint corners."""
+    c = np.asarray(corners, dtype=np.float64)
+    return pa.StructArray.from_arrays(
+        [pa.array(c[..., 0].min(axis=1)), pa.array(c[..., 1].min(axis=1)),
+         pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))], fields=list(BBOX_TYPE))
+
+
+def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
+                 types: Sequence[str] = ("Polygon",)) -> dict:
+    """A table's ``geo`` metadata (GeoParquet 1.1): WKB footprints in ``geometry`` (counter-
+    clockwise, planar edges) in the CRS ``crs_json`` (PROJJSON; None: pixel space), with the
+    ``bbox`` covering column; ``bbox``: the footprints' extent, left out for a table without rows."""
+    col: dict[str, Any] = {"encoding": "WKB", "geometry_types": list(types), "crs": crs_json,
+                           "orientation": "counterclockwise", "edges": "planar",
+                           "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}}
+    if bbox is not None:
+        col["bbox"] = [float(v) for v in bbox]
+    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": col}}
 
 
 def wrap_longitudes(corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from ..errors import OutputError
 from ..log import catching_warnings
 from .files import _dumps, atomic_output
-from .geometry import _projjson, gpkg_polygons, pyproj_crs, wkb_polygons
+from .geometry import BBOX_TYPE, _projjson, bbox_column, geo_metadata, gpkg_polygons, pyproj_crs, wkb_polygons
 
 # --------------------------------------------------------------------------- tile table
 
@@ -54,10 +54,6 @@ _ORDER_HEAD = ("scene", "tile_index", "row", "col", "col_off", "row_off", "width
 
 
 _ORDER_CAM = ("cam_mean", "cam_max", "cam_raw_max", "cam_peak_x", "cam_peak_y")
-
-
-BBOX_TYPE = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()),
-                        ("xmax", pa.float64()), ("ymax", pa.float64())])
 
 
 _ROW_GROUP = 65536
@@ -249,19 +245,8 @@ class TileTable:
         corners = cols["corners"]
         n = corners.shape[0]
 
-        geo_col: dict[str, Any] = {
-            "encoding": "WKB",
-            "geometry_types": ["Polygon"],
-            "crs": _projjson(crs),
-            "orientation": "counterclockwise",
-            "edges": "planar",
-            "covering": {"bbox": {"xmin": ["bbox", "xmin"], "ymin": ["bbox", "ymin"],
-                                  "xmax": ["bbox", "xmax"], "ymax": ["bbox", "ymax"]}},
-        }
-        if n:
-            geo_col["bbox"] = [float(corners[..., 0].min()), float(corners[..., 1].min()),
-                               float(corners[..., 0].max()), float(corners[..., 1].max())]
-        geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+        extent = (corners[..., 0].min(), corners[..., 1].min(), corners[..., 0].max(), corners[..., 1].max()) if n else None
+        geo = geo_metadata(_projjson(crs), extent)
         meta = _tilescan_meta(classes, model_id, scene, n, extra_metadata)
 
         label_type = pa.dictionary(pa.int32(), pa.string())
@@ -297,10 +282,7 @@ class TileTable:
             arrays += [pa.array(cols[name][lo:hi]) for name in _ORDER_CAM]
             c = corners[lo:hi]
             arrays.append(wkb_polygons(c))
-            arrays.append(pa.StructArray.from_arrays(
-                [pa.array(c[..., 0].min(axis=1)), pa.array(c[..., 1].min(axis=1)),
-                 pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))],
-                fields=list(BBOX_TYPE)))
+            arrays.append(bbox_column(c))
             return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
         with atomic_output(path) as tmp:
@@ -308,8 +290,6 @@ class TileTable:
                                   use_dictionary=dictionary_columns(schema)) as writer:
                 for lo in range(0, n, _ROW_GROUP):
                     writer.write_batch(batch(lo, min(n, lo + _ROW_GROUP)), row_group_size=_ROW_GROUP)
-                if n == 0:
-                    writer.write_table(pa.Table.from_batches([batch(0, 0)], schema=schema))
         return Path(path)
 
     # -- GeoPackage

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -118,15 +118,13 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
     import pyarrow.parquet as pq
 
     from ..outputs.files import atomic_output
-    from ..outputs.geometry import wkb_polygons
+    from ..outputs.geometry import bbox_column, geo_metadata, wkb_polygons
 
     pj = pyproj_crs(crs)
-    geo_col: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"],
-                               "crs": None if pj is None else pj.to_json_dict(), "orientation": "counterclockwise"}
-    if len(corners):
-        geo_col["bbox"] = [float(corners[..., 0].min()), float(corners[..., 1].min()),
-                           float(corners[..., 0].max()), float(corners[..., 1].max())]
-    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+    corners = corners.reshape(-1, 4, 2)
+    extent = (corners[..., 0].min(), corners[..., 1].min(), corners[..., 0].max(), corners[..., 1].max()) \
+        if len(corners) else None
+    geo = geo_metadata(None if pj is None else pj.to_json_dict(), extent)
     arrays = {
         "chip": pa.array(table_rows["chip"], pa.string()),
         # the legend's order, as tiles.parquet's label: a category's code is its class index
@@ -146,7 +144,8 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
         "valid_fraction": pa.array(table_rows["valid_fraction"], pa.float32()),
         "cover": pa.array(table_rows["cover"], pa.float32()),
         "label_fids": pa.array(table_rows["label_fids"], pa.list_(pa.int64())),
-        "geometry": wkb_polygons(corners.reshape(-1, 4, 2)) if len(corners) else pa.array([], pa.binary()),
+        "geometry": wkb_polygons(corners),
+        "bbox": bbox_column(corners),
     }
     table = pa.table(arrays)
     table = table.replace_schema_metadata({b"geo": json.dumps(geo).encode(), b"tilescan": json.dumps(meta).encode()})
