@@ -297,6 +297,39 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
         E.run_evaluate(str(model_file), str(part), "test", str(tmp_path / "o2"), log=lambda s: None)
 
 
+def test_a_folder_kept_only_for_scoring(model_file, dataset, tmp_path):
+    """An independent test set in each layout a user makes: Test/<Class>/ alone, a splits folder
+    with only test.txt, plain class folders scored whole with --split all; each scores the same
+    images as the dataset's own test split. 'all' of the dataset the model was trained on is
+    warned about."""
+    from conftest import invoke
+
+    want = E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "want"), explain_samples=0,
+                          log=lambda s: None)["metrics"]
+    tests = [ln.split("/") for ln in (dataset / "splits" / "test.txt").read_text().split()]
+    only_test = tmp_path / "only_test"
+    plain = tmp_path / "plain"
+    for c, name in tests:
+        for folder in (only_test / "Test" / c, plain / c):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).symlink_to(dataset / "images" / c / name)
+    lists = tmp_path / "lists"
+    (lists / "splits").mkdir(parents=True)
+    (lists / "images").symlink_to(dataset / "images")
+    shutil.copy(dataset / "splits" / "test.txt", lists / "splits")
+    for data, split in ((only_test, "test"), (lists, "test"), (plain, "all")):
+        res = invoke(["evaluate", model_file, data, "--split", split, "-o", tmp_path / f"o-{data.name}",
+                      "--explain-samples", "0"])
+        assert res.exit_code == 0, res.output
+        got = json.loads((tmp_path / f"o-{data.name}" / "report.json").read_text())
+        assert got["n"] == len(tests) and got["metrics"]["confusion_matrix"] == want["confusion_matrix"], data
+        assert "split_warning" not in got
+    res = invoke(["evaluate", model_file, only_test, "--split", "val", "-o", tmp_path / "o-val"])
+    assert res.exit_code == 4 and "dataset has no 'val' split (has: test)" in res.output, res.output
+    res = invoke(["evaluate", model_file, lists, "--split", "val", "-o", tmp_path / "o-val"])
+    assert res.exit_code == 4 and "no val.txt in the splits folder (has: test.txt)" in res.output, res.output
+
+
 def test_errors(model_file, dataset, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="limit"):
         E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path / "o"), record=True, limit=5, log=lambda s: None)

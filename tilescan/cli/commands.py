@@ -315,7 +315,8 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
 @main.command()
 @click.argument("model_path", metavar="MODEL")
 @click.argument("data", type=click.Path())
-@click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), help="Which split to score.")
+@click.option("--split", default="test", type=click.Choice(["train", "val", "test", "all"]),
+              help="Which split to score; 'all': every image of DATA (a folder kept for scoring).")
 @click.option("-o", "--out", required=True, type=OutPath(), help="Folder for report.json, CSVs and PNGs.")
 @option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
         help="Folder with split lists.")

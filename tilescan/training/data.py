@@ -58,8 +58,16 @@ class Dataset:
 
     def items(self, split: str) -> list[tuple[str, int]]:
         if split not in self.splits:
+            if self.split_source.startswith("lists:"):
+                where = Path(self.split_source[len("lists:"):])
+                raise InputError(f"dataset has no '{split}' split: no {split}.txt in the splits folder (has: "
+                                 f"{', '.join(s + '.txt' for s in self.splits)})", path=str(where))
             raise InputError(f"dataset has no '{split}' split (has: {', '.join(self.splits)})", path=str(self.root))
         return self.splits[split]
+
+    def all_items(self) -> list[tuple[str, int]]:
+        """Every image of the dataset, its splits one after the other (they share no image)."""
+        return [it for s in SPLITS for it in self.splits.get(s, [])]
 
     def check_found(self, **items_of: list[tuple[str, int]]) -> None:
         """Every image of the items given per split (``train=[...]``) exists and is an 8-bit
@@ -295,7 +303,7 @@ def load_dataset(
             set().union(*(_class_dirs(d) for d in split_folders.values()))
         )
         splits = {s: _list_items(d, data, classes) for s, d in split_folders.items()}
-        if "val" not in splits:
+        if "val" not in splits and "train" in splits:
             # carve a validation split out of train, stratified and seeded
             tv = stratified_split(splits["train"], val_fraction / max(1e-9, 1 - test_fraction), 0.0, seed)
             splits["train"], splits["val"] = tv["train"], tv["val"]
@@ -325,8 +333,8 @@ def load_dataset(
                     raise InputError(f"line '{ln}': class folder '{cls}' is not a known class", path=str(f))
                 items.append((ln, index[cls]))
             splits[split] = items
-        if "train" not in splits or "val" not in splits:
-            raise InputError("split lists need at least train.txt and val.txt", path=str(lists_dir))
+        if not splits:  # which ones a command needs, it asks for (train: train and val; evaluate: one)
+            raise InputError("no split lists (train.txt, val.txt, test.txt) in the splits folder", path=str(lists_dir))
         _check_disjoint(splits, lists_dir)
         return Dataset(image_root, classes, splits, f"lists:{lists_dir}", hashes, name)
 

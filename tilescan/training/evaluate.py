@@ -48,6 +48,7 @@ from ..explain.figures import RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts,
 
 DEFAULT_OUT_DIR = "evaluation"
 SEED = 20261126
+ALL = "all"  # the split that scores every image of the dataset
 
 
 def _workers() -> int:
@@ -386,17 +387,22 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     trained = meta.get("training") or {}
     drawn = {k: v for k, v in (trained.get("config") or {}).items() if k in ("val_fraction", "test_fraction", "seed")}
     ds = load_dataset(data, splits_dir=splits_dir, **drawn)
-    items = ds.items(split)
+    if split == ALL:  # a folder kept for scoring: every image, whichever split it lies in
+        items = ds.all_items()
+        ds.check_found(**ds.splits)
+    else:
+        items = ds.items(split)
+        ds.check_found(**{split: items})
     if not items:
         raise InputError(f"the '{split}' split is empty", path=str(data))
-    ds.check_found(**{split: items})
     model_classes = [unicodedata.normalize("NFC", c) for c in meta["classes"]]  # in one Unicode form, as datasets read them
     items = _in_model_classes(items, ds.classes, model_classes, data, log)
     lm = load_model(model_path)
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; image datasets are RGB", path=lm.path)
     card = read_card(ds.root)
-    overlap = _split_changed(trained, ds, split) or _same_labels_other_cut(trained, card, ds, split)
+    overlap = (_trained_on(trained, ds) if split == ALL else None) or _split_changed(trained, ds, split) \
+        or _same_labels_other_cut(trained, card, ds, split)
     if overlap:
         log(f"warning: {overlap}")
     if other := transfer.chips_bands_differ(card, lm):
@@ -420,20 +426,34 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
     return items
 
 
+def _same_dataset(trained: dict, ds) -> bool:
+    """Whether ``ds`` is the dataset the model was trained on: its folder name and kind of split
+    (a chips dataset, whose images are all in an images/ folder, by its own name too)."""
+    def kind(source) -> str:
+        return str(source).split("(")[0].split(":")[0]
+
+    if kind(trained.get("split_source")) != kind(ds.split_source) or trained.get("root") != ds.root.name:
+        return False
+    return ds.root.name.lower() != "images" or str(trained.get("dataset", "")).casefold() == ds.name.casefold()
+
+
+def _trained_on(trained: dict, ds) -> str | None:
+    """Why ``--split all`` of ``ds`` holds the model's training images: it is the dataset the
+    model was trained on, and it has a train or val split."""
+    if not _same_dataset(trained, ds) or not (ds.splits.get("train") or ds.splits.get("val")):
+        return None
+    return ("the dataset is the one the model was trained on: split 'all' holds its train and val images, "
+            "and scores it too high; score its test split, or a folder the model never saw")
+
+
 def _split_changed(trained: dict, ds, split: str) -> str | None:
     """Why ``split`` may hold images the model was trained on: the dataset is the one it was
     trained on (its folder name, its kind of split), but its train or val split differs from
     the one recorded then (files added, removed or renamed since); None when they match or
     there is nothing to compare (another dataset)."""
     was = trained.get("split_sha256") or {}
-
-    def kind(source) -> str:
-        return str(source).split("(")[0].split(":")[0]
-
-    if kind(trained.get("split_source")) != kind(ds.split_source) or trained.get("root") != ds.root.name:
+    if not _same_dataset(trained, ds):
         return None
-    if ds.root.name.lower() == "images" and str(trained.get("dataset", "")).casefold() != ds.name.casefold():
-        return None  # every chips dataset's images are in an images/ folder: its own name tells them apart
     if not ds.splits.get("train") and not ds.splits.get("val"):
         return None  # a set only for scoring (chips --split test), not the training set changed
     changed = [s for s in ("train", "val") if s in was and was[s] != ds.split_sha256.get(s)]
