@@ -424,3 +424,24 @@ def test_pixels_outside_0_1_are_refused_not_classified(x, cams):
     with pytest.raises(ValueError, match=r"got values up to 2\d\d"):
         cams("gradcam")(x * 255)
     cams("gradcam")(x)  # 0..1 as before
+    one = x.copy()
+    one.reshape(-1)[7] = 255.0  # one stray 0..255 value is found, wherever it is
+    with pytest.raises(ValueError, match=r"got values up to 255"):
+        cams("gradcam")(one)
+
+
+def test_nan_pixels_and_other_shapes_are_refused_with_what_is_wrong(x, cams):
+    """A NaN pixel (a float raster's nodata) gave NaN probabilities, read as class 0; bands
+    first (as rasterio reads), another band count or an empty batch gave TensorFlow's own
+    error: each is a ValueError that says what to do."""
+    holed = x.copy()
+    holed[0, 5, 5, 0] = np.nan
+    with pytest.raises(ValueError, match=r"holds NaN pixels \(nodata\?\): set them to 0 first"):
+        cams("gradcam")(holed)
+    with pytest.raises(ValueError, match=r"channels last; got shape \(\d+, 3, \d+, \d+\) \(channels first, as "
+                                         r"rasterio reads: np.moveaxis\(x, 1, -1\)\)"):
+        cams("gradcam")(np.moveaxis(x, -1, 1).copy())
+    with pytest.raises(ValueError, match=r"must be a batch \(B, H, W, 3\).*got shape \(\d+, \d+, \d+, 4\)$"):
+        cams("gradcam")(np.concatenate([x, x[..., :1]], axis=-1))
+    with pytest.raises(ValueError, match=r"of one or more images.*got shape \(0,"):
+        cams("gradcam")(x[:0])

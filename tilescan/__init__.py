@@ -224,7 +224,7 @@ def _names(text: str) -> list[str]:
 def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     """A batched CAM method (one of :data:`CAM_METHODS`) bound to a Keras model, or to the
     model of :func:`load_model` (then ``layer`` defaults to the one its metadata names).
-    Called on a (B, H, W, C) batch of float pixels in 0..1 (integer or 0..255 ones are refused);
+    Called on a (B, H, W, C) batch of float pixels in 0..1 (integer, 0..255 or NaN ones are refused);
     ``target``: None (each image's prediction), class indexes, or, bound to a loaded model, a
     class name. Returns a ``CAMResult``: ``probs`` (the prediction is ``probs.argmax(-1)``),
     ``target`` (the class each map explains), and per image the map at the layer's own

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -160,12 +161,21 @@ class CAMMethod:
             raise ValueError(f"target classes must be in 0..{self.num_classes - 1}, got {t.tolist()}")
         return t.astype(np.int32)
 
-    def _checked(self, x, target) -> tuple[np.ndarray, np.ndarray]:
+    def _checked(self, x, target, sample: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` as float32 and the targets, or a ValueError saying what is wrong with ``x``;
+        ``sample``: look at a strided sample of the values only (run's own batches, scaled by
+        its reader, on the device's asynchronous path, where a whole pass costs a step's time)."""
         raw = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x)
-        if raw.ndim != 4:
-            raise ValueError(f"CAM input must be a batch (B, H, W, C), got shape {raw.shape}")
-        # 0..255 pixels give confident, wrong labels: refused (a strided sample keeps the check cheap)
-        top = float(raw.reshape(-1)[::1009].max()) if raw.size and raw.dtype.kind == "f" else 0.0
+        want = self.model.input_shape[-1] if isinstance(self.model.input_shape, tuple) else None
+        if raw.ndim != 4 or raw.shape[0] == 0 or (want is not None and raw.shape[-1] != want):
+            first = raw.ndim == 4 and want is not None and raw.shape[1] == want and raw.shape[-1] != want
+            raise ValueError(f"CAM input must be a batch (B, H, W, {want or 'C'}) of one or more images, channels last; "
+                             f"got shape {raw.shape}" + (" (channels first, as rasterio reads: np.moveaxis(x, 1, -1))"
+                                                          if first else ""))
+        # 0..255 pixels give confident, wrong labels, NaN ones NaN probabilities read as class 0: refused
+        top = float(np.max(raw.reshape(-1)[::1009] if sample else raw)) if raw.dtype.kind == "f" else 0.0
+        if math.isnan(top):
+            raise ValueError("CAM input holds NaN pixels (nodata?): set them to 0 first, as tilescan run feeds nodata")
         if raw.dtype.kind in "iub" or top > 1.5:
             got = f"{raw.dtype} pixels" if raw.dtype.kind in "iub" else f"values up to {top:g}"
             raise ValueError(f"CAM input must be float pixels in 0..1 (uint8 / 255), as the model was trained on; "
@@ -185,7 +195,7 @@ class CAMMethod:
         if dispatch is None:
             res = self(x, target)
             return lambda: res
-        x, t = self._checked(x, target)
+        x, t = self._checked(x, target, sample=True)
         collect = dispatch(x, t)
         return lambda: self._fast_result(*collect())
 
