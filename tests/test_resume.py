@@ -165,6 +165,42 @@ def test_a_finished_scene_whose_output_files_were_deleted_is_redone(tmp_path, sc
     assert {f.name: f.stat().st_mtime_ns for f in (out / "b").iterdir()} == b_before
 
 
+def test_a_scene_finished_in_bands_or_whole_is_not_redone_when_the_scene_count_changes(tmp_path, scene_path):
+    """Fewer scenes than shards band a scene; a scene that arrives (or leaves) between runs
+    changes that: a scene finished as row bands is not redone whole, nor one finished whole
+    redone as bands (each skipped, and said why); the new scene is done."""
+    import shutil
+
+    from conftest import invoke
+
+    src, out = tmp_path / "scenes", tmp_path / "out"
+    src.mkdir()
+    args = ["--tile-size", "128", "--units", "px", "--no-progress", "-o", out]
+    shutil.copyfile(scene_path("rasterio/RGB.byte.tif"), src / "a.tif")  # 6 tile rows: 2 bands on 2 shards
+
+    def shards() -> list[dict]:
+        for i in range(2):
+            res = invoke(["run", src, *args, "--shard", f"{i}/2"])
+            assert res.exit_code == 0, res.output
+        return [json.loads((out / f"report-shard-000{i}-of-0002.json").read_text()) for i in range(2)]
+
+    shards()
+    bands = sorted(p.name for p in (out / "a").iterdir())
+    assert bands == ["rows-00000-00003", "rows-00003-00006"]
+    shutil.copyfile(src / "a.tif", src / "b.tif")  # two scenes on two shards: whole scenes now
+    reps = shards()
+    skipped = [u for r in reps for u in r["skipped"]]
+    assert [u["unit"] for u in skipped] == ["a"] and "already complete as 2 row bands" in skipped[0]["reason"]
+    assert [u["unit"] for r in reps for u in r["done"]] == ["b"]
+    assert sorted(p.name for p in (out / "a").iterdir()) == bands  # no whole output beside the bands
+    (src / "a.tif").unlink()  # b alone again: banded, and finished whole
+    reps = shards()
+    assert [u["unit"] for r in reps for u in r["done"]] == []
+    assert sorted(u["unit"] for r in reps for u in r["skipped"]) == ["b/rows-00000-00003", "b/rows-00003-00006"]
+    assert all("as its scene's whole output" in u["reason"] for r in reps for u in r["skipped"])
+    assert not list((out / "b").glob("rows-*"))
+
+
 def _two_scenes_done(tmp_path: Path, scene_path) -> tuple[Path, Path, list[str]]:
     """Scenes a.tif and b.tif (one real scene twice) run into OUT: (scene folder, OUT, run options)."""
     import shutil

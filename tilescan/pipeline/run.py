@@ -347,12 +347,14 @@ class _Units:
         lock = UnitLock(self.out, unit).acquire()
         try:
             done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version)
-            if done:
+            how = None if done or replaces or self.cfg.output.overwrite else \
+                _finished_otherwise(unit, final, self.cfg, self.card, version)
+            if done or how:
                 lock.release()
                 logger.debug(f"{unit.key}: already complete, skipped")  # -v: a rerun of 500 chips printed 500 lines
                 old = read_manifest(final) or {}
-                return UnitResult(unit.key, str(unit.scene), "skipped", str(final),
-                                  reason="already complete with the same config and model", counts=old.get("counts", {}))
+                return UnitResult(unit.key, str(unit.scene), "skipped", str(final), counts=old.get("counts", {}),
+                                  reason=f"already complete{' ' + how if how else ''} with the same config and model")
         except BaseException:
             lock.release()
             raise
@@ -471,6 +473,29 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     elif not same or version is None:
         return False
     return old.get("fingerprint") == fingerprint(unit, cfg.replace("tiling", **same), card.sha256, version)
+
+
+def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel, version: dict | None) -> str | None:
+    """How the unit's tiles are already finished in the other shape a shard count gives a scene
+    (the scene count changed between runs: fewer scenes than shards bands them): a whole unit
+    by row bands that cover every tile row, a band by its scene's whole output; each made from
+    the same scene, settings and model with none of its outputs missing. None otherwise."""
+    from ..outputs.finished import _covers, _Unit
+
+    def same(folder: Path, u: Unit) -> dict | None:
+        m = read_manifest(folder)
+        ok = (isinstance(m, dict) and m.get("status") == "complete"
+              and (m.get("fingerprint") == fingerprint(u, cfg, card.sha256, version) or _equivalent(m, u, cfg, card, version))
+              and all(os.path.lexists(folder / f) for f in m.get("outputs") or ["tiles.parquet"]))
+        return m if ok else None
+
+    if unit.part is not None:
+        return "as its scene's whole output" if same(final.parent, Unit(unit.scene, unit.name)) else None
+    bands = []
+    for p in sorted(final.iterdir()) if final.is_dir() else ():
+        if layout.PART_RE.fullmatch(p.name) and (m := same(p, Unit(unit.scene, unit.name, *map(int, p.name.split("-")[1:])))):
+            bands.append(_Unit(p, unit.name, p.name, m, tuple(m["rows"])))
+    return f"as {len(bands)} row bands" if bands and _covers(bands) else None
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,
