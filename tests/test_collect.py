@@ -551,8 +551,13 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
     counts = [json.loads((out / f"report-shard-000{i}-of-0002.json").read_text())["scenes_listed"]["count"] for i in (0, 1)]
     assert counts == [2, 3]
     notes.clear()
-    run_collect(out, gpkg=False, log=notes.append)
+    summary = run_collect(out, gpkg=False, log=notes.append)
     assert any("the shards of the latest run listed different scenes (2, 3)" in n for n in notes), notes
+    assert [u["report"] for u in summary["unfinished_in_run"]] == ["report-shard-0000-of-0002.json, "
+                                                                   "report-shard-0001-of-0002.json"]
+    from conftest import invoke  # a step that publishes only a whole batch stops here
+    res = invoke(["collect", out, "--no-gpkg", "--require-complete"])
+    assert res.exit_code == 3 and "left undone" in res.output, res.output
     assert run([inputs], out, cfg, shard=(0, 2), log=quiet).exit_code == 0  # the job again: both list the same
     notes.clear()
     run_collect(out, gpkg=False, log=notes.append)

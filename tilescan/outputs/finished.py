@@ -377,9 +377,12 @@ def covered(unit, collected: set[str]) -> bool:
 def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> list[dict]:
     """What the latest run's reports (``(file name, contents)``) say it left undone and is not
     collected: units a stop (SIGTERM, a time limit) dropped or never started, reports of a run
-    that had not ended (still running, or killed) or that ended with an error, and the shards
-    of ``N`` with no report at all (not run yet). summary.json's ``unfinished_in_run``."""
+    that had not ended (still running, or killed) or that ended with an error, the shards
+    of ``N`` with no report at all (not run yet), and shards that listed different scenes (a
+    scene may have been done by none). summary.json's ``unfinished_in_run``."""
     out: list[dict] = []
+    if why := shards_disagree([data.get("scenes_listed") for _, data in reports]):
+        out.append({"unit": None, "report": ", ".join(name for name, _ in reports), "why": why})
     shards: set[tuple[int, int]] = set()
     for name, data in reports:
         if isinstance(shard := data.get("shard"), list) and len(shard) == 2:
@@ -408,21 +411,17 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
     the run from redoing); what the run left undone (``unfinished_in_run``: stopped, still
     running, shards not run); shards that listed other scenes. ``collected``: key -> run.json."""
     found: dict[str, dict] = {}
-    listed: list = []  # what each shard of the run listed: the input may have changed between their starts
     read: list[tuple[str, dict]] = []
     for report in latest_reports(out):
         try:
             failed = (data := json.loads(report.read_text())).get("failed") or []
         except (OSError, ValueError, AttributeError):
             continue  # a report being written, or not tilescan's: the run's log has it
-        listed.append(data.get("scenes_listed"))
         read.append((report.name, data))
         for f in failed:
             if isinstance(f, dict):
                 found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
                     "report": report.name}
-    if why := shards_disagree(listed):
-        log(f"warning: collect: {why}")
     if undone := unfinished_in_run(read, collected):
         said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
         log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
