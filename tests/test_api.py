@@ -168,6 +168,16 @@ def test_bad_override_is_a_config_error(tmp_path):
     assert exc.value.exit_code == 2
 
 
+def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    """``out=""`` (an unset variable) wrote a run's outputs and report.json into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for call in (lambda: tilescan.run(scene("rio-tiler/cog_rgb.tif"), ""), lambda: tilescan.collect(""),
+                 lambda: tilescan.train(tmp_path, ""), lambda: tilescan.explain_figures(scene("rio-tiler/cog_rgb.tif"), " ")):
+        with pytest.raises(tilescan.ConfigError, match=r"out is empty \(an unset variable\?\): give a path"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_commands_have_their_functions():
     """Every command is a function of the public API (the CLI calls these, nothing else)."""
     for name in ("run", "train", "evaluate", "collect", "cut_chips", "explain_figures", "describe_model", "runtime",

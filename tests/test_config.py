@@ -226,6 +226,26 @@ def test_replace_is_checked():
     assert cfg.tiling.tile_size == 128
     _error(cfg.replace, "tiling", tile_size=-3)
     _error(cfg.replace, "tiling", no_such_key=1)
+    # run()'s short names, as the README writes them; an error names the code, as run()'s do
+    assert cfg.replace("tiling", min_valid=0.3).tiling.min_valid_fraction == 0.3
+    assert str(_error(cfg.replace, "tiling", tile_size="x")).startswith("arguments given in code: [tiling] tile_size")
+
+
+def test_numpy_values_are_settings_like_python_ones():
+    """A sweep's values from numpy or a DataFrame: np.int64, np.float32, an array of bands."""
+    import numpy as np
+
+    from tilescan.config import load_config
+
+    t = load_config(None, {"tiling": {"tile_size": np.int64(256), "min_valid_fraction": np.float32(0.25),
+                                      "bands": np.array([3, 2, 1])}}, environ={}).tiling
+    assert (t.tile_size, t.min_valid_fraction, t.bands) == (256, 0.25, (3, 2, 1))
+    assert type(t.tile_size) is int and type(t.bands[0]) is int
+    assert "expected an integer, got True" in str(_error(load_config, None, {"tiling": {"tile_size": np.bool_(True)}},
+                                                         environ={}))
+    # a flattened key is shown the form overrides take
+    e = _error(load_config, None, {"tiling__stride": 64}, environ={})
+    assert "e.g. {'tiling': {'stride': ...}}" in str(e)
 
 
 # ------------------------------------------------------------------------------------

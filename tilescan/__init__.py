@@ -137,6 +137,7 @@ def run(
     from .pipeline.run import report_failed_start
     from .pipeline.run import run as _run
 
+    out = _given(out)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if isinstance(stac, (str, os.PathLike)):
@@ -156,6 +157,13 @@ def run(
     return _run(list(inputs), out, cfg, model_path=_model_file(model),
                 shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
                 ctrl_c_raises=interrupt == "raise")
+
+
+def _given(path: str | os.PathLike, what: str = "out") -> str | os.PathLike:
+    """``path`` when it names something: ``""`` (an unset variable) is refused, not the current folder."""
+    if not str(os.fspath(path)).strip():
+        raise ConfigError(f"{what} is empty (an unset variable?): give a path")
+    return path
 
 
 def _replace_all(cfg: Config, layer: dict[str, dict[str, Any]]) -> Config:
@@ -203,7 +211,7 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         kwargs["methods"] = _names(kwargs["methods"])
     if model is not None:
         kwargs["model_path"] = _model_file(model)
-    return run_explain([str(p) for p in inputs], str(out), **kwargs)
+    return run_explain([str(p) for p in inputs], str(_given(out)), **kwargs)
 
 
 def _only_keywords_of(func, kwargs: dict, name: str, exclude: Sequence[str] = ()) -> None:
@@ -265,7 +273,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     from .training.resuming import checkpoint_split
     from .training.train import train as _train
 
-    cfg = _train_config(config, overrides)
+    cfg, out = _train_config(config, overrides), _given(out)
     import_keras()
     drawn = {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "seed": cfg.seed}
     ds = load_dataset(data, splits, **{**drawn, **(checkpoint_split(out) if resume else {})})  # resumed: its split
@@ -303,7 +311,7 @@ def evaluate(model: str | os.PathLike | LoadedModel | None, data: str | os.PathL
     _cam_alias(kwargs, "cam_methods")
     if isinstance(kwargs.get("cam_methods"), str):
         kwargs["cam_methods"] = _names(kwargs["cam_methods"])
-    return run_evaluate(_model_file(model), str(data), split, str(out), **kwargs)
+    return run_evaluate(_model_file(model), str(data), split, str(_given(out)), **kwargs)
 
 
 def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> dict:
@@ -311,7 +319,7 @@ def collect(out: str | os.PathLike, gpkg: bool = True, styles: bool = True) -> d
     table, a GeoPackage copy, per-class summary, QGIS project); returns the summary."""
     from .outputs.collect import run_collect
 
-    return run_collect(out, gpkg=gpkg, styles=styles)
+    return run_collect(_given(out), gpkg=gpkg, styles=styles)
 
 
 def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: str | os.PathLike, out: str | os.PathLike,
@@ -329,7 +337,7 @@ def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: s
     cfg = config if isinstance(config, Config) else load_config(config)
     if isinstance(scenes, (str, os.PathLike)):
         scenes = [scenes]
-    return _cut([str(s) for s in scenes], labels, out, cfg.tiling, class_field=class_field, layer=layer,
+    return _cut([str(s) for s in scenes], labels, _given(out), cfg.tiling, class_field=class_field, layer=layer,
                 model_path=_model_file(model), opts=ChipOptions(**options), overwrite=overwrite)
 
 

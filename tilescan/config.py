@@ -225,9 +225,11 @@ class Config:
         return {f.name: _section_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, section: str, **values: Any) -> "Config":
-        """A copy with ``values`` set in ``section`` (checked like any other source); the
-        other values keep their origins."""
-        cfg = build_config(self.to_dict(), {section: values}, source="argument")
+        """A copy with ``values`` set in ``section`` (checked like any other source; run()'s short
+        names too, ``min_valid``); the other values keep their origins."""
+        values = {KEYWORD_ALIASES[k][1] if KEYWORD_ALIASES.get(k, ("",))[0] == section else k: v for k, v in values.items()}
+        plain = {(section, k): f"[{section}] {k} = {_toml_text(v)}" for k, v in values.items()}  # errors name the code
+        cfg = build_config(self.to_dict(), {section: values}, source=["argument", CODE_SOURCE], origins=[None, plain])
         for name in SECTIONS:
             kept = {k: v for k, v in getattr(getattr(self, name), "_origins", {}).items() if name != section or k not in values}
             object.__setattr__(getattr(cfg, name), "_origins", {**getattr(getattr(cfg, name), "_origins", {}), **kept})
@@ -266,8 +268,9 @@ def _section_dict(obj: Any) -> dict[str, Any]:
 
 def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     """Convert ``value`` to ``typ`` or raise a ConfigError naming key and source."""
-    where = f"[{section}] {key}"
-    origin = typing.get_origin(typ)
+    where, origin = f"[{section}] {key}", typing.get_origin(typ)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # np.int64(128), np.array([3, 2, 1])
+        value = value.tolist()
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}: expected {expected}, got {value!r}", path=source)
@@ -279,9 +282,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
             return value.strip().lower() in {"1", "true", "yes", "on"}
         raise bad("true or false")
     if typ is int:
-        if isinstance(value, bool):
-            raise bad("an integer")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):
             try:
@@ -290,9 +291,7 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
                 raise bad("an integer") from None
         raise bad("an integer")
     if typ is float:
-        if isinstance(value, bool):
-            raise bad("a number")
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
             try:
@@ -589,8 +588,8 @@ def load_config(
     if overrides:
         flat = [s for s, vals in overrides.items() if not isinstance(vals, Mapping)]
         if flat:
-            home, key = KEYWORD_ALIASES.get(flat[0]) or (next((name for name, cls in SECTIONS.items() if flat[0] in {
-                f.name for f in dataclasses.fields(cls)}), "tiling"), flat[0])
+            home, key = KEYWORD_ALIASES.get(flat[0]) or (flat[0].split("__", 1) if "__" in flat[0] else (next((
+                name for name, cls in SECTIONS.items() if flat[0] in {f.name for f in dataclasses.fields(cls)}), "tiling"), flat[0]))
             raise ConfigError(f"overrides are by section, e.g. {{'{home}': {{'{key}': ...}}}}; got {flat[0]!r} "
                               "with a value of its own (tilescan.run() takes such keys as keywords)")
         clean = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()}

@@ -33,7 +33,9 @@ class TilescanError(Exception):
     """Base of all deliberate tilescan errors.
 
     ``path`` names the file the error is about (a scene, a config file, a model),
-    so the message a user sees always says *which* file is wrong.
+    so the message a user sees always says *which* file is wrong; for a setting, where it
+    was given when that is no file (``command-line flags``, an environment variable,
+    ``arguments given in code``).
     """
 
     exit_code = EXIT_INTERNAL
