@@ -178,6 +178,28 @@ def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_leaves_gdals_cache_as_it_found_it(tmp_path, monkeypatch):
+    """GDAL's block cache is bounded while a run reads (GDAL_CACHE_MB), then restored: the
+    notebook's own rasterio work keeps the cache it had."""
+    from rasterio.env import get_gdal_config
+
+    from tilescan.pipeline import run as R
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    before = get_gdal_config("GDAL_CACHEMAX")
+    seen = []
+    real = R.UnitJob
+
+    def job(*args, **kw):  # each unit's job is made while the run reads
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(R, "UnitJob", job)
+    assert tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "o").exit_code == 0
+    assert seen == [R.GDAL_CACHE_MB * 2**20] != [before]
+    assert get_gdal_config("GDAL_CACHEMAX") == before
+
+
 def test_the_commands_have_their_functions():
     """Every command is a function of the public API (the CLI calls these, nothing else)."""
     for name in ("run", "train", "evaluate", "collect", "cut_chips", "explain_figures", "describe_model", "runtime",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 import time
 import traceback
 import warnings
@@ -57,11 +58,31 @@ def _legacy_outputs(out: Path, unit: Unit, legacy: str) -> Path | None:
     return None
 
 
-def _bound_gdal_cache() -> None:
-    if "GDAL_CACHEMAX" not in os.environ:
-        from rasterio.env import set_gdal_config
+_cache_runs = [0, None]  # runs of this process inside _bound_gdal_cache, and the bound before the first
+_cache_lock = threading.Lock()
 
-        set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
+
+@contextlib.contextmanager
+def _bound_gdal_cache():
+    """GDAL's block cache bounded while runs go on, then as it was (a notebook's own rasterio
+    work keeps its cache); unless GDAL_CACHEMAX is set, which is the user's choice."""
+    if "GDAL_CACHEMAX" in os.environ:
+        yield
+        return
+    from rasterio.env import get_gdal_config, set_gdal_config
+
+    with _cache_lock:
+        if _cache_runs[0] == 0:
+            _cache_runs[1] = get_gdal_config("GDAL_CACHEMAX")
+            set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 2**20)
+        _cache_runs[0] += 1
+    try:
+        yield
+    finally:
+        with _cache_lock:
+            _cache_runs[0] -= 1
+            if _cache_runs[0] == 0:
+                set_gdal_config("GDAL_CACHEMAX", _cache_runs[1])
 
 
 def _huge_page_switch() -> Callable[[bool], bool] | None:
@@ -121,7 +142,7 @@ def run(
     shard = _checked_shard(shard)
     keep_freed_memory()  # a scene's arrays reuse the last scene's memory
     # SIGTERM/SIGINT: stop between batches, report, exit 75
-    with stop.handling("raise" if ctrl_c_raises else "end") as seen, _small_pages(), one_blas_thread():
+    with stop.handling("raise" if ctrl_c_raises else "end") as seen, _small_pages(), one_blas_thread(), _bound_gdal_cache():
         report = RunReport()
         try:
             _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine, report)
@@ -199,7 +220,6 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     else:  # a second run over the same OUT: the report stays the first one's, which is still at work
         log(f"warning: another tilescan run (pid {report.held_by}) is writing into {out}: its "
             f"{layout.report_name(shard)} is left to it while it runs (this run's replaces it only if it has ended)")
-    _bound_gdal_cache()
     configure_gdal(watch=False)  # remote scenes turn the transfer watch on themselves
     units = _plan(scenes, card, cfg, shard, out)
     if shard[1] > 1:  # which share this process does, as the scheduler or --shard gave it
