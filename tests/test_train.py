@@ -261,6 +261,26 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
     assert card.meta["gsd_m"] == pytest.approx((2.0 * side / 32 * 32.0 * side / 32) ** 0.5)
 
 
+def test_training_from_python_leaves_the_callers_random_draws_alone(mini_aid, tmp_path):
+    """Training seeds Python's and numpy's global generators; a notebook's next draws are the
+    ones it would have made without the training in between."""
+    import random
+
+    import numpy as np
+
+    import tilescan
+    from tilescan.backend import import_keras
+
+    import_keras()  # importing TensorFlow draws from them itself: before the seeds, as in a notebook's later cells
+    random.seed(5)
+    np.random.seed(5)
+    want = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    tilescan.train(mini_aid, tmp_path / "r.keras", epochs=1, image_size=32, batch_size=16, patience=0, limit=8)
+    assert (random.random(), np.random.rand()) == want
+
+
 def test_limit_takes_every_class_whatever_the_list_order():
     """``--limit``: a chips dataset lists its chips scene by scene, so one class may fill the
     first hundreds; the subset still holds every class, in the list's order."""
