@@ -564,6 +564,24 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
     assert not any("listed different scenes" in n for n in notes), notes
 
 
+def test_scenes_of_two_legends_are_refused_naming_each_legends_models_and_scenes(tmp_path):
+    """Two models of other classes into one OUT: collect says which scenes are in which legend
+    and what to do, writes nothing, and gives no warning of 'models of the same classes'."""
+    from conftest import invoke, scene, tiny_model_file
+
+    out = tmp_path / "out"
+    for name, classes, seed in (("RGB.byte", ["built-up", "water"], 1), ("cog_rgb", ["Crop/fallow", "Grünland", "open water"], 2)):
+        model = tiny_model_file(tmp_path / f"{seed}.keras", classes, 32, seed=seed, model_id=f"mine-{seed}")
+        src = "rasterio/RGB.byte.tif" if name == "RGB.byte" else "rio-tiler/cog_rgb.tif"
+        res = invoke(["run", scene(src), "-o", out, "--model", model, "--tile-size", "128", "--units", "px", "--no-progress"])
+        assert res.exit_code == 0, res.output
+    res = invoke(["collect", out])
+    assert res.exit_code == 4, res.output
+    assert ("holds scenes classified in 2 legends (built-up, water (model mine-1): scenes RGB.byte; Crop/fallow, Grünland, "
+            "open water (model mine-2): scenes cog_rgb); one collected table holds one legend") in res.output, res.output
+    assert "of the same classes" not in res.output and not (out / "collected").exists()
+
+
 def test_over_so_many_scenes_the_collected_project_is_one_tiles_layer(ref, tmp_path, monkeypatch):
     """545 chips made a collected.qgs of 2,174 layers (a group per scene) that QGIS took nearly
     a minute to open: over MAX_SCENE_GROUPS scenes it holds every tile as one layer, shown."""

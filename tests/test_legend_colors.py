@@ -46,6 +46,12 @@ def test_text_and_json_colour_files(tmp_path):
     bad.write_text("water,#1f78b4\nforest,green\n")
     with pytest.raises(ValueError, match="line 2: 'forest,green'"):
         read_class_colors(bad)
+    for text in ("built-up;red\n", "built-up,red\nwater,#0000ff\n"):  # a colour name on line 1 is no header
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="line 1: 'built-up.red'"):
+            read_class_colors(bad)
+    bad.write_text("Class Name,Hex Code\nwater,#0000ff\n")
+    assert read_class_colors(bad) == {"water": (0, 0, 255)}
     cut = tmp_path / "cut.qml"
     cut.write_text("<!DOCTYPE qgis><qgis><renderer-v2 type=")
     with pytest.raises(ValueError, match="not a readable QGIS style"):

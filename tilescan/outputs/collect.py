@@ -65,7 +65,7 @@ from ..log import emit
 from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, find_units, run_failures, say_models
+from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models
 from .geometry import (antimeridian_wkb, geo_metadata, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
@@ -319,6 +319,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     scenes, skipped = find_units(out, log)
     if not scenes:
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
+    one_legend(scenes, out)
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     layout.discard(stage)
     run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)

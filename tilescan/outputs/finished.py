@@ -299,6 +299,29 @@ def shards_disagree(listed: list) -> str | None:
             "finished is skipped), then collect again")
 
 
+def one_legend(scenes: list[_Scene], out: Path) -> None:
+    """Refuse, before anything is written, scenes classified in more than one legend (models of
+    other classes: one table holds one legend), naming each legend's models and scenes."""
+    by: dict[tuple, dict] = {}
+    for sc in scenes:
+        try:
+            classes = tuple(json.loads(pq.read_schema(sc.units[0].folder / "tiles.parquet").metadata[b"tilescan"])["classes"])
+        except (OSError, KeyError, ValueError, TypeError):
+            continue  # an unreadable table: the build names it
+        group = by.setdefault(classes, {"models": set(), "scenes": []})
+        group["models"].add(str((sc.units[0].manifest.get("model") or {}).get("id")))
+        group["scenes"].append(sc.name)
+    if len(by) > 1:
+        def few(names: list[str], n: int) -> str:
+            return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+        said = "; ".join(f"{few(list(c), 4)} (model {', '.join(sorted(g['models']))}): scenes {few(g['scenes'], 3)}"
+                         for c, g in by.items())
+        raise InputError(f"holds scenes classified in {len(by)} legends ({said}); one collected table holds one legend: "
+                         "run each model into an output folder of its own (a finished scene's folder may be moved "
+                         "into another one), then collect each", path=str(out))
+
+
 def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
     """A warning when the scenes were classified by more than one model (of one legend: others are refused)."""
     by: dict[tuple, list[str]] = {}

@@ -51,6 +51,9 @@ def _json_colors(text: str) -> dict[str, RGB]:
     return out
 
 
+_HEADER_WORDS = ("colo", "rgb", "hex", "fill", "value", "code", "symbol", "style")  # color, Colour, RGB, Hex code
+
+
 def _text_colors(text: str) -> dict[str, RGB]:
     """Lines ``name,colour``, or QGIS's exported colour map (``value,r,g,b,alpha,label``)."""
     out: dict[str, RGB] = {}
@@ -59,8 +62,9 @@ def _text_colors(text: str) -> dict[str, RGB]:
     for k, (i, line) in enumerate(lines[1:] if exported else lines):
         sep = "\t" if "\t" in line else ";" if ";" in line else ","
         name, _, colour = line.partition(sep)
-        if k == 0 and not exported and not any(ch.isdigit() or ch == "#" for ch in colour):
-            continue  # a header line (class,color)
+        if k == 0 and not exported and not any(ch.isdigit() or ch == "#" for ch in colour) \
+                and any(w in colour.lower() for w in _HEADER_WORDS):
+            continue  # a header line (class,color); "water,blue" is a line whose colour is refused
         try:
             if exported:  # value,r,g,b,alpha,label: the label as it is, commas included
                 parts = [x.strip() for x in line.split(",", 5)]
