@@ -127,13 +127,28 @@ def test_each_class_gets_its_colour_by_any_name_it_had_and_no_two_the_same(tmp_p
     got = legend_colors(str(p), "--class-colors", ["Forêt", "Crop_fallow", "Urban", "Water", "Other", "New"],
                         parent, said.append, {"Crop_fallow": "Crop/fallow"})
     assert got["colors"][:5] == ["#00ff00", "#ffff00", "#ff0000", "#0000ff", "#e6194b"]
-    assert got["colors"][5] not in got["colors"][:5]  # the palette's first colour is taken: the next free one
+    assert got["colors"][5] not in got["colors"][:5]
+    assert _lab_gap(got["colors"][5], got["colors"][:5]) > 40  # far from each given one, not the palette's near-red
     assert got["colors_from"] == "c.txt, then the parent parent"
     assert any("gives no colour for 1 class(es) ('New')" in m for m in said), said
     said.clear()
     p.write_text("a,#ff0000\nb,#ff0000\n")
     legend_colors(str(p), "--class-colors", ["a", "b"], None, said.append)
     assert any("classes 'a', 'b' have the same colour #ff0000" in m for m in said), said
+    p.write_text("built-up,#e31a1c\nforest,#33a02c\n")  # the palette's first two, but for a shade
+    got = legend_colors(str(p), "--class-colors", ["built-up", "cropland", "forest", "grassland"], None, said.append)
+    given = [got["colors"][0], got["colors"][2]]
+    assert min(_lab_gap(got["colors"][i], given) for i in (1, 3)) > 40 and _lab_gap(got["colors"][1], [got["colors"][3]]) > 40
+
+
+def _lab_gap(colour: str, others: list[str]) -> float:
+    """The CIELAB distance from ``colour`` to the nearest of ``others`` (#rrggbb each)."""
+    import numpy as np
+
+    from tilescan.outputs.palette import srgb_to_lab
+
+    lab = srgb_to_lab(np.array([parse_color(c) for c in [colour, *others]]))
+    return float(np.linalg.norm(lab[1:] - lab[0], axis=1).min())
 
 
 def test_model_colours_fall_back_on_the_palette():

@@ -46,23 +46,35 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
 
 
-@functools.lru_cache(maxsize=8)
-def _extend_palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    """:data:`_PALETTE` continued to ``n`` colours by the same farthest-first rule (for
-    models with more than 30 classes)."""
+@functools.cache
+def _candidates() -> tuple[np.ndarray, np.ndarray]:
+    """The colours of the _PALETTE_GRID that stay visible over imagery, and their CIELAB."""
     g = np.arange(0, 256, _PALETTE_GRID)
     cand = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
     lab = srgb_to_lab(cand)
     keep = ((lab[:, 0] >= _PALETTE_L[0]) & (lab[:, 0] <= _PALETTE_L[1])
             & (np.hypot(lab[:, 1], lab[:, 2]) >= _PALETTE_MIN_CHROMA))
-    cand, lab = cand[keep], lab[keep]
-    out = list(_PALETTE)
-    dist = np.min(np.linalg.norm(lab[:, None] - srgb_to_lab(np.array(out))[None], axis=-1), axis=1)
+    return cand[keep], lab[keep]
+
+
+def farthest_colors(taken: Sequence[Sequence[int]], n: int) -> list[tuple[int, int, int]]:
+    """``n`` candidate colours, each the one farthest in CIELAB from ``taken`` (not empty) and
+    those picked before it: colours a legend's own do not look like."""
+    cand, lab = _candidates()
+    out: list[tuple[int, int, int]] = []
+    dist = np.min(np.linalg.norm(lab[:, None] - srgb_to_lab(np.array(taken))[None], axis=-1), axis=1)
     while len(out) < n:
         i = int(np.argmax(dist))
         out.append(tuple(int(v) for v in cand[i]))
         dist = np.minimum(dist, np.linalg.norm(lab - lab[i], axis=1))
-    return tuple(out)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _extend_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """:data:`_PALETTE` continued to ``n`` colours by the same farthest-first rule (for
+    models with more than 30 classes)."""
+    return tuple([*_PALETTE, *farthest_colors(_PALETTE, n - len(_PALETTE))])
 
 
 def class_colors(n: int) -> list[tuple[int, int, int]]:

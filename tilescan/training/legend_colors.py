@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from ..outputs.palette import class_colors, hex_color, parse_color
+from ..outputs.palette import class_colors, farthest_colors, hex_color, parse_color
 
 RGB = tuple[int, int, int]
 
@@ -182,9 +182,9 @@ def _fill_in(classes: Sequence[str], picked: list, log: Callable[[str], None], s
     missing = [c for c, rgb in zip(classes, picked) if rgb is None]
     if missing:
         log(f"warning: {source} gives no colour for {len(missing)} class(es) ({_names(missing)}): they get "
-            "palette colours no other class has")
-    taken = {rgb for rgb in picked if rgb is not None}
-    spare = iter([rgb for rgb in class_colors(len(classes) + len(taken)) if rgb not in taken])
+            "colours picked far from the others (in CIELAB), so none looks like another")
+    taken = [rgb for rgb in picked if rgb is not None]
+    spare = iter(farthest_colors(taken, len(missing)) if taken else class_colors(len(missing)))
     out = [rgb if rgb is not None else next(spare) for rgb in picked]
     same: dict[RGB, list[str]] = {}
     for c, rgb in zip(classes, out):
