@@ -78,6 +78,26 @@ def test_dataset_layouts(mini_aid, tmp_path):
     assert not set(ds2.items("train")) & set(ds2.items("val"))
 
 
+def test_empty_and_case_alike_class_folders_are_said(mini_aid, tmp_path, caplog):
+    """A class folder without images leaves the legend with a warning; 'water' beside 'Water'
+    (one folder on macOS and Windows) is warned about; the dataset loads either way."""
+    plain = tmp_path / "plain"
+    shutil.copytree(mini_aid / "images", plain)
+    (plain / "wetland").mkdir()
+    first = sorted((plain / CLASSES[0]).iterdir())[:2]
+    (plain / CLASSES[0].lower()).mkdir()
+    for f in first:
+        shutil.move(f, plain / CLASSES[0].lower() / f.name)
+    ds = load_dataset(plain)
+    err = caplog.text
+    assert "class folder(s) 'wetland' hold no image: left out of the legend" in err, err
+    assert f"class folders '{CLASSES[0]}', '{CLASSES[0].lower()}' differ only in case" in err, err
+    assert "wetland" not in ds.classes and CLASSES[0].lower() in ds.classes
+    caplog.clear()
+    load_dataset(mini_aid)  # the AID layout: its splits/ folder is no class
+    assert "hold no image" not in caplog.text
+
+
 def test_stratified_split_is_seeded_and_disjoint():
     items = [(f"c{c}/{i}.jpg", c) for c in range(3) for i in range(20)]
     a = stratified_split(items, 0.2, 0.2, seed=1)

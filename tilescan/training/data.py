@@ -220,7 +220,21 @@ def _nfc(name: str) -> str:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    return sorted({_nfc(d.name) for d in root.iterdir() if d.is_dir() and _visible(d) and any(_walk_images(d))})
+    """The class folders of ``root`` that hold images; warned about: those that hold none (left
+    out of the legend) and names alike but for case (one folder on macOS and Windows)."""
+    from ..log import emit
+
+    dirs = [d for d in root.iterdir() if d.is_dir() and _visible(d) and d.name != "splits"]
+    classes = sorted({_nfc(d.name) for d in dirs if any(_walk_images(d))})
+    if classes and (empty := sorted(d.name for d in dirs if _nfc(d.name) not in classes)):
+        emit(f"warning: {root}: class folder(s) {', '.join(map(repr, empty))} hold no image: left out of the legend")
+    folded: dict[str, list[str]] = {}
+    for c in classes:
+        folded.setdefault(c.casefold(), []).append(c)
+    for alike in (names for names in folded.values() if len(names) > 1):
+        emit(f"warning: {root}: class folders {', '.join(map(repr, alike))} differ only in case: {len(alike)} classes "
+             "here, one folder on macOS and Windows, and one colour in a colour file; rename or merge them")
+    return classes
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
