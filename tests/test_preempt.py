@@ -218,6 +218,30 @@ def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
     assert children and not [c for c in children if Path(f"/proc/{c}").exists()]
 
 
+def test_a_stop_while_keras_loads_stops_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """A SIGTERM while the first run of a process imports Keras (seconds): the run stops as
+    soon as the import ends, before loading and compiling the model, and names its unit as
+    not started (it was: the whole start-up, then the unit read and dropped)."""
+    import tilescan
+    from tilescan import backend, model
+    from conftest import scene
+
+    real_import, loads = backend.import_keras, []
+
+    def importing():
+        keras = real_import()
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the import runs, as a scheduler's would
+        return keras
+
+    monkeypatch.setattr(backend, "import_keras", importing)
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    # a batch size no other test uses: the process's shared engine for it is made here
+    report = tilescan.run(scene("rasterio/RGB.byte.tif"), tmp_path / "o", batch_size=7)
+    assert report.exit_code == 75 and loads == []
+    stopped = json.loads((tmp_path / "o" / "report.json").read_text())["interrupted"]
+    assert stopped["signal"] == "SIGTERM" and stopped["units"] == [] and stopped["not_started"] == ["RGB.byte"]
+
+
 def test_second_signal_stops_at_once():
     """The first SIGTERM asks to stop; the same one again within a second is that request
     (a scheduler's, delivered to the process and through its job script's trap); a second one

@@ -113,13 +113,16 @@ class Engine:
     """The model + CAM step, loaded once per invocation."""
 
     def __init__(self, cfg: Config, model_path: str | None = None):
+        from .. import stop
         from ..backend import import_keras
 
         keras = import_keras()
+        stop.check()  # a stop asked while Keras loaded (seconds): before the model, not after its compile
         from ..explain.cam import get_cam
         from ..model import load_model
 
         self.loaded = load_model(model_path)
+        stop.check()
         lm = self.loaded
         self.classes = lm.classes
         self.input_size = lm.input_size
