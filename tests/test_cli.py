@@ -481,6 +481,26 @@ def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path
     assert sum("already complete, skipped" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
 
 
+def test_warnings_alike_but_for_their_figures_are_folded_too(monkeypatch):
+    """Each scene's share of data left below min_valid differs: alike but for the scene and
+    its figure, they fold as the same warning does; another warning is not folded with them."""
+    import logging
+
+    from tilescan.cli.options import FOLD_AFTER, _CliHandler
+
+    shown: list[str] = []
+    monkeypatch.setattr(_CliHandler, "_echo", staticmethod(shown.append))
+    handler = _CliHandler(type("Ctx", (), {"verbosity": 0})())
+    for i in range(FOLD_AFTER + 3):
+        msg = f"s{i}.tif: {3 + i * 1.7:.1f}% of the scene's data lies in tiles below min_valid_fraction 0.5"
+        handler.emit(logging.LogRecord("tilescan", logging.WARNING, "", 0, msg, None, None))
+    handler.emit(logging.LogRecord("tilescan", logging.WARNING, "", 0, "s9.tif: another thing 5", None, None))
+    handler.say_folded()
+    assert len(shown) == FOLD_AFTER + 2 and shown[FOLD_AFTER].endswith("another thing 5")
+    assert shown[-1].startswith("warning: 3 more alike, not printed") and shown[-1].endswith(
+        "3.0% of the scene's data lies in tiles below min_valid_fraction 0.5")
+
+
 # ------------------------------------------------------------------------------------
 # errors about a value name the flag, variable or file it came from
 

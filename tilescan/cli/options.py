@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -44,7 +45,7 @@ class _Ctx:
         logger.debug(msg)
 
 
-#: A warning alike but for what it names first (its scene) is printed this many times, then
+#: A warning alike but for what it names first (its scene) and its figures is printed this many times, then
 #: counted, and the count said when the command ends (-v prints each): 272 chips of one sensor
 #: printed 272 lines of one warning.
 FOLD_AFTER = 3
@@ -58,7 +59,7 @@ class _CliHandler(logging.Handler):
     def __init__(self, ctx: _Ctx):
         super().__init__(logging.DEBUG)
         self.ctx = ctx
-        self.alike: dict[str, int] = {}  # a warning's text after its first "name: " -> how many came
+        self.alike: dict[str, list] = {}  # a warning's text after its first "name: ", figures left out -> [count, first]
 
     def emit(self, record: logging.LogRecord) -> None:
         v = self.ctx.verbosity
@@ -70,16 +71,18 @@ class _CliHandler(logging.Handler):
             self._echo(prefix + msg)
 
     def _first_alike(self, msg: str) -> bool:
-        """Whether ``msg`` is one of the first FOLD_AFTER warnings alike (the same after the name before its first ': ')."""
+        """Whether ``msg`` is one of the first FOLD_AFTER warnings alike (the same after the name
+        before its first ': ', but for their figures: each scene's share of data left out)."""
         _, sep, what = msg.partition(": ")
         if not sep:
             return True
-        n = self.alike[what] = self.alike.get(what, 0) + 1
-        return n <= FOLD_AFTER
+        seen = self.alike.setdefault(re.sub(r"\d+(?:[.,]\d+)*", "#", what), [0, what])
+        seen[0] += 1
+        return seen[0] <= FOLD_AFTER
 
     def say_folded(self) -> None:
-        """The warnings counted, not printed: how many more of each."""
-        for what, n in self.alike.items():
+        """The warnings counted, not printed: how many more of each (the first one's words)."""
+        for n, what in self.alike.values():
             if n > FOLD_AFTER:
                 self._echo(f"warning: {n - FOLD_AFTER} more alike, not printed (-v prints each; each scene's run.json "
                            f"has its own): {what}")
