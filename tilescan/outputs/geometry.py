@@ -35,6 +35,15 @@ def pyproj_crs(crs: Any):
 
 
 @functools.lru_cache(maxsize=64)
+def crs_text(crs: Any) -> str | None:
+    """A rasterio CRS as run.json and STAC Items name it: ``EPSG:n`` where that code is exactly
+    it, else its WKT (a CRS GDAL matches to a code at 70 % only, one with a datum shift, keeps it)."""
+    if crs is None:
+        return None
+    code = crs.to_epsg(confidence_threshold=100)
+    return f"EPSG:{code}" if code else crs.to_wkt()
+
+
 def _pyproj_of(text: str):
     """Read once per text: a run's scenes share a few CRSs (pyproj's CRS is safe across threads)."""
     import pyproj
@@ -241,10 +250,32 @@ def _projjson(crs: Any) -> dict | None:
     return None if pj is None else pj.to_json_dict()
 
 
-def window_corners(transform, col_off: np.ndarray, row_off: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+#: Longitude and latitude: where a footprint in a geographic CRS may lie (xmin, ymin, xmax, ymax).
+LONLAT_LIMITS = (-180.0, -90.0, 180.0, 90.0)
+
+
+def lonlat_limits(crs: Any, bounds: Sequence[float]) -> tuple[float, float, float, float] | None:
+    """:data:`LONLAT_LIMITS` for a scene in a geographic CRS that lies within them (a world
+    mosaic): its edge tiles' footprints stop there, as their part past the scene's edge would
+    reach past 180° or the poles; None otherwise (a scene in 0..360 longitudes keeps its own)."""
+    if crs is None or not getattr(crs, "is_geographic", False):
+        return None
+    left, bottom, right, top = bounds
+    eps = 1e-9 * 360.0
+    inside = (left >= LONLAT_LIMITS[0] - eps and right <= LONLAT_LIMITS[2] + eps
+              and bottom >= LONLAT_LIMITS[1] - eps and top <= LONLAT_LIMITS[3] + eps)
+    return LONLAT_LIMITS if inside else None
+
+
+def window_corners(transform, col_off: np.ndarray, row_off: np.ndarray, w: np.ndarray, h: np.ndarray,
+                   limits: Sequence[float] | None = None) -> np.ndarray:
     """(B, 4, 2) map coordinates of the top-left, top-right, bottom-right and bottom-left
-    corners of pixel windows (exact for rotated geotransforms)."""
+    corners of pixel windows (exact for rotated geotransforms); ``limits`` (xmin, ymin, xmax,
+    ymax): each coordinate held within them (:func:`lonlat_limits`)."""
     cols = np.stack([col_off, col_off + w, col_off + w, col_off], axis=1).astype(np.float64)
     rows = np.stack([row_off, row_off, row_off + h, row_off + h], axis=1).astype(np.float64)
     a, b, c, d, e, f = transform[:6]
-    return np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
+    out = np.stack([a * cols + b * rows + c, d * cols + e * rows + f], axis=-1)
+    if limits is not None:
+        np.clip(out, limits[:2], limits[2:], out=out)
+    return out

@@ -24,6 +24,7 @@ import numpy as np
 from ..layout import MANIFEST
 from .cog import LABEL_NODATA
 from .files import write_json
+from .geometry import crs_text
 
 ITEM = "item.json"
 _ASSETS = {
@@ -44,7 +45,7 @@ def _grid(path: Path) -> dict[str, Any]:
 
     with rasterio.open(path) as ds:
         return {"shape": [ds.height, ds.width], "transform": list(ds.transform)[:6],
-                "crs": ds.crs.to_string() if ds.crs else None, "bounds": list(ds.bounds)}
+                "crs": crs_text(ds.crs), "bounds": list(ds.bounds)}
 
 
 def item_for(folder: Path) -> dict:
@@ -126,7 +127,7 @@ def _set_crs(proj, crs: str) -> None:
         from rasterio.crs import CRS
 
         proj.epsg = None
-        proj.wkt2 = CRS.from_user_input(crs).to_wkt()
+        proj.wkt2 = CRS.from_user_input(crs).to_wkt(version="WKT2_2019")  # the field is WKT2 (GDAL's default is WKT1)
 
 
 def _in_longitude_range(geometry: dict) -> dict:

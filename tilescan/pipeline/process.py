@@ -29,7 +29,7 @@ from ..layout import MANIFEST, STAGING
 from ..model import LoadedModel
 from ..outputs.cog import write_labels_cog
 from ..outputs.files import folder_synced_once, write_json
-from ..outputs.geometry import window_corners
+from ..outputs.geometry import crs_text, lonlat_limits, window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import qgis_alpha_band, scene_source, write_scene_files
 from ..outputs.quicklook import north_up_flip, write_scene_quicklook
@@ -112,6 +112,7 @@ class UnitJob:
         self.stage.mkdir(parents=True)
         self.stack.callback(shutil.rmtree, self.stage, ignore_errors=True)
         self.labels = np.full((self.r1 - self.r0, grid.n_cols), -1, dtype=np.int32)
+        self.limits = lonlat_limits(info.crs, array_bounds(info.height, info.width, info.transform))
         self.table = TileTable(self.card.classes)
         self.heat = HeatmapWriter(self.stage / "heatmap.tif", info.width, info.height, info.transform, info.crs,
                                   cfg.output.heatmap_scale, reader.tile_px, grid.stride, compress=cfg.output.compress,
@@ -175,7 +176,7 @@ class UnitJob:
 
     def consume(self, tiles: TileSet, valid: np.ndarray, fractions: np.ndarray, res) -> None:
         """One batch's share of model results: table rows, label cells, blended heat."""
-        rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform, valid)
+        rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform, valid, self.limits)
         self.labels[rows["row"] - self.r0, rows["col"]] = cls
         self.heat.add_batch(tiles.col_off, tiles.row_off, tiles.grid.tile_size, cam, valid)
         self.table.add(rows)
@@ -279,9 +280,10 @@ def _cam_stats(cam: np.ndarray, raw: np.ndarray, fractions: np.ndarray, valid: n
 
 
 def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affine,
-                valid: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+                valid: np.ndarray | None = None, limits=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """One batch's table columns, and its class indexes and CAMs, from the model step's result
-    (``valid``: the tiles' (n, S, S) valid masks; None, all valid)."""
+    (``valid``: the tiles' (n, S, S) valid masks; None, all valid; ``limits``: footprints held
+    within longitude and latitude, :func:`~tilescan.outputs.geometry.lonlat_limits`)."""
     probs = np.asarray(res.probs, dtype=np.float32)
     cls = probs.argmax(axis=1)
     conf = probs[np.arange(len(cls)), cls]
@@ -304,7 +306,7 @@ def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affi
         "row_off": row_off.astype(np.int32),
         "width": size.astype(np.int32),
         "height": size.astype(np.int32),
-        "corners": window_corners(transform, col_off, row_off, size, size),
+        "corners": window_corners(transform, col_off, row_off, size, size, limits),
         "valid_fraction": fractions,
         "class_index": cls.astype(np.int16),
         "confidence": conf.astype(np.float32),
@@ -447,7 +449,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
             "height": info.height,
             "count": info.count,
             "dtype": str(info.dtype),
-            "crs": info.crs.to_string() if info.crs else None,
+            "crs": crs_text(info.crs),
             "transform": list(info.transform[:6]),
             "nodata": info.nodata,
             "nodata_from": info.nodata_from,
