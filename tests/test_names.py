@@ -259,8 +259,16 @@ def test_outputs_in_the_way_say_what_they_were_made_from(tmp_path):
     assert res.exit_code == 6 and "made from another version of the scene file" in res.output, res.output
 
 
-def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
-    """A geostationary scene's corner tiles lie off the earth disc: no lon/lat footprint."""
+def test_collect_takes_a_geostationary_scene_with_its_footprints_cut_at_the_disc(tmp_path):
+    """A geostationary scene's edge tiles reach off the earth disc: their lon/lat footprints are
+    the part on it (the scene was left out of the set before); each is valid, holds the tile's
+    mapped corners and its CAM peak, and lies in the tile on the disc; the scene's layers
+    stay out of the collected project (QGIS 3.22 hangs drawing them in lon/lat)."""
+    import geopandas as gpd
+    import numpy as np
+    import pyproj
+    import shapely
+
     src = tmp_path / "scenes"
     src.mkdir()
     shutil.copyfile(scene("rasterio/goes.tif"), src / "goes.tif")
@@ -269,16 +277,30 @@ def test_collect_reports_an_unconvertible_scene_and_goes_on(tmp_path):
     res = invoke(["run", src, "-o", out, *FAST])
     assert res.exit_code == 0, res.output
     res = invoke(["collect", out, "--no-gpkg"])
-    assert res.exit_code == 3, res.output
-    lines = [ln for ln in res.output.splitlines() if "goes" in ln]
-    assert any(ln.startswith("error: collect: goes: ") and "cannot be reprojected" in ln for ln in lines), res.output
+    assert res.exit_code == 0, res.output
+    said = [ln for ln in res.output.splitlines() if ln.startswith("collect: goes: ")]
+    assert len(said) == 1 and "tile footprints reach past the area the CRS 'unnamed' (Geostationary Satellite" in said[0]
     assert "$schema" not in res.output and "PROJJSON" not in res.output  # one readable line, no CRS dump
-    t = pq.read_table(out / "collected" / "tiles.parquet", columns=["scene"])
-    assert set(t.column("scene").to_pylist()) == {"rgb"} and t.num_rows == 4
+    own = gpd.read_parquet(out / "goes" / "tiles.parquet")
+    got = gpd.read_parquet(out / "collected" / "tiles.parquet")
+    goes = got[got["scene"] == "goes"].reset_index(drop=True)
+    assert len(goes) == len(own) > 0 and goes.geometry.notna().all() and goes.geometry.is_valid.all()
     summary = json.loads((out / "collected" / "summary.json").read_text())
-    assert [f["scene"] for f in summary["failed"]] == ["goes"]
-    assert sorted(os.listdir(out)) == ["collected", "goes", "report.json", "rgb"]  # lock folder gone too
-    # nor is it in the collected project (its layers in lon/lat hang or crash QGIS 3.22)
+    to_lonlat = pyproj.Transformer.from_crs(own.crs, "OGC:CRS84", always_xy=True)
+    cut = 0
+    for i, tile in own.geometry.items():
+        x, y = (np.asarray(v) for v in tile.exterior.xy)
+        lon, lat = (np.asarray(v) for v in to_lonlat.transform(x, y))
+        on = np.isfinite(lon) & np.isfinite(lat)
+        cut += not on.all()
+        ring = goes.geometry[i]
+        corners = shapely.points(lon[on], lat[on])
+        assert shapely.dwithin(ring, corners, 1e-6).all()  # every corner on the disc is in the cut footprint
+        back = np.column_stack(to_lonlat.transform(*np.asarray(ring.exterior.xy), direction="INVERSE"))
+        assert np.isfinite(back).all() and shapely.dwithin(tile, shapely.points(back), 1e-3 * tile.length).all()  # in the tile
+        peak = shapely.Point(goes["cam_peak_lon"][i], goes["cam_peak_lat"][i])
+        assert shapely.dwithin(ring, peak, 1e-6)
+    assert cut == summary["scenes"]["goes"]["clipped_tiles"] > 0 and summary["failed"] == []
     project = ET.parse(out / "collected" / "collected.qgs").getroot()
     assert [g.get("name") for g in project.iter("layer-tree-group") if g.get("name")] == ["rgb"]
 

@@ -40,8 +40,9 @@ writes, into ``OUT/collected/``:
 Everything is built in a staging folder and renamed into place, so ``OUT/collected`` is
 always one consistent set. (scene, tile_index) is checked to be unique: a scene's row
 parts must not overlap, and a finished whole-scene output wins over row parts beside it.
-A scene that cannot be collected (its footprints do not reproject to longitude/latitude,
-its table is unreadable) is left out, named with the reason in the log and under
+A footprint that reaches past the area its CRS maps to longitude/latitude (a geostationary
+disc's edge tile) is the part that maps. A scene that cannot be collected (its table is
+unreadable) is left out, named with the reason in the log and under
 ``failed`` in ``summary.json``; the others are collected and the command exits 3.
 """
 
@@ -66,7 +67,7 @@ from .table import BBOX_TYPE, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models
-from .geometry import (antimeridian_wkb, geo_metadata, polar_cap_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
+from .geometry import (antimeridian_wkb, domain_ring, geo_metadata, polar_cap_wkb, ring_wkb, pole_turns, wkb_polygon_rings, wkb_polygons,
                        wrap_longitudes)
 
 TARGET_CRS = "OGC:CRS84"
@@ -74,10 +75,14 @@ TARGET_CRS = "OGC:CRS84"
 # ----------------------------------------------------------------------------- geometry
 
 
-def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
+def _geod():
     from pyproj import Geod
 
-    geod = Geod(ellps="WGS84")
+    return Geod(ellps="WGS84")
+
+
+def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
+    geod = _geod()
     out = np.empty(len(lonlat))
     for i, ring in enumerate(lonlat):
         area, _ = geod.polygon_area_perimeter(ring[:4, 0], ring[:4, 1])
@@ -89,9 +94,11 @@ class _Reprojector:
     def __init__(self):
         self._cache: dict[str, Any] = {}
 
-    def __call__(self, crs_json: dict | None, rings: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    def __call__(self, crs_json: dict | None, rings: np.ndarray) -> tuple[np.ndarray | None, str | None, Any]:
+        """``rings`` in longitude/latitude (not finite where the CRS maps no point there), the
+        CRS's name and its transform ``(x, y) -> (lon, lat)``; all None for a table without CRS."""
         if crs_json is None:
-            return None, None
+            return None, None, None
         from pyproj import CRS, Transformer
 
         key = json.dumps(crs_json, sort_keys=True)
@@ -101,13 +108,7 @@ class _Reprojector:
                                 src.to_string())
         tf, name = self._cache[key]
         x, y = tf.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
-        out = np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape)
-        bad = int((~np.isfinite(out) & np.isfinite(rings)).any(axis=(1, 2)).sum())  # a point given as NaN stays NaN
-        if bad:
-            raise InputError(f"{bad} of {len(out)} tile footprints cannot be reprojected from {_crs_label(crs_json)} "
-                             "to longitude/latitude (corners outside the area that CRS maps, e.g. beyond a "
-                             "geostationary disc)")
-        return out, name
+        return np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape), name, tf.transform
 
 
 def _crs_label(crs_json: dict) -> str:
@@ -148,7 +149,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     n = t.num_rows
     rings = wkb_polygon_rings(t.column("geometry").combine_chunks())
     peaks = np.stack([t.column(c).to_numpy() for c in ("cam_peak_x", "cam_peak_y")], axis=-1)[:, None]
-    lonlat, crs_name = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints and CAM peaks
+    lonlat, crs_name, to_lonlat = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints, CAM peaks
     peaks = None if lonlat is None else lonlat[:, -1]
     cols: dict[str, pa.Array] = {
         "scene": pa.array([u.scene] * n, pa.string()),
@@ -167,22 +168,46 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         cols.update({"crs": pa.nulls(n, pa.string()), "cam_peak_lon": null_f, "cam_peak_lat": null_f, "area_m2": null_f,
                      "valid_area_m2": null_f, "geometry": pa.nulls(n, pa.binary()), "bbox": pa.nulls(n, BBOX_TYPE)})
         bounds = None
-        n_across = 0
+        n_across = n_clipped = 0
     else:
-        geometry, box, area, n_across = _lonlat_footprints(lonlat[:, :-1])
+        geometry, box, area, n_across, n_clipped = _footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat)
+        off = ~np.isfinite(peaks).all(axis=1)  # a CAM peak off the CRS's area (a disc's edge tile): none
         cols.update({
             "crs": pa.array([crs_name] * n, pa.string()),
-            "cam_peak_lon": pa.array(peaks[:, 0]), "cam_peak_lat": pa.array(peaks[:, 1]),
+            "cam_peak_lon": pa.array(peaks[:, 0], mask=off), "cam_peak_lat": pa.array(peaks[:, 1], mask=off),
             "area_m2": pa.array(area),
             "valid_area_m2": pa.array(area * valid),
             "geometry": geometry,
-            "bbox": pa.StructArray.from_arrays([pa.array(v) for v in box], fields=list(BBOX_TYPE)),
+            "bbox": pa.StructArray.from_arrays([pa.array(v) for v in box], fields=list(BBOX_TYPE), mask=pa.array(geometry.is_null())),
         })
-        bounds = (box[0].min(), box[1].min(), box[2].max(), box[3].max()) if n else None
+        bounds = (np.nanmin(box[0]), np.nanmin(box[1]), np.nanmax(box[2]), np.nanmax(box[3])) if n - geometry.null_count else None
     cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
     meta = json.loads(t.schema.metadata[b"tilescan"])
-    return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name,
+    return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name, "clipped": n_clipped,
+                            "crs_label": _crs_label(crs_json) if n_clipped else None,
                             "antimeridian": n_across, "class_colors": meta.get("class_colors")}
+
+
+def _footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tuple:
+    """:func:`_lonlat_footprints`, where a footprint reaches past the area its CRS maps (off a
+    geostationary disc) the part of it that maps (:func:`domain_ring`; None where none does);
+    and how many were so cut."""
+    off = ~np.isfinite(lonlat).all(axis=(1, 2))
+    if not off.any():
+        return (*_lonlat_footprints(lonlat), 0)
+    geometry, box, area, n_across = _lonlat_footprints(lonlat[~off]) if (~off).any() else (pa.array([], pa.binary()),
+                                                                                           [np.zeros(0)] * 4, np.zeros(0), 0)
+    wkb, boxes, areas = [None] * len(lonlat), np.full((len(lonlat), 4), np.nan), np.full(len(lonlat), np.nan)
+    for j, i in enumerate(np.flatnonzero(~off)):
+        wkb[i], boxes[i], areas[i] = geometry[j].as_py(), [b[j] for b in box], area[j]
+    for i in np.flatnonzero(off):
+        ring = domain_ring(rings[i, :4], to_lonlat)
+        made = ring_wkb(ring) if ring is not None else None
+        if made is not None:
+            wkb[i], boxes[i] = made[0], made[1]
+            areas[i] = abs(_geod().polygon_area_perimeter(ring[:, 0], ring[:, 1])[0])
+            n_across += made[2]
+    return pa.array(wkb, pa.binary()), list(boxes.T), areas, n_across, int(off.sum())
 
 
 def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
@@ -340,8 +365,9 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
                 log(f"collect: {len(summary['scenes'])} scenes: collected.qgs holds their tiles as one layer, without "
                     f"a group per scene (over {MAX_SCENE_GROUPS} groups make it slow to open in QGIS); each scene's "
                     "own project is in its folder")
+            drawn = {name for name, s in summary["scenes"].items() if not s.get("clipped_tiles")}  # off a disc: not
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
-                                              if sc.name in summary["scenes"]])  # not those left out
+                                              if sc.name in drawn])
         _swap_into_place(stage, dest, log)
     except BaseException as exc:
         layout.discard(stage)
@@ -475,14 +501,20 @@ def _build(scenes: list[_Scene], skipped: list[dict], stage: Path, gpkg: bool, l
                 failed.append({"scene": sc.name, "units": [u.key for u in sc.units], "reason": reason})
                 log(f"error: collect: {sc.name}: {reason}")
                 continue
-            crs_names = set()
+            crs_names, clipped = set(), 0
             for u, t, info in tables:
+                clipped += info["clipped"]
+                if info["clipped"]:
+                    log(f"collect: {u.key}: {info['clipped']} of {t.num_rows} tile footprints reach past the area "
+                        f"{info['crs_label']} maps to longitude/latitude (beyond a geostationary disc): their lon/lat "
+                        "footprints are the part on it (geometry_native keeps each whole); its layers are left out "
+                        "of collected.qgs, as QGIS 3.22 hangs drawing them in longitude/latitude")
                 tiling = u.manifest.get("tiling") or {}  # overlapping tiles count their stride's cell
                 share = (tiling.get("stride_px", 1) / tiling.get("tile_px", 1)) ** 2
                 summary.add(sc.name, table.add(u, t, info), share)
                 if info["crs"]:
                     crs_names.add(info["crs"])
-            scene_info[sc.name] = _scene_entry(sc, crs_names)
+            scene_info[sc.name] = {**_scene_entry(sc, crs_names), **({"clipped_tiles": clipped} if clipped else {})}
         if table.other_colors:
             log(f"warning: collect: the models of {', '.join(table.other_colors[:3])} have other legend colours than "
                 f"{table.colors_source}'s: the collected styles draw every scene in {table.colors_source}'s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -176,6 +176,60 @@ def antimeridian_wkb(corners: np.ndarray) -> bytes:
     if len(parts) == 1:
         return parts[0]
     return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)
+
+
+def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16, steps: int = 40) -> np.ndarray | None:
+    """The part of a tile's footprint (4 corners in its CRS) that the CRS maps to longitude and
+    latitude (a geostationary disc's, whose edge tiles reach into space), as an open ring of
+    longitude/latitude points along its edge; None where no part maps. Each edge point that
+    does not map is moved along the ray from a point that does (the tile's centre, else the
+    nearest of a 9 x 9 lattice) to the last one that maps, by bisection: exact where the part
+    is convex, as a disc's is. ``to_lonlat(x, y)``: arrays in, arrays out, not finite off it."""
+    c = np.asarray(corners, dtype=np.float64)[:4]
+
+    def maps(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lon, lat = (np.asarray(v, dtype=np.float64) for v in to_lonlat(p[:, 0], p[:, 1]))
+        return np.column_stack([lon, lat]), np.isfinite(lon) & np.isfinite(lat)
+
+    t = np.arange(per_edge)[:, None] / per_edge
+    edge = np.concatenate([c[j] + t * (c[(j + 1) % 4] - c[j]) for j in range(4)])
+    u, v = (g.reshape(-1, 1) for g in np.meshgrid(np.linspace(0, 1, 9), np.linspace(0, 1, 9)))
+    lattice = (1 - u) * (1 - v) * c[0] + u * (1 - v) * c[1] + u * v * c[2] + (1 - u) * v * c[3]
+    ok = maps(lattice)[1]
+    if not ok.any():
+        return None
+    inner = lattice[ok][np.argmin(np.hypot(*(lattice[ok] - c.mean(axis=0)).T))]
+    off = ~maps(edge)[1]
+    d, lo, hi = edge[off] - inner, np.zeros(int(off.sum())), np.ones(int(off.sum()))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        inside = maps(inner + mid[:, None] * d)[1]
+        lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+    edge[off] = inner + lo[:, None] * d
+    ring, fine = maps(edge)
+    ring = ring[fine]
+    ring = ring[np.r_[True, np.any(np.diff(ring, axis=0) != 0, axis=1)]]  # points that bisected onto one
+    return ring if len(ring) >= 3 else None
+
+
+def ring_wkb(ring: np.ndarray) -> tuple[bytes, tuple[float, float, float, float], bool] | None:
+    """An open longitude/latitude ring (:func:`domain_ring`) as a WKB Polygon, counter-clockwise,
+    cut into a MultiPolygon at 180° where it crosses it; its box (every longitude where cut) and
+    whether it was cut. None for a ring round a pole (not handled here)."""
+    r = np.asarray(ring, dtype=np.float64).copy()
+    r[:, 0] = np.unwrap(r[:, 0], period=360.0)
+    if abs((r[0, 0] - r[-1, 0] + 180.0) % 360.0 - 180.0 + r[-1, 0] - r[0, 0]) > 1e-6:
+        return None  # the longitudes turn through 360°: round a pole
+    r[:, 0] -= 360.0 * np.floor((r[:, 0].min() + 180.0) / 360.0)
+    x, y = r[:, 0], r[:, 1]
+    if (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() < 0:
+        r = r[::-1]
+    parts = antimeridian_parts(r) if x.max() > 180.0 else [[(float(a), float(b)) for a, b in r]]
+    polys = [struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(p) + 1)
+             + struct.pack(f"<{2 * (len(p) + 1)}d", *(v for q in p + p[:1] for v in q)) for p in parts]
+    wkb = polys[0] if len(polys) == 1 else struct.pack("<BII", 1, 6, len(polys)) + b"".join(polys)
+    cut = len(parts) > 1
+    return wkb, ((-180.0 if cut else float(x.min())), float(y.min()), (180.0 if cut else float(x.max())), float(y.max())), cut
 
 
 def pole_turns(corners: np.ndarray) -> np.ndarray:
