@@ -133,8 +133,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     side = max(5.0, 0.42 * k + 2.8)
     fig = new_figure(side + 1.0, side)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of the true class")
+    im = ax.imshow(100 * norm, cmap="Blues", vmin=0.0, vmax=100.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="% of the true class (the cells' numbers)")
     font = 9 if k <= 12 else 8 if k <= 20 else 7 if k <= 36 else 5
     for i in range(k):
         for j in range(k):
