@@ -200,6 +200,13 @@ def test_a_run_leaves_gdals_cache_as_it_found_it(tmp_path, monkeypatch):
     assert get_gdal_config("GDAL_CACHEMAX") == before
 
 
+def test_a_loaded_model_reads_in_a_line_and_evaluate_names_a_wrong_keyword(tmp_path):
+    card = tilescan.describe_model()
+    assert repr(card) == (f"LoadedModel({card.model_id!r}, 30 classes, 128 px, metadata only, path={card.path!r})")
+    with pytest.raises(TypeError, match=r"^evaluate\(\) got unexpected keyword arguments limt \(it takes .*limit"):
+        tilescan.evaluate(None, tmp_path, tmp_path / "e", limt=5)
+
+
 def test_the_commands_have_their_functions():
     """Every command is a function of the public API (the CLI calls these, nothing else)."""
     for name in ("run", "train", "evaluate", "collect", "cut_chips", "explain_figures", "describe_model", "runtime",

@@ -115,7 +115,8 @@ def run(
     variables). ``overrides``: settings by key (``tile_size=256``, ``units="px"``,
     ``batch_size=64``, ``cam="layercam"``, ``target="Forest"``) or ``section__key``;
     they win over ``config``. ``model``: a tilescan ``.keras`` file (default: the packaged
-    model). ``shard``: ``(i, n)`` to run share ``i`` of ``n``. ``inputs`` may also be URLs
+    model), or what :func:`load_model` returned: run from its file (changes made to its ``.model``
+    in memory are not used: save them as a model first). ``shard``: ``(i, n)`` to run share ``i`` of ``n``. ``inputs`` may also be URLs
     (``https://``, ``s3://``, ``gs://``, ``az://``) and STAC ``*.json`` documents; ``stac``:
     STAC documents by any name (one, or a list); ``assets``: the STAC asset key(s) or band
     names to read (a list, or comma-separated);
@@ -307,8 +308,9 @@ def evaluate(model: str | os.PathLike | LoadedModel | None, data: str | os.PathL
     from .backend import import_keras
     from .training.evaluate import run_evaluate
 
-    import_keras()
     _cam_alias(kwargs, "cam_methods")
+    _only_keywords_of(run_evaluate, kwargs, "evaluate", exclude=("model_path", "data", "split", "out_dir"))
+    import_keras()
     if isinstance(kwargs.get("cam_methods"), str):
         kwargs["cam_methods"] = _names(kwargs["cam_methods"])
     return run_evaluate(_model_file(model), str(data), split, str(_given(out)), **kwargs)

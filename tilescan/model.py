@@ -134,6 +134,11 @@ class LoadedModel:
     def num_bands(self) -> int:
         return len(self.meta["bands"])
 
+    def __repr__(self) -> str:  # not the metadata's every field (thousands of characters in a notebook)
+        k = len(self.meta.get("classes") or ())
+        return (f"LoadedModel({self.model_id!r}, {k} classes, {self.meta.get('input_size', ['?'])[0]} px, "
+                f"{'loaded' if self.model is not None else 'metadata only'}, path={self.path!r})")
+
     @property
     def model_id(self) -> str:
         return str(self.meta.get("id") or f"{Path(self.path).stem}-{self.sha256[:12]}")
