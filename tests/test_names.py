@@ -262,7 +262,7 @@ def test_outputs_in_the_way_say_what_they_were_made_from(tmp_path):
 def test_collect_takes_a_geostationary_scene_with_its_footprints_cut_at_the_disc(tmp_path):
     """A geostationary scene's edge tiles reach off the earth disc: their lon/lat footprints are
     the part on it (the scene was left out of the set before); each is valid, holds the tile's
-    mapped corners and its CAM peak, and lies in the tile on the disc; the scene's layers
+    mapped corners and its CAM peak, lies in the tile on the disc and overlaps no neighbour; the scene's layers
     stay out of the collected project (QGIS 3.22 hangs drawing them in lon/lat)."""
     import geopandas as gpd
     import numpy as np
@@ -301,6 +301,11 @@ def test_collect_takes_a_geostationary_scene_with_its_footprints_cut_at_the_disc
         peak = shapely.Point(goes["cam_peak_lon"][i], goes["cam_peak_lat"][i])
         assert shapely.dwithin(ring, peak, 1e-6)
     assert cut == summary["scenes"]["goes"]["clipped_tiles"] > 0 and summary["failed"] == []
+    # a cut footprint meets its neighbours edge to edge, as the tiles do: no overlaps, no gaps
+    shapes = list(goes.geometry)
+    overlap = max(shapes[i].intersection(shapes[j]).area / min(shapes[i].area, shapes[j].area)
+                  for i in range(len(shapes)) for j in range(i + 1, len(shapes)))
+    assert overlap < 1e-9
     project = ET.parse(out / "collected" / "collected.qgs").getroot()
     assert [g.get("name") for g in project.iter("layer-tree-group") if g.get("name")] == ["rgb"]
 

@@ -181,35 +181,56 @@ def antimeridian_wkb(corners: np.ndarray) -> bytes:
 def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16, steps: int = 40) -> np.ndarray | None:
     """The part of a tile's footprint (4 corners in its CRS) that the CRS maps to longitude and
     latitude (a geostationary disc's, whose edge tiles reach into space), as an open ring of
-    longitude/latitude points along its edge; None where no part maps. Each edge point that
-    does not map is moved along the ray from a point that does (the tile's centre, else the
-    nearest of a 9 x 9 lattice) to the last one that maps, by bisection: exact where the part
-    is convex, as a disc's is. ``to_lonlat(x, y)``: arrays in, arrays out, not finite off it."""
+    longitude/latitude points; None where no part maps. The ring keeps the tile's corners that
+    map and the points where its edges leave the mapped part, so an edge it shares with a
+    neighbour is drawn as the neighbour's (corner to corner); where the tile lies off it, the
+    ring follows the mapped part's edge, found from points along the tile's edges moved along
+    rays from a point that maps (the tile's centre, else the nearest of a 9 x 9 lattice) to the
+    last one that does, by bisection: exact where the part is convex, as a disc's is.
+    ``to_lonlat(x, y)``: arrays in, arrays out, not finite off it."""
     c = np.asarray(corners, dtype=np.float64)[:4]
 
     def maps(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lon, lat = (np.asarray(v, dtype=np.float64) for v in to_lonlat(p[:, 0], p[:, 1]))
         return np.column_stack([lon, lat]), np.isfinite(lon) & np.isfinite(lat)
 
+    def last_mapped(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """On each segment from a point that maps (a) to one that does not (b), the last that does."""
+        lo, hi = np.zeros(len(b)), np.ones(len(b))
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            inside = maps(a + mid[:, None] * (b - a))[1]
+            lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+        return a + np.maximum(lo - 1e-7, 0.0)[:, None] * (b - a)  # a hair inside: maps back too (the limb's edge may not)
+
     t = np.arange(per_edge)[:, None] / per_edge
-    edge = np.concatenate([c[j] + t * (c[(j + 1) % 4] - c[j]) for j in range(4)])
+    edge = np.concatenate([c[j] + t * (c[(j + 1) % 4] - c[j]) for j in range(4)])  # corners at 0, k, 2k, 3k
     u, v = (g.reshape(-1, 1) for g in np.meshgrid(np.linspace(0, 1, 9), np.linspace(0, 1, 9)))
     lattice = (1 - u) * (1 - v) * c[0] + u * (1 - v) * c[1] + u * v * c[2] + (1 - u) * v * c[3]
     ok = maps(lattice)[1]
     if not ok.any():
         return None
     inner = lattice[ok][np.argmin(np.hypot(*(lattice[ok] - c.mean(axis=0)).T))]
-    off = ~maps(edge)[1]
-    d, lo, hi = edge[off] - inner, np.zeros(int(off.sum())), np.ones(int(off.sum()))
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        inside = maps(inner + mid[:, None] * d)[1]
-        lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
-    edge[off] = inner + lo[:, None] * d
-    ring, fine = maps(edge)
-    ring = ring[fine]
-    ring = ring[np.r_[True, np.any(np.diff(ring, axis=0) != 0, axis=1)]]  # points that bisected onto one
-    return ring if len(ring) >= 3 else None
+    on = maps(edge)[1]
+    limb = np.full_like(edge, np.nan)
+    limb[~on] = last_mapped(np.repeat(inner[None], int((~on).sum()), axis=0), edge[~on])
+    nxt = np.roll(np.arange(len(edge)), -1)
+    change = on != on[nxt]  # the boundary crosses the edge between this point and the next
+    a, b = np.where(on[change, None], edge[change], edge[nxt][change]), np.where(on[change, None], edge[nxt][change], edge[change])
+    cross = np.full_like(edge, np.nan)
+    cross[change] = last_mapped(a, b)
+    ring = []
+    for k in range(len(edge)):
+        if on[k] and k % per_edge == 0:
+            ring.append(edge[k])  # a corner that maps
+        elif not on[k]:
+            ring.append(limb[k])
+        if change[k]:
+            ring.append(cross[k])
+    pts, fine = maps(np.array(ring))
+    pts = pts[fine]
+    pts = pts[np.r_[True, np.any(np.diff(pts, axis=0) != 0, axis=1)]]  # points that bisected onto one
+    return pts if len(pts) >= 3 else None
 
 
 def ring_wkb(ring: np.ndarray) -> tuple[bytes, tuple[float, float, float, float], bool] | None:
