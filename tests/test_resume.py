@@ -201,6 +201,23 @@ def test_a_scene_finished_in_bands_or_whole_is_not_redone_when_the_scene_count_c
     assert not list((out / "b").glob("rows-*"))
 
 
+def test_a_rerun_asking_for_fewer_outputs_skips_what_is_finished(tmp_path, scene_path):
+    """Finished with every output, run again with --no-quicklook --no-gpkg --no-styles (a cron
+    line trimmed): what it asks for is there, so nothing is redone or refused; asking for more
+    than was made is still a change of settings (--update redoes it)."""
+    from conftest import invoke
+
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file() and "report" not in f.name}
+    res = invoke(["run", src, "-o", out, *args, "--no-quicklook", "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0 and read(out)["counts"] == {"done": 0, "skipped": 2, "failed": 0}, res.output
+    assert {f: f.stat().st_mtime_ns for f in before} == before
+    res = invoke(["run", src, "-o", out, *args, "--no-quicklook", "--overwrite"])
+    assert read(out)["counts"]["done"] == 2 and not (out / "a" / "quicklook.png").exists()  # made without it now
+    res = invoke(["run", src, "-o", out, *args])
+    assert res.exit_code == 6 and "[output] quicklook" in res.output, res.output
+
+
 def _two_scenes_done(tmp_path: Path, scene_path) -> tuple[Path, Path, list[str]]:
     """Scenes a.tif and b.tif (one real scene twice) run into OUT: (scene folder, OUT, run options)."""
     import shutil

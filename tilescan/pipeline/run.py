@@ -477,7 +477,12 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     """Whether finished outputs whose fingerprint differs were made with settings that give the
     same outputs: a stride equal to the tile size given or left 0, bands given as the automatic
     pick chose them, or left to it where it picks those given; or from the same remote object
-    (its ETag) whose size an earlier release read wrong."""
+    (its ETag) whose size an earlier release read wrong. Outputs asked for no more (a quicklook,
+    GeoPackage or QGIS files made then, --no-quicklook now) are the same too: what is asked is there."""
+    was_out, out_now = (old.get("config") or {}).get("output") or {}, cfg.output
+    fewer = {k: True for k in ("quicklook", "gpkg", "styles") if was_out.get(k) is True and getattr(out_now, k) is False}
+    if fewer.get("quicklook"):
+        fewer["quicklook_size"] = was_out.get("quicklook_size", out_now.quicklook_size)
     was = (old.get("config") or {}).get("tiling") or {}
     now, same = cfg.tiling, {}
     if was.get("tile_size") == now.tile_size and {was.get("stride"), now.stride} <= {0, now.tile_size}:
@@ -490,9 +495,10 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     was_version = old.get("scene_version") or {}
     if version is not None and version.get("etag") and {**was_version, "size": None} == {**version, "size": None}:
         version = was_version  # the same object by its ETag: size as an earlier release read it (a range's on S3)
-    elif not same or version is None:
+    elif not (same or fewer) or version is None:
         return False
-    return old.get("fingerprint") == fingerprint(unit, cfg.replace("tiling", **same), card.sha256, version)
+    asked = cfg.replace("tiling", **same).replace("output", **fewer)
+    return old.get("fingerprint") == fingerprint(unit, asked, card.sha256, version)
 
 
 def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel, version: dict | None) -> str | None:
