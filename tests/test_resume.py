@@ -144,6 +144,10 @@ def test_update_redoes_only_what_changed_and_equivalent_settings_are_the_same(tm
     assert invoke(["run", src / "b.tif", "-o", fresh, *args, "--bands", "1,2,3", "--stride", "128"]).exit_code == 0
     res = invoke(["run", src / "b.tif", "-o", fresh, *args])
     assert res.exit_code == 0 and read(fresh)["counts"]["skipped"] == 1, res.output
+    # a setting that does change them: the message names it alone, not the bands that are alike
+    res = invoke(["run", src / "b.tif", "-o", fresh, *args, "--min-valid", "0.3"])
+    assert res.exit_code == 6 and "made with other settings ([tiling] min_valid_fraction 0.5 -> 0.3) exist" in res.output, \
+        res.output
 
 
 def test_a_finished_scene_whose_output_files_were_deleted_is_redone(tmp_path, scene_path):

@@ -448,7 +448,7 @@ def _said(key: str, value) -> str:
     return str(value)
 
 
-def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str, version: dict | None = None) -> tuple[str, str]:
+def _what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None = None) -> tuple[str, str]:
     """What the finished outputs in the way were made from, where it differs from this run's
     (the fingerprint says only that something does): the scene file, the model, settings, the
     scene's version (its ``version`` now against run.json's: what changed, old -> new); and
@@ -458,12 +458,12 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str, version: d
         return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, run "
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
-    changed = changed_settings(old.get("config") or {}, cfg.to_dict())
+    changed = changed_settings(old.get("config") or {}, _as_made(old, unit, cfg, card).to_dict())  # not those alike
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
     model = old.get("model") or {}
-    if model.get("sha256") != model_sha:
+    if model.get("sha256") != card.sha256:
         return f"made with another model ({model.get('id')}, sha256 {str(model.get('sha256'))[:12]})", redo
     was = old.get("scene_version") or {}
     moved = [f"{_VERSION_KEYS.get(k, k)} {_said(k, was.get(k))} -> {_said(k, v)}" for k, v in (version or {}).items()
@@ -473,12 +473,11 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, model_sha: str, version: d
     return f"made from another version of the scene{'' if remote else ' file'} ({'; '.join(moved) or unknown})", redo
 
 
-def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
-    """Whether finished outputs whose fingerprint differs were made with settings that give the
-    same outputs: a stride equal to the tile size given or left 0, bands given as the automatic
-    pick chose them, or left to it where it picks those given; or from the same remote object
-    (its ETag) whose size an earlier release read wrong. Outputs asked for no more (a quicklook,
-    GeoPackage or QGIS files made then, --no-quicklook now) are the same too: what is asked is there."""
+def _as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
+    """``cfg`` with the settings that give the finished outputs ``old`` as they are set back to
+    how ``old`` had them: a stride equal to the tile size given or left 0, bands given as the
+    automatic pick chose them, or left to it where it picks those given; fewer outputs asked
+    for (a quicklook, GeoPackage or QGIS files made then, --no-quicklook now: what is asked is there)."""
     was_out, out_now = (old.get("config") or {}).get("output") or {}, cfg.output
     fewer = {k: True for k in ("quicklook", "gpkg", "styles") if was_out.get(k) is True and getattr(out_now, k) is False}
     if fewer.get("quicklook"):
@@ -492,12 +491,19 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
         same["bands"] = tuple(before)
     if was.get("allow_pixel_space", now.allow_pixel_space) != now.allow_pixel_space and (old.get("scene_info") or {}).get("crs"):
         same["allow_pixel_space"] = was["allow_pixel_space"]  # a scene with a CRS: the setting changes nothing
+    return cfg.replace("tiling", **same).replace("output", **fewer) if same or fewer else cfg
+
+
+def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
+    """Whether finished outputs whose fingerprint differs were made with settings that give the
+    same outputs (:func:`_as_made`), or from the same remote object (its ETag) whose size an
+    earlier release read wrong."""
+    asked = _as_made(old, unit, cfg, card)
     was_version = old.get("scene_version") or {}
     if version is not None and version.get("etag") and {**was_version, "size": None} == {**version, "size": None}:
         version = was_version  # the same object by its ETag: size as an earlier release read it (a range's on S3)
-    elif not (same or fewer) or version is None:
+    elif asked is cfg or version is None:
         return False
-    asked = cfg.replace("tiling", **same).replace("output", **fewer)
     return old.get("fingerprint") == fingerprint(unit, asked, card.sha256, version)
 
 
@@ -546,7 +552,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             if not gone:
                 return True, None
             return False, f"as {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing (deleted since)"
-        what, advice = _what_differs(old, unit, cfg, card.sha256, version)
+        what, advice = _what_differs(old, unit, cfg, card, version)
         if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
             # --update never replaces another scene file's outputs
             return False, ("as --overwrite asks (made with the same scene, settings and model)" if same else what)
