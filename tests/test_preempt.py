@@ -220,8 +220,8 @@ def test_sigterm_with_reader_processes_stops_them_too(tmp_path):
 
 def test_a_stop_while_keras_loads_stops_before_the_model_is_loaded(tmp_path, monkeypatch):
     """A SIGTERM while the first run of a process imports Keras (seconds): the run stops as
-    soon as the import ends, before loading and compiling the model, and names its unit as
-    not started (it was: the whole start-up, then the unit read and dropped)."""
+    soon as the import ends, before loading and compiling the model (it was: the whole start-up,
+    then the unit read), and names its unit, opened meanwhile, as dropped."""
     import tilescan
     from tilescan import backend, model
     from conftest import scene
@@ -239,7 +239,7 @@ def test_a_stop_while_keras_loads_stops_before_the_model_is_loaded(tmp_path, mon
     report = tilescan.run(scene("rasterio/RGB.byte.tif"), tmp_path / "o", batch_size=7)
     assert report.exit_code == 75 and loads == []
     stopped = json.loads((tmp_path / "o" / "report.json").read_text())["interrupted"]
-    assert stopped["signal"] == "SIGTERM" and stopped["units"] == [] and stopped["not_started"] == ["RGB.byte"]
+    assert stopped["signal"] == "SIGTERM" and stopped["units"] == ["RGB.byte"] and stopped["not_started"] == []
 
 
 def test_second_signal_stops_at_once():

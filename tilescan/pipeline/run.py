@@ -572,7 +572,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
 
 def _interruption(stream: Stream, log: Callable[[str], None]) -> dict:
     """report.json's ``interrupted``: the signal, the units dropped, those never started."""
-    dropped = [job.unit for job in stream.dropped]
+    dropped = [job.unit for job in sorted(stream.dropped, key=lambda j: j.index)]  # in the run's order
     for unit in dropped:
         log(f"{unit.key}: stopped by {stream.interrupted.signame}; its partial outputs were removed")
     return {"signal": stream.interrupted.signame, "unit": dropped[0].key if dropped else None,

@@ -290,7 +290,8 @@ class Stream:
 
     def _take(self, item: tuple, wanted: bool) -> UnitJob | None:
         """One thing the opener handed over: an opened job (returned if ``wanted``, else
-        removed as not started), a result, a unit not started, or an error."""
+        removed: dropped, as its scene was opened and its staging folder made), a result, a
+        unit not started, or an error."""
         kind, k, what = item
         if kind == "engine":  # not made for a run that is ending
             if wanted:
@@ -302,8 +303,10 @@ class Stream:
             try:
                 engine = self._engine()  # made already: its request came before any job
                 what.use(engine, self._since)
-            except BaseException:
+            except BaseException as exc:
                 what.abort()
+                if isinstance(exc, stop.Interrupted):  # a stop while the model loaded: opened, dropped
+                    self.dropped.append(what)
                 raise
             if not self._warmed:  # the first unit's writers load while it is read (after Keras,
                 self._warmed = True  # which can change what the GeoPackage writer needs)
@@ -316,7 +319,7 @@ class Stream:
             return what
         if kind == "job":
             what.abort()
-            self.not_started.append(what.unit)
+            self.dropped.append(what)
         elif kind == "result":
             self.on_result(k, what)
         elif kind == "not_started":
