@@ -171,6 +171,8 @@ def test_bad_override_is_a_config_error(tmp_path):
 def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkeypatch):
     """``out=""`` (an unset variable) wrote a run's outputs and report.json into the current folder."""
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(tilescan.ConfigError, match=r"an input is empty \(an unset variable\?\)"):
+        tilescan.run([scene("rio-tiler/cog_rgb.tif"), ""], tmp_path / "o")
     for call in (lambda: tilescan.run(scene("rio-tiler/cog_rgb.tif"), ""), lambda: tilescan.collect(""),
                  lambda: tilescan.train(tmp_path, ""), lambda: tilescan.explain_figures(scene("rio-tiler/cog_rgb.tif"), " ")):
         with pytest.raises(tilescan.ConfigError, match=r"out is empty \(an unset variable\?\): give a path"):

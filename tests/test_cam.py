@@ -428,6 +428,8 @@ def test_pixels_outside_0_1_are_refused_not_classified(x, cams):
     one.reshape(-1)[7] = 255.0  # one stray 0..255 value is found, wherever it is
     with pytest.raises(ValueError, match=r"got values up to 255"):
         cams("gradcam")(one)
+    with pytest.raises(ValueError, match=r"got values down to -0\.99\d* \(normalised already\? the model normalises"):
+        cams("gradcam")(x * 2 - 1)  # [-1, 1], as some preprocessing gives
 
 
 def test_nan_pixels_and_other_shapes_are_refused_with_what_is_wrong(x, cams):

@@ -471,7 +471,8 @@ def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path
     assert r.exit_code == 0, r.output
     coarser = [line for line in r.output.splitlines() if "coarser than the model's range" in line]
     assert len(coarser) == FOLD_AFTER + 1, coarser
-    assert coarser[-1].startswith("warning: 2 more alike, not printed (-v prints each") and "r4.tif" not in coarser[-1]
+    assert coarser[-1].startswith("warning: 2 more alike, not printed (-v prints each") and "the first: " in coarser[-1]
+    assert f"r{FOLD_AFTER}.tif" in coarser[-1] and f"r{FOLD_AFTER + 1}.tif" not in coarser[-1]
     assert all(f"r{i}.tif" in coarser[i] for i in range(FOLD_AFTER))
     r = invoke([*args, "--overwrite", "-v"])
     assert sum("coarser than the model's range" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
@@ -498,7 +499,7 @@ def test_warnings_alike_but_for_their_figures_are_folded_too(monkeypatch):
     handler.say_folded()
     assert len(shown) == FOLD_AFTER + 2 and shown[FOLD_AFTER].endswith("another thing 5")
     assert shown[-1].startswith("warning: 3 more alike, not printed") and shown[-1].endswith(
-        "3.0% of the scene's data lies in tiles below min_valid_fraction 0.5")
+        f"the first: s{FOLD_AFTER}.tif: {3 + FOLD_AFTER * 1.7:.1f}% of the scene's data lies in tiles below min_valid_fraction 0.5")
 
 
 # ------------------------------------------------------------------------------------

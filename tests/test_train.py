@@ -282,16 +282,14 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
 
 
 def test_training_from_python_leaves_the_callers_random_draws_alone(mini_aid, tmp_path):
-    """Training seeds Python's and numpy's global generators; a notebook's next draws are the
-    ones it would have made without the training in between."""
+    """Training seeds Python's and numpy's global generators, and importing TensorFlow draws from
+    them; a notebook's next draws are the ones it would have made without the training between."""
     import random
 
     import numpy as np
 
     import tilescan
-    from tilescan.backend import import_keras
 
-    import_keras()  # importing TensorFlow draws from them itself: before the seeds, as in a notebook's later cells
     random.seed(5)
     np.random.seed(5)
     want = (random.random(), np.random.rand())

@@ -23,6 +23,7 @@ Keras, TensorFlow and rasterio load only when a function needs them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -141,6 +142,7 @@ def run(
     out = _given(out)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    inputs = [_given(p, "an input") for p in inputs]
     if isinstance(stac, (str, os.PathLike)):
         stac = [stac]
     if isinstance(assets, str):  # "red,green,blue", as on the command line
@@ -268,7 +270,30 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     ``val_accuracy`` and ``val_loss`` of the saved float32 model on the val split (plain
     cross-entropy: the epochs' figures, in ``<model>.history.csv``, are the training precision's,
     with label smoothing), ``seconds``, and the training state (``best_epoch``, ``epochs_done``,
-    ``stopped``...)."""
+    ``stopped``...). Python's ``random`` and numpy's global generator are left as they were."""
+    with _callers_draws():
+        return _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, limit, half, verbose, overrides)
+
+
+@contextlib.contextmanager
+def _callers_draws():
+    """Python's ``random`` and numpy's global generator as the caller left them, afterwards:
+    importing TensorFlow draws from them, and training seeds them (TensorFlow's own global
+    seed stays the training's)."""
+    import random
+
+    import numpy as np
+
+    draws = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(draws[0])
+        np.random.set_state(draws[1])
+
+
+def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, limit, half, verbose, overrides):
+    """:func:`train`'s work."""
     from .backend import import_keras
     from .training.data import load_dataset
     from .training.resuming import checkpoint_split

@@ -78,14 +78,16 @@ class _CliHandler(logging.Handler):
             return True
         seen = self.alike.setdefault(re.sub(r"\d+(?:[.,]\d+)*", "#", what), [0, what])
         seen[0] += 1
+        if seen[0] == FOLD_AFTER + 1:
+            seen[1] = msg  # the first not printed, with its scene: the folded line quotes it
         return seen[0] <= FOLD_AFTER
 
     def say_folded(self) -> None:
-        """The warnings counted, not printed: how many more of each (the first one's words)."""
+        """The warnings counted, not printed: how many more of each (the first of them, as it came)."""
         for n, what in self.alike.values():
             if n > FOLD_AFTER:
                 self._echo(f"warning: {n - FOLD_AFTER} more alike, not printed (-v prints each; each scene's run.json "
-                           f"has its own): {what}")
+                           f"has its own), the first: {what}")
 
     @staticmethod
     def _echo(line: str) -> None:

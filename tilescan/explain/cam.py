@@ -172,12 +172,15 @@ class CAMMethod:
             raise ValueError(f"CAM input must be a batch (B, H, W, {want or 'C'}) of one or more images, channels last; "
                              f"got shape {raw.shape}" + (" (channels first, as rasterio reads: np.moveaxis(x, 1, -1))"
                                                           if first else ""))
-        # 0..255 pixels give confident, wrong labels, NaN ones NaN probabilities read as class 0: refused
-        top = float(np.max(raw.reshape(-1)[::1009] if sample else raw)) if raw.dtype.kind == "f" else 0.0
+        # 0..255 pixels give confident, wrong labels, as do pixels normalised already (the model normalises
+        # them itself: [-1, 1], or mean/std); NaN ones NaN probabilities read as class 0: refused
+        seen = (raw.reshape(-1)[::1009] if sample else raw) if raw.dtype.kind == "f" else np.zeros(1)
+        top, low = float(np.max(seen)), float(np.min(seen))
         if math.isnan(top):
             raise ValueError("CAM input holds NaN pixels (nodata?): set them to 0 first, as tilescan run feeds nodata")
-        if raw.dtype.kind in "iub" or top > 1.5:
-            got = f"{raw.dtype} pixels" if raw.dtype.kind in "iub" else f"values up to {top:g}"
+        if raw.dtype.kind in "iub" or top > 1.5 or low < -0.1:
+            got = (f"{raw.dtype} pixels" if raw.dtype.kind in "iub" else f"values up to {top:g}" if top > 1.5
+                   else f"values down to {low:g} (normalised already? the model normalises its 0..1 input itself)")
             raise ValueError(f"CAM input must be float pixels in 0..1 (uint8 / 255), as the model was trained on; "
                              f"got {got}")
         return raw.astype(np.float32, copy=False), self._targets(target, raw.shape[0])

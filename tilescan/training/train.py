@@ -178,22 +178,16 @@ def train(dataset: Dataset, out: str | Path, cfg: TrainConfig, **kwargs) -> dict
     ``cfg.init`` fine-tunes from a parent model (:mod:`tilescan.training.transfer`): its input size,
     bands and normalisation, its backbone weights, ``cfg.freeze_epochs`` epochs of the head
     alone, then the whole model at ``cfg.finetune_lr``. Keyword arguments as :func:`_train`.
-    Keras' global precision policy and the draws of Python's ``random`` and numpy's global
-    generator are the caller's again afterwards, also after an error or a stop (training seeds
-    them; TensorFlow's global seed stays the training's).
+    Keras' global precision policy is the caller's again afterwards, also after an error or a stop
+    (:func:`tilescan.train` keeps the caller's random draws too).
     """
-    import random
-
     import keras
-    import numpy as np
 
-    before, draws = keras.mixed_precision.global_policy(), (random.getstate(), np.random.get_state())
+    before = keras.mixed_precision.global_policy()
     try:
         return _train(dataset, out, cfg, **kwargs)
     finally:
         keras.mixed_precision.set_global_policy(before)
-        random.setstate(draws[0])
-        np.random.set_state(draws[1])
 
 
 def _train(
