@@ -354,8 +354,11 @@ def test_evaluate_splits_as_training_did_and_says_when_the_split_changed(mini_ai
         tested = [r["path"] for r in _csv.DictReader(fh)]
     assert tested and not set(tested) & trained
     res = invoke(["evaluate", out, plain, "--split", "all", "-o", tmp_path / "ev-all", "--explain-samples", "0"])
-    assert res.exit_code == 0 and "split 'all' holds its train and val images" in res.output, res.output
+    assert res.exit_code == 0 and "holds the model's own train and val images" in res.output, res.output
     assert json.loads((tmp_path / "ev-all" / "report.json").read_text())["n"] == sum(1 for _ in plain.rglob("*.jpg"))
+    (tmp_path / "linked").symlink_to(plain)  # the same folder by another name: the same images
+    res = invoke(["evaluate", out, tmp_path / "linked", "--split", "all", "-o", tmp_path / "ev-link", "--explain-samples", "0"])
+    assert res.exit_code == 0 and "holds the model's own train and val images" in res.output, res.output
     first = sorted((plain / CLASSES[0]).iterdir())[0]
     shutil.copy(first, first.with_name("added.jpg"))  # one more image: that class's split is drawn anew
     res = invoke(["evaluate", out, plain, "-o", tmp_path / "ev2", "--explain-samples", "0"])

@@ -438,12 +438,18 @@ def _same_dataset(trained: dict, ds) -> bool:
 
 
 def _trained_on(trained: dict, ds) -> str | None:
-    """Why ``--split all`` of ``ds`` holds the model's training images: it is the dataset the
-    model was trained on, and it has a train or val split."""
+    """Why ``--split all`` of ``ds`` holds the model's training images: its train or val split
+    is the model's (the same images, by their split's hash: a copy or a link of the folder too),
+    or it has one and the name and layout of the dataset the model was trained on."""
+    was = trained.get("split_sha256") or {}
+    same = [s for s in ("train", "val") if ds.splits.get(s) and was.get(s) == ds.split_sha256.get(s)]
+    if same:
+        return (f"the dataset holds the model's own {' and '.join(same)} images (the split{'s' if len(same) > 1 else ''} "
+                "it was trained with): split 'all' scores it too high; score its test split, or a folder the model never saw")
     if not _same_dataset(trained, ds) or not (ds.splits.get("train") or ds.splits.get("val")):
         return None
-    return ("the dataset is the one the model was trained on: split 'all' holds its train and val images, "
-            "and scores it too high; score its test split, or a folder the model never saw")
+    return ("the dataset has the name and layout of the one the model was trained on: split 'all' may hold its train "
+            "and val images, and score it too high; score its test split, or a folder the model never saw")
 
 
 def _split_changed(trained: dict, ds, split: str) -> str | None:
