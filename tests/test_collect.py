@@ -564,6 +564,31 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
     assert not any("listed different scenes" in n for n in notes), notes
 
 
+def test_a_world_mosaic_covers_the_earth_once_with_its_edge_tiles_held_within_it(tmp_path):
+    """world.rgb (the whole earth in EPSG:4326, 512 x 256 px) in 200 px tiles: the edge tiles'
+    windows reach past 180° and the south pole; their footprints stop there (each table passes
+    the GeoParquet checker), the tiles' areas add up to the earth's (each tile's edges followed
+    as they run, not the geodesics between its corners), and the valid area of tiles all of
+    whose pixels in the scene are data is their whole area."""
+    import geopandas as gpd
+
+    from conftest import assert_geoparquet_conformant, invoke
+
+    out = tmp_path / "out"
+    res = invoke(["run", scene("rasterio/world.rgb.tif"), "-o", out, "--units", "px", "--tile-size", "200",
+                  "--min-valid", "0.1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert invoke(["collect", out, "--no-gpkg", "--no-styles"]).exit_code == 0
+    own = gpd.read_parquet(out / "world.rgb" / "tiles.parquet")
+    assert len(own) == 6 and tuple(own.total_bounds) == (-180.0, -90.0, 180.0, 90.0)
+    for table in (out / "world.rgb" / "tiles.parquet", out / "collected" / "tiles.parquet"):
+        assert_geoparquet_conformant(table)
+    got = gpd.read_parquet(out / "collected" / "tiles.parquet")
+    earth = 5.10066e14  # m², the WGS 84 ellipsoid's surface
+    assert got["area_m2"].sum() == pytest.approx(earth, rel=1e-4)
+    np.testing.assert_allclose(got["valid_area_m2"], got["area_m2"], rtol=1e-9)  # all data within the earth
+
+
 def test_scenes_of_two_legends_are_refused_naming_each_legends_models_and_scenes(tmp_path):
     """Two models of other classes into one OUT: collect says which scenes are in which legend
     and what to do, writes nothing, and gives no warning of 'models of the same classes'."""

@@ -306,6 +306,11 @@ def test_collect_takes_a_geostationary_scene_with_its_footprints_cut_at_the_disc
     overlap = max(shapes[i].intersection(shapes[j]).area / min(shapes[i].area, shapes[j].area)
                   for i in range(len(shapes)) for j in range(i + 1, len(shapes)))
     assert overlap < 1e-9
+    # a cut tile's valid pixels all lie on the disc: its valid area is no smaller a share of its
+    # cut footprint than of its pixel window, and never more than the footprint
+    cut_rows = goes[~np.isclose(goes["valid_area_m2"], goes["area_m2"] * goes["valid_fraction"])]
+    assert len(cut_rows) and (cut_rows["valid_area_m2"] > cut_rows["area_m2"] * cut_rows["valid_fraction"]).all()
+    assert (goes["valid_area_m2"] <= goes["area_m2"] * (1 + 1e-9)).all()
     project = ET.parse(out / "collected" / "collected.qgs").getroot()
     assert [g.get("name") for g in project.iter("layer-tree-group") if g.get("name")] == ["rgb"]
 

@@ -22,7 +22,8 @@ writes, into ``OUT/collected/``:
     where its labels are not meaningful), the per-scene columns (``tile_index``, ``row``, ``col``, pixel window,
     ``valid_fraction``, ``label``, ``class_index``, ``confidence``, ``probabilities``, CAM
     statistics), ``crs``, ``area_m2`` (geodesic area of the footprint on the WGS 84
-    ellipsoid), ``valid_area_m2`` (``area_m2 * valid_fraction``), ``geometry``, ``bbox``
+    ellipsoid), ``valid_area_m2`` (``area_m2 * valid_fraction``; of a footprint cut short of its
+    pixel window, at ±180° or a disc's edge, the share of it that is data), ``geometry``, ``bbox``
     (covering column), ``geometry_native``. Scenes without georeferencing (processed with
     ``allow_pixel_space``) get a null geometry and area.
 ``tiles.gpkg``
@@ -155,7 +156,12 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         bounds = None
         n_across = n_clipped = 0
     else:
-        geometry, box, area, n_across, n_clipped = footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat)
+        geometry, box, area, native, n_across, n_clipped = footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat)
+        # a footprint short of its pixel window (held within ±180°, cut at a disc) holds all its valid pixels
+        a, b_, _, d, e = (u.manifest.get("scene_info") or {}).get("transform", [1, 0, 0, 0, 1])[:5]
+        window = t.column("width").to_numpy() * t.column("height").to_numpy() * abs(a * e - b_ * d)
+        kept = np.clip(np.divide(native, window, out=np.ones(n), where=window > 0), 0.0, 1.0)
+        valid = np.where(kept < 1 - 1e-6, np.minimum(1.0, valid / np.where(kept > 0, kept, 1.0)), valid)
         off = ~np.isfinite(peaks).all(axis=1)  # a CAM peak off the CRS's area (a disc's edge tile): none
         cols.update({
             "crs": pa.array([crs_name] * n, pa.string()),

@@ -178,10 +178,11 @@ def antimeridian_wkb(corners: np.ndarray) -> bytes:
     return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)
 
 
-def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16, steps: int = 40) -> np.ndarray | None:
+def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16,
+                steps: int = 40) -> tuple[np.ndarray, np.ndarray] | None:
     """The part of a tile's footprint (4 corners in its CRS) that the CRS maps to longitude and
     latitude (a geostationary disc's, whose edge tiles reach into space), as an open ring of
-    longitude/latitude points; None where no part maps. The ring keeps the tile's corners that
+    longitude/latitude points and the same points in the CRS; None where no part maps. The ring keeps the tile's corners that
     map and the points where its edges leave the mapped part, so an edge it shares with a
     neighbour is drawn as the neighbour's (corner to corner); where the tile lies off it, the
     ring follows the mapped part's edge, found from points along the tile's edges moved along
@@ -227,10 +228,11 @@ def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16, st
             ring.append(limb[k])
         if change[k]:
             ring.append(cross[k])
-    pts, fine = maps(np.array(ring))
-    pts = pts[fine]
-    pts = pts[np.r_[True, np.any(np.diff(pts, axis=0) != 0, axis=1)]]  # points that bisected onto one
-    return pts if len(pts) >= 3 else None
+    native = np.array(ring)
+    pts, fine = maps(native)
+    pts, native = pts[fine], native[fine]
+    keep = np.r_[True, np.any(np.diff(pts, axis=0) != 0, axis=1)]  # points that bisected onto one
+    return (pts[keep], native[keep]) if keep.sum() >= 3 else None
 
 
 def ring_wkb(ring: np.ndarray) -> tuple[bytes, tuple[float, float, float, float], bool] | None:

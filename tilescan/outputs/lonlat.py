@@ -27,25 +27,61 @@ def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
 
 
 def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tuple:
-    """:func:`_lonlat_footprints`, where a footprint reaches past the area its CRS maps (off a
-    geostationary disc) the part of it that maps (:func:`domain_ring`; None where none does);
-    and how many were so cut."""
+    """:func:`_lonlat_footprints` of the reprojected rings ``lonlat`` (N,5,2), where a footprint
+    reaches past the area its CRS maps (off a geostationary disc) the part of it that maps
+    (:func:`domain_ring`; None where none does); their geodesic areas, those of tiles over a
+    degree across along their edges as they run (the corners' geodesics cut corners there:
+    a world mosaic's tiles); the footprints' areas in the CRS (``rings`` (N,5,2): the native
+    rings), and how many cross the antimeridian and were cut at a disc's edge."""
     off = ~np.isfinite(lonlat).all(axis=(1, 2))
-    if not off.any():
-        return (*_lonlat_footprints(lonlat), 0)
+    native = _planar_areas(rings[:, :4])
     geometry, box, area, n_across = _lonlat_footprints(lonlat[~off]) if (~off).any() else (pa.array([], pa.binary()),
                                                                                            [np.zeros(0)] * 4, np.zeros(0), 0)
-    wkb, boxes, areas = [None] * len(lonlat), np.full((len(lonlat), 4), np.nan), np.full(len(lonlat), np.nan)
-    for j, i in enumerate(np.flatnonzero(~off)):
-        wkb[i], boxes[i], areas[i] = geometry[j].as_py(), [b[j] for b in box], area[j]
-    for i in np.flatnonzero(off):
-        ring = domain_ring(rings[i, :4], to_lonlat)
-        made = ring_wkb(ring) if ring is not None else None
-        if made is not None:
-            wkb[i], boxes[i] = made[0], made[1]
-            areas[i] = abs(_geod().polygon_area_perimeter(ring[:, 0], ring[:, 1])[0])
-            n_across += made[2]
-    return pa.array(wkb, pa.binary()), list(boxes.T), areas, n_across, int(off.sum())
+    if not off.any():
+        wkb, boxes, areas = geometry, box, area
+    else:
+        wkb, boxes, areas = [None] * len(lonlat), np.full((len(lonlat), 4), np.nan), np.full(len(lonlat), np.nan)
+        for j, i in enumerate(np.flatnonzero(~off)):
+            wkb[i], boxes[i], areas[i] = geometry[j].as_py(), [b[j] for b in box], area[j]
+        for i in np.flatnonzero(off):
+            cut = domain_ring(rings[i, :4], to_lonlat)
+            made = ring_wkb(cut[0]) if cut is not None else None
+            native[i] = _planar_areas(cut[1][None])[0] if cut is not None else np.nan
+            if made is not None:
+                wkb[i], boxes[i] = made[0], made[1]
+                areas[i] = abs(_geod().polygon_area_perimeter(cut[0][:, 0], cut[0][:, 1])[0])
+                n_across += made[2]
+        wkb, boxes = pa.array(wkb, pa.binary()), list(boxes.T)
+    big = np.flatnonzero(~off & ((boxes[2] - boxes[0] > 1.0) | (boxes[3] - boxes[1] > 1.0))
+                         & (pole_turns(np.nan_to_num(lonlat[:, :4])) == 0))
+    if len(big):
+        areas[big] = _areas_along_edges(rings[big, :4], to_lonlat, areas[big])
+    return wkb, boxes, areas, native, n_across, int(off.sum())
+
+
+def _planar_areas(corners: np.ndarray) -> np.ndarray:
+    """The areas of (N,k,2) open rings in their own plane (the shoelace formula, about each
+    ring's first point: projected coordinates in the millions lose no digits)."""
+    c = np.asarray(corners, dtype=np.float64) - np.asarray(corners, dtype=np.float64)[:, :1]
+    x, y = c[..., 0], c[..., 1]
+    return 0.5 * np.abs((x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1))
+
+
+def _areas_along_edges(corners: np.ndarray, to_lonlat, fallback: np.ndarray, per_edge: int = 32) -> np.ndarray:
+    """Geodesic areas of (B,4,2) tiles in their CRS with each edge followed as the CRS draws it
+    (points along it reprojected), not the geodesic between its corners; ``fallback`` where a
+    point does not map."""
+    t = np.arange(per_edge)[:, None] / per_edge
+    dense = np.concatenate([corners[:, j, None] + t * (corners[:, (j + 1) % 4, None] - corners[:, j, None])
+                            for j in range(4)], axis=1)  # (B, 4 * per_edge, 2)
+    lon, lat = (np.asarray(v, dtype=np.float64).reshape(dense.shape[:2])
+                for v in to_lonlat(dense[..., 0].ravel(), dense[..., 1].ravel()))
+    out = np.array(fallback, dtype=np.float64)
+    geod = _geod()
+    for b in range(len(dense)):
+        if np.isfinite(lon[b]).all() and np.isfinite(lat[b]).all():
+            out[b] = abs(geod.polygon_area_perimeter(np.unwrap(lon[b], period=360.0), lat[b])[0])
+    return out
 
 
 def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:

@@ -14,7 +14,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-AREA_NOTE = ("geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction; each tile counts "
+AREA_NOTE = ("geodesic, WGS 84 ellipsoid, m^2; valid_area_m2 = area_m2 * valid_fraction (a footprint cut short of its "
+             "pixel window, at 180 degrees or a disc's edge: the share of it that is data); each tile counts "
              "the cell of the stride around its centre (area_m2 * (stride_px / tile_px)^2 of its footprint), "
              "so overlapping tiles are not counted twice")
 
