@@ -18,7 +18,7 @@ def test_colour_spellings():
     assert parse_color("#1f78b4") == parse_color("31,120,180") == parse_color("31, 120, 180, 255") == (31, 120, 180)
     assert parse_color("#fa0") == (255, 170, 0)
     assert parse_color("34,139,34,255,rgb:0.13,0.55,0.13,1") == (34, 139, 34)  # as newer QGIS writes it
-    for bad in ("#12345", "red", "300,0,0", "1,2", "#ggg000"):
+    for bad in ("#12345", "red", "300,0,0", "1,2", "#ggg000"):  # a model's colours: as stored
         with pytest.raises(ValueError):
             parse_color(bad)
 
@@ -43,13 +43,15 @@ def test_text_and_json_colour_files(tmp_path):
     with pytest.raises(ValueError, match="not UTF-8 text"):
         read_class_colors(tmp_path / "latin.txt")
     bad = tmp_path / "bad.csv"
-    bad.write_text("water,#1f78b4\nforest,green\n")
-    with pytest.raises(ValueError, match="line 2: 'forest,green'"):
+    bad.write_text("water,#1f78b4\nforest,greenish\n")
+    with pytest.raises(ValueError, match="line 2: 'forest,greenish'"):
         read_class_colors(bad)
-    for text in ("built-up;red\n", "built-up,red\nwater,#0000ff\n"):  # a colour name on line 1 is no header
+    for text in ("built-up;reddish\n", "built-up,reddish\nwater,#0000ff\n"):  # a colour-like word on line 1: no header
         bad.write_text(text)
-        with pytest.raises(ValueError, match="line 1: 'built-up.red'"):
+        with pytest.raises(ValueError, match="line 1: 'built-up.reddish'"):
             read_class_colors(bad)
+    bad.write_text("built-up;red\nwater,steelblue\n")
+    assert read_class_colors(bad) == {"built-up": (255, 0, 0), "water": (70, 130, 180)}
     bad.write_text("Class Name,Hex Code\nwater,#0000ff\n")
     assert read_class_colors(bad) == {"water": (0, 0, 255)}
     cut = tmp_path / "cut.qml"

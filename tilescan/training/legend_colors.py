@@ -47,8 +47,21 @@ def _json_colors(text: str) -> dict[str, RGB]:
             value = ",".join(map(str, value))
         if not isinstance(value, str):
             raise ValueError(f"{name!r}: {value!r} is not a colour (\"#rrggbb\" or [r, g, b])")
-        out[str(name)] = parse_color(value)
+        out[str(name)] = _file_color(value)
     return out
+
+
+def _file_color(text: str) -> RGB:
+    """A colour as a colour file may give it: :func:`parse_color`'s spellings, or a CSS colour
+    name (``steelblue``), as a person writes one."""
+    t = str(text).strip()
+    if t.isalpha():
+        from PIL import ImageColor
+
+        if t.lower() in ImageColor.colormap:
+            return ImageColor.getrgb(t.lower())[:3]  # type: ignore[return-value]
+        raise ValueError(f"{t!r} is not a colour (#rrggbb, r,g,b, or a CSS colour name such as steelblue)")
+    return parse_color(t)
 
 
 _HEADER_WORDS = ("colo", "rgb", "hex", "fill", "value", "code", "symbol", "style")  # color, Colour, RGB, Hex code
@@ -70,7 +83,7 @@ def _text_colors(text: str) -> dict[str, RGB]:
                 parts = [x.strip() for x in line.split(",", 5)]
                 rgb, names = parse_color(",".join(parts[1:4])), [parts[0], *parts[5:]]
             else:
-                rgb, names = parse_color(colour.strip().strip('"')), [name.strip().strip('"')]
+                rgb, names = _file_color(colour.strip().strip('"')), [name.strip().strip('"')]
         except (ValueError, IndexError) as e:
             raise ValueError(f"line {i}: {line!r}: {e if isinstance(e, ValueError) else 'a name and a colour'}") from None
         for name in filter(None, names):
