@@ -171,6 +171,10 @@ def test_bad_override_is_a_config_error(tmp_path):
 def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkeypatch):
     """``out=""`` (an unset variable) wrote a run's outputs and report.json into the current folder."""
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(tilescan.ConfigError, match=r"^out is None: give a path"):
+        tilescan.run(scene("rio-tiler/cog_rgb.tif"), None)
+    with pytest.raises(TypeError, match=r"get_cam\(name, model\): the first argument is the method's name \(one of "):
+        tilescan.get_cam(tilescan.describe_model(), "gradcam")
     with pytest.raises(tilescan.ConfigError, match=r"an input is empty \(an unset variable\?\)"):
         tilescan.run([scene("rio-tiler/cog_rgb.tif"), ""], tmp_path / "o")
     for call in (lambda: tilescan.run(scene("rio-tiler/cog_rgb.tif"), ""), lambda: tilescan.collect(""),

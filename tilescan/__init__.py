@@ -164,6 +164,8 @@ def run(
 
 def _given(path: str | os.PathLike, what: str = "out") -> str | os.PathLike:
     """``path`` when it names something: ``""`` (an unset variable) is refused, not the current folder."""
+    if path is None:
+        raise ConfigError(f"{what} is None: give a path")
     if not str(os.fspath(path)).strip():
         raise ConfigError(f"{what} is empty (an unset variable?): give a path")
     return path
@@ -243,6 +245,9 @@ def get_cam(name: str, model, layer: str | None = None, **kwargs: Any):
     128 px input): resize it to the image to overlay it, as ``run`` and ``explain_figures`` do."""
     from .explain.cam import get_cam as _get
 
+    if not isinstance(name, str):  # get_cam(model, "gradcam"): the arguments the other way round
+        raise TypeError(f"get_cam(name, model): the first argument is the method's name (one of "
+                        f"{', '.join(CAM_METHODS)}), got {type(name).__name__}")
     classes = None
     if hasattr(model, "cam_layer") and hasattr(model, "model"):  # a LoadedModel: its layer, and targets by name
         layer, model, classes = layer or model.cam_layer, model.model, list(model.classes)

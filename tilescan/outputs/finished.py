@@ -295,8 +295,7 @@ def shards_disagree(listed: list) -> str | None:
     if len(seen) < 2:
         return None
     return (f"the shards of the latest run listed different scenes ({', '.join(sorted(str(c) for c, _ in seen))}): "
-            "the input changed while they ran, and a scene may have been done by none; rerun the job (what is "
-            "finished is skipped), then collect again")
+            "the input changed while they ran, and a scene may have been done by none")
 
 
 def one_legend(scenes: list[_Scene], out: Path) -> None:
@@ -447,8 +446,8 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
                     "report": report.name}
     if undone := unfinished_in_run(read, collected):
         said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
-        log(f"warning: collect: the latest run left work undone, not in the collected set: {said} (rerun the job, "
-            "then collect again; summary.json's unfinished_in_run)")
+        log(f"warning: collect: the latest run left work undone that the collected set may lack: {said} (rerun the "
+            "job: what is finished is skipped; then collect again; summary.json's unfinished_in_run)")
     units = sorted(found, key=str)
     missing = [found[k] for k in units if not covered(k, collected)]
     earlier = [found[k] for k in units if covered(k, collected)]
