@@ -241,6 +241,7 @@ def test_numpy_values_are_settings_like_python_ones():
                                       "bands": np.array([3, 2, 1])}}, environ={}).tiling
     assert (t.tile_size, t.min_valid_fraction, t.bands) == (256, 0.25, (3, 2, 1))
     assert type(t.tile_size) is int and type(t.bands[0]) is int
+    assert load_config(None, {"tiling": {"min_valid_fraction": np.float32(0.1)}}, environ={}).tiling.min_valid_fraction == 0.1
     assert "expected an integer, got True" in str(_error(load_config, None, {"tiling": {"tile_size": np.bool_(True)}},
                                                          environ={}))
     # a flattened key is shown the form overrides take

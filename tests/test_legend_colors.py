@@ -46,12 +46,14 @@ def test_text_and_json_colour_files(tmp_path):
     bad.write_text("water,#1f78b4\nforest,greenish\n")
     with pytest.raises(ValueError, match="line 2: 'forest,greenish'"):
         read_class_colors(bad)
-    for text in ("built-up;reddish\n", "built-up,reddish\nwater,#0000ff\n"):  # a colour-like word on line 1: no header
-        bad.write_text(text)
-        with pytest.raises(ValueError, match="line 1: 'built-up.reddish'"):
-            read_class_colors(bad)
-    bad.write_text("built-up;red\nwater,steelblue\n")
+    bad.write_text("built-up;reddish\n")  # one line whose colour is none: a header with nothing after it, said so
+    with pytest.raises(ValueError, match="line 1: 'built-up;reddish' is read as a header .*, and no line follows it"):
+        read_class_colors(bad)
+    bad.write_text("built-up;red\nwater,steelblue\n")  # a colour name on line 1: a line, not a header
     assert read_class_colors(bad) == {"built-up": (255, 0, 0), "water": (70, 130, 180)}
+    for head in ("class,r,g,b", "name,red,green,blue", "Klasse;Farbe"):  # headers as spreadsheets write them
+        bad.write_text(f"{head}\nwater,0,0,255\n")
+        assert read_class_colors(bad) == {"water": (0, 0, 255)}, head
     bad.write_text("Class Name,Hex Code\nwater,#0000ff\n")
     assert read_class_colors(bad) == {"water": (0, 0, 255)}
     cut = tmp_path / "cut.qml"

@@ -195,6 +195,8 @@ def test_a_scene_finished_in_bands_or_whole_is_not_redone_when_the_scene_count_c
     reps = shards()
     skipped = [u for r in reps for u in r["skipped"]]
     assert [u["unit"] for u in skipped] == ["a"] and "already complete as 2 row bands" in skipped[0]["reason"]
+    band_counts = [json.loads(p.read_text())["counts"] for p in sorted((out / "a").glob("rows-*/run.json"))]
+    assert skipped[0]["counts"]["tiles_classified"] == sum(c["tiles_classified"] for c in band_counts) > 0
     assert [u["unit"] for r in reps for u in r["done"]] == ["b"]
     assert sorted(p.name for p in (out / "a").iterdir()) == bands  # no whole output beside the bands
     (src / "a.tif").unlink()  # b alone again: banded, and finished whole

@@ -96,6 +96,15 @@ def test_empty_and_case_alike_class_folders_are_said(mini_aid, tmp_path, caplog)
     caplog.clear()
     load_dataset(mini_aid)  # the AID layout: its splits/ folder is no class
     assert "hold no image" not in caplog.text
+    split = tmp_path / "split"  # Train/ and Test/: a class empty in one split only is still a class
+    shutil.copytree(plain / CLASSES[1], split / "Train" / CLASSES[1])
+    shutil.copytree(plain / CLASSES[2], split / "Train" / CLASSES[2].upper())
+    shutil.copytree(plain / CLASSES[2], split / "Test" / CLASSES[2])
+    (split / "Test" / CLASSES[1]).mkdir()
+    caplog.clear()
+    assert load_dataset(split).classes == sorted([CLASSES[1], CLASSES[2], CLASSES[2].upper()])
+    assert "hold no image" not in caplog.text
+    assert f"class folders '{CLASSES[2].upper()}', '{CLASSES[2]}' differ only in case" in caplog.text, caplog.text
 
 
 def test_stratified_split_is_seeded_and_disjoint():

@@ -270,7 +270,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     """Convert ``value`` to ``typ`` or raise a ConfigError naming key and source."""
     where, origin = f"[{section}] {key}", typing.get_origin(typ)
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # np.int64(128), np.array([3, 2, 1])
-        value = value.tolist()
+        narrow = value.dtype.kind == "f" and value.dtype.itemsize < 8  # float32's shortest decimal: 0.1, not 0.10000000149
+        value = value.tolist() if not narrow else [float(str(v)) for v in value.ravel()] if value.ndim else float(str(value))
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}: expected {expected}, got {value!r}", path=source)

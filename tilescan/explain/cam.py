@@ -164,7 +164,7 @@ class CAMMethod:
     def _checked(self, x, target, sample: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """``x`` as float32 and the targets, or a ValueError saying what is wrong with ``x``;
         ``sample``: look at a strided sample of the values only (run's own batches, scaled by
-        its reader, on the device's asynchronous path, where a whole pass costs a step's time)."""
+        its reader: a whole pass over each batch is time a GPU's step would wait for)."""
         raw = np.asarray(_keras().ops.convert_to_numpy(x) if not isinstance(x, np.ndarray) else x)
         want = self.model.input_shape[-1] if isinstance(self.model.input_shape, tuple) else None
         if raw.ndim != 4 or raw.shape[0] == 0 or (want is not None and raw.shape[-1] != want):
@@ -194,16 +194,18 @@ class CAMMethod:
         Where the device step is asynchronous (JAX's one-pass Grad-CAM), the caller can hand
         the device its next batch before collecting this one, so the upload of the next
         overlaps this one's compute; elsewhere the step runs here and now."""
+        x, t = self._checked(x, target, sample=True)  # run's own batches: a strided look at their values
         dispatch = getattr(self._fast_step, "dispatch", None)
         if dispatch is None:
-            res = self(x, target)
+            res = self._compute(x, t)
             return lambda: res
-        x, t = self._checked(x, target, sample=True)
         collect = dispatch(x, t)
         return lambda: self._fast_result(*collect())
 
     def __call__(self, x, target=None) -> CAMResult:
-        x, t = self._checked(x, target)
+        return self._compute(*self._checked(x, target))
+
+    def _compute(self, x: np.ndarray, t: np.ndarray) -> CAMResult:
         if self._fast_step is not None:
             return self._fast_result(*self._fast_step(x, t))
         if self.needs_grads:

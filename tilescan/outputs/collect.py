@@ -159,15 +159,15 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         geometry, box, area, native, n_across, n_clipped = footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat)
         # a footprint short of its pixel window (held within ±180°, cut at a disc) holds all its valid pixels
         a, b_, _, d, e = (u.manifest.get("scene_info") or {}).get("transform", [1, 0, 0, 0, 1])[:5]
-        window = t.column("width").to_numpy() * t.column("height").to_numpy() * abs(a * e - b_ * d)
+        window = t.column("width").to_numpy().astype(np.float64) * t.column("height").to_numpy() * abs(a * e - b_ * d)
         kept = np.clip(np.divide(native, window, out=np.ones(n), where=window > 0), 0.0, 1.0)
         valid = np.where(kept < 1 - 1e-6, np.minimum(1.0, valid / np.where(kept > 0, kept, 1.0)), valid)
         off = ~np.isfinite(peaks).all(axis=1)  # a CAM peak off the CRS's area (a disc's edge tile): none
         cols.update({
             "crs": pa.array([crs_name] * n, pa.string()),
             "cam_peak_lon": pa.array(peaks[:, 0], mask=off), "cam_peak_lat": pa.array(peaks[:, 1], mask=off),
-            "area_m2": pa.array(area),
-            "valid_area_m2": pa.array(area * valid),
+            "area_m2": pa.array(area, mask=np.isnan(area)),  # none: a footprint with no part on a disc
+            "valid_area_m2": pa.array(area * valid, mask=np.isnan(area)),
             "geometry": geometry,
             "bbox": pa.StructArray.from_arrays([pa.array(v) for v in box], fields=list(BBOX_TYPE), mask=pa.array(geometry.is_null())),
         })

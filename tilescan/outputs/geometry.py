@@ -114,6 +114,21 @@ def bbox_column(corners: np.ndarray) -> pa.StructArray:
          pa.array(c[..., 0].max(axis=1)), pa.array(c[..., 1].max(axis=1))], fields=list(BBOX_TYPE))
 
 
+def extent(corners: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(xmin, ymin, xmax, ymax) of (N,4,2) footprint corners; None for none."""
+    c = np.asarray(corners, dtype=np.float64)
+    return (c[..., 0].min(), c[..., 1].min(), c[..., 0].max(), c[..., 1].max()) if len(c) else None
+
+
+def edge_points(corners: np.ndarray, per_edge: int) -> np.ndarray:
+    """``per_edge`` points along each edge of (..., 4, 2) quadrilaterals, the corners first:
+    (..., 4 * per_edge, 2), an open ring."""
+    c = np.asarray(corners, dtype=np.float64)
+    t = (np.arange(per_edge) / per_edge)[:, None]
+    return np.concatenate([c[..., j, None, :] + t * (c[..., (j + 1) % 4, None, :] - c[..., j, None, :])
+                           for j in range(4)], axis=-2)
+
+
 def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
                  types: Sequence[str] = ("Polygon",)) -> dict:
     """A table's ``geo`` metadata (GeoParquet 1.1): WKB footprints in ``geometry`` (counter-
@@ -204,8 +219,7 @@ def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16,
             lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
         return a + np.maximum(lo - 1e-7, 0.0)[:, None] * (b - a)  # a hair inside: maps back too (the limb's edge may not)
 
-    t = np.arange(per_edge)[:, None] / per_edge
-    edge = np.concatenate([c[j] + t * (c[(j + 1) % 4] - c[j]) for j in range(4)])  # corners at 0, k, 2k, 3k
+    edge = edge_points(c, per_edge)  # corners at 0, k, 2k, 3k
     u, v = (g.reshape(-1, 1) for g in np.meshgrid(np.linspace(0, 1, 9), np.linspace(0, 1, 9)))
     lattice = (1 - u) * (1 - v) * c[0] + u * (1 - v) * c[1] + u * v * c[2] + (1 - u) * v * c[3]
     ok = maps(lattice)[1]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .geometry import (antimeridian_wkb, domain_ring, polar_cap_wkb, pole_turns, ring_wkb, wkb_polygons,
-                       wrap_longitudes)
+from .geometry import (antimeridian_wkb, domain_ring, edge_points, polar_cap_wkb, pole_turns, ring_wkb,
+                       wkb_polygons, wrap_longitudes)
 
 
 def _geod():
@@ -41,8 +41,10 @@ def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tu
         wkb, boxes, areas = geometry, box, area
     else:
         wkb, boxes, areas = [None] * len(lonlat), np.full((len(lonlat), 4), np.nan), np.full(len(lonlat), np.nan)
-        for j, i in enumerate(np.flatnonzero(~off)):
-            wkb[i], boxes[i], areas[i] = geometry[j].as_py(), [b[j] for b in box], area[j]
+        good = np.flatnonzero(~off)
+        for i, g in zip(good, geometry.to_pylist()):
+            wkb[i] = g
+        boxes[good], areas[good] = np.column_stack(box) if len(good) else np.zeros((0, 4)), area
         for i in np.flatnonzero(off):
             cut = domain_ring(rings[i, :4], to_lonlat)
             made = ring_wkb(cut[0]) if cut is not None else None
@@ -71,9 +73,7 @@ def _areas_along_edges(corners: np.ndarray, to_lonlat, fallback: np.ndarray, per
     """Geodesic areas of (B,4,2) tiles in their CRS with each edge followed as the CRS draws it
     (points along it reprojected), not the geodesic between its corners; ``fallback`` where a
     point does not map."""
-    t = np.arange(per_edge)[:, None] / per_edge
-    dense = np.concatenate([corners[:, j, None] + t * (corners[:, (j + 1) % 4, None] - corners[:, j, None])
-                            for j in range(4)], axis=1)  # (B, 4 * per_edge, 2)
+    dense = edge_points(corners, per_edge)  # (B, 4 * per_edge, 2)
     lon, lat = (np.asarray(v, dtype=np.float64).reshape(dense.shape[:2])
                 for v in to_lonlat(dense[..., 0].ravel(), dense[..., 1].ravel()))
     out = np.array(fallback, dtype=np.float64)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from ..errors import OutputError
 from ..log import catching_warnings
 from .files import _dumps, atomic_output
-from .geometry import BBOX_TYPE, _projjson, bbox_column, geo_metadata, gpkg_polygons, pyproj_crs, wkb_polygons
+from .geometry import BBOX_TYPE, _projjson, bbox_column, extent, geo_metadata, gpkg_polygons, pyproj_crs, wkb_polygons
 
 # --------------------------------------------------------------------------- tile table
 
@@ -245,8 +245,7 @@ class TileTable:
         corners = cols["corners"]
         n = corners.shape[0]
 
-        extent = (corners[..., 0].min(), corners[..., 1].min(), corners[..., 0].max(), corners[..., 1].max()) if n else None
-        geo = geo_metadata(_projjson(crs), extent)
+        geo = geo_metadata(_projjson(crs), extent(corners))
         meta = _tilescan_meta(classes, model_id, scene, n, extra_metadata)
 
         label_type = pa.dictionary(pa.int32(), pa.string())

@@ -367,13 +367,13 @@ class _Units:
         lock = UnitLock(self.out, unit).acquire()
         try:
             done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version)
-            how = None if done or replaces or self.cfg.output.overwrite else \
+            other = None if done or replaces or self.cfg.output.overwrite else \
                 _finished_otherwise(unit, final, self.cfg, self.card, version)
-            if done or how:
+            if done or other:
                 lock.release()
                 logger.debug(f"{unit.key}: already complete, skipped")  # -v: a rerun of 500 chips printed 500 lines
-                old = read_manifest(final) or {}
-                return UnitResult(unit.key, str(unit.scene), "skipped", str(final), counts=old.get("counts", {}),
+                how, counts = other or ("", (read_manifest(final) or {}).get("counts", {}))
+                return UnitResult(unit.key, str(unit.scene), "skipped", str(final), counts=counts,
                                   reason=f"already complete{' ' + how if how else ''} with the same config and model")
         except BaseException:
             lock.release()
@@ -507,11 +507,13 @@ def _equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: 
     return old.get("fingerprint") == fingerprint(unit, asked, card.sha256, version)
 
 
-def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel, version: dict | None) -> str | None:
+def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel,
+                        version: dict | None) -> tuple[str, dict] | None:
     """How the unit's tiles are already finished in the other shape a shard count gives a scene
     (the scene count changed between runs: fewer scenes than shards bands them): a whole unit
-    by row bands that cover every tile row, a band by its scene's whole output; each made from
-    the same scene, settings and model with none of its outputs missing. None otherwise."""
+    by row bands that cover every tile row (and their counts added up), a band by its scene's
+    whole output (no counts: the whole's are the scene's); each made from the same scene,
+    settings and model with none of its outputs missing. None otherwise."""
     from ..outputs.finished import _covers, _Unit
 
     def same(folder: Path, u: Unit) -> dict | None:
@@ -522,12 +524,22 @@ def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel,
         return m if ok else None
 
     if unit.part is not None:
-        return "as its scene's whole output" if same(final.parent, Unit(unit.scene, unit.name)) else None
+        return ("as its scene's whole output", {}) if same(final.parent, Unit(unit.scene, unit.name)) else None
     bands = []
     for p in sorted(final.iterdir()) if final.is_dir() else ():
         if layout.PART_RE.fullmatch(p.name) and (m := same(p, Unit(unit.scene, unit.name, *map(int, p.name.split("-")[1:])))):
             bands.append(_Unit(p, unit.name, p.name, m, tuple(m["rows"])))
-    return f"as {len(bands)} row bands" if bands and _covers(bands) else None
+    if not (bands and _covers(bands)):
+        return None
+    counts: dict = {}
+    for b in bands:
+        for k, v in (b.manifest.get("counts") or {}).items():
+            if isinstance(v, dict):
+                for c, n in v.items():
+                    counts.setdefault(k, {})[c] = counts.get(k, {}).get(c, 0) + n
+            elif isinstance(v, (int, float)):
+                counts[k] = counts.get(k, 0) + v
+    return f"as {len(bands)} row bands", counts
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,

@@ -118,13 +118,11 @@ def _write_table(path: Path, table_rows: dict[str, list], corners: np.ndarray, c
     import pyarrow.parquet as pq
 
     from ..outputs.files import atomic_output
-    from ..outputs.geometry import bbox_column, geo_metadata, wkb_polygons
+    from ..outputs.geometry import bbox_column, extent, geo_metadata, wkb_polygons
 
     pj = pyproj_crs(crs)
     corners = corners.reshape(-1, 4, 2)
-    extent = (corners[..., 0].min(), corners[..., 1].min(), corners[..., 0].max(), corners[..., 1].max()) \
-        if len(corners) else None
-    geo = geo_metadata(None if pj is None else pj.to_json_dict(), extent)
+    geo = geo_metadata(None if pj is None else pj.to_json_dict(), extent(corners))
     arrays = {
         "chip": pa.array(table_rows["chip"], pa.string()),
         # the legend's order, as tiles.parquet's label: a category's code is its class index

@@ -220,21 +220,28 @@ def _nfc(name: str) -> str:
 
 
 def _class_dirs(root: Path) -> list[str]:
-    """The class folders of ``root`` that hold images; warned about: those that hold none (left
-    out of the legend) and names alike but for case (one folder on macOS and Windows)."""
+    return sorted({_nfc(d.name) for d in _folders(root) if any(_walk_images(d))})
+
+
+def _folders(root: Path) -> list[Path]:
+    return [d for d in root.iterdir() if d.is_dir() and _visible(d) and d.name != "splits"]
+
+
+def _say_odd_classes(data: Path, roots: Sequence[Path], classes: Sequence[str]) -> None:
+    """Warnings for the class folders of ``roots`` (each split's, or the one) that hold no image in
+    any of them (left out of the legend), and classes alike but for case (one folder on macOS and
+    Windows, one colour in a colour file)."""
     from ..log import emit
 
-    dirs = [d for d in root.iterdir() if d.is_dir() and _visible(d) and d.name != "splits"]
-    classes = sorted({_nfc(d.name) for d in dirs if any(_walk_images(d))})
-    if classes and (empty := sorted(d.name for d in dirs if _nfc(d.name) not in classes)):
-        emit(f"warning: {root}: class folder(s) {', '.join(map(repr, empty))} hold no image: left out of the legend")
+    empty = sorted({d.name for r in roots for d in _folders(r) if _nfc(d.name) not in classes}, key=str)
+    if classes and empty:
+        emit(f"warning: {data}: class folder(s) {', '.join(map(repr, empty))} hold no image: left out of the legend")
     folded: dict[str, list[str]] = {}
     for c in classes:
         folded.setdefault(c.casefold(), []).append(c)
     for alike in (names for names in folded.values() if len(names) > 1):
-        emit(f"warning: {root}: class folders {', '.join(map(repr, alike))} differ only in case: {len(alike)} classes "
+        emit(f"warning: {data}: class folders {', '.join(map(repr, alike))} differ only in case: {len(alike)} classes "
              "here, one folder on macOS and Windows, and one colour in a colour file; rename or merge them")
-    return classes
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
@@ -316,6 +323,7 @@ def load_dataset(
         classes = _read_classes(data / "classes.txt") or sorted(
             set().union(*(_class_dirs(d) for d in split_folders.values()))
         )
+        _say_odd_classes(data, list(split_folders.values()), classes)
         splits = {s: _list_items(d, data, classes) for s, d in split_folders.items()}
         if "val" not in splits and "train" in splits:
             # carve a validation split out of train, stratified and seeded
@@ -325,6 +333,7 @@ def load_dataset(
 
     image_root = data / "images" if (data / "images").is_dir() else data
     classes = _read_classes(data / "classes.txt", image_root / "classes.txt") or _class_dirs(image_root)
+    _say_odd_classes(data, [image_root], classes)
     if not classes:
         raise InputError("no class folders with images found", path=str(image_root))
     index = {c: i for i, c in enumerate(classes)}

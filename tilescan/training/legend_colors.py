@@ -64,9 +64,6 @@ def _file_color(text: str) -> RGB:
     return parse_color(t)
 
 
-_HEADER_WORDS = ("colo", "rgb", "hex", "fill", "value", "code", "symbol", "style")  # color, Colour, RGB, Hex code
-
-
 def _text_colors(text: str) -> dict[str, RGB]:
     """Lines ``name,colour``, or QGIS's exported colour map (``value,r,g,b,alpha,label``)."""
     out: dict[str, RGB] = {}
@@ -75,9 +72,9 @@ def _text_colors(text: str) -> dict[str, RGB]:
     for k, (i, line) in enumerate(lines[1:] if exported else lines):
         sep = "\t" if "\t" in line else ";" if ";" in line else ","
         name, _, colour = line.partition(sep)
-        if k == 0 and not exported and not any(ch.isdigit() or ch == "#" for ch in colour) \
-                and any(w in colour.lower() for w in _HEADER_WORDS):
-            continue  # a header line (class,color); "water,blue" is a line whose colour is refused
+        if k == 0 and not exported and not any(ch.isdigit() or ch == "#" for ch in colour) and not _is_color(colour):
+            header = (i, line)  # a header line (class,color; class,r,g,b): "water,blue" is a line, blue a colour
+            continue
         try:
             if exported:  # value,r,g,b,alpha,label: the label as it is, commas included
                 parts = [x.strip() for x in line.split(",", 5)]
@@ -89,7 +86,18 @@ def _text_colors(text: str) -> dict[str, RGB]:
         for name in filter(None, names):
             if out.setdefault(name, rgb) != rgb:
                 raise ValueError(f"line {i}: {name!r} is given {hex_color(rgb)} and, before, {hex_color(out[name])}")
+    if not out and not exported and lines:  # one line, taken as a header: its colour is none
+        raise ValueError(f"line {header[0]}: {header[1]!r} is read as a header (its colour field is no colour: "
+                         "#rrggbb, r,g,b or a CSS name), and no line follows it")
     return out
+
+
+def _is_color(text: str) -> bool:
+    try:
+        _file_color(text.strip().strip('"'))
+    except ValueError:
+        return False
+    return True
 
 
 # a symbol layer's colour keys, by what it draws: a fill, a line, a marker
