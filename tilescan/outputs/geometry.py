@@ -34,7 +34,6 @@ def pyproj_crs(crs: Any):
     return _pyproj_of(crs) if isinstance(crs, str) else pyproj.CRS.from_user_input(crs)
 
 
-@functools.lru_cache(maxsize=64)
 def crs_text(crs: Any) -> str | None:
     """A rasterio CRS as run.json and STAC Items name it: ``EPSG:n`` where that code is exactly
     it, else its WKT (a CRS GDAL matches to a code at 70 % only, one with a datum shift, keeps it)."""
@@ -44,6 +43,7 @@ def crs_text(crs: Any) -> str | None:
     return f"EPSG:{code}" if code else crs.to_wkt()
 
 
+@functools.lru_cache(maxsize=64)
 def _pyproj_of(text: str):
     """Read once per text: a run's scenes share a few CRSs (pyproj's CRS is safe across threads)."""
     import pyproj
