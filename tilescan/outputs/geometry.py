@@ -185,24 +185,27 @@ def antimeridian_wkb(corners: np.ndarray) -> bytes:
     a WKB MultiPolygon of its :func:`antimeridian_parts`, each counter-clockwise; a Polygon if
     one part is empty."""
     ring = _ccw_rings(np.asarray(corners, dtype=np.float64)[None])[0, :4]
-    parts = [struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(pts) + 1)
-             + struct.pack(f"<{2 * (len(pts) + 1)}d", *(v for p in pts + pts[:1] for v in p))
-             for pts in antimeridian_parts(ring)]
-    if len(parts) == 1:
-        return parts[0]
-    return struct.pack("<BII", 1, 6, len(parts)) + b"".join(parts)
+    return _parts_wkb(antimeridian_parts(ring))
+
+
+def _parts_wkb(parts: list[list[tuple[float, float]]]) -> bytes:
+    """Open rings as a WKB Polygon each (closed), a MultiPolygon of them where there are several."""
+    polys = [struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(pts) + 1)
+             + struct.pack(f"<{2 * (len(pts) + 1)}d", *(v for p in pts + pts[:1] for v in p)) for pts in parts]
+    return polys[0] if len(polys) == 1 else struct.pack("<BII", 1, 6, len(polys)) + b"".join(polys)
 
 
 def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16,
                 steps: int = 40) -> tuple[np.ndarray, np.ndarray] | None:
     """The part of a tile's footprint (4 corners in its CRS) that the CRS maps to longitude and
     latitude (a geostationary disc's, whose edge tiles reach into space), as an open ring of
-    longitude/latitude points and the same points in the CRS; None where no part maps. The ring keeps the tile's corners that
-    map and the points where its edges leave the mapped part, so an edge it shares with a
-    neighbour is drawn as the neighbour's (corner to corner); where the tile lies off it, the
-    ring follows the mapped part's edge, found from points along the tile's edges moved along
-    rays from a point that maps (the tile's centre, else the nearest of a 9 x 9 lattice) to the
-    last one that does, by bisection: exact where the part is convex, as a disc's is.
+    longitude/latitude points and the same points in the CRS; None where no part maps. The
+    ring keeps the tile's corners that map and the points where its edges leave the mapped part,
+    so an edge it shares with a neighbour is drawn as the neighbour's (corner to corner); where
+    the tile lies off it, the ring follows the mapped part's edge, found from points along the
+    tile's edges moved along rays from a point that maps (the tile's centre, else the nearest of
+    a 9 x 9 lattice) to the last one that does, by bisection: exact where the part is convex, as
+    a disc's is.
     ``to_lonlat(x, y)``: arrays in, arrays out, not finite off it."""
     c = np.asarray(corners, dtype=np.float64)[:4]
 
@@ -262,11 +265,9 @@ def ring_wkb(ring: np.ndarray) -> tuple[bytes, tuple[float, float, float, float]
     if (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() < 0:
         r = r[::-1]
     parts = antimeridian_parts(r) if x.max() > 180.0 else [[(float(a), float(b)) for a, b in r]]
-    polys = [struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(p) + 1)
-             + struct.pack(f"<{2 * (len(p) + 1)}d", *(v for q in p + p[:1] for v in q)) for p in parts]
-    wkb = polys[0] if len(polys) == 1 else struct.pack("<BII", 1, 6, len(polys)) + b"".join(polys)
     cut = len(parts) > 1
-    return wkb, ((-180.0 if cut else float(x.min())), float(y.min()), (180.0 if cut else float(x.max())), float(y.max())), cut
+    return _parts_wkb(parts), ((-180.0 if cut else float(x.min())), float(y.min()), (180.0 if cut else float(x.max())),
+                               float(y.max())), cut
 
 
 def pole_turns(corners: np.ndarray) -> np.ndarray:

@@ -45,13 +45,14 @@ def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tu
         for i, g in zip(good, geometry.to_pylist()):
             wkb[i] = g
         boxes[good], areas[good] = np.column_stack(box) if len(good) else np.zeros((0, 4)), area
+        geod = _geod()
         for i in np.flatnonzero(off):
             cut = domain_ring(rings[i, :4], to_lonlat)
             made = ring_wkb(cut[0]) if cut is not None else None
             native[i] = _planar_areas(cut[1][None])[0] if cut is not None else np.nan
             if made is not None:
                 wkb[i], boxes[i] = made[0], made[1]
-                areas[i] = abs(_geod().polygon_area_perimeter(cut[0][:, 0], cut[0][:, 1])[0])
+                areas[i] = abs(geod.polygon_area_perimeter(cut[0][:, 0], cut[0][:, 1])[0])
                 n_across += made[2]
         wkb, boxes = pa.array(wkb, pa.binary()), list(boxes.T)
     big = np.flatnonzero(~off & ((boxes[2] - boxes[0] > 1.0) | (boxes[3] - boxes[1] > 1.0))
