@@ -302,12 +302,16 @@ def one_legend(scenes: list[_Scene], out: Path) -> None:
     """Refuse, before anything is written, scenes classified in more than one legend (models of
     other classes: one table holds one legend), naming each legend's models and scenes."""
     by: dict[tuple, dict] = {}
+    legend_of: dict[str, tuple] = {}  # a model's sha256 -> its classes: one table's footer read per model
     for sc in scenes:
-        try:
-            classes = tuple(json.loads(pq.read_schema(sc.units[0].folder / "tiles.parquet").metadata[b"tilescan"])["classes"])
-        except (OSError, KeyError, ValueError, TypeError):
-            continue  # an unreadable table: the build names it
-        group = by.setdefault(classes, {"models": set(), "scenes": []})
+        sha = (sc.units[0].manifest.get("model") or {}).get("sha256") or str(sc.units[0].folder)  # none: its own
+        if sha not in legend_of:
+            try:
+                meta = pq.read_schema(sc.units[0].folder / "tiles.parquet").metadata[b"tilescan"]
+                legend_of[sha] = tuple(json.loads(meta)["classes"])
+            except (OSError, KeyError, ValueError, TypeError):
+                continue  # an unreadable table: the build names it
+        group = by.setdefault(legend_of[sha], {"models": set(), "scenes": []})
         group["models"].add(str((sc.units[0].manifest.get("model") or {}).get("id")))
         group["scenes"].append(sc.name)
     if len(by) > 1:
