@@ -49,6 +49,8 @@ def test_text_and_json_colour_files(tmp_path):
     bad.write_text("built-up;reddish\n")  # one line whose colour is none: a header with nothing after it, said so
     with pytest.raises(ValueError, match="line 1: 'built-up;reddish' is read as a header .*, and no line follows it"):
         read_class_colors(bad)
+    bad.write_text(",#ff0000\n")  # a colour without a name: nothing named, no header to blame
+    assert read_class_colors(bad) == {}
     bad.write_text("built-up;red\nwater,steelblue\n")  # a colour name on line 1: a line, not a header
     assert read_class_colors(bad) == {"built-up": (255, 0, 0), "water": (70, 130, 180)}
     for head in ("class,r,g,b", "name,red,green,blue", "Klasse;Farbe"):  # headers as spreadsheets write them

@@ -67,6 +67,7 @@ def _file_color(text: str) -> RGB:
 def _text_colors(text: str) -> dict[str, RGB]:
     """Lines ``name,colour``, or QGIS's exported colour map (``value,r,g,b,alpha,label``)."""
     out: dict[str, RGB] = {}
+    header = None  # (line number, text) of a header line skipped
     lines = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.lstrip().startswith("#")]
     exported = bool(lines) and lines[0][1].upper().startswith("INTERPOLATION")
     for k, (i, line) in enumerate(lines[1:] if exported else lines):
@@ -86,7 +87,7 @@ def _text_colors(text: str) -> dict[str, RGB]:
         for name in filter(None, names):
             if out.setdefault(name, rgb) != rgb:
                 raise ValueError(f"line {i}: {name!r} is given {hex_color(rgb)} and, before, {hex_color(out[name])}")
-    if not out and not exported and lines:  # one line, taken as a header: its colour is none
+    if not out and header is not None:  # one line, taken as a header: its colour is none
         raise ValueError(f"line {header[0]}: {header[1]!r} is read as a header (its colour field is no colour: "
                          "#rrggbb, r,g,b or a CSS name), and no line follows it")
     return out
