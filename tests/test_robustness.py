@@ -199,6 +199,9 @@ def derived(tmp_path_factory, scenes_dir) -> dict[str, Path]:
     with rasterio.open(scene(SHADE)) as ds:
         shade = ds.read(window=Window(0, 0, 96, 96))
     f["complex"] = write_like(scene(SHADE), d / "complex64.tif", data=np.concatenate([shade] * 3).astype(np.complex64), nodata=None)
+    # GDAL's CInt16 (SAR), a pixel type numpy has no name for
+    f["cint16"] = write_like(scene(SHADE), d / "cint16.tif", data=np.concatenate([shade] * 3).astype(np.complex64),
+                             nodata=None, dtype="complex_int16")
     f["smaller"] = write_like(scene(AERIAL), d / "smaller_than_tile.tif", window=Window(200, 200, 60, 50))
     f["one_pixel"] = write_like(scene(RGB_BYTE), d / "one_pixel.tif", window=Window(400, 300, 1, 1))
     f["all_nodata"] = write_like(scene(RGB_BYTE), d / "all_nodata.tif", window=Window(300, 300, 200, 150),
@@ -235,7 +238,7 @@ GOOD = {  # key -> scene
     "nan_inf": lambda f: f["nan_inf"],
     "collision": lambda f: f["collision"],
 }
-BAD = ("png", "zero", "truncated", "garbled", "truncated_cog", "no_crs", "no_transform", "complex")
+BAD = ("png", "zero", "truncated", "garbled", "truncated_cog", "no_crs", "no_transform", "complex", "cint16")
 
 
 @pytest.fixture(scope="module")
@@ -407,6 +410,19 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
         str(scenes / "mosaic.tif"): f"{scenes / 'mosaic.tif'}: not a TIFF file (it looks like a GDAL VRT: make it a "
                                     "GeoTIFF first, e.g. gdal_translate -of COG in.vrt out.tif); tilescan reads GeoTIFFs"}
     assert (out / "a" / "run.json").is_file()
+
+
+def test_a_broken_link_given_alone_is_named_as_in_a_folder(tmp_path):
+    """A link to nothing, or a loop of links, given as an input gets the message a folder search
+    gives it (what ``ls`` shows is there), not "no such file"; exit 4."""
+    (tmp_path / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
+    (tmp_path / "loop1.tif").symlink_to(tmp_path / "loop2.tif")
+    (tmp_path / "loop2.tif").symlink_to(tmp_path / "loop1.tif")
+    for name, why in (("gone.tif", "a link to nothing (a broken symbolic link)"),
+                      ("loop1.tif", "a symbolic link loop (the links lead back to themselves)")):
+        res = invoke(["run", tmp_path / name, "-o", tmp_path / "out", "--no-progress"])
+        assert res.exit_code == 4, res.output
+        assert f"{tmp_path / name}: {why}" in res.output
 
 
 def test_missing_path_in_batch(batch):
@@ -589,6 +605,7 @@ def test_band_mapping_flag_makes_it_work(tmp_path, scenes_dir):
 
 def test_unsupported_dtype(batch):
     assert "unsupported pixel type complex64" in failed_reasons(batch["report"])["complex64.tif"]["reason"]
+    assert "unsupported pixel type complex_int16" in failed_reasons(batch["report"])["cint16.tif"]["reason"]
 
 
 def test_scene_smaller_than_one_tile(batch):

@@ -308,7 +308,10 @@ def _named(f: Path) -> Path:
 
 
 def missing_input(p) -> InputError:
-    """The error for an input that is not there; a pattern the shell would have expanded is named so."""
+    """The error for an input that is not there; a pattern the shell would have expanded is named
+    so, and a link to nothing as a folder search names it."""
+    if Path(p).is_symlink():
+        return InputError(_dead_link(Path(p)), path=str(p))
     pattern = any(c in str(p) for c in "*?[")
     return InputError("no such file or directory" + (" (a pattern: tilescan takes files and folders, not patterns; "
                       "expand it with glob.glob() from Python)" if pattern else ""), path=str(p))

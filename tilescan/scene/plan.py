@@ -535,7 +535,11 @@ def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
         raise InputError(f"scene has no pixels ({ds.width}x{ds.height})", path=p)
     if ds.count < 1:
         raise InputError("scene has no bands", path=p)
-    if np.dtype(ds.dtypes[0]).kind not in "uif":
+    try:
+        kind = np.dtype(ds.dtypes[0]).kind
+    except TypeError:  # a GDAL type numpy has no name for (complex_int16: SAR's CInt16)
+        kind = "c"
+    if kind not in "uif":
         raise InputError(f"unsupported pixel type {ds.dtypes[0]} (tilescan reads integer "
                          "and floating-point rasters)", path=p)
     t = ds.transform
