@@ -603,6 +603,27 @@ def test_band_mapping_flag_makes_it_work(tmp_path, scenes_dir):
     assert len(o["gdf"]) >= 1 and o["gdf"].crs.to_epsg() == 3857
 
 
+def test_a_paletted_band_is_refused_with_how_to_expand_it(tmp_path):
+    """A band of colour-table indices (a paletted GeoTIFF) is refused, not fed as grey levels,
+    with the advice to expand it to RGB; --bands 1,1,1 (the advice for a grey band) is refused alike."""
+    with rasterio.open(scene(RGB_BYTE)) as ds:
+        red = ds.read(1, window=Window(200, 200, 256, 256))
+    idx = (red // 37).astype(np.uint8)  # 7 colour indices
+    pal = write_like(scene(RGB_BYTE), tmp_path / "paletted.tif", data=idx[None], window=Window(200, 200, 256, 256),
+                     photometric="palette", nodata=None)
+    with rasterio.open(pal, "r+") as ds:
+        ds.write_colormap(1, {i: (36 * i, 255 - 36 * i, 20 * i, 255) for i in range(7)})
+    with rasterio.open(pal) as ds:
+        assert ds.colorinterp == (ColorInterp.palette,)
+    for extra in ([], ["--bands", "1,1,1"]):
+        res = invoke(["run", pal, "-o", tmp_path / "out", "--no-progress", *extra])
+        assert res.exit_code == 4, res.output
+        assert (f"{pal}: band 1 is paletted: its values index a colour table" in res.output
+                and "gdal_translate -expand rgb paletted.tif paletted-rgb.tif" in res.output), res.output
+        assert "--bands 1,1,1 (or" not in res.output
+    assert not (tmp_path / "out" / "paletted").exists()
+
+
 def test_unsupported_dtype(batch):
     assert "unsupported pixel type complex64" in failed_reasons(batch["report"])["complex64.tif"]["reason"]
     assert "unsupported pixel type complex_int16" in failed_reasons(batch["report"])["cint16.tif"]["reason"]

@@ -97,9 +97,21 @@ def check_band_count(cfg: TilingConfig, model_bands: int) -> None:
                           f"model takes {model_bands} band(s): give one pair for all, or one per band")
 
 
+def _refuse_paletted(info: SceneInfo, bands: Sequence[int]) -> None:
+    """Refuse bands of colour-table indices: the model would read the indices as grey levels."""
+    paletted = [b for b in bands if b <= len(info.colorinterp) and info.colorinterp[b - 1] == "palette"]
+    if paletted:
+        name = Path(str(info.path)).name
+        raise InputError(
+            f"band {paletted[0]} is paletted: its values index a colour table, they are not brightness, and the "
+            f"model would read them as grey levels; expand the colour table first, e.g. "
+            f"gdal_translate -expand rgb {name} {Path(name).stem}-rgb.tif", path=str(info.path))
+
+
 def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
                 model_band_names: Sequence[str] | None) -> list[int]:
     p = str(info.path)
+    _refuse_paletted(info, cfg.bands or range(1, info.count + 1))
     if cfg.bands:
         given = cfg.origin("bands")  # as the user set it: --bands 4,2,1, the variable, or the file
         check_band_count(cfg, model_bands)
