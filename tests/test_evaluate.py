@@ -293,8 +293,17 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
         assert mine == {k: next(x for x in full["metrics"]["per_class"] if x["class"] == c)[k] for k in mine}
     (part / "classes.txt").write_text("Parking\nForest\nMarsh\n")
     (part / "images" / "Marsh").symlink_to(dataset / "images" / "Beach")
-    with pytest.raises(ConfigError, match=r"the dataset has classes the model does not know: \['Marsh'\]"):
+    with pytest.raises(InputError, match=r"the dataset has classes the model does not know: \['Marsh'\].*"
+                                         r"evaluate a model on a dataset of its own legend") as e:
         E.run_evaluate(str(model_file), str(part), "test", str(tmp_path / "o2"), log=lambda s: None)
+    assert e.value.exit_code == 4  # the data cannot be used, as for train and chips
+    scoring = tmp_path / "scoring"  # a set kept for scoring, one folder named in another case: the near miss named
+    (scoring / "Test").mkdir(parents=True)
+    (scoring / "Test" / "Parking").symlink_to(dataset / "images" / "Parking")
+    (scoring / "Test" / "forest").symlink_to(dataset / "images" / "Forest")
+    with pytest.raises(InputError, match=r"does not know: \['forest'\].*rename the folders to the model's names "
+                                         r"\('forest' is the model's 'Forest'\)"):
+        E.run_evaluate(str(model_file), str(scoring), "test", str(tmp_path / "o3"), log=lambda s: None)
 
 
 def test_a_folder_kept_only_for_scoring(model_file, dataset, tmp_path):

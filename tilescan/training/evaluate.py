@@ -415,8 +415,11 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
     region without water), in any order; one the model does not know is refused."""
     unknown = [c for c in classes if c not in model_classes]
     if unknown:
-        raise ConfigError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
-                          "evaluate a model on a dataset of its own legend", path=str(data))
+        alike = [f"{c!r} is the model's {m!r}" for c in unknown for m in model_classes
+                 if _loose(c) == _loose(m)]  # a folder named in another case or spacing
+        raise InputError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
+                         + (f"rename the folders to the model's names ({'; '.join(alike)}): class names are matched "
+                            "exactly" if alike else "evaluate a model on a dataset of its own legend"), path=str(data))
     items = [(p, model_classes.index(classes[c])) for p, c in items]
     seen = {k for _, k in items}  # a class of the dataset may have no image in this split either
     if absent := [c for k, c in enumerate(model_classes) if k not in seen]:
@@ -424,6 +427,11 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
             f"the others ({', '.join(absent)}) have none: no recall, and they count in the scores (macro averages "
             "included) only where the model predicts them")
     return items
+
+
+def _loose(name: str) -> str:
+    """A class name without case, spaces, ``_`` and ``-``: to name a near miss, never to match."""
+    return "".join(ch for ch in name.casefold() if ch not in " _-")
 
 
 def _same_dataset(trained: dict, ds) -> bool:
