@@ -133,6 +133,8 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     assert meta["training"]["counts"]["train"] == 40 and meta["training"]["counts"]["val"] == 20
     assert set(meta["training"]["split_sha256"]) == {"train", "val", "test"}
     assert 0.0 <= meta["scores"]["val"]["accuracy"] <= 1.0 and meta["scores"]["val"]["n"] == 20
+    assert meta["training"]["images_used"] == {"train": 40, "val": 20}
+    assert "without the label smoothing (0.1)" in meta["scores"]["val"]["loss_note"]  # not the log's val_loss
     # nothing of this machine in metadata that ships with a model
     blob = json.dumps(meta)
     assert str(tmp_path) not in blob and str(mini_aid) not in blob and "host" not in meta["training"]
@@ -283,6 +285,8 @@ def test_stated_gsd_becomes_the_model_scale(mini_aid, tmp_path):
     from tilescan.model import describe_model
 
     card = describe_model(out)
+    training = card.meta["training"]  # the metadata says so too: the splits' sizes, and the images trained on
+    assert training["counts"]["train"] == 40 and training["images_used"] == {"train": 30, "val": 20}
     side = 150  # the mini AID images keep AID's stored size
     assert card.scale_range == pytest.approx((2.0 * side / 32, 32.0 * side / 32))
     assert card.meta["scale"]["tile_footprint_m"] == pytest.approx([2.0 * side, 32.0 * side])

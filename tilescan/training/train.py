@@ -254,7 +254,9 @@ def _train(
     _restore_best(model, ckpt)
     export, val_loss, val_acc = _export(model, size, k, mean, std, va_paths, va_y, cfg)
     meta = _metadata(dataset, cfg, size, mean, std, tr_paths, policy, state, t0, limit,
-                     {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths)})
+                     {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths),
+                      "loss_note": ("cross-entropy of the exported model, without the label smoothing "
+                                    f"({cfg.label_smoothing:g}) in the training log's val_loss")})
     if chips_card is not None:
         _add_chips_metadata(meta, chips_card, cfg, parent, size)
     if parent is not None:
@@ -503,6 +505,7 @@ def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths
             "stopped": state.get("stopped"),
             "seconds_this_run": round(time.monotonic() - t0, 1),
             "limit": limit,
+            "images_used": {"train": len(tr_paths), "val": val_scores["n"]},  # counts: the splits', before --limit
         },
         "scores": {"val": val_scores},
     }
