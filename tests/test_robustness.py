@@ -872,6 +872,29 @@ def test_nodata_none_ignores_the_files_nodata(tmp_path, tiny_model):
     assert _scene_nodata_xml(ours / "RGB.byte.qgs") == [("1", None), ("2", None), ("3", None)]
 
 
+def test_a_nan_nodata_is_recorded_as_nan(tmp_path, tiny_model):
+    """A float scene whose nodata is NaN, declared by the file or set (``--nodata nan``), or set to
+    -inf: run.json records "nan" or "-inf" (JSON has neither; null would read as "no nodata"),
+    and the collected QGIS project takes it from there as the scene's own project does."""
+    with rasterio.open(scene(AERIAL)) as ds:
+        rgb = ds.read(window=Window(0, 0, 256, 256)).astype(np.float32)
+    rgb[:, :, :96] = np.nan
+    for name, nodata in (("declared", float("nan")), ("plain", None)):
+        (tmp_path / name).mkdir()
+        write_like(scene(AERIAL), tmp_path / name / "s.tif", data=rgb, window=Window(0, 0, 256, 256), nodata=nodata)
+    args = ["--model", tiny_model, "--tile-size", TILE, "--units", "px", "--no-progress"]
+    for out, path, value in (("file", "declared", None), ("nan", "plain", "nan"), ("inf", "plain", "-inf")):
+        res = invoke(["run", tmp_path / path / "s.tif", "-o", tmp_path / out, *args, *(["--nodata", value] if value else [])])
+        assert res.exit_code == 0, res.output
+        m = json.loads((tmp_path / out / "s" / "run.json").read_text())
+        assert m["scene_info"]["nodata"] == (value or "nan")
+        assert m["scene_info"]["nodata_from"] == (f"--nodata {value}" if value else "file")
+    for out, listed in (("nan", None), ("inf", "-inf")):  # QGIS leaves NaN out of a float raster by itself
+        assert _scene_nodata_xml(tmp_path / out / "s" / "s.qgs") == [(b, listed) for b in "123"]
+        assert invoke(["collect", tmp_path / out, "--no-gpkg"]).exit_code == 0
+        assert _scene_nodata_xml(tmp_path / out / "collected" / "collected.qgs") == [(b, listed) for b in "123"]
+
+
 def test_nodata_setting_a_scene_cannot_hold(tmp_path, tiny_model):
     """``--nodata 300`` fails the uint8 scene, naming the file, the setting and the range, and
     the uint16 scene beside it is written (exit 3); text that is no value is a usage error."""

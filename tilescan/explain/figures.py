@@ -32,7 +32,7 @@ import numpy as np
 from ..config import CAM_METHOD_TITLES
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
-from ..outputs.files import folder_kept_if_used, write_bytes, write_json
+from ..outputs.files import folder_kept_if_used, nodata_json, write_bytes, write_json
 from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
@@ -289,7 +289,7 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
             "grid": [grid.n_rows, grid.n_cols],
             "tile_size_px": grid.tile_size,
             "bands": list(reader.bands),
-            "nodata": reader.info.nodata,
+            "nodata": nodata_json(reader.info.nodata),
             "nodata_from": reader.info.nodata_from,  # "file", or the setting that replaced it
             "scale_warning": scale,  # labels outside the model's scale: also in red on the figure
         }

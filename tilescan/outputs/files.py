@@ -231,6 +231,19 @@ def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pa
 # --------------------------------------------------------------------------- JSON
 
 
+def nodata_json(value: float | None) -> float | str | None:
+    """A nodata value as JSON holds it: NaN and the infinities, which JSON lacks, as the text GDAL
+    writes them ("nan", "inf", "-inf"); None (no nodata) stays null. :func:`nodata_read` reverses it."""
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def nodata_read(value: float | str | None) -> float | None:
+    """A nodata value read back from JSON (:func:`nodata_json`)."""
+    return None if value is None else float(value)
+
+
 def _jsonable(obj: Any) -> Any:
     """Convert numpy scalars/arrays, paths, dates, sets and dataclasses to JSON types;
     non-finite floats become ``null`` so the output is strict JSON."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Collection, Sequence
 from xml.etree import ElementTree as ET
 
-from .files import atomic_output
+from .files import atomic_output, nodata_read
 from .geometry import pyproj_crs
 from .qgis_style import (QGIS_VERSION, _crs_facts, _el, _extent, _memo, _Memo, _srs, _to_bytes, _units, memo_attrib,
                          memo_style, write_style)
@@ -486,7 +486,7 @@ def _collected_scenes(units: Sequence[tuple[str, str | os.PathLike, dict]]) -> d
                                            "bounds": _grid_bounds(info), "bands": info.get("bands_used"),
                                            "scale": info.get("scale"), "units": [],
                                            "scale_check": (m.get("tiling") or {}).get("scale"),
-                                           "nodata": info.get("nodata"),
+                                           "nodata": nodata_read(info.get("nodata")),
                                            "nodata_from": info.get("nodata_from", "file"),
                                            "alpha": qgis_alpha_band(info.get("count"), info.get("alpha_band"),
                                                                     info.get("internal_mask", False))})

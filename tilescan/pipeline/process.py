@@ -28,7 +28,7 @@ from ..errors import ModelError
 from ..layout import MANIFEST, STAGING
 from ..model import LoadedModel
 from ..outputs.cog import write_labels_cog
-from ..outputs.files import folder_synced_once, write_json
+from ..outputs.files import folder_synced_once, nodata_json, write_json
 from ..outputs.geometry import crs_text, lonlat_limits, window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import qgis_alpha_band, scene_source, write_scene_files
@@ -451,7 +451,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
             "dtype": str(info.dtype),
             "crs": crs_text(info.crs),
             "transform": list(info.transform[:6]),
-            "nodata": info.nodata,
+            "nodata": nodata_json(info.nodata),
             "nodata_from": info.nodata_from,
             "alpha_band": reader.info.alpha_band,
             "internal_mask": reader.internal_mask,
