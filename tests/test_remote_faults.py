@@ -192,6 +192,26 @@ def test_a_rerun_against_a_hung_server_waits_for_it_once_not_once_a_scene(server
     assert connections <= 2, connections  # the first scene's check only (one was three, and three timeouts)
 
 
+def test_a_new_scene_on_a_hung_server_is_given_up_after_gdals_retries(tmp_path):
+    """A server that takes connections and never answers: GDAL retries the timed-out request
+    (GDAL_HTTP_MAX_RETRY times), and tilescan does not try the scene again on top of that (each
+    try would cost those timeouts again: 25 of them, 25 minutes at the default low-speed time)."""
+    hung = _Hung(0)
+    port = hung.sock.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        p = _run(tmp_path / "out", f"http://127.0.0.1:{port}/a/new.tif",
+                 GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_MAX_RETRY="1", GDAL_HTTP_RETRY_DELAY="0.2")
+        seconds, connections = time.monotonic() - t0, len(hung.held)
+    finally:
+        hung.close()
+    assert p.returncode == 4, p.stderr
+    assert f"http://127.0.0.1:{port}/a/new.tif: " in p.stderr and "timed out" in p.stderr, p.stderr
+    assert "retr" not in _failed(tmp_path / "out")["new"]  # no "(after 2 retries of the scene)"
+    assert connections <= 2, connections  # GDAL's first request and its one retry (it was 6: three tries)
+    assert seconds < 60
+
+
 def test_server_dies_mid_scene_then_rerun_completes(server, tmp_path):
     url = f"{server.url}/slow/rio-tiler/mosaic_cog1.tif"  # 2.9 MB at 20 kB/s: still reading when killed
     out = tmp_path / "out"

@@ -425,6 +425,15 @@ def test_a_broken_link_given_alone_is_named_as_in_a_folder(tmp_path):
         assert f"{tmp_path / name}: {why}" in res.output
 
 
+def test_inputs_that_all_fail_are_all_named(tmp_path):
+    """When no input gives a scene, the error names each of them, not the first alone."""
+    gone = [tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c"]
+    res = invoke(["run", *gone, "-o", tmp_path / "out", "--no-progress"])
+    assert res.exit_code == 4, res.output
+    assert (f"{gone[0]}: no such file or directory; and 2 more: {gone[1]}: no such file or directory; "
+            f"{gone[2]}: no such file or directory") in res.output, res.output
+
+
 def test_missing_path_in_batch(batch):
     r = failed_reasons(batch["report"])[batch["missing"].name]
     assert r["reason"] == f"{batch['missing']}: no such file or directory"

@@ -14,7 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -307,6 +307,14 @@ def _named(f: Path) -> Path:
     return f.parent.resolve() / f.name if f.is_symlink() else f.resolve()
 
 
+def one_error(errors: Sequence[InputError]) -> InputError:
+    """The error of inputs that all failed: the one, or the first naming how many more and why."""
+    if len(errors) == 1:
+        return errors[0]
+    return InputError(f"{errors[0].message}; and {len(errors) - 1} more: " + "; ".join(map(str, errors[1:6]))
+                      + ("; ..." if len(errors) > 6 else ""), path=errors[0].path)
+
+
 def missing_input(p) -> InputError:
     """The error for an input that is not there; a pattern the shell would have expanded is named
     so, and a link to nothing as a folder search names it."""
@@ -381,10 +389,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         else:
             raise missing_input(p)
     if errors and (unreadable is None or not found):
-        if len(errors) == 1:
-            raise errors[0]
-        raise InputError(f"{errors[0].message}; and {len(errors) - 1} more: " + "; ".join(map(str, errors[1:6]))
-                         + ("; ..." if len(errors) > 6 else ""), path=errors[0].path)
+        raise one_error(errors)
     if unreadable is not None:
         unreadable.extend(errors)
     if not found:

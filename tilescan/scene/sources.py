@@ -72,7 +72,9 @@ def _network_error(message: str) -> bool:
                                   "bytes missing", "end of response"))
 
 
-_TRANSIENT = ("timed out", "cannot reach the server", "server error", "cut short")
+# Causes that earn a scene another try. Not a timeout: GDAL has retried it already
+# (GDAL_HTTP_MAX_RETRY times, as it does 5xx answers), and a hung server would cost that again a try.
+_TRANSIENT = ("cannot reach the server", "server error", "cut short")
 
 
 def _failure_text(scene: Any, text: str) -> str:
@@ -370,7 +372,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
     first input's error, or :class:`NoScenesError`. ``out``: the run's output folder, never
     searched for scenes.
     """
-    from .info import find_scenes, missing_input
+    from .info import find_scenes, missing_input, one_error
 
     local = [p for p in inputs if not is_url(p) and not _is_stac_file(p)]
     other = [p for p in inputs if is_url(p) or _is_stac_file(p)]
@@ -401,8 +403,6 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
             if not remote:
                 raise
             failed.append(exc)
-    elif missing and not remote:
-        find_scenes(local)  # raises the first missing input's error, as tilescan always did
     seen = set()
     for s in remote:
         if s not in seen:
@@ -410,7 +410,7 @@ def find_inputs(inputs: Sequence[Any], stac: Sequence[str] = (), assets: Sequenc
             scenes.append(s)
     if not scenes:
         if failed:
-            raise failed[0]
+            raise one_error(failed)
         raise NoScenesError("no scenes given")
     return scenes, failed
 
