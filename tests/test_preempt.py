@@ -113,12 +113,16 @@ def test_collect_after_a_stopped_update_names_the_outputs_it_did_not_redo(tmp_pa
     assert [(u["unit"], u["made"], u["error_kind"]) for u in earlier] == [(n, made, "interrupted") for n in ("RGB.byte", "cogeo")]
     assert earlier[0]["reason"] == ("its run was stopped by SIGTERM before redoing it: the outputs collected "
                                     f"(RGB.byte) were {made}")
+    p = bh.tilescan("collect", out, "--require-complete")  # a step that publishes only a whole batch stops here
+    assert p.returncode == 3 and "2 collected from outputs the run meant to redo" in p.stderr, p.stderr
     # a run with their settings, stopped in a scene before them: they are current
     p = bh.tilescan("run", "--no-progress", "-o", out, bh.scene(LANDSAT), *(bh.scene(s) for s in SCENES), *bh.ARGS,
                     "--stride", "128", TILESCAN_TEST_SIGNAL_AT="reading:1")
     assert p.returncode == 75, p.stderr
     p = bh.tilescan("collect", out)
     assert p.returncode == 0 and "made otherwise" not in p.stderr, p.stderr
+    p = bh.tilescan("collect", out, "--require-complete")  # LANDSAT left undone by this stop, itself not collected
+    assert p.returncode == 3 and "0 collected from outputs the run meant to redo" in p.stderr, p.stderr
     assert json.loads((out / "collected" / "summary.json").read_text())["earlier_outputs"] == []
     # had the stop come before the two were reached (a longer list), they would still be current
     from tilescan.outputs.finished import stopped_before_redoing

@@ -414,7 +414,8 @@ def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_lay
               help="Write a QGIS style for the table and a QGIS project (collected.qgs).")
 @click.option("--require-complete", is_flag=True,
               help="Exit 3 (the set still written) when the latest run failed scenes or left work undone that are "
-                   "not in the collected set: for a step that must publish only a whole batch.")
+                   "not in the collected set, or that it meant to redo and did not (the set holds their older "
+                   "outputs): for a step that must publish only a whole batch.")
 @_verbosity
 @click.pass_obj
 def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
@@ -424,10 +425,13 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
     def body():
         summary = tilescan.collect(out, gpkg=gpkg, styles=styles)
         failed, undone = summary["failed_in_run"], summary["unfinished_in_run"]
-        if require_complete and (failed or undone):
+        # outputs the run meant to redo (it failed or was stopped first); not those it was told to keep
+        outdated = [u for u in summary["earlier_outputs"] if u.get("error_kind") != "exists"]
+        if require_complete and (failed or undone or outdated):
             obj.log(f"error: collect: --require-complete: the collected set is not the whole batch: {len(failed)} "
-                    f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone (summary.json's "
-                    "failed_in_run, unfinished_in_run)")
+                    f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone, {len(outdated)} "
+                    "collected from outputs the run meant to redo (summary.json's failed_in_run, unfinished_in_run, "
+                    "earlier_outputs)")
             return EXIT_PARTIAL
         return 0
 
