@@ -94,6 +94,38 @@ def test_a_stop_after_the_last_tiles_finishes_the_run_and_says_so(tmp_path, tmp_
         bh.assert_unit_equal(out / name, ref / name)
 
 
+def test_a_stopped_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_factory):
+    """A stopped --overwrite run, run again as it was (a preempted job requeued): what it had
+    redone is kept and the rest redone, not every scene again (a job stopped each time it ran
+    would never end); once a run of it has ended, --overwrite redoes everything again."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(bh.reference(tmp_path_factory), out)  # both scenes finished before
+    p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="reading:50")
+    assert p.returncode == 75 and "rerun the same command to resume" in p.stderr, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["done"]] == ["RGB.byte"] and report["overwritten"] == ["RGB.byte"]
+    redone = json.loads((out / "RGB.byte" / "run.json").read_text())["finished_at"]
+    p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="reading:10")  # stopped again, in cogeo
+    assert p.returncode == 75, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"] and report["interrupted"]["unit"] == "cogeo"
+    assert report["overwritten"] == ["RGB.byte"]
+    p = _run(out, "--overwrite")  # the next run of the command finishes it
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"], p.stderr
+    assert json.loads((out / "RGB.byte" / "run.json").read_text())["finished_at"] == redone  # not done again
+    assert p.returncode == 0 and [u["unit"] for u in report["done"]] == ["cogeo"], p.stderr
+    assert report["overwritten"] == ["RGB.byte", "cogeo"]
+    p = _run(out, "--overwrite")  # the overwrite had ended: a new one redoes every scene
+    assert p.returncode == 0, p.stderr
+    assert [u["unit"] for u in json.loads((out / "report.json").read_text())["done"]] == ["RGB.byte", "cogeo"]
+    ref = bh.reference(tmp_path_factory)
+    for name in ("RGB.byte", "cogeo"):
+        bh.assert_unit_equal(out / name, ref / name)
+
+
 def test_collect_after_a_stopped_update_names_the_outputs_it_did_not_redo(tmp_path, tmp_path_factory):
     """A nightly --update with a new stride is stopped at its first batch: collect gathers the
     old outputs (all there is) and says which were made with other settings than the stopped

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
 
 from .. import __version__
 from ..errors import (
@@ -113,3 +116,32 @@ class RunReport:
             "finished_at": self.finished_at or _now(),  # the end time, once the run has ended
             **self.extra,
         }
+
+
+def interruption(stream, log: Callable[[str], None]) -> dict:
+    """report.json's ``interrupted``: the signal, the units dropped, those never started."""
+    dropped = [job.unit for job in sorted(stream.dropped, key=lambda j: j.index)]  # in the run's order
+    for unit in dropped:
+        log(f"{unit.key}: stopped by {stream.interrupted.signame}; its partial outputs were removed")
+    return {"signal": stream.interrupted.signame, "unit": dropped[0].key if dropped else None,
+            "scene": str(dropped[0].scene) if dropped else None, "units": [u.key for u in dropped],
+            "not_started": [u.key for u in stream.not_started]}
+
+
+def overwritten_before(path: Path, config: dict, model_sha: str) -> set[str]:
+    """The units that an ``--overwrite`` run a stop ended (its report at ``path``), with the same
+    settings (``config``: this run's, as a dict) and model, had redone: this run, the same command
+    again, resumes it rather than redoing them (a preempted job requeued with --overwrite never ended)."""
+    from ..config import output_shaping
+
+    if not (config.get("output") or {}).get("overwrite"):
+        return set()
+    try:
+        was = json.loads(path.read_text())
+        if was.get("interrupted") and (was.get("config") or {}).get("output", {}).get("overwrite") \
+                and (was.get("model") or {}).get("sha256") == model_sha \
+                and output_shaping(was["config"]) == output_shaping(config):
+            return {str(u) for u in was.get("overwritten") or []}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):  # none, or not a report of tilescan's
+        pass
+    return set()

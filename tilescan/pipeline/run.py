@@ -33,7 +33,7 @@ from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory
 from .process import UnitJob
-from .report import RunReport, UnitResult
+from .report import RunReport, UnitResult, interruption, overwritten_before
 from .stream import Stream
 from .threads import one_blas_thread
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, sweep_staging
@@ -214,6 +214,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if cfg.output.gpkg and (said := percent_warning(out, "the scenes' tiles.gpkg")):
         log(said)
     _check_output_dir(out)
+    redone = overwritten_before(out / layout.report_name(shard), cfg.to_dict(), card.sha256)  # a stopped --overwrite
     report.held_by = _live_report_holder(out / layout.report_name(shard))
     if report.held_by is None:
         write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
@@ -227,7 +228,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
-    book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine)
+    book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine, redone)
     try:
         stats = book.process(progress, started, report)
     finally:  # also when an error ends the run: its report lists what was done
@@ -247,7 +248,8 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         report.interrupted = {"signal": sig, "unit": None, "scene": None, "units": [], "not_started": []}
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256}, config=cfg.to_dict(),
                   scenes_listed={"count": len(scenes), "sha256": digest},
-                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
+                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats},
+                  **({"overwritten": sorted(redone | {r.unit for r in report.done})} if cfg.output.overwrite else {}))
     if report.held_by is not None and _live_report_holder(out / layout.report_name(shard)) is None:
         report.held_by = None  # the run that held the report is gone (killed): this one's is the last word
     if report.held_by is None:
@@ -305,8 +307,9 @@ class _Units:
     remote scenes tried again, and the streams that process them."""
 
     def __init__(self, out: Path, cfg: Config, card, units: list[Unit], legacy: list[str], scenes: list,
-                 log: Callable[[str], None], engine: Engine | None):
+                 log: Callable[[str], None], engine: Engine | None, redone: set[str] = frozenset()):
         self.out, self.cfg, self.card, self.units, self.log, self.engine = out, cfg, card, units, log, engine
+        self.redone = redone  # units a stopped --overwrite run of these settings redid: kept
         self.legacy = dict(zip(scenes, legacy))
         self.results: dict[int, UnitResult] = {}
         self.retries = sources.SceneRetries()
@@ -325,7 +328,7 @@ class _Units:
                 stream.run(todo)
                 stats.append(stream.stats.to_dict())
                 if stream.interrupted is not None:
-                    report.interrupted = _interruption(stream, self.log)
+                    report.interrupted = interruption(stream, self.log)
                     report.interrupted["not_started"] += [self.units[k].key for k in sorted(self.locked)]
                     break
                 retry, locked = sorted(self.retry), sorted(self.locked)
@@ -366,7 +369,8 @@ class _Units:
         fp = fingerprint(unit, self.cfg, self.card.sha256, version)
         lock = UnitLock(self.out, unit).acquire()
         try:
-            done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version)
+            done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version,
+                                           kept=unit.key in self.redone)
             other = None if done or replaces or self.cfg.output.overwrite else \
                 _finished_otherwise(unit, final, self.cfg, self.card, version)
             if done or other:
@@ -543,11 +547,12 @@ def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel,
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,
-                  version: dict | None = None) -> tuple[bool, str | None]:
+                  version: dict | None = None, kept: bool = False) -> tuple[bool, str | None]:
     """Whether the unit's outputs are in place from the same scene, config and model (or
     settings that give the same outputs), and when finished outputs are to be redone
-    (``overwrite``, ``update``), what they were made from; raises when something else is in
-    the way (it is left alone), or made otherwise without ``overwrite`` or ``update``."""
+    (``overwrite``, but not where ``kept``: this --overwrite already redid them; ``update``), what
+    they were made from; raises when something else is in the way (it is left alone), or made
+    otherwise without ``overwrite`` or ``update``."""
     if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
         raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
                                 path=str(final.parent))
@@ -559,7 +564,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
         same = old.get("fingerprint") == fp
-        if not cfg.output.overwrite and (same or _equivalent(old, unit, cfg, card, version)):
+        if (kept or not cfg.output.overwrite) and (same or _equivalent(old, unit, cfg, card, version)):
             gone = [f for f in old.get("outputs") or [] if not os.path.lexists(final / f)]
             if not gone:
                 return True, None
@@ -580,16 +585,6 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
                 "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
                 "pass --overwrite (overwrite=True from Python) to replace them", path=str(final))
     return False, None
-
-
-def _interruption(stream: Stream, log: Callable[[str], None]) -> dict:
-    """report.json's ``interrupted``: the signal, the units dropped, those never started."""
-    dropped = [job.unit for job in sorted(stream.dropped, key=lambda j: j.index)]  # in the run's order
-    for unit in dropped:
-        log(f"{unit.key}: stopped by {stream.interrupted.signame}; its partial outputs were removed")
-    return {"signal": stream.interrupted.signame, "unit": dropped[0].key if dropped else None,
-            "scene": str(dropped[0].scene) if dropped else None, "units": [u.key for u in dropped],
-            "not_started": [u.key for u in stream.not_started]}
 
 
 def _progress_bar():
