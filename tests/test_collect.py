@@ -170,8 +170,11 @@ def test_row_parts_unfinished_units_and_staging(ref, tmp_path):
     shutil.copytree(ref / "cog_rgb", out / "tableless")  # finished, then its table lost
     (out / "tableless" / "tiles.parquet").unlink()
     _fake_part(out, "cogeo", 0, 4, ref / "cogeo")
+    killed = out / ".tilescan-staging" / ".collect-999999"  # the half-built set of a SIGKILLed collect
+    shutil.copytree(ref / "collected", killed)
     notes: list[str] = []
     summary = run_collect(out, gpkg=False, log=notes.append)
+    assert not killed.exists() and (out / ".tilescan-staging" / "cog_rgb").is_dir()  # a run's staging: left to runs
     bh.assert_same_tiles(bh.collected(out), bh.collected(ref), exact=True)
     assert {"unit": "ghost", "reason": "no finished output in this folder"} in summary["skipped"]
     assert {"unit": "tableless", "reason": "tiles.parquet is missing"} in summary["skipped"]

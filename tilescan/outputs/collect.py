@@ -291,7 +291,9 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
     one_legend(scenes, out)
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
-    layout.discard(stage)
+    for left in _entries(out / STAGING):  # the sets of collects killed before (this one holds the lock)
+        if left.name.startswith(".collect-") and left.name[len(".collect-"):].isdigit():
+            layout.discard(left)
     run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
     from .qgis import parquet_only_warning, percent_warning
 
