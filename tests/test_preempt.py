@@ -94,6 +94,45 @@ def test_a_stop_after_the_last_tiles_finishes_the_run_and_says_so(tmp_path, tmp_
         bh.assert_unit_equal(out / name, ref / name)
 
 
+def test_a_stop_after_the_work_is_done_does_not_kill_the_command(tmp_path):
+    """A SIGTERM once ``run`` has printed its last line (a scheduler's stop as the job ends):
+    the command exits with its work's code (0, as report.json says), not killed during the
+    interpreter's teardown (143, which a scheduler counts as a failure)."""
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene(SCENES[0])), *bh.ARGS],
+                            stderr=subprocess.PIPE, text=True, env=bh.env())
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if line.startswith("done: "):
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, "".join(said)
+    assert json.loads((out / "report.json").read_text())["exit_code"] == 0
+
+
+def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path):
+    """A SIGTERM while the command still reads its settings and imports the pipeline (its first
+    few tenths of a second) exits 75 with a report of its own, not the last run's report
+    (exit 0), which a monitor would take for this run's."""
+    from tilescan.pipeline.run import report_failed_start
+    from tilescan.stop import Interrupted
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"exit_code": 0, "started_at": "2026-01-01T00:00:00+00:00"}))
+    report_failed_start(out, (0, 1), Interrupted("SIGTERM"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["exit_code"] == 75 and report["started_at"] != "2026-01-01T00:00:00+00:00"
+    assert report["error"] == {"kind": "interrupted", "message": "stopped by SIGTERM before the run began"}
+    assert report["interrupted"]["signal"] == "SIGTERM" and report["interrupted"]["units"] == []
+
+
 def test_a_stopped_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_factory):
     """A stopped --overwrite run, run again as it was (a preempted job requeued): what it had
     redone is kept and the rest redone, not every scene again (a job stopped each time it ran

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from .options import (
     _verbosity,
     option,
     unconfigure_logging,
+    work_done,
 )
 
 
@@ -171,7 +173,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
         try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
             sh = tilescan.parse_shard(shard, count=shard_count)
             cfg = tilescan.load_config(config_path, flags, flags=typed)
-        except tilescan.TilescanError as exc:
+            importlib.import_module("tilescan.pipeline.run")  # a moment's import, in which a stop is reported too
+        except (tilescan.TilescanError, stop.Interrupted) as exc:  # a SIGTERM in the first moments too
             from ..pipeline.run import report_failed_start
 
             report_failed_start(out, sh, exc)
@@ -184,6 +187,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
             obj.log("warning: --asset picks assets of STAC items, and no STAC document is among the inputs: ignored")
         report = tilescan.run(list(inputs), out, cfg, model=model_path, shard=sh, progress=show and obj.verbosity >= 0,
                               stac=stac, assets=assets, stac_items=stac_items, interrupt="report")
+        work_done()
         if report.interrupted:
             i = report.interrupted
             obj.log(f"stopped by {i['signal']}" + (f" during {i['unit']}" if i.get("unit") else "")
@@ -424,6 +428,7 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
 
     def body():
         summary = tilescan.collect(out, gpkg=gpkg, styles=styles)
+        work_done()
         failed, undone = summary["failed_in_run"], summary["unfinished_in_run"]
         # outputs the run meant to redo (it failed or was stopped first); not those it was told to keep
         outdated = [u for u in summary["earlier_outputs"] if u.get("error_kind") != "exists"]

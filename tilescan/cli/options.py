@@ -122,6 +122,17 @@ def _raise_on_sigterm(signum, frame) -> None:
     raise stop.Interrupted("SIGTERM")
 
 
+def work_done() -> None:
+    """The command's work is done and its report written: in tilescan's own process a stop from
+    now on (a scheduler's SIGTERM as the job ends) is ignored, so the exit is the work's code,
+    not a kill (143) during the interpreter's teardown."""
+    from .. import backend
+
+    if backend._OWN_PROCESS and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+
+
 def _guard(fn: Callable[[], Any]) -> None:
     """Run a command body; map errors to messages and exit codes. SIGTERM (a scheduler's
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
@@ -132,6 +143,7 @@ def _guard(fn: Callable[[], Any]) -> None:
     finally:  # a caller in this process (a test's CliRunner) keeps its own handler
         if before is not None:
             signal.signal(signal.SIGTERM, before)
+        work_done()
     sys.exit(code or 0)
 
 

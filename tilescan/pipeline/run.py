@@ -18,8 +18,8 @@ import numpy as np
 from .. import layout, stop
 from ..layout import read_manifest
 from ..config import Config
-from ..errors import (EXIT_INTERNAL, ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError,
-                      TilescanError)
+from ..errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, ConfigError, InputError, LockedError, ModelError, OutputError,
+                      OutputExistsError, TilescanError)
 from ..log import catching_warnings, emit, logger
 from ..model import LoadedModel, describe_model
 from ..outputs.finished import changed_settings
@@ -181,6 +181,9 @@ def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: R
         report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
     kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
     message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, stop.Interrupted):  # a stop before the run began (the CLI reading its settings)
+        kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {exc.signame} before the run began"
+        report.interrupted = {"signal": exc.signame, "unit": None, "scene": None, "units": [], "not_started": []}
     data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
     path = out / layout.report_name(shard)
     try:
