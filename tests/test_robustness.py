@@ -904,6 +904,25 @@ def test_a_nan_nodata_is_recorded_as_nan(tmp_path, tiny_model):
         assert _scene_nodata_xml(tmp_path / out / "collected" / "collected.qgs") == [(b, listed) for b in "123"]
 
 
+def test_a_local_site_grid_in_metres_or_feet_has_its_ground_scale(tmp_path):
+    """A scene on a local (engineering) CRS, a site grid with no ellipsoid, in metres or in US
+    survey feet: its pixel size in that unit is its ground scale, so its labels are checked
+    against the model's range like any scene's (it was "unknown: no usable georeferencing")."""
+    naip = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
+    with rasterio.open(scene(naip)) as ds:
+        rgb = ds.read([1, 2, 3], window=Window(0, 0, 256, 256))
+    for name, unit, size in (("metres", 'UNIT["metre",1]', 5.0), ("feet", 'UNIT["US survey foot",0.304800609601219]',
+                                                                   5.0 / 0.304800609601219)):
+        wkt = f'LOCAL_CS["site grid",{unit},AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+        path = write_like(scene(naip), tmp_path / f"{name}.tif", data=rgb, crs=rasterio.crs.CRS.from_wkt(wkt),
+                          transform=Affine(size, 0, 1000, 0, -size, 5000), nodata=None)
+        res = invoke(["run", path, "-o", tmp_path / "out", "--no-progress"])
+        assert res.exit_code == 0, res.output
+        m = json.loads((tmp_path / "out" / name / "run.json").read_text())
+        assert m["scene_info"]["gsd_m"] == pytest.approx(5.0) and m["tiling"]["scale"] == "in_range", m["tiling"]
+        assert not any("georeferencing" in w for w in m["warnings"]), m["warnings"]
+
+
 def test_nodata_setting_a_scene_cannot_hold(tmp_path, tiny_model):
     """``--nodata 300`` fails the uint8 scene, naming the file, the setting and the range, and
     the uint16 scene beside it is written (exit 3); text that is no value is a usage error."""

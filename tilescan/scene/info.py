@@ -167,13 +167,28 @@ def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None
 
 
 def _nominal_gsd(crs, res: tuple[float, float]) -> float | None:
+    """Metres per pixel from the CRS's linear unit: a projected CRS, or a local (engineering)
+    one, a site grid in metres or feet, which has no ellipsoid to measure on."""
     try:
-        if crs is None or not crs.is_projected:
+        if crs is None or crs.is_geographic:
             return None
-        _, factor = crs.linear_units_factor
-        return (abs(res[0]) + abs(res[1])) / 2.0 * float(factor)
+        if crs.is_projected:
+            _, factor = crs.linear_units_factor
+        else:
+            factor = _engineering_unit(crs.to_wkt())
+        return (abs(res[0]) + abs(res[1])) / 2.0 * float(factor) if factor else None
     except Exception:
         return None
+
+
+@functools.lru_cache(maxsize=16)
+def _engineering_unit(wkt: str) -> float | None:
+    """Metres per unit of a local (engineering) CRS's horizontal axes; None for another kind."""
+    import pyproj
+
+    pcrs = pyproj.CRS.from_wkt(wkt)
+    units = {a.unit_conversion_factor for a in pcrs.axis_info[:2]}
+    return units.pop() if pcrs.type_name == "Engineering CRS" and len(units) == 1 else None
 
 
 def _is_georeferenced(ds) -> bool:
