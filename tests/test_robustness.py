@@ -904,6 +904,29 @@ def test_a_nan_nodata_is_recorded_as_nan(tmp_path, tiny_model):
         assert _scene_nodata_xml(tmp_path / out / "collected" / "collected.qgs") == [(b, listed) for b in "123"]
 
 
+def test_bands_described_by_sensor_codes_get_the_rgb_hint(tmp_path, tiny_model):
+    """A stack whose bands are described B01, B02, ... (Sentinel-2, Landsat): the first three
+    are used, as for any stack, and the warning says which bands are red, green, blue in the
+    codes' usual numbering; a stack described otherwise gets no such hint."""
+    naip = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
+    with rasterio.open(scene(naip)) as ds:
+        four = ds.read(window=Window(0, 0, 256, 256))
+    stack = np.concatenate([four[2:3], four[2::-1], four[3:]])  # B01 (aerosol: blue here), B02 blue .. B05
+    for name, described, hint in (("s2", ["B01", "B02", "B03", "B04", "B05"], True),
+                                  ("landsat_c2", ["SR_B1", "SR_B2", "SR_B3", "SR_B4", "SR_B5"], True),
+                                  ("plain", [None] * 5, False)):
+        path = write_like(scene(naip), tmp_path / f"{name}.tif", data=stack, window=Window(0, 0, 256, 256))
+        with rasterio.open(path, "r+") as ds:
+            for i, d in enumerate(described, 1):
+                if d:
+                    ds.set_band_description(i, d)
+        res = invoke(["run", path, "-o", tmp_path / "out", "--model", tiny_model, "--tile-size", TILE, "--no-progress"])
+        assert res.exit_code == 0, res.output
+        (said,) = [w for w in json.loads((tmp_path / "out" / name / "run.json").read_text())["warnings"]
+                   if "scene has 5 bands" in w]
+        assert ("if it is Sentinel-2 or Landsat 8/9, red, green and blue are B04, B03, B02: --bands 4,3,2" in said) == hint
+
+
 def test_a_local_site_grid_in_metres_or_feet_has_its_ground_scale(tmp_path):
     """A scene on a local (engineering) CRS, a site grid with no ellipsoid, in metres or in US
     survey feet: its pixel size in that unit is its ground scale, so its labels are checked

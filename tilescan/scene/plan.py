@@ -41,6 +41,17 @@ def _rgb_from_names(names: Sequence[str | None]) -> list[int] | None:
     return None
 
 
+def _coded_rgb_hint(descriptions) -> str:
+    """For bands described by sensor band codes (B01, B02, ...: a Sentinel-2 or Landsat stack),
+    where red, green and blue are in Sentinel-2's and Landsat 8/9's numbering; "" otherwise."""
+    codes = {re.sub(r"^(?:SR_)?B0*(?=\d)", "B", (d or "").strip().upper()): i + 1 for i, d in enumerate(descriptions)}
+    rgb = [codes.get(c) for c in ("B4", "B3", "B2")]
+    if None in rgb:
+        return ""
+    return (f"; its bands are described by band codes: if it is Sentinel-2 or Landsat 8/9, red, green and blue are "
+            f"B04, B03, B02: --bands {','.join(map(str, rgb))} (Landsat 4-7: B03, B02, B01)")
+
+
 def _declared_colour(info: SceneInfo, band: int) -> str | None:
     """The colour a scene band says it holds (its colour interpretation, else a colour word
     in its description), or None when it says none."""
@@ -139,7 +150,8 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         tiling_warning(
             f"{p}: scene has {len(plain)} bands and the model takes {model_bands}; using "
             f"bands {pick}{' as ' + ', '.join(names) if names else ''} (--bands {','.join(map(str, pick))} picks "
-            "them without this warning; choose others with --bands or [tiling] bands)", stacklevel=3)
+            "them without this warning; choose others with --bands or [tiling] bands)"
+            + (_coded_rgb_hint(info.band_descriptions) if model_bands == 3 else ""), stacklevel=3)
         return pick
     names = model_band_names or _DEFAULT_BAND_NAMES.get(model_bands)
     expected = f"{model_bands} bands" + (f" ({', '.join(names)})" if names else "")
