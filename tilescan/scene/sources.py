@@ -72,9 +72,10 @@ def _network_error(message: str) -> bool:
                                   "bytes missing", "end of response"))
 
 
-# Causes that earn a scene another try. Not a timeout: GDAL has retried it already
-# (GDAL_HTTP_MAX_RETRY times, as it does 5xx answers), and a hung server would cost that again a try.
-_TRANSIENT = ("cannot reach the server", "server error", "cut short")
+_TRANSIENT = ("timed out", "cannot reach the server", "server error", "cut short")
+# Of those, the causes that earn a scene another try: not a timeout, which GDAL has retried already
+# (GDAL_HTTP_MAX_RETRY times, as it does 5xx answers), and which a hung server would cost again a try.
+_TRY_AGAIN = ("cannot reach the server", "server error", "cut short")
 
 
 def _failure_text(scene: Any, text: str) -> str:
@@ -146,7 +147,7 @@ class SceneRetries:
     def wants(self, scene: Any, exc: BaseException) -> bool:
         """Whether ``exc`` of ``scene`` earns it another try."""
         return (getattr(scene, "remote", False) and isinstance(exc, InputError) and getattr(exc, "transient", False)
-                and self.attempt < self.retries)
+                and any(t in exc.message for t in _TRY_AGAIN) and self.attempt < self.retries)
 
     def annotate(self, exc: BaseException) -> None:
         """Say in a final error how often the scene was tried again."""
