@@ -334,6 +334,24 @@ def test_collected_project_of_one_place_in_two_years_keeps_each_years_tiles_in_i
     assert x0 <= left and y0 <= bottom and x1 >= right and y1 >= top, (p["view_extent"], ds.bounds)
 
 
+def test_a_detail_scene_inside_an_overview_is_drawn_above_it_and_shown(tmp_path, scenes_dir, qgis_py):
+    """A scene lying inside a much larger one (RGB.byte inside the world mosaic), whatever their
+    names' order: its group is drawn above the overview's and starts shown (it is not the same
+    place in another year, which starts switched off)."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    scenes.mkdir()
+    (scenes / "a_world.tif").symlink_to(scenes_dir / "rasterio/world.rgb.tif")  # named before the detail
+    (scenes / "b_rgb.tif").symlink_to(scenes_dir / "rasterio/RGB.byte.tif")
+    assert invoke(["run", scenes, "-o", out, "--no-progress"]).exit_code == 0
+    assert invoke(["collect", out]).exit_code == 0
+    p = qgis(qgis_py, {"projects": [str(out / "collected" / "collected.qgs")]}, tmp_path)["projects"][0]
+    assert p["read"] and all(lyr["valid"] for lyr in p["layers"]), p["layers"]
+    groups = list(dict.fromkeys(lyr["group"] for lyr in p["layers"] if lyr["group"]))
+    assert [g.split(" ")[0] for g in groups] == ["b_rgb", "a_world"], groups  # the first is drawn on top
+    shown = {lyr["name"].split(" (")[0]: lyr["visible"] for lyr in p["layers"] if lyr["group"]}
+    assert all(shown[f"{kind} {s}"] for kind in ("tiles", "scene") for s in ("b_rgb", "a_world")), shown
+
+
 def test_qgis_draws_the_class_colours_at_tile_centres(made, report):
     project, scene, labels = report["renders"]
     for r in report["renders"]:

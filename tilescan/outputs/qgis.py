@@ -410,8 +410,10 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     many = len(scenes) > MAX_SCENE_GROUPS
     layers = [] if table is None else [tiles_layer("tiles", present, visible=many)]
     groups, hidden = [], set()
-    repeats = set() if many else _repeats(list(scenes.values()))
-    for s in [] if many else scenes.values():
+    boxes = {} if many else {s["name"]: b for s in scenes.values() if (b := _lonlat_box(s)) is not None}
+    order = _drawing_order(list(scenes.values()), boxes)
+    repeats = set() if many else _repeats(order, boxes)
+    for s in [] if many else order:
         mine = tuple(sorted(of_scene.get(s["name"], ())))
         members = [] if table is None or not mine else [
             tiles_layer(flagged(f"tiles {s['name']}", s["scale_check"]), mine,
@@ -426,16 +428,27 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
     return written
 
 
-def _repeats(scenes: Sequence[dict]) -> set[str]:
-    """The names of the scenes whose box lies mostly (over half of it) on the box of an earlier
-    scene that is shown: one place in other years. Their groups start switched off, so their
-    tiles past the scene's edge, where no scene covers them, do not blend with the shown year's."""
+def _drawing_order(scenes: Sequence[dict], boxes: dict) -> list[dict]:
+    """The scenes by name, but a scene lying mostly on a larger one's box (a detail scene over
+    an overview) before it, so drawn above it (the first group is drawn on top)."""
+    def inside(name: str) -> int:  # how many larger scenes it lies mostly on
+        box = boxes.get(name)
+        return 0 if box is None else sum(_area(o) > _area(box) and _overlap(box, o) > 0.5 * _area(box)
+                                         for o in boxes.values())
+    return sorted(scenes, key=lambda s: -inside(s["name"]))  # stable: by name otherwise
+
+
+def _repeats(scenes: Sequence[dict], boxes: dict) -> set[str]:
+    """The names of the scenes whose box and the box of an earlier scene that is shown lie
+    mostly (over half of each) on each other: one place in other years. Their groups start
+    switched off, so their tiles past the scene's edge, where no scene covers them, do not blend
+    with the shown year's. A small scene inside a large one is not one (it is drawn above it)."""
     shown: list = []
     repeats = set()
     for s in scenes:
-        if (box := _lonlat_box(s)) is None:
+        if (box := boxes.get(s["name"])) is None:
             continue
-        if any(_overlap(box, other) > 0.5 * _area(box) for other in shown):
+        if any(_overlap(box, other) > 0.5 * max(_area(box), _area(other)) for other in shown):
             repeats.add(s["name"])
         else:
             shown.append(box)
