@@ -281,7 +281,7 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
         show_default="tilescan's palette (a parent's own colours with --init)",
         help="Your legend's colours, kept in the model for the label rasters, quicklooks and QGIS styles: a QGIS .qml "
              "style of your labels layer, QGIS's exported colour map, JSON, or lines 'name,#rrggbb'.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (OUT.ckpt/).")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint (MODEL.ckpt/ beside -o MODEL.keras).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing model file.")
 @option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")
 @option("--max-time", type=click.FloatRange(min=0), show_default="no limit", help="Stop once another epoch as long as the last would end past this many seconds (--resume goes on).")
