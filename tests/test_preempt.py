@@ -120,7 +120,7 @@ def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path):
     """A SIGTERM while the command still reads its settings and imports the pipeline (its first
     few tenths of a second) exits 75 with a report of its own, not the last run's report
     (exit 0), which a monitor would take for this run's."""
-    from tilescan.pipeline.run import report_failed_start
+    from tilescan.pipeline.report import report_failed_start
     from tilescan.stop import Interrupted
 
     out = tmp_path / "out"

@@ -136,7 +136,7 @@ def run(
     the report, its ``exit_code`` 75. ``interrupt="report"`` returns the report for SIGINT too,
     and a second signal ends the process, as the ``tilescan`` command does.
     """
-    from .pipeline.run import report_failed_start
+    from .pipeline.report import report_failed_start
     from .pipeline.run import run as _run
 
     out = _given(out)

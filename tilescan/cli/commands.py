@@ -83,7 +83,7 @@ class _RunCommand(click.Command):
         except click.UsageError as exc:
             out = _arg_value(raw, "-o", "--out")
             if out:
-                from ..pipeline.run import report_failed_start
+                from ..pipeline.report import report_failed_start
 
                 try:
                     shard = tilescan.parse_shard(_arg_value(raw, "--shard"))
@@ -175,7 +175,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
             cfg = tilescan.load_config(config_path, flags, flags=typed)
             importlib.import_module("tilescan.pipeline.run")  # a moment's import, in which a stop is reported too
         except (tilescan.TilescanError, stop.Interrupted) as exc:  # a SIGTERM in the first moments too
-            from ..pipeline.run import report_failed_start
+            from ..pipeline.report import report_failed_start
 
             report_failed_start(out, sh, exc)
             raise

@@ -10,17 +10,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from .. import __version__, layout, stop
 from ..errors import (
     EXIT_ALL_FAILED,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_OUTPUT,
     EXIT_PARTIAL,
+    InputError,
     LockedError,
     OutputError,
     OutputExistsError,
+    TilescanError,
 )
+from ..outputs.files import write_json, write_json_in_place
 
 # ----------------------------------------------------------------------------- results
 
@@ -145,3 +149,31 @@ def overwritten_before(path: Path, config: dict, model_sha: str) -> set[str]:
     except (OSError, ValueError, TypeError, AttributeError, KeyError):  # none, or not a report of tilescan's
         pass
     return set()
+
+
+def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:
+    """:func:`report_failure` for a run that could not start (its settings or shard are wrong)."""
+    report_failure(Path(out), shard, exc, RunReport())
+
+
+def report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: RunReport) -> None:
+    """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
+    report in an OUT that exists, so a report of an earlier run is never taken for this one's:
+    the units' results so far, and the error. An OUT that does not exist is not made for it."""
+    if not out.is_dir() or report.held_by is not None:
+        return
+    if isinstance(exc, InputError) and exc.path and not report.results:  # the input that gave no scene
+        report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
+    kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
+    message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, stop.Interrupted):  # a stop before the run began (the CLI reading its settings)
+        kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {exc.signame} before the run began"
+        report.interrupted = {"signal": exc.signame, "unit": None, "scene": None, "units": [], "not_started": []}
+    data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
+    path = out / layout.report_name(shard)
+    try:
+        write_json(path, data)
+    except (OSError, TilescanError):  # OUT not writable: the error raised is the run's own
+        # a full disk: the short form over the running report, so that it is not taken for a killed run's
+        write_json_in_place(path, {k: data[k] for k in ("tilescan", "counts", "exit_code", "error", "shard",
+                                                        "started_at", "finished_at")})

@@ -18,13 +18,12 @@ import numpy as np
 from .. import layout, stop
 from ..layout import read_manifest
 from ..config import Config
-from ..errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, ConfigError, InputError, LockedError, ModelError, OutputError,
-                      OutputExistsError, TilescanError)
+from ..errors import ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit, logger
 from ..model import LoadedModel, describe_model
 from ..outputs.finished import changed_settings
 from ..outputs.qgis import parquet_only_warning, percent_warning
-from ..outputs.files import make_folder, write_error, write_json, write_json_in_place
+from ..outputs.files import make_folder, write_error, write_json
 from ..outputs import fonts
 from ..scene import sources
 from ..scene.info import TilingWarning
@@ -33,7 +32,7 @@ from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory
 from .process import UnitJob
-from .report import RunReport, UnitResult, interruption, overwritten_before
+from .report import RunReport, UnitResult, report_failure, interruption, overwritten_before
 from .stream import Stream
 from .threads import one_blas_thread
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, sweep_staging
@@ -147,7 +146,7 @@ def run(
         try:
             _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine, report)
         except Exception as exc:
-            _report_failure(Path(out), shard, exc, report)
+            report_failure(Path(out), shard, exc, report)
             raise
     if ctrl_c_raises and seen.signal == "SIGINT":
         raise KeyboardInterrupt(f"tilescan.run stopped by SIGINT; finished scenes are kept ({Path(out) / layout.report_name(shard)})")
@@ -164,34 +163,6 @@ def _checked_shard(shard) -> tuple[int, int]:
     if not ok:
         raise ConfigError(f"shard must be (I, N), two integers with 0 <= I < N, got {shard!r}")
     return int(i), int(n)
-
-
-def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:
-    """:func:`_report_failure` for a run that could not start (its settings or shard are wrong)."""
-    _report_failure(Path(out), shard, exc, RunReport())
-
-
-def _report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: RunReport) -> None:
-    """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
-    report in an OUT that exists, so a report of an earlier run is never taken for this one's:
-    the units' results so far, and the error. An OUT that does not exist is not made for it."""
-    if not out.is_dir() or report.held_by is not None:
-        return
-    if isinstance(exc, InputError) and exc.path and not report.results:  # the input that gave no scene
-        report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
-    kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
-    message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, stop.Interrupted):  # a stop before the run began (the CLI reading its settings)
-        kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {exc.signame} before the run began"
-        report.interrupted = {"signal": exc.signame, "unit": None, "scene": None, "units": [], "not_started": []}
-    data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
-    path = out / layout.report_name(shard)
-    try:
-        write_json(path, data)
-    except (OSError, TilescanError):  # OUT not writable: the error raised is the run's own
-        # a full disk: the short form over the running report, so that it is not taken for a killed run's
-        write_json_in_place(path, {k: data[k] for k in ("tilescan", "counts", "exit_code", "error", "shard",
-                                                        "started_at", "finished_at")})
 
 
 def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_items, engine,
