@@ -133,10 +133,11 @@ def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path):
     assert report["interrupted"]["signal"] == "SIGTERM" and report["interrupted"]["units"] == []
 
 
-def test_a_stopped_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_factory):
-    """A stopped --overwrite run, run again as it was (a preempted job requeued): what it had
-    redone is kept and the rest redone, not every scene again (a job stopped each time it ran
-    would never end); once a run of it has ended, --overwrite redoes everything again."""
+def test_a_stopped_or_killed_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_factory):
+    """A stopped (SIGTERM), then killed (SIGKILL) --overwrite run, run again as it was (a
+    preempted job requeued): what it had redone since the first of them began is kept and the
+    rest redone, not every scene again (a job stopped each time it ran would never end); once a
+    run of it has ended, --overwrite redoes everything again."""
     import shutil
 
     out = tmp_path / "out"
@@ -144,22 +145,23 @@ def test_a_stopped_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_fa
     p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="reading:50")
     assert p.returncode == 75 and "rerun the same command to resume" in p.stderr, p.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [u["unit"] for u in report["done"]] == ["RGB.byte"] and report["overwritten"] == ["RGB.byte"]
+    assert [u["unit"] for u in report["done"]] == ["RGB.byte"] and report["overwrite_since"] == report["started_at"]
+    since = report["overwrite_since"]
     redone = json.loads((out / "RGB.byte" / "run.json").read_text())["finished_at"]
-    p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="reading:10")  # stopped again, in cogeo
-    assert p.returncode == 75, p.stderr
+    p = _run(out, "--overwrite", TILESCAN_TEST_KILL_AT="reading:10")  # killed, in cogeo: its report says running
+    assert p.returncode == -9, p.stderr
     report = json.loads((out / "report.json").read_text())
-    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"] and report["interrupted"]["unit"] == "cogeo"
-    assert report["overwritten"] == ["RGB.byte"]
+    assert report["running"] and report["overwrite_since"] == since
     p = _run(out, "--overwrite")  # the next run of the command finishes it
     report = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"], p.stderr
     assert json.loads((out / "RGB.byte" / "run.json").read_text())["finished_at"] == redone  # not done again
     assert p.returncode == 0 and [u["unit"] for u in report["done"]] == ["cogeo"], p.stderr
-    assert report["overwritten"] == ["RGB.byte", "cogeo"]
+    assert report["overwrite_since"] == since
     p = _run(out, "--overwrite")  # the overwrite had ended: a new one redoes every scene
     assert p.returncode == 0, p.stderr
-    assert [u["unit"] for u in json.loads((out / "report.json").read_text())["done"]] == ["RGB.byte", "cogeo"]
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["done"]] == ["RGB.byte", "cogeo"] and report["overwrite_since"] != since
     ref = bh.reference(tmp_path_factory)
     for name in ("RGB.byte", "cogeo"):
         bh.assert_unit_equal(out / name, ref / name)

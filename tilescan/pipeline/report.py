@@ -132,23 +132,36 @@ def interruption(stream, log: Callable[[str], None]) -> dict:
             "not_started": [u.key for u in stream.not_started]}
 
 
-def overwritten_before(path: Path, config: dict, model_sha: str) -> set[str]:
-    """The units that an ``--overwrite`` run a stop ended (its report at ``path``), with the same
-    settings (``config``: this run's, as a dict) and model, had redone: this run, the same command
-    again, resumes it rather than redoing them (a preempted job requeued with --overwrite never ended)."""
+def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
+    """When the ``--overwrite`` run began that this one, the same command again, resumes: the
+    last run's report at ``path`` is of one with the same settings (``config``: this run's, as a
+    dict) and model that a stop ended, or that was killed (still ``running``: the caller knows no
+    live process holds it). Units it finished since then are kept, not redone again (a preempted
+    job requeued with --overwrite never ended). None: this run is a new --overwrite, or none."""
     from ..config import output_shaping
 
     if not (config.get("output") or {}).get("overwrite"):
-        return set()
+        return None
     try:
         was = json.loads(path.read_text())
-        if was.get("interrupted") and (was.get("config") or {}).get("output", {}).get("overwrite") \
+        if (was.get("interrupted") or was.get("running")) and (was.get("config") or {}).get("output", {}).get("overwrite") \
                 and (was.get("model") or {}).get("sha256") == model_sha \
                 and output_shaping(was["config"]) == output_shaping(config):
-            return {str(u) for u in was.get("overwritten") or []}
+            return str(was["overwrite_since"])
     except (OSError, ValueError, TypeError, AttributeError, KeyError):  # none, or not a report of tilescan's
         pass
-    return set()
+    return None
+
+
+def finished_since(manifest: dict, since: str | None) -> bool:
+    """Whether a unit's outputs (its run.json) were finished after ``since`` (a report's time)."""
+    if since is None:
+        return False
+    try:
+        done = datetime.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        return done > datetime.fromisoformat(since)  # seconds: one finished in the same second is redone
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:

@@ -32,7 +32,7 @@ from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory
 from .process import UnitJob
-from .report import RunReport, UnitResult, report_failure, interruption, overwritten_before
+from .report import RunReport, UnitResult, finished_since, interruption, overwrite_since, report_failure
 from .stream import Stream
 from .threads import one_blas_thread
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, sweep_staging
@@ -188,10 +188,14 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if cfg.output.gpkg and (said := percent_warning(out, "the scenes' tiles.gpkg")):
         log(said)
     _check_output_dir(out)
-    redone = overwritten_before(out / layout.report_name(shard), cfg.to_dict(), card.sha256)  # a stopped --overwrite
     report.held_by = _live_report_holder(out / layout.report_name(shard))
-    if report.held_by is None:
-        write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard)})  # a report of this run
+    since = None if report.held_by is not None else overwrite_since(out / layout.report_name(shard), cfg.to_dict(),
+                                                                     card.sha256)  # an --overwrite stopped or killed
+    if cfg.output.overwrite:  # what a run of the same command resumes from, should this one be killed
+        report.extra.update(config=cfg.to_dict(), model={"id": card.model_id, "sha256": card.sha256},
+                            overwrite_since=since or report.started_at)
+    if report.held_by is None:  # a report of this run
+        write_json(out / layout.report_name(shard), {**report.running(), "shard": list(shard), **report.extra})
     else:  # a second run over the same OUT: the report stays the first one's, which is still at work
         log(f"warning: another tilescan run (pid {report.held_by}) is writing into {out}: its "
             f"{layout.report_name(shard)} is left to it while it runs (this run's replaces it only if it has ended)")
@@ -202,7 +206,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     for err in missing if shard[0] == 0 else []:
         report.results.append(UnitResult(err.path, err.path, "failed", reason=str(err), error_kind=err.kind))
         log(f"error: {err}")
-    book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine, redone)
+    book = _Units(out, cfg, card, units, layout.legacy_folder_names(scenes), scenes, log, engine, since)
     try:
         stats = book.process(progress, started, report)
     finally:  # also when an error ends the run: its report lists what was done
@@ -222,8 +226,7 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
         report.interrupted = {"signal": sig, "unit": None, "scene": None, "units": [], "not_started": []}
     report.finish(shard=list(shard), model={"id": card.model_id, "sha256": card.sha256}, config=cfg.to_dict(),
                   scenes_listed={"count": len(scenes), "sha256": digest},
-                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats},
-                  **({"overwritten": sorted(redone | {r.unit for r in report.done})} if cfg.output.overwrite else {}))
+                  timings_s={"wall": round(time.monotonic() - started, 3), "streams": stats})
     if report.held_by is not None and _live_report_holder(out / layout.report_name(shard)) is None:
         report.held_by = None  # the run that held the report is gone (killed): this one's is the last word
     if report.held_by is None:
@@ -281,9 +284,9 @@ class _Units:
     remote scenes tried again, and the streams that process them."""
 
     def __init__(self, out: Path, cfg: Config, card, units: list[Unit], legacy: list[str], scenes: list,
-                 log: Callable[[str], None], engine: Engine | None, redone: set[str] = frozenset()):
+                 log: Callable[[str], None], engine: Engine | None, since: str | None = None):
         self.out, self.cfg, self.card, self.units, self.log, self.engine = out, cfg, card, units, log, engine
-        self.redone = redone  # units a stopped --overwrite run of these settings redid: kept
+        self.since = since  # when the --overwrite run began that this one resumes: what it finished is kept
         self.legacy = dict(zip(scenes, legacy))
         self.results: dict[int, UnitResult] = {}
         self.retries = sources.SceneRetries()
@@ -344,7 +347,7 @@ class _Units:
         lock = UnitLock(self.out, unit).acquire()
         try:
             done, replaces = _already_done(self.out, unit, final, fp, self.cfg, self.legacy[unit.scene], self.card, version,
-                                           kept=unit.key in self.redone)
+                                           since=self.since)
             other = None if done or replaces or self.cfg.output.overwrite else \
                 _finished_otherwise(unit, final, self.cfg, self.card, version)
             if done or other:
@@ -521,10 +524,10 @@ def _finished_otherwise(unit: Unit, final: Path, cfg: Config, card: LoadedModel,
 
 
 def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, legacy: str, card: LoadedModel,
-                  version: dict | None = None, kept: bool = False) -> tuple[bool, str | None]:
+                  version: dict | None = None, since: str | None = None) -> tuple[bool, str | None]:
     """Whether the unit's outputs are in place from the same scene, config and model (or
     settings that give the same outputs), and when finished outputs are to be redone
-    (``overwrite``, but not where ``kept``: this --overwrite already redid them; ``update``), what
+    (``overwrite``, but not those finished ``since`` the --overwrite run this one resumes; ``update``), what
     they were made from; raises when something else is in the way (it is left alone), or made
     otherwise without ``overwrite`` or ``update``."""
     if unit.part is not None and _link_or_file(final.parent):  # its row band would land outside OUT
@@ -538,7 +541,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
         same = old.get("fingerprint") == fp
-        if (kept or not cfg.output.overwrite) and (same or _equivalent(old, unit, cfg, card, version)):
+        if (not cfg.output.overwrite or finished_since(old, since)) and (same or _equivalent(old, unit, cfg, card, version)):
             gone = [f for f in old.get("outputs") or [] if not os.path.lexists(final / f)]
             if not gone:
                 return True, None
