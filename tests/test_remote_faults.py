@@ -195,20 +195,24 @@ def test_a_rerun_against_a_hung_server_waits_for_it_once_not_once_a_scene(server
 def test_a_new_scene_on_a_hung_server_is_given_up_after_gdals_retries(tmp_path):
     """A server that takes connections and never answers: GDAL retries the timed-out request
     (GDAL_HTTP_MAX_RETRY times), and tilescan does not try the scene again on top of that (each
-    try would cost those timeouts again: 25 of them, 25 minutes at the default low-speed time)."""
+    try would cost those timeouts again: 25 of them, 25 minutes at the default low-speed time),
+    nor ask that server for another new scene in the run."""
     hung = _Hung(0)
     port = hung.sock.getsockname()[1]
+    first, second = (f"http://127.0.0.1:{port}/a/{n}.tif" for n in ("new", "other"))
     try:
         t0 = time.monotonic()
-        p = _run(tmp_path / "out", f"http://127.0.0.1:{port}/a/new.tif",
-                 GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_MAX_RETRY="1", GDAL_HTTP_RETRY_DELAY="0.2")
+        p = _run(tmp_path / "out", first, second, GDAL_HTTP_TIMEOUT="1", GDAL_HTTP_MAX_RETRY="1",
+                 GDAL_HTTP_RETRY_DELAY="0.2")
         seconds, connections = time.monotonic() - t0, len(hung.held)
     finally:
         hung.close()
     assert p.returncode == 4, p.stderr
-    assert f"http://127.0.0.1:{port}/a/new.tif: " in p.stderr and "timed out" in p.stderr, p.stderr
-    assert "retr" not in _failed(tmp_path / "out")["new"]  # no "(after 2 retries of the scene)"
-    assert connections <= 2, connections  # GDAL's first request and its one retry (it was 6: three tries)
+    failed = _failed(tmp_path / "out")
+    assert failed["new"].startswith(f"{first}: ") and "timed out" in failed["new"], failed
+    assert "retr" not in failed["new"]  # no "(after 2 retries of the scene)"
+    assert failed["other"].startswith(f"{second}: not asked, as its server did not answer for {first}: "), failed
+    assert connections <= 2, connections  # GDAL's first request and its one retry (it was 12: three tries each)
     assert seconds < 60
 
 

@@ -334,6 +334,8 @@ class _Units:
         server = sources.server_of(unit.scene)
         if server in self.unanswered and (kept := self._kept_unchecked(unit, final, self.unanswered[server])):
             return kept  # a hung server is waited for once a run, not once for each of its finished scenes
+        if server in self.unanswered and "timed out" in self.unanswered[server].message:  # nor for each new one
+            raise InputError(f"not asked, as its server did not answer for {self.unanswered[server]}", path=str(unit.scene))
         try:
             with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
                 version = sources.scene_identity(unit.scene)
