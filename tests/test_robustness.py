@@ -413,16 +413,17 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
 
 
 def test_a_broken_link_given_alone_is_named_as_in_a_folder(tmp_path):
-    """A link to nothing, or a loop of links, given as an input gets the message a folder search
-    gives it (what ``ls`` shows is there), not "no such file"; exit 4."""
+    """A link to nothing, or a loop of links, given to run or explain gets the message a folder
+    search gives it (what ``ls`` shows is there), not "no such file"; exit 4."""
     (tmp_path / "gone.tif").symlink_to(tmp_path / "nowhere.tif")
     (tmp_path / "loop1.tif").symlink_to(tmp_path / "loop2.tif")
     (tmp_path / "loop2.tif").symlink_to(tmp_path / "loop1.tif")
     for name, why in (("gone.tif", "a link to nothing (a broken symbolic link)"),
                       ("loop1.tif", "a symbolic link loop (the links lead back to themselves)")):
-        res = invoke(["run", tmp_path / name, "-o", tmp_path / "out", "--no-progress"])
-        assert res.exit_code == 4, res.output
-        assert f"{tmp_path / name}: {why}" in res.output
+        for command, *extra in (("run", "--no-progress"), ("explain",)):
+            res = invoke([command, tmp_path / name, "-o", tmp_path / "out", *extra])
+            assert res.exit_code == 4, res.output
+            assert f"{tmp_path / name}: {why}" in res.output, (command, res.output)
 
 
 def test_inputs_that_all_fail_are_all_named(tmp_path):

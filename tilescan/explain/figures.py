@@ -483,7 +483,9 @@ def _input_path(inp: str):
     """The input as a Path (a RemoteScene for a URL), refused when missing or a folder."""
     path = sources.scene_path(inp)
     if not path.exists():
-        raise InputError("no such file or directory", path=str(path))
+        from ..scene.info import missing_input
+
+        raise missing_input(path)  # a broken link named so
     if path.is_dir():
         raise InputError("input is a folder; name image or scene files", path=str(path))
     return path
