@@ -629,9 +629,20 @@ def test_a_paletted_band_is_refused_with_how_to_expand_it(tmp_path):
         res = invoke(["run", pal, "-o", tmp_path / "out", "--no-progress", *extra])
         assert res.exit_code == 4, res.output
         assert (f"{pal}: band 1 is paletted: its values index a colour table" in res.output
-                and "gdal_translate -expand rgb paletted.tif paletted-rgb.tif" in res.output), res.output
-        assert "--bands 1,1,1 (or" not in res.output
+                and "gdal_translate -b 1 -expand rgb paletted.tif paletted-rgb.tif" in res.output), res.output
+        assert "--bands 1,1,1 (or" not in res.output and "other bands" not in res.output
     assert not (tmp_path / "out" / "paletted").exists()
+    # a paletted band beside three plain ones (no colour interpretation): those are named instead
+    with rasterio.open(scene(RGB_BYTE)) as ds:
+        rgb = ds.read(window=Window(200, 200, 256, 256))
+    mixed = write_like(scene(RGB_BYTE), tmp_path / "mixed.tif", data=np.concatenate([idx[None], rgb]),
+                       window=Window(200, 200, 256, 256), nodata=None)
+    with rasterio.open(mixed, "r+") as ds:
+        ds.write_colormap(1, {i: (36 * i, 255 - 36 * i, 20 * i, 255) for i in range(7)})
+        ds.colorinterp = [ColorInterp.palette, ColorInterp.undefined, ColorInterp.undefined, ColorInterp.undefined]
+    res = invoke(["run", mixed, "-o", tmp_path / "out", "--no-progress"])
+    assert res.exit_code == 4 and "band 1 is paletted" in res.output and "--bands 2,3,4" in res.output, res.output
+    assert invoke(["run", mixed, "-o", tmp_path / "out", "--no-progress", "--bands", "2,3,4"]).exit_code == 0
 
 
 def test_unsupported_dtype(batch):

@@ -108,22 +108,31 @@ def check_band_count(cfg: TilingConfig, model_bands: int) -> None:
                           f"model takes {model_bands} band(s): give one pair for all, or one per band")
 
 
-def _refuse_paletted(info: SceneInfo, bands: Sequence[int]) -> None:
+def _paletted(info: SceneInfo, band: int) -> bool:
+    return band <= len(info.colorinterp) and info.colorinterp[band - 1] == "palette"
+
+
+def _refuse_paletted(info: SceneInfo, bands: Sequence[int], model_bands: int) -> None:
     """Refuse bands of colour-table indices: the model would read the indices as grey levels."""
-    paletted = [b for b in bands if b <= len(info.colorinterp) and info.colorinterp[b - 1] == "palette"]
-    if paletted:
-        name = Path(str(info.path)).name
-        raise InputError(
-            f"band {paletted[0]} is paletted: its values index a colour table, they are not brightness, and the "
-            f"model would read them as grey levels; expand the colour table first, e.g. "
-            f"gdal_translate -expand rgb {name} {Path(name).stem}-rgb.tif", path=str(info.path))
+    if not (paletted := [b for b in bands if _paletted(info, b)]):
+        return
+    name = Path(str(info.path)).name
+    others = [b for b in range(1, info.count + 1) if b != info.alpha_band and not _paletted(info, b)]
+    instead = (f"; or read its other bands: --bands {','.join(map(str, others[:model_bands]))}"
+               if len(others) >= model_bands else "")
+    alpha = " (an alpha band is not kept: set its fill as nodata afterwards)" if info.alpha_band else ""
+    raise InputError(
+        f"band {paletted[0]} is paletted: its values index a colour table, they are not brightness, and the "
+        f"model would read them as grey levels; expand the colour table first, e.g. "
+        f"gdal_translate -b {paletted[0]} -expand rgb {name} {Path(name).stem}-rgb.tif{alpha}{instead}",
+        path=str(info.path))
 
 
 def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
                 model_band_names: Sequence[str] | None) -> list[int]:
     p = str(info.path)
-    _refuse_paletted(info, cfg.bands or range(1, info.count + 1))
     if cfg.bands:
+        _refuse_paletted(info, cfg.bands, model_bands)
         given = cfg.origin("bands")  # as the user set it: --bands 4,2,1, the variable, or the file
         check_band_count(cfg, model_bands)
         bad = [b for b in cfg.bands if not 1 <= b <= info.count]
@@ -137,6 +146,7 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
         rgb = _rgb_from_names(info.colorinterp) or _rgb_from_names(info.band_descriptions)
         if rgb is not None:
             return rgb
+    _refuse_paletted(info, plain[:model_bands], model_bands)
     if len(plain) == model_bands:
         if model_bands == 3:
             tiling_warning(
