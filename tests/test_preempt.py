@@ -95,25 +95,28 @@ def test_a_stop_after_the_last_tiles_finishes_the_run_and_says_so(tmp_path, tmp_
 
 
 def test_a_stop_after_the_work_is_done_does_not_kill_the_command(tmp_path):
-    """A SIGTERM once ``run`` has printed its last line (a scheduler's stop as the job ends):
-    the command exits with its work's code (0, as report.json says), not killed during the
-    interpreter's teardown (143, which a scheduler counts as a failure)."""
+    """A SIGTERM once ``run`` or ``collect`` has printed its last line (a scheduler's stop as the
+    job ends): the command exits with its work's code (0, as report.json says), not killed
+    during the interpreter's teardown (143, which a scheduler counts as a failure), nor said
+    stopped (75) once its work is in place."""
     import os
     import signal
     import subprocess
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene(SCENES[0])), *bh.ARGS],
-                            stderr=subprocess.PIPE, text=True, env=bh.env())
-    said = []
-    for line in proc.stderr:
-        said.append(line)
-        if line.startswith("done: "):
-            os.kill(proc.pid, signal.SIGTERM)
-            break
-    proc.stderr.read()
-    assert proc.wait(timeout=120) == 0, "".join(said)
+    for args, last in ((["run", "--no-progress", "-o", out, bh.scene(SCENES[0]), *bh.ARGS], "done: "),
+                       (["collect", out], "collect: ")):  # collect's line comes once its set is in place
+        proc = subprocess.Popen([bh.exe(), *map(str, args)], stderr=subprocess.PIPE, text=True, env=bh.env())
+        said = []
+        for line in proc.stderr:
+            said.append(line)
+            if line.startswith(last):
+                os.kill(proc.pid, signal.SIGTERM)
+                break
+        proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, "".join(said)
     assert json.loads((out / "report.json").read_text())["exit_code"] == 0
+    assert (out / "collected" / "summary.json").is_file()
 
 
 def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path):

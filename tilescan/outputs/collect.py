@@ -270,6 +270,8 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     finally:
         lock.release()
         layout.tidy(out)
+    # said once everything is in place: a stop after this line finds nothing left to do
+    log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     if summary["failed"] and strict:
         names = ", ".join(f["scene"] for f in summary["failed"])
         raise PartialCollectError(
@@ -321,7 +323,6 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
         if isinstance(exc, OSError):  # the new set could not be written (a full disk); the old one is kept
             raise write_error(exc, getattr(exc, "filename", None) or stage) from exc
         raise
-    log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
     return summary
 
 
