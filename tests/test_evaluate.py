@@ -304,6 +304,9 @@ def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, data
     with pytest.raises(InputError, match=r"does not know: \['forest'\].*rename the folders to the model's names "
                                          r"\('forest' is the model's 'Forest'\)"):
         E.run_evaluate(str(model_file), str(scoring), "test", str(tmp_path / "o3"), log=lambda s: None)
+    (scoring / "Test" / "Forest").symlink_to(dataset / "images" / "Forest")  # both spellings: merge, not rename
+    with pytest.raises(InputError, match=r"\('forest' is the model's 'Forest', whose folder is there too: merge them\)"):
+        E.run_evaluate(str(model_file), str(scoring), "test", str(tmp_path / "o4"), log=lambda s: None)
 
 
 def test_a_folder_kept_only_for_scoring(model_file, dataset, tmp_path):

@@ -415,8 +415,8 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
     region without water), in any order; one the model does not know is refused."""
     unknown = [c for c in classes if c not in model_classes]
     if unknown:
-        alike = [f"{c!r} is the model's {m!r}" for c in unknown for m in model_classes
-                 if _loose(c) == _loose(m)]  # a folder named in another case or spacing
+        alike = [f"{c!r} is the model's {m!r}" + (", whose folder is there too: merge them" if m in classes else "")
+                 for c in unknown for m in model_classes if _loose(c) == _loose(m)]  # another case or spacing
         raise InputError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
                          + (f"rename the folders to the model's names ({'; '.join(alike)}): class names are matched "
                             "exactly" if alike else "evaluate a model on a dataset of its own legend"), path=str(data))
