@@ -104,36 +104,36 @@ def test_a_stop_after_the_work_is_done_does_not_kill_the_command(tmp_path):
     import subprocess
 
     out = tmp_path / "out"
-    for args, last in ((["run", "--no-progress", "-o", out, bh.scene(SCENES[0]), *bh.ARGS], "done: "),
-                       (["collect", out], "collect: ")):  # collect's line comes once its set is in place
-        proc = subprocess.Popen([bh.exe(), *map(str, args)], stderr=subprocess.PIPE, text=True, env=bh.env())
-        said = []
-        for line in proc.stderr:
-            said.append(line)
-            if line.startswith(last):
-                os.kill(proc.pid, signal.SIGTERM)
-                break
-        proc.stderr.read()
-        assert proc.wait(timeout=120) == 0, "".join(said)
+    proc = subprocess.Popen([bh.exe(), "run", "--no-progress", "-o", str(out), str(bh.scene(SCENES[0])), *bh.ARGS],
+                            stderr=subprocess.PIPE, text=True, env=bh.env())
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if line.startswith("done: "):
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, "".join(said)
     assert json.loads((out / "report.json").read_text())["exit_code"] == 0
+    p = bh.tilescan("collect", out, TILESCAN_TEST_SIGNAL_AT="collected")  # a SIGTERM right after its last line
+    assert p.returncode == 0 and "stopped" not in p.stderr, p.stderr
     assert (out / "collected" / "summary.json").is_file()
 
 
-def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path):
-    """A SIGTERM while the command still reads its settings and imports the pipeline (its first
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_stop_before_the_run_began_replaces_the_last_runs_report(tmp_path, sig):
+    """A stop while the command still reads its settings and imports the pipeline (its first
     few tenths of a second) exits 75 with a report of its own, not the last run's report
     (exit 0), which a monitor would take for this run's."""
-    from tilescan.pipeline.report import report_failed_start
-    from tilescan.stop import Interrupted
-
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"exit_code": 0, "started_at": "2026-01-01T00:00:00+00:00"}))
-    report_failed_start(out, (0, 1), Interrupted("SIGTERM"))
+    p = _run(out, TILESCAN_TEST_SIGNAL_AT=f"start@{sig}")
+    assert p.returncode == 75, p.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["exit_code"] == 75 and report["started_at"] != "2026-01-01T00:00:00+00:00"
-    assert report["error"] == {"kind": "interrupted", "message": "stopped by SIGTERM before the run began"}
-    assert report["interrupted"]["signal"] == "SIGTERM" and report["interrupted"]["units"] == []
+    assert report["error"] == {"kind": "interrupted", "message": f"stopped by {sig} before the run began"}
+    assert report["interrupted"]["signal"] == sig and report["interrupted"]["units"] == []
 
 
 def test_a_stopped_or_killed_overwrite_resumes_with_the_same_command(tmp_path, tmp_path_factory):

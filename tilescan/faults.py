@@ -8,8 +8,9 @@ the process kill or signal itself. No effect unless one of these variables is se
 
 Phases: ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing``
 (the unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
-staging, the folder not yet moved into place). The variables are read at the first point a
-process reaches.
+staging, the folder not yet moved into place); ``start`` (``tilescan run`` has read its
+settings, before the run begins), ``collected`` (``collect`` has said its last line). The
+variables are read at the first point a process reaches.
 """
 
 from __future__ import annotations

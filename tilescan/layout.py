@@ -215,6 +215,11 @@ def unit_of_slot(entry: str) -> str | None:
     return f"{name}/{part}" if PART_RE.fullmatch(part) and name else None
 
 
+def is_collect_stage(entry: str) -> bool:
+    """Whether a staging entry is the set a collect builds (``.collect-<pid>``)."""
+    return entry.startswith(".collect-") and entry[len(".collect-"):].isdigit()
+
+
 def staging_lock(entry: str) -> str | None:
     """The lock (its file name in ``.tilescan-locks/``) that whoever writes the staging entry
     ``entry`` holds: a unit's, for its folder and an old output parked aside from it;
@@ -223,7 +228,7 @@ def staging_lock(entry: str) -> str | None:
         pid, _, entry = entry[len(".old-"):].partition(".")
         if not pid.isdigit():
             return None
-    if entry == COLLECTED or (entry.startswith(".collect-") and entry[len(".collect-"):].isdigit()):
+    if entry == COLLECTED or is_collect_stage(entry):
         return COLLECT_LOCK
     return entry + ".lock" if unit_of_slot(entry) is not None else None
 

@@ -38,6 +38,17 @@ def requested() -> str | None:
     return _state["signal"]
 
 
+def settle(done: bool = True) -> None:
+    """Say that the command's work is in place (``done``; False at a command's start): a stop
+    that comes after has nothing left to act on, and the command line lets it pass."""
+    _state["settled"] = done
+
+
+def settled() -> bool:
+    """Whether :func:`settle` said the work is in place."""
+    return _state.get("settled", False)
+
+
 def check() -> None:
     """Raise :class:`Interrupted` if a stop was requested."""
     name = _state["signal"]

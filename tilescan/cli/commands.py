@@ -13,7 +13,7 @@ import click
 
 import tilescan
 
-from .. import stop
+from .. import faults, stop
 from ..errors import EXIT_PARTIAL
 
 from .options import (
@@ -174,7 +174,8 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
             sh = tilescan.parse_shard(shard, count=shard_count)
             cfg = tilescan.load_config(config_path, flags, flags=typed)
             importlib.import_module("tilescan.pipeline.run")  # a moment's import, in which a stop is reported too
-        except (tilescan.TilescanError, stop.Interrupted) as exc:  # a SIGTERM in the first moments too
+            faults.point("start")
+        except (tilescan.TilescanError, stop.Interrupted, KeyboardInterrupt) as exc:  # a stop in the first moments too
             from ..pipeline.report import report_failed_start
 
             report_failed_start(out, sh, exc)

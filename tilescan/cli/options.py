@@ -119,24 +119,26 @@ def _quiet_backend(verbosity: int) -> None:
 
 
 def _raise_on_sigterm(signum, frame) -> None:
-    raise stop.Interrupted("SIGTERM")
+    if not stop.settled():  # once the work is in place, a stop has nothing to act on
+        raise stop.Interrupted("SIGTERM")
 
 
 def work_done() -> None:
-    """The command's work is done and its report written: in tilescan's own process a stop from
-    now on (a scheduler's SIGTERM as the job ends) is ignored, so the exit is the work's code,
-    not a kill (143) during the interpreter's teardown."""
+    """The command's work is done and its report written: a SIGTERM from now on (a scheduler's,
+    as the job ends) is let pass, and in tilescan's own process ignored, so the exit is the
+    work's code, not a kill (143) during the interpreter's teardown. (Ctrl-C still acts.)"""
     from .. import backend
 
+    stop.settle()
     if backend._OWN_PROCESS and threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _guard(fn: Callable[[], Any]) -> None:
     """Run a command body; map errors to messages and exit codes. SIGTERM (a scheduler's
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
     it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
+    stop.settle(False)
     before = signal.signal(signal.SIGTERM, _raise_on_sigterm) if threading.current_thread() is threading.main_thread() else None
     try:
         code = _body(fn)

@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import gpkg as gpkg_compat
-from .. import layout
+from .. import faults, layout, stop
 from . import spatial
 from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
@@ -270,8 +270,8 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     finally:
         lock.release()
         layout.tidy(out)
-    # said once everything is in place: a stop after this line finds nothing left to do
     log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
+    faults.point("collected")
     if summary["failed"] and strict:
         names = ", ".join(f["scene"] for f in summary["failed"])
         raise PartialCollectError(
@@ -294,7 +294,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     one_legend(scenes, out)
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
     for left in _entries(out / STAGING):  # the sets of collects killed before (this one holds the lock)
-        if left.name.startswith(".collect-") and left.name[len(".collect-"):].isdigit():
+        if layout.is_collect_stage(left.name):
             layout.discard(left)
     run_failed = run_failures(out, {u.key: u.manifest for sc in scenes for u in sc.units}, log)
     from .qgis import parquet_only_warning, percent_warning
@@ -318,6 +318,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
                                               if sc.name in drawn])
         _swap_into_place(stage, dest, log)
+        stop.settle()  # the set is in place: a stop from here on has nothing to undo
     except BaseException as exc:
         layout.discard(stage)
         if isinstance(exc, OSError):  # the new set could not be written (a full disk); the old one is kept

@@ -179,9 +179,10 @@ def report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: Ru
         report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
     kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
     message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, stop.Interrupted):  # a stop before the run began (the CLI reading its settings)
-        kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {exc.signame} before the run began"
-        report.interrupted = {"signal": exc.signame, "unit": None, "scene": None, "units": [], "not_started": []}
+    if isinstance(exc, (stop.Interrupted, KeyboardInterrupt)):  # a stop before the run began (the CLI's start)
+        name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
+        kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {name} before the run began"
+        report.interrupted = {"signal": name, "unit": None, "scene": None, "units": [], "not_started": []}
     data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
     path = out / layout.report_name(shard)
     try:
