@@ -429,11 +429,12 @@ def write_collect_files(folder: str | os.PathLike, location: str | os.PathLike |
 
 
 def _drawing_order(scenes: Sequence[dict], boxes: dict) -> list[dict]:
-    """The scenes by name, but a scene lying mostly on a larger one's box (a detail scene over
-    an overview) before it, so drawn above it (the first group is drawn on top)."""
-    def inside(name: str) -> int:  # how many larger scenes it lies mostly on
+    """The scenes by name, but a scene lying mostly on a box over twice its own (a detail scene
+    over an overview) before it, so drawn above it (the first group is drawn on top); scenes of
+    about one size (one place in two years) keep their names' order."""
+    def inside(name: str) -> int:  # how many far larger scenes it lies mostly on
         box = boxes.get(name)
-        return 0 if box is None else sum(_area(o) > _area(box) and _overlap(box, o) > 0.5 * _area(box)
+        return 0 if box is None else sum(_area(o) > 2 * _area(box) and _overlap(box, o) > 0.5 * _area(box)
                                          for o in boxes.values())
     return sorted(scenes, key=lambda s: -inside(s["name"]))  # stable: by name otherwise
 
