@@ -340,8 +340,8 @@ class _Units:
             with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
                 version = sources.scene_identity(unit.scene)
         except InputError as exc:
-            if getattr(exc, "transient", False) and server:
-                self.unanswered.setdefault(server, exc)
+            if getattr(exc, "transient", False) and server and (server not in self.unanswered or "timed out" in exc.message):
+                self.unanswered[server] = exc  # a timeout kept over another cause: it fails the server's new scenes
             if (kept := self._kept_unchecked(unit, final, exc)) is not None:
                 return kept
             raise
