@@ -73,8 +73,8 @@ def _network_error(message: str) -> bool:
 
 
 _TRANSIENT = ("timed out", "cannot reach the server", "server error", "cut short")
-# Of those, the causes that earn a scene another try: not a timeout, which GDAL has retried already
-# (GDAL_HTTP_MAX_RETRY times, as it does 5xx answers), and which a hung server would cost again a try.
+# Of those, the causes that earn a scene another try (an outage may outlast GDAL's retries): not a
+# timeout, whose GDAL_HTTP_MAX_RETRY retries a hung server makes cost minutes, each try again.
 _TRY_AGAIN = ("cannot reach the server", "server error", "cut short")
 
 

@@ -417,9 +417,10 @@ def _in_model_classes(items: list, classes: list[str], model_classes: list[str],
     if unknown:
         alike = [f"{c!r} is the model's {m!r}" + (", whose folder is there too: merge them" if m in classes else "")
                  for c in unknown for m in model_classes if _loose(c) == _loose(m)]  # another case or spacing
+        near = f"rename the folders to the model's names ({'; '.join(alike)}): class names are matched exactly"
         raise InputError(f"the dataset has classes the model does not know: {unknown} (the model's: {model_classes}); "
-                         + (f"rename the folders to the model's names ({'; '.join(alike)}): class names are matched "
-                            "exactly" if alike else "evaluate a model on a dataset of its own legend"), path=str(data))
+                         + "; ".join(([near] if alike else []) + (["evaluate a model on a dataset of its own legend"]
+                                                                   if len(alike) < len(unknown) else [])), path=str(data))
     items = [(p, model_classes.index(classes[c])) for p, c in items]
     seen = {k for _, k in items}  # a class of the dataset may have no image in this split either
     if absent := [c for k, c in enumerate(model_classes) if k not in seen]:

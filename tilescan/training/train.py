@@ -255,8 +255,9 @@ def _train(
     export, val_loss, val_acc = _export(model, size, k, mean, std, va_paths, va_y, cfg)
     meta = _metadata(dataset, cfg, size, mean, std, tr_paths, policy, state, t0, limit,
                      {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths),
-                      "loss_note": ("cross-entropy of the exported model, without the label smoothing "
-                                    f"({cfg.label_smoothing:g}) in the training log's val_loss")})
+                      **({"loss_note": ("cross-entropy of the exported model, without the label smoothing "
+                                        f"({cfg.label_smoothing:g}) in the training log's val_loss")}
+                         if cfg.label_smoothing else {})})
     if chips_card is not None:
         _add_chips_metadata(meta, chips_card, cfg, parent, size)
     if parent is not None:
@@ -505,7 +506,7 @@ def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths
             "stopped": state.get("stopped"),
             "seconds_this_run": round(time.monotonic() - t0, 1),
             "limit": limit,
-            "images_used": {"train": len(tr_paths), "val": val_scores["n"]},  # counts: the splits', before --limit
+            "images_used": {"train": len(tr_paths), "val": val_scores["n"]},  # after --limit; counts are the splits' own
         },
         "scores": {"val": val_scores},
     }
