@@ -273,6 +273,15 @@ def test_s3_wrong_credentials_fail_clearly_without_the_secret(s3, tmp_path):
     p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out3", "s3://scenes/no-such-prefix/", **s3.gdal_env())
     assert p.returncode == 4 and "s3://scenes/no-such-prefix/: cannot list this folder URL: not found (HTTP 404)" \
         in p.stderr, p.stderr
+    # no credentials at all (none set, no ~/.aws): said so, not "corrupt or truncated TIFF"
+    (tmp_path / "home").mkdir()
+    p = bh.tilescan("run", "--no-progress", "-o", tmp_path / "out4", f"s3://scenes/{COGEO}",
+                    **{**s3.gdal_env(), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "HOME": str(tmp_path / "home"),
+                       "CPL_AWS_AUTODETECT_EC2": "NO"})
+    assert p.returncode == 4, p.stderr
+    (failed,) = json.loads((tmp_path / "out4" / "report.json").read_text())["failed"]
+    assert failed["reason"].startswith(f"s3://scenes/{COGEO}: cannot open: no credentials for the object store: set "
+                                       "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), failed["reason"]
 
 
 def test_s3_path_against_the_same_server(server, local_ref, tmp_path, monkeypatch):

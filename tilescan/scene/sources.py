@@ -69,6 +69,7 @@ def _network_error(message: str) -> bool:
     low = re.sub(r"(?:/vsi\w+/)?\w+://\S+|/vsi\w+/\S+", "", message.lower())  # not the URL's own "http" or "/vsis3/"
     return any(s in low for s in ("curl", "http", "timed out", "timeout", "connect", "vsis3", "vsigs", "vsiaz",
                                   "access denied", "accessdenied", "nosuch", "did not answer", "too slow", "transfer closed",
+                                  "configuration option",  # GDAL's "...SECRET_ACCESS_KEY ... not defined": no credentials
                                   "bytes missing", "end of response"))
 
 

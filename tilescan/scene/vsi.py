@@ -435,7 +435,11 @@ def cause(message: str, where: str = "") -> str:
     code = re.search(r"http (?:response )?(?:code|error)[: ]+(\d{3})|\b(\d{3})\b (?:not found|forbidden|unauthorized)"
                      r"|response code(?: on \S+)?: (\d+)$", low)
     num = next((g for g in code.groups() if g), None) if code else None
-    if any(s in low for s in _UNTRUSTED):  # before 404 and "no answer": GDAL says those of a refused certificate
+    if "configuration option" in low and "not defined" in low:  # GDAL found no credentials to sign with
+        why = ("no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
+               "an instance or pod role; GS_*, AZURE_* for Google and Azure), or AWS_NO_SIGN_REQUEST=YES "
+               "(GS_/AZURE_NO_SIGN_REQUEST) for a public bucket")
+    elif any(s in low for s in _UNTRUSTED):  # before 404 and "no answer": GDAL says those of a refused certificate
         why = ("the server's TLS certificate is not trusted: set GDAL_CURL_CA_BUNDLE to your CA bundle (or "
                "GDAL_HTTP_UNSAFESSL=YES to skip the check)")
     elif "range downloading not supported" in low:
