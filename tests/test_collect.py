@@ -16,7 +16,7 @@ import pytest
 
 import batch_helpers as bh
 import tilescan
-from conftest import assert_geoparquet_conformant, quiet, scene
+from conftest import assert_geoparquet_conformant, invoke, quiet, scene
 from tilescan.outputs.collect import PartialCollectError, run_collect
 from tilescan.errors import InputError
 from tilescan.training.legend_colors import read_class_colors
@@ -364,6 +364,24 @@ def test_a_models_own_legend_colours_style_the_collected_set_whatever_the_scenes
     _with_colours(out / names[0] / "tiles.parquet", ["#654321"] * len(classes))
     run_collect(out, log=notes.append)
     assert any(f"the models of {names[-1]} have other legend colours than {names[0]}'s" in n for n in notes), notes
+
+
+def test_a_stac_items_scene_is_not_said_gone_while_its_document_is_there(tmp_path):
+    """A scene read through a local STAC item (run.json's scene is DOCUMENT#ID, not a file):
+    collect does not say its file is gone while the document is there, and names the document
+    once it is gone."""
+    item = tmp_path / "item.json"
+    item.write_text(json.dumps({
+        "type": "Feature", "stac_version": "1.0.0", "id": "plain", "geometry": None,
+        "properties": {"datetime": "2020-01-01T00:00:00Z"}, "links": [],
+        "assets": {"visual": {"href": str(scene("rio-tiler/cog_rgb.tif")), "type": "image/tiff; application=geotiff"}}}))
+    out = tmp_path / "out"
+    assert invoke(["run", item, "-o", out, "--units", "px", "--tile-size", "128", "--no-progress"]).exit_code == 0
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 0 and "is gone" not in res.output, res.output
+    item.rename(tmp_path / "moved.json")
+    res = invoke(["collect", out, "--no-gpkg"])
+    assert res.exit_code == 0 and f"plain: its STAC document {item} is gone" in res.output, res.output
 
 
 def test_nothing_to_collect_is_a_clear_error(tmp_path):
