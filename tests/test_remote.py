@@ -322,6 +322,16 @@ def test_url_to_gdal_path_and_redaction():
     assert scrub("see http://h/a%20b.tif?v=2, then") == "see http://h/a%20b.tif?v=2, then"  # nothing secret: as written
 
 
+def test_an_object_key_with_dot_segments_is_refused_before_any_request(tmp_path):
+    """s3://bucket/a/../b.tif is a key of its own on an object store, but GDAL would ask for b.tif (after signing: a refused signature, "check the credentials"): refused,
+    saying why, before any request; a scene in the same run with a plain key is not affected."""
+    out = tmp_path / "out"
+    res = invoke(["run", "s3://bkt/dots/../up.tif", "s3://bkt/dots/./cur.tif", "-o", out, "--no-progress"])
+    assert res.exit_code == 4, res.output
+    for url in ("s3://bkt/dots/../up.tif", "s3://bkt/dots/./cur.tif"):
+        assert f"{url}: its key has '.' or '..' path segments" in res.output, res.output
+
+
 def test_network_causes_in_a_users_words():
     """GDAL's and curl's texts for the usual failures, each given its cause and a hint fit
     for the kind of server (HTTP credentials are not AWS variables)."""

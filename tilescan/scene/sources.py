@@ -277,6 +277,10 @@ class RemoteScene(os.PathLike):
     def identity(self) -> dict:
         """What the outputs depend on (the fingerprint): the URL without credentials, and
         the object's size and validators (ETag, Last-Modified) from its HTTP headers."""
+        if not is_http(self.url) and {".", ".."} & set(_url_path(self.url).split("/")):
+            raise InputError("its key has '.' or '..' path segments, which GDAL drops from the request after "
+                             "signing it, so another object would be asked for (or the signature refused): copy the "
+                             "object to a key without them", path=self.shown)
         configure_gdal()
         h = headers(self.gdal_path)
         if h is None:  # no headers: GDAL's open says why (404, refused...), or the scheme has none
