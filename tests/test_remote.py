@@ -323,8 +323,9 @@ def test_url_to_gdal_path_and_redaction():
 
 
 def test_an_object_key_with_dot_segments_is_refused_before_any_request(tmp_path):
-    """s3://bucket/a/../b.tif is a key of its own on an object store, but GDAL would ask for b.tif (after signing: a refused signature, "check the credentials"): refused,
-    saying why, before any request; a scene in the same run with a plain key is not affected."""
+    """s3://bucket/a/../b.tif is a key of its own on an object store, but GDAL would ask for
+    b.tif (after signing: a refused signature, "check the credentials"): refused, saying why,
+    before any request."""
     out = tmp_path / "out"
     res = invoke(["run", "s3://bkt/dots/../up.tif", "s3://bkt/dots/./cur.tif", "-o", out, "--no-progress"])
     assert res.exit_code == 4, res.output
