@@ -155,6 +155,8 @@ def test_a_stopped_or_killed_overwrite_resumes_with_the_same_command(tmp_path, t
     assert p.returncode == -9, p.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["running"] and report["overwrite_since"] == since
+    p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="start")  # stopped again before it began: nothing lost
+    assert p.returncode == 75 and json.loads((out / "report.json").read_text())["overwrite_since"] == since, p.stderr
     p = _run(out, "--overwrite")  # the next run of the command finishes it
     report = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"], p.stderr

@@ -153,6 +153,18 @@ def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
     return None
 
 
+def _overwrite_chain(path: Path) -> dict:
+    """What a report at ``path`` of a stopped or killed ``--overwrite`` says for the run that
+    resumes it (:func:`overwrite_since`): its settings, model and start; {} otherwise."""
+    try:
+        was = json.loads(path.read_text())
+        if (was.get("interrupted") or was.get("running")) and was.get("overwrite_since"):
+            return {k: was[k] for k in ("config", "model", "overwrite_since")}
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        pass
+    return {}
+
+
 def finished_since(manifest: dict, since: str | None) -> bool:
     """Whether a unit's outputs (its run.json) were finished after ``since`` (a report's time)."""
     if since is None:
@@ -179,12 +191,13 @@ def report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: Ru
         report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))
     kind, code = (exc.kind, exc.exit_code) if isinstance(exc, TilescanError) else ("internal", EXIT_INTERNAL)
     message = str(exc) if isinstance(exc, TilescanError) else f"{type(exc).__name__}: {exc}"
+    path = out / layout.report_name(shard)
     if isinstance(exc, (stop.Interrupted, KeyboardInterrupt)):  # a stop before the run began (the CLI's start)
         name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
         kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {name} before the run began"
         report.interrupted = {"signal": name, "unit": None, "scene": None, "units": [], "not_started": []}
+        report.extra.update(_overwrite_chain(path))  # it did nothing: an --overwrite it would resume stays resumable
     data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
-    path = out / layout.report_name(shard)
     try:
         write_json(path, data)
     except (OSError, TilescanError):  # OUT not writable: the error raised is the run's own
