@@ -154,9 +154,9 @@ class LoadedModel:
         return open_scene(path, self.tiling_for(tiling), *self.scene_args())
 
     def band_warning(self, reader, path: str) -> dict | None:
-        """:func:`tilescan.scene.plan.band_warning` for a scene this model opened (with its own
+        """:func:`tilescan.scene.bands.band_warning` for a scene this model opened (with its own
         ``scene_bands``, where it was trained on chips of other bands)."""
-        from .scene.plan import band_warning
+        from .scene.bands import band_warning
 
         own = [int(b) for b in self.meta.get("scene_bands") or ()]
         return band_warning(reader.info, reader.bands, self.meta.get("bands"), path, own)

@@ -27,7 +27,7 @@ from ..outputs.files import make_folder, write_error, write_json
 from ..outputs import fonts
 from ..scene import sources
 from ..scene.info import TilingWarning
-from ..scene.plan import check_band_count
+from ..scene.bands import check_band_count
 from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory

@@ -254,10 +254,7 @@ def _train(
     _restore_best(model, ckpt)
     export, val_loss, val_acc = _export(model, size, k, mean, std, va_paths, va_y, cfg)
     meta = _metadata(dataset, cfg, size, mean, std, tr_paths, policy, state, t0, limit,
-                     {"accuracy": float(val_acc), "loss": float(val_loss), "n": len(va_paths),
-                      **({"loss_note": ("cross-entropy of the exported model, without the label smoothing "
-                                        f"({cfg.label_smoothing:g}) in the training log's val_loss")}
-                         if cfg.label_smoothing else {})})
+                     _val_scores(val_acc, val_loss, len(va_paths), cfg))
     if chips_card is not None:
         _add_chips_metadata(meta, chips_card, cfg, parent, size)
     if parent is not None:
@@ -472,6 +469,13 @@ def _export(model, size: int, k: int, mean, std, va_paths, va_y, cfg: TrainConfi
         make_batches(va_paths, va_y, k, cfg.batch_size, size, workers=cfg.workers), verbose=0
     )
     return export, val_loss, val_acc
+
+
+def _val_scores(accuracy: float, loss: float, n: int, cfg: TrainConfig) -> dict:
+    """The exported model's scores on the val split, for its metadata."""
+    note = ({"loss_note": f"cross-entropy of the exported model, without the label smoothing ({cfg.label_smoothing:g}) "
+                          "in the training log's val_loss"} if cfg.label_smoothing else {})
+    return {"accuracy": float(accuracy), "loss": float(loss), "n": n, **note}
 
 
 def _metadata(dataset: Dataset, cfg: TrainConfig, size: int, mean, std, tr_paths, policy: str, state: dict,
