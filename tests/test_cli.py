@@ -70,6 +70,13 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_tile_size_over_the_limit_names_the_flag(tmp_path):
+    res = invoke(["run", scene("rasterio/RGB.byte.tif"), "-o", tmp_path / "out", "--tile-size", "9000", "--no-progress"])
+    assert res.exit_code == 4, res.output
+    assert ("RGB.byte.tif: tiles would be 9000 px wide, above the 8192 px limit (--tile-size 9000): give a smaller "
+            "tile size") in res.output, res.output
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("tilescan")
     if not exe.exists():

@@ -101,7 +101,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
         raise InputError(f"tiles would be smaller than one pixel {how}", path=p)
     if tile_px > MAX_TILE_PX:
         raise InputError(f"tiles would be {tile_px} px wide, above the {MAX_TILE_PX} px limit "
-                         f"{how}", path=p)
+                         f"{how or '(' + cfg.origin('tile_size') + ')'}: give a smaller tile size", path=p)
     stride_px = min(max(1, stride_px), tile_px)
     input_gsd = gsd * tile_px / input_size if gsd is not None else None
     if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
