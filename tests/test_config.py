@@ -118,6 +118,22 @@ def test_env_names_and_unrelated_variables():
     assert cfg.tiling.bands == (3, 2, 1) and cfg.output.gpkg is True
 
 
+def test_a_setting_variable_misspelt_is_warned_about(tmp_path):
+    """TILESCAN_TILING_TILE_SIZE (one underscore) or TILESCAN_TILE_SIZE (the key alone) is no
+    setting: a cron or Kubernetes job with it ran with the default, without a word. The command
+    says so, naming the variable it meant; the project's own variables are not warned about."""
+    from conftest import invoke, scene
+
+    env = {"TILESCAN_TILING_TILE_SIZE": "64", "TILESCAN_BATCH_SIZE": "8", "TILESCAN_REMOTE_RETRIES": "1",
+           "TILESCAN_SHARD_COUNT": "1"}
+    res = invoke(["run", scene("rio-tiler/cog_rgb.tif"), "-o", tmp_path / "out", "--units", "px", "--no-progress"], env=env)
+    assert res.exit_code == 0, res.output
+    assert ("warning: TILESCAN_TILING_TILE_SIZE is not a setting and is ignored: settings are "
+            "TILESCAN_<SECTION>__<KEY>, two underscores (did you mean TILESCAN_TILING__TILE_SIZE?)") in res.output
+    assert "TILESCAN_BATCH_SIZE is not a setting" in res.output and "TILESCAN_INFERENCE__BATCH_SIZE or " in res.output
+    assert "TILESCAN_REMOTE_RETRIES" not in res.output and "TILESCAN_SHARD_COUNT" not in res.output
+
+
 @pytest.mark.parametrize("text,value", [("1", True), ("true", True), ("ON", True), ("no", False), ("0", False), ("Off", False)])
 def test_env_booleans(text, value):
     assert load_config(None, environ={"TILESCAN_OUTPUT__OVERWRITE": text}).output.overwrite is value

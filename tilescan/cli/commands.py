@@ -31,9 +31,17 @@ from .options import (
     _typed_flags,
     _verbosity,
     option,
+    env_near_misses,
     unconfigure_logging,
     work_done,
 )
+
+
+def _load_config(obj: _Ctx, path, flags, typed):
+    """The settings (:func:`tilescan.load_config`), after a warning per variable that looks like one misspelt."""
+    for said in env_near_misses(os.environ):
+        obj.log(f"warning: {said}")
+    return tilescan.load_config(path, flags, flags=typed)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
@@ -172,7 +180,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
         sh = (0, 1)
         try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
             sh = tilescan.parse_shard(shard, count=shard_count)
-            cfg = tilescan.load_config(config_path, flags, flags=typed)
+            cfg = _load_config(obj, config_path, flags, typed)
             importlib.import_module("tilescan.pipeline.run")  # a moment's import, in which a stop is reported too
             faults.point("start")
         except (tilescan.TilescanError, stop.Interrupted, KeyboardInterrupt) as exc:  # a stop in the first moments too
@@ -248,7 +256,7 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 
     def body():
         flags, typed = _config_flags(ctx)
-        cfg = tilescan.load_config(config_path, flags, flags=typed)
+        cfg = _load_config(ctx.obj, config_path, flags, typed)
         tilescan.cut_chips(list(inputs), labels_path, out, cfg, class_field=class_field, layer=layer, model=model_path,
                            overwrite=overwrite, min_cover=min_cover, min_valid=min_valid, split=split_method,
                            block_m=block_size, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
@@ -299,7 +307,7 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
     def body():
         _quiet_backend(obj.verbosity)
         flags, typed = _config_flags(ctx)
-        cfg = tilescan.load_config(config_path, flags, flags=typed)
+        cfg = _load_config(obj, config_path, flags, typed)
         verbose = 1 if sys.stdout.isatty() and obj.verbosity >= 0 else (2 if obj.verbosity > 0 else 0)
         try:
             tilescan.train(data, out, cfg, splits=splits_dir, name=dataset_name, resume=resume, overwrite=overwrite,

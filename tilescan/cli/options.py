@@ -10,7 +10,7 @@ import shlex
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import click
 
@@ -116,6 +116,21 @@ def _quiet_backend(verbosity: int) -> None:
     from ..backend import import_keras
 
     import_keras(verbosity)
+
+
+def env_near_misses(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``TILESCAN_`` variables that look like a setting misspelt, which the settings
+    would pass over (they read ``TILESCAN_<SECTION>__<KEY>`` only): one underscore between the
+    section and the key (``TILESCAN_TILING_TILE_SIZE``), or the key alone (``TILESCAN_TILE_SIZE``)."""
+    keys = {(s, k) for s, section in Config().to_dict().items() for k in section}
+    said = []
+    for name in sorted(environ):
+        rest = name[len("TILESCAN_"):].lower() if name.startswith("TILESCAN_") and "__" not in name else None
+        meant = [f"TILESCAN_{s}__{k}".upper() for s, k in sorted(keys) if rest in (f"{s}_{k}", k)]
+        if rest and meant:
+            said.append(f"{name} is not a setting and is ignored: settings are TILESCAN_<SECTION>__<KEY>, "
+                        f"two underscores (did you mean {' or '.join(meant)}?)")
+    return said
 
 
 def _raise_on_sigterm(signum, frame) -> None:
