@@ -225,6 +225,15 @@ def test_load_refuses_foreign_corrupt_and_missing_files(tmp_path):
     _refused(tmp_path / "gone.keras", r"model file not found \(a broken link\)")
 
 
+
+def test_a_keras_archive_under_another_name_is_told_to_be_renamed(tmp_path, saved):
+    """A model copied as .h5 (a habit of Keras 2): Keras would read it as HDF5 ("file signature
+    not found"); the message says what it is and what to do."""
+    copy = tmp_path / "model.h5"
+    copy.write_bytes(saved[0].read_bytes())
+    _refused(copy, "a .keras model archive under another name: .*rename it to end in .keras")
+
+
 def test_load_refuses_broken_or_inconsistent_metadata(tmp_path, saved):
     good = saved[0]
 

@@ -309,6 +309,9 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load a tilescan model (the packaged default when ``path`` is None)."""
     p = model_path(path)
     meta = read_metadata(p)
+    if not str(p).lower().endswith(".keras"):  # Keras picks the format by the name: an .h5 would be read as HDF5
+        raise ModelError("a .keras model archive under another name: Keras reads a model by its file name's "
+                         "extension; rename it to end in .keras", path=str(p))
     keras = _keras()
     try:
         with loading_without_compiles(keras):
