@@ -1063,6 +1063,9 @@ def test_corrupt_or_foreign_model(case, bad_models, tmp_path, scenes_dir):
 def test_model_from_environment_variable(bad_models, tmp_path, scenes_dir):
     res = invoke(["run", scene(SMALL), "-o", tmp_path / "out"], env={"TILESCAN_MODEL": str(bad_models["random_bytes"])})
     assert res.exit_code == 5 and str(bad_models["random_bytes"]) in res.output
+    assert "(the model TILESCAN_MODEL names)" in res.output  # the user did not type it: where it came from
+    res = invoke(["run", scene(SMALL), "-o", tmp_path / "out", "--model", bad_models["random_bytes"]])
+    assert res.exit_code == 5 and "TILESCAN_MODEL" not in res.output
 
 
 CONFIG_CASES = {  # file text -> what the message must say

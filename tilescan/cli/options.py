@@ -164,12 +164,21 @@ def _guard(fn: Callable[[], Any]) -> None:
     sys.exit(code or 0)
 
 
+def _model_from_env(exc: TilescanError) -> str:
+    """Where a model that fails came from, when the user did not type it: TILESCAN_MODEL."""
+    ctx = click.get_current_context(silent=True)
+    if exc.kind == "model" and ctx is not None and "model_path" in ctx.params \
+            and ctx.get_parameter_source("model_path") == click.core.ParameterSource.ENVIRONMENT:
+        return " (the model TILESCAN_MODEL names)"
+    return ""
+
+
 def _body(fn: Callable[[], Any]):
     """``fn()``'s exit code; its errors as messages and exits."""
     try:
         return fn()
     except TilescanError as exc:
-        click.echo(f"tilescan: error: {exc}", err=True)  # "error:" as a scene's error lines
+        click.echo(f"tilescan: error: {exc}{_model_from_env(exc)}", err=True)  # "error:" as a scene's error lines
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, stop.Interrupted) as exc:
         name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
