@@ -138,15 +138,21 @@ def _raise_on_sigterm(signum, frame) -> None:
         raise stop.Interrupted("SIGTERM")
 
 
+def _raise_on_sigint(signum, frame) -> None:
+    if not stop.settled():
+        raise KeyboardInterrupt
+
+
 def work_done() -> None:
-    """The command's work is done and its report written: a SIGTERM from now on (a scheduler's,
-    as the job ends) is let pass, and in tilescan's own process ignored, so the exit is the
-    work's code, not a kill (143) during the interpreter's teardown. (Ctrl-C still acts.)"""
+    """The command's work is done and its report written: a SIGTERM or Ctrl-C from now on (a
+    scheduler's stop as the job ends) is let pass, and in tilescan's own process ignored, so the
+    exit is the work's code, not a kill (143) or a traceback during the interpreter's teardown."""
     from .. import backend
 
     stop.settle()
     if backend._OWN_PROCESS and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def _guard(fn: Callable[[], Any]) -> None:
@@ -154,12 +160,13 @@ def _guard(fn: Callable[[], Any]) -> None:
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
     it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
     stop.settle(False)
-    before = signal.signal(signal.SIGTERM, _raise_on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    ours = ((signal.SIGTERM, _raise_on_sigterm), (signal.SIGINT, _raise_on_sigint))
+    before = {s: signal.signal(s, h) for s, h in ours} if threading.current_thread() is threading.main_thread() else {}
     try:
         code = _body(fn)
-    finally:  # a caller in this process (a test's CliRunner) keeps its own handler
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+    finally:  # a caller in this process (a test's CliRunner) keeps its own handlers
+        for s, h in before.items():
+            signal.signal(s, h)
         work_done()
     sys.exit(code or 0)
 
