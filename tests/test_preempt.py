@@ -117,6 +117,8 @@ def test_a_stop_after_the_work_is_done_does_not_kill_the_command(tmp_path):
     assert json.loads((out / "report.json").read_text())["exit_code"] == 0
     p = bh.tilescan("collect", out, TILESCAN_TEST_SIGNAL_AT="collected")  # a SIGTERM right after its last line
     assert p.returncode == 0 and "stopped" not in p.stderr, p.stderr
+    p = bh.tilescan("collect", out, TILESCAN_TEST_SIGNAL_AT="collected@SIGINT")  # a Ctrl-C: the same, no traceback
+    assert p.returncode == 0 and "stopped" not in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert (out / "collected" / "summary.json").is_file()
 
 
@@ -157,6 +159,9 @@ def test_a_stopped_or_killed_overwrite_resumes_with_the_same_command(tmp_path, t
     assert report["running"] and report["overwrite_since"] == since
     p = _run(out, "--overwrite", TILESCAN_TEST_SIGNAL_AT="start")  # stopped again before it began: nothing lost
     assert p.returncode == 75 and json.loads((out / "report.json").read_text())["overwrite_since"] == since, p.stderr
+    (tmp_path / "bad.toml").write_text("[tiling]\nbogus = 1\n")  # a start refused meanwhile: nothing lost either
+    p = _run(out, "--overwrite", "--config", tmp_path / "bad.toml")
+    assert p.returncode == 2 and json.loads((out / "report.json").read_text())["overwrite_since"] == since, p.stderr
     p = _run(out, "--overwrite")  # the next run of the command finishes it
     report = json.loads((out / "report.json").read_text())
     assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"], p.stderr

@@ -135,16 +135,17 @@ def interruption(stream, log: Callable[[str], None]) -> dict:
 def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
     """When the ``--overwrite`` run began that this one, the same command again, resumes: the
     last run's report at ``path`` is of one with the same settings (``config``: this run's, as a
-    dict) and model that a stop ended, or that was killed (still ``running``: the caller knows no
-    live process holds it). Units it finished since then are kept, not redone again (a preempted
-    job requeued with --overwrite never ended). None: this run is a new --overwrite, or none."""
+    dict) and model that a stop ended, that was killed (still ``running``: the caller knows no
+    live process holds it) or that failed (a start refused meanwhile carries it on). Units it
+    finished since then are kept, not redone again (a preempted job requeued with --overwrite
+    never ended). None: this run is a new --overwrite, or none."""
     from ..config import output_shaping
 
     if not (config.get("output") or {}).get("overwrite"):
         return None
     try:
         was = json.loads(path.read_text())
-        if (was.get("interrupted") or was.get("running")) and (was.get("config") or {}).get("output", {}).get("overwrite") \
+        if _unfinished(was) and (was.get("config") or {}).get("output", {}).get("overwrite") \
                 and (was.get("model") or {}).get("sha256") == model_sha \
                 and output_shaping(was["config"]) == output_shaping(config):
             return str(was["overwrite_since"])
@@ -153,12 +154,17 @@ def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
     return None
 
 
+def _unfinished(report: dict) -> bool:
+    """Whether a run's report says it did not end as a whole: stopped, killed (still ``running``) or failed."""
+    return bool(report.get("interrupted") or report.get("running") or report.get("error"))
+
+
 def _overwrite_chain(path: Path) -> dict:
-    """What a report at ``path`` of a stopped or killed ``--overwrite`` says for the run that
-    resumes it (:func:`overwrite_since`): its settings, model and start; {} otherwise."""
+    """What a report at ``path`` of an unfinished ``--overwrite`` says for the run that resumes
+    it (:func:`overwrite_since`): its settings, model and start; {} otherwise."""
     try:
         was = json.loads(path.read_text())
-        if (was.get("interrupted") or was.get("running")) and was.get("overwrite_since"):
+        if _unfinished(was) and was.get("overwrite_since"):
             return {k: was[k] for k in ("config", "model", "overwrite_since")}
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         pass
@@ -196,7 +202,8 @@ def report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: Ru
         name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
         kind, code, message = "interrupted", EXIT_INTERRUPTED, f"stopped by {name} before the run began"
         report.interrupted = {"signal": name, "unit": None, "scene": None, "units": [], "not_started": []}
-        report.extra.update(_overwrite_chain(path))  # it did nothing: an --overwrite it would resume stays resumable
+    if not report.results and "overwrite_since" not in report.extra:  # it did nothing: an --overwrite stays resumable
+        report.extra.update(_overwrite_chain(path))
     data = {**report.to_dict(), "exit_code": code, "error": {"kind": kind, "message": message}, "shard": list(shard)}
     try:
         write_json(path, data)
