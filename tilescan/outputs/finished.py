@@ -225,8 +225,8 @@ def _say_gone(scenes: list[_Scene], log: Callable[[str], None]) -> None:
     """A warning per scene whose file is gone; one line where none is there (outputs moved to another machine)."""
     gone = [sc for sc in scenes if sc.gone]
     if len(gone) > 1 and len(gone) == len(scenes):
-        log(f"warning: collect: none of the {len(gone)} scene files is where its run.json says (the outputs were "
-            "moved to another machine, or the scenes moved): their outputs are collected as they were")
+        log(f"warning: collect: none of the {len(gone)} scene files (or STAC documents) is where its run.json says "
+            "(the outputs were moved to another machine, or the scenes moved): their outputs are collected as they were")
         return
     for sc in gone:
         log(f"warning: collect: {sc.name}: {sc.gone}")
