@@ -77,6 +77,23 @@ def test_a_tile_size_over_the_limit_names_the_flag(tmp_path):
             "tile size") in res.output, res.output
 
 
+def test_an_output_folder_that_is_a_scenes_own_is_refused(tmp_path):
+    """-o OUT/<scene> by mistake (tab completion) would nest a run's outputs and report in a
+    finished scene's folder: refused naming the folder to give; a folder with a run.json of
+    something else is not taken for one."""
+    out = tmp_path / "out"
+    assert invoke(["run", scene("rio-tiler/cog_rgb.tif"), "-o", out, "--units", "px", "--no-progress"]).exit_code == 0
+    res = invoke(["run", scene("rasterio/cogeo.tif"), "-o", out / "cog_rgb", "--units", "px", "--no-progress"])
+    assert res.exit_code == 6, res.output
+    assert f"{out / 'cog_rgb'}: is a scene's output folder (it holds run.json), not a run's: give the folder that " \
+           f"holds it, {out}" in res.output
+    assert not (out / "cog_rgb" / "cogeo").exists() and not (out / "cog_rgb" / "report.json").exists()
+    other = tmp_path / "job"
+    other.mkdir()
+    (other / "run.json").write_text('{"job": 1}')  # someone else's
+    assert invoke(["run", scene("rasterio/cogeo.tif"), "-o", other, "--units", "px", "--no-progress"]).exit_code == 0
+
+
 def test_console_script_help():
     exe = Path(sys.executable).with_name("tilescan")
     if not exe.exists():

@@ -182,6 +182,12 @@ def finished_since(manifest: dict, since: str | None) -> bool:
         return False
 
 
+def is_scene_folder(out: Path) -> bool:
+    """Whether ``out`` is a scene's output folder (a unit's run.json is in it), not a run's."""
+    m = layout.read_manifest(out)
+    return isinstance(m, dict) and "fingerprint" in m and "unit" in m
+
+
 def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:
     """:func:`report_failure` for a run that could not start (its settings or shard are wrong)."""
     report_failure(Path(out), shard, exc, RunReport())
@@ -191,7 +197,7 @@ def report_failure(out: Path, shard: tuple[int, int], exc: Exception, report: Ru
     """A run that ended with an error (no scene found, the model, a bug) replaces the shard's
     report in an OUT that exists, so a report of an earlier run is never taken for this one's:
     the units' results so far, and the error. An OUT that does not exist is not made for it."""
-    if not out.is_dir() or report.held_by is not None:
+    if not out.is_dir() or report.held_by is not None or is_scene_folder(out):  # never into a scene's folder
         return
     if isinstance(exc, InputError) and exc.path and not report.results:  # the input that gave no scene
         report.results.append(UnitResult(exc.path, exc.path, "failed", reason=str(exc), error_kind=exc.kind))

@@ -32,7 +32,8 @@ from ..scene.vsi import configure_gdal
 from .engine import Engine, resolve_target, shared_engine
 from .memory import keep_freed_memory
 from .process import UnitJob
-from .report import RunReport, UnitResult, finished_since, interruption, overwrite_since, report_failure
+from .report import (RunReport, UnitResult, finished_since, interruption, is_scene_folder, overwrite_since,
+                     report_failure)
 from .stream import Stream
 from .threads import one_blas_thread
 from .units import Unit, UnitLock, _link_or_file, _occupied, fingerprint, plan_units, sweep_staging
@@ -109,6 +110,9 @@ def _small_pages():
 
 
 def _check_output_dir(out: Path) -> None:
+    if is_scene_folder(out):  # -o OUT/<scene> by mistake: outputs would nest in a finished scene's folder
+        raise OutputError(f"is a scene's output folder (it holds {layout.MANIFEST}), not a run's: give the folder "
+                          f"that holds it, {out.parent}", path=str(out))
     make_folder(out)
     probe = out / f".tilescan-write-test-{os.getpid()}"
     try:
