@@ -177,6 +177,38 @@ def test_a_stopped_or_killed_overwrite_resumes_with_the_same_command(tmp_path, t
         bh.assert_unit_equal(out / name, ref / name)
 
 
+def test_which_reports_an_overwrite_resumes_from(tmp_path):
+    """A run of --overwrite resumes only the one a stop ended or a kill cut short (or a run that
+    did nothing carried on), of the same settings, model and tilescan, whose report is among
+    OUT's latest; not one that failed after doing work, nor a shard's report older than a later
+    run's report.json: a wrong resume would keep outputs the user asked to redo."""
+    from tilescan import __version__
+    from tilescan.config import Config
+    from tilescan.pipeline.report import overwrite_since
+
+    config = Config().replace("output", overwrite=True).to_dict()
+    base = {"tilescan": __version__, "config": config, "model": {"sha256": "abc"}, "overwrite_since": "2026-12-06T10:00:00+00:00"}
+    path = tmp_path / "report.json"
+
+    def since(report: dict, sha: str = "abc", cfg: dict = config):
+        path.write_text(json.dumps(report))
+        return overwrite_since(path, cfg, sha)
+
+    assert since({**base, "interrupted": {"signal": "SIGTERM"}}) == base["overwrite_since"]
+    assert since({**base, "running": True}) == base["overwrite_since"]
+    assert since({**base, "overwrite_carried": True, "error": {"kind": "config"}}) == base["overwrite_since"]
+    assert since({**base, "error": {"kind": "internal"}}) is None  # failed after doing work: afresh
+    assert since({**base}) is None  # it ended: a new --overwrite
+    assert since({**base, "running": True, "tilescan": "0.0.1"}) is None  # another release made them
+    assert since({**base, "running": True}, sha="other") is None
+    assert since({**base, "running": True}, cfg=Config().replace("output", overwrite=True).replace(
+        "tiling", stride=64).to_dict()) is None
+    shard = tmp_path / "report-shard-0000-of-0002.json"
+    shard.write_text(json.dumps({**base, "running": True}))
+    os.utime(shard, (1e9, 1e9))  # a sharded run long ago; report.json (above) is a later run's
+    assert overwrite_since(shard, config, "abc") is None
+
+
 def test_collect_after_a_stopped_update_names_the_outputs_it_did_not_redo(tmp_path, tmp_path_factory):
     """A nightly --update with a new stride is stopped at its first batch: collect gathers the
     old outputs (all there is) and says which were made with other settings than the stopped

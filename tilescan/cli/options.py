@@ -164,10 +164,12 @@ def _guard(fn: Callable[[], Any]) -> None:
     before = {s: signal.signal(s, h) for s, h in ours} if threading.current_thread() is threading.main_thread() else {}
     try:
         code = _body(fn)
-    finally:  # a caller in this process (a test's CliRunner) keeps its own handlers
-        for s, h in before.items():
-            signal.signal(s, h)
-        work_done()
+    finally:
+        from .. import backend
+
+        stop.settle()  # no gap with the default handlers before the exit: a stop now is let pass, or ignored
+        for s, h in before.items():  # a caller in this process (a test's CliRunner) keeps its own handlers
+            signal.signal(s, signal.SIG_IGN if backend._OWN_PROCESS else h)
     sys.exit(code or 0)
 
 

@@ -135,17 +135,19 @@ def interruption(stream, log: Callable[[str], None]) -> dict:
 def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
     """When the ``--overwrite`` run began that this one, the same command again, resumes: the
     last run's report at ``path`` is of one with the same settings (``config``: this run's, as a
-    dict) and model that a stop ended, that was killed (still ``running``: the caller knows no
-    live process holds it) or that failed (a start refused meanwhile carries it on). Units it
-    finished since then are kept, not redone again (a preempted job requeued with --overwrite
-    never ended). None: this run is a new --overwrite, or none."""
+    dict), model and tilescan that a stop ended or that was killed (still ``running``: the caller
+    knows no live process holds it), its shard's report among OUT's latest (a run that did nothing
+    meanwhile, a start refused, carries it on). Units it finished since then are kept, not redone
+    again (a preempted job requeued with --overwrite never ended). None: a new --overwrite, or none."""
     from ..config import output_shaping
+    from ..outputs.finished import latest_reports
 
     if not (config.get("output") or {}).get("overwrite"):
         return None
     try:
         was = json.loads(path.read_text())
-        if _unfinished(was) and (was.get("config") or {}).get("output", {}).get("overwrite") \
+        if _resumable(was) and was.get("tilescan") == __version__ and path in latest_reports(path.parent) \
+                and (was.get("config") or {}).get("output", {}).get("overwrite") \
                 and (was.get("model") or {}).get("sha256") == model_sha \
                 and output_shaping(was["config"]) == output_shaping(config):
             return str(was["overwrite_since"])
@@ -154,18 +156,20 @@ def overwrite_since(path: Path, config: dict, model_sha: str) -> str | None:
     return None
 
 
-def _unfinished(report: dict) -> bool:
-    """Whether a run's report says it did not end as a whole: stopped, killed (still ``running``) or failed."""
-    return bool(report.get("interrupted") or report.get("running") or report.get("error"))
+def _resumable(report: dict) -> bool:
+    """Whether a run's report is of one a run of the same command resumes: stopped, killed (still
+    ``running``), or a run that did nothing after such a one and carried it on. Not one that
+    failed after doing work: the --overwrite then starts afresh."""
+    return bool(report.get("interrupted") or report.get("running") or report.get("overwrite_carried"))
 
 
 def _overwrite_chain(path: Path) -> dict:
-    """What a report at ``path`` of an unfinished ``--overwrite`` says for the run that resumes
-    it (:func:`overwrite_since`): its settings, model and start; {} otherwise."""
+    """What a report at ``path`` of a resumable ``--overwrite`` says for the run that resumes it
+    (:func:`overwrite_since`), for a run that did nothing to carry on; {} otherwise."""
     try:
         was = json.loads(path.read_text())
-        if _unfinished(was) and was.get("overwrite_since"):
-            return {k: was[k] for k in ("config", "model", "overwrite_since")}
+        if _resumable(was) and was.get("overwrite_since"):
+            return {**{k: was[k] for k in ("config", "model", "overwrite_since")}, "overwrite_carried": True}
     except (OSError, ValueError, TypeError, AttributeError, KeyError):
         pass
     return {}
@@ -183,9 +187,16 @@ def finished_since(manifest: dict, since: str | None) -> bool:
 
 
 def is_scene_folder(out: Path) -> bool:
-    """Whether ``out`` is a scene's output folder (a unit's run.json is in it), not a run's."""
-    m = layout.read_manifest(out)
-    return isinstance(m, dict) and "fingerprint" in m and "unit" in m
+    """Whether ``out`` is a scene's output folder (a unit's run.json is in it, or in its row
+    bands' folders), not a run's."""
+    def unit(folder: Path) -> bool:
+        m = layout.read_manifest(folder)
+        return isinstance(m, dict) and "fingerprint" in m and "unit" in m
+
+    try:
+        return unit(out) or any(layout.PART_RE.fullmatch(p.name) and unit(p) for p in out.iterdir())
+    except OSError:  # not a folder (yet)
+        return False
 
 
 def report_failed_start(out: str | os.PathLike, shard: tuple[int, int], exc: Exception) -> None:
