@@ -88,6 +88,11 @@ def test_an_output_folder_that_is_a_scenes_own_is_refused(tmp_path):
     assert f"{out / 'cog_rgb'}: is a scene's output folder (it holds run.json), not a run's: give the folder that " \
            f"holds it, {out}" in res.output
     assert not (out / "cog_rgb" / "cogeo").exists() and not (out / "cog_rgb" / "report.json").exists()
+    banded = tmp_path / "banded"  # a scene done as row bands: its folder holds their folders, no run.json
+    (banded / "rows-00000-00002").mkdir(parents=True)
+    (banded / "rows-00000-00002" / "run.json").write_bytes((out / "cog_rgb" / "run.json").read_bytes())
+    res = invoke(["run", scene("rasterio/cogeo.tif"), "-o", banded, "--units", "px", "--no-progress"])
+    assert res.exit_code == 6 and "is a scene's output folder" in res.output, res.output
     other = tmp_path / "job"
     other.mkdir()
     (other / "run.json").write_text('{"job": 1}')  # someone else's
