@@ -119,6 +119,12 @@ def test_a_stop_after_the_work_is_done_does_not_kill_the_command(tmp_path):
     assert p.returncode == 0 and "stopped" not in p.stderr, p.stderr
     p = bh.tilescan("collect", out, TILESCAN_TEST_SIGNAL_AT="collected@SIGINT")  # a Ctrl-C: the same, no traceback
     assert p.returncode == 0 and "stopped" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    # a stop while collect moves its new set into place waits for it: what the user added there is kept
+    (out / "collected" / "my-project.qgz").write_bytes(b"a project saved from QGIS")
+    p = bh.tilescan("collect", out, TILESCAN_TEST_SIGNAL_AT="swapping")
+    assert p.returncode == 0, p.stderr
+    assert (out / "collected" / "my-project.qgz").read_bytes() == b"a project saved from QGIS"
+    assert (out / "collected" / "summary.json").is_file()
     assert (out / "collected" / "summary.json").is_file()
 
 

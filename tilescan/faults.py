@@ -9,7 +9,8 @@ the process kill or signal itself. No effect unless one of these variables is se
 Phases: ``reading`` (a tile was read), ``inference`` (a batch was computed), ``writing``
 (the unit's tiles.parquet is written in staging), ``before-rename`` (run.json is written in
 staging, the folder not yet moved into place); ``start`` (``tilescan run`` has read its
-settings, before the run begins), ``collected`` (``collect`` has said its last line). The
+settings, before the run begins), ``swapping`` (``collect`` is moving its new set into place),
+``collected`` (``collect`` has said its last line). The
 variables are read at the first point a process reaches.
 """
 

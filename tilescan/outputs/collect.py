@@ -534,6 +534,7 @@ def _swap_into_place(stage: Path, dest: Path, log: Callable[[str], None]) -> Non
     """Rename ``stage`` to ``OUT/collected``; an old set is parked aside, then removed (what a user added to it kept)."""
     if dest.is_dir() and not dest.is_symlink() and (kept := layout.carry_over(dest, stage, layout.COLLECTED_FILES)):
         log(f"collect: kept what was added to {dest}: {', '.join(kept)}")
+    faults.point("swapping")  # what the user added is in the new set now, not yet in place
     if os.path.lexists(dest):
         aside = stage.parent / layout.aside_name(COLLECTED)
         layout.discard(aside)
