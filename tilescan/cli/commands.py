@@ -436,8 +436,7 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
     (OUT/collected/), a GeoPackage copy, a per-class summary and a QGIS project."""
 
     def body():
-        summary = tilescan.collect(out, gpkg=gpkg, styles=styles)
-        work_done()
+        summary = tilescan.collect(out, gpkg=gpkg, styles=styles)  # settled once its set is in place
         failed, undone = summary["failed_in_run"], summary["unfinished_in_run"]
         # outputs the run meant to redo (it failed or was stopped first); not those it was told to keep
         outdated = [u for u in summary["earlier_outputs"] if u.get("error_kind") != "exists"]

@@ -167,9 +167,10 @@ def _guard(fn: Callable[[], Any]) -> None:
     finally:
         from .. import backend
 
-        stop.settle()  # no gap with the default handlers before the exit: a stop now is let pass, or ignored
-        for s, h in before.items():  # a caller in this process (a test's CliRunner) keeps its own handlers
-            signal.signal(s, signal.SIG_IGN if backend._OWN_PROCESS else h)
+        work_done()  # first, no gap with the default handlers before the exit: a stop now is let pass, or ignored
+        if not backend._OWN_PROCESS:  # a caller in this process (a test's CliRunner) keeps its own handlers
+            for s, h in before.items():
+                signal.signal(s, h)
     sys.exit(code or 0)
 
 
