@@ -236,8 +236,9 @@ def _scene_gone(sc: _Scene) -> str | None:
     """Why a scene's outputs may be stale: its local scene file, or the local STAC document that
     named it (a STAC item's ``scene`` is ``DOCUMENT#ID``, not a file), is no longer where it was read."""
     m = sc.units[0].manifest
-    stac = (m.get("source") or {}).get("kind") == "stac"
-    scene = str(((m.get("source") or {}).get("document") if stac else m.get("scene")) or "")
+    source = m.get("source") or {}
+    stac = source.get("kind") == "stac"
+    scene = str((source.get("document") if stac else m.get("scene")) or "")
     if not scene or "://" in scene or os.path.exists(scene):
         return None
     return (f"its {'STAC document' if stac else 'scene file'} {scene} is gone (moved, renamed or deleted): its outputs "

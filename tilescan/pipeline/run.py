@@ -338,13 +338,13 @@ class _Units:
         server = sources.server_of(unit.scene)
         if server in self.unanswered and (kept := self._kept_unchecked(unit, final, self.unanswered[server])):
             return kept  # a hung server is waited for once a run, not once for each of its finished scenes
-        if server in self.unanswered and "timed out" in self.unanswered[server].message:  # nor for each new one
+        if server in self.unanswered and sources.timed_out(self.unanswered[server]):  # nor for each new one
             raise InputError(f"not asked, as its server did not answer for {self.unanswered[server]}", path=str(unit.scene))
         try:
             with sources.remote_errors(unit.scene):  # a URL's network failures: named, with the cause
                 version = sources.scene_identity(unit.scene)
         except InputError as exc:
-            if getattr(exc, "transient", False) and server and (server not in self.unanswered or "timed out" in exc.message):
+            if getattr(exc, "transient", False) and server and (server not in self.unanswered or sources.timed_out(exc)):
                 self.unanswered[server] = exc  # a timeout kept over another cause: it fails the server's new scenes
             if (kept := self._kept_unchecked(unit, final, exc)) is not None:
                 return kept

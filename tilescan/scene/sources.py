@@ -74,9 +74,12 @@ def _network_error(message: str) -> bool:
 
 
 _TRANSIENT = ("timed out", "cannot reach the server", "server error", "cut short")
-# Of those, the causes that earn a scene another try (an outage may outlast GDAL's retries): not a
-# timeout, whose GDAL_HTTP_MAX_RETRY retries a hung server makes cost minutes, each try again.
-_TRY_AGAIN = ("cannot reach the server", "server error", "cut short")
+
+
+def timed_out(exc: InputError) -> bool:
+    """Whether a failure is a timeout: GDAL has retried it GDAL_HTTP_MAX_RETRY times already,
+    which a hung server makes cost minutes each try."""
+    return "timed out" in exc.message
 
 
 def _failure_text(scene: Any, text: str) -> str:
@@ -148,7 +151,8 @@ class SceneRetries:
     def wants(self, scene: Any, exc: BaseException) -> bool:
         """Whether ``exc`` of ``scene`` earns it another try."""
         return (getattr(scene, "remote", False) and isinstance(exc, InputError) and getattr(exc, "transient", False)
-                and any(t in exc.message for t in _TRY_AGAIN) and self.attempt < self.retries)
+                and any(t in exc.message for t in _TRANSIENT if t != "timed out")  # not for a timeout alone
+                and self.attempt < self.retries)
 
     def annotate(self, exc: BaseException) -> None:
         """Say in a final error how often the scene was tried again."""
