@@ -362,6 +362,33 @@ def test_collect_says_which_scenes_it_takes_from_an_earlier_run(tmp_path, tiny_m
     assert "another version of the scene file" in earlier["reason"]
 
 
+def test_collect_does_not_count_another_file_of_the_same_name_as_collected(tmp_path, tiny_model):
+    """A scene file gone and another of the same name come (in another folder): the run refuses
+    the newcomer, as the first file's outputs hold its name. Collect must not say that it is in
+    the set with older outputs (those rows are the first file's): it lists it as not collected,
+    names the file the rows came from, and --require-complete fails."""
+    scenes, out = tmp_path / "in", tmp_path / "out"
+    (scenes / "a").mkdir(parents=True)
+    (scenes / "b").mkdir()
+    first = write_like(scene(AERIAL), scenes / "a" / "ortho.tif", window=Window(0, 0, 256, 256))
+    args = ["-o", out, "--model", tiny_model, "--tile-size", 128, "--no-progress"]
+    assert invoke(["run", scenes, *args]).exit_code == 0
+    first.unlink()
+    second = write_like(scene(AERIAL), scenes / "b" / "ortho.tif", window=Window(0, 256, 256, 256))
+    res = invoke(["run", scenes, *args])
+    assert res.exit_code == 6 and "another scene file of the same name" in res.output, res.output
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0, res.output
+    assert "are not in the collected set" in res.output and "refused to replace" not in res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert summary["earlier_outputs"] == []
+    (missing,) = summary["failed_in_run"]
+    assert missing["unit"] == "ortho" and Path(missing["scene"]).resolve() == second.resolve()
+    assert missing["collected_scene"] == str(first)
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
+    assert res.exit_code == 3, res.output
+
+
 # -- input ----------------------------------------------------------------------------
 
 

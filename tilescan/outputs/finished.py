@@ -434,6 +434,10 @@ def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> l
     return out
 
 
+#: How a run says that the outputs in a scene's way are another scene file's (run's ``_what_differs``).
+OTHER_FILE = "of another scene file of the same name"
+
+
 def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], None]) -> tuple[list[dict], list[dict], list[dict]]:
     """The units the latest ``report*.json`` of ``out`` list as failed: those with no finished
     output (summary.json's ``failed_in_run``: the set looks incomplete), and those collected from
@@ -459,9 +463,19 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
     units = sorted(found, key=str)
     missing = [found[k] for k in units if not covered(k, collected)]
     earlier = [found[k] for k in units if covered(k, collected)]
+    # refused as another file's outputs hold its name: the collected rows are that file's, not this one's
+    elsewhere = [u | {"collected_scene": _collected_scene(u["unit"], collected)} for u in earlier
+                 if u.get("error_kind") == "exists" and OTHER_FILE in str(u.get("reason"))]
+    if elsewhere:
+        earlier = [u for u in earlier if u["unit"] not in {e["unit"] for e in elsewhere}]
+        missing += elsewhere
+        log(f"warning: collect: {len(elsewhere)} scene file(s) are not in the collected set: the latest run refused "
+            "them, as outputs of another scene file of the same name are in their place, and those are collected ("
+            + "; ".join(f"{u['scene']}: the rows of {u['unit']} are {u['collected_scene']}'s" for u in elsewhere)
+            + "): rename the file, or if it is that file moved, run it alone with --overwrite; summary.json's failed_in_run")
     refused = [u for u in earlier if u.get("error_kind") == "exists"]  # kept on purpose: said so, not "failed"
     for listed, what, key in (
-            (missing, "failed in their run and are not in the collected set", "failed_in_run"),
+            ([u for u in missing if u not in elsewhere], "failed in their run and are not in the collected set", "failed_in_run"),
             ([u for u in earlier if u not in refused], "failed in their run and are collected from an earlier "
              "run's outputs, which may be out of date", "earlier_outputs"),
             (refused, "are collected from the outputs the latest run refused to replace (made with other settings, "
@@ -474,6 +488,15 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
             f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
             "collect again; summary.json's earlier_outputs")
     return missing, earlier + stale, undone
+
+
+def _collected_scene(unit, collected: dict[str, dict]) -> str | None:
+    """The scene file (run.json's ``scene``) of a unit's collected outputs, its own or its row
+    bands'; None when not known."""
+    for key in (str(unit), *(k for k in collected if k.startswith(f"{unit}/"))):
+        if isinstance(manifest := collected.get(key), dict) and manifest.get("scene"):
+            return manifest["scene"]
+    return None
 
 
 def latest_reports(out: Path) -> list[Path]:

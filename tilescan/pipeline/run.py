@@ -21,7 +21,7 @@ from ..config import Config
 from ..errors import ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit, logger
 from ..model import LoadedModel, describe_model
-from ..outputs.finished import changed_settings
+from ..outputs.finished import OTHER_FILE, changed_settings
 from ..outputs.qgis import parquet_only_warning, percent_warning
 from ..outputs.files import make_folder, write_error, write_json
 from ..outputs import fonts
@@ -442,7 +442,7 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version
     what to do about it."""
     scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
-        return (f"of another scene file of the same name ({old.get('scene')})", "if this is that file moved, run "
+        return (f"{OTHER_FILE} ({old.get('scene')})", "if this is that file moved, run "
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     changed = changed_settings(old.get("config") or {}, _as_made(old, unit, cfg, card).to_dict())  # not those alike
