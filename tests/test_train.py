@@ -466,13 +466,20 @@ def test_a_stop_signal_waits_for_the_checkpoint_to_be_whole():
 
 
 def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_path):
-    """A finished 2-epoch run resumed with --epochs 4: epochs 3 and 4 train on a cosine
+    """A finished 2-epoch run resumed with nothing left to train keeps its model file as it
+    is. Resumed with --epochs 4: epochs 3 and 4 train on a cosine
     schedule over 4 epochs (a learning rate above 0 at the end of epoch 3, 0 at the end of the
     last), not on the 2-epoch one, which had reached 0."""
     out = tmp_path / "m.keras"
     args = [mini_aid, "-o", out, "--image-size", "32", "--batch-size", "16", "--patience", "0"]
     assert _train([*args, "--epochs", "2"]).exit_code == 0
     assert float(_history(out)[-1]["learning_rate"]) == 0.0
+    # nothing left to train (a requeued job resuming once more): the saved model is left as it is,
+    # not saved again under a new id and sha256 that would make its finished scenes another model's
+    saved = out.read_bytes()
+    res = _train([*args, "--epochs", "2", "--resume"])
+    assert res.exit_code == 0 and "nothing to train" in res.output and "left as it is" in res.output, res.output
+    assert out.read_bytes() == saved
     res = _train([*args, "--epochs", "4", "--resume"])
     assert res.exit_code == 0, res.output
     lrs = [float(r["learning_rate"]) for r in _history(out)]

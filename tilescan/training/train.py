@@ -218,6 +218,8 @@ def _train(
     finetune_lr = (cfg.finetune_lr or cfg.learning_rate / 10) if parent is not None else cfg.learning_rate
 
     from_checkpoint = resume and (ckpt / "state.json").exists() and (ckpt / "last.keras").exists()
+    if from_checkpoint and (kept := _already_saved(out, ckpt, cfg, log)) is not None:
+        return kept
     parent_model = None
     if parent is not None and not from_checkpoint:
         from ..model import load_model
@@ -262,6 +264,8 @@ def _train(
     if colors:
         meta["legend"].update(colors)
     sha = save_model(export, out, meta, half=half)
+    state["saved_sha256"] = sha  # a --resume with nothing left to train leaves this file be
+    write_text(ckpt / "state.json", json.dumps(state, indent=2))
     history.keep_beside(out, ckpt)
     log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
         f"{state['best_epoch']}, sha256 {sha[:12]})")
@@ -269,6 +273,25 @@ def _train(
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _already_saved(out: Path, ckpt: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict | None:
+    """The summary of the checkpointed run when it has no epoch left to train (all done, or
+    stopped early) and ``out`` is still the model it saved: then nothing is written (saving
+    again would give the model a new id and sha256, and drop scores recorded since); else None."""
+    from ..model import file_sha256
+
+    state = json.loads((ckpt / "state.json").read_text())
+    if not (state.get("epochs_done", 0) >= cfg.epochs or state.get("stopped") == "early-stopping"):
+        return None
+    if not out.is_file() or state.get("saved_sha256") != (sha := file_sha256(out)):
+        return None
+    early = state.get("stopped") == "early-stopping"
+    more = "" if early else f"--epochs above {state['epochs_done']} goes on, "
+    log(f"nothing to train: the checkpointed run {'stopped early' if early else 'trained all its epochs'} (epoch "
+        f"{state['epochs_done']}, best {state.get('best_epoch')}) and {out} is the model it saved (sha256 {sha[:12]}): "
+        f"left as it is; {more}--overwrite trains afresh")
+    return {"model": str(out), "sha256": sha, "unchanged": True, **state}
 
 
 def _legend(cfg: TrainConfig, dataset: Dataset, chips_card: dict | None, parent, log: Callable[[str], None]) -> dict | None:
