@@ -606,6 +606,32 @@ def test_an_image_train_would_fail_on_or_learn_wrongly_is_named_before_any_epoch
     assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
 
 
+def test_every_bad_image_of_a_drawn_split_is_named_at_once_test_split_too(tmp_path):
+    """Plain class folders (the split drawn by tilescan) with an empty image that lands in train
+    and a text file named .png that lands in test: train names both in one message, before
+    any epoch. (It stopped at the first kind, and never looked at the test split, whose bad
+    image could then only be removed, drawing the split again with trained-on images in test.)"""
+    from tilescan.training.data import load_dataset
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "d"
+    for cls in ("Forest", "Pond"):
+        (data / cls).mkdir(parents=True)
+        for j in range(10):
+            cv2.imwrite(str(data / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    ds = load_dataset(data)
+    train_img, test_img = ds.items("train")[0][0], ds.items("test")[0][0]
+    (data / train_img).write_bytes(b"")
+    (data / test_img).write_text("not an image")
+    assert load_dataset(data).items("test")[0][0] == test_img  # the same draw
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4, res.output
+    bad = "cannot be read as an image (empty, not an image, or corrupt)"
+    assert f"the train split's image '{train_img}' {bad}" in res.output, res.output
+    assert f"the test split's image '{test_img}' {bad}" in res.output, res.output
+    assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
+
+
 def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
     """'Forêt' written decomposed (as macOS names folders) and composed: one class, so a model
     trained on one copy of the data is evaluated on the other (it was refused, the names looking

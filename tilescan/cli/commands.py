@@ -301,7 +301,8 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwrite, limit, max_time, half, dataset_name, **_config) -> None:
     """Train a ResNet-18 on DATA, a folder-per-class image dataset (AID layout, plain class
     folders, Train/ Val/ Test/ folders, or a `tilescan chips` dataset), from scratch or
-    fine-tuned from a parent (--init). Only the train and val splits are read."""
+    fine-tuned from a parent (--init). Only the train and val splits are read (the test
+    split's image headers are checked where train draws the split)."""
     obj: _Ctx = ctx.obj
 
     def body():

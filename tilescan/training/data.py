@@ -74,8 +74,8 @@ class Dataset:
         image in one piece (:func:`_image_problem`: its header and last bytes, not its pixels):
         checked before a model loads, not an epoch or a scoring pass into the work."""
         lists = self.split_source.startswith("lists:")
+        said, wheres = [], set()  # every kind of problem of every split, so that one pass finds them all
         for split, items in items_of.items():
-            where = Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root
             problems: dict[str, list[str]] = {}
             missing = [p for p, _ in items if not (self.root / p).is_file()]
             if missing:
@@ -85,7 +85,11 @@ class Dataset:
                     problems.setdefault(why, []).append(p)
             for why, found in problems.items():
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                raise InputError(f"the {split} split's image '{found[0]}'{more} {why}", path=str(where))
+                said.append(f"the {split} split's image '{found[0]}'{more} {why}")
+                wheres.add(Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root)
+        if said:
+            where = wheres.pop() if len(wheres) == 1 else self.root
+            raise InputError("; ".join(said), path=str(where))
 
     def paths(self, split: str) -> list[Path]:
         return [self.root / p for p, _ in self.items(split)]
@@ -388,7 +392,10 @@ def train_val_paths(dataset: Dataset, limit: int | None):
     val_items = dataset.items("val")
     if limit:
         train_items, val_items = spread(train_items, limit), spread(val_items, limit)
-    dataset.check_found(train=train_items, val=val_items)
+    # a split drawn here: its test images too (their headers), as a bad one found later could only
+    # be removed, which would draw the split again and put trained-on images into the test split
+    drawn = dataset.split_source.startswith("stratified") and "test" in dataset.splits
+    dataset.check_found(train=train_items, val=val_items, **({"test": dataset.items("test")} if drawn else {}))
     tr_paths = [dataset.root / p for p, _ in train_items]
     va_paths = [dataset.root / p for p, _ in val_items]
     tr_y = np.array([c for _, c in train_items])

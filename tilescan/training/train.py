@@ -263,9 +263,7 @@ def _train(
         _add_parent_metadata(meta, parent, head, freeze, finetune_lr, state, dataset, size, cfg, chips_card)
     if colors:
         meta["legend"].update(colors)
-    sha = save_model(export, out, meta, half=half)
-    state["saved_sha256"] = sha  # a --resume with nothing left to train leaves this file be
-    write_text(ckpt / "state.json", json.dumps(state, indent=2))
+    sha = _save(export, out, meta, half, ckpt, state)
     history.keep_beside(out, ckpt)
     log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
         f"{state['best_epoch']}, sha256 {sha[:12]})")
@@ -273,6 +271,14 @@ def _train(
     log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _save(export, out: Path, meta: dict, half: bool, ckpt: Path, state: dict) -> str:
+    """Save the model and record its sha256 in the checkpoint's state (a --resume with nothing
+    left to train then leaves the file be: :func:`_already_saved`)."""
+    state["saved_sha256"] = sha = save_model(export, out, meta, half=half)
+    write_text(ckpt / "state.json", json.dumps(state, indent=2))
+    return sha
 
 
 def _already_saved(out: Path, ckpt: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict | None:
