@@ -29,6 +29,47 @@ def test_import_is_light_and_help_shows_the_api():
     assert set(tilescan.__all__) <= set(dir(tilescan))
 
 
+_DRAWS_PROBE = """
+import random, sys
+import numpy as np
+import tilescan
+
+def draws():
+    return float(np.random.rand()), random.random()
+
+np.random.seed(0); random.seed(0); untouched = draws()
+for call in (lambda: tilescan.load_model(), lambda: tilescan.run(sys.argv[1], sys.argv[2], bands=[1, 2, 3])):
+    np.random.seed(0); random.seed(0)
+    call()  # the first imports Keras and loads the model, the second runs with it loaded
+    print(draws() == untouched)
+"""
+
+
+def test_a_callers_seeded_draws_do_not_depend_on_tilescan(tmp_path):
+    """A notebook seeds Python's random and numpy's global generator, calls tilescan, then
+    draws: the same numbers as without tilescan, in a fresh kernel and after (importing
+    TensorFlow and loading a Keras model drew from both)."""
+    res = subprocess.run([sys.executable, "-c", _DRAWS_PROBE, str(scene("opengeos-naip/m_4709963_se_14_1_20190904.tif")),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["True", "True"], res.stdout + res.stderr[-2000:]
+
+
+def test_a_keyword_set_to_none_is_not_given_whatever_the_config(tmp_path):
+    """``target=None``, ``nodata=None``: not given, with a Config object as with a TOML file or
+    none (a Config object refused them, "expected a string or a number, got None"); a wrong
+    name set to None is still refused."""
+    naip = scene("opengeos-naip/m_4709963_se_14_1_20190904.tif")
+    cfg = tilescan.load_config(overrides={"tiling": {"bands": [1, 2, 3]}})
+    plain = tilescan.run(naip, tmp_path / "plain", config=cfg)
+    given = tilescan.run(naip, tmp_path / "none", config=cfg, target=None, nodata=None, tile_size=None)
+    assert plain.exit_code == given.exit_code == 0
+    made = [json.loads((Path(r.out_dir) / "run.json").read_text())["fingerprint"] for r in (plain.done[0], given.done[0])]
+    assert made[0] == made[1]
+    with pytest.raises(tilescan.ConfigError, match="unknown setting 'tile_sise'"):
+        tilescan.run(naip, tmp_path / "x", config=cfg, tile_sise=None)
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
     readme = (REPO / "README.md").read_text()
     code = re.search(r"```python\n(import logging, tilescan.*?)```", readme, re.S).group(1)

@@ -23,7 +23,6 @@ Keras, TensorFlow and rasterio load only when a function needs them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -77,7 +76,8 @@ _RUN_SECTIONS = ("tiling", "inference", "cam", "output")
 
 
 def _override_layer(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``tile_size=256`` / ``tiling__tile_size=256`` / ``cam="layercam"`` -> a config layer."""
+    """``tile_size=256`` / ``tiling__tile_size=256`` / ``cam="layercam"`` -> a config layer;
+    a keyword set to None is left out (not given)."""
     from .config import SECTIONS
 
     layer: dict[str, dict[str, Any]] = {}
@@ -92,6 +92,8 @@ def _override_layer(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"unknown setting {name!r}: use a key of [{'], ['.join(_RUN_SECTIONS)}] "
                                   "(e.g. tile_size=256) or SECTION__KEY (e.g. tiling__stride=64)")
             section, key = owners[0], name
+        if value is None and key in getattr(SECTIONS.get(section), "__dataclass_fields__", ()):
+            continue  # not given, whatever ``config`` is (load_config drops it too); a wrong name is still said
         layer.setdefault(section, {})[key] = value
     return layer
 
@@ -276,25 +278,10 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
     cross-entropy: the epochs' figures, in ``<model>.history.csv``, are the training precision's,
     with label smoothing), ``seconds``, and the training state (``best_epoch``, ``epochs_done``,
     ``stopped``...). Python's ``random`` and numpy's global generator are left as they were."""
-    with _callers_draws():
+    from .backend import callers_draws
+
+    with callers_draws():
         return _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, limit, half, verbose, overrides)
-
-
-@contextlib.contextmanager
-def _callers_draws():
-    """Python's ``random`` and numpy's global generator as the caller left them, afterwards:
-    importing TensorFlow draws from them, and training seeds them (TensorFlow's own global
-    seed stays the training's)."""
-    import random
-
-    import numpy as np
-
-    draws = random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(draws[0])
-        np.random.set_state(draws[1])
 
 
 def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, limit, half, verbose, overrides):

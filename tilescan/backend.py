@@ -37,6 +37,23 @@ _KERAS_OPTIONAL = ("sklearn", "matplotlib.pyplot")
 
 
 @contextlib.contextmanager
+def callers_draws():
+    """Python's ``random`` and numpy's global generator as the caller left them, afterwards:
+    importing TensorFlow and loading a Keras model draw from them, and training seeds them, so
+    a caller's seeded draws would otherwise depend on whether tilescan ran before."""
+    import random
+
+    import numpy as np
+
+    draws = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(draws[0])
+        np.random.set_state(draws[1])
+
+
+@contextlib.contextmanager
 def _keras_optional_hidden():
     """While Keras is imported in tilescan's own process (:func:`own_process`): the modules of
     ``_KERAS_OPTIONAL`` not yet imported look absent to it, as if not installed (Keras then
@@ -90,7 +107,7 @@ def import_keras(verbosity: int | None = None):
         _compilation_cache(keras)
         return keras
     quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0")
-    with _keras_import_gc(), _keras_optional_hidden():
+    with _keras_import_gc(), _keras_optional_hidden(), callers_draws():
         if "tensorflow" not in sys.modules:
             tensorflow_threads()
             tensorflow_onednn()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backend import loading_without_compiles
+from .backend import callers_draws, loading_without_compiles
 from .errors import ConfigError, ModelError
 
 META_MEMBER = "tilescan.json"
@@ -314,7 +314,7 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
                          "extension; rename it to end in .keras", path=str(p))
     keras = _keras()
     try:
-        with loading_without_compiles(keras):
+        with loading_without_compiles(keras), callers_draws():  # Keras draws layer seeds from Python's random
             model = keras.saving.load_model(p, compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive
         raise ModelError(f"cannot load the Keras model: {type(exc).__name__}: {exc}", path=p) from None
