@@ -70,6 +70,20 @@ def test_a_keyword_set_to_none_is_not_given_whatever_the_config(tmp_path):
         tilescan.run(naip, tmp_path / "x", config=cfg, tile_sise=None)
 
 
+def test_run_says_what_it_takes_when_given_pixels_or_a_dict(tmp_path):
+    """An array of pixels, None or a dict of settings where paths and a config go: a TypeError
+    saying what the function takes (they failed deep inside with "'NoneType' object is not
+    iterable" or pathlib's message); a generator of paths (a glob) is taken."""
+    one = scene("rio-tiler/cog_rgb.tif")
+    for bad in (np.zeros((3, 64, 64), np.uint8), None, [one, np.zeros(3)]):
+        with pytest.raises(TypeError, match=r"run takes scene files, folders or URLs .*use get_cam"):
+            tilescan.run(bad, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"a config is a Config, a TOML file's path or None, got dict"):
+        tilescan.run(one, tmp_path / "out", config={"tiling": {"tile_size": 64}})
+    report = tilescan.run(one.parent.glob(one.name), tmp_path / "out")
+    assert report.exit_code == 0 and len(report.done) == 1
+
+
 def test_readme_python_example_runs(tmp_path, monkeypatch, caplog):
     readme = (REPO / "README.md").read_text()
     code = re.search(r"```python\n(import logging, tilescan.*?)```", readme, re.S).group(1)
@@ -192,7 +206,7 @@ def test_what_a_notebook_user_passes_is_taken_or_refused_in_a_line(tmp_path, aid
     assert len(figs) == 1 and figs[0].is_file()
     with pytest.raises(tilescan.ConfigError, match="not both"):
         tilescan.explain_figures(pond, tmp_path / "y", cam="gradcam", methods=["layercam"])
-    with pytest.raises(TypeError, match="explain_figures takes image or scene file paths; .* use get_cam"):
+    with pytest.raises(TypeError, match="explain_figures takes image or scene file paths .* use get_cam"):
         tilescan.explain_figures(np.zeros((2, 128, 128, 3), np.float32), tmp_path / "y")
     with pytest.raises(TypeError, match=r"explain_figures\(\) got unexpected keyword arguments tile \(it takes .*tiles"):
         tilescan.explain_figures(pond, tmp_path / "y", tile=(0, 0))

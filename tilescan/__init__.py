@@ -142,9 +142,7 @@ def run(
     from .pipeline.run import run as _run
 
     out = _given(out)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = [_given(p, "an input") for p in inputs]
+    inputs = [_given(p, "an input") for p in _paths(inputs, "run takes scene files, folders or URLs")]
     if isinstance(stac, (str, os.PathLike)):
         stac = [stac]
     if isinstance(assets, str):  # "red,green,blue", as on the command line
@@ -162,6 +160,18 @@ def run(
     return _run(list(inputs), out, cfg, model_path=_model_file(model),
                 shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
                 ctrl_c_raises=interrupt == "raise")
+
+
+def _paths(inputs, takes: str) -> list:
+    """``inputs`` as a list of paths: one path, or any iterable of them; anything else (an array
+    of pixels, an open dataset) is refused with what the function takes."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    listed = list(inputs) if not hasattr(inputs, "shape") and hasattr(inputs, "__iter__") else None
+    if listed is not None and all(isinstance(p, (str, os.PathLike)) for p in listed):  # a list, a glob's generator
+        return listed
+    raise TypeError(f"{takes} (a path, or a list of them), got {type(inputs).__name__}; for an array of "
+                    "pixels, use get_cam(name, load_model()) on it")
 
 
 def _given(path: str | os.PathLike, what: str = "out") -> str | os.PathLike:
@@ -206,11 +216,7 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     from .backend import import_keras
     from .explain.figures import run_explain
 
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    if not all(isinstance(p, (str, os.PathLike)) for p in inputs):
-        raise TypeError("explain_figures takes image or scene file paths; for an array of pixels, "
-                        "use get_cam(name, load_model()) on it")
+    inputs = _paths(inputs, "explain_figures takes image or scene file paths")
     _cam_alias(kwargs, "methods")
     _only_keywords_of(run_explain, kwargs, "explain_figures", exclude=("inputs", "out_dir", "model_path"))
     import_keras()
