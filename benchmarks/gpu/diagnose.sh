@@ -21,7 +21,7 @@ step host-copies 45 "$PY" benchmarks/pipeline.py host --readers default --cores 
 step mosaic 60 bash -c "mosaic_copies /tmp/multi"
 step e2e-multi-auto 60 bash -c "multi auto TILESCAN_INFERENCE__READER_THREADS=auto"
 step e2e-multi-r8 60 bash -c "multi r8 TILESCAN_INFERENCE__READER_THREADS=8"
-if [ -f .gpu/py-spy.xz ]; then
+if [ -s .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil.txt" -- \
     "$PY" benchmarks/pipeline.py host --readers default --cores all --copies 2 --rounds 1 --no-gpkg --work /tmp/tilescan-host

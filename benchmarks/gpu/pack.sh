@@ -4,8 +4,9 @@
 # one xz archive, since their wheels alone would pass the 64 MiB a device call may carry; a
 # 1,024 px crop of the Landsat scene (the 10,240 px mosaic is mirror-tiled from it there); and
 # AID test images spread over the classes (N_AID, default 300) for the precision check; with
-# SPY=1 py-spy (diagnose.sh), with BASE=COMMIT that commit's tree (startup_ab.sh). It prints what a
-# device call would carry: the limit is 64 MiB (with N_AID=300, py-spy and a base tree it is over).
+# SPY=1 py-spy (diagnose.sh, readers.sh; SPYBIN, else PY's venv's), with BASE=COMMIT that commit's tree
+# (startup_ab.sh). It prints what a device call would carry: the limit is 64 MiB (with N_AID=300 and
+# py-spy it is over: pack calls that score no AID image with N_AID=0; benchmarks/README.md).
 # Needs network access to PyPI here. Run from the repository root: bash benchmarks/gpu/pack.sh
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -57,8 +58,11 @@ for p in pick:
     (dst_aid / "images" / p).write_bytes((aid / "images" / p).read_bytes())
 print(f"{out} and {len(pick)} AID test images in {dst_root}")
 PYEOF
-# SPY=1: py-spy for diagnose.sh's GIL profile, from this venv (a static binary, ~2 MB as xz)
-if [ -n "${SPY:-}" ]; then xz -9 -c "$REPO/.venv/bin/py-spy" > "$DST/py-spy.xz"; fi
+# SPY=1: py-spy for the GIL profiles, from PY's venv (a static binary, ~2 MB as xz); written
+# whole or not at all, as the device scripts run whatever .gpu/py-spy.xz is there
+if [ -n "${SPY:-}" ]; then
+  xz -9 -c "${SPYBIN:-$(dirname "$PY")/py-spy}" > "$DST/py-spy.xz.part" && mv "$DST/py-spy.xz.part" "$DST/py-spy.xz"
+fi
 # BASE=COMMIT: that commit's tilescan in .gpu/base for startup_ab.sh, with this tree's startup.py
 # (the same probe for both) and its model file a link to this tree's
 if [ -n "${BASE:-}" ]; then
@@ -81,4 +85,8 @@ mib = (tree + gpu) / 2**20
 print(f"  a device call carries {mib:.1f} MiB (limit 64)" + ("" if mib <= 64 else
       ": too much; pack again with fewer AID images (N_AID), or without py-spy or the base tree"))
 PYEOF
-echo "carry: .gpu   command: bash benchmarks/gpu/check.sh"
+if [ "$N_AID" -gt 0 ]; then
+  echo "carry: .gpu   command: bash benchmarks/gpu/check.sh (or readers.sh, diagnose.sh, startup_ab.sh, prealloc.sh)"
+else  # check.sh's precision step scores the AID images
+  echo "carry: .gpu   command: bash benchmarks/gpu/readers.sh (or diagnose.sh, startup_ab.sh, prealloc.sh; not check.sh: N_AID=0)"
+fi

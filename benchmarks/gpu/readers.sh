@@ -42,7 +42,7 @@ step host-readers 120 "$PY" benchmarks/pipeline.py host --readers default --core
   --no-gpkg --reader-processes both --batch "$BATCH" --work /tmp/tilescan-host --out "$OUT/host-readers.json"
 step host-threads-switch5 60 "$PY" benchmarks/pipeline.py host --readers default --cores all --rounds 1 --no-gpkg \
   --switch-ms 5 --batch "$BATCH" --work /tmp/tilescan-host --out "$OUT/host-threads-switch5.json"
-if [ -f .gpu/py-spy.xz ]; then
+if [ -s .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   step spy-gil-procs 60 /tmp/py-spy record --format raw --gil --threads --subprocesses -r 200 -o "$OUT/spy-gil-procs.txt" -- \
     "$PY" benchmarks/pipeline.py host --readers default --cores all --copies 2 --rounds 1 --no-gpkg --reader-processes on \

@@ -28,7 +28,7 @@ rm -rf "$TILESCAN_COMPILE_CACHE"
 probe "$REPO" new-cold  # fills the compilation cache: both trees compile the same step
 for k in $(seq "$REPS"); do probe "$BASE" "base-$k"; probe "$REPO" "new-$k"; done
 for k in $(seq "$REPS"); do cli "$BASE" "cli-base-$k"; cli "$REPO" "cli-new-$k"; done
-if [ -f .gpu/py-spy.xz ]; then
+if [ -s .gpu/py-spy.xz ]; then
   xz -dc .gpu/py-spy.xz > /tmp/py-spy && chmod +x /tmp/py-spy
   PYTHONPATH=${SITE:+$SITE:}$REPO timeout 90 /tmp/py-spy record -r 500 --threads --format raw -o "$OUT/spy-startup.txt" -- \
     "$PY" benchmarks/startup.py --batch "$BATCH" > "$OUT/spy.log" 2>&1
