@@ -159,7 +159,7 @@ def test_no_styles_writes_neither_styles_nor_project(tmp_path, scenes_dir):
     assert {"tiles.parquet", "labels.tif", "heatmap.tif", "run.json"} <= names
     assert "--no-gpkg" not in res.output  # no project, so no word on its tiles layer
     res = invoke(["run", scene, "-o", tmp_path / "p", "--no-gpkg", "--no-quicklook", "--no-progress"])
-    assert res.exit_code == 0 and "--no-gpkg: the tiles layer of the scenes' QGIS projects is tiles.parquet" in res.output
+    assert res.exit_code == 0 and "[output] gpkg = false): the tiles layer of the scenes' QGIS projects is tiles.parquet" in res.output
 
 
 def test_gpkg_is_version_12_with_a_valid_rtree(made):
@@ -402,7 +402,7 @@ def test_what_an_alpha_band_or_internal_mask_hides_is_transparent_in_the_project
         assert res.exit_code == 0, res.output
     res = invoke(["collect", out, "--no-gpkg"])
     assert res.exit_code == 0, res.output
-    assert "--no-gpkg: the tiles layer of collected.qgs is tiles.parquet, which QGIS opens only with GDAL >= 3.8" \
+    assert "[output] gpkg = false): the tiles layer of collected.qgs is tiles.parquet, which QGIS opens only with GDAL >= 3.8" \
         in res.output, res.output  # the project's tiles layer opens in fewer QGIS installs: said
     projects = [out / "RGBA.byte" / "RGBA.byte.qgs", out / "masked" / "masked.qgs", out / "collected" / "collected.qgs"]
     shown = (["scene"], ["scene"], ["scene RGBA.byte", "scene masked"])  # collected: both scenes, named

@@ -253,7 +253,7 @@ def scene_source(scene: str | os.PathLike | None) -> str | None:
 def parquet_only_warning(what: str) -> str:
     """The warning for projects made without the GeoPackage (``--no-gpkg``): their tiles layer
     is the GeoParquet file, which not every QGIS opens."""
-    return (f"warning: --no-gpkg: the tiles layer of {what} is tiles.parquet, which QGIS opens only with GDAL "
+    return (f"warning: no GeoPackage (--no-gpkg, [output] gpkg = false): the tiles layer of {what} is tiles.parquet, which QGIS opens only with GDAL "
             ">= 3.8 built with Arrow (not QGIS 3.22 on Debian 12, for one); without --no-gpkg it is the GeoPackage, "
             "which every QGIS 3 opens")
 
