@@ -366,7 +366,8 @@ def test_collect_does_not_count_another_file_of_the_same_name_as_collected(tmp_p
     """A scene file gone and another of the same name come (in another folder): the run refuses
     the newcomer, as the first file's outputs hold its name. Collect must not say that it is in
     the set with older outputs (those rows are the first file's): it lists it as not collected,
-    names the file the rows came from, and --require-complete fails."""
+    names the file the rows came from, and --require-complete fails. As the first file is gone,
+    --update redoes the newcomer in its place (it would not while that file is there)."""
     scenes, out = tmp_path / "in", tmp_path / "out"
     (scenes / "a").mkdir(parents=True)
     (scenes / "b").mkdir()
@@ -387,6 +388,12 @@ def test_collect_does_not_count_another_file_of_the_same_name_as_collected(tmp_p
     assert missing["collected_scene"] == str(first)
     res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
     assert res.exit_code == 3, res.output
+    # the file in the first one's place (it is gone): --update redoes it there, and then it is collected
+    res = invoke(["run", scenes, *args, "--update"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "ortho" / "run.json").read_text())["scene"] == str(second)
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
+    assert res.exit_code == 0 and "not in the collected set" not in res.output, res.output
 
 
 # -- input ----------------------------------------------------------------------------

@@ -472,7 +472,7 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
         log(f"warning: collect: {len(elsewhere)} scene file(s) are not in the collected set: the latest run refused "
             "them, as outputs of another scene file of the same name are in their place, and those are collected ("
             + "; ".join(f"{u['scene']}: the rows of {u['unit']} are {u['collected_scene']}'s" for u in elsewhere)
-            + "): rename the file, or if it is that file moved, run it alone with --overwrite; summary.json's failed_in_run")
+            + "): rename the file, or see the run's advice in summary.json's failed_in_run")
     refused = [u for u in earlier if u.get("error_kind") == "exists"]  # kept on purpose: said so, not "failed"
     for listed, what, key in (
             ([u for u in missing if u not in elsewhere], "failed in their run and are not in the collected set", "failed_in_run"),

@@ -442,6 +442,10 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version
     what to do about it."""
     scene = sources.recorded_path(unit.scene)
     if old.get("scene") != scene:
+        if _file_gone(old):
+            return (f"{OTHER_FILE} ({old.get('scene')}, gone since)", "if this file takes its place (it moved, or "
+                    "replaces it), pass --update to redo it here (update=True from Python); if it is another scene, "
+                    "rename it or run it into another output folder")
         return (f"{OTHER_FILE} ({old.get('scene')})", "if this is that file moved, run "
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
@@ -458,6 +462,23 @@ def _what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version
     remote = getattr(unit.scene, "remote", False)
     unknown = "its size, ETag or Last-Modified differ" if remote else "its size or modification time differ"
     return f"made from another version of the scene{'' if remote else ' file'} ({'; '.join(moved) or unknown})", redo
+
+
+def _file_gone(old: dict) -> bool:
+    """Whether the local scene file finished outputs ``old`` (their run.json) were made from is
+    gone: moved, renamed or deleted since (a URL is never taken for gone)."""
+    was = old.get("scene")
+    return isinstance(was, str) and os.path.isabs(was) and not os.path.lexists(was)
+
+
+def _redoes(old: dict | None, unit: Unit, cfg: Config) -> bool:
+    """Whether this run may replace outputs ``old`` that differ from what it makes: --overwrite,
+    or --update where they are this scene file's, or a file's that is gone (one moved into
+    another folder, or replaced there); --update never replaces another scene file's that is there."""
+    if cfg.output.overwrite:
+        return True
+    mine = not isinstance(old, dict) or old.get("scene") in (None, sources.recorded_path(unit.scene)) or _file_gone(old)
+    return cfg.output.update and mine
 
 
 def _as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
@@ -553,8 +574,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
                 return True, None
             return False, f"as {', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing (deleted since)"
         what, advice = _what_differs(old, unit, cfg, card, version)
-        if cfg.output.overwrite or (cfg.output.update and old.get("scene") == sources.recorded_path(unit.scene)):
-            # --update never replaces another scene file's outputs
+        if _redoes(old, unit, cfg):
             return False, ("as --overwrite asks (made with the same scene, settings and model)" if same else what)
         raise OutputExistsError(f"finished outputs {what} exist: {advice}", path=str(final))
     elif _occupied(final):
@@ -562,8 +582,7 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
             raise OutputExistsError(
                 "exists but is not a tilescan output (no run.json); it was left alone, even with "
                 "--overwrite: move it away, or choose another output folder", path=str(final))
-        mine = not isinstance(old, dict) or old.get("scene") in (None, sources.recorded_path(unit.scene))
-        if not (cfg.output.overwrite or (cfg.output.update and mine)):  # --update: never another scene file's
+        if not _redoes(old, unit, cfg):
             raise OutputExistsError(
                 "holds unfinished tilescan outputs (run.json not complete); it was left alone: "
                 "pass --overwrite (overwrite=True from Python) to replace them", path=str(final))
