@@ -632,6 +632,28 @@ def test_every_bad_image_of_a_drawn_split_is_named_at_once_test_split_too(tmp_pa
     assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
 
 
+def test_an_image_twin_in_another_class_or_split_is_named(mini_aid, tmp_path):
+    """The same bytes under two classes (a label conflict) or in train and test (a test image
+    trained on, as AID's own Industrial 203 and 205): a warning names the pair before training;
+    a twin within one class and split is left alone."""
+    from tilescan.training.data import load_dataset, twins
+
+    data = tmp_path / "d"
+    shutil.copytree(mini_aid, data)
+    train = (data / "splits" / "train.txt").read_text().split()
+    test = (data / "splits" / "test.txt").read_text().split()
+    a, b = train[0], next(p for p in train if p.split("/")[0] != train[0].split("/")[0])
+    shutil.copyfile(data / "images" / a, data / "images" / b)  # b's class now holds a's image
+    shutil.copyfile(data / "images" / train[1], data / "images" / test[0])  # a test image that is a train one
+    found = twins(load_dataset(data))
+    assert sorted(map(sorted, found)) == sorted([sorted([("train", a), ("train", b)]),
+                                                 sorted([("train", train[1]), ("test", test[0])])]), found
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32", "--limit", "10"])
+    assert res.exit_code == 0, res.output
+    assert "warning: 2 image(s) have a twin with the same bytes in another class or split" in res.output
+    assert f"'{test[0]}' (test)" in res.output and f"'{b}' (train)" in res.output, res.output
+
+
 def test_class_names_in_either_unicode_form_are_one_class(tmp_path):
     """'Forêt' written decomposed (as macOS names folders) and composed: one class, so a model
     trained on one copy of the data is evaluated on the other (it was refused, the names looking

@@ -293,7 +293,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: Config | str 
 def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, limit, half, verbose, overrides):
     """:func:`train`'s work."""
     from .backend import import_keras
-    from .training.data import load_dataset
+    from .training.data import load_dataset, twins
     from .training.resuming import checkpoint_split
     from .training.train import train as _train
 
@@ -310,6 +310,11 @@ def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, 
     if bare := [c for i, c in enumerate(ds.classes) if i not in in_val]:
         emit(f"warning: no val image of {len(bare)} class(es) ({', '.join(bare[:5])}{'…' if len(bare) > 5 else ''}): "
              "early stopping and the val scores do not see them")
+    if found := twins(ds):
+        said = "; ".join(" = ".join(f"'{p}' ({s})" for s, p in g) for g in found[:3])
+        emit(f"warning: {len(found)} image(s) have a twin with the same bytes in another class or split: {said}"
+             f"{f'; and {len(found) - 3} more' if len(found) > 3 else ''} (a twin in two classes teaches both labels; "
+             "one in the test split is scored as unseen though trained on: remove one of each pair)")
     if limit and limit < len(ds.classes):
         emit(f"warning: --limit {limit} is below the {len(ds.classes)} classes: {len(ds.classes) - limit} of them get no image")
     return _train(ds, out, cfg, resume=resume, overwrite=overwrite, max_seconds=max_seconds, limit=limit, half=half,

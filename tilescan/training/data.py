@@ -18,6 +18,7 @@ the GIL); it never holds the dataset in memory. It imports Keras only to subclas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -369,6 +370,29 @@ def load_dataset(
     splits = stratified_split(items, val_fraction, test_fraction, seed)
     hashes = {s: _hash_lines([p for p, _ in v]) for s, v in splits.items()}
     return Dataset(image_root, classes, splits, f"stratified(seed={seed})", hashes, name)
+
+
+def twins(dataset: Dataset) -> list[list[tuple[str, str]]]:
+    """Images with the same bytes in two classes (a label conflict) or two splits (a test image
+    trained on): groups of ``(split, path)``, found by size first, so only files of one size are
+    read; twins within one class and split are left out (harmless)."""
+    by_size: dict[int, list[tuple[str, str, int]]] = {}
+    for split in SPLITS:
+        for p, c in dataset.splits.get(split, []):
+            try:
+                by_size.setdefault((dataset.root / p).stat().st_size, []).append((split, p, c))
+            except OSError:
+                continue  # missing: check_found names it
+    found = []
+    for same in (v for v in by_size.values() if len(v) > 1):
+        by_bytes: dict[bytes, list[tuple[str, str, int]]] = {}
+        for split, p, c in same:
+            with contextlib.suppress(OSError):
+                by_bytes.setdefault(hashlib.blake2b((dataset.root / p).read_bytes(), digest_size=16).digest(),
+                                    []).append((split, p, c))
+        found += [[(s_, p) for s_, p, _ in g] for g in by_bytes.values()
+                  if len(g) > 1 and (len({c for *_, c in g}) > 1 or len({s_ for s_, *_ in g}) > 1)]
+    return sorted(found)
 
 
 def spread(items: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
