@@ -151,7 +151,7 @@ def run(
         if isinstance(config, Config):
             cfg = config if not overrides else _replace_all(config, _override_layer(overrides))
         else:
-            cfg = load_config(config, _override_layer(overrides))
+            cfg = load_config(_toml(config), _override_layer(overrides))
         if interrupt not in ("raise", "report"):
             raise ConfigError(f"interrupt must be 'raise' or 'report', got {interrupt!r}")
     except TilescanError as exc:
@@ -172,6 +172,14 @@ def _paths(inputs, takes: str) -> list:
         return listed
     raise TypeError(f"{takes} (a path, or a list of them), got {type(inputs).__name__}; for an array of "
                     "pixels, use get_cam(name, load_model()) on it")
+
+
+def _toml(config):
+    """A ``config`` argument that is not a Config: a TOML file's path or None, else refused."""
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return config
+    raise TypeError(f"a config is a Config, a TOML file's path or None, got {type(config).__name__} (settings "
+                    "of your own: keywords, or load_config(overrides={'tiling': {...}}))")
 
 
 def _given(path: str | os.PathLike, what: str = "out") -> str | os.PathLike:
@@ -324,7 +332,7 @@ def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, 
 def _train_config(config, overrides: dict[str, Any]):
     if isinstance(config, Config):
         return config.train if not overrides else config.replace("train", **overrides).train
-    return load_config(config, {"train": overrides} if overrides else None).train
+    return load_config(_toml(config), {"train": overrides} if overrides else None).train
 
 
 def evaluate(model: str | os.PathLike | LoadedModel | None, data: str | os.PathLike, out: str | os.PathLike, split: str = "test",
@@ -364,7 +372,7 @@ def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: s
     from .training.chips import ChipOptions
     from .training.chips import cut_chips as _cut
 
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(_toml(config))
     if isinstance(scenes, (str, os.PathLike)):
         scenes = [scenes]
     return _cut([str(s) for s in scenes], labels, _given(out), cfg.tiling, class_field=class_field, layer=layer,
@@ -383,7 +391,7 @@ def runtime(config: Config | str | os.PathLike | None = None) -> dict:
     from .pipeline.engine import (resolve_pipeline, resolve_precision, resolve_readers, resolve_streams,
                                   resolve_switch_interval, switch_ms_used)
 
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = config if isinstance(config, Config) else load_config(_toml(config))
     keras = import_keras()
     dev = describe_device(keras)
     backend = dev["backend"]

@@ -571,9 +571,6 @@ def load_config(
     names: list[str] = []
     texts: list[Mapping[tuple[str, str], str] | None] = []
     if path is not None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"a config is a Config, a TOML file's path or None, got {type(path).__name__} (settings "
-                            "of your own: keywords, or load_config(overrides={'tiling': {...}}))")
         layers.append(read_toml(path))
         names.append(str(path))
         texts.append(None)
