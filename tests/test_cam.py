@@ -434,8 +434,8 @@ def test_pixels_outside_0_1_are_refused_not_classified(x, cams):
 
 def test_nan_pixels_and_other_shapes_are_refused_with_what_is_wrong(x, cams):
     """A NaN pixel (a float raster's nodata) gave NaN probabilities, read as class 0; bands
-    first (as rasterio reads), another band count or an empty batch gave TensorFlow's own
-    error: each is a ValueError that says what to do."""
+    first (as rasterio reads), another band count, an empty batch or images of another size gave
+    TensorFlow's own error: each is a ValueError that says what to do."""
     holed = x.copy()
     holed[0, 5, 5, 0] = np.nan
     with pytest.raises(ValueError, match=r"holds NaN pixels \(nodata\?\): set them to 0 first"):
@@ -447,3 +447,7 @@ def test_nan_pixels_and_other_shapes_are_refused_with_what_is_wrong(x, cams):
         cams("gradcam")(np.concatenate([x, x[..., :1]], axis=-1))
     with pytest.raises(ValueError, match=r"of one or more images.*got shape \(0,"):
         cams("gradcam")(x[:0])
+    big = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)  # tiles not resized to the model's input
+    with pytest.raises(ValueError, match=rf"must be {x.shape[1]} x {x.shape[2]} px images, the model's input size; "
+                                         rf"got {big.shape[1]} x {big.shape[2]}: resize them first"):
+        cams("gradcam")(big)

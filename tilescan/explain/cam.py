@@ -172,6 +172,10 @@ class CAMMethod:
             raise ValueError(f"CAM input must be a batch (B, H, W, {want or 'C'}) of one or more images, channels last; "
                              f"got shape {raw.shape}" + (" (channels first, as rasterio reads: np.moveaxis(x, 1, -1))"
                                                           if first else ""))
+        size = self.model.input_shape[1:3] if isinstance(self.model.input_shape, tuple) else (None, None)
+        if None not in size and tuple(raw.shape[1:3]) != tuple(size):  # Keras would fail deep in its layers
+            raise ValueError(f"CAM input must be {size[0]} x {size[1]} px images, the model's input size; got "
+                             f"{raw.shape[1]} x {raw.shape[2]}: resize them first (cv2.resize), as tilescan run resizes its tiles")
         # 0..255 pixels give confident, wrong labels, as do pixels normalised already (the model normalises
         # them itself: [-1, 1], or mean/std); NaN ones NaN probabilities read as class 0: refused
         seen = (raw.reshape(-1)[::1009] if sample else raw) if raw.dtype.kind == "f" else np.zeros(1)
