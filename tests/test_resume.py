@@ -224,6 +224,22 @@ def test_a_rerun_asking_for_fewer_outputs_skips_what_is_finished(tmp_path, scene
     assert res.exit_code == 6 and "[output] quicklook" in res.output, res.output
 
 
+def test_units_that_cut_the_same_tiles_are_the_same_settings(tmp_path, scene_path):
+    """A 5 m scene, where units "auto" keeps 128 px tiles: --units px, or 640 m tiles in metres,
+    cut the same tiles, so a nightly job given them skips the finished scene (it was refused
+    as made with other settings, and --update redid it for nothing); 96 px tiles do not."""
+    from conftest import invoke
+
+    naip, out = scene_path("opengeos-naip/m_4709963_se_14_1_20100629.tif"), tmp_path / "out"
+    args = ["-o", out, "--bands", "1,2,3", "--no-progress"]
+    assert invoke(["run", naip, *args]).exit_code == 0
+    for same in (["--units", "px"], ["--units", "m", "--tile-size", "640"]):
+        res = invoke(["run", naip, *args, *same])
+        assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 1, (same, res.output)
+    res = invoke(["run", naip, *args, "--units", "px", "--tile-size", "96"])
+    assert res.exit_code == 6 and "[tiling] tile_size 128 -> 96" in res.output, res.output
+
+
 def _two_scenes_done(tmp_path: Path, scene_path) -> tuple[Path, Path, list[str]]:
     """Scenes a.tif and b.tif (one real scene twice) run into OUT: (scene folder, OUT, run options)."""
     import shutil

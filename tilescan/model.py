@@ -185,6 +185,13 @@ class LoadedModel:
         own = self.tiling_for(dataclasses.replace(tiling, bands=())).bands
         return list(own) if own else auto_bands(path, tiling, self.num_bands, self.meta.get("bands"))
 
+    def tile_sizes(self, path, tiling) -> tuple[int, int] | None:
+        """The tile and stride in scene pixels a run with ``tiling`` would cut ``path`` into;
+        None where the scene cannot be opened."""
+        from .scene.plan import tile_sizes
+
+        return tile_sizes(path, tiling, self.input_size, self.meta.get("gsd_m"), self.scale_range)
+
     def scene_args(self) -> tuple:
         """What :func:`tilescan.scene.plan.open_scene` takes of the model, after the path and tiling."""
         return self.num_bands, self.input_size, self.meta.get("gsd_m"), self.meta.get("bands"), self.scale_range

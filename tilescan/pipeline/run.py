@@ -485,7 +485,9 @@ def _as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
     """``cfg`` with the settings that give the finished outputs ``old`` as they are set back to
     how ``old`` had them: a stride equal to the tile size given or left 0, bands given as the
     automatic pick chose them, or left to it where it picks those given; fewer outputs asked
-    for (a quicklook, GeoPackage or QGIS files made then, --no-quicklook now: what is asked is there)."""
+    for (a quicklook, GeoPackage or QGIS files made then, --no-quicklook now: what is asked is there);
+    units, tile size or resampling that cut the scene into the same tiles (``--units px`` where
+    ``auto`` chose those pixels)."""
     was_out, out_now = (old.get("config") or {}).get("output") or {}, cfg.output
     fewer = {k: True for k in ("quicklook", "gpkg", "styles") if was_out.get(k) is True and getattr(out_now, k) is False}
     if fewer.get("quicklook"):
@@ -499,6 +501,10 @@ def _as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
         same["bands"] = tuple(before)
     if was.get("allow_pixel_space", now.allow_pixel_space) != now.allow_pixel_space and (old.get("scene_info") or {}).get("crs"):
         same["allow_pixel_space"] = was["allow_pixel_space"]  # a scene with a CRS: the setting changes nothing
+    sizing, made = ("units", "tile_size", "resample_to_gsd"), old.get("tiling") or {}
+    if any(was.get(k, getattr(now, k)) != getattr(now, k) for k in sizing) and "tile_px" in made and \
+            card.tile_sizes(unit.scene, now) == (made["tile_px"], made.get("stride_px")):
+        same.update({k: was[k] for k in (*sizing, "stride") if k in was})  # e.g. --units px where auto chose pixels
     return cfg.replace("tiling", **same).replace("output", **fewer) if same or fewer else cfg
 
 

@@ -394,6 +394,22 @@ def auto_bands(path, cfg: TilingConfig, model_bands: int, model_band_names: Sequ
         return None
 
 
+def tile_sizes(path, cfg: TilingConfig, input_size: int, model_gsd_m: float | None,
+               model_scale: Sequence[float] | None) -> tuple[int, int] | None:
+    """The tile and stride in scene pixels ``open_scene`` would choose (warnings not said: this
+    only compares settings), or None where the scene cannot be opened."""
+    from .info import collecting_tiling_warnings
+
+    try:
+        path, ds = _open_dataset(path)
+        with ds, collecting_tiling_warnings():
+            plan = _tile_geometry(_scene_info(path, ds), cfg, input_size, model_gsd_m,
+                                  None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
+            return plan.tile_px, plan.stride_px
+    except Exception:  # noqa: BLE001 - the run's own open says what is wrong with the scene
+        return None
+
+
 def _open_dataset(path):
     """The scene's path (a Path, or the remote scene itself) and its open rasterio dataset."""
     remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.scene.sources
