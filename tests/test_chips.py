@@ -145,7 +145,8 @@ def test_chips_of_a_resampled_scene_are_what_run_reads(scene_path, tmp_path):
 
 def test_points(scene_path, tmp_path):
     """Points on a uint16 Landsat scene (percentile stretch): the grid tile around each
-    point; two classes in one tile make it mixed; a point outside is counted."""
+    point; two classes in one tile make it mixed, as does another class's polygon over more
+    than --min-cover leaves of it, not a sliver of one; a point outside is counted."""
     scene = scene_path(LANDSAT)
     (left, bottom, right, top), crs = _bounds(scene)
     t = 128 * 30.0
@@ -158,6 +159,10 @@ def test_points(scene_path, tmp_path):
         {"kind": "crop", "geometry": pt(8, 8, 0.3, 0.3)},
         {"kind": "forest", "geometry": pt(8, 8, 0.7, 0.7)},     # two classes in one tile: mixed
         {"kind": "crop", "geometry": Point(left - 50_000, top)},  # outside
+        # a crop field drawn 3 % past its tile into (3, 5): that point's tile stays forest
+        {"kind": "crop", "geometry": box(left + 4 * t, top - 4 * t, left + 5.03 * t, top - 3 * t)},
+        # a forest polygon over half of (6, 2): the crop point's tile is mixed
+        {"kind": "forest", "geometry": box(left + 2 * t, top - 7 * t, left + 2.5 * t, top - 6 * t)},
     ]
     labels = _write(tmp_path / "pts.gpkg", rows, crs, to="EPSG:4326")
     code, out = _chips(scene, "--labels", labels, "--class-field", "KIND", "-o", tmp_path / "ds", "--split", "random",
@@ -165,9 +170,9 @@ def test_points(scene_path, tmp_path):
     assert code == 0, out
     card = _card(tmp_path / "ds")
     assert card["labels"]["class_field"] == "kind" and card["labels"]["outside_scenes"] == 1
-    assert card["scenes"][0]["skipped"]["mixed"] == 1
+    assert card["scenes"][0]["skipped"]["mixed"] == 2
     table = pq.read_table(tmp_path / "ds" / "chips.parquet").to_pylist()
-    assert {(r["row"], r["col"]): r["class"] for r in table} == {(1, 1): "forest", (3, 5): "forest", (6, 2): "crop"}
+    assert {(r["row"], r["col"]): r["class"] for r in table} == {(1, 1): "forest", (3, 5): "forest", (3, 4): "crop"}
     assert {(r["row"], r["col"]): len(r["label_fids"]) for r in table}[(1, 1)] == 2
     assert card["scenes"][0]["scaling"][0][1] < 65535  # a percentile stretch, as run computes it
     _assert_chips_are_run_tiles(tmp_path / "ds", scene)

@@ -185,8 +185,9 @@ def _cut_scene(reader, key: str, labels: Labels, geoms: np.ndarray, opts: ChipOp
             prev = calls.get(t)
             if prev is not None and prev.outcome in ("mixed", "overlap"):
                 continue  # the polygons already rule this tile out
-            if prev is not None:
-                classes.add(prev.cls)  # a polygon of another class in the tile makes it mixed
+            sliver = prev is not None and prev.outcome == "partly_labelled" and prev.cover <= 1 - opts.min_cover
+            if prev is not None and not sliver:
+                classes.add(prev.cls)  # a polygon of another class in the tile makes it mixed, unless a sliver
             if len(classes) == 1:
                 calls[t] = _TileCall("chip", classes.pop(), prev.cover if prev else float("nan"),
                                      tuple(gs) + (prev.labels if prev else ()))
