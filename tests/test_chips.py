@@ -212,6 +212,20 @@ def test_bad_labels_fail_clearly(scene_path, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_the_layer_read_of_several_is_recorded_and_said_once(scene_path, tmp_path):
+    """A GeoPackage of two layers, none chosen: the first is read, said once in tilescan's words
+    (pyogrio's own "Specify layer parameter" warning was printed too), and the card names it
+    (it recorded null, so nothing said which layer the legend came from)."""
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "two.gpkg", [{"class": "field", "geometry": box(left, bottom, right, top)}], crs)
+    gpd.read_file(labels).to_file(labels, layer="aoi")
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
+    assert code == 0, out
+    assert out.count("2 layers (two, aoi); reading the first, 'two'") == 1 and "More than one layer" not in out, out
+    assert _card(tmp_path / "ds")["labels"]["layer"] == "two"
+
+
 def _quadrants(scene: Path, tmp_path: Path) -> Path:
     (left, bottom, right, top), crs = _bounds(scene)
     mx, my = (left + right) / 2, (bottom + top) / 2

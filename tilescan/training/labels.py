@@ -96,7 +96,7 @@ def _read_geoparquet(path: Path):
     if info.get("encoding", "WKB").upper() != "WKB":
         raise InputError(f"GeoParquet geometry encoding {info.get('encoding')!r} is not supported (WKB is)", path=str(path))
     crs = info.get("crs", "OGC:CRS84")  # GeoParquet: a missing crs means longitude/latitude
-    return table, (None if crs is None else pyproj_crs(json.dumps(crs) if isinstance(crs, dict) else crs)), col, None
+    return table, (None if crs is None else pyproj_crs(json.dumps(crs) if isinstance(crs, dict) else crs)), col, None, None
 
 
 def _read_ogr(path: Path, layer: str | None):
@@ -108,6 +108,7 @@ def _read_ogr(path: Path, layer: str | None):
         if layer is None and len(layers) > 1:
             warnings.warn(f"{path}: {len(layers)} layers ({', '.join(names)}); reading the first, "
                           f"'{layers[0, 0]}' (choose one with --layer)", UserWarning, stacklevel=4)  # read_labels' caller
+            layer = names[0]  # named: the card records it, and pyogrio does not warn again in its own words
         if layer is not None and str(layer) not in names:
             raise ConfigError(f"--layer {layer!r} is not a layer of the labels; layers: {', '.join(names)}", path=str(path))
         meta, table = pyogrio.read_arrow(str(path), layer=layer, return_fids=True)
@@ -131,7 +132,7 @@ def _read_ogr(path: Path, layer: str | None):
     if col is None:
         col = meta.get("geometry_name") or "wkb_geometry"
     crs = meta.get("crs")
-    return table, (None if not crs else pyproj_crs(crs)), col, fids
+    return table, (None if not crs else pyproj_crs(crs)), col, fids, layer
 
 
 def _utf8_text(table) -> bool:
@@ -172,7 +173,7 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     file when it is missing, unreadable, empty, has no class field or no usable feature."""
     path = Path(path)
     p = str(path)
-    table, crs, gcol, file_fids = _read_table(path, layer)
+    table, crs, gcol, file_fids, read = _read_table(path, layer)
     n = table.num_rows
     if n == 0:
         raise InputError("the labels file has no features: draw polygons or points of your classes first", path=p)
@@ -195,7 +196,7 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     index = {c: i for i, c in enumerate(classes)}
     if crs is None:
         warnings.warn(f"{p}: the labels have no CRS; they are taken to be in each scene's CRS", UserWarning, stacklevel=2)
-    return Labels(path=path, layer=layer, class_field=fname, crs=crs, classes=classes,
+    return Labels(path=path, layer=read, class_field=fname, crs=crs, classes=classes,
                   geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
                   fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
                   dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
@@ -213,8 +214,9 @@ def _other_layers(path: Path, layer: str | None) -> str:
 
 
 def _read_table(path: Path, layer: str | None):
-    """The labels as an Arrow table, their CRS (None: not stated), the geometry column's name and
-    the features' ids in the file (None: row numbers serve, as in GeoParquet)."""
+    """The labels as an Arrow table, their CRS (None: not stated), the geometry column's name,
+    the features' ids in the file (None: row numbers serve, as in GeoParquet) and the layer read
+    (None for a file of one layer)."""
     p = str(path)
     if not path.exists():
         raise InputError("labels file not found", path=p)
