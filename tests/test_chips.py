@@ -298,7 +298,13 @@ def test_split_that_leaves_a_class_out_of_train_is_refused(scene_path, tmp_path)
     code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds", "--split", "scene", "--val-fraction", "0",
                        "--test-fraction", "0")
     assert code == 0, out
-    assert "warning: no chip is in val: train needs val chips" in out  # said now, not when train refuses it
+    assert "warning: no chip is in val: train needs val chips (cut again with a --val-fraction above 0)" in out
+    # a fraction above 0 that gave no val chip: the advice is not to set what is set already
+    code, out = _chips(a, b, "--labels", labels, "-o", tmp_path / "ds2", "--split", "random", "--val-fraction", "0.01",
+                       "--test-fraction", "0")
+    assert code == 0, out
+    assert "no chip is in val: train needs val chips (" in out and "chips at --val-fraction 0.01 gave none: label " \
+        "more, or raise --val-fraction)" in out, out
 
 
 def test_chips_of_one_class_are_written_with_a_warning(scene_path, tmp_path):

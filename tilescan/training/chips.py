@@ -85,7 +85,10 @@ def _warn_what_train_refuses(card: dict, log: Callable[[str], None]) -> None:
     if len(classes) < 2:
         log(f"warning: the chips hold one class ({', '.join(classes)}): train needs two or more (label another class)")
     elif card["split"].get("method") != "test" and not sum(counts.get("val", {}).values()):
-        log("warning: no chip is in val: train needs val chips (cut again with a --val-fraction above 0)")
+        frac = card["split"].get("val_fraction", 0)
+        log("warning: no chip is in val: train needs val chips (" + (
+            f"{sum(sum(per.values()) for per in counts.values())} chips at --val-fraction {frac:g} gave none: label "
+            "more, or raise --val-fraction)" if frac > 0 else "cut again with a --val-fraction above 0)"))
     for name in ("val", "test") if len(classes) > 1 else ():  # a split that scores one class says little
         held = sorted(c for c, n in counts.get(name, {}).items() if n)
         if name == "test" and not held and card["split"].get("test_fraction", 0) > 0:
