@@ -226,6 +226,29 @@ def test_the_layer_read_of_several_is_recorded_and_said_once(scene_path, tmp_pat
     assert _card(tmp_path / "ds")["labels"]["layer"] == "two"
 
 
+def test_features_left_out_or_without_a_chip_are_named_by_id(scene_path, tmp_path):
+    """A feature without a class, a line and a polygon too small for a chip, beside a good one:
+    each is named by its id (as QGIS shows it), in the log and in chips.json, not only counted,
+    and the usable count is not said to be the count with a class."""
+    from shapely.geometry import LineString
+
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    rows = [{"class": "field", "geometry": box(left, top - 1280, left + 1280, top)},        # fid 1: chips
+            {"class": None, "geometry": box(left, bottom, left + 1280, bottom + 1280)},      # fid 2: no class
+            {"class": "road", "geometry": LineString([(left, bottom), (right, top)])},       # fid 3: a line
+            {"class": "pond", "geometry": box(left + 2000, top - 2100, left + 2100, top - 2000)}]  # fid 4: tiny
+    labels = _write(tmp_path / "l.gpkg", rows, crs)
+    code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
+    assert code == 0, out
+    assert "4 features, 2 usable (a polygon or point with a class in 'class'" in out, out
+    assert "left out: 1 line (feature 3), 1 no_class (feature 2)" in out, out
+    assert "1 label features over the scenes gave no chip (feature 4: a polygon smaller than 90%" in out, out
+    card = _card(tmp_path / "ds")["labels"]
+    assert card["left_out_fids"] == {"line": [3], "no_class": [2]} and card["without_chip_fids"] == [4]
+    assert (card["features"], card["with_class"], card["usable"]) == (4, 3, 2)
+
+
 def _quadrants(scene: Path, tmp_path: Path) -> Path:
     (left, bottom, right, top), crs = _bounds(scene)
     mx, my = (left + right) / 2, (bottom + top) / 2

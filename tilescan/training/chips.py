@@ -225,9 +225,11 @@ def cut_chips(
         labels = read_labels(labels_path, class_field, layer)
     for w in caught:
         log(f"warning: {w.message}")
-    log(f"{labels.path.name}: {labels.n_features} features, {len(labels.geoms)} with a class in '{labels.class_field}' "
-        f"({len(labels.classes)} classes: {', '.join(labels.classes)})"
-        + (f"; left out: {', '.join(f'{n} {k}' for k, n in sorted(labels.dropped.items()))}" if labels.dropped else ""))
+    usable = labels.n_features - sum(labels.dropped.values())
+    log(f"{labels.path.name}: {labels.n_features} features, {usable} usable (a polygon or point with a class in "
+        f"'{labels.class_field}'; {len(labels.classes)} classes: {', '.join(labels.classes)})"
+        + (f"; left out: {', '.join(f'{len(ids)} {k} ({_features_named(ids)})' for k, ids in labels.dropped_fids.items())}"
+           if labels.dropped else ""))
     stage = _prepare_out(out, overwrite)
     try:
         result = _build(scenes, labels, card, tiling, opts, stage, layout.scene_folder_names(scenes), log, TilingWarning)
@@ -282,9 +284,11 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
         "classes": classes,
         "labels": {
             "file": labels.path.name, "sha256": labels.sha256, "layer": labels.layer, "class_field": labels.class_field,
-            "crs": crs_name(labels.crs), "features": labels.n_features, "with_class": len(labels.geoms),
-            "left_out": labels.dropped, "renamed_classes": labels.renamed, "outside_scenes": outside,
-            "without_chip": idle, "classes_without_chip": gone,
+            "crs": crs_name(labels.crs), "features": labels.n_features,
+            "with_class": labels.n_features - labels.dropped.get("no_class", 0),
+            "usable": labels.n_features - sum(labels.dropped.values()),
+            "left_out": labels.dropped, "left_out_fids": labels.dropped_fids, "renamed_classes": labels.renamed,
+            "outside_scenes": outside, "without_chip": len(idle), "without_chip_fids": idle, "classes_without_chip": gone,
         },
         "model": {"id": card.model_id, "sha256": card.sha256, "input_size": card.input_size,
                   "bands": list(card.meta.get("bands") or []), "scale_input_gsd_m": list(model_scale) if model_scale else None},
@@ -338,10 +342,16 @@ def _cut_one_scene(scene: Path, key: str, si: int, labels: Labels, card, tiling:
     return scene_rows, scene_card, info.crs
 
 
+def _features_named(fids: list[int], first: int = 5) -> str:
+    """``feature 4`` / ``features 2, 5, 9 …``: feature ids as QGIS shows them, the first few."""
+    more = " …" if len(fids) > first else ""
+    return f"feature{'s' if len(fids) > 1 else ''} {', '.join(map(str, fids[:first]))}{more}"
+
+
 def _check_labels_used(labels: Labels, inside: np.ndarray, used: np.ndarray, rows: list[dict],
                        scene_cards: list[dict], n_scenes: int, opts: ChipOptions,
-                       log: Callable[[str], None]) -> tuple[int, int]:
-    """How many label features lie outside every scene and how many over them gave no chip;
+                       log: Callable[[str], None]) -> tuple[int, list[int]]:
+    """How many label features lie outside every scene, and the ids of those over them that gave no chip;
     refuses labels that miss every scene and scenes that gave no chip."""
     outside = int(np.count_nonzero(~inside))
     if outside == len(labels.geoms):
@@ -351,10 +361,10 @@ def _check_labels_used(labels: Labels, inside: np.ndarray, used: np.ndarray, row
         fids = labels.fid[~inside][:5].tolist()
         log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
             f"{' ...' if outside > 5 else ''}); they gave no chip")
-    idle = int(np.count_nonzero(inside & ~used))
+    idle = sorted({int(f) for f in labels.fid[inside & ~used]})
     if idle:
-        log(f"note: {idle} label features over the scenes gave no chip (a polygon smaller than {opts.min_cover:.0%} of a "
-            "tile, tiles mixed or without enough valid data)")
+        log(f"note: {len(idle)} label features over the scenes gave no chip ({_features_named(idle)}: a polygon smaller "
+            f"than {opts.min_cover:.0%} of a tile, tiles mixed or without enough valid data)")
     if not rows:
         raise InputError("no tile qualified as a chip: " + "; ".join(
             f"{s['scene']}: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in s["skipped"].items() if n)

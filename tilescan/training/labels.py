@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import unicodedata
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ class Labels:
     n_features: int
     dropped: dict[str, int] = field(default_factory=dict)
     """Features left out, by reason (``no_class``, ``no_geometry``, ``empty``, ``line``)."""
+    dropped_fids: dict[str, list[int]] = field(default_factory=dict)
+    """Their ids (as ``fid``), by reason."""
     renamed: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
 
@@ -184,9 +185,11 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     if gcol not in table.column_names:
         raise InputError("the labels file has no geometry column", path=p)
     values = [_class_name(v) for v in table.column(fname).to_pylist()]
-    geoms, names, fids, kinds, dropped = _features(values, table.column(gcol).to_pylist())
-    if file_fids is not None:  # a vector file's feature ids, not row numbers
-        fids = [int(file_fids[i]) for i in fids]
+    geoms, names, fids, kinds, dropped_rows = _features(values, table.column(gcol).to_pylist())
+    file_id = (lambda i: int(file_fids[i])) if file_fids is not None else int  # a vector file's ids, not row numbers
+    fids = [file_id(i) for i in fids]
+    dropped_fids = {k: [file_id(i) for i in rows] for k, rows in sorted(dropped_rows.items())}
+    dropped = {k: len(v) for k, v in dropped_fids.items()}
     if not geoms:
         why = ", ".join(f"{c} {k.replace('_', ' ')}" for k, c in sorted(dropped.items()))
         raise InputError(f"none of the {n} label features is usable ({why}); features need a polygon or point "
@@ -199,7 +202,7 @@ def read_labels(path: str | Path, class_field: str | None = None, layer: str | N
     return Labels(path=path, layer=read, class_field=fname, crs=crs, classes=classes,
                   geoms=np.array(geoms, dtype=object), cls=np.array([index[v] for v in names], dtype=np.int64),
                   fid=np.array(fids, dtype=np.int64), kind=np.array(kinds), n_features=n,
-                  dropped=dict(dropped), renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
+                  dropped=dropped, dropped_fids=dropped_fids, renamed=renamed, sha256=file_sha256(path) if path.is_file() else "")
 
 
 def _other_layers(path: Path, layer: str | None) -> str:
@@ -247,21 +250,15 @@ def _class_field(fields: list[str], class_field: str | None, p: str) -> str:
 
 def _features(values: list[str | None], wkb: list[bytes | None]):
     """The usable features (points one by one, polygons made valid and merged per feature) as geometries,
-    class names, feature ids and kinds, and the count of each reason a feature was left out."""
+    class names, feature ids and kinds, and the rows left out by reason."""
     import shapely
 
-    dropped: Counter = Counter()
+    dropped: dict[str, list[int]] = {}  # reason -> rows
     geoms, names, fids, kinds = [], [], [], []
     for i, (v, w) in enumerate(zip(values, wkb)):
-        if v is None:
-            dropped["no_class"] += 1
-            continue
-        if w is None:
-            dropped["no_geometry"] += 1
-            continue
-        g = shapely.from_wkb(w)
+        g = None if v is None or w is None else shapely.from_wkb(w)
         if g is None or g.is_empty:
-            dropped["empty"] += 1
+            dropped.setdefault("no_class" if v is None else "no_geometry" if w is None else "empty", []).append(i)
             continue
         gt = g.geom_type
         if gt in ("Point", "MultiPoint"):
@@ -271,11 +268,11 @@ def _features(values: list[str | None], wkb: list[bytes | None]):
             g = shapely.make_valid(g)
             polys = [q for q in shapely.get_parts(g) if q.geom_type in ("Polygon", "MultiPolygon") and q.area > 0]
             if not polys:
-                dropped["line" if gt == "GeometryCollection" else "empty"] += 1
+                dropped.setdefault("line" if gt == "GeometryCollection" else "empty", []).append(i)
                 continue
             geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
         else:
-            dropped["line"] += 1
+            dropped.setdefault("line", []).append(i)
     return geoms, names, fids, kinds, dropped
 
 
