@@ -13,12 +13,14 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 from click.testing import CliRunner
 
 from tilescan.cli import main
 from tilescan.config import TilingConfig
+from tilescan.scene.info import TilingWarning
 from tilescan.model import describe_model
 
 from conftest import scene
@@ -91,6 +93,23 @@ def test_coarse_scene_cannot_reach_the_range(card):
     assert w["scene_gsd_m"] == pytest.approx(300, rel=0.01)
     assert w["tile_footprint_m"] == pytest.approx(38400, rel=0.01)
     assert w["model_input_gsd_m"] == list(card.scale_range)
+    # smaller tiles, as a "no tile classified" hint once advised: the same coarse pixels enlarged,
+    # still coarser, said so (it became "in_range" at 16 px: 37.5 m per input pixel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = plan(card, RGB_BYTE, tile_size=16)
+    assert (p.tile_px, p.scale) == (16, "coarser") and not [w for w in caught if "enlarged" in str(w.message)]
+    w = p.warning(RGB_BYTE)
+    assert w["code"] == "scale_out_of_range" and "enlarged to 128 px" in w["message"] and "whatever the tile size" in w["message"]
+
+
+def test_pixel_tiles_enlarged_more_than_twice_are_said(card):
+    """Landsat's 30 m pixels in 16-px tiles: 3.75 m per input pixel, inside the range, but each
+    pixel enlarged 8x: a warning says the model sees 30 m detail, as resample_to_gsd's does."""
+    with pytest.warns(TilingWarning, match=r"its 16-px tiles are enlarged 8x to the model's 128 px: the model sees "
+                                           r"the detail of 30 m pixels at 3.75 m per input pixel"):
+        p = plan(card, LANDSAT, tile_size=16)
+    assert p.scale == "in_range"
 
 
 def test_a_range_of_one_value_keeps_the_same_sensors_scenes():

@@ -511,6 +511,9 @@ def _why_no_tiles(reader: SceneReader, n_tiles: int, min_valid: float, best: flo
             fix = (f"the scene is smaller than one tile at the model's finest scale ({_metres(reader.plan.tile_footprint_m)}): "
                    f"--min-valid {(mv := math.floor(best * 100) / 100):.2f} (min_valid={mv:.2f} from Python) classifies it "
                    "as one padded tile, --units px --tile-size N (units='px', tile_size=N) tiles it outside the model's scale")
+        elif reader.plan.coarse_pixels:  # smaller tiles would only enlarge its coarse pixels
+            fix = (f"--min-valid {(mv := math.floor(best * 100) / 100):.2f} (min_valid={mv:.2f} from Python) classifies "
+                   "it as one padded tile; its pixels are coarser than the model's range, so its labels say little at any tile size")
         else:
             fix = "use a smaller --tile-size or --min-valid (tile_size, min_valid from Python)"
         why = (f"the {t}-px tiles are larger than the scene ({info.width} x {info.height} px): a tile "

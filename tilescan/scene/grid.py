@@ -248,6 +248,12 @@ class TilingPlan:
     model_input_gsd_m: tuple[float, float] | None = None
     model_input_size: int | None = None
 
+    @property
+    def coarse_pixels(self) -> bool:
+        """Whether the scene's own pixels are coarser than the model's range: no tile size helps."""
+        rng, gsd = self.model_input_gsd_m, self.scene_gsd_m
+        return rng is not None and gsd is not None and gsd > rng[1] and not within_scale(gsd, *rng)
+
     def warning(self, path: str) -> dict | None:
         """A structured warning when the labels are outside the model's scale, else None."""
         lo_hi = self.model_input_gsd_m
@@ -262,10 +268,17 @@ class TilingPlan:
                    f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}); labels are only "
                    "meaningful if its tiles cover about that much ground")
             code = "scale_unknown"
+        elif self.input_gsd_m is not None and self.scene_gsd_m > self.input_gsd_m and self.coarse_pixels:
+            msg = (f"{path}: scene at {_metres(self.scene_gsd_m)} per pixel, coarser than the model's range "
+                   f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}): its {self.tile_px}-px tiles, enlarged to "
+                   f"{size} px, cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per input pixel but "
+                   f"hold only the detail of {_metres(self.scene_gsd_m)} pixels: its labels are not meaningful at "
+                   "this scale, whatever the tile size")
+            code = "scale_out_of_range"
         elif self.input_gsd_m is not None and not within_scale(self.input_gsd_m, lo, hi):
             side = "coarser" if self.input_gsd_m > hi else "finer"
-            msg = (f"{path}: scene at {self.scene_gsd_m:.3g} m per pixel; its {self.tile_px}-px tiles "
-                   f"cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per model input "
+            msg = (f"{path}: scene at {_metres(self.scene_gsd_m)} per pixel; its {self.tile_px}-px tiles "
+                   f"cover {_metres(self.tile_footprint_m)} at {_metres(self.input_gsd_m)} per model input "
                    f"pixel, {side} than the model's range ({lo:.3g}–{hi:.3g} m per input pixel, "
                    f"{model_tiles}): its labels are not meaningful at this scale")
             code = "scale_out_of_range"

@@ -91,7 +91,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                               f"({tile_px} px) resampled to {input_size} px")
                     how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
                 elif gsd > hi * (1 + SCALE_SLACK):
-                    reason = (f"scene at {gsd:.3g} m/px is coarser than the model's range "
+                    reason = (f"scene at {_metres(gsd)} per pixel is coarser than the model's range "
                               f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
                               f"tiles of {size} scene pixels")
                 else:
@@ -106,8 +106,15 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
     input_gsd = gsd * tile_px / input_size if gsd is not None else None
     if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
         lo, hi = model_scale
-        scale = ("coarser" if input_gsd > hi * (1 + SCALE_SLACK) else "finer" if input_gsd < lo * (1 - SCALE_SLACK)
+        # a tile enlarged to the input holds no finer detail than the scene's own pixels
+        scale = ("coarser" if max(input_gsd, gsd) > hi * (1 + SCALE_SLACK) else "finer" if input_gsd < lo * (1 - SCALE_SLACK)
                  else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
+    if input_gsd is not None and tile_px * 2 < input_size and not cfg.resample_to_gsd and scale != "coarser":
+        # (resample_to_gsd warns on its own, and a coarser scene's scale warning says it)
+        tiling_warning(f"{p}: its {tile_px}-px tiles are enlarged {input_size / tile_px:.3g}x to the model's {input_size} px: "
+                       f"the model sees the detail of {gsd:.3g} m pixels at {input_gsd:.3g} m per input pixel, which it "
+                       "was not trained on; larger tiles read the scene at its own detail", stacklevel=3,
+                       code="upsampled", factor=round(input_size / tile_px, 3))
     elif scale == "auto":
         scale = "unchecked"
     return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
