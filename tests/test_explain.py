@@ -211,6 +211,31 @@ def test_scene_tiles_are_runs_tiles_for_a_model_of_another_input_size(model_file
     assert got["label"] == row["label"] and got["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
 
 
+def test_scene_tiles_are_runs_tiles_with_runs_stride_and_variables(model_file, scene_path, tmp_path, monkeypatch):
+    """Tiles of a run with --stride 64 and a tile size from TILESCAN_TILING__TILE_SIZE: explain
+    given the same (--stride, the variable) reads run's tile (3, 3), its window, label and
+    confidence (it had no --stride, ignored the variables, and read another tile); a tile run
+    leaves unlabelled, asked for by name, is explained with a warning saying so."""
+    import pyarrow.parquet as pq
+
+    from conftest import invoke
+
+    scene = scene_path("rasterio/RGB.byte.tif")
+    monkeypatch.setenv("TILESCAN_TILING__TILE_SIZE", "96")
+    args = ["--model", model_file, "--stride", "64", "--units", "px"]
+    assert invoke(["run", scene, "-o", tmp_path / "out", *args, "--no-progress"]).exit_code == 0
+    row = [r for r in pq.read_table(tmp_path / "out" / "RGB.byte" / "tiles.parquet").to_pylist()
+           if (r["row"], r["col"]) == (3, 3)][0]
+    assert (row["col_off"], row["width"]) == (192, 96)
+    res = invoke(["explain", scene, "-o", tmp_path / "x", *args, "--tiles", "3,3;0,0"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "x" / "RGB.byte_tiles_explain.json").read_text())["rows"]
+    assert got[0]["window"] == {k: row[k] for k in ("col_off", "row_off", "width", "height")}, got[0]["window"]
+    assert got[0]["label"] == row["label"] and got[0]["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+    assert "tile (0, 0) holds no valid pixel: the model sees only fill" in res.output, res.output
+    assert "tile (3, 3)" not in res.output
+
+
 def test_a_tiff_image_without_georeferencing_is_explained_whole(model_file, image, tmp_path):
     """An 8-bit TIFF without georeferencing (a UC Merced chip, a photo saved as .tif) is an image,
     as train reads it: the same label and confidence as the same pixels in a PNG. --tile-size

@@ -220,13 +220,16 @@ def explain_figures(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     """Explanation figures for images or GeoTIFF scene tiles; returns the PNG paths.
     Keyword arguments as :func:`tilescan.explain.figures.run_explain` (``methods``, or ``cam`` as
     :func:`run` and the command line call it: a list, or names comma-separated; ``layer``, ``target``, ``tiles``, ``top``,
-    ``tile_size``, ``units``, ``nodata``); ``model`` as in :func:`run`."""
+    ``tile_size``, ``stride``, ``units``, ``nodata``, ``bands``, ``min_valid``); ``config`` and ``model`` as in
+    :func:`run`: scene tiles are cut as run cuts them with the same settings."""
     from .backend import import_keras
     from .explain.figures import run_explain
 
     inputs = _paths(inputs, "explain_figures takes image or scene file paths")
     _cam_alias(kwargs, "methods")
     _only_keywords_of(run_explain, kwargs, "explain_figures", exclude=("inputs", "out_dir", "model_path"))
+    if not isinstance(kwargs.get("config"), Config):
+        kwargs["config"] = _toml(kwargs.get("config"))
     import_keras()
     if isinstance(kwargs.get("methods"), str):
         kwargs["methods"] = _names(kwargs["methods"])

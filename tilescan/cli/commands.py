@@ -389,28 +389,38 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
 @option("--tiles", multiple=True, show_default="the --top N most confident",
         help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3' (or --tiles 0,1 --tiles 2,3).")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
-@option("--tile-size", type=click.IntRange(min=1), show_default="as run: 128", help="Tile edge (scene pixels; metres with --units m), as in run.")
-@option("--units", type=click.Choice(["auto", "px", "m"]), default="auto",
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file; its [tiling] section applies, as in run.")
+@option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), show_default="as run: 128",
+        help="Tile edge (scene pixels; metres with --units m), as in run.")
+@option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), show_default="as run: the tile size",
+        help="Step between tiles, as in run: give run's, so ROW,COL are the tiles of its table.")
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), show_default="as run: auto",
         help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
-@option("--nodata", default="file", metavar="VALUE|none|file",
+@option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1), show_default="as run: 0.5",
+        help="Without --tiles: the tiles to pick from hold at least this share of valid pixels, as run classifies.")
+@option("--nodata", config_key=("tiling", "nodata"), metavar="VALUE|none|file", show_default="as run: file",
         help="The scenes' nodata value, as in run: a number in place of each file's own, none, or file.")
-@option("--bands", type=_Bands(), show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
+@option("--bands", config_key=("tiling", "bands"), type=_Bands(),
+        show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order, as in run, e.g. 3,2,1 for B,G,R files.")
 @_verbosity
 @click.pass_context
-def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, tile_size, units,
-            nodata, bands) -> None:
+def explain(ctx: click.Context, inputs, out, model_path, methods, layer, old_layer, target, tiles, top, config_path,
+            tile_size, bands, **_config) -> None:
     """The study's figure: original | heatmap | overlay with label and confidence, for
-    images or for tiles of a scene, for one or several CAM methods side by side."""
+    images or for tiles of a scene, for one or several CAM methods side by side. Scene tiles
+    are cut as run cuts them: the same config file, TILESCAN_TILING__* variables and flags."""
     obj: _Ctx = ctx.obj
     layer = _old_spelling(ctx, "layer", "old_layer")
 
     def body():
         _quiet_backend(obj.verbosity)
+        flags, typed = _config_flags(ctx)
+        cfg = _load_config(obj, config_path, flags, typed)
         paths = tilescan.explain_figures(list(inputs), out, model=model_path, methods=methods, layer=layer,
-                                         target=target, tiles=_tiles(tiles), top=top, tile_size=tile_size, units=units,
-                                         nodata=nodata, bands=bands or (),
-                                         flags=_typed_flags(ctx, "tile_size", "units", "nodata", "bands"))
+                                         target=target, tiles=_tiles(tiles), top=top, config=cfg, tile_size=tile_size,
+                                         bands=bands or (), flags=_typed_flags(ctx, "tile_size", "units", "nodata", "bands",
+                                                                              "stride", "min_valid"))
         for p in paths:
             click.echo(str(p))
         return 0

@@ -17,6 +17,7 @@ The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -213,15 +214,19 @@ def _image_items(path: Path, lm) -> list[_Item]:
     return [_Item(x, {"source": str(path)})]
 
 
-def _tiling(tile_size, units: str, nodata: str, bands, flags: Mapping[str, str]):
-    """The scenes' tiling settings, checked as run checks them (``bands`` also as "3,2,1");
-    unset ones are run's defaults, so the tiles are the ones run reads."""
-    from ..config import CODE_SOURCE, build_config
+def _tiling(config, given: Mapping[str, Any], flags: Mapping[str, str]):
+    """The scenes' tiling settings as run reads them: ``config`` (a Config, a TOML file or None),
+    the ``TILESCAN_TILING__*`` variables, then the settings ``given`` (None: not given), checked
+    as run checks them (``bands`` also as "3,2,1"); so the tiles are the ones run reads."""
+    from ..config import Config, load_config
 
-    given = {"tile_size": tile_size, "units": units, "nodata": nodata, "bands": bands or None}
-    cfg = build_config({"tiling": {"allow_pixel_space": True, **{k: v for k, v in given.items() if v is not None}}},
-                       source=CODE_SOURCE).tiling
-    object.__setattr__(cfg, "_origins", dict(flags))  # messages name the options as the user typed them
+    given = {k: v for k, v in given.items() if v is not None and v != ()}
+    if isinstance(config, Config):
+        cfg = config.replace("tiling", **given).tiling if given else config.tiling
+    else:
+        cfg = load_config(config, {"tiling": given} if given else None).tiling
+    cfg = dataclasses.replace(cfg, allow_pixel_space=True)  # a plain image's tiles are explained too
+    object.__setattr__(cfg, "_origins", {**getattr(cfg, "_origins", {}), **flags})  # the options as typed
     return cfg
 
 
@@ -281,6 +286,11 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
                 "bounds": [float(v) for v in reader.tile_bounds(tile)],
                 "valid_fraction": float(vi.mean()),
             }
+            if tiles and vi.mean() < cfg.min_valid_fraction:  # asked for by name: explained, but said
+                log(f"warning: {path.name}: tile ({tile.row}, {tile.col}) " + (
+                    "holds no valid pixel: the model sees only fill, and its label means nothing" if not vi.any() else
+                    f"is {vi.mean():.0%} valid data") + f"; run leaves tiles under {cfg.min_valid_fraction:.0%} "
+                    "unlabelled (its table has no row for it)")
             items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0])))
         scene = {
             "width": reader.info.width,
@@ -331,9 +341,12 @@ def run_explain(
     tiles: Sequence[tuple[int, int]] = (),
     top: int = 4,
     tile_size: int | None = None,
-    units: str = "auto",
-    nodata: str = "file",
+    units: str | None = None,
+    nodata: str | None = None,
     bands: Sequence[int] = (),
+    stride: int | None = None,
+    min_valid: float | None = None,
+    config=None,
     log: Callable[[str], None] = emit,
     flags: Mapping[str, str] | None = None,
 ) -> list[Path]:
@@ -343,9 +356,10 @@ def run_explain(
     overlay each (:func:`render_rows`). ``layer``: CAM layer (default: the model's).
     ``target``: class name or index to explain (default: each image's predicted class). ``tiles``: (row, col) tiles of
     every scene; empty: the ``top`` most confident tiles (confidence in ``target`` when it
-    is given) among those with >= 50 % valid pixels. ``tile_size``: tile edge in scene
-    pixels (default: run's, so the tiles are run's); ``units``, ``nodata`` and ``bands`` (empty: chosen
-    as run chooses them): as ``[tiling] units``, ``nodata`` and ``bands`` in ``run``. ``flags``:
+    is given) among those with at least ``[tiling] min_valid_fraction`` valid pixels. ``config``
+    (a Config, a TOML file or None), the ``TILESCAN_TILING__*`` variables, then ``tile_size``,
+    ``stride``, ``units``, ``nodata``, ``bands`` and ``min_valid`` (None or empty: not given) set
+    the tiling as they set run's, so a tile's (row, col) is the one in run's table. ``flags``:
     the option each of those came from as typed (``{"bands": "--bands 4,2"}``), for messages.
 
     Writes ``<stem>_explain.png`` + ``.json`` per image and
@@ -353,7 +367,8 @@ def run_explain(
     """
     flags = dict(flags or {})
     methods = _checked_methods(inputs, methods, top, tile_size, nodata, flags)
-    tiling = _tiling(tile_size, units, nodata, bands, flags)
+    tiling = _tiling(config, {"tile_size": tile_size, "units": units, "nodata": nodata, "bands": bands or None,
+                              "stride": stride, "min_valid_fraction": min_valid}, flags)
     tiles = parse_tiles(tiles) if isinstance(tiles, str) else tiles
     paths = [_input_path(inp) for inp in inputs]  # a missing one or a folder: before anything is made
     lm, target_idx, cams = _load_explainer(model_path, methods, layer, target)
@@ -381,20 +396,11 @@ def run_explain(
             note = scale_note([scene_info["scale_warning"]]) if scene_info and scene_info["scale_warning"] else None
             note = note and note.replace("run.json: warning_details", f"{stem}.json: scene.scale_warning")
             png = save_figure(render_rows(rows, methods, suptitle=title, warning=note), out / f"{stem}.png")
-            write_json(
-                out / f"{stem}.json",
-                {
-                    "input": str(path),
-                    "kind": "scene" if is_scene else "image",
-                    "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
-                    "methods": methods,
-                    "layer": first.layer,
-                    "target": None if target_idx is None else lm.classes[target_idx],
-                    "input_size": lm.input_size,
-                    "scene": scene_info,
-                    "rows": records,
-                },
-            )
+            write_json(out / f"{stem}.json", {
+                "input": str(path), "kind": "scene" if is_scene else "image",
+                "model": {"id": lm.model_id, "path": lm.path, "sha256": lm.sha256},
+                "methods": methods, "layer": first.layer, "target": None if target_idx is None else lm.classes[target_idx],
+                "input_size": lm.input_size, "scene": scene_info, "rows": records})
             what = ("tile" + "s" * (len(items) != 1)) if is_scene else "image"
             log(f"{path.name}: {len(items)} {what} explained -> {png}")
             written.append(png)
@@ -415,7 +421,7 @@ def parse_tiles(text: str) -> list[tuple[int, int]]:
 
 
 def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, tile_size: int | None,
-                     nodata: str = "file", flags: Mapping[str, str] = {}) -> list[str]:
+                     nodata: str | None = None, flags: Mapping[str, str] = {}) -> list[str]:
     """The CAM method names, lower-cased without repeats, after checking the arguments."""
     from ..config import is_nodata_setting, positive_int
     from .cam import checked_methods
@@ -426,7 +432,7 @@ def _checked_methods(inputs: Sequence[str], methods: Sequence[str], top: int, ti
     positive_int("top", top)
     if tile_size is not None:
         positive_int("tile_size", tile_size)
-    if not is_nodata_setting(nodata):
+    if nodata is not None and not is_nodata_setting(nodata):
         raise ConfigError(f"{flags.get('nodata', 'nodata')}: must be file, none or a number, got {nodata!r}")
     return methods
 

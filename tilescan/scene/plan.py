@@ -104,21 +104,29 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                          f"{how or '(' + cfg.origin('tile_size') + ')'}: give a smaller tile size", path=p)
     stride_px = min(max(1, stride_px), tile_px)
     input_gsd = gsd * tile_px / input_size if gsd is not None else None
+    scale = _scale_check(p, scale, units, cfg, tile_px, input_size, gsd, input_gsd, model_scale)
+    return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
+                      None if gsd is None else gsd * tile_px, model_scale, input_size)
+
+
+def _scale_check(p: str, scale: str, units: str, cfg: TilingConfig, tile_px: int, input_size: int, gsd: float | None,
+                 input_gsd: float | None, model_scale: tuple[float, float] | None) -> str:
+    """The plan's ``scale`` once its tile size is known ("auto"/"forced" as :func:`_tile_geometry`
+    chose; else as it is), after a warning for pixel tiles enlarged more than 2x."""
     if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
         lo, hi = model_scale
         # a tile enlarged to the input holds no finer detail than the scene's own pixels
         scale = ("coarser" if max(input_gsd, gsd) > hi * (1 + SCALE_SLACK) else "finer" if input_gsd < lo * (1 - SCALE_SLACK)
                  else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
+    elif scale == "auto":
+        scale = "unchecked"
     if input_gsd is not None and tile_px * 2 < input_size and not cfg.resample_to_gsd and scale != "coarser":
         # (resample_to_gsd warns on its own, and a coarser scene's scale warning says it)
         tiling_warning(f"{p}: its {tile_px}-px tiles are enlarged {input_size / tile_px:.3g}x to the model's {input_size} px: "
                        f"the model sees the detail of {gsd:.3g} m pixels at {input_gsd:.3g} m per input pixel, which it "
-                       "was not trained on; larger tiles read the scene at its own detail", stacklevel=3,
+                       "was not trained on; larger tiles read the scene at its own detail", stacklevel=4,
                        code="upsampled", factor=round(input_size / tile_px, 3))
-    elif scale == "auto":
-        scale = "unchecked"
-    return TilingPlan(tile_px, stride_px, units, reason, scale, gsd, input_gsd,
-                      None if gsd is None else gsd * tile_px, model_scale, input_size)
+    return scale
 
 
 def _warn_upsampled(path: str, gsd: float, model_gsd_m: float) -> None:
