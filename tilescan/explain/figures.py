@@ -225,8 +225,9 @@ def _tiling(config, given: Mapping[str, Any], flags: Mapping[str, str]):
         cfg = config.replace("tiling", **given).tiling if given else config.tiling
     else:
         cfg = load_config(config, {"tiling": given} if given else None).tiling
+    origins = {**getattr(cfg, "_origins", {}), **flags}  # the options as typed, for messages
     cfg = dataclasses.replace(cfg, allow_pixel_space=True)  # a plain image's tiles are explained too
-    object.__setattr__(cfg, "_origins", {**getattr(cfg, "_origins", {}), **flags})  # the options as typed
+    object.__setattr__(cfg, "_origins", origins)
     return cfg
 
 

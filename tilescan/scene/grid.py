@@ -271,7 +271,7 @@ class TilingPlan:
         elif self.input_gsd_m is not None and self.scene_gsd_m > self.input_gsd_m and self.coarse_pixels:
             msg = (f"{path}: scene at {_metres(self.scene_gsd_m)} per pixel, coarser than the model's range "
                    f"({lo:.3g}–{hi:.3g} m per input pixel, {model_tiles}): its {self.tile_px}-px tiles, enlarged to "
-                   f"{size} px, cover {_metres(self.tile_footprint_m)} at {self.input_gsd_m:.3g} m per input pixel but "
+                   f"{size} px, cover {_metres(self.tile_footprint_m)} at {_metres(self.input_gsd_m)} per input pixel but "
                    f"hold only the detail of {_metres(self.scene_gsd_m)} pixels: its labels are not meaningful at "
                    "this scale, whatever the tile size")
             code = "scale_out_of_range"
