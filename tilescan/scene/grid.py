@@ -313,4 +313,4 @@ def scale_note(details: Sequence[dict]) -> str | None:
 def _metres(m: float | None) -> str:
     if m is None:
         return "unknown ground"
-    return f"{m / 1000:.3g} km" if m >= 1000 else f"{m:.3g} m"
+    return f"{m / 1000:,.0f} km" if m >= 999_500 else f"{m / 1000:.3g} km" if m >= 1000 else f"{m:.3g} m"
