@@ -528,6 +528,8 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
         if "tile" in it.info:
             r_, c_ = it.info["tile"]
             label = f"tile ({r_}, {c_}): {label}"
+            if it.info.get("valid_fraction") == 0:  # asked for by name; run leaves it unlabelled
+                label += "\n(no data: the model saw only fill, the label means nothing)"
         rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label, outside_data_mask=it.outside_data_mask))
         top3 = np.argsort(-probs[i])[:3]
         records.append(
