@@ -557,6 +557,25 @@ def test_allow_pixel_space(pixel_run, derived):
     assert tuple(px.total_bounds) == (0, 0, 256, 192)  # pixel space: x = column, y = row
 
 
+def test_collected_areas_of_scenes_without_a_crs_are_unknown_not_zero(pixel_run, tmp_path):
+    """Collected, scenes without a CRS have no ground area: summary.json says null and
+    summary.csv leaves it empty (it said 0 m², which a user totalling class areas reads as none)."""
+    import csv
+
+    out = tmp_path / "out"
+    shutil.copytree(pixel_run["out"], out)
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    for key in ("no_crs", "no_transform"):
+        s = summary["scenes"][key]
+        assert s["tiles"] == 12 and s["area_m2"] is None and s["valid_area_m2"] is None, s
+        assert all(c["area_m2"] is None for c in s["classes"].values()), s["classes"]
+    with open(out / "collected" / "summary.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["scene"] in ("no_crs", "no_transform")]
+    assert rows and all(r["area_m2"] == "" and r["valid_area_m2"] == "" for r in rows), rows
+
+
 def test_geographic_crs(batch):
     """EPSG:4326 scenes: the table's CRS is the scene's; a tile grid that divides the scene
     lies inside its bounds; heatmap and labels are valid COGs in EPSG:4326."""

@@ -38,15 +38,15 @@ class ClassSummary:
         for lab in sorted(set(labels)):
             m = labels == lab
             r = self.rows.setdefault((scene, lab), {"scene": scene, "label": lab, "class_index": int(ci[m][0]), "tiles": 0,
-                                                    "area_m2": 0.0, "valid_area_m2": 0.0, "_conf": 0.0,
+                                                    "area_m2": None, "valid_area_m2": None, "_conf": 0.0,
                                                     "scale_check": check})
             r["tiles"] += int(m.sum())
-            r["area_m2"] += float(np.nansum(area[m]))
-            r["valid_area_m2"] += float(np.nansum(varea[m]))
+            r["area_m2"], r["valid_area_m2"] = _plus(r["area_m2"], area[m]), _plus(r["valid_area_m2"], varea[m])
             r["_conf"] += float(conf[m].sum())
+        if t.num_rows and s["tiles"] == 0:
+            s["area_m2"] = s["valid_area_m2"] = None  # unknown until a tile's area is known
         s["tiles"] += t.num_rows
-        s["area_m2"] += float(np.nansum(area))
-        s["valid_area_m2"] += float(np.nansum(varea))
+        s["area_m2"], s["valid_area_m2"] = _plus(s["area_m2"], area), _plus(s["valid_area_m2"], varea)
 
     def table(self) -> list[dict]:
         out = []
@@ -55,6 +55,13 @@ class ClassSummary:
             row["mean_confidence"] = r["_conf"] / r["tiles"] if r["tiles"] else math.nan
             out.append(row)
         return out
+
+
+def _plus(total: float | None, values: np.ndarray) -> float | None:
+    """``total`` plus the known (not NaN) ``values``; None while none is known (a scene without a
+    CRS has no ground area: unknown, not 0)."""
+    known = values[~np.isnan(values)]
+    return total if not known.size else (total or 0.0) + float(known.sum())
 
 
 def csv_rows(rows: list[dict]) -> list[list]:
