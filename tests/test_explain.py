@@ -4,6 +4,7 @@ two methods, target choice and errors."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -247,7 +248,10 @@ def test_a_tiff_image_without_georeferencing_is_explained_whole(model_file, imag
     with Image.open(image) as im:
         im.save(tif)
     said = []
-    run_explain([str(image), str(tif)], str(tmp_path / "out"), str(model_file), log=said.append)
+    with warnings.catch_warnings(record=True) as caught:  # tilescan's own note, not rasterio's warning besides
+        warnings.simplefilter("always")
+        run_explain([str(image), str(tif)], str(tmp_path / "out"), str(model_file), log=said.append)
+    assert not [w for w in caught if w.category is rasterio.errors.NotGeoreferencedWarning], caught
     as_png = json.loads((tmp_path / "out" / "field_explain.json").read_text())
     as_tif = json.loads((tmp_path / "out" / "field-2_explain.json").read_text())
     assert as_tif["kind"] == "image" and [r["label"] for r in as_tif["rows"]] == [r["label"] for r in as_png["rows"]]
