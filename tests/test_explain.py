@@ -237,6 +237,19 @@ def test_scene_tiles_are_runs_tiles_with_runs_stride_and_variables(model_file, s
     assert "tile (3, 3)" not in res.output
 
 
+def test_a_scene_with_no_full_enough_tile_says_what_explains_one(scene_path, tmp_path):
+    """A 0.15 m scene smaller than one tile at the model's finest scale: no tile reaches 50 %
+    valid pixels; the error names the fullest and the two ways to explain it (it said only
+    that none reached 50 %), and --tiles does."""
+    from conftest import invoke
+
+    scene = scene_path("rio-tiler/cog_rgb.tif")
+    res = invoke(["explain", scene, "-o", tmp_path / "x"])
+    assert res.exit_code == 4 and "no tile of its 1 (1148 px) has at least 50% valid pixels; the fullest, (0, 0), " \
+        "has 7%: --tiles 0,0 explains it, or --min-valid 0.06 lets --top pick" in res.output, res.output
+    assert invoke(["explain", scene, "-o", tmp_path / "x", "--min-valid", "0.06"]).exit_code == 0
+
+
 def test_a_tiff_image_without_georeferencing_is_explained_whole(model_file, image, tmp_path):
     """An 8-bit TIFF without georeferencing (a UC Merced chip, a photo saved as .tif) is an image,
     as train reads it: the same label and confidence as the same pixels in a PNG. --tile-size

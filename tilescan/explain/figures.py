@@ -271,9 +271,13 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
             score, frac = np.concatenate(scores), np.concatenate(fracs)
             ok = np.flatnonzero(frac >= cfg.min_valid_fraction)
             if ok.size == 0:
-                raise InputError(
-                    f"no tile has at least {cfg.min_valid_fraction:.0%} valid pixels", path=str(path)
-                )
+                full, at = float(frac.max(initial=0)), all_tiles[int(np.argmax(frac))] if len(frac) else None
+                raise InputError(f"no tile of its {len(all_tiles)} ({grid.tile_size} px) has at least "
+                                 f"{cfg.min_valid_fraction:.0%} valid pixels" + (
+                                     f"; the fullest, ({at.row}, {at.col}), has {full:.0%}: --tiles {at.row},{at.col} "
+                                     f"explains it, or --min-valid {math.floor(full * 100) / 100:g} lets --top pick"
+                                     if at is not None and full > 0 else " (none holds any: nodata or alpha cover the scene)"),
+                                 path=str(path))
             best = ok[np.argsort(-score[ok], kind="stable")[: max(1, int(top))]]
             chosen = [all_tiles[i] for i in best]
         x, valid = reader.read_batch(chosen)
