@@ -4,6 +4,7 @@ two methods, target choice and errors."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import numpy as np
@@ -228,11 +229,17 @@ def test_scene_tiles_are_runs_tiles_with_runs_stride_and_variables(model_file, s
     row = [r for r in pq.read_table(tmp_path / "out" / "RGB.byte" / "tiles.parquet").to_pylist()
            if (r["row"], r["col"]) == (3, 3)][0]
     assert (row["col_off"], row["width"]) == (192, 96)
-    res = invoke(["explain", scene, "-o", tmp_path / "x", *args, "--tiles", "3,3;0,0"])
+    edge = [r for r in pq.read_table(tmp_path / "out" / "RGB.byte" / "tiles.parquet").to_pylist()
+            if 0.5 <= r["valid_fraction"] < 0.9][0]  # a tile cut by the data's edge
+    res = invoke(["explain", scene, "-o", tmp_path / "x", *args, "--tiles", f"3,3;0,0;{edge['row']},{edge['col']}"])
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "x" / "RGB.byte_tiles_explain.json").read_text())["rows"]
     assert got[0]["window"] == {k: row[k] for k in ("col_off", "row_off", "width", "height")}, got[0]["window"]
     assert got[0]["label"] == row["label"] and got[0]["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+    # the CAM's statistics over the cells holding data, as the table has them (the whole map's, before)
+    for k in ("cam_raw_max", "cam_max"):
+        assert got[2][k]["gradcam"] == pytest.approx(edge[k], abs=1e-5), (k, got[2][k], edge[k])
+    assert all(math.isfinite(got[1][k]["gradcam"]) for k in ("cam_raw_max", "cam_max"))  # no data: the map, drawn
     assert "tile (0, 0) holds no valid pixel: the model sees only fill" in res.output, res.output
     assert "tile (3, 3)" not in res.output
 

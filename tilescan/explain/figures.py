@@ -203,6 +203,7 @@ class _Item:
     x: np.ndarray  # (S, S, C) model input
     info: dict[str, Any]
     outside_data_mask: np.ndarray | None = None  # (S, S) True outside the tile's data (past the scene's edge), seen mirrored
+    valid: np.ndarray | None = None  # a scene tile's valid pixels, as run's reader gives them (None: an image, all valid)
 
 
 def _image_items(path: Path, lm) -> list[_Item]:
@@ -296,7 +297,7 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
                     "holds no valid pixel: the model sees only fill, and its label means nothing" if not vi.any() else
                     f"is {vi.mean():.0%} valid data") + f"; run leaves tiles under {cfg.min_valid_fraction:.0%} "
                     "unlabelled (its table has no row for it)")
-            items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0])))
+            items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0]), valid=vi))
         scene = {
             "width": reader.info.width,
             "height": reader.info.height,
@@ -522,9 +523,16 @@ def _explain_batch(items: list[_Item], cams: dict, methods: list[str], target_id
 def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, methods: list[str],
                       classes: Sequence[str], target_idx: int | None) -> tuple[list[FigureRow], list[dict]]:
     """The figure rows and the JSON records of the explained items."""
+    from ..pipeline.process import _cam_stats
+
     probs, explained = first.probs, first.target
     pred = probs.argmax(axis=1)
     rows, records = [], []
+    valid = np.stack([it.valid for it in items]) if all(it.valid is not None for it in items) else None
+    fractions = np.array([it.info.get("valid_fraction", 1.0) or 1.0 for it in items])  # no data: the whole map, as drawn
+    # each map's statistics over the cells holding data, as run's table has them (tiles.parquet)
+    stats = {m: _cam_stats(np.asarray(results[m].cam, np.float32), np.asarray(results[m].raw, np.float32), fractions, valid)
+             for m in methods}
     for i, it in enumerate(items):
         c = int(explained[i])
         conf = float(probs[i, c])
@@ -547,7 +555,8 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
                 "predicted": classes[int(pred[i])],
                 "predicted_confidence": float(probs[i, pred[i]]),
                 "top3": [{"label": classes[int(k)], "probability": float(probs[i, k])} for k in top3],
-                "cam_raw_max": {m: float(results[m].raw[i].max()) for m in methods},  # as the run table names it
+                "cam_raw_max": {m: float(stats[m][2][i]) for m in methods},
+                "cam_max": {m: float(stats[m][1][i]) for m in methods},
             }
         )
     return rows, records
