@@ -169,7 +169,7 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
             ax.set_yticks([])
         if lines == 2:
             axes[2 * r + 1, 0].set_axis_off()  # under the original: nothing
-    _colour_bar(fig, axes)
+    _colour_bar(fig, axes, "eigencam" in methods)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     if warning:  # under the figure, in red, wrapped to its width
@@ -178,15 +178,18 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
     return fig
 
 
-def _colour_bar(fig, axes) -> None:
-    """The maps' colour scale under the figure, and what 0 and 1 mean: each map divided by its own peak."""
+def _colour_bar(fig, axes, eigen: bool = False) -> None:
+    """The maps' colour scale under the figure, and what 0 and 1 mean: each map divided by its own
+    peak (``eigen``: an Eigen-CAM map among them, which shows the layer's response, whatever the class)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), HEATMAP_CMAP), ax=list(axes.ravel()), location="bottom",
                        shrink=0.6, aspect=45, pad=0.02)
     bar.set_label("each map divided by its own peak: 0 = no evidence for the class, 1 = the map's strongest "
-                  "(compare places within a map, not maps)", fontsize=8)
+                  "(compare places within a map, not maps)" + ("\nEigen-CAM: what the layer responds to, the same "
+                                                                "for every class, not evidence for one" if eigen else ""),
+                  fontsize=8)
     bar.ax.tick_params(labelsize=7)
 
 
