@@ -225,8 +225,7 @@ def cut_chips(
         labels = read_labels(labels_path, class_field, layer)
     for w in caught:
         log(f"warning: {w.message}")
-    usable = labels.n_features - sum(labels.dropped.values())
-    log(f"{labels.path.name}: {labels.n_features} features, {usable} usable (a polygon or point with a class in "
+    log(f"{labels.path.name}: {labels.n_features} features, {labels.usable} usable (a polygon or point with a class in "
         f"'{labels.class_field}'; {len(labels.classes)} classes: {', '.join(labels.classes)})"
         + (f"; left out: {', '.join(f'{len(ids)} {k} ({_features_named(ids)})' for k, ids in labels.dropped_fids.items())}"
            if labels.dropped else ""))
@@ -286,7 +285,7 @@ def _build(scenes: list[Path], labels: Labels, card, tiling: TilingConfig, opts:
             "file": labels.path.name, "sha256": labels.sha256, "layer": labels.layer, "class_field": labels.class_field,
             "crs": crs_name(labels.crs), "features": labels.n_features,
             "with_class": labels.n_features - labels.dropped.get("no_class", 0),
-            "usable": labels.n_features - sum(labels.dropped.values()),
+            "usable": labels.usable,
             "left_out": labels.dropped, "left_out_fids": labels.dropped_fids, "renamed_classes": labels.renamed,
             "outside_scenes": outside, "without_chip": len(idle), "without_chip_fids": idle, "classes_without_chip": gone,
         },

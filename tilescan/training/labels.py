@@ -55,6 +55,11 @@ class Labels:
     renamed: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
 
+    @property
+    def usable(self) -> int:
+        """How many features have a class and a polygon or point (those not left out)."""
+        return self.n_features - sum(self.dropped.values())
+
     def in_crs(self, crs) -> np.ndarray:
         """The geometries reprojected into ``crs`` (a rasterio or pyproj CRS); geometries
         that do not reproject to finite coordinates become None."""
