@@ -176,9 +176,21 @@ def test_figures_again_load_the_model_once_and_a_changed_file_again(model_file, 
 
 
 def test_tiles_with_an_image_are_said_to_apply_to_scenes(model_file, image, tmp_path):
+    """--tiles, and the tiling options (which were dropped without a word), given for an image;
+    an image much larger than the model's input is said to be explained whole at its size."""
     said: list[str] = []
     run_explain([str(image)], str(tmp_path), str(model_file), tiles=[(0, 0)], log=said.append)
-    assert any(f"{image}: --tiles picks tiles of scenes; an image is explained whole" in m for m in said), said
+    assert any(f"{image}: --tiles apply to the tiles of GeoTIFF scenes; an image is explained whole" in m
+               for m in said), said
+    big = tmp_path / "big.png"
+    with Image.open(image) as im:
+        im.resize((2048, 1536)).save(big)
+    said.clear()
+    run_explain([str(big)], str(tmp_path / "b"), str(model_file), bands=(3, 2, 1), nodata="0", log=said.append,
+                flags={"bands": "--bands 3,2,1"})
+    assert any("big.png: --bands 3,2,1, nodata apply to the tiles of GeoTIFF scenes" in m for m in said), said
+    assert any("big.png is 2048 x 1536 px, explained whole as one" in m and "crop it, or give a GeoTIFF" in m
+               for m in said), said
 
 
 def test_a_scene_outside_the_models_scale_says_so_on_its_figure(scene_path, tmp_path):

@@ -17,6 +17,7 @@ The figure helpers here (:func:`render_rows`, :func:`save_figure`) are also used
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -209,12 +210,18 @@ class _Item:
     valid: np.ndarray | None = None  # a scene tile's valid pixels, as run's reader gives them (None: an image, all valid)
 
 
-def _image_items(path: Path, lm) -> list[_Item]:
+def _image_items(path: Path, lm, log: Callable[[str], None] = emit) -> list[_Item]:
+    from PIL import Image
+
     from ..training.data import load_eval_image
 
     if lm.num_bands != 3:
         raise ConfigError(f"the model takes {lm.num_bands} bands; ordinary images are RGB (use a GeoTIFF)", path=str(path))
     x = load_eval_image(path, lm.input_size)
+    with contextlib.suppress(Exception), Image.open(path) as im:  # (unreadable: load_eval_image said so)
+        if max(im.size) > IMAGE_TIFF_MAX_PX:
+            log(f"note: {path.name} is {im.width} x {im.height} px, explained whole as one {lm.input_size}-px image "
+                f"({max(im.size) / lm.input_size:.0f}x smaller): for its parts, crop it, or give a GeoTIFF, whose tiles are explained")
     return [_Item(x, {"source": str(path)})]
 
 
@@ -395,9 +402,13 @@ def run_explain(
                 items, scene_info = _scene_items(path, lm, tiles, top, tiling, target_idx, log)
                 stem = _unique_name(path.stem, "_tiles_explain", used)
             else:
-                if tiles:
-                    log(f"warning: {path}: --tiles picks tiles of scenes; an image is explained whole")
-                items = _image_items(path, lm)
+                asked = set(flags) | {k for k, v in (("tile_size", tile_size), ("stride", stride), ("units", units),
+                                                      ("bands", bands), ("nodata", nodata), ("min_valid", min_valid)) if v}
+                given = (["--tiles"] if tiles else []) + [flags.get(k, k) for k in sorted(asked)]
+                if given:  # for scene tiles only: said, not dropped without a word
+                    log(f"warning: {path}: {', '.join(given)} apply to the tiles of GeoTIFF scenes; an image is "
+                        "explained whole, as train reads one")
+                items = _image_items(path, lm, log)
                 stem = _unique_name(path.stem, "_explain", used)
             first, maps, results = _explain_batch(items, cams, methods, target_idx)
             rows, records = _rows_and_records(items, first, maps, results, methods, lm.classes, target_idx)
