@@ -396,33 +396,34 @@ def _check_model_args(model_bands: int, input_size: int, model_gsd_m: float | No
         raise ValueError(f"model_scale must be (lo, hi) with 0 < lo <= hi, got {model_scale}")
 
 
-def auto_bands(path, cfg: TilingConfig, model_bands: int, model_band_names: Sequence[str] | None) -> list[int] | None:
-    """The scene bands ``open_scene`` picks with no bands given (its warnings not said: this only
-    compares settings), or None where the scene cannot be opened."""
+def _quiet_look(path, look):
+    """``look(info)`` of the scene at ``path``, its warnings not said (this only compares
+    settings); None where the scene cannot be opened, whose run says what is wrong."""
     from .info import collecting_tiling_warnings
 
     try:
         path, ds = _open_dataset(path)
         with ds, collecting_tiling_warnings():
-            return _pick_bands(_scene_info(path, ds), dataclasses.replace(cfg, bands=()), model_bands, model_band_names)
+            return look(_scene_info(path, ds))
     except Exception:  # noqa: BLE001 - the run's own open says what is wrong with the scene
         return None
+
+
+def auto_bands(path, cfg: TilingConfig, model_bands: int, model_band_names: Sequence[str] | None) -> list[int] | None:
+    """The scene bands ``open_scene`` picks with no bands given, or None where the scene cannot be opened."""
+    return _quiet_look(path, lambda info: _pick_bands(info, dataclasses.replace(cfg, bands=()), model_bands,
+                                                      model_band_names))
 
 
 def tile_sizes(path, cfg: TilingConfig, input_size: int, model_gsd_m: float | None,
                model_scale: Sequence[float] | None) -> tuple[int, int] | None:
-    """The tile and stride in scene pixels ``open_scene`` would choose (warnings not said: this
-    only compares settings), or None where the scene cannot be opened."""
-    from .info import collecting_tiling_warnings
+    """The tile and stride in scene pixels ``open_scene`` would choose, or None where the scene cannot be opened."""
+    def sizes(info: SceneInfo) -> tuple[int, int]:
+        plan = _tile_geometry(info, cfg, input_size, model_gsd_m,
+                              None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
+        return plan.tile_px, plan.stride_px
 
-    try:
-        path, ds = _open_dataset(path)
-        with ds, collecting_tiling_warnings():
-            plan = _tile_geometry(_scene_info(path, ds), cfg, input_size, model_gsd_m,
-                                  None if model_scale is None else (float(model_scale[0]), float(model_scale[1])))
-            return plan.tile_px, plan.stride_px
-    except Exception:  # noqa: BLE001 - the run's own open says what is wrong with the scene
-        return None
+    return _quiet_look(path, sizes)
 
 
 def _open_dataset(path):
