@@ -468,14 +468,13 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
                  if u.get("error_kind") == "exists" and OTHER_FILE in str(u.get("reason"))]
     if elsewhere:
         earlier = [u for u in earlier if u["unit"] not in {e["unit"] for e in elsewhere}]
-        missing += elsewhere
         log(f"warning: collect: {len(elsewhere)} scene file(s) are not in the collected set: the latest run refused "
             "them, as outputs of another scene file of the same name are in their place, and those are collected ("
             + "; ".join(f"{u['scene']}: the rows of {u['unit']} are {u['collected_scene']}'s" for u in elsewhere)
             + "): rename the file, or see the run's advice in summary.json's failed_in_run")
     refused = [u for u in earlier if u.get("error_kind") == "exists"]  # kept on purpose: said so, not "failed"
     for listed, what, key in (
-            ([u for u in missing if u not in elsewhere], "failed in their run and are not in the collected set", "failed_in_run"),
+            (missing, "failed in their run and are not in the collected set", "failed_in_run"),
             ([u for u in earlier if u not in refused], "failed in their run and are collected from an earlier "
              "run's outputs, which may be out of date", "earlier_outputs"),
             (refused, "are collected from the outputs the latest run refused to replace (made with other settings, "
@@ -487,7 +486,7 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
         log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
             f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
             "collect again; summary.json's earlier_outputs")
-    return missing, earlier + stale, undone
+    return missing + elsewhere, earlier + stale, undone
 
 
 def _collected_scene(unit, collected: dict[str, dict]) -> str | None:
