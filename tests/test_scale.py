@@ -101,6 +101,10 @@ def test_coarse_scene_cannot_reach_the_range(card):
     assert (p.tile_px, p.scale) == (16, "coarser") and not [w for w in caught if "enlarged" in str(w.message)]
     w = p.warning(RGB_BYTE)
     assert w["code"] == "scale_out_of_range" and "enlarged to 128 px" in w["message"] and "whatever the tile size" in w["message"]
+    # what the quicklook, figures and STAC item say: the pixels' scale, not the input's (37.5 m, which is inside the range)
+    from tilescan.scene.grid import scale_note
+
+    assert "300 m pixels, enlarged to 37.5 m per model input pixel, coarser than the model's range" in scale_note([w])
 
 
 def test_pixel_tiles_enlarged_more_than_twice_are_said(card):

@@ -301,9 +301,13 @@ def scale_note(details: Sequence[dict]) -> str | None:
     for d in details:
         lo, hi = d.get("model_input_gsd_m") or (None, None)
         if d["code"] == "scale_out_of_range":
-            side = "coarser" if d["input_gsd_m"] > hi else "finer"
-            return (f"these labels are not meaningful at this scale: {_metres(d['input_gsd_m'])} per model input "
-                    f"pixel, {side} than the model's range of {lo:.3g}–{hi:.3g} m (run.json: warning_details)")
+            pixels, per_input = d.get("scene_gsd_m") or 0.0, d["input_gsd_m"]
+            if pixels > per_input and pixels > hi:  # coarse pixels in tiles enlarged to the input: the pixels say it
+                at, side = f"{_metres(pixels)} pixels, enlarged to {_metres(per_input)} per model input pixel", "coarser"
+            else:
+                at, side = f"{_metres(per_input)} per model input pixel", "coarser" if per_input > hi else "finer"
+            return (f"these labels are not meaningful at this scale: {at}, {side} than the model's range of "
+                    f"{lo:.3g}–{hi:.3g} m (run.json: warning_details)")
         if d["code"] == "scale_unknown":
             return (f"the scene's ground scale is unknown, so these labels could not be checked against the "
                     f"model's range of {lo:.3g}–{hi:.3g} m per input pixel (run.json: warning_details)")
