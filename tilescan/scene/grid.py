@@ -220,9 +220,15 @@ def valid_fraction(valid: np.ndarray) -> float:
 SCALE_SLACK = 0.01
 
 
+def scale_side(value: float, lo: float, hi: float) -> str | None:
+    """Where ``value`` (metres per input pixel) lies against the range ``lo``..``hi``, with
+    :data:`SCALE_SLACK`: "coarser", "finer", or None inside it."""
+    return "coarser" if value > hi * (1 + SCALE_SLACK) else "finer" if value < lo * (1 - SCALE_SLACK) else None
+
+
 def within_scale(value: float, lo: float, hi: float) -> bool:
-    """Whether ``value`` (metres per input pixel) lies in the range ``lo``..``hi``, with :data:`SCALE_SLACK`."""
-    return lo * (1 - SCALE_SLACK) <= value <= hi * (1 + SCALE_SLACK)
+    """Whether ``value`` (metres per input pixel) lies in the range ``lo``..``hi`` (:func:`scale_side`)."""
+    return scale_side(value, lo, hi) is None
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ class TilingPlan:
     def coarse_pixels(self) -> bool:
         """Whether the scene's own pixels are coarser than the model's range: no tile size helps."""
         rng, gsd = self.model_input_gsd_m, self.scene_gsd_m
-        return rng is not None and gsd is not None and gsd > rng[1] and not within_scale(gsd, *rng)
+        return rng is not None and gsd is not None and scale_side(gsd, *rng) == "coarser"
 
     def warning(self, path: str) -> dict | None:
         """A structured warning when the labels are outside the model's scale, else None."""
@@ -275,8 +281,7 @@ class TilingPlan:
                    f"hold only the detail of {_metres(self.scene_gsd_m)} pixels: its labels are not meaningful at "
                    "this scale, whatever the tile size")
             code = "scale_out_of_range"
-        elif self.input_gsd_m is not None and not within_scale(self.input_gsd_m, lo, hi):
-            side = "coarser" if self.input_gsd_m > hi else "finer"
+        elif self.input_gsd_m is not None and (side := scale_side(self.input_gsd_m, lo, hi)):
             msg = (f"{path}: scene at {_metres(self.scene_gsd_m)} per pixel; its {self.tile_px}-px tiles "
                    f"cover {_metres(self.tile_footprint_m)} at {_metres(self.input_gsd_m)} per model input "
                    f"pixel, {side} than the model's range ({lo:.3g}–{hi:.3g} m per input pixel, "

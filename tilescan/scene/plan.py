@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import TilingConfig, nodata_setting
 from ..errors import ConfigError, InputError
-from .grid import MAX_TILE_PX, SCALE_SLACK, TileGrid, TilingPlan, _metres, within_scale
+from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres, scale_side, within_scale
 from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning
 from .decimate import decimated_shape
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
@@ -82,7 +82,8 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                 scale, reason = "unknown", f"tiles of {size} scene pixels (the scene's ground sample distance is unknown)"
             else:
                 lo, hi = model_scale
-                if gsd < lo * (1 - SCALE_SLACK):  # finer than the model: tiles of `size` pixels at its finest scale
+                side = scale_side(gsd, lo, hi)
+                if side == "finer":  # finer than the model: tiles of `size` pixels at its finest scale
                     tile_px = math.ceil(size * lo / gsd - 1e-9)  # up: the input pixel stays >= lo
                     stride_px = round(tile_px * stride / size)
                     units = "m"
@@ -90,7 +91,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
                               f"({lo:.3g}–{hi:.3g} m per input pixel): tiles of {_metres(tile_px * gsd)} "
                               f"({tile_px} px) resampled to {input_size} px")
                     how = f"(the model's finest scale {lo:.3g} m per input pixel at {gsd:.4g} m/px; use --units px)"
-                elif gsd > hi * (1 + SCALE_SLACK):
+                elif side == "coarser":
                     reason = (f"scene at {_metres(gsd)} per pixel is coarser than the model's range "
                               f"({lo:.3g}–{hi:.3g} m per input pixel): no tiling reaches it; "
                               f"tiles of {size} scene pixels")
@@ -114,10 +115,9 @@ def _scale_check(p: str, scale: str, units: str, cfg: TilingConfig, tile_px: int
     """The plan's ``scale`` once its tile size is known ("auto"/"forced" as :func:`_tile_geometry`
     chose; else as it is), after a warning for pixel tiles enlarged more than 2x."""
     if scale in ("auto", "forced") and model_scale is not None and input_gsd is not None:
-        lo, hi = model_scale
         # a tile enlarged to the input holds no finer detail than the scene's own pixels
-        scale = ("coarser" if max(input_gsd, gsd) > hi * (1 + SCALE_SLACK) else "finer" if input_gsd < lo * (1 - SCALE_SLACK)
-                 else "resampled" if units == "m" and cfg.units == "auto" else "in_range")
+        scale = (scale_side(max(input_gsd, gsd), *model_scale) or scale_side(input_gsd, *model_scale)
+                 or ("resampled" if units == "m" and cfg.units == "auto" else "in_range"))
     elif scale == "auto":
         scale = "unchecked"
     if input_gsd is not None and tile_px * 2 < input_size and not cfg.resample_to_gsd and scale != "coarser":
