@@ -75,9 +75,13 @@ def test_run_says_what_it_takes_when_given_pixels_or_a_dict(tmp_path):
     saying what the function takes (they failed deep inside with "'NoneType' object is not
     iterable" or pathlib's message); a generator of paths (a glob) is taken."""
     one = scene("rio-tiler/cog_rgb.tif")
-    for bad in (np.zeros((3, 64, 64), np.uint8), None, [one, np.zeros(3)]):
+    for bad in (np.zeros((3, 64, 64), np.uint8), [one, np.zeros(3)]):
         with pytest.raises(TypeError, match=r"run takes scene files, folders or URLs .*use get_cam"):
             tilescan.run(bad, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"run takes scene files, folders or URLs \(a path, or a list of them\), got NoneType$"):
+        tilescan.run(None, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"cut_chips takes scene files or folders .*got int$"):
+        tilescan.cut_chips(5, one, tmp_path / "chips")
     with pytest.raises(TypeError, match=r"a config is a Config, a TOML file's path or None, got dict"):
         tilescan.run(one, tmp_path / "out", config={"tiling": {"tile_size": 64}})
     report = tilescan.run(one.parent.glob(one.name), tmp_path / "out")

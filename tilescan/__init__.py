@@ -170,8 +170,9 @@ def _paths(inputs, takes: str) -> list:
     listed = list(inputs) if not hasattr(inputs, "shape") and hasattr(inputs, "__iter__") else None
     if listed is not None and all(isinstance(p, (str, os.PathLike)) for p in listed):  # a list, a glob's generator
         return listed
-    raise TypeError(f"{takes} (a path, or a list of them), got {type(inputs).__name__}; for an array of "
-                    "pixels, use get_cam(name, load_model()) on it")
+    pixels = hasattr(inputs, "shape") or any(hasattr(p, "shape") for p in listed or ())
+    hint = "; for an array of pixels, use get_cam(name, load_model()) on it" if pixels else ""
+    raise TypeError(f"{takes} (a path, or a list of them), got {type(inputs).__name__}{hint}")
 
 
 def _toml(config):
@@ -376,8 +377,7 @@ def cut_chips(scenes: str | os.PathLike | Sequence[str | os.PathLike], labels: s
     from .training.chips import cut_chips as _cut
 
     cfg = config if isinstance(config, Config) else load_config(_toml(config))
-    if isinstance(scenes, (str, os.PathLike)):
-        scenes = [scenes]
+    scenes = [_given(p, "a scene") for p in _paths(scenes, "cut_chips takes scene files or folders")]
     return _cut([str(s) for s in scenes], labels, _given(out), cfg.tiling, class_field=class_field, layer=layer,
                 model_path=_model_file(model), opts=ChipOptions(**options), overwrite=overwrite)
 
