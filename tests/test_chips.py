@@ -82,7 +82,7 @@ def test_polygons_in_another_crs(scene_path, tmp_path):
     labels = _write(tmp_path / "labels.gpkg", rows, crs, to="EPSG:4326")
     code, out = _chips(scene, "--labels", labels, "-o", tmp_path / "ds", "--split", "random")
     assert code == 0, out
-    assert "1 of 6 label features lie outside every scene" in out
+    assert "1 of 6 label features lie outside every scene (feature 4); they gave no chip" in out  # the GeoPackage fid
     card = _card(tmp_path / "ds")
     assert card["classes"] == ["farm", "water"]
     assert card["labels"]["left_out"] == {"no_class": 1} and card["labels"]["outside_scenes"] == 1

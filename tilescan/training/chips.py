@@ -357,9 +357,9 @@ def _check_labels_used(labels: Labels, inside: np.ndarray, used: np.ndarray, row
         raise InputError(f"none of the {len(labels.geoms)} label features lies over any of the {n_scenes} scene(s): "
                          "check that the labels and scenes show the same place (and the labels' CRS)", path=str(labels.path))
     if outside:
-        fids = labels.fid[~inside][:5].tolist()
-        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene (features {fids}"
-            f"{' ...' if outside > 5 else ''}); they gave no chip")
+        fids = sorted({int(f) for f in labels.fid[~inside]})
+        log(f"warning: {outside} of {len(labels.geoms)} label features lie outside every scene ({_features_named(fids)}); "
+            "they gave no chip")
     idle = sorted({int(f) for f in labels.fid[inside & ~used]})
     if idle:
         log(f"note: {len(idle)} label features over the scenes gave no chip ({_features_named(idle)}: a polygon smaller "
