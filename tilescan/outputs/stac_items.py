@@ -5,11 +5,17 @@ or already complete), after the scenes are processed: one STAC 1.1 Item whose as
 scene's outputs -- ``labels`` (the label COG), ``heatmap`` (the CAM COG), ``tiles`` (the
 GeoParquet table), ``quicklook`` (PNG) and ``run`` (``run.json``) -- with the projection
 extension on the item (the scene's CRS, bounds and grid) and on each COG asset (its own
-grid), the model id and hash, and a ``derived_from`` link to the input (the source STAC item
-when there was one, else the scene's URL or path, without credentials). The item's
-``datetime`` is the source item's when known, else the time the outputs were finished.
-Everything is read back from the finished folder (run.json, the COG headers), so items can
-be written again at any time. Row bands of a sharded scene get no item (``collect`` joins them).
+grid), the label COG's classes (classification extension: value, name, colour) and both COGs'
+data type and nodata, the model id and hash, and a ``derived_from`` link to the input (the
+source STAC item when there was one, else the scene's URL or path, without credentials).
+The item's ``datetime`` is the time of the data where tilescan can know it -- the source
+item's (or its start and end), else the acquisition time GDAL reads from the scene's
+metadata, else the TIFF's own date tag -- and only then the time the outputs were finished;
+``tilescan:datetime_source`` says which. A scene whose corners cannot be put in longitude
+and latitude (a geostationary view reaching past the Earth's disc) gets an item without a
+footprint (``geometry`` null, as STAC allows) that says so. Everything is read back from the
+finished folder (run.json, the COG headers), so items can be written again at any time. Row
+bands of a scene split across shards get no item (neither does ``collect``'s join of them).
 """
 
 from __future__ import annotations
@@ -40,12 +46,35 @@ _ASSETS = {
 }
 
 
+_PROCESSING = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+_CLASSIFICATION = "https://stac-extensions.github.io/classification/v2.0.0/schema.json"
+
+
 def _grid(path: Path) -> dict[str, Any]:
+    """A COG's grid, CRS, data type and nodata, and its colour table where it has one."""
     import rasterio
 
     with rasterio.open(path) as ds:
-        return {"shape": [ds.height, ds.width], "transform": list(ds.transform)[:6],
-                "crs": crs_text(ds.crs), "bounds": list(ds.bounds)}
+        try:
+            colormap = ds.colormap(1)
+        except ValueError:  # no colour table
+            colormap = None
+        return {"shape": [ds.height, ds.width], "transform": list(ds.transform)[:6], "crs": crs_text(ds.crs),
+                "bounds": list(ds.bounds), "data_type": ds.dtypes[0], "nodata": ds.nodata, "colormap": colormap}
+
+
+def _classes(classes: list[str], colormap: dict | None) -> list[dict]:
+    """classification:classes of the label COG: each class's pixel value, a machine name (the
+    extension allows letters, digits, - and _ only), its own name as title, its colour; then nodata."""
+    import re
+
+    out = []
+    for i, name in enumerate(classes):
+        c = {"value": i, "name": re.sub(r"[^0-9A-Za-z_-]", "_", name) or f"class_{i}", "title": name}
+        if colormap and i in colormap:
+            c["color_hint"] = "".join(f"{v:02X}" for v in colormap[i][:3])
+        out.append(c)
+    return out + [{"value": LABEL_NODATA, "name": "nodata", "title": "no label (not classified)", "nodata": True}]
 
 
 def item_for(folder: Path) -> dict:
@@ -61,22 +90,15 @@ def item_for(folder: Path) -> dict:
     xs = [c, c + a * w, c + b * h, c + a * w + b * h]
     ys = [f, f + d * w, f + e * h, f + d * w + e * h]
     native_bbox = [min(xs), min(ys), max(xs), max(ys)]
-    geometry = bbox = None
-    if crs:
-        from rasterio.crs import CRS
-        from rasterio.warp import transform_geom
-
-        ring = [[c, f], [c + a * w, f + d * w], [c + a * w + b * h, f + d * w + e * h], [c + b * h, f + e * h], [c, f]]
-        geometry = _in_longitude_range(transform_geom(CRS.from_user_input(crs), "EPSG:4326",
-                                                      {"type": "Polygon", "coordinates": [ring]}, antimeridian_cutting=True))
-        bbox = _lonlat_bbox(geometry)
+    ring = [[c, f], [c + a * w, f + d * w], [c + a * w + b * h, f + d * w + e * h], [c + b * h, f + e * h], [c, f]]
+    geometry, no_footprint = _footprint(crs, ring)
     source = m.get("source") or {}
     finished = dt.datetime.strptime(m["finished_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-    when = finished
-    if source.get("datetime"):
-        when = dt.datetime.fromisoformat(source["datetime"].replace("Z", "+00:00"))
-    item = pystac.Item(id=f"{folder.name}-tilescan", geometry=geometry, bbox=bbox, datetime=when, properties={
-        "created": finished.isoformat().replace("+00:00", "Z"),
+    when, span, when_from = _when(source, si.get("acquired"), finished)
+    item = pystac.Item(id=f"{folder.name}-tilescan", geometry=geometry, bbox=geometry and _lonlat_bbox(geometry),
+                       datetime=when, start_datetime=span[0], end_datetime=span[1], properties={
+        "created": _iso(finished),
+        "tilescan:datetime_source": when_from,
         "title": f"tilescan outputs for {folder.name}",
         "tilescan:model_id": m["model"]["id"],
         "tilescan:model_sha256": m["model"]["sha256"],
@@ -86,9 +108,11 @@ def item_for(folder: Path) -> dict:
         "tilescan:scene": m["scene"],
         "processing:software": {"tilescan": m["versions"].get("tilescan")},
     })
+    if no_footprint:
+        item.properties["tilescan:footprint"] = no_footprint
+    item.stac_extensions += [_PROCESSING, _CLASSIFICATION]
     proj = ProjectionExtension.ext(item, add_if_missing=True)
-    if crs:
-        _set_crs(proj, crs)
+    _set_crs(proj, crs)
     proj.shape = [h, w]
     proj.transform = [a, b, c, d, e, f]
     proj.bbox = native_bbox
@@ -101,10 +125,14 @@ def item_for(folder: Path) -> dict:
         if name.endswith(".tif"):
             g = _grid(folder / name)
             ap = ProjectionExtension.ext(asset)
-            if g["crs"]:
-                _set_crs(ap, g["crs"])
+            _set_crs(ap, g["crs"])
             ap.shape = g["shape"]
             ap.transform = g["transform"]
+            asset.extra_fields.update(data_type=g["data_type"], nodata=g["nodata"])  # STAC 1.1 common metadata
+            if key == "labels":
+                asset.extra_fields["classification:classes"] = _classes(m["model"]["classes"], g["colormap"])
+        elif name == "quicklook.png":  # a picture, not on the scene's grid: no CRS, its own size
+            asset.extra_fields.update({"proj:code": None, "proj:shape": _png_shape(folder / name)})
     from ..scene.grid import scale_note
 
     note = scale_note(m.get("warning_details") or [])
@@ -120,14 +148,80 @@ def item_for(folder: Path) -> dict:
     return d
 
 
-def _set_crs(proj, crs: str) -> None:
-    if crs.upper().startswith("EPSG:"):
+def _set_crs(proj, crs: str | None) -> None:
+    """proj:code ("EPSG:n"), or null with proj:wkt2 for a CRS without a code; null without a CRS."""
+    if crs and crs.upper().startswith("EPSG:"):
         proj.epsg = int(crs.split(":", 1)[1])
-    else:
+        return
+    proj.properties["proj:code"] = None  # the extension asks for null, not a missing key (pystac drops it)
+    if crs:
         from rasterio.crs import CRS
 
-        proj.epsg = None
         proj.wkt2 = CRS.from_user_input(crs).to_wkt(version="WKT2_2019")  # the field is WKT2 (GDAL's default is WKT1)
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _when(source: dict, acquired: dict | None,
+          finished: dt.datetime) -> tuple[dt.datetime | None, tuple[dt.datetime | None, dt.datetime | None], str]:
+    """The item's datetime, its start and end, and where they come from: the source item's,
+    the scene's acquisition or image date (run.json ``scene_info.acquired``), else the run's end."""
+    def parse(text):
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+    span = parse(source.get("start_datetime")), parse(source.get("end_datetime"))
+    if source.get("datetime") or all(span):
+        return parse(source.get("datetime")), span if all(span) else (None, None), "source item"
+    if acquired and acquired.get("datetime"):
+        return parse(acquired["datetime"]), (None, None), acquired["from"]
+    return finished, (None, None), "processing time (the scene carries no date)"
+
+
+def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, str | None]:
+    """The scene's outline (its corners) in longitude and latitude, counter-clockwise as GeoJSON
+    asks, cut at 180°; None and why where there is no CRS or a corner has no longitude."""
+    if not crs:
+        return None, None
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+
+    try:
+        geometry = transform_geom(CRS.from_user_input(crs), "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
+                                  antimeridian_cutting=True)
+    except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
+        geometry, why = None, str(exc).strip()
+    else:
+        points = [p for poly in _polygons(geometry) for p in poly[0]]
+        why = None if all(np.isfinite(p).all() for p in points) else "a corner has no finite longitude or latitude"
+    if why:
+        return None, (f"no footprint: the scene's corners cannot be put in longitude and latitude ({why}); "
+                      "a view past the Earth's edge (a geostationary disc) has corners in space")
+    geometry = _in_longitude_range(geometry)
+    polys = [[_ccw(ring) for ring in poly] for poly in _polygons(geometry)]
+    return ({"type": "Polygon", "coordinates": polys[0]} if geometry["type"] == "Polygon"
+            else {"type": "MultiPolygon", "coordinates": polys}), None
+
+
+def _polygons(geometry: dict) -> list:
+    return [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+
+
+def _ccw(ring: list) -> list:
+    """A closed ring counter-clockwise (RFC 7946, 3.1.6; a scene's corners in order run clockwise)."""
+    x, y = np.asarray(ring, dtype=np.float64)[:, :2].T
+    twice_area = float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+    return [list(p) for p in (ring if twice_area >= 0 else ring[::-1])]
+
+
+def _png_shape(path: Path) -> list[int]:
+    """A PNG's [height, width], from its header."""
+    import struct
+
+    with open(path, "rb") as fh:
+        w, h = struct.unpack(">II", fh.read(24)[16:24])
+    return [h, w]
 
 
 def _in_longitude_range(geometry: dict) -> dict:
@@ -147,7 +241,7 @@ def _in_longitude_range(geometry: dict) -> dict:
 def _lonlat_bbox(geometry: dict) -> list[float]:
     """A GeoJSON geometry's bbox; for one cut at the antimeridian, west of it first and east
     last, so west > east (RFC 7946, 5.2), rather than a box around the globe."""
-    polys = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    polys = _polygons(geometry)
     boxes = [(min(p[0] for p in poly[0]), min(p[1] for p in poly[0]), max(p[0] for p in poly[0]),
               max(p[1] for p in poly[0])) for poly in polys]
     south, north = min(b[1] for b in boxes), max(b[3] for b in boxes)
@@ -158,15 +252,21 @@ def _lonlat_bbox(geometry: dict) -> list[float]:
     return [min(b[0] for b in boxes), south, max(b[2] for b in boxes), north]
 
 
-def write_items(out: Path, folders: list[Path], log: Callable[[str], None]) -> list[Path]:
-    """``item.json`` in each finished whole-scene folder of ``folders``; returns their paths."""
-    written = []
+def write_items(out: Path, folders: list[Path], log: Callable[[str], None]) -> dict[Path, dict]:
+    """``item.json`` in each finished whole-scene folder of ``folders``; returns, for each folder
+    whose item has no footprint or could not be written, a structured warning (also logged)."""
+    said = {}
     for folder in folders:
         if folder.parent != out or not (folder / MANIFEST).is_file():
             continue  # a row band: no item
         try:
-            write_json(folder / ITEM, item_for(folder))
-            written.append(folder / ITEM)
+            item = item_for(folder)
+            write_json(folder / ITEM, item)
         except Exception as exc:  # an item is an extra: its failure never fails the run
-            log(f"warning: {folder}: no STAC item written: {type(exc).__name__}: {exc}")
-    return written
+            said[folder] = {"code": "stac_item", "message": f"{folder}: no STAC item written: {type(exc).__name__}: {exc}"}
+        else:
+            if note := item["properties"].get("tilescan:footprint"):
+                said[folder] = {"code": "stac_item", "message": f"{folder / ITEM}: {note}"}
+        if folder in said:
+            log(f"warning: {said[folder]['message']}")
+    return said

@@ -459,6 +459,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
             "bands_used": list(reader.bands),
             "scale": [list(s) for s in reader.scale],
             "coverage": reader.coverage.to_dict() if reader.coverage is not None else None,
+            "acquired": info.acquired,
         },
         "tiling": reader.plan.to_dict(),
         "model": {"id": engine.loaded.model_id, "path": engine.loaded.path, "sha256": engine.loaded.sha256,

@@ -218,7 +218,9 @@ def _run(inputs, out, cfg, model_path, shard, progress, log, stac, assets, stac_
     if stac_items:  # OUT/<scene>/item.json: the outputs as a STAC Item (outputs.stac_items)
         from ..outputs.stac_items import write_items
 
-        write_items(out, [Path(r.out_dir) for r in report.results if r.status in ("done", "skipped") and r.out_dir], log)
+        finished = {Path(r.out_dir): r for r in report.results if r.status in ("done", "skipped") and r.out_dir}
+        for folder, warning in write_items(out, list(finished), log).items():
+            finished[folder].warnings.append(warning)  # report.json says it, not the log alone
     if left := sweep_staging(out):
         log(f"removed what stopped runs had left in {layout.STAGING}: {', '.join(sorted(left))}")
     layout.tidy(out)

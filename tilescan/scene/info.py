@@ -110,6 +110,9 @@ class SceneInfo:
     nodata_from: str = "file"
     """Where ``nodata`` comes from: ``file``, or the ``[tiling] nodata`` setting as the user
     gave it (e.g. ``--nodata 0``), which replaced the file's on every band."""
+    acquired: dict | None = None
+    """When the scene was taken, where its metadata says: ``{"datetime": ISO 8601 UTC, "from":
+    the tag}`` (:func:`_acquired`); None where it does not."""
 
 
 def _nodata_in_dtype(nodata: float | None, dtype: np.dtype) -> float | None:
@@ -226,7 +229,24 @@ def _scene_info(path: Path, ds) -> SceneInfo:
         georeferenced=georef,
         gsd_m=gsd,
         nominal_gsd_m=nominal,
+        acquired=_acquired(ds, str(path)),
     )
+
+
+def _acquired(ds, path: str) -> dict | None:
+    """The scene's date from its metadata: GDAL's IMAGERY ACQUISITIONDATETIME (read from a local
+    file's sidecars too: not probed on remote files, where each probe is a request), else the
+    TIFF's DateTime tag (the image's date; no zone is given, so taken as UTC)."""
+    import datetime as dt
+
+    found = [] if path.startswith("/vsi") else [("IMAGERY ACQUISITIONDATETIME", ds.tags(ns="IMAGERY").get("ACQUISITIONDATETIME"))]
+    found.append(("TIFFTAG_DATETIME (the TIFF's image date, taken as UTC)", ds.tags().get("TIFFTAG_DATETIME")))
+    for tag, text in found:
+        for form in ("%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+            with contextlib.suppress(ValueError, TypeError):
+                t = dt.datetime.strptime(str(text).strip().rstrip("\x00").split(".")[0], form)
+                return {"datetime": t.isoformat() + "Z", "from": tag}
+    return None
 
 
 # --------------------------------------------------------------------------------------

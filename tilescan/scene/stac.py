@@ -348,8 +348,11 @@ class StacScene(os.PathLike):
         return [h for h in self.hrefs if vsi.is_url(h)]
 
     def manifest(self) -> dict:
-        when = self.item.datetime or self.item.common_metadata.start_datetime
+        meta = self.item.common_metadata
+        when = self.item.datetime or meta.start_datetime
+        span = {k: t.isoformat() for k, t in (("start_datetime", meta.start_datetime), ("end_datetime", meta.end_datetime))
+                if t is not None}  # an item of a time range: the output item gets the range
         return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
-                           "datetime": when.isoformat() if when else None,
+                           "datetime": when.isoformat() if when else None, **span,
                            "assets": {k: (vsi.redact(h) if vsi.is_url(h) else h)
                                       for k, h in zip(self.keys, self.hrefs)}}}

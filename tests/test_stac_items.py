@@ -1,0 +1,116 @@
+"""``run --stac-items``: the STAC Item of each scene's outputs, on real local scenes (the
+remote and STAC-input cases are in test_remote.py): core schema (pystac's own copy, offline),
+footprint, dates, the label COG's classes and both COGs' data type and nodata as the files
+have them, and a geostationary scene whose corners lie in space."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import rasterio.warp
+
+import tilescan
+from conftest import scene
+
+NAIP = "opengeos-naip/m_4709963_se_14_1_20190904.tif"
+GEOS = "rio-cogeo/image_geos.tif"  # geostationary: its corners are off the Earth's disc
+COG_RGB = "rio-tiler/cog_rgb.tif"
+
+
+def _item(folder):
+    import pystac
+    from pystac.validation import validate_dict
+
+    d = json.loads((folder / "item.json").read_text())
+    validate_dict({**d, "stac_extensions": []})  # the core Item schema, which pystac ships (extension schemas are online)
+    pystac.Item.from_dict(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stac")
+    tagged = work / "tagged.tif"
+    shutil.copy(scene(COG_RGB), tagged)
+    with rasterio.open(tagged, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as ds:
+        ds.update_tags(TIFFTAG_DATETIME="2015:07:04 10:20:30")
+    report = tilescan.run([scene(NAIP), scene(GEOS), tagged], work / "out", stac_items=True, tile_size=256)
+    assert report.exit_code == 0
+    return work / "out", json.loads((work / "out" / "report.json").read_text())
+
+
+def test_item_describes_the_files_as_they_are(items):
+    out, _ = items
+    folder = out / NAIP.split("/")[-1][:-4]
+    item = _item(folder)
+    assert "https://stac-extensions.github.io/processing/v1.2.0/schema.json" in item["stac_extensions"]
+    assert "https://stac-extensions.github.io/classification/v2.0.0/schema.json" in item["stac_extensions"]
+    # footprint: the scene's bounds in lon/lat, its ring counter-clockwise (RFC 7946)
+    with rasterio.open(scene(NAIP)) as ds:
+        want = rasterio.warp.transform_bounds(ds.crs, "EPSG:4326", *ds.bounds)
+    assert item["bbox"] == pytest.approx(list(want), abs=1e-9)
+    x, y = np.array(item["geometry"]["coordinates"][0]).T
+    assert np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]) > 0
+    # no date in the file: the processing time, said so
+    assert item["properties"]["datetime"] == item["properties"]["created"]
+    assert item["properties"]["tilescan:datetime_source"].startswith("processing time")
+    assets = item["assets"]
+    with rasterio.open(folder / "labels.tif") as ds:
+        present = set(np.unique(ds.read(1)).tolist())
+        assert assets["labels"]["data_type"] == ds.dtypes[0] == "uint8" and assets["labels"]["nodata"] == ds.nodata
+        colormap = ds.colormap(1)
+    with rasterio.open(folder / "heatmap.tif") as ds:
+        assert assets["heatmap"]["data_type"] == ds.dtypes[0] and assets["heatmap"]["nodata"] == ds.nodata
+    classes = {c["value"]: c for c in assets["labels"]["classification:classes"]}
+    assert present <= set(classes) and classes[255]["nodata"] is True
+    table = pq.read_table(folder / "tiles.parquet", columns=["class_index", "label"]).to_pylist()
+    for row in table:  # each pixel value names the class the table gives it, in the COG's own colour
+        c = classes[row["class_index"]]
+        assert c["title"] == row["label"] and c["name"] == row["label"].replace(" ", "_")
+        assert c["color_hint"] == "".join(f"{v:02X}" for v in colormap[row["class_index"]][:3])
+    from PIL import Image
+
+    with Image.open(folder / "quicklook.png") as im:  # a picture of its own size, on no CRS
+        assert assets["quicklook"]["proj:shape"] == [im.height, im.width] and assets["quicklook"]["proj:code"] is None
+
+
+def test_item_datetime_is_the_scenes_own_date(items):
+    out, _ = items
+    item = _item(out / "tagged")
+    assert item["properties"]["datetime"] == "2015-07-04T10:20:30Z"
+    assert item["properties"]["tilescan:datetime_source"].startswith("TIFFTAG_DATETIME")
+    assert datetime.datetime.fromisoformat(item["properties"]["created"].replace("Z", "+00:00")).year >= 2026
+
+
+def test_geostationary_scene_gets_an_item_without_footprint(items):
+    """Its corners are in space: the item was not written at all, and only the log said so."""
+    out, report = items
+    item = _item(out / "image_geos")
+    assert item["geometry"] is None and "bbox" not in item
+    assert "corners cannot be put in longitude and latitude" in item["properties"]["tilescan:footprint"]
+    assert item["properties"]["proj:code"] is None and item["properties"]["proj:wkt2"].startswith("PROJCRS")
+    (unit,) = [u for u in report["done"] if u["scene"].endswith("image_geos.tif")]
+    assert any(w["code"] == "stac_item" and "no footprint" in w["message"] for w in unit["warnings"])
+
+
+def test_source_item_of_a_time_range_gives_its_range(tmp_path):
+    """A STAC input dated by start and end only (datetime null): the output item keeps both
+    (its start alone was kept)."""
+    import pystac
+
+    t0, t1 = datetime.datetime(2015, 9, 26, tzinfo=datetime.timezone.utc), datetime.datetime(2015, 9, 27, tzinfo=datetime.timezone.utc)
+    src = pystac.Item(id="ranged", geometry=None, bbox=None, datetime=None, start_datetime=t0, end_datetime=t1, properties={})
+    src.add_asset("visual", pystac.Asset(href=str(scene(COG_RGB)), media_type=pystac.MediaType.COG))
+    (tmp_path / "item.json").write_text(json.dumps(src.to_dict(include_self_link=False)))
+    report = tilescan.run([], tmp_path / "out", stac=[str(tmp_path / "item.json")], assets=["visual"], stac_items=True,
+                          tile_size=256)
+    assert report.exit_code == 0
+    props = _item(tmp_path / "out" / "ranged")["properties"]
+    assert (props["start_datetime"], props["end_datetime"]) == ("2015-09-26T00:00:00Z", "2015-09-27T00:00:00Z")
+    assert props["tilescan:datetime_source"] == "source item"
