@@ -324,6 +324,22 @@ def test_limit_takes_every_class_whatever_the_list_order():
     assert _spread(items, 1000) == items  # a limit above the list: all of it
 
 
+def test_evaluate_limit_scores_the_images_train_limit_scored(mini_aid, tmp_path):
+    """``evaluate --split val --limit N`` takes the N validation images ``train --limit N``
+    scored (it drew N at random, missing classes), so the model's recorded score reproduces."""
+    import tilescan
+
+    got = tilescan.train(mini_aid, tmp_path / "m.keras", epochs=1, image_size=32, batch_size=16, patience=0, limit=7)
+    report = tilescan.evaluate(tmp_path / "m.keras", mini_aid, tmp_path / "eval", split="val", limit=7)
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    from tilescan.training.data import load_dataset, spread
+
+    took = [p for p, _ in spread(load_dataset(mini_aid).items("val"), 7)]  # what train --limit 7 scored
+    assert report["n"] == 7 and [r["path"] for r in rows] == took and {r["true"] for r in rows} == set(CLASSES)
+    assert report["accuracy"] == pytest.approx(got["val_accuracy"], abs=1e-6)
+
+
 def test_a_failed_training_leaves_keras_precision_as_it_was(tmp_path, mini_aid):
     """The process's Keras precision policy is the caller's again after train, also when the
     run fails once it has set its own (bf16 on CPUs that have it): later models in the same

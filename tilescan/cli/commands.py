@@ -344,7 +344,7 @@ def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwr
 @option("--faithfulness-images", type=click.IntRange(min=1), show_default="the whole split",
         help="With --explanations: score a seeded sample of N images.")
 @click.option("--record", is_flag=True, help="Store the scores in the model file's metadata.")
-@option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images.")
+@option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images, spread over the classes as train --limit picks them (smoke tests).")
 @_verbosity
 @click.pass_context
 def evaluate(ctx: click.Context, model_path, data, split, out, splits_dir, batch_size, tta, explain_samples, explanations, cam_methods,

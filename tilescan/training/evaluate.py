@@ -199,7 +199,8 @@ def run_evaluate(
     """Evaluate a model (``None``: the packaged default) on ``split`` of the dataset at
     ``data``; write the report files into ``out_dir`` and return the report dict.
 
-    ``limit``: evaluate a seeded random subset of that many images (not allowed with
+    ``limit``: evaluate that many images, spread over the classes as ``train --limit`` picks
+    its validation images (:func:`~tilescan.training.data.spread`; not allowed with
     ``record``). ``explanations``: also measure each of ``cam_methods`` (faithfulness over
     the split, or ``faithfulness_limit`` images of it, and cost). ``explain_samples``:
     rows of ``explanations.png`` (0: no figure).
@@ -210,7 +211,10 @@ def run_evaluate(
 
     ds, lm, items, overlap = _eval_inputs(model_path, data, split, splits_dir, log)
     check_names(lm.classes, log, "the confusion matrix")
-    items = _subset(items, limit, seed)
+    if limit is not None and int(limit) < len(items):  # as train --limit picks its val images: its score reproduces
+        from .data import spread
+
+        items = spread(items, int(limit))
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
     y_true = np.array([c for _, c in items], dtype=np.int64)
@@ -258,14 +262,6 @@ def run_evaluate(
     _remove_stale(out, outputs)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
-
-
-def _subset(items: list, limit: int | None, seed: int) -> list:
-    """A seeded random ``limit`` of the items, in their order (all of them without a limit)."""
-    if limit is not None and int(limit) < len(items):
-        sel = np.sort(np.random.default_rng(seed).choice(len(items), int(limit), replace=False))
-        items = [items[i] for i in sel]
-    return items
 
 
 def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
