@@ -336,6 +336,10 @@ def test_a_folder_kept_only_for_scoring(model_file, dataset, tmp_path):
         got = json.loads((tmp_path / f"o-{data.name}" / "report.json").read_text())
         assert got["n"] == len(tests) and got["metrics"]["confusion_matrix"] == want["confusion_matrix"], data
         assert "split_warning" not in got
+    c = tests[0][0]  # a broken image among plain folders is named as one, not as in a split they do not have
+    (plain / c / "broken.jpg").write_bytes((dataset / "images" / c / tests[0][1]).read_bytes()[:500])
+    res = invoke(["evaluate", model_file, plain, "--split", "all", "-o", tmp_path / "o-broken"])
+    assert res.exit_code == 4 and f"image '{c}/broken.jpg'" in res.output and "split's" not in res.output, res.output
     res = invoke(["evaluate", model_file, only_test, "--split", "val", "-o", tmp_path / "o-val"])
     assert res.exit_code == 4 and "dataset has no 'val' split (has: test)" in res.output, res.output
     res = invoke(["evaluate", model_file, lists, "--split", "val", "-o", tmp_path / "o-val"])

@@ -86,8 +86,9 @@ class Dataset:
                     problems.setdefault(why, []).append(p)
             for why, found in problems.items():
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                said.append(f"the {split} split's image '{found[0]}'{more} {why}")
-                wheres.add(Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists else self.root)
+                whose = "image" if split == "all" else f"the {split} split's image"  # all: every image, in no split
+                said.append(f"{whose} '{found[0]}'{more} {why}")
+                wheres.add(Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists and split != "all" else self.root)
         if said:
             where = wheres.pop() if len(wheres) == 1 else self.root
             raise InputError("; ".join(said), path=str(where))

@@ -385,7 +385,7 @@ def _eval_inputs(model_path: str | None, data: str, split: str, splits_dir: str 
     ds = load_dataset(data, splits_dir=splits_dir, **drawn)
     if split == ALL:  # a folder kept for scoring: every image, whichever split it lies in
         items = ds.all_items()
-        ds.check_found(**ds.splits)
+        ds.check_found(**{ALL: items})
     else:
         items = ds.items(split)
         ds.check_found(**{split: items})
