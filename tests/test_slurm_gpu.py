@@ -113,7 +113,7 @@ def test_sigterm_reaches_every_process(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(SCRIPT), "-o", str(out), str(bh.scene("rasterio/cogeo.tif")),
                              "--units", "px", "--tile-size", "16", "--batch-size", "8"],  # 2048 tiles a band: minutes
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=bh.env(TILESCAN=bh.exe(), CUDA_VISIBLE_DEVICES="0,1", KERAS_BACKEND="tensorflow"))
     staging = out / ".tilescan-staging"
     deadline = time.monotonic() + 180
@@ -124,8 +124,12 @@ def test_sigterm_reaches_every_process(tmp_path):
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)  # the shell, not tilescan
-    stdout, err = proc.communicate(timeout=60)
-    assert proc.returncode == 75 and "exit codes of the processes: 75 75" in stdout, stdout + err
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "exit codes of the processes: 75 75" in stdout, stdout
+    # each process's last lines came before the script's own last: Slurm ends what outlives it
+    lines = stdout.splitlines()
+    assert lines[-1].startswith("tilescan-gpu: task none finished with exit code 75"), stdout
+    assert all(any(ln.startswith(f"[shard {i}/2 gpu {i}] done:") for ln in lines) for i in range(2)), stdout
     for i in range(2):
         report = json.loads((out / f"report-shard-{i:04d}-of-0002.json").read_text())
         assert report["interrupted"]["signal"] == "SIGTERM" and report["done"] == [], report
