@@ -172,6 +172,10 @@ def find_empty_blocks(reader) -> BlockCoverage | None:
             use_mask = True
         for src, b, raw in indexes:
             sizes, offsets = _block_index(src, b, nbr, nbc)
+            if sizes.max(initial=0) > 2 * raw + 4096:
+                # more bytes than a block can hold: GDAL shows one big stored strip as strips of a
+                # row (or a few), the first with all the bytes and the rest with none, not absent
+                return None
             k = int(np.argmax(offsets))
             if sizes.flat[k] and offsets.flat[k] > last_off:
                 last_off, last = int(offsets.flat[k]), divmod(k, nbc)

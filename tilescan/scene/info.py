@@ -65,6 +65,26 @@ def tiling_warning(message: str, stacklevel: int = 2, *, code: str = "tiling", *
         warnings.warn(message, TilingWarning, stacklevel=stacklevel + 1)
 
 
+#: Decoded size of one compressed strip above which a scene is warned about: GDAL decodes a
+#: whole strip for a read inside it, again once it has left the block cache.
+BIG_STRIP_BYTES = 128 << 20
+
+
+def warn_big_strips(path: str, ds, rows: int) -> None:
+    """A scene stored in compressed strips of ``rows`` rows too big for the cache (one strip for
+    the whole scene, say) reads many times slower and with more memory than a tiled copy
+    (benchmarks/README.md): say so, and how to make that copy."""
+    rows = min(rows, ds.height)
+    pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+    strip = rows * ds.width * np.dtype(ds.dtypes[0]).itemsize * (ds.count if pixel else 1)
+    if ds.compression and strip > BIG_STRIP_BYTES:
+        whole = " (one strip holds the whole scene)" if rows >= ds.height else ""
+        tiling_warning(f"{path}: stored in compressed strips of {rows} rows{whole}, {strip / 2**20:,.0f} MB each when "
+                       "decoded: every read decodes a whole strip again, so the scene reads several times slower and "
+                       "with more memory than a tiled copy; make one with gdal_translate -co TILED=YES -co "
+                       f"COMPRESS=DEFLATE {Path(path).name} tiled.tif (or -of COG)", stacklevel=4, code="big_strips")
+
+
 @contextlib.contextmanager
 def collecting_tiling_warnings() -> Iterator[list[dict]]:
     """Collect this thread's :func:`tiling_warning` calls into the list it yields (as dicts)."""

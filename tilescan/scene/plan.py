@@ -15,7 +15,7 @@ import numpy as np
 from ..config import TilingConfig, nodata_setting
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres, scale_side, within_scale
-from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning
+from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning, warn_big_strips
 from .decimate import decimated_shape
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
 from .bands import _pick_bands, check_band_count
@@ -462,6 +462,9 @@ def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
     info = _scene_info(path, ds)
     if not info.georeferenced:
         _allow_pixel_space(p, ds, cfg)
+    bh, bw = ds.block_shapes[0]
+    if bw >= ds.width and bh > 1:  # strips as stored (coverage.find_empty_blocks sees those GDAL cuts up)
+        warn_big_strips(p, ds, bh)
     return info
 
 
