@@ -102,6 +102,11 @@ def test_wrapper_usage_error_and_locked_exit_code(tmp_path):
     assert p.returncode == LOCKED, p.stderr
     assert "another tilescan-cron run holds" in p.stderr
     assert "must-not-run" not in p.stderr + p.stdout and not (out / "report.json").exists()
+    # cron's minimal PATH and no TILESCAN: one message saying what to set, exit 2, no collect tried
+    p = subprocess.run([wrapper, str(tmp_path / "out2"), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert p.returncode == 2 and p.stderr.count("tilescan-cron: no tilescan command 'tilescan'") == 1, p.stderr
+    assert "set TILESCAN to the tilescan executable" in p.stderr and "command not found" not in p.stderr
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@
 # file to clean up. Finished scenes are skipped, so each cron run only does new work.
 #
 # Exit codes: tilescan run's (0 ok, 3 some scenes failed, ...; see `tilescan --help`),
-# 75 another run holds the lock, 2 usage. cron's PATH is minimal: set TILESCAN to the
+# 75 another run holds the lock, 2 usage or no tilescan command. cron's PATH is minimal: set TILESCAN to the
 # tilescan executable (e.g. /opt/tilescan/.venv/bin/tilescan), or put it on PATH in the
 # crontab. TILESCAN_COLLECT=0 skips the collect step (skipped too after a stop by a signal).
 set -uo pipefail
@@ -36,8 +36,13 @@ if ! flock --nonblock 9; then
 fi
 # Note who holds it, for the message above (the lock is the flock on the open file; its
 # content is only informative).
-truncate -s 0 "$LOCK" && echo "pid $$ on $(hostname) since $(stamp)" >&9
+truncate -s 0 "$LOCK" && echo "pid $$ on $(hostname) since $(stamp); the lock is the open file: do not delete it" >&9
 
+if ! command -v "$TILESCAN" >/dev/null 2>&1; then
+  echo "tilescan-cron: no tilescan command '$TILESCAN' (PATH=$PATH): set TILESCAN to the tilescan" \
+       "executable, e.g. TILESCAN=/opt/tilescan/.venv/bin/tilescan in the crontab" >&2
+  exit 2
+fi
 echo "tilescan-cron: $(stamp): start on $OUT"
 # SIGTERM/SIGINT to this script (a shutdown, `kill <pid>`) are passed on to tilescan, which
 # stops between batches, keeps finished scenes and exits 75; the next cron run resumes.

@@ -90,7 +90,7 @@ def parse_shard(text: str | None, environ: dict[str, str] | None = None, count: 
         if rem or span != n or not 0 <= i < n:
             raise ConfigError(
                 f"Slurm array task {tid} (min {lo}, step {step}, count {n}) is not one of 0..{n - 1} after "
-                "numbering: submit a contiguous array like --array=0-{N-1}, or pass --shard I/N")
+                "numbering: submit a contiguous array like --array=0-<N-1>, or one task as a job of its own with --shard I/N")
         return i, n
     if "JOB_COMPLETION_INDEX" in env:
         n = count or num("TILESCAN_SHARD_COUNT", "0")
