@@ -54,10 +54,17 @@ def plot_history(history_csv: Path, png: Path) -> None:
     def col(k):
         return [float(r[k]) if r[k] not in ("", "None") else np.nan for r in rows]
 
+    from matplotlib.ticker import MaxNLocator
+
+    val_loss = np.array(col("val_loss"), dtype=np.float64)
+    best = ep[int(np.nanargmin(val_loss))] if np.isfinite(val_loss).any() else None  # what training keeps
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, metric in ((a, "loss"), (b, "accuracy")):
-        ax.plot(ep, col(metric), label="train")
-        ax.plot(ep, col(f"val_{metric}"), label="val")
+        ax.plot(ep, col(metric), marker=".", label="train")  # markers: one epoch is a point, not an empty plot
+        ax.plot(ep, col(f"val_{metric}"), marker=".", label="val")
+        if best is not None:
+            ax.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"lowest val loss (epoch {best})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend()
