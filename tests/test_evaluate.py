@@ -247,6 +247,8 @@ def test_compute_metrics_by_hand():
     assert (e["precision"], e["recall"], e["f1"]) == (0.0, None, 0.0)
     assert m["macro"]["classes"] == 4
     assert m["macro"]["f1"] == pytest.approx((2 / 3 + 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)) / 4)
+    # over a, b, c alone (the classes with images): e's 0, a wrong prediction into it, is left out
+    assert m["macro_supported"] == {"f1": pytest.approx((2 / 3 + 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)) / 3), "classes": 3}
     assert m["top_confusions"][0] == {"true": "a", "pred": "b", "count": 1}
 
 
@@ -427,9 +429,15 @@ def test_weakest_classes_leave_out_those_scored_perfectly():
     1, the line says so."""
     said: list[str] = []
     per_class = [{"class": c, "f1": f, "support": 3} for c, f in (("Center", 0.667), ("Airport", 1.0), ("Church", 1.0))]
-    metrics = {"per_class": per_class, "accuracy": 0.9, "macro": {"f1": 0.9}, "weighted": {"f1": 0.9}}
+    metrics = {"per_class": per_class, "accuracy": 0.9, "macro": {"f1": 0.9, "classes": 3},
+               "macro_supported": {"f1": 0.9, "classes": 3}, "weighted": {"f1": 0.9}}
     E._log_summary(metrics, 9, {"images_per_s": 10.0}, ["metrics.json"], Path("out"), said.append)
     assert "weakest classes (F1): Center 0.667" in said and not any("Airport" in m for m in said)
+    assert "macro F1 0.9000  weighted F1" in said[0]
+    metrics["macro"] = {"f1": 0.6, "classes": 5}  # two classes predicted with no image: macro F1 over them too
+    said.clear()
+    E._log_summary(metrics, 9, {"images_per_s": 10.0}, ["metrics.json"], Path("out"), said.append)
+    assert "macro F1 0.6000 (0.9000 over the 3 classes with images)  weighted F1" in said[0], said
     for row in per_class:
         row["f1"] = 1.0
     said.clear()

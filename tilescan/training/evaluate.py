@@ -360,7 +360,10 @@ def _report(lm, split: str, n: int, k: int, limit: int | None, tta: bool, metric
 def _log_summary(metrics: dict, n: int, report: dict, outputs: list[str], out: Path, log: Callable[[str], None]) -> None:
     """Log the headline scores, the weakest classes and the files written."""
     weakest = sorted((r for r in metrics["per_class"] if r["support"] > 0 and r["f1"] < 1), key=lambda r: r["f1"])[:5]
-    log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  weighted F1 "
+    own = metrics["macro_supported"]
+    over = (f" ({own['f1']:.4f} over the {own['classes']} classes with images)"
+            if own["classes"] < metrics["macro"]["classes"] else "")
+    log(f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}{over}  weighted F1 "
         f"{metrics['weighted']['f1']:.4f}  ({n} images, {report['images_per_s']:.0f} images/s)")
     absent = [r for r in metrics["per_class"] if r["support"] == 0 and r.get("predicted")]
     log("weakest classes (F1): " + (", ".join(f"{r['class']} {r['f1']:.3f}" for r in weakest) or "none below 1")
