@@ -65,8 +65,11 @@ def test_item_describes_the_files_as_they_are(items):
         present = set(np.unique(ds.read(1)).tolist())
         assert assets["labels"]["data_type"] == ds.dtypes[0] == "uint8" and assets["labels"]["nodata"] == ds.nodata
         colormap = ds.colormap(1)
+        assert assets["labels"]["proj:bbox"] == list(ds.bounds)  # its whole tiles reach past the scene's edge
+        assert ds.bounds.right > item["properties"]["proj:bbox"][2]
     with rasterio.open(folder / "heatmap.tif") as ds:
         assert assets["heatmap"]["data_type"] == ds.dtypes[0] and assets["heatmap"]["nodata"] == ds.nodata
+        assert assets["heatmap"]["proj:bbox"] == list(ds.bounds)
     classes = {c["value"]: c for c in assets["labels"]["classification:classes"]}
     assert present <= set(classes) and classes[255]["nodata"] is True
     table = pq.read_table(folder / "tiles.parquet", columns=["class_index", "label"]).to_pylist()
@@ -113,4 +116,5 @@ def test_source_item_of_a_time_range_gives_its_range(tmp_path):
     assert report.exit_code == 0
     props = _item(tmp_path / "out" / "ranged")["properties"]
     assert (props["start_datetime"], props["end_datetime"]) == ("2015-09-26T00:00:00Z", "2015-09-27T00:00:00Z")
+    assert props["datetime"] is None  # the source gives no instant: not its start
     assert props["tilescan:datetime_source"] == "source item"

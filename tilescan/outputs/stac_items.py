@@ -128,6 +128,7 @@ def item_for(folder: Path) -> dict:
             _set_crs(ap, g["crs"])
             ap.shape = g["shape"]
             ap.transform = g["transform"]
+            ap.bbox = g["bounds"]  # its own: the label COG's whole tiles reach past the scene's edge
             asset.extra_fields.update(data_type=g["data_type"], nodata=g["nodata"])  # STAC 1.1 common metadata
             if key == "labels":
                 asset.extra_fields["classification:classes"] = _classes(m["model"]["classes"], g["colormap"])

@@ -349,10 +349,9 @@ class StacScene(os.PathLike):
 
     def manifest(self) -> dict:
         meta = self.item.common_metadata
-        when = self.item.datetime or meta.start_datetime
         span = {k: t.isoformat() for k, t in (("start_datetime", meta.start_datetime), ("end_datetime", meta.end_datetime))
                 if t is not None}  # an item of a time range: the output item gets the range
         return {"source": {"kind": "stac", "item": self.id, "collection": self.collection, "document": self.source,
-                           "datetime": when.isoformat() if when else None, **span,
+                           "datetime": self.item.datetime.isoformat() if self.item.datetime else None, **span,
                            "assets": {k: (vsi.redact(h) if vsi.is_url(h) else h)
                                       for k, h in zip(self.keys, self.hrefs)}}}
