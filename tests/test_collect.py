@@ -382,6 +382,8 @@ def test_a_stac_items_scene_is_not_said_gone_while_its_document_is_there(tmp_pat
     item.rename(tmp_path / "moved.json")
     res = invoke(["collect", out, "--no-gpkg"])
     assert res.exit_code == 0 and f"plain: its STAC document {item} is gone" in res.output, res.output
+    res = invoke(["collect", out / "plain"])  # one scene's folder given: the run's folder is named
+    assert res.exit_code == 4 and f"this is one scene's output folder: collect the folder that holds it ({out})" in res.output
 
 
 def test_nothing_to_collect_is_a_clear_error(tmp_path):

@@ -290,6 +290,9 @@ def _entries(folder: Path) -> list[Path]:
 def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styles: bool = True) -> dict:
     scenes, skipped = find_units(out, log)
     if not scenes:
+        if (out / MANIFEST).is_file():  # a scene's own folder: collect takes the run's output folder above it
+            raise InputError(f"this is one scene's output folder: collect the folder that holds it ({out.parent})",
+                             path=str(out))
         raise InputError("no finished scene outputs to collect (no complete run.json under it)", path=str(out))
     one_legend(scenes, out)
     stage = out / STAGING / f".collect-{os.getpid()}"  # a dot: never a scene's staging name
