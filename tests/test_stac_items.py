@@ -118,3 +118,21 @@ def test_source_item_of_a_time_range_gives_its_range(tmp_path):
     assert (props["start_datetime"], props["end_datetime"]) == ("2015-09-26T00:00:00Z", "2015-09-27T00:00:00Z")
     assert props["datetime"] is None  # the source gives no instant: not its start
     assert props["tilescan:datetime_source"] == "source item"
+
+
+@pytest.mark.parametrize("tag, want", [
+    ("2015:07:04 10:20:30", "2015-07-04T10:20:30Z"),  # the TIFF form, no zone: UTC
+    ("2020-05-18T10:11:12.5+02:00", "2020-05-18T08:11:12Z"),  # a fraction and a zone: the zone kept
+    ("2020-05-18T10:11:12+02:00", "2020-05-18T08:11:12Z"),
+    ("0000:00:00 00:00:00", None), ("1970:01:01 00:00:00", None), ("yesterday", None), ("", None)])
+def test_a_scenes_date_tag_is_read_in_utc(tmp_path, tag, want):
+    path = tmp_path / "tagged.tif"
+    shutil.copy(scene("rasterio/RGB.byte.tif"), path)
+    if tag:
+        with rasterio.open(path, "r+") as ds:
+            ds.update_tags(TIFFTAG_DATETIME=tag)
+    from tilescan.scene.info import _acquired
+
+    with rasterio.open(path) as ds:
+        got = _acquired(ds, str(path))
+    assert (got or {}).get("datetime") == want

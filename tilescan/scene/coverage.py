@@ -11,7 +11,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from .grid import _ceil_div
-from .info import _open_quiet
+from .info import _open_quiet, pixel_interleaved
 
 #: A stored block is compared byte for byte with the others of its size only when it is at
 #: most this share of its raw size (a block of one value compresses to a sliver of it).
@@ -156,7 +156,7 @@ def find_empty_blocks(reader) -> BlockCoverage | None:
     nbr, nbc = _ceil_div(H, bh), _ceil_div(W, bw)
     if nbr * nbc > MAX_SCAN_BLOCKS:
         return None
-    pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+    pixel = pixel_interleaved(ds)
     planes = [1] if pixel else list(reader._read_idx)
     raw_bytes = fbh * fbw * reader._dtype.itemsize * (ds.count if pixel else 1)
     path = str(reader.info.path)

@@ -70,13 +70,18 @@ def tiling_warning(message: str, stacklevel: int = 2, *, code: str = "tiling", *
 BIG_STRIP_BYTES = 128 << 20
 
 
+def pixel_interleaved(ds) -> bool:
+    """Whether one block of the file holds every band (pixel-interleaved, or a single band),
+    rather than each band having blocks of its own."""
+    return ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
+
+
 def warn_big_strips(path: str, ds, rows: int) -> None:
     """A scene stored in compressed strips of ``rows`` rows too big for the cache (one strip for
     the whole scene, say) reads many times slower and with more memory than a tiled copy
     (benchmarks/README.md): say so, and how to make that copy."""
     rows = min(rows, ds.height)
-    pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "pixel")
-    strip = rows * ds.width * np.dtype(ds.dtypes[0]).itemsize * (ds.count if pixel else 1)
+    strip = rows * ds.width * np.dtype(ds.dtypes[0]).itemsize * (ds.count if pixel_interleaved(ds) else 1)
     if ds.compression and strip > BIG_STRIP_BYTES:
         whole = " (one strip holds the whole scene)" if rows >= ds.height else ""
         tiling_warning(f"{path}: stored in compressed strips of {rows} rows{whole}, {strip / 2**20:,.0f} MB each when "
@@ -256,16 +261,21 @@ def _scene_info(path: Path, ds) -> SceneInfo:
 def _acquired(ds, path: str) -> dict | None:
     """The scene's date from its metadata: GDAL's IMAGERY ACQUISITIONDATETIME (read from a local
     file's sidecars too: not probed on remote files, where each probe is a request), else the
-    TIFF's DateTime tag (the image's date; no zone is given, so taken as UTC)."""
+    TIFF's DateTime tag (the image's date by the TIFF spec, often when the file was made; with
+    no zone, taken as UTC). In UTC; an unset value (year 0, 1970-01-01 00:00) is none."""
     import datetime as dt
 
-    found = [] if path.startswith("/vsi") else [("IMAGERY ACQUISITIONDATETIME", ds.tags(ns="IMAGERY").get("ACQUISITIONDATETIME"))]
-    found.append(("TIFFTAG_DATETIME (the TIFF's image date, taken as UTC)", ds.tags().get("TIFFTAG_DATETIME")))
+    remote = "://" in path or path.startswith("/vsi")
+    found = [] if remote else [("IMAGERY ACQUISITIONDATETIME", ds.tags(ns="IMAGERY").get("ACQUISITIONDATETIME"))]
+    found.append(("TIFFTAG_DATETIME (the TIFF's image date)", ds.tags().get("TIFFTAG_DATETIME")))
     for tag, text in found:
-        for form in ("%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
-            with contextlib.suppress(ValueError, TypeError):
-                t = dt.datetime.strptime(str(text).strip().rstrip("\x00").split(".")[0], form)
-                return {"datetime": t.isoformat() + "Z", "from": tag}
+        # "2015:07:04 10:20:30" (TIFF) or ISO 8601: a date with ":" becomes "-", fractions of a second go
+        text = re.sub(r"^(\d{4}):(\d{2}):(\d{2})", r"\1-\2-\3", str(text or "").strip().rstrip("\x00"))
+        with contextlib.suppress(ValueError):
+            t = dt.datetime.fromisoformat(re.sub(r"(\d{2}:\d{2}:\d{2})\.\d+", r"\1", text))
+            t = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+            if t.year >= 1900 and t != dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc):
+                return {"datetime": t.strftime("%Y-%m-%dT%H:%M:%SZ"), "from": tag}
     return None
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 
+ALL = "all"  # the split that scores every image of the dataset (evaluate --split all)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -86,9 +87,9 @@ class Dataset:
                     problems.setdefault(why, []).append(p)
             for why, found in problems.items():
                 more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                whose = "image" if split == "all" else f"the {split} split's image"  # all: every image, in no split
+                whose = "image" if split == ALL else f"the {split} split's image"  # every image, in no split
                 said.append(f"{whose} '{found[0]}'{more} {why}")
-                wheres.add(Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists and split != "all" else self.root)
+                wheres.add(Path(self.split_source[len("lists:"):]) / f"{split}.txt" if lists and split != ALL else self.root)
         if said:
             where = wheres.pop() if len(wheres) == 1 else self.root
             raise InputError("; ".join(said), path=str(where))

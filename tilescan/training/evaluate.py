@@ -43,12 +43,12 @@ from ..log import emit
 from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
 from ..outputs.fonts import check_names
 from .cam_study import explanation_study, explanation_table, study_rows
+from .data import ALL
 from .metrics import compute_metrics
 from ..explain.figures import RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts, new_figure, render_rows, save_figure
 
 DEFAULT_OUT_DIR = "evaluation"
 SEED = 20261126
-ALL = "all"  # the split that scores every image of the dataset
 
 
 def _workers() -> int:

@@ -57,7 +57,7 @@ def plot_history(history_csv: Path, png: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     val_loss = np.array(col("val_loss"), dtype=np.float64)
-    best = ep[int(np.nanargmin(val_loss))] if np.isfinite(val_loss).any() else None  # what training keeps
+    best = ep[int(np.nanargmin(val_loss))] if np.isfinite(val_loss).any() else None  # kept, unless min_delta asks more
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for ax, metric in ((a, "loss"), (b, "accuracy")):
         ax.plot(ep, col(metric), marker=".", label="train")  # markers: one epoch is a point, not an empty plot
