@@ -211,10 +211,7 @@ def run_evaluate(
 
     ds, lm, items, overlap = _eval_inputs(model_path, data, split, splits_dir, log)
     check_names(lm.classes, log, "the confusion matrix")
-    if limit is not None and int(limit) < len(items):  # as train --limit picks its val images: its score reproduces
-        from .data import spread
-
-        items = spread(items, int(limit))
+    items = _limited(items, limit)
     rel_paths = [p for p, _ in items]
     paths = [ds.root / p for p in rel_paths]
     y_true = np.array([c for _, c in items], dtype=np.int64)
@@ -262,6 +259,14 @@ def run_evaluate(
     _remove_stale(out, outputs)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
+
+
+def _limited(items: list, limit: int | None) -> list:
+    """``limit`` of the items, spread over the classes as train --limit picks its validation
+    images (so a model's recorded score reproduces); all of them without a limit."""
+    from .data import spread
+
+    return spread(items, int(limit)) if limit is not None and int(limit) < len(items) else items
 
 
 def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
