@@ -169,8 +169,8 @@ def _when(source: dict, acquired: dict | None,
           finished: dt.datetime) -> tuple[dt.datetime | None, tuple[dt.datetime | None, dt.datetime | None], str]:
     """The item's datetime, its start and end, and where they come from: the source item's,
     the scene's acquisition or image date (run.json ``scene_info.acquired``), else the run's end."""
-    def parse(text):
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    def parse(text):  # in UTC, as the run's own times are written
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(dt.timezone.utc) if text else None
 
     span = parse(source.get("start_datetime")), parse(source.get("end_datetime"))
     if source.get("datetime") or all(span):
@@ -200,7 +200,7 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
         return None, (f"no footprint: the scene's corners cannot be put in longitude and latitude ({why}); "
                       "a view past the Earth's edge (a geostationary disc) has corners in space")
     geometry = _in_longitude_range(geometry)
-    polys = [[_ccw(ring) for ring in poly] for poly in _polygons(geometry)]
+    polys = [[_ccw(part) for part in poly] for poly in _polygons(geometry)]
     return ({"type": "Polygon", "coordinates": polys[0]} if geometry["type"] == "Polygon"
             else {"type": "MultiPolygon", "coordinates": polys}), None
 

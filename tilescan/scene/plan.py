@@ -463,7 +463,7 @@ def _checked_info(path, ds, cfg: TilingConfig) -> SceneInfo:
     if not info.georeferenced:
         _allow_pixel_space(p, ds, cfg)
     bh, bw = ds.block_shapes[0]
-    if bw >= ds.width and bh > 1:  # strips as stored (coverage.find_empty_blocks sees those GDAL cuts up)
+    if bw >= ds.width and bh > 1:  # strips as stored; one GDAL shows cut into rows reads near tiled speed
         warn_big_strips(p, ds, bh)
     return info
 
