@@ -103,6 +103,7 @@ def test_summary_counts_tiles_and_area_per_class_per_scene(ref):
         assert n == want.loc[key, "tiles"] and area == pytest.approx(want.loc[key, "area"], abs=1e-3)  # written in mm² steps
     summary = json.loads((ref / "collected" / "summary.json").read_text())
     assert summary["tiles"] == len(df)
+    assert not (ref / "collected" / "collection.json").exists()  # no STAC items made: no STAC collection
     runs = {u: json.loads((ref / u / "run.json").read_text())["counts"] for u in bh.UNITS}
     for name, s in summary["scenes"].items():
         assert s["complete"] and s["units"] == [name]

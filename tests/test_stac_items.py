@@ -136,3 +136,37 @@ def test_a_scenes_date_tag_is_read_in_utc(tmp_path, tag, want):
     with rasterio.open(path) as ds:
         got = _acquired(ds, str(path))
     assert (got or {}).get("datetime") == want
+
+
+def test_collect_makes_a_collection_gdal_and_pystac_read(items):
+    """collect: collection.json links each scene's item (extent theirs), items.json holds them as
+    one ItemCollection naming the collection, its assets by absolute path;
+    GDAL's STACIT driver mosaics the label COGs of one CRS from it on their own grid."""
+    import os
+
+    import pystac
+    from pystac.validation import validate_dict
+
+    out, _ = items
+    assert tilescan.collect(out)["tiles"] > 0
+    c = json.loads((out / "collected" / "collection.json").read_text())
+    validate_dict({**c, "stac_extensions": []})  # the core Collection schema, pystac's own copy
+    col = pystac.Collection.from_file(str(out / "collected" / "collection.json"))
+    got = {i.id: i for i in col.get_items()}
+    assert set(got) == {"m_4709963_se_14_1_20190904-tilescan", "image_geos-tilescan", "tagged-tilescan"}
+    (box,) = col.extent.spatial.bboxes
+    for it in got.values():
+        if it.bbox:
+            assert box[0] <= it.bbox[0] and box[1] <= it.bbox[1] and it.bbox[2] <= box[2] and it.bbox[3] <= box[3]
+    assert col.extent.temporal.intervals[0][0].year == 2015  # the tagged scene's date is the first
+    ic = pystac.ItemCollection.from_file(str(out / "collected" / "items.json"))
+    assert len(ic.items) == 3 and all(i.collection_id == c["id"] for i in ic.items)
+    for it in ic.items:
+        for asset in it.assets.values():
+            assert os.path.isabs(asset.href) and os.path.isfile(asset.href), asset.href
+    naip = out / NAIP.split("/")[-1][:-4] / "labels.tif"
+    with rasterio.open(f'STACIT:"{out / "collected" / "items.json"}":asset=labels') as ds:
+        (one,) = [s for s in ds.subdatasets if s.endswith("crs=EPSG_26914")]
+    with rasterio.open(one) as mosaic, rasterio.open(naip) as cog:
+        assert mosaic.res == cog.res and tuple(mosaic.bounds) == pytest.approx(tuple(cog.bounds))
+        assert (mosaic.read(1) == cog.read(1)).all()

@@ -320,6 +320,10 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
             drawn = {name for name, s in summary["scenes"].items() if not s.get("clipped_tiles")}  # off a disc: not
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
                                               if sc.name in drawn])
+        from .stac_items import COLLECTION, ITEM_COLLECTION, write_collection
+
+        if n := write_collection(stage, out, [u.folder for sc in scenes for u in sc.units], log):
+            log(f"collect: {COLLECTION} and {ITEM_COLLECTION}: a STAC Collection of the {n} scenes' items")
         with stop.deferred():  # a stop halfway would drop what the user added to OUT/collected with the new set
             _swap_into_place(stage, dest, log)
             stop.settle()  # the set is in place: a stop from here on has nothing to undo

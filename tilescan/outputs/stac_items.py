@@ -271,3 +271,60 @@ def write_items(out: Path, folders: list[Path], log: Callable[[str], None]) -> d
         if folder in said:
             log(f"warning: {said[folder]['message']}")
     return said
+
+
+COLLECTION = "collection.json"
+ITEM_COLLECTION = "items.json"
+
+
+def write_collection(stage: Path, out: Path, folders: list[Path], log: Callable[[str], None]) -> int:
+    """``collection.json`` (a STAC Collection linking each scene's ``item.json`` by relative
+    paths, its extent theirs) and ``items.json`` (those items as one ItemCollection, each
+    naming the Collection, its assets by absolute path: what GDAL's STACIT driver and pgstac
+    take) into ``stage``, the collected folder being made in ``out``, for the whole-scene
+    folders of ``folders`` that have an item (``run --stac-items``); returns how many."""
+    items = []
+    for folder in folders:
+        if folder.parent == out and (folder / ITEM).is_file():
+            try:
+                items.append((folder, json.loads((folder / ITEM).read_text())))
+            except (OSError, ValueError) as exc:
+                log(f"warning: collect: {folder / ITEM} cannot be read ({exc}): left out of {COLLECTION}")
+    if not items:
+        return 0
+    cid = f"{out.name}-tilescan"
+    features = []
+    for folder, d in items:
+        d = {**d, "collection": cid, "links": d.get("links", []) + [{"rel": "collection", "href": f"./{COLLECTION}",
+                                                                      "type": "application/json"}]}
+        # absolute: GDAL takes a relative href from its working folder, not from the document
+        d["assets"] = {k: {**a, "href": str((folder / a["href"]).resolve())} for k, a in d["assets"].items()}
+        features.append(d)
+    collection = {
+        "type": "Collection", "stac_version": "1.1.0", "id": cid, "title": f"tilescan outputs in {out.name}",
+        "description": "Tile labels, CAM heatmaps and tables that tilescan made, one item per scene",
+        "license": "other", "extent": {"spatial": {"bbox": [_union_bbox([d.get("bbox") for _, d in items])]},
+                                       "temporal": {"interval": [_interval([d["properties"] for _, d in items])]}},
+        "links": [{"rel": "item", "href": f"../{folder.name}/{ITEM}", "type": "application/geo+json"} for folder, _ in items]
+                 + [{"rel": "items", "href": f"./{ITEM_COLLECTION}", "type": "application/geo+json"}]}
+    write_json(stage / COLLECTION, collection)
+    write_json(stage / ITEM_COLLECTION, {"type": "FeatureCollection", "features": features})
+    return len(items)
+
+
+def _union_bbox(boxes: list) -> list[float]:
+    """The lon/lat box round the items' boxes; the whole range of longitudes where one crosses
+    180° (west > east) or none has a box (no footprint)."""
+    boxes = [b for b in boxes if b]
+    if not boxes:
+        return [-180.0, -90.0, 180.0, 90.0]
+    south, north = min(b[1] for b in boxes), max(b[3] for b in boxes)
+    if any(b[0] > b[2] for b in boxes):
+        return [-180.0, south, 180.0, north]
+    return [min(b[0] for b in boxes), south, max(b[2] for b in boxes), north]
+
+
+def _interval(props: list[dict]) -> list[str | None]:
+    """The first and last time of the items (datetime, or start and end)."""
+    times = sorted(t for p in props for t in (p.get("datetime"), p.get("start_datetime"), p.get("end_datetime")) if t)
+    return [times[0], times[-1]] if times else [None, None]
