@@ -170,3 +170,24 @@ def test_collect_makes_a_collection_gdal_and_pystac_read(items):
     with rasterio.open(one) as mosaic, rasterio.open(naip) as cog:
         assert mosaic.res == cog.res and tuple(mosaic.bounds) == pytest.approx(tuple(cog.bounds))
         assert (mosaic.read(1) == cog.read(1)).all()
+
+
+def test_collect_keeps_no_stale_collection_and_names_the_scenes_left_out(items, tmp_path):
+    """Collected from inside OUT (`collect .`), the collection is named after OUT; a scene without
+    an item (run without --stac-items) is named as left out; once no scene has one, the old
+    collection.json and items.json go with the old set (they were kept as files of the user's)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    shutil.copytree(items[0], out, ignore=shutil.ignore_patterns("collected", ".tilescan-*"))
+    (out / "tagged" / "item.json").unlink()
+    p = subprocess.run([sys.executable, "-m", "tilescan", "collect", "."], cwd=out, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "1 scene folder(s) without a STAC item, left out of collection.json: tagged" in p.stderr, p.stderr
+    c = json.loads((out / "collected" / "collection.json").read_text())
+    assert c["id"] == "out-tilescan" and len([k for k in c["links"] if k["rel"] == "item"]) == 2
+    for f in out.glob("*/item.json"):
+        f.unlink()
+    tilescan.collect(out)
+    assert not (out / "collected" / "collection.json").exists() and not (out / "collected" / "items.json").exists()

@@ -237,7 +237,8 @@ def staging_lock(entry: str) -> str | None:
 #: (``labels.tif.aux.xml``, ``tiles.gpkg-journal``), the unit's ``<name>.qgs`` and row-band parts.
 UNIT_FILES = frozenset({"labels.tif", "heatmap.tif", "tiles.parquet", "tiles.gpkg", "quicklook.png", MANIFEST,
                         "item.json", "labels.qml", "heatmap.qml", "tiles.qml"})
-COLLECTED_FILES = frozenset({"tiles.parquet", "tiles.gpkg", "summary.csv", "summary.json", "collected.qgs", "tiles.qml"})
+COLLECTED_FILES = frozenset({"tiles.parquet", "tiles.gpkg", "summary.csv", "summary.json", "collected.qgs", "tiles.qml",
+                             "collection.json", "items.json"})  # the last two: outputs.stac_items.write_collection
 
 
 def carry_over(old: Path, new: Path, ours: frozenset[str], project: str | None = None) -> list[str]:

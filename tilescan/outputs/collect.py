@@ -254,6 +254,7 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     if not out.is_dir():
         raise InputError("is a file, not the output folder of a run" if out.exists() else "no such output folder",
                          path=str(out))
+    out = Path(os.path.abspath(out))  # "." or ".." named: the folder's own name (the STAC collection's id), a swap from inside it
     dest = out / COLLECTED
     if (dest / MANIFEST).exists() or any(p.is_dir() and layout.PART_RE.fullmatch(p.name) for p in _entries(dest)):
         raise OutputError("this folder holds a scene's outputs (from a tilescan older than its scene-name "

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..layout import MANIFEST
+from ..layout import COLLECTED, MANIFEST
 from .cog import LABEL_NODATA
 from .files import write_json
 from .geometry import crs_text
@@ -283,20 +283,26 @@ def write_collection(stage: Path, out: Path, folders: list[Path], log: Callable[
     naming the Collection, its assets by absolute path: what GDAL's STACIT driver and pgstac
     take) into ``stage``, the collected folder being made in ``out``, for the whole-scene
     folders of ``folders`` that have an item (``run --stac-items``); returns how many."""
-    items = []
+    items, without = [], []
     for folder in folders:
-        if folder.parent == out and (folder / ITEM).is_file():
-            try:
-                items.append((folder, json.loads((folder / ITEM).read_text())))
-            except (OSError, ValueError) as exc:
-                log(f"warning: collect: {folder / ITEM} cannot be read ({exc}): left out of {COLLECTION}")
+        if folder.parent != out or not (folder / ITEM).is_file():
+            name = folder.relative_to(out).parts[0] if folder.is_relative_to(out) else str(folder)
+            without += [name] if name not in without else []  # a scene of row bands once
+            continue
+        try:
+            items.append((folder, json.loads((folder / ITEM).read_text())))
+        except (OSError, ValueError) as exc:
+            log(f"warning: collect: {folder / ITEM} cannot be read ({exc}): left out of {COLLECTION}")
     if not items:
         return 0
+    if without:  # a scene run without --stac-items, or split into row bands (which get no item)
+        log(f"collect: {len(without)} scene folder(s) without a STAC item, left out of {COLLECTION}: "
+            f"{', '.join(without[:5])}{' …' if len(without) > 5 else ''} (run --stac-items on them writes one)")
     cid = f"{out.name}-tilescan"
     features = []
     for folder, d in items:
-        d = {**d, "collection": cid, "links": d.get("links", []) + [{"rel": "collection", "href": f"./{COLLECTION}",
-                                                                      "type": "application/json"}]}
+        d = {**d, "collection": cid, "links": d.get("links", []) + [{"rel": "collection", "type": "application/json",
+                                                                      "href": str(out / COLLECTED / COLLECTION)}]}
         # absolute: GDAL takes a relative href from its working folder, not from the document
         d["assets"] = {k: {**a, "href": str((folder / a["href"]).resolve())} for k, a in d["assets"].items()}
         features.append(d)
