@@ -61,8 +61,8 @@ def test_big_compressed_strips_are_said(tmp_path):
     src = scene("rasterio/RGB.byte.tif")
     one = _copy(src, tmp_path / "one.tif", "uint16", tiled=False, blockysize=6000, compress="lzw")
     (msg,) = _strip_warnings(one)
-    assert "stored in compressed strips of 6000 rows (one strip holds the whole scene), 136 MB each when decoded" in msg
-    assert "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE one.tif tiled.tif" in msg
+    assert "stored in compressed strips of 6000 rows (one strip holds the whole scene), 136 MiB each when decoded" in msg
+    assert "gdal_translate -co TILED=YES -co COMPRESS=DEFLATE one.tif tiled.tif (or gdal_translate -of COG one.tif cog.tif)" in msg
     for name, layout in (("tiled", dict(tiled=True, blockxsize=256, blockysize=256, compress="lzw")),
                          ("rows", dict(tiled=False, blockysize=16, compress="lzw")),
                          ("raw", dict(tiled=False, blockysize=6000, compress=None))):

@@ -84,10 +84,12 @@ def warn_big_strips(path: str, ds, rows: int) -> None:
     strip = rows * ds.width * np.dtype(ds.dtypes[0]).itemsize * (ds.count if pixel_interleaved(ds) else 1)
     if ds.compression and strip > BIG_STRIP_BYTES:
         whole = " (one strip holds the whole scene)" if rows >= ds.height else ""
-        tiling_warning(f"{path}: stored in compressed strips of {rows} rows{whole}, {strip / 2**20:,.0f} MB each when "
+        name = Path(path).name
+        tiling_warning(f"{path}: stored in compressed strips of {rows} rows{whole}, {strip / 2**20:,.0f} MiB each when "
                        "decoded: every read decodes a whole strip again, so the scene reads several times slower and "
                        "with more memory than a tiled copy; make one with gdal_translate -co TILED=YES -co "
-                       f"COMPRESS=DEFLATE {Path(path).name} tiled.tif (or -of COG)", stacklevel=4, code="big_strips")
+                       f"COMPRESS=DEFLATE {name} tiled.tif (or gdal_translate -of COG {name} cog.tif)", stacklevel=4,
+                       code="big_strips")
 
 
 @contextlib.contextmanager

@@ -373,7 +373,7 @@ def _log_summary(metrics: dict, n: int, report: dict, outputs: list[str], out: P
     absent = [r for r in metrics["per_class"] if r["support"] == 0 and r.get("predicted")]
     log("weakest classes (F1): " + (", ".join(f"{r['class']} {r['f1']:.3f}" for r in weakest) or "none below 1")
         + ("; predicted, with no image in the split (all wrong): " + ", ".join(
-            f"{r['class']} {r['predicted']} times" for r in absent) if absent else ""))
+            f"{r['class']} {r['predicted']} time{'s' if r['predicted'] != 1 else ''}" for r in absent) if absent else ""))
     log(f"wrote {', '.join(outputs)} to {out}")
 
 
