@@ -307,7 +307,7 @@ def scale_note(details: Sequence[dict]) -> str | None:
         lo, hi = d.get("model_input_gsd_m") or (None, None)
         if d["code"] == "scale_out_of_range":
             pixels, per_input = d.get("scene_gsd_m") or 0.0, d["input_gsd_m"]
-            if pixels > per_input and pixels > hi:  # coarse pixels in tiles enlarged to the input: the pixels say it
+            if pixels > per_input and scale_side(pixels, lo, hi) == "coarser":  # coarse pixels enlarged to the input
                 at, side = f"{_metres(pixels)} pixels, enlarged to {_metres(per_input)} per model input pixel", "coarser"
             else:
                 at, side = f"{_metres(per_input)} per model input pixel", "coarser" if per_input > hi else "finer"
