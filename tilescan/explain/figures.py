@@ -535,7 +535,7 @@ def _explain_batch(items: list[_Item], cams: dict, methods: list[str], target_id
 def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, methods: list[str],
                       classes: Sequence[str], target_idx: int | None) -> tuple[list[FigureRow], list[dict]]:
     """The figure rows and the JSON records of the explained items."""
-    from ..pipeline.process import _cam_stats
+    from ..pipeline.process import cam_stats
 
     probs, explained = first.probs, first.target
     pred = probs.argmax(axis=1)
@@ -543,7 +543,7 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
     valid = np.stack([it.valid for it in items]) if all(it.valid is not None for it in items) else None
     fractions = np.array([it.info.get("valid_fraction", 1.0) or 1.0 for it in items])  # no data: the whole map, as drawn
     # each map's statistics over the cells holding data, as run's table has them (tiles.parquet)
-    stats = {m: _cam_stats(np.asarray(results[m].cam, np.float32), np.asarray(results[m].raw, np.float32), fractions, valid)
+    stats = {m: cam_stats(np.asarray(results[m].cam, np.float32), np.asarray(results[m].raw, np.float32), fractions, valid)
              for m in methods}
     for i, it in enumerate(items):
         c = int(explained[i])

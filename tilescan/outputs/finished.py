@@ -434,7 +434,7 @@ def unfinished_in_run(reports: list[tuple[str, dict]], collected: set[str]) -> l
     return out
 
 
-#: How a run says that the outputs in a scene's way are another scene file's (run's ``_what_differs``).
+#: How a run says that the outputs in a scene's way are another scene file's (``pipeline.made.what_differs``).
 OTHER_FILE = "of another scene file of the same name"
 
 

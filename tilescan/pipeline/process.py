@@ -261,7 +261,7 @@ def _cam_cover(valid: np.ndarray, h: int, w: int) -> np.ndarray:
     return counts / area
 
 
-def _cam_stats(cam: np.ndarray, raw: np.ndarray, fractions: np.ndarray, valid: np.ndarray | None) -> tuple:
+def cam_stats(cam: np.ndarray, raw: np.ndarray, fractions: np.ndarray, valid: np.ndarray | None) -> tuple:
     """Mean (weighted by each cell's valid share), max, raw max and peak cell of each tile's
     CAM over its valid pixels, as the heatmap shows it: padding past the scene's edge and
     nodata count for nothing."""
@@ -293,7 +293,7 @@ def _batch_rows(tiles: TileSet, fractions: Sequence[float], res, transform: Affi
     col_off, row_off = tiles.col_off, tiles.row_off
     size = np.full(n, tiles.grid.tile_size, dtype=np.int64)
     fractions = np.asarray(fractions, dtype=np.float32)
-    cam_mean, cam_max, cam_raw_max, peak = _cam_stats(cam, raw, fractions, valid)
+    cam_mean, cam_max, cam_raw_max, peak = cam_stats(cam, raw, fractions, valid)
     py, px = np.divmod(peak, w)
     pcol = col_off + (px + 0.5) * size / w
     prow = row_off + (py + 0.5) * size / h
