@@ -120,3 +120,37 @@ def test_cronjob_command_equals_one_process(tmp_path, tmp_path_factory):
     assert rc == 0, err
     assert "collect:" in err  # the same command collected after running
     bh.assert_same_tiles(bh.collected(data / "out"), bh.collected(bh.reference(tmp_path_factory)), exact=True)
+
+
+def test_pods_run_as_the_images_own_user_not_root():
+    """Every manifest's pod runs as the non-root user the images create (a cluster enforcing the
+    "restricted" Pod Security Standard admits them), its volume writable to that group."""
+    ids = set()
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        docker = (bh.K8S / name).read_text()
+        (user,) = re.findall(r"^USER (\d+):(\d+)$", docker, re.M)
+        assert re.search(rf"useradd --uid {user[0]} ", docker)
+        ids.add(tuple(map(int, user)))
+    ((uid, gid),) = ids
+    assert uid != 0
+    for path in MANIFESTS:
+        doc = yaml.safe_load(path.read_text())
+        if doc["kind"] == "PersistentVolumeClaim":
+            continue
+        spec = (doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"])["template"]["spec"]
+        sc = spec["securityContext"]
+        assert (sc["runAsNonRoot"], sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]) == (True, uid, gid, gid), path.name
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        c = bh.container(doc)["securityContext"]
+        assert c["allowPrivilegeEscalation"] is False and c["capabilities"]["drop"] == ["ALL"], path.name
+
+
+def test_cronjob_ends_at_once_on_what_a_retry_cannot_mend():
+    """The nightly Job fails at once on exit codes a retry would repeat, and a stop (75) or an
+    eviction does not count against its backoffLimit: the next pod resumes."""
+    spec = yaml.safe_load((bh.K8S / "cronjob.yaml").read_text())["spec"]["jobTemplate"]["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    by_action = {r["action"]: sorted(r["onExitCodes"]["values"]) for r in rules if "onExitCodes" in r}
+    assert by_action == {"FailJob": [2, 3, 4, 5, 6], "Ignore": [75]}
+    assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget"
+               for r in rules if "onPodConditions" in r)
