@@ -164,6 +164,8 @@ def test_collect_makes_a_collection_gdal_and_pystac_read(items):
     for it in ic.items:
         for asset in it.assets.values():
             assert os.path.isabs(asset.href) and os.path.isfile(asset.href), asset.href
+    if tuple(map(int, rasterio.__gdal_version__.split(".")[:2])) < (3, 10):
+        pytest.skip(f"GDAL's STACIT driver reads proj:code from 3.10 on; rasterio's GDAL is {rasterio.__gdal_version__}")
     naip = out / NAIP.split("/")[-1][:-4] / "labels.tif"
     with rasterio.open(f'STACIT:"{out / "collected" / "items.json"}":asset=labels') as ds:
         (one,) = [s for s in ds.subdatasets if s.endswith("crs=EPSG_26914")]

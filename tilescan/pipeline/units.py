@@ -144,7 +144,7 @@ def _package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"tilescan": __version__}
-    for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "numpy", "rasterio", "pyarrow", "rio-cogeo", "opencv-python-headless"):
+    for name in ("keras", "tensorflow-cpu", "tensorflow", "jax", "torch", "numpy", "rasterio", "pyarrow", "opencv-python-headless"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
