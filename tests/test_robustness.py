@@ -1084,6 +1084,16 @@ def bad_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
     with zipfile.ZipFile(m["metadata_mismatch"], "w") as zf:
         for n, b in dict(members, **{"tilescan.json": json.dumps(meta).encode()}).items():
             zf.writestr(n, b)
+    # saved by a newer Keras: a layer option this Keras does not know (3.15 added such options)
+    config = json.loads(members["config.json"])
+    layer = next(x for x in config["config"]["layers"] if x["class_name"] != "InputLayer")
+    layer["config"]["future_axes"] = [1]
+    newer = dict(members, **{"config.json": json.dumps(config).encode(),
+                             "metadata.json": json.dumps({"keras_version": "99.1.0"}).encode()})
+    m["from_newer_keras"] = d / "newer.keras"
+    with zipfile.ZipFile(m["from_newer_keras"], "w") as zf:
+        for n, b in newer.items():
+            zf.writestr(n, b)
     m["missing"] = d / "does_not_exist.keras"
     return m
 
@@ -1095,6 +1105,7 @@ MODEL_CASES = {
     "truncated": "not a .keras model file",
     "garbage_weights": "cannot load the Keras model",
     "metadata_mismatch": "the model has 3 outputs but its metadata names 5 classes",
+    "from_newer_keras": 'saved by Keras 99.1.0, newer than the installed 3.',
     "missing": "model file not found",
 }
 
@@ -1106,7 +1117,7 @@ def test_corrupt_or_foreign_model(case, bad_models, tmp_path, scenes_dir):
     assert res.exit_code == 5, res.output
     assert f"tilescan: error: {bad_models[case]}: " in res.output and MODEL_CASES[case] in res.output
     assert not (out / "cog_rgb").exists()
-    if case in ("garbage_weights", "metadata_mismatch"):  # found when the model loads: the run's report says so
+    if case in ("garbage_weights", "metadata_mismatch", "from_newer_keras"):  # found when the model loads: the run's report says so
         rep = json.loads((out / "report.json").read_text())
         assert rep["exit_code"] == 5 and MODEL_CASES[case] in rep["error"]["message"]
     else:  # found in the file's metadata, before the run makes OUT

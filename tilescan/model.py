@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -312,6 +313,27 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return validate_metadata(meta, p)
 
 
+def _load_failure(exc: Exception, path: Path, installed: str) -> str:
+    """Why Keras could not load a model file, short, and what to do where the file was saved by
+    a newer Keras than the one installed (its layers may take options this one does not know)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > 800:  # Keras quotes a whole layer's config in some messages; the cause ends them
+        text = f"{text[:300]} … {text[-400:]}"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            saved = str(json.loads(zf.read("metadata.json")).get("keras_version") or "")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        saved = ""
+
+    def release(v: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", v)[:3])
+
+    if saved and release(saved) > release(installed):
+        text += (f"; the file was saved by Keras {saved}, newer than the installed {installed}: "
+                 f"upgrade it (pip install -U \"keras>={saved}\")")
+    return f"cannot load the Keras model: {text}"
+
+
 def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
     """Load a tilescan model (the packaged default when ``path`` is None)."""
     p = model_path(path)
@@ -324,7 +346,7 @@ def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
         with loading_without_compiles(keras), callers_draws():  # Keras draws layer seeds from Python's random
             model = keras.saving.load_model(p, compile=False)
     except Exception as exc:  # Keras raises many types for a damaged archive
-        raise ModelError(f"cannot load the Keras model: {type(exc).__name__}: {exc}", path=p) from None
+        raise ModelError(_load_failure(exc, p, keras.__version__), path=p) from None
     n_out = int(model.output_shape[-1])
     if n_out != len(meta["classes"]):
         raise ModelError(
