@@ -375,6 +375,37 @@ def test_lock_file_is_removed_when_released(tmp_path):
     assert not (tmp_path / layout.LOCKS).exists()
 
 
+def test_lock_files_follow_the_umask_and_one_not_writable_is_still_taken(tmp_path):
+    """In a group's shared folder (umask 002) a lock file is group-writable, so the group's other
+    runs can take it; a lock file this user may read but not write (one a killed run of another
+    user left) is taken all the same: flock needs no write access."""
+    import shutil
+    import stat
+    import subprocess
+    import sys
+
+    path = tmp_path / layout.LOCKS / "scene.lock"
+    was = os.umask(0o002)
+    try:
+        lock = layout.FileLock(path)
+        lock.acquire()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o664
+        lock.release()
+    finally:
+        os.umask(was)
+    path.write_text("pid 1 on elsewhere")
+    path.chmod(0o444)
+    caps = "-dac_override,-dac_read_search"  # root as an ordinary user: file modes apply
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to take a lock as an ordinary user while root")
+    code = ("import sys; from pathlib import Path; from tilescan import layout; "
+            "lock = layout.FileLock(Path(sys.argv[1])); lock.acquire(); lock.release(); print('taken')")
+    p = subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "taken", p.stderr
+    assert not path.exists()  # released: removed, as every lock is
+
+
 # ----------------------------------------------------------------------------- properties
 
 _ANY = st.text(st.characters(blacklist_categories=()), max_size=300)  # surrogates included

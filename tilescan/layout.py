@@ -298,6 +298,17 @@ class Busy(Exception):
         self.holder = holder
 
 
+def _open_lock_file(path: Path) -> int:
+    """A lock file's descriptor: made readable and writable as the umask allows (a shared
+    group folder's umask 002 lets the group take it), or opened read-only where it is another
+    user's that this one may not write (flock needs no write access; the holder's name is
+    then not written)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 class FileLock:
     """An exclusive, non-blocking ``flock`` on ``path``; the file is removed on release.
 
@@ -313,7 +324,7 @@ class FileLock:
         for _ in range(1000):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = _open_lock_file(self.path)
             except FileNotFoundError:  # the folder was tidied away just now
                 continue
             try:
