@@ -1669,3 +1669,24 @@ def test_tiling_covers_every_valid_pixel_under_any_transform(geom, transform, se
                 np.testing.assert_allclose(r.tile_bounds(t), rasterio.windows.bounds(w, r.info.transform),
                                            rtol=0, atol=1e-9 * scale)
             np.testing.assert_array_equal(covered, truth)
+
+
+def test_a_closed_log_pipe_or_stderr_does_not_stop_the_run(tmp_path, tiny_model):
+    """``run … 2>&1 | head -1`` (the messages' reader gone after one line) and ``run … 2>&-``
+    (no stderr at all): every scene is finished, the exit code and report.json say so."""
+    import batch_helpers as bh
+
+    args = [bh.exe(), "run", scene(SMALL), scene(AERIAL), "--model", str(tiny_model), "--units", "px",
+            "--tile-size", "128", "-v"]
+    p = subprocess.Popen([*args, "-o", str(tmp_path / "piped")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         env=bh.env())
+    assert p.stdout.readline()
+    p.stdout.close()  # as `head -1` does once it has its line
+    assert p.wait(timeout=300) == 0
+    closed = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *args, "-o", str(tmp_path / "closed")],
+                            capture_output=True, text=True, env=bh.env(), timeout=300)
+    assert closed.returncode == 0, closed.stdout
+    for out in ("piped", "closed"):
+        report = read_report(tmp_path / out)
+        assert report["exit_code"] == 0 and report["counts"]["done"] == 2, report
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["cog_rgb", "image_rgb", "report.json"]

@@ -138,14 +138,14 @@ def _without_tensorflow_chatter():
     tilescan's) are delayed, not lost."""
     import tempfile
 
-    sys.stderr.flush()
+    _flush_stderr()
     saved = os.dup(2)
     scratch = tempfile.TemporaryFile()
     try:
         os.dup2(scratch.fileno(), 2)
         yield
     finally:
-        sys.stderr.flush()
+        _flush_stderr()
         os.dup2(saved, 2)
         os.close(saved)
         scratch.seek(0)
@@ -153,8 +153,18 @@ def _without_tensorflow_chatter():
         scratch.close()
         kept = "".join(line for line in lines if not _TF_CHATTER.match(line))
         if kept:
-            sys.stderr.write(kept)
-            sys.stderr.flush()
+            _flush_stderr(kept)
+
+
+def _flush_stderr(text: str = "") -> None:
+    """``text`` onto stderr, and what it holds out; where its reader is gone (a closed pipe), onto /dev/null."""
+    from .log import stderr_to_devnull
+
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except BrokenPipeError:
+        stderr_to_devnull()
 
 
 _loading = threading.local()  # set on the thread that loads a model under loading_without_compiles

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 import warnings
 from typing import Iterator
@@ -37,6 +39,18 @@ def emit(msg: str) -> None:
 STDERR_LOCK = threading.RLock()
 
 _WARNINGS_LOCK = threading.RLock()
+
+
+def stderr_to_devnull() -> None:
+    """File descriptor 2 (and ``sys.stderr``, where there is none) onto /dev/null: where the
+    reader of the messages is gone (a pipe closed at its end: ``2>&1 | head``) or there never
+    was one (``2>&-``), the rest go nowhere and the work goes on; report.json is its record."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != 2:
+        os.dup2(null, 2)
+        os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
 @contextlib.contextmanager

@@ -16,11 +16,18 @@ def entry() -> None:
     from ..errors import EXIT_INTERRUPTED
 
     own_process()
+    if sys.stderr is None:  # started with file descriptor 2 closed (2>&-): messages go nowhere, the run goes on
+        from ..log import stderr_to_devnull
+
+        stderr_to_devnull()
     try:
         main()
     except SystemExit as done:
         if done.code == EXIT_INTERRUPTED:  # stopped: end now, its files closed, without the interpreter's teardown,
-            sys.stdout.flush()  # where a TensorFlow thread a stop left at work can abort the process (SIGABRT, not 75)
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):  # where a TensorFlow thread a stop left at work can abort
+                try:  # the process (SIGABRT, not 75); a stream gone (closed, or a closed pipe) holds nothing to keep
+                    stream.flush()
+                except (AttributeError, OSError, ValueError):
+                    pass
             os._exit(EXIT_INTERRUPTED)
         raise

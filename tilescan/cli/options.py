@@ -17,7 +17,7 @@ import click
 from .. import stop
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TilescanError
-from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger
+from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger, stderr_to_devnull
 
 
 class OutPath(click.Path):
@@ -91,8 +91,17 @@ class _CliHandler(logging.Handler):
 
     @staticmethod
     def _echo(line: str) -> None:
-        with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
+        say(line)
+
+
+def say(line: str) -> None:
+    """A line on stderr; where its reader is gone (a closed pipe), stderr turns to /dev/null
+    and the command goes on."""
+    with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
+        try:
             click.echo(line, err=True)
+        except BrokenPipeError:
+            stderr_to_devnull()
 
 
 def configure_logging(ctx: _Ctx) -> None:
@@ -188,11 +197,11 @@ def _body(fn: Callable[[], Any]):
     try:
         return fn()
     except TilescanError as exc:
-        click.echo(f"tilescan: error: {exc}{_model_from_env(exc)}", err=True)  # "error:" as a scene's error lines
+        say(f"tilescan: error: {exc}{_model_from_env(exc)}")  # "error:" as a scene's error lines
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, stop.Interrupted) as exc:
         name = exc.signame if isinstance(exc, stop.Interrupted) else "SIGINT"
-        click.echo(f"tilescan: stopped by {name}", err=True)
+        say(f"tilescan: stopped by {name}")
         sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.Exit:
         raise
@@ -201,8 +210,8 @@ def _body(fn: Callable[[], Any]):
     except Exception as exc:  # pragma: no cover - a bug
         import traceback
 
-        traceback.print_exc()
-        click.echo(f"tilescan: internal error {type(exc).__name__}: {exc} (please report this)", err=True)
+        say(traceback.format_exc().rstrip("\n"))
+        say(f"tilescan: internal error {type(exc).__name__}: {exc} (please report this)")
         sys.exit(EXIT_INTERNAL)
 
 
