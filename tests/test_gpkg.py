@@ -336,3 +336,29 @@ def test_template_folders_of_killed_processes_are_removed_by_the_next(tmp_path):
         alive.wait(10)
         for p in (killed, alive):
             p.stdout.close()
+
+
+@pytest.mark.parametrize("n", [10, 3000])  # filled from a template, and written by GDAL
+def test_a_path_longer_than_sqlite_opens_is_refused_clearly(tmp_path, n):
+    """A GeoPackage deeper than SQLite opens files (it said only "unable to open database
+    file") is refused with the limit and what to do, nothing left behind; one a little less
+    deep is written."""
+    import os
+
+    from tilescan.errors import OutputError
+
+    t, _ = _table(n)
+    fits, deep = tmp_path / "a", tmp_path / "b"
+    while len(os.fsencode(deep)) < 480:
+        fits, deep = fits / ("d" * 20), deep / ("d" * 20)
+    while len(os.fsencode(fits)) > 430:
+        fits = fits.parent
+    fits.mkdir(parents=True)
+    deep.mkdir(parents=True)
+    with pytest.raises(OutputError, match=r"SQLite opens files by paths of at most 504 bytes, and its temporary "
+                                          r"file's is \d+; choose an output folder at least \d+ bytes shorter, or "
+                                          r"leave the GeoPackage out \(--no-gpkg"):
+        t.write_gpkg(deep / "tiles.gpkg", "EPSG:32633", CLASSES, "s", "m")
+    assert os.listdir(deep) == []
+    t.write_gpkg(fits / "tiles.gpkg", "EPSG:32633", CLASSES, "s", "m")
+    assert len(pyogrio.read_dataframe(fits / "tiles.gpkg")) == n

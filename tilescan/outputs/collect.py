@@ -64,7 +64,7 @@ from . import spatial
 from ..errors import EXIT_PARTIAL, InputError, OutputError, TilescanError
 from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from ..log import emit
-from .table import BBOX_TYPE, dictionary_columns, prob_column_names
+from .table import BBOX_TYPE, check_gpkg_path, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models
@@ -220,6 +220,7 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
     own = pf.schema_arrow.metadata[b"tilescan"].decode()  # classes, scenes, scale warnings: as the table's
     cut = json.loads(own).get("antimeridian_tiles")  # MultiPolygons among them
     with atomic_output(path) as tmp:
+        check_gpkg_path(tmp, path, "leave it out (collect --no-gpkg, gpkg=False from Python)")
         reader = pa.RecordBatchReader.from_batches(schema, batches())
         pyogrio.write_arrow(reader, str(tmp), layer="tiles", driver="GPKG", geometry_name="geometry",
                             geometry_type="Unknown" if cut else "Polygon", crs=CRS.from_epsg(4326).to_wkt(),

@@ -325,6 +325,7 @@ class TileTable:
                 raise OutputError("cannot write a GeoPackage: the 'pyogrio' package is not installed",
                                   path=str(path)) from exc
             with atomic_output(path) as tmp:
+                check_gpkg_path(tmp, path, _NO_GPKG)
                 # tilescan's index, not GDAL's: whether GDAL's SQLite has the R-tree module inside
                 # a run depends on what loaded SQLite first (see gpkg), and its failure prints an error
                 pyogrio.write_arrow(pa.RecordBatchReader.from_batches(schema, batches), str(tmp), layer=layer,
@@ -334,6 +335,7 @@ class TileTable:
                 gpkg.add_rtree(tmp, name=path)
             return Path(path)
         with atomic_output(path) as tmp:
+            check_gpkg_path(tmp, path, _NO_GPKG)
             template, srs_id, no_index = _gpkg_template(schema, layer, wkt)
             columns: dict[str, list] = {name: [] for name in schema.names if name != "geometry"}
             for b in batches:
@@ -382,6 +384,8 @@ class TileTable:
         return schema, batches(), cols["corners"]
 
 
+_NO_GPKG = "leave the GeoPackage out (--no-gpkg, gpkg=False from Python)"
+
 #: Most rows of a GeoPackage filled from a template (:meth:`TileTable.write_gpkg`); about
 #: where the two ways take the same time.
 GPKG_FILL_ROWS = 2048
@@ -389,6 +393,20 @@ GPKG_FILL_ROWS = 2048
 #: Rows in each batch GDAL writes to a GeoPackage: pyogrio holds Python's GIL while GDAL writes
 #: a batch, so the run's other threads get it back between batches.
 GPKG_BATCH_ROWS = 2048
+
+#: The longest path SQLite opens a database by, in bytes (its unix VFS's 512 less "-journal").
+SQLITE_MAX_PATH = 504
+
+
+def check_gpkg_path(tmp: Path, path: str | os.PathLike, no_gpkg: str) -> None:
+    """Refuse a GeoPackage whose temporary path ``tmp`` is longer than SQLite opens (it says
+    only "unable to open database file"), saying what to do (``no_gpkg``: how to leave it out)."""
+    n = len(os.fsencode(os.path.abspath(tmp)))
+    if n > SQLITE_MAX_PATH:
+        raise OutputError(f"cannot write the GeoPackage: SQLite opens files by paths of at most {SQLITE_MAX_PATH} "
+                          f"bytes, and its temporary file's is {n}; choose an output folder at least {n - SQLITE_MAX_PATH} "
+                          f"bytes shorter, or {no_gpkg}", path=str(path))
+
 
 #: Stands for the ``tilescan`` metadata JSON in a GeoPackage template (:func:`_gpkg_template`).
 _META_MARK = "tilescan-metadata-0b9e7c41"
