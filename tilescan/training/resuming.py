@@ -6,6 +6,7 @@ again with :func:`checkpoint_split`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..layout import read_json
+from ..outputs.files import write_text
 from .data import Dataset
 
 
@@ -21,6 +23,25 @@ def split_record(dataset: Dataset, cfg: TrainConfig, limit: int | None) -> dict:
     split lists' hashes, the seed and fractions a drawn split was drawn with, ``limit``."""
     return {"sha256": {s: dataset.split_sha256.get(s) for s in ("train", "val")}, "seed": cfg.seed,
             "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction, "limit": limit}
+
+
+def commit_epoch(ckpt: Path, state: dict, staged: dict[str, str]) -> None:
+    """An epoch's checkpoint, whole or not at all: its files written under temporary names
+    (``staged``: temporary -> final name), state.json naming them is the commit, then they move
+    into place; a run killed in between is finished by :func:`roll_forward` when it resumes."""
+    write_text(ckpt / "state.json", json.dumps({**state, "staged": staged}, indent=2))
+    roll_forward(ckpt)
+
+
+def roll_forward(ckpt: Path) -> None:
+    """Finish the epoch state.json commits (its staged files into place) and remove files staged
+    by an epoch killed before its commit (the best weights of an epoch the state does not know)."""
+    state = read_json(ckpt / "state.json")
+    for tmp, final in ((state.get("staged") or {}) if isinstance(state, dict) else {}).items():
+        if (ckpt / tmp).exists():
+            os.replace(ckpt / tmp, ckpt / final)
+    for stale in ckpt.glob(".*.tmp.*"):
+        stale.unlink(missing_ok=True)
 
 
 def checkpoint_path(out: Path) -> Path:

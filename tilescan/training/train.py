@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from dataclasses import asdict
@@ -117,12 +116,12 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             }
             history.append_row(ckpt / "history.csv", row)
             val = logs.get("val_loss")
+            staged = {}  # the epoch's files under temporary names -> their names once state.json commits them
             if val is not None and val < state["best"] - cfg.min_delta:
                 state.update(best=float(val), best_epoch=epoch + 1, wait=0,
                              best_val_accuracy=float(logs.get("val_accuracy", float("nan"))))
-                tmp = ckpt / ".best.tmp.weights.h5"
-                self.model.save_weights(tmp)
-                os.replace(tmp, ckpt / "best.weights.h5")
+                staged[f".best.e{epoch + 1}.tmp.weights.h5"] = "best.weights.h5"
+                self.model.save_weights(ckpt / f".best.e{epoch + 1}.tmp.weights.h5")
             else:
                 state["wait"] += 1
             state["epochs_done"] = epoch + 1
@@ -133,10 +132,9 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             if max_seconds is not None and elapsed + secs > max_seconds:
                 state["stopped"] = "time-limit"
                 self.model.stop_training = True
-            tmp = ckpt / ".last.tmp.keras"
-            self.model.save(tmp)
-            os.replace(tmp, ckpt / "last.keras")
-            write_text(ckpt / "state.json", json.dumps(state, indent=2))
+            staged[f".last.e{epoch + 1}.tmp.keras"] = "last.keras"
+            self.model.save(ckpt / f".last.e{epoch + 1}.tmp.keras")
+            resuming.commit_epoch(ckpt, state, staged)
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
                 f"val_loss {val if val is not None else float('nan'):.4f} "
@@ -341,6 +339,8 @@ def _checkpoint_dir(out: Path, overwrite: bool, resume: bool) -> Path:
     ckpt = resuming.checkpoint_path(out)
     if overwrite:
         return ckpt
+    if resume:
+        resuming.roll_forward(ckpt)  # an epoch killed between its commit and its files' renames
     try:
         done = int(json.loads((ckpt / "state.json").read_text())["epochs_done"]) if (ckpt / "last.keras").exists() else 0
     except (OSError, ValueError, KeyError, TypeError):
@@ -386,6 +386,7 @@ def _start_state(ckpt: Path, from_checkpoint: bool, resume: bool, parent, tr_pat
     model = None
     if from_checkpoint:
         state.update(json.loads((ckpt / "state.json").read_text()))
+        state.pop("staged", None)  # moved into place (resuming.roll_forward)
         history.keep_upto(ckpt / "history.csv", state["epochs_done"])  # a row of an epoch killed while it was saved
         model = keras.saving.load_model(ckpt / "last.keras")
         log(f"resuming from {ckpt} after epoch {state['epochs_done']} (best val_loss {state['best']:.4f} at epoch {state['best_epoch']})")
