@@ -118,6 +118,9 @@ def test_info_shows_a_legend_as_written(tmp_path):
     r = invoke(["info", model])
     assert r.exit_code == 0 and '"Étang à canards"' in r.stdout and "\\u00c9" not in r.stdout, r.stdout
     assert json.loads(r.stdout)["classes"] == ["Étang à canards", "Prairie"]
+    assert invoke(["info", "--model", model]).stdout == r.stdout  # named as run and chips name it
+    r = invoke(["info", "--model", model, tmp_path / "other.keras"])
+    assert r.exit_code == 2 and "give the model once" in r.output
 
 
 def test_info_runtime_shows_backend_device_and_precision():

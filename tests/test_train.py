@@ -268,6 +268,23 @@ def test_a_val_split_train_cannot_use_stops_before_training_and_says_why(mini_ai
     assert not (tmp_path / "m.keras").exists() and not (tmp_path / "m.ckpt").exists()
 
 
+def test_aid_images_in_a_folder_of_another_name_carry_aids_terms(mini_aid, tmp_path):
+    """AID's citation and terms go with its images whatever the folder's name (a subset, a copy);
+    images of AID's class names but not AID's files carry none."""
+    from tilescan.training.data import load_dataset
+
+    assert mini_aid.name != "aid"
+    info = load_dataset(mini_aid).provenance()
+    assert "Xia" in info["citation"] and "research" in info["terms"]
+    own = tmp_path / "own"
+    for cls in ("Forest", "Farmland"):
+        (own / cls).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(next((mini_aid / "images").rglob("*.jpg")), own / cls / f"site{i}.jpg")
+    info = load_dataset(own).provenance()
+    assert "citation" not in info and "terms" not in info
+
+
 def test_packaged_model_metadata():
     meta = read_metadata(Path(__file__).resolve().parents[1] / "tilescan" / "models" / "default.keras")
     assert len(meta["classes"]) == 30 and meta["input_size"] == [128, 128]
@@ -479,6 +496,32 @@ def test_a_stop_signal_waits_for_the_checkpoint_to_be_whole():
     finally:
         signal.signal(signal.SIGTERM, before)
     assert written == ["state.json"]
+
+
+def test_an_epochs_checkpoint_is_whole_or_not_at_all(tmp_path):
+    """An epoch's files are staged, state.json naming them commits them: killed after the
+    commit, a resume moves them into place; killed before it, what that epoch staged (its best
+    weights among them) is dropped, and the best weights stay those of the epoch the state names."""
+    from tilescan.training import resuming
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.mkdir()
+    (ckpt / "best.weights.h5").write_text("epoch 1")
+    (ckpt / "last.keras").write_text("epoch 1")
+    for name in (".best.e2.tmp.weights.h5", ".last.e2.tmp.keras"):
+        (ckpt / name).write_text("epoch 2")
+    staged = {".best.e2.tmp.weights.h5": "best.weights.h5", ".last.e2.tmp.keras": "last.keras"}
+    state = {"epochs_done": 2, "best_epoch": 2}
+    (ckpt / "state.json").write_text(json.dumps({**state, "staged": staged}))  # committed, then killed
+    for name in (".best.e3.tmp.weights.h5", ".last.e3.tmp.keras"):  # epoch 3 killed before its commit
+        (ckpt / name).write_text("epoch 3")
+    resuming.roll_forward(ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.weights.h5", "last.keras", "state.json"]
+    assert (ckpt / "best.weights.h5").read_text() == (ckpt / "last.keras").read_text() == "epoch 2"
+    (ckpt / ".last.e3.tmp.keras").write_text("epoch 3")
+    resuming.commit_epoch(ckpt, {**state, "epochs_done": 3}, {".last.e3.tmp.keras": "last.keras"})
+    assert (ckpt / "last.keras").read_text() == "epoch 3" and (ckpt / "best.weights.h5").read_text() == "epoch 2"
+    assert json.loads((ckpt / "state.json").read_text())["epochs_done"] == 3
 
 
 def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_path):

@@ -279,6 +279,8 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 @option("--image-size", config_key=("train", "image_size"), type=click.IntRange(min=32), help="Model input edge in pixels.")
 @option("--lr", "learning_rate", config_key=("train", "learning_rate"), type=float, help="Peak learning rate.")
 @option("--patience", config_key=("train", "patience"), type=click.IntRange(min=0), help="Early-stopping patience in epochs (0 = off).")
+@option("--seed", config_key=("train", "seed"), type=int,
+        help="Seed of the drawn split, the weights' initialisation and the augmentation (recorded in the model).")
 @option("--init", config_key=("train", "init"), show_default="none: from scratch",
         help="Fine-tune from a parent model: 'default' (the packaged model) or a .keras file. Its input size, bands and "
              "normalisation are kept, its backbone weights copied, the head sized to DATA's classes.")
@@ -295,7 +297,9 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 @option("--limit", type=click.IntRange(min=1), show_default="all", help="Use at most N images per split (smoke tests).")
 @option("--max-time", type=click.FloatRange(min=0), show_default="no limit", help="Stop once another epoch as long as the last would end past this many seconds (--resume goes on).")
 @click.option("--half", is_flag=True, help="Store weights as float16 (half the file size).")
-@option("--dataset-name", show_default="the folder name", help="Name recorded in the model metadata.")
+@option("--dataset-name", show_default="the folder name",
+        help="Name recorded in the model metadata. AID's citation and terms are recorded with it where the name is "
+             "'AID' or the images are AID's (its classes and file names).")
 @_verbosity
 @click.pass_context
 def train(ctx: click.Context, data, out, config_path, splits_dir, resume, overwrite, limit, max_time, half, dataset_name, **_config) -> None:
@@ -467,6 +471,8 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
 
 @main.command()
 @click.argument("model_path", required=False, metavar="[MODEL]")
+@click.option("--model", "model_option", type=click.Path(dir_okay=False),
+              help="The model, as run and chips name it: the same as MODEL.")
 @click.option("--runtime", is_flag=True,
               help="Also load Keras and show the backend and device it computes on, and the precision and "
                    "pipeline that [inference] settings resolve to there (warns when a GPU is present but unused).")
@@ -474,10 +480,13 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
               help="TOML config file whose [inference] settings --runtime resolves.")
 @_verbosity
 @click.pass_context
-def info(ctx: click.Context, model_path, runtime, config_path) -> None:
+def info(ctx: click.Context, model_path, model_option, runtime, config_path) -> None:
     """Show a model's metadata (default: the packaged model) without loading Keras;
     with --runtime, also the Keras backend and device runs would use."""
     obj: _Ctx = ctx.obj
+    if model_path and model_option and model_path != model_option:
+        raise click.UsageError("give the model once: as MODEL or as --model", ctx)
+    model_path = model_path or model_option
     if config_path and not runtime:
         raise click.UsageError("--config is read only with --runtime", ctx)
 

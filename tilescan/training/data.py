@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ AID_TERMS = (
     "AID is released by its authors for research use; models trained on it inherit that "
     "restriction. The images come from Google Earth."
 )
+
+#: AID's 30 classes, as its folders name them.
+AID_CLASSES = frozenset(
+    "Airport BareLand BaseballField Beach Bridge Center Church Commercial DenseResidential Desert Farmland Forest "
+    "Industrial Meadow MediumResidential Mountain Park Parking Playground Pond Port RailwayStation Resort River School "
+    "SparseResidential Square Stadium StorageTanks Viaduct".split())
 
 
 @dataclass
@@ -112,10 +119,18 @@ class Dataset:
             "split_sha256": self.split_sha256,
             "counts": {k: len(v) for k, v in self.splits.items()},
         }
-        if self.name.lower() == "aid":
+        if self.name.lower() == "aid" or self.looks_like_aid():
             info["citation"] = AID_CITATION
             info["terms"] = AID_TERMS
         return info
+
+    def looks_like_aid(self) -> bool:
+        """Whether the images are AID's, whatever the folder's name (a subset of it): every class
+        one of AID's and every image named as AID names them (``airport_12.jpg`` in ``Airport``)."""
+        if not self.classes or not set(self.classes) <= AID_CLASSES:
+            return False
+        items = [it for s in ("train", "val") for it in self.splits.get(s, [])]
+        return bool(items) and all(re.fullmatch(rf"{self.classes[c].lower()}_\d+\.jpg", Path(p).name) for p, c in items)
 
 
 _NOT_AN_IMAGE = "cannot be read as an image (empty, not an image, or corrupt)"
@@ -172,9 +187,9 @@ def _not_pillows(path: Path) -> str | None:
     if path.suffix.lower() not in (".tif", ".tiff"):
         return _NOT_AN_IMAGE
     try:
-        import rasterio
+        from ..scene.info import _open_quiet  # a plain image has no georeferencing: no warning of it
 
-        with rasterio.open(path) as ds:
+        with _open_quiet(path) as ds:
             bands, dtype = ds.count, ds.dtypes[0]
     except Exception:  # noqa: BLE001 - no TIFF GDAL reads either
         return _NOT_AN_IMAGE
