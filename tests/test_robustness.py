@@ -1690,3 +1690,33 @@ def test_a_closed_log_pipe_or_stderr_does_not_stop_the_run(tmp_path, tiny_model)
         report = read_report(tmp_path / out)
         assert report["exit_code"] == 0 and report["counts"]["done"] == 2, report
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["cog_rgb", "image_rgb", "report.json"]
+
+
+def test_a_turkish_locale_leaves_gdal_its_option_names(tmp_path, tiny_model):
+    """Under tr_TR.UTF-8 the C library upper-cases 'i' to 'İ', and GDAL, comparing its option
+    names without case that way, printed dozens of "ERROR 1" lines and ignored its options:
+    the run and its helper processes keep ASCII's case pairs, and print nothing of it."""
+    import batch_helpers as bh
+
+    if not shutil.which("localedef") or not Path("/usr/share/i18n/locales/tr_TR").is_file():
+        pytest.skip("localedef and the tr_TR locale source (Debian's locales package) build the Turkish locale")
+    loc = tmp_path / "loc"
+    loc.mkdir()
+    made = subprocess.run(["localedef", "-i", "tr_TR", "-f", "UTF-8", str(loc / "tr_TR.UTF-8")], capture_output=True,
+                          text=True)  # exit 1 for warnings alone
+    assert (loc / "tr_TR.UTF-8" / "LC_CTYPE").is_file(), made.stderr
+    env = {**bh.env(), "LOCPATH": str(loc), "LC_ALL": "tr_TR.UTF-8"}
+    p = subprocess.run([bh.exe(), "run", scene(AERIAL), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                        "--units", "px", "--tile-size", "128", "--stac-items"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "ERROR" not in p.stderr and "does not support" not in p.stderr, p.stderr
+    assert read_report(tmp_path / "out")["counts"]["done"] == 1
+    # the helper processes (output_workers, reader_processes) start with the same character classes
+    from tilescan.outputs.workers import child_env
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LC_ALL", "tr_TR.UTF-8")
+        mp.setenv("LANG", "tr_TR.UTF-8")
+        child = child_env()
+    assert "LC_ALL" not in child and child["LC_CTYPE"] == "C.UTF-8" and child["LANG"] == "tr_TR.UTF-8"

@@ -29,6 +29,37 @@ def own_process() -> None:
     library: it would do the same to that program's objects."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
+    ascii_case_ctype()
+
+
+def _dotted_i(locale_name: str) -> bool:
+    """Whether a locale's language pairs 'i' with a dotted capital 'İ' (Turkish, Azerbaijani)."""
+    return locale_name.split("_")[0].split(".")[0].lower() in ("tr", "az")
+
+
+def ascii_case_ctype() -> None:
+    """Under a Turkish or Azerbaijani locale the C library upper-cases 'i' to 'İ', and GDAL,
+    which compares option names without case that way, finds none of its own (dozens of
+    "ERROR 1" lines, creation options ignored): this process's character classes become
+    C.UTF-8's (Python's own text handling does not use them)."""
+    import locale
+
+    if _dotted_i(locale.setlocale(locale.LC_CTYPE)):
+        for name in ("C.UTF-8", "C"):
+            try:
+                locale.setlocale(locale.LC_CTYPE, name)
+                return
+            except locale.Error:
+                continue
+
+
+def ascii_case_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process, its character classes C.UTF-8's where they would be a
+    Turkish or Azerbaijani locale's (:func:`ascii_case_ctype`)."""
+    if _dotted_i(env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or ""):
+        env.pop("LC_ALL", None)  # over every LC_* and LANG: the other categories keep theirs
+        env["LC_CTYPE"] = "C.UTF-8"
+    return env
 
 
 # Keras imports these when they are installed, for features tilescan never calls (its scikit-learn

@@ -67,7 +67,9 @@ class WorkerDied(OutputError):
 def child_env() -> dict[str, str]:
     """This process's environment for a ``python -m tilescan...`` child: with this tilescan
     first on ``PYTHONPATH``, so the child imports the same package."""
-    env = dict(os.environ)
+    from ..backend import ascii_case_env
+
+    env = ascii_case_env(dict(os.environ))  # GDAL's option names under a Turkish locale
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
