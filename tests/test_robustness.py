@@ -1720,3 +1720,15 @@ def test_a_turkish_locale_leaves_gdal_its_option_names(tmp_path, tiny_model):
         mp.setenv("LANG", "tr_TR.UTF-8")
         child = child_env()
     assert "LC_ALL" not in child and child["LC_CTYPE"] == "C.UTF-8" and child["LANG"] == "tr_TR.UTF-8"
+
+
+def test_a_home_that_cannot_be_written_says_nothing(tmp_path, tiny_model):
+    """A cluster account whose HOME cannot be written: matplotlib's notes that it made a cache
+    folder elsewhere are not the run's to print (two lines on every run, -q or not)."""
+    import batch_helpers as bh
+
+    p = subprocess.run([bh.exe(), "run", scene(AERIAL), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                        "--units", "px", "--tile-size", "128", "-q"], capture_output=True, text=True,
+                       env={**bh.env(), "HOME": "/proc/no-home", "XDG_CACHE_HOME": "/proc/no-cache"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "atplotlib" not in p.stderr and "mkdir" not in p.stderr, p.stderr

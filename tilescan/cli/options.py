@@ -110,6 +110,8 @@ def configure_logging(ctx: _Ctx) -> None:
     unconfigure_logging()
     logger.addHandler(_CliHandler(ctx))
     logger.setLevel(logging.DEBUG)
+    # its notes that HOME is not writable (a cache folder made in /tmp instead): nothing a run acts on
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
 def unconfigure_logging() -> None:
