@@ -158,7 +158,7 @@ class _RunCommand(click.Command):
 @option("--update", config_key=("output", "update"), is_flag=True,
         help="Redo only the scenes whose outputs were made from another version of the scene file, other settings "
              "or another model (refused without it); skip the finished ones that match, as always.")
-@option("--progress/--no-progress", default=None, show_default="on a terminal", help="Progress bar per scene.")
+@option("--progress/--no-progress", default=None, show_default="on a terminal", help="A progress bar of the tiles classified (its total grows as scenes open).")
 @_verbosity
 @click.pass_context
 def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, stac_items, shard, shard_count, progress,

@@ -50,7 +50,7 @@ class UnitResult:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # as run.json and the STAC items write it
 
 
 @dataclass
