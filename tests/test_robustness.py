@@ -1692,20 +1692,29 @@ def test_a_closed_log_pipe_or_stderr_does_not_stop_the_run(tmp_path, tiny_model)
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["cog_rgb", "image_rgb", "report.json"]
 
 
+def _locale(folder: Path, lang: str, charset: str) -> dict[str, str]:
+    """The environment of a locale built into ``folder`` by localedef (none is installed here)."""
+    import batch_helpers as bh
+
+    if not shutil.which("localedef") or not Path(f"/usr/share/i18n/locales/{lang}").is_file():
+        pytest.skip(f"localedef and the {lang} locale source (Debian's locales package) build the locale")
+    folder.mkdir(exist_ok=True)
+    name = f"{lang}.{charset}"
+    made = subprocess.run(["localedef", "-i", lang, "-f", charset, str(folder / name)], capture_output=True,
+                          text=True)  # exit 1 for warnings alone
+    assert (folder / name / "LC_CTYPE").is_file(), made.stderr
+    env = {**bh.env(), "LOCPATH": str(folder), "LC_ALL": name}
+    env.pop("LANG", None)
+    return env
+
+
 def test_a_turkish_locale_leaves_gdal_its_option_names(tmp_path, tiny_model):
     """Under tr_TR.UTF-8 the C library upper-cases 'i' to 'İ', and GDAL, comparing its option
     names without case that way, printed dozens of "ERROR 1" lines and ignored its options:
     the run and its helper processes keep ASCII's case pairs, and print nothing of it."""
     import batch_helpers as bh
 
-    if not shutil.which("localedef") or not Path("/usr/share/i18n/locales/tr_TR").is_file():
-        pytest.skip("localedef and the tr_TR locale source (Debian's locales package) build the Turkish locale")
-    loc = tmp_path / "loc"
-    loc.mkdir()
-    made = subprocess.run(["localedef", "-i", "tr_TR", "-f", "UTF-8", str(loc / "tr_TR.UTF-8")], capture_output=True,
-                          text=True)  # exit 1 for warnings alone
-    assert (loc / "tr_TR.UTF-8" / "LC_CTYPE").is_file(), made.stderr
-    env = {**bh.env(), "LOCPATH": str(loc), "LC_ALL": "tr_TR.UTF-8"}
+    env = _locale(tmp_path / "loc", "tr_TR", "UTF-8")
     p = subprocess.run([bh.exe(), "run", scene(AERIAL), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
                         "--units", "px", "--tile-size", "128", "--stac-items"], capture_output=True, text=True,
                        env=env, timeout=300)
@@ -1732,3 +1741,21 @@ def test_a_home_that_cannot_be_written_says_nothing(tmp_path, tiny_model):
                        env={**bh.env(), "HOME": "/proc/no-home", "XDG_CACHE_HOME": "/proc/no-cache"}, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "atplotlib" not in p.stderr and "mkdir" not in p.stderr, p.stderr
+
+
+def test_a_non_ascii_name_in_a_latin1_locale_is_said_as_such(tmp_path, tiny_model):
+    """Under a Latin-1 locale Python spells a non-ASCII file name in other bytes than GDAL reads
+    (UTF-8): the scene is refused with what to do, not called a corrupt TIFF; an ASCII name runs."""
+    import batch_helpers as bh
+
+    env = _locale(tmp_path / "loc", "en_US", "ISO-8859-1")
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copyfile(scene(AERIAL), os.path.join(os.fsencode(scenes), b"caf\xe9.tif"))
+    shutil.copyfile(scene(AERIAL), scenes / "plain.tif")
+    p = subprocess.run([bh.exe(), "run", str(scenes), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                        "--units", "px", "--tile-size", "256"], capture_output=True, env=env, timeout=300)
+    err = p.stderr.decode("latin-1")
+    assert p.returncode == 3, err
+    assert "caf\xe9.tif: the file name is not ASCII, and this locale (iso8859-1) is not UTF-8" in err, err
+    assert "corrupt" not in err and read_report(tmp_path / "out")["counts"]["done"] == 1

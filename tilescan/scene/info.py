@@ -10,6 +10,7 @@ import math
 import os
 import re
 import stat
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -339,10 +340,14 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise InputError(f"cannot access scene: {exc.strerror}", path=p) from None
     try:
-        p.encode("utf-8")
+        as_gdal_reads = p.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError("the file name is not valid UTF-8, which GDAL cannot open: rename the file",
                          path=p.encode("utf-8", "backslashreplace").decode()) from None
+    if as_gdal_reads != os.fsencode(p):  # a non-UTF-8 locale: Python and GDAL spell the name in other bytes
+        raise InputError(f"the file name is not ASCII, and this locale ({sys.getfilesystemencoding()}) is not "
+                         "UTF-8, in which GDAL reads names: run under a UTF-8 locale (e.g. LC_ALL=C.UTF-8), or "
+                         "rename the file", path=p)
     if path.is_dir():
         raise InputError(
             "is a directory, not a GeoTIFF (pass directories as inputs to be searched for "
