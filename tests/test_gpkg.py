@@ -362,3 +362,19 @@ def test_a_path_longer_than_sqlite_opens_is_refused_clearly(tmp_path, n):
     assert os.listdir(deep) == []
     t.write_gpkg(fits / "tiles.gpkg", "EPSG:32633", CLASSES, "s", "m")
     assert len(pyogrio.read_dataframe(fits / "tiles.gpkg")) == n
+
+
+@pytest.mark.parametrize("n", [10, 3000])  # filled from a template (a copy), and written by GDAL (SQLite makes it)
+def test_a_geopackage_gets_the_mode_the_umask_gives(tmp_path, n):
+    """In a group's shared folder (umask 002) a GeoPackage is group-writable as every other
+    output is (SQLite makes its files 0644 whatever the umask)."""
+    import os
+    import stat
+
+    t, _ = _table(n)
+    was = os.umask(0o002)
+    try:
+        t.write_gpkg(tmp_path / "tiles.gpkg", "EPSG:32633", CLASSES, "s", "m")
+    finally:
+        os.umask(was)
+    assert stat.S_IMODE(os.stat(tmp_path / "tiles.gpkg").st_mode) == 0o664

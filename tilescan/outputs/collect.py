@@ -66,7 +66,7 @@ from ..layout import COLLECTED, LOCKS, MANIFEST, STAGING
 from ..log import emit
 from .table import BBOX_TYPE, check_gpkg_path, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
-from .files import atomic_output, csv_text, write_error, write_json, write_text
+from .files import as_files_are_made, atomic_output, csv_text, write_error, write_json, write_text
 from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models
 from .geometry import geo_metadata, wkb_polygon_rings
 from .lonlat import footprints_in_lonlat
@@ -227,6 +227,7 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
                             layer_metadata={"tilescan": own}, dataset_options=gpkg_compat.DATASET_OPTIONS,
                             layer_options=gpkg_compat.layer_options())
         gpkg_compat.add_rtree(tmp, name=path)
+        as_files_are_made(tmp)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -184,6 +184,19 @@ def probe_folder(final: str | os.PathLike, tmp: Path | None = None) -> None:
         raise OutputError(_describe(exc, final), path=str(final)) from exc
 
 
+def as_files_are_made(path: Path) -> None:
+    """Give a file SQLite created (mode 0644 whatever the umask) the mode open() gives new files
+    here, 0666 less the umask: group-writable in a shared folder (umask 002) as the other
+    outputs are. The umask is read from /proc (setting it to read it would race other threads
+    making files); left as it is where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        os.chmod(path, 0o666 & ~umask)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..log import catching_warnings
-from .files import _dumps, atomic_output
+from .files import _dumps, as_files_are_made, atomic_output
 from .geometry import BBOX_TYPE, _projjson, bbox_column, extent, geo_metadata, gpkg_polygons, pyproj_crs, wkb_polygons
 
 # --------------------------------------------------------------------------- tile table
@@ -333,6 +333,7 @@ class TileTable:
                                     layer_metadata={"tilescan": meta}, dataset_options=gpkg.DATASET_OPTIONS,
                                     layer_options={"SPATIAL_INDEX": "NO"})
                 gpkg.add_rtree(tmp, name=path)
+                as_files_are_made(tmp)
             return Path(path)
         with atomic_output(path) as tmp:
             check_gpkg_path(tmp, path, _NO_GPKG)
