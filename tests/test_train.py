@@ -135,6 +135,9 @@ def test_train_end_to_end_never_reads_test(mini_aid, tmp_path):
     assert 0.0 <= meta["scores"]["val"]["accuracy"] <= 1.0 and meta["scores"]["val"]["n"] == 20
     assert meta["training"]["images_used"] == {"train": 40, "val": 20}
     assert "without the label smoothing (0.1)" in meta["scores"]["val"]["loss_note"]  # not the log's val_loss
+    # a model that guesses no better than chance is said to, with what would do better
+    near = meta["scores"]["val"]["accuracy"] < 1.5 / 5
+    assert ("is near chance for 5 classes (0.20) after training on 40 images: fine-tuning" in res.output) == near
     # nothing of this machine in metadata that ships with a model
     blob = json.dumps(meta)
     assert str(tmp_path) not in blob and str(mini_aid) not in blob and "host" not in meta["training"]

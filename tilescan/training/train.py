@@ -263,12 +263,28 @@ def _train(
         meta["legend"].update(colors)
     sha = _save(export, out, meta, half, ckpt, state)
     history.keep_beside(out, ckpt)
-    log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
-        f"{state['best_epoch']}, sha256 {sha[:12]})")
-    held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
-    log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
+    _say_saved(out, ckpt, sha, val_acc, state["best_epoch"], log)
+    _say_near_chance(val_acc, k, parent is not None, len(tr_paths), log)
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
             "seconds": round(time.monotonic() - t0, 1), **state}
+
+
+def _say_saved(out: Path, ckpt: Path, sha: str, val_acc: float, best_epoch: int, log: Callable[[str], None]) -> None:
+    log(f"saved {out} (val accuracy {val_acc:.4f}, measured again on the float32 model saved; best epoch "
+        f"{best_epoch}, sha256 {sha[:12]})")
+    held = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**20
+    log(f"checkpoints ({held:.0f} MiB) kept in {ckpt} for --resume; remove that folder once you keep the model")
+
+
+def _say_near_chance(val_acc: float, k: int, fine_tuned: bool, n_train: int, log: Callable[[str], None]) -> None:
+    """Warn when the saved model guesses little better than chance on val: from scratch on few
+    images the network learns the training images, not the classes; a fine-tuned parent needs far fewer."""
+    if k > 1 and val_acc < 1.5 / k:
+        advice = ("fine-tuning the packaged model (--init default) needs far fewer images than training from "
+                  "scratch (README, 'Train on your own labels')" if not fine_tuned else
+                  "more images per class, or more epochs (--epochs, then --resume)")
+        log(f"warning: the saved model's val accuracy ({val_acc:.2f}) is near chance for {k} classes "
+            f"({1 / k:.2f}) after training on {n_train} images: {advice}")
 
 
 def _save(export, out: Path, meta: dict, half: bool, ckpt: Path, state: dict) -> str:
