@@ -45,6 +45,7 @@ NAMES = {
     "CON.tif": "CON_",
     "with space.tif": "with space",
     "a%20b.tif": "a_20b",  # QGIS cannot open a GeoPackage under a%20b/
+    "take #2.tif": "take _2",  # '#' would end the path of a STAC link to its item
     "new\nline.tif": "new_line",
     "plain.tif": "plain",  # an ordinary name maps to itself
     f"one/{LONG}.tif": None,

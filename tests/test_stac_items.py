@@ -193,19 +193,3 @@ def test_collect_keeps_no_stale_collection_and_names_the_scenes_left_out(items, 
         f.unlink()
     tilescan.collect(out)
     assert not (out / "collected" / "collection.json").exists() and not (out / "collected" / "items.json").exists()
-
-
-def test_collection_links_a_folder_with_a_hash_in_its_name(items, tmp_path):
-    """A scene folder named with '#' is linked as a URI reference that resolves to its item
-    (unescaped, '#' starts a fragment, and the link points at another folder)."""
-    from urllib.parse import unquote, urljoin, urlsplit
-
-    from tilescan.outputs.stac_items import write_collection
-
-    out, stage = tmp_path / "out", tmp_path / "stage"
-    shutil.copytree(items[0] / "tagged", out / "tagged #1")
-    stage.mkdir()
-    assert write_collection(stage, out, [out / "tagged #1"], print) == 1
-    (link,) = [k["href"] for k in json.loads((stage / "collection.json").read_text())["links"] if k["rel"] == "item"]
-    url = urlsplit(urljoin((out / "collected" / "collection.json").as_uri(), link))
-    assert url.fragment == "" and unquote(url.path) == str(out / "tagged #1" / "item.json")

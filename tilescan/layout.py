@@ -48,8 +48,10 @@ _DEVICES = ({"con", "prn", "aux", "nul", "conin$", "conout$", "clock$"}
             | {f"{p}{d}" for p in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"})
 _WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 # and in a scene folder's name '%': QGIS opens a GeoPackage read-only through an SQLite URI in
-# which GDAL (3.6 at least) escapes '?' and '#' but not '%', so "a%20b/tiles.gpkg" is looked for as "a b/"
-_SCENE_FORBIDDEN = _WINDOWS_FORBIDDEN | {"%"}
+# which GDAL (3.6 at least) escapes '?' and '#' but not '%', so "a%20b/tiles.gpkg" is looked for as "a b/";
+# and '#', which starts a URI's fragment: collection.json's relative link to a scene's item.json
+# pointed at another folder, and pystac does not read '%23' in a local path as '#'
+_SCENE_FORBIDDEN = _WINDOWS_FORBIDDEN | {"%", "#"}
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -109,7 +111,7 @@ def folder_name(stem: str, forbidden: set[str] = _SCENE_FORBIDDEN) -> str:
     """A scene's output folder name from its name (file stem, URL leaf, item id).
 
     NFC-normalised; control characters, lone surrogates, characters Windows or macOS
-    forbid (``<>:"/\\|?*``) and ``%`` (``forbidden``) become ``_``; a leading ``.`` and
+    forbid (``<>:"/\\|?*``), ``%`` and ``#`` (``forbidden``) become ``_``; a leading ``.`` and
     trailing ``.`` or spaces become ``_``; tilescan's own names (``report.json``,
     ``report-shard-*.json``, ``collected``) and Windows device names (``CON``, ``com1.x``…)
     get a ``_`` after them; longer than :data:`MAX_NAME_BYTES` bytes, it is cut and tagged

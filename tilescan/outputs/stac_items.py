@@ -311,9 +311,7 @@ def write_collection(stage: Path, out: Path, folders: list[Path], log: Callable[
         "description": "Tile labels, CAM heatmaps and tables that tilescan made, one item per scene",
         "license": "other", "extent": {"spatial": {"bbox": [_union_bbox([d.get("bbox") for _, d in items])]},
                                        "temporal": {"interval": [_interval([d["properties"] for _, d in items])]}},
-        # '#' would start a fragment in a URI ('%' never is in a scene folder's name, layout.folder_name)
-        "links": [{"rel": "item", "href": f"../{folder.name.replace('#', '%23')}/{ITEM}", "type": "application/geo+json"}
-                  for folder, _ in items]
+        "links": [{"rel": "item", "href": f"../{folder.name}/{ITEM}", "type": "application/geo+json"} for folder, _ in items]
                  + [{"rel": "items", "href": f"./{ITEM_COLLECTION}", "type": "application/geo+json"}]}
     write_json(stage / COLLECTION, collection)
     write_json(stage / ITEM_COLLECTION, {"type": "FeatureCollection", "features": features})
