@@ -1673,11 +1673,12 @@ def test_tiling_covers_every_valid_pixel_under_any_transform(geom, transform, se
 
 def test_a_closed_log_pipe_or_stderr_does_not_stop_the_run(tmp_path, tiny_model):
     """``run … 2>&1 | head -1`` (the messages' reader gone after one line) and ``run … 2>&-``
-    (no stderr at all): every scene is finished, the exit code and report.json say so."""
+    (no stderr at all), with a progress bar: every scene is finished, the exit code and
+    report.json say so."""
     import batch_helpers as bh
 
     args = [bh.exe(), "run", scene(SMALL), scene(AERIAL), "--model", str(tiny_model), "--units", "px",
-            "--tile-size", "128", "-v"]
+            "--tile-size", "64", "-v", "--progress"]  # the progress bar writes to stderr too
     p = subprocess.Popen([*args, "-o", str(tmp_path / "piped")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          env=bh.env())
     assert p.stdout.readline()

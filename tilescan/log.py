@@ -60,3 +60,28 @@ def catching_warnings(record: bool = False) -> Iterator[list | None]:
     would lose or swallow each other's warnings."""
     with _WARNINGS_LOCK, warnings.catch_warnings(record=record) as caught:
         yield caught
+
+
+class ReaderGoneSafe:
+    """``stream`` (stderr) for a writer of its own, such as a progress bar: where the reader is
+    gone (a closed pipe), stderr turns to /dev/null (:func:`stderr_to_devnull`) and the write is
+    taken as done, instead of raising in the run."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            stderr_to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            stderr_to_devnull()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 import threading
 import time
 import traceback
@@ -504,4 +505,6 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
 def _progress_bar():
     from tqdm import tqdm
 
-    return tqdm(total=0, desc="tiles", unit="tile", leave=False, dynamic_ncols=True)
+    from ..log import ReaderGoneSafe
+
+    return tqdm(total=0, desc="tiles", unit="tile", leave=False, dynamic_ncols=True, file=ReaderGoneSafe(sys.stderr))
