@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Remote scenes: tiles/s over HTTP against local disk, and what GDAL fetches.
 
-Run from the project root (needs nginx, as the tests do: tests/http_server.py)::
+Run from the project root (needs nginx, as the tests do: tests/http_server.py, and rio-cogeo,
+which `pip install -e ".[test]"` brings)::
 
     python benchmarks/remote.py                  # about 2-3 min on 2 cores
     python benchmarks/remote.py --rounds 3 --out benchmarks/results/remote.json

@@ -119,6 +119,7 @@ def test_info_shows_a_legend_as_written(tmp_path):
     assert r.exit_code == 0 and '"Étang à canards"' in r.stdout and "\\u00c9" not in r.stdout, r.stdout
     assert json.loads(r.stdout)["classes"] == ["Étang à canards", "Prairie"]
     assert invoke(["info", "--model", model]).stdout == r.stdout  # named as run and chips name it
+    assert invoke(["info", model, "--model", model.parent / "." / model.name]).stdout == r.stdout
     r = invoke(["info", "--model", model, tmp_path / "other.keras"])
     assert r.exit_code == 2 and "give the model once" in r.output
 

@@ -379,7 +379,7 @@ def test_lock_file_is_removed_when_released(tmp_path):
 def test_lock_files_follow_the_umask_and_one_not_writable_is_still_taken(tmp_path):
     """In a group's shared folder (umask 002) a lock file is group-writable, so the group's other
     runs can take it; a lock file this user may read but not write (one a killed run of another
-    user left) is taken all the same: flock needs no write access."""
+    user left) is taken all the same, and replaced by one naming this run as its holder."""
     import shutil
     import stat
     import subprocess
@@ -401,9 +401,11 @@ def test_lock_files_follow_the_umask_and_one_not_writable_is_still_taken(tmp_pat
     if prefix and not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is needed to take a lock as an ordinary user while root")
     code = ("import sys; from pathlib import Path; from tilescan import layout; "
-            "lock = layout.FileLock(Path(sys.argv[1])); lock.acquire(); lock.release(); print('taken')")
+            "lock = layout.FileLock(Path(sys.argv[1])); lock.acquire(); print(Path(sys.argv[1]).read_text()); "
+            "lock.release()")
     p = subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0 and p.stdout.strip() == "taken", p.stderr
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("pid ") and "elsewhere" not in p.stdout  # its own holder line, not the dead run's
     assert not path.exists()  # released: removed, as every lock is
 
 

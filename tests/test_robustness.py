@@ -1137,6 +1137,7 @@ CONFIG_CASES = {  # file text -> what the message must say
     "wrong_type": ("[tiling]\ntile_size = \"big\"\n", "[tiling] tile_size: expected an integer, got 'big'"),
     "wrong_type_list": ("[tiling]\npercentiles = 2\n", "[tiling] percentiles: expected a list, got 2"),
     "out_of_range": ("[inference]\nbatch_size = 0\n", "[inference] batch_size: must be >= 1, got 0"),
+    "seed_out_of_range": ("[train]\nseed = -1\n", "[train] seed: must be in 0 .. 4294967295, got -1"),
     "bad_choice": ("[output]\ncompress = \"zip\"\n", "[output] compress: must be one of"),
     "unknown_section": ("[tilling]\ntile_size = 64\n", "unknown section [tilling]"),
     "not_toml": ("[tiling\ntile_size = 64\n", "not valid TOML"),

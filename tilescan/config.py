@@ -467,6 +467,8 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("train", "finetune_lr", f"must be >= 0 (0 = learning_rate / 10), got {tr.finetune_lr}")
     if tr.patience < 0 or tr.warmup_epochs < 0:
         fail("train", "patience", "patience and warmup_epochs must be >= 0")
+    if not 0 <= tr.seed < 2**32:  # what numpy's and Keras' generators take
+        fail("train", "seed", f"must be in 0 .. {2**32 - 1}, got {tr.seed}")
     if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:
         fail("train", "crop_scale", f"need 0 < low <= high <= 1, got {list(tr.crop_scale)}")
     if len(tr.gsd_m) > 2 or any(not g > 0 for g in tr.gsd_m):

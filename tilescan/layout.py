@@ -303,12 +303,20 @@ class Busy(Exception):
 def _open_lock_file(path: Path) -> int:
     """A lock file's descriptor: made readable and writable as the umask allows (a shared
     group folder's umask 002 lets the group take it), or opened read-only where it is another
-    user's that this one may not write (flock needs no write access; the holder's name is
-    then not written)."""
+    user's that this one may not write (flock needs no write access; :class:`FileLock` then
+    replaces it by one of its own where the folder lets it, else holds it without its name)."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
         return os.open(path, os.O_RDONLY)
+
+
+def _unlinked(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 class FileLock:
@@ -344,6 +352,9 @@ class FileLock:
                 current = None
             mine = os.fstat(fd)
             if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                if not os.access(self.path, os.W_OK) and _unlinked(self.path):
+                    os.close(fd)  # another user's, held by none (a killed run's): a file of this run's instead,
+                    continue  # whose holder line says who holds it now
                 self.fd = fd
                 try:  # who holds it, for the message of a process it turns away; a full disk leaves it blank
                     os.ftruncate(fd, 0)

@@ -484,7 +484,7 @@ def info(ctx: click.Context, model_path, model_option, runtime, config_path) -> 
     """Show a model's metadata (default: the packaged model) without loading Keras;
     with --runtime, also the Keras backend and device runs would use."""
     obj: _Ctx = ctx.obj
-    if model_path and model_option and model_path != model_option:
+    if model_path and model_option and Path(model_path).resolve() != Path(model_option).resolve():
         raise click.UsageError("give the model once: as MODEL or as --model", ctx)
     model_path = model_path or model_option
     if config_path and not runtime:

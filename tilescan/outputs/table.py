@@ -402,7 +402,7 @@ SQLITE_MAX_PATH = 504
 def check_gpkg_path(tmp: Path, path: str | os.PathLike, no_gpkg: str) -> None:
     """Refuse a GeoPackage whose temporary path ``tmp`` is longer than SQLite opens (it says
     only "unable to open database file"), saying what to do (``no_gpkg``: how to leave it out)."""
-    n = len(os.fsencode(os.path.abspath(tmp)))
+    n = len(os.fsencode(os.path.realpath(tmp)))  # SQLite resolves links first
     if n > SQLITE_MAX_PATH:
         raise OutputError(f"cannot write the GeoPackage: SQLite opens files by paths of at most {SQLITE_MAX_PATH} "
                           f"bytes, and its temporary file's is {n}; choose an output folder at least {n - SQLITE_MAX_PATH} "
