@@ -272,8 +272,8 @@ def test_a_val_split_train_cannot_use_stops_before_training_and_says_why(mini_ai
 
 
 def test_aid_images_in_a_folder_of_another_name_carry_aids_terms(mini_aid, tmp_path):
-    """AID's citation and terms go with its images whatever the folder's name (a subset, a copy);
-    images of AID's class names but not AID's files carry none."""
+    """AID's citation and terms go with its images whatever the folder's name (a subset, a copy,
+    one image among one's own); images of AID's class names but not AID's files carry none."""
     from tilescan.training.data import load_dataset
 
     assert mini_aid.name != "aid"
@@ -286,6 +286,8 @@ def test_aid_images_in_a_folder_of_another_name_carry_aids_terms(mini_aid, tmp_p
             shutil.copy(next((mini_aid / "images").rglob("*.jpg")), own / cls / f"site{i}.jpg")
     info = load_dataset(own).provenance()
     assert "citation" not in info and "terms" not in info
+    shutil.copy(next((mini_aid / "images" / "Forest").glob("*.jpg")), own / "Forest" / "forest_7.PNG")  # one of AID's
+    assert "research" in load_dataset(own).provenance()["terms"]
 
 
 def test_packaged_model_metadata():

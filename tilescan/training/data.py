@@ -125,12 +125,12 @@ class Dataset:
         return info
 
     def looks_like_aid(self) -> bool:
-        """Whether the images are AID's, whatever the folder's name (a subset of it): every class
-        one of AID's and every image named as AID names them (``airport_12.jpg`` in ``Airport``)."""
-        if not self.classes or not set(self.classes) <= AID_CLASSES:
-            return False
-        items = [it for s in ("train", "val") for it in self.splits.get(s, [])]
-        return bool(items) and all(re.fullmatch(rf"{self.classes[c].lower()}_\d+\.jpg", Path(p).name) for p, c in items)
+        """Whether AID's images are among these, whatever the folder's name (a subset of AID, or
+        AID with classes of one's own): an image named as AID names them (``airport_12.jpg`` in
+        ``Airport``), in any format. Its terms then go with the model."""
+        return any(self.classes[c] in AID_CLASSES and re.fullmatch(
+            rf"{self.classes[c].lower()}_\d+\.\w+", Path(p).name.lower()) for s in ("train", "val")
+            for p, c in self.splits.get(s, []))
 
 
 _NOT_AN_IMAGE = "cannot be read as an image (empty, not an image, or corrupt)"

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from ..config import TrainConfig
 from ..errors import ConfigError
 from ..layout import read_json
-from ..outputs.files import write_text
+from ..outputs.files import _fsync_path, write_text
 from .data import Dataset
 
 
@@ -29,6 +29,8 @@ def commit_epoch(ckpt: Path, state: dict, staged: dict[str, str]) -> None:
     """An epoch's checkpoint, whole or not at all: its files written under temporary names
     (``staged``: temporary -> final name), state.json naming them is the commit, then they move
     into place; a run killed in between is finished by :func:`roll_forward` when it resumes."""
+    for tmp in staged:  # on disk before state.json says they are whole (a power cut, not only a kill)
+        _fsync_path(ckpt / tmp)
     write_text(ckpt / "state.json", json.dumps({**state, "staged": staged}, indent=2))
     roll_forward(ckpt)
 
