@@ -181,6 +181,29 @@ def test_record_writes_scores_and_keeps_the_model(evaluated):
     assert not list(path.parent.glob(".tmp-*"))
 
 
+def test_recording_val_scores_keeps_the_loss_training_measured_on_them(model_file, dataset, tmp_path):
+    """evaluate --record on the val split training scored (the same images, by their sha256)
+    keeps the loss training recorded beside the new scores; on other val images it goes."""
+    from tilescan.model import rewrite_metadata
+    from tilescan.training.data import load_dataset
+
+    val_sha = load_dataset(dataset).split_sha256["val"]
+    for trained_on, kept in ((val_sha, True), ("0" * 64, False)):
+        path = tmp_path / f"{kept}.keras"
+        shutil.copy(model_file, path)
+
+        def as_trained(meta, trained_on=trained_on):
+            meta.setdefault("training", {})["split_sha256"] = {"val": trained_on}
+            meta.setdefault("scores", {})["val"] = {"accuracy": 0.5, "loss": 1.25, "loss_note": "training's", "n": 30}
+
+        rewrite_metadata(path, as_trained)
+        report = E.run_evaluate(str(path), str(dataset), "val", str(tmp_path / f"o{kept}"), batch_size=8,
+                                explain_samples=0, record=True, log=lambda s: None)
+        entry = read_metadata(path)["scores"]["val"]
+        assert entry["accuracy"] == pytest.approx(report["accuracy"]) and entry["split_sha256"] == val_sha
+        assert (entry.get("loss"), entry.get("loss_note")) == ((1.25, "training's") if kept else (None, None))
+
+
 def test_tta_is_invariant_to_flips_and_rotations(model_file):
     model = load_model(model_file).model
     x = np.random.default_rng(5).random((3, SIZE, SIZE, 3)).astype(np.float32)

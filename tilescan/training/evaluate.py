@@ -169,10 +169,19 @@ def pick_examples(y_true: np.ndarray, y_pred: np.ndarray, n: int, seed: int = SE
 
 
 def record_scores(model_path: str | os.PathLike, key: str, entry: dict[str, Any]) -> str:
-    """Store ``entry`` as ``meta["scores"][key]`` in a model file; returns the new sha256."""
+    """Store ``entry`` as ``meta["scores"][key]`` in a model file; returns the new sha256. The
+    loss training recorded for its val split stays where ``entry`` scores the same images
+    (the split's sha256 that training recorded): evaluate measures no loss."""
     from ..model import rewrite_metadata
 
-    return rewrite_metadata(model_path, lambda meta: meta.setdefault("scores", {}).__setitem__(key, entry))
+    def update(meta: dict) -> None:
+        scores = meta.setdefault("scores", {})
+        trained_on = ((meta.get("training") or {}).get("split_sha256") or {}).get(key)
+        was = scores.get(key) or {}
+        same = entry.get("split_sha256") is not None and entry.get("split_sha256") == trained_on
+        scores[key] = {**entry, **({k: was[k] for k in ("loss", "loss_note") if k in was} if same else {})}
+
+    return rewrite_metadata(model_path, update)
 
 
 # ---------------------------------------------------------------------------- the command
