@@ -529,6 +529,23 @@ def test_an_epochs_checkpoint_is_whole_or_not_at_all(tmp_path):
     assert json.loads((ckpt / "state.json").read_text())["epochs_done"] == 3
 
 
+def test_a_model_half_saved_by_a_killed_run_is_removed_by_the_next(mini_aid, tmp_path):
+    """The temporary model file a run killed while saving left beside -o is removed when the
+    next run starts; one a live process writes stays."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "m.keras"
+    left = tmp_path / f".m.keras.tmp-{int(dead.stdout)}-0123abcd.keras"
+    live = tmp_path / f".m.keras.tmp-{os.getpid()}-4567cdef.keras"
+    for f in (left, live):
+        f.write_bytes(b"half a model")
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "5"])
+    assert res.exit_code == 0, res.output
+    assert not left.exists() and live.exists() and out.is_file()
+
+
 def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_path):
     """A finished 2-epoch run resumed with nothing left to train keeps its model file as it
     is. Resumed with --epochs 4: epochs 3 and 4 train on a cosine

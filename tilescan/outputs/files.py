@@ -16,6 +16,7 @@ import secrets
 import shutil
 import sys
 import threading
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -93,6 +94,21 @@ def _temp_name(path: Path, tag: str = "tmp") -> Path:
 
 
 _SIDECARS = ("", ".aux.xml", "-journal", "-wal", "-shm", ".ovr")
+
+
+def remove_dead_temps(path: Path) -> None:
+    """Remove the temporary files of ``path`` (:func:`_temp_name`) that a process of this
+    machine no longer running left (killed while writing it): no one else removes them."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        pid = tmp.name[len(path.name) + 6:].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove_quietly(tmp)
+        except OSError:
+            pass  # alive, another user's
 
 
 def _remove_quietly(path: Path) -> None:

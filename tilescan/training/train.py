@@ -27,7 +27,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, InputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, save_model
-from ..outputs.files import make_folder, write_text
+from ..outputs.files import make_folder, remove_dead_temps, write_text
 from . import history
 from . import resuming
 from .data import Dataset, channel_stats, make_batches, train_val_paths
@@ -337,6 +337,7 @@ def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: boo
                          "could not learn them; add images to the train split, or leave the class out",
                          path=str(dataset.root))
     ckpt = _checkpoint_dir(out, overwrite, resume)
+    remove_dead_temps(out)  # a model half-saved by a run killed then
     if not resume:
         return ckpt, cfg
     cfg = resuming.as_checkpointed(cfg, ckpt, dataset.classes, log)
