@@ -392,6 +392,16 @@ def _check_value_range(t: TilingConfig, fail: Callable[[str, str, str], None]) -
         fail("tiling", "value_range", f"need pairs of low < high, got {list(v)}")
 
 
+#: Whole-number settings and the least and most each may be.
+_BOUNDS = {("tiling", "tile_size"): (1, 2**20), ("inference", "batch_size"): (1, 8192),
+           ("inference", "output_workers"): (0, 256), ("inference", "queue_size"): (1, 1024),
+           ("output", "quicklook_size"): (16, 2**15), ("train", "epochs"): (1, 10**6), ("train", "batch_size"): (1, 8192),
+           ("train", "image_size"): (1, 2**14), ("train", "workers"): (1, 256), ("train", "freeze_epochs"): (0, 10**6),
+           ("train", "seed"): (0, 2**32 - 1)}
+_BOUNDS_WHY = {"batch_size": " (a batch's tiles are held in memory at once, a short one padded to it)",
+               "seed": " (numpy's and Keras' generators take 32-bit seeds)"}
+
+
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
     def flag(section: str, key: str) -> str | None:
         """The flag as typed (``--stride 200``) when the value came from one."""
@@ -417,11 +427,14 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             fail(section, key, f"must be one of {sorted(allowed)}, got {v!r}")
+    for (section, key), (low, high) in _BOUNDS.items():
+        v = getattr(getattr(cfg, section), key)
+        if not low <= v <= high:
+            fail(section, key, f"must be >= {low}, got {v}" if v < low else
+                 f"must be <= {high}, got {v}{_BOUNDS_WHY.get(key, '')}")
     if cfg.cam.method.strip().lower() not in CAM_METHOD_NAMES:
         fail("cam", "method", f"must be one of {', '.join(CAM_METHOD_NAMES)}, got {cfg.cam.method!r}")
     t = cfg.tiling
-    if t.tile_size < 1:
-        fail("tiling", "tile_size", f"must be >= 1, got {t.tile_size}")
     if t.stride < 0:
         fail("tiling", "stride", f"must be >= 0 (0 = tile_size), got {t.stride}")
     if t.stride > t.tile_size:
@@ -438,37 +451,22 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("tiling", "percentiles", f"need 0 <= low < high <= 100, got {list(t.percentiles)}")
     _check_value_range(t, fail)
     i = cfg.inference
-    if i.batch_size < 1:
-        fail("inference", "batch_size", f"must be >= 1, got {i.batch_size}")
     for key in ("reader_threads", "model_streams"):
         v = getattr(i, key)
         if v != "auto" and not (v.strip().isdigit() and int(v) >= 1):
             fail("inference", key, f"must be auto or a whole number >= 1, got {v!r}")
     if i.switch_interval_ms != "auto" and not 0.0 < _number(i.switch_interval_ms) <= 1000.0:
         fail("inference", "switch_interval_ms", f"must be auto or a number of ms in (0, 1000], got {i.switch_interval_ms!r}")
-    if i.output_workers < 0:
-        fail("inference", "output_workers", f"must be >= 0, got {i.output_workers}")
-    if i.queue_size < 1:
-        fail("inference", "queue_size", f"must be >= 1, got {i.queue_size}")
     o = cfg.output
     if not 0.0 < o.heatmap_scale <= 1.0:
         fail("output", "heatmap_scale", f"must be in (0, 1], got {o.heatmap_scale}")
-    if o.quicklook_size < 16:
-        fail("output", "quicklook_size", f"must be >= 16, got {o.quicklook_size}")
     tr = cfg.train
-    for key in ("epochs", "batch_size", "image_size", "workers"):
-        if getattr(tr, key) < 1:
-            fail("train", key, f"must be >= 1, got {getattr(tr, key)}")
     if tr.learning_rate <= 0:
         fail("train", "learning_rate", f"must be > 0, got {tr.learning_rate}")
-    if tr.freeze_epochs < 0:
-        fail("train", "freeze_epochs", f"must be >= 0, got {tr.freeze_epochs}")
     if tr.finetune_lr < 0:
         fail("train", "finetune_lr", f"must be >= 0 (0 = learning_rate / 10), got {tr.finetune_lr}")
     if tr.patience < 0 or tr.warmup_epochs < 0:
         fail("train", "patience", "patience and warmup_epochs must be >= 0")
-    if not 0 <= tr.seed < 2**32:  # what numpy's and Keras' generators take
-        fail("train", "seed", f"must be in 0 .. {2**32 - 1}, got {tr.seed}")
     if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:
         fail("train", "crop_scale", f"need 0 < low <= high <= 1, got {list(tr.crop_scale)}")
     if len(tr.gsd_m) > 2 or any(not g > 0 for g in tr.gsd_m):
