@@ -204,6 +204,11 @@ def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
     # the learning-rate schedule continued too (cosine to zero at the last epoch)
     lrs = [float(r["learning_rate"]) for r in hist]
     assert lrs[-1] < lrs[1]
+    if sig == signal.SIGTERM:  # the run it would have been: the same losses and rates, epoch by epoch, to the digit
+        ref = tmp_path / "ref.keras"
+        assert _train([mini_aid, "-o", ref, *args[3:]]).exit_code == 0
+        cols = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+        assert [[r[c] for c in cols] for r in hist] == [[r[c] for c in cols] for r in _history(ref)]
     # the model kept, its checkpoint removed: --resume has nothing to go on from, and the model stays
     kept = out.read_bytes()
     shutil.rmtree(ckpt)

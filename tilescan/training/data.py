@@ -48,10 +48,9 @@ AID_TERMS = (
 )
 
 #: AID's 30 classes, as its folders name them.
-AID_CLASSES = frozenset(
-    "Airport BareLand BaseballField Beach Bridge Center Church Commercial DenseResidential Desert Farmland Forest "
-    "Industrial Meadow MediumResidential Mountain Park Parking Playground Pond Port RailwayStation Resort River School "
-    "SparseResidential Square Stadium StorageTanks Viaduct".split())
+AID_CLASSES = frozenset("Airport BareLand BaseballField Beach Bridge Center Church Commercial DenseResidential Desert "
+                        "Farmland Forest Industrial Meadow MediumResidential Mountain Park Parking Playground Pond Port "
+                        "RailwayStation Resort River School SparseResidential Square Stadium StorageTanks Viaduct".split())
 
 
 @dataclass
@@ -547,7 +546,10 @@ def make_batches(
 
         def __init__(self):
             super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(2, 2 * workers))
-            self.epoch = start_epoch
+            self.set_epoch(start_epoch)
+
+        def set_epoch(self, epoch: int) -> None:  # fit()'s 0-based count; its on_epoch_end calls drift from it
+            self.epoch = epoch
             self._order = self._permutation()
 
         def _permutation(self):
@@ -573,9 +575,8 @@ def make_batches(
                 y = np.eye(num_classes, dtype=np.float32)[y]
             return x, y
 
-        def on_epoch_end(self):
-            self.epoch += 1
-            self._order = self._permutation()
+        def on_epoch_end(self):  # a caller that sets no epoch (evaluate) sees the next one
+            self.set_epoch(self.epoch + 1)
 
     if len(paths) == 0:
         raise ConfigError("no images in this split")

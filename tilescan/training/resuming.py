@@ -46,6 +46,18 @@ def roll_forward(ckpt: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def carry_optimizer_state(model, opt, ckpt: Path) -> None:
+    """Build ``opt`` (made as a fresh run makes it) on ``model``'s variables and give it the state
+    (step count, moments) of the optimizer ``model`` came back with from its checkpoint."""
+    opt.build(model.trainable_variables)
+    saved = model.optimizer.variables  # paths "<optimizer name>/<variable>": the names are compared
+    if [v.path.split("/", 1)[-1] for v in opt.variables] != [v.path.split("/", 1)[-1] for v in saved]:
+        raise ConfigError(f"the optimizer state in {ckpt / 'last.keras'} does not fit this run: pass --overwrite "
+                          "to start afresh", path=str(ckpt))
+    for v, was in zip(opt.variables, saved):
+        v.assign(was)
+
+
 def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".keras") + ".ckpt")
 

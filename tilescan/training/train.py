@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 from .. import stop
-from ..backend import cpu_has_bf16
 from ..config import TrainConfig
 from ..errors import ConfigError, InputError, OutputExistsError
 from ..log import catching_warnings, emit
@@ -31,60 +30,7 @@ from ..outputs.files import make_folder, remove_dead_temps, write_text
 from . import history
 from . import resuming
 from .data import Dataset, channel_stats, make_batches, train_val_paths
-
-
-
-def resolve_precision(setting: str) -> str:
-    """``mixed_bfloat16`` or ``float32`` for ``[train] mixed_precision``. ``auto`` trains in
-    bf16 on a GPU or a CPU with native bf16 (unlike inference's ``auto``, which keeps
-    float32 on GPUs: training tolerates bf16 by design, inference was measured only on CPUs)."""
-    if setting == "float32":
-        return "float32"
-    if setting == "bf16":
-        return "mixed_bfloat16"
-    import keras
-
-    from ..explain.shims import model_on_accelerator
-
-    return "mixed_bfloat16" if model_on_accelerator(keras.backend.backend()) or cpu_has_bf16() else "float32"
-
-
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
-    import keras
-
-    lr = schedule(cfg, steps_per_epoch)
-    if cfg.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
-        # no decay on BatchNorm scales/offsets and biases
-        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    elif cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(learning_rate=lr)
-    else:
-        opt = keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True)
-    return opt
-
-
-def schedule(cfg: TrainConfig, steps_per_epoch: int):
-    """The learning rate over ``cfg.epochs`` epochs: warm-up then cosine decay to 0, or constant."""
-    import keras
-
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-    if cfg.schedule != "cosine":
-        return cfg.learning_rate
-    if warm > 0:
-        return keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate * 0.01, total - warm, alpha=0.0, warmup_target=cfg.learning_rate, warmup_steps=warm)
-    return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total, alpha=0.0)
-
-
-def _current_lr(opt) -> float:
-    import keras
-
-    try:
-        return float(keras.ops.convert_to_numpy(opt.learning_rate))
-    except Exception:  # pragma: no cover - very old Keras
-        return float("nan")
+from .recipe import current_lr, make_optimizer, resolve_precision
 
 
 def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float | None, log: Callable[[str], None]):
@@ -111,7 +57,7 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
                 "accuracy": logs.get("accuracy"),
                 "val_loss": logs.get("val_loss"),
                 "val_accuracy": logs.get("val_accuracy"),
-                "learning_rate": _current_lr(self.model.optimizer),
+                "learning_rate": current_lr(self.model.optimizer),
                 "seconds": round(secs, 2),
             }
             history.append_row(ckpt / "history.csv", row)
@@ -468,16 +414,23 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
             continue
         if fine_tuning:
             transfer.set_backbone_trainable(model, name != "frozen")
-        if not (loaded and state["epochs_done"] > start):
-            if name == "all" and freeze:
-                state["wait"] = 0  # patience counts from the start of fine-tuning
-            model.compile(
-                optimizer=make_optimizer(phase_cfg, len(train_ds)),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                metrics=["accuracy"],
-            )
-        else:  # the checkpoint's optimizer goes on, on this phase's schedule over the epochs asked now
-            model.optimizer.learning_rate = schedule(phase_cfg, len(train_ds))
+        going_on = loaded and state["epochs_done"] > start
+        if not going_on and name == "all" and freeze:
+            state["wait"] = 0  # patience counts from the start of fine-tuning
+        # the optimizer as a fresh run makes it, whether or not it goes on: a checkpoint's AdamW comes back without
+        # its exclude_from_weight_decay() (its config does not keep it) and would decay BatchNorm scales and biases
+        opt = make_optimizer(phase_cfg, len(train_ds))
+        if going_on:  # the checkpoint's optimizer state goes on (its step count, moments) on this phase's schedule
+            resuming.carry_optimizer_state(model, opt, ckpt)
+        model.compile(
+            optimizer=opt,
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=["accuracy"],
+        )
+        # the compiled loss and metrics built on a batch read here: fit() then pulls none through the loader's
+        # worker queue (JAX, torch), whose prefetched leftovers it would feed first in the next epoch
+        x0, y0 = val_ds[0]
+        model.evaluate(x0, y0, batch_size=len(x0), verbose=0)
         if fine_tuning:
             log(f"{'head only (backbone frozen)' if name == 'frozen' else 'whole model'}: epochs "
                 f"{state['epochs_done'] + 1}-{end}, peak learning rate {phase_cfg.learning_rate:g}")
@@ -487,7 +440,10 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
             validation_data=val_ds,
             epochs=end,
             initial_epoch=state["epochs_done"],
-            callbacks=[_checkpointer(ckpt, state, dataclasses.replace(phase_cfg, epochs=cfg.epochs), left, log)],
+            shuffle=False,  # Keras would shuffle the batches' order with Python's `random`, whose draws a resumed
+            # process has not made; the loader permutes the images of each epoch by (seed, epoch) itself
+            callbacks=[keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs=None: train_ds.set_epoch(epoch)),
+                       _checkpointer(ckpt, state, dataclasses.replace(phase_cfg, epochs=cfg.epochs), left, log)],
             verbose=verbose,
         )
         start = end
