@@ -609,3 +609,49 @@ def test_python_callers_give_one_stac_document_and_assets_as_strings(server, loc
     rep = tilescan.run([], tmp_path / "out", stac=str(doc), assets="visual", tile_size=256, units="px")
     assert rep.exit_code == 0 and [r.unit for r in rep.results] == ["has-visual"], rep.to_dict()
     same_unit(tmp_path / "out" / "has-visual", local_ref / "cogeo", scene_col=False)
+
+
+def test_a_document_read_over_the_network_names_no_local_file_nor_gets_credentials(server, tmp_path, monkeypatch):
+    """A STAC document read from a server may not aim the run at local files or GDAL paths; and
+    while GDAL sends HTTP credentials with every request, an asset on another host than the
+    document's (which would receive them) is refused; one on the document's own host is read."""
+    import pystac
+
+    port = server.url.rsplit(":", 1)[1]
+    items = [_item("local", {"visual": scene(COGEO)}), _item("vsi", {"visual": f"/vsicurl/{server.url}/{COGEO}"}),
+             _item("other-host", {"visual": f"http://localhost:{port}/{COGEO}"}),
+             _item("same-host", {"visual": f"{server.url}/{COGEO}"})]
+    (server.extra / "mixed.json").write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    monkeypatch.setenv("GDAL_HTTP_HEADERS", "Authorization: Bearer SECRET")
+    rep = _run([f"{server.url}/extra/mixed.json"], tmp_path / "out").to_dict()
+    assert [r["unit"] for r in rep["done"]] == ["same-host"], rep
+    why = {r["unit"]: r["reason"] for r in rep["failed"]}
+    for unit in ("local", "vsi"):
+        assert "is a local file or a GDAL path, named by a document read over the network: refused" in why[unit]
+    assert (f"asset 'visual' is on localhost:{port}, not on the document's server 127.0.0.1:{port}, and GDAL would "
+            "send it the credentials of GDAL_HTTP_HEADERS: refused") in why["other-host"], why
+    monkeypatch.delenv("GDAL_HTTP_HEADERS")  # no credentials to leak: another host is followed
+    rep = _run([f"{server.url}/extra/mixed.json"], tmp_path / "out2").to_dict()
+    assert "other-host" not in [r["unit"] for r in rep["failed"] if "document's server" in r["reason"]]
+    assert {r["unit"] for r in rep["failed"]} <= {"local", "vsi", "other-host"} and "same-host" in str(rep["done"])
+
+
+def test_a_catalogue_that_links_back_to_itself_is_read_once(tmp_path):
+    """A child link back to the catalogue (a loop) is followed once: its items are scenes, no
+    endless recursion; a FIFO named as a document is refused, not waited on."""
+    import pystac
+
+    from tilescan.scene.sources import find_inputs
+
+    cat = pystac.Catalog(id="loop", description="links back to itself")
+    cat.add_item(_item("inside", {"visual": scene(COGEO)}))
+    cat.normalize_and_save(str(tmp_path / "cat"), catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    path = tmp_path / "cat" / "catalog.json"
+    doc = json.loads(path.read_text())
+    doc["links"].append({"rel": "child", "href": "./catalog.json", "type": "application/json"})
+    path.write_text(json.dumps(doc))
+    scenes, failed = find_inputs([path])
+    assert [s.id for s in scenes] == ["inside"] and not failed
+    os.mkfifo(tmp_path / "fifo.json")
+    _, failed = find_inputs([tmp_path / "fifo.json", scene(COGEO)])
+    assert "not a STAC document: not a regular file" in str(failed[0]), failed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -51,9 +52,18 @@ def _stac_io():
                 vsi.configure_gdal()  # the scenes' retries, timeouts and no folder listing, for documents too
                 return vsi.read_bytes(vsi.to_gdal_path(href), shown=vsi.redact(href)).decode("utf-8")
             try:
-                return Path(href).read_text(encoding="utf-8")
+                # non-blocking: a FIFO or device named as a document is refused, not waited on for ever
+                with os.fdopen(os.open(href, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:
+                    st = os.fstat(fh.fileno())
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DOCUMENT_BYTES:
+                        raise InputError("not a STAC document: not a regular file" if not stat.S_ISREG(st.st_mode) else
+                                         f"a STAC document of {st.st_size / 2**20:.0f} MiB: over the "
+                                         f"{MAX_DOCUMENT_BYTES >> 20} MiB tilescan reads", path=href)
+                    return fh.read().decode("utf-8")
             except OSError as exc:
                 raise InputError(f"cannot read the STAC document: {exc.strerror}", path=href) from None
+            except UnicodeDecodeError as exc:
+                raise InputError(f"not a STAC document: not UTF-8 text ({exc.reason})", path=href) from None
 
         def write_text(self, dest, txt, *args, **kwargs) -> None:  # pragma: no cover - never writes
             raise InputError("tilescan does not write STAC documents here", path=str(dest))
@@ -104,11 +114,17 @@ def _document(item, source_shown: str) -> str:
     return (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
 
 
-def _catalog_items(cat, failed: list):
+def _catalog_items(cat, failed: list, seen: set | None = None):
     """A catalogue's items, then its children's, in document order (as pystac's ``get_items``
-    gives them), each link resolved alone: one that cannot be read becomes an error in ``failed``."""
+    gives them), each link resolved alone: one that cannot be read becomes an error in ``failed``;
+    a link back to a document already read is followed once (``seen``: their hrefs)."""
+    seen = {cat.get_self_href()} if seen is None else seen
     for rel in ("item", "child"):
         for link in cat.get_links(rel):
+            href = link.get_absolute_href() or link.href
+            if href in seen:
+                continue  # a loop of links, or one document linked twice
+            seen.add(href)
             try:
                 link.resolve_stac_object(root=cat.get_root())
             except Exception as exc:
@@ -120,7 +136,7 @@ def _catalog_items(cat, failed: list):
             if rel == "item":
                 yield link.target
             else:
-                yield from _catalog_items(link.target, failed)
+                yield from _catalog_items(link.target, failed, seen)
 
 
 def _band_name(asset) -> str | None:
@@ -129,6 +145,34 @@ def _band_name(asset) -> str | None:
     if len(bands) == 1 and isinstance(bands[0], dict):
         return bands[0].get("common_name") or bands[0].get("eo:common_name") or bands[0].get("name")
     return None
+
+
+#: The largest STAC document file read (a catalogue of items is far smaller).
+MAX_DOCUMENT_BYTES = 256 << 20
+
+#: GDAL's settings that send credentials with every HTTP request, whatever its host.
+_HTTP_CREDENTIALS = ("GDAL_HTTP_HEADERS", "GDAL_HTTP_HEADER_FILE", "GDAL_HTTP_USERPWD", "GDAL_HTTP_BEARER")
+
+
+def _may_follow(key: str, href: str, document: str, shown: str) -> None:
+    """Refuse an asset that a document's author, not the user, could aim at what the user's
+    run may reach: from a document read over the network, a local file or a GDAL path (/vsi…);
+    and, while GDAL sends HTTP credentials with every request, an asset on another host than
+    the document's, which would receive them."""
+    from urllib.parse import urlsplit
+
+    if not vsi.is_url(document):
+        return
+    if not vsi.is_url(href) or href.startswith("/vsi") or href.startswith("file:"):
+        raise InputError(f"asset {key!r} ({href}) is a local file or a GDAL path, named by a document read over the "
+                         "network: refused (download the document to read local files it names)", path=shown)
+    creds = [k for k in _HTTP_CREDENTIALS if os.environ.get(k)]
+    there, here = urlsplit(href), urlsplit(document)
+    if creds and there.scheme in ("http", "https") and (there.hostname, there.port) != (here.hostname, here.port):
+        raise InputError(f"asset {key!r} is on {there.netloc}, not on the document's server {here.netloc}, and GDAL "
+                         f"would send it the credentials of {', '.join(creds)}: refused (give that host its own "
+                         "credentials in a GDAL configuration file's [credentials] section, and unset them here)",
+                         path=shown)
 
 
 class StacScene(os.PathLike):
@@ -152,6 +196,8 @@ class StacScene(os.PathLike):
         self.unusable: InputError | None = None  # an item without the assets asked for: fails alone, as a scene
         try:
             self.keys, self.hrefs = self._pick(assets)
+            for key, href in zip(self.keys, self.hrefs):
+                _may_follow(key, href, source_href, self.shown)
         except InputError as exc:
             self.unusable, self.keys, self.hrefs = exc, [], []
         self.paths = [self._gdal_path(h) for h in self.hrefs]
@@ -240,6 +286,11 @@ class StacScene(os.PathLike):
 
         self._usable()
         vsi.configure_gdal()
+        for key, href, path in zip(self.keys, self.hrefs, self.paths):
+            if not vsi.is_url(href) and not os.path.exists(path):
+                raise InputError(f"asset {key!r}: no such file {path}", path=self.shown)
+            if not vsi.is_url(href) and not os.path.isfile(path):  # a FIFO or device: GDAL would wait on it for ever
+                raise InputError(f"asset {key!r}: {path} is not a regular file", path=self.shown)
         if len(self.paths) == 1:
             return self._open_one(0)
         if self._vrt is None:
@@ -254,8 +305,6 @@ class StacScene(os.PathLike):
         href = self.hrefs[i]
         if vsi.is_url(href):
             return sources.RemoteScene(href).open()
-        if not os.path.exists(self.paths[i]):
-            raise InputError(f"asset {self.keys[i]!r}: no such file {self.paths[i]}", path=self.shown)
         try:
             with catching_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
