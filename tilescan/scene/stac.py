@@ -170,8 +170,8 @@ def _may_follow(key: str, href: str, document: str, shown: str) -> None:
     there, here = urlsplit(href), urlsplit(document)
     if creds and there.scheme in ("http", "https") and (there.hostname, there.port) != (here.hostname, here.port):
         raise InputError(f"asset {key!r} is on {there.netloc}, not on the document's server {here.netloc}, and GDAL "
-                         f"would send it the credentials of {', '.join(creds)}: refused (give that host its own "
-                         "credentials in a GDAL configuration file's [credentials] section, and unset them here)",
+                         f"would send it the credentials of {', '.join(creds)}: refused (unset them, and give each host "
+                         "its own user and password in a .netrc file, GDAL_HTTP_NETRC_FILE: curl sends a host only its own)",
                          path=shown)
 
 
