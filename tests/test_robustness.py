@@ -1094,6 +1094,16 @@ def bad_models(tmp_path_factory, tiny_model) -> dict[str, Path]:
     with zipfile.ZipFile(m["from_newer_keras"], "w") as zf:
         for n, b in newer.items():
             zf.writestr(n, b)
+    for case, classes in (("control_char_class", ["a", "b\x00", "c"]), ("duplicate_classes", ["a", "b", "a"]),
+                          ("too_many_classes", [f"c{i}" for i in range(300)])):
+        m[case] = d / f"{case}.keras"
+        with zipfile.ZipFile(m[case], "w") as zf:
+            for n, b in dict(members, **{"tilescan.json": json.dumps({**meta, "classes": classes}).encode()}).items():
+                zf.writestr(n, b)
+    m["metadata_bomb"] = d / "bomb.keras"  # 17 MiB of metadata in a few kB of zip
+    with zipfile.ZipFile(m["metadata_bomb"], "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for n, b in dict(members, **{"tilescan.json": b'{"pad": "' + b" " * (17 << 20) + b'"}'}).items():
+            zf.writestr(n, b)
     m["missing"] = d / "does_not_exist.keras"
     return m
 
@@ -1106,6 +1116,10 @@ MODEL_CASES = {
     "garbage_weights": "cannot load the Keras model",
     "metadata_mismatch": "the model has 3 outputs but its metadata names 5 classes",
     "from_newer_keras": 'saved by Keras 99.1.0, newer than the installed 3.',
+    "control_char_class": "'classes' must be names, not empty or with control characters: 'b\\x00'",
+    "duplicate_classes": "'classes' names 'a' twice",
+    "metadata_bomb": "tilescan metadata of 17 MiB: over the 16 MiB a model's metadata may take",
+    "too_many_classes": "'classes' has 300: a label raster (uint8, 255 = no label) holds at most 255",
     "missing": "model file not found",
 }
 

@@ -29,6 +29,10 @@ from .backend import callers_draws, loading_without_compiles
 from .errors import ConfigError, ModelError
 
 META_MEMBER = "tilescan.json"
+#: The most classes a model may have: the label raster's values, 255 being "no label".
+MAX_CLASSES = 255
+#: The largest metadata member read (a model's is a few kB; a zip bomb's is not).
+MAX_META_BYTES = 16 << 20
 META_FORMAT = "tilescan-model/1"
 DEFAULT_CAM_LAYER = "conv5_block2_out"
 PACKAGE_MODEL = Path(__file__).parent / "models" / "default.keras"
@@ -238,8 +242,16 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ModelError(f"tilescan metadata lacks {', '.join(missing)}", path=path)
-    if not isinstance(meta["classes"], list) or not meta["classes"]:
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes:
         raise ModelError("tilescan metadata 'classes' must be a non-empty list", path=path)
+    odd = [c for c in classes if not isinstance(c, str) or not c.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in c)]
+    twice = sorted({c for c in classes if classes.count(c) > 1}) if not odd else []
+    if odd or twice or len(classes) > MAX_CLASSES:  # each names a value of the label raster, its styles and tables
+        raise ModelError("tilescan metadata 'classes' " + (
+            f"must be names, not empty or with control characters: {odd[0]!r}" if odd else
+            f"names {twice[0]!r} twice" if twice else
+            f"has {len(classes)}: a label raster (uint8, {MAX_CLASSES} = no label) holds at most {MAX_CLASSES}"), path=path)
     scale = meta.get("scale")
     rng = scale.get("input_gsd_m") if isinstance(scale, dict) else scale
     if rng is not None and not (isinstance(rng, list) and len(rng) == 2
@@ -302,6 +314,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                     "`tilescan train`",
                     path=p,
                 )
+            if zf.getinfo(META_MEMBER).file_size > MAX_META_BYTES:
+                raise ModelError(f"tilescan metadata of {zf.getinfo(META_MEMBER).file_size >> 20} MiB: over the "
+                                 f"{MAX_META_BYTES >> 20} MiB a model's metadata may take", path=p)
             meta = json.loads(zf.read(META_MEMBER).decode("utf-8"))
     except zipfile.BadZipFile:
         scene = Path(p).suffix.lower() in (".tif", ".tiff", ".vrt", ".jp2", ".img")
