@@ -470,3 +470,20 @@ def test_splits_that_would_score_little_are_warned_about():
     card["split"]["counts"].update(val={"crop": 2, "grass": 1}, test={"crop": 1, "grass": 2})
     _warn_what_train_refuses(card, said.append)
     assert said == []
+
+
+def test_a_malformed_label_feature_is_left_out_and_counted():
+    """A polygon whose ring is left open and one with a NaN vertex (hand-edited GeoJSON has
+    them) are left out as invalid geometries, counted with their rows, not an internal error."""
+    import struct
+
+    import shapely
+
+    from tilescan.training.labels import _features
+
+    ring = [(0, 0), (10, 0), (10, 10), (0, 10)]  # not closed
+    unclosed = struct.pack("<BIII", 1, 3, 1, len(ring)) + b"".join(struct.pack("<dd", *p) for p in ring)
+    with np.errstate(invalid="ignore"):  # shapely's own note on making it
+        nan = shapely.to_wkb(shapely.Polygon([(0, 0), (10, 0), (float("nan"), 10), (0, 0)]))
+    geoms, names, fids, kinds, dropped = _features(["a", "b", "c"], [unclosed, nan, shapely.to_wkb(box(0, 0, 10, 10))])
+    assert names == ["c"] and fids == [2] and kinds == ["polygon"] and dropped == {"invalid_geometry": [0, 1]}

@@ -49,7 +49,7 @@ class Labels:
     kind: np.ndarray
     n_features: int
     dropped: dict[str, int] = field(default_factory=dict)
-    """Features left out, by reason (``no_class``, ``no_geometry``, ``empty``, ``line``)."""
+    """Features left out, by reason (``no_class``, ``no_geometry``, ``empty``, ``line``, ``invalid_geometry``)."""
     dropped_fids: dict[str, list[int]] = field(default_factory=dict)
     """Their ids (as ``fid``), by reason."""
     renamed: dict[str, str] = field(default_factory=dict)
@@ -261,9 +261,16 @@ def _features(values: list[str | None], wkb: list[bytes | None]):
     dropped: dict[str, list[int]] = {}  # reason -> rows
     geoms, names, fids, kinds = [], [], [], []
     for i, (v, w) in enumerate(zip(values, wkb)):
-        g = None if v is None or w is None else shapely.from_wkb(w)
+        try:  # a ring left open: GEOS refuses it (hand-edited GeoJSON has them)
+            g = None if v is None or w is None else shapely.from_wkb(w)
+        except shapely.errors.GEOSException:
+            dropped.setdefault("invalid_geometry", []).append(i)
+            continue
         if g is None or g.is_empty:
             dropped.setdefault("no_class" if v is None else "no_geometry" if w is None else "empty", []).append(i)
+            continue
+        if not np.isfinite(shapely.get_coordinates(g)).all():  # NaN or infinite vertices: GEOS fails on them
+            dropped.setdefault("invalid_geometry", []).append(i)
             continue
         gt = g.geom_type
         if gt in ("Point", "MultiPoint"):
