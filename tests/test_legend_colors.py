@@ -196,3 +196,15 @@ def test_a_colour_file_train_cannot_use_is_refused_before_any_epoch(tmp_path):
         assert res.exit_code == 2, res.output
         assert said in res.output and "--class-colors" in res.output and str(path) in res.output, res.output
         assert "epoch 1" not in res.output and not (tmp_path / "m.ckpt").exists()
+
+
+def test_a_colour_file_nested_too_deep_is_refused_by_name(tmp_path):
+    """JSON nested thousands deep (Python's parser gives up with a RecursionError) is a colour file
+    that cannot be used, said so, not an internal error."""
+    from tilescan.errors import ConfigError
+    from tilescan.training.legend_colors import legend_colors
+
+    deep = tmp_path / "colors.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="--class-colors colors.json: the colour file cannot be used: nested too deep"):
+        legend_colors(str(deep), "--class-colors colors.json", ["a", "b"], None, lambda m: None)

@@ -171,6 +171,8 @@ def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log: C
             mine = read_class_colors(path)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{origin}: the colour file cannot be used: {e}") from None
+        except RecursionError:  # JSON nested thousands deep
+            raise ConfigError(f"{origin}: the colour file cannot be used: nested too deep to be a colour list") from None
         picked = _match(mine, classes, aliases)
         if all(rgb is None for rgb in picked):
             raise ConfigError(f"{origin}: the colour file names none of the {len(classes)} classes "
