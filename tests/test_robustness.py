@@ -1776,3 +1776,19 @@ def test_a_non_ascii_name_in_a_latin1_locale_is_said_as_such(tmp_path, tiny_mode
     assert p.returncode == 3, err
     assert "caf\xe9.tif: the file name is not ASCII, and this locale (iso8859-1) is not UTF-8" in err, err
     assert "corrupt" not in err and read_report(tmp_path / "out")["counts"]["done"] == 1
+
+
+def test_a_name_with_terminal_escapes_is_printed_spelt_out(tmp_path, tiny_model):
+    """A scene named with an escape sequence (or a bidirectional override) does not drive the
+    terminal that shows the log: the characters are spelt out in every line that names it."""
+    import batch_helpers as bh
+
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    (scenes / "a\x1b[2Jb\u202e.tif").write_bytes(b"not a tiff")
+    shutil.copyfile(scene(AERIAL), scenes / "plain.tif")
+    p = subprocess.run([bh.exe(), "run", str(scenes), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                        "--units", "px", "--tile-size", "256"], capture_output=True, text=True, env=bh.env(), timeout=300)
+    assert p.returncode == 3, p.stderr
+    assert "\x1b" not in p.stderr and "\u202e" not in p.stderr
+    assert p.stderr.count("a\\x1b[2Jb\\u202e.tif") >= 2, p.stderr  # its error line and the done line

@@ -94,9 +94,16 @@ class _CliHandler(logging.Handler):
         say(line)
 
 
+#: Characters a terminal acts on rather than shows (escape sequences, C1 controls, bidirectional
+#: overrides): a scene or item name holding them is printed with them spelt out.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def say(line: str) -> None:
-    """A line on stderr; where its reader is gone (a closed pipe), stderr turns to /dev/null
-    and the command goes on."""
+    """A line on stderr, the characters a terminal would act on spelt out (``\\x1b``); where its
+    reader is gone (a closed pipe), stderr turns to /dev/null and the command goes on."""
+    line = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                            line)
     with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
         try:
             click.echo(line, err=True)
