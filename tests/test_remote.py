@@ -617,6 +617,9 @@ def test_a_document_read_over_the_network_names_no_local_file_nor_gets_credentia
     document's (which would receive them) is refused; one on the document's own host is read."""
     import pystac
 
+    from tilescan.errors import InputError
+    from tilescan.scene.sources import find_inputs
+
     port = server.url.rsplit(":", 1)[1]
     items = [_item("local", {"visual": scene(COGEO)}), _item("vsi", {"visual": f"/vsicurl/{server.url}/{COGEO}"}),
              _item("other-host", {"visual": f"http://localhost:{port}/{COGEO}"}),
@@ -628,9 +631,29 @@ def test_a_document_read_over_the_network_names_no_local_file_nor_gets_credentia
     why = {r["unit"]: r["reason"] for r in rep["failed"]}
     for unit in ("local", "vsi"):
         assert "is a local file or a GDAL path, named by a document read over the network: refused" in why[unit]
-    assert (f"asset 'visual' is on localhost:{port}, not on the document's server 127.0.0.1:{port}, and GDAL would "
-            "send it the credentials of GDAL_HTTP_HEADERS: refused") in why["other-host"], why
-    monkeypatch.delenv("GDAL_HTTP_HEADERS")  # no credentials to leak: another host is followed
+    assert (f"asset 'visual' is on http://localhost:{port}, not on the document's server http://127.0.0.1:{port}, and "
+            "GDAL would send it the credentials of GDAL_HTTP_HEADERS: refused") in why["other-host"], why
+    # a catalogue's link to another host is refused before it is read (reading it sends them too)
+    (server.extra / "cat.json").write_text(json.dumps(
+        {"type": "Catalog", "stac_version": "1.1.0", "id": "cat", "description": "links elsewhere",
+         "links": [{"rel": "item", "href": f"http://localhost:{port}/extra/one.json", "type": "application/geo+json"},
+                   {"rel": "item", "href": "./one.json", "type": "application/geo+json"}]}))
+    (server.extra / "one.json").write_text(json.dumps(_item("one", {"visual": f"{server.url}/{COGEO}"}).to_dict()))
+    monkeypatch.setenv("GDAL_HTTP_COOKIE", "session=SECRET")
+    monkeypatch.delenv("GDAL_HTTP_HEADERS")
+    server.clear_log()
+    scenes, failed = find_inputs([f"{server.url}/extra/cat.json"])
+    assert [sc.id for sc in scenes] == ["one"], (scenes, failed)
+    assert f"the item link of 'cat' is on http://localhost:{port}" in str(failed[0]) and "GDAL_HTTP_COOKIE" in str(failed[0])
+    assert len([r for r in server.requests() if r.path == "/extra/one.json" and r.method == "GET"]) == 1  # its own host
+    # the same origin however its port is spelt: http's 80 written or not
+    from tilescan.scene.stac import _may_follow
+
+    _may_follow("asset 'x'", "http://h:80/a.tif", "http://h/doc.json", "doc")
+    with pytest.raises(InputError, match="is on https://h, not on the document's server http://h"):
+        _may_follow("asset 'x'", "https://h/a.tif", "http://h/doc.json", "doc")
+    monkeypatch.delenv("GDAL_HTTP_COOKIE")
+    # no credentials to leak: another host is followed
     rep = _run([f"{server.url}/extra/mixed.json"], tmp_path / "out2").to_dict()
     assert "other-host" not in [r["unit"] for r in rep["failed"] if "document's server" in r["reason"]]
     assert {r["unit"] for r in rep["failed"]} <= {"local", "vsi", "other-host"} and "same-host" in str(rep["done"])

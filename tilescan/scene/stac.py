@@ -94,7 +94,7 @@ def load_items(source: str, assets: Sequence[str] | None = None, failed: list | 
             items = list(pystac.ItemCollection.from_dict(data, preserve_dict=False).items)
         elif kind in ("Catalog", "Collection"):
             cat = pystac.read_file(href, stac_io=io)
-            items = list(_catalog_items(cat, failed))
+            items = list(_catalog_items(cat, failed, href))
         else:
             raise InputError(f"not a STAC Item, ItemCollection, Catalog or Collection (type {kind!r})", path=shown)
     except InputError:
@@ -114,10 +114,11 @@ def _document(item, source_shown: str) -> str:
     return (vsi.redact(self_href) if vsi.is_url(self_href) else self_href) if self_href else source_shown
 
 
-def _catalog_items(cat, failed: list, seen: set | None = None):
+def _catalog_items(cat, failed: list, document: str, seen: set | None = None):
     """A catalogue's items, then its children's, in document order (as pystac's ``get_items``
-    gives them), each link resolved alone: one that cannot be read becomes an error in ``failed``;
-    a link back to a document already read is followed once (``seen``: their hrefs)."""
+    gives them), each link resolved alone: one that cannot be read, or that the document read
+    (``document``) may not aim at (:func:`_may_follow`), becomes an error in ``failed``; a link
+    back to a document already read is followed once (``seen``: their hrefs)."""
     seen = {cat.get_self_href()} if seen is None else seen
     for rel in ("item", "child"):
         for link in cat.get_links(rel):
@@ -125,6 +126,11 @@ def _catalog_items(cat, failed: list, seen: set | None = None):
             if href in seen:
                 continue  # a loop of links, or one document linked twice
             seen.add(href)
+            try:
+                _may_follow(f"the {rel} link of {cat.id!r}", href, document, vsi.redact(href) if vsi.is_url(href) else href)
+            except InputError as exc:
+                failed.append(exc)
+                continue
             try:
                 link.resolve_stac_object(root=cat.get_root())
             except Exception as exc:
@@ -136,7 +142,7 @@ def _catalog_items(cat, failed: list, seen: set | None = None):
             if rel == "item":
                 yield link.target
             else:
-                yield from _catalog_items(link.target, failed, seen)
+                yield from _catalog_items(link.target, failed, document, seen)
 
 
 def _band_name(asset) -> str | None:
@@ -151,28 +157,41 @@ def _band_name(asset) -> str | None:
 MAX_DOCUMENT_BYTES = 256 << 20
 
 #: GDAL's settings that send credentials with every HTTP request, whatever its host.
-_HTTP_CREDENTIALS = ("GDAL_HTTP_HEADERS", "GDAL_HTTP_HEADER_FILE", "GDAL_HTTP_USERPWD", "GDAL_HTTP_BEARER")
+_HTTP_CREDENTIALS = ("GDAL_HTTP_HEADERS", "GDAL_HTTP_HEADER_FILE", "GDAL_HTTP_USERPWD", "GDAL_HTTP_BEARER",
+                     "GDAL_HTTP_COOKIE")
 
 
-def _may_follow(key: str, href: str, document: str, shown: str) -> None:
-    """Refuse an asset that a document's author, not the user, could aim at what the user's
-    run may reach: from a document read over the network, a local file or a GDAL path (/vsi…);
-    and, while GDAL sends HTTP credentials with every request, an asset on another host than
-    the document's, which would receive them."""
+def _http_credentials() -> list[str]:
+    """Those of :data:`_HTTP_CREDENTIALS` set, in the environment or GDAL's configuration file."""
+    import rasterio
+    from rasterio.env import get_gdal_config
+
+    with rasterio.Env():  # GDAL's configuration file is read as its drivers are registered
+        return [k for k in _HTTP_CREDENTIALS if os.environ.get(k) or get_gdal_config(k)]
+
+
+def _origin(url) -> tuple:
+    return url.scheme, url.hostname, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def _may_follow(what: str, href: str, document: str, shown: str) -> None:
+    """Refuse what a document's author, not the user, could aim the run at (an asset, or a
+    catalogue's link): from a document read over the network, a local file or a GDAL path
+    (/vsi…); and, while GDAL sends HTTP credentials with every request, another origin (scheme,
+    host, port) than the document's, which would receive them."""
     from urllib.parse import urlsplit
 
     if not vsi.is_url(document):
         return
     if not vsi.is_url(href) or href.startswith("/vsi") or href.startswith("file:"):
-        raise InputError(f"asset {key!r} ({href}) is a local file or a GDAL path, named by a document read over the "
+        raise InputError(f"{what} ({href}) is a local file or a GDAL path, named by a document read over the "
                          "network: refused (download the document to read local files it names)", path=shown)
-    creds = [k for k in _HTTP_CREDENTIALS if os.environ.get(k)]
     there, here = urlsplit(href), urlsplit(document)
-    if creds and there.scheme in ("http", "https") and (there.hostname, there.port) != (here.hostname, here.port):
-        raise InputError(f"asset {key!r} is on {there.netloc}, not on the document's server {here.netloc}, and GDAL "
-                         f"would send it the credentials of {', '.join(creds)}: refused (unset them, and give each host "
-                         "its own user and password in a .netrc file, GDAL_HTTP_NETRC_FILE: curl sends a host only its own)",
-                         path=shown)
+    if there.scheme in ("http", "https") and _origin(there) != _origin(here) and (creds := _http_credentials()):
+        raise InputError(f"{what} is on {there.scheme}://{there.netloc}, not on the document's server "
+                         f"{here.scheme}://{here.netloc}, and GDAL would send it the credentials of {', '.join(creds)}: "
+                         "refused (unset them, and give each host its own user and password in a .netrc file, "
+                         "GDAL_HTTP_NETRC_FILE: curl sends a host only its own)", path=shown)
 
 
 class StacScene(os.PathLike):
@@ -197,7 +216,7 @@ class StacScene(os.PathLike):
         try:
             self.keys, self.hrefs = self._pick(assets)
             for key, href in zip(self.keys, self.hrefs):
-                _may_follow(key, href, source_href, self.shown)
+                _may_follow(f"asset {key!r}", href, source_href, self.shown)
         except InputError as exc:
             self.unusable, self.keys, self.hrefs = exc, [], []
         self.paths = [self._gdal_path(h) for h in self.hrefs]
