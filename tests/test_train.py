@@ -536,7 +536,7 @@ def test_an_epochs_checkpoint_is_whole_or_not_at_all(tmp_path):
 
 def test_a_model_half_saved_by_a_killed_run_is_removed_by_the_next(mini_aid, tmp_path):
     """The temporary model file a run killed while saving left beside -o is removed when the
-    next run starts; one a live process writes stays."""
+    next run starts; one a live process writes, or one written minutes ago, stays."""
     import subprocess
     import sys
 
@@ -544,11 +544,13 @@ def test_a_model_half_saved_by_a_killed_run_is_removed_by_the_next(mini_aid, tmp
     out = tmp_path / "m.keras"
     left = tmp_path / f".m.keras.tmp-{int(dead.stdout)}-0123abcd.keras"
     live = tmp_path / f".m.keras.tmp-{os.getpid()}-4567cdef.keras"
-    for f in (left, live):
+    for f in (left, live, fresh := tmp_path / f".m.keras.tmp-{int(dead.stdout)}-89abcdef.keras"):
         f.write_bytes(b"half a model")
+    for f in (left, live):  # an hour old: a save takes seconds (a fresh one may be another machine's, at work)
+        os.utime(f, (time.time() - 3600,) * 2)
     res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "5"])
     assert res.exit_code == 0, res.output
-    assert not left.exists() and live.exists() and out.is_file()
+    assert not left.exists() and live.exists() and fresh.exists() and out.is_file()
 
 
 def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_path):
@@ -771,3 +773,17 @@ def test_resume_with_overwrite_and_heatmaps_of_a_tiny_input_are_said(mini_aid, t
     assert not out.exists() and not (tmp_path / "m.ckpt").exists()
     res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "5"])
     assert res.exit_code == 0 and "warning: at 32 px the Grad-CAM layer is 1 x 1 cells" in res.output, res.output
+
+
+def test_class_names_a_model_cannot_carry_are_refused_before_training(tmp_path):
+    """A class folder whose name holds a control character (a TAB) names no class of a model
+    (its label styles and tables): refused before any epoch, not when the trained model is saved."""
+    rng = np.random.default_rng(5)
+    data = tmp_path / "d"
+    for cls in ("Forest", "Pond\tedge"):
+        (data / cls).mkdir(parents=True)
+        for j in range(6):
+            cv2.imwrite(str(data / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
+    assert res.exit_code == 4 and "must be names, not empty or with control characters: 'Pond\\tedge'" in res.output, res.output
+    assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()

@@ -236,6 +236,21 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest
 
 
+def class_names_problem(classes: Sequence[Any]) -> str | None:
+    """What makes ``classes`` unfit to name a model's classes, each a value of its label raster,
+    its styles and tables: a name empty, not text or with control characters, one twice, more
+    than :data:`MAX_CLASSES`. None when they are fit."""
+    odd = [c for c in classes if not isinstance(c, str) or not c.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in c)]
+    twice = sorted({c for c in classes if classes.count(c) > 1}) if not odd else []
+    if odd:
+        return f"must be names, not empty or with control characters: {odd[0]!r}"
+    if twice:
+        return f"names {twice[0]!r} twice"
+    if len(classes) > MAX_CLASSES:
+        return f"has {len(classes)}: a label raster (uint8, {MAX_CLASSES} = no label) holds at most {MAX_CLASSES}"
+    return None
+
+
 def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ModelError("tilescan metadata is not a JSON object", path=path)
@@ -245,13 +260,8 @@ def validate_metadata(meta: Any, path: str) -> dict[str, Any]:
     classes = meta["classes"]
     if not isinstance(classes, list) or not classes:
         raise ModelError("tilescan metadata 'classes' must be a non-empty list", path=path)
-    odd = [c for c in classes if not isinstance(c, str) or not c.strip() or any(ord(ch) < 32 or ord(ch) == 127 for ch in c)]
-    twice = sorted({c for c in classes if classes.count(c) > 1}) if not odd else []
-    if odd or twice or len(classes) > MAX_CLASSES:  # each names a value of the label raster, its styles and tables
-        raise ModelError("tilescan metadata 'classes' " + (
-            f"must be names, not empty or with control characters: {odd[0]!r}" if odd else
-            f"names {twice[0]!r} twice" if twice else
-            f"has {len(classes)}: a label raster (uint8, {MAX_CLASSES} = no label) holds at most {MAX_CLASSES}"), path=path)
+    if problem := class_names_problem(classes):
+        raise ModelError(f"tilescan metadata 'classes' {problem}", path=path)
     scale = meta.get("scale")
     rng = scale.get("input_gsd_m") if isinstance(scale, dict) else scale
     if rng is not None and not (isinstance(rng, list) and len(rng) == 2

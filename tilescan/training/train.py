@@ -25,7 +25,7 @@ from .. import stop
 from ..config import TrainConfig
 from ..errors import ConfigError, InputError, OutputExistsError
 from ..log import catching_warnings, emit
-from ..model import DEFAULT_CAM_LAYER, MAX_CLASSES, build_resnet18, save_model
+from ..model import DEFAULT_CAM_LAYER, build_resnet18, class_names_problem, save_model
 from ..outputs.files import make_folder, remove_dead_temps, write_text
 from . import history
 from . import resuming
@@ -274,10 +274,11 @@ def _checked_start(dataset: Dataset, out: Path, cfg: TrainConfig, overwrite: boo
                    log: Callable[[str], None], limit: int | None = None) -> tuple[Path, TrainConfig]:
     """The checkpoint folder and the recipe to train with, once the data, the output and a
     checkpoint to resume are known to fit."""
-    if not 2 <= len(dataset.classes) <= MAX_CLASSES:
+    if len(dataset.classes) < 2:
         raise InputError(f"a classifier needs two classes or more; this dataset has {len(dataset.classes)} "
-                         f"({', '.join(dataset.classes) or 'none'})" if len(dataset.classes) < 2 else
-                         f"{len(dataset.classes)} classes: a label raster holds at most {MAX_CLASSES}", path=str(dataset.root))
+                         f"({', '.join(dataset.classes) or 'none'})", path=str(dataset.root))
+    if problem := class_names_problem(dataset.classes):  # found before training, not when the model is saved
+        raise InputError(f"the dataset's classes cannot name a model's: its list {problem}", path=str(dataset.root))
     trained = {k for _, k in dataset.items("train")}  # none at all: train_val_paths says why
     if trained and (untaught := [c for i, c in enumerate(dataset.classes) if i not in trained]):
         raise InputError(f"no training image of {len(untaught)} class(es) ({', '.join(untaught[:5])}): the model "
