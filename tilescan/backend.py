@@ -44,7 +44,8 @@ def ascii_case_ctype() -> None:
     C.UTF-8's (Python's own text handling does not use them)."""
     import locale
 
-    if _dotted_i(locale.setlocale(locale.LC_CTYPE)):
+    # a UTF-8 one only: another's encoding (ISO-8859-9) is what Python decodes text files by
+    if _dotted_i(locale.setlocale(locale.LC_CTYPE)) and locale.nl_langinfo(locale.CODESET).upper() in ("UTF-8", "UTF8"):
         for name in ("C.UTF-8", "C"):
             try:
                 locale.setlocale(locale.LC_CTYPE, name)
@@ -56,8 +57,10 @@ def ascii_case_ctype() -> None:
 def ascii_case_env(env: dict[str, str]) -> dict[str, str]:
     """``env`` for a child process, its character classes C.UTF-8's where they would be a
     Turkish or Azerbaijani locale's (:func:`ascii_case_ctype`)."""
-    if _dotted_i(env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or ""):
-        env.pop("LC_ALL", None)  # over every LC_* and LANG: the other categories keep theirs
+    ctype = env.get("LC_ALL") or env.get("LC_CTYPE") or env.get("LANG") or ""
+    if _dotted_i(ctype) and ctype.upper().replace("-", "").endswith("UTF8"):
+        if "LC_ALL" in env:  # it would win over LC_CTYPE: the other categories get its value by LANG
+            env["LANG"] = env.pop("LC_ALL")
         env["LC_CTYPE"] = "C.UTF-8"
     return env
 

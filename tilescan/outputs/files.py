@@ -96,19 +96,22 @@ def _temp_name(path: Path, tag: str = "tmp") -> Path:
 _SIDECARS = ("", ".aux.xml", "-journal", "-wal", "-shm", ".ovr")
 
 
-def remove_dead_temps(path: Path) -> None:
-    """Remove the temporary files of ``path`` (:func:`_temp_name`) that a process of this
-    machine no longer running left (killed while writing it): no one else removes them."""
+def remove_dead_temps(path: Path, older_than_s: float = 600) -> None:
+    """Remove the temporary files of ``path`` (:func:`_temp_name`) that a process no longer
+    running left (killed while writing it): no one else removes them. Only those untouched for
+    ``older_than_s`` seconds: on a shared file system the pid may be another machine's, at work."""
+    import time
+
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
         pid = tmp.name[len(path.name) + 6:].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
         try:
+            if not pid.isdigit() or time.time() - tmp.stat().st_mtime < older_than_s:
+                continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             _remove_quietly(tmp)
         except OSError:
-            pass  # alive, another user's
+            pass  # alive (another user's), or gone meanwhile
 
 
 def _remove_quietly(path: Path) -> None:
