@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 
-from .log import STDERR_LOCK
+from .log import STDERR_LOCK, ReaderGoneSafe
 
 
 #: True in the ``tilescan`` command's process (:func:`own_process`), False where tilescan is
@@ -192,13 +192,9 @@ def _without_tensorflow_chatter():
 
 def _flush_stderr(text: str = "") -> None:
     """``text`` onto stderr, and what it holds out; where its reader is gone (a closed pipe), onto /dev/null."""
-    from .log import stderr_to_devnull
-
-    try:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    except BrokenPipeError:
-        stderr_to_devnull()
+    stream = ReaderGoneSafe(sys.stderr)
+    stream.write(text)
+    stream.flush()
 
 
 _loading = threading.local()  # set on the thread that loads a model under loading_without_compiles

@@ -346,8 +346,10 @@ def _load_failure(exc: Exception, path: Path, installed: str) -> str:
         text = f"{text[:300]} … {text[-400:]}"
     try:
         with zipfile.ZipFile(path) as zf:
+            if zf.getinfo("metadata.json").file_size > 1 << 20:  # Keras' own is a line: not read whole
+                raise ValueError("too big")
             saved = str(json.loads(zf.read("metadata.json")).get("keras_version") or "")
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
         saved = ""
 
     def release(v: str) -> tuple[int, ...]:
