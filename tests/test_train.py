@@ -56,6 +56,16 @@ def _train(args):
     return invoke(["train", *args])
 
 
+def _class_folders(data: Path, classes, n: int, seed: int) -> Path:
+    """Plain class folders of ``n`` random 36 px PNGs each."""
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (data / cls).mkdir(parents=True)
+        for j in range(n):
+            cv2.imwrite(str(data / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    return data
+
+
 def _history(model_path: Path) -> list[dict]:
     with open(model_path.with_name(model_path.name.replace(".keras", ".history.csv"))) as fh:
         return list(csv.DictReader(fh))
@@ -701,12 +711,7 @@ def test_every_bad_image_of_a_drawn_split_is_named_at_once_test_split_too(tmp_pa
     image could then only be removed, drawing the split again with trained-on images in test.)"""
     from tilescan.training.data import load_dataset
 
-    rng = np.random.default_rng(3)
-    data = tmp_path / "d"
-    for cls in ("Forest", "Pond"):
-        (data / cls).mkdir(parents=True)
-        for j in range(10):
-            cv2.imwrite(str(data / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    data = _class_folders(tmp_path / "d", ("Forest", "Pond"), 10, seed=3)
     ds = load_dataset(data)
     train_img, test_img = ds.items("train")[0][0], ds.items("test")[0][0]
     (data / train_img).write_bytes(b"")
@@ -778,12 +783,7 @@ def test_resume_with_overwrite_and_heatmaps_of_a_tiny_input_are_said(mini_aid, t
 def test_class_names_a_model_cannot_carry_are_refused_before_training(tmp_path):
     """A class folder whose name holds a control character (a TAB) names no class of a model
     (its label styles and tables): refused before any epoch, not when the trained model is saved."""
-    rng = np.random.default_rng(5)
-    data = tmp_path / "d"
-    for cls in ("Forest", "Pond\tedge"):
-        (data / cls).mkdir(parents=True)
-        for j in range(6):
-            cv2.imwrite(str(data / cls / f"{j}.png"), rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    data = _class_folders(tmp_path / "d", ("Forest", "Pond\tedge"), 6, seed=5)
     res = _train([data, "-o", tmp_path / "m.keras", "--epochs", "1", "--image-size", "32"])
     assert res.exit_code == 4 and "must be names, not empty or with control characters: 'Pond\\tedge'" in res.output, res.output
     assert "epoch 1/" not in res.output and not (tmp_path / "m.ckpt").exists()
