@@ -17,7 +17,7 @@ import click
 from .. import stop
 from ..config import CAM_METHOD_NAMES, Config
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, TilescanError
-from ..log import LEVEL_PREFIXES, STDERR_LOCK, emit, logger, stderr_to_devnull
+from ..log import LEVEL_PREFIXES, STDERR_LOCK, ReaderGoneSafe, emit, logger
 
 
 class OutPath(click.Path):
@@ -105,10 +105,7 @@ def say(line: str) -> None:
     line = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
                             line)
     with STDERR_LOCK:  # not while a worker's quiet Keras import has stderr on /dev/null
-        try:
-            click.echo(line, err=True)
-        except BrokenPipeError:
-            stderr_to_devnull()
+        click.echo(line, file=ReaderGoneSafe(sys.stderr))
 
 
 def configure_logging(ctx: _Ctx) -> None:

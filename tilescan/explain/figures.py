@@ -491,10 +491,10 @@ def _is_scene(path, forced: bool, log) -> bool:
         return True
     import rasterio
 
-    from ..scene.info import _is_georeferenced, _open_quiet
+    from ..scene.info import _is_georeferenced, open_quiet
 
     try:
-        with _open_quiet(path) as ds:  # no georeferencing is what is asked here, not rasterio's to say
+        with open_quiet(path) as ds:  # no georeferencing is what is asked here, not rasterio's to say
             image = (not _is_georeferenced(ds) and not ds.gcps[0] and max(ds.width, ds.height) <= IMAGE_TIFF_MAX_PX
                      and set(ds.dtypes) == {"uint8"} and ds.count in (1, 3, 4))
     except rasterio.errors.RasterioError:

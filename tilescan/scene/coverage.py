@@ -11,7 +11,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from .grid import _ceil_div
-from .info import _open_quiet, pixel_interleaved
+from .info import open_quiet, pixel_interleaved
 
 #: A stored block is compared byte for byte with the others of its size only when it is at
 #: most this share of its raw size (a block of one value compresses to a sliver of it).
@@ -131,7 +131,7 @@ def _mask_ifd(path: str, ds):
         return None
     for k in range(2, 2 * (1 + len(ds.overviews(1))) + 2):
         try:
-            m = _open_quiet(f"GTIFF_DIR:{k}:{path}")
+            m = open_quiet(f"GTIFF_DIR:{k}:{path}")
         except Exception:
             return None
         if (m.width, m.height, m.count) == (ds.width, ds.height, 1):

@@ -305,7 +305,7 @@ def _describe(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-def _open_quiet(path: Path | str, decode_threads: int = 1):
+def open_quiet(path: Path | str, decode_threads: int = 1):
     # not catching_warnings: the scan threads of a scene being opened call this too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import TilingConfig, nodata_setting
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres, scale_side, within_scale
-from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, _open_quiet, _scene_info, tiling_warning, warn_big_strips
+from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, open_quiet, _scene_info, tiling_warning, warn_big_strips
 from .decimate import decimated_shape
 from .reader import STATS_MAX_SIZE, STATS_SAMPLE_PIXELS, SceneReader, _scan
 from .bands import _pick_bands, check_band_count
@@ -434,7 +434,7 @@ def _open_dataset(path):
         return path, path.open()  # InputError naming the URL (without credentials) and the cause
     _check_file(path)
     try:
-        return path, _open_quiet(path)
+        return path, open_quiet(path)
     except Exception as exc:
         raise InputError(f"corrupt or truncated TIFF (GDAL cannot open it): {_describe(exc)}",
                          path=str(path)) from exc

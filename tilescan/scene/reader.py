@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from ..errors import InputError
 from .coverage import BlockCoverage, find_empty_blocks
 from .grid import Tile, TileGrid, TileSet, TilingPlan, _ceil_div, valid_fraction
-from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, _open_quiet
+from .info import SceneInfo, _apply, _describe, _nodata_in_dtype, open_quiet
 from .decimate import DecimatedCopy, decimated_shape
 from .scaling import preview_rgb, to_unit
 
@@ -141,7 +141,7 @@ class SceneReader:
         if ds is None or ds.closed or self._local.decode_threads != self.decode_threads:
             if self._closed:
                 raise ValueError("SceneReader is closed")
-            ds = _open_quiet(self.info.path, self.decode_threads)
+            ds = open_quiet(self.info.path, self.decode_threads)
             self._local.decode_threads = self.decode_threads
             with self._lock:
                 if self._closed:
@@ -425,7 +425,7 @@ class SceneReader:
         """The first of ``tiles`` whose window fails to read, and its error, through a fresh
         single-threaded handle (after a failed multi-threaded read GDAL may hand back
         zeros from its cache for the blocks that failed)."""
-        ds = _open_quiet(self.info.path)
+        ds = open_quiet(self.info.path)
         try:
             for tile in tiles:
                 try:

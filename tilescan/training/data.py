@@ -186,9 +186,9 @@ def _not_pillows(path: Path) -> str | None:
     if path.suffix.lower() not in (".tif", ".tiff"):
         return _NOT_AN_IMAGE
     try:
-        from ..scene.info import _open_quiet  # a plain image has no georeferencing: no warning of it
+        from ..scene.info import open_quiet  # a plain image has no georeferencing: no warning of it
 
-        with _open_quiet(path) as ds:
+        with open_quiet(path) as ds:
             bands, dtype = ds.count, ds.dtypes[0]
     except Exception:  # noqa: BLE001 - no TIFF GDAL reads either
         return _NOT_AN_IMAGE
