@@ -339,6 +339,37 @@ def test_an_output_folder_that_refuses_the_finished_unit_is_the_one_named(tmp_pa
     assert err.path == str(out) and "Permission denied" in str(err), str(err)
 
 
+def test_a_scene_whose_geopackage_sqlite_cannot_open_fails_before_its_work(tmp_path, monkeypatch):
+    """OUT deep enough that a 250-character scene name takes its GeoPackage past SQLite's
+    504-byte path limit, while a short one fits: the long one fails as it opens, its tiles
+    never read, with the path the user knows and what to do; the short one is written."""
+    from tilescan.pipeline import process
+
+    out = Path(os.path.realpath(tmp_path)) / "o"
+    out = out / ("d" * (260 - len(os.fsencode(out)) - 1))
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("short.tif", f"{LONG}.tif"):
+        shutil.copy(scene(SCENE), src / name)
+    read, real_read = [], process.UnitJob.read
+
+    def counted(job, *args, **kwargs):
+        read.append(job.unit.name)
+        return real_read(job, *args, **kwargs)
+
+    monkeypatch.setattr(process.UnitJob, "read", counted)
+    res = invoke(["run", src, "-o", out, *FAST])
+    assert res.exit_code == 3, res.output  # some scenes failed, the others were written
+    assert set(read) == {"short"}
+    assert layout.read_manifest(out / "short")["status"] == "complete" and (out / "short" / "tiles.gpkg").is_file()
+    rep = read_report(out)
+    [failed] = rep["failed"]
+    folder = out / failed["unit"]
+    assert failed["reason"].startswith(f"{folder / 'tiles.gpkg'}: cannot write the GeoPackage: SQLite opens "
+                                       f"files by paths of at most 504 bytes"), failed["reason"]
+    assert "--no-gpkg" in failed["reason"] and failed["error_kind"] == "output" and not folder.exists()
+
+
 def test_move_into_place_only_targets_unit_folders(tmp_path):
     out = tmp_path / "out"
     stage = out / layout.STAGING / "x"

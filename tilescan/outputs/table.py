@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ..errors import OutputError
 from ..log import catching_warnings
-from .files import _dumps, as_files_are_made, atomic_output
+from .files import _dumps, _temp_name, as_files_are_made, atomic_output
 from .geometry import BBOX_TYPE, _projjson, bbox_column, extent, geo_metadata, gpkg_polygons, pyproj_crs, wkb_polygons
 
 # --------------------------------------------------------------------------- tile table
@@ -407,6 +407,12 @@ def check_gpkg_path(tmp: Path, path: str | os.PathLike, no_gpkg: str) -> None:
         raise OutputError(f"cannot write the GeoPackage: SQLite opens files by paths of at most {SQLITE_MAX_PATH} "
                           f"bytes, and its temporary file's is {n}; choose an output folder at least {n - SQLITE_MAX_PATH} "
                           f"bytes shorter, or {no_gpkg}", path=str(path))
+
+
+def check_gpkg_fits(path: str | os.PathLike, shown: str | os.PathLike) -> None:
+    """:func:`check_gpkg_path` for the temporary file writing ``path`` will open, before any
+    work that would end there; ``shown``: the GeoPackage's path as the user knows it."""
+    check_gpkg_path(_temp_name(Path(path)), shown, _NO_GPKG)
 
 
 #: Stands for the ``tilescan`` metadata JSON in a GeoPackage template (:func:`_gpkg_template`).

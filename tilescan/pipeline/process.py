@@ -33,7 +33,7 @@ from ..outputs.geometry import crs_text, lonlat_limits, window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import qgis_alpha_band, scene_source, write_scene_files
 from ..outputs.quicklook import north_up_flip, write_scene_quicklook
-from ..outputs.table import TileTable
+from ..outputs.table import TileTable, check_gpkg_fits
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
 from ..scene.plan import fill_note
@@ -94,6 +94,8 @@ class UnitJob:
         """Open the scene (checks, bands, tiling plan, stretch) and stage its outputs."""
         self.t0 = time.monotonic()
         cfg, unit = self.cfg, self.unit
+        if cfg.output.gpkg:  # a GeoPackage SQLite cannot open fails the scene now, not after its work
+            check_gpkg_fits(self.stage / "tiles.gpkg", shown=self.final / "tiles.gpkg")
         with sources.remote_errors(unit.scene):
             self.reader, self.scene_warnings, self.details = _open_unit(unit, cfg, self.card, self.log)
         reader = self.reader
