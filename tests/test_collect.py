@@ -47,6 +47,8 @@ def test_one_geoparquet_table_with_every_tile(ref):
     own = json.loads(pq.read_schema(path).metadata[b"tilescan"])  # which model made the labels, as each scene's table says
     ids = {json.loads(pq.read_schema(ref / u / "tiles.parquet").metadata[b"tilescan"])["model_id"] for u in bh.UNITS}
     assert ids == {own["model_id"]} and "model_ids" not in own and own["scenes"] == sorted(bh.UNITS)
+    # label is categorical as in a scene's own table: every class of the model, in its order
+    assert list(gdf["label"].cat.categories) == own["classes"] and len(own["classes"]) > gdf["label"].nunique()
     # dictionary pages on the name columns only (on numbers they made the table larger)
     f = pq.ParquetFile(path)
     assert f.num_row_groups == 1  # the scenes' rows gathered, not a row group per scene (a footer per chip)

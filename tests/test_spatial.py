@@ -98,13 +98,14 @@ def test_sort_keeps_rows_and_metadata_and_prunes(collected, tmp_path):
 
 def test_collect_sorts_a_large_table(tmp_path, tmp_path_factory, monkeypatch):
     """collect's call site, with the size bounds lowered so the real reference is 'large'."""
-    from tilescan.outputs.collect import run_collect
+    from tilescan.outputs.collect import _TableWriter, run_collect
 
     out = tmp_path / "out"
     shutil.copytree(bh.reference(tmp_path_factory), out)
     shutil.rmtree(out / "collected")
     monkeypatch.setattr(spatial, "SORT_MIN_ROWS", 10)
     monkeypatch.setattr(spatial, "ROW_GROUP_ROWS", 16)
+    monkeypatch.setattr(_TableWriter, "GROUP_ROWS", 20)  # the unsorted table in row groups too, as a large one is
     run_collect(out, gpkg=False, log=lambda m: None)
     f = pq.ParquetFile(out / "collected" / "tiles.parquet")
     assert all(f.metadata.row_group(g).num_rows <= 16 for g in range(f.num_row_groups)) and f.num_row_groups > 4
@@ -112,5 +113,7 @@ def test_collect_sorts_a_large_table(tmp_path, tmp_path_factory, monkeypatch):
     assert (np.diff(keys.astype(np.int64)) >= 0).all()
     bh.assert_same_tiles(bh.collected(out), bh.collected(bh.reference(tmp_path_factory)), exact=True)
     assert json.loads(f.schema_arrow.metadata[b"geo"])["columns"]["geometry"]["covering"]["bbox"]
+    label = f.read(columns=["label"]).to_pandas()["label"]  # still every class of the model, in its order
+    assert list(label.cat.categories) == json.loads(f.schema_arrow.metadata[b"tilescan"])["classes"]
     order = {o["id"]: o for o in assert_geoparquet_conformant(out / "collected" / "tiles.parquet")["outcomes"]}
     assert order["/conf/distribution/spatial-order"]["status"] == "pass", order["/conf/distribution/spatial-order"]

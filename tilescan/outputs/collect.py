@@ -49,6 +49,7 @@ unreadable) is left out, named with the reason in the log and under
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -125,7 +126,7 @@ _TAIL = [
 _HEAD = [pa.field("scene", pa.string(), nullable=False), pa.field("unit", pa.string(), nullable=False),
          pa.field("scene_file", pa.string(), nullable=False), pa.field("scene_path", pa.string()),
          pa.field("scale_check", pa.string())]  # from run.json: a unit written before tables had it has it too
-_DROP = {"scene", "geometry", "bbox", "scale_check"}
+_DROP = {"scene", "label", "geometry", "bbox", "scale_check"}
 
 
 def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
@@ -137,6 +138,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     peaks = np.stack([t.column(c).to_numpy() for c in ("cam_peak_x", "cam_peak_y")], axis=-1)[:, None]
     lonlat, crs_name, to_lonlat = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints, CAM peaks
     peaks = None if lonlat is None else lonlat[:, -1]
+    meta = json.loads(t.schema.metadata[b"tilescan"])
     cols: dict[str, pa.Array] = {
         "scene": pa.array([u.scene] * n, pa.string()),
         "unit": pa.array([u.key] * n, pa.string()),
@@ -145,7 +147,10 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         "scale_check": pa.array([(u.manifest.get("tiling") or {}).get("scale")] * n, pa.string()),
     }
     for name in t.column_names:
-        if name not in _DROP:
+        if name == "label":  # every class of the model, in its order, as a scene's own table has them
+            index = t.column("class_index").cast(pa.int32()).combine_chunks()
+            cols[name] = pa.DictionaryArray.from_arrays(index, pa.array(meta["classes"], pa.string()))
+        elif name not in _DROP:
             c = t.column(name).combine_chunks()
             cols[name] = c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c
     valid = t.column("valid_fraction").to_numpy().astype(np.float64)
@@ -173,7 +178,6 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         })
         bounds = (np.nanmin(box[0]), np.nanmin(box[1]), np.nanmax(box[2]), np.nanmax(box[3])) if n - geometry.null_count else None
     cols["geometry_native"] = t.column("geometry").combine_chunks().cast(pa.binary())
-    meta = json.loads(t.schema.metadata[b"tilescan"])
     return pa.table(cols), {"bounds": bounds, "classes": meta.get("classes"), "crs": crs_name, "clipped": n_clipped,
                             "crs_label": _crs_label(crs_json) if n_clipped else None,
                             "antimeridian": n_across, "class_colors": meta.get("class_colors")}
@@ -204,14 +208,15 @@ def _write_gpkg(parquet: Path, path: Path, classes: list[str]) -> None:
 
     pf = pq.ParquetFile(parquet)
     probs = prob_column_names(classes)
-    keep = [f for f in pf.schema_arrow if f.name not in ("probabilities", "bbox", "geometry_native", "geometry")]
+    keep = [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f  # GeoPackage: plain text
+            for f in pf.schema_arrow if f.name not in ("probabilities", "bbox", "geometry_native", "geometry")]
     fields = keep + [pa.field(p, pa.float32()) for p in probs] + [pa.field("geometry", pa.binary())]
     schema = pa.schema(fields)
     k = len(classes)
 
     def batches() -> Iterator[pa.RecordBatch]:
         for b in pf.iter_batches(batch_size=65536):
-            arrays = [b.column(f.name) for f in keep]
+            arrays = [b.column(f.name).cast(f.type) for f in keep]
             p = b.column("probabilities").flatten().to_numpy(zero_copy_only=False).reshape(-1, k) if b.num_rows else np.zeros((0, k), np.float32)
             arrays += [pa.array(np.ascontiguousarray(p[:, i]), pa.float32()) for i in range(k)]
             arrays.append(b.column("geometry"))
@@ -434,10 +439,11 @@ class _TableWriter:
             own["scale_warnings"] = scale_warnings
         if self.antimeridian:
             own["antimeridian_tiles"] = self.antimeridian
-        self.writer.add_key_value_metadata({
-            "geo": json.dumps(_geo_meta(self.bounds, self.antimeridian)),
-            "tilescan": json.dumps(own),
-        })
+        meta = {"geo": json.dumps(_geo_meta(self.bounds, self.antimeridian)), "tilescan": json.dumps(own)}
+        # Arrow's schema, stored as its Parquet writer stores it, now the metadata is known:
+        # Arrow readers (pandas, GeoPandas, Polars) get the categorical columns back as such
+        arrow = base64.b64encode(self.schema.with_metadata(meta).serialize().to_pybytes()).decode()
+        self.writer.add_key_value_metadata({**meta, "ARROW:schema": arrow})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -118,7 +118,7 @@ def sort_parquet(path: Path, row_group_rows: int | None = None, column: str = "b
         for s in sinks:
             s.close()
         meta = schema.metadata
-        with pq.ParquetWriter(out, schema, compression="zstd", store_schema=False,
+        with pq.ParquetWriter(out, schema, compression="zstd", store_schema=True,
                               use_dictionary=dictionary_columns(schema)) as w:
             for b in range(n_buckets):
                 with ipc.open_file(str(tmp_dir / f"{b:05d}.arrow")) as f:
@@ -127,7 +127,7 @@ def sort_parquet(path: Path, row_group_rows: int | None = None, column: str = "b
                 t = t.drop_columns(["_rank"]).replace_schema_metadata(meta)
                 w.write_table(t, row_group_size=row_group_rows)
                 groups += math.ceil(t.num_rows / row_group_rows)
-            if meta:  # "geo" and "tilescan": as collect writes them (no Arrow schema stored)
+            if meta:  # "geo" and "tilescan": as collect writes them
                 w.add_key_value_metadata(meta)
         os.replace(out, path)
     finally:
