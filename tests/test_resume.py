@@ -260,6 +260,37 @@ def read(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def test_outputs_an_earlier_release_computed_otherwise_are_not_taken_for_this_ones(tmp_path, scene_path, monkeypatch):
+    """Scenes finished by a tilescan whose results for the same settings differ (run.json's
+    results_version lower: here two scenes, one of them run without it at all, as releases
+    before it): a rerun refuses them with what differs and what to do, leaving them as they are;
+    collect warns that it holds them; --update redoes them."""
+    from conftest import invoke, tree_hashes
+    from tilescan import layout
+
+    monkeypatch.setattr(layout, "RESULTS_VERSION", 1)
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
+    monkeypatch.undo()
+    old = json.loads((out / "b" / "run.json").read_text())
+    assert old["results_version"] == 1
+    del old["results_version"]  # as written before run.json had it
+    (out / "b" / "run.json").write_text(json.dumps(old))
+    before = tree_hashes(out)
+    res = invoke(["run", src, "-o", out, *args])
+    what = ("made by an earlier tilescan, whose results for the same scene, settings and model differ (results "
+            f"version 1; this one's {layout.RESULTS_VERSION}) exist: pass --update")
+    assert res.exit_code == 6 and res.output.count(what) == 2, res.output
+    assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == \
+        {k: v for k, v in before.items() if k != "report.json"}  # left as they were
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0 and "warning: collect: 2 scene(s) were made by another tilescan, whose results for the " \
+        "same settings and model differ from this one's (a, b)" in res.output, res.output
+    res = invoke(["run", src, "-o", out, *args, "--update"])
+    assert res.exit_code == 0 and read(out)["counts"]["done"] == 2, res.output
+    assert {json.loads((out / u / "run.json").read_text())["results_version"] for u in "ab"} == {layout.RESULTS_VERSION}
+    assert "made by another tilescan" not in invoke(["collect", out, "--no-gpkg", "--no-styles"]).output
+
+
 def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path, scene_path):
     """A SIGKILLed run's staging folder of a unit whose scene is gone (or of another shard
     count) is removed by the next run into OUT, whatever scenes it has; one whose lock a live

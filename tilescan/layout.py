@@ -32,6 +32,10 @@ LOCKS = ".tilescan-locks"
 COLLECTED = "collected"
 COLLECT_LOCK = ".collect.lock"  # in LOCKS: held by a running collect
 REPORT = "report.json"
+#: How this tilescan computes a scene's results, in run.json: raised with every change that gives
+#: other outputs for the same scene, settings and model (``benchmarks/same_outputs.py`` tells),
+#: so a rerun does not keep an earlier release's as its own. Outputs without it count as 1.
+RESULTS_VERSION = 2
 
 #: Bound of a scene folder name in UTF-8 bytes, collision suffix included; leaves room for
 #: the derived names (``.rows-AAAAA-BBBBB.<name>.lock``, ``.old-<pid>.…``) under the

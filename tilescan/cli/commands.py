@@ -156,8 +156,9 @@ class _RunCommand(click.Command):
         help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
 @option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace tilescan's earlier outputs (never done without it; a folder of something else never).")
 @option("--update", config_key=("output", "update"), is_flag=True,
-        help="Redo only the scenes whose outputs were made from another version of the scene file, other settings "
-             "or another model (refused without it); skip the finished ones that match, as always.")
+        help="Redo only the scenes whose outputs were made from another version of the scene file, other settings, "
+             "another model or a tilescan that computes them otherwise (refused without it); skip the finished ones "
+             "that match, as always.")
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="A progress bar of the tiles classified (its total grows as scenes open).")
 @_verbosity
 @click.pass_context

@@ -68,7 +68,7 @@ from ..log import emit
 from .table import BBOX_TYPE, check_gpkg_path, dictionary_columns, prob_column_names
 from .summary import AREA_NOTE, ClassSummary, csv_rows
 from .files import as_files_are_made, atomic_output, csv_text, write_error, write_json, write_text
-from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models
+from .finished import _Scene, _Unit, find_units, one_legend, run_failures, say_models, say_results_versions
 from .geometry import geo_metadata, wkb_polygon_rings
 from .lonlat import footprints_in_lonlat
 
@@ -315,6 +315,7 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
     if gpkg and (said := percent_warning(dest, "the collected tiles.gpkg")):
         log(said)
     say_models(scenes, log)
+    say_results_versions(scenes, log)
     try:
         stage.mkdir(parents=True)
         summary = _build(scenes, skipped, stage, gpkg, log, run_failed)

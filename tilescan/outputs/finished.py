@@ -342,6 +342,17 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
             "table and summary count their labels together (each scene's model is in summary.json)")
 
 
+def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> None:
+    """A warning when scenes were made by a tilescan whose results differ from this one's for the
+    same settings and model (run.json's ``results_version``; none: 1)."""
+    other = [sc.name for sc in scenes
+             if any(u.manifest.get("results_version", 1) != layout.RESULTS_VERSION for u in sc.units)]
+    if other:
+        log(f"warning: collect: {len(other)} scene(s) were made by another tilescan, whose results for the same "
+            f"settings and model differ from this one's ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
+            "the table holds them as they are; `tilescan run --update` with this one redoes them")
+
+
 def changed_settings(was: dict, now: dict) -> list[str]:
     """The settings that shape outputs (``[tiling]``, ``[cam]``, ``[output]`` but
     :data:`RERUN_KEYS`, the precision) that differ from resolved config ``was`` to ``now``

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+from .. import layout
 from ..config import Config
 from ..model import LoadedModel
 from ..outputs.finished import OTHER_FILE, changed_settings
@@ -39,8 +40,13 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
         return (f"{OTHER_FILE} ({old.get('scene')})", "if this is that file moved, run "
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
-    changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict())  # not those alike
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
+    made_by, now = old.get("results_version", 1), layout.RESULTS_VERSION
+    if made_by != now:  # the same settings give other results in this release
+        when = "a later" if isinstance(made_by, int) and made_by > now else "an earlier"
+        return (f"made by {when} tilescan, whose results for the same scene, "
+                f"settings and model differ (results version {made_by}; this one's {now})", redo)
+    changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict())  # not those alike
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
     model = old.get("model") or {}

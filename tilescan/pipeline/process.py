@@ -22,7 +22,7 @@ import numpy as np
 from affine import Affine
 from rasterio.transform import array_bounds
 
-from .. import faults
+from .. import faults, layout
 from ..config import Config
 from ..errors import ModelError
 from ..layout import MANIFEST, STAGING
@@ -440,6 +440,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
     return {
         "status": "complete",
         "fingerprint": job.fingerprint,
+        "results_version": layout.RESULTS_VERSION,
         "scene_version": job.version,
         "scene": sources.recorded_path(unit.scene),
         # where GIS tools read a remote scene (None with credentials in its URL): collect's project
