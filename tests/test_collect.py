@@ -579,6 +579,8 @@ def test_collect_says_when_the_shards_of_a_run_listed_different_scenes(tmp_path)
     notes.clear()
     summary = run_collect(out, gpkg=False, log=notes.append)
     assert any("the shards of the latest run listed different scenes (2, 3)" in n for n in notes), notes
+    assert any("or each was given other scenes (each took its share of them: run each with --shard 0/1" in n
+               for n in notes), notes  # an array whose tasks each run a folder of their own
     assert [u["report"] for u in summary["unfinished_in_run"]] == ["report-shard-0000-of-0002.json, "
                                                                    "report-shard-0001-of-0002.json"]
     from conftest import invoke  # a step that publishes only a whole batch stops here

@@ -282,6 +282,19 @@ LISTED = [{"SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_
            "SLURM_ARRAY_TASK_MAX": "5", "SLURM_ARRAY_TASK_STEP": "1"} for t in (1, 3, 5)]
 
 
+def test_a_shard_taken_from_the_scheduler_is_said_with_the_way_out(tmp_path):
+    """An array task's shard comes from Slurm's variables: the run says so, and how a task given
+    scenes of its own does them all (each took a third of its own folder, silently); not said
+    with --shard given."""
+    from conftest import invoke
+
+    args = ["run", tmp_path / "missing.tif", "-o", tmp_path / "out", "--no-progress"]
+    res = invoke(args, env=STEPPED[1])
+    assert "shard 1/3 from SLURM_ARRAY_TASK_ID: this task does its share of the scenes given, as the array's other " \
+        "tasks do theirs; where each task is given scenes of its own, pass --shard 0/1" in res.output, res.output
+    assert "from SLURM_ARRAY_TASK_ID" not in invoke([*args, "--shard", "0/1"], env=STEPPED[1]).output
+
+
 def test_parse_shard_sources_and_errors():
     from tilescan.errors import ConfigError
     from tilescan.pipeline.units import parse_shard

@@ -181,6 +181,10 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
         sh = (0, 1)
         try:  # settings that do not hold: OUT's report says so too, not an earlier run's outcome
             sh = tilescan.parse_shard(shard, count=shard_count)
+            if shard is None and sh[1] > 1:  # taken from the scheduler: said, with the way out
+                var = "SLURM_ARRAY_TASK_ID" if "SLURM_ARRAY_TASK_ID" in os.environ else "JOB_COMPLETION_INDEX"
+                obj.log(f"shard {sh[0]}/{sh[1]} from {var}: this task does its share of the scenes given, as the "
+                        "array's other tasks do theirs; where each task is given scenes of its own, pass --shard 0/1")
             cfg = _load_config(obj, config_path, flags, typed)
             importlib.import_module("tilescan.pipeline.run")  # a moment's import, in which a stop is reported too
             faults.point("start")

@@ -299,7 +299,8 @@ def shards_disagree(listed: list) -> str | None:
     if len(seen) < 2:
         return None
     return (f"the shards of the latest run listed different scenes ({', '.join(sorted(str(c) for c, _ in seen))}): "
-            "the input changed while they ran, and a scene may have been done by none")
+            "the input changed while they ran, or each was given other scenes (each took its share of "
+            "them: run each with --shard 0/1 to do all it is given), and a scene may have been done by none")
 
 
 def one_legend(scenes: list[_Scene], out: Path) -> None:
