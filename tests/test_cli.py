@@ -515,6 +515,31 @@ def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path
     assert sum("already complete, skipped" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
 
 
+def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_path, monkeypatch):
+    """More chips than a command line holds (xargs split them over runs that each replaced
+    report.json): --scenes-from FILE runs every one listed, relative paths from the current
+    folder, with the INPUTs given too; - reads the list from standard input; a list without
+    a scene is refused before anything is written."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a b.tif", "c.tif", "given.tif"):
+        shutil.copyfile(scene_path(RGB_BYTE), src / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text("in/a b.tif\n\n" + str(src / "c.tif") + "\r\nin/gone.tif\n")
+    monkeypatch.chdir(tmp_path)
+    fast = ["--no-quicklook", "--no-gpkg", "--no-styles", "--no-progress", "--tile-size", "256", "--units", "px"]
+    r = invoke(["run", src / "given.tif", "--scenes-from", listing, "-o", tmp_path / "out", *fast])
+    rep = read_report(tmp_path / "out")
+    assert r.exit_code == 3 and sorted(d["unit"] for d in rep["done"]) == ["a b", "c", "given"], r.output
+    assert [f["scene"] for f in rep["failed"]] == ["in/gone.tif"], rep["failed"]
+    r = CliRunner().invoke(main, ["run", "--scenes-from", "-", "-o", str(tmp_path / "out2"), *fast],
+                           input="in/c.tif\n", catch_exceptions=False)
+    assert r.exit_code == 0 and [d["unit"] for d in read_report(tmp_path / "out2")["done"]] == ["c"], r.output
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    r = invoke(["run", "--scenes-from", tmp_path / "blank.txt", "-o", tmp_path / "out3"])
+    assert r.exit_code == 2 and "blank.txt lists no scene" in r.output and not (tmp_path / "out3").exists(), r.output
+
+
 def test_warnings_alike_but_for_their_figures_are_folded_too(monkeypatch):
     """Each scene's share of data left below min_valid differs: alike but for the scene and
     its figure, they fold as the same warning does; another warning is not folded with them."""

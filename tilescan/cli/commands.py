@@ -112,6 +112,9 @@ class _RunCommand(click.Command):
 @option("--asset", "asset", show_default="'visual' if the items have it, else the red, green, blue bands",
         help="STAC asset(s) to read: a key (visual), or keys or common band names in the model's order (red,green,blue).")
 @click.option("--stac-items", is_flag=True, help="Also write OUT/<scene>/item.json: a STAC Item describing the outputs.")
+@click.option("--scenes-from", "scenes_from", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+              metavar="FILE", help="Also each INPUT listed in FILE, one a line, relative paths from the current "
+                                   "folder (- : standard input): more scenes than a command line holds, in one run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
@@ -162,14 +165,19 @@ class _RunCommand(click.Command):
 @option("--progress/--no-progress", default=None, show_default="on a terminal", help="A progress bar of the tiles classified (its total grows as scenes open).")
 @_verbosity
 @click.pass_context
-def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, stac_items, shard, shard_count, progress,
-        **_config) -> None:
+def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, stac_items, scenes_from, shard, shard_count,
+        progress, **_config) -> None:
     """Tile, classify and explain each GeoTIFF in INPUT (files or folders searched for
     .tif/.tiff; https://, s3://, gs://, az:// URLs of scenes or of folders ending in /;
     STAC *.json documents), writing OUT/<scene>/{tiles.parquet, tiles.gpkg, labels.tif,
     heatmap.tif, quicklook.png, *.qml, <scene>.qgs, run.json} and OUT/report.json.
     Rerunning skips finished scenes."""
     obj: _Ctx = ctx.obj
+    if scenes_from is not None:  # blank lines apart, each line is one INPUT as it stands
+        listed = [line.rstrip("\r\n") for line in scenes_from]
+        inputs = (*inputs, *(x for x in listed if x.strip()))
+        if not any(x.strip() for x in listed):
+            raise click.BadParameter(f"{scenes_from.name} lists no scene", param_hint="--scenes-from")
     if not inputs and not stac:
         raise click.UsageError("give at least one INPUT (a file, folder or URL) or --stac", ctx)
     if any(not str(i).strip() for i in inputs):
