@@ -613,6 +613,14 @@ def test_resume_trains_on_the_checkpointed_runs_split_or_refuses(mini_aid, tmp_p
     shutil.copy(first, first.with_name("added.jpg"))
     res = _train([*args, "--epochs", "3", "--resume"])
     assert res.exit_code == 2 and "is of a run on other train or val images" in res.output, res.output
+    # an earlier tilescan's checkpoint recorded no run: nothing to check it by, so refused
+    state_file = tmp_path / "m.ckpt" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run"]
+    state_file.write_text(json.dumps(state))
+    res = _train([*args, "--epochs", "3", "--resume"])
+    assert res.exit_code == 2 and "was written by an earlier tilescan, which recorded neither the classes, split nor " \
+        "settings of its run" in res.output and "pass --overwrite to start afresh" in res.output, res.output
 
 
 def test_a_class_without_a_training_image_is_refused(mini_aid, tmp_path):

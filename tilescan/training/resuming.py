@@ -64,7 +64,7 @@ def checkpoint_path(out: Path) -> Path:
 
 def checkpointed_run(ckpt: Path) -> dict:
     """The run a checkpoint records (its classes, parent, recipe, split); empty when there is no
-    checkpoint, or one of an earlier version."""
+    checkpoint, or one of an earlier version (refused by :func:`as_checkpointed`)."""
     state = read_json(ckpt / "state.json")
     return (state.get("run") or {}) if isinstance(state, dict) else {}
 
@@ -100,7 +100,12 @@ def as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: C
     parent's terms, when ``--init`` is not repeated; its frozen epochs, learning rates...),
     and settings given otherwise are named. ``epochs`` may change (:data:`FREE_ON_RESUME`)."""
     run = checkpointed_run(ckpt)
-    if not run:  # no checkpoint yet (a fresh start), or one of an earlier version, which recorded none
+    if not run and (ckpt / "state.json").is_file():  # every epoch this version commits records its run
+        raise ConfigError(f"its checkpoint {ckpt} was written by an earlier tilescan, which recorded neither the "
+                          "classes, split nor settings of its run, so resuming cannot check that the data and options "
+                          "are that run's (other classes would take its weights under their names): pass --overwrite "
+                          "to start afresh", path=str(ckpt))
+    if not run:  # no checkpoint yet: a fresh start
         return cfg
     if list(run["classes"]) != list(classes):
         raise ConfigError(f"its checkpoint {ckpt} is of a run on other classes ({', '.join(run['classes'])}) than "
