@@ -158,6 +158,13 @@ def test_rerun_skips_all_and_old_folder_names_are_refused(batch, tmp_path):
     reason = rep["failed"][0]["reason"]
     assert str(out / "CON") in reason and str(out / new) in reason and "earlier tilescan version" in reason
     assert tree_hashes(out / "CON", folders=True) == before and not (out / new).exists()
+    # collect takes its rows from there and says so: not a scene missing from the set
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles", "--require-complete"])
+    assert res.exit_code == 0 and "not in the collected set" not in res.output, res.output
+    assert (f"1 scene(s) are collected from the folder an earlier tilescan named them by, which the latest run left "
+            f"as it was ({new}: CON): move each to its new name") in res.output, res.output
+    summary = json.loads((out / "collected" / "summary.json").read_text())
+    assert not summary["failed_in_run"] and [u["outputs_in"] for u in summary["earlier_outputs"]] == ["CON"]
     os.rename(out / "CON", out / new)
 
     # a.tif's outputs under its bare name (OUT/a: as an older tilescan wrote them, or as a run

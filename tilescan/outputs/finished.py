@@ -466,13 +466,20 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
         read.append((report.name, data))
         for f in failed:
             if isinstance(f, dict):
-                found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason")} | {
-                    "report": report.name}
+                found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason", "outputs_in")
+                                        if k != "outputs_in" or f.get(k)} | {"report": report.name}
     if undone := unfinished_in_run(read, collected):
         said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
         log(f"warning: collect: the latest run left work undone that the collected set may lack: {said} (rerun the "
             "job: what is finished is skipped; then collect again; summary.json's unfinished_in_run)")
     units = sorted(found, key=str)
+    # refused as an earlier tilescan's outputs of it are under another name: collected from there
+    renamed = [found[k] for k in units if found[k].get("outputs_in") in collected]
+    if renamed:
+        log(f"warning: collect: {len(renamed)} scene(s) are collected from the folder an earlier tilescan named them "
+            "by, which the latest run left as it was (" + "; ".join(f"{u['unit']}: {u['outputs_in']}" for u in renamed)
+            + "): move each to its new name as the run said, then rerun; summary.json's earlier_outputs")
+        units = [k for k in units if found[k] not in renamed]
     missing = [found[k] for k in units if not covered(k, collected)]
     earlier = [found[k] for k in units if covered(k, collected)]
     # refused as another file's outputs hold its name: the collected rows are that file's, not this one's
@@ -498,7 +505,7 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
         log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
             f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
             "collect again; summary.json's earlier_outputs")
-    return missing + elsewhere, earlier + stale, undone
+    return missing + elsewhere, renamed + earlier + stale, undone
 
 
 def _collected_scene(unit, collected: dict[str, dict]) -> str | None:

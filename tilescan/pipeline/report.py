@@ -44,6 +44,7 @@ class UnitResult:
     seconds: float = 0.0
     warnings: list = field(default_factory=list)  # structured: {"code", "message", ...}
     replaced: str | None = None  # done over finished outputs (--update, --overwrite): what they were made from
+    outputs_in: str | None = None  # failed: its finished outputs are in OUT/<this>, named by an earlier tilescan
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {}, "", [])}

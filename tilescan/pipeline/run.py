@@ -416,7 +416,8 @@ class _Units:
         else:
             self.retries.annotate(exc)
             self.log(f"error: {exc}")
-        return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds)
+        return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds,
+                          outputs_in=getattr(exc, "outputs_in", None))
 
     def on_result(self, k: int, res: UnitResult) -> None:
         if res.status == "waiting":  # another process's until it lets go: this run's result comes later, or never
@@ -474,10 +475,12 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
         raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
                                 path=str(final.parent))
     if not os.path.lexists(final) and (old_place := _legacy_outputs(out, unit, legacy)):
-        raise OutputExistsError(
+        err = OutputExistsError(
             f"finished outputs of this scene from an earlier tilescan version are in {old_place}; this "
             f"version writes them to {final} (a name safe on every filesystem): move or remove them, then rerun",
             path=str(final))
+        err.outputs_in = old_place.relative_to(out).as_posix()  # report.json: collect finds them there
+        raise err
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
         same = old.get("fingerprint") == fp
