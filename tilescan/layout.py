@@ -32,6 +32,8 @@ LOCKS = ".tilescan-locks"
 COLLECTED = "collected"
 COLLECT_LOCK = ".collect.lock"  # in LOCKS: held by a running collect
 REPORT = "report.json"
+#: How run.json, report.json and the STAC items write a time: UTC, to the second.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 #: How this tilescan computes a scene's results, in run.json: raised with every change that gives
 #: other outputs for the same scene, settings and model (``benchmarks/same_outputs.py`` tells),
 #: so a rerun does not keep an earlier release's as its own. Outputs without it count as 1.

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..layout import COLLECTED, MANIFEST
+from ..layout import COLLECTED, MANIFEST, TIME_FORMAT
 from .cog import LABEL_NODATA
 from .files import write_json
 from .geometry import crs_text
@@ -93,7 +93,7 @@ def item_for(folder: Path) -> dict:
     ring = [[c, f], [c + a * w, f + d * w], [c + a * w + b * h, f + d * w + e * h], [c + b * h, f + e * h], [c, f]]
     geometry, no_footprint = _footprint(crs, ring)
     source = m.get("source") or {}
-    finished = dt.datetime.strptime(m["finished_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    finished = dt.datetime.strptime(m["finished_at"], TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
     when, span, when_from = _when(source, si.get("acquired"), finished)
     item = pystac.Item(id=f"{folder.name}-tilescan", geometry=geometry, bbox=geometry and _lonlat_bbox(geometry),
                        datetime=when, start_datetime=span[0], end_datetime=span[1], properties={

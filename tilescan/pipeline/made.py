@@ -22,7 +22,7 @@ _VERSION_KEYS = {"mtime_ns": "modified", "last_modified": "Last-Modified", "etag
 def _said(key: str, value) -> str:
     """A scene version's value as a message shows it: a modification time in UTC, to the second."""
     if key == "mtime_ns" and isinstance(value, int):
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value / 1e9))
+        return time.strftime(layout.TIME_FORMAT, time.gmtime(value / 1e9))
     return str(value)
 
 

@@ -488,7 +488,7 @@ def _manifest(job: UnitJob, total: float) -> dict:
         "warnings": job.scene_warnings,
         "warning_details": job.details,
         "outputs": sorted(p.name for p in job.stage.iterdir()),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_at": time.strftime(layout.TIME_FORMAT, time.gmtime()),
     }
 
 

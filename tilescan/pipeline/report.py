@@ -51,7 +51,7 @@ class UnitResult:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # as run.json and the STAC items write it
+    return datetime.now(timezone.utc).strftime(layout.TIME_FORMAT)
 
 
 @dataclass
@@ -181,7 +181,7 @@ def finished_since(manifest: dict, since: str | None) -> bool:
     if since is None:
         return False
     try:
-        done = datetime.strptime(manifest["finished_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        done = datetime.strptime(manifest["finished_at"], layout.TIME_FORMAT).replace(tzinfo=timezone.utc)
         return done > datetime.fromisoformat(since)  # seconds: one finished in the same second is redone
     except (KeyError, TypeError, ValueError):
         return False

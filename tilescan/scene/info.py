@@ -25,7 +25,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning
 
 from ..errors import InputError, NoScenesError
-from ..layout import is_output_folder
+from ..layout import TIME_FORMAT, is_output_folder
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -278,7 +278,7 @@ def _acquired(ds, path: str) -> dict | None:
             t = dt.datetime.fromisoformat(re.sub(r"(\d{2}:\d{2}:\d{2})\.\d+", r"\1", text))
             t = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
             if t.year >= 1900 and t != dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc):
-                return {"datetime": t.strftime("%Y-%m-%dT%H:%M:%SZ"), "from": tag}
+                return {"datetime": t.strftime(TIME_FORMAT), "from": tag}
     return None
 
 
