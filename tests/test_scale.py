@@ -282,3 +282,31 @@ def test_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path):
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "EXIT 0 KERAS False TF False" in res.stdout, res.stdout + res.stderr
     assert "already complete, skipped" in res.stderr
+
+
+@pytest.mark.parametrize("lat", [0.5, 60.5])
+def test_pixels_unsquare_on_the_ground_are_warned_about(tmp_path, lat):
+    """The NAIP scene's pixels as square degrees of EPSG:4326 (5 m north-south): at the equator
+    square on the ground too; at 60 degrees north half as wide as tall, squeezed beyond the
+    4:3 the model's training crops span: warned, with the ratio, why and what to do."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(scene(NAIP)) as src:
+        profile, data = src.profile, src.read()
+    step = 5 / 111_320  # degrees of latitude in 5 m
+    path = tmp_path / "degrees.tif"
+    with rasterio.open(path, "w", **{**profile, "crs": "EPSG:4326", "transform": from_origin(-97.0, lat, step, step)}) as dst:
+        dst.write(data)
+    res = _run(tmp_path, str(path))
+    assert res.exit_code == 0, res.output
+    got = [w for w in json.loads((tmp_path / "out" / "degrees" / "run.json").read_text())["warning_details"]
+           if w["code"] == "unsquare_pixels"]
+    if lat < 1:
+        assert not got and "squeezed" not in res.output
+        return
+    (w,) = got
+    assert 2.0 < w["pixel_aspect"] < 2.06  # 1 / cos(latitude) at the scene's centre, on the ellipsoid
+    assert f"its pixels cover {w['pixel_aspect']:.2f}x as much ground north-south as east-west (its CRS counts pixels " \
+        "in degrees, and a degree of longitude shrinks away from the equator)" in w["message"]
+    assert "reproject it to a projected CRS with square pixels first" in res.output

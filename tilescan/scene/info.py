@@ -138,6 +138,10 @@ class SceneInfo:
     nodata_from: str = "file"
     """Where ``nodata`` comes from: ``file``, or the ``[tiling] nodata`` setting as the user
     gave it (e.g. ``--nodata 0``), which replaced the file's on every band."""
+    pixel_aspect: float | None = None
+    """A pixel's ground length along its rows' step (north–south in a north-up scene) over its
+    columns' step, measured as ``gsd_m`` is: 1 where pixels are square on the ground, about
+    1 / cos(latitude) for square degrees of a geographic CRS; None where not measured."""
     acquired: dict | None = None
     """When the scene was taken, where its metadata says: ``{"datetime": ISO 8601 UTC, "from":
     the tag}`` (:func:`_acquired`); None where it does not."""
@@ -177,8 +181,8 @@ def _geodesy(wkt: str):
     return geod, pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
 
 
-def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None:
-    """Metres per pixel at the scene centre, measured on the CRS's ellipsoid."""
+def _ground_steps(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+    """A pixel's column and row steps in metres at the scene centre, measured on the CRS's ellipsoid."""
     try:
         tools = _geodesy(crs.to_wkt())
         if tools is None:
@@ -191,8 +195,8 @@ def _ground_gsd(crs, transform: Affine, width: int, height: int) -> float | None
             return None
         _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
         _, _, dy = geod.inv(lon[0], lat[0], lon[2], lat[2])
-        gsd = (abs(dx) + abs(dy)) / 2.0
-        return gsd if math.isfinite(gsd) and gsd > 0 else None
+        dx, dy = abs(dx), abs(dy)
+        return (dx, dy) if all(math.isfinite(v) and v > 0 for v in (dx, dy)) else None
     except Exception:  # an unusual CRS pyproj cannot handle: fall back to nominal
         return None
 
@@ -235,9 +239,8 @@ def _scene_info(path: Path, ds) -> SceneInfo:
     crs = ds.crs if ds.crs and not ds.transform.is_identity else None
     res = (float(ds.res[0]), float(ds.res[1]))
     nominal = _nominal_gsd(crs, res) if georef else None
-    gsd = _ground_gsd(crs, ds.transform, ds.width, ds.height) if georef else None
-    if gsd is None:
-        gsd = nominal
+    steps = _ground_steps(crs, ds.transform, ds.width, ds.height) if georef else None
+    gsd = nominal if steps is None else (steps[0] + steps[1]) / 2.0
     return SceneInfo(
         path=path,
         width=ds.width,
@@ -257,6 +260,7 @@ def _scene_info(path: Path, ds) -> SceneInfo:
         georeferenced=georef,
         gsd_m=gsd,
         nominal_gsd_m=nominal,
+        pixel_aspect=None if steps is None else steps[1] / steps[0],
         acquired=_acquired(ds, str(path)),
     )
 

@@ -51,6 +51,7 @@ def _tile_geometry(info: SceneInfo, cfg: TilingConfig, input_size: int,
         raise ConfigError(f"{cfg.origin('stride')} is larger than {cfg.origin('tile_size')}: "
                           "the pixels between tiles would never be classified")
     gsd = info.gsd_m
+    _warn_unsquare(p, info)
     units, scale = "px", "forced"
     if cfg.resample_to_gsd and model_gsd_m is None:
         tiling_warning(f"{p}: [tiling] resample_to_gsd is set but the model declares no native "
@@ -127,6 +128,25 @@ def _scale_check(p: str, scale: str, units: str, cfg: TilingConfig, tile_px: int
                        "was not trained on; larger tiles read the scene at its own detail", stacklevel=4,
                        code="upsampled", factor=round(input_size / tile_px, 3))
     return scale
+
+
+#: The ground aspect ratios tilescan's training crops span (training/data.py: 3/4 to 4/3).
+TRAINED_ASPECT = 4 / 3
+
+
+def _warn_unsquare(path: str, info: SceneInfo) -> None:
+    """Pixels whose ground height and width differ more than the model saw in training: square
+    degrees of a geographic CRS away from the equator, above all."""
+    a = info.pixel_aspect
+    if a is None or 1 / TRAINED_ASPECT <= a <= TRAINED_ASPECT:
+        return
+    why = " (its CRS counts pixels in degrees, and a degree of longitude shrinks away from the equator)" \
+        if info.crs is not None and info.crs.is_geographic else ""
+    tiling_warning(f"{path}: its pixels cover {max(a, 1 / a):.2f}x as much ground "
+                   f"{'north-south as east-west' if a > 1 else 'east-west as north-south'}{why}, so each tile shows "
+                   f"the ground squeezed beyond the 4:3 the model was trained on; its labels may suffer: reproject "
+                   "it to a projected CRS with square pixels first (e.g. gdalwarp -t_srs EPSG:<UTM zone>)",
+                   stacklevel=4, code="unsquare_pixels", pixel_aspect=round(a, 3))
 
 
 def _warn_upsampled(path: str, gsd: float, model_gsd_m: float) -> None:
