@@ -319,3 +319,29 @@ def test_a_scene_stored_south_up_or_east_left_is_drawn_north_up(tmp_path, scene_
     _, b, _ = panels(tmp_path / "out-b" / "naip" / "quicklook.png", W, H)
     mirrored = b[::-1] if how == "south-up" else b[:, ::-1]
     assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - mirrored).mean()
+
+
+def test_a_small_scenes_panels_are_enlarged_in_whole_pixel_blocks(tmp_path):
+    """A 96 x 64 px chip's panels were 96 px wide (a 298-px quicklook whose legend wrapped word
+    by word): enlarged 3x, each scene pixel a 3 x 3 block, and each tile's class still on its own
+    cells; a scene of MIN_PANEL_PX or more is drawn as it is."""
+    from tilescan.outputs.quicklook import MIN_PANEL_PX
+
+    rng = np.random.default_rng(9)
+    h, w = 64, 96
+    rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    labels = np.array([[3, 7, 11], [5, -1, 9]])  # 32-px tiles
+    p = write_quicklook(tmp_path / "q.png", rgb, None, labels, None, CLASSES, scene_size=(w, h), tile_px=32)
+    img, scene, labelled = panels(p, 3 * w, 3 * h)
+    np.testing.assert_array_equal(scene, np.repeat(np.repeat(rgb, 3, axis=0), 3, axis=1))
+    colors = np.array(class_colors(len(CLASSES)))
+    for r, c in np.ndindex(labels.shape):
+        y, x = 3 * (32 * r + 16), 3 * (32 * c + 16)  # the tile's centre, enlarged
+        if labels[r, c] < 0:
+            assert (labelled[y, x] == scene[y, x]).all()
+        else:
+            want = np.floor((1 - LABEL_BLEND) * scene[y, x] + LABEL_BLEND * colors[labels[r, c]] + 0.5)
+            assert np.abs(labelled[y, x] - want).max() <= 1
+    big = rng.integers(0, 255, (MIN_PANEL_PX // 2, MIN_PANEL_PX, 3), dtype=np.uint8)
+    p = write_quicklook(tmp_path / "big.png", big, None, None, None, CLASSES)
+    assert np.asarray(Image.open(p)).shape[1] == quicklook_layout(MIN_PANEL_PX, MIN_PANEL_PX // 2).width

@@ -759,15 +759,15 @@ def test_cog_overviews_do_not_depend_on_the_temporary_codec(tmp_path, monkeypatc
 
 def test_quicklook(tmp_path):
     rng = np.random.default_rng(4)
-    h, w = 120, 160
+    h, w = 240, 320
     rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
     valid = np.ones((h, w), bool)
     valid[:, :10] = False
     labels = rng.integers(-1, len(CLASSES), (6, 8))
     heat = rng.uniform(0, 1, (30, 40)).astype(np.float32)
     heat[:5] = np.nan
-    # a 320 x 240 scene of 40 px tiles: 6 x 8 tiles
-    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES, scene_size=(320, 240), tile_px=40)
+    # a 640 x 480 scene of 80 px tiles: 6 x 8 tiles
+    p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES, scene_size=(640, 480), tile_px=80)
     img = np.asarray(Image.open(p))
     lay = quicklook_layout(w, h)
     assert img.ndim == 3 and img.shape[2] == 3

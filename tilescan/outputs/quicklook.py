@@ -123,6 +123,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         maps = tuple(p[::-1] for p in maps)
     if flip[1]:
         maps = tuple(p[:, ::-1] for p in maps)
+    if (k := -(-MIN_PANEL_PX // max(maps[0].shape[:2]))) > 1:  # a small scene: each pixel a k x k block
+        maps = tuple(np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in maps)
     image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning)
     _write_png(path, image)
     return Path(path)
@@ -162,6 +164,10 @@ def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray
 # The panels are drawn in uint8 through look-up tables whose entries come from the float32
 # operations, in order, of the plain drawing (scene as float32, nodata dimmed, colours blended,
 # + 0.5, clipped, truncated): the same pixels (tests/test_outputs_speed.py), far cheaper.
+
+#: A panel whose longer side is shorter is enlarged by a whole factor (a chip of 64 px: 4x), so
+#: its labels and heat can be told apart and the legend fits beneath.
+MIN_PANEL_PX = 256
 
 _DIM = 0.35  # nodata is dimmed to this fraction of its brightness, so the footprint is visible
 _NO_HEAT_DIM = 0.5  # the heat panel without heat: the scene at half brightness
