@@ -518,8 +518,9 @@ def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path
 def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_path, monkeypatch):
     """More chips than a command line holds (xargs split them over runs that each replaced
     report.json): --scenes-from FILE runs every one listed, relative paths from the current
-    folder, with the INPUTs given too; - reads the list from standard input; a list without
-    a scene is refused before anything is written."""
+    folder, with the INPUTs given too; - reads the list from standard input (a UTF-8 BOM, as
+    Windows tools write one, is no part of the first name); a list without a scene, or not
+    UTF-8, is refused before any work, and OUT's report says so (not the last run's outcome)."""
     src = tmp_path / "in"
     src.mkdir()
     for name in ("a b.tif", "c.tif", "given.tif"):
@@ -533,11 +534,15 @@ def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_pa
     assert r.exit_code == 3 and sorted(d["unit"] for d in rep["done"]) == ["a b", "c", "given"], r.output
     assert [f["scene"] for f in rep["failed"]] == ["in/gone.tif"], rep["failed"]
     r = CliRunner().invoke(main, ["run", "--scenes-from", "-", "-o", str(tmp_path / "out2"), *fast],
-                           input="in/c.tif\n", catch_exceptions=False)
+                           input="\ufeffin/c.tif\n", catch_exceptions=False)
     assert r.exit_code == 0 and [d["unit"] for d in read_report(tmp_path / "out2")["done"]] == ["c"], r.output
     (tmp_path / "blank.txt").write_text("\n  \n")
-    r = invoke(["run", "--scenes-from", tmp_path / "blank.txt", "-o", tmp_path / "out3"])
-    assert r.exit_code == 2 and "blank.txt lists no scene" in r.output and not (tmp_path / "out3").exists(), r.output
+    (tmp_path / "wide.txt").write_text("in/c.tif\n", encoding="utf-16")
+    for listing, said in (("blank.txt", "blank.txt lists no scene"), ("wide.txt", "wide.txt is not a list of UTF-8 text")):
+        r = invoke(["run", "--scenes-from", tmp_path / listing, "-o", tmp_path / "out2"])
+        rep = read_report(tmp_path / "out2")
+        assert r.exit_code == 2 and said in r.output and rep["exit_code"] == 2 and said in rep["error"]["message"], \
+            (r.output, rep)
 
 
 def test_warnings_alike_but_for_their_figures_are_folded_too(monkeypatch):

@@ -89,16 +89,38 @@ class _RunCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            out = _arg_value(raw, "-o", "--out")
-            if out:
-                from ..pipeline.report import report_failed_start
-
-                try:
-                    shard = tilescan.parse_shard(_arg_value(raw, "--shard"))
-                except tilescan.TilescanError:
-                    shard = (0, 1)
-                report_failed_start(out, shard, tilescan.ConfigError(exc.format_message()))
+            _report_refused(_arg_value(raw, "-o", "--out"), _arg_value(raw, "--shard"), exc)
             raise
+
+
+def _report_refused(out: str | None, shard: str | None, exc: click.UsageError) -> None:
+    """OUT's report (of the ``--shard`` given) says the run was refused: ``exc``'s message, exit 2."""
+    if out:
+        from ..pipeline.report import report_failed_start
+
+        try:
+            sh = tilescan.parse_shard(shard)
+        except tilescan.TilescanError:
+            sh = (0, 1)
+        report_failed_start(out, sh, tilescan.ConfigError(exc.format_message()))
+
+
+def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
+    """The INPUTs given and those ``--scenes-from`` lists (blank lines apart, each line one as it
+    stands), refused when there are none or one is empty."""
+    if scenes_from is not None:
+        listed = [line.rstrip("\r\n") for line in scenes_from]
+        if any("\0" in x for x in listed):
+            raise click.BadParameter(f"{scenes_from.name} is not a list of UTF-8 text lines (UTF-16?): save it as "
+                                     "UTF-8", param_hint="--scenes-from")
+        inputs = (*inputs, *(x for x in listed if x.strip()))
+        if not any(x.strip() for x in listed):
+            raise click.BadParameter(f"{scenes_from.name} lists no scene", param_hint="--scenes-from")
+    if not inputs and not stac:
+        raise click.UsageError("give at least one INPUT (a file, folder or URL) or --stac", ctx)
+    if any(not str(i).strip() for i in inputs):
+        raise click.UsageError("an INPUT is empty (an unset variable in a script?): give a file, folder or URL", ctx)
+    return inputs
 
 
 @main.command(cls=_RunCommand, epilog=_LAYERS_EPILOG)
@@ -112,7 +134,7 @@ class _RunCommand(click.Command):
 @option("--asset", "asset", show_default="'visual' if the items have it, else the red, green, blue bands",
         help="STAC asset(s) to read: a key (visual), or keys or common band names in the model's order (red,green,blue).")
 @click.option("--stac-items", is_flag=True, help="Also write OUT/<scene>/item.json: a STAC Item describing the outputs.")
-@click.option("--scenes-from", "scenes_from", type=click.File("r", encoding="utf-8", errors="surrogateescape"),
+@click.option("--scenes-from", "scenes_from", type=click.File("r", encoding="utf-8-sig", errors="surrogateescape"),
               metavar="FILE", help="Also each INPUT listed in FILE, one a line, relative paths from the current "
                                    "folder (- : standard input): more scenes than a command line holds, in one run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
@@ -173,15 +195,11 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
     heatmap.tif, quicklook.png, *.qml, <scene>.qgs, run.json} and OUT/report.json.
     Rerunning skips finished scenes."""
     obj: _Ctx = ctx.obj
-    if scenes_from is not None:  # blank lines apart, each line is one INPUT as it stands
-        listed = [line.rstrip("\r\n") for line in scenes_from]
-        inputs = (*inputs, *(x for x in listed if x.strip()))
-        if not any(x.strip() for x in listed):
-            raise click.BadParameter(f"{scenes_from.name} lists no scene", param_hint="--scenes-from")
-    if not inputs and not stac:
-        raise click.UsageError("give at least one INPUT (a file, folder or URL) or --stac", ctx)
-    if any(not str(i).strip() for i in inputs):
-        raise click.UsageError("an INPUT is empty (an unset variable in a script?): give a file, folder or URL", ctx)
+    try:
+        inputs = _run_inputs(ctx, inputs, scenes_from, stac)
+    except click.UsageError as exc:  # as the parser's refusals: OUT's report says so
+        _report_refused(str(out), shard, exc)
+        raise
 
     def body():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if obj.verbosity <= 0 else "0")  # Keras is imported only if a scene needs the model
