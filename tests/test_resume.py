@@ -277,18 +277,42 @@ def test_outputs_an_earlier_release_computed_otherwise_are_not_taken_for_this_on
     (out / "b" / "run.json").write_text(json.dumps(old))
     before = tree_hashes(out)
     res = invoke(["run", src, "-o", out, *args])
-    what = ("made by an earlier tilescan, whose results for the same scene, settings and model differ (results "
+    what = ("made by an earlier tilescan, whose results for the same scene, settings and model may differ (results "
             f"version 1; this one's {layout.RESULTS_VERSION}) exist: pass --update")
     assert res.exit_code == 6 and res.output.count(what) == 2, res.output
     assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == \
         {k: v for k, v in before.items() if k != "report.json"}  # left as they were
     res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
-    assert res.exit_code == 0 and "warning: collect: 2 scene(s) were made by another tilescan, whose results for the " \
-        "same settings and model differ from this one's (a, b)" in res.output, res.output
+    assert res.exit_code == 0 and "warning: collect: 2 scene(s) were made by an earlier tilescan, whose results for " \
+        "the same settings and model may differ from this one's (a, b)" in res.output, res.output
     res = invoke(["run", src, "-o", out, *args, "--update"])
     assert res.exit_code == 0 and read(out)["counts"]["done"] == 2, res.output
     assert {json.loads((out / u / "run.json").read_text())["results_version"] for u in "ab"} == {layout.RESULTS_VERSION}
-    assert "made by another tilescan" not in invoke(["collect", out, "--no-gpkg", "--no-styles"]).output
+    assert "made by an" not in invoke(["collect", out, "--no-gpkg", "--no-styles"]).output
+
+
+def test_outputs_a_later_release_made_are_not_undone_by_update(tmp_path, scene_path, monkeypatch):
+    """Outputs of a later tilescan (a higher results version): a rerun with this one, --update
+    too, refuses them and says to run that release (--update would put this one's results over
+    the newer ones); --overwrite redoes them; collect says which release to collect them with."""
+    from conftest import invoke, tree_hashes
+    from tilescan import layout
+
+    now = layout.RESULTS_VERSION
+    monkeypatch.setattr(layout, "RESULTS_VERSION", now + 1)
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
+    monkeypatch.undo()
+    before = tree_hashes(out)
+    for more in ([], ["--update"]):
+        res = invoke(["run", src, "-o", out, *args, *more])
+        assert res.exit_code == 6 and res.output.count(f"made by a later tilescan (results version {now + 1}; this one's "
+                                                       f"{now}) exist: run them with that release (upgrade tilescan), or "
+                                                       "pass --overwrite to redo them with this one") == 2, res.output
+    assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == \
+        {k: v for k, v in before.items() if k != "report.json"}
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert "2 scene(s) were made by a later tilescan (a, b): collect them with that release" in res.output, res.output
+    assert invoke(["run", src, "-o", out, *args, "--overwrite"]).exit_code == 0 and read(out)["counts"]["done"] == 2
 
 
 def test_what_a_killed_run_left_of_a_unit_no_later_run_does_is_removed(tmp_path, scene_path):

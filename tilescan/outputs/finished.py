@@ -346,12 +346,23 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
 def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> None:
     """A warning when scenes were made by a tilescan whose results differ from this one's for the
     same settings and model (run.json's ``results_version``; none: 1)."""
-    other = [sc.name for sc in scenes
-             if any(u.manifest.get("results_version", 1) != layout.RESULTS_VERSION for u in sc.units)]
-    if other:
-        log(f"warning: collect: {len(other)} scene(s) were made by another tilescan, whose results for the same "
-            f"settings and model differ from this one's ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
-            "the table holds them as they are; `tilescan run --update` with this one redoes them")
+    def made_by(sc: _Scene) -> int:
+        v = [u.manifest.get("results_version", 1) for u in sc.units]
+        return min((x for x in v if isinstance(x, int)), default=1)
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    now = layout.RESULTS_VERSION
+    earlier = [sc.name for sc in scenes if made_by(sc) < now]
+    later = [sc.name for sc in scenes if made_by(sc) > now]
+    if earlier:
+        log(f"warning: collect: {len(earlier)} scene(s) were made by an earlier tilescan, whose results for the same "
+            f"settings and model may differ from this one's ({few(earlier)}): the table holds them as they are; "
+            "`tilescan run --update` with this one redoes them")
+    if later:
+        log(f"warning: collect: {len(later)} scene(s) were made by a later tilescan ({few(later)}): collect them "
+            "with that release")
 
 
 def changed_settings(was: dict, now: dict) -> list[str]:
@@ -497,7 +508,8 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
             ([u for u in earlier if u not in refused], "failed in their run and are collected from an earlier "
              "run's outputs, which may be out of date", "earlier_outputs"),
             (refused, "are collected from the outputs the latest run refused to replace (made with other settings, "
-             "another model or another version of the scene file: --update redoes them)", "earlier_outputs")):
+             "another model, another version of the scene file or another tilescan: see the run's advice)",
+             "earlier_outputs")):
         if listed:
             log(f"warning: collect: {len(listed)} scene(s) {what} "
                 f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")

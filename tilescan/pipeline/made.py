@@ -42,10 +42,12 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
     made_by, now = old.get("results_version", 1), layout.RESULTS_VERSION
-    if made_by != now:  # the same settings give other results in this release
-        when = "a later" if isinstance(made_by, int) and made_by > now else "an earlier"
-        return (f"made by {when} tilescan, whose results for the same scene, "
-                f"settings and model differ (results version {made_by}; this one's {now})", redo)
+    if _newer(old):  # --update would put this release's results over a later one's
+        return (f"made by a later tilescan (results version {made_by}; this one's {now})", "run them with that "
+                "release (upgrade tilescan), or pass --overwrite to redo them with this one")
+    if made_by != now:  # the same settings may give other results in this release
+        return (f"made by an earlier tilescan, whose results for the same scene, settings and model may differ "
+                f"(results version {made_by}; this one's {now})", redo)
     changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict())  # not those alike
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
@@ -67,14 +69,23 @@ def file_gone(old: dict) -> bool:
     return isinstance(was, str) and os.path.isabs(was) and not os.path.lexists(was)
 
 
+def _newer(old: dict) -> bool:
+    """Whether finished outputs were made by a later tilescan, whose results this one's would replace."""
+    made_by = old.get("results_version")
+    return isinstance(made_by, int) and made_by > layout.RESULTS_VERSION
+
+
 def redoes(old: dict | None, unit: Unit, cfg: Config) -> bool:
     """Whether this run may replace outputs ``old`` that differ from what it makes: --overwrite,
     or --update where they are this scene file's, or a file's that is gone (one moved into
-    another folder, or replaced there); --update never replaces another scene file's that is there."""
+    another folder, or replaced there), and not a later tilescan's; --update never replaces
+    another scene file's that is there."""
     if cfg.output.overwrite:
         return True
-    mine = not isinstance(old, dict) or old.get("scene") in (None, sources.recorded_path(unit.scene)) or file_gone(old)
-    return cfg.output.update and mine
+    if not isinstance(old, dict):
+        return cfg.output.update
+    mine = old.get("scene") in (None, sources.recorded_path(unit.scene)) or file_gone(old)
+    return cfg.output.update and mine and not _newer(old)
 
 
 def as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
