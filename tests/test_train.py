@@ -620,7 +620,7 @@ def test_resume_trains_on_the_checkpointed_runs_split_or_refuses(mini_aid, tmp_p
     state_file.write_text(json.dumps(state))
     res = _train([*args, "--epochs", "3", "--resume"])
     assert res.exit_code == 2 and "was written by an earlier tilescan, which recorded neither the classes, split nor " \
-        "settings of its run" in res.output and "pass --overwrite to start afresh" in res.output, res.output
+        "settings of its run" in res.output and "train with --overwrite instead of --resume" in res.output, res.output
 
 
 def test_a_class_without_a_training_image_is_refused(mini_aid, tmp_path):

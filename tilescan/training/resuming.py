@@ -100,11 +100,11 @@ def as_checkpointed(cfg: TrainConfig, ckpt: Path, classes: Sequence[str], log: C
     parent's terms, when ``--init`` is not repeated; its frozen epochs, learning rates...),
     and settings given otherwise are named. ``epochs`` may change (:data:`FREE_ON_RESUME`)."""
     run = checkpointed_run(ckpt)
-    if not run and (ckpt / "state.json").is_file():  # every epoch this version commits records its run
-        raise ConfigError(f"its checkpoint {ckpt} was written by an earlier tilescan, which recorded neither the "
-                          "classes, split nor settings of its run, so resuming cannot check that the data and options "
-                          "are that run's (other classes would take its weights under their names): pass --overwrite "
-                          "to start afresh", path=str(ckpt))
+    if not run and isinstance(read_json(ckpt / "state.json"), dict):  # this version's epochs all record their run
+        raise ConfigError(f"its checkpoint {ckpt} was written by an earlier tilescan, which recorded neither the classes, "
+                          "split nor settings of its run, so resuming cannot check that the data and options are that "
+                          "run's (other classes would take its weights under their names): train with --overwrite "
+                          "instead of --resume to start afresh", path=str(ckpt))
     if not run:  # no checkpoint yet: a fresh start
         return cfg
     if list(run["classes"]) != list(classes):
