@@ -147,7 +147,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         "scale_check": pa.array([(u.manifest.get("tiling") or {}).get("scale")] * n, pa.string()),
     }
     for name in t.column_names:
-        if name == "label":  # every class of the model, in its order, as a scene's own table has them
+        if name == "label" and meta.get("classes"):  # every class of the model, in its order, as a scene's table has
             index = t.column("class_index").cast(pa.int32()).combine_chunks()
             cols[name] = pa.DictionaryArray.from_arrays(index, pa.array(meta["classes"], pa.string()))
         elif name not in _DROP:

@@ -344,8 +344,8 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
 
 
 def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> None:
-    """A warning when scenes were made by a tilescan whose results differ from this one's for the
-    same settings and model (run.json's ``results_version``; none: 1)."""
+    """A warning when scenes were made by a tilescan whose results may differ from this one's for
+    the same settings and model (run.json's ``results_version``; none: 1)."""
     def made_by(sc: _Scene) -> int:
         v = [u.manifest.get("results_version", 1) for u in sc.units]
         return min((x for x in v if isinstance(x, int)), default=1)
