@@ -1,0 +1,66 @@
+"""A setting's value as written (TOML, an environment variable's text, a flag, a Python
+argument) turned into its field's type, or a :class:`~tilescan.errors.ConfigError` naming the
+key and where it came from."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from .errors import ConfigError
+
+
+def coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
+    """Convert ``value`` to ``typ`` or raise a ConfigError naming key and source."""
+    where, origin = f"[{section}] {key}", typing.get_origin(typ)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # np.int64(128), np.array([3, 2, 1])
+        narrow = value.dtype.kind == "f" and value.dtype.itemsize < 8  # float32's shortest decimal: 0.1, not 0.10000000149
+        value = value.tolist() if not narrow else [float(str(v)) for v in value.ravel()] if value.ndim else float(str(value))
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: expected {expected}, got {value!r}", path=source)
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.strip().lower() in {"1", "true", "yes", "on"}
+        raise bad("true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        raise bad("an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # "auto" or a number
+            return str(value)
+        raise bad("a string or a number")
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if isinstance(value, str):  # "3,2,1", "3 2 1", or as TOML writes it: "[3, 2, 1]"
+            value = [v.strip("'\"") for v in value.strip().removeprefix("[").removesuffix("]").replace(",", " ").split()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and args[-1] is Ellipsis:
+            value = [value]  # one value of a list that may hold one (gsd_m=5.0), as "5" reads
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(section, key, v, args[0], source) for v in value)
+        if len(value) != len(args):
+            raise bad(f"a list of {len(args)} values")
+        return tuple(coerce(section, key, v, t, source) for v, t in zip(value, args))
+    raise bad(str(typ))  # pragma: no cover - all field types are handled above
