@@ -189,7 +189,7 @@ def test_bad_file_values_name_the_file(tmp_path):
     f = toml(tmp_path, "tile_size = 64\n", "no-section.toml")  # a key above its section
     assert "tile_size = 64 is outside any section: put it under [tiling]" in str(_error(load_config, f, environ={}))
     f = toml(tmp_path, "[tiling]\nnodata = false\n", "nodata.toml")
-    assert "expected a string or a number, got False" in str(_error(load_config, f, environ={}))
+    assert "[tiling] nodata: must be file, none or a number, got 'false'" in str(_error(load_config, f, environ={}))
     f = tmp_path / "latin1.toml"
     f.write_bytes("[tiling]\n# Étang\ntile_size = 64\n".encode("latin-1"))
     assert "not valid TOML: not UTF-8 text" in str(_error(load_config, f, environ={}))
@@ -351,7 +351,11 @@ def test_checks_name_the_flags_they_came_from(tmp_path):
 def test_cam_method_is_checked(tmp_path):
     e = _error(load_config, toml(tmp_path, '[cam]\nmethod = "gradcan"\n'), environ={})
     assert "[cam] method: must be one of gradcam, gradcam++" in str(e)
-    assert load_config(toml(tmp_path, '[cam]\nmethod = "GradCAM"\n', "case.toml"), environ={}).cam.method == "GradCAM"
+    # read without regard to case, kept by its name: "GradCAM" and --cam gradcam are one setting
+    assert load_config(toml(tmp_path, '[cam]\nmethod = "GradCAM"\n', "case.toml"), environ={}).cam.method == "gradcam"
+    got = load_config(toml(tmp_path, '[tiling]\nunits = "PX"\nscaling = "Percentile"\n[inference]\njit_compile = true\n',
+                           "case2.toml"), environ={})
+    assert (got.tiling.units, got.tiling.scaling, got.inference.jit_compile) == ("px", "percentile", "true")
 
 
 @pytest.mark.parametrize("key", ["model_streams", "reader_threads"])
@@ -362,3 +366,32 @@ def test_streams_and_readers_are_auto_or_a_whole_number(tmp_path, key):
         e = _error(load_config, None, environ={f"TILESCAN_INFERENCE__{key.upper()}": bad})
         assert f"[inference] {key}: must be auto or a whole number >= 1" in str(e), str(e)
         assert f"TILESCAN_INFERENCE__{key.upper()}" in str(e)
+
+
+def test_each_setting_is_named_in_its_own_message_and_train_amounts_are_bounded(tmp_path):
+    """A bad warmup_epochs or test_fraction was blamed on patience or val_fraction, scaling =
+    range without a value_range on "defaults"; label smoothing, weight decay, min_delta and colour
+    jitter took any value (a negative min_delta kept early stopping from ever firing)."""
+    cases = {"[train]\nwarmup_epochs = -1\n": "[train] warmup_epochs: must be >= 0, got -1",
+             "[train]\ntest_fraction = 1.5\n": "[train] test_fraction: must be in [0, 1), got 1.5",
+             "[train]\nval_fraction = 0.6\ntest_fraction = 0.5\n": "[train] test_fraction: with val_fraction (0.6) "
+             "leaves no training images",
+             "[tiling]\nscaling = 'range'\n": "[tiling] scaling: range needs [tiling] value_range",
+             "[train]\nlabel_smoothing = 1.5\n": "[train] label_smoothing: must be in [0, 0.99], got 1.5",
+             "[train]\nweight_decay = -1\n": "[train] weight_decay: must be in [0, 1], got -1.0",
+             "[train]\nmin_delta = -5\n": "[train] min_delta: must be in [0, 10], got -5.0",
+             "[train]\ncolor_jitter = -1\n": "[train] color_jitter: must be in [0, 1], got -1.0"}
+    for i, (text, said) in enumerate(cases.items()):
+        f = toml(tmp_path, text, f"c{i}.toml")
+        e = str(_error(load_config, f, environ={}))
+        assert said in e and str(f) in e, e
+
+
+def test_a_quicklook_size_shapes_no_output_without_a_quicklook():
+    from tilescan.config import output_shaping
+
+    def shaping(**output):
+        return output_shaping(load_config(overrides={"output": output}, environ={}).to_dict())
+
+    assert shaping(quicklook=False, quicklook_size=512) == shaping(quicklook=False, quicklook_size=2048)
+    assert shaping(quicklook=True, quicklook_size=512) != shaping(quicklook=True, quicklook_size=2048)

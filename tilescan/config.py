@@ -259,6 +259,10 @@ _CHOICES = {
 }
 
 
+#: Settings read without regard to case ("GradCAM", "PX"), kept as their lower-case name.
+_CASELESS = {*_CHOICES, ("cam", "method")}
+
+
 def _section_dict(obj: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(obj):
@@ -291,8 +295,10 @@ def output_shaping(config: dict) -> dict:
         tiling.pop("nodata", None)
     if not tiling.get("value_range"):  # nor an unset range (outputs before it resume)
         tiling.pop("value_range", None)
-    shaping = {"tiling": tiling, "cam": config.get("cam"),
-               "output": {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}}
+    output = {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}
+    if output.get("quicklook") is False:  # its size shapes nothing then
+        output.pop("quicklook_size", None)
+    shaping = {"tiling": tiling, "cam": config.get("cam"), "output": output}
     precision = (config.get("inference") or {}).get("precision", "float32")
     if precision != "float32":
         shaping["precision"] = precision
@@ -330,9 +336,10 @@ def _number(text: str) -> float:
 def _check_value_range(t: TilingConfig, fail: Callable[[str, str, str], None]) -> None:
     """``[tiling] value_range``: pairs of low < high, given with ``scaling = "range"`` and only then."""
     v = t.value_range
-    if (t.scaling == "range") != bool(v):
-        fail("tiling", "value_range", f"is used only with scaling = range, not {t.scaling!r}: set both" if v
-             else "scaling = range needs it: [low, high], or a pair per model band")
+    if v and t.scaling != "range":
+        fail("tiling", "value_range", f"is used only with scaling = range, not {t.scaling!r}: set both")
+    if t.scaling == "range" and not v:
+        fail("tiling", "scaling", "range needs [tiling] value_range: [low, high], or a pair per model band")
     if len(v) % 2 or any(not lo < hi for lo, hi in zip(v[::2], v[1::2])):
         fail("tiling", "value_range", f"need pairs of low < high, got {list(v)}")
 
@@ -377,7 +384,7 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         if not low <= v <= high:
             fail(section, key, f"must be >= {low}, got {v}" if v < low else
                  f"must be <= {high}, got {v}{_BOUNDS_WHY.get(key, '')}")
-    if cfg.cam.method.strip().lower() not in CAM_METHOD_NAMES:
+    if cfg.cam.method not in CAM_METHOD_NAMES:
         fail("cam", "method", f"must be one of {', '.join(CAM_METHOD_NAMES)}, got {cfg.cam.method!r}")
     t = cfg.tiling
     if t.stride < 0:
@@ -410,14 +417,23 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
         fail("train", "learning_rate", f"must be > 0, got {tr.learning_rate}")
     if tr.finetune_lr < 0:
         fail("train", "finetune_lr", f"must be >= 0 (0 = learning_rate / 10), got {tr.finetune_lr}")
-    if tr.patience < 0 or tr.warmup_epochs < 0:
-        fail("train", "patience", "patience and warmup_epochs must be >= 0")
+    for key in ("patience", "warmup_epochs"):
+        if getattr(tr, key) < 0:
+            fail("train", key, f"must be >= 0, got {getattr(tr, key)}")
+    for key, low, high in (("label_smoothing", 0.0, 0.99), ("weight_decay", 0.0, 1.0), ("min_delta", 0.0, 10.0),
+                           ("color_jitter", 0.0, 1.0)):  # each an amount of its own: no larger one means anything
+        if not low <= getattr(tr, key) <= high:
+            fail("train", key, f"must be in [{low:g}, {high:g}], got {getattr(tr, key)}")
     if not 0.0 < tr.crop_scale[0] <= tr.crop_scale[1] <= 1.0:
         fail("train", "crop_scale", f"need 0 < low <= high <= 1, got {list(tr.crop_scale)}")
     if len(tr.gsd_m) > 2 or any(not g > 0 for g in tr.gsd_m):
         fail("train", "gsd_m", f"need one or two values > 0 (metres per pixel), got {list(tr.gsd_m)}")
-    if not 0.0 <= tr.val_fraction < 1.0 or not 0.0 <= tr.test_fraction < 1.0 or tr.val_fraction + tr.test_fraction >= 1.0:
-        fail("train", "val_fraction", "val_fraction and test_fraction must be in [0, 1) and sum below 1")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 <= getattr(tr, key) < 1.0:
+            fail("train", key, f"must be in [0, 1), got {getattr(tr, key)}")
+    if tr.val_fraction + tr.test_fraction >= 1.0:
+        fail("train", "test_fraction", f"with {other('train', 'val_fraction', 'test_fraction')} leaves no training "
+             f"images: the two must sum below 1, got {tr.test_fraction}")
 
 
 def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[str] = "defaults",
@@ -454,7 +470,8 @@ def build_config(*layers: Mapping[str, Mapping[str, Any]], source: str | list[st
             for key, value in values.items():
                 if key not in keys:
                     raise ConfigError(f"unknown key [{section}] {key}; known keys: {', '.join(keys)}", path=src)
-                merged[section][key] = coerce(section, key, value, hints[key], src)
+                v = coerce(section, key, value, hints[key], src)
+                merged[section][key] = v.strip().lower() if (section, key) in _CASELESS else v
                 sources[(section, key)] = src
                 if text is not None and (section, key) in text:
                     said[section][key] = text[(section, key)]

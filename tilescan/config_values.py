@@ -47,6 +47,8 @@ def coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # a TOML true for an auto/true/false setting
+            return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # "auto" or a number
             return str(value)
         raise bad("a string or a number")
