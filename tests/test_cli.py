@@ -646,3 +646,20 @@ def test_explain_tiles_given_once_or_several_times(tmp_path, scene_path):
     assert [row["tile"] for row in json.loads(meta.read_text())["rows"]] == [[0, 0], [1, 1], [0, 1]]
     r = invoke(["explain", scene_path(SMALL), "-o", tmp_path / "y", "--tiles", "0,0", "--tiles", "1"])
     assert r.exit_code == 2 and "'--tiles'" in r.output and "'1'" in r.output
+
+
+def test_a_setting_a_file_or_variable_turns_on_is_turned_off_by_its_flag(tmp_path, scene_path):
+    """overwrite = true in a config file or a TILESCAN_* variable redid every finished scene at
+    each rerun, with no flag to say otherwise: --no-overwrite (as --no-update, and
+    --no-allow-pixel-space) wins, flags over variables over files."""
+    out = tmp_path / "out"
+    args = ["run", scene_path(RGB_BYTE), "-o", out, "--no-progress", "--tile-size", "256", "--units", "px"]
+    assert invoke(args).exit_code == 0
+    (tmp_path / "c.toml").write_text("[output]\noverwrite = true\nupdate = true\n[tiling]\nallow_pixel_space = true\n")
+    r = invoke([*args, "--config", tmp_path / "c.toml", "--no-overwrite", "--no-update", "--no-allow-pixel-space"],
+               env={"TILESCAN_OUTPUT__OVERWRITE": "true"})
+    assert r.exit_code == 0 and "done: 0 written, 1 already complete" in r.output, r.output
+    config = read_report(out)["config"]
+    assert not config["output"]["overwrite"] and not config["output"]["update"] and not config["tiling"]["allow_pixel_space"]
+    r = invoke(args, env={"TILESCAN_OUTPUT__OVERWRITE": "true"})
+    assert r.exit_code == 0 and "done: 1 written" in r.output, r.output

@@ -164,7 +164,7 @@ def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
         help="Write QGIS styles (.qml) beside the outputs and a QGIS project <scene>.qgs.")
 @option("--quicklook/--no-quicklook", config_key=("output", "quicklook"),
         help="Write quicklook.png (the scene, its labels and the heat side by side).")
-@option("--allow-pixel-space", config_key=("tiling", "allow_pixel_space"), is_flag=True,
+@option("--allow-pixel-space/--no-allow-pixel-space", config_key=("tiling", "allow_pixel_space"),
         help="Process scenes without georeferencing, in pixel coordinates.")
 @option("--threads", "reader_threads", config_key=("inference", "reader_threads"), metavar="N|auto",
         help="Reader threads with [inference] pipeline = \"overlap\" (auto: one per core when the model runs on a GPU, "
@@ -179,8 +179,9 @@ def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
         help="Run share I/N of the work (0-based I).")
 @option("--shard-count", type=click.IntRange(min=1), show_default="from TILESCAN_SHARD_COUNT",
         help="Shard count for Kubernetes (JOB_COMPLETION_INDEX gives only the index).")
-@option("--overwrite", config_key=("output", "overwrite"), is_flag=True, help="Replace tilescan's earlier outputs (never done without it; a folder of something else never).")
-@option("--update", config_key=("output", "update"), is_flag=True,
+@option("--overwrite/--no-overwrite", config_key=("output", "overwrite"),
+        help="Replace tilescan's earlier outputs (never done without it; a folder of something else never).")
+@option("--update/--no-update", config_key=("output", "update"),
         help="Redo only the scenes whose outputs were made from another version of the scene file, other settings, "
              "another model or a tilescan that computes them otherwise (refused without it); skip the finished ones "
              "that match, as always.")
