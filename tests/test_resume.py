@@ -388,3 +388,20 @@ def test_a_second_run_leaves_the_report_of_the_run_still_at_work(tmp_path):
     second.communicate(timeout=300)
     report = json.loads((out / "report.json").read_text())
     assert second.returncode == 0 and "running" not in report and [u["unit"] for u in report["done"]] == [bh.scene_paths()[1].stem]
+
+
+def test_a_setting_written_another_way_is_the_same_setting(tmp_path, scene_path):
+    """--target Farmland, then farmland or its index; --nodata 0, then 0.0: the same outputs, so
+    the rerun skips the scenes (each was refused as 'other settings', exit 6)."""
+    from conftest import invoke
+    from tilescan.model import describe_model
+
+    src, _, args = _two_scenes_done(tmp_path, scene_path)
+    out = tmp_path / "out2"
+    index = describe_model(None).classes.index("Farmland")
+    assert invoke(["run", src, "-o", out, *args, "--target", "Farmland", "--nodata", "0"]).exit_code == 0
+    for again in (["--target", "farmland", "--nodata", "0.0"], ["--target", str(index), "--nodata", "0"]):
+        res = invoke(["run", src, "-o", out, *args, *again])
+        assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 2, res.output
+    res = invoke(["run", src, "-o", out, *args, "--target", "Forest", "--nodata", "0"])
+    assert res.exit_code == 6 and "[cam] target_class 'Farmland' -> 'Forest'" in res.output, res.output

@@ -291,8 +291,11 @@ def output_shaping(config: dict) -> dict:
     precision other than float32 (bf16 changes the numbers slightly). The default nodata is
     left out, so outputs of releases before that setting read the same."""
     tiling = dict(config.get("tiling") or {})
-    if not nodata_setting(tiling.get("nodata", "file"))[0]:
+    replaces, nodata = nodata_setting(tiling.get("nodata", "file"))
+    if not replaces:
         tiling.pop("nodata", None)
+    elif nodata is not None:  # "0" and "0.0" alike
+        tiling["nodata"] = repr(nodata)
     if not tiling.get("value_range"):  # nor an unset range (outputs before it resume)
         tiling.pop("value_range", None)
     output = {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}

@@ -10,6 +10,7 @@ import time
 
 from .. import layout
 from ..config import Config
+from ..errors import ConfigError
 from ..model import LoadedModel
 from ..outputs.finished import OTHER_FILE, changed_settings
 from ..scene import sources
@@ -94,7 +95,7 @@ def as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
     automatic pick chose them, or left to it where it picks those given; fewer outputs asked
     for (a quicklook, GeoPackage or QGIS files made then, --no-quicklook now: what is asked is there);
     units, tile size or resampling that cut the scene into the same tiles (``--units px`` where
-    ``auto`` chose those pixels)."""
+    ``auto`` chose those pixels); a target class written otherwise (:func:`_same_target`)."""
     was_out, out_now = (old.get("config") or {}).get("output") or {}, cfg.output
     fewer = {k: True for k in ("quicklook", "gpkg", "styles") if was_out.get(k) is True and getattr(out_now, k) is False}
     if fewer.get("quicklook"):
@@ -112,7 +113,24 @@ def as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
     if any(was.get(k, getattr(now, k)) != getattr(now, k) for k in sizing) and "tile_px" in made and \
             card.tile_sizes(unit.scene, now) == (made["tile_px"], made.get("stride_px")):
         same.update({k: was[k] for k in (*sizing, "stride") if k in was})  # e.g. --units px where auto chose pixels
+    target = _same_target(old, cfg, card)
+    if target is not None:
+        cfg = cfg.replace("cam", target_class=target)
     return cfg.replace("tiling", **same).replace("output", **fewer) if same or fewer else cfg
+
+
+def _same_target(old: dict, cfg: Config, card: LoadedModel) -> str | None:
+    """``old``'s ``[cam] target_class`` where it is written otherwise than this run's but names the
+    same class of the model (``Farmland``, ``farmland``, its index): else None."""
+    was = ((old.get("config") or {}).get("cam") or {}).get("target_class")
+    if not isinstance(was, str) or was == cfg.cam.target_class:
+        return None
+    from .engine import resolve_target
+
+    try:
+        return was if resolve_target(was, card.classes) == resolve_target(cfg.cam.target_class, card.classes) else None
+    except ConfigError:  # a name the model does not have
+        return None
 
 
 def equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
