@@ -830,3 +830,21 @@ def test_outputs_for_real_scene(tmp_path, scene_path):
                     read_heatmap_preview(tmp_path / "heat.tif", 256), CLASSES,
                     scene_size=(W, H), tile_px=tile, stride=stride)
     assert Image.open(tmp_path / "q.png").size[0] >= 3 * (W // 4)
+
+
+def test_csv_text_a_spreadsheet_would_run_as_a_formula_is_kept_as_text():
+    """A class named like a formula (from a shared model's metadata or a dataset's folder names)
+    in summary.csv or evaluate's CSVs: Excel and LibreOffice would run it on opening; written
+    with a leading ' it reads as text there, and as itself plus the ' elsewhere. Numbers,
+    negative ones written as text too, and ordinary names are as they were."""
+    import csv
+    import io
+
+    from tilescan.outputs.files import csv_text
+
+    rows = [["class", "n"], ['=HYPERLINK("http://x","y")', 1], ["+1+cmd", 2], ["@SUM(A1)", 3], ["-0.5", -4],
+            ["Farmland", 0.25], ["-2 m", 5]]
+    back = list(csv.reader(io.StringIO(csv_text(rows))))
+    assert [r[0] for r in back[1:]] == ["'=HYPERLINK(\"http://x\",\"y\")", "'+1+cmd", "'@SUM(A1)", "-0.5", "Farmland",
+                                        "'-2 m"]
+    assert [r[1] for r in back[1:]] == ["1", "2", "3", "-4", "0.25", "5"]

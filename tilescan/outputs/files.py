@@ -334,10 +334,21 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def csv_text(rows: Iterable[Sequence[Any]]) -> str:
-    """CSV (``\n`` line ends) of ``rows``, the first being the header."""
+    """CSV (``\n`` line ends) of ``rows``, the first being the header; a text cell a spreadsheet
+    would run as a formula (a class named ``=HYPERLINK(...)`` in a model or dataset) starts with
+    ``'``, which spreadsheets show as text."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows([_as_text(c) for c in row] for row in rows)
     return buf.getvalue()
+
+
+def _as_text(cell: Any) -> Any:
+    if isinstance(cell, str) and cell[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(cell)  # a number written as text ("-0.5") is one
+        except ValueError:
+            return "'" + cell
+    return cell
 
 
 def write_json_in_place(path: str | os.PathLike, obj: Any) -> bool:
