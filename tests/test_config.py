@@ -380,7 +380,8 @@ def test_each_setting_is_named_in_its_own_message_and_train_amounts_are_bounded(
              "[train]\nlabel_smoothing = 1.5\n": "[train] label_smoothing: must be in [0, 0.99], got 1.5",
              "[train]\nweight_decay = -1\n": "[train] weight_decay: must be in [0, 1], got -1.0",
              "[train]\nmin_delta = -5\n": "[train] min_delta: must be in [0, 10], got -5.0",
-             "[train]\ncolor_jitter = -1\n": "[train] color_jitter: must be in [0, 1], got -1.0"}
+             "[train]\ncolor_jitter = -1\n": "[train] color_jitter: must be in [0, 1], got -1.0",
+             "[train]\nimage_size = 16\n": "[train] image_size: must be >= 32, got 16 (the network halves its input"}
     for i, (text, said) in enumerate(cases.items()):
         f = toml(tmp_path, text, f"c{i}.toml")
         e = str(_error(load_config, f, environ={}))

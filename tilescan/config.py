@@ -351,10 +351,11 @@ def _check_value_range(t: TilingConfig, fail: Callable[[str, str, str], None]) -
 _BOUNDS = {("tiling", "tile_size"): (1, 2**20), ("inference", "batch_size"): (1, 8192),
            ("inference", "output_workers"): (0, 256), ("inference", "queue_size"): (1, 1024),
            ("output", "quicklook_size"): (16, 2**15), ("train", "epochs"): (1, 10**6), ("train", "batch_size"): (1, 8192),
-           ("train", "image_size"): (1, 2**14), ("train", "workers"): (1, 256), ("train", "freeze_epochs"): (0, 10**6),
+           ("train", "image_size"): (32, 2**14), ("train", "workers"): (1, 256), ("train", "freeze_epochs"): (0, 10**6),
            ("train", "seed"): (0, 2**32 - 1)}
 _BOUNDS_WHY = {"batch_size": " (a batch's tiles are held in memory at once, a short one padded to it)",
                "seed": " (numpy's and Keras' generators take 32-bit seeds)"}
+_BOUNDS_WHY_LOW = {"image_size": " (the network halves its input five times: 32 px leave one cell)"}
 
 
 def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
@@ -385,7 +386,7 @@ def _check(cfg: Config, sources: Mapping[tuple[str, str], str]) -> None:
     for (section, key), (low, high) in _BOUNDS.items():
         v = getattr(getattr(cfg, section), key)
         if not low <= v <= high:
-            fail(section, key, f"must be >= {low}, got {v}" if v < low else
+            fail(section, key, f"must be >= {low}, got {v}{_BOUNDS_WHY_LOW.get(key, '')}" if v < low else
                  f"must be <= {high}, got {v}{_BOUNDS_WHY.get(key, '')}")
     if cfg.cam.method not in CAM_METHOD_NAMES:
         fail("cam", "method", f"must be one of {', '.join(CAM_METHOD_NAMES)}, got {cfg.cam.method!r}")
