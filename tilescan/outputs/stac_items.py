@@ -37,7 +37,8 @@ _ASSETS = {
     "labels.tif": ("labels", "image/tiff; application=geotiff; profile=cloud-optimized", ["data", "labels"],
                    f"tile labels (class index per tile, nodata {LABEL_NODATA})"),
     "heatmap.tif": ("heatmap", "image/tiff; application=geotiff; profile=cloud-optimized", ["data"],
-                    "CAM heatmap of each tile's label, blended over the scene"),
+                    "CAM heatmap of each tile's label: 0..1, 1 the tile's strongest evidence, overlapping tiles "
+                    "averaged, nodata -1"),
     "tiles.parquet": ("tiles", "application/vnd.apache.parquet", ["data"],
                       "one row per tile: footprint, label, probabilities, CAM statistics (GeoParquet 1.1)"),
     "tiles.gpkg": ("tiles-gpkg", "application/geopackage+sqlite3", ["data"], "the tiles table as a GeoPackage"),
