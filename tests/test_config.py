@@ -396,3 +396,16 @@ def test_a_quicklook_size_shapes_no_output_without_a_quicklook():
 
     assert shaping(quicklook=False, quicklook_size=512) == shaping(quicklook=False, quicklook_size=2048)
     assert shaping(quicklook=True, quicklook_size=512) != shaping(quicklook=True, quicklook_size=2048)
+
+
+def test_one_setting_written_in_other_cases_or_spellings_shapes_the_same_outputs():
+    from tilescan.config import output_shaping
+
+    def shaping(**tiling):
+        return output_shaping(load_config(overrides={"tiling": tiling}, environ={}).to_dict())
+
+    assert shaping(nodata="none") == shaping(nodata="None") == shaping(nodata="NONE")
+    assert shaping(nodata="0") == shaping(nodata="0.0") == shaping(nodata="-0") != shaping(nodata="1")
+    assert shaping(nodata="nan") == shaping(nodata="NaN") and shaping(nodata="file") == shaping(nodata="FILE") == shaping()
+    got = load_config(environ={"TILESCAN_INFERENCE__READER_THREADS": "AUTO", "TILESCAN_INFERENCE__MODEL_STREAMS": "Auto"})
+    assert (got.inference.reader_threads, got.inference.model_streams) == ("auto", "auto")

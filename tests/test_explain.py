@@ -312,7 +312,7 @@ def test_python_callers_spell_settings_as_run_takes_them(model_file, scene_path,
     """From Python, ``units`` is checked as run checks it (a typo is refused, not read as
     pixels), and ``bands`` and ``tiles`` may be written as on the command line."""
     scene = str(scene_path("rasterio/RGB.byte.tif"))
-    for units in ("km", "PX", "metres"):
+    for units in ("km", "pixels", "metres"):  # "PX" is px, as settings are read without regard to case
         with pytest.raises(ConfigError, match=rf"\[tiling\] units: must be one of \['auto', 'm', 'px'\], got '{units}'"):
             run_explain([scene], str(tmp_path / "u"), str(model_file), units=units, **QUIET)
     assert not (tmp_path / "u").exists()

@@ -391,8 +391,9 @@ def test_a_second_run_leaves_the_report_of_the_run_still_at_work(tmp_path):
 
 
 def test_a_setting_written_another_way_is_the_same_setting(tmp_path, scene_path):
-    """--target Farmland, then farmland or its index; --nodata 0, then 0.0: the same outputs, so
-    the rerun skips the scenes (each was refused as 'other settings', exit 6)."""
+    """--target Farmland, then farmland or its index; --nodata 0, then 0.0 or -0: the same outputs,
+    so the rerun skips the scenes (each was refused as 'other settings', exit 6); collect, telling
+    what a stopped --update left, takes them as the same too."""
     from conftest import invoke
     from tilescan.model import describe_model
 
@@ -400,8 +401,16 @@ def test_a_setting_written_another_way_is_the_same_setting(tmp_path, scene_path)
     out = tmp_path / "out2"
     index = describe_model(None).classes.index("Farmland")
     assert invoke(["run", src, "-o", out, *args, "--target", "Farmland", "--nodata", "0"]).exit_code == 0
-    for again in (["--target", "farmland", "--nodata", "0.0"], ["--target", str(index), "--nodata", "0"]):
+    for again in (["--target", "farmland", "--nodata", "0.0"], ["--target", str(index), "--nodata", "-0"]):
         res = invoke(["run", src, "-o", out, *args, *again])
         assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 2, res.output
     res = invoke(["run", src, "-o", out, *args, "--target", "Forest", "--nodata", "0"])
     assert res.exit_code == 6 and "[cam] target_class 'Farmland' -> 'Forest'" in res.output, res.output
+    from tilescan.outputs.finished import made_otherwise
+
+    manifest = json.loads((out / "a" / "run.json").read_text())
+    again = {**manifest["config"], "cam": {**manifest["config"]["cam"], "target_class": str(index)},
+             "tiling": {**manifest["config"]["tiling"], "nodata": "0.0"}}
+    assert made_otherwise(manifest, again, manifest["model"]["sha256"]) is None
+    again["cam"]["target_class"] = "Forest"
+    assert made_otherwise(manifest, again, None) == "made with other settings ([cam] target_class 'Farmland' -> 'Forest')"

@@ -307,6 +307,6 @@ def test_pixels_unsquare_on_the_ground_are_warned_about(tmp_path, lat):
         return
     (w,) = got
     assert 2.0 < w["pixel_aspect"] < 2.06  # 1 / cos(latitude) at the scene's centre, on the ellipsoid
-    assert f"its pixels cover {w['pixel_aspect']:.2f}x as much ground north-south as east-west (its CRS counts pixels " \
+    assert f"its pixels are {w['pixel_aspect']:.2f}x as long on the ground north-south as east-west (its CRS counts pixels " \
         "in degrees, and a degree of longitude shrinks away from the equator)" in w["message"]
     assert "reproject it to a projected CRS with square pixels first" in res.output

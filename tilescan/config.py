@@ -10,15 +10,16 @@ later checks (tiling, the model) to name too. No Keras import here.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import shlex
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from .config_values import coerce
+from .config_values import coerce, is_nodata_setting, nodata_key
 from .errors import ConfigError
 
 ENV_PREFIX = "TILESCAN_"
@@ -260,7 +261,8 @@ _CHOICES = {
 
 
 #: Settings read without regard to case ("GradCAM", "PX"), kept as their lower-case name.
-_CASELESS = {*_CHOICES, ("cam", "method")}
+_CASELESS = {*_CHOICES, ("cam", "method"), ("inference", "reader_threads"), ("inference", "model_streams"),
+             ("inference", "switch_interval_ms")}
 
 
 def _section_dict(obj: Any) -> dict[str, Any]:
@@ -269,17 +271,6 @@ def _section_dict(obj: Any) -> dict[str, Any]:
         v = getattr(obj, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
-
-
-def nodata_setting(text: str) -> tuple[bool, float | None]:
-    """``[tiling] nodata`` read: whether it replaces the files' own nodata, and by what (None:
-    no nodata at all). Raises ValueError for text that is none of ``file``, ``none``, a number."""
-    t = str(text).strip().lower()
-    if t == "file":
-        return False, None
-    if t == "none":
-        return True, None
-    return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
 
 
 RERUN_KEYS = ("overwrite", "update")  # [output] keys that say what to redo, not how outputs are made
@@ -291,11 +282,10 @@ def output_shaping(config: dict) -> dict:
     precision other than float32 (bf16 changes the numbers slightly). The default nodata is
     left out, so outputs of releases before that setting read the same."""
     tiling = dict(config.get("tiling") or {})
-    replaces, nodata = nodata_setting(tiling.get("nodata", "file"))
-    if not replaces:
+    if nodata_key(tiling.get("nodata", "file")) == "file":
         tiling.pop("nodata", None)
-    elif nodata is not None:  # "0" and "0.0" alike
-        tiling["nodata"] = repr(nodata)
+    else:
+        tiling["nodata"] = nodata_key(tiling["nodata"])
     if not tiling.get("value_range"):  # nor an unset range (outputs before it resume)
         tiling.pop("value_range", None)
     output = {k: v for k, v in (config.get("output") or {}).items() if k not in RERUN_KEYS}
@@ -308,6 +298,35 @@ def output_shaping(config: dict) -> dict:
     return shaping
 
 
+def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | None:
+    """A class name (exact, else case-insensitive) or index -> class index; None -> None.
+    Raises ConfigError listing the valid names."""
+    if target is None or (isinstance(target, str) and not target.strip()):
+        return None
+    valid = ", ".join(f"{i}={c}" for i, c in enumerate(classes))
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # numpy's integers too
+        idx = int(target)
+    else:
+        s = str(target).strip()
+        if s in classes:
+            return list(classes).index(s)
+        folded = [i for i, c in enumerate(classes) if c.lower() == s.lower()]
+        if len(folded) == 1:
+            return folded[0]
+        from .layout import class_folder_name
+
+        safe = class_folder_name(s)  # the label's own name, as chips made it a folder's
+        if safe in classes:
+            return list(classes).index(safe)
+        try:
+            idx = int(s)
+        except ValueError:
+            raise ConfigError(f"unknown target class {target!r}; valid classes: {valid}") from None
+    if not 0 <= idx < len(classes):
+        raise ConfigError(f"target class index {idx} is out of range; valid classes: {valid}")
+    return idx
+
+
 def positive_int(name: str, value: Any) -> int:
     """``value`` of the argument ``name`` as an integer >= 1, else a ConfigError saying so."""
     try:
@@ -317,15 +336,6 @@ def positive_int(name: str, value: Any) -> int:
     if n is None or n < 1:
         raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
     return n
-
-
-def is_nodata_setting(text: str) -> bool:
-    """Whether ``text`` is a ``[tiling] nodata`` value (:func:`nodata_setting` reads it)."""
-    try:
-        nodata_setting(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _number(text: str) -> float:

@@ -1,6 +1,6 @@
 """A setting's value as written (TOML, an environment variable's text, a flag, a Python
 argument) turned into its field's type, or a :class:`~tilescan.errors.ConfigError` naming the
-key and where it came from."""
+key and where it came from; the ``[tiling] nodata`` setting read."""
 
 from __future__ import annotations
 
@@ -66,3 +66,30 @@ def coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
             raise bad(f"a list of {len(args)} values")
         return tuple(coerce(section, key, v, t, source) for v, t in zip(value, args))
     raise bad(str(typ))  # pragma: no cover - all field types are handled above
+
+
+def nodata_setting(text: str) -> tuple[bool, float | None]:
+    """``[tiling] nodata`` read: whether it replaces the files' own nodata, and by what (None:
+    no nodata at all). Raises ValueError for text that is none of ``file``, ``none``, a number."""
+    t = str(text).strip().lower()
+    if t == "file":
+        return False, None
+    if t == "none":
+        return True, None
+    return True, float(t)  # "nan" and "-inf" too: a float scene's nodata may be either
+
+
+def nodata_key(text: str) -> str:
+    """A ``[tiling] nodata`` value in one spelling: ``file``, ``none`` or the number ("0", "0.0"
+    and "-0" alike; "NaN" as "nan"). Raises ValueError as :func:`nodata_setting`."""
+    replaces, value = nodata_setting(text)
+    return "file" if not replaces else "none" if value is None else repr(value + 0.0)
+
+
+def is_nodata_setting(text: str) -> bool:
+    """Whether ``text`` is a ``[tiling] nodata`` value (:func:`nodata_setting` reads it)."""
+    try:
+        nodata_setting(text)
+    except ValueError:
+        return False
+    return True

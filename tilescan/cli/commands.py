@@ -140,7 +140,7 @@ def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")
-@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]),
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"], case_sensitive=False),
         help="Unit of --tile-size/--stride. auto: scene pixels where the scene's pixel size is inside the "
              "model's ground-scale range, else (a finer scene) metres at the range's fine edge; px or m force one.")
 @option("--batch-size", config_key=("inference", "batch_size"), type=click.IntRange(min=1), help="Tiles per model batch.")
@@ -257,7 +257,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file; its [tiling] section applies, as in run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), help="Step between tiles; 0 = the tile size.")
-@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), help="Unit of --tile-size/--stride, as in run.")
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"], case_sensitive=False), help="Unit of --tile-size/--stride, as in run.")
 @option("--bands", config_key=("tiling", "bands"), type=_Bands(), show_default="auto: the model's scene_bands, else the RGB bands by colour, else the first ones",
         help="1-based scene bands in the model's order.")
 @option("--nodata", config_key=("tiling", "nodata"), metavar="VALUE|none|file",
@@ -430,7 +430,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
         help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), show_default="as run: the tile size",
         help="Step between tiles, as in run: give run's, so ROW,COL are the tiles of its table.")
-@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"]), show_default="as run: auto",
+@option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"], case_sensitive=False), show_default="as run: auto",
         help="Unit of --tile-size, as in run: auto puts the model at its ground scale.")
 @option("--min-valid", config_key=("tiling", "min_valid_fraction"), type=click.FloatRange(0, 1), show_default="as run: 0.5",
         help="Without --tiles: the tiles to pick from hold at least this share of valid pixels, as run classifies.")

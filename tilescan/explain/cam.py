@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..config import resolve_target
 from ..errors import ConfigError
 from .layers import _keras, gap_dense_head, resolve_layer, split_model
 from .shims import _GAP_DENSE_STEPS, _SHIMS, auto_flag, model_on_accelerator, resolve_jit
@@ -469,32 +470,3 @@ def time_methods(
             fn()
             times[key].append(time.perf_counter() - t0)
     return {k: float(x.shape[0] / np.median(v)) for k, v in times.items()}
-
-
-def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | None:
-    """A class name (exact, else case-insensitive) or index -> class index; None -> None.
-    Raises ConfigError listing the valid names."""
-    if target is None or (isinstance(target, str) and not target.strip()):
-        return None
-    valid = ", ".join(f"{i}={c}" for i, c in enumerate(classes))
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        idx = int(target)
-    else:
-        s = str(target).strip()
-        if s in classes:
-            return list(classes).index(s)
-        folded = [i for i, c in enumerate(classes) if c.lower() == s.lower()]
-        if len(folded) == 1:
-            return folded[0]
-        from ..layout import class_folder_name
-
-        safe = class_folder_name(s)  # the label's own name, as chips made it a folder's
-        if safe in classes:
-            return list(classes).index(safe)
-        try:
-            idx = int(s)
-        except ValueError:
-            raise ConfigError(f"unknown target class {target!r}; valid classes: {valid}") from None
-    if not 0 <= idx < len(classes):
-        raise ConfigError(f"target class index {idx} is out of range; valid classes: {valid}")
-    return idx

@@ -10,13 +10,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pyarrow.parquet as pq
 
 from .. import layout
-from ..config import RERUN_KEYS, output_shaping
-from ..errors import InputError
+from ..config import RERUN_KEYS, nodata_key, output_shaping, resolve_target
+from ..errors import ConfigError, InputError
 from ..layout import COLLECTED, MANIFEST, REPORT
 
 
@@ -365,11 +365,12 @@ def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> No
             "with that release")
 
 
-def changed_settings(was: dict, now: dict) -> list[str]:
+def changed_settings(was: dict, now: dict, classes: Sequence[str] | None = None) -> list[str]:
     """The settings that shape outputs (``[tiling]``, ``[cam]``, ``[output]`` but
     :data:`RERUN_KEYS`, the precision) that differ from resolved config ``was`` to ``now``
     (run.json's ``config``), as ``[tiling] stride 0 (the tile size) -> 64``; a key ``was``
-    lacks (an older release's) is taken as the same."""
+    lacks (an older release's) is taken as the same, and so are values alike (:func:`_alike`;
+    ``classes``: the model's, for the target class)."""
     def said(key, value) -> str:
         """A value as the message shows it: a stride of 0 is the tile size, no bands the automatic pick."""
         if key == "stride" and not value:
@@ -380,7 +381,22 @@ def changed_settings(was: dict, now: dict) -> list[str]:
     shaping["inference"] = {"precision": (now.get("inference") or {}).get("precision", "float32")}
     return [f"[{sec}] {key} {said(key, was.get(sec, {}).get(key))} -> {said(key, value)}"
             for sec, values in shaping.items() for key, value in values.items()
-            if key not in RERUN_KEYS and (was.get(sec) or {}).get(key, value) != value]
+            if key not in RERUN_KEYS and not _alike(sec, key, (was.get(sec) or {}).get(key, value), value, now, classes)]
+
+
+def _alike(sec: str, key: str, was, value, now: dict, classes: Sequence[str] | None) -> bool:
+    """Whether two values of a setting give the same outputs: a nodata written two ways (0 and
+    0.0), a target class by name or index, any quicklook size where none is made."""
+    if was == value:
+        return True
+    try:
+        if (sec, key) == ("tiling", "nodata"):
+            return nodata_key(was) == nodata_key(value)
+        if (sec, key) == ("cam", "target_class") and classes:
+            return resolve_target(was, classes) == resolve_target(value, classes)
+    except (ValueError, TypeError, ConfigError):  # not a value of the setting, or a class the model lacks
+        return False
+    return (sec, key) == ("output", "quicklook_size") and (now.get("output") or {}).get("quicklook") is False
 
 
 def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str | None:
@@ -392,7 +408,7 @@ def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str |
     info = manifest.get("scene_info") or {}
     _as_read(was.setdefault("tiling", {}), info)
     _as_read(now.setdefault("tiling", {}), info, now["tiling"].get("bands"))  # the automatic pick: as it read them
-    if changed := changed_settings(was, now):
+    if changed := changed_settings(was, now, (manifest.get("model") or {}).get("classes")):
         return "made with other settings (" + ", ".join(changed) + ")"
     if model_sha and (manifest.get("model") or {}).get("sha256") not in (None, model_sha):
         return f"made with another model ({(manifest.get('model') or {}).get('id')})"

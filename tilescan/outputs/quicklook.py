@@ -123,7 +123,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
         maps = tuple(p[::-1] for p in maps)
     if flip[1]:
         maps = tuple(p[:, ::-1] for p in maps)
-    if (k := -(-MIN_PANEL_PX // max(maps[0].shape[:2]))) > 1:  # a small scene: each pixel a k x k block
+    whole = scene_size is None or max(scene_size) <= max(maps[0].shape[:2])  # not one quicklook_size shrank
+    if whole and (k := -(-MIN_PANEL_PX // max(maps[0].shape[:2]))) > 1:  # a small scene: each pixel a k x k block
         maps = tuple(np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in maps)
     image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning)
     _write_png(path, image)

@@ -9,7 +9,7 @@ import os
 import time
 
 from .. import layout
-from ..config import Config
+from ..config import Config, resolve_target
 from ..errors import ConfigError
 from ..model import LoadedModel
 from ..outputs.finished import OTHER_FILE, changed_settings
@@ -49,7 +49,7 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
     if made_by != now:  # the same settings may give other results in this release
         return (f"made by an earlier tilescan, whose results for the same scene, settings and model may differ "
                 f"(results version {made_by}; this one's {now})", redo)
-    changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict())  # not those alike
+    changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict(), card.classes)
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo
     model = old.get("model") or {}
@@ -125,8 +125,6 @@ def _same_target(old: dict, cfg: Config, card: LoadedModel) -> str | None:
     was = ((old.get("config") or {}).get("cam") or {}).get("target_class")
     if not isinstance(was, str) or was == cfg.cam.target_class:
         return None
-    from .engine import resolve_target
-
     try:
         return was if resolve_target(was, card.classes) == resolve_target(cfg.cam.target_class, card.classes) else None
     except ConfigError:  # a name the model does not have

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import TilingConfig, nodata_setting
+from ..config import TilingConfig
+from ..config_values import nodata_setting
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres, scale_side, within_scale
 from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, open_quiet, _scene_info, tiling_warning, warn_big_strips
@@ -142,7 +143,7 @@ def _warn_unsquare(path: str, info: SceneInfo) -> None:
         return
     why = " (its CRS counts pixels in degrees, and a degree of longitude shrinks away from the equator)" \
         if info.crs is not None and info.crs.is_geographic else ""
-    tiling_warning(f"{path}: its pixels cover {max(a, 1 / a):.2f}x as much ground "
+    tiling_warning(f"{path}: its pixels are {max(a, 1 / a):.2f}x as long on the ground "
                    f"{'north-south as east-west' if a > 1 else 'east-west as north-south'}{why}, so each tile shows "
                    f"the ground squeezed beyond the 4:3 the model was trained on; its labels may suffer: reproject "
                    "it to a projected CRS with square pixels first (e.g. gdalwarp -t_srs EPSG:<UTM zone>)",
