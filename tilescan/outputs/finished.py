@@ -369,7 +369,7 @@ def changed_settings(was: dict, now: dict, classes: Sequence[str] | None = None)
     """The settings that shape outputs (``[tiling]``, ``[cam]``, ``[output]`` but
     :data:`RERUN_KEYS`, the precision) that differ from resolved config ``was`` to ``now``
     (run.json's ``config``), as ``[tiling] stride 0 (the tile size) -> 64``; a key ``was``
-    lacks (an older release's) is taken as the same, and so are values alike (:func:`_alike`;
+    lacks (an older release's) is taken as the same, and so are values alike (:func:`settings_alike`;
     ``classes``: the model's, for the target class)."""
     def said(key, value) -> str:
         """A value as the message shows it: a stride of 0 is the tile size, no bands the automatic pick."""
@@ -381,10 +381,11 @@ def changed_settings(was: dict, now: dict, classes: Sequence[str] | None = None)
     shaping["inference"] = {"precision": (now.get("inference") or {}).get("precision", "float32")}
     return [f"[{sec}] {key} {said(key, was.get(sec, {}).get(key))} -> {said(key, value)}"
             for sec, values in shaping.items() for key, value in values.items()
-            if key not in RERUN_KEYS and not _alike(sec, key, (was.get(sec) or {}).get(key, value), value, now, classes)]
+            if key not in RERUN_KEYS
+            and not settings_alike(sec, key, (was.get(sec) or {}).get(key, value), value, now, classes)]
 
 
-def _alike(sec: str, key: str, was, value, now: dict, classes: Sequence[str] | None) -> bool:
+def settings_alike(sec: str, key: str, was, value, now: dict, classes: Sequence[str] | None) -> bool:
     """Whether two values of a setting give the same outputs: a nodata written two ways (0 and
     0.0), a target class by name or index, any quicklook size where none is made."""
     if was == value:

@@ -9,10 +9,9 @@ import os
 import time
 
 from .. import layout
-from ..config import Config, resolve_target
-from ..errors import ConfigError
+from ..config import Config
 from ..model import LoadedModel
-from ..outputs.finished import OTHER_FILE, changed_settings
+from ..outputs.finished import OTHER_FILE, changed_settings, settings_alike
 from ..scene import sources
 from .units import Unit, fingerprint
 
@@ -125,10 +124,7 @@ def _same_target(old: dict, cfg: Config, card: LoadedModel) -> str | None:
     was = ((old.get("config") or {}).get("cam") or {}).get("target_class")
     if not isinstance(was, str) or was == cfg.cam.target_class:
         return None
-    try:
-        return was if resolve_target(was, card.classes) == resolve_target(cfg.cam.target_class, card.classes) else None
-    except ConfigError:  # a name the model does not have
-        return None
+    return was if settings_alike("cam", "target_class", was, cfg.cam.target_class, {}, card.classes) else None
 
 
 def equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
