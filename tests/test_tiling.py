@@ -812,7 +812,7 @@ def test_a_fixed_value_range_gives_one_place_one_label_whichever_chip_holds_it(t
     shared = [p for p in seen.values() if len(p) > 1]
     assert len(shared) == 12 and all(np.allclose(p[0], q, atol=1e-5) for p in shared for q in p[1:])
 
-    for toml, said in (('scaling = "range"', "[tiling] value_range: scaling = range needs it"),
+    for toml, said in (('scaling = "range"', "range.toml: [tiling] scaling: range needs [tiling] value_range"),
                        ("value_range = [0, 1]", "[tiling] value_range: is used only with scaling = range"),
                        ('scaling = "range"\nvalue_range = [5, 1]', "need pairs of low < high"),
                        ('scaling = "range"\nvalue_range = [0, 1, 0, 2]', "gives 2 low/high pairs, but the model takes 3")):
