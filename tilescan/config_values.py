@@ -26,24 +26,16 @@ def coerce(section: str, key: str, value: Any, typ: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
             return value.strip().lower() in {"1", "true", "yes", "on"}
         raise bad("true or false")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if typ in (int, float):  # a float setting takes a whole number too, an int one no fraction
+        expected, taken = ("an integer", (int,)) if typ is int else ("a number", (int, float))
+        if isinstance(value, taken) and not isinstance(value, bool):
+            return typ(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return typ(value.strip())
             except ValueError:
-                raise bad("an integer") from None
-        raise bad("an integer")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad("a number") from None
-        raise bad("a number")
+                raise bad(expected) from None
+        raise bad(expected)
     if typ is str:
         if isinstance(value, str):
             return value
