@@ -414,3 +414,39 @@ def test_a_setting_written_another_way_is_the_same_setting(tmp_path, scene_path)
     assert made_otherwise(manifest, again, manifest["model"]["sha256"]) is None
     again["cam"]["target_class"] = "Forest"
     assert made_otherwise(manifest, again, None) == "made with other settings ([cam] target_class 'Farmland' -> 'Forest')"
+
+
+def test_a_stretch_setting_a_scene_does_not_use_shapes_none_of_its_outputs(tmp_path, scene_path):
+    """Percentiles changed, or scaling = dtype for auto: a uint8 scene (auto stretches it by its
+    dtype's range) is still complete; the same over a 16-bit copy of it (auto stretches that by
+    percentiles) is refused as other settings, and so is scaling = percentile for the uint8 scene."""
+    import rasterio
+    from conftest import invoke
+
+    src, out, args = _two_scenes_done(tmp_path, scene_path)
+    with rasterio.open(src / "a.tif") as ds:
+        profile, data = {**ds.profile, "dtype": "uint16", "compress": "deflate", "photometric": "rgb"}, ds.read().astype("uint16") * 257
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    with rasterio.open(wide / "w.tif", "w", **profile) as ds:
+        ds.write(data)
+    assert invoke(["run", wide, "-o", out, *args]).exit_code == 0
+    configs = {}
+    for name, text in {"pct": "percentiles = [1, 99]", "dtype": 'scaling = "dtype"',
+                       "percentile": 'scaling = "percentile"'}.items():
+        configs[name] = tmp_path / f"{name}.toml"
+        configs[name].write_text(f"[tiling]\n{text}\n")
+    for name in ("pct", "dtype"):
+        res = invoke(["run", src, "-o", out, *args, "--config", configs[name]])
+        assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 2, res.output
+    res = invoke(["run", src, "-o", out, *args, "--config", configs["percentile"]])
+    assert res.exit_code == 6 and "[tiling] scaling 'auto' -> 'percentile'" in res.output, res.output
+    res = invoke(["run", wide, "-o", out, *args, "--config", configs["percentile"]])
+    assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 1, res.output  # auto was percentiles for it
+    res = invoke(["run", wide, "-o", out, *args, "--config", configs["pct"]])
+    assert res.exit_code == 6 and "[tiling] percentiles [2.0, 98.0] -> [1.0, 99.0]" in res.output, res.output
+    from tilescan.outputs.finished import made_otherwise
+
+    manifest = json.loads((out / "a" / "run.json").read_text())
+    again = {**manifest["config"], "tiling": {**manifest["config"]["tiling"], "percentiles": [1.0, 99.0]}}
+    assert made_otherwise(manifest, again, None) is None  # collect, on what a stopped --update left

@@ -1,6 +1,6 @@
 """A setting's value as written (TOML, an environment variable's text, a flag, a Python
 argument) turned into its field's type, or a :class:`~tilescan.errors.ConfigError` naming the
-key and where it came from; the ``[tiling] nodata`` setting read."""
+key and where it came from; the ``[tiling] nodata`` and ``scaling`` settings read."""
 
 from __future__ import annotations
 
@@ -85,3 +85,9 @@ def is_nodata_setting(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def scaling_mode(scaling: str, dtype: Any) -> str:
+    """The stretch ``[tiling] scaling`` gives a scene of ``dtype`` (a numpy dtype or its name):
+    ``auto`` is the dtype's range for uint8, else percentiles."""
+    return ("dtype" if str(dtype) == "uint8" else "percentile") if scaling == "auto" else scaling

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from .. import layout
 from ..config import RERUN_KEYS, nodata_key, output_shaping, resolve_target
+from ..config_values import scaling_mode
 from ..errors import ConfigError, InputError
 from ..layout import COLLECTED, MANIFEST, REPORT
 
@@ -68,13 +69,26 @@ def _shaping(m: dict) -> tuple:
 def _as_read(tiling: dict, scene_info: dict, bands: list | None = None) -> None:
     """``[tiling]`` settings in the one form of those that give the same outputs: a stride of
     the tile size as 0, the bands as they were read (``bands``, else run.json's ``bands_used``
-    in ``scene_info``), and no ``allow_pixel_space`` for a scene with a CRS."""
+    in ``scene_info``), no ``allow_pixel_space`` for a scene with a CRS, and the stretch as
+    :func:`stretch_as_read` has it."""
     if tiling.get("stride") == tiling.get("tile_size"):
         tiling["stride"] = 0
+    if scene_info.get("dtype") and "scaling" in tiling:
+        tiling["scaling"], percentiles = stretch_as_read(tiling, scene_info)
+        if percentiles is None:
+            tiling.pop("percentiles", None)
     if used := bands or scene_info.get("bands_used"):
         tiling["bands"] = used
     if scene_info.get("crs"):
         tiling.pop("allow_pixel_space", None)
+
+
+def stretch_as_read(tiling: dict, scene_info: dict) -> tuple[str, list | None]:
+    """How ``[tiling]`` (run.json's, or a config's as a dict) stretches the scene of run.json's
+    ``scene_info``: the mode its ``scaling`` resolves to for the scene's dtype, and the
+    percentiles where that mode reads them (None: they change nothing)."""
+    mode = scaling_mode(tiling.get("scaling", "auto"), scene_info.get("dtype"))
+    return mode, list(tiling.get("percentiles") or []) if mode == "percentile" else None
 
 
 def _n_rows(folder: Path, m: dict) -> int | None:

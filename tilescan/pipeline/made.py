@@ -11,7 +11,7 @@ import time
 from .. import layout
 from ..config import Config
 from ..model import LoadedModel
-from ..outputs.finished import OTHER_FILE, changed_settings, settings_alike
+from ..outputs.finished import OTHER_FILE, changed_settings, settings_alike, stretch_as_read
 from ..scene import sources
 from .units import Unit, fingerprint
 
@@ -94,7 +94,9 @@ def as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
     automatic pick chose them, or left to it where it picks those given; fewer outputs asked
     for (a quicklook, GeoPackage or QGIS files made then, --no-quicklook now: what is asked is there);
     units, tile size or resampling that cut the scene into the same tiles (``--units px`` where
-    ``auto`` chose those pixels); a target class written otherwise (:func:`_same_target`)."""
+    ``auto`` chose those pixels); a scaling that stretches the scene alike (``auto`` and ``dtype``
+    for uint8; percentiles where the stretch reads none); a target class written otherwise
+    (:func:`_same_target`)."""
     was_out, out_now = (old.get("config") or {}).get("output") or {}, cfg.output
     fewer = {k: True for k in ("quicklook", "gpkg", "styles") if was_out.get(k) is True and getattr(out_now, k) is False}
     if fewer.get("quicklook"):
@@ -106,7 +108,11 @@ def as_made(old: dict, unit: Unit, cfg: Config, card: LoadedModel) -> Config:
     before, used = list(was.get("bands") or []), (old.get("scene_info") or {}).get("bands_used")
     if before != list(now.bands) and used and list(now.bands or card.auto_bands(unit.scene, now) or [None]) == used:
         same["bands"] = tuple(before)
-    if was.get("allow_pixel_space", now.allow_pixel_space) != now.allow_pixel_space and (old.get("scene_info") or {}).get("crs"):
+    info, stretch = old.get("scene_info") or {}, ("scaling", "percentiles")
+    if info.get("dtype") and all(k in was for k in stretch) and \
+            stretch_as_read(was, info) == stretch_as_read({k: getattr(now, k) for k in stretch}, info):
+        same.update(scaling=was["scaling"], percentiles=tuple(was["percentiles"]))  # e.g. percentiles a uint8 scene does not use
+    if was.get("allow_pixel_space", now.allow_pixel_space) != now.allow_pixel_space and info.get("crs"):
         same["allow_pixel_space"] = was["allow_pixel_space"]  # a scene with a CRS: the setting changes nothing
     sizing, made = ("units", "tile_size", "resample_to_gsd"), old.get("tiling") or {}
     if any(was.get(k, getattr(now, k)) != getattr(now, k) for k in sizing) and "tile_px" in made and \

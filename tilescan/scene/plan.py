@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..config import TilingConfig
-from ..config_values import nodata_setting
+from ..config_values import nodata_setting, scaling_mode
 from ..errors import ConfigError, InputError
 from .grid import MAX_TILE_PX, TileGrid, TilingPlan, _metres, scale_side, within_scale
 from .info import SceneInfo, _check_file, _describe, _nodata_in_dtype, open_quiet, _scene_info, tiling_warning, warn_big_strips
@@ -258,9 +258,7 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     is read, naming the tile; the job's staging keeps nothing of that scene.)
     """
     dtype = np.dtype(reader.info.dtype)
-    mode = cfg.scaling
-    if mode == "auto":
-        mode = "dtype" if dtype == np.uint8 else "percentile"
+    mode = scaling_mode(cfg.scaling, dtype)
     n = len(reader.bands)
     H, W = reader.info.height, reader.info.width
     shape = decimated_shape(H, W, STATS_MAX_SIZE)
