@@ -192,6 +192,11 @@ def test_exit_2_usage_and_config_errors(tmp_path, scene_path):
     bad.write_text("[tiling]\ntile_sise = 3\n")
     r = invoke(["run", scene, "-o", out, "--config", bad])
     assert r.exit_code == 2 and str(bad) in r.output and "tile_sise" in r.output
+    good = tmp_path / "good.toml"
+    good.write_text("[tiling]\nstride = 64\n")
+    for cmd in (["run", scene, "-o", out], ["explain", scene, "-o", out], ["info", "--runtime"]):
+        r = invoke([*cmd, "--config", good, "--config", bad])  # not the last file alone, unsaid
+        assert r.exit_code == 2 and f"'--config': given 2 times ({good}, {bad})" in r.output, r.output
     r = invoke(["run", scene, "-o", out], env={"TILESCAN_TILING__STRIDE": "wide"})
     assert r.exit_code == 2 and "TILESCAN_TILING__STRIDE" in r.output
     r = invoke(["run", scene, "-o", out, *FAST, "--target", "Volcano"])

@@ -30,6 +30,7 @@ from .options import (
     _quiet_backend,
     _typed_flags,
     _verbosity,
+    config_option,
     option,
     env_near_misses,
     unconfigure_logging,
@@ -128,7 +129,7 @@ def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
 @click.option("-o", "--out", required=True, type=OutPath(), help="Output folder.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="A tilescan .keras model.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file (see configs/default.toml).")
+@config_option("TOML config file (see configs/default.toml).")
 @click.option("--stac", "stac", multiple=True, metavar="URL_OR_FILE",
               help="A STAC Item, ItemCollection, Catalog or Collection (file or URL; repeatable): each item is a scene.")
 @option("--asset", "asset", show_default="'visual' if the items have it, else the red, green, blue bands",
@@ -254,7 +255,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
 @option("--layer", show_default="the first", help="Layer of a labels file with several.")
 @option("--model", "model_path", envvar="TILESCAN_MODEL", show_envvar=True, type=click.Path(dir_okay=False),
         show_default="the packaged AID model", help="The model the chips are cut for (its input size, bands and scale): the parent for train --init.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file; its [tiling] section applies, as in run.")
+@config_option("TOML config file; its [tiling] section applies, as in run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), help="Step between tiles; 0 = the tile size.")
 @option("--units", config_key=("tiling", "units"), type=click.Choice(["auto", "px", "m"], case_sensitive=False), help="Unit of --tile-size/--stride, as in run.")
@@ -303,7 +304,7 @@ def chips(ctx: click.Context, inputs, labels_path, out, class_field, layer, mode
 @main.command(epilog=_LAYERS_EPILOG)
 @click.argument("data", type=click.Path())
 @click.option("-o", "--out", required=True, type=OutPath(dir_okay=False), help="Model file to write (.keras).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config with a [train] section (e.g. configs/aid-resnet18.toml).")
+@config_option("TOML config with a [train] section (e.g. configs/aid-resnet18.toml).")
 @option("--splits", "splits_dir", type=click.Path(file_okay=False), show_default="DATA/splits if present, else a seeded stratified split",
         help="Folder with train.txt / val.txt split lists.")
 @option("--epochs", config_key=("train", "epochs"), type=click.IntRange(min=1), help="Most epochs to train.")
@@ -425,7 +426,7 @@ def _tiles(values: Sequence[str]) -> list[tuple[int, int]]:
 @option("--tiles", multiple=True, show_default="the --top N most confident",
         help="Scene tiles as ROW,COL pairs, e.g. '0,1;2,3' (or --tiles 0,1 --tiles 2,3).")
 @click.option("--top", default=4, type=click.IntRange(min=1), help="Without --tiles: the N most confident tiles.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file; its [tiling] section applies, as in run.")
+@config_option("TOML config file; its [tiling] section applies, as in run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), show_default="as run: 128",
         help="Tile edge (scene pixels; metres with --units m), as in run.")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0), show_default="as run: the tile size",
@@ -508,8 +509,7 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
 @click.option("--runtime", is_flag=True,
               help="Also load Keras and show the backend and device it computes on, and the precision and "
                    "pipeline that [inference] settings resolve to there (warns when a GPU is present but unused).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file whose [inference] settings --runtime resolves.")
+@config_option("TOML config file whose [inference] settings --runtime resolves.")
 @_verbosity
 @click.pass_context
 def info(ctx: click.Context, model_path, model_option, runtime, config_path) -> None:

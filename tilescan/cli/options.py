@@ -274,6 +274,20 @@ class _Option(click.Option):
 option = functools.partial(click.option, cls=_Option)
 
 
+def _one_config(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """The --config file; given twice, the last would take the place of the first unsaid."""
+    if len(value) > 1:
+        raise click.BadParameter(f"given {len(value)} times ({', '.join(value)}): give one file; flags and "
+                                 "TILESCAN_<SECTION>__<KEY> variables set single settings over it", ctx, param)
+    return value[0] if value else None
+
+
+def config_option(help: str) -> Callable:
+    """The ``--config FILE`` option of a command, with its ``help``."""
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), multiple=True,
+                        callback=_one_config, metavar="FILE", help=help)
+
+
 def _config_flags(ctx: click.Context) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
     """The config values given as flags (None = not given), and each flag as typed."""
     layer: dict[str, dict[str, Any]] = {}
