@@ -80,6 +80,42 @@ def test_scene_top_tiles(model_file, scene_path, tmp_path):
         assert len(r["bounds"]) == 4
 
 
+def test_a_tiles_bounds_hold_it_on_a_south_up_or_sheared_scene(model_file, scene_path, tmp_path, monkeypatch):
+    """The JSON's bounds are the box round the tile's corners, where the transform turns or
+    shears the grid (not the north-up box of its window); the south-up scene's tile is drawn
+    north-up, as the quicklook draws the scene, and the sheared one as stored."""
+    import rasterio
+    from affine import Affine
+
+    from tilescan.explain import figures
+
+    drawn = {}
+
+    def rows_kept(items, *args):
+        rows, records = real(items, *args)
+        drawn["x"], drawn["rows"] = items[0].x, rows
+        return rows, records
+
+    real = figures._rows_and_records
+    monkeypatch.setattr(figures, "_rows_and_records", rows_kept)
+
+    with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as ds:
+        data, profile, t, height = ds.read(), ds.profile, ds.transform, ds.height
+    cases = {"southup": (data[:, ::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * height)),
+             "sheared": (data, Affine(t.a, 0.4 * t.a, t.c, 0.2 * t.e, t.e, t.f))}
+    for name, (pixels, transform) in cases.items():
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", **{**profile, "transform": transform}) as dst:
+            dst.write(pixels)
+        run_explain([str(path)], str(tmp_path), str(model_file), tiles=[(1, 2)], tile_size=128, **QUIET)
+        (row,) = json.loads((tmp_path / f"{name}_tiles_explain.json").read_text())["rows"]
+        xs, ys = zip(*(transform * (col, r) for col in (256, 384) for r in (128, 256)))
+        assert row["bounds"] == pytest.approx([min(xs), min(ys), max(xs), max(ys)]), name
+        (shown,) = drawn["rows"]
+        np.testing.assert_array_equal(shown.image, drawn["x"][::-1] if name == "southup" else drawn["x"])
+        assert not np.array_equal(drawn["x"][::-1], drawn["x"])
+
+
 def test_scene_named_tiles_and_target(model_file, scene_path, tmp_path):
     scene = scene_path("rasterio/RGB.byte.tif")
     run_explain([str(scene)], str(tmp_path), str(model_file), methods=("gradcam", "gradcam++"),
@@ -361,3 +397,15 @@ def test_many_methods_are_drawn_two_lines_a_tile_not_one_long_row(model_file, im
     (png,) = run_explain([str(image)], str(tmp_path / "one"), str(model_file), **QUIET)
     w1, h1 = Image.open(png).size
     assert w1 > 2 * h1, (w1, h1)  # one method: the study's row, original | heatmap | overlay
+
+
+def test_a_geotiff_named_otherwise_is_a_scene_as_run_takes_it(model_file, scene_path, tmp_path):
+    """A GeoTIFF named .gtif, or with no extension, is told by its first bytes, as run tells it:
+    its tiles are explained (not the whole scene shrunk to one image)."""
+    import shutil
+
+    for name in ("scene.gtif", "scene"):
+        shutil.copyfile(scene_path("rasterio/RGB.byte.tif"), tmp_path / name)
+        run_explain([str(tmp_path / name)], str(tmp_path / "fig"), str(model_file), tiles=[(1, 2)], tile_size=128, **QUIET)
+        meta = json.loads((tmp_path / "fig" / "scene_tiles_explain.json").read_text())
+        assert meta["kind"] == "scene" and [r["tile"] for r in meta["rows"]] == [[1, 2]], name

@@ -441,8 +441,8 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
         **{str(scenes / n): f"{scenes / n}: a symbolic link loop (the links lead back to themselves)"
            for n in ("loop1.tif", "loop2.tif")},
         str(scenes / "pipe.tif"): f"{scenes / 'pipe.tif'}: not a regular file (a FIFO, a device or a socket): not a GeoTIFF",
-        str(scenes / "mosaic.tif"): f"{scenes / 'mosaic.tif'}: not a TIFF file (it looks like a GDAL VRT: make it a "
-                                    "GeoTIFF first, e.g. gdal_translate -of COG in.vrt out.tif); tilescan reads GeoTIFFs"}
+        str(scenes / "mosaic.tif"): f"{scenes / 'mosaic.tif'}: not a TIFF file (it looks like a GDAL VRT); tilescan "
+                                    "reads GeoTIFFs: make it one first, e.g. gdal_translate -of COG mosaic.tif mosaic-cog.tif"}
     assert (out / "a" / "run.json").is_file()
 
 
@@ -477,6 +477,35 @@ def test_missing_path_in_batch(batch):
 def test_not_a_tiff(batch):
     r = failed_reasons(batch["report"])["png_named.tif"]
     assert "not a TIFF file (it looks like a PNG image)" in r["reason"]
+
+
+def test_other_rasters_are_named_with_how_to_make_a_geotiff(tmp_path, scene_path):
+    """An ERDAS Imagine file, a VRT opening with an XML declaration, a zip and a GDAL /vsizip/
+    path (real files GDAL reads): each named by what it is, with the command that makes a
+    GeoTIFF of it or what to do instead; exit 4."""
+    import zipfile
+
+    import rasterio
+
+    with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(tmp_path / "scene.img", "w", **{**profile, "driver": "HFA", "compress": None}) as dst:
+        dst.write(data)
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text('<?xml version="1.0"?>\n<VRTDataset rasterXSize="1" rasterYSize="1"></VRTDataset>\n')
+    with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as z:
+        z.write(scene_path("rasterio/RGB.byte.tif"), "RGB.byte.tif")
+    said = {"scene.img": "not a TIFF file (it looks like an ERDAS Imagine (.img) file); tilescan reads GeoTIFFs: "
+                         "make it one first, e.g. gdal_translate -of COG scene.img scene.tif",
+            "mosaic.vrt": "not a TIFF file (it looks like a GDAL VRT); tilescan reads GeoTIFFs: make it one first, "
+                          "e.g. gdal_translate -of COG mosaic.vrt mosaic.tif",
+            "scenes.zip": "not a TIFF file (it looks like a zip archive: extract the GeoTIFF from it first)",
+            f"/vsizip/{tmp_path}/scenes.zip/RGB.byte.tif": "GDAL's /vsi… paths other than the network ones "
+                                                            "(/vsicurl/, /vsis3/, …) are not read: extract the GeoTIFF"}
+    for name, why in said.items():
+        path = name if name.startswith("/vsi") else tmp_path / name
+        res = invoke(["run", path, "-o", tmp_path / "out", "--no-progress"])
+        assert res.exit_code == 4 and f"{path}: {why}" in res.output, res.output
 
 
 def test_zero_byte_file(batch):
@@ -1644,7 +1673,8 @@ def test_tiling_covers_every_valid_pixel_under_any_transform(geom, transform, se
     sheared by rotation, any scale) and a random nodata pattern: the tiles' valid masks
     together cover exactly the valid pixels, every tile starts inside the scene, no tile
     reports a valid pixel outside it, and each tile's footprint (the reader's, and the one
-    the table is written from) is rasterio.windows.transform of its window."""
+    the table is written from) is rasterio.windows.transform of its window, its bounds the box
+    round that footprint."""
     (tile, stride), width, height = geom
     rng = np.random.default_rng(seed)
     data = rng.integers(1, 256, (3, height, width), dtype=np.uint8)
@@ -1682,8 +1712,8 @@ def test_tiling_covers_every_valid_pixel_under_any_transform(geom, transform, se
                 table = window_corners(r.info.transform, np.array([w.col_off]), np.array([w.row_off]),
                                  np.array([tile]), np.array([tile]))[0]
                 np.testing.assert_allclose(table, expect, rtol=0, atol=1e-9 * scale)
-                np.testing.assert_allclose(r.tile_bounds(t), rasterio.windows.bounds(w, r.info.transform),
-                                           rtol=0, atol=1e-9 * scale)
+                box = [*expect.min(axis=0), *expect.max(axis=0)]  # round the corners: a flipped or turned grid too
+                np.testing.assert_allclose(r.tile_bounds(t), box, rtol=0, atol=1e-9 * scale)
             np.testing.assert_array_equal(covered, truth)
 
 
@@ -1792,3 +1822,36 @@ def test_a_name_with_terminal_escapes_is_printed_spelt_out(tmp_path, tiny_model)
     assert p.returncode == 3, p.stderr
     assert "\x1b" not in p.stderr and "\u202e" not in p.stderr
     assert p.stderr.count("a\\x1b[2Jb\\u202e.tif") >= 2, p.stderr  # its error line and the done line
+
+
+def test_a_scene_georeferenced_by_gcps_or_rpcs_is_told_how_to_warp_it(tmp_path, scene_path):
+    """A scene whose only georeferencing is ground control points or RPCs (a satellite's raw
+    product): run refuses it with the gdalwarp step that maps it; explain takes either for a
+    scene (its tiles, in pixel space), as it takes a plain TIFF of the same pixels for an image."""
+    import rasterio
+    from rasterio.control import GroundControlPoint
+    from rasterio.rpc import RPC
+
+    with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as src:
+        data, crs = src.read(window=((0, 256), (0, 256))), src.crs
+    profile = {"driver": "GTiff", "width": 256, "height": 256, "count": 3, "dtype": "uint8"}
+    rpc = RPC(height_off=0, height_scale=500, lat_off=45, lat_scale=0.1, line_den_coeff=[1] + [0] * 19,
+              line_num_coeff=[0, 0, -1] + [0] * 17, line_off=128, line_scale=128, long_off=-93, long_scale=0.1,
+              samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18, samp_off=128, samp_scale=128)
+    said = {"gcps": "(it has ground control points: warp it first, e.g. with gdalwarp)",
+            "rpcs": "(it has RPCs: orthorectify it first, e.g. gdalwarp -rpc -to RPC_DEM=dem.tif in.tif out.tif)"}
+    for name in (*said, "plain"):
+        with rasterio.open(tmp_path / f"{name}.tif", "w", **profile) as dst:
+            dst.write(data)
+            if name == "gcps":
+                dst.gcps = ([GroundControlPoint(r, c, 100000.0 + 300 * c, 2800000.0 - 300 * r)
+                             for r, c in ((0, 0), (0, 255), (255, 0), (255, 255))], crs)
+            elif name == "rpcs":
+                dst.rpcs = rpc
+    for name, hint in said.items():
+        res = invoke(["run", tmp_path / f"{name}.tif", "-o", tmp_path / "out", "--no-progress"])
+        assert res.exit_code == 4 and f"scene has no CRS and no geotransform {hint}; pass --allow-pixel-space" in res.output, res.output
+    for name in (*said, "plain"):
+        res = invoke(["explain", tmp_path / f"{name}.tif", "-o", tmp_path / "fig"])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "fig" / f"{name}{'' if name == 'plain' else '_tiles'}_explain.png").is_file(), res.output

@@ -9,6 +9,7 @@ import functools
 import math
 import os
 import re
+import shlex
 import stat
 import sys
 import threading
@@ -33,18 +34,41 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 
+#: (first bytes, what the file looks like, how to make a GeoTIFF of it: a raster GDAL converts)
 _OTHER_MAGIC = (
-    (b"\x89PNG", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image"),
-    (b"\x89HDF", "an HDF5 file"),
-    (b"CDF", "a netCDF file"),
-    (b"PK\x03\x04", "a zip archive"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"<VRTDataset", "a GDAL VRT: make it a GeoTIFF first, e.g. gdal_translate -of COG in.vrt out.tif"),
-    (b"<", "an XML/HTML text file"),
+    (b"\x89PNG", "a PNG image", True),
+    (b"\xff\xd8\xff", "a JPEG image", True),
+    (b"GIF8", "a GIF image", True),
+    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image", True),
+    (b"\x89HDF", "an HDF5 file", True),
+    (b"CDF", "a netCDF file", True),
+    (b"EHFA_HEADER_TAG", "an ERDAS Imagine (.img) file", True),
+    (b"PK\x03\x04", "a zip archive: extract the GeoTIFF from it first", False),
+    (b"\x1f\x8b", "a gzip archive: gunzip it first", False),
+    (b"<VRTDataset", "a GDAL VRT", True),
+    (b"<", "an XML/HTML text file", False),
 )
+
+
+def scene_by_content(path: Path) -> bool:
+    """Whether a local file's first bytes are a TIFF's, or a raster's that only GDAL reads (a VRT,
+    netCDF, HDF5, ERDAS Imagine: the scene reader names it and how to make a GeoTIFF of it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return False
+    name, raster = _looks_like(head) or ("", False)
+    return head[:4] in _TIFF_MAGIC or (raster and not name.endswith(" image"))
+
+
+def _looks_like(head: bytes) -> tuple[str, bool] | None:
+    """What a file whose first bytes are ``head`` looks like (:data:`_OTHER_MAGIC`); a VRT also
+    after an XML declaration or blank lines."""
+    text = head.lstrip()
+    if text.startswith(b"<") and b"<VRTDataset" in head:
+        text = b"<VRTDataset"
+    return next(((name, raster) for magic, name, raster in _OTHER_MAGIC if text.startswith(magic)), None)
 
 
 class TilingWarning(UserWarning):
@@ -362,15 +386,17 @@ def _check_file(path: Path) -> None:
         raise InputError("empty file (0 bytes): not a GeoTIFF", path=p)
     try:
         with path.open("rb") as fh:
-            head = fh.read(16)
+            head = fh.read(256)
     except PermissionError:
         raise InputError("cannot read scene: permission denied", path=p) from None
     except OSError as exc:
         raise InputError(f"cannot read scene: {exc.strerror}", path=p) from None
     if head[:4] not in _TIFF_MAGIC:
-        what = next((name for magic, name in _OTHER_MAGIC if head.startswith(magic)), None)
+        what, raster = _looks_like(head) or (None, False)
         detail = f"it looks like {what}" if what else f"first bytes {head[:4]!r}"
-        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs", path=p)
+        convert = f": make it one first, e.g. gdal_translate -of COG {shlex.quote(path.name)} " \
+                  f"{shlex.quote(path.stem + '.tif' if path.suffix.lower() not in TIFF_SUFFIXES else path.stem + '-cog.tif')}"
+        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs{convert if raster else ''}", path=p)
 
 
 # --------------------------------------------------------------------------------------
@@ -396,6 +422,9 @@ def missing_input(p) -> InputError:
     so, and a link to nothing as a folder search names it."""
     if Path(p).is_symlink():
         return InputError(_dead_link(Path(p)), path=str(p))
+    if str(p).startswith("/vsi"):  # GDAL's archive and in-memory paths: not a network scene (vsi.is_remote)
+        return InputError("GDAL's /vsi… paths other than the network ones (/vsicurl/, /vsis3/, …) are not read: "
+                          "extract the GeoTIFF first (e.g. unzip) and name the file", path=str(p))
     pattern = any(c in str(p) for c in "*?[")
     return InputError("no such file or directory" + (" (a pattern: tilescan takes files and folders, not patterns; "
                       "expand it with glob.glob() from Python)" if pattern else ""), path=str(p))

@@ -512,6 +512,8 @@ def _allow_pixel_space(p: str, ds, cfg: TilingConfig) -> None:
         what = "has no geotransform"
     if ds.gcps[0]:
         what += " (it has ground control points: warp it first, e.g. with gdalwarp)"
+    elif ds.rpcs:
+        what += " (it has RPCs: orthorectify it first, e.g. gdalwarp -rpc -to RPC_DEM=dem.tif in.tif out.tif)"
     if not cfg.allow_pixel_space:
         raise InputError(
             f"scene {what}; pass --allow-pixel-space (allow_pixel_space = true in "

@@ -15,8 +15,6 @@ from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
-import rasterio
-import rasterio.windows
 from affine import Affine
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
@@ -581,9 +579,9 @@ class SceneReader:
         return Affine(t.a, t.b, x0, t.d, t.e, y0)
 
     def tile_bounds(self, tile: Tile, clipped: bool = False) -> tuple[float, float, float, float]:
-        """``(xmin, ymin, xmax, ymax)`` of the tile in the scene CRS."""
-        w = tile.clipped if clipped else tile.window
-        return tuple(rasterio.windows.bounds(w, self.info.transform))
+        """``(xmin, ymin, xmax, ymax)`` of the tile in the scene CRS: the box round its footprint."""
+        xs, ys = zip(*self.footprint(tile, clipped))  # a rotated, sheared or south-up transform too
+        return min(xs), min(ys), max(xs), max(ys)
 
     def footprint(self, tile: Tile, clipped: bool = False) -> list[tuple[float, float]]:
         """Closed ring of the tile's corners in the scene CRS (exact for rotated
