@@ -811,6 +811,9 @@ def test_a_fixed_value_range_gives_one_place_one_label_whichever_chip_holds_it(t
             seen.setdefault((c0 + row["col_off"], r0 + row["row_off"]), []).append(row["probabilities"])
     shared = [p for p in seen.values() if len(p) > 1]
     assert len(shared) == 12 and all(np.allclose(p[0], q, atol=1e-5) for p in shared for q in p[1:])
+    for n in corners:  # a range that holds the chips' values is not warned about
+        details = json.loads((tmp_path / "range" / n / "run.json").read_text())["warning_details"]
+        assert "value_range_misses" not in {d["code"] for d in details}
 
     for toml, said in (('scaling = "range"', "range.toml: [tiling] scaling: range needs [tiling] value_range"),
                        ("value_range = [0, 1]", "[tiling] value_range: is used only with scaling = range"),
@@ -820,3 +823,33 @@ def test_a_fixed_value_range_gives_one_place_one_label_whichever_chip_holds_it(t
         res = invoke(["run", tmp_path / "chips", "-o", tmp_path / "bad", "--config", cfg, "--no-progress"])
         assert res.exit_code == 2 and said in res.output, res.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_value_range_that_misses_the_stored_values_is_warned_about(tmp_path, scene_path):
+    """Reflectance stored as scaled int16 (scale 0.0001, offset -0.1, as Landsat and Sentinel-2
+    products store it) with value_range in reflectance: every value stretches to 1 and every
+    tile gets one label; the run says so, naming the band, the values and the file's scale."""
+    import rasterio
+
+    with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as src:
+        profile, data = src.profile, src.read()
+    path = tmp_path / "scaled" / "refl.tif"
+    path.parent.mkdir()
+    profile.update(dtype="int16", nodata=None, compress="deflate", photometric="rgb")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data.astype("int16") * 10 + 1000)
+        dst.scales, dst.offsets = (0.0001,) * 3, (-0.1,) * 3
+    cfg = tmp_path / "range.toml"
+    for value_range, warned in (("[0, 0.3]", True), ("[1000, 3550]", False)):
+        cfg.write_text(f'[tiling]\nscaling = "range"\nvalue_range = {value_range}\n')
+        res = invoke(["run", path, "-o", tmp_path / "out", "--overwrite", "--config", cfg, "--no-progress"])
+        details = json.loads((tmp_path / "out" / "refl" / "run.json").read_text())["warning_details"]
+        coded = [d for d in details if d["code"] == "value_range_misses"]
+        assert res.exit_code == 0 and bool(coded) == warned, res.output
+    assert coded == [] and "value_range_misses" not in res.output
+    cfg.write_text('[tiling]\nscaling = "range"\nvalue_range = [0, 0.3]\n')
+    res = invoke(["run", path, "-o", tmp_path / "again", "--config", cfg, "--no-progress"])
+    assert (f"{path}: [tiling] value_range = [0, 0.3] in {cfg} holds 0% of band 1's sampled values (2nd-98th "
+            "percentile ") in res.output, res.output
+    assert ("the file declares scale 0.0001 and offset -0.1, which tilescan does not apply: value_range is in the "
+            "values as stored), so the rest stretch to 0 or 1") in res.output, res.output

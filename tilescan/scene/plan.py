@@ -237,6 +237,26 @@ def _hint_undeclared_fill(reader: SceneReader, data: np.ndarray, valid: np.ndarr
             return
 
 
+def _warn_range_misses(reader: SceneReader, cfg: TilingConfig, data: np.ndarray, valid: np.ndarray,
+                       pairs: Sequence[tuple[float, float]]) -> None:
+    """Warn when ``value_range`` holds under half of a band's sampled values: the rest stretch to
+    0 or 1 (a range in reflectance over a file that stores scaled integers, or another sensor's)."""
+    for i, (lo, hi) in enumerate(pairs):
+        vals = data[i][valid]
+        held = np.count_nonzero((vals >= lo) & (vals <= hi)) / max(vals.size, 1)
+        if vals.size and held < 0.5:
+            band, (low, high) = reader.bands[i], np.percentile(vals, [2, 98])
+            ds = reader._ds()
+            scale, offset = ds.scales[band - 1], ds.offsets[band - 1]
+            declared = (f"; the file declares scale {scale:g} and offset {offset:g}, which tilescan does not apply: "
+                        "value_range is in the values as stored") if (scale, offset) != (1.0, 0.0) else ""
+            tiling_warning(f"{reader.info.path}: {cfg.origin('value_range')} holds {held:.0%} of band {band}'s sampled "
+                           f"values (2nd-98th percentile {low:g} to {high:g}{declared}), so the rest stretch to 0 or 1 "
+                           "and the labels mean little: give the range in the file's values", stacklevel=4,
+                           code="value_range_misses", band=int(band), held=round(held, 4))
+            return
+
+
 def fill_note(details: Sequence[dict]) -> str | None:
     """What the quicklook says under its legend when :func:`_hint_undeclared_fill` warned (from
     the unit's structured warnings, without the path); None when it did not."""
@@ -295,7 +315,9 @@ def _compute_scale(reader: SceneReader, cfg: TilingConfig) -> list[tuple[float, 
     if mode == "range":  # the user's stretch, the same for every scene
         check_band_count(cfg, n)
         pairs = list(zip(cfg.value_range[::2], cfg.value_range[1::2]))
-        return pairs * n if len(pairs) == 1 else pairs
+        pairs = pairs * n if len(pairs) == 1 else pairs
+        _warn_range_misses(reader, cfg, data, valid, pairs)
+        return pairs
     if mode == "dtype":
         if np.issubdtype(dtype, np.integer):
             return [(0.0, float(np.iinfo(dtype).max))] * n
