@@ -349,6 +349,28 @@ def _with_colours(table_path: Path, colours: list[str]) -> None:
     pq.write_table(t.replace_schema_metadata(meta), table_path)
 
 
+def test_a_table_whose_metadata_names_no_classes_fails_alone_with_why(ref, tmp_path):
+    """A scene's tiles.parquet without the model's classes (written by another tool, or edited)
+    cannot give the label column's categories or the legend: that scene fails, named with what
+    to do, and the others are collected (exit 3 from the CLI)."""
+    from conftest import invoke
+
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected"))
+    names = sorted(p.parent.name for p in out.glob("*/run.json"))
+    table = out / names[0] / "tiles.parquet"
+    t = pq.read_table(table)
+    meta = dict(t.schema.metadata)
+    meta[b"tilescan"] = json.dumps({k: v for k, v in json.loads(meta[b"tilescan"]).items() if k != "classes"}).encode()
+    pq.write_table(t.replace_schema_metadata(meta), table)
+    res = invoke(["collect", out])
+    assert res.exit_code == 3, res.output
+    assert (f"error: collect: {names[0]}: {names[0]}/tiles.parquet names no model classes in its metadata (made by "
+            "another tool, or edited): rerun the scene with --overwrite") in res.output, res.output
+    collected = pq.read_table(out / "collected" / "tiles.parquet")
+    assert set(collected.column("scene").to_pylist()) == set(names[1:])
+
+
 def test_a_models_own_legend_colours_style_the_collected_set_whatever_the_scenes_order(ref, tmp_path):
     """Scenes of a model with its own colours beside scenes of one without (the palette): the
     own colours style the set, also where a palette scene sorts first; other own colours are said."""

@@ -139,6 +139,9 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     lonlat, crs_name, to_lonlat = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints, CAM peaks
     peaks = None if lonlat is None else lonlat[:, -1]
     meta = json.loads(t.schema.metadata[b"tilescan"])
+    if not meta.get("classes"):  # the label column's categories, the summaries' and the styles' legend
+        raise InputError(f"{u.key}/tiles.parquet names no model classes in its metadata (made by another tool, or "
+                         "edited): rerun the scene with --overwrite", path=str(u.folder / "tiles.parquet"))
     cols: dict[str, pa.Array] = {
         "scene": pa.array([u.scene] * n, pa.string()),
         "unit": pa.array([u.key] * n, pa.string()),
@@ -147,7 +150,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         "scale_check": pa.array([(u.manifest.get("tiling") or {}).get("scale")] * n, pa.string()),
     }
     for name in t.column_names:
-        if name == "label" and meta.get("classes"):  # every class of the model, in its order, as a scene's table has
+        if name == "label":  # every class of the model, in its order, as a scene's table has
             index = t.column("class_index").cast(pa.int32()).combine_chunks()
             cols[name] = pa.DictionaryArray.from_arrays(index, pa.array(meta["classes"], pa.string()))
         elif name not in _DROP:
