@@ -524,8 +524,9 @@ def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_pa
     """More chips than a command line holds (xargs split them over runs that each replaced
     report.json): --scenes-from FILE runs every one listed, relative paths from the current
     folder, with the INPUTs given too; - reads the list from standard input (a UTF-8 BOM, as
-    Windows tools write one, is no part of the first name); a list without a scene, or not
-    UTF-8, is refused before any work, and OUT's report says so (not the last run's outcome)."""
+    Windows tools write one, is no part of the first name), NUL-separated too (find -print0); a
+    list without a scene, or not UTF-8, is refused before any work, and OUT's report says so (not
+    the last run's outcome); a name with a space at its end is said to have one."""
     src = tmp_path / "in"
     src.mkdir()
     for name in ("a b.tif", "c.tif", "given.tif"):
@@ -541,6 +542,13 @@ def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_pa
     r = CliRunner().invoke(main, ["run", "--scenes-from", "-", "-o", str(tmp_path / "out2"), *fast],
                            input="\ufeffin/c.tif\n", catch_exceptions=False)
     assert r.exit_code == 0 and [d["unit"] for d in read_report(tmp_path / "out2")["done"]] == ["c"], r.output
+    # NUL-separated, as find -print0 writes it (a newline may be part of a name there)
+    r = CliRunner().invoke(main, ["run", "--scenes-from", "-", "-o", str(tmp_path / "out3"), *fast],
+                           input="in/a b.tif\0in/c.tif\0", catch_exceptions=False)
+    assert r.exit_code == 0 and sorted(d["unit"] for d in read_report(tmp_path / "out3")["done"]) == ["a b", "c"], r.output
+    r = invoke(["run", "in/c.tif ", "-o", tmp_path / "out3", *fast])  # a space the list's line ended with
+    assert r.exit_code == 4 and "in/c.tif : no such file or directory (the name begins or ends with a space; " \
+        "in/c.tif is there)" in r.output, r.output
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "wide.txt").write_text("in/c.tif\n", encoding="utf-16")
     for listing, said in (("blank.txt", "blank.txt lists no scene"), ("wide.txt", "wide.txt is not a list of UTF-8 text")):

@@ -108,12 +108,14 @@ def _report_refused(out: str | None, shard: str | None, exc: click.UsageError) -
 
 def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
     """The INPUTs given and those ``--scenes-from`` lists (blank lines apart, each line one as it
-    stands), refused when there are none or one is empty."""
+    stands; or NUL-separated, as ``find -print0`` writes them), refused when there are none or
+    one is empty."""
     if scenes_from is not None:
-        listed = [line.rstrip("\r\n") for line in scenes_from]
-        if any("\0" in x for x in listed):
+        text = scenes_from.read()
+        if text.count("\0") * 3 > len(text):  # a NUL after every other character: UTF-16
             raise click.BadParameter(f"{scenes_from.name} is not a list of UTF-8 text lines (UTF-16?): save it as "
                                      "UTF-8", param_hint="--scenes-from")
+        listed = text.split("\0") if "\0" in text else [line.rstrip("\r\n") for line in text.splitlines(True)]
         inputs = (*inputs, *(x for x in listed if x.strip()))
         if not any(x.strip() for x in listed):
             raise click.BadParameter(f"{scenes_from.name} lists no scene", param_hint="--scenes-from")
@@ -136,8 +138,9 @@ def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
         help="STAC asset(s) to read: a key (visual), or keys or common band names in the model's order (red,green,blue).")
 @click.option("--stac-items", is_flag=True, help="Also write OUT/<scene>/item.json: a STAC Item describing the outputs.")
 @click.option("--scenes-from", "scenes_from", type=click.File("r", encoding="utf-8-sig", errors="surrogateescape"),
-              metavar="FILE", help="Also each INPUT listed in FILE, one a line, relative paths from the current "
-                                   "folder (- : standard input): more scenes than a command line holds, in one run.")
+              metavar="FILE", help="Also each INPUT listed in FILE, one a line (or NUL-separated: find -print0), relative "
+                                   "paths from the current folder (- : standard input): more scenes than a command line "
+                                   "holds, in one run.")
 @option("--tile-size", config_key=("tiling", "tile_size"), type=click.IntRange(min=1), help="Tile edge (scene pixels; metres with --units m).")
 @option("--stride", config_key=("tiling", "stride"), type=click.IntRange(min=0),
         help="Step between tiles; 0 = the tile size, smaller = overlapping tiles.")

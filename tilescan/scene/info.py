@@ -425,7 +425,9 @@ def missing_input(p) -> InputError:
     if str(p).startswith("/vsi"):  # GDAL's archive and in-memory paths: not a network scene (vsi.is_remote)
         return InputError("GDAL's /vsi… paths other than the network ones (/vsicurl/, /vsis3/, …) are not read: "
                           "extract the GeoTIFF first (e.g. unzip) and name the file", path=str(p))
-    pattern = any(c in str(p) for c in "*?[")
+    pattern, bare = any(c in str(p) for c in "*?["), str(p).strip()
+    if bare != str(p) and os.path.lexists(bare):
+        return InputError(f"no such file or directory (the name begins or ends with a space; {bare} is there)", path=str(p))
     return InputError("no such file or directory" + (" (a pattern: tilescan takes files and folders, not patterns; "
                       "expand it with glob.glob() from Python)" if pattern else ""), path=str(p))
 
