@@ -324,7 +324,8 @@ def test_a_scene_stored_south_up_or_east_left_is_drawn_north_up(tmp_path, scene_
 def test_a_small_scenes_panels_are_enlarged_in_whole_pixel_blocks(tmp_path):
     """A 96 x 64 px chip's panels were 96 px wide (a 298-px quicklook whose legend wrapped word
     by word): enlarged 3x, each scene pixel a 3 x 3 block, and each tile's class still on its own
-    cells; a scene of MIN_PANEL_PX or more, or one quicklook_size shrank, is drawn as it is."""
+    cells, within the quicklook_size asked for; a scene of MIN_PANEL_PX or more, or one
+    quicklook_size shrank, is drawn as it is."""
     from tilescan.outputs.quicklook import MIN_PANEL_PX
 
     rng = np.random.default_rng(9)
@@ -342,6 +343,11 @@ def test_a_small_scenes_panels_are_enlarged_in_whole_pixel_blocks(tmp_path):
         else:
             want = np.floor((1 - LABEL_BLEND) * scene[y, x] + LABEL_BLEND * colors[labels[r, c]] + 0.5)
             assert np.abs(labelled[y, x] - want).max() <= 1
+    # a quicklook_size under MIN_PANEL_PX: enlarged within it (by 2: 192 px), or not (100 px)
+    for size, k in ((200, 2), (100, 1)):
+        p = write_quicklook(tmp_path / f"q{size}.png", rgb, None, labels, None, CLASSES, scene_size=(w, h), tile_px=32,
+                            size=size)
+        assert np.asarray(Image.open(p)).shape[1] == quicklook_layout(k * w, k * h).width, size
     # a larger scene shrunk to a quicklook_size under MIN_PANEL_PX keeps the size asked for
     p = write_quicklook(tmp_path / "shrunk.png", rgb, None, labels, None, CLASSES, scene_size=(4 * w, 4 * h), tile_px=128)
     assert np.asarray(Image.open(p)).shape[1] == quicklook_layout(w, h).width

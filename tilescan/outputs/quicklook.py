@@ -90,7 +90,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
                     scene_size: tuple[int, int] | None = None, tile_px: int | None = None,
                     stride: int | None = None, row_offset: int = 0, outlines: bool = False,
                     warning: str | None = None, flip: tuple[bool, bool] = (False, False), cam: str = "gradcam",
-                    colors: Sequence[Sequence[int]] | None = None) -> Path:
+                    colors: Sequence[Sequence[int]] | None = None, size: int | None = None) -> Path:
     """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
@@ -109,6 +109,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     for a scene stored south-up or east-left, so north is up as on a map (:func:`north_up_flip`).
     ``cam``: the CAM method the heat is of, as its panel and caption name it. ``colors``: an
     (r, g, b) per class (the model's own legend colours), else the palette (:func:`~tilescan.outputs.palette.colors_for`).
+    ``size``: the panels' largest side asked for (``[output] quicklook_size``), which a small
+    scene's enlargement stays within.
     """
     rgb, valid = _checked_preview(preview_rgb, preview_valid)
     classes = [str(c) for c in classes]
@@ -124,7 +126,9 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     if flip[1]:
         maps = tuple(p[:, ::-1] for p in maps)
     whole = scene_size is None or max(scene_size) <= max(maps[0].shape[:2])  # not one quicklook_size shrank
-    if whole and (k := -(-MIN_PANEL_PX // max(maps[0].shape[:2]))) > 1:  # a small scene: each pixel a k x k block
+    side = max(maps[0].shape[:2])
+    k = min(-(-MIN_PANEL_PX // side), size // side if size else MIN_PANEL_PX)
+    if whole and k > 1:  # a small scene: each pixel a k x k block
         maps = tuple(np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in maps)
     image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning)
     _write_png(path, image)
