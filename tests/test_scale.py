@@ -310,3 +310,23 @@ def test_pixels_unsquare_on_the_ground_are_warned_about(tmp_path, lat):
     assert f"its pixels are {w['pixel_aspect']:.2f}x as long on the ground north-south as east-west (its CRS counts pixels " \
         "in degrees, and a degree of longitude shrinks away from the equator)" in w["message"]
     assert "reproject it to a projected CRS with square pixels first" in res.output
+
+
+def test_unsquare_pixels_of_a_projected_scene_are_told_to_resample(tmp_path):
+    """The NAIP scene written with 10 x 5 m pixels in its own UTM CRS: warned as squeezed, and told
+    to resample it to square pixels (it is projected already, so no reprojection fixes it)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(scene(NAIP)) as src:
+        profile, data = src.profile, src.read()
+    path = tmp_path / "wide.tif"
+    with rasterio.open(path, "w", **{**profile, "transform": from_origin(500_000, 5_200_000, 10, 5)}) as dst:
+        dst.write(data)
+    res = _run(tmp_path, str(path))
+    assert res.exit_code == 0, res.output
+    (w,) = [w for w in json.loads((tmp_path / "out" / "wide" / "run.json").read_text())["warning_details"]
+            if w["code"] == "unsquare_pixels"]
+    assert "its pixels are 2.00x as long on the ground east-west as north-south, so each tile" in w["message"]
+    assert "resample it to square pixels first (e.g. gdalwarp -tr SIZE SIZE, SIZE the finer of its pixel sides)" \
+        in w["message"] and "projected CRS" not in w["message"]
