@@ -1855,3 +1855,13 @@ def test_a_scene_georeferenced_by_gcps_or_rpcs_is_told_how_to_warp_it(tmp_path, 
         res = invoke(["explain", tmp_path / f"{name}.tif", "-o", tmp_path / "fig"])
         assert res.exit_code == 0, res.output
         assert (tmp_path / "fig" / f"{name}{'' if name == 'plain' else '_tiles'}_explain.png").is_file(), res.output
+
+
+def test_bands_naming_the_alpha_band_are_refused(tmp_path, scene_path):
+    """--bands 1,2,4 on an RGBA scene fed its transparency to the model as blue (with no more than
+    a warning about bands unlike the model's): refused, naming the alpha band and the image bands."""
+    scene = scene_path("rasterio/RGBA.byte.tif")
+    res = invoke(["run", scene, "-o", tmp_path / "out", "--bands", "1,2,4", "--no-progress"])
+    assert res.exit_code == 4 and (f"{scene}: --bands 1,2,4 names band 4, the scene's alpha band (its transparency, "
+                                   "which masks the tiles, not image data): name image bands (1, 2, 3)") in res.output, res.output
+    assert invoke(["run", scene, "-o", tmp_path / "out", "--bands", "3,2,1", "--no-progress"]).exit_code == 0

@@ -133,6 +133,10 @@ def _pick_bands(info: SceneInfo, cfg: TilingConfig, model_bands: int,
             raise InputError(
                 f"{given} names band {bad[0]}, but the scene has "
                 f"{info.count} band(s) (valid indexes 1..{info.count})", path=p)
+        if info.alpha_band in cfg.bands:
+            image = [b for b in range(1, info.count + 1) if b != info.alpha_band]
+            raise InputError(f"{given} names band {info.alpha_band}, the scene's alpha band (its transparency, which "
+                             f"masks the tiles, not image data): name image bands ({', '.join(map(str, image))})", path=p)
         return list(cfg.bands)
     plain = [i for i in range(1, info.count + 1) if i != info.alpha_band]
     if model_bands == 3:
