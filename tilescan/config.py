@@ -298,9 +298,18 @@ def output_shaping(config: dict) -> dict:
     return shaping
 
 
-def resolve_target(target: str | int | None, classes: Sequence[str]) -> int | None:
+def resolve_target(target: str | int | None, classes: Sequence[str], origin: str | None = None) -> int | None:
     """A class name (exact, else case-insensitive) or index -> class index; None -> None.
-    Raises ConfigError listing the valid names."""
+    Raises ConfigError listing the valid names (after ``origin``, where the value came from)."""
+    try:
+        return _class_index(target, classes)
+    except ConfigError as exc:
+        if origin is None:
+            raise
+        raise ConfigError(f"{origin}: {exc.message}") from None
+
+
+def _class_index(target: str | int | None, classes: Sequence[str]) -> int | None:
     if target is None or (isinstance(target, str) and not target.strip()):
         return None
     valid = ", ".join(f"{i}={c}" for i, c in enumerate(classes))

@@ -89,9 +89,14 @@ class OutputError(TilescanError):
 
 
 class OutputExistsError(OutputError):
-    """Finished outputs exist and ``--overwrite`` was not given."""
+    """Finished outputs exist and ``--overwrite`` was not given; ``outputs_in``: the folder under
+    OUT that holds them where it is not the scene's own (named so by an earlier tilescan)."""
 
     kind = "exists"
+
+    def __init__(self, message: str, path: str | None = None, outputs_in: str | None = None):
+        super().__init__(message, path)
+        self.outputs_in = outputs_in
 
 
 class LockedError(OutputError):

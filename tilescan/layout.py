@@ -39,6 +39,13 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 #: so a rerun does not keep an earlier release's as its own. Outputs without it count as 1.
 RESULTS_VERSION = 2
 
+
+def results_version(manifest: dict) -> int:
+    """The :data:`RESULTS_VERSION` of the release that wrote a run.json: 1 where it recorded none
+    (releases before it) or an unreadable one."""
+    v = manifest.get("results_version", 1)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
 #: Bound of a scene folder name in UTF-8 bytes, collision suffix included; leaves room for
 #: the derived names (``.rows-AAAAA-BBBBB.<name>.lock``, ``.old-<pid>.…``) under the
 #: 255-byte limit of a file name on ext4, APFS, NTFS (255 UTF-16 units) and others.

@@ -361,8 +361,7 @@ def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> No
     """A warning when scenes were made by a tilescan whose results may differ from this one's for
     the same settings and model (run.json's ``results_version``; none: 1)."""
     def made_by(sc: _Scene) -> int:
-        v = [u.manifest.get("results_version", 1) for u in sc.units]
-        return min((x for x in v if isinstance(x, int)), default=1)
+        return min((layout.results_version(u.manifest) for u in sc.units), default=1)
 
     def few(names: list[str]) -> str:
         return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

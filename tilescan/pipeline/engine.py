@@ -7,24 +7,13 @@ import os
 import sys
 import threading
 import time
-from typing import Sequence
 
 import numpy as np
 
 from ..backend import cpu_has_bf16, usable_cores
-from ..config import Config
+from ..config import Config, resolve_target
 from ..errors import ConfigError
-from ..explain.cam import resolve_target as _resolve_class
 from ..explain.shims import model_on_accelerator
-
-
-def resolve_target(target: str, classes: Sequence[str], origin: str = "[cam] target_class") -> int | None:
-    """``[cam] target_class`` -> class index (None = each tile's prediction), through the
-    resolver ``tilescan explain`` uses; errors name where the value came from (``origin``)."""
-    try:
-        return _resolve_class(target, classes)
-    except ConfigError as exc:
-        raise ConfigError(f"{origin}: {exc.message}") from None
 
 
 # ----------------------------------------------------------------------------- engine
@@ -127,7 +116,7 @@ class Engine:
         self.classes = lm.classes
         self.input_size = lm.input_size
         self.bands = lm.num_bands
-        self.target = resolve_target(cfg.cam.target_class, self.classes)
+        self.target = resolve_target(cfg.cam.target_class, self.classes, "[cam] target_class")
 
         backend = keras.backend.backend()
         self.precision = resolve_precision(cfg.inference.precision, backend)

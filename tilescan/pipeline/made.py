@@ -41,7 +41,7 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
-    made_by, now = old.get("results_version", 1), layout.RESULTS_VERSION
+    made_by, now = layout.results_version(old), layout.RESULTS_VERSION
     if _newer(old):  # --update would put this release's results over a later one's
         return (f"made by a later tilescan (results version {made_by}; this one's {now})", "run them with that "
                 "release (upgrade tilescan), or pass --overwrite to redo them with this one")
@@ -71,8 +71,7 @@ def file_gone(old: dict) -> bool:
 
 def _newer(old: dict) -> bool:
     """Whether finished outputs were made by a later tilescan, whose results this one's would replace."""
-    made_by = old.get("results_version")
-    return isinstance(made_by, int) and made_by > layout.RESULTS_VERSION
+    return layout.results_version(old) > layout.RESULTS_VERSION
 
 
 def redoes(old: dict | None, unit: Unit, cfg: Config) -> bool:

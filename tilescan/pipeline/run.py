@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import layout, stop
 from ..layout import read_manifest
-from ..config import Config
+from ..config import Config, resolve_target
 from ..errors import ConfigError, InputError, LockedError, ModelError, OutputError, OutputExistsError, TilescanError
 from ..log import catching_warnings, emit, logger
 from ..model import LoadedModel, describe_model
@@ -29,7 +29,7 @@ from ..scene import sources
 from ..scene.info import TilingWarning
 from ..scene.bands import check_band_count
 from ..scene.vsi import configure_gdal
-from .engine import Engine, resolve_target, shared_engine
+from .engine import Engine, shared_engine
 from .made import equivalent, redoes, what_differs
 from .memory import keep_freed_memory
 from .process import UnitJob
@@ -417,7 +417,7 @@ class _Units:
             self.retries.annotate(exc)
             self.log(f"error: {exc}")
         return UnitResult(unit.key, str(unit.scene), "failed", reason=str(exc), error_kind=exc.kind, seconds=seconds,
-                          outputs_in=getattr(exc, "outputs_in", None))
+                          outputs_in=exc.outputs_in if isinstance(exc, OutputExistsError) else None)
 
     def on_result(self, k: int, res: UnitResult) -> None:
         if res.status == "waiting":  # another process's until it lets go: this run's result comes later, or never
@@ -475,12 +475,10 @@ def _already_done(out: Path, unit: Unit, final: Path, fp: str, cfg: Config, lega
         raise OutputExistsError("is a link or a file, not a scene folder tilescan made; it was left alone",
                                 path=str(final.parent))
     if not os.path.lexists(final) and (old_place := _legacy_outputs(out, unit, legacy)):
-        err = OutputExistsError(
+        raise OutputExistsError(
             f"finished outputs of this scene from an earlier tilescan version are in {old_place}; this "
             f"version writes them to {final} (a name safe on every filesystem): move or remove them, then rerun",
-            path=str(final))
-        err.outputs_in = old_place.relative_to(out).as_posix()  # report.json: collect finds them there
-        raise err
+            path=str(final), outputs_in=old_place.relative_to(out).as_posix())  # report.json: collect finds them there
     old = read_manifest(final)
     if old is not None and old.get("status") == "complete":
         same = old.get("fingerprint") == fp
