@@ -1865,3 +1865,17 @@ def test_bands_naming_the_alpha_band_are_refused(tmp_path, scene_path):
     assert res.exit_code == 4 and (f"{scene}: --bands 1,2,4 names band 4, the scene's alpha band (its transparency, "
                                    "which masks the tiles, not image data): name image bands (1, 2, 3)") in res.output, res.output
     assert invoke(["run", scene, "-o", tmp_path / "out", "--bands", "3,2,1", "--no-progress"]).exit_code == 0
+
+
+def test_failures_a_relative_folder_search_finds_are_reported_by_absolute_path(tmp_path, monkeypatch):
+    """A folder given relative to the current one: a link loop in it is named in report.json by
+    its absolute path, as the other failed scenes are (a monitor reading the report from
+    elsewhere can find it)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "loop.tif").symlink_to("loop.tif")
+    (tmp_path / "in" / "zero.tif").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    res = invoke(["run", "in", "-o", tmp_path / "out", "--no-progress"])
+    assert res.exit_code == 4, res.output
+    assert sorted(f["scene"] for f in read_report(tmp_path / "out")["failed"]) == \
+        [str(tmp_path / "in" / "loop.tif"), str(tmp_path / "in" / "zero.tif")]

@@ -476,15 +476,15 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         p = Path(item)
         if p.is_dir():
             searched.append(str(p))
-            walk = os.walk(p, followlinks=True, onerror=lambda e: errors.append(
-                InputError(f"cannot list this folder: {e.strerror}", path=e.filename)))
+            walk = os.walk(p, followlinks=True, onerror=lambda e: errors.append(  # each named absolute, as scenes are
+                InputError(f"cannot list this folder: {e.strerror}", path=os.path.abspath(e.filename))))
             walked = {_folder_id(p), *([_folder_id(Path(exclude))] if exclude is not None else [])}  # OUT: never searched
             for root, dirs, files in walk:
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d))
                                  and _first_visit(Path(root, d), walked))  # a linked folder once, and no loop
                 for name in sorted(files):  # errors in name order too
                     if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith("._"):
-                        f = Path(root, name)
+                        f = Path(os.path.abspath(root), name)
                         if f.is_file():
                             found[_named(f)] = None
                         elif f.exists():  # a FIFO, device or socket so named: never read (a FIFO would block)
