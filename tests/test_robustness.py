@@ -1879,3 +1879,20 @@ def test_failures_a_relative_folder_search_finds_are_reported_by_absolute_path(t
     assert res.exit_code == 4, res.output
     assert sorted(f["scene"] for f in read_report(tmp_path / "out")["failed"]) == \
         [str(tmp_path / "in" / "loop.tif"), str(tmp_path / "in" / "zero.tif")]
+
+
+def test_a_folder_of_other_rasters_is_said_to_hold_them(tmp_path, scene_path):
+    """A folder of PNG and ERDAS Imagine rasters (no TIFF): 'no scenes found' names a few of them
+    and the command that makes a GeoTIFF of one."""
+    import rasterio
+
+    with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as src:
+        profile, data = src.profile, src.read()
+    (tmp_path / "in").mkdir()
+    for name, driver in (("a.png", "PNG"), ("b.img", "HFA")):
+        with rasterio.open(tmp_path / "in" / name, "w", **{**profile, "driver": driver, "compress": None}) as dst:
+            dst.write(data)
+    res = invoke(["run", tmp_path / "in", "-o", tmp_path / "out", "--no-progress"])
+    assert res.exit_code == 4 and (f"no *.tif / *.tiff scenes found in {tmp_path / 'in'} (rasters of other formats "
+                                   "are there, e.g. a.png, b.img: tilescan reads GeoTIFFs; make them ones first, e.g. "
+                                   "gdal_translate -of COG a.png a.tif)") in res.output, res.output

@@ -62,6 +62,10 @@ def scene_by_content(path: Path) -> bool:
     return head[:4] in _TIFF_MAGIC or (raster and not name.endswith(" image"))
 
 
+#: Names of rasters GDAL reads in other formats (a folder of them holds no scene tilescan reads)
+_OTHER_RASTERS = (".jp2", ".j2k", ".img", ".vrt", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg", ".ecw", ".sid")
+
+
 def _looks_like(head: bytes) -> tuple[str, bool] | None:
     """What a file whose first bytes are ``head`` looks like (:data:`_OTHER_MAGIC`); a VRT also
     after an XML declaration or blank lines."""
@@ -472,6 +476,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     found: dict[Path, None] = {}
     searched: list[str] = []
     errors: list[InputError] = []
+    others: list[str] = []  # rasters of other formats the searches met, for the message when none is a TIFF
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -483,6 +488,8 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_output_folder(Path(root, d))
                                  and _first_visit(Path(root, d), walked))  # a linked folder once, and no loop
                 for name in sorted(files):  # errors in name order too
+                    if name.lower().endswith(_OTHER_RASTERS) and len(others) < 3:
+                        others.append(name)
                     if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith("._"):
                         f = Path(os.path.abspath(root), name)
                         if f.is_file():
@@ -501,6 +508,9 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
         unreadable.extend(errors)
     if not found:
         if searched:
-            raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched))
+            raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched) + (
+                f" (rasters of other formats are there, e.g. {', '.join(others)}: tilescan reads GeoTIFFs; make "
+                f"them ones first, e.g. gdal_translate -of COG {shlex.quote(others[0])} "
+                f"{shlex.quote(Path(others[0]).stem + '.tif')})" if others else ""))
         raise NoScenesError("no scenes given")
     return sorted(found)
