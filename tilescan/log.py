@@ -9,6 +9,7 @@ configures logging.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -85,3 +86,15 @@ class ReaderGoneSafe:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+
+@functools.cache
+def quiet_opencv():
+    """cv2, its warnings off (unless ``OPENCV_LOG_LEVEL`` is set): its TIFF reader warns on each
+    GeoTIFF or GDAL tag it does not know, noise for every TIFF image GDAL wrote."""
+    import cv2
+
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    return cv2

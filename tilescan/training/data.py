@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..log import quiet_opencv
 
 ALL = "all"  # the split that scores every image of the dataset (evaluate --split all)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -453,8 +454,7 @@ def train_val_paths(dataset: Dataset, limit: int | None):
 
 def decode_rgb(path: Path) -> np.ndarray:
     """Decode an image file to uint8 RGB (H, W, 3)."""
-    import cv2
-
+    cv2 = quiet_opencv()
     img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if img is None:
         raise InputError("cannot decode image (missing, corrupt or unsupported)", path=str(path))
