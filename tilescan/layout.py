@@ -46,6 +46,7 @@ def results_version(manifest: dict) -> int:
     v = manifest.get("results_version", 1)
     return v if isinstance(v, int) and not isinstance(v, bool) else 1
 
+
 #: Bound of a scene folder name in UTF-8 bytes, collision suffix included; leaves room for
 #: the derived names (``.rows-AAAAA-BBBBB.<name>.lock``, ``.old-<pid>.…``) under the
 #: 255-byte limit of a file name on ext4, APFS, NTFS (255 UTF-16 units) and others.

@@ -88,7 +88,6 @@ class ReaderGoneSafe:
         return getattr(self._stream, name)
 
 
-
 @functools.cache
 def quiet_opencv():
     """cv2, its warnings off (unless ``OPENCV_LOG_LEVEL`` is set): its TIFF reader warns on each

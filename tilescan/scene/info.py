@@ -34,19 +34,20 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 
-#: (first bytes, what the file looks like, how to make a GeoTIFF of it: a raster GDAL converts)
+#: (first bytes, what the file looks like, its kind: "image" (explain reads it as one), "raster"
+#: (GDAL reads it), None; gdal_translate makes a GeoTIFF of either kind)
 _OTHER_MAGIC = (
-    (b"\x89PNG", "a PNG image", True),
-    (b"\xff\xd8\xff", "a JPEG image", True),
-    (b"GIF8", "a GIF image", True),
-    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image", True),
-    (b"\x89HDF", "an HDF5 file", True),
-    (b"CDF", "a netCDF file", True),
-    (b"EHFA_HEADER_TAG", "an ERDAS Imagine (.img) file", True),
-    (b"PK\x03\x04", "a zip archive: extract the GeoTIFF from it first", False),
-    (b"\x1f\x8b", "a gzip archive: gunzip it first", False),
-    (b"<VRTDataset", "a GDAL VRT", True),
-    (b"<", "an XML/HTML text file", False),
+    (b"\x89PNG", "a PNG image", "image"),
+    (b"\xff\xd8\xff", "a JPEG image", "image"),
+    (b"GIF8", "a GIF image", "image"),
+    (b"\x00\x00\x00\x0cjP", "a JPEG 2000 image", "image"),
+    (b"\x89HDF", "an HDF5 file", "raster"),
+    (b"CDF", "a netCDF file", "raster"),
+    (b"EHFA_HEADER_TAG", "an ERDAS Imagine (.img) file", "raster"),
+    (b"PK\x03\x04", "a zip archive: extract the GeoTIFF from it first", None),
+    (b"\x1f\x8b", "a gzip archive: gunzip it first", None),
+    (b"<VRTDataset", "a GDAL VRT", "raster"),
+    (b"<", "an XML/HTML text file", None),
 )
 
 
@@ -58,21 +59,20 @@ def scene_by_content(path: Path) -> bool:
             head = fh.read(256)
     except OSError:
         return False
-    name, raster = _looks_like(head) or ("", False)
-    return head[:4] in _TIFF_MAGIC or (raster and not name.endswith(" image"))
+    return head[:4] in _TIFF_MAGIC or (_looks_like(head) or ("", None))[1] == "raster"
 
 
 #: Names of rasters GDAL reads in other formats (a folder of them holds no scene tilescan reads)
 _OTHER_RASTERS = (".jp2", ".j2k", ".img", ".vrt", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg", ".ecw", ".sid")
 
 
-def _looks_like(head: bytes) -> tuple[str, bool] | None:
-    """What a file whose first bytes are ``head`` looks like (:data:`_OTHER_MAGIC`); a VRT also
-    after an XML declaration or blank lines."""
+def _looks_like(head: bytes) -> tuple[str, str | None] | None:
+    """What a file whose first bytes are ``head`` looks like, and its kind (:data:`_OTHER_MAGIC`);
+    a VRT also after an XML declaration or blank lines."""
     text = head.lstrip()
     if text.startswith(b"<") and b"<VRTDataset" in head:
         text = b"<VRTDataset"
-    return next(((name, raster) for magic, name, raster in _OTHER_MAGIC if text.startswith(magic)), None)
+    return next(((name, kind) for magic, name, kind in _OTHER_MAGIC if text.startswith(magic)), None)
 
 
 class TilingWarning(UserWarning):
@@ -396,11 +396,11 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise InputError(f"cannot read scene: {exc.strerror}", path=p) from None
     if head[:4] not in _TIFF_MAGIC:
-        what, raster = _looks_like(head) or (None, False)
+        what, kind = _looks_like(head) or (None, None)
         detail = f"it looks like {what}" if what else f"first bytes {head[:4]!r}"
         convert = f": make it one first, e.g. gdal_translate -of COG {shlex.quote(path.name)} " \
                   f"{shlex.quote(path.stem + '.tif' if path.suffix.lower() not in TIFF_SUFFIXES else path.stem + '-cog.tif')}"
-        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs{convert if raster else ''}", path=p)
+        raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs{convert if kind else ''}", path=p)
 
 
 # --------------------------------------------------------------------------------------
