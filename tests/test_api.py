@@ -311,3 +311,29 @@ def test_get_cam_on_a_loaded_model_takes_a_class_name_as_target(tmp_path):
         cam(x, target="Lake")
     with pytest.raises(ValueError, match="a class name needs the model's classes"):
         tilescan.get_cam("gradcam", lm.model, layer=lm.cam_layer)(x, target="River")
+
+
+def test_a_model_file_replaced_by_a_copy_with_its_size_and_time_is_the_new_one(tmp_path):
+    """A worker that calls run() again after the model file was replaced by another of the same
+    size and modification time (cp -p, rsync -t, tar x): the new file is loaded (run.json's
+    sha256 is its own), not 'the model file changed while the run started' at every call."""
+    import shutil
+    import zipfile
+
+    from tilescan.model import PACKAGE_MODEL, file_sha256
+
+    live, other = tmp_path / "live.keras", tmp_path / "other.keras"
+    shutil.copy2(PACKAGE_MODEL, live)
+    with zipfile.ZipFile(PACKAGE_MODEL) as src, zipfile.ZipFile(other, "w") as dst:
+        for info in src.infolist():  # the same members, dated otherwise: the same size, another sha256
+            info.date_time = (2020, 1, 1, 0, 0, 0)
+            dst.writestr(info, src.read(info.filename))
+    assert other.stat().st_size == live.stat().st_size and file_sha256(other) != file_sha256(live)
+    kw = dict(units="px", tile_size=200, quicklook=False, gpkg=False, styles=False)
+    assert tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "a", model=live, **kw).exit_code == 0
+    st = live.stat()
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, live)
+    assert tilescan.run(scene("rio-tiler/cog_rgb.tif"), tmp_path / "b", model=live, **kw).exit_code == 0
+    made = json.loads((tmp_path / "b" / "cog_rgb" / "run.json").read_text())["model"]["sha256"]
+    assert made == file_sha256(live)

@@ -212,7 +212,8 @@ _HASHED: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) -> sha256 
 _HASHED_LOCK = threading.Lock()
 
 
-def _identity(st: os.stat_result) -> tuple:
+def file_identity(st: os.stat_result) -> tuple:
+    """A file's version as a cache may key it: a copy put in its place differs (cp -p and rsync -t keep size and mtime)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -220,7 +221,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The file's sha256 (hex). Remembered for the process while the file is unchanged (same
     inode, size, change and modification times): every run reports its model's, and a
     process running many (the Python API, one run per chip) should not hash it each time."""
-    before = _identity(os.stat(path))
+    before = file_identity(os.stat(path))
     with _HASHED_LOCK:
         known = _HASHED.get(before)
     if known is not None:
@@ -230,7 +231,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     digest = h.hexdigest()
-    if _identity(os.stat(path)) == before:  # not changed while it was read
+    if file_identity(os.stat(path)) == before:  # not changed while it was read
         with _HASHED_LOCK:
             _HASHED[before] = digest
     return digest

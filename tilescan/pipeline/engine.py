@@ -208,11 +208,10 @@ _ENGINES_LOCK = threading.Lock()
 def shared_engine(cfg: Config, model_path: str | None = None) -> Engine:
     """The process's engine for this model and these settings: loaded and compiled once per
     process, so a notebook or a worker calling ``tilescan.run`` again starts at once."""
-    from ..model import model_path as resolve_path
+    from ..model import file_identity, model_path as resolve_path
 
     path = resolve_path(model_path)
-    st = os.stat(path)
-    key = (str(path), st.st_size, st.st_mtime_ns, cfg.cam.method, cfg.cam.layer, cfg.cam.target_class,
+    key = (str(path), *file_identity(os.stat(path)), cfg.cam.method, cfg.cam.layer, cfg.cam.target_class,
            cfg.inference.precision, cfg.inference.pipeline, cfg.inference.batch_size, cfg.inference.jit_compile,
            cfg.inference.model_streams)
     with _ENGINES_LOCK:
