@@ -14,6 +14,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -678,3 +681,27 @@ def test_a_catalogue_that_links_back_to_itself_is_read_once(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")
     _, failed = find_inputs([tmp_path / "fifo.json", scene(COGEO)])
     assert "not a STAC document: not a regular file" in str(failed[0]), failed
+
+
+def test_rasterio_debug_logging_turned_on_after_a_remote_scene_shows_every_record():
+    """tilescan turns rasterio's GDAL loggers to DEBUG to note transfer failures, and drops what
+    the user's logging would not show; the user turning rasterio's debug logging on later (a
+    worker process that ran a remote scene before) gets every record, and failures are still
+    noted."""
+    probe = textwrap.dedent("""
+        import logging
+        from tilescan.scene import vsi
+        vsi._watch_transfers()
+        seen = []
+        handler = logging.Handler()
+        handler.emit = seen.append
+        logging.getLogger().addHandler(handler)
+        log = logging.getLogger("rasterio._env")
+        log.debug("hidden: the user's logging is at WARNING")
+        logging.getLogger("rasterio").setLevel(logging.DEBUG)
+        log.debug("shown")
+        log.debug("VSICURL: GetFileSize(https://example.org/a.tif): curl error msg=Operation timed out")
+        print([r.getMessage()[:5] for r in seen], vsi.transfer_failure("https://example.org/a.tif"))
+    """)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "['shown', 'VSICU'] Operation timed out", res.stdout + res.stderr

@@ -351,12 +351,18 @@ class _CurlWatch(logging.Filter):
     """Keeps the last transfer failure per URL from GDAL's VSICURL debug messages: GDAL
     reports a timed-out or cut transfer only there (the read error just says a block came
     short), and the cause belongs in the scene's error message. A filter on rasterio's
-    loggers: records below the level the logger had before are seen here and dropped, so
-    the user's logging shows nothing new."""
+    loggers, which it turns to DEBUG: records below the level the logger would have without
+    it (its own level set before, else its parents', as the user sets them now or later) are
+    seen here and dropped, so the user's logging shows nothing new and loses nothing."""
 
-    def __init__(self, level: int):
+    def __init__(self, logger: logging.Logger):
         super().__init__()
-        self.level = level
+        self.logger, self.own = logger, logger.level  # NOTSET (0): its parents decide
+
+    @property
+    def level(self) -> int:
+        parent = self.logger.parent
+        return self.own or (parent.getEffectiveLevel() if parent is not None else logging.WARNING)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno <= logging.DEBUG:
@@ -383,7 +389,7 @@ def _watch_transfers() -> None:
         lg = logging.getLogger(name)
         if any(isinstance(f, _CurlWatch) for f in lg.filters):
             continue
-        lg.addFilter(_CurlWatch(lg.getEffectiveLevel()))
+        lg.addFilter(_CurlWatch(lg))
         lg.setLevel(logging.DEBUG)
 
 
