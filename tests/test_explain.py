@@ -83,7 +83,8 @@ def test_scene_top_tiles(model_file, scene_path, tmp_path):
 def test_a_tiles_bounds_hold_it_on_a_south_up_or_sheared_scene(model_file, scene_path, tmp_path, monkeypatch):
     """The JSON's bounds are the box round the tile's corners, where the transform turns or
     shears the grid (not the north-up box of its window); the south-up scene's tile is drawn
-    north-up, as the quicklook draws the scene, and the sheared one as stored."""
+    north-up, as the quicklook draws the scene, and the sheared one, and one without
+    georeferencing, as stored."""
     import rasterio
     from affine import Affine
 
@@ -102,15 +103,20 @@ def test_a_tiles_bounds_hold_it_on_a_south_up_or_sheared_scene(model_file, scene
     with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as ds:
         data, profile, t, height = ds.read(), ds.profile, ds.transform, ds.height
     cases = {"southup": (data[:, ::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * height)),
-             "sheared": (data, Affine(t.a, 0.4 * t.a, t.c, 0.2 * t.e, t.e, t.f))}
+             "sheared": (data, Affine(t.a, 0.4 * t.a, t.c, 0.2 * t.e, t.e, t.f)),
+             "bare": (data, None)}  # no CRS nor geotransform: rasterio's identity, no south-up
     for name, (pixels, transform) in cases.items():
         path = tmp_path / f"{name}.tif"
-        with rasterio.open(path, "w", **{**profile, "transform": transform}) as dst:
-            dst.write(pixels)
+        georef = {"transform": transform} if transform else {"transform": None, "crs": None}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path, "w", **{**profile, **georef}) as dst:
+                dst.write(pixels)
         run_explain([str(path)], str(tmp_path), str(model_file), tiles=[(1, 2)], tile_size=128, **QUIET)
         (row,) = json.loads((tmp_path / f"{name}_tiles_explain.json").read_text())["rows"]
-        xs, ys = zip(*(transform * (col, r) for col in (256, 384) for r in (128, 256)))
-        assert row["bounds"] == pytest.approx([min(xs), min(ys), max(xs), max(ys)]), name
+        if transform is not None:
+            xs, ys = zip(*(transform * (col, r) for col in (256, 384) for r in (128, 256)))
+            assert row["bounds"] == pytest.approx([min(xs), min(ys), max(xs), max(ys)]), name
         (shown,) = drawn["rows"]
         np.testing.assert_array_equal(shown.image, drawn["x"][::-1] if name == "southup" else drawn["x"])
         assert not np.array_equal(drawn["x"][::-1], drawn["x"])

@@ -321,6 +321,35 @@ def test_a_scene_stored_south_up_or_east_left_is_drawn_north_up(tmp_path, scene_
     assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - mirrored).mean()
 
 
+def test_a_scene_without_georeferencing_is_drawn_as_stored(tmp_path, scene_path):
+    """The NAIP scene with no CRS and no geotransform (rasterio gives it the identity, whose
+    positive y pixel size is no south-up): run --allow-pixel-space's quicklook shows its rows
+    top to bottom as stored, like the georeferenced file's, not turned over (explain's tiles:
+    test_explain)."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with rasterio.open(scene_path(NAIP)) as src:
+        pixels = src.read((1, 2, 3))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    usual, bare = tmp_path / "a" / "naip.tif", tmp_path / "b" / "naip.tif"
+    with rasterio.open(scene_path(NAIP)) as src, rasterio.open(usual, "w", **{**src.profile, "count": 3}) as dst:
+        dst.write(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(bare, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
+                           dtype="uint8", photometric="rgb") as dst:
+            dst.write(pixels)
+    for scene, out in ((usual, tmp_path / "out-a"), (bare, tmp_path / "out-b")):
+        res = invoke(["run", scene, "-o", out, "--no-progress", "--allow-pixel-space", "--units", "px"])
+        assert res.exit_code == 0, res.output
+    _, a, _ = panels(tmp_path / "out-a" / "naip" / "quicklook.png", 934, 723)
+    _, b, _ = panels(tmp_path / "out-b" / "naip" / "quicklook.png", 934, 723)
+    assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - b[::-1]).mean()
+
+
 def test_a_small_scenes_panels_are_enlarged_in_whole_pixel_blocks(tmp_path):
     """A 96 x 64 px chip's panels were 96 px wide (a 298-px quicklook whose legend wrapped word
     by word): enlarged 3x, each scene pixel a 3 x 3 block, and each tile's class still on its own

@@ -137,9 +137,10 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
 
 def north_up_flip(transform) -> tuple[bool, bool]:
     """Whether a scene's pixel rows, and its columns, run against north-up, east-right (a
-    south-up scene: rows northward); a rotated scene (shear terms) is drawn as stored."""
+    south-up scene: rows northward); a rotated scene (shear terms), and one without a
+    geotransform (rasterio's identity: pixel space), are drawn as stored."""
     a, b, _, d, e, _ = tuple(transform)[:6]
-    if b or d:
+    if b or d or transform.is_identity:
         return False, False
     return e > 0, a < 0
 
