@@ -551,7 +551,9 @@ def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_pa
         "in/c.tif is there)" in r.output, r.output
     (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "wide.txt").write_text("in/c.tif\n", encoding="utf-16")
-    for listing, said in (("blank.txt", "blank.txt lists no scene"), ("wide.txt", "wide.txt is not a list of UTF-8 text")):
+    (tmp_path / "cjk.txt").write_text("影像/场景一.tif\n影像/场景二.tif\n", encoding="utf-16-le")  # no mark, few NULs
+    for listing, said in (("blank.txt", "blank.txt lists no scene"), ("wide.txt", "wide.txt is not a list of UTF-8 text"),
+                          ("cjk.txt", "cjk.txt is not a list of UTF-8 text")):
         r = invoke(["run", "--scenes-from", tmp_path / listing, "-o", tmp_path / "out2"])
         rep = read_report(tmp_path / "out2")
         assert r.exit_code == 2 and said in r.output and rep["exit_code"] == 2 and said in rep["error"]["message"], \

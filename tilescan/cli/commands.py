@@ -106,16 +106,25 @@ def _report_refused(out: str | None, shard: str | None, exc: click.UsageError) -
         report_failed_start(out, sh, tilescan.ConfigError(exc.format_message()))
 
 
+def _utf16(text: str) -> bool:
+    """Whether a list read as UTF-8 is UTF-16: its byte-order mark (as undecodable bytes), a NUL
+    at every other place of its start (Latin text without the mark), or a NUL beside a line end
+    (a name of find -print0 does not end with a newline)."""
+    head = text[:64]
+    return head[:2] in ("\udcff\udcfe", "\udcfe\udcff") or "\n\0" in text or "\0\n" in text or any(
+        len(h := head[k::2]) > 2 and set(h) == {"\0"} for k in (0, 1))
+
+
 def _run_inputs(ctx: click.Context, inputs: tuple, scenes_from, stac) -> tuple:
     """The INPUTs given and those ``--scenes-from`` lists (blank lines apart, each line one as it
     stands; or NUL-separated, as ``find -print0`` writes them), refused when there are none or
     one is empty."""
     if scenes_from is not None:
         text = scenes_from.read()
-        if text.count("\0") * 3 > len(text):  # a NUL after every other character: UTF-16
+        if _utf16(text):
             raise click.BadParameter(f"{scenes_from.name} is not a list of UTF-8 text lines (UTF-16?): save it as "
                                      "UTF-8", param_hint="--scenes-from")
-        listed = text.split("\0") if "\0" in text else [line.rstrip("\r\n") for line in text.splitlines(True)]
+        listed = text.split("\0" if "\0" in text else "\n")  # read in text mode: \r\n and \r are \n
         inputs = (*inputs, *(x for x in listed if x.strip()))
         if not any(x.strip() for x in listed):
             raise click.BadParameter(f"{scenes_from.name} lists no scene", param_hint="--scenes-from")
