@@ -309,24 +309,33 @@ def test_pixels_unsquare_on_the_ground_are_warned_about(tmp_path, lat):
     assert 2.0 < w["pixel_aspect"] < 2.06  # 1 / cos(latitude) at the scene's centre, on the ellipsoid
     assert f"its pixels are {w['pixel_aspect']:.2f}x as long on the ground north-south as east-west (its CRS counts pixels " \
         "in degrees, and a degree of longitude shrinks away from the equator)" in w["message"]
-    assert "reproject it to a projected CRS with square pixels first" in res.output
+    assert "reproject it to a conformal projected CRS with square pixels first" in res.output
 
 
-def test_unsquare_pixels_of_a_projected_scene_are_told_to_resample(tmp_path):
+def test_unsquare_pixels_of_a_projected_scene_are_told_what_squares_them(tmp_path):
     """The NAIP scene written with 10 x 5 m pixels in its own UTM CRS: warned as squeezed, and told
-    to resample it to square pixels (it is projected already, so no reprojection fixes it)."""
+    to resample it to square pixels (its CRS is conformal: reprojecting keeps them oblong); with
+    30 m square pixels of an equal-area CRS at 60 degrees north (EPSG:6933), whose map squeezes the
+    ground there: told to reproject to a conformal CRS (resampling keeps them square on the map)."""
     import rasterio
+    from pyproj import Transformer
     from rasterio.transform import from_origin
 
     with rasterio.open(scene(NAIP)) as src:
         profile, data = src.profile, src.read()
-    path = tmp_path / "wide.tif"
-    with rasterio.open(path, "w", **{**profile, "transform": from_origin(500_000, 5_200_000, 10, 5)}) as dst:
-        dst.write(data)
-    res = _run(tmp_path, str(path))
-    assert res.exit_code == 0, res.output
-    (w,) = [w for w in json.loads((tmp_path / "out" / "wide" / "run.json").read_text())["warning_details"]
-            if w["code"] == "unsquare_pixels"]
-    assert "its pixels are 2.00x as long on the ground east-west as north-south, so each tile" in w["message"]
-    assert "resample it to square pixels first (e.g. gdalwarp -tr SIZE SIZE, SIZE the finer of its pixel sides)" \
-        in w["message"] and "projected CRS" not in w["message"]
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:6933", always_xy=True).transform(-97.0, 60.0)
+    said = {"wide": ("EPSG:26914", from_origin(500_000, 5_200_000, 10, 5), "east-west as north-south, so each tile",
+                     "resample it to square pixels first (e.g. gdalwarp -tr SIZE SIZE, SIZE the finer of its pixel sides)"),
+            "equal": ("EPSG:6933", from_origin(x, y, 30, 30), "north-south as east-west (its CRS stretches the ground "
+                      "there)", "reproject it to a conformal projected CRS with square pixels first")}
+    for name, (crs, transform, how, fix) in said.items():
+        (tmp_path / name).mkdir()
+        with rasterio.open(tmp_path / name / f"{name}.tif", "w", **{**profile, "crs": crs, "transform": transform}) as dst:
+            dst.write(data)
+        res = _run(tmp_path / name, str(tmp_path / name / f"{name}.tif"))
+        assert res.exit_code == 0, res.output
+        (w,) = [w for w in json.loads((tmp_path / name / "out" / name / "run.json").read_text())["warning_details"]
+                if w["code"] == "unsquare_pixels"]
+        aspect = max(w["pixel_aspect"], 1 / w["pixel_aspect"])
+        assert 1.9 < aspect and f"its pixels are {aspect:.2f}x as long on the ground {how}" in w["message"], w["message"]
+        assert fix in w["message"], w["message"]

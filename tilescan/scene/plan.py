@@ -141,10 +141,13 @@ def _warn_unsquare(path: str, info: SceneInfo) -> None:
     a = info.pixel_aspect
     if a is None or 1 / TRAINED_ASPECT <= a <= TRAINED_ASPECT:
         return
+    t = info.transform
+    square = math.isclose(math.hypot(t.a, t.d), math.hypot(t.b, t.e), rel_tol=0.01)  # in the CRS's units
     degrees = info.crs is not None and info.crs.is_geographic
-    why = " (its CRS counts pixels in degrees, and a degree of longitude shrinks away from the equator)" if degrees else ""
-    fix = ("reproject it to a projected CRS with square pixels first (e.g. gdalwarp -t_srs EPSG:<UTM zone>)" if degrees
-           else "resample it to square pixels first (e.g. gdalwarp -tr SIZE SIZE, SIZE the finer of its pixel sides)")
+    why = (" (its CRS counts pixels in degrees, and a degree of longitude shrinks away from the equator)" if degrees
+           else " (its CRS stretches the ground there)" if square else "")
+    fix = ("reproject it to a conformal projected CRS with square pixels first (e.g. gdalwarp -t_srs EPSG:<UTM zone>)"
+           if square else "resample it to square pixels first (e.g. gdalwarp -tr SIZE SIZE, SIZE the finer of its pixel sides)")
     tiling_warning(f"{path}: its pixels are {max(a, 1 / a):.2f}x as long on the ground "
                    f"{'north-south as east-west' if a > 1 else 'east-west as north-south'}{why}, so each tile shows "
                    f"the ground squeezed beyond the 4:3 the model was trained on; its labels may suffer: {fix}",
