@@ -442,7 +442,8 @@ def test_an_unreadable_subfolder_and_a_broken_link_fail_alone(tmp_path, tiny_mod
            for n in ("loop1.tif", "loop2.tif")},
         str(scenes / "pipe.tif"): f"{scenes / 'pipe.tif'}: not a regular file (a FIFO, a device or a socket): not a GeoTIFF",
         str(scenes / "mosaic.tif"): f"{scenes / 'mosaic.tif'}: not a TIFF file (it looks like a GDAL VRT); tilescan "
-                                    "reads GeoTIFFs: make it one first, e.g. gdal_translate -of COG mosaic.tif mosaic-cog.tif"}
+                                    f"reads GeoTIFFs: make it one first, e.g. gdal_translate -of COG {scenes / 'mosaic.tif'} "
+                                    f"{scenes / 'mosaic-cog.tif'}"}
     assert (out / "a" / "run.json").is_file()
 
 
@@ -496,9 +497,9 @@ def test_other_rasters_are_named_with_how_to_make_a_geotiff(tmp_path, scene_path
     with zipfile.ZipFile(tmp_path / "scenes.zip", "w") as z:
         z.write(scene_path("rasterio/RGB.byte.tif"), "RGB.byte.tif")
     said = {"scene.img": "not a TIFF file (it looks like an ERDAS Imagine (.img) file); tilescan reads GeoTIFFs: "
-                         "make it one first, e.g. gdal_translate -of COG scene.img scene.tif",
+                         f"make it one first, e.g. gdal_translate -of COG {tmp_path / 'scene.img'} {tmp_path / 'scene.tif'}",
             "mosaic.vrt": "not a TIFF file (it looks like a GDAL VRT); tilescan reads GeoTIFFs: make it one first, "
-                          "e.g. gdal_translate -of COG mosaic.vrt mosaic.tif",
+                          f"e.g. gdal_translate -of COG {tmp_path / 'mosaic.vrt'} {tmp_path / 'mosaic.tif'}",
             "scenes.zip": "not a TIFF file (it looks like a zip archive: extract the GeoTIFF from it first)",
             f"/vsizip/{tmp_path}/scenes.zip/RGB.byte.tif": "GDAL's /vsi… paths other than the network ones "
                                                             "(/vsicurl/, /vsis3/, …) are not read: extract the GeoTIFF"}
@@ -1881,9 +1882,9 @@ def test_failures_a_relative_folder_search_finds_are_reported_by_absolute_path(t
         [str(tmp_path / "in" / "loop.tif"), str(tmp_path / "in" / "zero.tif")]
 
 
-def test_a_folder_of_other_rasters_is_said_to_hold_them(tmp_path, scene_path):
+def test_a_folder_of_other_rasters_is_said_to_hold_them(tmp_path, scene_path, monkeypatch):
     """A folder of PNG and ERDAS Imagine rasters (no TIFF): 'no scenes found' names a few of them
-    and the command that makes a GeoTIFF of one."""
+    and the command that makes a GeoTIFF of one, by paths that work from the current folder."""
     import rasterio
 
     with rasterio.open(scene_path("rasterio/RGB.byte.tif")) as src:
@@ -1892,7 +1893,9 @@ def test_a_folder_of_other_rasters_is_said_to_hold_them(tmp_path, scene_path):
     for name, driver in (("a.png", "PNG"), ("b.img", "HFA")):
         with rasterio.open(tmp_path / "in" / name, "w", **{**profile, "driver": driver, "compress": None}) as dst:
             dst.write(data)
-    res = invoke(["run", tmp_path / "in", "-o", tmp_path / "out", "--no-progress"])
-    assert res.exit_code == 4 and (f"no *.tif / *.tiff scenes found in {tmp_path / 'in'} (rasters of other formats "
-                                   "are there, e.g. a.png, b.img: tilescan reads GeoTIFFs; make them ones first, e.g. "
-                                   "gdal_translate -of COG a.png a.tif)") in res.output, res.output
+    monkeypatch.chdir(tmp_path)
+    res = invoke(["run", "in", "-o", tmp_path / "out", "--no-progress"])
+    assert res.exit_code == 4 and ("no *.tif / *.tiff scenes found in in (rasters of other formats are there, e.g. "
+                                   "in/a.png, in/b.img: tilescan reads GeoTIFFs; make them ones first, e.g. "
+                                   "gdal_translate -of COG in/a.png in/a.tif, if it is georeferenced (a photo without is "
+                                   "for tilescan explain or train))") in res.output, res.output

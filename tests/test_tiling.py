@@ -846,7 +846,7 @@ def test_a_value_range_that_misses_the_stored_values_is_warned_about(tmp_path, s
         details = json.loads((tmp_path / "out" / "refl" / "run.json").read_text())["warning_details"]
         coded = [d for d in details if d["code"] == "value_range_misses"]
         assert res.exit_code == 0 and bool(coded) == warned, res.output
-    assert coded == [] and "value_range_misses" not in res.output
+    assert coded == []
     cfg.write_text('[tiling]\nscaling = "range"\nvalue_range = [0, 0.3]\n')
     res = invoke(["run", path, "-o", tmp_path / "again", "--config", cfg, "--no-progress"])
     assert (f"{path}: [tiling] value_range = [0, 0.3] in {cfg} holds 0% of band 1's sampled values (2nd-98th "

@@ -90,10 +90,11 @@ class ReaderGoneSafe:
 
 @functools.cache
 def quiet_opencv():
-    """cv2, its warnings off (unless ``OPENCV_LOG_LEVEL`` is set): its TIFF reader warns on each
-    GeoTIFF or GDAL tag it does not know, noise for every TIFF image GDAL wrote."""
+    """cv2, its warnings off (unless ``OPENCV_LOG_LEVEL`` or the caller set another level): its
+    TIFF reader warns on each GeoTIFF or GDAL tag it does not know, noise for every TIFF image GDAL wrote."""
     import cv2
 
-    if "OPENCV_LOG_LEVEL" not in os.environ:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    cvlog = cv2.utils.logging
+    if "OPENCV_LOG_LEVEL" not in os.environ and cvlog.getLogLevel() == cvlog.LOG_LEVEL_WARNING:
+        cvlog.setLogLevel(cvlog.LOG_LEVEL_ERROR)
     return cv2

@@ -398,9 +398,17 @@ def _check_file(path: Path) -> None:
     if head[:4] not in _TIFF_MAGIC:
         what, kind = _looks_like(head) or (None, None)
         detail = f"it looks like {what}" if what else f"first bytes {head[:4]!r}"
-        convert = f": make it one first, e.g. gdal_translate -of COG {shlex.quote(path.name)} " \
-                  f"{shlex.quote(path.stem + '.tif' if path.suffix.lower() not in TIFF_SUFFIXES else path.stem + '-cog.tif')}"
+        convert = f": make it one first, e.g. {_make_geotiff(path)}" + (_PHOTOS if kind == "image" else "")
         raise InputError(f"not a TIFF file ({detail}); tilescan reads GeoTIFFs{convert if kind else ''}", path=p)
+
+
+_PHOTOS = ", if it is georeferenced (a photo without is for tilescan explain or train)"
+
+
+def _make_geotiff(path: Path) -> str:
+    """The command that makes a GeoTIFF, beside it, of a raster in another format at ``path``."""
+    out = path.with_name(path.stem + ("-cog.tif" if path.suffix.lower() in TIFF_SUFFIXES else ".tif"))
+    return f"gdal_translate -of COG {shlex.quote(str(path))} {shlex.quote(str(out))}"
 
 
 # --------------------------------------------------------------------------------------
@@ -476,7 +484,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     found: dict[Path, None] = {}
     searched: list[str] = []
     errors: list[InputError] = []
-    others: list[str] = []  # rasters of other formats the searches met, for the message when none is a TIFF
+    others: list[Path] = []  # rasters of other formats the searches met, for the message when none is a TIFF
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -489,7 +497,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
                                  and _first_visit(Path(root, d), walked))  # a linked folder once, and no loop
                 for name in sorted(files):  # errors in name order too
                     if name.lower().endswith(_OTHER_RASTERS) and len(others) < 3:
-                        others.append(name)
+                        others.append(Path(root, name))
                     if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith("._"):
                         f = Path(os.path.abspath(root), name)
                         if f.is_file():
@@ -509,8 +517,7 @@ def find_scenes(inputs: str | os.PathLike | Iterable[str | os.PathLike], unreada
     if not found:
         if searched:
             raise NoScenesError("no *.tif / *.tiff scenes found in " + ", ".join(searched) + (
-                f" (rasters of other formats are there, e.g. {', '.join(others)}: tilescan reads GeoTIFFs; make "
-                f"them ones first, e.g. gdal_translate -of COG {shlex.quote(others[0])} "
-                f"{shlex.quote(Path(others[0]).stem + '.tif')})" if others else ""))
+                f" (rasters of other formats are there, e.g. {', '.join(map(str, others))}: tilescan reads GeoTIFFs; "
+                f"make them ones first, e.g. {_make_geotiff(others[0])}{_PHOTOS})" if others else ""))
         raise NoScenesError("no scenes given")
     return sorted(found)
