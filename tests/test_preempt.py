@@ -485,3 +485,43 @@ def test_k8s_cronjob_shell_passes_sigterm_on(tmp_path):
     assert proc.returncode == 75, err
     assert "collect:" not in err and not (data / "out" / "collected").exists()
     assert json.loads((data / "out" / "report.json").read_text())["interrupted"]["unit"] == "cogeo"
+
+
+_THREAD_RUNS = """
+import json, sys, threading, tilescan
+from tilescan import faults
+out, scenes = sys.argv[1], sys.argv[2:]
+real, asked, got = faults.point, [], {}
+
+def point(phase, times=1):
+    if phase == "inference" and not asked:  # the first batch computed: a service's shutdown asks, from its own thread
+        asked.append(1)
+        threading.Thread(target=tilescan.stop_runs).start()
+    real(phase, times)
+
+def work(key):
+    got[key] = tilescan.run(scenes, out, tile_size=128, units="px")
+
+faults.point = point
+for key in ("first", "again"):  # each on a worker thread, as a web server or thread pool calls it
+    t = threading.Thread(target=work, args=(key,))
+    t.start()
+    t.join()
+print(json.dumps({k: [r.exit_code, (r.interrupted or {}).get("signal")] for k, r in got.items()}))
+"""
+
+
+def test_stop_runs_stops_a_run_on_a_worker_thread_cleanly(tmp_path):
+    """tilescan.stop_runs() from another thread (signals reach the main thread only): the run on
+    a worker thread stops as a preempted one does (the finished scene kept, the one in flight
+    dropped, report.json names it, exit code 75); the request is forgotten once it ended, so the
+    next run works through and resumes."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", _THREAD_RUNS, str(out), *(str(bh.scene(s)) for s in SCENES)],
+                       capture_output=True, text=True, timeout=600, env=bh.env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"first": [75, "tilescan.stop_runs()"], "again": [0, None]}, got
+    assert sorted(bh.finished_folders(out)) == ["RGB.byte", "cogeo"]
+    report = json.loads((out / "report.json").read_text())
+    assert [u["unit"] for u in report["skipped"]] == ["RGB.byte"] and [u["unit"] for u in report["done"]] == ["cogeo"]

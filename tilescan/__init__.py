@@ -69,6 +69,7 @@ __all__ = [
     "parse_shard",
     "run",
     "runtime",
+    "stop_runs",
     "train",
 ]
 
@@ -160,6 +161,16 @@ def run(
     return _run(list(inputs), out, cfg, model_path=_model_file(model),
                 shard=shard, progress=progress, stac=stac, assets=assets, stac_items=stac_items,
                 ctrl_c_raises=interrupt == "raise")
+
+
+def stop_runs() -> None:
+    """Ask every :func:`run` at work in this process to stop cleanly, as a scheduler's SIGTERM
+    does (the scene in flight dropped, finished ones kept, ``report.json`` written; each run
+    returns its report, ``exit_code`` 75, and a rerun resumes). For runs on worker threads (a
+    web service, a thread pool), where signals do not reach them; callable from any thread."""
+    from . import stop
+
+    stop.request()
 
 
 def _paths(inputs, takes: str) -> list:

@@ -8,6 +8,8 @@ writes ``report.json`` naming it and exits with :data:`tilescan.errors.EXIT_INTE
 A unit already writing its outputs is finished first (seconds). A second signal (not a
 SIGTERM again within :data:`REPEAT_S`) stops the process at once, with the default action of that signal; for the Python API, a second
 SIGINT raises :class:`KeyboardInterrupt` instead (a notebook's kernel lives on).
+:func:`request` asks the same from any thread (``tilescan.stop_runs()``: runs on worker
+threads, which signals do not reach).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state: dict = {"signal": None, "second": "end", "at": 0.0}
+_state: dict = {"signal": None, "second": "end", "at": 0.0, "runs": 0}
+_runs_lock = threading.Lock()
+
+#: What :func:`request` puts where a signal's name goes (report.json's ``interrupted.signal``).
+REQUESTED = "tilescan.stop_runs()"
 
 
 class Interrupted(BaseException):
@@ -36,6 +42,13 @@ class Interrupted(BaseException):
 def requested() -> str | None:
     """The name of the signal that asked to stop (``"SIGTERM"``), or None."""
     return _state["signal"]
+
+
+def request() -> None:
+    """Ask the runs at work in this process to stop as a SIGTERM stops them (from any thread: a
+    service shutting down, a workflow's cancel, where signals reach the main thread only)."""
+    if _state["signal"] is None:
+        _state.update(signal=REQUESTED, at=time.monotonic())
 
 
 def settle(done: bool = True) -> None:
@@ -64,7 +77,7 @@ REPEAT_S = 1.0
 
 def _handler(signum, frame) -> None:
     if _state["signal"] is not None:  # the second signal: stop now
-        if signum == signal.SIGTERM == signal.Signals[_state["signal"]] and time.monotonic() - _state["at"] < REPEAT_S:
+        if signum == signal.SIGTERM and _state["signal"] == "SIGTERM" and time.monotonic() - _state["at"] < REPEAT_S:
             return
         if _state["second"] == "raise" and signum == signal.SIGINT:
             signal.signal(signum, signal.default_int_handler)  # a third: Python's own again
@@ -106,18 +119,27 @@ def deferred() -> Iterator[None]:
 def handling(second: str = "end") -> Iterator[Seen]:
     """Turn SIGTERM/SIGINT into a stop request while the block runs (main thread only;
     elsewhere, e.g. the Python API called from a worker thread, signals keep their
-    handlers). ``second``: what a second signal does: ``"end"`` the process; ``"raise"``
-    (a SIGINT): :class:`KeyboardInterrupt`. The previous handlers are restored after."""
+    handlers, and :func:`request` stops it). ``second``: what a second signal does: ``"end"``
+    the process; ``"raise"`` (a SIGINT): :class:`KeyboardInterrupt`. The previous handlers are
+    restored after. A request is forgotten once no run is at work (the next starts afresh)."""
     seen = Seen()
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
-        return
-    _state.update(signal=None, second=second)
-    old = {s: signal.signal(s, _handler) for s in SIGNALS}
+    main = threading.current_thread() is threading.main_thread()
+    with _runs_lock:
+        if not _state["runs"]:
+            _state.update(signal=None)
+        _state["runs"] += 1
+        if main:
+            _state["second"] = second
+    old = {s: signal.signal(s, _handler) for s in SIGNALS} if main else {}
     try:
         yield seen
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         seen.signal = _state["signal"]
-        _state.update(signal=None, second="end")
+        with _runs_lock:
+            _state["runs"] -= 1
+            if main:
+                _state["second"] = "end"
+            if not _state["runs"]:
+                _state.update(signal=None)
