@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..config import CAM_METHOD_TITLES
+from ..config import CAM_METHOD_TITLES, resolve_target
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, nodata_json, write_bytes, write_json
@@ -40,7 +40,6 @@ from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
 from ..scene.info import TIFF_SUFFIXES
-from .cam import resolve_target
 
 #: A TIFF without georeferencing, 8-bit and up to this many px a side, is an image (as train
 #: reads one: a UC Merced chip, an exported photo) and is explained whole.
