@@ -151,15 +151,33 @@ def _arrow_reader(t: TileTable):
     return pa.RecordBatchReader.from_batches(schema, batches)
 
 
-def test_index_written_in_this_process_when_its_sqlite_can(tmp_path):
-    """Without TensorFlow's SQLite in the way GDAL builds the index itself (layer_options)."""
-    probe = sqlite3.connect(":memory:")
+_OPTIONS = """
+import json, sqlite3, sys
+from tilescan.outputs import gpkg
+def has():
     try:
-        probe.execute("CREATE VIRTUAL TABLE t USING rtree(id, a, b)")
-        has = True
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING rtree(id, a, b)")
+        return True
     except sqlite3.Error:
-        has = False
-    assert gpkg.layer_options() == {"SPATIAL_INDEX": "YES" if has else "NO"}
+        return False
+before = gpkg.layer_options(), has()
+if sys.argv[1] == "tf":
+    import tensorflow  # noqa: F401
+print(json.dumps({"before": before, "after": gpkg.layer_options()}))
+"""
+
+
+@pytest.mark.parametrize("load_tf", [False, True])
+def test_index_written_in_this_process_when_its_sqlite_can(load_tf):
+    """Without TensorFlow's SQLite in the way GDAL builds the index itself (layer_options);
+    once TensorFlow is loaded it leaves the index to add_rtree. In a fresh interpreter: this
+    test process may have loaded TensorFlow already."""
+    r = subprocess.run([sys.executable, "-c", _OPTIONS, "tf" if load_tf else "-"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    (options, has), after = got["before"], got["after"]
+    assert options == {"SPATIAL_INDEX": "YES" if has else "NO"}
+    assert after == ({"SPATIAL_INDEX": "NO"} if load_tf else options)
 
 
 def test_table_formats_benchmark_runs(tmp_path):
