@@ -147,6 +147,11 @@ def test_target_errors_and_resolution(model_file, image, tmp_path):
     assert resolve_target("Prairie / Grassland", ["Cropland", "Prairie _ Grassland"]) == 1
     assert resolve_target(0, CLASSES) == 0
     assert resolve_target(None, CLASSES) is None
+    twins = ["water", "Water", "WATER", "trailing space "]  # a user's own legend: each name reachable
+    assert resolve_target("trailing space ", twins) == resolve_target("Trailing Space", twins) == 3
+    assert resolve_target("Water", twins) == 1
+    with pytest.raises(ConfigError, match="'wAter' matches 'water', 'Water', 'WATER' but for case"):
+        resolve_target("wAter", twins)
     with pytest.raises(InputError, match="missing.png: no such file or directory"):  # as run says it
         run_explain([str(tmp_path / "missing.png")], str(tmp_path), str(model_file), **QUIET)
     with pytest.raises(ConfigError, match="unknown CAM method"):
@@ -387,10 +392,23 @@ def test_a_tile_past_the_scenes_edge_is_drawn_pale_there(model_file, scene_path,
     assert np.allclose(shaded[:rows_inside], figures.display_rgb(edge.image)[:rows_inside])
     assert shaded[rows_inside:].std() < figures.display_rgb(edge.image)[rows_inside:].std()  # washed out
     fig = figures.render_rows([edge, whole], ["gradcam"])
-    titles = [ax.get_title() for ax in fig.axes[:6:3]]
+    titles = [ax.get_title().replace("\n", " ") for ax in fig.axes[:6:3]]  # wrapped to the panel
     assert "pale: no data, the model saw the data mirrored" in titles[0] and "pale" not in titles[1]
     # the maps' colour bar says what its ends mean
     assert any("each map divided by its own peak" in ax.get_xlabel() for ax in fig.axes[6:]), [a.get_xlabel() for a in fig.axes]
+
+
+def test_a_long_class_name_is_wrapped_whole_in_its_panel_title():
+    """A 103-character class name ran over the next panel's title: it is wrapped to the panel's
+    width, every word and the score kept."""
+    from tilescan.explain import figures
+
+    name = "Sehr lange Klassenbezeichnung für überschwemmte Grünlandflächen mit Röhricht und Seggen entlang der Flüsse"
+    row = figures.FigureRow(np.zeros((32, 32, 3), np.float32), {"gradcam": np.zeros((32, 32), np.float32)}, f"{name} 0.58")
+    fig = figures.render_rows([row], ["gradcam"])
+    lines = fig.axes[0].get_title().split("\n")
+    assert len(lines) > 2 and " ".join(lines) == f"{name} 0.58"
+    assert max(map(len, lines)) <= len("Grad-CAM overlay") * 2
 
 
 def test_many_methods_are_drawn_two_lines_a_tile_not_one_long_row(model_file, image, tmp_path):

@@ -236,6 +236,26 @@ def test_a_warning_is_written_under_the_legend(tmp_path, scene_path):
     assert not ink[:, lay.width - lay.pad:].any()
 
 
+def test_a_class_name_longer_than_the_legend_is_cut_before_the_colour_bar(tmp_path):
+    """A 256 px chip labelled with a 150-character class name: its legend line is cut to the
+    legend's width (under the scene and label panels), so what lies under the heat panel (the
+    colour bar and its caption) is the same as with a short name."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    labels, heat = np.zeros((2, 2), int), np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    drawn = {}
+    for name in ("short", "Residential and commercial mixed use, dense urban core " * 3):
+        png = write_quicklook(tmp_path / f"{len(name)}.png", rgb, None, labels, heat, [name],
+                              scene_size=(256, 256), tile_px=128)
+        drawn[name] = np.asarray(Image.open(png).convert("RGB"))
+    short, long_ = drawn.values()
+    assert short.shape == long_.shape
+    lay = quicklook_layout(256, 256)
+    below, heat_x = lay.title_h + 256, lay.origin(2)[0]
+    np.testing.assert_array_equal(long_[below:, heat_x - lay.gap:], short[below:, heat_x - lay.gap:])
+    assert (long_[below:, :heat_x - lay.gap] != short[below:, :heat_x - lay.gap]).any()  # the name is drawn
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_run_writes_the_scale_warning_on_the_quicklook(tmp_path, scene_path):
     """``tilescan run``: the 300 m scene's quicklook carries its scale warning, the NAIP scene's

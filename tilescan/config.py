@@ -299,7 +299,8 @@ def output_shaping(config: dict) -> dict:
 
 
 def resolve_target(target: str | int | None, classes: Sequence[str], origin: str | None = None) -> int | None:
-    """A class name (exact, else case-insensitive) or index -> class index; None -> None.
+    """A class name (exact, else case-insensitive and without spaces at its ends) or index -> class
+    index; None -> None.
     Raises ConfigError listing the valid names (after ``origin``, where the value came from)."""
     try:
         return _class_index(target, classes)
@@ -316,12 +317,17 @@ def _class_index(target: str | int | None, classes: Sequence[str]) -> int | None
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # numpy's integers too
         idx = int(target)
     else:
+        if str(target) in classes:  # exact, spaces and all (a class named with a trailing space)
+            return list(classes).index(str(target))
         s = str(target).strip()
         if s in classes:
             return list(classes).index(s)
-        folded = [i for i, c in enumerate(classes) if c.lower() == s.lower()]
+        folded = [i for i, c in enumerate(classes) if c.strip().lower() == s.lower()]
         if len(folded) == 1:
             return folded[0]
+        if folded:
+            raise ConfigError(f"target class {target!r} matches {', '.join(repr(classes[i]) for i in folded)} but for "
+                              "case: give one of them exactly")
         from .layout import class_folder_name
 
         safe = class_folder_name(s)  # the label's own name, as chips made it a folder's

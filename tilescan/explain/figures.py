@@ -133,6 +133,13 @@ def _shaded(rgb: np.ndarray, outside_data_mask: np.ndarray | None) -> np.ndarray
     return out
 
 
+def _title_lines(title: str, cell_in: float) -> list[str]:
+    """A tile's title wrapped to its panel's width (a long class name over lines, whole, with
+    its score), so it does not run over the next panel's title."""
+    width = max(12, int(cell_in * 13))
+    return [part for line in title.split("\n") for part in (textwrap.wrap(line, width) or [""])]
+
+
 def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str | None = None, cell_in: float = 2.4,
                 warning: str | None = None):
     """The figure: one row per :class:`FigureRow`, columns original | heatmap | overlay
@@ -152,8 +159,8 @@ def render_rows(rows: Sequence[FigureRow], methods: Sequence[str], suptitle: str
         ax = axes[r * lines, 0]
         ax.imshow(_shaded(display_rgb(row.image), row.outside_data_mask), interpolation="nearest")
         pale = row.outside_data_mask is not None and row.outside_data_mask.any()
-        ax.set_title(row.title + ("\n(pale: no data, the model saw the data mirrored)" if pale else ""), fontsize=9,
-                     color=row.color)
+        title = row.title + ("\n(pale: no data, the model saw the data mirrored)" if pale else "")
+        ax.set_title("\n".join(_title_lines(title, cell_in)), fontsize=9, color=row.color)
         for m_i, m in enumerate(methods):
             cam = row.maps[m]
             name = row.map_titles.get(m, method_title(m))

@@ -419,7 +419,10 @@ def _compose(panels, heat_title: str | None, present: list[int], classes: list[s
     row_h = round(s * 1.5)
     # the legend goes under the scene and label panels, the colour bar under the heat panel
     legend_w = (2 * w + lay.gap if has_heat else lay.width) - 2 * pad
-    lines = _legend_lines(s, present, classes, legend_w)
+    names = list(classes)  # each as the legend shows it: cut to the legend's width
+    for i in present:
+        names[i] = qt.fit(s, classes[i], legend_w - s - s // 2)
+    lines = _legend_lines(s, present, names, legend_w)
     warned = qt.wrap(s, f"Warning: {warning}", legend_w) if warning else []
     legend_h = ((len(lines) + len(warned)) * row_h + 2 * pad) if lines or warned else 0
     bx, by, bx1, by1 = lay.colorbar_box()
@@ -441,7 +444,7 @@ def _compose(panels, heat_title: str | None, present: list[int], classes: list[s
     def below(draw):
         if has_heat:
             _draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
-        _draw_legend(draw, font, lines, classes, palette, pad, lay.title_h + h + pad, s, row_h)
+        _draw_legend(draw, font, lines, names, palette, pad, lay.title_h + h + pad, s, row_h)
         y = lay.title_h + h + pad + len(lines) * row_h + (row_h - s) // 2
         for j, line in enumerate(warned):
             draw.text((pad, y + j * row_h), line, fill=_WARNING_RGB, font=font)

@@ -43,6 +43,21 @@ def wrap(size: int, text: str, width: int) -> list[str]:
     return lines
 
 
+def fit(size: int, text: str, width: int) -> str:
+    """``text``, or its longest start that fits ``width`` px with "…" after it, in the ``size`` px
+    font: a class name longer than the legend's room is cut, not drawn over the colour bar."""
+    if text_len(size, text) <= width:
+        return text
+    lo, hi = 0, len(text) - 1  # the longest start that fits lies in lo..hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text_len(size, text[:mid].rstrip() + "…") <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip() + "…"
+
+
 class Overflow(Exception):
     """Something drawn on a band of the quicklook would reach outside it."""
 
