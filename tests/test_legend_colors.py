@@ -208,3 +208,30 @@ def test_a_colour_file_nested_too_deep_is_refused_by_name(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="--class-colors colors.json: the colour file cannot be used: nested too deep"):
         legend_colors(str(deep), "--class-colors colors.json", ["a", "b"], None, lambda m: None)
+
+
+def test_names_holding_separators_quotes_and_spaces(tmp_path):
+    """The colour is the line's last field(s), the name all before it: a name may hold a comma or
+    a semicolon, CSV quoting is honoured (a name starting with '#', which would be a comment
+    otherwise), quotes inside a name are kept."""
+    p = tmp_path / "c.csv"
+    p.write_text('Crop, fallow,#ff0000\n"Crop, wet",#00ff00\na;b,#800000\n"#hash tag",0,0,255\n'
+                 'Field "north"\t#0000fe\nwater;10,20,30\nbare soil,200,180,120,255\n')
+    assert read_class_colors(p) == {"Crop, fallow": (255, 0, 0), "Crop, wet": (0, 255, 0), "a;b": (128, 0, 0),
+                                    "#hash tag": (0, 0, 255), 'Field "north"': (0, 0, 254), "water": (10, 20, 30),
+                                    "bare soil": (200, 180, 120)}
+
+
+def test_case_twins_keep_their_own_colours_and_unused_names_are_said(tmp_path):
+    """Classes alike but for case each take only the colour given their own name (WATER does not
+    take water's); a name with spaces at its ends still finds its class; a file name no class has
+    (a typo) is said."""
+    p = tmp_path / "c.txt"
+    p.write_text("water,#00ffff\nWater,#4682b4\ntrailing space ,#abcdef\nforrest,#00ff00\n")
+    said = []
+    got = legend_colors(str(p), "--class-colors", ["water", "Water", "WATER", " trailing space"], None, said.append)
+    colors = got["colors"]
+    assert colors[:2] == ["#00ffff", "#4682b4"] and colors[3] == "#abcdef"
+    assert colors[2] not in colors[:2] + colors[3:]
+    assert any("names 1 that the model has no class of, unused: 'forrest'" in m for m in said), said
+    assert any("gives no colour for 1 class(es) ('WATER')" in m for m in said), said

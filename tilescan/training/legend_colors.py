@@ -4,13 +4,15 @@
 value and label, the colour its symbols draw: fill, line or marker, the outline where the fill
 is hidden; or a paletted raster), QGIS's exported colour map (``INTERPOLATION:`` then
 ``value,r,g,b,alpha,label``), JSON (``{"water": "#1f78b4"}``) or text lines ``name,#rrggbb`` /
-``name,r,g,b`` (tab, ``;`` or ``,``; ``#`` starts a comment line; a header line is skipped).
+``name,r,g,b`` (tab, ``,`` or ``;``; CSV quoting for a name that holds one, or starts with ``#``,
+which otherwise starts a comment line; a header line is skipped).
 :func:`legend_colors` gives each class of a model its colour: the file's, a parent's, else a
 palette colour no other class has. Alpha is not kept: outputs draw classes opaque.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import unicodedata
@@ -71,17 +73,16 @@ def _text_colors(text: str) -> dict[str, RGB]:
     lines = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.lstrip().startswith("#")]
     exported = bool(lines) and lines[0][1].upper().startswith("INTERPOLATION")
     for k, (i, line) in enumerate(lines[1:] if exported else lines):
-        sep = "\t" if "\t" in line else ";" if ";" in line else ","
-        name, _, colour = line.partition(sep)
-        if k == 0 and not exported and not any(ch.isdigit() or ch == "#" for ch in colour) and not _is_color(colour):
-            header = (i, line)  # a header line (class,color; class,r,g,b): "water,blue" is a line, blue a colour
-            continue
         try:
             if exported:  # value,r,g,b,alpha,label: the label as it is, commas included
                 parts = [x.strip() for x in line.split(",", 5)]
                 rgb, names = parse_color(",".join(parts[1:4])), [parts[0], *parts[5:]]
+            elif k == 0 and _header(line):
+                header = (i, line)  # a header line (class,color; class,r,g,b): "water,blue" is a line, blue a colour
+                continue
             else:
-                rgb, names = _file_color(colour.strip().strip('"')), [name.strip().strip('"')]
+                name, rgb = _name_colour(line)
+                names = [name]
         except (ValueError, IndexError) as e:
             raise ValueError(f"line {i}: {line!r}: {e if isinstance(e, ValueError) else 'a name and a colour'}") from None
         for name in filter(None, names):
@@ -91,6 +92,33 @@ def _text_colors(text: str) -> dict[str, RGB]:
         raise ValueError(f"line {header[0]}: {header[1]!r} is read as a header (its colour field is no colour: "
                          "#rrggbb, r,g,b or a CSS name), and no line follows it")
     return out
+
+
+def _header(line: str) -> bool:
+    """Whether a first line is a header: all after its first separator holds no digit and no ``#``
+    and is no colour (``class,red,green,blue``; ``water,blue`` is a line)."""
+    rest = line.partition("\t" if "\t" in line else ";" if ";" in line else ",")[2]
+    return not any(ch.isdigit() or ch == "#" for ch in rest) and not _is_color(rest)
+
+
+def _name_colour(line: str) -> tuple[str, RGB]:
+    """A line's class name and colour: fields split at tabs, else commas, else semicolons (CSV
+    quoting honoured: ``"Crop, fallow",#ff0000``), the colour last (``#rrggbb``, a CSS name, or
+    fields r, g, b[, a]) and the name all before it, so a name may hold the other separators."""
+    import csv
+
+    first = None
+    for sep in (c for c in "\t,;" if c in line):
+        fields = next(csv.reader([line], delimiter=sep))
+        # r,g,b,a / r,g,b / one field / all after the first (QGIS's "r,g,b,a,rgb:..."): the first that reads
+        cuts = [n for n in (4, 3) if len(fields) > n and all(f.strip().isdigit() for f in fields[-n:])]
+        for n in (*cuts, 1, len(fields) - 1):
+            if 0 < n < len(fields):
+                try:
+                    return sep.join(fields[:-n]).strip(), _file_color(",".join(fields[-n:]))
+                except ValueError as e:
+                    first = first or e
+    raise first or ValueError("a name and a colour")
 
 
 def _is_color(text: str) -> bool:
@@ -153,7 +181,8 @@ def _qml_colors(text: str) -> dict[str, RGB]:
 
 
 def _key(name: str) -> str:
-    return unicodedata.normalize("NFC", str(name)).casefold()
+    """A name as matched when no name is exact: one Unicode form, case folded, no spaces at its ends."""
+    return unicodedata.normalize("NFC", str(name)).strip().casefold()
 
 
 def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log: Callable[[str], None],
@@ -177,6 +206,10 @@ def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log: C
         if all(rgb is None for rgb in picked):
             raise ConfigError(f"{origin}: the colour file names none of the {len(classes)} classes "
                               f"({_names(classes)}); it names {_names(list(mine)) if mine else 'none (it is empty)'}")
+        known = {_key(n) for n in (*classes, *(aliases or {}).values())}
+        unused = [n for n, rgb in mine.items() if _key(n) not in known and rgb not in picked]  # a category's value: its label's colour
+        if unused:
+            log(f"warning: {Path(path).name} names {len(unused)} that the model has no class of, unused: {_names(unused)}")
         sources.append(Path(path).name)
     if parent is not None and (own := (parent.meta.get("legend") or {}).get("colors")):
         inherited = _match(dict(zip(parent.meta["classes"], map(parse_color, own))), classes, aliases)
@@ -190,14 +223,19 @@ def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log: C
 
 
 def _match(table: dict[str, RGB], classes: Sequence[str], aliases: dict[str, str] | None) -> list[RGB | None]:
-    """Each class's colour in ``table``: by its name or its alias, in any Unicode form, else ignoring case."""
+    """Each class's colour in ``table``: by its name or its alias, in any Unicode form, else by
+    :func:`_key` (case and spaces at the ends), except for classes alike that way (``water``,
+    ``Water``): each of those by its own name only, so none takes another's colour."""
     exact = {unicodedata.normalize("NFC", str(k)): v for k, v in table.items()}
     folded = {_key(k): v for k, v in reversed(list(table.items()))}  # of names alike but for case, the first
+    twins = collections.Counter(_key(c) for c in classes)
     out = []
     for c in classes:
         names = [unicodedata.normalize("NFC", n) for n in (c, *([aliases[c]] if aliases and c in aliases else []))]
         rgb = next((exact[n] for n in names if n in exact), None)
-        out.append(rgb if rgb is not None else next((folded[_key(n)] for n in names if _key(n) in folded), None))
+        if rgb is None and twins[_key(c)] == 1:
+            rgb = next((folded[_key(n)] for n in names if _key(n) in folded), None)
+        out.append(rgb)
     return out
 
 
