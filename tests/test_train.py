@@ -117,6 +117,25 @@ def test_empty_and_case_alike_class_folders_are_said(mini_aid, tmp_path, caplog)
     assert f"class folders '{CLASSES[2].upper()}', '{CLASSES[2]}' differ only in case" in caplog.text, caplog.text
 
 
+def test_one_name_in_two_unicode_forms_is_one_class_and_said(mini_aid, tmp_path, caplog):
+    """Two folders 'café' (composed, and decomposed as macOS writes it) side by side on Linux
+    are one class, said with both names; the two forms in two splits (a split made on a Mac)
+    are one class without a word."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    plain = tmp_path / "plain"
+    for name, cls in ((nfc, CLASSES[0]), (nfd, CLASSES[1]), ("other", CLASSES[2])):
+        shutil.copytree(mini_aid / "images" / cls, plain / name)
+    ds = load_dataset(plain)
+    assert ds.classes == [nfc, "other"]
+    assert f"class folders {ascii(nfd)}, {ascii(nfc)} are one name in two Unicode forms" in caplog.text, caplog.text
+    caplog.clear()
+    split = tmp_path / "split"
+    shutil.copytree(plain / nfc, split / "Train" / nfc)
+    shutil.copytree(plain / nfd, split / "Test" / nfd)
+    assert load_dataset(split).classes == [nfc]
+    assert "Unicode forms" not in caplog.text, caplog.text
+
+
 def test_stratified_split_is_seeded_and_disjoint():
     items = [(f"c{c}/{i}.jpg", c) for c in range(3) for i in range(20)]
     a = stratified_split(items, 0.2, 0.2, seed=1)

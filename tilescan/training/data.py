@@ -230,11 +230,6 @@ def _say_dangling(root: Path) -> None:
              "('git annex get' / 'datalad get')?")
 
 
-def _class_images(folder: Path) -> list[Path]:
-    """:func:`_walk_images`, sorted."""
-    return sorted(_walk_images(folder))
-
-
 def _nfc(name: str) -> str:
     """A class name as one Unicode form (macOS writes folder names decomposed: 'Forêt' is then
     another string than the same name typed elsewhere)."""
@@ -250,20 +245,24 @@ def _folders(root: Path) -> list[Path]:
 
 
 def _say_odd_classes(data: Path, roots: Sequence[Path], classes: Sequence[str]) -> None:
-    """Warnings for the class folders of ``roots`` (each split's, or the one) that hold no image in
-    any of them (left out of the legend), and classes alike but for case (one folder on macOS and
-    Windows, one colour in a colour file)."""
+    """Warnings for class folders of ``roots`` (each split's, or the one) with no image (left out),
+    named alike but for case (one folder on macOS and Windows) or in two Unicode forms (one class)."""
     from ..log import emit
 
     empty = sorted({d.name for r in roots for d in _folders(r) if _nfc(d.name) not in classes}, key=str)
     if classes and empty:
         emit(f"warning: {data}: class folder(s) {', '.join(map(repr, empty))} hold no image: left out of the legend")
-    folded: dict[str, list[str]] = {}
+    folded, forms = {}, {}
     for c in classes:
         folded.setdefault(c.casefold(), []).append(c)
+    for r, d in ((r, d) for r in roots for d in _folders(r) if _nfc(d.name) in classes):
+        forms.setdefault((r, _nfc(d.name)), set()).add(d.name)  # in one folder: two folders, on any system
     for alike in (names for names in folded.values() if len(names) > 1):
         emit(f"warning: {data}: class folders {', '.join(map(repr, alike))} differ only in case: {len(alike)} classes "
-             "here, one folder on macOS and Windows, and one colour in a colour file; rename or merge them")
+             "here, one folder on macOS and Windows; rename or merge them")
+    for c, names in sorted({(c, tuple(sorted(n))) for (_, c), n in forms.items() if len(n) > 1}):
+        emit(f"warning: {data}: class folders {', '.join(map(ascii, names))} are one name in two Unicode forms (as "
+             f"macOS writes it and not): their images are one class {c!r}; rename one if they are not")
 
 
 def _read_classes(*candidates: Path) -> list[str] | None:
@@ -283,7 +282,7 @@ def _list_items(root: Path, rel_root: Path, classes: list[str]) -> list[tuple[st
     index = {c: i for i, c in enumerate(classes)}
     items = []
     for cls in sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d)):
-        images = _class_images(root / cls)
+        images = sorted(_walk_images(root / cls))
         if _nfc(cls) not in index and images:  # a folder without images (a class to come) has nothing to train on
             raise InputError(f"class folder '{cls}' is not in the class list {classes}", path=str(root))
         items += [(str(f.relative_to(rel_root)), index[_nfc(cls)]) for f in images]
