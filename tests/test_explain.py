@@ -82,9 +82,10 @@ def test_scene_top_tiles(model_file, scene_path, tmp_path):
 
 def test_a_tiles_bounds_hold_it_on_a_south_up_or_sheared_scene(model_file, scene_path, tmp_path, monkeypatch):
     """The JSON's bounds are the box round the tile's corners, where the transform turns or
-    shears the grid (not the north-up box of its window); the south-up scene's tile is drawn
-    north-up, as the quicklook draws the scene, and the sheared one, and one without
-    georeferencing, as stored."""
+    shears the grid (not the north-up box of its window); the south-up scene's tile is turned
+    north-up for the model, as run turns it, and drawn so, as the quicklook draws the scene:
+    it is the same ground's tile of the scene stored north-up; the sheared one, and one without
+    georeferencing, go as stored."""
     import rasterio
     from affine import Affine
 
@@ -118,8 +119,16 @@ def test_a_tiles_bounds_hold_it_on_a_south_up_or_sheared_scene(model_file, scene
             xs, ys = zip(*(transform * (col, r) for col in (256, 384) for r in (128, 256)))
             assert row["bounds"] == pytest.approx([min(xs), min(ys), max(xs), max(ys)]), name
         (shown,) = drawn["rows"]
-        np.testing.assert_array_equal(shown.image, drawn["x"][::-1] if name == "southup" else drawn["x"])
+        np.testing.assert_array_equal(shown.image, drawn["x"])  # drawn as the model saw it
         assert not np.array_equal(drawn["x"][::-1], drawn["x"])
+    seen = {}
+    for name, pixels, transform, tile in (("n640", data[:, :640], t, (3, 2)),  # whole tiles: the grids meet
+                                          ("s640", data[:, 639::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + t.e * 640), (1, 2))):
+        with rasterio.open(tmp_path / f"{name}.tif", "w", **{**profile, "height": 640, "transform": transform}) as dst:
+            dst.write(np.ascontiguousarray(pixels))
+        run_explain([str(tmp_path / f"{name}.tif")], str(tmp_path), str(model_file), tiles=[tile], tile_size=128, **QUIET)
+        seen[name] = drawn["x"]
+    np.testing.assert_allclose(seen["s640"], seen["n640"], atol=1e-6)  # resized 2:1 in another order
 
 
 def test_scene_named_tiles_and_target(model_file, scene_path, tmp_path):

@@ -341,6 +341,58 @@ def test_a_scene_stored_south_up_or_east_left_is_drawn_north_up(tmp_path, scene_
     assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - mirrored).mean()
 
 
+def test_the_same_ground_stored_south_up_or_east_left_gets_the_same_results(tmp_path, scene_path):
+    """768 x 512 px of the NAIP scene (whole tiles: the three grids cover the same ground) stored
+    north-up, south-up and east-left: the model sees each tile north-up, so every tile has the
+    same label, probabilities and CAM figures whichever way the file lies; the label and heat
+    rasters are the same turned over, the quicklooks equal; explain says what run says."""
+    import json
+
+    from affine import Affine
+
+    with rasterio.open(scene_path(NAIP)) as src:
+        px, crs = src.read((1, 2, 3), window=rasterio.windows.Window(0, 0, 768, 512)), src.crs
+    x0, y0 = 485899.0, 5209246.0
+    stored = {"n": (px, Affine(5, 0, x0, 0, -5, y0)), "s": (px[:, ::-1], Affine(5, 0, x0, 0, 5, y0 - 5 * 512)),
+              "e": (px[:, :, ::-1], Affine(-5, 0, x0 + 5 * 768, 0, -5, y0))}
+    (tmp_path / "in").mkdir()
+    for k, (a, t) in stored.items():
+        with rasterio.open(tmp_path / "in" / f"{k}.tif", "w", driver="GTiff", width=768, height=512, count=3,
+                           dtype="uint8", crs=crs, transform=t) as dst:
+            dst.write(np.ascontiguousarray(a))
+    out = tmp_path / "out"
+    res = invoke(["run", tmp_path / "in", "-o", out, "--no-progress", "-q"])
+    assert res.exit_code == 0, res.output
+    tables = {}
+    for k in stored:
+        t = pq.read_table(out / k / "tiles.parquet").to_pandas()
+        t["at"] = [(round(b["xmin"], 3), round(b["ymin"], 3)) for b in t.bbox]  # the tile's ground
+        tables[k] = t.set_index("at").sort_index()
+    n = tables["n"]
+    assert len(n) == 24 and n.label.nunique() > 1
+    for k in "se":
+        t = tables[k]
+        assert list(t.index) == list(n.index)
+        assert list(t.label) == list(n.label)
+        for col in ("confidence", "cam_mean", "cam_max", "cam_raw_max", "cam_peak_x", "cam_peak_y"):
+            np.testing.assert_allclose(t[col], n[col], rtol=1e-5, atol=1e-6, err_msg=f"{k} {col}")
+        np.testing.assert_allclose(np.stack(t.probabilities), np.stack(n.probabilities), atol=1e-6)
+    read = {k: {f: rasterio.open(out / k / f).read(1) for f in ("labels.tif", "heatmap.tif")} for k in stored}
+    for f in ("labels.tif", "heatmap.tif"):
+        np.testing.assert_allclose(read["s"][f][::-1], read["n"][f], atol=1e-6)
+        np.testing.assert_allclose(read["e"][f][:, ::-1], read["n"][f], atol=1e-6)
+    looks = {k: np.asarray(Image.open(out / k / "quicklook.png").convert("RGB")) for k in stored}
+    np.testing.assert_array_equal(looks["s"], looks["n"])
+    np.testing.assert_array_equal(looks["e"], looks["n"])
+    said = {}
+    for k, tile in (("n", "3,0"), ("s", "0,0")):  # the same ground: the grid's south-west tile
+        res = invoke(["explain", tmp_path / "in" / f"{k}.tif", "--tiles", tile, "-o", tmp_path / "ex", "-q"])
+        assert res.exit_code == 0, res.output
+        said[k] = json.loads((tmp_path / "ex" / f"{k}_tiles_explain.json").read_text())["rows"][0]
+    assert said["s"]["label"] == said["n"]["label"] == n.loc[n.row.eq(3) & n.col.eq(0), "label"].iloc[0]
+    assert said["s"]["confidence"] == pytest.approx(said["n"]["confidence"], abs=1e-6)
+
+
 def test_a_scene_without_georeferencing_is_drawn_as_stored(tmp_path, scene_path):
     """The NAIP scene with no CRS and no geotransform (rasterio gives it the identity, whose
     positive y pixel size is no south-up): run --allow-pixel-space's quicklook shows its rows

@@ -14,6 +14,7 @@ import json
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import batch_helpers as bh
@@ -289,6 +290,44 @@ def test_outputs_an_earlier_release_computed_otherwise_are_not_taken_for_this_on
     assert res.exit_code == 0 and read(out)["counts"]["done"] == 2, res.output
     assert {json.loads((out / u / "run.json").read_text())["results_version"] for u in "ab"} == {layout.RESULTS_VERSION}
     assert "made by an" not in invoke(["collect", out, "--no-gpkg", "--no-styles"]).output
+
+
+def test_version_2_outputs_of_a_north_up_scene_stay_current_and_a_south_up_ones_are_redone(tmp_path, scene_path,
+                                                                                           monkeypatch):
+    """Results version 3 turns a south-up scene's tiles north-up for the model and changes
+    nothing else: outputs version 2 made of a north-up scene are this release's (a rerun keeps
+    them, collect says nothing), a south-up scene's are refused as an earlier release's, and
+    --update redoes that one alone."""
+    import rasterio
+    from affine import Affine
+
+    from conftest import invoke, tree_hashes
+    from tilescan import layout
+
+    src = tmp_path / "scenes"
+    src.mkdir()
+    with rasterio.open(scene_path("opengeos-naip/m_4709963_se_14_1_20190904.tif")) as ds:
+        px, profile, t = ds.read((1, 2, 3), window=rasterio.windows.Window(0, 0, 256, 256)), ds.profile, ds.transform
+    profile.update(count=3, width=256, height=256, tiled=False)
+    for name, a, tr in (("north", px, t), ("south", px[:, ::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + 256 * t.e))):
+        with rasterio.open(src / f"{name}.tif", "w", **{**profile, "transform": tr}) as dst:
+            dst.write(np.ascontiguousarray(a))
+    out, args = tmp_path / "out", ["--no-progress", "--no-gpkg"]
+    monkeypatch.setattr(layout, "RESULTS_VERSION", 2)
+    assert invoke(["run", src, "-o", out, *args]).exit_code == 0
+    monkeypatch.undo()
+    north = tree_hashes(out / "north")
+    res = invoke(["run", src, "-o", out, *args])
+    assert res.exit_code == 3 and "north" not in res.output and "south: finished outputs made by an earlier " \
+        f"tilescan, whose results for the same scene, settings and model may differ (results version 2; this one's " \
+        f"{layout.RESULTS_VERSION})" in res.output, res.output
+    assert read(out)["counts"]["skipped"] == 1
+    res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
+    assert res.exit_code == 0 and "1 scene(s) were made by an earlier tilescan" in res.output and "(south)" in res.output
+    res = invoke(["run", src, "-o", out, *args, "--update"])
+    assert res.exit_code == 0 and read(out)["counts"] == {**read(out)["counts"], "done": 1, "skipped": 1}, res.output
+    assert tree_hashes(out / "north") == north
+    assert json.loads((out / "south" / "run.json").read_text())["results_version"] == layout.RESULTS_VERSION
 
 
 def test_outputs_a_later_release_made_are_not_undone_by_update(tmp_path, scene_path, monkeypatch):

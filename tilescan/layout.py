@@ -37,7 +37,7 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 #: How this tilescan computes a scene's results, in run.json: raised with every change that gives
 #: other outputs for the same scene, settings and model (``benchmarks/same_outputs.py`` tells),
 #: so a rerun does not keep an earlier release's as its own. Outputs without it count as 1.
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3  # 3: tiles of a scene stored south-up or east-left turned north-up for the model
 
 
 def results_version(manifest: dict) -> int:

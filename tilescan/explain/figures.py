@@ -35,7 +35,7 @@ from ..config import CAM_METHOD_TITLES, resolve_target
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, nodata_json, write_bytes, write_json
-from ..outputs.quicklook import north_up_flip
+from ..outputs.quicklook import north_up_flip, turned
 from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
@@ -211,11 +211,10 @@ def _predict(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 @dataclass
 class _Item:
-    x: np.ndarray  # (S, S, C) model input
+    x: np.ndarray  # (S, S, C) model input (a scene tile turned north-up, as run gives it to the model)
     info: dict[str, Any]
     outside_data_mask: np.ndarray | None = None  # (S, S) True outside the tile's data (past the scene's edge), seen mirrored
     valid: np.ndarray | None = None  # a scene tile's valid pixels, as run's reader gives them (None: an image, all valid)
-    flip: tuple[bool, bool] = (False, False)  # rows, columns turned over to draw it north-up (quicklook.north_up_flip)
 
 
 def _image_items(path: Path, lm, log: Callable[[str], None] = emit) -> list[_Item]:
@@ -300,7 +299,8 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
             best = ok[np.argsort(-score[ok], kind="stable")[: max(1, int(top))]]
             chosen = [all_tiles[i] for i in best]
         x, valid = reader.read_batch(chosen)
-        items, flip = [], north_up_flip(reader.info.transform)  # drawn as the quicklook draws the scene
+        flip = north_up_flip(reader.info.transform)  # the model sees each tile north-up, as run's does
+        x, valid, items = turned(x, flip), turned(valid, flip), []
         for tile, xi, vi in zip(chosen, x, valid):
             w = tile.window
             info = {
@@ -315,7 +315,7 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
                     "holds no valid pixel: the model sees only fill, and its label means nothing" if not vi.any() else
                     f"is {vi.mean():.0%} valid data") + f"; run leaves tiles under {cfg.min_valid_fraction:.0%} "
                     "unlabelled (its table has no row for it)")
-            items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0]), valid=vi, flip=flip))
+            items.append(_Item(xi, info, outside_data_mask=_outside_data(vi, xi.shape[0]), valid=vi))
         scene = {
             "width": reader.info.width,
             "height": reader.info.height,
@@ -542,11 +542,6 @@ def _explain_batch(items: list[_Item], cams: dict, methods: list[str], target_id
     return results[methods[0]], maps, results
 
 
-def _turned(a: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
-    """``a`` (rows, columns, ...) with its rows and/or columns turned over."""
-    return a[::-1 if flip[0] else 1, ::-1 if flip[1] else 1]
-
-
 def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, methods: list[str],
                       classes: Sequence[str], target_idx: int | None) -> tuple[list[FigureRow], list[dict]]:
     """The figure rows and the JSON records of the explained items."""
@@ -571,9 +566,7 @@ def _rows_and_records(items: list[_Item], first, maps: dict, results: dict, meth
             label = f"tile ({r_}, {c_}): {label}"
             if it.info.get("valid_fraction") == 0:  # asked for by name; run leaves it unlabelled
                 label += "\n(no data: the model saw only fill, the label means nothing)"
-        turn = functools.partial(_turned, flip=it.flip)
-        rows.append(FigureRow(turn(it.x), {m: turn(maps[m][i]) for m in methods}, label,
-                              outside_data_mask=None if it.outside_data_mask is None else turn(it.outside_data_mask)))
+        rows.append(FigureRow(it.x, {m: maps[m][i] for m in methods}, label, outside_data_mask=it.outside_data_mask))
         top3 = np.argsort(-probs[i])[:3]
         records.append(
             {

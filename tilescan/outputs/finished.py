@@ -6,6 +6,7 @@ latest run's reports say of them (failed, stopped, made with other settings).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -357,11 +358,26 @@ def say_models(scenes: list[_Scene], log: Callable[[str], None]) -> None:
             "table and summary count their labels together (each scene's model is in summary.json)")
 
 
+def results_alike(manifest: dict) -> int:
+    """The results version a run.json's outputs count as: its own, or this release's where this
+    release gives the same results for their scene (version 2's but for a scene stored south-up
+    or east-left, whose tiles version 3 turns north-up for the model)."""
+    from affine import Affine
+
+    from .quicklook import north_up_flip
+
+    made_by, t = layout.results_version(manifest), (manifest.get("scene_info") or {}).get("transform")
+    if made_by == 2 and layout.RESULTS_VERSION == 3 and isinstance(t, list) and len(t) == 6:
+        with contextlib.suppress(TypeError, ValueError):
+            return 3 if not any(north_up_flip(Affine(*map(float, t)))) else made_by
+    return made_by
+
+
 def say_results_versions(scenes: list[_Scene], log: Callable[[str], None]) -> None:
     """A warning when scenes were made by a tilescan whose results may differ from this one's for
     the same settings and model (run.json's ``results_version``; none: 1)."""
     def made_by(sc: _Scene) -> int:
-        return min((layout.results_version(u.manifest) for u in sc.units), default=1)
+        return min((results_alike(u.manifest) for u in sc.units), default=1)
 
     def few(names: list[str]) -> str:
         return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

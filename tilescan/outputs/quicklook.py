@@ -145,6 +145,12 @@ def north_up_flip(transform) -> tuple[bool, bool]:
     return e > 0, a < 0
 
 
+def turned(tiles: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
+    """Tiles (n, rows, columns, ...) with their rows and/or columns turned over as ``flip``
+    says (:func:`north_up_flip`): a view."""
+    return tiles[:, ::-1 if flip[0] else 1, ::-1 if flip[1] else 1]
+
+
 def write_scene_quicklook(path: str | os.PathLike, read: np.ndarray, valid: np.ndarray, stretch, labels, heat,
                           classes: Sequence[str], **kw) -> Path:
     """:func:`write_quicklook` of ``SceneReader.overview_read``'s read and mask, scaled here by ``stretch``

@@ -11,7 +11,7 @@ import time
 from .. import layout
 from ..config import Config
 from ..model import LoadedModel
-from ..outputs.finished import OTHER_FILE, changed_settings, settings_alike, stretch_as_read
+from ..outputs.finished import OTHER_FILE, changed_settings, results_alike, settings_alike, stretch_as_read
 from ..scene import sources
 from .units import Unit, fingerprint
 
@@ -41,7 +41,7 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
                 "it alone with --overwrite (overwrite=True from Python) to redo it here; if it is another scene, rename "
                 "it or run it into another output folder: --overwrite would replace the other scene's outputs")
     redo = "pass --update to redo the scenes that changed (update=True from Python), or --overwrite to redo all"
-    made_by, now = layout.results_version(old), layout.RESULTS_VERSION
+    made_by, now = results_alike(old), layout.RESULTS_VERSION
     if _newer(old):  # --update would put this release's results over a later one's
         return (f"made by a later tilescan (results version {made_by}; this one's {now})", "run them with that "
                 "release (upgrade tilescan), or pass --overwrite to redo them with this one")
@@ -134,12 +134,15 @@ def _same_target(old: dict, cfg: Config, card: LoadedModel) -> str | None:
 
 def equivalent(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version: dict | None) -> bool:
     """Whether finished outputs whose fingerprint differs were made with settings that give the
-    same outputs (:func:`as_made`), or from the same remote object (its ETag) whose size an
-    earlier release read wrong."""
+    same outputs (:func:`as_made`), by an earlier release that gives the same results for
+    their scene (:func:`results_alike`), or from the same remote object (its ETag) whose size
+    an earlier release read wrong."""
     asked = as_made(old, unit, cfg, card)
+    now = layout.RESULTS_VERSION
+    results = layout.results_version(old) if results_alike(old) == now else now
     was_version = old.get("scene_version") or {}
     if version is not None and version.get("etag") and {**was_version, "size": None} == {**version, "size": None}:
         version = was_version  # the same object by its ETag: size as an earlier release read it (a range's on S3)
-    elif asked is cfg or version is None:
+    elif (asked is cfg and results == now) or version is None:
         return False
-    return old.get("fingerprint") == fingerprint(unit, asked, card.sha256, version)
+    return old.get("fingerprint") == fingerprint(unit, asked, card.sha256, version, results)

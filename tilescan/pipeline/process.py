@@ -9,6 +9,7 @@ finished (tables, COGs, quicklook, QGIS files, run.json) and moved into place, o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import shutil
@@ -32,7 +33,7 @@ from ..outputs.files import folder_synced_once, nodata_json, write_json
 from ..outputs.geometry import crs_text, lonlat_limits, window_corners
 from ..outputs.heatmap import HeatmapWriter
 from ..outputs.qgis import qgis_alpha_band, scene_source, write_scene_files
-from ..outputs.quicklook import north_up_flip, write_scene_quicklook
+from ..outputs.quicklook import north_up_flip, turned, write_scene_quicklook
 from ..outputs.table import TileTable, check_gpkg_fits
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
@@ -102,6 +103,9 @@ class UnitJob:
         self.stack.callback(reader.close)
         self.timings.update(reader.timings)  # scan (finding the data) and stats
         info, grid = reader.info, reader.grid
+        # a scene stored south-up or east-left: the model sees each tile north-up, as the same
+        # ground stored the usual way (its heat is turned back to the scene's pixels)
+        self.turn = north_up_flip(info.transform)
         self.r0 = unit.row_start or 0
         self.r1 = grid.n_rows if unit.row_stop is None else min(unit.row_stop, grid.n_rows)
         self.n_tiles = (self.r1 - self.r0) * grid.n_cols
@@ -165,6 +169,8 @@ class UnitJob:
         keep = np.flatnonzero((frac >= self.cfg.tiling.min_valid_fraction) & (frac > 0))
         if len(keep) < len(chunk):
             x, v = x[keep], v[keep]
+        if any(self.turn):
+            x[...] = turned(x, self.turn)
         read = float(frac.sum())
         dropped = read - float(frac[keep].sum())
         with self.state:  # readers of different bands add up here at once
@@ -178,6 +184,9 @@ class UnitJob:
 
     def consume(self, tiles: TileSet, valid: np.ndarray, fractions: np.ndarray, res) -> None:
         """One batch's share of model results: table rows, label cells, blended heat."""
+        if any(self.turn):  # the maps of tiles turned north-up, as the scene's pixels lie
+            res = dataclasses.replace(res, cam=np.ascontiguousarray(turned(res.cam, self.turn)),
+                                      raw=np.ascontiguousarray(turned(res.raw, self.turn)))
         rows, cls, cam = _batch_rows(tiles, fractions, res, self.reader.info.transform, valid, self.limits)
         self.labels[rows["row"] - self.r0, rows["col"]] = cls
         self.heat.add_batch(tiles.col_off, tiles.row_off, tiles.grid.tile_size, cam, valid)

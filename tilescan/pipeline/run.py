@@ -381,7 +381,8 @@ class _Units:
         old = read_manifest(final) or {}
         version = old.get("scene_version")
         if (not getattr(exc, "transient", False) or self.cfg.output.overwrite or old.get("status") != "complete"
-                or version is None or old.get("fingerprint") != fingerprint(unit, self.cfg, self.card.sha256, version)):
+                or version is None or (old.get("fingerprint") != fingerprint(unit, self.cfg, self.card.sha256, version)
+                                       and not equivalent(old, unit, self.cfg, self.card, version))):
             return None
         said = str(exc) if exc.path in (None, str(unit.scene)) else f"not asked, as its server did not answer for {exc}"
         reason = ("already complete; kept unchecked, as its scene could not be reached to check it for changes "

@@ -164,10 +164,11 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = None) -> str:
+def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = None, results: int | None = None) -> str:
     """What the outputs depend on: the scene file, the unit's rows, the result-shaping
-    config (not batch size or threads), the model file and :data:`~tilescan.layout.RESULTS_VERSION`. ``version``: the scene's
-    :func:`sources.scene_identity` (path, size, mtime; or URL and validators), when known."""
+    config (not batch size or threads), the model file and :data:`~tilescan.layout.RESULTS_VERSION`
+    (or ``results``, an earlier one's). ``version``: the scene's :func:`sources.scene_identity`
+    (path, size, mtime; or URL and validators), when known."""
     scene = sources.scene_identity(unit.scene) if version is None else version
     blob = json.dumps(
         {
@@ -175,7 +176,7 @@ def fingerprint(unit: Unit, cfg: Config, model_sha: str, version: dict | None = 
             "rows": [unit.row_start, unit.row_stop],
             "config": output_shaping(cfg.to_dict()),
             "model": model_sha,
-            "results": layout.RESULTS_VERSION,
+            "results": layout.RESULTS_VERSION if results is None else results,
         },
         sort_keys=True,
     )
