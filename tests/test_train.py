@@ -245,6 +245,59 @@ def test_resume_after_sigkill_or_sigterm(mini_aid, tmp_path, sig):
     assert res.exit_code == 6 and "there is no checkpoint" in res.output and out.read_bytes() == kept
 
 
+_STOP_IN_GC = """
+import gc, os, signal, sys
+import tilescan.training.train as T
+load, armed = T.train_val_paths, []
+def cb(phase, info):  # as JAX's own gc callback runs: a signal's handler may run inside it
+    if armed and phase == "start":
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10))
+gc.callbacks.append(cb)
+def arm(*a, **k):
+    armed.append(1)
+    gc.collect()
+    return load(*a, **k)
+T.train_val_paths = arm
+from tilescan.cli import entry
+sys.argv = ["tilescan", *sys.argv[1:]]
+entry()
+"""
+
+
+def test_a_sigterm_python_drops_in_a_gc_callback_still_stops_training(mini_aid, tmp_path):
+    """A SIGTERM whose exception is raised inside a garbage-collector callback is only printed
+    by Python: train went on to the end and exited 0 (a preempted node kills it instead); the
+    stop is kept and raised again at the next batch: exit 75, nothing exported."""
+    out = tmp_path / "g.keras"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", _STOP_IN_GC, "train", str(mini_aid), "-o", str(out), "--epochs", "3",
+                           "--image-size", "32", "--batch-size", "16"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "Exception ignored" in proc.stderr, proc.stderr[-2000:]  # Python dropped it, as on a real node
+    assert proc.returncode == 75 and "tilescan: stopped by SIGTERM" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_a_second_train_into_the_same_model_is_turned_away(mini_aid, tmp_path):
+    """While a train holds a model's lock (another process training into it), a train into the
+    same -o is refused (exit 6) and touches nothing; once it is let go, it trains."""
+    from tilescan.layout import FileLock
+
+    out = tmp_path / "m.keras"
+    held = FileLock(tmp_path / ".m.keras.lock")
+    held.acquire()
+    try:
+        res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "8"])
+        assert res.exit_code == 6 and "is training into this model; wait for it" in res.output, res.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".m.keras.lock"]
+    finally:
+        held.release()
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "8"])
+    assert res.exit_code == 0 and out.exists() and not (tmp_path / ".m.keras.lock").exists(), res.output
+
+
 def test_early_stopping_restores_best(mini_aid, tmp_path):
     import keras
 
@@ -593,10 +646,13 @@ def test_resume_with_more_epochs_stretches_the_schedule_over_them(mini_aid, tmp_
     assert float(_history(out)[-1]["learning_rate"]) == 0.0
     # nothing left to train (a requeued job resuming once more): the saved model is left as it is,
     # not saved again under a new id and sha256 that would make its finished scenes another model's
-    saved = out.read_bytes()
+    saved, history_csv = out.read_bytes(), (tmp_path / "m.history.csv").read_text()
+    for end in (".history.csv", ".curves.png"):  # as a stop right after the model's save leaves it
+        (tmp_path / f"m{end}").unlink()
     res = _train([*args, "--epochs", "2", "--resume"])
     assert res.exit_code == 0 and "nothing to train" in res.output and "left as it is" in res.output, res.output
     assert out.read_bytes() == saved
+    assert (tmp_path / "m.history.csv").read_text() == history_csv and (tmp_path / "m.curves.png").stat().st_size
     res = _train([*args, "--epochs", "4", "--resume"])
     assert res.exit_code == 0, res.output
     lrs = [float(r["learning_rate"]) for r in _history(out)]

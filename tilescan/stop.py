@@ -51,6 +51,22 @@ def request() -> None:
         _state.update(signal=REQUESTED, at=time.monotonic())
 
 
+def note(name: str) -> None:
+    """Record a stop the command line raises as an exception in whatever code runs (``name``:
+    the signal's), so :func:`check` raises it again where Python dropped it (an exception in a
+    garbage-collector callback is only printed)."""
+    if _state["signal"] is None:
+        _state.update(signal=name, at=time.monotonic())
+
+
+def forget() -> None:
+    """Forget a stop recorded before, where no run is at work (a command's start in a process
+    that ran others: tests, a notebook)."""
+    with _runs_lock:
+        if not _state["runs"]:
+            _state.update(signal=None)
+
+
 def settle(done: bool = True) -> None:
     """Say that the command's work is in place (``done``; False at a command's start): a stop
     that comes after has nothing left to act on, and the command line lets it pass."""
@@ -124,9 +140,8 @@ def handling(second: str = "end") -> Iterator[Seen]:
     restored after. A request is forgotten once no run is at work (the next starts afresh)."""
     seen = Seen()
     main = threading.current_thread() is threading.main_thread()
+    forget()
     with _runs_lock:
-        if not _state["runs"]:
-            _state.update(signal=None)
         _state["runs"] += 1
         if main:
             _state["second"] = second

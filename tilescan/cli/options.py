@@ -150,11 +150,13 @@ def env_near_misses(environ: Mapping[str, str]) -> list[str]:
 
 def _raise_on_sigterm(signum, frame) -> None:
     if not stop.settled():  # once the work is in place, a stop has nothing to act on
+        stop.note("SIGTERM")  # raised where Python drops it, stop.check() raises it again
         raise stop.Interrupted("SIGTERM")
 
 
 def _raise_on_sigint(signum, frame) -> None:
     if not stop.settled():
+        stop.note("SIGINT")
         raise KeyboardInterrupt
 
 
@@ -175,6 +177,7 @@ def _guard(fn: Callable[[], Any]) -> None:
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
     it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
     stop.settle(False)
+    stop.forget()
     ours = ((signal.SIGTERM, _raise_on_sigterm), (signal.SIGINT, _raise_on_sigint))
     before = {s: signal.signal(s, h) for s, h in ours} if threading.current_thread() is threading.main_thread() else {}
     try:

@@ -12,6 +12,7 @@ finished epoch with the same schedule, data order and early-stopping state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -23,7 +24,7 @@ from typing import Callable
 
 from .. import stop
 from ..config import TrainConfig
-from ..errors import ConfigError, InputError, OutputExistsError
+from ..errors import ConfigError, InputError, LockedError, OutputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, class_names_problem, save_model
 from ..outputs.files import make_folder, remove_dead_temps, write_text
@@ -44,6 +45,11 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t_epoch = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            stop.check()  # a stop whose exception Python dropped (raised in a gc callback): here again
+
+        on_test_batch_end = on_train_batch_end
 
         def on_epoch_end(self, epoch, logs=None):
             with stop.deferred():  # a stop signal waits for the epoch's checkpoint to be whole
@@ -129,9 +135,34 @@ def train(dataset: Dataset, out: str | Path, cfg: TrainConfig, **kwargs) -> dict
 
     before = keras.mixed_precision.global_policy()
     try:
-        return _train(dataset, out, cfg, **kwargs)
+        with _training_into(Path(out)):
+            return _train(dataset, out, cfg, **kwargs)
     finally:
         keras.mixed_precision.set_global_policy(before)
+
+
+@contextlib.contextmanager
+def _training_into(out: Path):
+    """Hold the lock ``.<MODEL>.lock`` beside the model while training into it: a second train
+    into the same model would write the same checkpoint and history rows in turn."""
+    from ..layout import Busy, FileLock
+
+    if out.parent.exists() and not out.parent.is_dir():  # no folder: said as the checkpoint's is made
+        yield
+        return
+    make_folder(out.parent)
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    try:
+        lock.acquire()
+    except Busy as busy:
+        raise LockedError(f"another tilescan process ({busy.holder or 'unknown pid'}) is training into this model; "
+                          "wait for it, or train into another -o", path=str(out)) from None
+    except OSError as e:
+        raise OutputError(f"cannot lock the model's folder ({e.strerror or e})", path=str(out)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _train(
@@ -243,8 +274,9 @@ def _save(export, out: Path, meta: dict, half: bool, ckpt: Path, state: dict) ->
 
 def _already_saved(out: Path, ckpt: Path, cfg: TrainConfig, log: Callable[[str], None]) -> dict | None:
     """The summary of the checkpointed run when it has no epoch left to train (all done, or
-    stopped early) and ``out`` is still the model it saved: then nothing is written (saving
-    again would give the model a new id and sha256, and drop scores recorded since); else None."""
+    stopped early) and ``out`` is still the model it saved: then the model is not written again
+    (saving again would give it a new id and sha256, and drop scores recorded since), only its
+    history and curves where a stop came before them; else None."""
     from ..model import file_sha256
 
     state = json.loads((ckpt / "state.json").read_text())
@@ -252,6 +284,9 @@ def _already_saved(out: Path, ckpt: Path, cfg: TrainConfig, log: Callable[[str],
         return None
     if not out.is_file() or state.get("saved_sha256") != (sha := file_sha256(out)):
         return None
+    stem = out.name[: -len(".keras")]
+    if not all(out.with_name(stem + end).exists() for end in (".history.csv", ".curves.png")):
+        history.keep_beside(out, ckpt)  # a stop after the model was saved came before them
     early = state.get("stopped") == "early-stopping"
     more = "" if early else f"--epochs above {state['epochs_done']} goes on, "
     log(f"nothing to train: the checkpointed run {'stopped early' if early else 'trained all its epochs'} (epoch "
@@ -448,6 +483,7 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
                        _checkpointer(ckpt, state, dataclasses.replace(phase_cfg, epochs=cfg.epochs), left, log)],
             verbose=verbose,
         )
+        stop.check()  # one lost in the last batch: the checkpoint is whole, --resume exports it
         start = end
 
 
