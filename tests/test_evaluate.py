@@ -253,6 +253,32 @@ def test_tta_run_and_explanation_study(model_file, dataset, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(r["outputs"])
 
 
+def test_a_stopped_evaluation_leaves_the_earlier_ones_files_as_they_were(model_file, dataset, tmp_path, monkeypatch):
+    """A stop (SIGTERM's exception) while the explanations figure is drawn, in the folder of an
+    earlier evaluation: its files stay as they were (not the new tables beside the old report),
+    nothing half made is left; the next evaluation writes its set whole."""
+    from conftest import tree_hashes
+    from tilescan import stop
+
+    first = E.run_evaluate(str(model_file), str(dataset), "test", str(tmp_path), batch_size=16, explain_samples=2,
+                           log=lambda s: None)
+    before = tree_hashes(tmp_path)
+
+    def stopped(*a, **k):
+        raise stop.Interrupted("SIGTERM")
+
+    monkeypatch.setattr(E, "_explanation_figure", stopped)
+    with pytest.raises(stop.Interrupted):
+        E.run_evaluate(str(model_file), str(dataset), "val", str(tmp_path), batch_size=16, explain_samples=2,
+                       log=lambda s: None)
+    assert tree_hashes(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == sorted(first["outputs"])
+    monkeypatch.undo()
+    again = E.run_evaluate(str(model_file), str(dataset), "val", str(tmp_path), batch_size=16, explain_samples=0,
+                           log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(again["outputs"])
+    assert json.loads((tmp_path / "report.json").read_text())["split"] == "val"
+
+
 def test_compute_metrics_by_hand():
     from tilescan.training.metrics import compute_metrics
 

@@ -115,9 +115,32 @@ def remove_dead_temps(path: Path, older_than_s: float = 600) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():  # a staged set's folder (staged_files)
+        shutil.rmtree(path, ignore_errors=True)
+        return
     for extra in _SIDECARS:
         with contextlib.suppress(OSError):
             os.remove(str(path) + extra)
+
+
+@contextlib.contextmanager
+def staged_files(folder: Path, name: str, last: str | None = None) -> Iterator[Path]:
+    """A new hidden folder in ``folder`` (:func:`_temp_name` of ``name``) to make a set of files
+    in, moved into ``folder`` once all are made (``last`` after the others; a stop signal waits
+    meanwhile): a stop or an error leaves what ``folder`` held as it was. A killed process's
+    folder is removed by a later one (:func:`remove_dead_temps`)."""
+    from .. import stop
+
+    remove_dead_temps(Path(folder) / name)
+    stage = _temp_name(Path(folder) / name)
+    stage.mkdir()
+    try:
+        yield stage
+        with stop.deferred():
+            for f in sorted(stage.iterdir(), key=lambda f: f.name == last):
+                os.replace(f, Path(folder) / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _fsync_path(path: Path) -> None:

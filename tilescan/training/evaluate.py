@@ -40,7 +40,7 @@ from ..backend import usable_cores
 from ..config import positive_int
 from ..errors import ConfigError, InputError, OutputError, OutputExistsError
 from ..log import emit
-from ..outputs.files import csv_text, folder_kept_if_used, write_json, write_text
+from ..outputs.files import csv_text, folder_kept_if_used, staged_files, write_json, write_text
 from ..outputs.fonts import check_names
 from .cam_study import explanation_study, explanation_table, study_rows
 from .data import ALL
@@ -238,36 +238,44 @@ def run_evaluate(
     top5 = _top5(probs, y_true) if k > 5 else None
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
              f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
-    _write_tables(out, rel_paths, y_true, y_pred, conf, metrics, classes, title)
-    outputs = ["report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv"]
-    if explain_samples > 0:
-        _explanation_figure(out / "explanations.png", lm, paths, y_true, y_pred, conf, cam_methods,
-                            explain_samples, seed, split)
-        outputs.append("explanations.png")
+    # made aside, moved into place at the end: a stop leaves an earlier evaluation's files as they were
+    with staged_files(out, "evaluation", last="report.json") as stage:
+        _write_tables(stage, rel_paths, y_true, y_pred, conf, metrics, classes, title)
+        outputs = ["report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv"]
+        if explain_samples > 0:
+            _explanation_figure(stage / "explanations.png", lm, paths, y_true, y_pred, conf, cam_methods,
+                                explain_samples, seed, split)
+            outputs.append("explanations.png")
 
-    # -- explanation study -------------------------------------------------------------------
-    study = None
-    if explanations:
-        log(f"explanation study: {', '.join(cam_methods)} + random maps, deletion/insertion AUC over "
-            f"{faithfulness_limit or n} images ({faithfulness_steps} steps, blur baseline)")
-        study = explanation_study(lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
-        write_text(out / "explanations.csv", csv_text(study_rows(study)))
-        outputs.append("explanations.csv")
-        log(explanation_table(study))
+        study = None
+        if explanations:
+            study = _study(stage, lm, paths, cam_methods, faithfulness_steps, batch_size, faithfulness_limit, seed, log)
+            outputs.append("explanations.csv")
 
-    # -- report and record -----------------------------------------------------------------
-    provenance = ds.provenance()
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    timing = {"load_s": load_s, "warmup_s": warmup_s, "predict_s": predict_s, "batch_size": batch_size}
-    report = _report(lm, split, n, k, limit, tta, metrics, top5, provenance, timing, date, outputs)
-    report.update({"explanations": study} if study is not None else {}, **({"split_warning": overlap} if overlap else {}))
-    if record:
-        report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
-    report["timing"]["total_s"] = time.perf_counter() - t_start
-    write_json(out / "report.json", report)
+        # -- report and record -----------------------------------------------------------------
+        provenance = ds.provenance()
+        date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        timing = {"load_s": load_s, "warmup_s": warmup_s, "predict_s": predict_s, "batch_size": batch_size}
+        report = _report(lm, split, n, k, limit, tta, metrics, top5, provenance, timing, date, outputs)
+        report.update({"explanations": study} if study is not None else {}, **({"split_warning": overlap} if overlap else {}))
+        if record:
+            report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
+        report["timing"]["total_s"] = time.perf_counter() - t_start
+        write_json(stage / "report.json", report)
     _remove_stale(out, outputs)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
+
+
+def _study(stage: Path, lm, paths: list, cam_methods: Sequence[str], steps: int, batch_size: int, limit: int | None,
+           seed: int, log: Callable[[str], None]) -> dict:
+    """The explanation study of ``cam_methods`` against random maps, its table written into ``stage``."""
+    log(f"explanation study: {', '.join(cam_methods)} + random maps, deletion/insertion AUC over "
+        f"{limit or len(paths)} images ({steps} steps, blur baseline)")
+    study = explanation_study(lm, paths, cam_methods, steps, batch_size, limit, seed, log)
+    write_text(stage / "explanations.csv", csv_text(study_rows(study)))
+    log(explanation_table(study))
+    return study
 
 
 def _limited(items: list, limit: int | None) -> list:
