@@ -298,6 +298,34 @@ def test_a_second_train_into_the_same_model_is_turned_away(mini_aid, tmp_path):
     assert res.exit_code == 0 and out.exists() and not (tmp_path / ".m.keras.lock").exists(), res.output
 
 
+def test_a_full_disk_at_an_epochs_checkpoint_is_an_output_error(mini_aid, tmp_path, monkeypatch):
+    """No space left while the second epoch's checkpoint is saved: exit 6 saying so (it was an
+    internal error, exit 1), the epoch's half-saved files removed, the first epoch's checkpoint
+    whole: --resume goes on from it."""
+    import errno
+
+    from tilescan.training import resuming
+
+    commit, calls = resuming.commit_epoch, []
+
+    def full(ckpt, state, staged):
+        calls.append(state["epochs_done"])
+        if state["epochs_done"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return commit(ckpt, state, staged)
+
+    monkeypatch.setattr(resuming, "commit_epoch", full)
+    out = tmp_path / "m.keras"
+    args = [mini_aid, "-o", out, "--epochs", "3", "--image-size", "32", "--batch-size", "16", "--patience", "0"]
+    res = _train(args)
+    assert res.exit_code == 6 and "No space left on device" in res.output, res.output
+    ckpt = tmp_path / "m.ckpt"
+    assert not list(ckpt.glob(".*tmp*")) and json.loads((ckpt / "state.json").read_text())["epochs_done"] == 1
+    monkeypatch.undo()
+    res = _train([*args, "--resume"])
+    assert res.exit_code == 0 and "after epoch 1" in res.output and out.exists(), res.output
+
+
 def test_early_stopping_restores_best(mini_aid, tmp_path):
     import keras
 

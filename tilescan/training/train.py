@@ -27,7 +27,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, InputError, LockedError, OutputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, class_names_problem, save_model
-from ..outputs.files import make_folder, remove_dead_temps, write_text
+from ..outputs.files import make_folder, remove_dead_temps, write_error, write_text
 from . import history
 from . import resuming
 from .data import Dataset, channel_stats, make_batches, train_val_paths
@@ -53,7 +53,12 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
 
         def on_epoch_end(self, epoch, logs=None):
             with stop.deferred():  # a stop signal waits for the epoch's checkpoint to be whole
-                self._checkpoint(epoch, dict(logs or {}))
+                try:
+                    self._checkpoint(epoch, dict(logs or {}))
+                except OSError as e:  # a full disk: said as for any output, the epoch's half-saved files removed
+                    for tmp in ckpt.glob(f".*.e{epoch + 1}.tmp.*"):
+                        tmp.unlink(missing_ok=True)
+                    raise write_error(e, ckpt) from None
 
         def _checkpoint(self, epoch, logs):
             secs = time.monotonic() - self.t_epoch
