@@ -97,13 +97,26 @@ def test_without_such_a_font_a_warning_says_so_and_tilescan_font_is_used(cjk_fon
     fonts.check_names(["Forêt", *NAMES], said.append, "the quicklooks' legends")
     assert len(said) == 1 and said[0].startswith("warning: no installed font has the characters '地林耕' of the class "
                                                  "names: they show as boxes in the quicklooks' legends"), said
-    assert "TILESCAN_FONT" in said[0]
+    assert "TILESCAN_FONT" in said[0] and "fonts-noto-cjk for Chinese" in said[0] and "emoji" not in said[0]
+    fonts.check_names(["\U0001F332 trees"], said.append, "the quicklooks' legends")  # an emoji: another package
+    assert "fonts-symbola for symbols and emoji" in said[-1] and "cjk" not in said[-1], said
+    said.pop()
     _clear()
     monkeypatch.setenv(fonts.FONT_ENV, cjk_font)
     a, b = (_quicklook(tmp_path / f"env{i}.png", n) for i, n in enumerate(NAMES))
     assert (a != b).any()
     fonts.check_names(NAMES, said.append, "the quicklooks' legends")
     assert len(said) == 1
+
+
+def test_the_confusion_matrix_of_a_name_no_font_has_warns_only_through_check_names(tmp_path, recwarn):
+    """evaluate's confusion matrix with a character no font has: no matplotlib glyph warning
+    (with its source path) leaks from its layout; check_names says it, once, by name."""
+    from tilescan.training.evaluate import plot_confusion
+
+    plot_confusion(np.array([[3, 1], [0, 4]]), ["\ue000 odd", "plain"], tmp_path / "cm.png", "t")
+    assert (tmp_path / "cm.png").stat().st_size
+    assert not [w for w in recwarn if "Glyph" in str(w.message)], [str(w.message) for w in recwarn]
 
 
 def test_a_run_says_once_when_its_class_names_would_show_as_boxes(cjk_font, tmp_path, monkeypatch):

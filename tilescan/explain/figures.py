@@ -61,12 +61,20 @@ def figure_fonts(fig) -> None:
             t.set_fontfamily([family, "DejaVu Sans"])
 
 
+@contextlib.contextmanager
+def glyphs_said():
+    """matplotlib's warnings about characters no font has kept quiet while drawing: check_names
+    said so once, by name (as a warning on the command line)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        yield
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Render a matplotlib Figure to PNG (:func:`figure_fonts` first) and write it atomically."""
     figure_fonts(fig)
     buf = io.BytesIO()
-    with warnings.catch_warnings():  # characters no font has: check_names said so once, by name
-        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+    with glyphs_said():
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return write_bytes(path, buf.getvalue())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import unicodedata
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -107,8 +108,22 @@ def check_names(names: Sequence[str], log: Callable[[str], None], where: str) ->
     chars = sorted({chr(c) for n in names for c in _missing(n)})
     if chars:
         log(f"warning: no installed font has the characters {''.join(chars[:20])!r} of the class names: they show "
-            f"as boxes in {where}; install a font that has them (e.g. Debian's fonts-noto-cjk for Chinese, Japanese, "
-            f"Korean) or name one in {FONT_ENV}")
+            f"as boxes in {where}; install a font that has them (e.g. Debian's {_font_package(chars)}) or name one in "
+            f"{FONT_ENV}")
+
+
+def _font_package(chars: Sequence[str]) -> str:
+    """Debian's font packages that have ``chars``: by script, as far as a hint can tell."""
+    def kind(c: str) -> str:
+        if ord(c) >= 0x1F000 or unicodedata.category(c) == "So":
+            return "symbols"
+        return "wide" if unicodedata.east_asian_width(c) in "WF" else "other"
+
+    kinds = {kind(c) for c in chars}
+    packs = [p for k, p in (("wide", "fonts-noto-cjk for Chinese, Japanese, Korean"),
+                            ("symbols", "fonts-symbola for symbols and emoji"),
+                            ("other", "fonts-noto-core for other scripts")) if k in kinds]
+    return ", ".join(packs)
 
 
 def family_for(text: str) -> str | None:

@@ -45,7 +45,8 @@ from ..outputs.fonts import check_names
 from .cam_study import explanation_study, explanation_table, study_rows
 from .data import ALL
 from .metrics import compute_metrics
-from ..explain.figures import RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts, new_figure, render_rows, save_figure
+from ..explain.figures import (RIGHT_COLOR, WRONG_COLOR, FigureRow, figure_fonts, glyphs_said, new_figure,
+                               render_rows, save_figure)
 
 DEFAULT_OUT_DIR = "evaluation"
 SEED = 20261126
@@ -149,7 +150,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: st
     ax.set_ylabel("true class (support)")
     ax.set_title(title, fontsize=10)
     figure_fonts(fig)  # before the layout measures the class names
-    fig.tight_layout()
+    with glyphs_said():
+        fig.tight_layout()
     return save_figure(fig, path)
 
 
