@@ -279,6 +279,34 @@ def test_a_stopped_evaluation_leaves_the_earlier_ones_files_as_they_were(model_f
     assert json.loads((tmp_path / "report.json").read_text())["split"] == "val"
 
 
+def test_a_stop_while_the_files_move_into_place_lets_the_evaluation_end_done(model_file, dataset, tmp_path,
+                                                                              monkeypatch):
+    """A SIGTERM while the finished files are moved into place waits for them, and the earlier
+    evaluation's file this one does not make is removed; the work is in place, so the command
+    ends done (exit 0), not stopped."""
+    import os
+    import signal
+
+    from conftest import invoke
+
+    args = ["evaluate", model_file, dataset, "--split", "test", "-o", tmp_path, "--batch-size", "16"]
+    assert invoke([*args, "--explain-samples", "2"]).exit_code == 0 and (tmp_path / "explanations.png").exists()
+    replace, sent = os.replace, []
+
+    def moving(src, dst):
+        if ".evaluation.tmp-" in str(src) and Path(dst).parent == tmp_path and not sent:  # into place, not into the stage
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # mid-moves
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", moving)
+    res = invoke([*args, "--explain-samples", "0"])
+    monkeypatch.undo()
+    assert sent and res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(report["outputs"]) and "explanations.png" not in report["outputs"]
+
+
 def test_compute_metrics_by_hand():
     from tilescan.training.metrics import compute_metrics
 

@@ -220,6 +220,11 @@ def test_names_holding_separators_quotes_and_spaces(tmp_path):
     assert read_class_colors(p) == {"Crop, fallow": (255, 0, 0), "Crop, wet": (0, 255, 0), "a;b": (128, 0, 0),
                                     "#hash tag": (0, 0, 255), 'Field "north"': (0, 0, 254), "water": (10, 20, 30),
                                     "bare soil": (200, 180, 120)}
+    # as earlier releases read them: a quoted colour after a space, an unclosed quote, columns after r,g,b,a
+    p.write_text('water, "#00ff00"\n"pond,#00f\nsea,31,120,180,255,1\n')
+    assert read_class_colors(p) == {"water": (0, 255, 0), "pond": (0, 0, 255), "sea": (31, 120, 180)}
+    p.write_text('"Crop, fallow",goldenrod\nwater,#0000ff\n')  # a quoted name on the first line: no header
+    assert read_class_colors(p) == {"Crop, fallow": (218, 165, 32), "water": (0, 0, 255)}
 
 
 def test_case_twins_keep_their_own_colours_and_unused_names_are_said(tmp_path):
@@ -227,11 +232,11 @@ def test_case_twins_keep_their_own_colours_and_unused_names_are_said(tmp_path):
     take water's); a name with spaces at its ends still finds its class; a file name no class has
     (a typo) is said."""
     p = tmp_path / "c.txt"
-    p.write_text("water,#00ffff\nWater,#4682b4\ntrailing space ,#abcdef\nforrest,#00ff00\n")
+    p.write_text("water,#00ffff\nWater,#4682b4\ntrailing space ,#abcdef\nforrest,#00ff00\nwAter,#111111\n")
     said = []
     got = legend_colors(str(p), "--class-colors", ["water", "Water", "WATER", " trailing space"], None, said.append)
     colors = got["colors"]
     assert colors[:2] == ["#00ffff", "#4682b4"] and colors[3] == "#abcdef"
     assert colors[2] not in colors[:2] + colors[3:]
-    assert any("names 1 that the model has no class of, unused: 'forrest'" in m for m in said), said
+    assert any("names 2 that the model has no class of, unused: 'forrest', 'wAter'" in m for m in said), said
     assert any("gives no colour for 1 class(es) ('WATER')" in m for m in said), said

@@ -391,6 +391,14 @@ def test_the_same_ground_stored_south_up_or_east_left_gets_the_same_results(tmp_
         said[k] = json.loads((tmp_path / "ex" / f"{k}_tiles_explain.json").read_text())["rows"][0]
     assert said["s"]["label"] == said["n"]["label"] == n.loc[n.row.eq(3) & n.col.eq(0), "label"].iloc[0]
     assert said["s"]["confidence"] == pytest.approx(said["n"]["confidence"], abs=1e-6)
+    top = {}  # --top ranks the tiles by what the model says of them turned north-up, as run's labels
+    for k in "ns":
+        res = invoke(["explain", tmp_path / "in" / f"{k}.tif", "--top", "3", "-o", tmp_path / "top", "-q"])
+        assert res.exit_code == 0, res.output
+        rows = json.loads((tmp_path / "top" / f"{k}_tiles_explain.json").read_text())["rows"]
+        top[k] = [((r["tile"][0] if k == "n" else 3 - r["tile"][0], r["tile"][1]), r["label"],
+                   round(r["confidence"], 5)) for r in rows]
+    assert top["s"] == top["n"], top
 
 
 def test_a_scene_without_georeferencing_is_drawn_as_stored(tmp_path, scene_path):

@@ -297,6 +297,26 @@ def test_a_second_train_into_the_same_model_is_turned_away(mini_aid, tmp_path):
         held.release()
     res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "8"])
     assert res.exit_code == 0 and out.exists() and not (tmp_path / ".m.keras.lock").exists(), res.output
+    res = _train([mini_aid, "-o", tmp_path / "new" / "deeper" / "m.h5", "--epochs", "1"])  # refused: no folder left
+    assert res.exit_code == 2 and not (tmp_path / "new").exists(), res.output
+
+
+def test_a_stop_asked_of_runs_or_seen_by_an_earlier_command_does_not_stop_a_later_train(mini_aid, tmp_path):
+    """tilescan.stop_runs() with no run at work (a service's shutdown hook), then a train: it
+    trains (the request is the runs'); so does one after a command that was stopped."""
+    import tilescan
+    from tilescan import stop
+
+    tilescan.stop_runs()
+    try:
+        got = tilescan.train(mini_aid, tmp_path / "a.keras", epochs=1, image_size=32, limit=8)
+        assert got["epochs_done"] == 1 and (tmp_path / "a.keras").exists()
+    finally:
+        with stop.handling():  # the request forgotten, as the next run forgets it
+            pass
+    stop.note("SIGTERM")  # as a stopped command leaves it, were its end skipped
+    res = _train([mini_aid, "-o", tmp_path / "b.keras", "--epochs", "1", "--image-size", "32", "--limit", "8"])
+    assert res.exit_code == 0, res.output
 
 
 def test_a_full_disk_at_an_epochs_checkpoint_is_an_output_error(mini_aid, tmp_path, monkeypatch):

@@ -51,20 +51,19 @@ def request() -> None:
         _state.update(signal=REQUESTED, at=time.monotonic())
 
 
-def note(name: str) -> None:
+def note(name: str | None) -> None:
     """Record a stop the command line raises as an exception in whatever code runs (``name``:
-    the signal's), so :func:`check` raises it again where Python dropped it (an exception in a
-    garbage-collector callback is only printed)."""
-    if _state["signal"] is None:
-        _state.update(signal=name, at=time.monotonic())
+    the signal's; None forgets it, as each command starts and ends), so :func:`check_noted`
+    raises it again where Python dropped it (an exception in a garbage-collector callback is
+    only printed), and a run that begins after it stops at once."""
+    _state["noted"] = name
 
 
-def forget() -> None:
-    """Forget a stop recorded before, where no run is at work (a command's start in a process
-    that ran others: tests, a notebook)."""
-    with _runs_lock:
-        if not _state["runs"]:
-            _state.update(signal=None)
+def check_noted() -> None:
+    """Raise :class:`Interrupted` if the command line noted a stop (:func:`note`); a stop asked
+    of the runs (:func:`request`, a run's signal handling) is not this one's."""
+    if _state.get("noted") is not None:
+        raise Interrupted(_state["noted"])
 
 
 def settle(done: bool = True) -> None:
@@ -140,8 +139,9 @@ def handling(second: str = "end") -> Iterator[Seen]:
     restored after. A request is forgotten once no run is at work (the next starts afresh)."""
     seen = Seen()
     main = threading.current_thread() is threading.main_thread()
-    forget()
     with _runs_lock:
+        if not _state["runs"]:
+            _state.update(signal=_state.get("noted"))  # a stop the command line saw before the run began: now
         _state["runs"] += 1
         if main:
             _state["second"] = second

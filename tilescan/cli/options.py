@@ -150,7 +150,7 @@ def env_near_misses(environ: Mapping[str, str]) -> list[str]:
 
 def _raise_on_sigterm(signum, frame) -> None:
     if not stop.settled():  # once the work is in place, a stop has nothing to act on
-        stop.note("SIGTERM")  # raised where Python drops it, stop.check() raises it again
+        stop.note("SIGTERM")  # raised where Python drops it, stop.check_noted() raises it again
         raise stop.Interrupted("SIGTERM")
 
 
@@ -177,7 +177,7 @@ def _guard(fn: Callable[[], Any]) -> None:
     stop) and Ctrl-C unwind it as an exception, so what it has half made is removed, and end
     it with exit 75 (``tilescan run`` stops between batches itself, see :mod:`tilescan.stop`)."""
     stop.settle(False)
-    stop.forget()
+    stop.note(None)
     ours = ((signal.SIGTERM, _raise_on_sigterm), (signal.SIGINT, _raise_on_sigint))
     before = {s: signal.signal(s, h) for s, h in ours} if threading.current_thread() is threading.main_thread() else {}
     try:
@@ -186,6 +186,7 @@ def _guard(fn: Callable[[], Any]) -> None:
         from .. import backend
 
         work_done()  # first, no gap with the default handlers before the exit: a stop now is let pass, or ignored
+        stop.note(None)  # not for what this process does next (a notebook, a test's next command)
         if not backend._OWN_PROCESS:  # a caller in this process (a test's CliRunner) keeps its own handlers
             for s, h in before.items():
                 signal.signal(s, h)

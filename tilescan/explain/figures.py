@@ -35,7 +35,7 @@ from ..config import CAM_METHOD_TITLES, resolve_target
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, nodata_json, write_bytes, write_json
-from ..outputs.quicklook import north_up_flip, turned
+from ..outputs.quicklook import read_north_up
 from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
@@ -290,7 +290,7 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
             all_tiles = list(grid.tiles())
             scores, fracs = [], []
             for s in range(0, len(all_tiles), 64):
-                x, valid = reader.read_batch(all_tiles[s : s + 64])
+                x, valid = read_north_up(reader, all_tiles[s : s + 64])  # as run scores them
                 p = _predict(lm.model, x)
                 scores.append(p[:, target] if target is not None else p.max(axis=1))
                 fracs.append(valid.reshape(len(valid), -1).mean(axis=1))
@@ -306,9 +306,7 @@ def _scene_items(path: Path, lm, tiles, top: int, cfg, target: int | None, log) 
                                  path=str(path))
             best = ok[np.argsort(-score[ok], kind="stable")[: max(1, int(top))]]
             chosen = [all_tiles[i] for i in best]
-        x, valid = reader.read_batch(chosen)
-        flip = north_up_flip(reader.info.transform)  # the model sees each tile north-up, as run's does
-        x, valid, items = turned(x, flip), turned(valid, flip), []
+        (x, valid), items = read_north_up(reader, chosen), []  # the model sees each tile north-up, as run's does
         for tile, xi, vi in zip(chosen, x, valid):
             w = tile.window
             info = {

@@ -97,7 +97,7 @@ _SIDECARS = ("", ".aux.xml", "-journal", "-wal", "-shm", ".ovr")
 
 
 def remove_dead_temps(path: Path, older_than_s: float = 600) -> None:
-    """Remove the temporary files of ``path`` (:func:`_temp_name`) that a process no longer
+    """Remove the temporary files (or folders) of ``path`` (:func:`_temp_name`) that a process no longer
     running left (killed while writing it): no one else removes them. Only those untouched for
     ``older_than_s`` seconds: on a shared file system the pid may be another machine's, at work."""
     import time
@@ -115,7 +115,8 @@ def remove_dead_temps(path: Path, older_than_s: float = 600) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():  # a staged set's folder (staged_files)
+    """A temporary file and its sidecars, or a staged set's folder (:func:`staged_files`)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
         return
     for extra in _SIDECARS:
@@ -124,11 +125,14 @@ def _remove_quietly(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_files(folder: Path, name: str, last: str | None = None) -> Iterator[Path]:
-    """A new hidden folder in ``folder`` (:func:`_temp_name` of ``name``) to make a set of files
-    in, moved into ``folder`` once all are made (``last`` after the others; a stop signal waits
-    meanwhile): a stop or an error leaves what ``folder`` held as it was. A killed process's
-    folder is removed by a later one (:func:`remove_dead_temps`)."""
+def staged_files(folder: Path, name: str, last: str | None = None, own: Sequence[str] = ()) -> Iterator[Path]:
+    """A new hidden folder in ``folder`` (:func:`_temp_name` of ``name``) to make a command's
+    set of files in, moved into ``folder`` once all are made (``last`` after the others), and
+    the files of ``own`` (the names a set may hold) it did not make removed: a stop or an error
+    before leaves what ``folder`` held as it was. A stop signal during the moves waits, and once
+    they are done the command's work is in place (:func:`tilescan.stop.settle`: such a stop
+    lets it end as done). A killed process's folder is removed by a later one
+    (:func:`remove_dead_temps`)."""
     from .. import stop
 
     remove_dead_temps(Path(folder) / name)
@@ -137,8 +141,12 @@ def staged_files(folder: Path, name: str, last: str | None = None) -> Iterator[P
     try:
         yield stage
         with stop.deferred():
-            for f in sorted(stage.iterdir(), key=lambda f: f.name == last):
+            made = sorted(stage.iterdir(), key=lambda f: f.name == last)
+            for f in made:
                 os.replace(f, Path(folder) / f.name)
+            for gone in set(own) - {f.name for f in made}:  # an earlier set's, this one has none of
+                (Path(folder) / gone).unlink(missing_ok=True)
+            stop.settle()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -151,6 +151,14 @@ def turned(tiles: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
     return tiles[:, ::-1 if flip[0] else 1, ::-1 if flip[1] else 1]
 
 
+def read_north_up(reader, tiles) -> tuple[np.ndarray, np.ndarray]:
+    """``reader.read_batch(tiles)`` with each tile turned north-up, east-right as run gives it to
+    the model (:func:`north_up_flip` of the scene's transform): its inputs and valid masks."""
+    x, valid = reader.read_batch(tiles)
+    flip = north_up_flip(reader.info.transform)
+    return turned(x, flip), turned(valid, flip)
+
+
 def write_scene_quicklook(path: str | os.PathLike, read: np.ndarray, valid: np.ndarray, stretch, labels, heat,
                           classes: Sequence[str], **kw) -> Path:
     """:func:`write_quicklook` of ``SceneReader.overview_read``'s read and mask, scaled here by ``stretch``

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..outputs.geometry import window_corners
+from ..outputs.quicklook import read_north_up
 from .labels import Labels
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def _cut_scene(reader, key: str, labels: Labels, geoms: np.ndarray, opts: ChipOp
     t_px = reader.tile_px
     for k in range(0, len(wanted), READ_BATCH):
         chunk = [grid[t] for t in wanted[k:k + READ_BATCH]]
-        x, valid = reader.read_batch(chunk)
+        x, valid = read_north_up(reader, chunk)  # a chip as run's model sees the tile
         frac = np.count_nonzero(valid.reshape(len(chunk), -1), axis=1) / float(t_px * t_px)
         for tile, xi, f in zip(chunk, x, frac):
             call = calls[tile.index]

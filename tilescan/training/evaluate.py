@@ -240,8 +240,9 @@ def run_evaluate(
     top5 = _top5(probs, y_true) if k > 5 else None
     title = (f"{lm.model_id} on {ds.name or 'data'} {split} (n={n}{', TTA' if tta else ''}): "
              f"accuracy {metrics['accuracy']:.2%}, macro F1 {metrics['macro']['f1']:.3f}")
-    # made aside, moved into place at the end: a stop leaves an earlier evaluation's files as they were
-    with staged_files(out, "evaluation", last="report.json") as stage:
+    # made aside, moved into place at the end (an earlier evaluation's other files removed): a stop before leaves
+    # that one's files as they were
+    with staged_files(out, "evaluation", last="report.json", own=EVAL_OUTPUTS) as stage:
         _write_tables(stage, rel_paths, y_true, y_pred, conf, metrics, classes, title)
         outputs = ["report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv"]
         if explain_samples > 0:
@@ -264,7 +265,6 @@ def run_evaluate(
             report["recorded"] = _record(lm, split, tta, metrics, n, date, provenance, log)
         report["timing"]["total_s"] = time.perf_counter() - t_start
         write_json(stage / "report.json", report)
-    _remove_stale(out, outputs)
     _log_summary(metrics, n, report, outputs, out, log)
     return report
 
@@ -296,12 +296,6 @@ def _top5(probs: np.ndarray, y_true: np.ndarray) -> float:
 #: Every file an evaluation may write into its folder.
 EVAL_OUTPUTS = ("report.json", "predictions.csv", "confusion_matrix.csv", "confusion_matrix.png", "per_class.csv",
                 "explanations.png", "explanations.csv")
-
-
-def _remove_stale(out: Path, outputs: Sequence[str]) -> None:
-    """Remove the files of an earlier evaluation in ``out`` that this one did not write."""
-    for stale in set(EVAL_OUTPUTS) - set(outputs):
-        (out / stale).unlink(missing_ok=True)
 
 
 def _checked_eval_args(batch_size: int, limit: int | None, record: bool, cam_methods: Sequence[str],

@@ -13,6 +13,7 @@ palette colour no other class has. Alpha is not kept: outputs draw classes opaqu
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import unicodedata
@@ -94,31 +95,57 @@ def _text_colors(text: str) -> dict[str, RGB]:
     return out
 
 
+def _first_sep(line: str) -> str:
+    """The separator a line is split at first: a tab, else ``;``, else ``,``."""
+    return "\t" if "\t" in line else ";" if ";" in line else ","
+
+
+def _fields(line: str, sep: str) -> list[str]:
+    import csv
+
+    return next(csv.reader([line], delimiter=sep), [])
+
+
 def _header(line: str) -> bool:
-    """Whether a first line is a header: all after its first separator holds no digit and no ``#``
+    """Whether a first line is a header: all after its first field holds no digit and no ``#``
     and is no colour (``class,red,green,blue``; ``water,blue`` is a line)."""
-    rest = line.partition("\t" if "\t" in line else ";" if ";" in line else ",")[2]
+    sep = _first_sep(line)
+    rest = sep.join(_fields(line, sep)[1:])
     return not any(ch.isdigit() or ch == "#" for ch in rest) and not _is_color(rest)
 
 
-def _name_colour(line: str) -> tuple[str, RGB]:
-    """A line's class name and colour: fields split at tabs, else commas, else semicolons (CSV
-    quoting honoured: ``"Crop, fallow",#ff0000``), the colour last (``#rrggbb``, a CSS name, or
-    fields r, g, b[, a]) and the name all before it, so a name may hold the other separators."""
-    import csv
+def _unquoted(text: str) -> str:
+    t = text.strip()
+    return (t[1:-1] if len(t) > 1 and t.endswith('"') else t[1:]) if t.startswith('"') else t
 
+
+def _name_colour(line: str) -> tuple[str, RGB]:
+    """A line's class name and colour: split at its first separator (:func:`_first_sep`) where
+    that gives a colour and the line has no quotes; else CSV fields (quoting honoured:
+    ``"Crop, fallow",#ff0000``) at tabs, commas or semicolons, the colour last (``#rrggbb``, a
+    CSS name, or fields r, g, b[, a]) and the name all before it, so a name may hold the other
+    separators; else the first split with its quotes as they are."""
+    sep = _first_sep(line)
+    name, _, colour = line.partition(sep)
+    plain = (_unquoted(name), colour)  # as earlier releases read every line
+    if '"' not in line:
+        with contextlib.suppress(ValueError):
+            return plain[0], _file_color(_unquoted(colour))
     first = None
     for sep in (c for c in "\t,;" if c in line):
-        fields = next(csv.reader([line], delimiter=sep))
+        fields = _fields(line, sep)
         # r,g,b,a / r,g,b / one field / all after the first (QGIS's "r,g,b,a,rgb:..."): the first that reads
         cuts = [n for n in (4, 3) if len(fields) > n and all(f.strip().isdigit() for f in fields[-n:])]
         for n in (*cuts, 1, len(fields) - 1):
             if 0 < n < len(fields):
                 try:
-                    return sep.join(fields[:-n]).strip(), _file_color(",".join(fields[-n:]))
+                    return sep.join(fields[:-n]).strip(), _file_color(",".join(map(_unquoted, fields[-n:])))
                 except ValueError as e:
                     first = first or e
-    raise first or ValueError("a name and a colour")
+    try:
+        return plain[0], _file_color(_unquoted(plain[1]))
+    except ValueError as e:
+        raise first or e from None
 
 
 def _is_color(text: str) -> bool:
@@ -206,8 +233,8 @@ def legend_colors(path: str, origin: str, classes: Sequence[str], parent, log: C
         if all(rgb is None for rgb in picked):
             raise ConfigError(f"{origin}: the colour file names none of the {len(classes)} classes "
                               f"({_names(classes)}); it names {_names(list(mine)) if mine else 'none (it is empty)'}")
-        known = {_key(n) for n in (*classes, *(aliases or {}).values())}
-        unused = [n for n, rgb in mine.items() if _key(n) not in known and rgb not in picked]  # a category's value: its label's colour
+        unused = [n for n, rgb in mine.items()
+                  if not _names_a_class(n, classes, aliases) and rgb not in picked]  # a category's value: its label's colour
         if unused:
             log(f"warning: {Path(path).name} names {len(unused)} that the model has no class of, unused: {_names(unused)}")
         sources.append(Path(path).name)
@@ -237,6 +264,11 @@ def _match(table: dict[str, RGB], classes: Sequence[str], aliases: dict[str, str
             rgb = next((folded[_key(n)] for n in names if _key(n) in folded), None)
         out.append(rgb)
     return out
+
+
+def _names_a_class(name: str, classes: Sequence[str], aliases: dict[str, str] | None) -> bool:
+    """Whether :func:`_match` gives a class the colour of the file's ``name``."""
+    return any(rgb is not None for rgb in _match({name: (0, 0, 0)}, classes, aliases))
 
 
 def _fill_in(classes: Sequence[str], picked: list, log: Callable[[str], None], source: str) -> list[RGB]:

@@ -86,7 +86,8 @@ def same_split(dataset: Dataset, cfg: TrainConfig, limit: int | None, ckpt: Path
     now = split_record(dataset, cfg, limit)
     if now["sha256"] != was["sha256"] or now["limit"] != was["limit"]:
         changed = " and ".join(s for s in ("train", "val") if now["sha256"].get(s) != (was["sha256"] or {}).get(s))
-        limit = f"; --limit {was['limit']} then, {now['limit']} now" if now["limit"] != was["limit"] else ""
+        said = {k: "no --limit" if v is None else f"--limit {v}" for k, v in (("was", was["limit"]), ("now", now["limit"]))}
+        limit = f"; {said['was']} then, {said['now']} now" if now["limit"] != was["limit"] else ""
         raise ConfigError(f"this checkpoint is of a run on other {changed or 'train or val'} images (images added, "
                           f"removed or renamed since, other split lists or fractions{limit}): resume with the same "
                           "data and options, or pass --overwrite to start afresh", path=str(ckpt))

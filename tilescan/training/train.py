@@ -27,7 +27,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, InputError, LockedError, OutputError, OutputExistsError
 from ..log import catching_warnings, emit
 from ..model import DEFAULT_CAM_LAYER, build_resnet18, class_names_problem, save_model
-from ..outputs.files import make_folder, remove_dead_temps, write_error, write_text
+from ..outputs.files import folder_kept_if_used, make_folder, remove_dead_temps, write_error, write_text
 from . import history
 from . import resuming
 from .data import Dataset, channel_stats, make_batches, train_val_paths
@@ -47,7 +47,7 @@ def _checkpointer(ckpt: Path, state: dict, cfg: TrainConfig, max_seconds: float 
             self.t_epoch = time.monotonic()
 
         def on_train_batch_end(self, batch, logs=None):
-            stop.check()  # a stop whose exception Python dropped (raised in a gc callback): here again
+            stop.check_noted()  # a stop whose exception Python dropped (raised in a gc callback): here again
 
         on_test_batch_end = on_train_batch_end
 
@@ -155,19 +155,19 @@ def _training_into(out: Path):
     if out.parent.exists() and not out.parent.is_dir():  # no folder: said as the checkpoint's is made
         yield
         return
-    make_folder(out.parent)
-    lock = FileLock(out.parent / f".{out.name}.lock")
-    try:
-        lock.acquire()
-    except Busy as busy:
-        raise LockedError(f"another tilescan process ({busy.holder or 'unknown pid'}) is training into this model; "
-                          "wait for it, or train into another -o", path=str(out)) from None
-    except OSError as e:
-        raise OutputError(f"cannot lock the model's folder ({e.strerror or e})", path=str(out)) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    with folder_kept_if_used(out.parent):  # a train refused leaves no folder it made
+        lock = FileLock(out.parent / f".{out.name}.lock")
+        try:
+            lock.acquire()
+        except Busy as busy:
+            raise LockedError(f"another tilescan process ({busy.holder or 'unknown pid'}) is training into this "
+                              "model; wait for it, or train into another -o", path=str(out)) from None
+        except OSError as e:
+            raise OutputError(f"cannot lock the model's folder ({e.strerror or e})", path=str(out)) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def _train(
@@ -488,7 +488,7 @@ def _fit_phases(model, phases: list, train_ds, val_ds, ckpt: Path, state: dict, 
                        _checkpointer(ckpt, state, dataclasses.replace(phase_cfg, epochs=cfg.epochs), left, log)],
             verbose=verbose,
         )
-        stop.check()  # one lost in the last batch: the checkpoint is whole, --resume exports it
+        stop.check_noted()  # one lost in the last batch: the checkpoint is whole, --resume exports it
         start = end
 
 
