@@ -347,6 +347,25 @@ def test_a_full_disk_at_an_epochs_checkpoint_is_an_output_error(mini_aid, tmp_pa
     assert res.exit_code == 0 and "after epoch 1" in res.output and out.exists(), res.output
 
 
+def test_a_stop_once_the_model_and_its_history_are_saved_lets_train_end_done(mini_aid, tmp_path, monkeypatch):
+    """A SIGTERM after the model and its history are in place (a scheduler's, as the job ends)
+    lets the command end done, exit 0 (it said 'stopped', exit 75, and a job chain requeued
+    for nothing)."""
+    from tilescan.training import train as T
+
+    say = T._say_saved
+
+    def stopped_then_said(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return say(*a, **k)
+
+    monkeypatch.setattr(T, "_say_saved", stopped_then_said)
+    out = tmp_path / "m.keras"
+    res = _train([mini_aid, "-o", out, "--epochs", "1", "--image-size", "32", "--limit", "8"])
+    assert res.exit_code == 0 and "stopped" not in res.output and out.exists(), res.output
+    assert (tmp_path / "m.history.csv").exists()
+
+
 def test_early_stopping_restores_best(mini_aid, tmp_path):
     import keras
 

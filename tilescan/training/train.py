@@ -245,6 +245,7 @@ def _train(
         meta["legend"].update(colors)
     sha = _save(export, out, meta, half, ckpt, state)
     history.keep_beside(out, ckpt)
+    stop.settle()  # the model and its history are in place: a stop from now on lets the command end done
     _say_saved(out, ckpt, sha, val_acc, state["best_epoch"], log)
     _say_near_chance(val_acc, k, parent is not None, len(tr_paths), log)
     return {"model": str(out), "sha256": sha, "val_accuracy": float(val_acc), "val_loss": float(val_loss),
