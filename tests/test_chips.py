@@ -146,7 +146,8 @@ def test_chips_of_a_resampled_scene_are_what_run_reads(scene_path, tmp_path):
 def test_points(scene_path, tmp_path):
     """Points on a uint16 Landsat scene (percentile stretch): the grid tile around each
     point; two classes in one tile make it mixed, as does another class's polygon over more
-    than --min-cover leaves of it, not a sliver of one; a point outside is counted."""
+    than --min-cover leaves of it, not a sliver of one (whose cover is not the chip's); a point
+    outside is counted."""
     scene = scene_path(LANDSAT)
     (left, bottom, right, top), crs = _bounds(scene)
     t = 128 * 30.0
@@ -174,8 +175,33 @@ def test_points(scene_path, tmp_path):
     table = pq.read_table(tmp_path / "ds" / "chips.parquet").to_pylist()
     assert {(r["row"], r["col"]): r["class"] for r in table} == {(1, 1): "forest", (3, 5): "forest", (3, 4): "crop"}
     assert {(r["row"], r["col"]): len(r["label_fids"]) for r in table}[(1, 1)] == 2
+    covers = {(r["row"], r["col"]): r["cover"] for r in table}  # a point's chip: no polygon of its class covers it
+    assert np.isnan(covers[(1, 1)]) and np.isnan(covers[(3, 5)]), covers  # not the crop sliver's 3 %
     assert card["scenes"][0]["scaling"][0][1] < 65535  # a percentile stretch, as run computes it
     _assert_chips_are_run_tiles(tmp_path / "ds", scene)
+
+
+def test_a_scene_without_georeferencing_is_refused_as_chips_says(scene_path, tmp_path):
+    """A scene with no geotransform, or one without a CRS: chips says what it lacks (labels are
+    placed by map coordinates), not run's advice of --allow-pixel-space, an option chips has not."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    labels = _write(tmp_path / "l.gpkg", [{"class": "a", "geometry": box(left, bottom, right, top)}], crs)
+    with rasterio.open(scene) as src:
+        px, profile = src.read(), src.profile
+    for name, georef, lacks in (("bare", {"crs": None, "transform": None}, "no geotransform"),
+                                ("nocrs", {"crs": None}, "no CRS")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tmp_path / f"{name}.tif", "w", **{**profile, **georef}) as dst:
+                dst.write(px)
+        code, out = _chips(tmp_path / f"{name}.tif", "--labels", labels, "-o", tmp_path / name)
+        assert code == 4 and f"{name}.tif: the scene has {lacks}: labels are placed by map coordinates" in out, out
+        assert "allow-pixel-space" not in out and not (tmp_path / name).exists(), out
 
 
 def test_bad_labels_fail_clearly(scene_path, tmp_path):

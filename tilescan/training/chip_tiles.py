@@ -190,7 +190,8 @@ def _cut_scene(reader, key: str, labels: Labels, geoms: np.ndarray, opts: ChipOp
             if prev is not None and not sliver:
                 classes.add(prev.cls)  # a polygon of another class in the tile makes it mixed, unless a sliver
             if len(classes) == 1:
-                calls[t] = _TileCall("chip", classes.pop(), prev.cover if prev else float("nan"),
+                c = classes.pop()  # the cover of its own class's polygon; a sliver of another's is none of its
+                calls[t] = _TileCall("chip", c, prev.cover if prev is not None and prev.cls == c else float("nan"),
                                      tuple(gs) + (prev.labels if prev else ()))
             else:
                 calls[t] = _TileCall("mixed", -1, float("nan"), tuple(gs) + (prev.labels if prev else ()))

@@ -310,15 +310,16 @@ def _cut_one_scene(scene: Path, key: str, si: int, labels: Labels, card, tiling:
     """The chip rows of one scene (opened as ``run`` opens it), its entry in the card and its CRS."""
     with catching_warnings(record=True) as caught:
         warnings.simplefilter("always", tiling_warning)
-        reader = card.open_scene(scene, tiling)
+        reader = card.open_scene(scene, dataclasses.replace(tiling, allow_pixel_space=True))  # refused below, as chips says
     with reader:
+        info = reader.info
+        if not info.georeferenced or info.crs is None:
+            lacks = "no geotransform" if info.transform.is_identity else "no CRS"
+            raise InputError(f"the scene has {lacks}: labels are placed by map coordinates, so chips need a "
+                             "georeferenced scene", path=str(scene))
         for w in caught:
             if issubclass(w.category, tiling_warning):
                 log(f"warning: {w.message}")
-        info = reader.info
-        if not info.georeferenced or info.crs is None:
-            raise InputError("the scene has no CRS or geotransform: labels are placed by map coordinates, so chips "
-                             "need a georeferenced scene", path=str(scene))
         plan = reader.plan
         scale_warning = plan.warning(str(scene))
         if scale_warning:
