@@ -401,6 +401,21 @@ def test_the_same_ground_stored_south_up_or_east_left_gets_the_same_results(tmp_
     assert top["s"] == top["n"], top
 
 
+def test_which_scenes_are_turned_north_up():
+    """South-up and east-left scenes are turned; one with shear terms far under a pixel (float
+    residue) too; a rotated one and pixel space (the identity) are not."""
+    from affine import Affine
+
+    from tilescan.outputs.quicklook import north_up_flip
+
+    assert north_up_flip(Affine(5, 0, 0, 0, -5, 0)) == (False, False)
+    assert north_up_flip(Affine(5, 0, 0, 0, 5, 0)) == (True, False)
+    assert north_up_flip(Affine(-5, 0, 0, 0, -5, 0)) == (False, True)
+    assert north_up_flip(Affine(5, 1e-10, 0, -1e-10, 5, 0)) == (True, False)
+    assert north_up_flip(Affine(5, 0, 0, 0, 5, 0) * Affine.rotation(20)) == (False, False)
+    assert north_up_flip(Affine.identity()) == (False, False)
+
+
 def test_a_scene_without_georeferencing_is_drawn_as_stored(tmp_path, scene_path):
     """The NAIP scene with no CRS and no geotransform (rasterio gives it the identity, whose
     positive y pixel size is no south-up): run --allow-pixel-space's quicklook shows its rows

@@ -138,9 +138,11 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
 def north_up_flip(transform) -> tuple[bool, bool]:
     """Whether a scene's pixel rows, and its columns, run against north-up, east-right (a
     south-up scene: rows northward); a rotated scene (shear terms), and one without a
-    geotransform (rasterio's identity: pixel space), are drawn as stored."""
+    geotransform (rasterio's identity: pixel space), are drawn as stored. Shear terms under a
+    millionth of the pixel size (float residue of a fitted transform: a tenth of a pixel over
+    100,000) are no rotation."""
     a, b, _, d, e, _ = tuple(transform)[:6]
-    if b or d or transform.is_identity:
+    if abs(b) > 1e-6 * abs(a) or abs(d) > 1e-6 * abs(e) or transform.is_identity:
         return False, False
     return e > 0, a < 0
 
