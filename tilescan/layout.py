@@ -37,7 +37,10 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 #: How this tilescan computes a scene's results, in run.json: raised with every change that gives
 #: other outputs for the same scene, settings and model (``benchmarks/same_outputs.py`` tells),
 #: so a rerun does not keep an earlier release's as its own. Outputs without it count as 1.
-RESULTS_VERSION = 3  # 3: tiles of a scene stored south-up or east-left turned north-up for the model
+RESULTS_VERSION = 3
+#: What each results version changed, as the message refusing an earlier one's outputs says it.
+RESULTS_CHANGES = {2: "a tile past the scene's edge is fed its data mirrored, not black",
+                   3: "a scene stored south-up or east-left has its tiles turned north-up for the model"}
 
 
 def results_version(manifest: dict) -> int:

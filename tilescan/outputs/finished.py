@@ -429,11 +429,11 @@ def settings_alike(sec: str, key: str, was, value, now: dict, classes: Sequence[
     return (sec, key) == ("output", "quicklook_size") and (now.get("output") or {}).get("quicklook") is False
 
 
-def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str | None:
+def made_otherwise(manifest: dict, config: dict, model_sha: str | None, results: int | None = None) -> str | None:
     """How a finished unit (its run.json) was made otherwise than a run with resolved
-    ``config`` and model would make it, or None: settings that give the same outputs (a
-    stride of the tile size or 0, the bands as the automatic pick read them, ``allow_pixel_space``
-    for a scene with a CRS) are the same."""
+    ``config`` and model (and ``results`` version, where its report says) would make it, or
+    None: settings that give the same outputs (a stride of the tile size or 0, the bands as the
+    automatic pick read them, ``allow_pixel_space`` for a scene with a CRS) are the same."""
     was, now = (json.loads(json.dumps(c)) for c in (manifest.get("config") or {}, config))
     info = manifest.get("scene_info") or {}
     _as_read(was.setdefault("tiling", {}), info)
@@ -442,13 +442,15 @@ def made_otherwise(manifest: dict, config: dict, model_sha: str | None) -> str |
         return "made with other settings (" + ", ".join(changed) + ")"
     if model_sha and (manifest.get("model") or {}).get("sha256") not in (None, model_sha):
         return f"made with another model ({(manifest.get('model') or {}).get('id')})"
+    if isinstance(results, int) and (made_by := results_alike(manifest)) < results:
+        return f"made by an earlier tilescan (results version {made_by}; the run's {results})"
     return None
 
 
 def stopped_before_redoing(reports: list[tuple[str, dict]], collected: dict[str, dict]) -> list[dict]:
     """The units a stop kept the latest run (its reports, ``(file name, contents)``) from
     redoing whose collected outputs (``collected``: key -> run.json) that run would not have
-    kept: made with other settings or another model (an interrupted ``--update``)."""
+    kept: made with other settings, another model or by an earlier release (an interrupted ``--update``)."""
     out: list[dict] = []
     for name, data in reports:
         stopped, config = data.get("interrupted") or {}, data.get("config")
@@ -456,7 +458,8 @@ def stopped_before_redoing(reports: list[tuple[str, dict]], collected: dict[str,
             continue
         for unit in [*(stopped.get("units") or []), *(stopped.get("not_started") or [])]:
             for key in (k for k in collected if covered(k, {unit})):  # its own output, its scene's, its row bands
-                if why := made_otherwise(collected[key], config, (data.get("model") or {}).get("sha256")):
+                if why := made_otherwise(collected[key], config, (data.get("model") or {}).get("sha256"),
+                                         data.get("results_version")):
                     out.append({"unit": unit, "scene": None, "error_kind": "interrupted", "report": name, "made": why,
                                 "reason": f"its run was stopped by {stopped.get('signal')} before redoing it: the "
                                           f"outputs collected ({key}) were {why}"})

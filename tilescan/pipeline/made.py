@@ -46,8 +46,9 @@ def what_differs(old: dict, unit: Unit, cfg: Config, card: LoadedModel, version:
         return (f"made by a later tilescan (results version {made_by}; this one's {now})", "run them with that "
                 "release (upgrade tilescan), or pass --overwrite to redo them with this one")
     if made_by != now:  # the same settings may give other results in this release
+        since = "; ".join(layout.RESULTS_CHANGES[v] for v in range(made_by + 1, now + 1) if v in layout.RESULTS_CHANGES)
         return (f"made by an earlier tilescan, whose results for the same scene, settings and model may differ "
-                f"(results version {made_by}; this one's {now})", redo)
+                f"(results version {made_by}; this one's {now}{': since, ' + since if since else ''})", redo)
     changed = changed_settings(old.get("config") or {}, as_made(old, unit, cfg, card).to_dict(), card.classes)
     if changed:
         return "made with other settings (" + ", ".join(changed) + ")", redo

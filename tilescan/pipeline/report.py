@@ -111,6 +111,7 @@ class RunReport:
     def to_dict(self) -> dict:
         return {
             "tilescan": __version__,
+            "results_version": layout.RESULTS_VERSION,  # what the units it left undone would have been made by
             "done": [r.to_dict() for r in self.done],
             "skipped": [r.to_dict() for r in self.skipped],
             "failed": [r.to_dict() for r in self.failed],
