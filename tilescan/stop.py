@@ -23,7 +23,7 @@ from typing import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_state: dict = {"signal": None, "second": "end", "at": 0.0, "runs": 0}
+_state: dict = {"signal": None, "second": "end", "at": 0.0, "runs": 0, "noted": None}
 _runs_lock = threading.Lock()
 
 #: What :func:`request` puts where a signal's name goes (report.json's ``interrupted.signal``).
@@ -62,7 +62,7 @@ def note(name: str | None) -> None:
 def check_noted() -> None:
     """Raise :class:`Interrupted` if the command line noted a stop (:func:`note`); a stop asked
     of the runs (:func:`request`, a run's signal handling) is not this one's."""
-    if _state.get("noted") is not None:
+    if _state["noted"] is not None:
         raise Interrupted(_state["noted"])
 
 
@@ -141,7 +141,7 @@ def handling(second: str = "end") -> Iterator[Seen]:
     main = threading.current_thread() is threading.main_thread()
     with _runs_lock:
         if not _state["runs"]:
-            _state.update(signal=_state.get("noted"))  # a stop the command line saw before the run began: now
+            _state.update(signal=_state["noted"])  # a stop the command line saw before the run began: now
         _state["runs"] += 1
         if main:
             _state["second"] = second

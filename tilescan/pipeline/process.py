@@ -437,7 +437,7 @@ def _write_quicklook(job: UnitJob, heat_preview: np.ndarray | None, warning: str
         full_labels[job.r0:job.r1] = job.labels
     job.in_helper(write_scene_quicklook, job.stage / "quicklook.png", read, pvalid, stretch, full_labels, heat_preview,
                   job.engine.classes, scene_size=(info.width, info.height), tile_px=reader.tile_px, stride=grid.stride,
-                  warning=warning, flip=north_up_flip(info.transform), cam=job.cfg.cam.method,
+                  warning=warning, flip=job.turn, cam=job.cfg.cam.method,
                   colors=job.engine.loaded.colors, size=job.cfg.output.quicklook_size)
 
 

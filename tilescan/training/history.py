@@ -31,12 +31,18 @@ def keep_upto(path: Path, epochs: int) -> None:
         write_text(path, "".join(lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= epochs]))
 
 
-def keep_beside(out: Path, ckpt: Path) -> None:
-    """The history CSV and learning-curve PNG beside the model ``out``."""
+def beside(out: Path) -> tuple[Path, Path]:
+    """The history CSV and learning-curve PNG kept beside the model ``out``: their paths."""
     stem = out.name[: -len(".keras")]
+    return out.with_name(stem + ".history.csv"), out.with_name(stem + ".curves.png")
+
+
+def keep_beside(out: Path, ckpt: Path) -> None:
+    """The history CSV and learning-curve PNG beside the model ``out`` (:func:`beside`)."""
+    csv_path, png = beside(out)
     if (ckpt / "history.csv").exists():
-        out.with_name(stem + ".history.csv").write_text((ckpt / "history.csv").read_text())
-        plot_history(ckpt / "history.csv", out.with_name(stem + ".curves.png"))
+        csv_path.write_text((ckpt / "history.csv").read_text())
+        plot_history(ckpt / "history.csv", png)
 
 
 def plot_history(history_csv: Path, png: Path) -> None:

@@ -13,7 +13,6 @@ palette colour no other class has. Alpha is not kept: outputs draw classes opaqu
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import unicodedata
@@ -125,12 +124,13 @@ def _name_colour(line: str) -> tuple[str, RGB]:
     ``"Crop, fallow",#ff0000``) at tabs, commas or semicolons, the colour last (``#rrggbb``, a
     CSS name, or fields r, g, b[, a]) and the name all before it, so a name may hold the other
     separators; else the first split with its quotes as they are."""
-    sep = _first_sep(line)
-    name, _, colour = line.partition(sep)
-    plain = (_unquoted(name), colour)  # as earlier releases read every line
-    if '"' not in line:
-        with contextlib.suppress(ValueError):
-            return plain[0], _file_color(_unquoted(colour))
+    name, _, colour = line.partition(_first_sep(line))
+    try:  # as earlier releases read every line
+        plain, first_err = (_unquoted(name), _file_color(_unquoted(colour))), None
+    except ValueError as e:
+        plain, first_err = None, e
+    if plain and '"' not in line:
+        return plain
     first = None
     for sep in (c for c in "\t,;" if c in line):
         fields = _fields(line, sep)
@@ -142,10 +142,9 @@ def _name_colour(line: str) -> tuple[str, RGB]:
                     return sep.join(fields[:-n]).strip(), _file_color(",".join(map(_unquoted, fields[-n:])))
                 except ValueError as e:
                     first = first or e
-    try:
-        return plain[0], _file_color(_unquoted(plain[1]))
-    except ValueError as e:
-        raise first or e from None
+    if plain:
+        return plain
+    raise first or first_err
 
 
 def _is_color(text: str) -> bool:

@@ -290,8 +290,7 @@ def _already_saved(out: Path, ckpt: Path, cfg: TrainConfig, log: Callable[[str],
         return None
     if not out.is_file() or state.get("saved_sha256") != (sha := file_sha256(out)):
         return None
-    stem = out.name[: -len(".keras")]
-    if not all(out.with_name(stem + end).exists() for end in (".history.csv", ".curves.png")):
+    if not all(p.exists() for p in history.beside(out)):
         history.keep_beside(out, ckpt)  # a stop after the model was saved came before them
     early = state.get("stopped") == "early-stopping"
     more = "" if early else f"--epochs above {state['epochs_done']} goes on, "
