@@ -473,6 +473,10 @@ def test_tiles_across_the_antimeridian_are_cut_there(tmp_path, where):
         assert all(p.bounds[2] - p.bounds[0] < 0.01 for p in parts)
     assert (gdf.geometry.bounds["maxx"] - gdf.geometry.bounds["minx"] < 0.01).sum() == len(gdf) - len(cut)
     assert len(gdf.cx[0:10, -20:-10]) == 0
+    # each tile's CAM peak is on its own footprint, in -180..180 as the footprints are
+    assert gdf["cam_peak_lon"].between(-180, 180).all()
+    peaks = gpd.GeoSeries(gpd.points_from_xy(gdf["cam_peak_lon"], gdf["cam_peak_lat"]), index=gdf.index)
+    assert peaks.distance(gdf.geometry).max() < 1e-9
     geo = json.loads(pq.read_schema(table).metadata[b"geo"])["columns"]["geometry"]
     assert geo["geometry_types"] == ["Polygon", "MultiPolygon"]
     # ground areas, another way: the native footprints in an equal-area projection on the spot

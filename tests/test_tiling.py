@@ -271,6 +271,30 @@ def test_landsat_uint16_bgr_percentile_and_resize(scene_path):
         assert len(r.grid) == math.ceil(2041 / 256) * math.ceil(1860 / 256)
 
 
+def test_a_crs_counted_in_grads_measures_pixels_in_metres(tmp_path):
+    """NTF (Paris) CRSs count their geographic angles in grads: the same ground pixels in
+    Lambert II etendu and Lambert-93, or in NTF's grads and WGS 84's degrees, are the same size
+    on the ground and square (grads read as degrees made them 1.13x oblong, 5 % off in size)."""
+    data = np.full((3, 64, 64), 100, np.uint8)
+    cases = {"l2e": ("EPSG:27572", Affine(2, 0, 600_000, 0, -2, 2_428_000)),
+             "l93": ("EPSG:2154", Affine(2, 0, 700_000, 0, -2, 6_600_000)),
+             "grads": ("EPSG:4807", Affine(5e-5, 0, 2.0, 0, -5e-5, 50.0)),
+             "degrees": ("EPSG:4326", Affine(4.5e-5, 0, 2.0 * 0.9 + 2.33722917, 0, -4.5e-5, 45.0))}
+    got = {}
+    for name, (crs, transform) in cases.items():
+        path = tmp_path / f"{name}.tif"
+        _write(path, data, crs=crs, transform=transform)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TilingWarning)
+            with _open(path) as r:
+                got[name] = (r.info.gsd_m, r.info.pixel_aspect)
+    assert got["l2e"][0] == pytest.approx(2.0, rel=2e-3) and got["l2e"][1] == pytest.approx(1.0, abs=1e-4)
+    assert got["l93"][0] == pytest.approx(2.0, rel=2e-3) and got["l93"][1] == pytest.approx(1.0, abs=1e-4)
+    # 5e-5 grads of latitude are 4.5e-5 degrees; the Paris meridian is 2.337229 degrees east
+    assert got["grads"][0] == pytest.approx(got["degrees"][0], rel=1e-3)
+    assert got["grads"][1] == pytest.approx(got["degrees"][1], rel=1e-3)
+
+
 def test_geographic_and_mercator_gsd(scene_path):
     with _open(scene_path("rasterio/world.rgb.tif")) as r:
         assert r.info.crs.is_geographic and r.info.nominal_gsd_m is None

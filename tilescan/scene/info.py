@@ -196,9 +196,9 @@ def _apply(t: Affine, col: float, row: float) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=64)
 def _geodesy(wkt: str):
-    """The ellipsoid of the CRS ``wkt`` and a transformer from it to its geographic CRS
-    (None without either): made once per CRS, as a run's scenes mostly share one (pyproj's
-    objects are thread-safe)."""
+    """The ellipsoid of the CRS ``wkt``, a transformer from it to its geographic CRS and that
+    CRS's degrees per angular unit (None without either): made once per CRS, as a run's scenes
+    mostly share one (pyproj's objects are thread-safe)."""
     import pyproj
 
     pcrs = pyproj.CRS.from_user_input(wkt)
@@ -206,7 +206,10 @@ def _geodesy(wkt: str):
     geog = pcrs.geodetic_crs
     if geod is None or geog is None:
         return None
-    return geod, pyproj.Transformer.from_crs(pcrs, geog, always_xy=True)
+    # a geographic CRS in grads (NTF Paris) gives numbers Geod would take for degrees
+    unit = geog.axis_info[0].unit_conversion_factor if geog.axis_info else 0.0
+    degrees = unit / math.radians(1.0) if unit > 0 else 1.0
+    return geod, pyproj.Transformer.from_crs(pcrs, geog, always_xy=True), degrees
 
 
 def _ground_steps(crs, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
@@ -215,10 +218,10 @@ def _ground_steps(crs, transform: Affine, width: int, height: int) -> tuple[floa
         tools = _geodesy(crs.to_wkt())
         if tools is None:
             return None
-        geod, tr = tools
+        geod, tr, degrees = tools
         cx, cy = width / 2.0, height / 2.0
         pts = [_apply(transform, cx, cy), _apply(transform, cx + 1, cy), _apply(transform, cx, cy + 1)]
-        lon, lat = tr.transform([p[0] for p in pts], [p[1] for p in pts])
+        lon, lat = (np.multiply(v, degrees) for v in tr.transform([p[0] for p in pts], [p[1] for p in pts]))
         if not all(math.isfinite(v) for v in (*lon, *lat)):
             return None
         _, _, dx = geod.inv(lon[0], lat[0], lon[1], lat[1])
