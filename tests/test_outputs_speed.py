@@ -27,7 +27,7 @@ from test_quicklook import CLASSES, RGB_BYTE, distinct_labels, preview_of
 def reference_panels(rgb, valid, labels, heat, n_classes, scene_size=None, tile_px=None, stride=None,
                      row_offset=0, outlines=False):
     """The three panels drawn the plain way: the scene as float32 with nodata dimmed, class
-    and jet colours blended in through boolean masks, then rounded to uint8."""
+    and heat colours blended in through boolean masks, then rounded to uint8."""
     h, w = valid.shape
     palette = np.array(class_colors(n_classes) or [(0, 0, 0)], dtype=np.float32)
     base = rgb.astype(np.float32)
@@ -56,9 +56,9 @@ def reference_panels(rgb, valid, labels, heat, n_classes, scene_size=None, tile_
         ok = np.isfinite(hm) & (hm >= 0)
         hm_r = cv2.resize(np.where(ok, hm, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
         ok_r = cv2.resize(ok.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool) & valid
-        jet = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-        jet = jet[..., ::-1].astype(np.float32)
-        heat_panel[ok_r] = (1.0 - Q.HEAT_BLEND) * base[ok_r] + Q.HEAT_BLEND * jet[ok_r]
+        hot = cv2.applyColorMap(np.clip(hm_r * 255 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO)
+        hot = hot[..., ::-1].astype(np.float32)
+        heat_panel[ok_r] = (1.0 - Q.HEAT_BLEND) * base[ok_r] + Q.HEAT_BLEND * hot[ok_r]
     else:
         heat_panel *= 0.5
     return [np.clip(p + 0.5, 0, 255).astype(np.uint8) for p in (base, label, heat_panel)]

@@ -164,8 +164,8 @@ def test_quicklook_of_a_run(tmp_path, scene_path):
 
 def test_legend_colour_bar_and_font(tmp_path, scene_path):
     """The legend has a swatch for each class present and none for the others; the colour bar
-    under the heat panel runs the jet colour map from 0 to 1; titles are drawn in a
-    TrueType font of readable height."""
+    under the heat panel runs the heat colour map from 0 to 1, growing lighter all along (so it
+    reads in grey); titles are drawn in a TrueType font of readable height."""
     rgb, valid, (W, H) = preview_of(scene_path(NAIP), 1024)
     h, w = valid.shape
     n_rows, n_cols = grid_shape(W, H, 128, 128)
@@ -184,11 +184,14 @@ def test_legend_colour_bar_and_font(tmp_path, scene_path):
     x0, y0, x1, y1 = lay.colorbar_box()
     bar = img[(y0 + y1) // 2, x0:x1]
     ramp = np.clip(np.arange(x1 - x0) * 255.0 / (x1 - x0 - 1) + 0.5, 0, 255).astype(np.uint8)
-    jet = cv2.applyColorMap(ramp[None], cv2.COLORMAP_JET)[0, :, ::-1].astype(int)
-    assert np.abs(bar - jet).max() <= 1
+    hot = cv2.applyColorMap(ramp[None], cv2.COLORMAP_INFERNO)[0, :, ::-1].astype(int)
+    assert np.abs(bar - hot).max() <= 1
+    from tilescan.outputs.palette import srgb_to_lab
+    lightness = srgb_to_lab(bar.astype(float))[:, 0]
+    assert lightness[-1] > 95 and lightness[0] < 5 and (np.diff(lightness[::8]) > 0).all()
     assert img[y1 + lay.font_px:, x0:x1].min() < 100  # tick labels and caption under the bar
 
-    assert 14 <= lay.font_px <= 16  # a ~1000 px panel
+    assert 23 <= lay.font_px <= 25  # a ~1000 px panel: ~1/120 of the PNG's width
     title = img[:lay.title_h, lay.origin(1)[0]:lay.origin(1)[0] + w].min(axis=(1, 2)) < 128
     ys = np.flatnonzero(title)
     assert ys.size and ys[-1] - ys[0] + 1 >= 0.65 * lay.font_px  # "labels": ascenders to baseline

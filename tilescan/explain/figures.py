@@ -35,7 +35,7 @@ from ..config import CAM_METHOD_TITLES, resolve_target
 from ..errors import ConfigError, InputError
 from ..log import catching_warnings, emit
 from ..outputs.files import folder_kept_if_used, nodata_json, write_bytes, write_json
-from ..outputs.quicklook import read_north_up
+from ..outputs.quicklook import HEAT_COLORMAP, read_north_up
 from ..outputs.fonts import check_names, family_for
 from ..scene import sources
 from ..scene.grid import scale_note
@@ -44,7 +44,7 @@ from ..scene.info import TIFF_SUFFIXES
 #: A TIFF without georeferencing, 8-bit and up to this many px a side, is an image (as train
 #: reads one: a UC Merced chip, an exported photo) and is explained whole.
 IMAGE_TIFF_MAX_PX = 1024
-HEATMAP_CMAP = "jet"
+HEATMAP_CMAP = HEAT_COLORMAP  # as the quicklook and heatmap.qml draw heat
 OVERLAY_ALPHA = 0.45  # weight of the heatmap colour in the overlay
 WRONG_COLOR = "#c62828"
 RIGHT_COLOR = "black"

@@ -5,7 +5,7 @@ Per output folder (:func:`write_scene_files`):
 
 * ``heatmap.qml``, ``labels.qml``, ``tiles.qml``: QGIS applies ``<name>.qml`` beside a file
   as that layer's default style when the file is added, so ``heatmap.tif`` opens as a
-  pseudocolour ramp over 0..1 (the quicklook's jet colours, transparent for low heat and
+  pseudocolour ramp over 0..1 (the quicklook's heat colours, transparent for low heat and
   nodata), ``labels.tif`` as a palette with class names, and ``tiles.parquet`` /
   ``tiles.gpkg`` filled by ``label`` in the same colours (:func:`tilescan.outputs.palette.class_colors`),
   at the quicklook's label opacity;

@@ -1,7 +1,7 @@
 """QGIS styles (``.qml``) for tilescan's outputs, written as plain XML (QGIS not needed),
 and the XML helpers the projects of :mod:`tilescan.outputs.qgis` share.
 
-``heatmap.tif`` is a pseudocolour ramp over 0..1 (the quicklook's jet colours, transparent
+``heatmap.tif`` is a pseudocolour ramp over 0..1 (the quicklook's heat colours, transparent
 for low heat and nodata), ``labels.tif`` a palette with class names, ``tiles.parquet`` /
 ``tiles.gpkg`` filled by ``label`` in the same colours
 (:func:`tilescan.outputs.palette.class_colors`) at the quicklook's label opacity, or
@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.etree import ElementTree as ET
 
+import numpy as np
+
 from ..log import catching_warnings
 from .files import atomic_output
 from .geometry import pyproj_crs
 from .palette import class_colors
-from .quicklook import LABEL_BLEND
+from .quicklook import LABEL_BLEND, heat_colours
 
 __all__ = ["heatmap_style", "labels_style", "scene_style", "tiles_style", "write_style"]
 
@@ -31,13 +33,22 @@ QGIS_VERSION = "3.22.0-Białowieża"
 
 _DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
 
-# The quicklook's heat colours (OpenCV's JET) at its knots, and the opacity of each: low heat
-# is transparent so the scene shows through, strong heat opaque.
-_JET = ((0.0, (0, 0, 128), 0), (0.125, (0, 0, 255), 64), (0.375, (0, 255, 255), 192),
-        (0.625, (255, 255, 0), 255), (0.875, (255, 0, 0), 255), (1.0, (128, 0, 0), 255))
-# Confidence classes of the alternative tile style: red (unsure) to green (sure).
+# Opacity along the heat ramp: low heat transparent so the scene shows through, strong heat opaque.
+_HEAT_OPACITY = ((0.0, 0), (0.125, 64), (0.375, 192), (0.625, 255), (1.0, 255))
+# Confidence classes of the alternative tile style: red (unsure) through yellow to blue (sure),
+# ColorBrewer's RdYlBu, whose ends stay apart to red-green colour-blind eyes (its green did not).
 _CONFIDENCE = ((0.0, 0.4, (215, 25, 28)), (0.4, 0.6, (253, 174, 97)), (0.6, 0.8, (255, 255, 191)),
-               (0.8, 0.9, (166, 217, 106)), (0.9, 1.0, (26, 150, 65)))
+               (0.8, 0.9, (171, 217, 233)), (0.9, 1.0, (44, 123, 182)))
+
+
+@functools.lru_cache(maxsize=1)
+def _heat_knots(n: int = 32) -> tuple[tuple[float, tuple[int, int, int], int], ...]:
+    """The quicklook's heat colours at ``n + 1`` even knots (QGIS draws straight between them),
+    each with its opacity."""
+    v = np.linspace(0.0, 1.0, n + 1)
+    rgb = heat_colours(np.clip(v * 255 + 0.5, 0, 255).astype(np.uint8))
+    alpha = np.interp(v, *zip(*_HEAT_OPACITY))
+    return tuple((float(x), tuple(int(c) for c in col), int(round(a))) for x, col, a in zip(v, rgb, alpha))
 _OUTLINE = "40,40,40,255"
 
 
@@ -340,11 +351,12 @@ def _heatmap_renderer(parent: ET.Element) -> None:
     shader = _el(_el(r, "rastershader"), "colorrampshader", colorRampType="INTERPOLATED", classificationMode="1",
                  clip="1", minimumValue="0", maximumValue="1", labelPrecision="3")
     ramp = _el(shader, "colorramp", type="gradient", name="[source]")
-    stops = ":".join(f"{v:g};{_rgb(c, a)}" for v, c, a in _JET[1:-1])
-    _options(ramp, {"color1": _rgb(_JET[0][1], _JET[0][2]), "color2": _rgb(_JET[-1][1], _JET[-1][2]),
+    knots = _heat_knots()
+    stops = ":".join(f"{v:g};{_rgb(c, a)}" for v, c, a in knots[1:-1])
+    _options(ramp, {"color1": _rgb(knots[0][1], knots[0][2]), "color2": _rgb(knots[-1][1], knots[-1][2]),
                     "discrete": "0", "rampType": "gradient", "stops": stops})
     ends = {0.0: HEAT_MIN_LABEL, 1.0: HEAT_MAX_LABEL}
-    for v, c, a in _JET:  # the legend says what the ends mean: each tile's map is divided by its own peak
+    for v, c, a in knots:  # the legend says what the ends mean: each tile's map is divided by its own peak
         _el(shader, "item", value=f"{v:g}", color=_hex(c), alpha=str(a), label=ends.get(v, f"{v:g}"))
     # QGIS >= 3.18 draws the ramp as one bar, without the items' labels: its ends are labelled here
     _el(shader, "rampLegendSettings", minimumLabel=HEAT_MIN_LABEL, maximumLabel=HEAT_MAX_LABEL, prefix="", suffix="",
@@ -421,7 +433,7 @@ def _vector_common(parent: ET.Element, opacity: float) -> None:
 
 
 def heatmap_style() -> ET.Element:
-    """The heatmap's .qml: pseudocolour 0..1 (jet), low heat and nodata transparent."""
+    """The heatmap's .qml: pseudocolour 0..1 (the quicklook's heat colours), low heat and nodata transparent."""
     root = _qml({"hasScaleBasedVisibilityFlag": "0", "minScale": "1e+08", "maxScale": "0"})
     pipe = _raster_pipe(root)
     _heatmap_renderer(pipe)

@@ -25,6 +25,25 @@ the rest (a labelled pixel is ``(1 - LABEL_BLEND) * scene + LABEL_BLEND * colour
 HEAT_BLEND = 0.5
 """Weight of the colour-mapped heat in the quicklook's Grad-CAM panel."""
 
+HEAT_COLORMAP = "inferno"
+"""The heat's colours, dark (no evidence) to bright (strongest), in the quicklook, heatmap.qml
+and explain's figures: lightness rises with heat, so it reads in grey and to colour-blind eyes
+(jet, used before, was brightest at 0.6 and its 0 and 1 looked alike in grey)."""
+
+
+def _heat_map_id() -> int:
+    import cv2
+
+    return getattr(cv2, f"COLORMAP_{HEAT_COLORMAP.upper()}")
+
+
+def heat_colours(index: np.ndarray) -> np.ndarray:
+    """RGB uint8 of the heat colour map at ``index`` (uint8, 0..255 for heat 0..1)."""
+    import cv2
+
+    flat = np.ascontiguousarray(index, dtype=np.uint8).reshape(1, -1)
+    return cv2.applyColorMap(flat, _heat_map_id())[0, :, ::-1].reshape(*np.shape(index), 3)
+
 _OUTLINE_RGB = (24, 24, 24)
 
 
@@ -66,8 +85,9 @@ class QuicklookLayout:
 
 def quicklook_layout(panel_w: int, panel_h: int) -> QuicklookLayout:
     """The layout of a quicklook whose preview is ``panel_w`` x ``panel_h`` pixels; the
-    font grows with the panel (``panel_w / 64``, between 11 and 24 px)."""
-    font_px = int(min(24, max(11, round(panel_w / 64))))
+    font grows with the panel (``panel_w / 40``, between 11 and 26 px), so it stays legible when
+    the three panels side by side are shrunk to fit a screen."""
+    font_px = int(min(26, max(11, round(panel_w / 40))))
     return QuicklookLayout(panel_w, panel_h, font_px, gap=max(4, font_px // 2),
                            title_h=round(font_px * 1.7), pad=max(4, font_px // 3))
 
@@ -91,7 +111,7 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
                     stride: int | None = None, row_offset: int = 0, outlines: bool = False,
                     warning: str | None = None, flip: tuple[bool, bool] = (False, False), cam: str = "gradcam",
                     colors: Sequence[Sequence[int]] | None = None, size: int | None = None) -> Path:
-    """Write a PNG: scene | scene with label colours | Grad-CAM heat (jet) over the scene,
+    """Write a PNG: scene | scene with label colours | Grad-CAM heat (HEAT_COLORMAP) over the scene,
     with panel titles (layout: :func:`quicklook_layout`), a legend of the classes present
     (most frequent first) and a colour bar for the heat.
 
@@ -241,8 +261,8 @@ def _label_lut(colors: tuple) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _heat_blend_lut() -> tuple[np.ndarray, bool]:
-    """(256, 256) uint8: the heat panel's value for scene value ``v`` (rows) under jet value
-    ``j`` (columns); and whether it is ``(v + j + 1) >> 1`` (so with ``HEAT_BLEND = 0.5``),
+    """(256, 256) uint8: the heat panel's value for scene value ``v`` (rows) under heat colour
+    value ``j`` (columns); and whether it is ``(v + j + 1) >> 1`` (so with ``HEAT_BLEND = 0.5``),
     which is cheaper to compute than a look-up."""
     v, j = _scene_f32(True), np.arange(256, dtype=np.float32)
     lut = _to_u8((1.0 - HEAT_BLEND) * v[:, None] + HEAT_BLEND * j[None, :])
@@ -376,7 +396,7 @@ def _label_pixels(rgb, valid, grid_labels, colors: tuple, band_rows, cols) -> np
 
 
 def _heat_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, heat) -> tuple[np.ndarray, bool]:
-    """The Grad-CAM panel (jet over the scene; the scene darkened when there is no heat) and whether there is heat."""
+    """The Grad-CAM panel (heat colours over the scene; the scene darkened when there is no heat) and whether there is heat."""
     import cv2
 
     h, w = valid.shape
@@ -394,17 +414,17 @@ def _heat_panel(rgb: np.ndarray, valid: np.ndarray, scene_panel: np.ndarray, hea
     hm_r *= 255  # the colour map's index: heat * 255 + 0.5, clipped, truncated
     hm_r += 0.5
     np.clip(hm_r, 0, 255, out=hm_r)
-    jet = cv2.cvtColor(cv2.applyColorMap(hm_r.astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    hot = cv2.cvtColor(cv2.applyColorMap(hm_r.astype(np.uint8), _heat_map_id()), cv2.COLOR_BGR2RGB)
     lut, halves = _heat_blend_lut()
     if halves:  # (v + j + 1) >> 1 without leaving uint8: (v | j) - ((v ^ j) >> 1)
-        diff = np.bitwise_xor(rgb, jet)
+        diff = np.bitwise_xor(rgb, hot)
         diff >>= 1
-        panel = np.bitwise_or(rgb, jet)
+        panel = np.bitwise_or(rgb, hot)
         panel -= diff
     else:
         idx = rgb.astype(np.intp)
         idx <<= 8
-        idx += jet
+        idx += hot
         panel = lut.reshape(-1).take(idx)
     if not ok_r.all():  # the scene where there is no heat
         cv2.copyTo(scene_panel, (~ok_r).view(np.uint8), panel)
@@ -494,12 +514,9 @@ def _title_row(panel_w: int, heat_title: str | None) -> np.ndarray:
 
 
 def _paint_colorbar(canvas: np.ndarray, bx: int, by: int, bar_w: int, bar_h: int) -> None:
-    """The jet ramp from heat 0 (left) to 1 (right) into ``canvas`` at ``(bx, by)``."""
-    import cv2
-
+    """The heat colour ramp from 0 (left) to 1 (right) into ``canvas`` at ``(bx, by)``."""
     ramp = np.clip(np.arange(bar_w) * (255.0 / max(1, bar_w - 1)) + 0.5, 0, 255).astype(np.uint8)
-    colors = cv2.applyColorMap(ramp[None, :], cv2.COLORMAP_JET)[0, :, ::-1]
-    canvas[by:by + bar_h, bx:bx + bar_w] = colors[None]
+    canvas[by:by + bar_h, bx:bx + bar_w] = heat_colours(ramp)[None]
 
 
 def _draw_colorbar_text(draw, font, bx: int, by: int, bar_w: int, bar_h: int, tick: int, row_h: int,
