@@ -171,8 +171,10 @@ def reference_quicklook(rgb, valid, labels, heat, classes, **kw):
         draw.text((lay.origin(k)[0] + pad, (lay.title_h - s) // 2), name, fill=(0, 0, 0), font=font)
     if has_heat:
         Q._draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
+    step = max(1, max(rgb.shape[:2]) // 128)  # swatches' right halves: over the scene's mean, from a sample
+    under = rgb[::step, ::step][valid[::step, ::step]].astype(float).mean(axis=0)
     Q._draw_legend(draw, font, lines, classes, np.array(class_colors(len(classes)), np.float32), pad,
-                   lay.title_h + h + pad, s, row_h)
+                   lay.title_h + h + pad, s, row_h, under)
     return np.asarray(image)
 
 

@@ -173,13 +173,25 @@ def test_legend_colour_bar_and_font(tmp_path, scene_path):
     labels = np.array(present * (n_rows * n_cols))[:n_rows * n_cols].reshape(n_rows, n_cols)
     heat = np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(32, 0)
     p = write_quicklook(tmp_path / "q.png", rgb, valid, labels, heat, CLASSES, scene_size=(W, H), tile_px=128)
-    img, _, _ = panels(p, w, h)
+    img, _, lab = panels(p, w, h)
     lay = quicklook_layout(w, h)
     below = img[lay.title_h + h:, :2 * w + lay.gap]
     palette = class_colors(len(CLASSES))
+    s = lay.font_px
     for k, colour in enumerate(palette):
-        n = (below == colour).all(axis=-1).sum()
-        assert (n >= (lay.font_px - 2) ** 2) if k in present else n == 0, (k, n)
+        pure = (below == colour).all(axis=-1)
+        n = pure.sum()
+        assert (n >= (s // 2 - 1) * (s - 2)) if k in present else n == 0, (k, n)
+        if k not in present:
+            continue
+        # the swatch's right half is the class as the label panel shows it over this scene:
+        # nearer the colour of its tiles there than the pure colour is
+        ys, xs = np.nonzero(pure)
+        right = below[ys.min() + 2:ys.max() - 1, xs.max() + 2:xs.min() + s - 1].reshape(-1, 3).mean(axis=0)
+        tiles = [lab[y, x] for r, c, y, x in tile_centres(W, H, w, h, 128, 128, n_rows, n_cols)
+                 if labels[r, c] == k and valid[y, x]]
+        seen = np.mean(tiles, axis=0)
+        assert np.linalg.norm(right - seen) < 0.5 * np.linalg.norm(np.asarray(colour) - seen), (k, right, seen, colour)
 
     x0, y0, x1, y1 = lay.colorbar_box()
     bar = img[(y0 + y1) // 2, x0:x1]

@@ -150,7 +150,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     k = min(-(-MIN_PANEL_PX // side), size // side if size else MIN_PANEL_PX)
     if whole and k > 1:  # a small scene: each pixel a k x k block
         maps = tuple(np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in maps)
-    image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning)
+    image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning,
+                     _mean_scene(rgb, valid))
     _write_png(path, image)
     return Path(path)
 
@@ -443,10 +444,18 @@ def _legend_lines(s: int, present: list[int], classes: list[str], legend_w: int)
     return lines
 
 
+def _mean_scene(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The scene's mean colour over its valid pixels (a sample of them); white without any."""
+    step = max(1, max(rgb.shape[:2]) // 128)
+    sample = rgb[::step, ::step][valid[::step, ::step]]
+    return sample.mean(axis=0) if len(sample) else np.full(3, 255.0)
+
+
 def _compose(panels, heat_title: str | None, present: list[int], classes: list[str], palette: np.ndarray,
-             warning: str | None = None) -> np.ndarray:
+             warning: str | None = None, under: np.ndarray | None = None) -> np.ndarray:
     """The quicklook (H, W, 3) uint8: the three (h, w, 3) uint8 panels under their titles,
-    the legend (and the warning under it) and the colour bar."""
+    the legend (and the warning under it) and the colour bar. ``under``: the colour a legend
+    swatch's right half shows its class blended over, as the label panel blends it over the scene."""
     h, w = panels[0].shape[:2]
     lay = quicklook_layout(w, h)
     has_heat = heat_title is not None
@@ -480,7 +489,7 @@ def _compose(panels, heat_title: str | None, present: list[int], classes: list[s
     def below(draw):
         if has_heat:
             _draw_colorbar_text(draw, font, bx, by, bar_w, bar_h, tick, row_h, caption)
-        _draw_legend(draw, font, lines, names, palette, pad, lay.title_h + h + pad, s, row_h)
+        _draw_legend(draw, font, lines, names, palette, pad, lay.title_h + h + pad, s, row_h, under)
         y = lay.title_h + h + pad + len(lines) * row_h + (row_h - s) // 2
         for j, line in enumerate(warned):
             draw.text((pad, y + j * row_h), line, fill=_WARNING_RGB, font=font)
@@ -534,13 +543,21 @@ def _draw_colorbar_text(draw, font, bx: int, by: int, bar_w: int, bar_h: int, ti
 
 
 def _draw_legend(draw, font, lines: list[list[tuple[int, int]]], classes: list[str], palette: np.ndarray,
-                 pad: int, y: int, s: int, row_h: int) -> None:
-    """A colour swatch and the name of each class present, line by line from ``y`` down."""
+                 pad: int, y: int, s: int, row_h: int, under: np.ndarray | None = None) -> None:
+    """A colour swatch and the name of each class present, line by line from ``y`` down: the
+    swatch's left half the class colour (as labels.tif has it), its right half that colour as
+    the label panel draws it, blended over ``under`` (the scene's mean colour), which can be far
+    from the pure colour (a pink over green fields reads brown)."""
     for line in lines:
         x = pad
         for i, width in line:
             color = tuple(int(c) for c in palette[i])
-            draw.rectangle([x, y + (row_h - s) // 2, x + s, y + (row_h - s) // 2 + s], fill=color, outline=(0, 0, 0))
+            y0 = y + (row_h - s) // 2
+            draw.rectangle([x, y0, x + s, y0 + s], fill=color)
+            if under is not None:
+                mixed = LABEL_BLEND * np.asarray(palette[i], np.float64) + (1.0 - LABEL_BLEND) * under
+                draw.rectangle([x + s // 2 + 1, y0, x + s, y0 + s], fill=tuple(int(c + 0.5) for c in mixed))
+            draw.rectangle([x, y0, x + s, y0 + s], outline=(0, 0, 0))
             draw.text((x + s + s // 2, y + (row_h - s) // 2), classes[i], fill=(0, 0, 0), font=font)
             x += width
         y += row_h
