@@ -138,6 +138,22 @@ def test_a_scenes_date_tag_is_read_in_utc(tmp_path, tag, want):
     assert (got or {}).get("datetime") == want
 
 
+@pytest.mark.parametrize("boxes, want", [
+    ([[179.9, -17, -179.9, -16], [179.95, -17.5, -179.8, -16.2]], [179.9, -17.5, -179.8, -16]),  # all across 180°
+    ([[175, 1, 176, 2], [-176, 3, -175, 4]], [175, 1, -175, 4]),  # either side of 180°: 10° across it, not 350°
+    ([[-97, 40, -96, 41], [-90, 30, -89, 31]], [-97, 30, -89, 41]),
+    ([[-180, -10, 180, 10], [0, 20, 1, 21]], [-180, -10, 180, 21]),  # one round the globe
+    ([[-170, 0, 60, 1], [50, 0, 190 - 360, 1]], [-180, 0, 180, 1]),  # together round the globe
+    ([], [-180, -90, 180, 90]),
+])
+def test_a_collections_extent_is_the_narrowest_span_holding_its_items(boxes, want):
+    """The collection's spatial extent holds every item's box, crossing 180° as an item's box
+    does (west > east) where that is the narrower way: a Pacific set's extent is not the globe."""
+    from tilescan.outputs.stac_items import _union_bbox
+
+    assert _union_bbox(boxes) == pytest.approx(want)
+
+
 def test_collect_makes_a_collection_gdal_and_pystac_read(items):
     """collect: collection.json links each scene's item (extent theirs), items.json holds them as
     one ItemCollection naming the collection, its assets by absolute path;

@@ -320,15 +320,33 @@ def write_collection(stage: Path, out: Path, folders: list[Path], log: Callable[
 
 
 def _union_bbox(boxes: list) -> list[float]:
-    """The lon/lat box round the items' boxes; the whole range of longitudes where one crosses
-    180° (west > east) or none has a box (no footprint)."""
+    """The lon/lat box round the items' boxes: the narrowest span of longitudes holding them all,
+    west > east where it crosses 180° (RFC 7946, as an item's box does); the whole range of
+    longitudes where they circle the globe or none has a box (no footprint)."""
     boxes = [b for b in boxes if b]
     if not boxes:
         return [-180.0, -90.0, 180.0, 90.0]
-    south, north = min(b[1] for b in boxes), max(b[3] for b in boxes)
-    if any(b[0] > b[2] for b in boxes):
-        return [-180.0, south, 180.0, north]
-    return [min(b[0] for b in boxes), south, max(b[2] for b in boxes), north]
+    west, east = _lon_span([(b[0], b[2]) for b in boxes])
+    return [west, min(b[1] for b in boxes), east, max(b[3] for b in boxes)]
+
+
+def _lon_span(spans: list[tuple[float, float]]) -> tuple[float, float]:
+    """(west, east) of the narrowest span of longitudes holding every (west, east) span of
+    ``spans`` (each crossing 180° where west > east): the circle less its widest gap."""
+    arcs = sorted((w, w + ((e - w) % 360.0 if w > e else e - w), w, e) for w, e in spans)
+    merged: list[list[float]] = []  # runs of overlapping spans: start, end (unrolled), west, east
+    for start, end, w, e in arcs + [(a + 360.0, b + 360.0, w, e) for a, b, w, e in arcs]:  # once round and on
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1][1], merged[-1][3] = end, e
+        else:
+            merged.append([start, end, w, e])
+    # the gaps from one run to the next, the first time round: (width, west after it, east before it)
+    gaps = [(b[0] - a[1], b[2], a[3]) for a, b in zip(merged, merged[1:]) if a[1] < arcs[0][0] + 360.0]
+    if not gaps:
+        return -180.0, 180.0
+    _, west, east = max(gaps, key=lambda g: (g[0], g[1] <= g[2]))  # a tie: rather not across 180°
+    return west, east
 
 
 def _interval(props: list[dict]) -> list[str | None]:
