@@ -73,7 +73,7 @@ def test_two_overlapping_cron_runs_do_the_work_once(tmp_path):
     report = json.loads((out / "report.json").read_text())  # one run, which did both scenes
     assert report["counts"] == {"done": 2, "skipped": 0, "failed": 0}
     n = sum(r["counts"]["tiles_classified"] for r in report["done"])
-    assert n > 0 and f"collect: {n} tiles from 2 scene(s)" in won
+    assert n > 0 and f"collect: {n} tiles from 2 scene(s), footprints in longitude and latitude (OGC:CRS84" in won
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["cog_rgb", "collected", "image_rgb", "report.json"]
     # the lock is released with the run: a later cron run may start at once
     lock = out / ".tilescan-cron.lock"

@@ -283,7 +283,8 @@ def run_collect(out: str | os.PathLike, gpkg: bool = True, log: Callable[[str], 
     finally:
         lock.release()
         layout.tidy(out)
-    log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s) -> {dest}")
+    log(f"collect: {summary['tiles']} tiles from {len(summary['scenes'])} scene(s), footprints in longitude and "
+        f"latitude (OGC:CRS84; each scene's own in geometry_native) -> {dest}")
     faults.point("collected")
     if summary["failed"] and strict:
         names = ", ".join(f["scene"] for f in summary["failed"])
