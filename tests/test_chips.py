@@ -275,6 +275,23 @@ def test_features_left_out_or_without_a_chip_are_named_by_id(scene_path, tmp_pat
     assert (card["features"], card["with_class"], card["usable"]) == (4, 3, 2)
 
 
+def test_tiles_covered_exactly_as_min_cover_asks_are_chips(scene_path, tmp_path):
+    """--min-cover is "at least": with --min-cover 1 (only fully labelled tiles) the tiles a
+    polygon covers wholly are chips; with the default 0.9 so is a tile covered by exactly 90 %."""
+    scene = scene_path(NAIP)
+    (left, bottom, right, top), crs = _bounds(scene)
+    t = 640.0  # a 128-px tile at 5 m
+    rows = [{"class": "field", "geometry": box(left - 100, top - 2 * t, left + 2 * t, top + 100)},  # tiles r0-1, c0-1
+            {"class": "pond", "geometry": box(left + 3 * t, top - t, left + 3.9 * t, top)}]  # 90 % of tile r0 c3
+    labels = _write(tmp_path / "l.gpkg", rows, crs)
+    for cover, want in (("1", {(r, c): "field" for r in (0, 1) for c in (0, 1)}),
+                        ("0.9", {**{(r, c): "field" for r in (0, 1) for c in (0, 1)}, (0, 3): "pond"})):
+        code, out = _chips(scene, "--labels", labels, "-o", tmp_path / cover, "--split", "random", "--min-cover", cover)
+        assert code == 0, out
+        table = pq.read_table(tmp_path / cover / "chips.parquet").to_pylist()
+        assert {(r["row"], r["col"]): r["class"] for r in table} == want, cover
+
+
 def _quadrants(scene: Path, tmp_path: Path) -> Path:
     (left, bottom, right, top), crs = _bounds(scene)
     mx, my = (left + right) / 2, (bottom + top) / 2

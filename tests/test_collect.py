@@ -289,6 +289,21 @@ def test_row_parts_of_another_version_of_the_scene_file_or_newer_than_the_whole_
     assert summary["scenes"]["cogeo"]["units"] == ["cogeo"] and any("ignoring 1 row part" in n for n in notes)
 
 
+def test_row_parts_finished_at_the_same_time_as_the_whole_scene_are_not_taken_as_newer(ref, tmp_path):
+    """Row parts that cover the scene, beside a whole-scene output finished at the same moment
+    (not after it): the whole-scene output is collected, the parts named as ignored."""
+    out = tmp_path / "out"
+    shutil.copytree(ref / "cogeo", out / "cogeo")
+    whole = json.loads((ref / "cogeo" / "run.json").read_text())
+    for r0, r1 in [(0, 3), (3, 8)]:
+        part = _fake_part(out, "cogeo", r0, r1, ref / "cogeo")
+        assert json.loads((part / "run.json").read_text())["finished_at"] == whole["finished_at"]
+    notes: list[str] = []
+    summary = run_collect(out, log=notes.append)
+    assert summary["scenes"]["cogeo"]["units"] == ["cogeo"], notes
+    assert any("a whole-scene output exists; ignoring 2 row part(s) beside it" in n for n in notes), notes
+
+
 def test_a_unit_that_failed_is_said_collected_from_its_scenes_earlier_output(ref, tmp_path):
     """A sharded rerun refused beside a finished whole-scene output: its failed row bands are
     that scene's, which is collected from the earlier output (``earlier_outputs``), not missing."""

@@ -339,6 +339,25 @@ def test_pick_examples_mixes_right_and_wrong():
     assert len(E.pick_examples(y, y, 4)) == 4  # no wrong ones: all right
 
 
+def test_top5_accuracy_counts_the_true_class_ranked_fifth_not_sixth():
+    """report.json's top5_accuracy: the share of images whose true class is among the five most
+    probable, here ranked 1st, 5th, 6th and 7th of 7 classes."""
+    ranks = [0, 4, 5, 6]  # of the true class (0: the most probable)
+    probs = np.tile(np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05], np.float32), (len(ranks), 1))
+    y_true = np.array(ranks)  # class j has rank j
+    assert E._top5(probs, y_true) == 0.5
+    assert E._top5(probs[1:2], y_true[1:2]) == 1.0 and E._top5(probs[2:3], y_true[2:3]) == 0.0
+
+
+def test_one_example_picked_from_predictions_with_errors_is_a_wrong_one():
+    """An explanation figure of one sample shows a mistake when there is one to show."""
+    y = np.array([0, 1, 2, 0, 1, 2])
+    p = np.array([0, 1, 2, 0, 1, 0])
+    for seed in range(5):
+        (i,) = E.pick_examples(y, p, 1, seed=seed)
+        assert i == 5
+
+
 def test_a_dataset_with_some_of_the_models_classes_in_any_order(model_file, dataset, tmp_path):
     """A test region without one of the classes, its classes.txt in another order: scored by
     class name, as the full dataset scores those images; a class the model does not know is

@@ -241,6 +241,36 @@ def test_units_that_cut_the_same_tiles_are_the_same_settings(tmp_path, scene_pat
     assert res.exit_code == 6 and "[tiling] tile_size 128 -> 96" in res.output, res.output
 
 
+def test_a_rerun_with_another_model_is_refused_and_update_redoes_it_with_that_model(tmp_path, scene_path):
+    """A model retrained and run again into the same OUT with the same settings: the finished
+    scene is not taken for this model's (exit 6, naming the model it was made with), its files
+    are left as they were; --update redoes it, and run.json records the new model."""
+    import hashlib
+
+    from conftest import invoke, tiny_model_file, tree_hashes
+
+    a = tiny_model_file(tmp_path / "a.keras", ["field", "water"], 32, seed=1, model_id="mine-a")
+    b = tiny_model_file(tmp_path / "b.keras", ["field", "water"], 32, seed=2, model_id="mine-b")
+    sha = {m: hashlib.sha256(m.read_bytes()).hexdigest() for m in (a, b)}
+    scene, out = scene_path("rio-tiler/cog_rgb.tif"), tmp_path / "out"
+    args = ["-o", out, "--tile-size", "128", "--units", "px", "--no-progress"]
+    assert invoke(["run", scene, "--model", a, *args]).exit_code == 0
+    res = invoke(["run", scene, "--model", a, *args])  # the same model: skipped
+    assert res.exit_code == 0 and read(out)["counts"]["skipped"] == 1, res.output
+    before = {k: v for k, v in tree_hashes(out).items() if not k.startswith("report")}
+    res = invoke(["run", scene, "--model", b, *args])
+    what = f"made with another model (mine-a, sha256 {sha[a][:12]})"
+    assert res.exit_code == 6 and f"finished outputs {what} exist: pass --update" in res.output, res.output
+    assert read(out)["counts"] == {"done": 0, "skipped": 0, "failed": 1}
+    assert {k: v for k, v in tree_hashes(out).items() if not k.startswith("report")} == before
+    res = invoke(["run", scene, "--model", b, *args, "--update"])
+    rep = read(out)
+    assert res.exit_code == 0 and [d["unit"] for d in rep["done"]] == ["cog_rgb"], res.output
+    assert rep["done"][0]["replaced"] == what and f"cog_rgb: redoing its finished outputs, {what}" in res.output
+    made = json.loads((out / "cog_rgb" / "run.json").read_text())["model"]
+    assert made["id"] == "mine-b" and made["sha256"] == sha[b]
+
+
 def _two_scenes_done(tmp_path: Path, scene_path) -> tuple[Path, Path, list[str]]:
     """Scenes a.tif and b.tif (one real scene twice) run into OUT: (scene folder, OUT, run options)."""
     import shutil

@@ -784,6 +784,20 @@ def test_data_left_unlabelled_below_min_valid_is_warned_about(tmp_path, tiny_mod
     assert res.exit_code == 0 and "unlabelled_data" not in (tmp_path / "b" / "image_rgb" / "run.json").read_text()
 
 
+def test_a_tile_exactly_at_min_valid_is_classified(tmp_path, tiny_model):
+    """A scene 1.5 tiles wide: its last column of tiles is exactly half inside the scene, which
+    the default --min-valid 0.5 ("at least half valid") classifies: no strip is left unlabelled."""
+    path = write_like(scene(AERIAL), tmp_path / "one_and_a_half.tif", window=Window(0, 0, TILE * 3 // 2, TILE))
+    res = invoke(["run", path, "--model", tiny_model, "--tile-size", TILE, "--units", "px", "--no-progress",
+                  "-o", tmp_path / "out"])
+    assert res.exit_code == 0, res.output
+    o = check_outputs(tmp_path / "out" / "one_and_a_half", path, TILE)
+    assert o["manifest"]["config"]["tiling"]["min_valid_fraction"] == 0.5
+    assert sorted(zip(o["gdf"].col, o["gdf"].valid_fraction)) == [(0, 1.0), (1, 0.5)]
+    assert (o["labels"] != LABEL_NODATA).all()
+    assert "unlabelled_data" not in json.dumps(o["manifest"]["warning_details"])
+
+
 def test_no_tile_full_enough_names_the_min_valid_that_classifies_one(tmp_path, tiny_model):
     """No tile reaches --min-valid: the warning names the fullest tile's share, and that
     --min-valid classifies it."""

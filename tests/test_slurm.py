@@ -322,7 +322,46 @@ def test_parse_shard_sources_and_errors():
             parse_shard(None, env)
 
 
-@pytest.mark.parametrize("n_scenes,rows,n", [(1, 8, 3), (1, 9, 4), (1, 5, 3), (2, 20, 3), (4, 8, 3), (5, 50, 2), (3, 7, 1)])
+def test_each_row_band_labels_raster_lies_over_its_own_rows(tmp_path, scene_path):
+    """One scene on 2 shards (--shard, no cluster): each rows-A-B/labels.tif is a band of the
+    scene's label grid, georeferenced over rows A..B: its grid is the scene's from row A on,
+    and sampled at each of its tiles' footprints it gives that tile's class, as the band's
+    tiles.parquet says."""
+    import geopandas as gpd
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    from conftest import LABEL_NODATA, invoke, tiny_model_file
+
+    scene = scene_path("rasterio/RGB.byte.tif")  # 791 x 718 px: 6 x 7 tiles of 128 px
+    model = tiny_model_file(tmp_path / "m.keras", ["built-up", "water"], 32, seed=5)
+    out = tmp_path / "out"
+    for i in range(2):
+        res = invoke(["run", scene, "-o", out, "--model", model, "--tile-size", "128", "--units", "px",
+                      "--no-progress", "--shard", f"{i}/2"])
+        assert res.exit_code == 0, res.output
+    with rasterio.open(scene) as ds:
+        T = ds.transform
+    parts = sorted((out / "RGB.byte").glob("rows-*"))
+    assert [p.name for p in parts] == ["rows-00000-00003", "rows-00003-00006"]
+    for part in parts:
+        r0, r1 = json.loads((part / "run.json").read_text())["rows"]
+        tiles = gpd.read_parquet(part / "tiles.parquet")
+        assert len(tiles) and set(tiles.row) <= set(range(r0, r1))
+        with rasterio.open(part / "labels.tif") as L:
+            assert L.shape == (r1 - r0, 7)
+            assert L.transform.almost_equals(T @ Affine.translation(0, r0 * 128) @ Affine.scale(128))
+            labels = L.read(1)
+            cells = [L.index(*g.centroid.coords[0]) for g in tiles.geometry]
+        expect = np.full((r1 - r0, 7), LABEL_NODATA, np.uint8)
+        expect[tiles.row.to_numpy() - r0, tiles.col.to_numpy()] = tiles.class_index.to_numpy()
+        np.testing.assert_array_equal(labels, expect)
+        assert cells == list(zip(tiles.row - r0, tiles.col)), part.name  # each tile's footprint on its own cell
+
+
+@pytest.mark.parametrize("n_scenes,rows,n", [(1, 8, 3), (1, 9, 4), (1, 5, 3), (2, 20, 3), (4, 8, 3), (5, 50, 2), (3, 7, 1),
+                                                  (1, 6, 3), (2, 6, 3)])  # the last two: exactly 2 N rows, split
 def test_plan_units_cover_every_tile_row_once(n_scenes, rows, n):
     from tilescan.pipeline.units import plan_units
 
