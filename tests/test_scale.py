@@ -284,6 +284,26 @@ def test_rerun_with_nothing_to_do_does_not_load_the_model(tmp_path):
     assert "already complete, skipped" in res.stderr
 
 
+def test_files_that_are_no_scene_do_not_load_the_model(tmp_path):
+    """A batch whose unfinished files are all broken (a zero-byte file, a PNG named .tif), as a
+    cron job meets on every rerun: each fails with its reason, and the model is never loaded."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "empty.tif").write_bytes(b"")
+    (tmp_path / "in" / "photo.tif").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    probe = textwrap.dedent(f"""
+        import sys
+        from tilescan.cli import main
+        try:
+            main(["run", {str(tmp_path / "in")!r}, "-o", {str(tmp_path / "out")!r}, "--no-progress"])
+        except SystemExit as e:
+            code = e.code
+        print("EXIT", code, "KERAS", "keras" in sys.modules, "TF", "tensorflow" in sys.modules)
+    """)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "KERAS False TF False" in res.stdout and "EXIT 0" not in res.stdout, res.stdout + res.stderr
+    assert "empty.tif: empty file (0 bytes)" in res.stderr and "photo.tif: not a TIFF file" in res.stderr
+
+
 @pytest.mark.parametrize("lat", [0.5, 60.5])
 def test_pixels_unsquare_on_the_ground_are_warned_about(tmp_path, lat):
     """The NAIP scene's pixels as square degrees of EPSG:4326 (5 m north-south): at the equator

@@ -37,7 +37,7 @@ from ..outputs.quicklook import north_up_flip, turned, write_scene_quicklook
 from ..outputs.table import TileTable, check_gpkg_fits
 from ..scene import sources
 from ..scene.info import collecting_tiling_warnings
-from ..scene.plan import fill_note
+from ..scene.plan import check_scene_file, fill_note
 from ..scene.grid import TileSet, _metres, scale_note
 from ..scene.reader import SceneReader
 from ..scene.scaling import preview_rgb
@@ -90,6 +90,10 @@ class UnitJob:
         self.state = threading.Lock()
 
     # -- open (the opener thread)
+
+    def check_file(self) -> None:
+        """Refuse a local file that is no scene before the model is loaded for it."""
+        check_scene_file(self.unit.scene)
 
     def open(self) -> None:
         """Open the scene (checks, bands, tiling plan, stretch) and stage its outputs."""

@@ -178,6 +178,7 @@ class Stream:
                 job = self.prepare(k, unit)
                 if isinstance(job, UnitJob):
                     if not self._engine_asked:  # the first unit with work: the caller loads the model
+                        job.check_file()  # not for a broken file (a cron batch's, on every rerun)
                         self._engine_asked = True
                         out.put(("engine", k, None))
                     job.run_timings = self.stats.startup

@@ -471,6 +471,13 @@ def tile_sizes(path, cfg: TilingConfig, input_size: int, model_gsd_m: float | No
     return _quiet_look(path, sizes)
 
 
+def check_scene_file(path) -> None:
+    """The cheap checks opening a local scene makes first (there, a readable regular file, a
+    TIFF by its first bytes); a remote scene is checked as it is opened."""
+    if not getattr(path, "remote", False):
+        _check_file(Path(path))
+
+
 def _open_dataset(path):
     """The scene's path (a Path, or the remote scene itself) and its open rasterio dataset."""
     remote = getattr(path, "remote", False)  # a URL or STAC item: tilescan.scene.sources
