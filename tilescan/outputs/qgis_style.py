@@ -39,6 +39,7 @@ _HEAT_OPACITY = ((0.0, 0), (0.125, 64), (0.375, 192), (0.625, 255), (1.0, 255))
 # ColorBrewer's RdYlBu, whose ends stay apart to red-green colour-blind eyes (its green did not).
 _CONFIDENCE = ((0.0, 0.4, (215, 25, 28)), (0.4, 0.6, (253, 174, 97)), (0.6, 0.8, (255, 255, 191)),
                (0.8, 0.9, (171, 217, 233)), (0.9, 1.0, (44, 123, 182)))
+_OUTLINE = "40,40,40,255"
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,7 +50,6 @@ def _heat_knots(n: int = 32) -> tuple[tuple[float, tuple[int, int, int], int], .
     rgb = heat_colours(np.clip(v * 255 + 0.5, 0, 255).astype(np.uint8))
     alpha = np.interp(v, *zip(*_HEAT_OPACITY))
     return tuple((float(x), tuple(int(c) for c in col), int(round(a))) for x, col, a in zip(v, rgb, alpha))
-_OUTLINE = "40,40,40,255"
 
 
 # ----------------------------------------------------------------------------- XML helpers

@@ -44,6 +44,7 @@ def heat_colours(index: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(index, dtype=np.uint8).reshape(1, -1)
     return cv2.applyColorMap(flat, _heat_map_id())[0, :, ::-1].reshape(*np.shape(index), 3)
 
+
 _OUTLINE_RGB = (24, 24, 24)
 
 
