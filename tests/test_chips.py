@@ -530,3 +530,22 @@ def test_a_malformed_label_feature_is_left_out_and_counted():
         nan = shapely.to_wkb(shapely.Polygon([(0, 0), (10, 0), (float("nan"), 10), (0, 0)]))
     geoms, names, fids, kinds, dropped = _features(["a", "b", "c"], [unclosed, nan, shapely.to_wkb(box(0, 0, 10, 10))])
     assert names == ["c"] and fids == [2] and kinds == ["polygon"] and dropped == {"invalid_geometry": [0, 1]}
+
+
+def test_points_in_a_geometry_collection_are_points():
+    """A feature whose geometry is a GeometryCollection (GeoJSON allows it; some editors write
+    one): its points are label points, beside its polygons, and one of points only is not left
+    out as a line (its class vanished from the dataset, said to be a line)."""
+    import shapely
+
+    from tilescan.training.labels import _features
+
+    only_points = shapely.GeometryCollection([Point(5, 5), Point(6, 6)])
+    mixed = shapely.GeometryCollection([Point(50, 50), box(0, 0, 10, 10)])
+    line = shapely.GeometryCollection([shapely.LineString([(0, 0), (1, 1)])])
+    geoms, names, fids, kinds, dropped = _features(["farmland", "forest", "road"],
+                                                   [shapely.to_wkb(g) for g in (only_points, mixed, line)])
+    assert list(zip(names, fids, kinds)) == [("farmland", 0, "point"), ("farmland", 0, "point"),
+                                             ("forest", 1, "point"), ("forest", 1, "polygon")]
+    assert [g.wkt for g in geoms[:3]] == ["POINT (5 5)", "POINT (6 6)", "POINT (50 50)"]
+    assert geoms[3].equals(box(0, 0, 10, 10)) and dropped == {"line": [2]}

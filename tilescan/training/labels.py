@@ -273,17 +273,19 @@ def _features(values: list[str | None], wkb: list[bytes | None]):
             dropped.setdefault("invalid_geometry", []).append(i)
             continue
         gt = g.geom_type
-        if gt in ("Point", "MultiPoint"):
-            for part in shapely.get_parts(g):
-                geoms.append(part), names.append(v), fids.append(i), kinds.append("point")
-        elif gt in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        # points one by one; a GeometryCollection's points too, beside its polygons
+        points = [g] if gt in ("Point", "MultiPoint") else [
+            p for p in shapely.get_parts(g) if p.geom_type in ("Point", "MultiPoint")] if gt == "GeometryCollection" else []
+        for part in (q for p in points for q in shapely.get_parts(p)):
+            geoms.append(part), names.append(v), fids.append(i), kinds.append("point")
+        if gt in ("Polygon", "MultiPolygon", "GeometryCollection"):
             g = shapely.make_valid(g)
             polys = [q for q in shapely.get_parts(g) if q.geom_type in ("Polygon", "MultiPolygon") and q.area > 0]
-            if not polys:
+            if polys:
+                geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
+            elif not points:
                 dropped.setdefault("line" if gt == "GeometryCollection" else "empty", []).append(i)
-                continue
-            geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
-        else:
+        elif not points:
             dropped.setdefault("line", []).append(i)
     return geoms, names, fids, kinds, dropped
 
