@@ -182,6 +182,24 @@ def test_save_load_roundtrip_keeps_metadata_and_predictions(tmp_path, small_mode
     np.testing.assert_array_equal(got.argmax(axis=1), ref.argmax(axis=1))
 
 
+def test_a_diverged_loss_is_written_as_strict_json(tmp_path, saved):
+    """A training whose loss diverged (NaN) saves a model whose tilescan.json other readers
+    parse (strict JSON: the loss null), not Python's bare NaN; rewriting it keeps it so."""
+    from tilescan.model import META_MEMBER, rewrite_metadata
+
+    path = tmp_path / "m.keras"
+    path.write_bytes(saved[0].read_bytes())
+    rewrite_metadata(path, lambda m: m["scores"]["val"].update(loss=float("nan"), accuracy=float("inf")))
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read(META_MEMBER), parse_constant=refuse)
+    assert meta["scores"]["val"] == {"loss": None, "accuracy": None}
+    assert read_metadata(path)["classes"] == META["classes"]
+
+
 def test_save_refuses_bad_names_and_metadata(tmp_path, small_model):
     with pytest.raises(ModelError, match=r"\.keras"):
         save_model(small_model, tmp_path / "m.h5", META)

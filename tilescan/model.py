@@ -306,6 +306,14 @@ def describe_model(path: str | os.PathLike | None = None) -> LoadedModel:
     return LoadedModel(model=None, meta=meta, path=p, sha256=file_sha256(p))
 
 
+def _meta_json(meta: dict) -> bytes:
+    """The ``tilescan.json`` member: strict JSON, a non-finite number (a diverged training's
+    loss) as null, which every reader parses (Python alone reads a bare NaN)."""
+    from .outputs.files import _jsonable
+
+    return json.dumps(_jsonable(meta), indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``tilescan.json`` of a model file, without loading Keras."""
     p = str(path)
@@ -394,7 +402,7 @@ def rewrite_metadata(path: str | os.PathLike, update) -> str:
     p = Path(path)
     meta = read_metadata(p)
     update(meta)
-    new_meta = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    new_meta = _meta_json(meta)
     mode = os.stat(p).st_mode & 0o777
     with _replacing(p) as tmp:
         with zipfile.ZipFile(p) as zin, zipfile.ZipFile(tmp, "w") as zout:
@@ -464,7 +472,7 @@ def save_model(model, path: str | os.PathLike, meta: dict[str, Any], half: bool 
             members = {n: zf.read(n) for n in zf.namelist()}
         if half and "model.weights.h5" in members:
             members["model.weights.h5"] = _halve_weights(members["model.weights.h5"])
-        members[META_MEMBER] = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+        members[META_MEMBER] = _meta_json(meta)
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for name, data in members.items():
                 zf.writestr(name, data)
