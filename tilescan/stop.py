@@ -123,7 +123,8 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler set outside Python (an embedding program), which stays
+                signal.signal(s, h)
         if came and callable(old[came[0]]):
             old[came[0]](came[0], None)
         elif came and old[came[0]] == signal.SIG_DFL:
@@ -150,7 +151,8 @@ def handling(second: str = "end") -> Iterator[Seen]:
         yield seen
     finally:
         for s, h in old.items():
-            signal.signal(s, h)
+            if h is not None:  # None: a handler set outside Python (an embedding program), which stays
+                signal.signal(s, h)
         seen.signal = _state["signal"]
         with _runs_lock:
             _state["runs"] -= 1
