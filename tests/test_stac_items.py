@@ -144,6 +144,9 @@ def test_a_scenes_date_tag_is_read_in_utc(tmp_path, tag, want):
     ([[-97, 40, -96, 41], [-90, 30, -89, 31]], [-97, 30, -89, 41]),
     ([[-180, -10, 180, 10], [0, 20, 1, 21]], [-180, -10, 180, 21]),  # one round the globe
     ([[-170, 0, 60, 1], [50, 0, 190 - 360, 1]], [-180, 0, 180, 1]),  # together round the globe
+    ([[170, 0, -170, 1], [-175, 0, -174, 1]], [170, 0, -170, 1]),  # one inside another across 180°
+    ([[160, 0, -150, 1], [-170, 0, -165, 1], [0, 0, 1, 1]], [160, 0, 1, 1]),
+    ([[-180, 0, -170, 1], [170, 0, 180, 1]], [170, 0, -170, 1]),  # touching at ±180°
     ([], [-180, -90, 180, 90]),
 ])
 def test_a_collections_extent_is_the_narrowest_span_holding_its_items(boxes, want):

@@ -333,20 +333,18 @@ def _union_bbox(boxes: list) -> list[float]:
 def _lon_span(spans: list[tuple[float, float]]) -> tuple[float, float]:
     """(west, east) of the narrowest span of longitudes holding every (west, east) span of
     ``spans`` (each crossing 180° where west > east): the circle less its widest gap."""
-    arcs = sorted((w, w + ((e - w) % 360.0 if w > e else e - w), w, e) for w, e in spans)
-    merged: list[list[float]] = []  # runs of overlapping spans: start, end (unrolled), west, east
-    for start, end, w, e in arcs + [(a + 360.0, b + 360.0, w, e) for a, b, w, e in arcs]:  # once round and on
-        if merged and start <= merged[-1][1]:
-            if end > merged[-1][1]:
-                merged[-1][1], merged[-1][3] = end, e
+    pieces = sorted(p for w, e in spans for p in ([(w, e)] if w <= e else [(w, 180.0), (-180.0, e)]))
+    runs: list[list[float]] = []  # the pieces merged where they overlap or touch
+    for w, e in pieces:
+        if runs and w <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], e)
         else:
-            merged.append([start, end, w, e])
-    # the gaps from one run to the next, the first time round: (width, west after it, east before it)
-    gaps = [(b[0] - a[1], b[2], a[3]) for a, b in zip(merged, merged[1:]) if a[1] < arcs[0][0] + 360.0]
-    if not gaps:
-        return -180.0, 180.0
-    _, west, east = max(gaps, key=lambda g: (g[0], g[1] <= g[2]))  # a tie: rather not across 180°
-    return west, east
+            runs.append([w, e])
+    # each gap as (width, the west edge after it, the east edge before it), the one across 180° last
+    gaps = [(b[0] - a[1], b[0], a[1]) for a, b in zip(runs, runs[1:])]
+    gaps.append((runs[0][0] + 360.0 - runs[-1][1], runs[0][0], runs[-1][1]))
+    width, west, east = max(gaps, key=lambda g: (g[0], g[1] <= g[2]))  # a tie: rather not across 180°
+    return (west, east) if width > 0 or len(runs) > 1 else (-180.0, 180.0)
 
 
 def _interval(props: list[dict]) -> list[str | None]:
