@@ -413,6 +413,29 @@ def test_second_sigint_raises_in_python_with_the_api_setting():
     assert p.stdout.split() == ["asked", "SIGINT", "raised", "True"]
 
 
+def test_a_signal_handled_outside_python_is_left_to_its_handler():
+    """A program embedding Python that handles SIGTERM in C (Python's getsignal says None for
+    such a handler, and could not put it back): tilescan's stop handling and deferred blocks
+    leave that signal alone, so the program's handler gets it, during and after; SIGINT is still
+    tilescan's. Simulated: the handler here is Python's, reported as None as a C one would be."""
+    code = ("import os, signal, time\nfrom tilescan import stop\ngot = []\n"
+            "signal.signal(signal.SIGTERM, lambda s, f: got.append('embedder'))\n"
+            "real = signal.getsignal\n"
+            "signal.getsignal = lambda s: None if s == signal.SIGTERM else real(s)\n"
+            "with stop.handling():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "    print('during', got, stop.requested(), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+            "    print('sigint', stop.requested(), flush=True)\n"
+            "with stop.deferred():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "print('after', len(got), flush=True)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["during", "['embedder']", "None", "sigint", "SIGINT", "after", "3"], p.stdout
+
+
 _API_LOOP = """
 import json, sys, tilescan
 out, scenes = sys.argv[1], sys.argv[2:]

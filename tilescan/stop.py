@@ -110,6 +110,12 @@ class Seen:
     signal: str | None = None
 
 
+def _ours() -> list[int]:
+    """The signals tilescan may handle for a while: not one whose handler was set outside Python
+    (getsignal says None: an embedding program's), which Python could not put back after."""
+    return [s for s in SIGNALS if signal.getsignal(s) is not None]
+
+
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Hold SIGTERM and SIGINT while the block runs (a checkpoint is written whole), then act
@@ -118,13 +124,12 @@ def deferred() -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in SIGNALS}
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in _ours()}
     try:
         yield
     finally:
         for s, h in old.items():
-            if h is not None:  # None: a handler set outside Python (an embedding program), which stays
-                signal.signal(s, h)
+            signal.signal(s, h)
         if came and callable(old[came[0]]):
             old[came[0]](came[0], None)
         elif came and old[came[0]] == signal.SIG_DFL:
@@ -146,13 +151,12 @@ def handling(second: str = "end") -> Iterator[Seen]:
         _state["runs"] += 1
         if main:
             _state["second"] = second
-    old = {s: signal.signal(s, _handler) for s in SIGNALS} if main else {}
+    old = {s: signal.signal(s, _handler) for s in _ours()} if main else {}
     try:
         yield seen
     finally:
         for s, h in old.items():
-            if h is not None:  # None: a handler set outside Python (an embedding program), which stays
-                signal.signal(s, h)
+            signal.signal(s, h)
         seen.signal = _state["signal"]
         with _runs_lock:
             _state["runs"] -= 1
