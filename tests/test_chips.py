@@ -543,9 +543,15 @@ def test_points_in_a_geometry_collection_are_points():
     only_points = shapely.GeometryCollection([Point(5, 5), Point(6, 6)])
     mixed = shapely.GeometryCollection([Point(50, 50), box(0, 0, 10, 10)])
     line = shapely.GeometryCollection([shapely.LineString([(0, 0), (1, 1)])])
-    geoms, names, fids, kinds, dropped = _features(["farmland", "forest", "road"],
-                                                   [shapely.to_wkb(g) for g in (only_points, mixed, line)])
+    nested = shapely.GeometryCollection([shapely.GeometryCollection([shapely.MultiPoint([(7, 7), (8, 8)]),
+                                                                     box(20, 20, 30, 30)]), Point()])
+    geoms, names, fids, kinds, dropped = _features(["farmland", "forest", "road", "meadow", "crop"],
+                                                   [shapely.to_wkb(g) for g in (only_points, mixed, line, nested,
+                                                                                shapely.MultiPoint([(1, 1), (2, 2)]))])
     assert list(zip(names, fids, kinds)) == [("farmland", 0, "point"), ("farmland", 0, "point"),
-                                             ("forest", 1, "point"), ("forest", 1, "polygon")]
+                                             ("forest", 1, "point"), ("forest", 1, "polygon"),
+                                             ("meadow", 3, "point"), ("meadow", 3, "point"), ("meadow", 3, "polygon"),
+                                             ("crop", 4, "point"), ("crop", 4, "point")]
     assert [g.wkt for g in geoms[:3]] == ["POINT (5 5)", "POINT (6 6)", "POINT (50 50)"]
-    assert geoms[3].equals(box(0, 0, 10, 10)) and dropped == {"line": [2]}
+    assert [g.wkt for g in geoms[4:6]] == ["POINT (7 7)", "POINT (8 8)"]  # the empty point is none
+    assert geoms[3].equals(box(0, 0, 10, 10)) and geoms[6].equals(box(20, 20, 30, 30)) and dropped == {"line": [2]}

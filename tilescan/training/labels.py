@@ -273,13 +273,14 @@ def _features(values: list[str | None], wkb: list[bytes | None]):
             dropped.setdefault("invalid_geometry", []).append(i)
             continue
         gt = g.geom_type
-        # points one by one; a GeometryCollection's points too, beside its polygons
-        points = [g] if gt in ("Point", "MultiPoint") else [
-            p for p in shapely.get_parts(g) if p.geom_type in ("Point", "MultiPoint")] if gt == "GeometryCollection" else []
-        for part in (q for p in points for q in shapely.get_parts(p)):
+        # points one by one; a GeometryCollection's too (collections within it opened), beside its polygons
+        parts = _simple_parts(g) if gt == "GeometryCollection" else []
+        points = list(shapely.get_parts(g)) if gt in ("Point", "MultiPoint") else [p for p in parts if p.geom_type == "Point"]
+        for part in points:
             geoms.append(part), names.append(v), fids.append(i), kinds.append("point")
         if gt in ("Polygon", "MultiPolygon", "GeometryCollection"):
-            g = shapely.make_valid(g)
+            g = shapely.make_valid(shapely.GeometryCollection([p for p in parts if p.geom_type == "Polygon"])
+                                   if gt == "GeometryCollection" else g)
             polys = [q for q in shapely.get_parts(g) if q.geom_type in ("Polygon", "MultiPolygon") and q.area > 0]
             if polys:
                 geoms.append(shapely.union_all(polys)), names.append(v), fids.append(i), kinds.append("polygon")
@@ -288,6 +289,19 @@ def _features(values: list[str | None], wkb: list[bytes | None]):
         elif not points:
             dropped.setdefault("line", []).append(i)
     return geoms, names, fids, kinds, dropped
+
+
+def _simple_parts(g) -> list:
+    """A collection's non-empty points, lines and polygons, collections within it opened."""
+    import shapely
+
+    out = []
+    for p in shapely.get_parts(g):
+        if p.geom_type == "GeometryCollection" or p.geom_type.startswith("Multi"):
+            out.extend(_simple_parts(p))
+        elif not p.is_empty:
+            out.append(p)
+    return out
 
 
 def _folder_safe(names: list[str], p: str) -> tuple[list[str], dict[str, str]]:
