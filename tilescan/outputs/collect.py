@@ -139,7 +139,8 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     lonlat, crs_name, to_lonlat = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints, CAM peaks
     peaks = None if lonlat is None else lonlat[:, -1].copy()
     if peaks is not None:  # in -180..180 as the footprints are (a 0..360 scene's peaks were past 180)
-        peaks[:, 0] = (peaks[:, 0] + 180.0) % 360.0 - 180.0
+        on = np.isfinite(peaks[:, 0])  # not those off the CRS's area (a disc's edge), masked below
+        peaks[on, 0] = (peaks[on, 0] + 180.0) % 360.0 - 180.0
     meta = json.loads(t.schema.metadata[b"tilescan"])
     if not meta.get("classes"):  # the label column's categories, the summaries' and the styles' legend
         raise InputError(f"{u.key}/tiles.parquet names no model classes in its metadata (made by another tool, or "
