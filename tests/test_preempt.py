@@ -382,6 +382,11 @@ def test_a_stop_while_keras_loads_stops_before_the_model_is_loaded(tmp_path, mon
     assert stopped["signal"] == "SIGTERM" and stopped["units"] == ["RGB.byte"] and stopped["not_started"] == []
 
 
+def _in_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by an interpreter of its own (the signals it sends itself reach no test)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+
+
 def test_second_signal_stops_at_once():
     """The first SIGTERM asks to stop; the same one again within a second is that request
     (a scheduler's, delivered to the process and through its job script's trap); a second one
@@ -392,7 +397,7 @@ def test_second_signal_stops_at_once():
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n    print('same', flush=True)\n"
             "    time.sleep(stop.REPEAT_S)\n"
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n    print('survived', flush=True)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    p = _in_python(code)
     assert p.returncode == -signal.SIGTERM, p.stderr
     assert p.stdout.split() == ["asked", "SIGTERM", "same"]
 
@@ -408,7 +413,7 @@ def test_second_sigint_raises_in_python_with_the_api_setting():
             "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n        print('not raised', flush=True)\n"
             "except KeyboardInterrupt:\n    print('raised', flush=True)\n"
             "print(signal.getsignal(signal.SIGINT) is before)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    p = _in_python(code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["asked", "SIGINT", "raised", "True"]
 
@@ -431,7 +436,7 @@ def test_a_signal_handled_outside_python_is_left_to_its_handler():
             "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
             "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
             "print('after', len(got), flush=True)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=bh.env(), timeout=60)
+    p = _in_python(code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["during", "['embedder']", "None", "sigint", "SIGINT", "after", "3"], p.stdout
 
