@@ -551,6 +551,50 @@ def test_a_tile_round_a_pole_is_a_cap_up_to_the_pole(tmp_path, pole):
     np.testing.assert_allclose(gdf["area_m2"], native.to_crs(laea).area, rtol=1e-3)
 
 
+def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_path):
+    """Real NAIP pixels 3 km from the South Pole in its polar stereographic CRS, beside the same
+    pixels in their own UTM zone: near the pole a tile's edges bow in longitude/latitude, so
+    its collected footprint and the scene's STAC footprint carry points along them (each tile
+    the same ground as its native footprint, IoU >= 0.99; the item's bbox reaches as far south
+    as the scene does), while the UTM scene's tiles and item keep their four corners."""
+    import geopandas as gpd
+    import rasterio
+    import shapely
+    from affine import Affine
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import Window
+
+    from conftest import invoke, scene
+
+    (tmp_path / "in").mkdir()
+    with rasterio.open(scene("opengeos-naip/m_4709963_se_14_1_20190904.tif")) as src:
+        pixels = src.read((1, 2, 3), window=Window(0, 0, 640, 384))
+        profile = {**src.profile, "count": 3, "width": 640, "height": 384}
+        utm = {**profile, "transform": src.window_transform(Window(0, 0, 640, 384))}
+    polar = {**profile, "crs": "EPSG:3031", "transform": Affine(5, 0, -1600, 0, -5, 3000)}
+    for name, prof in (("polar", polar), ("utm", utm)):
+        with rasterio.open(tmp_path / "in" / f"{name}.tif", "w", **prof) as dst:
+            dst.write(pixels)
+    out = tmp_path / "out"
+    args = ["run", tmp_path / "in", "-o", out, "--no-progress", "--stac-items", "--units", "px", "--tile-size", "128"]
+    assert invoke(args).exit_code == 0
+    assert invoke(["collect", out]).exit_code == 0
+    gdf = gpd.read_parquet(out / "collected" / "tiles.parquet")
+    points = np.array([len(shapely.get_coordinates(g)) for g in gdf.geometry])
+    is_polar = (gdf["scene"] == "polar").to_numpy()
+    assert (points[~is_polar] == 5).all() and (points[is_polar] > 5).all()
+    native = gpd.GeoSeries.from_wkb(gdf["geometry_native"][is_polar].tolist(), crs="EPSG:3031")
+    laea = "+proj=laea +lat_0=-90 +lon_0=0 +ellps=WGS84 +units=m"
+    truth = native.segmentize(1.0).to_crs(laea)
+    drawn = gpd.GeoSeries(gdf.geometry[is_polar].values, crs="OGC:CRS84").segmentize(0.01).to_crs(laea)
+    iou = np.array([a.intersection(b).area / a.union(b).area for a, b in zip(truth, drawn)])
+    assert iou.min() >= 0.99, iou
+    south = transform_bounds("EPSG:3031", "EPSG:4326", -1600, 3000 - 384 * 5, -1600 + 640 * 5, 3000, densify_pts=1000)[1]
+    item = json.loads((out / "polar" / "item.json").read_text())
+    assert item["bbox"][1] == pytest.approx(south, abs=1e-4)
+    assert len(json.loads((out / "utm" / "item.json").read_text())["geometry"]["coordinates"][0]) == 5
+
+
 def test_a_scene_that_is_a_git_annex_link_is_named_by_its_link_everywhere(tmp_path):
     """git-annex / DataLad: the scene is a link to a content-named object. run.json, the
     collected table and both QGIS projects name the link the user gave, not the object (which

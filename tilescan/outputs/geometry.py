@@ -129,6 +129,32 @@ def edge_points(corners: np.ndarray, per_edge: int) -> np.ndarray:
                            for j in range(4)], axis=-2)
 
 
+def bowed_edges(corners: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, tol: float = 1e-3) -> np.ndarray:
+    """(N,) True for the (N,4,2) quadrilaterals ``corners`` (in their CRS, ``lonlat`` the same
+    corners in longitude/latitude) with an edge whose middle, put in longitude/latitude by
+    ``to_lonlat(x, y)``, lies off the straight line between its corners there by more than
+    ``tol`` of that line's length (longitudes scaled by the cosine of the tile's latitude, so
+    that both count as on the ground): their corners alone draw them wrongly (near a pole)."""
+    c = np.asarray(corners, dtype=np.float64)
+    mids = (c + np.roll(c, -1, axis=1)) / 2
+    lon, lat = (np.asarray(v, dtype=np.float64).reshape(mids.shape[:2])
+                for v in to_lonlat(mids[..., 0].ravel(), mids[..., 1].ravel()))
+    a = np.asarray(lonlat, dtype=np.float64)
+
+    east = np.cos(np.radians(np.nanmean(a[..., 1], axis=1, keepdims=True)))
+
+    def from_a(p: np.ndarray) -> np.ndarray:  # p - a, longitudes the short way round, scaled
+        d = p - a
+        d[..., 0] = ((d[..., 0] + 180.0) % 360.0 - 180.0) * east
+        return d
+
+    ab, am = from_a(np.roll(a, -1, axis=1)), from_a(np.stack([lon, lat], axis=-1))
+    length2 = (ab ** 2).sum(axis=-1)
+    with np.errstate(invalid="ignore"):
+        bow = np.abs(ab[..., 0] * am[..., 1] - ab[..., 1] * am[..., 0]) / np.where(length2 > 0, length2, 1.0)
+    return (np.nan_to_num(bow, nan=0.0) > tol).any(axis=1)
+
+
 def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
                  types: Sequence[str] = ("Polygon",)) -> dict:
     """A table's ``geo`` metadata (GeoParquet 1.1): WKB footprints in ``geometry`` (counter-

@@ -7,8 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .geometry import (antimeridian_wkb, domain_ring, edge_points, polar_cap_wkb, pole_turns, ring_wkb,
+from .geometry import (antimeridian_wkb, bowed_edges, domain_ring, edge_points, polar_cap_wkb, pole_turns, ring_wkb,
                        wkb_polygons, wrap_longitudes)
+
+#: points along each edge of a footprint drawn as its CRS bends it (near a pole)
+PER_EDGE = 16
 
 
 def _geod():
@@ -35,8 +38,9 @@ def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tu
     rings), and how many cross the antimeridian and were cut at a disc's edge."""
     off = ~np.isfinite(lonlat).all(axis=(1, 2))
     native = _planar_areas(rings[:, :4])
-    geometry, box, area, n_across = _lonlat_footprints(lonlat[~off]) if (~off).any() else (pa.array([], pa.binary()),
-                                                                                           [np.zeros(0)] * 4, np.zeros(0), 0)
+    on = np.flatnonzero(~off)
+    geometry, box, area, n_across = (_lonlat_footprints(lonlat[on], _bowed_rings(rings[on, :4], lonlat[on, :4], to_lonlat))
+                                     if len(on) else (pa.array([], pa.binary()), [np.zeros(0)] * 4, np.zeros(0), 0))
     if not off.any():
         wkb, boxes, areas = geometry, box, area
     else:
@@ -85,25 +89,46 @@ def _areas_along_edges(corners: np.ndarray, to_lonlat, fallback: np.ndarray, per
     return out
 
 
-def _lonlat_footprints(lonlat: np.ndarray) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
+def _bowed_rings(corners: np.ndarray, lonlat: np.ndarray, to_lonlat) -> dict[int, np.ndarray]:
+    """For the (N,4,2) footprints whose edges bow in longitude/latitude (:func:`bowed_edges`:
+    near a pole), index -> an open ring of :data:`PER_EDGE` points along each edge, put there."""
+    bowed = np.flatnonzero(bowed_edges(corners, lonlat, to_lonlat))
+    if not len(bowed):
+        return {}
+    dense = edge_points(corners[bowed], PER_EDGE)
+    lon, lat = (np.asarray(v, dtype=np.float64).reshape(dense.shape[:2])
+                for v in to_lonlat(dense[..., 0].ravel(), dense[..., 1].ravel()))
+    rings = np.stack([lon, lat], axis=-1)
+    return {int(i): r for i, r in zip(bowed, rings) if np.isfinite(r).all()}
+
+
+def _lonlat_footprints(lonlat: np.ndarray, bowed: dict[int, np.ndarray]) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:
     """Reprojected footprints (N,5,2) as the table's WKB, their boxes (xmin, ymin, xmax,
     ymax), geodesic areas, and how many cross the antimeridian: those are cut there into a
     MultiPolygon (RFC 7946's way), and their boxes span every longitude. A tile round a
-    pole becomes a cap that spans every longitude up to the pole (:func:`polar_cap_wkb`)."""
+    pole becomes a cap that spans every longitude up to the pole (:func:`polar_cap_wkb`).
+    A tile in ``bowed`` (index -> its ring with points along its edges) is drawn by that ring."""
     polar = pole_turns(lonlat[:, :4]) != 0
+    for i, ring in bowed.items():
+        polar[i] = pole_turns(ring[None])[0] != 0
     corners, across = wrap_longitudes(lonlat[:, :4])
     across &= ~polar
     geometry = wkb_polygons(corners)
     xs, ys = corners[..., 0], corners[..., 1]
     box = [xs.min(1), ys.min(1), xs.max(1), ys.max(1)]
-    if across.any() or polar.any():
+    if across.any() or polar.any() or bowed:
         wkb = geometry.to_pylist()
         for i in np.flatnonzero(across):
             wkb[i] = antimeridian_wkb(corners[i])
         box[0][across], box[2][across] = -180.0, 180.0
         for i in np.flatnonzero(polar):
-            wkb[i], cap = polar_cap_wkb(lonlat[i, :4])
+            wkb[i], cap = polar_cap_wkb(bowed.get(i, lonlat[i, :4]))
             for b, v in zip(box, cap):
                 b[i] = v
+        for i, ring in bowed.items():
+            if not polar[i] and (made := ring_wkb(ring)) is not None:
+                wkb[i], cap, across[i] = made
+                for b, v in zip(box, cap):
+                    b[i] = v
         geometry = pa.array(wkb, pa.binary())
     return geometry, box, _geodesic_areas(corners), int(across.sum())

@@ -30,7 +30,7 @@ import numpy as np
 from ..layout import COLLECTED, MANIFEST, TIME_FORMAT
 from .cog import LABEL_NODATA
 from .files import write_json
-from .geometry import crs_text
+from .geometry import bowed_edges, crs_text, edge_points
 
 ITEM = "item.json"
 _ASSETS = {
@@ -183,13 +183,15 @@ def _when(source: dict, acquired: dict | None,
 
 def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, str | None]:
     """The scene's outline (its corners) in longitude and latitude, counter-clockwise as GeoJSON
-    asks, cut at 180°; None and why where there is no CRS or a corner has no longitude."""
+    asks, cut at 180°, with points along its edges where they bow there (near a pole); None
+    and why where there is no CRS or a corner has no longitude."""
     if not crs:
         return None, None
     from rasterio.crs import CRS
     from rasterio.warp import transform_geom
 
     try:
+        ring = _bowed_ring(CRS.from_user_input(crs), ring)
         geometry = transform_geom(CRS.from_user_input(crs), "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
                                   antimeridian_cutting=True)
     except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
@@ -204,6 +206,22 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
     polys = [[_ccw(part) for part in poly] for poly in _polygons(geometry)]
     return ({"type": "Polygon", "coordinates": polys[0]} if geometry["type"] == "Polygon"
             else {"type": "MultiPolygon", "coordinates": polys}), None
+
+
+def _bowed_ring(crs, ring: list[list[float]], per_edge: int = 16) -> list[list[float]]:
+    """The closed ring of 4 corners as it is, or with ``per_edge`` points along each edge where
+    an edge bows in longitude/latitude (:func:`~tilescan.outputs.geometry.bowed_edges`)."""
+    from rasterio.warp import transform
+
+    def to_lonlat(x, y):
+        return transform(crs, "EPSG:4326", np.asarray(x).tolist(), np.asarray(y).tolist())
+
+    corners = np.asarray(ring, dtype=np.float64)[None, :4]
+    lonlat = np.stack([np.asarray(v, dtype=np.float64) for v in to_lonlat(corners[0, :, 0], corners[0, :, 1])], axis=-1)
+    if not bowed_edges(corners, lonlat[None], to_lonlat)[0]:
+        return ring
+    dense = edge_points(corners, per_edge)[0]
+    return [[float(x), float(y)] for x, y in [*dense, dense[0]]]
 
 
 def _polygons(geometry: dict) -> list:
