@@ -460,6 +460,32 @@ def test_a_scene_without_georeferencing_is_drawn_as_stored(tmp_path, scene_path)
     assert np.abs(a - b).mean() < 3 < 10 < np.abs(a - b[::-1]).mean()
 
 
+def test_a_tall_strips_panels_are_centred_wide_enough_for_their_titles(tmp_path):
+    """A scene 40 px wide and 1,200 tall had 40-px panels: "Grad-CAM" and the colour bar's
+    caption ran off the image's right edge. Each panel is now centred in white to MIN_PANEL_W,
+    its pixels unchanged, and nothing drawn touches the image's right edge; a panel as wide as
+    its height asks no margin."""
+    from tilescan.outputs.quicklook import MIN_PANEL_W
+
+    rng = np.random.default_rng(4)
+    h, w = 1200, 40
+    rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    heat = rng.random((h, w))
+    p = write_quicklook(tmp_path / "strip.png", rgb, None, np.zeros((10, 1), int), heat, CLASSES,
+                        scene_size=(w, h), tile_px=120)
+    img = np.asarray(Image.open(p))
+    lay = quicklook_layout(MIN_PANEL_W, h)
+    assert img.shape[1] == lay.width
+    x, y = lay.origin(0)
+    margin = (MIN_PANEL_W - w) // 2
+    np.testing.assert_array_equal(img[y:y + h, x + margin:x + margin + w], rgb)
+    assert (img[y:y + h, x:x + margin] == 255).all()
+    assert (img[:, -2:] == 255).all()  # no title or caption cut at the edge
+    square = rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)
+    p = write_quicklook(tmp_path / "square.png", square, None, None, None, CLASSES, size=60)
+    assert np.asarray(Image.open(p)).shape[1] == quicklook_layout(60, 60).width
+
+
 def test_a_small_scenes_panels_are_enlarged_in_whole_pixel_blocks(tmp_path):
     """A 96 x 64 px chip's panels were 96 px wide (a 298-px quicklook whose legend wrapped word
     by word): enlarged 3x, each scene pixel a 3 x 3 block, and each tile's class still on its own

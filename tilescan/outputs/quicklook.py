@@ -151,6 +151,8 @@ def write_quicklook(path: str | os.PathLike, preview_rgb: np.ndarray, preview_va
     k = min(-(-MIN_PANEL_PX // side), size // side if size else MIN_PANEL_PX)
     if whole and k > 1:  # a small scene: each pixel a k x k block
         maps = tuple(np.repeat(np.repeat(p, k, axis=0), k, axis=1) for p in maps)
+    if (short := min(MIN_PANEL_W, maps[0].shape[0]) - maps[0].shape[1]) > 0:
+        maps = tuple(np.pad(p, ((0, 0), (short // 2, short - short // 2), (0, 0)), constant_values=255) for p in maps)
     image = _compose(maps, CAM_METHOD_TITLES.get(cam, cam) if has_heat else None, present, classes, palette, warning,
                      _mean_scene(rgb, valid))
     _write_png(path, image)
@@ -212,6 +214,10 @@ def _checked_preview(preview_rgb, preview_valid) -> tuple[np.ndarray, np.ndarray
 #: A panel whose longer side is shorter is enlarged by a whole factor (a chip of 64 px: 4x), so
 #: its labels and heat can be told apart and the legend fits beneath.
 MIN_PANEL_PX = 256
+#: A narrower panel (a tall strip of a scene) is centred in white to this width, or to its
+#: height if less (its largest side stays as asked), so that its title, and the colour bar
+#: with its caption, fit over and under it.
+MIN_PANEL_W = 160
 
 _DIM = 0.35  # nodata is dimmed to this fraction of its brightness, so the footprint is visible
 _NO_HEAT_DIM = 0.5  # the heat panel without heat: the scene at half brightness
