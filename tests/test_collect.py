@@ -552,17 +552,20 @@ def test_a_tile_round_a_pole_is_a_cap_up_to_the_pole(tmp_path, pole):
 
 
 def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_path):
-    """Real NAIP pixels 3 km from the South Pole in its polar stereographic CRS, beside the same
-    pixels in their own UTM zone: near the pole a tile's edges bow in longitude/latitude, so
-    its collected footprint and the scene's STAC footprint carry points along them (each tile
-    the same ground as its native footprint, IoU >= 0.99; the item's bbox reaches as far south
-    as the scene does), while the UTM scene's tiles and item keep their four corners."""
+    """Real NAIP pixels near a pole in polar stereographic CRSs, beside the same pixels in their
+    own UTM zone: 3 km from the South Pole; 3 km from the North Pole across 180°; with the South
+    Pole on a tile's edge. Near a pole a tile's edges bow in longitude/latitude, so its collected
+    footprint and the scene's STAC footprint carry points along them: each valid and the same
+    ground as its native footprint (IoU >= 0.99), cut at 180° (the item's bbox west > east), the
+    item's bbox as far south as the scene reaches; the UTM scene's tiles and item keep their
+    four corners."""
     import geopandas as gpd
     import rasterio
     import shapely
     from affine import Affine
     from rasterio.warp import transform_bounds
     from rasterio.windows import Window
+    from shapely.geometry import shape
 
     from conftest import invoke, scene
 
@@ -571,8 +574,10 @@ def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_pat
         pixels = src.read((1, 2, 3), window=Window(0, 0, 640, 384))
         profile = {**src.profile, "count": 3, "width": 640, "height": 384}
         utm = {**profile, "transform": src.window_transform(Window(0, 0, 640, 384))}
-    polar = {**profile, "crs": "EPSG:3031", "transform": Affine(5, 0, -1600, 0, -5, 3000)}
-    for name, prof in (("polar", polar), ("utm", utm)):
+    polar = {"south": ("EPSG:3031", Affine(5, 0, -1600, 0, -5, 3000)),
+             "north_across_180": ("EPSG:3413", Affine(5, 0, -3700, 0, -5, 3060)),  # 180° runs to (-x, +y)
+             "pole_on_an_edge": ("EPSG:3031", Affine(5, 0, -1600, 0, -5, 640))}
+    for name, prof in [*((n, {**profile, "crs": c, "transform": t}) for n, (c, t) in polar.items()), ("utm", utm)]:
         with rasterio.open(tmp_path / "in" / f"{name}.tif", "w", **prof) as dst:
             dst.write(pixels)
     out = tmp_path / "out"
@@ -581,18 +586,29 @@ def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_pat
     assert invoke(["collect", out]).exit_code == 0
     gdf = gpd.read_parquet(out / "collected" / "tiles.parquet")
     points = np.array([len(shapely.get_coordinates(g)) for g in gdf.geometry])
-    is_polar = (gdf["scene"] == "polar").to_numpy()
-    assert (points[~is_polar] == 5).all() and (points[is_polar] > 5).all()
-    native = gpd.GeoSeries.from_wkb(gdf["geometry_native"][is_polar].tolist(), crs="EPSG:3031")
-    laea = "+proj=laea +lat_0=-90 +lon_0=0 +ellps=WGS84 +units=m"
-    truth = native.segmentize(1.0).to_crs(laea)
-    drawn = gpd.GeoSeries(gdf.geometry[is_polar].values, crs="OGC:CRS84").segmentize(0.01).to_crs(laea)
-    iou = np.array([a.intersection(b).area / a.union(b).area for a, b in zip(truth, drawn)])
-    assert iou.min() >= 0.99, iou
-    south = transform_bounds("EPSG:3031", "EPSG:4326", -1600, 3000 - 384 * 5, -1600 + 640 * 5, 3000, densify_pts=1000)[1]
-    item = json.loads((out / "polar" / "item.json").read_text())
-    assert item["bbox"][1] == pytest.approx(south, abs=1e-4)
+    assert (points[gdf["scene"] == "utm"] == 5).all() and (points[gdf["scene"] != "utm"] > 5).all()
     assert len(json.loads((out / "utm" / "item.json").read_text())["geometry"]["coordinates"][0]) == 5
+
+    def iou(a, b):
+        return a.intersection(b).area / a.union(b).area
+
+    for name, (crs, t) in polar.items():
+        laea = f"+proj=laea +lat_0={90 if crs == 'EPSG:3413' else -90} +lon_0=0 +ellps=WGS84 +units=m"
+        rows = gdf[gdf["scene"] == name]
+        assert rows.geometry.is_valid.all(), name
+        truth = gpd.GeoSeries.from_wkb(rows["geometry_native"].tolist(), crs=crs).segmentize(1.0).to_crs(laea)
+        drawn = gpd.GeoSeries(rows.geometry.values, crs="OGC:CRS84").segmentize(0.01).to_crs(laea)
+        assert min(iou(a, b) for a, b in zip(truth, drawn)) >= 0.99, name
+        item = json.loads((out / name / "item.json").read_text())
+        footprint = shape(item["geometry"])
+        assert footprint.is_valid, name
+        whole = gpd.GeoSeries([shapely.box(t.c, t.f - 384 * 5, t.c + 640 * 5, t.f)], crs=crs).segmentize(1.0).to_crs(laea)
+        assert iou(whole[0], gpd.GeoSeries([footprint], crs="OGC:CRS84").segmentize(0.01).to_crs(laea)[0]) >= 0.99, name
+        if name == "north_across_180":
+            assert item["geometry"]["type"] == "MultiPolygon" and item["bbox"][0] > item["bbox"][2]
+        else:
+            reach = transform_bounds(crs, "EPSG:4326", t.c, t.f - 384 * 5, t.c + 640 * 5, t.f, densify_pts=1000)
+            assert item["bbox"][1] == pytest.approx(reach[1], abs=1e-4), name
 
 
 def test_a_scene_that_is_a_git_annex_link_is_named_by_its_link_everywhere(tmp_path):

@@ -129,18 +129,20 @@ def edge_points(corners: np.ndarray, per_edge: int) -> np.ndarray:
                            for j in range(4)], axis=-2)
 
 
+#: points along each edge of a footprint drawn as its CRS bends it (:func:`bowed_edges`: near a pole)
+BOWED_PER_EDGE = 16
+
+
 def bowed_edges(corners: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, tol: float = 1e-3) -> np.ndarray:
     """(N,) True for the (N,4,2) quadrilaterals ``corners`` (in their CRS, ``lonlat`` the same
-    corners in longitude/latitude) with an edge whose middle, put in longitude/latitude by
-    ``to_lonlat(x, y)``, lies off the straight line between its corners there by more than
-    ``tol`` of that line's length (longitudes scaled by the cosine of the tile's latitude, so
-    that both count as on the ground): their corners alone draw them wrongly (near a pole)."""
+    corners in longitude/latitude) with an edge whose points at a quarter, the middle or three
+    quarters of its length, put in longitude/latitude by ``to_lonlat(x, y)``, lie off the
+    straight line between its corners there by more than ``tol`` of that line's length
+    (longitudes scaled by the cosine of the tile's latitude, so that both count as on the
+    ground; three points, as an edge can bend both ways): their corners alone draw them
+    wrongly (near a pole)."""
     c = np.asarray(corners, dtype=np.float64)
-    mids = (c + np.roll(c, -1, axis=1)) / 2
-    lon, lat = (np.asarray(v, dtype=np.float64).reshape(mids.shape[:2])
-                for v in to_lonlat(mids[..., 0].ravel(), mids[..., 1].ravel()))
     a = np.asarray(lonlat, dtype=np.float64)
-
     east = np.cos(np.radians(np.nanmean(a[..., 1], axis=1, keepdims=True)))
 
     def from_a(p: np.ndarray) -> np.ndarray:  # p - a, longitudes the short way round, scaled
@@ -148,11 +150,38 @@ def bowed_edges(corners: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, to
         d[..., 0] = ((d[..., 0] + 180.0) % 360.0 - 180.0) * east
         return d
 
-    ab, am = from_a(np.roll(a, -1, axis=1)), from_a(np.stack([lon, lat], axis=-1))
+    ab = from_a(np.roll(a, -1, axis=1))
     length2 = (ab ** 2).sum(axis=-1)
-    with np.errstate(invalid="ignore"):
-        bow = np.abs(ab[..., 0] * am[..., 1] - ab[..., 1] * am[..., 0]) / np.where(length2 > 0, length2, 1.0)
-    return (np.nan_to_num(bow, nan=0.0) > tol).any(axis=1)
+    length2[length2 == 0] = 1.0
+    bowed = np.zeros(len(c), dtype=bool)
+    for t in (0.25, 0.5, 0.75):
+        on = c + t * (np.roll(c, -1, axis=1) - c)
+        lon, lat = (np.asarray(v, dtype=np.float64).reshape(on.shape[:2])
+                    for v in to_lonlat(on[..., 0].ravel(), on[..., 1].ravel()))
+        ap = from_a(np.stack([lon, lat], axis=-1))
+        with np.errstate(invalid="ignore"):
+            bow = np.abs(ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]) / length2
+        bowed |= (np.nan_to_num(bow, nan=0.0) > tol).any(axis=1)
+    return bowed
+
+
+def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable, off_poles: bool = True) -> np.ndarray:
+    """(..., k, 2) rings in their CRS put in longitude/latitude by ``to_lonlat(x, y)``; with
+    ``off_poles``, a point on a pole (whose longitude is anyone's) is taken a hair towards its
+    ring's middle, so that the ring's longitudes turn as the ring goes round or past the pole
+    (an edge through it)."""
+    r = np.asarray(ring, dtype=np.float64)
+
+    def put(p: np.ndarray) -> np.ndarray:
+        x, y = to_lonlat(p[..., 0].ravel(), p[..., 1].ravel())
+        return np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=-1).reshape(p.shape)
+
+    out = put(r)
+    at_pole = np.abs(out[..., 1]) > 90.0 - 1e-9
+    if off_poles and at_pole.any():
+        moved = r + 1e-6 * (r.mean(axis=-2, keepdims=True) - r)
+        out[at_pole] = put(moved)[at_pole]
+    return out
 
 
 def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
@@ -305,8 +334,14 @@ def pole_turns(corners: np.ndarray) -> np.ndarray:
 
 
 def polar_cap_wkb(corners: np.ndarray) -> tuple[bytes, tuple[float, float, float, float]]:
-    """A footprint round a pole (4 longitude/latitude corners, :func:`pole_turns` not 0) as a
-    WKB Polygon in -180..180, counter-clockwise: its ring unrolled eastward across every
+    """:func:`polar_cap_ring` as a WKB Polygon, and its box."""
+    closed, box = polar_cap_ring(corners)
+    return struct.pack("<BIII", 1, 3, 1, len(closed)) + np.ascontiguousarray(closed, "<f8").tobytes(), box
+
+
+def polar_cap_ring(corners: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """A footprint round a pole (its longitude/latitude points, :func:`pole_turns` not 0) as
+    a closed ring in -180..180, counter-clockwise: its ring unrolled eastward across every
     longitude, cut at 180° and closed along the pole, as GeoJSON draws such a cap; and its
     box (xmin, ymin, xmax, ymax)."""
     c = np.asarray(corners, dtype=np.float64)
@@ -326,9 +361,7 @@ def polar_cap_wkb(corners: np.ndarray) -> tuple[bytes, tuple[float, float, float
     x, y = ring[:, 0], ring[:, 1]
     if (x * np.roll(y, -1) - np.roll(x, -1) * y).sum() < 0:
         ring = ring[::-1]
-    closed = np.concatenate([ring, ring[:1]])
-    wkb = struct.pack("<BIII", 1, 3, 1, len(closed)) + np.ascontiguousarray(closed, "<f8").tobytes()
-    return wkb, (-180.0, float(min(y.min(), pole)), 180.0, float(max(y.max(), pole)))
+    return np.concatenate([ring, ring[:1]]), (-180.0, float(min(y.min(), pole)), 180.0, float(max(y.max(), pole)))
 
 
 def gpkg_polygons(corners: np.ndarray, srs_id: int) -> tuple[list[bytes], np.ndarray]:

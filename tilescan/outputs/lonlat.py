@@ -7,11 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .geometry import (antimeridian_wkb, bowed_edges, domain_ring, edge_points, polar_cap_wkb, pole_turns, ring_wkb,
-                       wkb_polygons, wrap_longitudes)
-
-#: points along each edge of a footprint drawn as its CRS bends it (near a pole)
-PER_EDGE = 16
+from .geometry import (BOWED_PER_EDGE, antimeridian_wkb, bowed_edges, domain_ring, edge_points, polar_cap_wkb,
+                       pole_turns, ring_in_lonlat, ring_wkb, wkb_polygons, wrap_longitudes)
 
 
 def _geod():
@@ -29,17 +26,20 @@ def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
     return out
 
 
-def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tuple:
+def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat, bends: bool = True) -> tuple:
     """:func:`_lonlat_footprints` of the reprojected rings ``lonlat`` (N,5,2), where a footprint
     reaches past the area its CRS maps (off a geostationary disc) the part of it that maps
     (:func:`domain_ring`; None where none does); their geodesic areas, those of tiles over a
     degree across along their edges as they run (the corners' geodesics cut corners there:
     a world mosaic's tiles); the footprints' areas in the CRS (``rings`` (N,5,2): the native
-    rings), and how many cross the antimeridian and were cut at a disc's edge."""
+    rings), and how many cross the antimeridian and were cut at a disc's edge. ``bends``: the
+    CRS may bend a tile's edges in longitude/latitude (not one in degrees itself), so each is
+    drawn along its edges where they bow (:func:`_bowed_rings`)."""
     off = ~np.isfinite(lonlat).all(axis=(1, 2))
     native = _planar_areas(rings[:, :4])
     on = np.flatnonzero(~off)
-    geometry, box, area, n_across = (_lonlat_footprints(lonlat[on], _bowed_rings(rings[on, :4], lonlat[on, :4], to_lonlat))
+    bowed = _bowed_rings(rings[on, :4], lonlat[on, :4], to_lonlat) if bends else {}
+    geometry, box, area, n_across = (_lonlat_footprints(lonlat[on], bowed)
                                      if len(on) else (pa.array([], pa.binary()), [np.zeros(0)] * 4, np.zeros(0), 0))
     if not off.any():
         wkb, boxes, areas = geometry, box, area
@@ -91,14 +91,11 @@ def _areas_along_edges(corners: np.ndarray, to_lonlat, fallback: np.ndarray, per
 
 def _bowed_rings(corners: np.ndarray, lonlat: np.ndarray, to_lonlat) -> dict[int, np.ndarray]:
     """For the (N,4,2) footprints whose edges bow in longitude/latitude (:func:`bowed_edges`:
-    near a pole), index -> an open ring of :data:`PER_EDGE` points along each edge, put there."""
+    near a pole), index -> an open ring of ``BOWED_PER_EDGE`` points along each edge, put there."""
     bowed = np.flatnonzero(bowed_edges(corners, lonlat, to_lonlat))
     if not len(bowed):
         return {}
-    dense = edge_points(corners[bowed], PER_EDGE)
-    lon, lat = (np.asarray(v, dtype=np.float64).reshape(dense.shape[:2])
-                for v in to_lonlat(dense[..., 0].ravel(), dense[..., 1].ravel()))
-    rings = np.stack([lon, lat], axis=-1)
+    rings = ring_in_lonlat(edge_points(corners[bowed], BOWED_PER_EDGE), to_lonlat)
     return {int(i): r for i, r in zip(bowed, rings) if np.isfinite(r).all()}
 
 

@@ -30,7 +30,8 @@ import numpy as np
 from ..layout import COLLECTED, MANIFEST, TIME_FORMAT
 from .cog import LABEL_NODATA
 from .files import write_json
-from .geometry import bowed_edges, crs_text, edge_points
+from .geometry import (BOWED_PER_EDGE, antimeridian_parts, bowed_edges, crs_text, edge_points, polar_cap_ring,
+                       pole_turns, ring_in_lonlat, wrap_longitudes)
 
 ITEM = "item.json"
 _ASSETS = {
@@ -182,46 +183,56 @@ def _when(source: dict, acquired: dict | None,
 
 
 def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, str | None]:
-    """The scene's outline (its corners) in longitude and latitude, counter-clockwise as GeoJSON
-    asks, cut at 180°, with points along its edges where they bow there (near a pole); None
-    and why where there is no CRS or a corner has no longitude."""
+    """The scene's outline (its corners, and points along its edges where they bow in longitude
+    and latitude: near a pole) there, counter-clockwise as GeoJSON asks, cut at 180° or, round
+    a pole, a cap over every longitude (:func:`_lonlat_geometry`); None and why where there is
+    no CRS or a corner has no longitude."""
     if not crs:
         return None, None
     from rasterio.crs import CRS
-    from rasterio.warp import transform_geom
+    from rasterio.warp import transform
+
+    src = CRS.from_user_input(crs)
+
+    def to_lonlat(x, y):
+        return transform(src, "EPSG:4326", np.asarray(x).tolist(), np.asarray(y).tolist())
 
     try:
-        ring = _bowed_ring(CRS.from_user_input(crs), ring)
-        geometry = transform_geom(CRS.from_user_input(crs), "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
-                                  antimeridian_cutting=True)
+        corners = np.asarray(ring, dtype=np.float64)[None, :4]
+        bends = not src.is_geographic  # a CRS in degrees draws straight edges, gives a pole's longitude
+        lonlat = ring_in_lonlat(corners, to_lonlat, off_poles=bends)
+        points = lonlat[0]
+        if bends and bowed_edges(corners, lonlat, to_lonlat)[0]:
+            points = ring_in_lonlat(edge_points(corners, BOWED_PER_EDGE)[0], to_lonlat)
     except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
-        geometry, why = None, str(exc).strip()
+        why = str(exc).strip()
     else:
-        points = [p for poly in _polygons(geometry) for p in poly[0]]
-        why = None if all(np.isfinite(p).all() for p in points) else "a corner has no finite longitude or latitude"
+        why = None if np.isfinite(points).all() else "a corner has no finite longitude or latitude"
     if why:
         return None, (f"no footprint: the scene's corners cannot be put in longitude and latitude ({why}); "
                       "a view past the Earth's edge (a geostationary disc) has corners in space")
-    geometry = _in_longitude_range(geometry)
-    polys = [[_ccw(part) for part in poly] for poly in _polygons(geometry)]
-    return ({"type": "Polygon", "coordinates": polys[0]} if geometry["type"] == "Polygon"
-            else {"type": "MultiPolygon", "coordinates": polys}), None
+    return _lonlat_geometry(points, straight=not bends), None
 
 
-def _bowed_ring(crs, ring: list[list[float]], per_edge: int = 16) -> list[list[float]]:
-    """The closed ring of 4 corners as it is, or with ``per_edge`` points along each edge where
-    an edge bows in longitude/latitude (:func:`~tilescan.outputs.geometry.bowed_edges`)."""
-    from rasterio.warp import transform
-
-    def to_lonlat(x, y):
-        return transform(crs, "EPSG:4326", np.asarray(x).tolist(), np.asarray(y).tolist())
-
-    corners = np.asarray(ring, dtype=np.float64)[None, :4]
-    lonlat = np.stack([np.asarray(v, dtype=np.float64) for v in to_lonlat(corners[0, :, 0], corners[0, :, 1])], axis=-1)
-    if not bowed_edges(corners, lonlat[None], to_lonlat)[0]:
-        return ring
-    dense = edge_points(corners, per_edge)[0]
-    return [[float(x), float(y)] for x, y in [*dense, dense[0]]]
+def _lonlat_geometry(points: np.ndarray, straight: bool) -> dict:
+    """An open longitude/latitude ring as a GeoJSON Polygon, counter-clockwise, its first point
+    first; cut at 180° into a MultiPolygon where it crosses it, in -180..180 (0..360 data too);
+    round a pole, a cap over every longitude closed along the pole. ``straight``: the corners
+    of a scene in a CRS in degrees, whose longitudes are as given (a world mosaic's -180..180)."""
+    r = points.copy()
+    if straight:
+        if not ((r[:, 0] >= -180.0) & (r[:, 0] <= 180.0)).all():
+            (r,), _ = wrap_longitudes(r[None])
+        parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
+    elif pole_turns(points[None])[0] != 0:
+        cap, _ = polar_cap_ring(points)
+        return {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in cap]]}
+    else:
+        r[:, 0] = np.unwrap(r[:, 0], period=360.0)  # unchanged where no step is over 180°
+        r[:, 0] -= 360.0 * np.floor((r[:, 0].min() + 180.0) / 360.0)
+        parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
+    polys = [[_ccw([[float(x), float(y)] for x, y in [*part, part[0]]])] for part in parts]
+    return {"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1 else {"type": "MultiPolygon", "coordinates": polys}
 
 
 def _polygons(geometry: dict) -> list:
@@ -242,20 +253,6 @@ def _png_shape(path: Path) -> list[int]:
     with open(path, "rb") as fh:
         w, h = struct.unpack(">II", fh.read(24)[16:24])
     return [h, w]
-
-
-def _in_longitude_range(geometry: dict) -> dict:
-    """A lon/lat GeoJSON geometry with longitudes in -180..180: a polygon of 0..360 data (GDAL
-    leaves it as it is) moved there and, where it then crosses 180°, cut there."""
-    if geometry["type"] != "Polygon" or all(-180.0 <= p[0] <= 180.0 for p in geometry["coordinates"][0]):
-        return geometry
-    from .geometry import antimeridian_parts, wrap_longitudes
-
-    (ring,), _ = wrap_longitudes(np.array(geometry["coordinates"][0][:-1], dtype=np.float64)[None])
-    parts = [[list(p) for p in pts + pts[:1]] for pts in antimeridian_parts(ring)]
-    if len(parts) == 1:
-        return {"type": "Polygon", "coordinates": [parts[0]]}
-    return {"type": "MultiPolygon", "coordinates": [[p] for p in parts]}
 
 
 def _lonlat_bbox(geometry: dict) -> list[float]:
