@@ -102,6 +102,41 @@ def test_geostationary_scene_gets_an_item_without_footprint(items):
     assert any(w["code"] == "stac_item" and "no footprint" in w["message"] for w in unit["warnings"])
 
 
+def test_a_footprint_follows_its_edges_the_long_way_round_and_across_180(tmp_path):
+    """Real NAIP pixels as scenes that span wide or cross 180°: Web Mercator round the whole
+    world and from -100° to 100° (its corners alone, 200° apart, would be joined the short way,
+    across 180°); NAD83 across 180° (whose corners come back as 179.9° and -179.7°); a world in
+    0..360 longitudes. Each item's footprint is valid, counter-clockwise, and holds the scene:
+    its bbox spans what the scene spans, west > east where it crosses 180°."""
+    import shapely
+    from affine import Affine
+    from rasterio.windows import Window
+    from shapely.geometry import shape
+
+    m = 20037508.342789244  # Web Mercator's x at 180°
+    cases = {  # name: (crs, transform of 64 x 32 px, expected bbox)
+        "merc_world": ("EPSG:3857", Affine(2 * m / 64, 0, -m, 0, -m / 32, m / 2), [-180, -66.51, 180, 66.51]),
+        "merc_wide": ("EPSG:3857", Affine(m * 200 / 180 / 64, 0, -m * 100 / 180, 0, -m / 32, m / 2), [-100, -66.51, 100, 66.51]),
+        "nad83_across_180": ("EPSG:4269", Affine(0.4 / 64, 0, 179.9, 0, -0.24 / 32, 52), [179.9, 51.76, -179.7, 52]),
+        "world_0_360": ("EPSG:4326", Affine(360 / 64, 0, 0, 0, -180 / 32, 90), [-180, -90, 180, 90]),
+    }
+    with rasterio.open(scene(NAIP)) as src:
+        pixels = src.read((1, 2, 3), window=Window(0, 0, 64, 32))
+        profile = {**src.profile, "count": 3, "width": 64, "height": 32}
+    (tmp_path / "in").mkdir()
+    for name, (crs, t, _) in cases.items():
+        with rasterio.open(tmp_path / "in" / f"{name}.tif", "w", **{**profile, "crs": crs, "transform": t}) as dst:
+            dst.write(pixels)
+    report = tilescan.run([tmp_path / "in"], tmp_path / "out", stac_items=True, tile_size=32, units="px")
+    assert report.exit_code == 0
+    for name, (_, _, want) in cases.items():
+        item = _item(tmp_path / "out" / name)
+        footprint = shape(item["geometry"])
+        polys = [item["geometry"]["coordinates"]] if item["geometry"]["type"] == "Polygon" else item["geometry"]["coordinates"]
+        assert footprint.is_valid and all(shapely.LinearRing(p[0]).is_ccw for p in polys), name
+        np.testing.assert_allclose(item["bbox"], want, atol=0.01, err_msg=name)
+
+
 def test_source_item_of_a_time_range_gives_its_range(tmp_path):
     """A STAC input dated by start and end only (datetime null): the output item keeps both
     (its start alone was kept)."""

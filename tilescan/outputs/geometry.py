@@ -165,11 +165,11 @@ def bowed_edges(corners: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, to
     return bowed
 
 
-def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable, off_poles: bool = True) -> np.ndarray:
-    """(..., k, 2) rings in their CRS put in longitude/latitude by ``to_lonlat(x, y)``; with
-    ``off_poles``, a point on a pole (whose longitude is anyone's) is taken a hair towards its
-    ring's middle, so that the ring's longitudes turn as the ring goes round or past the pole
-    (an edge through it)."""
+def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable) -> np.ndarray:
+    """(..., k, 2) rings in their CRS put in longitude/latitude by ``to_lonlat(x, y)``; a point
+    on a pole whose longitude the CRS leaves to chance (polar stereographic: a hair away it is
+    another) is taken that hair towards its ring's middle, so that the ring's longitudes turn
+    as the ring goes round or past the pole (an edge through it)."""
     r = np.asarray(ring, dtype=np.float64)
 
     def put(p: np.ndarray) -> np.ndarray:
@@ -178,9 +178,10 @@ def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable, off_poles: bool = True
 
     out = put(r)
     at_pole = np.abs(out[..., 1]) > 90.0 - 1e-9
-    if off_poles and at_pole.any():
-        moved = r + 1e-6 * (r.mean(axis=-2, keepdims=True) - r)
-        out[at_pole] = put(moved)[at_pole]
+    if at_pole.any():
+        moved = put(r + 1e-6 * (r.mean(axis=-2, keepdims=True) - r))
+        turned = np.abs((moved[..., 0] - out[..., 0] + 180.0) % 360.0 - 180.0) > 1.0
+        out[at_pole & turned] = moved[at_pole & turned]  # not a CRS in degrees, nor one that draws the pole as a line
     return out
 
 

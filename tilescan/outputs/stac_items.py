@@ -31,7 +31,7 @@ from ..layout import COLLECTED, MANIFEST, TIME_FORMAT
 from .cog import LABEL_NODATA
 from .files import write_json
 from .geometry import (BOWED_PER_EDGE, antimeridian_parts, bowed_edges, crs_text, edge_points, polar_cap_ring,
-                       pole_turns, ring_in_lonlat, wrap_longitudes)
+                       pole_turns, ring_in_lonlat)
 
 ITEM = "item.json"
 _ASSETS = {
@@ -183,10 +183,8 @@ def _when(source: dict, acquired: dict | None,
 
 
 def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, str | None]:
-    """The scene's outline (its corners, and points along its edges where they bow in longitude
-    and latitude: near a pole) there, counter-clockwise as GeoJSON asks, cut at 180° or, round
-    a pole, a cap over every longitude (:func:`_lonlat_geometry`); None and why where there is
-    no CRS or a corner has no longitude."""
+    """The scene's outline in longitude and latitude (:func:`_lonlat_geometry`); None and why
+    where there is no CRS or a point of it has no longitude."""
     if not crs:
         return None, None
     from rasterio.crs import CRS
@@ -199,38 +197,38 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
 
     try:
         corners = np.asarray(ring, dtype=np.float64)[None, :4]
-        bends = not src.is_geographic  # a CRS in degrees draws straight edges, gives a pole's longitude
-        lonlat = ring_in_lonlat(corners, to_lonlat, off_poles=bends)
-        points = lonlat[0]
-        if bends and bowed_edges(corners, lonlat, to_lonlat)[0]:
-            points = ring_in_lonlat(edge_points(corners, BOWED_PER_EDGE)[0], to_lonlat)
+        outline = ring_in_lonlat(edge_points(corners, BOWED_PER_EDGE), to_lonlat)  # corners at 0, k, 2k, 3k
+        bowed = bool(np.isfinite(outline).all() and bowed_edges(corners, outline[:, ::BOWED_PER_EDGE], to_lonlat)[0])
     except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
         why = str(exc).strip()
     else:
-        why = None if np.isfinite(points).all() else "a corner has no finite longitude or latitude"
+        why = None if np.isfinite(outline).all() else "a point of its outline has no finite longitude or latitude"
     if why:
         return None, (f"no footprint: the scene's corners cannot be put in longitude and latitude ({why}); "
                       "a view past the Earth's edge (a geostationary disc) has corners in space")
-    return _lonlat_geometry(points, straight=not bends), None
+    return _lonlat_geometry(outline[0], bowed), None
 
 
-def _lonlat_geometry(points: np.ndarray, straight: bool) -> dict:
-    """An open longitude/latitude ring as a GeoJSON Polygon, counter-clockwise, its first point
-    first; cut at 180° into a MultiPolygon where it crosses it, in -180..180 (0..360 data too);
-    round a pole, a cap over every longitude closed along the pole. ``straight``: the corners
-    of a scene in a CRS in degrees, whose longitudes are as given (a world mosaic's -180..180)."""
-    r = points.copy()
-    if straight:
-        if not ((r[:, 0] >= -180.0) & (r[:, 0] <= 180.0)).all():
-            (r,), _ = wrap_longitudes(r[None])
-        parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
-    elif pole_turns(points[None])[0] != 0:
-        cap, _ = polar_cap_ring(points)
+def _lonlat_geometry(outline: np.ndarray, bowed: bool) -> dict:
+    """A scene's outline (an open longitude/latitude ring of ``BOWED_PER_EDGE`` points along
+    each edge, the corners first) as a GeoJSON Polygon of its corners, or of all its points
+    where its edges bow there (near a pole, or a scene hundreds of km across): counter-
+    clockwise, its first point first; in -180..180, cut at 180° into a MultiPolygon where it
+    crosses it (its longitudes followed along the edges: a scene over 180° wide goes the long
+    way round, 0..360 data come back); round a pole, a cap over every longitude closed along
+    the pole."""
+    if pole_turns(outline[None])[0] != 0:
+        cap, _ = polar_cap_ring(outline if bowed else outline[::BOWED_PER_EDGE])
         return {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in cap]]}
+    r = outline.copy()
+    r[:, 0] = np.unwrap(r[:, 0], period=360.0)  # unchanged where no step is over 180°
+    r = r if bowed else r[::BOWED_PER_EDGE]
+    west = r[:, 0].min()
+    if r[:, 0].max() - west >= 360.0:  # every longitude (a world mosaic, in 0..360 too): -180..180, uncut
+        r[:, 0] -= west + 180.0
     else:
-        r[:, 0] = np.unwrap(r[:, 0], period=360.0)  # unchanged where no step is over 180°
-        r[:, 0] -= 360.0 * np.floor((r[:, 0].min() + 180.0) / 360.0)
-        parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
+        r[:, 0] -= 360.0 * np.floor((west + 180.0) / 360.0)
+    parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
     polys = [[_ccw([[float(x), float(y)] for x, y in [*part, part[0]]])] for part in parts]
     return {"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1 else {"type": "MultiPolygon", "coordinates": polys}
 
