@@ -199,8 +199,8 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
         corners = np.asarray(ring, dtype=np.float64)[None, :4]
         outline = ring_in_lonlat(edge_points(corners, BOWED_PER_EDGE), to_lonlat)  # corners at 0, k, 2k, 3k
         bowed = bool(np.isfinite(outline).all() and bowed_edges(corners, outline[:, ::BOWED_PER_EDGE], to_lonlat)[0])
-    except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
-        why = str(exc).strip()
+    except Exception:  # GDAL's "Point outside of projection domain" or "Reprojection failed, err = 2050"
+        why = "a point of its outline lies outside the area its CRS maps"  # (rasterio's CPLE_* are private)
     else:
         why = None if np.isfinite(outline).all() else "a point of its outline has no finite longitude or latitude"
     if why:
