@@ -553,8 +553,8 @@ def test_a_tile_round_a_pole_is_a_cap_up_to_the_pole(tmp_path, pole):
 
 def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_path):
     """Real NAIP pixels near a pole in polar stereographic CRSs, beside the same pixels in their
-    own UTM zone: 3 km from the South Pole; 3 km from the North Pole across 180°; with the South
-    Pole on a tile's edge. Near a pole a tile's edges bow in longitude/latitude, so its collected
+    own UTM zone: 3 km from the South Pole; 3 km from the North Pole across 180°; with a pole on
+    a tile's edge, at its middle or between the points drawn along it. Near a pole a tile's edges bow in longitude/latitude, so its collected
     footprint and the scene's STAC footprint carry points along them: each valid and the same
     ground as its native footprint (IoU >= 0.99), cut at 180° (the item's bbox west > east), the
     item's bbox as far south as the scene reaches; the UTM scene's tiles and item keep their
@@ -576,7 +576,8 @@ def test_footprints_near_a_pole_follow_their_edges_as_the_crs_bends_them(tmp_pat
         utm = {**profile, "transform": src.window_transform(Window(0, 0, 640, 384))}
     polar = {"south": ("EPSG:3031", Affine(5, 0, -1600, 0, -5, 3000)),
              "north_across_180": ("EPSG:3413", Affine(5, 0, -3700, 0, -5, 3060)),  # 180° runs to (-x, +y)
-             "pole_on_an_edge": ("EPSG:3031", Affine(5, 0, -1600, 0, -5, 640))}
+             "pole_on_an_edge": ("EPSG:3031", Affine(5, 0, -1600, 0, -5, 640)),  # at an edge's middle
+             "pole_between_samples": ("EPSG:3413", Affine(5, 0, -1410, 0, -5, 640))}  # 26 px along a 128-px edge
     for name, prof in [*((n, {**profile, "crs": c, "transform": t}) for n, (c, t) in polar.items()), ("utm", utm)]:
         with rasterio.open(tmp_path / "in" / f"{name}.tif", "w", **prof) as dst:
             dst.write(pixels)

@@ -81,22 +81,21 @@ class _Reprojector:
     def __init__(self):
         self._cache: dict[str, Any] = {}
 
-    def __call__(self, crs_json: dict | None, rings: np.ndarray) -> tuple[np.ndarray | None, str | None, Any, bool]:
+    def __call__(self, crs_json: dict | None, rings: np.ndarray) -> tuple[np.ndarray | None, str | None, Any]:
         """``rings`` in longitude/latitude (not finite where the CRS maps no point there), the
-        CRS's name, its transform ``(x, y) -> (lon, lat)`` and whether the CRS is in degrees
-        itself (its edges are straight there); None for a table without CRS."""
+        CRS's name and its transform ``(x, y) -> (lon, lat)``; all None for a table without CRS."""
         if crs_json is None:
-            return None, None, None, False
+            return None, None, None
         from pyproj import CRS, Transformer
 
         key = json.dumps(crs_json, sort_keys=True)
         if key not in self._cache:
             src = CRS.from_json_dict(crs_json)
             self._cache[key] = (Transformer.from_crs(src, CRS.from_user_input(TARGET_CRS), always_xy=True),
-                                src.to_string(), src.is_geographic)
-        tf, name, geographic = self._cache[key]
+                                src.to_string())
+        tf, name = self._cache[key]
         x, y = tf.transform(rings[..., 0].ravel(), rings[..., 1].ravel())
-        return np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape), name, tf.transform, geographic
+        return np.stack([np.asarray(x), np.asarray(y)], axis=-1).reshape(rings.shape), name, tf.transform
 
 
 def _crs_label(crs_json: dict) -> str:
@@ -137,8 +136,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
     n = t.num_rows
     rings = wkb_polygon_rings(t.column("geometry").combine_chunks())
     peaks = np.stack([t.column(c).to_numpy() for c in ("cam_peak_x", "cam_peak_y")], axis=-1)[:, None]
-    # footprints and CAM peaks
-    lonlat, crs_name, to_lonlat, geographic = reproject(crs_json, np.concatenate([rings, peaks], axis=1))
+    lonlat, crs_name, to_lonlat = reproject(crs_json, np.concatenate([rings, peaks], axis=1))  # footprints, CAM peaks
     peaks = None if lonlat is None else lonlat[:, -1].copy()
     if peaks is not None:  # in -180..180 as the footprints are (a 0..360 scene's peaks were past 180)
         on = np.isfinite(peaks[:, 0])  # not those off the CRS's area (a disc's edge), masked below
@@ -169,8 +167,7 @@ def _unit_table(u: _Unit, reproject: _Reprojector) -> tuple[pa.Table, dict]:
         bounds = None
         n_across = n_clipped = 0
     else:
-        geometry, box, area, native, n_across, n_clipped = footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat,
-                                                                                bends=not geographic)
+        geometry, box, area, native, n_across, n_clipped = footprints_in_lonlat(lonlat[:, :-1], rings, to_lonlat)
         # a footprint short of its pixel window (held within ±180°, cut at a disc) holds all its valid pixels
         a, b_, _, d, e = (u.manifest.get("scene_info") or {}).get("transform", [1, 0, 0, 0, 1])[:5]
         window = t.column("width").to_numpy().astype(np.float64) * t.column("height").to_numpy() * abs(a * e - b_ * d)

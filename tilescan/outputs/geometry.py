@@ -185,6 +185,32 @@ def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable) -> np.ndarray:
     return out
 
 
+def through_poles(ring: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, steps: int = 50) -> np.ndarray:
+    """An open ring (k, 2) in its CRS, ``lonlat`` the same put in longitude/latitude by
+    :func:`ring_in_lonlat`, with a point added where it passes through a pole between two of
+    its points (their longitudes half a turn apart, so which way round is anyone's): the
+    crossing, found by bisection, taken a hair towards the ring's middle, so that the ring's
+    longitudes turn the way its inside lies."""
+    r, ll = np.asarray(ring, dtype=np.float64), np.asarray(lonlat, dtype=np.float64)
+    nxt = np.roll(np.arange(len(r)), -1)
+    half = np.abs((ll[nxt, 0] - ll[:, 0] + 180.0) % 360.0 - 180.0) > 180.0 - 1e-6
+    cross = np.flatnonzero(half & (np.abs(ll[:, 1]) > 45.0) & (np.abs(ll[nxt, 1]) > 45.0))
+    if not len(cross):
+        return ll
+    a, b = r[cross], r[nxt[cross]]
+    lo, hi = np.zeros(len(cross)), np.ones(len(cross))
+    for _ in range(steps):  # the crossing: where the longitude leaves its first point's
+        mid = (lo + hi) / 2
+        p = a + mid[:, None] * (b - a)
+        lon = np.asarray(to_lonlat(p[:, 0], p[:, 1])[0], dtype=np.float64)
+        before = np.abs((lon - ll[cross, 0] + 180.0) % 360.0 - 180.0) < 90.0
+        lo, hi = np.where(before, mid, lo), np.where(before, hi, mid)
+    at = a + lo[:, None] * (b - a)
+    at += 1e-6 * (r.mean(axis=0) - at)
+    lon, lat = (np.asarray(v, dtype=np.float64) for v in to_lonlat(at[:, 0], at[:, 1]))
+    return np.insert(ll, cross + 1, np.column_stack([lon, lat]), axis=0)
+
+
 def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
                  types: Sequence[str] = ("Polygon",)) -> dict:
     """A table's ``geo`` metadata (GeoParquet 1.1): WKB footprints in ``geometry`` (counter-

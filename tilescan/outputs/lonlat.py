@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from .geometry import (BOWED_PER_EDGE, antimeridian_wkb, bowed_edges, domain_ring, edge_points, polar_cap_wkb,
-                       pole_turns, ring_in_lonlat, ring_wkb, wkb_polygons, wrap_longitudes)
+                       pole_turns, ring_in_lonlat, ring_wkb, through_poles, wkb_polygons, wrap_longitudes)
 
 
 def _geod():
@@ -26,19 +26,18 @@ def _geodesic_areas(lonlat: np.ndarray) -> np.ndarray:
     return out
 
 
-def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat, bends: bool = True) -> tuple:
+def footprints_in_lonlat(lonlat: np.ndarray, rings: np.ndarray, to_lonlat) -> tuple:
     """:func:`_lonlat_footprints` of the reprojected rings ``lonlat`` (N,5,2), where a footprint
     reaches past the area its CRS maps (off a geostationary disc) the part of it that maps
     (:func:`domain_ring`; None where none does); their geodesic areas, those of tiles over a
     degree across along their edges as they run (the corners' geodesics cut corners there:
     a world mosaic's tiles); the footprints' areas in the CRS (``rings`` (N,5,2): the native
-    rings), and how many cross the antimeridian and were cut at a disc's edge. ``bends``: the
-    CRS may bend a tile's edges in longitude/latitude (not one in degrees itself), so each is
-    drawn along its edges where they bow (:func:`_bowed_rings`)."""
+    rings), and how many cross the antimeridian and were cut at a disc's edge. A tile whose
+    edges bow in longitude/latitude (near a pole) is drawn along them (:func:`_bowed_rings`)."""
     off = ~np.isfinite(lonlat).all(axis=(1, 2))
     native = _planar_areas(rings[:, :4])
     on = np.flatnonzero(~off)
-    bowed = _bowed_rings(rings[on, :4], lonlat[on, :4], to_lonlat) if bends else {}
+    bowed = _bowed_rings(rings[on, :4], lonlat[on, :4], to_lonlat)
     geometry, box, area, n_across = (_lonlat_footprints(lonlat[on], bowed)
                                      if len(on) else (pa.array([], pa.binary()), [np.zeros(0)] * 4, np.zeros(0), 0))
     if not off.any():
@@ -95,8 +94,9 @@ def _bowed_rings(corners: np.ndarray, lonlat: np.ndarray, to_lonlat) -> dict[int
     bowed = np.flatnonzero(bowed_edges(corners, lonlat, to_lonlat))
     if not len(bowed):
         return {}
-    rings = ring_in_lonlat(edge_points(corners[bowed], BOWED_PER_EDGE), to_lonlat)
-    return {int(i): r for i, r in zip(bowed, rings) if np.isfinite(r).all()}
+    dense = edge_points(corners[bowed], BOWED_PER_EDGE)
+    rings = ring_in_lonlat(dense, to_lonlat)
+    return {int(i): through_poles(d, r, to_lonlat) for i, d, r in zip(bowed, dense, rings) if np.isfinite(r).all()}
 
 
 def _lonlat_footprints(lonlat: np.ndarray, bowed: dict[int, np.ndarray]) -> tuple[pa.Array, list[np.ndarray], np.ndarray, int]:

@@ -31,7 +31,7 @@ from ..layout import COLLECTED, MANIFEST, TIME_FORMAT
 from .cog import LABEL_NODATA
 from .files import write_json
 from .geometry import (BOWED_PER_EDGE, antimeridian_parts, bowed_edges, crs_text, edge_points, polar_cap_ring,
-                       pole_turns, ring_in_lonlat)
+                       pole_turns, ring_in_lonlat, through_poles)
 
 ITEM = "item.json"
 _ASSETS = {
@@ -197,10 +197,13 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
 
     try:
         corners = np.asarray(ring, dtype=np.float64)[None, :4]
-        outline = ring_in_lonlat(edge_points(corners, BOWED_PER_EDGE), to_lonlat)  # corners at 0, k, 2k, 3k
+        dense = edge_points(corners, BOWED_PER_EDGE)
+        outline = ring_in_lonlat(dense, to_lonlat)  # corners at 0, k, 2k, 3k
         bowed = bool(np.isfinite(outline).all() and bowed_edges(corners, outline[:, ::BOWED_PER_EDGE], to_lonlat)[0])
-    except Exception:  # GDAL's "Point outside of projection domain" or "Reprojection failed, err = 2050"
-        why = "a point of its outline lies outside the area its CRS maps"  # (rasterio's CPLE_* are private)
+        if bowed:
+            outline = through_poles(dense[0], outline[0], to_lonlat)[None]
+    except Exception as exc:  # GDAL's "Point outside of projection domain" (rasterio's CPLE_* are private)
+        why = f"a point of its outline lies outside the area its CRS maps; GDAL: {str(exc).strip()}"
     else:
         why = None if np.isfinite(outline).all() else "a point of its outline has no finite longitude or latitude"
     if why:
@@ -211,8 +214,9 @@ def _footprint(crs: str | None, ring: list[list[float]]) -> tuple[dict | None, s
 
 def _lonlat_geometry(outline: np.ndarray, bowed: bool) -> dict:
     """A scene's outline (an open longitude/latitude ring of ``BOWED_PER_EDGE`` points along
-    each edge, the corners first) as a GeoJSON Polygon of its corners, or of all its points
-    where its edges bow there (near a pole, or a scene hundreds of km across): counter-
+    each edge, the corners first; where its edges bow, with a point where one passes through a
+    pole) as a GeoJSON Polygon of its corners, or of all its points where its edges bow there
+    (near a pole, or a scene hundreds of km across): counter-
     clockwise, its first point first; in -180..180, cut at 180° into a MultiPolygon where it
     crosses it (its longitudes followed along the edges: a scene over 180° wide goes the long
     way round, 0..360 data come back); round a pole, a cap over every longitude closed along
@@ -224,11 +228,12 @@ def _lonlat_geometry(outline: np.ndarray, bowed: bool) -> dict:
     r[:, 0] = np.unwrap(r[:, 0], period=360.0)  # unchanged where no step is over 180°
     r = r if bowed else r[::BOWED_PER_EDGE]
     west = r[:, 0].min()
-    if r[:, 0].max() - west >= 360.0:  # every longitude (a world mosaic, in 0..360 too): -180..180, uncut
-        r[:, 0] -= west + 180.0
+    if r[:, 0].max() - west >= 360.0:  # every longitude (a world mosaic, in 0..360 too, or wider): -180..180, uncut
+        r[:, 0] = np.clip(r[:, 0] - (west + 180.0), -180.0, 180.0)
+        parts = [r]
     else:
         r[:, 0] -= 360.0 * np.floor((west + 180.0) / 360.0)
-    parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
+        parts = antimeridian_parts(r) if r[:, 0].max() > 180.0 else [r]
     polys = [[_ccw([[float(x), float(y)] for x, y in [*part, part[0]]])] for part in parts]
     return {"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1 else {"type": "MultiPolygon", "coordinates": polys}
 
