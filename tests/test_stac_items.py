@@ -104,8 +104,8 @@ def test_geostationary_scene_gets_an_item_without_footprint(items):
 
 def test_a_footprint_follows_its_edges_the_long_way_round_and_across_180(tmp_path):
     """Real NAIP pixels as scenes that span wide or cross 180°: Web Mercator round the whole
-    world and from -100° to 100° (its corners alone, 200° apart, would be joined the short way,
-    across 180°); NAD83 across 180° (whose corners come back as 179.9° and -179.7°); a world in
+    world, from -100° to 100° (its corners alone, 200° apart, would be joined the short way,
+    across 180°) and from -200° to 200° (every longitude, once); NAD83 across 180° (whose corners come back as 179.9° and -179.7°); a world in
     0..360 longitudes. Each item's footprint is valid, counter-clockwise, and holds the scene:
     its bbox spans what the scene spans, west > east where it crosses 180°."""
     import shapely
@@ -117,6 +117,8 @@ def test_a_footprint_follows_its_edges_the_long_way_round_and_across_180(tmp_pat
     cases = {  # name: (crs, transform of 64 x 32 px, expected bbox)
         "merc_world": ("EPSG:3857", Affine(2 * m / 64, 0, -m, 0, -m / 32, m / 2), [-180, -66.51, 180, 66.51]),
         "merc_wide": ("EPSG:3857", Affine(m * 200 / 180 / 64, 0, -m * 100 / 180, 0, -m / 32, m / 2), [-100, -66.51, 100, 66.51]),
+        "merc_wider_than_the_world": ("EPSG:3857", Affine(m * 400 / 180 / 64, 0, -m * 200 / 180, 0, -m / 32, m / 2),
+                                      [-180, -66.51, 180, 66.51]),
         "nad83_across_180": ("EPSG:4269", Affine(0.4 / 64, 0, 179.9, 0, -0.24 / 32, 52), [179.9, 51.76, -179.7, 52]),
         "world_0_360": ("EPSG:4326", Affine(360 / 64, 0, 0, 0, -180 / 32, 90), [-180, -90, 180, 90]),
     }

@@ -155,14 +155,18 @@ def bowed_edges(corners: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, to
     length2[length2 == 0] = 1.0
     bowed = np.zeros(len(c), dtype=bool)
     for t in (0.25, 0.5, 0.75):
-        on = c + t * (np.roll(c, -1, axis=1) - c)
-        lon, lat = (np.asarray(v, dtype=np.float64).reshape(on.shape[:2])
-                    for v in to_lonlat(on[..., 0].ravel(), on[..., 1].ravel()))
-        ap = from_a(np.stack([lon, lat], axis=-1))
+        ap = from_a(points_in_lonlat(c + t * (np.roll(c, -1, axis=1) - c), to_lonlat))
         with np.errstate(invalid="ignore"):
             bow = np.abs(ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0]) / length2
         bowed |= (np.nan_to_num(bow, nan=0.0) > tol).any(axis=1)
     return bowed
+
+
+def points_in_lonlat(points: np.ndarray, to_lonlat: Callable) -> np.ndarray:
+    """(..., 2) points in their CRS put in longitude/latitude by ``to_lonlat(x, y)``."""
+    p = np.asarray(points, dtype=np.float64)
+    x, y = to_lonlat(p[..., 0].ravel(), p[..., 1].ravel())
+    return np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=-1).reshape(p.shape)
 
 
 def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable) -> np.ndarray:
@@ -171,15 +175,10 @@ def ring_in_lonlat(ring: np.ndarray, to_lonlat: Callable) -> np.ndarray:
     another) is taken that hair towards its ring's middle, so that the ring's longitudes turn
     as the ring goes round or past the pole (an edge through it)."""
     r = np.asarray(ring, dtype=np.float64)
-
-    def put(p: np.ndarray) -> np.ndarray:
-        x, y = to_lonlat(p[..., 0].ravel(), p[..., 1].ravel())
-        return np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=-1).reshape(p.shape)
-
-    out = put(r)
+    out = points_in_lonlat(r, to_lonlat)
     at_pole = np.abs(out[..., 1]) > 90.0 - 1e-9
     if at_pole.any():
-        moved = put(r + 1e-6 * (r.mean(axis=-2, keepdims=True) - r))
+        moved = points_in_lonlat(r + 1e-6 * (r.mean(axis=-2, keepdims=True) - r), to_lonlat)
         turned = np.abs((moved[..., 0] - out[..., 0] + 180.0) % 360.0 - 180.0) > 1.0
         out[at_pole & turned] = moved[at_pole & turned]  # not a CRS in degrees, nor one that draws the pole as a line
     return out
@@ -201,14 +200,11 @@ def through_poles(ring: np.ndarray, lonlat: np.ndarray, to_lonlat: Callable, ste
     lo, hi = np.zeros(len(cross)), np.ones(len(cross))
     for _ in range(steps):  # the crossing: where the longitude leaves its first point's
         mid = (lo + hi) / 2
-        p = a + mid[:, None] * (b - a)
-        lon = np.asarray(to_lonlat(p[:, 0], p[:, 1])[0], dtype=np.float64)
+        lon = points_in_lonlat(a + mid[:, None] * (b - a), to_lonlat)[:, 0]
         before = np.abs((lon - ll[cross, 0] + 180.0) % 360.0 - 180.0) < 90.0
         lo, hi = np.where(before, mid, lo), np.where(before, hi, mid)
     at = a + lo[:, None] * (b - a)
-    at += 1e-6 * (r.mean(axis=0) - at)
-    lon, lat = (np.asarray(v, dtype=np.float64) for v in to_lonlat(at[:, 0], at[:, 1]))
-    return np.insert(ll, cross + 1, np.column_stack([lon, lat]), axis=0)
+    return np.insert(ll, cross + 1, points_in_lonlat(at + 1e-6 * (r.mean(axis=0) - at), to_lonlat), axis=0)
 
 
 def geo_metadata(crs_json: dict | None, bbox: Sequence[float] | None,
