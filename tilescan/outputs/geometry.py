@@ -288,8 +288,8 @@ def domain_ring(corners: np.ndarray, to_lonlat: Callable, per_edge: int = 16,
     c = np.asarray(corners, dtype=np.float64)[:4]
 
     def maps(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lon, lat = (np.asarray(v, dtype=np.float64) for v in to_lonlat(p[:, 0], p[:, 1]))
-        return np.column_stack([lon, lat]), np.isfinite(lon) & np.isfinite(lat)
+        ll = points_in_lonlat(p, to_lonlat)
+        return ll, np.isfinite(ll).all(axis=-1)
 
     def last_mapped(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """On each segment from a point that maps (a) to one that does not (b), the last that does."""

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 
 from .geometry import (BOWED_PER_EDGE, antimeridian_wkb, bowed_edges, domain_ring, edge_points, polar_cap_wkb,
-                       pole_turns, ring_in_lonlat, ring_wkb, through_poles, wkb_polygons, wrap_longitudes)
+                       points_in_lonlat, pole_turns, ring_in_lonlat, ring_wkb, through_poles, wkb_polygons,
+                       wrap_longitudes)
 
 
 def _geod():
@@ -78,8 +79,7 @@ def _areas_along_edges(corners: np.ndarray, to_lonlat, fallback: np.ndarray, per
     (points along it reprojected), not the geodesic between its corners; ``fallback`` where a
     point does not map."""
     dense = edge_points(corners, per_edge)  # (B, 4 * per_edge, 2)
-    lon, lat = (np.asarray(v, dtype=np.float64).reshape(dense.shape[:2])
-                for v in to_lonlat(dense[..., 0].ravel(), dense[..., 1].ravel()))
+    lon, lat = np.moveaxis(points_in_lonlat(dense, to_lonlat), -1, 0)
     out = np.array(fallback, dtype=np.float64)
     geod = _geod()
     for b in range(len(dense)):

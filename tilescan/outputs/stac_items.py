@@ -216,11 +216,10 @@ def _lonlat_geometry(outline: np.ndarray, bowed: bool) -> dict:
     """A scene's outline (an open longitude/latitude ring of ``BOWED_PER_EDGE`` points along
     each edge, the corners first; where its edges bow, with a point where one passes through a
     pole) as a GeoJSON Polygon of its corners, or of all its points where its edges bow there
-    (near a pole, or a scene hundreds of km across): counter-
-    clockwise, its first point first; in -180..180, cut at 180° into a MultiPolygon where it
-    crosses it (its longitudes followed along the edges: a scene over 180° wide goes the long
-    way round, 0..360 data come back); round a pole, a cap over every longitude closed along
-    the pole."""
+    (near a pole, or a scene hundreds of km across): counter-clockwise, its first point first;
+    in -180..180, cut at 180° into a MultiPolygon where it crosses it (its longitudes followed
+    along the edges: a scene over 180° wide goes the long way round, 0..360 data come back);
+    round a pole, a cap over every longitude closed along the pole."""
     if pole_turns(outline[None])[0] != 0:
         cap, _ = polar_cap_ring(outline if bowed else outline[::BOWED_PER_EDGE])
         return {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in cap]]}
