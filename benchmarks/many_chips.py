@@ -9,8 +9,8 @@ Run from the project root::
 Chips of ``--size`` px cut from the real Landsat scene (``pipeline.py``'s chips: tiled, LZW;
 one tile each at 128 px, run at 128 px tiles). For each count, the no-op run of
 ``pipeline.py`` (the model step replaced, everything else real: every output of every chip)
-in a fresh process pinned to one core: scenes/s, the process's CPU per scene, and the size
-of ``report.json`` (rewritten as each scene ends). A cost per scene that grew with the count
+in a fresh process pinned to one core: scenes/s, the process's CPU per scene, its peak RSS,
+and the size of ``report.json`` (rewritten as each scene ends). A cost per scene that grew with the count
 would show as the larger count's figures falling behind the smaller's. Then ``tilescan
 collect`` of the largest count's output, the real command in a fresh process (start-up
 included), timed ``--pairs`` times per checkout (with several ``--repo``, each checkout's own
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         got = pipeline._taskset("1", folder, out, "overlap", "1")
         runs[n] = {"scenes_per_s": got["scenes_per_s"],
                    "cpu_ms_per_scene": round(sum(got["cpu_ms_per_tile"].values()) * got["tiles"] / n, 2),
-                   "report_json_kb": round((out / "report.json").stat().st_size / 1024)}
+                   "peak_rss_mib": got["peak_rss_mib"], "report_json_kb": round((out / "report.json").stat().st_size / 1024)}
         bench.log(f"many_chips: {n} chips of {args.size} px: {runs[n]}")
     out = work / f"out-{counts[-1]}"
     collect: dict[str, list[dict]] = {str(r): [] for r in repos}

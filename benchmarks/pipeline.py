@@ -216,6 +216,7 @@ def _host_once(scene: Path, out: Path, pipeline: str, readers: str, workers: int
            "minor_faults_per_tile": {"run_process": round((own1.ru_minflt - own0.ru_minflt) / n, 2),
                                      "helper_processes": round((kids1.ru_minflt - kids0.ru_minflt) / n, 2)},
            "switch_interval_ms": engine.switch_interval(cfg.inference.switch_interval_ms),
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # the process's, imports included
            "batch_size": cfg.inference.batch_size}
     if len(scenes) == 1:
         manifest = json.loads((Path(report.results[0].out_dir) / "run.json").read_text())
