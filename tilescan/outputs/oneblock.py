@@ -53,7 +53,8 @@ def write(path: str | os.PathLike, data: np.ndarray, *, transform: Any, crs_key:
           block: int, gdal_write: Callable[[], None]) -> bool:
     """Write the 2-D ``data`` at ``path`` as the COG ``gdal_write()`` would write there (one
     block of ``block`` px, deflate with predictor, ``tags`` and ``description`` on band 1).
-    Returns True when it was put together here, False when ``gdal_write`` wrote it."""
+    Returns True when it was put together here (the first of its kind too, once learnt from
+    GDAL's), False when ``gdal_write`` wrote it."""
     kind = (data.dtype.str, data.shape, crs_key, nodata, colormap, description, compress, block,
             tuple(sorted(tags)))
     layout = _known.get(kind, False)
@@ -71,6 +72,10 @@ def write(path: str | os.PathLike, data: np.ndarray, *, transform: Any, crs_key:
             while len(_known) >= _KINDS:
                 _known.pop(next(iter(_known)))
             _known.setdefault(kind, learned)
+        if learned is not None:  # its block deflated here too, as the others' are: a file's bytes do not
+            with open(path, "wb") as f:  # hang on which scene of a run came first (a resumed run, shards)
+                f.write(_assemble(learned, data, transform, tags, description))
+            return True
     return False
 
 
