@@ -243,6 +243,40 @@ def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_runs_in_two_threads_check_one_output_folder_each_with_its_own_probe(tmp_path, monkeypatch):
+    """Two threads starting runs into one new folder at once: each checks that the folder is
+    writable with a file of its own (one probe per process, one thread removing the other's,
+    failed a run with 'output folder is not writable: No such file or directory')."""
+    import threading
+    from pathlib import Path as P
+
+    from tilescan.pipeline import run as run_mod
+
+    both_written = threading.Barrier(2, timeout=10)
+    real_unlink = P.unlink
+
+    def unlink(self, *a, **k):  # each thread removes its probe only once both have written theirs
+        if ".tilescan-write-test-" in self.name:
+            both_written.wait()
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(P, "unlink", unlink)
+    errors = []
+
+    def check():
+        try:
+            run_mod._check_output_dir(tmp_path / "out")
+        except Exception as exc:  # noqa: BLE001 - what the thread met is the finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_run_leaves_gdals_cache_as_it_found_it(tmp_path, monkeypatch):
     """GDAL's block cache is bounded while a run reads (GDAL_CACHE_MB), then restored: the
     notebook's own rasterio work keeps the cache it had."""

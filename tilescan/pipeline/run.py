@@ -115,7 +115,7 @@ def _check_output_dir(out: Path) -> None:
         raise OutputError(f"is a scene's output folder (it holds {layout.MANIFEST}), not a run's: give the folder "
                           f"that holds it, {out.parent}", path=str(out))
     make_folder(out)
-    probe = out / f".tilescan-write-test-{os.getpid()}"
+    probe = out / f".tilescan-write-test-{os.getpid()}-{threading.get_ident()}"  # runs in other threads probe too
     try:
         probe.write_bytes(b"")
         probe.unlink()
