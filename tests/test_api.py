@@ -331,6 +331,18 @@ def test_collect_from_python(tmp_path):
     assert not (out / "collected" / "tiles.gpkg").exists() and not list((out / "collected").glob("*.qgs"))
 
 
+def test_a_scene_already_complete_keeps_its_warnings_in_the_report(tmp_path):
+    """A rerun skips a finished scene: its result still carries the warnings its outputs were
+    made with (a service showing "out of the model's scale" lost it on every rerun)."""
+    out = tmp_path / "o"
+    first = tilescan.run(scene("rasterio/RGB.byte.tif"), out, units="px", tile_size=256)
+    again = tilescan.run(scene("rasterio/RGB.byte.tif"), out, units="px", tile_size=256)
+    (made,), (kept,) = first.done, again.skipped
+    assert "scale_out_of_range" in [w["code"] for w in made.warnings]
+    assert kept.warnings == made.warnings
+    assert json.loads((out / "report.json").read_text())["skipped"][0]["warnings"] == made.warnings
+
+
 def test_get_cam_on_a_loaded_model_takes_a_class_name_as_target(tmp_path):
     import numpy as np
 

@@ -362,9 +362,11 @@ class _Units:
             if done or other:
                 lock.release()
                 logger.debug(f"{unit.key}: already complete, skipped")  # -v: a rerun of 500 chips printed 500 lines
-                how, counts = other or ("", (read_manifest(final) or {}).get("counts", {}))
+                made = read_manifest(final) or {}
+                how, counts = other or ("", made.get("counts", {}))
                 return UnitResult(unit.key, str(unit.scene), "skipped", str(final), counts=counts,
-                                  reason=f"already complete{' ' + how if how else ''} with the same config and model")
+                                  reason=f"already complete{' ' + how if how else ''} with the same config and model",
+                                  warnings=list(made.get("warning_details") or []))  # its outputs' warnings still hold
         except BaseException:
             lock.release()
             raise
@@ -388,7 +390,8 @@ class _Units:
         reason = ("already complete; kept unchecked, as its scene could not be reached to check it for changes "
                   f"(the next run checks it): {said}")
         self.log(f"warning: {unit.key}: {reason}")
-        return UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason=reason, counts=old.get("counts", {}))
+        return UnitResult(unit.key, str(unit.scene), "skipped", str(final), reason=reason, counts=old.get("counts", {}),
+                          warnings=list(old.get("warning_details") or []))
 
     def fail(self, what: UnitJob | Unit, exc: BaseException) -> UnitResult:
         """A unit's error as its result; errors of the model (no later unit can do better) end the run."""
