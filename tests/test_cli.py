@@ -518,6 +518,13 @@ def test_a_warning_alike_for_many_scenes_is_printed_thrice_then_counted(tmp_path
     assert "already complete" not in r.output.replace("5 already complete", "") and "done: 0 written" in r.output
     r = invoke([*args, "-v"])
     assert sum("already complete, skipped" in line for line in r.output.splitlines()) == FOLD_AFTER + 2
+    # another tile size without --update: each scene refused with the same error, folded as warnings are
+    r = invoke([*args, "--tile-size", "64"])
+    refused = [line for line in r.output.splitlines() if "made with other settings" in line]
+    assert r.exit_code == 6 and len(refused) == FOLD_AFTER + 1, r.output
+    assert refused[-1].startswith("error: 2 more alike, not printed (-v prints each; report.json lists each failed "
+                                  f"scene), the first: {tmp_path / 'out' / f'r{FOLD_AFTER}'}: finished outputs"), refused
+    assert len(read_report(tmp_path / "out")["failed"]) == FOLD_AFTER + 2
 
 
 def test_scenes_listed_in_a_file_or_on_stdin_run_as_one_batch(tmp_path, scene_path, monkeypatch):
@@ -574,7 +581,11 @@ def test_warnings_alike_but_for_their_figures_are_folded_too(monkeypatch):
         msg = f"s{i}.tif: {3 + i * 1.7:.1f}% of the scene's data lies in tiles below min_valid_fraction 0.5"
         handler.emit(logging.LogRecord("tilescan", logging.WARNING, "", 0, msg, None, None))
     handler.emit(logging.LogRecord("tilescan", logging.WARNING, "", 0, "s9.tif: another thing 5", None, None))
+    for i in range(FOLD_AFTER):  # an error with the same words is counted apart from the warning
+        handler.emit(logging.LogRecord("tilescan", logging.ERROR, "", 0, f"e{i}.tif: another thing 5", None, None))
     handler.say_folded()
+    assert shown[FOLD_AFTER + 1:-1] == [f"error: e{i}.tif: another thing 5" for i in range(FOLD_AFTER)]
+    del shown[FOLD_AFTER + 1:-1]
     assert len(shown) == FOLD_AFTER + 2 and shown[FOLD_AFTER].endswith("another thing 5")
     assert shown[-1].startswith("warning: 3 more alike, not printed") and shown[-1].endswith(
         f"the first: s{FOLD_AFTER}.tif: {3 + FOLD_AFTER * 1.7:.1f}% of the scene's data lies in tiles below min_valid_fraction 0.5")

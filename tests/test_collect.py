@@ -737,6 +737,21 @@ def test_scenes_of_two_legends_are_refused_naming_each_legends_models_and_scenes
     assert "of the same classes" not in res.output and not (out / "collected").exists()
 
 
+def test_work_left_undone_is_said_in_a_line_however_many_units(ref, tmp_path):
+    """A run of 206 chips stopped early: collect's warning named each unit with the same reason,
+    one line of 12 kB; the units of one reason are named up to five, then counted."""
+    out = tmp_path / "out"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("collected"))
+    report = json.loads((out / "report.json").read_text())
+    report["interrupted"] = {"signal": "SIGTERM", "units": ["u0"], "not_started": [f"u{i}" for i in range(1, 12)]}
+    (out / "report.json").write_text(json.dumps(report))
+    notes: list[str] = []
+    summary = run_collect(out, gpkg=False, styles=False, log=notes.append)
+    assert len(summary["unfinished_in_run"]) == 12
+    (said,) = [n for n in notes if "left work undone" in n]
+    assert "u0, u1, u2, u3, u4 and 7 more: its run was stopped by SIGTERM (rerun the job" in said, said
+
+
 def test_over_so_many_scenes_the_collected_project_is_one_tiles_layer(ref, tmp_path, monkeypatch):
     """545 chips made a collected.qgs of 2,174 layers (a group per scene) that QGIS took nearly
     a minute to open: over MAX_SCENE_GROUPS scenes it holds every tile as one layer, shown."""
@@ -754,6 +769,17 @@ def test_over_so_many_scenes_the_collected_project_is_one_tiles_layer(ref, tmp_p
     (tiles,) = tree.findall("layer-tree-layer")
     assert tiles.get("name") == "tiles" and tiles.get("checked") == "Qt::Checked"
     assert any(f"{len(bh.UNITS)} scenes: collected.qgs holds their tiles as one layer" in n for n in notes), notes
+    assert any("each scene's own project is in its folder" in n for n in notes), notes
+    for made in out.rglob("run.json"):  # as --no-styles makes them: no project of their own to point to
+        m = json.loads(made.read_text())
+        m["outputs"] = [f for f in m["outputs"] if not f.endswith((".qgs", ".qml"))]
+        made.write_text(json.dumps(m))
+        for f in [*made.parent.glob("*.qgs"), *made.parent.glob("*.qml")]:
+            f.unlink()
+    notes.clear()
+    run_collect(out, log=notes.append)
+    said = [n for n in notes if "holds their tiles as one layer" in n]
+    assert said and "own project" not in said[0], notes
     monkeypatch.setattr(qgis, "MAX_SCENE_GROUPS", len(bh.UNITS))  # as many as that: a group each
     run_collect(out, log=quiet)
     tree = ET.parse(out / "collected" / "collected.qgs").find("layer-tree-group")

@@ -25,6 +25,12 @@ logger.addHandler(logging.NullHandler())
 LEVEL_PREFIXES = {"error: ": logging.ERROR, "warning: ": logging.WARNING}
 
 
+def some(names: list, most: int = 3, sep: str = ", ") -> str:
+    """The first ``most`` of ``names`` and how many more: a message stays one readable line over thousands of chips."""
+    shown = sep.join(map(str, names[:most]))  # "a, b and 2 more"; "a: x; b: y; and 2 more"
+    return shown + (f"{sep.rstrip(', ')} and {len(names) - most} more" if len(names) > most else "")
+
+
 def emit(msg: str) -> None:
     """Log one message of the library at the level its prefix names, without the prefix (the
     record's level says it; the CLI writes it back)."""

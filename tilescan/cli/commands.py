@@ -15,6 +15,7 @@ import tilescan
 
 from .. import faults, stop
 from ..errors import EXIT_PARTIAL
+from ..log import some
 
 from .options import (
     OutPath,
@@ -33,6 +34,7 @@ from .options import (
     config_option,
     option,
     env_near_misses,
+    say,
     unconfigure_logging,
     work_done,
 )
@@ -248,7 +250,7 @@ def run(ctx: click.Context, inputs, out, model_path, config_path, stac, asset, s
                     + f"; {len(i['not_started'])} unit(s) not started; rerun the same command to resume")
         c = report.to_dict()["counts"]
         failed = [r.scene for r in report.failed]  # named again at the end of a long log (report.json has why)
-        named = f" ({', '.join(failed[:3])}{f' and {len(failed) - 3} more' if len(failed) > 3 else ''})" if failed else ""
+        named = f" ({some(failed)})" if failed else ""
         obj.log(f"done: {c['done']} written, {c['skipped']} already complete, {c['failed']} failed{named} -> {out}")
         return report.exit_code
 
@@ -501,7 +503,7 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
         # outputs the run meant to redo (it failed or was stopped first); not those it was told to keep
         outdated = [u for u in summary["earlier_outputs"] if u.get("error_kind") != "exists"]
         if require_complete and (failed or undone or outdated):
-            obj.log(f"error: collect: --require-complete: the collected set is not the whole batch: {len(failed)} "
+            say(f"tilescan: error: collect: --require-complete: the collected set is not the whole batch: {len(failed)} "
                     f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone, {len(outdated)} "
                     "collected from outputs the run meant to redo (summary.json's failed_in_run, unfinished_in_run, "
                     "earlier_outputs)")

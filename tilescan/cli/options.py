@@ -45,49 +45,55 @@ class _Ctx:
         logger.debug(msg)
 
 
-#: A warning alike but for what it names first (its scene) and its figures is printed this many times, then
-#: counted, and the count said when the command ends (-v prints each): 272 chips of one sensor
-#: printed 272 lines of one warning.
+#: A warning or a scene's error alike but for what it names first (its scene) and its figures is printed
+#: this many times, then counted, and the count said when the command ends (-v prints each): 272 chips
+#: of one sensor printed 272 lines of one warning, a rerun with another tile size 399 of one refusal.
 FOLD_AFTER = 3
+
+#: Where the folded lines of each kind are all found.
+_FOLDED_IN = {logging.WARNING: "each scene's run.json has its own", logging.ERROR: "report.json lists each failed scene"}
 
 
 class _CliHandler(logging.Handler):
     """The library's log records on stderr: errors and warnings always, other messages unless
     -q, debug with -v (read when each record comes, so -v/-q after the command count too);
-    warnings alike past :data:`FOLD_AFTER` counted, not printed, without -v."""
+    warnings and errors alike past :data:`FOLD_AFTER` counted, not printed, without -v."""
 
     def __init__(self, ctx: _Ctx):
         super().__init__(logging.DEBUG)
         self.ctx = ctx
-        self.alike: dict[str, list] = {}  # a warning's text after its first "name: ", figures left out -> [count, first]
+        # (level, a message's text after its first "name: ", figures left out) -> [count, first not printed]
+        self.alike: dict[tuple[int, str], list] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         v = self.ctx.verbosity
         if record.levelno >= logging.WARNING or (record.levelno >= logging.INFO and v >= 0) or v > 0:
             msg = record.getMessage()
-            if record.levelno == logging.WARNING and v <= 0 and not self._first_alike(msg):
+            if record.levelno in _FOLDED_IN and v <= 0 and not self._first_alike(record.levelno, msg):
                 return
             prefix = next((p for p, level in LEVEL_PREFIXES.items() if record.levelno == level), "")
             self._echo(prefix + msg)
 
-    def _first_alike(self, msg: str) -> bool:
-        """Whether ``msg`` is one of the first FOLD_AFTER warnings alike (the same after the name
-        before its first ': ', but for their figures: each scene's share of data left out)."""
+    def _first_alike(self, level: int, msg: str) -> bool:
+        """Whether ``msg`` is one of the first FOLD_AFTER messages of its level alike (the same
+        after the name before its first ': ', but for their figures: each scene's share of data
+        left out)."""
         _, sep, what = msg.partition(": ")
         if not sep:
             return True
-        seen = self.alike.setdefault(re.sub(r"\d+(?:[.,]\d+)*", "#", what), [0, what])
+        seen = self.alike.setdefault((level, re.sub(r"\d+(?:[.,]\d+)*", "#", what)), [0, what])
         seen[0] += 1
         if seen[0] == FOLD_AFTER + 1:
             seen[1] = msg  # the first not printed, with its scene: the folded line quotes it
         return seen[0] <= FOLD_AFTER
 
     def say_folded(self) -> None:
-        """The warnings counted, not printed: how many more of each (the first of them, as it came)."""
-        for n, what in self.alike.values():
+        """The messages counted, not printed: how many more of each (the first of them, as it came)."""
+        for (level, _), (n, what) in self.alike.items():
             if n > FOLD_AFTER:
-                self._echo(f"warning: {n - FOLD_AFTER} more alike, not printed (-v prints each; each scene's run.json "
-                           f"has its own), the first: {what}")
+                prefix = next(p for p, lv in LEVEL_PREFIXES.items() if lv == level)
+                self._echo(f"{prefix}{n - FOLD_AFTER} more alike, not printed (-v prints each; {_FOLDED_IN[level]}), "
+                           f"the first: {what}")
 
     @staticmethod
     def _echo(line: str) -> None:

@@ -331,9 +331,10 @@ def _collect(out: Path, dest: Path, gpkg: bool, log: Callable[[str], None], styl
             from .qgis import MAX_SCENE_GROUPS, write_collect_files
 
             if len(summary["scenes"]) > MAX_SCENE_GROUPS:
+                own = any(str(f).endswith(".qgs") for sc in scenes for u in sc.units for f in u.manifest.get("outputs") or ())
                 log(f"collect: {len(summary['scenes'])} scenes: collected.qgs holds their tiles as one layer, without "
-                    f"a group per scene (over {MAX_SCENE_GROUPS} groups make it slow to open in QGIS); each scene's "
-                    "own project is in its folder")
+                    f"a group per scene (over {MAX_SCENE_GROUPS} groups make it slow to open in QGIS)"
+                    + ("; each scene's own project is in its folder" if own else ""))
             drawn = {name for name, s in summary["scenes"].items() if not s.get("clipped_tiles")}  # off a disc: not
             write_collect_files(stage, dest, [(sc.name, u.folder, u.manifest) for sc in scenes for u in sc.units
                                               if sc.name in drawn])

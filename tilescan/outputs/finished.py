@@ -20,6 +20,7 @@ from ..config import RERUN_KEYS, nodata_key, output_shaping, resolve_target
 from ..config_values import scaling_mode
 from ..errors import ConfigError, InputError
 from ..layout import COLLECTED, MANIFEST, REPORT
+from ..log import some
 
 
 @dataclass
@@ -335,10 +336,7 @@ def one_legend(scenes: list[_Scene], out: Path) -> None:
         group["models"].add(str((sc.units[0].manifest.get("model") or {}).get("id")))
         group["scenes"].append(sc.name)
     if len(by) > 1:
-        def few(names: list[str], n: int) -> str:
-            return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-        said = "; ".join(f"{few(list(c), 4)} (model {', '.join(sorted(g['models']))}): scenes {few(g['scenes'], 3)}"
+        said = "; ".join(f"{some(list(c), 4)} (model {', '.join(sorted(g['models']))}): scenes {some(g['scenes'])}"
                          for c, g in by.items())
         raise InputError(f"holds scenes classified in {len(by)} legends ({said}); one collected table holds one legend: "
                          "run each model into an output folder of its own (a finished scene's folder may be moved "
@@ -529,7 +527,10 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
                 found[f.get("unit")] = {k: f.get(k) for k in ("unit", "scene", "error_kind", "reason", "outputs_in")
                                         if k != "outputs_in" or f.get(k)} | {"report": report.name}
     if undone := unfinished_in_run(read, collected):
-        said = "; ".join(f"{u['unit'] or u['report']}: {u['why']}" for u in undone)
+        why: dict[str, list] = {}  # the units (or reports) of each reason, in the order they came
+        for u in undone:
+            why.setdefault(u["why"], []).append(u["unit"] or u["report"])
+        said = "; ".join(f"{some(names, 5)}: {reason}" for reason, names in why.items())
         log(f"warning: collect: the latest run left work undone that the collected set may lack: {said} (rerun the "
             "job: what is finished is skipped; then collect again; summary.json's unfinished_in_run)")
     units = sorted(found, key=str)
@@ -537,7 +538,7 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
     renamed = [found[k] for k in units if found[k].get("outputs_in") in collected]
     if renamed:
         log(f"warning: collect: {len(renamed)} scene(s) are collected from the folder an earlier tilescan named them "
-            "by, which the latest run left as it was (" + "; ".join(f"{u['unit']}: {u['outputs_in']}" for u in renamed)
+            "by, which the latest run left as it was (" + some([f"{u['unit']}: {u['outputs_in']}" for u in renamed], 5, "; ")
             + "): move each to its new name as the run said, then rerun; summary.json's earlier_outputs")
         units = [k for k in units if found[k] not in renamed]
     missing = [found[k] for k in units if not covered(k, collected)]
@@ -549,7 +550,7 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
         earlier = [u for u in earlier if u["unit"] not in {e["unit"] for e in elsewhere}]
         log(f"warning: collect: {len(elsewhere)} scene file(s) are not in the collected set: the latest run refused "
             "them, as outputs of another scene file of the same name are in their place, and those are collected ("
-            + "; ".join(f"{u['scene']}: the rows of {u['unit']} are {u['collected_scene']}'s" for u in elsewhere)
+            + some([f"{u['scene']}: the rows of {u['unit']} are {u['collected_scene']}'s" for u in elsewhere], 5, "; ")
             + "): rename the file, or see the run's advice in summary.json's failed_in_run")
     refused = [u for u in earlier if u.get("error_kind") == "exists"]  # kept on purpose: said so, not "failed"
     for listed, what, key in (
@@ -561,10 +562,10 @@ def run_failures(out: Path, collected: dict[str, dict], log: Callable[[str], Non
              "earlier_outputs")):
         if listed:
             log(f"warning: collect: {len(listed)} scene(s) {what} "
-                f"({', '.join(str(u['unit']) for u in listed)}; see summary.json's {key})")
+                f"({some([u['unit'] for u in listed], 5)}; see summary.json's {key})")
     if stale := stopped_before_redoing(read, collected):
         log(f"warning: collect: {len(stale)} scene(s) the latest run was stopped before redoing are collected from "
-            f"outputs made otherwise ({'; '.join(str(u['unit']) + ': ' + u['made'] for u in stale)}): rerun the job, then "
+            f"outputs made otherwise ({some([str(u['unit']) + ': ' + u['made'] for u in stale], 5, '; ')}): rerun the job, then "
             "collect again; summary.json's earlier_outputs")
     return missing + elsewhere, renamed + earlier + stale, undone
 
