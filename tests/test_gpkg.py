@@ -143,6 +143,28 @@ def test_helper_started_early_indexes_the_next_file(tmp_path):
     assert got["check"] == "ok" and got["rows"] == len(boxes)
 
 
+def test_a_helper_that_cannot_start_is_said_to_be_the_cause(tmp_path, monkeypatch):
+    """An interpreter that cannot be run again (replaced during a long run, or not the user's
+    to run) was reported as 'tiles.gpkg: cannot write (Permission denied)'; the index step now
+    says that its helper could not start, and which interpreter."""
+    from tilescan.errors import OutputError
+
+    unrunnable = tmp_path / "python3"
+    unrunnable.write_text("not a program")
+    unrunnable.chmod(0o644)
+    monkeypatch.setattr(sys, "executable", str(unrunnable))
+    monkeypatch.setattr(gpkg, "_helper", gpkg._IndexHelper())
+    monkeypatch.setattr(gpkg, "_sqlite_has_rtree", lambda: False)  # as where TensorFlow's SQLite came first
+    t, _ = _table(10)
+    path = tmp_path / "t.gpkg"
+    pyogrio.write_arrow(_arrow_reader(t), str(path), layer="tiles", driver="GPKG", geometry_name="geometry",
+                        geometry_type="Polygon", crs="EPSG:32633", layer_options={"SPATIAL_INDEX": "NO"})
+    with pytest.raises(OutputError) as e:
+        gpkg.add_rtree(path, name="out/tiles.gpkg")
+    assert str(e.value) == (f"out/tiles.gpkg: cannot add the GeoPackage spatial index (the indexing helper could not "
+                            f"start: {unrunnable}: Permission denied)")
+
+
 def _arrow_reader(t: TileTable):
     """The table's GeoPackage columns as an Arrow stream, as the GDAL writer is given them."""
     import pyarrow as pa

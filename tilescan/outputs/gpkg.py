@@ -365,7 +365,10 @@ class _IndexHelper:
         env = self._env()
         with self.lock:
             for _ in range(2):  # a helper that died (killed, out of memory) is started again once
-                self._ensure(env)
+                try:
+                    self._ensure(env)
+                except OSError as exc:  # this interpreter cannot be run again (replaced, or not the user's to run)
+                    return 1, f"the indexing helper could not start: {sys.executable}: {exc.strerror or exc}"
                 try:
                     self.proc.stdin.write(str(Path(path).resolve()) + "\n")
                     self.proc.stdin.flush()
