@@ -504,9 +504,9 @@ def collect(obj: _Ctx, out, gpkg, styles, require_complete) -> None:
         outdated = [u for u in summary["earlier_outputs"] if u.get("error_kind") != "exists"]
         if require_complete and (failed or undone or outdated):
             say(f"tilescan: error: collect: --require-complete: the collected set is not the whole batch: {len(failed)} "
-                    f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone, {len(outdated)} "
-                    "collected from outputs the run meant to redo (summary.json's failed_in_run, unfinished_in_run, "
-                    "earlier_outputs)")
+                f"scene(s) failed in the run, {len(undone)} unit(s) or shard(s) left undone, {len(outdated)} "
+                "collected from outputs the run meant to redo (summary.json's failed_in_run, unfinished_in_run, "
+                "earlier_outputs)")
             return EXIT_PARTIAL
         return 0
 
