@@ -39,7 +39,7 @@ from .errors import (
     OutputExistsError,
     TilescanError,
 )
-from .log import emit
+from .log import emit, some
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import LoadedModel
@@ -334,9 +334,9 @@ def _train_api(data, out, config, splits, name, resume, overwrite, max_seconds, 
         emit(f"warning: no val image of {len(bare)} class(es) ({', '.join(bare[:5])}{'…' if len(bare) > 5 else ''}): "
              "early stopping and the val scores do not see them")
     if found := twins(ds):
-        said = "; ".join(" = ".join(f"'{p}' ({s})" for s, p in g) for g in found[:3])
+        said = some([" = ".join(f"'{p}' ({s})" for s, p in g) for g in found], 3, "; ")
         emit(f"warning: {len(found)} image(s) have a twin with the same bytes in another class or split: {said}"
-             f"{f'; and {len(found) - 3} more' if len(found) > 3 else ''} (a twin in two classes teaches both labels; "
+             " (a twin in two classes teaches both labels; "
              "one in the test split is scored as unseen though trained on: remove one of each pair)")
     if limit and limit < len(ds.classes):
         emit(f"warning: --limit {limit} is below the {len(ds.classes)} classes: {len(ds.classes) - limit} of them get no image")
